@@ -1,0 +1,266 @@
+//! The contract between the Cella VMM and `cella-runner`: where things sit in guest memory,
+//! the versioned boot-info block the VMM writes for the guest, and the I/O ports the guest
+//! uses to talk to the VMM. Both sides compile this one crate, so they cannot disagree.
+//!
+//! The guest runs at CPL 3 with identity-mapped paging (guest virtual = guest physical), so
+//! every address below is both.
+#![no_std]
+#![forbid(unsafe_code)]
+
+/// Fixed guest-physical addresses of the boot structures the VMM builds.
+pub mod layout {
+    /// Size of a small page.
+    pub const PAGE_SIZE: u64 = 0x1000;
+    /// Size of a large (2 MiB) page.
+    pub const LARGE_PAGE_SIZE: u64 = 0x20_0000;
+    /// The global descriptor table (see [`super::gdt`]).
+    pub const GDT_ADDR: u64 = 0x1000;
+    /// The 64-bit task-state segment: required by VM entry, and its I/O permission bitmap
+    /// names the ports the guest may use (see [`super::ports::GUEST_PORTS`]).
+    pub const TSS_ADDR: u64 = 0x2000;
+    /// The [`super::BootInfo`] block.
+    pub const BOOT_INFO_ADDR: u64 = 0x3000;
+    /// The guest's arguments: `argc` NUL-terminated strings back to back.
+    pub const ARGS_ADDR: u64 = 0x4000;
+    /// Room for the arguments, terminators included.
+    pub const ARGS_MAX_LEN: u64 = 0x4000;
+    /// Top-level page table (PML4).
+    pub const PML4_ADDR: u64 = 0x8000;
+    /// The one page-directory-pointer table (covers 512 GiB).
+    pub const PDPT_ADDR: u64 = 0x9000;
+    /// 4 KiB page table for the first 2 MiB (its page 0 is left unmapped to catch null).
+    pub const PT_LOW_ADDR: u64 = 0xA000;
+    /// 4 KiB page table for a last, partial 2 MiB of memory.
+    pub const PT_TAIL_ADDR: u64 = 0xB000;
+    /// First page directory; one follows per GiB of guest memory.
+    pub const PD_BASE_ADDR: u64 = 0xC000;
+    /// Page directories must end below this address.
+    pub const PAGE_TABLES_END: u64 = 0x10_0000;
+    /// The runner is linked to run from here (`--image-base`).
+    pub const IMAGE_BASE: u64 = 0x20_0000;
+    /// Stack at the top of guest memory.
+    pub const STACK_SIZE: u64 = 0x10_0000;
+    /// The least heap the VMM will give the guest.
+    pub const MIN_HEAP_SIZE: u64 = 0x10_0000;
+}
+
+/// Segment selectors and descriptors of the GDT at [`layout::GDT_ADDR`].
+pub mod gdt {
+    /// Ring-0 64-bit code (present so the table is conventional; the guest never runs at CPL 0).
+    pub const KERNEL_CODE: u16 = 0x08;
+    /// Ring-0 data.
+    pub const KERNEL_DATA: u16 = 0x10;
+    /// Ring-3 64-bit code, with RPL 3.
+    pub const USER_CODE: u16 = 0x18 | 3;
+    /// Ring-3 data, with RPL 3.
+    pub const USER_DATA: u16 = 0x20 | 3;
+    /// The 16-byte 64-bit TSS descriptor.
+    pub const TSS: u16 = 0x28;
+    /// Number of 8-byte slots in the table (the TSS takes two).
+    pub const ENTRIES: usize = 7;
+}
+
+/// I/O ports the guest uses. Each port access is one VM exit (~60 µs on nested KVM), and on
+/// this host KVM emulates `rep outsb` one byte (one exit) at a time, so the guest hands whole
+/// console lines over with [`CONSOLE_LINE`] instead of writing the UART byte by byte.
+pub mod ports {
+    /// The 8250 UART (COM1) used as the guest console; 8 registers from here.
+    pub const SERIAL_COM1: u16 = 0x3f8;
+    /// Number of UART registers.
+    pub const SERIAL_LEN: u16 = 8;
+    /// The guest ends the VM by writing its 32-bit exit status here (`out dx, eax`).
+    pub const EXIT: u16 = 0x0f4;
+    /// The guest writes (`out dx, eax`) the address of a [`super::ConsoleLine`] here; the VMM
+    /// feeds its bytes to the UART's transmit register in one exit. The address must be below
+    /// 4 GiB (the runner keeps the line in its image).
+    pub const CONSOLE_LINE: u16 = 0x0f0;
+    /// Every port the guest may touch; all others fault in the guest. Kept below
+    /// [`PORT_LIMIT`] so the TSS I/O bitmap stays small.
+    pub const GUEST_PORTS: [(u16, u16); 3] = [(SERIAL_COM1, SERIAL_LEN), (EXIT, 4), (CONSOLE_LINE, 4)];
+    /// Ports at or above this are never allowed.
+    pub const PORT_LIMIT: u16 = 0x400;
+}
+
+/// Exit statuses the runner itself uses for conditions it detects.
+pub mod status {
+    /// The boot-info block is missing or of another version.
+    pub const BAD_BOOT_INFO: u32 = 120;
+    /// The arguments were not understood.
+    pub const USAGE: u32 = 121;
+    /// The guest panicked.
+    pub const PANIC: u32 = 101;
+}
+
+/// Most bytes in one [`ConsoleLine`].
+pub const CONSOLE_LINE_MAX: usize = 4092;
+
+/// A console line handed to the VMM through [`ports::CONSOLE_LINE`]: a length, then the bytes.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct ConsoleLine {
+    /// Valid bytes in `bytes` (at most [`CONSOLE_LINE_MAX`]).
+    pub len: u32,
+    /// The text.
+    pub bytes: [u8; CONSOLE_LINE_MAX],
+}
+
+/// `BootInfo::magic`: "CELLABI1" read as a little-endian `u64`.
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"CELLABI1");
+/// `BootInfo::version`. Any change to [`BootInfo`]'s fields bumps it.
+pub const BOOT_INFO_VERSION: u32 = 1;
+/// Slots for device descriptions in [`BootInfo::devices`].
+pub const MAX_DEVICES: usize = 8;
+
+/// What the VMM tells the guest, written at [`layout::BOOT_INFO_ADDR`] before the first
+/// instruction runs. All addresses are guest-physical (= guest-virtual).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_INFO_VERSION`].
+    pub version: u32,
+    /// `size_of::<BootInfo>()` as the VMM saw it.
+    pub size: u32,
+    /// Bytes of guest memory, all mapped, from address 0 (page 0 excepted).
+    pub mem_size: u64,
+    /// First byte of the loaded image.
+    pub image_start: u64,
+    /// One past the last byte of the loaded image (bss included).
+    pub image_end: u64,
+    /// First byte the guest may use as heap (page-aligned).
+    pub heap_start: u64,
+    /// One past the last heap byte (page-aligned); the stack starts here.
+    pub heap_end: u64,
+    /// Initial stack pointer + 8 (16-byte aligned).
+    pub stack_top: u64,
+    /// Where the arguments are ([`layout::ARGS_ADDR`]).
+    pub args_addr: u64,
+    /// Total bytes of argument data, terminators included.
+    pub args_len: u32,
+    /// Number of arguments.
+    pub argc: u32,
+    /// Number of valid entries in `devices`.
+    pub device_count: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// Devices the guest can drive.
+    pub devices: [DeviceInfo; MAX_DEVICES],
+}
+
+/// One device the VMM attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// What kind of device (`DEVICE_KIND_*`).
+    pub kind: u32,
+    /// Kind-specific identifier (for virtio-mmio: the virtio device id).
+    pub id: u32,
+    /// Base guest-physical address of its registers.
+    pub base: u64,
+    /// Size of its register window.
+    pub size: u64,
+}
+
+impl BootInfo {
+    /// Size of the block in bytes.
+    pub const SIZE: usize = core::mem::size_of::<BootInfo>();
+
+    /// Whether magic, version and size are the ones this build expects.
+    pub fn is_valid(&self) -> bool {
+        self.magic == BOOT_INFO_MAGIC
+            && self.version == BOOT_INFO_VERSION
+            && self.size as usize == Self::SIZE
+    }
+
+    /// The block as the bytes the VMM writes into guest memory.
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        let mut w = Writer { out: &mut out, at: 0 };
+        w.u64(self.magic);
+        w.u32(self.version);
+        w.u32(self.size);
+        for v in [
+            self.mem_size,
+            self.image_start,
+            self.image_end,
+            self.heap_start,
+            self.heap_end,
+            self.stack_top,
+            self.args_addr,
+        ] {
+            w.u64(v);
+        }
+        w.u32(self.args_len);
+        w.u32(self.argc);
+        w.u32(self.device_count);
+        w.u32(self.reserved);
+        for d in &self.devices {
+            w.u32(d.kind);
+            w.u32(d.id);
+            w.u64(d.base);
+            w.u64(d.size);
+        }
+        debug_assert_eq!(w.at, Self::SIZE);
+        out
+    }
+}
+
+struct Writer<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl Writer<'_> {
+    fn u32(&mut self, v: u32) {
+        self.out[self.at..self.at + 4].copy_from_slice(&v.to_le_bytes());
+        self.at += 4;
+    }
+    fn u64(&mut self, v: u64) {
+        self.out[self.at..self.at + 8].copy_from_slice(&v.to_le_bytes());
+        self.at += 8;
+    }
+}
+
+/// Splits an argument block (NUL-terminated strings back to back) into its strings.
+pub fn split_args(block: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let body = block.strip_suffix(b"\0").unwrap_or(block);
+    body.split(|b| *b == 0).filter(move |_| !block.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_info_bytes_match_the_repr_c_layout() {
+        assert_eq!(BootInfo::SIZE, 8 + 4 + 4 + 7 * 8 + 4 * 4 + MAX_DEVICES * 24);
+        let info = BootInfo {
+            magic: BOOT_INFO_MAGIC,
+            version: BOOT_INFO_VERSION,
+            size: BootInfo::SIZE as u32,
+            mem_size: 0x1122_3344_5566_7788,
+            argc: 3,
+            ..Default::default()
+        };
+        let bytes = info.to_bytes();
+        assert_eq!(&bytes[0..8], b"CELLABI1");
+        assert_eq!(&bytes[16..24], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&bytes[76..80], &3u32.to_le_bytes());
+        assert!(info.is_valid());
+    }
+
+    #[test]
+    fn split_args_returns_each_string() {
+        let args: [&[u8]; 2] = [b"exit", b"7"];
+        assert!(split_args(b"exit\x007\x00").eq(args));
+        assert_eq!(split_args(b"").count(), 0);
+    }
+
+    #[test]
+    fn page_tables_fit_below_the_image() {
+        const { assert!(layout::PD_BASE_ADDR < layout::PAGE_TABLES_END) };
+        const { assert!(layout::PAGE_TABLES_END <= layout::IMAGE_BASE) };
+        const { assert!(layout::ARGS_ADDR + layout::ARGS_MAX_LEN <= layout::PML4_ADDR) };
+    }
+}

@@ -1,0 +1,118 @@
+//! The runner's built-in modes, chosen by its first argument.
+
+use core::fmt;
+
+/// What the runner was asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Print `hello from cella-runner` and exit 0.
+    Hello,
+    /// Exit with the given status.
+    Exit(u32),
+    /// Touch an unmapped address (the VMM must report a crash).
+    Fault,
+    /// Loop forever (the VMM must time out).
+    Spin,
+    /// Write a known pattern over all the heap, then exit 0 (the scrub must erase it).
+    FillCanary,
+}
+
+/// The pattern `fill-canary` writes, one `u64` at a time.
+pub const CANARY: u64 = 0xC311_A5CA_4A21_0BAD;
+
+/// Why the arguments were refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UsageError<'a> {
+    /// No mode was given.
+    Missing,
+    /// The mode is not one of ours.
+    UnknownMode(&'a [u8]),
+    /// The mode needs an argument it did not get, or got a bad one.
+    BadArgument { mode: &'static str, arg: Option<&'a [u8]> },
+    /// More arguments than the mode takes.
+    Extra(&'a [u8]),
+}
+
+impl fmt::Display for UsageError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UsageError::Missing => write!(f, "no mode given; {USAGE}"),
+            UsageError::UnknownMode(m) => write!(f, "unknown mode `{}`; {USAGE}", text(m)),
+            UsageError::BadArgument { mode, arg: None } => {
+                write!(f, "`{mode}` needs an argument; {USAGE}")
+            }
+            UsageError::BadArgument { mode, arg: Some(a) } => {
+                write!(f, "`{mode}`: bad argument `{}`; {USAGE}", text(a))
+            }
+            UsageError::Extra(a) => write!(f, "unexpected argument `{}`; {USAGE}", text(a)),
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> &str {
+    core::str::from_utf8(bytes).unwrap_or("<not UTF-8>")
+}
+
+/// One line of usage, printed with every usage error.
+pub const USAGE: &str = "modes: hello | exit N | fault | spin | fill-canary";
+
+impl Mode {
+    /// Parses the runner's arguments (without a program name).
+    pub fn parse<'a, I>(args: I) -> Result<Mode, UsageError<'a>>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let mut args = args.into_iter();
+        let mode = match args.next().ok_or(UsageError::Missing)? {
+            b"hello" => Mode::Hello,
+            b"fault" => Mode::Fault,
+            b"spin" => Mode::Spin,
+            b"fill-canary" => Mode::FillCanary,
+            b"exit" => {
+                let arg = args.next();
+                let code = arg
+                    .and_then(|a| core::str::from_utf8(a).ok())
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .ok_or(UsageError::BadArgument { mode: "exit", arg })?;
+                Mode::Exit(code)
+            }
+            other => return Err(UsageError::UnknownMode(other)),
+        };
+        match args.next() {
+            Some(extra) => Err(UsageError::Extra(extra)),
+            None => Ok(mode),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&'static str]) -> Result<Mode, UsageError<'static>> {
+        Mode::parse(args.iter().map(|a| a.as_bytes()))
+    }
+
+    #[test]
+    fn parses_every_mode() {
+        assert_eq!(parse(&["hello"]), Ok(Mode::Hello));
+        assert_eq!(parse(&["exit", "7"]), Ok(Mode::Exit(7)));
+        assert_eq!(parse(&["fault"]), Ok(Mode::Fault));
+        assert_eq!(parse(&["spin"]), Ok(Mode::Spin));
+        assert_eq!(parse(&["fill-canary"]), Ok(Mode::FillCanary));
+    }
+
+    #[test]
+    fn refuses_bad_arguments_with_the_reason() {
+        assert_eq!(parse(&[]), Err(UsageError::Missing));
+        assert_eq!(parse(&["jump"]), Err(UsageError::UnknownMode(b"jump")));
+        assert_eq!(
+            parse(&["exit", "seven"]),
+            Err(UsageError::BadArgument { mode: "exit", arg: Some(b"seven") })
+        );
+        assert_eq!(parse(&["exit"]), Err(UsageError::BadArgument { mode: "exit", arg: None }));
+        assert_eq!(parse(&["hello", "x"]), Err(UsageError::Extra(b"x")));
+        let text = std::format!("{}", UsageError::UnknownMode(b"jump"));
+        assert!(text.starts_with("unknown mode `jump`"), "{text}");
+    }
+}

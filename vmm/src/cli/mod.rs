@@ -1,0 +1,24 @@
+//! The command line: `cella-vmm run` and `cella-vmm bench`.
+
+pub mod bench;
+pub mod exit_code;
+pub mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cella-vmm", version, about = "Cella's VMM: one process, one KVM microVM, one tenant")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one microVM to its end, copying the guest console to stderr.
+    #[command(after_help = exit_code::HELP)]
+    Run(run::RunArgs),
+    /// Measure launch latency against a native process and bubblewrap.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}

@@ -1,0 +1,108 @@
+//! `cella-vmm run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use cella_vmm::{build, default_runner_image, error_chain, GuestExit, RunReport, VmConfig};
+use clap::Args;
+
+use super::exit_code;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest ELF image [default: the cella-runner that scripts/setup.sh built]
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// Guest memory in MiB (8-65536)
+    #[arg(long, value_name = "N", default_value_t = cella_vmm::vmm_config::DEFAULT_MEM_MIB)]
+    pub mem_mib: u64,
+    /// Stop the guest after this many milliseconds of wall-clock time
+    #[arg(long, value_name = "N")]
+    pub timeout_ms: Option<u64>,
+    /// Print one JSON object (exit, launch_us, run_us, scrub, ...) as the last line of stdout
+    #[arg(long)]
+    pub json: bool,
+    /// Arguments for the guest (cella-runner: hello | exit N | fault | spin | fill-canary)
+    #[arg(last = true, value_name = "ARGS")]
+    pub args: Vec<String>,
+}
+
+static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+extern "C" fn request_stop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    if let Some(stop) = STOP.get() {
+        stop.store(true, Ordering::Release);
+    }
+}
+
+/// Runs one VM; returns the exit code for its outcome.
+pub fn main(args: RunArgs, launch_start: Instant) -> ExitCode {
+    let image = match args.image.clone().map(Ok).unwrap_or_else(default_runner_image) {
+        Ok(image) => image,
+        Err(e) => return fail_input(&e),
+    };
+    let stop = STOP.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(signal, request_stop) {
+            eprintln!("cella-vmm: warning: cannot handle signal {signal}: {e}");
+        }
+    }
+    let config = VmConfig {
+        mem_mib: args.mem_mib,
+        timeout: args.timeout_ms.map(Duration::from_millis),
+        cancel: Some(stop),
+        launch_start,
+        ..VmConfig::new(image, args.args.clone())
+    };
+    let vm = match build(&config, Box::new(std::io::stderr())) {
+        Ok(vm) => vm,
+        Err(e) if e.is_bad_input() => return fail_input(&e),
+        Err(e) => {
+            eprintln!("cella-vmm: error: {}", error_chain(&e));
+            return ExitCode::from(exit_code::VMM_FAILED);
+        }
+    };
+    match vm.run() {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                eprintln!("cella-vmm: {}", summary(&report));
+            }
+            exit_code::for_exit(&report.exit)
+        }
+        Err(e) => {
+            eprintln!("cella-vmm: error: {}", error_chain(&e));
+            ExitCode::from(exit_code::VMM_FAILED)
+        }
+    }
+}
+
+fn fail_input(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("cella-vmm: error: {}", error_chain(e));
+    ExitCode::from(exit_code::BAD_INPUT)
+}
+
+/// One line for people: how it ended, how long it took, what the scrub proved.
+fn summary(report: &RunReport) -> String {
+    let how = match &report.exit {
+        GuestExit::Exited { code } => format!("guest exited with status {code}"),
+        GuestExit::Crashed { reason, rip } => format!("guest crashed at rip {rip:#x}: {reason}"),
+        GuestExit::TimedOut { timeout_ms } => format!("guest timed out after {timeout_ms} ms"),
+        GuestExit::Stopped => "guest stopped by signal".to_owned(),
+        GuestExit::VmmFailed { error } => format!("VMM failed: {error}"),
+    };
+    let s = &report.scrub;
+    format!(
+        "{how} (launch {:.2} ms, run {:.2} ms); scrubbed {} KiB of {} MiB, {} pages verified zero, released in {:.2} ms",
+        report.launch_us as f64 / 1e3,
+        report.run_us as f64 / 1e3,
+        s.bytes >> 10,
+        report.mem_mib,
+        s.pages_verified,
+        s.ms
+    )
+}
