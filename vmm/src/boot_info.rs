@@ -21,7 +21,13 @@ pub enum BootInfoError {
 }
 
 /// Where the image, heap and stack go in `mem_size` bytes, as the guest will be told.
-pub fn plan(mem_size: u64, image_start: u64, image_end: u64, args_len: usize, argc: usize) -> Result<BootInfo, BootInfoError> {
+pub fn plan(
+    mem_size: u64,
+    image_start: u64,
+    image_end: u64,
+    args_len: usize,
+    argc: usize,
+) -> Result<BootInfo, BootInfoError> {
     let heap_start = image_end.next_multiple_of(layout::PAGE_SIZE);
     let needed = heap_start + layout::MIN_HEAP_SIZE + layout::STACK_SIZE;
     if needed > mem_size {
@@ -79,6 +85,6 @@ mod tests {
     #[test]
     fn plan_refuses_an_image_that_does_not_fit() {
         let err = plan(8 << 20, 0x20_0000, 0x70_0000, 0, 0).unwrap_err();
-        assert!(err.to_string().contains("needs at least 10 MiB"), "{err}");
+        assert!(err.to_string().contains("needs at least 9 MiB"), "{err}");
     }
 }

@@ -45,7 +45,8 @@ pub fn build(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroV
     config.validate()?;
     let image = GuestImage::open(&config.image)?;
     let args = config.args_block();
-    let boot = boot_info::plan(config.mem_bytes(), image.start(), image.end(), args.len(), config.args.len())?;
+    let boot =
+        boot_info::plan(config.mem_bytes(), image.start(), image.end(), args.len(), config.args.len())?;
 
     let vm = Vm::new()?;
     let memory = GuestMemfd::new(config.mem_bytes())?;

@@ -38,7 +38,10 @@ pub enum ImageError {
     NotExecutable { path: PathBuf, kind: u16 },
     #[error("guest image {path} is truncated or malformed: {what}")]
     Malformed { path: PathBuf, what: String },
-    #[error("guest image {path} has a segment at {addr:#x}, below {:#x} where the VMM's boot structures live", layout::IMAGE_BASE)]
+    #[error(
+        "guest image {path} has a segment at {addr:#x}, below {:#x} where the VMM's boot structures live",
+        layout::IMAGE_BASE
+    )]
     SegmentTooLow { path: PathBuf, addr: u64 },
     #[error("cannot load guest image {path} into guest memory")]
     Load { path: PathBuf, source: linux_loader::loader::Error },
@@ -102,7 +105,8 @@ impl GuestImage {
             if u32_at(ph) != PT_LOAD {
                 continue;
             }
-            let (offset, paddr, filesz, memsz) = (u64_at(ph + 8), u64_at(ph + 24), u64_at(ph + 32), u64_at(ph + 40));
+            let (offset, paddr, filesz, memsz) =
+                (u64_at(ph + 8), u64_at(ph + 24), u64_at(ph + 32), u64_at(ph + 40));
             if filesz > memsz {
                 return Err(malformed(&format!("segment {i} has more file bytes than memory bytes")));
             }
@@ -193,9 +197,18 @@ mod tests {
     #[test]
     fn refuses_each_kind_of_bad_image() {
         assert!(matches!(parse(b"#!/bin/sh\n".to_vec()), Err(ImageError::NotElf { .. })));
-        assert!(matches!(parse(elf(ET_DYN, 0x20_0000, 16, 16, 0x20_0000)), Err(ImageError::PositionIndependent { .. })));
-        assert!(matches!(parse(elf(1, 0x20_0000, 16, 16, 0x20_0000)), Err(ImageError::NotExecutable { kind: 1, .. })));
-        assert!(matches!(parse(elf(ET_EXEC, 0x1000, 16, 16, 0x1000)), Err(ImageError::SegmentTooLow { addr: 0x1000, .. })));
+        assert!(matches!(
+            parse(elf(ET_DYN, 0x20_0000, 16, 16, 0x20_0000)),
+            Err(ImageError::PositionIndependent { .. })
+        ));
+        assert!(matches!(
+            parse(elf(1, 0x20_0000, 16, 16, 0x20_0000)),
+            Err(ImageError::NotExecutable { kind: 1, .. })
+        ));
+        assert!(matches!(
+            parse(elf(ET_EXEC, 0x1000, 16, 16, 0x1000)),
+            Err(ImageError::SegmentTooLow { addr: 0x1000, .. })
+        ));
         assert!(matches!(parse(elf(ET_EXEC, 0x20_0000, 16, 16, 0x10)), Err(ImageError::Malformed { .. })));
         let mut truncated = elf(ET_EXEC, 0x20_0000, 16, 16, 0x20_0000);
         truncated.truncate(100);

@@ -121,9 +121,8 @@ impl MicroVm {
         };
         drop(handle);
         drop(vm);
-        let console = Arc::try_unwrap(bus)
-            .map(|bus| bus.into_serial().into_console().finish())
-            .unwrap_or_default();
+        let console =
+            Arc::try_unwrap(bus).map(|bus| bus.into_serial().into_console().finish()).unwrap_or_default();
         let scrub = memory.scrub()?;
 
         let (exit, launch_us, run_us, exits) = match outcome {
@@ -133,7 +132,9 @@ impl MicroVm {
                 times.stopped.duration_since(times.entered).as_micros() as u64,
                 times.exits,
             ),
-            None => (GuestExit::VmmFailed { error: "the vCPU thread ended without a report".into() }, 0, 0, 0),
+            None => {
+                (GuestExit::VmmFailed { error: "the vCPU thread ended without a report".into() }, 0, 0, 0)
+            }
         };
         Ok(RunReport { exit, launch_us, run_us, exits, scrub, console, mem_mib })
     }
@@ -146,10 +147,14 @@ fn exit_of(stop: VcpuStop) -> GuestExit {
             GuestExit::Crashed { reason: "triple fault: the guest faulted and has no handler".into(), rip }
         }
         VcpuStop::InternalError { suberror, rip } => GuestExit::Crashed {
-            reason: format!("KVM could not emulate a guest instruction (internal error, suberror {suberror})"),
+            reason: format!(
+                "KVM could not emulate a guest instruction (internal error, suberror {suberror})"
+            ),
             rip,
         },
-        VcpuStop::UnhandledIo { what, rip } => GuestExit::Crashed { reason: format!("unhandled {what}"), rip },
+        VcpuStop::UnhandledIo { what, rip } => {
+            GuestExit::Crashed { reason: format!("unhandled {what}"), rip }
+        }
         VcpuStop::UnexpectedExit { exit, rip } => {
             GuestExit::Crashed { reason: format!("unexpected VM exit: {exit}"), rip }
         }

@@ -7,9 +7,9 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::ops::Range;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -70,7 +70,9 @@ pub unsafe fn scrub(file: &File, base: *mut u8, size: u64) -> Result<ScrubReport
     for range in &ranges {
         // SAFETY: the range lies within the mapping (touched_ranges clamps it to `size`), and the
         // caller guarantees exclusive access.
-        unsafe { std::ptr::write_bytes(base.add(range.start as usize), 0, (range.end - range.start) as usize) };
+        unsafe {
+            std::ptr::write_bytes(base.add(range.start as usize), 0, (range.end - range.start) as usize)
+        };
     }
     let pages_verified = verify_zero(file, &ranges)?;
     release(file, size)?;
@@ -130,8 +132,7 @@ pub fn verify_zero(file: &File, ranges: &[Range<u64>]) -> Result<u64, ScrubError
         while offset < range.end {
             let want = ((range.end - offset) as usize).min(READ_CHUNK);
             let chunk = &mut buf[..want];
-            file.read_exact_at(chunk, offset)
-                .map_err(|source| ScrubError::ReadBack { offset, source })?;
+            file.read_exact_at(chunk, offset).map_err(|source| ScrubError::ReadBack { offset, source })?;
             if !is_zero(chunk) {
                 let at = chunk.iter().position(|b| *b != 0).unwrap_or(0) as u64;
                 return Err(ScrubError::NotZero { offset: offset + at });

@@ -168,9 +168,7 @@ impl BootInfo {
 
     /// Whether magic, version and size are the ones this build expects.
     pub fn is_valid(&self) -> bool {
-        self.magic == BOOT_INFO_MAGIC
-            && self.version == BOOT_INFO_VERSION
-            && self.size as usize == Self::SIZE
+        self.magic == BOOT_INFO_MAGIC && self.version == BOOT_INFO_VERSION && self.size as usize == Self::SIZE
     }
 
     /// The block as the bytes the VMM writes into guest memory.

@@ -10,8 +10,6 @@
 
 extern crate alloc;
 
-mod mode;
-
 #[cfg(target_os = "none")]
 mod rt;
 

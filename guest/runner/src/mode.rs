@@ -15,6 +15,8 @@ pub enum Mode {
     Spin,
     /// Write a known pattern over all the heap, then exit 0 (the scrub must erase it).
     FillCanary,
+    /// Write this many 4000-byte console lines, then exit 0 (the console bounds must hold).
+    Flood(u32),
 }
 
 /// The pattern `fill-canary` writes, one `u64` at a time.
@@ -54,7 +56,7 @@ fn text(bytes: &[u8]) -> &str {
 }
 
 /// One line of usage, printed with every usage error.
-pub const USAGE: &str = "modes: hello | exit N | fault | spin | fill-canary";
+pub const USAGE: &str = "modes: hello | exit N | fault | spin | fill-canary | flood N";
 
 impl Mode {
     /// Parses the runner's arguments (without a program name).
@@ -68,14 +70,8 @@ impl Mode {
             b"fault" => Mode::Fault,
             b"spin" => Mode::Spin,
             b"fill-canary" => Mode::FillCanary,
-            b"exit" => {
-                let arg = args.next();
-                let code = arg
-                    .and_then(|a| core::str::from_utf8(a).ok())
-                    .and_then(|s| s.parse::<u32>().ok())
-                    .ok_or(UsageError::BadArgument { mode: "exit", arg })?;
-                Mode::Exit(code)
-            }
+            b"exit" => Mode::Exit(number(args.next(), "exit")?),
+            b"flood" => Mode::Flood(number(args.next(), "flood")?),
             other => return Err(UsageError::UnknownMode(other)),
         };
         match args.next() {
@@ -83,6 +79,12 @@ impl Mode {
             None => Ok(mode),
         }
     }
+}
+
+fn number<'a>(arg: Option<&'a [u8]>, mode: &'static str) -> Result<u32, UsageError<'a>> {
+    arg.and_then(|a| core::str::from_utf8(a).ok())
+        .and_then(|s| s.parse::<u32>().ok())
+        .ok_or(UsageError::BadArgument { mode, arg })
 }
 
 #[cfg(test)]
@@ -100,6 +102,7 @@ mod tests {
         assert_eq!(parse(&["fault"]), Ok(Mode::Fault));
         assert_eq!(parse(&["spin"]), Ok(Mode::Spin));
         assert_eq!(parse(&["fill-canary"]), Ok(Mode::FillCanary));
+        assert_eq!(parse(&["flood", "20"]), Ok(Mode::Flood(20)));
     }
 
     #[test]

@@ -118,10 +118,7 @@ fn supported_cpuid(vm: &Vm) -> Result<CpuId, VcpuError> {
     if let Some(cpuid) = CACHE.get() {
         return Ok(cpuid.clone());
     }
-    let cpuid = vm
-        .kvm()
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(VcpuError::SupportedCpuid)?;
+    let cpuid = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VcpuError::SupportedCpuid)?;
     Ok(CACHE.get_or_init(|| cpuid).clone())
 }
 
@@ -219,7 +216,9 @@ fn handle_exit(exit: VcpuExit<'_>, bus: &IoBus) -> Step {
     let io = |result: IoResult| match result {
         IoResult::Done => Step::Continue,
         IoResult::GuestExit(code) => Step::Stop(VcpuStop::GuestExit(code)),
-        IoResult::Unhandled(what) => Step::StopAtRip(Box::new(move |rip| VcpuStop::UnhandledIo { what, rip })),
+        IoResult::Unhandled(what) => {
+            Step::StopAtRip(Box::new(move |rip| VcpuStop::UnhandledIo { what, rip }))
+        }
     };
     match exit {
         VcpuExit::IoOut(port, data) => io(bus.port_write(port, data)),

@@ -8,7 +8,7 @@ use cella_abi::{layout, ports, split_args, status, BootInfo};
 
 use super::console::Console;
 use super::{heap, io};
-use crate::mode::{Mode, CANARY};
+use cella_runner::mode::{Mode, CANARY};
 
 /// The VMM enters here at CPL 3, with the stack at `BootInfo::stack_top - 8`.
 #[no_mangle]
@@ -30,7 +30,8 @@ pub extern "C" fn _start() -> ! {
     }
     // SAFETY: the VMM maps [heap_start, heap_end) for us and nothing else uses it.
     if !unsafe { heap::init(boot.heap_start, boot.heap_end) } {
-        let _ = writeln!(console, "cella-runner: heap of {} bytes is too small", boot.heap_end - boot.heap_start);
+        let _ =
+            writeln!(console, "cella-runner: heap of {} bytes is too small", boot.heap_end - boot.heap_start);
         exit(status::BAD_BOOT_INFO);
     }
     // SAFETY: the VMM wrote `args_len` bytes of arguments at `args_addr`, inside mapped memory,
@@ -59,12 +60,22 @@ fn run(mode: Mode, boot: &BootInfo, console: &mut Console) -> ! {
             let unmapped = boot.mem_size + layout::LARGE_PAGE_SIZE;
             // SAFETY: not safe at all, on purpose: the load from an unmapped address raises a
             // page fault, which with no IDT is a triple fault that ends the VM.
-            unsafe { asm!("mov {tmp}, qword ptr [{addr}]", addr = in(reg) unmapped, tmp = out(reg) _, options(nostack)) };
+            unsafe {
+                asm!("mov {tmp}, qword ptr [{addr}]", addr = in(reg) unmapped, tmp = out(reg) _, options(nostack))
+            };
             exit(status::PANIC)
         }
         Mode::Spin => loop {
             core::hint::spin_loop();
         },
+        Mode::Flood(lines) => {
+            let filler = [b'~'; 3980];
+            let filler = core::str::from_utf8(&filler).unwrap_or_default();
+            for i in 0..lines {
+                let _ = writeln!(console, "flood {i:>10} {filler}");
+            }
+            exit(0)
+        }
         Mode::FillCanary => {
             let (start, end) = (boot.heap_start, boot.heap_end);
             let words = ((end - start) / 8) as usize;

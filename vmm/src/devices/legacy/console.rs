@@ -119,7 +119,10 @@ impl GuestConsole {
         let refill = now.duration_since(self.refilled).as_secs_f64() * self.limits.bytes_per_sec as f64;
         self.tokens = (self.tokens + refill).min(self.limits.burst as f64);
         self.refilled = now;
-        if self.tokens >= len as f64 {
+        // Once dropping, wait for half the burst to refill before passing output again, so a
+        // flood cannot turn into a stream of drop notes.
+        let floor = if self.dropping > 0 { (self.limits.burst / 2).max(len) } else { len };
+        if self.tokens >= floor as f64 {
             self.tokens -= len as f64;
             true
         } else {
@@ -196,7 +199,7 @@ mod tests {
         c.write_all(b"ok line\n\x1b[31mred\n").unwrap();
         let stats = c.finish();
         assert_eq!(out.text(), "ok line\n\\x1b[31mred\n");
-        assert_eq!(stats, ConsoleStats { bytes: 23, dropped: 0 });
+        assert_eq!(stats, ConsoleStats { bytes: 20, dropped: 0 });
     }
 
     #[test]

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every check and test, doing its own set-up first (packages, Rust target, guest image).
+#
+#   scripts/test.sh
+#
+# Needs root (or access to /dev/kvm) on a Debian 12 machine with Rust; the tests use the real
+# /dev/kvm. Benchmarks are not part of this: see README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CELLA_SETUP_SKIP_RELEASE=1 scripts/setup.sh
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy (host, all targets)" >&2
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+echo "== cargo clippy (guest, x86_64-unknown-none)" >&2
+cargo clippy --quiet --release -p cella-runner --target x86_64-unknown-none -- -D warnings
+echo "== cargo test" >&2
+cargo test --workspace

@@ -1,0 +1,85 @@
+//! Shared helpers for the VMM's integration tests: the runner image, the CLI, JSON reports.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The guest image that `scripts/setup.sh` built; the tests cannot run without it.
+pub fn runner_image() -> PathBuf {
+    cella_vmm::default_runner_image().unwrap_or_else(|e| panic!("{e}; run scripts/setup.sh first"))
+}
+
+/// `cella-vmm` with the given arguments.
+pub fn cella_vmm(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cella-vmm"));
+    command.args(args).env(cella_vmm::vmm_config::RUNNER_IMAGE_ENV, runner_image());
+    command
+}
+
+/// Runs `cella-vmm run --json [extra…] -- guest…` and returns its output and parsed report.
+pub fn run_json(extra: &[&str], guest: &[&str]) -> (Output, Value) {
+    let mut args = vec!["run", "--json"];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(guest);
+    let output = cella_vmm(&args).output().expect("cella-vmm starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no JSON on stdout; stderr: {}", String::from_utf8_lossy(&output.stderr)));
+    let report = serde_json::from_str(last).unwrap_or_else(|e| panic!("bad JSON {last:?}: {e}"));
+    (output, report)
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn code(output: &Output) -> i32 {
+    output.status.code().expect("exited, not killed")
+}
+
+/// Asserts that the report's scrub evidence is complete and clean.
+pub fn assert_scrubbed(report: &Value) {
+    let scrub = &report["scrub"];
+    assert_eq!(scrub["verified_zero"], true, "{scrub}");
+    assert_eq!(scrub["released"], true, "{scrub}");
+    assert_eq!(scrub["blocks_after_release"], 0, "{scrub}");
+    let bytes = scrub["bytes"].as_u64().unwrap();
+    assert_eq!(scrub["pages_verified"].as_u64().unwrap(), bytes / 4096, "{scrub}");
+}
+
+/// Writes a minimal x86-64 ELF executable with one segment of `memsz` bytes at 2 MiB.
+pub fn write_elf(path: &std::path::Path, memsz: u64) {
+    let mut b = vec![0u8; 64 + 56 + 16];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2;
+    b[5] = 1;
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes());
+    b[18..20].copy_from_slice(&62u16.to_le_bytes());
+    b[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    b[32..40].copy_from_slice(&64u64.to_le_bytes());
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    b[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes());
+    b[ph + 16..ph + 24].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    b[ph + 24..ph + 32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    b[ph + 32..ph + 40].copy_from_slice(&16u64.to_le_bytes());
+    b[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
+    std::fs::write(path, b).unwrap();
+}
+
+/// A fresh scratch folder under the target directory.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
