@@ -15,7 +15,8 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # --- Debian packages -------------------------------------------------------------------
 # gcc + libc6-dev: the static native process the launch benchmark compares against.
 # bubblewrap: the sandbox the launch benchmark compares against.
-packages=(gcc libc6-dev bubblewrap)
+# postgresql: the queue and the audit log (tests use a local cluster, see below).
+packages=(gcc libc6-dev bubblewrap postgresql)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,6 +27,34 @@ if ((${#missing[@]})); then
   say "installing ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+# The tests and the service (when not given DATABASE_URL) need a server. Start Debian's
+# cluster and make a `cella` role that may create databases (each test gets its own).
+if [ "${CELLA_SETUP_SKIP_POSTGRES:-0}" != 1 ]; then
+  pg_version=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
+  [ -n "$pg_version" ] || die "PostgreSQL is not installed (apt-get install postgresql)"
+  if ! pg_lsclusters -h 2>/dev/null | awk '{print $1" "$2}' | grep -qx "$pg_version main"; then
+    say "creating PostgreSQL $pg_version cluster 'main'"
+    pg_createcluster "$pg_version" main >/dev/null
+  fi
+  if ! pg_lsclusters -h | awk -v v="$pg_version" '$1==v && $2=="main" {print $4}' | grep -qx online; then
+    say "starting PostgreSQL $pg_version"
+    pg_ctlcluster "$pg_version" main start || die "cannot start PostgreSQL $pg_version (see /var/log/postgresql/)"
+  fi
+  for _ in $(seq 50); do
+    runuser -u postgres -- psql -qAtc 'select 1' >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  runuser -u postgres -- psql -qAtc 'select 1' >/dev/null || die "PostgreSQL does not answer"
+  if [ "$(runuser -u postgres -- psql -qAtc "select 1 from pg_roles where rolname = 'cella'")" != 1 ]; then
+    say "creating PostgreSQL role and database 'cella'"
+    runuser -u postgres -- psql -qc "create role cella login createdb password 'cella'" >/dev/null
+  fi
+  if [ "$(runuser -u postgres -- psql -qAtc "select 1 from pg_database where datname = 'cella'")" != 1 ]; then
+    runuser -u postgres -- psql -qc "create database cella owner cella" >/dev/null
+  fi
 fi
 
 # --- KVM ---------------------------------------------------------------------------------
@@ -59,4 +88,4 @@ if [ "${CELLA_SETUP_SKIP_RELEASE:-0}" != 1 ]; then
   say "building release binaries (cella-vmm statically linked)"
   cargo rustc --quiet --release -p cella-vmm --bin cella-vmm -- -C target-feature=+crt-static
 fi
-say "ready: guest image at target/cella/cella-runner"
+say "ready: guest image at target/cella/cella-runner; PostgreSQL at postgres://cella:cella@localhost:5432/cella"

@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CELLA_SETUP_SKIP_RELEASE=1 scripts/setup.sh
+# The database the tests use (each sqlx test makes its own database inside this server).
+export DATABASE_URL="${DATABASE_URL:-postgres://cella:cella@localhost:5432/cella}"
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
