@@ -4,8 +4,9 @@
 #
 #   scripts/setup.sh            # packages, Rust target, guest image, release binaries
 #
-# Afterwards: target/cella/cella-runner (the guest image cella-vmm uses by default),
-# target/cella/native-hello (the benchmark's native comparison), target/release/cella-vmm.
+# Afterwards: target/cella/cella-runner and cella-scanner (the guest images cella-vmm uses by
+# default), target/cella/native-hello (the launch benchmark's native comparison),
+# target/release/cella-vmm and cella-jailer, and a running PostgreSQL with a `cella` role.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,8 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # gcc + libc6-dev: the static native process the launch benchmark compares against.
 # bubblewrap: the sandbox the launch benchmark compares against.
 # postgresql: the queue and the audit log (tests use a local cluster, see below).
-packages=(gcc libc6-dev bubblewrap postgresql)
+# ripgrep: the scan benchmark's comparison.
+packages=(gcc libc6-dev bubblewrap postgresql ripgrep)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -61,20 +63,12 @@ fi
 [ -e /dev/kvm ] || die "/dev/kvm does not exist: Cella needs KVM (load kvm_intel/kvm_amd, or a host that offers it)"
 [ -r /dev/kvm ] && [ -w /dev/kvm ] || die "/dev/kvm is not readable and writable by $(id -un): run as root or join the kvm group"
 
-# --- Rust --------------------------------------------------------------------------------
+# --- Rust ---------------------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
-if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none; then
-  say "adding the x86_64-unknown-none Rust target (the bare-metal guest is built for it)"
-  rustup target add x86_64-unknown-none >&2 || die "cannot add the x86_64-unknown-none target: \
-the guest cannot be built without it (check network access to the Rust distribution server)"
-fi
 
-# --- guest image and comparison binary -----------------------------------------------------
-mkdir -p target/cella
-say "building the guest image (cella-runner for x86_64-unknown-none)"
-cargo build --quiet --release -p cella-runner --target x86_64-unknown-none
-install -m 0644 target/x86_64-unknown-none/release/cella-runner target/cella/cella-runner.new
-mv -f target/cella/cella-runner.new target/cella/cella-runner
+# --- guest images and comparison binary ----------------------------------------------------
+say "building the guest images (target/cella/cella-runner, target/cella/cella-scanner)"
+scripts/build-guest.sh || die "building the guest images failed (see above)"
 
 if [ ! -x target/cella/native-hello ] || [ tests/bench/native-hello.c -nt target/cella/native-hello ]; then
   say "building the native comparison process (static)"
@@ -87,5 +81,6 @@ fi
 if [ "${CELLA_SETUP_SKIP_RELEASE:-0}" != 1 ]; then
   say "building release binaries (cella-vmm statically linked)"
   cargo rustc --quiet --release -p cella-vmm --bin cella-vmm -- -C target-feature=+crt-static
+  cargo build --quiet --release -p cella-jailer -p cella-service
 fi
-say "ready: guest image at target/cella/cella-runner; PostgreSQL at postgres://cella:cella@localhost:5432/cella"
+say "ready: guest images in target/cella/; PostgreSQL at postgres://cella:cella@localhost:5432/cella"

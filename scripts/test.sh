@@ -16,7 +16,11 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy (host, all targets)" >&2
 cargo clippy --quiet --workspace --all-targets -- -D warnings
-echo "== cargo clippy (guest, x86_64-unknown-none)" >&2
-cargo clippy --quiet --release -p cella-runner --target x86_64-unknown-none -- -D warnings
+echo "== cargo clippy (guest images)" >&2
+(
+  source scripts/guest-env.sh
+  cargo clippy --quiet --release -p cella-runner --target x86_64-unknown-linux-gnu -- -D warnings
+  cargo clippy --quiet --release -p cella-runner --target x86_64-unknown-linux-gnu --features scanner -- -D warnings
+)
 echo "== cargo test" >&2
 cargo test --workspace

@@ -1,9 +1,222 @@
-//! `cella-jailer`: puts one Cella VMM in its own cell (namespaces, pivot_root, cgroups, rlimits,
-//! Landlock, capability drop, uid/gid), then `exec`s it. The steps arrive with the jailer issue;
-//! until then this binary only explains itself and refuses to run anything.
-#![forbid(unsafe_code)]
+//! `cella-jailer`: puts one Cella VMM in its cell, execs it, and cleans up when it ends.
+//! Exit codes are decided here and only here.
 
-fn main() {
-    eprintln!("cella-jailer: not built yet; run VMs with `cella-vmm run` for now");
-    std::process::exit(2);
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use cella_jailer::timing::Timings;
+use cella_jailer::{error_chain, supervisor, JailRequest, VmmStatus};
+use clap::{Args, Parser, Subcommand};
+
+/// Bad command line or a request refused before anything was created.
+const BAD_REQUEST: u8 = 2;
+/// The VMM was killed by SIGSYS: its seccomp filter caught a forbidden system call.
+const VMM_KILLED_BY_SECCOMP: u8 = 245;
+/// The VMM was killed by another signal (SIGKILL, an OOM kill, a crash).
+const VMM_KILLED: u8 = 246;
+/// A jail step failed; everything the jailer had created was removed.
+const JAIL_FAILED: u8 = 247;
+/// The VMM ended but its jail could not be removed completely.
+const CLEANUP_FAILED: u8 = 248;
+
+const EXIT_HELP: &str = "\
+Exit status:
+  0-244  the VMM's own exit status (see cella-vmm run --help)
+  245    the VMM was killed by SIGSYS: its seccomp filter caught a forbidden system call
+  246    the VMM was killed by another signal (SIGKILL, the OOM killer at the memory limit, a crash)
+  247    a jail step failed (the message names the step and the path); nothing is left behind
+  248    the VMM ended but its jail folder or cgroups could not be removed
+  2      bad command line or a request refused before anything was created";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cella-jailer",
+    version,
+    about = "Runs one cella-vmm in its own cell: namespaces, pivot_root, cgroups, rlimits, Landlock, \
+             no capabilities, its own uid/gid; removes the cell when the VMM ends",
+    after_help = EXIT_HELP,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    jail: JailArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Launch-to-exit latency of `hello`: jailed vs unjailed Cella VM vs bwrap, with the jailer's
+    /// cost broken down by step
+    Bench(cella_jailer::bench::BenchArgs),
+    /// Remove what a jail left behind when its supervisor was killed: its cgroups (and anything
+    /// still in them) and its folder
+    Cleanup {
+        /// The jail's ID
+        #[arg(long)]
+        id: String,
+        /// Where the jail was made
+        #[arg(long, value_name = "DIR", default_value = cella_jailer::config::DEFAULT_CHROOT_BASE)]
+        chroot_base: PathBuf,
+        /// The jailed binary's name
+        #[arg(long, value_name = "NAME", default_value = "cella-vmm")]
+        exec_name: String,
+        /// The parent cgroup the jail used, if not the default
+        #[arg(long, value_name = "PATH")]
+        cgroup_parent: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct JailArgs {
+    /// The jail's ID: letters, digits and hyphens, at most 64
+    #[arg(long, required = true)]
+    id: Option<String>,
+    /// The VMM binary (statically linked, not a symlink); it is copied into the jail
+    #[arg(long, value_name = "PATH", required = true)]
+    exec_file: Option<PathBuf>,
+    /// The user the VMM runs as (not 0)
+    #[arg(long, value_name = "U", required = true)]
+    uid: Option<u32>,
+    /// The group the VMM runs as (not 0)
+    #[arg(long, value_name = "G", required = true)]
+    gid: Option<u32>,
+    /// Where jails are made, <DIR>/<exec-name>/<id>/root; keep it on a tmpfs [default: /dev/shm/cella-jailer]
+    #[arg(long, value_name = "DIR")]
+    chroot_base: Option<PathBuf>,
+    /// A cgroup limit: memory=SIZE, cpu=CPUS, pids=N, or CONTROLLER.FILE=VALUE (repeatable)
+    #[arg(long = "cgroup", value_name = "KEY=VALUE")]
+    cgroups: Vec<String>,
+    /// The jail's parent cgroup in each hierarchy [default: the jailer's own cgroup + /cella]
+    #[arg(long, value_name = "PATH")]
+    cgroup_parent: Option<String>,
+    /// Join this network namespace (default: a new, empty one: no network)
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// Run the VMM as PID 1 of a new PID namespace
+    #[arg(long)]
+    new_pid_ns: bool,
+    /// Bind HOST_PATH read-only into the jail at JAIL_PATH (repeatable)
+    #[arg(long = "ro-file", value_name = "HOST_PATH=JAIL_PATH")]
+    ro_files: Vec<String>,
+    /// Pass this inherited file descriptor on to the VMM (repeatable)
+    #[arg(long = "keep-fd", value_name = "FD")]
+    keep_fds: Vec<i32>,
+    /// An rlimit: core, no-file, fsize, nproc, memlock or as = N|unlimited (repeatable)
+    #[arg(long = "rlimit", value_name = "NAME=VALUE")]
+    rlimits: Vec<String>,
+    /// Print what each step cost on stderr when the VMM ends
+    #[arg(long)]
+    timings: bool,
+    /// The VMM's arguments
+    #[arg(last = true, value_name = "VMM-ARGS")]
+    vmm_args: Vec<OsString>,
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Bench(args)) => {
+            return match cella_jailer::bench::main(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cella-jailer bench: error: {e}");
+                    ExitCode::from(BAD_REQUEST)
+                }
+            };
+        }
+        Some(Command::Cleanup { id, chroot_base, exec_name, cgroup_parent }) => {
+            if let Err(e) = cella_jailer::config::validate_id(&id) {
+                eprintln!("cella-jailer cleanup: refused: {}", error_chain(&e));
+                return ExitCode::from(BAD_REQUEST);
+            }
+            let name_ok = !exec_name.starts_with('.')
+                && exec_name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !name_ok || !chroot_base.is_absolute() {
+                eprintln!("cella-jailer cleanup: refused: --exec-name must be a plain file name and --chroot-base absolute");
+                return ExitCode::from(BAD_REQUEST);
+            }
+            return match supervisor::cleanup(&id, &chroot_base, &exec_name, cgroup_parent.as_deref()) {
+                Ok(removed) => {
+                    for path in removed {
+                        eprintln!("cella-jailer cleanup: removed {}", path.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cella-jailer cleanup: {}", error_chain(&e));
+                    ExitCode::from(CLEANUP_FAILED)
+                }
+            };
+        }
+        None => {}
+    }
+    let a = cli.jail;
+    let request = JailRequest {
+        id: a.id.unwrap_or_default(),
+        exec_file: a.exec_file.unwrap_or_default(),
+        uid: a.uid.unwrap_or_default(),
+        gid: a.gid.unwrap_or_default(),
+        chroot_base: a.chroot_base,
+        cgroups: a.cgroups,
+        cgroup_parent: a.cgroup_parent,
+        netns: a.netns,
+        new_pid_ns: a.new_pid_ns,
+        ro_files: a.ro_files,
+        keep_fds: a.keep_fds,
+        rlimits: a.rlimits,
+        vmm_args: a.vmm_args,
+    };
+    let config = match request.validate() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("cella-jailer: refused (nothing was created): {}", error_chain(&e));
+            return ExitCode::from(BAD_REQUEST);
+        }
+    };
+    let mut timings = Timings::default();
+    timings.record("validate", started);
+    let outcome = match supervisor::run(&config, &mut timings) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            eprintln!(
+                "cella-jailer: jail {} failed, and nothing is left behind: {}",
+                config.id,
+                error_chain(&e)
+            );
+            return ExitCode::from(JAIL_FAILED);
+        }
+    };
+    if a.timings {
+        eprintln!("cella-jailer: timings: {}", outcome.timings.line());
+    }
+    let code = match outcome.status {
+        VmmStatus::Exited(code) => {
+            if !outcome.limits_hit.is_empty() {
+                eprintln!("cella-jailer: {}", outcome.describe(&config.id));
+            }
+            code.clamp(0, 255) as u8
+        }
+        VmmStatus::Killed(signal) => {
+            eprintln!("cella-jailer: {}", outcome.describe(&config.id));
+            if signal == libc::SIGSYS {
+                VMM_KILLED_BY_SECCOMP
+            } else {
+                VMM_KILLED
+            }
+        }
+    };
+    if let Some(e) = &outcome.cleanup_error {
+        eprintln!(
+            "cella-jailer: the jail of {} could not be removed completely: {}",
+            config.id,
+            error_chain(e)
+        );
+        return ExitCode::from(CLEANUP_FAILED);
+    }
+    ExitCode::from(code)
 }

@@ -7,6 +7,10 @@ use std::sync::Arc;
 use crate::boot_info::{self, BootInfoError};
 use crate::devices::legacy::console::GuestConsole;
 use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::IoBus;
 use crate::loader::{GuestImage, ImageError};
 use crate::microvm::MicroVm;
@@ -14,6 +18,7 @@ use crate::vmm_config::{ConfigError, VmConfig};
 use crate::vstate::memory::{GuestMemfd, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
+use cella_abi::{layout, DeviceInfo, DEVICE_KIND_VIRTIO_MMIO};
 
 /// Why a microVM could not be built. Nothing is left behind: memory already created is
 /// scrubbed when dropped.
@@ -31,12 +36,21 @@ pub enum BuildError {
     Vm(#[from] VmError),
     #[error("cannot set up the vCPU")]
     Vcpu(#[from] VcpuError),
+    #[error("cannot open disk image {path}")]
+    Disk { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot bind the vsock socket {path}")]
+    Vsock { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot create the device bus")]
+    Bus(#[source] std::io::Error),
 }
 
 impl BuildError {
     /// Whether the caller's request was at fault (as opposed to this host).
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, BuildError::Config(_) | BuildError::Image(_) | BuildError::Layout(_))
+        matches!(
+            self,
+            BuildError::Config(_) | BuildError::Image(_) | BuildError::Layout(_) | BuildError::Disk { .. }
+        )
     }
 }
 
@@ -45,19 +59,47 @@ pub fn build(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroV
     config.validate()?;
     let image = GuestImage::open(&config.image)?;
     let args = config.args_block();
-    let boot =
+    let mut boot =
         boot_info::plan(config.mem_bytes(), image.start(), image.end(), args.len(), config.args.len())?;
+    let disk = match &config.disk {
+        Some(path) => {
+            Some(Block::open(path).map_err(|source| BuildError::Disk { path: path.clone(), source })?)
+        }
+        None => None,
+    };
 
     let vm = Vm::new()?;
     let memory = GuestMemfd::new(config.mem_bytes())?;
     vm.register_memory(&memory)?;
     image.load(memory.memory())?;
-    boot_info::write(memory.memory(), &boot, &args)?;
-
     let vcpu = Vcpu::new(&vm, 0)?;
     vcpu.configure(image.entry(), boot.stack_top)?;
 
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(disk) = disk {
+        devices.push(Box::new(disk));
+    }
+    if let Some(path) = &config.vsock_uds {
+        let vsock = Vsock::new(path).map_err(|source| BuildError::Vsock { path: path.clone(), source })?;
+        devices.push(Box::new(vsock));
+    }
+    let mmio_base = layout::mmio_base(config.mem_bytes());
+    for (i, device) in devices.iter().enumerate() {
+        boot.devices[i] = DeviceInfo {
+            kind: DEVICE_KIND_VIRTIO_MMIO,
+            id: device.device_type(),
+            base: mmio_base + i as u64 * layout::MMIO_DEVICE_SIZE,
+            size: layout::MMIO_DEVICE_SIZE,
+        };
+    }
+    boot.device_count = devices.len() as u32;
+    let transports = devices.into_iter().map(|d| MmioTransport::new(d, memory.memory().clone())).collect();
+
     let serial = SerialDevice::new(GuestConsole::new(console, config.console_limits));
-    let bus = Arc::new(IoBus::new(serial, memory.memory().clone()));
+    let bus = IoBus::new(serial, memory.memory().clone())
+        .map_err(BuildError::Bus)?
+        .with_virtio(mmio_base, transports);
+    let bus = Arc::new(bus);
+    boot_info::write(memory.memory(), &boot, &args)?;
     Ok(MicroVm::new(vm, vcpu, memory, bus, config))
 }

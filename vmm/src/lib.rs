@@ -10,9 +10,12 @@ pub mod arch;
 pub mod boot_info;
 pub mod builder;
 pub mod devices;
+pub mod job;
 pub mod loader;
 pub mod microvm;
+pub mod scan;
 pub mod scrub;
+pub mod seccomp;
 pub mod vmm_config;
 pub mod vstate;
 
@@ -20,7 +23,7 @@ pub use builder::{build, BuildError};
 pub use devices::legacy::console::{ConsoleLimits, ConsoleStats, SharedBuffer};
 pub use microvm::{GuestExit, MicroVm, RunError, RunReport};
 pub use scrub::ScrubReport;
-pub use vmm_config::{default_runner_image, ConfigError, VmConfig};
+pub use vmm_config::{default_runner_image, default_scanner_image, ConfigError, VmConfig};
 
 /// An error and its sources on one line: `outer: inner: innermost`.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

@@ -10,9 +10,14 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let launch_start = Instant::now();
+    // One malloc arena for every thread: glibc's per-thread arenas read
+    // /proc/sys/vm/overcommit_memory when they shrink, and no VMM thread may open files.
+    // SAFETY: mallopt only adjusts allocator parameters; called before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Run(args) => cli::run::main(args, launch_start),
+        cli::Command::Scan(args) => cli::scan::main(args, launch_start),
         cli::Command::Bench(args) => cli::bench::main(args),
     }
 }

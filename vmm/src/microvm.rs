@@ -29,6 +29,8 @@ pub enum GuestExit {
         #[serde(serialize_with = "hex")]
         rip: u64,
     },
+    /// The guest broke a device's contract (the device refused what it wrote).
+    DeviceError { device: String, reason: String },
     /// The wall-clock limit passed.
     TimedOut { timeout_ms: u64 },
     /// Stopped from outside (the cancel flag).
@@ -61,6 +63,8 @@ pub struct RunReport {
 pub enum RunError {
     #[error("cannot start the vCPU")]
     Start(#[from] VcpuError),
+    #[error("cannot confine the VMM's main thread")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("the guest memory scrub failed; this VM's memory cannot be shown to be clean")]
     Scrub(#[from] ScrubError),
 }
@@ -98,6 +102,7 @@ impl MicroVm {
         let MicroVm { vm, vcpu, memory, bus, timeout, cancel, launch_start, mem_mib } = self;
         let started = Instant::now();
         let mut handle = vcpu.start(bus.clone())?;
+        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
         let deadline = timeout.map(|t| started + t);
         let (outcome, kicked_as) = loop {
             let now = Instant::now();
@@ -155,6 +160,9 @@ fn exit_of(stop: VcpuStop) -> GuestExit {
         VcpuStop::UnhandledIo { what, rip } => {
             GuestExit::Crashed { reason: format!("unhandled {what}"), rip }
         }
+        VcpuStop::DeviceFailure { device, reason } => {
+            GuestExit::DeviceError { device: device.to_owned(), reason }
+        }
         VcpuStop::UnexpectedExit { exit, rip } => {
             GuestExit::Crashed { reason: format!("unexpected VM exit: {exit}"), rip }
         }
@@ -162,6 +170,10 @@ fn exit_of(stop: VcpuStop) -> GuestExit {
             GuestExit::VmmFailed { error: format!("VM entry failed (hardware reason {reason:#x})") }
         }
         VcpuStop::Kvm(e) => GuestExit::VmmFailed { error: format!("KVM_RUN failed: {e}") },
+        VcpuStop::Seccomp(e) => GuestExit::VmmFailed { error: crate::error_chain(&e) },
         VcpuStop::Kicked => GuestExit::Stopped,
+        VcpuStop::ThreadLost => {
+            GuestExit::VmmFailed { error: "the vCPU thread ended without a report".into() }
+        }
     }
 }

@@ -15,6 +15,8 @@ pub const MIN_MEM_MIB: u64 = 8;
 pub const MAX_MEM_MIB: u64 = 64 << 10;
 /// Environment variable naming the runner image, overriding the search.
 pub const RUNNER_IMAGE_ENV: &str = "CELLA_RUNNER_IMAGE";
+/// Environment variable naming the scanner image, overriding the search.
+pub const SCANNER_IMAGE_ENV: &str = "CELLA_SCANNER_IMAGE";
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -29,9 +31,9 @@ pub enum ConfigError {
     ZeroTimeout,
     #[error(
         "no guest image given and none found (looked in: {searched}); build it with \
-         `scripts/setup.sh`, pass --image PATH, or set {RUNNER_IMAGE_ENV}"
+         `scripts/setup.sh`, pass --image PATH, or set {env}"
     )]
-    NoDefaultImage { searched: String },
+    NoDefaultImage { searched: String, env: String },
 }
 
 /// One VM's launch request.
@@ -51,6 +53,10 @@ pub struct VmConfig {
     pub cancel: Option<Arc<AtomicBool>>,
     /// The instant `launch_us` counts from (the CLI passes the start of `main`).
     pub launch_start: Instant,
+    /// A file to attach read-only as virtio-blk (the artifact).
+    pub disk: Option<PathBuf>,
+    /// Attach virtio-vsock with its host Unix socket at this path.
+    pub vsock_uds: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -64,6 +70,8 @@ impl VmConfig {
             console_limits: ConsoleLimits::default(),
             cancel: None,
             launch_start: Instant::now(),
+            disk: None,
+            vsock_uds: None,
         }
     }
 
@@ -96,11 +104,21 @@ impl VmConfig {
     }
 }
 
-/// Finds the runner image that `scripts/setup.sh` built: `$CELLA_RUNNER_IMAGE`, else
-/// `cella-runner` in `target/cella/` next to this executable's `target/<profile>/` folder,
-/// else next to the executable itself (an installed layout).
+/// Finds the runner image (`cella-runner`: the small image for `run`).
 pub fn default_runner_image() -> Result<PathBuf, ConfigError> {
-    if let Some(path) = std::env::var_os(RUNNER_IMAGE_ENV) {
+    default_guest_image("cella-runner", RUNNER_IMAGE_ENV)
+}
+
+/// Finds the scanner image (`cella-scanner`: the runner with the scan engine, for `scan`).
+pub fn default_scanner_image() -> Result<PathBuf, ConfigError> {
+    default_guest_image("cella-scanner", SCANNER_IMAGE_ENV)
+}
+
+/// Finds a guest image that `scripts/build-guest.sh` built: `$<env>`, else `target/cella/<name>`
+/// next to this executable's `target/<profile>/` folder, else `<name>.elf` next to the
+/// executable itself (an installed layout).
+fn default_guest_image(name: &str, env: &str) -> Result<PathBuf, ConfigError> {
+    if let Some(path) = std::env::var_os(env) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe().ok();
@@ -109,12 +127,13 @@ pub fn default_runner_image() -> Result<PathBuf, ConfigError> {
     if let Some(dir) = dir {
         // target/<profile>/cella-vmm, or target/<profile>/deps/<test> for test binaries.
         for up in [dir.parent(), dir.parent().and_then(Path::parent)].into_iter().flatten() {
-            candidates.push(up.join("cella").join("cella-runner"));
+            candidates.push(up.join("cella").join(name));
         }
-        candidates.push(dir.join("cella-runner.elf"));
+        candidates.push(dir.join(format!("{name}.elf")));
     }
     candidates.iter().find(|c| c.is_file()).cloned().ok_or_else(|| ConfigError::NoDefaultImage {
         searched: candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", "),
+        env: env.to_owned(),
     })
 }
 

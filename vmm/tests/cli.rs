@@ -53,7 +53,8 @@ fn spin_times_out_within_a_small_margin() {
     assert_eq!(code(&output), 242, "{}", stderr(&output));
     assert_eq!(report["exit"], serde_json::json!({"kind": "timed_out", "timeout_ms": 500}));
     let run = Duration::from_micros(report["run_us"].as_u64().unwrap());
-    assert!(run >= Duration::from_millis(500) && run < Duration::from_millis(650), "ran {run:?}");
+    // run_us starts at the first KVM_RUN, the deadline when the vCPU thread is started.
+    assert!(run >= Duration::from_millis(450) && run < Duration::from_millis(650), "ran {run:?}");
     assert!(wall < Duration::from_millis(1500), "whole process took {wall:?}");
     assert_scrubbed(&report);
 }

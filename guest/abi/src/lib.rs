@@ -42,6 +42,17 @@ pub mod layout {
     pub const STACK_SIZE: u64 = 0x10_0000;
     /// The least heap the VMM will give the guest.
     pub const MIN_HEAP_SIZE: u64 = 0x10_0000;
+    /// Device register windows start at the first GiB boundary at or above the end of memory
+    /// (see [`mmio_base`]); each device gets [`MMIO_DEVICE_SIZE`] bytes, all inside one 2 MiB
+    /// page the VMM maps for the guest.
+    pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
+    /// Most devices one VM can have.
+    pub const MMIO_MAX_DEVICES: u64 = 16;
+
+    /// Base of the device window for a VM with `mem_size` bytes of memory.
+    pub const fn mmio_base(mem_size: u64) -> u64 {
+        mem_size.div_ceil(1 << 30) * (1 << 30)
+    }
 }
 
 /// Segment selectors and descriptors of the GDT at [`layout::GDT_ADDR`].
@@ -74,9 +85,14 @@ pub mod ports {
     /// feeds its bytes to the UART's transmit register in one exit. The address must be below
     /// 4 GiB (the runner keeps the line in its image).
     pub const CONSOLE_LINE: u16 = 0x0f0;
+    /// The guest writes (`out dx, eax`) a timeout in milliseconds here when it has nothing to
+    /// do; the VMM blocks the vCPU until a device has work for the guest or the timeout
+    /// passes, so an idle guest burns no CPU. 0 returns at once after polling the devices.
+    pub const WAIT: u16 = 0x0e8;
     /// Every port the guest may touch; all others fault in the guest. Kept below
     /// [`PORT_LIMIT`] so the TSS I/O bitmap stays small.
-    pub const GUEST_PORTS: [(u16, u16); 3] = [(SERIAL_COM1, SERIAL_LEN), (EXIT, 4), (CONSOLE_LINE, 4)];
+    pub const GUEST_PORTS: [(u16, u16); 4] =
+        [(SERIAL_COM1, SERIAL_LEN), (EXIT, 4), (CONSOLE_LINE, 4), (WAIT, 4)];
     /// Ports at or above this are never allowed.
     pub const PORT_LIMIT: u16 = 0x400;
 }
@@ -147,6 +163,51 @@ pub struct BootInfo {
     /// Devices the guest can drive.
     pub devices: [DeviceInfo; MAX_DEVICES],
 }
+
+/// The virtio-mmio (version 2) register window, shared by the VMM's transport and the runner's
+/// drivers: offsets, magic, and status bits.
+pub mod virtio_mmio {
+    pub const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+    pub const VERSION: u32 = 2;
+
+    pub const STATUS_ACKNOWLEDGE: u32 = 1;
+    pub const STATUS_DRIVER: u32 = 2;
+    pub const STATUS_DRIVER_OK: u32 = 4;
+    pub const STATUS_FEATURES_OK: u32 = 8;
+    pub const STATUS_FAILED: u32 = 128;
+
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION_REG: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_AVAIL_LOW: u64 = 0x090;
+    pub const QUEUE_AVAIL_HIGH: u64 = 0x094;
+    pub const QUEUE_USED_LOW: u64 = 0x0a0;
+    pub const QUEUE_USED_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// `DeviceInfo::kind` for a virtio-mmio device (`id` is its virtio device id).
+pub const DEVICE_KIND_VIRTIO_MMIO: u32 = 1;
+/// Virtio device id of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Virtio device id of a socket (vsock) device.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
 
 /// One device the VMM attached.
 #[repr(C)]
@@ -260,5 +321,111 @@ mod tests {
         const { assert!(layout::PD_BASE_ADDR < layout::PAGE_TABLES_END) };
         const { assert!(layout::PAGE_TABLES_END <= layout::IMAGE_BASE) };
         const { assert!(layout::ARGS_ADDR + layout::ARGS_MAX_LEN <= layout::PML4_ADDR) };
+    }
+}
+
+/// The virtio-vsock packet header (virtio spec 5.10.6), shared by the VMM's device and the
+/// runner's driver. Little-endian on the wire, 44 bytes.
+pub mod vsock {
+    /// Bytes in a header.
+    pub const HEADER_LEN: usize = 44;
+    /// The host's context id.
+    pub const HOST_CID: u64 = 2;
+    /// The guest's context id in every Cella VM.
+    pub const GUEST_CID: u64 = 3;
+    /// Stream sockets, the only type Cella uses.
+    pub const TYPE_STREAM: u16 = 1;
+    /// Most payload bytes in one packet.
+    pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+    /// Operations.
+    pub mod op {
+        pub const REQUEST: u16 = 1;
+        pub const RESPONSE: u16 = 2;
+        pub const RST: u16 = 3;
+        pub const SHUTDOWN: u16 = 4;
+        pub const RW: u16 = 5;
+        pub const CREDIT_UPDATE: u16 = 6;
+        pub const CREDIT_REQUEST: u16 = 7;
+    }
+
+    /// SHUTDOWN flags: the sender will receive / send no more.
+    pub const SHUTDOWN_RCV: u32 = 1;
+    pub const SHUTDOWN_SEND: u32 = 2;
+
+    /// One packet header.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Header {
+        pub src_cid: u64,
+        pub dst_cid: u64,
+        pub src_port: u32,
+        pub dst_port: u32,
+        pub len: u32,
+        pub kind: u16,
+        pub op: u16,
+        pub flags: u32,
+        pub buf_alloc: u32,
+        pub fwd_cnt: u32,
+    }
+
+    impl Header {
+        /// The header as wire bytes.
+        pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+            let mut b = [0u8; HEADER_LEN];
+            b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+            b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+            b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+            b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+            b[24..28].copy_from_slice(&self.len.to_le_bytes());
+            b[28..30].copy_from_slice(&self.kind.to_le_bytes());
+            b[30..32].copy_from_slice(&self.op.to_le_bytes());
+            b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+            b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+            b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+            b
+        }
+
+        /// Parses wire bytes; `None` if fewer than [`HEADER_LEN`].
+        pub fn from_bytes(b: &[u8]) -> Option<Header> {
+            let b: &[u8; HEADER_LEN] = b.get(..HEADER_LEN)?.try_into().ok()?;
+            let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+            let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+            let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
+            Some(Header {
+                src_cid: u64_at(0),
+                dst_cid: u64_at(8),
+                src_port: u32_at(16),
+                dst_port: u32_at(20),
+                len: u32_at(24),
+                kind: u16_at(28),
+                op: u16_at(30),
+                flags: u32_at(32),
+                buf_alloc: u32_at(36),
+                fwd_cnt: u32_at(40),
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn header_round_trips() {
+            let h = Header {
+                src_cid: 3,
+                dst_cid: 2,
+                src_port: 7,
+                dst_port: 1024,
+                len: 9,
+                kind: 1,
+                op: op::RW,
+                flags: 0,
+                buf_alloc: 1 << 20,
+                fwd_cnt: 77,
+            };
+            assert_eq!(Header::from_bytes(&h.to_bytes()), Some(h));
+            assert_eq!(Header::from_bytes(&[0; 43]), None);
+        }
     }
 }

@@ -17,7 +17,53 @@ pub enum Mode {
     FillCanary,
     /// Write this many 4000-byte console lines, then exit 0 (the console bounds must hold).
     Flood(u32),
+    /// Read the whole virtio-blk disk; print its size and FNV-1a 64 hash; exit 0.
+    ReadDisk,
+    /// Connect to this host vsock port, echo everything received until the host closes.
+    VsockEcho(u32),
+    /// Listen on this guest vsock port, accept one host connection, echo it until it closes.
+    VsockServe(u32),
+    /// Break the virtio contract on purpose (the VMM must end the VM with the reason).
+    Hostile(Hostile),
+    /// Fetch a scan job over vsock, scan the artifact on the disk, send back SARIF + summary.
+    Scan,
 }
+
+/// The ways `hostile` breaks a device's contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hostile {
+    /// A descriptor chain that points back at itself.
+    LoopChain,
+    /// A descriptor outside guest memory.
+    OutsideMemory,
+    /// A descriptor whose address plus length overflows.
+    LengthOverflow,
+    /// A request header the device would have to write.
+    WrongDirection,
+    /// A queue size that is not a power of two.
+    QueueSize,
+    /// A notify for a queue that does not exist.
+    BadNotify,
+}
+
+impl Hostile {
+    const ALL: [(&'static [u8], Hostile); 6] = [
+        (b"loop-chain", Hostile::LoopChain),
+        (b"outside-memory", Hostile::OutsideMemory),
+        (b"length-overflow", Hostile::LengthOverflow),
+        (b"wrong-direction", Hostile::WrongDirection),
+        (b"queue-size", Hostile::QueueSize),
+        (b"bad-notify", Hostile::BadNotify),
+    ];
+}
+
+/// FNV-1a, 64-bit: how `read-disk` reports what it read (the tests compute it too).
+pub fn fnv1a64(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// FNV-1a's starting value.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// The pattern `fill-canary` writes, one `u64` at a time.
 pub const CANARY: u64 = 0xC311_A5CA_4A21_0BAD;
@@ -56,7 +102,8 @@ fn text(bytes: &[u8]) -> &str {
 }
 
 /// One line of usage, printed with every usage error.
-pub const USAGE: &str = "modes: hello | exit N | fault | spin | fill-canary | flood N";
+pub const USAGE: &str = "modes: hello | exit N | fault | spin | fill-canary | flood N | read-disk | \
+                         vsock-echo PORT | vsock-serve PORT | hostile KIND | scan";
 
 impl Mode {
     /// Parses the runner's arguments (without a program name).
@@ -72,6 +119,15 @@ impl Mode {
             b"fill-canary" => Mode::FillCanary,
             b"exit" => Mode::Exit(number(args.next(), "exit")?),
             b"flood" => Mode::Flood(number(args.next(), "flood")?),
+            b"read-disk" => Mode::ReadDisk,
+            b"scan" => Mode::Scan,
+            b"vsock-echo" => Mode::VsockEcho(number(args.next(), "vsock-echo")?),
+            b"vsock-serve" => Mode::VsockServe(number(args.next(), "vsock-serve")?),
+            b"hostile" => {
+                let arg = args.next();
+                let kind = Hostile::ALL.iter().find(|(name, _)| Some(*name) == arg);
+                Mode::Hostile(kind.ok_or(UsageError::BadArgument { mode: "hostile", arg })?.1)
+            }
             other => return Err(UsageError::UnknownMode(other)),
         };
         match args.next() {
@@ -103,6 +159,10 @@ mod tests {
         assert_eq!(parse(&["spin"]), Ok(Mode::Spin));
         assert_eq!(parse(&["fill-canary"]), Ok(Mode::FillCanary));
         assert_eq!(parse(&["flood", "20"]), Ok(Mode::Flood(20)));
+        assert_eq!(parse(&["read-disk"]), Ok(Mode::ReadDisk));
+        assert_eq!(parse(&["vsock-echo", "1024"]), Ok(Mode::VsockEcho(1024)));
+        assert_eq!(parse(&["hostile", "loop-chain"]), Ok(Mode::Hostile(Hostile::LoopChain)));
+        assert!(parse(&["hostile", "nice"]).is_err());
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub enum BenchCommand {
         #[arg(long, value_name = "PATH")]
         native: Option<PathBuf>,
     },
+    /// Scan throughput in a Cella VM vs the same engine natively vs ripgrep, and end-to-end
+    /// `scan` latency for a 1 MiB and a 100 MiB tarball
+    Scan(super::bench_scan::ScanBenchArgs),
 }
 
 /// Latency figures for one kind of launch, in milliseconds.
@@ -56,7 +59,10 @@ struct LaunchBench {
 }
 
 pub fn main(cmd: BenchCommand) -> ExitCode {
-    let BenchCommand::Launch { runs, json, image, native } = cmd;
+    let (runs, json, image, native) = match cmd {
+        BenchCommand::Launch { runs, json, image, native } => (runs, json, image, native),
+        BenchCommand::Scan(args) => return super::bench_scan::main(args),
+    };
     match launch(runs.max(1), image, native) {
         Ok(bench) => {
             if json {

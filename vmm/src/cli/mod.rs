@@ -1,8 +1,13 @@
 //! The command line: `cella-vmm run` and `cella-vmm bench`.
 
 pub mod bench;
+pub mod bench_scan;
+pub mod devices;
 pub mod exit_code;
+pub mod jailed;
+pub mod policy;
 pub mod run;
+pub mod scan;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +23,9 @@ pub enum Command {
     /// Run one microVM to its end, copying the guest console to stderr.
     #[command(after_help = exit_code::HELP)]
     Run(run::RunArgs),
+    /// Scan one artifact in a microVM and print the findings summary.
+    #[command(after_help = exit_code::SCAN_HELP)]
+    Scan(scan::ScanArgs),
     /// Measure launch latency against a native process and bubblewrap.
     #[command(subcommand)]
     Bench(bench::BenchCommand),

@@ -25,6 +25,19 @@ pub struct RunArgs {
     /// Print one JSON object (exit, launch_us, run_us, scrub, ...) as the last line of stdout
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub devices: super::devices::DeviceArgs,
+    #[command(flatten)]
+    pub jail: super::jailed::JailArgs,
+    /// Test only: try to open PATH (relative to --test-open-dirfd) as the VMM, report, and exit
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub test_open: Option<PathBuf>,
+    /// Test only: the directory descriptor --test-open is relative to
+    #[arg(long, value_name = "FD", hide = true)]
+    pub test_open_dirfd: Option<i32>,
+    /// Test only: install the main thread's seccomp filter, then make a forbidden syscall
+    #[arg(long, hide = true)]
+    pub test_forbidden_syscall: bool,
     /// Arguments for the guest (cella-runner: hello | exit N | fault | spin | fill-canary)
     #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<String>,
@@ -44,6 +57,13 @@ pub fn main(args: RunArgs, launch_start: Instant) -> ExitCode {
         Ok(image) => image,
         Err(e) => return fail_input(&e),
     };
+    if args.jail.jailed {
+        return jailed(&args, image);
+    }
+    args.jail.apply_seccomp_mode();
+    if let Some(code) = test_hooks(&args) {
+        return code;
+    }
     let stop = STOP.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
     for signal in [libc::SIGINT, libc::SIGTERM] {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(signal, request_stop) {
@@ -55,6 +75,8 @@ pub fn main(args: RunArgs, launch_start: Instant) -> ExitCode {
         timeout: args.timeout_ms.map(Duration::from_millis),
         cancel: Some(stop),
         launch_start,
+        disk: args.devices.disk.clone(),
+        vsock_uds: args.devices.vsock.clone(),
         ..VmConfig::new(image, args.args.clone())
     };
     let vm = match build(&config, Box::new(std::io::stderr())) {
@@ -91,6 +113,7 @@ fn summary(report: &RunReport) -> String {
     let how = match &report.exit {
         GuestExit::Exited { code } => format!("guest exited with status {code}"),
         GuestExit::Crashed { reason, rip } => format!("guest crashed at rip {rip:#x}: {reason}"),
+        GuestExit::DeviceError { device, reason } => format!("guest broke {device}: {reason}"),
         GuestExit::TimedOut { timeout_ms } => format!("guest timed out after {timeout_ms} ms"),
         GuestExit::Stopped => "guest stopped by signal".to_owned(),
         GuestExit::VmmFailed { error } => format!("VMM failed: {error}"),
@@ -105,4 +128,63 @@ fn summary(report: &RunReport) -> String {
         s.pages_verified,
         s.ms
     )
+}
+
+/// `run --jailed`: the same run through cella-jailer.
+fn jailed(args: &RunArgs, image: PathBuf) -> ExitCode {
+    if args.devices.vsock.is_some() {
+        return super::jailed::refuse(&super::jailed::JailedError::Unsupported("--vsock"));
+    }
+    let mut files = vec![("--image", image)];
+    files.extend(args.devices.disk.clone().map(|disk| ("--disk", disk)));
+    let mut options = Vec::new();
+    if let Some(ms) = args.timeout_ms {
+        options.extend(["--timeout-ms".into(), ms.to_string().into()]);
+    }
+    if args.json {
+        options.push("--json".into());
+    }
+    let launch = super::jailed::JailedLaunch {
+        subcommand: "run",
+        mem_mib: args.mem_mib,
+        files,
+        options,
+        guest_args: args.args.clone(),
+    };
+    args.jail.exec(&launch)
+}
+
+/// The hidden test-only paths the jailer's tests use to probe the cell from inside the VMM.
+fn test_hooks(args: &RunArgs) -> Option<ExitCode> {
+    if let Some(path) = &args.test_open {
+        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return Some(ExitCode::from(exit_code::BAD_INPUT));
+        };
+        let dirfd = args.test_open_dirfd.unwrap_or(libc::AT_FDCWD);
+        // SAFETY: openat with a NUL-terminated path; the descriptor is closed right away.
+        let fd = unsafe { libc::openat(dirfd, c_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd >= 0 {
+            // SAFETY: `fd` was just opened here.
+            unsafe { libc::close(fd) };
+            eprintln!("cella-vmm: test-open {}: opened", path.display());
+            return Some(ExitCode::SUCCESS);
+        }
+        eprintln!("cella-vmm: test-open {}: {}", path.display(), std::io::Error::last_os_error());
+        return Some(ExitCode::FAILURE);
+    }
+    if args.test_forbidden_syscall {
+        if let Err(e) = cella_vmm::seccomp::install(cella_vmm::seccomp::ThreadKind::Vmm) {
+            eprintln!("cella-vmm: error: {}", error_chain(&e));
+            return Some(ExitCode::from(exit_code::VMM_FAILED));
+        }
+        eprintln!("cella-vmm: test: making a forbidden syscall (ptrace)");
+        // SAFETY: PTRACE_TRACEME takes no pointers; the filter is expected to kill the process.
+        unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+        eprintln!(
+            "cella-vmm: test: the forbidden syscall was allowed (seccomp mode {:?})",
+            args.jail.seccomp
+        );
+        return Some(ExitCode::SUCCESS);
+    }
+    None
 }

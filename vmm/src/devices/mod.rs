@@ -1,13 +1,21 @@
 //! Devices the guest reaches by port I/O or MMIO, and the bus that routes each exit to one.
 
 pub mod legacy;
+pub mod virtio;
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 
+use cella_abi::layout::MMIO_DEVICE_SIZE;
 use cella_abi::{ports, CONSOLE_LINE_MAX};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use legacy::serial::SerialDevice;
+use virtio::mmio::MmioTransport;
+
+/// The longest a single wait exit blocks; the guest asks again if it wants more.
+const WAIT_MAX_MS: u32 = 1000;
 
 /// What handling one I/O exit came to.
 #[derive(Debug, PartialEq, Eq)]
@@ -18,6 +26,8 @@ pub enum IoResult {
     GuestExit(u32),
     /// No device answers there; the guest is broken or hostile and the VM ends.
     Unhandled(String),
+    /// The guest broke a device's contract (bad descriptors, queue set-up…); the VM ends.
+    DeviceFailure { device: &'static str, reason: String },
 }
 
 /// Routes port and MMIO accesses to devices. Shared by the vCPU threads.
@@ -25,13 +35,30 @@ pub enum IoResult {
 pub struct IoBus {
     serial: Mutex<SerialDevice>,
     memory: GuestMemoryMmap,
+    /// Virtio devices, the first at `mmio_base`, each `MMIO_DEVICE_SIZE` after the last.
+    virtio: Vec<Mutex<MmioTransport>>,
+    mmio_base: u64,
+    /// Written by the vCPU kick handler, so a wait exit wakes for a stop.
+    kick: EventFd,
 }
 
 impl IoBus {
-    pub fn new(serial: SerialDevice, memory: GuestMemoryMmap) -> Self {
-        IoBus { serial: Mutex::new(serial), memory }
+    pub fn new(serial: SerialDevice, memory: GuestMemoryMmap) -> std::io::Result<Self> {
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        Ok(IoBus { serial: Mutex::new(serial), memory, virtio: Vec::new(), mmio_base: 0, kick })
     }
 
+    /// Attaches the virtio devices at `base`, in order.
+    pub fn with_virtio(mut self, base: u64, devices: Vec<MmioTransport>) -> Self {
+        self.mmio_base = base;
+        self.virtio = devices.into_iter().map(Mutex::new).collect();
+        self
+    }
+
+    /// The descriptor the kick handler writes to.
+    pub fn kick_fd(&self) -> RawFd {
+        self.kick.as_raw_fd()
+    }
     /// The serial device, once the vCPUs are gone.
     pub fn into_serial(self) -> SerialDevice {
         self.serial.into_inner().unwrap_or_else(|e| e.into_inner())
@@ -42,6 +69,7 @@ impl IoBus {
         match port {
             ports::EXIT => IoResult::GuestExit(le_value(data)),
             ports::CONSOLE_LINE => self.console_line(u64::from(le_value(data))),
+            ports::WAIT => self.wait(le_value(data)),
             p if serial_offset(p).is_some() => {
                 let offset = serial_offset(p).unwrap_or(0);
                 self.serial.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
@@ -80,14 +108,77 @@ impl IoBus {
         IoResult::Done
     }
 
+    /// The virtio device whose window holds `addr`, and the offset into it.
+    fn virtio_at(&self, addr: u64) -> Option<(&Mutex<MmioTransport>, u64)> {
+        let rel = addr.checked_sub(self.mmio_base)?;
+        let device = self.virtio.get((rel / MMIO_DEVICE_SIZE) as usize)?;
+        Some((device, rel % MMIO_DEVICE_SIZE))
+    }
+
     /// A guest load from an address that is not memory.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> IoResult {
-        IoResult::Unhandled(format!("MMIO read of {} byte(s) at {addr:#x}", data.len()))
+        match self.virtio_at(addr) {
+            Some((device, offset)) => {
+                device.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
+                IoResult::Done
+            }
+            None => IoResult::Unhandled(format!("MMIO read of {} byte(s) at {addr:#x}", data.len())),
+        }
     }
 
     /// A guest store to an address that is not memory.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> IoResult {
-        IoResult::Unhandled(format!("MMIO write of {} byte(s) at {addr:#x}", data.len()))
+        match self.virtio_at(addr) {
+            Some((device, offset)) => {
+                let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+                match device.write(offset, data) {
+                    Ok(()) => IoResult::Done,
+                    Err(e) => IoResult::DeviceFailure { device: device.name(), reason: e.to_string() },
+                }
+            }
+            None => IoResult::Unhandled(format!("MMIO write of {} byte(s) at {addr:#x}", data.len())),
+        }
+    }
+
+    /// Lets every device deliver host-side work; whether any reached the guest.
+    fn poll_devices(&self) -> Result<bool, IoResult> {
+        let mut delivered = false;
+        for device in &self.virtio {
+            let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+            match device.poll() {
+                Ok(d) => delivered |= d,
+                Err(e) => {
+                    return Err(IoResult::DeviceFailure { device: device.name(), reason: e.to_string() })
+                }
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// The guest's wait exit: deliver what is ready; if nothing is, block until a device's
+    /// host side has something, a kick arrives, or `timeout_ms` passes.
+    fn wait(&self, timeout_ms: u32) -> IoResult {
+        match self.poll_devices() {
+            Ok(true) => return IoResult::Done,
+            Ok(false) if timeout_ms == 0 => return IoResult::Done,
+            Ok(false) => {}
+            Err(failure) => return failure,
+        }
+        let mut fds: Vec<libc::pollfd> = self
+            .virtio
+            .iter()
+            .filter_map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).wait_fd())
+            .chain([self.kick.as_raw_fd()])
+            .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd for the call; EINTR (a kick) is fine.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms.min(WAIT_MAX_MS) as i32)
+        };
+        match self.poll_devices() {
+            Ok(_) => IoResult::Done,
+            Err(failure) => failure,
+        }
     }
 }
 
@@ -113,7 +204,7 @@ mod tests {
         let out = SharedBuffer::default();
         let console = GuestConsole::new(Box::new(out.clone()), ConsoleLimits::default());
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        (IoBus::new(SerialDevice::new(console), memory), out)
+        (IoBus::new(SerialDevice::new(console), memory).unwrap(), out)
     }
 
     #[test]

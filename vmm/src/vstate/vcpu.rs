@@ -45,14 +45,20 @@ pub enum VcpuStop {
     InternalError { suberror: u32, rip: u64 },
     /// The guest touched a port or address no device answers.
     UnhandledIo { what: String, rip: u64 },
+    /// The guest broke a device's contract.
+    DeviceFailure { device: &'static str, reason: String },
     /// A KVM exit this VMM does not expect from its guest.
     UnexpectedExit { exit: &'static str, rip: u64 },
     /// VM entry failed: the VMM set up a state the CPU refuses.
     EntryFailed { reason: u64 },
     /// Someone outside the vCPU asked it to stop.
     Kicked,
+    /// The vCPU thread ended without reporting why.
+    ThreadLost,
     /// `KVM_RUN` itself failed.
     Kvm(kvm_ioctls::Error),
+    /// The thread could not install its seccomp filter, so the guest never ran.
+    Seccomp(crate::seccomp::SeccompError),
 }
 
 /// When the vCPU did what; the basis of `launch_us` and `run_us`.
@@ -66,6 +72,14 @@ pub struct VcpuTimes {
     pub stopped: Instant,
     /// Exits handled.
     pub exits: u64,
+}
+
+impl VcpuTimes {
+    /// Times for a vCPU that never entered the guest.
+    fn now() -> Self {
+        let now = Instant::now();
+        VcpuTimes { entered: now, first_exit: None, stopped: now, exits: 0 }
+    }
 }
 
 /// What a vCPU thread hands back when it ends.
@@ -90,6 +104,8 @@ pub fn kick_signal() -> i32 {
 thread_local! {
     /// This thread's `kvm_run` page, for the kick handler.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// The bus's kick eventfd, so a kick also ends a wait exit that is blocked in poll(2).
+    static KICK_FD: Cell<libc::c_int> = const { Cell::new(-1) };
 }
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -99,6 +115,15 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
             // SAFETY: `run` is this thread's live kvm_run mapping (cleared before the vCPU fd is
             // dropped); a volatile byte store is async-signal-safe.
             unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+        }
+    });
+    let _ = KICK_FD.try_with(|fd| {
+        let fd = fd.get();
+        if fd >= 0 {
+            let one = 1u64;
+            // SAFETY: write(2) of 8 bytes to an eventfd is async-signal-safe; `fd` stays open
+            // while this thread runs (the bus outlives the vCPU thread).
+            unsafe { libc::write(fd, (&raw const one).cast(), 8) };
         }
     });
 }
@@ -150,7 +175,11 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
             .spawn(move || {
-                let outcome = self.run(&bus, &thread_stop);
+                // Seccomp before the guest's first instruction runs on this thread.
+                let outcome = match crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                    Ok(()) => self.run(&bus, &thread_stop),
+                    Err(e) => VcpuOutcome { stop: VcpuStop::Seccomp(e), times: VcpuTimes::now() },
+                };
                 let _ = tx.send(outcome);
             })
             .map_err(VcpuError::Thread)?;
@@ -160,6 +189,7 @@ impl Vcpu {
     fn run(mut self, bus: &IoBus, stop: &AtomicBool) -> VcpuOutcome {
         let run_page: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|cell| cell.set(run_page));
+        KICK_FD.with(|cell| cell.set(bus.kick_fd()));
         let entered = Instant::now();
         let mut times = VcpuTimes { entered, first_exit: None, stopped: entered, exits: 0 };
         let stop_reason = loop {
@@ -189,6 +219,7 @@ impl Vcpu {
         };
         times.stopped = Instant::now();
         KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+        KICK_FD.with(|cell| cell.set(-1));
         VcpuOutcome { stop: stop_reason, times }
     }
 
@@ -216,6 +247,7 @@ fn handle_exit(exit: VcpuExit<'_>, bus: &IoBus) -> Step {
     let io = |result: IoResult| match result {
         IoResult::Done => Step::Continue,
         IoResult::GuestExit(code) => Step::Stop(VcpuStop::GuestExit(code)),
+        IoResult::DeviceFailure { device, reason } => Step::Stop(VcpuStop::DeviceFailure { device, reason }),
         IoResult::Unhandled(what) => {
             Step::StopAtRip(Box::new(move |rip| VcpuStop::UnhandledIo { what, rip }))
         }
@@ -268,8 +300,9 @@ impl VcpuHandle {
             }
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
+                // The thread ended without a report (it panicked): that is the outcome.
                 self.join();
-                None
+                Some(VcpuOutcome { stop: VcpuStop::ThreadLost, times: VcpuTimes::now() })
             }
         }
     }

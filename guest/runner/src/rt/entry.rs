@@ -1,14 +1,12 @@
 //! Entry point, the modes' bodies, exit and the panic handler.
 
-use alloc::string::String;
-use core::arch::asm;
 use core::fmt::Write;
 
 use cella_abi::{layout, ports, split_args, status, BootInfo};
 
 use super::console::Console;
-use super::{heap, io};
-use cella_runner::mode::{Mode, CANARY};
+use super::{heap, io, modes};
+use cella_runner::mode::Mode;
 
 /// The VMM enters here at CPL 3, with the stack at `BootInfo::stack_top - 8`.
 #[no_mangle]
@@ -38,53 +36,10 @@ pub extern "C" fn _start() -> ! {
     // and nothing writes them while we run.
     let args = unsafe { core::slice::from_raw_parts(boot.args_addr as *const u8, boot.args_len as usize) };
     match Mode::parse(split_args(args)) {
-        Ok(mode) => run(mode, &boot, &mut console),
+        Ok(mode) => modes::run(mode, &boot, &mut console),
         Err(e) => {
             let _ = writeln!(console, "cella-runner: {e}");
             exit(status::USAGE)
-        }
-    }
-}
-
-fn run(mode: Mode, boot: &BootInfo, console: &mut Console) -> ! {
-    match mode {
-        Mode::Hello => {
-            let mut line = String::with_capacity(32);
-            line.push_str("hello from cella-runner\n");
-            let _ = console.write_str(&line);
-            drop(line);
-            exit(0)
-        }
-        Mode::Exit(code) => exit(code),
-        Mode::Fault => {
-            let unmapped = boot.mem_size + layout::LARGE_PAGE_SIZE;
-            // SAFETY: not safe at all, on purpose: the load from an unmapped address raises a
-            // page fault, which with no IDT is a triple fault that ends the VM.
-            unsafe {
-                asm!("mov {tmp}, qword ptr [{addr}]", addr = in(reg) unmapped, tmp = out(reg) _, options(nostack))
-            };
-            exit(status::PANIC)
-        }
-        Mode::Spin => loop {
-            core::hint::spin_loop();
-        },
-        Mode::Flood(lines) => {
-            let filler = [b'~'; 3980];
-            let filler = core::str::from_utf8(&filler).unwrap_or_default();
-            for i in 0..lines {
-                let _ = writeln!(console, "flood {i:>10} {filler}");
-            }
-            exit(0)
-        }
-        Mode::FillCanary => {
-            let (start, end) = (boot.heap_start, boot.heap_end);
-            let words = ((end - start) / 8) as usize;
-            // SAFETY: [heap_start, heap_end) is mapped and ours; nothing allocates after this,
-            // so overwriting the allocator's own bookkeeping is harmless.
-            let heap = unsafe { core::slice::from_raw_parts_mut(start as *mut u64, words) };
-            heap.fill(CANARY);
-            let _ = writeln!(console, "filled {} bytes with the canary", words * 8);
-            exit(0)
         }
     }
 }
@@ -104,3 +59,14 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     console.flush();
     exit(status::PANIC)
 }
+
+/// The precompiled `alloc` for the Linux code generator is built to unwind and names these
+/// two symbols; with `panic = "abort"` nothing ever calls them.
+#[no_mangle]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    exit(status::PANIC)
+}
+
+/// See [`_Unwind_Resume`].
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

@@ -1,10 +1,11 @@
 //! Identity-mapped page tables for a CPL-3 guest: every byte of guest memory is mapped at its
 //! own address with the user bit set, except page 0 (so a null access faults). Memory is
 //! mapped with 2 MiB pages, and with 4 KiB pages in the first 2 MiB and in a partial last
-//! 2 MiB. Nothing beyond the end of guest memory is mapped, so any access there faults.
+//! 2 MiB. Beyond the end of memory only the device window is mapped (one 2 MiB page at
+//! [`cella_abi::layout::mmio_base`], whose accesses exit to the VMM); any other access faults.
 
 use cella_abi::layout::{
-    LARGE_PAGE_SIZE, PAGE_SIZE, PAGE_TABLES_END, PDPT_ADDR, PD_BASE_ADDR, PML4_ADDR, PT_LOW_ADDR,
+    mmio_base, LARGE_PAGE_SIZE, PAGE_SIZE, PAGE_TABLES_END, PDPT_ADDR, PD_BASE_ADDR, PML4_ADDR, PT_LOW_ADDR,
     PT_TAIL_ADDR,
 };
 
@@ -15,8 +16,9 @@ const LARGE: u64 = 1 << 7;
 const TABLE_FLAGS: u64 = PRESENT | WRITABLE | USER;
 const GIB: u64 = 1 << 30;
 
-/// The largest guest memory these tables can map (page directories must fit below 1 MiB).
-pub const MAX_MAPPED: u64 = (PAGE_TABLES_END - PD_BASE_ADDR) / PAGE_SIZE * GIB;
+/// The largest guest memory these tables can map (page directories, one per GiB plus one for
+/// the device window, must fit below 1 MiB).
+pub const MAX_MAPPED: u64 = ((PAGE_TABLES_END - PD_BASE_ADDR) / PAGE_SIZE - 1) * GIB;
 
 /// One 4 KiB table and the guest address it goes to.
 #[derive(Debug)]
@@ -70,6 +72,11 @@ pub fn build(mem_size: u64) -> Vec<Table> {
         }
         tables.push(pd);
     }
+    let window = mmio_base(mem_size);
+    let mut pd = Table::new(PD_BASE_ADDR + (window / GIB) * PAGE_SIZE);
+    pdpt.entries[(window / GIB) as usize] = pd.addr | TABLE_FLAGS;
+    pd.entries[0] = window | TABLE_FLAGS | LARGE;
+    tables.push(pd);
     tables.extend([pml4, pdpt, pt_low]);
     tables.extend(pt_tail);
     tables
@@ -115,6 +122,16 @@ mod tests {
         }
         assert_eq!(translate(&tables, mem), None);
         assert_eq!(translate(&tables, mem + LARGE_PAGE_SIZE), None);
+    }
+
+    #[test]
+    fn device_window_is_mapped_after_memory_and_nothing_else() {
+        let mem = 128 << 20;
+        let tables = build(mem);
+        assert_eq!(translate(&tables, GIB + 0x1050), Some(GIB + 0x1050));
+        assert_eq!(translate(&tables, GIB + LARGE_PAGE_SIZE), None);
+        let big = build(4 * GIB);
+        assert_eq!(translate(&big, 4 * GIB + 0x10), Some(4 * GIB + 0x10));
     }
 
     #[test]

@@ -1,0 +1,369 @@
+//! The export bundle: one tar file holding
+//!
+//! | file | contents |
+//! |---|---|
+//! | `manifest.json` | format, chain, tenant, seq range, counts, and the SHA-256 and size of every other file |
+//! | `events.jsonl` | one event per line, `{"event":E,"hash":"<hex>"}`, `E` being the exact hashed bytes |
+//! | `checkpoints.json` | the signed tree heads whose size falls in `from-1..=to`, each with the consistency proof from the one before it |
+//! | `keys.json` | every public key the log has used (the rotation history) |
+//! | `start.json` | the chain state just before the first event: its seq, hash and Merkle compact range (empty for seq 1) |
+//! | `ocsf.jsonl` | optional: the same events as OCSF API Activity records, for SIEMs (not hashed, not verified) |
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{Checkpoint, CheckpointJson};
+use crate::event::{export_line, Event};
+use crate::hash::{self, Hash};
+use crate::keys::PublicKey;
+use crate::merkle::{CompactRange, MerkleTree};
+
+/// Bundle format name in `manifest.json`.
+pub const FORMAT: &str = "cella-audit-bundle/1";
+pub const MANIFEST: &str = "manifest.json";
+pub const EVENTS: &str = "events.jsonl";
+pub const CHECKPOINTS: &str = "checkpoints.json";
+pub const KEYS: &str = "keys.json";
+pub const START: &str = "start.json";
+pub const OCSF: &str = "ocsf.jsonl";
+
+/// Largest member a bundle may hold (events.jsonl of a very long chain included).
+const MAX_MEMBER: u64 = 16 << 30;
+
+/// What went wrong reading a bundle file as a tar archive.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("cannot read the bundle")]
+    Io(#[from] io::Error),
+    #[error("bundle member `{0}` appears twice")]
+    Duplicate(String),
+    #[error("bundle member `{name}` is larger than {MAX_MEMBER} bytes")]
+    TooLarge { name: String },
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub chain: String,
+    pub tenant: Option<String>,
+    pub range: SeqRange,
+    pub counts: Counts,
+    pub exported_at: String,
+    pub files: Vec<FileEntry>,
+}
+
+/// First and last seq in `events.jsonl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeqRange {
+    pub from: u64,
+    pub to: u64,
+}
+
+/// How many of each thing the bundle holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Counts {
+    pub events: u64,
+    pub checkpoints: u64,
+    pub keys: u64,
+}
+
+/// One file of the bundle as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// One public key in `keys.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyJson {
+    pub id: String,
+    pub algorithm: String,
+    pub public_key: String,
+    pub activated_at: Option<String>,
+    pub retired_at: Option<String>,
+}
+
+impl KeyJson {
+    /// The JSON form of `key`.
+    pub fn new(key: &PublicKey, activated_at: Option<String>, retired_at: Option<String>) -> Self {
+        Self {
+            id: key.id.clone(),
+            algorithm: "ed25519".to_owned(),
+            public_key: hash::to_hex(&key.key),
+            activated_at,
+            retired_at,
+        }
+    }
+
+    /// The key, if it is a well-formed Ed25519 key.
+    pub fn decode(&self) -> Option<PublicKey> {
+        (self.algorithm == "ed25519")
+            .then(|| hash::hash_from_hex(&self.public_key))
+            .flatten()
+            .map(|key| PublicKey { id: self.id.clone(), key })
+    }
+}
+
+/// `keys.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysFile {
+    pub keys: Vec<KeyJson>,
+}
+
+/// One checkpoint in `checkpoints.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleCheckpoint {
+    pub checkpoint: CheckpointJson,
+    /// RFC 6962 consistency proof from the previous checkpoint in the file (empty for the first).
+    pub consistency_proof: Vec<String>,
+}
+
+/// `checkpoints.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointsFile {
+    pub checkpoints: Vec<BundleCheckpoint>,
+}
+
+/// `start.json`: where the exported range picks up the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartFile {
+    /// Seq of the event before the first exported one (0 from the start of the chain).
+    pub seq_before: u64,
+    /// Its hash (all zeros from the start).
+    pub hash_before: String,
+    /// Merkle compact range over events `1..=seq_before`, largest subtree first.
+    pub peaks: Vec<String>,
+}
+
+/// Everything that goes into a bundle, before it is written.
+#[derive(Debug, Clone)]
+pub struct BundleContents {
+    pub chain: String,
+    pub tenant: Option<String>,
+    pub range: SeqRange,
+    pub event_count: u64,
+    pub events: Vec<u8>,
+    pub checkpoints: CheckpointsFile,
+    pub keys: KeysFile,
+    pub start: StartFile,
+    pub ocsf: Option<Vec<u8>>,
+    pub exported_at: String,
+}
+
+/// Inputs for [`assemble`].
+#[derive(Debug)]
+pub struct AssembleInput<'a> {
+    /// The chain's name.
+    pub chain: &'a str,
+    /// The tenant (for tenant chains).
+    pub tenant: Option<&'a str>,
+    /// Hashes of events `1..=to`, in order, as stored (the Merkle tree and proofs use these).
+    pub hashes: &'a [Hash],
+    /// First exported seq.
+    pub from: u64,
+    /// Last exported seq.
+    pub to: u64,
+    /// Hashed bytes and stated hash of events `from..=to`, in order.
+    pub events: &'a [(String, Hash)],
+    /// The chain's checkpoints, in index order; those whose size is outside `from..=to` are left out.
+    pub checkpoints: &'a [Checkpoint],
+    /// Every public key, oldest first.
+    pub keys: Vec<KeyJson>,
+    /// Also write `ocsf.jsonl`.
+    pub ocsf: bool,
+    /// Export time.
+    pub exported_at: String,
+}
+
+/// Builds a bundle's contents: the event lines, `start.json` and the consistency proofs.
+pub fn assemble(input: AssembleInput<'_>) -> BundleContents {
+    let to = input.to;
+    let from = input.from.max(1);
+    let leaves: Vec<Hash> = input.hashes.iter().map(|h| crate::merkle::leaf_hash(h)).collect();
+    let tree = MerkleTree::new(leaves);
+    let mut start_range = CompactRange::new();
+    for h in input.hashes.iter().take((from - 1) as usize) {
+        start_range.push(crate::merkle::leaf_hash(h));
+    }
+    let start = StartFile {
+        seq_before: from - 1,
+        hash_before: hash::to_hex(
+            (from > 1).then(|| input.hashes.get((from - 2) as usize)).flatten().unwrap_or(&hash::GENESIS),
+        ),
+        peaks: start_range.peaks().iter().map(|p| hash::to_hex(p)).collect(),
+    };
+    let mut events = Vec::with_capacity(input.events.iter().map(|b| b.0.len() + 80).sum());
+    let mut ocsf = input.ocsf.then(Vec::new);
+    for (body, h) in input.events {
+        export_line(body.as_bytes(), h, &mut events);
+        events.push(b'\n');
+        if let Some(out) = ocsf.as_mut() {
+            if let Ok(event) = serde_json::from_str::<Event>(body) {
+                let _ = serde_json::to_writer(&mut *out, &crate::ocsf::api_activity(&event, h));
+                out.push(b'\n');
+            }
+        }
+    }
+    let mut checkpoints = Vec::new();
+    let mut prev_size = None;
+    let size = tree.size();
+    // A checkpoint at `from - 1` is included too: it vouches for `start.json`.
+    for cp in input.checkpoints.iter().filter(|c| c.tree_size + 1 >= from && c.tree_size <= to.min(size)) {
+        let proof = match prev_size {
+            Some(old) => tree.consistency_proof(old, cp.tree_size).iter().map(|h| hash::to_hex(h)).collect(),
+            None => Vec::new(),
+        };
+        prev_size = Some(cp.tree_size);
+        checkpoints.push(BundleCheckpoint { checkpoint: cp.to_json(), consistency_proof: proof });
+    }
+    BundleContents {
+        chain: input.chain.to_owned(),
+        tenant: input.tenant.map(str::to_owned),
+        range: SeqRange { from, to },
+        event_count: input.events.len() as u64,
+        events,
+        checkpoints: CheckpointsFile { checkpoints },
+        keys: KeysFile { keys: input.keys },
+        start,
+        ocsf,
+        exported_at: input.exported_at,
+    }
+}
+
+fn json_bytes<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut v = serde_json::to_vec_pretty(value).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+fn append_member<W: Write>(tar: &mut tar::Builder<W>, name: &str, data: &[u8]) -> io::Result<()> {
+    let mut header = tar::Header::new_ustar();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut header, name, data)
+}
+
+/// Writes `contents` as a tar bundle, manifest first, and returns the manifest.
+pub fn write_bundle<W: Write>(contents: &BundleContents, out: W) -> io::Result<Manifest> {
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        (CHECKPOINTS, json_bytes(&contents.checkpoints)),
+        (KEYS, json_bytes(&contents.keys)),
+        (START, json_bytes(&contents.start)),
+    ];
+    let entry = |name: &str, data: &[u8]| FileEntry {
+        name: name.to_owned(),
+        bytes: data.len() as u64,
+        sha256: hash::to_hex(&hash::sha256(data)),
+    };
+    let mut entries = vec![entry(EVENTS, &contents.events)];
+    entries.extend(files.iter().map(|(n, d)| entry(n, d)));
+    if let Some(ocsf) = &contents.ocsf {
+        entries.push(entry(OCSF, ocsf));
+    }
+    let manifest = Manifest {
+        format: FORMAT.to_owned(),
+        chain: contents.chain.clone(),
+        tenant: contents.tenant.clone(),
+        range: contents.range,
+        counts: Counts {
+            events: contents.event_count,
+            checkpoints: contents.checkpoints.checkpoints.len() as u64,
+            keys: contents.keys.keys.len() as u64,
+        },
+        exported_at: contents.exported_at.clone(),
+        files: entries,
+    };
+    let mut tar = tar::Builder::new(out);
+    append_member(&mut tar, MANIFEST, &json_bytes(&manifest))?;
+    append_member(&mut tar, EVENTS, &contents.events)?;
+    for (name, data) in files.drain(..) {
+        append_member(&mut tar, name, &data)?;
+    }
+    if let Some(ocsf) = &contents.ocsf {
+        append_member(&mut tar, OCSF, ocsf)?;
+    }
+    tar.into_inner()?.flush()?;
+    Ok(manifest)
+}
+
+/// A bundle read into memory: member name → bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bundle {
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+impl Bundle {
+    /// Reads a tar bundle.
+    pub fn read<R: Read>(reader: R) -> Result<Self, BundleError> {
+        let mut archive = tar::Archive::new(reader);
+        let mut files = BTreeMap::new();
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let size = entry.header().size()?;
+            if size > MAX_MEMBER {
+                return Err(BundleError::TooLarge { name });
+            }
+            // The header's size is only a hint until the data is read: cap what is reserved.
+            let mut data = Vec::with_capacity(size.min(1 << 30) as usize);
+            entry.read_to_end(&mut data)?;
+            if files.insert(name.clone(), data).is_some() {
+                return Err(BundleError::Duplicate(name));
+            }
+        }
+        Ok(Self { files })
+    }
+
+    /// Writes the members back as a tar file, in the order bundles are written (tests and tools
+    /// that edit bundles use this).
+    pub fn write<W: Write>(&self, out: W) -> io::Result<()> {
+        let order = [MANIFEST, EVENTS, CHECKPOINTS, KEYS, START, OCSF];
+        let mut tar = tar::Builder::new(out);
+        for name in order {
+            if let Some(data) = self.files.get(name) {
+                append_member(&mut tar, name, data)?;
+            }
+        }
+        for (name, data) in &self.files {
+            if !order.contains(&name.as_str()) {
+                append_member(&mut tar, name, data)?;
+            }
+        }
+        tar.into_inner()?.flush()
+    }
+
+    /// Recomputes the manifest's file sizes and hashes after an edit, as someone forging a
+    /// bundle would (the manifest is not signed; the checks that matter do not rely on it).
+    pub fn refresh_manifest(&mut self) {
+        let Some(Ok(mut manifest)) = self.files.get(MANIFEST).map(|m| serde_json::from_slice::<Manifest>(m))
+        else {
+            return;
+        };
+        for entry in &mut manifest.files {
+            if let Some(data) = self.files.get(&entry.name) {
+                entry.bytes = data.len() as u64;
+                entry.sha256 = hash::to_hex(&hash::sha256(data));
+            }
+        }
+        self.files.insert(MANIFEST.to_owned(), json_bytes(&manifest));
+    }
+}

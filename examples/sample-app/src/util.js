@@ -1,0 +1,4 @@
+// SPDX-License-Identifier: MIT
+export function add(a, b) {
+  return a + b;
+}

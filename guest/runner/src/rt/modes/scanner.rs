@@ -1,0 +1,106 @@
+//! The `scan` mode: fetch the job and the policy over vsock, scan the artifact on the disk,
+//! send back SARIF and the summary.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use cella_abi::BootInfo;
+use cella_proto as proto;
+use cella_scan::{sarif, scan_artifact, Engine, Limits, Report};
+
+use super::{fail, CLOSE_TIMEOUT_MS, DEVICE_FAILED};
+use crate::rt::blk_source::BlkSource;
+use crate::rt::console::Console;
+use crate::rt::entry::exit;
+use crate::rt::virtio::blk::Blk;
+use crate::rt::virtio::vsock::Vsock;
+
+/// Exit status when the artifact was refused (unsafe or corrupt); the host has the reason.
+const ARTIFACT_REFUSED: u32 = 3;
+
+/// Reads frames from `conn` until one arrives.
+fn next_frame(
+    vsock: &mut Vsock,
+    conn: usize,
+    decoder: &mut proto::Decoder,
+    console: &mut Console,
+) -> (proto::Kind, Vec<u8>) {
+    let mut buf = Vec::new();
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => return frame,
+            Ok(None) => {}
+            Err(e) => fail(console, "job protocol", e),
+        }
+        buf.clear();
+        match vsock.recv(conn, &mut buf, 4 << 20, 60_000) {
+            Ok(0) => fail(console, "job channel", "closed before the job arrived"),
+            Ok(_) => decoder.push(&buf),
+            Err(e) => fail(console, "job channel", e),
+        }
+    }
+}
+
+pub fn scan(boot: &BootInfo, console: &mut Console) -> ! {
+    let mut vsock = Vsock::open(boot).unwrap_or_else(|e| fail(console, "virtio-vsock", e));
+    let conn = vsock.connect(proto::JOB_PORT, 10_000).unwrap_or_else(|e| fail(console, "job channel", e));
+    let hello =
+        proto::Hello { runner_version: String::from(env!("CARGO_PKG_VERSION")), protocol: proto::VERSION };
+    vsock
+        .send(conn, &proto::encode_json(proto::Kind::Hello, &hello))
+        .unwrap_or_else(|e| fail(console, "send", e));
+
+    let mut decoder = proto::Decoder::default();
+    let (kind, payload) = next_frame(&mut vsock, conn, &mut decoder, console);
+    if kind != proto::Kind::Job {
+        fail(
+            console,
+            "job protocol",
+            proto::ProtoError::Unexpected { expected: proto::Kind::Job, got: kind },
+        );
+    }
+    let job: proto::Job = proto::decode_json(&payload).unwrap_or_else(|e| fail(console, "job", e));
+    let (kind, policy) = next_frame(&mut vsock, conn, &mut decoder, console);
+    if kind != proto::Kind::Policy {
+        fail(
+            console,
+            "job protocol",
+            proto::ProtoError::Unexpected { expected: proto::Kind::Policy, got: kind },
+        );
+    }
+
+    let report_error = |vsock: &mut Vsock, kind: &str, message: String| {
+        let error = proto::ErrorReport { kind: String::from(kind), message };
+        let _ = vsock.send(conn, &proto::encode_json(proto::Kind::Error, &error));
+        vsock.close(conn, CLOSE_TIMEOUT_MS);
+    };
+    let mut engine = match Engine::from_policy_json(&policy) {
+        Ok(engine) => engine,
+        Err(e) => {
+            report_error(&mut vsock, "policy", alloc::format!("{e}"));
+            exit(DEVICE_FAILED)
+        }
+    };
+    let disk = match Blk::open(boot) {
+        Ok(disk) => disk,
+        Err(e) => {
+            report_error(&mut vsock, "device", alloc::format!("virtio-blk: {e:?}"));
+            exit(DEVICE_FAILED)
+        }
+    };
+    let mut source = BlkSource::new(disk, job.artifact_size);
+    let mut report = Report::default();
+    if let Err(e) =
+        scan_artifact(&mut source, &job.artifact_name, &mut engine, &Limits::default(), &mut report)
+    {
+        report_error(&mut vsock, "artifact", alloc::format!("{e}"));
+        exit(ARTIFACT_REFUSED)
+    }
+    let sarif = sarif::to_json(engine.policy(), &report);
+    let summary = report.summary_json(engine.policy(), 0);
+    let mut out = proto::encode(proto::Kind::Sarif, sarif.as_bytes());
+    out.extend(proto::encode(proto::Kind::Summary, summary.as_bytes()));
+    vsock.send(conn, &out).unwrap_or_else(|e| fail(console, "send results", e));
+    vsock.close(conn, CLOSE_TIMEOUT_MS);
+    exit(0)
+}

@@ -1,0 +1,153 @@
+//! Streaming raw-deflate decompression with bomb checks, over `miniz_oxide`.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::Cell;
+
+use miniz_oxide::inflate::stream::{inflate, InflateState};
+use miniz_oxide::{DataFormat, MZError, MZFlush, MZStatus};
+
+use super::crc32::Crc32;
+use crate::error::ArtifactError;
+use crate::source::ByteRead;
+use crate::Limits;
+
+/// Below this many output bytes the ratio check does not apply (tiny highly compressible files
+/// are normal).
+pub const RATIO_MIN_OUTPUT: u64 = 1024 * 1024;
+
+/// A raw-deflate stream turned into a [`ByteRead`] of its decompressed bytes.
+pub(crate) struct Inflater<'a, R: ByteRead + ?Sized> {
+    inner: &'a mut R,
+    state: Box<InflateState>,
+    inbuf: Vec<u8>,
+    in_pos: usize,
+    in_len: usize,
+    pub(crate) total_in: u64,
+    pub(crate) total_out: u64,
+    pub(crate) crc: Crc32,
+    done: bool,
+    entry: String,
+    max_ratio: u64,
+    /// Bytes decompressed in the whole artifact so far, shared by all inflaters.
+    artifact_total: &'a Cell<u64>,
+    max_total: u64,
+    /// For zip: the size the entry declares; producing more is an error.
+    expected: Option<u64>,
+}
+
+impl<'a, R: ByteRead + ?Sized> Inflater<'a, R> {
+    pub(crate) fn new(
+        inner: &'a mut R,
+        entry: String,
+        limits: &Limits,
+        artifact_total: &'a Cell<u64>,
+        expected: Option<u64>,
+    ) -> Self {
+        Inflater {
+            inner,
+            state: InflateState::new_boxed(DataFormat::Raw),
+            inbuf: vec![0; 64 * 1024],
+            in_pos: 0,
+            in_len: 0,
+            total_in: 0,
+            total_out: 0,
+            crc: Crc32::new(),
+            done: false,
+            entry,
+            max_ratio: limits.max_ratio,
+            artifact_total,
+            max_total: limits.max_decompressed,
+            expected,
+        }
+    }
+
+    /// Input bytes read from the inner reader but not consumed by the deflate stream (the gzip
+    /// trailer begins here).
+    pub(crate) fn leftover(&self) -> &[u8] {
+        &self.inbuf[self.in_pos..self.in_len]
+    }
+
+    pub(crate) fn inner(&mut self) -> &mut R {
+        self.inner
+    }
+
+    fn truncated(&self) -> ArtifactError {
+        ArtifactError::Truncated { entry: self.entry.clone() }
+    }
+}
+
+impl<R: ByteRead + ?Sized> ByteRead for Inflater<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> Result<usize, ArtifactError> {
+        if self.done || out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.in_pos == self.in_len {
+                self.in_len = self.inner.read(&mut self.inbuf)?;
+                self.in_pos = 0;
+                if self.in_len == 0 {
+                    return Err(self.truncated());
+                }
+            }
+            let res = inflate(&mut self.state, &self.inbuf[self.in_pos..self.in_len], out, MZFlush::None);
+            self.in_pos += res.bytes_consumed;
+            self.total_in += res.bytes_consumed as u64;
+            let n = res.bytes_written;
+            self.total_out += n as u64;
+            self.crc.update(&out[..n]);
+            self.artifact_total.set(self.artifact_total.get() + n as u64);
+            if self.artifact_total.get() > self.max_total {
+                return Err(ArtifactError::DecompressedTotal {
+                    entry: self.entry.clone(),
+                    limit: self.max_total,
+                });
+            }
+            if self.total_out >= RATIO_MIN_OUTPUT {
+                let ratio = self.total_out / self.total_in.max(1);
+                if ratio > self.max_ratio {
+                    return Err(ArtifactError::DecompressionRatio {
+                        entry: self.entry.clone(),
+                        ratio,
+                        limit: self.max_ratio,
+                    });
+                }
+            }
+            if let Some(exp) = self.expected {
+                if self.total_out > exp {
+                    return Err(ArtifactError::Corrupt {
+                        entry: self.entry.clone(),
+                        reason: "inflates to more than its declared size",
+                    });
+                }
+            }
+            match res.status {
+                Ok(MZStatus::StreamEnd) => {
+                    self.done = true;
+                    return Ok(n);
+                }
+                Ok(_) => {}
+                Err(MZError::Buf) => {
+                    // No progress possible with this input: need more.
+                    if self.in_pos < self.in_len && n == 0 {
+                        return Err(ArtifactError::Corrupt {
+                            entry: self.entry.clone(),
+                            reason: "deflate stream stalls",
+                        });
+                    }
+                }
+                Err(_) => {
+                    return Err(ArtifactError::Corrupt {
+                        entry: self.entry.clone(),
+                        reason: "invalid deflate data",
+                    })
+                }
+            }
+            if n > 0 {
+                return Ok(n);
+            }
+        }
+    }
+}

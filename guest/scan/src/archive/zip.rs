@@ -1,0 +1,210 @@
+//! zip, read through the central directory with random access. Methods: stored, deflate.
+//! Not supported (refused with a clear error): zip64, multi-disk, encryption.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+
+use super::crc32::Crc32;
+use super::inflate::{Inflater, RATIO_MIN_OUTPUT};
+use super::path::{check_link, normalize};
+use super::tar::with_prefix as prefix_error;
+use super::{drain, Walk};
+use crate::error::ArtifactError;
+use crate::source::{ByteRead, Source, SourceReader};
+
+const EOCD_LEN: usize = 22;
+const CDH_LEN: usize = 46;
+const LFH_LEN: usize = 30;
+/// Largest central directory read into memory.
+const MAX_CD: u64 = 64 << 20;
+
+fn u16le(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32le(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn read_exact_at<S: Source + ?Sized>(
+    src: &mut S,
+    off: u64,
+    buf: &mut [u8],
+    entry: &str,
+) -> Result<(), ArtifactError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = src.read_at(off + done as u64, &mut buf[done..])?;
+        if n == 0 {
+            return Err(ArtifactError::Truncated { entry: String::from(entry) });
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// CRC-32 over everything read through it.
+struct CrcRead<'a, R: ByteRead + ?Sized> {
+    inner: &'a mut R,
+    crc: Crc32,
+    n: u64,
+}
+
+impl<R: ByteRead + ?Sized> ByteRead for CrcRead<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ArtifactError> {
+        let n = self.inner.read(buf)?;
+        self.crc.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+pub(super) fn walk(
+    w: &mut Walk<'_>,
+    src: &mut dyn Source,
+    name: &str,
+    depth: u32,
+    prefix: &str,
+) -> Result<(), ArtifactError> {
+    let corrupt = |reason| ArtifactError::Corrupt { entry: String::from(name), reason };
+    let len = src.len();
+    if len < EOCD_LEN as u64 {
+        return Err(ArtifactError::Truncated { entry: String::from(name) });
+    }
+    // End of central directory: within the last 22 + 65535 bytes.
+    let tail_len = len.min(EOCD_LEN as u64 + 65535) as usize;
+    let mut tail = vec![0u8; tail_len];
+    read_exact_at(src, len - tail_len as u64, &mut tail, name)?;
+    let Some(eocd) = (0..=tail_len - EOCD_LEN).rev().find(|&i| tail[i..i + 4] == *b"PK\x05\x06") else {
+        return Err(ArtifactError::Truncated { entry: String::from(name) });
+    };
+    let e = &tail[eocd..];
+    if u16le(e, 4) != 0 || u16le(e, 6) != 0 {
+        return Err(ArtifactError::Unsupported { entry: String::from(name), feature: "multi-disk zip" });
+    }
+    let count = u16le(e, 10);
+    let cd_size = u32le(e, 12);
+    let cd_off = u32le(e, 16);
+    if count == 0xffff || cd_size == 0xffff_ffff || cd_off == 0xffff_ffff {
+        return Err(ArtifactError::Unsupported { entry: String::from(name), feature: "zip64" });
+    }
+    let (cd_size, cd_off) = (u64::from(cd_size), u64::from(cd_off));
+    if cd_off + cd_size > len - (tail_len - eocd) as u64 {
+        return Err(ArtifactError::Truncated { entry: String::from(name) });
+    }
+    if cd_size > MAX_CD {
+        return Err(corrupt("central directory too large"));
+    }
+    let mut cd = vec![0u8; cd_size as usize];
+    read_exact_at(src, cd_off, &mut cd, name)?;
+    let mut p = 0usize;
+    for _ in 0..count {
+        if p + CDH_LEN > cd.len() || cd[p..p + 4] != *b"PK\x01\x02" {
+            return Err(corrupt("bad central directory record"));
+        }
+        let h = &cd[p..p + CDH_LEN];
+        let made_by_unix = (u16le(h, 4) >> 8) == 3;
+        let flags = u16le(h, 8);
+        let method = u16le(h, 10);
+        let crc = u32le(h, 16);
+        let csize = u64::from(u32le(h, 20));
+        let usize_ = u64::from(u32le(h, 24));
+        let (nl, xl, cl) = (usize::from(u16le(h, 28)), usize::from(u16le(h, 30)), usize::from(u16le(h, 32)));
+        let ext_attr = u32le(h, 38);
+        let lfh_off = u64::from(u32le(h, 42));
+        if p + CDH_LEN + nl + xl + cl > cd.len() {
+            return Err(corrupt("central directory record overruns"));
+        }
+        let raw_name = String::from_utf8_lossy(&cd[p + CDH_LEN..p + CDH_LEN + nl]).into_owned();
+        p += CDH_LEN + nl + xl + cl;
+
+        w.count_entry(&format!("{prefix}{raw_name}"))?;
+        let path = normalize(&raw_name).map_err(|e| prefix_error(e, prefix))?;
+        let display = format!("{prefix}{path}");
+        if raw_name.ends_with('/') || raw_name.ends_with('\\') {
+            continue; // directory
+        }
+        if flags & 1 != 0 {
+            return Err(ArtifactError::Unsupported { entry: display, feature: "encrypted zip entry" });
+        }
+        if csize == 0xffff_ffff || usize_ == 0xffff_ffff {
+            return Err(ArtifactError::Unsupported { entry: display, feature: "zip64" });
+        }
+        // Local header: where the data starts.
+        let mut lfh = [0u8; LFH_LEN];
+        read_exact_at(src, lfh_off, &mut lfh, &display)?;
+        if lfh[..4] != *b"PK\x03\x04" {
+            return Err(ArtifactError::Corrupt { entry: display, reason: "bad local header signature" });
+        }
+        let data_off = lfh_off + LFH_LEN as u64 + u64::from(u16le(&lfh, 26)) + u64::from(u16le(&lfh, 28));
+        if data_off + csize > len {
+            return Err(ArtifactError::Truncated { entry: display });
+        }
+        let is_symlink = made_by_unix && (ext_attr >> 16) & 0o170000 == 0o120000;
+        if is_symlink {
+            if method != 0 || csize > 4096 {
+                return Err(ArtifactError::Corrupt {
+                    entry: display,
+                    reason: "symlink target not stored plainly",
+                });
+            }
+            let mut t = vec![0u8; csize as usize];
+            read_exact_at(src, data_off, &mut t, &display)?;
+            let target = String::from_utf8_lossy(&t).into_owned();
+            check_link(&path, &target, true).map_err(|e| prefix_error(e, prefix))?;
+            continue;
+        }
+        let limits = w.limits();
+        if usize_ > limits.max_entry_size {
+            return Err(ArtifactError::EntryTooLarge {
+                entry: display,
+                size: usize_,
+                limit: limits.max_entry_size,
+            });
+        }
+        let mut raw = SourceReader { src: &mut *src, pos: data_off, end: data_off + csize };
+        match method {
+            0 => {
+                if csize != usize_ {
+                    return Err(ArtifactError::Corrupt {
+                        entry: display,
+                        reason: "stored entry sizes disagree",
+                    });
+                }
+                let mut r = CrcRead { inner: &mut raw, crc: Crc32::new(), n: 0 };
+                w.entry(&mut r, &display, depth)?;
+                drain(&mut r)?;
+                if r.crc.finish() != crc {
+                    return Err(ArtifactError::Corrupt { entry: display, reason: "CRC-32 mismatch" });
+                }
+            }
+            8 => {
+                if usize_ >= RATIO_MIN_OUTPUT && usize_ / csize.max(1) > limits.max_ratio {
+                    return Err(ArtifactError::DecompressionRatio {
+                        entry: display,
+                        ratio: usize_ / csize.max(1),
+                        limit: limits.max_ratio,
+                    });
+                }
+                let total = w.total();
+                let mut r = Inflater::new(&mut raw, display.clone(), limits, total, Some(usize_));
+                w.entry(&mut r, &display, depth)?;
+                drain(&mut r)?;
+                if r.total_out != usize_ {
+                    return Err(ArtifactError::Corrupt {
+                        entry: display,
+                        reason: "inflates to less than its declared size",
+                    });
+                }
+                if r.crc.finish() != crc {
+                    return Err(ArtifactError::Corrupt { entry: display, reason: "CRC-32 mismatch" });
+                }
+            }
+            _ => {
+                return Err(ArtifactError::Unsupported { entry: display, feature: "zip compression method" })
+            }
+        }
+    }
+    Ok(())
+}

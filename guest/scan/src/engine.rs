@@ -1,0 +1,729 @@
+//! The scan engine. Text is scanned in fixed-size chunks with an overlap, so memory stays fixed
+//! and line numbers exact. In each chunk:
+//!
+//! 1. One forward lazy-DFA pass over a multi-pattern *line filter* finds candidate lines: the
+//!    filter holds every single-line rule's regex, the keyword-less (PII) regexes, and the
+//!    keywords of multiline rules. A line is looked at further only if some rule could match
+//!    on it, so ordinary text costs one DFA transition per byte and nothing else.
+//! 2. On a candidate line, an Aho–Corasick automaton finds the keywords (gitleaks semantics:
+//!    a keyword rule only runs where one of its keywords occurs) and runs those rules' regexes
+//!    on the line (or, for multiline rules, on a window starting at it); keyword-less rules
+//!    run on the line if their own combined filter matches it.
+//! 3. Each match then passes the secret-group extraction, entropy threshold, validator and
+//!    allowlists before it becomes a finding (redacted, fingerprinted, with line and column).
+//!
+//! Rule regexes compile lazily on first use ([`Engine::new_lazy`]), so a VM pays only for the
+//! rules its artifact exercises; [`Engine::new`] compiles (and so validates) everything.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use regex_automata::hybrid;
+use regex_automata::meta::{self, Regex};
+use regex_automata::nfa::thompson;
+use regex_automata::util::captures::Captures;
+use regex_automata::util::syntax;
+use regex_automata::{Anchored, Input};
+
+use crate::error::{ArtifactError, EngineError};
+use crate::finding::{fingerprint, redact, Finding, Report};
+use crate::rule::{Category, Policy, Rule, MULTILINE_WINDOW, POLICY_FORMAT_VERSION};
+use crate::source::{read_full, ByteRead};
+use crate::validate::{check, contains_ascii_ci, shannon_entropy};
+
+/// How many bytes at the start of a file decide whether it is binary: a file is **binary, and
+/// skipped, if a NUL byte occurs in its first 8 KiB** (the rule git and ripgrep use). Text in
+/// UTF-16 is therefore skipped too.
+pub const BINARY_SNIFF_LEN: usize = 8 * 1024;
+
+/// Bytes of new text read per chunk.
+pub const CHUNK_LEN: usize = 1024 * 1024;
+
+/// Bytes carried from one chunk into the next, so a match straddling a chunk boundary is seen
+/// whole. Matches longer than this (or single lines longer than this containing a match at a
+/// boundary) may be missed; rules keep their repetitions bounded well below it.
+pub const OVERLAP_LEN: usize = 2 * MULTILINE_WINDOW;
+
+/// Lazy-DFA cache of each line filter (the hot path: one transition per byte of text).
+/// The default (2 MiB) thrashes on digit-heavy text with the combined filter.
+const LAZY_DFA_CACHE: usize = 8 << 20;
+
+/// Lazy-DFA cache of each rule regex. They only run on candidate lines, so a small cache is
+/// enough; it also bounds memory when hostile text makes many DFA states (71 rules × 256 KiB
+/// plus two filters × 8 MiB at most).
+const RULE_DFA_CACHE: usize = 256 << 10;
+
+/// Regex syntax for every rule: byte-oriented, ASCII classes, no UTF-8 requirement, so that
+/// arbitrary bytes never make the lazy DFA give up.
+fn build_regexes(patterns: &[&str]) -> Result<Regex, String> {
+    Regex::builder()
+        .syntax(syntax::Config::new().unicode(false).utf8(false))
+        // Rule regexes only run on candidate lines that already hold a keyword: a literal
+        // prefilter would re-find it at a setup cost larger than scanning the line.
+        .configure(
+            meta::Config::new().utf8_empty(false).hybrid_cache_capacity(RULE_DFA_CACHE).auto_prefilter(false),
+        )
+        .build_many(patterns)
+        .map_err(|e| alloc::format!("{e}"))
+}
+
+struct Compiled {
+    re: Regex,
+    cache: meta::Cache,
+    caps: Captures,
+}
+
+impl Compiled {
+    fn new(rule: &Rule, pattern: &str, what: &'static str) -> Result<Self, EngineError> {
+        let re = build_regexes(&[pattern]).map_err(|message| EngineError::Regex {
+            rule: rule.id.clone(),
+            what,
+            message,
+        })?;
+        let cache = re.create_cache();
+        let caps = re.create_captures();
+        Ok(Compiled { re, cache, caps })
+    }
+
+    fn is_match(&mut self, hay: &[u8]) -> bool {
+        self.re.search_with(&mut self.cache, &Input::new(hay)).is_some()
+    }
+}
+
+/// A forward-only lazy DFA over several patterns, answering "where does the earliest match
+/// end". Cheaper to build than a full regex (no reverse automaton, no capture engines), which
+/// matters because it is built when the first file is scanned.
+struct LineFilter {
+    dfa: hybrid::dfa::DFA,
+    cache: hybrid::dfa::Cache,
+}
+
+impl LineFilter {
+    fn new(patterns: &[&str]) -> Result<Self, String> {
+        let dfa = hybrid::dfa::DFA::builder()
+            .syntax(syntax::Config::new().unicode(false).utf8(false))
+            .thompson(thompson::Config::new().which_captures(thompson::WhichCaptures::None))
+            .configure(hybrid::dfa::DFA::config().cache_capacity(LAZY_DFA_CACHE))
+            .build(&alternation(patterns))
+            .map_err(|e| alloc::format!("{e}"))?;
+        let cache = dfa.create_cache();
+        Ok(LineFilter { dfa, cache })
+    }
+
+    /// End of the earliest match in `input` (searched with `earliest`). If the lazy DFA cannot
+    /// answer, reports a candidate at the input's start so the caller falls back to checking
+    /// that line with the full rules: slower, never wrong.
+    fn find_end(&mut self, input: &Input<'_>) -> Option<usize> {
+        match self.dfa.try_search_fwd(&mut self.cache, input) {
+            Ok(m) => m.map(|m| m.offset()),
+            Err(_) => Some((input.start() + 1).min(input.end())),
+        }
+    }
+}
+
+/// `(?:p1)|(?:p2)|…`: one pattern, so the DFA's match states need not tell patterns apart
+/// (fewer states than a multi-pattern DFA; only "some rule may match here" is asked).
+fn alternation(patterns: &[&str]) -> String {
+    let mut s = String::new();
+    for (i, p) in patterns.iter().enumerate() {
+        if i > 0 {
+            s.push('|');
+        }
+        s.push_str("(?:");
+        s.push_str(p);
+        s.push(')');
+    }
+    s
+}
+
+#[derive(Default)]
+struct RuleState {
+    regex: Option<Compiled>,
+    allow: Option<Vec<Compiled>>,
+    paths: Option<Vec<Compiled>>,
+    /// Lowercased allowlist stopwords.
+    stopwords: Vec<Vec<u8>>,
+    /// Per file: disabled by a path allowlist.
+    disabled: bool,
+    /// Per chunk: end of the last region this rule's regex ran over.
+    covered_until: usize,
+    /// Per chunk: end of the last match taken, so overlapping regions don't report twice.
+    last_end: usize,
+}
+
+/// A candidate that passed all checks, in buffer coordinates.
+#[derive(Clone, Copy, Debug)]
+struct Hit {
+    rule: u32,
+    /// Start of the reported location (the secret's start).
+    start: usize,
+    secret: (usize, usize),
+}
+
+/// A compiled policy, ready to scan. Not `Sync`: it owns its regex caches and buffers; create
+/// one per thread.
+pub struct Engine {
+    policy: Policy,
+    rules: Vec<RuleState>,
+    keywords: Option<AhoCorasick>,
+    /// For each keyword pattern: the rules that keyword triggers.
+    keyword_rules: Vec<Vec<u32>>,
+    /// Rules without keywords: run on the lines the combined filter selects.
+    always: Vec<u32>,
+    always_filter: Option<LineFilter>,
+    /// Single-line rule regexes, keyword-less regexes and multiline rules' keywords in one
+    /// forward lazy DFA: picks candidate lines.
+    lines_filter: Option<LineFilter>,
+    buf: Vec<u8>,
+    hits: Vec<Hit>,
+}
+
+impl core::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Engine").field("rules", &self.policy.rules.len()).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Builds an engine and compiles every regex now: validates the whole policy. Use on the
+    /// host, and wherever compile errors must surface before scanning.
+    pub fn new(policy: Policy) -> Result<Self, EngineError> {
+        let mut e = Self::new_lazy(policy)?;
+        e.warm(true)?;
+        Ok(e)
+    }
+
+    /// Builds an engine whose rule regexes compile on first use (when a rule's keyword first
+    /// occurs, or when the first candidate for a keyword-less rule appears). Startup then costs
+    /// only the keyword automaton; this is what the guest uses for a policy the host has
+    /// already validated with [`Engine::new`].
+    pub fn new_lazy(policy: Policy) -> Result<Self, EngineError> {
+        if policy.format_version != POLICY_FORMAT_VERSION {
+            return Err(EngineError::PolicyVersion {
+                found: policy.format_version,
+                expected: POLICY_FORMAT_VERSION,
+            });
+        }
+        let mut keywords: Vec<Vec<u8>> = Vec::new();
+        let mut keyword_rules: Vec<Vec<u32>> = Vec::new();
+        let mut always = Vec::new();
+        let mut rules = Vec::with_capacity(policy.rules.len());
+        for (i, rule) in policy.rules.iter().enumerate() {
+            let i = i as u32;
+            if rule.keywords.is_empty() {
+                always.push(i);
+            }
+            for kw in &rule.keywords {
+                let kw = kw.as_bytes().to_ascii_lowercase();
+                match keywords.iter().position(|k| *k == kw) {
+                    Some(p) => keyword_rules[p].push(i),
+                    None => {
+                        keywords.push(kw);
+                        keyword_rules.push(alloc::vec![i]);
+                    }
+                }
+            }
+            let stopwords =
+                rule.allowlist.stopwords.iter().map(|s| s.as_bytes().to_ascii_lowercase()).collect();
+            rules.push(RuleState { stopwords, ..RuleState::default() });
+        }
+        // The prefilter reports one keyword per start position (leftmost-first, restarted one
+        // byte after each hit). Where keyword A occurs inside keyword B, an occurrence of B is
+        // also one of A: B triggers A's rules too.
+        let snapshot = keyword_rules.clone();
+        for (b, kb) in keywords.iter().enumerate() {
+            for (a, ka) in keywords.iter().enumerate() {
+                if a != b && ka.len() < kb.len() && kb.windows(ka.len()).any(|w| w == &ka[..]) {
+                    for &r in &snapshot[a] {
+                        if !keyword_rules[b].contains(&r) {
+                            keyword_rules[b].push(r);
+                        }
+                    }
+                }
+            }
+        }
+        let keywords = if keywords.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .ascii_case_insensitive(true)
+                    .match_kind(MatchKind::LeftmostFirst)
+                    // It only ever searches single candidate lines: a contiguous NFA builds several
+                    // times faster than a DFA (this is on the VM's launch path) and a prefilter's
+                    // setup costs more than it saves on haystacks that short.
+                    .kind(Some(AhoCorasickKind::ContiguousNFA))
+                    .prefilter(false)
+                    .build(&keywords)
+                    .map_err(|e| EngineError::Keywords(alloc::format!("{e}")))?,
+            )
+        };
+        Ok(Engine {
+            policy,
+            rules,
+            keywords,
+            keyword_rules,
+            always,
+            always_filter: None,
+            lines_filter: None,
+            buf: Vec::new(),
+            hits: Vec::new(),
+        })
+    }
+
+    /// Deserializes a policy (JSON, as produced by `cella-policies`) and builds a lazy engine.
+    pub fn from_policy_json(bytes: &[u8]) -> Result<Self, EngineError> {
+        let policy: Policy =
+            serde_json::from_slice(bytes).map_err(|e| EngineError::PolicyFormat(alloc::format!("{e}")))?;
+        Self::new_lazy(policy)
+    }
+
+    /// Does ahead of time what a lazy engine would do while scanning its first file: builds
+    /// the line filters, and with `all_rules` compiles every rule regex too. For a runner that
+    /// is snapshotted after start-up, so jobs restored from the snapshot start compiled.
+    pub fn warm(&mut self, all_rules: bool) -> Result<(), EngineError> {
+        if all_rules {
+            // Rules first, so an error names the rule rather than the combined filter.
+            for i in 0..self.rules.len() {
+                self.ensure_compiled(i)?;
+            }
+        }
+        self.ensure_filter()
+    }
+
+    /// The policy this engine runs.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn ensure_compiled(&mut self, i: usize) -> Result<(), EngineError> {
+        let rule = &self.policy.rules[i];
+        let st = &mut self.rules[i];
+        if st.regex.is_none() {
+            st.regex = Some(Compiled::new(rule, &rule.regex, "regex")?);
+        }
+        if st.allow.is_none() {
+            let v = rule.allowlist.regexes.iter().map(|p| Compiled::new(rule, p, "allowlist regex"));
+            st.allow = Some(v.collect::<Result<_, _>>()?);
+        }
+        if st.paths.is_none() {
+            let v = rule.allowlist.paths.iter().map(|p| Compiled::new(rule, p, "allowlist path regex"));
+            st.paths = Some(v.collect::<Result<_, _>>()?);
+        }
+        Ok(())
+    }
+
+    /// Builds the two line filters: `lines` (see the module docs) and `always` (the
+    /// keyword-less regexes alone, to decide whether a candidate line needs the PII rules).
+    fn ensure_filter(&mut self) -> Result<(), EngineError> {
+        if self.lines_filter.is_some() {
+            return Ok(());
+        }
+        let err =
+            |message| EngineError::Regex { rule: String::from("(line filter)"), what: "regex", message };
+        let mut patterns: Vec<&str> =
+            self.always.iter().map(|&i| self.policy.rules[i as usize].regex.as_str()).collect();
+        if !patterns.is_empty() {
+            self.always_filter = Some(LineFilter::new(&patterns).map_err(err)?);
+        }
+        // Single-line keyword rules contribute their full regex (a line is a candidate only if
+        // some rule could match on it); multiline rules contribute their keywords.
+        for r in &self.policy.rules {
+            if !r.keywords.is_empty() && !r.multiline {
+                patterns.push(r.regex.as_str());
+            }
+        }
+        let keyword_alt = self.keyword_alternation();
+        if let Some(k) = keyword_alt.as_deref() {
+            patterns.push(k);
+        }
+        if !patterns.is_empty() {
+            self.lines_filter = Some(LineFilter::new(&patterns).map_err(err)?);
+        }
+        Ok(())
+    }
+
+    /// Case-insensitive alternation of the multiline rules' keywords (their regexes may span
+    /// lines, so the line filter looks for the keyword instead).
+    fn keyword_alternation(&self) -> Option<String> {
+        let mut kws: Vec<Vec<u8>> = Vec::new();
+        for r in self.policy.rules.iter().filter(|r| r.multiline) {
+            for k in &r.keywords {
+                let k = k.as_bytes().to_ascii_lowercase();
+                if !kws.contains(&k) {
+                    kws.push(k);
+                }
+            }
+        }
+        if kws.is_empty() {
+            return None;
+        }
+        let mut s = String::from("(?i:");
+        for (i, kw) in kws.iter().enumerate() {
+            if i > 0 {
+                s.push('|');
+            }
+            for &b in kw {
+                if b"\\.+*?()|[]{}^$#&-~".contains(&b) {
+                    s.push('\\');
+                }
+                s.push(b as char);
+            }
+        }
+        s.push(')');
+        Some(s)
+    }
+
+    /// Scans one file's text, read from `reader`, and appends its findings to `report`. Returns
+    /// `false` if the file was skipped as binary.
+    pub(crate) fn scan_stream<R: ByteRead + ?Sized>(
+        &mut self,
+        path: &str,
+        reader: &mut R,
+        report: &mut Report,
+        max_findings: usize,
+    ) -> Result<bool, ArtifactError> {
+        let mut buf = core::mem::take(&mut self.buf);
+        let r = self.scan_stream_inner(path, reader, report, max_findings, &mut buf);
+        self.buf = buf;
+        r
+    }
+
+    fn scan_stream_inner<R: ByteRead + ?Sized>(
+        &mut self,
+        path: &str,
+        reader: &mut R,
+        report: &mut Report,
+        max_findings: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, ArtifactError> {
+        buf.resize(CHUNK_LEN + OVERLAP_LEN, 0);
+        // Path allowlists decide per file.
+        for i in 0..self.rules.len() {
+            let disabled = if self.policy.rules[i].allowlist.paths.is_empty() {
+                false
+            } else {
+                self.ensure_compiled(i)?;
+                let paths = self.rules[i].paths.as_deref_mut().unwrap_or_default();
+                paths.iter_mut().any(|p| p.is_match(path.as_bytes()))
+            };
+            self.rules[i].disabled = disabled;
+        }
+
+        let mut len = 0usize; // valid bytes in buf
+        let mut line = 1u64; // line number of buf[0]
+        let mut col0 = 0u64; // code points between the start of buf[0]'s line and buf[0]
+        let mut first = true;
+        loop {
+            let n = read_full(reader, &mut buf[len..])?;
+            len += n;
+            let eof = len < buf.len();
+            if first {
+                first = false;
+                let sniff = &buf[..len.min(BINARY_SNIFF_LEN)];
+                if memchr::memchr(0, sniff).is_some() {
+                    report.files_skipped_binary += 1;
+                    // Drain the rest so the caller's accounting of the entry stays exact.
+                    while reader.read(buf)? != 0 {}
+                    return Ok(false);
+                }
+                report.files_scanned += 1;
+            }
+            // Everything before `commit` is reported in this round; the rest carries over.
+            let commit = if eof {
+                len
+            } else {
+                let limit = len - OVERLAP_LEN;
+                match memchr::memrchr(b'\n', &buf[..limit]) {
+                    Some(nl) if nl + 1 > limit / 2 => nl + 1,
+                    _ => limit,
+                }
+            };
+            self.scan_chunk(&buf[..len], commit)?;
+            self.emit(path, &buf[..len], line, col0, report, max_findings);
+            report.bytes_scanned += commit as u64;
+            if eof {
+                return Ok(true);
+            }
+            let newlines = memchr::memchr_iter(b'\n', &buf[..commit]).count() as u64;
+            line += newlines;
+            col0 = match memchr::memrchr(b'\n', &buf[..commit]) {
+                Some(nl) => code_points(&buf[nl + 1..commit]),
+                None => col0 + code_points(&buf[..commit]),
+            };
+            buf.copy_within(commit..len, 0);
+            len -= commit;
+        }
+    }
+
+    /// Finds all hits in `buf` whose start is before `commit`, into `self.hits`.
+    ///
+    /// One forward lazy-DFA pass (earliest match, restarted at the next line) finds the
+    /// candidate lines; only those are looked at further. The line holding the first match
+    /// state is the one processed (rules match within a line, multiline rules from the line
+    /// holding their keyword).
+    fn scan_chunk(&mut self, buf: &[u8], commit: usize) -> Result<(), ArtifactError> {
+        self.hits.clear();
+        for st in &mut self.rules {
+            st.covered_until = 0;
+            st.last_end = 0;
+        }
+        self.ensure_filter()?;
+        let Some(mut lines) = self.lines_filter.take() else { return Ok(()) };
+        let mut always = self.always_filter.take();
+        let ac = self.keywords.take();
+        let r = self.candidate_lines(&mut lines, always.as_mut(), ac.as_ref(), buf, commit);
+        self.keywords = ac;
+        self.always_filter = always;
+        self.lines_filter = Some(lines);
+        r
+    }
+
+    fn candidate_lines(
+        &mut self,
+        lines: &mut LineFilter,
+        mut always: Option<&mut LineFilter>,
+        ac: Option<&AhoCorasick>,
+        buf: &[u8],
+        commit: usize,
+    ) -> Result<(), ArtifactError> {
+        let mut input = Input::new(buf).earliest(true);
+        while let Some(end) = lines.find_end(&input) {
+            let at = end.saturating_sub(1);
+            let ls = line_start(buf, at);
+            if ls >= commit {
+                break;
+            }
+            let le = line_end(buf, at);
+            if let Some(ac) = ac {
+                self.keyword_line(ac, buf, ls..le, commit)?;
+            }
+            if let Some(f) = always.as_deref_mut() {
+                let line = Input::new(buf).range(ls..le).earliest(true);
+                if f.find_end(&line).is_some() {
+                    for k in 0..self.always.len() {
+                        let r = self.always[k] as usize;
+                        if self.rules[r].disabled || ls < self.rules[r].covered_until {
+                            continue;
+                        }
+                        self.run_rule(r, buf, ls..le, commit)?;
+                    }
+                }
+            }
+            if le >= buf.len() {
+                break;
+            }
+            input.set_start(le + 1);
+        }
+        Ok(())
+    }
+
+    /// Keyword occurrences in one line: runs each triggered rule on the line (or, for
+    /// `multiline` rules, on the window starting at the line).
+    fn keyword_line(
+        &mut self,
+        ac: &AhoCorasick,
+        buf: &[u8],
+        line: Range<usize>,
+        commit: usize,
+    ) -> Result<(), ArtifactError> {
+        let (ls, le) = (line.start, line.end);
+        let mut input = aho_corasick::Input::new(buf).range(line);
+        while let Some(m) = ac.find(input.clone()) {
+            let pos = m.start();
+            let pid = m.pattern().as_usize();
+            for k in 0..self.keyword_rules[pid].len() {
+                let r = self.keyword_rules[pid][k] as usize;
+                let st = &self.rules[r];
+                if st.disabled || pos < st.covered_until {
+                    continue;
+                }
+                let end = if self.policy.rules[r].multiline {
+                    le.max((ls + MULTILINE_WINDOW).min(buf.len()))
+                } else {
+                    le
+                };
+                self.run_rule(r, buf, ls..end, commit)?;
+            }
+            if pos + 1 >= le {
+                break;
+            }
+            input.set_start(pos + 1);
+        }
+        Ok(())
+    }
+
+    /// Runs rule `r` over `region` of `buf`; pushes accepted hits starting before `commit`.
+    fn run_rule(
+        &mut self,
+        r: usize,
+        buf: &[u8],
+        region: Range<usize>,
+        commit: usize,
+    ) -> Result<(), ArtifactError> {
+        self.ensure_compiled(r)?;
+        let rule = &self.policy.rules[r];
+        let st = &mut self.rules[r];
+        st.covered_until = region.end;
+        let Some(c) = st.regex.as_mut() else { return Ok(()) };
+        let mut input = Input::new(buf).range(region.clone());
+        while let Some(m) = c.re.search_with(&mut c.cache, &input) {
+            let next = if m.is_empty() { m.end() + 1 } else { m.end() };
+            if m.start() >= commit {
+                break;
+            }
+            let accept = m.start() >= st.last_end;
+            let secret = if !accept {
+                None
+            } else if rule.secret_group == 0 {
+                Some((m.start(), m.end()))
+            } else {
+                let cin = Input::new(buf).span(m.range()).anchored(Anchored::Yes);
+                c.re.search_captures_with(&mut c.cache, &cin, &mut c.caps);
+                c.caps.get_group(rule.secret_group as usize).map(|s| (s.start, s.end))
+            };
+            if let Some((s, e)) = secret.filter(|&(s, e)| e > s) {
+                let secret_bytes = &buf[s..e];
+                let after = &buf[e..];
+                let ok = rule.entropy.is_none_or(|min| shannon_entropy(secret_bytes) >= min)
+                    && rule.validator.is_none_or(|v| check(v, secret_bytes, after))
+                    && !st.stopwords.iter().any(|w| contains_ascii_ci(secret_bytes, w))
+                    && !st.allow.as_mut().is_some_and(|a| a.iter_mut().any(|a| a.is_match(secret_bytes)));
+                if ok {
+                    st.last_end = m.end();
+                    self.hits.push(Hit { rule: r as u32, start: s, secret: (s, e) });
+                }
+            }
+            if next > region.end {
+                break;
+            }
+            input.set_start(next);
+        }
+        Ok(())
+    }
+
+    /// Turns `self.hits` into findings with lines and columns.
+    fn emit(
+        &mut self,
+        path: &str,
+        buf: &[u8],
+        line0: u64,
+        col0: u64,
+        report: &mut Report,
+        max_findings: usize,
+    ) {
+        if self.hits.is_empty() {
+            return;
+        }
+        self.hits.sort_by_key(|h| (h.start, h.rule));
+        // The same secret found by several rules is reported once, by the first rule in policy
+        // order (packs list specific rules before generic ones).
+        self.hits.dedup_by(|later, first| later.secret == first.secret);
+        let mut pos = 0usize;
+        let mut line = line0;
+        for h in &self.hits {
+            line += memchr::memchr_iter(b'\n', &buf[pos..h.start]).count() as u64;
+            pos = h.start;
+            let column = match memchr::memrchr(b'\n', &buf[..h.start]) {
+                Some(nl) => code_points(&buf[nl + 1..h.start]) + 1,
+                None => col0 + code_points(&buf[..h.start]) + 1,
+            };
+            if report.findings.len() >= max_findings {
+                report.findings_dropped += 1;
+                continue;
+            }
+            let rule = &self.policy.rules[h.rule as usize];
+            let secret = &buf[h.secret.0..h.secret.1];
+            let redacted = match (&rule.category, &rule.spdx) {
+                (Category::License, Some(id)) => id.clone(),
+                (Category::License, None) => String::from_utf8_lossy(secret).into_owned(),
+                _ => redact(secret),
+            };
+            report.findings.push(Finding {
+                rule_index: h.rule,
+                rule_id: rule.id.clone(),
+                path: String::from(path),
+                line,
+                column,
+                redacted,
+                fingerprint: fingerprint(&rule.id, secret),
+            });
+        }
+        self.hits.clear();
+    }
+}
+
+fn line_start(buf: &[u8], pos: usize) -> usize {
+    memchr::memrchr(b'\n', &buf[..pos]).map_or(0, |i| i + 1)
+}
+
+fn line_end(buf: &[u8], pos: usize) -> usize {
+    memchr::memchr(b'\n', &buf[pos..]).map_or(buf.len(), |i| pos + i)
+}
+
+/// UTF-8 code points in `b` (bytes that are not continuation bytes).
+fn code_points(b: &[u8]) -> u64 {
+    b.iter().filter(|&&x| (x as i8) >= -0x40).count() as u64
+}
+
+/// Checks one rule the way the engine will use it: every regex compiles, the secret group
+/// exists, the rule regex cannot match the empty string, and fields agree with the category.
+/// Returns a description of the first problem.
+pub fn check_rule(rule: &Rule) -> Result<(), String> {
+    let re =
+        build_regexes(&[rule.regex.as_str()]).map_err(|m| alloc::format!("regex does not compile: {m}"))?;
+    let groups = re.group_info().group_len(regex_automata::PatternID::ZERO);
+    if rule.secret_group as usize >= groups {
+        return Err(alloc::format!(
+            "secret_group {} does not exist (the regex has {} capture group(s))",
+            rule.secret_group,
+            groups - 1
+        ));
+    }
+    if re.is_match(Input::new(b"")) {
+        return Err(String::from("regex matches the empty string"));
+    }
+    for p in &rule.allowlist.regexes {
+        build_regexes(&[p.as_str()])
+            .map_err(|m| alloc::format!("allowlist regex `{p}` does not compile: {m}"))?;
+    }
+    for p in &rule.allowlist.paths {
+        build_regexes(&[p.as_str()])
+            .map_err(|m| alloc::format!("allowlist path regex `{p}` does not compile: {m}"))?;
+    }
+    for k in &rule.keywords {
+        if k.len() < 2 {
+            return Err(alloc::format!("keyword `{k}` is shorter than 2 bytes"));
+        }
+        if !k.is_ascii() {
+            return Err(alloc::format!("keyword `{k}` is not ASCII"));
+        }
+    }
+    for w in &rule.allowlist.stopwords {
+        if w.is_empty() {
+            return Err(String::from("an allowlist stopword is empty"));
+        }
+    }
+    if let Some(e) = rule.entropy {
+        if !(e > 0.0 && e <= 8.0) {
+            return Err(alloc::format!("entropy {e} is outside (0, 8] bits per byte"));
+        }
+    }
+    if rule.spdx.is_some() && rule.category != Category::License {
+        return Err(String::from("spdx is only meaningful for category = \"license\""));
+    }
+    if rule.id.is_empty()
+        || !rule.id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+    {
+        return Err(String::from("id must be non-empty lowercase ASCII letters, digits, `-`, `_` or `.`"));
+    }
+    if rule.description.trim().is_empty() {
+        return Err(String::from("description is empty"));
+    }
+    if rule.help.trim().is_empty() {
+        return Err(String::from("help is empty"));
+    }
+    Ok(())
+}

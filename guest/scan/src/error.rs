@@ -1,0 +1,120 @@
+//! Errors of the scan engine and the artifact readers.
+
+use alloc::string::String;
+use core::fmt;
+
+use crate::source::SourceError;
+
+/// Building an [`Engine`](crate::Engine) from a policy failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineError {
+    /// The serialized policy is not valid JSON for [`Policy`](crate::Policy).
+    PolicyFormat(String),
+    /// The policy was produced by an incompatible version.
+    PolicyVersion { found: u32, expected: u32 },
+    /// A rule's regex (or allowlist regex) does not compile.
+    Regex { rule: String, what: &'static str, message: String },
+    /// The keyword prefilter could not be built.
+    Keywords(String),
+}
+
+impl fmt::Display for EngineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EngineError::PolicyFormat(m) => write!(f, "compiled policy is malformed: {m}"),
+            EngineError::PolicyVersion { found, expected } => {
+                write!(f, "compiled policy has format version {found}, this engine reads {expected}")
+            }
+            EngineError::Regex { rule, what, message } => {
+                write!(f, "rule `{rule}`: {what} does not compile: {message}")
+            }
+            EngineError::Keywords(m) => write!(f, "keyword prefilter cannot be built: {m}"),
+        }
+    }
+}
+
+impl core::error::Error for EngineError {}
+
+/// Why an archive was refused. Every variant names the entry (or the artifact) it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArtifactError {
+    /// The byte source failed.
+    Source(SourceError),
+    /// An entry path climbs out of the archive root with `..`.
+    PathEscapesRoot { entry: String },
+    /// An entry path is absolute (`/x`, `C:\x`).
+    AbsolutePath { entry: String },
+    /// A symlink or hardlink points outside the archive root.
+    LinkEscapesRoot { entry: String, target: String },
+    /// Decompressed size grows too fast relative to the compressed input.
+    DecompressionRatio { entry: String, ratio: u64, limit: u64 },
+    /// Total decompressed bytes exceed the absolute cap.
+    DecompressedTotal { entry: String, limit: u64 },
+    /// More entries than allowed.
+    TooManyEntries { entry: String, limit: u64 },
+    /// One entry is larger than allowed.
+    EntryTooLarge { entry: String, size: u64, limit: u64 },
+    /// Archives nested deeper than allowed.
+    NestingTooDeep { entry: String, limit: u32 },
+    /// The archive ends in the middle of a header or entry.
+    Truncated { entry: String },
+    /// The archive's structure is inconsistent (bad checksum, bad signature, bad field).
+    Corrupt { entry: String, reason: &'static str },
+    /// A feature this reader does not handle (encryption, zip64, a compression method).
+    Unsupported { entry: String, feature: &'static str },
+    /// A rule failed to compile when first used (lazy engines only).
+    Engine(EngineError),
+}
+
+impl fmt::Display for ArtifactError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use ArtifactError::*;
+        match self {
+            Source(e) => write!(f, "{e}"),
+            PathEscapesRoot { entry } => write!(f, "artifact entry `{entry}` escapes the archive root"),
+            AbsolutePath { entry } => write!(f, "artifact entry `{entry}` has an absolute path"),
+            LinkEscapesRoot { entry, target } => {
+                write!(f, "artifact entry `{entry}` is a link to `{target}`, outside the archive root")
+            }
+            DecompressionRatio { entry, ratio, limit } => write!(
+                f,
+                "artifact entry `{entry}` looks like a decompression bomb: ratio {ratio}:1 exceeds {limit}:1"
+            ),
+            DecompressedTotal { entry, limit } => write!(
+                f,
+                "artifact entry `{entry}` looks like a decompression bomb: more than {limit} bytes decompressed"
+            ),
+            TooManyEntries { entry, limit } => {
+                write!(f, "artifact entry `{entry}` exceeds the limit of {limit} entries")
+            }
+            EntryTooLarge { entry, size, limit } => {
+                write!(f, "artifact entry `{entry}` is {size} bytes, over the {limit}-byte entry limit")
+            }
+            NestingTooDeep { entry, limit } => {
+                write!(f, "artifact entry `{entry}` nests archives deeper than {limit} levels")
+            }
+            Truncated { entry } => write!(f, "artifact entry `{entry}` is truncated"),
+            Corrupt { entry, reason } => write!(f, "artifact entry `{entry}` is corrupt: {reason}"),
+            Unsupported { entry, feature } => {
+                write!(f, "artifact entry `{entry}` uses an unsupported feature: {feature}")
+            }
+            Engine(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// `Source` and `Engine` are transparent wrappers: their message is the inner error's, so no
+/// `source()` is reported (a printed chain reads once).
+impl core::error::Error for ArtifactError {}
+
+impl From<SourceError> for ArtifactError {
+    fn from(e: SourceError) -> Self {
+        ArtifactError::Source(e)
+    }
+}
+
+impl From<EngineError> for ArtifactError {
+    fn from(e: EngineError) -> Self {
+        ArtifactError::Engine(e)
+    }
+}

@@ -1,0 +1,150 @@
+//! The rule model: what a policy says, as data. The host (`cella-policies`) loads rule packs from
+//! TOML, validates them and serializes a [`Policy`] as JSON; the guest deserializes it and builds
+//! an [`Engine`](crate::Engine) from it.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+/// Version of the serialized [`Policy`] format. Bumped on any incompatible change.
+pub const POLICY_FORMAT_VERSION: u32 = 1;
+
+/// A complete, validated set of rules, in the order the packs listed them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// [`POLICY_FORMAT_VERSION`] of the producer.
+    pub format_version: u32,
+    /// The rules; a rule's index here is its SARIF `ruleIndex`.
+    pub rules: Vec<Rule>,
+}
+
+/// What kind of finding a rule produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Category {
+    /// Credentials, keys, tokens.
+    Secret,
+    /// Personal data: card numbers, national identifiers, contact details.
+    Pii,
+    /// License identifiers and license texts.
+    License,
+}
+
+impl Category {
+    /// The lowercase name used in packs, SARIF properties and the summary.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Secret => "secret",
+            Category::Pii => "pii",
+            Category::License => "license",
+        }
+    }
+}
+
+/// How serious a finding is; maps onto SARIF `level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// SARIF `error`.
+    Error,
+    /// SARIF `warning`.
+    Warning,
+    /// SARIF `note`.
+    Note,
+}
+
+impl Severity {
+    /// The SARIF `level` value.
+    pub fn sarif_level(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+            Severity::Note => "note",
+        }
+    }
+}
+
+/// A check run on a regex match before it becomes a finding. Validators turn "looks like" into
+/// "is": a 16-digit number is only reported as a card if its Luhn digit and issuer prefix agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Validator {
+    /// Payment card: 13–19 digits (separators ` ` and `-` allowed), a known issuer prefix with
+    /// a length that issuer uses, and a valid Luhn check digit.
+    PaymentCard,
+    /// US social security number: area not 000, 666 or 900–999; group not 00; serial not 0000.
+    UsSsn,
+    /// IBAN: known country length, and the ISO 7064 mod-97 check equals 1.
+    Iban,
+    /// E-mail address: one `@`, a sane local part, a dotted domain with an alphabetic TLD.
+    Email,
+    /// Phone number: E.164 (`+` and 8–15 digits) or a North American / common national format.
+    Phone,
+    /// BSD-2-Clause text: the BSD redistribution clause *without* the third ("Neither the name")
+    /// clause within the following text.
+    Bsd2Clause,
+}
+
+/// Exceptions to a rule. A candidate is dropped if any of these says so.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Allowlist {
+    /// Regexes tested against the secret (the selected group, or the whole match).
+    pub regexes: Vec<String>,
+    /// Substrings (matched ASCII case-insensitively) that mark the secret as an example.
+    pub stopwords: Vec<String>,
+    /// Regexes tested against the file path; a match disables the rule for that file.
+    pub paths: Vec<String>,
+}
+
+impl Allowlist {
+    /// True if the allowlist has no entries at all.
+    pub fn is_empty(&self) -> bool {
+        self.regexes.is_empty() && self.stopwords.is_empty() && self.paths.is_empty()
+    }
+}
+
+/// One rule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rule {
+    /// Stable identifier, e.g. `aws-access-key-id`; SARIF `ruleId`.
+    pub id: String,
+    /// One line describing what the rule finds.
+    pub description: String,
+    /// Regex (regex-automata syntax, matched over bytes, Unicode classes off).
+    pub regex: String,
+    /// Capture group holding the secret; 0 means the whole match.
+    #[serde(default)]
+    pub secret_group: u32,
+    /// Literals of which at least one must occur near a match (ASCII case-insensitive). They
+    /// feed the Aho–Corasick prefilter; a rule with no keywords runs over all text.
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    /// Minimum Shannon entropy (bits per byte) of the secret.
+    #[serde(default)]
+    pub entropy: Option<f32>,
+    /// A validator the match must pass.
+    #[serde(default)]
+    pub validator: Option<Validator>,
+    /// The match may span lines: the regex sees up to [`MULTILINE_WINDOW`] bytes after the
+    /// line holding the keyword instead of that line only.
+    #[serde(default)]
+    pub multiline: bool,
+    /// Exceptions.
+    #[serde(default)]
+    pub allowlist: Allowlist,
+    /// Severity of findings.
+    pub severity: Severity,
+    /// Category of findings.
+    pub category: Category,
+    /// What to do about a finding (SARIF `help.text`).
+    pub help: String,
+    /// For license rules: the SPDX identifier the rule recognises (reported instead of a
+    /// redacted secret). Unused for other categories.
+    #[serde(default)]
+    pub spdx: Option<String>,
+}
+
+/// How far past its keyword's line a `multiline` rule's regex may look, in bytes. Also the
+/// longest match the streaming scanner guarantees to see whole.
+pub const MULTILINE_WINDOW: usize = 8 * 1024;

@@ -1,0 +1,112 @@
+//! Engine semantics: keyword gating, entropy, validators, allowlists, multiline rules,
+//! redaction, deduplication, lazy compilation errors.
+
+mod common;
+
+use cella_scan::{
+    scan_artifact, ArtifactError, Category, Engine, EngineError, Limits, Policy, Report, SliceSource,
+    Validator, POLICY_FORMAT_VERSION,
+};
+use common::rule;
+
+fn run(rules: Vec<cella_scan::Rule>, name: &str, text: &str) -> Result<Vec<String>, ArtifactError> {
+    let mut engine = Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules }).unwrap();
+    let mut report = Report::default();
+    scan_artifact(&mut SliceSource(text.as_bytes()), name, &mut engine, &Limits::default(), &mut report)?;
+    Ok(report.findings.iter().map(|f| format!("{}:{}:{}", f.line, f.rule_id, f.redacted)).collect())
+}
+
+#[test]
+fn keyword_rule_runs_only_where_its_keyword_occurs() {
+    let r = rule("k", r"\b(key_[a-z]{12})\b", 1, &["secret"], Category::Secret);
+    let got = run(vec![r], "f", "key_abcdefghijkl\nmy_secret = key_abcdefghijkl\n").unwrap();
+    assert_eq!(got, ["2:k:ke****kl"]);
+}
+
+#[test]
+fn keywords_match_case_insensitively() {
+    let r = rule("k", r"\b(key_[a-z]{12})\b", 1, &["secret"], Category::Secret);
+    assert_eq!(run(vec![r], "f", "MY_SECRET=key_abcdefghijkl\n").unwrap().len(), 1);
+}
+
+#[test]
+fn entropy_threshold_drops_low_entropy_secrets() {
+    let mut r = rule("e", r#"pw = "([^"]{16,})""#, 1, &["pw ="], Category::Secret);
+    r.entropy = Some(3.5);
+    let got = run(vec![r], "f", "pw = \"aaaaaaaaaaaaaaaaaaaa\"\npw = \"q8Z!x2Lr0@Vw7#Km4$Tn\"\n").unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].starts_with("2:e:"));
+}
+
+#[test]
+fn validator_rejects_candidates() {
+    let mut r = rule("ssn", r"\b\d{3}-\d{2}-\d{4}\b", 0, &[], Category::Pii);
+    r.validator = Some(Validator::UsSsn);
+    let got = run(vec![r], "f", "666-12-3456 123-45-6789 123-00-4567\n").unwrap();
+    assert_eq!(got, ["1:ssn:1****9"]);
+}
+
+#[test]
+fn allowlist_stopwords_regexes_and_paths() {
+    let mut r = rule("t", r"\b(tok_[A-Za-z0-9]{16})\b", 1, &["tok_"], Category::Secret);
+    r.allowlist.stopwords = vec!["example".into()];
+    r.allowlist.regexes = vec!["^tok_0{16}$".into()];
+    r.allowlist.paths = vec![r"(^|/)testdata/".into()];
+    let text = "tok_EXAMPLEabcdefghi\ntok_0000000000000000\ntok_Zq81Lm0Xr2Vt6Kp3\n";
+    assert_eq!(run(vec![r.clone()], "src/a.txt", text).unwrap(), ["3:t:tok****Kp3"]);
+    assert!(run(vec![r], "pkg/testdata/a.txt", text).unwrap().is_empty());
+}
+
+#[test]
+fn multiline_rule_matches_across_lines_from_its_keyword_line() {
+    let mut r = rule(
+        "pem",
+        r"-----BEGIN KEY-----([\s\S]{8,}?)-----END KEY-----",
+        1,
+        &["begin key"],
+        Category::Secret,
+    );
+    r.multiline = true;
+    let got =
+        run(vec![r], "k.pem", "x\n-----BEGIN KEY-----\nabcdefgh\nijklmnop\n-----END KEY-----\n").unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].starts_with("2:pem:"), "{got:?}");
+}
+
+#[test]
+fn same_secret_found_by_two_rules_is_reported_once_by_the_first() {
+    let specific = rule("specific", r"\b(ghp_[A-Za-z0-9]{8})\b", 1, &["ghp_"], Category::Secret);
+    let generic = rule("generic", r"token=([A-Za-z0-9_]{8,})", 1, &["token"], Category::Secret);
+    let got = run(vec![specific, generic], "f", "token=ghp_Ab3dE6gH\n").unwrap();
+    assert_eq!(got, ["1:specific:gh****gH"]);
+}
+
+#[test]
+fn license_findings_carry_the_spdx_id() {
+    let mut r = rule("mit", r"Permission is hereby granted", 0, &["permission is hereby"], Category::License);
+    r.spdx = Some("MIT".into());
+    assert_eq!(run(vec![r], "LICENSE", "Permission is hereby granted\n").unwrap(), ["1:mit:MIT"]);
+}
+
+#[test]
+fn lazy_engine_reports_a_bad_regex_when_first_used() {
+    let bad = rule("bad", r"(unclosed", 0, &["unclosed"], Category::Secret);
+    let json =
+        serde_json::to_vec(&Policy { format_version: POLICY_FORMAT_VERSION, rules: vec![bad.clone()] })
+            .unwrap();
+    // The line filter holds the rule's regex, so the error surfaces on the first scan.
+    let mut engine = Engine::from_policy_json(&json).unwrap();
+    let mut report = Report::default();
+    let err = scan_artifact(&mut SliceSource(b"text\n"), "f", &mut engine, &Limits::default(), &mut report)
+        .unwrap_err();
+    assert!(matches!(err, ArtifactError::Engine(EngineError::Regex { .. })), "{err}");
+    // The eager engine refuses it up front, naming the rule.
+    let err = Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules: vec![bad] }).unwrap_err();
+    assert!(err.to_string().starts_with("rule `bad`: regex does not compile"), "{err}");
+}
+
+#[test]
+fn rejects_policy_of_another_format_version() {
+    let err = Engine::from_policy_json(br#"{"format_version":99,"rules":[]}"#).unwrap_err();
+    assert_eq!(err, EngineError::PolicyVersion { found: 99, expected: POLICY_FORMAT_VERSION });
+}

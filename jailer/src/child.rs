@@ -1,0 +1,231 @@
+//! The steps that run in the VMM's own process, between `clone` and `exec`.
+//!
+//! The supervisor clones the child straight into new mount, IPC and UTS namespaces (and new
+//! PID and network namespaces unless told otherwise), so nothing the child mounts is ever
+//! visible on the host, and all of it disappears with the VMM. The child then joins its
+//! cgroups, sets rlimits, binds its files, pivots into the jail, makes `/dev/kvm`, chowns what
+//! the VMM writes, joins a netns if asked, applies Landlock, drops every capability, switches
+//! uid/gid and execs. It reports either the step that failed or its step timings to the
+//! supervisor over a close-on-exec pipe: end-of-file without a failure means the exec happened.
+
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::confine;
+use crate::timing::Timings;
+
+/// Exit status of a child that failed before exec (the pipe says why).
+pub const CHILD_FAILED: i32 = 120;
+
+/// Everything the child needs, prepared by the supervisor before `clone`.
+#[derive(Debug)]
+pub struct ChildPlan {
+    /// The jail's root on the host.
+    pub root: PathBuf,
+    pub procs_files: Vec<PathBuf>,
+    pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    /// Host file → where its mount point is on the host (inside `root`).
+    pub ro_binds: Vec<(PathBuf, PathBuf)>,
+    /// The socket folder on the host (inside `root`); bound read-write.
+    pub socket_dir_host: PathBuf,
+    /// The netns to join: its descriptor, and its path for messages.
+    pub netns: Option<(RawFd, PathBuf)>,
+    pub uid: u32,
+    pub gid: u32,
+    /// The exec-file's path inside the jail, e.g. `/cella-vmm`.
+    pub exec_path: PathBuf,
+    pub ro_jail_paths: Vec<PathBuf>,
+    pub argv: Vec<OsString>,
+    pub keep_fds: Vec<RawFd>,
+    pub last_cap: u32,
+    /// The signal mask the supervisor blocked, to restore before exec.
+    pub old_mask: libc::sigset_t,
+}
+
+/// A step that failed in the child: its name, the path it worked on, and the OS error.
+#[derive(Debug)]
+pub struct ChildFailure {
+    pub step: &'static str,
+    pub path: PathBuf,
+    pub error: io::Error,
+}
+
+fn fail(step: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> ChildFailure {
+    let path = path.into();
+    move |error| ChildFailure { step, path, error }
+}
+
+fn cstr(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn mount(source: Option<&Path>, target: &Path, flags: libc::c_ulong) -> io::Result<()> {
+    let source = source.map(cstr);
+    let target = cstr(target);
+    // SAFETY: all strings are NUL-terminated and live for the call; no data argument.
+    check(unsafe {
+        libc::mount(
+            source.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// Binds `source` onto `target`, then remounts the bind with `flags` (read-only etc.).
+fn bind(source: &Path, target: &Path, flags: libc::c_ulong) -> io::Result<()> {
+    mount(Some(source), target, libc::MS_BIND)?;
+    mount(None, target, libc::MS_REMOUNT | libc::MS_BIND | flags)
+}
+
+/// Runs the child's steps. Never returns: it execs the VMM, or exits with [`CHILD_FAILED`]
+/// after writing the failure to `report`.
+pub fn main(plan: &ChildPlan, report: RawFd) -> ! {
+    // SAFETY: `report` is the write end of the supervisor's pipe, owned by this process now.
+    let mut report = unsafe { File::from_raw_fd(report) };
+    let mut timings = Timings::default();
+    let failure = match steps(plan, &mut timings) {
+        Ok(()) => {
+            let _ = report.write_all(timings.encode().as_bytes());
+            exec(plan).unwrap_err()
+        }
+        Err(failure) => failure,
+    };
+    let message = format!(
+        "E {} {} {}\n",
+        failure.step,
+        failure.error.raw_os_error().unwrap_or(0),
+        failure.path.display()
+    );
+    let _ = report.write_all(message.as_bytes());
+    // SAFETY: _exit ends this process without running the supervisor's atexit handlers.
+    unsafe { libc::_exit(CHILD_FAILED) }
+}
+
+fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
+    // If the supervisor dies, so does the VMM (set again after the uid switch, which clears it).
+    // SAFETY: prctl with integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) })
+        .map_err(fail("parent-death-signal", "/"))?;
+
+    let start = Instant::now();
+    for file in &plan.procs_files {
+        std::fs::write(file, "0").map_err(fail("join-cgroup", file))?;
+    }
+    t.record("join-cgroups", start);
+
+    let start = Instant::now();
+    for &(resource, value) in &plan.rlimits {
+        let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
+        // SAFETY: setrlimit reads `limit`, which lives for the call.
+        check(unsafe { libc::setrlimit(resource, &limit) })
+            .map_err(fail("set-rlimits", format!("resource {resource}")))?;
+    }
+    t.record("rlimits", start);
+
+    let start = Instant::now();
+    // Nothing mounted from here on propagates back to the host.
+    mount(None, Path::new("/"), libc::MS_REC | libc::MS_PRIVATE).map_err(fail("make-mounts-private", "/"))?;
+    mount(Some(&plan.root), &plan.root, libc::MS_BIND).map_err(fail("bind-jail-root", &plan.root))?;
+    let ro = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    for (host, target) in &plan.ro_binds {
+        bind(host, target, ro).map_err(fail("bind-read-only-file", host))?;
+    }
+    let sock_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    bind(&plan.socket_dir_host, &plan.socket_dir_host, sock_flags)
+        .map_err(fail("bind-socket-folder", &plan.socket_dir_host))?;
+    t.record("mounts", start);
+
+    let start = Instant::now();
+    let root = cstr(&plan.root);
+    // SAFETY: chdir/pivot_root/umount2 take NUL-terminated paths that live for each call.
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching "." then
+    // removes the old root and leaves the jail as `/`.
+    unsafe {
+        check(libc::chdir(root.as_ptr())).map_err(fail("pivot-root", &plan.root))?;
+        check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)
+            .map_err(fail("pivot-root", &plan.root))?;
+        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH)).map_err(fail("unmount-old-root", "/"))?;
+        check(libc::chdir(c"/".as_ptr())).map_err(fail("pivot-root", "/"))?;
+    }
+    t.record("pivot-root", start);
+
+    let start = Instant::now();
+    let kvm = Path::new(crate::config::KVM_DEVICE);
+    // SAFETY: mknod takes a NUL-terminated path; 10:232 is /dev/kvm.
+    check(unsafe { libc::mknod(c"/dev/kvm".as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 232)) })
+        .map_err(fail("mknod", kvm))?;
+    t.record("mknod", start);
+
+    let start = Instant::now();
+    for path in [kvm, Path::new(crate::config::SOCKET_DIR)] {
+        std::os::unix::fs::chown(path, Some(plan.uid), Some(plan.gid)).map_err(fail("chown", path))?;
+    }
+    // The jail's root becomes read-only; only the socket folder stays writable.
+    mount(None, Path::new("/"), libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID)
+        .map_err(fail("remount-root-read-only", "/"))?;
+    t.record("chown", start);
+
+    if let Some((fd, path)) = &plan.netns {
+        let (fd, start) = (*fd, Instant::now());
+        // SAFETY: setns on a descriptor the supervisor opened for this purpose.
+        check(unsafe { libc::setns(fd, libc::CLONE_NEWNET) }).map_err(fail("join-netns", path))?;
+        // SAFETY: the descriptor is ours and not used again.
+        unsafe { libc::close(fd) };
+        t.record("join-netns", start);
+    }
+
+    let start = Instant::now();
+    confine::landlock(&plan.exec_path, &plan.ro_jail_paths).map_err(fail("landlock", "/"))?;
+    t.record("landlock", start);
+
+    let start = Instant::now();
+    confine::drop_privileges(plan.uid, plan.gid, plan.last_cap).map_err(|(step, error)| ChildFailure {
+        step,
+        path: PathBuf::from("/"),
+        error,
+    })?;
+    t.record("drop-privileges", start);
+
+    // A new session: no controlling terminal to push input into.
+    // SAFETY: setsid/prctl/sigprocmask/fcntl with plain arguments or pointers to live values.
+    unsafe {
+        libc::setsid();
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))
+            .map_err(fail("parent-death-signal", "/"))?;
+        check(libc::sigprocmask(libc::SIG_SETMASK, &plan.old_mask, std::ptr::null_mut()))
+            .map_err(fail("restore-signal-mask", "/"))?;
+        for &fd in &plan.keep_fds {
+            check(libc::fcntl(fd, libc::F_SETFD, 0)).map_err(fail("keep-fd", format!("fd {fd}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Execs the VMM with an empty environment. Returns only on failure.
+fn exec(plan: &ChildPlan) -> Result<std::convert::Infallible, ChildFailure> {
+    let path = cstr(&plan.exec_path);
+    let args: Vec<CString> =
+        plan.argv.iter().map(|a| CString::new(a.as_bytes()).unwrap_or_default()).collect();
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    // SAFETY: path, argv and envp are NUL-terminated and NULL-terminated arrays of live strings.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    Err(ChildFailure { step: "exec", path: plan.exec_path.clone(), error: io::Error::last_os_error() })
+}

@@ -1,0 +1,39 @@
+//! `cella-jailer`: puts one Cella VMM in its own cell, then `exec`s it, and stays behind as its
+//! supervisor to remove the cell when the VMM ends.
+//!
+//! The steps, in order (Firecracker's jailer is the model; Cella adds Landlock and explicit
+//! capability dropping): validate the ID and every path ([`config`]); close inherited file
+//! descriptors; clear the environment; create `<base>/<exec-name>/<id>/root`; copy the VMM
+//! binary into it; create mount points for the read-only files and the socket folder; create
+//! the cgroups and write their limits ([`cgroup`], v1 and v2 per controller); clone into new
+//! mount, IPC, UTS, network and (with `--new-pid-ns`) PID namespaces; in the child
+//! ([`child`]): join the cgroups, set rlimits, bind the read-only files, `pivot_root`, unmount
+//! the old root, `mknod /dev/kvm`, chown, make the root read-only, join a netns if asked,
+//! apply Landlock, drop every capability, set no-new-privs, switch uid/gid ([`confine`]) and
+//! `exec` the VMM with an empty environment. The VMM installs its own per-thread seccomp filters.
+//!
+//! The [`supervisor`] waits for the VMM and removes the jail folder and cgroups however it
+//! ends; mounts live only in the VMM's mount namespace and vanish with it.
+
+pub mod bench;
+pub mod cgroup;
+pub mod child;
+pub mod config;
+pub mod confine;
+pub mod supervisor;
+pub mod timing;
+
+pub use config::{ConfigError, JailConfig, JailRequest};
+pub use supervisor::{JailError, Outcome, VmmStatus};
+
+/// An error and its sources on one line: `outer: inner: innermost`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

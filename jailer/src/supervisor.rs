@@ -1,0 +1,535 @@
+//! The supervisor: prepares the jail on the host, clones the VMM's process into its namespaces,
+//! waits for it (forwarding SIGINT, SIGTERM and SIGHUP), and removes the jail folder and the
+//! cgroups when it ends, however it ends — its own exit, a crash, `SIGKILL`, a seccomp kill or
+//! an OOM kill. Mounts need no cleanup: they exist only in the VMM's mount namespace, which the
+//! kernel tears down with the VMM.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::cgroup::{CgroupError, Version};
+use crate::child::{self, ChildPlan};
+use crate::config::{JailConfig, KVM_DEVICE, SOCKET_DIR};
+use crate::timing::Timings;
+
+/// Why the jail could not be set up or taken down. Each names the step and the path.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("step `{step}` failed on {path}")]
+    Step {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("step `create-jail-folder` failed: {0} exists already (another VM with this id runs, or a supervisor died before cleaning up)")]
+    JailExists(PathBuf),
+    #[error("step `cgroups` failed")]
+    Cgroup(#[from] CgroupError),
+}
+
+fn step(step: &'static str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> JailError {
+    let path = path.as_ref().to_owned();
+    move |source| JailError::Step { step, path, source }
+}
+
+/// How the VMM process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmmStatus {
+    Exited(i32),
+    Killed(i32),
+}
+
+/// What the supervisor reports when the VMM is gone and the jail removed.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: VmmStatus,
+    /// The VMM's pid (in the supervisor's PID namespace).
+    pub pid: i32,
+    /// A line for each cgroup limit the VMM ran into.
+    pub limits_hit: Vec<String>,
+    /// What each step cost, in milliseconds.
+    pub timings: Timings,
+    /// Set if the jail could not be removed completely.
+    pub cleanup_error: Option<JailError>,
+}
+
+impl Outcome {
+    /// One sentence on how the VMM ended, for people and for the worker's report.
+    pub fn describe(&self, id: &str) -> String {
+        let mut text = match self.status {
+            VmmStatus::Exited(code) => format!("the VMM in jail {id} exited with status {code}"),
+            VmmStatus::Killed(libc::SIGSYS) => format!(
+                "the VMM in jail {id} was killed by SIGSYS: it made a system call its seccomp filter forbids \
+                 (the kernel audit log, dmesg type 1326, names it)"
+            ),
+            VmmStatus::Killed(signal) => {
+                format!("the VMM in jail {id} was killed by {}", signal_name(signal))
+            }
+        };
+        for note in &self.limits_hit {
+            text.push_str("; ");
+            text.push_str(note);
+        }
+        text
+    }
+}
+
+/// A signal's name, e.g. `SIGKILL`.
+pub fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSYS => "SIGSYS",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGHUP => "SIGHUP",
+        _ => return format!("signal {signal}"),
+    };
+    name.to_owned()
+}
+
+/// What exists on the host for this jail, so failure and exit remove exactly that.
+struct Residue<'a> {
+    config: &'a JailConfig,
+    jail_dir: bool,
+    cgroups: bool,
+}
+
+impl Residue<'_> {
+    fn remove(&mut self, t: &mut Timings) -> Result<(), JailError> {
+        let mut result = Ok(());
+        let start = Instant::now();
+        if self.cgroups {
+            self.cgroups = false;
+            if let Err(e) = self.config.cgroups.remove() {
+                result = Err(JailError::Cgroup(e));
+            }
+        }
+        t.record("remove-cgroups", start);
+        let start = Instant::now();
+        if self.jail_dir {
+            self.jail_dir = false;
+            let dir = self.config.jail_dir();
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                if e.kind() != io::ErrorKind::NotFound && result.is_ok() {
+                    result = Err(JailError::Step { step: "remove-jail-folder", path: dir, source: e });
+                }
+            }
+        }
+        t.record("remove-jail-folder", start);
+        result
+    }
+}
+
+impl Drop for Residue<'_> {
+    fn drop(&mut self) {
+        let _ = self.remove(&mut Timings::default());
+    }
+}
+
+/// Closes every inherited descriptor above 2 except `keep`.
+fn close_inherited_fds(keep: &[RawFd]) -> Result<(), JailError> {
+    let mut keep: Vec<u32> = keep.iter().map(|&fd| fd as u32).collect();
+    keep.sort_unstable();
+    let mut from = 3u32;
+    for fd in keep.into_iter().chain([u32::MAX]) {
+        if fd > from {
+            let to = fd - 1;
+            // SAFETY: close_range only closes descriptors; nothing in this process uses them.
+            let r = unsafe { libc::syscall(libc::SYS_close_range, from, to, 0u32) };
+            if r < 0 {
+                return Err(step("close-fds", "/proc/self/fd")(io::Error::last_os_error()));
+            }
+        }
+        from = fd.saturating_add(1);
+    }
+    Ok(())
+}
+
+/// Makes the jail folder and what goes in it on the host; the caller's `Residue` removes it.
+fn build_jail_folder(
+    config: &JailConfig,
+    residue: &mut Residue<'_>,
+    t: &mut Timings,
+) -> Result<(), JailError> {
+    let start = Instant::now();
+    let exec_dir = config.chroot_base.join(&config.exec_name);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&exec_dir)
+        .map_err(step("create-jail-folder", &exec_dir))?;
+    // The base may sit in a world-writable place such as /dev/shm: its folders must be root's
+    // own real folders, or someone else could steer where jails are made.
+    for dir in [&config.chroot_base, &exec_dir] {
+        let meta = fs::symlink_metadata(dir).map_err(step("check-jail-base", dir))?;
+        if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            let e =
+                io::Error::new(io::ErrorKind::PermissionDenied, "not a root-owned folder closed to others");
+            return Err(step("check-jail-base", dir)(e));
+        }
+    }
+    let jail_dir = config.jail_dir();
+    match fs::DirBuilder::new().mode(0o700).create(&jail_dir) {
+        Ok(()) => residue.jail_dir = true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(JailError::JailExists(jail_dir)),
+        Err(e) => return Err(step("create-jail-folder", &jail_dir)(e)),
+    }
+    let root = config.root();
+    fs::DirBuilder::new().mode(0o755).create(&root).map_err(step("create-jail-folder", &root))?;
+    // The jail folder itself stays closed to everyone but root; the VMM only sees `root`.
+    t.record("create-jail-folder", start);
+
+    let start = Instant::now();
+    let exec_copy = root.join(&config.exec_name);
+    fs::copy(&config.exec_file, &exec_copy).map_err(step("copy-exec-file", &exec_copy))?;
+    fs::set_permissions(&exec_copy, fs::Permissions::from_mode(0o555))
+        .map_err(step("copy-exec-file", &exec_copy))?;
+    t.record("copy-exec-file", start);
+
+    let start = Instant::now();
+    let dev = config.host_path(Path::new(KVM_DEVICE)).parent().map(Path::to_owned).unwrap_or_default();
+    fs::DirBuilder::new().mode(0o755).create(&dev).map_err(step("create-dev-folder", &dev))?;
+    let sockets = config.host_path(Path::new(SOCKET_DIR));
+    fs::DirBuilder::new().mode(0o700).create(&sockets).map_err(step("create-socket-folder", &sockets))?;
+    for file in &config.ro_files {
+        let target = config.host_path(&file.jail);
+        if let Some(parent) = target.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(step("create-mount-point", parent))?;
+        }
+        File::create(&target).map_err(step("create-mount-point", &target))?;
+    }
+    t.record("create-mount-points", start);
+    Ok(())
+}
+
+/// Sets up the jail, starts the VMM in it, waits for it, and removes the jail.
+///
+/// Must run in a single-threaded process (the `cella-jailer` binary): it forks, blocks signals
+/// and closes inherited descriptors.
+pub fn run(config: &JailConfig, t: &mut Timings) -> Result<Outcome, JailError> {
+    let start = Instant::now();
+    close_inherited_fds(&config.keep_fds)?;
+    t.record("close-fds", start);
+    let start = Instant::now();
+    let vars: Vec<OsString> = std::env::vars_os().map(|(k, _)| k).collect();
+    for key in vars {
+        std::env::remove_var(key);
+    }
+    t.record("clear-env", start);
+
+    let mut residue = Residue { config, jail_dir: false, cgroups: false };
+    build_jail_folder(config, &mut residue, t)?;
+
+    let start = Instant::now();
+    config.cgroups.create()?;
+    residue.cgroups = true;
+    t.record("create-cgroups", start);
+
+    let start = Instant::now();
+    let netns = match &config.netns {
+        Some(path) => Some(File::open(path).map_err(step("open-netns", path))?),
+        None => None,
+    };
+    let last_cap = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63);
+    let plan = ChildPlan {
+        root: config.root(),
+        procs_files: config.cgroups.procs_files(),
+        rlimits: config.rlimits.clone(),
+        ro_binds: config.ro_files.iter().map(|f| (f.host.clone(), config.host_path(&f.jail))).collect(),
+        socket_dir_host: config.host_path(Path::new(SOCKET_DIR)),
+        netns: netns.as_ref().zip(config.netns.clone()).map(|(f, path)| (f.as_raw_fd(), path)),
+        uid: config.uid,
+        gid: config.gid,
+        exec_path: PathBuf::from("/").join(&config.exec_name),
+        ro_jail_paths: config.ro_files.iter().map(|f| f.jail.clone()).collect(),
+        argv: std::iter::once(OsString::from(&config.exec_name))
+            .chain(config.vmm_args.iter().cloned())
+            .collect(),
+        keep_fds: config.keep_fds.clone(),
+        last_cap,
+        old_mask: empty_sigset(),
+    };
+    let (pid, report) = spawn(config, plan)?;
+    t.record("clone", start);
+
+    // The child reports its step timings, then exec closes the pipe; or it reports a failure.
+    let start = Instant::now();
+    let mut text = String::new();
+    let _ = report.take(1 << 16).read_to_string(&mut text);
+    let waited_ms = start.elapsed().as_secs_f64() * 1e3;
+    if let Some(line) = text.lines().find(|l| l.starts_with("E ")) {
+        let _ = wait_for(pid);
+        let mut parts = line[2..].splitn(3, ' ');
+        let step_name = parts.next().unwrap_or("unknown");
+        let errno: i32 = parts.next().and_then(|e| e.parse().ok()).unwrap_or(0);
+        let path = PathBuf::from(parts.next().unwrap_or(""));
+        let step_name: &'static str =
+            STEP_NAMES.iter().find(|s| **s == step_name).copied().unwrap_or("unknown");
+        restore_signals();
+        return Err(JailError::Step { step: step_name, path, source: io::Error::from_raw_os_error(errno) });
+    }
+    let child = Timings::decode(&text);
+    let child_ms: f64 = child.steps.iter().map(|(_, ms)| ms).sum();
+    for (name, ms) in child.steps {
+        t.push(&name, ms);
+    }
+    // What the child's steps do not account for: the namespaces' first scheduling and exec.
+    t.push("exec", (waited_ms - child_ms).max(0.0));
+    drop(netns);
+
+    let start = Instant::now();
+    let status = supervise(pid);
+    t.record("vmm-run", start);
+    restore_signals();
+
+    let limits_hit = config.cgroups.limits_hit();
+    let cleanup_error = residue.remove(t).err();
+    Ok(Outcome { status, pid, limits_hit, timings: t.clone(), cleanup_error })
+}
+
+/// Step names the child may report (so errors carry `&'static str`).
+const STEP_NAMES: &[&str] = &[
+    "parent-death-signal",
+    "join-cgroup",
+    "set-rlimits",
+    "make-mounts-private",
+    "bind-jail-root",
+    "bind-read-only-file",
+    "bind-socket-folder",
+    "pivot-root",
+    "unmount-old-root",
+    "mknod",
+    "chown",
+    "remount-root-read-only",
+    "join-netns",
+    "landlock",
+    "no-new-privs",
+    "drop-bounding-capabilities",
+    "clear-ambient-capabilities",
+    "switch-gid",
+    "switch-uid",
+    "clear-capabilities",
+    "restore-signal-mask",
+    "keep-fd",
+    "exec",
+];
+
+const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+fn empty_sigset() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set it is given.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        set
+    }
+}
+
+fn supervised_signals() -> libc::sigset_t {
+    let mut set = empty_sigset();
+    for signal in FORWARDED.into_iter().chain([libc::SIGCHLD]) {
+        // SAFETY: adds a valid signal number to an initialised set.
+        unsafe { libc::sigaddset(&mut set, signal) };
+    }
+    set
+}
+
+fn restore_signals() {
+    let set = supervised_signals();
+    // SAFETY: unblocks signals this function's caller blocked.
+    unsafe { libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// `CLONE_INTO_CGROUP`: start the child in the cgroup2 directory `clone_args.cgroup` names.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` of clone3(2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Clones the child into its namespaces and runs [`child::main`] there. Returns the child's pid
+/// and the read end of its report pipe.
+fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File), JailError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills `fds` with two new descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(step("clone", "pipe")(io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors are new and owned here.
+    let (read, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+
+    // Block the signals the supervisor handles before the child exists, so none is lost; the
+    // child restores the old mask before exec.
+    let set = supervised_signals();
+    // SAFETY: sigprocmask with valid sets.
+    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, &mut plan.old_mask) };
+
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if config.new_pid_ns {
+        flags |= libc::CLONE_NEWPID;
+    }
+    if config.netns.is_none() {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // On cgroup2 the child is born in its cgroup (clone3 with CLONE_INTO_CGROUP): writing
+    // `cgroup.procs` afterwards would take the kernel's global threadgroup lock, whose write
+    // side waits for an RCU grace period (~11 ms measured here). Falls back to plain clone and
+    // the write where clone3 is refused.
+    let v2 = config.cgroups.hierarchies.iter().find(|h| h.version == Version::V2);
+    let v2_fd = v2.and_then(|h| File::open(&h.dir).ok());
+    let mut pid = -1;
+    if let (Some(h), Some(dir)) = (v2, &v2_fd) {
+        let procs = h.dir.join("cgroup.procs");
+        let all = std::mem::take(&mut plan.procs_files);
+        plan.procs_files = all.iter().filter(|p| **p != procs).cloned().collect();
+        let args = CloneArgs {
+            flags: flags as u64 | CLONE_INTO_CGROUP,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: dir.as_raw_fd() as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: a fork-style clone3 (no stack given, no shared memory) from a
+        // single-threaded process; `args` lives for the call; the child only runs
+        // `child::main`, which execs or exits.
+        pid = unsafe { libc::syscall(libc::SYS_clone3, &args, std::mem::size_of::<CloneArgs>()) };
+        if pid < 0 {
+            plan.procs_files = all;
+        }
+    }
+    if pid < 0 {
+        // SAFETY: as above, with clone(2).
+        pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (flags | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        };
+    }
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        restore_signals();
+        return Err(step("clone", "/")(e));
+    }
+    if pid == 0 {
+        drop(read);
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(write);
+        child::main(&plan, fd);
+    }
+    drop(write);
+    drop(v2_fd);
+    Ok((pid as i32, read))
+}
+
+fn decode_status(status: i32) -> VmmStatus {
+    if libc::WIFSIGNALED(status) {
+        VmmStatus::Killed(libc::WTERMSIG(status))
+    } else {
+        VmmStatus::Exited(libc::WEXITSTATUS(status))
+    }
+}
+
+fn wait_for(pid: i32) -> VmmStatus {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid on our own child, writing into `status`.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return decode_status(status);
+        }
+        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return VmmStatus::Exited(-1);
+        }
+    }
+}
+
+/// How often a forwarded signal is sent again until the VMM ends: a signal that reaches the
+/// VMM before it has installed its handlers (as PID 1 of its namespace it ignores unhandled
+/// signals from outside) is not lost.
+const RESEND_EVERY: Duration = Duration::from_millis(50);
+/// How long a VMM may take to stop after a forwarded signal before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Waits for the VMM, passing SIGINT/SIGTERM/SIGHUP/SIGQUIT on to it.
+fn supervise(pid: i32) -> VmmStatus {
+    let set = supervised_signals();
+    let mut forwarding: Option<(i32, Instant)> = None;
+    loop {
+        let mut status = 0;
+        // SAFETY: non-blocking waitpid on our own child.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            return decode_status(status);
+        }
+        let timeout = libc::timespec { tv_sec: 0, tv_nsec: RESEND_EVERY.as_nanos() as libc::c_long };
+        // SAFETY: sigtimedwait on signals this thread blocked; `info` is written by the kernel.
+        let signal = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            if forwarding.is_some() {
+                libc::sigtimedwait(&set, &mut info, &timeout)
+            } else {
+                libc::sigwaitinfo(&set, &mut info)
+            }
+        };
+        if FORWARDED.contains(&signal) {
+            forwarding.get_or_insert((signal, Instant::now()));
+        }
+        if let Some((signal, since)) = forwarding {
+            let signal = if since.elapsed() > STOP_GRACE { libc::SIGKILL } else { signal };
+            // SAFETY: kill(2) to our own child.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+}
+
+/// Removes what a jail left behind when its supervisor could not (it was killed): kills
+/// anything still in the jail's cgroups, removes them in every hierarchy, and removes the jail
+/// folder. Mounts need nothing: they lived in the VMM's mount namespace. Returns what it removed.
+pub fn cleanup(
+    id: &str,
+    chroot_base: &Path,
+    exec_name: &str,
+    cgroup_parent: Option<&str>,
+) -> Result<Vec<PathBuf>, JailError> {
+    let plan = crate::cgroup::CgroupPlan::everywhere(id, cgroup_parent)?;
+    let mut removed: Vec<PathBuf> =
+        plan.hierarchies.iter().filter(|h| h.dir.is_dir()).map(|h| h.dir.clone()).collect();
+    plan.remove()?;
+    let dir = chroot_base.join(exec_name).join(id);
+    if fs::symlink_metadata(&dir).is_ok() {
+        fs::remove_dir_all(&dir).map_err(step("remove-jail-folder", &dir))?;
+        removed.push(dir);
+    }
+    Ok(removed)
+}

@@ -1,0 +1,326 @@
+//! The jailer against real processes on this machine: a real static `cella-vmm`, real KVM,
+//! real namespaces, cgroups, Landlock and seccomp.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn every_thread_of_a_jailed_vmm_is_confined_in_its_own_root_uid_and_pid_namespace() {
+    let base = chroot_base("confined");
+    let id = jail_id("confined");
+    let (mut jailer, pid) = start_spinning(&base, &id);
+
+    let tasks = tasks(pid);
+    assert!(tasks.len() >= 2, "expected the main and the vCPU thread, got {tasks:?}");
+    for task in &tasks {
+        let status = format!("/proc/{pid}/task/{task}/status");
+        for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(status_field(&status, cap), "0000000000000000", "{cap} of task {task}");
+        }
+        assert_eq!(status_field(&status, "NoNewPrivs"), "1", "task {task}");
+        assert_eq!(status_field(&status, "Seccomp"), "2", "task {task}");
+        let uid = UID.to_string();
+        let gid = GID.to_string();
+        assert_eq!(
+            status_field(&status, "Uid").split_whitespace().collect::<Vec<_>>(),
+            [&uid; 4],
+            "task {task}"
+        );
+        assert_eq!(
+            status_field(&status, "Gid").split_whitespace().collect::<Vec<_>>(),
+            [&gid; 4],
+            "task {task}"
+        );
+        assert_eq!(status_field(&status, "Groups"), "", "task {task}");
+    }
+    // Its root is the jail's root folder.
+    let jail_root = base.join("cella-vmm").join(&id).join("root");
+    assert_eq!(inode(Path::new(&format!("/proc/{pid}/root/"))), inode(&jail_root));
+    // It is PID 1 of its own PID namespace, and has its own mount, network, IPC and UTS ones.
+    let nspid = status_field(&format!("/proc/{pid}/status"), "NSpid");
+    assert_eq!(nspid.split_whitespace().collect::<Vec<_>>(), [pid.to_string().as_str(), "1"]);
+    for ns in ["pid", "mnt", "net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace is shared with the host");
+    }
+    // Its mounts are not the host's: nothing under the jail shows up in ours.
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(&base.display().to_string()));
+
+    // SIGTERM to the supervisor reaches the VMM, which stops and scrubs; the jail goes away.
+    // SAFETY: kill(2) to our own child process.
+    unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) };
+    let status = wait_with_timeout(&mut jailer, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(244), "the VMM reports `stopped by a signal`");
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
+#[test]
+fn a_forbidden_syscall_kills_the_vmm_and_the_supervisor_reports_seccomp() {
+    let base = chroot_base("seccomp");
+    let id = jail_id("seccomp");
+    let out = output(&mut jailed(&base, &id, &[], &["--test-forbidden-syscall", "--", "hello"]));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(245), "{err}");
+    assert!(err.contains("killed by SIGSYS"), "{err}");
+    assert!(err.contains("seccomp filter forbids"), "{err}");
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
+#[test]
+fn landlock_refuses_host_files_and_jail_paths_the_vmm_could_otherwise_reach() {
+    let base = chroot_base("landlock");
+    // A host folder with a world-readable file, reachable from inside the jail through a
+    // descriptor the jail is given: only Landlock stands between the VMM and the file.
+    let host = Path::new(env!("CARGO_TARGET_TMPDIR")).join("landlock-host");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("secret.txt"), "host data").unwrap();
+    let world_readable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644);
+    std::fs::set_permissions(host.join("secret.txt"), world_readable).unwrap();
+    let dir = std::fs::File::open(&host).unwrap();
+    let fd = dir.as_raw_fd();
+    // SAFETY: clears close-on-exec on our own descriptor so the jailer inherits it.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let fd_text = fd.to_string();
+
+    // Without the jail the same VMM binary opens the file through that descriptor.
+    let control = output(
+        std::process::Command::new(static_vmm())
+            .args(["run", "--test-open", "secret.txt", "--test-open-dirfd", &fd_text, "--", "hello"])
+            .env("CELLA_RUNNER_IMAGE", runner_image()),
+    );
+    assert_eq!(control.status.code(), Some(0), "{}", stderr(&control));
+
+    let id = jail_id("landlock");
+    let keep = ["--keep-fd", fd_text.as_str()];
+    let vmm = ["--test-open", "secret.txt", "--test-open-dirfd", &fd_text, "--", "hello"];
+    let out = output(&mut jailed(&base, &id, &keep, &vmm));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("test-open secret.txt: Permission denied"), "{err}");
+
+    // Inside the jail, its root folder is not listable either (DAC would allow it: 0755).
+    let id = jail_id("landlock-root");
+    let out = output(&mut jailed(&base, &id, &[], &["--test-open", "/", "--", "hello"]));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("test-open /: Permission denied"), "{err}");
+    drop(dir);
+    assert_eq!(residue(&base, "landlock"), Vec::<String>::new());
+}
+
+#[test]
+fn guest_memory_above_the_memory_limit_is_refused_before_launch_and_killed_at_the_limit() {
+    let base = chroot_base("memory");
+    // Through `cella-vmm run --jailed`: refused up front, with the limit in the message.
+    let out = output(
+        std::process::Command::new(static_vmm())
+            .args(["run", "--jailed", "--jailer"])
+            .arg(jailer())
+            .arg("--chroot-base")
+            .arg(&base)
+            .args(["--mem-mib", "512", "--memory-limit-mib", "256", "--", "hello"])
+            .env("CELLA_RUNNER_IMAGE", runner_image()),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("more than the memory limit of 256 MiB"), "{err}");
+    assert!(!base.exists(), "nothing may be created for a refused launch");
+
+    // Straight through the jailer with a limit below what the guest touches: the cgroup holds,
+    // the VMM is killed, and the supervisor says it was the memory limit.
+    let id = jail_id("memory");
+    let mut command =
+        jailed(&base, &id, &["--cgroup", "memory=48M"], &["--mem-mib", "128", "--", "fill-canary"]);
+    let out = output(&mut command);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(246), "{err}");
+    assert!(err.contains("the memory limit of 50331648 bytes (48 MiB) was reached"), "{err}");
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
+#[test]
+fn the_pids_limit_holds() {
+    let base = chroot_base("pids");
+    let id = jail_id("pids");
+    // One task: the VMM's main thread. Its vCPU thread cannot start.
+    let out = output(&mut jailed(&base, &id, &["--cgroup", "pids=1"], &["--", "hello"]));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(243), "{err}");
+    assert!(err.contains("cannot start the vCPU thread"), "{err}");
+    assert!(err.contains("the pids limit of 1 refused 1 new task(s)"), "{err}");
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
+#[test]
+fn bad_ids_and_paths_are_refused_before_anything_is_created() {
+    let base = chroot_base("refused");
+    let image = runner_image();
+    let link = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cella-vmm-link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(static_vmm(), &link).unwrap();
+    let long_id = "a".repeat(65);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--id".into(), "../x".into()], "may only hold letters, digits and hyphens"),
+        (vec!["--id".into(), long_id.clone()], "65 characters long"),
+        (vec!["--exec-file".into(), link.display().to_string()], "is a symbolic link"),
+        (vec!["--ro-file".into(), "/nonexistent/cella-runner=/image".into()], "cannot be read"),
+        (vec!["--ro-file".into(), format!("{}=/../etc/image", image.display())], "must be absolute"),
+        (vec!["--uid".into(), "0".into()], "must not run as root"),
+    ];
+    for (override_args, message) in cases {
+        let mut args = vec![
+            "--id".to_owned(),
+            jail_id("refused"),
+            "--exec-file".into(),
+            static_vmm().display().to_string(),
+            "--uid".into(),
+            UID.to_string(),
+            "--ro-file".into(),
+            format!("{}=/image", image.display()),
+        ];
+        for pair in override_args.chunks(2) {
+            let at = args.iter().position(|a| *a == pair[0]).unwrap();
+            args[at + 1] = pair[1].clone();
+        }
+        let out = output(
+            std::process::Command::new(jailer())
+                .args(&args)
+                .args(["--gid", &GID.to_string(), "--cgroup", "pids=8", "--chroot-base"])
+                .arg(&base)
+                .args(["--", "run", "--image", "/image", "--", "hello"]),
+        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("refused (nothing was created)") && err.contains(message), "{args:?}: {err}");
+        assert!(!base.exists(), "{args:?} created {}", base.display());
+    }
+    assert_eq!(residue(&base, &jail_id("refused")), Vec::<String>::new());
+    assert_eq!(residue(&base, &long_id), Vec::<String>::new());
+}
+
+#[test]
+fn a_hundred_jailed_launches_some_killed_leave_no_jail_folders_mounts_or_cgroups() {
+    let base = chroot_base("hundred");
+    let prefix = jail_id("hundred");
+    const BATCH: usize = 4;
+    let mut killed = 0;
+    for batch in 0..100 / BATCH {
+        let mut running = Vec::new();
+        for j in 0..BATCH {
+            let n = batch * BATCH + j;
+            let id = format!("{prefix}-{n}");
+            if n % 10 == 3 {
+                // Killed with SIGKILL while the guest runs.
+                let (jailer, pid) = start_spinning(&base, &id);
+                // SAFETY: SIGKILL to the jailed VMM, a descendant of this test.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed += 1;
+                running.push((jailer, Some(246)));
+            } else {
+                let child = jailed(&base, &id, &[], &["--", "hello"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                running.push((child, Some(0)));
+            }
+        }
+        for (mut child, expected) in running {
+            let status = wait_with_timeout(&mut child, Duration::from_secs(30));
+            assert_eq!(status.code(), expected);
+        }
+    }
+    assert_eq!(killed, 10);
+    assert_eq!(residue(&base, &prefix), Vec::<String>::new());
+}
+
+#[test]
+fn a_controller_only_cgroup2_offers_is_used_there_and_removed_afterwards() {
+    // This host is a v1 hybrid; production hosts are v2. Use a controller that only the cgroup2
+    // mount offers here, so the v2 path runs for real next to the v1 memory and pids cgroups.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let v1: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2) == Some("cgroup"))
+        .flat_map(|l| l.split_whitespace().nth(3).unwrap_or("").split(','))
+        .collect();
+    let Some(v2_mount) = mounts.lines().find(|l| l.split_whitespace().nth(2) == Some("cgroup2")) else {
+        eprintln!("skipped: no cgroup2 mount on this host");
+        return;
+    };
+    let v2_mount = Path::new(v2_mount.split_whitespace().nth(1).unwrap());
+    let offered = std::fs::read_to_string(v2_mount.join("cgroup.controllers")).unwrap_or_default();
+    let known = [("hugetlb", "hugetlb.2MB.max=max"), ("pids", "pids.max=max"), ("memory", "memory.max=max")];
+    let Some((controller, setting)) =
+        known.into_iter().find(|(c, _)| offered.split_whitespace().any(|o| o == *c) && !v1.contains(c))
+    else {
+        eprintln!(
+            "skipped: every controller cgroup2 offers here is also a v1 hierarchy (offered: {offered:?})"
+        );
+        return;
+    };
+    let base = chroot_base("cgroup2");
+    let id = jail_id("cgroup2");
+    let (mut child, pid) = start_spinning_with(&base, &id, &["--cgroup", setting]);
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let unified = cgroups.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_owned();
+    assert!(unified.ends_with(&format!("/cella/{id}")), "{controller} via cgroup2: {cgroups}");
+    assert!(
+        cgroups.lines().any(|l| l.contains(":memory:") && l.ends_with(&format!("/cella/{id}"))),
+        "{cgroups}"
+    );
+    // SAFETY: kill(2) to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_with_timeout(&mut child, Duration::from_secs(20)).code(), Some(244));
+    assert!(!v2_mount.join(unified.trim_start_matches('/')).exists(), "the cgroup2 cgroup is left behind");
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
+#[test]
+fn cleanup_removes_what_a_killed_supervisor_left_behind() {
+    let base = chroot_base("orphan");
+    let id = jail_id("orphan");
+    let (mut supervisor, vmm) = start_spinning(&base, &id);
+    // Kill the supervisor itself: the VMM follows it (parent-death signal), but nobody is left
+    // to remove the jail.
+    supervisor.kill().unwrap();
+    supervisor.wait().unwrap();
+    let status = format!("/proc/{vmm}/status");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Path::new(&status).exists() && !status_field(&status, "State").starts_with('Z') {
+        assert!(std::time::Instant::now() < deadline, "the VMM outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!residue(&base, &id).is_empty(), "a killed supervisor leaves its jail behind");
+
+    let out = output(
+        std::process::Command::new(jailer()).args(["cleanup", "--id", &id, "--chroot-base"]).arg(&base),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("removed"), "{}", stderr(&out));
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
+#[test]
+fn a_step_that_fails_after_validation_is_named_and_leaves_nothing_behind() {
+    let base = chroot_base("failing-step");
+    let id = jail_id("failing-step");
+    // A file that exists (validation passes) but is no network namespace: setns fails in the
+    // child, after the jail folder, the copy, the mounts and the cgroups were made.
+    let not_a_netns = runner_image();
+    let extra = ["--netns", not_a_netns.to_str().unwrap()];
+    let out = output(&mut jailed(&base, &id, &extra, &["--", "hello"]));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(247), "{err}");
+    let expected = format!("nothing is left behind: step `join-netns` failed on {}", not_a_netns.display());
+    assert!(err.contains(&expected), "{err}");
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}

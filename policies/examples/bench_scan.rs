@@ -1,0 +1,16 @@
+//! Native scan benchmark: `cargo run --release -p cella-policies --example bench_scan -- [MiB]`.
+//! Prints the engine's throughput next to ripgrep's on the same corpus and regex set.
+
+fn main() {
+    let mut opts = cella_policies::rules::bench::BenchOptions::default();
+    if let Some(mib) = std::env::args().nth(1) {
+        opts.corpus_mib = mib.parse().expect("corpus size in MiB");
+    }
+    match cella_policies::rules::bench::run(&opts) {
+        Ok(report) => print!("{report}"),
+        Err(e) => {
+            eprintln!("bench_scan: {e}");
+            std::process::exit(1);
+        }
+    }
+}

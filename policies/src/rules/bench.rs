@@ -1,0 +1,388 @@
+//! The native scan benchmark: generates a corpus of source-like text with planted findings,
+//! measures the engine's single-thread throughput and `ripgrep` (`rg -c -e … -e …` with the
+//! same regex set, on the same bytes, in the same run), and how long building the engine takes
+//! (every regex compiled eagerly, against the lazy engine the guest uses). It prints figures; it
+//! asserts nothing. Run it with `cargo run --release -p cella-policies --example bench_scan`.
+
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cella_scan::{scan_artifact, Engine, Limits, Report, SliceSource};
+
+use super::{load_packs, PolicyError, DEFAULT_PACKS};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Corpus size in MiB (the issue asks for at least 200).
+    pub corpus_mib: usize,
+    /// Where to write the corpus for ripgrep.
+    pub corpus_path: PathBuf,
+    /// Run ripgrep too.
+    pub ripgrep: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            corpus_mib: 200,
+            corpus_path: std::env::temp_dir().join("cella-scan-bench-corpus.txt"),
+            ripgrep: true,
+        }
+    }
+}
+
+/// One ripgrep run.
+#[derive(Debug, Clone)]
+pub struct RgRun {
+    /// The flags used besides `-c` and the patterns.
+    pub label: &'static str,
+    /// Wall time.
+    pub time: Duration,
+    /// CPU time (user + system) of the rg process.
+    pub cpu: Duration,
+    /// Matching lines reported by `rg -c`, or the error it printed.
+    pub outcome: Result<u64, String>,
+}
+
+/// The figures.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    /// Rules in the policy.
+    pub rules: usize,
+    /// Corpus size in bytes.
+    pub corpus_bytes: u64,
+    /// Findings planted in the corpus.
+    pub planted: u64,
+    /// Engine wall time for the whole corpus.
+    pub engine_time: Duration,
+    /// Engine CPU time for the whole corpus.
+    pub engine_cpu: Duration,
+    /// Findings the engine reported.
+    pub engine_findings: u64,
+    /// Median time to build an engine compiling every regex up front.
+    pub compile_eager: Duration,
+    /// Median time to build the lazy engine from the serialized policy (what a VM pays at start).
+    pub compile_lazy: Duration,
+    /// Median time to build the lazy engine and scan a first 1 KiB file holding no findings
+    /// (what a VM pays before its first result: this builds the line filter).
+    pub first_scan: Duration,
+    /// The same, with a file that triggers every rule once (every regex compiled on first use).
+    pub first_scan_all_rules: Duration,
+    /// Serialized policy size.
+    pub policy_bytes: usize,
+    /// ripgrep runs.
+    pub ripgrep: Vec<RgRun>,
+}
+
+fn mbps(bytes: u64, t: Duration) -> f64 {
+    bytes as f64 / 1e6 / t.as_secs_f64().max(1e-9)
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mb = self.corpus_bytes as f64 / 1e6;
+        writeln!(f, "corpus: {mb:.1} MB of generated source-like text, {} planted findings", self.planted)?;
+        writeln!(f, "policy: {} rules, {} bytes serialized", self.rules, self.policy_bytes)?;
+        writeln!(
+            f,
+            "engine build: eager (all regexes compiled) {:.2} ms | lazy from serialized policy {:.3} ms",
+            self.compile_eager.as_secs_f64() * 1e3,
+            self.compile_lazy.as_secs_f64() * 1e3
+        )?;
+        writeln!(
+            f,
+            "first file (lazy build + scan 1 KiB): no findings {:.2} ms | triggering every rule {:.2} ms",
+            self.first_scan.as_secs_f64() * 1e3,
+            self.first_scan_all_rules.as_secs_f64() * 1e3
+        )?;
+        let eng = mbps(self.corpus_bytes, self.engine_time);
+        let eng_cpu = mbps(self.corpus_bytes, self.engine_cpu);
+        writeln!(
+            f,
+            "{:<30} {:>8} {:>9} {:>8} {:>9} {:>8}",
+            "scanner", "wall s", "wall MB/s", "cpu s", "cpu MB/s", "count"
+        )?;
+        writeln!(
+            f,
+            "{:<30} {:>8.3} {:>9.1} {:>8.2} {:>9.1} {:>8}  findings",
+            "cella-scan engine (1 thread)",
+            self.engine_time.as_secs_f64(),
+            eng,
+            self.engine_cpu.as_secs_f64(),
+            eng_cpu,
+            self.engine_findings
+        )?;
+        for r in &self.ripgrep {
+            let rg = mbps(self.corpus_bytes, r.time);
+            let rg_cpu = mbps(self.corpus_bytes, r.cpu);
+            match &r.outcome {
+                Ok(n) => writeln!(
+                    f,
+                    "{:<30} {:>8.3} {:>9.1} {:>8.2} {:>9.1} {:>8}  lines; engine/rg: wall {:.2}x, cpu {:.2}x",
+                    format!("rg -c {}", r.label),
+                    r.time.as_secs_f64(),
+                    rg,
+                    r.cpu.as_secs_f64(),
+                    rg_cpu,
+                    n,
+                    eng / rg,
+                    eng_cpu / rg_cpu
+                )?,
+                Err(e) => writeln!(f, "rg -c {}: failed: {e}", r.label)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A small deterministic PRNG (xorshift64*), so every run scans the same corpus.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+        xs[self.below(xs.len())]
+    }
+
+    fn token(&mut self, alphabet: &[u8], len: usize) -> String {
+        (0..len).map(|_| alphabet[self.below(alphabet.len())] as char).collect()
+    }
+}
+
+const WORDS: &[&str] = &[
+    "buffer", "request", "handler", "config", "value", "index", "parse", "reader", "writer", "client",
+    "server", "session", "cache", "queue", "worker", "result", "error", "state", "input", "output", "token",
+    "header", "stream", "record", "policy", "tenant", "artifact", "engine", "match", "offset",
+];
+const TYPES: &[&str] = &["Vec<u8>", "String", "u64", "Option<usize>", "HashMap<String, u32>", "&str", "bool"];
+const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+const UPPER32: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+fn filler_line(rng: &mut Rng, out: &mut String) {
+    let a = rng.pick(WORDS);
+    let b = rng.pick(WORDS);
+    let c = rng.pick(WORDS);
+    let n = rng.below(100_000);
+    let line = match rng.below(12) {
+        0 => format!("    let {a}_{b} = self.{c}.get({n}).unwrap_or_default();"),
+        1 => format!("// The {a} is passed to the {b} before the {c} is flushed ({n} bytes at most)."),
+        2 => format!("fn {a}_{b}(&mut self, {c}: {}) -> Result<(), Error> {{", rng.pick(TYPES)),
+        3 => format!("        if {a}.len() > {n} {{ return Err(Error::{}); }}", capitalize(b)),
+        4 => format!("    \"{a}_{b}\": {n},"),
+        5 => format!("# {a} {b} {c}: see docs/{a}.md, section {n}"),
+        6 => format!("    {a}.{b}_{c} = \"{a}-{b}\";"),
+        7 => format!("    log::debug!(\"{a} {b} took {{}} ms\", {n});"),
+        8 => format!("    let {a}_token = parse_{b}(&{c}_header)?; // version 1.{n}.0"),
+        9 => format!("    timestamp = {}; id = {};", 1_600_000_000 + n as u64 * 37, n * 7919),
+        10 => "    }".to_owned(),
+        _ => format!("    assert_eq!({a}.{b}(), {c}::{});", capitalize(a)),
+    };
+    out.push_str(&line);
+    out.push('\n');
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+}
+
+fn planted_line(rng: &mut Rng, k: usize) -> String {
+    match k % 10 {
+        0 => format!("aws_access_key_id = AKIA{}", rng.token(UPPER32, 16)),
+        1 => format!("GITHUB_TOKEN=ghp_{}", rng.token(ALNUM, 36)),
+        2 => format!("    maintainer: \"dev{}@corp-mail.net\"", rng.below(1000)),
+        3 => "    card = \"4111 1111 1111 1111\"".to_owned(),
+        4 => "ssn: 123-45-6789".to_owned(),
+        5 => "iban = \"GB82 WEST 1234 5698 7654 32\"".to_owned(),
+        6 => format!("SLACK_BOT_TOKEN=xoxb-1234567890-1234567890123-{}", rng.token(ALNUM, 24)),
+        7 => format!("STRIPE_KEY=sk_live_{}", rng.token(ALNUM, 24)),
+        8 => "// SPDX-License-Identifier: Apache-2.0".to_owned(),
+        _ => "call +14155552671 for support".to_owned(),
+    }
+}
+
+/// Generates `bytes` of corpus; returns it and the number of planted findings.
+pub fn generate_corpus(bytes: usize) -> (Vec<u8>, u64) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut out = String::with_capacity(bytes + 256);
+    let mut planted = 0u64;
+    let mut next_plant = 64 * 1024;
+    while out.len() < bytes {
+        if out.len() >= next_plant {
+            out.push_str(&planted_line(&mut rng, planted as usize));
+            out.push('\n');
+            planted += 1;
+            next_plant += 64 * 1024;
+        } else {
+            filler_line(&mut rng, &mut out);
+        }
+    }
+    (out.into_bytes(), planted)
+}
+
+/// CPU time (user + system) of this process and of its waited-for children, from
+/// `/proc/self/stat` (clock ticks of 10 ms). On a shared machine CPU time is a steadier measure
+/// than wall time; both are reported.
+pub fn cpu_times() -> (Duration, Duration) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the `(comm)`: state is field 3; utime 14, stime 15, cutime 16, cstime 17.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(4).map(|x| x.parse().unwrap_or(0)).collect();
+    let tick = |t: u64| Duration::from_millis(t * 10);
+    if f.len() < 4 {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    (tick(f[0] + f[1]), tick(f[2] + f[3]))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport, PolicyError> {
+    let compiled = load_packs(DEFAULT_PACKS)?;
+    let policy = compiled.policy().clone();
+
+    let compile_eager = median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                let e = Engine::new(policy.clone());
+                let d = t.elapsed();
+                drop(e);
+                d
+            })
+            .collect(),
+    );
+    let compile_lazy = median(
+        (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                let e = Engine::from_policy_json(compiled.as_bytes());
+                let d = t.elapsed();
+                drop(e);
+                d
+            })
+            .collect(),
+    );
+
+    let quiet: Vec<u8> = generate_corpus(1024).0;
+    let mut noisy = Vec::new();
+    for r in &policy.rules {
+        for k in &r.keywords {
+            noisy.extend_from_slice(k.as_bytes());
+            noisy.push(b'\n');
+        }
+    }
+    noisy.extend_from_slice(b"4111 1111 1111 1111 a@b.io +14155552671\n");
+    let first = |data: &[u8]| {
+        median(
+            (0..11)
+                .map(|_| {
+                    let t = Instant::now();
+                    if let Ok(mut e) = Engine::from_policy_json(compiled.as_bytes()) {
+                        let mut r = Report::default();
+                        let _ = scan_artifact(
+                            &mut SliceSource(data),
+                            "f.txt",
+                            &mut e,
+                            &Limits::default(),
+                            &mut r,
+                        );
+                    }
+                    t.elapsed()
+                })
+                .collect(),
+        )
+    };
+    let first_scan = first(&quiet);
+    let first_scan_all_rules = first(&noisy);
+
+    let (corpus, planted) = generate_corpus(opts.corpus_mib << 20);
+
+    let mut engine = Engine::from_policy_json(compiled.as_bytes())
+        .map_err(|e| PolicyError::Malformed { pack: "bench".to_owned(), message: e.to_string() })?;
+    let mut report = Report::default();
+    let limits = Limits { max_findings: usize::MAX, ..Limits::default() };
+    let c0 = cpu_times().0;
+    let t = Instant::now();
+    let r = scan_artifact(&mut SliceSource(&corpus), "corpus.txt", &mut engine, &limits, &mut report);
+    let engine_time = t.elapsed();
+    let engine_cpu = cpu_times().0.saturating_sub(c0);
+    r.map_err(|e| PolicyError::Malformed { pack: "bench".to_owned(), message: e.to_string() })?;
+
+    let mut ripgrep = Vec::new();
+    if opts.ripgrep {
+        let written = std::fs::File::create(&opts.corpus_path).and_then(|mut f| f.write_all(&corpus));
+        match written {
+            Err(e) => ripgrep.push(RgRun {
+                label: "",
+                time: Duration::ZERO,
+                cpu: Duration::ZERO,
+                outcome: Err(e.to_string()),
+            }),
+            Ok(()) => {
+                // Warm the page cache, then time.
+                let _ = std::fs::read(&opts.corpus_path);
+                for (label, extra) in [("(default flags)", &[][..]), ("--no-unicode", &["--no-unicode"][..])]
+                {
+                    ripgrep.push(run_rg(label, extra, &policy, &opts.corpus_path));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&opts.corpus_path);
+    }
+
+    Ok(BenchReport {
+        rules: policy.rules.len(),
+        corpus_bytes: corpus.len() as u64,
+        planted,
+        engine_time,
+        engine_cpu,
+        engine_findings: report.findings.len() as u64 + report.findings_dropped,
+        compile_eager,
+        compile_lazy,
+        first_scan,
+        first_scan_all_rules,
+        policy_bytes: compiled.as_bytes().len(),
+        ripgrep,
+    })
+}
+
+fn run_rg(label: &'static str, extra: &[&str], policy: &cella_scan::Policy, path: &std::path::Path) -> RgRun {
+    let mut cmd = Command::new("rg");
+    cmd.arg("-c").args(extra);
+    for r in &policy.rules {
+        cmd.arg("-e").arg(&r.regex);
+    }
+    cmd.arg(path);
+    let c0 = cpu_times().1;
+    let t = Instant::now();
+    let out = cmd.output();
+    let time = t.elapsed();
+    let cpu = cpu_times().1.saturating_sub(c0);
+    let outcome = match out {
+        Err(e) => Err(format!("cannot run rg ({e}); install it with `apt-get install -y ripgrep`")),
+        Ok(o) if o.status.success() || o.status.code() == Some(1) => {
+            Ok(String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0))
+        }
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).lines().take(3).collect::<Vec<_>>().join(" / ")),
+    };
+    RgRun { label, time, cpu, outcome }
+}

@@ -1,0 +1,104 @@
+//! The TOML pack format: a `[pack]` header with defaults, then `[[rules]]`.
+
+use serde::Deserialize;
+
+use cella_scan::{check_rule, Allowlist, Category, Rule, Severity, Validator};
+
+use super::{Pack, PolicyError};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackHeader {
+    name: String,
+    category: Option<Category>,
+    severity: Option<Severity>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackFile {
+    pack: PackHeader,
+    #[serde(default)]
+    rules: Vec<toml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct AllowlistToml {
+    regexes: Vec<String>,
+    stopwords: Vec<String>,
+    paths: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleToml {
+    id: String,
+    description: String,
+    regex: String,
+    #[serde(default)]
+    secret_group: u32,
+    #[serde(default)]
+    keywords: Vec<String>,
+    entropy: Option<f32>,
+    validator: Option<Validator>,
+    #[serde(default)]
+    multiline: bool,
+    #[serde(default)]
+    allowlist: AllowlistToml,
+    severity: Option<Severity>,
+    category: Option<Category>,
+    help: String,
+    spdx: Option<String>,
+}
+
+/// Parses and validates one pack. `source` names the pack in errors until its `[pack] name` is
+/// known (a built-in pack's name, or a file path).
+pub fn parse_pack(source: &str, text: &str) -> Result<Pack, PolicyError> {
+    let file: PackFile = toml::from_str(text)
+        .map_err(|e| PolicyError::Malformed { pack: source.to_owned(), message: e.to_string() })?;
+    let pack_name = file.pack.name;
+    let mut rules = Vec::with_capacity(file.rules.len());
+    for (i, value) in file.rules.into_iter().enumerate() {
+        let label = value
+            .get("id")
+            .and_then(toml::Value::as_str)
+            .map_or_else(|| format!("#{} (no id)", i + 1), str::to_owned);
+        let invalid = |problem: String| PolicyError::InvalidRule {
+            pack: pack_name.clone(),
+            rule: label.clone(),
+            problem,
+        };
+        let r: RuleToml = value.try_into().map_err(|e: toml::de::Error| invalid(e.message().to_owned()))?;
+        let category = r
+            .category
+            .or(file.pack.category)
+            .ok_or_else(|| invalid("no category (set it on the rule or in [pack])".to_owned()))?;
+        let severity = r
+            .severity
+            .or(file.pack.severity)
+            .ok_or_else(|| invalid("no severity (set it on the rule or in [pack])".to_owned()))?;
+        let rule = Rule {
+            id: r.id,
+            description: r.description,
+            regex: r.regex,
+            secret_group: r.secret_group,
+            keywords: r.keywords,
+            entropy: r.entropy,
+            validator: r.validator,
+            multiline: r.multiline,
+            allowlist: Allowlist {
+                regexes: r.allowlist.regexes,
+                stopwords: r.allowlist.stopwords,
+                paths: r.allowlist.paths,
+            },
+            severity,
+            category,
+            help: r.help,
+            spdx: r.spdx,
+        };
+        check_rule(&rule).map_err(invalid)?;
+        rules.push(rule);
+    }
+    Ok(Pack { name: pack_name, rules })
+}

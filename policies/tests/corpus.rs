@@ -1,0 +1,139 @@
+//! The fixture corpus (`tests/fixtures/corpus/`) scanned with the built-in packs: planted
+//! findings of every category are found at the exact file:line:rule, and the decoys next to
+//! them (Luhn-invalid cards, invalid SSNs, bad IBAN checksums, low-entropy and placeholder
+//! values, allowlisted examples, a binary file) are not.
+
+use std::path::{Path, PathBuf};
+
+use cella_policies::rules::{load_packs, DEFAULT_PACKS};
+use cella_scan::{scan_artifact, Engine, Limits, Report, SliceSource};
+
+fn corpus_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/corpus")
+}
+
+fn files(dir: &Path, root: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            files(&p, root, out);
+        } else {
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+            out.push((rel, std::fs::read(&p).unwrap()));
+        }
+    }
+}
+
+fn corpus() -> Vec<(String, Vec<u8>)> {
+    let mut v = Vec::new();
+    files(&corpus_root(), &corpus_root(), &mut v);
+    v
+}
+
+fn engine() -> Engine {
+    let compiled = load_packs(DEFAULT_PACKS).unwrap();
+    Engine::from_policy_json(compiled.as_bytes()).unwrap()
+}
+
+fn triples(report: &Report) -> Vec<String> {
+    let mut v: Vec<String> =
+        report.findings.iter().map(|f| format!("{}:{}:{}", f.path, f.line, f.rule_id)).collect();
+    v.sort();
+    v
+}
+
+const EXPECTED: &[&str] = &[
+    "COPYING:1:license-text-gpl-3.0",
+    "LICENSE:5:license-text-mit",
+    "config/app.env:10:npm-access-token",
+    "config/app.env:11:pypi-upload-token",
+    "config/app.env:12:gitlab-pat",
+    "config/app.env:13:gcp-api-key",
+    "config/app.env:14:jwt",
+    "config/app.env:15:generic-secret-assignment",
+    "config/app.env:2:aws-access-key-id",
+    "config/app.env:3:aws-secret-access-key",
+    "config/app.env:6:github-pat",
+    "config/app.env:7:slack-bot-token",
+    "config/app.env:8:stripe-secret-key",
+    "config/app.env:9:sendgrid-api-key",
+    "data/customers.csv:2:email-address",
+    "data/customers.csv:2:iban",
+    "data/customers.csv:2:payment-card-number",
+    "data/customers.csv:2:phone-number",
+    "data/customers.csv:2:us-ssn",
+    "data/customers.csv:4:iban",
+    "data/customers.csv:4:payment-card-number",
+    "data/customers.csv:4:phone-number",
+    "keys/deploy.pem:2:private-key-pem",
+    "src/lib.rs:1:spdx-license-identifier",
+    "vendor/bsd2/LICENSE:3:license-text-bsd-2-clause",
+    "vendor/bsd3/LICENSE:3:license-text-bsd-3-clause",
+];
+
+/// A minimal ustar writer for the test.
+fn tar_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in files {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[test]
+fn corpus_files_yield_exactly_the_planted_findings() {
+    let mut engine = engine();
+    let mut report = Report::default();
+    for (name, data) in corpus() {
+        scan_artifact(&mut SliceSource(&data), &name, &mut engine, &Limits::default(), &mut report).unwrap();
+    }
+    assert_eq!(triples(&report), EXPECTED);
+    assert_eq!(report.files_skipped_binary, 1, "bin/blob.bin is skipped as binary");
+}
+
+#[test]
+fn corpus_as_tar_yields_the_same_findings() {
+    let tar = tar_of(&corpus());
+    let mut engine = engine();
+    let mut report = Report::default();
+    scan_artifact(&mut SliceSource(&tar), "corpus.tar", &mut engine, &Limits::default(), &mut report)
+        .unwrap();
+    assert_eq!(triples(&report), EXPECTED);
+}
+
+#[test]
+fn findings_never_carry_the_secret() {
+    let mut engine = engine();
+    let mut report = Report::default();
+    let corpus = corpus();
+    for (name, data) in &corpus {
+        scan_artifact(&mut SliceSource(data), name, &mut engine, &Limits::default(), &mut report).unwrap();
+    }
+    let json = cella_scan::sarif::to_json(engine.policy(), &report);
+    for secret in [
+        "AKIAUJZDEGXDNCF32EPF",
+        "ghp_hGAkWvj7FAc9QeWJKY40uvSwMFLZDe1f8rES",
+        "4111 1111 1111 1111",
+        "123-45-6789",
+    ] {
+        assert!(!json.contains(secret), "SARIF output contains `{secret}`");
+        assert!(!format!("{:?}", report.findings).contains(secret));
+    }
+}

@@ -1,0 +1,261 @@
+//! `cella audit …`: export, verify, prove, keygen, checkpoint, bench.
+
+use std::fs;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use cella_audit::bundle::Bundle;
+use cella_audit::checkpoint::CheckpointPolicy;
+use cella_audit::export::{export, ExportRequest};
+use cella_audit::proof::{self, InclusionProof};
+use cella_audit::store;
+use cella_audit::verify::{self, Options};
+use cella_audit::{Chain, PublicKey, SigningKey, TenantId};
+use clap::{Args, Subcommand};
+
+use super::{audit_bench, CliError};
+use crate::db;
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify an export bundle (or an inclusion proof) offline. Prints `OK: …` and exits 0, or
+    /// prints `FAILED: <first failure>` and exits 1.
+    Verify {
+        /// The bundle (tar) or proof (JSON) file.
+        file: PathBuf,
+        /// A public key to trust (a `.pub` file from `cella audit keygen`); repeat for rotated
+        /// keys. Without any, the bundle's own keys are used.
+        #[arg(long = "trusted-key", value_name = "FILE")]
+        trusted_keys: Vec<PathBuf>,
+        /// Hashing threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Write an inclusion proof for one event of a bundle; `cella audit verify` checks it alone.
+    Prove {
+        /// The bundle (exported from seq 1).
+        bundle: PathBuf,
+        /// The event's sequence number.
+        #[arg(long)]
+        seq: u64,
+        /// Prove against this checkpoint index (default: the newest that covers the event).
+        #[arg(long)]
+        checkpoint: Option<u64>,
+        /// Keys to trust while checking the bundle first (as for verify).
+        #[arg(long = "trusted-key", value_name = "FILE")]
+        trusted_keys: Vec<PathBuf>,
+        /// Where to write the proof (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Export a chain from the database (DATABASE_URL) as a bundle.
+    Export(ExportArgs),
+    /// Generate a checkpoint signing key: FILE (mode 0600) and FILE.pub.
+    Keygen {
+        /// The key id checkpoints will name (`k1`, `2026-11`).
+        #[arg(long)]
+        id: String,
+        /// Where to write the private key; the public key goes to FILE.pub.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Cut the checkpoints that are due, for every chain (DATABASE_URL).
+    Checkpoint {
+        /// The signing key file (default: $CELLA_AUDIT_KEY). Using a new key id is a rotation.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Cut once this many events are uncovered.
+        #[arg(long, default_value_t = CheckpointPolicy::default().every_events)]
+        every_events: u64,
+        /// Cut once the oldest uncovered event is this many seconds old.
+        #[arg(long, default_value_t = CheckpointPolicy::default().every_secs)]
+        every_secs: u64,
+        /// Cut for every chain with uncovered events, due or not.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Benchmark appends (against DATABASE_URL, in a scratch database) and offline verification.
+    Bench(audit_bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The tenant whose chain to export.
+    #[arg(long, conflicts_with = "operator", required_unless_present = "operator")]
+    tenant: Option<String>,
+    /// Export the operator chain instead.
+    #[arg(long)]
+    operator: bool,
+    /// First seq (default 1).
+    #[arg(long)]
+    from: Option<u64>,
+    /// Last seq (default: the newest).
+    #[arg(long)]
+    to: Option<u64>,
+    /// Also write ocsf.jsonl (OCSF API Activity records for SIEMs).
+    #[arg(long)]
+    ocsf: bool,
+    /// Cut a checkpoint with this key first, so the whole export is covered by a signature.
+    #[arg(long, value_name = "KEY_FILE")]
+    sign_with: Option<PathBuf>,
+    /// The bundle file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |source| CliError::File { path: path.display().to_string(), source }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Usage(format!("cannot start the async runtime: {e}")))
+}
+
+fn trusted(paths: &[PathBuf]) -> Result<Vec<PublicKey>, CliError> {
+    paths.iter().map(|p| PublicKey::read(p).map_err(CliError::from)).collect()
+}
+
+/// Runs one `cella audit` command.
+pub fn run(cmd: AuditCommand) -> Result<(), CliError> {
+    match cmd {
+        AuditCommand::Verify { file, trusted_keys, threads } => {
+            verify_file(&file, &trusted(&trusted_keys)?, threads)
+        }
+        AuditCommand::Prove { bundle, seq, checkpoint, trusted_keys, out } => {
+            let data = fs::read(&bundle).map_err(file_err(&bundle))?;
+            let b = Bundle::read(&data[..])?;
+            let options = Options { trusted: trusted(&trusted_keys)?, threads: 0 };
+            let proof = proof::prove(&b, seq, checkpoint, &options).map_err(|e| match e {
+                proof::ProveError::Invalid(f) => CliError::VerificationFailed(f.to_string()),
+                other => CliError::Usage(other.to_string()),
+            })?;
+            let mut text = serde_json::to_string_pretty(&proof).unwrap_or_default();
+            text.push('\n');
+            match out {
+                Some(path) => fs::write(&path, text).map_err(file_err(&path))?,
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+        AuditCommand::Export(args) => runtime()?.block_on(export_cmd(args)),
+        AuditCommand::Keygen { id, out } => {
+            let key = SigningKey::generate(&id)?;
+            let pub_path = key.save(&out)?;
+            eprintln!(
+                "wrote signing key {id} to {} (mode 0600) and its public key to {}",
+                out.display(),
+                pub_path.display()
+            );
+            Ok(())
+        }
+        AuditCommand::Checkpoint { key, every_events, every_secs, force } => {
+            let key = load_key(key)?;
+            let policy = CheckpointPolicy { every_events, every_secs };
+            runtime()?.block_on(async {
+                let pool = db::connect(&db::database_url().map_err(CliError::Usage)?, 2).await?;
+                let cut = store::cut_due_checkpoints(&pool, &key, policy, force).await?;
+                for cp in &cut {
+                    println!(
+                        "{}: checkpoint {} at tree size {}, key {}",
+                        cp.chain, cp.index, cp.tree_size, cp.key_id
+                    );
+                }
+                if cut.is_empty() {
+                    println!("no checkpoint due");
+                }
+                Ok(())
+            })
+        }
+        AuditCommand::Bench(args) => audit_bench::run(args),
+    }
+}
+
+fn load_key(path: Option<PathBuf>) -> Result<SigningKey, CliError> {
+    let path = path.or_else(|| std::env::var_os("CELLA_AUDIT_KEY").map(PathBuf::from)).ok_or_else(|| {
+        CliError::Usage(
+            "no signing key: pass --key FILE or set CELLA_AUDIT_KEY (create one with `cella audit keygen`)"
+                .into(),
+        )
+    })?;
+    Ok(SigningKey::load(&path)?)
+}
+
+fn verify_file(path: &Path, trusted: &[PublicKey], threads: usize) -> Result<(), CliError> {
+    let mut file = fs::File::open(path).map_err(file_err(path))?;
+    let mut first = [0u8; 1];
+    let n = file.read(&mut first).map_err(file_err(path))?;
+    file.seek(SeekFrom::Start(0)).map_err(file_err(path))?;
+    if n == 1 && first[0] == b'{' {
+        let mut data = Vec::new();
+        file.read_to_end(&mut data).map_err(file_err(path))?;
+        let proof: InclusionProof = serde_json::from_slice(&data)
+            .map_err(|e| CliError::VerificationFailed(format!("proof: not a Cella inclusion proof ({e})")))?;
+        let report =
+            proof::verify_proof(&proof, trusted).map_err(|f| CliError::VerificationFailed(f.to_string()))?;
+        println!("{report}");
+        if !report.pinned {
+            eprintln!("note: the key came with the proof itself; pass --trusted-key to pin it");
+        }
+        return Ok(());
+    }
+    // Straight from the file into each member's buffer: one copy of a large events.jsonl.
+    let bundle = Bundle::read(BufReader::with_capacity(1 << 20, file))?;
+    let report = verify::verify_bundle(&bundle, &Options { trusted: trusted.to_vec(), threads })
+        .map_err(|f| CliError::VerificationFailed(f.to_string()))?;
+    println!("{report}");
+    if !report.pinned {
+        eprintln!("note: keys were taken from the bundle itself; pass --trusted-key to pin them");
+    }
+    if report.unsigned_tail > 0 {
+        eprintln!(
+            "note: events {}..{} are chained but not yet covered by a signed checkpoint",
+            report.last_seq - report.unsigned_tail + 1,
+            report.last_seq
+        );
+    }
+    Ok(())
+}
+
+async fn export_cmd(args: ExportArgs) -> Result<(), CliError> {
+    let chain = match (&args.tenant, args.operator) {
+        (Some(t), false) => {
+            Chain::Tenant(TenantId::new(t.clone()).map_err(|e| CliError::Usage(e.to_string()))?)
+        }
+        _ => Chain::Operator,
+    };
+    let key = args.sign_with.as_deref().map(SigningKey::load).transpose()?;
+    let pool = db::connect(&db::database_url().map_err(CliError::Usage)?, 2).await?;
+    if let Some(key) = &key {
+        store::cut_checkpoint(&pool, &chain, key, CheckpointPolicy::default(), true).await?;
+    }
+    let request = ExportRequest { chain, from: args.from, to: args.to, ocsf: args.ocsf };
+    // Write next to the target and rename, so a failed export never leaves half a bundle.
+    let tmp = args.out.with_extension("partial");
+    let file = fs::File::create(&tmp).map_err(file_err(&tmp))?;
+    let mut writer = BufWriter::new(file);
+    let manifest = export(&pool, &request, &mut writer).await;
+    let manifest = match manifest {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
+    writer.flush().map_err(file_err(&tmp))?;
+    fs::rename(&tmp, &args.out).map_err(file_err(&args.out))?;
+    eprintln!(
+        "exported {} events of {} (seq {}..{}), {} checkpoints, {} keys to {}",
+        manifest.counts.events,
+        manifest.chain,
+        manifest.range.from,
+        manifest.range.to,
+        manifest.counts.checkpoints,
+        manifest.counts.keys,
+        args.out.display()
+    );
+    Ok(())
+}

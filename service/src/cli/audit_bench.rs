@@ -1,0 +1,248 @@
+//! `cella audit bench`: append throughput against the real PostgreSQL and offline verification
+//! speed on a generated bundle, printed side by side. Not part of the test suite.
+
+use std::time::Instant;
+
+use cella_audit::bundle::{self, AssembleInput, Bundle, KeyJson};
+use cella_audit::checkpoint::Checkpoint;
+use cella_audit::event::{format_time, truncate_to_micros};
+use cella_audit::hash::{sha256, Hash, GENESIS};
+use cella_audit::merkle::{leaf_hash, CompactRange};
+use cella_audit::store::append;
+use cella_audit::verify::{verify_bundle, Options};
+use cella_audit::{Actor, Chain, NewEvent, Resource, SigningKey, TenantId};
+use clap::Args;
+use serde_json::json;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+
+use super::CliError;
+use crate::db;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Events in the generated bundle for the verification benchmark.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Appends per append scenario (each in its own transaction).
+    #[arg(long, default_value_t = 4000)]
+    appends: u64,
+    /// Tenants in the many-tenant scenarios.
+    #[arg(long, default_value_t = 100)]
+    tenants: u64,
+    /// Only the offline verification part (no database needed).
+    #[arg(long)]
+    skip_db: bool,
+    /// Keep the generated bundle at this path (to time `cella audit verify` on it, say).
+    #[arg(long, value_name = "FILE")]
+    keep_bundle: Option<std::path::PathBuf>,
+}
+
+/// Runs the benchmark.
+pub fn run(args: BenchArgs) -> Result<(), CliError> {
+    if !args.skip_db {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| CliError::Usage(format!("cannot start the async runtime: {e}")))?;
+        rt.block_on(append_bench(&args))?;
+    }
+    verify_bench(args.events, args.keep_bundle.as_deref())
+}
+
+fn event(tenant: &TenantId, n: u64) -> NewEvent {
+    const ACTIONS: [&str; 5] = ["job.created", "job.started", "vm.launched", "vm.scrubbed", "job.finished"];
+    NewEvent::tenant(
+        tenant.clone(),
+        Actor::ApiKey(format!("key_{}", n % 7)),
+        ACTIONS[(n % 5) as usize],
+        Resource::new("job", format!("job-{:08}", n / 5)),
+        json!({
+            "image": "sha256:6c3c624b58dbbcd3c0dd82b4c53f04194d1247c6eebdaab7c610cf7d66709b3b",
+            "policy": "secrets-v3",
+            "bytes": n * 4096,
+            "findings": n % 13,
+            "host": "worker-2",
+        }),
+    )
+}
+
+fn tenants(prefix: &str, n: u64) -> Result<Vec<TenantId>, CliError> {
+    (0..n)
+        .map(|i| TenantId::new(format!("{prefix}{i}")).map_err(|e| CliError::Usage(e.to_string())))
+        .collect()
+}
+
+async fn appends(pool: &PgPool, writers: u64, total: u64, tenants: &[TenantId]) -> Result<f64, CliError> {
+    let per = total / writers;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for w in 0..writers {
+        let pool = pool.clone();
+        let tenants = tenants.to_vec();
+        handles.push(tokio::spawn(async move {
+            for i in 0..per {
+                let t = &tenants[((w + i * writers) % tenants.len() as u64) as usize];
+                let mut tx = pool.begin().await?;
+                append(&mut tx, &event(t, i)).await.map_err(|e| match e {
+                    cella_audit::store::StoreError::Db(e) => e,
+                    other => sqlx::Error::Protocol(other.to_string()),
+                })?;
+                tx.commit().await?;
+            }
+            Ok::<(), sqlx::Error>(())
+        }));
+    }
+    for h in handles {
+        h.await.map_err(|e| CliError::Usage(format!("writer task failed: {e}")))??;
+    }
+    Ok((per * writers) as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn append_bench(args: &BenchArgs) -> Result<(), CliError> {
+    let url = db::database_url().map_err(CliError::Usage)?;
+    let name = format!("cella_audit_bench_{}", std::process::id());
+    let (base, _) = url.split_once('?').unwrap_or((&url, ""));
+    let (server, _) =
+        base.rsplit_once('/').ok_or_else(|| CliError::Usage("DATABASE_URL has no database name".into()))?;
+    let admin = db::connect(&url, 1).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
+    let bench_url = format!("{server}/{name}");
+    let result = async {
+        let pool = db::connect(&bench_url, 9).await?;
+        db::MIGRATOR.run(&pool).await.map_err(sqlx::Error::from)?;
+        let r11 = appends(&pool, 1, args.appends, &tenants("one", 1)?).await?;
+        let r18 = appends(&pool, 8, args.appends, &tenants("eight", 1)?).await?;
+        let rm1 = appends(&pool, 1, args.appends, &tenants("a", args.tenants)?).await?;
+        let rm8 = appends(&pool, 8, args.appends, &tenants("b", args.tenants)?).await?;
+        pool.close().await;
+        println!(
+            "appends/s, each append in its own transaction, {} appends per cell (PostgreSQL at {server}):",
+            args.appends
+        );
+        println!("  {:<22} {:>12} {:>12}", "", "1 writer", "8 writers");
+        println!("  {:<22} {:>12.0} {:>12.0}", "one tenant", r11, r18);
+        println!("  {:<22} {:>12.0} {:>12.0}", format!("{} tenants", args.tenants), rm1, rm8);
+        Ok::<(), CliError>(())
+    }
+    .await;
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+    result
+}
+
+/// Builds a valid bundle of `n` events with a checkpoint every 10,000.
+fn generate_bundle(n: u64) -> Result<(Vec<u8>, cella_audit::PublicKey), CliError> {
+    let key = SigningKey::generate("bench")?;
+    let tenant = tenants("bench", 1)?.remove(0);
+    let chain = Chain::Tenant(tenant.clone()).key();
+    let t0 = truncate_to_micros(OffsetDateTime::now_utc());
+    let mut prev: Hash = GENESIS;
+    let mut range = CompactRange::new();
+    let mut hashes = Vec::with_capacity(n as usize);
+    let mut events = Vec::with_capacity(n as usize);
+    let mut checkpoints = Vec::new();
+    for seq in 1..=n {
+        let time = t0 + time::Duration::microseconds(seq as i64);
+        let body = event(&tenant, seq).encode(seq, time, &prev);
+        let h = sha256(&body);
+        range.push(leaf_hash(&h));
+        hashes.push(h);
+        events.push((String::from_utf8(body).unwrap_or_default(), h));
+        prev = h;
+        if seq % 10_000 == 0 || seq == n {
+            let index = checkpoints.len() as u64 + 1;
+            checkpoints.push(Checkpoint::sign(&chain, index, seq, range.root(), format_time(time), &key));
+        }
+    }
+    let contents = bundle::assemble(AssembleInput {
+        chain: &chain,
+        tenant: Some(tenant.as_str()),
+        hashes: &hashes,
+        from: 1,
+        to: n,
+        events: &events,
+        checkpoints: &checkpoints,
+        keys: vec![KeyJson::new(&key.public(), None, None)],
+        ocsf: false,
+        exported_at: format_time(t0),
+    });
+    let mut out = Vec::new();
+    bundle::write_bundle(&contents, &mut out)
+        .map_err(|e| CliError::Usage(format!("cannot write the bundle: {e}")))?;
+    Ok((out, key.public()))
+}
+
+fn verify_bench(n: u64, keep: Option<&std::path::Path>) -> Result<(), CliError> {
+    let t = Instant::now();
+    let (tar, public) = generate_bundle(n)?;
+    let path = keep.map_or_else(
+        || std::env::temp_dir().join(format!("cella-audit-bench-{}.tar", std::process::id())),
+        std::path::Path::to_path_buf,
+    );
+    std::fs::write(&path, &tar)
+        .map_err(|source| CliError::File { path: path.display().to_string(), source })?;
+    println!(
+        "generated a {n}-event bundle ({:.0} MiB, {} checkpoints) in {:.1} s",
+        tar.len() as f64 / (1 << 20) as f64,
+        n.div_ceil(10_000),
+        t.elapsed().as_secs_f64()
+    );
+    drop(tar);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let mut rows = Vec::new();
+    for threads in [cores, 1] {
+        // Whole command path: read the file, untar, verify everything.
+        let (start, cpu0) = (Instant::now(), cpu_seconds());
+        let data = std::fs::read(&path)
+            .map_err(|source| CliError::File { path: path.display().to_string(), source })?;
+        let bundle = Bundle::read(&data[..])?;
+        drop(data);
+        let (read, cpu_read) = (start.elapsed().as_secs_f64(), cpu_seconds());
+        let report = verify_bundle(&bundle, &Options { trusted: vec![public.clone()], threads })
+            .map_err(|f| CliError::VerificationFailed(f.to_string()))?;
+        let (total, cpu_total) = (start.elapsed().as_secs_f64(), cpu_seconds());
+        if report.events != n {
+            return Err(CliError::VerificationFailed(format!(
+                "verified {} events, expected {n}",
+                report.events
+            )));
+        }
+        let n = n as f64;
+        rows.push((
+            threads,
+            n / (total - read),
+            n / (cpu_total - cpu_read),
+            n / total,
+            n / (cpu_total - cpu0),
+        ));
+    }
+    if keep.is_none() {
+        let _ = std::fs::remove_file(&path);
+    }
+    println!("offline verification of {n} events (goal: >= 1,000,000 events/s); CPU-s = user+system time of this process:");
+    println!(
+        "  {:<8} {:>18} {:>18} {:>24} {:>24}",
+        "threads", "verify ev/s", "verify ev/CPU-s", "read+untar+verify ev/s", "read+untar+verify ev/CPU-s"
+    );
+    for (threads, v, v_cpu, whole, whole_cpu) in rows {
+        println!("  {threads:<8} {v:>18.0} {v_cpu:>18.0} {whole:>24.0} {whole_cpu:>24.0}");
+    }
+    println!("  (the machine's load average while measuring: {})", load_average());
+    Ok(())
+}
+
+/// User + system CPU time of this process so far, from `/proc/self/stat` (0 if unavailable).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the `(comm)`; utime and stime are the 14th and 15th fields overall.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+    ticks / 100.0
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map_or_else(|_| "unknown".to_owned(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}

@@ -1,0 +1,173 @@
+//! `cella-vmm bench scan`: the scan engine's throughput inside a Cella VM, natively in this
+//! process, and ripgrep with the same regex set — on the same generated corpus, in one run —
+//! plus end-to-end `scan` latency (launch, scan, teardown) for a 1 MiB and a 100 MiB tarball.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use cella_policies::rules::bench::{self, BenchOptions};
+use cella_policies::rules::{load_packs, DEFAULT_PACKS};
+use cella_vmm::job::ScanOutcome;
+use cella_vmm::scan::{self, ScanRequest};
+use cella_vmm::{default_scanner_image, error_chain};
+use clap::Args;
+
+use super::exit_code;
+
+#[derive(Debug, Args)]
+pub struct ScanBenchArgs {
+    /// Corpus size in MiB
+    #[arg(long, default_value_t = 200)]
+    pub corpus_mib: usize,
+    /// End-to-end runs per tarball size (the median is reported)
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Guest memory for the scans, in MiB
+    #[arg(long, default_value_t = 256)]
+    pub mem_mib: u64,
+}
+
+pub fn main(args: ScanBenchArgs) -> ExitCode {
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cella-vmm bench scan: error: {e}");
+            ExitCode::from(exit_code::BAD_INPUT)
+        }
+    }
+}
+
+/// Scans `artifact` in a VM; returns (in-VM time, whole wall time, findings).
+fn vm_scan(
+    image: &Path,
+    artifact: &Path,
+    policy: &[u8],
+    mem_mib: u64,
+) -> Result<(Duration, Duration, u64), String> {
+    let started = Instant::now();
+    let request = ScanRequest {
+        image: image.to_owned(),
+        artifact: artifact.to_owned(),
+        policy: policy.to_owned(),
+        mem_mib,
+        timeout: Duration::from_secs(600),
+        launch_start: started,
+    };
+    let run = scan::run(&request, Box::new(std::io::sink())).map_err(|e| error_chain(&e))?;
+    let wall = started.elapsed();
+    let job = run.job.map_err(|e| format!("{} (VM: {:?})", error_chain(&e), run.vm.exit))?;
+    match job.outcome {
+        ScanOutcome::Completed { summary, .. } => {
+            let summary: serde_json::Value = serde_json::from_slice(&summary).map_err(|e| e.to_string())?;
+            Ok((job.in_vm, wall, summary["findings"].as_u64().unwrap_or(0)))
+        }
+        ScanOutcome::Refused(e) => Err(format!("the runner refused the artifact: {}", e.message)),
+    }
+}
+
+/// A tarball of the first `bytes` of `corpus`, cut into 256 KiB files.
+fn tarball(corpus: &[u8], bytes: usize, dir: &Path) -> Result<PathBuf, String> {
+    let tree = dir.join(format!("tree-{bytes}"));
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(&tree).map_err(|e| e.to_string())?;
+    for (i, chunk) in corpus[..bytes.min(corpus.len())].chunks(256 << 10).enumerate() {
+        std::fs::write(tree.join(format!("src-{i:04}.txt")), chunk).map_err(|e| e.to_string())?;
+    }
+    let out = dir.join(format!("corpus-{}mib.tar", bytes >> 20));
+    let status = Command::new("tar").arg("-C").arg(&tree).arg("-cf").arg(&out).arg(".").status();
+    let _ = std::fs::remove_dir_all(&tree);
+    match status {
+        Ok(s) if s.success() => Ok(out),
+        _ => Err("tar failed to build the benchmark tarball".into()),
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn mbps(bytes: u64, t: Duration) -> f64 {
+    bytes as f64 / 1e6 / t.as_secs_f64().max(1e-9)
+}
+
+fn run(args: &ScanBenchArgs) -> Result<(), String> {
+    let image = default_scanner_image().map_err(|e| e.to_string())?;
+    let policy = load_packs(DEFAULT_PACKS).map_err(|e| error_chain(&e))?.into_bytes();
+    let dir = std::env::temp_dir().join(format!("cella-bench-scan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let opts =
+        BenchOptions { corpus_mib: args.corpus_mib, corpus_path: dir.join("rg-corpus.txt"), ripgrep: true };
+
+    eprintln!("cella-vmm bench scan: native engine and ripgrep on a {} MiB corpus...", args.corpus_mib);
+    let native = bench::run(&opts).map_err(|e| error_chain(&e))?;
+    eprintln!("cella-vmm bench scan: the same corpus inside a Cella VM...");
+    // The same generator and size give the same bytes the native run scanned.
+    let (corpus, _) = bench::generate_corpus(args.corpus_mib << 20);
+    let corpus_file = dir.join("corpus.txt");
+    std::fs::write(&corpus_file, &corpus).map_err(|e| e.to_string())?;
+    let (in_vm, vm_wall, vm_findings) = vm_scan(&image, &corpus_file, &policy, args.mem_mib)?;
+
+    let mut e2e = Vec::new();
+    for mib in [1usize, 100] {
+        let tar = tarball(&corpus, mib << 20, &dir)?;
+        let mut walls = Vec::new();
+        for _ in 0..args.runs.max(1) {
+            walls.push(vm_scan(&image, &tar, &policy, args.mem_mib)?.1);
+        }
+        e2e.push((mib, median(walls)));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    print!("{native}");
+    let bytes = native.corpus_bytes;
+    let native_mbps = mbps(bytes, native.engine_time);
+    let vm_mbps = mbps(bytes, in_vm);
+    println!();
+    println!("{:<44} {:>10} {:>10} {:>9}", "side by side, same corpus", "MB/s", "seconds", "findings");
+    println!(
+        "{:<44} {:>10.1} {:>10.3} {:>9}",
+        "cella-scan inside a Cella VM",
+        vm_mbps,
+        in_vm.as_secs_f64(),
+        vm_findings
+    );
+    println!(
+        "{:<44} {:>10.1} {:>10.3} {:>9}",
+        "cella-scan natively (this process)",
+        native_mbps,
+        native.engine_time.as_secs_f64(),
+        native.engine_findings
+    );
+    let mut best_rg = None::<f64>;
+    for r in &native.ripgrep {
+        if let Ok(count) = r.outcome {
+            let rg = mbps(bytes, r.time);
+            best_rg = Some(best_rg.map_or(rg, |b| b.max(rg)));
+            println!(
+                "{:<44} {:>10.1} {:>10.3} {:>9}",
+                format!("ripgrep {}", r.label),
+                rg,
+                r.time.as_secs_f64(),
+                count
+            );
+        }
+    }
+    println!("in-VM / native: {:.2} (goal >= 0.90)", vm_mbps / native_mbps);
+    if let Some(rg) = best_rg {
+        println!("native / ripgrep (faster rg run): {:.2} (goal >= 1.00)", native_mbps / rg);
+    }
+    println!(
+        "whole in-VM scan of the corpus (launch + scan + teardown): {:.0} ms",
+        vm_wall.as_secs_f64() * 1e3
+    );
+    for (mib, wall) in e2e {
+        println!(
+            "end-to-end cella-vmm scan, {mib} MiB tarball: {:.0} ms (median of {})",
+            wall.as_secs_f64() * 1e3,
+            args.runs.max(1)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! The host side: the VM's Unix listener, the `CONNECT <port>` handshake, and the epoll set
+//! the wait exit blocks on.
+
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// Longest `CONNECT <port>\n` line accepted.
+const CONNECT_LINE_MAX: usize = 64;
+/// Host clients that may be mid-handshake at once.
+const MAX_PENDING: usize = 64;
+
+/// A host client that connected but has not finished its `CONNECT` line.
+#[derive(Debug)]
+pub struct Pending {
+    pub stream: UnixStream,
+    pub line: Vec<u8>,
+}
+
+/// What a pending client's input came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handshake {
+    /// More bytes needed.
+    Incomplete,
+    /// `CONNECT <port>`.
+    Connect(u32),
+    /// Garbage, too long, or closed: drop the client.
+    Refused,
+}
+
+impl Pending {
+    /// Reads what is available and checks for a complete line.
+    pub fn advance(&mut self) -> Handshake {
+        let mut byte = [0u8; CONNECT_LINE_MAX];
+        loop {
+            match self.stream.read(&mut byte) {
+                Ok(0) => return Handshake::Refused,
+                Ok(n) => {
+                    self.line.extend_from_slice(&byte[..n]);
+                    if let Some(end) = self.line.iter().position(|b| *b == b'\n') {
+                        // Anything after the newline would be data; a client must wait for OK.
+                        if end + 1 != self.line.len() {
+                            return Handshake::Refused;
+                        }
+                        return parse_connect(&self.line[..end]);
+                    }
+                    if self.line.len() > CONNECT_LINE_MAX {
+                        return Handshake::Refused;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Handshake::Incomplete,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Handshake::Refused,
+            }
+        }
+    }
+}
+
+/// Parses `CONNECT <port>`.
+pub fn parse_connect(line: &[u8]) -> Handshake {
+    let text = std::str::from_utf8(line).unwrap_or("");
+    match text.trim_end_matches('\r').strip_prefix("CONNECT ").map(str::parse::<u32>) {
+        Some(Ok(port)) => Handshake::Connect(port),
+        _ => Handshake::Refused,
+    }
+}
+
+/// The VM's listener and the clients mid-handshake.
+#[derive(Debug)]
+pub struct HostSide {
+    pub uds_path: PathBuf,
+    listener: UnixListener,
+    pub pending: Vec<Pending>,
+    epoll: OwnedFd,
+}
+
+impl HostSide {
+    /// Binds the VM's socket at `uds_path` (replacing a stale one).
+    pub fn bind(uds_path: &Path) -> io::Result<Self> {
+        let _ = std::fs::remove_file(uds_path);
+        let listener = UnixListener::bind(uds_path)?;
+        listener.set_nonblocking(true)?;
+        // SAFETY: epoll_create1 returns a new descriptor or -1, checked below.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let host = HostSide { uds_path: uds_path.to_owned(), listener, pending: Vec::new(), epoll };
+        host.watch(host.listener.as_raw_fd(), true, false)?;
+        Ok(host)
+    }
+
+    /// The epoll descriptor: readable when any host-side socket has something.
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Adds `fd` to the epoll set (or changes its interest).
+    pub fn watch(&self, fd: RawFd, readable: bool, writable: bool) -> io::Result<()> {
+        let mut events = 0;
+        if readable {
+            events |= (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+        }
+        if writable {
+            events |= libc::EPOLLOUT as u32;
+        }
+        let mut event = libc::epoll_event { events, u64: fd as u64 };
+        // SAFETY: valid epoll and target descriptors; `event` outlives the call.
+        let mut r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EEXIST) {
+            // SAFETY: as above.
+            r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &mut event) };
+        }
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Removes `fd` from the epoll set (closing it does too; this is for clarity).
+    pub fn unwatch(&self, fd: RawFd) {
+        // SAFETY: valid descriptors; a null event is allowed for EPOLL_CTL_DEL.
+        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+    }
+
+    /// Accepts every waiting host client into `pending`.
+    pub fn accept_all(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if self.pending.len() >= MAX_PENDING || stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if self.watch(stream.as_raw_fd(), true, false).is_ok() {
+                self.pending.push(Pending { stream, line: Vec::new() });
+            }
+        }
+    }
+
+    /// Connects to the host listener for guest connections to `port`: `<uds_path>_<port>`.
+    pub fn connect_out(&self, port: u32) -> io::Result<UnixStream> {
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{port}"));
+        let stream = UnixStream::connect(&path)?;
+        stream.set_nonblocking(true)?;
+        Ok(stream)
+    }
+}
+
+impl Drop for HostSide {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_connect_lines() {
+        assert_eq!(parse_connect(b"CONNECT 1234"), Handshake::Connect(1234));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Handshake::Connect(52));
+        assert_eq!(parse_connect(b"CONNECT -1"), Handshake::Refused);
+        assert_eq!(parse_connect(b"GET / HTTP/1.1"), Handshake::Refused);
+    }
+}

@@ -1,0 +1,221 @@
+//! The host end of a scan job: listens where the runner's vsock connection to
+//! [`cella_proto::JOB_PORT`] arrives (`<vsock_uds>_1024`), hands over the job and the policy,
+//! and collects the SARIF log and summary. The worker side of `cella-vmm scan` today, and of
+//! the service's workers later; it never parses the artifact.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cella_proto::{self as proto, ErrorReport, Hello, Job, Kind};
+
+/// How often the server checks whether the VM is gone.
+const POLL_SLICE: Duration = Duration::from_millis(50);
+
+/// Why a job could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot listen for the runner at {path}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("the VM ended before the runner {stage}")]
+    VmGone { stage: &'static str },
+    #[error("the runner did not {stage} within {timeout:?}")]
+    TimedOut { stage: &'static str, timeout: Duration },
+    #[error("the job channel failed while the runner {stage}")]
+    Io { stage: &'static str, source: io::Error },
+    #[error("the runner broke the job protocol: {0}")]
+    Protocol(#[from] proto::ProtoError),
+}
+
+/// What the runner sent back.
+#[derive(Debug)]
+pub enum ScanOutcome {
+    /// The scan ran: the SARIF log and the summary, as the runner wrote them.
+    Completed { sarif: Vec<u8>, summary: Vec<u8> },
+    /// The runner could not do the job (for example, the artifact was refused) and said why.
+    Refused(ErrorReport),
+}
+
+/// The outcome and how long the runner took from receiving the job to answering: policy
+/// load, artifact read and scan, all inside the VM.
+#[derive(Debug)]
+pub struct JobReport {
+    pub outcome: ScanOutcome,
+    pub in_vm: Duration,
+}
+
+/// A bound job listener, before the VM starts.
+#[derive(Debug)]
+pub struct JobServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// The listener path for a VM whose vsock socket is `vsock_uds`.
+pub fn job_socket_path(vsock_uds: &Path) -> PathBuf {
+    let mut path = vsock_uds.as_os_str().to_owned();
+    path.push(format!("_{}", proto::JOB_PORT));
+    PathBuf::from(path)
+}
+
+impl JobServer {
+    /// Listens at `<vsock_uds>_1024`.
+    pub fn bind(vsock_uds: &Path) -> Result<JobServer, JobError> {
+        let path = job_socket_path(vsock_uds);
+        let _ = std::fs::remove_file(&path);
+        let listener =
+            UnixListener::bind(&path).map_err(|source| JobError::Bind { path: path.clone(), source })?;
+        Ok(JobServer { listener, path })
+    }
+
+    /// Serves one job on a thread. `vm_done` tells it the VM has ended (it then stops
+    /// waiting); `timeout` bounds each wait for the runner. `cleanup` is dropped on that thread
+    /// once the VM has ended: the VMM's own threads may be too confined to remove files.
+    pub fn serve<C: Send + 'static>(
+        self,
+        job: Job,
+        policy: Vec<u8>,
+        vm_done: Arc<AtomicBool>,
+        timeout: Duration,
+        cleanup: C,
+    ) -> JoinHandle<Result<JobReport, JobError>> {
+        std::thread::spawn(move || {
+            let result = self.run(&job, &policy, &vm_done, timeout);
+            let _ = std::fs::remove_file(&self.path);
+            while !vm_done.load(Ordering::Acquire) {
+                std::thread::sleep(POLL_SLICE);
+            }
+            drop(cleanup);
+            result
+        })
+    }
+
+    fn run(
+        &self,
+        job: &Job,
+        policy: &[u8],
+        vm_done: &AtomicBool,
+        timeout: Duration,
+    ) -> Result<JobReport, JobError> {
+        let deadline = Instant::now() + timeout;
+        wait_readable(self.listener.as_raw_fd(), vm_done, deadline, "connected")
+            .map_err(|e| with_timeout(e, timeout))?;
+        let (mut stream, _) =
+            self.listener.accept().map_err(|source| JobError::Io { stage: "connected", source })?;
+        stream
+            .set_read_timeout(Some(POLL_SLICE))
+            .map_err(|source| JobError::Io { stage: "connected", source })?;
+        let mut reader = FrameReader { stream: &mut stream, decoder: proto::Decoder::default(), timeout };
+
+        let (kind, payload) = reader.next(vm_done, deadline, "said hello")?;
+        expect(Kind::Hello, kind)?;
+        let hello: Hello = proto::decode_json(&payload)?;
+        if hello.protocol != proto::VERSION {
+            return Err(proto::ProtoError::UnsupportedVersion(hello.protocol).into());
+        }
+        let mut out = proto::encode_json(Kind::Job, job);
+        out.extend(proto::encode(Kind::Policy, policy));
+        reader.stream.write_all(&out).map_err(|source| JobError::Io { stage: "took the job", source })?;
+        let sent = Instant::now();
+
+        let (kind, payload) = reader.next(vm_done, deadline, "sent its results")?;
+        let in_vm = sent.elapsed();
+        let outcome = match kind {
+            Kind::Error => ScanOutcome::Refused(proto::decode_json(&payload)?),
+            Kind::Sarif => {
+                let (kind, summary) = reader.next(vm_done, deadline, "sent its summary")?;
+                expect(Kind::Summary, kind)?;
+                ScanOutcome::Completed { sarif: payload, summary }
+            }
+            other => return Err(proto::ProtoError::Unexpected { expected: Kind::Sarif, got: other }.into()),
+        };
+        Ok(JobReport { outcome, in_vm })
+    }
+}
+
+fn expect(expected: Kind, got: Kind) -> Result<(), JobError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(proto::ProtoError::Unexpected { expected, got }.into())
+    }
+}
+
+/// Waits until `fd` is readable, the VM is gone, or the deadline passes.
+fn wait_readable(
+    fd: i32,
+    vm_done: &AtomicBool,
+    deadline: Instant,
+    stage: &'static str,
+) -> Result<(), JobError> {
+    loop {
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, POLL_SLICE.as_millis() as i32) };
+        if n > 0 {
+            return Ok(());
+        }
+        if vm_done.load(Ordering::Acquire) {
+            return Err(JobError::VmGone { stage });
+        }
+        if Instant::now() >= deadline {
+            return Err(JobError::TimedOut { stage, timeout: Duration::ZERO });
+        }
+    }
+}
+
+/// Puts the configured timeout into a timeout error (the waits only know their deadline).
+fn with_timeout(error: JobError, timeout: Duration) -> JobError {
+    match error {
+        JobError::TimedOut { stage, .. } => JobError::TimedOut { stage, timeout },
+        other => other,
+    }
+}
+
+struct FrameReader<'a> {
+    stream: &'a mut UnixStream,
+    decoder: proto::Decoder,
+    timeout: Duration,
+}
+
+impl FrameReader<'_> {
+    fn next(
+        &mut self,
+        vm_done: &AtomicBool,
+        deadline: Instant,
+        stage: &'static str,
+    ) -> Result<(Kind, Vec<u8>), JobError> {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Ok(frame);
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(JobError::VmGone { stage }),
+                Ok(n) => self.decoder.push(&buf[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    // A finished VM may still have left bytes in the socket; only give up
+                    // once a read after it ended comes back empty-handed.
+                    if vm_done.load(Ordering::Acquire) && self.decoder.next_frame()?.is_none() {
+                        let mut pfd =
+                            libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                        // SAFETY: one valid pollfd for the call.
+                        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
+                            return Err(JobError::VmGone { stage });
+                        }
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(JobError::TimedOut { stage, timeout: self.timeout });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(JobError::Io { stage, source }),
+            }
+        }
+    }
+}

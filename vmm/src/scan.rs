@@ -1,0 +1,122 @@
+//! One artifact scanned in one microVM: the artifact attached read-only as virtio-blk, the job
+//! and the compiled policy handed over vsock by a [`JobServer`], results collected, VM torn
+//! down and scrubbed. Used by `cella-vmm scan` and its benchmark.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cella_proto::Job;
+
+use crate::job::{JobError, JobReport, JobServer};
+use crate::{build, BuildError, RunError, RunReport, VmConfig};
+
+/// What to scan and how.
+#[derive(Clone, Debug)]
+pub struct ScanRequest {
+    pub image: PathBuf,
+    pub artifact: PathBuf,
+    /// The serialized policy (from `cella_policies::rules`).
+    pub policy: Vec<u8>,
+    pub mem_mib: u64,
+    pub timeout: Duration,
+    pub launch_start: Instant,
+}
+
+/// Why the scan did not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("cannot read artifact {path}")]
+    Artifact { path: PathBuf, source: std::io::Error },
+    #[error("artifact {path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("cannot create a folder for the VM's sockets")]
+    SocketDir(#[source] std::io::Error),
+    #[error("cannot set up the job channel")]
+    Job(#[from] JobError),
+    #[error("cannot build the VM")]
+    Build(#[from] BuildError),
+    #[error("the VM failed")]
+    Run(#[from] RunError),
+}
+
+impl ScanError {
+    /// Whether the request was at fault.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            ScanError::Artifact { .. } | ScanError::NotAFile { .. } => true,
+            ScanError::Build(e) => e.is_bad_input(),
+            _ => false,
+        }
+    }
+}
+
+/// How a scan went: the VM's report, and the job's result (or why there is none).
+#[derive(Debug)]
+pub struct ScanRun {
+    pub vm: RunReport,
+    pub job: Result<JobReport, JobError>,
+    /// Artifact size in bytes.
+    pub artifact_bytes: u64,
+    /// From starting the VM to having the results, in ms.
+    pub scan_ms: u64,
+}
+
+/// A private folder for one VM's sockets, removed on drop.
+struct SocketDir(PathBuf);
+
+impl SocketDir {
+    fn create() -> std::io::Result<SocketDir> {
+        use std::os::unix::fs::PermissionsExt;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("cella-scan-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        Ok(SocketDir(dir))
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The artifact's file name, which the runner uses for format detection and SARIF paths.
+pub fn artifact_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "artifact".into())
+}
+
+/// Runs one scan to its end; console output of the runner goes to `console`.
+pub fn run(request: &ScanRequest, console: Box<dyn std::io::Write + Send>) -> Result<ScanRun, ScanError> {
+    let artifact = &request.artifact;
+    let meta = std::fs::metadata(artifact)
+        .map_err(|source| ScanError::Artifact { path: artifact.clone(), source })?;
+    if !meta.is_file() {
+        return Err(ScanError::NotAFile { path: artifact.clone() });
+    }
+    let sockets = SocketDir::create().map_err(ScanError::SocketDir)?;
+    let uds = sockets.0.join("vsock.sock");
+    let server = JobServer::bind(&uds)?;
+    let config = VmConfig {
+        mem_mib: request.mem_mib,
+        timeout: Some(request.timeout),
+        launch_start: request.launch_start,
+        disk: Some(artifact.clone()),
+        vsock_uds: Some(uds),
+        ..VmConfig::new(request.image.clone(), vec!["scan".into()])
+    };
+    let vm = build(&config, console)?;
+    let job = Job { artifact_name: artifact_name(artifact), artifact_size: meta.len() };
+    let vm_done = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let serving = server.serve(job, request.policy.clone(), vm_done.clone(), request.timeout, sockets);
+    let run = vm.run();
+    vm_done.store(true, Ordering::Release);
+    let job = serving.join().unwrap_or(Err(JobError::VmGone { stage: "answered" }));
+    let scan_ms = started.elapsed().as_millis() as u64;
+    Ok(ScanRun { vm: run?, job, artifact_bytes: meta.len(), scan_ms })
+}

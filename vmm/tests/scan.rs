@@ -1,0 +1,85 @@
+//! `cella-vmm scan` end to end: the artifact goes in as the VM's disk, the policy over vsock,
+//! and SARIF and the summary come back; hostile archives are refused inside the VM.
+
+mod common;
+
+use common::*;
+
+fn scan(args: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let mut all = vec!["scan", "--json"];
+    all.extend_from_slice(args);
+    let output = cella_vmm(&all).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let last = stdout.lines().last().unwrap_or_else(|| panic!("no JSON; stderr: {}", stderr(&output)));
+    (output.clone(), serde_json::from_str(last).unwrap())
+}
+
+const PLANTED: &[u8] = b"config:\n  stripe_key = \"sk_live_4eC39HqLyjWDarjtT1zdp7dc\"\n  card: 4111 1111 1111 1111\n// SPDX-License-Identifier: Apache-2.0\n";
+
+#[test]
+fn scans_a_tarball_and_returns_sarif_and_a_summary() {
+    let dir = scratch("scan-ok");
+    let artifact = dir.join("app.tar");
+    std::fs::write(&artifact, tar(&[("app/settings.yaml", PLANTED), ("app/README", b"nothing to see\n")]))
+        .unwrap();
+    let sarif_path = dir.join("out.sarif");
+    let (output, result) =
+        scan(&["--artifact", artifact.to_str().unwrap(), "--sarif", sarif_path.to_str().unwrap()]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let summary = &result["summary"];
+    assert_eq!(summary["files_scanned"], 2, "{summary}");
+    for category in ["secret", "pii", "license"] {
+        assert!(summary["by_category"][category].as_u64().unwrap() >= 1, "no {category} finding: {summary}");
+    }
+    assert_scrubbed(&result);
+    let sarif: serde_json::Value = serde_json::from_slice(&std::fs::read(&sarif_path).unwrap()).unwrap();
+    assert_eq!(sarif["version"], "2.1.0");
+    let results = sarif["runs"][0]["results"].as_array().unwrap();
+    assert_eq!(results.len() as u64, summary["findings"].as_u64().unwrap());
+    let text = std::fs::read_to_string(&sarif_path).unwrap();
+    assert!(!text.contains("sk_live_4eC39HqLyjWDarjtT1zdp7dc"), "SARIF carries the full secret");
+    assert!(results.iter().all(|r| r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+        .as_str()
+        .unwrap()
+        .starts_with("app/")));
+}
+
+#[test]
+fn a_path_traversal_entry_is_refused_inside_the_vm_naming_the_entry() {
+    let dir = scratch("scan-traversal");
+    let artifact = dir.join("evil.tar");
+    std::fs::write(&artifact, tar(&[("../../etc/passwd", b"root:x:0:0\n")])).unwrap();
+    let (output, result) = scan(&["--artifact", artifact.to_str().unwrap()]);
+    assert_eq!(code(&output), 3, "{}", stderr(&output));
+    assert_eq!(result["refused"]["kind"], "artifact");
+    let message = result["refused"]["message"].as_str().unwrap();
+    assert!(message.contains("../../etc/passwd"), "{message}");
+    assert_scrubbed(&result);
+}
+
+#[test]
+fn a_truncated_archive_is_refused() {
+    let dir = scratch("scan-truncated");
+    let artifact = dir.join("cut.tar");
+    let mut bytes = tar(&[("a.txt", &[b'x'; 5000])]);
+    bytes.truncate(1500);
+    std::fs::write(&artifact, bytes).unwrap();
+    let (output, result) = scan(&["--artifact", artifact.to_str().unwrap()]);
+    assert_eq!(code(&output), 3, "{}", stderr(&output));
+    assert_eq!(result["refused"]["kind"], "artifact");
+}
+
+#[test]
+fn unknown_policy_and_missing_artifact_are_refused_before_launch() {
+    let output = cella_vmm(&["scan", "--artifact", "/nonexistent.tar"]).output().unwrap();
+    assert_eq!(code(&output), 2);
+    assert!(stderr(&output).contains("cannot read artifact /nonexistent.tar"), "{}", stderr(&output));
+    let dir = scratch("scan-policy");
+    let artifact = dir.join("a.txt");
+    std::fs::write(&artifact, "hi\n").unwrap();
+    let output = cella_vmm(&["scan", "--artifact", artifact.to_str().unwrap(), "--policy", "secrets,gdpr"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&output), 2);
+    assert!(stderr(&output).contains("unknown rule pack `gdpr`"), "{}", stderr(&output));
+}
