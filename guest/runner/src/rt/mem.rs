@@ -54,20 +54,24 @@ pub unsafe extern "C" fn memset(dest: *mut u8, value: i32, n: usize) -> *mut u8 
 /// `a` and `b` are valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    // Volatile reads keep the compiler from turning these loops back into a memcmp call.
+    use core::arch::x86_64::{_mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8};
+    // 16 bytes at a time with SSE2 (the compiler cannot turn intrinsics back into a memcmp
+    // call), then the first differing byte decides.
     let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: i + 8 <= n, and both buffers are valid for n bytes; unaligned is allowed.
-        let (x, y) = unsafe {
-            (
-                core::ptr::read_volatile(a.add(i).cast::<[u8; 8]>()),
-                core::ptr::read_volatile(b.add(i).cast::<[u8; 8]>()),
-            )
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n and both buffers are valid for n bytes; loadu allows any alignment.
+        let mask = unsafe {
+            let x = _mm_loadu_si128(a.add(i).cast());
+            let y = _mm_loadu_si128(b.add(i).cast());
+            _mm_movemask_epi8(_mm_cmpeq_epi8(x, y)) as u32
         };
-        if x != y {
-            break;
+        if mask != 0xFFFF {
+            i += (!mask).trailing_zeros() as usize;
+            // SAFETY: the differing byte is inside this 16-byte block, so below n.
+            let (x, y) = unsafe { (*a.add(i), *b.add(i)) };
+            return i32::from(x) - i32::from(y);
         }
-        i += 8;
+        i += 16;
     }
     while i < n {
         // SAFETY: i < n, and both buffers are valid for n bytes.
