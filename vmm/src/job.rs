@@ -74,7 +74,7 @@ impl JobServer {
     }
 
     /// Serves one job on a thread. `vm_done` tells it the VM has ended (it then stops
-    /// waiting); `timeout` bounds each wait for the runner. `cleanup` is dropped on that thread
+    /// waiting; unpark the thread after setting it); `timeout` bounds each wait for the runner. `cleanup` is dropped on that thread
     /// once the VM has ended: the VMM's own threads may be too confined to remove files.
     pub fn serve<C: Send + 'static>(
         self,
@@ -87,8 +87,10 @@ impl JobServer {
         std::thread::spawn(move || {
             let result = self.run(&job, &policy, &vm_done, timeout);
             let _ = std::fs::remove_file(&self.path);
+            // Whoever sets `vm_done` unparks this thread (see `scan::run`); the timeout is a
+            // fallback.
             while !vm_done.load(Ordering::Acquire) {
-                std::thread::sleep(POLL_SLICE);
+                std::thread::park_timeout(POLL_SLICE);
             }
             drop(cleanup);
             result

@@ -116,6 +116,7 @@ pub fn run(request: &ScanRequest, console: Box<dyn std::io::Write + Send>) -> Re
     let serving = server.serve(job, request.policy.clone(), vm_done.clone(), request.timeout, sockets);
     let run = vm.run();
     vm_done.store(true, Ordering::Release);
+    serving.thread().unpark();
     let job = serving.join().unwrap_or(Err(JobError::VmGone { stage: "answered" }));
     let scan_ms = started.elapsed().as_millis() as u64;
     Ok(ScanRun { vm: run?, job, artifact_bytes: meta.len(), scan_ms })

@@ -382,6 +382,8 @@ impl Vsock {
             return;
         }
         let mut waited = 0;
+        // The RST often arrives during the SHUTDOWN's own exit: look before waiting.
+        self.poll();
         while self.conns[id].state != State::Closed && waited < timeout_ms {
             wait(100);
             waited += 100;
