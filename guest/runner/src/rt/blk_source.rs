@@ -10,6 +10,8 @@ use super::virtio::blk::{Blk, SECTOR};
 
 /// Bytes read from the disk at a time.
 const WINDOW: usize = 4 << 20;
+/// Aligned reads at least this long go straight into the caller's buffer (no window copy).
+const DIRECT_MIN: usize = 256 << 10;
 
 pub struct BlkSource {
     disk: Blk,
@@ -44,6 +46,12 @@ impl Source for BlkSource {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<usize, SourceError> {
         if offset >= self.size || buf.is_empty() {
             return Ok(0);
+        }
+        let direct = (buf.len() as u64).min(self.size - offset) / SECTOR * SECTOR;
+        if offset.is_multiple_of(SECTOR) && direct as usize >= DIRECT_MIN {
+            let n = direct as usize;
+            self.disk.read(offset, &mut buf[..n]).map_err(|_| SourceError("virtio-blk read failed"))?;
+            return Ok(n);
         }
         let in_window = offset >= self.window_start && offset < self.window_start + self.window_len as u64;
         if !in_window {
