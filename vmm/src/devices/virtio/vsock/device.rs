@@ -20,6 +20,9 @@ const TX: usize = 1;
 const QUEUE_SIZES: [u16; 3] = [256, 256, 16];
 /// Open streams one VM may have.
 const MAX_CONNECTIONS: usize = 64;
+/// Control packets that may wait for receive buffers; beyond this a guest that sends to
+/// nowhere without reading its replies gets no more RSTs (its memory use on the host is bounded).
+const MAX_QUEUED_REPLIES: usize = 1024;
 /// Host ports for host-initiated streams are handed out from here up.
 const FIRST_HOST_PORT: u32 = 1 << 30;
 
@@ -63,6 +66,9 @@ impl Vsock {
     }
 
     fn reply(&mut self, key: Key, op: u16, flags: u32) {
+        if op == op::RST && self.to_guest.len() >= MAX_QUEUED_REPLIES {
+            return;
+        }
         let header = self.header(key, op, flags);
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.fwd_cnt_reported = conn.fwd_cnt;
@@ -418,5 +424,32 @@ impl VirtioDevice for Vsock {
 
     fn name(&self) -> &'static str {
         "virtio-vsock"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_spraying_packets_at_closed_ports_cannot_grow_the_reply_queue() {
+        let dir = std::env::temp_dir().join(format!("cella-vsock-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut vsock = Vsock::new(&dir.join("v.sock")).unwrap();
+        for port in 0..10_000u32 {
+            let h = Header {
+                src_cid: vsock::GUEST_CID,
+                dst_cid: vsock::HOST_CID,
+                src_port: port,
+                dst_port: 7,
+                kind: vsock::TYPE_STREAM,
+                op: op::RW,
+                ..Default::default()
+            };
+            vsock.handle(&h, b"x");
+        }
+        assert_eq!(vsock.to_guest.len(), MAX_QUEUED_REPLIES);
+        assert!(vsock.conns.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
