@@ -3,6 +3,7 @@
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::RawDescriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::DeviceError;
@@ -14,6 +15,44 @@ pub struct Buffer {
     pub len: u32,
     /// The device writes it (the guest made it write-only).
     pub writable: bool,
+}
+
+/// Takes every chain the driver made available in queue `index`, each checked with [`walk`].
+pub fn take_all(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    index: usize,
+) -> Result<Vec<(u16, Vec<Buffer>)>, DeviceError> {
+    let heads: Vec<u16> = q.iter(mem).map_err(|e| queue_error(index, e))?.map(|c| c.head_index()).collect();
+    heads
+        .into_iter()
+        .map(|head| Ok((head, walk(mem, GuestAddress(q.desc_table()), q.size(), head)?)))
+        .collect()
+}
+
+/// Takes the next available chain of queue `index`, if any, checked with [`walk`].
+pub fn take_one(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    index: usize,
+) -> Result<Option<(u16, Vec<Buffer>)>, DeviceError> {
+    let head = q.iter(mem).map_err(|e| queue_error(index, e))?.next().map(|c| c.head_index());
+    head.map(|head| Ok((head, walk(mem, GuestAddress(q.desc_table()), q.size(), head)?))).transpose()
+}
+
+/// Returns the chain at `head` to the driver with `len` bytes written.
+pub fn complete(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    index: usize,
+    head: u16,
+    len: u32,
+) -> Result<(), DeviceError> {
+    q.add_used(mem, head, len).map_err(|e| queue_error(index, e))
+}
+
+fn queue_error(index: usize, e: virtio_queue::Error) -> DeviceError {
+    DeviceError::QueueInvalid { queue: index as u16, reason: e.to_string() }
 }
 
 /// Reads the chain that starts at `head` in the table at `table` of `size` entries, checking

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use cella_abi::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::request::{self, Request, SECTOR};
@@ -144,18 +144,11 @@ impl VirtioDevice for Block {
         mem: &GuestMemoryMmap,
     ) -> Result<(), DeviceError> {
         let q = &mut queues[queue];
-        let heads: Vec<u16> = q
-            .iter(mem)
-            .map_err(|e| DeviceError::QueueInvalid { queue: queue as u16, reason: e.to_string() })?
-            .map(|chain| chain.head_index())
-            .collect();
-        for head in heads {
-            let buffers = chain::walk(mem, GuestAddress(q.desc_table()), q.size(), head)?;
+        for (head, buffers) in chain::take_all(q, mem, queue)? {
             let req = Request::parse(mem, &buffers)?;
             let (status, written) = self.execute(mem, &req);
             mem.write_obj(status, req.status.addr).map_err(|e| DeviceError::Memory(e.to_string()))?;
-            q.add_used(mem, head, written + 1)
-                .map_err(|e| DeviceError::QueueInvalid { queue: queue as u16, reason: e.to_string() })?;
+            chain::complete(q, mem, queue, head, written + 1)?;
         }
         Ok(())
     }

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use cella_abi::vsock::{self, op, Header, HEADER_LEN, MAX_PAYLOAD};
 use cella_abi::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueOwnedT};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::connection::{Connection, State, HOST_BUF_ALLOC};
 use super::host::{Handshake, HostSide};
@@ -85,13 +85,7 @@ impl Vsock {
 
     /// Takes every packet the guest queued for transmission.
     fn transmit(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
-        let heads: Vec<u16> = q
-            .iter(mem)
-            .map_err(|e| DeviceError::QueueInvalid { queue: TX as u16, reason: e.to_string() })?
-            .map(|c| c.head_index())
-            .collect();
-        for head in heads {
-            let buffers = chain::walk(mem, GuestAddress(q.desc_table()), q.size(), head)?;
+        for (head, buffers) in chain::take_all(q, mem, TX)? {
             if buffers.iter().any(|b| b.writable) {
                 return Err(DeviceError::WrongDirection {
                     what: "a vsock transmit buffer",
@@ -119,8 +113,7 @@ impl Vsock {
                 return Err(DeviceError::BadRequest(format!("vsock packet from cid {}", header.src_cid)));
             }
             self.handle(&header, payload);
-            q.add_used(mem, head, 0)
-                .map_err(|e| DeviceError::QueueInvalid { queue: TX as u16, reason: e.to_string() })?;
+            chain::complete(q, mem, TX, head, 0)?;
         }
         Ok(())
     }
@@ -280,8 +273,7 @@ impl Vsock {
     /// Returns whether anything was delivered.
     fn deliver(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
         let mut delivered = false;
-        while let Some(head) = next_head(q, mem)? {
-            let buffers = chain::walk(mem, GuestAddress(q.desc_table()), q.size(), head)?;
+        while let Some((head, buffers)) = chain::take_one(q, mem, RX)? {
             if buffers.iter().any(|b| !b.writable) {
                 return Err(DeviceError::WrongDirection {
                     what: "a vsock receive buffer",
@@ -298,8 +290,7 @@ impl Vsock {
                 break;
             };
             let written = scatter(mem, &buffers, &packet)?;
-            q.add_used(mem, head, written as u32)
-                .map_err(|e| DeviceError::QueueInvalid { queue: RX as u16, reason: e.to_string() })?;
+            chain::complete(q, mem, RX, head, written as u32)?;
             delivered = true;
         }
         Ok(delivered)
@@ -344,12 +335,6 @@ impl Vsock {
         }
         None
     }
-}
-
-fn next_head(q: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>, DeviceError> {
-    let mut iter =
-        q.iter(mem).map_err(|e| DeviceError::QueueInvalid { queue: RX as u16, reason: e.to_string() })?;
-    Ok(iter.next().map(|c| c.head_index()))
 }
 
 /// Copies a chain's readable bytes out of guest memory.
