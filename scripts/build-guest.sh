@@ -9,7 +9,7 @@
 # slower without it. With --cfg cella_guest the crate is no_std/no_main and brings its own
 # entry point and memory functions; the link is static, non-PIE, at 2 MiB, with no start files
 # and no libraries. target-cpu x86-64-v2 (SSE4.2, SSSE3, POPCNT): the VMM passes the host's
-# CPUID through, and the VMM checks those features before it runs this guest.
+# CPUID through, and the VMM checks that the CPU has those features before it runs a guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
