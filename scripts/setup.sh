@@ -77,10 +77,11 @@ fi
 
 # --- host binaries -------------------------------------------------------------------------
 # cella-vmm is linked statically: a jailed VMM needs no shared libraries in its jail, and a
-# static binary starts ~0.4 ms sooner (no dynamic loader), which is most of a launch here.
+# static binary starts ~0.4 ms sooner (no dynamic loader); stripped, it is smaller to copy into
+# a jail and to page in.
 if [ "${CELLA_SETUP_SKIP_RELEASE:-0}" != 1 ]; then
   say "building release binaries (cella-vmm statically linked)"
-  cargo rustc --quiet --release -p cella-vmm --bin cella-vmm -- -C target-feature=+crt-static
+  cargo rustc --quiet --release -p cella-vmm --bin cella-vmm -- -C target-feature=+crt-static -C strip=symbols
   cargo build --quiet --release -p cella-jailer -p cella-service
 fi
 say "ready: guest images in target/cella/; PostgreSQL at postgres://cella:cella@localhost:5432/cella"
