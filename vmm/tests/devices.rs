@@ -104,6 +104,20 @@ fn host_listener(uds: &Path, port: u32) -> UnixListener {
     UnixListener::bind(PathBuf::from(path)).unwrap()
 }
 
+/// Connects to the VM's socket, asks for guest `port`, and checks the `OK <host_port>` answer.
+fn connect_in(uds: &Path, port: u32) -> UnixStream {
+    let mut stream = UnixStream::connect(uds).unwrap();
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    while byte[0] != b'\n' {
+        stream.read_exact(&mut byte).unwrap();
+        line.push(byte[0]);
+    }
+    assert!(line.starts_with(b"OK ") && line.ends_with(b"\n"), "{:?}", String::from_utf8_lossy(&line));
+    stream
+}
+
 fn echo_through(stream: &mut UnixStream, data: &[u8]) -> Vec<u8> {
     let mut reader = stream.try_clone().unwrap();
     let receiver = std::thread::spawn(move || {
@@ -140,15 +154,7 @@ fn host_connects_in_with_the_connect_handshake() {
     let uds = dir.join("v.sock");
     let child = spawn_vm(&["run", "--json", "--vsock", uds.to_str().unwrap(), "--", "vsock-serve", "5000"]);
     wait_for(&uds);
-    let mut stream = UnixStream::connect(&uds).unwrap();
-    stream.write_all(b"CONNECT 5000\n").unwrap();
-    let mut line = Vec::new();
-    let mut byte = [0u8];
-    while byte[0] != b'\n' {
-        stream.read_exact(&mut byte).unwrap();
-        line.push(byte[0]);
-    }
-    assert!(line.starts_with(b"OK ") && line.ends_with(b"\n"), "{:?}", String::from_utf8_lossy(&line));
+    let mut stream = connect_in(&uds, 5000);
     let data = noise(700_000, 5);
     assert!(echo_through(&mut stream, &data) == data);
     let (output, _) = finish(child);
@@ -166,17 +172,7 @@ fn a_garbage_handshake_is_dropped_and_the_vm_still_serves() {
     let mut rest = Vec::new();
     bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(bad.read_to_end(&mut rest).unwrap(), 0, "a refused client is closed");
-    let mut good = UnixStream::connect(&uds).unwrap();
-    good.write_all(b"CONNECT 5000\n").unwrap();
-    let mut ok = [0u8; 3];
-    good.read_exact(&mut ok).unwrap();
-    assert_eq!(&ok, b"OK ");
-    let mut line_end = Vec::new();
-    let mut byte = [0u8];
-    while byte[0] != b'\n' {
-        good.read_exact(&mut byte).unwrap();
-        line_end.push(byte[0]);
-    }
+    let mut good = connect_in(&uds, 5000);
     assert!(echo_through(&mut good, b"still here") == b"still here");
     let (output, _) = finish(child);
     assert_eq!(code(&output), 0, "{}", stderr(&output));
