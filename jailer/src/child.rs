@@ -31,8 +31,10 @@ pub struct ChildPlan {
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     /// Host file → where its mount point is on the host (inside `root`).
     pub ro_binds: Vec<(PathBuf, PathBuf)>,
-    /// The socket folder on the host (inside `root`); bound read-write.
+    /// The socket folder's mount point on the host (inside `root`).
     pub socket_dir_host: PathBuf,
+    /// What is bound there read-write: the caller's `--socket-dir`, or the mount point itself.
+    pub socket_dir_source: PathBuf,
     /// The netns to join: its descriptor, and its path for messages.
     pub netns: Option<(RawFd, PathBuf)>,
     pub uid: u32,
@@ -147,8 +149,8 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
         bind(host, target, ro).map_err(fail("bind-read-only-file", host))?;
     }
     let sock_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    bind(&plan.socket_dir_host, &plan.socket_dir_host, sock_flags)
-        .map_err(fail("bind-socket-folder", &plan.socket_dir_host))?;
+    bind(&plan.socket_dir_source, &plan.socket_dir_host, sock_flags)
+        .map_err(fail("bind-socket-folder", &plan.socket_dir_source))?;
     t.record("mounts", start);
 
     let start = Instant::now();

@@ -63,6 +63,18 @@ pub enum ConfigError {
     BadJailPath(String),
     #[error("jail path `{0}` is taken (by the jailer, the exec-file or another --ro-file)")]
     JailPathTaken(String),
+    #[error("--socket-dir `{0}` is not a folder (a symbolic link is not accepted either)")]
+    SocketDirNotDir(PathBuf),
+    #[error(
+        "--socket-dir `{path}` must belong to root and be closed to everyone else (mode 0700); it is \
+         owned by uid {uid} with mode {mode:04o}: make a fresh folder for this jail's sockets"
+    )]
+    SocketDirOpen { path: PathBuf, uid: u32, mode: u32 },
+    #[error(
+        "--socket-dir `{path}` holds `{entry}`, which is not a socket: the jailer gives the folder to \
+         the VMM, so it may hold only the caller's listeners; make a fresh folder for this jail's sockets"
+    )]
+    SocketDirNotSockets { path: PathBuf, entry: String },
     #[error("--netns `{0}` does not exist")]
     NoNetns(PathBuf),
     #[error("--keep-fd {0} is not an open file descriptor above 2")]
@@ -90,6 +102,7 @@ pub struct JailRequest {
     pub netns: Option<PathBuf>,
     pub new_pid_ns: bool,
     pub ro_files: Vec<String>,
+    pub socket_dir: Option<PathBuf>,
     pub keep_fds: Vec<i32>,
     pub rlimits: Vec<String>,
     pub vmm_args: Vec<OsString>,
@@ -117,6 +130,10 @@ pub struct JailConfig {
     pub netns: Option<PathBuf>,
     pub new_pid_ns: bool,
     pub ro_files: Vec<RoFile>,
+    /// A host folder bound read-write as the jail's socket folder ([`SOCKET_DIR`]) instead of
+    /// an empty one inside the jail, so listeners the caller made there are reachable from the
+    /// VMM (its vsock's `<uds>_<port>`). The child chowns it to the VMM's uid/gid.
+    pub socket_dir: Option<PathBuf>,
     pub keep_fds: Vec<i32>,
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     pub vmm_args: Vec<OsString>,
@@ -226,6 +243,37 @@ fn elf_interpreter(path: &Path) -> Result<Option<String>, ConfigError> {
     Ok(None)
 }
 
+/// A host socket folder must be a real folder, root's and closed to others, holding nothing but
+/// sockets: the jail gets it read-write and its VMM becomes its owner, so handing over anything
+/// else (say `/root`) by mistake must fail here.
+fn check_socket_dir(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if !is_clean_absolute(path) {
+        return Err(ConfigError::NotAbsolute { what: "socket folder", path: path.to_owned() });
+    }
+    let unreadable =
+        |source| ConfigError::Unreadable { what: "socket folder", path: path.to_owned(), source };
+    let meta = fs::symlink_metadata(path).map_err(unreadable)?;
+    if !meta.is_dir() {
+        return Err(ConfigError::SocketDirNotDir(path.to_owned()));
+    }
+    if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+        return Err(ConfigError::SocketDirOpen {
+            path: path.to_owned(),
+            uid: meta.uid(),
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    for entry in fs::read_dir(path).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        if !entry.file_type().map_err(unreadable)?.is_socket() {
+            let entry = entry.file_name().to_string_lossy().into_owned();
+            return Err(ConfigError::SocketDirNotSockets { path: path.to_owned(), entry });
+        }
+    }
+    Ok(())
+}
+
 fn check_exec_file(path: &Path) -> Result<String, ConfigError> {
     if !is_clean_absolute(path) {
         return Err(ConfigError::NotAbsolute { what: "exec-file", path: path.to_owned() });
@@ -326,6 +374,9 @@ impl JailRequest {
             ro_files.push(RoFile { host, jail });
         }
 
+        if let Some(dir) = &self.socket_dir {
+            check_socket_dir(dir)?;
+        }
         if let Some(netns) = &self.netns {
             if !netns.exists() {
                 return Err(ConfigError::NoNetns(netns.clone()));
@@ -368,6 +419,7 @@ impl JailRequest {
             netns: self.netns,
             new_pid_ns: self.new_pid_ns,
             ro_files,
+            socket_dir: self.socket_dir,
             keep_fds: self.keep_fds,
             rlimits,
             vmm_args: self.vmm_args,
@@ -396,6 +448,48 @@ mod tests {
         for bad in ["image", "/", "/../etc/passwd", "/a/./b", "/a b", "//x/../y"] {
             assert!(check_jail_path(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A fresh folder for one test, with `mode`.
+    fn folder(name: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(format!("cella-jailer-unit-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::DirBuilder::new().mode(mode).create(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_socket_dir_must_be_a_closed_folder_of_sockets_only() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: the ownership checks need root (the jailer always runs as root)");
+            return;
+        }
+        let ok = folder("sockets-ok", 0o700);
+        let _listener = std::os::unix::net::UnixListener::bind(ok.join("vsock.sock_1024")).unwrap();
+        assert!(check_socket_dir(&ok).is_ok());
+
+        let open = folder("sockets-open", 0o755);
+        let e = check_socket_dir(&open).unwrap_err();
+        assert!(matches!(e, ConfigError::SocketDirOpen { mode: 0o755, .. }), "{e}");
+
+        let files = folder("sockets-files", 0o700);
+        fs::write(files.join("notes.txt"), "x").unwrap();
+        let e = check_socket_dir(&files).unwrap_err();
+        assert!(e.to_string().contains("holds `notes.txt`, which is not a socket"), "{e}");
+
+        let link = ok.with_file_name(format!("cella-jailer-unit-sockets-link-{}", std::process::id()));
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&ok, &link).unwrap();
+        assert!(matches!(check_socket_dir(&link), Err(ConfigError::SocketDirNotDir(_))));
+        assert!(matches!(check_socket_dir(Path::new("relative")), Err(ConfigError::NotAbsolute { .. })));
+
+        for dir in [&ok, &open, &files] {
+            fs::remove_dir_all(dir).unwrap();
+        }
+        fs::remove_file(&link).unwrap();
     }
 
     #[test]

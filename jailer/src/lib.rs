@@ -7,13 +7,22 @@
 //! binary into it; create mount points for the read-only files and the socket folder; create
 //! the cgroups and write their limits ([`cgroup`], v1 and v2 per controller); clone into new
 //! mount, IPC, UTS, network and (with `--new-pid-ns`) PID namespaces; in the child
-//! ([`child`]): join the cgroups, set rlimits, bind the read-only files, `pivot_root`, unmount
+//! ([`child`]): join the cgroups, set rlimits, bind the read-only files and the socket folder
+//! (the jail's own empty `/run`, or the caller's `--socket-dir`), `pivot_root`, unmount
 //! the old root, `mknod /dev/kvm`, chown, make the root read-only, join a netns if asked,
 //! apply Landlock, drop every capability, set no-new-privs, switch uid/gid ([`confine`]) and
 //! `exec` the VMM with an empty environment. The VMM installs its own per-thread seccomp filters.
 //!
-//! The [`supervisor`] waits for the VMM and removes the jail folder and cgroups however it
-//! ends; mounts live only in the VMM's mount namespace and vanish with it.
+//! The [`supervisor`] blocks the signals it forwards before it creates anything, waits for the
+//! VMM and removes the jail folder, cgroups and any `--socket-dir` however it ends; mounts live
+//! only in the VMM's mount namespace and vanish with it.
+//!
+//! `--socket-dir` is how a caller serves a VMM's guest-initiated vsock connections from outside
+//! the jail (`cella-vmm scan --jailed`): it makes a root-owned 0700 folder, listens there at
+//! `<uds>_<port>` with the socket owned by the jail's uid/gid, and the jail gets the folder as
+//! `/run`. A caller that must not be outlived sets SIGTERM as the jailer's parent-death signal
+//! before exec: it is forwarded like any other SIGTERM, so the VM still stops, is scrubbed, and
+//! the jail is removed.
 
 pub mod bench;
 pub mod cgroup;

@@ -102,6 +102,12 @@ struct JailArgs {
     /// Bind HOST_PATH read-only into the jail at JAIL_PATH (repeatable)
     #[arg(long = "ro-file", value_name = "HOST_PATH=JAIL_PATH")]
     ro_files: Vec<String>,
+    /// Bind this host folder read-write as the VMM's socket folder /run, instead of an empty one,
+    /// and give it to --uid/--gid: listeners the caller made there (for the VMM's vsock,
+    /// `<uds>_<port>`) are reachable from the jail. Must be root's, mode 0700, holding only
+    /// sockets; it is removed with the jail
+    #[arg(long, value_name = "HOST_DIR")]
+    socket_dir: Option<PathBuf>,
     /// Pass this inherited file descriptor on to the VMM (repeatable)
     #[arg(long = "keep-fd", value_name = "FD")]
     keep_fds: Vec<i32>,
@@ -167,6 +173,7 @@ fn main() -> ExitCode {
         netns: a.netns,
         new_pid_ns: a.new_pid_ns,
         ro_files: a.ro_files,
+        socket_dir: a.socket_dir,
         keep_fds: a.keep_fds,
         rlimits: a.rlimits,
         vmm_args: a.vmm_args,

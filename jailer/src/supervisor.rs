@@ -101,6 +101,9 @@ struct Residue<'a> {
     config: &'a JailConfig,
     jail_dir: bool,
     cgroups: bool,
+    /// The caller's `--socket-dir`: handed to the jail, it goes with it (also when the caller
+    /// died and cannot remove it).
+    socket_dir: bool,
 }
 
 impl Residue<'_> {
@@ -125,6 +128,15 @@ impl Residue<'_> {
             }
         }
         t.record("remove-jail-folder", start);
+        if let Some(dir) = self.config.socket_dir.as_ref().filter(|_| self.socket_dir) {
+            self.socket_dir = false;
+            if let Err(e) = fs::remove_dir_all(dir) {
+                if e.kind() != io::ErrorKind::NotFound && result.is_ok() {
+                    result =
+                        Err(JailError::Step { step: "remove-socket-folder", path: dir.clone(), source: e });
+                }
+            }
+        }
         result
     }
 }
@@ -220,6 +232,23 @@ fn build_jail_folder(
 /// Must run in a single-threaded process (the `cella-jailer` binary): it forks, blocks signals
 /// and closes inherited descriptors.
 pub fn run(config: &JailConfig, t: &mut Timings) -> Result<Outcome, JailError> {
+    // The signals the supervisor handles are blocked before anything exists: one that arrives
+    // while the jail is being made (a caller's SIGTERM, the parent-death signal a caller such as
+    // `cella-vmm scan --jailed` sets) then waits and is forwarded to the VMM, instead of killing
+    // the supervisor half-way and leaving the jail behind. The mask comes back only once the
+    // jail is gone.
+    let set = supervised_signals();
+    let mut old_mask = empty_sigset();
+    // SAFETY: sigprocmask with a valid set; `old_mask` receives the previous mask.
+    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old_mask) };
+    let result = run_blocked(config, t, old_mask);
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
+    result
+}
+
+/// [`run`] with the supervised signals blocked; `old_mask` is what the VMM gets back.
+fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -> Result<Outcome, JailError> {
     let start = Instant::now();
     close_inherited_fds(&config.keep_fds)?;
     t.record("close-fds", start);
@@ -230,7 +259,8 @@ pub fn run(config: &JailConfig, t: &mut Timings) -> Result<Outcome, JailError> {
     }
     t.record("clear-env", start);
 
-    let mut residue = Residue { config, jail_dir: false, cgroups: false };
+    let mut residue =
+        Residue { config, jail_dir: false, cgroups: false, socket_dir: config.socket_dir.is_some() };
     build_jail_folder(config, &mut residue, t)?;
 
     let start = Instant::now();
@@ -253,6 +283,10 @@ pub fn run(config: &JailConfig, t: &mut Timings) -> Result<Outcome, JailError> {
         rlimits: config.rlimits.clone(),
         ro_binds: config.ro_files.iter().map(|f| (f.host.clone(), config.host_path(&f.jail))).collect(),
         socket_dir_host: config.host_path(Path::new(SOCKET_DIR)),
+        socket_dir_source: config
+            .socket_dir
+            .clone()
+            .unwrap_or_else(|| config.host_path(Path::new(SOCKET_DIR))),
         netns: netns.as_ref().zip(config.netns.clone()).map(|(f, path)| (f.as_raw_fd(), path)),
         uid: config.uid,
         gid: config.gid,
@@ -263,7 +297,7 @@ pub fn run(config: &JailConfig, t: &mut Timings) -> Result<Outcome, JailError> {
             .collect(),
         keep_fds: config.keep_fds.clone(),
         last_cap,
-        old_mask: empty_sigset(),
+        old_mask,
     };
     let (pid, report) = spawn(config, plan)?;
     t.record("clone", start);
@@ -281,7 +315,6 @@ pub fn run(config: &JailConfig, t: &mut Timings) -> Result<Outcome, JailError> {
         let path = PathBuf::from(parts.next().unwrap_or(""));
         let step_name: &'static str =
             STEP_NAMES.iter().find(|s| **s == step_name).copied().unwrap_or("unknown");
-        restore_signals();
         return Err(JailError::Step { step: step_name, path, source: io::Error::from_raw_os_error(errno) });
     }
     let child = Timings::decode(&text);
@@ -296,7 +329,6 @@ pub fn run(config: &JailConfig, t: &mut Timings) -> Result<Outcome, JailError> {
     let start = Instant::now();
     let status = supervise(pid);
     t.record("vmm-run", start);
-    restore_signals();
 
     let limits_hit = config.cgroups.limits_hit();
     let cleanup_error = residue.remove(t).err();
@@ -350,12 +382,6 @@ fn supervised_signals() -> libc::sigset_t {
     set
 }
 
-fn restore_signals() {
-    let set = supervised_signals();
-    // SAFETY: unblocks signals this function's caller blocked.
-    unsafe { libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
-}
-
 /// `CLONE_INTO_CGROUP`: start the child in the cgroup2 directory `clone_args.cgroup` names.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
@@ -377,7 +403,8 @@ struct CloneArgs {
 }
 
 /// Clones the child into its namespaces and runs [`child::main`] there. Returns the child's pid
-/// and the read end of its report pipe.
+/// and the read end of its report pipe. The supervised signals are blocked already (see [`run`]),
+/// so none is lost; the child restores `plan.old_mask` before exec.
 fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File), JailError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills `fds` with two new descriptors.
@@ -386,12 +413,6 @@ fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File), JailEr
     }
     // SAFETY: both descriptors are new and owned here.
     let (read, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-
-    // Block the signals the supervisor handles before the child exists, so none is lost; the
-    // child restores the old mask before exec.
-    let set = supervised_signals();
-    // SAFETY: sigprocmask with valid sets.
-    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, &mut plan.old_mask) };
 
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if config.new_pid_ns {
@@ -439,9 +460,7 @@ fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File), JailEr
         };
     }
     if pid < 0 {
-        let e = io::Error::last_os_error();
-        restore_signals();
-        return Err(step("clone", "/")(e));
+        return Err(step("clone", "/")(io::Error::last_os_error()));
     }
     if pid == 0 {
         drop(read);

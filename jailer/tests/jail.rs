@@ -324,3 +324,81 @@ fn a_step_that_fails_after_validation_is_named_and_leaves_nothing_behind() {
     assert!(err.contains(&expected), "{err}");
     assert_eq!(residue(&base, &id), Vec::<String>::new());
 }
+
+#[test]
+fn a_socket_dir_becomes_the_jails_run_only_its_uid_may_connect_and_it_goes_with_the_jail() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+    let base = chroot_base("socket-dir");
+    // The caller's listener for guest connections to vsock port 1024, owned by the jail's
+    // uid/gid: the guest's echo reaches it. Owned by root instead, the VMM may not connect and
+    // the guest's connection is refused (the runner's `vsock-echo` exits 122).
+    for (owner, expected) in [((UID, GID), 0), ((0, 0), 122)] {
+        let id = jail_id(&format!("socket-dir-{}", owner.0));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("socket-dir-{}", owner.0));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        let listen_at = dir.join("v.sock_1024");
+        let listener = std::os::unix::net::UnixListener::bind(&listen_at).unwrap();
+        std::os::unix::fs::chown(&listen_at, Some(owner.0), Some(owner.1)).unwrap();
+        std::fs::set_permissions(&listen_at, std::fs::Permissions::from_mode(0o600)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+
+        let extra = ["--socket-dir", dir.to_str().unwrap()];
+        let vmm = ["--vsock", "/run/v.sock", "--timeout-ms", "20000", "--", "vsock-echo", "1024"];
+        let mut child = jailed(&base, &id, &extra, &vmm)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if expected == 0 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let mut stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        assert!(std::time::Instant::now() < deadline, "the jailed guest never connected");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            };
+            stream.set_nonblocking(false).unwrap();
+            stream.write_all(b"ping").unwrap();
+            let mut echoed = [0u8; 4];
+            stream.read_exact(&mut echoed).unwrap();
+            assert_eq!(&echoed, b"ping");
+        }
+        let status = wait_with_timeout(&mut child, Duration::from_secs(30));
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert_eq!(status.code(), Some(expected), "{err}");
+        if expected != 0 {
+            assert!(err.contains("vsock connect: Refused"), "{err}");
+        }
+        drop(listener);
+        assert!(!dir.exists(), "the socket folder outlived its jail");
+        assert_eq!(residue(&base, &id), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn a_socket_dir_open_to_others_or_holding_files_is_refused() {
+    use std::os::unix::fs::DirBuilderExt;
+
+    let base = chroot_base("socket-dir-refused");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("socket-dir-refused");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    std::fs::write(dir.join("keep.txt"), "not a socket").unwrap();
+    let id = jail_id("socket-dir-refused");
+    let out = output(&mut jailed(&base, &id, &["--socket-dir", dir.to_str().unwrap()], &["--", "hello"]));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("holds `keep.txt`, which is not a socket"), "{err}");
+    assert!(dir.join("keep.txt").exists(), "a refused request must not touch the folder");
+    assert!(!base.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

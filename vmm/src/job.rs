@@ -22,6 +22,8 @@ const POLL_SLICE: Duration = Duration::from_millis(50);
 pub enum JobError {
     #[error("cannot listen for the runner at {path}")]
     Bind { path: PathBuf, source: io::Error },
+    #[error("cannot give the job listener {path} to uid {uid}, gid {gid} (chown, chmod 0600)")]
+    Permissions { path: PathBuf, uid: u32, gid: u32, source: io::Error },
     #[error("the VM ended before the runner {stage}")]
     VmGone { stage: &'static str },
     #[error("the runner did not {stage} within {timeout:?}")]
@@ -71,6 +73,23 @@ impl JobServer {
         let listener =
             UnixListener::bind(&path).map_err(|source| JobError::Bind { path: path.clone(), source })?;
         Ok(JobServer { listener, path })
+    }
+
+    /// Where the server listens.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Lets only `uid`/`gid` connect: the listener's socket file becomes theirs, mode 0600
+    /// (connecting to a Unix socket needs write permission on it). For a VMM in a jail, which
+    /// runs as its own uid/gid and reaches the listener through its socket folder.
+    pub fn allow_only(&self, uid: u32, gid: u32) -> Result<(), JobError> {
+        use std::os::unix::fs::PermissionsExt;
+        let restrict = || {
+            std::os::unix::fs::chown(&self.path, Some(uid), Some(gid))?;
+            std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))
+        };
+        restrict().map_err(|source| JobError::Permissions { path: self.path.clone(), uid, gid, source })
     }
 
     /// Serves one job on a thread. `vm_done` tells it the VM has ended (it then stops

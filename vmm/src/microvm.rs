@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::devices::legacy::console::ConsoleStats;
 use crate::devices::IoBus;
@@ -18,7 +18,7 @@ use crate::vstate::vm::Vm;
 const CANCEL_POLL: Duration = Duration::from_millis(20);
 
 /// How the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum GuestExit {
     /// The guest ended itself with a status.
@@ -26,7 +26,7 @@ pub enum GuestExit {
     /// The guest faulted or did something no device answers.
     Crashed {
         reason: String,
-        #[serde(serialize_with = "hex")]
+        #[serde(serialize_with = "hex", deserialize_with = "from_hex")]
         rip: u64,
     },
     /// The guest broke a device's contract (the device refused what it wrote).
@@ -43,8 +43,15 @@ fn hex<S: serde::Serializer>(value: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{value:#x}"))
 }
 
-/// Everything a run produced.
-#[derive(Clone, Debug, Serialize)]
+fn from_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let text = String::deserialize(d)?;
+    let digits =
+        text.strip_prefix("0x").ok_or_else(|| serde::de::Error::custom("rip is not 0x-prefixed hex"))?;
+    u64::from_str_radix(digits, 16).map_err(serde::de::Error::custom)
+}
+
+/// Everything a run produced (`cella-vmm run --json` prints it; a jailed scan reads it back).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunReport {
     pub exit: GuestExit,
     /// From `VmConfig::launch_start` to the guest's first VM exit, in µs.
@@ -175,5 +182,45 @@ fn exit_of(stop: VcpuStop) -> GuestExit {
         VcpuStop::ThreadLost => {
             GuestExit::VmmFailed { error: "the vCPU thread ended without a report".into() }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_report_reads_back_from_its_json() {
+        // `scan --jailed` reads the jailed VMM's `run --json` line back into a report.
+        let report = RunReport {
+            exit: GuestExit::Crashed { reason: "triple fault".into(), rip: 0x20_1a2b },
+            launch_us: 4100,
+            run_us: 33_000,
+            exits: 12,
+            scrub: ScrubReport {
+                bytes: 8192,
+                pages_verified: 2,
+                verified_zero: true,
+                released: true,
+                blocks_after_release: 0,
+                mem_bytes: 128 << 20,
+                ranges: 1,
+                ms: 0.25,
+            },
+            console: ConsoleStats { bytes: 10, dropped: 0 },
+            mem_mib: 128,
+        };
+        let text = serde_json::to_string(&report).unwrap();
+        assert!(text.contains(r#""rip":"0x201a2b""#), "{text}");
+        let back: RunReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.exit, report.exit);
+        assert_eq!(back.scrub, report.scrub);
+        assert_eq!((back.launch_us, back.run_us, back.exits, back.mem_mib), (4100, 33_000, 12, 128));
+        for exit in [GuestExit::Exited { code: 3 }, GuestExit::Stopped, GuestExit::TimedOut { timeout_ms: 5 }]
+        {
+            let text = serde_json::to_string(&exit).unwrap();
+            assert_eq!(serde_json::from_str::<GuestExit>(&text).unwrap(), exit);
+        }
+        assert!(serde_json::from_str::<GuestExit>(r#"{"kind":"crashed","reason":"x","rip":"12"}"#).is_err());
     }
 }

@@ -22,6 +22,8 @@ pub struct ScanRequest {
     pub mem_mib: u64,
     pub timeout: Duration,
     pub launch_start: Instant,
+    /// Set to stop the VM from outside (it is still scrubbed, and ends as `stopped`).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Why the scan did not run at all.
@@ -63,19 +65,32 @@ pub struct ScanRun {
     pub scan_ms: u64,
 }
 
-/// A private folder for one VM's sockets, removed on drop.
-struct SocketDir(PathBuf);
+/// A private folder for one VM's sockets (root's, mode 0700), removed on drop. A jailed scan
+/// hands it to `cella-jailer --socket-dir`, which binds it as the VMM's `/run`.
+#[derive(Debug)]
+pub struct SocketDir(PathBuf);
 
 impl SocketDir {
-    fn create() -> std::io::Result<SocketDir> {
-        use std::os::unix::fs::PermissionsExt;
+    /// Makes a fresh folder in the temporary folder, open to this user only.
+    pub fn create() -> std::io::Result<SocketDir> {
+        use std::os::unix::fs::DirBuilderExt;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("cella-scan-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        // Created 0700 (not chmodded afterwards), so it is never open to others.
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         Ok(SocketDir(dir))
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The VM's vsock socket in it; the job listener is this path plus `_1024`.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.0.join(VSOCK_SOCKET_NAME)
     }
 }
 
@@ -83,6 +98,19 @@ impl Drop for SocketDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The file name of a scan VM's vsock socket in its socket folder.
+pub const VSOCK_SOCKET_NAME: &str = "vsock.sock";
+
+/// Checks that the artifact is a regular file; returns its size in bytes.
+pub fn check_artifact(path: &Path) -> Result<u64, ScanError> {
+    let meta =
+        std::fs::metadata(path).map_err(|source| ScanError::Artifact { path: path.to_owned(), source })?;
+    if !meta.is_file() {
+        return Err(ScanError::NotAFile { path: path.to_owned() });
+    }
+    Ok(meta.len())
 }
 
 /// The artifact's file name, which the runner uses for format detection and SARIF paths.
@@ -93,24 +121,21 @@ pub fn artifact_name(path: &Path) -> String {
 /// Runs one scan to its end; console output of the runner goes to `console`.
 pub fn run(request: &ScanRequest, console: Box<dyn std::io::Write + Send>) -> Result<ScanRun, ScanError> {
     let artifact = &request.artifact;
-    let meta = std::fs::metadata(artifact)
-        .map_err(|source| ScanError::Artifact { path: artifact.clone(), source })?;
-    if !meta.is_file() {
-        return Err(ScanError::NotAFile { path: artifact.clone() });
-    }
+    let artifact_bytes = check_artifact(artifact)?;
     let sockets = SocketDir::create().map_err(ScanError::SocketDir)?;
-    let uds = sockets.0.join("vsock.sock");
+    let uds = sockets.vsock_uds();
     let server = JobServer::bind(&uds)?;
     let config = VmConfig {
         mem_mib: request.mem_mib,
         timeout: Some(request.timeout),
         launch_start: request.launch_start,
+        cancel: request.cancel.clone(),
         disk: Some(artifact.clone()),
         vsock_uds: Some(uds),
         ..VmConfig::new(request.image.clone(), vec!["scan".into()])
     };
     let vm = build(&config, console)?;
-    let job = Job { artifact_name: artifact_name(artifact), artifact_size: meta.len() };
+    let job = Job { artifact_name: artifact_name(artifact), artifact_size: artifact_bytes };
     let vm_done = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let serving = server.serve(job, request.policy.clone(), vm_done.clone(), request.timeout, sockets);
@@ -119,5 +144,5 @@ pub fn run(request: &ScanRequest, console: Box<dyn std::io::Write + Send>) -> Re
     serving.thread().unpark();
     let job = serving.join().unwrap_or(Err(JobError::VmGone { stage: "answered" }));
     let scan_ms = started.elapsed().as_millis() as u64;
-    Ok(ScanRun { vm: run?, job, artifact_bytes: meta.len(), scan_ms })
+    Ok(ScanRun { vm: run?, job, artifact_bytes, scan_ms })
 }

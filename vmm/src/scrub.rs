@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Size of a page, the unit of the evidence.
 const PAGE: u64 = 4096;
@@ -39,7 +39,7 @@ pub enum ScrubError {
 }
 
 /// The evidence a scrub leaves, recorded in the run report and (later) the audit log.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScrubReport {
     /// Bytes zeroed: every page the guest or the VMM touched.
     pub bytes: u64,

@@ -83,3 +83,28 @@ fn unknown_policy_and_missing_artifact_are_refused_before_launch() {
     assert_eq!(code(&output), 2);
     assert!(stderr(&output).contains("unknown rule pack `gdpr`"), "{}", stderr(&output));
 }
+
+#[test]
+fn sigterm_stops_a_scan_and_its_memory_is_still_scrubbed() {
+    let dir = scratch("scan-sigterm");
+    // 64 GiB that cost no disk (a line, then a hole): the runner reads it for many seconds.
+    let artifact = dir.join("long.txt");
+    std::fs::write(&artifact, "plain text, then nothing\n").unwrap();
+    std::fs::OpenOptions::new().write(true).open(&artifact).unwrap().set_len(64 << 30).unwrap();
+    let child =
+        cella_vmm(&["scan", "--json", "--timeout-ms", "120000", "--artifact", artifact.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    // Past the launch (policy compile and VM build take well under this here).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: kill(2) to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(code(&output), 244, "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(result["exit"]["kind"], "stopped", "{result}");
+    assert_scrubbed(&result);
+}

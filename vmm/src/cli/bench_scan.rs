@@ -53,6 +53,7 @@ fn vm_scan(
         mem_mib,
         timeout: Duration::from_secs(600),
         launch_start: started,
+        cancel: None,
     };
     let run = scan::run(&request, Box::new(std::io::sink())).map_err(|e| error_chain(&e))?;
     let wall = started.elapsed();

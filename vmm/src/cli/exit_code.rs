@@ -1,6 +1,6 @@
 //! The one place that turns outcomes into process exit codes.
 
-use std::process::ExitCode;
+use std::process::{ExitCode, ExitStatus};
 
 use cella_vmm::GuestExit;
 
@@ -20,6 +20,9 @@ pub const STOPPED: u8 = 244;
 pub const SCAN_REFUSED: u8 = 3;
 /// Bad command line, configuration or guest image.
 pub const BAD_INPUT: u8 = 2;
+/// `--jailed`: cella-jailer's own statuses, passed on: 245 the VMM was killed by its seccomp
+/// filter, 246 by another signal, 247 a jail step failed, 248 the jail was not removed completely.
+pub const JAILER_STATUSES: std::ops::RangeInclusive<i32> = 245..=248;
 
 /// Shown at the end of `cella-vmm run --help`.
 pub const HELP: &str = "\
@@ -41,7 +44,19 @@ Exit status:
   2      bad command line, artifact path, policy or guest image
   241    the guest crashed or broke a device contract
   242    the scan ran past --timeout-ms
-  243    the VMM failed, or the runner sent no result";
+  243    the VMM failed, or the runner sent no result
+  244    stopped by SIGINT or SIGTERM (memory is still scrubbed)
+With --jailed, also cella-jailer's own (see cella-jailer --help):
+  245    the VMM was killed by its seccomp filter (dmesg type 1326 names the call)
+  246    the VMM was killed by another signal (the memory limit, the OOM killer...)
+  247    a jail step failed (the message names it); nothing is left behind
+  248    the jail folder or cgroups could not be removed: cella-jailer cleanup --id ID
+
+--jailed runs the VMM in a cell made by cella-jailer (own uid/gid, namespaces, cgroups,
+Landlock, seccomp), with the image and the artifact bound read-only. This process stays
+outside: it serves the job over a listener in a private socket folder that the jail gets as
+its /run (only --jail-uid/--jail-gid may connect), writes --sarif, and passes SIGINT and
+SIGTERM on; if it dies, the jail is stopped, scrubbed and removed.";
 
 /// The exit code for how the VM ended.
 pub fn for_exit(exit: &GuestExit) -> ExitCode {
@@ -53,4 +68,20 @@ pub fn for_exit(exit: &GuestExit) -> ExitCode {
         GuestExit::Stopped => STOPPED,
         GuestExit::VmmFailed { .. } => VMM_FAILED,
     })
+}
+
+/// `scan --jailed` with a report from the VMM: the code cella-jailer's status imposes over the
+/// scan's own, if any (a jail that could not be removed must not pass as a clean run).
+pub fn for_jailer(status: &ExitStatus) -> Option<ExitCode> {
+    let code = status.code()?;
+    JAILER_STATUSES.contains(&code).then(|| ExitCode::from(code as u8))
+}
+
+/// `scan --jailed` when the VMM printed no report: cella-jailer's refusal (2) and its own
+/// statuses pass on; anything else means the VMM failed.
+pub fn for_jail_without_report(status: &ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(code) if code == i32::from(BAD_INPUT) => ExitCode::from(BAD_INPUT),
+        _ => for_jailer(status).unwrap_or(ExitCode::from(VMM_FAILED)),
+    }
 }

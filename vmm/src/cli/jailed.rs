@@ -1,13 +1,22 @@
-//! Confinement options shared by `run` and `scan`: `--seccomp`, and `--jailed`, which re-runs
-//! the same command through `cella-jailer` with the guest image and other input files bound
-//! read-only into the jail and the arguments rewritten to their jail paths.
+//! Confinement options shared by `run` and `scan`: `--seccomp`, and `--jailed`, which runs the
+//! VMM through `cella-jailer` with the guest image and other input files bound read-only into
+//! the jail and the arguments rewritten to their jail paths.
+//!
+//! `run --jailed` replaces this process with the jailer ([`JailArgs::exec`]). `scan --jailed`
+//! keeps this process as the job's host side ([`JailArgs::spawn`]): it serves the job over a
+//! listener in a socket folder the jailer binds in as the jail's `/run`, forwards SIGINT and
+//! SIGTERM to the jailer, makes the jailer die with it, and reads the VMM's run report back
+//! from the VMM's stdout.
 
 use std::ffi::OsString;
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use cella_vmm::seccomp::{self, Mode};
+use cella_vmm::RunReport;
 use clap::{Args, ValueEnum};
 
 use super::exit_code;
@@ -20,6 +29,11 @@ pub const VMM_OVERHEAD_MIB: u64 = 32;
 pub const DEFAULT_JAIL_ID: u32 = 64_000;
 /// The most tasks a jailed VMM may have (main, vCPU, device and API threads, with room).
 pub const DEFAULT_PIDS_MAX: u32 = 16;
+/// The jail's socket folder, where `cella-jailer --socket-dir` binds a host folder
+/// (`cella_jailer::config::SOCKET_DIR`).
+pub const JAIL_SOCKET_DIR: &str = "/run";
+/// The most of a jailed VMM's stdout kept while looking for its report (the last line).
+const STDOUT_KEEP: usize = 1 << 20;
 
 /// `--seccomp`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -89,12 +103,19 @@ pub enum JailedError {
     NoJailer(PathBuf),
     #[error("cannot run {0}")]
     Exec(PathBuf, #[source] std::io::Error),
+    #[error("cannot forward SIGINT and SIGTERM to the jailer")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot wait for cella-jailer")]
+    Wait(#[source] std::io::Error),
 }
 
 impl JailedError {
     fn exit_code(&self) -> ExitCode {
         match self {
-            JailedError::CurrentExe(_) | JailedError::Exec(..) => ExitCode::from(exit_code::VMM_FAILED),
+            JailedError::CurrentExe(_)
+            | JailedError::Exec(..)
+            | JailedError::Signals(_)
+            | JailedError::Wait(_) => ExitCode::from(exit_code::VMM_FAILED),
             _ => ExitCode::from(exit_code::BAD_INPUT),
         }
     }
@@ -103,7 +124,7 @@ impl JailedError {
 /// One VMM launch to put in a jail.
 #[derive(Debug)]
 pub struct JailedLaunch {
-    /// `run` or `scan`.
+    /// The VMM's subcommand (`run`).
     pub subcommand: &'static str,
     pub mem_mib: u64,
     /// Host files the VMM reads, with the option that names each (`--image`, `--disk`, ...);
@@ -113,6 +134,9 @@ pub struct JailedLaunch {
     pub options: Vec<OsString>,
     /// The guest's arguments (after `--`).
     pub guest_args: Vec<String>,
+    /// A host folder for the jail's [`JAIL_SOCKET_DIR`] (`cella-jailer --socket-dir`): root's,
+    /// mode 0700, holding only the listeners this process made for the VMM.
+    pub socket_dir: Option<PathBuf>,
 }
 
 impl JailArgs {
@@ -160,6 +184,9 @@ impl JailArgs {
         if let Some(cpus) = self.cpus {
             command.arg("--cgroup").arg(format!("cpu={cpus}"));
         }
+        if let Some(dir) = &launch.socket_dir {
+            command.arg("--socket-dir").arg(dir);
+        }
         let mut vmm_args: Vec<OsString> = vec![launch.subcommand.into()];
         for (option, host) in &launch.files {
             let jail_path = format!("/{}", option.trim_start_matches('-'));
@@ -190,6 +217,112 @@ impl JailArgs {
         };
         refuse(&e)
     }
+
+    /// Starts the jailer running `launch` as a child of this process, which stays to serve the
+    /// VMM. SIGINT and SIGTERM to this process go on to the jailer (which stops the VM, scrubs it
+    /// and removes the jail); if this process dies, even by SIGKILL, the jailer gets SIGTERM
+    /// (its parent-death signal) and does the same. The VMM's stdout comes back to this process.
+    pub fn spawn(&self, launch: &JailedLaunch) -> Result<JailedVmm, JailedError> {
+        let mut command = self.command(launch)?;
+        command.stdin(Stdio::null()).stdout(Stdio::piped());
+        // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+        // async-signal-safe. The parent-death signal survives the exec (the jailer is neither
+        // set-user-ID nor file-capable), and fires when the thread that forks, this process's
+        // main thread, ends; that one lives until the process exits.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            vmm_sys_util::signal::register_signal_handler(signal, forward_signal)
+                .map_err(|e| JailedError::Signals(std::io::Error::from_raw_os_error(e.errno())))?;
+        }
+        let child =
+            command.spawn().map_err(|e| JailedError::Exec(PathBuf::from(command.get_program()), e))?;
+        let pid = child.id() as i32;
+        JAILER_PID.store(pid, Ordering::Release);
+        let pending = PENDING_SIGNAL.swap(0, Ordering::AcqRel);
+        if pending != 0 {
+            // SAFETY: kill(2) to our own child, which has not been reaped.
+            unsafe { libc::kill(pid, pending) };
+        }
+        Ok(JailedVmm { child })
+    }
+}
+
+/// The jailer's pid while it runs (0 before and after), for [`forward_signal`].
+static JAILER_PID: AtomicI32 = AtomicI32::new(0);
+/// A signal that came before the jailer existed, forwarded as soon as it does.
+static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let pid = JAILER_PID.load(Ordering::Acquire);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe; `pid` is our child, not yet reaped
+        // (`JailedVmm::wait` clears it before reaping).
+        unsafe { libc::kill(pid, signal) };
+    } else {
+        PENDING_SIGNAL.store(signal, Ordering::Release);
+    }
+}
+
+/// A jailer started by [`JailArgs::spawn`].
+#[derive(Debug)]
+pub struct JailedVmm {
+    child: Child,
+}
+
+/// How a jail ended: the jailer's status and the VMM's run report, if it printed one.
+#[derive(Debug)]
+pub struct JailEnd {
+    pub status: ExitStatus,
+    pub report: Option<RunReport>,
+}
+
+impl JailedVmm {
+    /// Waits until the jail is gone (the jailer removes it before it exits).
+    pub fn wait(mut self) -> Result<JailEnd, JailedError> {
+        let mut kept = Vec::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            let mut buf = [0u8; 8192];
+            loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        kept.extend_from_slice(&buf[..n]);
+                        if kept.len() > STDOUT_KEEP {
+                            kept.drain(..kept.len() - STDOUT_KEEP);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        // Wait for the jailer's exit without reaping it, so its pid cannot be reused while a
+        // signal handler may still forward to it; then stop forwarding and reap.
+        let pid = self.child.id();
+        loop {
+            // SAFETY: waitid on our own child; `info` is written by the kernel.
+            let r = unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
+            };
+            if r == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break;
+            }
+        }
+        JAILER_PID.store(0, Ordering::Release);
+        let status = self.child.wait().map_err(JailedError::Wait)?;
+        let text = String::from_utf8_lossy(&kept);
+        let report =
+            text.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| serde_json::from_str(l).ok());
+        Ok(JailEnd { status, report })
+    }
 }
 
 /// Reports why a jailed launch did not start; returns the exit code for it.
@@ -215,6 +348,7 @@ mod tests {
             files: vec![("--image", PathBuf::from("/nonexistent/cella-runner"))],
             options: vec!["--json".into()],
             guest_args: vec!["hello".into()],
+            socket_dir: None,
         }
     }
 

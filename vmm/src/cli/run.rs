@@ -1,5 +1,6 @@
 //! `cella-vmm run`.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +52,18 @@ extern "C" fn request_stop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     }
 }
 
+/// A flag that SIGINT and SIGTERM set, for [`VmConfig::cancel`]: the VM then stops, is scrubbed
+/// and reports `stopped`.
+pub fn stop_on_signals() -> Arc<AtomicBool> {
+    let stop = STOP.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(signal, request_stop) {
+            eprintln!("cella-vmm: warning: cannot handle signal {signal}: {e}");
+        }
+    }
+    stop
+}
+
 /// Runs one VM; returns the exit code for its outcome.
 pub fn main(args: RunArgs, launch_start: Instant) -> ExitCode {
     let image = match args.image.clone().map(Ok).unwrap_or_else(default_runner_image) {
@@ -64,12 +77,7 @@ pub fn main(args: RunArgs, launch_start: Instant) -> ExitCode {
     if let Some(code) = test_hooks(&args) {
         return code;
     }
-    let stop = STOP.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(signal, request_stop) {
-            eprintln!("cella-vmm: warning: cannot handle signal {signal}: {e}");
-        }
-    }
+    let stop = stop_on_signals();
     let config = VmConfig {
         mem_mib: args.mem_mib,
         timeout: args.timeout_ms.map(Duration::from_millis),
@@ -90,7 +98,10 @@ pub fn main(args: RunArgs, launch_start: Instant) -> ExitCode {
     match vm.run() {
         Ok(report) => {
             if args.json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                // Not println!: when whoever reads the report is gone (a jailed scan's outer
+                // process was killed), the VM is scrubbed already and there is no one to tell.
+                let line = serde_json::to_string(&report).unwrap_or_default();
+                let _ = writeln!(std::io::stdout(), "{line}");
             } else {
                 eprintln!("cella-vmm: {}", summary(&report));
             }
@@ -150,6 +161,7 @@ fn jailed(args: &RunArgs, image: PathBuf) -> ExitCode {
         files,
         options,
         guest_args: args.args.clone(),
+        socket_dir: None,
     };
     args.jail.exec(&launch)
 }

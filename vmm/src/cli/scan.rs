@@ -1,18 +1,27 @@
 //! `cella-vmm scan`: one artifact, one microVM, end to end. The host never parses the artifact:
 //! it attaches it read-only as the VM's disk, hands the runner the job and the compiled policy
 //! over vsock, and prints what comes back.
+//!
+//! With `--jailed` the VMM runs in a jail as `cella-vmm run --disk /disk --vsock /run/vsock.sock
+//! --json -- scan`, and this process stays outside as the job's host side: its job server
+//! listens in a private socket folder that the jailer binds in as the jail's `/run`, and the
+//! VMM's run report comes back on the VMM's stdout. Both ways end in the same report.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{ExitCode, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cella_vmm::job::ScanOutcome;
-use cella_vmm::scan::{self, ScanRequest};
+use cella_proto::Job;
+use cella_vmm::job::{JobError, JobServer, ScanOutcome};
+use cella_vmm::scan::{self, ScanError, ScanRequest, ScanRun, SocketDir};
 use cella_vmm::{default_scanner_image, error_chain, GuestExit};
 use clap::Args;
 use serde_json::{json, Value};
 
 use super::exit_code;
+use super::jailed::{JailedLaunch, JAIL_SOCKET_DIR};
 
 /// Guest memory for a scan unless told otherwise.
 const SCAN_MEM_MIB: u64 = 256;
@@ -62,12 +71,8 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         Ok(policy) => policy,
         Err(message) => return fail(exit_code::BAD_INPUT, message),
     };
-    if args.jail.jailed {
-        // The job channel is a vsock socket, whose host listeners do not reach into a jail yet.
-        return super::jailed::refuse(&super::jailed::JailedError::Unsupported("scan"));
-    }
     // Opened before the VM starts: once the main thread's seccomp filter is on, it can no
-    // longer open files.
+    // longer open files (and a jailed VMM cannot reach host paths at all).
     let mut sarif_out = match &args.sarif {
         Some(path) => match std::fs::File::create(path) {
             Ok(file) => Some(file),
@@ -80,7 +85,6 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         },
         None => None,
     };
-    args.jail.apply_seccomp_mode();
     let request = ScanRequest {
         image,
         artifact: args.artifact.clone(),
@@ -88,11 +92,21 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         mem_mib: args.mem_mib,
         timeout: Duration::from_millis(args.timeout_ms),
         launch_start,
+        cancel: None,
     };
-    let run = match scan::run(&request, Box::new(std::io::stderr())) {
-        Ok(run) => run,
-        Err(e) if e.is_bad_input() => return fail(exit_code::BAD_INPUT, error_chain(&e)),
-        Err(e) => return fail(exit_code::VMM_FAILED, error_chain(&e)),
+    let (run, jailer_status) = if args.jail.jailed {
+        match jailed(&args, request) {
+            Ok((run, status)) => (run, Some(status)),
+            Err(code) => return code,
+        }
+    } else {
+        args.jail.apply_seccomp_mode();
+        let request = ScanRequest { cancel: Some(super::run::stop_on_signals()), ..request };
+        match scan::run(&request, Box::new(std::io::stderr())) {
+            Ok(run) => (run, None),
+            Err(e) if e.is_bad_input() => return fail(exit_code::BAD_INPUT, error_chain(&e)),
+            Err(e) => return fail(exit_code::VMM_FAILED, error_chain(&e)),
+        }
     };
     let report = &run.vm;
     let mut result = json!({
@@ -153,7 +167,64 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
     if args.json {
         println!("{result}");
     }
-    code
+    jailer_status.as_ref().and_then(exit_code::for_jailer).unwrap_or(code)
+}
+
+/// `scan --jailed`: the job server here, the VMM in a jail. Returns the same run a scan in this
+/// process would, and the jailer's status; or the exit code when there is nothing to report
+/// (the reason is printed).
+fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus), ExitCode> {
+    let fail = |code: u8, e: &dyn std::error::Error| {
+        eprintln!("cella-vmm scan: error: {}", error_chain(e));
+        ExitCode::from(code)
+    };
+    let artifact_bytes = match scan::check_artifact(&request.artifact) {
+        Ok(bytes) => bytes,
+        Err(e) => return Err(fail(exit_code::BAD_INPUT, &e)),
+    };
+    // The folder is root's and 0700 (the jailer checks) until the jail's child hands it to the
+    // jail's uid/gid; the listener in it is theirs alone from the start.
+    let sockets = SocketDir::create().map_err(|e| fail(exit_code::VMM_FAILED, &ScanError::SocketDir(e)))?;
+    let server = JobServer::bind(&sockets.vsock_uds())
+        .and_then(|server| server.allow_only(args.jail.jail_uid, args.jail.jail_gid).map(|()| server))
+        .map_err(|e| fail(exit_code::VMM_FAILED, &ScanError::Job(e)))?;
+    let launch = JailedLaunch {
+        subcommand: "run",
+        mem_mib: request.mem_mib,
+        files: vec![("--image", request.image.clone()), ("--disk", request.artifact.clone())],
+        options: vec![
+            "--vsock".into(),
+            format!("{JAIL_SOCKET_DIR}/{}", scan::VSOCK_SOCKET_NAME).into(),
+            "--timeout-ms".into(),
+            request.timeout.as_millis().to_string().into(),
+            "--json".into(),
+        ],
+        guest_args: vec!["scan".into()],
+        socket_dir: Some(sockets.path().to_owned()),
+    };
+    let started = Instant::now();
+    let vmm = args.jail.spawn(&launch).map_err(|e| super::jailed::refuse(&e))?;
+    // The runner learns the artifact's real name from the job; in the jail it is `/disk`.
+    let job = Job { artifact_name: scan::artifact_name(&request.artifact), artifact_size: artifact_bytes };
+    let vm_done = Arc::new(AtomicBool::new(false));
+    let serving = server.serve(job, request.policy, vm_done.clone(), request.timeout, sockets);
+    let end = vmm.wait();
+    vm_done.store(true, Ordering::Release);
+    serving.thread().unpark();
+    let job = serving.join().unwrap_or(Err(JobError::VmGone { stage: "answered" }));
+    let scan_ms = started.elapsed().as_millis() as u64;
+    let end = end.map_err(|e| super::jailed::refuse(&e))?;
+    match end.report {
+        Some(vm) => Ok((ScanRun { vm, job, artifact_bytes, scan_ms }, end.status)),
+        None => {
+            eprintln!(
+                "cella-vmm scan: error: no run report from the jailed VMM (cella-jailer {}; its \
+                 message is above)",
+                end.status
+            );
+            Err(exit_code::for_jail_without_report(&end.status))
+        }
+    }
 }
 
 fn print_summary(summary: &Value, exit: &GuestExit, scan_ms: u64) {

@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The longest line kept; longer ones are cut into several.
 const LINE_MAX: usize = 1024;
@@ -30,7 +30,7 @@ impl Default for ConsoleLimits {
 }
 
 /// What the console passed on and what it dropped.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsoleStats {
     /// Guest bytes written to the host.
     pub bytes: u64,
