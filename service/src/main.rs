@@ -1,23 +1,23 @@
-//! `cella`: the HTTPS API, tenants and keys, the PostgreSQL queue, workers, sessions, the admin
-//! API and the CLI client. Today it carries the audit-log commands (`cella audit …`); the
-//! service itself arrives with the service issue.
+//! `cella`: see the library's documentation (`service/src/lib.rs`).
 #![forbid(unsafe_code)]
-
-mod cli;
-mod db;
 
 use std::process::ExitCode;
 
+use cella_service::cli::{self, Cli, CliError};
 use clap::Parser;
 
-use crate::cli::{Cli, CliError};
-
-/// Exit statuses, decided here and nowhere else.
+/// Exit statuses, decided here and nowhere else (`cella --help` lists them).
 fn exit_code(err: &CliError) -> u8 {
     match err {
-        CliError::VerificationFailed(_) => 1,
+        CliError::VerificationFailed(_) | CliError::FindingsAtThreshold(_) => 1,
         CliError::Usage(_) | CliError::Key(_) | CliError::File { .. } | CliError::Bundle(_) => 2,
-        CliError::Database(_) | CliError::Export(_) | CliError::Store(_) => 3,
+        CliError::Database(_)
+        | CliError::Export(_)
+        | CliError::Store(_)
+        | CliError::Serve(_)
+        | CliError::Service(_) => 3,
+        CliError::JobDidNotSucceed(_) => 4,
+        CliError::Client(_) => 5,
     }
 }
 
@@ -29,6 +29,7 @@ fn main() -> ExitCode {
             println!("FAILED: {failure}");
             ExitCode::from(1)
         }
+        Err(CliError::FindingsAtThreshold(_)) => ExitCode::from(1),
         Err(err) => {
             let mut msg = format!("cella: {err}");
             let mut source = std::error::Error::source(&err);

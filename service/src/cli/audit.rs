@@ -13,7 +13,7 @@ use cella_audit::verify::{self, Options};
 use cella_audit::{Chain, PublicKey, SigningKey, TenantId};
 use clap::{Args, Subcommand};
 
-use super::{audit_bench, CliError};
+use super::{audit_bench, runtime, CliError};
 use crate::db;
 
 #[derive(Debug, Subcommand)]
@@ -50,6 +50,20 @@ pub enum AuditCommand {
     },
     /// Export a chain from the database (DATABASE_URL) as a bundle.
     Export(ExportArgs),
+    /// Download your own audit log from the server (CELLA_API_KEY) as a bundle.
+    Download {
+        /// First event: a sequence number or an RFC 3339 time
+        #[arg(long)]
+        from: Option<String>,
+        /// Last event: a sequence number or an RFC 3339 time
+        #[arg(long)]
+        to: Option<String>,
+        /// The bundle file to write
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        conn: crate::client::Connection,
+    },
     /// Generate a checkpoint signing key: FILE (mode 0600) and FILE.pub.
     Keygen {
         /// The key id checkpoints will name (`k1`, `2026-11`).
@@ -107,14 +121,6 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     move |source| CliError::File { path: path.display().to_string(), source }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::Usage(format!("cannot start the async runtime: {e}")))
-}
-
 fn trusted(paths: &[PathBuf]) -> Result<Vec<PublicKey>, CliError> {
     paths.iter().map(|p| PublicKey::read(p).map_err(CliError::from)).collect()
 }
@@ -142,6 +148,9 @@ pub fn run(cmd: AuditCommand) -> Result<(), CliError> {
             Ok(())
         }
         AuditCommand::Export(args) => runtime()?.block_on(export_cmd(args)),
+        AuditCommand::Download { from, to, out, conn } => {
+            Ok(runtime()?.block_on(crate::client::admin::audit_download(&conn, from, to, &out))?)
+        }
         AuditCommand::Keygen { id, out } => {
             let key = SigningKey::generate(&id)?;
             let pub_path = key.save(&out)?;

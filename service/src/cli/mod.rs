@@ -1,15 +1,29 @@
-//! The command line: `cella audit …` for now (`serve`, `worker`, … come with the service issue).
+//! The command line: the service (`serve`, `worker`), the client (`scan`, `job`), operators
+//! (`tenant`, `key`, `admin`) and the audit log (`audit`).
 
 mod audit;
 mod audit_bench;
+mod service;
 
 use clap::{Parser, Subcommand};
 
 pub use audit::AuditCommand;
 
+use crate::client::admin::{AdminCommand, JobCommand, KeyCommand, TenantCommand};
+use crate::client::scan::ScanArgs;
+use crate::client::ClientError;
+
+const EXIT_STATUS: &str = "Exit status:
+  0  success (cella scan: no finding at or above --fail-on)
+  1  cella scan: findings at or above --fail-on; cella audit verify: verification failed
+  2  bad command line, file or key
+  3  database, service start-up or server-side failure
+  4  cella scan: the job failed or was cancelled
+  5  cannot reach the server, or it refused the request";
+
 /// Cella: multi-tenant compliance scanning in one-tenant microVMs.
 #[derive(Debug, Parser)]
-#[command(name = "cella", version, about)]
+#[command(name = "cella", version, about, after_help = EXIT_STATUS)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,6 +31,26 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the service: HTTPS API, private PostgreSQL (without DATABASE_URL), audit checkpoints, a worker
+    Serve(service::ServeArgs),
+    /// Run a worker against the service's database (DATABASE_URL, or the private one of --data-dir)
+    Worker(service::WorkerArgs),
+    /// Scan a folder or file on the server and print its findings (needs CELLA_API_KEY)
+    Scan(ScanArgs),
+    /// Your jobs (needs CELLA_API_KEY)
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Operators: tenants
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Operators: tenants' API keys
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Operators: workers, VMs, any job, any audit log
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Print the API's OpenAPI 3.1 document
+    Openapi,
     /// The audit log: export, verify offline, prove inclusion, manage signing keys, benchmark.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -27,6 +61,8 @@ enum Command {
 pub enum CliError {
     #[error("{0}")]
     VerificationFailed(String),
+    #[error("{0} finding(s) at or above the --fail-on level")]
+    FindingsAtThreshold(usize),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
@@ -41,11 +77,52 @@ pub enum CliError {
     Export(#[from] cella_audit::export::ExportError),
     #[error("audit store")]
     Store(#[from] cella_audit::store::StoreError),
+    #[error("cella serve")]
+    Serve(#[from] crate::serve::ServeError),
+    #[error(transparent)]
+    Service(#[from] crate::error::ServiceError),
+    #[error("{0}")]
+    JobDidNotSucceed(String),
+    #[error(transparent)]
+    Client(ClientError),
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Other(msg) if msg.starts_with("job ") => CliError::JobDidNotSucceed(msg),
+            other => CliError::Client(other),
+        }
+    }
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Usage(format!("cannot start the async runtime: {e}")))
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Serve(args) => service::serve(args),
+        Command::Worker(args) => service::worker(args),
+        Command::Scan(args) => {
+            let report = runtime()?.block_on(crate::client::scan::run(&args))?;
+            if report.at_threshold > 0 {
+                return Err(CliError::FindingsAtThreshold(report.at_threshold));
+            }
+            Ok(())
+        }
+        Command::Job(cmd) => Ok(runtime()?.block_on(crate::client::admin::job(cmd))?),
+        Command::Tenant(cmd) => Ok(runtime()?.block_on(crate::client::admin::tenant(cmd))?),
+        Command::Key(cmd) => Ok(runtime()?.block_on(crate::client::admin::key(cmd))?),
+        Command::Admin(cmd) => Ok(runtime()?.block_on(crate::client::admin::admin(cmd))?),
+        Command::Openapi => {
+            println!("{}", crate::api::openapi::document());
+            Ok(())
+        }
         Command::Audit(cmd) => audit::run(cmd),
     }
 }

@@ -1,0 +1,253 @@
+//! `/v1/jobs`: submit an artifact, read, list, fetch results, cancel.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+
+use super::auth::TenantAuth;
+use super::extract::ApiQuery;
+use super::AppState;
+use crate::error::ServiceError;
+use crate::ids;
+use crate::jobs::{self, JobPage, JobView, Submission, Submitted};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/sarif", get(sarif))
+        .route("/v1/jobs/{id}/summary", get(summary))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SubmitQuery {
+    /// Rule packs, comma-separated (secrets, pii, licenses); default: all.
+    policy: Option<String>,
+    /// The artifact's file name, for the record (e.g. `app.tar.gz`).
+    name: Option<String>,
+}
+
+const MAX_NAME: usize = 255;
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Submits a scan: the request body is the artifact (tar, tar.gz, zip or a single file).
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", security(("api_key" = [])),
+    params(SubmitQuery, ("Idempotency-Key" = Option<String>, Header, description = "Repeat a submission safely: the same key and body return the same job")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The artifact"),
+    responses(
+        (status = 201, description = "Job created", body = JobView),
+        (status = 200, description = "Idempotent replay: the job this key created before", body = JobView),
+        (status = 400, description = "Bad request", content_type = "application/problem+json"),
+        (status = 401, description = "No or bad API key", content_type = "application/problem+json"),
+        (status = 413, description = "Artifact too large", content_type = "application/problem+json"),
+        (status = 422, description = "Unknown policy, or Idempotency-Key reused with a different request", content_type = "application/problem+json")))]
+async fn submit(
+    State(state): State<AppState>,
+    auth: TenantAuth,
+    ApiQuery(query): ApiQuery<SubmitQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ServiceError> {
+    let policy = jobs::parse_policy(query.policy.as_deref(), &state.config.jobs.default_policy)?;
+    let name = query.name.filter(|n| !n.is_empty());
+    if name.as_ref().is_some_and(|n| n.len() > MAX_NAME || n.chars().any(char::is_control)) {
+        return Err(ServiceError::BadRequest(format!(
+            "name must be at most {MAX_NAME} printable characters"
+        )));
+    }
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let key = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
+            Some(
+                key.ok_or_else(|| {
+                    ServiceError::BadRequest(format!(
+                        "Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                    ))
+                })?
+                .to_owned(),
+            )
+        }
+    };
+    let limit = state.config.jobs.max_artifact_bytes;
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ServiceError::TooLarge { limit });
+    }
+    let job_id = ids::new_id("job");
+    let path = state.data_dir.artifact(&job_id);
+    let part = path.with_extension("part");
+    let stored = receive(body, &part, limit).await;
+    let (bytes, sha256) = match stored {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(e);
+        }
+    };
+    // Named under its final path before the job exists, so a worker never sees a job without
+    // its artifact; removed again if the job is not created.
+    if let Err(e) = tokio::fs::rename(&part, &path).await {
+        let _ = tokio::fs::remove_file(&part).await;
+        return Err(ServiceError::Internal(format!("storing artifact: {e}")));
+    }
+    let sub = Submission {
+        job_id,
+        policy,
+        artifact_name: name,
+        artifact_bytes: bytes,
+        artifact_sha256: sha256,
+        idempotency_key,
+        max_attempts: state.config.jobs.max_attempts,
+    };
+    match jobs::submit(&state.pool, auth.tenant(), &auth.actor(), &sub).await {
+        Ok(Submitted::Created(job)) => {
+            let location = format!("/v1/jobs/{}", job.id);
+            Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(job)).into_response())
+        }
+        Ok(Submitted::Replayed(job)) => {
+            let _ = tokio::fs::remove_file(&path).await;
+            Ok((StatusCode::OK, Json(job)).into_response())
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&path).await;
+            Err(e)
+        }
+    }
+}
+
+/// Streams the body into `path`, hashing it, and stops at `limit` bytes.
+async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64, [u8; 32]), ServiceError> {
+    let internal = |e: std::io::Error| ServiceError::Internal(format!("writing {}: {e}", path.display()));
+    let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut total = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ServiceError::BadRequest(format!("the upload broke off: {e}")))?;
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(ServiceError::TooLarge { limit });
+        }
+        hash.update(&chunk);
+        file.write_all(&chunk).await.map_err(internal)?;
+    }
+    file.flush().await.map_err(internal)?;
+    if total == 0 {
+        return Err(ServiceError::BadRequest(
+            "the artifact is empty: send its bytes as the request body".into(),
+        ));
+    }
+    let mut sha = [0u8; 32];
+    sha.copy_from_slice(hash.finish().as_ref());
+    Ok((total, sha))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only jobs in this state (queued, running, succeeded, failed, cancelled).
+    state: Option<String>,
+    /// From a previous page's `next_cursor`.
+    cursor: Option<String>,
+    /// Page size, 1-200 (default 50).
+    limit: Option<u32>,
+}
+
+/// Lists the caller's jobs, newest first.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", security(("api_key" = [])), params(ListQuery),
+    responses((status = 200, body = JobPage), (status = 400, description = "Bad state or cursor", content_type = "application/problem+json"),
+              (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
+async fn list(
+    State(state): State<AppState>,
+    auth: TenantAuth,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<JobPage>, ServiceError> {
+    let page = jobs::list(
+        &state.pool,
+        auth.tenant(),
+        q.state.as_deref(),
+        q.cursor.as_deref(),
+        q.limit.unwrap_or(50),
+    )
+    .await?;
+    Ok(Json(page))
+}
+
+fn check_id(id: &str) -> Result<(), ServiceError> {
+    if ids::is_id(id, "job") {
+        Ok(())
+    } else {
+        Err(ServiceError::NotFound(format!("job {id}")))
+    }
+}
+
+/// One job.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security(("api_key" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = JobView), (status = 404, description = "No such job of this tenant", content_type = "application/problem+json"),
+              (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
+async fn get_job(
+    State(state): State<AppState>,
+    auth: TenantAuth,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ServiceError> {
+    check_id(&id)?;
+    Ok(Json(jobs::get(&state.pool, auth.tenant(), &id).await?))
+}
+
+/// The SARIF 2.1.0 log of a succeeded job.
+#[utoipa::path(get, path = "/v1/jobs/{id}/sarif", tag = "jobs", security(("api_key" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "SARIF 2.1.0", content_type = "application/sarif+json"),
+              (status = 404, description = "No such job, or no result yet", content_type = "application/problem+json"),
+              (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
+async fn sarif(
+    State(state): State<AppState>,
+    auth: TenantAuth,
+    Path(id): Path<String>,
+) -> Result<Response, ServiceError> {
+    check_id(&id)?;
+    let bytes = jobs::sarif(&state.pool, auth.tenant(), &id).await?;
+    Ok(([(header::CONTENT_TYPE, "application/sarif+json")], bytes).into_response())
+}
+
+/// The findings summary of a succeeded job.
+#[utoipa::path(get, path = "/v1/jobs/{id}/summary", tag = "jobs", security(("api_key" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "Counts by category and rule", body = Object),
+              (status = 404, description = "No such job, or no result yet", content_type = "application/problem+json"),
+              (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
+async fn summary(
+    State(state): State<AppState>,
+    auth: TenantAuth,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ServiceError> {
+    check_id(&id)?;
+    Ok(Json(jobs::summary(&state.pool, auth.tenant(), &id).await?))
+}
+
+/// Cancels a queued or running job (a running job's VM is stopped).
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", security(("api_key" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "Cancelled, or cancellation requested (`cancel_requested`) for a running job", body = JobView),
+              (status = 404, description = "No such job of this tenant", content_type = "application/problem+json"),
+              (status = 409, description = "The job has already finished", content_type = "application/problem+json"),
+              (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
+async fn cancel(
+    State(state): State<AppState>,
+    auth: TenantAuth,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ServiceError> {
+    check_id(&id)?;
+    let job = jobs::cancel(&state.pool, Some(auth.tenant()), &id, &auth.actor()).await?;
+    if job.state == "cancelled" {
+        let _ = tokio::fs::remove_file(state.data_dir.artifact(&id)).await;
+    }
+    Ok(Json(job))
+}

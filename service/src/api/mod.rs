@@ -1,0 +1,75 @@
+//! The HTTP API: `app(state)` builds the router (tests call it directly with tower's `oneshot`;
+//! `server` serves it over TLS). One router per resource; authentication lives in the
+//! extractors of [`auth`]; errors become problem documents in [`crate::error`].
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod extract;
+pub mod jobs;
+pub mod openapi;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use sqlx::PgPool;
+
+use crate::config::Config;
+use crate::data_dir::DataDir;
+use crate::error::{problem, ServiceError};
+use crate::metrics::Metrics;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub data_dir: DataDir,
+    pub metrics: Arc<Metrics>,
+    /// The checkpoint signing key: exports cut a checkpoint first, so every exported event is
+    /// covered by a signature.
+    pub signer: Option<Arc<cella_audit::SigningKey>>,
+}
+
+/// The whole API.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(jobs::router())
+        .merge(audit::router())
+        .merge(admin::router())
+        .route("/v1/openapi.json", get(openapi::serve))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            problem(StatusCode::NOT_FOUND, "not-found", "no such endpoint; see /v1/openapi.json")
+        })
+        .method_not_allowed_fallback(|| async {
+            problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .with_state(state)
+}
+
+/// Liveness: the API answers and reaches its database.
+#[utoipa::path(get, path = "/healthz", tag = "service",
+    responses((status = 200, description = "the API and its database are up"), (status = 503, description = "the database is unreachable")))]
+async fn healthz(State(state): State<AppState>) -> Result<Response, ServiceError> {
+    sqlx::query("SELECT 1").execute(&state.pool).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], "{\"status\":\"ok\"}").into_response())
+}
+
+/// Prometheus metrics (operators only).
+#[utoipa::path(get, path = "/metrics", tag = "admin", security(("admin" = [])),
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
+              (status = 401, description = "no or bad admin credential")))]
+async fn metrics(State(state): State<AppState>, _admin: auth::AdminAuth) -> Result<Response, ServiceError> {
+    let text = state.metrics.render(&state.pool).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}

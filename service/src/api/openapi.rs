@@ -1,0 +1,49 @@
+//! The OpenAPI 3.1 document, generated from the handlers' annotations (utoipa), served at
+//! `/v1/openapi.json`.
+
+use axum::response::{IntoResponse, Response};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Cella", description = "Compliance scans in one-tenant microVMs. Tenants authenticate with `Authorization: Bearer cella_…`; operators with the admin credential. Errors are RFC 9457 problem documents."),
+    paths(
+        super::healthz, super::metrics,
+        super::jobs::submit, super::jobs::list, super::jobs::get_job, super::jobs::sarif, super::jobs::summary, super::jobs::cancel,
+        super::audit::tenant_export,
+        super::admin::create_tenant, super::admin::list_tenants, super::admin::suspend, super::admin::reinstate,
+        super::admin::create_key, super::admin::rotate_keys, super::admin::revoke_all_keys, super::admin::revoke_key,
+        super::admin::list_workers, super::admin::drain, super::admin::undrain, super::admin::list_vms,
+        super::admin::cancel_job, super::admin::audit_export,
+    ),
+    modifiers(&Security),
+    tags((name = "jobs", description = "Scan jobs"), (name = "audit", description = "The tenant's audit log"),
+         (name = "admin", description = "Operators"), (name = "service", description = "Health"))
+)]
+pub struct ApiDoc;
+
+#[derive(Debug)]
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let bearer = |desc: &str| {
+            SecurityScheme::Http(
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some(desc)).build(),
+            )
+        };
+        components.add_security_scheme("api_key", bearer("A tenant's API key (cella_…)"));
+        components.add_security_scheme("admin", bearer("The operator credential (cella_admin_…)"));
+    }
+}
+
+/// The document as JSON.
+pub fn document() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+pub async fn serve() -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], document()).into_response()
+}

@@ -1,0 +1,334 @@
+//! Operator commands (`cella tenant …`, `cella key …`, `cella admin …`) and a tenant's job and
+//! audit commands (`cella job …`, `cella audit download`), each one API call.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use super::{ClientError, Connection};
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant; prints its id and its first API key (shown only once)
+    Create {
+        name: String,
+        /// The most of its jobs that run at once
+        #[arg(long)]
+        max_concurrent: Option<u32>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// List tenants
+    Ls {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Suspend a tenant: its keys answer 403 and its queued jobs wait
+    Suspend {
+        tenant: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Reinstate a suspended tenant
+    Reinstate {
+        tenant: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Issue another API key for a tenant (prints it once)
+    Create {
+        tenant: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Revoke one key, or all of a tenant's keys with --all
+    Revoke {
+        tenant: String,
+        #[arg(required_unless_present = "all")]
+        key_id: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Revoke all of a tenant's keys and issue one new key
+    Rotate {
+        tenant: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Workers, with their load and whether they drain
+    Workers {
+        /// Also stopped workers
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Stop a worker from leasing jobs (running jobs finish)
+    Drain {
+        worker: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Let a drained worker lease jobs again
+    Undrain {
+        worker: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Running VMs: tenant, job, worker, age, memory
+    Vms {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Cancel any tenant's job
+    Cancel {
+        job: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Export a tenant's audit log (or `operator`) as a bundle
+    AuditExport {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// One job, as JSON
+    Show {
+        id: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Your jobs, newest first
+    Ls {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Cancel a queued or running job
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+fn print(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+pub async fn tenant(cmd: TenantCommand) -> Result<(), ClientError> {
+    match cmd {
+        TenantCommand::Create { name, max_concurrent, conn } => {
+            let mut body = json!({ "name": name });
+            if let Some(m) = max_concurrent {
+                body["max_concurrent"] = json!(m);
+            }
+            let created = conn.admin()?.post_json("/v1/admin/tenants", &body).await?;
+            println!("tenant  {}", created["tenant"]["id"].as_str().unwrap_or("?"));
+            println!("key id  {}", created["key"]["key_id"].as_str().unwrap_or("?"));
+            println!("API key {}", created["key"]["api_key"].as_str().unwrap_or("?"));
+            eprintln!(
+                "keep the API key now: it is not stored and cannot be shown again (export CELLA_API_KEY=...)"
+            );
+        }
+        TenantCommand::Ls { conn } => {
+            let tenants = conn.admin()?.json(Method::GET, "/v1/admin/tenants").await?;
+            println!("{:<40} {:<24} {:<10} MAX", "ID", "NAME", "SUSPENDED");
+            for t in tenants.as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:<24} {:<10} {}",
+                    t["id"].as_str().unwrap_or(""),
+                    t["name"].as_str().unwrap_or(""),
+                    t["suspended"],
+                    t["max_concurrent"]
+                );
+            }
+        }
+        TenantCommand::Suspend { tenant, conn } => {
+            print(&conn.admin()?.json(Method::POST, &format!("/v1/admin/tenants/{tenant}/suspend")).await?)
+        }
+        TenantCommand::Reinstate { tenant, conn } => {
+            print(&conn.admin()?.json(Method::POST, &format!("/v1/admin/tenants/{tenant}/reinstate")).await?)
+        }
+    }
+    Ok(())
+}
+
+pub async fn key(cmd: KeyCommand) -> Result<(), ClientError> {
+    let (key, conn_used) = match cmd {
+        KeyCommand::Create { tenant, conn } => {
+            (conn.admin()?.json(Method::POST, &format!("/v1/admin/tenants/{tenant}/keys")).await?, true)
+        }
+        KeyCommand::Rotate { tenant, conn } => (
+            conn.admin()?.json(Method::POST, &format!("/v1/admin/tenants/{tenant}/keys/rotate")).await?,
+            true,
+        ),
+        KeyCommand::Revoke { tenant, key_id, all: _, conn } => {
+            let path = match key_id {
+                Some(k) => format!("/v1/admin/tenants/{tenant}/keys/{k}/revoke"),
+                None => format!("/v1/admin/tenants/{tenant}/keys/revoke"),
+            };
+            let revoked = conn.admin()?.json(Method::POST, &path).await?;
+            println!("revoked {} key(s)", revoked["revoked"]);
+            (Value::Null, false)
+        }
+    };
+    if conn_used {
+        println!("key id  {}", key["key_id"].as_str().unwrap_or("?"));
+        println!("API key {}", key["api_key"].as_str().unwrap_or("?"));
+        eprintln!("keep the API key now: it is not stored and cannot be shown again");
+    }
+    Ok(())
+}
+
+pub async fn admin(cmd: AdminCommand) -> Result<(), ClientError> {
+    match cmd {
+        AdminCommand::Workers { all, conn } => {
+            let path = if all { "/v1/admin/workers?all=true" } else { "/v1/admin/workers" };
+            let workers = conn.admin()?.json(Method::GET, path).await?;
+            println!("{:<40} {:<16} {:>7} {:>9} {:<8} ALIVE", "ID", "HOST", "RUNNING", "SLOTS", "DRAINING");
+            for w in workers.as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:<16} {:>7} {:>9} {:<8} {}",
+                    w["id"].as_str().unwrap_or(""),
+                    w["hostname"].as_str().unwrap_or(""),
+                    w["running"],
+                    w["concurrency"],
+                    w["draining"],
+                    w["alive"]
+                );
+            }
+        }
+        AdminCommand::Drain { worker, conn } => {
+            print(&conn.admin()?.json(Method::POST, &format!("/v1/admin/workers/{worker}/drain")).await?)
+        }
+        AdminCommand::Undrain { worker, conn } => {
+            print(&conn.admin()?.json(Method::POST, &format!("/v1/admin/workers/{worker}/undrain")).await?)
+        }
+        AdminCommand::Vms { conn } => {
+            let vms = conn.admin()?.json(Method::GET, "/v1/admin/vms").await?;
+            println!("{:<38} {:<40} {:>8} {:>8} {:>8} WORKER", "JOB", "TENANT", "PID", "MEM_MIB", "AGE_S");
+            for v in vms.as_array().into_iter().flatten() {
+                println!(
+                    "{:<38} {:<40} {:>8} {:>8} {:>8.1} {}",
+                    v["job_id"].as_str().unwrap_or(""),
+                    v["tenant_id"].as_str().unwrap_or(""),
+                    v["pid"],
+                    v["mem_mib"],
+                    v["age_secs"].as_f64().unwrap_or(0.0),
+                    v["worker_id"].as_str().unwrap_or("")
+                );
+            }
+        }
+        AdminCommand::Cancel { job, conn } => {
+            print(&conn.admin()?.json(Method::POST, &format!("/v1/admin/jobs/{job}/cancel")).await?)
+        }
+        AdminCommand::AuditExport { tenant, from, to, out, conn } => {
+            let client = conn.admin()?;
+            let mut request =
+                client.request(Method::GET, "/v1/admin/audit/export").query(&[("tenant", tenant)]);
+            if let Some(f) = from {
+                request = request.query(&[("from", f)]);
+            }
+            if let Some(t) = to {
+                request = request.query(&[("to", t)]);
+            }
+            save(client.send(request).await?, &out).await?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn job(cmd: JobCommand) -> Result<(), ClientError> {
+    match cmd {
+        JobCommand::Show { id, conn } => {
+            print(&conn.tenant()?.json(Method::GET, &format!("/v1/jobs/{id}")).await?)
+        }
+        JobCommand::Cancel { id, conn } => {
+            print(&conn.tenant()?.json(Method::POST, &format!("/v1/jobs/{id}/cancel")).await?)
+        }
+        JobCommand::Ls { state, limit, conn } => {
+            let client = conn.tenant()?;
+            let mut request = client.request(Method::GET, "/v1/jobs").query(&[("limit", limit)]);
+            if let Some(s) = state {
+                request = request.query(&[("state", s)]);
+            }
+            let page: Value = client
+                .send(request)
+                .await?
+                .json()
+                .await
+                .map_err(|e| ClientError::Http(client.base().into(), e))?;
+            println!("{:<38} {:<10} {:>8} {:<25} ERROR", "ID", "STATE", "FINDINGS", "CREATED");
+            for j in page["jobs"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<38} {:<10} {:>8} {:<25} {}",
+                    j["id"].as_str().unwrap_or(""),
+                    j["state"].as_str().unwrap_or(""),
+                    j["findings"].as_i64().map_or("-".into(), |n| n.to_string()),
+                    j["created_at"].as_str().unwrap_or(""),
+                    j["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `cella audit download`: the caller's own audit bundle.
+pub async fn audit_download(
+    conn: &Connection,
+    from: Option<String>,
+    to: Option<String>,
+    out: &PathBuf,
+) -> Result<(), ClientError> {
+    let client = conn.tenant()?;
+    let mut request = client.request(Method::GET, "/v1/audit/export");
+    if let Some(f) = from {
+        request = request.query(&[("from", f)]);
+    }
+    if let Some(t) = to {
+        request = request.query(&[("to", t)]);
+    }
+    save(client.send(request).await?, out).await
+}
+
+async fn save(response: reqwest::Response, out: &PathBuf) -> Result<(), ClientError> {
+    let bytes = response.bytes().await.map_err(|e| ClientError::Http("the server".into(), e))?;
+    let tmp = out.with_extension("partial");
+    std::fs::write(&tmp, &bytes).map_err(|e| ClientError::Write(tmp.clone(), e))?;
+    std::fs::rename(&tmp, out).map_err(|e| ClientError::Write(out.clone(), e))?;
+    eprintln!(
+        "wrote {} bytes to {} (check it with `cella audit verify {}`)",
+        bytes.len(),
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}

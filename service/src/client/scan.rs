@@ -1,0 +1,276 @@
+//! `cella scan PATH`: pack a folder (or take a file), upload it with progress, wait for the job,
+//! print a findings table, write the SARIF log, and exit by the worst finding's severity.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use reqwest::Method;
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+
+use super::{ApiClient, ClientError, Connection};
+
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// A folder (packed as tar) or a file (tar, tar.gz, zip or any single file)
+    pub path: PathBuf,
+    /// Rule packs, comma-separated [default: the server's, secrets,pii,licenses]
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Where to write the SARIF log [default: cella-<job id>.sarif]
+    #[arg(long, value_name = "FILE")]
+    pub sarif: Option<PathBuf>,
+    /// Exit 1 if a finding at or above this level exists
+    #[arg(long, value_enum, default_value_t = Level::Error)]
+    pub fail_on: Level,
+    /// Reuse a job if this key was sent before with the same artifact (safe retries)
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// Give up waiting after this many seconds (the job keeps running)
+    #[arg(long, default_value_t = 900)]
+    pub wait_secs: u64,
+    #[command(flatten)]
+    pub conn: Connection,
+}
+
+/// SARIF result levels, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Level {
+    Note,
+    Warning,
+    Error,
+    /// Never fail on findings
+    Never,
+}
+
+impl Level {
+    fn of(sarif_level: &str) -> Level {
+        match sarif_level {
+            "error" => Level::Error,
+            "warning" => Level::Warning,
+            _ => Level::Note,
+        }
+    }
+}
+
+/// What a scan found, for the exit status.
+#[derive(Debug)]
+pub struct ScanReport {
+    pub job_id: String,
+    pub findings: usize,
+    pub at_threshold: usize,
+}
+
+/// Packs `dir` into a tar file in the system's temporary folder (symlinks kept as links: the
+/// scanner refuses links that leave the archive).
+fn pack(dir: &Path) -> Result<(tempfile_path::TempPath, String), ClientError> {
+    let name = dir.file_name().map_or_else(|| "artifact".to_owned(), |n| n.to_string_lossy().into_owned());
+    let path = tempfile_path::TempPath::new(&format!("cella-scan-{}-{}.tar", std::process::id(), name));
+    let file =
+        std::fs::File::create(path.path()).map_err(|e| ClientError::Write(path.path().to_owned(), e))?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
+    tar.follow_symlinks(false);
+    tar.append_dir_all(&name, dir).map_err(|e| ClientError::Read(dir.to_owned(), e))?;
+    let inner = tar.into_inner().map_err(|e| ClientError::Write(path.path().to_owned(), e))?;
+    inner
+        .into_inner()
+        .map_err(|e| ClientError::Write(path.path().to_owned(), e.into_error()))?
+        .sync_all()
+        .ok();
+    Ok((path, format!("{name}.tar")))
+}
+
+mod tempfile_path {
+    use std::path::{Path, PathBuf};
+
+    /// A file in the temporary folder, removed when dropped.
+    #[derive(Debug)]
+    pub struct TempPath(PathBuf);
+
+    impl TempPath {
+        pub fn new(name: &str) -> Self {
+            Self(std::env::temp_dir().join(name))
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// Uploads `file` as a new job, with a progress line on a terminal.
+async fn upload(client: &ApiClient, file: &Path, name: &str, args: &ScanArgs) -> Result<Value, ClientError> {
+    let size = std::fs::metadata(file).map_err(|e| ClientError::Read(file.to_owned(), e))?.len();
+    let reader = tokio::fs::File::open(file).await.map_err(|e| ClientError::Read(file.to_owned(), e))?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let progress = Progress::new(size, sent.clone());
+    let stream = futures_util::stream::unfold((reader, sent), |(mut reader, sent)| async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        match reader.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                sent.fetch_add(n as u64, Ordering::Relaxed);
+                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), (reader, sent)))
+            }
+            Err(e) => Some((Err(e), (reader, sent))),
+        }
+    });
+    let mut request = client
+        .request(Method::POST, "/v1/jobs")
+        .query(&[("name", name)])
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .header(reqwest::header::CONTENT_LENGTH, size)
+        .body(reqwest::Body::wrap_stream(stream));
+    if let Some(policy) = &args.policy {
+        request = request.query(&[("policy", policy)]);
+    }
+    if let Some(key) = &args.idempotency_key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let ticker = progress.spawn();
+    let result = client.send(request).await;
+    ticker.abort();
+    progress.finish();
+    result?.json().await.map_err(|e| ClientError::Http(client.base().to_owned(), e))
+}
+
+/// An upload progress line on stderr (only on a terminal).
+#[derive(Debug, Clone)]
+struct Progress {
+    total: u64,
+    sent: Arc<AtomicU64>,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: u64, sent: Arc<AtomicU64>) -> Self {
+        Self { total, sent, tty: std::io::stderr().is_terminal() }
+    }
+
+    fn draw(&self) {
+        let sent = self.sent.load(Ordering::Relaxed).min(self.total);
+        let pct = (sent * 100).checked_div(self.total).unwrap_or(100);
+        let bar = "#".repeat((pct / 5) as usize);
+        eprint!("\ruploading [{bar:<20}] {pct:>3}% {}/{} KiB", sent / 1024, self.total / 1024);
+        let _ = std::io::stderr().flush();
+    }
+
+    fn spawn(&self) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if !me.tty {
+                return;
+            }
+            loop {
+                me.draw();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            self.draw();
+            eprintln!();
+        }
+    }
+}
+
+/// Runs `cella scan`.
+pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
+    let client = args.conn.tenant()?;
+    let meta = std::fs::metadata(&args.path).map_err(|e| ClientError::Read(args.path.clone(), e))?;
+    let (_packed, file, name) = if meta.is_dir() {
+        let (tmp, name) = pack(&args.path)?;
+        let file = tmp.path().to_owned();
+        (Some(tmp), file, name)
+    } else {
+        let name =
+            args.path.file_name().map_or_else(|| "artifact".into(), |n| n.to_string_lossy().into_owned());
+        (None, args.path.clone(), name)
+    };
+    let job = upload(&client, &file, &name, args).await?;
+    let id = job["id"].as_str().unwrap_or_default().to_owned();
+    eprintln!("job {id} submitted ({} bytes, policy {})", job["artifact"]["bytes"], job["policy"]);
+    let job = wait(&client, &id, Duration::from_secs(args.wait_secs)).await?;
+    let state = job["state"].as_str().unwrap_or("?");
+    if state != "succeeded" {
+        let reason = job["error"].as_str().unwrap_or("no reason given");
+        return Err(ClientError::Other(format!("job {id} {state}: {reason}")));
+    }
+    let sarif = client.bytes(&format!("/v1/jobs/{id}/sarif")).await?;
+    let out = args.sarif.clone().unwrap_or_else(|| PathBuf::from(format!("cella-{id}.sarif")));
+    std::fs::write(&out, &sarif).map_err(|e| ClientError::Write(out.clone(), e))?;
+    let log: Value = serde_json::from_slice(&sarif)
+        .map_err(|e| ClientError::Other(format!("the SARIF log is not JSON: {e}")))?;
+    let results = log["runs"][0]["results"].as_array().cloned().unwrap_or_default();
+    print_table(&results);
+    let at_threshold =
+        results.iter().filter(|r| Level::of(r["level"].as_str().unwrap_or("")) >= args.fail_on).count();
+    println!(
+        "{} finding(s); {at_threshold} at or above --fail-on {}; SARIF written to {}; job {id}",
+        results.len(),
+        format!("{:?}", args.fail_on).to_lowercase(),
+        out.display()
+    );
+    Ok(ScanReport { job_id: id, findings: results.len(), at_threshold })
+}
+
+/// Polls the job until it ends (or `limit` passes).
+pub async fn wait(client: &ApiClient, id: &str, limit: Duration) -> Result<Value, ClientError> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(50);
+    let mut last_state = String::new();
+    loop {
+        let job = client.json(Method::GET, &format!("/v1/jobs/{id}")).await?;
+        let state = job["state"].as_str().unwrap_or("?").to_owned();
+        if state != last_state {
+            eprintln!("job {id}: {state}");
+            last_state = state.clone();
+        }
+        if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+            return Ok(job);
+        }
+        if start.elapsed() > limit {
+            return Err(ClientError::Other(format!(
+                "job {id} is still {state} after {} s; check later with `cella job show {id}`",
+                limit.as_secs()
+            )));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+fn print_table(results: &[Value]) {
+    if results.is_empty() {
+        println!("no findings");
+        return;
+    }
+    println!("{:<8} {:<30} {:<40} MESSAGE", "LEVEL", "RULE", "LOCATION");
+    for r in results {
+        let loc = &r["locations"][0]["physicalLocation"];
+        let location = format!(
+            "{}:{}",
+            loc["artifactLocation"]["uri"].as_str().unwrap_or("?"),
+            loc["region"]["startLine"].as_u64().unwrap_or(0)
+        );
+        println!(
+            "{:<8} {:<30} {:<40} {}",
+            r["level"].as_str().unwrap_or("?"),
+            r["ruleId"].as_str().unwrap_or("?"),
+            location,
+            r["message"]["text"].as_str().unwrap_or("")
+        );
+    }
+}

@@ -1,0 +1,225 @@
+//! Configuration: `<data dir>/cella.toml` (or `--config FILE`), then environment variables, then
+//! built-in defaults that work on one host. Every key is documented in `docs/configuration.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("configuration file {0}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+    #[error("environment variable {name}={value:?} is not {what}")]
+    Env { name: &'static str, value: String, what: &'static str },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the API listens (`CELLA_LISTEN`).
+    pub listen: SocketAddr,
+    /// An external PostgreSQL (`DATABASE_URL`); without one, `cella serve` runs a private one in
+    /// the data folder.
+    pub database_url: Option<String>,
+    /// The server certificate and key (PEM). Without them a CA and a certificate for
+    /// `localhost`/`127.0.0.1` are generated in the data folder on first start.
+    pub tls: TlsConfig,
+    pub jobs: JobsConfig,
+    pub worker: WorkerConfig,
+    /// The checkpoint signing key file and checkpoint policy.
+    pub audit: AuditSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Extra host names (and IP addresses) for the generated certificate.
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// The largest artifact accepted (`CELLA_MAX_ARTIFACT_BYTES`); larger uploads answer 413.
+    pub max_artifact_bytes: u64,
+    /// How many times a job is leased before it fails for good.
+    pub max_attempts: u32,
+    /// How long a lease lasts without a heartbeat.
+    pub lease_secs: u64,
+    /// Rule packs when a request names none.
+    pub default_policy: String,
+    /// The most jobs of one tenant that run at once (new tenants; per tenant in the database).
+    pub tenant_max_concurrent: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Whether `cella serve` also runs a worker (`CELLA_WORKER=0` turns it off).
+    pub enabled: bool,
+    /// Jobs one worker runs at once (`CELLA_WORKER_CONCURRENCY`).
+    pub concurrency: u32,
+    /// The `cella-vmm` binary (`CELLA_VMM`); default: next to `cella`.
+    pub vmm: Option<PathBuf>,
+    /// The scanner guest image (`CELLA_SCANNER_IMAGE`); default: cella-vmm's own default.
+    pub scanner_image: Option<PathBuf>,
+    /// Guest memory of each scan VM.
+    pub mem_mib: u32,
+    /// A scan is stopped after this long.
+    pub timeout_secs: u64,
+    /// Run each VMM through cella-jailer (`CELLA_JAILED`); needs root.
+    pub jailed: bool,
+    /// First uid/gid of the jailed VMMs: slot N of this worker runs as `jail_uid_base + N`.
+    pub jail_uid_base: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// Default: `<data dir>/audit-signing.key` (generated on first start).
+    pub signing_key: Option<PathBuf>,
+    pub checkpoint_every_events: Option<u64>,
+    pub checkpoint_every_secs: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            database_url: None,
+            tls: TlsConfig::default(),
+            jobs: JobsConfig::default(),
+            worker: WorkerConfig::default(),
+            audit: AuditSection::default(),
+        }
+    }
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            max_artifact_bytes: 1 << 30,
+            max_attempts: 3,
+            lease_secs: 30,
+            default_policy: "secrets,pii,licenses".to_owned(),
+            tenant_max_concurrent: 4,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            concurrency: 2,
+            vmm: None,
+            scanner_image: None,
+            mem_mib: 256,
+            timeout_secs: 600,
+            jailed: false,
+            jail_uid_base: 64_100,
+        }
+    }
+}
+
+impl JobsConfig {
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs.max(1))
+    }
+}
+
+impl Config {
+    /// Reads `file` (if it exists; a missing default file is fine, a missing named file is
+    /// not), then applies the environment.
+    pub fn load(file: Option<&Path>, default_file: &Path) -> Result<Self, ConfigError> {
+        let (path, required) = match file {
+            Some(path) => (path, true),
+            None => (default_file, false),
+        };
+        let mut config = match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Config::default(),
+            Err(e) => return Err(ConfigError::Read(path.to_owned(), e)),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        Ok(config)
+    }
+
+    /// Environment overrides (`get` is `std::env::var`, or a map in tests).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(
+            name: &'static str,
+            value: String,
+            what: &'static str,
+        ) -> Result<T, ConfigError> {
+            value.parse().map_err(|_| ConfigError::Env { name, value, what })
+        }
+        if let Some(v) = get("CELLA_LISTEN") {
+            self.listen = parse("CELLA_LISTEN", v, "an address like 127.0.0.1:8443")?;
+        }
+        if let Some(v) = get("DATABASE_URL").filter(|v| !v.is_empty()) {
+            self.database_url = Some(v);
+        }
+        if let Some(v) = get("CELLA_MAX_ARTIFACT_BYTES") {
+            self.jobs.max_artifact_bytes = parse("CELLA_MAX_ARTIFACT_BYTES", v, "a number of bytes")?;
+        }
+        if let Some(v) = get("CELLA_LEASE_SECS") {
+            self.jobs.lease_secs = parse("CELLA_LEASE_SECS", v, "a number of seconds")?;
+        }
+        if let Some(v) = get("CELLA_WORKER") {
+            self.worker.enabled = !matches!(v.as_str(), "0" | "false" | "no" | "off");
+        }
+        if let Some(v) = get("CELLA_WORKER_CONCURRENCY") {
+            self.worker.concurrency = parse("CELLA_WORKER_CONCURRENCY", v, "a number")?;
+        }
+        if let Some(v) = get("CELLA_VMM") {
+            self.worker.vmm = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("CELLA_SCANNER_IMAGE") {
+            self.worker.scanner_image = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("CELLA_JAILED") {
+            self.worker.jailed = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_without_a_file() {
+        let dir = std::env::temp_dir().join(format!("cella-config-{}", std::process::id()));
+        let c = Config::load(None, &dir.join("cella.toml")).unwrap();
+        assert_eq!(c.listen.port(), 8443);
+        assert_eq!(c.jobs.max_attempts, 3);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut c: Config =
+            toml::from_str("listen = \"127.0.0.1:9000\"\n[worker]\nconcurrency = 3\n").unwrap();
+        c.apply_env(|n| (n == "CELLA_WORKER_CONCURRENCY").then(|| "5".to_owned())).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.worker.concurrency, 5);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = toml::from_str::<Config>("[jobs]\nmax_artifact = 5\n").unwrap_err();
+        assert!(err.to_string().contains("max_artifact"), "{err}");
+        let mut c = Config::default();
+        let err = c.apply_env(|n| (n == "CELLA_LISTEN").then(|| "nowhere".to_owned())).unwrap_err();
+        assert!(err.to_string().contains("CELLA_LISTEN=\"nowhere\""), "{err}");
+    }
+}

@@ -1,0 +1,107 @@
+//! The service's errors and the one place they become HTTP responses: RFC 9457
+//! `application/problem+json`, with internal details only in the server's log.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("missing or malformed Authorization header: send `Authorization: Bearer <API key>`")]
+    Unauthenticated,
+    #[error("the API key is not valid (unknown or revoked)")]
+    BadKey,
+    #[error("tenant {0} is suspended; ask your operator")]
+    TenantSuspended(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the artifact is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("the database is unavailable; try again")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for ServiceError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => ServiceError::Unavailable(e),
+            _ => ServiceError::Internal(format!("database: {e}")),
+        }
+    }
+}
+
+impl From<cella_audit::store::StoreError> for ServiceError {
+    fn from(e: cella_audit::store::StoreError) -> Self {
+        match e {
+            cella_audit::store::StoreError::Db(db) => db.into(),
+            other => ServiceError::Internal(format!("audit: {other}")),
+        }
+    }
+}
+
+impl ServiceError {
+    /// The HTTP status and the problem type's short name.
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            ServiceError::Unauthenticated | ServiceError::BadKey => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
+            ServiceError::TenantSuspended(_) => (StatusCode::FORBIDDEN, "tenant-suspended"),
+            ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+            ServiceError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
+            ServiceError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ServiceError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+            ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+/// A problem document (RFC 9457) for `status` with `detail`.
+pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
+    let body = json!({
+        "type": format!("https://cella.dev/problems/{kind}"),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut response = (status, body.to_string()).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/problem+json"));
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+impl IntoResponse for ServiceError {
+    fn into_response(self) -> Response {
+        let (status, kind) = self.status();
+        let detail = match &self {
+            ServiceError::Internal(_) => {
+                eprintln!("cella serve: {self}");
+                "internal error; the server's log has the details".to_owned()
+            }
+            ServiceError::Unavailable(e) => {
+                eprintln!("cella serve: database unavailable: {e}");
+                self.to_string()
+            }
+            _ => self.to_string(),
+        };
+        problem(status, kind, &detail)
+    }
+}

@@ -1,0 +1,418 @@
+//! Jobs as tenants see them: submission (with idempotency), reading, listing with cursor
+//! pagination, results, and cancellation. The worker's side of the queue is in [`crate::queue`].
+
+use cella_audit::Actor;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use time::OffsetDateTime;
+
+use crate::audit_log::tenant_event;
+use crate::error::ServiceError;
+use crate::ids;
+
+/// NOTIFY channel: a job became ready to lease.
+pub const CHANNEL_JOBS: &str = "cella_jobs";
+/// NOTIFY channel: a running job was asked to stop (payload: its id).
+pub const CHANNEL_CANCEL: &str = "cella_cancel";
+
+/// The states of a job.
+pub const STATES: &[&str] = &["queued", "running", "succeeded", "failed", "cancelled"];
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct JobView {
+    pub id: String,
+    /// queued, running, succeeded, failed or cancelled
+    pub state: String,
+    /// The rule packs applied.
+    pub policy: Vec<String>,
+    pub artifact: ArtifactView,
+    /// Leases so far (a retried job has more than one).
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub cancel_requested: bool,
+    /// Why it failed (or was cancelled).
+    pub error: Option<String>,
+    /// Number of findings, once succeeded.
+    pub findings: Option<i32>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: String,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub started_at: Option<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ArtifactView {
+    pub name: Option<String>,
+    pub bytes: i64,
+    /// SHA-256 of the artifact, hex.
+    pub sha256: String,
+}
+
+/// A page of jobs.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<JobView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+const JOB_COLUMNS: &str =
+    "id, state, policy, artifact_name, artifact_bytes, artifact_sha256, attempt, max_attempts,
+     cancel_requested, error, findings, created_at, started_at, finished_at";
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+fn job_from_row(row: &PgRow) -> Result<JobView, sqlx::Error> {
+    let policy: String = row.try_get("policy")?;
+    Ok(JobView {
+        id: row.try_get("id")?,
+        state: row.try_get("state")?,
+        policy: policy.split(',').map(str::to_owned).collect(),
+        artifact: ArtifactView {
+            name: row.try_get("artifact_name")?,
+            bytes: row.try_get("artifact_bytes")?,
+            sha256: ids::hex(row.try_get::<&[u8], _>("artifact_sha256")?),
+        },
+        attempt: row.try_get("attempt")?,
+        max_attempts: row.try_get("max_attempts")?,
+        cancel_requested: row.try_get("cancel_requested")?,
+        error: row.try_get("error")?,
+        findings: row.try_get("findings")?,
+        created_at: rfc3339(row.try_get("created_at")?),
+        started_at: row.try_get::<Option<OffsetDateTime>, _>("started_at")?.map(rfc3339),
+        finished_at: row.try_get::<Option<OffsetDateTime>, _>("finished_at")?.map(rfc3339),
+    })
+}
+
+/// Checks a comma-separated list of rule packs against the built-in ones; `None` or empty means
+/// the default. Unknown packs are refused by name (422).
+pub fn parse_policy(requested: Option<&str>, default: &str) -> Result<String, ServiceError> {
+    let text = requested.map(str::trim).filter(|s| !s.is_empty()).unwrap_or(default);
+    let mut packs: Vec<&str> = Vec::new();
+    for name in text.split(',').map(str::trim) {
+        if !cella_policies::rules::BUILTIN_PACKS.iter().any(|(known, _)| *known == name) {
+            let known: Vec<&str> = cella_policies::rules::BUILTIN_PACKS.iter().map(|(n, _)| *n).collect();
+            return Err(ServiceError::Unprocessable(format!(
+                "unknown policy {name:?}: the rule packs are {}",
+                known.join(", ")
+            )));
+        }
+        if !packs.contains(&name) {
+            packs.push(name);
+        }
+    }
+    Ok(packs.join(","))
+}
+
+/// A validated submission whose artifact is already on disk at `artifact_tmp`.
+#[derive(Debug)]
+pub struct Submission {
+    pub job_id: String,
+    pub policy: String,
+    pub artifact_name: Option<String>,
+    pub artifact_bytes: u64,
+    pub artifact_sha256: [u8; 32],
+    pub idempotency_key: Option<String>,
+    pub max_attempts: u32,
+}
+
+impl Submission {
+    /// What "the same body" means for Idempotency-Key: the artifact's hash, its name and the policy.
+    fn request_hash(&self) -> [u8; 32] {
+        let mut bytes = self.artifact_sha256.to_vec();
+        bytes.extend_from_slice(self.policy.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(self.artifact_name.as_deref().unwrap_or("").as_bytes());
+        ids::sha256(&bytes)
+    }
+}
+
+/// What [`submit`] did.
+#[derive(Debug)]
+pub enum Submitted {
+    /// A new job (its artifact must be kept).
+    Created(JobView),
+    /// The Idempotency-Key was used before with the same request: that job.
+    Replayed(JobView),
+}
+
+/// Inserts the job and its `job.submitted` event in one transaction, and wakes the workers.
+pub async fn submit(
+    pool: &PgPool,
+    caller_tenant: &str,
+    actor: &Actor,
+    sub: &Submission,
+) -> Result<Submitted, ServiceError> {
+    let request_hash = sub.request_hash();
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(&format!(
+        "INSERT INTO jobs (id, tenant_id, policy, artifact_name, artifact_bytes, artifact_sha256, submitted_by,
+                           idempotency_key, request_hash, max_attempts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+         RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(&sub.job_id)
+    .bind(caller_tenant)
+    .bind(&sub.policy)
+    .bind(&sub.artifact_name)
+    .bind(i64::try_from(sub.artifact_bytes).unwrap_or(i64::MAX))
+    .bind(&sub.artifact_sha256[..])
+    .bind(actor_id(actor))
+    .bind(&sub.idempotency_key)
+    .bind(&request_hash[..])
+    .bind(i32::try_from(sub.max_attempts.max(1)).unwrap_or(3))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        // The key was used before: same request → that job; different request → 422.
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE tenant_id = $1 AND idempotency_key = $2"
+        ))
+        .bind(caller_tenant)
+        .bind(&sub.idempotency_key)
+        .fetch_one(&mut *tx)
+        .await?;
+        let previous: Vec<u8> = row.try_get("request_hash")?;
+        if previous != request_hash {
+            return Err(ServiceError::Unprocessable(
+                "this Idempotency-Key was already used with a different request (artifact, name or policy); \
+                 use a new key for a new job"
+                    .to_owned(),
+            ));
+        }
+        return Ok(Submitted::Replayed(job_from_row(&row)?));
+    };
+    let job = job_from_row(&row)?;
+    tenant_event(
+        &mut tx,
+        caller_tenant,
+        actor,
+        "job.submitted",
+        ("job", &job.id),
+        json!({
+            "policy": sub.policy,
+            "artifact_bytes": sub.artifact_bytes,
+            "artifact_sha256": job.artifact.sha256,
+        }),
+    )
+    .await?;
+    sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL_JOBS).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(Submitted::Created(job))
+}
+
+fn actor_id(actor: &Actor) -> String {
+    match actor {
+        Actor::ApiKey(id) | Actor::Admin(id) | Actor::System(id) => id.clone(),
+    }
+}
+
+/// The job `id` of `tenant` (404 for another tenant's job or an unknown id).
+pub async fn get(pool: &PgPool, tenant: &str, id: &str) -> Result<JobView, ServiceError> {
+    let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2"))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    Ok(job_from_row(&row)?)
+}
+
+fn not_found(id: &str) -> ServiceError {
+    ServiceError::NotFound(format!("job {id}"))
+}
+
+/// A page of `tenant`'s jobs, newest first, optionally in one state.
+pub async fn list(
+    pool: &PgPool,
+    tenant: &str,
+    state: Option<&str>,
+    cursor: Option<&str>,
+    limit: u32,
+) -> Result<JobPage, ServiceError> {
+    if let Some(s) = state {
+        if !STATES.contains(&s) {
+            return Err(ServiceError::BadRequest(format!(
+                "unknown state {s:?}: use one of {}",
+                STATES.join(", ")
+            )));
+        }
+    }
+    let (after_time, after_id) = match cursor {
+        Some(c) => {
+            let parsed = parse_cursor(c).ok_or_else(|| {
+                ServiceError::BadRequest(format!("cursor {c:?} is not one this server issued"))
+            })?;
+            (Some(parsed.0), Some(parsed.1))
+        }
+        None => (None, None),
+    };
+    let limit = limit.clamp(1, 200);
+    let rows = sqlx::query(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs
+         WHERE tenant_id = $1 AND ($2::text IS NULL OR state = $2)
+           AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+         ORDER BY created_at DESC, id DESC LIMIT $5"
+    ))
+    .bind(tenant)
+    .bind(state)
+    .bind(after_time)
+    .bind(after_id)
+    .bind(i64::from(limit) + 1)
+    .fetch_all(pool)
+    .await?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    let mut last_time = None;
+    for row in rows.iter().take(limit as usize) {
+        jobs.push(job_from_row(row)?);
+        last_time = Some(row.try_get::<OffsetDateTime, _>("created_at")?);
+    }
+    let next_cursor = match (rows.len() > limit as usize, last_time, jobs.last()) {
+        (true, Some(t), Some(job)) => Some(make_cursor(t, &job.id)),
+        _ => None,
+    };
+    Ok(JobPage { jobs, next_cursor })
+}
+
+fn make_cursor(time: OffsetDateTime, id: &str) -> String {
+    format!("{}.{id}", time.unix_timestamp_nanos() / 1000)
+}
+
+fn parse_cursor(cursor: &str) -> Option<(OffsetDateTime, String)> {
+    let (micros, id) = cursor.split_once('.')?;
+    let micros: i128 = micros.parse().ok()?;
+    let time = OffsetDateTime::from_unix_timestamp_nanos(micros.checked_mul(1000)?).ok()?;
+    ids::is_id(id, "job").then(|| (time, id.to_owned()))
+}
+
+/// A finished job's SARIF log (404 until the job has succeeded).
+pub async fn sarif(pool: &PgPool, tenant: &str, id: &str) -> Result<Vec<u8>, ServiceError> {
+    result_column(pool, tenant, id, "sarif").await
+}
+
+/// A finished job's summary.
+pub async fn summary(pool: &PgPool, tenant: &str, id: &str) -> Result<Value, ServiceError> {
+    let bytes = result_column(pool, tenant, id, "convert_to(summary::text, 'UTF8')").await?;
+    serde_json::from_slice(&bytes).map_err(|e| ServiceError::Internal(format!("stored summary of {id}: {e}")))
+}
+
+async fn result_column(pool: &PgPool, tenant: &str, id: &str, column: &str) -> Result<Vec<u8>, ServiceError> {
+    let row =
+        sqlx::query(&format!("SELECT state, {column} AS result FROM jobs WHERE id = $1 AND tenant_id = $2"))
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(pool)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+    let state: String = row.try_get("state")?;
+    match row.try_get::<Option<Vec<u8>>, _>("result")? {
+        Some(bytes) if state == "succeeded" => Ok(bytes),
+        _ => Err(ServiceError::NotFound(format!(
+            "the result of job {id} (it is {state}; results exist once it has succeeded)"
+        ))),
+    }
+}
+
+/// Cancels a job: a queued one at once; a running one by asking its worker to stop the VM
+/// (the worker records `cancelled`). Finished jobs answer 409.
+pub async fn cancel(
+    pool: &PgPool,
+    tenant: Option<&str>,
+    id: &str,
+    actor: &Actor,
+) -> Result<JobView, ServiceError> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(
+        "SELECT tenant_id, state FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2) FOR UPDATE",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| not_found(id))?;
+    let tenant_id: String = row.try_get("tenant_id")?;
+    let state: String = row.try_get("state")?;
+    match state.as_str() {
+        "queued" => {
+            sqlx::query(
+                "UPDATE jobs SET state = 'cancelled', cancel_requested = true, error = 'cancelled before it ran',
+                 finished_at = now(), updated_at = now() WHERE id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            tenant_event(
+                &mut tx,
+                &tenant_id,
+                actor,
+                "job.cancelled",
+                ("job", id),
+                json!({ "was": "queued" }),
+            )
+            .await?;
+        }
+        "running" => {
+            sqlx::query("UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tenant_event(&mut tx, &tenant_id, actor, "job.cancel_requested", ("job", id), json!({})).await?;
+            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL_CANCEL).bind(id).execute(&mut *tx).await?;
+        }
+        done => return Err(ServiceError::Conflict(format!("job {id} has already {}", finished_verb(done)))),
+    }
+    if tenant.is_none() {
+        // An operator's cancel is also recorded on the operator chain.
+        crate::audit_log::operator_event(
+            &mut tx,
+            Some(&tenant_id),
+            actor,
+            "job.cancel",
+            ("job", id),
+            json!({}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    get(pool, &tenant_id, id).await
+}
+
+fn finished_verb(state: &str) -> &'static str {
+    match state {
+        "succeeded" => "succeeded",
+        "failed" => "failed",
+        _ => "been cancelled",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_defaults_dedups_and_names_unknown_packs() {
+        assert_eq!(parse_policy(None, "secrets,pii").unwrap(), "secrets,pii");
+        assert_eq!(parse_policy(Some("pii, pii,secrets"), "x").unwrap(), "pii,secrets");
+        let err = parse_policy(Some("secrets,gdpr"), "secrets").unwrap_err();
+        assert!(matches!(err, ServiceError::Unprocessable(_)));
+        assert!(err.to_string().contains("\"gdpr\""), "{err}");
+    }
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let t = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let id = ids::new_id("job");
+        let c = make_cursor(t, &id);
+        assert_eq!(parse_cursor(&c), Some((t, id)));
+        assert_eq!(parse_cursor("12.job_'; DROP TABLE jobs"), None);
+        assert_eq!(parse_cursor("x"), None);
+    }
+}

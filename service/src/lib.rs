@@ -1,0 +1,31 @@
+//! `cella`: the HTTPS API, tenants and keys, the PostgreSQL job queue, workers, the admin API,
+//! metrics and the command-line client. It owns everything a user touches; VMs are run by
+//! `cella-vmm` (through `cella-jailer`), and the audit log's mechanics live in `cella-audit`.
+//!
+//! - [`serve`]: `cella serve` (data folder, private PostgreSQL [`postgres`], TLS [`tls`],
+//!   migrations, admin credential, audit checkpointer, API [`api`] over [`server`], a worker).
+//! - [`jobs`] (tenant side) and [`queue`] (worker side) over the `jobs` table; [`tenants`] for
+//!   tenants and keys; [`worker`] leases and runs jobs; [`audit_log`] appends their events.
+//! - [`client`] and [`cli`]: the command line (`cella scan`, `cella tenant …`, `cella audit …`).
+#![deny(unsafe_code)]
+
+pub mod api;
+pub mod audit_log;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod data_dir;
+pub mod db;
+pub mod error;
+pub mod files;
+pub mod ids;
+pub mod jobs;
+pub mod metrics;
+pub mod postgres;
+pub mod queue;
+pub mod serve;
+pub mod server;
+mod signal;
+pub mod tenants;
+pub mod tls;
+pub mod worker;

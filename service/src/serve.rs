@@ -1,0 +1,238 @@
+//! `cella serve`: the data folder, PostgreSQL (private or `DATABASE_URL`), migrations, the admin
+//! credential, the audit signing key and checkpointer, TLS, the API and (by default) a worker;
+//! SIGTERM or Ctrl-C shuts it all down in order.
+
+use std::sync::Arc;
+
+use cella_audit::{store, CheckpointPolicy, SigningKey};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::data_dir::DataDir;
+use crate::error::ServiceError;
+use crate::metrics::Metrics;
+use crate::postgres::{PostgresError, PrivatePostgres};
+use crate::tenants;
+use crate::tls::{self, TlsError};
+use crate::worker::Worker;
+use crate::{db, files};
+
+/// Why `cella serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    File(#[from] files::FileError),
+    #[error("the private PostgreSQL")]
+    Postgres(#[from] PostgresError),
+    #[error("cannot connect to PostgreSQL")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot apply the migrations")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("TLS")]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {0}")]
+    Listen(std::net::SocketAddr, #[source] std::io::Error),
+    #[error("the audit signing key")]
+    AuditKey(#[from] cella_audit::keys::KeyError),
+    #[error("the audit log")]
+    AuditStore(#[from] cella_audit::store::StoreError),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+}
+
+/// Options from the command line.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub data_dir: DataDir,
+    pub config_file: Option<std::path::PathBuf>,
+    pub listen: Option<std::net::SocketAddr>,
+    pub no_worker: bool,
+}
+
+/// Connects to `DATABASE_URL` (or the configured URL), or starts the private PostgreSQL.
+pub async fn database(
+    config: &Config,
+    data_dir: &DataDir,
+) -> Result<(PgPool, Option<PrivatePostgres>), ServeError> {
+    let (options, private): (PgConnectOptions, _) = match &config.database_url {
+        Some(url) => (url.parse().map_err(ServeError::Connect)?, None),
+        None => {
+            eprintln!(
+                "cella serve: starting the private PostgreSQL in {}",
+                data_dir.root().join("postgres").display()
+            );
+            let pg = PrivatePostgres::start(data_dir.root()).await?;
+            (pg.connect_options(), Some(pg))
+        }
+    };
+    let pool = PgPoolOptions::new()
+        .max_connections(32)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(ServeError::Connect)?;
+    db::MIGRATOR.run(&pool).await?;
+    Ok((pool, private))
+}
+
+/// The admin credential in the data folder, created (and registered) on first start.
+async fn ensure_admin_key(pool: &PgPool, data_dir: &DataDir) -> Result<(), ServeError> {
+    let path = data_dir.admin_key_file();
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        if tenants::authenticate_admin(pool, existing.trim()).await.is_ok() {
+            return Ok(());
+        }
+        eprintln!(
+            "cella serve: {} is not known to this database; creating a new admin credential",
+            path.display()
+        );
+    }
+    let (id, secret) = tenants::create_admin_key(pool).await?;
+    files::write_private(&path, format!("{secret}\n").as_bytes())?;
+    eprintln!("cella serve: created admin credential {id} in {} (mode 0600)", path.display());
+    Ok(())
+}
+
+/// The checkpoint signing key: configured, or `<data dir>/audit-signing.key` made on first start.
+fn ensure_signing_key(config: &Config, data_dir: &DataDir) -> Result<std::path::PathBuf, ServeError> {
+    let path = config.audit.signing_key.clone().unwrap_or_else(|| data_dir.audit_key_file());
+    if !path.exists() && config.audit.signing_key.is_none() {
+        let id = format!("k-{}", &crate::ids::hex(&crate::ids::random_bytes::<4>()));
+        let key = SigningKey::generate(&id)?;
+        key.save(&path)?;
+        eprintln!(
+            "cella serve: created audit signing key {id} in {} (public key: {}.pub)",
+            path.display(),
+            path.display()
+        );
+    }
+    SigningKey::load(&path)?;
+    Ok(path)
+}
+
+/// Runs `cella serve` until SIGTERM/SIGINT.
+pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
+    let data_dir = opts.data_dir;
+    data_dir.create()?;
+    let mut config = Config::load(opts.config_file.as_deref(), &data_dir.config_file())?;
+    if let Some(listen) = opts.listen {
+        config.listen = listen;
+    }
+    if opts.no_worker {
+        config.worker.enabled = false;
+    }
+    let tls_files = tls::ensure(&config.tls, data_dir.root())?;
+    let tls_config = tls::server_config(&tls_files)?;
+    let (pool, private_pg) = database(&config, &data_dir).await?;
+    let result = run_with(config, data_dir, pool.clone(), tls_config, tls_files).await;
+    pool.close().await;
+    if let Some(pg) = private_pg {
+        if let Err(e) = pg.stop() {
+            eprintln!("cella serve: stopping PostgreSQL: {e}");
+        }
+    }
+    result
+}
+
+async fn run_with(
+    config: Config,
+    data_dir: DataDir,
+    pool: PgPool,
+    tls_config: Arc<rustls::ServerConfig>,
+    tls_files: tls::TlsFiles,
+) -> Result<(), ServeError> {
+    ensure_admin_key(&pool, &data_dir).await?;
+    let signer_path = ensure_signing_key(&config, &data_dir)?;
+    let signer = SigningKey::load(&signer_path)?;
+    store::register_key(&mut *pool.acquire().await.map_err(ServeError::Connect)?, &signer.public()).await?;
+    let policy = CheckpointPolicy {
+        every_events: config
+            .audit
+            .checkpoint_every_events
+            .unwrap_or(CheckpointPolicy::default().every_events)
+            .max(1),
+        every_secs: config.audit.checkpoint_every_secs.unwrap_or(CheckpointPolicy::default().every_secs),
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ServeError::Listen(config.listen, e))?;
+    let addr = listener.local_addr().map_err(|e| ServeError::Listen(config.listen, e))?;
+    let url = format!("https://{addr}");
+    files::write_public(&data_dir.url_file(), format!("{url}\n").as_bytes())?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::default());
+    let signer = Arc::new(signer);
+    let state = AppState {
+        pool: pool.clone(),
+        config: Arc::new(config.clone()),
+        data_dir: data_dir.clone(),
+        metrics: metrics.clone(),
+        signer: Some(signer.clone()),
+    };
+    let checkpointer = {
+        let mut rx = shutdown_rx.clone();
+        let shutdown = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let key = SigningKey::load(&signer_path)?;
+        tokio::spawn(store::run_checkpointer(
+            pool.clone(),
+            key,
+            policy,
+            std::time::Duration::from_secs(1),
+            shutdown,
+        ))
+    };
+    let worker = config.worker.enabled.then(|| {
+        let worker = Worker::new(pool.clone(), &config, data_dir.clone(), metrics.clone());
+        tokio::spawn(worker.run(shutdown_rx.clone()))
+    });
+    let server =
+        tokio::spawn(crate::server::serve(listener, tls_config, api::app(state), shutdown_rx.clone()));
+
+    println!("cella serve: listening on {url}");
+    if let Some(ca) = &tls_files.ca {
+        println!("cella serve: clients trust the CA in {}", ca.display());
+    }
+    println!("cella serve: admin credential in {}", data_dir.admin_key_file().display());
+    if !config.worker.enabled {
+        println!("cella serve: no worker in this process (run `cella worker` against the same database)");
+    }
+
+    wait_for_signal().await;
+    eprintln!("cella serve: shutting down");
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    if let Some(worker) = worker {
+        match worker.await {
+            Ok(Err(e)) => eprintln!("cella serve: worker: {e}"),
+            Err(e) => eprintln!("cella serve: worker task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+    if let Ok(Err(e)) = checkpointer.await {
+        eprintln!("cella serve: final checkpoint: {e}");
+    }
+    let _ = std::fs::remove_file(data_dir.url_file());
+    Ok(())
+}
+
+/// SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,320 @@
+//! Launching one scan: `cella-vmm scan --json` (through `cella-jailer` when jailed) as a child
+//! process, and turning how it ended into a queue [`Outcome`].
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+use crate::config::WorkerConfig;
+use crate::queue::Outcome;
+
+/// The most of the VMM's stderr kept for an error message (the tail).
+const STDERR_TAIL: usize = 4096;
+
+/// `cella-vmm scan`'s exit statuses (see `cella-vmm scan --help`).
+mod status {
+    pub const BAD_INPUT: i32 = 2;
+    pub const REFUSED: i32 = 3;
+    pub const CRASHED: i32 = 241;
+    pub const TIMED_OUT: i32 = 242;
+    pub const STOPPED: i32 = 244;
+    pub const SECCOMP: i32 = 245;
+}
+
+/// Why a scan could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot start {0}")]
+    Spawn(PathBuf, #[source] std::io::Error),
+}
+
+/// Starts scans as configured.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    vmm: PathBuf,
+    config: WorkerConfig,
+}
+
+/// One scan to run.
+#[derive(Debug)]
+pub struct ScanSpec<'a> {
+    pub job_id: &'a str,
+    pub artifact: &'a Path,
+    pub policy: &'a str,
+    pub sarif_out: &'a Path,
+    /// This worker's slot (0..concurrency): a jailed VMM runs as `jail_uid_base + slot`.
+    pub slot: u32,
+}
+
+/// A started scan.
+#[derive(Debug)]
+pub struct RunningScan {
+    child: Child,
+    pid: u32,
+    sarif_out: PathBuf,
+}
+
+/// The default `cella-vmm`: next to the running `cella`.
+pub fn default_vmm() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("cella-vmm")))
+        .unwrap_or_else(|| PathBuf::from("cella-vmm"))
+}
+
+impl Launcher {
+    pub fn new(config: &WorkerConfig) -> Self {
+        Self { vmm: config.vmm.clone().unwrap_or_else(default_vmm), config: config.clone() }
+    }
+
+    /// The `cella-vmm` this launcher runs.
+    pub fn vmm(&self) -> &Path {
+        &self.vmm
+    }
+
+    pub fn mem_mib(&self) -> u32 {
+        self.config.mem_mib
+    }
+
+    pub fn jailed(&self) -> bool {
+        self.config.jailed
+    }
+
+    /// The command line for `spec`.
+    pub fn command(&self, spec: &ScanSpec<'_>) -> Command {
+        let mut cmd = Command::new(&self.vmm);
+        cmd.arg("scan")
+            .arg("--artifact")
+            .arg(spec.artifact)
+            .arg("--policy")
+            .arg(spec.policy)
+            .arg("--sarif")
+            .arg(spec.sarif_out)
+            .arg("--json")
+            .arg("--mem-mib")
+            .arg(self.config.mem_mib.to_string())
+            .arg("--timeout-ms")
+            .arg((self.config.timeout_secs.max(1) * 1000).to_string());
+        if let Some(image) = &self.config.scanner_image {
+            cmd.arg("--image").arg(image);
+        }
+        if self.config.jailed {
+            let id = self.config.jail_uid_base.saturating_add(spec.slot).to_string();
+            let jail_id = format!("job-{}", spec.job_id.trim_start_matches("job_"));
+            cmd.args(["--jailed", "--jail-id", &jail_id, "--jail-uid", &id, "--jail-gid", &id]);
+        }
+        cmd
+    }
+
+    /// Starts the scan.
+    pub fn start(&self, spec: &ScanSpec<'_>) -> Result<RunningScan, LaunchError> {
+        let mut cmd = self.command(spec);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        crate::signal::terminate_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|e| LaunchError::Spawn(self.vmm.clone(), e))?;
+        let pid = child.id().unwrap_or(0);
+        Ok(RunningScan { child, pid, sarif_out: spec.sarif_out.to_owned() })
+    }
+}
+
+/// Why the worker stopped a VM before it ended on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Cancelled,
+    ShuttingDown,
+    LeaseLost,
+}
+
+impl RunningScan {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Asks the VMM to stop (SIGTERM): it stops the vCPU, scrubs, reports and exits.
+    pub fn stop(&self) {
+        self.stopper().stop();
+    }
+
+    /// A handle that can stop the VMM while [`RunningScan::wait`] runs.
+    pub fn stopper(&self) -> Stopper {
+        Stopper { pid: self.pid }
+    }
+
+    /// Waits for the VMM and reads its report. If it has not exited `grace` after `stop`, it
+    /// is killed.
+    pub async fn wait(mut self) -> Finished {
+        let mut stdout = self.child.stdout.take();
+        let mut stderr = self.child.stderr.take();
+        let read_out = async {
+            let mut buf = Vec::new();
+            if let Some(s) = stdout.as_mut() {
+                let _ = s.read_to_end(&mut buf).await;
+            }
+            buf
+        };
+        let read_err = async {
+            let mut tail = Vec::new();
+            let mut chunk = [0u8; 8192];
+            if let Some(s) = stderr.as_mut() {
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tail.extend_from_slice(&chunk[..n]);
+                    if tail.len() > 2 * STDERR_TAIL {
+                        tail.drain(..tail.len() - STDERR_TAIL);
+                    }
+                }
+            }
+            tail
+        };
+        let (out, err, status) = tokio::join!(read_out, read_err, self.child.wait());
+        let report = String::from_utf8_lossy(&out)
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok().filter(Value::is_object));
+        let stderr = String::from_utf8_lossy(&err[err.len().saturating_sub(STDERR_TAIL)..]).trim().to_owned();
+        Finished {
+            status: status.ok().and_then(|s| s.code()),
+            report,
+            stderr,
+            sarif: std::fs::read(&self.sarif_out).ok(),
+        }
+    }
+}
+
+/// Stops a running scan's VMM (valid while its `wait` has not returned: the child is not
+/// reaped before then, so the pid cannot be reused).
+#[derive(Debug, Clone, Copy)]
+pub struct Stopper {
+    pid: u32,
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        let _ = crate::signal::terminate(self.pid);
+    }
+}
+
+/// What a finished `cella-vmm scan` left.
+#[derive(Debug)]
+pub struct Finished {
+    /// Its exit status (`None`: killed by a signal).
+    pub status: Option<i32>,
+    /// Its `--json` report.
+    pub report: Option<Value>,
+    /// The tail of its stderr.
+    pub stderr: String,
+    pub sarif: Option<Vec<u8>>,
+}
+
+impl Finished {
+    /// The queue outcome. `stopped` says why the worker stopped the VM, if it did.
+    pub fn outcome(self, stopped: Option<StopReason>, timeout: Duration) -> Outcome {
+        let vm = self.report.as_ref().map(vm_report);
+        match stopped {
+            Some(StopReason::Cancelled) => return Outcome::Cancelled { vm },
+            Some(StopReason::ShuttingDown | StopReason::LeaseLost) => return Outcome::HandedBack { vm },
+            None => {}
+        }
+        let last_line = self.stderr.lines().last().unwrap_or("").to_owned();
+        let failed = |reason: String, retryable: bool| Outcome::Failed { reason, retryable, vm: vm.clone() };
+        match self.status {
+            Some(0) => {
+                let report = self.report.unwrap_or_default();
+                let verified = report["scrub"]["verified_zero"].as_bool() == Some(true);
+                match (report.get("summary"), self.sarif) {
+                    _ if !verified => failed("the VM's memory scrub could not be verified".into(), false),
+                    (Some(summary), Some(sarif)) => {
+                        Outcome::Succeeded { summary: summary.clone(), sarif, vm: vm.unwrap_or_default() }
+                    }
+                    _ => failed(format!("the scan ended without a summary or SARIF log: {last_line}"), true),
+                }
+            }
+            Some(status::REFUSED) => {
+                let refused = self.report.as_ref().and_then(|r| r.get("refused"));
+                let message = refused
+                    .and_then(|r| r.get("message"))
+                    .and_then(Value::as_str)
+                    .map_or(last_line.clone(), str::to_owned);
+                let kind = refused.and_then(|r| r.get("kind")).and_then(Value::as_str).unwrap_or("artifact");
+                failed(format!("{kind} refused: {message}"), false)
+            }
+            Some(status::BAD_INPUT) => failed(format!("the scan could not start: {last_line}"), false),
+            Some(status::CRASHED) => {
+                failed(format!("the scanner VM crashed or broke a device contract: {last_line}"), false)
+            }
+            Some(status::TIMED_OUT) => {
+                failed(format!("the scan ran past its limit of {} s", timeout.as_secs()), false)
+            }
+            Some(status::SECCOMP) => failed("the VMM was killed by its seccomp filter".into(), false),
+            Some(status::STOPPED) => {
+                failed("the VMM was stopped by a signal from outside the worker".into(), true)
+            }
+            Some(code) => failed(format!("the VMM failed (exit status {code}): {last_line}"), true),
+            None => failed(format!("the VMM was killed by a signal: {last_line}"), true),
+        }
+    }
+}
+
+/// The parts of the VMM's report kept with the job (exit, timings, scrub evidence).
+fn vm_report(report: &Value) -> Value {
+    let mut vm = serde_json::Map::new();
+    for key in ["exit", "launch_us", "run_us", "scan_ms", "in_vm_ms", "scrub", "artifact_bytes"] {
+        if let Some(v) = report.get(key) {
+            vm.insert(key.to_owned(), v.clone());
+        }
+    }
+    Value::Object(vm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn finished(status: i32, report: Value) -> Finished {
+        Finished {
+            status: Some(status),
+            report: Some(report),
+            stderr: "cella-vmm scan: boom".into(),
+            sarif: Some(b"{}".to_vec()),
+        }
+    }
+
+    #[test]
+    fn a_scan_without_verified_scrub_fails() {
+        let r = json!({"summary": {"findings": 1}, "scrub": {"verified_zero": false}});
+        assert!(matches!(
+            finished(0, r).outcome(None, Duration::ZERO),
+            Outcome::Failed { retryable: false, .. }
+        ));
+    }
+
+    #[test]
+    fn refused_artifacts_fail_with_the_runners_message() {
+        let r = json!({"refused": {"kind": "archive", "message": "entry `../x` escapes the archive root"}});
+        match finished(3, r).outcome(None, Duration::ZERO) {
+            Outcome::Failed { reason, retryable: false, .. } => {
+                assert!(reason.contains("`../x`"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn vmm_failures_are_retried_and_cancels_win() {
+        assert!(matches!(
+            finished(243, json!({})).outcome(None, Duration::ZERO),
+            Outcome::Failed { retryable: true, .. }
+        ));
+        assert!(matches!(
+            finished(244, json!({})).outcome(Some(StopReason::Cancelled), Duration::ZERO),
+            Outcome::Cancelled { .. }
+        ));
+    }
+}

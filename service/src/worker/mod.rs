@@ -1,0 +1,351 @@
+//! `cella worker`: leases jobs from PostgreSQL, runs each in its own microVM (through
+//! `cella-jailer` when jailed), heartbeats the lease, and records the result, the scrub evidence
+//! and an audit event for every transition. SIGTERM drains: no new leases, running jobs get a
+//! grace period to finish, then their VMs are stopped and the jobs handed back.
+
+pub mod launch;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::data_dir::DataDir;
+use crate::error::ServiceError;
+use crate::jobs::{CHANNEL_CANCEL, CHANNEL_JOBS};
+use crate::metrics::Metrics;
+use crate::queue::{self, Lease, Outcome, QueueError};
+use launch::{Launcher, ScanSpec, StopReason};
+
+/// How often a worker heartbeats its own row (and learns whether to drain).
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// The polling fallback when no NOTIFY arrives.
+const POLL: Duration = Duration::from_secs(1);
+/// How long results are retried while the database is away before they are given up.
+const FINISH_RETRY_FOR: Duration = Duration::from_secs(120);
+
+/// Everything a worker needs.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub pool: PgPool,
+    pub id: String,
+    pub concurrency: u32,
+    pub lease_for: Duration,
+    pub timeout: Duration,
+    /// How long running jobs may take to finish after SIGTERM before they are handed back.
+    pub drain_grace: Duration,
+    pub launcher: Launcher,
+    pub data_dir: DataDir,
+    pub metrics: Arc<Metrics>,
+}
+
+type CancelMap = Arc<Mutex<HashMap<String, watch::Sender<bool>>>>;
+
+/// Rate-limits a repeated log line (the database being away should not print every second).
+#[derive(Debug, Default)]
+struct Quiet(Option<Instant>);
+
+impl Quiet {
+    fn log(&mut self, what: &str, err: &dyn std::fmt::Display) {
+        if self.0.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            eprintln!("cella worker: {what}: {err}");
+            self.0 = Some(Instant::now());
+        }
+    }
+}
+
+impl Worker {
+    pub fn new(pool: PgPool, config: &Config, data_dir: DataDir, metrics: Arc<Metrics>) -> Self {
+        Self {
+            pool,
+            id: crate::ids::new_id("worker"),
+            concurrency: config.worker.concurrency.max(1),
+            lease_for: config.jobs.lease(),
+            timeout: Duration::from_secs(config.worker.timeout_secs),
+            drain_grace: Duration::from_secs(30),
+            launcher: Launcher::new(&config.worker),
+            data_dir,
+            metrics,
+        }
+    }
+
+    /// Runs until `shutdown` turns true, then drains.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), ServiceError> {
+        let hostname =
+            std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_owned();
+        registry::register(&self.pool, &self.id, &hostname, std::process::id(), self.concurrency).await?;
+        eprintln!(
+            "cella worker: {} on {hostname}: {} slot(s), VMM {}{}",
+            self.id,
+            self.concurrency,
+            self.launcher.vmm().display(),
+            if self.launcher.jailed() { ", jailed" } else { "" }
+        );
+        let wake = Arc::new(Notify::new());
+        let cancels: CancelMap = Arc::default();
+        let listener = tokio::spawn(listen(self.pool.clone(), wake.clone(), cancels.clone()));
+        let (hand_back_tx, hand_back_rx) = watch::channel(false);
+        let me = Arc::new(self);
+        let mut tasks = JoinSet::new();
+        let mut free: Vec<u32> = (0..me.concurrency).rev().collect();
+        let mut draining = false;
+        let mut quiet = Quiet::default();
+        let mut last_beat = Instant::now() - HEARTBEAT;
+        let mut last_rescue = Instant::now() - me.lease_for;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            if last_beat.elapsed() >= HEARTBEAT {
+                match registry::heartbeat(&me.pool, &me.id, tasks.len()).await {
+                    Ok(d) => {
+                        if d != draining {
+                            eprintln!(
+                                "cella worker: {} {}",
+                                me.id,
+                                if d { "draining" } else { "taking jobs again" }
+                            );
+                        }
+                        draining = d;
+                    }
+                    Err(e) => quiet.log("heartbeat", &e),
+                }
+                last_beat = Instant::now();
+            }
+            if last_rescue.elapsed() >= me.lease_for / 2 {
+                match queue::rescue_expired(&me.pool, &me.id).await {
+                    Ok(n) if n > 0 => eprintln!("cella worker: took back {n} job(s) whose lease expired"),
+                    Ok(_) => {}
+                    Err(e) => quiet.log("rescuing expired leases", &e),
+                }
+                last_rescue = Instant::now();
+            }
+            while !draining && !free.is_empty() {
+                match queue::lease(&me.pool, &me.id, me.lease_for).await {
+                    Ok(Some(lease)) => {
+                        let slot = free.pop().unwrap_or(0);
+                        let (cancel_tx, cancel_rx) = watch::channel(false);
+                        cancels
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(lease.job_id.clone(), cancel_tx);
+                        let me = me.clone();
+                        let cancels = cancels.clone();
+                        let hand_back = hand_back_rx.clone();
+                        tasks.spawn(async move {
+                            me.run_job(&lease, slot, cancel_rx, hand_back).await;
+                            cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(&lease.job_id);
+                            slot
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        quiet.log("leasing", &e);
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
+                Some(done) = tasks.join_next() => {
+                    if let Ok(slot) = done { free.push(slot) }
+                }
+                _ = shutdown.changed() => {}
+            }
+        }
+        // Drain: running jobs get a grace period, then are stopped and handed back.
+        if !tasks.is_empty() {
+            eprintln!(
+                "cella worker: draining {} running job(s) (up to {} s)",
+                tasks.len(),
+                me.drain_grace.as_secs()
+            );
+        }
+        let deadline = tokio::time::Instant::now() + me.drain_grace;
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => if next.is_none() { break },
+                _ = tokio::time::sleep_until(deadline) => {
+                    let _ = hand_back_tx.send(true);
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        listener.abort();
+        registry::stopped(&me.pool, &me.id).await?;
+        eprintln!("cella worker: {} stopped", me.id);
+        Ok(())
+    }
+
+    /// Runs one leased job to a recorded result.
+    async fn run_job(
+        &self,
+        lease: &Lease,
+        slot: u32,
+        mut cancel: watch::Receiver<bool>,
+        mut hand_back: watch::Receiver<bool>,
+    ) {
+        let started = Instant::now();
+        let artifact = self.data_dir.artifact(&lease.job_id);
+        let sarif_out = self.data_dir.work().join(format!("{}.{}.sarif", lease.job_id, lease.attempt));
+        let spec = ScanSpec {
+            job_id: &lease.job_id,
+            artifact: &artifact,
+            policy: &lease.policy,
+            sarif_out: &sarif_out,
+            slot,
+        };
+        let outcome = if !artifact.exists() {
+            Outcome::Failed {
+                reason: format!("the artifact of job {} is missing on this host", lease.job_id),
+                retryable: false,
+                vm: None,
+            }
+        } else {
+            match self.launcher.start(&spec) {
+                Err(e) => Outcome::Failed { reason: error_chain(&e), retryable: true, vm: None },
+                Ok(scan) => self.supervise(lease, scan, &mut cancel, &mut hand_back).await,
+            }
+        };
+        let _ = std::fs::remove_file(&sarif_out);
+        if let Outcome::Succeeded { vm, .. } | Outcome::Failed { vm: Some(vm), .. } = &outcome {
+            if let Some(us) = vm["launch_us"].as_f64() {
+                self.metrics.vm_launch.observe(us / 1e6);
+            }
+            if let Some(ms) = vm["scrub"]["ms"].as_f64() {
+                self.metrics.scrub.observe(ms / 1e3);
+            }
+        }
+        let state = self.record(lease, &outcome).await;
+        self.metrics.job_run.observe(started.elapsed().as_secs_f64());
+        if matches!(state.as_deref(), Some("succeeded" | "failed" | "cancelled")) {
+            let _ = std::fs::remove_file(&artifact);
+        }
+    }
+
+    /// Waits for the VM while heartbeating the lease; stops the VM on cancel, lost lease or
+    /// hand-back.
+    async fn supervise(
+        &self,
+        lease: &Lease,
+        scan: launch::RunningScan,
+        cancel: &mut watch::Receiver<bool>,
+        hand_back: &mut watch::Receiver<bool>,
+    ) -> Outcome {
+        let pid = scan.pid();
+        if let Err(e) =
+            queue::vm_started(&self.pool, lease, pid, self.launcher.mem_mib(), self.launcher.jailed()).await
+        {
+            eprintln!("cella worker: {}: {e}", lease.job_id);
+            scan.stop();
+            return scan.wait().await.outcome(Some(StopReason::LeaseLost), self.timeout);
+        }
+        let stopper = scan.stopper();
+        let wait = scan.wait();
+        tokio::pin!(wait);
+        let mut stopped: Option<StopReason> = None;
+        let mut beat = tokio::time::interval(self.lease_for / 3);
+        beat.tick().await;
+        let finished = loop {
+            tokio::select! {
+                finished = &mut wait => break finished,
+                _ = beat.tick() => match queue::heartbeat(&self.pool, lease, self.lease_for).await {
+                    Ok(Some(true)) if stopped.is_none() => stopped = Some(StopReason::Cancelled),
+                    Ok(None) if stopped.is_none() => stopped = Some(StopReason::LeaseLost),
+                    _ => {}
+                },
+                Ok(()) = cancel.changed(), if stopped.is_none() => stopped = Some(StopReason::Cancelled),
+                Ok(()) = hand_back.changed(), if stopped.is_none() => stopped = Some(StopReason::ShuttingDown),
+            }
+            if stopped.is_some() {
+                stopper.stop();
+            }
+        };
+        finished.outcome(stopped, self.timeout)
+    }
+
+    /// Records the outcome, retrying while the database is away. Returns the job's new state.
+    async fn record(&self, lease: &Lease, outcome: &Outcome) -> Option<String> {
+        let give_up = Instant::now() + FINISH_RETRY_FOR;
+        let mut quiet = Quiet::default();
+        loop {
+            match queue::finish(&self.pool, lease, outcome).await {
+                Ok(state) => return Some(state),
+                Err(QueueError::LeaseLost(..)) => {
+                    eprintln!(
+                        "cella worker: job {} attempt {}: lease lost; result discarded",
+                        lease.job_id, lease.attempt
+                    );
+                    return None;
+                }
+                Err(QueueError::Service(e)) if Instant::now() < give_up => {
+                    quiet.log(&format!("recording job {}", lease.job_id), &e);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(QueueError::Service(e)) => {
+                    eprintln!("cella worker: job {}: giving up recording its result: {e}", lease.job_id);
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// LISTENs for new jobs (wakes the lease loop) and cancellations (stops that job's VM);
+/// reconnects after the database restarts.
+async fn listen(pool: PgPool, wake: Arc<Notify>, cancels: CancelMap) {
+    let mut quiet = Quiet::default();
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                quiet.log("LISTEN connection", &e);
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen_all([CHANNEL_JOBS, CHANNEL_CANCEL]).await {
+            quiet.log("LISTEN", &e);
+            tokio::time::sleep(POLL).await;
+            continue;
+        }
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) if n.channel() == CHANNEL_CANCEL => {
+                    if let Some(tx) = cancels.lock().unwrap_or_else(|p| p.into_inner()).get(n.payload()) {
+                        let _ = tx.send(true);
+                    }
+                }
+                Ok(Some(_)) => wake.notify_one(),
+                // The connection dropped: wake the loop (the poll catches up) and reconnect.
+                Ok(None) => {
+                    wake.notify_one();
+                    break;
+                }
+                Err(e) => {
+                    quiet.log("LISTEN", &e);
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}
