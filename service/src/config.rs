@@ -75,8 +75,12 @@ pub struct WorkerConfig {
     pub mem_mib: u32,
     /// A scan is stopped after this long.
     pub timeout_secs: u64,
-    /// Run each VMM through cella-jailer (`CELLA_JAILED`); needs root.
-    pub jailed: bool,
+    /// Run each VMM through cella-jailer (`CELLA_JAILED=1|0`); needs root. Default: jailed
+    /// when running as root.
+    pub jailed: Option<bool>,
+    /// After SIGTERM, how long running jobs may take to finish before their VMs are stopped
+    /// and the jobs handed back (`CELLA_DRAIN_SECS`).
+    pub drain_secs: u64,
     /// First uid/gid of the jailed VMMs: slot N of this worker runs as `jail_uid_base + N`.
     pub jail_uid_base: u32,
 }
@@ -124,9 +128,21 @@ impl Default for WorkerConfig {
             scanner_image: None,
             mem_mib: 256,
             timeout_secs: 600,
-            jailed: false,
+            jailed: None,
+            drain_secs: 30,
             jail_uid_base: 64_100,
         }
+    }
+}
+
+impl WorkerConfig {
+    /// Whether VMMs run jailed: as configured, else when this process is root.
+    pub fn is_jailed(&self) -> bool {
+        self.jailed.unwrap_or_else(|| {
+            std::fs::metadata("/proc/self")
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+                .unwrap_or(false)
+        })
     }
 }
 
@@ -187,7 +203,10 @@ impl Config {
             self.worker.scanner_image = Some(PathBuf::from(v));
         }
         if let Some(v) = get("CELLA_JAILED") {
-            self.worker.jailed = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+            self.worker.jailed = Some(matches!(v.as_str(), "1" | "true" | "yes" | "on"));
+        }
+        if let Some(v) = get("CELLA_DRAIN_SECS") {
+            self.worker.drain_secs = parse("CELLA_DRAIN_SECS", v, "a number of seconds")?;
         }
         Ok(())
     }

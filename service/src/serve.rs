@@ -43,6 +43,8 @@ pub enum ServeError {
     AuditStore(#[from] cella_audit::store::StoreError),
     #[error(transparent)]
     Service(#[from] ServiceError),
+    #[error("the worker cannot launch VMs")]
+    Launch(#[from] crate::worker::launch::LaunchError),
 }
 
 /// Options from the command line.
@@ -125,6 +127,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     }
     if opts.no_worker {
         config.worker.enabled = false;
+    }
+    if config.worker.enabled {
+        crate::worker::launch::Launcher::new(&config.worker).check()?;
     }
     let tls_files = tls::ensure(&config.tls, data_dir.root())?;
     let tls_config = tls::server_config(&tls_files)?;

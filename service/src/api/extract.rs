@@ -18,9 +18,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::JsonDataError(e)) => {
-                Err(ServiceError::Unprocessable(e.body_text()))
-            }
+            Err(JsonRejection::JsonDataError(e)) => Err(ServiceError::Unprocessable(e.body_text())),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ServiceError::BadRequest(
                 "send the body as JSON with Content-Type: application/json".into(),
             )),

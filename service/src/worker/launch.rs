@@ -28,6 +28,8 @@ mod status {
 /// Why a scan could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
+    #[error("{0} does not exist: {1}")]
+    Missing(PathBuf, &'static str),
     #[error("cannot start {0}")]
     Spawn(PathBuf, #[source] std::io::Error),
 }
@@ -81,7 +83,25 @@ impl Launcher {
     }
 
     pub fn jailed(&self) -> bool {
-        self.config.jailed
+        self.config.is_jailed()
+    }
+
+    /// Checks that the binaries exist before any job is leased.
+    pub fn check(&self) -> Result<(), LaunchError> {
+        if !self.vmm.is_file() {
+            return Err(LaunchError::Missing(
+                self.vmm.clone(),
+                "build it (scripts/setup.sh builds target/release/cella-vmm) or set CELLA_VMM",
+            ));
+        }
+        let jailer = self.vmm.with_file_name("cella-jailer");
+        if self.jailed() && !jailer.is_file() {
+            return Err(LaunchError::Missing(
+                jailer,
+                "jailed VMMs need cella-jailer next to cella-vmm; build it, or set CELLA_JAILED=0 (development only)",
+            ));
+        }
+        Ok(())
     }
 
     /// The command line for `spec`.
@@ -102,7 +122,7 @@ impl Launcher {
         if let Some(image) = &self.config.scanner_image {
             cmd.arg("--image").arg(image);
         }
-        if self.config.jailed {
+        if self.jailed() {
             let id = self.config.jail_uid_base.saturating_add(spec.slot).to_string();
             let jail_id = format!("job-{}", spec.job_id.trim_start_matches("job_"));
             cmd.args(["--jailed", "--jail-id", &jail_id, "--jail-uid", &id, "--jail-gid", &id]);

@@ -68,7 +68,7 @@ impl Worker {
             concurrency: config.worker.concurrency.max(1),
             lease_for: config.jobs.lease(),
             timeout: Duration::from_secs(config.worker.timeout_secs),
-            drain_grace: Duration::from_secs(30),
+            drain_grace: Duration::from_secs(config.worker.drain_secs),
             launcher: Launcher::new(&config.worker),
             data_dir,
             metrics,

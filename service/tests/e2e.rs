@@ -1,0 +1,534 @@
+//! `cella serve` and `cella worker` as real processes: HTTPS with the generated CA, a real
+//! PostgreSQL (a fresh database per test, or the private cluster `serve` runs itself), real
+//! jailed microVMs on /dev/kvm. Covers the whole path of a job and the failures around it: a
+//! cancelled running job, a worker killed with SIGKILL, a worker drained by SIGTERM, and
+//! PostgreSQL restarting while jobs flow.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cella_service::client::ApiClient;
+use reqwest::Method;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+/// `target/<profile>`, from this test executable's path.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_owned()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn cargo(args: &[&str], rustc_flags: &[&str]) {
+    let profile = profile_dir();
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.args(args).arg("--quiet").arg("--manifest-path").arg(repo().join("Cargo.toml"));
+    command.arg("--target-dir").arg(profile.parent().unwrap());
+    if profile.file_name().and_then(|n| n.to_str()) == Some("release") {
+        command.arg("--release");
+    }
+    if !rustc_flags.is_empty() {
+        command.arg("--").args(rustc_flags);
+    }
+    assert!(command.status().unwrap().success(), "{command:?} failed");
+}
+
+/// A folder with a static `cella-vmm` and `cella-jailer` side by side (what a jailed worker
+/// needs), built once per run.
+fn vmm_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let profile = profile_dir();
+        cargo(&["build", "-p", "cella-jailer", "--bin", "cella-jailer"], &[]);
+        cargo(
+            &["rustc", "-p", "cella-vmm", "--bin", "cella-vmm"],
+            &["-C", "target-feature=+crt-static", "-C", "strip=debuginfo"],
+        );
+        let dir = profile.join("service-e2e");
+        std::fs::create_dir_all(&dir).unwrap();
+        for bin in ["cella-vmm", "cella-jailer"] {
+            let tmp = dir.join(format!("{bin}.new"));
+            std::fs::copy(profile.join(bin), &tmp).unwrap();
+            std::fs::rename(&tmp, dir.join(bin)).unwrap();
+        }
+        dir
+    })
+}
+
+fn vmm() -> PathBuf {
+    vmm_dir().join("cella-vmm")
+}
+
+/// A stand-in `cella-vmm` for a job that runs until stopped: it ignores the scan arguments and
+/// runs a real VM whose guest spins (SIGTERM stops it, scrubs it and prints the report).
+fn spinning_vmm(dir: &Path) -> PathBuf {
+    let path = dir.join("spinning-vmm");
+    let script = format!("#!/bin/sh\nexec {} run --json --timeout-ms 120000 -- spin\n", vmm().display());
+    std::fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cella-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The URL of this test's own database.
+fn test_db_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").unwrap();
+    let server =
+        base.split_once('?').map_or(base.as_str(), |(s, _)| s).rsplit_once('/').unwrap().0.to_owned();
+    format!("{server}/{}", pool.connect_options().get_database().unwrap())
+}
+
+fn signal(child: &Child, sig: &str) {
+    Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
+}
+
+/// A running `cella serve`.
+struct Server {
+    child: Option<Child>,
+    data: PathBuf,
+    url: String,
+    ca: Vec<u8>,
+}
+
+impl Server {
+    fn start(data: &Path, db: Option<&str>, env: &[(&str, &str)]) -> Server {
+        let _ = std::fs::remove_file(data.join("serve.url"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data);
+        cmd.env_remove("DATABASE_URL")
+            .env("CELLA_VMM", vmm())
+            .env("CELLA_LEASE_SECS", "2")
+            .env("CELLA_DRAIN_SECS", "1");
+        if let Some(db) = db {
+            cmd.env("DATABASE_URL", db);
+        }
+        cmd.envs(env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap();
+        let start = Instant::now();
+        let url = loop {
+            if let Ok(url) = std::fs::read_to_string(data.join("serve.url")) {
+                break url.trim().to_owned();
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("cella serve exited during start-up: {status}");
+            }
+            assert!(start.elapsed() < Duration::from_secs(90), "cella serve did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
+        Server { child: Some(child), data: data.to_owned(), url, ca }
+    }
+
+    fn admin(&self) -> ApiClient {
+        let key = std::fs::read_to_string(self.data.join("admin.key")).unwrap();
+        ApiClient::new(&self.url, key.trim(), Some(&self.ca)).unwrap()
+    }
+
+    async fn tenant(&self, name: &str) -> (String, ApiClient) {
+        let created = self.admin().post_json("/v1/admin/tenants", &json!({ "name": name })).await.unwrap();
+        let key = created["key"]["api_key"].as_str().unwrap();
+        (
+            created["tenant"]["id"].as_str().unwrap().to_owned(),
+            ApiClient::new(&self.url, key, Some(&self.ca)).unwrap(),
+        )
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "TERM");
+            let start = Instant::now();
+            while child.try_wait().unwrap().is_none() {
+                if start.elapsed() > Duration::from_secs(60) {
+                    let _ = child.kill();
+                    panic!("cella serve did not stop on SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "TERM");
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Submits `artifact`; returns the job id.
+async fn submit(
+    client: &ApiClient,
+    artifact: &[u8],
+    idempotency_key: Option<&str>,
+) -> Result<String, String> {
+    let mut req = client.request(Method::POST, "/v1/jobs").body(artifact.to_vec());
+    if let Some(k) = idempotency_key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let job: Value =
+        client.send(req).await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
+    Ok(job["id"].as_str().unwrap().to_owned())
+}
+
+async fn job(client: &ApiClient, id: &str) -> Value {
+    client.json(Method::GET, &format!("/v1/jobs/{id}")).await.unwrap()
+}
+
+/// Waits until `done(job)` holds.
+async fn wait_job(client: &ApiClient, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        if let Ok(job) = client.json(Method::GET, &format!("/v1/jobs/{id}")).await {
+            if done(&job) {
+                return job;
+            }
+            assert!(start.elapsed() < Duration::from_secs(90), "job {id} never {what}: {job}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn actions(pool: &PgPool, tenant: &str) -> Vec<(String, Value)> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT action, body FROM audit_events WHERE chain = $1 ORDER BY seq")
+            .bind(format!("tenant:{tenant}"))
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.into_iter().map(|(a, body)| (a, serde_json::from_str::<Value>(&body).unwrap())).collect()
+}
+
+fn sample_tar() -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append_dir_all("sample-app", repo().join("examples/sample-app")).unwrap();
+    tar.into_inner().unwrap()
+}
+
+fn cella(data: &Path, key: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
+    cmd.args(args).env("CELLA_DATA_DIR", data).env_remove("CELLA_URL").env_remove("CELLA_CA");
+    match key {
+        Some(k) => cmd.env("CELLA_API_KEY", k),
+        None => cmd.env_remove("CELLA_API_KEY"),
+    };
+    cmd.output().unwrap()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(pool: PgPool) {
+    let dir = scratch("scan");
+    let server = Server::start(&dir.join("data"), Some(&test_db_url(&pool)), &[("CELLA_JAILED", "1")]);
+    let data = server.data.clone();
+    // The operator creates a tenant with the CLI, on the server's host.
+    let out = cella(&data, None, &["tenant", "create", "acme"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let tenant = stdout.lines().find_map(|l| l.strip_prefix("tenant  ")).unwrap().trim().to_owned();
+    let key = stdout.lines().find_map(|l| l.strip_prefix("API key ")).unwrap().trim().to_owned();
+    assert!(key.starts_with("cella_") && key.len() == 6 + 64);
+
+    // The tenant scans the sample folder: the Stripe key and card number are errors, so exit 1.
+    let sarif = dir.join("out.sarif");
+    let sample = repo().join("examples/sample-app");
+    let out =
+        cella(&data, Some(&key), &["scan", sample.to_str().unwrap(), "--sarif", sarif.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("stripe-secret-key") && stdout.contains("sample-app/config/settings.yaml:5"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("5 finding(s); 2 at or above --fail-on error"), "{stdout}");
+    let log: Value = serde_json::from_slice(&std::fs::read(&sarif).unwrap()).unwrap();
+    assert_eq!(log["version"], "2.1.0");
+    assert_eq!(log["runs"][0]["results"].as_array().unwrap().len(), 5);
+    // A threshold above every finding: exit 0.
+    let out = cella(
+        &data,
+        Some(&key),
+        &["scan", sample.to_str().unwrap(), "--fail-on", "never", "--sarif", sarif.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0));
+
+    // Every transition is audited, with the scrub evidence of a jailed VM.
+    let events = actions(&pool, &tenant).await;
+    let names: Vec<&str> = events.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(
+        &names[..7],
+        [
+            "tenant.created",
+            "api_key.created",
+            "job.submitted",
+            "job.leased",
+            "job.vm_started",
+            "job.scrubbed",
+            "job.succeeded"
+        ]
+    );
+    let started = &events[4].1["details"];
+    assert_eq!(started["jailed"], true, "{started}");
+    let scrub = &events[5].1["details"]["scrub"];
+    assert_eq!(
+        (scrub["verified_zero"].as_bool(), scrub["released"].as_bool()),
+        (Some(true), Some(true)),
+        "{scrub}"
+    );
+    // The tenant downloads its audit log and verifies it offline.
+    let bundle = dir.join("audit.tar");
+    let out = cella(&data, Some(&key), &["audit", "download", "--out", bundle.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pubkey = data.join("audit-signing.key.pub");
+    let out = cella(
+        &data,
+        None,
+        &["audit", "verify", bundle.to_str().unwrap(), "--trusted-key", pubkey.to_str().unwrap()],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && stdout.starts_with(&format!("OK: {} events", events.len())), "{stdout}");
+
+    // Metrics saw the launches and scrubs.
+    let metrics = String::from_utf8(server.admin().bytes("/metrics").await.unwrap()).unwrap();
+    assert!(metrics.contains("cella_vm_launch_seconds_count 2"), "{metrics}");
+    assert!(metrics.contains("cella_jobs{state=\"succeeded\"} 2"), "{metrics}");
+    assert!(metrics.contains("cella_vm_scrub_seconds_count 2"), "{metrics}");
+    // Nothing of the tenant's artifacts stays on the host.
+    assert_eq!(std::fs::read_dir(data.join("artifacts")).unwrap().count(), 0);
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cancelling_a_running_job_stops_its_vm_and_records_the_scrub(pool: PgPool) {
+    let dir = scratch("cancel");
+    let spin = spinning_vmm(&dir);
+    let server = Server::start(
+        &dir.join("data"),
+        Some(&test_db_url(&pool)),
+        &[("CELLA_VMM", spin.to_str().unwrap()), ("CELLA_JAILED", "0")],
+    );
+    let (tenant, client) = server.tenant("acme").await;
+    let id = submit(&client, b"anything", None).await.unwrap();
+    wait_job(&client, &id, "ran", |j| j["state"] == "running").await;
+    // The operator sees the VM.
+    let vms = server.admin().json(Method::GET, "/v1/admin/vms").await.unwrap();
+    let vm = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["job_id"] == id.as_str())
+        .expect("the running VM is listed")
+        .clone();
+    let pid = vm["pid"].as_i64().unwrap();
+    wait_for_action(&pool, &tenant, "job.vm_started").await;
+    let cancelled = client.json(Method::POST, &format!("/v1/jobs/{id}/cancel")).await.unwrap();
+    assert_eq!(cancelled["cancel_requested"], true);
+    let job = wait_job(&client, &id, "was cancelled", |j| j["state"] == "cancelled").await;
+    assert!(job["error"].as_str().unwrap().contains("cancelled while running"), "{job}");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the VMM {pid} still runs");
+    let events = actions(&pool, &tenant).await;
+    let names: Vec<&str> = events.iter().map(|(a, _)| a.as_str()).collect();
+    assert!(names.ends_with(&["job.cancel_requested", "job.scrubbed", "job.cancelled"]), "{names:?}");
+    let scrub = &events[events.len() - 2].1["details"]["scrub"];
+    assert_eq!(scrub["verified_zero"], true, "{scrub}");
+    assert_eq!(
+        client
+            .send(client.request(Method::POST, &format!("/v1/jobs/{id}/cancel")))
+            .await
+            .unwrap_err()
+            .to_string()
+            .split(':')
+            .next(),
+        Some("409 Conflict")
+    );
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Waits until `tenant`'s audit log holds `action`.
+async fn wait_for_action(pool: &PgPool, tenant: &str, action: &str) {
+    let start = Instant::now();
+    while !actions(pool, tenant).await.iter().any(|(a, _)| a == action) {
+        assert!(start.elapsed() < Duration::from_secs(60), "no {action} event");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_until_gone(pid: i64) {
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "process {pid} still runs");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed (if still running) when the test ends, pass or fail.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_worker(data: &Path, db: &str, vmm: &Path) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_cella"))
+            .args(["worker", "--concurrency", "1", "--data-dir"])
+            .arg(data)
+            .env("DATABASE_URL", db)
+            .env("CELLA_VMM", vmm)
+            .env("CELLA_JAILED", "0")
+            .env("CELLA_LEASE_SECS", "2")
+            .env("CELLA_DRAIN_SECS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_worker_killed_mid_job_loses_its_lease_and_another_finishes_the_job(pool: PgPool) {
+    let dir = scratch("sigkill");
+    let db = test_db_url(&pool);
+    let server = Server::start(&dir.join("data"), Some(&db), &[("CELLA_WORKER", "0")]);
+    let (tenant, client) = server.tenant("acme").await;
+    let id = submit(&client, &sample_tar(), None).await.unwrap();
+    let mut stuck = start_worker(&server.data, &db, &spinning_vmm(&dir));
+    wait_for_action(&pool, &tenant, "job.vm_started").await;
+    let first_pid: i32 =
+        sqlx::query_scalar("SELECT vm_pid FROM jobs WHERE id = $1").bind(&id).fetch_one(&pool).await.unwrap();
+    signal(&stuck.0, "KILL");
+    stuck.0.wait().unwrap();
+    // Its VM does not outlive it.
+    wait_until_gone(first_pid.into()).await;
+    let mut rescuer = start_worker(&server.data, &db, &vmm());
+    let job = wait_job(&client, &id, "succeeded", |j| j["state"] == "succeeded").await;
+    assert_eq!((job["attempt"].as_i64(), job["findings"].as_i64()), (Some(2), Some(5)));
+    let events = actions(&pool, &tenant).await;
+    let count = |a: &str| events.iter().filter(|(x, _)| x == a).count();
+    assert_eq!(
+        (count("job.leased"), count("job.lease_expired"), count("job.succeeded")),
+        (2, 1, 1),
+        "{events:?}"
+    );
+    let results: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE sarif IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(results, 1);
+    signal(&rescuer.0, "TERM");
+    assert!(rescuer.0.wait().unwrap().success());
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn sigterm_drains_a_worker_and_hands_its_running_job_back(pool: PgPool) {
+    let dir = scratch("drain");
+    let db = test_db_url(&pool);
+    let server = Server::start(&dir.join("data"), Some(&db), &[("CELLA_WORKER", "0")]);
+    let (tenant, client) = server.tenant("acme").await;
+    let id = submit(&client, b"x", None).await.unwrap();
+    let mut worker = start_worker(&server.data, &db, &spinning_vmm(&dir));
+    wait_for_action(&pool, &tenant, "job.vm_started").await;
+    signal(&worker.0, "TERM");
+    assert!(worker.0.wait().unwrap().success(), "the worker exits cleanly after draining");
+    let job = job(&client, &id).await;
+    assert_eq!(job["state"], "queued", "{job}");
+    let names: Vec<String> = actions(&pool, &tenant).await.into_iter().map(|(a, _)| a).collect();
+    assert!(names.ends_with(&["job.scrubbed".to_owned(), "job.handed_back".to_owned()]), "{names:?}");
+    let stopped: Option<bool> =
+        sqlx::query_scalar("SELECT stopped_at IS NOT NULL FROM workers").fetch_optional(&pool).await.unwrap();
+    assert_eq!(stopped, Some(true));
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn restarting_postgres_while_jobs_flow_loses_none_and_runs_none_twice() {
+    let dir = scratch("pg-restart");
+    // The private cluster `cella serve` runs itself, so restarting it disturbs no other test.
+    let server =
+        Server::start(&dir.join("data"), None, &[("CELLA_JAILED", "0"), ("CELLA_WORKER_CONCURRENCY", "2")]);
+    let (_, client) = server.tenant("acme").await;
+    let artifact = sample_tar();
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        if i == 4 {
+            let status = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(pg_ctl())
+                .arg("-D")
+                .arg(server.data.join("postgres/data"))
+                .args(["-m", "fast", "-w", "restart"])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        // A client retries a failed submission with the same Idempotency-Key.
+        let key = format!("submission-{i}");
+        let start = Instant::now();
+        let id = loop {
+            match submit(&client, &artifact, Some(&key)).await {
+                Ok(id) => break id,
+                Err(e) => {
+                    assert!(start.elapsed() < Duration::from_secs(60), "submission {i} kept failing: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        ids.push(id);
+    }
+    for id in &ids {
+        let job =
+            wait_job(&client, id, "ended", |j| matches!(j["state"].as_str(), Some("succeeded" | "failed")))
+                .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
+    // Exactly one completion per job, in the database and in the audit log.
+    let options = cella_service::postgres::PrivatePostgres::attach(&server.data).unwrap();
+    let pool = sqlx::PgPool::connect_with(options).await.unwrap();
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&pool).await.unwrap();
+    assert_eq!(jobs, ids.len() as i64, "no job was lost or created twice");
+    for id in &ids {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_events WHERE action = 'job.succeeded' AND body LIKE $1",
+        )
+        .bind(format!("%\"{id}\"%"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(done, 1, "job {id} completed {done} times");
+    }
+    pool.close().await;
+    let mut server = server;
+    server.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn pg_ctl() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .map(|e| e.unwrap().path().join("bin/pg_ctl"))
+        .collect();
+    versions.sort();
+    versions.pop().unwrap()
+}
