@@ -1,27 +1,49 @@
 #!/usr/bin/env bash
-# Sets Cella up (idempotent), launches one microVM running the `hello` guest, then scans the
-# sample folder examples/sample-app in a microVM and prints its findings.
+# Sets Cella up (idempotent), starts `cella serve` (HTTPS API, private PostgreSQL, a worker that
+# runs every job jailed in its own microVM), creates a tenant, scans the sample folder
+# examples/sample-app with `cella scan`, prints the findings, downloads the tenant's audit log and
+# verifies it offline, then stops the server.
 #
-#   scripts/demo.sh
+#   scripts/demo.sh                # data folder: /var/tmp/cella-demo (CELLA_DEMO_DIR to change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+bin=target/release
+data=${CELLA_DEMO_DIR:-/var/tmp/cella-demo}
+mkdir -p "$data"
+export CELLA_DATA_DIR=$data
+
 echo
-echo "\$ cella-vmm run -- hello"
-target/release/cella-vmm run -- hello
+echo "\$ cella serve --data-dir $data --listen 127.0.0.1:0 &"
+rm -f "$data/serve.url"
+"$bin/cella" serve --listen 127.0.0.1:0 >"$data/serve.log" 2>&1 &
+serve_pid=$!
+trap 'kill -TERM $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 600); do
+  [ -s "$data/serve.url" ] && break
+  kill -0 $serve_pid 2>/dev/null || { cat "$data/serve.log" >&2; echo "cella serve failed to start" >&2; exit 1; }
+  sleep 0.1
+done
+[ -s "$data/serve.url" ] || { cat "$data/serve.log" >&2; echo "cella serve did not start in 60 s" >&2; exit 1; }
+sed 's/^/  /' "$data/serve.log"
+
+tenant="demo-$(date +%s)"
 echo
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-tar -C examples -czf "$out/sample-app.tar.gz" sample-app
-echo "\$ cella-vmm scan --artifact sample-app.tar.gz --sarif sample-app.sarif"
-target/release/cella-vmm scan --artifact "$out/sample-app.tar.gz" --sarif "$out/sample-app.sarif"
+echo "\$ cella tenant create $tenant"
+created=$("$bin/cella" tenant create "$tenant")
+echo "$created" | sed 's/^/  /'
+CELLA_API_KEY=$(echo "$created" | awk '/^API key/ {print $3}')
+export CELLA_API_KEY
+
 echo
-echo "SARIF results (rule, file:line):"
-python3 - "$out/sample-app.sarif" <<'PY'
-import json, sys
-log = json.load(open(sys.argv[1]))
-for r in log["runs"][0]["results"]:
-    loc = r["locations"][0]["physicalLocation"]
-    print(f'  {r["ruleId"]:32} {loc["artifactLocation"]["uri"]}:{loc["region"]["startLine"]}')
-PY
+echo "\$ cella scan examples/sample-app --sarif $data/sample-app.sarif"
+status=0
+"$bin/cella" scan examples/sample-app --sarif "$data/sample-app.sarif" || status=$?
+echo "(exit status $status: 1 means findings at or above --fail-on error, as a CI gate would see it)"
+[ "$status" -le 1 ] || exit "$status"
+
+echo
+echo "\$ cella audit download --out $data/audit.tar && cella audit verify $data/audit.tar"
+"$bin/cella" audit download --out "$data/audit.tar"
+"$bin/cella" audit verify "$data/audit.tar" --trusted-key "$data/audit-signing.key.pub"
