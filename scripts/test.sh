@@ -24,3 +24,5 @@ echo "== cargo clippy (guest images)" >&2
 )
 echo "== cargo test" >&2
 cargo test --workspace
+echo "== API property test (schemathesis against cella serve's own OpenAPI document)" >&2
+scripts/api-fuzz.sh 30

@@ -15,7 +15,7 @@ use sqlx::Row;
 use super::audit::{export_bundle, ExportQuery};
 use super::auth::AdminAuth;
 use super::extract::{ApiJson, ApiQuery};
-use super::AppState;
+use super::{known_id, AppState};
 use crate::audit_log::operator_event;
 use crate::error::ServiceError;
 use crate::jobs::{self, JobView};
@@ -43,6 +43,7 @@ pub fn router() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
     /// 1-64 letters, digits, '-', '_' or '.'; unique.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub name: String,
     /// The most of its jobs that run at once (default from configuration).
     pub max_concurrent: Option<u32>,
@@ -91,6 +92,7 @@ async fn suspend(
     admin: AdminAuth,
     Path(id): Path<String>,
 ) -> Result<Json<Tenant>, ServiceError> {
+    known_id(&id, "tenant")?;
     Ok(Json(tenants::set_suspended(&state.pool, &id, true, &admin.actor()).await?))
 }
 
@@ -103,6 +105,7 @@ async fn reinstate(
     admin: AdminAuth,
     Path(id): Path<String>,
 ) -> Result<Json<Tenant>, ServiceError> {
+    known_id(&id, "tenant")?;
     Ok(Json(tenants::set_suspended(&state.pool, &id, false, &admin.actor()).await?))
 }
 
@@ -115,6 +118,7 @@ async fn create_key(
     admin: AdminAuth,
     Path(id): Path<String>,
 ) -> Result<Response, ServiceError> {
+    known_id(&id, "tenant")?;
     let key = tenants::create_key(&state.pool, &id, &admin.actor()).await?;
     Ok((StatusCode::CREATED, Json(key)).into_response())
 }
@@ -150,6 +154,7 @@ async fn revoke_all_keys(
     admin: AdminAuth,
     Path(id): Path<String>,
 ) -> Result<Json<Revoked>, ServiceError> {
+    known_id(&id, "tenant")?;
     Ok(Json(Revoked { revoked: tenants::revoke_keys(&state.pool, &id, None, &admin.actor()).await? }))
 }
 
@@ -163,6 +168,8 @@ async fn revoke_key(
     admin: AdminAuth,
     Path((id, key_id)): Path<(String, String)>,
 ) -> Result<Json<Revoked>, ServiceError> {
+    known_id(&id, "tenant")?;
+    known_id(&key_id, "key")?;
     Ok(Json(Revoked {
         revoked: tenants::revoke_keys(&state.pool, &id, Some(&key_id), &admin.actor()).await?,
     }))
@@ -177,7 +184,7 @@ pub struct WorkersQuery {
 
 /// Workers (live ones unless `all`).
 #[utoipa::path(get, path = "/v1/admin/workers", tag = "admin", security(("admin" = [])), params(WorkersQuery),
-    responses((status = 200, body = Vec<WorkerView>), (status = 401, description = "No or bad admin credential", content_type = PROBLEM)))]
+    responses((status = 200, body = Vec<WorkerView>), (status = 400, description = "Bad query string", content_type = PROBLEM), (status = 401, description = "No or bad admin credential", content_type = PROBLEM)))]
 async fn list_workers(
     State(state): State<AppState>,
     _admin: AdminAuth,
@@ -192,6 +199,7 @@ async fn set_draining(
     id: &str,
     draining: bool,
 ) -> Result<Json<WorkerView>, ServiceError> {
+    known_id(id, "worker")?;
     let mut tx = state.pool.begin().await?;
     let action = if draining { "worker.drain" } else { "worker.undrain" };
     operator_event(&mut tx, None, &admin.actor(), action, ("worker", id), json!({})).await?;
@@ -279,6 +287,7 @@ async fn cancel_job(
     admin: AdminAuth,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ServiceError> {
+    known_id(&id, "job")?;
     let job = jobs::cancel(&state.pool, None, &id, &admin.actor()).await?;
     if job.state == "cancelled" {
         let _ = tokio::fs::remove_file(state.data_dir.artifact(&id)).await;

@@ -184,11 +184,7 @@ async fn list(
 }
 
 fn check_id(id: &str) -> Result<(), ServiceError> {
-    if ids::is_id(id, "job") {
-        Ok(())
-    } else {
-        Err(ServiceError::NotFound(format!("job {id}")))
-    }
+    super::known_id(id, "job")
 }
 
 /// One job.

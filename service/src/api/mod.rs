@@ -57,6 +57,16 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A path id must look like one of ours (`job_…`, `tenant_…`, `worker_…`), or the answer is
+/// 404 without touching the database or the audit log.
+pub fn known_id(id: &str, prefix: &str) -> Result<(), ServiceError> {
+    if crate::ids::is_id(id, prefix) {
+        Ok(())
+    } else {
+        Err(ServiceError::NotFound(format!("{prefix} {id:?}")))
+    }
+}
+
 /// Liveness: the API answers and reaches its database.
 #[utoipa::path(get, path = "/healthz", tag = "service",
     responses((status = 200, description = "the API and its database are up"), (status = 503, description = "the database is unreachable")))]

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Property-based API test: schemathesis (from PyPI) generates requests from the server's own
+# OpenAPI document (/v1/openapi.json) and fails on any 5xx or response that does not match the
+# document. Runs against a real `cella serve` (HTTPS, a fresh database in the PostgreSQL at
+# DATABASE_URL, no worker), once with a tenant key and once with the admin credential.
+#
+#   scripts/api-fuzz.sh [MAX_EXAMPLES]      # part of scripts/test.sh; needs a debug build of cella
+set -euo pipefail
+cd "$(dirname "$0")/.."
+examples=${1:-30}
+: "${DATABASE_URL:=postgres://cella:cella@localhost:5432/cella}"
+
+if ! command -v schemathesis >/dev/null; then
+  echo "api-fuzz: installing schemathesis from PyPI" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'schemathesis>=4,<5'
+fi
+
+work=$(mktemp -d /var/tmp/cella-api-fuzz.XXXXXX)
+db="cella_api_fuzz_$$"
+server="${DATABASE_URL%/*}"
+psql -q "$DATABASE_URL" -c "CREATE DATABASE $db" >/dev/null
+serve_pid=
+cleanup() {
+  [ -n "$serve_pid" ] && { kill -TERM "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null || true; }
+  psql -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --quiet -p cella-service --bin cella
+cella=target/debug/cella
+DATABASE_URL="$server/$db" CELLA_WORKER=0 CELLA_MAX_ARTIFACT_BYTES=65536 \
+  "$cella" serve --data-dir "$work/data" --listen 127.0.0.1:0 >"$work/serve.log" 2>&1 &
+serve_pid=$!
+for _ in $(seq 1 300); do [ -s "$work/data/serve.url" ] && break; sleep 0.1; done
+[ -s "$work/data/serve.url" ] || { cat "$work/serve.log" >&2; exit 1; }
+url=$(cat "$work/data/serve.url")
+export CELLA_DATA_DIR="$work/data"
+key=$("$cella" tenant create fuzz | awk '/^API key/ {print $3}')
+admin=$(cat "$work/data/admin.key")
+
+run() {
+  local who=$1 token=$2
+  shift 2
+  echo "== schemathesis ($who, up to $examples examples per operation) against $url" >&2
+  schemathesis run "$url/v1/openapi.json" \
+    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
+    --header "Authorization: Bearer $token" \
+    --tls-verify "$work/data/tls/ca.pem" \
+    --max-examples "$examples" \
+    --no-color "$@"
+}
+status=0
+run tenant "$key" --include-tag jobs --include-tag audit --include-tag service || status=1
+run admin "$admin" --include-tag admin || status=1
+if grep -q 'internal error' "$work/serve.log"; then
+  echo "api-fuzz: the server logged internal errors:" >&2
+  grep 'internal error' "$work/serve.log" | sort | uniq -c | head -20 >&2
+  status=1
+fi
+exit $status
