@@ -151,6 +151,43 @@ async fn run_with(
     tls_config: Arc<rustls::ServerConfig>,
     tls_files: tls::TlsFiles,
 ) -> Result<(), ServeError> {
+    let running = start(config.clone(), data_dir.clone(), pool, tls_config).await?;
+    println!("cella serve: listening on {}", running.url);
+    if let Some(ca) = &tls_files.ca {
+        println!("cella serve: clients trust the CA in {}", ca.display());
+    }
+    println!("cella serve: admin credential in {}", data_dir.admin_key_file().display());
+    if !config.worker.enabled {
+        println!("cella serve: no worker in this process (run `cella worker` against the same database)");
+    }
+    wait_for_signal().await;
+    eprintln!("cella serve: shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+/// A running API (and worker, and checkpointer).
+#[derive(Debug)]
+pub struct Running {
+    /// `https://ADDR:PORT`.
+    pub url: String,
+    /// What the worker measured (VM launch, scrub, job run histograms).
+    pub metrics: Arc<Metrics>,
+    data_dir: DataDir,
+    shutdown: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    worker: Option<tokio::task::JoinHandle<Result<(), ServiceError>>>,
+    checkpointer: tokio::task::JoinHandle<Result<(), cella_audit::store::StoreError>>,
+}
+
+/// Starts the API on `config.listen`, the checkpointer and (if enabled) a worker, on a migrated
+/// database; makes the admin credential and signing key on first start.
+pub async fn start(
+    config: Config,
+    data_dir: DataDir,
+    pool: PgPool,
+    tls_config: Arc<rustls::ServerConfig>,
+) -> Result<Running, ServeError> {
     ensure_admin_key(&pool, &data_dir).await?;
     let signer_path = ensure_signing_key(&config, &data_dir)?;
     let signer = SigningKey::load(&signer_path)?;
@@ -170,19 +207,18 @@ async fn run_with(
     let url = format!("https://{addr}");
     files::write_public(&data_dir.url_file(), format!("{url}\n").as_bytes())?;
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::default());
-    let signer = Arc::new(signer);
     let state = AppState {
         pool: pool.clone(),
         config: Arc::new(config.clone()),
         data_dir: data_dir.clone(),
         metrics: metrics.clone(),
-        signer: Some(signer.clone()),
+        signer: Some(Arc::new(signer)),
     };
     let checkpointer = {
         let mut rx = shutdown_rx.clone();
-        let shutdown = async move {
+        let stop = async move {
             let _ = rx.wait_for(|s| *s).await;
         };
         let key = SigningKey::load(&signer_path)?;
@@ -191,41 +227,34 @@ async fn run_with(
             key,
             policy,
             std::time::Duration::from_secs(1),
-            shutdown,
+            stop,
         ))
     };
     let worker = config.worker.enabled.then(|| {
         let worker = Worker::new(pool.clone(), &config, data_dir.clone(), metrics.clone());
         tokio::spawn(worker.run(shutdown_rx.clone()))
     });
-    let server =
-        tokio::spawn(crate::server::serve(listener, tls_config, api::app(state), shutdown_rx.clone()));
+    let server = tokio::spawn(crate::server::serve(listener, tls_config, api::app(state), shutdown_rx));
+    Ok(Running { url, metrics, data_dir, shutdown, server, worker, checkpointer })
+}
 
-    println!("cella serve: listening on {url}");
-    if let Some(ca) = &tls_files.ca {
-        println!("cella serve: clients trust the CA in {}", ca.display());
-    }
-    println!("cella serve: admin credential in {}", data_dir.admin_key_file().display());
-    if !config.worker.enabled {
-        println!("cella serve: no worker in this process (run `cella worker` against the same database)");
-    }
-
-    wait_for_signal().await;
-    eprintln!("cella serve: shutting down");
-    let _ = shutdown_tx.send(true);
-    let _ = server.await;
-    if let Some(worker) = worker {
-        match worker.await {
-            Ok(Err(e)) => eprintln!("cella serve: worker: {e}"),
-            Err(e) => eprintln!("cella serve: worker task: {e}"),
-            Ok(Ok(())) => {}
+impl Running {
+    /// Stops accepting, drains the worker, cuts a final checkpoint.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        if let Some(worker) = self.worker {
+            match worker.await {
+                Ok(Err(e)) => eprintln!("cella serve: worker: {e}"),
+                Err(e) => eprintln!("cella serve: worker task: {e}"),
+                Ok(Ok(())) => {}
+            }
         }
+        if let Ok(Err(e)) = self.checkpointer.await {
+            eprintln!("cella serve: final checkpoint: {e}");
+        }
+        let _ = std::fs::remove_file(self.data_dir.url_file());
     }
-    if let Ok(Err(e)) = checkpointer.await {
-        eprintln!("cella serve: final checkpoint: {e}");
-    }
-    let _ = std::fs::remove_file(data_dir.url_file());
-    Ok(())
 }
 
 /// SIGTERM or SIGINT.

@@ -101,25 +101,17 @@ async fn appends(pool: &PgPool, writers: u64, total: u64, tenants: &[TenantId]) 
 }
 
 async fn append_bench(args: &BenchArgs) -> Result<(), CliError> {
-    let url = db::database_url().map_err(CliError::Usage)?;
-    let name = format!("cella_audit_bench_{}", std::process::id());
-    let (base, _) = url.split_once('?').unwrap_or((&url, ""));
-    let (server, _) =
-        base.rsplit_once('/').ok_or_else(|| CliError::Usage("DATABASE_URL has no database name".into()))?;
-    let admin = db::connect(&url, 1).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
-    let bench_url = format!("{server}/{name}");
+    let db = db::ScratchDatabase::create("cella_audit_bench").await.map_err(CliError::Usage)?;
     let result = async {
-        let pool = db::connect(&bench_url, 9).await?;
-        db::MIGRATOR.run(&pool).await.map_err(sqlx::Error::from)?;
+        let pool = db::connect(&db.url, 9).await?;
         let r11 = appends(&pool, 1, args.appends, &tenants("one", 1)?).await?;
         let r18 = appends(&pool, 8, args.appends, &tenants("eight", 1)?).await?;
         let rm1 = appends(&pool, 1, args.appends, &tenants("a", args.tenants)?).await?;
         let rm8 = appends(&pool, 8, args.appends, &tenants("b", args.tenants)?).await?;
         pool.close().await;
         println!(
-            "appends/s, each append in its own transaction, {} appends per cell (PostgreSQL at {server}):",
-            args.appends
+            "appends/s, each append in its own transaction, {} appends per cell (PostgreSQL at {}):",
+            args.appends, db.server
         );
         println!("  {:<22} {:>12} {:>12}", "", "1 writer", "8 writers");
         println!("  {:<22} {:>12.0} {:>12.0}", "one tenant", r11, r18);
@@ -127,7 +119,7 @@ async fn append_bench(args: &BenchArgs) -> Result<(), CliError> {
         Ok::<(), CliError>(())
     }
     .await;
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+    db.drop_now().await;
     result
 }
 
@@ -233,7 +225,7 @@ fn verify_bench(n: u64, keep: Option<&std::path::Path>) -> Result<(), CliError> 
 }
 
 /// User + system CPU time of this process so far, from `/proc/self/stat` (0 if unavailable).
-fn cpu_seconds() -> f64 {
+pub(super) fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the `(comm)`; utime and stime are the 14th and 15th fields overall.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
@@ -242,7 +234,7 @@ fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
-fn load_average() -> String {
+pub(super) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map_or_else(|_| "unknown".to_owned(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }

@@ -4,6 +4,7 @@
 mod audit;
 mod audit_bench;
 mod service;
+mod service_bench;
 
 use clap::{Parser, Subcommand};
 
@@ -51,6 +52,8 @@ enum Command {
     Admin(AdminCommand),
     /// Print the API's OpenAPI 3.1 document
     Openapi,
+    /// Benchmark: end-to-end jobs/s and latency vs `cella-vmm scan` directly, and the queue alone (DATABASE_URL)
+    Bench(service_bench::BenchArgs),
     /// The audit log: export, verify offline, prove inclusion, manage signing keys, benchmark.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -123,6 +126,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             println!("{}", crate::api::openapi::document());
             Ok(())
         }
+        Command::Bench(args) => service_bench::run(args),
         Command::Audit(cmd) => audit::run(cmd),
     }
 }
