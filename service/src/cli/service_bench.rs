@@ -125,8 +125,7 @@ async fn service_run(
     let _ = std::fs::remove_dir_all(&dir);
     let data = DataDir::at(&dir);
     data.create().map_err(|e| CliError::Usage(e.to_string()))?;
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().expect("a socket address");
+    let mut config = Config { listen: ([127, 0, 0, 1], 0).into(), ..Config::default() };
     config.worker.concurrency = c;
     config.jobs.tenant_max_concurrent = c;
     if unjailed {
