@@ -122,21 +122,23 @@ async fn operator_events_go_to_their_own_chain(pool: PgPool) {
     assert_eq!((r.chain.as_str(), r.events), ("operator", 2));
 }
 
-async fn make_jobs_table(pool: &PgPool) {
-    sqlx::query("CREATE TABLE jobs (id text PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now())")
-        .execute(pool)
-        .await
-        .unwrap();
+async fn make_state_table(pool: &PgPool) {
+    sqlx::query(
+        "CREATE TABLE state_changes (id text PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
 }
 
 #[sqlx::test(migrations = "../migrations")]
 async fn rolled_back_state_change_leaves_no_audit_event(pool: PgPool) {
-    make_jobs_table(&pool).await;
+    make_state_table(&pool).await;
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO jobs (id) VALUES ('job-1')").execute(&mut *tx).await.unwrap();
+    sqlx::query("INSERT INTO state_changes (id) VALUES ('job-1')").execute(&mut *tx).await.unwrap();
     assert_eq!(append(&mut tx, &event("acme", 1)).await.unwrap().seq, 1);
     tx.rollback().await.unwrap();
-    assert_eq!(count(&pool, "SELECT count(*) FROM jobs").await, 0);
+    assert_eq!(count(&pool, "SELECT count(*) FROM state_changes").await, 0);
     assert_eq!(count(&pool, "SELECT count(*) FROM audit_events").await, 0);
     // The next event still gets seq 1: the rolled-back one left no hole.
     assert_eq!(append_one(&pool, &event("acme", 2)).await, 1);
@@ -144,7 +146,7 @@ async fn rolled_back_state_change_leaves_no_audit_event(pool: PgPool) {
 
 #[sqlx::test(migrations = "../migrations")]
 async fn failed_audit_append_rolls_back_the_state_change(pool: PgPool) {
-    make_jobs_table(&pool).await;
+    make_state_table(&pool).await;
     // Someone wrote seq 1 behind the head row's back: the append must fail on the unique key.
     sqlx::query(
         "INSERT INTO audit_events (chain, seq, tenant, event_time, action, body, hash)
@@ -154,11 +156,11 @@ async fn failed_audit_append_rolls_back_the_state_change(pool: PgPool) {
     .await
     .unwrap();
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO jobs (id) VALUES ('job-1')").execute(&mut *tx).await.unwrap();
+    sqlx::query("INSERT INTO state_changes (id) VALUES ('job-1')").execute(&mut *tx).await.unwrap();
     let err = append(&mut tx, &event("acme", 1)).await.unwrap_err();
     assert!(matches!(err, StoreError::Db(_)), "{err}");
     drop(tx);
-    assert_eq!(count(&pool, "SELECT count(*) FROM jobs").await, 0);
+    assert_eq!(count(&pool, "SELECT count(*) FROM state_changes").await, 0);
 }
 
 #[sqlx::test(migrations = "../migrations")]

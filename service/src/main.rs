@@ -10,7 +10,11 @@ use clap::Parser;
 fn exit_code(err: &CliError) -> u8 {
     match err {
         CliError::VerificationFailed(_) | CliError::FindingsAtThreshold(_) => 1,
-        CliError::Usage(_) | CliError::Key(_) | CliError::File { .. } | CliError::Bundle(_) => 2,
+        CliError::Usage(_)
+        | CliError::Key(_)
+        | CliError::File { .. }
+        | CliError::Bundle(_)
+        | CliError::ClientSetup(_) => 2,
         CliError::Database(_)
         | CliError::Export(_)
         | CliError::Store(_)

@@ -88,12 +88,21 @@ pub enum CliError {
     JobDidNotSucceed(String),
     #[error(transparent)]
     Client(ClientError),
+    /// The client could not start: no key, no server, an unreadable file or CA.
+    #[error(transparent)]
+    ClientSetup(ClientError),
 }
 
 impl From<ClientError> for CliError {
     fn from(e: ClientError) -> Self {
         match e {
             ClientError::Other(msg) if msg.starts_with("job ") => CliError::JobDidNotSucceed(msg),
+            e @ (ClientError::NoServer(_)
+            | ClientError::NoApiKey
+            | ClientError::NoAdminKey(_)
+            | ClientError::Read(..)
+            | ClientError::BadCa(..)
+            | ClientError::BadCredential(_)) => CliError::ClientSetup(e),
             other => CliError::Client(other),
         }
     }

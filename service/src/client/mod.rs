@@ -35,6 +35,8 @@ pub enum ClientError {
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] std::io::Error),
     #[error("{0}")]
+    BadCredential(String),
+    #[error("{0}")]
     Other(String),
 }
 
@@ -131,7 +133,7 @@ fn checked_token(what: &str, token: &str) -> Result<String, ClientError> {
     if token.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(token.to_owned())
     } else {
-        Err(ClientError::Other(format!(
+        Err(ClientError::BadCredential(format!(
             "{what} contains spaces, line breaks or other characters no key has: set it to the key alone"
         )))
     }
