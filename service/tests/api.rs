@@ -444,3 +444,30 @@ async fn the_openapi_document_lists_every_route(pool: PgPool) {
     assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
     let _ = Actor::System("x".into());
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_tenant_exports_only_its_own_audit_chain_and_it_verifies(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let (_, other) = api.tenant("other").await;
+    api.submit(&key, b"x", "", &[]).await;
+    api.submit(&other, b"y", "", &[]).await;
+    let r = api.get("/v1/audit/export", &key).await;
+    assert_eq!((r.status, r.content_type.as_str()), (StatusCode::OK, "application/x-tar"));
+    let bundle = cella_audit::bundle::Bundle::read(&r.body[..]).unwrap();
+    let options = cella_audit::verify::Options { trusted: vec![], threads: 1 };
+    let report = cella_audit::verify::verify_bundle(&bundle, &options).unwrap();
+    assert_eq!((report.chain, report.events), (format!("tenant:{tenant}"), 3));
+    let r = api.get("/v1/audit/export?from=2&to=3", &key).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_problem(
+        &api.get("/v1/audit/export?from=yesterday", &key).await,
+        StatusCode::BAD_REQUEST,
+        "RFC 3339",
+    );
+    assert_problem(
+        &api.get("/v1/audit/export?from=5&to=9", &key).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "1..3",
+    );
+}

@@ -17,6 +17,9 @@ use super::extract::ApiQuery;
 use super::AppState;
 use crate::error::ServiceError;
 
+/// The most events one export request returns (the bundle is assembled in memory).
+pub const MAX_EXPORT_EVENTS: u64 = 250_000;
+
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/audit/export", get(tenant_export))
 }
@@ -80,6 +83,21 @@ pub async fn export_bundle(
             t.map(|b| if let Bound::Seq(s) = b { s } else { 0 }),
         ),
     };
+    // The bundle is built in memory: one request exports at most MAX_EXPORT_EVENTS events.
+    let head: Option<i64> = sqlx::query_scalar("SELECT seq FROM audit_heads WHERE chain = $1")
+        .bind(chain.key())
+        .fetch_optional(&state.pool)
+        .await?;
+    let head = u64::try_from(head.unwrap_or(0)).unwrap_or(0);
+    let (first, last) = (from.unwrap_or(1).max(1), to.unwrap_or(head).min(head));
+    if last >= first && last - first + 1 > MAX_EXPORT_EVENTS {
+        return Err(ServiceError::Unprocessable(format!(
+            "{chain} has {} events in seq {first}..{last}; one export holds at most {MAX_EXPORT_EVENTS}: \
+             ask for a range with from= and to= (e.g. from={first}&to={})",
+            last - first + 1,
+            first + MAX_EXPORT_EVENTS - 1
+        )));
+    }
     if let Some(key) = &state.signer {
         cella_audit::store::cut_checkpoint(
             &state.pool,
@@ -123,6 +141,7 @@ fn export_error(e: ExportError) -> ServiceError {
     responses((status = 200, description = "The bundle", content_type = "application/x-tar"),
               (status = 400, description = "Bad range", content_type = "application/problem+json"),
               (status = 404, description = "No events in the range", content_type = "application/problem+json"),
+              (status = 422, description = "The range holds more events than one export may", content_type = "application/problem+json"),
               (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
 async fn tenant_export(
     State(state): State<AppState>,
