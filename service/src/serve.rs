@@ -121,6 +121,10 @@ fn ensure_signing_key(config: &Config, data_dir: &DataDir) -> Result<std::path::
 pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let data_dir = opts.data_dir;
     data_dir.create()?;
+    let partial = data_dir.remove_partial_uploads();
+    if partial > 0 {
+        eprintln!("cella serve: removed {partial} half-written upload(s) left by an earlier run");
+    }
     let mut config = Config::load(opts.config_file.as_deref(), &data_dir.config_file())?;
     if let Some(listen) = opts.listen {
         config.listen = listen;
