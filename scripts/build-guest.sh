@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the guest images into target/cella/ (run by scripts/setup.sh):
+# Builds the guest images into target/cella/ (or $CARGO_TARGET_DIR/cella/; run by scripts/setup.sh):
 #   cella-runner   the runner's test and demo modes (hello, exit, fault, ...): small, launches fastest
 #   cella-scanner  the same runner with the scan engine (feature "scanner"): `cella-vmm scan`
 #
@@ -14,12 +14,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source scripts/guest-env.sh
-mkdir -p target/cella
+target=${CARGO_TARGET_DIR:-target}
+mkdir -p "$target/cella"
 build() { # image-name cargo-args...
   local name=$1; shift
   cargo build --quiet --release -p cella-runner --target x86_64-unknown-linux-gnu "$@"
-  install -m 0644 target/x86_64-unknown-linux-gnu/release/cella-runner "target/cella/$name.new"
-  mv -f "target/cella/$name.new" "target/cella/$name"
+  install -m 0644 "$target/x86_64-unknown-linux-gnu/release/cella-runner" "$target/cella/$name.new"
+  mv -f "$target/cella/$name.new" "$target/cella/$name"
 }
 build cella-runner
 build cella-scanner --features scanner

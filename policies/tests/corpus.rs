@@ -137,3 +137,64 @@ fn findings_never_carry_the_secret() {
         assert!(!format!("{:?}", report.findings).contains(secret));
     }
 }
+
+/// The findings (every field) and the SARIF log of `artifact` scanned by an engine that builds
+/// its line filter after `after` bytes of text.
+fn scan_with_line_filter_after(artifact: &[u8], name: &str, after: u64) -> (Report, String) {
+    let mut engine = engine();
+    engine.set_line_filter_after(after);
+    let mut report = Report::default();
+    let limits = Limits { max_findings: usize::MAX, ..Limits::default() };
+    scan_artifact(&mut SliceSource(artifact), name, &mut engine, &limits, &mut report).unwrap();
+    let sarif = cella_scan::sarif::to_json(engine.policy(), &report);
+    (report, sarif)
+}
+
+/// Text that holds every keyword of every built-in rule, each on its own line and embedded in
+/// assignments, plus values for the keyword-less rules: every rule's regex gets to run.
+fn every_keyword_text() -> Vec<u8> {
+    let compiled = load_packs(DEFAULT_PACKS).unwrap();
+    let mut text = String::new();
+    for rule in &compiled.policy().rules {
+        for k in &rule.keywords {
+            text.push_str(&format!("{k}\n{k} = \"{k}AbCdEf0123456789AbCdEf0123456789xyz\"\n"));
+        }
+    }
+    text.push_str("4111 1111 1111 1111 a@b.io +14155552671 123-45-6789 GB82 WEST 1234 5698 7654 32\n");
+    text.into_bytes()
+}
+
+#[test]
+fn line_by_line_and_line_filter_find_the_same() {
+    let (generated, planted) = cella_policies::rules::bench::generate_corpus(3 << 20);
+    let generated_files: Vec<(String, Vec<u8>)> =
+        generated.chunks(40_000).enumerate().map(|(i, c)| (format!("src/{i}.rs"), c.to_vec())).collect();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("corpus.tar", tar_of(&corpus())),
+        ("every-keyword.txt", every_keyword_text()),
+        // Many files: an engine switching to the line filter part-way through.
+        ("generated.tar", tar_of(&generated_files)),
+        // Several chunks, so line-by-line scanning also crosses chunk boundaries.
+        ("generated.txt", generated),
+    ];
+    for (name, artifact) in &cases {
+        let (filtered, filtered_sarif) = scan_with_line_filter_after(artifact, name, 0);
+        let (by_line, by_line_sarif) = scan_with_line_filter_after(artifact, name, u64::MAX);
+        let (default, default_sarif) =
+            scan_with_line_filter_after(artifact, name, cella_scan::LINE_FILTER_AFTER);
+        assert!(!filtered.findings.is_empty(), "{name}: no findings at all");
+        assert_eq!(by_line.findings, filtered.findings, "{name}");
+        assert_eq!(default.findings, filtered.findings, "{name}");
+        assert_eq!(by_line_sarif, filtered_sarif, "{name}");
+        let compiled = load_packs(DEFAULT_PACKS).unwrap();
+        let value = cella_scan::sarif::to_value(compiled.policy(), &filtered);
+        assert_eq!(filtered_sarif, serde_json::to_string_pretty(&value).unwrap(), "{name}");
+        assert_eq!(default_sarif, filtered_sarif, "{name}");
+        assert_eq!(by_line.bytes_scanned, filtered.bytes_scanned, "{name}");
+        let (switching, switching_sarif) = scan_with_line_filter_after(artifact, name, 100_000);
+        assert_eq!(switching.findings, filtered.findings, "{name}");
+        assert_eq!(switching_sarif, filtered_sarif, "{name}");
+    }
+    let (generated, _) = scan_with_line_filter_after(&cases[3].1, "generated.txt", u64::MAX);
+    assert_eq!(generated.findings.len() as u64, planted);
+}

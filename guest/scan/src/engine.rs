@@ -14,6 +14,12 @@
 //!
 //! Rule regexes compile lazily on first use ([`Engine::new_lazy`]), so a VM pays only for the
 //! rules its artifact exercises; [`Engine::new`] compiles (and so validates) everything.
+//!
+//! The line filter of step 1 holds every rule's regex, so it costs more to build than a small
+//! artifact costs to scan without it. Until [`LINE_FILTER_AFTER`] bytes of text have been seen,
+//! every line is a candidate instead. The findings are the same either way: the filter only
+//! skips lines on which no single-line rule can match, no keyword-less rule can match and no
+//! multiline rule's keyword occurs, and steps 2 and 3 find nothing on such lines.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -54,6 +60,11 @@ const LAZY_DFA_CACHE: usize = 8 << 20;
 /// enough; it also bounds memory when hostile text makes many DFA states (71 rules × 256 KiB
 /// plus two filters × 8 MiB at most).
 const RULE_DFA_CACHE: usize = 256 << 10;
+
+/// Bytes of text an engine scans line by line (every line a candidate, keywords found by the
+/// Aho–Corasick automaton) before it builds the line filter. Building the filter takes a few
+/// milliseconds and much memory, which only pays off on larger artifacts.
+pub const LINE_FILTER_AFTER: u64 = 256 << 10;
 
 /// Regex syntax for every rule: byte-oriented, ASCII classes, no UTF-8 requirement, so that
 /// arbitrary bytes never make the lazy DFA give up.
@@ -173,9 +184,15 @@ pub struct Engine {
     /// Rules without keywords: run on the lines the combined filter selects.
     always: Vec<u32>,
     always_filter: Option<LineFilter>,
+    /// Whether `always_filter` was built (it stays `None` if no rule is keyword-less).
+    always_built: bool,
     /// Single-line rule regexes, keyword-less regexes and multiline rules' keywords in one
     /// forward lazy DFA: picks candidate lines.
     lines_filter: Option<LineFilter>,
+    /// Text (committed chunk bytes) scanned so far, against `line_filter_after`.
+    text_seen: u64,
+    /// See [`LINE_FILTER_AFTER`].
+    line_filter_after: u64,
     buf: Vec<u8>,
     hits: Vec<Hit>,
 }
@@ -267,7 +284,10 @@ impl Engine {
             keyword_rules,
             always,
             always_filter: None,
+            always_built: false,
             lines_filter: None,
+            text_seen: 0,
+            line_filter_after: LINE_FILTER_AFTER,
             buf: Vec::new(),
             hits: Vec::new(),
         })
@@ -298,6 +318,13 @@ impl Engine {
         &self.policy
     }
 
+    /// Sets how many bytes of text are scanned line by line before the line filter is built
+    /// (default [`LINE_FILTER_AFTER`]; 0 builds it for the first chunk, `u64::MAX` never).
+    /// Findings do not depend on it; tests and benchmarks compare the two ways.
+    pub fn set_line_filter_after(&mut self, bytes: u64) {
+        self.line_filter_after = bytes;
+    }
+
     fn ensure_compiled(&mut self, i: usize) -> Result<(), EngineError> {
         let rule = &self.policy.rules[i];
         let st = &mut self.rules[i];
@@ -321,13 +348,9 @@ impl Engine {
         if self.lines_filter.is_some() {
             return Ok(());
         }
-        let err =
-            |message| EngineError::Regex { rule: String::from("(line filter)"), what: "regex", message };
+        self.ensure_always_filter()?;
         let mut patterns: Vec<&str> =
             self.always.iter().map(|&i| self.policy.rules[i as usize].regex.as_str()).collect();
-        if !patterns.is_empty() {
-            self.always_filter = Some(LineFilter::new(&patterns).map_err(err)?);
-        }
         // Single-line keyword rules contribute their full regex (a line is a candidate only if
         // some rule could match on it); multiline rules contribute their keywords.
         for r in &self.policy.rules {
@@ -340,8 +363,22 @@ impl Engine {
             patterns.push(k);
         }
         if !patterns.is_empty() {
-            self.lines_filter = Some(LineFilter::new(&patterns).map_err(err)?);
+            self.lines_filter = Some(LineFilter::new(&patterns).map_err(filter_error)?);
         }
+        Ok(())
+    }
+
+    /// Builds the `always` filter alone (all a line-by-line scan needs).
+    fn ensure_always_filter(&mut self) -> Result<(), EngineError> {
+        if self.always_built {
+            return Ok(());
+        }
+        let patterns: Vec<&str> =
+            self.always.iter().map(|&i| self.policy.rules[i as usize].regex.as_str()).collect();
+        if !patterns.is_empty() {
+            self.always_filter = Some(LineFilter::new(&patterns).map_err(filter_error)?);
+        }
+        self.always_built = true;
         Ok(())
     }
 
@@ -399,7 +436,11 @@ impl Engine {
         max_findings: usize,
         buf: &mut Vec<u8>,
     ) -> Result<bool, ArtifactError> {
-        buf.resize(CHUNK_LEN + OVERLAP_LEN, 0);
+        if buf.len() != CHUNK_LEN + OVERLAP_LEN {
+            // A zeroed allocation, not a fill: fresh zero pages stay untouched until text is
+            // read into them (a small file touches a few pages of the megabyte).
+            *buf = alloc::vec![0; CHUNK_LEN + OVERLAP_LEN];
+        }
         // Path allowlists decide per file.
         for i in 0..self.rules.len() {
             let disabled = if self.policy.rules[i].allowlist.paths.is_empty() {
@@ -470,15 +511,46 @@ impl Engine {
             st.covered_until = 0;
             st.last_end = 0;
         }
-        self.ensure_filter()?;
-        let Some(mut lines) = self.lines_filter.take() else { return Ok(()) };
+        let by_line = self.lines_filter.is_none()
+            && self.text_seen.saturating_add(commit as u64) <= self.line_filter_after;
+        self.text_seen = self.text_seen.saturating_add(commit as u64);
+        if by_line {
+            self.ensure_always_filter()?;
+        } else {
+            self.ensure_filter()?;
+        }
+        let mut lines = self.lines_filter.take();
         let mut always = self.always_filter.take();
         let ac = self.keywords.take();
-        let r = self.candidate_lines(&mut lines, always.as_mut(), ac.as_ref(), buf, commit);
+        let r = match lines.as_mut() {
+            Some(lines) => self.candidate_lines(lines, always.as_mut(), ac.as_ref(), buf, commit),
+            None if by_line => self.every_line(always.as_mut(), ac.as_ref(), buf, commit),
+            None => Ok(()), // no rules at all
+        };
         self.keywords = ac;
         self.always_filter = always;
-        self.lines_filter = Some(lines);
+        self.lines_filter = lines;
         r
+    }
+
+    /// Every line starting before `commit` is a candidate (no line filter yet).
+    fn every_line(
+        &mut self,
+        mut always: Option<&mut LineFilter>,
+        ac: Option<&AhoCorasick>,
+        buf: &[u8],
+        commit: usize,
+    ) -> Result<(), ArtifactError> {
+        let mut ls = 0;
+        while ls < commit {
+            let le = line_end(buf, ls);
+            self.candidate_line(always.as_deref_mut(), ac, buf, ls..le, commit)?;
+            if le >= buf.len() {
+                break;
+            }
+            ls = le + 1;
+        }
+        Ok(())
     }
 
     fn candidate_lines(
@@ -497,25 +569,40 @@ impl Engine {
                 break;
             }
             let le = line_end(buf, at);
-            if let Some(ac) = ac {
-                self.keyword_line(ac, buf, ls..le, commit)?;
-            }
-            if let Some(f) = always.as_deref_mut() {
-                let line = Input::new(buf).range(ls..le).earliest(true);
-                if f.find_end(&line).is_some() {
-                    for k in 0..self.always.len() {
-                        let r = self.always[k] as usize;
-                        if self.rules[r].disabled || ls < self.rules[r].covered_until {
-                            continue;
-                        }
-                        self.run_rule(r, buf, ls..le, commit)?;
-                    }
-                }
-            }
+            self.candidate_line(always.as_deref_mut(), ac, buf, ls..le, commit)?;
             if le >= buf.len() {
                 break;
             }
             input.set_start(le + 1);
+        }
+        Ok(())
+    }
+
+    /// Steps 2 and 3 on one candidate line: keyword rules where their keywords occur,
+    /// keyword-less rules if their filter matches the line.
+    fn candidate_line(
+        &mut self,
+        always: Option<&mut LineFilter>,
+        ac: Option<&AhoCorasick>,
+        buf: &[u8],
+        line: Range<usize>,
+        commit: usize,
+    ) -> Result<(), ArtifactError> {
+        let (ls, le) = (line.start, line.end);
+        if let Some(ac) = ac {
+            self.keyword_line(ac, buf, ls..le, commit)?;
+        }
+        if let Some(f) = always {
+            let line = Input::new(buf).range(ls..le).earliest(true);
+            if f.find_end(&line).is_some() {
+                for k in 0..self.always.len() {
+                    let r = self.always[k] as usize;
+                    if self.rules[r].disabled || ls < self.rules[r].covered_until {
+                        continue;
+                    }
+                    self.run_rule(r, buf, ls..le, commit)?;
+                }
+            }
         }
         Ok(())
     }
@@ -653,6 +740,10 @@ impl Engine {
         }
         self.hits.clear();
     }
+}
+
+fn filter_error(message: String) -> EngineError {
+    EngineError::Regex { rule: String::from("(line filter)"), what: "regex", message }
 }
 
 fn line_start(buf: &[u8], pos: usize) -> usize {

@@ -35,7 +35,7 @@ pub mod validate;
 
 pub use archive::path::{check_link, normalize as normalize_entry_path};
 pub use archive::{scan_artifact, Limits, RATIO_MIN_OUTPUT};
-pub use engine::{check_rule, Engine, BINARY_SNIFF_LEN, CHUNK_LEN, OVERLAP_LEN};
+pub use engine::{check_rule, Engine, BINARY_SNIFF_LEN, CHUNK_LEN, LINE_FILTER_AFTER, OVERLAP_LEN};
 pub use error::{ArtifactError, EngineError};
 pub use finding::{fingerprint, redact, Finding, Report, Summary};
 pub use rule::{

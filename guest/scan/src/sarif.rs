@@ -92,8 +92,184 @@ pub fn to_value(policy: &Policy, report: &Report) -> Value {
     })
 }
 
-/// The SARIF log serialized as JSON text.
+/// The SARIF log serialized as JSON text: the same text as [`to_value`] pretty-printed, written
+/// straight from the policy and the report. Building the `Value` tree first allocates several
+/// hundred KiB for a policy of 70 rules, which in a VM means page faults that cost more than
+/// the rest of a small scan's reporting.
 pub fn to_json(policy: &Policy, report: &Report) -> String {
-    // A `Value` always serializes.
-    serde_json::to_string_pretty(&to_value(policy, report)).unwrap_or_default()
+    let rules: Vec<direct::Rule<'_>> = policy
+        .rules
+        .iter()
+        .map(|r| direct::Rule {
+            default_configuration: direct::Level { level: r.severity.sarif_level() },
+            full_description: direct::Text { text: &r.description },
+            help: direct::Text { text: &r.help },
+            id: &r.id,
+            name: &r.id,
+            properties: direct::RuleProperties { category: r.category.as_str(), tags: [r.category.as_str()] },
+            short_description: direct::Text { text: &r.description },
+        })
+        .collect();
+    let results: Vec<direct::Result<'_>> = report
+        .findings
+        .iter()
+        .map(|f| {
+            let rule = &policy.rules[f.rule_index as usize];
+            let text = match rule.category {
+                crate::Category::License => alloc::format!("{}: license {}", rule.description, f.redacted),
+                _ => alloc::format!("{}: {}", rule.description, f.redacted),
+            };
+            direct::Result {
+                level: rule.severity.sarif_level(),
+                locations: [direct::Location {
+                    physical_location: direct::PhysicalLocation {
+                        artifact_location: direct::ArtifactLocation { uri: path_to_uri(&f.path) },
+                        region: direct::Region { start_column: f.column, start_line: f.line },
+                    },
+                }],
+                message: direct::OwnedText { text },
+                partial_fingerprints: direct::Fingerprints { secret_hash: &f.fingerprint },
+                properties: direct::Properties { category: rule.category.as_str() },
+                rule_id: &f.rule_id,
+                rule_index: f.rule_index,
+            }
+        })
+        .collect();
+    let log = direct::Log {
+        schema: SARIF_SCHEMA,
+        runs: [direct::Run {
+            column_kind: "unicodeCodePoints",
+            results,
+            tool: direct::Tool {
+                driver: direct::Driver {
+                    information_uri: "https://example.invalid/cella",
+                    name: "cella-scan",
+                    rules,
+                    version: env!("CARGO_PKG_VERSION"),
+                },
+            },
+        }],
+        version: SARIF_VERSION,
+    };
+    // Plain structs of strings and integers always serialize.
+    serde_json::to_string_pretty(&log).unwrap_or_default()
+}
+
+/// The SARIF objects [`to_json`] writes. Fields are declared in the order [`to_value`]'s maps
+/// print them (sorted by key), so both give the same text; a test holds them to it.
+mod direct {
+    use alloc::string::String;
+    use alloc::vec::Vec;
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    pub struct Log<'a> {
+        #[serde(rename = "$schema")]
+        pub schema: &'a str,
+        pub runs: [Run<'a>; 1],
+        pub version: &'a str,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Run<'a> {
+        pub column_kind: &'a str,
+        pub results: Vec<Result<'a>>,
+        pub tool: Tool<'a>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Tool<'a> {
+        pub driver: Driver<'a>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Driver<'a> {
+        pub information_uri: &'a str,
+        pub name: &'a str,
+        pub rules: Vec<Rule<'a>>,
+        pub version: &'a str,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Rule<'a> {
+        pub default_configuration: Level<'a>,
+        pub full_description: Text<'a>,
+        pub help: Text<'a>,
+        pub id: &'a str,
+        pub name: &'a str,
+        pub properties: RuleProperties<'a>,
+        pub short_description: Text<'a>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Level<'a> {
+        pub level: &'a str,
+    }
+
+    #[derive(Serialize)]
+    pub struct Text<'a> {
+        pub text: &'a str,
+    }
+
+    #[derive(Serialize)]
+    pub struct OwnedText {
+        pub text: String,
+    }
+
+    #[derive(Serialize)]
+    pub struct RuleProperties<'a> {
+        pub category: &'a str,
+        pub tags: [&'a str; 1],
+    }
+
+    #[derive(Serialize)]
+    pub struct Properties<'a> {
+        pub category: &'a str,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Result<'a> {
+        pub level: &'a str,
+        pub locations: [Location; 1],
+        pub message: OwnedText,
+        pub partial_fingerprints: Fingerprints<'a>,
+        pub properties: Properties<'a>,
+        pub rule_id: &'a str,
+        pub rule_index: u32,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Location {
+        pub physical_location: PhysicalLocation,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PhysicalLocation {
+        pub artifact_location: ArtifactLocation,
+        pub region: Region,
+    }
+
+    #[derive(Serialize)]
+    pub struct ArtifactLocation {
+        pub uri: String,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Region {
+        pub start_column: u64,
+        pub start_line: u64,
+    }
+
+    #[derive(Serialize)]
+    pub struct Fingerprints<'a> {
+        #[serde(rename = "secretHash/v1")]
+        pub secret_hash: &'a str,
+    }
 }

@@ -94,11 +94,19 @@ fn lazy_engine_reports_a_bad_regex_when_first_used() {
     let json =
         serde_json::to_vec(&Policy { format_version: POLICY_FORMAT_VERSION, rules: vec![bad.clone()] })
             .unwrap();
-    // The line filter holds the rule's regex, so the error surfaces on the first scan.
+    let scan = |engine: &mut Engine, text: &[u8]| {
+        scan_artifact(&mut SliceSource(text), "f", engine, &Limits::default(), &mut Report::default())
+    };
+    // Line by line (a small artifact), the rule compiles where its keyword first occurs.
     let mut engine = Engine::from_policy_json(&json).unwrap();
-    let mut report = Report::default();
-    let err = scan_artifact(&mut SliceSource(b"text\n"), "f", &mut engine, &Limits::default(), &mut report)
-        .unwrap_err();
+    scan(&mut engine, b"text\n").unwrap();
+    let err = scan(&mut engine, b"an unclosed group\n").unwrap_err();
+    assert!(matches!(err, ArtifactError::Engine(EngineError::Regex { .. })), "{err}");
+    // The line filter holds the rule's regex, so once it is built the error surfaces on the
+    // first scan.
+    let mut engine = Engine::from_policy_json(&json).unwrap();
+    engine.set_line_filter_after(0);
+    let err = scan(&mut engine, b"text\n").unwrap_err();
     assert!(matches!(err, ArtifactError::Engine(EngineError::Regex { .. })), "{err}");
     // The eager engine refuses it up front, naming the rule.
     let err = Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules: vec![bad] }).unwrap_err();

@@ -75,3 +75,11 @@ fn summary_counts_by_rule_and_category() {
     let json: serde_json::Value = serde_json::from_str(&r.summary_json(&policy(), 42)).unwrap();
     assert_eq!(json["by_category"]["pii"], 2);
 }
+
+#[test]
+fn to_json_writes_exactly_the_pretty_printed_value() {
+    for r in [report(), Report::default()] {
+        let expected = serde_json::to_string_pretty(&sarif::to_value(&policy(), &r)).unwrap();
+        assert_eq!(sarif::to_json(&policy(), &r), expected);
+    }
+}

@@ -24,6 +24,48 @@ fn builtin_packs_load_and_have_enough_rules() {
     assert_eq!(c.policy().rules.len(), total);
 }
 
+/// Validates built-in packs the way a tenant's pack file is validated: every rule of every
+/// pack (each regex compiled), then all of them together in one engine (every regex and both
+/// line filters compiled). `load_packs` skips this at run time, so this is where a broken
+/// built-in pack is caught.
+fn validate_in_full(packs: &[(&str, &str)]) -> Result<CompiledPolicy, PolicyError> {
+    let parsed = packs.iter().map(|(name, text)| parse_pack(name, text)).collect::<Result<Vec<_>, _>>()?;
+    compile(&parsed)
+}
+
+#[test]
+fn builtin_packs_pass_full_validation() {
+    let full = validate_in_full(BUILTIN_PACKS).unwrap();
+    for (name, text) in BUILTIN_PACKS {
+        validate_in_full(&[(name, text)]).unwrap_or_else(|e| panic!("built-in pack `{name}`: {e}"));
+    }
+    // What a launch sends is exactly what full validation produces.
+    let fast = load_packs(&BUILTIN_PACKS.iter().map(|(n, _)| *n).collect::<Vec<_>>()).unwrap();
+    assert_eq!(fast.as_bytes(), full.as_bytes());
+    assert_eq!(fast.policy(), full.policy());
+}
+
+#[test]
+fn full_validation_catches_a_broken_builtin_pack() {
+    let (_, secrets) = BUILTIN_PACKS[0];
+    let broken = secrets.replacen("regex = '''", "regex = '''(", 1);
+    match validate_in_full(&[("secrets", &broken)]) {
+        Err(PolicyError::InvalidRule { pack, problem, .. }) => {
+            assert_eq!(pack, "secrets");
+            assert!(problem.starts_with("regex does not compile"), "{problem}");
+        }
+        other => panic!("expected InvalidRule, got {other:?}"),
+    }
+    // The run-time path only checks the shape, which is why the test above must exist.
+    assert!(pack::parse("secrets", &broken, pack::Check::ShapeOnly).is_ok());
+}
+
+#[test]
+fn load_packs_rejects_duplicates_and_empty_selections() {
+    assert!(matches!(load_packs(&["pii", "pii"]), Err(PolicyError::DuplicateRule { .. })));
+    assert!(matches!(load_packs(&[]), Err(PolicyError::Empty)));
+}
+
 #[test]
 fn compiled_policy_round_trips_into_an_engine() {
     let c = load_packs(&["pii"]).unwrap();

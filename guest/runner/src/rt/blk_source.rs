@@ -25,7 +25,9 @@ impl BlkSource {
     /// The first `size` bytes of `disk`.
     pub fn new(disk: Blk, size: u64) -> BlkSource {
         let size = size.min(disk.capacity());
-        BlkSource { disk, size, window: vec![0; WINDOW], window_start: 0, window_len: 0 }
+        // A window larger than the disk would never be filled.
+        let window = vec![0; WINDOW.min(disk.capacity() as usize)];
+        BlkSource { disk, size, window, window_start: 0, window_len: 0 }
     }
 
     fn fill(&mut self, offset: u64) -> Result<(), SourceError> {
