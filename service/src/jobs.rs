@@ -14,6 +14,8 @@ use crate::ids;
 
 /// NOTIFY channel: a job became ready to lease.
 pub const CHANNEL_JOBS: &str = "cella_jobs";
+/// NOTIFY channel: a job reached a final state (payload: its id).
+pub const CHANNEL_DONE: &str = "cella_job_done";
 /// NOTIFY channel: a running job was asked to stop (payload: its id).
 pub const CHANNEL_CANCEL: &str = "cella_cancel";
 
@@ -215,6 +217,11 @@ fn actor_id(actor: &Actor) -> String {
     }
 }
 
+/// Whether a job in `state` has ended.
+pub fn is_final(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "cancelled")
+}
+
 /// The job `id` of `tenant` (404 for another tenant's job or an unknown id).
 pub async fn get(pool: &PgPool, tenant: &str, id: &str) -> Result<JobView, ServiceError> {
     let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2"))
@@ -358,6 +365,7 @@ pub async fn cancel(
                 json!({ "was": "queued" }),
             )
             .await?;
+            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL_DONE).bind(id).execute(&mut *tx).await?;
         }
         "running" => {
             sqlx::query("UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1")

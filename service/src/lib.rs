@@ -21,6 +21,7 @@ pub mod files;
 pub mod ids;
 pub mod jobs;
 pub mod metrics;
+pub mod notify;
 pub mod postgres;
 pub mod queue;
 pub mod serve;

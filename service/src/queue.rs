@@ -13,7 +13,7 @@ use sqlx::{PgPool, Row};
 
 use crate::audit_log::tenant_event;
 use crate::error::ServiceError;
-use crate::jobs::CHANNEL_JOBS;
+use crate::jobs::{CHANNEL_DONE, CHANNEL_JOBS};
 
 /// A job leased by one worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,6 +308,12 @@ pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<S
     };
     if state == "queued" {
         sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL_JOBS).execute(&mut *tx).await?;
+    } else {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL_DONE)
+            .bind(&lease.job_id)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(state.to_owned())
@@ -387,6 +393,9 @@ pub async fn rescue_expired(pool: &PgPool, rescuer: &str) -> Result<u64, Service
             requeue(&mut tx, &id, &reason, None, Duration::ZERO).await?;
             ("job.lease_expired", "queued")
         };
+        if state != "queued" {
+            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL_DONE).bind(&id).execute(&mut *tx).await?;
+        }
         tenant_event(
             &mut tx,
             &tenant,

@@ -219,6 +219,7 @@ pub async fn start(
         data_dir: data_dir.clone(),
         metrics: metrics.clone(),
         signer: Some(Arc::new(signer)),
+        jobs_done: api::wait::JobsDone::listen(pool.clone()),
     };
     let checkpointer = {
         let mut rx = shutdown_rx.clone();

@@ -54,6 +54,7 @@ async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
     tweak(&mut config);
     let (_, admin) = tenants::create_admin_key(&pool).await.unwrap();
     let state = AppState {
+        jobs_done: cella_service::api::wait::JobsDone::listen(pool.clone()),
         pool,
         config: Arc::new(config),
         data_dir,
@@ -469,5 +470,35 @@ async fn a_tenant_exports_only_its_own_audit_chain_and_it_verifies(pool: PgPool)
         &api.get("/v1/audit/export?from=5&to=9", &key).await,
         StatusCode::UNPROCESSABLE_ENTITY,
         "1..3",
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn waiting_for_a_job_answers_when_it_ends(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let id = api.submit(&key, b"x", "", &[]).await.json()["id"].as_str().unwrap().to_owned();
+    // Still queued after the wait: answered at the deadline, in its current state.
+    let start = std::time::Instant::now();
+    assert_eq!(api.get(&format!("/v1/jobs/{id}?wait=1"), &key).await.json()["state"], "queued");
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    // A worker finishes it while the request waits: answered at once.
+    let pool = api.state.pool.clone();
+    let finisher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lease = queue::lease(&pool, "w", Duration::from_secs(30)).await.unwrap().unwrap();
+        let done =
+            Outcome::Succeeded { summary: json!({"findings": 0}), sarif: b"{}".to_vec(), vm: json!({}) };
+        queue::finish(&pool, &lease, &done).await.unwrap();
+    });
+    let start = std::time::Instant::now();
+    let job = api.get(&format!("/v1/jobs/{id}?wait=30"), &key).await.json();
+    assert_eq!(job["state"], "succeeded");
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    finisher.await.unwrap();
+    assert_problem(
+        &api.get(&format!("/v1/jobs/{id}?wait=61"), &key).await,
+        StatusCode::BAD_REQUEST,
+        "60 seconds",
     );
 }

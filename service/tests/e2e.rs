@@ -357,6 +357,7 @@ async fn cancelling_a_running_job_stops_its_vm_and_records_the_scrub(pool: PgPoo
     let id = submit(&client, b"anything", None).await.unwrap();
     wait_job(&client, &id, "ran", |j| j["state"] == "running").await;
     // The operator sees the VM.
+    wait_for_action(&pool, &tenant, "job.vm_started").await;
     let vms = server.admin().json(Method::GET, "/v1/admin/vms").await.unwrap();
     let vm = vms
         .as_array()
@@ -366,7 +367,6 @@ async fn cancelling_a_running_job_stops_its_vm_and_records_the_scrub(pool: PgPoo
         .expect("the running VM is listed")
         .clone();
     let pid = vm["pid"].as_i64().unwrap();
-    wait_for_action(&pool, &tenant, "job.vm_started").await;
     let cancelled = client.json(Method::POST, &format!("/v1/jobs/{id}/cancel")).await.unwrap();
     assert_eq!(cancelled["cancel_requested"], true);
     let job = wait_job(&client, &id, "was cancelled", |j| j["state"] == "cancelled").await;

@@ -187,17 +187,41 @@ fn check_id(id: &str) -> Result<(), ServiceError> {
     super::known_id(id, "job")
 }
 
-/// One job.
-#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security(("api_key" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = JobView), (status = 404, description = "No such job of this tenant", content_type = "application/problem+json"),
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GetQuery {
+    /// Wait up to this many seconds (at most 60) for the job to end before answering.
+    #[param(maximum = 60)]
+    wait: Option<u64>,
+}
+
+/// One job; with `wait`, answers as soon as the job has ended (or the wait is over).
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security(("api_key" = [])), params(("id" = String, Path), GetQuery),
+    responses((status = 200, body = JobView), (status = 400, description = "Bad wait", content_type = "application/problem+json"), (status = 404, description = "No such job of this tenant", content_type = "application/problem+json"),
               (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
 async fn get_job(
     State(state): State<AppState>,
     auth: TenantAuth,
     Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<GetQuery>,
 ) -> Result<Json<JobView>, ServiceError> {
     check_id(&id)?;
-    Ok(Json(jobs::get(&state.pool, auth.tenant(), &id).await?))
+    let wait = q.wait.unwrap_or(0);
+    if wait > super::wait::MAX_WAIT_SECS {
+        return Err(ServiceError::BadRequest(format!(
+            "wait={wait} is more than {} seconds",
+            super::wait::MAX_WAIT_SECS
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let mut waiter = state.jobs_done.subscribe();
+    loop {
+        let job = jobs::get(&state.pool, auth.tenant(), &id).await?;
+        if wait == 0 || jobs::is_final(&job.state) || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(job));
+        }
+        waiter.changed(&id, deadline).await;
+    }
 }
 
 /// The SARIF 2.1.0 log of a succeeded job.

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod extract;
 pub mod jobs;
 pub mod openapi;
+pub mod wait;
 
 use std::sync::Arc;
 
@@ -33,6 +34,8 @@ pub struct AppState {
     /// The checkpoint signing key: exports cut a checkpoint first, so every exported event is
     /// covered by a signature.
     pub signer: Option<Arc<cella_audit::SigningKey>>,
+    /// Job-finished notifications for `GET /v1/jobs/{id}?wait=`.
+    pub jobs_done: wait::JobsDone,
 }
 
 /// The whole API.

@@ -163,18 +163,12 @@ async fn service_run(
                     .await
                     .map_err(|e| crate::client::ClientError::Http("bench".into(), e))?;
                 let id = job["id"].as_str().unwrap_or_default().to_owned();
-                loop {
-                    let j = client.json(Method::GET, &format!("/v1/jobs/{id}")).await?;
-                    match j["state"].as_str() {
-                        Some("succeeded") => break,
-                        Some("failed" | "cancelled") => {
-                            return Err(crate::client::ClientError::Other(format!(
-                                "bench job {id} {}: {}",
-                                j["state"], j["error"]
-                            )))
-                        }
-                        _ => tokio::time::sleep(Duration::from_millis(5)).await,
-                    }
+                let j = crate::client::scan::wait(&client, &id, Duration::from_secs(120), false).await?;
+                if j["state"] != "succeeded" {
+                    return Err(crate::client::ClientError::Other(format!(
+                        "bench job {id} {}: {}",
+                        j["state"], j["error"]
+                    )));
                 }
             }
             Ok::<(), crate::client::ClientError>(())

@@ -202,7 +202,7 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     let job = upload(&client, &file, &name, args).await?;
     let id = job["id"].as_str().unwrap_or_default().to_owned();
     eprintln!("job {id} submitted ({} bytes, policy {})", job["artifact"]["bytes"], job["policy"]);
-    let job = wait(&client, &id, Duration::from_secs(args.wait_secs)).await?;
+    let job = wait(&client, &id, Duration::from_secs(args.wait_secs), true).await?;
     let state = job["state"].as_str().unwrap_or("?");
     if state != "succeeded" {
         let reason = job["error"].as_str().unwrap_or("no reason given");
@@ -226,29 +226,32 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     Ok(ScanReport { job_id: id, findings: results.len(), at_threshold })
 }
 
-/// Polls the job until it ends (or `limit` passes).
-pub async fn wait(client: &ApiClient, id: &str, limit: Duration) -> Result<Value, ClientError> {
+/// Waits for the job to end (or `limit` to pass), with long polls (`?wait=`).
+pub async fn wait(
+    client: &ApiClient,
+    id: &str,
+    limit: Duration,
+    progress: bool,
+) -> Result<Value, ClientError> {
     let start = Instant::now();
-    let mut delay = Duration::from_millis(50);
     let mut last_state = String::new();
     loop {
-        let job = client.json(Method::GET, &format!("/v1/jobs/{id}")).await?;
+        let left = limit.saturating_sub(start.elapsed()).as_secs().min(30);
+        let job = client.json(Method::GET, &format!("/v1/jobs/{id}?wait={left}")).await?;
         let state = job["state"].as_str().unwrap_or("?").to_owned();
-        if state != last_state {
+        if progress && state != last_state {
             eprintln!("job {id}: {state}");
             last_state = state.clone();
         }
-        if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+        if crate::jobs::is_final(&state) {
             return Ok(job);
         }
-        if start.elapsed() > limit {
+        if start.elapsed() >= limit {
             return Err(ClientError::Other(format!(
                 "job {id} is still {state} after {} s; check later with `cella job show {id}`",
                 limit.as_secs()
             )));
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
 

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
@@ -299,45 +298,26 @@ impl Worker {
     }
 }
 
-/// LISTENs for new jobs (wakes the lease loop) and cancellations (stops that job's VM);
-/// reconnects after the database restarts.
+/// LISTENs for new jobs (wakes the lease loop) and cancellations (stops that job's VM).
 async fn listen(pool: PgPool, wake: Arc<Notify>, cancels: CancelMap) {
-    let mut quiet = Quiet::default();
-    loop {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                quiet.log("LISTEN connection", &e);
-                tokio::time::sleep(POLL).await;
-                continue;
+    let gap_wake = wake.clone();
+    crate::notify::listen_forever(
+        pool,
+        "cella worker",
+        &[CHANNEL_JOBS, CHANNEL_CANCEL],
+        |n| {
+            if n.channel() == CHANNEL_CANCEL {
+                if let Some(tx) = cancels.lock().unwrap_or_else(|p| p.into_inner()).get(n.payload()) {
+                    let _ = tx.send(true);
+                }
+            } else {
+                wake.notify_one();
             }
-        };
-        if let Err(e) = listener.listen_all([CHANNEL_JOBS, CHANNEL_CANCEL]).await {
-            quiet.log("LISTEN", &e);
-            tokio::time::sleep(POLL).await;
-            continue;
-        }
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(n)) if n.channel() == CHANNEL_CANCEL => {
-                    if let Some(tx) = cancels.lock().unwrap_or_else(|p| p.into_inner()).get(n.payload()) {
-                        let _ = tx.send(true);
-                    }
-                }
-                Ok(Some(_)) => wake.notify_one(),
-                // The connection dropped: wake the loop (the poll catches up) and reconnect.
-                Ok(None) => {
-                    wake.notify_one();
-                    break;
-                }
-                Err(e) => {
-                    quiet.log("LISTEN", &e);
-                    break;
-                }
-            }
-        }
-        tokio::time::sleep(POLL).await;
-    }
+        },
+        // Missed notifications: the lease loop polls anyway; heartbeats carry cancellations.
+        || gap_wake.notify_one(),
+    )
+    .await;
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
