@@ -2,7 +2,8 @@
 # Property-based API test: schemathesis (from PyPI) generates requests from the server's own
 # OpenAPI document (/v1/openapi.json) and fails on any 5xx or response that does not match the
 # document. Runs against a real `cella serve` (HTTPS, a fresh database in the PostgreSQL at
-# DATABASE_URL, no worker), once with a tenant key and once with the admin credential.
+# DATABASE_URL, a worker running unjailed VMs so submitted jobs end and `?wait=` answers at
+# once), once with a tenant key and once with the admin credential.
 #
 #   scripts/api-fuzz.sh [MAX_EXAMPLES]      # part of scripts/test.sh; needs a debug build of cella
 set -euo pipefail
@@ -27,9 +28,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --quiet -p cella-service --bin cella
+cargo build --quiet -p cella-service -p cella-vmm --bin cella --bin cella-vmm
 cella=target/debug/cella
-DATABASE_URL="$server/$db" CELLA_WORKER=0 CELLA_MAX_ARTIFACT_BYTES=65536 \
+DATABASE_URL="$server/$db" CELLA_JAILED=0 CELLA_VMM="$PWD/target/debug/cella-vmm" CELLA_MAX_ARTIFACT_BYTES=65536 \
   "$cella" serve --data-dir "$work/data" --listen 127.0.0.1:0 >"$work/serve.log" 2>&1 &
 serve_pid=$!
 for _ in $(seq 1 300); do [ -s "$work/data/serve.url" ] && break; sleep 0.1; done
@@ -48,6 +49,7 @@ run() {
     --header "Authorization: Bearer $token" \
     --tls-verify "$work/data/tls/ca.pem" \
     --max-examples "$examples" \
+    --request-timeout 90 \
     --no-color "$@"
 }
 status=0

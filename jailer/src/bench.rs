@@ -187,7 +187,10 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
         let verdict = if ratio <= 1.5 { "met" } else { "NOT met" };
         println!("ratio jailed/bwrap p50: {ratio:.2} (goal <= 1.50: {verdict})");
     }
-    println!("\njailer steps (ms; `vmm-run` is the VMM itself, from exec to exit):");
+    println!(
+        "\njailer steps (ms; `vmm-run` is the VMM itself, from exec to exit; `copy-exec-file` runs \
+         beside the steps from `create-mount-points` on, `wait-for-copy` is what the launch waits for it):"
+    );
     println!("{:<28} {:>8} {:>8} {:>8}", "step", "p50", "p99", "mean");
     for step in &order {
         let f = figures(steps.remove(step).unwrap_or_default());

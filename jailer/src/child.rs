@@ -5,8 +5,9 @@
 //! visible on the host, and all of it disappears with the VMM. The child then joins its
 //! cgroups, sets rlimits, binds its files, pivots into the jail, makes `/dev/kvm`, chowns what
 //! the VMM writes, joins a netns if asked, applies Landlock, drops every capability, switches
-//! uid/gid and execs. It reports either the step that failed or its step timings to the
-//! supervisor over a close-on-exec pipe: end-of-file without a failure means the exec happened.
+//! uid/gid, waits until the supervisor says the VMM binary's copy is complete, and execs. It
+//! reports either the step that failed or its step timings to the supervisor over a
+//! close-on-exec pipe: end-of-file without a failure means the exec happened.
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
@@ -47,6 +48,9 @@ pub struct ChildPlan {
     pub last_cap: u32,
     /// The signal mask the supervisor blocked, to restore before exec.
     pub old_mask: libc::sigset_t,
+    /// The read end of the pipe on which the supervisor says the VMM binary's copy is complete
+    /// (one byte); the child execs only then.
+    pub go: RawFd,
 }
 
 /// A step that failed in the child: its name, the path it worked on, and the OS error.
@@ -104,6 +108,11 @@ pub fn main(plan: &ChildPlan, report: RawFd) -> ! {
     let failure = match steps(plan, &mut timings) {
         Ok(()) => {
             let _ = report.write_all(timings.encode().as_bytes());
+            if !wait_for_copy(plan.go) {
+                // The supervisor gave up on the launch (it kills this process) or died.
+                // SAFETY: _exit ends this process without running the supervisor's atexit handlers.
+                unsafe { libc::_exit(CHILD_FAILED) }
+            }
             exec(plan).unwrap_err()
         }
         Err(failure) => failure,
@@ -217,6 +226,20 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
         }
     }
     Ok(())
+}
+
+/// Waits for the supervisor's word that the VMM binary's copy is complete; false if it never
+/// comes (the supervisor closed the pipe without it).
+fn wait_for_copy(go: RawFd) -> bool {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: reads one byte into `byte` from a descriptor this process owns.
+        let n = unsafe { libc::read(go, (&mut byte as *mut u8).cast(), 1) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return n == 1 && byte == b'G';
+    }
 }
 
 /// Execs the VMM with an empty environment. Returns only on failure.

@@ -3,15 +3,17 @@
 //!
 //! The steps, in order (Firecracker's jailer is the model; Cella adds Landlock and explicit
 //! capability dropping): validate the ID and every path ([`config`]); close inherited file
-//! descriptors; clear the environment; create `<base>/<exec-name>/<id>/root`; copy the VMM
-//! binary into it; create mount points for the read-only files and the socket folder; create
-//! the cgroups and write their limits ([`cgroup`], v1 and v2 per controller); clone into new
+//! descriptors; clear the environment; create `<base>/<exec-name>/<id>/root`; start copying
+//! the VMM binary into it ([`exec_copy`]: a forked copier, in parallel with the steps up to the
+//! exec); create mount points for the read-only files and the socket folder; create the
+//! cgroups and write their limits ([`cgroup`], v1 and v2 per controller); clone into new
 //! mount, IPC, UTS, network and (with `--new-pid-ns`) PID namespaces; in the child
 //! ([`child`]): join the cgroups, set rlimits, bind the read-only files and the socket folder
 //! (the jail's own empty `/run`, or the caller's `--socket-dir`), `pivot_root`, unmount
 //! the old root, `mknod /dev/kvm`, chown, make the root read-only, join a netns if asked,
-//! apply Landlock, drop every capability, set no-new-privs, switch uid/gid ([`confine`]) and
-//! `exec` the VMM with an empty environment. The VMM installs its own per-thread seccomp filters.
+//! apply Landlock, drop every capability, set no-new-privs, switch uid/gid ([`confine`]), wait
+//! until the supervisor says the copy is complete, and `exec` the VMM with an empty
+//! environment. The VMM installs its own per-thread seccomp filters.
 //!
 //! The [`supervisor`] blocks the signals it forwards before it creates anything, waits for the
 //! VMM and removes the jail folder, cgroups and any `--socket-dir` however it ends; mounts live
@@ -29,6 +31,7 @@ pub mod cgroup;
 pub mod child;
 pub mod config;
 pub mod confine;
+pub mod exec_copy;
 pub mod supervisor;
 pub mod timing;
 

@@ -6,15 +6,16 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{CgroupError, Version};
 use crate::child::{self, ChildPlan};
 use crate::config::{JailConfig, KVM_DEVICE, SOCKET_DIR};
+use crate::exec_copy::Copier;
 use crate::timing::Timings;
 
 /// Why the jail could not be set up or taken down. Each names the step and the path.
@@ -167,11 +168,13 @@ fn close_inherited_fds(keep: &[RawFd]) -> Result<(), JailError> {
 }
 
 /// Makes the jail folder and what goes in it on the host; the caller's `Residue` removes it.
+/// The VMM binary's copy is still being made when this returns: the [`Copier`] says when it is
+/// complete.
 fn build_jail_folder(
     config: &JailConfig,
     residue: &mut Residue<'_>,
     t: &mut Timings,
-) -> Result<(), JailError> {
+) -> Result<Copier, JailError> {
     let start = Instant::now();
     let exec_dir = config.chroot_base.join(&config.exec_name);
     fs::DirBuilder::new()
@@ -200,12 +203,11 @@ fn build_jail_folder(
     // The jail folder itself stays closed to everyone but root; the VMM only sees `root`.
     t.record("create-jail-folder", start);
 
+    // The copy runs in a forked copier until the child is about to exec (see `exec_copy`).
     let start = Instant::now();
     let exec_copy = root.join(&config.exec_name);
-    fs::copy(&config.exec_file, &exec_copy).map_err(step("copy-exec-file", &exec_copy))?;
-    fs::set_permissions(&exec_copy, fs::Permissions::from_mode(0o555))
-        .map_err(step("copy-exec-file", &exec_copy))?;
-    t.record("copy-exec-file", start);
+    let copier = Copier::start(&config.exec_file, &exec_copy).map_err(step("copy-exec-file", &exec_copy))?;
+    t.record("start-copy", start);
 
     let start = Instant::now();
     let dev = config.host_path(Path::new(KVM_DEVICE)).parent().map(Path::to_owned).unwrap_or_default();
@@ -224,7 +226,7 @@ fn build_jail_folder(
         File::create(&target).map_err(step("create-mount-point", &target))?;
     }
     t.record("create-mount-points", start);
-    Ok(())
+    Ok(copier)
 }
 
 /// Sets up the jail, starts the VMM in it, waits for it, and removes the jail.
@@ -261,7 +263,7 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
 
     let mut residue =
         Residue { config, jail_dir: false, cgroups: false, socket_dir: config.socket_dir.is_some() };
-    build_jail_folder(config, &mut residue, t)?;
+    let copier = build_jail_folder(config, &mut residue, t)?;
 
     let start = Instant::now();
     config.cgroups.create()?;
@@ -298,12 +300,32 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
         keep_fds: config.keep_fds.clone(),
         last_cap,
         old_mask,
+        go: -1,
     };
-    let (pid, report) = spawn(config, plan)?;
+    let (pid, report, go) = spawn(config, plan)?;
     t.record("clone", start);
 
-    // The child reports its step timings, then exec closes the pipe; or it reports a failure.
+    // The child runs its steps while the copy completes; it execs only on the word.
     let start = Instant::now();
+    let copy_ms = match copier.finish() {
+        Ok(ms) => ms,
+        Err(e) => {
+            // SAFETY: kill(2) to our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = wait_for(pid);
+            let exec_copy = config.root().join(&config.exec_name);
+            return Err(step("copy-exec-file", exec_copy)(e));
+        }
+    };
+    let copy_wait_ms = start.elapsed().as_secs_f64() * 1e3;
+    t.push("copy-exec-file", copy_ms);
+    t.push("wait-for-copy", copy_wait_ms);
+    // A child that failed a step is gone already and does not read this (the write fails with
+    // EPIPE: the jailer ignores SIGPIPE, as Rust binaries do); its report says why.
+    let _ = (&go).write_all(b"G");
+    drop(go);
+
+    // The child reports its step timings, then exec closes the pipe; or it reports a failure.
     let mut text = String::new();
     let _ = report.take(1 << 16).read_to_string(&mut text);
     let waited_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -322,8 +344,9 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     for (name, ms) in child.steps {
         t.push(&name, ms);
     }
-    // What the child's steps do not account for: the namespaces' first scheduling and exec.
-    t.push("exec", (waited_ms - child_ms).max(0.0));
+    // What the child's steps and the copy (which ran side by side) do not account for: the
+    // namespaces' first scheduling and exec.
+    t.push("exec", (waited_ms - child_ms.max(copy_wait_ms)).max(0.0));
     drop(netns);
 
     let start = Instant::now();
@@ -402,17 +425,25 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// Clones the child into its namespaces and runs [`child::main`] there. Returns the child's pid
-/// and the read end of its report pipe. The supervised signals are blocked already (see [`run`]),
-/// so none is lost; the child restores `plan.old_mask` before exec.
-fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File), JailError> {
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> Result<(File, File), JailError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills `fds` with two new descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         return Err(step("clone", "pipe")(io::Error::last_os_error()));
     }
     // SAFETY: both descriptors are new and owned here.
-    let (read, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+/// Clones the child into its namespaces and runs [`child::main`] there. Returns the child's pid,
+/// the read end of its report pipe and the write end of the pipe that lets it exec. The
+/// supervised signals are blocked already (see [`run`]), so none is lost; the child restores
+/// `plan.old_mask` before exec.
+fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File, File), JailError> {
+    let (read, write) = pipe()?;
+    let (go_read, go_write) = pipe()?;
+    plan.go = go_read.as_raw_fd();
 
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if config.new_pid_ns {
@@ -464,12 +495,14 @@ fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File), JailEr
     }
     if pid == 0 {
         drop(read);
+        drop(go_write);
         let fd = std::os::fd::IntoRawFd::into_raw_fd(write);
         child::main(&plan, fd);
     }
     drop(write);
+    drop(go_read);
     drop(v2_fd);
-    Ok((pid as i32, read))
+    Ok((pid as i32, read, go_write))
 }
 
 fn decode_status(status: i32) -> VmmStatus {
