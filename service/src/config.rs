@@ -58,6 +58,8 @@ pub struct JobsConfig {
     pub default_policy: String,
     /// The most jobs of one tenant that run at once (new tenants; per tenant in the database).
     pub tenant_max_concurrent: u32,
+    /// An upload that sends nothing for this long is dropped (408).
+    pub upload_idle_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -115,6 +117,7 @@ impl Default for JobsConfig {
             lease_secs: 30,
             default_policy: "secrets,pii,licenses".to_owned(),
             tenant_max_concurrent: 4,
+            upload_idle_secs: 30,
         }
     }
 }

@@ -24,6 +24,8 @@ pub enum ServiceError {
     Conflict(String),
     #[error("the artifact is larger than the limit of {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("{0}")]
+    Timeout(String),
     #[error("the database is unavailable; try again")]
     Unavailable(#[source] sqlx::Error),
     #[error("internal error: {0}")]
@@ -64,6 +66,7 @@ impl ServiceError {
             ServiceError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
             ServiceError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ServiceError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+            ServiceError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

@@ -15,6 +15,7 @@ use cella_service::data_dir::DataDir;
 use cella_service::metrics::Metrics;
 use cella_service::queue::{self, Outcome};
 use cella_service::tenants;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tower::ServiceExt;
@@ -501,4 +502,15 @@ async fn waiting_for_a_job_answers_when_it_ends(pool: PgPool) {
         StatusCode::BAD_REQUEST,
         "60 seconds",
     );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_stalled_upload_is_dropped_with_408_and_leaves_nothing(pool: PgPool) {
+    let api = api(pool, |c| c.jobs.upload_idle_secs = 1).await;
+    let (_, key) = api.tenant("acme").await;
+    let first = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"partial"))]);
+    let stalled = first.chain(futures_util::stream::pending());
+    let r = api.call(Method::POST, "/v1/jobs", Some(&key), Body::from_stream(stalled), &[]).await;
+    assert_problem(&r, StatusCode::REQUEST_TIMEOUT, "sent nothing for 1 s");
+    assert_eq!(std::fs::read_dir(api.state.data_dir.artifacts()).unwrap().count(), 0);
 }

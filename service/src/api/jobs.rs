@@ -47,6 +47,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
         (status = 200, description = "Idempotent replay: the job this key created before", body = JobView),
         (status = 400, description = "Bad request", content_type = "application/problem+json"),
         (status = 401, description = "No or bad API key", content_type = "application/problem+json"),
+        (status = 408, description = "The upload stalled", content_type = "application/problem+json"),
         (status = 413, description = "Artifact too large", content_type = "application/problem+json"),
         (status = 422, description = "Unknown policy, or Idempotency-Key reused with a different request", content_type = "application/problem+json")))]
 async fn submit(
@@ -86,7 +87,8 @@ async fn submit(
     let job_id = ids::new_id("job");
     let path = state.data_dir.artifact(&job_id);
     let part = path.with_extension("part");
-    let stored = receive(body, &part, limit).await;
+    let idle = std::time::Duration::from_secs(state.config.jobs.upload_idle_secs.max(1));
+    let stored = receive(body, &part, limit, idle).await;
     let (bytes, sha256) = match stored {
         Ok(v) => v,
         Err(e) => {
@@ -126,13 +128,26 @@ async fn submit(
 }
 
 /// Streams the body into `path`, hashing it, and stops at `limit` bytes.
-async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64, [u8; 32]), ServiceError> {
+/// An upload that stalls for `idle` is dropped.
+async fn receive(
+    body: Body,
+    path: &std::path::Path,
+    limit: u64,
+    idle: std::time::Duration,
+) -> Result<(u64, [u8; 32]), ServiceError> {
     let internal = |e: std::io::Error| ServiceError::Internal(format!("writing {}: {e}", path.display()));
     let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
     let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     let mut total = 0u64;
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let next = tokio::time::timeout(idle, stream.next()).await.map_err(|_| {
+            ServiceError::Timeout(format!(
+                "the upload sent nothing for {} s and was dropped; send it again",
+                idle.as_secs()
+            ))
+        })?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ServiceError::BadRequest(format!("the upload broke off: {e}")))?;
         total += chunk.len() as u64;
         if total > limit {
