@@ -5,6 +5,37 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+/// An error and its sources on one line: `outer: inner: innermost`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}
+
+/// A log line that repeats (the database being away) is printed at most every 10 s.
+#[derive(Debug)]
+pub struct QuietLog {
+    who: &'static str,
+    last: Option<std::time::Instant>,
+}
+
+impl QuietLog {
+    pub fn new(who: &'static str) -> Self {
+        Self { who, last: None }
+    }
+
+    pub fn log(&mut self, what: &str, err: &dyn std::fmt::Display) {
+        if self.last.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10)) {
+            eprintln!("{}: {what}: {err}", self.who);
+            self.last = Some(std::time::Instant::now());
+        }
+    }
+}
+
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {

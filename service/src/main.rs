@@ -35,13 +35,7 @@ fn main() -> ExitCode {
         }
         Err(CliError::FindingsAtThreshold(_)) => ExitCode::from(1),
         Err(err) => {
-            let mut msg = format!("cella: {err}");
-            let mut source = std::error::Error::source(&err);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("cella: {}", cella_service::error::error_chain(&err));
             ExitCode::from(exit_code(&err))
         }
     }

@@ -1,10 +1,12 @@
 //! LISTEN with reconnection: one loop for every place that waits on PostgreSQL notifications
 //! (the worker's lease wake-ups and cancels, the API's job-finished waits).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgNotification};
 use sqlx::PgPool;
+
+use crate::error::QuietLog;
 
 /// How long to wait before reconnecting after the connection is lost.
 const RECONNECT: Duration = Duration::from_secs(1);
@@ -14,18 +16,13 @@ const RECONNECT: Duration = Duration::from_secs(1);
 /// caller can catch up by polling. `who` names the caller in its (rate-limited) log lines.
 pub async fn listen_forever(
     pool: PgPool,
-    who: &str,
+    who: &'static str,
     channels: &[&str],
     mut on_message: impl FnMut(&PgNotification),
     mut on_gap: impl FnMut(),
 ) {
-    let mut last_log: Option<Instant> = None;
-    let mut log = |what: &str, e: &sqlx::Error| {
-        if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-            eprintln!("{who}: {what}: {e}");
-            last_log = Some(Instant::now());
-        }
-    };
+    let mut quiet = QuietLog::new(who);
+    let mut log = |what: &str, e: &sqlx::Error| quiet.log(what, e);
     loop {
         match PgListener::connect_with(&pool).await {
             Err(e) => log("LISTEN connection", &e),

@@ -308,7 +308,7 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     assert!(metrics.contains("cella_vm_scrub_seconds_count 2"), "{metrics}");
     // A hostile archive: the job fails with the runner's reason, and `cella scan` exits 4.
     let evil = dir.join("evil.tar");
-    std::fs::write(&evil, raw_tar("../../etc/passwd", b"root:x:0:0")).unwrap();
+    std::fs::write(&evil, cella_e2e::ustar(&[("../../etc/passwd", b"root:x:0:0")])).unwrap();
     let out = cella(&data, Some(&key), &["scan", evil.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(4), "{stderr}");
@@ -321,27 +321,6 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     assert_eq!(std::fs::read_dir(data.join("artifacts")).unwrap().count(), 0);
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// A one-entry ustar archive with `name` written as given (tar writers refuse `..`).
-fn raw_tar(name: &str, content: &[u8]) -> Vec<u8> {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..107].copy_from_slice(b"0000644");
-    h[108..115].copy_from_slice(b"0000000");
-    h[116..123].copy_from_slice(b"0000000");
-    h[124..135].copy_from_slice(format!("{:011o}", content.len()).as_bytes());
-    h[136..147].copy_from_slice(b"00000000000");
-    h[156] = b'0';
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-    let mut out = h.to_vec();
-    out.extend_from_slice(content);
-    out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
-    out
 }
 
 #[sqlx::test(migrations = "../migrations")]

@@ -135,25 +135,8 @@ fn residue(base: &Path, id: &str) -> Vec<String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let base_text = base.display().to_string();
     found.extend(mountinfo.lines().filter(|l| l.contains(&base_text)).map(|l| format!("mount {l}")));
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    for line in mounts.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 4 || !(f[2] == "cgroup" || f[2] == "cgroup2") {
-            continue;
-        }
-        let options: Vec<&str> = f[3].split(',').collect();
-        let path = own.lines().find_map(|l| {
-            let mut p = l.splitn(3, ':');
-            let (_, names, path) = (p.next()?, p.next()?, p.next()?);
-            let hit = if f[2] == "cgroup2" {
-                names.is_empty()
-            } else {
-                names.split(',').any(|n| options.contains(&n))
-            };
-            hit.then(|| path.trim_start_matches('/').to_owned())
-        });
-        let cgroup = Path::new(f[1]).join(path.unwrap_or_default()).join("cella").join(id);
+    for parent in cella_e2e::cgroup_parents() {
+        let cgroup = parent.join(id);
         if cgroup.exists() {
             found.push(format!("cgroup {}", cgroup.display()));
         }

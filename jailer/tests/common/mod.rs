@@ -193,31 +193,7 @@ pub fn residue(base: &Path, prefix: &str) -> Vec<String> {
     found
 }
 
-/// The `cella` parent cgroup in every hierarchy the jailer may use (own cgroup + /cella).
-pub fn cgroup_parents() -> Vec<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let mut parents = Vec::new();
-    for line in mounts.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 4 || !(f[2] == "cgroup" || f[2] == "cgroup2") {
-            continue;
-        }
-        let options: Vec<&str> = f[3].split(',').collect();
-        let path = own.lines().find_map(|l| {
-            let mut p = l.splitn(3, ':');
-            let (_, names, path) = (p.next()?, p.next()?, p.next()?);
-            let hit = if f[2] == "cgroup2" {
-                names.is_empty()
-            } else {
-                names.split(',').any(|n| options.contains(&n))
-            };
-            hit.then(|| path.trim_start_matches('/').to_owned())
-        });
-        parents.push(Path::new(f[1]).join(path.unwrap_or_default()).join("cella"));
-    }
-    parents
-}
+pub use cella_e2e::cgroup_parents;
 
 /// Waits for `child` up to `limit`.
 pub fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::data_dir::DataDir;
-use crate::error::ServiceError;
+use crate::error::{error_chain, QuietLog, ServiceError};
 use crate::jobs::{CHANNEL_CANCEL, CHANNEL_JOBS};
 use crate::metrics::Metrics;
 use crate::queue::{self, Lease, Outcome, QueueError};
@@ -45,19 +45,6 @@ pub struct Worker {
 }
 
 type CancelMap = Arc<Mutex<HashMap<String, watch::Sender<bool>>>>;
-
-/// Rate-limits a repeated log line (the database being away should not print every second).
-#[derive(Debug, Default)]
-struct Quiet(Option<Instant>);
-
-impl Quiet {
-    fn log(&mut self, what: &str, err: &dyn std::fmt::Display) {
-        if self.0.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-            eprintln!("cella worker: {what}: {err}");
-            self.0 = Some(Instant::now());
-        }
-    }
-}
 
 impl Worker {
     pub fn new(pool: PgPool, config: &Config, data_dir: DataDir, metrics: Arc<Metrics>) -> Self {
@@ -94,7 +81,7 @@ impl Worker {
         let mut tasks = JoinSet::new();
         let mut free: Vec<u32> = (0..me.concurrency).rev().collect();
         let mut draining = false;
-        let mut quiet = Quiet::default();
+        let mut quiet = QuietLog::new("cella worker");
         let mut last_beat = Instant::now() - HEARTBEAT;
         let mut last_rescue = Instant::now() - me.lease_for;
         loop {
@@ -274,7 +261,7 @@ impl Worker {
     /// Records the outcome, retrying while the database is away. Returns the job's new state.
     async fn record(&self, lease: &Lease, outcome: &Outcome) -> Option<String> {
         let give_up = Instant::now() + FINISH_RETRY_FOR;
-        let mut quiet = Quiet::default();
+        let mut quiet = QuietLog::new("cella worker");
         loop {
             match queue::finish(&self.pool, lease, outcome).await {
                 Ok(state) => return Some(state),
@@ -318,14 +305,4 @@ async fn listen(pool: PgPool, wake: Arc<Notify>, cancels: CancelMap) {
         || gap_wake.notify_one(),
     )
     .await;
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    msg
 }
