@@ -16,6 +16,7 @@ pub mod microvm;
 pub mod scan;
 pub mod scrub;
 pub mod seccomp;
+pub mod session_client;
 pub mod vmm_config;
 pub mod vstate;
 
