@@ -70,7 +70,7 @@ impl Index {
         max_bytes: u64,
     ) -> Result<Added, ArtifactError> {
         let mut staged: Vec<IndexedFile> = Vec::new();
-        extract_artifact(source, name, prefix, limits, max_bytes, &mut |path, bytes| {
+        extract_artifact(source, name, prefix, limits, max_bytes, |path: &str, bytes: Vec<u8>| {
             let sniff = &bytes[..bytes.len().min(BINARY_SNIFF_LEN)];
             let binary = memchr::memchr(0, sniff).is_some();
             staged.push(IndexedFile { path: String::from(path), bytes, binary });

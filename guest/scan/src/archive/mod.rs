@@ -97,14 +97,19 @@ pub fn scan_artifact<S: Source + ?Sized>(
 /// the ones a scan reports, each prefixed with `prefix` (for an archive's entries; a plain file
 /// is called `name`). At most `max_bytes` of file content in all; beyond it the entry that
 /// does not fit is refused with [`ArtifactError::EntryTooLarge`].
-pub fn extract_artifact<S: Source + ?Sized>(
+pub fn extract_artifact<S, F>(
     source: &mut S,
     name: &str,
     prefix: &str,
     limits: &Limits,
     max_bytes: u64,
-    file: &mut dyn FnMut(&str, Vec<u8>) -> Result<(), ArtifactError>,
-) -> Result<(), ArtifactError> {
+    mut file: F,
+) -> Result<(), ArtifactError>
+where
+    S: Source + ?Sized,
+    F: FnMut(&str, Vec<u8>) -> Result<(), ArtifactError>,
+{
+    let file: &mut OnFile<'_> = &mut file;
     let total = Cell::new(0);
     let mut sink = ExtractSink { file, left: max_bytes, max_entry: limits.max_entry_size };
     let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total };
@@ -129,8 +134,11 @@ impl FileSink for ScanSink<'_> {
     }
 }
 
+/// The callback of [`extract_artifact`].
+type OnFile<'a> = dyn FnMut(&str, Vec<u8>) -> Result<(), ArtifactError> + 'a;
+
 struct ExtractSink<'a> {
-    file: &'a mut dyn FnMut(&str, Vec<u8>) -> Result<(), ArtifactError>,
+    file: &'a mut OnFile<'a>,
     /// Content bytes that may still be extracted.
     left: u64,
     max_entry: u64,
