@@ -182,9 +182,16 @@ enum FrameError {
 }
 
 fn error(kind: &str, message: String) -> SessionResponse {
-    SessionResponse {
-        result: SessionResult::Error(SessionError { kind: String::from(kind), message }),
-        frames: 0,
+    SessionResponse { result: SessionResult::Error(fault(kind, message)), frames: 0 }
+}
+
+fn fault(kind: &str, message: String) -> SessionError {
+    SessionError { kind: String::from(kind), message }
+}
+
+impl From<SessionError> for Answer {
+    fn from(e: SessionError) -> Answer {
+        SessionResponse { result: SessionResult::Error(e), frames: 0 }.into()
     }
 }
 
@@ -299,7 +306,7 @@ impl Session<'_> {
 
     /// The engine for these policy bytes, from the cache or compiled now (and cached); whether
     /// it came from the cache.
-    fn engine(&mut self, policy: &[u8]) -> Result<(&mut Engine, bool), SessionResponse> {
+    fn engine(&mut self, policy: &[u8]) -> Result<(&mut Engine, bool), SessionError> {
         let key: [u8; 32] = Sha256::digest(policy).into();
         let cached = match self.engines.iter().position(|(k, _)| *k == key) {
             Some(i) => {
@@ -309,7 +316,7 @@ impl Session<'_> {
             }
             None => {
                 let engine = Engine::from_policy_json(policy)
-                    .map_err(|e| error(error_kind::POLICY, format!("the policy does not load: {e}")))?;
+                    .map_err(|e| fault(error_kind::POLICY, format!("the policy does not load: {e}")))?;
                 if self.engines.len() >= MAX_CACHED_ENGINES {
                     self.engines.pop_front();
                 }
@@ -332,7 +339,7 @@ impl Session<'_> {
     fn scan_index(&mut self, index: &Index, policy_name: &str, policy: &[u8], limits: &Limits) -> Answer {
         let (engine, policy_cached) = match self.engine(policy) {
             Ok(found) => found,
-            Err(response) => return response.into(),
+            Err(e) => return e.into(),
         };
         let mut report = Report::default();
         if let Err(e) = index.scan(engine, limits, &mut report) {
@@ -428,7 +435,7 @@ impl Session<'_> {
                         bytes.truncate(take);
                         (bytes, count, "redacted")
                     }
-                    Err(response) => return response.into(),
+                    Err(e) => return e.into(),
                 }
             }
         };
@@ -443,19 +450,14 @@ impl Session<'_> {
         Answer::with_frames(SessionResult::Read(result), alloc::vec![(Kind::Data, bytes)])
     }
 
-    fn masked(
-        &mut self,
-        index: &Index,
-        path: &str,
-        policy: &[u8],
-    ) -> Result<(Vec<u8>, u64), SessionResponse> {
+    fn masked(&mut self, index: &Index, path: &str, policy: &[u8]) -> Result<(Vec<u8>, u64), SessionError> {
         let (engine, _) = self.engine(policy)?;
         let file =
-            index.get(path).ok_or_else(|| error(error_kind::NOT_FOUND, format!("no file `{path}`")))?;
+            index.get(path).ok_or_else(|| fault(error_kind::NOT_FOUND, format!("no file `{path}`")))?;
         match mask_findings(engine, path, &file.bytes) {
             Ok(Some(masked)) => Ok(masked),
-            Ok(None) => Err(error(error_kind::BINARY, format!("`{path}` is a binary file"))),
-            Err(e) => Err(error(error_kind::POLICY, format!("{e}"))),
+            Ok(None) => Err(fault(error_kind::BINARY, format!("`{path}` is a binary file"))),
+            Err(e) => Err(fault(error_kind::POLICY, format!("{e}"))),
         }
     }
 
