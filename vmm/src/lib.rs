@@ -16,6 +16,7 @@ pub mod microvm;
 pub mod scan;
 pub mod scrub;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vmm_config;
 pub mod vstate;
 
