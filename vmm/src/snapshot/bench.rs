@@ -64,6 +64,9 @@ pub struct BenchRow {
     pub restore_to_first_exit_ms: f64,
     /// `snapshot::remove`.
     pub remove_ms: f64,
+    /// For comparison: a cold `build` + `run` of the same VM, from the start of `build` to the
+    /// guest's first VM exit.
+    pub cold_launch_to_first_exit_ms: f64,
 }
 
 /// Runs the benchmark for each `(mem_mib, touched_mib)` with the runner image `image`, writing
@@ -89,6 +92,8 @@ pub fn run(image: &Path, dir: &Path, sizes: &[(u64, u64)]) -> Result<Vec<BenchRo
             return Err(BenchError::Exit(report.exit));
         }
         let removed = remove(&snap_dir)?;
+        let cold_config = VmConfig { launch_start: Instant::now(), ..config };
+        let cold = crate::build(&cold_config, Box::new(std::io::sink()))?.run()?;
         rows.push(BenchRow {
             mem_mib,
             touched_mib,
@@ -100,6 +105,7 @@ pub fn run(image: &Path, dir: &Path, sizes: &[(u64, u64)]) -> Result<Vec<BenchRo
             load_ms,
             restore_to_first_exit_ms: report.launch_us as f64 / 1e3,
             remove_ms: removed.ms,
+            cold_launch_to_first_exit_ms: cold.launch_us as f64 / 1e3,
         });
     }
     Ok(rows)
@@ -108,11 +114,12 @@ pub fn run(image: &Path, dir: &Path, sizes: &[(u64, u64)]) -> Result<Vec<BenchRo
 /// The rows as a table.
 pub fn table(rows: &[BenchRow]) -> String {
     let mut out = String::from(
-        "mem MiB  touched MiB  create ms  (memory ms  state ms)  state B  memory.bin on disk  load ms  restore->first exit ms  remove ms\n",
+        "mem MiB  touched MiB  create ms  (memory ms  state ms)  state B  memory.bin on disk  load ms  \
+         restore->first exit ms  cold launch->first exit ms  remove ms\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "{:>7}  {:>11}  {:>9.1}  ({:>9.1}  {:>8.2})  {:>7}  {:>15.1} MiB  {:>7.2}  {:>22.2}  {:>9.1}\n",
+            "{:>7}  {:>11}  {:>9.1}  ({:>9.1}  {:>8.2})  {:>7}  {:>15.1} MiB  {:>7.2}  {:>22.2}  {:>26.2}  {:>9.1}\n",
             r.mem_mib,
             r.touched_mib,
             r.create_ms,
@@ -122,6 +129,7 @@ pub fn table(rows: &[BenchRow]) -> String {
             r.memory_disk_bytes as f64 / (1 << 20) as f64,
             r.load_ms,
             r.restore_to_first_exit_ms,
+            r.cold_launch_to_first_exit_ms,
             r.remove_ms,
         ));
     }

@@ -4,6 +4,12 @@
 //! state; rebuild the devices and the bus. The result runs like a freshly built VM, and its
 //! memory is scrubbed at teardown like any other (the pages the guest wrote; see
 //! [`crate::scrub`]).
+//!
+//! Measured on this host (debug build, `bench snapshot`): `load` takes 1.6–3 ms for 64 and
+//! 512 MiB alike. The restored guest's first `KVM_RUN` costs ~9 ms the first time any VM maps
+//! a given memory file and ~0.3–0.4 ms afterwards (a cold launch: ~0.2–0.3 ms); touching the
+//! same pages from the VMM costs 1–5 µs a page, so that first-time cost is in this (nested,
+//! PVM) KVM's fault path, not in the page cache.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
