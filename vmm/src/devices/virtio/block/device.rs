@@ -187,3 +187,34 @@ impl VirtioDevice for Block {
         DeviceState::Block(BlockState { path: self.path.clone(), size: self.size })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_refuses_a_missing_or_resized_disk() {
+        let dir = std::env::temp_dir().join(format!("cella-blk-restore-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("artifact.tar");
+        std::fs::write(&path, vec![7u8; 5000]).unwrap();
+        let DeviceState::Block(state) = Block::open(&path).unwrap().save_state() else {
+            panic!("not a block state")
+        };
+        assert_eq!(state, BlockState { path: path.clone(), size: 5000 });
+        assert_eq!(Block::restore(&state, None).unwrap().size(), 5000);
+
+        let copy = dir.join("copy.tar");
+        std::fs::copy(&path, &copy).unwrap();
+        assert!(Block::restore(&state, Some(&copy)).is_ok());
+
+        std::fs::write(&path, vec![7u8; 6000]).unwrap();
+        let err = Block::restore(&state, None).unwrap_err();
+        assert!(matches!(err, StateError::DiskResized { saved: 5000, now: 6000, .. }), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let err = Block::restore(&state, None).unwrap_err();
+        assert!(matches!(err, StateError::Disk { .. }), "{err}");
+        assert!(err.to_string().contains("cannot open the disk"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
