@@ -17,6 +17,7 @@ pub mod scan;
 pub mod scrub;
 pub mod seccomp;
 pub mod session_client;
+pub mod snapshot;
 pub mod vmm_config;
 pub mod vstate;
 

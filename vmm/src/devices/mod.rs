@@ -11,8 +11,9 @@ use cella_abi::{ports, CONSOLE_LINE_MAX};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use legacy::serial::SerialDevice;
-use virtio::mmio::MmioTransport;
+use legacy::serial::{SerialDevice, SerialDeviceState, SerialStateError};
+use serde::{Deserialize, Serialize};
+use virtio::mmio::{MmioTransport, MmioTransportState};
 
 /// The longest a single wait exit blocks; the guest asks again if it wants more.
 const WAIT_MAX_MS: u32 = 1000;
@@ -28,6 +29,37 @@ pub enum IoResult {
     Unhandled(String),
     /// The guest broke a device's contract (bad descriptors, queue set-up…); the VM ends.
     DeviceFailure { device: &'static str, reason: String },
+}
+
+/// Why a saved device could not be rebuilt. Each says what the snapshot expected and what is
+/// there now.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "cannot open the disk {path} the snapshot was taken with; restore it at that path or \
+         pass the same file as the disk override"
+    )]
+    Disk { path: std::path::PathBuf, source: std::io::Error },
+    #[error(
+        "the disk {path} is {now} bytes, but was {saved} bytes when the snapshot was taken; \
+         the guest may hold data from the old file, so restore with the original disk"
+    )]
+    DiskResized { path: std::path::PathBuf, saved: u64, now: u64 },
+    #[error("cannot bind the vsock socket {path} for the restored VM")]
+    Vsock { path: std::path::PathBuf, source: std::io::Error },
+    #[error("the saved {device} transport is inconsistent: {reason}")]
+    Transport { device: &'static str, reason: String },
+    #[error("the saved serial port is inconsistent")]
+    Serial(#[from] SerialStateError),
+}
+
+/// Every device on the bus in a snapshot: the UART, then the virtio devices in bus order
+/// (their order decides their MMIO addresses, which the guest has in its boot info).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusState {
+    pub serial: SerialDeviceState,
+    pub mmio_base: u64,
+    pub virtio: Vec<MmioTransportState>,
 }
 
 /// Routes port and MMIO accesses to devices. Shared by the vCPU threads.
@@ -53,6 +85,20 @@ impl IoBus {
         self.mmio_base = base;
         self.virtio = devices.into_iter().map(Mutex::new).collect();
         self
+    }
+
+    /// Every device's state, for a snapshot. The vCPUs must be paused (the locks make each
+    /// device's state consistent, not the set of them).
+    pub fn save_state(&self) -> BusState {
+        BusState {
+            serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save_state(),
+            mmio_base: self.mmio_base,
+            virtio: self
+                .virtio
+                .iter()
+                .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).save_state())
+                .collect(),
+        }
     }
 
     /// The descriptor the kick handler writes to.

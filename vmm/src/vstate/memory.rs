@@ -1,13 +1,24 @@
 //! Guest memory: one memfd, mapped shared into the VMM and registered with KVM as slot 0.
 //! Pages are allocated only when the guest (or the VMM) touches them, which is what lets the
 //! scrub cost follow the memory the guest used, not the memory it was given.
+//!
+//! A VM restored from a snapshot has a second kind of backing: the snapshot's memory file
+//! mapped `MAP_PRIVATE | MAP_NORESERVE` ([`GuestMemfd::from_snapshot`]). Mapping costs the same
+//! whatever the size; pages fault in from the file when the guest first touches them, and a
+//! guest write makes a private anonymous copy, so the file (and any other VM restored from it)
+//! never sees it. The interface is the same for both backings; the scrub differs (see
+//! [`crate::scrub`]).
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::scrub::{self, ScrubError, ScrubReport};
@@ -23,13 +34,32 @@ pub enum MemoryError {
     Map { size: u64, source: vm_memory::mmap::MmapRegionError },
     #[error("cannot describe guest memory to vm-memory")]
     Region,
+    #[error("cannot open the snapshot memory file {path}")]
+    OpenSnapshot { path: std::path::PathBuf, source: io::Error },
+    #[error(
+        "cannot open /proc/self/pagemap, which the scrub of restored memory needs; \
+         mount procfs where the VMM runs (in a jail too)"
+    )]
+    Pagemap(#[source] io::Error),
 }
 
-/// Guest memory backed by a memfd. Scrubbed exactly once: explicitly with [`GuestMemfd::scrub`]
-/// (which returns the evidence), or else when dropped.
+/// Where guest memory lives.
+#[derive(Debug)]
+enum Backing {
+    /// A memfd mapped shared: the file holds exactly the guest's memory.
+    Memfd,
+    /// A snapshot memory file mapped private; the guest's writes live in anonymous pages,
+    /// which `pagemap` (opened at map time, before any seccomp filter) finds.
+    Private { pagemap: File },
+}
+
+/// Guest memory backed by a memfd or, restored, by a snapshot file mapped privately.
+/// Scrubbed exactly once: explicitly with [`GuestMemfd::scrub`] (which returns the evidence),
+/// or else when dropped.
 #[derive(Debug)]
 pub struct GuestMemfd {
     file: Arc<File>,
+    backing: Backing,
     memory: Option<GuestMemoryMmap>,
     size: u64,
     host_addr: *mut u8,
@@ -56,7 +86,73 @@ impl GuestMemfd {
         let host_addr = region.as_ptr();
         let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Region)?;
         let memory = GuestMemoryMmap::from_regions(vec![region]).map_err(|_| MemoryError::Region)?;
-        Ok(GuestMemfd { file, memory: Some(memory), size, host_addr })
+        Ok(GuestMemfd { file, backing: Backing::Memfd, memory: Some(memory), size, host_addr })
+    }
+
+    /// Maps the `size`-byte snapshot memory file at `path` privately as guest memory at guest
+    /// address 0. Nothing is read: pages come in from the file on first touch. The caller checks
+    /// that the file is `size` bytes long (`snapshot::restore` does, with a clear error). The
+    /// file must not change while the VM lives (snapshots are written to new files and
+    /// renamed, never rewritten in place).
+    pub fn from_snapshot(path: &Path, size: u64) -> Result<Self, MemoryError> {
+        let file =
+            File::open(path).map_err(|source| MemoryError::OpenSnapshot { path: path.to_owned(), source })?;
+        let pagemap = File::open("/proc/self/pagemap").map_err(MemoryError::Pagemap)?;
+        let file = Arc::new(file);
+        let region = MmapRegionBuilder::new(size as usize)
+            .with_file_offset(FileOffset::from_arc(file.clone(), 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Map { size, source })?;
+        let host_addr = region.as_ptr();
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Region)?;
+        let memory = GuestMemoryMmap::from_regions(vec![region]).map_err(|_| MemoryError::Region)?;
+        Ok(GuestMemfd { file, backing: Backing::Private { pagemap }, memory: Some(memory), size, host_addr })
+    }
+
+    /// Whether this memory was restored from a snapshot (mapped privately).
+    pub fn is_restored(&self) -> bool {
+        matches!(self.backing, Backing::Private { .. })
+    }
+
+    /// The byte ranges that may hold something other than zeros, sorted and disjoint. For a
+    /// memfd: its allocated ranges. Restored: the snapshot file's data ranges plus every page
+    /// the guest wrote since (pagemap).
+    pub fn content_ranges(&self) -> Result<Vec<Range<u64>>, ScrubError> {
+        let file_ranges = scrub::touched_ranges(&self.file, self.size)?;
+        match &self.backing {
+            Backing::Memfd => Ok(file_ranges),
+            Backing::Private { pagemap } => {
+                let written = scrub::private_ranges(pagemap, self.host_addr as u64, self.size)?;
+                Ok(merge_ranges(file_ranges, written))
+            }
+        }
+    }
+
+    /// Copies guest memory at byte `offset` into `buf`: what the guest sees there now. For a
+    /// memfd this reads the file; restored, the mapping. The vCPUs must be paused for the copy
+    /// to be consistent.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).filter(|end| *end <= self.size);
+        if end.is_none() || self.memory.is_none() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "read outside guest memory"));
+        }
+        match self.backing {
+            Backing::Memfd => self.file.read_exact_at(buf, offset),
+            Backing::Private { .. } => {
+                // SAFETY: `offset + buf.len() <= size` (checked above), so the source lies in the
+                // live mapping (`memory` is present); `buf` is a distinct host buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.host_addr.add(offset as usize),
+                        buf.as_mut_ptr(),
+                        buf.len(),
+                    )
+                };
+                Ok(())
+            }
+        }
     }
 
     /// The memory, for loaders and devices.
@@ -85,12 +181,33 @@ impl GuestMemfd {
         let Some(memory) = self.memory.take() else {
             return Err(ScrubError::AlreadyReleased);
         };
-        // SAFETY: `host_addr` maps `size` bytes of `file` shared, and stays mapped until
-        // `memory` is dropped below; no vCPU runs any more, so nothing else writes it.
-        let report = unsafe { scrub::scrub(&self.file, self.host_addr, self.size) };
+        let report = match &self.backing {
+            // SAFETY: `host_addr` maps `size` bytes of `file` shared, and stays mapped until
+            // `memory` is dropped below; no vCPU runs any more, so nothing else writes it.
+            Backing::Memfd => unsafe { scrub::scrub(&self.file, self.host_addr, self.size) },
+            // SAFETY: `host_addr` maps `size` bytes privately until `memory` is dropped below;
+            // no vCPU runs any more.
+            Backing::Private { pagemap } => unsafe {
+                scrub::scrub_private(pagemap, self.host_addr, self.size)
+            },
+        };
         drop(memory);
         report
     }
+}
+
+/// The union of two sorted lists of disjoint page ranges, sorted, disjoint and coalesced.
+fn merge_ranges(a: Vec<Range<u64>>, b: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    let mut all: Vec<Range<u64>> = a.into_iter().chain(b).collect();
+    all.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(all.len());
+    for r in all {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
 }
 
 impl Drop for GuestMemfd {

@@ -2,10 +2,12 @@
 //! set-up, status, notify, config space. Each register access is one VM exit, so the runner's
 //! drivers touch as few as they can.
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::{DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{DeviceError, DeviceState, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::StateError;
 
 use cella_abi::virtio_mmio::{self as reg, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK};
 
@@ -24,6 +26,66 @@ enum Ring {
     Desc,
     Avail,
     Used,
+}
+
+/// One virtqueue in a snapshot: virtio-queue's `QueueState`, field for field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+/// A transport and its device in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    pub device_type: u32,
+    pub device: DeviceState,
+    pub queues: Vec<QueueSnapshot>,
+    pub queue_sel: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    pub active: bool,
 }
 
 /// One device and its transport state.
@@ -67,6 +129,81 @@ impl MmioTransport {
             active: false,
             mem,
         }
+    }
+
+    /// The transport's and the device's state, for a snapshot (the guest is paused).
+    pub fn save_state(&self) -> MmioTransportState {
+        MmioTransportState {
+            device_type: self.device.device_type(),
+            device: self.device.save_state(),
+            queues: self.queues.iter().map(|q| QueueSnapshot::from(q.state())).collect(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            active: self.active,
+        }
+    }
+
+    /// Rebuilds a transport around `device` (already restored from `state.device`). The saved
+    /// queues are checked like a driver's writes would be: the device's queue count and sizes,
+    /// a valid size, and, for an active device, rings inside guest memory.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        state: &MmioTransportState,
+    ) -> Result<Self, StateError> {
+        let name = device.name();
+        let bad = |reason: String| StateError::Transport { device: name, reason };
+        if device.device_type() != state.device_type {
+            return Err(bad(format!(
+                "the snapshot holds device type {} here, the restored device is type {}",
+                state.device_type,
+                device.device_type()
+            )));
+        }
+        let max_sizes = device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return Err(bad(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                max_sizes.len()
+            )));
+        }
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (index, (saved, max)) in state.queues.iter().zip(max_sizes).enumerate() {
+            if saved.max_size != *max {
+                return Err(bad(format!(
+                    "queue {index}: saved maximum size {}, device offers {max}",
+                    saved.max_size
+                )));
+            }
+            let q =
+                Queue::try_from(QueueState::from(*saved)).map_err(|e| bad(format!("queue {index}: {e}")))?;
+            if state.active && q.ready() && !q.is_valid(&mem) {
+                return Err(bad(format!("queue {index}: its rings lie outside guest memory")));
+            }
+            queues.push(q);
+        }
+        if state.driver_features & !device.features() != 0 {
+            return Err(bad(format!(
+                "driver features {:#x} include some this device does not offer ({:#x})",
+                state.driver_features,
+                device.features()
+            )));
+        }
+        Ok(MmioTransport {
+            device,
+            queues,
+            queue_sel: state.queue_sel,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            status: state.status,
+            active: state.active,
+            mem,
+        })
     }
 
     /// The device's name, for reasons.

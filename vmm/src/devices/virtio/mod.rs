@@ -11,6 +11,7 @@ pub mod chain;
 pub mod mmio;
 pub mod vsock;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -53,6 +54,14 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// A virtio device's own state in a snapshot (the transport's is in [`mmio::MmioTransportState`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeviceState {
+    Block(block::BlockState),
+    Vsock(vsock::VsockState),
+}
+
 /// A device behind the virtio-mmio transport.
 pub trait VirtioDevice: Send {
     /// Virtio device id (2 block, 19 vsock).
@@ -85,4 +94,6 @@ pub trait VirtioDevice: Send {
     }
     /// A short name for reasons and logs ("virtio-blk").
     fn name(&self) -> &'static str;
+    /// The device's own state, for a snapshot (the guest is paused).
+    fn save_state(&self) -> DeviceState;
 }

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cella_abi::VIRTIO_ID_BLOCK;
 use virtio_queue::Queue;
@@ -11,7 +11,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::request::{self, Request, SECTOR};
 use crate::devices::virtio::chain::{self, Buffer};
-use crate::devices::virtio::{read_config_bytes, DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{read_config_bytes, DeviceError, DeviceState, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::StateError;
 
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const QUEUE_SIZE: u16 = 256;
@@ -20,8 +21,17 @@ const QUEUE_SIZE: u16 = 256;
 #[derive(Debug)]
 pub struct Block {
     file: File,
+    path: PathBuf,
     size: u64,
     id: [u8; 20],
+}
+
+/// The block device in a snapshot: which file backs it and how big it was. The guest may hold
+/// cached sectors and offsets, so a restore needs the same file at the same size.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    pub path: PathBuf,
+    pub size: u64,
 }
 
 impl Block {
@@ -32,7 +42,23 @@ impl Block {
         let mut id = [0u8; 20];
         let name = b"cella-artifact";
         id[..name.len()].copy_from_slice(name);
-        Ok(Block { file, size, id })
+        Ok(Block { file, path: path.to_owned(), size, id })
+    }
+
+    /// Reopens the disk a snapshot names (or `path_override`, the same content at another
+    /// path). A missing disk or one whose size changed is refused: the guest's view of it
+    /// (capacity, what it already read) would no longer hold.
+    pub fn restore(state: &BlockState, path_override: Option<&Path>) -> Result<Self, StateError> {
+        let path = path_override.unwrap_or(&state.path);
+        let block = Block::open(path).map_err(|source| StateError::Disk { path: path.to_owned(), source })?;
+        if block.size != state.size {
+            return Err(StateError::DiskResized {
+                path: path.to_owned(),
+                saved: state.size,
+                now: block.size,
+            });
+        }
+        Ok(block)
     }
 
     /// Size of the backing file in bytes.
@@ -155,5 +181,40 @@ impl VirtioDevice for Block {
 
     fn name(&self) -> &'static str {
         "virtio-blk"
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Block(BlockState { path: self.path.clone(), size: self.size })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_refuses_a_missing_or_resized_disk() {
+        let dir = std::env::temp_dir().join(format!("cella-blk-restore-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("artifact.tar");
+        std::fs::write(&path, vec![7u8; 5000]).unwrap();
+        let DeviceState::Block(state) = Block::open(&path).unwrap().save_state() else {
+            panic!("not a block state")
+        };
+        assert_eq!(state, BlockState { path: path.clone(), size: 5000 });
+        assert_eq!(Block::restore(&state, None).unwrap().size(), 5000);
+
+        let copy = dir.join("copy.tar");
+        std::fs::copy(&path, &copy).unwrap();
+        assert!(Block::restore(&state, Some(&copy)).is_ok());
+
+        std::fs::write(&path, vec![7u8; 6000]).unwrap();
+        let err = Block::restore(&state, None).unwrap_err();
+        assert!(matches!(err, StateError::DiskResized { saved: 5000, now: 6000, .. }), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let err = Block::restore(&state, None).unwrap_err();
+        assert!(matches!(err, StateError::Disk { .. }), "{err}");
+        assert!(err.to_string().contains("cannot open the disk"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,4 +3,4 @@
 mod device;
 mod request;
 
-pub use device::Block;
+pub use device::{Block, BlockState};

@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use super::connection::{Connection, State, HOST_BUF_ALLOC};
 use super::host::{Handshake, HostSide};
 use crate::devices::virtio::chain::{self, Buffer};
-use crate::devices::virtio::{read_config_bytes, DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{read_config_bytes, DeviceError, DeviceState, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -28,6 +28,19 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 
 /// (host port, guest port).
 type Key = (u32, u32);
+
+/// The vsock device in a snapshot. Host streams cannot be saved (their peers are other
+/// processes), so only their keys are kept: on restore each is reset, which tells the guest to
+/// drop it; the guest's listeners live in guest memory and go on accepting.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    /// Where the host socket was bound (a restore binds here unless told otherwise).
+    pub uds_path: std::path::PathBuf,
+    /// The next host port for a host-initiated stream (never reused within one VM's life).
+    pub next_host_port: u32,
+    /// `(host port, guest port)` of every stream open or opening when the snapshot was taken.
+    pub connections: Vec<(u32, u32)>,
+}
 
 /// The vsock device.
 #[derive(Debug)]
@@ -48,6 +61,23 @@ impl Vsock {
             to_guest: VecDeque::new(),
             next_host_port: FIRST_HOST_PORT,
         })
+    }
+
+    /// Rebuilds the device from a snapshot with its host socket bound at `uds_path` (which may
+    /// differ from the saved VM's), and queues a RST to the guest for every stream that was
+    /// open, delivered at the guest's next notify or wait.
+    pub fn restore(uds_path: &Path, state: &VsockState) -> std::io::Result<Self> {
+        let mut vsock = Vsock::new(uds_path)?;
+        vsock.next_host_port = state.next_host_port.max(FIRST_HOST_PORT);
+        for key in state.connections.iter().take(MAX_CONNECTIONS) {
+            vsock.reply(*key, op::RST, 0);
+        }
+        Ok(vsock)
+    }
+
+    /// Where the host socket is bound.
+    pub fn uds_path(&self) -> &Path {
+        &self.host.uds_path
     }
 
     fn header(&self, key: Key, op: u16, flags: u32) -> Header {
@@ -410,6 +440,16 @@ impl VirtioDevice for Vsock {
     fn name(&self) -> &'static str {
         "virtio-vsock"
     }
+
+    fn save_state(&self) -> DeviceState {
+        let mut connections: Vec<Key> = self.conns.keys().copied().collect();
+        connections.sort_unstable();
+        DeviceState::Vsock(VsockState {
+            uds_path: self.host.uds_path.clone(),
+            next_host_port: self.next_host_port,
+            connections,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -435,6 +475,32 @@ mod tests {
         }
         assert_eq!(vsock.to_guest.len(), MAX_QUEUED_REPLIES);
         assert!(vsock.conns.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_restored_vsock_resets_every_saved_stream_and_keeps_its_port_counter() {
+        let dir = std::env::temp_dir().join(format!("cella-vsock-restore-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = VsockState {
+            uds_path: dir.join("old.sock"),
+            next_host_port: FIRST_HOST_PORT + 7,
+            connections: vec![(FIRST_HOST_PORT + 3, 1025), (5, 1234)],
+        };
+        let vsock = Vsock::restore(&dir.join("v2.sock"), &state).unwrap();
+        assert!(dir.join("v2.sock").exists());
+        let resets: Vec<(u16, u32, u32)> =
+            vsock.to_guest.iter().map(|h| (h.op, h.src_port, h.dst_port)).collect();
+        assert_eq!(resets, vec![(op::RST, FIRST_HOST_PORT + 3, 1025), (op::RST, 5, 1234)]);
+        match vsock.save_state() {
+            DeviceState::Vsock(saved) => {
+                assert_eq!(saved.next_host_port, FIRST_HOST_PORT + 7);
+                assert_eq!(saved.uds_path, dir.join("v2.sock"));
+                assert!(saved.connections.is_empty());
+            }
+            other => panic!("not a vsock state: {other:?}"),
+        }
+        drop(vsock);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -9,4 +9,4 @@ mod connection;
 mod device;
 mod host;
 
-pub use device::Vsock;
+pub use device::{Vsock, VsockState};
