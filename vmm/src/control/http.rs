@@ -124,6 +124,10 @@ fn read_head(input: &mut impl Read) -> Result<(String, Vec<u8>), HttpError> {
         if buf.len() > MAX_HEAD {
             return Err(HttpError::TooLarge(format!("the request head is over {MAX_HEAD} bytes")));
         }
+        // A bare LF would leave the head unterminated until the client's timeout: refuse it now.
+        if buf.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || buf[i - 1] != b'\r')) {
+            return Err(HttpError::Malformed("lines must end with CRLF, not a bare LF".into()));
+        }
         let n = match input.read(&mut chunk) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
