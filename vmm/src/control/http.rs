@@ -148,8 +148,11 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Splits the head into its first line and `(lowercased name, value)` headers.
-fn parse_head(head: &str) -> Result<(&str, Vec<(String, &str)>), HttpError> {
+/// Headers as `(lowercased name, value)`.
+type Headers<'a> = Vec<(String, &'a str)>;
+
+/// Splits the head into its first line and its headers.
+fn parse_head(head: &str) -> Result<(&str, Headers<'_>), HttpError> {
     let bad = |why: String| HttpError::Malformed(why);
     let mut lines = head.split("\r\n");
     let first = lines.next().unwrap_or_default();
