@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// Thread kinds and their files; each file holds one object keyed by the same name.
-const THREADS: &[(&str, &str)] = &[("vmm", "VMM"), ("vcpu", "VCPU"), ("device", "DEVICE")];
+const THREADS: &[(&str, &str)] = &[("vmm", "VMM"), ("vcpu", "VCPU"), ("device", "DEVICE"), ("api", "API")];
 
 fn main() {
     println!("cargo:rerun-if-changed=seccomp");

@@ -32,11 +32,14 @@ pub enum ThreadKind {
     Vcpu,
     /// The device event loop (virtio back ends).
     Device,
+    /// The control API thread: accepts connections on the control socket, parses HTTP, and
+    /// passes actions to the VMM thread (`vmm/src/control/`).
+    Api,
 }
 
 impl ThreadKind {
     /// Every thread kind.
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Device];
+    pub const ALL: [ThreadKind; 4] = [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Api];
 
     /// The name of the filter in `policies/seccomp/`.
     pub fn name(self) -> &'static str {
@@ -44,6 +47,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Device => "device",
+            ThreadKind::Api => "api",
         }
     }
 
@@ -52,6 +56,7 @@ impl ThreadKind {
             ThreadKind::Vmm => generated::VMM,
             ThreadKind::Vcpu => generated::VCPU,
             ThreadKind::Device => generated::DEVICE,
+            ThreadKind::Api => generated::API,
         }
     }
 }

@@ -9,10 +9,13 @@
 pub mod arch;
 pub mod boot_info;
 pub mod builder;
+pub mod control;
 pub mod devices;
 pub mod job;
 pub mod loader;
 pub mod microvm;
+pub mod rpc_interface;
+pub mod running;
 pub mod scan;
 pub mod scrub;
 pub mod seccomp;
@@ -24,6 +27,7 @@ pub mod vstate;
 pub use builder::{build, BuildError};
 pub use devices::legacy::console::{ConsoleLimits, ConsoleStats, SharedBuffer};
 pub use microvm::{GuestExit, MicroVm, RunError, RunReport};
+pub use running::RunningVm;
 pub use scrub::ScrubReport;
 pub use vmm_config::{default_runner_image, default_scanner_image, ConfigError, VmConfig};
 

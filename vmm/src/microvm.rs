@@ -1,4 +1,5 @@
-//! A built microVM: runs it to its end and tears it down, always scrubbing its memory.
+//! A built microVM: [`MicroVm::start`] starts it as a [`RunningVm`] (pause, resume, stop);
+//! [`MicroVm::run`] runs it to its end. Either way the teardown always scrubs its memory.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,10 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::legacy::console::ConsoleStats;
 use crate::devices::IoBus;
+use crate::running::RunningVm;
 use crate::scrub::{ScrubError, ScrubReport};
 use crate::vmm_config::VmConfig;
 use crate::vstate::memory::GuestMemfd;
-use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuOutcome, VcpuStop};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuStop};
 use crate::vstate::vm::Vm;
 
 /// How often the run loop looks at the cancel flag.
@@ -90,7 +92,9 @@ pub struct MicroVm {
 }
 
 impl MicroVm {
-    pub(crate) fn new(vm: Vm, vcpu: Vcpu, memory: GuestMemfd, bus: Arc<IoBus>, config: &VmConfig) -> Self {
+    /// Assembles a VM from its parts: what [`crate::build`] does at the end, and what a restore
+    /// does with a VM, vCPU, memory and bus rebuilt from a snapshot.
+    pub fn from_parts(vm: Vm, vcpu: Vcpu, memory: GuestMemfd, bus: Arc<IoBus>, config: &VmConfig) -> Self {
         MicroVm {
             vm,
             vcpu,
@@ -103,15 +107,45 @@ impl MicroVm {
         }
     }
 
+    pub(crate) fn new(vm: Vm, vcpu: Vcpu, memory: GuestMemfd, bus: Arc<IoBus>, config: &VmConfig) -> Self {
+        Self::from_parts(vm, vcpu, memory, bus, config)
+    }
+
+    /// The guest memory (e.g. to fill it from a snapshot before starting).
+    pub fn memory(&self) -> &GuestMemfd {
+        &self.memory
+    }
+
+    /// The I/O bus with the devices (e.g. to restore device states before starting).
+    pub fn bus(&self) -> &Arc<IoBus> {
+        &self.bus
+    }
+
+    /// The vCPU, not yet started (e.g. to load restored registers).
+    pub fn vcpu(&self) -> &Vcpu {
+        &self.vcpu
+    }
+
+    /// Starts the vCPU thread and confines the calling thread (the VMM thread from now on) with
+    /// its seccomp filter. The configuration's `timeout` and `cancel` are [`MicroVm::run`]'s
+    /// business; a caller of `start` enforces its own limits.
+    pub fn start(self) -> Result<RunningVm, RunError> {
+        let MicroVm { vm, vcpu, memory, bus, launch_start, mem_mib, .. } = self;
+        let started = Instant::now();
+        let handle = vcpu.start(bus.clone())?;
+        let running = RunningVm::new(vm, handle, memory, bus, launch_start, started, mem_mib);
+        // On error the running VM is dropped: its vCPU stops and its memory is scrubbed.
+        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
+        Ok(running)
+    }
+
     /// Runs the guest until it exits, crashes, times out or is stopped; then stops the vCPU,
     /// closes the VM, flushes the console and scrubs guest memory.
     pub fn run(self) -> Result<RunReport, RunError> {
-        let MicroVm { vm, vcpu, memory, bus, timeout, cancel, launch_start, mem_mib } = self;
-        let started = Instant::now();
-        let mut handle = vcpu.start(bus.clone())?;
-        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
-        let deadline = timeout.map(|t| started + t);
-        let (outcome, kicked_as) = loop {
+        let (timeout, cancel) = (self.timeout, self.cancel.clone());
+        let mut running = self.start()?;
+        let deadline = timeout.map(|t| running.started() + t);
+        loop {
             let now = Instant::now();
             let until_deadline = deadline.map(|d| d.saturating_duration_since(now));
             let slice = match (&cancel, until_deadline) {
@@ -120,39 +154,21 @@ impl MicroVm {
                 (None, Some(d)) => d,
                 (None, None) => Duration::from_secs(3600),
             };
-            if let Some(outcome) = handle.wait(slice) {
-                break (Some(outcome), None);
+            if running.wait(slice) {
+                return running.finish();
             }
             if cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire)) {
-                break (handle.stop(), Some(GuestExit::Stopped));
+                return running.stop_as(GuestExit::Stopped);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let timeout_ms = timeout.unwrap_or_default().as_millis() as u64;
-                break (handle.stop(), Some(GuestExit::TimedOut { timeout_ms }));
+                return running.stop_as(GuestExit::TimedOut { timeout_ms });
             }
-        };
-        drop(handle);
-        drop(vm);
-        let console =
-            Arc::try_unwrap(bus).map(|bus| bus.into_serial().into_console().finish()).unwrap_or_default();
-        let scrub = memory.scrub()?;
-
-        let (exit, launch_us, run_us, exits) = match outcome {
-            Some(VcpuOutcome { stop, times }) => (
-                kicked_as.unwrap_or_else(|| exit_of(stop)),
-                times.first_exit.map_or(0, |t| t.duration_since(launch_start).as_micros() as u64),
-                times.stopped.duration_since(times.entered).as_micros() as u64,
-                times.exits,
-            ),
-            None => {
-                (GuestExit::VmmFailed { error: "the vCPU thread ended without a report".into() }, 0, 0, 0)
-            }
-        };
-        Ok(RunReport { exit, launch_us, run_us, exits, scrub, console, mem_mib })
+        }
     }
 }
 
-fn exit_of(stop: VcpuStop) -> GuestExit {
+pub(crate) fn exit_of(stop: VcpuStop) -> GuestExit {
     match stop {
         VcpuStop::GuestExit(code) => GuestExit::Exited { code },
         VcpuStop::TripleFault { rip } => {

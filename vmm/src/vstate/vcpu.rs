@@ -1,18 +1,30 @@
-//! One vCPU: its boot registers, the thread that runs it, and the exit loop.
+//! One vCPU: its boot registers, the thread that runs it, the exit loop, and its
+//! running/paused state machine.
 //!
-//! A vCPU is stopped from outside by setting its stop flag and sending its thread
-//! [`kick_signal`]. The handler sets `kvm_run.immediate_exit`, so a kick that lands just before
-//! `KVM_RUN` is not lost: the ioctl returns `EINTR` at once and the loop sees the flag.
+//! The VMM steers a vCPU through its [`VcpuHandle`] by setting what it wants (run, pause, stop)
+//! and sending the thread [`kick_signal`]. The handler sets `kvm_run.immediate_exit`, so a kick
+//! that lands just before `KVM_RUN` is not lost: the ioctl returns `EINTR` at once and the loop
+//! sees the request. It also writes the I/O bus's kick eventfd, which ends a wait exit blocked
+//! in poll(2).
+//!
+//! Pausing: the loop sees the request, runs `KVM_RUN` once more with `immediate_exit` set, which
+//! lets KVM finish the last I/O exit (the value of an `in`, the instruction pointer past an
+//! `out`) and return `EINTR` without entering the guest, so the registers rest at an instruction
+//! boundary. Then the thread parks: it blocks on its request channel and uses no CPU. While
+//! parked it serves [`VcpuHandle::with_paused_vcpu`] (run a closure with the `VcpuFd` on the
+//! vCPU thread, e.g. to save registers for a snapshot), resume and stop.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::vm::Vm;
@@ -37,6 +49,19 @@ pub enum VcpuError {
     Signal(#[source] vmm_sys_util::errno::Error),
     #[error("cannot start the vCPU thread")]
     Thread(#[source] std::io::Error),
+}
+
+/// Why a pause, resume or paused-vCPU request was not carried out.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VcpuControlError {
+    #[error("the vCPU is paused already")]
+    AlreadyPaused,
+    #[error("the vCPU is not paused; pause it first")]
+    NotPaused,
+    #[error("the vCPU has stopped (the guest ended or the VM is being torn down)")]
+    Ended,
+    #[error("the vCPU did not {what} within {after:?}")]
+    Timeout { what: &'static str, after: Duration },
 }
 
 /// Why a vCPU stopped running guest code.
@@ -198,42 +223,89 @@ impl Vcpu {
         Ok(())
     }
 
+    /// The vCPU's KVM handle, e.g. to load restored registers before [`Vcpu::start`].
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     /// Starts the vCPU on its own thread, handling port I/O through `bus`.
     pub fn start(self, bus: Arc<IoBus>) -> Result<VcpuHandle, VcpuError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel();
-        let thread_stop = stop.clone();
+        let wanted = Arc::new(AtomicU8::new(WANT_RUN));
+        let (event_tx, events) = mpsc::channel();
+        let (requests, request_rx) = mpsc::channel();
+        let exit_evt =
+            Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VcpuError::Thread)?);
+        let thread_wanted = wanted.clone();
+        let thread_exit_evt = exit_evt.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
             .spawn(move || {
                 // Seccomp before the guest's first instruction runs on this thread.
                 let outcome = match crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
-                    Ok(()) => self.run(&bus, &thread_stop),
+                    Ok(()) => {
+                        let control = ThreadControl {
+                            wanted: &thread_wanted,
+                            requests: &request_rx,
+                            events: &event_tx,
+                        };
+                        self.run(&bus, &control)
+                    }
                     Err(e) => VcpuOutcome { stop: VcpuStop::Seccomp(e), times: VcpuTimes::now() },
                 };
-                let _ = tx.send(outcome);
+                let _ = event_tx.send(VcpuEvent::Ended(outcome));
+                let _ = thread_exit_evt.write(1);
             })
             .map_err(VcpuError::Thread)?;
-        Ok(VcpuHandle { thread: Some(thread), stop, outcome: rx })
+        Ok(VcpuHandle {
+            thread: Some(thread),
+            wanted,
+            requests,
+            events,
+            exit_evt,
+            parked: false,
+            ended: None,
+        })
     }
 
-    fn run(mut self, bus: &IoBus, stop: &AtomicBool) -> VcpuOutcome {
+    fn run(mut self, bus: &IoBus, control: &ThreadControl<'_>) -> VcpuOutcome {
         let run_page: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|cell| cell.set(run_page));
         KICK_FD.with(|cell| cell.set(bus.kick_fd()));
         let entered = Instant::now();
         let mut times = VcpuTimes { entered, first_exit: None, stopped: entered, exits: 0 };
+        // Set once a KVM_RUN with immediate_exit has returned EINTR: no I/O completion is
+        // pending, the registers are at an instruction boundary, and the thread may park.
+        let mut settled = false;
         let stop_reason = loop {
-            if stop.load(Ordering::Acquire) {
-                break VcpuStop::Kicked;
+            let pausing = match control.wanted.load(Ordering::Acquire) {
+                WANT_STOP => break VcpuStop::Kicked,
+                WANT_PAUSE if settled => {
+                    settled = false;
+                    match self.park(control) {
+                        Parked::Resumed => continue,
+                        Parked::Stop => break VcpuStop::Kicked,
+                    }
+                }
+                WANT_PAUSE => true,
+                _ => false,
+            };
+            if pausing {
+                // KVM completes the pending I/O exit, then returns EINTR without entering the
+                // guest (a string I/O may come back as one more exit, handled below).
+                self.fd.set_kvm_immediate_exit(1);
             }
             let result = self.fd.run();
-            times.first_exit.get_or_insert_with(Instant::now);
-            times.exits += 1;
+            if !pausing {
+                times.first_exit.get_or_insert_with(Instant::now);
+                times.exits += 1;
+            }
             let step = match result {
                 Ok(exit) => handle_exit(exit, bus),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
+                    // Any kick wrote the eventfd too; drain it so later wait exits block again.
+                    drain_eventfd(bus.kick_fd());
+                    settled = pausing;
                     Step::Continue
                 }
                 Err(e) => Step::Stop(VcpuStop::Kvm(e)),
@@ -254,6 +326,26 @@ impl Vcpu {
         VcpuOutcome { stop: stop_reason, times }
     }
 
+    /// Parks the thread until it is resumed or stopped, serving closures meanwhile. Uses no
+    /// CPU: the thread blocks in the channel's futex.
+    fn park(&mut self, control: &ThreadControl<'_>) -> Parked {
+        let _ = control.events.send(VcpuEvent::Parked);
+        loop {
+            match control.requests.recv() {
+                Ok(VcpuRequest::WithFd(f)) => f(&self.fd),
+                Ok(VcpuRequest::Resume) => {
+                    if control.wanted.load(Ordering::Acquire) == WANT_STOP {
+                        return Parked::Stop;
+                    }
+                    let _ = control.events.send(VcpuEvent::Resumed);
+                    return Parked::Resumed;
+                }
+                // A stop, or the handle is gone: nobody can resume this vCPU any more.
+                Ok(VcpuRequest::Stop) | Err(_) => return Parked::Stop,
+            }
+        }
+    }
+
     fn rip(&self) -> u64 {
         self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX)
     }
@@ -263,6 +355,48 @@ impl Vcpu {
         // member the kernel filled in.
         unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror }
     }
+}
+
+/// What the handle wants of the thread (`VcpuHandle::wanted`).
+const WANT_RUN: u8 = 0;
+const WANT_PAUSE: u8 = 1;
+const WANT_STOP: u8 = 2;
+
+/// A request a parked vCPU thread serves.
+enum VcpuRequest {
+    Resume,
+    Stop,
+    /// Run this on the vCPU thread with the vCPU's fd (it sends its own result back).
+    WithFd(Box<dyn FnOnce(&VcpuFd) + Send>),
+}
+
+/// What the vCPU thread reports to its handle.
+#[derive(Debug)]
+enum VcpuEvent {
+    Parked,
+    Resumed,
+    Ended(VcpuOutcome),
+}
+
+/// The thread's end of the handle's channels.
+struct ThreadControl<'a> {
+    wanted: &'a AtomicU8,
+    requests: &'a Receiver<VcpuRequest>,
+    events: &'a Sender<VcpuEvent>,
+}
+
+/// How a park ended.
+enum Parked {
+    Resumed,
+    Stop,
+}
+
+/// Reads an eventfd's counter back to zero (it is non-blocking; an empty one is fine).
+fn drain_eventfd(fd: RawFd) {
+    let mut value = 0u64;
+    // SAFETY: an 8-byte read into a local u64 from a non-blocking eventfd the bus keeps open
+    // while this thread runs; EAGAIN (already zero) is fine.
+    unsafe { libc::read(fd, (&raw mut value).cast(), 8) };
 }
 
 enum Step {
@@ -313,40 +447,196 @@ fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
     }
 }
 
-/// A running vCPU thread.
+/// A running vCPU thread, and the only way to steer it. Pause, resume and stop come from one
+/// thread (the VMM thread); [`VcpuHandle::with_paused_vcpu`] from any.
 #[derive(Debug)]
 pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
-    outcome: Receiver<VcpuOutcome>,
+    wanted: Arc<AtomicU8>,
+    requests: Sender<VcpuRequest>,
+    events: Receiver<VcpuEvent>,
+    /// Written by the vCPU thread when it ends, so an event loop can poll for it.
+    exit_evt: Arc<EventFd>,
+    parked: bool,
+    /// The outcome, once the thread has reported it and until [`VcpuHandle::wait`] hands it over.
+    ended: Option<VcpuOutcome>,
+}
+
+impl std::fmt::Debug for VcpuRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VcpuRequest::Resume => "Resume",
+            VcpuRequest::Stop => "Stop",
+            VcpuRequest::WithFd(_) => "WithFd",
+        })
+    }
 }
 
 impl VcpuHandle {
-    /// Waits up to `timeout` for the vCPU to stop on its own.
-    pub fn wait(&mut self, timeout: Duration) -> Option<VcpuOutcome> {
-        match self.outcome.recv_timeout(timeout) {
-            Ok(outcome) => {
-                self.join();
-                Some(outcome)
+    /// A descriptor that becomes readable when the vCPU thread has ended (poll it for `POLLIN`).
+    pub fn exit_fd(&self) -> RawFd {
+        self.exit_evt.as_raw_fd()
+    }
+
+    /// Whether the vCPU is parked.
+    pub fn is_paused(&self) -> bool {
+        self.parked
+    }
+
+    /// Whether the vCPU thread has ended (its outcome waits in [`VcpuHandle::wait`]).
+    pub fn has_ended(&mut self) -> bool {
+        while self.ended.is_none() {
+            match self.events.try_recv() {
+                Ok(event) => self.note(event),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => self.note_lost(),
             }
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                // The thread ended without a report (it panicked): that is the outcome.
-                self.join();
-                Some(VcpuOutcome { stop: VcpuStop::ThreadLost, times: VcpuTimes::now() })
+        }
+        self.ended.is_some()
+    }
+
+    fn note(&mut self, event: VcpuEvent) {
+        match event {
+            VcpuEvent::Parked => self.parked = true,
+            VcpuEvent::Resumed => self.parked = false,
+            VcpuEvent::Ended(outcome) => {
+                self.parked = false;
+                self.ended = Some(outcome);
             }
         }
     }
 
-    /// Stops the vCPU (kicking it out of `KVM_RUN`) and waits for it.
+    fn note_lost(&mut self) {
+        // The thread ended without a report (it panicked): that is the outcome.
+        self.parked = false;
+        self.ended = Some(VcpuOutcome { stop: VcpuStop::ThreadLost, times: VcpuTimes::now() });
+    }
+
+    /// Waits up to `timeout` for the next event; false on timeout.
+    fn next_event(&mut self, deadline: Instant) -> bool {
+        match self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(event) => {
+                self.note(event);
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => {
+                self.note_lost();
+                true
+            }
+        }
+    }
+
+    /// Pauses the vCPU: kicks it out of `KVM_RUN` (or out of a wait exit) and returns once it
+    /// is parked at an instruction boundary, or `Timeout` after `timeout`.
+    pub fn pause(&mut self, timeout: Duration) -> Result<(), VcpuControlError> {
+        if self.has_ended() {
+            return Err(VcpuControlError::Ended);
+        }
+        if self.parked {
+            return Err(VcpuControlError::AlreadyPaused);
+        }
+        self.wanted.store(WANT_PAUSE, Ordering::Release);
+        self.kick();
+        let deadline = Instant::now() + timeout;
+        while !self.parked {
+            if self.ended.is_some() {
+                return Err(VcpuControlError::Ended);
+            }
+            if !self.next_event(deadline) {
+                return Err(VcpuControlError::Timeout { what: "pause", after: timeout });
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes a parked vCPU; returns once its thread is about to enter the guest again.
+    pub fn resume(&mut self, timeout: Duration) -> Result<(), VcpuControlError> {
+        if self.has_ended() {
+            return Err(VcpuControlError::Ended);
+        }
+        if !self.parked {
+            return Err(VcpuControlError::NotPaused);
+        }
+        self.wanted.store(WANT_RUN, Ordering::Release);
+        if self.requests.send(VcpuRequest::Resume).is_err() {
+            self.note_lost();
+            return Err(VcpuControlError::Ended);
+        }
+        let deadline = Instant::now() + timeout;
+        while self.parked {
+            if !self.next_event(deadline) {
+                return Err(VcpuControlError::Timeout { what: "resume", after: timeout });
+            }
+        }
+        if self.ended.is_some() {
+            return Err(VcpuControlError::Ended);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the parked vCPU's thread with its `VcpuFd` (e.g. to save its registers for
+    /// a snapshot; the vCPU seccomp filter allows the `KVM_GET_*` ioctls) and returns what it
+    /// returned. The vCPU must be paused.
+    pub fn with_paused_vcpu<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&VcpuFd) -> R + Send + 'static,
+    ) -> Result<R, VcpuControlError> {
+        if !self.parked {
+            return Err(VcpuControlError::NotPaused);
+        }
+        let (tx, rx) = mpsc::channel();
+        let job: Box<dyn FnOnce(&VcpuFd) + Send> = Box::new(move |fd| {
+            let _ = tx.send(f(fd));
+        });
+        self.requests.send(VcpuRequest::WithFd(job)).map_err(|_| VcpuControlError::Ended)?;
+        // The thread drops the job unrun only if it ends, which closes the channel.
+        rx.recv().map_err(|_| VcpuControlError::Ended)
+    }
+
+    /// Waits up to `timeout` for the vCPU to stop on its own (a paused vCPU does not), and
+    /// hands over its outcome.
+    pub fn wait(&mut self, timeout: Duration) -> Option<VcpuOutcome> {
+        if !self.wait_end(timeout) {
+            return None;
+        }
+        self.join();
+        self.ended.take()
+    }
+
+    /// Waits up to `timeout` for the vCPU to stop on its own; true if it has. The outcome stays
+    /// here for [`VcpuHandle::stop`] or [`VcpuHandle::wait`].
+    pub fn wait_end(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.ended.is_none() {
+            if !self.next_event(deadline) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Stops the vCPU (kicking it out of `KVM_RUN`, or waking it if parked) and waits for it.
     pub fn stop(&mut self) -> Option<VcpuOutcome> {
-        self.stop.store(true, Ordering::Release);
+        if self.ended.is_none() && self.thread.is_some() {
+            self.wanted.store(WANT_STOP, Ordering::Release);
+            let _ = self.requests.send(VcpuRequest::Stop);
+            self.kick();
+            while self.ended.is_none() {
+                match self.events.recv() {
+                    Ok(event) => self.note(event),
+                    Err(_) => self.note_lost(),
+                }
+            }
+        }
+        self.join();
+        self.ended.take()
+    }
+
+    fn kick(&self) {
         if let Some(thread) = &self.thread {
             let _ = thread.kill(kick_signal());
         }
-        let outcome = self.outcome.recv().ok();
-        self.join();
-        outcome
     }
 
     fn join(&mut self) {
@@ -360,6 +650,58 @@ impl Drop for VcpuHandle {
     fn drop(&mut self) {
         if self.thread.is_some() {
             self.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use kvm_bindings::*;
+
+    /// `_IOC(dir, 0xAE, nr, size)`: 1 write, 2 read, 3 both.
+    fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+        (dir << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
+    }
+
+    /// The `vcpu` seccomp filter lets through each ioctl a snapshot needs, by the number the
+    /// kernel sees (computed here from kvm-bindings' struct sizes, not copied from the JSON).
+    #[test]
+    fn the_vcpu_filter_allows_the_state_ioctls_by_their_real_numbers() {
+        let policy: serde_json::Value =
+            serde_json::from_str(include_str!("../../../policies/seccomp/vcpu.json")).unwrap();
+        let allowed: Vec<(String, u64)> = policy["vcpu"]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|rule| rule["syscall"] == "ioctl")
+            .map(|rule| {
+                let arg = &rule["args"][0];
+                let name = arg["comment"].as_str().unwrap().split(' ').next().unwrap().to_owned();
+                (name, arg["val"].as_u64().unwrap())
+            })
+            .collect();
+        let wanted = [
+            ("KVM_RUN", 0x80 | (0xAE << 8)),
+            ("KVM_GET_REGS", kvm_ioc(2, 0x81, size_of::<kvm_regs>())),
+            ("KVM_GET_SREGS", kvm_ioc(2, 0x83, size_of::<kvm_sregs>())),
+            ("KVM_GET_FPU", kvm_ioc(2, 0x8c, size_of::<kvm_fpu>())),
+            ("KVM_GET_MSRS", kvm_ioc(3, 0x88, size_of::<kvm_msrs>())),
+            ("KVM_GET_CPUID2", kvm_ioc(3, 0x91, size_of::<kvm_cpuid2>())),
+            ("KVM_GET_MP_STATE", kvm_ioc(2, 0x98, size_of::<kvm_mp_state>())),
+            ("KVM_GET_VCPU_EVENTS", kvm_ioc(2, 0x9f, size_of::<kvm_vcpu_events>())),
+            ("KVM_GET_DEBUGREGS", kvm_ioc(2, 0xa1, size_of::<kvm_debugregs>())),
+            ("KVM_GET_TSC_KHZ", kvm_ioc(0, 0xa3, 0)),
+            ("KVM_GET_XSAVE", kvm_ioc(2, 0xa4, size_of::<kvm_xsave>())),
+            ("KVM_GET_XCRS", kvm_ioc(2, 0xa6, size_of::<kvm_xcrs>())),
+            ("KVM_GET_XSAVE2", kvm_ioc(2, 0xcf, size_of::<kvm_xsave>())),
+        ];
+        for (name, number) in wanted {
+            assert!(
+                allowed.iter().any(|(n, v)| n == name && *v == number),
+                "vcpu.json does not allow {name} = {number}; it has {allowed:?}"
+            );
         }
     }
 }

@@ -1,0 +1,172 @@
+//! [`ControlClient`]: the blocking client of a VMM's control socket, for the service and tests.
+//! One connection per call; every call is bounded by the client's timeout.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::http::{self, ClientResponse};
+use crate::rpc_interface::{VmInfo, VmMetrics};
+use crate::RunReport;
+
+/// How long a call may take unless [`ControlClient::with_timeout`] says otherwise. A stop
+/// includes the memory scrub (a fully touched 512 MiB guest takes a few hundred ms).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a control call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot connect to the VMM's control socket {path} (is the VMM running?)")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("the control call {what} failed")]
+    Io { what: String, source: std::io::Error },
+    #[error("the control call {what} got an unreadable answer: {why}")]
+    BadResponse { what: String, why: String },
+    /// The VMM refused: `status` is the HTTP status (409: wrong state), `message` its
+    /// `fault_message`.
+    #[error("the VMM refused {what} ({status}): {message}")]
+    Refused { what: String, status: u16, message: String },
+}
+
+impl ControlError {
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ControlError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Whether the VMM refused because the VM is in the wrong state (e.g. pause when paused).
+    pub fn is_wrong_state(&self) -> bool {
+        self.status() == Some(409)
+    }
+}
+
+/// A client of one VMM's control socket (`cella-vmm session --api-sock PATH`).
+#[derive(Clone, Debug)]
+pub struct ControlClient {
+    api_sock: PathBuf,
+    timeout: Duration,
+}
+
+impl ControlClient {
+    pub fn new(api_sock: impl Into<PathBuf>) -> Self {
+        ControlClient { api_sock: api_sock.into(), timeout: DEFAULT_TIMEOUT }
+    }
+
+    /// The same client with another per-call timeout.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        ControlClient { timeout, ..self }
+    }
+
+    /// The socket this client talks to.
+    pub fn api_sock(&self) -> &Path {
+        &self.api_sock
+    }
+
+    /// `GET /vm`.
+    pub fn state(&self) -> Result<VmInfo, ControlError> {
+        self.call_json("GET", "/vm", None)
+    }
+
+    /// `PATCH /vm {"state":"paused"}`: returns once the vCPU is parked.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.call_empty("PATCH", "/vm", Some(json!({"state": "paused"})))
+    }
+
+    /// `PATCH /vm {"state":"running"}`.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.call_empty("PATCH", "/vm", Some(json!({"state": "running"})))
+    }
+
+    /// `PUT /snapshot/create` (the VM must be paused; `dir` absolute).
+    pub fn snapshot_create(&self, dir: &Path) -> Result<serde_json::Value, ControlError> {
+        self.call_json("PUT", "/snapshot/create", Some(json!({"snapshot_dir": dir})))
+    }
+
+    /// `PUT /snapshot/load` (only into a VMM that has no VM yet; `dir` absolute).
+    pub fn snapshot_load(&self, dir: &Path, resume: bool) -> Result<serde_json::Value, ControlError> {
+        self.call_json("PUT", "/snapshot/load", Some(json!({"snapshot_dir": dir, "resume": resume})))
+    }
+
+    /// `PUT /actions {"action_type":"stop"}`: stops the VM, scrubs it, returns the final report.
+    /// The VMM process exits afterwards.
+    pub fn stop(&self) -> Result<RunReport, ControlError> {
+        self.call_json("PUT", "/actions", Some(json!({"action_type": "stop"})))
+    }
+
+    /// `GET /metrics`.
+    pub fn metrics(&self) -> Result<VmMetrics, ControlError> {
+        self.call_json("GET", "/metrics", None)
+    }
+
+    /// One raw exchange: status and body, whatever the status.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, Vec<u8>), ControlError> {
+        let what = format!("{method} {path}");
+        let io = |source| ControlError::Io { what: what.clone(), source };
+        let mut stream = UnixStream::connect(&self.api_sock)
+            .map_err(|source| ControlError::Connect { path: self.api_sock.clone(), source })?;
+        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        if !body.is_empty() {
+            raw.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        }
+        raw.push_str("\r\n");
+        raw.push_str(&body);
+        stream.write_all(raw.as_bytes()).map_err(io)?;
+        let ClientResponse { status, body } = http::read_response(&mut stream).map_err(|e| match e {
+            http::HttpError::Io(source) => ControlError::Io { what: what.clone(), source },
+            other => ControlError::BadResponse { what: what.clone(), why: other.to_string() },
+        })?;
+        Ok((status, body))
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, Vec<u8>), ControlError> {
+        let (status, bytes) = self.request(method, path, body.as_ref())?;
+        if (200..300).contains(&status) {
+            return Ok((status, bytes));
+        }
+        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["fault_message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        Err(ControlError::Refused { what: format!("{method} {path}"), status, message })
+    }
+
+    fn call_json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, ControlError> {
+        let (_, bytes) = self.call(method, path, body)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ControlError::BadResponse { what: format!("{method} {path}"), why: e.to_string() })
+    }
+
+    fn call_empty(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(), ControlError> {
+        self.call(method, path, body).map(|_| ())
+    }
+}

@@ -1,0 +1,216 @@
+//! The control socket's routes: an HTTP request becomes a [`VmmAction`], and the action's
+//! result becomes a response. The one place that maps [`VmmActionError`] to HTTP statuses.
+//!
+//! | route                | method | body                                   | answer            |
+//! |----------------------|--------|----------------------------------------|-------------------|
+//! | `/vm`                | GET    |                                        | 200 [`VmInfo`]    |
+//! | `/vm`                | PATCH  | `{"state": "paused" \| "running"}`     | 204               |
+//! | `/snapshot/create`   | PUT    | `{"snapshot_dir": ABS}`                | 200 JSON          |
+//! | `/snapshot/load`     | PUT    | `{"snapshot_dir": ABS, "resume": b}`   | 200 JSON          |
+//! | `/actions`           | PUT    | `{"action_type": "stop"}`              | 200 [`RunReport`] |
+//! | `/metrics`           | GET    |                                        | 200 [`VmMetrics`] |
+//!
+//! Errors: 400 (malformed), 404 (no such route), 405 (wrong method), 409 (wrong state), 413
+//! (body over 64 KiB), 500 (the VMM failed), 501 (not implemented yet), each with
+//! `{"fault_message": "..."}`.
+//!
+//! [`VmInfo`]: crate::rpc_interface::VmInfo
+//! [`VmMetrics`]: crate::rpc_interface::VmMetrics
+//! [`RunReport`]: crate::RunReport
+
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::http::{HttpError, Request, Response};
+use crate::rpc_interface::{VmmAction, VmmActionError, VmmData};
+
+/// `PATCH /vm`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStatePatch {
+    pub state: WantedState,
+}
+
+/// The states a client may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WantedState {
+    Paused,
+    Running,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateBody {
+    pub snapshot_dir: PathBuf,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadBody {
+    pub snapshot_dir: PathBuf,
+    #[serde(default)]
+    pub resume: bool,
+}
+
+/// `PUT /actions`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionBody {
+    pub action_type: ActionType,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionType {
+    Stop,
+}
+
+/// The HTTP status for an action's error: the only such mapping in the VMM.
+pub fn status_of(error: &VmmActionError) -> u16 {
+    match error {
+        VmmActionError::BadRequest(_) => 400,
+        VmmActionError::WrongState { .. } => 409,
+        VmmActionError::NotImplemented(_) => 501,
+        VmmActionError::Internal { .. } => 500,
+    }
+}
+
+/// The response for a request that could not be read.
+pub fn for_http_error(error: &HttpError) -> Response {
+    match error {
+        HttpError::TooLarge(why) => Response::fault(413, why.clone()),
+        other => Response::fault(400, other.to_string()),
+    }
+}
+
+/// The action a request asks for, or the response that refuses it.
+pub fn route(request: &Request) -> Result<VmmAction, Response> {
+    let method = request.method.as_str();
+    match request.path.as_str() {
+        "/vm" => match method {
+            "GET" => no_body(request).map(|()| VmmAction::GetState),
+            "PATCH" => body::<VmStatePatch>(request).map(|patch| match patch.state {
+                WantedState::Paused => VmmAction::Pause,
+                WantedState::Running => VmmAction::Resume,
+            }),
+            _ => Err(not_allowed("GET, PATCH")),
+        },
+        "/snapshot/create" => match method {
+            "PUT" => body::<SnapshotCreateBody>(request)
+                .map(|b| VmmAction::CreateSnapshot { snapshot_dir: b.snapshot_dir }),
+            _ => Err(not_allowed("PUT")),
+        },
+        "/snapshot/load" => match method {
+            "PUT" => body::<SnapshotLoadBody>(request)
+                .map(|b| VmmAction::LoadSnapshot { snapshot_dir: b.snapshot_dir, resume: b.resume }),
+            _ => Err(not_allowed("PUT")),
+        },
+        "/actions" => match method {
+            "PUT" => body::<ActionBody>(request).map(|b| match b.action_type {
+                ActionType::Stop => VmmAction::Stop,
+            }),
+            _ => Err(not_allowed("PUT")),
+        },
+        "/metrics" => match method {
+            "GET" => no_body(request).map(|()| VmmAction::GetMetrics),
+            _ => Err(not_allowed("GET")),
+        },
+        other => Err(Response::fault(
+            404,
+            format!("no route {other}; routes: /vm, /snapshot/create, /snapshot/load, /actions, /metrics"),
+        )),
+    }
+}
+
+/// The response for an action's result.
+pub fn respond(result: Result<VmmData, VmmActionError>) -> Response {
+    match result {
+        Ok(VmmData::Empty) => Response::no_content(),
+        Ok(data) => Response::json(200, &data),
+        Err(e) => Response::fault(status_of(&e), e.to_string()),
+    }
+}
+
+fn not_allowed(allow: &'static str) -> Response {
+    Response {
+        allow: Some(allow),
+        ..Response::fault(405, format!("method not allowed here; allowed: {allow}"))
+    }
+}
+
+fn no_body(request: &Request) -> Result<(), Response> {
+    if request.body.is_empty() {
+        Ok(())
+    } else {
+        Err(Response::fault(400, format!("{} {} takes no body", request.method, request.path)))
+    }
+}
+
+fn body<T: DeserializeOwned>(request: &Request) -> Result<T, Response> {
+    serde_json::from_slice(&request.body).map_err(|e| {
+        Response::fault(400, format!("bad JSON body for {} {}: {e}", request.method, request.path))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, path: &str, body: &str) -> Request {
+        Request { method: method.into(), path: path.into(), body: body.as_bytes().to_vec() }
+    }
+
+    #[test]
+    fn routes_each_request_to_its_action() {
+        let cases = [
+            (req("GET", "/vm", ""), VmmAction::GetState),
+            (req("PATCH", "/vm", r#"{"state":"paused"}"#), VmmAction::Pause),
+            (req("PATCH", "/vm", r#"{"state":"running"}"#), VmmAction::Resume),
+            (req("PUT", "/actions", r#"{"action_type":"stop"}"#), VmmAction::Stop),
+            (req("GET", "/metrics", ""), VmmAction::GetMetrics),
+            (
+                req("PUT", "/snapshot/create", r#"{"snapshot_dir":"/s"}"#),
+                VmmAction::CreateSnapshot { snapshot_dir: "/s".into() },
+            ),
+            (
+                req("PUT", "/snapshot/load", r#"{"snapshot_dir":"/s","resume":true}"#),
+                VmmAction::LoadSnapshot { snapshot_dir: "/s".into(), resume: true },
+            ),
+        ];
+        for (request, action) in cases {
+            assert_eq!(route(&request).unwrap(), action, "{request:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_unknown_routes_methods_and_bodies() {
+        let status = |r: Request| route(&r).unwrap_err().status;
+        assert_eq!(status(req("GET", "/nope", "")), 404);
+        assert_eq!(status(req("GET", "/vm?x=1", "")), 404);
+        assert_eq!(status(req("DELETE", "/vm", "")), 405);
+        assert_eq!(route(&req("POST", "/actions", "")).unwrap_err().allow, Some("PUT"));
+        assert_eq!(status(req("PATCH", "/vm", r#"{"state":"stopped"}"#)), 400);
+        assert_eq!(status(req("PATCH", "/vm", r#"{"state":"paused","x":1}"#)), 400);
+        assert_eq!(status(req("PUT", "/actions", r#"{"action_type":"reboot"}"#)), 400);
+        assert_eq!(status(req("GET", "/vm", "{}")), 400);
+        assert_eq!(status(req("PATCH", "/vm", "not json")), 400);
+    }
+
+    #[test]
+    fn error_kinds_map_to_their_statuses() {
+        use crate::rpc_interface::VmState;
+        let wrong = VmmActionError::WrongState { action: "pause", state: VmState::Paused, hint: " already" };
+        let response = respond(Err(wrong));
+        assert_eq!(response.status, 409);
+        let body: serde_json::Value = serde_json::from_slice(response.body.as_deref().unwrap()).unwrap();
+        assert_eq!(body["fault_message"], "cannot pause: the VM is paused already");
+        assert_eq!(respond(Err(VmmActionError::BadRequest("x".into()))).status, 400);
+        assert_eq!(respond(Err(VmmActionError::NotImplemented("x".into()))).status, 501);
+        assert_eq!(respond(Ok(VmmData::Empty)).status, 204);
+    }
+}
