@@ -208,11 +208,6 @@ impl Vcpu {
         Ok(Vcpu { index, fd })
     }
 
-    /// The KVM vCPU, for saving and restoring its state (`snapshot::vcpu_state`).
-    pub(crate) fn fd(&self) -> &VcpuFd {
-        &self.fd
-    }
-
     /// Sets the registers for the guest's first instruction at `entry`.
     pub fn configure(&self, entry: u64, stack_top: u64) -> Result<(), VcpuError> {
         let set = |what| move |source| VcpuError::SetRegisters { what, source };
