@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::microvm::{GuestExit, RunError, RunReport};
 use crate::running::{PauseStats, RunningVm};
+use crate::snapshot::SnapshotMeta;
 use crate::vstate::vcpu::VcpuControlError;
 
 /// What a client can ask of the VMM.
@@ -100,6 +101,22 @@ pub struct VmMetrics {
     pub uptime_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mem_mib: Option<u64>,
+    /// Snapshots written by this VMM.
+    #[serde(default)]
+    pub snapshots_created: u64,
+    /// Snapshots loaded by this VMM (0 or 1).
+    #[serde(default)]
+    pub snapshots_loaded: u64,
+}
+
+/// Where a restored VM's host-side resources go (a snapshot remembers the paths of the VMM that
+/// took it; a new VMM process usually has its own).
+#[derive(Clone, Debug, Default)]
+pub struct RestorePaths {
+    /// Bind the vsock device's host socket here instead of the saved path.
+    pub vsock_uds: Option<PathBuf>,
+    /// Open this file as the disk instead of the saved path (it must have the same size).
+    pub disk_override: Option<PathBuf>,
 }
 
 /// A successful action's answer.
@@ -126,9 +143,6 @@ pub enum VmmActionError {
     /// The action does not apply in the VM's current state (409).
     #[error("cannot {action}: the VM is {state}{hint}")]
     WrongState { action: &'static str, state: VmState, hint: &'static str },
-    /// This VMM cannot do that yet (501).
-    #[error("{0}")]
-    NotImplemented(String),
     /// The VMM failed (500). The VM may be gone: look at its state.
     #[error("cannot {action}: {message}")]
     Internal { action: &'static str, message: String },
@@ -161,6 +175,10 @@ pub struct VmmController {
     metrics: VmMetrics,
     started: Option<Instant>,
     mem_mib: Option<u64>,
+    /// What snapshots taken by this VMM carry about the VM.
+    meta: SnapshotMeta,
+    /// Where a loaded snapshot's host-side resources go.
+    restore: RestorePaths,
 }
 
 impl std::fmt::Debug for VmmController {
@@ -179,7 +197,21 @@ impl VmmController {
             metrics: VmMetrics::default(),
             started,
             mem_mib,
+            meta: SnapshotMeta::default(),
+            restore: RestorePaths::default(),
         }
+    }
+
+    /// What snapshots of this VM record about it (image, boot arguments, a label).
+    pub fn with_snapshot_meta(mut self, meta: SnapshotMeta) -> Self {
+        self.meta = meta;
+        self
+    }
+
+    /// Where a loaded snapshot binds its vsock socket and finds its disk.
+    pub fn with_restore_paths(mut self, paths: RestorePaths) -> Self {
+        self.restore = paths;
+        self
     }
 
     /// A controller with no VM yet, waiting for [`VmmAction::LoadSnapshot`].
@@ -190,6 +222,8 @@ impl VmmController {
             metrics: VmMetrics::default(),
             started: None,
             mem_mib: None,
+            meta: SnapshotMeta::default(),
+            restore: RestorePaths::default(),
         }
     }
 
@@ -296,27 +330,54 @@ impl VmmController {
         }
     }
 
-    /// SNAPSHOTS ARE WIRED HERE. The VM is paused (checked); `vm.memory()`, `vm.bus()` and
-    /// `vm.with_paused_vcpu(..)` give the snapshot library what it saves. Until it is wired,
-    /// the action is refused as not implemented.
+    /// Snapshot create: the VM is paused (checked by the caller). The vCPU's state is read on
+    /// its own (parked) thread; the devices' and memory through the running VM. The VM stays
+    /// paused whatever happens: a failed snapshot (a full disk, say) leaves nothing behind and
+    /// the session can resume.
     fn create_snapshot(&mut self, snapshot_dir: &Path) -> Result<VmmData, VmmActionError> {
-        let _ = snapshot_dir;
-        Err(VmmActionError::NotImplemented(
-            "snapshots are not wired into this VMM yet (they come with the snapshot library); \
-             pause/resume work, create/load do not"
-                .into(),
-        ))
+        const ACTION: &str = "create a snapshot";
+        let meta = self.meta.clone();
+        let vm = self.live(ACTION, VmState::Paused)?;
+        let vcpu = vm
+            .with_paused_vcpu(crate::snapshot::vcpu_state::save)
+            .map_err(|e| vcpu_error(ACTION, e))?
+            .map_err(|e| snapshot_error(ACTION, &e))?;
+        let info = crate::snapshot::create(snapshot_dir, vcpu, vm.bus(), vm.memory(), meta)
+            .map_err(|e| snapshot_error(ACTION, &e))?;
+        self.metrics.snapshots_created += 1;
+        Ok(VmmData::Snapshot(serde_json::to_value(&info).unwrap_or_default()))
     }
 
-    /// SNAPSHOT RESTORE IS WIRED HERE: build a `MicroVm` from the restored parts
-    /// (`MicroVm::from_parts`), start it, and put it in `self.slot` (paused unless `resume`).
+    /// Snapshot load, into a VMM that has no VM yet: checks and maps the snapshot (lazily), starts
+    /// the restored vCPU, and pauses it again unless `resume`. A snapshot that cannot be used
+    /// (corrupt, truncated, another format or VMM version, a CPU feature this host lacks, a
+    /// missing memory file) is refused with the reason, and the VMM stays `not_started`.
     fn load_snapshot(&mut self, snapshot_dir: &Path, resume: bool) -> Result<VmmData, VmmActionError> {
-        let _ = (snapshot_dir, resume);
-        Err(VmmActionError::NotImplemented(
-            "snapshot restore is not wired into this VMM yet (it comes with the snapshot library); \
-             start the session from --artifact"
-                .into(),
-        ))
+        const ACTION: &str = "load a snapshot";
+        let loaded_at = Instant::now();
+        let mut options = crate::snapshot::restore::RestoreOptions::new(Box::new(std::io::stderr()));
+        options.vsock_uds = self.restore.vsock_uds.clone();
+        options.disk_override = self.restore.disk_override.clone();
+        options.launch_start = loaded_at;
+        let vm = crate::snapshot::restore::load(snapshot_dir, options).map_err(|e| {
+            VmmActionError::BadRequest(format!("cannot {ACTION}: {}", crate::error_chain(&e)))
+        })?;
+        let mut running = vm
+            .start()
+            .map_err(|e| VmmActionError::Internal { action: ACTION, message: crate::error_chain(&e) })?;
+        if !resume {
+            running.pause().map_err(|e| vcpu_error(ACTION, e))?;
+        }
+        let load_ms = loaded_at.elapsed().as_secs_f64() * 1000.0;
+        self.started = Some(running.started());
+        self.mem_mib = Some(running.mem_mib());
+        self.slot = Slot::Live(Box::new(running));
+        self.metrics.snapshots_loaded += 1;
+        Ok(VmmData::Snapshot(serde_json::json!({
+            "snapshot_dir": snapshot_dir,
+            "state": self.state(),
+            "load_ms": load_ms,
+        })))
     }
 
     fn live(&mut self, action: &'static str, want: VmState) -> Result<&mut RunningVm, VmmActionError> {
@@ -384,6 +445,12 @@ fn vcpu_error(action: &'static str, e: VcpuControlError) -> VmmActionError {
     VmmActionError::Internal { action, message: e.to_string() }
 }
 
+/// A snapshot that could not be written or read: the VMM's trouble (a full disk, say), with
+/// the whole reason.
+fn snapshot_error(action: &'static str, e: &crate::snapshot::SnapshotError) -> VmmActionError {
+    VmmActionError::Internal { action, message: crate::error_chain(e) }
+}
+
 /// Snapshot folders must be absolute, plain paths: no `..`, no NUL, not `/` itself.
 fn check_snapshot_dir(dir: &Path) -> Result<(), VmmActionError> {
     let bad = |why: &str| VmmActionError::BadRequest(format!("snapshot_dir {}: {why}", dir.display()));
@@ -437,9 +504,12 @@ mod tests {
         assert!(matches!(e, VmmActionError::WrongState { .. }), "{e}");
         let e = c.handle(VmmAction::LoadSnapshot { snapshot_dir: "rel".into(), resume: true }).unwrap_err();
         assert!(matches!(e, VmmActionError::BadRequest(_)), "{e}");
-        let e =
-            c.handle(VmmAction::LoadSnapshot { snapshot_dir: "/tmp/s".into(), resume: true }).unwrap_err();
-        assert!(matches!(e, VmmActionError::NotImplemented(_)), "{e}");
+        let e = c
+            .handle(VmmAction::LoadSnapshot { snapshot_dir: "/nonexistent/s".into(), resume: true })
+            .unwrap_err();
+        assert!(matches!(e, VmmActionError::BadRequest(_)), "{e}");
+        assert!(e.to_string().contains("no snapshot state file"), "{e}");
+        assert_eq!(c.state(), VmState::NotStarted);
         let metrics = c.handle(VmmAction::GetMetrics).unwrap();
         let VmmData::Metrics(m) = metrics else { panic!("{metrics:?}") };
         assert_eq!((m.actions, m.action_errors), (8, 6));

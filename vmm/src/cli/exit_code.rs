@@ -64,8 +64,10 @@ pub const SESSION_HELP: &str = "\
 Control API (--api-sock; HTTP/1.1, JSON bodies, errors as {\"fault_message\": ...}):
   GET   /vm                                   200 {\"state\": \"running\"|\"paused\"|\"stopped\"|...}
   PATCH /vm       {\"state\": \"paused\"|\"running\"}   204 (409 if already in that state)
-  PUT   /snapshot/create {\"snapshot_dir\": ABS}   (not wired yet: 501)
-  PUT   /snapshot/load {\"snapshot_dir\": ABS, \"resume\": BOOL}   (not wired yet: 501)
+  PUT   /snapshot/create {\"snapshot_dir\": ABS}   200 sizes and timings (409 unless paused;
+                                              500 e.g. disk full: nothing left, VM still paused)
+  PUT   /snapshot/load {\"snapshot_dir\": ABS, \"resume\": BOOL}   200 (409 once a VM exists;
+                                              400 corrupt, truncated, other version, CPU, no memory file)
   PUT   /actions  {\"action_type\": \"stop\"}      200 the final run report; the process exits 0
   GET   /metrics                              200 pause/resume counters and latencies
 
@@ -77,7 +79,8 @@ Exit status:
   242    --max-duration-secs passed (the VM was stopped and scrubbed)
   243    the VMM failed (KVM error, or the memory scrub could not be verified)
   244    stopped by SIGINT or SIGTERM (memory is still scrubbed)
-  2      bad command line, artifact, guest image or --api-sock";
+  2      bad command line, artifact, guest image, --api-sock, or a --restore snapshot that cannot
+         be used (the message says why)";
 
 /// The exit code for a session VMM: why it stopped, and how the guest ended.
 pub fn for_session(cause: StopCause, exit: &GuestExit) -> ExitCode {

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use cella_vmm::control::{action_channel, run_vmm, ApiServer, VmmLimits};
-use cella_vmm::rpc_interface::{VmmAction, VmmController};
+use cella_vmm::rpc_interface::{RestorePaths, VmmAction, VmmActionError, VmmController};
+use cella_vmm::snapshot::SnapshotMeta;
 use cella_vmm::{build, default_scanner_image, error_chain, scan, VmConfig};
 use clap::{Args, ValueEnum};
 use vmm_sys_util::eventfd::EventFd;
@@ -61,7 +62,8 @@ pub struct SessionArgs {
     /// The artifact to load (tar, tar.gz, zip or plain file), attached read-only as the disk
     #[arg(long, value_name = "FILE")]
     pub artifact: Option<PathBuf>,
-    /// Restore the session from a snapshot folder instead (not wired yet: refused)
+    /// Restore the session from a snapshot folder (`PUT /snapshot/create` wrote it) instead:
+    /// its memory is mapped lazily, its vsock socket is bound at --vsock, open connections reset
     #[arg(long, value_name = "SNAPDIR")]
     pub restore: Option<PathBuf>,
     /// Guest image [default: the cella-scanner that scripts/setup.sh built]
@@ -146,8 +148,10 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
                 Ok(server) => server,
                 Err(e) => return fail(exit_code::BAD_INPUT, error_chain(&e)),
             };
+            let meta =
+                SnapshotMeta { image: Some(config.image.clone()), args: config.args.clone(), label: None };
             match vm.start() {
-                Ok(running) => (VmmController::new(running), server),
+                Ok(running) => (VmmController::new(running).with_snapshot_meta(meta), server),
                 Err(e) => {
                     server.shutdown();
                     return fail(exit_code::VMM_FAILED, error_chain(&e));
@@ -159,12 +163,19 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
                 Ok(server) => server,
                 Err(e) => return fail(exit_code::BAD_INPUT, error_chain(&e)),
             };
-            let mut controller = VmmController::not_started();
-            if let Err(e) =
-                controller.handle(VmmAction::LoadSnapshot { snapshot_dir: dir.clone(), resume: true })
-            {
+            let paths = RestorePaths { vsock_uds: Some(args.vsock.clone()), disk_override: None };
+            let mut controller = VmmController::not_started().with_restore_paths(paths);
+            let dir = match std::path::absolute(dir) {
+                Ok(dir) => dir,
+                Err(e) => return fail(exit_code::BAD_INPUT, format!("--restore {}: {e}", dir.display())),
+            };
+            if let Err(e) = controller.handle(VmmAction::LoadSnapshot { snapshot_dir: dir, resume: true }) {
                 server.shutdown();
-                return fail(exit_code::VMM_FAILED, format!("cannot restore from {}: {e}", dir.display()));
+                let code = match e {
+                    VmmActionError::BadRequest(_) => exit_code::BAD_INPUT,
+                    _ => exit_code::VMM_FAILED,
+                };
+                return fail(code, e.to_string());
             }
             (controller, server)
         }

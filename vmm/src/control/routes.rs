@@ -11,7 +11,7 @@
 //! | `/metrics`           | GET    |                                        | 200 [`VmMetrics`] |
 //!
 //! Errors: 400 (malformed), 404 (no such route), 405 (wrong method), 409 (wrong state), 413
-//! (body over 64 KiB), 500 (the VMM failed), 501 (not implemented yet), each with
+//! (body over 64 KiB), 500 (the VMM failed), each with
 //! `{"fault_message": "..."}`.
 //!
 //! [`VmInfo`]: crate::rpc_interface::VmInfo
@@ -75,7 +75,6 @@ pub fn status_of(error: &VmmActionError) -> u16 {
     match error {
         VmmActionError::BadRequest(_) => 400,
         VmmActionError::WrongState { .. } => 409,
-        VmmActionError::NotImplemented(_) => 501,
         VmmActionError::Internal { .. } => 500,
     }
 }
@@ -210,7 +209,6 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(response.body.as_deref().unwrap()).unwrap();
         assert_eq!(body["fault_message"], "cannot pause: the VM is paused already");
         assert_eq!(respond(Err(VmmActionError::BadRequest("x".into()))).status, 400);
-        assert_eq!(respond(Err(VmmActionError::NotImplemented("x".into()))).status, 501);
         assert_eq!(respond(Ok(VmmData::Empty)).status, 204);
     }
 }

@@ -1,0 +1,301 @@
+//! Sessions that keep their state: `cella-vmm session` processes on the real /dev/kvm, with the
+//! scanner guest in session mode, driven over the control socket (`ControlClient`) and vsock
+//! (`GuestSession`). The in-memory index survives pause/resume, a snapshot restored in a new
+//! VMM process, and two restores of one snapshot; bad snapshots are refused with their reason;
+//! a snapshot that hits a full disk fails cleanly and the session keeps running.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use cella_proto::{self as proto, SessionRequest, SessionResult};
+use cella_vmm::control::ControlClient;
+use cella_vmm::rpc_interface::VmState;
+use cella_vmm::session_client::GuestSession;
+use common::{assert_scrubbed, scratch, tar};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A session VMM process and its sockets.
+struct Session {
+    child: Option<Child>,
+    api: PathBuf,
+    vsock: PathBuf,
+}
+
+impl Session {
+    /// `cella-vmm session --artifact` (or `--restore`) with its sockets in `dir`.
+    fn spawn(dir: &Path, source: (&str, &Path)) -> Session {
+        let api = dir.join("api.sock");
+        let vsock = dir.join("vsock.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_cella-vmm"))
+            .args(["session", "--json", "--read-policy", "allow", "--mem-mib", "128", "--api-sock"])
+            .arg(&api)
+            .arg("--vsock")
+            .arg(&vsock)
+            .arg(source.0)
+            .arg(source.1)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let session = Session { child: Some(child), api, vsock };
+        session.wait_for_api();
+        session
+    }
+
+    fn wait_for_api(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.api.exists() {
+            assert!(Instant::now() < deadline, "the session did not create its control socket");
+            sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn control(&self) -> ControlClient {
+        ControlClient::new(&self.api)
+    }
+
+    fn guest(&self) -> GuestSession {
+        GuestSession::connect(&self.vsock, CONNECT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect: {}", cella_vmm::error_chain(&e)))
+    }
+
+    /// Stops the VM through the API and returns the process's final report.
+    fn stop(mut self) -> serde_json::Value {
+        self.control().stop().unwrap();
+        let output = self.child.take().unwrap().wait_with_output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(stdout.lines().last().expect("a final report")).unwrap()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn artifact(dir: &Path) -> PathBuf {
+    let path = dir.join("app.tar");
+    let files: [(&str, &[u8]); 3] = [
+        ("app/README.md", b"# demo\nTODO: write docs\n"),
+        ("app/config.env", b"STRIPE=sk_live_4eC39HqLyjWDarjtT1zdp7dc\n"),
+        ("app/src/main.rs", b"fn main() {\n    // TODO: more\n}\n"),
+    ];
+    std::fs::write(&path, tar(&files)).unwrap();
+    path
+}
+
+fn stats(guest: &mut GuestSession) -> proto::SessionStats {
+    match guest.exec(&SessionRequest::Stats, None).unwrap().response.result {
+        SessionResult::Stats(stats) => stats,
+        other => panic!("stats answered {other:?}"),
+    }
+}
+
+/// The matches of `TODO` as (path, line) pairs.
+fn todos(guest: &mut GuestSession) -> Vec<(String, u64)> {
+    let request = SessionRequest::Grep { pattern: "TODO".into(), max_matches: 100, path_prefix: None };
+    match guest.exec(&request, None).unwrap().response.result {
+        SessionResult::Grep(grep) => grep.matches.into_iter().map(|m| (m.path, m.line)).collect(),
+        other => panic!("grep answered {other:?}"),
+    }
+}
+
+fn add(guest: &mut GuestSession, name: &str, files: &[(&str, &[u8])]) {
+    let request = SessionRequest::Add { name: name.into() };
+    let reply = guest.exec(&request, Some((proto::Kind::Data, &tar(files)))).unwrap();
+    assert!(reply.response.error().is_none(), "{:?}", reply.response);
+}
+
+/// Pauses, snapshots into `snap` and stops the VM of `session`; returns the snapshot's info.
+fn suspend(session: Session, snap: &Path) -> serde_json::Value {
+    let control = session.control();
+    control.pause().unwrap();
+    let info = control.snapshot_create(snap).unwrap();
+    let report = session.stop();
+    assert_scrubbed(&report);
+    info
+}
+
+#[test]
+fn the_index_survives_pause_resume_and_a_restore_in_a_new_vmm_process() {
+    let dir = scratch("session-snapshot-restore");
+    let first = Session::spawn(&dir.join("a").tap_mkdir(), ("--artifact", &artifact(&dir)));
+    let mut guest = first.guest();
+    let before = stats(&mut guest);
+    let matches = todos(&mut guest);
+    assert_eq!(matches.len(), 2, "{matches:?}");
+
+    let control = first.control();
+    control.pause().unwrap();
+    assert_eq!(control.state().unwrap().state, VmState::Paused);
+    control.resume().unwrap();
+    assert_eq!(todos(&mut guest), matches);
+    assert_eq!(stats(&mut guest).index_id, before.index_id, "pause/resume rebuilt the index");
+    drop(guest);
+
+    let snap = dir.join("snap");
+    let info = suspend(first, &snap);
+    let written = info["memory_bytes_written"].as_u64().unwrap();
+    let disk = info["memory_disk_bytes"].as_u64().unwrap();
+    assert!(written > 0 && written < 128 << 20, "{info}");
+    assert!(disk < 128 << 20, "the memory file holds zero pages: {info}");
+
+    let restored = Session::spawn(&dir.join("b").tap_mkdir(), ("--restore", &snap));
+    let mut guest = restored.guest();
+    let after = stats(&mut guest);
+    assert_eq!(after.index_id, before.index_id, "the restored session rebuilt its index");
+    assert_eq!(after.index_builds, 1);
+    assert_eq!((after.files, after.bytes), (before.files, before.bytes));
+    assert!(after.requests > before.requests, "the request counter came back from the snapshot");
+    assert_eq!(todos(&mut guest), matches);
+    drop(guest);
+    let report = restored.stop();
+    assert_scrubbed(&report);
+}
+
+#[test]
+fn one_snapshot_restores_into_two_independent_vms() {
+    let dir = scratch("session-snapshot-twice");
+    let source = Session::spawn(&dir.join("src").tap_mkdir(), ("--artifact", &artifact(&dir)));
+    let index_id = stats(&mut source.guest()).index_id;
+    let snap = dir.join("snap");
+    suspend(source, &snap);
+
+    let one = Session::spawn(&dir.join("one").tap_mkdir(), ("--restore", &snap));
+    let two = Session::spawn(&dir.join("two").tap_mkdir(), ("--restore", &snap));
+    let (mut g1, mut g2) = (one.guest(), two.guest());
+    add(&mut g1, "extra", &[("notes.txt", b"TODO: only in one\n")]);
+    let (s1, s2) = (stats(&mut g1), stats(&mut g2));
+    assert_eq!((s1.index_id, s2.index_id), (index_id, index_id));
+    assert_eq!((s1.files, s2.files), (4, 3), "a file added to one VM showed up in the other");
+    assert_eq!(todos(&mut g1).len(), 3);
+    assert_eq!(todos(&mut g2).len(), 2);
+    drop((g1, g2));
+    assert_scrubbed(&one.stop());
+    assert_scrubbed(&two.stop());
+    // Both VMs read the same memory file; it is unchanged by what they wrote.
+    let third = Session::spawn(&dir.join("three").tap_mkdir(), ("--restore", &snap));
+    assert_eq!(stats(&mut third.guest()).files, 3);
+    third.stop();
+}
+
+/// Runs `cella-vmm session --restore snap`; returns its exit code and stderr.
+fn restore_fails(dir: &Path, snap: &Path) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_cella-vmm"))
+        .args(["session", "--api-sock"])
+        .arg(dir.join("api.sock"))
+        .arg("--vsock")
+        .arg(dir.join("vsock.sock"))
+        .arg("--restore")
+        .arg(snap)
+        .output()
+        .unwrap();
+    assert!(!dir.join("api.sock").exists(), "the control socket was left behind");
+    (output.status.code().unwrap(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn corrupt_truncated_wrong_version_and_incomplete_snapshots_are_refused() {
+    let dir = scratch("session-snapshot-refused");
+    let source = Session::spawn(&dir.join("src").tap_mkdir(), ("--artifact", &artifact(&dir)));
+    let good = dir.join("good");
+    suspend(source, &good);
+    let state = std::fs::read(good.join("state.bin")).unwrap();
+
+    let variant = |name: &str, state_bytes: &[u8], memory: bool| -> PathBuf {
+        let snap = dir.join(name);
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join("state.bin"), state_bytes).unwrap();
+        if memory {
+            std::fs::copy(good.join("memory.bin"), snap.join("memory.bin")).unwrap();
+        }
+        snap
+    };
+    let mut corrupt = state.clone();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0x20;
+    let mut other_version = state.clone();
+    other_version[8..12].copy_from_slice(&99u32.to_le_bytes());
+    let cases = [
+        ("corrupt", variant("corrupt", &corrupt, true), "corrupt (checksum mismatch)"),
+        ("truncated", variant("truncated", &state[..state.len() - 40], true), "truncated"),
+        ("version", variant("version", &other_version, true), "99"),
+        ("no-memory", variant("no-memory", &state, false), "memory file"),
+        ("not-a-snapshot", dir.join("src"), "no snapshot state file"),
+    ];
+    for (name, snap, says) in cases {
+        let run = dir.join(format!("run-{name}")).tap_mkdir();
+        let (code, stderr) = restore_fails(&run, &snap);
+        assert_eq!(code, 2, "{name}: {stderr}");
+        assert!(stderr.contains(says), "{name}: expected {says:?} in {stderr}");
+    }
+}
+
+/// A 1 MiB tmpfs, unmounted on drop.
+struct TinyDisk(PathBuf);
+
+impl TinyDisk {
+    fn mount(path: PathBuf) -> TinyDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let status =
+            Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&path).status();
+        assert!(
+            status.unwrap().success(),
+            "cannot mount a tmpfs at {} (these tests run as root)",
+            path.display()
+        );
+        TinyDisk(path)
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_snapshot_that_fills_the_disk_fails_cleanly_and_the_session_keeps_running() {
+    let dir = scratch("session-snapshot-full-disk");
+    let session = Session::spawn(&dir.join("s").tap_mkdir(), ("--artifact", &artifact(&dir)));
+    let mut guest = session.guest();
+    let before = stats(&mut guest);
+    let disk = TinyDisk::mount(dir.join("tiny"));
+    let control = session.control();
+    control.pause().unwrap();
+    let e = control.snapshot_create(&disk.0.join("snap")).unwrap_err();
+    assert_eq!(e.status(), Some(500), "{e}");
+    let message = e.to_string();
+    assert!(message.contains("no space left") && message.contains("keeps running"), "{message}");
+    let left: Vec<_> =
+        std::fs::read_dir(disk.0.join("snap")).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "a partial snapshot was left: {left:?}");
+    assert_eq!(control.state().unwrap().state, VmState::Paused);
+    control.resume().unwrap();
+    assert_eq!(stats(&mut guest).index_id, before.index_id);
+    drop(guest);
+    drop(disk);
+    assert_scrubbed(&session.stop());
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for PathBuf {
+    /// Creates the folder and returns it.
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
