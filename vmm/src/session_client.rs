@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use cella_proto::{self as proto, Kind, ProtoError, SessionRequest, SessionResponse};
 
 /// Pause between connection attempts while the guest is not listening yet.
-const RETRY_PAUSE: Duration = Duration::from_millis(20);
+const RETRY_PAUSE: Duration = Duration::from_millis(2);
 /// Longest `OK <port>\n` line the device sends (and then some).
 const OK_LINE_MAX: usize = 64;
 /// Bytes read from the socket at a time.

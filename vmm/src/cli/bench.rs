@@ -39,6 +39,9 @@ pub enum BenchCommand {
     /// Pause and resume latency of a guest spinning at 100% CPU, through the control contract
     /// and through the control socket
     Pause(super::bench_pause::PauseBenchArgs),
+    /// Session lifecycle: cold launch + load vs restore to first answer, pause, resume,
+    /// snapshot time and size, for several guest memory sizes
+    Session(super::bench_session::SessionBenchArgs),
 }
 
 /// Latency figures for one kind of launch, in milliseconds.
@@ -66,6 +69,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Launch { runs, json, image, native } => (runs, json, image, native),
         BenchCommand::Scan(args) => return super::bench_scan::main(args),
         BenchCommand::Pause(args) => return super::bench_pause::main(args),
+        BenchCommand::Session(args) => return super::bench_session::main(args),
     };
     match launch(runs.max(1), image, native) {
         Ok(bench) => {

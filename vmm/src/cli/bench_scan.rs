@@ -68,7 +68,7 @@ fn vm_scan(
 }
 
 /// A tarball of the first `bytes` of `corpus`, cut into 256 KiB files.
-fn tarball(corpus: &[u8], bytes: usize, dir: &Path) -> Result<PathBuf, String> {
+pub(crate) fn tarball(corpus: &[u8], bytes: usize, dir: &Path) -> Result<PathBuf, String> {
     let tree = dir.join(format!("tree-{bytes}"));
     let _ = std::fs::remove_dir_all(&tree);
     std::fs::create_dir_all(&tree).map_err(|e| e.to_string())?;

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_pause;
 pub mod bench_scan;
+pub mod bench_session;
 pub mod devices;
 pub mod exit_code;
 pub mod jailed;
