@@ -19,6 +19,7 @@ pub mod running;
 pub mod scan;
 pub mod scrub;
 pub mod seccomp;
+pub mod session_client;
 pub mod vmm_config;
 pub mod vstate;
 

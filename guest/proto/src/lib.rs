@@ -9,6 +9,21 @@
 //! A scan: the runner connects to host port [`JOB_PORT`] and sends [`Kind::Hello`]; the host
 //! answers [`Kind::Job`] and [`Kind::Policy`]; the runner scans the artifact on its disk and
 //! sends [`Kind::Sarif`] then [`Kind::Summary`], or [`Kind::Error`].
+//!
+//! A session: the runner (mode `session`) listens on guest port [`SESSION_PORT`]; the host
+//! connects (`CONNECT 1025`) and sends, per request, a [`Kind::SessionRequest`] frame (JSON
+//! [`SessionRequest`]) followed, for `scan` and `read`, by one [`Kind::Policy`] frame and, for
+//! `add`, by one [`Kind::Data`] frame. The runner answers each request, in order, with one
+//! [`Kind::SessionResponse`] frame (JSON [`SessionResponse`]) followed by the number of bulk
+//! frames it announces in [`SessionResponse::frames`] (`Sarif` + `Summary` for a scan, `Data`
+//! for a read). Many requests travel over one connection; connections are served one after
+//! another.
+//!
+//! Versioning: [`VERSION`] stays 1. The session kinds (8, 9, 10) and the session port are
+//! additive: a job (port 1024) never carries them, and a peer that does not know them refuses
+//! the frame as [`ProtoError::UnknownKind`] instead of misreading it. New optional fields in the
+//! JSON messages are additive too (`#[serde(default)]`); changing the meaning or layout of an
+//! existing frame or field bumps the version.
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -30,6 +45,8 @@ pub const HEADER_LEN: usize = 12;
 pub const MAX_PAYLOAD: u32 = 256 << 20;
 /// Host vsock port the runner connects to for its job.
 pub const JOB_PORT: u32 = 1024;
+/// Guest vsock port a runner in `session` mode listens on.
+pub const SESSION_PORT: u32 = 1025;
 
 /// What a frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,10 +64,18 @@ pub enum Kind {
     Summary = 6,
     /// Runner → host, JSON [`ErrorReport`]: the job could not be done.
     Error = 7,
+    /// Host → runner, JSON [`SessionRequest`].
+    SessionRequest = 8,
+    /// Runner → host, JSON [`SessionResponse`].
+    SessionResponse = 9,
+    /// Raw bytes: host → runner, the file or archive of an `add`; runner → host, the file of a
+    /// `read`.
+    Data = 10,
 }
 
 impl Kind {
-    fn from_u16(v: u16) -> Option<Kind> {
+    /// The kind with this wire number, if it is one.
+    pub fn from_u16(v: u16) -> Option<Kind> {
         Some(match v {
             1 => Kind::Hello,
             2 => Kind::Job,
@@ -58,6 +83,9 @@ impl Kind {
             5 => Kind::Sarif,
             6 => Kind::Summary,
             7 => Kind::Error,
+            8 => Kind::SessionRequest,
+            9 => Kind::SessionResponse,
+            10 => Kind::Data,
             _ => return None,
         })
     }
@@ -88,6 +116,226 @@ pub struct ErrorReport {
     pub message: String,
 }
 
+/// One request in a session (JSON in a [`Kind::SessionRequest`] frame, tagged by `op`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum SessionRequest {
+    /// Scan every indexed file with the policy in the [`Kind::Policy`] frame that follows.
+    /// Answered with a [`ScanResult`] and two frames: [`Kind::Sarif`], [`Kind::Summary`].
+    Scan {
+        /// The policy's name, echoed in the result (the runner identifies the policy by a hash
+        /// of its bytes, not by this name).
+        policy_name: String,
+    },
+    /// An ad-hoc regex over the indexed text files. Answered with a [`GrepResult`].
+    Grep {
+        pattern: String,
+        /// At most this many matching lines (capped by the runner, see [`GREP_MAX_MATCHES`]).
+        max_matches: u32,
+        /// Only files whose path starts with this.
+        #[serde(default)]
+        path_prefix: Option<String>,
+    },
+    /// Counters of the session. Answered with [`SessionStats`].
+    Stats,
+    /// A file's bytes, gated by the session's read policy; for `redact`, the findings of the
+    /// policy in the [`Kind::Policy`] frame that follows are masked. Answered with a
+    /// [`ReadResult`] and one [`Kind::Data`] frame.
+    Read { path: String, max_bytes: u64 },
+    /// Adds the file or archive in the [`Kind::Data`] frame that follows to the index, its
+    /// paths under `name/`. Answered with an [`AddResult`].
+    Add { name: String },
+    /// Answer, close the connection and end the VM with status 0.
+    Stop,
+}
+
+impl SessionRequest {
+    /// The `op` tag.
+    pub fn op(&self) -> &'static str {
+        match self {
+            SessionRequest::Scan { .. } => "scan",
+            SessionRequest::Grep { .. } => "grep",
+            SessionRequest::Stats => "stats",
+            SessionRequest::Read { .. } => "read",
+            SessionRequest::Add { .. } => "add",
+            SessionRequest::Stop => "stop",
+        }
+    }
+
+    /// The bulk frame that must follow this request, if any.
+    pub fn attachment(&self) -> Option<Kind> {
+        match self {
+            SessionRequest::Scan { .. } | SessionRequest::Read { .. } => Some(Kind::Policy),
+            SessionRequest::Add { .. } => Some(Kind::Data),
+            _ => None,
+        }
+    }
+}
+
+/// Longest grep pattern the runner compiles, in bytes.
+pub const GREP_MAX_PATTERN: usize = 1024;
+/// Most matching lines one grep returns.
+pub const GREP_MAX_MATCHES: u32 = 10_000;
+/// Bytes of a matching line a grep returns.
+pub const GREP_MAX_LINE: usize = 200;
+
+/// The runner's answer to one request (JSON in a [`Kind::SessionResponse`] frame).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionResponse {
+    /// The result, or the error.
+    pub result: SessionResult,
+    /// How many bulk frames follow this response (0 for an error).
+    pub frames: u32,
+}
+
+impl SessionResponse {
+    /// The error, if the request failed.
+    pub fn error(&self) -> Option<&SessionError> {
+        match &self.result {
+            SessionResult::Error(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// What a request produced, tagged by `op` (`error` for a failed request).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum SessionResult {
+    Scan(ScanResult),
+    Grep(GrepResult),
+    Stats(SessionStats),
+    Read(ReadResult),
+    Add(AddResult),
+    Stop,
+    Error(SessionError),
+}
+
+/// Why a request failed. The session keeps going.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionError {
+    /// One of the `error_kind` constants.
+    pub kind: String,
+    /// What was wrong, for the user.
+    pub message: String,
+}
+
+/// The values of [`SessionError::kind`].
+pub mod error_kind {
+    /// The request frame is not a valid request (bad JSON, unknown op, missing field).
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// The bulk frame the request needs did not follow it.
+    pub const MISSING_FRAME: &str = "missing_frame";
+    /// No indexed file has that path.
+    pub const NOT_FOUND: &str = "not_found";
+    /// The grep pattern was refused (too long, does not compile, too large once compiled).
+    pub const PATTERN: &str = "pattern";
+    /// The policy does not load.
+    pub const POLICY: &str = "policy";
+    /// Added content was refused (unsafe or corrupt archive), naming the entry.
+    pub const ARTIFACT: &str = "artifact";
+    /// The session's read policy forbids this read.
+    pub const DENIED: &str = "denied";
+    /// A binary file cannot be read with redaction (its findings cannot be located).
+    pub const BINARY: &str = "binary";
+    /// The request would exceed a session limit.
+    pub const LIMIT: &str = "limit";
+}
+
+/// The result of `scan`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanResult {
+    pub policy_name: String,
+    /// The compiled engine came from the cache (this policy was used before).
+    pub policy_cached: bool,
+    pub files_scanned: u64,
+    pub findings: u64,
+}
+
+/// The result of `grep`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrepResult {
+    pub matches: Vec<GrepMatch>,
+    /// Stopped at `max_matches`: more lines match.
+    pub truncated: bool,
+    /// Text files searched (binary files are skipped).
+    pub files_searched: u64,
+    /// The session's read policy is not `allow`, so matching lines' text is withheld.
+    pub text_withheld: bool,
+}
+
+/// One matching line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrepMatch {
+    pub path: String,
+    /// 1-based line of the match's start.
+    pub line: u64,
+    /// 1-based column of the match's start, in Unicode code points (as SARIF findings).
+    pub column: u64,
+    /// The line (lossy UTF-8, at most [`GREP_MAX_LINE`] bytes of it); `None` when withheld.
+    pub text: Option<String>,
+    /// The line was cut to [`GREP_MAX_LINE`] bytes.
+    pub truncated: bool,
+}
+
+/// The result of `stats`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStats {
+    pub runner_version: String,
+    pub protocol: u16,
+    pub artifact_name: String,
+    /// `deny`, `redact` or `allow`.
+    pub read_policy: String,
+    /// Files in the index (binary ones included).
+    pub files: u64,
+    /// Bytes in the index.
+    pub bytes: u64,
+    /// Files that look binary (a NUL byte in the first 8 KiB).
+    pub binary_files: u64,
+    /// Times the index was built from the disk: 1 for the session's life.
+    pub index_builds: u64,
+    /// Successful `add` requests.
+    pub adds: u64,
+    /// Set once when the index is built (the guest's TSC then): the same value after pause,
+    /// resume, snapshot and restore proves the index was not rebuilt.
+    pub index_id: u64,
+    /// TSC ticks the index build took (the guest has no calibrated clock).
+    pub index_build_cycles: u64,
+    /// Requests answered, this one included, over all connections.
+    pub requests: u64,
+    /// Connections accepted, the current one included.
+    pub connections: u64,
+    /// Compiled policies kept for later scans.
+    pub policies_cached: u64,
+}
+
+/// The result of `read`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadResult {
+    pub path: String,
+    /// The file's full size.
+    pub size: u64,
+    /// Bytes in the [`Kind::Data`] frame that follows.
+    pub returned: u64,
+    /// The file is longer than `max_bytes`.
+    pub truncated: bool,
+    /// Findings masked (each masked byte replaced by `*`, length kept); 0 for `allow`.
+    pub redactions: u64,
+    /// `raw` or `redacted`.
+    pub mode: String,
+}
+
+/// The result of `add`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddResult {
+    pub name: String,
+    pub files_added: u64,
+    pub bytes_added: u64,
+    /// Index totals after the add.
+    pub files: u64,
+    pub bytes: u64,
+}
+
 /// A protocol violation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProtoError {
@@ -116,13 +364,21 @@ impl fmt::Display for ProtoError {
 
 impl core::error::Error for ProtoError {}
 
+/// The header of a frame of `kind` with a payload of `len` bytes (for senders that write a
+/// large payload in place rather than copying it behind the header).
+pub fn header(kind: Kind, len: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    h[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
+    h[8..12].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
 /// One frame: header and payload.
 pub fn encode(kind: Kind, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
-    frame.extend_from_slice(&MAGIC);
-    frame.extend_from_slice(&VERSION.to_le_bytes());
-    frame.extend_from_slice(&(kind as u16).to_le_bytes());
-    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&header(kind, payload.len() as u32));
     frame.extend_from_slice(payload);
     frame
 }
@@ -170,7 +426,15 @@ impl Decoder {
         }
         let end = HEADER_LEN + len as usize;
         if self.buf.len() < end {
+            // Room for the rest of a large frame at once, instead of doubling as it arrives.
+            self.buf.reserve(end - self.buf.len());
             return Ok(None);
+        }
+        if end == self.buf.len() {
+            // The usual case for bulk frames: hand over the buffer without copying it.
+            let mut payload = core::mem::take(&mut self.buf);
+            payload.drain(..HEADER_LEN);
+            return Ok(Some((kind, payload)));
         }
         let payload = self.buf[HEADER_LEN..end].to_vec();
         self.buf.drain(..end);
@@ -216,5 +480,40 @@ mod tests {
         f[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         d.push(&f);
         assert_eq!(d.next_frame(), Err(ProtoError::TooLarge(u32::MAX)));
+    }
+
+    #[test]
+    fn session_requests_use_the_op_tag() {
+        let grep: SessionRequest = decode_json(br#"{"op":"grep","pattern":"a+","max_matches":5}"#).unwrap();
+        assert_eq!(grep, SessionRequest::Grep { pattern: "a+".into(), max_matches: 5, path_prefix: None });
+        assert_eq!(decode_json::<SessionRequest>(br#"{"op":"stats"}"#).unwrap(), SessionRequest::Stats);
+        let text = serde_json::to_string(&SessionRequest::Read { path: "a/b".into(), max_bytes: 9 }).unwrap();
+        assert_eq!(text, r#"{"op":"read","path":"a/b","max_bytes":9}"#);
+        assert_eq!(SessionRequest::Add { name: "x".into() }.attachment(), Some(Kind::Data));
+        let e = decode_json::<SessionRequest>(br#"{"op":"format_disk"}"#).unwrap_err();
+        assert!(alloc::format!("{e}").contains("format_disk"), "{e}");
+    }
+
+    #[test]
+    fn session_responses_round_trip_with_their_op() {
+        let r = SessionResponse {
+            result: SessionResult::Error(SessionError {
+                kind: error_kind::NOT_FOUND.into(),
+                message: "m".into(),
+            }),
+            frames: 0,
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"result":{"op":"error","kind":"not_found","message":"m"},"frames":0}"#);
+        assert_eq!(decode_json::<SessionResponse>(text.as_bytes()).unwrap(), r);
+        let stop = SessionResponse { result: SessionResult::Stop, frames: 0 };
+        let text = serde_json::to_string(&stop).unwrap();
+        assert_eq!(decode_json::<SessionResponse>(text.as_bytes()).unwrap(), stop);
+        let mut d = Decoder::default();
+        d.push(&encode_json(Kind::SessionResponse, &stop));
+        d.push(&encode(Kind::Data, b"bytes"));
+        assert_eq!(d.next_frame().unwrap().unwrap().0, Kind::SessionResponse);
+        assert_eq!(d.next_frame().unwrap().unwrap(), (Kind::Data, b"bytes".to_vec()));
+        assert_eq!(d.next_frame().unwrap(), None);
     }
 }

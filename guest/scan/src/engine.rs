@@ -195,6 +195,33 @@ pub struct Engine {
     line_filter_after: u64,
     buf: Vec<u8>,
     hits: Vec<Hit>,
+    /// While [`Engine::finding_spans`] runs: every accepted hit's secret, in file offsets.
+    spans: Option<Vec<FindingSpan>>,
+}
+
+/// Where one finding's secret lies in a file (byte offsets, `start..end`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FindingSpan {
+    pub start: usize,
+    pub end: usize,
+    /// Index of the rule in the policy.
+    pub rule_index: u32,
+}
+
+/// A file held in memory, read as a stream.
+struct SliceRead<'a>(&'a [u8]);
+
+impl ByteRead for SliceRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ArtifactError> {
+        let n = buf.len().min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+
+    fn size_hint(&self) -> Option<u64> {
+        Some(self.0.len() as u64)
+    }
 }
 
 impl core::fmt::Debug for Engine {
@@ -290,6 +317,7 @@ impl Engine {
             line_filter_after: LINE_FILTER_AFTER,
             buf: Vec::new(),
             hits: Vec::new(),
+            spans: None,
         })
     }
 
@@ -428,6 +456,36 @@ impl Engine {
         r
     }
 
+    /// Scans one file held in memory, exactly as [`crate::scan_artifact`] scans a file it
+    /// reaches (same findings, same counts). Returns `false` if the file was skipped as binary.
+    pub fn scan_file(
+        &mut self,
+        path: &str,
+        text: &[u8],
+        report: &mut Report,
+        max_findings: usize,
+    ) -> Result<bool, ArtifactError> {
+        self.scan_stream(path, &mut SliceRead(text), report, max_findings)
+    }
+
+    /// The byte ranges of every finding this policy has in `text` (the secret itself, or the
+    /// secret group), in file order; `None` if the file is binary (not scanned, so nothing
+    /// can be located). Every accepted match counts, including several rules finding the same
+    /// bytes; no findings cap applies.
+    pub fn finding_spans(
+        &mut self,
+        path: &str,
+        text: &[u8],
+    ) -> Result<Option<Vec<FindingSpan>>, ArtifactError> {
+        self.spans = Some(Vec::new());
+        let mut report = Report::default();
+        // A cap of 0 keeps no `Finding`s (they are only counted); the spans are recorded first.
+        let scanned = self.scan_file(path, text, &mut report, 0);
+        let mut spans = self.spans.take().unwrap_or_default();
+        spans.sort_unstable_by_key(|s| (s.start, s.end));
+        Ok(scanned?.then_some(spans))
+    }
+
     fn scan_stream_inner<R: ByteRead + ?Sized>(
         &mut self,
         path: &str,
@@ -454,6 +512,7 @@ impl Engine {
         }
 
         let mut len = 0usize; // valid bytes in buf
+        let mut base = 0usize; // file offset of buf[0]
         let mut line = 1u64; // line number of buf[0]
         let mut col0 = 0u64; // code points between the start of buf[0]'s line and buf[0]
         let mut first = true;
@@ -483,7 +542,7 @@ impl Engine {
                 }
             };
             self.scan_chunk(&buf[..len], commit)?;
-            self.emit(path, &buf[..len], line, col0, report, max_findings);
+            self.emit(path, &buf[..len], (base, line, col0), report, max_findings);
             report.bytes_scanned += commit as u64;
             if eof {
                 return Ok(true);
@@ -496,6 +555,7 @@ impl Engine {
             };
             buf.copy_within(commit..len, 0);
             len -= commit;
+            base += commit;
         }
     }
 
@@ -696,13 +756,18 @@ impl Engine {
         &mut self,
         path: &str,
         buf: &[u8],
-        line0: u64,
-        col0: u64,
+        (base, line0, col0): (usize, u64, u64),
         report: &mut Report,
         max_findings: usize,
     ) {
         if self.hits.is_empty() {
             return;
+        }
+        if let Some(spans) = self.spans.as_mut() {
+            for h in &self.hits {
+                let (start, end) = (base + h.secret.0, base + h.secret.1);
+                spans.push(FindingSpan { start, end, rule_index: h.rule });
+            }
         }
         self.hits.sort_by_key(|h| (h.start, h.rule));
         // The same secret found by several rules is reported once, by the first rule in policy

@@ -28,14 +28,17 @@ mod archive;
 mod engine;
 mod error;
 mod finding;
+pub mod index;
 mod rule;
 pub mod sarif;
 mod source;
 pub mod validate;
 
 pub use archive::path::{check_link, normalize as normalize_entry_path};
-pub use archive::{scan_artifact, Limits, RATIO_MIN_OUTPUT};
-pub use engine::{check_rule, Engine, BINARY_SNIFF_LEN, CHUNK_LEN, LINE_FILTER_AFTER, OVERLAP_LEN};
+pub use archive::{extract_artifact, scan_artifact, Limits, RATIO_MIN_OUTPUT};
+pub use engine::{
+    check_rule, Engine, FindingSpan, BINARY_SNIFF_LEN, CHUNK_LEN, LINE_FILTER_AFTER, OVERLAP_LEN,
+};
 pub use error::{ArtifactError, EngineError};
 pub use finding::{fingerprint, redact, Finding, Report, Summary};
 pub use rule::{

@@ -80,6 +80,12 @@ impl<S: Source + ?Sized> Source for &mut S {
 pub(crate) trait ByteRead {
     /// Reads up to `buf.len()` bytes; 0 means the end of this stream.
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, crate::ArtifactError>;
+
+    /// The bytes left, if the reader knows them (a declared size: a hint for reserving
+    /// memory, never trusted as the real length).
+    fn size_hint(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Sequential reads over a window of a [`Source`].
@@ -100,6 +106,10 @@ impl<S: Source + ?Sized> ByteRead for SourceReader<'_, S> {
         self.pos += n as u64;
         Ok(n)
     }
+
+    fn size_hint(&self) -> Option<u64> {
+        Some(self.end.saturating_sub(self.pos))
+    }
 }
 
 /// Bytes already read (a sniffed head), then the rest of a reader.
@@ -117,6 +127,10 @@ impl<R: ByteRead + ?Sized> ByteRead for Chain<'_, R> {
             return Ok(n);
         }
         self.rest.read(buf)
+    }
+
+    fn size_hint(&self) -> Option<u64> {
+        self.rest.size_hint().map(|n| n.saturating_add(self.head.len() as u64))
     }
 }
 

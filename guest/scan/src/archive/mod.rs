@@ -86,14 +86,112 @@ pub fn scan_artifact<S: Source + ?Sized>(
     report: &mut Report,
 ) -> Result<(), ArtifactError> {
     let total = Cell::new(0);
-    let mut walk = Walk { engine, limits, report, entries: 0, total: &total };
+    let mut sink = ScanSink { engine, report, max_findings: limits.max_findings };
+    let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total };
     walk.source(&mut &mut *source, name, 0, "")
 }
 
-pub(crate) struct Walk<'a> {
+/// Reads an artifact's files without scanning them, with exactly the checks and limits of
+/// [`scan_artifact`] (so a hostile archive is refused the same way, naming the entry): calls
+/// `file(path, bytes)` for every file, nested archives opened, in archive order. The paths are
+/// the ones a scan reports, each prefixed with `prefix` (for an archive's entries; a plain file
+/// is called `name`). At most `max_bytes` of file content in all; beyond it the entry that
+/// does not fit is refused with [`ArtifactError::EntryTooLarge`].
+pub fn extract_artifact<S, F>(
+    source: &mut S,
+    name: &str,
+    prefix: &str,
+    limits: &Limits,
+    max_bytes: u64,
+    mut file: F,
+) -> Result<(), ArtifactError>
+where
+    S: Source + ?Sized,
+    F: FnMut(&str, Vec<u8>) -> Result<(), ArtifactError>,
+{
+    let file: &mut OnFile<'_> = &mut file;
+    let total = Cell::new(0);
+    let mut sink = ExtractSink { file, left: max_bytes, max_entry: limits.max_entry_size };
+    let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total };
+    walk.source(&mut &mut *source, name, 0, prefix)
+}
+
+/// What the walk does with each file it reaches.
+pub(crate) trait FileSink {
+    fn file(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<(), ArtifactError>;
+}
+
+struct ScanSink<'a> {
     engine: &'a mut Engine,
-    limits: &'a Limits,
     report: &'a mut Report,
+    max_findings: usize,
+}
+
+impl FileSink for ScanSink<'_> {
+    fn file(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<(), ArtifactError> {
+        self.engine.scan_stream(path, r, self.report, self.max_findings)?;
+        Ok(())
+    }
+}
+
+/// The callback of [`extract_artifact`].
+type OnFile<'a> = dyn FnMut(&str, Vec<u8>) -> Result<(), ArtifactError> + 'a;
+
+struct ExtractSink<'a> {
+    file: &'a mut OnFile<'a>,
+    /// Content bytes that may still be extracted.
+    left: u64,
+    max_entry: u64,
+}
+
+impl ExtractSink<'_> {
+    fn too_large(&self, path: &str, size: u64) -> ArtifactError {
+        let limit = self.left.min(self.max_entry);
+        ArtifactError::EntryTooLarge { entry: String::from(path), size, limit }
+    }
+}
+
+impl FileSink for ExtractSink<'_> {
+    fn file(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<(), ArtifactError> {
+        let limit = self.left.min(self.max_entry);
+        let mut data: Vec<u8> = Vec::new();
+        // A declared size is only a hint (a tar header may lie), so it is checked against the
+        // limit before anything is reserved, and the reservation may fail without harm.
+        if let Some(hint) = r.size_hint() {
+            if hint > limit {
+                return Err(self.too_large(path, hint));
+            }
+            if data.try_reserve_exact(hint as usize).is_err() {
+                return Err(self.too_large(path, hint));
+            }
+        }
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            let k = r.read(&mut chunk)?;
+            if k == 0 {
+                break;
+            }
+            let len = (data.len() + k) as u64;
+            if len > limit {
+                return Err(self.too_large(path, len));
+            }
+            if data.capacity() - data.len() < k {
+                // Undeclared size (gzip, deflate): grow by doubling, within the limit.
+                let grow = data.capacity().clamp(k, 16 << 20);
+                if data.try_reserve(grow).is_err() {
+                    return Err(self.too_large(path, len));
+                }
+            }
+            data.extend_from_slice(&chunk[..k]);
+        }
+        self.left -= data.len() as u64;
+        (self.file)(path, data)
+    }
+}
+
+pub(crate) struct Walk<'a> {
+    sink: &'a mut dyn FileSink,
+    limits: &'a Limits,
     entries: u64,
     total: &'a Cell<u64>,
 }
@@ -133,10 +231,7 @@ impl<'a> Walk<'a> {
         let n = read_full(r, &mut head)?;
         let mut chained = Chain { head: &head[..n], rest: r };
         match sniff(&head[..n]) {
-            Kind::Plain => {
-                self.engine.scan_stream(name, &mut chained, self.report, self.limits.max_findings)?;
-                Ok(())
-            }
+            Kind::Plain => self.sink.file(name, &mut chained),
             Kind::Tar => {
                 let depth = self.enter(name, depth)?;
                 tar::walk(self, &mut chained, name, depth, prefix)

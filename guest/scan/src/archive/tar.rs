@@ -84,6 +84,10 @@ impl<R: ByteRead + ?Sized> ByteRead for Take<'_, R> {
         self.left -= n as u64;
         Ok(n)
     }
+
+    fn size_hint(&self) -> Option<u64> {
+        Some(self.left)
+    }
 }
 
 fn read_meta<R: ByteRead + ?Sized>(r: &mut R, size: u64, entry: &str) -> Result<Vec<u8>, ArtifactError> {
