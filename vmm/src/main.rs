@@ -1,4 +1,4 @@
-//! `cella-vmm`: launch one microVM from the command line, or benchmark launches.
+//! `cella-vmm`: launch one microVM from the command line (run, scan, session), or benchmark.
 //! Exit codes are decided in one place, [`cli::exit_code`].
 
 mod cli;
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     match cli.command {
         cli::Command::Run(args) => cli::run::main(args, launch_start),
         cli::Command::Scan(args) => cli::scan::main(args, launch_start),
+        cli::Command::Session(args) => cli::session::main(args, launch_start),
         cli::Command::Bench(args) => cli::bench::main(args),
     }
 }

@@ -149,7 +149,7 @@ pub enum StopCause {
 
 enum Slot {
     NotStarted,
-    Live(RunningVm),
+    Live(Box<RunningVm>),
     Stopped { exit: Option<GuestExit> },
 }
 
@@ -173,7 +173,13 @@ impl VmmController {
     /// A controller for a started VM.
     pub fn new(vm: RunningVm) -> Self {
         let (started, mem_mib) = (Some(vm.started()), Some(vm.mem_mib()));
-        VmmController { slot: Slot::Live(vm), last: None, metrics: VmMetrics::default(), started, mem_mib }
+        VmmController {
+            slot: Slot::Live(Box::new(vm)),
+            last: None,
+            metrics: VmMetrics::default(),
+            started,
+            mem_mib,
+        }
     }
 
     /// A controller with no VM yet, waiting for [`VmmAction::LoadSnapshot`].
@@ -201,7 +207,7 @@ impl VmmController {
     /// The running VM, if any (e.g. for a snapshot).
     pub fn vm(&self) -> Option<&RunningVm> {
         match &self.slot {
-            Slot::Live(vm) => Some(vm),
+            Slot::Live(vm) => Some(&**vm),
             _ => None,
         }
     }
@@ -325,7 +331,7 @@ impl VmmController {
             return Err(VmmActionError::WrongState { action, state, hint });
         }
         match &mut self.slot {
-            Slot::Live(vm) => Ok(vm),
+            Slot::Live(vm) => Ok(&mut **vm),
             _ => Err(VmmActionError::WrongState { action, state, hint: "" }),
         }
     }

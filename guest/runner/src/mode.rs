@@ -4,7 +4,7 @@ use core::fmt;
 
 /// What the runner was asked to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub enum Mode<'a> {
     /// Print `hello from cella-runner` and exit 0.
     Hello,
     /// Exit with the given status.
@@ -27,6 +27,47 @@ pub enum Mode {
     Hostile(Hostile),
     /// Fetch a scan job over vsock, scan the artifact on the disk, send back SARIF + summary.
     Scan,
+    /// Load the artifact on the disk into an in-memory index once, then answer session
+    /// requests on vsock port 1025 until told to stop.
+    Session(SessionArgs<'a>),
+}
+
+/// `session SIZE READ_POLICY NAME`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionArgs<'a> {
+    /// The artifact's exact size in bytes (the disk is padded to whole sectors).
+    pub artifact_size: u64,
+    pub read_policy: ReadPolicy,
+    /// The artifact's name (for format detection of a plain file and its path).
+    pub artifact_name: &'a str,
+}
+
+/// What a session's `read` may return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPolicy {
+    /// No file contents leave the VM.
+    Deny,
+    /// Contents with every finding of the request's policy masked.
+    Redact,
+    /// Contents as they are.
+    Allow,
+}
+
+impl ReadPolicy {
+    /// The name used in arguments and answers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadPolicy::Deny => "deny",
+            ReadPolicy::Redact => "redact",
+            ReadPolicy::Allow => "allow",
+        }
+    }
+
+    fn parse(arg: &[u8]) -> Option<ReadPolicy> {
+        [ReadPolicy::Deny, ReadPolicy::Redact, ReadPolicy::Allow]
+            .into_iter()
+            .find(|p| p.as_str().as_bytes() == arg)
+    }
 }
 
 /// The ways `hostile` breaks a device's contract.
@@ -103,11 +144,12 @@ fn text(bytes: &[u8]) -> &str {
 
 /// One line of usage, printed with every usage error.
 pub const USAGE: &str = "modes: hello | exit N | fault | spin | fill-canary | flood N | read-disk | \
-                         vsock-echo PORT | vsock-serve PORT | hostile KIND | scan";
+                         vsock-echo PORT | vsock-serve PORT | hostile KIND | scan | \
+                         session SIZE deny|redact|allow NAME";
 
-impl Mode {
+impl<'a> Mode<'a> {
     /// Parses the runner's arguments (without a program name).
-    pub fn parse<'a, I>(args: I) -> Result<Mode, UsageError<'a>>
+    pub fn parse<I>(args: I) -> Result<Mode<'a>, UsageError<'a>>
     where
         I: IntoIterator<Item = &'a [u8]>,
     {
@@ -121,6 +163,23 @@ impl Mode {
             b"flood" => Mode::Flood(number(args.next(), "flood")?),
             b"read-disk" => Mode::ReadDisk,
             b"scan" => Mode::Scan,
+            b"session" => {
+                let size = args.next();
+                let artifact_size = size
+                    .and_then(|a| core::str::from_utf8(a).ok())
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or(UsageError::BadArgument { mode: "session", arg: size })?;
+                let policy = args.next();
+                let read_policy = policy
+                    .and_then(ReadPolicy::parse)
+                    .ok_or(UsageError::BadArgument { mode: "session", arg: policy })?;
+                let name = args.next();
+                let artifact_name = name
+                    .and_then(|a| core::str::from_utf8(a).ok())
+                    .filter(|n| !n.is_empty())
+                    .ok_or(UsageError::BadArgument { mode: "session", arg: name })?;
+                Mode::Session(SessionArgs { artifact_size, read_policy, artifact_name })
+            }
             b"vsock-echo" => Mode::VsockEcho(number(args.next(), "vsock-echo")?),
             b"vsock-serve" => Mode::VsockServe(number(args.next(), "vsock-serve")?),
             b"hostile" => {
@@ -147,7 +206,7 @@ fn number<'a>(arg: Option<&'a [u8]>, mode: &'static str) -> Result<u32, UsageErr
 mod tests {
     use super::*;
 
-    fn parse(args: &[&'static str]) -> Result<Mode, UsageError<'static>> {
+    fn parse(args: &[&'static str]) -> Result<Mode<'static>, UsageError<'static>> {
         Mode::parse(args.iter().map(|a| a.as_bytes()))
     }
 
@@ -177,5 +236,38 @@ mod tests {
         assert_eq!(parse(&["hello", "x"]), Err(UsageError::Extra(b"x")));
         let text = std::format!("{}", UsageError::UnknownMode(b"jump"));
         assert!(text.starts_with("unknown mode `jump`"), "{text}");
+    }
+
+    #[test]
+    fn parses_session_arguments() {
+        let expected = SessionArgs {
+            artifact_size: 1 << 20,
+            read_policy: ReadPolicy::Redact,
+            artifact_name: "app.tar.gz",
+        };
+        assert_eq!(parse(&["session", "1048576", "redact", "app.tar.gz"]), Ok(Mode::Session(expected)));
+        assert_eq!(
+            parse(&["session", "0", "deny", "x"]),
+            Ok(Mode::Session(SessionArgs {
+                artifact_size: 0,
+                read_policy: ReadPolicy::Deny,
+                artifact_name: "x"
+            }))
+        );
+        assert!(
+            matches!(parse(&["session", "1", "allow", "x"]), Ok(Mode::Session(a)) if a.read_policy == ReadPolicy::Allow)
+        );
+    }
+
+    #[test]
+    fn refuses_bad_session_arguments_naming_the_argument() {
+        let bad = |arg: Option<&'static [u8]>| Err(UsageError::BadArgument { mode: "session", arg });
+        assert_eq!(parse(&["session"]), bad(None));
+        assert_eq!(parse(&["session", "-1", "deny", "x"]), bad(Some(b"-1")));
+        assert_eq!(parse(&["session", "10", "maybe", "x"]), bad(Some(b"maybe")));
+        assert_eq!(parse(&["session", "10", "deny"]), bad(None));
+        assert_eq!(parse(&["session", "10", "deny", "x", "y"]), Err(UsageError::Extra(b"y")));
+        let text = std::format!("{}", UsageError::BadArgument { mode: "session", arg: Some(b"maybe") });
+        assert!(text.contains("session SIZE deny|redact|allow NAME"), "{text}");
     }
 }

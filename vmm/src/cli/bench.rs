@@ -36,15 +36,18 @@ pub enum BenchCommand {
     /// Scan throughput in a Cella VM vs the same engine natively vs ripgrep, and end-to-end
     /// `scan` latency for a 1 MiB and a 100 MiB tarball
     Scan(super::bench_scan::ScanBenchArgs),
+    /// Pause and resume latency of a guest spinning at 100% CPU, through the control contract
+    /// and through the control socket
+    Pause(super::bench_pause::PauseBenchArgs),
 }
 
 /// Latency figures for one kind of launch, in milliseconds.
 #[derive(Debug, Serialize)]
-struct Figures {
-    p50_ms: f64,
-    p99_ms: f64,
-    mean_ms: f64,
-    min_ms: f64,
+pub(crate) struct Figures {
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) mean_ms: f64,
+    pub(crate) min_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,6 +65,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
     let (runs, json, image, native) = match cmd {
         BenchCommand::Launch { runs, json, image, native } => (runs, json, image, native),
         BenchCommand::Scan(args) => return super::bench_scan::main(args),
+        BenchCommand::Pause(args) => return super::bench_pause::main(args),
     };
     match launch(runs.max(1), image, native) {
         Ok(bench) => {
@@ -144,7 +148,7 @@ fn time_one(command: &mut Command) -> Result<f64, String> {
     Ok(ms)
 }
 
-fn figures(mut ms: Vec<f64>) -> Figures {
+pub(crate) fn figures(mut ms: Vec<f64>) -> Figures {
     if ms.is_empty() {
         return Figures { p50_ms: f64::NAN, p99_ms: f64::NAN, mean_ms: f64::NAN, min_ms: f64::NAN };
     }

@@ -2,6 +2,7 @@
 
 use std::process::{ExitCode, ExitStatus};
 
+use cella_vmm::rpc_interface::StopCause;
 use cella_vmm::GuestExit;
 
 /// Guest statuses up to this pass through unchanged.
@@ -57,6 +58,36 @@ Landlock, seccomp), with the image and the artifact bound read-only. This proces
 outside: it serves the job over a listener in a private socket folder that the jail gets as
 its /run (only --jail-uid/--jail-gid may connect), writes --sarif, and passes SIGINT and
 SIGTERM on; if it dies, the jail is stopped, scrubbed and removed.";
+
+/// Shown at the end of `cella-vmm session --help`.
+pub const SESSION_HELP: &str = "\
+Control API (--api-sock; HTTP/1.1, JSON bodies, errors as {\"fault_message\": ...}):
+  GET   /vm                                   200 {\"state\": \"running\"|\"paused\"|\"stopped\"|...}
+  PATCH /vm       {\"state\": \"paused\"|\"running\"}   204 (409 if already in that state)
+  PUT   /snapshot/create {\"snapshot_dir\": ABS}   (not wired yet: 501)
+  PUT   /snapshot/load {\"snapshot_dir\": ABS, \"resume\": BOOL}   (not wired yet: 501)
+  PUT   /actions  {\"action_type\": \"stop\"}      200 the final run report; the process exits 0
+  GET   /metrics                              200 pause/resume counters and latencies
+
+Exit status:
+  0      stopped through the API (PUT /actions stop)
+  0-239  the guest ended on its own with this status
+  240    the guest exited with a status above 239 (--json shows it)
+  241    the guest crashed or broke a device contract
+  242    --max-duration-secs passed (the VM was stopped and scrubbed)
+  243    the VMM failed (KVM error, or the memory scrub could not be verified)
+  244    stopped by SIGINT or SIGTERM (memory is still scrubbed)
+  2      bad command line, artifact, guest image or --api-sock";
+
+/// The exit code for a session VMM: why it stopped, and how the guest ended.
+pub fn for_session(cause: StopCause, exit: &GuestExit) -> ExitCode {
+    match cause {
+        StopCause::Api => ExitCode::SUCCESS,
+        StopCause::Signal => ExitCode::from(STOPPED),
+        StopCause::MaxDuration => ExitCode::from(TIMED_OUT),
+        StopCause::Guest => for_exit(exit),
+    }
+}
 
 /// The exit code for how the VM ended.
 pub fn for_exit(exit: &GuestExit) -> ExitCode {

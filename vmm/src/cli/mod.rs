@@ -1,6 +1,7 @@
-//! The command line: `cella-vmm run` and `cella-vmm bench`.
+//! The command line: `cella-vmm run`, `scan`, `session` and `bench`.
 
 pub mod bench;
+pub mod bench_pause;
 pub mod bench_scan;
 pub mod devices;
 pub mod exit_code;
@@ -8,6 +9,7 @@ pub mod jailed;
 pub mod policy;
 pub mod run;
 pub mod scan;
+pub mod session;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,9 @@ pub enum Command {
     /// Scan one artifact in a microVM and print the findings summary.
     #[command(after_help = exit_code::SCAN_HELP)]
     Scan(scan::ScanArgs),
+    /// Run a long-lived session VM steered over a control socket (pause, resume, stop).
+    #[command(after_help = exit_code::SESSION_HELP)]
+    Session(session::SessionArgs),
     /// Measure launch latency against a native process and bubblewrap.
     #[command(subcommand)]
     Bench(bench::BenchCommand),

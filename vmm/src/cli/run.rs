@@ -120,7 +120,7 @@ fn fail_input(e: &dyn std::error::Error) -> ExitCode {
 }
 
 /// One line for people: how it ended, how long it took, what the scrub proved.
-fn summary(report: &RunReport) -> String {
+pub fn summary(report: &RunReport) -> String {
     let how = match &report.exit {
         GuestExit::Exited { code } => format!("guest exited with status {code}"),
         GuestExit::Crashed { reason, rip } => format!("guest crashed at rip {rip:#x}: {reason}"),

@@ -89,7 +89,7 @@ impl ControlClient {
         self.call_json("PUT", "/snapshot/create", Some(json!({"snapshot_dir": dir})))
     }
 
-    /// `PUT /snapshot/load` (into a VMM started with `--restore`-less wait; `dir` absolute).
+    /// `PUT /snapshot/load` (only into a VMM that has no VM yet; `dir` absolute).
     pub fn snapshot_load(&self, dir: &Path, resume: bool) -> Result<serde_json::Value, ControlError> {
         self.call_json("PUT", "/snapshot/load", Some(json!({"snapshot_dir": dir, "resume": resume})))
     }

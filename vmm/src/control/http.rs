@@ -124,6 +124,10 @@ fn read_head(input: &mut impl Read) -> Result<(String, Vec<u8>), HttpError> {
         if buf.len() > MAX_HEAD {
             return Err(HttpError::TooLarge(format!("the request head is over {MAX_HEAD} bytes")));
         }
+        // A bare LF would leave the head unterminated until the client's timeout: refuse it now.
+        if buf.iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || buf[i - 1] != b'\r')) {
+            return Err(HttpError::Malformed("lines must end with CRLF, not a bare LF".into()));
+        }
         let n = match input.read(&mut chunk) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -144,8 +148,11 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Splits the head into its first line and `(lowercased name, value)` headers.
-fn parse_head(head: &str) -> Result<(&str, Vec<(String, &str)>), HttpError> {
+/// Headers as `(lowercased name, value)`.
+type Headers<'a> = Vec<(String, &'a str)>;
+
+/// Splits the head into its first line and its headers.
+fn parse_head(head: &str) -> Result<(&str, Headers<'_>), HttpError> {
     let bad = |why: String| HttpError::Malformed(why);
     let mut lines = head.split("\r\n");
     let first = lines.next().unwrap_or_default();

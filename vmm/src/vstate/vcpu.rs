@@ -648,3 +648,55 @@ impl Drop for VcpuHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use kvm_bindings::*;
+
+    /// `_IOC(dir, 0xAE, nr, size)`: 1 write, 2 read, 3 both.
+    fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+        (dir << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
+    }
+
+    /// The `vcpu` seccomp filter lets through each ioctl a snapshot needs, by the number the
+    /// kernel sees (computed here from kvm-bindings' struct sizes, not copied from the JSON).
+    #[test]
+    fn the_vcpu_filter_allows_the_state_ioctls_by_their_real_numbers() {
+        let policy: serde_json::Value =
+            serde_json::from_str(include_str!("../../../policies/seccomp/vcpu.json")).unwrap();
+        let allowed: Vec<(String, u64)> = policy["vcpu"]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|rule| rule["syscall"] == "ioctl")
+            .map(|rule| {
+                let arg = &rule["args"][0];
+                let name = arg["comment"].as_str().unwrap().split(' ').next().unwrap().to_owned();
+                (name, arg["val"].as_u64().unwrap())
+            })
+            .collect();
+        let wanted = [
+            ("KVM_RUN", 0x80 | (0xAE << 8)),
+            ("KVM_GET_REGS", kvm_ioc(2, 0x81, size_of::<kvm_regs>())),
+            ("KVM_GET_SREGS", kvm_ioc(2, 0x83, size_of::<kvm_sregs>())),
+            ("KVM_GET_FPU", kvm_ioc(2, 0x8c, size_of::<kvm_fpu>())),
+            ("KVM_GET_MSRS", kvm_ioc(3, 0x88, size_of::<kvm_msrs>())),
+            ("KVM_GET_CPUID2", kvm_ioc(3, 0x91, size_of::<kvm_cpuid2>())),
+            ("KVM_GET_MP_STATE", kvm_ioc(2, 0x98, size_of::<kvm_mp_state>())),
+            ("KVM_GET_VCPU_EVENTS", kvm_ioc(2, 0x9f, size_of::<kvm_vcpu_events>())),
+            ("KVM_GET_DEBUGREGS", kvm_ioc(2, 0xa1, size_of::<kvm_debugregs>())),
+            ("KVM_GET_TSC_KHZ", kvm_ioc(0, 0xa3, 0)),
+            ("KVM_GET_XSAVE", kvm_ioc(2, 0xa4, size_of::<kvm_xsave>())),
+            ("KVM_GET_XCRS", kvm_ioc(2, 0xa6, size_of::<kvm_xcrs>())),
+            ("KVM_GET_XSAVE2", kvm_ioc(2, 0xcf, size_of::<kvm_xsave>())),
+        ];
+        for (name, number) in wanted {
+            assert!(
+                allowed.iter().any(|(n, v)| n == name && *v == number),
+                "vcpu.json does not allow {name} = {number}; it has {allowed:?}"
+            );
+        }
+    }
+}

@@ -16,6 +16,8 @@ use super::virtio::Mmio;
 
 #[cfg(feature = "scanner")]
 mod scanner;
+#[cfg(feature = "scanner")]
+mod session;
 
 /// How long a runner waits for the host to take the last bytes of a connection.
 pub(super) const CLOSE_TIMEOUT_MS: u32 = 10_000;
@@ -23,7 +25,7 @@ pub(super) const CLOSE_TIMEOUT_MS: u32 = 10_000;
 /// Exit status when a device could not be used.
 pub(super) const DEVICE_FAILED: u32 = 122;
 
-pub fn run(mode: Mode, boot: &BootInfo, console: &mut Console) -> ! {
+pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
     match mode {
         Mode::Hello => {
             let mut line = String::with_capacity(32);
@@ -39,11 +41,13 @@ pub fn run(mode: Mode, boot: &BootInfo, console: &mut Console) -> ! {
         Mode::Hostile(kind) => hostile(boot, console, kind),
         #[cfg(feature = "scanner")]
         Mode::Scan => scanner::scan(boot, console),
+        #[cfg(feature = "scanner")]
+        Mode::Session(args) => session::session(boot, console, args),
         #[cfg(not(feature = "scanner"))]
-        Mode::Scan => {
+        Mode::Scan | Mode::Session(_) => {
             let _ = writeln!(
                 console,
-                "cella-runner: this image has no scanner; `scan` runs in the cella-scanner image"
+                "cella-runner: this image has no scanner; `scan` and `session` run in the cella-scanner image"
             );
             exit(status::USAGE)
         }

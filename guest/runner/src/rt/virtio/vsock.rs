@@ -1,6 +1,15 @@
 //! The virtio-vsock driver: stream connections to and from the host, with credit-based flow
 //! control. The runner polls: when it must wait for the host it makes a wait exit, and the VMM
 //! blocks the vCPU until data, a connection, or the timeout arrives.
+//!
+//! A connection ends cleanly in every state: an RST (the host went away, or the VM was restored
+//! from a snapshot and the VMM reset every open connection) or a SHUTDOWN marks it closed and
+//! drops what it buffered; `recv` then reports the end (0) and `send` fails with `Closed`, so
+//! the caller goes back to `accept`. Listeners are kept: a closed connection never touches them.
+//! A packet for no connection is answered with RST (as a peer must), so a host that connects
+//! before the runner listens is refused at once instead of waiting. A connection's slot is
+//! reused once its owner [`Vsock::release`]s it, so serving connection after connection for
+//! hours keeps the table small.
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -23,6 +32,9 @@ const RX_BUFFERS: usize = 32;
 const BUF_ALLOC: u32 = 4 << 20;
 /// Guest ports for outgoing connections start here.
 const FIRST_LOCAL_PORT: u32 = 49152;
+/// The longest single wait exit the VMM grants; idle loops wait this long (any packet ends the
+/// wait early), so an idle runner makes about one exit per second.
+const IDLE_WAIT_MS: u32 = 1000;
 
 /// A connection handle.
 pub type ConnId = usize;
@@ -46,6 +58,8 @@ enum State {
     Established,
     /// The host takes nothing more (it shut down receiving, or reset).
     Closed,
+    /// Released by its owner: the slot may carry a new connection.
+    Free,
 }
 
 struct Conn {
@@ -80,6 +94,29 @@ impl Conn {
 
     fn credit(&self) -> u32 {
         self.peer_buf_alloc.saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    /// The host is gone (RST) or takes nothing more: nothing can be sent, and nothing more
+    /// will arrive. Data already received stays readable (the host sent it before it left).
+    fn close_locally(&mut self) {
+        self.state = State::Closed;
+        self.peer_done = true;
+    }
+}
+
+/// A control packet (no payload) on `conn`.
+fn reply(conn: &Conn, op: u16) -> Header {
+    Header {
+        src_cid: vsock::GUEST_CID,
+        dst_cid: vsock::HOST_CID,
+        src_port: conn.local,
+        dst_port: conn.peer,
+        len: 0,
+        kind: vsock::TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: BUF_ALLOC,
+        fwd_cnt: conn.fwd_cnt,
     }
 }
 
@@ -189,7 +226,7 @@ impl Vsock {
     /// Handles every packet the host delivered; returns whether there were any.
     pub fn poll(&mut self) -> bool {
         let mut any = false;
-        let mut replies: Vec<(ConnId, u16)> = Vec::new();
+        let mut replies: Vec<Header> = Vec::new();
         while let Some((head, len)) = self.rx.pop_used() {
             any = true;
             let index = self.rx_buf_of_head[usize::from(head)];
@@ -205,33 +242,56 @@ impl Vsock {
             }
             self.post_rx(index);
         }
-        for (id, op) in replies {
-            let _ = self.control(id, op, 0);
+        if !replies.is_empty() {
+            let packets: Vec<(Header, &[u8])> = replies.iter().map(|h| (*h, &[][..])).collect();
+            let _ = self.transmit(&packets);
         }
         any
     }
 
-    /// Applies one packet to the connections; returns a control reply to send, if any.
+    /// Applies one packet to the connections; returns a control packet to answer with, if any.
     fn dispatch(
         conns: &mut Vec<Conn>,
         listening: &[u32],
         accepted: &mut VecDeque<ConnId>,
         h: &Header,
         payload: &[u8],
-    ) -> Option<(ConnId, u16)> {
-        let found = conns
-            .iter()
-            .position(|c| c.local == h.dst_port && c.peer == h.src_port && c.state != State::Closed);
+    ) -> Option<Header> {
+        let live = |c: &Conn| matches!(c.state, State::Connecting | State::Established);
+        let found = conns.iter().position(|c| c.local == h.dst_port && c.peer == h.src_port && live(c));
         let Some(id) = found else {
             if h.op == op::REQUEST && listening.contains(&h.dst_port) {
                 let mut conn = Conn::new(h.dst_port, h.src_port, State::Established);
                 conn.peer_buf_alloc = h.buf_alloc;
                 conn.peer_fwd_cnt = h.fwd_cnt;
-                conns.push(conn);
-                accepted.push_back(conns.len() - 1);
-                return Some((conns.len() - 1, op::RESPONSE));
+                let id = match conns.iter().position(|c| c.state == State::Free) {
+                    Some(free) => {
+                        conns[free] = conn;
+                        free
+                    }
+                    None => {
+                        conns.push(conn);
+                        conns.len() - 1
+                    }
+                };
+                accepted.push_back(id);
+                return Some(reply(&conns[id], op::RESPONSE));
             }
-            return None;
+            // Nobody here (not listening, or the connection is gone): say so, except to an RST.
+            if h.op == op::RST {
+                return None;
+            }
+            let mut rst = Header {
+                src_cid: vsock::GUEST_CID,
+                dst_cid: vsock::HOST_CID,
+                src_port: h.dst_port,
+                dst_port: h.src_port,
+                kind: vsock::TYPE_STREAM,
+                op: op::RST,
+                ..Header::default()
+            };
+            rst.buf_alloc = BUF_ALLOC;
+            return Some(rst);
         };
         let conn = &mut conns[id];
         conn.peer_buf_alloc = h.buf_alloc;
@@ -240,20 +300,20 @@ impl Vsock {
             op::RESPONSE if conn.state == State::Connecting => conn.state = State::Established,
             // More than our buffer would be a VMM bug (it honours our credit): drop it.
             op::RW if conn.data.len() + payload.len() <= BUF_ALLOC as usize => conn.data.extend(payload),
-            op::CREDIT_REQUEST => return Some((id, op::CREDIT_UPDATE)),
+            op::CREDIT_REQUEST => {
+                conn.fwd_reported = conn.fwd_cnt;
+                return Some(reply(conn, op::CREDIT_UPDATE));
+            }
             op::SHUTDOWN => {
                 if h.flags & vsock::SHUTDOWN_SEND != 0 {
                     conn.peer_done = true;
                 }
                 if h.flags & vsock::SHUTDOWN_RCV != 0 {
-                    conn.state = State::Closed;
-                    return Some((id, op::RST));
+                    conn.close_locally();
+                    return Some(reply(conn, op::RST));
                 }
             }
-            op::RST => {
-                conn.state = State::Closed;
-                conn.peer_done = true;
-            }
+            op::RST => conn.close_locally(),
             _ => {}
         }
         None
@@ -263,15 +323,24 @@ impl Vsock {
     pub fn connect(&mut self, port: u32, timeout_ms: u32) -> Result<ConnId, VsockError> {
         let local = self.next_port;
         self.next_port += 1;
-        self.conns.push(Conn::new(local, port, State::Connecting));
-        let id = self.conns.len() - 1;
+        let conn = Conn::new(local, port, State::Connecting);
+        let id = match self.conns.iter().position(|c| c.state == State::Free) {
+            Some(free) => {
+                self.conns[free] = conn;
+                free
+            }
+            None => {
+                self.conns.push(conn);
+                self.conns.len() - 1
+            }
+        };
         self.control(id, op::REQUEST, 0)?;
         let mut waited = 0;
         loop {
             self.poll();
             match self.conns[id].state {
                 State::Established => return Ok(id),
-                State::Closed => return Err(VsockError::Refused),
+                State::Closed | State::Free => return Err(VsockError::Refused),
                 State::Connecting if waited >= timeout_ms => return Err(VsockError::TimedOut),
                 State::Connecting => {
                     wait(100);
@@ -286,20 +355,41 @@ impl Vsock {
         self.listening.push(port);
     }
 
-    /// Waits up to `timeout_ms` for a host connection to a listening port.
+    /// Waits up to `timeout_ms` for a host connection to a listening port. A connection the
+    /// host already reset while it waited in the queue is skipped (and released).
     pub fn accept(&mut self, timeout_ms: u32) -> Result<ConnId, VsockError> {
-        let mut waited = 0;
+        let mut waited = 0u32;
         loop {
             self.poll();
-            if let Some(id) = self.accepted.pop_front() {
-                return Ok(id);
+            while let Some(id) = self.accepted.pop_front() {
+                if self.conns[id].state == State::Established || !self.conns[id].data.is_empty() {
+                    return Ok(id);
+                }
+                self.release(id);
             }
             if waited >= timeout_ms {
                 return Err(VsockError::TimedOut);
             }
-            wait(100);
-            waited += 100;
+            let step = (timeout_ms - waited).min(IDLE_WAIT_MS);
+            wait(step);
+            waited = waited.saturating_add(step);
         }
+    }
+
+    /// Gives a closed connection's slot back (after [`close`](Self::close), or once `recv`
+    /// reported its end). `id` must not be used again.
+    pub fn release(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            if conn.state == State::Established || conn.state == State::Connecting {
+                // Still open on the host side: tell it.
+                let h = reply(conn, op::RST);
+                let _ = self.transmit(&[(h, &[])]);
+            }
+            let conn = &mut self.conns[id];
+            conn.state = State::Free;
+            conn.data = VecDeque::new();
+        }
+        self.accepted.retain(|&a| a != id);
     }
 
     /// Sends all of `data`, as fast as the host's credit allows.
@@ -360,14 +450,15 @@ impl Vsock {
                 }
                 return Ok(n);
             }
-            match conn.state {
-                _ if conn.peer_done || conn.state == State::Closed => return Ok(0),
-                _ if waited >= timeout_ms => return Err(VsockError::TimedOut),
-                _ => {
-                    wait(100);
-                    waited += 100;
-                }
+            if conn.peer_done || conn.state != State::Established {
+                return Ok(0);
             }
+            if waited >= timeout_ms {
+                return Err(VsockError::TimedOut);
+            }
+            let step = (timeout_ms - waited).min(IDLE_WAIT_MS);
+            wait(step);
+            waited = waited.saturating_add(step);
         }
     }
 
