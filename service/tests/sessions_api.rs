@@ -672,6 +672,20 @@ async fn the_reaper_suspends_idle_sessions(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_failed_idle_suspend_is_retried_after_another_idle_period_not_at_every_pass(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let sid = id(&api.create(&key, "?idle_suspend=1").await);
+    api.backend.0.fail_snapshot.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    reaper::once(&api.state.sessions).await.unwrap();
+    reaper::once(&api.state.sessions).await.unwrap();
+    assert_eq!(api.get(&format!("/v1/sessions/{sid}"), &key).await.json()["state"], "running");
+    let failures = api.actions(&tenant).await.iter().filter(|a| *a == "session.suspend_failed").count();
+    assert_eq!(failures, 1);
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn the_reaper_terminates_sessions_past_their_deadline_and_deletes_their_files(pool: PgPool) {
     let api = api(pool, |_| {}).await;
     let (_, key) = api.tenant("acme").await;

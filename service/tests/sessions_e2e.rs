@@ -45,11 +45,43 @@ fn vmm() -> &'static Path {
     })
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cella-se2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A test's folder. Session VMMs outlive `serve` by design, so when the test ends (passed or
+/// not) every VMM whose command line names this folder is stopped, then the folder is removed.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("cella-se2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let needle = self.0.as_os_str().as_encoded_bytes().to_vec();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let ours = cmdline.split(|b| *b == 0).any(|arg| arg.windows(needle.len()).any(|w| w == needle));
+            if ours && cmdline.starts_with(vmm().as_os_str().as_encoded_bytes()) {
+                let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn test_db_url(pool: &PgPool) -> String {
@@ -206,7 +238,7 @@ fn export_and_verify(server: &Server, tenant: &str, dir: &Path) -> String {
 #[sqlx::test(migrations = "../migrations")]
 #[ignore = "needs cella-vmm session --restore and the session-mode guest image; run with --ignored"]
 async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool) {
-    let dir = scratch("life");
+    let dir = Scratch::new("life");
     let server = Server::start(&dir.join("data"), &test_db_url(&pool), &[]);
     let (tenant, _, client) = server.tenant("acme").await;
     let s = create(&client, "?name=sample-app.tar&read_policy=redact").await;
@@ -277,13 +309,12 @@ async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool
     }
     export_and_verify(&server, &tenant, &dir);
     drop(server);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[sqlx::test(migrations = "../migrations")]
 #[ignore = "needs cella-vmm session --restore and the session-mode guest image; run with --ignored"]
 async fn an_idle_session_is_suspended_and_connect_restores_it(pool: PgPool) {
-    let dir = scratch("idle");
+    let dir = Scratch::new("idle");
     let server = Server::start(&dir.join("data"), &test_db_url(&pool), &[]);
     let (tenant, _, client) = server.tenant("acme").await;
     let id = create(&client, "?idle_suspend=2").await["id"].as_str().unwrap().to_owned();
@@ -302,13 +333,12 @@ async fn an_idle_session_is_suspended_and_connect_restores_it(pool: PgPool) {
     export_and_verify(&server, &tenant, &dir);
     client.json(Method::DELETE, &format!("/v1/sessions/{id}")).await.unwrap();
     drop(server);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[sqlx::test(migrations = "../migrations")]
 #[ignore = "needs cella-vmm session --restore and the session-mode guest image; run with --ignored"]
 async fn a_session_past_its_maximum_duration_is_terminated_and_its_files_deleted(pool: PgPool) {
-    let dir = scratch("max");
+    let dir = Scratch::new("max");
     let server =
         Server::start(&dir.join("data"), &test_db_url(&pool), &[("CELLA_SESSIONS_MAX_DURATION_SECS", "4")]);
     let (tenant, _, client) = server.tenant("acme").await;
@@ -326,13 +356,12 @@ async fn a_session_past_its_maximum_duration_is_terminated_and_its_files_deleted
     assert_eq!(names.iter().filter(|a| *a == "session.terminated").count(), 2);
     export_and_verify(&server, &tenant, &dir);
     drop(server);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[sqlx::test(migrations = "../migrations")]
 #[ignore = "needs cella-vmm session --restore and the session-mode guest image; run with --ignored"]
 async fn a_sigkilled_serve_re_adopts_its_sessions_on_restart(pool: PgPool) {
-    let dir = scratch("adopt");
+    let dir = Scratch::new("adopt");
     let data = dir.join("data");
     let db = test_db_url(&pool);
     let mut server = Server::start(&data, &db, &[]);
@@ -357,5 +386,4 @@ async fn a_sigkilled_serve_re_adopts_its_sessions_on_restart(pool: PgPool) {
     export_and_verify(&server, &tenant, &dir);
     client.json(Method::DELETE, &format!("/v1/sessions/{id}")).await.unwrap();
     drop(server);
-    std::fs::remove_dir_all(&dir).unwrap();
 }

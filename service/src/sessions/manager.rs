@@ -592,7 +592,10 @@ impl SessionManager {
                     action: "session.suspend_failed",
                     details: json!({ "reason": message, "trigger": reason.as_str() }),
                 };
-                store::transition(&self.pool, &suspending, &back, false, Some(event)).await?;
+                // An idle suspend that failed is tried again after another idle period, not at
+                // every pass of the reaper.
+                store::transition(&self.pool, &suspending, &back, reason == Reason::Idle, Some(event))
+                    .await?;
                 return Err(ServiceError::Vm(format!(
                     "suspending session {} failed: {message}; it is still {was}",
                     s.id
