@@ -32,6 +32,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub jobs: JobsConfig,
     pub worker: WorkerConfig,
+    pub sessions: SessionsConfig,
     /// The checkpoint signing key file and checkpoint policy.
     pub audit: AuditSection,
 }
@@ -87,6 +88,46 @@ pub struct WorkerConfig {
     pub jail_uid_base: u32,
 }
 
+/// The hard limit on a session's life, running and suspended: 8 hours.
+pub const SESSION_MAX_DURATION_CAP_SECS: u64 = 8 * 3600;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// The longest a session may live, and the default `max_duration` of a new one
+    /// (`CELLA_SESSIONS_MAX_DURATION_SECS`); at most 28800 (8 hours).
+    pub max_duration_secs: u64,
+    /// A running or paused session without exec or connect for this long is suspended
+    /// (`CELLA_SESSIONS_IDLE_SUSPEND_SECS`); 0: never. A session may ask for its own.
+    pub default_idle_suspend_secs: u64,
+    /// Guest memory of a session VM when the request names none.
+    pub mem_mib: u32,
+    /// How often the reaper looks for idle and expired sessions (`CELLA_SESSIONS_REAPER_INTERVAL_MS`).
+    pub reaper_interval_ms: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            max_duration_secs: SESSION_MAX_DURATION_CAP_SECS,
+            default_idle_suspend_secs: 900,
+            mem_mib: 256,
+            reaper_interval_ms: 1000,
+        }
+    }
+}
+
+impl SessionsConfig {
+    /// The configured maximum, never above the 8-hour cap.
+    pub fn max_duration(&self) -> u64 {
+        self.max_duration_secs.clamp(1, SESSION_MAX_DURATION_CAP_SECS)
+    }
+
+    pub fn reaper_interval(&self) -> Duration {
+        Duration::from_millis(self.reaper_interval_ms.max(10))
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditSection {
@@ -104,6 +145,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             jobs: JobsConfig::default(),
             worker: WorkerConfig::default(),
+            sessions: SessionsConfig::default(),
             audit: AuditSection::default(),
         }
     }
@@ -211,6 +253,18 @@ impl Config {
         if let Some(v) = get("CELLA_DRAIN_SECS") {
             self.worker.drain_secs = parse("CELLA_DRAIN_SECS", v, "a number of seconds")?;
         }
+        if let Some(v) = get("CELLA_SESSIONS_MAX_DURATION_SECS") {
+            self.sessions.max_duration_secs =
+                parse("CELLA_SESSIONS_MAX_DURATION_SECS", v, "a number of seconds")?;
+        }
+        if let Some(v) = get("CELLA_SESSIONS_IDLE_SUSPEND_SECS") {
+            self.sessions.default_idle_suspend_secs =
+                parse("CELLA_SESSIONS_IDLE_SUSPEND_SECS", v, "a number of seconds")?;
+        }
+        if let Some(v) = get("CELLA_SESSIONS_REAPER_INTERVAL_MS") {
+            self.sessions.reaper_interval_ms =
+                parse("CELLA_SESSIONS_REAPER_INTERVAL_MS", v, "a number of milliseconds")?;
+        }
         Ok(())
     }
 }
@@ -225,6 +279,13 @@ mod tests {
         let c = Config::load(None, &dir.join("cella.toml")).unwrap();
         assert_eq!(c.listen.port(), 8443);
         assert_eq!(c.jobs.max_attempts, 3);
+        assert_eq!(c.sessions.max_duration(), 28_800);
+    }
+
+    #[test]
+    fn session_max_duration_never_exceeds_eight_hours() {
+        let c: Config = toml::from_str("[sessions]\nmax_duration_secs = 100000\n").unwrap();
+        assert_eq!(c.sessions.max_duration(), 28_800);
     }
 
     #[test]

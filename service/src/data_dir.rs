@@ -1,5 +1,5 @@
 //! The data folder: configuration, TLS material, the admin credential, the audit signing key,
-//! the private PostgreSQL, uploaded artifacts and the workers' scratch files.
+//! the private PostgreSQL, uploaded artifacts, sessions and the workers' scratch files.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,7 @@ impl DataDir {
         std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))
             .map_err(|source| FileError { action: "cannot chmod", path: self.root.clone(), source })?;
         files::create_private_dir(&self.artifacts())?;
+        files::create_private_dir(&self.sessions())?;
         files::create_private_dir(&self.work())
     }
 
@@ -61,6 +62,15 @@ impl DataDir {
 
     pub fn artifact(&self, job_id: &str) -> PathBuf {
         self.artifacts().join(job_id)
+    }
+
+    /// One folder per live session: its artifact, the VMM's sockets and log, its snapshot.
+    pub fn sessions(&self) -> PathBuf {
+        self.root.join("sessions")
+    }
+
+    pub fn session(&self, session_id: &str) -> PathBuf {
+        self.sessions().join(session_id)
     }
 
     /// Workers' scratch files (SARIF logs before they are stored).

@@ -57,6 +57,9 @@ pub enum ServiceError {
     TooLarge { limit: u64 },
     #[error("{0}")]
     Timeout(String),
+    /// A session's VM did not do what was asked (the message says what state it is left in).
+    #[error("{0}")]
+    Vm(String),
     #[error("the database is unavailable; try again")]
     Unavailable(#[source] sqlx::Error),
     #[error("internal error: {0}")]
@@ -98,6 +101,7 @@ impl ServiceError {
             ServiceError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ServiceError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             ServiceError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+            ServiceError::Vm(_) => (StatusCode::BAD_GATEWAY, "vm-error"),
             ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

@@ -67,7 +67,7 @@ const JOB_COLUMNS: &str =
     "id, state, policy, artifact_name, artifact_bytes, artifact_sha256, attempt, max_attempts,
      cancel_requested, error, findings, created_at, started_at, finished_at";
 
-fn rfc3339(t: OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
@@ -211,7 +211,7 @@ pub async fn submit(
     Ok(Submitted::Created(job))
 }
 
-fn actor_id(actor: &Actor) -> String {
+pub(crate) fn actor_id(actor: &Actor) -> String {
     match actor {
         Actor::ApiKey(id) | Actor::Admin(id) | Actor::System(id) => id.clone(),
     }
@@ -255,7 +255,7 @@ pub async fn list(
     }
     let (after_time, after_id) = match cursor {
         Some(c) => {
-            let parsed = parse_cursor(c).ok_or_else(|| {
+            let parsed = parse_cursor(c, "job").ok_or_else(|| {
                 ServiceError::BadRequest(format!("cursor {c:?} is not one this server issued"))
             })?;
             (Some(parsed.0), Some(parsed.1))
@@ -289,15 +289,16 @@ pub async fn list(
     Ok(JobPage { jobs, next_cursor })
 }
 
-fn make_cursor(time: OffsetDateTime, id: &str) -> String {
+pub(crate) fn make_cursor(time: OffsetDateTime, id: &str) -> String {
     format!("{}.{id}", time.unix_timestamp_nanos() / 1000)
 }
 
-fn parse_cursor(cursor: &str) -> Option<(OffsetDateTime, String)> {
+/// A cursor from [`make_cursor`] for ids with `prefix` (`job`, `session`).
+pub(crate) fn parse_cursor(cursor: &str, prefix: &str) -> Option<(OffsetDateTime, String)> {
     let (micros, id) = cursor.split_once('.')?;
     let micros: i128 = micros.parse().ok()?;
     let time = OffsetDateTime::from_unix_timestamp_nanos(micros.checked_mul(1000)?).ok()?;
-    ids::is_id(id, "job").then(|| (time, id.to_owned()))
+    ids::is_id(id, prefix).then(|| (time, id.to_owned()))
 }
 
 /// A finished job's SARIF log (404 until the job has succeeded).
@@ -419,8 +420,9 @@ mod tests {
         let t = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
         let id = ids::new_id("job");
         let c = make_cursor(t, &id);
-        assert_eq!(parse_cursor(&c), Some((t, id)));
-        assert_eq!(parse_cursor("12.job_'; DROP TABLE jobs"), None);
-        assert_eq!(parse_cursor("x"), None);
+        assert_eq!(parse_cursor(&c, "job"), Some((t, id)));
+        assert_eq!(parse_cursor(&c, "session"), None);
+        assert_eq!(parse_cursor("12.job_'; DROP TABLE jobs", "job"), None);
+        assert_eq!(parse_cursor("x", "job"), None);
     }
 }

@@ -6,7 +6,10 @@
 //!   migrations, admin credential, audit checkpointer, API [`api`] over [`server`], a worker).
 //! - [`jobs`] (tenant side) and [`queue`] (worker side) over the `jobs` table; [`tenants`] for
 //!   tenants and keys; [`worker`] leases and runs jobs; [`audit_log`] appends their events.
-//! - [`client`] and [`cli`]: the command line (`cella scan`, `cella tenant …`, `cella audit …`).
+//! - [`sessions`]: long-lived session VMs (pause, suspend to a snapshot, resume, connect, exec,
+//!   terminate), their manager in `serve` and the reaper that enforces idle and maximum times.
+//! - [`client`] and [`cli`]: the command line (`cella scan`, `cella session …`, `cella tenant …`,
+//!   `cella audit …`).
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -26,6 +29,7 @@ pub mod postgres;
 pub mod queue;
 pub mod serve;
 pub mod server;
+pub mod sessions;
 mod signal;
 pub mod tenants;
 pub mod tls;

@@ -1,5 +1,6 @@
 //! Prometheus metrics: in-process histograms and counters the worker updates, plus gauges read
-//! from the database at scrape time (jobs by state, queue depth and age, worker utilisation).
+//! from the database at scrape time (jobs and sessions by state, queue depth and age, worker
+//! utilisation).
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +87,12 @@ impl Metrics {
                 .and_then(|r| r.try_get::<i64, _>("n").ok())
                 .unwrap_or(0);
             let _ = writeln!(out, "cella_jobs{{state=\"{state}\"}} {n}");
+        }
+        let sessions = crate::sessions::store::count_by_state(pool).await?;
+        out.push_str("# HELP cella_sessions Sessions by state.\n# TYPE cella_sessions gauge\n");
+        for state in crate::sessions::State::ALL {
+            let n = sessions.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
+            let _ = writeln!(out, "cella_sessions{{state=\"{state}\"}} {n}");
         }
         let (depth, age) = crate::queue::depth(pool).await?;
         let _ = writeln!(out, "# HELP cella_queue_depth Jobs waiting to be leased.\n# TYPE cella_queue_depth gauge\ncella_queue_depth {depth}");

@@ -1,6 +1,7 @@
 //! `cella serve`: the data folder, PostgreSQL (private or `DATABASE_URL`), migrations, the admin
-//! credential, the audit signing key and checkpointer, TLS, the API and (by default) a worker;
-//! SIGTERM or Ctrl-C shuts it all down in order.
+//! credential, the audit signing key and checkpointer, TLS, the session manager (re-adopting
+//! this host's session VMs) and its reaper, the API and (by default) a worker; SIGTERM or Ctrl-C
+//! shuts it all down in order (session VMs keep running for the next start).
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use crate::data_dir::DataDir;
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::postgres::{PostgresError, PrivatePostgres};
+use crate::sessions::SessionManager;
 use crate::tenants;
 use crate::tls::{self, TlsError};
 use crate::worker::Worker;
@@ -182,6 +184,7 @@ pub struct Running {
     server: tokio::task::JoinHandle<()>,
     worker: Option<tokio::task::JoinHandle<Result<(), ServiceError>>>,
     checkpointer: tokio::task::JoinHandle<Result<(), cella_audit::store::StoreError>>,
+    reaper: tokio::task::JoinHandle<()>,
 }
 
 /// Starts the API on `config.listen`, the checkpointer and (if enabled) a worker, on a migrated
@@ -213,6 +216,19 @@ pub async fn start(
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::default());
+    let backend = crate::sessions::vmm::VmmBackend::new(
+        config.worker.vmm.clone().unwrap_or_else(crate::worker::launch::default_vmm),
+        config.worker.scanner_image.clone(),
+    );
+    let sessions = Arc::new(SessionManager::new(
+        pool.clone(),
+        config.sessions.clone(),
+        data_dir.clone(),
+        crate::sessions::manager::host_name(),
+        Arc::new(backend),
+    ));
+    sessions.recover().await?;
+    let reaper = tokio::spawn(crate::sessions::reaper::run(sessions.clone(), shutdown_rx.clone()));
     let state = AppState {
         pool: pool.clone(),
         config: Arc::new(config.clone()),
@@ -220,6 +236,7 @@ pub async fn start(
         metrics: metrics.clone(),
         signer: Some(Arc::new(signer)),
         jobs_done: api::wait::JobsDone::listen(pool.clone()),
+        sessions,
     };
     let checkpointer = {
         let mut rx = shutdown_rx.clone();
@@ -240,14 +257,16 @@ pub async fn start(
         tokio::spawn(worker.run(shutdown_rx.clone()))
     });
     let server = tokio::spawn(crate::server::serve(listener, tls_config, api::app(state), shutdown_rx));
-    Ok(Running { url, metrics, data_dir, shutdown, server, worker, checkpointer })
+    Ok(Running { url, metrics, data_dir, shutdown, server, worker, checkpointer, reaper })
 }
 
 impl Running {
-    /// Stops accepting, drains the worker, cuts a final checkpoint.
+    /// Stops accepting, drains the worker, cuts a final checkpoint. Session VMMs keep running:
+    /// the next start re-adopts them.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
+        let _ = self.reaper.await;
         if let Some(worker) = self.worker {
             match worker.await {
                 Ok(Err(e)) => eprintln!("cella serve: worker: {e}"),

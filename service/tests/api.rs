@@ -14,6 +14,8 @@ use cella_service::config::Config;
 use cella_service::data_dir::DataDir;
 use cella_service::metrics::Metrics;
 use cella_service::queue::{self, Outcome};
+use cella_service::sessions::vmm::VmmBackend;
+use cella_service::sessions::SessionManager;
 use cella_service::tenants;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -56,11 +58,19 @@ async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
     let (_, admin) = tenants::create_admin_key(&pool).await.unwrap();
     let state = AppState {
         jobs_done: cella_service::api::wait::JobsDone::listen(pool.clone()),
+        metrics: Arc::new(Metrics::default()),
+        signer: None,
+        // These tests touch no session; the session tests (sessions_api.rs) use a stand-in VM.
+        sessions: Arc::new(SessionManager::new(
+            pool.clone(),
+            config.sessions.clone(),
+            data_dir.clone(),
+            "test-host".into(),
+            Arc::new(VmmBackend::new("/nonexistent/cella-vmm".into(), None)),
+        )),
         pool,
         config: Arc::new(config),
         data_dir,
-        metrics: Arc::new(Metrics::default()),
-        signer: None,
     };
     Api { state, admin, _dir: TempDir(dir) }
 }

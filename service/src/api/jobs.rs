@@ -6,12 +6,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
 
 use super::auth::TenantAuth;
 use super::extract::ApiQuery;
+use super::upload;
 use super::AppState;
 use crate::error::ServiceError;
 use crate::ids;
@@ -35,7 +34,6 @@ pub struct SubmitQuery {
     name: Option<String>,
 }
 
-const MAX_NAME: usize = 255;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// Submits a scan: the request body is the artifact (tar, tar.gz, zip or a single file).
@@ -58,12 +56,7 @@ async fn submit(
     body: Body,
 ) -> Result<Response, ServiceError> {
     let policy = jobs::parse_policy(query.policy.as_deref(), &state.config.jobs.default_policy)?;
-    let name = query.name.filter(|n| !n.is_empty());
-    if name.as_ref().is_some_and(|n| n.len() > MAX_NAME || n.chars().any(char::is_control)) {
-        return Err(ServiceError::BadRequest(format!(
-            "name must be at most {MAX_NAME} printable characters"
-        )));
-    }
+    let name = upload::check_name(query.name)?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
@@ -78,30 +71,12 @@ async fn submit(
             )
         }
     };
-    let limit = state.config.jobs.max_artifact_bytes;
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ServiceError::TooLarge { limit });
-    }
     let job_id = ids::new_id("job");
     let path = state.data_dir.artifact(&job_id);
-    let part = path.with_extension("part");
-    let idle = std::time::Duration::from_secs(state.config.jobs.upload_idle_secs.max(1));
-    let stored = receive(body, &part, limit, idle).await;
-    let (bytes, sha256) = match stored {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&part).await;
-            return Err(e);
-        }
-    };
     // Named under its final path before the job exists, so a worker never sees a job without
     // its artifact; removed again if the job is not created.
-    if let Err(e) = tokio::fs::rename(&part, &path).await {
-        let _ = tokio::fs::remove_file(&part).await;
-        return Err(ServiceError::Internal(format!("storing artifact: {e}")));
-    }
+    let stored = upload::store(&state, &headers, body, &path, state.config.jobs.max_artifact_bytes).await?;
+    let (bytes, sha256) = (stored.bytes, stored.sha256);
     let sub = Submission {
         job_id,
         policy,
@@ -125,46 +100,6 @@ async fn submit(
             Err(e)
         }
     }
-}
-
-/// Streams the body into `path`, hashing it, and stops at `limit` bytes.
-/// An upload that stalls for `idle` is dropped.
-async fn receive(
-    body: Body,
-    path: &std::path::Path,
-    limit: u64,
-    idle: std::time::Duration,
-) -> Result<(u64, [u8; 32]), ServiceError> {
-    let internal = |e: std::io::Error| ServiceError::Internal(format!("writing {}: {e}", path.display()));
-    let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
-    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut total = 0u64;
-    let mut stream = body.into_data_stream();
-    loop {
-        let next = tokio::time::timeout(idle, stream.next()).await.map_err(|_| {
-            ServiceError::Timeout(format!(
-                "the upload sent nothing for {} s and was dropped; send it again",
-                idle.as_secs()
-            ))
-        })?;
-        let Some(chunk) = next else { break };
-        let chunk = chunk.map_err(|e| ServiceError::BadRequest(format!("the upload broke off: {e}")))?;
-        total += chunk.len() as u64;
-        if total > limit {
-            return Err(ServiceError::TooLarge { limit });
-        }
-        hash.update(&chunk);
-        file.write_all(&chunk).await.map_err(internal)?;
-    }
-    file.flush().await.map_err(internal)?;
-    if total == 0 {
-        return Err(ServiceError::BadRequest(
-            "the artifact is empty: send its bytes as the request body".into(),
-        ));
-    }
-    let mut sha = [0u8; 32];
-    sha.copy_from_slice(hash.finish().as_ref());
-    Ok((total, sha))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -8,6 +8,8 @@ pub mod auth;
 pub mod extract;
 pub mod jobs;
 pub mod openapi;
+pub mod sessions;
+pub mod upload;
 pub mod wait;
 
 use std::sync::Arc;
@@ -36,12 +38,15 @@ pub struct AppState {
     pub signer: Option<Arc<cella_audit::SigningKey>>,
     /// Job-finished notifications for `GET /v1/jobs/{id}?wait=`.
     pub jobs_done: wait::JobsDone,
+    /// The sessions of this host.
+    pub sessions: Arc<crate::sessions::SessionManager>,
 }
 
 /// The whole API.
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(jobs::router())
+        .merge(sessions::router())
         .merge(audit::router())
         .merge(admin::router())
         .route("/v1/openapi.json", get(openapi::serve))
@@ -60,7 +65,7 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// A path id must look like one of ours (`job_…`, `tenant_…`, `worker_…`), or the answer is
+/// A path id must look like one of ours (`job_…`, `session_…`, `tenant_…`, `worker_…`), or the answer is
 /// 404 without touching the database or the audit log.
 pub fn known_id(id: &str, prefix: &str) -> Result<(), ServiceError> {
     if crate::ids::is_id(id, prefix) {

@@ -11,6 +11,9 @@ use utoipa::{Modify, OpenApi};
     paths(
         super::healthz, super::metrics,
         super::jobs::submit, super::jobs::list, super::jobs::get_job, super::jobs::sarif, super::jobs::summary, super::jobs::cancel,
+        super::sessions::create, super::sessions::list, super::sessions::get_session, super::sessions::pause,
+        super::sessions::suspend, super::sessions::resume, super::sessions::connect, super::sessions::exec,
+        super::sessions::add_file, super::sessions::terminate,
         super::audit::tenant_export,
         super::admin::create_tenant, super::admin::list_tenants, super::admin::suspend, super::admin::reinstate,
         super::admin::create_key, super::admin::rotate_keys, super::admin::revoke_all_keys, super::admin::revoke_key,
@@ -18,7 +21,7 @@ use utoipa::{Modify, OpenApi};
         super::admin::cancel_job, super::admin::audit_export,
     ),
     modifiers(&Security),
-    tags((name = "jobs", description = "Scan jobs"), (name = "audit", description = "The tenant's audit log"),
+    tags((name = "jobs", description = "Scan jobs"), (name = "sessions", description = "Long-lived session VMs: pause, suspend, resume, connect, exec, terminate (at most 8 h)"), (name = "audit", description = "The tenant's audit log"),
          (name = "admin", description = "Operators"), (name = "service", description = "Health"))
 )]
 pub struct ApiDoc;

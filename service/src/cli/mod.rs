@@ -1,4 +1,4 @@
-//! The command line: the service (`serve`, `worker`), the client (`scan`, `job`), operators
+//! The command line: the service (`serve`, `worker`), the client (`scan`, `job`, `session`), operators
 //! (`tenant`, `key`, `admin`) and the audit log (`audit`).
 
 mod audit;
@@ -12,6 +12,7 @@ pub use audit::AuditCommand;
 
 use crate::client::admin::{AdminCommand, JobCommand, KeyCommand, TenantCommand};
 use crate::client::scan::ScanArgs;
+use crate::client::session::SessionCommand;
 use crate::client::ClientError;
 
 const EXIT_STATUS: &str = "Exit status:
@@ -19,7 +20,7 @@ const EXIT_STATUS: &str = "Exit status:
   1  cella scan: findings at or above --fail-on; cella audit verify: verification failed
   2  bad command line, file or key
   3  database, service start-up or server-side failure
-  4  cella scan: the job failed or was cancelled
+  4  cella scan: the job failed or was cancelled; cella session create: the session failed to start
   5  cannot reach the server, or it refused the request";
 
 /// Cella: multi-tenant compliance scanning in one-tenant microVMs.
@@ -41,6 +42,9 @@ enum Command {
     /// Your jobs (needs CELLA_API_KEY)
     #[command(subcommand)]
     Job(JobCommand),
+    /// Your sessions: a VM that keeps an artifact indexed for up to 8 h; pause, suspend, resume, exec (needs CELLA_API_KEY)
+    #[command(subcommand)]
+    Session(SessionCommand),
     /// Operators: tenants
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -96,7 +100,9 @@ pub enum CliError {
 impl From<ClientError> for CliError {
     fn from(e: ClientError) -> Self {
         match e {
-            ClientError::Other(msg) if msg.starts_with("job ") => CliError::JobDidNotSucceed(msg),
+            ClientError::Other(msg) if msg.starts_with("job ") || msg.starts_with("session ") => {
+                CliError::JobDidNotSucceed(msg)
+            }
             e @ (ClientError::NoServer(_)
             | ClientError::NoApiKey
             | ClientError::NoAdminKey(_)
@@ -128,6 +134,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Job(cmd) => Ok(runtime()?.block_on(crate::client::admin::job(cmd))?),
+        Command::Session(cmd) => Ok(runtime()?.block_on(crate::client::session::run(cmd))?),
         Command::Tenant(cmd) => Ok(runtime()?.block_on(crate::client::admin::tenant(cmd))?),
         Command::Key(cmd) => Ok(runtime()?.block_on(crate::client::admin::key(cmd))?),
         Command::Admin(cmd) => Ok(runtime()?.block_on(crate::client::admin::admin(cmd))?),

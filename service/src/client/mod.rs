@@ -1,9 +1,10 @@
-//! The HTTPS client behind `cella scan`, `cella tenant …`, `cella key …` and `cella admin …`:
+//! The HTTPS client behind `cella scan`, `cella session …`, `cella tenant …`, `cella key …` and `cella admin …`:
 //! where the server is, which CA to trust and which credential to send, and problem documents
 //! turned back into readable errors.
 
 pub mod admin;
 pub mod scan;
+pub mod session;
 
 use std::path::PathBuf;
 use std::time::Duration;

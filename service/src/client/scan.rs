@@ -84,7 +84,7 @@ fn pack(dir: &Path) -> Result<(tempfile_path::TempPath, String), ClientError> {
     Ok((path, format!("{name}.tar")))
 }
 
-mod tempfile_path {
+pub(crate) mod tempfile_path {
     use std::path::{Path, PathBuf};
 
     /// A file in the temporary folder, removed when dropped.
@@ -107,8 +107,15 @@ mod tempfile_path {
     }
 }
 
-/// Uploads `file` as a new job, with a progress line on a terminal.
-async fn upload(client: &ApiClient, file: &Path, name: &str, args: &ScanArgs) -> Result<Value, ClientError> {
+/// Uploads `file` as the body of `POST path?query`, with a progress line on a terminal (jobs,
+/// sessions and files added to a session).
+pub(crate) async fn upload(
+    client: &ApiClient,
+    path: &str,
+    file: &Path,
+    query: &[(&str, String)],
+    headers: &[(&str, String)],
+) -> Result<Value, ClientError> {
     let size = std::fs::metadata(file).map_err(|e| ClientError::Read(file.to_owned(), e))?.len();
     let reader = tokio::fs::File::open(file).await.map_err(|e| ClientError::Read(file.to_owned(), e))?;
     let sent = Arc::new(AtomicU64::new(0));
@@ -126,22 +133,34 @@ async fn upload(client: &ApiClient, file: &Path, name: &str, args: &ScanArgs) ->
         }
     });
     let mut request = client
-        .request(Method::POST, "/v1/jobs")
-        .query(&[("name", name)])
+        .request(Method::POST, path)
+        .query(query)
         .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
         .header(reqwest::header::CONTENT_LENGTH, size)
         .body(reqwest::Body::wrap_stream(stream));
-    if let Some(policy) = &args.policy {
-        request = request.query(&[("policy", policy)]);
-    }
-    if let Some(key) = &args.idempotency_key {
-        request = request.header("Idempotency-Key", key);
+    for (name, value) in headers {
+        request = request.header(*name, value);
     }
     let ticker = progress.spawn();
     let result = client.send(request).await;
     ticker.abort();
     progress.finish();
     result?.json().await.map_err(|e| ClientError::Http(client.base().to_owned(), e))
+}
+
+/// A folder packed as tar (removed when dropped), or the file itself; and its name.
+pub(crate) fn artifact(
+    path: &Path,
+) -> Result<(Option<tempfile_path::TempPath>, PathBuf, String), ClientError> {
+    let meta = std::fs::metadata(path).map_err(|e| ClientError::Read(path.to_owned(), e))?;
+    if meta.is_dir() {
+        let (tmp, name) = pack(path)?;
+        let file = tmp.path().to_owned();
+        Ok((Some(tmp), file, name))
+    } else {
+        let name = path.file_name().map_or_else(|| "artifact".into(), |n| n.to_string_lossy().into_owned());
+        Ok((None, path.to_owned(), name))
+    }
 }
 
 /// An upload progress line on stderr (only on a terminal).
@@ -189,17 +208,14 @@ impl Progress {
 /// Runs `cella scan`.
 pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     let client = args.conn.tenant()?;
-    let meta = std::fs::metadata(&args.path).map_err(|e| ClientError::Read(args.path.clone(), e))?;
-    let (_packed, file, name) = if meta.is_dir() {
-        let (tmp, name) = pack(&args.path)?;
-        let file = tmp.path().to_owned();
-        (Some(tmp), file, name)
-    } else {
-        let name =
-            args.path.file_name().map_or_else(|| "artifact".into(), |n| n.to_string_lossy().into_owned());
-        (None, args.path.clone(), name)
-    };
-    let job = upload(&client, &file, &name, args).await?;
+    let (_packed, file, name) = artifact(&args.path)?;
+    let mut query = vec![("name", name)];
+    if let Some(policy) = &args.policy {
+        query.push(("policy", policy.clone()));
+    }
+    let headers: Vec<(&str, String)> =
+        args.idempotency_key.iter().map(|k| ("Idempotency-Key", k.clone())).collect();
+    let job = upload(&client, "/v1/jobs", &file, &query, &headers).await?;
     let id = job["id"].as_str().unwrap_or_default().to_owned();
     eprintln!("job {id} submitted ({} bytes, policy {})", job["artifact"]["bytes"], job["policy"]);
     let job = wait(&client, &id, Duration::from_secs(args.wait_secs), true).await?;
@@ -255,7 +271,7 @@ pub async fn wait(
     }
 }
 
-fn print_table(results: &[Value]) {
+pub(crate) fn print_table(results: &[Value]) {
     if results.is_empty() {
         println!("no findings");
         return;

@@ -1,0 +1,955 @@
+//! The session manager in `cella serve`: every transition of a session's VM, one at a time per
+//! session (a lock per session id here, and the generation fence in the database across
+//! processes), each recorded with its audit event. The VM is reached only through the
+//! [`VmBackend`]; its blocking calls run in `spawn_blocking`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cella_audit::Actor;
+use cella_proto::SessionRequest;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use tokio::sync::OwnedMutexGuard;
+
+use super::backend::{
+    Attach, BackendError, Frame, GuestChannel, LaunchSpec, Reply, Source, VmBackend, VmState,
+};
+use super::store::{self, Event, NewSession, Session};
+use super::{SessionParams, State};
+use crate::config::SessionsConfig;
+use crate::data_dir::DataDir;
+use crate::error::{error_chain, ServiceError};
+
+/// How long a VMM may take to answer on its control socket after it started.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guest may take to listen (it indexes the artifact first).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopped VMM may take to scrub and exit before it is killed.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The file that marks a snapshot as complete (written by the manager after the VMM's
+/// snapshot call returned): only such a snapshot is ever restored.
+pub const SNAPSHOT_COMPLETE: &str = "cella-snapshot.json";
+
+/// The files of one session, all in `<data>/sessions/<id>/`.
+#[derive(Debug, Clone)]
+pub struct SessionPaths {
+    pub dir: PathBuf,
+    pub artifact: PathBuf,
+    pub api_sock: PathBuf,
+    pub vsock: PathBuf,
+    pub snapshot: PathBuf,
+    pub log: PathBuf,
+}
+
+impl SessionPaths {
+    pub fn new(data_dir: &DataDir, id: &str) -> Self {
+        let dir = data_dir.session(id);
+        Self {
+            artifact: dir.join("artifact"),
+            api_sock: dir.join("api.sock"),
+            vsock: dir.join("vsock.sock"),
+            snapshot: dir.join("snapshot"),
+            log: dir.join("vmm.log"),
+            dir,
+        }
+    }
+}
+
+/// What one session holds in this process besides its row: the open guest connection.
+#[derive(Debug, Default)]
+pub struct Slot {
+    guest: Option<Box<dyn GuestChannel>>,
+}
+
+/// Runs sessions' VMs on this host.
+#[derive(Debug)]
+pub struct SessionManager {
+    pool: PgPool,
+    config: SessionsConfig,
+    data_dir: DataDir,
+    host: String,
+    backend: Arc<dyn VmBackend>,
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+/// Why a session was suspended or terminated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A tenant asked.
+    Requested,
+    /// No exec or connect for its idle time.
+    Idle,
+    /// Its deadline passed.
+    Deadline,
+    /// Found after a restart of `cella serve`.
+    Recovered,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Requested => "requested",
+            Reason::Idle => "idle",
+            Reason::Deadline => "deadline",
+            Reason::Recovered => "recovered",
+        }
+    }
+}
+
+/// This host's name, as sessions record it.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+fn ms(since: Instant) -> f64 {
+    (since.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// A snapshot folder's size on disk (allocated blocks: the memory file is sparse).
+fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| if m.is_dir() { 0 } else { m.blocks() * 512 })
+        .sum()
+}
+
+/// The last line of the VMM's log, for a failure reason (bounded).
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let tail = &text[text.len().saturating_sub(4096)..];
+    let line =
+        String::from_utf8_lossy(tail).lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_owned();
+    line.chars().take(300).collect()
+}
+
+/// 409 for a call that does not apply in the session's state, saying what to do.
+pub fn wrong_state(s: &Session, action: &str) -> ServiceError {
+    let id = &s.id;
+    let hint = match s.state {
+        State::Paused => format!("it is paused; resume it first (POST /v1/sessions/{id}/resume or /connect)"),
+        State::Suspended => {
+            format!("it is suspended; resume it first (POST /v1/sessions/{id}/resume or /connect)")
+        }
+        State::Running => "it is running".to_owned(),
+        State::Terminated => "it has been terminated; create a new session".to_owned(),
+        State::Failed => format!(
+            "it failed ({}); create a new session",
+            s.failure_reason.as_deref().unwrap_or("no reason recorded")
+        ),
+        st => format!("it is {st}; try again in a moment"),
+    };
+    ServiceError::Conflict(format!("cannot {action} session {id}: {hint}"))
+}
+
+impl SessionManager {
+    pub fn new(
+        pool: PgPool,
+        config: SessionsConfig,
+        data_dir: DataDir,
+        host: String,
+        backend: Arc<dyn VmBackend>,
+    ) -> Self {
+        Self { pool, config, data_dir, host, backend, slots: Mutex::default() }
+    }
+
+    pub fn config(&self) -> &SessionsConfig {
+        &self.config
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn paths(&self, id: &str) -> SessionPaths {
+        SessionPaths::new(&self.data_dir, id)
+    }
+
+    fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_default().clone()
+    }
+
+    async fn lock(&self, id: &str) -> OwnedMutexGuard<Slot> {
+        self.slot(id).lock_owned().await
+    }
+
+    /// The lock of a session if nobody holds it (the reaper skips busy sessions).
+    pub(super) fn try_lock(&self, id: &str) -> Option<OwnedMutexGuard<Slot>> {
+        self.slot(id).try_lock_owned().ok()
+    }
+
+    fn forget(&self, id: &str) {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn VmBackend) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let backend = self.backend.clone();
+        tokio::task::spawn_blocking(move || f(&*backend))
+            .await
+            .unwrap_or_else(|e| Err(BackendError::Control(format!("the blocking task ended: {e}"))))
+    }
+
+    /// A session that lives on another host cannot be driven from here.
+    fn check_host(&self, s: &Session) -> Result<(), ServiceError> {
+        if s.host == self.host {
+            return Ok(());
+        }
+        Err(ServiceError::Conflict(format!(
+            "session {} runs on host {}; send this call to the API on that host (this is {})",
+            s.id, s.host, self.host
+        )))
+    }
+
+    /// Records a new session (its artifact already at [`SessionPaths::artifact`]) and starts its
+    /// VM. A VM that does not come up leaves the session `failed`, with the reason.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        id: &str,
+        tenant: &str,
+        actor: &Actor,
+        artifact_name: Option<&str>,
+        artifact_bytes: u64,
+        artifact_sha256: [u8; 32],
+        params: &SessionParams,
+    ) -> Result<Session, ServiceError> {
+        let mut slot = self.lock(id).await;
+        let new = NewSession {
+            id,
+            tenant,
+            artifact_name,
+            artifact_bytes,
+            artifact_sha256,
+            params,
+            host: &self.host,
+            max_secs: self.config.max_duration(),
+        };
+        let s = store::insert(&self.pool, &new, actor).await?;
+        match self.start_locked(&mut slot, s, actor).await {
+            Ok(s) => Ok(s),
+            Err(ServiceError::Vm(_)) => store::get(&self.pool, Some(tenant), id).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn start_locked(
+        &self,
+        slot: &mut Slot,
+        s: Session,
+        actor: &Actor,
+    ) -> Result<Session, ServiceError> {
+        let paths = self.paths(&s.id);
+        let starting =
+            store::transition(&self.pool, &s, &Session { state: State::Starting, ..s.clone() }, false, None)
+                .await?;
+        let left = (starting.max_deadline - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
+        let spec = LaunchSpec {
+            session_id: s.id.clone(),
+            api_sock: paths.api_sock.clone(),
+            vsock: paths.vsock.clone(),
+            source: Source::Artifact {
+                path: paths.artifact.clone(),
+                name: s.artifact_name.clone().unwrap_or_else(|| "artifact".to_owned()),
+            },
+            mem_mib: u32::try_from(s.mem_mib).unwrap_or(256),
+            read_policy: s.read_policy.clone(),
+            max_duration: Duration::from_secs(left),
+            log: paths.log.clone(),
+        };
+        let t0 = Instant::now();
+        let (launched, pid) = match self.launch(&starting, spec).await {
+            Ok(v) => v,
+            Err((row, e)) => return Err(self.fail(row, &format!("the VM did not start: {e}"), actor).await),
+        };
+        let (guest, ready_ms) = match self.connect_guest(&paths).await {
+            Ok(g) => (g, ms(t0)),
+            Err(e) => return Err(self.fail(launched, &format!("the VM did not start: {e}"), actor).await),
+        };
+        let running = Session { state: State::Running, ..launched.clone() };
+        let event = Event {
+            actor,
+            action: "session.started",
+            details: json!({ "pid": pid, "ready_ms": ready_ms, "mem_mib": s.mem_mib, "host": self.host }),
+        };
+        let s = store::transition(&self.pool, &launched, &running, true, Some(event)).await?;
+        slot.guest = Some(guest);
+        Ok(s)
+    }
+
+    /// Launches a VMM and records its pid and sockets at once (state unchanged), so a restart
+    /// of this process finds it. On failure, returns the row to fail.
+    async fn launch(&self, s: &Session, spec: LaunchSpec) -> Result<(Session, u32), (Session, String)> {
+        for stale in [&spec.api_sock, &spec.vsock] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let spec2 = spec.clone();
+        let pid = match self.blocking(move |b| b.launch(&spec2)).await {
+            Ok(pid) => pid,
+            Err(e) => return Err((s.clone(), error_chain(&e))),
+        };
+        let recorded = Session {
+            vmm_pid: i32::try_from(pid).ok(),
+            api_sock: Some(spec.api_sock.display().to_string()),
+            vsock_sock: Some(spec.vsock.display().to_string()),
+            ..s.clone()
+        };
+        let s = match store::transition(&self.pool, s, &recorded, false, None).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.stop_vm(pid, &spec.api_sock).await;
+                return Err((s.clone(), format!("recording the VMM: {e}")));
+            }
+        };
+        let api = spec.api_sock.clone();
+        match self.blocking(move |b| b.wait_ready(pid, &api, READY_TIMEOUT)).await {
+            Ok(()) => Ok((s, pid)),
+            Err(e) => Err((s, format!("{}; VMM log: {}", error_chain(&e), log_tail(&spec.log)))),
+        }
+    }
+
+    async fn connect_guest(&self, paths: &SessionPaths) -> Result<Box<dyn GuestChannel>, String> {
+        let vsock = paths.vsock.clone();
+        self.blocking(move |b| b.connect(&vsock, CONNECT_TIMEOUT))
+            .await
+            .map_err(|e| format!("{}; VMM log: {}", error_chain(&e), log_tail(&paths.log)))
+    }
+
+    /// Stops a VMM that may still run: the control API's stop (it scrubs and exits), else
+    /// SIGTERM, then SIGKILL if it has not exited after [`EXIT_TIMEOUT`]. Returns its report
+    /// when the control API gave one.
+    async fn stop_vm(&self, pid: u32, api_sock: &Path) -> Option<Value> {
+        let api = api_sock.to_owned();
+        self.blocking(move |b| {
+            if !b.alive(pid, &api) {
+                return Ok(None);
+            }
+            let report = b.stop(&api).ok();
+            if report.is_none() {
+                b.signal(pid, false);
+            }
+            let until = Instant::now() + EXIT_TIMEOUT;
+            while b.alive(pid, &api) {
+                if Instant::now() > until {
+                    b.signal(pid, true);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(report)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    async fn stop_session_vm(&self, s: &Session) -> Option<Value> {
+        match (s.vmm_pid, &s.api_sock) {
+            (Some(pid), Some(api)) => self.stop_vm(pid as u32, Path::new(api)).await,
+            _ => None,
+        }
+    }
+
+    /// Marks the session failed with `reason` (ending its VM and deleting its files); returns
+    /// the error for the caller.
+    async fn fail(&self, s: Session, reason: &str, actor: &Actor) -> ServiceError {
+        self.stop_session_vm(&s).await;
+        let _ = tokio::fs::remove_dir_all(&self.paths(&s.id).dir).await;
+        let failed = Session {
+            state: State::Failed,
+            vmm_pid: None,
+            api_sock: None,
+            vsock_sock: None,
+            snapshot_dir: None,
+            snapshot_bytes: None,
+            failure_reason: Some(reason.to_owned()),
+            ..s.clone()
+        };
+        let event = Event {
+            actor,
+            action: "session.failed",
+            details: json!({ "was": s.state.as_str(), "reason": reason }),
+        };
+        match store::transition(&self.pool, &s, &failed, false, Some(event)).await {
+            Ok(_) => ServiceError::Vm(format!("session {} failed: {reason}", s.id)),
+            Err(e) => e,
+        }
+    }
+
+    /// Pauses a running session (its vCPUs stop; its memory stays). Pausing a paused session
+    /// does nothing.
+    pub async fn pause(&self, tenant: &str, id: &str, actor: &Actor) -> Result<Session, ServiceError> {
+        let _slot = self.lock(id).await;
+        let s = store::get(&self.pool, Some(tenant), id).await?;
+        match s.state {
+            State::Paused => return Ok(s),
+            State::Running => self.check_host(&s)?,
+            _ => return Err(wrong_state(&s, "pause")),
+        }
+        let api = PathBuf::from(s.api_sock.clone().unwrap_or_default());
+        let t0 = Instant::now();
+        if let Err(e) = self.blocking(move |b| b.pause(&api)).await {
+            return Err(self.vm_error(s, "pause", e, actor).await);
+        }
+        let paused = Session { state: State::Paused, ..s.clone() };
+        let event = Event { actor, action: "session.paused", details: json!({ "pause_ms": ms(t0) }) };
+        store::transition(&self.pool, &s, &paused, false, Some(event)).await
+    }
+
+    /// Resumes a paused session, or restores a suspended one on a new VMM. Resuming a running
+    /// session does nothing.
+    pub async fn resume(&self, tenant: &str, id: &str, actor: &Actor) -> Result<Session, ServiceError> {
+        let mut slot = self.lock(id).await;
+        let s = store::get(&self.pool, Some(tenant), id).await?;
+        self.resume_locked(&mut slot, s, actor, "resume").await
+    }
+
+    async fn resume_locked(
+        &self,
+        slot: &mut Slot,
+        s: Session,
+        actor: &Actor,
+        action: &str,
+    ) -> Result<Session, ServiceError> {
+        match s.state {
+            State::Running => Ok(s),
+            State::Paused => {
+                self.check_host(&s)?;
+                let api = PathBuf::from(s.api_sock.clone().unwrap_or_default());
+                let t0 = Instant::now();
+                if let Err(e) = self.blocking(move |b| b.resume(&api)).await {
+                    return Err(self.vm_error(s, "resume", e, actor).await);
+                }
+                let running = Session { state: State::Running, ..s.clone() };
+                let event =
+                    Event { actor, action: "session.resumed", details: json!({ "resume_ms": ms(t0) }) };
+                store::transition(&self.pool, &s, &running, true, Some(event)).await
+            }
+            State::Suspended => {
+                self.check_host(&s)?;
+                self.restore_locked(slot, s, actor).await
+            }
+            _ => Err(wrong_state(&s, action)),
+        }
+    }
+
+    async fn restore_locked(
+        &self,
+        slot: &mut Slot,
+        s: Session,
+        actor: &Actor,
+    ) -> Result<Session, ServiceError> {
+        let paths = self.paths(&s.id);
+        if !paths.snapshot.join(SNAPSHOT_COMPLETE).is_file() {
+            return Err(self.fail(s, "its snapshot is missing or incomplete", actor).await);
+        }
+        let resuming =
+            store::transition(&self.pool, &s, &Session { state: State::Resuming, ..s.clone() }, false, None)
+                .await?;
+        let left = (s.max_deadline - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
+        let spec = LaunchSpec {
+            session_id: s.id.clone(),
+            api_sock: paths.api_sock.clone(),
+            vsock: paths.vsock.clone(),
+            source: Source::Snapshot { dir: paths.snapshot.clone() },
+            mem_mib: u32::try_from(s.mem_mib).unwrap_or(256),
+            read_policy: s.read_policy.clone(),
+            max_duration: Duration::from_secs(left),
+            log: paths.log.clone(),
+        };
+        let t0 = Instant::now();
+        let launched = match self.launch(&resuming, spec).await {
+            Ok((row, pid)) => match self.connect_guest(&paths).await {
+                Ok(guest) => Ok((row, pid, guest)),
+                Err(e) => Err((row, e)),
+            },
+            Err(e) => Err(e),
+        };
+        let (row, pid, guest) = match launched {
+            Ok(v) => v,
+            Err((row, reason)) => {
+                // The snapshot is still there: the session stays suspended.
+                self.stop_session_vm(&row).await;
+                let back = Session {
+                    state: State::Suspended,
+                    vmm_pid: None,
+                    api_sock: None,
+                    vsock_sock: None,
+                    ..row.clone()
+                };
+                let event =
+                    Event { actor, action: "session.restore_failed", details: json!({ "reason": reason }) };
+                store::transition(&self.pool, &row, &back, false, Some(event)).await?;
+                return Err(ServiceError::Vm(format!(
+                    "restoring session {} from its snapshot failed: {reason}; it stays suspended",
+                    s.id
+                )));
+            }
+        };
+        let running =
+            Session { state: State::Running, snapshot_dir: None, snapshot_bytes: None, ..row.clone() };
+        let event = Event {
+            actor,
+            action: "session.restored",
+            details: json!({ "pid": pid, "restore_ms": ms(t0), "snapshot_bytes": s.snapshot_bytes }),
+        };
+        let s = store::transition(&self.pool, &row, &running, true, Some(event)).await?;
+        slot.guest = Some(guest);
+        // The new VMM maps the memory file privately; unlinking it leaves that mapping intact.
+        let _ = tokio::fs::remove_dir_all(&paths.snapshot).await;
+        Ok(s)
+    }
+
+    /// Suspends a running or paused session: pause, snapshot to disk, stop the VMM (which scrubs
+    /// its memory and exits). If the snapshot fails the session keeps running (or paused).
+    pub async fn suspend(&self, tenant: &str, id: &str, actor: &Actor) -> Result<Session, ServiceError> {
+        let mut slot = self.lock(id).await;
+        let s = store::get(&self.pool, Some(tenant), id).await?;
+        self.suspend_locked(&mut slot, s, actor, Reason::Requested).await
+    }
+
+    pub(super) async fn suspend_locked(
+        &self,
+        slot: &mut Slot,
+        s: Session,
+        actor: &Actor,
+        reason: Reason,
+    ) -> Result<Session, ServiceError> {
+        match s.state {
+            State::Suspended => return Ok(s),
+            State::Running | State::Paused => self.check_host(&s)?,
+            _ => return Err(wrong_state(&s, "suspend")),
+        }
+        let paths = self.paths(&s.id);
+        let was = s.state;
+        let api = PathBuf::from(s.api_sock.clone().unwrap_or_default());
+        let pid = s.vmm_pid.unwrap_or(0) as u32;
+        let suspending = store::transition(
+            &self.pool,
+            &s,
+            &Session { state: State::Suspending, ..s.clone() },
+            false,
+            None,
+        )
+        .await?;
+        slot.guest = None;
+        let t0 = Instant::now();
+        let snapshot = paths.snapshot.clone();
+        let api2 = api.clone();
+        let taken = self
+            .blocking(move |b| {
+                if was == State::Running {
+                    b.pause(&api2)?;
+                }
+                let pause_ms = ms(t0);
+                let _ = std::fs::remove_dir_all(&snapshot);
+                crate::files::create_private_dir(&snapshot)
+                    .map_err(|e| BackendError::Io("cannot create the snapshot folder".into(), e.source))?;
+                let t1 = Instant::now();
+                let details = b.snapshot(&api2, &snapshot);
+                if details.is_err() {
+                    let _ = std::fs::remove_dir_all(&snapshot);
+                }
+                Ok((pause_ms, ms(t1), details?))
+            })
+            .await;
+        let (pause_ms, snapshot_ms, snap_details) = match taken {
+            Ok(v) => v,
+            Err(e) => {
+                let message = error_chain(&e);
+                let alive = {
+                    let api = api.clone();
+                    self.blocking(move |b| Ok(b.alive(pid, &api))).await.unwrap_or(false)
+                };
+                if !alive {
+                    return Err(self
+                        .fail(suspending, &format!("the VMM ended while suspending: {message}"), actor)
+                        .await);
+                }
+                if was == State::Running {
+                    let api = api.clone();
+                    let _ = self.blocking(move |b| b.resume(&api)).await;
+                }
+                let back = Session { state: was, ..suspending.clone() };
+                let event = Event {
+                    actor,
+                    action: "session.suspend_failed",
+                    details: json!({ "reason": message, "trigger": reason.as_str() }),
+                };
+                // An idle suspend that failed is tried again after another idle period, not at
+                // every pass of the reaper.
+                store::transition(&self.pool, &suspending, &back, reason == Reason::Idle, Some(event))
+                    .await?;
+                return Err(ServiceError::Vm(format!(
+                    "suspending session {} failed: {message}; it is still {was}",
+                    s.id
+                )));
+            }
+        };
+        let bytes = disk_bytes(&paths.snapshot);
+        let marker = json!({ "session": s.id, "bytes": bytes, "vmm": snap_details });
+        if let Err(e) = crate::files::write_private(
+            &paths.snapshot.join(SNAPSHOT_COMPLETE),
+            marker.to_string().as_bytes(),
+        ) {
+            let message = error_chain(&e);
+            let _ = tokio::fs::remove_dir_all(&paths.snapshot).await;
+            if was == State::Running {
+                let api = api.clone();
+                let _ = self.blocking(move |b| b.resume(&api)).await;
+            }
+            let back = Session { state: was, ..suspending.clone() };
+            let event =
+                Event { actor, action: "session.suspend_failed", details: json!({ "reason": message }) };
+            store::transition(&self.pool, &suspending, &back, false, Some(event)).await?;
+            return Err(ServiceError::Vm(format!(
+                "suspending session {} failed: {message}; it is still {was}",
+                s.id
+            )));
+        }
+        let t2 = Instant::now();
+        let report = self.stop_vm(pid, &api).await;
+        let stop_ms = ms(t2);
+        for sock in [&paths.api_sock, &paths.vsock] {
+            let _ = std::fs::remove_file(sock);
+        }
+        let suspended = Session {
+            state: State::Suspended,
+            vmm_pid: None,
+            api_sock: None,
+            vsock_sock: None,
+            snapshot_dir: Some(paths.snapshot.display().to_string()),
+            snapshot_bytes: Some(i64::try_from(bytes).unwrap_or(i64::MAX)),
+            ..suspending.clone()
+        };
+        let event = Event {
+            actor,
+            action: "session.suspended",
+            details: json!({
+                "reason": reason.as_str(),
+                "was": was.as_str(),
+                "snapshot_bytes": bytes,
+                "pause_ms": pause_ms,
+                "snapshot_ms": snapshot_ms,
+                "stop_ms": stop_ms,
+                "scrub": report.as_ref().and_then(|r| r.get("scrub")).cloned(),
+            }),
+        };
+        store::transition(&self.pool, &suspending, &suspended, false, Some(event)).await
+    }
+
+    /// Connects to a session: a paused one is resumed, a suspended one restored; `extend`
+    /// moves the deadline to now + extend if that is later (never earlier, never past the
+    /// maximum).
+    pub async fn connect(
+        &self,
+        tenant: &str,
+        id: &str,
+        actor: &Actor,
+        extend: Option<u64>,
+    ) -> Result<Session, ServiceError> {
+        let mut slot = self.lock(id).await;
+        let s = store::get(&self.pool, Some(tenant), id).await?;
+        let was = s.state;
+        let deadline_before = crate::jobs::rfc3339(s.deadline);
+        let s = self.resume_locked(&mut slot, s, actor, "connect to").await?;
+        self.check_host(&s)?;
+        let event = Event {
+            actor,
+            action: "session.connected",
+            details: json!({ "was": was.as_str(), "extend_secs": extend, "deadline_before": deadline_before }),
+        };
+        store::touch(&self.pool, &s, extend, event).await
+    }
+
+    /// Sends one request to a running session's guest (`attach`: the policy or file it needs).
+    /// A paused or suspended session answers 409: connect or resume it first.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn exec(
+        &self,
+        tenant: &str,
+        id: &str,
+        actor: &Actor,
+        request: SessionRequest,
+        attach: Option<(Attach, Vec<u8>)>,
+        mut audit: Value,
+    ) -> Result<Reply, ServiceError> {
+        let mut slot = self.lock(id).await;
+        let s = store::get(&self.pool, Some(tenant), id).await?;
+        if s.state != State::Running {
+            return Err(wrong_state(&s, "exec on"));
+        }
+        self.check_host(&s)?;
+        let t0 = Instant::now();
+        let guest = match slot.guest.take() {
+            Some(g) => g,
+            None => {
+                let paths = self.paths(&s.id);
+                match self.connect_guest(&paths).await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        return Err(self
+                            .vm_error(s, "connect to the guest of", BackendError::Guest(e), actor)
+                            .await)
+                    }
+                }
+            }
+        };
+        let (guest, result) = tokio::task::spawn_blocking(move || {
+            let mut guest = guest;
+            let result = guest.exec(&request, attach.as_ref().map(|(k, b)| (*k, b.as_slice())));
+            (guest, result)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("exec task: {e}")))?;
+        let reply = match result {
+            Ok(reply) => {
+                slot.guest = Some(guest);
+                reply
+            }
+            Err(BackendError::Refused(message)) => {
+                slot.guest = Some(guest);
+                return Err(ServiceError::Unprocessable(message));
+            }
+            Err(e) => return Err(self.vm_error(s, "exec on", e, actor).await),
+        };
+        audit["ms"] = json!(ms(t0));
+        audit["response_bytes"] = json!(reply.frames.iter().map(Frame::len).sum::<usize>());
+        store::touch(&self.pool, &s, None, Event { actor, action: "session.exec", details: audit }).await?;
+        Ok(reply)
+    }
+
+    /// Terminates a session: stops its VMM (which scrubs its memory), deletes its artifact and
+    /// snapshot. Terminating a terminated session does nothing.
+    pub async fn terminate(&self, tenant: &str, id: &str, actor: &Actor) -> Result<Session, ServiceError> {
+        let mut slot = self.lock(id).await;
+        let s = store::get(&self.pool, Some(tenant), id).await?;
+        self.terminate_locked(&mut slot, s, actor, Reason::Requested).await
+    }
+
+    pub(super) async fn terminate_locked(
+        &self,
+        slot: &mut Slot,
+        s: Session,
+        actor: &Actor,
+        reason: Reason,
+    ) -> Result<Session, ServiceError> {
+        if s.state == State::Terminated {
+            return Ok(s);
+        }
+        self.check_host(&s)?;
+        let was = s.state;
+        let terminating = if s.state == State::Terminating {
+            s.clone()
+        } else {
+            store::transition(
+                &self.pool,
+                &s,
+                &Session { state: State::Terminating, ..s.clone() },
+                false,
+                None,
+            )
+            .await?
+        };
+        slot.guest = None;
+        let t0 = Instant::now();
+        let report = self.stop_session_vm(&terminating).await;
+        let _ = tokio::fs::remove_dir_all(&self.paths(&s.id).dir).await;
+        let lived = (OffsetDateTime::now_utc() - s.created_at).as_seconds_f64().round();
+        let terminated = Session {
+            state: State::Terminated,
+            vmm_pid: None,
+            api_sock: None,
+            vsock_sock: None,
+            snapshot_dir: None,
+            snapshot_bytes: None,
+            ..terminating.clone()
+        };
+        let event = Event {
+            actor,
+            action: "session.terminated",
+            details: json!({
+                "reason": reason.as_str(),
+                "was": was.as_str(),
+                "stop_ms": ms(t0),
+                "lived_secs": lived,
+                "files_deleted": true,
+                "scrub": report.as_ref().and_then(|r| r.get("scrub")).cloned(),
+            }),
+        };
+        let s = store::transition(&self.pool, &terminating, &terminated, false, Some(event)).await?;
+        self.forget(&s.id);
+        Ok(s)
+    }
+
+    /// A VM call failed: if the VMM is gone the session fails (with the reason); otherwise the
+    /// session is left as it is and the caller is told.
+    async fn vm_error(&self, s: Session, action: &str, e: BackendError, actor: &Actor) -> ServiceError {
+        let message = error_chain(&e);
+        let alive = match (s.vmm_pid, s.api_sock.clone()) {
+            (Some(pid), Some(api)) => {
+                self.blocking(move |b| Ok(b.alive(pid as u32, Path::new(&api)))).await.unwrap_or(false)
+            }
+            _ => false,
+        };
+        if !alive {
+            let tail = log_tail(&self.paths(&s.id).log);
+            return self.fail(s, &format!("the VMM exited ({message}); VMM log: {tail}"), actor).await;
+        }
+        ServiceError::Vm(format!("cannot {action} session {}: {message}; it is still {}", s.id, s.state))
+    }
+
+    /// The reaper's check of one session (locked by the caller): past its deadline →
+    /// terminated; idle → suspended; VMM gone → failed.
+    pub(super) async fn reap_locked(
+        &self,
+        slot: &mut Slot,
+        id: &str,
+        expired: bool,
+        idle: bool,
+    ) -> Result<(), ServiceError> {
+        let actor = Actor::System("session-reaper".to_owned());
+        let s = store::get(&self.pool, None, id).await?;
+        if s.host != self.host || s.state.is_final() || s.state.is_transient() {
+            return Ok(());
+        }
+        if expired {
+            self.terminate_locked(slot, s, &actor, Reason::Deadline).await?;
+            return Ok(());
+        }
+        if !matches!(s.state, State::Running | State::Paused) {
+            return Ok(());
+        }
+        let alive = match (s.vmm_pid, s.api_sock.clone()) {
+            (Some(pid), Some(api)) => {
+                self.blocking(move |b| Ok(b.alive(pid as u32, Path::new(&api)))).await.unwrap_or(false)
+            }
+            _ => false,
+        };
+        if !alive {
+            let tail = log_tail(&self.paths(&s.id).log);
+            self.fail(s, &format!("the VMM exited unexpectedly; VMM log: {tail}"), &actor).await;
+            return Ok(());
+        }
+        if idle {
+            self.suspend_locked(slot, s, &actor, Reason::Idle).await?;
+        }
+        Ok(())
+    }
+
+    /// After a restart of `cella serve`: every session of this host that should have a VMM is
+    /// re-adopted if its VMM still answers (in the state the VMM reports), else suspended if a
+    /// complete snapshot exists, else failed with the reason. Unfinished terminations finish.
+    /// Folders of sessions the database does not know are removed.
+    pub async fn recover(&self) -> Result<(), ServiceError> {
+        let actor = Actor::System("serve".to_owned());
+        for s in store::live_on_host(&self.pool, &self.host).await? {
+            let mut slot = self.lock(&s.id).await;
+            let id = s.id.clone();
+            if let Err(e) = self.recover_locked(&mut slot, s, &actor).await {
+                eprintln!("cella serve: recovering session {id}: {e}");
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.data_dir.sessions()) {
+            for entry in entries.filter_map(Result::ok) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if crate::ids::is_id(&name, "session") && !store::exists(&self.pool, &name).await? {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn recover_locked(&self, slot: &mut Slot, s: Session, actor: &Actor) -> Result<(), ServiceError> {
+        let paths = self.paths(&s.id);
+        match s.state {
+            State::Suspended => {
+                if !paths.snapshot.join(SNAPSHOT_COMPLETE).is_file() {
+                    self.fail(s, "its snapshot was missing when the service restarted", actor).await;
+                }
+                return Ok(());
+            }
+            State::Pending => {
+                self.fail(s, "the service restarted before the session started", actor).await;
+                return Ok(());
+            }
+            State::Terminating => {
+                self.terminate_locked(slot, s, actor, Reason::Recovered).await?;
+                return Ok(());
+            }
+            _ => {}
+        }
+        let vm_state = match (s.vmm_pid, s.api_sock.clone()) {
+            (Some(pid), Some(api)) => self
+                .blocking(move |b| {
+                    if b.alive(pid as u32, Path::new(&api)) {
+                        b.state(Path::new(&api)).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .await
+                .ok()
+                .flatten(),
+            _ => None,
+        };
+        let adopt = match vm_state {
+            Some(VmState::Running) => Some(State::Running),
+            Some(VmState::Paused) => Some(State::Paused),
+            _ => None,
+        };
+        if let Some(state) = adopt {
+            let _ = tokio::fs::remove_dir_all(&paths.snapshot).await;
+            let adopted = Session { state, snapshot_dir: None, snapshot_bytes: None, ..s.clone() };
+            let event = Event {
+                actor,
+                action: "session.adopted",
+                details: json!({ "was": s.state.as_str(), "pid": s.vmm_pid, "vm_state": state.as_str() }),
+            };
+            store::transition(&self.pool, &s, &adopted, false, Some(event)).await?;
+            return Ok(());
+        }
+        self.stop_session_vm(&s).await;
+        for sock in [&paths.api_sock, &paths.vsock] {
+            let _ = std::fs::remove_file(sock);
+        }
+        if paths.snapshot.join(SNAPSHOT_COMPLETE).is_file() {
+            let bytes = disk_bytes(&paths.snapshot);
+            let suspended = Session {
+                state: State::Suspended,
+                vmm_pid: None,
+                api_sock: None,
+                vsock_sock: None,
+                snapshot_dir: Some(paths.snapshot.display().to_string()),
+                snapshot_bytes: Some(i64::try_from(bytes).unwrap_or(i64::MAX)),
+                ..s.clone()
+            };
+            let event = Event {
+                actor,
+                action: "session.suspended",
+                details: json!({ "reason": Reason::Recovered.as_str(), "was": s.state.as_str(), "snapshot_bytes": bytes }),
+            };
+            store::transition(&self.pool, &s, &suspended, false, Some(event)).await?;
+        } else {
+            self.fail(s, "the VMM was gone when the service restarted", actor).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,55 @@
+//! The reaper: a task in `cella serve` that, every `sessions.reaper_interval_ms`, terminates
+//! this host's sessions past their deadline (suspended ones too: their files are deleted),
+//! suspends running or paused sessions idle longer than their `idle_suspend`, and fails
+//! sessions whose VMM has disappeared. A session busy with a call is looked at next time.
+
+use std::sync::Arc;
+
+use sqlx::Row;
+use tokio::sync::watch;
+
+use super::SessionManager;
+use crate::error::{QuietLog, ServiceError};
+
+/// Runs until `shutdown` turns true.
+pub async fn run(manager: Arc<SessionManager>, mut shutdown: watch::Receiver<bool>) {
+    let mut quiet = QuietLog::new("cella serve: session reaper");
+    let mut tick = tokio::time::interval(manager.config().reaper_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(e) = once(&manager).await {
+            quiet.log("pass", &e);
+        }
+    }
+}
+
+/// One pass over this host's sessions.
+pub async fn once(manager: &SessionManager) -> Result<(), ServiceError> {
+    let due = sqlx::query(
+        "SELECT id, deadline <= now() AS expired,
+                (state IN ('running', 'paused') AND idle_suspend_secs > 0
+                 AND last_active_at + make_interval(secs => idle_suspend_secs) <= now()) AS idle
+         FROM sessions
+         WHERE host = $1 AND state IN ('running', 'paused', 'suspended')",
+    )
+    .bind(manager.host())
+    .fetch_all(manager.pool())
+    .await?;
+    for row in due {
+        let id: String = row.try_get("id")?;
+        let expired: bool = row.try_get("expired")?;
+        let idle: bool = row.try_get("idle")?;
+        let Some(mut slot) = manager.try_lock(&id) else { continue };
+        if let Err(e) = manager.reap_locked(&mut slot, &id, expired, idle).await {
+            eprintln!("cella serve: session reaper: {id}: {e}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,391 @@
+//! Sessions end to end: the real `cella serve` over HTTPS, real `cella-vmm session` processes
+//! on /dev/kvm with the session-mode scanner guest, a fresh PostgreSQL database per test.
+//! A session keeps its index across pause/resume and suspend/restore on a new VMM process; the
+//! idle policy and the maximum duration are enforced; a SIGKILLed `serve` re-adopts its
+//! sessions; every transition is in the tenant's audit chain, which verifies offline.
+//!
+//! They need the session-mode scanner image (`bash scripts/build-guest.sh`) and a `cella-vmm
+//! session` with snapshot create and `--restore`; each suspends a session, so they are ignored
+//! until snapshots are wired into the VMM: `cargo test -p cella-service --test sessions_e2e --
+//! --ignored`. (Without snapshots, create, exec, pause/resume and re-adoption after a SIGKILLed
+//! `serve` already pass; each test then stops at its first suspend with a 502.)
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cella_service::client::{ApiClient, ClientError};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_owned()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `cella-vmm`, built once per run (`serve` runs here without a job worker).
+fn vmm() -> &'static Path {
+    static VMM: OnceLock<PathBuf> = OnceLock::new();
+    VMM.get_or_init(|| {
+        let profile = profile_dir();
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.args(["build", "--quiet", "-p", "cella-vmm", "--bin", "cella-vmm", "--manifest-path"])
+            .arg(repo().join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(profile.parent().unwrap());
+        if profile.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        assert!(cmd.status().unwrap().success(), "{cmd:?} failed");
+        profile.join("cella-vmm")
+    })
+}
+
+/// A test's folder. Session VMMs outlive `serve` by design, so when the test ends (passed or
+/// not) every VMM whose command line names this folder is stopped, then the folder is removed.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("cella-se2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let needle = self.0.as_os_str().as_encoded_bytes().to_vec();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let ours = cmdline.split(|b| *b == 0).any(|arg| arg.windows(needle.len()).any(|w| w == needle));
+            if ours && cmdline.starts_with(vmm().as_os_str().as_encoded_bytes()) {
+                let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn test_db_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").unwrap();
+    let server =
+        base.split_once('?').map_or(base.as_str(), |(s, _)| s).rsplit_once('/').unwrap().0.to_owned();
+    format!("{server}/{}", pool.connect_options().get_database().unwrap())
+}
+
+/// A running `cella serve`.
+struct Server {
+    child: Option<Child>,
+    data: PathBuf,
+    url: String,
+    ca: Vec<u8>,
+}
+
+impl Server {
+    fn start(data: &Path, db: &str, env: &[(&str, &str)]) -> Server {
+        let _ = std::fs::remove_file(data.join("serve.url"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--no-worker", "--data-dir"]).arg(data);
+        cmd.env("DATABASE_URL", db)
+            .env("CELLA_VMM", vmm())
+            .env("CELLA_SESSIONS_REAPER_INTERVAL_MS", "200")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap();
+        let start = Instant::now();
+        let url = loop {
+            if let Ok(url) = std::fs::read_to_string(data.join("serve.url")) {
+                break url.trim().to_owned();
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("cella serve exited during start-up: {status}");
+            }
+            assert!(start.elapsed() < Duration::from_secs(90), "cella serve did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
+        Server { child: Some(child), data: data.to_owned(), url, ca }
+    }
+
+    fn admin(&self) -> ApiClient {
+        let key = std::fs::read_to_string(self.data.join("admin.key")).unwrap();
+        ApiClient::new(&self.url, key.trim(), Some(&self.ca)).unwrap()
+    }
+
+    async fn tenant(&self, name: &str) -> (String, String, ApiClient) {
+        let created = self.admin().post_json("/v1/admin/tenants", &json!({ "name": name })).await.unwrap();
+        let key = created["key"]["api_key"].as_str().unwrap().to_owned();
+        let client = ApiClient::new(&self.url, &key, Some(&self.ca)).unwrap();
+        (created["tenant"]["id"].as_str().unwrap().to_owned(), key, client)
+    }
+
+    fn client(&self, key: &str) -> ApiClient {
+        ApiClient::new(&self.url, key, Some(&self.ca)).unwrap()
+    }
+
+    /// SIGKILL: nothing of `serve` gets to run (session VMMs are in sessions of their own).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn sample_tar() -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append_dir_all("sample-app", repo().join("examples/sample-app")).unwrap();
+    tar.into_inner().unwrap()
+}
+
+async fn create(client: &ApiClient, query: &str) -> Value {
+    let req = client.request(Method::POST, &format!("/v1/sessions{query}")).body(sample_tar());
+    let s: Value = client.send(req).await.unwrap().json().await.unwrap();
+    assert_eq!(s["state"], "running", "{s}");
+    s
+}
+
+async fn exec(client: &ApiClient, id: &str, request: Value) -> Result<Value, ClientError> {
+    client.post_json(&format!("/v1/sessions/{id}/exec"), &request).await
+}
+
+async fn post(client: &ApiClient, id: &str, action: &str) -> Value {
+    client.json(Method::POST, &format!("/v1/sessions/{id}/{action}")).await.unwrap()
+}
+
+async fn session(client: &ApiClient, id: &str) -> Value {
+    client.json(Method::GET, &format!("/v1/sessions/{id}")).await.unwrap()
+}
+
+async fn wait_state(client: &ApiClient, id: &str, state: &str, within: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let s = session(client, id).await;
+        if s["state"] == state {
+            return s;
+        }
+        assert!(start.elapsed() < within, "session {id} never became {state}: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn vmm_pid(pool: &PgPool, id: &str) -> Option<i32> {
+    sqlx::query_scalar("SELECT vmm_pid FROM sessions WHERE id = $1").bind(id).fetch_one(pool).await.unwrap()
+}
+
+fn process_exists(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+}
+
+async fn actions(pool: &PgPool, tenant: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT action FROM audit_events WHERE chain = $1 ORDER BY seq")
+        .bind(format!("tenant:{tenant}"))
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Exports the tenant's chain with the CLI and verifies it offline.
+fn export_and_verify(server: &Server, tenant: &str, dir: &Path) -> String {
+    let bundle = dir.join("audit.tar");
+    let cella = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cella"))
+            .args(args)
+            .env("CELLA_DATA_DIR", &server.data)
+            .env_remove("CELLA_URL")
+            .env_remove("CELLA_CA")
+            .output()
+            .unwrap()
+    };
+    let out = cella(&["admin", "audit-export", "--tenant", tenant, "--out", bundle.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = server.data.join("audit-signing.key.pub");
+    let out = cella(&["audit", "verify", bundle.to_str().unwrap(), "--trusted-key", key.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && stdout.starts_with("OK: "), "{stdout}");
+    stdout
+}
+
+#[sqlx::test(migrations = "../migrations")]
+#[ignore = "needs snapshot create and --restore in cella-vmm session (s-snap, wired by the lead); run with --ignored"]
+async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool) {
+    let dir = Scratch::new("life");
+    let server = Server::start(&dir.join("data"), &test_db_url(&pool), &[]);
+    let (tenant, _, client) = server.tenant("acme").await;
+    let s = create(&client, "?name=sample-app.tar&read_policy=redact").await;
+    let id = s["id"].as_str().unwrap().to_owned();
+
+    // Queries on the indexed artifact.
+    let stats = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
+    assert_eq!(
+        (stats["index_builds"].as_u64(), stats["artifact_name"].is_string()),
+        (Some(1), true),
+        "{stats}"
+    );
+    let grep = exec(&client, &id, json!({"op": "grep", "pattern": "sk_live_[0-9a-zA-Z]+"})).await.unwrap();
+    assert!(!grep["result"]["matches"].as_array().unwrap().is_empty(), "{grep}");
+    let scan = exec(&client, &id, json!({"op": "scan", "policy_name": "secrets,pii"})).await.unwrap();
+    assert!(scan["result"]["findings"].as_u64().unwrap() >= 2, "{scan}");
+    assert_eq!(scan["sarif"]["version"], "2.1.0");
+
+    // Paused: exec is refused with what to do; resumed: the same index answers.
+    assert_eq!(post(&client, &id, "pause").await["state"], "paused");
+    match exec(&client, &id, json!({"op": "stats"})).await {
+        Err(ClientError::Api { status: StatusCode::CONFLICT, detail }) => {
+            assert!(detail.contains("resume it first"), "{detail}")
+        }
+        other => panic!("exec on a paused session: {other:?}"),
+    }
+    assert_eq!(post(&client, &id, "resume").await["state"], "running");
+    let again = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
+    assert_eq!(again["index_id"], stats["index_id"]);
+
+    // Suspended: the VMM process ends; resumed on a new one with the same index and answers.
+    let first_pid = vmm_pid(&pool, &id).await.unwrap();
+    let suspended = post(&client, &id, "suspend").await;
+    assert_eq!(suspended["state"], "suspended");
+    assert!(suspended["snapshot_bytes"].as_i64().unwrap() > 0, "{suspended}");
+    assert!(!process_exists(first_pid), "the suspended session's VMM {first_pid} still runs");
+    assert_eq!(post(&client, &id, "resume").await["state"], "running");
+    let second_pid = vmm_pid(&pool, &id).await.unwrap();
+    assert_ne!(first_pid, second_pid);
+    let restored = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
+    assert_eq!(
+        (restored["index_id"].clone(), restored["files"].clone()),
+        (stats["index_id"].clone(), stats["files"].clone())
+    );
+    assert_eq!(restored["index_builds"], 1, "the index was not rebuilt: {restored}");
+    let grep_again =
+        exec(&client, &id, json!({"op": "grep", "pattern": "sk_live_[0-9a-zA-Z]+"})).await.unwrap();
+    assert_eq!(grep_again["result"], grep["result"]);
+
+    // Terminated: VMM gone, files deleted.
+    let gone = client.json(Method::DELETE, &format!("/v1/sessions/{id}")).await.unwrap();
+    assert_eq!(gone["state"], "terminated");
+    assert!(!process_exists(second_pid));
+    assert!(!server.data.join("sessions").join(&id).exists());
+
+    let names = actions(&pool, &tenant).await;
+    for action in [
+        "session.created",
+        "session.started",
+        "session.exec",
+        "session.paused",
+        "session.resumed",
+        "session.suspended",
+        "session.restored",
+        "session.terminated",
+    ] {
+        assert!(names.iter().any(|a| a == action), "{action} missing from {names:?}");
+    }
+    export_and_verify(&server, &tenant, &dir);
+    drop(server);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+#[ignore = "needs snapshot create and --restore in cella-vmm session (s-snap, wired by the lead); run with --ignored"]
+async fn an_idle_session_is_suspended_and_connect_restores_it(pool: PgPool) {
+    let dir = Scratch::new("idle");
+    let server = Server::start(&dir.join("data"), &test_db_url(&pool), &[]);
+    let (tenant, _, client) = server.tenant("acme").await;
+    let id = create(&client, "?idle_suspend=2").await["id"].as_str().unwrap().to_owned();
+    let stats = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
+    wait_state(&client, &id, "suspended", Duration::from_secs(20)).await;
+    let connected =
+        client.json(Method::POST, &format!("/v1/sessions/{id}/connect?extend=600")).await.unwrap();
+    assert_eq!(connected["state"], "running");
+    let restored = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
+    assert_eq!(restored["index_id"], stats["index_id"]);
+    let names = actions(&pool, &tenant).await;
+    assert!(
+        names.ends_with(&["session.restored".into(), "session.connected".into(), "session.exec".into()]),
+        "{names:?}"
+    );
+    export_and_verify(&server, &tenant, &dir);
+    client.json(Method::DELETE, &format!("/v1/sessions/{id}")).await.unwrap();
+    drop(server);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+#[ignore = "needs snapshot create and --restore in cella-vmm session (s-snap, wired by the lead); run with --ignored"]
+async fn a_session_past_its_maximum_duration_is_terminated_and_its_files_deleted(pool: PgPool) {
+    let dir = Scratch::new("max");
+    let server =
+        Server::start(&dir.join("data"), &test_db_url(&pool), &[("CELLA_SESSIONS_MAX_DURATION_SECS", "4")]);
+    let (tenant, _, client) = server.tenant("acme").await;
+    let running = create(&client, "").await["id"].as_str().unwrap().to_owned();
+    let suspended = create(&client, "").await["id"].as_str().unwrap().to_owned();
+    post(&client, &suspended, "suspend").await;
+    let pid = vmm_pid(&pool, &running).await.unwrap();
+    for id in [&running, &suspended] {
+        let s = wait_state(&client, id, "terminated", Duration::from_secs(20)).await;
+        assert!(s["terminated_at"].is_string());
+        assert!(!server.data.join("sessions").join(id).exists(), "files of {id} left behind");
+    }
+    assert!(!process_exists(pid));
+    let names = actions(&pool, &tenant).await;
+    assert_eq!(names.iter().filter(|a| *a == "session.terminated").count(), 2);
+    export_and_verify(&server, &tenant, &dir);
+    drop(server);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+#[ignore = "needs snapshot create and --restore in cella-vmm session (s-snap, wired by the lead); run with --ignored"]
+async fn a_sigkilled_serve_re_adopts_its_sessions_on_restart(pool: PgPool) {
+    let dir = Scratch::new("adopt");
+    let data = dir.join("data");
+    let db = test_db_url(&pool);
+    let mut server = Server::start(&data, &db, &[]);
+    let (tenant, key, client) = server.tenant("acme").await;
+    let id = create(&client, "").await["id"].as_str().unwrap().to_owned();
+    let stats = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
+    let pid = vmm_pid(&pool, &id).await.unwrap();
+    server.kill();
+    assert!(process_exists(pid), "the session VMM died with serve");
+
+    let server = Server::start(&data, &db, &[]);
+    let client = server.client(&key);
+    assert_eq!(session(&client, &id).await["state"], "running");
+    assert_eq!(vmm_pid(&pool, &id).await, Some(pid));
+    let after = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
+    assert_eq!(after["index_id"], stats["index_id"]);
+    assert!(actions(&pool, &tenant).await.contains(&"session.adopted".to_owned()));
+    // The adopted VMM is driven like any other.
+    assert_eq!(post(&client, &id, "suspend").await["state"], "suspended");
+    assert!(!process_exists(pid));
+    assert_eq!(post(&client, &id, "resume").await["state"], "running");
+    export_and_verify(&server, &tenant, &dir);
+    client.json(Method::DELETE, &format!("/v1/sessions/{id}")).await.unwrap();
+    drop(server);
+}
