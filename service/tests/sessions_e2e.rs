@@ -4,11 +4,8 @@
 //! idle policy and the maximum duration are enforced; a SIGKILLed `serve` re-adopts its
 //! sessions; every transition is in the tenant's audit chain, which verifies offline.
 //!
-//! They need the session-mode scanner image (`bash scripts/build-guest.sh`) and a `cella-vmm
-//! session` with snapshot create and `--restore`; each suspends a session, so they are ignored
-//! until snapshots are wired into the VMM: `cargo test -p cella-service --test sessions_e2e --
-//! --ignored`. (Without snapshots, create, exec, pause/resume and re-adoption after a SIGKILLed
-//! `serve` already pass; each test then stops at its first suspend with a 502.)
+//! They need the session-mode scanner image (`bash scripts/build-guest.sh`, which
+//! `scripts/test.sh` runs) and `DATABASE_URL`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -238,7 +235,7 @@ fn export_and_verify(server: &Server, tenant: &str, dir: &Path) -> String {
 }
 
 #[sqlx::test(migrations = "../migrations")]
-#[ignore = "needs snapshot create and --restore in cella-vmm session (s-snap, wired by the lead); run with --ignored"]
+
 async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool) {
     let dir = Scratch::new("life");
     let server = Server::start(&dir.join("data"), &test_db_url(&pool), &[]);
@@ -314,7 +311,7 @@ async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool
 }
 
 #[sqlx::test(migrations = "../migrations")]
-#[ignore = "needs snapshot create and --restore in cella-vmm session (s-snap, wired by the lead); run with --ignored"]
+
 async fn an_idle_session_is_suspended_and_connect_restores_it(pool: PgPool) {
     let dir = Scratch::new("idle");
     let server = Server::start(&dir.join("data"), &test_db_url(&pool), &[]);
@@ -338,7 +335,7 @@ async fn an_idle_session_is_suspended_and_connect_restores_it(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
-#[ignore = "needs snapshot create and --restore in cella-vmm session (s-snap, wired by the lead); run with --ignored"]
+
 async fn a_session_past_its_maximum_duration_is_terminated_and_its_files_deleted(pool: PgPool) {
     let dir = Scratch::new("max");
     let server =
@@ -361,7 +358,7 @@ async fn a_session_past_its_maximum_duration_is_terminated_and_its_files_deleted
 }
 
 #[sqlx::test(migrations = "../migrations")]
-#[ignore = "needs snapshot create and --restore in cella-vmm session (s-snap, wired by the lead); run with --ignored"]
+
 async fn a_sigkilled_serve_re_adopts_its_sessions_on_restart(pool: PgPool) {
     let dir = Scratch::new("adopt");
     let data = dir.join("data");

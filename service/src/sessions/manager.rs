@@ -30,6 +30,17 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopped VMM may take to scrub and exit before it is killed.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session VMM stops itself this long after its session's deadline (`--max-duration-secs`),
+/// a backstop for a service that is gone; the reaper terminates the session at the deadline
+/// first.
+const VMM_DEADLINE_GRACE_SECS: u64 = 30;
+/// The most `cella-vmm session --max-duration-secs` accepts.
+const VMM_MAX_DURATION_SECS: u64 = 8 * 3600;
+
+/// The `--max-duration-secs` for a session VMM with `left` seconds to its deadline.
+fn vmm_max_duration(left: u64) -> Duration {
+    Duration::from_secs((left + VMM_DEADLINE_GRACE_SECS).clamp(1, VMM_MAX_DURATION_SECS))
+}
 /// The file that marks a snapshot as complete (written by the manager after the VMM's
 /// snapshot call returned): only such a snapshot is ever restored.
 pub const SNAPSHOT_COMPLETE: &str = "cella-snapshot.json";
@@ -270,7 +281,7 @@ impl SessionManager {
             },
             mem_mib: u32::try_from(s.mem_mib).unwrap_or(256),
             read_policy: s.read_policy.clone(),
-            max_duration: Duration::from_secs(left),
+            max_duration: vmm_max_duration(left),
             log: paths.log.clone(),
         };
         let t0 = Instant::now();
@@ -470,7 +481,7 @@ impl SessionManager {
             source: Source::Snapshot { dir: paths.snapshot.clone() },
             mem_mib: u32::try_from(s.mem_mib).unwrap_or(256),
             read_policy: s.read_policy.clone(),
-            max_duration: Duration::from_secs(left),
+            max_duration: vmm_max_duration(left),
             log: paths.log.clone(),
         };
         let t0 = Instant::now();
@@ -843,6 +854,12 @@ impl SessionManager {
             _ => false,
         };
         if !alive {
+            // A VMM that reached its own backstop near the deadline ended as planned.
+            let backstop = time::Duration::seconds(VMM_DEADLINE_GRACE_SECS as i64);
+            if s.deadline <= OffsetDateTime::now_utc() + backstop {
+                self.terminate_locked(slot, s, &actor, Reason::Deadline).await?;
+                return Ok(());
+            }
             let tail = log_tail(&self.paths(&s.id).log);
             self.fail(s, &format!("the VMM exited unexpectedly; VMM log: {tail}"), &actor).await;
             return Ok(());
