@@ -32,6 +32,7 @@ pub mod child;
 pub mod config;
 pub mod confine;
 pub mod exec_copy;
+pub mod handover;
 pub mod supervisor;
 pub mod timing;
 

@@ -108,6 +108,18 @@ struct JailArgs {
     /// sockets; it is removed with the jail
     #[arg(long, value_name = "HOST_DIR")]
     socket_dir: Option<PathBuf>,
+    /// Bind this host folder read-write into the jail at the same path: the one place the VMM
+    /// may create, write and remove files (a session's folder: artifact, sockets, snapshots).
+    /// Must be a real folder (no symbolic links), mode 0700, root's or --uid's, holding only
+    /// folders, regular files and sockets; it and its contents belong to --uid/--gid while the
+    /// jail lives and to root again when it ends
+    #[arg(long, value_name = "DIR")]
+    bind_rw: Option<PathBuf>,
+    /// Mount a fresh, read-only procfs at /proc showing only the VMM's own PID namespace (needs
+    /// --new-pid-ns); Landlock lets the VMM read files there (a restored VM's memory scrub
+    /// reads /proc/self/pagemap) and nothing else
+    #[arg(long)]
+    mount_proc: bool,
     /// Pass this inherited file descriptor on to the VMM (repeatable)
     #[arg(long = "keep-fd", value_name = "FD")]
     keep_fds: Vec<i32>,
@@ -174,6 +186,8 @@ fn main() -> ExitCode {
         new_pid_ns: a.new_pid_ns,
         ro_files: a.ro_files,
         socket_dir: a.socket_dir,
+        bind_rw: a.bind_rw,
+        mount_proc: a.mount_proc,
         keep_fds: a.keep_fds,
         rlimits: a.rlimits,
         vmm_args: a.vmm_args,
