@@ -86,11 +86,16 @@ pub enum ConfigError {
     #[error("--bind-rw `{0}` cannot be `/`: give the one folder this VMM may write")]
     BindRwRoot(PathBuf),
     #[error(
-        "--bind-rw `{path}` must be closed to everyone but its owner (mode 0700) and belong to root \
-         or to --uid {jail_uid}; it is owned by uid {uid} with mode {mode:04o}. If a killed jail \
-         left it to another uid, give it back: `chown -R root:root {path}`"
+        "--bind-rw `{path}` must be closed to everyone but its owner (mode 0700); it has mode \
+         {mode:04o}: the jail's uid gets this folder and all in it, so it must be a session's own \
+         folder, not a shared one"
     )]
-    BindRwOpen { path: PathBuf, jail_uid: u32, uid: u32, mode: u32 },
+    BindRwOpen { path: PathBuf, mode: u32 },
+    #[error(
+        "--bind-rw `{path}` belongs to uid {uid}, not root or --uid {jail_uid}; if a jail whose \
+         supervisor was killed left it to its uid, give it back first: `chown -R root:root {path}`"
+    )]
+    BindRwOwner { path: PathBuf, jail_uid: u32, uid: u32 },
     #[error(transparent)]
     Handover(#[from] crate::handover::HandoverError),
     #[error("--mount-proc needs --new-pid-ns: the jail's /proc must show the VMM's own PID namespace only")]
@@ -324,13 +329,11 @@ fn check_bind_rw(path: &Path, jail_uid: u32) -> Result<(), ConfigError> {
     if !meta.is_dir() || real != path {
         return Err(ConfigError::BindRwNotDir(path.to_owned()));
     }
-    if (meta.uid() != 0 && meta.uid() != jail_uid) || meta.mode() & 0o077 != 0 {
-        return Err(ConfigError::BindRwOpen {
-            path: path.to_owned(),
-            jail_uid,
-            uid: meta.uid(),
-            mode: meta.mode() & 0o7777,
-        });
+    if meta.mode() & 0o077 != 0 {
+        return Err(ConfigError::BindRwOpen { path: path.to_owned(), mode: meta.mode() & 0o7777 });
+    }
+    if meta.uid() != 0 && meta.uid() != jail_uid {
+        return Err(ConfigError::BindRwOwner { path: path.to_owned(), jail_uid, uid: meta.uid() });
     }
     Ok(())
 }
@@ -439,12 +442,12 @@ impl JailRequest {
             check_socket_dir(dir)?;
         }
         if let Some(dir) = &self.bind_rw {
+            if taken.iter().any(|t| dir.starts_with(t) || t.starts_with(dir)) && dir != Path::new("/") {
+                return Err(ConfigError::JailPathTaken(dir.display().to_string()));
+            }
             check_bind_rw(dir, self.uid)?;
             check_jail_path(&dir.to_string_lossy())?;
             crate::handover::check(dir)?;
-            if taken.iter().any(|t| dir.starts_with(t) || t.starts_with(dir)) {
-                return Err(ConfigError::JailPathTaken(dir.display().to_string()));
-            }
         }
         if self.mount_proc && !self.new_pid_ns {
             return Err(ConfigError::ProcWithoutPidNs);
