@@ -312,9 +312,9 @@ fn check_socket_dir(path: &Path) -> Result<(), ConfigError> {
 /// A `--bind-rw` folder: absolute, an existing real folder at exactly that path (no symbolic
 /// link anywhere in it, since the jail sees it at the same path), not `/`, closed to others
 /// (mode 0700: a system folder such as `/etc` or `/tmp` handed over by mistake fails here), and
-/// root's or already the VMM's. Its contents are checked as they are handed over
-/// ([`crate::handover`]).
-fn check_bind_rw(path: &Path, jail_uid: u32) -> Result<(), ConfigError> {
+/// root's or already the VMM's (`jail_uid`; `None`: any owner, for `cleanup`). Its contents are
+/// checked as they are handed over ([`crate::handover`]).
+pub fn check_bind_rw(path: &Path, jail_uid: Option<u32>) -> Result<(), ConfigError> {
     use std::os::unix::fs::MetadataExt;
     if !is_clean_absolute(path) {
         return Err(ConfigError::NotAbsolute { what: "--bind-rw folder", path: path.to_owned() });
@@ -332,7 +332,7 @@ fn check_bind_rw(path: &Path, jail_uid: u32) -> Result<(), ConfigError> {
     if meta.mode() & 0o077 != 0 {
         return Err(ConfigError::BindRwOpen { path: path.to_owned(), mode: meta.mode() & 0o7777 });
     }
-    if meta.uid() != 0 && meta.uid() != jail_uid {
+    if let Some(jail_uid) = jail_uid.filter(|&u| meta.uid() != 0 && meta.uid() != u) {
         return Err(ConfigError::BindRwOwner { path: path.to_owned(), jail_uid, uid: meta.uid() });
     }
     Ok(())
@@ -445,7 +445,7 @@ impl JailRequest {
             if taken.iter().any(|t| dir.starts_with(t) || t.starts_with(dir)) && dir != Path::new("/") {
                 return Err(ConfigError::JailPathTaken(dir.display().to_string()));
             }
-            check_bind_rw(dir, self.uid)?;
+            check_bind_rw(dir, Some(self.uid))?;
             check_jail_path(&dir.to_string_lossy())?;
             crate::handover::check(dir)?;
         }

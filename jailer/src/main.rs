@@ -67,6 +67,9 @@ enum Command {
         /// The parent cgroup the jail used, if not the default
         #[arg(long, value_name = "PATH")]
         cgroup_parent: Option<String>,
+        /// The jail's --bind-rw folder, to give back to root (with everything in it)
+        #[arg(long, value_name = "DIR")]
+        bind_rw: Option<PathBuf>,
     },
 }
 
@@ -147,7 +150,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Some(Command::Cleanup { id, chroot_base, exec_name, cgroup_parent }) => {
+        Some(Command::Cleanup { id, chroot_base, exec_name, cgroup_parent, bind_rw }) => {
             if let Err(e) = cella_jailer::config::validate_id(&id) {
                 eprintln!("cella-jailer cleanup: refused: {}", error_chain(&e));
                 return ExitCode::from(BAD_REQUEST);
@@ -158,15 +161,32 @@ fn main() -> ExitCode {
                 eprintln!("cella-jailer cleanup: refused: --exec-name must be a plain file name and --chroot-base absolute");
                 return ExitCode::from(BAD_REQUEST);
             }
-            return match supervisor::cleanup(&id, &chroot_base, &exec_name, cgroup_parent.as_deref()) {
+            if let Some(Err(e)) = bind_rw.as_deref().map(|d| cella_jailer::config::check_bind_rw(d, None)) {
+                eprintln!("cella-jailer cleanup: refused: {}", error_chain(&e));
+                return ExitCode::from(BAD_REQUEST);
+            }
+            // The folder is given back after the jail's processes are gone (cleanup kills what
+            // is left in its cgroups).
+            let result = supervisor::cleanup(&id, &chroot_base, &exec_name, cgroup_parent.as_deref())
+                .map_err(|e| error_chain(&e))
+                .and_then(|removed| match &bind_rw {
+                    Some(dir) => {
+                        cella_jailer::handover::take_back(dir).map(|()| removed).map_err(|e| error_chain(&e))
+                    }
+                    None => Ok(removed),
+                });
+            return match result {
                 Ok(removed) => {
                     for path in removed {
                         eprintln!("cella-jailer cleanup: removed {}", path.display());
                     }
+                    if let Some(dir) = &bind_rw {
+                        eprintln!("cella-jailer cleanup: gave {} back to root", dir.display());
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("cella-jailer cleanup: {}", error_chain(&e));
+                    eprintln!("cella-jailer cleanup: {e}");
                     ExitCode::from(CLEANUP_FAILED)
                 }
             };

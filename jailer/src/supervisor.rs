@@ -1,8 +1,8 @@
 //! The supervisor: prepares the jail on the host, clones the VMM's process into its namespaces,
 //! waits for it (forwarding SIGINT, SIGTERM and SIGHUP), and removes the jail folder and the
-//! cgroups when it ends, however it ends — its own exit, a crash, `SIGKILL`, a seccomp kill or
-//! an OOM kill. Mounts need no cleanup: they exist only in the VMM's mount namespace, which the
-//! kernel tears down with the VMM.
+//! cgroups, and gives a `--bind-rw` folder back to root, when it ends, however it ends — its
+//! own exit, a crash, `SIGKILL`, a seccomp kill or an OOM kill. Mounts need no cleanup: they
+//! exist only in the VMM's mount namespace, which the kernel tears down with the VMM.
 
 use std::ffi::OsString;
 use std::fs::{self, File};

@@ -539,3 +539,33 @@ fn bind_rw_folders_that_are_open_links_or_hold_links_and_proc_without_a_pid_ns_a
     }
     std::fs::remove_file(&link).unwrap();
 }
+
+#[test]
+fn cleanup_gives_a_bind_rw_folder_back_when_the_supervisor_was_killed() {
+    use std::os::unix::fs::MetadataExt;
+
+    let base = chroot_base("orphan-rw");
+    let id = jail_id("orphan-rw");
+    let dir = rw_folder("orphan-rw");
+    let (mut supervisor, vmm) = start_spinning_with(&base, &id, &["--bind-rw", dir.to_str().unwrap()]);
+    supervisor.kill().unwrap();
+    supervisor.wait().unwrap();
+    let status = format!("/proc/{vmm}/status");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Path::new(&status).exists() && !status_field(&status, "State").starts_with('Z') {
+        assert!(std::time::Instant::now() < deadline, "the VMM outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(std::fs::metadata(dir.join("in.txt")).unwrap().uid(), UID, "nobody gave the folder back");
+
+    let mut cleanup = std::process::Command::new(jailer());
+    cleanup.args(["cleanup", "--id", &id, "--chroot-base"]).arg(&base).arg("--bind-rw").arg(&dir);
+    let out = output(&mut cleanup);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("back to root"), "{}", stderr(&out));
+    for path in [&dir, &dir.join("in.txt")] {
+        assert_eq!(std::fs::metadata(path).unwrap().uid(), 0, "{}", path.display());
+    }
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
