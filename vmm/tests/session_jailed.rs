@@ -444,3 +444,23 @@ fn a_jailed_session_refuses_paths_outside_its_folder_and_a_folder_open_to_others
     assert!(stderr.contains("must be closed to everyone but its owner (mode 0700)"), "{stderr}");
     assert!(!cell.base.exists(), "a refused launch created the jail base");
 }
+
+#[test]
+fn sigterm_to_a_jailed_session_stops_the_vm_scrubs_it_and_removes_the_jail() {
+    binaries();
+    let cell = Cell::new("sigterm");
+    let id = format!("jsess-term-{}", std::process::id());
+    let mut session = cell.start(&id, ("--artifact", &cell.dir.join("app.tar")));
+    assert_eq!(stats(&mut session.guest()).files, 3);
+    let child = session.child.take().unwrap();
+    // SAFETY: kill(2) to our own child process (the jail's supervisor).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(244), "{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().last().expect("a report")).unwrap();
+    assert_eq!(report["exit"]["kind"], "stopped", "{report}");
+    assert_scrubbed(&report);
+    cell.assert_clean(&id);
+}
