@@ -43,6 +43,11 @@ pub struct ChildPlan {
     /// The exec-file's path inside the jail, e.g. `/cella-vmm`.
     pub exec_path: PathBuf,
     pub ro_jail_paths: Vec<PathBuf>,
+    /// The `--bind-rw` folder and its mount point on the host (inside `root`); the jail sees
+    /// it at the folder's own path.
+    pub rw_bind: Option<(PathBuf, PathBuf)>,
+    /// Mount a fresh procfs at `/proc` (`--mount-proc`).
+    pub mount_proc: bool,
     pub argv: Vec<OsString>,
     pub keep_fds: Vec<RawFd>,
     pub last_cap: u32,
@@ -97,6 +102,20 @@ fn mount(source: Option<&Path>, target: &Path, flags: libc::c_ulong) -> io::Resu
 fn bind(source: &Path, target: &Path, flags: libc::c_ulong) -> io::Result<()> {
     mount(Some(source), target, libc::MS_BIND)?;
     mount(None, target, libc::MS_REMOUNT | libc::MS_BIND | flags)
+}
+
+/// Mounts a procfs for this process's PID namespace (the jail's own: the supervisor asks for
+/// `--mount-proc` only with `--new-pid-ns`) at `/proc`: read-only, no devices, set-uid or
+/// executables, and with `subset=pid` (only process folders: no `/proc/sys`, `/proc/kcore`,
+/// ...) and `hidepid=invisible` (only processes the reader may trace). Inside the namespace the
+/// VMM is the only process, so `/proc` shows `/proc/1` (`/proc/self`) and nothing else.
+fn mount_proc() -> io::Result<()> {
+    let options = c"hidepid=invisible,subset=pid";
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: all strings are NUL-terminated literals that live for the call.
+    check(unsafe {
+        libc::mount(c"proc".as_ptr(), c"/proc".as_ptr(), c"proc".as_ptr(), flags, options.as_ptr().cast())
+    })
 }
 
 /// Runs the child's steps. Never returns: it execs the VMM, or exits with [`CHILD_FAILED`]
@@ -160,6 +179,9 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
     let sock_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     bind(&plan.socket_dir_source, &plan.socket_dir_host, sock_flags)
         .map_err(fail("bind-socket-folder", &plan.socket_dir_source))?;
+    if let Some((host, target)) = &plan.rw_bind {
+        bind(host, target, sock_flags).map_err(fail("bind-read-write-folder", host))?;
+    }
     t.record("mounts", start);
 
     let start = Instant::now();
@@ -183,6 +205,12 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
         .map_err(fail("mknod", kvm))?;
     t.record("mknod", start);
 
+    if plan.mount_proc {
+        let start = Instant::now();
+        mount_proc().map_err(fail("mount-proc", crate::config::PROC_DIR))?;
+        t.record("mount-proc", start);
+    }
+
     let start = Instant::now();
     for path in [kvm, Path::new(crate::config::SOCKET_DIR)] {
         std::os::unix::fs::chown(path, Some(plan.uid), Some(plan.gid)).map_err(fail("chown", path))?;
@@ -202,7 +230,9 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
     }
 
     let start = Instant::now();
-    confine::landlock(&plan.exec_path, &plan.ro_jail_paths).map_err(fail("landlock", "/"))?;
+    let rw_dir = plan.rw_bind.as_ref().map(|(host, _)| host.as_path());
+    confine::landlock(&plan.exec_path, &plan.ro_jail_paths, rw_dir, plan.mount_proc)
+        .map_err(fail("landlock", "/"))?;
     t.record("landlock", start);
 
     let start = Instant::now();

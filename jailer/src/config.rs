@@ -14,10 +14,13 @@ pub const ID_MAX_LEN: usize = 64;
 /// copying in and removing the VMM binary costs milliseconds per launch (measured here: ~7 ms on
 /// ext4 under load, ~0.1 ms on tmpfs), and a jail holds nothing that must outlive its VMM.
 pub const DEFAULT_CHROOT_BASE: &str = "/dev/shm/cella-jailer";
-/// Jail paths the jailer itself uses; read-only files may not be placed there.
-pub const RESERVED_JAIL_PATHS: &[&str] = &["/dev", "/run"];
+/// Jail paths the jailer itself uses; read-only files and `--bind-rw` folders may not be
+/// placed there.
+pub const RESERVED_JAIL_PATHS: &[&str] = &["/dev", "/run", "/proc"];
 /// The VMM's socket folder inside the jail (its control socket, vsock sockets).
 pub const SOCKET_DIR: &str = "/run";
+/// Where `--mount-proc` mounts the jail's own procfs.
+pub const PROC_DIR: &str = "/proc";
 /// The only device node a VMM gets.
 pub const KVM_DEVICE: &str = "/dev/kvm";
 
@@ -61,7 +64,7 @@ pub enum ConfigError {
     BadRoFile(String),
     #[error("jail path `{0}` must be absolute, made of letters, digits, `.`, `_` and `-`, without `..`")]
     BadJailPath(String),
-    #[error("jail path `{0}` is taken (by the jailer, the exec-file or another --ro-file)")]
+    #[error("jail path `{0}` is taken (by the jailer, the exec-file, another --ro-file or --bind-rw)")]
     JailPathTaken(String),
     #[error("--socket-dir `{0}` is not a folder (a symbolic link is not accepted either)")]
     SocketDirNotDir(PathBuf),
@@ -75,6 +78,28 @@ pub enum ConfigError {
          the VMM, so it may hold only the caller's listeners; make a fresh folder for this jail's sockets"
     )]
     SocketDirNotSockets { path: PathBuf, entry: String },
+    #[error(
+        "--bind-rw `{0}` is not a real folder at that path: give an existing folder by its path \
+         without symbolic links (the jail sees it at the same path)"
+    )]
+    BindRwNotDir(PathBuf),
+    #[error("--bind-rw `{0}` cannot be `/`: give the one folder this VMM may write")]
+    BindRwRoot(PathBuf),
+    #[error(
+        "--bind-rw `{path}` must be closed to everyone but its owner (mode 0700); it has mode \
+         {mode:04o}: the jail's uid gets this folder and all in it, so it must be a session's own \
+         folder, not a shared one"
+    )]
+    BindRwOpen { path: PathBuf, mode: u32 },
+    #[error(
+        "--bind-rw `{path}` belongs to uid {uid}, not root or --uid {jail_uid}; if a jail whose \
+         supervisor was killed left it to its uid, give it back first: `chown -R root:root {path}`"
+    )]
+    BindRwOwner { path: PathBuf, jail_uid: u32, uid: u32 },
+    #[error(transparent)]
+    Handover(#[from] crate::handover::HandoverError),
+    #[error("--mount-proc needs --new-pid-ns: the jail's /proc must show the VMM's own PID namespace only")]
+    ProcWithoutPidNs,
     #[error("--netns `{0}` does not exist")]
     NoNetns(PathBuf),
     #[error("--keep-fd {0} is not an open file descriptor above 2")]
@@ -103,6 +128,8 @@ pub struct JailRequest {
     pub new_pid_ns: bool,
     pub ro_files: Vec<String>,
     pub socket_dir: Option<PathBuf>,
+    pub bind_rw: Option<PathBuf>,
+    pub mount_proc: bool,
     pub keep_fds: Vec<i32>,
     pub rlimits: Vec<String>,
     pub vmm_args: Vec<OsString>,
@@ -134,6 +161,14 @@ pub struct JailConfig {
     /// an empty one inside the jail, so listeners the caller made there are reachable from the
     /// VMM (its vsock's `<uds>_<port>`). The child chowns it to the VMM's uid/gid.
     pub socket_dir: Option<PathBuf>,
+    /// A host folder bound read-write into the jail at the same path (`--bind-rw`): the one
+    /// place the VMM may create, write and remove files (a session's folder). The supervisor
+    /// gives it and everything in it to the VMM's uid/gid for the jail's life, and back to root
+    /// when the jail ends.
+    pub bind_rw: Option<PathBuf>,
+    /// Mount a fresh procfs at [`PROC_DIR`] (`--mount-proc`; needs `new_pid_ns`), read-only and
+    /// showing only the VMM's own PID namespace, for the VMM's reads of `/proc/self/pagemap`.
+    pub mount_proc: bool,
     pub keep_fds: Vec<i32>,
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     pub vmm_args: Vec<OsString>,
@@ -274,6 +309,35 @@ fn check_socket_dir(path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A `--bind-rw` folder: absolute, an existing real folder at exactly that path (no symbolic
+/// link anywhere in it, since the jail sees it at the same path), not `/`, closed to others
+/// (mode 0700: a system folder such as `/etc` or `/tmp` handed over by mistake fails here), and
+/// root's or already the VMM's (`jail_uid`; `None`: any owner, for `cleanup`). Its contents are
+/// checked as they are handed over ([`crate::handover`]).
+pub fn check_bind_rw(path: &Path, jail_uid: Option<u32>) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    if !is_clean_absolute(path) {
+        return Err(ConfigError::NotAbsolute { what: "--bind-rw folder", path: path.to_owned() });
+    }
+    if path == Path::new("/") {
+        return Err(ConfigError::BindRwRoot(path.to_owned()));
+    }
+    let unreadable =
+        |source| ConfigError::Unreadable { what: "--bind-rw folder", path: path.to_owned(), source };
+    let meta = fs::symlink_metadata(path).map_err(unreadable)?;
+    let real = fs::canonicalize(path).map_err(unreadable)?;
+    if !meta.is_dir() || real != path {
+        return Err(ConfigError::BindRwNotDir(path.to_owned()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(ConfigError::BindRwOpen { path: path.to_owned(), mode: meta.mode() & 0o7777 });
+    }
+    if let Some(jail_uid) = jail_uid.filter(|&u| meta.uid() != 0 && meta.uid() != u) {
+        return Err(ConfigError::BindRwOwner { path: path.to_owned(), jail_uid, uid: meta.uid() });
+    }
+    Ok(())
+}
+
 fn check_exec_file(path: &Path) -> Result<String, ConfigError> {
     if !is_clean_absolute(path) {
         return Err(ConfigError::NotAbsolute { what: "exec-file", path: path.to_owned() });
@@ -377,6 +441,17 @@ impl JailRequest {
         if let Some(dir) = &self.socket_dir {
             check_socket_dir(dir)?;
         }
+        if let Some(dir) = &self.bind_rw {
+            if taken.iter().any(|t| dir.starts_with(t) || t.starts_with(dir)) && dir != Path::new("/") {
+                return Err(ConfigError::JailPathTaken(dir.display().to_string()));
+            }
+            check_bind_rw(dir, Some(self.uid))?;
+            check_jail_path(&dir.to_string_lossy())?;
+            crate::handover::check(dir)?;
+        }
+        if self.mount_proc && !self.new_pid_ns {
+            return Err(ConfigError::ProcWithoutPidNs);
+        }
         if let Some(netns) = &self.netns {
             if !netns.exists() {
                 return Err(ConfigError::NoNetns(netns.clone()));
@@ -420,6 +495,8 @@ impl JailRequest {
             new_pid_ns: self.new_pid_ns,
             ro_files,
             socket_dir: self.socket_dir,
+            bind_rw: self.bind_rw,
+            mount_proc: self.mount_proc,
             keep_fds: self.keep_fds,
             rlimits,
             vmm_args: self.vmm_args,

@@ -9,7 +9,7 @@ use landlock::{
     RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
-use crate::config::{KVM_DEVICE, SOCKET_DIR};
+use crate::config::{KVM_DEVICE, PROC_DIR, SOCKET_DIR};
 
 /// The newest Landlock ABI the rules are written for (this host has 7; older kernels get the
 /// subset they support).
@@ -20,10 +20,19 @@ fn landlock_error(e: impl std::fmt::Display) -> io::Error {
 }
 
 /// Restricts this process, and the VMM it becomes, to: executing (and so reading) its own binary, reading the
-/// read-only files, reading, writing and ioctl on `/dev/kvm`, and making or removing sockets in
-/// the socket folder. No other path, no TCP, no abstract Unix sockets or signals outside the
-/// sandbox. Everything else, including the rest of the jail, is refused.
-pub fn landlock(exec_path: &Path, ro_files: &[PathBuf]) -> io::Result<()> {
+/// read-only files, reading, writing and ioctl on `/dev/kvm`, making or removing sockets in
+/// the socket folder; with `rw_dir` (`--bind-rw`), reading, listing, creating, writing,
+/// truncating and removing files, folders and sockets under that folder; with `proc`
+/// (`--mount-proc`), reading files under `/proc`. No other path, no TCP, no abstract Unix
+/// sockets or signals outside the sandbox. Everything else, including the rest of the jail, is
+/// refused.
+///
+/// `/proc` is granted as a whole, for reading files only (not listing): a rule on
+/// `/proc/self/pagemap` itself would attach to that file's current inode, and procfs makes a
+/// new inode for a process's files whenever their cached entry is dropped, so the rule could
+/// silently stop matching. The jail's procfs shows the VMM's own process only (see
+/// `child::mount_proc`), so what this grants is reading the VMM's own `/proc/self/*`.
+pub fn landlock(exec_path: &Path, ro_files: &[PathBuf], rw_dir: Option<&Path>, proc: bool) -> io::Result<()> {
     let fs_all = AccessFs::from_all(LANDLOCK_ABI);
     let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = vec![
         // exec opens the binary for reading as well as executing.
@@ -32,6 +41,21 @@ pub fn landlock(exec_path: &Path, ro_files: &[PathBuf]) -> io::Result<()> {
         (SOCKET_DIR.into(), AccessFs::MakeSock | AccessFs::RemoveFile | AccessFs::ReadDir),
     ];
     rules.extend(ro_files.iter().map(|p| (p.clone(), AccessFs::ReadFile.into())));
+    if let Some(dir) = rw_dir {
+        let rw = AccessFs::ReadFile
+            | AccessFs::ReadDir
+            | AccessFs::WriteFile
+            | AccessFs::Truncate
+            | AccessFs::MakeReg
+            | AccessFs::MakeDir
+            | AccessFs::MakeSock
+            | AccessFs::RemoveFile
+            | AccessFs::RemoveDir;
+        rules.push((dir.to_owned(), rw));
+    }
+    if proc {
+        rules.push((PROC_DIR.into(), AccessFs::ReadFile.into()));
+    }
 
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)

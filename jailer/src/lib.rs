@@ -19,6 +19,15 @@
 //! VMM and removes the jail folder, cgroups and any `--socket-dir` however it ends; mounts live
 //! only in the VMM's mount namespace and vanish with it.
 //!
+//! For a session (`cella-vmm session --jailed`): `--bind-rw DIR` binds one host folder
+//! read-write into the jail at the same path (no path translation: the host and the VMM name
+//! the same files the same way); the supervisor hands the folder and its contents to the
+//! VMM's uid/gid before the clone and back to root when the jail ends ([`handover`]), and
+//! Landlock lets the VMM read, write, create and remove files, folders and sockets in it and
+//! nowhere else. `--mount-proc` (with `--new-pid-ns`) mounts the jail's own procfs at `/proc`,
+//! read-only, `subset=pid,hidepid=invisible`, where the VMM is the only process; Landlock lets
+//! it read files there (a restored VM's scrub reads `/proc/self/pagemap`).
+//!
 //! `--socket-dir` is how a caller serves a VMM's guest-initiated vsock connections from outside
 //! the jail (`cella-vmm scan --jailed`): it makes a root-owned 0700 folder, listens there at
 //! `<uds>_<port>` with the socket owned by the jail's uid/gid, and the jail gets the folder as
@@ -32,6 +41,7 @@ pub mod child;
 pub mod config;
 pub mod confine;
 pub mod exec_copy;
+pub mod handover;
 pub mod supervisor;
 pub mod timing;
 

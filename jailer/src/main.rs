@@ -67,6 +67,9 @@ enum Command {
         /// The parent cgroup the jail used, if not the default
         #[arg(long, value_name = "PATH")]
         cgroup_parent: Option<String>,
+        /// The jail's --bind-rw folder, to give back to root (with everything in it)
+        #[arg(long, value_name = "DIR")]
+        bind_rw: Option<PathBuf>,
     },
 }
 
@@ -108,6 +111,18 @@ struct JailArgs {
     /// sockets; it is removed with the jail
     #[arg(long, value_name = "HOST_DIR")]
     socket_dir: Option<PathBuf>,
+    /// Bind this host folder read-write into the jail at the same path: the one place the VMM
+    /// may create, write and remove files (a session's folder: artifact, sockets, snapshots).
+    /// Must be a real folder (no symbolic links), mode 0700, root's or --uid's, holding only
+    /// folders, regular files and sockets; it and its contents belong to --uid/--gid while the
+    /// jail lives and to root again when it ends
+    #[arg(long, value_name = "DIR")]
+    bind_rw: Option<PathBuf>,
+    /// Mount a fresh, read-only procfs at /proc showing only the VMM's own PID namespace (needs
+    /// --new-pid-ns); Landlock lets the VMM read files there (a restored VM's memory scrub
+    /// reads /proc/self/pagemap) and nothing else
+    #[arg(long)]
+    mount_proc: bool,
     /// Pass this inherited file descriptor on to the VMM (repeatable)
     #[arg(long = "keep-fd", value_name = "FD")]
     keep_fds: Vec<i32>,
@@ -135,7 +150,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Some(Command::Cleanup { id, chroot_base, exec_name, cgroup_parent }) => {
+        Some(Command::Cleanup { id, chroot_base, exec_name, cgroup_parent, bind_rw }) => {
             if let Err(e) = cella_jailer::config::validate_id(&id) {
                 eprintln!("cella-jailer cleanup: refused: {}", error_chain(&e));
                 return ExitCode::from(BAD_REQUEST);
@@ -146,15 +161,32 @@ fn main() -> ExitCode {
                 eprintln!("cella-jailer cleanup: refused: --exec-name must be a plain file name and --chroot-base absolute");
                 return ExitCode::from(BAD_REQUEST);
             }
-            return match supervisor::cleanup(&id, &chroot_base, &exec_name, cgroup_parent.as_deref()) {
+            if let Some(Err(e)) = bind_rw.as_deref().map(|d| cella_jailer::config::check_bind_rw(d, None)) {
+                eprintln!("cella-jailer cleanup: refused: {}", error_chain(&e));
+                return ExitCode::from(BAD_REQUEST);
+            }
+            // The folder is given back after the jail's processes are gone (cleanup kills what
+            // is left in its cgroups).
+            let result = supervisor::cleanup(&id, &chroot_base, &exec_name, cgroup_parent.as_deref())
+                .map_err(|e| error_chain(&e))
+                .and_then(|removed| match &bind_rw {
+                    Some(dir) => {
+                        cella_jailer::handover::take_back(dir).map(|()| removed).map_err(|e| error_chain(&e))
+                    }
+                    None => Ok(removed),
+                });
+            return match result {
                 Ok(removed) => {
                     for path in removed {
                         eprintln!("cella-jailer cleanup: removed {}", path.display());
                     }
+                    if let Some(dir) = &bind_rw {
+                        eprintln!("cella-jailer cleanup: gave {} back to root", dir.display());
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("cella-jailer cleanup: {}", error_chain(&e));
+                    eprintln!("cella-jailer cleanup: {e}");
                     ExitCode::from(CLEANUP_FAILED)
                 }
             };
@@ -174,6 +206,8 @@ fn main() -> ExitCode {
         new_pid_ns: a.new_pid_ns,
         ro_files: a.ro_files,
         socket_dir: a.socket_dir,
+        bind_rw: a.bind_rw,
+        mount_proc: a.mount_proc,
         keep_fds: a.keep_fds,
         rlimits: a.rlimits,
         vmm_args: a.vmm_args,

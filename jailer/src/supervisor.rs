@@ -1,8 +1,8 @@
 //! The supervisor: prepares the jail on the host, clones the VMM's process into its namespaces,
 //! waits for it (forwarding SIGINT, SIGTERM and SIGHUP), and removes the jail folder and the
-//! cgroups when it ends, however it ends — its own exit, a crash, `SIGKILL`, a seccomp kill or
-//! an OOM kill. Mounts need no cleanup: they exist only in the VMM's mount namespace, which the
-//! kernel tears down with the VMM.
+//! cgroups, and gives a `--bind-rw` folder back to root, when it ends, however it ends — its
+//! own exit, a crash, `SIGKILL`, a seccomp kill or an OOM kill. Mounts need no cleanup: they
+//! exist only in the VMM's mount namespace, which the kernel tears down with the VMM.
 
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::cgroup::{CgroupError, Version};
 use crate::child::{self, ChildPlan};
-use crate::config::{JailConfig, KVM_DEVICE, SOCKET_DIR};
+use crate::config::{JailConfig, KVM_DEVICE, PROC_DIR, SOCKET_DIR};
 use crate::exec_copy::Copier;
 use crate::timing::Timings;
 
@@ -32,6 +32,12 @@ pub enum JailError {
     JailExists(PathBuf),
     #[error("step `cgroups` failed")]
     Cgroup(#[from] CgroupError),
+    #[error("step `{step}` failed")]
+    Handover {
+        step: &'static str,
+        #[source]
+        source: crate::handover::HandoverError,
+    },
 }
 
 fn step(step: &'static str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> JailError {
@@ -105,6 +111,8 @@ struct Residue<'a> {
     /// The caller's `--socket-dir`: handed to the jail, it goes with it (also when the caller
     /// died and cannot remove it).
     socket_dir: bool,
+    /// The `--bind-rw` folder was handed to the VMM's uid/gid: give it back to root.
+    handed_over: bool,
 }
 
 impl Residue<'_> {
@@ -129,6 +137,16 @@ impl Residue<'_> {
             }
         }
         t.record("remove-jail-folder", start);
+        if let Some(dir) = self.config.bind_rw.as_ref().filter(|_| self.handed_over) {
+            self.handed_over = false;
+            let start = Instant::now();
+            if let Err(source) = crate::handover::take_back(dir) {
+                if result.is_ok() {
+                    result = Err(JailError::Handover { step: "hand-back-folder", source });
+                }
+            }
+            t.record("hand-back-folder", start);
+        }
         if let Some(dir) = self.config.socket_dir.as_ref().filter(|_| self.socket_dir) {
             self.socket_dir = false;
             if let Err(e) = fs::remove_dir_all(dir) {
@@ -225,6 +243,15 @@ fn build_jail_folder(
         }
         File::create(&target).map_err(step("create-mount-point", &target))?;
     }
+    let folders = config.bind_rw.iter().cloned().chain(config.mount_proc.then(|| PathBuf::from(PROC_DIR)));
+    for folder in folders {
+        let target = config.host_path(&folder);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&target)
+            .map_err(step("create-mount-point", &target))?;
+    }
     t.record("create-mount-points", start);
     Ok(copier)
 }
@@ -261,9 +288,22 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     }
     t.record("clear-env", start);
 
-    let mut residue =
-        Residue { config, jail_dir: false, cgroups: false, socket_dir: config.socket_dir.is_some() };
+    let mut residue = Residue {
+        config,
+        jail_dir: false,
+        cgroups: false,
+        socket_dir: config.socket_dir.is_some(),
+        handed_over: false,
+    };
     let copier = build_jail_folder(config, &mut residue, t)?;
+
+    if let Some(dir) = &config.bind_rw {
+        let start = Instant::now();
+        residue.handed_over = true;
+        crate::handover::give(dir, config.uid, config.gid)
+            .map_err(|source| JailError::Handover { step: "hand-over-folder", source })?;
+        t.record("hand-over-folder", start);
+    }
 
     let start = Instant::now();
     config.cgroups.create()?;
@@ -294,6 +334,8 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
         gid: config.gid,
         exec_path: PathBuf::from("/").join(&config.exec_name),
         ro_jail_paths: config.ro_files.iter().map(|f| f.jail.clone()).collect(),
+        rw_bind: config.bind_rw.as_ref().map(|dir| (dir.clone(), config.host_path(dir))),
+        mount_proc: config.mount_proc,
         argv: std::iter::once(OsString::from(&config.exec_name))
             .chain(config.vmm_args.iter().cloned())
             .collect(),
@@ -367,6 +409,8 @@ const STEP_NAMES: &[&str] = &[
     "bind-jail-root",
     "bind-read-only-file",
     "bind-socket-folder",
+    "bind-read-write-folder",
+    "mount-proc",
     "pivot-root",
     "unmount-old-root",
     "mknod",

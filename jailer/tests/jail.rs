@@ -402,3 +402,170 @@ fn a_socket_dir_open_to_others_or_holding_files_is_refused() {
     assert!(!base.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A fresh `--bind-rw` folder (mode 0700, root's) with one file in it.
+fn rw_folder(name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    std::fs::write(dir.join("in.txt"), "session data").unwrap();
+    dir
+}
+
+#[test]
+fn a_bind_rw_folder_and_proc_give_the_vmm_its_folder_and_its_own_process_only() {
+    use std::os::unix::fs::MetadataExt;
+
+    let base = chroot_base("bind-rw-proc");
+    let dir = rw_folder("bind-rw-proc");
+    // A world-readable host file, reachable through a descriptor the jail is given, which the
+    // jail's /proc turns into a path (/proc/self/fd/N/...): only Landlock stands in the way.
+    let host = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bind-rw-proc-host");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("secret.txt"), "host data").unwrap();
+    let world_readable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644);
+    std::fs::set_permissions(host.join("secret.txt"), world_readable).unwrap();
+    let host_fd = std::fs::File::open(&host).unwrap();
+    let fd = host_fd.as_raw_fd();
+    // SAFETY: clears close-on-exec on our own descriptor so the jailer inherits it.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+
+    let inside = dir.join("in.txt");
+    let through_fd = format!("/proc/self/fd/{fd}/secret.txt");
+    let cases = [
+        // The folder, at its own path.
+        (inside.to_str().unwrap(), "opened"),
+        // The VMM's own pagemap (a restored VM's scrub reads it).
+        ("/proc/self/pagemap", "opened"),
+        // PID 1 of the jail's namespace is the VMM itself: its root is the jail, which has no
+        // /etc; the host's processes are not there at all.
+        ("/proc/1/root/etc/shadow", "No such file or directory"),
+        ("/proc/2/status", "No such file or directory"),
+        // subset=pid: no /proc/sys, /proc/kcore...
+        ("/proc/sys/kernel/hostname", "No such file or directory"),
+        ("/proc/kcore", "No such file or directory"),
+        // Listing /proc is not granted, and a host folder behind a descriptor stays closed.
+        ("/proc", "Permission denied"),
+        (through_fd.as_str(), "Permission denied"),
+    ];
+    for (i, (path, expected)) in cases.iter().enumerate() {
+        let id = jail_id(&format!("bind-rw-proc-{i}"));
+        let extra = ["--bind-rw", dir.to_str().unwrap(), "--mount-proc", "--keep-fd", &fd.to_string()];
+        let out = output(&mut jailed(&base, &id, &extra, &["--test-open", path, "--", "hello"]));
+        let err = stderr(&out);
+        assert!(err.contains(&format!("test-open {path}: {expected}")), "{path}: {err}");
+        assert_eq!(residue(&base, &id), Vec::<String>::new());
+    }
+    drop(host_fd);
+    // The folder is root's again, with what is in it.
+    for path in [&dir, &inside] {
+        let meta = std::fs::metadata(path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{}", path.display());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_bind_rw_folder_belongs_to_the_jail_uid_while_the_vmm_runs() {
+    use std::os::unix::fs::MetadataExt;
+
+    let base = chroot_base("bind-rw-owner");
+    let dir = rw_folder("bind-rw-owner");
+    let id = jail_id("bind-rw-owner");
+    let (mut jailer, pid) = start_spinning_with(&base, &id, &["--bind-rw", dir.to_str().unwrap()]);
+    for path in [dir.clone(), dir.join("in.txt")] {
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (UID, GID), "{}", path.display());
+    }
+    // The VMM sees the folder at the same path, and no /proc unless asked.
+    let root = format!("/proc/{pid}/root");
+    assert!(Path::new(&root).join(dir.strip_prefix("/").unwrap()).join("in.txt").exists());
+    assert!(!Path::new(&root).join("proc/self").exists());
+    // SAFETY: kill(2) to our own child process.
+    unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) };
+    wait_with_timeout(&mut jailer, Duration::from_secs(20));
+    assert_eq!(std::fs::metadata(dir.join("in.txt")).unwrap().uid(), 0);
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bind_rw_folders_that_are_open_links_or_hold_links_and_proc_without_a_pid_ns_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let base = chroot_base("bind-rw-refused");
+    let id = jail_id("bind-rw-refused");
+    let open = rw_folder("bind-rw-refused-open");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let holds_link = rw_folder("bind-rw-refused-link");
+    std::os::unix::fs::symlink("/etc/shadow", holds_link.join("evil")).unwrap();
+    let good = rw_folder("bind-rw-refused-good");
+    let link = good.with_file_name("bind-rw-refused-symlink");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--bind-rw".into(), open.display().to_string()], "must be closed to everyone but its owner"),
+        (vec!["--bind-rw".into(), holds_link.display().to_string()], "evil, a symbolic link"),
+        (vec!["--bind-rw".into(), link.display().to_string()], "is not a real folder at that path"),
+        (vec!["--bind-rw".into(), "/run".into()], "is taken"),
+        (vec!["--bind-rw".into(), "/".into()], "cannot be `/`"),
+    ];
+    for (extra, says) in cases {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let out = output(&mut jailed(&base, &id, &extra, &["--", "hello"]));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(says), "{extra:?}: expected {says:?} in {err}");
+        assert!(!base.exists(), "{extra:?}: a refused request created the jail base");
+    }
+    // Without --new-pid-ns, a procfs would show the host's processes.
+    let mut command = std::process::Command::new(jailer());
+    command.args(["--id", &id, "--exec-file"]).arg(static_vmm());
+    command.args(["--uid", &UID.to_string(), "--gid", &GID.to_string(), "--chroot-base"]).arg(&base);
+    command.args(["--mount-proc", "--", "run", "--", "hello"]);
+    let out = output(&mut command);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--mount-proc needs --new-pid-ns"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::metadata(holds_link.join("in.txt"))
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap(),
+        0
+    );
+    for dir in [&open, &holds_link, &good] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+    std::fs::remove_file(&link).unwrap();
+}
+
+#[test]
+fn cleanup_gives_a_bind_rw_folder_back_when_the_supervisor_was_killed() {
+    use std::os::unix::fs::MetadataExt;
+
+    let base = chroot_base("orphan-rw");
+    let id = jail_id("orphan-rw");
+    let dir = rw_folder("orphan-rw");
+    let (mut supervisor, vmm) = start_spinning_with(&base, &id, &["--bind-rw", dir.to_str().unwrap()]);
+    supervisor.kill().unwrap();
+    supervisor.wait().unwrap();
+    let status = format!("/proc/{vmm}/status");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Path::new(&status).exists() && !status_field(&status, "State").starts_with('Z') {
+        assert!(std::time::Instant::now() < deadline, "the VMM outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(std::fs::metadata(dir.join("in.txt")).unwrap().uid(), UID, "nobody gave the folder back");
+
+    let mut cleanup = std::process::Command::new(jailer());
+    cleanup.args(["cleanup", "--id", &id, "--chroot-base"]).arg(&base).arg("--bind-rw").arg(&dir);
+    let out = output(&mut cleanup);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("back to root"), "{}", stderr(&out));
+    for path in [&dir, &dir.join("in.txt")] {
+        assert_eq!(std::fs::metadata(path).unwrap().uid(), 0, "{}", path.display());
+    }
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -80,7 +80,20 @@ Exit status:
   243    the VMM failed (KVM error, or the memory scrub could not be verified)
   244    stopped by SIGINT or SIGTERM (memory is still scrubbed)
   2      bad command line, artifact, guest image, --api-sock, or a --restore snapshot that cannot
-         be used (the message says why)";
+         be used (the message says why)
+With --jailed, also cella-jailer's own (see cella-jailer --help):
+  245    the VMM was killed by its seccomp filter (dmesg type 1326 names the call)
+  246    the VMM was killed by another signal (the memory limit, the OOM killer...)
+  247    a jail step failed (the message names it); nothing is left behind
+  248    the jail could not be removed completely: cella-jailer cleanup --id ID
+
+--jailed runs the session in a cell made by cella-jailer (own uid/gid, namespaces, cgroups,
+Landlock, seccomp). The session's folder (--session-dir, default: the folder of --api-sock;
+mode 0700, root's) is bound read-write at the same path, so --api-sock, --vsock, --artifact,
+--restore and snapshot_dir must all lie in it; the guest image is bound read-only; a restore
+also gets a /proc of its own PID namespace. This process becomes the jail's supervisor (it
+execs cella-jailer): SIGINT/SIGTERM to it stop and scrub the VM, and it does not end with
+whoever started it. When the VM ends, the jail is removed and the folder is root's again.";
 
 /// The exit code for a session VMM: why it stopped, and how the guest ended.
 pub fn for_session(cause: StopCause, exit: &GuestExit) -> ExitCode {

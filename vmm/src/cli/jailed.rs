@@ -6,7 +6,9 @@
 //! keeps this process as the job's host side ([`JailArgs::spawn`]): it serves the job over a
 //! listener in a socket folder the jailer binds in as the jail's `/run`, forwards SIGINT and
 //! SIGTERM to the jailer, makes the jailer die with it, and reads the VMM's run report back
-//! from the VMM's stdout.
+//! from the VMM's stdout. `session --jailed` replaces this process with the jailer too
+//! ([`JailArgs::exec_in`]), with the session's folder bound read-write at its own path
+//! ([`JailedCell`]): a session must outlive whoever launched it.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -139,6 +141,15 @@ pub struct JailedLaunch {
     pub socket_dir: Option<PathBuf>,
 }
 
+/// What a jail holds beyond a [`JailedLaunch`]'s read-only files (`session --jailed`).
+#[derive(Debug, Default)]
+pub struct JailedCell {
+    /// A host folder bound read-write into the jail at the same path (`cella-jailer --bind-rw`).
+    pub bind_rw: Option<PathBuf>,
+    /// A procfs of the jail's own PID namespace at `/proc` (`cella-jailer --mount-proc`).
+    pub mount_proc: bool,
+}
+
 impl JailArgs {
     /// Sets this process's seccomp mode (for an unjailed run).
     pub fn apply_seccomp_mode(&self) {
@@ -151,6 +162,11 @@ impl JailArgs {
 
     /// The `cella-jailer` command for `launch`.
     pub fn command(&self, launch: &JailedLaunch) -> Result<Command, JailedError> {
+        self.command_in(launch, &JailedCell::default())
+    }
+
+    /// The `cella-jailer` command for `launch` in a jail that also holds `cell`.
+    pub fn command_in(&self, launch: &JailedLaunch, cell: &JailedCell) -> Result<Command, JailedError> {
         match self.seccomp {
             SeccompArg::Enforce => {}
             SeccompArg::Log => return Err(JailedError::SeccompOff("log")),
@@ -187,6 +203,12 @@ impl JailArgs {
         if let Some(dir) = &launch.socket_dir {
             command.arg("--socket-dir").arg(dir);
         }
+        if let Some(dir) = &cell.bind_rw {
+            command.arg("--bind-rw").arg(dir);
+        }
+        if cell.mount_proc {
+            command.arg("--mount-proc");
+        }
         let mut vmm_args: Vec<OsString> = vec![launch.subcommand.into()];
         for (option, host) in &launch.files {
             let jail_path = format!("/{}", option.trim_start_matches('-'));
@@ -211,7 +233,12 @@ impl JailArgs {
 
     /// Replaces this process with the jailer running `launch`; returns only on failure.
     pub fn exec(&self, launch: &JailedLaunch) -> ExitCode {
-        let e = match self.command(launch) {
+        self.exec_in(launch, &JailedCell::default())
+    }
+
+    /// [`JailArgs::exec`] in a jail that also holds `cell`.
+    pub fn exec_in(&self, launch: &JailedLaunch, cell: &JailedCell) -> ExitCode {
+        let e = match self.command_in(launch, cell) {
             Ok(mut command) => JailedError::Exec(PathBuf::from(command.get_program()), command.exec()),
             Err(e) => e,
         };

@@ -6,9 +6,29 @@
 //! Threads: the API thread (seccomp `api`) serves HTTP and passes actions on; this thread
 //! becomes the VMM thread (seccomp `vmm`) once the vCPU starts, and runs
 //! [`cella_vmm::control::run_vmm`].
+//!
+//! With `--jailed` ([`jailed`]) this process checks the command line and becomes
+//! `cella-jailer` (exec, as `run --jailed` does), which runs the same `session` command in a
+//! cell. A session has one host folder (`--session-dir`, default: the folder of `--api-sock`)
+//! holding its sockets, its artifact and its snapshots; the jail gets it read-write at the same
+//! path, so every path the host uses (`--api-sock`, `--vsock`, `--artifact`, `--restore`, the
+//! control API's `snapshot_dir`, the disk path a snapshot saves) names the same file inside the
+//! jail: nothing is translated. The guest image is bound read-only at `/image`; a restore also
+//! gets the jail's own `/proc` (its memory scrub reads `/proc/self/pagemap`).
+//!
+//! Why exec and not a child: a session VMM must survive its launcher (the service re-adopts
+//! running sessions after it restarts), so no process may tie the VM's life to the launcher's.
+//! The process the launcher started *is* the jail's supervisor: SIGINT/SIGTERM to it reach the
+//! VMM (stop, scrub, exit), its exit status is the session's (plus cella-jailer's 245-248), and
+//! the VMM's `--json` report is written to the stdout it was given. If the launcher dies, the
+//! supervisor and the VMM go on (the launcher must not set a parent-death signal on it); when
+//! the VMM ends, however it ends, the supervisor removes the jail and gives the folder back to
+//! root. Give it a stdout/stderr that outlive the launcher (files, not a pipe the launcher
+//! reads) if the launcher may restart. Only a SIGKILL to the supervisor itself kills the VMM
+//! unscrubbed (its parent-death signal) and leaves the jail for `cella-jailer cleanup`.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -21,7 +41,7 @@ use clap::{Args, ValueEnum};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::exit_code;
-use super::jailed::SeccompArg;
+use super::jailed::{JailArgs, JailedCell, JailedLaunch};
 
 /// Guest memory for a session unless told otherwise.
 pub const SESSION_MEM_MIB: u64 = 256;
@@ -83,9 +103,14 @@ pub struct SessionArgs {
     /// Print the final run report (exit, timings, scrub) as one JSON line on stdout
     #[arg(long)]
     pub json: bool,
-    /// Per-thread seccomp filters (policies/seccomp/)
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompArg::Enforce)]
-    pub seccomp: SeccompArg,
+    /// With --jailed: the session's folder, bound read-write into the jail at the same path;
+    /// --api-sock, --vsock, --artifact or --restore, and snapshot_dir in the control API must
+    /// lie inside it. Mode 0700, root's; the jailed VMM's uid/gid own it while it runs
+    /// [default: the folder of --api-sock]
+    #[arg(long, value_name = "DIR", requires = "jailed")]
+    pub session_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub jail: JailArgs,
     /// Guest arguments instead of `session SIZE READ_POLICY NAME` (tests: `--image
     /// target/cella/cella-runner -- spin`)
     #[arg(last = true, value_name = "GUEST-ARGS")]
@@ -110,11 +135,10 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
         eprintln!("cella-vmm session: error: {message}");
         ExitCode::from(code)
     };
-    cella_vmm::seccomp::set_mode(match args.seccomp {
-        SeccompArg::Enforce => cella_vmm::seccomp::Mode::Enforce,
-        SeccompArg::Log => cella_vmm::seccomp::Mode::Log,
-        SeccompArg::Off => cella_vmm::seccomp::Mode::Off,
-    });
+    if args.jail.jailed {
+        return jailed(&args);
+    }
+    args.jail.apply_seccomp_mode();
     // Never closed: the signal handler may write it until the process exits.
     let stop_evt = match EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) {
         Ok(evt) => Box::leak(Box::new(evt)),
@@ -236,4 +260,212 @@ fn config(args: &SessionArgs, artifact: &std::path::Path, launch_start: Instant)
         vsock_uds: Some(args.vsock.clone()),
         ..VmConfig::new(image, guest_args)
     })
+}
+
+/// Why `session --jailed` refused its command line.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionJailError {
+    #[error("{option} {path}: cannot make it absolute")]
+    Absolute {
+        option: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{option} {path} has a `.` or `..` component; give the path plainly (the jail sees it as written)"
+    )]
+    NotPlain { option: &'static str, path: PathBuf },
+    #[error(
+        "{option} {path} is not inside the session folder {dir}: with --jailed, a session's sockets, \
+         artifact and snapshots must all lie in one folder (--session-dir, default: the folder of \
+         --api-sock), which the jail sees at the same path; move it there or give --session-dir"
+    )]
+    Outside { option: &'static str, path: PathBuf, dir: PathBuf },
+    #[error("--api-sock {0} has no parent folder to be the session folder; give --session-dir")]
+    NoFolder(PathBuf),
+    #[error("cannot find the guest image")]
+    Image(#[source] cella_vmm::vmm_config::ConfigError),
+}
+
+/// `path` absolute (not resolving links: the jailer refuses a folder reached through one) and
+/// made only of plain names.
+fn plain_absolute(option: &'static str, path: &Path) -> Result<PathBuf, SessionJailError> {
+    let absolute = std::path::absolute(path).map_err(|source| SessionJailError::Absolute {
+        option,
+        path: path.to_owned(),
+        source,
+    })?;
+    let plain = absolute.components().skip(1).all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain {
+        return Err(SessionJailError::NotPlain { option, path: path.to_owned() });
+    }
+    Ok(absolute)
+}
+
+/// The jailed session's launch: the `session` command to run in the jail, and the jail's
+/// read-write folder (and `/proc`, for a restore).
+#[derive(Debug)]
+pub struct SessionJail {
+    pub launch: JailedLaunch,
+    pub cell: JailedCell,
+}
+
+/// Plans `session --jailed`: every path absolute and inside one session folder, the image bound
+/// read-only, the folder read-write, `/proc` for a restore.
+pub fn plan_jail(args: &SessionArgs) -> Result<SessionJail, SessionJailError> {
+    let api_sock = plain_absolute("--api-sock", &args.api_sock)?;
+    let dir = match &args.session_dir {
+        Some(dir) => plain_absolute("--session-dir", dir)?,
+        None => api_sock
+            .parent()
+            .map(Path::to_owned)
+            .ok_or_else(|| SessionJailError::NoFolder(api_sock.clone()))?,
+    };
+    let inside = |option: &'static str, path: &Path| -> Result<PathBuf, SessionJailError> {
+        let path = plain_absolute(option, path)?;
+        if path.starts_with(&dir) && path != dir {
+            Ok(path)
+        } else {
+            Err(SessionJailError::Outside { option, path, dir: dir.clone() })
+        }
+    };
+    let mut options: Vec<std::ffi::OsString> = Vec::new();
+    let mut files = Vec::new();
+    let mut mem_mib = args.mem_mib;
+    options.extend(["--api-sock".into(), inside("--api-sock", &api_sock)?.into()]);
+    options.extend(["--vsock".into(), inside("--vsock", &args.vsock)?.into()]);
+    if let Some(artifact) = &args.artifact {
+        options.extend(["--artifact".into(), inside("--artifact", artifact)?.into()]);
+        let image = match &args.image {
+            Some(image) => image.clone(),
+            None => default_scanner_image().map_err(SessionJailError::Image)?,
+        };
+        files.push(("--image", image));
+    }
+    if let Some(restore) = &args.restore {
+        let restore = inside("--restore", restore)?;
+        // The memory limit follows the snapshot's guest memory, not --mem-mib (a restore
+        // ignores it); a snapshot that cannot be read is refused by the VMM, with its reason.
+        let memory = restore.join(cella_vmm::snapshot::MEMORY_FILE);
+        if let Ok(meta) = std::fs::metadata(&memory) {
+            mem_mib = meta.len().div_ceil(1 << 20).max(1);
+        }
+        options.extend(["--restore".into(), restore.into()]);
+    }
+    options.extend([
+        "--max-duration-secs".into(),
+        args.max_duration_secs.to_string().into(),
+        "--read-policy".into(),
+        args.read_policy.as_str().into(),
+    ]);
+    if args.json {
+        options.push("--json".into());
+    }
+    let launch = JailedLaunch {
+        subcommand: "session",
+        mem_mib,
+        files,
+        options,
+        guest_args: args.guest_args.clone(),
+        socket_dir: None,
+    };
+    let cell = JailedCell { bind_rw: Some(dir.clone()), mount_proc: args.restore.is_some() };
+    Ok(SessionJail { launch, cell })
+}
+
+/// `session --jailed`: becomes cella-jailer running this session in a cell (see the module
+/// documentation for why this process does not stay). Returns only if that fails.
+fn jailed(args: &SessionArgs) -> ExitCode {
+    match plan_jail(args) {
+        Ok(plan) => args.jail.exec_in(&plan.launch, &plan.cell),
+        Err(e) => {
+            eprintln!("cella-vmm session: error: {}", error_chain(&e));
+            ExitCode::from(exit_code::BAD_INPUT)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        session: SessionArgs,
+    }
+
+    fn args(list: &[&str]) -> SessionArgs {
+        let mut argv = vec!["session", "--jailed", "--image", "/images/scanner"];
+        argv.extend_from_slice(list);
+        Cli::try_parse_from(argv).unwrap().session
+    }
+
+    #[test]
+    fn a_jailed_session_binds_its_folder_at_the_same_path_and_passes_paths_unchanged() {
+        let a = args(&[
+            "--api-sock",
+            "/s/1/api.sock",
+            "--vsock",
+            "/s/1/vsock.sock",
+            "--artifact",
+            "/s/1/app.tar",
+        ]);
+        let plan = plan_jail(&a).unwrap();
+        assert_eq!(plan.cell.bind_rw.as_deref(), Some(Path::new("/s/1")));
+        assert!(!plan.cell.mount_proc, "a booted session needs no /proc");
+        let options: Vec<_> = plan.launch.options.iter().map(|o| o.to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            options[..6],
+            ["--api-sock", "/s/1/api.sock", "--vsock", "/s/1/vsock.sock", "--artifact", "/s/1/app.tar"]
+        );
+        assert_eq!(plan.launch.files, [("--image", PathBuf::from("/images/scanner"))]);
+
+        let r = args(&[
+            "--api-sock",
+            "/s/1/api.sock",
+            "--vsock",
+            "/s/1/vsock.sock",
+            "--restore",
+            "/s/1/snapshot",
+        ]);
+        let plan = plan_jail(&r).unwrap();
+        assert!(plan.cell.mount_proc, "a restore's scrub reads /proc/self/pagemap");
+        assert!(plan.launch.files.is_empty(), "a restore needs no guest image");
+    }
+
+    #[test]
+    fn a_jailed_session_refuses_paths_outside_its_one_folder() {
+        let a = args(&[
+            "--api-sock",
+            "/s/1/api.sock",
+            "--vsock",
+            "/s/2/vsock.sock",
+            "--artifact",
+            "/s/1/app.tar",
+        ]);
+        let e = plan_jail(&a).unwrap_err();
+        assert!(
+            e.to_string().starts_with("--vsock /s/2/vsock.sock is not inside the session folder /s/1"),
+            "{e}"
+        );
+
+        let a = args(&[
+            "--session-dir",
+            "/s/1",
+            "--api-sock",
+            "/s/1/api.sock",
+            "--vsock",
+            "/s/1/v.sock",
+            "--restore",
+            "/s/1",
+        ]);
+        assert!(matches!(plan_jail(&a), Err(SessionJailError::Outside { option: "--restore", .. })));
+
+        let a =
+            args(&["--api-sock", "/s/1/api.sock", "--vsock", "/s/1/../2/v.sock", "--artifact", "/s/1/a.tar"]);
+        assert!(matches!(plan_jail(&a), Err(SessionJailError::NotPlain { option: "--vsock", .. })));
+    }
 }
