@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets Cella up (idempotent), starts `cella serve` (HTTPS API, private PostgreSQL, a worker that
 # runs every job jailed in its own microVM), creates a tenant, scans the sample folder
-# examples/sample-app with `cella scan`, prints the findings, downloads the tenant's audit log and
-# verifies it offline, then stops the server.
+# examples/sample-app with `cella scan`, prints the findings, opens a session on the same folder
+# (grep, suspend to disk, resume in a new VMM with the index intact, remove), downloads the
+# tenant's audit log and verifies it offline, then stops the server.
 #
 #   scripts/demo.sh                # data folder: /var/tmp/cella-demo (CELLA_DEMO_DIR to change)
 set -euo pipefail
@@ -42,6 +43,24 @@ status=0
 "$bin/cella" scan examples/sample-app --sarif "$data/sample-app.sarif" || status=$?
 echo "(exit status $status: 1 means findings at or above --fail-on error, as a CI gate would see it)"
 [ "$status" -le 1 ] || exit "$status"
+
+echo
+echo "\$ cella session create examples/sample-app     # a VM that keeps the artifact indexed"
+session=$("$bin/cella" session create examples/sample-app)
+echo "$session" | sed 's/^/  /'
+id=$(echo "$session" | awk '/^session/ {print $2}')
+echo "\$ cella session exec $id grep 'sk_live|TODO'"
+"$bin/cella" session exec "$id" grep 'sk_live|TODO' | sed 's/^/  /'
+before=$("$bin/cella" session exec "$id" stats | awk '/^index_id/ {print $2}')
+echo "\$ cella session suspend $id      # snapshot to disk; the VMM exits, its memory scrubbed"
+"$bin/cella" session suspend "$id" | sed 's/^/  /'
+echo "\$ cella session resume $id       # a new VMM process restores the snapshot"
+"$bin/cella" session resume "$id" | sed 's/^/  /'
+after=$("$bin/cella" session exec "$id" stats | awk '/^index_id/ {print $2}')
+echo "  index id before suspend: $before, after resume: $after (the index was not rebuilt)"
+[ "$before" = "$after" ] || { echo "the restored session rebuilt its index" >&2; exit 1; }
+echo "\$ cella session rm $id"
+"$bin/cella" session rm "$id" | sed 's/^/  /'
 
 echo
 echo "\$ cella audit download --out $data/audit.tar && cella audit verify $data/audit.tar"

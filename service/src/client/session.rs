@@ -141,7 +141,8 @@ pub enum ExecOp {
     /// Add a file or archive to the index, under NAME/ (default: the file's name)
     Add {
         file: PathBuf,
-        #[arg(long)]
+        /// The folder its files go under in the index (`NAME/…`) [default: the file's name]
+        #[arg(long, value_name = "NAME")]
         name: Option<String>,
         #[command(flatten)]
         common: Common,
@@ -154,6 +155,14 @@ fn pretty(v: &Value) {
 
 fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or("-")
+}
+
+/// An RFC 3339 time to the second, for tables (`2026-11-28T18:27:24Z`).
+fn to_second(time: &str) -> String {
+    match time.split_once('.') {
+        Some((seconds, _)) => format!("{seconds}Z"),
+        None => time.to_owned(),
+    }
 }
 
 /// A session as a few lines.
@@ -250,14 +259,14 @@ pub async fn run(cmd: SessionCommand) -> Result<(), ClientError> {
                 pretty(&page);
                 return Ok(());
             }
-            println!("{:<41} {:<11} {:<25} {:<25} ARTIFACT", "ID", "STATE", "CREATED", "DEADLINE");
+            println!("{:<41} {:<11} {:<21} {:<21} ARTIFACT", "ID", "STATE", "CREATED", "DEADLINE");
             for s in page["sessions"].as_array().into_iter().flatten() {
                 println!(
-                    "{:<41} {:<11} {:<25} {:<25} {}",
+                    "{:<41} {:<11} {:<21} {:<21} {}",
                     text(s, "id"),
                     text(s, "state"),
-                    text(s, "created_at"),
-                    text(s, "deadline"),
+                    to_second(text(s, "created_at")),
+                    to_second(text(s, "deadline")),
                     s["artifact"]["name"].as_str().unwrap_or("-")
                 );
             }

@@ -38,8 +38,8 @@ impl VmmBackend {
         let mut cmd = Command::new(&self.vmm);
         cmd.arg("session").arg("--api-sock").arg(&spec.api_sock).arg("--vsock").arg(&spec.vsock);
         match &spec.source {
-            Source::Artifact { path, .. } => {
-                cmd.arg("--artifact").arg(path);
+            Source::Artifact { path, name } => {
+                cmd.arg("--artifact").arg(path).arg("--artifact-name").arg(name);
                 cmd.arg("--mem-mib").arg(spec.mem_mib.to_string());
                 cmd.arg("--read-policy").arg(&spec.read_policy);
             }

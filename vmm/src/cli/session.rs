@@ -82,6 +82,10 @@ pub struct SessionArgs {
     /// The artifact to load (tar, tar.gz, zip or plain file), attached read-only as the disk
     #[arg(long, value_name = "FILE")]
     pub artifact: Option<PathBuf>,
+    /// The artifact's name as the guest sees it (format detection, paths of a plain file)
+    /// [default: the --artifact file's name]
+    #[arg(long, value_name = "NAME", requires = "artifact")]
+    pub artifact_name: Option<String>,
     /// Restore the session from a snapshot folder (`PUT /snapshot/create` wrote it) instead:
     /// its memory is mapped lazily, its vsock socket is bound at --vsock, open connections reset
     #[arg(long, value_name = "SNAPDIR")]
@@ -248,7 +252,7 @@ fn config(args: &SessionArgs, artifact: &std::path::Path, launch_start: Instant)
             "session".to_owned(),
             size.to_string(),
             args.read_policy.as_str().to_owned(),
-            scan::artifact_name(artifact),
+            args.artifact_name.clone().unwrap_or_else(|| scan::artifact_name(artifact)),
         ]
     } else {
         args.guest_args.clone()
