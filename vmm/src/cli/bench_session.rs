@@ -40,6 +40,9 @@ pub struct SessionBenchArgs {
     /// [default: a folder in the temporary folder]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// Run every session VMM through cella-jailer (`session --jailed`), as the service does
+    #[arg(long)]
+    pub jailed: bool,
     /// Print the figures as one JSON object instead of a table
     #[arg(long)]
     pub json: bool,
@@ -47,6 +50,7 @@ pub struct SessionBenchArgs {
 
 #[derive(Debug, Serialize)]
 struct SizeBench {
+    jailed: bool,
     mem_mib: u64,
     artifact_mib: u64,
     files: u64,
@@ -120,9 +124,18 @@ fn bench_size(
     mem_mib: u64,
     artifact_mib: u64,
 ) -> Result<SizeBench, String> {
+    // One folder holds the session's artifact, sockets and snapshot, as in the service: a jailed
+    // session gets exactly that folder (0700, root's) bound into its cell.
     let work = dir.join(format!("{mem_mib}-{artifact_mib}"));
-    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&work)
+            .map_err(|e| format!("{}: {e}", work.display()))?;
+    }
     let (artifact, files) = write_artifact(&work, artifact_mib)?;
+    let jailed = args.jailed;
     let runs = args.runs.max(1);
 
     // Cold launches; the last one stays up for the pause, resume and snapshot figures.
@@ -130,8 +143,7 @@ fn bench_size(
     let mut kept = None;
     for run in 0..runs {
         let started = Instant::now();
-        let mut session =
-            Session::spawn(&work.join(format!("cold-{run}")), mem_mib, ("--artifact", &artifact))?;
+        let mut session = Session::spawn(&work, mem_mib, ("--artifact", &artifact), jailed)?;
         session.first_answer()?;
         cold.push(ms(started));
         if run + 1 == runs {
@@ -168,10 +180,9 @@ fn bench_size(
     let data = info["memory_bytes_written"].as_u64().unwrap_or(0);
 
     let mut restores = Vec::new();
-    for run in 0..=runs {
+    for _ in 0..=runs {
         let started = Instant::now();
-        let mut restored =
-            Session::spawn(&work.join(format!("restore-{run}")), mem_mib, ("--restore", &snap))?;
+        let mut restored = Session::spawn(&work, mem_mib, ("--restore", &snap), jailed)?;
         restored.first_answer()?;
         restores.push(ms(started));
         restored.stop()?;
@@ -182,6 +193,7 @@ fn bench_size(
     let cold = figures(cold);
     let restore = figures(restores);
     Ok(SizeBench {
+        jailed,
         mem_mib,
         artifact_mib,
         files,
@@ -218,8 +230,7 @@ struct Session {
 }
 
 impl Session {
-    fn spawn(dir: &Path, mem_mib: u64, source: (&str, &Path)) -> Result<Session, String> {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    fn spawn(dir: &Path, mem_mib: u64, source: (&str, &Path), jailed: bool) -> Result<Session, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
         let (api, vsock) = (dir.join("api.sock"), dir.join("vsock.sock"));
         let child = Command::new(exe)
@@ -229,6 +240,7 @@ impl Session {
             .arg(&vsock)
             .arg(source.0)
             .arg(source.1)
+            .args(jailed.then_some("--jailed"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -287,7 +299,8 @@ fn print_table(rows: &[SizeBench]) {
     println!("session lifecycle (ms; p50 / p99 unless noted; each first answer is a `stats` over vsock)");
     for r in rows {
         println!();
-        println!("{} MiB guest, {} MiB artifact ({} files)", r.mem_mib, r.artifact_mib, r.files);
+        let how = if r.jailed { "jailed" } else { "unjailed" };
+        println!("{} MiB guest, {} MiB artifact ({} files), {how}", r.mem_mib, r.artifact_mib, r.files);
         let row = |name: &str, f: &Figures| println!("  {name:<40} {:>9.2} / {:>9.2}", f.p50_ms, f.p99_ms);
         row("cold launch + load + index → answer", &r.cold_first_answer);
         row("pause (control socket)", &r.pause);
