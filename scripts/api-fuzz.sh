@@ -3,7 +3,8 @@
 # OpenAPI document (/v1/openapi.json) and fails on any 5xx or response that does not match the
 # document. Runs against a real `cella serve` (HTTPS, a fresh database in the PostgreSQL at
 # DATABASE_URL, a worker running unjailed VMs so submitted jobs end and `?wait=` answers at
-# once), once with a tenant key and once with the admin credential.
+# once; sessions it creates are real session VMs, stopped at the end), once with a tenant key and
+# once with the admin credential.
 #
 #   scripts/api-fuzz.sh [MAX_EXAMPLES]      # part of scripts/test.sh; needs a debug build of cella
 set -euo pipefail
@@ -23,6 +24,11 @@ psql -q "$DATABASE_URL" -c "CREATE DATABASE $db" >/dev/null
 serve_pid=
 cleanup() {
   [ -n "$serve_pid" ] && { kill -TERM "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null || true; }
+  # Session VMMs outlive `serve` by design (a restarted serve re-adopts them): stop the ones the
+  # fuzz created (SIGTERM: each stops its VM and scrubs it).
+  pkill -TERM -f -- "--api-sock $work/data/sessions/" 2>/dev/null || true
+  for _ in $(seq 1 50); do pgrep -f -- "--api-sock $work/data/sessions/" >/dev/null || break; sleep 0.1; done
+  pkill -KILL -f -- "--api-sock $work/data/sessions/" 2>/dev/null || true
   psql -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
   rm -rf "$work"
 }
@@ -53,7 +59,7 @@ run() {
     --no-color "$@"
 }
 status=0
-run tenant "$key" --include-tag jobs --include-tag audit --include-tag service || status=1
+run tenant "$key" --include-tag jobs --include-tag sessions --include-tag audit --include-tag service || status=1
 run admin "$admin" --include-tag admin || status=1
 if grep -q 'internal error' "$work/serve.log"; then
   echo "api-fuzz: the server logged internal errors:" >&2

@@ -238,6 +238,7 @@ pub struct ConnectQuery {
     responses((status = 200, description = "Running", body = SessionView),
               (status = 404, description = "No such session of this tenant", content_type = "application/problem+json"),
               (status = 409, description = "Terminated, failed, or in the middle of another step", content_type = "application/problem+json"),
+              (status = 400, description = "Bad query string (extend is a number of seconds)", content_type = "application/problem+json"),
               (status = 422, description = "extend out of range", content_type = "application/problem+json"),
               (status = 502, description = "The VM did not resume", content_type = "application/problem+json"),
               (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
@@ -425,6 +426,7 @@ pub struct FileQuery {
 #[utoipa::path(post, path = "/v1/sessions/{id}/files", tag = "sessions", security(("api_key" = [])), params(("id" = String, Path), FileQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file or archive"),
     responses((status = 200, description = "Added (the result says how many files)", body = ExecReply),
+              (status = 400, description = "Bad query string (name is required)", content_type = "application/problem+json"),
               (status = 404, description = "No such session of this tenant", content_type = "application/problem+json"),
               (status = 409, description = "Not running: resume or connect first", content_type = "application/problem+json"),
               (status = 413, description = "Larger than 64 MiB", content_type = "application/problem+json"),
