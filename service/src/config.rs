@@ -16,6 +16,8 @@ pub enum ConfigError {
     Parse(PathBuf, #[source] toml::de::Error),
     #[error("environment variable {name}={value:?} is not {what}")]
     Env { name: &'static str, value: String, what: &'static str },
+    #[error("jail uids: {0}")]
+    JailUids(String),
 }
 
 /// The whole configuration.
@@ -104,6 +106,12 @@ pub struct SessionsConfig {
     pub mem_mib: u32,
     /// How often the reaper looks for idle and expired sessions (`CELLA_SESSIONS_REAPER_INTERVAL_MS`).
     pub reaper_interval_ms: u64,
+    /// Jailed session VMMs (`worker.jailed`) run as uid/gid `jail_uid_base + n`, each live one
+    /// with its own n below `jail_uids`; the range must not meet the workers'
+    /// (`worker.jail_uid_base` + slot).
+    pub jail_uid_base: u32,
+    /// The most jailed session VMMs one host runs at once (running or paused sessions).
+    pub jail_uids: u32,
 }
 
 impl Default for SessionsConfig {
@@ -113,6 +121,8 @@ impl Default for SessionsConfig {
             default_idle_suspend_secs: 900,
             mem_mib: 256,
             reaper_interval_ms: 1000,
+            jail_uid_base: 65_000,
+            jail_uids: 1000,
         }
     }
 }
@@ -211,7 +221,31 @@ impl Config {
             Err(e) => return Err(ConfigError::Read(path.to_owned(), e)),
         };
         config.apply_env(|name| std::env::var(name).ok())?;
+        config.check()?;
         Ok(config)
+    }
+
+    /// Checks what no single value shows: the session VMMs' jail uids and the workers' never
+    /// meet (a uid shared by two jails would let one VMM reach the other's files).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let workers = u64::from(self.worker.jail_uid_base)
+            ..u64::from(self.worker.jail_uid_base) + u64::from(self.worker.concurrency);
+        let sessions = u64::from(self.sessions.jail_uid_base)
+            ..u64::from(self.sessions.jail_uid_base) + u64::from(self.sessions.jail_uids);
+        if self.sessions.jail_uid_base == 0 || self.worker.jail_uid_base == 0 {
+            return Err(ConfigError::JailUids("a jail uid of 0 would be root's".to_owned()));
+        }
+        if workers.start < sessions.end && sessions.start < workers.end {
+            return Err(ConfigError::JailUids(format!(
+                "the workers' uids {}-{} (worker.jail_uid_base + slot) meet the session VMMs' {}-{} \
+                 (sessions.jail_uid_base, sessions.jail_uids); move one range",
+                workers.start,
+                workers.end - 1,
+                sessions.start,
+                sessions.end.saturating_sub(1)
+            )));
+        }
+        Ok(())
     }
 
     /// Environment overrides (`get` is `std::env::var`, or a map in tests).
@@ -304,5 +338,15 @@ mod tests {
         let mut c = Config::default();
         let err = c.apply_env(|n| (n == "CELLA_LISTEN").then(|| "nowhere".to_owned())).unwrap_err();
         assert!(err.to_string().contains("CELLA_LISTEN=\"nowhere\""), "{err}");
+    }
+
+    #[test]
+    fn session_jail_uids_may_not_meet_the_workers() {
+        Config::default().check().unwrap();
+        let c: Config = toml::from_str("[worker]\njail_uid_base = 65990\nconcurrency = 20\n").unwrap();
+        let err = c.check().unwrap_err();
+        assert!(err.to_string().contains("the workers' uids 65990-66009"), "{err}");
+        let c: Config = toml::from_str("[sessions]\njail_uid_base = 0\n").unwrap();
+        assert!(c.check().is_err());
     }
 }

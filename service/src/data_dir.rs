@@ -64,7 +64,8 @@ impl DataDir {
         self.artifacts().join(job_id)
     }
 
-    /// One folder per live session: its artifact, the VMM's sockets and log, its snapshot.
+    /// One folder per live session (its artifact, the VMM's sockets, its snapshot), and beside
+    /// each its VMM's log, `<id>.vmm.log`.
     pub fn sessions(&self) -> PathBuf {
         self.root.join("sessions")
     }
@@ -73,7 +74,8 @@ impl DataDir {
         self.sessions().join(session_id)
     }
 
-    /// Workers' scratch files (SARIF logs before they are stored).
+    /// Scratch files: workers' SARIF logs before they are stored, files on their way into a
+    /// session.
     pub fn work(&self) -> PathBuf {
         self.root.join("work")
     }

@@ -216,16 +216,17 @@ pub async fn start(
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::default());
-    let backend = crate::sessions::vmm::VmmBackend::new(
+    let vmms = crate::sessions::vmm::Vmms::new(
         config.worker.vmm.clone().unwrap_or_else(crate::worker::launch::default_vmm),
         config.worker.scanner_image.clone(),
+        config.worker.is_jailed(),
     );
     let sessions = Arc::new(SessionManager::new(
         pool.clone(),
         config.sessions.clone(),
         data_dir.clone(),
         crate::sessions::manager::host_name(),
-        Arc::new(backend),
+        vmms,
     ));
     sessions.recover().await?;
     let reaper = tokio::spawn(crate::sessions::reaper::run(sessions.clone(), shutdown_rx.clone()));

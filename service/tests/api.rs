@@ -14,7 +14,7 @@ use cella_service::config::Config;
 use cella_service::data_dir::DataDir;
 use cella_service::metrics::Metrics;
 use cella_service::queue::{self, Outcome};
-use cella_service::sessions::vmm::VmmBackend;
+use cella_service::sessions::vmm::Vmms;
 use cella_service::sessions::SessionManager;
 use cella_service::tenants;
 use futures_util::StreamExt;
@@ -66,7 +66,7 @@ async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
             config.sessions.clone(),
             data_dir.clone(),
             "test-host".into(),
-            Arc::new(VmmBackend::new("/nonexistent/cella-vmm".into(), None)),
+            Vmms::new("/nonexistent/cella-vmm".into(), None, false),
         )),
         pool,
         config: Arc::new(config),

@@ -1,232 +1,48 @@
 //! The sessions API against a real PostgreSQL (a fresh database per test), driven through the
-//! router with tower's `oneshot`, with a stand-in VM backend (no KVM): validation, tenant
-//! isolation, the state machine and its 409s, deadlines, the reaper, recovery after a restart,
-//! and the audit events of every transition. `sessions_e2e.rs` runs the same paths on real VMs.
+//! router with tower's `oneshot`, on real session VMs: `cella-vmm session` processes on
+//! /dev/kvm with the session-mode scanner guest, jailed through the real `cella-jailer` (the
+//! service's default under root). Covers validation, tenant isolation, the state machine and its
+//! 409s, deadlines, the reaper, recovery after a restart (a second manager on the same database
+//! and data folder), jail uids, and the audit events of every transition. Failures are real
+//! too: a snapshot that hits a full disk, VMMs killed with SIGKILL.
+//!
+//! They need the scanner image (`bash scripts/build-guest.sh`), `DATABASE_URL`, and root.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use cella_proto::SessionRequest;
 use cella_service::api::{app, AppState};
 use cella_service::config::Config;
 use cella_service::data_dir::DataDir;
 use cella_service::metrics::Metrics;
-use cella_service::sessions::backend::{
-    Attach, BackendError, Frame, GuestChannel, LaunchSpec, Reply, Source, VmBackend, VmState,
-};
+use cella_service::sessions::vmm::Vmms;
 use cella_service::sessions::{reaper, SessionManager};
 use cella_service::tenants;
+use common::{assert_confined, jail_leftovers, jailed_vmm, Scratch};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tower::ServiceExt;
 
-// ---------------------------------------------------------------------------------------------
-// A stand-in for `cella-vmm session`: VMs in memory, keyed by their control socket.
-
-#[derive(Debug, Clone)]
-struct FakeVm {
-    pid: u32,
-    state: VmState,
-    vsock: PathBuf,
-    index_id: u64,
-    files: u64,
-    requests: u64,
-}
-
-#[derive(Debug, Default)]
-struct FakeInner {
-    vms: Mutex<HashMap<PathBuf, FakeVm>>,
-    next_pid: AtomicU32,
-    next_index: AtomicU64,
-    fail_snapshot: AtomicBool,
-    launches: AtomicU32,
-}
-
-#[derive(Debug, Clone, Default)]
-struct FakeBackend(Arc<FakeInner>);
-
-impl FakeBackend {
-    fn vm(&self, api: &Path) -> Option<FakeVm> {
-        self.0.vms.lock().unwrap().get(api).cloned()
-    }
-
-    /// The VMM process dies (as with SIGKILL).
-    fn crash_all(&self) {
-        self.0.vms.lock().unwrap().clear();
-    }
-
-    fn with_vm<T>(
-        &self,
-        api: &Path,
-        f: impl FnOnce(&mut FakeVm) -> Result<T, BackendError>,
-    ) -> Result<T, BackendError> {
-        let mut vms = self.0.vms.lock().unwrap();
-        let vm = vms
-            .get_mut(api)
-            .ok_or_else(|| BackendError::Control(format!("cannot connect to {}", api.display())))?;
-        f(vm)
-    }
-}
-
-impl VmBackend for FakeBackend {
-    fn launch(&self, spec: &LaunchSpec) -> Result<u32, BackendError> {
-        self.0.launches.fetch_add(1, Ordering::SeqCst);
-        let pid = 4_000_000 + self.0.next_pid.fetch_add(1, Ordering::SeqCst);
-        let (index_id, files) = match &spec.source {
-            Source::Artifact { path, .. } => {
-                assert!(path.is_file(), "the artifact must be on disk before the VMM starts");
-                (self.0.next_index.fetch_add(1, Ordering::SeqCst) + 1000, 1)
-            }
-            Source::Snapshot { dir } => {
-                let state: Value =
-                    serde_json::from_slice(&std::fs::read(dir.join("fake-state.json")).unwrap()).unwrap();
-                (state["index_id"].as_u64().unwrap(), state["files"].as_u64().unwrap())
-            }
-        };
-        let vm =
-            FakeVm { pid, state: VmState::Running, vsock: spec.vsock.clone(), index_id, files, requests: 0 };
-        self.0.vms.lock().unwrap().insert(spec.api_sock.clone(), vm);
-        Ok(pid)
-    }
-
-    fn wait_ready(&self, _pid: u32, api_sock: &Path, _timeout: Duration) -> Result<(), BackendError> {
-        self.with_vm(api_sock, |_| Ok(()))
-    }
-
-    fn state(&self, api_sock: &Path) -> Result<VmState, BackendError> {
-        self.with_vm(api_sock, |vm| Ok(vm.state))
-    }
-
-    fn pause(&self, api_sock: &Path) -> Result<(), BackendError> {
-        self.with_vm(api_sock, |vm| {
-            vm.state = VmState::Paused;
-            Ok(())
-        })
-    }
-
-    fn resume(&self, api_sock: &Path) -> Result<(), BackendError> {
-        self.with_vm(api_sock, |vm| {
-            vm.state = VmState::Running;
-            Ok(())
-        })
-    }
-
-    fn snapshot(&self, api_sock: &Path, dir: &Path) -> Result<Value, BackendError> {
-        if self.0.fail_snapshot.load(Ordering::SeqCst) {
-            return Err(BackendError::Control("writing the memory file: No space left on device".into()));
-        }
-        self.with_vm(api_sock, |vm| {
-            assert_eq!(vm.state, VmState::Paused, "snapshots are taken of paused VMs");
-            std::fs::write(dir.join("memory"), vec![7u8; 64 * 1024]).unwrap();
-            let state = json!({ "index_id": vm.index_id, "files": vm.files });
-            std::fs::write(dir.join("fake-state.json"), state.to_string()).unwrap();
-            Ok(json!({ "memory_bytes": 65536 }))
-        })
-    }
-
-    fn stop(&self, api_sock: &Path) -> Result<Value, BackendError> {
-        self.0
-            .vms
-            .lock()
-            .unwrap()
-            .remove(api_sock)
-            .map(|_| json!({ "scrub": { "verified_zero": true, "ms": 0.5 } }))
-            .ok_or_else(|| BackendError::Control("no VMM".into()))
-    }
-
-    fn connect(&self, vsock: &Path, _timeout: Duration) -> Result<Box<dyn GuestChannel>, BackendError> {
-        Ok(Box::new(FakeGuest { backend: self.clone(), vsock: vsock.to_owned() }))
-    }
-
-    fn alive(&self, pid: u32, api_sock: &Path) -> bool {
-        self.vm(api_sock).is_some_and(|vm| vm.pid == pid)
-    }
-
-    fn signal(&self, pid: u32, _kill: bool) {
-        self.0.vms.lock().unwrap().retain(|_, vm| vm.pid != pid);
-    }
-}
-
-#[derive(Debug)]
-struct FakeGuest {
-    backend: FakeBackend,
-    vsock: PathBuf,
-}
-
-impl GuestChannel for FakeGuest {
-    fn exec(
-        &mut self,
-        request: &SessionRequest,
-        attach: Option<(Attach, &[u8])>,
-    ) -> Result<Reply, BackendError> {
-        let mut vms = self.backend.0.vms.lock().unwrap();
-        let vm = vms
-            .values_mut()
-            .find(|vm| vm.vsock == self.vsock)
-            .ok_or_else(|| BackendError::Guest("the connection was reset".into()))?;
-        if vm.state != VmState::Running {
-            return Err(BackendError::Guest("the guest did not answer (paused)".into()));
-        }
-        vm.requests += 1;
-        let reply = |response: Value, frames: Vec<Frame>| Ok(Reply { response, frames });
-        match request {
-            SessionRequest::Stats => reply(
-                json!({ "op": "stats", "index_id": vm.index_id, "files": vm.files, "index_builds": 1 }),
-                vec![],
-            ),
-            SessionRequest::Scan { policy_name } => {
-                let (kind, policy) = attach.expect("a scan carries its policy");
-                assert_eq!(kind, Attach::Policy);
-                assert!(!policy.is_empty());
-                reply(
-                    json!({ "op": "scan", "policy_name": policy_name, "findings": 1 }),
-                    vec![
-                        Frame::Sarif(br#"{"version":"2.1.0","runs":[]}"#.to_vec()),
-                        Frame::Summary(br#"{"findings":1}"#.to_vec()),
-                    ],
-                )
-            }
-            SessionRequest::Grep { pattern, .. } if pattern == "(" => {
-                Err(BackendError::Refused("the session refused it (pattern): unclosed group".into()))
-            }
-            SessionRequest::Grep { .. } => {
-                reply(json!({ "op": "grep", "matches": [], "truncated": false }), vec![])
-            }
-            SessionRequest::Read { path, .. } => {
-                assert_eq!(attach.map(|a| a.0), Some(Attach::Policy));
-                reply(json!({ "op": "read", "path": path }), vec![Frame::Data(b"hello".to_vec())])
-            }
-            SessionRequest::Add { name } => {
-                assert_eq!(attach.map(|a| (a.0, a.1.to_vec())), Some((Attach::Data, b"more bytes".to_vec())));
-                vm.files += 1;
-                reply(json!({ "op": "add", "name": name, "files": vm.files }), vec![])
-            }
-            SessionRequest::Stop => reply(json!({ "op": "stop" }), vec![]),
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The API under test.
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// The artifact of most sessions here.
+fn sample() -> Vec<u8> {
+    common::tar(&[
+        ("app/a.txt", b"hello\n"),
+        ("app/config.env", b"STRIPE=sk_live_4eC39HqLyjWDarjtT1zdp7dc\n"),
+        ("app/src/main.rs", b"fn main() {\n    // TODO: more\n}\n"),
+    ])
 }
 
 struct Api {
     state: AppState,
-    backend: FakeBackend,
     admin: String,
-    _dir: TempDir,
+    _dir: Scratch,
 }
 
 struct Reply2 {
@@ -242,34 +58,42 @@ impl Reply2 {
     }
 }
 
-fn manager(pool: &PgPool, config: &Config, data_dir: &DataDir, backend: &FakeBackend) -> Arc<SessionManager> {
+/// A session manager as `cella serve` makes one (a restarted `serve` makes a second).
+fn manager(pool: &PgPool, config: &Config, data_dir: &DataDir) -> Arc<SessionManager> {
+    let vmms = Vmms::new(
+        config.worker.vmm.clone().unwrap(),
+        config.worker.scanner_image.clone(),
+        config.worker.is_jailed(),
+    );
     Arc::new(SessionManager::new(
         pool.clone(),
         config.sessions.clone(),
         data_dir.clone(),
         "test-host".into(),
-        Arc::new(backend.clone()),
+        vmms,
     ))
 }
 
 async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
-    let dir = std::env::temp_dir().join(format!("cella-sessions-{}", cella_service::ids::new_id("t")));
-    let data_dir = DataDir::at(&dir);
+    let dir = Scratch::new(&format!("api-{}", &cella_service::ids::new_id("t")[2..14]));
+    let data_dir = DataDir::at(dir.join("data"));
     data_dir.create().unwrap();
     let mut config = Config::default();
+    config.worker.vmm = Some(common::vmm());
+    config.sessions.mem_mib = 64;
     tweak(&mut config);
+    assert!(config.worker.is_jailed(), "these tests run as root, where session VMMs are jailed");
     let (_, admin) = tenants::create_admin_key(&pool).await.unwrap();
-    let backend = FakeBackend::default();
     let state = AppState {
         jobs_done: cella_service::api::wait::JobsDone::listen(pool.clone()),
-        sessions: manager(&pool, &config, &data_dir, &backend),
+        sessions: manager(&pool, &config, &data_dir),
         pool,
         config: Arc::new(config),
         data_dir,
         metrics: Arc::new(Metrics::default()),
         signer: None,
     };
-    Api { state, backend, admin, _dir: TempDir(dir) }
+    Api { state, admin, _dir: dir }
 }
 
 impl Api {
@@ -298,6 +122,10 @@ impl Api {
         self.call(Method::POST, uri, key, Body::empty(), false).await
     }
 
+    async fn delete(&self, id: &str, key: &str) -> Reply2 {
+        self.call(Method::DELETE, &format!("/v1/sessions/{id}"), key, Body::empty(), false).await
+    }
+
     async fn exec(&self, id: &str, key: &str, request: Value) -> Reply2 {
         self.call(
             Method::POST,
@@ -324,13 +152,14 @@ impl Api {
         (v["tenant"]["id"].as_str().unwrap().to_owned(), v["key"]["api_key"].as_str().unwrap().to_owned())
     }
 
-    /// Creates a session on a small artifact; returns its view.
+    /// Creates a session on [`sample`]; returns its view.
     async fn create(&self, key: &str, query: &str) -> Value {
-        let r = self
-            .call(Method::POST, &format!("/v1/sessions{query}"), key, Body::from("AKIA data"), false)
-            .await;
+        let r =
+            self.call(Method::POST, &format!("/v1/sessions{query}"), key, Body::from(sample()), false).await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
-        r.json()
+        let s = r.json();
+        assert_eq!(s["state"], "running", "{s}");
+        s
     }
 
     async fn actions(&self, tenant: &str) -> Vec<String> {
@@ -341,8 +170,86 @@ impl Api {
             .unwrap()
     }
 
+    /// The details of the tenant's last `action` event.
+    async fn details(&self, tenant: &str, action: &str) -> Value {
+        let body: String = sqlx::query_scalar(
+            "SELECT body FROM audit_events WHERE chain = $1 AND action = $2 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(format!("tenant:{tenant}"))
+        .bind(action)
+        .fetch_one(&self.state.pool)
+        .await
+        .unwrap();
+        serde_json::from_str::<Value>(&body).unwrap()["details"].clone()
+    }
+
+    /// A restarted `serve`: a new manager on the same database and data folder recovers the
+    /// sessions; the old one goes, with its guest connections, as a dead process's would.
+    async fn restart(&mut self) {
+        let fresh = manager(&self.state.pool, &self.state.config, &self.state.data_dir);
+        drop(std::mem::replace(&mut self.state.sessions, fresh));
+        self.state.sessions.recover().await.unwrap();
+    }
+
     fn session_dir(&self, id: &str) -> PathBuf {
         self.state.data_dir.session(id)
+    }
+
+    fn log(&self, id: &str) -> PathBuf {
+        self.state.data_dir.sessions().join(format!("{id}.vmm.log"))
+    }
+
+    /// The pid the session's VMM was recorded with (jailed: its supervisor).
+    async fn pid(&self, id: &str) -> Option<u32> {
+        let pid: Option<i32> = sqlx::query_scalar("SELECT vmm_pid FROM sessions WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.state.pool)
+            .await
+            .unwrap();
+        pid.map(|p| p as u32)
+    }
+
+    async fn state_of(&self, id: &str) -> String {
+        sqlx::query_scalar("SELECT state FROM sessions WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.state.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Mounts a tmpfs of `size` over the data folder's `sessions/`, so that sessions created
+    /// from now on live on it: a snapshot bigger than what is left fails with ENOSPC, for real
+    /// (the jail binds the session's folder from the tmpfs). Unmounted when the test's folder
+    /// goes.
+    fn small_disk(&self, size: &str) {
+        let sessions = self.state.data_dir.sessions();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(&sessions)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs over {}", sessions.display());
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with(['Z', 'X'])))
+}
+
+/// SIGKILL to the VMM's process group (the supervisor the service started, with setsid): the
+/// jailed VMM dies with it (its parent-death signal), unscrubbed, and its jail is left.
+fn kill_group(pid: u32) {
+    let group = format!("-{pid}");
+    assert!(Command::new("kill").args(["-s", "KILL", "--", &group]).status().unwrap().success());
+    let start = std::time::Instant::now();
+    while alive(pid) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{pid} survived SIGKILL: {}",
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -371,17 +278,53 @@ async fn create_stores_the_artifact_starts_the_vm_and_audits_both(pool: PgPool) 
         api.create(&key, "?name=app.tar&max_duration=600&idle_suspend=60&read_policy=deny&mem_mib=128").await;
     assert_eq!(s["state"], "running");
     assert_eq!(s["artifact"]["name"], "app.tar");
-    assert_eq!(s["artifact"]["bytes"], 9);
+    assert_eq!(s["artifact"]["bytes"], sample().len());
     assert_eq!((s["mem_mib"].as_i64(), s["idle_suspend_secs"].as_i64()), (Some(128), Some(60)));
     assert_eq!(s["read_policy"], "deny");
     assert_eq!(s["host"], "test-host");
     let lifetime = time(&s["deadline"]) - time(&s["created_at"]);
     assert_eq!(lifetime.whole_seconds(), 600);
-    assert_eq!(std::fs::read(api.session_dir(&id(&s)).join("artifact")).unwrap(), b"AKIA data");
+    assert_eq!(std::fs::read(api.session_dir(&id(&s)).join("artifact")).unwrap(), sample());
     assert_eq!(
         api.actions(&tenant).await,
         ["tenant.created", "api_key.created", "session.created", "session.started"]
     );
+    let stats = api.exec(&id(&s), &key, json!({"op": "stats"})).await.json()["result"].clone();
+    assert_eq!((stats["files"].as_u64(), stats["index_builds"].as_u64()), (Some(3), Some(1)), "{stats}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn session_vmms_run_jailed_each_as_a_uid_of_its_own_never_one_a_live_vmm_has(pool: PgPool) {
+    let mut api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let first = id(&api.create(&key, "").await);
+    let second = id(&api.create(&key, "").await);
+    let mut uids = Vec::new();
+    for sid in [&first, &second] {
+        let vmm = jailed_vmm(api.pid(sid).await.unwrap());
+        let uid = assert_confined(vmm);
+        assert!((65_000..66_000).contains(&uid), "uid {uid} is outside sessions.jail_uid_base's range");
+        // While it runs, the folder is the jail uid's (mode 0700); the log is beside it, root's.
+        let dir = std::fs::metadata(api.session_dir(sid)).unwrap();
+        assert_eq!((dir.uid(), dir.mode() & 0o777), (uid, 0o700));
+        let log = std::fs::metadata(api.log(sid)).unwrap();
+        assert_eq!((log.uid(), log.mode() & 0o777), (0, 0o600));
+        uids.push(uid);
+    }
+    assert_ne!(uids[0], uids[1]);
+
+    // A restarted service re-adopts both and gives a new session neither uid.
+    api.restart().await;
+    let third = id(&api.create(&key, "").await);
+    let uid = assert_confined(jailed_vmm(api.pid(&third).await.unwrap()));
+    assert!(!uids.contains(&uid), "uid {uid} of a live VMM was given again ({uids:?})");
+
+    // Terminated: the jail is gone, and so are the folder and the log.
+    for sid in [&first, &second, &third] {
+        assert_eq!(api.delete(sid, &key).await.json()["state"], "terminated");
+        assert_eq!(jail_leftovers(sid), Vec::<String>::new());
+        assert!(!api.session_dir(sid).exists() && !api.log(sid).exists());
+    }
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -444,11 +387,11 @@ async fn another_tenants_session_answers_404_on_every_endpoint(pool: PgPool) {
         .call(Method::POST, &format!("/v1/sessions/{sid}/files?name=x"), &mallory, Body::from("more"), false)
         .await;
     assert_problem(&r, StatusCode::NOT_FOUND, &sid);
-    let r = api.call(Method::DELETE, &format!("/v1/sessions/{sid}"), &mallory, Body::empty(), false).await;
-    assert_problem(&r, StatusCode::NOT_FOUND, &sid);
+    assert_problem(&api.delete(&sid, &mallory).await, StatusCode::NOT_FOUND, &sid);
     assert_eq!(api.get("/v1/sessions", &mallory).await.json()["sessions"], json!([]));
     // The owner's session is untouched.
     assert_eq!(api.get(&format!("/v1/sessions/{sid}"), &alice).await.json()["state"], "running");
+    assert_eq!(api.exec(&sid, &alice, json!({"op": "stats"})).await.status, StatusCode::OK);
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -471,15 +414,14 @@ async fn calls_on_a_terminated_session_answer_409_saying_to_create_a_new_one(poo
     let api = api(pool, |_| {}).await;
     let (_, key) = api.tenant("acme").await;
     let sid = id(&api.create(&key, "").await);
-    let r = api.call(Method::DELETE, &format!("/v1/sessions/{sid}"), &key, Body::empty(), false).await;
-    assert_eq!(r.json()["state"], "terminated");
+    assert_eq!(api.delete(&sid, &key).await.json()["state"], "terminated");
     for action in ["pause", "suspend", "resume", "connect"] {
         let r = api.post(&format!("/v1/sessions/{sid}/{action}"), &key).await;
         assert_problem(&r, StatusCode::CONFLICT, "it has been terminated; create a new session");
     }
     assert_problem(&api.exec(&sid, &key, json!({"op": "stats"})).await, StatusCode::CONFLICT, "terminated");
     // Terminating again changes nothing.
-    let r = api.call(Method::DELETE, &format!("/v1/sessions/{sid}"), &key, Body::empty(), false).await;
+    let r = api.delete(&sid, &key).await;
     assert_eq!((r.status, r.json()["state"].clone()), (StatusCode::OK, json!("terminated")));
 }
 
@@ -488,6 +430,7 @@ async fn pause_and_resume_keep_the_same_vm_and_index(pool: PgPool) {
     let api = api(pool, |_| {}).await;
     let (tenant, key) = api.tenant("acme").await;
     let sid = id(&api.create(&key, "").await);
+    let pid = api.pid(&sid).await.unwrap();
     let before = api.exec(&sid, &key, json!({"op": "stats"})).await.json();
     api.post(&format!("/v1/sessions/{sid}/pause"), &key).await;
     // Pausing twice is a no-op.
@@ -495,7 +438,9 @@ async fn pause_and_resume_keep_the_same_vm_and_index(pool: PgPool) {
     assert_eq!(api.post(&format!("/v1/sessions/{sid}/resume"), &key).await.json()["state"], "running");
     let after = api.exec(&sid, &key, json!({"op": "stats"})).await.json();
     assert_eq!(before["result"]["index_id"], after["result"]["index_id"]);
-    assert_eq!(api.backend.0.launches.load(Ordering::SeqCst), 1);
+    assert_eq!(after["result"]["index_builds"], 1);
+    assert_eq!(api.pid(&sid).await, Some(pid), "the same VMM process");
+    assert!(alive(pid));
     let actions = api.actions(&tenant).await;
     assert_eq!(
         actions[2..],
@@ -526,19 +471,27 @@ async fn suspend_then_resume_restores_on_a_new_vmm_with_the_same_index(pool: PgP
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
     let before = api.exec(&sid, &key, json!({"op": "stats"})).await.json()["result"].clone();
+    assert_eq!(before["files"], 4, "{before}");
+    let first = api.pid(&sid).await.unwrap();
     let suspended = api.post(&format!("/v1/sessions/{sid}/suspend"), &key).await.json();
     assert_eq!(suspended["state"], "suspended");
     assert!(suspended["snapshot_bytes"].as_i64().unwrap() > 0, "{suspended}");
-    assert!(api.session_dir(&sid).join("snapshot/cella-snapshot.json").is_file());
-    assert!(api.backend.0.vms.lock().unwrap().is_empty(), "the VMM was stopped");
+    // The snapshot and its marker are root's again: the jail handed the folder back.
+    let marker = api.session_dir(&sid).join("snapshot/cella-snapshot.json");
+    assert_eq!(std::fs::metadata(&marker).unwrap().uid(), 0);
+    assert_eq!(std::fs::metadata(api.session_dir(&sid)).unwrap().uid(), 0);
+    assert!(!alive(first), "the VMM was stopped");
+    assert_eq!(jail_leftovers(&sid), Vec::<String>::new());
     let resumed = api.post(&format!("/v1/sessions/{sid}/resume"), &key).await.json();
     assert_eq!((resumed["state"].as_str(), resumed["snapshot_bytes"].as_i64()), (Some("running"), None));
-    assert_eq!(api.backend.0.launches.load(Ordering::SeqCst), 2, "a new VMM process");
+    let second = api.pid(&sid).await.unwrap();
+    assert_ne!(first, second, "a new VMM process");
+    assert_confined(jailed_vmm(second));
     assert!(!api.session_dir(&sid).join("snapshot").exists(), "the restored snapshot is removed");
     let after = api.exec(&sid, &key, json!({"op": "stats"})).await.json()["result"].clone();
     assert_eq!(
-        (before["index_id"].clone(), before["files"].clone()),
-        (after["index_id"].clone(), after["files"].clone())
+        (before["index_id"].clone(), before["files"].clone(), after["index_builds"].clone()),
+        (after["index_id"].clone(), after["files"].clone(), json!(1))
     );
     let actions = api.actions(&tenant).await;
     assert_eq!(
@@ -550,14 +503,17 @@ async fn suspend_then_resume_restores_on_a_new_vmm_with_the_same_index(pool: PgP
 #[sqlx::test(migrations = "../migrations")]
 async fn a_failed_snapshot_leaves_the_session_running(pool: PgPool) {
     let api = api(pool, |_| {}).await;
+    api.small_disk("1m");
     let (tenant, key) = api.tenant("acme").await;
     let sid = id(&api.create(&key, "").await);
-    api.backend.0.fail_snapshot.store(true, Ordering::SeqCst);
+    let before = api.exec(&sid, &key, json!({"op": "stats"})).await.json()["result"].clone();
     let r = api.post(&format!("/v1/sessions/{sid}/suspend"), &key).await;
-    assert_problem(&r, StatusCode::BAD_GATEWAY, "No space left on device; it is still running");
+    assert_problem(&r, StatusCode::BAD_GATEWAY, "no space left on the device");
+    assert_problem(&r, StatusCode::BAD_GATEWAY, "; it is still running");
     assert_eq!(api.get(&format!("/v1/sessions/{sid}"), &key).await.json()["state"], "running");
     assert!(!api.session_dir(&sid).join("snapshot").exists());
-    assert_eq!(api.exec(&sid, &key, json!({"op": "stats"})).await.status, StatusCode::OK);
+    let after = api.exec(&sid, &key, json!({"op": "stats"})).await.json()["result"].clone();
+    assert_eq!(after["index_id"], before["index_id"]);
     assert!(api.actions(&tenant).await.contains(&"session.suspend_failed".to_owned()));
 }
 
@@ -595,26 +551,25 @@ async fn connect_restores_a_suspended_session(pool: PgPool) {
     assert_eq!(r["state"], "running");
     let actions = api.actions(&tenant).await;
     assert_eq!(actions[actions.len() - 2..], ["session.restored", "session.connected"]);
+    assert_eq!(api.exec(&sid, &key, json!({"op": "stats"})).await.status, StatusCode::OK);
 }
 
 #[sqlx::test(migrations = "../migrations")]
 async fn exec_attaches_the_policy_and_refusals_answer_422(pool: PgPool) {
     let api = api(pool, |_| {}).await;
     let (_, key) = api.tenant("acme").await;
-    let sid = id(&api.create(&key, "").await);
+    let sid = id(&api.create(&key, "?read_policy=redact").await);
     let r = api.exec(&sid, &key, json!({"op": "scan", "policy_name": "secrets"})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
     let v = r.json();
-    assert_eq!(
-        (v["result"]["policy_name"].as_str(), v["sarif"]["version"].as_str()),
-        (Some("secrets"), Some("2.1.0"))
-    );
-    let r = api.exec(&sid, &key, json!({"op": "read", "path": "a.txt"})).await.json();
-    assert_eq!(r["data_base64"], "aGVsbG8=");
+    assert_eq!(v["sarif"]["version"], "2.1.0", "{v}");
+    assert!(v["result"]["findings"].as_u64().unwrap() >= 1, "the Stripe key was not found: {v}");
+    let r = api.exec(&sid, &key, json!({"op": "read", "path": "app/a.txt"})).await.json();
+    assert_eq!(r["data_base64"], "aGVsbG8K", "{r}");
     let r = api.exec(&sid, &key, json!({"op": "scan", "policy_name": "gdpr"})).await;
     assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "unknown policy \"gdpr\"");
     let r = api.exec(&sid, &key, json!({"op": "grep", "pattern": "("})).await;
-    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "unclosed group");
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "the session refused it");
     let r = api.exec(&sid, &key, json!({"op": "grep", "pattern": "x", "max_matches": 0})).await;
     assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "max_matches");
     let r = api.exec(&sid, &key, json!({"op": "add", "name": "x"})).await;
@@ -630,23 +585,19 @@ async fn terminate_stops_the_vm_and_deletes_the_files(pool: PgPool) {
     let api = api(pool, |_| {}).await;
     let (tenant, key) = api.tenant("acme").await;
     let sid = id(&api.create(&key, "").await);
-    assert!(api.session_dir(&sid).exists());
-    let r = api.call(Method::DELETE, &format!("/v1/sessions/{sid}"), &key, Body::empty(), false).await.json();
+    let pid = api.pid(&sid).await.unwrap();
+    assert!(api.session_dir(&sid).exists() && api.log(&sid).exists());
+    let r = api.delete(&sid, &key).await.json();
     assert_eq!(r["state"], "terminated");
     assert!(r["terminated_at"].is_string());
-    assert!(!api.session_dir(&sid).exists());
-    assert!(api.backend.0.vms.lock().unwrap().is_empty());
-    let body: String = sqlx::query_scalar(
-        "SELECT body FROM audit_events WHERE chain = $1 AND action = 'session.terminated'",
-    )
-    .bind(format!("tenant:{tenant}"))
-    .fetch_one(&api.state.pool)
-    .await
-    .unwrap();
-    let details = &serde_json::from_str::<Value>(&body).unwrap()["details"];
+    assert!(!api.session_dir(&sid).exists() && !api.log(&sid).exists());
+    assert!(!alive(pid));
+    assert_eq!(jail_leftovers(&sid), Vec::<String>::new());
+    let details = api.details(&tenant, "session.terminated").await;
     assert_eq!(
         (details["reason"].as_str(), details["scrub"]["verified_zero"].as_bool()),
-        (Some("requested"), Some(true))
+        (Some("requested"), Some(true)),
+        "{details}"
     );
 }
 
@@ -674,15 +625,17 @@ async fn the_reaper_suspends_idle_sessions(pool: PgPool) {
 #[sqlx::test(migrations = "../migrations")]
 async fn a_failed_idle_suspend_is_retried_after_another_idle_period_not_at_every_pass(pool: PgPool) {
     let api = api(pool, |_| {}).await;
+    api.small_disk("1m");
     let (tenant, key) = api.tenant("acme").await;
     let sid = id(&api.create(&key, "?idle_suspend=1").await);
-    api.backend.0.fail_snapshot.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     reaper::once(&api.state.sessions).await.unwrap();
     reaper::once(&api.state.sessions).await.unwrap();
     assert_eq!(api.get(&format!("/v1/sessions/{sid}"), &key).await.json()["state"], "running");
     let failures = api.actions(&tenant).await.iter().filter(|a| *a == "session.suspend_failed").count();
     assert_eq!(failures, 1);
+    let details = api.details(&tenant, "session.suspend_failed").await;
+    assert!(details["reason"].as_str().unwrap().contains("no space left on the device"), "{details}");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -691,6 +644,7 @@ async fn the_reaper_terminates_sessions_past_their_deadline_and_deletes_their_fi
     let (_, key) = api.tenant("acme").await;
     let running = id(&api.create(&key, "?max_duration=1").await);
     let suspended = id(&api.create(&key, "?max_duration=1").await);
+    let pid = api.pid(&running).await.unwrap();
     api.post(&format!("/v1/sessions/{suspended}/suspend"), &key).await;
     assert!(api.session_dir(&suspended).join("snapshot").exists());
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -698,63 +652,82 @@ async fn the_reaper_terminates_sessions_past_their_deadline_and_deletes_their_fi
     for sid in [&running, &suspended] {
         let s = api.get(&format!("/v1/sessions/{sid}"), &key).await.json();
         assert_eq!(s["state"], "terminated", "{s}");
-        assert!(!api.session_dir(sid).exists());
+        assert!(!api.session_dir(sid).exists() && !api.log(sid).exists());
+        assert_eq!(jail_leftovers(sid), Vec::<String>::new());
     }
+    assert!(!alive(pid));
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn the_reaper_fails_a_session_whose_vmm_died(pool: PgPool) {
+async fn the_reaper_fails_a_session_whose_vmm_died_and_cleans_up_its_jail(pool: PgPool) {
     let api = api(pool, |_| {}).await;
     let (tenant, key) = api.tenant("acme").await;
-    let sid = id(&api.create(&key, "").await);
-    api.backend.crash_all();
+    // One whose supervisor is killed (the VMM dies with it; the jail is left behind), one
+    // whose VMM is killed inside its jail (the supervisor removes the jail and exits).
+    let supervisor_killed = id(&api.create(&key, "").await);
+    let vmm_killed = id(&api.create(&key, "").await);
+    kill_group(api.pid(&supervisor_killed).await.unwrap());
+    assert!(!jail_leftovers(&supervisor_killed).is_empty(), "a SIGKILLed supervisor leaves its jail");
+    let supervisor = api.pid(&vmm_killed).await.unwrap();
+    assert!(Command::new("kill")
+        .arg("-KILL")
+        .arg(jailed_vmm(supervisor).to_string())
+        .status()
+        .unwrap()
+        .success());
+    let start = std::time::Instant::now();
+    while alive(supervisor) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the supervisor outlived its VMM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     reaper::once(&api.state.sessions).await.unwrap();
-    let s = api.get(&format!("/v1/sessions/{sid}"), &key).await.json();
-    assert_eq!(s["state"], "failed");
-    assert!(s["error"].as_str().unwrap().contains("the VMM exited unexpectedly"), "{s}");
+    for sid in [&supervisor_killed, &vmm_killed] {
+        let s = api.get(&format!("/v1/sessions/{sid}"), &key).await.json();
+        assert_eq!(s["state"], "failed", "{s}");
+        assert!(s["error"].as_str().unwrap().contains("the VMM exited unexpectedly"), "{s}");
+        assert_eq!(jail_leftovers(sid), Vec::<String>::new(), "cella-jailer cleanup was not run for {sid}");
+        assert!(!api.session_dir(sid).exists() && !api.log(sid).exists());
+    }
     assert_eq!(api.actions(&tenant).await.last().unwrap(), "session.failed");
 }
 
 #[sqlx::test(migrations = "../migrations")]
 async fn a_restarted_service_re_adopts_live_vmms_and_never_loses_a_session(pool: PgPool) {
-    let api = api(pool.clone(), |_| {}).await;
+    let mut api = api(pool, |_| {}).await;
     let (tenant, key) = api.tenant("acme").await;
     let live = id(&api.create(&key, "").await);
+    let stats = api.exec(&live, &key, json!({"op": "stats"})).await.json()["result"].clone();
     let paused = id(&api.create(&key, "").await);
     api.post(&format!("/v1/sessions/{paused}/pause"), &key).await;
     let suspended = id(&api.create(&key, "").await);
     api.post(&format!("/v1/sessions/{suspended}/suspend"), &key).await;
+    let pids = [api.pid(&live).await.unwrap(), api.pid(&paused).await.unwrap()];
 
     // A new manager (a restarted `serve`) finds the VMMs still running: it adopts them.
-    let restarted = manager(&pool, &api.state.config, &api.state.data_dir, &api.backend);
-    restarted.recover().await.unwrap();
-    let state_of = |sid: &str| {
-        let pool = pool.clone();
-        let sid = sid.to_owned();
-        async move {
-            sqlx::query_scalar::<_, String>("SELECT state FROM sessions WHERE id = $1")
-                .bind(sid)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(state_of(&live).await, "running");
-    assert_eq!(state_of(&paused).await, "paused");
-    assert_eq!(state_of(&suspended).await, "suspended");
+    api.restart().await;
+    assert_eq!(api.state_of(&live).await, "running");
+    assert_eq!(api.state_of(&paused).await, "paused");
+    assert_eq!(api.state_of(&suspended).await, "suspended");
     assert_eq!(api.actions(&tenant).await.iter().filter(|a| *a == "session.adopted").count(), 2);
+    assert_eq!([api.pid(&live).await.unwrap(), api.pid(&paused).await.unwrap()], pids);
+    // The adopted VMM answers through the new manager with the same index.
+    let after = api.exec(&live, &key, json!({"op": "stats"})).await.json()["result"].clone();
+    assert_eq!(after["index_id"], stats["index_id"]);
 
-    // Now the VMMs are gone too (the host rebooted): the sessions fail with the reason, the
-    // suspended one keeps its snapshot.
-    api.backend.crash_all();
-    let again = manager(&pool, &api.state.config, &api.state.data_dir, &api.backend);
-    again.recover().await.unwrap();
+    // Now the VMMs are gone too (killed, their jails left): the sessions fail with the reason,
+    // the jails are cleaned up, the suspended one keeps its snapshot.
+    for pid in pids {
+        kill_group(pid);
+    }
+    api.restart().await;
     for sid in [&live, &paused] {
         let s = api.get(&format!("/v1/sessions/{sid}"), &key).await.json();
         assert_eq!(s["state"], "failed");
         assert_eq!(s["error"], "the VMM was gone when the service restarted");
+        assert_eq!(jail_leftovers(sid), Vec::<String>::new());
     }
-    assert_eq!(state_of(&suspended).await, "suspended");
+    assert_eq!(api.state_of(&suspended).await, "suspended");
+    assert!(api.session_dir(&suspended).join("snapshot/cella-snapshot.json").is_file());
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -762,6 +735,7 @@ async fn a_session_whose_vmm_died_mid_suspend_is_suspended_if_its_snapshot_is_co
     let api = api(pool.clone(), |_| {}).await;
     let (_, key) = api.tenant("acme").await;
     let sid = id(&api.create(&key, "").await);
+    let stats = api.exec(&sid, &key, json!({"op": "stats"})).await.json()["result"].clone();
     api.post(&format!("/v1/sessions/{sid}/suspend"), &key).await;
     // As if `serve` had died between the snapshot and recording `suspended`.
     sqlx::query(
@@ -771,10 +745,12 @@ async fn a_session_whose_vmm_died_mid_suspend_is_suspended_if_its_snapshot_is_co
     .execute(&pool)
     .await
     .unwrap();
-    manager(&pool, &api.state.config, &api.state.data_dir, &api.backend).recover().await.unwrap();
+    manager(&pool, &api.state.config, &api.state.data_dir).recover().await.unwrap();
     let s = api.get(&format!("/v1/sessions/{sid}"), &key).await.json();
     assert_eq!(s["state"], "suspended", "{s}");
     assert_eq!(api.post(&format!("/v1/sessions/{sid}/resume"), &key).await.json()["state"], "running");
+    let after = api.exec(&sid, &key, json!({"op": "stats"})).await.json()["result"].clone();
+    assert_eq!(after["index_id"], stats["index_id"]);
 }
 
 #[sqlx::test(migrations = "../migrations")]

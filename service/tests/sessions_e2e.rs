@@ -1,87 +1,25 @@
 //! Sessions end to end: the real `cella serve` over HTTPS, real `cella-vmm session` processes
-//! on /dev/kvm with the session-mode scanner guest, a fresh PostgreSQL database per test.
-//! A session keeps its index across pause/resume and suspend/restore on a new VMM process; the
-//! idle policy and the maximum duration are enforced; a SIGKILLed `serve` re-adopts its
-//! sessions; every transition is in the tenant's audit chain, which verifies offline.
+//! on /dev/kvm with the session-mode scanner guest, jailed by the real `cella-jailer` (the
+//! service's default under root), a fresh PostgreSQL database per test. A session keeps its
+//! index across pause/resume and suspend/restore on a new VMM process; the idle policy and the
+//! maximum duration are enforced; a SIGKILLed `serve` re-adopts its sessions (the jailed VMMs
+//! live on); every session VMM runs confined as a jail uid of its own, and leaves no jail and
+//! no files behind; every transition is in the tenant's audit chain, which verifies offline.
 //!
 //! They need the session-mode scanner image (`bash scripts/build-guest.sh`, which
-//! `scripts/test.sh` runs) and `DATABASE_URL`.
+//! `scripts/test.sh` runs), `DATABASE_URL`, and root.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use cella_service::client::{ApiClient, ClientError};
+use common::{assert_confined, jail_leftovers, jailed_vmm, repo, vmm, Scratch};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_owned()
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `cella-vmm`, built once per run (`serve` runs here without a job worker).
-fn vmm() -> &'static Path {
-    static VMM: OnceLock<PathBuf> = OnceLock::new();
-    VMM.get_or_init(|| {
-        let profile = profile_dir();
-        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cmd.args(["build", "--quiet", "-p", "cella-vmm", "--bin", "cella-vmm", "--manifest-path"])
-            .arg(repo().join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(profile.parent().unwrap());
-        if profile.file_name().and_then(|n| n.to_str()) == Some("release") {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().unwrap().success(), "{cmd:?} failed");
-        profile.join("cella-vmm")
-    })
-}
-
-/// A test's folder. Session VMMs outlive `serve` by design, so when the test ends (passed or
-/// not) every VMM whose command line names this folder is stopped, then the folder is removed.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("cella-se2e-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let needle = self.0.as_os_str().as_encoded_bytes().to_vec();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let ours = cmdline.split(|b| *b == 0).any(|arg| arg.windows(needle.len()).any(|w| w == needle));
-            if ours && cmdline.starts_with(vmm().as_os_str().as_encoded_bytes()) {
-                let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn test_db_url(pool: &PgPool) -> String {
     let base = std::env::var("DATABASE_URL").unwrap();
@@ -105,6 +43,7 @@ impl Server {
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--no-worker", "--data-dir"]).arg(data);
         cmd.env("DATABASE_URL", db)
             .env("CELLA_VMM", vmm())
+            .env_remove("CELLA_JAILED")
             .env("CELLA_SESSIONS_REAPER_INTERVAL_MS", "200")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -205,6 +144,23 @@ fn process_exists(pid: i32) -> bool {
         .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
 }
 
+/// The session VMM recorded as `pid` (the jail's supervisor `serve` started) runs jailed: its
+/// VMM child runs as a session jail uid (`sessions.jail_uid_base` = 65000 up), every thread
+/// with no effective capability and a seccomp filter. Returns that uid.
+fn assert_jailed(pid: i32) -> u32 {
+    let uid = assert_confined(jailed_vmm(pid as u32));
+    assert!((65_000..66_000).contains(&uid), "the session VMM runs as uid {uid}");
+    uid
+}
+
+/// Nothing of session `id` is left: no jail folder or cgroup, no session folder, no VMM log.
+fn assert_gone(server: &Server, id: &str) {
+    assert_eq!(jail_leftovers(id), Vec::<String>::new());
+    let sessions = server.data.join("sessions");
+    assert!(!sessions.join(id).exists(), "the folder of {id} is left");
+    assert!(!sessions.join(format!("{id}.vmm.log")).exists(), "the VMM log of {id} is left");
+}
+
 async fn actions(pool: &PgPool, tenant: &str) -> Vec<String> {
     sqlx::query_scalar("SELECT action FROM audit_events WHERE chain = $1 ORDER BY seq")
         .bind(format!("tenant:{tenant}"))
@@ -270,6 +226,7 @@ async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool
 
     // Suspended: the VMM process ends; resumed on a new one with the same index and answers.
     let first_pid = vmm_pid(&pool, &id).await.unwrap();
+    assert_jailed(first_pid);
     let suspended = post(&client, &id, "suspend").await;
     assert_eq!(suspended["state"], "suspended");
     assert!(suspended["snapshot_bytes"].as_i64().unwrap() > 0, "{suspended}");
@@ -277,6 +234,7 @@ async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool
     assert_eq!(post(&client, &id, "resume").await["state"], "running");
     let second_pid = vmm_pid(&pool, &id).await.unwrap();
     assert_ne!(first_pid, second_pid);
+    assert_jailed(second_pid);
     let restored = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
     assert_eq!(
         (restored["index_id"].clone(), restored["files"].clone()),
@@ -291,7 +249,7 @@ async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool
     let gone = client.json(Method::DELETE, &format!("/v1/sessions/{id}")).await.unwrap();
     assert_eq!(gone["state"], "terminated");
     assert!(!process_exists(second_pid));
-    assert!(!server.data.join("sessions").join(&id).exists());
+    assert_gone(&server, &id);
 
     let names = actions(&pool, &tenant).await;
     for action in [
@@ -324,6 +282,7 @@ async fn an_idle_session_is_suspended_and_connect_restores_it(pool: PgPool) {
     assert_eq!(connected["state"], "running");
     let restored = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
     assert_eq!(restored["index_id"], stats["index_id"]);
+    assert_jailed(vmm_pid(&pool, &id).await.unwrap());
     let names = actions(&pool, &tenant).await;
     assert!(
         names.ends_with(&["session.restored".into(), "session.connected".into(), "session.exec".into()]),
@@ -331,6 +290,7 @@ async fn an_idle_session_is_suspended_and_connect_restores_it(pool: PgPool) {
     );
     export_and_verify(&server, &tenant, &dir);
     client.json(Method::DELETE, &format!("/v1/sessions/{id}")).await.unwrap();
+    assert_gone(&server, &id);
     drop(server);
 }
 
@@ -348,7 +308,7 @@ async fn a_session_past_its_maximum_duration_is_terminated_and_its_files_deleted
     for id in [&running, &suspended] {
         let s = wait_state(&client, id, "terminated", Duration::from_secs(20)).await;
         assert!(s["terminated_at"].is_string());
-        assert!(!server.data.join("sessions").join(id).exists(), "files of {id} left behind");
+        assert_gone(&server, id);
     }
     assert!(!process_exists(pid));
     let names = actions(&pool, &tenant).await;
@@ -368,13 +328,17 @@ async fn a_sigkilled_serve_re_adopts_its_sessions_on_restart(pool: PgPool) {
     let id = create(&client, "").await["id"].as_str().unwrap().to_owned();
     let stats = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
     let pid = vmm_pid(&pool, &id).await.unwrap();
+    let uid = assert_jailed(pid);
+    let jailed = jailed_vmm(pid as u32);
     server.kill();
-    assert!(process_exists(pid), "the session VMM died with serve");
+    assert!(process_exists(pid), "the jail's supervisor died with serve");
+    assert!(process_exists(jailed as i32), "the jailed session VMM died with serve");
 
     let server = Server::start(&data, &db, &[]);
     let client = server.client(&key);
     assert_eq!(session(&client, &id).await["state"], "running");
     assert_eq!(vmm_pid(&pool, &id).await, Some(pid));
+    assert_eq!((jailed_vmm(pid as u32), assert_jailed(pid)), (jailed, uid), "a new VMM, or a new uid");
     let after = exec(&client, &id, json!({"op": "stats"})).await.unwrap()["result"].clone();
     assert_eq!(after["index_id"], stats["index_id"]);
     assert!(actions(&pool, &tenant).await.contains(&"session.adopted".to_owned()));
@@ -382,7 +346,9 @@ async fn a_sigkilled_serve_re_adopts_its_sessions_on_restart(pool: PgPool) {
     assert_eq!(post(&client, &id, "suspend").await["state"], "suspended");
     assert!(!process_exists(pid));
     assert_eq!(post(&client, &id, "resume").await["state"], "running");
+    assert_jailed(vmm_pid(&pool, &id).await.unwrap());
     export_and_verify(&server, &tenant, &dir);
     client.json(Method::DELETE, &format!("/v1/sessions/{id}")).await.unwrap();
+    assert_gone(&server, &id);
     drop(server);
 }

@@ -21,9 +21,9 @@ use super::extract::{ApiJson, ApiQuery};
 use super::{upload, AppState};
 use crate::config::SESSION_MAX_DURATION_CAP_SECS;
 use crate::error::ServiceError;
-use crate::sessions::backend::{Attach, Frame, Reply};
 use crate::sessions::manager::wrong_state;
 use crate::sessions::store;
+use crate::sessions::vmm::{Attach, Frame, Reply};
 use crate::sessions::{SessionPage, SessionParams, SessionView, State as SessionState};
 use crate::{files, ids, jobs};
 
@@ -457,8 +457,8 @@ async fn add_file(
     if s.state != SessionState::Running {
         return Err(wrong_state(&s, "add files to"));
     }
-    let dir = state.sessions.paths(&id).dir;
-    let path = dir.join(format!("add-{}", ids::hex(&ids::random_bytes::<8>())));
+    // Not in the session's folder: a jailed VMM owns that while it runs.
+    let path = state.data_dir.work().join(format!("{id}-add-{}", ids::hex(&ids::random_bytes::<8>())));
     let limit = ADD_MAX_BYTES.min(state.config.jobs.max_artifact_bytes);
     let stored = upload::store(&state, &headers, body, &path, limit).await?;
     let bytes = tokio::fs::read(&path).await;

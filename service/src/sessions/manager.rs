@@ -1,9 +1,15 @@
 //! The session manager in `cella serve`: every transition of a session's VM, one at a time per
 //! session (a lock per session id here, and the generation fence in the database across
-//! processes), each recorded with its audit event. The VM is reached only through the
-//! [`VmBackend`]; its blocking calls run in `spawn_blocking`.
+//! processes), each recorded with its audit event. The VM is reached only through
+//! [`Vmms`]; its blocking calls run in `spawn_blocking`.
+//!
+//! Jailed session VMMs (`worker.jailed`) each run as a uid/gid of their own, from
+//! `sessions.jail_uid_base` up: a launch takes the lowest one that no process of this host
+//! runs as (so a restarted service never hands out the uid of a VMM it re-adopted, nor one
+//! that anything else uses) and no other launch in progress holds, and holds it until its VMM
+//! answers (by then the VMM runs as it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,10 +21,8 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::OwnedMutexGuard;
 
-use super::backend::{
-    Attach, BackendError, Frame, GuestChannel, LaunchSpec, Reply, Source, VmBackend, VmState,
-};
 use super::store::{self, Event, NewSession, Session};
+use super::vmm::{self, Attach, Frame, Guest, JailSpec, LaunchSpec, Reply, Source, VmState, VmmError, Vmms};
 use super::{SessionParams, State};
 use crate::config::SessionsConfig;
 use crate::data_dir::DataDir;
@@ -45,7 +49,8 @@ fn vmm_max_duration(left: u64) -> Duration {
 /// snapshot call returned): only such a snapshot is ever restored.
 pub const SNAPSHOT_COMPLETE: &str = "cella-snapshot.json";
 
-/// The files of one session, all in `<data>/sessions/<id>/`.
+/// The files of one session: its folder `<data>/sessions/<id>/` (mode 0700, root's; a jailed
+/// VMM's while it runs) and the VMM's log beside it.
 #[derive(Debug, Clone)]
 pub struct SessionPaths {
     pub dir: PathBuf,
@@ -53,27 +58,40 @@ pub struct SessionPaths {
     pub api_sock: PathBuf,
     pub vsock: PathBuf,
     pub snapshot: PathBuf,
+    /// `<data>/sessions/<id>.vmm.log`: outside the folder, which the jail uid owns while its
+    /// VMM runs and which `cella-jailer` checks before handing it over.
     pub log: PathBuf,
 }
 
+/// The suffix of a session's VMM log in `<data>/sessions/`.
+const LOG_SUFFIX: &str = ".vmm.log";
+
 impl SessionPaths {
-    pub fn new(data_dir: &DataDir, id: &str) -> Self {
-        let dir = data_dir.session(id);
+    /// `sessions`: the `sessions` folder of the data folder, as an absolute path without
+    /// symbolic links (the jailer binds the session folder at exactly that path).
+    pub fn new(sessions: &Path, id: &str) -> Self {
+        let dir = sessions.join(id);
         Self {
             artifact: dir.join("artifact"),
             api_sock: dir.join("api.sock"),
             vsock: dir.join("vsock.sock"),
             snapshot: dir.join("snapshot"),
-            log: dir.join("vmm.log"),
+            log: sessions.join(format!("{id}{LOG_SUFFIX}")),
             dir,
         }
+    }
+
+    /// Deletes the folder and the log.
+    async fn remove(&self) {
+        let _ = tokio::fs::remove_dir_all(&self.dir).await;
+        let _ = tokio::fs::remove_file(&self.log).await;
     }
 }
 
 /// What one session holds in this process besides its row: the open guest connection.
 #[derive(Debug, Default)]
 pub struct Slot {
-    guest: Option<Box<dyn GuestChannel>>,
+    guest: Option<Guest>,
 }
 
 /// Runs sessions' VMs on this host.
@@ -81,10 +99,23 @@ pub struct Slot {
 pub struct SessionManager {
     pool: PgPool,
     config: SessionsConfig,
-    data_dir: DataDir,
+    sessions_dir: PathBuf,
     host: String,
-    backend: Arc<dyn VmBackend>,
+    vmms: Vmms,
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// Jail uids taken by launches that have not recorded their VMM yet; held while a launch
+    /// picks one, so two launches never pick the same.
+    jail_uids: tokio::sync::Mutex<HashSet<u32>>,
+}
+
+/// How [`SessionManager::stop_vm`] ended a VMM.
+#[derive(Debug, Default)]
+struct Stopped {
+    /// Its run report, when the control API's stop gave one.
+    report: Option<Value>,
+    /// It ended on our stop or SIGTERM (jailed: its supervisor removed the jail); otherwise
+    /// it was gone already or had to be killed, and a jail may be left behind.
+    on_request: bool,
 }
 
 /// Why a session was suspended or terminated.
@@ -164,14 +195,19 @@ pub fn wrong_state(s: &Session, action: &str) -> ServiceError {
 }
 
 impl SessionManager {
-    pub fn new(
-        pool: PgPool,
-        config: SessionsConfig,
-        data_dir: DataDir,
-        host: String,
-        backend: Arc<dyn VmBackend>,
-    ) -> Self {
-        Self { pool, config, data_dir, host, backend, slots: Mutex::default() }
+    pub fn new(pool: PgPool, config: SessionsConfig, data_dir: DataDir, host: String, vmms: Vmms) -> Self {
+        let sessions = data_dir.sessions();
+        let sessions_dir =
+            std::fs::canonicalize(&sessions).or_else(|_| std::path::absolute(&sessions)).unwrap_or(sessions);
+        Self {
+            pool,
+            config,
+            sessions_dir,
+            host,
+            vmms,
+            slots: Mutex::default(),
+            jail_uids: tokio::sync::Mutex::default(),
+        }
     }
 
     pub fn config(&self) -> &SessionsConfig {
@@ -187,7 +223,7 @@ impl SessionManager {
     }
 
     pub fn paths(&self, id: &str) -> SessionPaths {
-        SessionPaths::new(&self.data_dir, id)
+        SessionPaths::new(&self.sessions_dir, id)
     }
 
     fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Slot>> {
@@ -209,12 +245,12 @@ impl SessionManager {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn VmBackend) -> Result<T, BackendError> + Send + 'static,
-    ) -> Result<T, BackendError> {
-        let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || f(&*backend))
+        f: impl FnOnce(&Vmms) -> Result<T, VmmError> + Send + 'static,
+    ) -> Result<T, VmmError> {
+        let vmms = self.vmms.clone();
+        tokio::task::spawn_blocking(move || f(&vmms))
             .await
-            .unwrap_or_else(|e| Err(BackendError::Control(format!("the blocking task ended: {e}"))))
+            .unwrap_or_else(|e| Err(VmmError::Control(format!("the blocking task ended: {e}"))))
     }
 
     /// A session that lives on another host cannot be driven from here.
@@ -272,7 +308,7 @@ impl SessionManager {
                 .await?;
         let left = (starting.max_deadline - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
         let spec = LaunchSpec {
-            session_id: s.id.clone(),
+            dir: paths.dir.clone(),
             api_sock: paths.api_sock.clone(),
             vsock: paths.vsock.clone(),
             source: Source::Artifact {
@@ -283,6 +319,7 @@ impl SessionManager {
             read_policy: s.read_policy.clone(),
             max_duration: vmm_max_duration(left),
             log: paths.log.clone(),
+            jail: None,
         };
         let t0 = Instant::now();
         let (launched, pid) = match self.launch(&starting, spec).await {
@@ -304,9 +341,50 @@ impl SessionManager {
         Ok(s)
     }
 
-    /// Launches a VMM and records its pid and sockets at once (state unchanged), so a restart
-    /// of this process finds it. On failure, returns the row to fail.
-    async fn launch(&self, s: &Session, spec: LaunchSpec) -> Result<(Session, u32), (Session, String)> {
+    /// Launches a VMM (jailed as configured) and records its pid and sockets at once (state
+    /// unchanged), so a restart of this process finds it. On failure, returns the row to fail.
+    async fn launch(&self, s: &Session, mut spec: LaunchSpec) -> Result<(Session, u32), (Session, String)> {
+        if !self.vmms.jailed() {
+            return self.launch_recorded(s, spec).await;
+        }
+        let uid = match self.reserve_jail_uid().await {
+            Ok(uid) => uid,
+            Err(e) => return Err((s.clone(), e.to_string())),
+        };
+        spec.jail = Some(JailSpec { id: vmm::jail_id(&s.id), uid });
+        let launched = self.launch_recorded(s, spec).await;
+        // Ready (or failed): from now on the VMM's process holds the uid.
+        self.jail_uids.lock().await.remove(&uid);
+        launched
+    }
+
+    /// The lowest jail uid of `sessions.jail_uid_base ..+ sessions.jail_uids` that no process
+    /// of this host runs as and no other launch holds; held until released.
+    async fn reserve_jail_uid(&self) -> Result<u32, ServiceError> {
+        let mut reserved = self.jail_uids.lock().await;
+        let mut taken = tokio::task::spawn_blocking(vmm::uids_in_use)
+            .await
+            .map_err(|e| ServiceError::Internal(format!("listing processes: {e}")))?;
+        taken.extend(reserved.iter().copied());
+        let base = self.config.jail_uid_base;
+        let uid = (base..base.saturating_add(self.config.jail_uids))
+            .find(|uid| !taken.contains(uid))
+            .ok_or_else(|| {
+                ServiceError::Vm(format!(
+                    "no jail uid is free: this host runs {} jailed session VMMs, the most \
+                     sessions.jail_uids allows; suspend or terminate a session, or raise it",
+                    self.config.jail_uids
+                ))
+            })?;
+        reserved.insert(uid);
+        Ok(uid)
+    }
+
+    async fn launch_recorded(
+        &self,
+        s: &Session,
+        spec: LaunchSpec,
+    ) -> Result<(Session, u32), (Session, String)> {
         for stale in [&spec.api_sock, &spec.vsock] {
             let _ = std::fs::remove_file(stale);
         }
@@ -324,7 +402,7 @@ impl SessionManager {
         let s = match store::transition(&self.pool, s, &recorded, false, None).await {
             Ok(s) => s,
             Err(e) => {
-                self.stop_vm(pid, &spec.api_sock).await;
+                self.stop_vm(pid, &spec.api_sock, &s.id).await;
                 return Err((s.clone(), format!("recording the VMM: {e}")));
             }
         };
@@ -335,44 +413,64 @@ impl SessionManager {
         }
     }
 
-    async fn connect_guest(&self, paths: &SessionPaths) -> Result<Box<dyn GuestChannel>, String> {
+    async fn connect_guest(&self, paths: &SessionPaths) -> Result<Guest, String> {
         let vsock = paths.vsock.clone();
         self.blocking(move |b| b.connect(&vsock, CONNECT_TIMEOUT))
             .await
             .map_err(|e| format!("{}; VMM log: {}", error_chain(&e), log_tail(&paths.log)))
     }
 
-    /// Stops a VMM that may still run: the control API's stop (it scrubs and exits), else
-    /// SIGTERM, then SIGKILL if it has not exited after [`EXIT_TIMEOUT`]. Returns its report
-    /// when the control API gave one.
-    async fn stop_vm(&self, pid: u32, api_sock: &Path) -> Option<Value> {
+    /// Stops session `id`'s VMM `pid` if it may still run: the control API's stop (it scrubs
+    /// and exits), else SIGTERM, then SIGKILL if it has not exited after [`EXIT_TIMEOUT`].
+    /// Jailed, a VMM that did not end on request (it was gone already, or was killed) may have
+    /// left its jail behind: `cella-jailer cleanup` removes it and gives the session's folder
+    /// back to root.
+    async fn stop_vm(&self, pid: u32, api_sock: &Path, id: &str) -> Stopped {
         let api = api_sock.to_owned();
-        self.blocking(move |b| {
-            if !b.alive(pid, &api) {
-                return Ok(None);
-            }
-            let report = b.stop(&api).ok();
-            if report.is_none() {
-                b.signal(pid, false);
-            }
-            let until = Instant::now() + EXIT_TIMEOUT;
-            while b.alive(pid, &api) {
-                if Instant::now() > until {
-                    b.signal(pid, true);
-                    break;
+        let stopped = self
+            .blocking(move |b| {
+                if !b.alive(pid, &api) {
+                    return Ok(Stopped::default());
                 }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Ok(report)
-        })
-        .await
-        .ok()
-        .flatten()
+                let report = b.stop(&api).ok();
+                if report.is_none() {
+                    b.signal(pid, false);
+                }
+                let until = Instant::now() + EXIT_TIMEOUT;
+                while b.alive(pid, &api) {
+                    if Instant::now() > until {
+                        b.signal(pid, true);
+                        return Ok(Stopped { report, on_request: false });
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(Stopped { report, on_request: true })
+            })
+            .await
+            .unwrap_or_default();
+        if self.vmms.jailed() && !stopped.on_request {
+            self.cleanup_jail(id).await;
+        }
+        stopped
+    }
+
+    /// `cella-jailer cleanup` for session `id`'s jail (after its supervisor died), giving its
+    /// folder back to root if it is still there. Failures are logged: the session moves on.
+    async fn cleanup_jail(&self, id: &str) {
+        let jail = vmm::jail_id(id);
+        let dir = self.paths(id).dir;
+        let result =
+            self.blocking(move |b| b.cleanup_jail(&jail, dir.is_dir().then_some(dir.as_path()))).await;
+        match result {
+            Ok(said) if !said.is_empty() => eprintln!("cella serve: session {id}: {said}"),
+            Ok(_) => {}
+            Err(e) => eprintln!("cella serve: session {id}: {}", error_chain(&e)),
+        }
     }
 
     async fn stop_session_vm(&self, s: &Session) -> Option<Value> {
         match (s.vmm_pid, &s.api_sock) {
-            (Some(pid), Some(api)) => self.stop_vm(pid as u32, Path::new(api)).await,
+            (Some(pid), Some(api)) => self.stop_vm(pid as u32, Path::new(api), &s.id).await.report,
             _ => None,
         }
     }
@@ -381,7 +479,7 @@ impl SessionManager {
     /// the error for the caller.
     async fn fail(&self, s: Session, reason: &str, actor: &Actor) -> ServiceError {
         self.stop_session_vm(&s).await;
-        let _ = tokio::fs::remove_dir_all(&self.paths(&s.id).dir).await;
+        self.paths(&s.id).remove().await;
         let failed = Session {
             state: State::Failed,
             vmm_pid: None,
@@ -475,7 +573,7 @@ impl SessionManager {
                 .await?;
         let left = (s.max_deadline - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
         let spec = LaunchSpec {
-            session_id: s.id.clone(),
+            dir: paths.dir.clone(),
             api_sock: paths.api_sock.clone(),
             vsock: paths.vsock.clone(),
             source: Source::Snapshot { dir: paths.snapshot.clone() },
@@ -483,6 +581,7 @@ impl SessionManager {
             read_policy: s.read_policy.clone(),
             max_duration: vmm_max_duration(left),
             log: paths.log.clone(),
+            jail: None,
         };
         let t0 = Instant::now();
         let launched = match self.launch(&resuming, spec).await {
@@ -569,9 +668,8 @@ impl SessionManager {
                     b.pause(&api2)?;
                 }
                 let pause_ms = ms(t0);
+                // The VMM creates the folder: jailed, only its uid may write in the session's.
                 let _ = std::fs::remove_dir_all(&snapshot);
-                crate::files::create_private_dir(&snapshot)
-                    .map_err(|e| BackendError::Io("cannot create the snapshot folder".into(), e.source))?;
                 let t1 = Instant::now();
                 let details = b.snapshot(&api2, &snapshot);
                 if details.is_err() {
@@ -635,7 +733,7 @@ impl SessionManager {
             )));
         }
         let t2 = Instant::now();
-        let report = self.stop_vm(pid, &api).await;
+        let report = self.stop_vm(pid, &api, &s.id).await.report;
         let stop_ms = ms(t2);
         for sock in [&paths.api_sock, &paths.vsock] {
             let _ = std::fs::remove_file(sock);
@@ -716,7 +814,7 @@ impl SessionManager {
                     Ok(g) => g,
                     Err(e) => {
                         return Err(self
-                            .vm_error(s, "connect to the guest of", BackendError::Guest(e), actor)
+                            .vm_error(s, "connect to the guest of", VmmError::Guest(e), actor)
                             .await)
                     }
                 }
@@ -734,7 +832,7 @@ impl SessionManager {
                 slot.guest = Some(guest);
                 reply
             }
-            Err(BackendError::Refused(message)) => {
+            Err(VmmError::Refused(message)) => {
                 slot.guest = Some(guest);
                 return Err(ServiceError::Unprocessable(message));
             }
@@ -781,7 +879,7 @@ impl SessionManager {
         slot.guest = None;
         let t0 = Instant::now();
         let report = self.stop_session_vm(&terminating).await;
-        let _ = tokio::fs::remove_dir_all(&self.paths(&s.id).dir).await;
+        self.paths(&s.id).remove().await;
         let lived = (OffsetDateTime::now_utc() - s.created_at).as_seconds_f64().round();
         let terminated = Session {
             state: State::Terminated,
@@ -811,7 +909,7 @@ impl SessionManager {
 
     /// A VM call failed: if the VMM is gone the session fails (with the reason); otherwise the
     /// session is left as it is and the caller is told.
-    async fn vm_error(&self, s: Session, action: &str, e: BackendError, actor: &Actor) -> ServiceError {
+    async fn vm_error(&self, s: Session, action: &str, e: VmmError, actor: &Actor) -> ServiceError {
         let message = error_chain(&e);
         let alive = match (s.vmm_pid, s.api_sock.clone()) {
             (Some(pid), Some(api)) => {
@@ -883,11 +981,12 @@ impl SessionManager {
                 eprintln!("cella serve: recovering session {id}: {e}");
             }
         }
-        if let Ok(entries) = std::fs::read_dir(self.data_dir.sessions()) {
+        if let Ok(entries) = std::fs::read_dir(&self.sessions_dir) {
             for entry in entries.filter_map(Result::ok) {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if crate::ids::is_id(&name, "session") && !store::exists(&self.pool, &name).await? {
-                    let _ = std::fs::remove_dir_all(entry.path());
+                let id = name.strip_suffix(LOG_SUFFIX).unwrap_or(&name);
+                if crate::ids::is_id(id, "session") && !store::exists(&self.pool, id).await? {
+                    self.paths(id).remove().await;
                 }
             }
         }

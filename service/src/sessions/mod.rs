@@ -10,13 +10,13 @@
 //! - [`store`]: the `sessions` table. Every transition is a conditional UPDATE on the state and
 //!   generation it started from, in the transaction that appends its audit event.
 //! - [`manager`]: the transitions themselves, one at a time per session (a lock per session id
-//!   in this process, the generation fence across processes). It runs `cella-vmm session` as a
-//!   process of its own session (so a restarted `cella serve` re-adopts it) and talks to it only
-//!   through a [`backend::VmBackend`]: [`vmm::VmmBackend`] in production (the VMM's control
-//!   socket and the guest's vsock socket), a stand-in in the API tests.
+//!   in this process, the generation fence across processes).
+//! - [`vmm`]: runs `cella-vmm session` as a process of its own session (so a restarted `cella
+//!   serve` re-adopts it), jailed like scan jobs when `worker.jailed` says so (each VMM with a
+//!   uid of its own and the session's folder as the one place it may write), and talks to it
+//!   through its control socket and the guest's vsock socket.
 //! - [`reaper`]: suspends idle sessions, terminates expired ones, notices VMMs that died.
 
-pub mod backend;
 pub mod manager;
 pub mod reaper;
 pub mod store;

@@ -1,6 +1,16 @@
-//! The production [`VmBackend`]: `cella-vmm session` processes, driven through their control
-//! socket ([`cella_vmm::control::ControlClient`]), and the guest's session port over the VM's
-//! vsock socket ([`cella_vmm::session_client::GuestSession`]).
+//! Session VMMs: `cella-vmm session` processes, each in a session (setsid) of its own so it
+//! outlives a restart of `cella serve`, driven through their control socket
+//! ([`cella_vmm::control::ControlClient`]), and the guest's session port over the VM's vsock
+//! socket ([`cella_vmm::session_client::GuestSession`]).
+//!
+//! Jailed (`worker.jailed`, the default under root), `cella-vmm session --jailed` becomes
+//! `cella-jailer`: the process this module starts is then the jail's supervisor, the VMM its
+//! child in the jail, running as a uid/gid of its own with the session's folder bound
+//! read-write at its own path. The supervisor stops the VM on SIGTERM, and removes the jail and
+//! gives the folder back to root when the VMM ends; only if the supervisor itself dies
+//! (SIGKILL) is the jail left behind, for [`Vmms::cleanup_jail`].
+//!
+//! Every method blocks; the manager calls them in `spawn_blocking`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,25 +22,152 @@ use cella_vmm::rpc_interface::VmState as VmmState;
 use cella_vmm::session_client::GuestSession;
 use serde_json::Value;
 
-use super::backend::{
-    Attach, BackendError, Frame, GuestChannel, LaunchSpec, Reply, Source, VmBackend, VmState,
-};
 use crate::error::error_chain;
 
 /// How long one request to the guest may take (a scan of a large index).
 const EXEC_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Runs `cella-vmm session`.
-#[derive(Debug, Clone)]
-pub struct VmmBackend {
-    vmm: PathBuf,
-    image: Option<PathBuf>,
+/// Why a VM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot start the VMM")]
+    Spawn(#[source] std::io::Error),
+    #[error("the VMM did not come up: {0}")]
+    NotReady(String),
+    #[error("the VMM's control API: {0}")]
+    Control(String),
+    #[error("the guest: {0}")]
+    Guest(String),
+    /// The guest (or its protocol) refused the request itself: the caller's mistake.
+    #[error("{0}")]
+    Refused(String),
+    #[error("cella-jailer cleanup of jail {id}: {message}")]
+    Cleanup { id: String, message: String },
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
 }
 
-impl VmmBackend {
-    /// `vmm`: the `cella-vmm` binary; `image`: the scanner image (default: the VMM's own).
-    pub fn new(vmm: PathBuf, image: Option<PathBuf>) -> Self {
-        Self { vmm, image }
+/// Where a session's VM starts from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Boot the scanner image on this artifact, which the guest indexes; `name` is the
+    /// artifact's name as the tenant gave it (the guest detects formats by it).
+    Artifact { path: PathBuf, name: String },
+    /// Restore this snapshot (memory mapped lazily), resumed.
+    Snapshot { dir: PathBuf },
+}
+
+/// The cell of a jailed session VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailSpec {
+    /// The jail's id ([`jail_id`]).
+    pub id: String,
+    /// The uid and gid the VMM runs as: one no other live VMM of this host has.
+    pub uid: u32,
+}
+
+/// One VMM to start.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The session's folder: the sockets, the artifact and the snapshot lie in it; a jailed VMM
+    /// gets it read-write at the same path (and nothing else of the host's files).
+    pub dir: PathBuf,
+    pub api_sock: PathBuf,
+    pub vsock: PathBuf,
+    pub source: Source,
+    pub mem_mib: u32,
+    pub read_policy: String,
+    /// The VMM stops itself after this long: the session's maximum lifetime left, a backstop
+    /// behind the reaper (which enforces the deadline, which `connect` can move).
+    pub max_duration: Duration,
+    /// The VMM's stdout and stderr (its JSON report and diagnostics), outside the session's
+    /// folder: the jailed VMM cannot reach it except through the descriptors it is given.
+    pub log: PathBuf,
+    /// Run it jailed, in this cell.
+    pub jail: Option<JailSpec>,
+}
+
+/// What the control API says the VM is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    NotStarted,
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// What may accompany a request to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// The compiled policy (for `scan`, and `read` under the redact policy).
+    Policy,
+    /// A file for `add`.
+    Data,
+}
+
+/// A bulk frame of a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Sarif(Vec<u8>),
+    Summary(Vec<u8>),
+    Data(Vec<u8>),
+}
+
+impl Frame {
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Sarif(b) | Frame::Summary(b) | Frame::Data(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The guest's answer: its result (a `cella_proto::SessionResult` as JSON, tagged by `op`)
+/// and the frames it announced.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub response: Value,
+    pub frames: Vec<Frame>,
+}
+
+/// The jail id of session `session_id`'s VMM: `session-<hex>` (letters, digits and hyphens, as
+/// `cella-jailer --id` wants). One per session: a session has at most one VMM at a time.
+pub fn jail_id(session_id: &str) -> String {
+    let suffix: String = session_id
+        .trim_start_matches("session_")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(56)
+        .collect();
+    format!("session-{suffix}")
+}
+
+/// Runs `cella-vmm session`, jailed or not.
+#[derive(Debug, Clone)]
+pub struct Vmms {
+    vmm: PathBuf,
+    image: Option<PathBuf>,
+    jailed: bool,
+}
+
+impl Vmms {
+    /// `vmm`: the `cella-vmm` binary (jailed: statically linked, with `cella-jailer` beside
+    /// it); `image`: the scanner image (default: the VMM's own).
+    pub fn new(vmm: PathBuf, image: Option<PathBuf>, jailed: bool) -> Self {
+        Self { vmm, image, jailed }
+    }
+
+    /// Whether session VMMs run jailed.
+    pub fn jailed(&self) -> bool {
+        self.jailed
+    }
+
+    /// The `cella-jailer` beside `cella-vmm`.
+    pub fn jailer(&self) -> PathBuf {
+        self.vmm.with_file_name("cella-jailer")
     }
 
     /// The command line for `spec`.
@@ -51,30 +188,30 @@ impl VmmBackend {
             cmd.arg("--image").arg(image);
         }
         cmd.arg("--max-duration-secs").arg(spec.max_duration.as_secs().max(1).to_string()).arg("--json");
+        if let Some(jail) = &spec.jail {
+            let uid = jail.uid.to_string();
+            cmd.args(["--jailed", "--jail-id", &jail.id, "--jail-uid", &uid, "--jail-gid", &uid]);
+            cmd.arg("--session-dir").arg(&spec.dir);
+        }
         cmd
     }
-}
 
-fn control(api_sock: &Path) -> ControlClient {
-    ControlClient::new(api_sock)
-}
-
-fn control_error(e: cella_vmm::control::ControlError) -> BackendError {
-    BackendError::Control(error_chain(&e))
-}
-
-impl VmBackend for VmmBackend {
-    fn launch(&self, spec: &LaunchSpec) -> Result<u32, BackendError> {
+    /// Starts the VMM as a process of its own (it outlives a restart of this process; jailed,
+    /// that process becomes the jail's supervisor); returns its pid once the process exists
+    /// (not yet ready: see [`Vmms::wait_ready`]).
+    pub fn launch(&self, spec: &LaunchSpec) -> Result<u32, VmmError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&spec.log)
-            .map_err(|e| BackendError::Io(format!("cannot open {}", spec.log.display()), e))?;
-        let log2 = log.try_clone().map_err(|e| BackendError::Io("cannot share the VMM log".into(), e))?;
+            .map_err(|e| VmmError::Io(format!("cannot open {}", spec.log.display()), e))?;
+        let log2 = log.try_clone().map_err(|e| VmmError::Io("cannot share the VMM log".into(), e))?;
         let mut cmd = self.command(spec);
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
         crate::signal::detach(&mut cmd);
-        let mut child = cmd.spawn().map_err(BackendError::Spawn)?;
+        let mut child = cmd.spawn().map_err(VmmError::Spawn)?;
         let pid = child.id();
         // Reaps the VMM when it exits while this process runs (a restarted `serve` cannot: the
         // VMM is then init's child, which reaps it).
@@ -84,7 +221,9 @@ impl VmBackend for VmmBackend {
         Ok(pid)
     }
 
-    fn wait_ready(&self, pid: u32, api_sock: &Path, timeout: Duration) -> Result<(), BackendError> {
+    /// Waits until the control API answers, up to `timeout`; gives up at once if the process
+    /// `pid`, which [`Vmms::launch`] just started, ends.
+    pub fn wait_ready(&self, pid: u32, api_sock: &Path, timeout: Duration) -> Result<(), VmmError> {
         let until = Instant::now() + timeout;
         let client = control(api_sock).with_timeout(Duration::from_secs(2));
         loop {
@@ -95,20 +234,20 @@ impl VmBackend for VmmBackend {
                 Ok(info) => format!("the VM is {:?}", info.state),
                 Err(e) => error_chain(&e),
             };
-            if !self.alive(pid, api_sock) {
-                return Err(BackendError::NotReady(format!("the VMM exited ({last})")));
+            // Not `alive`: the process this one just started may be between execs (`cella-vmm
+            // session --jailed` becomes `cella-jailer`), its command line empty for a moment;
+            // it is this process's child, reaped only once it exits.
+            if live_cmdline(pid).is_none() {
+                return Err(VmmError::NotReady(format!("the VMM exited ({last})")));
             }
             if Instant::now() > until {
-                return Err(BackendError::NotReady(format!(
-                    "no answer within {} s ({last})",
-                    timeout.as_secs()
-                )));
+                return Err(VmmError::NotReady(format!("no answer within {} s ({last})", timeout.as_secs())));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
-    fn state(&self, api_sock: &Path) -> Result<VmState, BackendError> {
+    pub fn state(&self, api_sock: &Path) -> Result<VmState, VmmError> {
         let info = control(api_sock).state().map_err(control_error)?;
         Ok(match info.state {
             VmmState::NotStarted => VmState::NotStarted,
@@ -118,65 +257,124 @@ impl VmBackend for VmmBackend {
         })
     }
 
-    fn pause(&self, api_sock: &Path) -> Result<(), BackendError> {
+    pub fn pause(&self, api_sock: &Path) -> Result<(), VmmError> {
         control(api_sock).pause().map_err(control_error)
     }
 
-    fn resume(&self, api_sock: &Path) -> Result<(), BackendError> {
+    pub fn resume(&self, api_sock: &Path) -> Result<(), VmmError> {
         control(api_sock).resume().map_err(control_error)
     }
 
-    fn snapshot(&self, api_sock: &Path, dir: &Path) -> Result<Value, BackendError> {
-        let dir = std::fs::canonicalize(dir)
-            .map_err(|e| BackendError::Io(format!("cannot resolve {}", dir.display()), e))?;
-        control(api_sock).with_timeout(Duration::from_secs(120)).snapshot_create(&dir).map_err(control_error)
+    /// Snapshots the (paused) VM into `dir`, which the VMM creates (jailed, only the VMM's uid
+    /// may write in the session's folder); the answer's details go into the audit event.
+    pub fn snapshot(&self, api_sock: &Path, dir: &Path) -> Result<Value, VmmError> {
+        control(api_sock).with_timeout(Duration::from_secs(120)).snapshot_create(dir).map_err(control_error)
     }
 
-    fn stop(&self, api_sock: &Path) -> Result<Value, BackendError> {
+    /// Stops the VM (the VMM scrubs its memory and exits); returns its run report.
+    pub fn stop(&self, api_sock: &Path) -> Result<Value, VmmError> {
         let report = control(api_sock).stop().map_err(control_error)?;
-        serde_json::to_value(&report).map_err(|e| BackendError::Control(format!("the run report: {e}")))
+        serde_json::to_value(&report).map_err(|e| VmmError::Control(format!("the run report: {e}")))
     }
 
-    fn connect(&self, vsock: &Path, timeout: Duration) -> Result<Box<dyn GuestChannel>, BackendError> {
+    /// Opens a connection to the guest (retrying while it does not listen yet, up to `timeout`).
+    pub fn connect(&self, vsock: &Path, timeout: Duration) -> Result<Guest, VmmError> {
         let mut session =
-            GuestSession::connect(vsock, timeout).map_err(|e| BackendError::Guest(error_chain(&e)))?;
+            GuestSession::connect(vsock, timeout).map_err(|e| VmmError::Guest(error_chain(&e)))?;
         session.set_timeout(EXEC_TIMEOUT);
-        Ok(Box::new(Guest(session)))
+        Ok(Guest(session))
     }
 
-    fn alive(&self, pid: u32, api_sock: &Path) -> bool {
+    /// Whether the VMM process `pid` (the one serving `api_sock`; jailed, its supervisor) still
+    /// exists.
+    pub fn alive(&self, pid: u32, api_sock: &Path) -> bool {
         process_serves(pid, api_sock)
     }
 
-    fn signal(&self, pid: u32, kill: bool) {
+    /// Asks the VMM to stop by signal (SIGTERM: it scrubs and exits; jailed, the supervisor
+    /// passes it on), or with `kill`, ends it (SIGKILL to its process group) when it did not.
+    pub fn signal(&self, pid: u32, kill: bool) {
         let _ = crate::signal::signal_session(pid, kill);
+    }
+
+    /// Removes what the jail `id` left when its supervisor died (its cgroups, with anything
+    /// still in them, and its folder) and gives `dir`, the session's folder, back to root:
+    /// `cella-jailer cleanup`. Returns what it reported; nothing left is not an error.
+    pub fn cleanup_jail(&self, id: &str, dir: Option<&Path>) -> Result<String, VmmError> {
+        let mut cmd = Command::new(self.jailer());
+        cmd.arg("cleanup").arg("--id").arg(id);
+        if let Some(dir) = dir {
+            cmd.arg("--bind-rw").arg(dir);
+        }
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| VmmError::Io(format!("cannot run {}", self.jailer().display()), e))?;
+        let said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if out.status.success() {
+            Ok(said)
+        } else {
+            Err(VmmError::Cleanup { id: id.to_owned(), message: format!("{} ({said})", out.status) })
+        }
     }
 }
 
-/// Whether process `pid` exists, has not exited, and is the VMM of `api_sock` (its command
-/// line names the socket), so a recycled pid is never taken for it.
-pub fn process_serves(pid: u32, api_sock: &Path) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+fn control(api_sock: &Path) -> ControlClient {
+    ControlClient::new(api_sock)
+}
+
+fn control_error(e: cella_vmm::control::ControlError) -> VmmError {
+    VmmError::Control(error_chain(&e))
+}
+
+/// The command line of process `pid`, NUL-separated, if it exists and has not exited.
+fn live_cmdline(pid: u32) -> Option<Vec<u8>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The state follows the parenthesised command name: `pid (comm) S ...`.
     let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
     if zombie {
-        return false;
+        return None;
     }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    std::fs::read(format!("/proc/{pid}/cmdline")).ok()
+}
+
+/// Whether process `pid` exists, has not exited, and is the VMM of `api_sock` (its command
+/// line names the socket: `cella-vmm session`, or the `cella-jailer` it became), so a recycled
+/// pid is never taken for it.
+pub fn process_serves(pid: u32, api_sock: &Path) -> bool {
+    let Some(cmdline) = live_cmdline(pid) else { return false };
     let sock = api_sock.as_os_str().as_encoded_bytes();
     cmdline.split(|b| *b == 0).any(|arg| arg == sock)
 }
 
-/// An open connection to a session's guest.
-#[derive(Debug)]
-struct Guest(GuestSession);
+/// Every uid a process of this host runs as (real, effective, saved or filesystem), from
+/// `/proc/*/status`: a jailed VMM, re-adopted or not, shows there with its jail uid.
+pub fn uids_in_use() -> std::collections::HashSet<u32> {
+    let mut uids = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
+        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Uid:")) {
+            uids.extend(line.split_whitespace().filter_map(|u| u.parse::<u32>().ok()));
+        }
+    }
+    uids
+}
 
-impl GuestChannel for Guest {
-    fn exec(
+/// An open connection to a session's guest; requests are answered in order.
+#[derive(Debug)]
+pub struct Guest(GuestSession);
+
+impl Guest {
+    /// Sends `request` with its attachment. A request the guest refuses is
+    /// [`VmmError::Refused`] (the connection stays usable).
+    pub fn exec(
         &mut self,
         request: &SessionRequest,
         attach: Option<(Attach, &[u8])>,
-    ) -> Result<Reply, BackendError> {
+    ) -> Result<Reply, VmmError> {
         let attach = attach.map(|(kind, bytes)| {
             let kind = match kind {
                 Attach::Policy => Kind::Policy,
@@ -184,15 +382,12 @@ impl GuestChannel for Guest {
             };
             (kind, bytes)
         });
-        let reply = self.0.exec(request, attach).map_err(|e| BackendError::Guest(error_chain(&e)))?;
+        let reply = self.0.exec(request, attach).map_err(|e| VmmError::Guest(error_chain(&e)))?;
         if let Some(err) = reply.response.error() {
-            return Err(BackendError::Refused(format!(
-                "the session refused it ({}): {}",
-                err.kind, err.message
-            )));
+            return Err(VmmError::Refused(format!("the session refused it ({}): {}", err.kind, err.message)));
         }
         let response = serde_json::to_value(&reply.response.result)
-            .map_err(|e| BackendError::Guest(format!("the response: {e}")))?;
+            .map_err(|e| VmmError::Guest(format!("the response: {e}")))?;
         let frames = reply
             .frames
             .into_iter()
@@ -204,5 +399,46 @@ impl GuestChannel for Guest {
             })
             .collect();
         Ok(Reply { response, frames })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jail_id_is_letters_digits_and_hyphens_within_64() {
+        let id = jail_id("session_0123456789abcdef0123456789abcdef");
+        assert_eq!(id, "session-0123456789abcdef0123456789abcdef");
+        assert!(id.len() <= 64);
+        let odd = jail_id(&format!("session_{}", "x_".repeat(60)));
+        assert!(odd.len() <= 64 && odd.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{odd}");
+    }
+
+    #[test]
+    fn a_jailed_launch_names_its_cell_and_session_folder() {
+        let vmms = Vmms::new("/opt/cella/cella-vmm".into(), None, true);
+        let spec = LaunchSpec {
+            dir: "/d/sessions/s1".into(),
+            api_sock: "/d/sessions/s1/api.sock".into(),
+            vsock: "/d/sessions/s1/vsock.sock".into(),
+            source: Source::Snapshot { dir: "/d/sessions/s1/snapshot".into() },
+            mem_mib: 64,
+            read_policy: "deny".into(),
+            max_duration: Duration::from_secs(60),
+            log: "/d/sessions/s1.vmm.log".into(),
+            jail: Some(JailSpec { id: "session-s1".into(), uid: 65_007 }),
+        };
+        let cmd = vmms.command(&spec);
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let line = args.join(" ");
+        assert!(
+            line.ends_with(
+                "--jailed --jail-id session-s1 --jail-uid 65007 --jail-gid 65007 --session-dir /d/sessions/s1"
+            ),
+            "{line}"
+        );
+        assert!(line.contains("--restore /d/sessions/s1/snapshot"), "{line}");
+        assert_eq!(vmms.jailer(), Path::new("/opt/cella/cella-jailer"));
     }
 }

@@ -1,0 +1,233 @@
+//! What the session tests share: the binaries a jailed session needs (a static `cella-vmm` with
+//! `cella-jailer` beside it), a scratch folder that stops every VMM it holds when the test
+//! ends, and the checks on a jailed VMM (its confinement, and what its jail left behind).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`, from this test executable's path (`target/<profile>/deps/<test>`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_owned()
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn cargo(args: &[&str], rustc_flags: &[&str]) {
+    let profile = profile_dir();
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.args(args).arg("--quiet").arg("--manifest-path").arg(repo().join("Cargo.toml"));
+    command.arg("--target-dir").arg(profile.parent().unwrap());
+    if profile.file_name().and_then(|n| n.to_str()) == Some("release") {
+        command.arg("--release");
+    }
+    if !rustc_flags.is_empty() {
+        command.arg("--").args(rustc_flags);
+    }
+    assert!(command.status().unwrap().success(), "{command:?} failed");
+}
+
+/// A folder with a static `cella-vmm` and `cella-jailer` side by side (what a jailed VMM
+/// needs: the jailer copies the VMM into the jail, which has no shared libraries), built once
+/// per run; `e2e.rs` uses the same folder.
+pub fn vmm_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let profile = profile_dir();
+        cargo(&["build", "-p", "cella-jailer", "--bin", "cella-jailer"], &[]);
+        cargo(
+            &["rustc", "-p", "cella-vmm", "--bin", "cella-vmm"],
+            &["-C", "target-feature=+crt-static", "-C", "strip=debuginfo"],
+        );
+        let dir = profile.join("service-e2e");
+        std::fs::create_dir_all(&dir).unwrap();
+        for bin in ["cella-vmm", "cella-jailer"] {
+            let tmp = dir.join(format!("{bin}.new.{}", std::process::id()));
+            std::fs::copy(profile.join(bin), &tmp).unwrap();
+            std::fs::rename(&tmp, dir.join(bin)).unwrap();
+        }
+        let scanner = repo().join("target/cella/cella-scanner");
+        assert!(scanner.is_file(), "{} is missing: run `bash scripts/build-guest.sh`", scanner.display());
+        dir
+    })
+}
+
+pub fn vmm() -> PathBuf {
+    vmm_dir().join("cella-vmm")
+}
+
+pub fn jailer() -> PathBuf {
+    vmm_dir().join("cella-jailer")
+}
+
+/// Whether this process runs as root (the service's default is jailed then).
+pub fn is_root() -> bool {
+    status_field("/proc/self/status", "Uid").split_whitespace().nth(1) == Some("0")
+}
+
+/// The processes whose command line mentions `needle` (supervisors, VMMs, jailers).
+pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
+    let needle = needle.as_os_str().as_encoded_bytes().to_vec();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.split(|b| *b == 0).any(|arg| arg.windows(needle.len()).any(|w| w == needle.as_slice())) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// A test's folder. Session VMMs outlive `serve` by design, so when the test ends (passed or
+/// not) every process whose command line names this folder is asked to stop (SIGTERM: a
+/// jail's supervisor stops the VM and removes the jail), killed if it has not after a few
+/// seconds, and any jail left is cleaned up; then the folder is removed.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("cella-se2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// Stops what runs from `dir` (see [`Scratch`]); returns how many processes it found.
+pub fn stop_processes_in(dir: &Path) -> usize {
+    let pids = processes_mentioning(dir);
+    for pid in &pids {
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    }
+    let start = Instant::now();
+    while !processes_mentioning(dir).is_empty() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in processes_mentioning(dir) {
+        let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+    }
+    pids.len()
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        stop_processes_in(&self.0);
+        if let Ok(sessions) = std::fs::read_dir(self.0.join("data/sessions")) {
+            for entry in sessions.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(hex) = name.strip_prefix("session_").filter(|n| !n.contains('.')) {
+                    let _ = Command::new(jailer())
+                        .args(["cleanup", "--id", &format!("session-{hex}")])
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                }
+            }
+        }
+        let _ = Command::new("umount").arg("-l").arg(self.0.join("data/sessions")).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A field of a `/proc/.../status` file.
+pub fn status_field(path: &str, field: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The jailed VMM under the supervisor `pid` (the process the service started): its child,
+/// once that runs `cella-vmm`.
+pub fn jailed_vmm(supervisor: u32) -> u32 {
+    let start = Instant::now();
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()) {
+            if std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() == "cella-vmm"
+            {
+                return pid;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "supervisor {supervisor} runs no cella-vmm");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Asserts that the VMM `pid` runs confined, as uid/gid `uid`: every thread with no effective
+/// capability and a seccomp filter (mode 2). Returns the uid it runs as.
+pub fn assert_confined(pid: u32) -> u32 {
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(tasks.len() >= 3, "expected the main, API and vCPU threads, got {tasks:?}");
+    let mut uids = Vec::new();
+    for task in &tasks {
+        let status = format!("/proc/{pid}/task/{task}/status");
+        assert_eq!(status_field(&status, "CapEff"), "0000000000000000", "CapEff of task {task}");
+        assert_eq!(status_field(&status, "Seccomp"), "2", "Seccomp of task {task}");
+        let uid: Vec<u32> =
+            status_field(&status, "Uid").split_whitespace().map(|u| u.parse().unwrap()).collect();
+        let gid: Vec<u32> =
+            status_field(&status, "Gid").split_whitespace().map(|g| g.parse().unwrap()).collect();
+        assert!(uid.iter().all(|u| *u == uid[0]) && gid == uid, "task {task}: uid {uid:?} gid {gid:?}");
+        uids.push(uid[0]);
+    }
+    uids.dedup();
+    assert_eq!(uids.len(), 1, "{uids:?}");
+    uids[0]
+}
+
+/// What the jail of session `session_id` left behind: its folder under the jailer's default
+/// base, its cgroups.
+pub fn jail_leftovers(session_id: &str) -> Vec<String> {
+    let id = format!("session-{}", session_id.trim_start_matches("session_"));
+    let mut found = Vec::new();
+    let folder = Path::new("/dev/shm/cella-jailer/cella-vmm").join(&id);
+    if folder.exists() {
+        found.push(format!("jail folder {}", folder.display()));
+    }
+    for parent in cella_e2e::cgroup_parents() {
+        if parent.join(&id).exists() {
+            found.push(format!("cgroup {}", parent.join(&id).display()));
+        }
+    }
+    found
+}
+
+/// A small tar: `(path, contents)` pairs.
+pub fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, path, *data).unwrap();
+    }
+    tar.into_inner().unwrap()
+}
