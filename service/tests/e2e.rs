@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use cella_service::client::ApiClient;
@@ -14,55 +13,9 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-/// `target/<profile>`, from this test executable's path.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_owned()
-}
+mod common;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn cargo(args: &[&str], rustc_flags: &[&str]) {
-    let profile = profile_dir();
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.args(args).arg("--quiet").arg("--manifest-path").arg(repo().join("Cargo.toml"));
-    command.arg("--target-dir").arg(profile.parent().unwrap());
-    if profile.file_name().and_then(|n| n.to_str()) == Some("release") {
-        command.arg("--release");
-    }
-    if !rustc_flags.is_empty() {
-        command.arg("--").args(rustc_flags);
-    }
-    assert!(command.status().unwrap().success(), "{command:?} failed");
-}
-
-/// A folder with a static `cella-vmm` and `cella-jailer` side by side (what a jailed worker
-/// needs), built once per run.
-fn vmm_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let profile = profile_dir();
-        cargo(&["build", "-p", "cella-jailer", "--bin", "cella-jailer"], &[]);
-        cargo(
-            &["rustc", "-p", "cella-vmm", "--bin", "cella-vmm"],
-            &["-C", "target-feature=+crt-static", "-C", "strip=debuginfo"],
-        );
-        let dir = profile.join("service-e2e");
-        std::fs::create_dir_all(&dir).unwrap();
-        for bin in ["cella-vmm", "cella-jailer"] {
-            let tmp = dir.join(format!("{bin}.new"));
-            std::fs::copy(profile.join(bin), &tmp).unwrap();
-            std::fs::rename(&tmp, dir.join(bin)).unwrap();
-        }
-        dir
-    })
-}
-
-fn vmm() -> PathBuf {
-    vmm_dir().join("cella-vmm")
-}
+use common::{repo, vmm};
 
 /// A stand-in `cella-vmm` for a job that runs until stopped: it ignores the scan arguments and
 /// runs a real VM whose guest spins (SIGTERM stops it, scrubs it and prints the report).

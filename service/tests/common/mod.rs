@@ -1,4 +1,4 @@
-//! What the session tests share: the binaries a jailed session needs (a static `cella-vmm` with
+//! What the end-to-end tests share: the binaries a jailed VMM needs (a static `cella-vmm` with
 //! `cella-jailer` beside it), a scratch folder that stops every VMM it holds when the test
 //! ends, and the checks on a jailed VMM (its confinement, and what its jail left behind).
 
@@ -35,7 +35,7 @@ fn cargo(args: &[&str], rustc_flags: &[&str]) {
 
 /// A folder with a static `cella-vmm` and `cella-jailer` side by side (what a jailed VMM
 /// needs: the jailer copies the VMM into the jail, which has no shared libraries), built once
-/// per run; `e2e.rs` uses the same folder.
+/// per run.
 pub fn vmm_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
