@@ -112,6 +112,9 @@ pub struct SessionsConfig {
     pub jail_uid_base: u32,
     /// The most jailed session VMMs one host runs at once (running or paused sessions).
     pub jail_uids: u32,
+    /// The most live sessions (not terminated or failed; suspended ones count) one tenant may
+    /// hold (`CELLA_SESSIONS_MAX_PER_TENANT`); a create beyond it answers 409.
+    pub max_per_tenant: u32,
 }
 
 impl Default for SessionsConfig {
@@ -123,6 +126,7 @@ impl Default for SessionsConfig {
             reaper_interval_ms: 1000,
             jail_uid_base: 65_000,
             jail_uids: 1000,
+            max_per_tenant: 16,
         }
     }
 }
@@ -294,6 +298,9 @@ impl Config {
         if let Some(v) = get("CELLA_SESSIONS_IDLE_SUSPEND_SECS") {
             self.sessions.default_idle_suspend_secs =
                 parse("CELLA_SESSIONS_IDLE_SUSPEND_SECS", v, "a number of seconds")?;
+        }
+        if let Some(v) = get("CELLA_SESSIONS_MAX_PER_TENANT") {
+            self.sessions.max_per_tenant = parse("CELLA_SESSIONS_MAX_PER_TENANT", v, "a number of sessions")?;
         }
         if let Some(v) = get("CELLA_SESSIONS_REAPER_INTERVAL_MS") {
             self.sessions.reaper_interval_ms =

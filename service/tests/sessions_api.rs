@@ -348,6 +348,29 @@ async fn a_configured_maximum_below_eight_hours_is_enforced(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_tenant_at_its_session_limit_gets_409_until_it_terminates_one(pool: PgPool) {
+    let api = api(pool, |c| c.sessions.max_per_tenant = 1).await;
+    let (_, key) = api.tenant("acme").await;
+    let (_, other) = api.tenant("globex").await;
+    let first = id(&api.create(&key, "").await);
+    let r = api.call(Method::POST, "/v1/sessions", &key, Body::from(sample()), false).await;
+    assert_problem(&r, StatusCode::CONFLICT, "the most allowed is 1");
+    // Nothing of the refused session was kept; another tenant is not affected.
+    assert_eq!(
+        std::fs::read_dir(api.state.data_dir.sessions())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().is_dir())
+            .count(),
+        1
+    );
+    let theirs = id(&api.create(&other, "").await);
+    api.delete(&first, &key).await;
+    let second = id(&api.create(&key, "").await);
+    api.delete(&second, &key).await;
+    api.delete(&theirs, &other).await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn bad_read_policy_and_memory_answer_422(pool: PgPool) {
     let api = api(pool, |_| {}).await;
     let (_, key) = api.tenant("acme").await;

@@ -79,6 +79,7 @@ pub struct CreateQuery {
         (status = 400, description = "Bad request", content_type = "application/problem+json"),
         (status = 401, description = "No or bad API key", content_type = "application/problem+json"),
         (status = 408, description = "The upload stalled", content_type = "application/problem+json"),
+        (status = 409, description = "The tenant holds sessions.max_per_tenant live sessions already", content_type = "application/problem+json"),
         (status = 413, description = "Artifact too large", content_type = "application/problem+json"),
         (status = 422, description = "max_duration, idle_suspend, read_policy or mem_mib out of range", content_type = "application/problem+json")))]
 async fn create(

@@ -287,6 +287,7 @@ impl SessionManager {
             params,
             host: &self.host,
             max_secs: self.config.max_duration(),
+            max_live: self.config.max_per_tenant,
         };
         let s = store::insert(&self.pool, &new, actor).await?;
         match self.start_locked(&mut slot, s, actor).await {

@@ -55,6 +55,8 @@ pub struct NewSession<'a> {
     pub host: &'a str,
     /// The configured maximum duration: how far `connect` may extend the deadline.
     pub max_secs: u64,
+    /// The most live sessions the tenant may hold, this one included.
+    pub max_live: u32,
 }
 
 /// The audit event of a transition.
@@ -130,9 +132,25 @@ fn select() -> String {
     format!("SELECT {COLUMNS} FROM sessions")
 }
 
-/// Inserts a pending session and its `session.created` event.
+/// Inserts a pending session and its `session.created` event, unless the tenant already holds
+/// `max_live` live sessions (409). Creates of one tenant serialize on its row, so concurrent
+/// ones cannot both slip under the limit.
 pub async fn insert(pool: &PgPool, new: &NewSession<'_>, actor: &Actor) -> Result<Session, ServiceError> {
     let mut tx = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE").bind(new.tenant).execute(&mut *tx).await?;
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sessions WHERE tenant_id = $1 AND state NOT IN ('terminated', 'failed')",
+    )
+    .bind(new.tenant)
+    .fetch_one(&mut *tx)
+    .await?;
+    if live >= i64::from(new.max_live) {
+        return Err(ServiceError::Conflict(format!(
+            "this tenant holds {live} live session(s), the most allowed is {}: terminate one \
+             (DELETE /v1/sessions/{{id}}, `cella session rm`) first",
+            new.max_live
+        )));
+    }
     let row = sqlx::query(&format!(
         "INSERT INTO sessions (id, tenant_id, created_by, artifact_name, artifact_bytes, artifact_sha256,
                                mem_mib, read_policy, idle_suspend_secs, deadline, max_deadline, host)
