@@ -191,6 +191,33 @@ fn one_snapshot_restores_into_two_independent_vms() {
     third.stop();
 }
 
+#[test]
+fn a_restored_session_snapshots_back_into_its_own_folder_and_restores_again() {
+    let dir = scratch("session-snapshot-chain");
+    let first = Session::spawn(&dir.join("a").tap_mkdir(), ("--artifact", &artifact(&dir)));
+    let index_id = stats(&mut first.guest()).index_id;
+    let snap = dir.join("snap");
+    suspend(first, &snap);
+
+    // The restored VM's memory is the snapshot's memory file, mapped privately; what it adds
+    // lives in its private pages, and the next snapshot (into the same folder, as the service
+    // does) must hold both.
+    let second = Session::spawn(&dir.join("b").tap_mkdir(), ("--restore", &snap));
+    let mut guest = second.guest();
+    add(&mut guest, "later", &[("notes.txt", b"TODO: added after the first restore\n")]);
+    assert_eq!(stats(&mut guest).files, 4);
+    suspend(second, &snap);
+    drop(guest);
+
+    let third = Session::spawn(&dir.join("c").tap_mkdir(), ("--restore", &snap));
+    let mut guest = third.guest();
+    let after = stats(&mut guest);
+    assert_eq!((after.index_id, after.files, after.adds), (index_id, 4, 1));
+    assert_eq!(todos(&mut guest).len(), 3);
+    drop(guest);
+    assert_scrubbed(&third.stop());
+}
+
 /// Runs `cella-vmm session --restore snap`; returns its exit code and stderr.
 fn restore_fails(dir: &Path, snap: &Path) -> (i32, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_cella-vmm"))
