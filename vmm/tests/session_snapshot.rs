@@ -47,6 +47,24 @@ impl Session {
         session
     }
 
+    /// `cella-vmm session` with neither --artifact nor --restore: no VM until a load.
+    fn spawn_empty(dir: &Path) -> Session {
+        let api = dir.join("api.sock");
+        let vsock = dir.join("vsock.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_cella-vmm"))
+            .args(["session", "--json", "--api-sock"])
+            .arg(&api)
+            .arg("--vsock")
+            .arg(&vsock)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let session = Session { child: Some(child), api, vsock };
+        session.wait_for_api();
+        session
+    }
+
     fn wait_for_api(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.api.exists() {
@@ -216,6 +234,31 @@ fn a_restored_session_snapshots_back_into_its_own_folder_and_restores_again() {
     assert_eq!(todos(&mut guest).len(), 3);
     drop(guest);
     assert_scrubbed(&third.stop());
+}
+
+#[test]
+fn a_vmm_started_without_a_vm_loads_a_snapshot_over_its_control_socket() {
+    let dir = scratch("session-snapshot-load-api");
+    let source = Session::spawn(&dir.join("src").tap_mkdir(), ("--artifact", &artifact(&dir)));
+    let index_id = stats(&mut source.guest()).index_id;
+    let snap = dir.join("snap");
+    suspend(source, &snap);
+
+    let empty = Session::spawn_empty(&dir.join("empty").tap_mkdir());
+    let control = empty.control();
+    assert_eq!(control.state().unwrap().state, VmState::NotStarted);
+    let e = control.pause().unwrap_err();
+    assert!(e.is_wrong_state(), "{e}");
+    let e = control.snapshot_load(&dir.join("nothing-here"), true).unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("no snapshot state file"), "{e}");
+    control.snapshot_load(&snap, false).unwrap();
+    assert_eq!(control.state().unwrap().state, VmState::Paused, "resume: false leaves it paused");
+    let e = control.snapshot_load(&snap, true).unwrap_err();
+    assert_eq!(e.status(), Some(409), "a second load: {e}");
+    control.resume().unwrap();
+    assert_eq!(stats(&mut empty.guest()).index_id, index_id);
+    assert_scrubbed(&empty.stop());
 }
 
 /// Runs `cella-vmm session --restore snap`; returns its exit code and stderr.

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use cella_vmm::control::{action_channel, run_vmm, ApiServer, VmmLimits};
-use cella_vmm::rpc_interface::{RestorePaths, VmmAction, VmmActionError, VmmController};
+use cella_vmm::rpc_interface::{RestorePaths, VmState, VmmAction, VmmActionError, VmmController};
 use cella_vmm::snapshot::SnapshotMeta;
 use cella_vmm::{build, default_scanner_image, error_chain, scan, VmConfig};
 use clap::{Args, ValueEnum};
@@ -71,7 +71,6 @@ impl ReadPolicy {
 }
 
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("source").required(true).args(["artifact", "restore"]))]
 pub struct SessionArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket, mode 0600; removed at exit
     #[arg(long, value_name = "PATH")]
@@ -79,7 +78,9 @@ pub struct SessionArgs {
     /// Attach virtio-vsock with its host Unix socket at PATH (session requests: CONNECT 1025)
     #[arg(long, value_name = "PATH")]
     pub vsock: PathBuf,
-    /// The artifact to load (tar, tar.gz, zip or plain file), attached read-only as the disk
+    /// The artifact to load (tar, tar.gz, zip or plain file), attached read-only as the disk.
+    /// With neither --artifact nor --restore the VMM starts with no VM and waits for
+    /// `PUT /snapshot/load`
     #[arg(long, value_name = "FILE")]
     pub artifact: Option<PathBuf>,
     /// The artifact's name as the guest sees it (format detection, paths of a plain file)
@@ -88,7 +89,7 @@ pub struct SessionArgs {
     pub artifact_name: Option<String>,
     /// Restore the session from a snapshot folder (`PUT /snapshot/create` wrote it) instead:
     /// its memory is mapped lazily, its vsock socket is bound at --vsock, open connections reset
-    #[arg(long, value_name = "SNAPDIR")]
+    #[arg(long, value_name = "SNAPDIR", conflicts_with = "artifact")]
     pub restore: Option<PathBuf>,
     /// Guest image [default: the cella-scanner that scripts/setup.sh built]
     #[arg(long, value_name = "PATH")]
@@ -208,7 +209,13 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
             (controller, server)
         }
         (None, None) => {
-            return fail(exit_code::BAD_INPUT, "give --artifact FILE or --restore SNAPDIR".into())
+            // No VM yet: the VMM waits for `PUT /snapshot/load`, Firecracker's way.
+            let server = match ApiServer::start(&args.api_sock, actions) {
+                Ok(server) => server,
+                Err(e) => return fail(exit_code::BAD_INPUT, error_chain(&e)),
+            };
+            let paths = RestorePaths { vsock_uds: Some(args.vsock.clone()), disk_override: None };
+            (VmmController::not_started().with_restore_paths(paths), server)
         }
     };
     eprintln!("cella-vmm session: serving the control API on {}", args.api_sock.display());
@@ -224,6 +231,11 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
     server.shutdown();
 
     let Some((cause, result)) = controller.take_final() else {
+        if controller.state() == VmState::NotStarted {
+            let timed_out = Instant::now() >= started + Duration::from_secs(args.max_duration_secs);
+            eprintln!("cella-vmm session: stopped before a snapshot was loaded");
+            return ExitCode::from(if timed_out { exit_code::TIMED_OUT } else { exit_code::STOPPED });
+        }
         return fail(exit_code::VMM_FAILED, "the VM ended without a report".into());
     };
     match result {
@@ -374,7 +386,8 @@ pub fn plan_jail(args: &SessionArgs) -> Result<SessionJail, SessionJailError> {
         guest_args: args.guest_args.clone(),
         socket_dir: None,
     };
-    let cell = JailedCell { bind_rw: Some(dir.clone()), mount_proc: args.restore.is_some() };
+    // Anything but a boot may restore a snapshot, whose scrub reads /proc/self/pagemap.
+    let cell = JailedCell { bind_rw: Some(dir.clone()), mount_proc: args.artifact.is_none() };
     Ok(SessionJail { launch, cell })
 }
 
