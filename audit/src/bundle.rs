@@ -8,6 +8,9 @@
 //! | `keys.json` | every public key the log has used (the rotation history) |
 //! | `start.json` | the chain state just before the first event: its seq, hash and Merkle compact range (empty for seq 1) |
 //! | `ocsf.jsonl` | optional: the same events as OCSF API Activity records, for SIEMs (not hashed, not verified) |
+//!
+//! Exports are streamed ([`crate::export`]): `events.jsonl` first, `manifest.json` last (it holds
+//! the SHA-256 of the files before it). Readers take the members in any order.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -244,10 +247,34 @@ pub fn assemble(input: AssembleInput<'_>) -> BundleContents {
     }
 }
 
-fn json_bytes<T: Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn json_bytes<T: Serialize>(value: &T) -> Vec<u8> {
     let mut v = serde_json::to_vec_pretty(value).unwrap_or_default();
     v.push(b'\n');
     v
+}
+
+/// Size of a tar block: every header is one, and each member's data is padded to a whole number.
+pub const TAR_BLOCK: u64 = 512;
+
+fn member_tar_header(name: &str, size: u64) -> io::Result<tar::Header> {
+    let mut header = tar::Header::new_ustar();
+    header.set_path(name)?;
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    Ok(header)
+}
+
+/// The tar header of a member of `size` bytes, for writers that stream the data after it.
+pub fn member_header(name: &str, size: u64) -> io::Result<[u8; TAR_BLOCK as usize]> {
+    Ok(*member_tar_header(name, size)?.as_bytes())
+}
+
+/// Zero bytes that follow a member of `size` bytes.
+pub fn member_padding(size: u64) -> usize {
+    ((TAR_BLOCK - size % TAR_BLOCK) % TAR_BLOCK) as usize
 }
 
 fn append_member<W: Write>(tar: &mut tar::Builder<W>, name: &str, data: &[u8]) -> io::Result<()> {
@@ -259,7 +286,8 @@ fn append_member<W: Write>(tar: &mut tar::Builder<W>, name: &str, data: &[u8]) -
     tar.append_data(&mut header, name, data)
 }
 
-/// Writes `contents` as a tar bundle, manifest first, and returns the manifest.
+/// Writes `contents` (built in memory: benchmarks and tools) as a tar bundle, manifest last as
+/// streamed exports write it, and returns the manifest.
 pub fn write_bundle<W: Write>(contents: &BundleContents, out: W) -> io::Result<Manifest> {
     let mut files: Vec<(&str, Vec<u8>)> = vec![
         (CHECKPOINTS, json_bytes(&contents.checkpoints)),
@@ -290,14 +318,14 @@ pub fn write_bundle<W: Write>(contents: &BundleContents, out: W) -> io::Result<M
         files: entries,
     };
     let mut tar = tar::Builder::new(out);
-    append_member(&mut tar, MANIFEST, &json_bytes(&manifest))?;
     append_member(&mut tar, EVENTS, &contents.events)?;
-    for (name, data) in files.drain(..) {
-        append_member(&mut tar, name, &data)?;
-    }
     if let Some(ocsf) = &contents.ocsf {
         append_member(&mut tar, OCSF, ocsf)?;
     }
+    for (name, data) in files.drain(..) {
+        append_member(&mut tar, name, &data)?;
+    }
+    append_member(&mut tar, MANIFEST, &json_bytes(&manifest))?;
     tar.into_inner()?.flush()?;
     Ok(manifest)
 }
@@ -336,7 +364,7 @@ impl Bundle {
     /// Writes the members back as a tar file, in the order bundles are written (tests and tools
     /// that edit bundles use this).
     pub fn write<W: Write>(&self, out: W) -> io::Result<()> {
-        let order = [MANIFEST, EVENTS, CHECKPOINTS, KEYS, START, OCSF];
+        let order = [EVENTS, OCSF, CHECKPOINTS, KEYS, START, MANIFEST];
         let mut tar = tar::Builder::new(out);
         for name in order {
             if let Some(data) = self.files.get(name) {

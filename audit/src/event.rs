@@ -290,6 +290,12 @@ pub fn export_line(body: &[u8], hash: &Hash, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\"}");
 }
 
+/// Length of the export line [`export_line`] writes for hashed bytes of `body_len` bytes (without
+/// the newline), so an export can announce `events.jsonl`'s size before writing it.
+pub fn export_line_len(body_len: u64) -> u64 {
+    body_len + (LINE_PREFIX.len() + LINE_SUFFIX_LEN) as u64
+}
+
 /// Splits an export line into the hashed bytes `E` and the hash it states.
 pub fn split_line(line: &[u8]) -> Option<(&[u8], Hash)> {
     if line.len() < LINE_PREFIX.len() + LINE_SUFFIX_LEN || !line.starts_with(LINE_PREFIX) {

@@ -1,16 +1,43 @@
-//! Building an export bundle from the database: the library function behind
-//! `cella audit export` and, later, `GET /v1/audit/export`.
+//! Exporting a chain from the database as a tar bundle, streamed: the library function behind
+//! `cella audit export` and `GET /v1/audit/export`.
+//!
+//! [`Export::begin`] opens one `REPEATABLE READ, READ ONLY` transaction (one snapshot: events
+//! appended meanwhile are not seen by any of the queries below), checks the range, measures
+//! `events.jsonl` exactly (`sum(octet_length(body))` plus the fixed size of each line's
+//! wrapping, over the rows the stream will read) and loads the checkpoints and keys, which are
+//! small. [`Export::write_to`] then writes the tar members in this order:
+//!
+//! 1. `events.jsonl`: the header with the measured size, then the events read in seq order in
+//!    batches of [`BATCH_ROWS`] (keyset pagination), hashed as they are written. The same pass
+//!    pushes every event hash `1..=to` into a [`SubtreeCollector`], which keeps only the Merkle
+//!    subtrees the consistency proofs need, and notes `start.json`'s compact range;
+//! 2. `ocsf.jsonl` if asked for: its size is measured during the first pass, then a second pass
+//!    over the same rows (same snapshot) writes it, so it is bounded the same way;
+//! 3. `checkpoints.json`, `keys.json`, `start.json`;
+//! 4. `manifest.json`, with the size and SHA-256 of each file above, and the tar trailer.
+//!
+//! Memory stays at one batch plus the checkpoints whatever the chain's length. If the data
+//! written would not match the size announced in a header, the export fails rather than write a
+//! wrong archive. A failure part-way leaves a bundle without its manifest, which neither the
+//! tar reader nor the verifier accepts; the service also aborts the HTTP transfer.
 
-use std::io::Write;
-
-use sqlx::{PgPool, Row};
+use ring::digest;
+use sqlx::{PgPool, Postgres, Row, Transaction};
 use time::OffsetDateTime;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::bundle::{self, AssembleInput, BundleContents, KeyJson, Manifest};
+use crate::bundle::{
+    self, BundleCheckpoint, CheckpointsFile, Counts, FileEntry, KeyJson, KeysFile, Manifest, SeqRange,
+    StartFile,
+};
 use crate::checkpoint::Checkpoint;
-use crate::event::{self, Chain};
-use crate::hash::Hash;
+use crate::event::{self, export_line, export_line_len, Chain, Event};
+use crate::hash::{self, Hash};
+use crate::merkle::{consistency_ranges, leaf_hash, CompactRange, SubtreeCollector};
 use crate::store::{self, StoreError};
+
+/// Events read from the database per query while streaming.
+pub const BATCH_ROWS: usize = 2048;
 
 /// What to export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +65,25 @@ pub enum ExportError {
     Db(#[from] sqlx::Error),
     #[error("cannot write the bundle")]
     Write(#[from] std::io::Error),
+    #[error("{file} would be {written} bytes, not the {announced} its tar header announced; the export was abandoned")]
+    SizeMismatch { file: &'static str, announced: u64, written: u64 },
+    #[error("the chain's rows changed while they were read ({0}); the export was abandoned")]
+    Inconsistent(String),
+}
+
+/// A finished export: its manifest and what it held in memory at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exported {
+    /// The manifest written as the bundle's last member.
+    pub manifest: Manifest,
+    /// Bundle size in bytes.
+    pub bytes: u64,
+    /// Most event rows held at once (at most [`BATCH_ROWS`]).
+    pub peak_batch_rows: usize,
+    /// Most bytes of event data held at once (one batch's rows plus its export lines).
+    pub peak_batch_bytes: usize,
+    /// Merkle subtree hashes kept for the consistency proofs.
+    pub subtrees_kept: usize,
 }
 
 fn to_hash(bytes: &[u8]) -> Hash {
@@ -48,95 +94,401 @@ fn to_hash(bytes: &[u8]) -> Hash {
     h
 }
 
-/// Reads everything a bundle needs from one consistent snapshot of the database.
-pub async fn export_contents(pool: &PgPool, request: &ExportRequest) -> Result<BundleContents, ExportError> {
-    let chain = request.chain.key();
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
-    let head: Option<i64> = sqlx::query_scalar("SELECT seq FROM audit_heads WHERE chain = $1")
-        .bind(&chain)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let head = u64::try_from(head.unwrap_or(0)).unwrap_or(0);
-    if head == 0 {
-        return Err(ExportError::NoEvents(chain));
-    }
-    let from = request.from.unwrap_or(1).max(1);
-    let to = request.to.unwrap_or(head).min(head);
-    if from > to {
-        return Err(ExportError::EmptyRange { chain, from, to, head });
-    }
-    let rows = sqlx::query(
-        "SELECT seq, hash, CASE WHEN seq >= $2 THEN body END AS body
-         FROM audit_events WHERE chain = $1 AND seq <= $3 ORDER BY seq",
-    )
-    .bind(&chain)
-    .bind(i64::try_from(from).unwrap_or(i64::MAX))
-    .bind(i64::try_from(to).unwrap_or(i64::MAX))
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut hashes = Vec::with_capacity(rows.len());
-    let mut events = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let hash = to_hash(row.try_get::<&[u8], _>("hash")?);
-        hashes.push(hash);
-        if let Some(body) = row.try_get::<Option<String>, _>("body")? {
-            events.push((body, hash));
-        }
-    }
-    let cp_rows = sqlx::query(
-        "SELECT idx, tree_size, root_hash, signed_at, key_id, signature FROM audit_checkpoints
-         WHERE chain = $1 ORDER BY idx",
-    )
-    .bind(&chain)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut checkpoints = Vec::with_capacity(cp_rows.len());
-    for r in &cp_rows {
-        checkpoints.push(Checkpoint {
-            chain: chain.clone(),
-            index: u64::try_from(r.try_get::<i64, _>("idx")?).unwrap_or(0),
-            tree_size: u64::try_from(r.try_get::<i64, _>("tree_size")?).unwrap_or(0),
-            root: to_hash(r.try_get::<&[u8], _>("root_hash")?),
-            time: r.try_get("signed_at")?,
-            key_id: r.try_get("key_id")?,
-            signature: r.try_get("signature")?,
-        });
-    }
-    let keys = store::keys(&mut tx)
-        .await?
-        .iter()
-        .map(|k| {
-            KeyJson::new(
-                &k.key,
-                Some(event::format_time(k.activated_at)),
-                k.retired_at.map(event::format_time),
-            )
-        })
-        .collect();
-    tx.commit().await?;
-    Ok(bundle::assemble(AssembleInput {
-        chain: &chain,
-        tenant: request.chain.tenant().map(|t| t.as_str()),
-        hashes: &hashes,
-        from,
-        to,
-        events: &events,
-        checkpoints: &checkpoints,
-        keys,
-        ocsf: request.ocsf,
-        exported_at: event::format_time(OffsetDateTime::now_utc()),
-    }))
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Exports `request` as a tar bundle to `out`; returns its manifest.
-pub async fn export<W: Write>(
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// An export whose snapshot is open and whose range is checked, ready to stream.
+#[derive(Debug)]
+pub struct Export {
+    tx: Transaction<'static, Postgres>,
+    plan: Plan,
+}
+
+/// Everything known about an export before its events are read.
+#[derive(Debug)]
+struct Plan {
+    chain: String,
+    tenant: Option<String>,
+    from: u64,
+    to: u64,
+    ocsf: bool,
+    /// Rows with seq `from..=to`.
+    events: u64,
+    /// Exact size of `events.jsonl`.
+    events_bytes: u64,
+    /// The checkpoints that go into the bundle, in index order.
+    checkpoints: Vec<Checkpoint>,
+    keys: Vec<KeyJson>,
+    exported_at: String,
+}
+
+impl Export {
+    /// Opens the snapshot and checks the range: [`ExportError::NoEvents`] and
+    /// [`ExportError::EmptyRange`] come from here, before anything is written.
+    pub async fn begin(pool: &PgPool, request: &ExportRequest) -> Result<Self, ExportError> {
+        let chain = request.chain.key();
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+        let head: Option<i64> = sqlx::query_scalar("SELECT seq FROM audit_heads WHERE chain = $1")
+            .bind(&chain)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let head = to_u64(head.unwrap_or(0));
+        if head == 0 {
+            return Err(ExportError::NoEvents(chain));
+        }
+        let from = request.from.unwrap_or(1).max(1);
+        let to = request.to.unwrap_or(head).min(head);
+        if from > to {
+            return Err(ExportError::EmptyRange { chain, from, to, head });
+        }
+        // Same snapshot as the stream: these are exactly the rows it will read.
+        let sizes = sqlx::query(
+            "SELECT count(*) AS tree_rows,
+                    count(*) FILTER (WHERE seq >= $2) AS events,
+                    coalesce(sum(octet_length(body)) FILTER (WHERE seq >= $2), 0)::int8 AS body_bytes
+             FROM audit_events WHERE chain = $1 AND seq <= $3",
+        )
+        .bind(&chain)
+        .bind(to_i64(from))
+        .bind(to_i64(to))
+        .fetch_one(&mut *tx)
+        .await?;
+        let tree_rows = to_u64(sizes.try_get("tree_rows")?);
+        let events = to_u64(sizes.try_get("events")?);
+        let body_bytes = to_u64(sizes.try_get("body_bytes")?);
+        // Each line is the body wrapped in `{"event":…,"hash":"…"}`, then a newline.
+        let events_bytes = (export_line_len(0) + 1).saturating_mul(events).saturating_add(body_bytes);
+        let cp_rows = sqlx::query(
+            "SELECT idx, tree_size, root_hash, signed_at, key_id, signature FROM audit_checkpoints
+             WHERE chain = $1 ORDER BY idx",
+        )
+        .bind(&chain)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut checkpoints = Vec::with_capacity(cp_rows.len());
+        for r in &cp_rows {
+            let tree_size = to_u64(r.try_get("tree_size")?);
+            // A checkpoint at `from - 1` is included too: it vouches for `start.json`.
+            if tree_size + 1 < from || tree_size > to.min(tree_rows) {
+                continue;
+            }
+            checkpoints.push(Checkpoint {
+                chain: chain.clone(),
+                index: to_u64(r.try_get("idx")?),
+                tree_size,
+                root: to_hash(r.try_get::<&[u8], _>("root_hash")?),
+                time: r.try_get("signed_at")?,
+                key_id: r.try_get("key_id")?,
+                signature: r.try_get("signature")?,
+            });
+        }
+        let keys = store::keys(&mut tx)
+            .await?
+            .iter()
+            .map(|k| {
+                KeyJson::new(
+                    &k.key,
+                    Some(event::format_time(k.activated_at)),
+                    k.retired_at.map(event::format_time),
+                )
+            })
+            .collect();
+        let plan = Plan {
+            chain,
+            tenant: request.chain.tenant().map(|t| t.as_str().to_owned()),
+            from,
+            to,
+            ocsf: request.ocsf,
+            events,
+            events_bytes,
+            checkpoints,
+            keys,
+            exported_at: event::format_time(OffsetDateTime::now_utc()),
+        };
+        Ok(Self { tx, plan })
+    }
+
+    /// The seq range the bundle will hold.
+    pub fn range(&self) -> SeqRange {
+        SeqRange { from: self.plan.from, to: self.plan.to }
+    }
+
+    /// Number of events the bundle will hold.
+    pub fn event_count(&self) -> u64 {
+        self.plan.events
+    }
+
+    /// Streams the bundle to `out` (see the module documentation), then ends the snapshot. On an
+    /// error the transaction is rolled back before this returns; what was written stays written.
+    pub async fn write_to<W: AsyncWrite + Unpin>(self, out: W) -> Result<Exported, ExportError> {
+        let Export { mut tx, plan } = self;
+        match plan.stream(&mut tx, out).await {
+            Ok(done) => {
+                tx.commit().await?;
+                Ok(done)
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Exports `request` as a tar bundle to `out`, streamed; returns the manifest and the figures.
+pub async fn export<W: AsyncWrite + Unpin>(
     pool: &PgPool,
     request: &ExportRequest,
     out: W,
-) -> Result<Manifest, ExportError> {
-    let contents = export_contents(pool, request).await?;
-    Ok(bundle::write_bundle(&contents, out)?)
+) -> Result<Exported, ExportError> {
+    Export::begin(pool, request).await?.write_to(out).await
+}
+
+/// The tar writer: counts what it writes.
+struct TarOut<W> {
+    out: W,
+    bytes: u64,
+}
+
+impl<W: AsyncWrite + Unpin> TarOut<W> {
+    async fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(data).await?;
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    async fn header(&mut self, name: &str, size: u64) -> std::io::Result<()> {
+        self.put(&bundle::member_header(name, size)?).await
+    }
+
+    async fn pad(&mut self, size: u64) -> std::io::Result<()> {
+        self.put(&[0; bundle::TAR_BLOCK as usize][..bundle::member_padding(size)]).await
+    }
+
+    /// A small member written whole; returns its manifest entry.
+    async fn member(&mut self, name: &str, data: &[u8]) -> std::io::Result<FileEntry> {
+        self.header(name, data.len() as u64).await?;
+        self.put(data).await?;
+        self.pad(data.len() as u64).await?;
+        Ok(FileEntry {
+            name: name.to_owned(),
+            bytes: data.len() as u64,
+            sha256: hash::to_hex(&hash::sha256(data)),
+        })
+    }
+}
+
+/// Appends the OCSF line of one event (nothing for a body that is not an event).
+fn ocsf_line(body: &str, h: &Hash, out: &mut Vec<u8>) {
+    if let Ok(event) = serde_json::from_str::<Event>(body) {
+        if serde_json::to_writer(&mut *out, &crate::ocsf::api_activity(&event, h)).is_ok() {
+            out.push(b'\n');
+        }
+    }
+}
+
+/// One batch of rows with seq in `after+1..=to`, in seq order.
+async fn batch(
+    tx: &mut Transaction<'static, Postgres>,
+    chain: &str,
+    bodies_from: u64,
+    after: i64,
+    to: u64,
+) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
+    sqlx::query(
+        "SELECT seq, hash, CASE WHEN seq >= $2 THEN body END AS body
+         FROM audit_events WHERE chain = $1 AND seq > $3 AND seq <= $4 ORDER BY seq LIMIT $5",
+    )
+    .bind(chain)
+    .bind(to_i64(bodies_from))
+    .bind(after)
+    .bind(to_i64(to))
+    .bind(BATCH_ROWS as i64)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+impl Plan {
+    async fn stream<W: AsyncWrite + Unpin>(
+        self,
+        tx: &mut Transaction<'static, Postgres>,
+        out: W,
+    ) -> Result<Exported, ExportError> {
+        let mut out = TarOut { out, bytes: 0 };
+        let mut ranges = Vec::new();
+        for pair in self.checkpoints.windows(2) {
+            ranges.extend(consistency_ranges(pair[0].tree_size, pair[1].tree_size));
+        }
+        let mut tree = SubtreeCollector::new(&ranges);
+        let start_size = self.from - 1;
+        let mut start: Option<CompactRange> = (start_size == 0).then(CompactRange::new);
+        let mut hash_before = hash::GENESIS;
+        let (mut peak_rows, mut peak_bytes) = (0, 0);
+        let (mut events, mut written, mut ocsf_bytes) = (0u64, 0u64, 0u64);
+        let mut sha = digest::Context::new(&digest::SHA256);
+        let mut lines = Vec::new();
+        let mut scratch = Vec::new();
+        let mut after = 0i64;
+
+        out.header(bundle::EVENTS, self.events_bytes).await?;
+        loop {
+            let rows = batch(tx, &self.chain, self.from, after, self.to).await?;
+            lines.clear();
+            let mut row_bytes = 0;
+            for row in &rows {
+                let h = to_hash(row.try_get::<&[u8], _>("hash")?);
+                // Leaves are counted by row, as the verifier counts events.
+                if start_size >= 2 && tree.size() == start_size - 1 {
+                    hash_before = h;
+                }
+                tree.push(leaf_hash(&h));
+                if start.is_none() && tree.size() == start_size {
+                    start = Some(tree.compact_range());
+                }
+                if let Some(body) = row.try_get::<Option<&str>, _>("body")? {
+                    row_bytes += body.len() + 48;
+                    export_line(body.as_bytes(), &h, &mut lines);
+                    lines.push(b'\n');
+                    events += 1;
+                    if self.ocsf {
+                        scratch.clear();
+                        ocsf_line(body, &h, &mut scratch);
+                        ocsf_bytes += scratch.len() as u64;
+                    }
+                }
+                after = row.try_get("seq")?;
+            }
+            written += lines.len() as u64;
+            if written > self.events_bytes {
+                return Err(ExportError::SizeMismatch {
+                    file: bundle::EVENTS,
+                    announced: self.events_bytes,
+                    written,
+                });
+            }
+            sha.update(&lines);
+            out.put(&lines).await?;
+            peak_rows = peak_rows.max(rows.len());
+            peak_bytes = peak_bytes.max(row_bytes + lines.len() + scratch.len());
+            if rows.len() < BATCH_ROWS {
+                break;
+            }
+        }
+        if written != self.events_bytes || events != self.events {
+            return Err(ExportError::SizeMismatch {
+                file: bundle::EVENTS,
+                announced: self.events_bytes,
+                written,
+            });
+        }
+        out.pad(written).await?;
+        let mut files = vec![FileEntry {
+            name: bundle::EVENTS.to_owned(),
+            bytes: written,
+            sha256: hash::to_hex(sha.finish().as_ref()),
+        }];
+
+        let ocsf_entry =
+            if self.ocsf { Some(self.stream_ocsf(tx, &mut out, ocsf_bytes).await?) } else { None };
+
+        let mut checkpoints = Vec::with_capacity(self.checkpoints.len());
+        let mut prev: Option<u64> = None;
+        for cp in &self.checkpoints {
+            let mut proof = Vec::new();
+            if let Some(old) = prev {
+                for (a, b) in consistency_ranges(old, cp.tree_size) {
+                    let root = tree.range_root(a, b).ok_or_else(|| {
+                        ExportError::Inconsistent(format!("no Merkle subtree over leaves {a}..{b}"))
+                    })?;
+                    proof.push(hash::to_hex(&root));
+                }
+            }
+            prev = Some(cp.tree_size);
+            checkpoints.push(BundleCheckpoint { checkpoint: cp.to_json(), consistency_proof: proof });
+        }
+        let start = start.unwrap_or_else(|| tree.compact_range());
+        let start = StartFile {
+            seq_before: start_size,
+            hash_before: hash::to_hex(&hash_before),
+            peaks: start.peaks().iter().map(|p| hash::to_hex(p)).collect(),
+        };
+        let counts = Counts { events, checkpoints: checkpoints.len() as u64, keys: self.keys.len() as u64 };
+        files.push(
+            out.member(bundle::CHECKPOINTS, &bundle::json_bytes(&CheckpointsFile { checkpoints })).await?,
+        );
+        files.push(out.member(bundle::KEYS, &bundle::json_bytes(&KeysFile { keys: self.keys })).await?);
+        files.push(out.member(bundle::START, &bundle::json_bytes(&start)).await?);
+        files.extend(ocsf_entry);
+        let manifest = Manifest {
+            format: bundle::FORMAT.to_owned(),
+            chain: self.chain,
+            tenant: self.tenant,
+            range: SeqRange { from: self.from, to: self.to },
+            counts,
+            exported_at: self.exported_at,
+            files,
+        };
+        out.member(bundle::MANIFEST, &bundle::json_bytes(&manifest)).await?;
+        out.put(&[0; 2 * bundle::TAR_BLOCK as usize]).await?;
+        out.out.flush().await?;
+        Ok(Exported {
+            manifest,
+            bytes: out.bytes,
+            peak_batch_rows: peak_rows,
+            peak_batch_bytes: peak_bytes,
+            subtrees_kept: tree.kept(),
+        })
+    }
+
+    /// Second pass over the same rows (same snapshot) for `ocsf.jsonl`, whose size the first
+    /// pass measured.
+    async fn stream_ocsf<W: AsyncWrite + Unpin>(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        out: &mut TarOut<W>,
+        announced: u64,
+    ) -> Result<FileEntry, ExportError> {
+        out.header(bundle::OCSF, announced).await?;
+        let mut sha = digest::Context::new(&digest::SHA256);
+        let mut lines = Vec::new();
+        let mut written = 0u64;
+        let mut after = to_i64(self.from - 1);
+        loop {
+            let rows = batch(tx, &self.chain, self.from, after, self.to).await?;
+            lines.clear();
+            for row in &rows {
+                let h = to_hash(row.try_get::<&[u8], _>("hash")?);
+                if let Some(body) = row.try_get::<Option<&str>, _>("body")? {
+                    ocsf_line(body, &h, &mut lines);
+                }
+                after = row.try_get("seq")?;
+            }
+            written += lines.len() as u64;
+            if written > announced {
+                return Err(ExportError::SizeMismatch { file: bundle::OCSF, announced, written });
+            }
+            sha.update(&lines);
+            out.put(&lines).await?;
+            if rows.len() < BATCH_ROWS {
+                break;
+            }
+        }
+        if written != announced {
+            return Err(ExportError::SizeMismatch { file: bundle::OCSF, announced, written });
+        }
+        out.pad(written).await?;
+        Ok(FileEntry {
+            name: bundle::OCSF.to_owned(),
+            bytes: written,
+            sha256: hash::to_hex(sha.finish().as_ref()),
+        })
+    }
 }
 
 /// The seq range of `chain`'s events whose time lies in `from..=to` (for time-based export
@@ -158,5 +510,5 @@ pub async fn seq_range_for_times(
     .await?;
     let lo: Option<i64> = row.try_get("lo")?;
     let hi: Option<i64> = row.try_get("hi")?;
-    Ok(lo.zip(hi).map(|(lo, hi)| (u64::try_from(lo).unwrap_or(0), u64::try_from(hi).unwrap_or(0))))
+    Ok(lo.zip(hi).map(|(lo, hi)| (to_u64(lo), to_u64(hi))))
 }

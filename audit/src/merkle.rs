@@ -193,6 +193,127 @@ impl MerkleTree {
     }
 }
 
+/// The leaf ranges `a..b` whose RFC 6962 roots make up the consistency proof from `old` to
+/// `new` leaves, in proof order (the same recursion as [`MerkleTree::consistency_proof`], without
+/// the tree). An export that streams its leaves uses this to know in advance which subtrees to
+/// keep.
+pub fn consistency_ranges(old: u64, new: u64) -> Vec<(u64, u64)> {
+    fn sub(m: u64, a: u64, b: u64, complete: bool, out: &mut Vec<(u64, u64)>) {
+        let n = b - a;
+        if m == n {
+            if !complete {
+                out.push((a, b));
+            }
+            return;
+        }
+        let k = split(n);
+        if m <= k {
+            sub(m, a, a + k, complete, out);
+            out.push((a + k, b));
+        } else {
+            sub(m - k, a + k, b, false, out);
+            out.push((a, a + k));
+        }
+    }
+    let mut out = Vec::new();
+    if old > 0 && old < new {
+        sub(old, 0, new, true, &mut out);
+    }
+    out
+}
+
+/// Computes the roots of chosen leaf ranges while the leaves stream past once, in
+/// `O(log n + ranges)` memory: the leaves go into a compact range, and each perfect subtree that
+/// one of the wanted ranges is made of is kept when the compact range completes it.
+#[derive(Debug, Clone, Default)]
+pub struct SubtreeCollector {
+    size: u64,
+    /// Perfect subtrees not yet merged, largest first: (level, root).
+    stack: Vec<(u32, Hash)>,
+    /// Wanted perfect subtrees (level, index) → their root once seen.
+    wanted: std::collections::HashMap<(u32, u64), Option<Hash>>,
+}
+
+impl SubtreeCollector {
+    /// A collector that will be able to answer [`SubtreeCollector::range_root`] for `ranges`.
+    pub fn new(ranges: &[(u64, u64)]) -> Self {
+        let mut me = Self::default();
+        for &(a, b) in ranges {
+            me.want(a, b);
+        }
+        me
+    }
+
+    fn want(&mut self, a: u64, b: u64) {
+        let n = b - a;
+        if n == 0 {
+            return;
+        }
+        if n.is_power_of_two() && a & (n - 1) == 0 {
+            let level = n.trailing_zeros();
+            self.wanted.insert((level, a >> level), None);
+            return;
+        }
+        let k = split(n);
+        self.want(a, a + k);
+        self.want(a + k, b);
+    }
+
+    /// Number of wanted subtrees (what the collector keeps besides its `O(log n)` stack).
+    pub fn kept(&self) -> usize {
+        self.wanted.len()
+    }
+
+    /// Number of leaves pushed.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The compact range of the leaves pushed so far.
+    pub fn compact_range(&self) -> CompactRange {
+        CompactRange { size: self.size, peaks: self.stack.iter().map(|(_, h)| *h).collect() }
+    }
+
+    fn completed(&mut self, level: u32, index: u64, hash: &Hash) {
+        if let Some(slot) = self.wanted.get_mut(&(level, index)) {
+            *slot = Some(*hash);
+        }
+    }
+
+    /// Appends one leaf hash.
+    pub fn push(&mut self, leaf: Hash) {
+        let index = self.size;
+        self.completed(0, index, &leaf);
+        let mut h = leaf;
+        let mut level = 0;
+        let mut size = self.size;
+        while size & 1 == 1 {
+            let (_, left) = self.stack.pop().unwrap_or_default();
+            h = node_hash(&left, &h);
+            level += 1;
+            size >>= 1;
+            self.completed(level, index >> level, &h);
+        }
+        self.stack.push((level, h));
+        self.size += 1;
+    }
+
+    /// The RFC 6962 root of leaves `a..b`, for a range given to [`SubtreeCollector::new`] whose
+    /// leaves have all been pushed; `None` otherwise.
+    pub fn range_root(&self, a: u64, b: u64) -> Option<Hash> {
+        let n = b - a;
+        if n == 0 {
+            return Some(empty_root());
+        }
+        if n.is_power_of_two() && a & (n - 1) == 0 {
+            let level = n.trailing_zeros();
+            return self.wanted.get(&(level, a >> level)).copied().flatten();
+        }
+        let k = split(n);
+        Some(node_hash(&self.range_root(a, a + k)?, &self.range_root(a + k, b)?))
+    }
+}
+
 /// Checks an audit path (RFC 9162 section 2.1.3.2).
 pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root: &Hash) -> bool {
     if index >= size {
@@ -342,5 +463,22 @@ mod tests {
         let rebuilt = CompactRange::from_parts(13, range.peaks().to_vec()).unwrap();
         assert_eq!(rebuilt.root(), range.root());
         assert!(CompactRange::from_parts(12, range.peaks().to_vec()).is_none());
+    }
+
+    #[test]
+    fn streamed_subtrees_give_the_same_consistency_proofs_as_the_whole_tree() {
+        let all = leaves(70);
+        let tree = MerkleTree::new(all.clone());
+        for new in 1..=70 {
+            for old in 1..=new {
+                let ranges = consistency_ranges(old, new);
+                let mut collector = SubtreeCollector::new(&ranges);
+                all[..new as usize].iter().for_each(|l| collector.push(*l));
+                let streamed: Vec<Hash> =
+                    ranges.iter().map(|&(a, b)| collector.range_root(a, b).unwrap()).collect();
+                assert_eq!(streamed, tree.consistency_proof(old, new), "{old} -> {new}");
+                assert_eq!(collector.compact_range().root(), tree.root_at(new));
+            }
+        }
     }
 }

@@ -1,24 +1,25 @@
 //! `GET /v1/audit/export`: a tenant's own audit log as an offline-verifiable bundle
 //! (`cella audit verify`). Operators export any chain through the admin API.
 
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use cella_audit::export::{self, ExportError, ExportRequest};
+use bytes::{Bytes, BytesMut};
+use cella_audit::export::{self, Export, ExportError, ExportRequest, Exported};
 use cella_audit::{Chain, TenantId};
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, DuplexStream};
+use tokio::task::JoinHandle;
 
 use super::auth::TenantAuth;
 use super::extract::ApiQuery;
 use super::AppState;
 use crate::error::ServiceError;
-
-/// The most events one export request returns (the bundle is assembled in memory).
-pub const MAX_EXPORT_EVENTS: u64 = 250_000;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/audit/export", get(tenant_export))
@@ -51,7 +52,9 @@ fn parse_bound(name: &str, value: Option<&str>) -> Result<Option<Bound>, Service
     })
 }
 
-/// Builds the bundle for `chain` and the requested range.
+/// Answers with the bundle for `chain` and the requested range, streamed: range problems are
+/// problem documents; once the range is checked the bundle is written while it is read from the
+/// database (`cella_audit::export`), in bounded memory whatever the chain's length.
 pub async fn export_bundle(
     state: &AppState,
     chain: Chain,
@@ -83,21 +86,6 @@ pub async fn export_bundle(
             t.map(|b| if let Bound::Seq(s) = b { s } else { 0 }),
         ),
     };
-    // The bundle is built in memory: one request exports at most MAX_EXPORT_EVENTS events.
-    let head: Option<i64> = sqlx::query_scalar("SELECT seq FROM audit_heads WHERE chain = $1")
-        .bind(chain.key())
-        .fetch_optional(&state.pool)
-        .await?;
-    let head = u64::try_from(head.unwrap_or(0)).unwrap_or(0);
-    let (first, last) = (from.unwrap_or(1).max(1), to.unwrap_or(head).min(head));
-    if last >= first && last - first + 1 > MAX_EXPORT_EVENTS {
-        return Err(ServiceError::Unprocessable(format!(
-            "{chain} has {} events in seq {first}..{last}; one export holds at most {MAX_EXPORT_EVENTS}: \
-             ask for a range with from= and to= (e.g. from={first}&to={})",
-            last - first + 1,
-            first + MAX_EXPORT_EVENTS - 1
-        )));
-    }
     if let Some(key) = &state.signer {
         cella_audit::store::cut_checkpoint(
             &state.pool,
@@ -109,22 +97,66 @@ pub async fn export_bundle(
         .await?;
     }
     let request = ExportRequest { chain: chain.clone(), from, to, ocsf: q.ocsf.unwrap_or(false) };
-    let mut bundle = Vec::new();
-    let manifest = export::export(&state.pool, &request, &mut bundle).await.map_err(export_error)?;
-    let file = format!(
-        "cella-audit-{}-{}-{}.tar",
-        chain.key().replace(':', "-"),
-        manifest.range.from,
-        manifest.range.to
-    );
+    // Range errors become problem documents here; after this the response streams.
+    let export = Export::begin(&state.pool, &request).await.map_err(export_error)?;
+    let range = export.range();
+    let file = format!("cella-audit-{}-{}-{}.tar", chain.key().replace(':', "-"), range.from, range.to);
+    let (writer, reader) = tokio::io::duplex(STREAM_BUFFER);
+    let what = chain.key();
+    let task = tokio::spawn(async move {
+        let result = export.write_to(writer).await;
+        if let Err(e) = &result {
+            // The status line is sent: the client learns of it only by the aborted transfer.
+            eprintln!("cella serve: audit export of {what} abandoned mid-stream: {}", error_chain(e));
+        }
+        result
+    });
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-tar".to_owned()),
             (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{file}\"")),
         ],
-        bundle,
+        Body::from_stream(export_body(reader, task)),
     )
         .into_response())
+}
+
+/// Bytes buffered between the export task and the response body.
+const STREAM_BUFFER: usize = 256 * 1024;
+
+/// An error and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The response body: what the export task writes, then — if the task failed — an error, which
+/// makes hyper abort the transfer instead of ending it cleanly (a client must not mistake a cut
+/// bundle for a whole one). Dropping the body (client gone) closes the pipe, so the task's next
+/// write fails and it rolls back its snapshot.
+fn export_body(
+    reader: DuplexStream,
+    task: JoinHandle<Result<Exported, ExportError>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::unfold(Some((reader, task)), |state| async move {
+        let (mut reader, task) = state?;
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        match reader.read_buf(&mut buf).await {
+            Ok(0) => match task.await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some((Err(std::io::Error::other(format!("audit export failed: {e}"))), None)),
+                Err(e) => Some((Err(std::io::Error::other(format!("audit export task failed: {e}"))), None)),
+            },
+            Ok(_) => Some((Ok(buf.freeze()), Some((reader, task)))),
+            Err(e) => Some((Err(e), None)),
+        }
+    })
 }
 
 fn export_error(e: ExportError) -> ServiceError {
@@ -141,7 +173,7 @@ fn export_error(e: ExportError) -> ServiceError {
     responses((status = 200, description = "The bundle", content_type = "application/x-tar"),
               (status = 400, description = "Bad range", content_type = "application/problem+json"),
               (status = 404, description = "No events in the range", content_type = "application/problem+json"),
-              (status = 422, description = "The range holds more events than one export may", content_type = "application/problem+json"),
+              (status = 422, description = "The seq range lies outside the chain", content_type = "application/problem+json"),
               (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
 async fn tenant_export(
     State(state): State<AppState>,

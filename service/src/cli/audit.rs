@@ -1,7 +1,7 @@
 //! `cella audit …`: export, verify, prove, keygen, checkpoint, bench.
 
 use std::fs;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use cella_audit::bundle::Bundle;
@@ -12,6 +12,7 @@ use cella_audit::store;
 use cella_audit::verify::{self, Options};
 use cella_audit::{Chain, PublicKey, SigningKey, TenantId};
 use clap::{Args, Subcommand};
+use tokio::io::AsyncWriteExt;
 
 use super::{audit_bench, runtime, CliError};
 use crate::db;
@@ -244,18 +245,19 @@ async fn export_cmd(args: ExportArgs) -> Result<(), CliError> {
     let request = ExportRequest { chain, from: args.from, to: args.to, ocsf: args.ocsf };
     // Write next to the target and rename, so a failed export never leaves half a bundle.
     let tmp = args.out.with_extension("partial");
-    let file = fs::File::create(&tmp).map_err(file_err(&tmp))?;
-    let mut writer = BufWriter::new(file);
-    let manifest = export(&pool, &request, &mut writer).await;
-    let manifest = match manifest {
-        Ok(m) => m,
+    let file = tokio::fs::File::create(&tmp).await.map_err(file_err(&tmp))?;
+    let mut writer = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+    let exported = match export(&pool, &request, &mut writer).await {
+        Ok(e) => e,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
             return Err(e.into());
         }
     };
-    writer.flush().map_err(file_err(&tmp))?;
+    writer.flush().await.map_err(file_err(&tmp))?;
+    writer.into_inner().sync_all().await.map_err(file_err(&tmp))?;
     fs::rename(&tmp, &args.out).map_err(file_err(&args.out))?;
+    let manifest = exported.manifest;
     eprintln!(
         "exported {} events of {} (seq {}..{}), {} checkpoints, {} keys to {}",
         manifest.counts.events,

@@ -319,16 +319,56 @@ pub async fn audit_download(
     save(client.send(request).await?, out).await
 }
 
+/// Streams a bundle to `<out>.partial` (progress on a terminal), then renames it to `out`. A
+/// transfer that breaks off (the server aborts a failed export mid-stream) leaves nothing.
 async fn save(response: reqwest::Response, out: &PathBuf) -> Result<(), ClientError> {
-    let bytes = response.bytes().await.map_err(|e| ClientError::Http("the server".into(), e))?;
     let tmp = out.with_extension("partial");
-    std::fs::write(&tmp, &bytes).map_err(|e| ClientError::Write(tmp.clone(), e))?;
+    let file = tokio::fs::File::create(&tmp).await.map_err(|e| ClientError::Write(tmp.to_owned(), e))?;
+    let result = stream_to(response, file, &tmp).await;
+    let bytes = match result {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     std::fs::rename(&tmp, out).map_err(|e| ClientError::Write(out.clone(), e))?;
     eprintln!(
         "wrote {} bytes to {} (check it with `cella audit verify {}`)",
-        bytes.len(),
+        bytes,
         out.display(),
         out.display()
     );
     Ok(())
+}
+
+async fn stream_to(
+    response: reqwest::Response,
+    file: tokio::fs::File,
+    tmp: &std::path::Path,
+) -> Result<u64, ClientError> {
+    use futures_util::StreamExt;
+    use std::io::{IsTerminal, Write};
+    use tokio::io::AsyncWriteExt;
+
+    let tty = std::io::stderr().is_terminal();
+    let mut writer = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+    let mut body = response.bytes_stream();
+    let (mut bytes, mut shown) = (0u64, 0u64);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ClientError::Interrupted(bytes, e))?;
+        writer.write_all(&chunk).await.map_err(|e| ClientError::Write(tmp.to_owned(), e))?;
+        bytes += chunk.len() as u64;
+        if tty && bytes - shown >= 1 << 20 {
+            shown = bytes;
+            eprint!("\rdownloading {} MiB", bytes >> 20);
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if tty && shown > 0 {
+        eprintln!("\rdownloading {} MiB", bytes >> 20);
+    }
+    writer.flush().await.map_err(|e| ClientError::Write(tmp.to_owned(), e))?;
+    writer.into_inner().sync_all().await.map_err(|e| ClientError::Write(tmp.to_owned(), e))?;
+    Ok(bytes)
 }

@@ -35,6 +35,8 @@ pub enum ClientError {
     Api { status: StatusCode, detail: String },
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] std::io::Error),
+    #[error("the download broke off after {0} bytes (the server may have failed mid-export); nothing was kept: try again")]
+    Interrupted(u64, #[source] reqwest::Error),
     #[error("{0}")]
     BadCredential(String),
     #[error("{0}")]
