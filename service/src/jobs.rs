@@ -253,15 +253,7 @@ pub async fn list(
             )));
         }
     }
-    let (after_time, after_id) = match cursor {
-        Some(c) => {
-            let parsed = parse_cursor(c, "job").ok_or_else(|| {
-                ServiceError::BadRequest(format!("cursor {c:?} is not one this server issued"))
-            })?;
-            (Some(parsed.0), Some(parsed.1))
-        }
-        None => (None, None),
-    };
+    let (after_time, after_id) = cursor_position(cursor, "job")?;
     let limit = limit.clamp(1, 200);
     let rows = sqlx::query(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs
@@ -291,6 +283,23 @@ pub async fn list(
 
 pub(crate) fn make_cursor(time: OffsetDateTime, id: &str) -> String {
     format!("{}.{id}", time.unix_timestamp_nanos() / 1000)
+}
+
+/// Where a page starts: the (created_at, id) after which to list, from a cursor of `prefix`
+/// ids (none: the first page); a cursor this server did not issue is a 400.
+pub(crate) fn cursor_position(
+    cursor: Option<&str>,
+    prefix: &str,
+) -> Result<(Option<OffsetDateTime>, Option<String>), ServiceError> {
+    match cursor {
+        Some(c) => {
+            let (time, id) = parse_cursor(c, prefix).ok_or_else(|| {
+                ServiceError::BadRequest(format!("cursor {c:?} is not one this server issued"))
+            })?;
+            Ok((Some(time), Some(id)))
+        }
+        None => Ok((None, None)),
+    }
 }
 
 /// A cursor from [`make_cursor`] for ids with `prefix` (`job`, `session`).

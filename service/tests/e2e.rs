@@ -69,18 +69,7 @@ impl Server {
         }
         cmd.envs(env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().unwrap();
-        let start = Instant::now();
-        let url = loop {
-            if let Ok(url) = std::fs::read_to_string(data.join("serve.url")) {
-                break url.trim().to_owned();
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("cella serve exited during start-up: {status}");
-            }
-            assert!(start.elapsed() < Duration::from_secs(90), "cella serve did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
+        let (url, ca) = common::wait_for_serve(&mut child, data);
         Server { child: Some(child), data: data.to_owned(), url, ca }
     }
 

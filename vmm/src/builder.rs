@@ -56,6 +56,25 @@ impl BuildError {
 
 /// Builds the microVM described by `config`, with guest console output going to `console`.
 pub fn build(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroVm, BuildError> {
+    let BuiltParts { vm, vcpu, memory, bus } = build_parts(config, console)?;
+    Ok(MicroVm::new(vm, vcpu, memory, bus, config))
+}
+
+/// A built VM before it becomes a [`MicroVm`] (the snapshot tests drive its vCPU by hand).
+#[derive(Debug)]
+pub(crate) struct BuiltParts {
+    pub vm: Vm,
+    pub vcpu: Vcpu,
+    pub memory: GuestMemfd,
+    pub bus: Arc<IoBus>,
+}
+
+/// Everything [`build`] does: the request and image checked, VM, memory, devices and boot
+/// structures made, the vCPU at the guest's first instruction.
+pub(crate) fn build_parts(
+    config: &VmConfig,
+    console: Box<dyn Write + Send>,
+) -> Result<BuiltParts, BuildError> {
     config.validate()?;
     let image = GuestImage::open(&config.image)?;
     let args = config.args_block();
@@ -99,7 +118,6 @@ pub fn build(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroV
     let bus = IoBus::new(serial, memory.memory().clone())
         .map_err(BuildError::Bus)?
         .with_virtio(mmio_base, transports);
-    let bus = Arc::new(bus);
     boot_info::write(memory.memory(), &boot, &args)?;
-    Ok(MicroVm::new(vm, vcpu, memory, bus, config))
+    Ok(BuiltParts { vm, vcpu, memory, bus: Arc::new(bus) })
 }

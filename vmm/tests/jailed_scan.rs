@@ -10,7 +10,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,61 +19,9 @@ use serde_json::Value;
 const UID: u32 = 64_011;
 const GID: u32 = 64_012;
 
-/// The binaries a jailed scan needs.
-struct Binaries {
-    jailer: PathBuf,
-    static_vmm: PathBuf,
-}
-
-/// `target/<profile>`, from this test executable's path (`target/<profile>/deps/<test>`).
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_owned()
-}
-
-fn cargo(profile: &Path, args: &[&str], rustc_flags: &[&str]) {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.args(args).arg("--quiet").arg("--manifest-path").arg(&manifest);
-    command.arg("--target-dir").arg(profile.parent().expect("target dir"));
-    match profile.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => {}
-        Some("release") => {
-            command.arg("--release");
-        }
-        Some(other) => {
-            command.args(["--profile", other]);
-        }
-        None => panic!("no profile name in {}", profile.display()),
-    }
-    if !rustc_flags.is_empty() {
-        command.arg("--").args(rustc_flags);
-    }
-    let status = command.status().expect("cargo runs");
-    assert!(status.success(), "{command:?} failed");
-}
-
-/// Builds `cella-jailer` and a static `cella-vmm` once (as scripts/setup.sh does, without debug
-/// info to keep the per-launch copy small). The static build replaces `target/<profile>/cella-vmm`,
-/// the binary these tests run as the outer process too: every test calls this first, so none
-/// runs it while it is being relinked.
-fn binaries() -> &'static Binaries {
-    static BINARIES: OnceLock<Binaries> = OnceLock::new();
-    BINARIES.get_or_init(|| {
-        let profile = profile_dir();
-        cargo(&profile, &["build", "-p", "cella-jailer", "--bin", "cella-jailer"], &[]);
-        cargo(
-            &profile,
-            &["rustc", "-p", "cella-vmm", "--bin", "cella-vmm"],
-            &["-C", "target-feature=+crt-static", "-C", "strip=debuginfo"],
-        );
-        let out = profile.join("jailed-scan-tests").join("cella-vmm");
-        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        let tmp = out.with_extension("new");
-        std::fs::copy(profile.join("cella-vmm"), &tmp).unwrap();
-        std::fs::rename(&tmp, &out).unwrap();
-        Binaries { jailer: profile.join("cella-jailer"), static_vmm: out }
-    })
+/// The jailer and static VMM these tests run (see `common::jail_binaries`).
+fn binaries() -> &'static JailBinaries {
+    jail_binaries("jailed-scan-tests")
 }
 
 /// A fresh chroot base for one test (the jailer creates it).

@@ -18,7 +18,6 @@ mod common;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use cella_proto::{self as proto, SessionRequest, SessionResult};
 use cella_vmm::control::ControlClient;
 use cella_vmm::rpc_interface::VmState;
 use cella_vmm::session_client::GuestSession;
-use common::{assert_scrubbed, tar};
+use common::{assert_scrubbed, jail_binaries, tar, JailBinaries};
 use serde_json::Value;
 
 /// The uid/gid of the jailed session VMMs here (distinct from the other jailed tests').
@@ -34,59 +33,9 @@ const UID: u32 = 64_031;
 const GID: u32 = 64_032;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-struct Binaries {
-    jailer: PathBuf,
-    static_vmm: PathBuf,
-}
-
-/// `target/<profile>`, from this test executable's path (`target/<profile>/deps/<test>`).
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_owned()
-}
-
-fn cargo(profile: &Path, args: &[&str], rustc_flags: &[&str]) {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.args(args).arg("--quiet").arg("--manifest-path").arg(&manifest);
-    command.arg("--target-dir").arg(profile.parent().expect("target dir"));
-    match profile.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => {}
-        Some("release") => {
-            command.arg("--release");
-        }
-        Some(other) => {
-            command.args(["--profile", other]);
-        }
-        None => panic!("no profile name in {}", profile.display()),
-    }
-    if !rustc_flags.is_empty() {
-        command.arg("--").args(rustc_flags);
-    }
-    let status = command.status().expect("cargo runs");
-    assert!(status.success(), "{command:?} failed");
-}
-
-/// Builds `cella-jailer` and a static `cella-vmm` once (see `jailed_scan.rs`: the static build
-/// replaces `target/<profile>/cella-vmm`, which these tests also run as the outer process, so
-/// every test calls this first).
-fn binaries() -> &'static Binaries {
-    static BINARIES: OnceLock<Binaries> = OnceLock::new();
-    BINARIES.get_or_init(|| {
-        let profile = profile_dir();
-        cargo(&profile, &["build", "-p", "cella-jailer", "--bin", "cella-jailer"], &[]);
-        cargo(
-            &profile,
-            &["rustc", "-p", "cella-vmm", "--bin", "cella-vmm"],
-            &["-C", "target-feature=+crt-static", "-C", "strip=debuginfo"],
-        );
-        let out = profile.join("session-jailed-tests").join("cella-vmm");
-        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        let tmp = out.with_extension("new");
-        std::fs::copy(profile.join("cella-vmm"), &tmp).unwrap();
-        std::fs::rename(&tmp, &out).unwrap();
-        Binaries { jailer: profile.join("cella-jailer"), static_vmm: out }
-    })
+/// The jailer and static VMM these tests run (see `common::jail_binaries`).
+fn binaries() -> &'static JailBinaries {
+    jail_binaries("session-jailed-tests")
 }
 
 /// One test's places: a chroot base and a session folder (mode 0700, root's) holding the

@@ -12,7 +12,7 @@ use super::{SessionPage, SessionParams, SessionView, State};
 use crate::audit_log::tenant_event;
 use crate::error::ServiceError;
 use crate::ids;
-use crate::jobs::{actor_id, make_cursor, parse_cursor, rfc3339, ArtifactView};
+use crate::jobs::{actor_id, cursor_position, make_cursor, rfc3339, ArtifactView};
 
 /// One row.
 #[derive(Debug, Clone)]
@@ -227,15 +227,7 @@ pub async fn list(
             )));
         }
     }
-    let (after_time, after_id) = match cursor {
-        Some(c) => {
-            let parsed = parse_cursor(c, "session").ok_or_else(|| {
-                ServiceError::BadRequest(format!("cursor {c:?} is not one this server issued"))
-            })?;
-            (Some(parsed.0), Some(parsed.1))
-        }
-        None => (None, None),
-    };
+    let (after_time, after_id) = cursor_position(cursor, "session")?;
     let limit = limit.clamp(1, 200);
     let rows = sqlx::query(&format!(
         "{} WHERE tenant_id = $1 AND ($2::text IS NULL OR state = $2)

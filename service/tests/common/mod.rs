@@ -231,3 +231,20 @@ pub fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
     }
     tar.into_inner().unwrap()
 }
+
+/// Waits for a `cella serve` started with data folder `data` to write its URL (panics if it
+/// exits or takes over 90 s); returns the URL and the CA certificate clients trust.
+pub fn wait_for_serve(child: &mut std::process::Child, data: &Path) -> (String, Vec<u8>) {
+    let start = Instant::now();
+    let url = loop {
+        if let Ok(url) = std::fs::read_to_string(data.join("serve.url")) {
+            break url.trim().to_owned();
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("cella serve exited during start-up: {status}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "cella serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (url, std::fs::read(data.join("tls/ca.pem")).unwrap())
+}

@@ -6,7 +6,7 @@
 //! Also the VM "parts" builder the snapshot tests use: the builder's steps with the vCPU left
 //! as a bare `VcpuFd`, so a test can run it by hand and stop it at a chosen exit.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,22 +15,12 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{create, load, remove, vcpu_state, RestoreOptions, SnapshotError, SnapshotMeta};
-use crate::arch::x86_64::regs;
-use crate::boot_info;
 use crate::builder::BuildError;
-use crate::devices::legacy::console::GuestConsole;
-use crate::devices::legacy::serial::SerialDevice;
-use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::VirtioDevice;
 use crate::devices::IoBus;
-use crate::loader::GuestImage;
 use crate::microvm::{GuestExit, RunError};
 use crate::vmm_config::VmConfig;
 use crate::vstate::memory::GuestMemfd;
-use crate::vstate::vcpu::VcpuError;
 use crate::vstate::vm::Vm;
-use cella_abi::{layout, DeviceInfo, DEVICE_KIND_VIRTIO_MMIO};
 
 /// Why the benchmark could not finish.
 #[derive(Debug, thiserror::Error)]
@@ -158,54 +148,12 @@ pub(crate) struct Parts {
     pub bus: Arc<IoBus>,
 }
 
-/// What `builder::build` does (image, memory, boot structures, vCPU registers, vsock if
-/// configured; no disk), stopping short of `MicroVm`.
+/// `builder::build` stopping short of `MicroVm`, with the vCPU as a bare `VcpuFd` to run by
+/// hand.
 pub(crate) fn build_parts(
     config: &VmConfig,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Parts, BuildError> {
-    config.validate()?;
-    let image = GuestImage::open(&config.image)?;
-    let args = config.args_block();
-    let mut boot =
-        boot_info::plan(config.mem_bytes(), image.start(), image.end(), args.len(), config.args.len())?;
-    let vm = Vm::new()?;
-    let memory = GuestMemfd::new(config.mem_bytes())?;
-    vm.register_memory(&memory)?;
-    image.load(memory.memory())?;
-    let set = |what| move |source| VcpuError::SetRegisters { what, source };
-    let vcpu = vm.fd().create_vcpu(0).map_err(|source| VcpuError::Create { index: 0, source })?;
-    let cpuid = vm
-        .kvm()
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(VcpuError::SupportedCpuid)?;
-    vcpu.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
-    let sregs = vcpu.get_sregs().map_err(set("special registers"))?;
-    vcpu.set_sregs(&regs::special(sregs)).map_err(set("special registers"))?;
-    vcpu.set_regs(&regs::general(image.entry(), boot.stack_top)).map_err(set("general registers"))?;
-    vcpu.set_fpu(&regs::fpu()).map_err(set("FPU state"))?;
-
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    if let Some(path) = &config.vsock_uds {
-        let vsock =
-            Vsock::new(path).map_err(|source| BuildError::Vsock { path: PathBuf::from(path), source })?;
-        devices.push(Box::new(vsock));
-    }
-    let mmio_base = layout::mmio_base(config.mem_bytes());
-    for (i, device) in devices.iter().enumerate() {
-        boot.devices[i] = DeviceInfo {
-            kind: DEVICE_KIND_VIRTIO_MMIO,
-            id: device.device_type(),
-            base: mmio_base + i as u64 * layout::MMIO_DEVICE_SIZE,
-            size: layout::MMIO_DEVICE_SIZE,
-        };
-    }
-    boot.device_count = devices.len() as u32;
-    let transports = devices.into_iter().map(|d| MmioTransport::new(d, memory.memory().clone())).collect();
-    let serial = SerialDevice::new(GuestConsole::new(console, config.console_limits));
-    let bus = IoBus::new(serial, memory.memory().clone())
-        .map_err(BuildError::Bus)?
-        .with_virtio(mmio_base, transports);
-    boot_info::write(memory.memory(), &boot, &args)?;
-    Ok(Parts { vcpu, _vm: vm, memory, bus: Arc::new(bus) })
+    let parts = crate::builder::build_parts(config, console)?;
+    Ok(Parts { vcpu: parts.vcpu.into_fd(), _vm: parts.vm, memory: parts.memory, bus: parts.bus })
 }

@@ -223,6 +223,11 @@ impl Vcpu {
         &self.fd
     }
 
+    /// The KVM handle alone, for code that runs the vCPU itself (the snapshot tests).
+    pub(crate) fn into_fd(self) -> VcpuFd {
+        self.fd
+    }
+
     /// Starts the vCPU on its own thread, handling port I/O through `bus`.
     pub fn start(self, bus: Arc<IoBus>) -> Result<VcpuHandle, VcpuError> {
         let wanted = Arc::new(AtomicU8::new(WANT_RUN));

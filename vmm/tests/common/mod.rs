@@ -1,8 +1,9 @@
 //! Shared helpers for the VMM's integration tests: the runner image, the CLI, JSON reports.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -87,3 +88,62 @@ pub fn scratch(name: &str) -> PathBuf {
 /// A ustar archive of `(name, contents)` regular files (names verbatim, hostile ones too).
 #[allow(unused_imports)] // not every test file builds archives
 pub use cella_e2e::ustar as tar;
+
+/// What a jailed VMM needs: `cella-jailer`, and a static `cella-vmm` (the jail has no shared
+/// libraries).
+pub struct JailBinaries {
+    pub jailer: PathBuf,
+    pub static_vmm: PathBuf,
+}
+
+/// `target/<profile>`, from this test executable's path (`target/<profile>/deps/<test>`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_owned()
+}
+
+fn cargo(profile: &Path, args: &[&str], rustc_flags: &[&str]) {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.args(args).arg("--quiet").arg("--manifest-path").arg(&manifest);
+    command.arg("--target-dir").arg(profile.parent().expect("target dir"));
+    match profile.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            command.arg("--release");
+        }
+        Some(other) => {
+            command.args(["--profile", other]);
+        }
+        None => panic!("no profile name in {}", profile.display()),
+    }
+    if !rustc_flags.is_empty() {
+        command.arg("--").args(rustc_flags);
+    }
+    let status = command.status().expect("cargo runs");
+    assert!(status.success(), "{command:?} failed");
+}
+
+/// Builds `cella-jailer` and a static `cella-vmm` once per test binary (as scripts/setup.sh
+/// does, without debug info to keep the per-launch copy small) and copies the VMM into
+/// `target/<profile>/<folder>/`. The static build replaces `target/<profile>/cella-vmm`, the
+/// binary the tests also run as the outer process: every jailed test calls this first, so none
+/// runs it while it is being relinked.
+pub fn jail_binaries(folder: &str) -> &'static JailBinaries {
+    static BINARIES: OnceLock<JailBinaries> = OnceLock::new();
+    BINARIES.get_or_init(|| {
+        let profile = profile_dir();
+        cargo(&profile, &["build", "-p", "cella-jailer", "--bin", "cella-jailer"], &[]);
+        cargo(
+            &profile,
+            &["rustc", "-p", "cella-vmm", "--bin", "cella-vmm"],
+            &["-C", "target-feature=+crt-static", "-C", "strip=debuginfo"],
+        );
+        let out = profile.join(folder).join("cella-vmm");
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let tmp = out.with_extension("new");
+        std::fs::copy(profile.join("cella-vmm"), &tmp).unwrap();
+        std::fs::rename(&tmp, &out).unwrap();
+        JailBinaries { jailer: profile.join("cella-jailer"), static_vmm: out }
+    })
+}
