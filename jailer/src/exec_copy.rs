@@ -8,7 +8,7 @@
 //! the copy is then complete and no one holds it open for writing (exec would fail with
 //! `ETXTBSY`).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -27,11 +27,7 @@ impl Copier {
     /// into it.
     pub fn start(from: &Path, to: &Path) -> io::Result<Copier> {
         let started = Instant::now();
-        // The exec-file was checked not to be a symlink; it must not have become one since.
-        let src = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(from)?;
-        let len = src.metadata()?.len();
-        let dst = OpenOptions::new().write(true).create_new(true).mode(0o555).open(to)?;
-        dst.set_permissions(std::fs::Permissions::from_mode(0o555))?;
+        let (src, dst, len) = open_pair(from, to)?;
         // SAFETY: the copier only makes async-signal-safe system calls on the two descriptors
         // it inherits and leaves with `_exit`: it takes no lock another thread could hold at
         // the fork, runs no destructors and touches no state shared with the supervisor.
@@ -78,6 +74,26 @@ impl Drop for Copier {
             let _ = reap(self.pid);
         }
     }
+}
+
+/// Copies `from` to `to` (which must not exist yet; made mode 0555) in this process, to the end.
+/// For jails made ahead of their launch (`cella-jailer prepare`), where no launch waits.
+pub fn copy_now(from: &Path, to: &Path) -> io::Result<()> {
+    let (src, dst, len) = open_pair(from, to)?;
+    match copy(src.as_raw_fd(), dst.as_raw_fd(), len) {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Opens the source (never through a symlink: the exec-file was checked not to be one, and it
+/// must not have become one since) and creates the copy, mode 0555; returns the source's length.
+fn open_pair(from: &Path, to: &Path) -> io::Result<(File, File, u64)> {
+    let src = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(from)?;
+    let len = src.metadata()?.len();
+    let dst = OpenOptions::new().write(true).create_new(true).mode(0o555).open(to)?;
+    dst.set_permissions(std::fs::Permissions::from_mode(0o555))?;
+    Ok((src, dst, len))
 }
 
 /// Closes every descriptor except `a` and `b` (`a < b`).

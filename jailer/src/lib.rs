@@ -42,6 +42,7 @@ pub mod config;
 pub mod confine;
 pub mod exec_copy;
 pub mod handover;
+pub mod prepared;
 pub mod supervisor;
 pub mod timing;
 

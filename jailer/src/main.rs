@@ -52,6 +52,20 @@ enum Command {
     /// Launch-to-exit latency of `hello`: jailed vs unjailed Cella VM vs bwrap, with the jailer's
     /// cost broken down by step
     Bench(cella_jailer::bench::BenchArgs),
+    /// Make a spare jail ahead of a launch: its folder and its copy of the VMM binary, the slow
+    /// part of a launch. A later launch with `--from-prepared ID` takes it (once); `cleanup
+    /// --id ID` removes an unused one
+    Prepare {
+        /// The spare's ID: letters, digits and hyphens, at most 64
+        #[arg(long)]
+        id: String,
+        /// The VMM binary (statically linked, not a symlink) the launch will name as --exec-file
+        #[arg(long, value_name = "PATH")]
+        exec_file: PathBuf,
+        /// Where jails are made (the launch's --chroot-base) [default: /dev/shm/cella-jailer]
+        #[arg(long, value_name = "DIR")]
+        chroot_base: Option<PathBuf>,
+    },
     /// Remove what a jail left behind when its supervisor was killed: its cgroups (and anything
     /// still in them) and its folder
     Cleanup {
@@ -129,6 +143,11 @@ struct JailArgs {
     /// An rlimit: core, no-file, fsize, nproc, memlock or as = N|unlimited (repeatable)
     #[arg(long = "rlimit", value_name = "NAME=VALUE")]
     rlimits: Vec<String>,
+    /// Take the spare jail ID (made by `cella-jailer prepare` with the same --exec-file and
+    /// --chroot-base) instead of making a folder and copying the VMM binary; it is renamed to --id.
+    /// A spare that is missing or unusable is reported on stderr and the jail made as usual
+    #[arg(long, value_name = "ID")]
+    from_prepared: Option<String>,
     /// Print what each step cost on stderr when the VMM ends
     #[arg(long)]
     timings: bool,
@@ -191,6 +210,28 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Prepare { id, exec_file, chroot_base }) => {
+            let (exec_name, base) = match cella_jailer::config::check_prepare(&id, &exec_file, chroot_base) {
+                Ok(checked) => checked,
+                Err(e) => {
+                    eprintln!("cella-jailer prepare: refused (nothing was created): {}", error_chain(&e));
+                    return ExitCode::from(BAD_REQUEST);
+                }
+            };
+            return match cella_jailer::prepared::prepare(&id, &exec_file, &exec_name, &base) {
+                Ok(dir) => {
+                    println!("{}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "cella-jailer prepare: failed, and nothing is left behind: {}",
+                        error_chain(&e)
+                    );
+                    ExitCode::from(JAIL_FAILED)
+                }
+            };
+        }
         None => {}
     }
     let a = cli.jail;
@@ -210,6 +251,7 @@ fn main() -> ExitCode {
         mount_proc: a.mount_proc,
         keep_fds: a.keep_fds,
         rlimits: a.rlimits,
+        from_prepared: a.from_prepared,
         vmm_args: a.vmm_args,
     };
     let config = match request.validate() {

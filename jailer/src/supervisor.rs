@@ -30,6 +30,8 @@ pub enum JailError {
     },
     #[error("step `create-jail-folder` failed: {0} exists already (another VM with this id runs, or a supervisor died before cleaning up)")]
     JailExists(PathBuf),
+    #[error("spare jail {spare} {problem}")]
+    Prepared { spare: PathBuf, problem: &'static str },
     #[error("step `cgroups` failed")]
     Cgroup(#[from] CgroupError),
     #[error("step `{step}` failed")]
@@ -40,7 +42,7 @@ pub enum JailError {
     },
 }
 
-fn step(step: &'static str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> JailError {
+pub(crate) fn step(step: &'static str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> JailError {
     let path = path.as_ref().to_owned();
     move |source| JailError::Step { step, path, source }
 }
@@ -130,7 +132,8 @@ impl Residue<'_> {
         if self.jail_dir {
             self.jail_dir = false;
             let dir = self.config.jail_dir();
-            if let Err(e) = fs::remove_dir_all(&dir) {
+            let removed = crate::prepared::release_netns(&dir).and_then(|()| fs::remove_dir_all(&dir));
+            if let Err(e) = removed {
                 if e.kind() != io::ErrorKind::NotFound && result.is_ok() {
                     result = Err(JailError::Step { step: "remove-jail-folder", path: dir, source: e });
                 }
@@ -185,24 +188,61 @@ fn close_inherited_fds(keep: &[RawFd]) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Makes the jail folder and what goes in it on the host; the caller's `Residue` removes it.
-/// The VMM binary's copy is still being made when this returns: the [`Copier`] says when it is
-/// complete.
+/// Makes the jail folder and what goes in it on the host, or takes a prepared one; the caller's
+/// `Residue` removes it. The VMM binary's copy is still being made when this returns: the
+/// [`Copier`] says when it is complete (none when the jail was prepared, copy included).
 fn build_jail_folder(
     config: &JailConfig,
     residue: &mut Residue<'_>,
     t: &mut Timings,
-) -> Result<Copier, JailError> {
+) -> Result<Option<Copier>, JailError> {
     let start = Instant::now();
-    let exec_dir = config.chroot_base.join(&config.exec_name);
+    exec_dir(&config.chroot_base, &config.exec_name)?;
+    if let Some(spare) = &config.from_prepared {
+        let mut taken = false;
+        match crate::prepared::take(config, spare, || taken = true) {
+            Ok(()) => {
+                residue.jail_dir = true;
+                t.record("take-prepared-jail", start);
+                make_mount_points(config, t)?;
+                return Ok(None);
+            }
+            // A spare that cannot be used costs this launch its head start, not its run.
+            Err(e @ JailError::Prepared { .. }) if !taken => {
+                eprintln!(
+                    "cella-jailer: not using the spare jail: {}; making the jail at launch",
+                    crate::error_chain(&e)
+                );
+            }
+            Err(e) => {
+                residue.jail_dir = taken;
+                return Err(e);
+            }
+        }
+    }
+    make_jail_folder(&config.jail_dir(), || residue.jail_dir = true)?;
+    t.record("create-jail-folder", start);
+
+    // The copy runs in a forked copier until the child is about to exec (see `exec_copy`).
+    let start = Instant::now();
+    let exec_copy = config.root().join(&config.exec_name);
+    let copier = Copier::start(&config.exec_file, &exec_copy).map_err(step("copy-exec-file", &exec_copy))?;
+    t.record("start-copy", start);
+    make_mount_points(config, t)?;
+    Ok(Some(copier))
+}
+
+/// `<base>/<exec-name>`, made if missing. The base may sit in a world-writable place such as
+/// /dev/shm: its folders must be root's own real folders, or someone else could steer where
+/// jails are made.
+pub(crate) fn exec_dir(chroot_base: &Path, exec_name: &str) -> Result<PathBuf, JailError> {
+    let exec_dir = chroot_base.join(exec_name);
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(&exec_dir)
         .map_err(step("create-jail-folder", &exec_dir))?;
-    // The base may sit in a world-writable place such as /dev/shm: its folders must be root's
-    // own real folders, or someone else could steer where jails are made.
-    for dir in [&config.chroot_base, &exec_dir] {
+    for dir in [chroot_base, &exec_dir] {
         let meta = fs::symlink_metadata(dir).map_err(step("check-jail-base", dir))?;
         if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
             let e =
@@ -210,23 +250,25 @@ fn build_jail_folder(
             return Err(step("check-jail-base", dir)(e));
         }
     }
-    let jail_dir = config.jail_dir();
-    match fs::DirBuilder::new().mode(0o700).create(&jail_dir) {
-        Ok(()) => residue.jail_dir = true,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(JailError::JailExists(jail_dir)),
-        Err(e) => return Err(step("create-jail-folder", &jail_dir)(e)),
+    Ok(exec_dir)
+}
+
+/// Makes `jail_dir` (mode 0700: closed to everyone but root; the VMM only sees its `root`,
+/// made here too). `made` runs as soon as the folder exists, so the caller can remove it.
+pub(crate) fn make_jail_folder(jail_dir: &Path, made: impl FnOnce()) -> Result<(), JailError> {
+    match fs::DirBuilder::new().mode(0o700).create(jail_dir) {
+        Ok(()) => made(),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(JailError::JailExists(jail_dir.to_owned()))
+        }
+        Err(e) => return Err(step("create-jail-folder", jail_dir)(e)),
     }
-    let root = config.root();
-    fs::DirBuilder::new().mode(0o755).create(&root).map_err(step("create-jail-folder", &root))?;
-    // The jail folder itself stays closed to everyone but root; the VMM only sees `root`.
-    t.record("create-jail-folder", start);
+    let root = jail_dir.join("root");
+    fs::DirBuilder::new().mode(0o755).create(&root).map_err(step("create-jail-folder", &root))
+}
 
-    // The copy runs in a forked copier until the child is about to exec (see `exec_copy`).
-    let start = Instant::now();
-    let exec_copy = root.join(&config.exec_name);
-    let copier = Copier::start(&config.exec_file, &exec_copy).map_err(step("copy-exec-file", &exec_copy))?;
-    t.record("start-copy", start);
-
+/// The jail's `/dev`, its socket folder and the mount points of its binds.
+fn make_mount_points(config: &JailConfig, t: &mut Timings) -> Result<(), JailError> {
     let start = Instant::now();
     let dev = config.host_path(Path::new(KVM_DEVICE)).parent().map(Path::to_owned).unwrap_or_default();
     fs::DirBuilder::new().mode(0o755).create(&dev).map_err(step("create-dev-folder", &dev))?;
@@ -253,7 +295,7 @@ fn build_jail_folder(
             .map_err(step("create-mount-point", &target))?;
     }
     t.record("create-mount-points", start);
-    Ok(copier)
+    Ok(())
 }
 
 /// Sets up the jail, starts the VMM in it, waits for it, and removes the jail.
@@ -311,7 +353,9 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     t.record("create-cgroups", start);
 
     let start = Instant::now();
-    let netns = match &config.netns {
+    // A prepared jail brings a new, empty netns made ahead: joining it is cheaper than making one.
+    let netns_path = config.netns.clone().or_else(|| crate::prepared::netns_of(&config.jail_dir()));
+    let netns = match &netns_path {
         Some(path) => Some(File::open(path).map_err(step("open-netns", path))?),
         None => None,
     };
@@ -329,7 +373,7 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
             .socket_dir
             .clone()
             .unwrap_or_else(|| config.host_path(Path::new(SOCKET_DIR))),
-        netns: netns.as_ref().zip(config.netns.clone()).map(|(f, path)| (f.as_raw_fd(), path)),
+        netns: netns.as_ref().zip(netns_path).map(|(f, path)| (f.as_raw_fd(), path)),
         uid: config.uid,
         gid: config.gid,
         exec_path: PathBuf::from("/").join(&config.exec_name),
@@ -349,19 +393,22 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
 
     // The child runs its steps while the copy completes; it execs only on the word.
     let start = Instant::now();
-    let copy_ms = match copier.finish() {
-        Ok(ms) => ms,
-        Err(e) => {
-            // SAFETY: kill(2) to our own child, not yet reaped.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = wait_for(pid);
-            let exec_copy = config.root().join(&config.exec_name);
-            return Err(step("copy-exec-file", exec_copy)(e));
-        }
-    };
-    let copy_wait_ms = start.elapsed().as_secs_f64() * 1e3;
-    t.push("copy-exec-file", copy_ms);
-    t.push("wait-for-copy", copy_wait_ms);
+    let mut copy_wait_ms = 0.0;
+    if let Some(copier) = copier {
+        let copy_ms = match copier.finish() {
+            Ok(ms) => ms,
+            Err(e) => {
+                // SAFETY: kill(2) to our own child, not yet reaped.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = wait_for(pid);
+                let exec_copy = config.root().join(&config.exec_name);
+                return Err(step("copy-exec-file", exec_copy)(e));
+            }
+        };
+        copy_wait_ms = start.elapsed().as_secs_f64() * 1e3;
+        t.push("copy-exec-file", copy_ms);
+        t.push("wait-for-copy", copy_wait_ms);
+    }
     // A child that failed a step is gone already and does not read this (the write fails with
     // EPIPE: the jailer ignores SIGPIPE, as Rust binaries do); its report says why.
     let _ = (&go).write_all(b"G");
@@ -493,7 +540,7 @@ fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File, File), 
     if config.new_pid_ns {
         flags |= libc::CLONE_NEWPID;
     }
-    if config.netns.is_none() {
+    if plan.netns.is_none() {
         flags |= libc::CLONE_NEWNET;
     }
     // On cgroup2 the child is born in its cgroup (clone3 with CLONE_INTO_CGROUP): writing
@@ -624,6 +671,7 @@ pub fn cleanup(
     plan.remove()?;
     let dir = chroot_base.join(exec_name).join(id);
     if fs::symlink_metadata(&dir).is_ok() {
+        crate::prepared::release_netns(&dir).map_err(step("remove-jail-folder", &dir))?;
         fs::remove_dir_all(&dir).map_err(step("remove-jail-folder", &dir))?;
         removed.push(dir);
     }

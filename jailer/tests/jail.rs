@@ -4,7 +4,7 @@
 mod common;
 
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -568,4 +568,117 @@ fn cleanup_gives_a_bind_rw_folder_back_when_the_supervisor_was_killed() {
     }
     assert_eq!(residue(&base, &id), Vec::<String>::new());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `cella-jailer prepare` for a spare under `base`; returns its folder.
+fn prepare_spare(base: &Path, spare: &str) -> std::path::PathBuf {
+    let out = output(
+        std::process::Command::new(jailer())
+            .args(["prepare", "--id", spare, "--exec-file"])
+            .arg(static_vmm())
+            .arg("--chroot-base")
+            .arg(base),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let dir = base.join("cella-vmm").join(spare);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), dir.display().to_string());
+    dir
+}
+
+#[test]
+fn a_prepared_jail_is_taken_once_with_its_own_netns_and_leaves_nothing_behind() {
+    let base = chroot_base("prepared");
+    let spare = jail_id("spare");
+    let id = jail_id("prepared");
+    let dir = prepare_spare(&base, &spare);
+    // The spare holds the binary's copy and a network namespace mounted beside its root.
+    let copy = dir.join("root").join("cella-vmm");
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), std::fs::metadata(static_vmm()).unwrap().len());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(mountinfo.contains(&dir.join("netns").display().to_string()), "no netns mount: {mountinfo}");
+
+    let (mut supervisor, pid) = start_spinning_with(&base, &id, &["--from-prepared", &spare]);
+    assert!(!dir.exists(), "the spare was renamed to the jail");
+    let jail_root = base.join("cella-vmm").join(&id).join("root");
+    assert_eq!(inode(Path::new(&format!("/proc/{pid}/root/"))), inode(&jail_root));
+    // The VMM sits in the spare's netns, which is not the host's.
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(theirs, std::fs::read_link("/proc/self/ns/net").unwrap());
+    assert_eq!(
+        inode(Path::new(&format!("/proc/{pid}/ns/net"))),
+        inode(&base.join("cella-vmm").join(&id).join("netns"))
+    );
+    for task in tasks(pid) {
+        assert_eq!(status_field(&format!("/proc/{pid}/task/{task}/status"), "CapEff"), "0000000000000000");
+        assert_eq!(status_field(&format!("/proc/{pid}/task/{task}/status"), "Seccomp"), "2");
+    }
+    // SAFETY: kill(2) to our own child process.
+    unsafe { libc::kill(supervisor.id() as i32, libc::SIGTERM) };
+    let status = wait_with_timeout(&mut supervisor, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(244), "the VMM reports `stopped by a signal`");
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+
+    // A spare is one launch's: a launch naming it again says so and makes its own jail.
+    let out = output(&mut jailed(&base, &jail_id("again"), &["--from-prepared", &spare], &["--", "hello"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let want = format!(
+        "not using the spare jail: spare jail {} does not exist; making the jail at launch",
+        dir.display()
+    );
+    assert!(stderr(&out).contains(&want), "{}", stderr(&out));
+    assert_eq!(residue(&base, "again"), Vec::<String>::new());
+}
+
+#[test]
+fn a_spare_made_from_another_exec_file_is_removed_not_run_and_cleanup_removes_unused_ones() {
+    let base = chroot_base("stale-spare");
+    let spare = jail_id("stale");
+    // A spare copied from a different binary (same name, another file) must not run as this one.
+    let other = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stale-spare-bin").join("cella-vmm");
+    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+    std::fs::copy(static_vmm(), &other).unwrap();
+    let out = output(
+        std::process::Command::new(jailer())
+            .args(["prepare", "--id", &spare, "--exec-file"])
+            .arg(&other)
+            .arg("--chroot-base")
+            .arg(&base),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // The launch does not run the other binary: it removes the spare and makes its own jail.
+    let id = jail_id("stale-launch");
+    let out = output(&mut jailed(&base, &id, &["--from-prepared", &spare], &["--", "hello"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("was copied from another exec-file, or the exec-file changed since (removed it)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(residue(&base, &spare), Vec::<String>::new());
+
+    // An unused spare goes with `cleanup`, its netns mount included.
+    let spare = jail_id("unused");
+    prepare_spare(&base, &spare);
+    let out = output(
+        std::process::Command::new(jailer()).args(["cleanup", "--id", &spare, "--chroot-base"]).arg(&base),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(residue(&base, &spare), Vec::<String>::new());
+    std::fs::remove_file(&other).unwrap();
+}
+
+#[test]
+fn a_spare_cannot_be_the_jails_own_id_or_a_bad_id() {
+    let base = chroot_base("spare-ids");
+    let id = jail_id("spare-ids");
+    for (spare, want) in
+        [(id.as_str(), "is the jail's own --id"), ("../x", "may only hold letters, digits and hyphens")]
+    {
+        let out = output(&mut jailed(&base, &id, &["--from-prepared", spare], &["--", "hello"]));
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{spare}: {}", stderr(&out));
+    }
+    assert!(!base.exists(), "nothing was created");
 }

@@ -50,6 +50,8 @@ pub struct ScanSpec<'a> {
     pub sarif_out: &'a Path,
     /// This worker's slot (0..concurrency): a jailed VMM runs as `jail_uid_base + slot`.
     pub slot: u32,
+    /// A spare jail to take (see [`super::spares`]).
+    pub spare: Option<&'a str>,
 }
 
 /// A started scan.
@@ -126,6 +128,9 @@ impl Launcher {
             let id = self.config.jail_uid_base.saturating_add(spec.slot).to_string();
             let jail_id = format!("job-{}", spec.job_id.trim_start_matches("job_"));
             cmd.args(["--jailed", "--jail-id", &jail_id, "--jail-uid", &id, "--jail-gid", &id]);
+            if let Some(spare) = spec.spare {
+                cmd.args(["--jail-prepared", spare]);
+            }
         }
         cmd
     }

@@ -5,6 +5,7 @@
 
 pub mod launch;
 pub mod registry;
+pub mod spares;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,8 @@ pub struct Worker {
     /// How long running jobs may take to finish after SIGTERM before they are handed back.
     pub drain_grace: Duration,
     pub launcher: Launcher,
+    /// Spare jails for jailed launches (none when VMMs run unjailed).
+    pub spares: Option<Arc<spares::Spares>>,
     pub data_dir: DataDir,
     pub metrics: Arc<Metrics>,
 }
@@ -56,6 +59,10 @@ impl Worker {
             timeout: Duration::from_secs(config.worker.timeout_secs),
             drain_grace: Duration::from_secs(config.worker.drain_secs),
             launcher: Launcher::new(&config.worker),
+            spares: config
+                .worker
+                .is_jailed()
+                .then(|| spares::Spares::new(&config.worker.vmm.clone().unwrap_or_else(launch::default_vmm))),
             data_dir,
             metrics,
         }
@@ -73,6 +80,12 @@ impl Worker {
             self.launcher.vmm().display(),
             if self.launcher.jailed() { ", jailed" } else { "" }
         );
+        if let Some(spares) = &self.spares {
+            spares.sweep_orphans().await;
+            for slot in 0..self.concurrency {
+                spares.refill(slot);
+            }
+        }
         let wake = Arc::new(Notify::new());
         let cancels: CancelMap = Arc::default();
         let listener = tokio::spawn(listen(self.pool.clone(), wake.clone(), cancels.clone()));
@@ -166,6 +179,9 @@ impl Worker {
             }
         }
         listener.abort();
+        if let Some(spares) = &me.spares {
+            spares.close().await;
+        }
         registry::stopped(&me.pool, &me.id).await?;
         eprintln!("cella worker: {} stopped", me.id);
         Ok(())
@@ -188,6 +204,7 @@ impl Worker {
             policy: &lease.policy,
             sarif_out: &sarif_out,
             slot,
+            spare: None,
         };
         let outcome = if !artifact.exists() {
             Outcome::Failed {
@@ -196,7 +213,12 @@ impl Worker {
                 vm: None,
             }
         } else {
-            match self.launcher.start(&spec) {
+            let spare = self.spares.as_ref().and_then(|s| s.take(slot));
+            let started = self.launcher.start(&ScanSpec { spare: spare.as_deref(), ..spec });
+            if let Some(spares) = &self.spares {
+                spares.refill(slot);
+            }
+            match started {
                 Err(e) => Outcome::Failed { reason: error_chain(&e), retryable: true, vm: None },
                 Ok(scan) => self.supervise(lease, scan, &mut cancel, &mut hand_back).await,
             }

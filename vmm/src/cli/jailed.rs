@@ -67,6 +67,11 @@ pub struct JailArgs {
     /// The jail's ID [default: vm-<pid>]
     #[arg(long, value_name = "ID", requires = "jailed")]
     pub jail_id: Option<String>,
+    /// A spare jail made ahead by `cella-jailer prepare` (with the same VMM binary and base) to
+    /// take instead of making the jail at launch; if it is missing or unusable the jailer says
+    /// why and makes the jail as usual
+    #[arg(long, value_name = "ID", requires = "jailed")]
+    pub jail_prepared: Option<String>,
     /// The uid the jailed VMM runs as
     #[arg(long, value_name = "UID", default_value_t = DEFAULT_JAIL_ID)]
     pub jail_uid: u32,
@@ -190,6 +195,9 @@ impl JailArgs {
 
         let mut command = Command::new(&jailer);
         command.arg("--id").arg(&id).arg("--exec-file").arg(&vmm);
+        if let Some(spare) = &self.jail_prepared {
+            command.arg("--from-prepared").arg(spare);
+        }
         command.arg("--uid").arg(self.jail_uid.to_string()).arg("--gid").arg(self.jail_gid.to_string());
         if let Some(base) = &self.chroot_base {
             command.arg("--chroot-base").arg(base);

@@ -1,0 +1,144 @@
+//! Spare jails, made ahead of the jobs that take them. Copying the VMM binary into a new jail
+//! is the slowest step of a jailed launch; `cella-jailer prepare` does it (and makes the jail's
+//! network namespace) while the slot is idle, and the slot's next launch takes the spare with
+//! `--jail-prepared`. Each slot has at most one spare; a launch refills its slot's in the
+//! background. A spare that turns out unusable (the VMM binary was replaced) costs a launch its
+//! head start only: the jailer says so and makes the jail itself.
+//!
+//! Spares are named `spare-<pid>-<n>-<k>` (worker process, spare set, serial number), so spares
+//! a crashed worker left behind are recognised and removed by the next one on the host.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::process::Command;
+
+/// Where `cella-jailer` makes jails by default (its `--chroot-base`), and the folder of the
+/// VMM's jails in it.
+const JAILS: &str = "/dev/shm/cella-jailer/cella-vmm";
+
+/// Spare sets made by this process so far (several workers may run in one process in tests).
+static SETS: AtomicU64 = AtomicU64::new(0);
+
+/// One worker's spares.
+#[derive(Debug)]
+pub struct Spares {
+    jailer: PathBuf,
+    vmm: PathBuf,
+    prefix: String,
+    serial: AtomicU64,
+    ready: Mutex<HashMap<u32, String>>,
+    /// Set once the worker stops: spares finished after that are removed, not kept.
+    closed: AtomicBool,
+    /// Set after a `prepare` failed: no more are tried (launches make their own jails).
+    broken: AtomicBool,
+}
+
+impl Spares {
+    /// Spares for jailed launches of `vmm` (with `cella-jailer` beside it).
+    pub fn new(vmm: &Path) -> Arc<Self> {
+        // The jailer refuses a symlinked exec-file; the jailed launch names the real file too.
+        let vmm = std::fs::canonicalize(vmm).unwrap_or_else(|_| vmm.to_owned());
+        let set = SETS.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Spares {
+            jailer: vmm.with_file_name("cella-jailer"),
+            vmm,
+            prefix: format!("spare-{}-{set}", std::process::id()),
+            serial: AtomicU64::new(0),
+            ready: Mutex::default(),
+            closed: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    fn ready(&self) -> std::sync::MutexGuard<'_, HashMap<u32, String>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The spare ready for `slot`, if there is one; it is the caller's to launch with.
+    pub fn take(&self, slot: u32) -> Option<String> {
+        self.ready().remove(&slot)
+    }
+
+    /// Makes a spare for `slot` in the background.
+    pub fn refill(self: &Arc<Self>, slot: u32) {
+        if self.broken.load(Ordering::Relaxed) || self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let id = format!("{}-{}", me.prefix, me.serial.fetch_add(1, Ordering::Relaxed));
+            match me.prepare(&id).await {
+                Ok(()) => {
+                    let unwanted = if me.closed.load(Ordering::Relaxed) {
+                        Some(id)
+                    } else {
+                        me.ready().insert(slot, id)
+                    };
+                    if let Some(unwanted) = unwanted {
+                        me.remove(&unwanted).await;
+                    }
+                }
+                Err(reason) => {
+                    if !me.broken.swap(true, Ordering::Relaxed) {
+                        eprintln!(
+                            "cella worker: cannot make spare jails ({reason}); jobs make their jails at launch"
+                        );
+                    }
+                }
+            }
+        });
+    }
+
+    async fn prepare(&self, id: &str) -> Result<(), String> {
+        let output = Command::new(&self.jailer)
+            .args(["prepare", "--id", id, "--exec-file"])
+            .arg(&self.vmm)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("cannot run {}: {e}", self.jailer.display()))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        }
+    }
+
+    async fn remove(&self, id: &str) {
+        let _ = Command::new(&self.jailer)
+            .args(["cleanup", "--id", id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+    }
+
+    /// Stops making spares and removes the ready ones (when the worker stops).
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        let ids: Vec<String> = self.ready().drain().map(|(_, id)| id).collect();
+        for id in ids {
+            self.remove(&id).await;
+        }
+    }
+
+    /// Removes the spares of worker processes on this host that are gone.
+    pub async fn sweep_orphans(&self) {
+        let Ok(entries) = std::fs::read_dir(JAILS) else { return };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("spare-").and_then(|rest| rest.split('-').next()) else {
+                continue;
+            };
+            let gone = pid.parse::<u32>().is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            if gone {
+                self.remove(&name).await;
+            }
+        }
+    }
+}
