@@ -123,41 +123,40 @@ fn run(args: &ScanBenchArgs) -> Result<(), String> {
 
     print!("{native}");
     let bytes = native.corpus_bytes;
-    let native_mbps = mbps(bytes, native.engine_time);
     let vm_mbps = mbps(bytes, in_vm);
+    let memory_mbps = mbps(bytes, native.engine_time);
+    // The VM and ripgrep read the corpus file (from the page cache); so does this comparison.
+    let (file_time, _) = native.engine_file.clone()?;
+    let file_mbps = mbps(bytes, file_time);
     println!();
-    println!("{:<44} {:>10} {:>10} {:>9}", "side by side, same corpus", "MB/s", "seconds", "findings");
-    println!(
-        "{:<44} {:>10.1} {:>10.3} {:>9}",
-        "cella-scan inside a Cella VM",
-        vm_mbps,
-        in_vm.as_secs_f64(),
-        vm_findings
-    );
-    println!(
-        "{:<44} {:>10.1} {:>10.3} {:>9}",
-        "cella-scan natively (this process)",
-        native_mbps,
-        native.engine_time.as_secs_f64(),
-        native.engine_findings
+    println!("{:<52} {:>10} {:>10} {:>9}", "side by side, same corpus", "MB/s", "seconds", "findings");
+    let row = |name: &str, mbps: f64, t: Duration, findings: String| {
+        println!("{name:<52} {mbps:>10.1} {:>10.3} {findings:>9}", t.as_secs_f64());
+    };
+    row("cella-scan inside a Cella VM (reading its disk)", vm_mbps, in_vm, vm_findings.to_string());
+    row("cella-scan natively, reading the file", file_mbps, file_time, native.engine_findings.to_string());
+    row(
+        "cella-scan natively, from memory",
+        memory_mbps,
+        native.engine_time,
+        native.engine_findings.to_string(),
     );
     let mut best_rg = None::<f64>;
     for r in &native.ripgrep {
         if let Ok(count) = r.outcome {
             let rg = mbps(bytes, r.time);
             best_rg = Some(best_rg.map_or(rg, |b| b.max(rg)));
-            println!(
-                "{:<44} {:>10.1} {:>10.3} {:>9}",
-                format!("ripgrep {}", r.label),
-                rg,
-                r.time.as_secs_f64(),
-                count
-            );
+            row(&format!("ripgrep {}", r.label), rg, r.time, format!("{count} lines"));
         }
     }
-    println!("in-VM / native: {:.2} (goal >= 0.90)", vm_mbps / native_mbps);
+    println!(
+        "in-VM / native, both reading the corpus file: {:.2} (goal >= 0.90); against the engine scanning \
+         an in-memory copy: {:.2}",
+        vm_mbps / file_mbps,
+        vm_mbps / memory_mbps
+    );
     if let Some(rg) = best_rg {
-        println!("native / ripgrep (faster rg run): {:.2} (goal >= 1.00)", native_mbps / rg);
+        println!("native (reading the file) / ripgrep (faster rg run): {:.2} (goal >= 1.00)", file_mbps / rg);
     }
     println!(
         "whole in-VM scan of the corpus (launch + scan + teardown): {:.0} ms",
