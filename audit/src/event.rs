@@ -340,7 +340,8 @@ pub struct EventHead<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScannedHead<'a> {
     pub chain: &'a str,
-    pub prev_hash: &'a str,
+    /// `None` when `prev_hash` is a string but not 64 lowercase hex digits.
+    pub prev_hash: Option<Hash>,
     pub seq: u64,
     pub tenant: Option<&'a str>,
     pub v: u32,
@@ -389,6 +390,18 @@ impl<'a> Scanner<'a> {
         std::str::from_utf8(&self.b[start..end]).ok()
     }
 
+    /// A string without escapes holding a hash: `Some(None)` when it is some other text.
+    fn hash_string(&mut self) -> Option<Option<Hash>> {
+        let start = self.i;
+        if let Some(h) = self.b.get(start + 1..start + 65).and_then(hash::hash_from_hex) {
+            if self.b.get(start) == Some(&b'"') && self.b.get(start + 65) == Some(&b'"') {
+                self.i = start + 66;
+                return Some(Some(h));
+            }
+        }
+        self.plain_string().map(|_| None)
+    }
+
     /// Skips any value: strings, balanced objects/arrays, scalars.
     fn skip_value(&mut self) -> Option<()> {
         match *self.b.get(self.i)? {
@@ -423,12 +436,13 @@ impl<'a> Scanner<'a> {
 
     fn number(&mut self) -> Option<u64> {
         let len = self.b[self.i..].iter().position(|c| !c.is_ascii_digit())?;
-        let digits = std::str::from_utf8(&self.b[self.i..self.i + len]).ok()?;
-        if len == 0 || len > 19 || (len > 1 && digits.starts_with('0')) {
+        let digits = &self.b[self.i..self.i + len];
+        if len == 0 || len > 19 || (len > 1 && digits[0] == b'0') {
             return None;
         }
         self.i += len;
-        digits.parse().ok()
+        // At most 19 digits: always below u64::MAX.
+        Some(digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
     }
 }
 
@@ -473,7 +487,7 @@ pub fn scan_head_prefix(bytes: &[u8]) -> Option<(ScannedHead<'_>, usize)> {
     s.expect(b",\"details\":")?;
     s.skip_value()?;
     s.expect(b",\"prev_hash\":")?;
-    let prev_hash = s.plain_string()?;
+    let prev_hash = s.hash_string()?;
     s.expect(b",\"resource\":{")?;
     s.i -= 1;
     s.skip_value()?;
@@ -499,8 +513,7 @@ pub fn scan_line(bytes: &[u8]) -> Option<(&[u8], Hash, ScannedHead<'_>, usize)> 
     if tail.len() < LINE_SUFFIX_LEN || !tail.starts_with(HASH_PREFIX) {
         return None;
     }
-    let hex = std::str::from_utf8(&tail[HASH_PREFIX.len()..HASH_PREFIX.len() + 64]).ok()?;
-    let stated = hash::hash_from_hex(hex)?;
+    let stated = hash::hash_from_hex(&tail[HASH_PREFIX.len()..HASH_PREFIX.len() + 64])?;
     if &tail[HASH_PREFIX.len() + 64..LINE_SUFFIX_LEN] != b"\"}" {
         return None;
     }
@@ -590,7 +603,7 @@ mod tests {
         let slow: EventHead<'_> = serde_json::from_slice(&body).unwrap();
         assert_eq!(
             (fast.seq, fast.chain, fast.prev_hash, fast.tenant, fast.v),
-            (42, "tenant:acme", &*slow.prev_hash, Some("acme"), 1)
+            (42, "tenant:acme", hash::hash_from_hex(&*slow.prev_hash), Some("acme"), 1)
         );
         let op = NewEvent::operator(
             None,
@@ -615,6 +628,34 @@ mod tests {
             assert_eq!(find_special(text, 0), want, "{text:?}");
         }
         assert_eq!(find_special(b"ab\"cdefghijkl\"", 3), Some(13));
+    }
+
+    #[test]
+    fn scanner_reads_prev_hash_as_a_digest_or_flags_other_text() {
+        let t = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let body = String::from_utf8(sample().encode(1, t, &[0xcd; 32])).unwrap();
+        assert_eq!(scan_head(body.as_bytes()).unwrap().prev_hash, Some([0xcd; 32]));
+        let short = body.replace(&"cd".repeat(32), "cdcd");
+        assert_eq!(scan_head(short.as_bytes()).unwrap().prev_hash, None);
+        let upper = body.replace(&"cd".repeat(32), &"CD".repeat(32));
+        assert_eq!(scan_head(upper.as_bytes()).unwrap().prev_hash, None);
+        let unquoted = body.replace(&format!("\"{}\"", "cd".repeat(32)), &"1".repeat(66));
+        assert!(scan_head(unquoted.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn scanner_reads_seq_up_to_nineteen_digits_without_leading_zeros() {
+        let t = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let body = String::from_utf8(sample().encode(1, t, &[0; 32])).unwrap();
+        let with_seq = |seq: &str| body.replace("\"seq\":1,", &format!("\"seq\":{seq},"));
+        assert_eq!(
+            scan_head(with_seq("9999999999999999999").as_bytes()).unwrap().seq,
+            9_999_999_999_999_999_999
+        );
+        assert_eq!(scan_head(with_seq("0").as_bytes()).unwrap().seq, 0);
+        for bad in ["01", "18446744073709551615", "", "-1"] {
+            assert!(scan_head(with_seq(bad).as_bytes()).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -57,9 +57,9 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
     b.chunks_exact(2).map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?)).collect()
 }
 
-/// Parses 64 lowercase hex digits into a digest.
-pub fn hash_from_hex(s: &str) -> Option<Hash> {
-    let b = s.as_bytes();
+/// Parses 64 lowercase hex digits (text or raw bytes) into a digest.
+pub fn hash_from_hex(s: impl AsRef<[u8]>) -> Option<Hash> {
+    let b = s.as_ref();
     if b.len() != 64 {
         return None;
     }
@@ -82,7 +82,7 @@ mod tests {
     fn hex_round_trips_and_rejects_uppercase() {
         let h = sha256(b"abc");
         assert_eq!(to_hex(&h), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-        assert_eq!(hash_from_hex(&to_hex(&h)), Some(h));
+        assert_eq!(hash_from_hex(to_hex(&h)), Some(h));
         assert_eq!(from_hex("0aFF"), None);
         assert_eq!(from_hex("0aff"), Some(vec![0x0a, 0xff]));
     }

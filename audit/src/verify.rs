@@ -163,7 +163,7 @@ fn parse_chunk(chunk: &[u8], chain: &str, tenant: Option<&str>) -> ParseResult {
         if hash != stated {
             return (out, Some((i, Failure::HashMismatch { seq: head.seq })));
         }
-        let Some(prev) = hash::hash_from_hex(head.prev_hash) else {
+        let Some(prev) = head.prev_hash else {
             let f = Failure::Malformed {
                 line: i as u64 + 1,
                 problem: "prev_hash is not 64 hex digits".to_owned(),
@@ -231,8 +231,10 @@ fn parse_events(
     let mut all = Vec::with_capacity(results.len());
     let mut count = 0;
     let mut lines_before = 0u64;
-    for ((parsed, failure), chunk) in results.into_iter().zip(&chunks) {
+    for (parsed, failure) in results {
         count += parsed.len();
+        // Every line of a chunk before its first bad one is an event.
+        let lines = parsed.len() as u64;
         all.push(parsed);
         if let Some((_, mut f)) = failure {
             if let Failure::Malformed { line, .. } = &mut f {
@@ -240,7 +242,7 @@ fn parse_events(
             }
             return (all, Some((count, f)));
         }
-        lines_before += chunk.iter().filter(|b| **b == b'\n').count() as u64 + 1;
+        lines_before += lines;
     }
     (all, None)
 }
@@ -328,8 +330,7 @@ pub fn verify_bundle(bundle: &Bundle, options: &Options) -> Result<Report, Failu
         if !used_keys.contains(&cp.key_id) {
             used_keys.push(cp.key_id.clone());
         }
-        let proof: Option<Vec<Hash>> =
-            entry.consistency_proof.iter().map(|h| hash::hash_from_hex(h)).collect();
+        let proof: Option<Vec<Hash>> = entry.consistency_proof.iter().map(hash::hash_from_hex).collect();
         let proof = proof.ok_or_else(|| {
             Failure::Bundle(format!("checkpoint {}: consistency proof is not hex", cp.index))
         })?;
@@ -341,7 +342,7 @@ pub fn verify_bundle(bundle: &Bundle, options: &Options) -> Result<Report, Failu
     let hash_before = hash::hash_from_hex(&start.hash_before)
         .filter(|h| start.seq_before > 0 || *h == hash::GENESIS)
         .ok_or_else(bad_start)?;
-    let peaks: Option<Vec<Hash>> = start.peaks.iter().map(|p| hash::hash_from_hex(p)).collect();
+    let peaks: Option<Vec<Hash>> = start.peaks.iter().map(hash::hash_from_hex).collect();
     let mut range =
         CompactRange::from_parts(start.seq_before, peaks.ok_or_else(bad_start)?).ok_or_else(bad_start)?;
     for pair in checkpoints.windows(2) {
