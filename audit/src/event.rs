@@ -353,6 +353,7 @@ struct Scanner<'a> {
 }
 
 impl<'a> Scanner<'a> {
+    #[inline]
     fn expect(&mut self, lit: &[u8]) -> Option<()> {
         if self.b.get(self.i..self.i + lit.len())? == lit {
             self.i += lit.len();
@@ -363,6 +364,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Skips a string starting at the opening quote.
+    #[inline]
     fn skip_string(&mut self) -> Option<()> {
         self.expect(b"\"")?;
         loop {
@@ -379,6 +381,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// A string without escapes, returned without its quotes.
+    #[inline]
     fn plain_string(&mut self) -> Option<&'a str> {
         self.expect(b"\"")?;
         let start = self.i;
@@ -391,6 +394,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// A string without escapes holding a hash: `Some(None)` when it is some other text.
+    #[inline]
     fn hash_string(&mut self) -> Option<Option<Hash>> {
         let start = self.i;
         if let Some(h) = self.b.get(start + 1..start + 65).and_then(hash::hash_from_hex) {
@@ -434,6 +438,7 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    #[inline]
     fn number(&mut self) -> Option<u64> {
         let len = self.b[self.i..].iter().position(|c| !c.is_ascii_digit())?;
         let digits = &self.b[self.i..self.i + len];
@@ -447,6 +452,7 @@ impl<'a> Scanner<'a> {
 }
 
 /// Index of the first `"`, `\\` or control character at or after `i`, eight bytes at a time.
+#[inline]
 fn find_special(b: &[u8], mut i: usize) -> Option<usize> {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;

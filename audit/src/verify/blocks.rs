@@ -6,8 +6,10 @@ use std::io::{self, Read};
 use std::ops::Deref;
 use std::sync::{mpsc, Arc};
 
-/// Block size the verifier reads `events.jsonl` in.
-pub const BLOCK_SIZE: usize = 4 << 20;
+/// Block size the verifier reads `events.jsonl` in: small enough that a block is still in the
+/// core's cache when the hasher and a worker read it after the copy from the file (1 MiB did
+/// measurably better than 4 MiB), large enough that handing blocks between threads costs nothing.
+pub const BLOCK_SIZE: usize = 1 << 20;
 
 /// A run of whole lines: each ends with `\n`, except perhaps the last line of the file.
 #[derive(Debug, Clone)]
