@@ -13,7 +13,7 @@
 //! the SHA-256 of the files before it). Readers take the members in any order.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +44,8 @@ pub enum BundleError {
     Duplicate(String),
     #[error("bundle member `{name}` is larger than {MAX_MEMBER} bytes")]
     TooLarge { name: String },
+    #[error("bundle member `{name}` is cut short")]
+    CutShort { name: String },
 }
 
 /// `manifest.json`.
@@ -393,5 +395,48 @@ impl Bundle {
             }
         }
         self.files.insert(MANIFEST.to_owned(), json_bytes(&manifest));
+    }
+}
+
+/// Where a member's data lies in a tar file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The members of a tar bundle, found from its headers alone (seeking over the data), so that a
+/// bundle can be verified without holding it in memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TarIndex {
+    pub members: BTreeMap<String, Span>,
+}
+
+impl TarIndex {
+    /// Reads the headers of a tar bundle; the same members as [`Bundle::read`] keeps, with the
+    /// same errors.
+    pub fn read<R: Read + Seek>(reader: &mut R) -> Result<Self, BundleError> {
+        let file_len = reader.seek(SeekFrom::End(0))?;
+        reader.seek(SeekFrom::Start(0))?;
+        let mut archive = tar::Archive::new(reader);
+        let mut members = BTreeMap::new();
+        for entry in archive.entries_with_seek()? {
+            let entry = entry?;
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let span = Span { offset: entry.raw_file_position(), len: entry.size() };
+            if span.len > MAX_MEMBER {
+                return Err(BundleError::TooLarge { name });
+            }
+            if span.offset.saturating_add(span.len) > file_len {
+                return Err(BundleError::CutShort { name });
+            }
+            if members.insert(name.clone(), span).is_some() {
+                return Err(BundleError::Duplicate(name));
+            }
+        }
+        Ok(Self { members })
     }
 }

@@ -340,7 +340,8 @@ pub struct EventHead<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScannedHead<'a> {
     pub chain: &'a str,
-    pub prev_hash: &'a str,
+    /// `None` when `prev_hash` is a string but not 64 lowercase hex digits.
+    pub prev_hash: Option<Hash>,
     pub seq: u64,
     pub tenant: Option<&'a str>,
     pub v: u32,
@@ -352,6 +353,7 @@ struct Scanner<'a> {
 }
 
 impl<'a> Scanner<'a> {
+    #[inline]
     fn expect(&mut self, lit: &[u8]) -> Option<()> {
         if self.b.get(self.i..self.i + lit.len())? == lit {
             self.i += lit.len();
@@ -362,6 +364,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Skips a string starting at the opening quote.
+    #[inline]
     fn skip_string(&mut self) -> Option<()> {
         self.expect(b"\"")?;
         loop {
@@ -378,6 +381,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// A string without escapes, returned without its quotes.
+    #[inline]
     fn plain_string(&mut self) -> Option<&'a str> {
         self.expect(b"\"")?;
         let start = self.i;
@@ -387,6 +391,19 @@ impl<'a> Scanner<'a> {
         }
         self.i = end + 1;
         std::str::from_utf8(&self.b[start..end]).ok()
+    }
+
+    /// A string without escapes holding a hash: `Some(None)` when it is some other text.
+    #[inline]
+    fn hash_string(&mut self) -> Option<Option<Hash>> {
+        let start = self.i;
+        if let Some(h) = self.b.get(start + 1..start + 65).and_then(hash::hash_from_hex) {
+            if self.b.get(start) == Some(&b'"') && self.b.get(start + 65) == Some(&b'"') {
+                self.i = start + 66;
+                return Some(Some(h));
+            }
+        }
+        self.plain_string().map(|_| None)
     }
 
     /// Skips any value: strings, balanced objects/arrays, scalars.
@@ -421,18 +438,21 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    #[inline]
     fn number(&mut self) -> Option<u64> {
         let len = self.b[self.i..].iter().position(|c| !c.is_ascii_digit())?;
-        let digits = std::str::from_utf8(&self.b[self.i..self.i + len]).ok()?;
-        if len == 0 || len > 19 || (len > 1 && digits.starts_with('0')) {
+        let digits = &self.b[self.i..self.i + len];
+        if len == 0 || len > 19 || (len > 1 && digits[0] == b'0') {
             return None;
         }
         self.i += len;
-        digits.parse().ok()
+        // At most 19 digits: always below u64::MAX.
+        Some(digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
     }
 }
 
 /// Index of the first `"`, `\\` or control character at or after `i`, eight bytes at a time.
+#[inline]
 fn find_special(b: &[u8], mut i: usize) -> Option<usize> {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
@@ -473,7 +493,7 @@ pub fn scan_head_prefix(bytes: &[u8]) -> Option<(ScannedHead<'_>, usize)> {
     s.expect(b",\"details\":")?;
     s.skip_value()?;
     s.expect(b",\"prev_hash\":")?;
-    let prev_hash = s.plain_string()?;
+    let prev_hash = s.hash_string()?;
     s.expect(b",\"resource\":{")?;
     s.i -= 1;
     s.skip_value()?;
@@ -499,8 +519,7 @@ pub fn scan_line(bytes: &[u8]) -> Option<(&[u8], Hash, ScannedHead<'_>, usize)> 
     if tail.len() < LINE_SUFFIX_LEN || !tail.starts_with(HASH_PREFIX) {
         return None;
     }
-    let hex = std::str::from_utf8(&tail[HASH_PREFIX.len()..HASH_PREFIX.len() + 64]).ok()?;
-    let stated = hash::hash_from_hex(hex)?;
+    let stated = hash::hash_from_hex(&tail[HASH_PREFIX.len()..HASH_PREFIX.len() + 64])?;
     if &tail[HASH_PREFIX.len() + 64..LINE_SUFFIX_LEN] != b"\"}" {
         return None;
     }
@@ -590,7 +609,7 @@ mod tests {
         let slow: EventHead<'_> = serde_json::from_slice(&body).unwrap();
         assert_eq!(
             (fast.seq, fast.chain, fast.prev_hash, fast.tenant, fast.v),
-            (42, "tenant:acme", &*slow.prev_hash, Some("acme"), 1)
+            (42, "tenant:acme", hash::hash_from_hex(&*slow.prev_hash), Some("acme"), 1)
         );
         let op = NewEvent::operator(
             None,
@@ -615,6 +634,34 @@ mod tests {
             assert_eq!(find_special(text, 0), want, "{text:?}");
         }
         assert_eq!(find_special(b"ab\"cdefghijkl\"", 3), Some(13));
+    }
+
+    #[test]
+    fn scanner_reads_prev_hash_as_a_digest_or_flags_other_text() {
+        let t = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let body = String::from_utf8(sample().encode(1, t, &[0xcd; 32])).unwrap();
+        assert_eq!(scan_head(body.as_bytes()).unwrap().prev_hash, Some([0xcd; 32]));
+        let short = body.replace(&"cd".repeat(32), "cdcd");
+        assert_eq!(scan_head(short.as_bytes()).unwrap().prev_hash, None);
+        let upper = body.replace(&"cd".repeat(32), &"CD".repeat(32));
+        assert_eq!(scan_head(upper.as_bytes()).unwrap().prev_hash, None);
+        let unquoted = body.replace(&format!("\"{}\"", "cd".repeat(32)), &"1".repeat(66));
+        assert!(scan_head(unquoted.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn scanner_reads_seq_up_to_nineteen_digits_without_leading_zeros() {
+        let t = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let body = String::from_utf8(sample().encode(1, t, &[0; 32])).unwrap();
+        let with_seq = |seq: &str| body.replace("\"seq\":1,", &format!("\"seq\":{seq},"));
+        assert_eq!(
+            scan_head(with_seq("9999999999999999999").as_bytes()).unwrap().seq,
+            9_999_999_999_999_999_999
+        );
+        assert_eq!(scan_head(with_seq("0").as_bytes()).unwrap().seq, 0);
+        for bad in ["01", "18446744073709551615", "", "-1"] {
+            assert!(scan_head(with_seq(bad).as_bytes()).is_none(), "{bad}");
+        }
     }
 
     #[test]

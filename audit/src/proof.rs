@@ -174,7 +174,7 @@ pub fn verify_proof(proof: &InclusionProof, trusted: &[PublicKey]) -> Result<Pro
             expected: head.chain.into_owned(),
         });
     }
-    let path: Option<Vec<Hash>> = proof.audit_path.iter().map(|h| hash::hash_from_hex(h)).collect();
+    let path: Option<Vec<Hash>> = proof.audit_path.iter().map(hash::hash_from_hex).collect();
     let path = path.ok_or_else(|| Failure::Bundle("the audit path is not hex".to_owned()))?;
     if proof.leaf_index + 1 != head.seq
         || !verify_inclusion(proof.leaf_index, cp.tree_size, &leaf_hash(&hash), &path, &cp.root)

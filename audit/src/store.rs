@@ -278,7 +278,10 @@ pub async fn cut_checkpoint(
         }
         let head: EventHead<'_> =
             serde_json::from_str(body).map_err(|_| corrupt(seq, "body is not an audit event"))?;
-        if head.seq != seq || head.chain != chain_key || hash::hash_from_hex(&head.prev_hash) != Some(prev) {
+        if head.seq != seq
+            || head.chain != chain_key
+            || hash::hash_from_hex(head.prev_hash.as_bytes()) != Some(prev)
+        {
             return Err(corrupt(seq, "does not link to the event before it"));
         }
         range.push(leaf_hash(&stored));

@@ -11,15 +11,29 @@
 //! 3. no checkpoint covers more events than the bundle holds (truncation);
 //! 4. the consistency proofs between consecutive checkpoints hold;
 //! 5. the manifest matches (chain, range, counts, each file's size and SHA-256).
+//!
+//! [`verify_tar`] verifies a bundle file without holding it in memory: it reads the small
+//! members first (exports write `events.jsonl` first, so it seeks), then streams `events.jsonl`
+//! in blocks through worker threads. [`verify_bundle`] runs the same checks on a [`Bundle`]
+//! held in memory.
+
+mod blocks;
+mod members;
+mod pipeline;
 
 use std::collections::HashMap;
+use std::io::{Read, Seek};
+use std::ops::ControlFlow;
 
-use crate::bundle::{self, Bundle, CheckpointsFile, KeysFile, Manifest, StartFile};
+use crate::bundle::{self, Bundle, BundleError, CheckpointsFile, KeysFile, Manifest, StartFile, TarIndex};
 use crate::checkpoint::Checkpoint;
 use crate::event::{scan_line, split_line, EventHead, EVENT_VERSION};
 use crate::hash::{self, Hash};
 use crate::keys::PublicKey;
 use crate::merkle::{leaf_hash, verify_consistency, CompactRange};
+use blocks::BLOCK_SIZE;
+use members::{InMemory, Members, TarMembers};
+use pipeline::StreamDigest;
 
 /// The first thing found wrong with a bundle.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +78,15 @@ pub enum Failure {
     Manifest(String),
 }
 
+/// Why verifying a bundle file stopped: it could not be read as a bundle, or it failed a check.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Read(#[from] BundleError),
+    #[error(transparent)]
+    Failed(#[from] Failure),
+}
+
 /// What a successful verification established.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -105,9 +128,12 @@ pub struct Options {
     pub threads: usize,
 }
 
-fn parse_json<'a, T: serde::Deserialize<'a>>(bundle: &'a Bundle, name: &str) -> Result<T, Failure> {
-    let data = bundle.files.get(name).ok_or_else(|| Failure::Bundle(format!("no {name}")))?;
-    serde_json::from_slice(data).map_err(|e| Failure::Bundle(format!("{name} is not valid: {e}")))
+fn parse_json<T: serde::de::DeserializeOwned>(
+    members: &mut dyn Members,
+    name: &str,
+) -> Result<T, VerifyError> {
+    let data = members.contents(name)?.ok_or_else(|| Failure::Bundle(format!("no {name}")))?;
+    Ok(serde_json::from_slice(&data).map_err(|e| Failure::Bundle(format!("{name} is not valid: {e}")))?)
 }
 
 /// One event after the parallel stage.
@@ -119,65 +145,77 @@ struct Parsed {
     leaf: Hash,
 }
 
-/// Events parsed so far, and the first failure with its position.
-type ParseResult = (Vec<Parsed>, Option<(usize, Failure)>);
+/// The events of one block, up to its first bad line.
+#[derive(Debug)]
+struct ParsedBlock {
+    events: Vec<Parsed>,
+    /// The first bad line, numbered from 1 within the block.
+    failure: Option<Failure>,
+}
 
-/// Parses and hashes the lines of one chunk; stops at the first bad line (its index in the
-/// chunk and the failure, with a line number relative to the chunk).
-fn parse_chunk(chunk: &[u8], chain: &str, tenant: Option<&str>) -> ParseResult {
-    let mut out = Vec::with_capacity(chunk.len() / 300 + 1);
+/// Parses and hashes the lines of one block (each line ends with `\n` but perhaps the file's
+/// last); stops at the first bad line.
+fn parse_block(block: &[u8], chain: &str, tenant: Option<&str>) -> ParsedBlock {
+    let lines = block.strip_suffix(b"\n").unwrap_or(block);
+    let mut events = Vec::with_capacity(lines.len() / 300 + 1);
     let mut pos = 0;
-    let mut i = 0;
     loop {
-        let rest = &chunk[pos..];
-        let (body, stated, head, len) = match scan_line(rest) {
-            Some(fast) => fast,
-            None => {
-                let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-                return (out, Some((i, slow_path_failure(&rest[..end], i as u64 + 1))));
+        let line_no = events.len() as u64 + 1;
+        match parse_line(&lines[pos..], line_no, chain, tenant) {
+            Ok((parsed, len)) => {
+                events.push(parsed);
+                pos += len;
             }
-        };
-        if head.v != EVENT_VERSION {
-            let f = Failure::Malformed {
-                line: i as u64 + 1,
-                problem: format!("unknown event version {}", head.v),
-            };
-            return (out, Some((i, f)));
+            Err(failure) => return ParsedBlock { events, failure: Some(failure) },
         }
-        if head.chain != chain {
-            let f = Failure::WrongChain {
-                seq: head.seq,
-                found: head.chain.to_owned(),
-                expected: chain.to_owned(),
-            };
-            return (out, Some((i, f)));
-        }
-        if let Some(t) = tenant {
-            if head.tenant != Some(t) {
-                let found = format!("tenant {}", head.tenant.unwrap_or("(none)"));
-                let f = Failure::WrongChain { seq: head.seq, found, expected: format!("tenant {t}") };
-                return (out, Some((i, f)));
-            }
-        }
-        let hash = hash::sha256(body);
-        if hash != stated {
-            return (out, Some((i, Failure::HashMismatch { seq: head.seq })));
-        }
-        let Some(prev) = hash::hash_from_hex(head.prev_hash) else {
-            let f = Failure::Malformed {
-                line: i as u64 + 1,
-                problem: "prev_hash is not 64 hex digits".to_owned(),
-            };
-            return (out, Some((i, f)));
-        };
-        out.push(Parsed { seq: head.seq, hash, prev, leaf: leaf_hash(&hash) });
-        i += 1;
-        pos += len;
-        if pos >= chunk.len() {
-            return (out, None);
+        if pos >= lines.len() {
+            return ParsedBlock { events, failure: None };
         }
         pos += 1; // the newline
     }
+}
+
+/// Parses and hashes the line that starts `rest`; returns it and its length.
+fn parse_line(
+    rest: &[u8],
+    line_no: u64,
+    chain: &str,
+    tenant: Option<&str>,
+) -> Result<(Parsed, usize), Failure> {
+    let Some((body, stated, head, len)) = scan_line(rest) else {
+        let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
+        return Err(slow_path_failure(&rest[..end], line_no));
+    };
+    if head.v != EVENT_VERSION {
+        return Err(Failure::Malformed {
+            line: line_no,
+            problem: format!("unknown event version {}", head.v),
+        });
+    }
+    if head.chain != chain {
+        return Err(Failure::WrongChain {
+            seq: head.seq,
+            found: head.chain.to_owned(),
+            expected: chain.to_owned(),
+        });
+    }
+    if let Some(t) = tenant {
+        if head.tenant != Some(t) {
+            let found = format!("tenant {}", head.tenant.unwrap_or("(none)"));
+            return Err(Failure::WrongChain { seq: head.seq, found, expected: format!("tenant {t}") });
+        }
+    }
+    let hash = hash::sha256(body);
+    if hash != stated {
+        return Err(Failure::HashMismatch { seq: head.seq });
+    }
+    let Some(prev) = head.prev_hash else {
+        return Err(Failure::Malformed {
+            line: line_no,
+            problem: "prev_hash is not 64 hex digits".to_owned(),
+        });
+    };
+    Ok((Parsed { seq: head.seq, hash, prev, leaf: leaf_hash(&hash) }, len))
 }
 
 /// Why a line that is not in the canonical layout is rejected, as precisely as serde can say.
@@ -191,58 +229,6 @@ fn slow_path_failure(line: &[u8], line_no: u64) -> Failure {
         },
     };
     Failure::Malformed { line: line_no, problem }
-}
-
-/// Splits `data` into about `n` pieces at line boundaries (each piece without its final `\n`).
-fn split_chunks(data: &[u8], n: usize) -> Vec<&[u8]> {
-    let data = data.strip_suffix(b"\n").unwrap_or(data);
-    let mut chunks = Vec::with_capacity(n);
-    let mut rest = data;
-    for k in (1..n).rev() {
-        let target = rest.len() / (k + 1);
-        match rest[target..].iter().position(|b| *b == b'\n') {
-            Some(p) if target > 0 => {
-                chunks.push(&rest[..target + p]);
-                rest = &rest[target + p + 1..];
-            }
-            _ => {}
-        }
-    }
-    chunks.push(rest);
-    chunks
-}
-
-/// Parses all events on up to `threads` threads; returns them in file order (one vector per
-/// chunk) and the first failure with its position (number of events before it).
-fn parse_events(
-    data: &[u8],
-    threads: usize,
-    chain: &str,
-    tenant: Option<&str>,
-) -> (Vec<Vec<Parsed>>, Option<(usize, Failure)>) {
-    if data.is_empty() {
-        return (Vec::new(), None);
-    }
-    let chunks = split_chunks(data, threads.max(1));
-    let results: Vec<ParseResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = chunks.iter().map(|c| s.spawn(move || parse_chunk(c, chain, tenant))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| (Vec::new(), None))).collect()
-    });
-    let mut all = Vec::with_capacity(results.len());
-    let mut count = 0;
-    let mut lines_before = 0u64;
-    for ((parsed, failure), chunk) in results.into_iter().zip(&chunks) {
-        count += parsed.len();
-        all.push(parsed);
-        if let Some((_, mut f)) = failure {
-            if let Failure::Malformed { line, .. } = &mut f {
-                *line += lines_before;
-            }
-            return (all, Some((count, f)));
-        }
-        lines_before += chunk.iter().filter(|b| **b == b'\n').count() as u64 + 1;
-    }
-    (all, None)
 }
 
 type CheckpointIter<'c> = std::iter::Peekable<std::slice::Iter<'c, (Checkpoint, Vec<Hash>)>>;
@@ -268,26 +254,173 @@ fn check_roots<'c>(
     Ok(())
 }
 
-/// Verifies a bundle. `Err` is the first failure.
-pub fn verify_bundle(bundle: &Bundle, options: &Options) -> Result<Report, Failure> {
-    let manifest: Manifest = parse_json(bundle, bundle::MANIFEST)?;
-    if manifest.format != bundle::FORMAT {
-        return Err(Failure::Bundle(format!(
-            "unknown format `{}` (this verifier reads {})",
-            manifest.format,
-            bundle::FORMAT
-        )));
-    }
-    let chain = manifest.chain.as_str();
-    let tenant_of_chain = chain.strip_prefix("tenant:");
-    let keys_file: KeysFile = parse_json(bundle, bundle::KEYS)?;
-    let cps_file: CheckpointsFile = parse_json(bundle, bundle::CHECKPOINTS)?;
-    let start: StartFile = parse_json(bundle, bundle::START)?;
-    let events =
-        bundle.files.get(bundle::EVENTS).ok_or_else(|| Failure::Bundle("no events.jsonl".to_owned()))?;
+/// Where the sequential checks stand.
+#[derive(Debug)]
+enum SequenceState {
+    /// Every event so far passed.
+    Checking,
+    /// Event `seq` came where `expected` was due: out of order if `expected` comes later,
+    /// otherwise a gap after `after`.
+    Awaiting { expected: u64, seq: u64, after: u64 },
+    /// Stopped at this failure.
+    Failed(Failure),
+}
 
-    // 1. Keys, signatures and the order of checkpoints.
-    let pinned = !options.trusted.is_empty();
+/// The checks made in file order as parsed blocks come back: consecutive seqs, each
+/// `prev_hash` the hash of the event before, and the signed roots at each checkpoint's size.
+struct Sequence<'c> {
+    last_seq: u64,
+    last_hash: Hash,
+    range: CompactRange,
+    count: u64,
+    /// Lines of the blocks taken whole (every one of them an event).
+    lines: u64,
+    next_cp: CheckpointIter<'c>,
+    /// The first checkpoint whose root did not match the events. If a later checkpoint does
+    /// match, that earlier one was signed over a different history: a fork the newer checkpoint
+    /// does not extend. Otherwise it is the events that were changed.
+    mismatch: Option<&'c Checkpoint>,
+    state: SequenceState,
+    /// The first bad line, which ends the events.
+    bad_line: Option<Failure>,
+    /// A failure reported before any other (a checkpoint not extended by a later one).
+    fatal: Option<Failure>,
+}
+
+/// What the events established.
+struct Tally<'c> {
+    count: u64,
+    last_seq: u64,
+    /// The first checkpoint beyond the last event.
+    uncovered: Option<&'c Checkpoint>,
+}
+
+impl<'c> Sequence<'c> {
+    /// Starts after `seq_before` (hash `hash_before`, Merkle range `range`).
+    fn new(
+        seq_before: u64,
+        hash_before: Hash,
+        range: CompactRange,
+        checkpoints: &'c [(Checkpoint, Vec<Hash>)],
+    ) -> Result<Self, Failure> {
+        let mut next_cp = checkpoints.iter().peekable();
+        let mut mismatch = None;
+        check_roots(seq_before, range.root(), &mut next_cp, &mut mismatch)?;
+        Ok(Self {
+            last_seq: seq_before,
+            last_hash: hash_before,
+            range,
+            count: 0,
+            lines: 0,
+            next_cp,
+            mismatch,
+            state: SequenceState::Checking,
+            bad_line: None,
+            fatal: None,
+        })
+    }
+
+    /// Takes the next parsed block; breaks once the outcome is known.
+    fn take_block(&mut self, block: ParsedBlock) -> ControlFlow<()> {
+        for event in &block.events {
+            match self.take_event(event) {
+                Ok(ControlFlow::Continue(())) => {}
+                Ok(ControlFlow::Break(())) => return ControlFlow::Break(()),
+                Err(fatal) => {
+                    self.fatal = Some(fatal);
+                    return ControlFlow::Break(());
+                }
+            }
+        }
+        if let Some(mut failure) = block.failure {
+            if let Failure::Malformed { line, .. } = &mut failure {
+                *line += self.lines;
+            }
+            self.bad_line = Some(failure);
+            return ControlFlow::Break(());
+        }
+        self.lines += block.events.len() as u64;
+        ControlFlow::Continue(())
+    }
+
+    fn take_event(&mut self, p: &Parsed) -> Result<ControlFlow<()>, Failure> {
+        match self.state {
+            SequenceState::Checking => {}
+            SequenceState::Awaiting { expected, seq, after } => {
+                if p.seq == expected {
+                    return Ok(self.fail(Failure::OutOfOrder { seq, after }));
+                }
+                return Ok(ControlFlow::Continue(()));
+            }
+            SequenceState::Failed(_) => return Ok(ControlFlow::Break(())),
+        }
+        let expected = self.last_seq + 1;
+        if p.seq != expected {
+            if p.seq == self.last_seq && self.count > 0 {
+                return Ok(self.fail(Failure::Duplicate { seq: p.seq }));
+            }
+            if p.seq < expected {
+                return Ok(self.fail(Failure::OutOfOrder { seq: p.seq, after: self.last_seq }));
+            }
+            self.state = SequenceState::Awaiting { expected, seq: p.seq, after: self.last_seq };
+            return Ok(ControlFlow::Continue(()));
+        }
+        if p.prev != self.last_hash {
+            return Ok(self.fail(Failure::BrokenLink { seq: p.seq, prev: self.last_seq }));
+        }
+        self.range.push(p.leaf);
+        self.count += 1;
+        self.last_seq = p.seq;
+        self.last_hash = p.hash;
+        if self.next_cp.peek().is_some_and(|(cp, _)| cp.tree_size == self.last_seq) {
+            check_roots(self.last_seq, self.range.root(), &mut self.next_cp, &mut self.mismatch)?;
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    fn fail(&mut self, failure: Failure) -> ControlFlow<()> {
+        self.state = SequenceState::Failed(failure);
+        ControlFlow::Break(())
+    }
+
+    /// The outcome once no more blocks come: the first failure by precedence, or the tally.
+    fn finish(mut self) -> Result<Tally<'c>, Failure> {
+        if let Some(fatal) = self.fatal {
+            return Err(fatal);
+        }
+        let failure = match self.state {
+            SequenceState::Checking => None,
+            SequenceState::Awaiting { after, .. } => Some(Failure::Gap { after }),
+            SequenceState::Failed(failure) => Some(failure),
+        };
+        if let Some(bad) = self.mismatch {
+            return Err(Failure::RootMismatch { index: bad.index, size: bad.tree_size });
+        }
+        if let Some(failure) = failure.or(self.bad_line) {
+            return Err(failure);
+        }
+        if self.count == 0 {
+            return Err(Failure::Bundle("events.jsonl holds no events".to_owned()));
+        }
+        let uncovered = self.next_cp.next().map(|(cp, _)| cp);
+        Ok(Tally { count: self.count, last_seq: self.last_seq, uncovered })
+    }
+}
+
+/// Checkpoints whose keys and signatures check out, in file order.
+struct Signed {
+    checkpoints: Vec<(Checkpoint, Vec<Hash>)>,
+    /// Ids of the keys that signed them, in order of first use.
+    used_keys: Vec<String>,
+}
+
+/// Step 1: every checkpoint's key is known (or trusted), its signature valid, its chain `chain`.
+fn check_signatures(
+    keys_file: &KeysFile,
+    cps_file: &CheckpointsFile,
+    chain: &str,
+    trusted: &[PublicKey],
+) -> Result<Signed, Failure> {
     let mut bundle_keys: HashMap<&str, PublicKey> = HashMap::new();
     for k in &keys_file.keys {
         let key = k
@@ -302,18 +435,17 @@ pub fn verify_bundle(bundle: &Bundle, options: &Options) -> Result<Report, Failu
         let cp = j.decode().ok_or_else(|| {
             Failure::Bundle(format!("checkpoint {}: root or signature is not hex", j.index))
         })?;
-        let key = if pinned {
-            options
-                .trusted
-                .iter()
-                .find(|k| k.id == cp.key_id)
-                .cloned()
-                .ok_or_else(|| Failure::UntrustedKey { index: cp.index, key_id: cp.key_id.clone() })?
-        } else {
+        let key = if trusted.is_empty() {
             bundle_keys
                 .get(cp.key_id.as_str())
                 .cloned()
                 .ok_or_else(|| Failure::UnknownKey { index: cp.index, key_id: cp.key_id.clone() })?
+        } else {
+            trusted
+                .iter()
+                .find(|k| k.id == cp.key_id)
+                .cloned()
+                .ok_or_else(|| Failure::UntrustedKey { index: cp.index, key_id: cp.key_id.clone() })?
         };
         if !key.verify(cp.signed_body().as_bytes(), &cp.signature) {
             return Err(Failure::BadSignature { index: cp.index, key_id: cp.key_id.clone() });
@@ -328,100 +460,158 @@ pub fn verify_bundle(bundle: &Bundle, options: &Options) -> Result<Report, Failu
         if !used_keys.contains(&cp.key_id) {
             used_keys.push(cp.key_id.clone());
         }
-        let proof: Option<Vec<Hash>> =
-            entry.consistency_proof.iter().map(|h| hash::hash_from_hex(h)).collect();
+        let proof: Option<Vec<Hash>> = entry.consistency_proof.iter().map(hash::hash_from_hex).collect();
         let proof = proof.ok_or_else(|| {
             Failure::Bundle(format!("checkpoint {}: consistency proof is not hex", cp.index))
         })?;
         checkpoints.push((cp, proof));
     }
+    Ok(Signed { checkpoints, used_keys })
+}
 
-    // 2. Events.
+/// The chain state `start.json` describes: the hash before the first event and the Merkle range
+/// over the events before it.
+fn start_state(start: &StartFile) -> Result<(Hash, CompactRange), Failure> {
     let bad_start = || Failure::Bundle("start.json is not valid".to_owned());
     let hash_before = hash::hash_from_hex(&start.hash_before)
         .filter(|h| start.seq_before > 0 || *h == hash::GENESIS)
         .ok_or_else(bad_start)?;
-    let peaks: Option<Vec<Hash>> = start.peaks.iter().map(|p| hash::hash_from_hex(p)).collect();
-    let mut range =
+    let peaks: Option<Vec<Hash>> = start.peaks.iter().map(hash::hash_from_hex).collect();
+    let range =
         CompactRange::from_parts(start.seq_before, peaks.ok_or_else(bad_start)?).ok_or_else(bad_start)?;
+    Ok((hash_before, range))
+}
+
+/// Checkpoints grow in index and size, and none ends before the bundle's first event.
+fn check_checkpoint_order(checkpoints: &[(Checkpoint, Vec<Hash>)], seq_before: u64) -> Result<(), Failure> {
     for pair in checkpoints.windows(2) {
         let ((old, _), (new, _)) = (&pair[0], &pair[1]);
         if new.index <= old.index || new.tree_size <= old.tree_size {
             return Err(Failure::CheckpointOrder { index: new.index, after: old.index });
         }
     }
-    if let Some((cp, _)) = checkpoints.iter().find(|(cp, _)| cp.tree_size < start.seq_before) {
+    if let Some((cp, _)) = checkpoints.iter().find(|(cp, _)| cp.tree_size < seq_before) {
         return Err(Failure::BeforeRange { index: cp.index, size: cp.tree_size });
     }
-    let threads = if options.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        options.threads
-    };
-    // The manifest's SHA-256 of events.jsonl is computed alongside, on its own thread.
-    let (events_sha256, (parsed, parse_failure)) = std::thread::scope(|s| {
-        let whole = s.spawn(|| hash::sha256(events));
-        let parsed = parse_events(events, threads, chain, tenant_of_chain);
-        (whole.join().ok(), parsed)
-    });
-    let mut last_seq = start.seq_before;
-    let mut last_hash = hash_before;
-    let mut next_cp = checkpoints.iter().peekable();
-    // The first checkpoint whose root did not match the events. If a later checkpoint does
-    // match, that earlier one was signed over a different history: a fork the newer checkpoint
-    // does not extend. Otherwise it is the events that were changed.
-    let mut mismatch: Option<&Checkpoint> = None;
-    check_roots(start.seq_before, range.root(), &mut next_cp, &mut mismatch)?;
-    let mut failure = None;
-    let mut count = 0u64;
-    for (i, p) in parsed.iter().flatten().enumerate() {
-        let expected = last_seq + 1;
-        if p.seq != expected {
-            failure = Some(if p.seq == last_seq && i > 0 {
-                Failure::Duplicate { seq: p.seq }
-            } else if p.seq > expected && !parsed.iter().flatten().skip(i).any(|q| q.seq == expected) {
-                Failure::Gap { after: last_seq }
-            } else {
-                Failure::OutOfOrder { seq: p.seq, after: last_seq }
-            });
-            break;
-        }
-        if p.prev != last_hash {
-            failure = Some(Failure::BrokenLink { seq: p.seq, prev: last_seq });
-            break;
-        }
-        range.push(p.leaf);
-        count += 1;
-        last_seq = p.seq;
-        last_hash = p.hash;
-        if next_cp.peek().is_some_and(|(cp, _)| cp.tree_size == last_seq) {
-            check_roots(last_seq, range.root(), &mut next_cp, &mut mismatch)?;
-        }
-    }
-    let failure = failure.or(parse_failure.map(|(_, f)| f));
-    if let Some(bad) = mismatch {
-        return Err(Failure::RootMismatch { index: bad.index, size: bad.tree_size });
-    }
-    if let Some(failure) = failure {
-        return Err(failure);
-    }
-    if count == 0 {
-        return Err(Failure::Bundle("events.jsonl holds no events".to_owned()));
-    }
+    Ok(())
+}
 
-    // 3. Truncation.
-    if let Some((cp, _)) = next_cp.next() {
-        return Err(Failure::Truncated { last: last_seq, index: cp.index, size: cp.tree_size });
-    }
+/// Step 2: the events, streamed through the workers into `sequence`; returns the tally and the
+/// size and SHA-256 of `events.jsonl`.
+fn verify_events<'c>(
+    members: &mut dyn Members,
+    workers: usize,
+    chain: &str,
+    tenant: Option<&str>,
+    mut sequence: Sequence<'c>,
+) -> Result<(Tally<'c>, Option<StreamDigest>), VerifyError> {
+    let mut blocks = members.events(workers)?.ok_or_else(|| Failure::Bundle("no events.jsonl".to_owned()))?;
+    let parse = |block: &[u8]| parse_block(block, chain, tenant);
+    let digest = pipeline::run(&mut *blocks, workers, &parse, &mut |block| sequence.take_block(block))
+        .map_err(|e| members::read_error(bundle::EVENTS, e))?;
+    Ok((sequence.finish()?, digest))
+}
 
-    // 4. The consistency proofs the bundle carries must hold too (they let a reviewer relate these
-    // checkpoints to ones saved from earlier exports).
+/// Step 4: the consistency proofs between consecutive checkpoints hold.
+fn check_consistency(checkpoints: &[(Checkpoint, Vec<Hash>)]) -> Result<(), Failure> {
     for pair in checkpoints.windows(2) {
         let ((old, _), (new, proof)) = (&pair[0], &pair[1]);
         if !verify_consistency(old.tree_size, new.tree_size, &old.root, &new.root, proof) {
             return Err(Failure::BadConsistencyProof { index: new.index, from: old.index });
         }
     }
+    Ok(())
+}
+
+/// Step 5: every member but the manifest is listed with its size and SHA-256, and every listed
+/// one is there (`events` is `events.jsonl`'s, computed while it was streamed).
+fn check_manifest_files(
+    manifest: &Manifest,
+    members: &mut dyn Members,
+    events: Option<StreamDigest>,
+) -> Result<(), VerifyError> {
+    let names = members.names();
+    for name in names.iter().filter(|n| n.as_str() != bundle::MANIFEST) {
+        let entry = manifest
+            .files
+            .iter()
+            .find(|e| &e.name == name)
+            .ok_or_else(|| Failure::Manifest(format!("{name} is not listed")))?;
+        let digest = match events {
+            Some(digest) if name == bundle::EVENTS => Some(digest),
+            _ => members.digest(name)?,
+        };
+        let matches =
+            digest.is_some_and(|d| entry.bytes == d.bytes && entry.sha256 == hash::to_hex(&d.sha256));
+        if !matches {
+            return Err(Failure::Manifest(format!("sha256 of {name} does not match")).into());
+        }
+    }
+    if let Some(missing) = manifest.files.iter().find(|e| !names.contains(&e.name)) {
+        return Err(Failure::Manifest(format!("{} is listed but missing", missing.name)).into());
+    }
+    Ok(())
+}
+
+/// Verifies a bundle held in memory. `Err` is the first failure.
+pub fn verify_bundle(bundle: &Bundle, options: &Options) -> Result<Report, Failure> {
+    verify_members(&mut InMemory::new(bundle, BLOCK_SIZE), options).map_err(|e| match e {
+        VerifyError::Failed(failure) => failure,
+        // Reading from memory does not fail; should it, it is still a bundle that did not verify.
+        VerifyError::Read(e) => Failure::Bundle(e.to_string()),
+    })
+}
+
+/// Verifies a tar bundle read from `reader` (a file), in memory bounded by the block size
+/// rather than by the bundle: small members are read first, `events.jsonl` is streamed.
+pub fn verify_tar<R: Read + Seek + Send>(mut reader: R, options: &Options) -> Result<Report, VerifyError> {
+    let index = TarIndex::read(&mut reader)?;
+    verify_members(&mut TarMembers::new(reader, index, BLOCK_SIZE), options)
+}
+
+/// The verifier. `Err` is the first failure (or what stopped reading the bundle).
+fn verify_members(members: &mut dyn Members, options: &Options) -> Result<Report, VerifyError> {
+    let manifest: Manifest = parse_json(members, bundle::MANIFEST)?;
+    if manifest.format != bundle::FORMAT {
+        return Err(Failure::Bundle(format!(
+            "unknown format `{}` (this verifier reads {})",
+            manifest.format,
+            bundle::FORMAT
+        ))
+        .into());
+    }
+    let chain = manifest.chain.as_str();
+    let tenant_of_chain = chain.strip_prefix("tenant:");
+    let keys_file: KeysFile = parse_json(members, bundle::KEYS)?;
+    let cps_file: CheckpointsFile = parse_json(members, bundle::CHECKPOINTS)?;
+    let start: StartFile = parse_json(members, bundle::START)?;
+    if !members.names().iter().any(|n| n == bundle::EVENTS) {
+        return Err(Failure::Bundle("no events.jsonl".to_owned()).into());
+    }
+
+    // 1. Keys, signatures and the order of checkpoints.
+    let Signed { checkpoints, used_keys } = check_signatures(&keys_file, &cps_file, chain, &options.trusted)?;
+
+    // 2. Events.
+    let (hash_before, range) = start_state(&start)?;
+    check_checkpoint_order(&checkpoints, start.seq_before)?;
+    let workers = if options.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        options.threads
+    };
+    let sequence = Sequence::new(start.seq_before, hash_before, range, &checkpoints)?;
+    let (tally, events_digest) = verify_events(members, workers, chain, tenant_of_chain, sequence)?;
+    let Tally { count, last_seq, uncovered } = tally;
+
+    // 3. Truncation.
+    if let Some(cp) = uncovered {
+        return Err(Failure::Truncated { last: last_seq, index: cp.index, size: cp.tree_size }.into());
+    }
+
+    // 4. The consistency proofs the bundle carries must hold too (they let a reviewer relate these
+    // checkpoints to ones saved from earlier exports).
+    check_consistency(&checkpoints)?;
 
     // 5. The manifest.
     let first_seq = start.seq_before + 1;
@@ -429,35 +619,19 @@ pub fn verify_bundle(bundle: &Bundle, options: &Options) -> Result<Report, Failu
         return Err(Failure::Manifest(format!(
             "range {}..{} does not match the events ({first_seq}..{last_seq})",
             manifest.range.from, manifest.range.to
-        )));
+        ))
+        .into());
     }
     if manifest.counts.events != count
         || manifest.counts.checkpoints != checkpoints.len() as u64
         || manifest.counts.keys != keys_file.keys.len() as u64
     {
-        return Err(Failure::Manifest("counts do not match the bundle's contents".to_owned()));
+        return Err(Failure::Manifest("counts do not match the bundle's contents".to_owned()).into());
     }
     if manifest.tenant.as_deref() != tenant_of_chain && tenant_of_chain.is_some() {
-        return Err(Failure::Manifest(format!("tenant does not match chain {chain}")));
+        return Err(Failure::Manifest(format!("tenant does not match chain {chain}")).into());
     }
-    for name in bundle.files.keys().filter(|n| n.as_str() != bundle::MANIFEST) {
-        let entry = manifest
-            .files
-            .iter()
-            .find(|e| &e.name == name)
-            .ok_or_else(|| Failure::Manifest(format!("{name} is not listed")))?;
-        let data = &bundle.files[name];
-        let sha256 = match events_sha256 {
-            Some(h) if name == bundle::EVENTS => h,
-            _ => hash::sha256(data),
-        };
-        if entry.bytes != data.len() as u64 || entry.sha256 != hash::to_hex(&sha256) {
-            return Err(Failure::Manifest(format!("sha256 of {name} does not match")));
-        }
-    }
-    if let Some(missing) = manifest.files.iter().find(|e| !bundle.files.contains_key(&e.name)) {
-        return Err(Failure::Manifest(format!("{} is listed but missing", missing.name)));
-    }
+    check_manifest_files(&manifest, members, events_digest)?;
 
     Ok(Report {
         chain: chain.to_owned(),
@@ -466,21 +640,186 @@ pub fn verify_bundle(bundle: &Bundle, options: &Options) -> Result<Report, Failu
         last_seq,
         checkpoints: checkpoints.len() as u64,
         keys: used_keys,
-        pinned,
+        pinned: !options.trusted.is_empty(),
         unsigned_tail: last_seq - checkpoints.last().map_or(start.seq_before, |(cp, _)| cp.tree_size),
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::Cursor;
+
+    use serde_json::json;
+    use time::OffsetDateTime;
+
     use super::*;
+    use crate::bundle::{AssembleInput, KeyJson};
+    use crate::event::format_time;
+    use crate::keys::SigningKey;
+    use crate::{Actor, Chain, NewEvent, Resource, TenantId};
+
+    /// A valid bundle of `n` events of tenant `acme`, with a checkpoint every `every` events.
+    fn bundle(n: u64, every: u64) -> Bundle {
+        let key = SigningKey::generate("k1").unwrap();
+        let tenant = TenantId::new("acme").unwrap();
+        let chain = Chain::Tenant(tenant.clone()).key();
+        let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let (mut prev, mut range) = (hash::GENESIS, CompactRange::new());
+        let (mut hashes, mut events, mut checkpoints) = (Vec::new(), Vec::new(), Vec::new());
+        for seq in 1..=n {
+            let details = json!({"n": seq, "note": "x".repeat((seq % 17) as usize)});
+            let event = NewEvent::tenant(
+                tenant.clone(),
+                Actor::ApiKey("key_1".into()),
+                "job.created",
+                Resource::new("job", format!("job-{seq}")),
+                details,
+            );
+            let body = event.encode(seq, t0, &prev);
+            prev = hash::sha256(&body);
+            range.push(leaf_hash(&prev));
+            hashes.push(prev);
+            events.push((String::from_utf8(body).unwrap(), prev));
+            if seq % every == 0 {
+                let index = checkpoints.len() as u64 + 1;
+                checkpoints.push(Checkpoint::sign(&chain, index, seq, range.root(), format_time(t0), &key));
+            }
+        }
+        let contents = bundle::assemble(AssembleInput {
+            chain: &chain,
+            tenant: Some(tenant.as_str()),
+            hashes: &hashes,
+            from: 1,
+            to: n,
+            events: &events,
+            checkpoints: &checkpoints,
+            keys: vec![KeyJson::new(&key.public(), None, None)],
+            ocsf: true,
+            exported_at: format_time(t0),
+        });
+        let mut tar = Vec::new();
+        bundle::write_bundle(&contents, &mut tar).unwrap();
+        Bundle::read(&tar[..]).unwrap()
+    }
+
+    fn tar_of(b: &Bundle) -> Vec<u8> {
+        let mut tar = Vec::new();
+        b.write(&mut tar).unwrap();
+        tar
+    }
+
+    fn failed(result: Result<Report, VerifyError>) -> Result<Report, Failure> {
+        result.map_err(|e| match e {
+            VerifyError::Failed(failure) => failure,
+            VerifyError::Read(e) => panic!("cannot read the bundle: {e}"),
+        })
+    }
+
+    /// Verifies `b` in memory and streamed from its tar file, `events.jsonl` in blocks of
+    /// `block_size` bytes, and checks that both say the same.
+    fn verify_both(b: &Bundle, block_size: usize) -> Result<Report, Failure> {
+        let options = Options { trusted: vec![], threads: 2 };
+        let in_memory = failed(verify_members(&mut InMemory::new(b, block_size), &options));
+        let mut reader = Cursor::new(tar_of(b));
+        let index = TarIndex::read(&mut reader).unwrap();
+        let streamed = failed(verify_members(&mut TarMembers::new(reader, index, block_size), &options));
+        assert_eq!(streamed, in_memory, "block size {block_size}");
+        in_memory
+    }
+
+    fn lines(b: &Bundle) -> Vec<Vec<u8>> {
+        b.files[bundle::EVENTS].split_inclusive(|c| *c == b'\n').map(<[u8]>::to_vec).collect()
+    }
+
+    fn with_lines(b: &Bundle, lines: &[Vec<u8>]) -> Bundle {
+        let mut b = b.clone();
+        b.files.insert(bundle::EVENTS.to_owned(), lines.concat());
+        b.refresh_manifest();
+        b
+    }
+
+    /// Block sizes that put a boundary exactly after the newline ending line `line` (1-based),
+    /// a few bytes into the next line, inside every line, and nowhere.
+    fn block_sizes(b: &Bundle, line: usize) -> [usize; 4] {
+        let end: usize = lines(b)[..line].iter().map(Vec::len).sum();
+        [end, end + 7, 1, BLOCK_SIZE]
+    }
 
     #[test]
-    fn splits_chunks_at_line_boundaries() {
-        let data = b"aaa\nbb\nc\ndddd\ne\n";
-        let chunks = split_chunks(data, 3);
-        let joined: Vec<u8> = chunks.join(&b'\n');
-        assert_eq!(joined, b"aaa\nbb\nc\ndddd\ne");
-        assert!(chunks.iter().all(|c| !c.starts_with(b"\n") && !c.ends_with(b"\n")));
+    fn streamed_from_a_file_and_in_memory_reports_agree() {
+        let b = bundle(50, 10);
+        let tar = tar_of(&b);
+        for threads in [0, 1, 2, 3] {
+            let options = Options { trusted: vec![], threads };
+            let in_memory = verify_bundle(&b, &options).unwrap();
+            let streamed = verify_tar(Cursor::new(&tar), &options).unwrap();
+            assert_eq!(streamed, in_memory);
+            assert_eq!((streamed.events, streamed.checkpoints, streamed.unsigned_tail), (50, 5, 0));
+        }
+    }
+
+    #[test]
+    fn block_boundaries_mid_line_and_right_after_a_newline_change_nothing() {
+        let b = bundle(50, 10);
+        let want = verify_bundle(&b, &Options::default()).unwrap();
+        for line in [1, 3, 10, 49] {
+            for size in block_sizes(&b, line) {
+                assert_eq!(
+                    verify_both(&b, size),
+                    Ok(want.clone()),
+                    "boundary after line {line}, size {size}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tampered_events_in_a_later_block_are_reported_with_their_seq_and_line() {
+        let b = bundle(50, 10);
+        let original = lines(&b);
+
+        let mut edited = original.clone();
+        let text = String::from_utf8(edited[39].clone()).unwrap();
+        edited[39] = text.replace("job-40", "job-41").into_bytes();
+        let changed = with_lines(&b, &edited);
+
+        let mut garbage = original.clone();
+        garbage[44] = b"not an event\n".to_vec();
+        let garbage = with_lines(&b, &garbage);
+
+        let mut blank = original.clone();
+        blank.insert(30, b"\n".to_vec());
+        let blank = with_lines(&b, &blank);
+
+        let mut missing = original.clone();
+        missing.remove(19);
+        let missing = with_lines(&b, &missing);
+
+        let mut swapped = original.clone();
+        swapped.swap(28, 32);
+        let swapped = with_lines(&b, &swapped);
+
+        for size in block_sizes(&b, 12) {
+            let message = |b: &Bundle| verify_both(b, size).unwrap_err().to_string();
+            assert_eq!(message(&changed), "event 40: hash mismatch");
+            assert_eq!(
+                message(&garbage),
+                "events.jsonl line 45: not a Cella audit event (expected {\"event\":…,\"hash\":\"…\"})"
+            );
+            assert_eq!(message(&blank), "events.jsonl line 31: not a Cella audit event (empty line)");
+            assert_eq!(message(&missing), "gap after 19");
+            assert_eq!(message(&swapped), "event 33: out of order after 28");
+        }
+    }
+
+    #[test]
+    fn a_bundle_file_cut_short_is_a_read_error() {
+        let tar = tar_of(&bundle(50, 10));
+        let events = TarIndex::read(&mut Cursor::new(&tar)).unwrap().members[bundle::EVENTS];
+        let cut = &tar[..(events.offset + events.len / 2) as usize];
+        match verify_tar(Cursor::new(cut), &Options::default()) {
+            Err(VerifyError::Read(BundleError::CutShort { name })) => assert_eq!(name, bundle::EVENTS),
+            other => panic!("{other:?}"),
+        }
     }
 }

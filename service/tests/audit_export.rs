@@ -18,7 +18,7 @@ use cella_audit::event::{format_time, truncate_to_micros};
 use cella_audit::export::{Export, ExportRequest, BATCH_ROWS};
 use cella_audit::hash::{self, Hash};
 use cella_audit::store::cut_checkpoint;
-use cella_audit::verify::{verify_bundle, Options, Report};
+use cella_audit::verify::{verify_bundle, verify_tar, Options, Report};
 use cella_audit::{Actor, Chain, NewEvent, Resource, SigningKey, TenantId};
 use cella_service::api::{app, AppState};
 use cella_service::config::Config;
@@ -213,6 +213,15 @@ fn verify(b: &Bundle) -> Report {
     verify_bundle(b, &Options { trusted: vec![], threads: 2 }).unwrap_or_else(|f| panic!("{f}"))
 }
 
+/// Verifies the bundle file at `path` streamed, as `cella audit verify` does, and checks that
+/// verifying it in memory says the same.
+fn verify_file(path: &std::path::Path) -> Report {
+    let options = Options { trusted: vec![], threads: 2 };
+    let streamed = verify_tar(std::fs::File::open(path).unwrap(), &options).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(streamed, verify(&Bundle::read(std::fs::File::open(path).unwrap()).unwrap()));
+    streamed
+}
+
 /// Runs `cella audit export` of the tenant's chain to `out` under `/usr/bin/time` and returns
 /// its peak RSS in KiB (`None` where `/usr/bin/time` is missing: the export still runs).
 fn cli_export_max_rss_kib(api: &Api, out: &std::path::Path) -> Option<u64> {
@@ -289,8 +298,7 @@ async fn a_chain_larger_than_the_old_cap_streams_in_bounded_memory_and_verifies(
         assert!(kib < 64 * 1024, "`cella audit export` peaked at {kib} KiB for a {bytes}-byte bundle");
     }
 
-    let bundle = Bundle::read(std::fs::File::open(&path).unwrap()).unwrap();
-    let report = verify(&bundle);
+    let report = verify_file(&path);
     assert_eq!((report.events, report.first_seq, report.last_seq), (head, 1, head));
     assert_eq!(report.unsigned_tail, 0);
 }
@@ -413,6 +421,6 @@ async fn cella_audit_download_streams_the_bundle_to_disk_and_it_verifies(pool: P
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.starts_with("wrote "), "{stderr}");
     assert!(!out.with_extension("partial").exists());
-    let report = verify(&Bundle::read(std::fs::File::open(&out).unwrap()).unwrap());
+    let report = verify_file(&out);
     assert_eq!(report.events, api.head().await);
 }

@@ -8,7 +8,7 @@ use cella_audit::event::{export_line, split_line};
 use cella_audit::export::{export, ExportRequest};
 use cella_audit::hash::{self, Hash};
 use cella_audit::store::{append, cut_checkpoint};
-use cella_audit::verify::{verify_bundle, Failure, Options, Report};
+use cella_audit::verify::{verify_bundle, verify_tar, Failure, Options, Report, VerifyError};
 use cella_audit::{Actor, Chain, NewEvent, PublicKey, Resource, SigningKey, TenantId};
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -54,8 +54,18 @@ pub async fn export_bundle(pool: &PgPool, chain: Chain) -> Bundle {
     Bundle::read(&out[..]).unwrap()
 }
 
+/// Verifies `b` in memory, and streamed from its tar file, which must say the same.
 pub fn verify(b: &Bundle, trusted: &[PublicKey]) -> Result<Report, Failure> {
-    verify_bundle(b, &Options { trusted: trusted.to_vec(), threads: 2 })
+    let options = Options { trusted: trusted.to_vec(), threads: 2 };
+    let in_memory = verify_bundle(b, &options);
+    let mut tar = Vec::new();
+    b.write(&mut tar).unwrap();
+    let streamed = verify_tar(std::io::Cursor::new(tar), &options).map_err(|e| match e {
+        VerifyError::Failed(f) => f,
+        VerifyError::Read(e) => panic!("cannot read the bundle back: {e}"),
+    });
+    assert_eq!(streamed, in_memory, "streamed from a file and in memory");
+    in_memory
 }
 
 pub fn verify_msg(b: &Bundle, trusted: &[PublicKey]) -> String {

@@ -1,7 +1,7 @@
 //! `cella audit …`: export, verify, prove, keygen, checkpoint, bench.
 
 use std::fs;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use cella_audit::bundle::Bundle;
@@ -9,7 +9,7 @@ use cella_audit::checkpoint::CheckpointPolicy;
 use cella_audit::export::{export, ExportRequest};
 use cella_audit::proof::{self, InclusionProof};
 use cella_audit::store;
-use cella_audit::verify::{self, Options};
+use cella_audit::verify::{self, Failure, Options, VerifyError};
 use cella_audit::{Chain, PublicKey, SigningKey, TenantId};
 use clap::{Args, Subcommand};
 use tokio::io::AsyncWriteExt;
@@ -194,6 +194,21 @@ fn load_key(path: Option<PathBuf>) -> Result<SigningKey, CliError> {
     Ok(SigningKey::load(&path)?)
 }
 
+impl From<Failure> for CliError {
+    fn from(failure: Failure) -> Self {
+        CliError::VerificationFailed(failure.to_string())
+    }
+}
+
+impl From<VerifyError> for CliError {
+    fn from(e: VerifyError) -> Self {
+        match e {
+            VerifyError::Read(e) => CliError::Bundle(e),
+            VerifyError::Failed(failure) => failure.into(),
+        }
+    }
+}
+
 fn verify_file(path: &Path, trusted: &[PublicKey], threads: usize) -> Result<(), CliError> {
     let mut file = fs::File::open(path).map_err(file_err(path))?;
     let mut first = [0u8; 1];
@@ -212,10 +227,8 @@ fn verify_file(path: &Path, trusted: &[PublicKey], threads: usize) -> Result<(),
         }
         return Ok(());
     }
-    // Straight from the file into each member's buffer: one copy of a large events.jsonl.
-    let bundle = Bundle::read(BufReader::with_capacity(1 << 20, file))?;
-    let report = verify::verify_bundle(&bundle, &Options { trusted: trusted.to_vec(), threads })
-        .map_err(|f| CliError::VerificationFailed(f.to_string()))?;
+    // Streamed from the file: memory stays bounded however large events.jsonl is.
+    let report = verify::verify_tar(file, &Options { trusted: trusted.to_vec(), threads })?;
     println!("{report}");
     if !report.pinned {
         eprintln!("note: keys were taken from the bundle itself; pass --trusted-key to pin them");
