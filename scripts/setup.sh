@@ -63,6 +63,15 @@ fi
 [ -e /dev/kvm ] || die "/dev/kvm does not exist: Cella needs KVM (load kvm_intel/kvm_amd, or a host that offers it)"
 [ -r /dev/kvm ] && [ -w /dev/kvm ] || die "/dev/kvm is not readable and writable by $(id -un): run as root or join the kvm group"
 
+# Huge pages for large scans: cella-vmm asks for 2 MiB pages for the heap of a VM whose artifact
+# is 16 MiB or more (~13% faster here). Shared memory gets them only if the host allows it; in
+# `advise` mode only memory that asks does, so nothing else on the host changes.
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+if [ -w "$thp" ] && grep -q '\[never\]' "$thp"; then
+  say "allowing transparent huge pages for shared memory that asks for them (shmem_enabled=advise)"
+  echo advise > "$thp"
+fi
+
 # --- Rust ---------------------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
 

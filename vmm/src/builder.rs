@@ -60,6 +60,11 @@ pub fn build(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroV
     Ok(MicroVm::new(vm, vcpu, memory, bus, config))
 }
 
+/// A VM whose disk is at least this large gets 2 MiB pages for its heap (see
+/// [`GuestMemfd::advise_huge_pages`]): a 200 MiB scan runs ~13% faster on them here, while a
+/// small job would pay for zeroing and scrubbing whole 2 MiB pages it barely uses.
+pub const HUGE_PAGES_MIN_DISK: u64 = 16 << 20;
+
 /// A built VM before it becomes a [`MicroVm`] (the snapshot tests drive its vCPU by hand).
 #[derive(Debug)]
 pub(crate) struct BuiltParts {
@@ -90,6 +95,10 @@ pub(crate) fn build_parts(
     let vm = Vm::new()?;
     let memory = GuestMemfd::new(config.mem_bytes())?;
     vm.register_memory(&memory)?;
+    if disk.as_ref().is_some_and(|d| d.size() >= HUGE_PAGES_MIN_DISK) {
+        // Not having them only costs speed (a kernel without transparent huge pages refuses).
+        let _ = memory.advise_huge_pages(boot.heap_start..boot.heap_end);
+    }
     image.load(memory.memory())?;
     let vcpu = Vcpu::new(&vm, 0)?;
     vcpu.configure(image.entry(), boot.stack_top)?;
@@ -120,4 +129,62 @@ pub(crate) fn build_parts(
         .with_virtio(mmio_base, transports);
     boot_info::write(memory.memory(), &boot, &args)?;
     Ok(BuiltParts { vm, vcpu, memory, bus: Arc::new(bus) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::default_runner_image;
+
+    /// The VmFlags of the mappings of this process that start inside `[start, end)`, by start.
+    fn vm_flags(start: u64, end: u64) -> Vec<(u64, String)> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut found = Vec::new();
+        let mut current: Option<u64> = None;
+        for line in smaps.lines() {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                if let Some(at) = current.take() {
+                    found.push((at, flags.trim().to_owned()));
+                }
+            } else if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, _)) = range.split_once('-') {
+                    if let Ok(lo) = u64::from_str_radix(lo, 16) {
+                        current = (start..end).contains(&lo).then_some(lo);
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    fn built_with_disk(disk_bytes: u64, name: &str) -> (BuiltParts, std::path::PathBuf) {
+        let disk = std::env::temp_dir().join(format!("cella-builder-{name}-{}", std::process::id()));
+        std::fs::File::create(&disk).unwrap().set_len(disk_bytes).unwrap();
+        let image =
+            default_runner_image().unwrap_or_else(|e| panic!("{e}; run scripts/build-guest.sh first"));
+        let config =
+            VmConfig { mem_mib: 64, disk: Some(disk.clone()), ..VmConfig::new(image, vec!["hello".into()]) };
+        (build_parts(&config, Box::new(std::io::sink())).unwrap(), disk)
+    }
+
+    #[test]
+    fn a_large_disk_gets_huge_pages_for_the_heap_and_a_small_one_does_not() {
+        let (parts, disk) = built_with_disk(HUGE_PAGES_MIN_DISK, "large");
+        let base = parts.memory.host_addr();
+        let flags = vm_flags(base, base + parts.memory.size());
+        // The heap from the first whole 2 MiB page on is its own mapping, advised huge; the
+        // low memory (page tables, image, boot info) is not.
+        let heap = flags.iter().find(|(at, _)| *at == base + (4 << 20));
+        assert!(heap.is_some_and(|(_, f)| f.split(' ').any(|x| x == "hg")), "{flags:?}");
+        assert!(flags.iter().any(|(at, f)| *at == base && !f.split(' ').any(|x| x == "hg")), "{flags:?}");
+        drop(parts);
+        let _ = std::fs::remove_file(disk);
+
+        let (parts, disk) = built_with_disk(HUGE_PAGES_MIN_DISK - 512, "small");
+        let base = parts.memory.host_addr();
+        let flags = vm_flags(base, base + parts.memory.size());
+        assert!(flags.iter().all(|(_, f)| !f.split(' ').any(|x| x == "hg")), "{flags:?}");
+        drop(parts);
+        let _ = std::fs::remove_file(disk);
+    }
 }

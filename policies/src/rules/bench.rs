@@ -348,8 +348,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, PolicyError> {
         .and_then(|mut f| f.write_all(&corpus))
         .and_then(|()| std::fs::read(&opts.corpus_path).map(drop))
         .map_err(|e| format!("cannot write {}: {e}", opts.corpus_path.display()));
-    let engine_file =
-        written.clone().and_then(|()| scan_file(&opts.corpus_path, compiled.as_bytes(), &limits));
+    let engine_file = written.clone().and_then(|()| scan_file(&opts.corpus_path, compiled.as_bytes()));
     let mut ripgrep = Vec::new();
     if opts.ripgrep {
         match written {
@@ -400,15 +399,17 @@ impl cella_scan::Source for FileSource {
     }
 }
 
-/// Scans the file at `path` with a fresh engine; returns wall and CPU time.
-fn scan_file(path: &std::path::Path, policy: &[u8], limits: &Limits) -> Result<(Duration, Duration), String> {
+/// Scans the file at `path` with a fresh engine built from the serialized `policy`, keeping
+/// every finding; returns wall and CPU time.
+pub fn scan_file(path: &std::path::Path, policy: &[u8]) -> Result<(Duration, Duration), String> {
+    let limits = Limits { max_findings: usize::MAX, ..Limits::default() };
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     let mut engine = Engine::from_policy_json(policy).map_err(|e| e.to_string())?;
     let mut report = Report::default();
     let c0 = cpu_times().0;
     let t = Instant::now();
-    scan_artifact(&mut FileSource { file, len }, "corpus.txt", &mut engine, limits, &mut report)
+    scan_artifact(&mut FileSource { file, len }, "corpus.txt", &mut engine, &limits, &mut report)
         .map_err(|e| e.to_string())?;
     Ok((t.elapsed(), cpu_times().0.saturating_sub(c0)))
 }

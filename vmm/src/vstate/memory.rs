@@ -170,6 +170,33 @@ impl GuestMemfd {
         self.host_addr as u64
     }
 
+    /// Asks for 2 MiB pages for the guest addresses `range` (shrunk to whole 2 MiB pages). A
+    /// guest that works through a lot of memory runs faster on them: each first touch of a page
+    /// costs a fault that is expensive under nested virtualization, and the TLB reaches 512
+    /// times further. They take effect only where the host allows huge pages for shared
+    /// memory (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` at `advise` or more); a
+    /// touched 2 MiB page is zeroed and scrubbed whole, so small guests are better off without.
+    pub fn advise_huge_pages(&self, range: Range<u64>) -> io::Result<()> {
+        const HUGE: u64 = 2 << 20;
+        let (start, end) = (range.start.next_multiple_of(HUGE), range.end.min(self.size) / HUGE * HUGE);
+        if start >= end || !matches!(self.backing, Backing::Memfd) {
+            return Ok(());
+        }
+        // SAFETY: [start, end) lies inside this mapping (end <= size); madvise only changes how
+        // the kernel backs it, not its contents.
+        let r = unsafe {
+            libc::madvise(
+                self.host_addr.add(start as usize).cast(),
+                (end - start) as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Zeroes every page the guest touched, verifies through the file that it reads back as
     /// zero, hole-punches the whole file, checks that it holds no blocks, and unmaps it.
     /// The caller must have stopped every vCPU and closed the VM first.
