@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::process::Command;
+use tokio::sync::Notify;
 
 /// Where `cella-jailer` makes jails by default (its `--chroot-base`), and the folder of the
 /// VMM's jails in it.
@@ -35,6 +36,9 @@ pub struct Spares {
     closed: AtomicBool,
     /// Set after a `prepare` failed: no more are tried (launches make their own jails).
     broken: AtomicBool,
+    /// Spares being made; [`Spares::close`] waits for them.
+    making: AtomicU64,
+    made: Notify,
 }
 
 impl Spares {
@@ -51,6 +55,8 @@ impl Spares {
             ready: Mutex::default(),
             closed: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            making: AtomicU64::new(0),
+            made: Notify::new(),
         })
     }
 
@@ -69,6 +75,7 @@ impl Spares {
             return;
         }
         let me = self.clone();
+        self.making.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             let id = format!("{}-{}", me.prefix, me.serial.fetch_add(1, Ordering::Relaxed));
             match me.prepare(&id).await {
@@ -90,6 +97,8 @@ impl Spares {
                     }
                 }
             }
+            me.making.fetch_sub(1, Ordering::AcqRel);
+            me.made.notify_waiters();
         });
     }
 
@@ -118,9 +127,20 @@ impl Spares {
             .await;
     }
 
-    /// Stops making spares and removes the ready ones (when the worker stops).
+    /// Stops making spares, waits (a few seconds at most) for those under way, which remove
+    /// themselves, and removes the ready ones (when the worker stops).
     pub async fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.making.load(Ordering::Acquire) > 0 {
+            let made = self.made.notified();
+            if self.making.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, made).await.is_err() {
+                break;
+            }
+        }
         let ids: Vec<String> = self.ready().drain().map(|(_, id)| id).collect();
         for id in ids {
             self.remove(&id).await;
