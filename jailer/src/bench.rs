@@ -4,7 +4,7 @@
 //! broken down by step (from `--timings`), so it is clear what dominates.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -218,6 +218,5 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
     }
     let _ = std::fs::remove_dir(args.chroot_base.join(vmm.file_name().unwrap_or_default()));
     let _ = std::fs::remove_dir(&args.chroot_base);
-    let _ = Path::new("");
     Ok(())
 }
