@@ -31,6 +31,7 @@ pub mod serve;
 pub mod server;
 pub mod sessions;
 mod signal;
+pub mod spares;
 pub mod tenants;
 pub mod tls;
 pub mod worker;

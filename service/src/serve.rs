@@ -185,6 +185,7 @@ pub struct Running {
     worker: Option<tokio::task::JoinHandle<Result<(), ServiceError>>>,
     checkpointer: tokio::task::JoinHandle<Result<(), cella_audit::store::StoreError>>,
     reaper: tokio::task::JoinHandle<()>,
+    session_spares: Option<Arc<crate::spares::Spares>>,
 }
 
 /// Starts the API on `config.listen`, the checkpointer and (if enabled) a worker, on a migrated
@@ -216,11 +217,19 @@ pub async fn start(
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::default());
-    let vmms = crate::sessions::vmm::Vmms::new(
-        config.worker.vmm.clone().unwrap_or_else(crate::worker::launch::default_vmm),
+    let vmm = config.worker.vmm.clone().unwrap_or_else(crate::worker::launch::default_vmm);
+    let mut vmms = crate::sessions::vmm::Vmms::new(
+        vmm.clone(),
         config.worker.scanner_image.clone(),
         config.worker.is_jailed(),
     );
+    // Session VMMs take spare jails too (one kept ready); removed when serve stops.
+    let session_spares = config.worker.is_jailed().then(|| crate::spares::Spares::new(&vmm, "session"));
+    if let Some(spares) = &session_spares {
+        spares.sweep_orphans().await;
+        spares.refill(0);
+        vmms = vmms.with_spares(spares.clone());
+    }
     let sessions = Arc::new(SessionManager::new(
         pool.clone(),
         config.sessions.clone(),
@@ -258,7 +267,7 @@ pub async fn start(
         tokio::spawn(worker.run(shutdown_rx.clone()))
     });
     let server = tokio::spawn(crate::server::serve(listener, tls_config, api::app(state), shutdown_rx));
-    Ok(Running { url, metrics, data_dir, shutdown, server, worker, checkpointer, reaper })
+    Ok(Running { url, metrics, data_dir, shutdown, server, worker, checkpointer, reaper, session_spares })
 }
 
 impl Running {
@@ -268,6 +277,9 @@ impl Running {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         let _ = self.reaper.await;
+        if let Some(spares) = &self.session_spares {
+            spares.close().await;
+        }
         if let Some(worker) = self.worker {
             match worker.await {
                 Ok(Err(e)) => eprintln!("cella serve: worker: {e}"),

@@ -202,7 +202,7 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     // The worker keeps a spare jail ready (binary copied, netns made) for its next launch,
     // which takes it: the spare seen now is gone after that launch, and a new one is made.
     let serve_pid = server.child.as_ref().unwrap().id();
-    let spare_before = wait_for_spare(serve_pid, &[]).await;
+    let spare_before = common::wait_for_spare(serve_pid, "job", &[]).await;
     // A threshold above every finding: exit 0.
     let out = cella(
         &data,
@@ -210,8 +210,8 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
         &["scan", sample.to_str().unwrap(), "--fail-on", "never", "--sarif", sarif.to_str().unwrap()],
     );
     assert_eq!(out.status.code(), Some(0));
-    assert!(!spares_of(serve_pid).contains(&spare_before), "the launch took {spare_before}");
-    wait_for_spare(serve_pid, &[spare_before]).await;
+    assert!(!common::spares_of(serve_pid, "job").contains(&spare_before), "the launch took {spare_before}");
+    common::wait_for_spare(serve_pid, "job", &[spare_before]).await;
 
     // Every transition is audited, with the scrub evidence of a jailed VM.
     let events = actions(&pool, &tenant).await;
@@ -269,33 +269,9 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     assert_eq!(std::fs::read_dir(data.join("artifacts")).unwrap().count(), 0);
     let mut server = server;
     server.stop();
-    assert_eq!(spares_of(serve_pid), Vec::<String>::new());
+    assert_eq!(common::spares_of(serve_pid, "job"), Vec::<String>::new());
+    assert_eq!(common::spares_of(serve_pid, "session"), Vec::<String>::new());
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// The spare jails of the worker in process `pid` (see the worker's `spares` module).
-fn spares_of(pid: u32) -> Vec<String> {
-    let prefix = format!("spare-{pid}-");
-    std::fs::read_dir("/dev/shm/cella-jailer/cella-vmm")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Waits for a spare of `pid` not in `old`; returns its name.
-async fn wait_for_spare(pid: u32, old: &[String]) -> String {
-    let start = Instant::now();
-    loop {
-        if let Some(new) = spares_of(pid).into_iter().find(|s| !old.contains(s)) {
-            return new;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "no spare jail appeared for worker {pid}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[sqlx::test(migrations = "../migrations")]

@@ -220,7 +220,13 @@ async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool
     assert_eq!(suspended["state"], "suspended");
     assert!(suspended["snapshot_bytes"].as_i64().unwrap() > 0, "{suspended}");
     assert!(!process_exists(first_pid), "the suspended session's VMM {first_pid} still runs");
+    // The restore takes the spare jail serve keeps ready (binary copied, netns made).
+    let serve_pid = server.child.as_ref().unwrap().id();
+    let spare = common::wait_for_spare(serve_pid, "session", &[]).await;
     assert_eq!(post(&client, &id, "resume").await["state"], "running");
+    assert!(!common::spares_of(serve_pid, "session").contains(&spare), "the restore took {spare}");
+    let log = std::fs::read_to_string(server.data.join("sessions").join(format!("{id}.vmm.log"))).unwrap();
+    assert!(!log.contains("not using the spare jail"), "{log}");
     let second_pid = vmm_pid(&pool, &id).await.unwrap();
     assert_ne!(first_pid, second_pid);
     assert_jailed(second_pid);

@@ -14,6 +14,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cella_proto::{Kind, SessionRequest};
@@ -23,6 +24,7 @@ use cella_vmm::session_client::GuestSession;
 use serde_json::Value;
 
 use crate::error::error_chain;
+use crate::spares::Spares;
 
 /// How long one request to the guest may take (a scan of a large index).
 const EXEC_TIMEOUT: Duration = Duration::from_secs(600);
@@ -151,13 +153,20 @@ pub struct Vmms {
     vmm: PathBuf,
     image: Option<PathBuf>,
     jailed: bool,
+    /// A spare jail for the next jailed launch (see [`crate::spares`]).
+    spares: Option<Arc<Spares>>,
 }
 
 impl Vmms {
     /// `vmm`: the `cella-vmm` binary (jailed: statically linked, with `cella-jailer` beside
     /// it); `image`: the scanner image (default: the VMM's own).
     pub fn new(vmm: PathBuf, image: Option<PathBuf>, jailed: bool) -> Self {
-        Self { vmm, image, jailed }
+        Self { vmm, image, jailed, spares: None }
+    }
+
+    /// Jailed launches take their jail from `spares` when one is ready.
+    pub fn with_spares(self, spares: Arc<Spares>) -> Self {
+        Self { spares: Some(spares), ..self }
     }
 
     /// Whether session VMMs run jailed.
@@ -170,8 +179,8 @@ impl Vmms {
         self.vmm.with_file_name("cella-jailer")
     }
 
-    /// The command line for `spec`.
-    pub fn command(&self, spec: &LaunchSpec) -> Command {
+    /// The command line for `spec`, taking the spare jail `spare` if it is jailed.
+    pub fn command(&self, spec: &LaunchSpec, spare: Option<&str>) -> Command {
         let mut cmd = Command::new(&self.vmm);
         cmd.arg("session").arg("--api-sock").arg(&spec.api_sock).arg("--vsock").arg(&spec.vsock);
         match &spec.source {
@@ -192,6 +201,9 @@ impl Vmms {
             let uid = jail.uid.to_string();
             cmd.args(["--jailed", "--jail-id", &jail.id, "--jail-uid", &uid, "--jail-gid", &uid]);
             cmd.arg("--session-dir").arg(&spec.dir);
+            if let Some(spare) = spare {
+                cmd.args(["--jail-prepared", spare]);
+            }
         }
         cmd
     }
@@ -208,10 +220,16 @@ impl Vmms {
             .open(&spec.log)
             .map_err(|e| VmmError::Io(format!("cannot open {}", spec.log.display()), e))?;
         let log2 = log.try_clone().map_err(|e| VmmError::Io("cannot share the VMM log".into(), e))?;
-        let mut cmd = self.command(spec);
+        let spares = self.spares.as_ref().filter(|_| spec.jail.is_some());
+        let spare = spares.and_then(|s| s.take(0));
+        let mut cmd = self.command(spec, spare.as_deref());
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
         crate::signal::detach(&mut cmd);
-        let mut child = cmd.spawn().map_err(VmmError::Spawn)?;
+        let spawned = cmd.spawn().map_err(VmmError::Spawn);
+        if let Some(spares) = spares {
+            spares.refill(0);
+        }
+        let mut child = spawned?;
         let pid = child.id();
         // Reaps the VMM when it exits while this process runs (a restarted `serve` cannot: the
         // VMM is then init's child, which reaps it).
@@ -429,16 +447,21 @@ mod tests {
             log: "/d/sessions/s1.vmm.log".into(),
             jail: Some(JailSpec { id: "session-s1".into(), uid: 65_007 }),
         };
-        let cmd = vmms.command(&spec);
-        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-        let line = args.join(" ");
+        let line = |spare| {
+            let cmd = vmms.command(&spec, spare);
+            cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        };
+        let cold = line(None);
         assert!(
-            line.ends_with(
+            cold.ends_with(
                 "--jailed --jail-id session-s1 --jail-uid 65007 --jail-gid 65007 --session-dir /d/sessions/s1"
             ),
-            "{line}"
+            "{cold}"
         );
-        assert!(line.contains("--restore /d/sessions/s1/snapshot"), "{line}");
+        assert!(cold.contains("--restore /d/sessions/s1/snapshot"), "{cold}");
+        assert!(
+            line(Some("spare-1-0-0")).ends_with("--session-dir /d/sessions/s1 --jail-prepared spare-1-0-0")
+        );
         assert_eq!(vmms.jailer(), Path::new("/opt/cella/cella-jailer"));
     }
 }

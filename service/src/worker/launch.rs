@@ -50,7 +50,7 @@ pub struct ScanSpec<'a> {
     pub sarif_out: &'a Path,
     /// This worker's slot (0..concurrency): a jailed VMM runs as `jail_uid_base + slot`.
     pub slot: u32,
-    /// A spare jail to take (see [`super::spares`]).
+    /// A spare jail to take (see [`crate::spares`]).
     pub spare: Option<&'a str>,
 }
 

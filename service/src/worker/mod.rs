@@ -5,7 +5,6 @@
 
 pub mod launch;
 pub mod registry;
-pub mod spares;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +20,7 @@ use crate::error::{error_chain, QuietLog, ServiceError};
 use crate::jobs::{CHANNEL_CANCEL, CHANNEL_JOBS};
 use crate::metrics::Metrics;
 use crate::queue::{self, Lease, Outcome, QueueError};
+use crate::spares::Spares;
 use launch::{Launcher, ScanSpec, StopReason};
 
 /// How often a worker heartbeats its own row (and learns whether to drain).
@@ -42,7 +42,7 @@ pub struct Worker {
     pub drain_grace: Duration,
     pub launcher: Launcher,
     /// Spare jails for jailed launches (none when VMMs run unjailed).
-    pub spares: Option<Arc<spares::Spares>>,
+    pub spares: Option<Arc<Spares>>,
     pub data_dir: DataDir,
     pub metrics: Arc<Metrics>,
 }
@@ -62,7 +62,7 @@ impl Worker {
             spares: config
                 .worker
                 .is_jailed()
-                .then(|| spares::Spares::new(&config.worker.vmm.clone().unwrap_or_else(launch::default_vmm))),
+                .then(|| Spares::new(&config.worker.vmm.clone().unwrap_or_else(launch::default_vmm), "job")),
             data_dir,
             metrics,
         }

@@ -248,3 +248,29 @@ pub fn wait_for_serve(child: &mut std::process::Child, data: &Path) -> (String, 
     };
     (url, std::fs::read(data.join("tls/ca.pem")).unwrap())
 }
+
+/// The spare jails of `cella serve` process `pid` for `kind` (`job`: its worker's, `session`;
+/// see the service's `spares` module).
+pub fn spares_of(pid: u32, kind: &str) -> Vec<String> {
+    let prefix = format!("spare-{pid}-{kind}");
+    std::fs::read_dir("/dev/shm/cella-jailer/cella-vmm")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (up to 20 s) for a `kind` spare of `pid` not in `old`; returns its name.
+pub async fn wait_for_spare(pid: u32, kind: &str, old: &[String]) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some(new) = spares_of(pid, kind).into_iter().find(|s| !old.contains(s)) {
+            return new;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no spare jail appeared for worker {pid}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

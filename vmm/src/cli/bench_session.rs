@@ -40,7 +40,8 @@ pub struct SessionBenchArgs {
     /// [default: a folder in the temporary folder]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// Run every session VMM through cella-jailer (`session --jailed`), as the service does
+    /// Run every session VMM through cella-jailer (`session --jailed`) from a spare jail made
+    /// ahead (untimed), as the service does
     #[arg(long)]
     pub jailed: bool,
     /// Print the figures as one JSON object instead of a table
@@ -142,8 +143,10 @@ fn bench_size(
     let mut cold = Vec::new();
     let mut kept = None;
     for run in 0..runs {
+        let spare = prepare_spare(jailed)?;
         let started = Instant::now();
-        let mut session = Session::spawn(&work, mem_mib, ("--artifact", &artifact), jailed)?;
+        let mut session =
+            Session::spawn(&work, mem_mib, ("--artifact", &artifact), jailed, spare.as_deref())?;
         session.first_answer()?;
         cold.push(ms(started));
         if run + 1 == runs {
@@ -181,8 +184,9 @@ fn bench_size(
 
     let mut restores = Vec::new();
     for _ in 0..=runs {
+        let spare = prepare_spare(jailed)?;
         let started = Instant::now();
-        let mut restored = Session::spawn(&work, mem_mib, ("--restore", &snap), jailed)?;
+        let mut restored = Session::spawn(&work, mem_mib, ("--restore", &snap), jailed, spare.as_deref())?;
         restored.first_answer()?;
         restores.push(ms(started));
         restored.stop()?;
@@ -222,6 +226,27 @@ fn write_artifact(dir: &Path, mib: u64) -> Result<(PathBuf, u64), String> {
     Ok((path, bytes.div_ceil(256 << 10) as u64))
 }
 
+/// For a jailed launch, a spare jail made (untimed) the way the service keeps one ready:
+/// `cella-jailer prepare`, with this executable as the VMM.
+fn prepare_spare(jailed: bool) -> Result<Option<String>, String> {
+    if !jailed {
+        return Ok(None);
+    }
+    static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("bench-spare-{}-{n}", std::process::id());
+    let out = Command::new(exe.with_file_name("cella-jailer"))
+        .args(["prepare", "--id", &id, "--exec-file"])
+        .arg(&exe)
+        .output()
+        .map_err(|e| format!("cannot run cella-jailer prepare: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cella-jailer prepare failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(Some(id))
+}
+
 /// A `cella-vmm session` process of this executable.
 struct Session {
     child: Option<Child>,
@@ -230,7 +255,13 @@ struct Session {
 }
 
 impl Session {
-    fn spawn(dir: &Path, mem_mib: u64, source: (&str, &Path), jailed: bool) -> Result<Session, String> {
+    fn spawn(
+        dir: &Path,
+        mem_mib: u64,
+        source: (&str, &Path),
+        jailed: bool,
+        spare: Option<&str>,
+    ) -> Result<Session, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
         let (api, vsock) = (dir.join("api.sock"), dir.join("vsock.sock"));
         let child = Command::new(exe)
@@ -241,6 +272,7 @@ impl Session {
             .arg(source.0)
             .arg(source.1)
             .args(jailed.then_some("--jailed"))
+            .args(spare.map(|id| ["--jail-prepared", id]).into_iter().flatten())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -1,12 +1,13 @@
-//! Spare jails, made ahead of the jobs that take them. Copying the VMM binary into a new jail
-//! is the slowest step of a jailed launch; `cella-jailer prepare` does it (and makes the jail's
-//! network namespace) while the slot is idle, and the slot's next launch takes the spare with
-//! `--jail-prepared`. Each slot has at most one spare; a launch refills its slot's in the
-//! background. A spare that turns out unusable (the VMM binary was replaced) costs a launch its
+//! Spare jails, made ahead of the launches that take them. Copying the VMM binary into a new
+//! jail is the slowest step of a jailed launch; `cella-jailer prepare` does it (and makes the
+//! jail's network namespace) while nothing waits, and the next launch takes the spare with
+//! `--jail-prepared`. The worker keeps one per slot, the session manager one for the next
+//! session VMM (slot 0 of its own set); a launch refills its slot's in the background. A spare that turns out unusable (the VMM binary was replaced) costs a launch its
 //! head start only: the jailer says so and makes the jail itself.
 //!
-//! Spares are named `spare-<pid>-<n>-<k>` (worker process, spare set, serial number), so spares
-//! a crashed worker left behind are recognised and removed by the next one on the host.
+//! Spares are named `spare-<pid>-<kind><n>-<k>` (the `cella` process, `job` or `session`, the
+//! set, a serial number), so spares a crashed process left behind are recognised and removed by
+//! the next one on the host.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,15 +43,16 @@ pub struct Spares {
 }
 
 impl Spares {
-    /// Spares for jailed launches of `vmm` (with `cella-jailer` beside it).
-    pub fn new(vmm: &Path) -> Arc<Self> {
+    /// Spares for jailed launches of `vmm` (with `cella-jailer` beside it); `kind` (`job`,
+    /// `session`) goes into their names.
+    pub fn new(vmm: &Path, kind: &str) -> Arc<Self> {
         // The jailer refuses a symlinked exec-file; the jailed launch names the real file too.
         let vmm = std::fs::canonicalize(vmm).unwrap_or_else(|_| vmm.to_owned());
         let set = SETS.fetch_add(1, Ordering::Relaxed);
         Arc::new(Spares {
             jailer: vmm.with_file_name("cella-jailer"),
             vmm,
-            prefix: format!("spare-{}-{set}", std::process::id()),
+            prefix: format!("spare-{}-{kind}{set}", std::process::id()),
             serial: AtomicU64::new(0),
             ready: Mutex::default(),
             closed: AtomicBool::new(false),
