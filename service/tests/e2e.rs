@@ -494,3 +494,31 @@ fn pg_ctl() -> PathBuf {
     versions.sort();
     versions.pop().unwrap()
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_rejected_upload_gets_its_answer_while_the_client_is_still_sending(pool: PgPool) {
+    let dir = scratch("rejected-upload");
+    let server = Server::start(
+        &dir.join("data"),
+        Some(&test_db_url(&pool)),
+        &[("CELLA_WORKER", "0"), ("CELLA_MAX_ARTIFACT_BYTES", "65536")],
+    );
+    let (_, client) = server.tenant("acme").await;
+    // Answered before the body is read: too large by Content-Length, and a bad parameter. The
+    // server reads and drops the rest as it closes, so the answer reaches the client every time
+    // instead of a broken connection.
+    for (query, status) in [("?policy=secrets", 413u16), ("?policy=no-such-pack", 422)] {
+        for round in 0..5 {
+            let body = vec![b'a'; 2 << 20];
+            let request = client.request(Method::POST, &format!("/v1/jobs{query}")).body(body);
+            match client.send(request).await {
+                Err(cella_service::client::ClientError::Api { status: got, .. }) => {
+                    assert_eq!(got.as_u16(), status, "{query}, round {round}")
+                }
+                other => panic!("{query}, round {round}: {other:?}"),
+            }
+        }
+    }
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
