@@ -194,6 +194,48 @@ pub struct AssembleInput<'a> {
     pub exported_at: String,
 }
 
+/// Builds, without a database, the bundle of tenant `tenant`'s whole chain made of `events`
+/// (seq 1, 2, …, each with its time): every event hashed and chained, a checkpoint signed with
+/// `key` after each seq for which `checkpoint_after` says so. For benchmarks and tests.
+pub fn offline_chain(
+    tenant: &crate::TenantId,
+    key: &crate::SigningKey,
+    events: impl IntoIterator<Item = (crate::NewEvent, time::OffsetDateTime)>,
+    checkpoint_after: impl Fn(u64) -> bool,
+    ocsf: bool,
+    exported_at: time::OffsetDateTime,
+) -> BundleContents {
+    let chain = crate::Chain::Tenant(tenant.clone()).key();
+    let (mut prev, mut range) = (hash::GENESIS, CompactRange::new());
+    let (mut hashes, mut lines, mut checkpoints) = (Vec::new(), Vec::new(), Vec::new());
+    let mut seq = 0;
+    for (event, at) in events {
+        seq += 1;
+        let body = event.encode(seq, at, &prev);
+        prev = hash::sha256(&body);
+        range.push(crate::merkle::leaf_hash(&prev));
+        hashes.push(prev);
+        lines.push((String::from_utf8_lossy(&body).into_owned(), prev));
+        if checkpoint_after(seq) {
+            let index = checkpoints.len() as u64 + 1;
+            let time = crate::event::format_time(at);
+            checkpoints.push(Checkpoint::sign(&chain, index, seq, range.root(), time, key));
+        }
+    }
+    assemble(AssembleInput {
+        chain: &chain,
+        tenant: Some(tenant.as_str()),
+        hashes: &hashes,
+        from: 1,
+        to: seq,
+        events: &lines,
+        checkpoints: &checkpoints,
+        keys: vec![KeyJson::new(&key.public(), None, None)],
+        ocsf,
+        exported_at: crate::event::format_time(exported_at),
+    })
+}
+
 /// Builds a bundle's contents: the event lines, `start.json` and the consistency proofs.
 pub fn assemble(input: AssembleInput<'_>) -> BundleContents {
     let to = input.to;

@@ -653,20 +653,15 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
-    use crate::bundle::{AssembleInput, KeyJson};
-    use crate::event::format_time;
     use crate::keys::SigningKey;
-    use crate::{Actor, Chain, NewEvent, Resource, TenantId};
+    use crate::{Actor, NewEvent, Resource, TenantId};
 
     /// A valid bundle of `n` events of tenant `acme`, with a checkpoint every `every` events.
     fn bundle(n: u64, every: u64) -> Bundle {
         let key = SigningKey::generate("k1").unwrap();
         let tenant = TenantId::new("acme").unwrap();
-        let chain = Chain::Tenant(tenant.clone()).key();
         let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let (mut prev, mut range) = (hash::GENESIS, CompactRange::new());
-        let (mut hashes, mut events, mut checkpoints) = (Vec::new(), Vec::new(), Vec::new());
-        for seq in 1..=n {
+        let events = (1..=n).map(|seq| {
             let details = json!({"n": seq, "note": "x".repeat((seq % 17) as usize)});
             let event = NewEvent::tenant(
                 tenant.clone(),
@@ -675,28 +670,9 @@ mod tests {
                 Resource::new("job", format!("job-{seq}")),
                 details,
             );
-            let body = event.encode(seq, t0, &prev);
-            prev = hash::sha256(&body);
-            range.push(leaf_hash(&prev));
-            hashes.push(prev);
-            events.push((String::from_utf8(body).unwrap(), prev));
-            if seq % every == 0 {
-                let index = checkpoints.len() as u64 + 1;
-                checkpoints.push(Checkpoint::sign(&chain, index, seq, range.root(), format_time(t0), &key));
-            }
-        }
-        let contents = bundle::assemble(AssembleInput {
-            chain: &chain,
-            tenant: Some(tenant.as_str()),
-            hashes: &hashes,
-            from: 1,
-            to: n,
-            events: &events,
-            checkpoints: &checkpoints,
-            keys: vec![KeyJson::new(&key.public(), None, None)],
-            ocsf: true,
-            exported_at: format_time(t0),
+            (event, t0)
         });
+        let contents = bundle::offline_chain(&tenant, &key, events, |seq| seq % every == 0, true, t0);
         let mut tar = Vec::new();
         bundle::write_bundle(&contents, &mut tar).unwrap();
         Bundle::read(&tar[..]).unwrap()

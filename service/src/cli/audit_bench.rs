@@ -3,14 +3,11 @@
 
 use std::time::Instant;
 
-use cella_audit::bundle::{self, AssembleInput, Bundle, KeyJson};
-use cella_audit::checkpoint::Checkpoint;
-use cella_audit::event::{format_time, truncate_to_micros};
-use cella_audit::hash::{sha256, Hash, GENESIS};
-use cella_audit::merkle::{leaf_hash, CompactRange};
+use cella_audit::bundle::{self, Bundle};
+use cella_audit::event::truncate_to_micros;
 use cella_audit::store::append;
 use cella_audit::verify::{verify_bundle, verify_tar, Options, Report};
-use cella_audit::{Actor, Chain, NewEvent, Resource, SigningKey, TenantId};
+use cella_audit::{Actor, NewEvent, Resource, SigningKey, TenantId};
 use clap::Args;
 use serde_json::json;
 use sqlx::PgPool;
@@ -127,38 +124,10 @@ async fn append_bench(args: &BenchArgs) -> Result<(), CliError> {
 fn generate_bundle(n: u64) -> Result<(Vec<u8>, cella_audit::PublicKey), CliError> {
     let key = SigningKey::generate("bench")?;
     let tenant = tenants("bench", 1)?.remove(0);
-    let chain = Chain::Tenant(tenant.clone()).key();
     let t0 = truncate_to_micros(OffsetDateTime::now_utc());
-    let mut prev: Hash = GENESIS;
-    let mut range = CompactRange::new();
-    let mut hashes = Vec::with_capacity(n as usize);
-    let mut events = Vec::with_capacity(n as usize);
-    let mut checkpoints = Vec::new();
-    for seq in 1..=n {
-        let time = t0 + time::Duration::microseconds(seq as i64);
-        let body = event(&tenant, seq).encode(seq, time, &prev);
-        let h = sha256(&body);
-        range.push(leaf_hash(&h));
-        hashes.push(h);
-        events.push((String::from_utf8(body).unwrap_or_default(), h));
-        prev = h;
-        if seq % 10_000 == 0 || seq == n {
-            let index = checkpoints.len() as u64 + 1;
-            checkpoints.push(Checkpoint::sign(&chain, index, seq, range.root(), format_time(time), &key));
-        }
-    }
-    let contents = bundle::assemble(AssembleInput {
-        chain: &chain,
-        tenant: Some(tenant.as_str()),
-        hashes: &hashes,
-        from: 1,
-        to: n,
-        events: &events,
-        checkpoints: &checkpoints,
-        keys: vec![KeyJson::new(&key.public(), None, None)],
-        ocsf: false,
-        exported_at: format_time(t0),
-    });
+    let events = (1..=n).map(|seq| (event(&tenant, seq), t0 + time::Duration::microseconds(seq as i64)));
+    let contents =
+        bundle::offline_chain(&tenant, &key, events, |seq| seq % 10_000 == 0 || seq == n, false, t0);
     let mut out = Vec::new();
     bundle::write_bundle(&contents, &mut out)
         .map_err(|e| CliError::Usage(format!("cannot write the bundle: {e}")))?;
