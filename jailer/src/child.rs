@@ -48,7 +48,13 @@ pub struct ChildPlan {
     pub rw_bind: Option<(PathBuf, PathBuf)>,
     /// Mount a fresh procfs at `/proc` (`--mount-proc`).
     pub mount_proc: bool,
+    /// Apply Landlock before exec. A held VMM gets its ruleset at its launch instead, made
+    /// once the launch's files are in the jail (see [`crate::held`]).
+    pub landlock: bool,
     pub argv: Vec<OsString>,
+    /// Descriptors to put in place of 0, 1 and 2 before exec (a held VMM's: see
+    /// [`crate::held`]); `None` keeps the supervisor's.
+    pub stdio: Option<[RawFd; 3]>,
     pub keep_fds: Vec<RawFd>,
     pub last_cap: u32,
     /// The signal mask the supervisor blocked, to restore before exec.
@@ -229,11 +235,13 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
         t.record("join-netns", start);
     }
 
-    let start = Instant::now();
-    let rw_dir = plan.rw_bind.as_ref().map(|(host, _)| host.as_path());
-    confine::landlock(&plan.exec_path, &plan.ro_jail_paths, rw_dir, plan.mount_proc)
-        .map_err(fail("landlock", "/"))?;
-    t.record("landlock", start);
+    if plan.landlock {
+        let start = Instant::now();
+        let rw_dir = plan.rw_bind.as_ref().map(|(host, _)| host.as_path());
+        confine::landlock(&plan.exec_path, &plan.ro_jail_paths, rw_dir, plan.mount_proc)
+            .map_err(fail("landlock", "/"))?;
+        t.record("landlock", start);
+    }
 
     let start = Instant::now();
     confine::drop_privileges(plan.uid, plan.gid, plan.last_cap).map_err(|(step, error)| ChildFailure {
@@ -253,6 +261,11 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
             .map_err(fail("restore-signal-mask", "/"))?;
         for &fd in &plan.keep_fds {
             check(libc::fcntl(fd, libc::F_SETFD, 0)).map_err(fail("keep-fd", format!("fd {fd}")))?;
+        }
+        for (target, &fd) in plan.stdio.iter().flatten().enumerate() {
+            if fd != target as RawFd {
+                check(libc::dup2(fd, target as RawFd)).map_err(fail("set-stdio", format!("fd {fd}")))?;
+            }
         }
     }
     Ok(())

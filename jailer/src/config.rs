@@ -114,6 +114,8 @@ pub enum ConfigError {
     Cgroup(#[from] CgroupError),
     #[error("--from-prepared `{0}` is the jail's own --id; a spare jail is prepared under an id of its own")]
     SpareIsId(String),
+    #[error("--hold cannot pass descriptors on (--keep-fd): a held VMM gets its launcher's stdin, stdout and stderr only")]
+    HoldKeepFd,
 }
 
 /// The raw request, as the command line gives it.
@@ -136,6 +138,9 @@ pub struct JailRequest {
     pub rlimits: Vec<String>,
     /// A spare jail made ahead by `cella-jailer prepare` to take instead of making one.
     pub from_prepared: Option<String>,
+    /// Make the jail and start the VMM now, and hold it for a later launch (`--hold`; see
+    /// [`crate::held`]).
+    pub hold: bool,
     pub vmm_args: Vec<OsString>,
 }
 
@@ -178,6 +183,9 @@ pub struct JailConfig {
     /// The id of a spare jail (made by `cella-jailer prepare`, copy included) that becomes this
     /// jail's folder instead of a new one: see [`crate::prepared`].
     pub from_prepared: Option<String>,
+    /// Make the jail and start the VMM now, and hold it for a later launch (`--hold`; see
+    /// [`crate::held`]).
+    pub hold: bool,
     pub vmm_args: Vec<OsString>,
 }
 
@@ -424,6 +432,9 @@ impl JailRequest {
                 return Err(ConfigError::SpareIsId(spare.clone()));
             }
         }
+        if self.hold && !self.keep_fds.is_empty() {
+            return Err(ConfigError::HoldKeepFd);
+        }
         if self.uid == 0 {
             return Err(ConfigError::RootId { what: "--uid", value: 0 });
         }
@@ -529,6 +540,7 @@ impl JailRequest {
             keep_fds: self.keep_fds,
             rlimits,
             from_prepared: self.from_prepared,
+            hold: self.hold,
             vmm_args: self.vmm_args,
         })
     }

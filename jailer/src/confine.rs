@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use landlock::{
     Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
 use crate::config::{KVM_DEVICE, PROC_DIR, SOCKET_DIR};
@@ -33,6 +33,23 @@ fn landlock_error(e: impl std::fmt::Display) -> io::Error {
 /// silently stop matching. The jail's procfs shows the VMM's own process only (see
 /// `child::mount_proc`), so what this grants is reading the VMM's own `/proc/self/*`.
 pub fn landlock(exec_path: &Path, ro_files: &[PathBuf], rw_dir: Option<&Path>, proc: bool) -> io::Result<()> {
+    let status = ruleset(exec_path, ro_files, rw_dir, proc)?.restrict_self().map_err(landlock_error)?;
+    if status.ruleset == RulesetStatus::NotEnforced {
+        return Err(io::Error::other("this kernel does not enforce Landlock"));
+    }
+    Ok(())
+}
+
+/// The ruleset [`landlock`] enforces, made but not enforced: its rules attach to the files the
+/// paths name now, as this process sees them. A held jail's supervisor makes it inside the
+/// VMM's mount namespace once the launch's files are bound, and hands it to the VMM, which
+/// enforces it on itself (`cella_vmm::held`).
+pub fn ruleset(
+    exec_path: &Path,
+    ro_files: &[PathBuf],
+    rw_dir: Option<&Path>,
+    proc: bool,
+) -> io::Result<RulesetCreated> {
     let fs_all = AccessFs::from_all(LANDLOCK_ABI);
     let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = vec![
         // exec opens the binary for reading as well as executing.
@@ -71,11 +88,7 @@ pub fn landlock(exec_path: &Path, ro_files: &[PathBuf], rw_dir: Option<&Path>, p
         let fd = PathFd::new(&path).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
         ruleset = ruleset.add_rule(PathBeneath::new(fd, access)).map_err(landlock_error)?;
     }
-    let status = ruleset.restrict_self().map_err(landlock_error)?;
-    if status.ruleset == RulesetStatus::NotEnforced {
-        return Err(io::Error::other("this kernel does not enforce Landlock"));
-    }
-    Ok(())
+    Ok(ruleset)
 }
 
 /// `struct __user_cap_header_struct`.

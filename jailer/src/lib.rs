@@ -42,7 +42,9 @@ pub mod config;
 pub mod confine;
 pub mod exec_copy;
 pub mod handover;
+pub mod held;
 pub mod prepared;
+pub mod rebind;
 pub mod supervisor;
 pub mod timing;
 

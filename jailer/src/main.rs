@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use cella_jailer::held::{self, Take};
 use cella_jailer::timing::Timings;
-use cella_jailer::{error_chain, supervisor, JailRequest, VmmStatus};
+use cella_jailer::{error_chain, supervisor, JailError, JailRequest, VmmStatus};
 use clap::{Args, Parser, Subcommand};
 
 /// Bad command line or a request refused before anything was created.
@@ -148,6 +149,13 @@ struct JailArgs {
     /// A spare that is missing or unusable is reported on stderr and the jail made as usual
     #[arg(long, value_name = "ID")]
     from_prepared: Option<String>,
+    /// Make the jail and start the VMM now (with `--await-go` as its first argument: it builds
+    /// its VM and waits), print `ready ID` on stdout, and hold it for one later launch with
+    /// `--from-prepared ID` and the same jail but for its --id; that launch's stdin, stdout and
+    /// stderr become the VMM's. SIGINT, SIGTERM or SIGHUP (also sent when this process's parent
+    /// dies) discard it. The jail keeps this --id
+    #[arg(long, conflicts_with = "from_prepared")]
+    hold: bool,
     /// Print what each step cost on stderr when the VMM ends
     #[arg(long)]
     timings: bool,
@@ -252,6 +260,7 @@ fn main() -> ExitCode {
         keep_fds: a.keep_fds,
         rlimits: a.rlimits,
         from_prepared: a.from_prepared,
+        hold: a.hold,
         vmm_args: a.vmm_args,
     };
     let config = match request.validate() {
@@ -263,8 +272,31 @@ fn main() -> ExitCode {
     };
     let mut timings = Timings::default();
     timings.record("validate", started);
-    let outcome = match supervisor::run(&config, &mut timings) {
+    if config.hold {
+        // A held spare goes with whoever holds it.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) };
+    }
+    let mut config = config;
+    let held = match &config.from_prepared {
+        Some(spare) => held::take(&config, spare, &mut timings),
+        None => Ok(Take::NotHeld),
+    };
+    let outcome = match held {
+        Ok(Take::Ran(outcome)) => Ok(outcome),
+        Ok(Take::Refused) => {
+            config.from_prepared = None;
+            supervisor::run(&config, &mut timings)
+        }
+        Ok(Take::NotHeld) => supervisor::run(&config, &mut timings),
+        Err(e) => Err(e),
+    };
+    let outcome = match outcome {
         Ok(outcome) => outcome,
+        Err(e @ JailError::HeldDiscarded(_)) => {
+            eprintln!("cella-jailer: jail {}: {}; its jail is removed", config.id, error_chain(&e));
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!(
                 "cella-jailer: jail {} failed, and nothing is left behind: {}",

@@ -7,8 +7,9 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use crate::cgroup::{CgroupError, Version};
 use crate::child::{self, ChildPlan};
 use crate::config::{JailConfig, KVM_DEVICE, PROC_DIR, SOCKET_DIR};
 use crate::exec_copy::Copier;
+use crate::held::Held;
 use crate::timing::Timings;
 
 /// Why the jail could not be set up or taken down. Each names the step and the path.
@@ -34,6 +36,14 @@ pub enum JailError {
     Prepared { spare: PathBuf, problem: &'static str },
     #[error("step `cgroups` failed")]
     Cgroup(#[from] CgroupError),
+    /// A held spare that was given up before a launch took it (see [`crate::held`]).
+    #[error("the held spare was discarded before a launch took it: {0}")]
+    HeldDiscarded(&'static str),
+    #[error("the held spare's VMM ended before a launch took it: {0}")]
+    HeldVmmEnded(String),
+    /// A held jail's supervisor reported this (see [`crate::held`]).
+    #[error("{0}")]
+    Reported(String),
     #[error("step `{step}` failed")]
     Handover {
         step: &'static str,
@@ -359,6 +369,12 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
         Some(path) => Some(File::open(path).map_err(step("open-netns", path))?),
         None => None,
     };
+    // A held VMM's stdin is a socket to this supervisor, its stdout and stderr ours until its
+    // launch brings the launcher's (`crate::held`).
+    let held_vmm = match config.hold {
+        true => Some(UnixStream::pair().map_err(step("hold", "socketpair"))?),
+        false => None,
+    };
     let last_cap = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -380,9 +396,12 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
         ro_jail_paths: config.ro_files.iter().map(|f| f.jail.clone()).collect(),
         rw_bind: config.bind_rw.as_ref().map(|dir| (dir.clone(), config.host_path(dir))),
         mount_proc: config.mount_proc,
+        landlock: !config.hold,
         argv: std::iter::once(OsString::from(&config.exec_name))
+            .chain(config.hold.then(|| OsString::from(crate::held::AWAIT_GO)))
             .chain(config.vmm_args.iter().cloned())
             .collect(),
+        stdio: held_vmm.as_ref().map(|(_, vmm_end)| [vmm_end.as_raw_fd(), 2, 2]),
         keep_fds: config.keep_fds.clone(),
         last_cap,
         old_mask,
@@ -438,13 +457,63 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     t.push("exec", (waited_ms - child_ms.max(copy_wait_ms)).max(0.0));
     drop(netns);
 
+    let signals = crate::held::signal_fd(&supervised_signals()).map_err(step("supervise", "signalfd"))?;
+    let mut launcher = None;
+    let mut launch_socket_dir = None;
+    let mut launch_steps = 0;
+    if let Some((held, _)) = held_vmm {
+        let give_up = |e: JailError| {
+            // SAFETY: kill(2) to our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = wait_for(pid);
+            e
+        };
+        match crate::held::hold(config, pid, &held, &signals).map_err(give_up)? {
+            Held::Taken { launcher: conn, socket_dir } => {
+                launcher = Some(conn);
+                launch_socket_dir = socket_dir;
+            }
+            Held::Discarded(why) => return Err(give_up(JailError::HeldDiscarded(why))),
+            Held::VmmEnded(status) => {
+                let outcome = Outcome {
+                    status,
+                    pid,
+                    limits_hit: Vec::new(),
+                    timings: Timings::default(),
+                    cleanup_error: None,
+                };
+                return Err(JailError::HeldVmmEnded(outcome.describe(&config.id)));
+            }
+        }
+        launch_steps = t.steps.len();
+    }
+
     let start = Instant::now();
-    let status = supervise(pid);
+    let status = supervise(pid, &signals, launcher.as_ref());
     t.record("vmm-run", start);
 
     let limits_hit = config.cgroups.limits_hit();
-    let cleanup_error = residue.remove(t).err();
-    Ok(Outcome { status, pid, limits_hit, timings: t.clone(), cleanup_error })
+    let mut cleanup_error = residue.remove(t).err();
+    if let Some(dir) = launch_socket_dir {
+        // A held jail's launch brought its socket folder; it goes with the jail.
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                cleanup_error = cleanup_error.or(Some(JailError::Step {
+                    step: "remove-socket-folder",
+                    path: dir,
+                    source: e,
+                }));
+            }
+        }
+    }
+    let outcome = Outcome { status, pid, limits_hit, timings: t.clone(), cleanup_error };
+    if let Some(conn) = launcher {
+        // The launcher's timings are those of its launch: from the take on.
+        let launch = Outcome { timings: Timings { steps: t.steps[launch_steps..].to_vec() }, ..outcome };
+        let _ = (&conn).write_all(crate::held::encode_outcome(&launch).as_bytes());
+        return Ok(Outcome { timings: t.clone(), ..launch });
+    }
+    Ok(outcome)
 }
 
 /// Step names the child may report (so errors carry `&'static str`).
@@ -473,12 +542,13 @@ const STEP_NAMES: &[&str] = &[
     "clear-capabilities",
     "restore-signal-mask",
     "keep-fd",
+    "set-stdio",
     "exec",
 ];
 
 const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
-fn empty_sigset() -> libc::sigset_t {
+pub(crate) fn empty_sigset() -> libc::sigset_t {
     // SAFETY: sigemptyset initialises the set it is given.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -487,7 +557,7 @@ fn empty_sigset() -> libc::sigset_t {
     }
 }
 
-fn supervised_signals() -> libc::sigset_t {
+pub(crate) fn supervised_signals() -> libc::sigset_t {
     let mut set = empty_sigset();
     for signal in FORWARDED.into_iter().chain([libc::SIGCHLD]) {
         // SAFETY: adds a valid signal number to an initialised set.
@@ -604,7 +674,7 @@ fn decode_status(status: i32) -> VmmStatus {
     }
 }
 
-fn wait_for(pid: i32) -> VmmStatus {
+pub(crate) fn wait_for(pid: i32) -> VmmStatus {
     let mut status = 0;
     loop {
         // SAFETY: waitpid on our own child, writing into `status`.
@@ -618,6 +688,13 @@ fn wait_for(pid: i32) -> VmmStatus {
     }
 }
 
+/// The VMM's status if it has ended (reaped), without waiting.
+pub(crate) fn try_wait(pid: i32) -> Option<VmmStatus> {
+    let mut status = 0;
+    // SAFETY: non-blocking waitpid on our own child.
+    (unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid).then(|| decode_status(status))
+}
+
 /// How often a forwarded signal is sent again until the VMM ends: a signal that reaches the
 /// VMM before it has installed its handlers (as PID 1 of its namespace it ignores unhandled
 /// signals from outside) is not lost.
@@ -625,28 +702,29 @@ const RESEND_EVERY: Duration = Duration::from_millis(50);
 /// How long a VMM may take to stop after a forwarded signal before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Waits for the VMM, passing SIGINT/SIGTERM/SIGHUP/SIGQUIT on to it.
-fn supervise(pid: i32) -> VmmStatus {
-    let set = supervised_signals();
+/// Waits for the VMM, passing SIGINT/SIGTERM/SIGHUP/SIGQUIT on to it. `launcher` is a held
+/// jail's launcher ([`crate::held`]): if it goes away, the VMM is killed.
+fn supervise(pid: i32, signals: &OwnedFd, launcher: Option<&UnixStream>) -> VmmStatus {
     let mut forwarding: Option<(i32, Instant)> = None;
+    let mut fds = vec![signals.as_raw_fd()];
+    fds.extend(launcher.map(|l| l.as_raw_fd()));
     loop {
-        let mut status = 0;
-        // SAFETY: non-blocking waitpid on our own child.
-        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-            return decode_status(status);
+        if let Some(status) = try_wait(pid) {
+            return status;
         }
-        let timeout = libc::timespec { tv_sec: 0, tv_nsec: RESEND_EVERY.as_nanos() as libc::c_long };
-        // SAFETY: sigtimedwait on signals this thread blocked; `info` is written by the kernel.
-        let signal = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            if forwarding.is_some() {
-                libc::sigtimedwait(&set, &mut info, &timeout)
-            } else {
-                libc::sigwaitinfo(&set, &mut info)
+        let ready = crate::held::poll_read(&fds, forwarding.map(|_| RESEND_EVERY));
+        if ready[0] {
+            if let Some(signal) = crate::held::read_signal(signals).filter(|s| FORWARDED.contains(s)) {
+                forwarding.get_or_insert((signal, Instant::now()));
             }
-        };
-        if FORWARDED.contains(&signal) {
-            forwarding.get_or_insert((signal, Instant::now()));
+        }
+        // The launcher sends nothing after its request: anything readable is its going away,
+        // and with it whoever wanted this VM.
+        if ready.get(1) == Some(&true)
+            && launcher.is_some_and(|l| (&*l).read(&mut [0u8; 64]).map_or(true, |n| n == 0))
+        {
+            forwarding = Some((libc::SIGKILL, Instant::now()));
+            fds.truncate(1);
         }
         if let Some((signal, since)) = forwarding {
             let signal = if since.elapsed() > STOP_GRACE { libc::SIGKILL } else { signal };

@@ -199,10 +199,17 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     let log: Value = serde_json::from_slice(&std::fs::read(&sarif).unwrap()).unwrap();
     assert_eq!(log["version"], "2.1.0");
     assert_eq!(log["runs"][0]["results"].as_array().unwrap().len(), 5);
-    // The worker keeps a spare jail ready (binary copied, netns made) for its next launch,
-    // which takes it: the spare seen now is gone after that launch, and a new one is made.
+    // The worker keeps a held spare ready (jail made, VMM started and its VM built) for its
+    // next launch, which takes it: the spare seen now is gone after that launch, the VM says
+    // it was built ahead, and a new one is made.
     let serve_pid = server.child.as_ref().unwrap().id();
     let spare_before = common::wait_for_spare(serve_pid, "job", &[]).await;
+    let held = Path::new("/dev/shm/cella-jailer/cella-vmm").join(&spare_before).join("hold.sock");
+    let start = std::time::Instant::now();
+    while !held.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{} never held a VMM", spare_before);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A threshold above every finding: exit 0.
     let out = cella(
         &data,
@@ -211,6 +218,12 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     );
     assert_eq!(out.status.code(), Some(0));
     assert!(!common::spares_of(serve_pid, "job").contains(&spare_before), "the launch took {spare_before}");
+    let vm: Value =
+        sqlx::query_scalar("SELECT vm FROM jobs WHERE state = 'succeeded' ORDER BY finished_at DESC LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(vm["built_ahead"], true, "{vm}");
     common::wait_for_spare(serve_pid, "job", &[spare_before]).await;
 
     // Every transition is audited, with the scrub evidence of a jailed VM.

@@ -56,8 +56,7 @@ impl BuildError {
 
 /// Builds the microVM described by `config`, with guest console output going to `console`.
 pub fn build(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroVm, BuildError> {
-    let BuiltParts { vm, vcpu, memory, bus } = build_parts(config, console)?;
-    Ok(MicroVm::new(vm, vcpu, memory, bus, config))
+    Prebuilt::new(config)?.finish(config, console)
 }
 
 /// A VM whose disk is at least this large gets 2 MiB pages for its heap (see
@@ -74,61 +73,97 @@ pub(crate) struct BuiltParts {
     pub bus: Arc<IoBus>,
 }
 
+/// The part of a build that needs no input from the job beyond its [`VmConfig`]'s image and
+/// memory size: the image read and checked, the VM and its memory made, the image loaded, the
+/// vCPU created with its CPUID. A VMM started ahead in a held jail (`--await-go`) does this
+/// before its launch; [`Prebuilt::finish`] does the rest.
+#[derive(Debug)]
+pub struct Prebuilt {
+    image: GuestImage,
+    vm: Vm,
+    vcpu: Vcpu,
+    memory: GuestMemfd,
+}
+
+impl Prebuilt {
+    /// The first half of [`build`]. `config` must be the one later given to [`Prebuilt::finish`].
+    pub fn new(config: &VmConfig) -> Result<Prebuilt, BuildError> {
+        config.validate()?;
+        let image = GuestImage::open(&config.image)?;
+        let vm = Vm::new()?;
+        let memory = GuestMemfd::new(config.mem_bytes())?;
+        vm.register_memory(&memory)?;
+        image.load(memory.memory())?;
+        let vcpu = Vcpu::new(&vm, 0)?;
+        Ok(Prebuilt { image, vm, vcpu, memory })
+    }
+
+    /// The second half of [`build`]: the VM's disk and devices, its boot structures and the
+    /// vCPU's registers. Nothing of the guest has run yet.
+    pub fn finish(self, config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroVm, BuildError> {
+        let BuiltParts { vm, vcpu, memory, bus } = self.finish_parts(config, console)?;
+        Ok(MicroVm::new(vm, vcpu, memory, bus, config))
+    }
+
+    fn finish_parts(
+        self,
+        config: &VmConfig,
+        console: Box<dyn Write + Send>,
+    ) -> Result<BuiltParts, BuildError> {
+        let Prebuilt { image, vm, vcpu, memory } = self;
+        let args = config.args_block();
+        let mut boot =
+            boot_info::plan(config.mem_bytes(), image.start(), image.end(), args.len(), config.args.len())?;
+        let disk = match &config.disk {
+            Some(path) => {
+                Some(Block::open(path).map_err(|source| BuildError::Disk { path: path.clone(), source })?)
+            }
+            None => None,
+        };
+        if disk.as_ref().is_some_and(|d| d.size() >= HUGE_PAGES_MIN_DISK) {
+            // Not having them only costs speed (a kernel without transparent huge pages refuses).
+            let _ = memory.advise_huge_pages(boot.heap_start..boot.heap_end);
+        }
+        vcpu.configure(image.entry(), boot.stack_top)?;
+
+        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        if let Some(disk) = disk {
+            devices.push(Box::new(disk));
+        }
+        if let Some(path) = &config.vsock_uds {
+            let vsock =
+                Vsock::new(path).map_err(|source| BuildError::Vsock { path: path.clone(), source })?;
+            devices.push(Box::new(vsock));
+        }
+        let mmio_base = layout::mmio_base(config.mem_bytes());
+        for (i, device) in devices.iter().enumerate() {
+            boot.devices[i] = DeviceInfo {
+                kind: DEVICE_KIND_VIRTIO_MMIO,
+                id: device.device_type(),
+                base: mmio_base + i as u64 * layout::MMIO_DEVICE_SIZE,
+                size: layout::MMIO_DEVICE_SIZE,
+            };
+        }
+        boot.device_count = devices.len() as u32;
+        let transports =
+            devices.into_iter().map(|d| MmioTransport::new(d, memory.memory().clone())).collect();
+
+        let serial = SerialDevice::new(GuestConsole::new(console, config.console_limits));
+        let bus = IoBus::new(serial, memory.memory().clone())
+            .map_err(BuildError::Bus)?
+            .with_virtio(mmio_base, transports);
+        boot_info::write(memory.memory(), &boot, &args)?;
+        Ok(BuiltParts { vm, vcpu, memory, bus: Arc::new(bus) })
+    }
+}
+
 /// Everything [`build`] does: the request and image checked, VM, memory, devices and boot
 /// structures made, the vCPU at the guest's first instruction.
 pub(crate) fn build_parts(
     config: &VmConfig,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltParts, BuildError> {
-    config.validate()?;
-    let image = GuestImage::open(&config.image)?;
-    let args = config.args_block();
-    let mut boot =
-        boot_info::plan(config.mem_bytes(), image.start(), image.end(), args.len(), config.args.len())?;
-    let disk = match &config.disk {
-        Some(path) => {
-            Some(Block::open(path).map_err(|source| BuildError::Disk { path: path.clone(), source })?)
-        }
-        None => None,
-    };
-
-    let vm = Vm::new()?;
-    let memory = GuestMemfd::new(config.mem_bytes())?;
-    vm.register_memory(&memory)?;
-    if disk.as_ref().is_some_and(|d| d.size() >= HUGE_PAGES_MIN_DISK) {
-        // Not having them only costs speed (a kernel without transparent huge pages refuses).
-        let _ = memory.advise_huge_pages(boot.heap_start..boot.heap_end);
-    }
-    image.load(memory.memory())?;
-    let vcpu = Vcpu::new(&vm, 0)?;
-    vcpu.configure(image.entry(), boot.stack_top)?;
-
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    if let Some(disk) = disk {
-        devices.push(Box::new(disk));
-    }
-    if let Some(path) = &config.vsock_uds {
-        let vsock = Vsock::new(path).map_err(|source| BuildError::Vsock { path: path.clone(), source })?;
-        devices.push(Box::new(vsock));
-    }
-    let mmio_base = layout::mmio_base(config.mem_bytes());
-    for (i, device) in devices.iter().enumerate() {
-        boot.devices[i] = DeviceInfo {
-            kind: DEVICE_KIND_VIRTIO_MMIO,
-            id: device.device_type(),
-            base: mmio_base + i as u64 * layout::MMIO_DEVICE_SIZE,
-            size: layout::MMIO_DEVICE_SIZE,
-        };
-    }
-    boot.device_count = devices.len() as u32;
-    let transports = devices.into_iter().map(|d| MmioTransport::new(d, memory.memory().clone())).collect();
-
-    let serial = SerialDevice::new(GuestConsole::new(console, config.console_limits));
-    let bus = IoBus::new(serial, memory.memory().clone())
-        .map_err(BuildError::Bus)?
-        .with_virtio(mmio_base, transports);
-    boot_info::write(memory.memory(), &boot, &args)?;
-    Ok(BuiltParts { vm, vcpu, memory, bus: Arc::new(bus) })
+    Prebuilt::new(config)?.finish_parts(config, console)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod boot_info;
 pub mod builder;
 pub mod control;
 pub mod devices;
+pub mod held;
 pub mod job;
 pub mod loader;
 pub mod microvm;
@@ -24,7 +25,7 @@ pub mod snapshot;
 pub mod vmm_config;
 pub mod vstate;
 
-pub use builder::{build, BuildError};
+pub use builder::{build, BuildError, Prebuilt};
 pub use devices::legacy::console::{ConsoleLimits, ConsoleStats, SharedBuffer};
 pub use microvm::{GuestExit, MicroVm, RunError, RunReport};
 pub use running::RunningVm;

@@ -65,6 +65,10 @@ pub struct RunReport {
     pub scrub: ScrubReport,
     pub console: ConsoleStats,
     pub mem_mib: u64,
+    /// The VM was built ahead of its launch, in a held jail (`--await-go`): `launch_us` counts
+    /// from the launch, not from the VMM's start.
+    #[serde(default)]
+    pub built_ahead: bool,
 }
 
 /// Why a run could not be reported. The VM is gone either way.
@@ -225,6 +229,7 @@ mod tests {
             },
             console: ConsoleStats { bytes: 10, dropped: 0 },
             mem_mib: 128,
+            built_ahead: true,
         };
         let text = serde_json::to_string(&report).unwrap();
         assert!(text.contains(r#""rip":"0x201a2b""#), "{text}");

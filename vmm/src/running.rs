@@ -200,6 +200,6 @@ impl RunningVm {
                 (GuestExit::VmmFailed { error: "the vCPU thread ended without a report".into() }, 0, 0, 0)
             }
         };
-        Ok(RunReport { exit, launch_us, run_us, exits, scrub, console, mem_mib })
+        Ok(RunReport { exit, launch_us, run_us, exits, scrub, console, mem_mib, built_ahead: false })
     }
 }

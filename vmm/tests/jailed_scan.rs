@@ -220,6 +220,54 @@ fn a_jailed_scan_of_the_sample_app_finds_what_an_unjailed_one_finds() {
     cell.assert_clean(&id);
 }
 
+/// `scan --jailed --jail-hold SPARE` with this cell's settings: a held spare, ready.
+fn hold(cell: &Cell, spare: &str) -> Child {
+    let mut holder = cell.scan(UID, GID, &["--jail-hold", spare]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), format!("ready {spare}"));
+    holder
+}
+
+#[test]
+fn held_spares_run_jailed_scans_each_with_its_own_artifact() {
+    binaries();
+    let dir = scratch("held-scan");
+    let (app, evil) = (dir.join("sample-app.tar"), dir.join("evil.tar"));
+    std::fs::write(&app, sample_app_tar()).unwrap();
+    std::fs::write(&evil, tar(&[("../../etc/passwd", b"root:x:0:0\n")])).unwrap();
+    let plain = cella_vmm(&["scan", "--json", "--artifact", app.to_str().unwrap()]).output().unwrap();
+    assert_eq!(code(&plain), 0, "{}", stderr(&plain));
+    let plain = report(&plain);
+
+    let cell = Cell::new("held-scan");
+    let pid = std::process::id();
+    // The jail and its VMM are made ahead with the guest image as a stand-in disk; each
+    // launch binds its own artifact and socket folder in.
+    for (artifact, n) in [(&app, 1), (&evil, 2)] {
+        let (spare, id) = (format!("hscan-spare{n}-{pid}"), format!("hscan-{n}-{pid}"));
+        let mut holder = hold(&cell, &spare);
+        let args = ["--jail-prepared", &spare, "--jail-id", &id, "--artifact", artifact.to_str().unwrap()];
+        let output = cell.scan(UID, GID, &args).output().unwrap();
+        assert!(!stderr(&output).contains("making the jail at launch"), "{}", stderr(&output));
+        let result = report(&output);
+        assert_eq!(result["built_ahead"], true, "{result}");
+        if n == 1 {
+            assert_eq!(code(&output), 0, "{}", stderr(&output));
+            assert_eq!(without_duration(&result["summary"]), without_duration(&plain["summary"]));
+        } else {
+            assert_eq!(code(&output), 3, "{}", stderr(&output));
+            assert!(result["refused"]["message"].as_str().unwrap().contains("../../etc/passwd"), "{result}");
+        }
+        assert_scrubbed(&result);
+        let held = wait_with_timeout(&mut holder, Duration::from_secs(20));
+        // The holder ends as the VMM it launched did (the runner exits 3 on a refused artifact).
+        assert_eq!(held.code(), Some(if n == 1 { 0 } else { 3 }), "the holder of spare {n}");
+        cell.assert_clean(&spare);
+    }
+}
+
 #[test]
 fn a_hostile_archive_is_refused_in_a_jailed_scan_naming_the_entry() {
     binaries();

@@ -106,16 +106,12 @@ impl Launcher {
         Ok(())
     }
 
-    /// The command line for `spec`.
-    pub fn command(&self, spec: &ScanSpec<'_>) -> Command {
+    /// What every scan of this worker's slot `slot` shares: VM size, time limit, image, and,
+    /// when jailed, the jail's uid/gid. A held spare is made from the same (see
+    /// [`Launcher::hold_command`]), so a launch finds it of its own shape.
+    fn base_command(&self, slot: u32) -> Command {
         let mut cmd = Command::new(&self.vmm);
         cmd.arg("scan")
-            .arg("--artifact")
-            .arg(spec.artifact)
-            .arg("--policy")
-            .arg(spec.policy)
-            .arg("--sarif")
-            .arg(spec.sarif_out)
             .arg("--json")
             .arg("--mem-mib")
             .arg(self.config.mem_mib.to_string())
@@ -125,13 +121,36 @@ impl Launcher {
             cmd.arg("--image").arg(image);
         }
         if self.jailed() {
-            let id = self.config.jail_uid_base.saturating_add(spec.slot).to_string();
+            let id = self.config.jail_uid_base.saturating_add(slot).to_string();
+            cmd.args(["--jailed", "--jail-uid", &id, "--jail-gid", &id]);
+        }
+        cmd
+    }
+
+    /// The command line for `spec`.
+    pub fn command(&self, spec: &ScanSpec<'_>) -> Command {
+        let mut cmd = self.base_command(spec.slot);
+        cmd.arg("--artifact")
+            .arg(spec.artifact)
+            .arg("--policy")
+            .arg(spec.policy)
+            .arg("--sarif")
+            .arg(spec.sarif_out);
+        if self.jailed() {
             let jail_id = format!("job-{}", spec.job_id.trim_start_matches("job_"));
-            cmd.args(["--jailed", "--jail-id", &jail_id, "--jail-uid", &id, "--jail-gid", &id]);
+            cmd.args(["--jail-id", &jail_id]);
             if let Some(spare) = spec.spare {
                 cmd.args(["--jail-prepared", spare]);
             }
         }
+        cmd
+    }
+
+    /// The command that makes the held spare `spare` for slot `slot`: its jail made and its VMM
+    /// started ahead of the scan that takes it (`cella-vmm scan --jailed --jail-hold`).
+    pub fn hold_command(&self, spare: &str, slot: u32) -> Command {
+        let mut cmd = self.base_command(slot);
+        cmd.args(["--jail-hold", spare]);
         cmd
     }
 
@@ -289,7 +308,9 @@ impl Finished {
 /// The parts of the VMM's report kept with the job (exit, timings, scrub evidence).
 fn vm_report(report: &Value) -> Value {
     let mut vm = serde_json::Map::new();
-    for key in ["exit", "launch_us", "run_us", "scan_ms", "in_vm_ms", "scrub", "artifact_bytes"] {
+    for key in
+        ["exit", "launch_us", "run_us", "built_ahead", "scan_ms", "in_vm_ms", "scrub", "artifact_bytes"]
+    {
         if let Some(v) = report.get(key) {
             vm.insert(key.to_owned(), v.clone());
         }

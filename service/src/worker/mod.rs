@@ -59,10 +59,11 @@ impl Worker {
             timeout: Duration::from_secs(config.worker.timeout_secs),
             drain_grace: Duration::from_secs(config.worker.drain_secs),
             launcher: Launcher::new(&config.worker),
-            spares: config
-                .worker
-                .is_jailed()
-                .then(|| Spares::new(&config.worker.vmm.clone().unwrap_or_else(launch::default_vmm), "job")),
+            spares: config.worker.is_jailed().then(|| {
+                let launcher = Launcher::new(&config.worker);
+                let vmm = launcher.vmm().to_owned();
+                Spares::held(&vmm, "job", Box::new(move |id, slot| launcher.hold_command(id, slot)))
+            }),
             data_dir,
             metrics,
         }

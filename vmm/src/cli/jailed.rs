@@ -72,6 +72,12 @@ pub struct JailArgs {
     /// why and makes the jail as usual
     #[arg(long, value_name = "ID", requires = "jailed")]
     pub jail_prepared: Option<String>,
+    /// Make a held spare instead of launching: the jail is made and the VMM started and built
+    /// in it now (`cella-jailer --hold`), `ready ID` is printed, and a later launch of the same
+    /// kind with `--jail-prepared ID` runs in it (its artifact and sockets bound in then).
+    /// SIGTERM discards it
+    #[arg(long, value_name = "ID", requires = "jailed", conflicts_with = "jail_prepared")]
+    pub jail_hold: Option<String>,
     /// The uid the jailed VMM runs as
     #[arg(long, value_name = "UID", default_value_t = DEFAULT_JAIL_ID)]
     pub jail_uid: u32,
@@ -191,10 +197,14 @@ impl JailArgs {
             return Err(JailedError::NoJailer(jailer));
         }
         let vmm = self.vmm_binary.clone().unwrap_or(exe);
-        let id = self.jail_id.clone().unwrap_or_else(|| format!("vm-{}", std::process::id()));
+        let id = self.jail_hold.clone().or_else(|| self.jail_id.clone());
+        let id = id.unwrap_or_else(|| format!("vm-{}", std::process::id()));
 
         let mut command = Command::new(&jailer);
         command.arg("--id").arg(&id).arg("--exec-file").arg(&vmm);
+        if self.jail_hold.is_some() {
+            command.arg("--hold");
+        }
         if let Some(spare) = &self.jail_prepared {
             command.arg("--from-prepared").arg(spare);
         }

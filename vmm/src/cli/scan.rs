@@ -7,7 +7,7 @@
 //! listens in a private socket folder that the jailer binds in as the jail's `/run`, and the
 //! VMM's run report comes back on the VMM's stdout. Both ways end in the same report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,8 +31,8 @@ const SCAN_TIMEOUT_MS: u64 = 600_000;
 #[derive(Debug, Args)]
 pub struct ScanArgs {
     /// The artifact: a tar, tar.gz, zip or plain file
-    #[arg(long, value_name = "FILE")]
-    pub artifact: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "jail_hold")]
+    pub artifact: Option<PathBuf>,
     /// Built-in rule packs to apply, comma-separated (secrets, pii, licenses)
     #[arg(long, value_name = "PACKS", default_value = "secrets,pii,licenses", value_delimiter = ',')]
     pub policy: Vec<String>,
@@ -67,6 +67,9 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         Ok(image) => image,
         Err(e) => return fail(exit_code::BAD_INPUT, e.to_string()),
     };
+    let Some(artifact) = args.artifact.clone() else {
+        return hold(&args, image);
+    };
     let policy = match super::policy::compile(&args.policy, args.policy_file.as_deref()) {
         Ok(policy) => policy,
         Err(message) => return fail(exit_code::BAD_INPUT, message),
@@ -87,7 +90,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
     };
     let request = ScanRequest {
         image,
-        artifact: args.artifact.clone(),
+        artifact: artifact.clone(),
         policy,
         mem_mib: args.mem_mib,
         timeout: Duration::from_millis(args.timeout_ms),
@@ -113,9 +116,10 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         "exit": report.exit,
         "launch_us": report.launch_us,
         "run_us": report.run_us,
+        "built_ahead": report.built_ahead,
         "scan_ms": run.scan_ms,
         "scrub": report.scrub,
-        "artifact": args.artifact.display().to_string(),
+        "artifact": artifact.display().to_string(),
         "artifact_bytes": run.artifact_bytes,
     });
     let code = match run.job {
@@ -188,20 +192,7 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
     let server = JobServer::bind(&sockets.vsock_uds())
         .and_then(|server| server.allow_only(args.jail.jail_uid, args.jail.jail_gid).map(|()| server))
         .map_err(|e| fail(exit_code::VMM_FAILED, &ScanError::Job(e)))?;
-    let launch = JailedLaunch {
-        subcommand: "run",
-        mem_mib: request.mem_mib,
-        files: vec![("--image", request.image.clone()), ("--disk", request.artifact.clone())],
-        options: vec![
-            "--vsock".into(),
-            format!("{JAIL_SOCKET_DIR}/{}", scan::VSOCK_SOCKET_NAME).into(),
-            "--timeout-ms".into(),
-            request.timeout.as_millis().to_string().into(),
-            "--json".into(),
-        ],
-        guest_args: vec!["scan".into()],
-        socket_dir: Some(sockets.path().to_owned()),
-    };
+    let launch = jailed_launch(&request, &request.artifact, Some(sockets.path().to_owned()));
     let started = Instant::now();
     let vmm = args.jail.spawn(&launch).map_err(|e| super::jailed::refuse(&e))?;
     // The runner learns the artifact's real name from the job; in the jail it is `/disk`.
@@ -225,6 +216,44 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
             Err(exit_code::for_jail_without_report(&end.status))
         }
     }
+}
+
+/// The jailed VMM of a scan: `run --disk /disk --vsock /run/vsock.sock --json -- scan`.
+fn jailed_launch(request: &ScanRequest, artifact: &Path, socket_dir: Option<PathBuf>) -> JailedLaunch {
+    JailedLaunch {
+        subcommand: "run",
+        mem_mib: request.mem_mib,
+        files: vec![("--image", request.image.clone()), ("--disk", artifact.to_owned())],
+        options: vec![
+            "--vsock".into(),
+            format!("{JAIL_SOCKET_DIR}/{}", scan::VSOCK_SOCKET_NAME).into(),
+            "--timeout-ms".into(),
+            request.timeout.as_millis().to_string().into(),
+            "--json".into(),
+        ],
+        guest_args: vec!["scan".into()],
+        socket_dir,
+    }
+}
+
+/// `scan --jailed --jail-hold ID`: a held spare for later scans of the same kind. Its disk is
+/// the guest image until a launch binds its artifact over it (the VMM opens its disk only when
+/// launched); its socket folder the jail's own until the launch's is bound over it.
+fn hold(args: &ScanArgs, image: PathBuf) -> ExitCode {
+    if !args.jail.jailed || args.jail.jail_hold.is_none() {
+        eprintln!("cella-vmm scan: error: --artifact is required (only --jailed --jail-hold goes without)");
+        return ExitCode::from(exit_code::BAD_INPUT);
+    }
+    let request = ScanRequest {
+        image: image.clone(),
+        artifact: image.clone(),
+        policy: Vec::new(),
+        mem_mib: args.mem_mib,
+        timeout: Duration::from_millis(args.timeout_ms),
+        launch_start: Instant::now(),
+        cancel: None,
+    };
+    args.jail.exec(&jailed_launch(&request, &image, None))
 }
 
 fn print_summary(summary: &Value, exit: &GuestExit, scan_ms: u64) {
