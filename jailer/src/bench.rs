@@ -165,7 +165,7 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
 
         // So is the held spare: its jail made and its VMM started, waiting for the launch.
         let held_id = format!("held-{}-{i}", std::process::id());
-        let mut holder = start_held(&mut jailed(&held_id, &["--hold"]))?;
+        let holder = start_held(&mut jailed(&held_id, &["--hold"]))?;
 
         let (ms, _) = time_one(&mut unjailed)?;
         let (cold_ms, cold_stderr) = time_one(&mut jailed(&format!("{id}-cold"), &[]))?;
