@@ -398,13 +398,16 @@ fn take_blocked(
     let signals = signal_fd(set).map_err(step("take-held-jail", path))?;
     let wanted = shape(config) + binds;
     let header = (wanted.len() as u64).to_le_bytes();
-    conn.send_with_fds(&[&header[..]], &[0, 1, 2])
-        .map_err(|e| step("take-held-jail", path)(io::Error::from_raw_os_error(e.errno())))?;
-    (&*conn).write_all(wanted.as_bytes()).map_err(step("take-held-jail", path))?;
+    // Until it answers `taken`, a held spare that went away (another launch took it, it was
+    // discarded) costs this launch its head start only.
+    let sent = conn.send_with_fds(&[&header[..]], &[0, 1, 2]).is_ok()
+        && (&*conn).write_all(wanted.as_bytes()).is_ok();
     let holder = peer(conn).map(|c| c.pid).filter(|&pid| pid > 0);
     let mut reader = BufReader::new(conn);
     let mut answer = String::new();
-    let _ = reader.read_line(&mut answer);
+    if sent {
+        let _ = reader.read_line(&mut answer);
+    }
     match answer.trim_end().split_once(' ').map_or((answer.trim_end(), ""), |(a, b)| (a, b)) {
         ("taken", _) => {}
         ("refused", why) => {

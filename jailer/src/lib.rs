@@ -19,6 +19,11 @@
 //! VMM and removes the jail folder, cgroups and any `--socket-dir` however it ends; mounts live
 //! only in the VMM's mount namespace and vanish with it.
 //!
+//! Ahead of a launch: [`prepared`] makes a spare jail folder (the binary's copy, a network
+//! namespace); [`held`] (`--hold`) makes the whole jail and starts the VMM in it, which builds
+//! its VM and waits for the launch that takes it; that launch's files are bound in then
+//! ([`rebind`]) and the VMM enforces the Landlock ruleset made for them.
+//!
 //! For a session (`cella-vmm session --jailed`): `--bind-rw DIR` binds one host folder
 //! read-write into the jail at the same path (no path translation: the host and the VMM name
 //! the same files the same way); the supervisor hands the folder and its contents to the

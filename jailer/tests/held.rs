@@ -87,6 +87,13 @@ fn a_held_vmm_waits_confined_then_runs_its_launch_with_the_launchers_stdio_and_l
     assert_eq!(code, Some(0), "{holder_err}");
     assert_eq!(residue(&base, &spare), Vec::<String>::new());
     assert_eq!(residue(&base, &id), Vec::<String>::new());
+
+    // A held spare is one launch's: the next launch naming it makes its own jail.
+    let again = jail_id("held-again");
+    let out = launch(&base, &again, &spare, &[], &vmm);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("making the jail at launch"), "{}", stderr(&out));
+    assert_eq!(residue(&base, &again), Vec::<String>::new());
 }
 
 #[test]
