@@ -144,9 +144,12 @@ struct JailArgs {
     /// An rlimit: core, no-file, fsize, nproc, memlock or as = N|unlimited (repeatable)
     #[arg(long = "rlimit", value_name = "NAME=VALUE")]
     rlimits: Vec<String>,
-    /// Take the spare jail ID (made by `cella-jailer prepare` with the same --exec-file and
-    /// --chroot-base) instead of making a folder and copying the VMM binary; it is renamed to --id.
-    /// A spare that is missing or unusable is reported on stderr and the jail made as usual
+    /// Take the spare jail ID instead of making one: a held spare (`--hold` with the same jail
+    /// but for --id, the host files of --ro-file and --socket-dir, which are bound in now) runs
+    /// this launch in its VMM, started and built ahead, and keeps its name; a prepared one
+    /// (`cella-jailer prepare` with the same --exec-file and --chroot-base) saves making the
+    /// folder and copying the VMM binary, and is renamed to --id. A spare that is missing or
+    /// unusable is reported on stderr and the jail made as usual
     #[arg(long, value_name = "ID")]
     from_prepared: Option<String>,
     /// Make the jail and start the VMM now (with `--await-go` as its first argument: it builds
