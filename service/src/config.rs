@@ -86,7 +86,8 @@ pub struct WorkerConfig {
     /// After SIGTERM, how long running jobs may take to finish before their VMs are stopped
     /// and the jobs handed back (`CELLA_DRAIN_SECS`).
     pub drain_secs: u64,
-    /// First uid/gid of the jailed VMMs: slot N of this worker runs as `jail_uid_base + N`.
+    /// First uid/gid of the jailed VMMs: slot N of this worker runs as `jail_uid_base + 2N` or
+    /// `+ 2N + 1` (its held spare waits with the one its running scan does not have).
     pub jail_uid_base: u32,
 }
 
@@ -233,7 +234,7 @@ impl Config {
     /// meet (a uid shared by two jails would let one VMM reach the other's files).
     pub fn check(&self) -> Result<(), ConfigError> {
         let workers = u64::from(self.worker.jail_uid_base)
-            ..u64::from(self.worker.jail_uid_base) + u64::from(self.worker.concurrency);
+            ..u64::from(self.worker.jail_uid_base) + 2 * u64::from(self.worker.concurrency);
         let sessions = u64::from(self.sessions.jail_uid_base)
             ..u64::from(self.sessions.jail_uid_base) + u64::from(self.sessions.jail_uids);
         if self.sessions.jail_uid_base == 0 || self.worker.jail_uid_base == 0 {
@@ -241,7 +242,7 @@ impl Config {
         }
         if workers.start < sessions.end && sessions.start < workers.end {
             return Err(ConfigError::JailUids(format!(
-                "the workers' uids {}-{} (worker.jail_uid_base + slot) meet the session VMMs' {}-{} \
+                "the workers' uids {}-{} (worker.jail_uid_base, two per slot) meet the session VMMs' {}-{} \
                  (sessions.jail_uid_base, sessions.jail_uids); move one range",
                 workers.start,
                 workers.end - 1,
@@ -350,9 +351,11 @@ mod tests {
     #[test]
     fn session_jail_uids_may_not_meet_the_workers() {
         Config::default().check().unwrap();
-        let c: Config = toml::from_str("[worker]\njail_uid_base = 65990\nconcurrency = 20\n").unwrap();
+        let c: Config = toml::from_str("[worker]\njail_uid_base = 64990\nconcurrency = 5\n").unwrap();
+        c.check().unwrap();
+        let c: Config = toml::from_str("[worker]\njail_uid_base = 64990\nconcurrency = 20\n").unwrap();
         let err = c.check().unwrap_err();
-        assert!(err.to_string().contains("the workers' uids 65990-66009"), "{err}");
+        assert!(err.to_string().contains("the workers' uids 64990-65029"), "{err}");
         let c: Config = toml::from_str("[sessions]\njail_uid_base = 0\n").unwrap();
         assert!(c.check().is_err());
     }

@@ -21,6 +21,7 @@ pub mod data_dir;
 pub mod db;
 pub mod error;
 pub mod files;
+pub mod held_spares;
 pub mod ids;
 pub mod jobs;
 pub mod metrics;

@@ -210,6 +210,7 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
         assert!(start.elapsed() < Duration::from_secs(20), "{} never held a VMM", spare_before);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let uid_before = held_vmm_uid(&spare_before);
     // A threshold above every finding: exit 0.
     let out = cella(
         &data,
@@ -224,7 +225,12 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
             .await
             .unwrap();
     assert_eq!(vm["built_ahead"], true, "{vm}");
-    common::wait_for_spare(serve_pid, "job", &[spare_before]).await;
+    let spare_after = common::wait_for_spare(serve_pid, "job", &[spare_before]).await;
+    // The spare made while that scan ran waits as the slot's other uid: a held VMM (no
+    // Landlock yet) never shares a uid with a launched one.
+    let uid_after = held_vmm_uid(&spare_after);
+    assert_ne!(uid_after, uid_before);
+    assert!([uid_before, uid_after].iter().all(|u| (64_100..64_104).contains(u)), "{uid_before} {uid_after}");
 
     // Every transition is audited, with the scrub evidence of a jailed VM.
     let events = actions(&pool, &tenant).await;
@@ -332,6 +338,28 @@ async fn cancelling_a_running_job_stops_its_vm_and_records_the_scrub(pool: PgPoo
     );
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The uid of the VMM held in the spare jail `spare` (waits up to 20 s for it).
+fn held_vmm_uid(spare: &str) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let root = Path::new("/dev/shm/cella-jailer/cella-vmm").join(spare).join("root");
+    let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let start = Instant::now();
+    loop {
+        for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+            // A jailed process's root is its jail's root folder (seen through /proc/PID/root/).
+            if id(&entry.path().join("root/")).is_some_and(|r| Some(r) == id(&root)) {
+                let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+                let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default();
+                if let Some(Ok(uid)) = uid.split_whitespace().next().map(str::parse) {
+                    return uid;
+                }
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no VMM is held in {spare}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Waits until `tenant`'s audit log holds `action`.

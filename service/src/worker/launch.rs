@@ -48,9 +48,9 @@ pub struct ScanSpec<'a> {
     pub artifact: &'a Path,
     pub policy: &'a str,
     pub sarif_out: &'a Path,
-    /// This worker's slot (0..concurrency): a jailed VMM runs as `jail_uid_base + slot`.
-    pub slot: u32,
-    /// A spare jail to take (see [`crate::spares`]).
+    /// The uid/gid a jailed VMM runs as (see [`crate::held_spares`]).
+    pub uid: u32,
+    /// A held spare to take (see [`crate::held_spares`]).
     pub spare: Option<&'a str>,
 }
 
@@ -80,6 +80,11 @@ impl Launcher {
         &self.vmm
     }
 
+    /// The first uid of jailed VMMs (see [`crate::held_spares`]).
+    pub fn jail_uid_base(&self) -> u32 {
+        self.config.jail_uid_base
+    }
+
     pub fn mem_mib(&self) -> u32 {
         self.config.mem_mib
     }
@@ -106,10 +111,10 @@ impl Launcher {
         Ok(())
     }
 
-    /// What every scan of this worker's slot `slot` shares: VM size, time limit, image, and,
-    /// when jailed, the jail's uid/gid. A held spare is made from the same (see
+    /// What every scan of this worker as `uid` shares: VM size, time limit, image, and, when
+    /// jailed, the jail's uid/gid. A held spare is made from the same (see
     /// [`Launcher::hold_command`]), so a launch finds it of its own shape.
-    fn base_command(&self, slot: u32) -> Command {
+    fn base_command(&self, uid: u32) -> Command {
         let mut cmd = Command::new(&self.vmm);
         cmd.arg("scan")
             .arg("--json")
@@ -121,7 +126,7 @@ impl Launcher {
             cmd.arg("--image").arg(image);
         }
         if self.jailed() {
-            let id = self.config.jail_uid_base.saturating_add(slot).to_string();
+            let id = uid.to_string();
             cmd.args(["--jailed", "--jail-uid", &id, "--jail-gid", &id]);
         }
         cmd
@@ -129,7 +134,7 @@ impl Launcher {
 
     /// The command line for `spec`.
     pub fn command(&self, spec: &ScanSpec<'_>) -> Command {
-        let mut cmd = self.base_command(spec.slot);
+        let mut cmd = self.base_command(spec.uid);
         cmd.arg("--artifact")
             .arg(spec.artifact)
             .arg("--policy")
@@ -146,10 +151,11 @@ impl Launcher {
         cmd
     }
 
-    /// The command that makes the held spare `spare` for slot `slot`: its jail made and its VMM
-    /// started ahead of the scan that takes it (`cella-vmm scan --jailed --jail-hold`).
-    pub fn hold_command(&self, spare: &str, slot: u32) -> Command {
-        let mut cmd = self.base_command(slot);
+    /// The command that makes the held spare `spare`, its VMM running as `uid`: its jail made
+    /// and its VMM started ahead of the scan that takes it (`cella-vmm scan --jailed
+    /// --jail-hold`).
+    pub fn hold_command(&self, spare: &str, uid: u32) -> Command {
+        let mut cmd = self.base_command(uid);
         cmd.args(["--jail-hold", spare]);
         cmd
     }

@@ -17,10 +17,10 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{error_chain, QuietLog, ServiceError};
+use crate::held_spares::HeldSpares;
 use crate::jobs::{CHANNEL_CANCEL, CHANNEL_JOBS};
 use crate::metrics::Metrics;
 use crate::queue::{self, Lease, Outcome, QueueError};
-use crate::spares::Spares;
 use launch::{Launcher, ScanSpec, StopReason};
 
 /// How often a worker heartbeats its own row (and learns whether to drain).
@@ -41,8 +41,8 @@ pub struct Worker {
     /// How long running jobs may take to finish after SIGTERM before they are handed back.
     pub drain_grace: Duration,
     pub launcher: Launcher,
-    /// Spare jails for jailed launches (none when VMMs run unjailed).
-    pub spares: Option<Arc<Spares>>,
+    /// Held spares for jailed launches (none when VMMs run unjailed).
+    pub spares: Option<Arc<HeldSpares>>,
     pub data_dir: DataDir,
     pub metrics: Arc<Metrics>,
 }
@@ -61,8 +61,10 @@ impl Worker {
             launcher: Launcher::new(&config.worker),
             spares: config.worker.is_jailed().then(|| {
                 let launcher = Launcher::new(&config.worker);
-                let vmm = launcher.vmm().to_owned();
-                Spares::held(&vmm, "job", Box::new(move |id, slot| launcher.hold_command(id, slot)))
+                // The jailer refuses a symlinked exec-file; the jailed launch names the real file too.
+                let vmm = std::fs::canonicalize(launcher.vmm()).unwrap_or_else(|_| launcher.vmm().to_owned());
+                let base = config.worker.jail_uid_base;
+                HeldSpares::new(vmm, base, Box::new(move |id, uid| launcher.hold_command(id, uid)))
             }),
             data_dir,
             metrics,
@@ -204,7 +206,7 @@ impl Worker {
             artifact: &artifact,
             policy: &lease.policy,
             sarif_out: &sarif_out,
-            slot,
+            uid: HeldSpares::uids(self.launcher.jail_uid_base(), slot)[0],
             spare: None,
         };
         let outcome = if !artifact.exists() {
@@ -214,15 +216,22 @@ impl Worker {
                 vm: None,
             }
         } else {
-            let spare = self.spares.as_ref().and_then(|s| s.take(slot));
-            let started = self.launcher.start(&ScanSpec { spare: spare.as_deref(), ..spec });
+            let (spare, uid) = match &self.spares {
+                Some(spares) => spares.launch(slot),
+                None => (None, spec.uid),
+            };
+            let started = self.launcher.start(&ScanSpec { spare: spare.as_deref(), uid, ..spec });
             if let Some(spares) = &self.spares {
                 spares.refill(slot);
             }
-            match started {
+            let outcome = match started {
                 Err(e) => Outcome::Failed { reason: error_chain(&e), retryable: true, vm: None },
                 Ok(scan) => self.supervise(lease, scan, &mut cancel, &mut hand_back).await,
+            };
+            if let Some(spares) = &self.spares {
+                spares.finished(slot);
             }
+            outcome
         };
         let _ = std::fs::remove_file(&sarif_out);
         if let Outcome::Succeeded { vm, .. } | Outcome::Failed { vm: Some(vm), .. } = &outcome {
