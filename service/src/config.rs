@@ -109,7 +109,7 @@ pub struct SessionsConfig {
     pub reaper_interval_ms: u64,
     /// Jailed session VMMs (`worker.jailed`) run as uid/gid `jail_uid_base + n`, each live one
     /// with its own n below `jail_uids`; the range must not meet the workers'
-    /// (`worker.jail_uid_base` + slot).
+    /// (`worker.jail_uid_base` .. + 2 × `worker.concurrency`).
     pub jail_uid_base: u32,
     /// The most jailed session VMMs one host runs at once (running or paused sessions).
     pub jail_uids: u32,
