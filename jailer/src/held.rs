@@ -38,6 +38,7 @@ use crate::config::{JailConfig, SOCKET_DIR};
 use crate::rebind::Bind;
 use crate::supervisor::{step, JailError, Outcome, VmmStatus};
 use crate::timing::Timings;
+use crate::wait::{poll_read, read_signal, signal_fd};
 
 /// The held jail's socket, in its folder beside `root`.
 pub const HOLD_SOCKET: &str = "hold.sock";
@@ -125,43 +126,8 @@ fn differences(held: &str, wanted: &str) -> Vec<String> {
     names
 }
 
-/// A signalfd for the signals the supervisor handles (blocked already: see
-/// `supervisor::run`).
-pub(crate) fn signal_fd(set: &libc::sigset_t) -> io::Result<OwnedFd> {
-    // SAFETY: signalfd with a valid set makes a new descriptor, owned below.
-    let fd = unsafe { libc::signalfd(-1, set, libc::SFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is new and ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Reads one signal from a signalfd.
-pub(crate) fn read_signal(fd: &OwnedFd) -> Option<i32> {
-    // SAFETY: an all-zero signalfd_siginfo is valid; read fills it.
-    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::signalfd_siginfo>();
-    // SAFETY: reads at most `size` bytes into `info`.
-    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
-    (n == size as isize).then_some(info.ssi_signo as i32)
-}
-
-/// Waits until one of `fds` is readable (or `timeout` passes); returns which are.
-pub(crate) fn poll_read(fds: &[RawFd], timeout: Option<Duration>) -> Vec<bool> {
-    let mut polls: Vec<libc::pollfd> =
-        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
-    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-    // SAFETY: poll over `polls`, which lives for the call.
-    let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, ms) };
-    if n <= 0 {
-        return vec![false; fds.len()];
-    }
-    polls.iter().map(|p| p.revents != 0).collect()
-}
-
 /// How a held spare's wait ended.
-pub(crate) enum Held {
+enum Held {
     /// A launcher of the same shape took it: the VMM runs for it; send it the outcome, and
     /// remove the launch's socket folder when the VMM is gone.
     Taken { launcher: UnixStream, socket_dir: Option<PathBuf> },
@@ -171,14 +137,40 @@ pub(crate) enum Held {
     VmmEnded(VmmStatus),
 }
 
-/// The supervisor's side of a held spare, from the VMM's exec on: waits for the VMM to be
-/// ready, says `ready` on stdout, and waits for a launch (see the module's text).
-pub(crate) fn hold(
+/// Holds the jail until a launch takes it: returns the launcher's connection and the socket
+/// folder the launch brought (removed with the jail). A spare given up (discarded, or its VMM
+/// gone) is an error; its VMM is killed and reaped by then, and the caller removes the jail.
+pub(crate) fn until_launched(
     config: &JailConfig,
     pid: i32,
     vmm: &UnixStream,
     signals: &OwnedFd,
-) -> Result<Held, JailError> {
+) -> Result<(UnixStream, Option<PathBuf>), JailError> {
+    let give_up = |e: JailError| {
+        // SAFETY: kill(2) to our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = crate::supervisor::wait_for(pid);
+        e
+    };
+    match hold(config, pid, vmm, signals).map_err(give_up)? {
+        Held::Taken { launcher, socket_dir } => Ok((launcher, socket_dir)),
+        Held::Discarded(why) => Err(give_up(JailError::HeldDiscarded(why))),
+        Held::VmmEnded(status) => {
+            let ended = Outcome {
+                status,
+                pid,
+                limits_hit: Vec::new(),
+                timings: Timings::default(),
+                cleanup_error: None,
+            };
+            Err(JailError::HeldVmmEnded(ended.describe(&config.id)))
+        }
+    }
+}
+
+/// The supervisor's side of a held spare, from the VMM's exec on: waits for the VMM to be
+/// ready, says `ready` on stdout, and waits for a launch (see the module's text).
+fn hold(config: &JailConfig, pid: i32, vmm: &UnixStream, signals: &OwnedFd) -> Result<Held, JailError> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -376,8 +368,8 @@ pub fn take(config: &JailConfig, spare: &str, t: &mut Timings) -> Result<Take, J
         return Ok(Take::NotHeld);
     };
     // Signals are blocked from here and forwarded to the holder (they reach the VMM from there).
-    let set = crate::supervisor::supervised_signals();
-    let mut old = crate::supervisor::empty_sigset();
+    let set = crate::wait::supervised_signals();
+    let mut old = crate::wait::empty_sigset();
     // SAFETY: sigprocmask with a valid set; `old` receives the previous mask.
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old) };
     let result = take_blocked(config, &conn, &path, &binds, &set, start, t);

@@ -52,6 +52,7 @@ pub mod prepared;
 pub mod rebind;
 pub mod supervisor;
 pub mod timing;
+pub mod wait;
 
 pub use config::{ConfigError, JailConfig, JailRequest};
 pub use supervisor::{JailError, Outcome, VmmStatus};

@@ -17,8 +17,8 @@ use crate::cgroup::{CgroupError, Version};
 use crate::child::{self, ChildPlan};
 use crate::config::{JailConfig, KVM_DEVICE, PROC_DIR, SOCKET_DIR};
 use crate::exec_copy::Copier;
-use crate::held::Held;
 use crate::timing::Timings;
+use crate::wait::{empty_sigset, supervised_signals, FORWARDED};
 
 /// Why the jail could not be set up or taken down. Each names the step and the path.
 #[derive(Debug, thiserror::Error)]
@@ -457,36 +457,15 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     t.push("exec", (waited_ms - child_ms.max(copy_wait_ms)).max(0.0));
     drop(netns);
 
-    let signals = crate::held::signal_fd(&supervised_signals()).map_err(step("supervise", "signalfd"))?;
-    let mut launcher = None;
-    let mut launch_socket_dir = None;
+    let signals = crate::wait::signal_fd(&supervised_signals()).map_err(step("supervise", "signalfd"))?;
+    // A held jail waits here for the launch that takes it (or is given up).
     let mut launch_steps = 0;
+    let mut taken = None;
     if let Some((held, _)) = held_vmm {
-        let give_up = |e: JailError| {
-            // SAFETY: kill(2) to our own child, not yet reaped.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = wait_for(pid);
-            e
-        };
-        match crate::held::hold(config, pid, &held, &signals).map_err(give_up)? {
-            Held::Taken { launcher: conn, socket_dir } => {
-                launcher = Some(conn);
-                launch_socket_dir = socket_dir;
-            }
-            Held::Discarded(why) => return Err(give_up(JailError::HeldDiscarded(why))),
-            Held::VmmEnded(status) => {
-                let outcome = Outcome {
-                    status,
-                    pid,
-                    limits_hit: Vec::new(),
-                    timings: Timings::default(),
-                    cleanup_error: None,
-                };
-                return Err(JailError::HeldVmmEnded(outcome.describe(&config.id)));
-            }
-        }
+        taken = Some(crate::held::until_launched(config, pid, &held, &signals)?);
         launch_steps = t.steps.len();
     }
+    let (launcher, launch_socket_dir) = taken.unzip();
 
     let start = Instant::now();
     let status = supervise(pid, &signals, launcher.as_ref());
@@ -494,7 +473,7 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
 
     let limits_hit = config.cgroups.limits_hit();
     let mut cleanup_error = residue.remove(t).err();
-    if let Some(dir) = launch_socket_dir {
+    if let Some(dir) = launch_socket_dir.flatten() {
         // A held jail's launch brought its socket folder; it goes with the jail.
         if let Err(e) = fs::remove_dir_all(&dir) {
             if e.kind() != io::ErrorKind::NotFound {
@@ -545,26 +524,6 @@ const STEP_NAMES: &[&str] = &[
     "set-stdio",
     "exec",
 ];
-
-const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
-
-pub(crate) fn empty_sigset() -> libc::sigset_t {
-    // SAFETY: sigemptyset initialises the set it is given.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        set
-    }
-}
-
-pub(crate) fn supervised_signals() -> libc::sigset_t {
-    let mut set = empty_sigset();
-    for signal in FORWARDED.into_iter().chain([libc::SIGCHLD]) {
-        // SAFETY: adds a valid signal number to an initialised set.
-        unsafe { libc::sigaddset(&mut set, signal) };
-    }
-    set
-}
 
 /// `CLONE_INTO_CGROUP`: start the child in the cgroup2 directory `clone_args.cgroup` names.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
@@ -712,9 +671,9 @@ fn supervise(pid: i32, signals: &OwnedFd, launcher: Option<&UnixStream>) -> VmmS
         if let Some(status) = try_wait(pid) {
             return status;
         }
-        let ready = crate::held::poll_read(&fds, forwarding.map(|_| RESEND_EVERY));
+        let ready = crate::wait::poll_read(&fds, forwarding.map(|_| RESEND_EVERY));
         if ready[0] {
-            if let Some(signal) = crate::held::read_signal(signals).filter(|s| FORWARDED.contains(s)) {
+            if let Some(signal) = crate::wait::read_signal(signals).filter(|s| FORWARDED.contains(s)) {
                 forwarding.get_or_insert((signal, Instant::now()));
             }
         }
