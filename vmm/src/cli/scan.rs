@@ -31,7 +31,7 @@ const SCAN_TIMEOUT_MS: u64 = 600_000;
 #[derive(Debug, Args)]
 pub struct ScanArgs {
     /// The artifact: a tar, tar.gz, zip or plain file (required, but for --jail-hold)
-    #[arg(long, value_name = "FILE", required_unless_present = "jail_hold")]
+    #[arg(long, value_name = "FILE", required_unless_present = "jail_hold", conflicts_with = "jail_hold")]
     pub artifact: Option<PathBuf>,
     /// Built-in rule packs to apply, comma-separated (secrets, pii, licenses)
     #[arg(long, value_name = "PACKS", default_value = "secrets,pii,licenses", value_delimiter = ',')]
