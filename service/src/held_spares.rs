@@ -28,6 +28,8 @@ use tokio::sync::Notify;
 
 /// How long a held spare may take to get ready.
 const READY_WITHIN: Duration = Duration::from_secs(20);
+/// Launches in a row that may not use their held spares before no more are made.
+const UNUSED_LIMIT: u64 = 3;
 /// How long a discarded held spare may take to remove its jail.
 const DISCARD_WITHIN: Duration = Duration::from_secs(10);
 
@@ -62,6 +64,8 @@ pub struct HeldSpares {
     closed: AtomicBool,
     /// Set after a spare failed to get ready: no more are made (launches make their own jails).
     broken: AtomicBool,
+    /// Launches in a row that took a spare and did not run in it (their reports say so).
+    unused: AtomicU64,
     /// Holders being started; [`HeldSpares::close`] waits for them.
     making: AtomicU64,
     made: Notify,
@@ -82,6 +86,7 @@ impl HeldSpares {
             slots: Mutex::default(),
             closed: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            unused: AtomicU64::new(0),
             making: AtomicU64::new(0),
             made: Notify::new(),
         })
@@ -119,10 +124,23 @@ impl HeldSpares {
         (None, uid)
     }
 
-    /// The scan in `slot` ended.
-    pub fn finished(&self, slot: u32) {
+    /// The scan in `slot` ended. `ran_in_spare`: whether its VMM ran in the spare it took
+    /// (its report's `built_ahead`), if it took one and reported. After a few launches in a row
+    /// that could not use their spares (the jailer said why in the log), no more are made.
+    pub fn finished(&self, slot: u32, ran_in_spare: Option<bool>) {
         if let Some(state) = self.slots().get_mut(&slot) {
             state.busy = None;
+        }
+        match ran_in_spare {
+            Some(true) => self.unused.store(0, Ordering::Relaxed),
+            Some(false) if self.unused.fetch_add(1, Ordering::Relaxed) + 1 == UNUSED_LIMIT => {
+                self.broken.store(true, Ordering::Relaxed);
+                eprintln!(
+                    "cella worker: the last {UNUSED_LIMIT} scans could not use their held spares (the \
+                     jailer's messages above say why); jobs make their jails at launch from now on"
+                );
+            }
+            _ => {}
         }
     }
 
@@ -288,13 +306,13 @@ mod tests {
         let spares = spares();
         // Nothing held: the first uid.
         assert_eq!(spares.launch(0), (None, 64_100));
-        spares.finished(0);
+        spares.finished(0, None);
         // A spare being made with either uid: the launch takes the other.
         for (held, launch) in [(64_100, 64_101), (64_101, 64_100)] {
             making(&spares, 0, held);
             assert_eq!(spares.launch(0), (None, launch));
             assert_eq!(spares.slot_uids(0), (Some(held), Some(launch)));
-            spares.finished(0);
+            spares.finished(0, None);
             spares.forget(0, &format!("s{held}"));
         }
     }
@@ -317,5 +335,22 @@ mod tests {
             let id = spares.slots()[&1].holder.as_ref().unwrap().id.clone();
             spares.forget(1, &id);
         }
+    }
+
+    #[tokio::test]
+    async fn spares_that_launches_cannot_use_stop_being_made() {
+        let spares = spares();
+        for _ in 0..UNUSED_LIMIT - 1 {
+            spares.finished(0, Some(false));
+        }
+        spares.finished(0, Some(true));
+        spares.finished(0, Some(false));
+        assert!(!spares.broken.load(Ordering::Relaxed), "a used spare starts the count again");
+        for _ in 0..UNUSED_LIMIT - 1 {
+            spares.finished(0, Some(false));
+        }
+        assert!(spares.broken.load(Ordering::Relaxed));
+        spares.refill(0);
+        assert_eq!(spares.slot_uids(0), (None, None), "no spare is made any more");
     }
 }

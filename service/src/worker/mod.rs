@@ -229,7 +229,14 @@ impl Worker {
                 Ok(scan) => self.supervise(lease, scan, &mut cancel, &mut hand_back).await,
             };
             if let Some(spares) = &self.spares {
-                spares.finished(slot);
+                let vm = match &outcome {
+                    Outcome::Succeeded { vm, .. } => Some(vm),
+                    Outcome::Failed { vm, .. } | Outcome::Cancelled { vm } | Outcome::HandedBack { vm } => {
+                        vm.as_ref()
+                    }
+                };
+                let ran_in_spare = vm.filter(|_| spare.is_some()).map(|vm| vm["built_ahead"] == true);
+                spares.finished(slot, ran_in_spare);
             }
             outcome
         };
