@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
-use tokio::sync::Notify;
 
 /// How long a held spare may take to get ready.
 const READY_WITHIN: Duration = Duration::from_secs(20);
@@ -67,8 +66,7 @@ pub struct HeldSpares {
     /// Launches in a row that took a spare and did not run in it (their reports say so).
     unused: AtomicU64,
     /// Holders being started; [`HeldSpares::close`] waits for them.
-    making: AtomicU64,
-    made: Notify,
+    making: crate::spares::InFlight,
 }
 
 impl HeldSpares {
@@ -87,8 +85,7 @@ impl HeldSpares {
             closed: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             unused: AtomicU64::new(0),
-            making: AtomicU64::new(0),
-            made: Notify::new(),
+            making: Default::default(),
         })
     }
 
@@ -162,7 +159,7 @@ impl HeldSpares {
             (id, uid)
         };
         let me = self.clone();
-        self.making.fetch_add(1, Ordering::AcqRel);
+        self.making.begin();
         tokio::spawn(async move {
             match me.start_holder(&id, uid).await {
                 Ok(child) => {
@@ -177,8 +174,7 @@ impl HeldSpares {
                     }
                 }
             }
-            me.making.fetch_sub(1, Ordering::AcqRel);
-            me.made.notify_waiters();
+            me.making.end();
         });
     }
 
@@ -229,16 +225,7 @@ impl HeldSpares {
     /// the ready ones (when the worker stops).
     pub async fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self.making.load(Ordering::Acquire) > 0 {
-            let made = self.made.notified();
-            if self.making.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, made).await.is_err() {
-                break;
-            }
-        }
+        self.making.settle(Duration::from_secs(10)).await;
         let ready: Vec<Child> =
             self.slots().values_mut().filter_map(|s| s.holder.take().and_then(|h| h.child)).collect();
         for mut child in ready {

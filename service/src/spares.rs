@@ -39,8 +39,7 @@ pub struct Spares {
     /// Set after a `prepare` failed: no more are tried (launches make their own jails).
     broken: AtomicBool,
     /// Spares being made; [`Spares::close`] waits for them.
-    making: AtomicU64,
-    made: Notify,
+    making: InFlight,
 }
 
 impl Spares {
@@ -58,8 +57,7 @@ impl Spares {
             ready: Mutex::default(),
             closed: AtomicBool::new(false),
             broken: AtomicBool::new(false),
-            making: AtomicU64::new(0),
-            made: Notify::new(),
+            making: Default::default(),
         })
     }
 
@@ -78,7 +76,7 @@ impl Spares {
             return;
         }
         let me = self.clone();
-        self.making.fetch_add(1, Ordering::AcqRel);
+        self.making.begin();
         tokio::spawn(async move {
             let id = format!("{}-{}", me.prefix, me.serial.fetch_add(1, Ordering::Relaxed));
             match me.prepare(&id).await {
@@ -100,8 +98,7 @@ impl Spares {
                     }
                 }
             }
-            me.making.fetch_sub(1, Ordering::AcqRel);
-            me.made.notify_waiters();
+            me.making.end();
         });
     }
 
@@ -128,16 +125,7 @@ impl Spares {
     /// themselves, and removes the ready ones (when the worker stops).
     pub async fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.making.load(Ordering::Acquire) > 0 {
-            let made = self.made.notified();
-            if self.making.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, made).await.is_err() {
-                break;
-            }
-        }
+        self.making.settle(std::time::Duration::from_secs(10)).await;
         let ids: Vec<String> = self.ready().drain().map(|(_, id)| id).collect();
         for id in ids {
             self.remove(&id).await;
@@ -175,4 +163,38 @@ pub(crate) async fn remove(jailer: &Path, id: &str) {
         .stderr(Stdio::null())
         .status()
         .await;
+}
+
+/// Spares being made in the background, so that stopping can wait for them.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    count: AtomicU64,
+    done: Notify,
+}
+
+impl InFlight {
+    /// One more is under way.
+    pub(crate) fn begin(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// One is done (made, or given up).
+    pub(crate) fn end(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.done.notify_waiters();
+    }
+
+    /// Waits until none is under way, `within` at most.
+    pub(crate) async fn settle(&self, within: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.count.load(Ordering::Acquire) > 0 {
+            let done = self.done.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                break;
+            }
+        }
+    }
 }
