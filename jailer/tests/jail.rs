@@ -74,6 +74,31 @@ fn a_forbidden_syscall_kills_the_vmm_and_the_supervisor_reports_seccomp() {
 }
 
 #[test]
+fn a_vmm_stopped_and_continued_goes_on_and_still_stops_cleanly() {
+    // SIGSTOP interrupts every thread's wait; after SIGCONT the kernel resumes the timed ones
+    // (the run loop's poll, a channel's recv_timeout) through restart_syscall(2), as it does for
+    // a thread woken by a signal another thread took. Every thread's seccomp filter must allow
+    // it: otherwise the VMM dies as a seccomp kill (245) instead of running on.
+    let base = chroot_base("stop-continue");
+    let id = jail_id("stop-continue");
+    let (mut child, pid) = start_spinning(&base, &id);
+    for _ in 0..3 {
+        // SAFETY: kill(2) to the VMM of a jail this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(child.try_wait().unwrap(), None, "the VMM did not run on after SIGCONT");
+    // SAFETY: kill(2) to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(244), "stopped and continued, then SIGTERM");
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
+#[test]
 fn landlock_refuses_host_files_and_jail_paths_the_vmm_could_otherwise_reach() {
     let base = chroot_base("landlock");
     // A host folder with a world-readable file, reachable from inside the jail through a
