@@ -121,15 +121,8 @@ pub fn start_spinning_with(base: &Path, id: &str, extra: &[&str]) -> (Child, i32
         .expect("cella-jailer starts");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(pid) = vmm_pid(child.id() as i32) {
-            let tasks = tasks(pid);
-            let confined = tasks.len() >= 2
-                && tasks
-                    .iter()
-                    .all(|t| status_field(&format!("/proc/{pid}/task/{t}/status"), "Seccomp") == "2");
-            if confined {
-                return (child, pid);
-            }
+        if let Some(pid) = vmm_pid(child.id() as i32).filter(|&pid| guest_runs_confined(pid)) {
+            return (child, pid);
         }
         if let Ok(Some(status)) = child.try_wait() {
             let mut err = String::new();
@@ -139,6 +132,16 @@ pub fn start_spinning_with(base: &Path, id: &str, extra: &[&str]) -> (Child, i32
         assert!(Instant::now() < deadline, "the jailed VMM never got going");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Whether the VMM `pid` has its vCPU thread and every one of its threads has installed its
+/// seccomp filter. A thread installs its own filter when it starts (the vCPU thread before the
+/// guest's first instruction, the main thread right after starting the vCPU), so a thread seen
+/// a moment after it was created may not have it yet: wait for this rather than for the count.
+pub fn guest_runs_confined(pid: i32) -> bool {
+    let tasks = tasks(pid);
+    tasks.len() >= 2
+        && tasks.iter().all(|t| status_field(&format!("/proc/{pid}/task/{t}/status"), "Seccomp") == "2")
 }
 
 /// The supervisor's child once it runs the VMM binary.
