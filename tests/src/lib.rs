@@ -56,3 +56,46 @@ pub fn cgroup_parents() -> Vec<PathBuf> {
     }
     parents
 }
+
+/// A field of a `/proc/.../status` file, e.g. `Seccomp` → `2`; empty if the file or the field
+/// is missing.
+pub fn status_field(path: &str, field: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The thread ids of process `pid` (empty once it is gone).
+pub fn threads(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Whether process `pid` has at least `at_least` threads and every one of them has installed
+/// its seccomp filter (`Seccomp: 2`). A VMM thread installs its own filter when it starts (the
+/// vCPU thread before the guest's first instruction, the main thread right after it started the
+/// vCPU thread), so a thread seen a moment after it was created may not have it yet.
+pub fn threads_confined(pid: u32, at_least: usize) -> bool {
+    let threads = threads(pid);
+    threads.len() >= at_least
+        && threads.iter().all(|t| status_field(&format!("/proc/{pid}/task/{t}/status"), "Seccomp") == "2")
+}
+
+/// Waits (up to 20 s) until [`threads_confined`]; panics naming every thread's seccomp mode if
+/// that never happens.
+pub fn wait_until_threads_confined(pid: u32, at_least: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !threads_confined(pid, at_least) {
+        if std::time::Instant::now() > deadline {
+            let modes: Vec<String> = threads(pid)
+                .iter()
+                .map(|t| format!("{t}: {}", status_field(&format!("/proc/{pid}/task/{t}/status"), "Seccomp")))
+                .collect();
+            panic!("process {pid} never had {at_least} threads, all with a seccomp filter: {modes:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -15,6 +15,7 @@
 
 mod common;
 
+use cella_e2e::status_field;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -208,23 +209,11 @@ fn todos(guest: &mut GuestSession) -> Vec<(String, u64)> {
     }
 }
 
-/// A field of a `/proc/.../status` file.
-fn status_field(path: &str, field: &str) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// Every thread of `pid` has no capabilities, no-new-privs, a seccomp filter, and the jail's uid.
 fn assert_confined(pid: u32) {
-    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(tasks.len() >= 3, "expected the main, API and vCPU threads, got {tasks:?}");
+    // The main, API and vCPU threads, each with the filter it installs when it starts.
+    cella_e2e::wait_until_threads_confined(pid, 3);
+    let tasks = cella_e2e::threads(pid);
     for task in &tasks {
         let status = format!("/proc/{pid}/task/{task}/status");
         for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {

@@ -135,13 +135,9 @@ pub fn start_spinning_with(base: &Path, id: &str, extra: &[&str]) -> (Child, i32
 }
 
 /// Whether the VMM `pid` has its vCPU thread and every one of its threads has installed its
-/// seccomp filter. A thread installs its own filter when it starts (the vCPU thread before the
-/// guest's first instruction, the main thread right after starting the vCPU), so a thread seen
-/// a moment after it was created may not have it yet: wait for this rather than for the count.
+/// seccomp filter: wait for this rather than for the thread count.
 pub fn guest_runs_confined(pid: i32) -> bool {
-    let tasks = tasks(pid);
-    tasks.len() >= 2
-        && tasks.iter().all(|t| status_field(&format!("/proc/{pid}/task/{t}/status"), "Seccomp") == "2")
+    cella_e2e::threads_confined(pid as u32, 2)
 }
 
 /// The supervisor's child once it runs the VMM binary.
@@ -153,18 +149,7 @@ pub fn vmm_pid(jailer: i32) -> Option<i32> {
 }
 
 pub fn tasks(pid: i32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default()
-}
-
-/// A field of a `/proc/.../status` file, e.g. `Seccomp` → `2`.
-pub fn status_field(path: &str, field: &str) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_default()
+    cella_e2e::threads(pid as u32)
 }
 
 /// (device, inode) of a path.
@@ -196,7 +181,7 @@ pub fn residue(base: &Path, prefix: &str) -> Vec<String> {
     found
 }
 
-pub use cella_e2e::cgroup_parents;
+pub use cella_e2e::{cgroup_parents, status_field};
 
 /// Waits for `child` up to `limit`.
 pub fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use cella_e2e::status_field;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -149,15 +150,6 @@ impl Drop for Scratch {
     }
 }
 
-/// A field of a `/proc/.../status` file.
-pub fn status_field(path: &str, field: &str) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// The jailed VMM under the supervisor `pid` (the process the service started): its child,
 /// once that runs `cella-vmm`.
 pub fn jailed_vmm(supervisor: u32) -> u32 {
@@ -179,12 +171,9 @@ pub fn jailed_vmm(supervisor: u32) -> u32 {
 /// Asserts that the VMM `pid` runs confined, as uid/gid `uid`: every thread with no effective
 /// capability and a seccomp filter (mode 2). Returns the uid it runs as.
 pub fn assert_confined(pid: u32) -> u32 {
-    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(tasks.len() >= 3, "expected the main, API and vCPU threads, got {tasks:?}");
+    // The main, API and vCPU threads, each with the filter it installs when it starts.
+    cella_e2e::wait_until_threads_confined(pid, 3);
+    let tasks = cella_e2e::threads(pid);
     let mut uids = Vec::new();
     for task in &tasks {
         let status = format!("/proc/{pid}/task/{task}/status");
