@@ -35,8 +35,80 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub worker: WorkerConfig,
     pub sessions: SessionsConfig,
+    /// Server-wide limits on connections and uploads.
+    pub limits: LimitsConfig,
+    /// Per-tenant quotas: the defaults; `cella tenant quota` sets a tenant's own.
+    pub quotas: QuotasConfig,
     /// The checkpoint signing key file and checkpoint policy.
     pub audit: AuditSection,
+}
+
+/// Server-wide limits: how many connections are served, and how slow an upload may be.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Client connections served at once (`CELLA_MAX_CONNECTIONS`); 0: 3/8 of the open-file
+    /// limit (which `serve` raises to its hard limit at start), between 16 and 8192. A few more
+    /// are accepted only to be answered 503; beyond those, new connections wait.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this.
+    pub header_timeout_secs: u64,
+    /// The longest one upload may take (408).
+    pub upload_deadline_secs: u64,
+    /// After `upload_grace_secs`, an upload that has averaged fewer bytes a second than this is
+    /// dropped (408).
+    pub upload_min_bytes_per_sec: u64,
+    pub upload_grace_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 0,
+            header_timeout_secs: 10,
+            upload_deadline_secs: 3600,
+            upload_min_bytes_per_sec: 16 << 10,
+            upload_grace_secs: 10,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs.max(1))
+    }
+}
+
+/// The quotas of a tenant that has none of its own (the `quota_*` columns of `tenants` are
+/// NULL). Live sessions default to `sessions.max_per_tenant`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotasConfig {
+    /// Requests of one tenant in flight at once; more answer 429.
+    pub requests: u32,
+    /// Uploads (job and session artifacts, session file adds) of one tenant in flight; more
+    /// answer 429.
+    pub uploads: u32,
+    /// Guest memory of one tenant's running and paused sessions together, in MiB.
+    pub session_mem_mib: u32,
+    /// Bytes one tenant keeps on the server's disk: artifacts of its queued and running jobs,
+    /// its live sessions' artifacts and snapshots, and its uploads under way.
+    pub disk_bytes: u64,
+    /// CPU each of the tenant's VMs may use, in percent of one CPU (the VMM's cgroup: v2
+    /// `cpu.max`, v1 `cpu.cfs_quota_us`).
+    pub vm_cpu_percent: u32,
+}
+
+impl Default for QuotasConfig {
+    fn default() -> Self {
+        Self {
+            requests: 64,
+            uploads: 8,
+            session_mem_mib: 16 << 10,
+            disk_bytes: 20 << 30,
+            vm_cpu_percent: 100,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -114,8 +186,19 @@ pub struct SessionsConfig {
     /// The most jailed session VMMs one host runs at once (running or paused sessions).
     pub jail_uids: u32,
     /// The most live sessions (not terminated or failed; suspended ones count) one tenant may
-    /// hold (`CELLA_SESSIONS_MAX_PER_TENANT`); a create beyond it answers 409.
+    /// hold (`CELLA_SESSIONS_MAX_PER_TENANT`); a create beyond it answers 409. The default of
+    /// the per-tenant quota `live_sessions` (see `cella tenant quota`).
     pub max_per_tenant: u32,
+    /// The longest one exec (scan, grep, read, add) may wait for the guest's answer
+    /// (`CELLA_SESSIONS_EXEC_TIMEOUT_SECS`); then it answers 504 and the session goes on.
+    pub exec_timeout_secs: u64,
+    /// How long a stop (terminate, suspend, a failed session) waits for the VMM's control API
+    /// before it signals the VMM, and then kills it (SIGKILL) if it has not exited after 10 s.
+    pub stop_timeout_secs: u64,
+    /// Execs one session accepts per second on average (`CELLA_SESSIONS_EXEC_PER_SEC`), and
+    /// in a burst; more answer 429 with `Retry-After`.
+    pub exec_per_sec: u32,
+    pub exec_burst: u32,
 }
 
 impl Default for SessionsConfig {
@@ -128,11 +211,23 @@ impl Default for SessionsConfig {
             jail_uid_base: 65_000,
             jail_uids: 1000,
             max_per_tenant: 16,
+            exec_timeout_secs: 120,
+            stop_timeout_secs: 10,
+            exec_per_sec: 10,
+            exec_burst: 40,
         }
     }
 }
 
 impl SessionsConfig {
+    pub fn exec_timeout(&self) -> Duration {
+        Duration::from_secs(self.exec_timeout_secs.max(1))
+    }
+
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_secs(self.stop_timeout_secs.max(1))
+    }
+
     /// The configured maximum, never above the 8-hour cap.
     pub fn max_duration(&self) -> u64 {
         self.max_duration_secs.clamp(1, SESSION_MAX_DURATION_CAP_SECS)
@@ -161,6 +256,8 @@ impl Default for Config {
             jobs: JobsConfig::default(),
             worker: WorkerConfig::default(),
             sessions: SessionsConfig::default(),
+            limits: LimitsConfig::default(),
+            quotas: QuotasConfig::default(),
             audit: AuditSection::default(),
         }
     }
@@ -302,6 +399,16 @@ impl Config {
         }
         if let Some(v) = get("CELLA_SESSIONS_MAX_PER_TENANT") {
             self.sessions.max_per_tenant = parse("CELLA_SESSIONS_MAX_PER_TENANT", v, "a number of sessions")?;
+        }
+        if let Some(v) = get("CELLA_MAX_CONNECTIONS") {
+            self.limits.max_connections = parse("CELLA_MAX_CONNECTIONS", v, "a number of connections")?;
+        }
+        if let Some(v) = get("CELLA_SESSIONS_EXEC_TIMEOUT_SECS") {
+            self.sessions.exec_timeout_secs =
+                parse("CELLA_SESSIONS_EXEC_TIMEOUT_SECS", v, "a number of seconds")?;
+        }
+        if let Some(v) = get("CELLA_SESSIONS_EXEC_PER_SEC") {
+            self.sessions.exec_per_sec = parse("CELLA_SESSIONS_EXEC_PER_SEC", v, "a number of requests")?;
         }
         if let Some(v) = get("CELLA_SESSIONS_REAPER_INTERVAL_MS") {
             self.sessions.reaper_interval_ms =

@@ -62,6 +62,12 @@ pub enum ServiceError {
     Vm(String),
     #[error("the database is unavailable; try again")]
     Unavailable(#[source] sqlx::Error),
+    /// A per-tenant (or per-session) limit on how much or how fast: try again later.
+    #[error("{detail}")]
+    TooManyRequests { detail: String, retry_after: std::time::Duration },
+    /// The server as a whole is at a limit (connections, uploads): try again later.
+    #[error("{detail}")]
+    Overloaded { detail: String, retry_after: std::time::Duration },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -88,6 +94,16 @@ impl From<cella_audit::store::StoreError> for ServiceError {
 }
 
 impl ServiceError {
+    /// How long a client should wait before it tries again, for the answers that say so.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ServiceError::TooManyRequests { retry_after, .. }
+            | ServiceError::Overloaded { retry_after, .. } => Some(*retry_after),
+            ServiceError::Unavailable(_) => Some(std::time::Duration::from_secs(5)),
+            _ => None,
+        }
+    }
+
     /// The HTTP status and the problem type's short name.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
@@ -103,6 +119,8 @@ impl ServiceError {
             ServiceError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ServiceError::Vm(_) => (StatusCode::BAD_GATEWAY, "vm-error"),
             ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ServiceError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too-many-requests"),
+            ServiceError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -140,6 +158,12 @@ impl IntoResponse for ServiceError {
             }
             _ => self.to_string(),
         };
-        problem(status, kind, &detail)
+        let mut response = problem(status, kind, &detail);
+        if let Some(after) = self.retry_after() {
+            // Whole seconds, at least one (RFC 9110 delay-seconds).
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs.max(1)));
+        }
+        response
     }
 }

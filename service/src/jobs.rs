@@ -149,11 +149,13 @@ pub enum Submitted {
 pub async fn submit(
     pool: &PgPool,
     caller_tenant: &str,
+    key_id: &str,
     actor: &Actor,
     sub: &Submission,
 ) -> Result<Submitted, ServiceError> {
     let request_hash = sub.request_hash();
     let mut tx = pool.begin().await?;
+    crate::tenants::recheck_key(&mut tx, key_id).await?;
     let row = sqlx::query(&format!(
         "INSERT INTO jobs (id, tenant_id, policy, artifact_name, artifact_bytes, artifact_sha256, submitted_by,
                            idempotency_key, request_hash, max_attempts)

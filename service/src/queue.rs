@@ -24,6 +24,8 @@ pub struct Lease {
     pub max_attempts: i32,
     pub worker_id: String,
     pub policy: String,
+    /// The tenant's fingerprint key, hex (handed to the scan VM, see `migrations/0005`).
+    pub fingerprint_key: String,
 }
 
 impl Lease {
@@ -75,7 +77,8 @@ pub async fn lease(
 ) -> Result<Option<Lease>, ServiceError> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
-        "SELECT j.id, j.tenant_id, j.policy, j.max_attempts FROM jobs j JOIN tenants t ON t.id = j.tenant_id
+        "SELECT j.id, j.tenant_id, j.policy, j.max_attempts, t.fingerprint_key
+         FROM jobs j JOIN tenants t ON t.id = j.tenant_id
          WHERE j.state = 'queued' AND j.run_after <= now() AND NOT t.suspended
            AND (SELECT count(*) FROM jobs r WHERE r.tenant_id = j.tenant_id AND r.state = 'running') < t.max_concurrent
          ORDER BY t.last_dequeued_at NULLS FIRST, j.created_at, j.id
@@ -109,6 +112,7 @@ pub async fn lease(
         max_attempts: row.try_get("max_attempts")?,
         worker_id: worker_id.to_owned(),
         policy: row.try_get("policy")?,
+        fingerprint_key: crate::ids::hex(row.try_get::<&[u8], _>("fingerprint_key")?),
     };
     tenant_event(
         &mut tx,

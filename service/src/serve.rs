@@ -247,6 +247,7 @@ pub async fn start(
         signer: Some(Arc::new(signer)),
         jobs_done: api::wait::JobsDone::listen(pool.clone()),
         sessions,
+        limits: Default::default(),
     };
     let checkpointer = {
         let mut rx = shutdown_rx.clone();
@@ -266,7 +267,18 @@ pub async fn start(
         let worker = Worker::new(pool.clone(), &config, data_dir.clone(), metrics.clone());
         tokio::spawn(worker.run(shutdown_rx.clone()))
     });
-    let server = tokio::spawn(crate::server::serve(listener, tls_config, api::app(state), shutdown_rx));
+    let open_files = crate::signal::raise_open_file_limit().unwrap_or(1024);
+    let limits = crate::server::ConnectionLimits::for_open_files(
+        open_files,
+        config.limits.max_connections,
+        config.limits.header_timeout(),
+    );
+    eprintln!(
+        "cella serve: serving at most {} connections at once (open-file limit {open_files})",
+        limits.max
+    );
+    let server =
+        tokio::spawn(crate::server::serve(listener, tls_config, api::app(state), limits, shutdown_rx));
     Ok(Running { url, metrics, data_dir, shutdown, server, worker, checkpointer, reaper, session_spares })
 }
 

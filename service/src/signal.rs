@@ -1,4 +1,5 @@
-//! Sending a signal to a child process (the one system call the service makes directly).
+//! The few system calls the service makes directly: signals to child processes, and raising
+//! its open-file limit.
 #![allow(unsafe_code)]
 
 /// Sends SIGTERM to `pid`: a `cella-vmm` stops its VM, scrubs its memory and reports.
@@ -66,4 +67,46 @@ pub fn signal_session(pid: u32, kill: bool) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// Sends SIGCONT to `pid`'s process group and to every process under `pid` (children, their
+/// children, ...: a jailed VMM runs under its supervisor, in a group of its own). Harmless to a
+/// process that is not stopped. Best effort: a process it cannot reach is left.
+pub fn continue_tree(pid: u32) {
+    let mut todo = vec![pid];
+    let mut seen = 0;
+    while let Some(p) = todo.pop() {
+        seen += 1;
+        if seen > 64 {
+            break;
+        }
+        let Ok(p_t) = libc::pid_t::try_from(p) else { continue };
+        if p_t <= 1 {
+            continue;
+        }
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        unsafe {
+            libc::kill(-p_t, libc::SIGCONT);
+            libc::kill(p_t, libc::SIGCONT);
+        }
+        let children = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        todo.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the limit now in force.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one `rlimit`, which `limit` is.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads one `rlimit`, which `raised` is.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    Ok(limit.rlim_cur)
 }

@@ -16,6 +16,8 @@ use crate::ids::{self, ADMIN_KEY_PREFIX, API_KEY_PREFIX};
 pub struct Caller {
     pub tenant_id: String,
     pub key_id: String,
+    /// The tenant's own quotas (see [`crate::quotas`]).
+    pub quotas: crate::quotas::QuotaOverrides,
 }
 
 /// A tenant as the admin API shows it.
@@ -189,19 +191,53 @@ pub async fn authenticate(pool: &PgPool, api_key: &str) -> Result<Caller, Servic
     if !api_key.starts_with(API_KEY_PREFIX) || api_key.starts_with(ADMIN_KEY_PREFIX) {
         return Err(ServiceError::BadKey);
     }
-    let row = sqlx::query(
-        "SELECT k.id, k.tenant_id, t.suspended FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+    let row = sqlx::query(&format!(
+        "SELECT k.id, k.tenant_id, t.suspended, {} FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
          WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
-    )
+        crate::quotas::COLUMNS
+    ))
     .bind(&ids::sha256(api_key.as_bytes())[..])
     .fetch_optional(pool)
     .await?
     .ok_or(ServiceError::BadKey)?;
-    let caller = Caller { tenant_id: row.try_get("tenant_id")?, key_id: row.try_get("id")? };
+    let caller = Caller {
+        tenant_id: row.try_get("tenant_id")?,
+        key_id: row.try_get("id")?,
+        quotas: crate::quotas::QuotaOverrides::from_row(&row)?,
+    };
     if row.try_get::<bool, _>("suspended")? {
         return Err(ServiceError::TenantSuspended(caller.tenant_id));
     }
     Ok(caller)
+}
+
+/// Whether API key `key_id` is still valid, checked in `tx` (locking the key's row until the
+/// transaction ends, so a revocation cannot slip in between): a request that authenticated
+/// before a long upload re-checks before it records what it uploaded. 401 when revoked.
+pub async fn recheck_key(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    key_id: &str,
+) -> Result<(), ServiceError> {
+    let valid: Option<bool> =
+        sqlx::query_scalar("SELECT revoked_at IS NULL FROM api_keys WHERE id = $1 FOR SHARE")
+            .bind(key_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    if valid == Some(true) {
+        Ok(())
+    } else {
+        Err(ServiceError::BadKey)
+    }
+}
+
+/// The tenant's fingerprint key, hex (see `migrations/0005_tenant_limits.sql`).
+pub async fn fingerprint_key(pool: &PgPool, tenant_id: &str) -> Result<String, ServiceError> {
+    let key: Vec<u8> = sqlx::query_scalar("SELECT fingerprint_key FROM tenants WHERE id = $1")
+        .bind(tenant_id)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| ServiceError::NotFound(format!("tenant {tenant_id}")))?;
+    Ok(ids::hex(&key))
 }
 
 /// The operator id behind an admin credential.

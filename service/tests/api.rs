@@ -71,6 +71,7 @@ async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
         pool,
         config: Arc::new(config),
         data_dir,
+        limits: Default::default(),
     };
     Api { state, admin, _dir: TempDir(dir) }
 }

@@ -67,6 +67,7 @@ async fn api(pool: PgPool) -> Api {
         pool,
         config: Arc::new(config),
         data_dir,
+        limits: Default::default(),
     };
     let req = Request::post("/v1/admin/tenants")
         .header("authorization", format!("Bearer {admin}"))

@@ -92,6 +92,7 @@ async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
         data_dir,
         metrics: Arc::new(Metrics::default()),
         signer: None,
+        limits: Default::default(),
     };
     Api { state, admin, _dir: dir }
 }
@@ -154,8 +155,13 @@ impl Api {
 
     /// Creates a session on [`sample`]; returns its view.
     async fn create(&self, key: &str, query: &str) -> Value {
+        self.create_on(key, query, sample()).await
+    }
+
+    /// Creates a session on `artifact`; returns its view.
+    async fn create_on(&self, key: &str, query: &str, artifact: Vec<u8>) -> Value {
         let r =
-            self.call(Method::POST, &format!("/v1/sessions{query}"), key, Body::from(sample()), false).await;
+            self.call(Method::POST, &format!("/v1/sessions{query}"), key, Body::from(artifact), false).await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
         let s = r.json();
         assert_eq!(s["state"], "running", "{s}");
@@ -825,4 +831,212 @@ async fn metrics_count_sessions_by_state(pool: PgPool) {
     assert!(text.contains("cella_sessions{state=\"running\"} 1\n"), "{text}");
     assert!(text.contains("cella_sessions{state=\"paused\"} 1\n"), "{text}");
     assert!(text.contains("cella_sessions{state=\"suspended\"} 0\n"), "{text}");
+}
+
+/// The secret the probing attack goes after, and another of the same shape and length.
+const PROBED: &str = "sk_live_Q7w2Er9tY4uI8oP3aS6dF1gH";
+const PROBED_TWIN: &str = "sk_live_m4N8b1V5c9X2z6L0k3J7h4Gq";
+/// An SSN the fingerprint brute force goes after (first and last digit are what a job's
+/// redacted snippet would show: `5****9`).
+const SSN: &str = "523-71-4309";
+
+/// A session artifact with the secret mid-line behind known context, and the SSN.
+fn probed_artifact(secret: &str) -> Vec<u8> {
+    let line = format!("# {} STRIPE={secret}\nid: {SSN}\n", "x".repeat(60));
+    common::tar(&[("app/config.env", line.as_bytes()), ("app/a.txt", b"hello\n")])
+}
+
+/// The red team's position-probing attack on a session: for each next character, one grep
+/// whose alternatives are `.{i}<known context><candidate i>` (the context: the last 4 known
+/// characters); leftmost-first matching makes the match start `i` characters before the
+/// context when candidate `i` is right, so the column says which. Returns what it recovered of
+/// the secret, and every answer it got.
+async fn probe_attack(api: &Api, sid: &str, key: &str) -> (String, Vec<Value>) {
+    let charset: Vec<char> = ('a'..='z').chain('A'..='Z').chain('0'..='9').chain(['_']).collect();
+    let mut known = String::from("STRIPE=");
+    let mut answers = Vec::new();
+    for _ in 0..PROBED.len() {
+        let context = &known[known.len() - 4..];
+        let alternatives: Vec<String> = charset
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!(".{{{i}}}{}{c}", regex_escape(context)))
+            .collect();
+        let r = api
+            .exec(sid, key, json!({"op": "grep", "pattern": alternatives.join("|"), "max_matches": 10}))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        answers.push(v["result"].clone());
+        let Some(hit) = v["result"]["matches"].as_array().and_then(|m| m.first()) else { break };
+        // `STRIPE=` starts at column 64 (after "# ", 60 x's and a space), the context 4
+        // characters before the end of what is known.
+        let context_column = 64 + known.len() - 4;
+        let i = context_column - hit["column"].as_u64().unwrap() as usize;
+        known.push(charset[i]);
+    }
+    // Where each line ends, as the red team used `(?m)$` under `deny` to learn the layout.
+    let r = api.exec(sid, key, json!({"op": "grep", "pattern": "(?m)$", "max_matches": 100})).await;
+    answers.push(r.json()["result"].clone());
+    (known.trim_start_matches("STRIPE=").to_owned(), answers)
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c.to_string() } else { format!("\\{c}") })
+        .collect()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_position_probing_grep_attack_recovers_nothing_under_redact_or_deny(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    // The attack works where the policy allows reading anyway: it recovers the whole secret.
+    let open = id(&api.create_on(&key, "?read_policy=allow", probed_artifact(PROBED)).await);
+    assert_eq!(probe_attack(&api, &open, &key).await.0, PROBED, "the attack itself is broken");
+    assert_eq!(api.delete(&open, &key).await.status, StatusCode::OK);
+    for policy in ["redact", "deny"] {
+        let query = format!("?read_policy={policy}");
+        let a = id(&api.create_on(&key, &query, probed_artifact(PROBED)).await);
+        let b = id(&api.create_on(&key, &query, probed_artifact(PROBED_TWIN)).await);
+        let (recovered, answers) = probe_attack(&api, &a, &key).await;
+        assert_eq!(recovered, "", "{policy}: the attack recovered {recovered:?}");
+        // Every answer is the same for a different secret behind the mask: nothing about the
+        // secret reaches the tenant, whatever the patterns.
+        let (_, twin_answers) = probe_attack(&api, &b, &key).await;
+        assert_eq!(answers, twin_answers, "{policy}: answers depend on the masked secret");
+        let layout = answers.last().unwrap();
+        if policy == "deny" {
+            assert!(layout["matches"].as_array().unwrap().is_empty(), "deny gave positions: {layout}");
+            assert_eq!(layout["counts"][0]["path"], "app/config.env", "{layout}");
+        } else {
+            let lines: Vec<&str> =
+                layout["matches"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+            assert!(lines.iter().all(|l| !l.contains("sk_live") && !l.contains(SSN)), "{lines:?}");
+        }
+        for sid in [a, b] {
+            assert_eq!(api.delete(&sid, &key).await.status, StatusCode::OK);
+        }
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn fingerprints_are_keyed_per_tenant_and_a_nine_digit_value_cannot_be_brute_forced(pool: PgPool) {
+    use ring::digest::{digest, SHA256};
+    use ring::hmac;
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let (_, other_key) = api.tenant("globex").await;
+    let fingerprint_of_ssn = |v: &Value| -> (String, String) {
+        let results = v["sarif"]["runs"][0]["results"].as_array().unwrap();
+        let r =
+            results.iter().find(|r| r["ruleId"] == "us-ssn").unwrap_or_else(|| panic!("no SSN finding: {v}"));
+        (
+            r["partialFingerprints"]["secretHmac/v1"].as_str().unwrap().to_owned(),
+            r["message"]["text"].as_str().unwrap().to_owned(),
+        )
+    };
+    let mut fingerprints = Vec::new();
+    for (k, policy) in [(&key, "redact"), (&key, "deny"), (&other_key, "redact")] {
+        let sid = id(&api.create_on(k, &format!("?read_policy={policy}"), probed_artifact(PROBED)).await);
+        let r = api.exec(&sid, k, json!({"op": "scan", "policy_name": "secrets,pii"})).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+        let (fp, message) = fingerprint_of_ssn(&r.json());
+        // The snippet is masked whole: not even the first and last digit.
+        assert!(message.ends_with(": ****"), "{message}");
+        fingerprints.push(fp);
+        assert_eq!(api.delete(&sid, k).await.status, StatusCode::OK);
+    }
+    assert_eq!(fingerprints[0], fingerprints[1], "one tenant's findings still deduplicate");
+    assert_ne!(fingerprints[0], fingerprints[2], "two tenants' fingerprints of one value differ");
+    // The brute force: every candidate the redacted `5****9` allows is tried — near the true
+    // value, and the true value itself — with every function an attacker could compute without
+    // the tenant's key. None gives the fingerprint.
+    let target = &fingerprints[0];
+    let zero_key = hmac::Key::new(hmac::HMAC_SHA256, &[0u8; 32]);
+    let truth: u32 = SSN.replace('-', "").parse().unwrap();
+    for n in truth.saturating_sub(20_000)..truth + 20_000 {
+        let digits = format!("{n:09}");
+        if !(digits.starts_with('5') && digits.ends_with('9')) {
+            continue;
+        }
+        let value = format!("{}-{}-{}", &digits[..3], &digits[3..5], &digits[5..]);
+        let input = format!("us-ssn\0{value}");
+        let unkeyed = cella_service::ids::hex(digest(&SHA256, input.as_bytes()).as_ref());
+        let zero = cella_service::ids::hex(hmac::sign(&zero_key, input.as_bytes()).as_ref());
+        assert!(&unkeyed != target && &zero != target, "{value} gives the fingerprint");
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn probing_ids_leaves_no_session_lock_behind(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let sid = id(&api.create(&key, "").await);
+    assert_eq!(api.exec(&sid, &key, json!({"op": "stats"})).await.status, StatusCode::OK);
+    for _ in 0..300 {
+        let probe = cella_service::ids::new_id("session");
+        assert_eq!(api.exec(&probe, &key, json!({"op": "stats"})).await.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            api.post(&format!("/v1/sessions/{probe}/pause"), &key).await.status,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(api.delete(&probe, &key).await.status, StatusCode::NOT_FOUND);
+    }
+    // One entry: the running session's, which holds its guest connection.
+    assert_eq!(api.state.sessions.lock_entries(), 1);
+    assert_eq!(api.delete(&sid, &key).await.status, StatusCode::OK);
+    assert_eq!(api.state.sessions.lock_entries(), 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn execs_beyond_a_sessions_rate_answer_429_with_retry_after(pool: PgPool) {
+    let api = api(pool, |c| {
+        c.sessions.exec_per_sec = 1;
+        c.sessions.exec_burst = 3;
+    })
+    .await;
+    let (_, key) = api.tenant("acme").await;
+    let sid = id(&api.create(&key, "").await);
+    for _ in 0..3 {
+        assert_eq!(api.exec(&sid, &key, json!({"op": "stats"})).await.status, StatusCode::OK);
+    }
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("/v1/sessions/{sid}/exec"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(json!({"op": "stats"}).to_string()))
+        .unwrap();
+    let response = app(api.state.clone()).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(api.exec(&sid, &key, json!({"op": "stats"})).await.status, StatusCode::OK);
+    assert_eq!(api.delete(&sid, &key).await.status, StatusCode::OK);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_wedged_vmm_times_out_exec_and_terminate_still_stops_and_scrubs_it(pool: PgPool) {
+    let api = api(pool, |c| c.sessions.exec_timeout_secs = 2).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let sid = id(&api.create(&key, "").await);
+    assert_eq!(api.exec(&sid, &key, json!({"op": "stats"})).await.status, StatusCode::OK);
+    let vmm = common::jailed_vmm(api.pid(&sid).await.unwrap());
+    // SAFETY: kill(2) with plain integers; `vmm` is the session's VMM, found just now.
+    assert_eq!(unsafe { libc::kill(vmm as i32, libc::SIGSTOP) }, 0);
+    let t0 = std::time::Instant::now();
+    let r = api.exec(&sid, &key, json!({"op": "stats"})).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", String::from_utf8_lossy(&r.body));
+    assert!(t0.elapsed() < Duration::from_secs(10), "exec waited {:?}", t0.elapsed());
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("did not answer within 2s") && detail.contains("still running"), "{detail}");
+    assert!(!detail.contains(&api.state.data_dir.root().display().to_string()), "host path in {detail}");
+    assert_eq!(api.state_of(&sid).await, "running", "a slow guest is not a dead one");
+    let t0 = std::time::Instant::now();
+    assert_eq!(api.delete(&sid, &key).await.status, StatusCode::OK);
+    assert!(t0.elapsed() < Duration::from_secs(20), "terminate took {:?}", t0.elapsed());
+    assert!(!alive(vmm), "the wedged VMM is still there");
+    let scrub = &api.details(&tenant, "session.terminated").await["scrub"];
+    assert_eq!(scrub["verified_zero"], true, "the wedged VM was not scrubbed: {scrub}");
 }

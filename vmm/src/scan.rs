@@ -24,6 +24,37 @@ pub struct ScanRequest {
     pub launch_start: Instant,
     /// Set to stop the VM from outside (it is still scrubbed, and ends as `stopped`).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The key of the findings' fingerprints, 64 hex digits (see [`fingerprint_key`]).
+    pub fingerprint_key: String,
+}
+
+/// The environment variable that carries a scan's fingerprint key (64 hex digits): the
+/// service sets the tenant's. Passed in the environment, which only the process's owner can
+/// read, rather than on the command line, which every local user can.
+pub const FINGERPRINT_KEY_ENV: &str = "CELLA_FINGERPRINT_KEY";
+
+/// The fingerprint key for this scan: [`FINGERPRINT_KEY_ENV`] if it is set, else a fresh
+/// random key (fingerprints then deduplicate findings within this scan only).
+pub fn fingerprint_key() -> Result<String, String> {
+    match std::env::var(FINGERPRINT_KEY_ENV) {
+        Ok(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(hex.to_ascii_lowercase())
+        }
+        Ok(_) => Err(format!("{FINGERPRINT_KEY_ENV} must be 64 hex digits (a 32-byte key)")),
+        Err(_) => {
+            let mut key = [0u8; 32];
+            // SAFETY: getrandom writes at most `key.len()` bytes into the buffer it is given,
+            // which is valid for writes of that length.
+            let n = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
+            if n != key.len() as isize {
+                return Err(format!(
+                    "cannot read random bytes for the fingerprint key: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(key.iter().map(|b| format!("{b:02x}")).collect())
+        }
+    }
 }
 
 /// Why the scan did not run at all.
@@ -135,7 +166,11 @@ pub fn run(request: &ScanRequest, console: Box<dyn std::io::Write + Send>) -> Re
         ..VmConfig::new(request.image.clone(), vec!["scan".into()])
     };
     let vm = build(&config, console)?;
-    let job = Job { artifact_name: artifact_name(artifact), artifact_size: artifact_bytes };
+    let job = Job {
+        artifact_name: artifact_name(artifact),
+        artifact_size: artifact_bytes,
+        fingerprint_key: request.fingerprint_key.clone(),
+    };
     let vm_done = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let serving = server.serve(job, request.policy.clone(), vm_done.clone(), request.timeout, sockets);

@@ -208,24 +208,73 @@ impl GuestSession {
         self.exec_frames(&[&wire])
     }
 
+    /// Sends `request` followed by a `kind` frame of `len` bytes read from `payload` as they
+    /// are sent (an add's file, streamed from disk: never held in memory whole), and reads the
+    /// response. `payload` must hold at least `len` bytes.
+    pub fn exec_streamed(
+        &mut self,
+        request: &SessionRequest,
+        kind: Kind,
+        len: u64,
+        payload: &mut dyn Read,
+    ) -> Result<SessionReply, SessionClientError> {
+        let Some(len32) = u32::try_from(len).ok().filter(|n| *n <= proto::MAX_PAYLOAD) else {
+            return Err(SessionClientError::AttachmentTooLarge {
+                len: len as usize,
+                max: proto::MAX_PAYLOAD,
+            });
+        };
+        let deadline = Instant::now() + self.timeout;
+        let mut wire = proto::encode_json(Kind::SessionRequest, request);
+        wire.extend(proto::header(kind, len32));
+        self.send(&wire)?;
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut left = len;
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = payload
+                .read(&mut buf[..want])
+                .map_err(|source| SessionClientError::Io { stage: "reading the attachment", source })?;
+            if n == 0 {
+                return Err(SessionClientError::Io {
+                    stage: "reading the attachment",
+                    source: io::Error::from(io::ErrorKind::UnexpectedEof),
+                });
+            }
+            self.send(&buf[..n])?;
+            left -= n as u64;
+        }
+        self.receive(deadline)
+    }
+
     /// Writes `wire` (already-encoded frames, concatenated) and reads one response and its
     /// frames. For callers that build frames themselves, and for tests of malformed input.
     pub fn exec_frames(&mut self, wire: &[&[u8]]) -> Result<SessionReply, SessionClientError> {
         let deadline = Instant::now() + self.timeout;
+        for part in wire {
+            self.send(part)?;
+        }
+        self.receive(deadline)
+    }
+
+    /// Writes `bytes`, each write bounded by the timeout.
+    fn send(&mut self, bytes: &[u8]) -> Result<(), SessionClientError> {
         self.stream
             .set_write_timeout(Some(self.timeout.max(Duration::from_millis(1))))
             .map_err(|source| SessionClientError::Io { stage: "sending the request", source })?;
-        for part in wire {
-            self.stream.write_all(part).map_err(|source| match source.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                    SessionClientError::TimedOut { stage: "taking the request", timeout: self.timeout }
-                }
-                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
-                    SessionClientError::Closed { stage: "taking the request" }
-                }
-                _ => SessionClientError::Io { stage: "sending the request", source },
-            })?;
-        }
+        self.stream.write_all(bytes).map_err(|source| match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                SessionClientError::TimedOut { stage: "taking the request", timeout: self.timeout }
+            }
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+                SessionClientError::Closed { stage: "taking the request" }
+            }
+            _ => SessionClientError::Io { stage: "sending the request", source },
+        })
+    }
+
+    /// Reads one response and the frames it announces, by `deadline`.
+    fn receive(&mut self, deadline: Instant) -> Result<SessionReply, SessionClientError> {
         let (kind, payload) = self.next_frame(deadline, "answering")?;
         if kind != Kind::SessionResponse {
             return Err(ProtoError::Unexpected { expected: Kind::SessionResponse, got: kind }.into());

@@ -180,9 +180,12 @@ fn a_jailed_scan_of_the_sample_app_finds_what_an_unjailed_one_finds() {
     let artifact = dir.join("sample-app.tar");
     std::fs::write(&artifact, sample_app_tar()).unwrap();
     let (plain_sarif, jailed_sarif) = (dir.join("plain.sarif"), dir.join("jailed.sarif"));
+    // One fingerprint key for both scans (each would draw its own), so their results compare.
+    let key = ("CELLA_FINGERPRINT_KEY", "0123456789abcdef".repeat(4));
 
     let plain = cella_vmm(&["scan", "--json", "--artifact", artifact.to_str().unwrap()])
         .args(["--sarif", plain_sarif.to_str().unwrap()])
+        .env(key.0, &key.1)
         .output()
         .unwrap();
     assert_eq!(code(&plain), 0, "{}", stderr(&plain));
@@ -193,6 +196,7 @@ fn a_jailed_scan_of_the_sample_app_finds_what_an_unjailed_one_finds() {
     let output = cell
         .scan(UID, GID, &["--jail-id", &id, "--artifact", artifact.to_str().unwrap()])
         .args(["--sarif", jailed_sarif.to_str().unwrap()])
+        .env(key.0, &key.1)
         .output()
         .unwrap();
     assert_eq!(code(&output), 0, "{}", stderr(&output));

@@ -111,13 +111,21 @@ fn stats(s: &mut GuestSession) -> proto::SessionStats {
     }
 }
 
+/// The fingerprint key every scan of these tests uses (64 hex digits).
+const FINGERPRINT_KEY: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+
+fn scan_request(policy_name: &str) -> SessionRequest {
+    SessionRequest::Scan { policy_name: policy_name.into(), fingerprint_key: FINGERPRINT_KEY.into() }
+}
+
 fn grep(s: &mut GuestSession, pattern: &str, prefix: Option<&str>) -> proto::GrepResult {
     let request = SessionRequest::Grep {
         pattern: pattern.into(),
         max_matches: 100,
         path_prefix: prefix.map(Into::into),
     };
-    match exec(s, request, None).response.result {
+    let policy = policy();
+    match exec(s, request, Some((Kind::Policy, &policy))).response.result {
         SessionResult::Grep(found) => found,
         other => panic!("grep answered {other:?}"),
     }
@@ -158,22 +166,18 @@ fn a_session_indexes_once_and_answers_every_request_until_stop() {
 
     // grep: lines, columns and text; binary files are not searched.
     let found = grep(&mut s, r"TODO: \w+", None);
-    let hits: Vec<(&str, u64, u64, Option<&str>)> =
-        found.matches.iter().map(|m| (m.path.as_str(), m.line, m.column, m.text.as_deref())).collect();
+    let hits: Vec<(&str, u64, u64, &str)> =
+        found.matches.iter().map(|m| (m.path.as_str(), m.line, m.column, m.text.as_str())).collect();
     assert_eq!(
         hits,
-        [
-            ("app/README.md", 3, 1, Some("TODO: write docs")),
-            ("app/README.md", 5, 3, Some("  TODO: add tests"))
-        ]
+        [("app/README.md", 3, 1, "TODO: write docs"), ("app/README.md", 5, 3, "  TODO: add tests")]
     );
-    assert_eq!((found.files_searched, found.truncated, found.text_withheld), (3, false, false));
+    assert_eq!((found.files_searched, found.truncated, found.masked), (3, false, false));
     assert!(grep(&mut s, "TODO", Some("app/src/")).matches.is_empty());
 
     // scan: the same findings as a one-shot scan of the same artifact.
     let policy = policy();
-    let reply =
-        exec(&mut s, SessionRequest::Scan { policy_name: "default".into() }, Some((Kind::Policy, &policy)));
+    let reply = exec(&mut s, scan_request("default"), Some((Kind::Policy, &policy)));
     let SessionResult::Scan(scan) = &reply.response.result else { panic!("{:?}", reply.response) };
     assert!(!scan.policy_cached);
     assert_eq!(scan.files_scanned, 3);
@@ -191,6 +195,7 @@ fn a_session_indexes_once_and_answers_every_request_until_stop() {
             timeout: Duration::from_secs(60),
             launch_start: Instant::now(),
             cancel: None,
+            fingerprint_key: FINGERPRINT_KEY.into(),
         },
         Box::new(std::io::sink()),
     )
@@ -202,8 +207,7 @@ fn a_session_indexes_once_and_answers_every_request_until_stop() {
         panic!("the one-shot scan failed: {:?}", one_shot.job)
     };
     assert_eq!(session_results, sarif_results(&sarif), "session and one-shot scans differ");
-    let again =
-        exec(&mut s, SessionRequest::Scan { policy_name: "default".into() }, Some((Kind::Policy, &policy)));
+    let again = exec(&mut s, scan_request("default"), Some((Kind::Policy, &policy)));
     let SessionResult::Scan(again) = &again.response.result else { panic!("{:?}", again.response) };
     assert!(again.policy_cached, "the second scan with the same policy recompiled it");
 
@@ -231,17 +235,21 @@ fn a_session_indexes_once_and_answers_every_request_until_stop() {
 
     // Hostile requests: clear errors, and the session keeps answering.
     let long = "a".repeat(proto::GREP_MAX_PATTERN + 1);
-    let reply = exec(&mut s, SessionRequest::Grep { pattern: long, max_matches: 5, path_prefix: None }, None);
+    let reply = exec(
+        &mut s,
+        SessionRequest::Grep { pattern: long, max_matches: 5, path_prefix: None },
+        Some((Kind::Policy, &policy)),
+    );
     assert_eq!(error_of(&reply).0, error_kind::PATTERN);
     assert!(error_of(&reply).1.contains("1025 bytes long"), "{}", error_of(&reply).1);
     let huge =
         SessionRequest::Grep { pattern: "(?:[a-z]{1000}){1000}".into(), max_matches: 5, path_prefix: None };
-    let reply = exec(&mut s, huge, None);
+    let reply = exec(&mut s, huge, Some((Kind::Policy, &policy)));
     assert_eq!(error_of(&reply).0, error_kind::PATTERN, "{}", error_of(&reply).1);
     let reply = exec(
         &mut s,
         SessionRequest::Grep { pattern: "x".into(), max_matches: 1_000_000, path_prefix: None },
-        None,
+        Some((Kind::Policy, &policy)),
     );
     assert_eq!(error_of(&reply).0, error_kind::BAD_REQUEST);
     let reply = exec(
@@ -268,14 +276,13 @@ fn a_session_indexes_once_and_answers_every_request_until_stop() {
     let reply = s.exec_frames(&[&proto::encode(Kind::Data, b"stray")]).unwrap();
     assert_eq!(error_of(&reply).0, error_kind::BAD_REQUEST);
     // A scan whose policy frame is missing: the request that came instead is still answered.
-    let mut wire =
-        proto::encode_json(Kind::SessionRequest, &SessionRequest::Scan { policy_name: "p".into() });
+    let mut wire = proto::encode_json(Kind::SessionRequest, &scan_request("p"));
     wire.extend(proto::encode_json(Kind::SessionRequest, &SessionRequest::Stats));
     let reply = s.exec_frames(&[&wire]).unwrap();
     assert_eq!(error_of(&reply).0, error_kind::MISSING_FRAME);
     let reply = s.exec_frames(&[]).unwrap();
     assert!(matches!(reply.response.result, SessionResult::Stats(_)), "{:?}", reply.response);
-    let reply = exec(&mut s, SessionRequest::Scan { policy_name: "bad".into() }, Some((Kind::Policy, b"{}")));
+    let reply = exec(&mut s, scan_request("bad"), Some((Kind::Policy, b"{}")));
     assert_eq!(error_of(&reply).0, error_kind::POLICY);
 
     // A broken frame (bad magic) closes that connection only.
@@ -327,9 +334,15 @@ fn redact_masks_the_policys_findings_and_refuses_binary_files() {
         Some((Kind::Policy, &policy)),
     );
     assert_eq!(error_of(&reply).0, error_kind::BINARY);
-    // grep reports where, not what.
+    // grep searches and shows the masked text: the line, with the secret masked.
     let found = grep(&mut s, "stripe_key", None);
-    assert!(found.text_withheld && found.matches.len() == 1 && found.matches[0].text.is_none(), "{found:?}");
+    assert!(found.masked && found.matches.len() == 1, "{found:?}");
+    let line = &found.matches[0].text;
+    assert!(
+        line.trim_start().starts_with("stripe_key = \"") && !line.contains(SECRET) && line.contains("****"),
+        "{line}"
+    );
+    assert!(grep(&mut s, &SECRET[..8], None).matches.is_empty(), "a pattern matched inside a masked secret");
     assert_eq!(exec(&mut s, SessionRequest::Stop, None).response.result, SessionResult::Stop);
     assert_eq!(vm.join().exit, GuestExit::Exited { code: 0 });
 }
@@ -350,7 +363,11 @@ fn deny_refuses_every_read_of_a_plain_file_session() {
     );
     assert_eq!(error_of(&reply).0, error_kind::DENIED);
     assert!(error_of(&reply).1.contains("`deny`"), "{}", error_of(&reply).1);
-    assert_eq!(grep(&mut s, "card", None).matches[0].line, 3);
+    // grep: paths and counts only, never positions.
+    let found = grep(&mut s, "card", None);
+    assert!(found.matches.is_empty() && found.masked, "{found:?}");
+    assert_eq!(found.counts, [proto::GrepCount { path: "notes.txt".into(), lines: 1 }]);
+    assert!(grep(&mut s, &SECRET[..8], None).counts.is_empty(), "a pattern matched inside a masked secret");
     assert_eq!(exec(&mut s, SessionRequest::Stop, None).response.result, SessionResult::Stop);
     assert_eq!(vm.join().exit, GuestExit::Exited { code: 0 });
 }
@@ -421,21 +438,19 @@ fn figures() {
             t.elapsed()
         };
         let stats_rt = time(&mut s, SessionRequest::Stats, None);
+        let policy = policy();
         let grep_rt = time(
             &mut s,
             SessionRequest::Grep { pattern: r"numbers 7\d*7\b".into(), max_matches: 100, path_prefix: None },
-            None,
+            Some((Kind::Policy, &policy)),
         );
         let grep_all_rt = time(
             &mut s,
             SessionRequest::Grep { pattern: "stripe_key".into(), max_matches: 100, path_prefix: None },
-            None,
+            Some((Kind::Policy, &policy)),
         );
-        let policy = policy();
-        let scan_cold =
-            time(&mut s, SessionRequest::Scan { policy_name: "p".into() }, Some((Kind::Policy, &policy)));
-        let scan_warm =
-            time(&mut s, SessionRequest::Scan { policy_name: "p".into() }, Some((Kind::Policy, &policy)));
+        let scan_cold = time(&mut s, scan_request("p"), Some((Kind::Policy, &policy)));
+        let scan_warm = time(&mut s, scan_request("p"), Some((Kind::Policy, &policy)));
         println!(
             "{label}: {} files, {} bytes; boot + index build to first answer {:?} ({} TSC cycles in the guest); \
              stats {:?}, grep (first 100 matches) {:?}, grep (every file, 1 match) {:?}, scan (compile) {:?}, \

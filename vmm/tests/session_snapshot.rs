@@ -119,10 +119,11 @@ fn stats(guest: &mut GuestSession) -> proto::SessionStats {
     }
 }
 
-/// The matches of `TODO` as (path, line) pairs.
+/// The matches of `TODO` as (path, line) pairs (an `allow` session: the masking policy that
+/// every grep carries is not used).
 fn todos(guest: &mut GuestSession) -> Vec<(String, u64)> {
     let request = SessionRequest::Grep { pattern: "TODO".into(), max_matches: 100, path_prefix: None };
-    match guest.exec(&request, None).unwrap().response.result {
+    match guest.exec(&request, Some((proto::Kind::Policy, b"{}"))).unwrap().response.result {
         SessionResult::Grep(grep) => grep.matches.into_iter().map(|m| (m.path, m.line)).collect(),
         other => panic!("grep answered {other:?}"),
     }

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"CELP";
 /// Protocol version; any incompatible change bumps it.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest payload either side accepts.
@@ -105,6 +105,9 @@ pub struct Job {
     pub artifact_name: String,
     /// Its exact size: the disk is padded to whole sectors.
     pub artifact_size: u64,
+    /// The key of the findings' fingerprints (64 hex digits): the tenant's, so its findings
+    /// deduplicate across its jobs while nobody can try values against a fingerprint.
+    pub fingerprint_key: String,
 }
 
 /// Why the runner could not do the job.
@@ -126,8 +129,13 @@ pub enum SessionRequest {
         /// The policy's name, echoed in the result (the runner identifies the policy by a hash
         /// of its bytes, not by this name).
         policy_name: String,
+        /// The key of the findings' fingerprints (64 hex digits), as in [`Job`].
+        fingerprint_key: String,
     },
-    /// An ad-hoc regex over the indexed text files. Answered with a [`GrepResult`].
+    /// An ad-hoc regex over the indexed text files, followed by the [`Kind::Policy`] frame of
+    /// the masking policy. Under `allow` the raw text is searched; under `redact` and `deny`
+    /// the text with that policy's findings masked (see `read`), each unmasked stretch on its
+    /// own, so a match never touches a masked byte. Answered with a [`GrepResult`].
     Grep {
         pattern: String,
         /// At most this many matching lines (capped by the runner, see [`GREP_MAX_MATCHES`]).
@@ -139,7 +147,7 @@ pub enum SessionRequest {
     /// Counters of the session. Answered with [`SessionStats`].
     Stats,
     /// A file's bytes, gated by the session's read policy; for `redact`, the findings of the
-    /// policy in the [`Kind::Policy`] frame that follows are masked. Answered with a
+    /// masking policy in the [`Kind::Policy`] frame that follows are masked. Answered with a
     /// [`ReadResult`] and one [`Kind::Data`] frame.
     Read { path: String, max_bytes: u64 },
     /// Adds the file or archive in the [`Kind::Data`] frame that follows to the index, its
@@ -165,7 +173,9 @@ impl SessionRequest {
     /// The bulk frame that must follow this request, if any.
     pub fn attachment(&self) -> Option<Kind> {
         match self {
-            SessionRequest::Scan { .. } | SessionRequest::Read { .. } => Some(Kind::Policy),
+            SessionRequest::Scan { .. } | SessionRequest::Grep { .. } | SessionRequest::Read { .. } => {
+                Some(Kind::Policy)
+            }
             SessionRequest::Add { .. } => Some(Kind::Data),
             _ => None,
         }
@@ -255,13 +265,24 @@ pub struct ScanResult {
 /// The result of `grep`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrepResult {
+    /// The matching lines (`allow`, `redact`); empty under `deny`.
     pub matches: Vec<GrepMatch>,
+    /// Under `deny`: matching lines per file, and nothing about where they are.
+    #[serde(default)]
+    pub counts: Vec<GrepCount>,
     /// Stopped at `max_matches`: more lines match.
     pub truncated: bool,
     /// Text files searched (binary files are skipped).
     pub files_searched: u64,
-    /// The session's read policy is not `allow`, so matching lines' text is withheld.
-    pub text_withheld: bool,
+    /// The text searched and shown had the masking policy's findings masked (`redact`, `deny`).
+    pub masked: bool,
+}
+
+/// Matching lines in one file (a `deny` session's grep).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrepCount {
+    pub path: String,
+    pub lines: u64,
 }
 
 /// One matching line.
@@ -272,8 +293,8 @@ pub struct GrepMatch {
     pub line: u64,
     /// 1-based column of the match's start, in Unicode code points (as SARIF findings).
     pub column: u64,
-    /// The line (lossy UTF-8, at most [`GREP_MAX_LINE`] bytes of it); `None` when withheld.
-    pub text: Option<String>,
+    /// The line (lossy UTF-8, at most [`GREP_MAX_LINE`] bytes of it), masked under `redact`.
+    pub text: String,
     /// The line was cut to [`GREP_MAX_LINE`] bytes.
     pub truncated: bool,
 }
@@ -490,6 +511,7 @@ mod tests {
         let text = serde_json::to_string(&SessionRequest::Read { path: "a/b".into(), max_bytes: 9 }).unwrap();
         assert_eq!(text, r#"{"op":"read","path":"a/b","max_bytes":9}"#);
         assert_eq!(SessionRequest::Add { name: "x".into() }.attachment(), Some(Kind::Data));
+        assert_eq!(grep.attachment(), Some(Kind::Policy), "grep carries the masking policy");
         let e = decode_json::<SessionRequest>(br#"{"op":"format_disk"}"#).unwrap_err();
         assert!(alloc::format!("{e}").contains("format_disk"), "{e}");
     }

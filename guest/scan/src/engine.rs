@@ -34,7 +34,7 @@ use regex_automata::util::syntax;
 use regex_automata::{Anchored, Input};
 
 use crate::error::{ArtifactError, EngineError};
-use crate::finding::{fingerprint, redact, Finding, Report};
+use crate::finding::{fingerprint, redact, Finding, FingerprintKey, Report};
 use crate::rule::{Category, Policy, Rule, MULTILINE_WINDOW, POLICY_FORMAT_VERSION};
 use crate::source::{read_full, ByteRead};
 use crate::validate::{check, contains_ascii_ci, shannon_entropy};
@@ -197,6 +197,8 @@ pub struct Engine {
     hits: Vec<Hit>,
     /// While [`Engine::finding_spans`] runs: every accepted hit's secret, in file offsets.
     spans: Option<Vec<FindingSpan>>,
+    /// Keys the findings' fingerprints (see [`Engine::set_fingerprint_key`]).
+    fingerprint_key: FingerprintKey,
 }
 
 /// Where one finding's secret lies in a file (byte offsets, `start..end`).
@@ -318,6 +320,7 @@ impl Engine {
             buf: Vec::new(),
             hits: Vec::new(),
             spans: None,
+            fingerprint_key: FingerprintKey::new([0; 32]),
         })
     }
 
@@ -339,6 +342,12 @@ impl Engine {
             }
         }
         self.ensure_filter()
+    }
+
+    /// Sets the key of the findings' fingerprints. Until this is called the key is all zeros,
+    /// which hides nothing: every scan whose results leave the VM sets the tenant's key.
+    pub fn set_fingerprint_key(&mut self, key: FingerprintKey) {
+        self.fingerprint_key = key;
     }
 
     /// The policy this engine runs.
@@ -800,7 +809,7 @@ impl Engine {
                 line,
                 column,
                 redacted,
-                fingerprint: fingerprint(&rule.id, secret),
+                fingerprint: fingerprint(&self.fingerprint_key, &rule.id, secret),
             });
         }
         self.hits.clear();

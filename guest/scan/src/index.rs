@@ -8,6 +8,7 @@
 //! per line; line numbers are counted incrementally between matches. Binary files (a NUL byte
 //! in the first [`BINARY_SNIFF_LEN`] bytes, the engine's own rule) are flagged once at load.
 
+use alloc::borrow::Cow;
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
@@ -123,21 +124,33 @@ impl Index {
     }
 
     /// Matching lines of the text files whose path starts with `path_prefix`: at most
-    /// `max_matches`, one per line, at most `max_line` bytes of each line's text.
+    /// `max_matches`, one per line, at most `max_line` bytes of each line's text. With a
+    /// `view`, the files are searched as the view shows them (see [`MaskedView`]); it must
+    /// cover every file (a file it does not cover is not searched).
     pub fn grep(
         &self,
         grep: &mut Grep,
+        view: Option<&MaskedView>,
         path_prefix: Option<&str>,
         max_matches: usize,
         max_line: usize,
     ) -> GrepOutcome {
         let mut out = GrepOutcome::default();
-        for file in &self.files {
+        let no_mask = FileMask::default();
+        for (i, file) in self.files.iter().enumerate() {
             if file.binary || !path_prefix.is_none_or(|p| file.path.starts_with(p)) {
                 continue;
             }
+            let mask = match view {
+                None => &no_mask,
+                Some(view) => match view.files.get(i) {
+                    Some(Some(mask)) => mask,
+                    _ => continue,
+                },
+            };
             out.files_searched += 1;
-            if !grep.file(file, max_matches, max_line, &mut out) {
+            let text = mask.apply(&file.bytes);
+            if !grep.file(&file.path, &text, mask, max_matches, max_line, &mut out) {
                 out.truncated = true;
                 break;
             }
@@ -146,28 +159,111 @@ impl Index {
     }
 }
 
-/// Masks every secret and personal-data finding of `engine`'s policy in `text`: each byte of
-/// each finding becomes `*` (the length is kept). License findings are left: they identify a
-/// license, not data to protect. Returns the masked bytes and how many findings were masked,
-/// or `None` for a binary file (the engine does not scan those, so nothing can be located).
-pub fn mask_findings(
-    engine: &mut Engine,
-    path: &str,
-    text: &[u8],
-) -> Result<Option<(Vec<u8>, u64)>, ArtifactError> {
+/// Where the secret and personal-data findings of `engine`'s policy lie in `text`: sorted,
+/// merged byte ranges, and how many findings they hold. License findings are left out: they
+/// identify a license, not data to protect. `None` for a binary file (the engine does not scan
+/// those, so nothing can be located).
+pub fn finding_mask(engine: &mut Engine, path: &str, text: &[u8]) -> Result<Option<FileMask>, ArtifactError> {
     let Some(spans) = engine.finding_spans(path, text)? else { return Ok(None) };
-    let mut masked = Vec::from(text);
-    let mut count = 0;
+    let mut mask = FileMask::default();
     for span in spans {
         let rule = &engine.policy().rules[span.rule_index as usize];
         if rule.category == Category::License {
             continue;
         }
-        let end = span.end.min(masked.len());
-        masked[span.start..end].fill(b'*');
-        count += 1;
+        mask.findings += 1;
+        let (start, end) = (span.start.min(text.len()), span.end.min(text.len()));
+        match mask.spans.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => mask.spans.push((start, end)),
+        }
     }
-    Ok(Some((masked, count)))
+    Ok(Some(mask))
+}
+
+/// Masks every secret and personal-data finding of `engine`'s policy in `text`: each byte of
+/// each finding becomes `*` (the length is kept). Returns the masked bytes and how many
+/// findings were masked, or `None` for a binary file (see [`finding_mask`]).
+pub fn mask_findings(
+    engine: &mut Engine,
+    path: &str,
+    text: &[u8],
+) -> Result<Option<(Vec<u8>, u64)>, ArtifactError> {
+    Ok(finding_mask(engine, path, text)?.map(|mask| (mask.apply(text).into_owned(), mask.findings)))
+}
+
+/// The masked byte ranges of one file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileMask {
+    /// Sorted, disjoint `start..end` byte ranges.
+    pub spans: Vec<(usize, usize)>,
+    /// Findings masked (several may share a range).
+    pub findings: u64,
+}
+
+impl FileMask {
+    /// `text` (the file, or the first bytes of it) with every masked byte replaced by `*`
+    /// (borrowed when nothing in it is masked).
+    pub fn apply<'t>(&self, text: &'t [u8]) -> Cow<'t, [u8]> {
+        let len = text.len();
+        if self.spans.first().is_none_or(|s| s.0 >= len) {
+            return Cow::Borrowed(text);
+        }
+        let mut masked = Vec::from(text);
+        for &(start, end) in self.spans.iter().take_while(|s| s.0 < len) {
+            masked[start..end.min(len)].fill(MASK_BYTE);
+        }
+        Cow::Owned(masked)
+    }
+
+    /// The unmasked stretches of a text of `len` bytes, in order.
+    fn clear_ranges(&self, len: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let starts = core::iter::once(0).chain(self.spans.iter().map(|s| s.1));
+        let ends = self.spans.iter().map(|s| s.0).chain(core::iter::once(len));
+        starts.zip(ends).filter(|(a, b)| a < b)
+    }
+}
+
+/// What a masked byte reads as.
+pub const MASK_BYTE: u8 = b'*';
+
+/// The index as a read policy that is not `allow` lets it be seen: every text file with the
+/// findings of one policy (the masking policy) masked. Answers computed from this view
+/// (grep's lines, columns and text; reads) reveal nothing a masked read would not: a pattern
+/// never matches inside or across a masked range, and positions are those of the masked text.
+/// Only the ranges are kept; a masked copy of a file exists only while it is searched or read.
+#[derive(Debug, Default)]
+pub struct MaskedView {
+    /// Per file of the index, in order: its mask, or `None` for a binary file (which cannot be
+    /// masked, so it is never searched or read through this view).
+    files: Vec<Option<FileMask>>,
+}
+
+impl MaskedView {
+    /// An empty view (it covers no file yet).
+    pub fn new() -> MaskedView {
+        MaskedView::default()
+    }
+
+    /// Files of the index this view covers (the first ones).
+    pub fn covered(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Masks the files of `index` this view does not cover yet (files added since).
+    pub fn extend(&mut self, index: &Index, engine: &mut Engine) -> Result<(), ArtifactError> {
+        for file in &index.files[self.files.len()..] {
+            let mask = if file.binary { None } else { finding_mask(engine, &file.path, &file.bytes)? };
+            self.files.push(mask);
+        }
+        Ok(())
+    }
+
+    /// The mask of the file with this path: `None` if there is no such file or it is binary.
+    pub fn mask_of(&self, index: &Index, path: &str) -> Option<&FileMask> {
+        let i = *index.by_path.get(path)?;
+        self.files.get(i)?.as_ref()
+    }
 }
 
 /// How an ad-hoc grep pattern is bounded.
@@ -250,40 +346,57 @@ impl Grep {
         Ok(Grep { re, cache })
     }
 
-    /// Adds `file`'s matching lines to `out`; `false` once `max_matches` is reached and more
-    /// lines match.
+    /// Adds the matching lines of the file `path` (its text as shown: `text`, masked by
+    /// `mask`) to `out`; `false` once `max_matches` is reached and more lines match.
+    ///
+    /// Each unmasked stretch is searched as a haystack of its own, so no match includes a
+    /// masked byte and no look-around (`\b`, `^`, `$`) sees one: what matches, and where,
+    /// depends on the masked text only. Lines, columns and the line's text are those of `text`.
     fn file(
         &mut self,
-        file: &IndexedFile,
+        path: &str,
+        text: &[u8],
+        mask: &FileMask,
         max_matches: usize,
         max_line: usize,
         out: &mut GrepOutcome,
     ) -> bool {
-        let text = &file.bytes[..];
-        let mut input = Input::new(text);
         let (mut counted_to, mut line) = (0usize, 1u64);
-        while let Some(m) = self.re.search_with(&mut self.cache, &input) {
-            if out.matches.len() >= max_matches {
-                return false;
+        // Where the next hit may start: one hit per line.
+        let mut from = 0usize;
+        for (a, b) in mask.clear_ranges(text.len()) {
+            if from >= b {
+                continue;
             }
-            let ls = memchr::memrchr(b'\n', &text[..m.start()]).map_or(0, |i| i + 1);
-            let le = memchr::memchr(b'\n', &text[m.start()..]).map_or(text.len(), |i| m.start() + i);
-            line += memchr::memchr_iter(b'\n', &text[counted_to..ls]).count() as u64;
-            counted_to = ls;
-            let full = text[ls..le].strip_suffix(b"\r").unwrap_or(&text[ls..le]);
-            let shown = &full[..full.len().min(max_line)];
-            out.matches.push(GrepHit {
-                path: file.path.clone(),
-                line,
-                column: code_points(&text[ls..m.start()]) + 1,
-                text: String::from_utf8_lossy(shown).into_owned(),
-                truncated: shown.len() < full.len(),
-            });
-            // One hit per line: go on after this line.
-            if le >= text.len() {
-                break;
+            let mut input = Input::new(&text[a..b]);
+            input.set_start(from.saturating_sub(a));
+            while let Some(m) = self.re.search_with(&mut self.cache, &input) {
+                if out.matches.len() >= max_matches {
+                    return false;
+                }
+                let start = a + m.start();
+                let ls = memchr::memrchr(b'\n', &text[..start]).map_or(0, |i| i + 1);
+                let le = memchr::memchr(b'\n', &text[start..]).map_or(text.len(), |i| start + i);
+                line += memchr::memchr_iter(b'\n', &text[counted_to..ls]).count() as u64;
+                counted_to = ls;
+                let full = text[ls..le].strip_suffix(b"\r").unwrap_or(&text[ls..le]);
+                let shown = &full[..full.len().min(max_line)];
+                out.matches.push(GrepHit {
+                    path: String::from(path),
+                    line,
+                    column: code_points(&text[ls..start]) + 1,
+                    text: String::from_utf8_lossy(shown).into_owned(),
+                    truncated: shown.len() < full.len(),
+                });
+                from = le + 1;
+                if le >= text.len() {
+                    return true;
+                }
+                if from >= b {
+                    break;
+                }
+                input.set_start(from - a);
             }
-            input.set_start(le + 1);
         }
         true
     }
@@ -388,16 +501,16 @@ mod tests {
         text.extend_from_slice(b"gamma");
         let index = index_of(&[("t.txt", &text), ("z.bin", b"gamma\0")]);
         let mut g = Grep::new("gam+a", &GrepLimits::default()).unwrap();
-        let out = index.grep(&mut g, None, 100, 200);
+        let out = index.grep(&mut g, None, None, 100, 200);
         let found: Vec<(u64, u64, bool)> =
             out.matches.iter().map(|m| (m.line, m.column, m.truncated)).collect();
         assert_eq!(found, [(2, 6, false), (3, 5, false), (4, 301, true)]);
         assert_eq!(out.matches[0].text, "beta gamma");
         assert_eq!(out.matches[2].text.len(), 200);
         assert_eq!(out.files_searched, 1, "binary files are not searched");
-        let out = index.grep(&mut g, None, 2, 200);
+        let out = index.grep(&mut g, None, None, 2, 200);
         assert!(out.truncated && out.matches.len() == 2);
-        assert!(index.grep(&mut g, Some("nope/"), 10, 200).matches.is_empty());
+        assert!(index.grep(&mut g, None, Some("nope/"), 10, 200).matches.is_empty());
     }
 
     #[test]

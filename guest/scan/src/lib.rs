@@ -40,7 +40,7 @@ pub use engine::{
     check_rule, Engine, FindingSpan, BINARY_SNIFF_LEN, CHUNK_LEN, LINE_FILTER_AFTER, OVERLAP_LEN,
 };
 pub use error::{ArtifactError, EngineError};
-pub use finding::{fingerprint, redact, Finding, Report, Summary};
+pub use finding::{fingerprint, hmac_sha256, redact, Finding, FingerprintKey, Report, Summary};
 pub use rule::{
     Allowlist, Category, Policy, Rule, Severity, Validator, MULTILINE_WINDOW, POLICY_FORMAT_VERSION,
 };

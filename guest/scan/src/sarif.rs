@@ -12,8 +12,9 @@ use crate::rule::Policy;
 pub const SARIF_VERSION: &str = "2.1.0";
 /// The schema URI written into `$schema`.
 pub const SARIF_SCHEMA: &str = "https://json.schemastore.org/sarif-2.1.0.json";
-/// Key of the fingerprint in `partialFingerprints`.
-pub const FINGERPRINT_KEY: &str = "secretHash/v1";
+/// Key of the fingerprint in `partialFingerprints`: HMAC-SHA256 of the rule id and the secret
+/// under the tenant's key (see [`crate::FingerprintKey`]).
+pub const FINGERPRINT_KEY: &str = "secretHmac/v1";
 
 /// Percent-encodes a relative path for `artifactLocation.uri`; `/` and `!` (nested archives)
 /// are kept.
@@ -269,7 +270,7 @@ mod direct {
 
     #[derive(Serialize)]
     pub struct Fingerprints<'a> {
-        #[serde(rename = "secretHash/v1")]
+        #[serde(rename = "secretHmac/v1")]
         pub secret_hash: &'a str,
     }
 }

@@ -1,6 +1,9 @@
 //! Authentication as extractors: [`TenantAuth`] for a tenant's API key, [`AdminAuth`] for the
 //! operator credential. Handlers never parse `Authorization` themselves.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -8,6 +11,8 @@ use cella_audit::Actor;
 
 use super::AppState;
 use crate::error::ServiceError;
+use crate::limits::{too_many, Permit};
+use crate::quotas::Quotas;
 use crate::tenants::{self, Caller};
 
 fn bearer(parts: &Parts) -> Result<&str, ServiceError> {
@@ -20,26 +25,45 @@ fn bearer(parts: &Parts) -> Result<&str, ServiceError> {
     Ok(token.trim())
 }
 
-/// The tenant behind the request's API key.
+/// The tenant behind the request's API key, its quotas in force, and its place among the
+/// tenant's requests in flight (given back when the handler is done with it).
 #[derive(Debug, Clone)]
-pub struct TenantAuth(pub Caller);
+pub struct TenantAuth {
+    pub caller: Caller,
+    pub quotas: Quotas,
+    _in_flight: Arc<Permit>,
+}
 
 impl TenantAuth {
     pub fn tenant(&self) -> &str {
-        &self.0.tenant_id
+        &self.caller.tenant_id
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.caller.key_id
     }
 
     pub fn actor(&self) -> Actor {
-        Actor::ApiKey(self.0.key_id.clone())
+        Actor::ApiKey(self.caller.key_id.clone())
     }
 }
+
+/// What a tenant over its requests quota is told to wait.
+const REQUESTS_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl FromRequestParts<AppState> for TenantAuth {
     type Rejection = ServiceError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let key = bearer(parts)?;
-        Ok(TenantAuth(tenants::authenticate(&state.pool, key).await?))
+        let caller = tenants::authenticate(&state.pool, key).await?;
+        let quotas = caller.quotas.effective(&state.config);
+        let in_flight = state
+            .limits
+            .requests
+            .try_take(&caller.tenant_id, quotas.requests)
+            .ok_or_else(|| too_many("requests", quotas.requests, REQUESTS_RETRY_AFTER))?;
+        Ok(TenantAuth { caller, quotas, _in_flight: Arc::new(in_flight) })
     }
 }
 

@@ -75,7 +75,8 @@ async fn submit(
     let path = state.data_dir.artifact(&job_id);
     // Named under its final path before the job exists, so a worker never sees a job without
     // its artifact; removed again if the job is not created.
-    let stored = upload::store(&state, &headers, body, &path, state.config.jobs.max_artifact_bytes).await?;
+    let stored =
+        upload::store(&state, &auth, &headers, body, &path, state.config.jobs.max_artifact_bytes).await?;
     let (bytes, sha256) = (stored.bytes, stored.sha256);
     let sub = Submission {
         job_id,
@@ -86,7 +87,10 @@ async fn submit(
         idempotency_key,
         max_attempts: state.config.jobs.max_attempts,
     };
-    match jobs::submit(&state.pool, auth.tenant(), &auth.actor(), &sub).await {
+    // The key is checked again where the job is recorded: revoked during the upload, no job.
+    let submitted = jobs::submit(&state.pool, auth.tenant(), auth.key_id(), &auth.actor(), &sub).await;
+    drop(stored);
+    match submitted {
         Ok(Submitted::Created(job)) => {
             let location = format!("/v1/jobs/{}", job.id);
             Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(job)).into_response())

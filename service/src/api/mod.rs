@@ -40,6 +40,8 @@ pub struct AppState {
     pub jobs_done: wait::JobsDone,
     /// The sessions of this host.
     pub sessions: Arc<crate::sessions::SessionManager>,
+    /// What each tenant has in flight (requests, uploads), against its quotas.
+    pub limits: crate::limits::TenantLimits,
 }
 
 /// The whole API.

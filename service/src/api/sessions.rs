@@ -25,7 +25,7 @@ use crate::sessions::manager::wrong_state;
 use crate::sessions::store;
 use crate::sessions::vmm::{Attach, Frame, Reply};
 use crate::sessions::{SessionPage, SessionParams, SessionView, State as SessionState};
-use crate::{files, ids, jobs};
+use crate::{files, ids, jobs, quotas, tenants};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -97,24 +97,41 @@ async fn create(
         q.mem_mib,
     )?;
     let name = upload::check_name(q.name)?;
+    // The quotas first, so a tenant at its limit learns it before it sends the artifact (the
+    // row's insert checks them again, under the tenant's lock).
+    let usage = quotas::usage(&state.pool, auth.tenant()).await?;
+    store::check_session_quotas(
+        &usage,
+        params.mem_mib,
+        auth.quotas.live_sessions,
+        auth.quotas.session_mem_mib,
+    )?;
+    let admitted = upload::admit(&state, &auth, &headers, state.config.jobs.max_artifact_bytes).await?;
     let id = ids::new_id("session");
     let paths = state.sessions.paths(&id);
     files::create_private_dir(&paths.dir)
         .map_err(|e| ServiceError::Internal(crate::error::error_chain(&e)))?;
-    let stored =
-        match upload::store(&state, &headers, body, &paths.artifact, state.config.jobs.max_artifact_bytes)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tokio::fs::remove_dir_all(&paths.dir).await;
-                return Err(e);
-            }
-        };
+    let stored = match upload::store_admitted(&state, admitted, body, &paths.artifact).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&paths.dir).await;
+            return Err(e);
+        }
+    };
     let created = state
         .sessions
-        .create(&id, auth.tenant(), &auth.actor(), name.as_deref(), stored.bytes, stored.sha256, &params)
+        .create(
+            &id,
+            &auth.caller,
+            &auth.quotas,
+            &auth.actor(),
+            name.as_deref(),
+            stored.bytes,
+            stored.sha256,
+            &params,
+        )
         .await;
+    drop(stored);
     match created {
         Ok(s) => {
             let location = format!("/v1/sessions/{id}");
@@ -221,7 +238,19 @@ async fn resume(
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, ServiceError> {
     check_id(&id)?;
+    memory_to_restore(&state, &auth, &id).await?;
     Ok(Json(state.sessions.resume(auth.tenant(), &id, &auth.actor()).await?.view()))
+}
+
+/// A suspended session's memory comes back when it is restored: it must fit the tenant's
+/// session memory quota again.
+async fn memory_to_restore(state: &AppState, auth: &TenantAuth, id: &str) -> Result<(), ServiceError> {
+    let s = store::get(&state.pool, Some(auth.tenant()), id).await?;
+    if s.state == SessionState::Suspended {
+        let usage = quotas::usage(&state.pool, auth.tenant()).await?;
+        store::check_session_memory(&usage, s.mem_mib.max(0) as u32, auth.quotas.session_mem_mib)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -255,6 +284,7 @@ async fn connect(
             "extend={extend} is more than {SESSION_MAX_DURATION_CAP_SECS} seconds (8 h), the longest a session lives"
         )));
     }
+    memory_to_restore(&state, &auth, &id).await?;
     Ok(Json(state.sessions.connect(auth.tenant(), &id, &auth.actor(), q.extend).await?.view()))
 }
 
@@ -375,12 +405,17 @@ async fn exec(
     let request: ExecRequest = serde_json::from_value(body)
         .map_err(|e| ServiceError::Unprocessable(format!("not a session request: {e}")))?;
     let default_policy = &state.config.jobs.default_policy;
+    // What `read` masks and `grep` searches around under `redact` and `deny`: always the
+    // server's default packs, never a policy the request chooses.
+    let masking_policy = || compiled_policy(&jobs::parse_policy(None, default_policy)?);
     let (request, attach, audit) = match request {
         ExecRequest::Scan { policy_name } => {
             let packs = jobs::parse_policy(policy_name.as_deref(), default_policy)?;
             let policy = compiled_policy(&packs)?;
             let audit = json!({ "op": "scan", "policy": packs });
-            (SessionRequest::Scan { policy_name: packs }, Some((Attach::Policy, policy)), audit)
+            let fingerprint_key = tenants::fingerprint_key(&state.pool, auth.tenant()).await?;
+            let request = SessionRequest::Scan { policy_name: packs, fingerprint_key };
+            (request, Some(Attach::Policy(policy)), audit)
         }
         ExecRequest::Grep { pattern, max_matches, path_prefix } => {
             if pattern.is_empty() || pattern.len() > cella_proto::GREP_MAX_PATTERN {
@@ -397,7 +432,8 @@ async fn exec(
                 )));
             }
             let audit = json!({ "op": "grep", "pattern": pattern, "max_matches": max_matches, "path_prefix": path_prefix });
-            (SessionRequest::Grep { pattern, max_matches, path_prefix }, None, audit)
+            let request = SessionRequest::Grep { pattern, max_matches, path_prefix };
+            (request, Some(Attach::Policy(masking_policy()?)), audit)
         }
         ExecRequest::Stats => (SessionRequest::Stats, None, json!({ "op": "stats" })),
         ExecRequest::Read { path, max_bytes } => {
@@ -405,10 +441,8 @@ async fn exec(
             if max_bytes == 0 || max_bytes > READ_MAX_BYTES {
                 return Err(ServiceError::Unprocessable(format!("max_bytes must be 1-{READ_MAX_BYTES}")));
             }
-            let packs = jobs::parse_policy(None, default_policy)?;
-            let policy = compiled_policy(&packs)?;
             let audit = json!({ "op": "read", "path": path, "max_bytes": max_bytes });
-            (SessionRequest::Read { path, max_bytes }, Some((Attach::Policy, policy)), audit)
+            (SessionRequest::Read { path, max_bytes }, Some(Attach::Policy(masking_policy()?)), audit)
         }
     };
     let reply = state.sessions.exec(auth.tenant(), &id, &auth.actor(), request, attach, audit).await?;
@@ -461,10 +495,7 @@ async fn add_file(
     // Not in the session's folder: a jailed VMM owns that while it runs.
     let path = state.data_dir.work().join(format!("{id}-add-{}", ids::hex(&ids::random_bytes::<8>())));
     let limit = ADD_MAX_BYTES.min(state.config.jobs.max_artifact_bytes);
-    let stored = upload::store(&state, &headers, body, &path, limit).await?;
-    let bytes = tokio::fs::read(&path).await;
-    let _ = tokio::fs::remove_file(&path).await;
-    let bytes = bytes.map_err(|e| ServiceError::Internal(format!("reading {}: {e}", path.display())))?;
+    let stored = upload::store(&state, &auth, &headers, body, &path, limit).await?;
     let audit = json!({
         "op": "add",
         "name": name,
@@ -472,9 +503,12 @@ async fn add_file(
         "sha256": ids::hex(&stored.sha256),
     });
     let request = SessionRequest::Add { name };
+    // Streamed from the file to the guest: the body is never held in memory.
     let reply = state
         .sessions
-        .exec(auth.tenant(), &id, &auth.actor(), request, Some((Attach::Data, bytes)), audit)
-        .await?;
-    Ok(Json(ExecReply::from_reply(reply)))
+        .exec(auth.tenant(), &id, &auth.actor(), request, Some(Attach::File(path.clone())), audit)
+        .await;
+    let _ = tokio::fs::remove_file(&path).await;
+    drop(stored);
+    Ok(Json(ExecReply::from_reply(reply?)))
 }

@@ -324,20 +324,17 @@ async fn exec(id: &str, op: ExecOp) -> Result<(), ClientError> {
             }
             let result = &reply["result"];
             for m in result["matches"].as_array().into_iter().flatten() {
-                println!(
-                    "{}:{}:{}: {}",
-                    text(m, "path"),
-                    m["line"],
-                    m["column"],
-                    m["text"].as_str().unwrap_or("(text withheld by the read policy)")
-                );
+                println!("{}:{}:{}: {}", text(m, "path"), m["line"], m["column"], text(m, "text"));
+            }
+            // A `deny` session answers with counts per file only.
+            let mut lines = result["matches"].as_array().map_or(0, |m| m.len() as u64);
+            for c in result["counts"].as_array().into_iter().flatten() {
+                println!("{}: {} matching line(s)", text(c, "path"), c["lines"]);
+                lines += c["lines"].as_u64().unwrap_or(0);
             }
             let more = if result["truncated"] == true { " (more lines match: raise --max)" } else { "" };
-            println!(
-                "{} match(es) in {} file(s) searched{more}",
-                result["matches"].as_array().map_or(0, Vec::len),
-                result["files_searched"]
-            );
+            let masked = if result["masked"] == true { ", findings masked by the read policy" } else { "" };
+            println!("{lines} match(es) in {} file(s) searched{masked}{more}", result["files_searched"]);
         }
         ExecOp::Stats { common } => {
             let reply = common.conn.tenant()?.post_json(&path, &json!({ "op": "stats" })).await?;

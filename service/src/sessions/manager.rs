@@ -21,8 +21,14 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::OwnedMutexGuard;
 
+use crate::limits::TokenBucket;
+use crate::quotas::Quotas;
+use crate::tenants::Caller;
+
 use super::store::{self, Event, NewSession, Session};
-use super::vmm::{self, Attach, Frame, Guest, JailSpec, LaunchSpec, Reply, Source, VmState, VmmError, Vmms};
+use super::vmm::{
+    self, Attach, Frame, Guest, JailSpec, LaunchSpec, Liveness, Reply, Source, VmState, VmmError, Vmms,
+};
 use super::{SessionParams, State};
 use crate::config::SessionsConfig;
 use crate::data_dir::DataDir;
@@ -88,10 +94,55 @@ impl SessionPaths {
     }
 }
 
-/// What one session holds in this process besides its row: the open guest connection.
+/// What one session holds in this process besides its row: the open guest connection, and
+/// what is left of its exec rate.
 #[derive(Debug, Default)]
 pub struct Slot {
     guest: Option<Guest>,
+    execs: Option<crate::limits::TokenBucket>,
+}
+
+type Slots = Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>;
+
+/// A session's lock, held. When it is let go and nobody else holds or waits for it, and the
+/// slot keeps nothing (no open guest connection), its entry leaves the map: the map never holds
+/// more than the sessions with a connection open plus the calls in flight, however many ids
+/// callers try.
+#[derive(Debug)]
+pub struct SlotGuard<'m> {
+    guard: Option<OwnedMutexGuard<Slot>>,
+    slots: &'m Slots,
+    id: String,
+}
+
+impl std::ops::Deref for SlotGuard<'_> {
+    type Target = Slot;
+    fn deref(&self) -> &Slot {
+        self.guard.as_ref().unwrap_or_else(|| unreachable!("taken only on drop"))
+    }
+}
+
+impl std::ops::DerefMut for SlotGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Slot {
+        self.guard.as_mut().unwrap_or_else(|| unreachable!("taken only on drop"))
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let Some(guard) = self.guard.take() else { return };
+        // An open connection, or a rate not yet back to full, is worth keeping.
+        if guard.guest.is_some() || guard.execs.as_ref().is_some_and(|b| !b.is_full(Instant::now())) {
+            return;
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        // Two references: the map's and this guard's. Anyone else waiting for the lock holds a
+        // third (taken under the map's lock, as this check is), so the entry stays for them.
+        let mine = OwnedMutexGuard::mutex(&guard);
+        if slots.get(&self.id).is_some_and(|a| Arc::ptr_eq(a, mine) && Arc::strong_count(a) == 2) {
+            slots.remove(&self.id);
+        }
+    }
 }
 
 /// Runs sessions' VMs on this host.
@@ -102,7 +153,7 @@ pub struct SessionManager {
     sessions_dir: PathBuf,
     host: String,
     vmms: Vmms,
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    slots: Slots,
     /// Jail uids taken by launches that have not recorded their VMM yet; held while a launch
     /// picks one, so two launches never pick the same.
     jail_uids: tokio::sync::Mutex<HashSet<u32>>,
@@ -127,6 +178,8 @@ pub enum Reason {
     Idle,
     /// Its deadline passed.
     Deadline,
+    /// A termination that could not finish before, finished by the reaper.
+    Retried,
     /// Found after a restart of `cella serve`.
     Recovered,
 }
@@ -138,6 +191,7 @@ impl Reason {
             Reason::Idle => "idle",
             Reason::Deadline => "deadline",
             Reason::Recovered => "recovered",
+            Reason::Retried => "retried",
         }
     }
 }
@@ -173,6 +227,56 @@ fn log_tail(path: &Path) -> String {
     let line =
         String::from_utf8_lossy(tail).lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_owned();
     line.chars().take(300).collect()
+}
+
+/// `text` as a tenant may see it: every absolute host path cut to its last part
+/// (`…/vsock.sock`), so answers, stored reasons and the tenant's audit events say what failed
+/// without showing the host's layout. The server's log keeps the whole text.
+pub fn for_tenant(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('/') {
+        let starts_path = rest[..i].chars().next_back().is_none_or(|c| " (\"'`=:[{,".contains(c));
+        let end = rest[i..]
+            .find(|c: char| c.is_whitespace() || "\"'`)]},;".contains(c))
+            .map_or(rest.len(), |n| i + n);
+        let path = &rest[i..end];
+        out.push_str(&rest[..i]);
+        if starts_path && path[1..].contains('/') {
+            out.push('…');
+            out.push_str(&path[path.rfind('/').unwrap_or(0)..]);
+        } else {
+            out.push_str(path);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The answer when `/proc` (or another host resource) cannot be read: 503, try again; nothing
+/// was concluded or changed.
+fn short_of_resources(e: &str) -> ServiceError {
+    eprintln!("cella serve: sessions: {e}");
+    ServiceError::Overloaded {
+        detail: "the server is short of resources and could not check the session's VM; nothing was changed, try again"
+            .to_owned(),
+        retry_after: Duration::from_secs(5),
+    }
+}
+
+/// The VMM's liveness, looked at again for a short while if `/proc` cannot be read at first
+/// (a moment without a free file descriptor).
+fn settled_liveness(b: &Vmms, pid: u32, api: &Path) -> Liveness {
+    let mut seen = b.alive(pid, api);
+    for _ in 0..10 {
+        if !matches!(seen, Liveness::Unknown(_)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        seen = b.alive(pid, api);
+    }
+    seen
 }
 
 /// 409 for a call that does not apply in the session's state, saying what to do.
@@ -230,13 +334,20 @@ impl SessionManager {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_default().clone()
     }
 
-    async fn lock(&self, id: &str) -> OwnedMutexGuard<Slot> {
-        self.slot(id).lock_owned().await
+    async fn lock(&self, id: &str) -> SlotGuard<'_> {
+        let guard = self.slot(id).lock_owned().await;
+        SlotGuard { guard: Some(guard), slots: &self.slots, id: id.to_owned() }
     }
 
     /// The lock of a session if nobody holds it (the reaper skips busy sessions).
-    pub(super) fn try_lock(&self, id: &str) -> Option<OwnedMutexGuard<Slot>> {
-        self.slot(id).try_lock_owned().ok()
+    pub(super) fn try_lock(&self, id: &str) -> Option<SlotGuard<'_>> {
+        let guard = self.slot(id).try_lock_owned().ok()?;
+        Some(SlotGuard { guard: Some(guard), slots: &self.slots, id: id.to_owned() })
+    }
+
+    /// Session locks this process holds an entry for (for tests and metrics).
+    pub fn lock_entries(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn forget(&self, id: &str) {
@@ -270,7 +381,8 @@ impl SessionManager {
     pub async fn create(
         &self,
         id: &str,
-        tenant: &str,
+        caller: &Caller,
+        quotas: &Quotas,
         actor: &Actor,
         artifact_name: Option<&str>,
         artifact_bytes: u64,
@@ -278,6 +390,7 @@ impl SessionManager {
         params: &SessionParams,
     ) -> Result<Session, ServiceError> {
         let mut slot = self.lock(id).await;
+        let tenant = caller.tenant_id.as_str();
         let new = NewSession {
             id,
             tenant,
@@ -287,7 +400,9 @@ impl SessionManager {
             params,
             host: &self.host,
             max_secs: self.config.max_duration(),
-            max_live: self.config.max_per_tenant,
+            key_id: &caller.key_id,
+            max_live: quotas.live_sessions,
+            max_mem_mib: quotas.session_mem_mib,
         };
         let s = store::insert(&self.pool, &new, actor).await?;
         match self.start_locked(&mut slot, s, actor).await {
@@ -365,7 +480,8 @@ impl SessionManager {
         let mut reserved = self.jail_uids.lock().await;
         let mut taken = tokio::task::spawn_blocking(vmm::uids_in_use)
             .await
-            .map_err(|e| ServiceError::Internal(format!("listing processes: {e}")))?;
+            .map_err(|e| ServiceError::Internal(format!("listing processes: {e}")))?
+            .map_err(|e| short_of_resources(&e))?;
         taken.extend(reserved.iter().copied());
         let base = self.config.jail_uid_base;
         let uid = (base..base.saturating_add(self.config.jail_uids))
@@ -403,7 +519,9 @@ impl SessionManager {
         let s = match store::transition(&self.pool, s, &recorded, false, None).await {
             Ok(s) => s,
             Err(e) => {
-                self.stop_vm(pid, &spec.api_sock, &s.id).await;
+                // Best effort: the launch fails either way, and the reaper or a restart finds a
+                // VMM that is still there by its socket.
+                let _ = self.stop_vm(pid, &spec.api_sock, &s.id).await;
                 return Err((s.clone(), format!("recording the VMM: {e}")));
             }
         };
@@ -416,7 +534,8 @@ impl SessionManager {
 
     async fn connect_guest(&self, paths: &SessionPaths) -> Result<Guest, String> {
         let vsock = paths.vsock.clone();
-        self.blocking(move |b| b.connect(&vsock, CONNECT_TIMEOUT))
+        let exec_timeout = self.config.exec_timeout();
+        self.blocking(move |b| b.connect(&vsock, CONNECT_TIMEOUT, exec_timeout))
             .await
             .map_err(|e| format!("{}; VMM log: {}", error_chain(&e), log_tail(&paths.log)))
     }
@@ -426,33 +545,51 @@ impl SessionManager {
     /// Jailed, a VMM that did not end on request (it was gone already, or was killed) may have
     /// left its jail behind: `cella-jailer cleanup` removes it and gives the session's folder
     /// back to root.
-    async fn stop_vm(&self, pid: u32, api_sock: &Path, id: &str) -> Stopped {
+    async fn stop_vm(&self, pid: u32, api_sock: &Path, id: &str) -> Result<Stopped, ServiceError> {
         let api = api_sock.to_owned();
+        let stop_timeout = self.config.stop_timeout();
         let stopped = self
             .blocking(move |b| {
-                if !b.alive(pid, &api) {
-                    return Ok(Stopped::default());
+                match settled_liveness(b, pid, &api) {
+                    Liveness::Gone => return Ok(Ok(Stopped::default())),
+                    Liveness::Unknown(e) => return Ok(Err(e)),
+                    Liveness::Alive => {}
                 }
-                let report = b.stop(&api).ok();
+                // A VMM stopped by SIGSTOP answers nothing until it is continued: continue it
+                // first, so that it stops as asked and scrubs its memory.
+                b.continue_stopped(pid);
+                let report = b.stop_within(&api, stop_timeout).ok();
                 if report.is_none() {
                     b.signal(pid, false);
                 }
                 let until = Instant::now() + EXIT_TIMEOUT;
-                while b.alive(pid, &api) {
+                while !b.alive(pid, &api).gone() {
                     if Instant::now() > until {
                         b.signal(pid, true);
-                        return Ok(Stopped { report, on_request: false });
+                        return Ok(Ok(Stopped { report, on_request: false }));
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Ok(Stopped { report, on_request: true })
+                Ok(Ok(Stopped { report, on_request: true }))
             })
             .await
-            .unwrap_or_default();
+            .unwrap_or_else(|e| Err(error_chain(&e)))
+            .map_err(|e| short_of_resources(&e))?;
         if self.vmms.jailed() && !stopped.on_request {
             self.cleanup_jail(id).await;
         }
-        stopped
+        Ok(stopped)
+    }
+
+    /// Whether the session's VMM is there (no VMM recorded: gone).
+    async fn liveness(&self, s: &Session) -> Liveness {
+        match (s.vmm_pid, s.api_sock.clone()) {
+            (Some(pid), Some(api)) => self
+                .blocking(move |b| Ok(settled_liveness(b, pid as u32, Path::new(&api))))
+                .await
+                .unwrap_or_else(|e| Liveness::Unknown(error_chain(&e))),
+            _ => Liveness::Gone,
+        }
     }
 
     /// `cella-jailer cleanup` for session `id`'s jail (after its supervisor died), giving its
@@ -469,17 +606,24 @@ impl SessionManager {
         }
     }
 
-    async fn stop_session_vm(&self, s: &Session) -> Option<Value> {
+    /// Stops the session's VMM (it scrubs its memory); its run report, if it gave one. An error
+    /// when it cannot be told whether the VMM is still there: nothing was done, try again.
+    async fn stop_session_vm(&self, s: &Session) -> Result<Option<Value>, ServiceError> {
         match (s.vmm_pid, &s.api_sock) {
-            (Some(pid), Some(api)) => self.stop_vm(pid as u32, Path::new(api), &s.id).await.report,
-            _ => None,
+            (Some(pid), Some(api)) => Ok(self.stop_vm(pid as u32, Path::new(api), &s.id).await?.report),
+            _ => Ok(None),
         }
     }
 
     /// Marks the session failed with `reason` (ending its VM and deleting its files); returns
-    /// the error for the caller.
+    /// the error for the caller. A VMM whose state cannot be told is never left running behind
+    /// a failed session: then nothing changes and the caller gets that error.
     async fn fail(&self, s: Session, reason: &str, actor: &Actor) -> ServiceError {
-        self.stop_session_vm(&s).await;
+        if let Err(e) = self.stop_session_vm(&s).await {
+            return e;
+        }
+        eprintln!("cella serve: session {} failed: {reason}", s.id);
+        let reason = &for_tenant(reason);
         self.paths(&s.id).remove().await;
         let failed = Session {
             state: State::Failed,
@@ -595,8 +739,9 @@ impl SessionManager {
         let (row, pid, guest) = match launched {
             Ok(v) => v,
             Err((row, reason)) => {
-                // The snapshot is still there: the session stays suspended.
-                self.stop_session_vm(&row).await;
+                // The snapshot is still there: the session stays suspended, once its new VMM is
+                // known to be gone.
+                self.stop_session_vm(&row).await?;
                 let back = Session {
                     state: State::Suspended,
                     vmm_pid: None,
@@ -604,6 +749,8 @@ impl SessionManager {
                     vsock_sock: None,
                     ..row.clone()
                 };
+                eprintln!("cella serve: session {}: restore failed: {reason}", s.id);
+                let reason = for_tenant(&reason);
                 let event =
                     Event { actor, action: "session.restore_failed", details: json!({ "reason": reason }) };
                 store::transition(&self.pool, &row, &back, false, Some(event)).await?;
@@ -683,11 +830,9 @@ impl SessionManager {
             Ok(v) => v,
             Err(e) => {
                 let message = error_chain(&e);
-                let alive = {
-                    let api = api.clone();
-                    self.blocking(move |b| Ok(b.alive(pid, &api))).await.unwrap_or(false)
-                };
-                if !alive {
+                eprintln!("cella serve: session {}: suspend failed: {message}", s.id);
+                let message = for_tenant(&message);
+                if self.liveness(&suspending).await.gone() {
                     return Err(self
                         .fail(suspending, &format!("the VMM ended while suspending: {message}"), actor)
                         .await);
@@ -719,6 +864,8 @@ impl SessionManager {
             marker.to_string().as_bytes(),
         ) {
             let message = error_chain(&e);
+            eprintln!("cella serve: session {}: suspend failed: {message}", s.id);
+            let message = for_tenant(&message);
             let _ = tokio::fs::remove_dir_all(&paths.snapshot).await;
             if was == State::Running {
                 let api = api.clone();
@@ -734,7 +881,7 @@ impl SessionManager {
             )));
         }
         let t2 = Instant::now();
-        let report = self.stop_vm(pid, &api, &s.id).await.report;
+        let report = self.stop_vm(pid, &api, &s.id).await?.report;
         let stop_ms = ms(t2);
         for sock in [&paths.api_sock, &paths.vsock] {
             let _ = std::fs::remove_file(sock);
@@ -797,13 +944,25 @@ impl SessionManager {
         id: &str,
         actor: &Actor,
         request: SessionRequest,
-        attach: Option<(Attach, Vec<u8>)>,
+        attach: Option<Attach>,
         mut audit: Value,
     ) -> Result<Reply, ServiceError> {
         let mut slot = self.lock(id).await;
         let s = store::get(&self.pool, Some(tenant), id).await?;
         if s.state != State::Running {
             return Err(wrong_state(&s, "exec on"));
+        }
+        // Counted only for a running session of the caller's, so the rates kept are bounded by
+        // the sessions that run.
+        let (rate, burst) = (self.config.exec_per_sec, self.config.exec_burst);
+        let now = std::time::Instant::now();
+        if let Err(wait) = slot.execs.get_or_insert_with(|| TokenBucket::new(rate, burst, now)).take(now) {
+            return Err(ServiceError::TooManyRequests {
+                detail: format!(
+                    "session {id} takes at most {rate} calls a second (bursts of {burst}); slow down"
+                ),
+                retry_after: wait,
+            });
         }
         self.check_host(&s)?;
         let t0 = Instant::now();
@@ -823,7 +982,7 @@ impl SessionManager {
         };
         let (guest, result) = tokio::task::spawn_blocking(move || {
             let mut guest = guest;
-            let result = guest.exec(&request, attach.as_ref().map(|(k, b)| (*k, b.as_slice())));
+            let result = guest.exec(&request, attach.as_ref());
             (guest, result)
         })
         .await
@@ -879,7 +1038,8 @@ impl SessionManager {
         };
         slot.guest = None;
         let t0 = Instant::now();
-        let report = self.stop_session_vm(&terminating).await;
+        // Not known to be stopped: the session stays `terminating`; the reaper finishes it.
+        let report = self.stop_session_vm(&terminating).await?;
         self.paths(&s.id).remove().await;
         let lived = (OffsetDateTime::now_utc() - s.created_at).as_seconds_f64().round();
         let terminated = Session {
@@ -912,16 +1072,12 @@ impl SessionManager {
     /// session is left as it is and the caller is told.
     async fn vm_error(&self, s: Session, action: &str, e: VmmError, actor: &Actor) -> ServiceError {
         let message = error_chain(&e);
-        let alive = match (s.vmm_pid, s.api_sock.clone()) {
-            (Some(pid), Some(api)) => {
-                self.blocking(move |b| Ok(b.alive(pid as u32, Path::new(&api)))).await.unwrap_or(false)
-            }
-            _ => false,
-        };
-        if !alive {
+        if self.liveness(&s).await.gone() {
             let tail = log_tail(&self.paths(&s.id).log);
             return self.fail(s, &format!("the VMM exited ({message}); VMM log: {tail}"), actor).await;
         }
+        eprintln!("cella serve: session {}: cannot {action}: {message}", s.id);
+        let message = for_tenant(&message);
         ServiceError::Vm(format!("cannot {action} session {}: {message}; it is still {}", s.id, s.state))
     }
 
@@ -936,6 +1092,11 @@ impl SessionManager {
     ) -> Result<(), ServiceError> {
         let actor = Actor::System("session-reaper".to_owned());
         let s = store::get(&self.pool, None, id).await?;
+        if s.host == self.host && s.state == State::Terminating {
+            // A termination that stopped short (its VMM's state could not be told): finish it.
+            self.terminate_locked(slot, s, &actor, Reason::Retried).await?;
+            return Ok(());
+        }
         if s.host != self.host || s.state.is_final() || s.state.is_transient() {
             return Ok(());
         }
@@ -946,13 +1107,13 @@ impl SessionManager {
         if !matches!(s.state, State::Running | State::Paused) {
             return Ok(());
         }
-        let alive = match (s.vmm_pid, s.api_sock.clone()) {
-            (Some(pid), Some(api)) => {
-                self.blocking(move |b| Ok(b.alive(pid as u32, Path::new(&api)))).await.unwrap_or(false)
-            }
-            _ => false,
-        };
-        if !alive {
+        let liveness = self.liveness(&s).await;
+        if let Liveness::Unknown(e) = &liveness {
+            // Cannot look (out of file descriptors?): nothing is concluded; the next pass looks
+            // again.
+            return Err(short_of_resources(e));
+        }
+        if liveness.gone() {
             // A VMM that reached its own backstop near the deadline ended as planned.
             let backstop = time::Duration::seconds(VMM_DEADLINE_GRACE_SECS as i64);
             if s.deadline <= OffsetDateTime::now_utc() + backstop {
@@ -1013,19 +1174,23 @@ impl SessionManager {
             }
             _ => {}
         }
-        let vm_state = match (s.vmm_pid, s.api_sock.clone()) {
-            (Some(pid), Some(api)) => self
-                .blocking(move |b| {
-                    if b.alive(pid as u32, Path::new(&api)) {
-                        b.state(Path::new(&api)).map(Some)
-                    } else {
-                        Ok(None)
-                    }
+        let looked = match (s.vmm_pid, s.api_sock.clone()) {
+            (Some(pid), Some(api)) => {
+                self.blocking(move |b| match settled_liveness(b, pid as u32, Path::new(&api)) {
+                    Liveness::Alive => b.state(Path::new(&api)).map(Some),
+                    Liveness::Gone => Ok(None),
+                    Liveness::Unknown(e) => Err(VmmError::Proc(e)),
                 })
                 .await
-                .ok()
-                .flatten(),
-            _ => None,
+            }
+            _ => Ok(None),
+        };
+        let vm_state = match looked {
+            Ok(state) => state,
+            // Cannot tell: recovery of this session waits (nothing is failed on a guess).
+            Err(VmmError::Proc(e)) => return Err(short_of_resources(&e)),
+            // There, but its control API does not answer: not adopted.
+            Err(_) => None,
         };
         let adopt = match vm_state {
             Some(VmState::Running) => Some(State::Running),
@@ -1043,7 +1208,7 @@ impl SessionManager {
             store::transition(&self.pool, &s, &adopted, false, Some(event)).await?;
             return Ok(());
         }
-        self.stop_session_vm(&s).await;
+        self.stop_session_vm(&s).await?;
         for sock in [&paths.api_sock, &paths.vsock] {
             let _ = std::fs::remove_file(sock);
         }
@@ -1068,5 +1233,23 @@ impl SessionManager {
             self.fail(s, "the VMM was gone when the service restarted", actor).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_texts_show_no_host_paths() {
+        assert_eq!(
+            for_tenant("the session at /var/lib/cella/sessions/s_1/vsock.sock did not accept (VMM log: open \"/srv/jailer/x/root/run\": EACCES)"),
+            "the session at …/vsock.sock did not accept (VMM log: open \"…/run\": EACCES)"
+        );
+        assert_eq!(
+            for_tenant("read policy deny/redact, path a/b and 1/2"),
+            "read policy deny/redact, path a/b and 1/2"
+        );
+        assert_eq!(for_tenant("/single and /two/parts"), "/single and …/parts");
     }
 }

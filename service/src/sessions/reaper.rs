@@ -1,7 +1,10 @@
 //! The reaper: a task in `cella serve` that, every `sessions.reaper_interval_ms`, terminates
 //! this host's sessions past their deadline (suspended ones too: their files are deleted),
 //! suspends running or paused sessions idle longer than their `idle_suspend`, and fails
-//! sessions whose VMM has disappeared. A session busy with a call is looked at next time.
+//! sessions whose VMM has disappeared, and finishes terminations that could not finish (a VMM
+//! whose state could not be told). A session busy with a call is looked at next time. A VMM
+//! whose process cannot be looked at (`/proc` unreadable: out of file descriptors) is never
+//! taken for dead: the session is looked at again on the next pass.
 
 use std::sync::Arc;
 
@@ -37,7 +40,7 @@ pub async fn once(manager: &SessionManager) -> Result<(), ServiceError> {
                 (state IN ('running', 'paused') AND idle_suspend_secs > 0
                  AND last_active_at + make_interval(secs => idle_suspend_secs) <= now()) AS idle
          FROM sessions
-         WHERE host = $1 AND state IN ('running', 'paused', 'suspended')",
+         WHERE host = $1 AND state IN ('running', 'paused', 'suspended', 'terminating')",
     )
     .bind(manager.host())
     .fetch_all(manager.pool())
@@ -48,7 +51,12 @@ pub async fn once(manager: &SessionManager) -> Result<(), ServiceError> {
         let idle: bool = row.try_get("idle")?;
         let Some(mut slot) = manager.try_lock(&id) else { continue };
         if let Err(e) = manager.reap_locked(&mut slot, &id, expired, idle).await {
-            eprintln!("cella serve: session reaper: {id}: {e}");
+            // Rate-limited: a host short of file descriptors must not also flood its log.
+            static SESSION_ERRORS: std::sync::OnceLock<std::sync::Mutex<QuietLog>> =
+                std::sync::OnceLock::new();
+            let log = SESSION_ERRORS
+                .get_or_init(|| std::sync::Mutex::new(QuietLog::new("cella serve: session reaper")));
+            log.lock().unwrap_or_else(|p| p.into_inner()).log(&format!("session {id}"), &e);
         }
     }
     Ok(())

@@ -55,8 +55,13 @@ pub struct NewSession<'a> {
     pub host: &'a str,
     /// The configured maximum duration: how far `connect` may extend the deadline.
     pub max_secs: u64,
+    /// The caller's API key, checked again as the row is written (revoked meanwhile: 401).
+    pub key_id: &'a str,
     /// The most live sessions the tenant may hold, this one included.
     pub max_live: u32,
+    /// The most guest memory the tenant's running and paused sessions may have, this one
+    /// included (MiB).
+    pub max_mem_mib: u32,
 }
 
 /// The audit event of a transition.
@@ -135,22 +140,47 @@ fn select() -> String {
 /// Inserts a pending session and its `session.created` event, unless the tenant already holds
 /// `max_live` live sessions (409). Creates of one tenant serialize on its row, so concurrent
 /// ones cannot both slip under the limit.
-pub async fn insert(pool: &PgPool, new: &NewSession<'_>, actor: &Actor) -> Result<Session, ServiceError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE").bind(new.tenant).execute(&mut *tx).await?;
-    let live: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM sessions WHERE tenant_id = $1 AND state NOT IN ('terminated', 'failed')",
-    )
-    .bind(new.tenant)
-    .fetch_one(&mut *tx)
-    .await?;
-    if live >= i64::from(new.max_live) {
+/// Whether one more session of `mem_mib` fits the tenant's quotas, given what it holds.
+pub fn check_session_quotas(
+    usage: &crate::quotas::Usage,
+    mem_mib: u32,
+    max_live: u32,
+    max_mem_mib: u32,
+) -> Result<(), ServiceError> {
+    if usage.live_sessions >= u64::from(max_live) {
         return Err(ServiceError::Conflict(format!(
-            "this tenant holds {live} live session(s), the most allowed is {}: terminate one \
+            "this tenant holds {} live session(s), the most allowed is {max_live}: terminate one \
              (DELETE /v1/sessions/{{id}}, `cella session rm`) first",
-            new.max_live
+            usage.live_sessions
         )));
     }
+    check_session_memory(usage, mem_mib, max_mem_mib)
+}
+
+/// Whether `mem_mib` more of running sessions fits the tenant's session memory quota.
+pub fn check_session_memory(
+    usage: &crate::quotas::Usage,
+    mem_mib: u32,
+    max_mem_mib: u32,
+) -> Result<(), ServiceError> {
+    if usage.session_mem_mib + u64::from(mem_mib) > u64::from(max_mem_mib) {
+        return Err(crate::quotas::exceeded(
+            "session memory",
+            u64::from(mem_mib),
+            usage.session_mem_mib,
+            u64::from(max_mem_mib),
+            "MiB",
+        ));
+    }
+    Ok(())
+}
+
+pub async fn insert(pool: &PgPool, new: &NewSession<'_>, actor: &Actor) -> Result<Session, ServiceError> {
+    let mut tx = pool.begin().await?;
+    crate::tenants::recheck_key(&mut tx, new.key_id).await?;
+    sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE").bind(new.tenant).execute(&mut *tx).await?;
+    let usage = crate::quotas::usage(&mut *tx, new.tenant).await?;
+    check_session_quotas(&usage, new.params.mem_mib, new.max_live, new.max_mem_mib)?;
     let row = sqlx::query(&format!(
         "INSERT INTO sessions (id, tenant_id, created_by, artifact_name, artifact_bytes, artifact_sha256,
                                mem_mib, read_policy, idle_suspend_secs, deadline, max_deadline, host)

@@ -26,9 +26,6 @@ use serde_json::Value;
 use crate::error::error_chain;
 use crate::spares::Spares;
 
-/// How long one request to the guest may take (a scan of a large index).
-const EXEC_TIMEOUT: Duration = Duration::from_secs(600);
-
 /// Why a VM operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -47,6 +44,9 @@ pub enum VmmError {
     Cleanup { id: String, message: String },
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
+    /// `/proc` could not be read, so the VMM's state is unknown.
+    #[error("{0}")]
+    Proc(String),
 }
 
 /// Where a session's VM starts from.
@@ -99,12 +99,12 @@ pub enum VmState {
 }
 
 /// What may accompany a request to the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attach {
-    /// The compiled policy (for `scan`, and `read` under the redact policy).
-    Policy,
-    /// A file for `add`.
-    Data,
+    /// The compiled policy (the scan's for `scan`; the masking policy for `grep` and `read`).
+    Policy(Vec<u8>),
+    /// A file for `add`, streamed from disk as it is sent.
+    File(PathBuf),
 }
 
 /// A bulk frame of a reply.
@@ -255,7 +255,7 @@ impl Vmms {
             // Not `alive`: the process this one just started may be between execs (`cella-vmm
             // session --jailed` becomes `cella-jailer`), its command line empty for a moment;
             // it is this process's child, reaped only once it exits.
-            if live_cmdline(pid).is_none() {
+            if matches!(read_proc(pid, "cmdline"), Ok(None)) {
                 return Err(VmmError::NotReady(format!("the VMM exited ({last})")));
             }
             if Instant::now() > until {
@@ -289,23 +289,36 @@ impl Vmms {
         control(api_sock).with_timeout(Duration::from_secs(120)).snapshot_create(dir).map_err(control_error)
     }
 
-    /// Stops the VM (the VMM scrubs its memory and exits); returns its run report.
-    pub fn stop(&self, api_sock: &Path) -> Result<Value, VmmError> {
-        let report = control(api_sock).stop().map_err(control_error)?;
+    /// Stops the VM (the VMM scrubs its memory and exits) if its control API answers within
+    /// `timeout`; returns its run report.
+    pub fn stop_within(&self, api_sock: &Path, timeout: Duration) -> Result<Value, VmmError> {
+        let report = control(api_sock).with_timeout(timeout).stop().map_err(control_error)?;
         serde_json::to_value(&report).map_err(|e| VmmError::Control(format!("the run report: {e}")))
     }
 
-    /// Opens a connection to the guest (retrying while it does not listen yet, up to `timeout`).
-    pub fn connect(&self, vsock: &Path, timeout: Duration) -> Result<Guest, VmmError> {
+    /// Continues the VMM `pid` and every process under it, should one have been stopped
+    /// (SIGSTOP): a stopped VMM neither answers its control API nor acts on SIGTERM.
+    pub fn continue_stopped(&self, pid: u32) {
+        crate::signal::continue_tree(pid);
+    }
+
+    /// Opens a connection to the guest (retrying while it does not listen yet, up to
+    /// `timeout`); each request on it may then take up to `exec_timeout`.
+    pub fn connect(
+        &self,
+        vsock: &Path,
+        timeout: Duration,
+        exec_timeout: Duration,
+    ) -> Result<Guest, VmmError> {
         let mut session =
             GuestSession::connect(vsock, timeout).map_err(|e| VmmError::Guest(error_chain(&e)))?;
-        session.set_timeout(EXEC_TIMEOUT);
+        session.set_timeout(exec_timeout);
         Ok(Guest(session))
     }
 
     /// Whether the VMM process `pid` (the one serving `api_sock`; jailed, its supervisor) still
     /// exists.
-    pub fn alive(&self, pid: u32, api_sock: &Path) -> bool {
+    pub fn alive(&self, pid: u32, api_sock: &Path) -> Liveness {
         process_serves(pid, api_sock)
     }
 
@@ -345,40 +358,83 @@ fn control_error(e: cella_vmm::control::ControlError) -> VmmError {
     VmmError::Control(error_chain(&e))
 }
 
-/// The command line of process `pid`, NUL-separated, if it exists and has not exited.
-fn live_cmdline(pid: u32) -> Option<Vec<u8>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The state follows the parenthesised command name: `pid (comm) S ...`.
-    let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
-    if zombie {
-        return None;
+/// Whether a session's VMM process is there, as far as `/proc` can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// It exists, has not exited, and is that session's VMM.
+    Alive,
+    /// It has exited (or the pid now names another process).
+    Gone,
+    /// `/proc` could not be read (out of file descriptors, no permission): nothing is known,
+    /// and nothing may be concluded: a session is failed only when its VMM is known gone.
+    Unknown(String),
+}
+
+impl Liveness {
+    /// Known to be gone.
+    pub fn gone(&self) -> bool {
+        matches!(self, Liveness::Gone)
     }
-    std::fs::read(format!("/proc/{pid}/cmdline")).ok()
+}
+
+/// Reads a `/proc` file of process `pid`: `Ok(None)` when the process does not exist (any
+/// more); `Err` when it cannot be told (EMFILE, EACCES, ...).
+fn read_proc(pid: u32, file: &str) -> Result<Option<Vec<u8>>, String> {
+    match std::fs::read(format!("/proc/{pid}/{file}")) {
+        Ok(bytes) => Ok(Some(bytes)),
+        // ESRCH: the process exited while its file was read.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            Ok(None)
+        }
+        Err(e) => Err(format!("cannot read /proc/{pid}/{file}: {e}")),
+    }
 }
 
 /// Whether process `pid` exists, has not exited, and is the VMM of `api_sock` (its command
 /// line names the socket: `cella-vmm session`, or the `cella-jailer` it became), so a recycled
 /// pid is never taken for it.
-pub fn process_serves(pid: u32, api_sock: &Path) -> bool {
-    let Some(cmdline) = live_cmdline(pid) else { return false };
+pub fn process_serves(pid: u32, api_sock: &Path) -> Liveness {
+    let stat = match read_proc(pid, "stat") {
+        Ok(Some(stat)) => stat,
+        Ok(None) => return Liveness::Gone,
+        Err(e) => return Liveness::Unknown(e),
+    };
+    // The state follows the parenthesised command name: `pid (comm) S ...`.
+    let after_comm = stat.iter().rposition(|b| *b == b')').map_or(&stat[..], |i| &stat[i + 1..]);
+    if matches!(after_comm.iter().find(|b| !b.is_ascii_whitespace()), Some(b'Z' | b'X')) {
+        return Liveness::Gone;
+    }
+    let cmdline = match read_proc(pid, "cmdline") {
+        Ok(Some(cmdline)) => cmdline,
+        Ok(None) => return Liveness::Gone,
+        Err(e) => return Liveness::Unknown(e),
+    };
     let sock = api_sock.as_os_str().as_encoded_bytes();
-    cmdline.split(|b| *b == 0).any(|arg| arg == sock)
+    if cmdline.split(|b| *b == 0).any(|arg| arg == sock) {
+        Liveness::Alive
+    } else {
+        Liveness::Gone
+    }
 }
 
 /// Every uid a process of this host runs as (real, effective, saved or filesystem), from
-/// `/proc/*/status`: a jailed VMM, re-adopted or not, shows there with its jail uid.
-pub fn uids_in_use() -> std::collections::HashSet<u32> {
+/// `/proc/*/status`: a jailed VMM, re-adopted or not, shows there with its jail uid. An error
+/// when `/proc` cannot be read whole: a uid seen free only because its process could not be
+/// looked at must never be handed out.
+pub fn uids_in_use() -> Result<std::collections::HashSet<u32>, String> {
     let mut uids = std::collections::HashSet::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
-        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+    let entries = std::fs::read_dir("/proc").map_err(|e| format!("cannot list /proc: {e}"))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot list /proc: {e}"))?;
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Some(status) = read_proc(pid, "status")? else { continue };
+        let status = String::from_utf8_lossy(&status);
         if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Uid:")) {
             uids.extend(line.split_whitespace().filter_map(|u| u.parse::<u32>().ok()));
         }
     }
-    uids
+    Ok(uids)
 }
 
 /// An open connection to a session's guest; requests are answered in order.
@@ -388,19 +444,21 @@ pub struct Guest(GuestSession);
 impl Guest {
     /// Sends `request` with its attachment. A request the guest refuses is
     /// [`VmmError::Refused`] (the connection stays usable).
-    pub fn exec(
-        &mut self,
-        request: &SessionRequest,
-        attach: Option<(Attach, &[u8])>,
-    ) -> Result<Reply, VmmError> {
-        let attach = attach.map(|(kind, bytes)| {
-            let kind = match kind {
-                Attach::Policy => Kind::Policy,
-                Attach::Data => Kind::Data,
-            };
-            (kind, bytes)
-        });
-        let reply = self.0.exec(request, attach).map_err(|e| VmmError::Guest(error_chain(&e)))?;
+    pub fn exec(&mut self, request: &SessionRequest, attach: Option<&Attach>) -> Result<Reply, VmmError> {
+        let reply = match attach {
+            None => self.0.exec(request, None),
+            Some(Attach::Policy(policy)) => self.0.exec(request, Some((Kind::Policy, policy))),
+            Some(Attach::File(path)) => {
+                let mut file = std::fs::File::open(path)
+                    .map_err(|e| VmmError::Io(format!("cannot open {}", path.display()), e))?;
+                let len = file
+                    .metadata()
+                    .map_err(|e| VmmError::Io(format!("cannot stat {}", path.display()), e))?
+                    .len();
+                self.0.exec_streamed(request, Kind::Data, len, &mut file)
+            }
+        }
+        .map_err(|e| VmmError::Guest(error_chain(&e)))?;
         if let Some(err) = reply.response.error() {
             return Err(VmmError::Refused(format!("the session refused it ({}): {}", err.kind, err.message)));
         }

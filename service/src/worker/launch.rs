@@ -52,6 +52,9 @@ pub struct ScanSpec<'a> {
     pub uid: u32,
     /// A held spare to take (see [`crate::held_spares`]).
     pub spare: Option<&'a str>,
+    /// The tenant's fingerprint key, hex: in the environment of `cella-vmm scan`, which only
+    /// this process's user can read, not on its command line.
+    pub fingerprint_key: &'a str,
 }
 
 /// A started scan.
@@ -163,6 +166,7 @@ impl Launcher {
     /// Starts the scan.
     pub fn start(&self, spec: &ScanSpec<'_>) -> Result<RunningScan, LaunchError> {
         let mut cmd = self.command(spec);
+        cmd.env(cella_vmm::scan::FINGERPRINT_KEY_ENV, spec.fingerprint_key);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         crate::signal::terminate_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| LaunchError::Spawn(self.vmm.clone(), e))?;

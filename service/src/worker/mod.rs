@@ -208,6 +208,7 @@ impl Worker {
             sarif_out: &sarif_out,
             uid: HeldSpares::uids(self.launcher.jail_uid_base(), slot)[0],
             spare: None,
+            fingerprint_key: &lease.fingerprint_key,
         };
         let outcome = if !artifact.exists() {
             Outcome::Failed {

@@ -55,6 +55,7 @@ fn vm_scan(
         timeout: Duration::from_secs(600),
         launch_start: started,
         cancel: None,
+        fingerprint_key: "00".repeat(32),
     };
     let run = scan::run(&request, Box::new(std::io::sink())).map_err(|e| error_chain(&e))?;
     let wall = started.elapsed();

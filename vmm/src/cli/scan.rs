@@ -74,6 +74,10 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         Ok(policy) => policy,
         Err(message) => return fail(exit_code::BAD_INPUT, message),
     };
+    let fingerprint_key = match scan::fingerprint_key() {
+        Ok(key) => key,
+        Err(message) => return fail(exit_code::BAD_INPUT, message),
+    };
     // Opened before the VM starts: once the main thread's seccomp filter is on, it can no
     // longer open files (and a jailed VMM cannot reach host paths at all).
     let mut sarif_out = match &args.sarif {
@@ -96,6 +100,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         timeout: Duration::from_millis(args.timeout_ms),
         launch_start,
         cancel: None,
+        fingerprint_key,
     };
     let (run, jailer_status) = if args.jail.jailed {
         match jailed(&args, request) {
@@ -196,7 +201,11 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
     let started = Instant::now();
     let vmm = args.jail.spawn(&launch).map_err(|e| super::jailed::refuse(&e))?;
     // The runner learns the artifact's real name from the job; in the jail it is `/disk`.
-    let job = Job { artifact_name: scan::artifact_name(&request.artifact), artifact_size: artifact_bytes };
+    let job = Job {
+        artifact_name: scan::artifact_name(&request.artifact),
+        artifact_size: artifact_bytes,
+        fingerprint_key: request.fingerprint_key.clone(),
+    };
     let vm_done = Arc::new(AtomicBool::new(false));
     let serving = server.serve(job, request.policy, vm_done.clone(), request.timeout, sockets);
     let end = vmm.wait();
@@ -252,6 +261,7 @@ fn hold(args: &ScanArgs, image: PathBuf) -> ExitCode {
         timeout: Duration::from_millis(args.timeout_ms),
         launch_start: Instant::now(),
         cancel: None,
+        fingerprint_key: String::new(),
     };
     args.jail.exec(&jailed_launch(&request, &image, None))
 }

@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use cella_abi::BootInfo;
 use cella_proto as proto;
-use cella_scan::{sarif, scan_artifact, Engine, Limits, Report};
+use cella_scan::{sarif, scan_artifact, Engine, FingerprintKey, Limits, Report};
 
 use super::{fail, CLOSE_TIMEOUT_MS, DEVICE_FAILED};
 use crate::rt::blk_source::BlkSource;
@@ -74,6 +74,10 @@ pub fn scan(boot: &BootInfo, console: &mut Console) -> ! {
         let _ = vsock.send(conn, &proto::encode_json(proto::Kind::Error, &error));
         vsock.close(conn, CLOSE_TIMEOUT_MS);
     };
+    let Some(fingerprint_key) = FingerprintKey::from_hex(&job.fingerprint_key) else {
+        report_error(&mut vsock, "protocol", String::from("the job's fingerprint_key is not 64 hex digits"));
+        exit(DEVICE_FAILED)
+    };
     let mut engine = match Engine::from_policy_json(&policy) {
         Ok(engine) => engine,
         Err(e) => {
@@ -81,6 +85,7 @@ pub fn scan(boot: &BootInfo, console: &mut Console) -> ! {
             exit(DEVICE_FAILED)
         }
     };
+    engine.set_fingerprint_key(fingerprint_key);
     let disk = match Blk::open(boot) {
         Ok(disk) => disk,
         Err(e) => {

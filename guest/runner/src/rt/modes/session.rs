@@ -13,16 +13,19 @@
 //! - Compiled policies are cached by the SHA-256 of their bytes, so repeated scans (and reads)
 //!   with one policy compile it once.
 //!
-//! Read policy (`session SIZE deny|redact|allow NAME`): `deny` refuses every `read`; `redact`
-//! returns a text file with every secret and personal-data finding of the policy sent with the
-//! read masked (`*`, same length) and refuses binary files (the engine cannot locate findings
-//! in them, so it cannot promise to mask them); `allow` returns the bytes as they are, binary or
-//! not. `grep` follows the same rule for the matching lines' text: it is returned under `allow`
-//! only; under `redact` and `deny` a grep reports where the lines are (path, line, column) but
-//! not their text, so grep cannot be used to read around the policy. (A regex is still an
-//! oracle: whether a pattern matches says something about the content. The caps on pattern
-//! size and matches bound how fast it can be asked; a tenant that must not learn anything about
-//! the content should not be given a session on it.)
+//! Read policy (`session SIZE deny|redact|allow NAME`). Under `redact` and `deny` every answer
+//! is computed from the *masked view*: the text files with every secret and personal-data
+//! finding of the masking policy (the one the host sends with `grep` and `read`) masked, each
+//! byte `*` ([`MaskedView`], kept per policy and extended after an `add`):
+//! - `read`: `deny` refuses; `redact` returns the masked text and refuses binary files (the
+//!   engine cannot locate findings in them, so it cannot promise to mask them); `allow` returns
+//!   the bytes as they are.
+//! - `grep`: under `allow` the raw text is searched; otherwise the masked view, each unmasked
+//!   stretch on its own, so a pattern never matches inside or across a masked range and no
+//!   position depends on a masked byte. `redact` answers with the masked lines (path, line,
+//!   column, text); `deny` with match counts per file only.
+//! - `scan`: findings name the rule and the place, as the masked ranges show; their snippets
+//!   are masked whole (no prefix or suffix of the value), and fingerprints are keyed.
 
 use alloc::collections::VecDeque;
 use alloc::format;
@@ -36,8 +39,8 @@ use cella_proto::{
     self as proto, error_kind, Kind, SessionError, SessionRequest, SessionResponse, SessionResult,
 };
 use cella_runner::mode::{ReadPolicy, SessionArgs};
-use cella_scan::index::{mask_findings, Grep, GrepLimits, Index};
-use cella_scan::{normalize_entry_path, sarif, Engine, Limits, Report, SliceSource};
+use cella_scan::index::{Grep, GrepLimits, Index, MaskedView};
+use cella_scan::{normalize_entry_path, sarif, Engine, FingerprintKey, Limits, Report, SliceSource};
 use sha2::{Digest, Sha256};
 
 use super::{fail, CLOSE_TIMEOUT_MS};
@@ -79,6 +82,9 @@ struct Session<'a> {
     connections: u64,
     /// (SHA-256 of the policy bytes, its engine), most recently used last.
     engines: VecDeque<([u8; 32], Engine)>,
+    /// The masked view of the index under the masking policy with this SHA-256 (see the
+    /// module documentation); rebuilt if the host ever sends another masking policy.
+    view: Option<([u8; 32], MaskedView)>,
     limits: Limits,
 }
 
@@ -105,6 +111,7 @@ pub fn session(boot: &BootInfo, console: &mut Console, args: SessionArgs<'_>) ->
         requests: 0,
         connections: 0,
         engines: VecDeque::new(),
+        view: None,
         limits: Limits::default(),
     };
     {
@@ -276,9 +283,11 @@ impl Session<'_> {
         match request {
             SessionRequest::Stats => Answer::with_frames(SessionResult::Stats(self.stats()), Vec::new()),
             SessionRequest::Stop => Answer::with_frames(SessionResult::Stop, Vec::new()),
-            SessionRequest::Scan { policy_name } => self.scan(policy_name, &attachment),
+            SessionRequest::Scan { policy_name, fingerprint_key } => {
+                self.scan(policy_name, fingerprint_key, &attachment)
+            }
             SessionRequest::Grep { pattern, max_matches, path_prefix } => {
-                self.grep(pattern, *max_matches, path_prefix.as_deref())
+                self.grep(pattern, *max_matches, path_prefix.as_deref(), &attachment)
             }
             SessionRequest::Read { path, max_bytes } => self.read(path, *max_bytes, &attachment),
             SessionRequest::Add { name } => self.add(name, attachment),
@@ -304,47 +313,23 @@ impl Session<'_> {
         }
     }
 
-    /// The engine for these policy bytes, from the cache or compiled now (and cached); whether
-    /// it came from the cache.
-    fn engine(&mut self, policy: &[u8]) -> Result<(&mut Engine, bool), SessionError> {
-        let key: [u8; 32] = Sha256::digest(policy).into();
-        let cached = match self.engines.iter().position(|(k, _)| *k == key) {
-            Some(i) => {
-                let entry = self.engines.remove(i).unwrap_or_else(|| unreachable!());
-                self.engines.push_back(entry);
-                true
-            }
-            None => {
-                let engine = Engine::from_policy_json(policy)
-                    .map_err(|e| fault(error_kind::POLICY, format!("the policy does not load: {e}")))?;
-                if self.engines.len() >= MAX_CACHED_ENGINES {
-                    self.engines.pop_front();
-                }
-                self.engines.push_back((key, engine));
-                false
-            }
+    fn scan(&mut self, policy_name: &str, fingerprint_key: &str, policy: &[u8]) -> Answer {
+        let Some(key) = FingerprintKey::from_hex(fingerprint_key) else {
+            return error(error_kind::BAD_REQUEST, String::from("fingerprint_key is not 64 hex digits"))
+                .into();
         };
-        let engine = &mut self.engines.back_mut().unwrap_or_else(|| unreachable!()).1;
-        Ok((engine, cached))
-    }
-
-    fn scan(&mut self, policy_name: &str, policy: &[u8]) -> Answer {
-        let limits = self.limits.clone();
-        let index = core::mem::take(&mut self.index);
-        let result = self.scan_index(&index, policy_name, policy, &limits);
-        self.index = index;
-        result
-    }
-
-    fn scan_index(&mut self, index: &Index, policy_name: &str, policy: &[u8], limits: &Limits) -> Answer {
-        let (engine, policy_cached) = match self.engine(policy) {
+        let (engine, policy_cached) = match cached_engine(&mut self.engines, policy) {
             Ok(found) => found,
             Err(e) => return e.into(),
         };
+        engine.set_fingerprint_key(key);
         let mut report = Report::default();
-        if let Err(e) = index.scan(engine, limits, &mut report) {
+        if let Err(e) = self.index.scan(engine, &self.limits, &mut report) {
             // Only a rule that fails to compile on first use can fail a scan of the index.
             return error(error_kind::POLICY, format!("{e}")).into();
+        }
+        if self.args.read_policy != ReadPolicy::Allow {
+            report.mask_snippets(engine.policy());
         }
         let sarif = sarif::to_json(engine.policy(), &report);
         let summary = report.summary_json(engine.policy(), 0);
@@ -360,7 +345,19 @@ impl Session<'_> {
         )
     }
 
-    fn grep(&mut self, pattern: &str, max_matches: u32, path_prefix: Option<&str>) -> Answer {
+    /// The masked view under the masking policy `policy`, extended to every file of the index.
+    fn masked_view(&mut self, policy: &[u8]) -> Result<&MaskedView, SessionError> {
+        let key: [u8; 32] = Sha256::digest(policy).into();
+        let (engine, _) = cached_engine(&mut self.engines, policy)?;
+        if self.view.as_ref().is_none_or(|(k, _)| *k != key) {
+            self.view = Some((key, MaskedView::new()));
+        }
+        let (_, view) = self.view.as_mut().unwrap_or_else(|| unreachable!());
+        view.extend(&self.index, engine).map_err(|e| fault(error_kind::POLICY, format!("{e}")))?;
+        Ok(view)
+    }
+
+    fn grep(&mut self, pattern: &str, max_matches: u32, path_prefix: Option<&str>, policy: &[u8]) -> Answer {
         if max_matches == 0 || max_matches > proto::GREP_MAX_MATCHES {
             return error(
                 error_kind::BAD_REQUEST,
@@ -373,30 +370,49 @@ impl Session<'_> {
             Ok(grep) => grep,
             Err(e) => return error(error_kind::PATTERN, format!("{e}")).into(),
         };
-        let withheld = self.args.read_policy != ReadPolicy::Allow;
-        let found = self.index.grep(&mut grep, path_prefix, max_matches as usize, proto::GREP_MAX_LINE);
-        let matches = found
+        let policy_mode = self.args.read_policy;
+        let view = match policy_mode {
+            ReadPolicy::Allow => None,
+            ReadPolicy::Redact | ReadPolicy::Deny => match self.masked_view(policy) {
+                Ok(_) => self.view.as_ref().map(|(_, view)| view),
+                Err(e) => return e.into(),
+            },
+        };
+        let found = self.index.grep(&mut grep, view, path_prefix, max_matches as usize, proto::GREP_MAX_LINE);
+        let mut matches: Vec<proto::GrepMatch> = found
             .matches
             .into_iter()
             .map(|m| proto::GrepMatch {
                 path: m.path,
                 line: m.line,
                 column: m.column,
-                text: (!withheld).then_some(m.text),
-                truncated: !withheld && m.truncated,
+                text: m.text,
+                truncated: m.truncated,
             })
             .collect();
+        let mut counts: Vec<proto::GrepCount> = Vec::new();
+        if policy_mode == ReadPolicy::Deny {
+            // Paths and counts only: hits come grouped by file, in index order.
+            for m in matches.drain(..) {
+                match counts.last_mut() {
+                    Some(c) if c.path == m.path => c.lines += 1,
+                    _ => counts.push(proto::GrepCount { path: m.path, lines: 1 }),
+                }
+            }
+        }
         let result = proto::GrepResult {
             matches,
+            counts,
             truncated: found.truncated,
             files_searched: found.files_searched,
-            text_withheld: withheld,
+            masked: view.is_some(),
         };
         Answer::with_frames(SessionResult::Grep(result), Vec::new())
     }
 
     fn read(&mut self, path: &str, max_bytes: u64, policy: &[u8]) -> Answer {
-        if self.args.read_policy == ReadPolicy::Deny {
+        let mode = self.args.read_policy;
+        if mode == ReadPolicy::Deny {
             return error(
                 error_kind::DENIED,
                 String::from(
@@ -412,31 +428,31 @@ impl Session<'_> {
             )
             .into();
         };
+        if mode == ReadPolicy::Redact && file.binary {
+            return error(
+                error_kind::BINARY,
+                format!(
+                    "`{path}` is a binary file; with read policy `redact` only text files can be read \
+                     (findings in binary files cannot be located, so they cannot be masked)"
+                ),
+            )
+            .into();
+        }
         let size = file.bytes.len() as u64;
         let take = max_bytes.min(size).min(u64::from(proto::MAX_PAYLOAD)) as usize;
-        let (bytes, redactions, mode) = match self.args.read_policy {
+        let (bytes, redactions, how) = match mode {
             ReadPolicy::Allow => (file.bytes[..take].to_vec(), 0, "raw"),
-            _ => {
-                if file.binary {
-                    return error(
-                        error_kind::BINARY,
-                        format!(
-                            "`{path}` is a binary file; with read policy `redact` only text files can be read \
-                             (findings in binary files cannot be located, so they cannot be masked)"
-                        ),
-                    )
-                    .into();
+            ReadPolicy::Redact | ReadPolicy::Deny => {
+                if let Err(e) = self.masked_view(policy) {
+                    return e.into();
                 }
-                let index = core::mem::take(&mut self.index);
-                let masked = self.masked(&index, path, policy);
-                self.index = index;
-                match masked {
-                    Ok((mut bytes, count)) => {
-                        bytes.truncate(take);
-                        (bytes, count, "redacted")
-                    }
-                    Err(e) => return e.into(),
-                }
+                let view = self.view.as_ref().map(|(_, view)| view);
+                let (Some(mask), Some(file)) =
+                    (view.and_then(|v| v.mask_of(&self.index, path)), self.index.get(path))
+                else {
+                    return error(error_kind::BINARY, format!("`{path}` is a binary file")).into();
+                };
+                (mask.apply(&file.bytes[..take]).into_owned(), mask.findings, "redacted")
             }
         };
         let result = proto::ReadResult {
@@ -445,20 +461,9 @@ impl Session<'_> {
             returned: bytes.len() as u64,
             truncated: (bytes.len() as u64) < size,
             redactions,
-            mode: String::from(mode),
+            mode: String::from(how),
         };
         Answer::with_frames(SessionResult::Read(result), alloc::vec![(Kind::Data, bytes)])
-    }
-
-    fn masked(&mut self, index: &Index, path: &str, policy: &[u8]) -> Result<(Vec<u8>, u64), SessionError> {
-        let (engine, _) = self.engine(policy)?;
-        let file =
-            index.get(path).ok_or_else(|| fault(error_kind::NOT_FOUND, format!("no file `{path}`")))?;
-        match mask_findings(engine, path, &file.bytes) {
-            Ok(Some(masked)) => Ok(masked),
-            Ok(None) => Err(fault(error_kind::BINARY, format!("`{path}` is a binary file"))),
-            Err(e) => Err(fault(error_kind::POLICY, format!("{e}"))),
-        }
     }
 
     fn add(&mut self, name: &str, data: Vec<u8>) -> Answer {
@@ -492,6 +497,33 @@ impl Session<'_> {
             Err(e) => error(error_kind::ARTIFACT, e.to_string()).into(),
         }
     }
+}
+
+/// The engine for these policy bytes, from `engines` or compiled now (and cached there);
+/// whether it came from the cache.
+fn cached_engine<'e>(
+    engines: &'e mut VecDeque<([u8; 32], Engine)>,
+    policy: &[u8],
+) -> Result<(&'e mut Engine, bool), SessionError> {
+    let key: [u8; 32] = Sha256::digest(policy).into();
+    let cached = match engines.iter().position(|(k, _)| *k == key) {
+        Some(i) => {
+            let entry = engines.remove(i).unwrap_or_else(|| unreachable!());
+            engines.push_back(entry);
+            true
+        }
+        None => {
+            let engine = Engine::from_policy_json(policy)
+                .map_err(|e| fault(error_kind::POLICY, format!("the policy does not load: {e}")))?;
+            if engines.len() >= MAX_CACHED_ENGINES {
+                engines.pop_front();
+            }
+            engines.push_back((key, engine));
+            false
+        }
+    };
+    let engine = &mut engines.back_mut().unwrap_or_else(|| unreachable!()).1;
+    Ok((engine, cached))
 }
 
 fn missing(request: &SessionRequest, needed: Kind, why: &str) -> SessionResponse {
