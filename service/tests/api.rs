@@ -59,7 +59,8 @@ async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
     let state = AppState {
         jobs_done: cella_service::api::wait::JobsDone::listen(pool.clone()),
         metrics: Arc::new(Metrics::default()),
-        signer: None,
+        // As `cella serve` has it: audit exports cut a checkpoint first.
+        signer: Some(Arc::new(cella_audit::SigningKey::generate("k1").unwrap())),
         // These tests touch no session; the session tests (sessions_api.rs) use a stand-in VM.
         sessions: Arc::new(SessionManager::new(
             pool.clone(),
@@ -467,7 +468,8 @@ async fn a_tenant_exports_only_its_own_audit_chain_and_it_verifies(pool: PgPool)
     let r = api.get("/v1/audit/export", &key).await;
     assert_eq!((r.status, r.content_type.as_str()), (StatusCode::OK, "application/x-tar"));
     let bundle = cella_audit::bundle::Bundle::read(&r.body[..]).unwrap();
-    let options = cella_audit::verify::Options { trusted: vec![], threads: 1 };
+    let public = api.state.signer.as_ref().unwrap().public();
+    let options = cella_audit::verify::Options::pinned(vec![public]).with_threads(1);
     let report = cella_audit::verify::verify_bundle(&bundle, &options).unwrap();
     assert_eq!((report.chain, report.events), (format!("tenant:{tenant}"), 3));
     let r = api.get("/v1/audit/export?from=2&to=3", &key).await;

@@ -60,6 +60,19 @@ pub async fn export_bundle(
     chain: Chain,
     q: &ExportQuery,
 ) -> Result<Response, ServiceError> {
+    let request = export_request(state, chain, q).await?;
+    stream_bundle(state, &request).await
+}
+
+/// The export `q` asks for, with every event in it covered by a signed checkpoint: the query's
+/// bounds as seqs, and a checkpoint cut first (with the service's signer), up to which the range
+/// is clamped. Events appended after the cut stay out of the bundle, so it verifies whatever is
+/// appended meanwhile.
+pub async fn export_request(
+    state: &AppState,
+    chain: Chain,
+    q: &ExportQuery,
+) -> Result<ExportRequest, ServiceError> {
     let from = parse_bound("from", q.from.as_deref())?;
     let to = parse_bound("to", q.to.as_deref())?;
     let any_time = matches!(from, Some(Bound::Time(_))) || matches!(to, Some(Bound::Time(_)));
@@ -86,19 +99,23 @@ pub async fn export_bundle(
             t.map(|b| if let Bound::Seq(s) = b { s } else { 0 }),
         ),
     };
+    let mut to = to;
     if let Some(key) = &state.signer {
-        cella_audit::store::cut_checkpoint(
-            &state.pool,
-            &chain,
-            key,
-            cella_audit::CheckpointPolicy::default(),
-            true,
-        )
-        .await?;
+        let policy = cella_audit::CheckpointPolicy::default();
+        cella_audit::store::cut_checkpoint(&state.pool, &chain, key, policy, true).await?;
+        // Without `to` the export stops at the newest checkpoint anyway; a `to` past the head
+        // means the head, which is what the cut covered, even if events were appended since.
+        let covered = cella_audit::store::covered(&mut *state.pool.acquire().await?, &chain).await?;
+        to = to.map(|t| t.min(covered));
     }
-    let request = ExportRequest { chain: chain.clone(), from, to, ocsf: q.ocsf.unwrap_or(false) };
+    Ok(ExportRequest { chain, from, to, ocsf: q.ocsf.unwrap_or(false) })
+}
+
+/// Streams the bundle of `request` (see [`export_bundle`]).
+pub async fn stream_bundle(state: &AppState, request: &ExportRequest) -> Result<Response, ServiceError> {
+    let chain = request.chain.clone();
     // Range errors become problem documents here; after this the response streams.
-    let export = Export::begin(&state.pool, &request).await.map_err(export_error)?;
+    let export = Export::begin(&state.pool, request).await.map_err(export_error)?;
     let range = export.range();
     let file = format!("cella-audit-{}-{}-{}.tar", chain.key().replace(':', "-"), range.from, range.to);
     let (writer, reader) = tokio::io::duplex(STREAM_BUFFER);
@@ -162,7 +179,9 @@ fn export_body(
 fn export_error(e: ExportError) -> ServiceError {
     match e {
         ExportError::NoEvents(what) => ServiceError::NotFound(format!("audit events of {what}")),
-        e @ ExportError::EmptyRange { .. } => ServiceError::Unprocessable(e.to_string()),
+        e @ (ExportError::EmptyRange { .. }
+        | ExportError::NotCovered { .. }
+        | ExportError::NoCheckpoint { .. }) => ServiceError::Unprocessable(e.to_string()),
         ExportError::Db(db) => db.into(),
         other => ServiceError::Internal(format!("audit export: {other}")),
     }
@@ -173,7 +192,7 @@ fn export_error(e: ExportError) -> ServiceError {
     responses((status = 200, description = "The bundle", content_type = "application/x-tar"),
               (status = 400, description = "Bad range", content_type = "application/problem+json"),
               (status = 404, description = "No events in the range", content_type = "application/problem+json"),
-              (status = 422, description = "The seq range lies outside the chain", content_type = "application/problem+json"),
+              (status = 422, description = "The seq range lies outside the chain, or beyond its newest signed checkpoint", content_type = "application/problem+json"),
               (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
 async fn tenant_export(
     State(state): State<AppState>,

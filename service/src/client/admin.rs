@@ -334,7 +334,7 @@ async fn save(response: reqwest::Response, out: &PathBuf) -> Result<(), ClientEr
     };
     std::fs::rename(&tmp, out).map_err(|e| ClientError::Write(out.clone(), e))?;
     eprintln!(
-        "wrote {} bytes to {} (check it with `cella audit verify {}`)",
+        "wrote {} bytes to {} (check it with `cella audit verify {} --trusted-key <the server's audit public key>`)",
         bytes,
         out.display(),
         out.display()
