@@ -449,6 +449,7 @@ async fn the_openapi_document_lists_every_route(pool: PgPool) {
         "/v1/jobs/{id}/sarif",
         "/v1/jobs/{id}/cancel",
         "/v1/audit/export",
+        "/v1/audit/keys",
         "/v1/admin/tenants",
         "/v1/admin/vms",
     ] {
@@ -484,6 +485,34 @@ async fn a_tenant_exports_only_its_own_audit_chain_and_it_verifies(pool: PgPool)
         StatusCode::UNPROCESSABLE_ENTITY,
         "1..3",
     );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_tenant_gets_the_audit_public_keys_with_their_fingerprints(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let k1 = api.state.signer.as_ref().unwrap().public();
+    let k2 = cella_audit::SigningKey::generate("k2").unwrap().public();
+    let mut conn = api.state.pool.acquire().await.unwrap();
+    cella_audit::store::register_key(&mut conn, &k1).await.unwrap();
+    cella_audit::store::register_key(&mut conn, &k2).await.unwrap(); // a rotation
+    drop(conn);
+    let r = api.get("/v1/audit/keys", &key).await;
+    assert_eq!((r.status, r.content_type.as_str()), (StatusCode::OK, "application/json"));
+    let keys: cella_service::api::audit::AuditKeys = serde_json::from_slice(&r.body).unwrap();
+    let summary: Vec<(&str, &str, bool, bool)> = keys
+        .keys
+        .iter()
+        .map(|k| (k.id.as_str(), k.fingerprint.as_str(), k.current, k.retired_at.is_some()))
+        .collect();
+    assert_eq!(
+        summary,
+        [("k1", k1.fingerprint().as_str(), false, true), ("k2", k2.fingerprint().as_str(), true, false)]
+    );
+    let file = &keys.keys[1].public_key_file;
+    assert_eq!(cella_audit::PublicKey::from_file_text(std::path::Path::new("k2.pub"), file).unwrap(), k2);
+    assert_eq!(keys.keys[1].public_key, cella_audit::hash::to_hex(&k2.key));
+    assert_problem(&api.get("/v1/audit/keys", "cella_nope").await, StatusCode::UNAUTHORIZED, "");
 }
 
 #[sqlx::test(migrations = "../migrations")]

@@ -39,6 +39,7 @@ struct Api {
     state: AppState,
     tenant: String,
     key: String,
+    admin: String,
     dir: std::path::PathBuf,
 }
 
@@ -81,7 +82,7 @@ async fn api(pool: PgPool) -> Api {
         serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
     let tenant = v["tenant"]["id"].as_str().unwrap().to_owned();
     let key = v["key"]["api_key"].as_str().unwrap().to_owned();
-    Api { state, tenant, key, dir }
+    Api { state, tenant, key, admin, dir }
 }
 
 impl Api {
@@ -428,28 +429,147 @@ async fn a_database_failure_mid_stream_fails_the_transfer(pool: PgPool) {
     }
 }
 
-#[sqlx::test(migrations = "../migrations")]
-async fn cella_audit_download_streams_the_bundle_to_disk_and_it_verifies(pool: PgPool) {
-    let api = api(pool).await;
-    api.bulk_append(20_000).await;
+/// Serves the API over plain HTTP on a free port until dropped; returns its URL.
+struct Served {
+    url: String,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(api: &Api) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(axum::serve(listener, app(api.state.clone())).into_future());
-    let out = api.dir.join("dl.tar");
-    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_cella"))
-        .args(["audit", "download", "--server", &url, "--out", out.to_str().unwrap()])
-        .env("CELLA_API_KEY", &api.key)
+    let task = tokio::spawn(axum::serve(listener, app(api.state.clone())).into_future());
+    Served { url, task }
+}
+
+/// Runs `cella` with `env`, without any of the caller's Cella settings.
+async fn cella(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cella"))
+        .args(args)
+        .envs(env.iter().copied())
         .env_remove("CELLA_CA")
+        .env_remove("CELLA_URL")
+        .env_remove("CELLA_DATA_DIR")
+        .env_remove("CELLA_AUDIT_TRUSTED_KEY")
         .output()
         .await
-        .unwrap();
-    server.abort();
-    let stderr = String::from_utf8_lossy(&o.stderr);
+        .unwrap()
+}
+
+/// Runs the `cella audit verify …` command line a command printed (paths without spaces).
+async fn run_printed(command: &str) -> std::process::Output {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(words[..3], ["cella", "audit", "verify"], "{command}");
+    cella(&words[1..], &[]).await
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cella_audit_download_streams_the_bundle_to_disk_and_saves_the_key_that_verifies_it(pool: PgPool) {
+    let api = api(pool).await;
+    api.bulk_append(20_000).await;
+    let served = serve(&api).await;
+    let out = api.dir.join("dl.tar");
+    let args = ["audit", "download", "--server", &served.url, "--out", out.to_str().unwrap()];
+    let env = [("CELLA_API_KEY", api.key.as_str())];
+    let download = || cella(&args, &env);
+    let o = download().await;
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{stderr}");
-    assert!(stderr.starts_with("wrote "), "{stderr}");
     assert!(!out.with_extension("partial").exists());
+    let public = api.state.signer.as_ref().unwrap().public();
+    let saved = api.dir.join("cella-audit-k1.pub");
+    assert_eq!(cella_audit::PublicKey::read(&saved).unwrap(), public);
+    let command = format!("cella audit verify {} --trusted-key {}", out.display(), saved.display());
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines[1..],
+        [
+            format!("audit key k1: {} (saved as {})", public.fingerprint(), saved.display()).as_str(),
+            "compare the fingerprint with the one your operator gives you, then verify with:",
+            format!("  {command}").as_str(),
+        ],
+        "{stderr}"
+    );
+    assert!(lines[0].starts_with("wrote ") && lines[0].ends_with(&format!("bytes to {}", out.display())));
     let report = api.verify_file(&out);
     assert_eq!(report.events, api.head().await);
+    let o = run_printed(&command).await;
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let ok = format!("OK: {} events, seq 1..{}, ", report.events, report.last_seq);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with(&ok), "{}", String::from_utf8_lossy(&o.stdout));
+
+    // Again: the same key is already there.
+    let o = download().await;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("(already saved as "),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A different key saved under the id before: kept, and said loudly.
+    let other = SigningKey::generate("k1").unwrap().public();
+    std::fs::write(&saved, other.to_file_text()).unwrap();
+    let o = download().await;
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "WARNING: {} already holds a different key under the id k1:\n  saved:  {}\n  server: {}\n",
+            saved.display(),
+            other.fingerprint(),
+            public.fingerprint()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(cella_audit::PublicKey::read(&saved).unwrap(), other, "the saved key was replaced");
+    // Verifying against the kept key fails, naming the mismatch.
+    let o = run_printed(&command).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "FAILED: keys.json: key k1 is not the trusted key k1\n");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cella_admin_audit_export_prints_the_verify_command_with_the_data_folders_key(pool: PgPool) {
+    let api = api(pool).await;
+    api.bulk_append(100).await;
+    // What `cella serve` keeps in its data folder.
+    let public = api.state.signer.as_ref().unwrap().public();
+    let pub_file = api.dir.join("audit-signing.key.pub");
+    std::fs::write(&pub_file, public.to_file_text()).unwrap();
+    let served = serve(&api).await;
+    let out = api.dir.join("admin.tar");
+    let args = [
+        "admin",
+        "audit-export",
+        "--tenant",
+        &api.tenant,
+        "--out",
+        out.to_str().unwrap(),
+        "--server",
+        &served.url,
+        "--data-dir",
+        api.dir.to_str().unwrap(),
+    ];
+    let o = cella(&args, &[("CELLA_ADMIN_KEY", &api.admin)]).await;
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{stderr}");
+    let command = format!("cella audit verify {} --trusted-key {}", out.display(), pub_file.display());
+    assert!(
+        stderr.ends_with(&format!(
+            "audit key k1: {} ({})\n\
+             verify with (give the reviewer the .pub file through another channel than the bundle):\n  {command}\n",
+            public.fingerprint(),
+            pub_file.display()
+        )),
+        "{stderr}"
+    );
+    let o = run_printed(&command).await;
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// The export's bundle read from a response.

@@ -1,16 +1,20 @@
 //! `GET /v1/audit/export`: a tenant's own audit log as an offline-verifiable bundle
-//! (`cella audit verify`). Operators export any chain through the admin API.
+//! (`cella audit verify`); `GET /v1/audit/keys`: the public keys that sign its checkpoints, which
+//! `cella audit download` saves next to the bundle and shows the fingerprint of (a reviewer
+//! compares it with the one the operator gives out of band). Operators export any chain through
+//! the admin API.
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
+use cella_audit::event::format_time;
 use cella_audit::export::{self, Export, ExportError, ExportRequest, Exported};
 use cella_audit::{Chain, TenantId};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, DuplexStream};
@@ -22,7 +26,61 @@ use super::AppState;
 use crate::error::ServiceError;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/audit/export", get(tenant_export))
+    Router::new().route("/v1/audit/export", get(tenant_export)).route("/v1/audit/keys", get(keys))
+}
+
+/// One key that signs (or signed, before a rotation) the audit log's checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditKeyView {
+    /// The id checkpoints name it by.
+    pub id: String,
+    /// Always `ed25519`.
+    pub algorithm: String,
+    /// The 32-byte public key, hex.
+    pub public_key: String,
+    /// `SHA256:` and the unpadded base64 of SHA-256 of the key bytes; compare it with the one
+    /// your operator gives you.
+    pub fingerprint: String,
+    /// The public key file, as `cella audit verify --trusted-key FILE` reads it.
+    pub public_key_file: String,
+    /// When it became the signing key (RFC 3339).
+    pub activated_at: String,
+    /// When a rotation retired it (RFC 3339).
+    pub retired_at: Option<String>,
+    /// Whether new checkpoints are signed with it.
+    pub current: bool,
+}
+
+/// `GET /v1/audit/keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditKeys {
+    /// Every key, oldest first.
+    pub keys: Vec<AuditKeyView>,
+}
+
+/// The public keys of the audit log's checkpoints, oldest first: what `cella audit verify
+/// --trusted-key` needs. Fetched over the same connection as the bundle, they guard against a
+/// bundle changed later; against the server itself, compare the fingerprint with the one your
+/// operator gives you.
+#[utoipa::path(get, path = "/v1/audit/keys", tag = "audit", security(("api_key" = [])),
+    responses((status = 200, body = AuditKeys),
+              (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
+async fn keys(State(state): State<AppState>, _auth: TenantAuth) -> Result<Json<AuditKeys>, ServiceError> {
+    let records = cella_audit::store::keys(&mut *state.pool.acquire().await?).await?;
+    let keys = records
+        .into_iter()
+        .map(|r| AuditKeyView {
+            id: r.key.id.clone(),
+            algorithm: "ed25519".to_owned(),
+            public_key: cella_audit::hash::to_hex(&r.key.key),
+            fingerprint: r.key.fingerprint(),
+            public_key_file: r.key.to_file_text(),
+            activated_at: format_time(r.activated_at),
+            retired_at: r.retired_at.map(format_time),
+            current: r.retired_at.is_none(),
+        })
+        .collect();
+    Ok(Json(AuditKeys { keys }))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
