@@ -48,7 +48,8 @@ pub enum AuditCommand {
     },
     /// Export a chain from the database (DATABASE_URL) as a bundle.
     Export(ExportArgs),
-    /// Download your own audit log from the server (CELLA_API_KEY) as a bundle.
+    /// Download your own audit log from the server (CELLA_API_KEY) as a bundle, with the server's
+    /// public key saved next to it; prints its fingerprint and the verify command.
     Download {
         /// First event: a sequence number or an RFC 3339 time
         #[arg(long)]
