@@ -63,6 +63,10 @@ echo "\$ cella session rm $id"
 "$bin/cella" session rm "$id" | sed 's/^/  /'
 
 echo
-echo "\$ cella audit download --out $data/audit.tar && cella audit verify $data/audit.tar"
-"$bin/cella" audit download --out "$data/audit.tar"
-"$bin/cella" audit verify "$data/audit.tar" --trusted-key "$data/audit-signing.key.pub"
+echo "\$ cella audit download --out $data/audit.tar     # saves the server's public key next to it"
+"$bin/cella" audit download --out "$data/audit.tar" 2>&1 | sed 's/^/  /'
+echo "\$ cella audit fingerprint $data/audit-signing.key.pub   # the operator's, read to the tenant apart"
+"$bin/cella" audit fingerprint "$data/audit-signing.key.pub" | sed 's/^/  /'
+key_id=$(awk '$1 == "id" {print $2}' "$data/audit-signing.key.pub")
+echo "\$ cella audit verify $data/audit.tar --trusted-key $data/cella-audit-$key_id.pub"
+"$bin/cella" audit verify "$data/audit.tar" --trusted-key "$data/cella-audit-$key_id.pub"

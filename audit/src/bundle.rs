@@ -4,13 +4,22 @@
 //! |---|---|
 //! | `manifest.json` | format, chain, tenant, seq range, counts, and the SHA-256 and size of every other file |
 //! | `events.jsonl` | one event per line, `{"event":E,"hash":"<hex>"}`, `E` being the exact hashed bytes |
-//! | `checkpoints.json` | the signed tree heads whose size falls in `from-1..=to`, each with the consistency proof from the one before it |
+//! | `checkpoints.json` | the signed tree heads whose size falls in `from-1..=to`, each with the consistency proof from the one before it, and, when `to` falls between two checkpoints, the next one after `to` with a tail proof |
 //! | `keys.json` | every public key the log has used (the rotation history) |
 //! | `start.json` | the chain state just before the first event: its seq, hash and Merkle compact range (empty for seq 1) |
 //! | `ocsf.jsonl` | optional: the same events as OCSF API Activity records, for SIEMs (not hashed, not verified) |
 //!
 //! Exports are streamed ([`crate::export`]): `events.jsonl` first, `manifest.json` last (it holds
 //! the SHA-256 of the files before it). Readers take the members in any order.
+//!
+//! Every exported event is covered by a signed checkpoint: either one at or after it inside the
+//! range, or the checkpoint right after the range, which then carries a *tail proof* (the RFC 6962
+//! consistency proof from the tree of events `1..=to` to that checkpoint's tree), so the verifier
+//! checks the root it computes over the bundle's events against a signed root. Checkpoint
+//! indices in a bundle are consecutive: an export holds every checkpoint in its range.
+//!
+//! Format `cella-audit-bundle/2` added the tail proof; `/1` bundles (no tail proofs) are read the
+//! same way.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -24,7 +33,9 @@ use crate::keys::PublicKey;
 use crate::merkle::{CompactRange, MerkleTree};
 
 /// Bundle format name in `manifest.json`.
-pub const FORMAT: &str = "cella-audit-bundle/1";
+pub const FORMAT: &str = "cella-audit-bundle/2";
+/// The format before tail proofs, still read.
+pub const FORMAT_V1: &str = "cella-audit-bundle/1";
 pub const MANIFEST: &str = "manifest.json";
 pub const EVENTS: &str = "events.jsonl";
 pub const CHECKPOINTS: &str = "checkpoints.json";
@@ -46,6 +57,8 @@ pub enum BundleError {
     TooLarge { name: String },
     #[error("bundle member `{name}` is cut short")]
     CutShort { name: String },
+    #[error("bundle member `{name}` is not valid")]
+    Invalid { name: String, source: serde_json::Error },
 }
 
 /// `manifest.json`.
@@ -133,6 +146,10 @@ pub struct BundleCheckpoint {
     pub checkpoint: CheckpointJson,
     /// RFC 6962 consistency proof from the previous checkpoint in the file (empty for the first).
     pub consistency_proof: Vec<String>,
+    /// Only on the last checkpoint, when it lies beyond the bundle's last event `to`: the RFC 6962
+    /// consistency proof from the tree of events `1..=to` to this checkpoint's tree, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_proof: Option<Vec<String>>,
 }
 
 /// `checkpoints.json`.
@@ -176,7 +193,8 @@ pub struct AssembleInput<'a> {
     pub chain: &'a str,
     /// The tenant (for tenant chains).
     pub tenant: Option<&'a str>,
-    /// Hashes of events `1..=to`, in order, as stored (the Merkle tree and proofs use these).
+    /// Hashes of events `1..=to` and beyond, in order, as stored (the Merkle tree and proofs use
+    /// these): up to the first checkpoint after `to` if `to` falls between checkpoints.
     pub hashes: &'a [Hash],
     /// First exported seq.
     pub from: u64,
@@ -184,7 +202,8 @@ pub struct AssembleInput<'a> {
     pub to: u64,
     /// Hashed bytes and stated hash of events `from..=to`, in order.
     pub events: &'a [(String, Hash)],
-    /// The chain's checkpoints, in index order; those whose size is outside `from..=to` are left out.
+    /// The chain's checkpoints, in index order; those whose size is outside `from-1..=to` are left
+    /// out, but for the first one after `to` when none ends at `to` (it gets a tail proof).
     pub checkpoints: &'a [Checkpoint],
     /// Every public key, oldest first.
     pub keys: Vec<KeyJson>,
@@ -194,9 +213,84 @@ pub struct AssembleInput<'a> {
     pub exported_at: String,
 }
 
+/// A tenant's whole chain built without a database (benchmarks and tests): every event hashed
+/// and chained, checkpoints signed where the caller asked.
+#[derive(Debug)]
+pub struct OfflineChain {
+    chain: String,
+    tenant: String,
+    key: PublicKey,
+    hashes: Vec<Hash>,
+    lines: Vec<(String, Hash)>,
+    checkpoints: Vec<Checkpoint>,
+}
+
+impl OfflineChain {
+    /// Chains `events` of tenant `tenant` (seq 1, 2, …, each with its time), signing a checkpoint
+    /// with `key` after each seq for which `checkpoint_after` says so.
+    pub fn build(
+        tenant: &crate::TenantId,
+        key: &crate::SigningKey,
+        events: impl IntoIterator<Item = (crate::NewEvent, time::OffsetDateTime)>,
+        checkpoint_after: impl Fn(u64) -> bool,
+    ) -> Self {
+        let chain = crate::Chain::Tenant(tenant.clone()).key();
+        let (mut prev, mut range) = (hash::GENESIS, CompactRange::new());
+        let (mut hashes, mut lines, mut checkpoints) = (Vec::new(), Vec::new(), Vec::new());
+        let mut seq = 0;
+        for (event, at) in events {
+            seq += 1;
+            let body = event.encode(seq, at, &prev);
+            prev = hash::sha256(&body);
+            range.push(crate::merkle::leaf_hash(&prev));
+            hashes.push(prev);
+            lines.push((String::from_utf8_lossy(&body).into_owned(), prev));
+            if checkpoint_after(seq) {
+                let index = checkpoints.len() as u64 + 1;
+                let time = crate::event::format_time(at);
+                checkpoints.push(Checkpoint::sign(&chain, index, seq, range.root(), time, key));
+            }
+        }
+        Self { chain, tenant: tenant.as_str().to_owned(), key: key.public(), hashes, lines, checkpoints }
+    }
+
+    /// Number of events.
+    pub fn len(&self) -> u64 {
+        self.hashes.len() as u64
+    }
+
+    /// Whether there are no events.
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// The bundle of events `from..=to`, as an export of that range makes it.
+    pub fn bundle(
+        &self,
+        from: u64,
+        to: u64,
+        ocsf: bool,
+        exported_at: time::OffsetDateTime,
+    ) -> BundleContents {
+        let to = to.min(self.len());
+        let from = from.max(1);
+        assemble(AssembleInput {
+            chain: &self.chain,
+            tenant: Some(&self.tenant),
+            hashes: &self.hashes,
+            from,
+            to,
+            events: self.lines.get((from - 1) as usize..to as usize).unwrap_or_default(),
+            checkpoints: &self.checkpoints,
+            keys: vec![KeyJson::new(&self.key, None, None)],
+            ocsf,
+            exported_at: crate::event::format_time(exported_at),
+        })
+    }
+}
+
 /// Builds, without a database, the bundle of tenant `tenant`'s whole chain made of `events`
-/// (seq 1, 2, …, each with its time): every event hashed and chained, a checkpoint signed with
-/// `key` after each seq for which `checkpoint_after` says so. For benchmarks and tests.
+/// (see [`OfflineChain::build`]). For benchmarks and tests.
 pub fn offline_chain(
     tenant: &crate::TenantId,
     key: &crate::SigningKey,
@@ -205,35 +299,20 @@ pub fn offline_chain(
     ocsf: bool,
     exported_at: time::OffsetDateTime,
 ) -> BundleContents {
-    let chain = crate::Chain::Tenant(tenant.clone()).key();
-    let (mut prev, mut range) = (hash::GENESIS, CompactRange::new());
-    let (mut hashes, mut lines, mut checkpoints) = (Vec::new(), Vec::new(), Vec::new());
-    let mut seq = 0;
-    for (event, at) in events {
-        seq += 1;
-        let body = event.encode(seq, at, &prev);
-        prev = hash::sha256(&body);
-        range.push(crate::merkle::leaf_hash(&prev));
-        hashes.push(prev);
-        lines.push((String::from_utf8_lossy(&body).into_owned(), prev));
-        if checkpoint_after(seq) {
-            let index = checkpoints.len() as u64 + 1;
-            let time = crate::event::format_time(at);
-            checkpoints.push(Checkpoint::sign(&chain, index, seq, range.root(), time, key));
-        }
+    let chain = OfflineChain::build(tenant, key, events, checkpoint_after);
+    chain.bundle(1, chain.len(), ocsf, exported_at)
+}
+
+/// The checkpoints an export of `from..=to` holds, out of all of a chain's (in index order), the
+/// tree having `size` leaves: those whose size lies in `from-1..=to` (one at `from - 1` vouches
+/// for `start.json`), then, if none ends at `to`, the first one after `to` (the tail checkpoint).
+pub fn checkpoints_for_range(checkpoints: &[Checkpoint], from: u64, to: u64, size: u64) -> Vec<&Checkpoint> {
+    let mut chosen: Vec<&Checkpoint> =
+        checkpoints.iter().filter(|c| c.tree_size + 1 >= from && c.tree_size <= to.min(size)).collect();
+    if chosen.last().map(|c| c.tree_size) != Some(to) {
+        chosen.extend(checkpoints.iter().find(|c| c.tree_size > to && c.tree_size <= size));
     }
-    assemble(AssembleInput {
-        chain: &chain,
-        tenant: Some(tenant.as_str()),
-        hashes: &hashes,
-        from: 1,
-        to: seq,
-        events: &lines,
-        checkpoints: &checkpoints,
-        keys: vec![KeyJson::new(&key.public(), None, None)],
-        ocsf,
-        exported_at: crate::event::format_time(exported_at),
-    })
+    chosen
 }
 
 /// Builds a bundle's contents: the event lines, `start.json` and the consistency proofs.
@@ -265,17 +344,17 @@ pub fn assemble(input: AssembleInput<'_>) -> BundleContents {
             }
         }
     }
+    let hex = |proof: Vec<Hash>| proof.iter().map(|h| hash::to_hex(h)).collect::<Vec<_>>();
     let mut checkpoints = Vec::new();
     let mut prev_size = None;
-    let size = tree.size();
-    // A checkpoint at `from - 1` is included too: it vouches for `start.json`.
-    for cp in input.checkpoints.iter().filter(|c| c.tree_size + 1 >= from && c.tree_size <= to.min(size)) {
+    for cp in checkpoints_for_range(input.checkpoints, from, to, tree.size()) {
         let proof = match prev_size {
-            Some(old) => tree.consistency_proof(old, cp.tree_size).iter().map(|h| hash::to_hex(h)).collect(),
+            Some(old) => hex(tree.consistency_proof(old, cp.tree_size)),
             None => Vec::new(),
         };
         prev_size = Some(cp.tree_size);
-        checkpoints.push(BundleCheckpoint { checkpoint: cp.to_json(), consistency_proof: proof });
+        let tail_proof = (cp.tree_size > to).then(|| hex(tree.consistency_proof(to, cp.tree_size)));
+        checkpoints.push(BundleCheckpoint { checkpoint: cp.to_json(), consistency_proof: proof, tail_proof });
     }
     BundleContents {
         chain: input.chain.to_owned(),
@@ -481,4 +560,36 @@ impl TarIndex {
         }
         Ok(Self { members })
     }
+
+    /// Reads member `name` whole (meant for the small JSON members); `None` if there is none.
+    pub fn read_member<R: Read + Seek>(
+        &self,
+        reader: &mut R,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, BundleError> {
+        let Some(span) = self.members.get(name) else { return Ok(None) };
+        reader.seek(SeekFrom::Start(span.offset))?;
+        let mut data = Vec::with_capacity(span.len.min(1 << 30) as usize);
+        reader.take(span.len).read_to_end(&mut data)?;
+        if (data.len() as u64) < span.len {
+            return Err(BundleError::CutShort { name: name.to_owned() });
+        }
+        Ok(Some(data))
+    }
+}
+
+/// The ids of the keys that signed a tar bundle's checkpoints, in order of first use (which
+/// public keys a reviewer needs), read from its `checkpoints.json` alone. Nothing is verified.
+pub fn signing_key_ids<R: Read + Seek>(reader: &mut R) -> Result<Vec<String>, BundleError> {
+    let index = TarIndex::read(reader)?;
+    let data = index.read_member(reader, CHECKPOINTS)?.unwrap_or_default();
+    let file: CheckpointsFile = serde_json::from_slice(&data)
+        .map_err(|source| BundleError::Invalid { name: CHECKPOINTS.to_owned(), source })?;
+    let mut ids: Vec<String> = Vec::new();
+    for entry in file.checkpoints {
+        if !ids.contains(&entry.checkpoint.key_id) {
+            ids.push(entry.checkpoint.key_id);
+        }
+    }
+    Ok(ids)
 }

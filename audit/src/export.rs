@@ -5,12 +5,21 @@
 //! appended meanwhile are not seen by any of the queries below), checks the range, measures
 //! `events.jsonl` exactly (`sum(octet_length(body))` plus the fixed size of each line's
 //! wrapping, over the rows the stream will read) and loads the checkpoints and keys, which are
-//! small. [`Export::write_to`] then writes the tar members in this order:
+//! small.
+//!
+//! Every exported event must be covered by a signed checkpoint (see [`crate::bundle`]), so the
+//! range ends at or before the newest checkpoint of the snapshot: without an explicit `to` the
+//! export stops there ([`Export::clamped`] says when events after it were left out); an explicit
+//! `to` beyond it is refused ([`ExportError::NotCovered`]). When `to` falls between two
+//! checkpoints, the next one goes into the bundle with a tail proof.
+//!
+//! [`Export::write_to`] then writes the tar members in this order:
 //!
 //! 1. `events.jsonl`: the header with the measured size, then the events read in seq order in
 //!    batches of [`BATCH_ROWS`] (keyset pagination), hashed as they are written. The same pass
-//!    pushes every event hash `1..=to` into a [`SubtreeCollector`], which keeps only the Merkle
-//!    subtrees the consistency proofs need, and notes `start.json`'s compact range;
+//!    pushes every event hash `1..=to` (and on to the tail checkpoint's size, without the
+//!    bodies) into a [`SubtreeCollector`], which keeps only the Merkle subtrees the consistency
+//!    and tail proofs need, and notes `start.json`'s compact range;
 //! 2. `ocsf.jsonl` if asked for: its size is measured during the first pass, then a second pass
 //!    over the same rows (same snapshot) writes it, so it is bounded the same way;
 //! 3. `checkpoints.json`, `keys.json`, `start.json`;
@@ -46,7 +55,8 @@ pub struct ExportRequest {
     pub chain: Chain,
     /// First seq (default 1).
     pub from: Option<u64>,
-    /// Last seq (default: the chain's head).
+    /// Last seq (default: the newest one a signed checkpoint covers). Beyond the chain's head it
+    /// means the head; beyond the newest checkpoint it is refused.
     pub to: Option<u64>,
     /// Also write `ocsf.jsonl`.
     pub ocsf: bool,
@@ -59,6 +69,10 @@ pub enum ExportError {
     NoEvents(String),
     #[error("seq range {from}..{to} is empty ({chain} has events 1..{head})")]
     EmptyRange { chain: String, from: u64, to: u64, head: u64 },
+    #[error("{chain} has events 1..{head} but no signed checkpoint yet, and a bundle holds only events a checkpoint covers; cut a checkpoint first")]
+    NoCheckpoint { chain: String, head: u64 },
+    #[error("event {seq} of {chain} is not yet covered by a signed checkpoint (the newest covers 1..{covered}); export up to {covered}, or cut a checkpoint first")]
+    NotCovered { chain: String, seq: u64, covered: u64 },
     #[error("database error")]
     Store(#[from] StoreError),
     #[error("database error")]
@@ -69,6 +83,16 @@ pub enum ExportError {
     SizeMismatch { file: &'static str, announced: u64, written: u64 },
     #[error("the chain's rows changed while they were read ({0}); the export was abandoned")]
     Inconsistent(String),
+}
+
+/// Events an export without an explicit `to` left out: `covered+1..=head` were appended after the
+/// newest signed checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clamped {
+    /// The chain's last seq.
+    pub head: u64,
+    /// The newest checkpoint's tree size, where the export stops.
+    pub covered: u64,
 }
 
 /// A finished export: its manifest and what it held in memory at most.
@@ -119,6 +143,10 @@ struct Plan {
     ocsf: bool,
     /// Rows with seq `from..=to`.
     events: u64,
+    /// Leaves read: `to`, or the tail checkpoint's size.
+    tree_end: u64,
+    /// Events left out because no checkpoint covers them yet (no explicit `to`).
+    clamped: Option<Clamped>,
     /// Exact size of `events.jsonl`.
     events_bytes: u64,
     /// The checkpoints that go into the bundle, in index order.
@@ -142,11 +170,51 @@ impl Export {
         if head == 0 {
             return Err(ExportError::NoEvents(chain));
         }
-        let from = request.from.unwrap_or(1).max(1);
-        let to = request.to.unwrap_or(head).min(head);
-        if from > to {
-            return Err(ExportError::EmptyRange { chain, from, to, head });
+        let cp_rows = sqlx::query(
+            "SELECT idx, tree_size, root_hash, signed_at, key_id, signature FROM audit_checkpoints
+             WHERE chain = $1 ORDER BY idx",
+        )
+        .bind(&chain)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut all = Vec::with_capacity(cp_rows.len());
+        for r in &cp_rows {
+            all.push(Checkpoint {
+                chain: chain.clone(),
+                index: to_u64(r.try_get("idx")?),
+                tree_size: to_u64(r.try_get("tree_size")?),
+                root: to_hash(r.try_get::<&[u8], _>("root_hash")?),
+                time: r.try_get("signed_at")?,
+                key_id: r.try_get("key_id")?,
+                signature: r.try_get("signature")?,
+            });
         }
+        let covered = all.iter().map(|c| c.tree_size).max().unwrap_or(0).min(head);
+        if covered == 0 {
+            return Err(ExportError::NoCheckpoint { chain, head });
+        }
+        let from = request.from.unwrap_or(1).max(1);
+        let (to, clamped) = match request.to {
+            Some(to) => {
+                let to = to.min(head);
+                if from > to {
+                    return Err(ExportError::EmptyRange { chain, from, to, head });
+                }
+                if to > covered {
+                    return Err(ExportError::NotCovered { chain, seq: to, covered });
+                }
+                (to, None)
+            }
+            None => {
+                if from > head {
+                    return Err(ExportError::EmptyRange { chain, from, to: head, head });
+                }
+                if from > covered {
+                    return Err(ExportError::NotCovered { chain, seq: from, covered });
+                }
+                (covered, (head > covered).then_some(Clamped { head, covered }))
+            }
+        };
         // Same snapshot as the stream: these are exactly the rows it will read.
         let sizes = sqlx::query(
             "SELECT count(*) AS tree_rows,
@@ -164,30 +232,12 @@ impl Export {
         let body_bytes = to_u64(sizes.try_get("body_bytes")?);
         // Each line is the body wrapped in `{"event":…,"hash":"…"}`, then a newline.
         let events_bytes = (export_line_len(0) + 1).saturating_mul(events).saturating_add(body_bytes);
-        let cp_rows = sqlx::query(
-            "SELECT idx, tree_size, root_hash, signed_at, key_id, signature FROM audit_checkpoints
-             WHERE chain = $1 ORDER BY idx",
-        )
-        .bind(&chain)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut checkpoints = Vec::with_capacity(cp_rows.len());
-        for r in &cp_rows {
-            let tree_size = to_u64(r.try_get("tree_size")?);
-            // A checkpoint at `from - 1` is included too: it vouches for `start.json`.
-            if tree_size + 1 < from || tree_size > to.min(tree_rows) {
-                continue;
-            }
-            checkpoints.push(Checkpoint {
-                chain: chain.clone(),
-                index: to_u64(r.try_get("idx")?),
-                tree_size,
-                root: to_hash(r.try_get::<&[u8], _>("root_hash")?),
-                time: r.try_get("signed_at")?,
-                key_id: r.try_get("key_id")?,
-                signature: r.try_get("signature")?,
-            });
-        }
+        // Rows missing below `to` (a damaged chain): leaves are counted by row, so leave out the
+        // checkpoints the rows no longer reach; the verifier names the damage.
+        let reach = if tree_rows < to { tree_rows } else { covered };
+        let checkpoints: Vec<Checkpoint> =
+            bundle::checkpoints_for_range(&all, from, to, reach).into_iter().cloned().collect();
+        let tree_end = checkpoints.last().map_or(to, |c| c.tree_size.max(to));
         let keys = store::keys(&mut tx)
             .await?
             .iter()
@@ -206,6 +256,8 @@ impl Export {
             to,
             ocsf: request.ocsf,
             events,
+            tree_end,
+            clamped,
             events_bytes,
             checkpoints,
             keys,
@@ -222,6 +274,12 @@ impl Export {
     /// Number of events the bundle will hold.
     pub fn event_count(&self) -> u64 {
         self.plan.events
+    }
+
+    /// Events left out because no signed checkpoint covers them yet (only without an explicit
+    /// `to`).
+    pub fn clamped(&self) -> Option<Clamped> {
+        self.plan.clamped
     }
 
     /// Streams the bundle to `out` (see the module documentation), then ends the snapshot. On an
@@ -293,22 +351,24 @@ fn ocsf_line(body: &str, h: &Hash, out: &mut Vec<u8>) {
     }
 }
 
-/// One batch of rows with seq in `after+1..=to`, in seq order.
+/// One batch of rows with seq in `after+1..=end`, in seq order, with the bodies of those in
+/// `bodies.0..=bodies.1`.
 async fn batch(
     tx: &mut Transaction<'static, Postgres>,
     chain: &str,
-    bodies_from: u64,
+    bodies: (u64, u64),
     after: i64,
-    to: u64,
+    end: u64,
 ) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
     sqlx::query(
-        "SELECT seq, hash, CASE WHEN seq >= $2 THEN body END AS body
-         FROM audit_events WHERE chain = $1 AND seq > $3 AND seq <= $4 ORDER BY seq LIMIT $5",
+        "SELECT seq, hash, CASE WHEN seq >= $2 AND seq <= $3 THEN body END AS body
+         FROM audit_events WHERE chain = $1 AND seq > $4 AND seq <= $5 ORDER BY seq LIMIT $6",
     )
     .bind(chain)
-    .bind(to_i64(bodies_from))
+    .bind(to_i64(bodies.0))
+    .bind(to_i64(bodies.1))
     .bind(after)
-    .bind(to_i64(to))
+    .bind(to_i64(end))
     .bind(BATCH_ROWS as i64)
     .fetch_all(&mut **tx)
     .await
@@ -325,6 +385,9 @@ impl Plan {
         for pair in self.checkpoints.windows(2) {
             ranges.extend(consistency_ranges(pair[0].tree_size, pair[1].tree_size));
         }
+        if let Some(tail) = self.checkpoints.last().filter(|c| c.tree_size > self.to) {
+            ranges.extend(consistency_ranges(self.to, tail.tree_size));
+        }
         let mut tree = SubtreeCollector::new(&ranges);
         let start_size = self.from - 1;
         let mut start: Option<CompactRange> = (start_size == 0).then(CompactRange::new);
@@ -338,7 +401,7 @@ impl Plan {
 
         out.header(bundle::EVENTS, self.events_bytes).await?;
         loop {
-            let rows = batch(tx, &self.chain, self.from, after, self.to).await?;
+            let rows = batch(tx, &self.chain, (self.from, self.to), after, self.tree_end).await?;
             lines.clear();
             let mut row_bytes = 0;
             for row in &rows {
@@ -397,20 +460,27 @@ impl Plan {
         let ocsf_entry =
             if self.ocsf { Some(self.stream_ocsf(tx, &mut out, ocsf_bytes).await?) } else { None };
 
-        let mut checkpoints = Vec::with_capacity(self.checkpoints.len());
-        let mut prev: Option<u64> = None;
-        for cp in &self.checkpoints {
-            let mut proof = Vec::new();
-            if let Some(old) = prev {
-                for (a, b) in consistency_ranges(old, cp.tree_size) {
+        let proof = |old: u64, new: u64| -> Result<Vec<String>, ExportError> {
+            consistency_ranges(old, new)
+                .into_iter()
+                .map(|(a, b)| {
                     let root = tree.range_root(a, b).ok_or_else(|| {
                         ExportError::Inconsistent(format!("no Merkle subtree over leaves {a}..{b}"))
                     })?;
-                    proof.push(hash::to_hex(&root));
-                }
-            }
+                    Ok(hash::to_hex(&root))
+                })
+                .collect()
+        };
+        let mut checkpoints = Vec::with_capacity(self.checkpoints.len());
+        let mut prev: Option<u64> = None;
+        for cp in &self.checkpoints {
+            let consistency_proof = match prev {
+                Some(old) => proof(old, cp.tree_size)?,
+                None => Vec::new(),
+            };
             prev = Some(cp.tree_size);
-            checkpoints.push(BundleCheckpoint { checkpoint: cp.to_json(), consistency_proof: proof });
+            let tail_proof = (cp.tree_size > self.to).then(|| proof(self.to, cp.tree_size)).transpose()?;
+            checkpoints.push(BundleCheckpoint { checkpoint: cp.to_json(), consistency_proof, tail_proof });
         }
         let start = start.unwrap_or_else(|| tree.compact_range());
         let start = StartFile {
@@ -460,7 +530,7 @@ impl Plan {
         let mut written = 0u64;
         let mut after = to_i64(self.from - 1);
         loop {
-            let rows = batch(tx, &self.chain, self.from, after, self.to).await?;
+            let rows = batch(tx, &self.chain, (self.from, self.to), after, self.to).await?;
             lines.clear();
             for row in &rows {
                 let h = to_hash(row.try_get::<&[u8], _>("hash")?);

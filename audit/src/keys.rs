@@ -16,12 +16,16 @@
 //! id k2
 //! ed25519 <hex of the 32-byte public key>
 //! ```
+//!
+//! A key's fingerprint ([`PublicKey::fingerprint`]) is what an operator reads to a reviewer out
+//! of band: `SHA256:` and the unpadded base64 of SHA-256 of the 32 key bytes, as ssh prints them.
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use base64::Engine as _;
 use ring::rand::SystemRandom;
 use ring::signature::{self, Ed25519KeyPair, KeyPair};
 
@@ -66,6 +70,13 @@ impl PublicKey {
     /// Whether `sig` is this key's signature over `msg`.
     pub fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
         signature::UnparsedPublicKey::new(&signature::ED25519, &self.key).verify(msg, sig).is_ok()
+    }
+
+    /// `SHA256:` and the unpadded base64 of SHA-256 of the 32 key bytes (as ssh prints a
+    /// fingerprint); the id is not part of it.
+    pub fn fingerprint(&self) -> String {
+        let digest = hash::sha256(&self.key);
+        format!("SHA256:{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest))
     }
 
     /// The public key file text.
@@ -224,6 +235,20 @@ mod tests {
         assert!(key.public().verify(b"msg", &sig));
         assert!(!key.public().verify(b"msh", &sig));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fingerprint_is_sha256_of_the_key_bytes_in_unpadded_base64() {
+        // The RFC 8032 test 1 public key: its SHA-256 is
+        // 21fe31dfa154a261626bf854046fd2271b7bed4b6abe45aa58877ef47f9721b9.
+        let key = PublicKey {
+            id: "k1".into(),
+            key: hash::hash_from_hex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+                .unwrap(),
+        };
+        assert_eq!(key.fingerprint(), "SHA256:If4x36FUomFia/hUBG/SJxt77UtqvkWqWId+9H+XIbk");
+        let other = PublicKey { id: "k2".into(), ..key.clone() };
+        assert_eq!(other.fingerprint(), key.fingerprint(), "the id is not part of the fingerprint");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Inclusion proofs for single events, checkable on their own.
 //!
 //! A proof file is JSON: the event's export line, its leaf index, the RFC 6962 audit path, the
-//! signed checkpoint it leads to, and that checkpoint's public key.
+//! signed checkpoint it leads to, and that checkpoint's public key. As with bundles, the key that
+//! comes with the proof proves nothing about who made it: [`verify_proof`] against pinned keys
+//! says `OK`, against the proof's own key only `UNTRUSTED`.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +13,7 @@ use crate::event::{split_line, EventHead};
 use crate::hash::{self, Hash};
 use crate::keys::PublicKey;
 use crate::merkle::{leaf_hash, verify_inclusion, MerkleTree};
-use crate::verify::{self, Failure, Options};
+use crate::verify::{self, Failure, Options, Trust};
 
 /// Proof format name.
 pub const FORMAT: &str = "cella-audit-proof/1";
@@ -46,6 +48,8 @@ pub enum ProveError {
     NoSuchEvent { seq: u64, first: u64, last: u64 },
     #[error("the bundle has no checkpoint {0}")]
     NoSuchCheckpoint(u64),
+    #[error("event {seq} is covered only by checkpoint {checkpoint}, which lies beyond the bundle's last event {last} (the bundle holds its tail proof, not the events an audit path needs); prove against a bundle that ends at a checkpoint (export it without --to)")]
+    OnlyTailCovered { seq: u64, checkpoint: u64, last: u64 },
 }
 
 /// What a verified proof established.
@@ -61,9 +65,10 @@ pub struct ProofReport {
 
 impl std::fmt::Display for ProofReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (verdict, whose) = if self.pinned { ("OK", "") } else { ("UNTRUSTED", " from the proof itself") };
         write!(
             f,
-            "OK: event {} of {} is included in checkpoint {} (tree size {}), key(s) {}",
+            "{verdict}: event {} of {} is included in checkpoint {} (tree size {}), key(s) {}{whose}",
             self.seq, self.chain, self.checkpoint, self.tree_size, self.key_id
         )
     }
@@ -90,22 +95,28 @@ pub fn prove(
         .map_err(|e| Failure::Bundle(e.to_string()))?;
     let keys: KeysFile =
         serde_json::from_slice(&bundle.files[bundle::KEYS]).map_err(|e| Failure::Bundle(e.to_string()))?;
+    let last = report.last_seq;
     let cp = match checkpoint {
         Some(index) => cps
             .checkpoints
             .iter()
             .find(|c| c.checkpoint.index == index)
             .ok_or(ProveError::NoSuchCheckpoint(index))?,
-        None => cps.checkpoints.iter().rev().find(|c| c.checkpoint.tree_size >= seq).ok_or(
-            ProveError::NotCovered {
-                seq,
-                covered: cps.checkpoints.last().map_or(0, |c| c.checkpoint.tree_size),
-            },
-        )?,
+        // The newest checkpoint covering the event, among those whose events the bundle holds.
+        None => cps
+            .checkpoints
+            .iter()
+            .rev()
+            .find(|c| c.checkpoint.tree_size >= seq && c.checkpoint.tree_size <= last)
+            .or_else(|| cps.checkpoints.last())
+            .ok_or(ProveError::NotCovered { seq, covered: 0 })?,
     };
     let cp = cp.checkpoint.clone();
     if cp.tree_size < seq {
         return Err(ProveError::NotCovered { seq, covered: cp.tree_size });
+    }
+    if cp.tree_size > last {
+        return Err(ProveError::OnlyTailCovered { seq, checkpoint: cp.index, last });
     }
     let lines: Vec<&[u8]> =
         bundle.files[bundle::EVENTS].split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
@@ -117,10 +128,11 @@ pub fn prove(
         .collect();
     let tree = MerkleTree::new(leaves);
     let path = tree.inclusion_proof(seq - 1, cp.tree_size);
-    let key = if options.trusted.is_empty() {
-        keys.keys.iter().find(|k| k.id == cp.key_id).cloned()
-    } else {
-        options.trusted.iter().find(|k| k.id == cp.key_id).map(|k| KeyJson::new(k, None, None))
+    let key = match &options.trust {
+        Trust::BundleKeys => keys.keys.iter().find(|k| k.id == cp.key_id).cloned(),
+        Trust::Pinned(pinned) => {
+            pinned.iter().find(|k| k.id == cp.key_id).map(|k| KeyJson::new(k, None, None))
+        }
     };
     let key = key.ok_or_else(|| Failure::UnknownKey { index: cp.index, key_id: cp.key_id.clone() })?;
     Ok(InclusionProof {
@@ -133,8 +145,10 @@ pub fn prove(
     })
 }
 
-/// Verifies a proof on its own. With `trusted` keys, the checkpoint's key must be one of them.
-pub fn verify_proof(proof: &InclusionProof, trusted: &[PublicKey]) -> Result<ProofReport, Failure> {
+/// Verifies a proof on its own. With pinned keys, the checkpoint's key must be one of them, and
+/// the key the proof carries must not be another key under a pinned id; with
+/// [`Trust::BundleKeys`] the proof's own key is used (and the report says `UNTRUSTED`).
+pub fn verify_proof(proof: &InclusionProof, trust: &Trust) -> Result<ProofReport, Failure> {
     if proof.format != FORMAT {
         return Err(Failure::Bundle(format!("unknown proof format `{}`", proof.format)));
     }
@@ -150,19 +164,23 @@ pub fn verify_proof(proof: &InclusionProof, trusted: &[PublicKey]) -> Result<Pro
         .checkpoint
         .decode()
         .ok_or_else(|| Failure::Bundle("the proof's checkpoint is not valid hex".to_owned()))?;
-    let pinned = !trusted.is_empty();
-    let key = if pinned {
-        trusted
-            .iter()
-            .find(|k| k.id == cp.key_id)
-            .cloned()
-            .ok_or_else(|| Failure::UntrustedKey { index: cp.index, key_id: cp.key_id.clone() })?
-    } else {
-        proof
+    let key = match trust {
+        Trust::Pinned(pinned) => {
+            let carried: Option<PublicKey> = proof.key.decode();
+            if pinned.iter().any(|p| p.id == proof.key.id && carried.as_ref() != Some(p)) {
+                return Err(Failure::KeyMismatch { file: "proof", key_id: proof.key.id.clone() });
+            }
+            pinned
+                .iter()
+                .find(|k| k.id == cp.key_id)
+                .cloned()
+                .ok_or_else(|| Failure::UntrustedKey { index: cp.index, key_id: cp.key_id.clone() })?
+        }
+        Trust::BundleKeys => proof
             .key
             .decode()
             .filter(|k| k.id == cp.key_id)
-            .ok_or_else(|| Failure::UnknownKey { index: cp.index, key_id: cp.key_id.clone() })?
+            .ok_or_else(|| Failure::UnknownKey { index: cp.index, key_id: cp.key_id.clone() })?,
     };
     if !key.verify(cp.signed_body().as_bytes(), &cp.signature) {
         return Err(Failure::BadSignature { index: cp.index, key_id: cp.key_id.clone() });
@@ -179,10 +197,7 @@ pub fn verify_proof(proof: &InclusionProof, trusted: &[PublicKey]) -> Result<Pro
     if proof.leaf_index + 1 != head.seq
         || !verify_inclusion(proof.leaf_index, cp.tree_size, &leaf_hash(&hash), &path, &cp.root)
     {
-        return Err(Failure::Bundle(format!(
-            "event {} is not included in checkpoint {} (the audit path does not lead to its root)",
-            head.seq, cp.index
-        )));
+        return Err(Failure::NotIncluded { seq: head.seq, index: cp.index });
     }
     Ok(ProofReport {
         chain: cp.chain.clone(),
@@ -190,6 +205,6 @@ pub fn verify_proof(proof: &InclusionProof, trusted: &[PublicKey]) -> Result<Pro
         checkpoint: cp.index,
         tree_size: cp.tree_size,
         key_id: cp.key_id.clone(),
-        pinned,
+        pinned: matches!(trust, Trust::Pinned(_)),
     })
 }

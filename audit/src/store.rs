@@ -178,6 +178,18 @@ pub async fn chains(conn: &mut PgConnection) -> Result<Vec<Chain>, StoreError> {
     rows.iter().map(|r| Ok(Chain::parse(r.try_get::<&str, _>("chain")?)?)).collect()
 }
 
+/// The tree size of `chain`'s newest checkpoint: events `1..=` it are covered by a signature
+/// (0 without any checkpoint).
+pub async fn covered(conn: &mut PgConnection, chain: &Chain) -> Result<u64, StoreError> {
+    let size: i64 = sqlx::query_scalar(
+        "SELECT coalesce(max(tree_size), 0)::int8 FROM audit_checkpoints WHERE chain = $1",
+    )
+    .bind(chain.key())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(to_u64(size))
+}
+
 /// The last checkpoint of a chain as stored, with what is needed to extend it.
 struct LastCheckpoint {
     index: u64,

@@ -1,14 +1,22 @@
-//! The offline verifier: everything a reviewer needs is in the bundle (plus, ideally, the
-//! public keys they already trust).
+//! The offline verifier: everything a reviewer needs is in the bundle, plus the public keys they
+//! trust, which must come from elsewhere ([`Trust::Pinned`]): a bundle's own `keys.json` is
+//! whatever its maker put there, so checking against it ([`Trust::BundleKeys`]) shows only that
+//! the bundle is self-consistent, and the [`Report`] says `UNTRUSTED`, never `OK`.
 //!
 //! Checks, in this order, stopping at the first failure:
-//! 1. every checkpoint's key is known (and trusted, when keys are pinned), its signature is
-//!    valid, and checkpoints are in order;
+//! 1. with pinned keys, no key in `keys.json` has a pinned key's id but other bytes; every
+//!    checkpoint's key is trusted (pinned, or in the bundle with [`Trust::BundleKeys`]), its
+//!    signature is valid; checkpoints are in order with consecutive indices (an export holds
+//!    every checkpoint of its range, so a gap is a checkpoint removed), and only the last one may
+//!    carry a tail proof;
 //! 2. events, in file order: well-formed, `SHA-256(E)` equals the stated hash, seqs consecutive,
 //!    each `prev_hash` is the previous event's hash, and at each checkpoint's size the Merkle
 //!    root computed from the events equals the signed one. A checkpoint that does not match
 //!    while a later one does is reported as not extended by that later one (a forked history);
-//! 3. no checkpoint covers more events than the bundle holds (truncation);
+//! 3. every event is covered by a signed checkpoint: the last checkpoint ends at the last event,
+//!    or lies beyond it with a tail proof from the root over events `1..=last` to its signed
+//!    root. A checkpoint beyond the last event without one means events were cut off
+//!    (truncation);
 //! 4. the consistency proofs between consecutive checkpoints hold;
 //! 5. the manifest matches (chain, range, counts, each file's size and SHA-256).
 //!
@@ -58,12 +66,18 @@ pub enum Failure {
     UnknownKey { index: u64, key_id: String },
     #[error("checkpoint {index}: key {key_id} is not trusted")]
     UntrustedKey { index: u64, key_id: String },
+    #[error("{file}: key {key_id} is not the trusted key {key_id}")]
+    KeyMismatch { file: &'static str, key_id: String },
     #[error("checkpoint {index} signature invalid for key {key_id}")]
     BadSignature { index: u64, key_id: String },
     #[error("checkpoint {index} is for {found}, not {expected}")]
     CheckpointChain { index: u64, found: String, expected: String },
     #[error("checkpoint {index} is out of order after checkpoint {after}")]
     CheckpointOrder { index: u64, after: u64 },
+    #[error("checkpoint {index} is missing between checkpoints {after} and {before}")]
+    MissingCheckpoint { index: u64, after: u64, before: u64 },
+    #[error("checkpoint {index} is missing before checkpoint {before}")]
+    MissingFirstCheckpoint { index: u64, before: u64 },
     #[error("checkpoint {index} is not extended by checkpoint {next}")]
     NotExtended { index: u64, next: u64 },
     #[error("checkpoint {index}: consistency proof from checkpoint {from} is invalid")]
@@ -74,8 +88,22 @@ pub enum Failure {
     BeforeRange { index: u64, size: u64 },
     #[error("truncated after {last}: checkpoint {index} covers events up to {size}")]
     Truncated { last: u64, index: u64, size: u64 },
+    #[error("event {seq} is not included in checkpoint {index} (the audit path does not lead to its root)")]
+    NotIncluded { seq: u64, index: u64 },
+    #[error("checkpoint {index}: tail proof from events 1..{last} is invalid")]
+    BadTailProof { index: u64, last: u64 },
+    #[error("event {seq}: not covered by a signed checkpoint ({})", coverage(.covered))]
+    NotCovered { seq: u64, covered: u64 },
     #[error("manifest: {0}")]
     Manifest(String),
+}
+
+/// What the checkpoints of a bundle cover, for [`Failure::NotCovered`].
+fn coverage(covered: &u64) -> String {
+    match covered {
+        0 => "the bundle holds no checkpoint".to_owned(),
+        n => format!("checkpoints cover 1..{n}"),
+    }
 }
 
 /// Why verifying a bundle file stopped: it could not be read as a bundle, or it failed a check.
@@ -87,7 +115,9 @@ pub enum VerifyError {
     Failed(#[from] Failure),
 }
 
-/// What a successful verification established.
+/// What a verification that found nothing wrong established. Against pinned keys, that trusted
+/// keys signed checkpoints covering every event (`OK`); against the bundle's own keys, only that
+/// the bundle is consistent with itself (`UNTRUSTED`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     /// The chain.
@@ -101,31 +131,59 @@ pub struct Report {
     pub checkpoints: u64,
     /// Ids of the keys that signed them, in order of first use.
     pub keys: Vec<String>,
-    /// Whether the keys were pinned with trusted keys (otherwise the bundle's own keys were used).
+    /// Whether the keys were pinned with trusted keys (otherwise the bundle's own keys were used,
+    /// and the report says `UNTRUSTED`).
     pub pinned: bool,
-    /// Events after the last checkpoint: chained, but not yet covered by a signature.
-    pub unsigned_tail: u64,
 }
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let keys = if self.keys.is_empty() { "none".to_owned() } else { self.keys.join(", ") };
+        let (verdict, whose) =
+            if self.pinned { ("OK", "") } else { ("UNTRUSTED", " from the bundle itself") };
         write!(
             f,
-            "OK: {} events, seq {}..{}, {} checkpoints, key(s) {}",
-            self.events, self.first_seq, self.last_seq, self.checkpoints, keys
+            "{verdict}: {} events, seq {}..{}, {} checkpoints, key(s) {keys}{whose}",
+            self.events, self.first_seq, self.last_seq, self.checkpoints
         )
     }
 }
 
+/// Whose public keys checkpoint signatures are checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Keys the reviewer obtained apart from the bundle (several across key rotations). A key in
+    /// the bundle's `keys.json` with one of their ids must be the same key.
+    Pinned(Vec<PublicKey>),
+    /// The bundle's own `keys.json`. Every check runs, but whoever made the bundle could have
+    /// made those keys too: a pass proves nothing about who made it (the report says so).
+    BundleKeys,
+}
+
 /// How to verify.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Options {
-    /// Keys the reviewer trusts. Empty: trust the bundle's own `keys.json` (tamper-evident
-    /// against anyone without a signing key, but not against whoever produced the bundle).
-    pub trusted: Vec<PublicKey>,
+    /// Whose keys to check signatures against.
+    pub trust: Trust,
     /// Threads for hashing events (0: one per core).
     pub threads: usize,
+}
+
+impl Options {
+    /// Against `keys`, one hashing thread per core.
+    pub fn pinned(keys: Vec<PublicKey>) -> Self {
+        Self { trust: Trust::Pinned(keys), threads: 0 }
+    }
+
+    /// Against the bundle's own keys (proves nothing about who made it), one thread per core.
+    pub fn bundle_keys() -> Self {
+        Self { trust: Trust::BundleKeys, threads: 0 }
+    }
+
+    /// The same, with `threads` hashing threads.
+    pub fn with_threads(self, threads: usize) -> Self {
+        Self { threads, ..self }
+    }
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(
@@ -231,7 +289,17 @@ fn slow_path_failure(line: &[u8], line_no: u64) -> Failure {
     Failure::Malformed { line: line_no, problem }
 }
 
-type CheckpointIter<'c> = std::iter::Peekable<std::slice::Iter<'c, (Checkpoint, Vec<Hash>)>>;
+/// A checkpoint whose signature checked out, with the proofs the bundle gave for it.
+#[derive(Debug)]
+struct SignedCheckpoint {
+    cp: Checkpoint,
+    /// Consistency proof from the checkpoint before it in the file.
+    consistency: Vec<Hash>,
+    /// Consistency proof from the tree of the bundle's events to this checkpoint's tree.
+    tail: Option<Vec<Hash>>,
+}
+
+type CheckpointIter<'c> = std::iter::Peekable<std::slice::Iter<'c, SignedCheckpoint>>;
 
 /// Compares the checkpoints of size `size` with the root computed from the events.
 fn check_roots<'c>(
@@ -240,7 +308,7 @@ fn check_roots<'c>(
     next_cp: &mut CheckpointIter<'c>,
     mismatch: &mut Option<&'c Checkpoint>,
 ) -> Result<(), Failure> {
-    while let Some((cp, _)) = next_cp.peek() {
+    while let Some(SignedCheckpoint { cp, .. }) = next_cp.peek() {
         if cp.tree_size != size {
             break;
         }
@@ -288,11 +356,11 @@ struct Sequence<'c> {
 }
 
 /// What the events established.
-struct Tally<'c> {
+struct Tally {
     count: u64,
     last_seq: u64,
-    /// The first checkpoint beyond the last event.
-    uncovered: Option<&'c Checkpoint>,
+    /// The Merkle root over events `1..=last_seq`.
+    root: Hash,
 }
 
 impl<'c> Sequence<'c> {
@@ -301,7 +369,7 @@ impl<'c> Sequence<'c> {
         seq_before: u64,
         hash_before: Hash,
         range: CompactRange,
-        checkpoints: &'c [(Checkpoint, Vec<Hash>)],
+        checkpoints: &'c [SignedCheckpoint],
     ) -> Result<Self, Failure> {
         let mut next_cp = checkpoints.iter().peekable();
         let mut mismatch = None;
@@ -372,7 +440,7 @@ impl<'c> Sequence<'c> {
         self.count += 1;
         self.last_seq = p.seq;
         self.last_hash = p.hash;
-        if self.next_cp.peek().is_some_and(|(cp, _)| cp.tree_size == self.last_seq) {
+        if self.next_cp.peek().is_some_and(|c| c.cp.tree_size == self.last_seq) {
             check_roots(self.last_seq, self.range.root(), &mut self.next_cp, &mut self.mismatch)?;
         }
         Ok(ControlFlow::Continue(()))
@@ -384,7 +452,7 @@ impl<'c> Sequence<'c> {
     }
 
     /// The outcome once no more blocks come: the first failure by precedence, or the tally.
-    fn finish(mut self) -> Result<Tally<'c>, Failure> {
+    fn finish(self) -> Result<Tally, Failure> {
         if let Some(fatal) = self.fatal {
             return Err(fatal);
         }
@@ -402,51 +470,67 @@ impl<'c> Sequence<'c> {
         if self.count == 0 {
             return Err(Failure::Bundle("events.jsonl holds no events".to_owned()));
         }
-        let uncovered = self.next_cp.next().map(|(cp, _)| cp);
-        Ok(Tally { count: self.count, last_seq: self.last_seq, uncovered })
+        Ok(Tally { count: self.count, last_seq: self.last_seq, root: self.range.root() })
     }
 }
 
 /// Checkpoints whose keys and signatures check out, in file order.
 struct Signed {
-    checkpoints: Vec<(Checkpoint, Vec<Hash>)>,
+    checkpoints: Vec<SignedCheckpoint>,
     /// Ids of the keys that signed them, in order of first use.
     used_keys: Vec<String>,
 }
 
-/// Step 1: every checkpoint's key is known (or trusted), its signature valid, its chain `chain`.
-fn check_signatures(
-    keys_file: &KeysFile,
-    cps_file: &CheckpointsFile,
-    chain: &str,
-    trusted: &[PublicKey],
-) -> Result<Signed, Failure> {
-    let mut bundle_keys: HashMap<&str, PublicKey> = HashMap::new();
+fn hex_proof(proof: &[String], index: u64, what: &str) -> Result<Vec<Hash>, Failure> {
+    let proof: Option<Vec<Hash>> = proof.iter().map(hash::hash_from_hex).collect();
+    proof.ok_or_else(|| Failure::Bundle(format!("checkpoint {index}: {what} is not hex")))
+}
+
+/// The keys signatures are checked against: the pinned ones (after checking that `keys.json`
+/// does not hold another key under one of their ids), or the bundle's own.
+fn signature_keys(keys_file: &KeysFile, trust: &Trust) -> Result<HashMap<String, PublicKey>, Failure> {
+    let mut bundle_keys: HashMap<String, PublicKey> = HashMap::new();
     for k in &keys_file.keys {
         let key = k
             .decode()
             .ok_or_else(|| Failure::Bundle(format!("keys.json: key {} is not an Ed25519 key", k.id)))?;
-        bundle_keys.insert(k.id.as_str(), key);
+        if bundle_keys.insert(k.id.clone(), key).is_some() {
+            return Err(Failure::Bundle(format!("keys.json: key {} is listed twice", k.id)));
+        }
     }
-    let mut checkpoints: Vec<(Checkpoint, Vec<Hash>)> = Vec::with_capacity(cps_file.checkpoints.len());
+    match trust {
+        Trust::BundleKeys => Ok(bundle_keys),
+        Trust::Pinned(pinned) => {
+            for k in &keys_file.keys {
+                let differs = |p: &&PublicKey| p.id == k.id && bundle_keys.get(&k.id) != Some(*p);
+                if pinned.iter().any(|p| differs(&p)) {
+                    return Err(Failure::KeyMismatch { file: bundle::KEYS, key_id: k.id.clone() });
+                }
+            }
+            Ok(pinned.iter().map(|k| (k.id.clone(), k.clone())).collect())
+        }
+    }
+}
+
+/// Step 1: every checkpoint's key is trusted, its signature valid, its chain `chain`.
+fn check_signatures(
+    keys_file: &KeysFile,
+    cps_file: &CheckpointsFile,
+    chain: &str,
+    trust: &Trust,
+) -> Result<Signed, Failure> {
+    let keys = signature_keys(keys_file, trust)?;
+    let mut checkpoints: Vec<SignedCheckpoint> = Vec::with_capacity(cps_file.checkpoints.len());
     let mut used_keys: Vec<String> = Vec::new();
     for entry in &cps_file.checkpoints {
         let j = &entry.checkpoint;
         let cp = j.decode().ok_or_else(|| {
             Failure::Bundle(format!("checkpoint {}: root or signature is not hex", j.index))
         })?;
-        let key = if trusted.is_empty() {
-            bundle_keys
-                .get(cp.key_id.as_str())
-                .cloned()
-                .ok_or_else(|| Failure::UnknownKey { index: cp.index, key_id: cp.key_id.clone() })?
-        } else {
-            trusted
-                .iter()
-                .find(|k| k.id == cp.key_id)
-                .cloned()
-                .ok_or_else(|| Failure::UntrustedKey { index: cp.index, key_id: cp.key_id.clone() })?
-        };
+        let key = keys.get(&cp.key_id).ok_or_else(|| match trust {
+            Trust::BundleKeys => Failure::UnknownKey { index: cp.index, key_id: cp.key_id.clone() },
+            Trust::Pinned(_) => Failure::UntrustedKey { index: cp.index, key_id: cp.key_id.clone() },
+        })?;
         if !key.verify(cp.signed_body().as_bytes(), &cp.signature) {
             return Err(Failure::BadSignature { index: cp.index, key_id: cp.key_id.clone() });
         }
@@ -460,11 +544,9 @@ fn check_signatures(
         if !used_keys.contains(&cp.key_id) {
             used_keys.push(cp.key_id.clone());
         }
-        let proof: Option<Vec<Hash>> = entry.consistency_proof.iter().map(hash::hash_from_hex).collect();
-        let proof = proof.ok_or_else(|| {
-            Failure::Bundle(format!("checkpoint {}: consistency proof is not hex", cp.index))
-        })?;
-        checkpoints.push((cp, proof));
+        let consistency = hex_proof(&entry.consistency_proof, cp.index, "consistency proof")?;
+        let tail = entry.tail_proof.as_deref().map(|p| hex_proof(p, cp.index, "tail proof")).transpose()?;
+        checkpoints.push(SignedCheckpoint { cp, consistency, tail });
     }
     Ok(Signed { checkpoints, used_keys })
 }
@@ -482,29 +564,63 @@ fn start_state(start: &StartFile) -> Result<(Hash, CompactRange), Failure> {
     Ok((hash_before, range))
 }
 
-/// Checkpoints grow in index and size, and none ends before the bundle's first event.
-fn check_checkpoint_order(checkpoints: &[(Checkpoint, Vec<Hash>)], seq_before: u64) -> Result<(), Failure> {
+/// Checkpoints grow in size with consecutive indices (an export holds every checkpoint of its
+/// range), the first being checkpoint 1 in a bundle from seq 1; none ends before the bundle's
+/// first event; only the last may carry a tail proof (and only in format 2).
+fn check_checkpoint_order(
+    checkpoints: &[SignedCheckpoint],
+    seq_before: u64,
+    tail_proofs: bool,
+) -> Result<(), Failure> {
     for pair in checkpoints.windows(2) {
-        let ((old, _), (new, _)) = (&pair[0], &pair[1]);
+        let (old, new) = (&pair[0].cp, &pair[1].cp);
         if new.index <= old.index || new.tree_size <= old.tree_size {
             return Err(Failure::CheckpointOrder { index: new.index, after: old.index });
         }
+        if new.index != old.index + 1 {
+            return Err(Failure::MissingCheckpoint {
+                index: old.index + 1,
+                after: old.index,
+                before: new.index,
+            });
+        }
     }
-    if let Some((cp, _)) = checkpoints.iter().find(|(cp, _)| cp.tree_size < seq_before) {
-        return Err(Failure::BeforeRange { index: cp.index, size: cp.tree_size });
+    if let Some(first) = checkpoints.first().map(|c| &c.cp) {
+        // Every checkpoint's size is at least 1, so a bundle from seq 1 holds all of them.
+        if seq_before == 0 && first.index != 1 {
+            return Err(Failure::MissingFirstCheckpoint { index: 1, before: first.index });
+        }
+    }
+    if let Some(c) = checkpoints.iter().find(|c| c.cp.tree_size < seq_before) {
+        return Err(Failure::BeforeRange { index: c.cp.index, size: c.cp.tree_size });
+    }
+    let with_tail = checkpoints.iter().position(|c| c.tail.is_some());
+    if let Some(at) = with_tail {
+        let index = checkpoints[at].cp.index;
+        if !tail_proofs {
+            return Err(Failure::Bundle(format!(
+                "checkpoint {index} carries a tail proof, which format {} bundles do not have",
+                bundle::FORMAT_V1
+            )));
+        }
+        if at + 1 != checkpoints.len() {
+            return Err(Failure::Bundle(format!(
+                "checkpoint {index} carries a tail proof but is not the last checkpoint"
+            )));
+        }
     }
     Ok(())
 }
 
 /// Step 2: the events, streamed through the workers into `sequence`; returns the tally and the
 /// size and SHA-256 of `events.jsonl`.
-fn verify_events<'c>(
+fn verify_events(
     members: &mut dyn Members,
     workers: usize,
     chain: &str,
     tenant: Option<&str>,
-    mut sequence: Sequence<'c>,
-) -> Result<(Tally<'c>, Option<StreamDigest>), VerifyError> {
+    mut sequence: Sequence<'_>,
+) -> Result<(Tally, Option<StreamDigest>), VerifyError> {
     let mut blocks = members.events(workers)?.ok_or_else(|| Failure::Bundle("no events.jsonl".to_owned()))?;
     let parse = |block: &[u8]| parse_block(block, chain, tenant);
     let digest = pipeline::run(&mut *blocks, workers, &parse, &mut |block| sequence.take_block(block))
@@ -512,10 +628,47 @@ fn verify_events<'c>(
     Ok((sequence.finish()?, digest))
 }
 
+/// Step 3: every event is covered by a signed checkpoint. Either the last checkpoint ends at the
+/// last event, or it lies beyond it with a tail proof from `root` (over events `1..=last_seq`)
+/// to its signed root; a checkpoint beyond the last event without one, or a second one beyond
+/// it, means events were cut off.
+fn check_coverage(
+    checkpoints: &[SignedCheckpoint],
+    seq_before: u64,
+    last_seq: u64,
+    root: &Hash,
+) -> Result<(), Failure> {
+    let mut beyond = checkpoints.iter().filter(|c| c.cp.tree_size > last_seq);
+    let Some(first) = beyond.next() else {
+        let covered = checkpoints.last().map_or(0, |c| c.cp.tree_size);
+        if covered < last_seq {
+            return Err(Failure::NotCovered { seq: covered.max(seq_before) + 1, covered });
+        }
+        if let Some(c) = checkpoints.last().filter(|c| c.tail.is_some()) {
+            return Err(Failure::Bundle(format!(
+                "checkpoint {} carries a tail proof but ends at the bundle's last event {last_seq}",
+                c.cp.index
+            )));
+        }
+        return Ok(());
+    };
+    let truncated =
+        |c: &SignedCheckpoint| Failure::Truncated { last: last_seq, index: c.cp.index, size: c.cp.tree_size };
+    let Some(proof) = &first.tail else { return Err(truncated(first)) };
+    if let Some(second) = beyond.next() {
+        return Err(truncated(second));
+    }
+    if !verify_consistency(last_seq, first.cp.tree_size, root, &first.cp.root, proof) {
+        return Err(Failure::BadTailProof { index: first.cp.index, last: last_seq });
+    }
+    Ok(())
+}
+
 /// Step 4: the consistency proofs between consecutive checkpoints hold.
-fn check_consistency(checkpoints: &[(Checkpoint, Vec<Hash>)]) -> Result<(), Failure> {
+fn check_consistency(checkpoints: &[SignedCheckpoint]) -> Result<(), Failure> {
     for pair in checkpoints.windows(2) {
-        let ((old, _), (new, proof)) = (&pair[0], &pair[1]);
+        let (old, new) = (&pair[0].cp, &pair[1].cp);
+        let proof = &pair[1].consistency;
         if !verify_consistency(old.tree_size, new.tree_size, &old.root, &new.root, proof) {
             return Err(Failure::BadConsistencyProof { index: new.index, from: old.index });
         }
@@ -572,11 +725,12 @@ pub fn verify_tar<R: Read + Seek + Send>(mut reader: R, options: &Options) -> Re
 /// The verifier. `Err` is the first failure (or what stopped reading the bundle).
 fn verify_members(members: &mut dyn Members, options: &Options) -> Result<Report, VerifyError> {
     let manifest: Manifest = parse_json(members, bundle::MANIFEST)?;
-    if manifest.format != bundle::FORMAT {
+    if manifest.format != bundle::FORMAT && manifest.format != bundle::FORMAT_V1 {
         return Err(Failure::Bundle(format!(
-            "unknown format `{}` (this verifier reads {})",
+            "unknown format `{}` (this verifier reads {} and {})",
             manifest.format,
-            bundle::FORMAT
+            bundle::FORMAT,
+            bundle::FORMAT_V1
         ))
         .into());
     }
@@ -590,11 +744,11 @@ fn verify_members(members: &mut dyn Members, options: &Options) -> Result<Report
     }
 
     // 1. Keys, signatures and the order of checkpoints.
-    let Signed { checkpoints, used_keys } = check_signatures(&keys_file, &cps_file, chain, &options.trusted)?;
+    let Signed { checkpoints, used_keys } = check_signatures(&keys_file, &cps_file, chain, &options.trust)?;
+    check_checkpoint_order(&checkpoints, start.seq_before, manifest.format == bundle::FORMAT)?;
 
     // 2. Events.
     let (hash_before, range) = start_state(&start)?;
-    check_checkpoint_order(&checkpoints, start.seq_before)?;
     let workers = if options.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -602,12 +756,10 @@ fn verify_members(members: &mut dyn Members, options: &Options) -> Result<Report
     };
     let sequence = Sequence::new(start.seq_before, hash_before, range, &checkpoints)?;
     let (tally, events_digest) = verify_events(members, workers, chain, tenant_of_chain, sequence)?;
-    let Tally { count, last_seq, uncovered } = tally;
+    let Tally { count, last_seq, root } = tally;
 
-    // 3. Truncation.
-    if let Some(cp) = uncovered {
-        return Err(Failure::Truncated { last: last_seq, index: cp.index, size: cp.tree_size }.into());
-    }
+    // 3. Every event covered by a signed checkpoint, and none cut off.
+    check_coverage(&checkpoints, start.seq_before, last_seq, &root)?;
 
     // 4. The consistency proofs the bundle carries must hold too (they let a reviewer relate these
     // checkpoints to ones saved from earlier exports).
@@ -640,8 +792,7 @@ fn verify_members(members: &mut dyn Members, options: &Options) -> Result<Report
         last_seq,
         checkpoints: checkpoints.len() as u64,
         keys: used_keys,
-        pinned: !options.trusted.is_empty(),
-        unsigned_tail: last_seq - checkpoints.last().map_or(start.seq_before, |(cp, _)| cp.tree_size),
+        pinned: matches!(options.trust, Trust::Pinned(_)),
     })
 }
 
@@ -653,29 +804,42 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
+    use crate::bundle::OfflineChain;
     use crate::keys::SigningKey;
     use crate::{Actor, NewEvent, Resource, TenantId};
+
+    fn t0() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
+    }
+
+    /// Event `seq` of tenant `acme` (its details carry `note`).
+    fn event(seq: u64, note: &str) -> NewEvent {
+        let details = json!({"n": seq, "note": note, "pad": "x".repeat((seq % 17) as usize)});
+        NewEvent::tenant(
+            TenantId::new("acme").unwrap(),
+            Actor::ApiKey("key_1".into()),
+            "job.created",
+            Resource::new("job", format!("job-{seq}")),
+            details,
+        )
+    }
+
+    /// `n` events of tenant `acme` signed by `key`, with a checkpoint every `every` events.
+    fn chain_of(key: &SigningKey, n: u64, every: u64, note: &str) -> OfflineChain {
+        let events = (1..=n).map(|seq| (event(seq, note), t0()));
+        OfflineChain::build(&TenantId::new("acme").unwrap(), key, events, |seq| seq % every == 0)
+    }
+
+    fn read_back(contents: &bundle::BundleContents) -> Bundle {
+        let mut tar = Vec::new();
+        bundle::write_bundle(contents, &mut tar).unwrap();
+        Bundle::read(&tar[..]).unwrap()
+    }
 
     /// A valid bundle of `n` events of tenant `acme`, with a checkpoint every `every` events.
     fn bundle(n: u64, every: u64) -> Bundle {
         let key = SigningKey::generate("k1").unwrap();
-        let tenant = TenantId::new("acme").unwrap();
-        let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let events = (1..=n).map(|seq| {
-            let details = json!({"n": seq, "note": "x".repeat((seq % 17) as usize)});
-            let event = NewEvent::tenant(
-                tenant.clone(),
-                Actor::ApiKey("key_1".into()),
-                "job.created",
-                Resource::new("job", format!("job-{seq}")),
-                details,
-            );
-            (event, t0)
-        });
-        let contents = bundle::offline_chain(&tenant, &key, events, |seq| seq % every == 0, true, t0);
-        let mut tar = Vec::new();
-        bundle::write_bundle(&contents, &mut tar).unwrap();
-        Bundle::read(&tar[..]).unwrap()
+        read_back(&chain_of(&key, n, every, "hello").bundle(1, n, true, t0()))
     }
 
     fn tar_of(b: &Bundle) -> Vec<u8> {
@@ -694,11 +858,14 @@ mod tests {
     /// Verifies `b` in memory and streamed from its tar file, `events.jsonl` in blocks of
     /// `block_size` bytes, and checks that both say the same.
     fn verify_both(b: &Bundle, block_size: usize) -> Result<Report, Failure> {
-        let options = Options { trusted: vec![], threads: 2 };
-        let in_memory = failed(verify_members(&mut InMemory::new(b, block_size), &options));
+        verify_both_with(b, block_size, &Options::bundle_keys().with_threads(2))
+    }
+
+    fn verify_both_with(b: &Bundle, block_size: usize, options: &Options) -> Result<Report, Failure> {
+        let in_memory = failed(verify_members(&mut InMemory::new(b, block_size), options));
         let mut reader = Cursor::new(tar_of(b));
         let index = TarIndex::read(&mut reader).unwrap();
-        let streamed = failed(verify_members(&mut TarMembers::new(reader, index, block_size), &options));
+        let streamed = failed(verify_members(&mut TarMembers::new(reader, index, block_size), options));
         assert_eq!(streamed, in_memory, "block size {block_size}");
         in_memory
     }
@@ -726,18 +893,18 @@ mod tests {
         let b = bundle(50, 10);
         let tar = tar_of(&b);
         for threads in [0, 1, 2, 3] {
-            let options = Options { trusted: vec![], threads };
+            let options = Options::bundle_keys().with_threads(threads);
             let in_memory = verify_bundle(&b, &options).unwrap();
             let streamed = verify_tar(Cursor::new(&tar), &options).unwrap();
             assert_eq!(streamed, in_memory);
-            assert_eq!((streamed.events, streamed.checkpoints, streamed.unsigned_tail), (50, 5, 0));
+            assert_eq!((streamed.events, streamed.checkpoints), (50, 5));
         }
     }
 
     #[test]
     fn block_boundaries_mid_line_and_right_after_a_newline_change_nothing() {
         let b = bundle(50, 10);
-        let want = verify_bundle(&b, &Options::default()).unwrap();
+        let want = verify_bundle(&b, &Options::bundle_keys()).unwrap();
         for line in [1, 3, 10, 49] {
             for size in block_sizes(&b, line) {
                 assert_eq!(
@@ -793,9 +960,261 @@ mod tests {
         let tar = tar_of(&bundle(50, 10));
         let events = TarIndex::read(&mut Cursor::new(&tar)).unwrap().members[bundle::EVENTS];
         let cut = &tar[..(events.offset + events.len / 2) as usize];
-        match verify_tar(Cursor::new(cut), &Options::default()) {
+        match verify_tar(Cursor::new(cut), &Options::bundle_keys()) {
             Err(VerifyError::Read(BundleError::CutShort { name })) => assert_eq!(name, bundle::EVENTS),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// What verification prints first: the report or the failure.
+    fn message(result: Result<Report, Failure>) -> String {
+        match result {
+            Ok(report) => report.to_string(),
+            Err(failure) => failure.to_string(),
+        }
+    }
+
+    /// The verdict against the pinned key `key`, and against the bundle's own keys (each in
+    /// memory and streamed, which must agree).
+    fn verdicts(b: &Bundle, key: &PublicKey) -> (String, String) {
+        let pinned = Options::pinned(vec![key.clone()]).with_threads(2);
+        let own = Options::bundle_keys().with_threads(2);
+        (message(verify_both_with(b, BLOCK_SIZE, &pinned)), message(verify_both_with(b, BLOCK_SIZE, &own)))
+    }
+
+    fn checkpoints_of(b: &Bundle) -> CheckpointsFile {
+        serde_json::from_slice(&b.files[bundle::CHECKPOINTS]).unwrap()
+    }
+
+    fn set_json<T: serde::Serialize>(b: &mut Bundle, name: &str, value: &T) {
+        b.files.insert(name.to_owned(), bundle::json_bytes(value));
+        b.refresh_manifest();
+    }
+
+    /// Rewrites the manifest's range and counts to match the files, as a forger would.
+    fn rewrite_manifest(b: &mut Bundle) {
+        let mut manifest: Manifest = serde_json::from_slice(&b.files[bundle::MANIFEST]).unwrap();
+        let seqs: Vec<u64> = lines(b).iter().map(|l| body(l)["seq"].as_u64().unwrap()).collect();
+        manifest.range = bundle::SeqRange { from: seqs[0], to: seqs[seqs.len() - 1] };
+        manifest.counts.events = seqs.len() as u64;
+        manifest.counts.checkpoints = checkpoints_of(b).checkpoints.len() as u64;
+        set_json(b, bundle::MANIFEST, &manifest);
+        b.refresh_manifest();
+    }
+
+    fn body(line: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(split_line(line.strip_suffix(b"\n").unwrap_or(line)).unwrap().0).unwrap()
+    }
+
+    /// The export line of `body`, with its hash.
+    fn line_of(body: &serde_json::Value) -> (Vec<u8>, Hash) {
+        let bytes = crate::canonical::to_vec(body);
+        let h = hash::sha256(&bytes);
+        let mut line = Vec::new();
+        crate::event::export_line(&bytes, &h, &mut line);
+        line.push(b'\n');
+        (line, h)
+    }
+
+    /// Sets each line's `prev_hash` from line `from` (0-based) on to the hash of the line before,
+    /// recomputing the hashes: the chain is flawless again.
+    fn rechain(ls: &mut [Vec<u8>], from: usize) {
+        let mut prev = split_line(ls[from - 1].strip_suffix(b"\n").unwrap()).unwrap().1;
+        for line in ls.iter_mut().skip(from) {
+            let mut b = body(line);
+            b["prev_hash"] = hash::to_hex(&prev).into();
+            let (new_line, h) = line_of(&b);
+            *line = new_line;
+            prev = h;
+        }
+    }
+
+    #[test]
+    fn a_good_bundle_is_ok_against_the_pinned_key_and_only_untrusted_against_its_own() {
+        let key = SigningKey::generate("k1").unwrap();
+        let b = read_back(&chain_of(&key, 50, 10, "hello").bundle(1, 50, false, t0()));
+        assert_eq!(
+            verdicts(&b, &key.public()),
+            (
+                "OK: 50 events, seq 1..50, 5 checkpoints, key(s) k1".to_owned(),
+                "UNTRUSTED: 50 events, seq 1..50, 5 checkpoints, key(s) k1 from the bundle itself".to_owned()
+            )
+        );
+        // Pinning no key at all trusts nothing.
+        assert_eq!(
+            message(verify_bundle(&b, &Options::pinned(vec![]))),
+            "checkpoint 1: key k1 is not trusted"
+        );
+    }
+
+    #[test]
+    fn rewritten_bundle_with_its_checkpoints_stripped_is_not_covered() {
+        let key = SigningKey::generate("k1").unwrap();
+        let mut b = read_back(&chain_of(&key, 50, 10, "hello").bundle(1, 50, false, t0()));
+        let mut ls = lines(&b);
+        let mut edited = body(&ls[41]);
+        edited["details"]["note"] = "forged".into();
+        ls[41] = line_of(&edited).0;
+        rechain(&mut ls, 42);
+        b.files.insert(bundle::EVENTS.to_owned(), ls.concat());
+        set_json(&mut b, bundle::CHECKPOINTS, &CheckpointsFile { checkpoints: vec![] });
+        rewrite_manifest(&mut b);
+        let want = "event 1: not covered by a signed checkpoint (the bundle holds no checkpoint)";
+        assert_eq!(verdicts(&b, &key.public()), (want.to_owned(), want.to_owned()));
+    }
+
+    #[test]
+    fn bundle_resigned_with_a_fresh_key_under_the_trusted_id_fails_against_the_pinned_key() {
+        let real = SigningKey::generate("k1").unwrap();
+        // The forger rebuilds the whole chain with events of their choosing and their own "k1".
+        let forger = SigningKey::generate("k1").unwrap();
+        let b = read_back(&chain_of(&forger, 50, 10, "forged").bundle(1, 50, false, t0()));
+        let (pinned, own) = verdicts(&b, &real.public());
+        assert_eq!(pinned, "keys.json: key k1 is not the trusted key k1");
+        // Self-consistent against its own keys, which is all that shows: never OK.
+        assert_eq!(own, "UNTRUSTED: 50 events, seq 1..50, 5 checkpoints, key(s) k1 from the bundle itself");
+        // Without the forged key in keys.json the signatures themselves fail.
+        let mut b = b;
+        let keys = KeysFile { keys: vec![bundle::KeyJson::new(&real.public(), None, None)] };
+        set_json(&mut b, bundle::KEYS, &keys);
+        let want = "checkpoint 1 signature invalid for key k1";
+        assert_eq!(verdicts(&b, &real.public()), (want.to_owned(), want.to_owned()));
+    }
+
+    #[test]
+    fn unsigned_tail_chained_on_is_not_covered() {
+        let key = SigningKey::generate("k1").unwrap();
+        let mut b = read_back(&chain_of(&key, 50, 10, "hello").bundle(1, 50, false, t0()));
+        let mut ls = lines(&b);
+        for seq in 51..=53 {
+            let mut next = body(&ls[ls.len() - 1]);
+            next["seq"] = seq.into();
+            next["resource"]["id"] = format!("job-{seq}").into();
+            ls.push(line_of(&next).0);
+        }
+        rechain(&mut ls, 50);
+        b.files.insert(bundle::EVENTS.to_owned(), ls.concat());
+        rewrite_manifest(&mut b);
+        let want = "event 51: not covered by a signed checkpoint (checkpoints cover 1..50)";
+        assert_eq!(verdicts(&b, &key.public()), (want.to_owned(), want.to_owned()));
+    }
+
+    #[test]
+    fn checkpoint_removed_from_the_middle_is_missing() {
+        let key = SigningKey::generate("k1").unwrap();
+        let chain = chain_of(&key, 50, 10, "hello");
+        let mut b = read_back(&chain.bundle(1, 50, false, t0()));
+        let mut cps = checkpoints_of(&b);
+        cps.checkpoints.remove(2);
+        // The forger mends the consistency proof into checkpoint 4: from checkpoint 2 now.
+        let whole = read_back(&chain.bundle(1, 40, false, t0()));
+        let tree = crate::merkle::MerkleTree::new(
+            lines(&whole)
+                .iter()
+                .map(|l| leaf_hash(&split_line(l.strip_suffix(b"\n").unwrap()).unwrap().1))
+                .collect(),
+        );
+        cps.checkpoints[2].consistency_proof =
+            tree.consistency_proof(20, 40).iter().map(|h| hash::to_hex(h)).collect();
+        set_json(&mut b, bundle::CHECKPOINTS, &cps);
+        rewrite_manifest(&mut b);
+        let want = "checkpoint 3 is missing between checkpoints 2 and 4";
+        assert_eq!(verdicts(&b, &key.public()), (want.to_owned(), want.to_owned()));
+
+        let mut b = read_back(&chain.bundle(1, 50, false, t0()));
+        let mut cps = checkpoints_of(&b);
+        cps.checkpoints.remove(0);
+        cps.checkpoints[0].consistency_proof.clear();
+        set_json(&mut b, bundle::CHECKPOINTS, &cps);
+        rewrite_manifest(&mut b);
+        let want = "checkpoint 1 is missing before checkpoint 2";
+        assert_eq!(verdicts(&b, &key.public()), (want.to_owned(), want.to_owned()));
+    }
+
+    #[test]
+    fn range_ending_between_checkpoints_verifies_with_its_tail_proof() {
+        let key = SigningKey::generate("k1").unwrap();
+        let chain = chain_of(&key, 50, 10, "hello");
+        for (from, to, want) in [
+            (21, 45, "OK: 25 events, seq 21..45, 4 checkpoints, key(s) k1"),
+            (1, 45, "OK: 45 events, seq 1..45, 5 checkpoints, key(s) k1"),
+            (1, 7, "OK: 7 events, seq 1..7, 1 checkpoints, key(s) k1"),
+            (44, 44, "OK: 1 events, seq 44..44, 1 checkpoints, key(s) k1"),
+            (41, 41, "OK: 1 events, seq 41..41, 2 checkpoints, key(s) k1"),
+        ] {
+            let b = read_back(&chain.bundle(from, to, false, t0()));
+            let last = checkpoints_of(&b).checkpoints.pop().unwrap();
+            assert!(last.checkpoint.tree_size > to && last.tail_proof.is_some(), "{from}..{to}");
+            for block_size in [1, 100, BLOCK_SIZE] {
+                let pinned = Options::pinned(vec![key.public()]).with_threads(2);
+                assert_eq!(message(verify_both_with(&b, block_size, &pinned)), want, "{from}..{to}");
+            }
+        }
+        // A range ending at a checkpoint needs no tail.
+        let b = read_back(&chain.bundle(21, 40, false, t0()));
+        assert!(checkpoints_of(&b).checkpoints.iter().all(|c| c.tail_proof.is_none()));
+        assert_eq!(verdicts(&b, &key.public()).0, "OK: 20 events, seq 21..40, 3 checkpoints, key(s) k1");
+    }
+
+    #[test]
+    fn forged_or_missing_tail_proof_fails() {
+        let key = SigningKey::generate("k1").unwrap();
+        let good = read_back(&chain_of(&key, 50, 10, "hello").bundle(21, 45, false, t0()));
+
+        let mut forged = good.clone();
+        let mut cps = checkpoints_of(&forged);
+        let tail = cps.checkpoints[3].tail_proof.as_mut().unwrap();
+        tail[0] = hash::to_hex(&hash::sha256(b"forged"));
+        set_json(&mut forged, bundle::CHECKPOINTS, &cps);
+        let want = "checkpoint 5: tail proof from events 1..45 is invalid";
+        assert_eq!(verdicts(&forged, &key.public()), (want.to_owned(), want.to_owned()));
+
+        // Events after the last checkpoint inside the range edited and rechained: only the tail
+        // proof ties them to a signature, and it no longer leads to the signed root.
+        let mut edited = good.clone();
+        let mut ls = lines(&edited);
+        let mut e = body(&ls[22]);
+        e["details"]["note"] = "forged".into();
+        ls[22] = line_of(&e).0;
+        rechain(&mut ls, 23);
+        edited.files.insert(bundle::EVENTS.to_owned(), ls.concat());
+        edited.refresh_manifest();
+        assert_eq!(verdicts(&edited, &key.public()), (want.to_owned(), want.to_owned()));
+
+        let mut stripped = good.clone();
+        let mut cps = checkpoints_of(&stripped);
+        cps.checkpoints[3].tail_proof = None;
+        set_json(&mut stripped, bundle::CHECKPOINTS, &cps);
+        let want = "truncated after 45: checkpoint 5 covers events up to 50";
+        assert_eq!(verdicts(&stripped, &key.public()), (want.to_owned(), want.to_owned()));
+
+        // Only the last checkpoint may carry a tail proof.
+        let mut misplaced = good.clone();
+        let mut cps = checkpoints_of(&misplaced);
+        cps.checkpoints[1].tail_proof = Some(vec![]);
+        set_json(&mut misplaced, bundle::CHECKPOINTS, &cps);
+        assert_eq!(
+            verdicts(&misplaced, &key.public()).0,
+            "bundle: checkpoint 3 carries a tail proof but is not the last checkpoint"
+        );
+    }
+
+    #[test]
+    fn format_1_bundles_still_verify_but_cannot_carry_tail_proofs() {
+        let key = SigningKey::generate("k1").unwrap();
+        let chain = chain_of(&key, 50, 10, "hello");
+        let as_v1 = |mut b: Bundle| {
+            let mut manifest: Manifest = serde_json::from_slice(&b.files[bundle::MANIFEST]).unwrap();
+            manifest.format = bundle::FORMAT_V1.to_owned();
+            set_json(&mut b, bundle::MANIFEST, &manifest);
+            b
+        };
+        let old = as_v1(read_back(&chain.bundle(1, 50, false, t0())));
+        assert_eq!(verdicts(&old, &key.public()).0, "OK: 50 events, seq 1..50, 5 checkpoints, key(s) k1");
+        let with_tail = as_v1(read_back(&chain.bundle(1, 45, false, t0())));
+        assert_eq!(
+            verdicts(&with_tail, &key.public()).0,
+            "bundle: checkpoint 5 carries a tail proof, which format cella-audit-bundle/1 bundles do not have"
+        );
     }
 }

@@ -8,16 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cella_audit::checkpoint::CheckpointPolicy;
-use cella_audit::export::{export, seq_range_for_times, ExportRequest};
+use cella_audit::export::{export, seq_range_for_times, Clamped, Export, ExportRequest};
 use cella_audit::proof::{prove, verify_proof};
 use cella_audit::store::{append, cut_checkpoint, register_key, run_checkpointer, StoreError};
-use cella_audit::verify::Options;
+use cella_audit::verify::{Options, Trust};
 use cella_audit::{Actor, Chain, NewEvent, Resource, SigningKey};
 use common::*;
 use serde_json::json;
 use sqlx::pool::PoolOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
+
+fn pinned(key: &SigningKey) -> Trust {
+    Trust::Pinned(vec![key.public()])
+}
 
 async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
@@ -42,10 +46,10 @@ async fn eight_concurrent_writers_make_one_gapless_chain_of_10000(_: PgPoolOptio
         .collect();
     // A checkpointer runs alongside the writers, as it will in the service.
     let done = Arc::new(AtomicBool::new(false));
+    let key = Arc::new(SigningKey::generate("k1").unwrap());
     let checkpointer = tokio::spawn({
-        let (pool, done) = (pool.clone(), done.clone());
+        let (pool, done, key) = (pool.clone(), done.clone(), key.clone());
         async move {
-            let key = SigningKey::generate("k1").unwrap();
             let policy = CheckpointPolicy { every_events: 1000, every_secs: 3600 };
             let mut cut = 0;
             while !done.load(Ordering::Relaxed) {
@@ -65,14 +69,18 @@ async fn eight_concurrent_writers_make_one_gapless_chain_of_10000(_: PgPoolOptio
         w.await.unwrap();
     }
     done.store(true, Ordering::Relaxed);
-    let cut = checkpointer.await.unwrap();
+    let mut cut = checkpointer.await.unwrap();
+    // The export holds only signed events: sign the rest, as the service does at shutdown.
+    let last =
+        cut_checkpoint(&pool, &Chain::Tenant(tenant("acme")), &key, CheckpointPolicy::default(), true).await;
+    cut += u64::from(last.unwrap().is_some());
     assert_eq!(count(&pool, "SELECT count(*) FROM audit_events WHERE chain = 'tenant:acme'").await, 10_000);
     assert_eq!(count(&pool, "SELECT max(seq) FROM audit_events WHERE chain = 'tenant:acme'").await, 10_000);
     let b = export_bundle(&pool, Chain::Tenant(tenant("acme"))).await;
-    let report = verify(&b, &[]).unwrap();
+    let report = verify(&b, &[key.public()]).unwrap();
     assert_eq!((report.events, report.first_seq, report.last_seq), (10_000, 1, 10_000));
     assert!(
-        cut >= 1 && report.checkpoints == cut,
+        cut >= 2 && report.checkpoints == cut,
         "the checkpointer cut {cut} checkpoints while writers ran"
     );
 }
@@ -117,8 +125,10 @@ async fn operator_events_go_to_their_own_chain(pool: PgPool) {
     assert_eq!(append_one(&pool, &op).await, 1);
     assert_eq!(append_one(&pool, &op).await, 2);
     assert_eq!(append_one(&pool, &event("acme", 2)).await, 2);
+    let key = SigningKey::generate("k1").unwrap();
+    cut_checkpoint(&pool, &Chain::Operator, &key, CheckpointPolicy::default(), true).await.unwrap().unwrap();
     let b = export_bundle(&pool, Chain::Operator).await;
-    let r = verify(&b, &[]).unwrap();
+    let r = verify(&b, &[key.public()]).unwrap();
     assert_eq!((r.chain.as_str(), r.events), ("operator", 2));
 }
 
@@ -306,17 +316,23 @@ async fn partial_export_verifies_from_its_start_state(pool: PgPool) {
         ExportRequest { chain: Chain::Tenant(tenant("acme")), from: Some(21), to: Some(45), ocsf: false };
     export(&pool, &req, &mut out).await.unwrap();
     let b = cella_audit::bundle::Bundle::read(&out[..]).unwrap();
-    assert_eq!(verify_msg(&b, &[key.public()]), "OK: 25 events, seq 21..45, 3 checkpoints, key(s) k1");
+    // Checkpoints 2..4 (sizes 20, 30, 40), and 5 (size 50) with the tail proof from 45.
+    assert_eq!(verify_msg(&b, &[key.public()]), "OK: 25 events, seq 21..45, 4 checkpoints, key(s) k1");
+    let cps = checkpoints(&b).checkpoints;
+    let sizes: Vec<u64> = cps.iter().map(|c| c.checkpoint.tree_size).collect();
+    assert_eq!(sizes, [20, 30, 40, 50]);
+    assert!(cps[..3].iter().all(|c| c.tail_proof.is_none()) && cps[3].tail_proof.is_some());
 }
 
 #[sqlx::test(migrations = "../migrations")]
 async fn ocsf_export_has_one_api_activity_record_per_event(pool: PgPool) {
-    fill(&pool, "acme", 5, 5, &SigningKey::generate("k1").unwrap()).await;
+    let key = SigningKey::generate("k1").unwrap();
+    fill(&pool, "acme", 5, 5, &key).await;
     let mut out = Vec::new();
     let req = ExportRequest { chain: Chain::Tenant(tenant("acme")), from: None, to: None, ocsf: true };
     export(&pool, &req, &mut out).await.unwrap();
     let b = cella_audit::bundle::Bundle::read(&out[..]).unwrap();
-    assert!(verify(&b, &[]).is_ok());
+    assert!(verify(&b, &[key.public()]).is_ok());
     let records: Vec<serde_json::Value> = b.files["ocsf.jsonl"]
         .split(|c| *c == b'\n')
         .filter(|l| !l.is_empty())
@@ -333,23 +349,31 @@ async fn inclusion_proof_verifies_alone_and_fails_when_altered(pool: PgPool) {
     let key = SigningKey::generate("k1").unwrap();
     fill(&pool, "acme", 60, 10, &key).await;
     let b = export_bundle(&pool, Chain::Tenant(tenant("acme"))).await;
-    let proof = prove(&b, 37, None, &Options::default()).unwrap();
+    let proof = prove(&b, 37, None, &Options::pinned(vec![key.public()])).unwrap();
     let text = serde_json::to_string(&proof).unwrap();
     let proof: cella_audit::proof::InclusionProof = serde_json::from_str(&text).unwrap();
     assert_eq!(
-        verify_proof(&proof, &[key.public()]).unwrap().to_string(),
+        verify_proof(&proof, &pinned(&key)).unwrap().to_string(),
         "OK: event 37 of tenant:acme is included in checkpoint 6 (tree size 60), key(s) k1"
     );
     let mut altered = proof.clone();
     altered.event = altered.event.replace("hello", "hellp");
-    assert_eq!(verify_proof(&altered, &[key.public()]).unwrap_err().to_string(), "event 37: hash mismatch");
+    assert_eq!(verify_proof(&altered, &pinned(&key)).unwrap_err().to_string(), "event 37: hash mismatch");
     let mut moved = proof.clone();
     moved.audit_path.swap(0, 1);
-    assert!(verify_proof(&moved, &[key.public()]).is_err());
+    assert_eq!(
+        verify_proof(&moved, &pinned(&key)).unwrap_err().to_string(),
+        "event 37 is not included in checkpoint 6 (the audit path does not lead to its root)"
+    );
     let other = SigningKey::generate("k2").unwrap();
     assert_eq!(
-        verify_proof(&proof, &[other.public()]).unwrap_err().to_string(),
+        verify_proof(&proof, &pinned(&other)).unwrap_err().to_string(),
         "checkpoint 6: key k1 is not trusted"
+    );
+    // The key that came with the proof: checked, but not trusted.
+    assert_eq!(
+        verify_proof(&proof, &Trust::BundleKeys).unwrap().to_string(),
+        "UNTRUSTED: event 37 of tenant:acme is included in checkpoint 6 (tree size 60), key(s) k1 from the proof itself"
     );
 }
 
@@ -360,9 +384,11 @@ async fn two_appends_in_one_transaction_chain_to_each_other(pool: PgPool) {
     let second = append(&mut tx, &event("acme", 2)).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!((first.seq, second.seq), (1, 2));
+    let key = SigningKey::generate("k1").unwrap();
+    cut(&pool, "acme", &key).await;
     let b = export_bundle(&pool, Chain::Tenant(tenant("acme"))).await;
     assert_eq!(body_of(&lines(&b)[1])["prev_hash"], cella_audit::hash::to_hex(&first.hash));
-    assert!(verify(&b, &[]).is_ok());
+    assert!(verify(&b, &[key.public()]).is_ok());
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -398,4 +424,65 @@ async fn time_range_maps_to_the_seq_range_of_its_events(pool: PgPool) {
     let chain = Chain::Tenant(tenant("acme"));
     assert_eq!(seq_range_for_times(&pool, &chain, before, after).await.unwrap(), Some((1, 5)));
     assert_eq!(seq_range_for_times(&pool, &chain, after, after).await.unwrap(), None);
+}
+
+/// 60 events of `acme` with a checkpoint every 10, then 5 more no checkpoint covers yet.
+async fn signed_60_then_5_unsigned(pool: &PgPool) -> SigningKey {
+    let key = SigningKey::generate("k1").unwrap();
+    fill(pool, "acme", 60, 10, &key).await;
+    for i in 61..=65 {
+        append_one(pool, &event("acme", i)).await;
+    }
+    key
+}
+
+fn request(from: Option<u64>, to: Option<u64>) -> ExportRequest {
+    ExportRequest { chain: Chain::Tenant(tenant("acme")), from, to, ocsf: false }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn export_without_to_stops_at_the_newest_checkpoint_and_says_what_it_left_out(pool: PgPool) {
+    let key = signed_60_then_5_unsigned(&pool).await;
+    let export = Export::begin(&pool, &request(None, None)).await.unwrap();
+    assert_eq!(export.clamped(), Some(Clamped { head: 65, covered: 60 }));
+    assert_eq!((export.range().from, export.range().to, export.event_count()), (1, 60, 60));
+    let mut out = Vec::new();
+    export.write_to(&mut out).await.unwrap();
+    let b = cella_audit::bundle::Bundle::read(&out[..]).unwrap();
+    assert_eq!(verify_msg(&b, &[key.public()]), "OK: 60 events, seq 1..60, 6 checkpoints, key(s) k1");
+    // Nothing left out: nothing to say.
+    let export = Export::begin(&pool, &request(Some(5), Some(60))).await.unwrap();
+    assert_eq!(export.clamped(), None);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn export_refuses_events_no_checkpoint_covers_yet(pool: PgPool) {
+    signed_60_then_5_unsigned(&pool).await;
+    let refused = |from, to| {
+        let pool = pool.clone();
+        async move { Export::begin(&pool, &request(from, to)).await.unwrap_err().to_string() }
+    };
+    let not_covered = |seq: u64| {
+        format!(
+            "event {seq} of tenant:acme is not yet covered by a signed checkpoint (the newest covers 1..60); \
+             export up to 60, or cut a checkpoint first"
+        )
+    };
+    assert_eq!(refused(None, Some(63)).await, not_covered(63));
+    // A `to` beyond the head means the head, which no checkpoint covers either.
+    assert_eq!(refused(None, Some(100)).await, not_covered(65));
+    assert_eq!(refused(Some(62), None).await, not_covered(62));
+    assert_eq!(refused(Some(70), None).await, "seq range 70..65 is empty (tenant:acme has events 1..65)");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn export_of_a_chain_without_any_checkpoint_is_refused(pool: PgPool) {
+    for i in 1..=3 {
+        append_one(&pool, &event("acme", i)).await;
+    }
+    assert_eq!(
+        Export::begin(&pool, &request(None, None)).await.unwrap_err().to_string(),
+        "tenant:acme has events 1..3 but no signed checkpoint yet, and a bundle holds only events a \
+         checkpoint covers; cut a checkpoint first"
+    );
 }

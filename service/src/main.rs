@@ -9,7 +9,7 @@ use clap::Parser;
 /// Exit statuses, decided here and nowhere else (`cella --help` lists them).
 fn exit_code(err: &CliError) -> u8 {
     match err {
-        CliError::VerificationFailed(_) | CliError::FindingsAtThreshold(_) => 1,
+        CliError::VerificationFailed(_) | CliError::Untrusted | CliError::FindingsAtThreshold(_) => 1,
         CliError::Usage(_)
         | CliError::Key(_)
         | CliError::File { .. }
@@ -29,11 +29,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(CliError::VerificationFailed(failure)) => {
-            println!("FAILED: {failure}");
-            ExitCode::from(1)
+        Err(err @ CliError::VerificationFailed(_)) => {
+            println!("FAILED: {err}");
+            ExitCode::from(exit_code(&err))
         }
-        Err(CliError::FindingsAtThreshold(_)) => ExitCode::from(1),
+        // Reported by the command itself.
+        Err(err @ (CliError::FindingsAtThreshold(_) | CliError::Untrusted)) => {
+            ExitCode::from(exit_code(&err))
+        }
         Err(err) => {
             eprintln!("cella: {}", cella_service::error::error_chain(&err));
             ExitCode::from(exit_code(&err))

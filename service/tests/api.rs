@@ -59,7 +59,8 @@ async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
     let state = AppState {
         jobs_done: cella_service::api::wait::JobsDone::listen(pool.clone()),
         metrics: Arc::new(Metrics::default()),
-        signer: None,
+        // As `cella serve` has it: audit exports cut a checkpoint first.
+        signer: Some(Arc::new(cella_audit::SigningKey::generate("k1").unwrap())),
         // These tests touch no session; the session tests (sessions_api.rs) use a stand-in VM.
         sessions: Arc::new(SessionManager::new(
             pool.clone(),
@@ -449,6 +450,7 @@ async fn the_openapi_document_lists_every_route(pool: PgPool) {
         "/v1/jobs/{id}/sarif",
         "/v1/jobs/{id}/cancel",
         "/v1/audit/export",
+        "/v1/audit/keys",
         "/v1/admin/tenants",
         "/v1/admin/vms",
     ] {
@@ -468,7 +470,8 @@ async fn a_tenant_exports_only_its_own_audit_chain_and_it_verifies(pool: PgPool)
     let r = api.get("/v1/audit/export", &key).await;
     assert_eq!((r.status, r.content_type.as_str()), (StatusCode::OK, "application/x-tar"));
     let bundle = cella_audit::bundle::Bundle::read(&r.body[..]).unwrap();
-    let options = cella_audit::verify::Options { trusted: vec![], threads: 1 };
+    let public = api.state.signer.as_ref().unwrap().public();
+    let options = cella_audit::verify::Options::pinned(vec![public]).with_threads(1);
     let report = cella_audit::verify::verify_bundle(&bundle, &options).unwrap();
     assert_eq!((report.chain, report.events), (format!("tenant:{tenant}"), 3));
     let r = api.get("/v1/audit/export?from=2&to=3", &key).await;
@@ -483,6 +486,34 @@ async fn a_tenant_exports_only_its_own_audit_chain_and_it_verifies(pool: PgPool)
         StatusCode::UNPROCESSABLE_ENTITY,
         "1..3",
     );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_tenant_gets_the_audit_public_keys_with_their_fingerprints(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let k1 = api.state.signer.as_ref().unwrap().public();
+    let k2 = cella_audit::SigningKey::generate("k2").unwrap().public();
+    let mut conn = api.state.pool.acquire().await.unwrap();
+    cella_audit::store::register_key(&mut conn, &k1).await.unwrap();
+    cella_audit::store::register_key(&mut conn, &k2).await.unwrap(); // a rotation
+    drop(conn);
+    let r = api.get("/v1/audit/keys", &key).await;
+    assert_eq!((r.status, r.content_type.as_str()), (StatusCode::OK, "application/json"));
+    let keys: cella_service::api::audit::AuditKeys = serde_json::from_slice(&r.body).unwrap();
+    let summary: Vec<(&str, &str, bool, bool)> = keys
+        .keys
+        .iter()
+        .map(|k| (k.id.as_str(), k.fingerprint.as_str(), k.current, k.retired_at.is_some()))
+        .collect();
+    assert_eq!(
+        summary,
+        [("k1", k1.fingerprint().as_str(), false, true), ("k2", k2.fingerprint().as_str(), true, false)]
+    );
+    let file = &keys.keys[1].public_key_file;
+    assert_eq!(cella_audit::PublicKey::from_file_text(std::path::Path::new("k2.pub"), file).unwrap(), k2);
+    assert_eq!(keys.keys[1].public_key, cella_audit::hash::to_hex(&k2.key));
+    assert_problem(&api.get("/v1/audit/keys", "cella_nope").await, StatusCode::UNAUTHORIZED, "");
 }
 
 #[sqlx::test(migrations = "../migrations")]

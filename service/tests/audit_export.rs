@@ -2,7 +2,8 @@
 //! `sqlx::test`), driven through the router with tower's `oneshot`: a chain larger than the old
 //! in-memory cap streams in bounded memory and verifies offline; seq and time ranges; a client
 //! that goes away mid-download leaves no transaction open; a database failure mid-stream makes
-//! the transfer fail instead of ending cleanly; `cella audit download` streams to disk.
+//! the transfer fail instead of ending cleanly; events appended between the export's checkpoint
+//! cut and its snapshot stay out and the bundle verifies; `cella audit download` streams to disk.
 
 use std::future::IntoFuture;
 use std::io::Write;
@@ -17,9 +18,10 @@ use cella_audit::checkpoint::CheckpointPolicy;
 use cella_audit::event::{format_time, truncate_to_micros};
 use cella_audit::export::{Export, ExportRequest, BATCH_ROWS};
 use cella_audit::hash::{self, Hash};
-use cella_audit::store::cut_checkpoint;
+use cella_audit::store::{append, cut_checkpoint};
 use cella_audit::verify::{verify_bundle, verify_tar, Options, Report};
 use cella_audit::{Actor, Chain, NewEvent, Resource, SigningKey, TenantId};
+use cella_service::api::audit::{export_request, stream_bundle, ExportQuery};
 use cella_service::api::{app, AppState};
 use cella_service::config::Config;
 use cella_service::data_dir::DataDir;
@@ -37,6 +39,7 @@ struct Api {
     state: AppState,
     tenant: String,
     key: String,
+    admin: String,
     dir: std::path::PathBuf,
 }
 
@@ -80,7 +83,7 @@ async fn api(pool: PgPool) -> Api {
         serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
     let tenant = v["tenant"]["id"].as_str().unwrap().to_owned();
     let key = v["key"]["api_key"].as_str().unwrap().to_owned();
-    Api { state, tenant, key, dir }
+    Api { state, tenant, key, admin, dir }
 }
 
 impl Api {
@@ -210,17 +213,43 @@ impl Api {
     }
 }
 
-fn verify(b: &Bundle) -> Report {
-    verify_bundle(b, &Options { trusted: vec![], threads: 2 }).unwrap_or_else(|f| panic!("{f}"))
-}
+impl Api {
+    /// Verification options pinning the service's signing key.
+    fn pinned(&self) -> Options {
+        Options::pinned(vec![self.state.signer.as_ref().unwrap().public()]).with_threads(2)
+    }
 
-/// Verifies the bundle file at `path` streamed, as `cella audit verify` does, and checks that
-/// verifying it in memory says the same.
-fn verify_file(path: &std::path::Path) -> Report {
-    let options = Options { trusted: vec![], threads: 2 };
-    let streamed = verify_tar(std::fs::File::open(path).unwrap(), &options).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(streamed, verify(&Bundle::read(std::fs::File::open(path).unwrap()).unwrap()));
-    streamed
+    fn verify(&self, b: &Bundle) -> Report {
+        let report = verify_bundle(b, &self.pinned()).unwrap_or_else(|f| panic!("{f}"));
+        assert!(report.to_string().starts_with("OK: "), "{report}");
+        report
+    }
+
+    /// Verifies the bundle file at `path` streamed, as `cella audit verify` does, and checks that
+    /// verifying it in memory says the same.
+    fn verify_file(&self, path: &std::path::Path) -> Report {
+        let streamed =
+            verify_tar(std::fs::File::open(path).unwrap(), &self.pinned()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(streamed, self.verify(&Bundle::read(std::fs::File::open(path).unwrap()).unwrap()));
+        streamed
+    }
+
+    /// Appends `n` events to the tenant's chain, each in its own transaction, as the service does.
+    async fn append(&self, n: u64) {
+        let tenant = TenantId::new(self.tenant.clone()).unwrap();
+        for i in 0..n {
+            let event = NewEvent::tenant(
+                tenant.clone(),
+                Actor::ApiKey("key_1".into()),
+                "job.created",
+                Resource::new("job", format!("late-{i}")),
+                json!({"late": i}),
+            );
+            let mut tx = self.state.pool.begin().await.unwrap();
+            append(&mut tx, &event).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    }
 }
 
 /// Runs `cella audit export` of the tenant's chain to `out` under `/usr/bin/time` and returns
@@ -299,9 +328,8 @@ async fn a_chain_larger_than_the_old_cap_streams_in_bounded_memory_and_verifies(
         assert!(kib < 64 * 1024, "`cella audit export` peaked at {kib} KiB for a {bytes}-byte bundle");
     }
 
-    let report = verify_file(&path);
+    let report = api.verify_file(&path);
     assert_eq!((report.events, report.first_seq, report.last_seq), (head, 1, head));
-    assert_eq!(report.unsigned_tail, 0);
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -312,12 +340,12 @@ async fn seq_and_time_ranges_stream_and_verify(pool: PgPool) {
         api.bulk_append(1000).await;
     }
     let b = api.bundle("/v1/audit/export?from=1500&to=4200").await;
-    let r = verify(&b);
+    let r = api.verify(&b);
     assert_eq!((r.events, r.first_seq, r.last_seq), (2701, 1500, 4200));
 
     let head = api.head().await;
     let b = api.bundle("/v1/audit/export?from=2049&ocsf=true").await;
-    let r = verify(&b);
+    let r = api.verify(&b);
     assert_eq!((r.events, r.first_seq, r.last_seq, r.checkpoints), (head - 2048, 2049, head, 3));
     let ocsf = &b.files["ocsf.jsonl"];
     assert_eq!(ocsf.split(|c| *c == b'\n').filter(|l| !l.is_empty()).count() as u64, head - 2048);
@@ -338,7 +366,7 @@ async fn seq_and_time_ranges_stream_and_verify(pool: PgPool) {
     };
     let (a, z) = (time_of(700).await, time_of(3300).await);
     let b = api.bundle(&format!("/v1/audit/export?from={a}&to={z}")).await;
-    let r = verify(&b);
+    let r = api.verify(&b);
     assert_eq!((r.first_seq, r.last_seq), (700, 3300));
 
     let r = api.get("/v1/audit/export?from=2001-01-01T00:00:00Z&to=2001-01-02T00:00:00Z").await;
@@ -402,26 +430,216 @@ async fn a_database_failure_mid_stream_fails_the_transfer(pool: PgPool) {
     }
 }
 
-#[sqlx::test(migrations = "../migrations")]
-async fn cella_audit_download_streams_the_bundle_to_disk_and_it_verifies(pool: PgPool) {
-    let api = api(pool).await;
-    api.bulk_append(20_000).await;
+/// Serves the API over plain HTTP on a free port until dropped; returns its URL.
+struct Served {
+    url: String,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(api: &Api) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(axum::serve(listener, app(api.state.clone())).into_future());
-    let out = api.dir.join("dl.tar");
-    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_cella"))
-        .args(["audit", "download", "--server", &url, "--out", out.to_str().unwrap()])
-        .env("CELLA_API_KEY", &api.key)
+    let task = tokio::spawn(axum::serve(listener, app(api.state.clone())).into_future());
+    Served { url, task }
+}
+
+/// Runs `cella` with `env`, without any of the caller's Cella settings.
+async fn cella(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_cella"))
+        .args(args)
+        .envs(env.iter().copied())
         .env_remove("CELLA_CA")
+        .env_remove("CELLA_URL")
+        .env_remove("CELLA_DATA_DIR")
+        .env_remove("CELLA_AUDIT_TRUSTED_KEY")
         .output()
         .await
-        .unwrap();
-    server.abort();
-    let stderr = String::from_utf8_lossy(&o.stderr);
+        .unwrap()
+}
+
+/// Runs the `cella audit verify …` command line a command printed (paths without spaces).
+async fn run_printed(command: &str) -> std::process::Output {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(words[..3], ["cella", "audit", "verify"], "{command}");
+    cella(&words[1..], &[]).await
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cella_audit_download_streams_the_bundle_to_disk_and_saves_the_key_that_verifies_it(pool: PgPool) {
+    let api = api(pool).await;
+    api.bulk_append(20_000).await;
+    let served = serve(&api).await;
+    let out = api.dir.join("dl.tar");
+    let args = ["audit", "download", "--server", &served.url, "--out", out.to_str().unwrap()];
+    let env = [("CELLA_API_KEY", api.key.as_str())];
+    let download = || cella(&args, &env);
+    let o = download().await;
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{stderr}");
-    assert!(stderr.starts_with("wrote "), "{stderr}");
     assert!(!out.with_extension("partial").exists());
-    let report = verify_file(&out);
+    let public = api.state.signer.as_ref().unwrap().public();
+    let saved = api.dir.join("cella-audit-k1.pub");
+    assert_eq!(cella_audit::PublicKey::read(&saved).unwrap(), public);
+    let command = format!("cella audit verify {} --trusted-key {}", out.display(), saved.display());
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines[1..],
+        [
+            format!("audit key k1: {} (saved as {})", public.fingerprint(), saved.display()).as_str(),
+            "compare the fingerprint with the one your operator gives you, then verify with:",
+            format!("  {command}").as_str(),
+        ],
+        "{stderr}"
+    );
+    assert!(lines[0].starts_with("wrote ") && lines[0].ends_with(&format!("bytes to {}", out.display())));
+    let report = api.verify_file(&out);
     assert_eq!(report.events, api.head().await);
+    let o = run_printed(&command).await;
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let ok = format!("OK: {} events, seq 1..{}, ", report.events, report.last_seq);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with(&ok), "{}", String::from_utf8_lossy(&o.stdout));
+
+    // Again: the same key is already there.
+    let o = download().await;
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("(already saved as "),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A different key saved under the id before: kept, and said loudly.
+    let other = SigningKey::generate("k1").unwrap().public();
+    std::fs::write(&saved, other.to_file_text()).unwrap();
+    let o = download().await;
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "WARNING: {} already holds a different key under the id k1:\n  saved:  {}\n  server: {}\n",
+            saved.display(),
+            other.fingerprint(),
+            public.fingerprint()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(cella_audit::PublicKey::read(&saved).unwrap(), other, "the saved key was replaced");
+    // Verifying against the kept key fails, naming the mismatch.
+    let o = run_printed(&command).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "FAILED: keys.json: key k1 is not the trusted key k1\n");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cella_admin_audit_export_prints_the_verify_command_with_the_data_folders_key(pool: PgPool) {
+    let api = api(pool).await;
+    api.bulk_append(100).await;
+    // What `cella serve` keeps in its data folder.
+    let public = api.state.signer.as_ref().unwrap().public();
+    let pub_file = api.dir.join("audit-signing.key.pub");
+    std::fs::write(&pub_file, public.to_file_text()).unwrap();
+    let served = serve(&api).await;
+    let out = api.dir.join("admin.tar");
+    let args = [
+        "admin",
+        "audit-export",
+        "--tenant",
+        &api.tenant,
+        "--out",
+        out.to_str().unwrap(),
+        "--server",
+        &served.url,
+        "--data-dir",
+        api.dir.to_str().unwrap(),
+    ];
+    let o = cella(&args, &[("CELLA_ADMIN_KEY", &api.admin)]).await;
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{stderr}");
+    let command = format!("cella audit verify {} --trusted-key {}", out.display(), pub_file.display());
+    assert!(
+        stderr.ends_with(&format!(
+            "audit key k1: {} ({})\n\
+             verify with (give the reviewer the .pub file through another channel than the bundle):\n  {command}\n",
+            public.fingerprint(),
+            pub_file.display()
+        )),
+        "{stderr}"
+    );
+    let o = run_printed(&command).await;
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The export's bundle read from a response.
+async fn bundle_of(r: Response) -> Bundle {
+    assert_eq!(r.status(), StatusCode::OK);
+    Bundle::read(&axum::body::to_bytes(r.into_body(), 1 << 30).await.unwrap()[..]).unwrap()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn events_appended_between_the_checkpoint_cut_and_the_export_stay_out_and_it_verifies(pool: PgPool) {
+    let api = api(pool).await;
+    api.bulk_append(1000).await;
+    api.append(5).await; // not yet covered
+    let query = |from: Option<&str>, to: Option<&str>| ExportQuery {
+        from: from.map(str::to_owned),
+        to: to.map(str::to_owned),
+        ocsf: None,
+    };
+    // (query, the range the bundle holds); the handler's cut covers 1..1005 + 5 per round.
+    let cases = [
+        (query(None, None), (1, 0)),
+        (query(None, Some("99999")), (1, 0)),
+        (query(Some("500"), None), (500, 0)),
+        (query(Some("10"), Some("990")), (10, 990)),
+    ];
+    for (q, (from, to)) in cases {
+        // What the handler does, with events appended between its checkpoint cut and its
+        // snapshot: they stay out of the bundle.
+        let head_at_cut = api.head().await;
+        let request = export_request(&api.state, api.chain(), &q).await.unwrap();
+        api.append(7).await;
+        assert_eq!(api.head().await, head_at_cut + 7);
+        let b = bundle_of(stream_bundle(&api.state, &request).await.unwrap()).await;
+        let r = api.verify(&b);
+        let to = if to == 0 { head_at_cut } else { to };
+        assert_eq!((r.first_seq, r.last_seq), (from, to), "{:?}..{:?}", q.from, q.to);
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn exports_while_events_are_appended_concurrently_always_verify(pool: PgPool) {
+    let api = Arc::new(api(pool).await);
+    api.bulk_append(2000).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let appender = tokio::spawn({
+        let (api, stop) = (api.clone(), stop.clone());
+        async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                api.append(1).await;
+                n += 1;
+            }
+            n
+        }
+    });
+    for round in 0..12 {
+        let uri = match round % 3 {
+            0 => "/v1/audit/export".to_owned(),
+            1 => "/v1/audit/export?to=999999999".to_owned(),
+            _ => format!("/v1/audit/export?from={}&to={}", 1500 + round, 1990 + round),
+        };
+        let head_before = api.head().await;
+        let b = bundle_of(api.get(&uri).await).await;
+        let r = api.verify(&b);
+        if round % 3 != 2 {
+            assert!(r.last_seq >= head_before, "{uri}: {r}, head was {head_before} before the request");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let appended = appender.await.unwrap();
+    assert!(appended > 0, "no event was appended while the exports ran");
 }

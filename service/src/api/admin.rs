@@ -310,7 +310,7 @@ pub struct AdminExportQuery {
     responses((status = 200, description = "The bundle", content_type = "application/x-tar"),
               (status = 400, description = "Bad tenant or range", content_type = PROBLEM),
               (status = 404, description = "No events", content_type = PROBLEM),
-              (status = 422, description = "The seq range lies outside the chain", content_type = PROBLEM),
+              (status = 422, description = "The seq range lies outside the chain, or beyond its newest signed checkpoint", content_type = PROBLEM),
               (status = 401, description = "No or bad admin credential", content_type = PROBLEM)))]
 async fn audit_export(
     State(state): State<AppState>,

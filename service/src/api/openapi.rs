@@ -14,14 +14,14 @@ use utoipa::{Modify, OpenApi};
         super::sessions::create, super::sessions::list, super::sessions::get_session, super::sessions::pause,
         super::sessions::suspend, super::sessions::resume, super::sessions::connect, super::sessions::exec,
         super::sessions::add_file, super::sessions::terminate,
-        super::audit::tenant_export,
+        super::audit::tenant_export, super::audit::keys,
         super::admin::create_tenant, super::admin::list_tenants, super::admin::suspend, super::admin::reinstate,
         super::admin::create_key, super::admin::rotate_keys, super::admin::revoke_all_keys, super::admin::revoke_key,
         super::admin::list_workers, super::admin::drain, super::admin::undrain, super::admin::list_vms,
         super::admin::cancel_job, super::admin::audit_export,
     ),
     modifiers(&Security),
-    tags((name = "jobs", description = "Scan jobs"), (name = "sessions", description = "Long-lived session VMs: pause, suspend, resume, connect, exec, terminate (at most 8 h)"), (name = "audit", description = "The tenant's audit log"),
+    tags((name = "jobs", description = "Scan jobs"), (name = "sessions", description = "Long-lived session VMs: pause, suspend, resume, connect, exec, terminate (at most 8 h)"), (name = "audit", description = "The tenant's audit log and the public keys that sign it"),
          (name = "admin", description = "Operators"), (name = "service", description = "Health"))
 )]
 pub struct ApiDoc;

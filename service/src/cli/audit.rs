@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use cella_audit::bundle::Bundle;
 use cella_audit::checkpoint::CheckpointPolicy;
-use cella_audit::export::{export, ExportRequest};
+use cella_audit::export::{Export, ExportError, ExportRequest};
 use cella_audit::proof::{self, InclusionProof};
 use cella_audit::store;
-use cella_audit::verify::{self, Failure, Options, VerifyError};
+use cella_audit::verify::{self, Failure, Options, Trust, VerifyError};
 use cella_audit::{Chain, PublicKey, SigningKey, TenantId};
 use clap::{Args, Subcommand};
 use tokio::io::AsyncWriteExt;
@@ -19,15 +19,13 @@ use crate::db;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Verify an export bundle (or an inclusion proof) offline. Prints `OK: …` and exits 0, or
-    /// prints `FAILED: <first failure>` and exits 1.
+    /// Verify an export bundle (or an inclusion proof) offline against the server's public key.
+    /// Prints `OK: …` and exits 0, or prints `FAILED: <first failure>` and exits 1.
     Verify {
         /// The bundle (tar) or proof (JSON) file.
         file: PathBuf,
-        /// A public key to trust (a `.pub` file from `cella audit keygen`); repeat for rotated
-        /// keys. Without any, the bundle's own keys are used.
-        #[arg(long = "trusted-key", value_name = "FILE")]
-        trusted_keys: Vec<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
         /// Hashing threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -42,16 +40,16 @@ pub enum AuditCommand {
         /// Prove against this checkpoint index (default: the newest that covers the event).
         #[arg(long)]
         checkpoint: Option<u64>,
-        /// Keys to trust while checking the bundle first (as for verify).
-        #[arg(long = "trusted-key", value_name = "FILE")]
-        trusted_keys: Vec<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
         /// Where to write the proof (default: stdout).
         #[arg(long)]
         out: Option<PathBuf>,
     },
     /// Export a chain from the database (DATABASE_URL) as a bundle.
     Export(ExportArgs),
-    /// Download your own audit log from the server (CELLA_API_KEY) as a bundle.
+    /// Download your own audit log from the server (CELLA_API_KEY) as a bundle, with the server's
+    /// public key saved next to it; prints its fingerprint and the verify command.
     Download {
         /// First event: a sequence number or an RFC 3339 time
         #[arg(long)]
@@ -64,6 +62,12 @@ pub enum AuditCommand {
         out: PathBuf,
         #[command(flatten)]
         conn: crate::client::Connection,
+    },
+    /// Print a public key's fingerprint (SHA256:…), to compare with the one your operator reads
+    /// you over another channel.
+    Fingerprint {
+        /// A public key file (`.pub`).
+        file: PathBuf,
     },
     /// Generate a checkpoint signing key: FILE (mode 0600) and FILE.pub.
     Keygen {
@@ -104,13 +108,14 @@ pub struct ExportArgs {
     /// First seq (default 1).
     #[arg(long)]
     from: Option<u64>,
-    /// Last seq (default: the newest).
+    /// Last seq (default: the newest a signed checkpoint covers; see --sign-with).
     #[arg(long)]
     to: Option<u64>,
     /// Also write ocsf.jsonl (OCSF API Activity records for SIEMs).
     #[arg(long)]
     ocsf: bool,
-    /// Cut a checkpoint with this key first, so the whole export is covered by a signature.
+    /// Cut a checkpoint with this key first, so the export reaches the newest event (a bundle
+    /// holds only events a signed checkpoint covers).
     #[arg(long, value_name = "KEY_FILE")]
     sign_with: Option<PathBuf>,
     /// The bundle file to write.
@@ -122,30 +127,87 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     move |source| CliError::File { path: path.display().to_string(), source }
 }
 
-fn trusted(paths: &[PathBuf]) -> Result<Vec<PublicKey>, CliError> {
-    paths.iter().map(|p| PublicKey::read(p).map_err(CliError::from)).collect()
+/// The environment variable naming the operator's pinned key file(s), separated by `:`.
+pub const TRUSTED_KEY_ENV: &str = "CELLA_AUDIT_TRUSTED_KEY";
+
+/// Whose keys `verify` and `prove` check signatures against.
+#[derive(Debug, Args)]
+pub struct TrustArgs {
+    /// The server's audit public key (a `.pub` file; `cella audit download` saves it next to the
+    /// bundle, operators find it at <data dir>/audit-signing.key.pub); repeat for keys from before
+    /// a rotation [default: the files in $CELLA_AUDIT_TRUSTED_KEY, separated by `:`]
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    trusted_keys: Vec<PathBuf>,
+    /// Check against the keys inside the file instead. Whoever made it could have made those
+    /// keys too, so this proves nothing about who made it: it never says OK, and exits 1
+    #[arg(long, conflicts_with = "trusted_keys")]
+    insecure_trust_bundle_keys: bool,
 }
+
+const NO_TRUSTED_KEY: &str = "no trusted key: pass --trusted-key FILE with the server's audit public key \
+(`cella audit download` saves it next to the bundle as cella-audit-<key id>.pub; operators have it at \
+<data dir>/audit-signing.key.pub), or set CELLA_AUDIT_TRUSTED_KEY to it, and compare its fingerprint \
+(`cella audit fingerprint FILE`) with the one your operator gives you. The keys inside a bundle prove \
+nothing about who made it (--insecure-trust-bundle-keys checks against them anyway, and never says OK)";
+
+impl TrustArgs {
+    /// The pinned keys (`--trusted-key`, else `$CELLA_AUDIT_TRUSTED_KEY`), or the bundle's own
+    /// with `--insecure-trust-bundle-keys`; a usage error without any.
+    fn trust(&self) -> Result<Trust, CliError> {
+        if self.insecure_trust_bundle_keys {
+            return Ok(Trust::BundleKeys);
+        }
+        let paths: Vec<PathBuf> = if self.trusted_keys.is_empty() {
+            std::env::var_os(TRUSTED_KEY_ENV)
+                .map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect())
+                .unwrap_or_default()
+        } else {
+            self.trusted_keys.clone()
+        };
+        if paths.is_empty() {
+            return Err(CliError::Usage(NO_TRUSTED_KEY.to_owned()));
+        }
+        Ok(Trust::Pinned(paths.iter().map(|p| PublicKey::read(p)).collect::<Result<_, _>>()?))
+    }
+}
+
+/// What `--insecure-trust-bundle-keys` prints after a pass, on stderr.
+const UNTRUSTED_WARNING: &str = "warning: --insecure-trust-bundle-keys: every check passed, but against \
+keys that came inside the file; whoever made it could have made them too, so this proves nothing about \
+who made it. Verify with --trusted-key FILE (the server's audit public key) to rely on it";
 
 /// Runs one `cella audit` command.
 pub fn run(cmd: AuditCommand) -> Result<(), CliError> {
     match cmd {
-        AuditCommand::Verify { file, trusted_keys, threads } => {
-            verify_file(&file, &trusted(&trusted_keys)?, threads)
-        }
-        AuditCommand::Prove { bundle, seq, checkpoint, trusted_keys, out } => {
+        AuditCommand::Verify { file, trust, threads } => verify_file(&file, &trust.trust()?, threads),
+        AuditCommand::Prove { bundle, seq, checkpoint, trust, out } => {
+            let trust = trust.trust()?;
             let data = fs::read(&bundle).map_err(file_err(&bundle))?;
             let b = Bundle::read(&data[..])?;
-            let options = Options { trusted: trusted(&trusted_keys)?, threads: 0 };
+            let options = Options { trust: trust.clone(), threads: 0 };
             let proof = proof::prove(&b, seq, checkpoint, &options).map_err(|e| match e {
                 proof::ProveError::Invalid(f) => CliError::VerificationFailed(f.to_string()),
                 other => CliError::Usage(other.to_string()),
             })?;
             let mut text = serde_json::to_string_pretty(&proof).unwrap_or_default();
             text.push('\n');
-            match out {
-                Some(path) => fs::write(&path, text).map_err(file_err(&path))?,
+            match &out {
+                Some(path) => fs::write(path, text).map_err(file_err(path))?,
                 None => print!("{text}"),
             }
+            if trust == Trust::BundleKeys {
+                // stdout may be the proof itself: the verdict goes to stderr.
+                eprintln!(
+                    "UNTRUSTED: the proof of event {seq} was made from a bundle checked only against its own keys"
+                );
+                eprintln!("{UNTRUSTED_WARNING}");
+                return Err(CliError::Untrusted);
+            }
+            Ok(())
+        }
+        AuditCommand::Fingerprint { file } => {
+            let key = PublicKey::read(&file)?;
+            println!("{} (key {})", key.fingerprint(), key.id);
             Ok(())
         }
         AuditCommand::Export(args) => runtime()?.block_on(export_cmd(args)),
@@ -156,9 +218,10 @@ pub fn run(cmd: AuditCommand) -> Result<(), CliError> {
             let key = SigningKey::generate(&id)?;
             let pub_path = key.save(&out)?;
             eprintln!(
-                "wrote signing key {id} to {} (mode 0600) and its public key to {}",
+                "wrote signing key {id} to {} (mode 0600) and its public key to {} (fingerprint {})",
                 out.display(),
-                pub_path.display()
+                pub_path.display(),
+                key.public().fingerprint()
             );
             Ok(())
         }
@@ -209,7 +272,7 @@ impl From<VerifyError> for CliError {
     }
 }
 
-fn verify_file(path: &Path, trusted: &[PublicKey], threads: usize) -> Result<(), CliError> {
+fn verify_file(path: &Path, trust: &Trust, threads: usize) -> Result<(), CliError> {
     let mut file = fs::File::open(path).map_err(file_err(path))?;
     let mut first = [0u8; 1];
     let n = file.read(&mut first).map_err(file_err(path))?;
@@ -220,27 +283,24 @@ fn verify_file(path: &Path, trusted: &[PublicKey], threads: usize) -> Result<(),
         let proof: InclusionProof = serde_json::from_slice(&data)
             .map_err(|e| CliError::VerificationFailed(format!("proof: not a Cella inclusion proof ({e})")))?;
         let report =
-            proof::verify_proof(&proof, trusted).map_err(|f| CliError::VerificationFailed(f.to_string()))?;
+            proof::verify_proof(&proof, trust).map_err(|f| CliError::VerificationFailed(f.to_string()))?;
+        // `OK: …`, or `UNTRUSTED: …` against the proof's own key.
         println!("{report}");
-        if !report.pinned {
-            eprintln!("note: the key came with the proof itself; pass --trusted-key to pin it");
-        }
-        return Ok(());
+        return untrusted_unless(report.pinned);
     }
     // Streamed from the file: memory stays bounded however large events.jsonl is.
-    let report = verify::verify_tar(file, &Options { trusted: trusted.to_vec(), threads })?;
+    let report = verify::verify_tar(file, &Options { trust: trust.clone(), threads })?;
     println!("{report}");
-    if !report.pinned {
-        eprintln!("note: keys were taken from the bundle itself; pass --trusted-key to pin them");
+    untrusted_unless(report.pinned)
+}
+
+/// A pass against pinned keys is success; against the file's own keys, a warning and exit 1.
+fn untrusted_unless(pinned: bool) -> Result<(), CliError> {
+    if pinned {
+        return Ok(());
     }
-    if report.unsigned_tail > 0 {
-        eprintln!(
-            "note: events {}..{} are chained but not yet covered by a signed checkpoint",
-            report.last_seq - report.unsigned_tail + 1,
-            report.last_seq
-        );
-    }
-    Ok(())
+    eprintln!("{UNTRUSTED_WARNING}");
+    Err(CliError::Untrusted)
 }
 
 async fn export_cmd(args: ExportArgs) -> Result<(), CliError> {
@@ -256,11 +316,26 @@ async fn export_cmd(args: ExportArgs) -> Result<(), CliError> {
         store::cut_checkpoint(&pool, &chain, key, CheckpointPolicy::default(), true).await?;
     }
     let request = ExportRequest { chain, from: args.from, to: args.to, ocsf: args.ocsf };
+    let export = Export::begin(&pool, &request).await.map_err(|e| match e {
+        e @ (ExportError::NotCovered { .. } | ExportError::NoCheckpoint { .. }) => CliError::Usage(format!(
+            "{e} (`cella audit export --sign-with KEY_FILE` cuts one as part of the export)"
+        )),
+        other => other.into(),
+    })?;
+    if let Some(clamped) = export.clamped() {
+        eprintln!(
+            "note: events {}..{} are not yet covered by a signed checkpoint, so the bundle stops at {}; \
+             --sign-with KEY_FILE cuts a checkpoint first and exports them too",
+            clamped.covered + 1,
+            clamped.head,
+            clamped.covered
+        );
+    }
     // Write next to the target and rename, so a failed export never leaves half a bundle.
     let tmp = args.out.with_extension("partial");
     let file = tokio::fs::File::create(&tmp).await.map_err(file_err(&tmp))?;
     let mut writer = tokio::io::BufWriter::with_capacity(256 * 1024, file);
-    let exported = match export(&pool, &request, &mut writer).await {
+    let exported = match export.write_to(&mut writer).await {
         Ok(e) => e,
         Err(e) => {
             let _ = fs::remove_file(&tmp);

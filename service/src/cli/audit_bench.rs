@@ -30,7 +30,8 @@ pub struct BenchArgs {
     /// Only the offline verification part (no database needed).
     #[arg(long)]
     skip_db: bool,
-    /// Keep the generated bundle at this path (to time `cella audit verify` on it, say).
+    /// Keep the generated bundle at this path (to time `cella audit verify` on it, say), and its
+    /// public key at FILE.pub.
     #[arg(long, value_name = "FILE")]
     keep_bundle: Option<std::path::PathBuf>,
 }
@@ -143,6 +144,17 @@ fn verify_bench(n: u64, keep: Option<&std::path::Path>) -> Result<(), CliError> 
     );
     std::fs::write(&path, &tar)
         .map_err(|source| CliError::File { path: path.display().to_string(), source })?;
+    if keep.is_some() {
+        let mut pub_path = path.clone().into_os_string();
+        pub_path.push(".pub");
+        std::fs::write(&pub_path, public.to_file_text())
+            .map_err(|source| CliError::File { path: pub_path.to_string_lossy().into_owned(), source })?;
+        println!(
+            "kept the bundle: cella audit verify {} --trusted-key {}",
+            path.display(),
+            std::path::Path::new(&pub_path).display()
+        );
+    }
     println!(
         "generated a {n}-event bundle ({:.0} MiB, {} checkpoints) in {:.1} s",
         tar.len() as f64 / (1 << 20) as f64,
@@ -151,7 +163,7 @@ fn verify_bench(n: u64, keep: Option<&std::path::Path>) -> Result<(), CliError> 
     );
     drop(tar);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let options = |threads| Options { trusted: vec![public.clone()], threads };
+    let options = |threads| Options::pinned(vec![public.clone()]).with_threads(threads);
     let file_err = |source| CliError::File { path: path.display().to_string(), source };
     let bundle = Bundle::read(&std::fs::read(&path).map_err(file_err)?[..])?;
     let mut rows = Vec::new();

@@ -17,8 +17,9 @@ use crate::client::ClientError;
 
 const EXIT_STATUS: &str = "Exit status:
   0  success (cella scan: no finding at or above --fail-on)
-  1  cella scan: findings at or above --fail-on; cella audit verify: verification failed
-  2  bad command line, file or key
+  1  cella scan: findings at or above --fail-on; cella audit verify/prove: verification failed, or
+     passed only against the file's own keys (--insecure-trust-bundle-keys: UNTRUSTED)
+  2  bad command line, file or key (cella audit verify/prove without a trusted key)
   3  database, service start-up or server-side failure
   4  cella scan: the job failed or was cancelled; cella session create: the session failed to start
   5  cannot reach the server, or it refused the request";
@@ -68,6 +69,9 @@ enum Command {
 pub enum CliError {
     #[error("{0}")]
     VerificationFailed(String),
+    /// Every check passed, but against keys that came with the file (already reported).
+    #[error("checked only against the keys inside the file")]
+    Untrusted,
     #[error("{0} finding(s) at or above the --fail-on level")]
     FindingsAtThreshold(usize),
     #[error("{0}")]

@@ -1,13 +1,17 @@
 //! Operator commands (`cella tenant …`, `cella key …`, `cella admin …`) and a tenant's job and
-//! audit commands (`cella job …`, `cella audit download`), each one API call.
+//! audit commands (`cella job …`, `cella audit download`), each one API call (`download` makes a
+//! second one, for the public keys that verify the bundle).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use cella_audit::PublicKey;
 
 use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{json, Value};
 
 use super::{ClientError, Connection};
+use crate::api::audit::AuditKeys;
 
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
@@ -260,9 +264,63 @@ pub async fn admin(cmd: AdminCommand) -> Result<(), ClientError> {
                 request = request.query(&[("to", t)]);
             }
             save(client.send(request).await?, &out).await?;
+            print_operator_verify_hint(&conn, &out);
         }
     }
     Ok(())
+}
+
+/// After an operator's export on the server host: the verify command with the data folder's
+/// public key (or the configured signing key's), and its fingerprint to read to a reviewer.
+fn print_operator_verify_hint(conn: &Connection, out: &Path) {
+    let data_dir = conn.data_dir();
+    let key_file = crate::config::Config::load(None, &data_dir.config_file())
+        .ok()
+        .and_then(|c| c.audit.signing_key)
+        .unwrap_or_else(|| data_dir.audit_key_file());
+    let mut pub_file = key_file.into_os_string();
+    pub_file.push(".pub");
+    let pub_file = PathBuf::from(pub_file);
+    match PublicKey::read(&pub_file) {
+        Ok(key) => {
+            eprintln!("audit key {}: {} ({})", key.id, key.fingerprint(), pub_file.display());
+            let other = bundle_key_ids(out).into_iter().filter(|id| *id != key.id).collect::<Vec<_>>();
+            if !other.is_empty() {
+                eprintln!(
+                    "the bundle also has checkpoints signed by {} (before a key rotation): add their .pub \
+                     files with more --trusted-key",
+                    other.join(", ")
+                );
+            }
+        }
+        Err(_) => eprintln!(
+            "no audit public key at {} (run this on the server host, with --data-dir of the server); \
+             give the reviewer the .pub file of the server's audit signing key",
+            pub_file.display()
+        ),
+    }
+    eprintln!("verify with (give the reviewer the .pub file through another channel than the bundle):");
+    eprintln!("  cella audit verify {} --trusted-key {}", shell_word(out), shell_word(&pub_file));
+}
+
+/// The ids of the keys that signed the checkpoints of the bundle at `path` (none if unreadable).
+fn bundle_key_ids(path: &Path) -> Vec<String> {
+    std::fs::File::open(path)
+        .ok()
+        .and_then(|mut f| cella_audit::bundle::signing_key_ids(&mut f).ok())
+        .unwrap_or_default()
+}
+
+/// `path` as one word of a shell command line.
+fn shell_word(path: &Path) -> String {
+    let text = path.display().to_string();
+    let plain =
+        !text.is_empty() && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-./:=@%+,".contains(&b));
+    if plain {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 pub async fn job(cmd: JobCommand) -> Result<(), ClientError> {
@@ -301,7 +359,8 @@ pub async fn job(cmd: JobCommand) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// `cella audit download`: the caller's own audit bundle.
+/// `cella audit download`: the caller's own audit bundle, and next to it the server's public
+/// key(s) that verify it, with their fingerprints and the verify command.
 pub async fn audit_download(
     conn: &Connection,
     from: Option<String>,
@@ -316,7 +375,98 @@ pub async fn audit_download(
     if let Some(t) = to {
         request = request.query(&[("to", t)]);
     }
-    save(client.send(request).await?, out).await
+    save(client.send(request).await?, out).await?;
+    let keys = match client.send(client.request(Method::GET, "/v1/audit/keys")).await {
+        Ok(response) => {
+            response.json::<AuditKeys>().await.map_err(|e| ClientError::Http(client.base().into(), e))
+        }
+        Err(e) => Err(e),
+    };
+    match keys {
+        Ok(keys) => save_audit_keys(&keys, out),
+        Err(e) => {
+            eprintln!(
+                "WARNING: the server did not give its audit public key ({}); ask your operator for it, then \
+                 verify with: cella audit verify {} --trusted-key FILE",
+                crate::error::error_chain(&e),
+                shell_word(out)
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Where `download` saves key `id`: next to the bundle.
+fn key_path(bundle: &Path, id: &str) -> PathBuf {
+    let dir = bundle.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    dir.join(format!("cella-audit-{id}.pub"))
+}
+
+/// Saves the server's current key, and any other key the bundle's checkpoints name, next to the
+/// bundle, never replacing a different key saved there before (a key id whose key changed is what
+/// a forgery looks like: that is said loudly, and the saved key stays the one to verify with).
+/// Prints each key's fingerprint and the verify command.
+fn save_audit_keys(keys: &AuditKeys, bundle: &Path) -> Result<(), ClientError> {
+    let needed = bundle_key_ids(bundle);
+    let mut trusted = Vec::new();
+    for view in keys.keys.iter().filter(|k| k.current || needed.contains(&k.id)) {
+        let key = match PublicKey::from_file_text(Path::new("the server's answer"), &view.public_key_file) {
+            Ok(key) if key.id == view.id => key,
+            _ => {
+                eprintln!(
+                    "WARNING: the server's audit key {} is not a valid public key file; skipped",
+                    view.id
+                );
+                continue;
+            }
+        };
+        let path = key_path(bundle, &key.id);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match PublicKey::from_file_text(&path, &text) {
+                Ok(saved) if saved == key => {
+                    eprintln!(
+                        "audit key {}: {} (already saved as {})",
+                        key.id,
+                        key.fingerprint(),
+                        path.display()
+                    )
+                }
+                saved => {
+                    let saved = saved.map_or_else(|e| format!("not a public key ({e})"), |k| k.fingerprint());
+                    eprintln!(
+                        "WARNING: {} already holds a different key under the id {}:\n  \
+                         saved:  {saved}\n  server: {}\n\
+                         WARNING: a key id whose key changed is what a forged bundle or an impostor server \
+                         looks like. The saved file was kept and the bundle will be checked against it; ask \
+                         your operator which fingerprint is right (to take the server's, delete {} and \
+                         download again).",
+                        path.display(),
+                        key.id,
+                        key.fingerprint(),
+                        path.display()
+                    );
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(&path, key.to_file_text()).map_err(|e| ClientError::Write(path.clone(), e))?;
+                eprintln!("audit key {}: {} (saved as {})", key.id, key.fingerprint(), path.display());
+            }
+            Err(e) => return Err(ClientError::Read(path, e)),
+        }
+        if needed.is_empty() || needed.contains(&key.id) {
+            trusted.push(path);
+        }
+    }
+    if let Some(missing) = needed.iter().find(|id| !keys.keys.iter().any(|k| &k.id == *id)) {
+        eprintln!("WARNING: the bundle names key {missing}, which the server does not list; ask your operator for it");
+    }
+    let mut command = format!("cella audit verify {}", shell_word(bundle));
+    for path in &trusted {
+        command.push_str(&format!(" --trusted-key {}", shell_word(path)));
+    }
+    eprintln!("compare the fingerprint with the one your operator gives you, then verify with:");
+    eprintln!("  {command}");
+    Ok(())
 }
 
 /// Streams a bundle to `<out>.partial` (progress on a terminal), then renames it to `out`. A
@@ -333,12 +483,7 @@ async fn save(response: reqwest::Response, out: &PathBuf) -> Result<(), ClientEr
         }
     };
     std::fs::rename(&tmp, out).map_err(|e| ClientError::Write(out.clone(), e))?;
-    eprintln!(
-        "wrote {} bytes to {} (check it with `cella audit verify {}`)",
-        bytes,
-        out.display(),
-        out.display()
-    );
+    eprintln!("wrote {} bytes to {}", bytes, out.display());
     Ok(())
 }
 
