@@ -26,6 +26,8 @@ pub struct Lease {
     pub policy: String,
     /// The tenant's fingerprint key, hex (handed to the scan VM, see `migrations/0005`).
     pub fingerprint_key: String,
+    /// The tenant's own CPU quota per VM (percent of one CPU), if it has one.
+    pub vm_cpu_percent: Option<u32>,
 }
 
 impl Lease {
@@ -77,7 +79,7 @@ pub async fn lease(
 ) -> Result<Option<Lease>, ServiceError> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
-        "SELECT j.id, j.tenant_id, j.policy, j.max_attempts, t.fingerprint_key
+        "SELECT j.id, j.tenant_id, j.policy, j.max_attempts, t.fingerprint_key, t.quota_vm_cpu_percent
          FROM jobs j JOIN tenants t ON t.id = j.tenant_id
          WHERE j.state = 'queued' AND j.run_after <= now() AND NOT t.suspended
            AND (SELECT count(*) FROM jobs r WHERE r.tenant_id = j.tenant_id AND r.state = 'running') < t.max_concurrent
@@ -113,6 +115,9 @@ pub async fn lease(
         worker_id: worker_id.to_owned(),
         policy: row.try_get("policy")?,
         fingerprint_key: crate::ids::hex(row.try_get::<&[u8], _>("fingerprint_key")?),
+        vm_cpu_percent: row
+            .try_get::<Option<i32>, _>("quota_vm_cpu_percent")?
+            .and_then(|p| u32::try_from(p).ok()),
     };
     tenant_event(
         &mut tx,

@@ -135,7 +135,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         config.worker.enabled = false;
     }
     if config.worker.enabled {
-        crate::worker::launch::Launcher::new(&config.worker).check()?;
+        crate::worker::launch::Launcher::new(&config.worker, config.quotas.vm_cpu_percent).check()?;
     }
     let tls_files = tls::ensure(&config.tls, data_dir.root())?;
     let tls_config = tls::server_config(&tls_files)?;
@@ -230,13 +230,16 @@ pub async fn start(
         spares.refill(0);
         vmms = vmms.with_spares(spares.clone());
     }
-    let sessions = Arc::new(SessionManager::new(
-        pool.clone(),
-        config.sessions.clone(),
-        data_dir.clone(),
-        crate::sessions::manager::host_name(),
-        vmms,
-    ));
+    let sessions = Arc::new(
+        SessionManager::new(
+            pool.clone(),
+            config.sessions.clone(),
+            data_dir.clone(),
+            crate::sessions::manager::host_name(),
+            vmms,
+        )
+        .with_default_cpu_percent(config.quotas.vm_cpu_percent),
+    );
     sessions.recover().await?;
     let reaper = tokio::spawn(crate::sessions::reaper::run(sessions.clone(), shutdown_rx.clone()));
     let state = AppState {

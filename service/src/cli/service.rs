@@ -63,7 +63,9 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
     if let Some(n) = args.concurrency {
         config.worker.concurrency = n;
     }
-    crate::worker::launch::Launcher::new(&config.worker).check().map_err(crate::serve::ServeError::from)?;
+    crate::worker::launch::Launcher::new(&config.worker, config.quotas.vm_cpu_percent)
+        .check()
+        .map_err(crate::serve::ServeError::from)?;
     runtime()?.block_on(async move {
         let options = match &config.database_url {
             Some(url) => url.parse()?,

@@ -134,7 +134,9 @@ async fn service_run(
     if config.worker.vmm.is_none() {
         config.worker.vmm = Some(crate::worker::launch::default_vmm());
     }
-    crate::worker::launch::Launcher::new(&config.worker).check().map_err(serve::ServeError::from)?;
+    crate::worker::launch::Launcher::new(&config.worker, config.quotas.vm_cpu_percent)
+        .check()
+        .map_err(serve::ServeError::from)?;
     let pool = db::connect(url, 16).await?;
     let tls_files = tls::ensure(&config.tls, data.root()).map_err(serve::ServeError::from)?;
     let tls_config = tls::server_config(&tls_files).map_err(serve::ServeError::from)?;

@@ -157,6 +157,7 @@ pub struct SessionManager {
     /// Jail uids taken by launches that have not recorded their VMM yet; held while a launch
     /// picks one, so two launches never pick the same.
     jail_uids: tokio::sync::Mutex<HashSet<u32>>,
+    default_cpu_percent: u32,
 }
 
 /// How [`SessionManager::stop_vm`] ended a VMM.
@@ -311,11 +312,27 @@ impl SessionManager {
             vmms,
             slots: Mutex::default(),
             jail_uids: tokio::sync::Mutex::default(),
+            default_cpu_percent: 100,
         }
     }
 
     pub fn config(&self) -> &SessionsConfig {
         &self.config
+    }
+
+    /// The CPU quota per VM of tenants without one of their own (percent of one CPU; default
+    /// 100, or as configured in `[quotas]`).
+    pub fn with_default_cpu_percent(mut self, percent: u32) -> Self {
+        self.default_cpu_percent = percent.max(1);
+        self
+    }
+
+    /// The tenant's CPU quota per VM (percent of one CPU).
+    async fn cpu_percent(&self, tenant: &str) -> Result<u32, ServiceError> {
+        Ok(crate::quotas::overrides(&self.pool, tenant)
+            .await?
+            .vm_cpu_percent
+            .unwrap_or(self.default_cpu_percent))
     }
 
     pub fn host(&self) -> &str {
@@ -436,6 +453,7 @@ impl SessionManager {
             max_duration: vmm_max_duration(left),
             log: paths.log.clone(),
             jail: None,
+            cpu_percent: self.cpu_percent(&s.tenant_id).await?,
         };
         let t0 = Instant::now();
         let (launched, pid) = match self.launch(&starting, spec).await {
@@ -727,6 +745,7 @@ impl SessionManager {
             max_duration: vmm_max_duration(left),
             log: paths.log.clone(),
             jail: None,
+            cpu_percent: self.cpu_percent(&s.tenant_id).await?,
         };
         let t0 = Instant::now();
         let launched = match self.launch(&resuming, spec).await {

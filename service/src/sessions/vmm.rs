@@ -87,6 +87,8 @@ pub struct LaunchSpec {
     pub log: PathBuf,
     /// Run it jailed, in this cell.
     pub jail: Option<JailSpec>,
+    /// The tenant's CPU quota per VM, percent of one CPU (a jailed VMM's cgroup).
+    pub cpu_percent: u32,
 }
 
 /// What the control API says the VM is doing.
@@ -201,6 +203,7 @@ impl Vmms {
             let uid = jail.uid.to_string();
             cmd.args(["--jailed", "--jail-id", &jail.id, "--jail-uid", &uid, "--jail-gid", &uid]);
             cmd.arg("--session-dir").arg(&spec.dir);
+            cmd.arg("--cpus").arg(format!("{}", f64::from(spec.cpu_percent.max(1)) / 100.0));
             if let Some(spare) = spare {
                 cmd.args(["--jail-prepared", spare]);
             }
@@ -504,6 +507,7 @@ mod tests {
             max_duration: Duration::from_secs(60),
             log: "/d/sessions/s1.vmm.log".into(),
             jail: Some(JailSpec { id: "session-s1".into(), uid: 65_007 }),
+            cpu_percent: 50,
         };
         let line = |spare| {
             let cmd = vmms.command(&spec, spare);
@@ -512,14 +516,14 @@ mod tests {
         let cold = line(None);
         assert!(
             cold.ends_with(
-                "--jailed --jail-id session-s1 --jail-uid 65007 --jail-gid 65007 --session-dir /d/sessions/s1"
+                "--jailed --jail-id session-s1 --jail-uid 65007 --jail-gid 65007 --session-dir /d/sessions/s1 \
+                 --cpus 0.5"
             ),
             "{cold}"
         );
         assert!(cold.contains("--restore /d/sessions/s1/snapshot"), "{cold}");
-        assert!(
-            line(Some("spare-1-0-0")).ends_with("--session-dir /d/sessions/s1 --jail-prepared spare-1-0-0")
-        );
+        assert!(line(Some("spare-1-0-0"))
+            .ends_with("--session-dir /d/sessions/s1 --cpus 0.5 --jail-prepared spare-1-0-0"));
         assert_eq!(vmms.jailer(), Path::new("/opt/cella/cella-jailer"));
     }
 }

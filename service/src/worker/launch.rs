@@ -39,6 +39,7 @@ pub enum LaunchError {
 pub struct Launcher {
     vmm: PathBuf,
     config: WorkerConfig,
+    vm_cpu_percent: u32,
 }
 
 /// One scan to run.
@@ -55,6 +56,8 @@ pub struct ScanSpec<'a> {
     /// The tenant's fingerprint key, hex: in the environment of `cella-vmm scan`, which only
     /// this process's user can read, not on its command line.
     pub fingerprint_key: &'a str,
+    /// The tenant's CPU quota per VM, percent of one CPU (jailed VMMs' cgroup).
+    pub cpu_percent: u32,
 }
 
 /// A started scan.
@@ -74,8 +77,15 @@ pub fn default_vmm() -> PathBuf {
 }
 
 impl Launcher {
-    pub fn new(config: &WorkerConfig) -> Self {
-        Self { vmm: config.vmm.clone().unwrap_or_else(default_vmm), config: config.clone() }
+    /// `vm_cpu_percent`: the CPU quota of a VMM whose tenant has no quota of its own (held
+    /// spares are made with it).
+    pub fn new(config: &WorkerConfig, vm_cpu_percent: u32) -> Self {
+        Self { vmm: config.vmm.clone().unwrap_or_else(default_vmm), config: config.clone(), vm_cpu_percent }
+    }
+
+    /// The CPU quota held spares are made with.
+    pub fn default_cpu_percent(&self) -> u32 {
+        self.vm_cpu_percent
     }
 
     /// The `cella-vmm` this launcher runs.
@@ -117,7 +127,7 @@ impl Launcher {
     /// What every scan of this worker as `uid` shares: VM size, time limit, image, and, when
     /// jailed, the jail's uid/gid. A held spare is made from the same (see
     /// [`Launcher::hold_command`]), so a launch finds it of its own shape.
-    fn base_command(&self, uid: u32) -> Command {
+    fn base_command(&self, uid: u32, cpu_percent: u32) -> Command {
         let mut cmd = Command::new(&self.vmm);
         cmd.arg("scan")
             .arg("--json")
@@ -131,13 +141,15 @@ impl Launcher {
         if self.jailed() {
             let id = uid.to_string();
             cmd.args(["--jailed", "--jail-uid", &id, "--jail-gid", &id]);
+            // The VMM's cgroup CPU quota: one tenant's VMs cannot take the others' CPU time.
+            cmd.arg("--cpus").arg(format!("{}", f64::from(cpu_percent.max(1)) / 100.0));
         }
         cmd
     }
 
     /// The command line for `spec`.
     pub fn command(&self, spec: &ScanSpec<'_>) -> Command {
-        let mut cmd = self.base_command(spec.uid);
+        let mut cmd = self.base_command(spec.uid, spec.cpu_percent);
         cmd.arg("--artifact")
             .arg(spec.artifact)
             .arg("--policy")
@@ -158,7 +170,7 @@ impl Launcher {
     /// and its VMM started ahead of the scan that takes it (`cella-vmm scan --jailed
     /// --jail-hold`).
     pub fn hold_command(&self, spare: &str, uid: u32) -> Command {
-        let mut cmd = self.base_command(uid);
+        let mut cmd = self.base_command(uid, self.vm_cpu_percent);
         cmd.args(["--jail-hold", spare]);
         cmd
     }

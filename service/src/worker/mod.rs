@@ -58,9 +58,9 @@ impl Worker {
             lease_for: config.jobs.lease(),
             timeout: Duration::from_secs(config.worker.timeout_secs),
             drain_grace: Duration::from_secs(config.worker.drain_secs),
-            launcher: Launcher::new(&config.worker),
+            launcher: Launcher::new(&config.worker, config.quotas.vm_cpu_percent),
             spares: config.worker.is_jailed().then(|| {
-                let launcher = Launcher::new(&config.worker);
+                let launcher = Launcher::new(&config.worker, config.quotas.vm_cpu_percent);
                 // The jailer refuses a symlinked exec-file; the jailed launch names the real file too.
                 let vmm = std::fs::canonicalize(launcher.vmm()).unwrap_or_else(|_| launcher.vmm().to_owned());
                 let base = config.worker.jail_uid_base;
@@ -209,6 +209,7 @@ impl Worker {
             uid: HeldSpares::uids(self.launcher.jail_uid_base(), slot)[0],
             spare: None,
             fingerprint_key: &lease.fingerprint_key,
+            cpu_percent: lease.vm_cpu_percent.unwrap_or(self.launcher.default_cpu_percent()),
         };
         let outcome = if !artifact.exists() {
             Outcome::Failed {
@@ -217,9 +218,12 @@ impl Worker {
                 vm: None,
             }
         } else {
+            // Held spares are made with the default CPU quota: a tenant with its own makes its jail.
             let (spare, uid) = match &self.spares {
-                Some(spares) => spares.launch(slot),
-                None => (None, spec.uid),
+                Some(spares) if spec.cpu_percent == self.launcher.default_cpu_percent() => {
+                    spares.launch(slot)
+                }
+                _ => (None, spec.uid),
             };
             let started = self.launcher.start(&ScanSpec { spare: spare.as_deref(), uid, ..spec });
             if let Some(spares) = &self.spares {
