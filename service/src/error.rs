@@ -5,7 +5,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-/// An error and its sources on one line: `outer: inner: innermost`.
+/// Text that an artifact or a guest may have chosen, with its control characters escaped
+/// (`\x1b`, `\r`, …): used wherever such text reaches a stored reason, an answer, a log line
+/// or a terminal (see [`cella_proto::text::escape_controls`]).
+pub use cella_proto::text::escape_controls;
+
+/// An error and its sources on one line: `outer: inner: innermost`, control characters escaped.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut msg = err.to_string();
     let mut source = err.source();
@@ -13,7 +18,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         msg.push_str(&format!(": {s}"));
         source = s.source();
     }
-    msg
+    escape_controls(&msg).into_owned()
 }
 
 /// A log line that repeats (the database being away) is printed at most every 10 s.
@@ -30,7 +35,7 @@ impl QuietLog {
 
     pub fn log(&mut self, what: &str, err: &dyn std::fmt::Display) {
         if self.last.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10)) {
-            eprintln!("{}: {what}: {err}", self.who);
+            eprintln!("{}: {}", self.who, escape_controls(&format!("{what}: {err}")));
             self.last = Some(std::time::Instant::now());
         }
     }
@@ -131,15 +136,15 @@ impl IntoResponse for ServiceError {
         let (status, kind) = self.status();
         let detail = match &self {
             ServiceError::Internal(_) => {
-                eprintln!("cella serve: {self}");
+                eprintln!("cella serve: {}", escape_controls(&self.to_string()));
                 "internal error; the server's log has the details".to_owned()
             }
             ServiceError::Unavailable(e) => {
-                eprintln!("cella serve: database unavailable: {e}");
+                eprintln!("cella serve: database unavailable: {}", escape_controls(&e.to_string()));
                 self.to_string()
             }
             _ => self.to_string(),
         };
-        problem(status, kind, &detail)
+        problem(status, kind, &escape_controls(&detail))
     }
 }

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::VerificationFailed(failure)) => {
-            println!("FAILED: {failure}");
+            println!("FAILED: {}", cella_service::error::escape_controls(&failure));
             ExitCode::from(1)
         }
         Err(CliError::FindingsAtThreshold(_)) => ExitCode::from(1),

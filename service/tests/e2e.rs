@@ -563,3 +563,37 @@ async fn a_rejected_upload_gets_its_answer_while_the_client_is_still_sending(poo
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn control_characters_in_an_archive_entry_name_reach_no_message_raw(pool: PgPool) {
+    let dir = scratch("control-chars");
+    let server = Server::start(&dir.join("data"), Some(&test_db_url(&pool)), &[("CELLA_JAILED", "0")]);
+    let data = server.data.clone();
+    let out = cella(&data, None, &["tenant", "create", "acme"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let tenant = stdout.lines().find_map(|l| l.strip_prefix("tenant  ")).unwrap().trim().to_owned();
+    let key = stdout.lines().find_map(|l| l.strip_prefix("API key ")).unwrap().trim().to_owned();
+    // An entry that would clear the screen, ring the bell and overwrite its own line.
+    let evil = dir.join("evil.tar");
+    std::fs::write(&evil, cella_e2e::ustar(&[("../\x1b[2J\x07owned\r", b"x")])).unwrap();
+    let out = cella(&data, Some(&key), &["scan", evil.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = "artifact entry `../\\x1b[2J\\x07owned\\r` escapes the archive root";
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains(shown), "{stderr}");
+    assert!(!stderr.contains(['\x1b', '\x07', '\r']), "{stderr:?}");
+    // Stored, answered and audited escaped too.
+    let error: String = sqlx::query_scalar("SELECT error FROM jobs").fetch_one(&pool).await.unwrap();
+    assert_eq!(error, format!("artifact refused: {shown}"));
+    let id: String = sqlx::query_scalar("SELECT id FROM jobs").fetch_one(&pool).await.unwrap();
+    let client = ApiClient::new(&server.url, &key, Some(&server.ca)).unwrap();
+    assert_eq!(job(&client, &id).await["error"], error.as_str());
+    let failed = actions(&pool, &tenant).await.into_iter().find(|(a, _)| a == "job.failed").unwrap().1;
+    assert_eq!(failed["details"]["reason"], error.as_str());
+    // `cella job ls` prints it as stored.
+    let out = cella(&data, Some(&key), &["job", "ls"]);
+    let listed = String::from_utf8(out.stdout).unwrap();
+    assert!(listed.contains(shown) && !listed.contains(['\x1b', '\x07', '\r']), "{listed:?}");
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -166,13 +166,15 @@ fn disk_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The last line of the VMM's log, for a failure reason (bounded).
+/// The last line of the VMM's log, for a failure reason (bounded, control characters escaped:
+/// the guest's console and messages end up there).
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let tail = &text[text.len().saturating_sub(4096)..];
     let line =
         String::from_utf8_lossy(tail).lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_owned();
-    line.chars().take(300).collect()
+    let line: String = line.chars().take(300).collect();
+    crate::error::escape_controls(&line).into_owned()
 }
 
 /// 409 for a call that does not apply in the session's state, saying what to do.
@@ -479,6 +481,7 @@ impl SessionManager {
     /// Marks the session failed with `reason` (ending its VM and deleting its files); returns
     /// the error for the caller.
     async fn fail(&self, s: Session, reason: &str, actor: &Actor) -> ServiceError {
+        let reason = &*crate::error::escape_controls(reason);
         self.stop_session_vm(&s).await;
         self.paths(&s.id).remove().await;
         let failed = Session {

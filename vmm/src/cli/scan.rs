@@ -153,7 +153,9 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
                     exit_code::for_exit(&report.exit)
                 }
                 ScanOutcome::Refused(error) => {
-                    eprintln!("cella-vmm scan: {} refused: {}", error.kind, error.message);
+                    // The guest's words (an entry name chosen by the artifact): escaped for the terminal.
+                    let said = format!("{} refused: {}", error.kind, error.message);
+                    eprintln!("cella-vmm scan: {}", cella_proto::text::escape_controls(&said));
                     result["refused"] = json!(error);
                     ExitCode::from(exit_code::SCAN_REFUSED)
                 }
