@@ -39,6 +39,7 @@ impl Drop for TempDir {
 struct Reply {
     status: StatusCode,
     content_type: String,
+    headers: axum::http::HeaderMap,
     body: Vec<u8>,
 }
 
@@ -98,8 +99,9 @@ impl Api {
             .get("content-type")
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
+        let headers = response.headers().clone();
         let body = axum::body::to_bytes(response.into_body(), 64 << 20).await.unwrap().to_vec();
-        Reply { status, content_type, body }
+        Reply { status, content_type, headers, body }
     }
 
     async fn get(&self, uri: &str, key: &str) -> Reply {
@@ -523,4 +525,39 @@ async fn a_stalled_upload_is_dropped_with_408_and_leaves_nothing(pool: PgPool) {
     let r = api.call(Method::POST, "/v1/jobs", Some(&key), Body::from_stream(stalled), &[]).await;
     assert_problem(&r, StatusCode::REQUEST_TIMEOUT, "sent nothing for 1 s");
     assert_eq!(std::fs::read_dir(api.state.data_dir.artifacts()).unwrap().count(), 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn every_answer_carries_hsts_nosniff_and_no_store(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let id = api.submit(&key, b"x", "", &[]).await.json()["id"].as_str().unwrap().to_owned();
+    let lease = queue::lease(&api.state.pool, "w", Duration::from_secs(30)).await.unwrap().unwrap();
+    let done = Outcome::Succeeded { summary: json!({"findings": 0}), sarif: b"{}".to_vec(), vm: json!({}) };
+    queue::finish(&api.state.pool, &lease, &done).await.unwrap();
+    let answers = [
+        (Method::GET, "/healthz".to_owned(), None, StatusCode::OK),
+        (Method::GET, "/v1/openapi.json".to_owned(), None, StatusCode::OK),
+        (Method::GET, "/v1/jobs".to_owned(), None, StatusCode::UNAUTHORIZED),
+        (Method::GET, format!("/v1/jobs/{id}"), Some(&key), StatusCode::OK),
+        (Method::GET, format!("/v1/jobs/{id}/sarif"), Some(&key), StatusCode::OK),
+        (Method::GET, format!("/v1/jobs/{id}/summary"), Some(&key), StatusCode::OK),
+        (Method::GET, "/v1/audit/export".to_owned(), Some(&key), StatusCode::OK),
+        (Method::GET, "/v1/sessions".to_owned(), Some(&key), StatusCode::OK),
+        (Method::GET, "/metrics".to_owned(), Some(&api.admin), StatusCode::OK),
+        (Method::GET, "/v1/nothing-here".to_owned(), Some(&key), StatusCode::NOT_FOUND),
+        (Method::DELETE, "/v1/jobs".to_owned(), Some(&key), StatusCode::METHOD_NOT_ALLOWED),
+    ];
+    for (method, uri, key, status) in answers {
+        let r = api.call(method.clone(), &uri, key.map(String::as_str), Body::empty(), &[]).await;
+        assert_eq!(r.status, status, "{method} {uri}: {}", String::from_utf8_lossy(&r.body));
+        let header = |name: &str| r.headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            header("strict-transport-security").as_deref(),
+            Some("max-age=31536000"),
+            "{method} {uri}"
+        );
+        assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"), "{method} {uri}");
+        assert_eq!(header("cache-control").as_deref(), Some("no-store"), "{method} {uri}");
+    }
 }
