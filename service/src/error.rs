@@ -67,17 +67,34 @@ pub enum ServiceError {
     Vm(String),
     #[error("the database is unavailable; try again")]
     Unavailable(#[source] sqlx::Error),
+    /// The server's disk (or its database's) is full: nothing was kept.
+    #[error("the server is out of disk space ({0}); nothing was kept: try again later, and tell the server's operator if it goes on")]
+    InsufficientStorage(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
+/// PostgreSQL's SQLSTATE for a full disk (`disk_full`).
+const PG_DISK_FULL: &str = "53100";
+/// SQLSTATEs of a server that cannot take the request now: too many connections, starting up
+/// or shutting down, an administrator's or a crash's restart.
+const PG_UNAVAILABLE: &[&str] = &["53300", "57P01", "57P02", "57P03"];
+
 impl From<sqlx::Error> for ServiceError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_) => ServiceError::Unavailable(e),
+        let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
+        match (&e, code.as_deref()) {
+            (_, Some(PG_DISK_FULL)) => {
+                ServiceError::InsufficientStorage("its database's disk is full".to_owned())
+            }
+            (_, Some(code)) if PG_UNAVAILABLE.contains(&code) => ServiceError::Unavailable(e),
+            (
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_),
+                _,
+            ) => ServiceError::Unavailable(e),
             _ => ServiceError::Internal(format!("database: {e}")),
         }
     }
@@ -89,6 +106,30 @@ impl From<cella_audit::store::StoreError> for ServiceError {
             cella_audit::store::StoreError::Db(db) => db.into(),
             other => ServiceError::Internal(format!("audit: {other}")),
         }
+    }
+}
+
+/// Whether `e` says the disk (or the user's quota) is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+impl ServiceError {
+    /// `doing` (`storing the upload`) failed on `path` with `e`: a full disk is
+    /// [`ServiceError::InsufficientStorage`] (507, the path only in the log), anything else
+    /// internal (500, details in the log).
+    pub fn io(doing: &'static str, path: &std::path::Path, e: &std::io::Error) -> Self {
+        if is_disk_full(e) {
+            eprintln!("cella serve: {doing}: {}: {e}", escape_controls(&path.display().to_string()));
+            ServiceError::InsufficientStorage(doing.to_owned())
+        } else {
+            ServiceError::Internal(format!("{doing}: {}: {e}", path.display()))
+        }
+    }
+
+    /// [`ServiceError::io`] for a [`crate::files::FileError`].
+    pub fn file(doing: &'static str, e: &crate::files::FileError) -> Self {
+        Self::io(doing, &e.path, &e.source)
     }
 }
 
@@ -108,6 +149,9 @@ impl ServiceError {
             ServiceError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ServiceError::Vm(_) => (StatusCode::BAD_GATEWAY, "vm-error"),
             ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ServiceError::InsufficientStorage(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient-storage")
+            }
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

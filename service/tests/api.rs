@@ -22,18 +22,12 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tower::ServiceExt;
 
+mod common;
+
 struct Api {
     state: AppState,
     admin: String,
-    _dir: TempDir,
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    _dir: common::Scratch,
 }
 
 struct Reply {
@@ -51,8 +45,8 @@ impl Reply {
 }
 
 async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
-    let dir = std::env::temp_dir().join(format!("cella-api-{}", cella_service::ids::new_id("t")));
-    let data_dir = DataDir::at(&dir);
+    let dir = common::Scratch::new(&format!("api-{}", &cella_service::ids::new_id("t")[2..14]));
+    let data_dir = DataDir::at(dir.join("data"));
     data_dir.create().unwrap();
     let mut config = Config::default();
     tweak(&mut config);
@@ -73,7 +67,7 @@ async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
         config: Arc::new(config),
         data_dir,
     };
-    Api { state, admin, _dir: TempDir(dir) }
+    Api { state, admin, _dir: dir }
 }
 
 impl Api {
@@ -560,4 +554,83 @@ async fn every_answer_carries_hsts_nosniff_and_no_store(pool: PgPool) {
         assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"), "{method} {uri}");
         assert_eq!(header("cache-control").as_deref(), Some("no-store"), "{method} {uri}");
     }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_upload_to_a_full_disk_is_507_and_leaves_nothing(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let artifacts = api.state.data_dir.artifacts();
+    common::mount_small_disk(&artifacts, "1M");
+    // An artifact that fits while the disk has room.
+    let r = api.submit(&key, &[b'a'; 300 << 10], "", &[]).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    let kept = r.json()["id"].as_str().unwrap().to_owned();
+    // Bigger than what is left: refused, and nothing of it stays.
+    let r = api.submit(&key, &[b'b'; 900 << 10], "", &[]).await;
+    assert_problem(
+        &r,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "the server is out of disk space (storing the upload)",
+    );
+    assert!(r.json()["detail"].as_str().unwrap().contains("try again later"));
+    assert!(!r.json()["detail"].as_str().unwrap().contains(artifacts.to_str().unwrap()), "no server path");
+    // Full to the last byte: even a tiny one.
+    common::fill_disk(&artifacts);
+    assert_problem(
+        &api.submit(&key, b"x", "", &[]).await,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "out of disk space",
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&artifacts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["filler".to_owned(), kept]);
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&api.state.pool).await.unwrap();
+    assert_eq!(jobs, 1);
+    assert_eq!(api.actions(&tenant).await, ["tenant.created", "api_key.created", "job.submitted"]);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_session_upload_to_a_full_disk_is_507_and_leaves_nothing(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let sessions = api.state.data_dir.sessions();
+    common::mount_small_disk(&sessions, "1M");
+    common::fill_disk(&sessions);
+    let r = api.call(Method::POST, "/v1/sessions", Some(&key), Body::from(vec![b'x'; 8192]), &[]).await;
+    assert_problem(
+        &r,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "the server is out of disk space (storing the upload)",
+    );
+    let left: Vec<String> = std::fs::read_dir(&sessions)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["filler"]);
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sessions").fetch_one(&api.state.pool).await.unwrap();
+    assert_eq!(rows, 0);
+    assert_eq!(api.actions(&tenant).await, ["tenant.created", "api_key.created"]);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_database_out_of_disk_space_is_507(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    // What PostgreSQL answers when its disk is full (SQLSTATE 53100), for real, on every insert.
+    sqlx::raw_sql(
+        "CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; END $$;
+         CREATE TRIGGER full_disk BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION full_disk();",
+    )
+    .execute(&api.state.pool)
+    .await
+    .unwrap();
+    let r = api.submit(&key, b"x", "", &[]).await;
+    assert_problem(&r, StatusCode::INSUFFICIENT_STORAGE, "out of disk space (its database's disk is full)");
+    assert_eq!(std::fs::read_dir(api.state.data_dir.artifacts()).unwrap().count(), 0);
 }
