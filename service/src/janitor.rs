@@ -1,0 +1,147 @@
+//! What the data folder must not keep: files a crashed process left (workers' SARIF logs in
+//! `work/`, files on their way into a session, artifacts of jobs that ended or were never
+//! created).
+//!
+//! A file is removed only when no running job can own it, whichever process runs that job: a
+//! SARIF log `work/<job>.<attempt>.sarif` stays while its job runs that attempt (a `cella
+//! worker` sharing the data folder may be writing it); an artifact stays while its job is
+//! queued or running. `cella serve` sweeps when it starts (then no upload of its own is under
+//! way, so uploads it never finished and artifacts without a job go too) and every hour;
+//! `cella worker` sweeps when it starts.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use sqlx::{PgPool, Row};
+use tokio::sync::watch;
+
+use crate::data_dir::DataDir;
+use crate::error::{QuietLog, ServiceError};
+
+/// How often `cella serve` sweeps.
+const EVERY: Duration = Duration::from_secs(3600);
+
+/// What a sweep removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// SARIF logs and files on their way into a session, from `work/`.
+    pub work: usize,
+    /// Artifacts of jobs that ended, or (at start) that were never created.
+    pub artifacts: usize,
+}
+
+/// When a sweep runs, which decides what may be under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moment {
+    /// `cella serve` is starting: none of its uploads or session adds is under way.
+    ServeStart,
+    /// `cella worker` is starting, or `serve` runs: uploads and adds may be under way.
+    Running,
+}
+
+/// A worker's SARIF log name, `<job id>.<attempt>.sarif`.
+pub fn sarif_name(job_id: &str, attempt: i32) -> String {
+    format!("{job_id}.{attempt}.sarif")
+}
+
+fn parse_sarif_name(name: &str) -> Option<(&str, i32)> {
+    let (job, attempt) = name.strip_suffix(".sarif")?.rsplit_once('.')?;
+    crate::ids::is_id(job, "job").then_some(())?;
+    Some((job, attempt.parse().ok()?))
+}
+
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Removes what no running job or request can own (see the module's documentation).
+pub async fn sweep(pool: &PgPool, data_dir: &DataDir, moment: Moment) -> Result<Swept, ServiceError> {
+    let mut swept = Swept::default();
+    // work/: SARIF logs of job attempts that are not running; at serve's start, anything else
+    // (files on their way into a session, `.part` files of those).
+    let work = data_dir.work();
+    let names = names_in(&work);
+    let jobs: Vec<String> =
+        names.iter().filter_map(|n| parse_sarif_name(n)).map(|(job, _)| job.to_owned()).collect();
+    let running: HashSet<(String, i32)> =
+        sqlx::query("SELECT id, attempt FROM jobs WHERE id = ANY($1) AND state = 'running'")
+            .bind(&jobs)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("attempt")?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+    for name in &names {
+        let leftover = match parse_sarif_name(name) {
+            Some((job, attempt)) => !running.contains(&(job.to_owned(), attempt)),
+            None => moment == Moment::ServeStart,
+        };
+        if leftover && remove(&work.join(name)) {
+            swept.work += 1;
+        }
+    }
+    // artifacts/: those of jobs that ended; at serve's start, also those without a job (an
+    // upload is named under its final path just before its job is inserted) and uploads that
+    // never finished (`<job>.part`).
+    let artifacts = data_dir.artifacts();
+    let names = names_in(&artifacts);
+    let ids: Vec<&str> = names.iter().map(String::as_str).filter(|n| crate::ids::is_id(n, "job")).collect();
+    let states: HashMap<String, String> = sqlx::query("SELECT id, state FROM jobs WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("id")?, r.try_get("state")?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    for name in &names {
+        let leftover = match states.get(name) {
+            Some(state) => crate::jobs::is_final(state),
+            None if crate::ids::is_id(name, "job") => moment == Moment::ServeStart,
+            None => moment == Moment::ServeStart && name.ends_with(".part"),
+        };
+        if leftover && remove(&artifacts.join(name)) {
+            swept.artifacts += 1;
+        }
+    }
+    Ok(swept)
+}
+
+fn remove(path: &std::path::Path) -> bool {
+    std::fs::remove_file(path).is_ok()
+}
+
+/// `cella serve`'s janitor: sweeps every hour (the first time an hour after the start's own
+/// sweep), until `shutdown`.
+pub async fn run(pool: PgPool, data_dir: DataDir, mut shutdown: watch::Receiver<bool>) {
+    let mut quiet = QuietLog::new("cella serve");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match sweep(&pool, &data_dir, Moment::Running).await {
+            Ok(s) if s != Swept::default() => eprintln!(
+                "cella serve: removed {} scratch file(s) and {} artifact(s) no job needs",
+                s.work, s.artifacts
+            ),
+            Ok(_) => {}
+            Err(e) => quiet.log("sweeping the data folder", &e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sarif_names_round_trip_and_others_are_not_sarif_logs() {
+        let job = crate::ids::new_id("job");
+        assert_eq!(parse_sarif_name(&sarif_name(&job, 3)), Some((job.as_str(), 3)));
+        assert_eq!(parse_sarif_name("session_ab-add-12"), None);
+        assert_eq!(parse_sarif_name("x.1.sarif"), None);
+        assert_eq!(parse_sarif_name(&format!("{job}.sarif")), None);
+    }
+}
