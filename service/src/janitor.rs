@@ -1,25 +1,32 @@
-//! What the data folder must not keep: files a crashed process left (workers' SARIF logs in
-//! `work/`, files on their way into a session, artifacts of jobs that ended or were never
-//! created).
+//! What the data folder and the `jobs` table must not keep: files a crashed process left
+//! (workers' SARIF logs in `work/`, files on their way into a session, artifacts of jobs that
+//! ended or were never created) and finished jobs past the retention (`jobs.retention_days`),
+//! each purge recorded on its tenant's audit chain.
 //!
 //! A file is removed only when no running job can own it, whichever process runs that job: a
 //! SARIF log `work/<job>.<attempt>.sarif` stays while its job runs that attempt (a `cella
 //! worker` sharing the data folder may be writing it); an artifact stays while its job is
 //! queued or running. `cella serve` sweeps when it starts (then no upload of its own is under
-//! way, so uploads it never finished and artifacts without a job go too) and every hour;
-//! `cella worker` sweeps when it starts.
+//! way, so uploads it never finished and artifacts without a job go too) and with every purge;
+//! `cella worker` sweeps `work/` when it starts. Only `cella serve` purges: one purger is
+//! enough, and two (several hosts) never purge one job twice (`FOR UPDATE SKIP LOCKED`).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use cella_audit::Actor;
+use serde_json::json;
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 
+use crate::audit_log::tenant_event;
 use crate::data_dir::DataDir;
 use crate::error::{QuietLog, ServiceError};
 
-/// How often `cella serve` sweeps.
+/// How often `cella serve` purges and sweeps.
 const EVERY: Duration = Duration::from_secs(3600);
+/// Jobs purged per transaction (one audit event per tenant per batch).
+const BATCH: i64 = 500;
 
 /// What a sweep removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -112,14 +119,102 @@ fn remove(path: &std::path::Path) -> bool {
     std::fs::remove_file(path).is_ok()
 }
 
-/// `cella serve`'s janitor: sweeps every hour (the first time an hour after the start's own
-/// sweep), until `shutdown`.
-pub async fn run(pool: PgPool, data_dir: DataDir, mut shutdown: watch::Receiver<bool>) {
+/// What a purge removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Purged {
+    /// The purged jobs, per tenant.
+    pub jobs: HashMap<String, Vec<String>>,
+}
+
+impl Purged {
+    pub fn count(&self) -> usize {
+        self.jobs.values().map(Vec::len).sum()
+    }
+}
+
+/// Deletes the jobs that ended more than `retention_days` ago (0: none ever), with their SARIF
+/// log, summary and any file of theirs left on this host. Each batch's jobs of one tenant are
+/// one `job.purged` event on that tenant's chain (their ids, how many, the retention), in the
+/// transaction that deletes them; the audit events about those jobs stay.
+pub async fn purge_expired(
+    pool: &PgPool,
+    data_dir: &DataDir,
+    retention_days: u32,
+) -> Result<Purged, ServiceError> {
+    let mut purged = Purged::default();
+    if retention_days == 0 {
+        return Ok(purged);
+    }
+    let actor = Actor::System("retention".to_owned());
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, tenant_id FROM jobs
+             WHERE state IN ('succeeded', 'failed', 'cancelled')
+               AND coalesce(finished_at, updated_at) < now() - make_interval(days => $1)
+             ORDER BY tenant_id, coalesce(finished_at, updated_at), id
+             LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i32::try_from(retention_days).unwrap_or(i32::MAX))
+        .bind(BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut batch: HashMap<String, Vec<String>> = HashMap::new();
+        for row in &rows {
+            batch.entry(row.try_get("tenant_id")?).or_default().push(row.try_get("id")?);
+        }
+        let mut tenants: Vec<_> = batch.iter().collect();
+        tenants.sort();
+        for (tenant, ids) in tenants {
+            sqlx::query("DELETE FROM jobs WHERE id = ANY($1)").bind(ids).execute(&mut *tx).await?;
+            tenant_event(
+                &mut tx,
+                tenant,
+                &actor,
+                "job.purged",
+                ("tenant", tenant),
+                json!({ "jobs": ids, "count": ids.len(), "retention_days": retention_days }),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        for ids in batch.values() {
+            for id in ids {
+                remove_files_of(data_dir, id);
+            }
+        }
+        let done = (rows.len() as i64) < BATCH;
+        for (tenant, ids) in batch {
+            purged.jobs.entry(tenant).or_default().extend(ids);
+        }
+        if done {
+            return Ok(purged);
+        }
+    }
+}
+
+/// A purged job's files on this host: its artifact and its SARIF logs.
+fn remove_files_of(data_dir: &DataDir, job_id: &str) {
+    let _ = std::fs::remove_file(data_dir.artifact(job_id));
+    let work = data_dir.work();
+    for name in names_in(&work) {
+        if parse_sarif_name(&name).is_some_and(|(job, _)| job == job_id) {
+            let _ = std::fs::remove_file(work.join(name));
+        }
+    }
+}
+
+/// `cella serve`'s janitor: purges and sweeps now and every hour, until `shutdown`.
+pub async fn run(pool: PgPool, data_dir: DataDir, retention_days: u32, mut shutdown: watch::Receiver<bool>) {
     let mut quiet = QuietLog::new("cella serve");
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(EVERY) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
+        match purge_expired(&pool, &data_dir, retention_days).await {
+            Ok(p) if p.count() > 0 => eprintln!(
+                "cella serve: purged {} job(s) that ended more than {retention_days} day(s) ago",
+                p.count()
+            ),
+            Ok(_) => {}
+            Err(e) => quiet.log("purging expired jobs", &e),
         }
         match sweep(&pool, &data_dir, Moment::Running).await {
             Ok(s) if s != Swept::default() => eprintln!(
@@ -128,6 +223,10 @@ pub async fn run(pool: PgPool, data_dir: DataDir, mut shutdown: watch::Receiver<
             ),
             Ok(_) => {}
             Err(e) => quiet.log("sweeping the data folder", &e),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
         }
     }
 }

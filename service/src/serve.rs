@@ -268,7 +268,12 @@ pub async fn start(
             stop,
         ))
     };
-    let janitor = tokio::spawn(janitor::run(pool.clone(), data_dir.clone(), shutdown_rx.clone()));
+    let janitor = tokio::spawn(janitor::run(
+        pool.clone(),
+        data_dir.clone(),
+        config.jobs.retention_days,
+        shutdown_rx.clone(),
+    ));
     let worker = config.worker.enabled.then(|| {
         let worker = Worker::new(pool.clone(), &config, data_dir.clone(), metrics.clone());
         tokio::spawn(worker.run(shutdown_rx.clone()))

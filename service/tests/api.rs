@@ -634,3 +634,105 @@ async fn a_database_out_of_disk_space_is_507(pool: PgPool) {
     assert_problem(&r, StatusCode::INSUFFICIENT_STORAGE, "out of disk space (its database's disk is full)");
     assert_eq!(std::fs::read_dir(api.state.data_dir.artifacts()).unwrap().count(), 0);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn finished_jobs_past_the_retention_are_purged_with_their_files_and_audited(pool: PgPool) {
+    use cella_service::janitor;
+    let api = api(pool, |_| {}).await;
+    let pool = &api.state.pool;
+    let (acme, key) = api.tenant("acme").await;
+    let (other, other_key) = api.tenant("other").await;
+    let submit = |key: String, body: &'static [u8]| {
+        let api = &api;
+        async move { api.submit(&key, body, "", &[]).await.json()["id"].as_str().unwrap().to_owned() }
+    };
+    let lease = || async { queue::lease(pool, "w", Duration::from_secs(60)).await.unwrap().unwrap() };
+    let succeeded =
+        Outcome::Succeeded { summary: json!({"findings": 0}), sarif: b"{}".to_vec(), vm: json!({}) };
+    // acme: one succeeded and one failed long ago, one succeeded within the retention, one
+    // running and one queued since long ago; other: one cancelled long ago.
+    let old_ok = submit(key.clone(), b"1").await;
+    queue::finish(pool, &lease().await, &succeeded).await.unwrap();
+    let old_failed = submit(key.clone(), b"2").await;
+    let failed = Outcome::Failed { reason: "refused".into(), retryable: false, vm: None };
+    queue::finish(pool, &lease().await, &failed).await.unwrap();
+    let young = submit(key.clone(), b"3").await;
+    queue::finish(pool, &lease().await, &succeeded).await.unwrap();
+    let running = submit(key.clone(), b"4").await;
+    assert_eq!(lease().await.job_id, running);
+    let queued = submit(key.clone(), b"5").await;
+    let old_cancelled = submit(other_key.clone(), b"6").await;
+    api.post(&format!("/v1/jobs/{old_cancelled}/cancel"), &other_key).await;
+    let age = |ids: Vec<String>, days: i32| async move {
+        sqlx::query(
+            "UPDATE jobs SET created_at = now() - make_interval(days => $2 + 1), updated_at = now() - make_interval(days => $2),
+                    finished_at = CASE WHEN finished_at IS NULL THEN NULL ELSE now() - make_interval(days => $2) END
+             WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .bind(days)
+        .execute(pool)
+        .await
+        .unwrap();
+    };
+    age(vec![old_ok.clone(), old_failed.clone(), old_cancelled.clone(), running.clone(), queued.clone()], 91)
+        .await;
+    age(vec![young.clone()], 89).await;
+    // Files a crash left for the old job, and the running job's SARIF log being written.
+    let data = &api.state.data_dir;
+    std::fs::write(data.artifact(&old_ok), b"1").unwrap();
+    std::fs::write(data.work().join(janitor::sarif_name(&old_ok, 1)), b"").unwrap();
+    std::fs::write(data.work().join(janitor::sarif_name(&running, 1)), b"").unwrap();
+
+    // Retention 0 keeps everything.
+    assert_eq!(janitor::purge_expired(pool, data, 0).await.unwrap().count(), 0);
+    let purged = janitor::purge_expired(pool, data, 90).await.unwrap();
+    let mut acme_purged = purged.jobs[&acme].clone();
+    acme_purged.sort();
+    let mut expected = vec![old_ok.clone(), old_failed.clone()];
+    expected.sort();
+    assert_eq!(acme_purged, expected);
+    assert_eq!(purged.jobs[&other], std::slice::from_ref(&old_cancelled));
+    assert_eq!(purged.count(), 3);
+    let mut left: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM jobs ORDER BY id").fetch_all(pool).await.unwrap();
+    left.sort();
+    let mut kept = vec![young.clone(), running.clone(), queued.clone()];
+    kept.sort();
+    assert_eq!(left, kept);
+    assert_problem(&api.get(&format!("/v1/jobs/{old_ok}/sarif"), &key).await, StatusCode::NOT_FOUND, &old_ok);
+    assert!(!data.artifact(&old_ok).exists());
+    assert!(!data.work().join(janitor::sarif_name(&old_ok, 1)).exists());
+    assert!(data.work().join(janitor::sarif_name(&running, 1)).exists());
+    assert!(data.artifact(&running).exists() && data.artifact(&queued).exists());
+
+    // One event per tenant for the batch, naming the jobs; the jobs' own events stay.
+    let purge_event = |tenant: String| async move {
+        let body: String = sqlx::query_scalar(
+            "SELECT body FROM audit_events WHERE chain = $1 AND action = 'job.purged' ORDER BY seq",
+        )
+        .bind(format!("tenant:{tenant}"))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let event = purge_event(acme.clone()).await;
+    assert_eq!(event["actor"], json!({"kind": "system", "id": "retention"}), "{event}");
+    let mut ids: Vec<String> = serde_json::from_value(event["details"]["jobs"].clone()).unwrap();
+    ids.sort();
+    assert_eq!(ids, expected);
+    assert_eq!(
+        (event["details"]["count"].as_u64(), event["details"]["retention_days"].as_u64()),
+        (Some(2), Some(90))
+    );
+    assert_eq!(purge_event(other.clone()).await["details"]["jobs"], json!([old_cancelled]));
+    assert_eq!(api.actions(&acme).await.iter().filter(|a| *a == "job.submitted").count(), 5);
+    assert_eq!(api.actions(&acme).await.last().unwrap(), "job.purged");
+
+    // Nothing more to purge: no new event.
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(pool).await.unwrap();
+    assert_eq!(janitor::purge_expired(pool, data, 90).await.unwrap().count(), 0);
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(pool).await.unwrap();
+    assert_eq!(after, events);
+}
