@@ -134,6 +134,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         crate::worker::launch::Launcher::new(&config.worker).check()?;
     }
     let tls_files = tls::ensure(&config.tls, data_dir.root())?;
+    for line in tls_files.report() {
+        eprintln!("cella serve: {line}");
+    }
     let tls_config = tls::server_config(&tls_files)?;
     let (pool, private_pg) = database(&config, &data_dir).await?;
     let result = run_with(config, data_dir, pool.clone(), tls_config, tls_files).await;
