@@ -736,3 +736,37 @@ async fn finished_jobs_past_the_retention_are_purged_with_their_files_and_audite
     let after: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(pool).await.unwrap();
     assert_eq!(after, events);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_hourly_sweep_removes_what_ended_jobs_left_and_nothing_under_way(pool: PgPool) {
+    use cella_service::janitor::{self, Moment, Swept};
+    let api = api(pool, |c| c.jobs.max_attempts = 1).await;
+    let (_, key) = api.tenant("acme").await;
+    let pool = &api.state.pool;
+    let data = &api.state.data_dir;
+    // A worker died mid-job: its lease expired and, its one attempt used, the job failed; its
+    // artifact and SARIF log stay behind (the worker would have removed them).
+    let died = api.submit(&key, b"x", "", &[]).await.json()["id"].as_str().unwrap().to_owned();
+    queue::lease(pool, "w", Duration::from_millis(1)).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(queue::rescue_expired(pool, "w2").await.unwrap(), 1);
+    assert_eq!(api.get(&format!("/v1/jobs/{died}"), &key).await.json()["state"], "failed");
+    std::fs::write(data.work().join(janitor::sarif_name(&died, 1)), b"").unwrap();
+    assert!(data.artifact(&died).exists());
+    // Under way: a queued job's artifact, an upload named just before its job is inserted, one
+    // still arriving, a file on its way into a session.
+    let queued = api.submit(&key, b"y", "", &[]).await.json()["id"].as_str().unwrap().to_owned();
+    let uploading = cella_service::ids::new_id("job");
+    let arriving = data.artifacts().join(format!("{}.part", cella_service::ids::new_id("job")));
+    let adding = data.work().join("session_0123456789abcdef0123456789abcdef-add-0011223344556677");
+    for path in [&data.artifact(&uploading), &arriving, &adding] {
+        std::fs::write(path, b"").unwrap();
+    }
+    let swept = janitor::sweep(pool, data, Moment::Running).await.unwrap();
+    assert_eq!(swept, Swept { work: 1, artifacts: 1 });
+    assert!(!data.artifact(&died).exists());
+    assert!(!data.work().join(janitor::sarif_name(&died, 1)).exists());
+    for path in [&data.artifact(&queued), &data.artifact(&uploading), &arriving, &adding] {
+        assert!(path.exists(), "{} was removed while under way", path.display());
+    }
+}
