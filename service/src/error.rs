@@ -76,9 +76,10 @@ pub enum ServiceError {
 
 /// PostgreSQL's SQLSTATE for a full disk (`disk_full`).
 const PG_DISK_FULL: &str = "53100";
-/// SQLSTATEs of a server that cannot take the request now: too many connections, starting up
-/// or shutting down, an administrator's or a crash's restart.
-const PG_UNAVAILABLE: &[&str] = &["53300", "57P01", "57P02", "57P03"];
+/// SQLSTATEs of a request that may well succeed when sent again: a transaction chosen as a
+/// deadlock's victim or failed for serialization, too many connections, a server starting up or
+/// shutting down (an administrator's or a crash's restart).
+const PG_UNAVAILABLE: &[&str] = &["40001", "40P01", "53300", "57P01", "57P02", "57P03"];
 
 impl From<sqlx::Error> for ServiceError {
     fn from(e: sqlx::Error) -> Self {

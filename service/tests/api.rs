@@ -770,3 +770,21 @@ async fn the_hourly_sweep_removes_what_ended_jobs_left_and_nothing_under_way(poo
         assert!(path.exists(), "{} was removed while under way", path.display());
     }
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_deadlocked_or_serialization_failed_transaction_is_503_try_again(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    for code in ["deadlock_detected", "serialization_failure"] {
+        sqlx::raw_sql(&format!(
+            "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '{code}'; END $$;
+             DROP TRIGGER IF EXISTS refuse ON jobs;
+             CREATE TRIGGER refuse BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION refuse();"
+        ))
+        .execute(&api.state.pool)
+        .await
+        .unwrap();
+        assert_problem(&api.submit(&key, b"x", "", &[]).await, StatusCode::SERVICE_UNAVAILABLE, "try again");
+    }
+}

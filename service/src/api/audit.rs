@@ -164,6 +164,7 @@ fn export_error(e: ExportError) -> ServiceError {
         ExportError::NoEvents(what) => ServiceError::NotFound(format!("audit events of {what}")),
         e @ ExportError::EmptyRange { .. } => ServiceError::Unprocessable(e.to_string()),
         ExportError::Db(db) => db.into(),
+        ExportError::Store(store) => store.into(),
         other => ServiceError::Internal(format!("audit export: {other}")),
     }
 }
