@@ -1,6 +1,6 @@
 //! What the data folder and the `jobs` table must not keep: files a crashed process left
 //! (workers' SARIF logs in `work/`, files on their way into a session, artifacts of jobs that
-//! ended or were never created) and finished jobs past the retention (`jobs.retention_days`),
+//! ended or were never created, half-written keys and certificates) and finished jobs past the retention (`jobs.retention_days`),
 //! each purge recorded on its tenant's audit chain.
 //!
 //! A file is removed only when no running job can own it, whichever process runs that job: a
@@ -31,7 +31,8 @@ const BATCH: i64 = 500;
 /// What a sweep removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Swept {
-    /// SARIF logs and files on their way into a session, from `work/`.
+    /// SARIF logs and files on their way into a session from `work/`; at start, half-written
+    /// keys and certificates.
     pub work: usize,
     /// Artifacts of jobs that ended, or (at start) that were never created.
     pub artifacts: usize,
@@ -66,6 +67,12 @@ fn names_in(dir: &std::path::Path) -> Vec<String> {
 /// Removes what no running job or request can own (see the module's documentation).
 pub async fn sweep(pool: &PgPool, data_dir: &DataDir, moment: Moment) -> Result<Swept, ServiceError> {
     let mut swept = Swept::default();
+    // The data folder and tls/: keys and certificates a start killed while writing them left
+    // half-written (only serve writes them, and only while it starts).
+    if moment == Moment::ServeStart {
+        swept.work += crate::files::remove_stale_temporaries(data_dir.root());
+        swept.work += crate::files::remove_stale_temporaries(&data_dir.root().join("tls"));
+    }
     // work/: SARIF logs of job attempts that are not running; at serve's start, anything else
     // (files on their way into a session, `.part` files of those).
     let work = data_dir.work();

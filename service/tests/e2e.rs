@@ -596,6 +596,9 @@ async fn a_restart_after_sigkill_removes_the_leftovers_but_not_a_running_jobs_fi
         artifacts.join(cella_service::ids::new_id("job")),
         artifacts.join(format!("{}.part", cella_service::ids::new_id("job"))),
         artifacts.join(&ended),
+        // Keys and certificates a start killed while writing them left half-written.
+        data.join("admin.key.tmp"),
+        data.join("tls/ca.key.tmp"),
     ];
     for path in leftovers.iter().chain(keep.iter().take(1)) {
         std::fs::write(path, b"").unwrap();
