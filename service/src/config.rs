@@ -63,9 +63,10 @@ pub struct JobsConfig {
     pub tenant_max_concurrent: u32,
     /// An upload that sends nothing for this long is dropped (408).
     pub upload_idle_secs: u64,
-    /// Finished jobs (their rows, SARIF logs, summaries and files) are deleted this many days
-    /// after they ended (`CELLA_JOBS_RETENTION_DAYS`); 0 keeps them forever. Each purge is on the
-    /// tenant's audit chain (`job.purged`); the audit events themselves are never deleted.
+    /// Finished jobs (their rows, SARIF logs, summaries and files) and ended sessions' rows are
+    /// deleted this many days after they ended (`CELLA_JOBS_RETENTION_DAYS`); 0 keeps them
+    /// forever. Each purge is on the tenant's audit chain (`job.purged`, `session.purged`); the
+    /// audit events themselves are never deleted.
     pub retention_days: u32,
 }
 

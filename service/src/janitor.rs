@@ -1,7 +1,8 @@
-//! What the data folder and the `jobs` table must not keep: files a crashed process left
+//! What the data folder and the database must not keep: files a crashed process left
 //! (workers' SARIF logs in `work/`, files on their way into a session, artifacts of jobs that
-//! ended or were never created, half-written keys and certificates) and finished jobs past the retention (`jobs.retention_days`),
-//! each purge recorded on its tenant's audit chain.
+//! ended or were never created, half-written keys and certificates), and jobs and sessions that
+//! ended longer ago than the retention (`jobs.retention_days`), each purge recorded on its
+//! tenant's audit chain.
 //!
 //! A file is removed only when no running job can own it, whichever process runs that job: a
 //! SARIF log `work/<job>.<attempt>.sarif` stays while its job runs that attempt (a `cella
@@ -131,18 +132,68 @@ fn remove(path: &std::path::Path) -> bool {
 pub struct Purged {
     /// The purged jobs, per tenant.
     pub jobs: HashMap<String, Vec<String>>,
+    /// The purged sessions, per tenant.
+    pub sessions: HashMap<String, Vec<String>>,
 }
 
 impl Purged {
+    /// Jobs and sessions purged.
     pub fn count(&self) -> usize {
-        self.jobs.values().map(Vec::len).sum()
+        self.jobs.values().chain(self.sessions.values()).map(Vec::len).sum()
+    }
+}
+
+/// What a purge deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Finished jobs: their rows hold their SARIF logs and summaries.
+    Jobs,
+    /// Ended sessions (terminated or failed): their files went when they ended.
+    Sessions,
+}
+
+impl Kind {
+    /// Up to `$2` rows that ended more than `$1` days ago, locked.
+    fn select(self) -> &'static str {
+        match self {
+            Kind::Jobs => {
+                "SELECT id, tenant_id FROM jobs
+                 WHERE state IN ('succeeded', 'failed', 'cancelled')
+                   AND coalesce(finished_at, updated_at) < now() - make_interval(days => $1)
+                 ORDER BY tenant_id, coalesce(finished_at, updated_at), id
+                 LIMIT $2 FOR UPDATE SKIP LOCKED"
+            }
+            Kind::Sessions => {
+                "SELECT id, tenant_id FROM sessions
+                 WHERE state IN ('terminated', 'failed')
+                   AND coalesce(terminated_at, updated_at) < now() - make_interval(days => $1)
+                 ORDER BY tenant_id, coalesce(terminated_at, updated_at), id
+                 LIMIT $2 FOR UPDATE SKIP LOCKED"
+            }
+        }
+    }
+
+    fn delete(self) -> &'static str {
+        match self {
+            Kind::Jobs => "DELETE FROM jobs WHERE id = ANY($1)",
+            Kind::Sessions => "DELETE FROM sessions WHERE id = ANY($1)",
+        }
+    }
+
+    /// The audit action, and the details key of the ids.
+    fn action(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Jobs => ("job.purged", "jobs"),
+            Kind::Sessions => ("session.purged", "sessions"),
+        }
     }
 }
 
 /// Deletes the jobs that ended more than `retention_days` ago (0: none ever), with their SARIF
-/// log, summary and any file of theirs left on this host. Each batch's jobs of one tenant are
-/// one `job.purged` event on that tenant's chain (their ids, how many, the retention), in the
-/// transaction that deletes them; the audit events about those jobs stay.
+/// log, summary and any file of theirs left on this host, and the sessions that ended as long
+/// ago. Each batch's jobs (sessions) of one tenant are one `job.purged` (`session.purged`)
+/// event on that tenant's chain (their ids, how many, the retention), in the transaction that
+/// deletes them; the audit events about them stay.
 pub async fn purge_expired(
     pool: &PgPool,
     data_dir: &DataDir,
@@ -152,20 +203,28 @@ pub async fn purge_expired(
     if retention_days == 0 {
         return Ok(purged);
     }
+    purged.jobs = purge(pool, Kind::Jobs, retention_days, |id| remove_files_of(data_dir, id)).await?;
+    purged.sessions = purge(pool, Kind::Sessions, retention_days, |_| {}).await?;
+    Ok(purged)
+}
+
+/// Purges `kind` in batches; `after` runs for each id once its deletion has committed.
+async fn purge(
+    pool: &PgPool,
+    kind: Kind,
+    retention_days: u32,
+    after: impl Fn(&str),
+) -> Result<HashMap<String, Vec<String>>, ServiceError> {
     let actor = Actor::System("retention".to_owned());
+    let (action, key) = kind.action();
+    let mut purged: HashMap<String, Vec<String>> = HashMap::new();
     loop {
         let mut tx = pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT id, tenant_id FROM jobs
-             WHERE state IN ('succeeded', 'failed', 'cancelled')
-               AND coalesce(finished_at, updated_at) < now() - make_interval(days => $1)
-             ORDER BY tenant_id, coalesce(finished_at, updated_at), id
-             LIMIT $2 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(i32::try_from(retention_days).unwrap_or(i32::MAX))
-        .bind(BATCH)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(kind.select())
+            .bind(i32::try_from(retention_days).unwrap_or(i32::MAX))
+            .bind(BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
         let mut batch: HashMap<String, Vec<String>> = HashMap::new();
         for row in &rows {
             batch.entry(row.try_get("tenant_id")?).or_default().push(row.try_get("id")?);
@@ -173,26 +232,24 @@ pub async fn purge_expired(
         let mut tenants: Vec<_> = batch.iter().collect();
         tenants.sort();
         for (tenant, ids) in tenants {
-            sqlx::query("DELETE FROM jobs WHERE id = ANY($1)").bind(ids).execute(&mut *tx).await?;
+            sqlx::query(kind.delete()).bind(ids).execute(&mut *tx).await?;
             tenant_event(
                 &mut tx,
                 tenant,
                 &actor,
-                "job.purged",
+                action,
                 ("tenant", tenant),
-                json!({ "jobs": ids, "count": ids.len(), "retention_days": retention_days }),
+                json!({ key: ids, "count": ids.len(), "retention_days": retention_days }),
             )
             .await?;
         }
         tx.commit().await?;
-        for ids in batch.values() {
-            for id in ids {
-                remove_files_of(data_dir, id);
-            }
+        for id in batch.values().flatten() {
+            after(id);
         }
         let done = (rows.len() as i64) < BATCH;
         for (tenant, ids) in batch {
-            purged.jobs.entry(tenant).or_default().extend(ids);
+            purged.entry(tenant).or_default().extend(ids);
         }
         if done {
             return Ok(purged);
@@ -217,8 +274,9 @@ pub async fn run(pool: PgPool, data_dir: DataDir, retention_days: u32, mut shutd
     loop {
         match purge_expired(&pool, &data_dir, retention_days).await {
             Ok(p) if p.count() > 0 => eprintln!(
-                "cella serve: purged {} job(s) that ended more than {retention_days} day(s) ago",
-                p.count()
+                "cella serve: purged {} job(s) and {} session(s) that ended more than {retention_days} day(s) ago",
+                p.jobs.values().map(Vec::len).sum::<usize>(),
+                p.sessions.values().map(Vec::len).sum::<usize>()
             ),
             Ok(_) => {}
             Err(e) => quiet.log("purging expired jobs", &e),

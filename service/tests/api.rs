@@ -788,3 +788,52 @@ async fn a_deadlocked_or_serialization_failed_transaction_is_503_try_again(pool:
         assert_problem(&api.submit(&key, b"x", "", &[]).await, StatusCode::SERVICE_UNAVAILABLE, "try again");
     }
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn sessions_that_ended_past_the_retention_are_purged_and_audited(pool: PgPool) {
+    use cella_service::janitor;
+    let api = api(pool, |_| {}).await;
+    let pool = &api.state.pool;
+    let (tenant, key) = api.tenant("acme").await;
+    // This API has no VMM: each session fails to start (a final state, like terminated).
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = api.call(Method::POST, "/v1/sessions", Some(&key), Body::from("x"), &[]).await;
+        assert_eq!(r.json()["state"], "failed", "{}", String::from_utf8_lossy(&r.body));
+        ids.push(r.json()["id"].as_str().unwrap().to_owned());
+    }
+    let (old, young, suspended) = (&ids[0], &ids[1], &ids[2]);
+    // One suspended long ago (live: kept), one that failed long ago, one recently.
+    sqlx::query("UPDATE sessions SET state = 'suspended' WHERE id = $1")
+        .bind(suspended)
+        .execute(pool)
+        .await
+        .unwrap();
+    for (id, days) in [(old, 91), (young, 89), (suspended, 91)] {
+        sqlx::query("UPDATE sessions SET updated_at = now() - make_interval(days => $2) WHERE id = $1")
+            .bind(id)
+            .bind(days)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let purged = janitor::purge_expired(pool, &api.state.data_dir, 90).await.unwrap();
+    assert_eq!(purged.sessions[&tenant], std::slice::from_ref(old));
+    assert!(purged.jobs.is_empty());
+    let mut left: Vec<String> = sqlx::query_scalar("SELECT id FROM sessions").fetch_all(pool).await.unwrap();
+    left.sort();
+    let mut kept = vec![young.clone(), suspended.clone()];
+    kept.sort();
+    assert_eq!(left, kept);
+    assert_problem(&api.get(&format!("/v1/sessions/{old}"), &key).await, StatusCode::NOT_FOUND, old);
+    let body: String =
+        sqlx::query_scalar("SELECT body FROM audit_events WHERE chain = $1 AND action = 'session.purged'")
+            .bind(format!("tenant:{tenant}"))
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let details = serde_json::from_str::<Value>(&body).unwrap()["details"].clone();
+    assert_eq!(details, json!({ "sessions": [old], "count": 1, "retention_days": 90 }));
+    // The session's own events stay.
+    assert_eq!(api.actions(&tenant).await.iter().filter(|a| *a == "session.failed").count(), 3);
+}
