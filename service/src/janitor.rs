@@ -9,8 +9,8 @@
 //! worker` sharing the data folder may be writing it); an artifact stays while its job is
 //! queued or running. `cella serve` sweeps when it starts (then no upload of its own is under
 //! way, so uploads it never finished and artifacts without a job go too) and with every purge;
-//! `cella worker` sweeps `work/` when it starts. Only `cella serve` purges: one purger is
-//! enough, and two (several hosts) never purge one job twice (`FOR UPDATE SKIP LOCKED`).
+//! `cella worker` sweeps when it starts. Only `cella serve` purges: one purger is enough, and
+//! two (several hosts) never purge one job twice (`FOR UPDATE SKIP LOCKED`).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
