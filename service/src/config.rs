@@ -135,6 +135,11 @@ pub struct JobsConfig {
     pub tenant_max_concurrent: u32,
     /// An upload that sends nothing for this long is dropped (408).
     pub upload_idle_secs: u64,
+    /// Finished jobs (their rows, SARIF logs, summaries and files) and ended sessions' rows are
+    /// deleted this many days after they ended (`CELLA_JOBS_RETENTION_DAYS`); 0 keeps them
+    /// forever. Each purge is on the tenant's audit chain (`job.purged`, `session.purged`); the
+    /// audit events themselves are never deleted.
+    pub retention_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -272,6 +277,7 @@ impl Default for JobsConfig {
             default_policy: "secrets,pii,licenses".to_owned(),
             tenant_max_concurrent: 4,
             upload_idle_secs: 30,
+            retention_days: 90,
         }
     }
 }
@@ -371,6 +377,10 @@ impl Config {
         if let Some(v) = get("CELLA_LEASE_SECS") {
             self.jobs.lease_secs = parse("CELLA_LEASE_SECS", v, "a number of seconds")?;
         }
+        if let Some(v) = get("CELLA_JOBS_RETENTION_DAYS") {
+            self.jobs.retention_days =
+                parse("CELLA_JOBS_RETENTION_DAYS", v, "a number of days (0: keep forever)")?;
+        }
         if let Some(v) = get("CELLA_WORKER") {
             self.worker.enabled = !matches!(v.as_str(), "0" | "false" | "no" | "off");
         }
@@ -429,6 +439,17 @@ mod tests {
         assert_eq!(c.listen.port(), 8443);
         assert_eq!(c.jobs.max_attempts, 3);
         assert_eq!(c.sessions.max_duration(), 28_800);
+    }
+
+    #[test]
+    fn finished_jobs_are_kept_90_days_unless_configured() {
+        assert_eq!(Config::default().jobs.retention_days, 90);
+        let mut c: Config = toml::from_str("[jobs]\nretention_days = 30\n").unwrap();
+        assert_eq!(c.jobs.retention_days, 30);
+        c.apply_env(|n| (n == "CELLA_JOBS_RETENTION_DAYS").then(|| "0".to_owned())).unwrap();
+        assert_eq!(c.jobs.retention_days, 0);
+        let err = c.apply_env(|n| (n == "CELLA_JOBS_RETENTION_DAYS").then(|| "-1".to_owned())).unwrap_err();
+        assert!(err.to_string().contains("CELLA_JOBS_RETENTION_DAYS=\"-1\""), "{err}");
     }
 
     #[test]

@@ -37,16 +37,6 @@ impl DataDir {
         files::create_private_dir(&self.work())
     }
 
-    /// Removes uploads that a crashed `serve` left half-written (`artifacts/*.part`).
-    pub fn remove_partial_uploads(&self) -> usize {
-        let Ok(entries) = std::fs::read_dir(self.artifacts()) else { return 0 };
-        entries
-            .filter_map(Result::ok)
-            .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
-            .filter(|e| std::fs::remove_file(e.path()).is_ok())
-            .count()
-    }
-
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -5,7 +5,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-/// An error and its sources on one line: `outer: inner: innermost`.
+/// Text that an artifact or a guest may have chosen, with its control characters escaped
+/// (`\x1b`, `\r`, …): used wherever such text reaches a stored reason, an answer, a log line
+/// or a terminal (see [`cella_proto::text::escape_controls`]).
+pub use cella_proto::text::escape_controls;
+
+/// An error and its sources on one line: `outer: inner: innermost`, control characters escaped.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut msg = err.to_string();
     let mut source = err.source();
@@ -13,7 +18,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         msg.push_str(&format!(": {s}"));
         source = s.source();
     }
-    msg
+    escape_controls(&msg).into_owned()
 }
 
 /// A log line that repeats (the database being away) is printed at most every 10 s.
@@ -30,7 +35,7 @@ impl QuietLog {
 
     pub fn log(&mut self, what: &str, err: &dyn std::fmt::Display) {
         if self.last.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10)) {
-            eprintln!("{}: {what}: {err}", self.who);
+            eprintln!("{}: {}", self.who, escape_controls(&format!("{what}: {err}")));
             self.last = Some(std::time::Instant::now());
         }
     }
@@ -68,17 +73,35 @@ pub enum ServiceError {
     /// The server as a whole is at a limit (connections, uploads): try again later.
     #[error("{detail}")]
     Overloaded { detail: String, retry_after: std::time::Duration },
+    /// The server's disk (or its database's) is full: nothing was kept.
+    #[error("the server is out of disk space ({0}); nothing was kept: try again later, and tell the server's operator if it goes on")]
+    InsufficientStorage(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
+/// PostgreSQL's SQLSTATE for a full disk (`disk_full`).
+const PG_DISK_FULL: &str = "53100";
+/// SQLSTATEs of a request that may well succeed when sent again: a transaction chosen as a
+/// deadlock's victim or failed for serialization, too many connections, a server starting up or
+/// shutting down (an administrator's or a crash's restart).
+const PG_UNAVAILABLE: &[&str] = &["40001", "40P01", "53300", "57P01", "57P02", "57P03"];
+
 impl From<sqlx::Error> for ServiceError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_) => ServiceError::Unavailable(e),
+        let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
+        match (&e, code.as_deref()) {
+            (_, Some(PG_DISK_FULL)) => {
+                ServiceError::InsufficientStorage("its database's disk is full".to_owned())
+            }
+            (_, Some(code)) if PG_UNAVAILABLE.contains(&code) => ServiceError::Unavailable(e),
+            (
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_),
+                _,
+            ) => ServiceError::Unavailable(e),
             _ => ServiceError::Internal(format!("database: {e}")),
         }
     }
@@ -90,6 +113,30 @@ impl From<cella_audit::store::StoreError> for ServiceError {
             cella_audit::store::StoreError::Db(db) => db.into(),
             other => ServiceError::Internal(format!("audit: {other}")),
         }
+    }
+}
+
+/// Whether `e` says the disk (or the user's quota) is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+impl ServiceError {
+    /// `doing` (`storing the upload`) failed on `path` with `e`: a full disk is
+    /// [`ServiceError::InsufficientStorage`] (507, the path only in the log), anything else
+    /// internal (500, details in the log).
+    pub fn io(doing: &'static str, path: &std::path::Path, e: &std::io::Error) -> Self {
+        if is_disk_full(e) {
+            eprintln!("cella serve: {doing}: {}: {e}", escape_controls(&path.display().to_string()));
+            ServiceError::InsufficientStorage(doing.to_owned())
+        } else {
+            ServiceError::Internal(format!("{doing}: {}: {e}", path.display()))
+        }
+    }
+
+    /// [`ServiceError::io`] for a [`crate::files::FileError`].
+    pub fn file(doing: &'static str, e: &crate::files::FileError) -> Self {
+        Self::io(doing, &e.path, &e.source)
     }
 }
 
@@ -121,6 +168,9 @@ impl ServiceError {
             ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ServiceError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too-many-requests"),
             ServiceError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ServiceError::InsufficientStorage(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient-storage")
+            }
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -149,16 +199,16 @@ impl IntoResponse for ServiceError {
         let (status, kind) = self.status();
         let detail = match &self {
             ServiceError::Internal(_) => {
-                eprintln!("cella serve: {self}");
+                eprintln!("cella serve: {}", escape_controls(&self.to_string()));
                 "internal error; the server's log has the details".to_owned()
             }
             ServiceError::Unavailable(e) => {
-                eprintln!("cella serve: database unavailable: {e}");
+                eprintln!("cella serve: database unavailable: {}", escape_controls(&e.to_string()));
                 self.to_string()
             }
             _ => self.to_string(),
         };
-        let mut response = problem(status, kind, &detail);
+        let mut response = problem(status, kind, &escape_controls(&detail));
         if let Some(after) = self.retry_after() {
             // Whole seconds, at least one (RFC 9110 delay-seconds).
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);

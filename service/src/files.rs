@@ -29,17 +29,41 @@ pub fn create_private_dir(dir: &Path) -> Result<(), FileError> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err("cannot chmod", dir))
 }
 
+/// The suffix of a file on its way to its name (see [`remove_stale_temporaries`]).
+const TEMPORARY: &str = ".tmp";
+
 fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
+    // `<name>.tmp`: each file its own (`server.pem` and `server.key` once shared `server.tmp`).
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(TEMPORARY);
+    let tmp = PathBuf::from(tmp);
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(mode)
         .open(&tmp)
-        .map_err(err("cannot create", &tmp))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(err("cannot write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(err("cannot rename into", path))
+        .map_err(err("cannot create", &tmp))
+        .and_then(|mut file| {
+            file.write_all(bytes).and_then(|()| file.sync_all()).map_err(err("cannot write", &tmp))
+        })
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(err("cannot rename into", path)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Removes the `*.tmp` files in `dir` that a process killed while writing (a key, a
+/// certificate) left; returns how many. Only for folders where nothing else writes them.
+pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(TEMPORARY))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
 }
 
 /// Writes a secret (mode 0600), atomically.

@@ -5,7 +5,8 @@
 //! - [`serve`]: `cella serve` (data folder, private PostgreSQL [`postgres`], TLS [`tls`],
 //!   migrations, admin credential, audit checkpointer, API [`api`] over [`server`], a worker).
 //! - [`jobs`] (tenant side) and [`queue`] (worker side) over the `jobs` table; [`tenants`] for
-//!   tenants and keys; [`worker`] leases and runs jobs; [`audit_log`] appends their events.
+//!   tenants and keys; [`worker`] leases and runs jobs; [`audit_log`] appends their events;
+//!   [`janitor`] purges jobs past their retention and removes files a crash left behind.
 //! - [`sessions`]: long-lived session VMs (pause, suspend to a snapshot, resume, connect, exec,
 //!   terminate), their manager in `serve` and the reaper that enforces idle and maximum times.
 //! - [`client`] and [`cli`]: the command line (`cella scan`, `cella session …`, `cella tenant …`,
@@ -23,6 +24,7 @@ pub mod error;
 pub mod files;
 pub mod held_spares;
 pub mod ids;
+pub mod janitor;
 pub mod jobs;
 pub mod limits;
 pub mod metrics;

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err @ CliError::VerificationFailed(_)) => {
-            println!("FAILED: {err}");
+            println!("FAILED: {}", cella_service::error::escape_controls(&err.to_string()));
             ExitCode::from(exit_code(&err))
         }
         // Reported by the command itself.

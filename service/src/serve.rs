@@ -20,7 +20,7 @@ use crate::sessions::SessionManager;
 use crate::tenants;
 use crate::tls::{self, TlsError};
 use crate::worker::Worker;
-use crate::{db, files};
+use crate::{db, files, janitor};
 
 /// Why `cella serve` could not start.
 #[derive(Debug, thiserror::Error)]
@@ -123,10 +123,6 @@ fn ensure_signing_key(config: &Config, data_dir: &DataDir) -> Result<std::path::
 pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     let data_dir = opts.data_dir;
     data_dir.create()?;
-    let partial = data_dir.remove_partial_uploads();
-    if partial > 0 {
-        eprintln!("cella serve: removed {partial} half-written upload(s) left by an earlier run");
-    }
     let mut config = Config::load(opts.config_file.as_deref(), &data_dir.config_file())?;
     if let Some(listen) = opts.listen {
         config.listen = listen;
@@ -138,6 +134,9 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
         crate::worker::launch::Launcher::new(&config.worker, config.quotas.vm_cpu_percent).check()?;
     }
     let tls_files = tls::ensure(&config.tls, data_dir.root())?;
+    for line in tls_files.report() {
+        eprintln!("cella serve: {line}");
+    }
     let tls_config = tls::server_config(&tls_files)?;
     let (pool, private_pg) = database(&config, &data_dir).await?;
     let result = run_with(config, data_dir, pool.clone(), tls_config, tls_files).await;
@@ -185,6 +184,7 @@ pub struct Running {
     worker: Option<tokio::task::JoinHandle<Result<(), ServiceError>>>,
     checkpointer: tokio::task::JoinHandle<Result<(), cella_audit::store::StoreError>>,
     reaper: tokio::task::JoinHandle<()>,
+    janitor: tokio::task::JoinHandle<()>,
     session_spares: Option<Arc<crate::spares::Spares>>,
 }
 
@@ -197,6 +197,15 @@ pub async fn start(
     tls_config: Arc<rustls::ServerConfig>,
 ) -> Result<Running, ServeError> {
     ensure_admin_key(&pool, &data_dir).await?;
+    // What an earlier run that was killed left: half-written uploads, SARIF logs of jobs that
+    // no longer run, artifacts of jobs that ended.
+    let swept = janitor::sweep(&pool, &data_dir, janitor::Moment::ServeStart).await?;
+    if swept != janitor::Swept::default() {
+        eprintln!(
+            "cella serve: removed {} scratch file(s) and {} upload(s) or artifact(s) left by an earlier run",
+            swept.work, swept.artifacts
+        );
+    }
     let signer_path = ensure_signing_key(&config, &data_dir)?;
     let signer = SigningKey::load(&signer_path)?;
     store::register_key(&mut *pool.acquire().await.map_err(ServeError::Connect)?, &signer.public()).await?;
@@ -266,6 +275,12 @@ pub async fn start(
             stop,
         ))
     };
+    let janitor = tokio::spawn(janitor::run(
+        pool.clone(),
+        data_dir.clone(),
+        config.jobs.retention_days,
+        shutdown_rx.clone(),
+    ));
     let worker = config.worker.enabled.then(|| {
         let worker = Worker::new(pool.clone(), &config, data_dir.clone(), metrics.clone());
         tokio::spawn(worker.run(shutdown_rx.clone()))
@@ -282,7 +297,18 @@ pub async fn start(
     );
     let server =
         tokio::spawn(crate::server::serve(listener, tls_config, api::app(state), limits, shutdown_rx));
-    Ok(Running { url, metrics, data_dir, shutdown, server, worker, checkpointer, reaper, session_spares })
+    Ok(Running {
+        url,
+        metrics,
+        data_dir,
+        shutdown,
+        server,
+        worker,
+        checkpointer,
+        reaper,
+        janitor,
+        session_spares,
+    })
 }
 
 impl Running {
@@ -292,6 +318,7 @@ impl Running {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         let _ = self.reaper.await;
+        let _ = self.janitor.await;
         if let Some(spares) = &self.session_spares {
             spares.close().await;
         }

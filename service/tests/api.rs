@@ -22,23 +22,18 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tower::ServiceExt;
 
+mod common;
+
 struct Api {
     state: AppState,
     admin: String,
-    _dir: TempDir,
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    _dir: common::Scratch,
 }
 
 struct Reply {
     status: StatusCode,
     content_type: String,
+    headers: axum::http::HeaderMap,
     body: Vec<u8>,
 }
 
@@ -50,8 +45,8 @@ impl Reply {
 }
 
 async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
-    let dir = std::env::temp_dir().join(format!("cella-api-{}", cella_service::ids::new_id("t")));
-    let data_dir = DataDir::at(&dir);
+    let dir = common::Scratch::new(&format!("api-{}", &cella_service::ids::new_id("t")[2..14]));
+    let data_dir = DataDir::at(dir.join("data"));
     data_dir.create().unwrap();
     let mut config = Config::default();
     tweak(&mut config);
@@ -74,7 +69,7 @@ async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
         data_dir,
         limits: Default::default(),
     };
-    Api { state, admin, _dir: TempDir(dir) }
+    Api { state, admin, _dir: dir }
 }
 
 impl Api {
@@ -100,8 +95,9 @@ impl Api {
             .get("content-type")
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
+        let headers = response.headers().clone();
         let body = axum::body::to_bytes(response.into_body(), 64 << 20).await.unwrap().to_vec();
-        Reply { status, content_type, body }
+        Reply { status, content_type, headers, body }
     }
 
     async fn get(&self, uri: &str, key: &str) -> Reply {
@@ -555,4 +551,321 @@ async fn a_stalled_upload_is_dropped_with_408_and_leaves_nothing(pool: PgPool) {
     let r = api.call(Method::POST, "/v1/jobs", Some(&key), Body::from_stream(stalled), &[]).await;
     assert_problem(&r, StatusCode::REQUEST_TIMEOUT, "sent nothing for 1 s");
     assert_eq!(std::fs::read_dir(api.state.data_dir.artifacts()).unwrap().count(), 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn every_answer_carries_hsts_nosniff_and_no_store(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let id = api.submit(&key, b"x", "", &[]).await.json()["id"].as_str().unwrap().to_owned();
+    let lease = queue::lease(&api.state.pool, "w", Duration::from_secs(30)).await.unwrap().unwrap();
+    let done = Outcome::Succeeded { summary: json!({"findings": 0}), sarif: b"{}".to_vec(), vm: json!({}) };
+    queue::finish(&api.state.pool, &lease, &done).await.unwrap();
+    let answers = [
+        (Method::GET, "/healthz".to_owned(), None, StatusCode::OK),
+        (Method::GET, "/v1/openapi.json".to_owned(), None, StatusCode::OK),
+        (Method::GET, "/v1/jobs".to_owned(), None, StatusCode::UNAUTHORIZED),
+        (Method::GET, format!("/v1/jobs/{id}"), Some(&key), StatusCode::OK),
+        (Method::GET, format!("/v1/jobs/{id}/sarif"), Some(&key), StatusCode::OK),
+        (Method::GET, format!("/v1/jobs/{id}/summary"), Some(&key), StatusCode::OK),
+        (Method::GET, "/v1/audit/export".to_owned(), Some(&key), StatusCode::OK),
+        (Method::GET, "/v1/sessions".to_owned(), Some(&key), StatusCode::OK),
+        (Method::GET, "/metrics".to_owned(), Some(&api.admin), StatusCode::OK),
+        (Method::GET, "/v1/nothing-here".to_owned(), Some(&key), StatusCode::NOT_FOUND),
+        (Method::DELETE, "/v1/jobs".to_owned(), Some(&key), StatusCode::METHOD_NOT_ALLOWED),
+    ];
+    for (method, uri, key, status) in answers {
+        let r = api.call(method.clone(), &uri, key.map(String::as_str), Body::empty(), &[]).await;
+        assert_eq!(r.status, status, "{method} {uri}: {}", String::from_utf8_lossy(&r.body));
+        let header = |name: &str| r.headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            header("strict-transport-security").as_deref(),
+            Some("max-age=31536000"),
+            "{method} {uri}"
+        );
+        assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"), "{method} {uri}");
+        assert_eq!(header("cache-control").as_deref(), Some("no-store"), "{method} {uri}");
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_upload_to_a_full_disk_is_507_and_leaves_nothing(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let artifacts = api.state.data_dir.artifacts();
+    common::mount_small_disk(&artifacts, "1M");
+    // An artifact that fits while the disk has room.
+    let r = api.submit(&key, &[b'a'; 300 << 10], "", &[]).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    let kept = r.json()["id"].as_str().unwrap().to_owned();
+    // Bigger than what is left: refused, and nothing of it stays.
+    let r = api.submit(&key, &[b'b'; 900 << 10], "", &[]).await;
+    assert_problem(
+        &r,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "the server is out of disk space (storing the upload)",
+    );
+    assert!(r.json()["detail"].as_str().unwrap().contains("try again later"));
+    assert!(!r.json()["detail"].as_str().unwrap().contains(artifacts.to_str().unwrap()), "no server path");
+    // Full to the last byte: even a tiny one.
+    common::fill_disk(&artifacts);
+    assert_problem(
+        &api.submit(&key, b"x", "", &[]).await,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "out of disk space",
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&artifacts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["filler".to_owned(), kept]);
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&api.state.pool).await.unwrap();
+    assert_eq!(jobs, 1);
+    assert_eq!(api.actions(&tenant).await, ["tenant.created", "api_key.created", "job.submitted"]);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_session_upload_to_a_full_disk_is_507_and_leaves_nothing(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let sessions = api.state.data_dir.sessions();
+    common::mount_small_disk(&sessions, "1M");
+    common::fill_disk(&sessions);
+    let r = api.call(Method::POST, "/v1/sessions", Some(&key), Body::from(vec![b'x'; 8192]), &[]).await;
+    assert_problem(
+        &r,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "the server is out of disk space (storing the upload)",
+    );
+    let left: Vec<String> = std::fs::read_dir(&sessions)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["filler"]);
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sessions").fetch_one(&api.state.pool).await.unwrap();
+    assert_eq!(rows, 0);
+    assert_eq!(api.actions(&tenant).await, ["tenant.created", "api_key.created"]);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_database_out_of_disk_space_is_507(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    // What PostgreSQL answers when its disk is full (SQLSTATE 53100), for real, on every insert.
+    sqlx::raw_sql(
+        "CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; END $$;
+         CREATE TRIGGER full_disk BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION full_disk();",
+    )
+    .execute(&api.state.pool)
+    .await
+    .unwrap();
+    let r = api.submit(&key, b"x", "", &[]).await;
+    assert_problem(&r, StatusCode::INSUFFICIENT_STORAGE, "out of disk space (its database's disk is full)");
+    assert_eq!(std::fs::read_dir(api.state.data_dir.artifacts()).unwrap().count(), 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn finished_jobs_past_the_retention_are_purged_with_their_files_and_audited(pool: PgPool) {
+    use cella_service::janitor;
+    let api = api(pool, |_| {}).await;
+    let pool = &api.state.pool;
+    let (acme, key) = api.tenant("acme").await;
+    let (other, other_key) = api.tenant("other").await;
+    let submit = |key: String, body: &'static [u8]| {
+        let api = &api;
+        async move { api.submit(&key, body, "", &[]).await.json()["id"].as_str().unwrap().to_owned() }
+    };
+    let lease = || async { queue::lease(pool, "w", Duration::from_secs(60)).await.unwrap().unwrap() };
+    let succeeded =
+        Outcome::Succeeded { summary: json!({"findings": 0}), sarif: b"{}".to_vec(), vm: json!({}) };
+    // acme: one succeeded and one failed long ago, one succeeded within the retention, one
+    // running and one queued since long ago; other: one cancelled long ago.
+    let old_ok = submit(key.clone(), b"1").await;
+    queue::finish(pool, &lease().await, &succeeded).await.unwrap();
+    let old_failed = submit(key.clone(), b"2").await;
+    let failed = Outcome::Failed { reason: "refused".into(), retryable: false, vm: None };
+    queue::finish(pool, &lease().await, &failed).await.unwrap();
+    let young = submit(key.clone(), b"3").await;
+    queue::finish(pool, &lease().await, &succeeded).await.unwrap();
+    let running = submit(key.clone(), b"4").await;
+    assert_eq!(lease().await.job_id, running);
+    let queued = submit(key.clone(), b"5").await;
+    let old_cancelled = submit(other_key.clone(), b"6").await;
+    api.post(&format!("/v1/jobs/{old_cancelled}/cancel"), &other_key).await;
+    let age = |ids: Vec<String>, days: i32| async move {
+        sqlx::query(
+            "UPDATE jobs SET created_at = now() - make_interval(days => $2 + 1), updated_at = now() - make_interval(days => $2),
+                    finished_at = CASE WHEN finished_at IS NULL THEN NULL ELSE now() - make_interval(days => $2) END
+             WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .bind(days)
+        .execute(pool)
+        .await
+        .unwrap();
+    };
+    age(vec![old_ok.clone(), old_failed.clone(), old_cancelled.clone(), running.clone(), queued.clone()], 91)
+        .await;
+    age(vec![young.clone()], 89).await;
+    // Files a crash left for the old job, and the running job's SARIF log being written.
+    let data = &api.state.data_dir;
+    std::fs::write(data.artifact(&old_ok), b"1").unwrap();
+    std::fs::write(data.work().join(janitor::sarif_name(&old_ok, 1)), b"").unwrap();
+    std::fs::write(data.work().join(janitor::sarif_name(&running, 1)), b"").unwrap();
+
+    // Retention 0 keeps everything.
+    assert_eq!(janitor::purge_expired(pool, data, 0).await.unwrap().count(), 0);
+    let purged = janitor::purge_expired(pool, data, 90).await.unwrap();
+    let mut acme_purged = purged.jobs[&acme].clone();
+    acme_purged.sort();
+    let mut expected = vec![old_ok.clone(), old_failed.clone()];
+    expected.sort();
+    assert_eq!(acme_purged, expected);
+    assert_eq!(purged.jobs[&other], std::slice::from_ref(&old_cancelled));
+    assert_eq!(purged.count(), 3);
+    let mut left: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM jobs ORDER BY id").fetch_all(pool).await.unwrap();
+    left.sort();
+    let mut kept = vec![young.clone(), running.clone(), queued.clone()];
+    kept.sort();
+    assert_eq!(left, kept);
+    assert_problem(&api.get(&format!("/v1/jobs/{old_ok}/sarif"), &key).await, StatusCode::NOT_FOUND, &old_ok);
+    assert!(!data.artifact(&old_ok).exists());
+    assert!(!data.work().join(janitor::sarif_name(&old_ok, 1)).exists());
+    assert!(data.work().join(janitor::sarif_name(&running, 1)).exists());
+    assert!(data.artifact(&running).exists() && data.artifact(&queued).exists());
+
+    // One event per tenant for the batch, naming the jobs; the jobs' own events stay.
+    let purge_event = |tenant: String| async move {
+        let body: String = sqlx::query_scalar(
+            "SELECT body FROM audit_events WHERE chain = $1 AND action = 'job.purged' ORDER BY seq",
+        )
+        .bind(format!("tenant:{tenant}"))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let event = purge_event(acme.clone()).await;
+    assert_eq!(event["actor"], json!({"kind": "system", "id": "retention"}), "{event}");
+    let mut ids: Vec<String> = serde_json::from_value(event["details"]["jobs"].clone()).unwrap();
+    ids.sort();
+    assert_eq!(ids, expected);
+    assert_eq!(
+        (event["details"]["count"].as_u64(), event["details"]["retention_days"].as_u64()),
+        (Some(2), Some(90))
+    );
+    assert_eq!(purge_event(other.clone()).await["details"]["jobs"], json!([old_cancelled]));
+    assert_eq!(api.actions(&acme).await.iter().filter(|a| *a == "job.submitted").count(), 5);
+    assert_eq!(api.actions(&acme).await.last().unwrap(), "job.purged");
+
+    // Nothing more to purge: no new event.
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(pool).await.unwrap();
+    assert_eq!(janitor::purge_expired(pool, data, 90).await.unwrap().count(), 0);
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(pool).await.unwrap();
+    assert_eq!(after, events);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_hourly_sweep_removes_what_ended_jobs_left_and_nothing_under_way(pool: PgPool) {
+    use cella_service::janitor::{self, Moment, Swept};
+    let api = api(pool, |c| c.jobs.max_attempts = 1).await;
+    let (_, key) = api.tenant("acme").await;
+    let pool = &api.state.pool;
+    let data = &api.state.data_dir;
+    // A worker died mid-job: its lease expired and, its one attempt used, the job failed; its
+    // artifact and SARIF log stay behind (the worker would have removed them).
+    let died = api.submit(&key, b"x", "", &[]).await.json()["id"].as_str().unwrap().to_owned();
+    queue::lease(pool, "w", Duration::from_millis(1)).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(queue::rescue_expired(pool, "w2").await.unwrap(), 1);
+    assert_eq!(api.get(&format!("/v1/jobs/{died}"), &key).await.json()["state"], "failed");
+    std::fs::write(data.work().join(janitor::sarif_name(&died, 1)), b"").unwrap();
+    assert!(data.artifact(&died).exists());
+    // Under way: a queued job's artifact, an upload named just before its job is inserted, one
+    // still arriving, a file on its way into a session.
+    let queued = api.submit(&key, b"y", "", &[]).await.json()["id"].as_str().unwrap().to_owned();
+    let uploading = cella_service::ids::new_id("job");
+    let arriving = data.artifacts().join(format!("{}.part", cella_service::ids::new_id("job")));
+    let adding = data.work().join("session_0123456789abcdef0123456789abcdef-add-0011223344556677");
+    for path in [&data.artifact(&uploading), &arriving, &adding] {
+        std::fs::write(path, b"").unwrap();
+    }
+    let swept = janitor::sweep(pool, data, Moment::Running).await.unwrap();
+    assert_eq!(swept, Swept { work: 1, artifacts: 1 });
+    assert!(!data.artifact(&died).exists());
+    assert!(!data.work().join(janitor::sarif_name(&died, 1)).exists());
+    for path in [&data.artifact(&queued), &data.artifact(&uploading), &arriving, &adding] {
+        assert!(path.exists(), "{} was removed while under way", path.display());
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_deadlocked_or_serialization_failed_transaction_is_503_try_again(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    for code in ["deadlock_detected", "serialization_failure"] {
+        sqlx::raw_sql(&format!(
+            "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '{code}'; END $$;
+             DROP TRIGGER IF EXISTS refuse ON jobs;
+             CREATE TRIGGER refuse BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION refuse();"
+        ))
+        .execute(&api.state.pool)
+        .await
+        .unwrap();
+        assert_problem(&api.submit(&key, b"x", "", &[]).await, StatusCode::SERVICE_UNAVAILABLE, "try again");
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn sessions_that_ended_past_the_retention_are_purged_and_audited(pool: PgPool) {
+    use cella_service::janitor;
+    let api = api(pool, |_| {}).await;
+    let pool = &api.state.pool;
+    let (tenant, key) = api.tenant("acme").await;
+    // This API has no VMM: each session fails to start (a final state, like terminated).
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = api.call(Method::POST, "/v1/sessions", Some(&key), Body::from("x"), &[]).await;
+        assert_eq!(r.json()["state"], "failed", "{}", String::from_utf8_lossy(&r.body));
+        ids.push(r.json()["id"].as_str().unwrap().to_owned());
+    }
+    let (old, young, suspended) = (&ids[0], &ids[1], &ids[2]);
+    // One suspended long ago (live: kept), one that failed long ago, one recently.
+    sqlx::query("UPDATE sessions SET state = 'suspended' WHERE id = $1")
+        .bind(suspended)
+        .execute(pool)
+        .await
+        .unwrap();
+    for (id, days) in [(old, 91), (young, 89), (suspended, 91)] {
+        sqlx::query("UPDATE sessions SET updated_at = now() - make_interval(days => $2) WHERE id = $1")
+            .bind(id)
+            .bind(days)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let purged = janitor::purge_expired(pool, &api.state.data_dir, 90).await.unwrap();
+    assert_eq!(purged.sessions[&tenant], std::slice::from_ref(old));
+    assert!(purged.jobs.is_empty());
+    let mut left: Vec<String> = sqlx::query_scalar("SELECT id FROM sessions").fetch_all(pool).await.unwrap();
+    left.sort();
+    let mut kept = vec![young.clone(), suspended.clone()];
+    kept.sort();
+    assert_eq!(left, kept);
+    assert_problem(&api.get(&format!("/v1/sessions/{old}"), &key).await, StatusCode::NOT_FOUND, old);
+    let body: String =
+        sqlx::query_scalar("SELECT body FROM audit_events WHERE chain = $1 AND action = 'session.purged'")
+            .bind(format!("tenant:{tenant}"))
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let details = serde_json::from_str::<Value>(&body).unwrap()["details"].clone();
+    assert_eq!(details, json!({ "sessions": [old], "count": 1, "retention_days": 90 }));
+    // The session's own events stay.
+    assert_eq!(api.actions(&tenant).await.iter().filter(|a| *a == "session.failed").count(), 3);
 }

@@ -563,3 +563,90 @@ async fn a_rejected_upload_gets_its_answer_while_the_client_is_still_sending(poo
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_restart_after_sigkill_removes_the_leftovers_but_not_a_running_jobs_files(pool: PgPool) {
+    let dir = scratch("leftovers");
+    let db = test_db_url(&pool);
+    let mut server = Server::start(&dir.join("data"), Some(&db), &[("CELLA_WORKER", "0")]);
+    let (_, client) = server.tenant("acme").await;
+    let running = submit(&client, b"one", None).await.unwrap();
+    let queued = submit(&client, b"two", None).await.unwrap();
+    let ended = submit(&client, b"three", None).await.unwrap();
+    client.json(Method::POST, &format!("/v1/jobs/{ended}/cancel")).await.unwrap();
+    // A `cella worker` elsewhere, sharing the data folder, runs `running` and writes its log.
+    let lease = cella_service::queue::lease(&pool, "worker_elsewhere", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((lease.job_id.as_str(), lease.attempt), (running.as_str(), 1));
+    let data = server.data.clone();
+    let (work, artifacts) = (data.join("work"), data.join("artifacts"));
+    let sarif = cella_service::janitor::sarif_name;
+    let keep = [work.join(sarif(&running, 1)), artifacts.join(&running), artifacts.join(&queued)];
+    let leftovers = [
+        // A worker killed mid-scan: the log of an attempt no worker runs, of a job now queued.
+        work.join(sarif(&queued, 1)),
+        work.join(sarif(&ended, 1)),
+        // A file on its way into a session when serve was killed.
+        work.join("session_0123456789abcdef0123456789abcdef-add-0011223344556677.part"),
+        work.join("session_0123456789abcdef0123456789abcdef-add-8899aabbccddeeff"),
+        // An upload stored just before serve was killed (no job), one half-written, and the
+        // artifact of a job that ended.
+        artifacts.join(cella_service::ids::new_id("job")),
+        artifacts.join(format!("{}.part", cella_service::ids::new_id("job"))),
+        artifacts.join(&ended),
+        // Keys and certificates a start killed while writing them left half-written.
+        data.join("admin.key.tmp"),
+        data.join("tls/ca.key.tmp"),
+    ];
+    for path in leftovers.iter().chain(keep.iter().take(1)) {
+        std::fs::write(path, b"").unwrap();
+    }
+    let mut child = server.child.take().unwrap();
+    signal(&child, "KILL");
+    child.wait().unwrap();
+    let server = Server::start(&data, Some(&db), &[("CELLA_WORKER", "0")]);
+    for path in &leftovers {
+        assert!(!path.exists(), "{} is still there after the restart", path.display());
+    }
+    for path in &keep {
+        assert!(path.exists(), "{} was removed, but its job runs or waits", path.display());
+    }
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn control_characters_in_an_archive_entry_name_reach_no_message_raw(pool: PgPool) {
+    let dir = scratch("control-chars");
+    let server = Server::start(&dir.join("data"), Some(&test_db_url(&pool)), &[("CELLA_JAILED", "0")]);
+    let data = server.data.clone();
+    let out = cella(&data, None, &["tenant", "create", "acme"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let tenant = stdout.lines().find_map(|l| l.strip_prefix("tenant  ")).unwrap().trim().to_owned();
+    let key = stdout.lines().find_map(|l| l.strip_prefix("API key ")).unwrap().trim().to_owned();
+    // An entry that would clear the screen, ring the bell and overwrite its own line.
+    let evil = dir.join("evil.tar");
+    std::fs::write(&evil, cella_e2e::ustar(&[("../\x1b[2J\x07owned\r", b"x")])).unwrap();
+    let out = cella(&data, Some(&key), &["scan", evil.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = "artifact entry `../\\x1b[2J\\x07owned\\r` escapes the archive root";
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains(shown), "{stderr}");
+    assert!(!stderr.contains(['\x1b', '\x07', '\r']), "{stderr:?}");
+    // Stored, answered and audited escaped too.
+    let error: String = sqlx::query_scalar("SELECT error FROM jobs").fetch_one(&pool).await.unwrap();
+    assert_eq!(error, format!("artifact refused: {shown}"));
+    let id: String = sqlx::query_scalar("SELECT id FROM jobs").fetch_one(&pool).await.unwrap();
+    let client = ApiClient::new(&server.url, &key, Some(&server.ca)).unwrap();
+    assert_eq!(job(&client, &id).await["error"], error.as_str());
+    let failed = actions(&pool, &tenant).await.into_iter().find(|(a, _)| a == "job.failed").unwrap().1;
+    assert_eq!(failed["details"]["reason"], error.as_str());
+    // `cella job ls` prints it as stored.
+    let out = cella(&data, Some(&key), &["job", "ls"]);
+    let listed = String::from_utf8(out.stdout).unwrap();
+    assert!(listed.contains(shown) && !listed.contains(['\x1b', '\x07', '\r']), "{listed:?}");
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -228,13 +228,7 @@ impl Api {
     /// (the jail binds the session's folder from the tmpfs). Unmounted when the test's folder
     /// goes.
     fn small_disk(&self, size: &str) {
-        let sessions = self.state.data_dir.sessions();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-            .arg(&sessions)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mounting a tmpfs over {}", sessions.display());
+        common::mount_small_disk(&self.state.data_dir.sessions(), size);
     }
 }
 
@@ -1039,4 +1033,33 @@ async fn a_wedged_vmm_times_out_exec_and_terminate_still_stops_and_scrubs_it(poo
     assert!(!alive(vmm), "the wedged VMM is still there");
     let scrub = &api.details(&tenant, "session.terminated").await["scrub"];
     assert_eq!(scrub["verified_zero"], true, "the wedged VM was not scrubbed: {scrub}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn adding_a_file_on_a_full_disk_is_507_and_the_session_runs_on(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let sid = id(&api.create(&key, "").await);
+    let work = api.state.data_dir.work();
+    common::mount_small_disk(&work, "1M");
+    common::fill_disk(&work);
+    let file = common::tar(&[("notes.txt", b"more\n")]);
+    let r = api
+        .call(Method::POST, &format!("/v1/sessions/{sid}/files?name=extra"), &key, Body::from(file), false)
+        .await;
+    assert_problem(
+        &r,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "the server is out of disk space (storing the upload)",
+    );
+    let left: Vec<String> = std::fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["filler"]);
+    let stats = api.exec(&sid, &key, json!({"op": "stats"})).await.json()["result"].clone();
+    assert_eq!(stats["files"].as_u64(), Some(3), "{stats}");
+    // Only the stats call is recorded: the refused add never reached the guest.
+    assert_eq!(api.actions(&tenant).await.iter().filter(|a| *a == "session.exec").count(), 1);
+    assert_eq!(api.delete(&sid, &key).await.json()["state"], "terminated");
 }

@@ -35,6 +35,8 @@ use core::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod text;
+
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"CELP";
 /// Protocol version; any incompatible change bumps it.

@@ -241,6 +241,7 @@ fn export_error(e: ExportError) -> ServiceError {
         | ExportError::NotCovered { .. }
         | ExportError::NoCheckpoint { .. }) => ServiceError::Unprocessable(e.to_string()),
         ExportError::Db(db) => db.into(),
+        ExportError::Store(store) => store.into(),
         other => ServiceError::Internal(format!("audit export: {other}")),
     }
 }

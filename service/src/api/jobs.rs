@@ -47,6 +47,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
         (status = 401, description = "No or bad API key", content_type = "application/problem+json"),
         (status = 408, description = "The upload stalled", content_type = "application/problem+json"),
         (status = 413, description = "Artifact too large", content_type = "application/problem+json"),
+        (status = 507, description = "The server is out of disk space; nothing was kept: try again later", content_type = "application/problem+json"),
         (status = 422, description = "Unknown policy, or Idempotency-Key reused with a different request", content_type = "application/problem+json")))]
 async fn submit(
     State(state): State<AppState>,

@@ -81,6 +81,7 @@ pub struct CreateQuery {
         (status = 408, description = "The upload stalled", content_type = "application/problem+json"),
         (status = 409, description = "The tenant holds sessions.max_per_tenant live sessions already", content_type = "application/problem+json"),
         (status = 413, description = "Artifact too large", content_type = "application/problem+json"),
+        (status = 507, description = "The server is out of disk space; nothing was kept: try again later", content_type = "application/problem+json"),
         (status = 422, description = "max_duration, idle_suspend, read_policy or mem_mib out of range", content_type = "application/problem+json")))]
 async fn create(
     State(state): State<AppState>,
@@ -110,7 +111,7 @@ async fn create(
     let id = ids::new_id("session");
     let paths = state.sessions.paths(&id);
     files::create_private_dir(&paths.dir)
-        .map_err(|e| ServiceError::Internal(crate::error::error_chain(&e)))?;
+        .map_err(|e| ServiceError::file("creating the session's folder", &e))?;
     let stored = match upload::store_admitted(&state, admitted, body, &paths.artifact).await {
         Ok(s) => s,
         Err(e) => {
@@ -465,6 +466,7 @@ pub struct FileQuery {
               (status = 404, description = "No such session of this tenant", content_type = "application/problem+json"),
               (status = 409, description = "Not running: resume or connect first", content_type = "application/problem+json"),
               (status = 413, description = "Larger than 64 MiB", content_type = "application/problem+json"),
+              (status = 507, description = "The server is out of disk space; nothing was kept: try again later", content_type = "application/problem+json"),
               (status = 422, description = "A bad name, or the guest refused the content", content_type = "application/problem+json"),
               (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
 async fn add_file(

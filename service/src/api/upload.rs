@@ -169,15 +169,19 @@ pub async fn store_admitted(
     };
     if let Err(e) = tokio::fs::rename(&part, path).await {
         let _ = tokio::fs::remove_file(&part).await;
-        return Err(ServiceError::Internal(format!("storing upload {}: {e}", path.display())));
+        return Err(ServiceError::io(STORING, path, &e));
     }
     Ok(stored)
 }
 
-/// Streams the body into `path`, hashing it, within the admitted limits and `pace`.
+/// What an upload was doing when the disk failed it (a full disk answers 507 saying so).
+const STORING: &str = "storing the upload";
+
+/// Streams the body into `path`, hashing it, within the admitted limits and `pace`. A full
+/// disk (ENOSPC, EDQUOT) is a 507.
 async fn receive(body: Body, path: &Path, admitted: Admitted, pace: Pace) -> Result<Stored, ServiceError> {
     let Admitted { declared, limit, room, used, quota, mut reserved, upload } = admitted;
-    let internal = |e: std::io::Error| ServiceError::Internal(format!("writing {}: {e}", path.display()));
+    let internal = |e: std::io::Error| ServiceError::io(STORING, path, &e);
     let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
     let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     let mut total = 0u64;

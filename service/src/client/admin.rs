@@ -351,7 +351,7 @@ pub async fn job(cmd: JobCommand) -> Result<(), ClientError> {
                     j["state"].as_str().unwrap_or(""),
                     j["findings"].as_i64().map_or("-".into(), |n| n.to_string()),
                     j["created_at"].as_str().unwrap_or(""),
-                    j["error"].as_str().unwrap_or("")
+                    crate::error::escape_controls(j["error"].as_str().unwrap_or(""))
                 );
             }
         }

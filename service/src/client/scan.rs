@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
 use super::{ApiClient, ClientError, Connection};
+use crate::error::escape_controls;
 
 #[derive(Debug, Args)]
 pub struct ScanArgs {
@@ -271,25 +272,56 @@ pub async fn wait(
     }
 }
 
-pub(crate) fn print_table(results: &[Value]) {
+/// The findings table of a SARIF log's results, one line each. Every field came from the
+/// guest (paths and messages from the artifact): control characters are shown escaped.
+pub(crate) fn findings_table(results: &[Value]) -> String {
     if results.is_empty() {
-        println!("no findings");
-        return;
+        return "no findings\n".to_owned();
     }
-    println!("{:<8} {:<30} {:<40} MESSAGE", "LEVEL", "RULE", "LOCATION");
+    let field =
+        |v: &Value, default: &'static str| escape_controls(v.as_str().unwrap_or(default)).into_owned();
+    let mut out = format!("{:<8} {:<30} {:<40} MESSAGE\n", "LEVEL", "RULE", "LOCATION");
     for r in results {
         let loc = &r["locations"][0]["physicalLocation"];
         let location = format!(
             "{}:{}",
-            loc["artifactLocation"]["uri"].as_str().unwrap_or("?"),
+            field(&loc["artifactLocation"]["uri"], "?"),
             loc["region"]["startLine"].as_u64().unwrap_or(0)
         );
-        println!(
-            "{:<8} {:<30} {:<40} {}",
-            r["level"].as_str().unwrap_or("?"),
-            r["ruleId"].as_str().unwrap_or("?"),
+        out.push_str(&format!(
+            "{:<8} {:<30} {:<40} {}\n",
+            field(&r["level"], "?"),
+            field(&r["ruleId"], "?"),
             location,
-            r["message"]["text"].as_str().unwrap_or("")
-        );
+            field(&r["message"]["text"], "")
+        ));
+    }
+    out
+}
+
+pub(crate) fn print_table(results: &[Value]) {
+    print!("{}", findings_table(results));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_findings_table_shows_control_characters_escaped() {
+        let results = [json!({
+            "level": "error",
+            "ruleId": "stripe\u{7}",
+            "message": {"text": "a key\r\u{1b}[2K"},
+            "locations": [{"physicalLocation": {
+                "artifactLocation": {"uri": "app/\u{1b}]0;x\u{7}.env"},
+                "region": {"startLine": 3}
+            }}]
+        })];
+        let table = findings_table(&results);
+        assert!(!table.trim_end().contains(|c: char| c.is_control() && c != '\n'), "{table:?}");
+        assert!(table.contains("app/\\x1b]0;x\\x07.env:3"), "{table}");
+        assert!(table.contains("stripe\\x07") && table.contains("a key\\r\\x1b[2K"), "{table}");
     }
 }

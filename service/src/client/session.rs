@@ -9,6 +9,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use super::{ClientError, Connection};
+use crate::error::escape_controls;
 
 /// Output and connection options shared by every session command.
 #[derive(Debug, Clone, Args)]
@@ -153,8 +154,10 @@ fn pretty(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn text<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key].as_str().unwrap_or("-")
+/// A string field for the terminal (`-` when absent): control characters escaped, since most
+/// of what a session shows (errors, paths, stats) came from its guest.
+fn text<'a>(v: &'a Value, key: &str) -> std::borrow::Cow<'a, str> {
+    escape_controls(v[key].as_str().unwrap_or("-"))
 }
 
 /// An RFC 3339 time to the second, for tables (`2026-11-28T18:27:24Z`).
@@ -171,7 +174,7 @@ fn print_session(s: &Value) {
     println!("state     {}", text(s, "state"));
     println!(
         "artifact  {} ({} bytes, sha256 {})",
-        s["artifact"]["name"].as_str().unwrap_or("-"),
+        text(&s["artifact"], "name"),
         s["artifact"]["bytes"],
         text(&s["artifact"], "sha256")
     );
@@ -188,7 +191,7 @@ fn print_session(s: &Value) {
         println!("snapshot  {bytes} bytes");
     }
     if let Some(err) = s["error"].as_str() {
-        println!("error     {err}");
+        println!("error     {}", escape_controls(err));
     }
 }
 
@@ -265,9 +268,9 @@ pub async fn run(cmd: SessionCommand) -> Result<(), ClientError> {
                     "{:<41} {:<11} {:<21} {:<21} {}",
                     text(s, "id"),
                     text(s, "state"),
-                    to_second(text(s, "created_at")),
-                    to_second(text(s, "deadline")),
-                    s["artifact"]["name"].as_str().unwrap_or("-")
+                    to_second(&text(s, "created_at")),
+                    to_second(&text(s, "deadline")),
+                    text(&s["artifact"], "name")
                 );
             }
         }
@@ -324,7 +327,13 @@ async fn exec(id: &str, op: ExecOp) -> Result<(), ClientError> {
             }
             let result = &reply["result"];
             for m in result["matches"].as_array().into_iter().flatten() {
-                println!("{}:{}:{}: {}", text(m, "path"), m["line"], m["column"], text(m, "text"));
+                println!(
+                    "{}:{}:{}: {}",
+                    text(m, "path"),
+                    m["line"],
+                    m["column"],
+                    escape_controls(m["text"].as_str().unwrap_or_default())
+                );
             }
             // A `deny` session answers with counts per file only.
             let mut lines = result["matches"].as_array().map_or(0, |m| m.len() as u64);
@@ -344,7 +353,8 @@ async fn exec(id: &str, op: ExecOp) -> Result<(), ClientError> {
             }
             if let Some(fields) = reply["result"].as_object() {
                 for (k, v) in fields.iter().filter(|(k, _)| *k != "op") {
-                    println!("{k:<20} {}", v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+                    let value = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                    println!("{:<20} {}", escape_controls(k), escape_controls(&value));
                 }
             }
         }

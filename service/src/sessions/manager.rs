@@ -221,13 +221,15 @@ fn disk_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The last line of the VMM's log, for a failure reason (bounded).
+/// The last line of the VMM's log, for a failure reason (bounded, control characters escaped:
+/// the guest's console and messages end up there).
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let tail = &text[text.len().saturating_sub(4096)..];
     let line =
         String::from_utf8_lossy(tail).lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_owned();
-    line.chars().take(300).collect()
+    let line: String = line.chars().take(300).collect();
+    crate::error::escape_controls(&line).into_owned()
 }
 
 /// `text` as a tenant may see it: every absolute host path cut to its last part
@@ -640,6 +642,7 @@ impl SessionManager {
         if let Err(e) = self.stop_session_vm(&s).await {
             return e;
         }
+        let reason = &*crate::error::escape_controls(reason);
         eprintln!("cella serve: session {} failed: {reason}", s.id);
         let reason = &for_tenant(reason);
         self.paths(&s.id).remove().await;

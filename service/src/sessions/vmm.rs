@@ -463,7 +463,8 @@ impl Guest {
         }
         .map_err(|e| VmmError::Guest(error_chain(&e)))?;
         if let Some(err) = reply.response.error() {
-            return Err(VmmError::Refused(format!("the session refused it ({}): {}", err.kind, err.message)));
+            let said = format!("the session refused it ({}): {}", err.kind, err.message);
+            return Err(VmmError::Refused(crate::error::escape_controls(&said).into_owned()));
         }
         let response = serde_json::to_value(&reply.response.result)
             .map_err(|e| VmmError::Guest(format!("the response: {e}")))?;

@@ -288,7 +288,13 @@ impl Finished {
             None => {}
         }
         let last_line = self.stderr.lines().last().unwrap_or("").to_owned();
-        let failed = |reason: String, retryable: bool| Outcome::Failed { reason, retryable, vm: vm.clone() };
+        // The reason is stored, audited, answered and printed: whatever the guest (or the
+        // artifact, through the guest's messages) put in it, no control character stays raw.
+        let failed = |reason: String, retryable: bool| Outcome::Failed {
+            reason: crate::error::escape_controls(&reason).into_owned(),
+            retryable,
+            vm: vm.clone(),
+        };
         match self.status {
             Some(0) => {
                 let report = self.report.unwrap_or_default();
@@ -370,6 +376,24 @@ mod tests {
             Outcome::Failed { reason, retryable: false, .. } => {
                 assert!(reason.contains("`../x`"), "{reason}")
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_characters_from_the_guest_never_reach_the_reason_raw() {
+        let r =
+            json!({"refused": {"kind": "archive\u{7}", "message": "entry `../\u{1b}[2J\u{7}x\r` escapes"}});
+        match finished(3, r).outcome(None, Duration::ZERO) {
+            Outcome::Failed { reason, .. } => {
+                assert_eq!(reason, "archive\\x07 refused: entry `../\\x1b[2J\\x07x\\r` escapes")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut f = finished(243, json!({}));
+        f.stderr = "cella-vmm: \u{1b}]0;title\u{7}boom".into();
+        match f.outcome(None, Duration::ZERO) {
+            Outcome::Failed { reason, .. } => assert!(!reason.contains(['\u{1b}', '\u{7}']), "{reason:?}"),
             other => panic!("{other:?}"),
         }
     }

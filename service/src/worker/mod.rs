@@ -83,6 +83,14 @@ impl Worker {
             self.launcher.vmm().display(),
             if self.launcher.jailed() { ", jailed" } else { "" }
         );
+        // SARIF logs a killed worker left (of job attempts no worker runs any more).
+        match crate::janitor::sweep(&self.pool, &self.data_dir, crate::janitor::Moment::Running).await {
+            Ok(s) if s.work > 0 => {
+                eprintln!("cella worker: removed {} SARIF log(s) left by an earlier run", s.work)
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("cella worker: sweeping {}: {e}", self.data_dir.work().display()),
+        }
         if let Some(spares) = &self.spares {
             spares.sweep_orphans().await;
             for slot in 0..self.concurrency {
@@ -200,7 +208,7 @@ impl Worker {
     ) {
         let started = Instant::now();
         let artifact = self.data_dir.artifact(&lease.job_id);
-        let sarif_out = self.data_dir.work().join(format!("{}.{}.sarif", lease.job_id, lease.attempt));
+        let sarif_out = self.data_dir.work().join(crate::janitor::sarif_name(&lease.job_id, lease.attempt));
         let spec = ScanSpec {
             job_id: &lease.job_id,
             artifact: &artifact,

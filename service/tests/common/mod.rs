@@ -145,8 +145,56 @@ impl Drop for Scratch {
                 }
             }
         }
-        let _ = Command::new("umount").arg("-l").arg(self.0.join("data/sessions")).status();
+        for mount in mounts_under(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(mount).status();
+        }
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The mount points at or under `dir`, deepest first (as `umount` wants them).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut found: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    found
+}
+
+/// Mounts a tmpfs of `size` (`1M`) over `dir` (root only), so what is written there from now
+/// on meets a disk that fills, for real. A [`Scratch`] unmounts it when it goes.
+pub fn mount_small_disk(dir: &Path, size: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a tmpfs over {}", dir.display());
+}
+
+/// ENOSPC (the same on every Linux architecture).
+const ENOSPC: i32 = 28;
+
+/// Fills the filesystem of `dir` to the last byte (a file `filler`, written until ENOSPC in
+/// ever smaller pieces).
+pub fn fill_disk(dir: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(dir.join("filler")).unwrap();
+    for size in [64 << 10, 4 << 10, 1] {
+        let chunk = vec![0xa5u8; size];
+        loop {
+            match file.write(&chunk) {
+                Ok(n) if n == size => {}
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", dir.display()),
+            }
+        }
     }
 }
 

@@ -158,7 +158,9 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
                     exit_code::for_exit(&report.exit)
                 }
                 ScanOutcome::Refused(error) => {
-                    eprintln!("cella-vmm scan: {} refused: {}", error.kind, error.message);
+                    // The guest's words (an entry name chosen by the artifact): escaped for the terminal.
+                    let said = format!("{} refused: {}", error.kind, error.message);
+                    eprintln!("cella-vmm scan: {}", cella_proto::text::escape_controls(&said));
                     result["refused"] = json!(error);
                     ExitCode::from(exit_code::SCAN_REFUSED)
                 }
@@ -267,24 +269,50 @@ fn hold(args: &ScanArgs, image: PathBuf) -> ExitCode {
 }
 
 fn print_summary(summary: &Value, exit: &GuestExit, scan_ms: u64) {
+    print!("{}", summary_text(summary, exit, scan_ms));
+}
+
+/// The summary as `scan` prints it. The names come from the guest: escaped for the terminal.
+fn summary_text(summary: &Value, exit: &GuestExit, scan_ms: u64) -> String {
     let n = |key: &str| summary[key].as_u64().unwrap_or(0);
-    println!(
-        "scanned {} files ({} bytes; {} binary skipped) in {scan_ms} ms: {} findings",
+    let shown = cella_proto::text::escape_controls;
+    let mut out = format!(
+        "scanned {} files ({} bytes; {} binary skipped) in {scan_ms} ms: {} findings\n",
         n("files_scanned"),
         n("bytes_scanned"),
         n("files_skipped_binary"),
         n("findings")
     );
     if let Some(categories) = summary["by_category"].as_object() {
-        let line: Vec<String> = categories.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!("  by category: {}", line.join(", "));
+        let line: Vec<String> = categories.iter().map(|(k, v)| format!("{} {v}", shown(k))).collect();
+        out.push_str(&format!("  by category: {}\n", line.join(", ")));
     }
     if let Some(rules) = summary["by_rule"].as_object() {
         for (rule, count) in rules {
-            println!("  {count:>6}  {rule}");
+            out.push_str(&format!("  {count:>6}  {}\n", shown(rule)));
         }
     }
     if !matches!(exit, GuestExit::Exited { code: 0 }) {
-        println!("  VM: {exit:?}");
+        out.push_str(&format!("  VM: {exit:?}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_shows_the_guests_names_escaped() {
+        let summary = serde_json::json!({
+            "files_scanned": 2, "bytes_scanned": 10, "files_skipped_binary": 0, "findings": 1,
+            "by_category": {"secrets\u{1b}[2J": 1},
+            "by_rule": {"rule\r\u{7}": 1}
+        });
+        let text = summary_text(&summary, &GuestExit::Exited { code: 0 }, 5);
+        assert_eq!(
+            text,
+            "scanned 2 files (10 bytes; 0 binary skipped) in 5 ms: 1 findings\n  by category: secrets\\x1b[2J 1\n  1  rule\\r\\x07\n"
+        );
     }
 }
