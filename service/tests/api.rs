@@ -72,6 +72,31 @@ async fn api(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Api {
     Api { state, admin, _dir: dir }
 }
 
+/// One request through the router of `state`.
+async fn call(
+    state: &AppState,
+    method: Method,
+    uri: &str,
+    key: Option<&str>,
+    body: Body,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let response = app(state.clone()).oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = response.status();
+    let content_type =
+        response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let headers = response.headers().clone();
+    let body = axum::body::to_bytes(response.into_body(), 64 << 20).await.unwrap().to_vec();
+    Reply { status, content_type, headers, body }
+}
+
 impl Api {
     async fn call(
         &self,
@@ -81,23 +106,7 @@ impl Api {
         body: Body,
         headers: &[(&str, &str)],
     ) -> Reply {
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Some(key) = key {
-            req = req.header("authorization", format!("Bearer {key}"));
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let response = app(self.state.clone()).oneshot(req.body(body).unwrap()).await.unwrap();
-        let status = response.status();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let headers = response.headers().clone();
-        let body = axum::body::to_bytes(response.into_body(), 64 << 20).await.unwrap().to_vec();
-        Reply { status, content_type, headers, body }
+        call(&self.state, method, uri, key, body, headers).await
     }
 
     async fn get(&self, uri: &str, key: &str) -> Reply {
@@ -868,4 +877,215 @@ async fn sessions_that_ended_past_the_retention_are_purged_and_audited(pool: PgP
     assert_eq!(details, json!({ "sessions": [old], "count": 1, "retention_days": 90 }));
     // The session's own events stay.
     assert_eq!(api.actions(&tenant).await.iter().filter(|a| *a == "session.failed").count(), 3);
+}
+
+/// A body the test feeds chunk by chunk (and ends by dropping the sender).
+fn fed_body() -> (tokio::sync::mpsc::Sender<&'static [u8]>, Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<&'static [u8]>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (Ok::<_, std::io::Error>(bytes::Bytes::from_static(chunk)), rx))
+    });
+    (tx, Body::from_stream(stream))
+}
+
+/// Starts `POST /v1/jobs` with a fed body on a task of its own.
+fn submit_fed(
+    api: &Api,
+    key: &str,
+) -> (tokio::sync::mpsc::Sender<&'static [u8]>, tokio::task::JoinHandle<Reply>) {
+    let (tx, body) = fed_body();
+    let state = api.state.clone();
+    let key = key.to_owned();
+    let task =
+        tokio::spawn(async move { call(&state, Method::POST, "/v1/jobs", Some(&key), body, &[]).await });
+    (tx, task)
+}
+
+async fn jobs_of(api: &Api, tenant: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_one(&api.state.pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_key_revoked_while_its_upload_is_in_flight_creates_no_job(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let (tx, task) = submit_fed(&api, &key);
+    tx.send(b"the first half, ").await.unwrap();
+    // The upload is under way (past authentication) when the key is revoked.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let key_id: String = sqlx::query_scalar("SELECT id FROM api_keys WHERE tenant_id = $1")
+        .bind(&tenant)
+        .fetch_one(&api.state.pool)
+        .await
+        .unwrap();
+    let r = api
+        .call(
+            Method::POST,
+            &format!("/v1/admin/tenants/{tenant}/keys/{key_id}/revoke"),
+            Some(&api.admin),
+            Body::empty(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    tx.send(b"and the rest").await.unwrap();
+    drop(tx);
+    let r = task.await.unwrap();
+    assert_problem(&r, StatusCode::UNAUTHORIZED, "not valid");
+    assert_eq!(jobs_of(&api, &tenant).await, 0, "a job was created with a revoked key");
+    assert_eq!(std::fs::read_dir(api.state.data_dir.artifacts()).unwrap().count(), 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn uploads_over_the_tenants_quota_get_429_and_other_tenants_are_not_held_up(pool: PgPool) {
+    let api = api(pool, |c| c.quotas.uploads = 2).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let (_, other) = api.tenant("globex").await;
+    let a = submit_fed(&api, &key);
+    let b = submit_fed(&api, &key);
+    a.0.send(b"a").await.unwrap();
+    b.0.send(b"b").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = api.submit(&key, b"third", "", &[]).await;
+    assert_problem(&r, StatusCode::TOO_MANY_REQUESTS, "too many uploads at once (at most 2 per tenant)");
+    assert_eq!(r.headers["retry-after"], "5");
+    assert_eq!(api.submit(&other, b"globex is not held up", "", &[]).await.status, StatusCode::CREATED);
+    for (tx, task) in [a, b] {
+        drop(tx);
+        assert_eq!(task.await.unwrap().status, StatusCode::CREATED);
+    }
+    assert_eq!(api.submit(&key, b"third, later", "", &[]).await.status, StatusCode::CREATED);
+    assert_eq!(jobs_of(&api, &tenant).await, 3);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn requests_over_the_tenants_quota_get_429(pool: PgPool) {
+    let api = api(pool, |c| c.quotas.requests = 1).await;
+    let (_, key) = api.tenant("acme").await;
+    let (tx, task) = submit_fed(&api, &key);
+    tx.send(b"held open").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = api.get("/v1/jobs", &key).await;
+    assert_problem(&r, StatusCode::TOO_MANY_REQUESTS, "too many requests at once (at most 1 per tenant)");
+    drop(tx);
+    assert_eq!(task.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(api.get("/v1/jobs", &key).await.status, StatusCode::OK);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_disk_quota_refuses_a_declared_upload_before_its_body_and_a_chunked_one_as_it_passes(
+    pool: PgPool,
+) {
+    let api = api(pool, |c| c.quotas.disk_bytes = 100).await;
+    let (tenant, key) = api.tenant("acme").await;
+    assert_eq!(api.submit(&key, &[b'x'; 60], "", &[]).await.status, StatusCode::CREATED);
+    // 60 of 100 bytes held by the queued job: a declared 50 is refused from its header alone
+    // (the body here never ends, so the answer cannot have waited for it).
+    let endless = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))])
+        .chain(futures_util::stream::pending());
+    let r = api
+        .call(Method::POST, "/v1/jobs", Some(&key), Body::from_stream(endless), &[("content-length", "50")])
+        .await;
+    assert_problem(&r, StatusCode::CONFLICT, "disk quota: 50 bytes more, with 60 of 100 bytes in use");
+    // Without Content-Length, it is refused once it passes the quota.
+    let (tx, task) = submit_fed(&api, &key);
+    tx.send(&[b'y'; 30]).await.unwrap();
+    let _ = tx.send(&[b'z'; 30]).await;
+    let r = task.await.unwrap();
+    assert_problem(&r, StatusCode::CONFLICT, "disk quota");
+    assert_eq!(jobs_of(&api, &tenant).await, 1);
+    assert_eq!(
+        std::fs::read_dir(api.state.data_dir.artifacts()).unwrap().count(),
+        1,
+        "the refused upload left a file"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_upload_slower_than_the_minimum_rate_is_dropped_with_408(pool: PgPool) {
+    let api = api(pool, |c| {
+        c.jobs.upload_idle_secs = 30;
+        c.limits.upload_grace_secs = 1;
+        c.limits.upload_min_bytes_per_sec = 1000;
+    })
+    .await;
+    let (tenant, key) = api.tenant("acme").await;
+    let (tx, task) = submit_fed(&api, &key);
+    // One byte every 300 ms: never idle for 30 s, but far below 1000 bytes a second.
+    let feeder = tokio::spawn(async move {
+        for _ in 0..40 {
+            if tx.send(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let r = task.await.unwrap();
+    assert_problem(&r, StatusCode::REQUEST_TIMEOUT, "slower than 1000 bytes a second");
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+    feeder.abort();
+    assert_eq!(jobs_of(&api, &tenant).await, 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn operators_see_and_change_a_tenants_quotas_and_each_change_is_audited(pool: PgPool) {
+    let api = api(pool, |c| c.quotas.uploads = 8).await;
+    let (tenant, key) = api.tenant("acme").await;
+    api.submit(&key, b"12345", "", &[]).await;
+    let path = format!("/v1/admin/tenants/{tenant}/quotas");
+    let v = api.get(&path, &api.admin).await.json();
+    assert_eq!(v["overrides"]["uploads"], Value::Null);
+    assert_eq!(v["effective"]["uploads"], 8);
+    assert_eq!(v["effective"]["live_sessions"], 16);
+    assert_eq!(v["usage"]["disk_bytes"], 5);
+    let body = json!({"uploads": 1, "vm_cpu_percent": 50});
+    let r = api
+        .call(
+            Method::PUT,
+            &path,
+            Some(&api.admin),
+            Body::from(body.to_string()),
+            &[("content-type", "application/json")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(
+        (v["effective"]["uploads"].clone(), v["effective"]["vm_cpu_percent"].clone()),
+        (json!(1), json!(50))
+    );
+    assert_eq!(api.actions(&tenant).await.last().unwrap(), "tenant.quotas_changed");
+    let operator: Vec<String> =
+        sqlx::query_scalar("SELECT action FROM audit_events WHERE chain = 'operator' ORDER BY seq")
+            .fetch_all(&api.state.pool)
+            .await
+            .unwrap();
+    assert_eq!(operator.last().unwrap(), "tenant.quotas_changed");
+    // The new quota applies to the tenant's next request.
+    let (tx, task) = submit_fed(&api, &key);
+    tx.send(b"a").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(api.submit(&key, b"b", "", &[]).await.status, StatusCode::TOO_MANY_REQUESTS);
+    drop(tx);
+    task.await.unwrap();
+    let bad = json!({"vm_cpu_percent": 0});
+    let r = api
+        .call(
+            Method::PUT,
+            &path,
+            Some(&api.admin),
+            Body::from(bad.to_string()),
+            &[("content-type", "application/json")],
+        )
+        .await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "vm_cpu_percent must be 1-10000");
+    let r = api
+        .call(Method::PUT, &path, Some(&key), Body::from("{}"), &[("content-type", "application/json")])
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "a tenant cannot change its own quotas");
 }

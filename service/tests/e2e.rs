@@ -183,6 +183,33 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     let tenant = stdout.lines().find_map(|l| l.strip_prefix("tenant  ")).unwrap().trim().to_owned();
     let key = stdout.lines().find_map(|l| l.strip_prefix("API key ")).unwrap().trim().to_owned();
     assert!(key.starts_with("cella_") && key.len() == 6 + 64);
+    // ... and sets and reads back its quotas.
+    let out = cella(
+        &data,
+        None,
+        &["tenant", "quota", &tenant, "--uploads", "3", "--vm-cpu-percent", "50", "--json"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let quotas: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (quotas["effective"]["uploads"].clone(), quotas["overrides"]["vm_cpu_percent"].clone()),
+        (json!(3), json!(50))
+    );
+    let out = cella(&data, None, &["tenant", "quota", &tenant, "--vm-cpu-percent", "default"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["uploads", "3", "3", "-"]),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["vm_cpu_percent", "default", "100", "-"]),
+        "{table}"
+    );
+    let out = cella(&data, None, &["tenant", "quota", &tenant, "--uploads", "many"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--uploads takes a number or `default`"));
 
     // The tenant scans the sample folder: the Stripe key and card number are errors, so exit 1.
     let sarif = dir.join("out.sarif");
@@ -236,10 +263,12 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     let events = actions(&pool, &tenant).await;
     let names: Vec<&str> = events.iter().map(|(a, _)| a.as_str()).collect();
     assert_eq!(
-        &names[..7],
+        &names[..9],
         [
             "tenant.created",
             "api_key.created",
+            "tenant.quotas_changed",
+            "tenant.quotas_changed",
             "job.submitted",
             "job.leased",
             "job.vm_started",
@@ -247,9 +276,9 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
             "job.succeeded"
         ]
     );
-    let started = &events[4].1["details"];
+    let started = &events[6].1["details"];
     assert_eq!(started["jailed"], true, "{started}");
-    let scrub = &events[5].1["details"]["scrub"];
+    let scrub = &events[7].1["details"]["scrub"];
     assert_eq!(
         (scrub["verified_zero"].as_bool(), scrub["released"].as_bool()),
         (Some(true), Some(true)),

@@ -26,6 +26,7 @@ use cella_service::sessions::vmm::Vmms;
 use cella_service::sessions::{reaper, SessionManager};
 use cella_service::tenants;
 use common::{assert_confined, jail_leftovers, jailed_vmm, Scratch};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tower::ServiceExt;
@@ -355,6 +356,16 @@ async fn a_tenant_at_its_session_limit_gets_409_until_it_terminates_one(pool: Pg
     let first = id(&api.create(&key, "").await);
     let r = api.call(Method::POST, "/v1/sessions", &key, Body::from(sample()), false).await;
     assert_problem(&r, StatusCode::CONFLICT, "the most allowed is 1");
+    // Refused before the body is read: this body never ends, so the answer did not wait for it.
+    let endless = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(sample()))])
+        .chain(futures_util::stream::pending());
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        api.call(Method::POST, "/v1/sessions", &key, Body::from_stream(endless), false),
+    )
+    .await
+    .expect("the refusal waited for the body");
+    assert_problem(&r, StatusCode::CONFLICT, "the most allowed is 1");
     // Nothing of the refused session was kept; another tenant is not affected.
     assert_eq!(
         std::fs::read_dir(api.state.data_dir.sessions())
@@ -368,6 +379,29 @@ async fn a_tenant_at_its_session_limit_gets_409_until_it_terminates_one(pool: Pg
     let second = id(&api.create(&key, "").await);
     api.delete(&second, &key).await;
     api.delete(&theirs, &other).await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn session_memory_is_a_tenant_quota_suspended_sessions_free_theirs_and_restoring_needs_it_back(
+    pool: PgPool,
+) {
+    let api = api(pool, |c| c.quotas.session_mem_mib = 160).await;
+    let (_, key) = api.tenant("acme").await;
+    let first = id(&api.create(&key, "?mem_mib=96").await);
+    let r = api.call(Method::POST, "/v1/sessions?mem_mib=96", &key, Body::from(sample()), false).await;
+    assert_problem(&r, StatusCode::CONFLICT, "session memory quota: 96 MiB more, with 96 of 160 MiB in use");
+    let small = id(&api.create(&key, "?mem_mib=64").await);
+    // Suspended: its memory is free again for another session, and it needs it back to restore.
+    assert_eq!(api.post(&format!("/v1/sessions/{first}/suspend"), &key).await.status, StatusCode::OK);
+    let third = id(&api.create(&key, "?mem_mib=96").await);
+    let r = api.post(&format!("/v1/sessions/{first}/resume"), &key).await;
+    assert_problem(&r, StatusCode::CONFLICT, "session memory quota");
+    assert_eq!(api.state_of(&first).await, "suspended");
+    api.delete(&third, &key).await;
+    assert_eq!(api.post(&format!("/v1/sessions/{first}/resume"), &key).await.status, StatusCode::OK);
+    for sid in [first, small] {
+        api.delete(&sid, &key).await;
+    }
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -1062,4 +1096,52 @@ async fn adding_a_file_on_a_full_disk_is_507_and_the_session_runs_on(pool: PgPoo
     // Only the stats call is recorded: the refused add never reached the guest.
     assert_eq!(api.actions(&tenant).await.iter().filter(|a| *a == "session.exec").count(), 1);
     assert_eq!(api.delete(&sid, &key).await.json()["state"], "terminated");
+}
+
+/// The CPU quota of process `pid`'s cgroup, in percent of one CPU (cgroup v1 or v2).
+fn cpu_quota_percent(pid: u32) -> Option<u64> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.is_empty() {
+            let max = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cpu.max")).ok()?;
+            let (quota, period) = max.trim().split_once(' ')?;
+            return Some(quota.parse::<u64>().ok()? * 100 / period.parse::<u64>().ok()?);
+        }
+        if controllers.split(',').any(|c| c == "cpu") {
+            let dir = format!("/sys/fs/cgroup/{controllers}{path}");
+            let quota: i64 =
+                std::fs::read_to_string(format!("{dir}/cpu.cfs_quota_us")).ok()?.trim().parse().ok()?;
+            let period: u64 =
+                std::fs::read_to_string(format!("{dir}/cpu.cfs_period_us")).ok()?.trim().parse().ok()?;
+            return u64::try_from(quota).ok().map(|q| q * 100 / period);
+        }
+    }
+    None
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_session_vmm_runs_under_its_tenants_cpu_quota(pool: PgPool) {
+    let api = api(pool, |c| c.quotas.vm_cpu_percent = 100).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let (_, other) = api.tenant("globex").await;
+    let r = api
+        .call(
+            Method::PUT,
+            &format!("/v1/admin/tenants/{tenant}/quotas"),
+            &api.admin,
+            Body::from(json!({"vm_cpu_percent": 25}).to_string()),
+            true,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let limited = id(&api.create(&key, "").await);
+    let default = id(&api.create(&other, "").await);
+    let vmm = common::jailed_vmm(api.pid(&limited).await.unwrap());
+    assert_eq!(cpu_quota_percent(vmm), Some(25));
+    let vmm = common::jailed_vmm(api.pid(&default).await.unwrap());
+    assert_eq!(cpu_quota_percent(vmm), Some(100));
+    api.delete(&limited, &key).await;
+    api.delete(&default, &other).await;
 }

@@ -19,6 +19,7 @@ use super::{known_id, AppState};
 use crate::audit_log::operator_event;
 use crate::error::ServiceError;
 use crate::jobs::{self, JobView};
+use crate::quotas::{self, QuotaOverrides, QuotaView};
 use crate::tenants::{self, NewKey, Tenant};
 use crate::worker::registry::{self, WorkerView};
 
@@ -31,6 +32,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/tenants/{id}/keys/rotate", post(rotate_keys))
         .route("/v1/admin/tenants/{id}/keys/revoke", post(revoke_all_keys))
         .route("/v1/admin/tenants/{id}/keys/{key_id}/revoke", post(revoke_key))
+        .route("/v1/admin/tenants/{id}/quotas", get(get_quotas).put(set_quotas))
         .route("/v1/admin/workers", get(list_workers))
         .route("/v1/admin/workers/{id}/drain", post(drain))
         .route("/v1/admin/workers/{id}/undrain", post(undrain))
@@ -107,6 +109,38 @@ async fn reinstate(
 ) -> Result<Json<Tenant>, ServiceError> {
     known_id(&id, "tenant")?;
     Ok(Json(tenants::set_suspended(&state.pool, &id, false, &admin.actor()).await?))
+}
+
+/// A tenant's quotas: its own values, those in force (its own, else the server's defaults) and
+/// what it holds now.
+#[utoipa::path(get, path = "/v1/admin/tenants/{id}/quotas", tag = "admin", security(("admin" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = QuotaView), (status = 404, description = "No such tenant", content_type = PROBLEM),
+              (status = 401, description = "No or bad admin credential", content_type = PROBLEM)))]
+async fn get_quotas(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    Path(id): Path<String>,
+) -> Result<Json<QuotaView>, ServiceError> {
+    known_id(&id, "tenant")?;
+    Ok(Json(quotas::view(&state.pool, &state.config, &id).await?))
+}
+
+/// Sets a tenant's quotas: every field (null or absent: back to the server's default).
+/// Audited on the operator's chain and the tenant's (`tenant.quotas_changed`, before and after).
+#[utoipa::path(put, path = "/v1/admin/tenants/{id}/quotas", tag = "admin", security(("admin" = [])), params(("id" = String, Path)),
+    request_body = QuotaOverrides,
+    responses((status = 200, body = QuotaView), (status = 400, description = "Malformed JSON", content_type = PROBLEM),
+              (status = 404, description = "No such tenant", content_type = PROBLEM),
+              (status = 422, description = "A value out of range, or an unknown field", content_type = PROBLEM),
+              (status = 401, description = "No or bad admin credential", content_type = PROBLEM)))]
+async fn set_quotas(
+    State(state): State<AppState>,
+    admin: AdminAuth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<QuotaOverrides>,
+) -> Result<Json<QuotaView>, ServiceError> {
+    known_id(&id, "tenant")?;
+    Ok(Json(quotas::set(&state.pool, &state.config, &id, &body, &admin.actor()).await?))
 }
 
 /// A new API key for a tenant (its other keys stay valid).

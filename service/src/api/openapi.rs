@@ -18,9 +18,9 @@ use utoipa::{Modify, OpenApi};
         super::admin::create_tenant, super::admin::list_tenants, super::admin::suspend, super::admin::reinstate,
         super::admin::create_key, super::admin::rotate_keys, super::admin::revoke_all_keys, super::admin::revoke_key,
         super::admin::list_workers, super::admin::drain, super::admin::undrain, super::admin::list_vms,
-        super::admin::cancel_job, super::admin::audit_export,
+        super::admin::cancel_job, super::admin::audit_export, super::admin::get_quotas, super::admin::set_quotas,
     ),
-    modifiers(&Security),
+    modifiers(&Security, &Limits),
     tags((name = "jobs", description = "Scan jobs"), (name = "sessions", description = "Long-lived session VMs: pause, suspend, resume, connect, exec, terminate (at most 8 h)"), (name = "audit", description = "The tenant's audit log and the public keys that sign it"),
          (name = "admin", description = "Operators"), (name = "service", description = "Health"))
 )]
@@ -39,6 +39,57 @@ impl Modify for Security {
         };
         components.add_security_scheme("api_key", bearer("A tenant's API key (cella_…)"));
         components.add_security_scheme("admin", bearer("The operator credential (cella_admin_…)"));
+    }
+}
+
+/// The answers every operation may give when a limit is reached: `429` (a tenant's requests or
+/// uploads in flight, a session's call rate) and `503` (the server's connection limit, the
+/// database away), both with `Retry-After`.
+#[derive(Debug)]
+struct Limits;
+
+impl Modify for Limits {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, ResponseBuilder};
+        let problem = |desc: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(desc)
+                    .content("application/problem+json", utoipa::openapi::ContentBuilder::new().build())
+                    .header(
+                        "Retry-After",
+                        utoipa::openapi::HeaderBuilder::new()
+                            .schema(
+                                utoipa::openapi::ObjectBuilder::new()
+                                    .schema_type(utoipa::openapi::Type::Integer),
+                            )
+                            .description(Some("Seconds to wait before trying again"))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch]
+                .into_iter()
+                .flatten()
+            {
+                let tenant = op
+                    .security
+                    .iter()
+                    .flatten()
+                    .any(|s| serde_json::to_value(s).is_ok_and(|v| v.get("api_key").is_some()));
+                let responses = &mut op.responses.responses;
+                if tenant {
+                    responses.entry("429".into()).or_insert_with(|| {
+                        problem("Too many of this tenant's requests or uploads in flight, or calls to this session: wait for `Retry-After` seconds")
+                    });
+                }
+                responses.entry("503".into()).or_insert_with(|| {
+                    problem("The server is at its connection limit or its database is away: try again after `Retry-After` seconds")
+                });
+            }
+        }
     }
 }
 

@@ -107,6 +107,7 @@ impl From<ClientError> for CliError {
             ClientError::Other(msg) if msg.starts_with("job ") || msg.starts_with("session ") => {
                 CliError::JobDidNotSucceed(msg)
             }
+            ClientError::Usage(msg) => CliError::Usage(msg),
             e @ (ClientError::NoServer(_)
             | ClientError::NoApiKey
             | ClientError::NoAdminKey(_)

@@ -41,6 +41,72 @@ pub enum TenantCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Show a tenant's quotas (its own, those in force, what it holds now), or set them: each
+    /// option takes a number, or `default` for the server's default (audited)
+    Quota {
+        tenant: String,
+        #[command(flatten)]
+        set: QuotaArgs,
+        /// Print the answer as JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+/// New values for `cella tenant quota`: a number, or `default`.
+#[derive(Debug, clap::Args)]
+pub struct QuotaArgs {
+    /// Guest memory of its running and paused sessions together, MiB
+    #[arg(long, value_name = "MIB|default")]
+    session_mem_mib: Option<String>,
+    /// Sessions not terminated or failed
+    #[arg(long, value_name = "N|default")]
+    live_sessions: Option<String>,
+    /// Bytes of artifacts (queued and running jobs, live sessions), snapshots and uploads
+    #[arg(long, value_name = "BYTES|default")]
+    disk_bytes: Option<String>,
+    /// Uploads in flight at once
+    #[arg(long, value_name = "N|default")]
+    uploads: Option<String>,
+    /// Requests in flight at once
+    #[arg(long, value_name = "N|default")]
+    requests: Option<String>,
+    /// CPU of each of its VMs, percent of one CPU (1-10000)
+    #[arg(long, value_name = "PERCENT|default")]
+    vm_cpu_percent: Option<String>,
+}
+
+impl QuotaArgs {
+    /// The fields given, as JSON values (`default` is null), by their API names.
+    fn changes(&self) -> Result<Vec<(&'static str, Value)>, ClientError> {
+        let fields = [
+            ("session_mem_mib", &self.session_mem_mib),
+            ("live_sessions", &self.live_sessions),
+            ("disk_bytes", &self.disk_bytes),
+            ("uploads", &self.uploads),
+            ("requests", &self.requests),
+            ("vm_cpu_percent", &self.vm_cpu_percent),
+        ];
+        let mut out = Vec::new();
+        for (name, value) in fields {
+            let Some(value) = value else { continue };
+            let v = if value == "default" {
+                Value::Null
+            } else {
+                let n: u64 = value.parse().map_err(|_| {
+                    ClientError::Usage(format!(
+                        "--{} takes a number or `default`, not {value:?}",
+                        name.replace('_', "-")
+                    ))
+                })?;
+                json!(n)
+            };
+            out.push((name, v));
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,8 +246,43 @@ pub async fn tenant(cmd: TenantCommand) -> Result<(), ClientError> {
         TenantCommand::Reinstate { tenant, conn } => {
             print(&conn.admin()?.json(Method::POST, &format!("/v1/admin/tenants/{tenant}/reinstate")).await?)
         }
+        TenantCommand::Quota { tenant, set, json, conn } => {
+            let changes = set.changes()?;
+            let client = conn.admin()?;
+            let path = format!("/v1/admin/tenants/{tenant}/quotas");
+            let mut view = client.json(Method::GET, &path).await?;
+            if !changes.is_empty() {
+                let mut overrides = view["overrides"].clone();
+                for (name, value) in changes {
+                    overrides[name] = value;
+                }
+                view = client.send_json(Method::PUT, &path, &overrides).await?;
+            }
+            if json {
+                print(&view);
+            } else {
+                print_quotas(&view);
+            }
+        }
     }
     Ok(())
+}
+
+/// A tenant's quotas as a table: each quota, the tenant's own value, the value in force, and
+/// what it holds now.
+fn print_quotas(view: &Value) {
+    println!("{:<16} {:>14} {:>14} {:>14}", "QUOTA", "OWN", "IN FORCE", "IN USE");
+    for name in ["session_mem_mib", "live_sessions", "disk_bytes", "uploads", "requests", "vm_cpu_percent"] {
+        let own = match &view["overrides"][name] {
+            Value::Null => "default".to_owned(),
+            v => v.to_string(),
+        };
+        let used = match &view["usage"][name] {
+            Value::Null => "-".to_owned(),
+            v => v.to_string(),
+        };
+        println!("{name:<16} {own:>14} {:>14} {used:>14}", view["effective"][name]);
+    }
 }
 
 pub async fn key(cmd: KeyCommand) -> Result<(), ClientError> {

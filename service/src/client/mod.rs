@@ -39,6 +39,9 @@ pub enum ClientError {
     Interrupted(u64, #[source] reqwest::Error),
     #[error("{0}")]
     BadCredential(String),
+    /// A bad command-line value the client found before sending anything.
+    #[error("{0}")]
+    Usage(String),
     #[error("{0}")]
     Other(String),
 }
@@ -186,7 +189,12 @@ impl ApiClient {
 
     /// POST a JSON body, returning JSON.
     pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        let response = self.send(self.request(Method::POST, path).json(body)).await?;
+        self.send_json(Method::POST, path, body).await
+    }
+
+    /// Send a JSON body with `method`, returning JSON.
+    pub async fn send_json(&self, method: Method, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let response = self.send(self.request(method, path).json(body)).await?;
         response.json().await.map_err(|e| ClientError::Http(self.base.clone(), e))
     }
 

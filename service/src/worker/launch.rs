@@ -399,6 +399,30 @@ mod tests {
     }
 
     #[test]
+    fn a_jailed_scan_runs_under_its_tenants_cpu_quota_and_its_key_stays_off_the_command_line() {
+        let config = WorkerConfig { jailed: Some(true), ..WorkerConfig::default() };
+        let launcher = Launcher::new(&config, 100);
+        let spec = ScanSpec {
+            job_id: "job_1",
+            artifact: Path::new("/a"),
+            policy: "secrets",
+            sarif_out: Path::new("/s"),
+            uid: 64_100,
+            spare: None,
+            fingerprint_key: "secret-key-hex",
+            cpu_percent: 25,
+        };
+        let line = |cmd: &Command| {
+            cmd.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        };
+        let scan = line(&launcher.command(&spec));
+        assert!(scan.contains("--jailed --jail-uid 64100 --jail-gid 64100 --cpus 0.25"), "{scan}");
+        assert!(!scan.contains("secret-key-hex"), "{scan}");
+        let hold = line(&launcher.hold_command("spare-1", 64_101));
+        assert!(hold.contains("--cpus 1 "), "held spares are made with the default: {hold}");
+    }
+
+    #[test]
     fn vmm_failures_are_retried_and_cancels_win() {
         assert!(matches!(
             finished(243, json!({})).outcome(None, Duration::ZERO),
