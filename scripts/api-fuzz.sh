@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Property-based API test: schemathesis (from PyPI) generates requests from the server's own
+# The OpenAPI document checked by openapi-spec-validator, then a property-based API test:
+# schemathesis (from PyPI) generates requests from the server's own
 # OpenAPI document (/v1/openapi.json) and fails on any 5xx or response that does not match the
 # document. Runs against a real `cella serve` (HTTPS, a fresh database in the PostgreSQL at
 # DATABASE_URL, a worker running unjailed VMs so submitted jobs end and `?wait=` answers at
@@ -15,6 +16,10 @@ examples=${1:-30}
 if ! command -v schemathesis >/dev/null; then
   echo "api-fuzz: installing schemathesis from PyPI" >&2
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'schemathesis>=4,<5'
+fi
+if ! python3 -c 'import openapi_spec_validator' 2>/dev/null; then
+  echo "api-fuzz: installing openapi-spec-validator from PyPI" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'openapi-spec-validator>=0.7,<1'
 fi
 
 work=$(mktemp -d /var/tmp/cella-api-fuzz.XXXXXX)
@@ -36,6 +41,11 @@ trap cleanup EXIT
 
 cargo build --quiet -p cella-service -p cella-vmm --bin cella --bin cella-vmm
 cella=target/debug/cella
+# The document itself first: a real validator (client generators need it valid, with unique
+# operation ids).
+echo "== openapi-spec-validator on \`cella openapi\`" >&2
+"$cella" openapi >"$work/openapi.json"
+python3 -m openapi_spec_validator "$work/openapi.json"
 DATABASE_URL="$server/$db" CELLA_JAILED=0 CELLA_VMM="$PWD/target/debug/cella-vmm" CELLA_MAX_ARTIFACT_BYTES=65536 \
   "$cella" serve --data-dir "$work/data" --listen 127.0.0.1:0 >"$work/serve.log" 2>&1 &
 serve_pid=$!

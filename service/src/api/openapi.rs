@@ -20,7 +20,7 @@ use utoipa::{Modify, OpenApi};
         super::admin::list_workers, super::admin::drain, super::admin::undrain, super::admin::list_vms,
         super::admin::cancel_job, super::admin::audit_export, super::admin::get_quotas, super::admin::set_quotas,
     ),
-    modifiers(&Security, &Limits),
+    modifiers(&Security, &Limits, &OperationIds),
     tags((name = "jobs", description = "Scan jobs"), (name = "sessions", description = "Long-lived session VMs: pause, suspend, resume, connect, exec, terminate (at most 8 h)"), (name = "audit", description = "The tenant's audit log and the public keys that sign it"),
          (name = "admin", description = "Operators"), (name = "service", description = "Health"))
 )]
@@ -93,6 +93,29 @@ impl Modify for Limits {
     }
 }
 
+/// Operation ids unique across the document, as client generators need them: each handler's
+/// name under its tag (`jobs_list`, `sessions_list`, `admin_suspend`, …).
+#[derive(Debug)]
+struct OperationIds;
+
+impl Modify for OperationIds {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch]
+                .into_iter()
+                .flatten()
+            {
+                let tag = op.tags.as_ref().and_then(|t| t.first()).cloned().unwrap_or_default();
+                if let Some(id) = &op.operation_id {
+                    if !tag.is_empty() && !id.starts_with(&format!("{tag}_")) {
+                        op.operation_id = Some(format!("{tag}_{id}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The document as JSON.
 pub fn document() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
@@ -100,4 +123,22 @@ pub fn document() -> String {
 
 pub async fn serve() -> Response {
     ([(axum::http::header::CONTENT_TYPE, "application/json")], document()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_operation_has_an_id_of_its_own() {
+        let doc: serde_json::Value = serde_json::from_str(&super::document()).unwrap();
+        let mut seen = HashSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let id = op["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path} has no id"));
+                assert!(seen.insert(id.to_owned()), "{id} is used twice (again by {method} {path})");
+            }
+        }
+        assert!(seen.contains("jobs_list") && seen.contains("sessions_list") && seen.contains("admin_suspend"));
+    }
 }
