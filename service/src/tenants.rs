@@ -275,6 +275,37 @@ pub async fn create_admin_key(pool: &PgPool) -> Result<(String, String), Service
     Ok((id, secret))
 }
 
+/// One of a tenant's API keys as the admin API lists it (never the key itself: only its hash is
+/// kept).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct KeyInfo {
+    pub key_id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A tenant's keys, newest first (404 for an unknown tenant).
+pub async fn list_keys(pool: &PgPool, tenant_id: &str) -> Result<Vec<KeyInfo>, ServiceError> {
+    let known: Option<bool> = sqlx::query_scalar("SELECT true FROM tenants WHERE id = $1")
+        .bind(tenant_id)
+        .fetch_optional(pool)
+        .await?;
+    if known.is_none() {
+        return Err(ServiceError::NotFound(format!("tenant {tenant_id}")));
+    }
+    Ok(sqlx::query_as(
+        "SELECT id AS key_id, created_at, revoked_at FROM api_keys WHERE tenant_id = $1
+         ORDER BY created_at DESC, id DESC",
+    )
+    .bind(tenant_id)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// The ids of a tenant's keys that are not revoked.
 pub async fn active_keys(pool: &PgPool, tenant_id: &str) -> Result<Vec<String>, ServiceError> {
     Ok(sqlx::query_scalar("SELECT id FROM api_keys WHERE tenant_id = $1 AND revoked_at IS NULL")

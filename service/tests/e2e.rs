@@ -207,6 +207,23 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
             .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["vm_cpu_percent", "default", "100", "-"]),
         "{table}"
     );
+    // Listings parse as JSON; the key id `cella key revoke` takes is in `cella key ls`.
+    let json_of = |args: &[&str], key: Option<&str>| -> Value {
+        let out = cella(&data, key, args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON: {e}"))
+    };
+    let keys = json_of(&["key", "ls", &tenant, "--json"], None);
+    assert_eq!(keys.as_array().unwrap().len(), 1, "{keys}");
+    assert!(
+        keys[0]["key_id"].as_str().unwrap().starts_with("key_") && keys[0]["revoked_at"].is_null(),
+        "{keys}"
+    );
+    let tenants = json_of(&["tenant", "ls", "--json"], None);
+    assert!(tenants.as_array().unwrap().iter().any(|t| t["id"] == tenant.as_str()), "{tenants}");
+    assert!(json_of(&["admin", "workers", "--json"], None).is_array());
+    assert!(json_of(&["admin", "vms", "--json"], None).is_array());
+    assert!(json_of(&["job", "ls", "--json"], Some(&key))["jobs"].is_array());
     let out = cella(&data, None, &["tenant", "quota", &tenant, "--uploads", "many"]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--uploads takes a number or `default`"));

@@ -20,7 +20,7 @@ use crate::audit_log::operator_event;
 use crate::error::ServiceError;
 use crate::jobs::{self, JobView};
 use crate::quotas::{self, QuotaOverrides, QuotaView};
-use crate::tenants::{self, NewKey, Tenant};
+use crate::tenants::{self, KeyInfo, NewKey, Tenant};
 use crate::worker::registry::{self, WorkerView};
 
 pub fn router() -> Router<AppState> {
@@ -28,7 +28,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/tenants", post(create_tenant).get(list_tenants))
         .route("/v1/admin/tenants/{id}/suspend", post(suspend))
         .route("/v1/admin/tenants/{id}/reinstate", post(reinstate))
-        .route("/v1/admin/tenants/{id}/keys", post(create_key))
+        .route("/v1/admin/tenants/{id}/keys", post(create_key).get(list_keys))
         .route("/v1/admin/tenants/{id}/keys/rotate", post(rotate_keys))
         .route("/v1/admin/tenants/{id}/keys/revoke", post(revoke_all_keys))
         .route("/v1/admin/tenants/{id}/keys/{key_id}/revoke", post(revoke_key))
@@ -141,6 +141,20 @@ async fn set_quotas(
 ) -> Result<Json<QuotaView>, ServiceError> {
     known_id(&id, "tenant")?;
     Ok(Json(quotas::set(&state.pool, &state.config, &id, &body, &admin.actor()).await?))
+}
+
+/// A tenant's API keys, newest first: ids and when they were made and revoked (the keys
+/// themselves are never stored).
+#[utoipa::path(get, path = "/v1/admin/tenants/{id}/keys", tag = "admin", security(("admin" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = Vec<KeyInfo>), (status = 404, description = "No such tenant", content_type = PROBLEM),
+              (status = 401, description = "No or bad admin credential", content_type = PROBLEM)))]
+async fn list_keys(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<KeyInfo>>, ServiceError> {
+    known_id(&id, "tenant")?;
+    Ok(Json(tenants::list_keys(&state.pool, &id).await?))
 }
 
 /// A new API key for a tenant (its other keys stay valid).

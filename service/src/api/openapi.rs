@@ -19,6 +19,7 @@ use utoipa::{Modify, OpenApi};
         super::admin::create_key, super::admin::rotate_keys, super::admin::revoke_all_keys, super::admin::revoke_key,
         super::admin::list_workers, super::admin::drain, super::admin::undrain, super::admin::list_vms,
         super::admin::cancel_job, super::admin::audit_export, super::admin::get_quotas, super::admin::set_quotas,
+        super::admin::list_keys,
     ),
     modifiers(&Security, &Limits, &OperationIds),
     tags((name = "jobs", description = "Scan jobs"), (name = "sessions", description = "Long-lived session VMs: pause, suspend, resume, connect, exec, terminate (at most 8 h)"), (name = "audit", description = "The tenant's audit log and the public keys that sign it"),
@@ -139,6 +140,8 @@ mod tests {
                 assert!(seen.insert(id.to_owned()), "{id} is used twice (again by {method} {path})");
             }
         }
-        assert!(seen.contains("jobs_list") && seen.contains("sessions_list") && seen.contains("admin_suspend"));
+        assert!(
+            seen.contains("jobs_list") && seen.contains("sessions_list") && seen.contains("admin_suspend")
+        );
     }
 }

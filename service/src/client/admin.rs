@@ -26,6 +26,9 @@ pub enum TenantCommand {
     },
     /// List tenants
     Ls {
+        /// Print the list as JSON
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Connection,
     },
@@ -111,6 +114,15 @@ impl QuotaArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
+    /// List a tenant's keys (ids, created, revoked): the KEY_ID `revoke` takes
+    Ls {
+        tenant: String,
+        /// Print the list as JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// Issue another API key for a tenant (prints it once)
     Create {
         tenant: String,
@@ -142,6 +154,9 @@ pub enum AdminCommand {
         /// Also stopped workers
         #[arg(long)]
         all: bool,
+        /// Print the list as JSON
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Connection,
     },
@@ -159,6 +174,9 @@ pub enum AdminCommand {
     },
     /// Running VMs: tenant, job, worker, age, memory
     Vms {
+        /// Print the list as JSON
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Connection,
     },
@@ -197,6 +215,9 @@ pub enum JobCommand {
         state: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Print the page as JSON (with `next_cursor`)
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Connection,
     },
@@ -227,8 +248,12 @@ pub async fn tenant(cmd: TenantCommand) -> Result<(), ClientError> {
                 "keep the API key now: it is not stored and cannot be shown again (export CELLA_API_KEY=...)"
             );
         }
-        TenantCommand::Ls { conn } => {
+        TenantCommand::Ls { json, conn } => {
             let tenants = conn.admin()?.json(Method::GET, "/v1/admin/tenants").await?;
+            if json {
+                print(&tenants);
+                return Ok(());
+            }
             println!("{:<40} {:<24} {:<10} MAX", "ID", "NAME", "SUSPENDED");
             for t in tenants.as_array().into_iter().flatten() {
                 println!(
@@ -287,6 +312,23 @@ fn print_quotas(view: &Value) {
 
 pub async fn key(cmd: KeyCommand) -> Result<(), ClientError> {
     let (key, conn_used) = match cmd {
+        KeyCommand::Ls { tenant, json, conn } => {
+            let keys = conn.admin()?.json(Method::GET, &format!("/v1/admin/tenants/{tenant}/keys")).await?;
+            if json {
+                print(&keys);
+                return Ok(());
+            }
+            println!("{:<40} {:<26} REVOKED", "KEY ID", "CREATED");
+            for k in keys.as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:<26} {}",
+                    k["key_id"].as_str().unwrap_or(""),
+                    k["created_at"].as_str().unwrap_or(""),
+                    k["revoked_at"].as_str().unwrap_or("-")
+                );
+            }
+            return Ok(());
+        }
         KeyCommand::Create { tenant, conn } => {
             (conn.admin()?.json(Method::POST, &format!("/v1/admin/tenants/{tenant}/keys")).await?, true)
         }
@@ -314,9 +356,13 @@ pub async fn key(cmd: KeyCommand) -> Result<(), ClientError> {
 
 pub async fn admin(cmd: AdminCommand) -> Result<(), ClientError> {
     match cmd {
-        AdminCommand::Workers { all, conn } => {
+        AdminCommand::Workers { all, json, conn } => {
             let path = if all { "/v1/admin/workers?all=true" } else { "/v1/admin/workers" };
             let workers = conn.admin()?.json(Method::GET, path).await?;
+            if json {
+                print(&workers);
+                return Ok(());
+            }
             println!("{:<40} {:<16} {:>7} {:>9} {:<8} ALIVE", "ID", "HOST", "RUNNING", "SLOTS", "DRAINING");
             for w in workers.as_array().into_iter().flatten() {
                 println!(
@@ -336,8 +382,12 @@ pub async fn admin(cmd: AdminCommand) -> Result<(), ClientError> {
         AdminCommand::Undrain { worker, conn } => {
             print(&conn.admin()?.json(Method::POST, &format!("/v1/admin/workers/{worker}/undrain")).await?)
         }
-        AdminCommand::Vms { conn } => {
+        AdminCommand::Vms { json, conn } => {
             let vms = conn.admin()?.json(Method::GET, "/v1/admin/vms").await?;
+            if json {
+                print(&vms);
+                return Ok(());
+            }
             println!("{:<38} {:<40} {:>8} {:>8} {:>8} WORKER", "JOB", "TENANT", "PID", "MEM_MIB", "AGE_S");
             for v in vms.as_array().into_iter().flatten() {
                 println!(
@@ -432,7 +482,7 @@ pub async fn job(cmd: JobCommand) -> Result<(), ClientError> {
         JobCommand::Cancel { id, conn } => {
             print(&conn.tenant()?.json(Method::POST, &format!("/v1/jobs/{id}/cancel")).await?)
         }
-        JobCommand::Ls { state, limit, conn } => {
+        JobCommand::Ls { state, limit, json, conn } => {
             let client = conn.tenant()?;
             let mut request = client.request(Method::GET, "/v1/jobs").query(&[("limit", limit)]);
             if let Some(s) = state {
@@ -444,6 +494,10 @@ pub async fn job(cmd: JobCommand) -> Result<(), ClientError> {
                 .json()
                 .await
                 .map_err(|e| ClientError::Http(client.base().into(), e))?;
+            if json {
+                print(&page);
+                return Ok(());
+            }
             println!("{:<38} {:<10} {:>8} {:<25} ERROR", "ID", "STATE", "FINDINGS", "CREATED");
             for j in page["jobs"].as_array().into_iter().flatten() {
                 println!(
