@@ -359,7 +359,8 @@ pub async fn cancel(
     .ok_or_else(|| not_found(id))?;
     let tenant_id: String = row.try_get("tenant_id")?;
     let state: String = row.try_get("state")?;
-    match state.as_str() {
+    // The action, named the same on the operator's chain as on the tenant's.
+    let action = match state.as_str() {
         "queued" => {
             sqlx::query(
                 "UPDATE jobs SET state = 'cancelled', cancel_requested = true, error = 'cancelled before it ran',
@@ -378,6 +379,7 @@ pub async fn cancel(
             )
             .await?;
             sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL_DONE).bind(id).execute(&mut *tx).await?;
+            "job.cancelled"
         }
         "running" => {
             sqlx::query("UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1")
@@ -386,20 +388,14 @@ pub async fn cancel(
                 .await?;
             tenant_event(&mut tx, &tenant_id, actor, "job.cancel_requested", ("job", id), json!({})).await?;
             sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL_CANCEL).bind(id).execute(&mut *tx).await?;
+            "job.cancel_requested"
         }
         done => return Err(ServiceError::Conflict(format!("job {id} has already {}", finished_verb(done)))),
-    }
+    };
     if tenant.is_none() {
         // An operator's cancel is also recorded on the operator chain.
-        crate::audit_log::operator_event(
-            &mut tx,
-            Some(&tenant_id),
-            actor,
-            "job.cancel",
-            ("job", id),
-            json!({}),
-        )
-        .await?;
+        crate::audit_log::operator_event(&mut tx, Some(&tenant_id), actor, action, ("job", id), json!({}))
+            .await?;
     }
     tx.commit().await?;
     get(pool, &tenant_id, id).await

@@ -108,7 +108,7 @@ pub async fn create_key(pool: &PgPool, tenant_id: &str, actor: &Actor) -> Result
     if exists.is_none() {
         return Err(ServiceError::NotFound(format!("tenant {tenant_id}")));
     }
-    operator_event(&mut tx, Some(tenant_id), actor, "api_key.create", ("tenant", tenant_id), json!({}))
+    operator_event(&mut tx, Some(tenant_id), actor, "api_key.created", ("tenant", tenant_id), json!({}))
         .await?;
     let key = insert_key(&mut tx, tenant_id, actor).await?;
     tx.commit().await?;
@@ -141,7 +141,7 @@ pub async fn revoke_keys(
         &mut tx,
         Some(tenant_id),
         actor,
-        "api_key.revoke",
+        "api_key.revoked",
         ("tenant", tenant_id),
         json!({ "keys": revoked }),
     )

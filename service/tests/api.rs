@@ -444,6 +444,28 @@ async fn rotating_keys_revokes_the_old_ones_and_is_audited(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn the_operator_and_tenant_chains_name_each_action_alike(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (tenant, key) = api.tenant("acme").await;
+    api.post(&format!("/v1/admin/tenants/{tenant}/keys"), &api.admin).await;
+    api.post(&format!("/v1/admin/tenants/{tenant}/keys/revoke"), &api.admin).await;
+    assert_eq!(api.get("/v1/jobs", &key).await.status, StatusCode::UNAUTHORIZED);
+    let tenant_actions: std::collections::HashSet<String> = api.actions(&tenant).await.into_iter().collect();
+    let operator: Vec<String> =
+        sqlx::query_scalar("SELECT action FROM audit_events WHERE chain = 'operator' ORDER BY seq")
+            .fetch_all(&api.state.pool)
+            .await
+            .unwrap();
+    let operator: std::collections::HashSet<String> = operator.into_iter().collect();
+    for action in ["tenant.created", "api_key.created", "api_key.revoked"] {
+        assert!(
+            tenant_actions.contains(action) && operator.contains(action),
+            "{action}: {tenant_actions:?} {operator:?}"
+        );
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn the_openapi_document_lists_every_route(pool: PgPool) {
     let api = api(pool, |_| {}).await;
     let r = api.call(Method::GET, "/v1/openapi.json", None, Body::empty(), &[]).await;

@@ -249,7 +249,7 @@ async fn set_draining(
 ) -> Result<Json<WorkerView>, ServiceError> {
     known_id(id, "worker")?;
     let mut tx = state.pool.begin().await?;
-    let action = if draining { "worker.drain" } else { "worker.undrain" };
+    let action = if draining { "worker.drained" } else { "worker.undrained" };
     operator_event(&mut tx, None, &admin.actor(), action, ("worker", id), json!({})).await?;
     registry::set_draining(&mut tx, id, draining).await?;
     tx.commit().await?;
@@ -375,7 +375,7 @@ async fn audit_export(
         &mut tx,
         chain.tenant().map(|t| t.as_str()),
         &admin.actor(),
-        "audit.export",
+        "audit.exported",
         ("audit_chain", &chain.key()),
         json!({}),
     )
