@@ -580,6 +580,34 @@ impl TarIndex {
 
 /// The ids of the keys that signed a tar bundle's checkpoints, in order of first use (which
 /// public keys a reviewer needs), read from its `checkpoints.json` alone. Nothing is verified.
+/// The last event of the bundle for which `wanted` is true, read line by line from
+/// `events.jsonl` (memory bounded by one line). Only what it says: verify the bundle first.
+pub fn find_event<R: Read + Seek>(
+    reader: &mut R,
+    mut wanted: impl FnMut(&crate::event::Event) -> bool,
+) -> Result<Option<crate::event::Event>, BundleError> {
+    use std::io::BufRead;
+    let index = TarIndex::read(reader)?;
+    let Some(span) = index.members.get(EVENTS).copied() else { return Ok(None) };
+    reader.seek(SeekFrom::Start(span.offset))?;
+    let mut lines = io::BufReader::new(reader.take(span.len));
+    let mut line = Vec::new();
+    let mut found = None;
+    loop {
+        line.clear();
+        if lines.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        let Some((body, _)) = crate::event::split_line(text) else { continue };
+        let Ok(event) = serde_json::from_slice::<crate::event::Event>(body) else { continue };
+        if wanted(&event) {
+            found = Some(event);
+        }
+    }
+    Ok(found)
+}
+
 pub fn signing_key_ids<R: Read + Seek>(reader: &mut R) -> Result<Vec<String>, BundleError> {
     let index = TarIndex::read(reader)?;
     let data = index.read_member(reader, CHECKPOINTS)?.unwrap_or_default();

@@ -90,6 +90,27 @@ impl CompiledPolicy {
     }
 }
 
+/// What identifies a pack in a job's evidence: its name, version and the SHA-256 of its text.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PackIdentity {
+    pub name: String,
+    pub version: String,
+    /// Hex SHA-256 of the pack's TOML text.
+    pub sha256: String,
+}
+
+/// The identity of built-in pack `name`: the built-in packs are versioned with Cella.
+pub fn builtin_pack_identity(name: &str) -> Result<PackIdentity, PolicyError> {
+    use sha2::Digest;
+    let text = builtin_text(name)?;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    Ok(PackIdentity {
+        name: name.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+    })
+}
+
 /// Loads a built-in pack by name, validating it in full (every regex compiled).
 pub fn builtin_pack(name: &str) -> Result<Pack, PolicyError> {
     parse_pack(name, builtin_text(name)?)

@@ -64,6 +64,38 @@ impl From<sqlx::Error> for QueueError {
     }
 }
 
+/// What a job's `job.succeeded` event records, so a reviewer can tie a SARIF log to it
+/// (`cella audit verify --sarif FILE --job ID`): the artifact (name, size, SHA-256), every pack
+/// (name, version, SHA-256 of its text), the engine's and Cella's versions, the SARIF log's
+/// SHA-256, and the counts of findings and suppressed findings.
+fn evidence(
+    lease: &Lease,
+    findings: i64,
+    artifact: Value,
+    summary: &Value,
+    sarif: &[u8],
+    vm: &Value,
+) -> Value {
+    let packs: Vec<Value> = lease
+        .policy
+        .split(',')
+        .map(|name| match cella_policies::rules::builtin_pack_identity(name) {
+            Ok(identity) => json!(identity),
+            Err(_) => json!({ "name": name }),
+        })
+        .collect();
+    json!({
+        "attempt": lease.attempt,
+        "findings": findings,
+        "suppressed": summary.get("suppressed").cloned().unwrap_or(Value::Null),
+        "artifact": artifact,
+        "packs": packs,
+        "engine_version": vm.get("engine_version").cloned().unwrap_or(Value::Null),
+        "cella_version": env!("CARGO_PKG_VERSION"),
+        "sarif_sha256": crate::ids::hex(ring::digest::digest(&ring::digest::SHA256, sarif).as_ref()),
+    })
+}
+
 /// Retry delay after failed attempt `attempt` (1-based): 1 s, 2 s, 4 s, … up to a minute.
 pub fn backoff(attempt: i32) -> Duration {
     Duration::from_secs(1u64 << attempt.clamp(1, 7).saturating_sub(1)).min(Duration::from_secs(60))
@@ -192,8 +224,8 @@ pub async fn vm_started(
 /// and the outcome as audit events in the same transaction.
 pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<String, QueueError> {
     let mut tx = pool.begin().await?;
-    let held: Option<bool> = sqlx::query_scalar(
-        "SELECT cancel_requested FROM jobs
+    let held = sqlx::query(
+        "SELECT artifact_name, artifact_bytes, artifact_sha256 FROM jobs
          WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND state = 'running' FOR UPDATE",
     )
     .bind(&lease.job_id)
@@ -201,9 +233,9 @@ pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<S
     .bind(lease.attempt)
     .fetch_optional(&mut *tx)
     .await?;
-    if held.is_none() {
+    let Some(held) = held else {
         return Err(QueueError::LeaseLost(lease.job_id.clone(), lease.attempt));
-    }
+    };
     let actor = lease.actor();
     let job = ("job", lease.job_id.as_str());
     let vm = match outcome {
@@ -236,15 +268,13 @@ pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<S
             .bind(i32::try_from(findings).unwrap_or(i32::MAX))
             .execute(&mut *tx)
             .await?;
-            tenant_event(
-                &mut tx,
-                &lease.tenant_id,
-                &actor,
-                "job.succeeded",
-                job,
-                json!({ "attempt": lease.attempt, "findings": findings }),
-            )
-            .await?;
+            let artifact = json!({
+                "name": held.try_get::<Option<String>, _>("artifact_name")?,
+                "bytes": held.try_get::<i64, _>("artifact_bytes")?,
+                "sha256": crate::ids::hex(held.try_get::<&[u8], _>("artifact_sha256")?),
+            });
+            let details = evidence(lease, findings, artifact, summary, sarif, vm);
+            tenant_event(&mut tx, &lease.tenant_id, &actor, "job.succeeded", job, details).await?;
             "succeeded"
         }
         Outcome::Failed { reason, retryable, vm } if *retryable && lease.attempt < lease.max_attempts => {

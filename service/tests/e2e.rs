@@ -314,6 +314,47 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success() && stdout.starts_with(&format!("OK: {} events", events.len())), "{stdout}");
 
+    // The job's terminal event binds the SARIF log: a reviewer checks the file against it.
+    let succeeded = &events[8].1["details"];
+    let job_id = events[8].1["resource"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(succeeded["artifact"]["name"], "sample-app.tar", "{succeeded}");
+    assert_eq!(succeeded["artifact"]["sha256"].as_str().unwrap().len(), 64, "{succeeded}");
+    let packs: Vec<&str> =
+        succeeded["packs"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(packs, ["secrets", "pii", "licenses"], "{succeeded}");
+    assert!(succeeded["packs"][0]["sha256"].as_str().unwrap().len() == 64, "{succeeded}");
+    assert_eq!(succeeded["cella_version"], env!("CARGO_PKG_VERSION"));
+    assert!(succeeded["engine_version"].is_string(), "{succeeded}");
+    let verify_sarif = |file: &Path| {
+        cella(
+            &data,
+            None,
+            &[
+                "audit",
+                "verify",
+                bundle.to_str().unwrap(),
+                "--trusted-key",
+                pubkey.to_str().unwrap(),
+                "--sarif",
+                file.to_str().unwrap(),
+                "--job",
+                &job_id,
+            ],
+        )
+    };
+    let out = verify_sarif(&sarif);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && stdout.contains(&format!("is job {job_id}'s SARIF log")), "{stdout}");
+    let forged = dir.join("forged.sarif");
+    let mut bytes = std::fs::read(&sarif).unwrap();
+    let at = bytes.iter().position(|b| *b == b'5').unwrap();
+    bytes[at] = b'6';
+    std::fs::write(&forged, bytes).unwrap();
+    let out = verify_sarif(&forged);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("FAILED:") && stdout.contains("is not job"), "{stdout}");
+
     // Metrics saw the launches and scrubs.
     let metrics = String::from_utf8(server.admin().bytes("/metrics").await.unwrap()).unwrap();
     assert!(metrics.contains("cella_vm_launch_seconds_count 2"), "{metrics}");

@@ -49,6 +49,8 @@ pub enum ScanOutcome {
 pub struct JobReport {
     pub outcome: ScanOutcome,
     pub in_vm: Duration,
+    /// The runner's (the scan engine's) version, from its hello.
+    pub runner_version: String,
 }
 
 /// A bound job listener, before the VM starts.
@@ -155,7 +157,7 @@ impl JobServer {
             }
             other => return Err(proto::ProtoError::Unexpected { expected: Kind::Sarif, got: other }.into()),
         };
-        Ok(JobReport { outcome, in_vm })
+        Ok(JobReport { outcome, in_vm, runner_version: hello.runner_version })
     }
 }
 

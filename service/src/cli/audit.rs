@@ -29,6 +29,13 @@ pub enum AuditCommand {
         /// Hashing threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Also check that this SARIF log is the one job --job produced: its SHA-256 against the
+        /// one the job's `job.succeeded` event in the (verified) bundle records.
+        #[arg(long, value_name = "FILE", requires = "job")]
+        sarif: Option<PathBuf>,
+        /// The job whose SARIF log --sarif is.
+        #[arg(long, value_name = "JOB_ID", requires = "sarif")]
+        job: Option<String>,
     },
     /// Write an inclusion proof for one event of a bundle; `cella audit verify` checks it alone.
     Prove {
@@ -179,7 +186,13 @@ who made it. Verify with --trusted-key FILE (the server's audit public key) to r
 /// Runs one `cella audit` command.
 pub fn run(cmd: AuditCommand) -> Result<(), CliError> {
     match cmd {
-        AuditCommand::Verify { file, trust, threads } => verify_file(&file, &trust.trust()?, threads),
+        AuditCommand::Verify { file, trust, threads, sarif, job } => {
+            verify_file(&file, &trust.trust()?, threads)?;
+            match (sarif, job) {
+                (Some(sarif), Some(job)) => verify_sarif(&file, &sarif, &job),
+                _ => Ok(()),
+            }
+        }
         AuditCommand::Prove { bundle, seq, checkpoint, trust, out } => {
             let trust = trust.trust()?;
             let data = fs::read(&bundle).map_err(file_err(&bundle))?;
@@ -292,6 +305,42 @@ fn verify_file(path: &Path, trust: &Trust, threads: usize) -> Result<(), CliErro
     let report = verify::verify_tar(file, &Options { trust: trust.clone(), threads })?;
     println!("{report}");
     untrusted_unless(report.pinned)
+}
+
+/// Checks that `sarif` is the SARIF log job `job` produced, by the SHA-256 its `job.succeeded`
+/// event records in the bundle (which the caller verified).
+fn verify_sarif(bundle: &Path, sarif: &Path, job: &str) -> Result<(), CliError> {
+    let data = fs::read(sarif).map_err(file_err(sarif))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &data);
+    let actual: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = fs::File::open(bundle).map_err(file_err(bundle))?;
+    let event = cella_audit::bundle::find_event(&mut file, |e| {
+        e.action == "job.succeeded" && e.resource.kind == "job" && e.resource.id == job
+    })?
+    .ok_or_else(|| {
+        CliError::VerificationFailed(format!(
+            "the bundle holds no job.succeeded event of job {job} (export a range that includes it)"
+        ))
+    })?;
+    let recorded = event.details["sarif_sha256"].as_str().unwrap_or_default();
+    if recorded != actual {
+        return Err(CliError::VerificationFailed(format!(
+            "{} is not job {job}'s SARIF log: its SHA-256 is {actual}, event {} records {}",
+            sarif.display(),
+            event.seq,
+            if recorded.is_empty() { "none" } else { recorded }
+        )));
+    }
+    println!(
+        "OK: {} is job {job}'s SARIF log (SHA-256 {actual}, recorded by event {} at {}; artifact {} {} bytes, SHA-256 {})",
+        sarif.display(),
+        event.seq,
+        event.time,
+        event.details["artifact"]["name"].as_str().unwrap_or("(unnamed)"),
+        event.details["artifact"]["bytes"],
+        event.details["artifact"]["sha256"].as_str().unwrap_or("?"),
+    );
+    Ok(())
 }
 
 /// A pass against pinned keys is success; against the file's own keys, a warning and exit 1.

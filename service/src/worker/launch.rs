@@ -336,9 +336,17 @@ impl Finished {
 /// The parts of the VMM's report kept with the job (exit, timings, scrub evidence).
 fn vm_report(report: &Value) -> Value {
     let mut vm = serde_json::Map::new();
-    for key in
-        ["exit", "launch_us", "run_us", "built_ahead", "scan_ms", "in_vm_ms", "scrub", "artifact_bytes"]
-    {
+    for key in [
+        "exit",
+        "launch_us",
+        "run_us",
+        "built_ahead",
+        "scan_ms",
+        "in_vm_ms",
+        "scrub",
+        "artifact_bytes",
+        "engine_version",
+    ] {
         if let Some(v) = report.get(key) {
             vm.insert(key.to_owned(), v.clone());
         }

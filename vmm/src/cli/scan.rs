@@ -130,6 +130,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
     let code = match run.job {
         Ok(job) => {
             result["in_vm_ms"] = json!(job.in_vm.as_secs_f64() * 1e3);
+            result["engine_version"] = json!(job.runner_version);
             match job.outcome {
                 ScanOutcome::Completed { sarif, summary } => {
                     let mut summary: Value = match serde_json::from_slice(&summary) {
