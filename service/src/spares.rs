@@ -147,7 +147,11 @@ pub async fn sweep_orphans(jailer: &Path) {
         let Some(pid) = name.strip_prefix("spare-").and_then(|rest| rest.split('-').next()) else {
             continue;
         };
-        let gone = pid.parse::<u32>().is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        // Only a process known gone (ENOENT) leaves an orphan: one that cannot be looked at
+        // keeps its spares.
+        let gone = pid.parse::<u32>().is_ok_and(|pid| {
+            std::fs::metadata(format!("/proc/{pid}")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        });
         if gone {
             remove(jailer, &name).await;
         }

@@ -505,6 +505,13 @@ async fn add_file(
         "sha256": ids::hex(&stored.sha256),
     });
     let request = SessionRequest::Add { name };
+    // A key revoked while the file was uploading adds nothing.
+    let mut tx = state.pool.begin().await?;
+    if let Err(e) = tenants::recheck_key(&mut tx, auth.key_id()).await {
+        let _ = tokio::fs::remove_file(&path).await;
+        return Err(e);
+    }
+    tx.rollback().await?;
     // Streamed from the file to the guest: the body is never held in memory.
     let reply = state
         .sessions
