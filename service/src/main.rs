@@ -21,6 +21,7 @@ fn exit_code(err: &CliError) -> u8 {
         | CliError::Serve(_)
         | CliError::Service(_) => 3,
         CliError::JobDidNotSucceed(_) => 4,
+        CliError::StillRunning(_) => 6,
         CliError::Client(_) => 5,
     }
 }

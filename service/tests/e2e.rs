@@ -239,7 +239,7 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
         stdout.contains("stripe-secret-key") && stdout.contains("sample-app/config/settings.yaml:5"),
         "{stdout}"
     );
-    assert!(stdout.contains("5 finding(s); 2 at or above --fail-on error"), "{stdout}");
+    assert!(stdout.contains("5 finding(s) (0 suppressed); 2 at or above --fail-on error"), "{stdout}");
     let log: Value = serde_json::from_slice(&std::fs::read(&sarif).unwrap()).unwrap();
     assert_eq!(log["version"], "2.1.0");
     assert_eq!(log["runs"][0]["results"].as_array().unwrap().len(), 5);
@@ -367,6 +367,47 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("failed") && stderr.contains("../../etc/passwd"), "{stderr}");
+    // Every output format a CI system reads, parsed back by a real parser: JSON (serde), CSV
+    // and JUnit XML (Python's csv and xml.etree).
+    let (json_out, csv_out, junit_out) = (dir.join("f.json"), dir.join("f.csv"), dir.join("f.xml"));
+    let out = cella(
+        &data,
+        Some(&key),
+        &[
+            "scan",
+            sample.to_str().unwrap(),
+            "--format",
+            "json",
+            "--json",
+            json_out.to_str().unwrap(),
+            "--csv",
+            csv_out.to_str().unwrap(),
+            "--junit",
+            junit_out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let written: Value = serde_json::from_slice(&std::fs::read(&json_out).unwrap()).unwrap();
+    assert_eq!(printed, written);
+    let findings = written["findings"].as_array().unwrap();
+    assert_eq!(findings.len(), 5, "{written}");
+    assert!(findings.iter().any(|f| f["rule"] == "stripe-secret-key" && f["line"] == 5), "{written}");
+    assert!(written["summary"]["files_scanned"].as_u64().unwrap() > 0, "{written}");
+    let parsed = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import csv, sys, xml.etree.ElementTree as et\n\
+             rows = list(csv.DictReader(open(sys.argv[1], newline='')))\n\
+             suite = et.parse(sys.argv[2]).getroot()\n\
+             print(len(rows), rows[0]['rule'] != '', suite.get('tests'), suite.get('failures'),\n\
+                   len(suite.findall('.//testcase')), len(suite.findall('.//failure')))",
+        )
+        .args([&csv_out, &junit_out])
+        .output()
+        .unwrap();
+    assert!(parsed.status.success(), "{}", String::from_utf8_lossy(&parsed.stderr));
+    assert_eq!(String::from_utf8_lossy(&parsed.stdout).trim(), "5 True 5 2 5 2");
     // A path that does not exist is the user's mistake: exit 2, naming it.
     let out = cella(&data, Some(&key), &["scan", "/nonexistent/app"]);
     assert_eq!(out.status.code(), Some(2));
@@ -423,6 +464,36 @@ async fn cancelling_a_running_job_stops_its_vm_and_records_the_scrub(pool: PgPoo
             .next(),
         Some("409 Conflict")
     );
+
+    // `cella scan` in CI: a job still running when --wait-secs runs out is exit 6, not "failed".
+    let out = cella(&server.data, None, &["tenant", "create", "ci"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let key = stdout.lines().find_map(|l| l.strip_prefix("API key ")).unwrap().trim().to_owned();
+    let file = dir.join("one.txt");
+    std::fs::write(&file, b"nothing to see\n").unwrap();
+    let out = cella(&server.data, Some(&key), &["scan", file.to_str().unwrap(), "--wait-secs", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("is still running after 2 s") && stderr.contains("cella job show"), "{stderr}");
+    // Helpful refusals: http:// and an untrusted certificate say what to do.
+    let bare = |url: &str| {
+        Command::new(env!("CARGO_BIN_EXE_cella"))
+            .args(["scan", file.to_str().unwrap()])
+            .env("CELLA_URL", url)
+            .env("CELLA_API_KEY", &key)
+            .env("CELLA_DATA_DIR", dir.join("no-such-data"))
+            .env_remove("CELLA_CA")
+            .output()
+            .unwrap()
+    };
+    let out = bare(&server.url.replace("https://", "http://"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("Cella serves HTTPS only; use https://"), "{stderr}");
+    let out = bare(&server.url);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("not signed by a CA this client trusts; pass --ca FILE"), "{stderr}");
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }

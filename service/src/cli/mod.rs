@@ -22,7 +22,8 @@ const EXIT_STATUS: &str = "Exit status:
   2  bad command line, file or key (cella audit verify/prove without a trusted key)
   3  database, service start-up or server-side failure
   4  cella scan: the job failed or was cancelled; cella session create: the session failed to start
-  5  cannot reach the server, or it refused the request";
+  5  cannot reach the server, or it refused the request
+  6  cella scan: the job was still queued or running when --wait-secs ran out (it goes on)";
 
 /// Cella: multi-tenant compliance scanning in one-tenant microVMs.
 #[derive(Debug, Parser)]
@@ -94,6 +95,8 @@ pub enum CliError {
     Service(#[from] crate::error::ServiceError),
     #[error("{0}")]
     JobDidNotSucceed(String),
+    #[error("{0}")]
+    StillRunning(String),
     #[error(transparent)]
     Client(ClientError),
     /// The client could not start: no key, no server, an unreadable file or CA.
@@ -108,6 +111,7 @@ impl From<ClientError> for CliError {
                 CliError::JobDidNotSucceed(msg)
             }
             ClientError::Usage(msg) => CliError::Usage(msg),
+            ClientError::StillRunning(msg) => CliError::StillRunning(msg),
             e @ (ClientError::NoServer(_)
             | ClientError::NoApiKey
             | ClientError::NoAdminKey(_)

@@ -3,6 +3,7 @@
 //! turned back into readable errors.
 
 pub mod admin;
+pub mod report;
 pub mod scan;
 pub mod session;
 
@@ -42,6 +43,15 @@ pub enum ClientError {
     /// A bad command-line value the client found before sending anything.
     #[error("{0}")]
     Usage(String),
+    /// `--wait-secs` ran out while the job was still queued or running (it goes on).
+    #[error("{0}")]
+    StillRunning(String),
+    /// The server's certificate is not one this client trusts.
+    #[error(
+        "cannot reach {0}: its certificate is not signed by a CA this client trusts; pass --ca FILE \
+             (or set CELLA_CA) with the server's CA, e.g. the server's <data dir>/tls/ca.pem"
+    )]
+    UntrustedServer(String, #[source] reqwest::Error),
     #[error("{0}")]
     Other(String),
 }
@@ -78,7 +88,7 @@ impl Connection {
         if let Some(url) =
             self.server.clone().or_else(|| std::env::var("CELLA_URL").ok()).filter(|u| !u.is_empty())
         {
-            return Ok(url.trim_end_matches('/').to_owned());
+            return checked_url(&url);
         }
         let dir = self.data_dir();
         std::fs::read_to_string(dir.url_file())
@@ -133,6 +143,41 @@ impl Connection {
     }
 }
 
+/// A server URL as the client can use it: `https://`, no trailing slash.
+fn checked_url(url: &str) -> Result<String, ClientError> {
+    let url = url.trim().trim_end_matches('/');
+    if let Some(rest) = url.strip_prefix("http://") {
+        return Err(ClientError::Usage(format!(
+            "{url}: Cella serves HTTPS only; use https://{rest} (with --ca or CELLA_CA for its CA)"
+        )));
+    }
+    if !url.starts_with("https://") {
+        return Err(ClientError::Usage(format!(
+            "{url} is not a server URL: give one like https://host:8443"
+        )));
+    }
+    Ok(url.to_owned())
+}
+
+/// The error for a request to `base` that failed before any answer: an untrusted certificate
+/// says what to do about it.
+fn request_error(base: &str, e: reqwest::Error) -> ClientError {
+    let mut source: Option<&dyn std::error::Error> = Some(&e);
+    let mut untrusted = false;
+    while let Some(err) = source {
+        let text = err.to_string();
+        if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+            untrusted = true;
+        }
+        source = err.source();
+    }
+    if untrusted {
+        ClientError::UntrustedServer(base.to_owned(), e)
+    } else {
+        ClientError::Http(base.to_owned(), e)
+    }
+}
+
 /// A credential as it can go into a header: trimmed, visible ASCII only.
 fn checked_token(what: &str, token: &str) -> Result<String, ClientError> {
     let token = token.trim();
@@ -168,7 +213,7 @@ impl ApiClient {
 
     /// Sends, and turns a non-2xx answer into [`ClientError::Api`] with the problem's detail.
     pub async fn send(&self, request: RequestBuilder) -> Result<Response, ClientError> {
-        let response = request.send().await.map_err(|e| ClientError::Http(self.base.clone(), e))?;
+        let response = request.send().await.map_err(|e| request_error(&self.base, e))?;
         if response.status().is_success() {
             return Ok(response);
         }

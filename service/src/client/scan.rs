@@ -12,8 +12,7 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
-use super::{ApiClient, ClientError, Connection};
-use crate::error::escape_controls;
+use super::{report, ApiClient, ClientError, Connection};
 
 #[derive(Debug, Args)]
 pub struct ScanArgs {
@@ -22,9 +21,22 @@ pub struct ScanArgs {
     /// Rule packs, comma-separated [default: the server's, secrets,pii,licenses]
     #[arg(long)]
     pub policy: Option<String>,
+    /// What to print on stdout: a table, JSON, the SARIF log, CSV or JUnit XML
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
     /// Where to write the SARIF log [default: cella-<job id>.sarif]
     #[arg(long, value_name = "FILE")]
     pub sarif: Option<PathBuf>,
+    /// Also write the findings as JSON here
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Also write the findings as CSV here
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Also write the findings as JUnit XML here (a test case per finding; those at or above
+    /// --fail-on fail)
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
     /// Exit 1 if a finding at or above this level exists
     #[arg(long, value_enum, default_value_t = Level::Error)]
     pub fail_on: Level,
@@ -36,6 +48,16 @@ pub struct ScanArgs {
     pub wait_secs: u64,
     #[command(flatten)]
     pub conn: Connection,
+}
+
+/// What `cella scan` prints on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Sarif,
+    Csv,
+    Junit,
 }
 
 /// SARIF result levels, lowest first.
@@ -227,20 +249,54 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     }
     let sarif = client.bytes(&format!("/v1/jobs/{id}/sarif")).await?;
     let out = args.sarif.clone().unwrap_or_else(|| PathBuf::from(format!("cella-{id}.sarif")));
-    std::fs::write(&out, &sarif).map_err(|e| ClientError::Write(out.clone(), e))?;
+    write_file(&out, &sarif)?;
     let log: Value = serde_json::from_slice(&sarif)
         .map_err(|e| ClientError::Other(format!("the SARIF log is not JSON: {e}")))?;
     let results = log["runs"][0]["results"].as_array().cloned().unwrap_or_default();
-    print_table(&results);
-    let at_threshold =
-        results.iter().filter(|r| Level::of(r["level"].as_str().unwrap_or("")) >= args.fail_on).count();
-    println!(
-        "{} finding(s); {at_threshold} at or above --fail-on {}; SARIF written to {}; job {id}",
-        results.len(),
+    let rows = report::rows(&results);
+    let gate = |r: &report::Row| Level::of(&r.level) >= args.fail_on;
+    let at_threshold = rows.iter().filter(|r| r.suppressed.is_none() && gate(r)).count();
+    let suppressed = rows.iter().filter(|r| r.suppressed.is_some()).count();
+    let summary = if args.format == Format::Json || args.json.is_some() {
+        client.json(Method::GET, &format!("/v1/jobs/{id}/summary")).await.unwrap_or(Value::Null)
+    } else {
+        Value::Null
+    };
+    if let Some(path) = &args.json {
+        write_file(path, report::json(&id, &summary, &rows).as_bytes())?;
+    }
+    if let Some(path) = &args.csv {
+        write_file(path, report::csv(&rows).as_bytes())?;
+    }
+    if let Some(path) = &args.junit {
+        write_file(path, report::junit(&id, &rows, gate).as_bytes())?;
+    }
+    match args.format {
+        Format::Table => print!("{}", report::table(&rows)),
+        Format::Json => print!("{}", report::json(&id, &summary, &rows)),
+        Format::Sarif => {
+            std::io::stdout().write_all(&sarif).map_err(|e| ClientError::Write("stdout".into(), e))?
+        }
+        Format::Csv => print!("{}", report::csv(&rows)),
+        Format::Junit => print!("{}", report::junit(&id, &rows, gate)),
+    }
+    let line = format!(
+        "{} finding(s) ({suppressed} suppressed); {at_threshold} at or above --fail-on {}; SARIF written to {}; job {id}",
+        rows.len(),
         format!("{:?}", args.fail_on).to_lowercase(),
         out.display()
     );
-    Ok(ScanReport { job_id: id, findings: results.len(), at_threshold })
+    // With a machine-readable stdout, the human line goes to stderr.
+    if args.format == Format::Table {
+        println!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+    Ok(ScanReport { job_id: id, findings: rows.len(), at_threshold })
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
+    std::fs::write(path, bytes).map_err(|e| ClientError::Write(path.to_owned(), e))
 }
 
 /// Waits for the job to end (or `limit` to pass), with long polls (`?wait=`).
@@ -251,77 +307,42 @@ pub async fn wait(
     progress: bool,
 ) -> Result<Value, ClientError> {
     let start = Instant::now();
+    let tty = progress && std::io::stderr().is_terminal();
     let mut last_state = String::new();
     loop {
-        let left = limit.saturating_sub(start.elapsed()).as_secs().min(30);
+        // On a terminal the status line is redrawn every second; elsewhere each state once.
+        let slice = if tty { 1 } else { 30 };
+        let left = limit.saturating_sub(start.elapsed()).as_secs().min(slice);
         let job = client.json(Method::GET, &format!("/v1/jobs/{id}?wait={left}")).await?;
         let state = job["state"].as_str().unwrap_or("?").to_owned();
-        if progress && state != last_state {
+        let done = crate::jobs::is_final(&state);
+        if tty {
+            eprint!("\rjob {id}: {state:<10} {:>5} s", start.elapsed().as_secs());
+            if done {
+                eprintln!();
+            }
+            let _ = std::io::stderr().flush();
+        } else if progress && state != last_state {
             eprintln!("job {id}: {state}");
-            last_state = state.clone();
         }
-        if crate::jobs::is_final(&state) {
+        last_state = state.clone();
+        if done {
             return Ok(job);
         }
         if start.elapsed() >= limit {
-            return Err(ClientError::Other(format!(
-                "job {id} is still {state} after {} s; check later with `cella job show {id}`",
+            if tty {
+                eprintln!();
+            }
+            return Err(ClientError::StillRunning(format!(
+                "job {id} is still {state} after {} s (--wait-secs); it goes on: see `cella job show {id}`, \
+                 or wait again with `cella job show {id}` later",
                 limit.as_secs()
             )));
         }
     }
 }
 
-/// The findings table of a SARIF log's results, one line each. Every field came from the
-/// guest (paths and messages from the artifact): control characters are shown escaped.
-pub(crate) fn findings_table(results: &[Value]) -> String {
-    if results.is_empty() {
-        return "no findings\n".to_owned();
-    }
-    let field =
-        |v: &Value, default: &'static str| escape_controls(v.as_str().unwrap_or(default)).into_owned();
-    let mut out = format!("{:<8} {:<30} {:<40} MESSAGE\n", "LEVEL", "RULE", "LOCATION");
-    for r in results {
-        let loc = &r["locations"][0]["physicalLocation"];
-        let location = format!(
-            "{}:{}",
-            field(&loc["artifactLocation"]["uri"], "?"),
-            loc["region"]["startLine"].as_u64().unwrap_or(0)
-        );
-        out.push_str(&format!(
-            "{:<8} {:<30} {:<40} {}\n",
-            field(&r["level"], "?"),
-            field(&r["ruleId"], "?"),
-            location,
-            field(&r["message"]["text"], "")
-        ));
-    }
-    out
-}
-
+/// The findings table of a SARIF log's results (see [`report::table`]).
 pub(crate) fn print_table(results: &[Value]) {
-    print!("{}", findings_table(results));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn the_findings_table_shows_control_characters_escaped() {
-        let results = [json!({
-            "level": "error",
-            "ruleId": "stripe\u{7}",
-            "message": {"text": "a key\r\u{1b}[2K"},
-            "locations": [{"physicalLocation": {
-                "artifactLocation": {"uri": "app/\u{1b}]0;x\u{7}.env"},
-                "region": {"startLine": 3}
-            }}]
-        })];
-        let table = findings_table(&results);
-        assert!(!table.trim_end().contains(|c: char| c.is_control() && c != '\n'), "{table:?}");
-        assert!(table.contains("app/\\x1b]0;x\\x07.env:3"), "{table}");
-        assert!(table.contains("stripe\\x07") && table.contains("a key\\r\\x1b[2K"), "{table}");
-    }
+    print!("{}", report::table(&report::rows(results)));
 }
