@@ -280,6 +280,10 @@ fn read_reply(
         return Err(ProtoError::Unexpected { expected: Kind::SessionResponse, got: kind }.into());
     }
     let response: SessionResponse = proto::decode_json(&payload)?;
+    // The count is the guest's word: checked before anything is sized or awaited by it.
+    if response.frames > proto::MAX_RESPONSE_FRAMES {
+        return Err(ProtoError::TooManyFrames(response.frames).into());
+    }
     let mut frames = Vec::with_capacity(response.frames as usize);
     for _ in 0..response.frames {
         frames.push(next("sending the frames its response announced")?);
@@ -343,6 +347,20 @@ mod tests {
         ));
         let not_json = proto::encode(Kind::SessionResponse, b"{\"result\":");
         assert!(matches!(decode_reply(&not_json), Err(SessionClientError::Protocol(ProtoError::BadJson(_)))));
+    }
+
+    #[test]
+    fn a_reply_announcing_more_frames_than_a_response_carries_is_refused() {
+        // The guest's count used to size an allocation: 4e9 frames asked for 128 GB and the host
+        // process aborted (fuzz/corpus/proto_host/crash-frames-4e9 replays it).
+        for announced in [proto::MAX_RESPONSE_FRAMES + 1, 4_000_000_000] {
+            let mut wire = response(SessionResult::Stop, announced);
+            wire.extend(proto::encode(Kind::Data, b"x").repeat(3));
+            assert!(matches!(
+                decode_reply(&wire),
+                Err(SessionClientError::Protocol(ProtoError::TooManyFrames(n))) if n == announced
+            ));
+        }
     }
 
     #[test]
