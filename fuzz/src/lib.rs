@@ -23,6 +23,9 @@ pub fn artifact_limits() -> Limits {
     }
 }
 
+/// `max_decompressed` of the second, extraction-only pass.
+const TIGHT_DECOMPRESSED: u64 = 16 << 10;
+
 /// Content an extraction may hand out in all.
 pub const EXTRACT_BUDGET: u64 = 1 << 20;
 
@@ -51,6 +54,24 @@ pub fn artifact(data: &[u8], name: &str) {
         });
     if extracted.is_ok() {
         check_extracted(data, name, &limits, &files);
+    }
+
+    // Again with a total small enough that content multiplied without decompression (a zip
+    // whose entries share their data) would show: only extraction, which is cheap.
+    let tight = Limits { max_decompressed: TIGHT_DECOMPRESSED, ..limits.clone() };
+    let mut tight_total = 0u64;
+    let tight_extracted =
+        extract_artifact(&mut SliceSource(data), name, "", &tight, EXTRACT_BUDGET, |_, bytes| {
+            tight_total += bytes.len() as u64;
+            Ok(())
+        });
+    if tight_extracted.is_ok() {
+        let bound = TIGHT_DECOMPRESSED + data.len() as u64;
+        assert!(
+            tight_total <= bound,
+            "{tight_total} bytes from {} input bytes, over max_decompressed",
+            data.len()
+        );
     }
 
     let mut engine = engine().lock().unwrap_or_else(|e| e.into_inner());
