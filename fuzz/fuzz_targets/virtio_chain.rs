@@ -2,14 +2,17 @@
 //! on guest memory the fuzzer writes: the descriptor table and the rings, where the driver puts
 //! them, and the driver's register writes. Driven through the real virtio-mmio transport with
 //! the real block device (requests parsed and carried out against a small disk file) or the real
-//! vsock device (packets parsed from the transmit queue; nothing listens on the host, so every
-//! connection is refused). Also walks one chain directly and checks what it accepts.
+//! vsock device (packets parsed from the transmit queue; a host listener on port 1024 takes the
+//! guest's connections there, and with bit 1 of the device byte a host client asks the guest
+//! for port 1025 first). Also walks one chain directly and checks what it accepts.
 //!
 //! Input: `[device, queue size, desc, avail, used (3 × u16), ops, op × (register, u32)…,
 //! notifies, head (u16), memory image…]`; short inputs are padded with zeros. The queues of a
 //! device with several (vsock: receive, transmit, event) have their rings `QUEUE_STRIDE` apart.
 #![no_main]
 
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -56,6 +59,24 @@ fn disk() -> &'static PathBuf {
     })
 }
 
+/// The vsock device's socket path, and a host listener for guest connections to port 1024
+/// (`<path>_1024`) whose streams are read to their end, made once per process.
+fn vsock_path() -> &'static PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("cella-fuzz-vsock-{}", std::process::id()));
+        let port = PathBuf::from(format!("{}_1024", path.display()));
+        let _ = std::fs::remove_file(&port);
+        let listener = UnixListener::bind(&port).expect("bind the fuzz host listener");
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || std::io::copy(&mut &stream, &mut std::io::sink()));
+            }
+        });
+        path
+    })
+}
+
 /// Input bytes, read in order, zeros once they run out.
 struct Input<'a>(&'a [u8]);
 
@@ -98,13 +119,19 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let uds;
+    let mut host_client = None;
     let mut transport = if device % 2 == 0 {
         MmioTransport::new(Box::new(Block::open(disk()).expect("open the fuzz disk")), mem.clone())
     } else {
-        uds = std::env::temp_dir().join(format!("cella-fuzz-vsock-{}", std::process::id()));
-        let _ = std::fs::remove_file(&uds);
-        MmioTransport::new(Box::new(Vsock::new(&uds).expect("bind the fuzz vsock socket")), mem.clone())
+        let uds = vsock_path();
+        let _ = std::fs::remove_file(uds);
+        let vsock = Vsock::new(uds).expect("bind the fuzz vsock socket");
+        if device & 2 != 0 {
+            let mut client = UnixStream::connect(uds).expect("connect to the fuzz vsock socket");
+            client.write_all(b"CONNECT 1025\n").expect("write the CONNECT line");
+            host_client = Some(client);
+        }
+        MmioTransport::new(Box::new(vsock), mem.clone())
     };
     let queues = if device % 2 == 0 { 1 } else { 3 };
     // The driver's bring-up, as the runner does it, with the fuzzer's queue size and rings.
@@ -142,4 +169,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     }
     let mut config = [0u8; 8];
     transport.read(reg::CONFIG, &mut config);
+    drop(host_client);
 });

@@ -6,12 +6,13 @@
 //!
 //! The snapshot seed needs /dev/kvm and the runner image (`scripts/build-guest.sh`); without
 //! them that one seed is skipped with a note. Rerun after a format changes, and commit the
-//! result.
+//! seeds that changed because of it: the audit bundle (a new key) and the snapshot state (new
+//! times) come out different on every run.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use cella_abi::vsock::{self, Header, HEADER_LEN};
+use cella_abi::vsock::{self, Header};
 use cella_audit::bundle;
 use cella_audit::keys::SigningKey;
 use cella_audit::{Actor, NewEvent, Resource, TenantId};
@@ -321,30 +322,67 @@ fn virtio_seeds() -> Seeds {
     l.avail(avail, &[0]);
     let looping = virtio_input(0, 3, [table as u16, avail as u16, used as u16], 1, &l);
 
-    // vsock: the guest asks to connect to host port 1024 (the transmit queue is queue 1, whose
-    // rings are 0x800 further on); the receive queue offers one buffer for the answer.
-    let mut v = Memory(Vec::new());
+    // vsock: the transmit queue is queue 1, whose rings are 0x800 further on; the receive
+    // queue offers buffers for the device's answers. The guest connects to host port 1024 (a
+    // listener the target runs), sends data, asks for credit and shuts down.
     let tx = 0x800;
-    let request = Header {
-        src_cid: vsock::GUEST_CID,
-        dst_cid: vsock::HOST_CID,
-        src_port: 49152,
-        dst_port: 1024,
-        len: 0,
-        kind: vsock::TYPE_STREAM,
-        op: vsock::op::REQUEST,
-        flags: 0,
-        buf_alloc: 65536,
-        fwd_cnt: 0,
+    let packet = |src_port, dst_port, op, flags, payload: &[u8]| {
+        let header = Header {
+            src_cid: vsock::GUEST_CID,
+            dst_cid: vsock::HOST_CID,
+            src_port,
+            dst_port,
+            len: payload.len() as u32,
+            kind: vsock::TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        };
+        [&header.to_bytes()[..], payload].concat()
     };
-    v.put(0x1800, &request.to_bytes());
-    v.desc(table + tx, 0, 0x1800, HEADER_LEN as u32, 0, 0);
-    v.avail(avail + tx, &[0]);
-    v.desc(table, 0, 0x1900, 4096, WRITE, 0);
-    v.avail(avail, &[0]);
-    v.put(used + 0x1000 + 0x100, &[0]); // cover the event queue's rings too
-    let vsock = virtio_input(1, 3, [table as u16, avail as u16, used as u16], 2, &v);
-    vec![("block-read-get-id-flush", block), ("block-loop", looping), ("vsock-request", vsock)]
+    let vsock_input = |device: u8, packets: &[Vec<u8>]| {
+        let mut v = Memory(Vec::new());
+        let mut at = 0x1800;
+        let heads: Vec<u16> = (0..packets.len() as u16).collect();
+        for (i, p) in packets.iter().enumerate() {
+            v.put(at, p);
+            v.desc(table + tx, i, at as u64, p.len() as u32, 0, 0);
+            at += 0x80;
+        }
+        v.avail(avail + tx, &heads);
+        for i in 0..4 {
+            v.desc(table, i, 0x2000 + 0x400 * i as u64, 0x400, WRITE, 0);
+        }
+        v.avail(avail, &[0, 1, 2, 3]);
+        v.put(used + 0x1000 + 0x100, &[0]); // cover the event queue's rings too
+        virtio_input(device, 3, [table as u16, avail as u16, used as u16], 3, &v)
+    };
+    let guest_connects = vsock_input(
+        1,
+        &[
+            packet(49152, 1024, vsock::op::REQUEST, 0, b""),
+            packet(49152, 1024, vsock::op::RW, 0, b"hello, host"),
+            packet(49152, 1024, vsock::op::CREDIT_REQUEST, 0, b""),
+            packet(49152, 1024, vsock::op::SHUTDOWN, vsock::SHUTDOWN_SEND | vsock::SHUTDOWN_RCV, b""),
+            packet(49153, 7, vsock::op::REQUEST, 0, b""),
+        ],
+    );
+    // A host client asks for guest port 1025 (device byte bit 1); the guest accepts on the
+    // first host port the device hands out (1 << 30) and sends data back.
+    let host_connects = vsock_input(
+        3,
+        &[
+            packet(1025, 1 << 30, vsock::op::RESPONSE, 0, b""),
+            packet(1025, 1 << 30, vsock::op::RW, 0, b"hello, client"),
+        ],
+    );
+    vec![
+        ("block-read-get-id-flush", block),
+        ("block-loop", looping),
+        ("vsock-guest-connects", guest_connects),
+        ("vsock-host-connects", host_connects),
+    ]
 }
 
 // --- the protocol ----------------------------------------------------------------------------
