@@ -52,6 +52,8 @@ flags=(
 )
 unset RUSTFLAGS
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="${flags[*]}"
+# The binaries are run from here below, whatever the environment says.
+export CARGO_TARGET_DIR="$PWD/fuzz/target"
 echo "== fuzz: building ${#targets[@]} targets" >&2
 started=$SECONDS
 bins=()
