@@ -24,5 +24,9 @@ echo "== cargo clippy (guest images)" >&2
 )
 echo "== cargo test" >&2
 cargo test --workspace
+# Every fuzz target for a share of 250 s (the runs stay under 5 minutes as targets are added).
+targets=(fuzz/fuzz_targets/*.rs)
+echo "== fuzz targets (libFuzzer, ${#targets[@]} targets, $((250 / ${#targets[@]})) s each)" >&2
+scripts/fuzz.sh $((250 / ${#targets[@]}))
 echo "== API property test (schemathesis against cella serve's own OpenAPI document)" >&2
 scripts/api-fuzz.sh 30

@@ -19,16 +19,19 @@ pub mod canonical;
 pub mod checkpoint;
 pub mod config;
 pub mod event;
+#[cfg(feature = "db")]
 pub mod export;
 pub mod hash;
 pub mod keys;
 pub mod merkle;
 pub mod ocsf;
 pub mod proof;
+#[cfg(feature = "db")]
 pub mod store;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointPolicy};
 pub use event::{Actor, Chain, NewEvent, Resource, TenantId};
 pub use keys::{PublicKey, SigningKey};
+#[cfg(feature = "db")]
 pub use store::{append, Appended};

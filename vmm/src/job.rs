@@ -136,28 +136,59 @@ impl JobServer {
         let mut reader = FrameReader { stream: &mut stream, decoder: proto::Decoder::default(), timeout };
 
         let (kind, payload) = reader.next(vm_done, deadline, "said hello")?;
-        expect(Kind::Hello, kind)?;
-        let hello: Hello = proto::decode_json(&payload)?;
-        if hello.protocol != proto::VERSION {
-            return Err(proto::ProtoError::UnsupportedVersion(hello.protocol).into());
-        }
+        let hello = check_hello(kind, &payload)?;
         let mut out = proto::encode_json(Kind::Job, job);
         out.extend(proto::encode(Kind::Policy, policy));
         reader.stream.write_all(&out).map_err(|source| JobError::Io { stage: "took the job", source })?;
         let sent = Instant::now();
 
-        let (kind, payload) = reader.next(vm_done, deadline, "sent its results")?;
-        let in_vm = sent.elapsed();
-        let outcome = match kind {
-            Kind::Error => ScanOutcome::Refused(proto::decode_json(&payload)?),
-            Kind::Sarif => {
-                let (kind, summary) = reader.next(vm_done, deadline, "sent its summary")?;
-                expect(Kind::Summary, kind)?;
-                ScanOutcome::Completed { sarif: payload, summary }
-            }
-            other => return Err(proto::ProtoError::Unexpected { expected: Kind::Sarif, got: other }.into()),
-        };
-        Ok(JobReport { outcome, in_vm, runner_version: hello.runner_version })
+        let mut in_vm = None;
+        let outcome = read_results(|stage| {
+            let frame = reader.next(vm_done, deadline, stage);
+            in_vm.get_or_insert_with(|| sent.elapsed());
+            frame
+        })?;
+        Ok(JobReport { outcome, in_vm: in_vm.unwrap_or_default(), runner_version: hello.runner_version })
+    }
+}
+
+/// What the host makes of everything a runner sent on a job connection, received whole: its
+/// hello, then its results, with exactly the checks a served job makes, in the same order. The
+/// parse entry point for a runner's bytes without a socket (the `proto_host` fuzz target, tests);
+/// bytes that end before the results are [`JobError::VmGone`].
+pub fn decode_runner_stream(wire: &[u8]) -> Result<ScanOutcome, JobError> {
+    let mut decoder = proto::Decoder::default();
+    decoder.push(wire);
+    let mut next = |stage| decoder.next_frame()?.ok_or(JobError::VmGone { stage });
+    let (kind, payload) = next("said hello")?;
+    check_hello(kind, &payload)?;
+    read_results(next)
+}
+
+/// The runner's first frame must be a [`Hello`] of this protocol version; returns it.
+fn check_hello(kind: Kind, payload: &[u8]) -> Result<Hello, JobError> {
+    expect(Kind::Hello, kind)?;
+    let hello: Hello = proto::decode_json(payload)?;
+    if hello.protocol != proto::VERSION {
+        return Err(proto::ProtoError::UnsupportedVersion(hello.protocol).into());
+    }
+    Ok(hello)
+}
+
+/// The runner's answer to the job, from its frames in order (`next` gets one, naming the stage
+/// it waits for): an `Error` frame, or `Sarif` then `Summary`.
+fn read_results(
+    mut next: impl FnMut(&'static str) -> Result<(Kind, Vec<u8>), JobError>,
+) -> Result<ScanOutcome, JobError> {
+    let (kind, payload) = next("sent its results")?;
+    match kind {
+        Kind::Error => Ok(ScanOutcome::Refused(proto::decode_json(&payload)?)),
+        Kind::Sarif => {
+            let (kind, summary) = next("sent its summary")?;
+            expect(Kind::Summary, kind)?;
+            Ok(ScanOutcome::Completed { sarif: payload, summary })
+        }
+        other => Err(proto::ProtoError::Unexpected { expected: Kind::Sarif, got: other }.into()),
     }
 }
 
@@ -240,5 +271,72 @@ impl FrameReader<'_> {
                 Err(source) => return Err(JobError::Io { stage, source }),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(protocol: u16) -> Vec<u8> {
+        proto::encode_json(Kind::Hello, &Hello { runner_version: "0.1.0".into(), protocol })
+    }
+
+    #[test]
+    fn a_runner_stream_with_sarif_and_summary_is_a_completed_scan() {
+        let mut wire = hello(proto::VERSION);
+        wire.extend(proto::encode(Kind::Sarif, b"sarif"));
+        wire.extend(proto::encode(Kind::Summary, b"summary"));
+        match decode_runner_stream(&wire).unwrap() {
+            ScanOutcome::Completed { sarif, summary } => {
+                assert_eq!((sarif.as_slice(), summary.as_slice()), (&b"sarif"[..], &b"summary"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_runner_stream_with_an_error_report_is_a_refusal() {
+        let mut wire = hello(proto::VERSION);
+        let report = ErrorReport { kind: "artifact".into(), message: "entry `../x` escapes".into() };
+        wire.extend(proto::encode_json(Kind::Error, &report));
+        match decode_runner_stream(&wire).unwrap() {
+            ScanOutcome::Refused(got) => assert_eq!(got, report),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_runner_stream_that_breaks_the_protocol_is_refused_by_name() {
+        let sarif_first = proto::encode(Kind::Sarif, b"{}");
+        assert!(matches!(
+            decode_runner_stream(&sarif_first),
+            Err(JobError::Protocol(proto::ProtoError::Unexpected {
+                expected: Kind::Hello,
+                got: Kind::Sarif
+            }))
+        ));
+        assert!(matches!(
+            decode_runner_stream(&hello(9)),
+            Err(JobError::Protocol(proto::ProtoError::UnsupportedVersion(9)))
+        ));
+        let mut no_summary = hello(proto::VERSION);
+        no_summary.extend(proto::encode(Kind::Sarif, b"{}"));
+        no_summary.extend(proto::encode(Kind::Sarif, b"{}"));
+        assert!(matches!(
+            decode_runner_stream(&no_summary),
+            Err(JobError::Protocol(proto::ProtoError::Unexpected {
+                expected: Kind::Summary,
+                got: Kind::Sarif
+            }))
+        ));
+    }
+
+    #[test]
+    fn a_runner_stream_that_ends_early_says_where() {
+        assert!(matches!(decode_runner_stream(&[]), Err(JobError::VmGone { stage: "said hello" })));
+        let mut wire = hello(proto::VERSION);
+        wire.extend(proto::encode(Kind::Sarif, b"{}"));
+        assert!(matches!(decode_runner_stream(&wire), Err(JobError::VmGone { stage: "sent its summary" })));
     }
 }

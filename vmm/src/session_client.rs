@@ -273,18 +273,9 @@ impl GuestSession {
         })
     }
 
-    /// Reads one response and the frames it announces, by `deadline`.
+    /// Reads one response and the frames it announces, by `deadline` ([`read_reply`]).
     fn receive(&mut self, deadline: Instant) -> Result<SessionReply, SessionClientError> {
-        let (kind, payload) = self.next_frame(deadline, "answering")?;
-        if kind != Kind::SessionResponse {
-            return Err(ProtoError::Unexpected { expected: Kind::SessionResponse, got: kind }.into());
-        }
-        let response: SessionResponse = proto::decode_json(&payload)?;
-        let mut frames = Vec::with_capacity(response.frames as usize);
-        for _ in 0..response.frames {
-            frames.push(self.next_frame(deadline, "sending the frames its response announced")?);
-        }
-        Ok(SessionReply { response, frames })
+        read_reply(|stage| self.next_frame(deadline, stage))
     }
 
     fn next_frame(
@@ -318,9 +309,115 @@ impl GuestSession {
     }
 }
 
+/// What the host makes of a session runner's answer to one request, received whole: the
+/// response and the frames it announces, with exactly the checks [`GuestSession::exec`] makes.
+/// The parse entry point for a runner's bytes without a socket (the `proto_host` fuzz target,
+/// tests); bytes that end before the reply does are [`SessionClientError::Closed`].
+pub fn decode_reply(wire: &[u8]) -> Result<SessionReply, SessionClientError> {
+    let mut decoder = proto::Decoder::default();
+    decoder.push(wire);
+    read_reply(|stage| decoder.next_frame()?.ok_or(SessionClientError::Closed { stage }))
+}
+
+/// One reply from the runner's frames in order (`next` gets one, naming the stage it waits
+/// for): a `SessionResponse`, then the frames it announces.
+fn read_reply(
+    mut next: impl FnMut(&'static str) -> Result<(Kind, Vec<u8>), SessionClientError>,
+) -> Result<SessionReply, SessionClientError> {
+    let (kind, payload) = next("answering")?;
+    if kind != Kind::SessionResponse {
+        return Err(ProtoError::Unexpected { expected: Kind::SessionResponse, got: kind }.into());
+    }
+    let response: SessionResponse = proto::decode_json(&payload)?;
+    // The count is the guest's word: checked before anything is sized or awaited by it.
+    if response.frames > proto::MAX_RESPONSE_FRAMES {
+        return Err(ProtoError::TooManyFrames(response.frames).into());
+    }
+    let mut frames = Vec::with_capacity(response.frames as usize);
+    for _ in 0..response.frames {
+        frames.push(next("sending the frames its response announced")?);
+    }
+    Ok(SessionReply { response, frames })
+}
+
 /// How one connection attempt ended.
 enum Attempt {
     /// Not up or not listening yet: try again until the deadline.
     Retry(String),
     Fatal(SessionClientError),
+}
+
+#[cfg(test)]
+mod tests {
+    use cella_proto::{SessionResult, SessionStats};
+
+    use super::*;
+
+    fn response(result: SessionResult, frames: u32) -> Vec<u8> {
+        proto::encode_json(Kind::SessionResponse, &SessionResponse { result, frames })
+    }
+
+    #[test]
+    fn a_reply_is_the_response_and_the_frames_it_announces() {
+        let mut wire = response(SessionResult::Stop, 2);
+        wire.extend(proto::encode(Kind::Sarif, b"s"));
+        wire.extend(proto::encode(Kind::Summary, b"m"));
+        wire.extend(proto::encode(Kind::Data, b"the next reply's"));
+        let reply = decode_reply(&wire).unwrap();
+        assert_eq!(reply.response, SessionResponse { result: SessionResult::Stop, frames: 2 });
+        assert_eq!(reply.frames, vec![(Kind::Sarif, b"s".to_vec()), (Kind::Summary, b"m".to_vec())]);
+    }
+
+    #[test]
+    fn a_reply_that_is_not_a_response_is_refused() {
+        let stats = SessionStats {
+            runner_version: "0.1.0".into(),
+            protocol: proto::VERSION,
+            artifact_name: "a".into(),
+            read_policy: "deny".into(),
+            files: 0,
+            bytes: 0,
+            binary_files: 0,
+            index_builds: 1,
+            adds: 0,
+            index_id: 0,
+            index_build_cycles: 0,
+            requests: 1,
+            connections: 1,
+            policies_cached: 0,
+        };
+        let wire = proto::encode_json(Kind::SessionRequest, &SessionResult::Stats(stats));
+        assert!(matches!(
+            decode_reply(&wire),
+            Err(SessionClientError::Protocol(ProtoError::Unexpected {
+                expected: Kind::SessionResponse,
+                got: Kind::SessionRequest
+            }))
+        ));
+        let not_json = proto::encode(Kind::SessionResponse, b"{\"result\":");
+        assert!(matches!(decode_reply(&not_json), Err(SessionClientError::Protocol(ProtoError::BadJson(_)))));
+    }
+
+    #[test]
+    fn a_reply_announcing_more_frames_than_a_response_carries_is_refused() {
+        // The guest's count used to size an allocation: 4e9 frames asked for 128 GB and the host
+        // process aborted (fuzz/corpus/proto_host/crash-frames-4e9 replays it).
+        for announced in [proto::MAX_RESPONSE_FRAMES + 1, 4_000_000_000] {
+            let mut wire = response(SessionResult::Stop, announced);
+            wire.extend(proto::encode(Kind::Data, b"x").repeat(3));
+            assert!(matches!(
+                decode_reply(&wire),
+                Err(SessionClientError::Protocol(ProtoError::TooManyFrames(n))) if n == announced
+            ));
+        }
+    }
+
+    #[test]
+    fn a_reply_missing_announced_frames_says_where_it_stopped() {
+        let wire = response(SessionResult::Stop, 1);
+        assert!(matches!(
+            decode_reply(&wire),
+            Err(SessionClientError::Closed { stage: "sending the frames its response announced" })
+        ));
+    }
 }

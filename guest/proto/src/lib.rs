@@ -191,6 +191,10 @@ pub const GREP_MAX_MATCHES: u32 = 10_000;
 /// Bytes of a matching line a grep returns.
 pub const GREP_MAX_LINE: usize = 200;
 
+/// Most bulk frames one [`SessionResponse`] announces (a scan's `Sarif` and `Summary`). A reader
+/// refuses a response that announces more, before waiting for any of them.
+pub const MAX_RESPONSE_FRAMES: u32 = 2;
+
 /// The runner's answer to one request (JSON in a [`Kind::SessionResponse`] frame).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SessionResponse {
@@ -367,7 +371,12 @@ pub enum ProtoError {
     UnknownKind(u16),
     TooLarge(u32),
     BadJson(String),
-    Unexpected { expected: Kind, got: Kind },
+    Unexpected {
+        expected: Kind,
+        got: Kind,
+    },
+    /// A response announced more bulk frames than [`MAX_RESPONSE_FRAMES`].
+    TooManyFrames(u32),
 }
 
 impl fmt::Display for ProtoError {
@@ -380,6 +389,9 @@ impl fmt::Display for ProtoError {
             ProtoError::BadJson(e) => write!(f, "malformed message: {e}"),
             ProtoError::Unexpected { expected, got } => {
                 write!(f, "expected a {expected:?} frame, got {got:?}")
+            }
+            ProtoError::TooManyFrames(n) => {
+                write!(f, "a response announces {n} bulk frames; at most {MAX_RESPONSE_FRAMES} follow one")
             }
         }
     }

@@ -84,8 +84,9 @@ pub fn encode(state: &SnapshotState) -> Vec<u8> {
     encode_raw(FORMAT_VERSION, VMM_VERSION, &serde_json::to_vec(state).unwrap_or_default())
 }
 
-/// The file layout around any body, for [`encode`] and for tests that forge files.
-pub(crate) fn encode_raw(format_version: u32, vmm_version: &str, body: &[u8]) -> Vec<u8> {
+/// The file layout around any body (magic, versions, length, checksum), for [`encode`] and for
+/// tests and the `snapshot_state` fuzz target, which forge files whose body is what they test.
+pub fn encode_raw(format_version: u32, vmm_version: &str, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 128);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&format_version.to_le_bytes());

@@ -99,6 +99,10 @@ pub(super) fn walk(
     let mut cd = vec![0u8; cd_size as usize];
     read_exact_at(src, cd_off, &mut cd, name)?;
     let mut p = 0usize;
+    // Bytes the entries' local headers and data take, added up: at most what lies before the
+    // central directory, or entries share bytes. Shared stored bytes would be read again and
+    // again, beyond every limit (only decompressed bytes count towards a total).
+    let mut claimed: u64 = 0;
     for _ in 0..count {
         if p + CDH_LEN > cd.len() || cd[p..p + 4] != *b"PK\x01\x02" {
             return Err(corrupt("bad central directory record"));
@@ -140,6 +144,13 @@ pub(super) fn walk(
         let data_off = lfh_off + LFH_LEN as u64 + u64::from(u16le(&lfh, 26)) + u64::from(u16le(&lfh, 28));
         if data_off + csize > len {
             return Err(ArtifactError::Truncated { entry: display });
+        }
+        claimed += data_off - lfh_off + csize;
+        if claimed > cd_off {
+            return Err(ArtifactError::Corrupt {
+                entry: display,
+                reason: "entries overlap: their data adds up to more than the archive holds",
+            });
         }
         let is_symlink = made_by_unix && (ext_attr >> 16) & 0o170000 == 0o120000;
         if is_symlink {
@@ -207,4 +218,76 @@ pub(super) fn walk(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use alloc::vec::Vec;
+
+    use crate::archive::crc32::Crc32;
+    use crate::{extract_artifact, ArtifactError, Limits, SliceSource};
+
+    /// One stored entry's local header and data, then `names.len()` central directory records
+    /// that all point at it.
+    fn zip_sharing_one_entry(data: &[u8], names: &[&str]) -> Vec<u8> {
+        let mut crc = Crc32::new();
+        crc.update(data);
+        let crc = crc.finish();
+        let sizes = |v: &mut Vec<u8>| {
+            v.extend_from_slice(&crc.to_le_bytes());
+            v.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            v.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        };
+        let mut out = Vec::from(&b"PK\x03\x04"[..]);
+        out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // version, flags, stored, time, date
+        sizes(&mut out);
+        out.extend_from_slice(&[1, 0, 0, 0, b'a']); // name length 1, no extra, "a"
+        out.extend_from_slice(data);
+        let cd_off = out.len() as u32;
+        for name in names {
+            out.extend_from_slice(b"PK\x01\x02");
+            out.extend_from_slice(&[20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // versions, flags, stored, time, date
+            sizes(&mut out);
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(&[0; 12]); // extra, comment, disk, attributes
+            out.extend_from_slice(&0u32.to_le_bytes()); // the one local header
+            out.extend_from_slice(name.as_bytes());
+        }
+        let cd_len = out.len() as u32 - cd_off;
+        out.extend_from_slice(b"PK\x05\x06\0\0\0\0");
+        out.extend_from_slice(&(names.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(names.len() as u16).to_le_bytes());
+        out.extend_from_slice(&cd_len.to_le_bytes());
+        out.extend_from_slice(&cd_off.to_le_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out
+    }
+
+    fn extract(zip: &[u8]) -> Result<u64, ArtifactError> {
+        let mut total = 0;
+        extract_artifact(&mut SliceSource(zip), "a.zip", "", &Limits::default(), u64::MAX, |_, bytes| {
+            total += bytes.len() as u64;
+            Ok(())
+        })?;
+        Ok(total)
+    }
+
+    #[test]
+    fn rejects_zip_entries_that_share_their_data() {
+        // 60 records over one 4000-byte entry gave 240000 bytes from a 7 KiB file (100000, the
+        // entry limit, would give 100000 times the archive). Seen while writing the archive fuzz
+        // targets, whose check that stored content stays within the input flags it
+        // (fuzz/corpus/archive_zip/crash-entries-sharing-data).
+        let data = [b'A'; 4000];
+        let names: Vec<alloc::string::String> = (0..60).map(|i| alloc::format!("f{i:02}")).collect();
+        let names: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+        assert_eq!(
+            extract(&zip_sharing_one_entry(&data, &names)),
+            Err(ArtifactError::Corrupt {
+                entry: "f01".into(),
+                reason: "entries overlap: their data adds up to more than the archive holds",
+            })
+        );
+        assert_eq!(extract(&zip_sharing_one_entry(&data, &["only"])), Ok(4000));
+    }
 }
