@@ -7,27 +7,38 @@
 #![no_main]
 
 use cella_proto::{self as proto, Kind, SessionRequest};
-use cella_scan::index::{mask_findings, Grep, GrepLimits, Index};
+use cella_scan::index::{mask_findings, Grep, GrepLimits, Index, MaskedView};
 use cella_scan::{normalize_entry_path, Engine, Limits, Report, SliceSource};
 
 /// Content an index may hold (the runner's is half the guest heap).
 const INDEX_BUDGET: u64 = 1 << 20;
 
-fn grep(index: &Index, pattern: &str, max_matches: u32, path_prefix: Option<&str>) {
+/// A grep over the raw text (`allow`) and, with a masking policy that loads, over the masked
+/// view (`redact`, `deny`): the same caps hold either way.
+fn grep(index: &Index, pattern: &str, max_matches: u32, path_prefix: Option<&str>, policy: Option<&[u8]>) {
     if max_matches == 0 || max_matches > proto::GREP_MAX_MATCHES {
         return;
     }
     let limits = GrepLimits { max_pattern: proto::GREP_MAX_PATTERN, ..GrepLimits::default() };
     let Ok(mut grep) = Grep::new(pattern, &limits) else { return };
-    let found = index.grep(&mut grep, path_prefix, max_matches as usize, proto::GREP_MAX_LINE);
-    assert!(
-        found.matches.len() <= max_matches as usize,
-        "{} matches over {max_matches}",
-        found.matches.len()
-    );
-    for m in &found.matches {
-        assert!(m.text.len() <= proto::GREP_MAX_LINE, "a line of {} bytes", m.text.len());
-        assert!(m.line >= 1 && m.column >= 1, "line {} column {}", m.line, m.column);
+    let mut view = None;
+    if let Some(Ok(mut engine)) = policy.map(Engine::from_policy_json) {
+        let mut masked = MaskedView::new();
+        if masked.extend(index, &mut engine).is_ok() {
+            view = Some(masked);
+        }
+    }
+    for view in [None, view.as_ref()] {
+        let found = index.grep(&mut grep, view, path_prefix, max_matches as usize, proto::GREP_MAX_LINE);
+        assert!(
+            found.matches.len() <= max_matches as usize,
+            "{} matches over {max_matches}",
+            found.matches.len()
+        );
+        for m in &found.matches {
+            assert!(m.text.len() <= proto::GREP_MAX_LINE, "a line of {} bytes", m.text.len());
+            assert!(m.line >= 1 && m.column >= 1, "line {} column {}", m.line, m.column);
+        }
     }
 }
 
@@ -102,7 +113,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         };
         match &request {
             SessionRequest::Grep { pattern, max_matches, path_prefix } => {
-                grep(&index, pattern, *max_matches, path_prefix.as_deref())
+                grep(&index, pattern, *max_matches, path_prefix.as_deref(), attachment.as_deref())
             }
             SessionRequest::Read { path, .. } => read(&index, path, attachment.as_deref()),
             SessionRequest::Scan { .. } => scan(&index, attachment.as_deref(), &limits),

@@ -433,12 +433,13 @@ fn proto_host_seeds() -> Seeds {
                 path: "a.txt".into(),
                 line: 3,
                 column: 7,
-                text: Some("password = x".into()),
+                text: "password = ********".into(),
                 truncated: false,
             }],
+            counts: vec![proto::GrepCount { path: "b.txt".into(), lines: 2 }],
             truncated: false,
             files_searched: 1,
-            text_withheld: false,
+            masked: true,
         }),
         frames: 0,
     };
@@ -479,31 +480,37 @@ help = "Remove the password."
 
 fn proto_guest_seeds() -> Seeds {
     let request = |r: &SessionRequest| proto::encode_json(Kind::SessionRequest, r);
-    let job = proto::Job { artifact_name: "artifact.tar".into(), artifact_size: 10240 };
+    const KEY: &str = "0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f";
+    let job = proto::Job { artifact_name: "artifact.tar".into(), artifact_size: 10240, fingerprint_key: KEY.into() };
     let mut job_frames = proto::encode_json(Kind::Job, &job);
     job_frames.extend(proto::encode(Kind::Policy, &small_policy()));
     let grep = SessionRequest::Grep { pattern: r"pass\w+\s*=".into(), max_matches: 10, path_prefix: None };
-    let mut scan = request(&SessionRequest::Scan { policy_name: "fuzz".into() });
+    // Every grep carries the masking policy.
+    let mut grep_frames = request(&grep);
+    grep_frames.extend(proto::encode(Kind::Policy, &small_policy()));
+    let mut scan =
+        request(&SessionRequest::Scan { policy_name: "fuzz".into(), fingerprint_key: KEY.into() });
     scan.extend(proto::encode(Kind::Policy, &small_policy()));
     let mut read = request(&SessionRequest::Read { path: "notes.txt".into(), max_bytes: 100 });
     read.extend(proto::encode(Kind::Policy, &small_policy()));
     let mut add = request(&SessionRequest::Add { name: "more".into() });
     add.extend(proto::encode(Kind::Data, &tar_of(&[("x/y.txt", b"password = \"abcdefgh\"\n")])));
-    add.extend(request(&grep));
+    add.extend(grep_frames.clone());
     let mut missing = request(&SessionRequest::Read { path: "notes.txt".into(), max_bytes: 100 });
     missing.extend(request(&SessionRequest::Stats));
     missing.extend(request(&SessionRequest::Stop));
     vec![
         ("job-and-policy", job_frames),
-        ("grep", request(&grep)),
-        (
-            "grep-prefix",
-            request(&SessionRequest::Grep {
+        ("grep", grep_frames),
+        ("grep-prefix", {
+            let mut frames = request(&SessionRequest::Grep {
                 pattern: "(?i)alice@[a-z]+".into(),
                 max_matches: 1,
                 path_prefix: Some("no".into()),
-            }),
-        ),
+            });
+            frames.extend(proto::encode(Kind::Policy, &small_policy()));
+            frames
+        }),
         ("scan", scan),
         ("read-redacted", read),
         ("add-then-grep", add),
