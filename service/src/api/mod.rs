@@ -71,7 +71,7 @@ pub fn app(state: AppState) -> Router {
 /// An error answer closes the connection: the request's body may be unread (an upload refused
 /// by its size, a parameter or its key before a byte of it was read), and a client must not
 /// send its next request on a connection the server ends. The server reads and drops what the
-/// client still sends as it closes (`server::close_lingering`).
+/// client still sends as it closes (`server::Linger`).
 async fn close_after_refused_body(mut response: Response) -> Response {
     if response.status().is_client_error() || response.status().is_server_error() {
         response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
