@@ -3,7 +3,9 @@
 //! under the process's open-file limit.
 //!
 //! Connections are counted: up to [`ConnectionLimits::max`] are served; past that, a few more
-//! (the answer reserve) are accepted only to answer `503` with `Retry-After` and closed; past
+//! (the answer reserve) are accepted for one request each, which is answered `503` with
+//! `Retry-After` (but for the health check and the operator's calls: a flood must not make the
+//! server look dead, nor lock out the operator who would stop it) and closed; past
 //! those, nothing is accepted until a connection ends (new ones wait in the kernel's backlog,
 //! costing this process no file descriptor). A connection whose answer is out gives its place
 //! back at once; if its client may still be sending (an answer given before the request's body
@@ -30,11 +32,15 @@ use crate::limits::Pace;
 
 /// A TLS handshake must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection accepted only to be refused gets this long for its handshake, and as long again
-/// for its headers.
+/// A connection beyond the served ones gets this long for its handshake, and as long again for
+/// its headers: these places are few, and a slow client must not keep them.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What a refused connection is told to wait.
 const REFUSED_RETRY_AFTER: Duration = Duration::from_secs(2);
+/// A connection beyond the served ones is done within this: its handshake, its headers, and
+/// its one request (a refusal at once; a health check or an operator's call, which must get
+/// through a full server, quickly).
+const REFUSE_WITHIN: Duration = Duration::from_secs(15);
 /// Our side of a connection (TLS close_notify, FIN) must be closed within this.
 const SHUT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -141,9 +147,10 @@ pub async fn serve(
                 });
             }
             Place::Refused(permit) => {
+                let app = app.clone();
                 tokio::spawn(async move {
-                    let refuse = refuse_connection(acceptor, tcp);
-                    let closed = tokio::time::timeout(2 * REFUSE_TIMEOUT + SHUT_TIMEOUT, refuse).await;
+                    let refuse = refuse_connection(acceptor, tcp, app);
+                    let closed = tokio::time::timeout(REFUSE_WITHIN, refuse).await;
                     drop(permit);
                     if let Ok(Some(stream)) = closed {
                         linger.drain(stream).await;
@@ -172,20 +179,26 @@ async fn serve_connection(
     shut(parts.io.into_inner()).await
 }
 
-/// Answers the connection's first request `503` with `Retry-After` and closes it: the server
-/// serves as many connections as it may.
-async fn refuse_connection(acceptor: TlsAcceptor, tcp: TcpStream) -> Option<TlsStream<TcpStream>> {
+/// A request that came on a connection beyond the served ones (the answer reserve): the API
+/// answers it `503` with `Retry-After`, unless it is one that must get through a server that is
+/// full (see `api::only_health_and_operator_beyond_the_limit`).
+#[derive(Debug, Clone, Copy)]
+pub struct BeyondTheLimit {
+    /// What a refused request is told to wait.
+    pub retry_after: Duration,
+}
+
+/// Serves one request of a connection beyond the served ones, marked [`BeyondTheLimit`], and
+/// closes it.
+async fn refuse_connection(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    app: Router,
+) -> Option<TlsStream<TcpStream>> {
     let stream = tokio::time::timeout(REFUSE_TIMEOUT, acceptor.accept(tcp)).await.ok()?.ok()?;
-    let service = hyper::service::service_fn(|_request| async {
-        let error = crate::error::ServiceError::Overloaded {
-            detail: "the server is at its connection limit; try again shortly".to_owned(),
-            retry_after: REFUSED_RETRY_AFTER,
-        };
-        let mut response = axum::response::IntoResponse::into_response(error);
-        response
-            .headers_mut()
-            .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
-        Ok::<_, std::convert::Infallible>(response)
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(BeyondTheLimit { retry_after: REFUSED_RETRY_AFTER });
+        tower::ServiceExt::oneshot(app.clone(), request.map(axum::body::Body::new))
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

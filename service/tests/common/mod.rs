@@ -268,6 +268,22 @@ pub async fn wait_for_spare(pid: u32, kind: &str, old: &[String]) -> String {
     }
 }
 
+/// `target/release/cella`, built now if its sources changed (as `scripts/setup.sh` builds it).
+/// For tests that measure the server's throughput: in a debug build, TLS alone (ring's C
+/// compiled without optimization, rustls unoptimized) costs many times what it does in the
+/// build that runs in production.
+pub fn release_cella() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target = profile_dir().parent().unwrap().to_owned();
+        let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        command.args(["build", "--quiet", "--release", "-p", "cella-service", "--bin", "cella"]);
+        command.arg("--manifest-path").arg(repo().join("Cargo.toml")).arg("--target-dir").arg(&target);
+        assert!(command.status().unwrap().success(), "{command:?} failed");
+        target.join("release/cella")
+    })
+}
+
 /// The URL of a `#[sqlx::test]`'s own database (on the server of `DATABASE_URL`).
 pub fn test_db_url(pool: &PgPool) -> String {
     let base = std::env::var("DATABASE_URL").unwrap();
@@ -306,8 +322,14 @@ pub struct Serve {
 }
 
 impl Serve {
+    /// This test build's `cella`.
     pub fn new(data: &Path) -> Serve {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
+        Serve::binary(Path::new(env!("CARGO_BIN_EXE_cella")), data)
+    }
+
+    /// `cella` at `binary` (e.g. [`release_cella`]).
+    pub fn binary(binary: &Path, data: &Path) -> Serve {
+        let mut cmd = Command::new(binary);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data);
         cmd.env_remove("DATABASE_URL").env("CELLA_VMM", vmm()).stdout(Stdio::null()).stderr(Stdio::inherit());
         Serve { cmd, data: data.to_owned() }
