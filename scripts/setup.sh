@@ -19,7 +19,8 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # postgresql: the queue and the audit log (tests use a local cluster, see below).
 # ripgrep: the scan benchmark's comparison.
 # g++: libFuzzer's runtime, which the fuzz targets build (scripts/fuzz.sh).
-packages=(gcc g++ libc6-dev bubblewrap postgresql ripgrep)
+# python3-requests: the generic HTTP client the service's tests check refusals with.
+packages=(gcc g++ libc6-dev bubblewrap postgresql ripgrep python3-requests)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -167,6 +167,14 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
 
     let start = Instant::now();
     for &(resource, value) in &plan.rlimits {
+        // A limit is a ceiling, never a raise: the VMM gets no more than the jailer was given.
+        // (Raising a hard limit needs CAP_SYS_RESOURCE, which root in a container often lacks:
+        // a `cella serve` started with a low open-file limit could then start no VM at all.)
+        let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes one `rlimit`, which `current` is.
+        check(unsafe { libc::getrlimit(resource, &mut current) })
+            .map_err(fail("set-rlimits", format!("resource {resource}")))?;
+        let value = value.min(current.rlim_max);
         let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
         // SAFETY: setrlimit reads `limit`, which lives for the call.
         check(unsafe { libc::setrlimit(resource, &limit) })

@@ -207,7 +207,8 @@ impl JailConfig {
 }
 
 /// Rlimits a VMM gets unless `--rlimit` says otherwise: no core dumps (they would hold guest
-/// memory), a bounded number of open files.
+/// memory), a bounded number of open files. Each is a ceiling: a limit the jailer itself runs
+/// under that is lower is kept.
 pub const DEFAULT_RLIMITS: &[(&str, u64)] = &[("core", 0), ("no-file", 1024)];
 
 const RLIMIT_NAMES: &[&str] = &["core", "no-file", "fsize", "nproc", "memlock", "as"];

@@ -141,7 +141,8 @@ struct JailArgs {
     /// Pass this inherited file descriptor on to the VMM (repeatable)
     #[arg(long = "keep-fd", value_name = "FD")]
     keep_fds: Vec<i32>,
-    /// An rlimit: core, no-file, fsize, nproc, memlock or as = N|unlimited (repeatable)
+    /// An rlimit: core, no-file, fsize, nproc, memlock or as = N|unlimited (repeatable); at
+    /// most the jailer's own hard limit
     #[arg(long = "rlimit", value_name = "NAME=VALUE")]
     rlimits: Vec<String>,
     /// Take the spare jail ID instead of making one: a held spare (`--hold` with the same jail

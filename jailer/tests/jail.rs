@@ -183,6 +183,54 @@ fn the_pids_limit_holds() {
     assert_eq!(residue(&base, &id), Vec::<String>::new());
 }
 
+/// Soft and hard open-file limit `n` for the process `command` starts.
+fn with_open_file_limit(command: &mut std::process::Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit(2),
+    // which is async-signal-safe; it allocates nothing and reads only its own copy of `limit`.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The VMM `pid`'s soft and hard open-file limits.
+fn open_file_limits(pid: i32) -> Vec<String> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    line.split_whitespace().skip(3).take(2).map(str::to_owned).collect()
+}
+
+#[test]
+fn rlimits_never_raise_the_jailers_own_hard_limit() {
+    // A jailer started with 256 open files (a service under a low limit, where root may lack
+    // CAP_SYS_RESOURCE): its VMM starts, with 256, not the default 1024.
+    let base = chroot_base("low-nofile");
+    let id = jail_id("low-nofile");
+    let mut command = jailed(&base, &id, &[], &["--timeout-ms", "20000", "--", "spin"]);
+    with_open_file_limit(&mut command, 256);
+    let (mut jailer, pid) = start_spinning_from(command);
+    assert_eq!(open_file_limits(pid), ["256", "256"]);
+    // SAFETY: kill(2) to our own child process.
+    unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_with_timeout(&mut jailer, Duration::from_secs(20)).code(), Some(244));
+    // A lower --rlimit still lowers it.
+    let mut command =
+        jailed(&base, &id, &["--rlimit", "no-file=100"], &["--timeout-ms", "20000", "--", "spin"]);
+    with_open_file_limit(&mut command, 256);
+    let (mut jailer, pid) = start_spinning_from(command);
+    assert_eq!(open_file_limits(pid), ["100", "100"]);
+    // SAFETY: kill(2) to our own child process.
+    unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_with_timeout(&mut jailer, Duration::from_secs(20)).code(), Some(244));
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
 #[test]
 fn bad_ids_and_paths_are_refused_before_anything_is_created() {
     let base = chroot_base("refused");

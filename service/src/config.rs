@@ -59,6 +59,11 @@ pub struct LimitsConfig {
     /// dropped (408).
     pub upload_min_bytes_per_sec: u64,
     pub upload_grace_secs: u64,
+    /// A request answered before its body was read (refused: too large, over a quota, the
+    /// database away) has the rest of its body read and dropped as its connection closes, so
+    /// that a client that sends the whole body before it reads gets the answer: while it keeps
+    /// sending at `upload_min_bytes_per_sec` (after a second), for at most this long.
+    pub linger_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -69,6 +74,7 @@ impl Default for LimitsConfig {
             upload_deadline_secs: 3600,
             upload_min_bytes_per_sec: 16 << 10,
             upload_grace_secs: 10,
+            linger_secs: 30,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::{JobsConfig, LimitsConfig};
 use crate::error::ServiceError;
 
 /// `rate` tokens a second, at most `burst` saved up; each call takes one.
@@ -40,6 +41,70 @@ impl TokenBucket {
         } else {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
+    }
+}
+
+/// A closing connection's client that has sent nothing for this long is done with it.
+const LINGER_GRACE: Duration = Duration::from_secs(1);
+
+/// How fast a client must send: no silence longer than `idle`, at least `min_rate` bytes a
+/// second on average once `grace` has passed, done by `deadline`. One rule for an upload's body
+/// and for what a client still sends while its connection closes ([`crate::server`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub idle: Duration,
+    pub grace: Duration,
+    pub min_rate: u64,
+    pub deadline: Duration,
+}
+
+impl Pace {
+    /// An upload's: `jobs.upload_idle_secs`, `limits.upload_*`.
+    pub fn upload(jobs: &JobsConfig, limits: &LimitsConfig) -> Self {
+        Pace {
+            idle: Duration::from_secs(jobs.upload_idle_secs.max(1)),
+            grace: Duration::from_secs(limits.upload_grace_secs),
+            min_rate: limits.upload_min_bytes_per_sec,
+            deadline: Duration::from_secs(limits.upload_deadline_secs.max(1)),
+        }
+    }
+
+    /// What a client may still send while its connection closes (see `server::Linger`): as an
+    /// upload must, after a grace of a second and with no silence longer than that, for at most
+    /// `limits.linger_secs`.
+    pub fn linger(limits: &LimitsConfig) -> Self {
+        Pace {
+            idle: LINGER_GRACE,
+            grace: LINGER_GRACE,
+            min_rate: limits.upload_min_bytes_per_sec,
+            deadline: Duration::from_secs(limits.linger_secs),
+        }
+    }
+
+    /// When the client has fallen behind if nothing more arrives, having sent `bytes` since
+    /// `start` (the last of them at `last`), and what to say then.
+    pub fn due(
+        &self,
+        start: tokio::time::Instant,
+        last: tokio::time::Instant,
+        bytes: u64,
+    ) -> (tokio::time::Instant, String) {
+        let mut due = (last + self.idle, format!("the upload sent nothing for {} s", self.idle.as_secs()));
+        let deadline = start + self.deadline;
+        if deadline < due.0 {
+            due = (deadline, format!("the upload took longer than {} s", self.deadline.as_secs()));
+        }
+        if self.min_rate > 0 {
+            // `bytes` meet the minimum rate until this long after the start.
+            let kept_up = Duration::from_secs_f64(bytes as f64 / self.min_rate as f64).max(self.grace);
+            if start + kept_up < due.0 {
+                due = (
+                    start + kept_up,
+                    format!("the upload went slower than {} bytes a second", self.min_rate),
+                );
+            }
+        }
+        due
     }
 }
 

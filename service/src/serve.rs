@@ -286,14 +286,11 @@ pub async fn start(
         tokio::spawn(worker.run(shutdown_rx.clone()))
     });
     let open_files = crate::signal::raise_open_file_limit().unwrap_or(1024);
-    let limits = crate::server::ConnectionLimits::for_open_files(
-        open_files,
-        config.limits.max_connections,
-        config.limits.header_timeout(),
-    );
+    let limits = crate::server::ConnectionLimits::for_open_files(open_files, &config.limits);
     eprintln!(
-        "cella serve: serving at most {} connections at once (open-file limit {open_files})",
-        limits.max
+        "cella serve: serving at most {} connections at once, answering {} more 503, {} closing \
+         (open-file limit {open_files})",
+        limits.max, limits.answer_reserve, limits.lingering
     );
     let server =
         tokio::spawn(crate::server::serve(listener, tls_config, api::app(state), limits, shutdown_rx));

@@ -1111,3 +1111,36 @@ async fn operators_see_and_change_a_tenants_quotas_and_each_change_is_audited(po
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "a tenant cannot change its own quotas");
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn beyond_the_connection_limit_only_the_health_check_and_the_operator_are_served(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let beyond = |method: Method, uri: &str, token: Option<&str>| {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let mut req = req.body(Body::empty()).unwrap();
+        req.extensions_mut()
+            .insert(cella_service::server::BeyondTheLimit { retry_after: Duration::from_secs(2) });
+        app(api.state.clone()).oneshot(req)
+    };
+    // A tenant's request: 503, try again in 2 s, connection closed.
+    let r = beyond(Method::GET, "/v1/jobs", Some(&key)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "2");
+    assert_eq!(r.headers()["connection"], "close");
+    let body: Value =
+        serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!(body["type"], "https://cella.dev/problems/overloaded");
+    // The health check and the operator get through; a forged operator key gets 401, not more.
+    let r = beyond(Method::GET, "/healthz", None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = beyond(Method::GET, "/v1/admin/tenants", Some(&api.admin)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = beyond(Method::GET, "/v1/admin/tenants", Some("cella_admin_forged")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Within the limit, the same tenant request is served.
+    assert_eq!(api.get("/v1/jobs", &key).await.status, StatusCode::OK);
+}

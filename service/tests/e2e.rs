@@ -15,7 +15,7 @@ use sqlx::PgPool;
 
 mod common;
 
-use common::{repo, vmm};
+use common::{cella, repo, sample_tar, signal, test_db_url, vmm, Serve, Server};
 
 /// A stand-in `cella-vmm` for a job that runs until stopped: it ignores the scan arguments and
 /// runs a real VM whose guest spins (SIGTERM stops it, scrubs it and prints the report).
@@ -35,81 +35,9 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// The URL of this test's own database.
-fn test_db_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let server =
-        base.split_once('?').map_or(base.as_str(), |(s, _)| s).rsplit_once('/').unwrap().0.to_owned();
-    format!("{server}/{}", pool.connect_options().get_database().unwrap())
-}
-
-fn signal(child: &Child, sig: &str) {
-    Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
-}
-
-/// A running `cella serve`.
-struct Server {
-    child: Option<Child>,
-    data: PathBuf,
-    url: String,
-    ca: Vec<u8>,
-}
-
-impl Server {
-    fn start(data: &Path, db: Option<&str>, env: &[(&str, &str)]) -> Server {
-        let _ = std::fs::remove_file(data.join("serve.url"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data);
-        cmd.env_remove("DATABASE_URL")
-            .env("CELLA_VMM", vmm())
-            .env("CELLA_LEASE_SECS", "2")
-            .env("CELLA_DRAIN_SECS", "1");
-        if let Some(db) = db {
-            cmd.env("DATABASE_URL", db);
-        }
-        cmd.envs(env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::inherit());
-        let mut child = cmd.spawn().unwrap();
-        let (url, ca) = common::wait_for_serve(&mut child, data);
-        Server { child: Some(child), data: data.to_owned(), url, ca }
-    }
-
-    fn admin(&self) -> ApiClient {
-        let key = std::fs::read_to_string(self.data.join("admin.key")).unwrap();
-        ApiClient::new(&self.url, key.trim(), Some(&self.ca)).unwrap()
-    }
-
-    async fn tenant(&self, name: &str) -> (String, ApiClient) {
-        let created = self.admin().post_json("/v1/admin/tenants", &json!({ "name": name })).await.unwrap();
-        let key = created["key"]["api_key"].as_str().unwrap();
-        (
-            created["tenant"]["id"].as_str().unwrap().to_owned(),
-            ApiClient::new(&self.url, key, Some(&self.ca)).unwrap(),
-        )
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, "TERM");
-            let start = Instant::now();
-            while child.try_wait().unwrap().is_none() {
-                if start.elapsed() > Duration::from_secs(60) {
-                    let _ = child.kill();
-                    panic!("cella serve did not stop on SIGTERM");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, "TERM");
-            let _ = child.wait();
-        }
-    }
+/// `cella serve` with a short lease and drain, so failures show within the test.
+fn serve(data: &Path, db: Option<&str>, env: &[(&str, &str)]) -> Server {
+    Serve::new(data).db(db).envs(&[("CELLA_LEASE_SECS", "2"), ("CELLA_DRAIN_SECS", "1")]).envs(env).start()
 }
 
 /// Submits `artifact`; returns the job id.
@@ -155,26 +83,10 @@ async fn actions(pool: &PgPool, tenant: &str) -> Vec<(String, Value)> {
     rows.into_iter().map(|(a, body)| (a, serde_json::from_str::<Value>(&body).unwrap())).collect()
 }
 
-fn sample_tar() -> Vec<u8> {
-    let mut tar = tar::Builder::new(Vec::new());
-    tar.append_dir_all("sample-app", repo().join("examples/sample-app")).unwrap();
-    tar.into_inner().unwrap()
-}
-
-fn cella(data: &Path, key: Option<&str>, args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
-    cmd.args(args).env("CELLA_DATA_DIR", data).env_remove("CELLA_URL").env_remove("CELLA_CA");
-    match key {
-        Some(k) => cmd.env("CELLA_API_KEY", k),
-        None => cmd.env_remove("CELLA_API_KEY"),
-    };
-    cmd.output().unwrap()
-}
-
 #[sqlx::test(migrations = "../migrations")]
 async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(pool: PgPool) {
     let dir = scratch("scan");
-    let server = Server::start(&dir.join("data"), Some(&test_db_url(&pool)), &[("CELLA_JAILED", "1")]);
+    let server = serve(&dir.join("data"), Some(&test_db_url(&pool)), &[("CELLA_JAILED", "1")]);
     let data = server.data.clone();
     // The operator creates a tenant with the CLI, on the server's host.
     let out = cella(&data, None, &["tenant", "create", "acme"]);
@@ -425,12 +337,12 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
 async fn cancelling_a_running_job_stops_its_vm_and_records_the_scrub(pool: PgPool) {
     let dir = scratch("cancel");
     let spin = spinning_vmm(&dir);
-    let server = Server::start(
+    let server = serve(
         &dir.join("data"),
         Some(&test_db_url(&pool)),
         &[("CELLA_VMM", spin.to_str().unwrap()), ("CELLA_JAILED", "0")],
     );
-    let (tenant, client) = server.tenant("acme").await;
+    let (tenant, _, client) = server.tenant("acme").await;
     let id = submit(&client, b"anything", None).await.unwrap();
     wait_job(&client, &id, "ran", |j| j["state"] == "running").await;
     // The operator sees the VM.
@@ -568,8 +480,8 @@ fn start_worker(data: &Path, db: &str, vmm: &Path) -> Proc {
 async fn a_worker_killed_mid_job_loses_its_lease_and_another_finishes_the_job(pool: PgPool) {
     let dir = scratch("sigkill");
     let db = test_db_url(&pool);
-    let server = Server::start(&dir.join("data"), Some(&db), &[("CELLA_WORKER", "0")]);
-    let (tenant, client) = server.tenant("acme").await;
+    let server = serve(&dir.join("data"), Some(&db), &[("CELLA_WORKER", "0")]);
+    let (tenant, _, client) = server.tenant("acme").await;
     let id = submit(&client, &sample_tar(), None).await.unwrap();
     let mut stuck = start_worker(&server.data, &db, &spinning_vmm(&dir));
     wait_for_action(&pool, &tenant, "job.vm_started").await;
@@ -604,8 +516,8 @@ async fn a_worker_killed_mid_job_loses_its_lease_and_another_finishes_the_job(po
 async fn sigterm_drains_a_worker_and_hands_its_running_job_back(pool: PgPool) {
     let dir = scratch("drain");
     let db = test_db_url(&pool);
-    let server = Server::start(&dir.join("data"), Some(&db), &[("CELLA_WORKER", "0")]);
-    let (tenant, client) = server.tenant("acme").await;
+    let server = serve(&dir.join("data"), Some(&db), &[("CELLA_WORKER", "0")]);
+    let (tenant, _, client) = server.tenant("acme").await;
     let id = submit(&client, b"x", None).await.unwrap();
     let mut worker = start_worker(&server.data, &db, &spinning_vmm(&dir));
     wait_for_action(&pool, &tenant, "job.vm_started").await;
@@ -626,9 +538,8 @@ async fn sigterm_drains_a_worker_and_hands_its_running_job_back(pool: PgPool) {
 async fn restarting_postgres_while_jobs_flow_loses_none_and_runs_none_twice() {
     let dir = scratch("pg-restart");
     // The private cluster `cella serve` runs itself, so restarting it disturbs no other test.
-    let server =
-        Server::start(&dir.join("data"), None, &[("CELLA_JAILED", "0"), ("CELLA_WORKER_CONCURRENCY", "2")]);
-    let (_, client) = server.tenant("acme").await;
+    let server = serve(&dir.join("data"), None, &[("CELLA_JAILED", "0"), ("CELLA_WORKER_CONCURRENCY", "2")]);
+    let (_, _, client) = server.tenant("acme").await;
     let artifact = sample_tar();
     let mut ids = Vec::new();
     for i in 0..12 {
@@ -697,12 +608,12 @@ fn pg_ctl() -> PathBuf {
 #[sqlx::test(migrations = "../migrations")]
 async fn a_rejected_upload_gets_its_answer_while_the_client_is_still_sending(pool: PgPool) {
     let dir = scratch("rejected-upload");
-    let server = Server::start(
+    let server = serve(
         &dir.join("data"),
         Some(&test_db_url(&pool)),
         &[("CELLA_WORKER", "0"), ("CELLA_MAX_ARTIFACT_BYTES", "65536")],
     );
-    let (_, client) = server.tenant("acme").await;
+    let (_, _, client) = server.tenant("acme").await;
     // Answered before the body is read: too large by Content-Length, and a bad parameter. The
     // server reads and drops the rest as it closes, so the answer reaches the client every time
     // instead of a broken connection.
@@ -726,8 +637,8 @@ async fn a_rejected_upload_gets_its_answer_while_the_client_is_still_sending(poo
 async fn a_restart_after_sigkill_removes_the_leftovers_but_not_a_running_jobs_files(pool: PgPool) {
     let dir = scratch("leftovers");
     let db = test_db_url(&pool);
-    let mut server = Server::start(&dir.join("data"), Some(&db), &[("CELLA_WORKER", "0")]);
-    let (_, client) = server.tenant("acme").await;
+    let mut server = serve(&dir.join("data"), Some(&db), &[("CELLA_WORKER", "0")]);
+    let (_, _, client) = server.tenant("acme").await;
     let running = submit(&client, b"one", None).await.unwrap();
     let queued = submit(&client, b"two", None).await.unwrap();
     let ended = submit(&client, b"three", None).await.unwrap();
@@ -764,7 +675,7 @@ async fn a_restart_after_sigkill_removes_the_leftovers_but_not_a_running_jobs_fi
     let mut child = server.child.take().unwrap();
     signal(&child, "KILL");
     child.wait().unwrap();
-    let server = Server::start(&data, Some(&db), &[("CELLA_WORKER", "0")]);
+    let server = serve(&data, Some(&db), &[("CELLA_WORKER", "0")]);
     for path in &leftovers {
         assert!(!path.exists(), "{} is still there after the restart", path.display());
     }
@@ -778,7 +689,7 @@ async fn a_restart_after_sigkill_removes_the_leftovers_but_not_a_running_jobs_fi
 #[sqlx::test(migrations = "../migrations")]
 async fn control_characters_in_an_archive_entry_name_reach_no_message_raw(pool: PgPool) {
     let dir = scratch("control-chars");
-    let server = Server::start(&dir.join("data"), Some(&test_db_url(&pool)), &[("CELLA_JAILED", "0")]);
+    let server = serve(&dir.join("data"), Some(&test_db_url(&pool)), &[("CELLA_JAILED", "0")]);
     let data = server.data.clone();
     let out = cella(&data, None, &["tenant", "create", "acme"]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -113,7 +113,12 @@ pub fn start_spinning(base: &Path, id: &str) -> (Child, i32) {
 
 /// [`start_spinning`] with extra jailer arguments.
 pub fn start_spinning_with(base: &Path, id: &str, extra: &[&str]) -> (Child, i32) {
-    let mut child = jailed(base, id, extra, &["--timeout-ms", "20000", "--", "spin"])
+    start_spinning_from(jailed(base, id, extra, &["--timeout-ms", "20000", "--", "spin"]))
+}
+
+/// [`start_spinning`] from a command made by [`jailed`] with a spinning VMM.
+pub fn start_spinning_from(mut command: Command) -> (Child, i32) {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -14,8 +14,9 @@ pub mod wait;
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -64,6 +65,7 @@ pub fn app(state: AppState) -> Router {
                 "this endpoint does not take that method",
             )
         })
+        .layer(axum::middleware::from_fn(only_health_and_operator_beyond_the_limit))
         .layer(axum::middleware::map_response(close_after_refused_body))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
@@ -80,10 +82,37 @@ async fn security_headers(mut response: Response) -> Response {
     response
 }
 
+/// A request on a connection beyond the server's limit ([`crate::server::BeyondTheLimit`]) is
+/// answered 503 with `Retry-After`, unless it is the health check or carries the operator's
+/// credential (checked by its handler as always): connections are taken before anyone is
+/// known, so a tenant's flood can fill them all, and then the service must still tell its
+/// health checks it is alive and let its operator in to stop the flood.
+async fn only_health_and_operator_beyond_the_limit(request: Request, next: Next) -> Response {
+    let Some(beyond) = request.extensions().get::<crate::server::BeyondTheLimit>().copied() else {
+        return next.run(request).await;
+    };
+    let operator = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .is_some_and(|(scheme, token)| {
+            scheme.eq_ignore_ascii_case("bearer") && token.trim().starts_with(crate::ids::ADMIN_KEY_PREFIX)
+        });
+    if request.uri().path() == "/healthz" || operator {
+        return next.run(request).await;
+    }
+    ServiceError::Overloaded {
+        detail: "the server is at its connection limit; try again shortly".to_owned(),
+        retry_after: beyond.retry_after,
+    }
+    .into_response()
+}
+
 /// An error answer closes the connection: the request's body may be unread (an upload refused
 /// by its size, a parameter or its key before a byte of it was read), and a client must not
 /// send its next request on a connection the server ends. The server reads and drops what the
-/// client still sends as it closes (`server::close_lingering`).
+/// client still sends as it closes (`server::Linger`).
 async fn close_after_refused_body(mut response: Response) -> Response {
     if response.status().is_client_error() || response.status().is_server_error() {
         response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));

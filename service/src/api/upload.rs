@@ -15,9 +15,8 @@ use tokio::time::Instant;
 
 use super::auth::TenantAuth;
 use super::AppState;
-use crate::config::{JobsConfig, LimitsConfig};
 use crate::error::ServiceError;
-use crate::limits::{too_many, Permit, Reservation};
+use crate::limits::{too_many, Pace, Permit, Reservation};
 use crate::quotas;
 
 /// The longest artifact or file name accepted.
@@ -35,48 +34,6 @@ pub struct Stored {
 
 /// What a tenant over its uploads quota is told to wait.
 const UPLOADS_RETRY_AFTER: Duration = Duration::from_secs(5);
-
-/// How fast an upload must go: no silence longer than `idle`, at least `min_rate` bytes a
-/// second on average once `grace` has passed, done by `deadline`.
-#[derive(Debug, Clone, Copy)]
-struct Pace {
-    idle: Duration,
-    grace: Duration,
-    min_rate: u64,
-    deadline: Duration,
-}
-
-impl Pace {
-    fn new(jobs: &JobsConfig, limits: &LimitsConfig) -> Self {
-        Pace {
-            idle: Duration::from_secs(jobs.upload_idle_secs.max(1)),
-            grace: Duration::from_secs(limits.upload_grace_secs),
-            min_rate: limits.upload_min_bytes_per_sec,
-            deadline: Duration::from_secs(limits.upload_deadline_secs.max(1)),
-        }
-    }
-
-    /// When the upload fails if nothing more arrives, having received `bytes` since `start`,
-    /// and what to say then.
-    fn due(&self, start: Instant, last: Instant, bytes: u64) -> (Instant, String) {
-        let mut due = (last + self.idle, format!("the upload sent nothing for {} s", self.idle.as_secs()));
-        let deadline = start + self.deadline;
-        if deadline < due.0 {
-            due = (deadline, format!("the upload took longer than {} s", self.deadline.as_secs()));
-        }
-        if self.min_rate > 0 {
-            // `bytes` meet the minimum rate until this long after the start.
-            let kept_up = Duration::from_secs_f64(bytes as f64 / self.min_rate as f64).max(self.grace);
-            if start + kept_up < due.0 {
-                due = (
-                    start + kept_up,
-                    format!("the upload went slower than {} bytes a second", self.min_rate),
-                );
-            }
-        }
-        due
-    }
-}
 
 /// Checks an optional `name` query parameter (empty means none).
 pub fn check_name(name: Option<String>) -> Result<Option<String>, ServiceError> {
@@ -159,7 +116,7 @@ pub async fn store_admitted(
     path: &Path,
 ) -> Result<Stored, ServiceError> {
     let part = path.with_extension("part");
-    let pace = Pace::new(&state.config.jobs, &state.config.limits);
+    let pace = Pace::upload(&state.config.jobs, &state.config.limits);
     let stored = match receive(body, &part, admitted, pace).await {
         Ok(v) => v,
         Err(e) => {

@@ -1,12 +1,16 @@
 //! What the end-to-end tests share: the binaries a jailed VMM needs (a static `cella-vmm` with
-//! `cella-jailer` beside it), a scratch folder that stops every VMM it holds when the test
-//! ends, and the checks on a jailed VMM (its confinement, and what its jail left behind).
+//! `cella-jailer` beside it), the real `cella serve` started as a child ([`Serve`] →
+//! [`Server`]), a scratch folder that stops every VMM it holds when the test ends, and the
+//! checks on a jailed VMM (its confinement, and what its jail left behind).
 
 #![allow(dead_code)]
 
 use cella_e2e::status_field;
+use cella_service::client::ApiClient;
+use serde_json::json;
+use sqlx::PgPool;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -310,4 +314,197 @@ pub async fn wait_for_spare(pid: u32, kind: &str, old: &[String]) -> String {
         assert!(start.elapsed() < Duration::from_secs(20), "no spare jail appeared for worker {pid}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `target/release/cella`, built now if its sources changed (as `scripts/setup.sh` builds it).
+/// For tests that measure the server's throughput: in a debug build, TLS alone (ring's C
+/// compiled without optimization, rustls unoptimized) costs many times what it does in the
+/// build that runs in production.
+pub fn release_cella() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target = profile_dir().parent().unwrap().to_owned();
+        let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        command.args(["build", "--quiet", "--release", "-p", "cella-service", "--bin", "cella"]);
+        command.arg("--manifest-path").arg(repo().join("Cargo.toml")).arg("--target-dir").arg(&target);
+        assert!(command.status().unwrap().success(), "{command:?} failed");
+        target.join("release/cella")
+    })
+}
+
+/// The URL of a `#[sqlx::test]`'s own database (on the server of `DATABASE_URL`).
+pub fn test_db_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").unwrap();
+    let server =
+        base.split_once('?').map_or(base.as_str(), |(s, _)| s).rsplit_once('/').unwrap().0.to_owned();
+    format!("{server}/{}", pool.connect_options().get_database().unwrap())
+}
+
+/// `examples/sample-app` as a tar.
+pub fn sample_tar() -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append_dir_all("sample-app", repo().join("examples/sample-app")).unwrap();
+    tar.into_inner().unwrap()
+}
+
+/// Runs the `cella` command line as a client of the `serve` whose data folder is `data` (it
+/// finds the URL and CA there), with tenant API key `key`.
+pub fn cella(data: &Path, key: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
+    cmd.args(args).env("CELLA_DATA_DIR", data).env_remove("CELLA_URL").env_remove("CELLA_CA");
+    match key {
+        Some(k) => cmd.env("CELLA_API_KEY", k),
+        None => cmd.env_remove("CELLA_API_KEY"),
+    };
+    cmd.output().unwrap()
+}
+
+/// How to start the real `cella serve`: `--listen 127.0.0.1:0 --data-dir DATA`, the test's
+/// static `cella-vmm` as `CELLA_VMM`, no inherited `DATABASE_URL` (the private PostgreSQL
+/// unless [`Serve::db`] names one); more arguments, environment and an open-file limit as the
+/// test needs.
+#[derive(Debug)]
+pub struct Serve {
+    cmd: Command,
+    data: PathBuf,
+}
+
+impl Serve {
+    /// This test build's `cella`.
+    pub fn new(data: &Path) -> Serve {
+        Serve::binary(Path::new(env!("CARGO_BIN_EXE_cella")), data)
+    }
+
+    /// `cella` at `binary` (e.g. [`release_cella`]).
+    pub fn binary(binary: &Path, data: &Path) -> Serve {
+        let mut cmd = Command::new(binary);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data);
+        cmd.env_remove("DATABASE_URL").env("CELLA_VMM", vmm()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        Serve { cmd, data: data.to_owned() }
+    }
+
+    /// PostgreSQL at `url` instead of the private cluster.
+    pub fn db(mut self, url: Option<&str>) -> Serve {
+        if let Some(url) = url {
+            self.cmd.env("DATABASE_URL", url);
+        }
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> Serve {
+        self.cmd.arg(arg);
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Serve {
+        self.cmd.env(name, value);
+        self
+    }
+
+    pub fn env_remove(mut self, name: &str) -> Serve {
+        self.cmd.env_remove(name);
+        self
+    }
+
+    pub fn envs(mut self, env: &[(&str, &str)]) -> Serve {
+        self.cmd.envs(env.iter().copied());
+        self
+    }
+
+    /// Starts `serve` with a soft and hard open-file limit of `n` (so its raise to the hard
+    /// limit at start stays at `n`).
+    pub fn open_files(mut self, n: u64) -> Serve {
+        use std::os::unix::process::CommandExt;
+        let limit = libc::rlimit { rlim_cur: n as libc::rlim_t, rlim_max: n as libc::rlim_t };
+        // SAFETY: the closure runs in the forked child before exec and only calls setrlimit(2),
+        // which is async-signal-safe; it allocates nothing and reads only its own copy of
+        // `limit`.
+        unsafe {
+            self.cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self
+    }
+
+    /// Starts it and waits until it serves.
+    pub fn start(mut self) -> Server {
+        let _ = std::fs::remove_file(self.data.join("serve.url"));
+        let mut child = self.cmd.spawn().unwrap();
+        let (url, ca) = wait_for_serve(&mut child, &self.data);
+        Server { child: Some(child), data: self.data, url, ca }
+    }
+}
+
+/// A running `cella serve`; SIGTERM when dropped.
+#[derive(Debug)]
+pub struct Server {
+    pub child: Option<Child>,
+    pub data: PathBuf,
+    pub url: String,
+    pub ca: Vec<u8>,
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn admin(&self) -> ApiClient {
+        let key = std::fs::read_to_string(self.data.join("admin.key")).unwrap();
+        ApiClient::new(&self.url, key.trim(), Some(&self.ca)).unwrap()
+    }
+
+    /// A client with API key `key` (each a new connection pool).
+    pub fn client(&self, key: &str) -> ApiClient {
+        ApiClient::new(&self.url, key, Some(&self.ca)).unwrap()
+    }
+
+    /// A new tenant: its id, API key, and a client with that key.
+    pub async fn tenant(&self, name: &str) -> (String, String, ApiClient) {
+        let created = self.admin().post_json("/v1/admin/tenants", &json!({ "name": name })).await.unwrap();
+        let key = created["key"]["api_key"].as_str().unwrap().to_owned();
+        let client = self.client(&key);
+        (created["tenant"]["id"].as_str().unwrap().to_owned(), key, client)
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "TERM");
+            let start = Instant::now();
+            while child.try_wait().unwrap().is_none() {
+                if start.elapsed() > Duration::from_secs(60) {
+                    let _ = child.kill();
+                    panic!("cella serve did not stop on SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// SIGKILL: nothing of `serve` gets to run (session VMMs are in sessions of their own).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "TERM");
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends signal `sig` (`TERM`, `KILL`, ...) to `child`.
+pub fn signal(child: &Child, sig: &str) {
+    Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
 }
