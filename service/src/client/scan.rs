@@ -1,5 +1,6 @@
 //! `cella scan PATH`: pack a folder (or take a file), upload it with progress, wait for the job,
-//! print a findings table, write the SARIF log, and exit by the worst finding's severity.
+//! print a findings table, write the SARIF log, and exit by the worst unsuppressed finding's
+//! severity (a result the scan suppressed, inline or by baseline, never fails the gate).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ pub struct ScanArgs {
     /// Where to write the SARIF log [default: cella-<job id>.sarif]
     #[arg(long, value_name = "FILE")]
     pub sarif: Option<PathBuf>,
-    /// Exit 1 if a finding at or above this level exists
+    /// Exit 1 if an unsuppressed finding at or above this level exists
     #[arg(long, value_enum, default_value_t = Level::Error)]
     pub fail_on: Level,
     /// Reuse a job if this key was sent before with the same artifact (safe retries)
@@ -63,7 +64,26 @@ impl Level {
 pub struct ScanReport {
     pub job_id: String,
     pub findings: usize,
+    /// Findings the scan suppressed (inline marker, baseline).
+    pub suppressed: usize,
+    /// Unsuppressed findings at or above `--fail-on`.
     pub at_threshold: usize,
+}
+
+/// Whether a SARIF result is suppressed: it has a suppression and none is `rejected` or
+/// `underReview` (SARIF: a suppression without a status is accepted).
+pub(crate) fn is_suppressed(result: &Value) -> bool {
+    let suppressions = result["suppressions"].as_array().map(Vec::as_slice).unwrap_or_default();
+    !suppressions.is_empty()
+        && suppressions.iter().all(|s| matches!(s["status"].as_str(), None | Some("accepted")))
+}
+
+/// Unsuppressed results at or above `fail_on`.
+fn at_or_above(results: &[Value], fail_on: Level) -> usize {
+    results
+        .iter()
+        .filter(|r| !is_suppressed(r) && Level::of(r["level"].as_str().unwrap_or("")) >= fail_on)
+        .count()
 }
 
 /// Packs `dir` into a tar file in the system's temporary folder (symlinks kept as links: the
@@ -232,15 +252,16 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
         .map_err(|e| ClientError::Other(format!("the SARIF log is not JSON: {e}")))?;
     let results = log["runs"][0]["results"].as_array().cloned().unwrap_or_default();
     print_table(&results);
-    let at_threshold =
-        results.iter().filter(|r| Level::of(r["level"].as_str().unwrap_or("")) >= args.fail_on).count();
+    let at_threshold = at_or_above(&results, args.fail_on);
+    let suppressed = results.iter().filter(|r| is_suppressed(r)).count();
+    let of_them = if suppressed > 0 { format!(" ({suppressed} suppressed)") } else { String::new() };
     println!(
-        "{} finding(s); {at_threshold} at or above --fail-on {}; SARIF written to {}; job {id}",
+        "{} finding(s){of_them}; {at_threshold} at or above --fail-on {}; SARIF written to {}; job {id}",
         results.len(),
         format!("{:?}", args.fail_on).to_lowercase(),
         out.display()
     );
-    Ok(ScanReport { job_id: id, findings: results.len(), at_threshold })
+    Ok(ScanReport { job_id: id, findings: results.len(), suppressed, at_threshold })
 }
 
 /// Waits for the job to end (or `limit` to pass), with long polls (`?wait=`).
@@ -288,8 +309,9 @@ pub(crate) fn findings_table(results: &[Value]) -> String {
             field(&loc["artifactLocation"]["uri"], "?"),
             loc["region"]["startLine"].as_u64().unwrap_or(0)
         );
+        let suppressed = if is_suppressed(r) { " [suppressed]" } else { "" };
         out.push_str(&format!(
-            "{:<8} {:<30} {:<40} {}\n",
+            "{:<8} {:<30} {:<40} {}{suppressed}\n",
             field(&r["level"], "?"),
             field(&r["ruleId"], "?"),
             location,
@@ -323,5 +345,33 @@ mod tests {
         assert!(!table.trim_end().contains(|c: char| c.is_control() && c != '\n'), "{table:?}");
         assert!(table.contains("app/\\x1b]0;x\\x07.env:3"), "{table}");
         assert!(table.contains("stripe\\x07") && table.contains("a key\\r\\x1b[2K"), "{table}");
+    }
+
+    #[test]
+    fn suppressed_results_are_marked_and_never_count_against_the_gate() {
+        let result = |level: &str, suppressions: Value| {
+            json!({"level": level, "ruleId": "r", "message": {"text": "m"}, "suppressions": suppressions,
+                   "locations": [{"physicalLocation": {"artifactLocation": {"uri": "a"}, "region": {"startLine": 1}}}]})
+        };
+        let results = [
+            result("error", json!([{"kind": "inSource", "status": "accepted", "justification": "x"}])),
+            result("error", json!([{"kind": "external"}])),
+            result("error", json!([{"kind": "external", "status": "rejected"}])),
+            result("warning", Value::Null),
+            result("note", json!([])),
+        ];
+        let flags: Vec<bool> = results.iter().map(is_suppressed).collect();
+        assert_eq!(flags, [true, true, false, false, false]);
+        assert_eq!(
+            (
+                at_or_above(&results, Level::Error),
+                at_or_above(&results, Level::Warning),
+                at_or_above(&results, Level::Note)
+            ),
+            (1, 2, 3)
+        );
+        assert_eq!(at_or_above(&results, Level::Never), 0);
+        let table = findings_table(&results);
+        assert_eq!(table.matches("[suppressed]").count(), 2, "{table}");
     }
 }

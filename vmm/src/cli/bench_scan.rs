@@ -56,6 +56,7 @@ fn vm_scan(
         launch_start: started,
         cancel: None,
         fingerprint_key: "00".repeat(32),
+        options: Default::default(),
     };
     let run = scan::run(&request, Box::new(std::io::sink())).map_err(|e| error_chain(&e))?;
     let wall = started.elapsed();
