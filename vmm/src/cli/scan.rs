@@ -56,8 +56,8 @@ pub struct ScanArgs {
     /// Stop the scan after this many milliseconds
     #[arg(long, value_name = "N", default_value_t = SCAN_TIMEOUT_MS)]
     pub timeout_ms: u64,
-    /// The artifact's name: how a plain file is reported in the SARIF log, and what its format
-    /// is guessed from (a relative path) [default: the file's own name]
+    /// The artifact's name (a relative path): the path a plain file's findings are reported
+    /// under (a gzipped one's without `.gz`) [default: the file's own name]
     #[arg(long, value_name = "NAME")]
     pub artifact_name: Option<String>,
     /// Do not scan files matching this gitignore-like glob (`vendor/`, `*.min.js`, `/build`,
@@ -305,7 +305,8 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
                     if !args.json {
                         print_summary(&summary, &report.exit, run.scan_ms);
                         if let Some(n) = at_threshold {
-                            println!("{n} unsuppressed finding(s) at or above --fail-on {:?}", args.fail_on);
+                            let level = format!("{:?}", args.fail_on).to_lowercase();
+                            println!("{n} unsuppressed finding(s) at or above --fail-on {level}");
                         }
                     }
                     result["summary"] = summary;
