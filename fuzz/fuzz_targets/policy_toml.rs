@@ -17,6 +17,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let mut engine =
         Engine::from_policy_json(policy.as_bytes()).expect("a policy the host compiled loads in the guest");
     let mut report = Report::default();
-    engine.scan_file("sample.txt", SAMPLE, &mut report, 100).expect("a policy the host compiled scans");
-    let _ = cella_scan::sarif::to_json(engine.policy(), &report);
+    let limits = cella_scan::Limits { max_findings: 100, ..cella_scan::Limits::default() };
+    engine.scan_file("sample.txt", SAMPLE, &mut report, &limits).expect("a policy the host compiled scans");
+    let _ = cella_scan::sarif::to_json(engine.policy(), &report, &cella_scan::sarif::RunDetails::default());
 });

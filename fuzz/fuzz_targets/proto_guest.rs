@@ -54,7 +54,8 @@ fn scan(index: &Index, policy: Option<&[u8]>, limits: &Limits) {
     let Some(Ok(mut engine)) = policy.map(Engine::from_policy_json) else { return };
     let mut report = Report::default();
     if index.scan(&mut engine, limits, &mut report).is_ok() {
-        let _ = cella_scan::sarif::to_json(engine.policy(), &report);
+        let _ =
+            cella_scan::sarif::to_json(engine.policy(), &report, &cella_scan::sarif::RunDetails::default());
         let _ = report.summary_json(engine.policy(), 0);
     }
 }

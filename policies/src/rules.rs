@@ -42,6 +42,13 @@ pub enum PolicyError {
     /// One rule is invalid.
     #[error("rule pack `{pack}`, rule `{rule}`: {problem}")]
     InvalidRule { pack: String, rule: String, problem: String },
+    /// A glob of the pack's `exclude` list was refused.
+    #[error("rule pack `{pack}` has an `exclude` glob it cannot use")]
+    InvalidExclude {
+        pack: String,
+        #[source]
+        source: cella_scan::GlobError,
+    },
     /// Two rules share an id.
     #[error("rule `{rule}` is defined in both `{first}` and `{second}`")]
     DuplicateRule { rule: String, first: String, second: String },

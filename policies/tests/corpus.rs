@@ -1,7 +1,8 @@
 //! The fixture corpus (`tests/fixtures/corpus/`) scanned with the built-in packs: planted
-//! findings of every category are found at the exact file:line:rule, and the decoys next to
-//! them (Luhn-invalid cards, invalid SSNs, bad IBAN checksums, low-entropy and placeholder
-//! values, allowlisted examples, a binary file) are not.
+//! findings of every category are found at the exact file:line:rule (the token inside the
+//! binary `bin/blob.bin` too, by its printable strings), and the decoys next to them
+//! (Luhn-invalid cards, invalid SSNs, bad IBAN checksums, low-entropy and placeholder values,
+//! allowlisted examples) are not.
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,7 @@ fn triples(report: &Report) -> Vec<String> {
 const EXPECTED: &[&str] = &[
     "COPYING:1:license-text-gpl-3.0",
     "LICENSE:5:license-text-mit",
+    "bin/blob.bin:1:github-pat",
     "config/app.env:10:npm-access-token",
     "config/app.env:11:pypi-upload-token",
     "config/app.env:12:gitlab-pat",
@@ -86,7 +88,9 @@ fn corpus_files_yield_exactly_the_planted_findings() {
         scan_artifact(&mut SliceSource(&data), &name, &mut engine, &Limits::default(), &mut report).unwrap();
     }
     assert_eq!(triples(&report), EXPECTED);
-    assert_eq!(report.files_skipped_binary, 1, "bin/blob.bin is skipped as binary");
+    assert_eq!(report.files_binary, 1, "bin/blob.bin is binary");
+    let blob = report.findings.iter().find(|f| f.path == "bin/blob.bin").unwrap();
+    assert_eq!(blob.bytes, Some(cella_scan::ByteRange { offset: 26, length: 40 }));
 }
 
 #[test]
@@ -107,7 +111,7 @@ fn findings_never_carry_the_secret() {
     for (name, data) in &corpus {
         scan_artifact(&mut SliceSource(data), name, &mut engine, &Limits::default(), &mut report).unwrap();
     }
-    let json = cella_scan::sarif::to_json(engine.policy(), &report);
+    let json = cella_scan::sarif::to_json(engine.policy(), &report, &Default::default());
     for secret in [
         "AKIAUJZDEGXDNCF32EPF",
         "ghp_hGAkWvj7FAc9QeWJKY40uvSwMFLZDe1f8rES",
@@ -127,7 +131,7 @@ fn scan_with_line_filter_after(artifact: &[u8], name: &str, after: u64) -> (Repo
     let mut report = Report::default();
     let limits = Limits { max_findings: usize::MAX, ..Limits::default() };
     scan_artifact(&mut SliceSource(artifact), name, &mut engine, &limits, &mut report).unwrap();
-    let sarif = cella_scan::sarif::to_json(engine.policy(), &report);
+    let sarif = cella_scan::sarif::to_json(engine.policy(), &report, &Default::default());
     (report, sarif)
 }
 
@@ -168,7 +172,7 @@ fn line_by_line_and_line_filter_find_the_same() {
         assert_eq!(default.findings, filtered.findings, "{name}");
         assert_eq!(by_line_sarif, filtered_sarif, "{name}");
         let compiled = load_packs(DEFAULT_PACKS).unwrap();
-        let value = cella_scan::sarif::to_value(compiled.policy(), &filtered);
+        let value = cella_scan::sarif::to_value(compiled.policy(), &filtered, &Default::default());
         assert_eq!(filtered_sarif, serde_json::to_string_pretty(&value).unwrap(), "{name}");
         assert_eq!(default_sarif, filtered_sarif, "{name}");
         assert_eq!(by_line.bytes_scanned, filtered.bytes_scanned, "{name}");

@@ -1,6 +1,6 @@
 //! The host end of a scan job: listens where the runner's vsock connection to
-//! [`cella_proto::JOB_PORT`] arrives (`<vsock_uds>_1024`), hands over the job and the policy,
-//! and collects the SARIF log and summary. The worker side of `cella-vmm scan` today, and of
+//! [`cella_proto::JOB_PORT`] arrives (`<vsock_uds>_1024`), hands over the job, the policy and
+//! the baseline if there is one, and collects the SARIF log and summary. The worker side of `cella-vmm scan` today, and of
 //! the service's workers later; it never parses the artifact.
 
 use std::io::{self, Read, Write};
@@ -53,6 +53,27 @@ pub struct JobReport {
     pub runner_version: String,
 }
 
+/// What the host sends the runner: the job, the serialized policy and, if the job announces
+/// one, the baseline frame's payload.
+#[derive(Debug, Clone)]
+pub struct JobFrames {
+    pub job: Job,
+    pub policy: Vec<u8>,
+    pub baseline: Option<Vec<u8>>,
+}
+
+impl JobFrames {
+    /// The bytes of the `Job`, `Policy` and (if any) `Baseline` frames.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = proto::encode_json(Kind::Job, &self.job);
+        out.extend(proto::encode(Kind::Policy, &self.policy));
+        if let Some(baseline) = &self.baseline {
+            out.extend(proto::encode(Kind::Baseline, baseline));
+        }
+        out
+    }
+}
+
 /// A bound job listener, before the VM starts.
 #[derive(Debug)]
 pub struct JobServer {
@@ -99,14 +120,13 @@ impl JobServer {
     /// once the VM has ended: the VMM's own threads may be too confined to remove files.
     pub fn serve<C: Send + 'static>(
         self,
-        job: Job,
-        policy: Vec<u8>,
+        frames: JobFrames,
         vm_done: Arc<AtomicBool>,
         timeout: Duration,
         cleanup: C,
     ) -> JoinHandle<Result<JobReport, JobError>> {
         std::thread::spawn(move || {
-            let result = self.run(&job, &policy, &vm_done, timeout);
+            let result = self.run(&frames, &vm_done, timeout);
             let _ = std::fs::remove_file(&self.path);
             // Whoever sets `vm_done` unparks this thread (see `scan::run`); the timeout is a
             // fallback.
@@ -120,8 +140,7 @@ impl JobServer {
 
     fn run(
         &self,
-        job: &Job,
-        policy: &[u8],
+        frames: &JobFrames,
         vm_done: &AtomicBool,
         timeout: Duration,
     ) -> Result<JobReport, JobError> {
@@ -137,8 +156,7 @@ impl JobServer {
 
         let (kind, payload) = reader.next(vm_done, deadline, "said hello")?;
         let hello = check_hello(kind, &payload)?;
-        let mut out = proto::encode_json(Kind::Job, job);
-        out.extend(proto::encode(Kind::Policy, policy));
+        let out = frames.encode();
         reader.stream.write_all(&out).map_err(|source| JobError::Io { stage: "took the job", source })?;
         let sent = Instant::now();
 

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cella_proto::Job;
+use cella_proto::{Job, SarifContext, BASELINE_ENTRY_LEN};
 
-use crate::job::{JobError, JobReport, JobServer};
+use crate::job::{JobError, JobFrames, JobReport, JobServer};
 use crate::{build, BuildError, RunError, RunReport, VmConfig};
 
 /// What to scan and how.
@@ -26,6 +26,38 @@ pub struct ScanRequest {
     pub cancel: Option<Arc<AtomicBool>>,
     /// The key of the findings' fingerprints, 64 hex digits (see [`fingerprint_key`]).
     pub fingerprint_key: String,
+    /// What the job says beyond the artifact and the policy.
+    pub options: JobOptions,
+}
+
+/// The parts of a job that shape its results rather than its VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobOptions {
+    /// The artifact's name for the runner (format detection, a plain file's path in the
+    /// results); the file's own name ([`artifact_name`]) if `None`.
+    pub artifact_name: Option<String>,
+    /// Gitignore-like globs of files not to scan (checked with `cella_scan::glob_to_regex`).
+    pub excludes: Vec<String>,
+    /// The baseline frame's payload: `cellaLocation/v1` fingerprints, 32 bytes each (see
+    /// `cella_policies::baseline::Baseline::wire_payload`).
+    pub baseline: Option<Vec<u8>>,
+    /// What the SARIF run says about itself.
+    pub sarif: SarifContext,
+}
+
+impl ScanRequest {
+    /// The job message for this request's artifact of `artifact_bytes` bytes.
+    pub fn job(&self, artifact_bytes: u64) -> Job {
+        let o = &self.options;
+        Job {
+            artifact_name: o.artifact_name.clone().unwrap_or_else(|| artifact_name(&self.artifact)),
+            artifact_size: artifact_bytes,
+            fingerprint_key: self.fingerprint_key.clone(),
+            excludes: o.excludes.clone(),
+            baseline: o.baseline.as_ref().map(|b| (b.len() / BASELINE_ENTRY_LEN) as u32),
+            sarif: o.sarif.clone(),
+        }
+    }
 }
 
 /// The environment variable that carries a scan's fingerprint key (64 hex digits): the
@@ -144,7 +176,8 @@ pub fn check_artifact(path: &Path) -> Result<u64, ScanError> {
     Ok(meta.len())
 }
 
-/// The artifact's file name, which the runner uses for format detection and SARIF paths.
+/// The artifact's file name, which the runner uses for format detection and SARIF paths unless
+/// the job names it otherwise ([`JobOptions::artifact_name`]).
 pub fn artifact_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "artifact".into())
 }
@@ -166,14 +199,12 @@ pub fn run(request: &ScanRequest, console: Box<dyn std::io::Write + Send>) -> Re
         ..VmConfig::new(request.image.clone(), vec!["scan".into()])
     };
     let vm = build(&config, console)?;
-    let job = Job {
-        artifact_name: artifact_name(artifact),
-        artifact_size: artifact_bytes,
-        fingerprint_key: request.fingerprint_key.clone(),
-    };
+    let job = request.job(artifact_bytes);
     let vm_done = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let serving = server.serve(job, request.policy.clone(), vm_done.clone(), request.timeout, sockets);
+    let frames =
+        JobFrames { job, policy: request.policy.clone(), baseline: request.options.baseline.clone() };
+    let serving = server.serve(frames, vm_done.clone(), request.timeout, sockets);
     let run = vm.run();
     vm_done.store(true, Ordering::Release);
     serving.thread().unpark();

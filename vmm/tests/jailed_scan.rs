@@ -224,6 +224,59 @@ fn a_jailed_scan_of_the_sample_app_finds_what_an_unjailed_one_finds() {
     cell.assert_clean(&id);
 }
 
+#[test]
+fn a_jailed_scan_gets_its_baseline_and_excludes_through_the_outer_job_server() {
+    binaries();
+    let dir = scratch("jailed-baseline");
+    let artifact = dir.join("sample-app.tar");
+    std::fs::write(&artifact, sample_app_tar()).unwrap();
+    let plain_sarif = dir.join("plain.sarif");
+    let key = ("CELLA_FINGERPRINT_KEY", "fedcba9876543210".repeat(4));
+    let plain = cella_vmm(&["scan", "--json", "--artifact", artifact.to_str().unwrap()])
+        .args(["--sarif", plain_sarif.to_str().unwrap()])
+        .env(key.0, &key.1)
+        .output()
+        .unwrap();
+    assert_eq!(code(&plain), 0, "{}", stderr(&plain));
+    let log: Value = serde_json::from_slice(&std::fs::read(&plain_sarif).unwrap()).unwrap();
+    let uris: Vec<&str> = log["runs"][0]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].as_str().unwrap())
+        .collect();
+    let in_src = uris.iter().filter(|u| u.starts_with("sample-app/src/")).count() as u64;
+    assert!(in_src > 0 && in_src < uris.len() as u64, "{uris:?}");
+
+    let cell = Cell::new("jailed-baseline");
+    let id = format!("jscan-base-{}", std::process::id());
+    let args = [
+        "--jail-id",
+        &id,
+        "--artifact",
+        artifact.to_str().unwrap(),
+        "--baseline",
+        plain_sarif.to_str().unwrap(),
+    ];
+    let output = cell
+        .scan(UID, GID, &args)
+        .args(["--exclude", "src/", "--fail-on", "note"])
+        .env(key.0, &key.1)
+        .output()
+        .unwrap();
+    // Everything left is in the baseline: the gate passes.
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let summary = &report(&output)["summary"];
+    assert_eq!(summary["files_excluded"], 2, "{summary}");
+    assert_eq!(summary["suppressed"]["baseline"], uris.len() as u64 - in_src, "{summary}");
+    assert_eq!(
+        summary["unsuppressed"],
+        serde_json::json!({"error": 0, "warning": 0, "note": 0}),
+        "{summary}"
+    );
+    cell.assert_clean(&id);
+}
+
 /// `scan --jailed --jail-hold SPARE` with this cell's settings: a held spare, ready.
 fn hold(cell: &Cell, spare: &str) -> Child {
     let mut holder = cell.scan(UID, GID, &["--jail-hold", spare]).stdout(Stdio::piped()).spawn().unwrap();

@@ -115,7 +115,11 @@ fn stats(s: &mut GuestSession) -> proto::SessionStats {
 const FINGERPRINT_KEY: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
 
 fn scan_request(policy_name: &str) -> SessionRequest {
-    SessionRequest::Scan { policy_name: policy_name.into(), fingerprint_key: FINGERPRINT_KEY.into() }
+    SessionRequest::Scan {
+        policy_name: policy_name.into(),
+        fingerprint_key: FINGERPRINT_KEY.into(),
+        excludes: Vec::new(),
+    }
 }
 
 fn grep(s: &mut GuestSession, pattern: &str, prefix: Option<&str>) -> proto::GrepResult {
@@ -180,7 +184,8 @@ fn a_session_indexes_once_and_answers_every_request_until_stop() {
     let reply = exec(&mut s, scan_request("default"), Some((Kind::Policy, &policy)));
     let SessionResult::Scan(scan) = &reply.response.result else { panic!("{:?}", reply.response) };
     assert!(!scan.policy_cached);
-    assert_eq!(scan.files_scanned, 3);
+    // Four files: the binary one's printable strings are scanned too.
+    assert_eq!((scan.files_scanned, scan.files_excluded, scan.suppressed), (4, 0, 0));
     let kinds: Vec<Kind> = reply.frames.iter().map(|(k, _)| *k).collect();
     assert_eq!(kinds, [Kind::Sarif, Kind::Summary]);
     let session_results = sarif_results(reply.frame(Kind::Sarif).unwrap());
@@ -196,6 +201,7 @@ fn a_session_indexes_once_and_answers_every_request_until_stop() {
             launch_start: Instant::now(),
             cancel: None,
             fingerprint_key: FINGERPRINT_KEY.into(),
+            options: Default::default(),
         },
         Box::new(std::io::sink()),
     )
@@ -210,6 +216,24 @@ fn a_session_indexes_once_and_answers_every_request_until_stop() {
     let again = exec(&mut s, scan_request("default"), Some((Kind::Policy, &policy)));
     let SessionResult::Scan(again) = &again.response.result else { panic!("{:?}", again.response) };
     assert!(again.policy_cached, "the second scan with the same policy recompiled it");
+    // The request's excludes leave files out, as a job's do (the cached engine takes them).
+    let request = SessionRequest::Scan {
+        policy_name: "default".into(),
+        fingerprint_key: FINGERPRINT_KEY.into(),
+        excludes: vec!["settings.yaml".into(), "*.png".into()],
+    };
+    let reply = exec(&mut s, request, Some((Kind::Policy, &policy)));
+    let SessionResult::Scan(excluded) = &reply.response.result else { panic!("{:?}", reply.response) };
+    assert_eq!((excluded.files_scanned, excluded.files_excluded, excluded.findings), (2, 2, 0));
+    let bad = SessionRequest::Scan {
+        policy_name: "default".into(),
+        fingerprint_key: FINGERPRINT_KEY.into(),
+        excludes: vec!["!app/".into()],
+    };
+    let reply = exec(&mut s, bad, Some((Kind::Policy, &policy)));
+    let (kind, message) = error_of(&reply);
+    assert_eq!(kind, proto::error_kind::BAD_REQUEST);
+    assert!(message.contains("negation is not supported"), "{message}");
 
     // read (allow): raw bytes, truncation flagged.
     let reply = exec(

@@ -408,6 +408,8 @@ fn proto_host_seeds() -> Seeds {
             policy_cached: false,
             files_scanned: 2,
             findings: 1,
+            suppressed: 1,
+            files_excluded: 1,
         }),
         frames: 2,
     };
@@ -481,15 +483,25 @@ help = "Remove the password."
 fn proto_guest_seeds() -> Seeds {
     let request = |r: &SessionRequest| proto::encode_json(Kind::SessionRequest, r);
     const KEY: &str = "0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f";
-    let job = proto::Job { artifact_name: "artifact.tar".into(), artifact_size: 10240, fingerprint_key: KEY.into() };
+    let job = proto::Job {
+        artifact_name: "artifact.tar".into(),
+        artifact_size: 10240,
+        fingerprint_key: KEY.into(),
+        excludes: vec!["vendor/**".into(), "*.min.js".into()],
+        baseline: None,
+        sarif: proto::SarifContext { automation_id: Some("cella/fuzz/".into()), ..Default::default() },
+    };
     let mut job_frames = proto::encode_json(Kind::Job, &job);
     job_frames.extend(proto::encode(Kind::Policy, &small_policy()));
     let grep = SessionRequest::Grep { pattern: r"pass\w+\s*=".into(), max_matches: 10, path_prefix: None };
     // Every grep carries the masking policy.
     let mut grep_frames = request(&grep);
     grep_frames.extend(proto::encode(Kind::Policy, &small_policy()));
-    let mut scan =
-        request(&SessionRequest::Scan { policy_name: "fuzz".into(), fingerprint_key: KEY.into() });
+    let mut scan = request(&SessionRequest::Scan {
+        policy_name: "fuzz".into(),
+        fingerprint_key: KEY.into(),
+        excludes: vec!["docs/**".into()],
+    });
     scan.extend(proto::encode(Kind::Policy, &small_policy()));
     let mut read = request(&SessionRequest::Read { path: "notes.txt".into(), max_bytes: 100 });
     read.extend(proto::encode(Kind::Policy, &small_policy()));

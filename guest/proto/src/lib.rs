@@ -7,8 +7,9 @@
 //! (the policy, the SARIF log) travels as raw bytes in a frame of its own.
 //!
 //! A scan: the runner connects to host port [`JOB_PORT`] and sends [`Kind::Hello`]; the host
-//! answers [`Kind::Job`] and [`Kind::Policy`]; the runner scans the artifact on its disk and
-//! sends [`Kind::Sarif`] then [`Kind::Summary`], or [`Kind::Error`].
+//! answers [`Kind::Job`] and [`Kind::Policy`], then, if [`Job::baseline`] says so, one
+//! [`Kind::Baseline`] frame; the runner scans the artifact on its disk and sends
+//! [`Kind::Sarif`] then [`Kind::Summary`], or [`Kind::Error`].
 //!
 //! A session: the runner (mode `session`) listens on guest port [`SESSION_PORT`]; the host
 //! connects (`CONNECT 1025`) and sends, per request, a [`Kind::SessionRequest`] frame (JSON
@@ -19,11 +20,14 @@
 //! for a read). Many requests travel over one connection; connections are served one after
 //! another.
 //!
-//! Versioning: [`VERSION`] stays 1. The session kinds (8, 9, 10) and the session port are
-//! additive: a job (port 1024) never carries them, and a peer that does not know them refuses
-//! the frame as [`ProtoError::UnknownKind`] instead of misreading it. New optional fields in the
-//! JSON messages are additive too (`#[serde(default)]`); changing the meaning or layout of an
-//! existing frame or field bumps the version.
+//! Versioning: [`VERSION`] is 3. Version 2 keyed fingerprints; version 3 gave the job its
+//! excludes, baseline (and the [`Kind::Baseline`] frame that follows the policy) and SARIF
+//! context, and the summary its suppressed counts. The session kinds (8, 9, 10) and the
+//! session port are additive: a job (port 1024) never carries them, and a peer that does not
+//! know them refuses the frame as [`ProtoError::UnknownKind`] instead of misreading it. New
+//! optional fields in the JSON messages are additive too (`#[serde(default)]`); changing the
+//! meaning or layout of an existing frame or field, or adding a frame to a flow, bumps the
+//! version.
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -40,7 +44,7 @@ pub mod text;
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"CELP";
 /// Protocol version; any incompatible change bumps it.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest payload either side accepts.
@@ -73,7 +77,13 @@ pub enum Kind {
     /// Raw bytes: host → runner, the file or archive of an `add`; runner → host, the file of a
     /// `read`.
     Data = 10,
+    /// Host → runner, after the policy of a job whose [`Job::baseline`] is set: the baseline's
+    /// `cellaLocation/v1` fingerprints, [`BASELINE_ENTRY_LEN`] bytes each, back to back.
+    Baseline = 11,
 }
+
+/// Bytes of one fingerprint in a [`Kind::Baseline`] frame.
+pub const BASELINE_ENTRY_LEN: usize = 32;
 
 impl Kind {
     /// The kind with this wire number, if it is one.
@@ -88,6 +98,7 @@ impl Kind {
             8 => Kind::SessionRequest,
             9 => Kind::SessionResponse,
             10 => Kind::Data,
+            11 => Kind::Baseline,
             _ => return None,
         })
     }
@@ -103,13 +114,40 @@ pub struct Hello {
 /// What to scan.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
-    /// The artifact's name (its file name on the host), for format detection and paths.
+    /// The artifact's name, for format detection and paths: a plain file's findings are
+    /// reported under it (the tenant's name for the file, or its file name on the host).
     pub artifact_name: String,
     /// Its exact size: the disk is padded to whole sectors.
     pub artifact_size: u64,
     /// The key of the findings' fingerprints (64 hex digits): the tenant's, so its findings
     /// deduplicate across its jobs while nobody can try values against a fingerprint.
     pub fingerprint_key: String,
+    /// Gitignore-like globs of files not to scan (counted as excluded).
+    #[serde(default)]
+    pub excludes: Vec<String>,
+    /// `Some(n)`: a [`Kind::Baseline`] frame of `n` fingerprints follows the policy; findings
+    /// it lists are suppressed.
+    #[serde(default)]
+    pub baseline: Option<u32>,
+    /// What the SARIF run says about itself.
+    #[serde(default)]
+    pub sarif: SarifContext,
+}
+
+/// The SARIF run's own details, from whoever asked for the scan (all optional).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SarifContext {
+    /// `tool.driver.informationUri` (absolute URI).
+    pub information_uri: Option<String>,
+    /// `automationDetails.id`.
+    pub automation_id: Option<String>,
+    /// `versionControlProvenance[0].repositoryUri` (absolute URI).
+    pub repository_uri: Option<String>,
+    /// `versionControlProvenance[0].revisionId`.
+    pub revision_id: Option<String>,
+    /// `versionControlProvenance[0].branch`.
+    pub branch: Option<String>,
 }
 
 /// Why the runner could not do the job.
@@ -133,6 +171,9 @@ pub enum SessionRequest {
         policy_name: String,
         /// The key of the findings' fingerprints (64 hex digits), as in [`Job`].
         fingerprint_key: String,
+        /// Globs of indexed files not to scan, as in [`Job::excludes`].
+        #[serde(default)]
+        excludes: Vec<String>,
     },
     /// An ad-hoc regex over the indexed text files, followed by the [`Kind::Policy`] frame of
     /// the masking policy. Under `allow` the raw text is searched; under `redact` and `deny`
@@ -265,7 +306,14 @@ pub struct ScanResult {
     /// The compiled engine came from the cache (this policy was used before).
     pub policy_cached: bool,
     pub files_scanned: u64,
+    /// All findings, suppressed ones included.
     pub findings: u64,
+    /// Findings suppressed by an inline marker.
+    #[serde(default)]
+    pub suppressed: u64,
+    /// Files the request's excludes left out.
+    #[serde(default)]
+    pub files_excluded: u64,
 }
 
 /// The result of `grep`.
@@ -498,6 +546,17 @@ mod tests {
         let hello: Hello = decode_json(&frames[0].1).unwrap();
         assert_eq!(hello.protocol, VERSION);
         assert_eq!(frames[1], (Kind::Policy, b"{\"rules\":[]}".to_vec()));
+    }
+
+    #[test]
+    fn a_job_without_the_newer_fields_reads_as_none_given() {
+        let job: Job =
+            decode_json(br#"{"artifact_name":"a","artifact_size":1,"fingerprint_key":"k"}"#).unwrap();
+        assert_eq!((job.excludes.len(), job.baseline, &job.sarif), (0, None, &SarifContext::default()));
+        let job = Job { baseline: Some(2), excludes: alloc::vec!["vendor/".into()], ..job };
+        let text = serde_json::to_string(&job).unwrap();
+        assert_eq!(decode_json::<Job>(text.as_bytes()).unwrap(), job);
+        assert_eq!(Kind::from_u16(11), Some(Kind::Baseline));
     }
 
     #[test]

@@ -11,6 +11,15 @@
 //!    run on the line if their own combined filter matches it.
 //! 3. Each match then passes the secret-group extraction, entropy threshold, validator and
 //!    allowlists before it becomes a finding (redacted, fingerprinted, with line and column).
+//! 4. Where a generic rule ([`Rule::generic`]) and a specific one find overlapping secrets,
+//!    the specific finding stays; where rules of the same kind find the same secret, the
+//!    first in policy order does. A finding with an inline marker ([`INLINE_MARKERS`]) on its
+//!    line, or whose `cellaLocation/v1` fingerprint is in the baseline, is kept but suppressed.
+//!
+//! A binary file (a NUL byte in its first [`BINARY_SNIFF_LEN`] bytes) is scanned by its
+//! printable strings (see `binary.rs`) with the secret rules only, each finding located by its
+//! byte offset. Files the job excludes ([`Engine::set_excludes`]) are not read at all; a rule's
+//! path allowlist (where a pack's `exclude` globs go) turns that rule off for matching files.
 //!
 //! Rule regexes compile lazily on first use ([`Engine::new_lazy`]), so a VM pays only for the
 //! rules its artifact exercises; [`Engine::new`] compiles (and so validates) everything.
@@ -33,15 +42,24 @@ use regex_automata::util::captures::Captures;
 use regex_automata::util::syntax;
 use regex_automata::{Anchored, Input};
 
+use alloc::collections::BTreeMap;
+
+use crate::archive::Limits;
+use crate::binary::{self, Run};
 use crate::error::{ArtifactError, EngineError};
-use crate::finding::{fingerprint, redact, Finding, FingerprintKey, Report};
+use crate::finding::{
+    line_hash, location_fingerprint, redact, secret_mac, to_hex, ByteRange, Finding, FingerprintKey,
+    FingerprintSet, Report, Suppression, INLINE_MARKERS,
+};
+use crate::glob::glob_to_regex;
 use crate::rule::{Category, Policy, Rule, MULTILINE_WINDOW, POLICY_FORMAT_VERSION};
 use crate::source::{read_full, ByteRead};
 use crate::validate::{check, contains_ascii_ci, shannon_entropy};
 
-/// How many bytes at the start of a file decide whether it is binary: a file is **binary, and
-/// skipped, if a NUL byte occurs in its first 8 KiB** (the rule git and ripgrep use). Text in
-/// UTF-16 is therefore skipped too.
+/// How many bytes at the start of a file decide whether it is binary: a file is **binary if a
+/// NUL byte occurs in its first 8 KiB** (the rule git and ripgrep use); its printable strings
+/// (ASCII and UTF-16LE) are then scanned with the secret rules only. Text in UTF-16 is
+/// therefore scanned that way too.
 pub const BINARY_SNIFF_LEN: usize = 8 * 1024;
 
 /// Bytes of new text read per chunk.
@@ -149,14 +167,55 @@ fn alternation(patterns: &[&str]) -> String {
     s
 }
 
+/// Several path regexes matched as one (a job's excludes, or the path allowlist that rules
+/// share), against a path and the archives it lies in.
+struct PathMatcher {
+    re: Regex,
+    cache: meta::Cache,
+}
+
+impl PathMatcher {
+    fn new(patterns: &[&str]) -> Result<Self, String> {
+        let re = build_regexes(patterns)?;
+        let cache = re.create_cache();
+        Ok(PathMatcher { re, cache })
+    }
+
+    fn is_match(&mut self, path: &[u8]) -> bool {
+        self.re.search_with(&mut self.cache, &Input::new(path).earliest(true)).is_some()
+    }
+
+    /// The length of the shortest of `path`'s archive prefixes (`a.zip` of `a.zip!/b/c`) or
+    /// `path` itself that matches: an archive that matches covers everything in it.
+    fn matching_prefix(&mut self, path: &str) -> Option<usize> {
+        let bytes = path.as_bytes();
+        let mut from = 0;
+        while let Some(i) = memchr::memmem::find(&bytes[from..], b"!/") {
+            let end = from + i;
+            if self.is_match(&bytes[..end]) {
+                return Some(end);
+            }
+            from = end + 2;
+        }
+        self.is_match(bytes).then_some(bytes.len())
+    }
+}
+
+/// The rules that share one path allowlist (a pack's `exclude` globs give all its rules the
+/// same one): matched once per file for all of them.
+struct PathSet {
+    patterns: Vec<String>,
+    rules: Vec<u32>,
+    matcher: Option<PathMatcher>,
+}
+
 #[derive(Default)]
 struct RuleState {
     regex: Option<Compiled>,
     allow: Option<Vec<Compiled>>,
-    paths: Option<Vec<Compiled>>,
     /// Lowercased allowlist stopwords.
     stopwords: Vec<Vec<u8>>,
-    /// Per file: disabled by a path allowlist.
+    /// Per file: disabled by a path allowlist (or, in a binary file, not a secret rule).
     disabled: bool,
     /// Per chunk: end of the last region this rule's regex ran over.
     covered_until: usize,
@@ -168,9 +227,19 @@ struct RuleState {
 #[derive(Clone, Copy, Debug)]
 struct Hit {
     rule: u32,
-    /// Start of the reported location (the secret's start).
-    start: usize,
+    /// The secret (the reported location).
     secret: (usize, usize),
+    /// The whole match: its first and last lines are where inline markers count.
+    whole: (usize, usize),
+}
+
+/// What the positions of a chunk's hits refer to.
+#[derive(Clone, Copy)]
+enum Raw<'a> {
+    /// The text itself.
+    Text,
+    /// The printable strings of `raw`, a chunk of a binary file, laid out as `runs` say.
+    Binary { raw: &'a [u8], runs: &'a [Run] },
 }
 
 /// A compiled policy, ready to scan. Not `Sync`: it owns its regex caches and buffers; create
@@ -199,6 +268,21 @@ pub struct Engine {
     spans: Option<Vec<FindingSpan>>,
     /// Keys the findings' fingerprints (see [`Engine::set_fingerprint_key`]).
     fingerprint_key: FingerprintKey,
+    /// Rule path allowlists, one per distinct list.
+    path_sets: Vec<PathSet>,
+    /// The job's excludes ([`Engine::set_excludes`]).
+    excludes: Option<PathMatcher>,
+    /// The job's baseline ([`Engine::set_baseline`]).
+    baseline: FingerprintSet,
+    /// Finds [`INLINE_MARKERS`] in a line.
+    markers: AhoCorasick,
+    /// Per file: findings so far per (rule, secret MAC), for `cellaLocation/v1`.
+    occurrences: BTreeMap<(u32, [u8; 32]), u64>,
+    /// Per file: findings so far per line hash, for `primaryLocationLineHash`.
+    line_hashes: BTreeMap<[u8; 8], u64>,
+    /// A binary file's printable strings and where they come from (kept between files).
+    strings: Vec<u8>,
+    runs: Vec<Run>,
 }
 
 /// Where one finding's secret lies in a file (byte offsets, `start..end`).
@@ -256,6 +340,7 @@ impl Engine {
         let mut keyword_rules: Vec<Vec<u32>> = Vec::new();
         let mut always = Vec::new();
         let mut rules = Vec::with_capacity(policy.rules.len());
+        let mut path_sets: Vec<PathSet> = Vec::new();
         for (i, rule) in policy.rules.iter().enumerate() {
             let i = i as u32;
             if rule.keywords.is_empty() {
@@ -274,6 +359,16 @@ impl Engine {
             let stopwords =
                 rule.allowlist.stopwords.iter().map(|s| s.as_bytes().to_ascii_lowercase()).collect();
             rules.push(RuleState { stopwords, ..RuleState::default() });
+            if !rule.allowlist.paths.is_empty() {
+                match path_sets.iter_mut().find(|s: &&mut PathSet| s.patterns == rule.allowlist.paths) {
+                    Some(set) => set.rules.push(i),
+                    None => path_sets.push(PathSet {
+                        patterns: rule.allowlist.paths.clone(),
+                        rules: alloc::vec![i],
+                        matcher: None,
+                    }),
+                }
+            }
         }
         // The prefilter reports one keyword per start position (leftmost-first, restarted one
         // byte after each hit). Where keyword A occurs inside keyword B, an occurrence of B is
@@ -306,6 +401,10 @@ impl Engine {
                     .map_err(|e| EngineError::Keywords(alloc::format!("{e}")))?,
             )
         };
+        let markers = AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(INLINE_MARKERS)
+            .map_err(|e| EngineError::Keywords(alloc::format!("{e}")))?;
         Ok(Engine {
             policy,
             rules,
@@ -321,6 +420,14 @@ impl Engine {
             hits: Vec::new(),
             spans: None,
             fingerprint_key: FingerprintKey::new([0; 32]),
+            path_sets,
+            excludes: None,
+            baseline: FingerprintSet::default(),
+            markers,
+            occurrences: BTreeMap::new(),
+            line_hashes: BTreeMap::new(),
+            strings: Vec::new(),
+            runs: Vec::new(),
         })
     }
 
@@ -350,6 +457,48 @@ impl Engine {
         self.fingerprint_key = key;
     }
 
+    /// Sets the job's excludes: gitignore-like globs (see [`crate::glob_to_regex`]) of files
+    /// that are not scanned at all, only counted ([`Report::files_excluded`]). An archive that
+    /// matches is not opened. Replaces any earlier set; an empty list excludes nothing.
+    pub fn set_excludes<S: AsRef<str>>(&mut self, globs: &[S]) -> Result<(), EngineError> {
+        if globs.is_empty() {
+            self.excludes = None;
+            return Ok(());
+        }
+        let regexes = globs
+            .iter()
+            .map(|g| glob_to_regex(g.as_ref()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(EngineError::Exclude)?;
+        let patterns: Vec<&str> = regexes.iter().map(String::as_str).collect();
+        let matcher = PathMatcher::new(&patterns).map_err(|message| EngineError::Regex {
+            rule: String::from("(excludes)"),
+            what: "exclude glob",
+            message,
+        })?;
+        self.excludes = Some(matcher);
+        Ok(())
+    }
+
+    /// Sets the job's baseline: findings whose `cellaLocation/v1` fingerprint is in it are
+    /// suppressed ([`Suppression::Baseline`]). Fingerprints depend on the key, so the baseline
+    /// must come from scans with the same [`FingerprintKey`].
+    pub fn set_baseline(&mut self, baseline: FingerprintSet) {
+        self.baseline = baseline;
+    }
+
+    /// Whether the job's excludes name `path` itself (an archive walk asks for each entry, and
+    /// so for an archive before its contents).
+    pub(crate) fn excludes_path(&mut self, path: &str) -> bool {
+        self.excludes.as_mut().is_some_and(|m| m.is_match(path.as_bytes()))
+    }
+
+    /// Whether the job's excludes name `path` or an archive it lies in: the length of the
+    /// shortest such prefix (for files held flat, as a session's index holds them).
+    pub(crate) fn excluded_prefix(&mut self, path: &str) -> Option<usize> {
+        self.excludes.as_mut().and_then(|m| m.matching_prefix(path))
+    }
+
     /// The policy this engine runs.
     pub fn policy(&self) -> &Policy {
         &self.policy
@@ -372,11 +521,44 @@ impl Engine {
             let v = rule.allowlist.regexes.iter().map(|p| Compiled::new(rule, p, "allowlist regex"));
             st.allow = Some(v.collect::<Result<_, _>>()?);
         }
-        if st.paths.is_none() {
-            let v = rule.allowlist.paths.iter().map(|p| Compiled::new(rule, p, "allowlist path regex"));
-            st.paths = Some(v.collect::<Result<_, _>>()?);
+        Ok(())
+    }
+
+    /// Starts a file: per-file fingerprint counts reset, and each rule on or off by its path
+    /// allowlist (a list shared by several rules is matched once).
+    fn begin_file(&mut self, path: &str) -> Result<(), EngineError> {
+        self.occurrences.clear();
+        self.line_hashes.clear();
+        for st in &mut self.rules {
+            st.disabled = false;
+        }
+        for set in &mut self.path_sets {
+            if set.matcher.is_none() {
+                let patterns: Vec<&str> = set.patterns.iter().map(String::as_str).collect();
+                let first = &self.policy.rules[set.rules[0] as usize];
+                set.matcher = Some(PathMatcher::new(&patterns).map_err(|message| EngineError::Regex {
+                    rule: first.id.clone(),
+                    what: "allowlist path regex",
+                    message,
+                })?);
+            }
+            let matcher = set.matcher.as_mut().unwrap_or_else(|| unreachable!());
+            if matcher.matching_prefix(path).is_some() {
+                for &r in &set.rules {
+                    self.rules[r as usize].disabled = true;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// A binary file is scanned with the secret rules only.
+    fn restrict_to_secrets(&mut self) {
+        for (st, rule) in self.rules.iter_mut().zip(&self.policy.rules) {
+            if rule.category != Category::Secret {
+                st.disabled = true;
+            }
+        }
     }
 
     /// Builds the two line filters: `lines` (see the module docs) and `always` (the
@@ -450,49 +632,55 @@ impl Engine {
         Some(s)
     }
 
-    /// Scans one file's text, read from `reader`, and appends its findings to `report`. Returns
-    /// `false` if the file was skipped as binary.
+    /// Scans one file, read from `reader`, and appends its findings to `report`. Returns
+    /// `false` if the file was binary (only its printable strings were scanned).
     pub(crate) fn scan_stream<R: ByteRead + ?Sized>(
         &mut self,
         path: &str,
         reader: &mut R,
         report: &mut Report,
-        max_findings: usize,
+        limits: &Limits,
     ) -> Result<bool, ArtifactError> {
         let mut buf = core::mem::take(&mut self.buf);
-        let r = self.scan_stream_inner(path, reader, report, max_findings, &mut buf);
+        let r = self.scan_stream_inner(path, reader, report, limits, &mut buf);
         self.buf = buf;
         r
     }
 
     /// Scans one file held in memory, exactly as [`crate::scan_artifact`] scans a file it
-    /// reaches (same findings, same counts). Returns `false` if the file was skipped as binary.
+    /// reaches (same findings, same counts; the job's excludes are the caller's to apply).
+    /// Returns `false` if the file was binary.
     pub fn scan_file(
         &mut self,
         path: &str,
         text: &[u8],
         report: &mut Report,
-        max_findings: usize,
+        limits: &Limits,
     ) -> Result<bool, ArtifactError> {
-        self.scan_stream(path, &mut SliceRead(text), report, max_findings)
+        self.scan_stream(path, &mut SliceRead(text), report, limits)
     }
 
     /// The byte ranges of every finding this policy has in `text` (the secret itself, or the
-    /// secret group), in file order; `None` if the file is binary (not scanned, so nothing
-    /// can be located). Every accepted match counts, including several rules finding the same
-    /// bytes; no findings cap applies.
+    /// secret group), in file order; `None` if the file is binary (its findings are not
+    /// located in its text). Every accepted match counts, including several rules finding the
+    /// same bytes and suppressed findings; no findings cap applies.
     pub fn finding_spans(
         &mut self,
         path: &str,
         text: &[u8],
     ) -> Result<Option<Vec<FindingSpan>>, ArtifactError> {
+        if memchr::memchr(0, &text[..text.len().min(BINARY_SNIFF_LEN)]).is_some() {
+            return Ok(None);
+        }
         self.spans = Some(Vec::new());
         let mut report = Report::default();
         // A cap of 0 keeps no `Finding`s (they are only counted); the spans are recorded first.
-        let scanned = self.scan_file(path, text, &mut report, 0);
+        let limits = Limits { max_findings: 0, ..Limits::default() };
+        let scanned = self.scan_file(path, text, &mut report, &limits);
         let mut spans = self.spans.take().unwrap_or_default();
         spans.sort_unstable_by_key(|s| (s.start, s.end));
-        Ok(scanned?.then_some(spans))
+        scanned?;
+        Ok(Some(spans))
     }
 
     fn scan_stream_inner<R: ByteRead + ?Sized>(
@@ -500,7 +688,7 @@ impl Engine {
         path: &str,
         reader: &mut R,
         report: &mut Report,
-        max_findings: usize,
+        limits: &Limits,
         buf: &mut Vec<u8>,
     ) -> Result<bool, ArtifactError> {
         if buf.len() != CHUNK_LEN + OVERLAP_LEN {
@@ -508,38 +696,24 @@ impl Engine {
             // read into them (a small file touches a few pages of the megabyte).
             *buf = alloc::vec![0; CHUNK_LEN + OVERLAP_LEN];
         }
-        // Path allowlists decide per file.
-        for i in 0..self.rules.len() {
-            let disabled = if self.policy.rules[i].allowlist.paths.is_empty() {
-                false
-            } else {
-                self.ensure_compiled(i)?;
-                let paths = self.rules[i].paths.as_deref_mut().unwrap_or_default();
-                paths.iter_mut().any(|p| p.is_match(path.as_bytes()))
-            };
-            self.rules[i].disabled = disabled;
+        self.begin_file(path)?;
+        let mut len = read_full(reader, buf)?; // valid bytes in buf
+        report.files_scanned += 1;
+        if memchr::memchr(0, &buf[..len.min(BINARY_SNIFF_LEN)]).is_some() {
+            report.files_binary += 1;
+            self.restrict_to_secrets();
+            let mut strings = core::mem::take(&mut self.strings);
+            let mut runs = core::mem::take(&mut self.runs);
+            let r = self.scan_binary(path, reader, report, limits, buf, len, (&mut strings, &mut runs));
+            self.strings = strings;
+            self.runs = runs;
+            return r.map(|()| false);
         }
-
-        let mut len = 0usize; // valid bytes in buf
         let mut base = 0usize; // file offset of buf[0]
         let mut line = 1u64; // line number of buf[0]
         let mut col0 = 0u64; // code points between the start of buf[0]'s line and buf[0]
-        let mut first = true;
         loop {
-            let n = read_full(reader, &mut buf[len..])?;
-            len += n;
             let eof = len < buf.len();
-            if first {
-                first = false;
-                let sniff = &buf[..len.min(BINARY_SNIFF_LEN)];
-                if memchr::memchr(0, sniff).is_some() {
-                    report.files_skipped_binary += 1;
-                    // Drain the rest so the caller's accounting of the entry stays exact.
-                    while reader.read(buf)? != 0 {}
-                    return Ok(false);
-                }
-                report.files_scanned += 1;
-            }
             // Everything before `commit` is reported in this round; the rest carries over.
             let commit = if eof {
                 len
@@ -551,20 +725,63 @@ impl Engine {
                 }
             };
             self.scan_chunk(&buf[..len], commit)?;
-            self.emit(path, &buf[..len], (base, line, col0), report, max_findings);
+            self.emit(path, &buf[..len], Raw::Text, (base, line, col0), report, limits.max_findings);
             report.bytes_scanned += commit as u64;
             if eof {
                 return Ok(true);
             }
-            let newlines = memchr::memchr_iter(b'\n', &buf[..commit]).count() as u64;
-            line += newlines;
-            col0 = match memchr::memrchr(b'\n', &buf[..commit]) {
-                Some(nl) => code_points(&buf[nl + 1..commit]),
-                None => col0 + code_points(&buf[..commit]),
-            };
+            (line, col0) = advance(&buf[..commit], line, col0);
             buf.copy_within(commit..len, 0);
             len -= commit;
             base += commit;
+            len += read_full(reader, &mut buf[len..])?;
+        }
+    }
+
+    /// The rest of a binary file whose first `len` bytes are in `buf`: chunk by chunk (cut where
+    /// no string crosses), its printable strings scanned with the secret rules, up to
+    /// [`Limits::max_binary_bytes`]; the rest is read and not scanned.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_binary<R: ByteRead + ?Sized>(
+        &mut self,
+        path: &str,
+        reader: &mut R,
+        report: &mut Report,
+        limits: &Limits,
+        buf: &mut [u8],
+        mut len: usize,
+        (strings, runs): (&mut Vec<u8>, &mut Vec<Run>),
+    ) -> Result<(), ArtifactError> {
+        let cap = usize::try_from(limits.max_binary_bytes).unwrap_or(usize::MAX);
+        let (mut base, mut line, mut col0) = (0usize, 1u64, 0u64);
+        loop {
+            let eof = len < buf.len();
+            let mut commit = if eof { len } else { binary::cut(&buf[..len]) };
+            let room = cap.saturating_sub(base);
+            let truncated = commit > room;
+            if truncated {
+                commit = room;
+            }
+            binary::extract(&buf[..commit], strings, runs);
+            if !runs.is_empty() {
+                self.scan_chunk(strings, strings.len())?;
+                let raw = Raw::Binary { raw: &buf[..commit], runs };
+                self.emit(path, strings, raw, (base, line, col0), report, limits.max_findings);
+            }
+            report.bytes_scanned += commit as u64;
+            if truncated {
+                report.files_binary_truncated += 1;
+                while reader.read(buf)? != 0 {}
+                return Ok(());
+            }
+            if eof {
+                return Ok(());
+            }
+            (line, col0) = advance(&buf[..commit], line, col0);
+            buf.copy_within(commit..len, 0);
+            len -= commit;
+            base += commit;
+            len += read_full(reader, &mut buf[len..])?;
         }
     }
 
@@ -749,7 +966,7 @@ impl Engine {
                     && !st.allow.as_mut().is_some_and(|a| a.iter_mut().any(|a| a.is_match(secret_bytes)));
                 if ok {
                     st.last_end = m.end();
-                    self.hits.push(Hit { rule: r as u32, start: s, secret: (s, e) });
+                    self.hits.push(Hit { rule: r as u32, secret: (s, e), whole: (m.start(), m.end()) });
                 }
             }
             if next > region.end {
@@ -760,11 +977,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Turns `self.hits` into findings with lines and columns.
+    /// Turns `self.hits` into findings: specific rules over generic ones, one finding per
+    /// secret, each with its lines and columns (and in a binary file its bytes), fingerprints
+    /// and suppression. `text` is what the hits' positions index; `(base, line0, col0)` say
+    /// where the chunk starts in the file.
     fn emit(
         &mut self,
         path: &str,
-        buf: &[u8],
+        text: &[u8],
+        raw: Raw<'_>,
         (base, line0, col0): (usize, u64, u64),
         report: &mut Report,
         max_findings: usize,
@@ -772,48 +993,161 @@ impl Engine {
         if self.hits.is_empty() {
             return;
         }
-        if let Some(spans) = self.spans.as_mut() {
+        if let (Some(spans), Raw::Text) = (self.spans.as_mut(), raw) {
             for h in &self.hits {
                 let (start, end) = (base + h.secret.0, base + h.secret.1);
                 spans.push(FindingSpan { start, end, rule_index: h.rule });
             }
         }
-        self.hits.sort_by_key(|h| (h.start, h.rule));
-        // The same secret found by several rules is reported once, by the first rule in policy
-        // order (packs list specific rules before generic ones).
+        self.hits.sort_unstable_by_key(|h| (h.secret.0, h.secret.1, h.rule));
+        self.prefer_specific();
+        // The same secret found by several rules of one kind is reported once, by the first
+        // in policy order.
         self.hits.dedup_by(|later, first| later.secret == first.secret);
-        let mut pos = 0usize;
-        let mut line = line0;
-        for h in &self.hits {
-            line += memchr::memchr_iter(b'\n', &buf[pos..h.start]).count() as u64;
-            pos = h.start;
-            let column = match memchr::memrchr(b'\n', &buf[..h.start]) {
-                Some(nl) => code_points(&buf[nl + 1..h.start]) + 1,
-                None => col0 + code_points(&buf[..h.start]) + 1,
+        let hits = core::mem::take(&mut self.hits);
+        let bytes = match raw {
+            Raw::Text => text,
+            Raw::Binary { raw, .. } => raw,
+        };
+        let mut cursor = (0usize, line0); // a position in `bytes` and its line
+        let mut markers = MarkerCache::default();
+        for h in &hits {
+            let (rs, re) = match raw {
+                Raw::Text => h.secret,
+                Raw::Binary { runs, .. } => binary::raw_range(runs, h.secret.0, h.secret.1),
             };
-            if report.findings.len() >= max_findings {
-                report.findings_dropped += 1;
-                continue;
-            }
+            let line = if rs >= cursor.0 {
+                cursor.1 + memchr::memchr_iter(b'\n', &bytes[cursor.0..rs]).count() as u64
+            } else {
+                line0 + memchr::memchr_iter(b'\n', &bytes[..rs]).count() as u64
+            };
+            cursor = (rs, line);
+            let column = column_at(bytes, rs, col0);
+            let inside = memchr::memchr_iter(b'\n', &bytes[rs..re]).count() as u64;
+            let end_column =
+                if inside == 0 { column + code_points(&bytes[rs..re]) } else { column_at(bytes, re, 0) };
             let rule = &self.policy.rules[h.rule as usize];
-            let secret = &buf[h.secret.0..h.secret.1];
+            let secret = &text[h.secret.0..h.secret.1];
+            let key = &self.fingerprint_key;
+            let mac = secret_mac(key, &rule.id, secret);
+            let seen = self.occurrences.entry((h.rule, mac)).or_insert(0);
+            let location = location_fingerprint(key, &rule.id, path, &mac, *seen);
+            *seen += 1;
+            let first = line_range(text, h.whole.0);
+            let last = line_range(text, h.whole.1.saturating_sub(1).max(h.whole.0));
+            let hashed = first.start.max(h.whole.0.saturating_sub(LINE_HASH_REACH))
+                ..first.end.min(h.whole.0.saturating_add(LINE_HASH_REACH));
+            let lh = line_hash(key, &rule.id, &text[hashed]);
+            let n = self.line_hashes.entry(lh).or_insert(0);
+            *n += 1;
+            let marker = markers
+                .find(&self.markers, text, first.clone())
+                .or_else(|| (last != first).then(|| markers.find(&self.markers, text, last)).flatten());
+            let suppression = match marker {
+                Some(marker) => Some(Suppression::Inline { marker }),
+                None if self.baseline.contains(&location) => Some(Suppression::Baseline),
+                None => None,
+            };
             let redacted = match (&rule.category, &rule.spdx) {
                 (Category::License, Some(id)) => id.clone(),
                 (Category::License, None) => String::from_utf8_lossy(secret).into_owned(),
                 _ => redact(secret),
             };
-            report.findings.push(Finding {
+            let finding = Finding {
                 rule_index: h.rule,
                 rule_id: rule.id.clone(),
                 path: String::from(path),
                 line,
                 column,
+                end_line: line + inside,
+                end_column,
+                bytes: match raw {
+                    Raw::Text => None,
+                    Raw::Binary { .. } => {
+                        Some(ByteRange { offset: (base + rs) as u64, length: (re - rs) as u64 })
+                    }
+                },
                 redacted,
-                fingerprint: fingerprint(&self.fingerprint_key, &rule.id, secret),
-            });
+                fingerprint: to_hex(&mac),
+                location_fingerprint: to_hex(&location),
+                line_hash: alloc::format!("{}:{}", to_hex(&lh), *n),
+                suppression,
+            };
+            report.add(finding, max_findings);
         }
+        self.hits = hits;
         self.hits.clear();
     }
+
+    /// Drops every hit of a generic rule whose secret overlaps a specific rule's (hits sorted
+    /// by secret start).
+    fn prefer_specific(&mut self) {
+        let rules = &self.policy.rules;
+        let generic = |h: &Hit| rules[h.rule as usize].generic;
+        if !self.hits.iter().any(generic) || self.hits.iter().all(generic) {
+            return;
+        }
+        // Specific secrets by start, each with the furthest end of those up to it.
+        let mut reach: Vec<(usize, usize)> = Vec::new();
+        for h in self.hits.iter().filter(|h| !generic(h)) {
+            let end = reach.last().map_or(h.secret.1, |&(_, e)| e.max(h.secret.1));
+            reach.push((h.secret.0, end));
+        }
+        self.hits.retain(|h| {
+            if !generic(h) {
+                return true;
+            }
+            let before = reach.partition_point(|&(start, _)| start < h.secret.1);
+            before == 0 || reach[before - 1].1 <= h.secret.0
+        });
+    }
+}
+
+/// Bytes of a finding's line, either side of the match's start, that its line hash covers
+/// (minified files have lines of megabytes).
+const LINE_HASH_REACH: usize = 256;
+
+/// The last line searched for an inline marker, and the answer.
+#[derive(Default)]
+struct MarkerCache {
+    line: Option<(Range<usize>, Option<&'static str>)>,
+}
+
+impl MarkerCache {
+    fn find(&mut self, markers: &AhoCorasick, text: &[u8], line: Range<usize>) -> Option<&'static str> {
+        if let Some((cached, found)) = &self.line {
+            if *cached == line {
+                return *found;
+            }
+        }
+        let found = markers.find(&text[line.clone()]).map(|m| INLINE_MARKERS[m.pattern().as_usize()]);
+        self.line = Some((line, found));
+        found
+    }
+}
+
+/// The line (without its `\n`) holding `pos`.
+fn line_range(buf: &[u8], pos: usize) -> Range<usize> {
+    let pos = pos.min(buf.len());
+    line_start(buf, pos)..line_end(buf, pos)
+}
+
+/// The 1-based column of `pos`; `col0` is the column of `buf[0]` minus one.
+fn column_at(buf: &[u8], pos: usize, col0: u64) -> u64 {
+    match memchr::memrchr(b'\n', &buf[..pos]) {
+        Some(nl) => code_points(&buf[nl + 1..pos]) + 1,
+        None => col0 + code_points(&buf[..pos]) + 1,
+    }
+}
+
+/// The line and `col0` of the byte after `consumed`, given those of its first byte.
+fn advance(consumed: &[u8], line: u64, col0: u64) -> (u64, u64) {
+    let newlines = memchr::memchr_iter(b'\n', consumed).count() as u64;
+    let col0 = match memchr::memrchr(b'\n', consumed) {
+        Some(nl) => code_points(&consumed[nl + 1..]),
+        None => col0 + code_points(consumed),
+    };
+    (line + newlines, col0)
 }
 
 fn filter_error(message: String) -> EngineError {

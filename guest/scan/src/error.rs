@@ -3,6 +3,7 @@
 use alloc::string::String;
 use core::fmt;
 
+use crate::glob::GlobError;
 use crate::source::SourceError;
 
 /// Building an [`Engine`](crate::Engine) from a policy failed.
@@ -16,6 +17,8 @@ pub enum EngineError {
     Regex { rule: String, what: &'static str, message: String },
     /// The keyword prefilter could not be built.
     Keywords(String),
+    /// An exclude glob was refused.
+    Exclude(GlobError),
 }
 
 impl fmt::Display for EngineError {
@@ -29,6 +32,7 @@ impl fmt::Display for EngineError {
                 write!(f, "rule `{rule}`: {what} does not compile: {message}")
             }
             EngineError::Keywords(m) => write!(f, "keyword prefilter cannot be built: {m}"),
+            EngineError::Exclude(e) => write!(f, "{e}"),
         }
     }
 }

@@ -6,9 +6,9 @@ use alloc::vec::Vec;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::rule::{Category, Policy};
+use crate::rule::{Category, Policy, Severity};
 
-/// One finding. Never holds the secret itself: only [`Finding::redacted`] and a fingerprint.
+/// One finding. Never holds the secret itself: only [`Finding::redacted`] and fingerprints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Finding {
     /// Index of the rule in the policy (SARIF `ruleIndex`).
@@ -17,18 +17,160 @@ pub struct Finding {
     pub rule_id: String,
     /// Path of the file inside the artifact (`outer.zip!/inner/file` for nested archives).
     pub path: String,
-    /// 1-based line.
+    /// 1-based line of the secret's first byte.
     pub line: u64,
     /// 1-based column, in Unicode code points (SARIF `columnKind: unicodeCodePoints`).
     pub column: u64,
+    /// Line of the position just after the secret (SARIF `endLine`).
+    pub end_line: u64,
+    /// Column of the position just after the secret (SARIF `endColumn`, exclusive).
+    pub end_column: u64,
+    /// In a binary file: where the secret's bytes are (a UTF-16 string's are twice its
+    /// length). Lines and columns there count `\n` bytes and bytes.
+    pub bytes: Option<ByteRange>,
     /// Short prefix and suffix of the secret with the middle masked; for license rules, the
     /// SPDX identifier.
     pub redacted: String,
-    /// Hex HMAC-SHA256, under the scan's [`FingerprintKey`], of `rule id`, a NUL byte and the
-    /// secret: equal secrets found by the same rule share it wherever they are found with the
-    /// same key (the service keeps one per tenant), so findings deduplicate across files and
-    /// runs; without the key, a low-entropy secret cannot be found from it by trying values.
+    /// `secretHmac/v1`: hex HMAC-SHA256, under the scan's [`FingerprintKey`], of `rule id`, a
+    /// NUL byte and the secret: equal secrets found by the same rule share it wherever they are
+    /// found with the same key (the service keeps one per tenant), so findings deduplicate
+    /// across files and runs; without the key, a low-entropy secret cannot be found from it by
+    /// trying values.
     pub fingerprint: String,
+    /// `cellaLocation/v1`: hex HMAC of the rule id, the path, the secret and its occurrence
+    /// index among that rule's findings of that secret in that file: the same for the same
+    /// finding in every run (whatever lines move around it), different for each of several equal
+    /// secrets in one file. Baselines hold these.
+    pub location_fingerprint: String,
+    /// GitHub's `primaryLocationLineHash`: `<16 hex digits>:<n>`, a keyed hash of the rule id
+    /// and the finding's first line with its whitespace removed, and the 1-based count of that
+    /// hash so far in the file.
+    pub line_hash: String,
+    /// Why the finding does not count against the job, if it does not.
+    pub suppression: Option<Suppression>,
+}
+
+/// A byte range of a file: `offset` and `length` (SARIF `byteOffset`, `byteLength`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// The markers that suppress a finding on their line (the first or last line of a multi-line
+/// finding), matched ASCII case-insensitively anywhere on the line: Cella's own and those of
+/// the scanners teams migrate from, so their annotations keep working.
+pub const INLINE_MARKERS: &[&str] =
+    &["cella:allow", "gitleaks:allow", "kingfisher:ignore", "pragma: allowlist secret"];
+
+/// Why a finding is suppressed: it stays in the report and the SARIF log (with a SARIF
+/// `suppressions` entry) and in the summary's counts, but no longer fails a gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Suppression {
+    /// An [`INLINE_MARKERS`] marker on the finding's line.
+    Inline {
+        /// The marker, as listed in [`INLINE_MARKERS`].
+        marker: &'static str,
+    },
+    /// Its `cellaLocation/v1` fingerprint is in the job's baseline.
+    Baseline,
+}
+
+impl Suppression {
+    /// SARIF `suppression.kind`.
+    pub fn sarif_kind(&self) -> &'static str {
+        match self {
+            Suppression::Inline { .. } => "inSource",
+            Suppression::Baseline => "external",
+        }
+    }
+
+    /// SARIF `suppression.justification`.
+    pub fn justification(&self) -> String {
+        match self {
+            Suppression::Inline { marker } => alloc::format!("marked `{marker}` in the source"),
+            Suppression::Baseline => String::from("in the baseline"),
+        }
+    }
+}
+
+/// The `cellaLocation/v1` fingerprints of known findings (a job's baseline), as 32-byte
+/// values, sorted: membership is a binary search.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FingerprintSet(Vec<[u8; 32]>);
+
+impl FingerprintSet {
+    /// Bytes of one fingerprint on the wire (see [`FingerprintSet::from_wire`]).
+    pub const ENTRY_LEN: usize = 32;
+
+    /// The set of these fingerprints.
+    pub fn new(mut fingerprints: Vec<[u8; 32]>) -> Self {
+        fingerprints.sort_unstable();
+        fingerprints.dedup();
+        FingerprintSet(fingerprints)
+    }
+
+    /// Parses the wire form: the fingerprints back to back, [`Self::ENTRY_LEN`] bytes each.
+    /// `None` if the length is not a whole number of fingerprints.
+    pub fn from_wire(bytes: &[u8]) -> Option<Self> {
+        if !bytes.len().is_multiple_of(Self::ENTRY_LEN) {
+            return None;
+        }
+        let v = bytes
+            .chunks_exact(Self::ENTRY_LEN)
+            .map(|c| {
+                let mut fp = [0u8; 32];
+                fp.copy_from_slice(c);
+                fp
+            })
+            .collect();
+        Some(Self::new(v))
+    }
+
+    /// The wire form (sorted).
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.0.len() * Self::ENTRY_LEN);
+        for fp in &self.0 {
+            out.extend_from_slice(fp);
+        }
+        out
+    }
+
+    /// Parses one fingerprint written as 64 hex digits (either case).
+    pub fn parse_hex(hex: &str) -> Option<[u8; 32]> {
+        parse_hex32(hex)
+    }
+
+    pub fn contains(&self, fingerprint: &[u8; 32]) -> bool {
+        self.0.binary_search(fingerprint).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The fingerprints, sorted.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.0.iter()
+    }
+}
+
+fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
 }
 
 /// Masks all of `secret` except a short prefix and suffix: at most 4 bytes each, and together
@@ -64,16 +206,7 @@ impl FingerprintKey {
 
     /// Parses 64 hex digits.
     pub fn from_hex(hex: &str) -> Option<Self> {
-        let hex = hex.as_bytes();
-        if hex.len() != 2 * Self::LEN {
-            return None;
-        }
-        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-        let mut key = [0u8; 32];
-        for (i, pair) in hex.chunks_exact(2).enumerate() {
-            key[i] = digit(pair[0])? << 4 | digit(pair[1])?;
-        }
-        Some(FingerprintKey(key))
+        parse_hex32(hex).map(FingerprintKey)
     }
 
     /// The key as 64 hex digits.
@@ -92,29 +225,101 @@ impl core::fmt::Debug for FingerprintKey {
     }
 }
 
-/// HMAC-SHA256 (RFC 2104) of the concatenated `parts` under `key`.
-pub fn hmac_sha256(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut ipad = [0x36u8; BLOCK];
-    let mut opad = [0x5cu8; BLOCK];
-    for (i, k) in key.iter().enumerate() {
-        ipad[i] ^= k;
-        opad[i] ^= k;
-    }
-    let mut inner = Sha256::new();
-    inner.update(ipad);
-    for part in parts {
-        inner.update(part);
-    }
-    let mut outer = Sha256::new();
-    outer.update(opad);
-    outer.update(inner.finalize());
-    outer.finalize().into()
+/// HMAC-SHA256 (RFC 2104) under a 32-byte key, fed piece by piece.
+#[derive(Clone)]
+pub(crate) struct Hmac {
+    inner: Sha256,
+    opad: [u8; 64],
 }
 
-/// Hex HMAC-SHA256 under `key` of `rule_id`, NUL, `secret`.
+impl Hmac {
+    pub(crate) fn new(key: &[u8; 32]) -> Self {
+        const BLOCK: usize = 64;
+        let mut ipad = [0x36u8; BLOCK];
+        let mut opad = [0x5cu8; BLOCK];
+        for (i, k) in key.iter().enumerate() {
+            ipad[i] ^= k;
+            opad[i] ^= k;
+        }
+        let mut inner = Sha256::new();
+        inner.update(ipad);
+        Hmac { inner, opad }
+    }
+
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        self.inner.update(bytes);
+    }
+
+    pub(crate) fn finish(self) -> [u8; 32] {
+        let mut outer = Sha256::new();
+        outer.update(self.opad);
+        outer.update(self.inner.finalize());
+        outer.finalize().into()
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104) of the concatenated `parts` under `key`.
+pub fn hmac_sha256(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = Hmac::new(key);
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finish()
+}
+
+/// Hex HMAC-SHA256 under `key` of `rule_id`, NUL, `secret` (`secretHmac/v1`).
 pub fn fingerprint(key: &FingerprintKey, rule_id: &str, secret: &[u8]) -> String {
-    hex(&hmac_sha256(&key.0, &[rule_id.as_bytes(), &[0u8], secret]))
+    hex(&secret_mac(key, rule_id, secret))
+}
+
+pub(crate) fn secret_mac(key: &FingerprintKey, rule_id: &str, secret: &[u8]) -> [u8; 32] {
+    hmac_sha256(&key.0, &[rule_id.as_bytes(), &[0u8], secret])
+}
+
+/// The `cellaLocation/v1` fingerprint: HMAC under `key` of the label, the rule id, the path,
+/// the secret's `secretHmac/v1` value and its 0-based occurrence among that rule's findings of
+/// that secret in that file (NUL-separated; the index as 8 little-endian bytes).
+pub fn location_fingerprint(
+    key: &FingerprintKey,
+    rule_id: &str,
+    path: &str,
+    secret_mac: &[u8; 32],
+    occurrence: u64,
+) -> [u8; 32] {
+    hmac_sha256(
+        &key.0,
+        &[
+            b"cellaLocation/v1\0",
+            rule_id.as_bytes(),
+            &[0],
+            path.as_bytes(),
+            &[0],
+            secret_mac,
+            &occurrence.to_le_bytes(),
+        ],
+    )
+}
+
+/// The hash part of a `primaryLocationLineHash`: the first 8 bytes of an HMAC under `key` of
+/// the label, the rule id and `line` without its ASCII whitespace (so re-indenting a line
+/// keeps it).
+pub fn line_hash(key: &FingerprintKey, rule_id: &str, line: &[u8]) -> [u8; 8] {
+    let mut mac = Hmac::new(&key.0);
+    mac.update(b"primaryLocationLineHash/v1\0");
+    mac.update(rule_id.as_bytes());
+    mac.update(&[0]);
+    for word in line.split(|b| b.is_ascii_whitespace()) {
+        mac.update(word);
+    }
+    let full = mac.finish();
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&full[..8]);
+    out
+}
+
+/// Lowercase hex digits of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    hex(bytes)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -130,37 +335,91 @@ fn hex(bytes: &[u8]) -> String {
 /// Everything one artifact scan produced, apart from the duration (the caller measures it).
 #[derive(Clone, Debug, Default)]
 pub struct Report {
-    /// Findings in scan order (by file, then by position).
+    /// Findings in scan order (by file, then by position), suppressed ones included. When the
+    /// cap ([`crate::Limits::max_findings`]) is reached, suppressed findings make room for
+    /// unsuppressed ones, so those are the last to be left out.
     pub findings: Vec<Finding>,
-    /// Files whose text was scanned.
+    /// Files read and scanned (text files, and binary files' printable strings).
     pub files_scanned: u64,
-    /// Files skipped as binary (see [`crate::BINARY_SNIFF_LEN`]).
-    pub files_skipped_binary: u64,
-    /// Bytes of text scanned (decompressed).
+    /// Of those, binary files (a NUL byte in the first [`crate::BINARY_SNIFF_LEN`] bytes): their
+    /// printable strings were scanned with the secret rules.
+    pub files_binary: u64,
+    /// Binary files longer than [`crate::Limits::max_binary_bytes`]: only their start was
+    /// scanned.
+    pub files_binary_truncated: u64,
+    /// Files not scanned because the job's excludes name them (an excluded archive counts once).
+    pub files_excluded: u64,
+    /// Bytes scanned (decompressed; of a binary file, the bytes its strings were taken from).
     pub bytes_scanned: u64,
     /// Findings not kept because [`crate::Limits::max_findings`] was reached.
     pub findings_dropped: u64,
+    /// Findings suppressed by an inline marker (kept or dropped).
+    pub suppressed_inline: u64,
+    /// Findings suppressed by the baseline (kept or dropped).
+    pub suppressed_baseline: u64,
+    /// Unsuppressed findings per rule index (kept or dropped): what gates count.
+    pub unsuppressed_by_rule: Vec<u64>,
+    /// Suppressed findings among `findings`.
+    pub(crate) suppressed_kept: usize,
+    /// The cap was reached and suppressed findings were given up for unsuppressed ones: no
+    /// more suppressed findings are kept.
+    pub(crate) suppressed_closed: bool,
 }
 
 /// Counts and totals of one scan, serialized as the job summary.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Summary {
-    /// Files whose text was scanned.
+    /// Files scanned (text and binary).
     pub files_scanned: u64,
-    /// Files skipped as binary.
-    pub files_skipped_binary: u64,
-    /// Bytes of text scanned.
+    /// Binary files among them (printable strings scanned with the secret rules).
+    pub files_binary: u64,
+    /// Binary files only partly scanned (longer than the limit).
+    pub files_binary_truncated: u64,
+    /// Files the job's excludes left out.
+    pub files_excluded: u64,
+    /// Bytes scanned.
     pub bytes_scanned: u64,
-    /// All findings, including dropped ones.
+    /// All findings: suppressed and dropped ones included.
     pub findings: u64,
     /// Findings not kept in the report because of the findings cap.
     pub findings_dropped: u64,
-    /// Findings per rule id (kept findings only).
+    /// Suppressed findings, by how.
+    pub suppressed: Suppressed,
+    /// Unsuppressed findings by SARIF level: what a gate (`--fail-on`) counts.
+    pub unsuppressed: ByLevel,
+    /// Unsuppressed findings per rule id.
     pub by_rule: BTreeMap<String, u64>,
-    /// Findings per category (kept findings only).
+    /// Unsuppressed findings per category.
     pub by_category: BTreeMap<String, u64>,
     /// Wall time of the scan as measured by the caller, in milliseconds.
     pub duration_ms: u64,
+}
+
+/// Suppressed findings of a scan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Suppressed {
+    pub inline: u64,
+    pub baseline: u64,
+    pub total: u64,
+}
+
+/// Findings per SARIF level.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ByLevel {
+    pub error: u64,
+    pub warning: u64,
+    pub note: u64,
+}
+
+impl ByLevel {
+    /// Findings at `level` or above.
+    pub fn at_or_above(&self, level: Severity) -> u64 {
+        match level {
+            Severity::Error => self.error,
+            Severity::Warning => self.error + self.warning,
+            Severity::Note => self.error + self.warning + self.note,
+        }
+    }
 }
 
 impl Report {
@@ -177,26 +436,48 @@ impl Report {
         }
     }
 
-    /// Counts by rule and category. `duration_ms` is measured by the caller (the guest has no
-    /// clock of its own that this crate may assume).
+    /// All findings: kept (suppressed or not) and dropped.
+    pub fn findings_total(&self) -> u64 {
+        self.findings.len() as u64 + self.findings_dropped
+    }
+
+    /// Counts by rule, category and level (of unsuppressed findings) and of suppressed ones.
+    /// `duration_ms` is measured by the caller (the guest has no clock of its own that this
+    /// crate may assume).
     pub fn summary(&self, policy: &Policy, duration_ms: u64) -> Summary {
         let mut by_rule = BTreeMap::new();
         let mut by_category = BTreeMap::new();
+        let mut unsuppressed = ByLevel::default();
         for c in [Category::Secret, Category::Pii, Category::License] {
             by_category.insert(String::from(c.as_str()), 0);
         }
-        for f in &self.findings {
-            *by_rule.entry(f.rule_id.clone()).or_insert(0) += 1;
-            if let Some(rule) = policy.rules.get(f.rule_index as usize) {
-                *by_category.entry(String::from(rule.category.as_str())).or_insert(0) += 1;
+        for (i, &n) in self.unsuppressed_by_rule.iter().enumerate() {
+            let Some(rule) = policy.rules.get(i) else { continue };
+            if n == 0 {
+                continue;
+            }
+            *by_rule.entry(rule.id.clone()).or_insert(0) += n;
+            *by_category.entry(String::from(rule.category.as_str())).or_insert(0) += n;
+            match rule.severity {
+                Severity::Error => unsuppressed.error += n,
+                Severity::Warning => unsuppressed.warning += n,
+                Severity::Note => unsuppressed.note += n,
             }
         }
         Summary {
             files_scanned: self.files_scanned,
-            files_skipped_binary: self.files_skipped_binary,
+            files_binary: self.files_binary,
+            files_binary_truncated: self.files_binary_truncated,
+            files_excluded: self.files_excluded,
             bytes_scanned: self.bytes_scanned,
-            findings: self.findings.len() as u64 + self.findings_dropped,
+            findings: self.findings_total(),
             findings_dropped: self.findings_dropped,
+            suppressed: Suppressed {
+                inline: self.suppressed_inline,
+                baseline: self.suppressed_baseline,
+                total: self.suppressed_inline + self.suppressed_baseline,
+            },
+            unsuppressed,
             by_rule,
             by_category,
             duration_ms,
@@ -207,6 +488,43 @@ impl Report {
     pub fn summary_json(&self, policy: &Policy, duration_ms: u64) -> String {
         // Serializing plain structs and maps of strings cannot fail.
         serde_json::to_string_pretty(&self.summary(policy, duration_ms)).unwrap_or_default()
+    }
+
+    /// Adds one finding, counting it, within the cap `max_findings`: past it, an unsuppressed
+    /// finding takes the place of the suppressed ones kept so far (all of them are given up
+    /// at once, and no suppressed finding is kept after that); anything else is dropped.
+    pub(crate) fn add(&mut self, finding: Finding, max_findings: usize) {
+        let rule = finding.rule_index as usize;
+        match finding.suppression {
+            Some(Suppression::Inline { .. }) => self.suppressed_inline += 1,
+            Some(Suppression::Baseline) => self.suppressed_baseline += 1,
+            None => {
+                if self.unsuppressed_by_rule.len() <= rule {
+                    self.unsuppressed_by_rule.resize(rule + 1, 0);
+                }
+                self.unsuppressed_by_rule[rule] += 1;
+            }
+        }
+        let suppressed = finding.suppression.is_some();
+        if suppressed && self.suppressed_closed {
+            self.findings_dropped += 1;
+            return;
+        }
+        if self.findings.len() >= max_findings {
+            if suppressed || self.suppressed_kept == 0 {
+                self.findings_dropped += 1;
+                return;
+            }
+            let before = self.findings.len();
+            self.findings.retain(|f| f.suppression.is_none());
+            self.findings_dropped += (before - self.findings.len()) as u64;
+            self.suppressed_kept = 0;
+            self.suppressed_closed = true;
+        }
+        if suppressed {
+            self.suppressed_kept += 1;
+        }
+        self.findings.push(finding);
     }
 }
 

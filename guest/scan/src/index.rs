@@ -32,7 +32,8 @@ pub struct IndexedFile {
     /// The path a scan reports for it (`dir/file`, `outer.tar!/inner/file`).
     pub path: String,
     pub bytes: Vec<u8>,
-    /// A NUL byte in the first [`BINARY_SNIFF_LEN`] bytes: scans skip it, grep too.
+    /// A NUL byte in the first [`BINARY_SNIFF_LEN`] bytes: scans take only its printable
+    /// strings, grep skips it.
     pub binary: bool,
 }
 
@@ -110,15 +111,25 @@ impl Index {
     }
 
     /// Scans every file with `engine`, as [`crate::scan_artifact`] would scan the artifact
-    /// (same paths, same order, same findings and counts).
+    /// (same paths, same order, same findings and counts), leaving out what the engine's
+    /// excludes name (an excluded archive counts once, as a scan counts it).
     pub fn scan(
         &self,
         engine: &mut Engine,
         limits: &Limits,
         report: &mut Report,
     ) -> Result<(), ArtifactError> {
+        let mut last_excluded: Option<&str> = None;
         for file in &self.files {
-            engine.scan_file(&file.path, &file.bytes, report, limits.max_findings)?;
+            if let Some(end) = engine.excluded_prefix(&file.path) {
+                let excluded = &file.path[..end];
+                if last_excluded != Some(excluded) {
+                    report.files_excluded += 1;
+                    last_excluded = Some(excluded);
+                }
+                continue;
+            }
+            engine.scan_file(&file.path, &file.bytes, report, limits)?;
         }
         Ok(())
     }

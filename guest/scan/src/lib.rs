@@ -3,8 +3,10 @@
 //!
 //! It owns the rule model ([`Policy`], [`Rule`]), the engine ([`Engine`]: Aho–Corasick keyword
 //! prefilter, regex-automata, validators, entropy, allowlists, streaming with exact line
-//! numbers), the artifact readers ([`scan_artifact`]: plain file, tar, gzip, zip, with limits)
-//! and the output ([`Report`], [`Summary`], [`sarif`]). The host-side loading of rule packs lives
+//! numbers, binary files' printable strings), what keeps a finding from counting (inline
+//! markers, a baseline of fingerprints, path excludes as gitignore-like globs:
+//! [`glob_to_regex`]), the artifact readers ([`scan_artifact`]: plain file, tar, gzip, zip,
+//! with limits) and the output ([`Report`], [`Summary`], [`sarif`]). The host-side loading of rule packs lives
 //! in `cella-policies`, which hands the guest a serialized [`Policy`].
 //!
 //! ```
@@ -14,7 +16,7 @@
 //! let mut report = Report::default();
 //! let artifact = b"hello";
 //! scan_artifact(&mut SliceSource(artifact), "hello.txt", &mut engine, &Limits::default(), &mut report)?;
-//! let sarif = cella_scan::sarif::to_json(engine.policy(), &report);
+//! let sarif = cella_scan::sarif::to_json(engine.policy(), &report, &Default::default());
 //! let summary = report.summary_json(engine.policy(), 3);
 //! # assert!(sarif.contains("2.1.0") && summary.contains("files_scanned"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -25,9 +27,11 @@
 extern crate alloc;
 
 mod archive;
+mod binary;
 mod engine;
 mod error;
 mod finding;
+mod glob;
 pub mod index;
 mod rule;
 pub mod sarif;
@@ -40,7 +44,11 @@ pub use engine::{
     check_rule, Engine, FindingSpan, BINARY_SNIFF_LEN, CHUNK_LEN, LINE_FILTER_AFTER, OVERLAP_LEN,
 };
 pub use error::{ArtifactError, EngineError};
-pub use finding::{fingerprint, hmac_sha256, redact, Finding, FingerprintKey, Report, Summary};
+pub use finding::{
+    fingerprint, hmac_sha256, line_hash, location_fingerprint, redact, to_hex, ByLevel, ByteRange, Finding,
+    FingerprintKey, FingerprintSet, Report, Summary, Suppressed, Suppression, INLINE_MARKERS,
+};
+pub use glob::{glob_to_regex, GlobError};
 pub use rule::{
     Allowlist, Category, Policy, Rule, Severity, Validator, MULTILINE_WINDOW, POLICY_FORMAT_VERSION,
 };

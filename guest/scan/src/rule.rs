@@ -143,6 +143,11 @@ pub struct Rule {
     /// redacted secret). Unused for other categories.
     #[serde(default)]
     pub spdx: Option<String>,
+    /// A catch-all (a secret-looking name assigned a high-entropy value, a password in a URL):
+    /// where it and a specific rule find overlapping secrets, the specific rule's finding is the
+    /// one reported, wherever the two stand in the policy.
+    #[serde(default)]
+    pub generic: bool,
 }
 
 /// How far past its keyword's line a `multiline` rule's regex may look, in bytes. Also the

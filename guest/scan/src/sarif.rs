@@ -1,20 +1,76 @@
-//! SARIF 2.1.0 output: one run, the policy's rules as `tool.driver.rules` (with help text), one
-//! result per finding with file, line, column, level and a `partialFingerprints` entry.
+//! SARIF 2.1.0 output, in the form GitHub code scanning takes: one run; the policy's rules as
+//! `tool.driver.rules` (descriptions, help as text and Markdown, `security-severity` and tags);
+//! one result per finding with its repository-relative path, region (lines and columns; bytes
+//! in a binary file), level, fingerprints and, for a suppressed finding, its `suppressions`.
+//! The run names its automation id and version-control details when the job gives them.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use serde_json::{json, Value};
 
-use crate::finding::Report;
-use crate::rule::Policy;
+use crate::finding::{Finding, Report};
+use crate::rule::{Category, Policy, Rule, Severity};
 
 /// The SARIF version written.
 pub const SARIF_VERSION: &str = "2.1.0";
 /// The schema URI written into `$schema`.
 pub const SARIF_SCHEMA: &str = "https://json.schemastore.org/sarif-2.1.0.json";
 /// Key of the fingerprint in `partialFingerprints`: HMAC-SHA256 of the rule id and the secret
-/// under the tenant's key (see [`crate::FingerprintKey`]).
+/// under the tenant's key (see [`crate::FingerprintKey`]): equal secrets share it.
 pub const FINGERPRINT_KEY: &str = "secretHmac/v1";
+/// Key of the location fingerprint in `partialFingerprints` (see
+/// [`crate::Finding::location_fingerprint`]): one finding's own, stable across runs. Baselines
+/// are made of these.
+pub const LOCATION_FINGERPRINT_KEY: &str = "cellaLocation/v1";
+/// Key of GitHub's line fingerprint in `partialFingerprints` (see
+/// [`crate::Finding::line_hash`]).
+pub const LINE_HASH_KEY: &str = "primaryLocationLineHash";
+/// `tool.driver.informationUri` when the job gives none: the OpenAPI document that
+/// `cella serve` publishes at its default address (the service passes its own address).
+pub const DEFAULT_INFORMATION_URI: &str = "https://127.0.0.1:8443/v1/openapi.json";
+/// The tool's name in `tool.driver.name`.
+pub const TOOL_NAME: &str = "cella-scan";
+
+/// What the run says about itself beyond the findings (all optional; from the job).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunDetails {
+    /// `tool.driver.informationUri` ([`DEFAULT_INFORMATION_URI`] if `None`).
+    pub information_uri: Option<String>,
+    /// `automationDetails.id`: which analysis this run is (GitHub keeps one set of alerts per
+    /// id, e.g. `cella/secrets/`).
+    pub automation_id: Option<String>,
+    /// `versionControlProvenance[0]`: the repository the artifact was taken from.
+    pub repository_uri: Option<String>,
+    pub revision_id: Option<String>,
+    pub branch: Option<String>,
+}
+
+/// GitHub's `security-severity` (0.0–10.0; 9.0 and up is critical, 7.0 high, 4.0 medium,
+/// below that low) of a rule, from its category and severity: a leaked secret at `error` is
+/// critical, personal data high at most, license findings low.
+pub fn security_severity(category: Category, severity: Severity) -> &'static str {
+    match (category, severity) {
+        (Category::Secret, Severity::Error) => "9.0",
+        (Category::Secret, Severity::Warning) => "7.0",
+        (Category::Secret, Severity::Note) => "3.5",
+        (Category::Pii, Severity::Error) => "7.5",
+        (Category::Pii, Severity::Warning) => "5.5",
+        (Category::Pii, Severity::Note) => "3.0",
+        (Category::License, Severity::Error) => "2.0",
+        (Category::License, Severity::Warning) => "1.5",
+        (Category::License, Severity::Note) => "1.0",
+    }
+}
+
+/// A rule's `properties.tags`: `security`, its category, and what kind of finding it is.
+pub fn tags(rule: &Rule) -> [&'static str; 3] {
+    let kind = match rule.category {
+        Category::Secret => "credentials",
+        Category::Pii => "privacy",
+        Category::License => "compliance",
+    };
+    ["security", rule.category.as_str(), kind]
+}
 
 /// Percent-encodes a relative path for `artifactLocation.uri`; `/` and `!` (nested archives)
 /// are kept.
@@ -33,8 +89,29 @@ pub fn path_to_uri(path: &str) -> String {
     s
 }
 
+fn full_description(rule: &Rule) -> String {
+    alloc::format!("{}. Category: {}. {}", rule.description, rule.category.as_str(), rule.help)
+}
+
+fn help_markdown(rule: &Rule) -> String {
+    alloc::format!(
+        "**{}** (`{}`, {})\n\n{}\n\nSuppress a finding that is not a secret with `cella:allow` in a comment on its line, or add it to the job's baseline.",
+        rule.description,
+        rule.id,
+        rule.category.as_str(),
+        rule.help
+    )
+}
+
+fn message(rule: &Rule, f: &Finding) -> String {
+    match rule.category {
+        Category::License => alloc::format!("{}: license {}", rule.description, f.redacted),
+        _ => alloc::format!("{}: {}", rule.description, f.redacted),
+    }
+}
+
 /// The SARIF log as a JSON value.
-pub fn to_value(policy: &Policy, report: &Report) -> Value {
+pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value {
     let rules: Vec<Value> = policy
         .rules
         .iter()
@@ -43,10 +120,14 @@ pub fn to_value(policy: &Policy, report: &Report) -> Value {
                 "id": r.id,
                 "name": r.id,
                 "shortDescription": { "text": r.description },
-                "fullDescription": { "text": r.description },
-                "help": { "text": r.help },
+                "fullDescription": { "text": full_description(r) },
+                "help": { "text": r.help, "markdown": help_markdown(r) },
                 "defaultConfiguration": { "level": r.severity.sarif_level() },
-                "properties": { "category": r.category.as_str(), "tags": [r.category.as_str()] },
+                "properties": {
+                    "category": r.category.as_str(),
+                    "security-severity": security_severity(r.category, r.severity),
+                    "tags": tags(r),
+                },
             })
         })
         .collect();
@@ -55,41 +136,74 @@ pub fn to_value(policy: &Policy, report: &Report) -> Value {
         .iter()
         .map(|f| {
             let rule = &policy.rules[f.rule_index as usize];
-            let text = match rule.category {
-                crate::Category::License => alloc::format!("{}: license {}", rule.description, f.redacted),
-                _ => alloc::format!("{}: {}", rule.description, f.redacted),
-            };
-            json!({
+            let mut region = json!({
+                "startLine": f.line,
+                "startColumn": f.column,
+                "endLine": f.end_line,
+                "endColumn": f.end_column,
+            });
+            if let Some(b) = f.bytes {
+                region["byteOffset"] = json!(b.offset);
+                region["byteLength"] = json!(b.length);
+            }
+            let mut result = json!({
                 "ruleId": f.rule_id,
                 "ruleIndex": f.rule_index,
                 "level": rule.severity.sarif_level(),
-                "message": { "text": text },
+                "message": { "text": message(rule, f) },
                 "locations": [{
                     "physicalLocation": {
                         "artifactLocation": { "uri": path_to_uri(&f.path) },
-                        "region": { "startLine": f.line, "startColumn": f.column },
+                        "region": region,
                     }
                 }],
-                "partialFingerprints": { FINGERPRINT_KEY: f.fingerprint },
+                "partialFingerprints": {
+                    FINGERPRINT_KEY: f.fingerprint,
+                    LOCATION_FINGERPRINT_KEY: f.location_fingerprint,
+                    LINE_HASH_KEY: f.line_hash,
+                },
                 "properties": { "category": rule.category.as_str() },
-            })
+            });
+            if let Some(s) = f.suppression {
+                result["suppressions"] = json!([{
+                    "kind": s.sarif_kind(),
+                    "status": "accepted",
+                    "justification": s.justification(),
+                }]);
+            }
+            result
         })
         .collect();
+    let mut run = json!({
+        "tool": {
+            "driver": {
+                "name": TOOL_NAME,
+                "version": env!("CARGO_PKG_VERSION"),
+                "semanticVersion": env!("CARGO_PKG_VERSION"),
+                "informationUri": details.information_uri.as_deref().unwrap_or(DEFAULT_INFORMATION_URI),
+                "rules": rules,
+            }
+        },
+        "columnKind": "unicodeCodePoints",
+        "results": results,
+    });
+    if let Some(id) = &details.automation_id {
+        run["automationDetails"] = json!({ "id": id });
+    }
+    if let Some(repo) = &details.repository_uri {
+        let mut vcs = json!({ "repositoryUri": repo });
+        if let Some(rev) = &details.revision_id {
+            vcs["revisionId"] = json!(rev);
+        }
+        if let Some(branch) = &details.branch {
+            vcs["branch"] = json!(branch);
+        }
+        run["versionControlProvenance"] = json!([vcs]);
+    }
     json!({
         "$schema": SARIF_SCHEMA,
         "version": SARIF_VERSION,
-        "runs": [{
-            "tool": {
-                "driver": {
-                    "name": "cella-scan",
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "informationUri": "https://example.invalid/cella",
-                    "rules": rules,
-                }
-            },
-            "columnKind": "unicodeCodePoints",
-            "results": results,
-        }]
+        "runs": [run]
     })
 }
 
@@ -97,17 +211,21 @@ pub fn to_value(policy: &Policy, report: &Report) -> Value {
 /// straight from the policy and the report. Building the `Value` tree first allocates several
 /// hundred KiB for a policy of 70 rules, which in a VM means page faults that cost more than
 /// the rest of a small scan's reporting.
-pub fn to_json(policy: &Policy, report: &Report) -> String {
+pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String {
     let rules: Vec<direct::Rule<'_>> = policy
         .rules
         .iter()
         .map(|r| direct::Rule {
             default_configuration: direct::Level { level: r.severity.sarif_level() },
-            full_description: direct::Text { text: &r.description },
-            help: direct::Text { text: &r.help },
+            full_description: direct::OwnedText { text: full_description(r) },
+            help: direct::Help { markdown: help_markdown(r), text: &r.help },
             id: &r.id,
             name: &r.id,
-            properties: direct::RuleProperties { category: r.category.as_str(), tags: [r.category.as_str()] },
+            properties: direct::RuleProperties {
+                category: r.category.as_str(),
+                security_severity: security_severity(r.category, r.severity),
+                tags: tags(r),
+            },
             short_description: direct::Text { text: &r.description },
         })
         .collect();
@@ -116,39 +234,62 @@ pub fn to_json(policy: &Policy, report: &Report) -> String {
         .iter()
         .map(|f| {
             let rule = &policy.rules[f.rule_index as usize];
-            let text = match rule.category {
-                crate::Category::License => alloc::format!("{}: license {}", rule.description, f.redacted),
-                _ => alloc::format!("{}: {}", rule.description, f.redacted),
-            };
             direct::Result {
                 level: rule.severity.sarif_level(),
                 locations: [direct::Location {
                     physical_location: direct::PhysicalLocation {
                         artifact_location: direct::ArtifactLocation { uri: path_to_uri(&f.path) },
-                        region: direct::Region { start_column: f.column, start_line: f.line },
+                        region: direct::Region {
+                            byte_length: f.bytes.map(|b| b.length),
+                            byte_offset: f.bytes.map(|b| b.offset),
+                            end_column: f.end_column,
+                            end_line: f.end_line,
+                            start_column: f.column,
+                            start_line: f.line,
+                        },
                     },
                 }],
-                message: direct::OwnedText { text },
-                partial_fingerprints: direct::Fingerprints { secret_hash: &f.fingerprint },
+                message: direct::OwnedText { text: message(rule, f) },
+                partial_fingerprints: direct::Fingerprints {
+                    location: &f.location_fingerprint,
+                    line_hash: &f.line_hash,
+                    secret_hash: &f.fingerprint,
+                },
                 properties: direct::Properties { category: rule.category.as_str() },
                 rule_id: &f.rule_id,
                 rule_index: f.rule_index,
+                suppressions: f.suppression.map(|s| {
+                    [direct::Suppression {
+                        justification: s.justification(),
+                        kind: s.sarif_kind(),
+                        status: "accepted",
+                    }]
+                }),
             }
         })
         .collect();
     let log = direct::Log {
         schema: SARIF_SCHEMA,
         runs: [direct::Run {
+            automation_details: details.automation_id.as_deref().map(|id| direct::AutomationDetails { id }),
             column_kind: "unicodeCodePoints",
             results,
             tool: direct::Tool {
                 driver: direct::Driver {
-                    information_uri: "https://example.invalid/cella",
-                    name: "cella-scan",
+                    information_uri: details.information_uri.as_deref().unwrap_or(DEFAULT_INFORMATION_URI),
+                    name: TOOL_NAME,
                     rules,
+                    semantic_version: env!("CARGO_PKG_VERSION"),
                     version: env!("CARGO_PKG_VERSION"),
                 },
             },
+            version_control_provenance: details.repository_uri.as_deref().map(|repository_uri| {
+                [direct::VersionControl {
+                    branch: details.branch.as_deref(),
+                    repository_uri,
+                    revision_id: details.revision_id.as_deref(),
+                }]
+            }),
         }],
         version: SARIF_VERSION,
     };
@@ -174,9 +315,28 @@ mod direct {
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
     pub struct Run<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub automation_details: Option<AutomationDetails<'a>>,
         pub column_kind: &'a str,
         pub results: Vec<Result<'a>>,
         pub tool: Tool<'a>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub version_control_provenance: Option<[VersionControl<'a>; 1]>,
+    }
+
+    #[derive(Serialize)]
+    pub struct AutomationDetails<'a> {
+        pub id: &'a str,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct VersionControl<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub branch: Option<&'a str>,
+        pub repository_uri: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub revision_id: Option<&'a str>,
     }
 
     #[derive(Serialize)]
@@ -190,6 +350,7 @@ mod direct {
         pub information_uri: &'a str,
         pub name: &'a str,
         pub rules: Vec<Rule<'a>>,
+        pub semantic_version: &'a str,
         pub version: &'a str,
     }
 
@@ -197,8 +358,8 @@ mod direct {
     #[serde(rename_all = "camelCase")]
     pub struct Rule<'a> {
         pub default_configuration: Level<'a>,
-        pub full_description: Text<'a>,
-        pub help: Text<'a>,
+        pub full_description: OwnedText,
+        pub help: Help<'a>,
         pub id: &'a str,
         pub name: &'a str,
         pub properties: RuleProperties<'a>,
@@ -221,9 +382,17 @@ mod direct {
     }
 
     #[derive(Serialize)]
+    pub struct Help<'a> {
+        pub markdown: String,
+        pub text: &'a str,
+    }
+
+    #[derive(Serialize)]
     pub struct RuleProperties<'a> {
         pub category: &'a str,
-        pub tags: [&'a str; 1],
+        #[serde(rename = "security-severity")]
+        pub security_severity: &'a str,
+        pub tags: [&'a str; 3],
     }
 
     #[derive(Serialize)]
@@ -241,6 +410,15 @@ mod direct {
         pub properties: Properties<'a>,
         pub rule_id: &'a str,
         pub rule_index: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub suppressions: Option<[Suppression; 1]>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Suppression {
+        pub justification: String,
+        pub kind: &'static str,
+        pub status: &'static str,
     }
 
     #[derive(Serialize)]
@@ -264,12 +442,22 @@ mod direct {
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
     pub struct Region {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub byte_length: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub byte_offset: Option<u64>,
+        pub end_column: u64,
+        pub end_line: u64,
         pub start_column: u64,
         pub start_line: u64,
     }
 
     #[derive(Serialize)]
     pub struct Fingerprints<'a> {
+        #[serde(rename = "cellaLocation/v1")]
+        pub location: &'a str,
+        #[serde(rename = "primaryLocationLineHash")]
+        pub line_hash: &'a str,
         #[serde(rename = "secretHmac/v1")]
         pub secret_hash: &'a str,
     }

@@ -63,13 +63,19 @@ fn scans_archives_nested_within_the_depth_limit() {
 }
 
 #[test]
-fn skips_binary_files_by_the_nul_rule() {
+fn binary_files_are_scanned_by_their_strings_with_secret_rules_only() {
+    // A secret and a valid card number in a binary file: the secret rule runs, PII does not.
     let mut bin = b"\x7fELF\0\0\0".to_vec();
     bin.extend_from_slice(SECRET.as_bytes());
+    bin.extend_from_slice(b"\0card 4111 1111 1111 1111\0");
     let t = tar(&[file("bin/tool", &bin), file("a.txt", &secret_file())]);
     let r = scan(&t, "a.tar").unwrap();
-    assert_eq!(triples(&r), ["a.txt:2:test-token"]);
-    assert_eq!((r.files_scanned, r.files_skipped_binary), (1, 1));
+    assert_eq!(triples(&r), ["bin/tool:1:test-token", "a.txt:2:test-token"]);
+    assert_eq!((r.files_scanned, r.files_binary), (2, 1));
+    let found = &r.findings[0];
+    assert_eq!(found.bytes, Some(cella_scan::ByteRange { offset: 7, length: SECRET.len() as u64 }));
+    assert_eq!((found.column, found.end_line, found.end_column), (8, 1, 8 + SECRET.len() as u64));
+    assert_eq!(r.findings[1].bytes, None);
 }
 
 #[test]

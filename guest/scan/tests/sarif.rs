@@ -1,9 +1,13 @@
-//! SARIF 2.1.0 output validates against the vendored OASIS schema, and the summary counts.
+//! SARIF 2.1.0 output validates against the vendored OASIS schema and against what GitHub code
+//! scanning requires of an upload (checked here, see [`github_problems`]), for a folder, a
+//! single file and a packed `.`; and the summary counts.
 
 mod common;
 
-use cella_scan::{sarif, Limits, Report};
+use cella_scan::sarif::{self, RunDetails};
+use cella_scan::{scan_artifact, Engine, FingerprintKey, Limits, Report, SliceSource};
 use common::*;
+use serde_json::Value;
 
 fn report() -> Report {
     let data = format!(
@@ -13,56 +17,410 @@ fn report() -> Report {
     scan_with(&t, "a.tar", &Limits::default()).unwrap()
 }
 
-fn schema() -> serde_json::Value {
+/// The text every artifact below holds, with one finding of each kind, one suppressed inline.
+fn text() -> String {
+    format!(
+        "// SPDX-License-Identifier: MIT\nkey = {SECRET}\ncard 4111 1111 1111 1111\nold = tok_aaaaaaaaaaaaaaaa # cella:allow\n"
+    )
+}
+
+fn scan_named(artifact: &[u8], name: &str) -> Report {
+    let mut engine = engine();
+    engine.set_fingerprint_key(FingerprintKey::new([3; 32]));
+    let mut report = Report::default();
+    scan_artifact(&mut SliceSource(artifact), name, &mut engine, &Limits::default(), &mut report).unwrap();
+    report
+}
+
+/// The three shapes `cella scan` sends: a folder packed without its name, `.` packed (entries
+/// `./…`), and a single file; plus a binary file in the folder.
+fn shapes() -> Vec<(&'static str, Report, Vec<&'static str>)> {
+    let t = text();
+    let mut bin = b"\x7fELF\0\0".to_vec();
+    bin.extend_from_slice(format!("token={SECRET}\0").as_bytes());
+    let folder = tar(&[file("src/app.rs", t.as_bytes()), file("bin/blob.bin", &bin)]);
+    let dot =
+        tar(&[file("./", b""), file("./src/app.rs", t.as_bytes()), file("./config/x.env", t.as_bytes())]);
+    vec![
+        ("folder", scan_named(&folder, "repo.tar"), vec!["src/app.rs", "bin/blob.bin"]),
+        ("dot", scan_named(&dot, "dot.tar"), vec!["src/app.rs", "config/x.env"]),
+        ("file", scan_named(t.as_bytes(), "settings.yaml"), vec!["settings.yaml"]),
+    ]
+}
+
+fn details() -> RunDetails {
+    RunDetails {
+        information_uri: Some("https://cella.example.org/docs".into()),
+        automation_id: Some("cella/secrets/".into()),
+        repository_uri: Some("https://git.example.org/acme/app".into()),
+        revision_id: Some("9fceb02d0ae598e95dc970b74767f19372d61af8".into()),
+        branch: Some("main".into()),
+    }
+}
+
+fn schema() -> Value {
     let text = include_str!("sarif-schema-2.1.0.json");
     serde_json::from_str(text).unwrap()
 }
 
-#[test]
-fn sarif_output_validates_against_the_2_1_0_schema() {
-    let r = report();
-    let value: serde_json::Value = serde_json::from_str(&sarif::to_json(&policy(), &r)).unwrap();
+fn schema_errors(value: &Value) -> Vec<String> {
     let validator = jsonschema::draft4::new(&schema()).unwrap();
-    let errors: Vec<String> =
-        validator.iter_errors(&value).map(|e| format!("{e} at {}", e.instance_path())).collect();
-    assert!(errors.is_empty(), "{errors:#?}");
+    validator.iter_errors(value).map(|e| format!("{e} at {}", e.instance_path())).collect()
+}
+
+fn log(policy: &cella_scan::Policy, report: &Report, details: &RunDetails) -> Value {
+    serde_json::from_str(&sarif::to_json(policy, report, details)).unwrap()
+}
+
+/// Whether `s` is an absolute URI (a scheme, then `:`).
+fn absolute_uri(s: &str) -> bool {
+    match s.split_once(':') {
+        Some((scheme, rest)) => {
+            !scheme.is_empty()
+                && scheme.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+                && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                && !rest.is_empty()
+        }
+        None => false,
+    }
+}
+
+/// Everything in `log` that GitHub code scanning's upload would refuse or mishandle, per its
+/// documented SARIF support: version and runs, at most 20 runs; a driver with a name (and here
+/// a version and an absolute information URI); at most 25,000 rules and 25,000 results per
+/// run; each rule with an id, descriptions, help text and Markdown, at most 20 tags including
+/// `security`, and a `security-severity` that parses as a number from 0.0 to 10.0; each result
+/// with a rule id naming a rule (and the rule index pointing at it), a level, a message, one
+/// location with a relative URI (no scheme, not absolute, no `..`, no backslash) and a region
+/// whose lines and columns start at 1 and end after they start, `partialFingerprints` with a
+/// `primaryLocationLineHash` of the form `<16 hex>:<n>` (and no two results of a rule with the
+/// same fingerprints: GitHub would make them one alert), and well-formed suppressions;
+/// automation details and version-control provenance well-formed where present.
+fn github_problems(log: &Value) -> Vec<String> {
+    let mut p = Vec::new();
+    if log["version"] != "2.1.0" {
+        p.push("version is not 2.1.0".to_owned());
+    }
+    if !log["$schema"].is_string() {
+        p.push("no $schema".to_owned());
+    }
+    let Some(runs) = log["runs"].as_array() else {
+        p.push("no runs array".to_owned());
+        return p;
+    };
+    if runs.len() > 20 {
+        p.push(format!("{} runs (at most 20)", runs.len()));
+    }
+    for (ri, run) in runs.iter().enumerate() {
+        let driver = &run["tool"]["driver"];
+        if driver["name"].as_str().is_none_or(str::is_empty) {
+            p.push(format!("run {ri}: tool.driver.name missing"));
+        }
+        for key in ["version", "semanticVersion"] {
+            if driver[key].as_str().is_none_or(str::is_empty) {
+                p.push(format!("run {ri}: tool.driver.{key} missing"));
+            }
+        }
+        if !driver["informationUri"].as_str().is_some_and(absolute_uri) {
+            p.push(format!("run {ri}: informationUri is not an absolute URI"));
+        }
+        let rules = driver["rules"].as_array().cloned().unwrap_or_default();
+        if rules.len() > 25_000 {
+            p.push(format!("run {ri}: {} rules (at most 25,000)", rules.len()));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for rule in &rules {
+            let id = rule["id"].as_str().unwrap_or("");
+            if id.is_empty() || !ids.insert(id.to_owned()) {
+                p.push(format!("run {ri}: rule id `{id}` empty or repeated"));
+            }
+            for path in ["/shortDescription/text", "/fullDescription/text", "/help/text", "/help/markdown"] {
+                if rule.pointer(path).and_then(Value::as_str).is_none_or(str::is_empty) {
+                    p.push(format!("rule {id}: {path} missing"));
+                }
+            }
+            let tags = rule["properties"]["tags"].as_array().cloned().unwrap_or_default();
+            if tags.is_empty() || tags.len() > 20 || !tags.iter().all(Value::is_string) {
+                p.push(format!("rule {id}: properties.tags must be 1 to 20 strings"));
+            }
+            if !tags.iter().any(|t| t == "security") {
+                p.push(format!("rule {id}: no `security` tag"));
+            }
+            match rule["properties"]["security-severity"].as_str().map(str::parse::<f64>) {
+                Some(Ok(s)) if (0.0..=10.0).contains(&s) => {}
+                _ => p.push(format!("rule {id}: security-severity is not a string number from 0.0 to 10.0")),
+            }
+        }
+        let results = run["results"].as_array().cloned().unwrap_or_default();
+        if results.len() > 25_000 {
+            p.push(format!("run {ri}: {} results (at most 25,000)", results.len()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, r) in results.iter().enumerate() {
+            let rule_id = r["ruleId"].as_str().unwrap_or("");
+            if !seen.insert((rule_id.to_owned(), r["partialFingerprints"].to_string())) {
+                p.push(format!(
+                    "result {i}: same fingerprints as an earlier result of `{rule_id}` (one alert)"
+                ));
+            }
+            if !ids.contains(rule_id) {
+                p.push(format!("result {i}: ruleId `{rule_id}` names no rule"));
+            }
+            if let Some(index) = r["ruleIndex"].as_u64() {
+                if rules.get(index as usize).map(|rule| &rule["id"]) != Some(&r["ruleId"]) {
+                    p.push(format!("result {i}: ruleIndex {index} is not rule `{rule_id}`"));
+                }
+            }
+            if !matches!(r["level"].as_str(), Some("error" | "warning" | "note" | "none")) {
+                p.push(format!("result {i}: bad level {}", r["level"]));
+            }
+            if r["message"]["text"].as_str().is_none_or(str::is_empty) {
+                p.push(format!("result {i}: no message.text"));
+            }
+            let locations = r["locations"].as_array().cloned().unwrap_or_default();
+            if locations.is_empty() || locations.len() > 1000 {
+                p.push(format!("result {i}: {} locations (1 to 1000)", locations.len()));
+            }
+            for loc in &locations {
+                let phys = &loc["physicalLocation"];
+                let uri = phys["artifactLocation"]["uri"].as_str().unwrap_or("");
+                if uri.is_empty()
+                    || absolute_uri(uri)
+                    || uri.starts_with('/')
+                    || uri.contains('\\')
+                    || uri.split('/').any(|c| c == ".." || c == "." || c.is_empty())
+                {
+                    p.push(format!("result {i}: artifactLocation.uri `{uri}` is not a clean relative path"));
+                }
+                let region = &phys["region"];
+                let n = |k: &str| region[k].as_u64();
+                match (n("startLine"), n("startColumn"), n("endLine"), n("endColumn")) {
+                    (Some(sl), Some(sc), Some(el), Some(ec))
+                        if sl >= 1 && sc >= 1 && el >= sl && ec >= 1 && (el > sl || ec >= sc) => {}
+                    other => p.push(format!("result {i}: bad region lines/columns {other:?}")),
+                }
+                if region.get("byteOffset").is_some() != region.get("byteLength").is_some() {
+                    p.push(format!("result {i}: byteOffset without byteLength or the reverse"));
+                }
+            }
+            let fps = r["partialFingerprints"].as_object().cloned().unwrap_or_default();
+            if fps.is_empty() || !fps.values().all(|v| v.as_str().is_some_and(|s| !s.is_empty())) {
+                p.push(format!("result {i}: partialFingerprints missing or empty"));
+            }
+            let line_hash = fps.get("primaryLocationLineHash").and_then(Value::as_str).unwrap_or("");
+            let ok = line_hash.split_once(':').is_some_and(|(h, n)| {
+                h.len() == 16
+                    && h.bytes().all(|b| b.is_ascii_hexdigit())
+                    && n.parse::<u64>().is_ok_and(|n| n >= 1)
+            });
+            if !ok {
+                p.push(format!("result {i}: primaryLocationLineHash `{line_hash}` is not <16 hex>:<n>"));
+            }
+            for s in r["suppressions"].as_array().cloned().unwrap_or_default() {
+                if !matches!(s["kind"].as_str(), Some("inSource" | "external"))
+                    || !matches!(s["status"].as_str(), Some("accepted" | "underReview" | "rejected"))
+                {
+                    p.push(format!("result {i}: bad suppression {s}"));
+                }
+            }
+        }
+        if let Some(a) = run.get("automationDetails") {
+            if a["id"].as_str().is_none_or(str::is_empty) {
+                p.push(format!("run {ri}: automationDetails without an id"));
+            }
+        }
+        for v in run["versionControlProvenance"].as_array().cloned().unwrap_or_default() {
+            if !v["repositoryUri"].as_str().is_some_and(absolute_uri) {
+                p.push(format!("run {ri}: versionControlProvenance.repositoryUri is not an absolute URI"));
+            }
+        }
+    }
+    p
 }
 
 #[test]
-fn schema_validation_really_rejects_bad_sarif() {
-    let r = report();
-    let mut value: serde_json::Value = serde_json::from_str(&sarif::to_json(&policy(), &r)).unwrap();
-    value["runs"][0]["results"][0]["level"] = "severe".into();
-    let validator = jsonschema::draft4::new(&schema()).unwrap();
-    assert!(!validator.is_valid(&value));
+fn every_shape_validates_against_the_schema_and_githubs_requirements_with_relative_paths() {
+    for details in [RunDetails::default(), details()] {
+        for (shape, report, paths) in shapes() {
+            let log = log(&policy(), &report, &details);
+            assert_eq!(schema_errors(&log), Vec::<String>::new(), "{shape}");
+            assert_eq!(github_problems(&log), Vec::<String>::new(), "{shape}");
+            let uris: std::collections::BTreeSet<&str> = log["runs"][0]["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].as_str().unwrap())
+                .collect();
+            assert_eq!(uris, paths.into_iter().collect(), "{shape}");
+        }
+    }
 }
 
 #[test]
-fn sarif_results_carry_location_level_rule_and_fingerprint() {
-    let r = report();
-    let v: serde_json::Value = serde_json::from_str(&sarif::to_json(&policy(), &r)).unwrap();
-    let run = &v["runs"][0];
-    assert_eq!(run["tool"]["driver"]["rules"].as_array().unwrap().len(), 3);
-    assert_eq!(run["tool"]["driver"]["rules"][0]["help"]["text"], "test-token help");
-    let results = run["results"].as_array().unwrap();
-    assert_eq!(results.len(), 6);
-    let first = &results[0];
-    assert_eq!(first["ruleId"], "spdx");
-    assert_eq!(first["level"], "note");
-    assert_eq!(first["locations"][0]["physicalLocation"]["artifactLocation"]["uri"], "src/a%20file.rs");
-    assert_eq!(first["locations"][0]["physicalLocation"]["region"]["startLine"], 1);
-    assert_eq!(first["locations"][0]["physicalLocation"]["region"]["startColumn"], 29);
-    let tok = &results[1];
-    assert_eq!(tok["ruleId"], "test-token");
-    assert_eq!(tok["level"], "error");
-    assert_eq!(tok["partialFingerprints"][sarif::FINGERPRINT_KEY].as_str().unwrap().len(), 64);
-    // Same secret in two files: same fingerprint.
-    assert_eq!(tok["partialFingerprints"], results[4]["partialFingerprints"]);
+fn the_github_checks_really_reject_bad_sarif() {
+    let (_, report, _) = shapes().remove(0);
+    let good = log(&policy(), &report, &details());
+    let bad = |change: &dyn Fn(&mut Value)| {
+        let mut v = good.clone();
+        change(&mut v);
+        github_problems(&v)
+    };
+    let result = "/runs/0/results/0";
+    assert!(!bad(&|v| v
+        .pointer_mut(&format!("{result}/locations/0/physicalLocation/artifactLocation/uri"))
+        .map(|u| *u = "file:///src/app.rs".into())
+        .unwrap())
+    .is_empty());
+    assert!(!bad(&|v| v
+        .pointer_mut(&format!("{result}/locations/0/physicalLocation/artifactLocation/uri"))
+        .map(|u| *u = "artifact/../src/app.rs".into())
+        .unwrap())
+    .is_empty());
+    assert!(!bad(&|v| v
+        .pointer_mut(result)
+        .unwrap()
+        .as_object_mut()
+        .unwrap()
+        .remove("partialFingerprints")
+        .map(drop)
+        .unwrap())
+    .is_empty());
+    assert!(!bad(&|v| *v.pointer_mut("/runs/0/tool/driver/rules/0/properties/security-severity").unwrap() =
+        "high".into())
+    .is_empty());
+    assert!(!bad(&|v| *v.pointer_mut("/runs/0/tool/driver/rules/0/properties/security-severity").unwrap() =
+        "11".into())
+    .is_empty());
+    assert!(!bad(&|v| *v.pointer_mut("/runs/0/tool/driver/rules/0/properties/tags").unwrap() =
+        serde_json::json!(["secret"]))
+    .is_empty());
+    assert!(!bad(&|v| *v
+        .pointer_mut(&format!("{result}/locations/0/physicalLocation/region/startLine"))
+        .unwrap() = 0.into())
+    .is_empty());
+    assert!(
+        !bad(&|v| *v.pointer_mut("/runs/0/tool/driver/informationUri").unwrap() = "cella".into()).is_empty()
+    );
+    let many = bad(&|v| {
+        let results = v.pointer_mut("/runs/0/results").unwrap().as_array_mut().unwrap();
+        let one = results[0].clone();
+        results.resize(25_001, one);
+    });
+    assert!(many.iter().any(|p| p.contains("results (at most 25,000)")), "{many:?}");
+    let twice = bad(&|v| {
+        let results = v.pointer_mut("/runs/0/results").unwrap().as_array_mut().unwrap();
+        let one = results[0].clone();
+        results.push(one);
+    });
+    assert!(twice.iter().any(|p| p.contains("same fingerprints")), "{twice:?}");
+}
+
+#[test]
+fn rules_carry_what_github_shows() {
+    let log = log(&policy(), &Report::default(), &RunDetails::default());
+    let driver = &log["runs"][0]["tool"]["driver"];
+    assert_eq!(driver["name"], "cella-scan");
+    assert_eq!(driver["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(driver["semanticVersion"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(driver["informationUri"], sarif::DEFAULT_INFORMATION_URI);
+    let rules = driver["rules"].as_array().unwrap();
+    let severities: Vec<&str> =
+        rules.iter().map(|r| r["properties"]["security-severity"].as_str().unwrap()).collect();
+    // test-token: secret, error; card: PII, warning; spdx: license, note.
+    assert_eq!(severities, ["9.0", "5.5", "1.0"]);
+    assert_eq!(rules[0]["properties"]["tags"], serde_json::json!(["security", "secret", "credentials"]));
+    assert_eq!(rules[1]["properties"]["tags"], serde_json::json!(["security", "pii", "privacy"]));
+    assert_eq!(rules[0]["help"]["text"], "test-token help");
+    let markdown = rules[0]["help"]["markdown"].as_str().unwrap();
+    assert!(
+        markdown.starts_with("**test-token description** (`test-token`, secret)\n\ntest-token help"),
+        "{markdown}"
+    );
+    assert_eq!(rules[0]["shortDescription"]["text"], "test-token description");
+    assert_eq!(
+        rules[0]["fullDescription"]["text"],
+        "test-token description. Category: secret. test-token help"
+    );
+}
+
+#[test]
+fn the_run_names_its_automation_and_version_control_details_when_given() {
+    let log = log(&policy(), &report(), &details());
+    let run = &log["runs"][0];
+    assert_eq!(run["automationDetails"], serde_json::json!({"id": "cella/secrets/"}));
+    assert_eq!(
+        run["versionControlProvenance"],
+        serde_json::json!([{
+            "repositoryUri": "https://git.example.org/acme/app",
+            "revisionId": "9fceb02d0ae598e95dc970b74767f19372d61af8",
+            "branch": "main"
+        }])
+    );
+    assert_eq!(run["tool"]["driver"]["informationUri"], "https://cella.example.org/docs");
+    let plain = log_of_default();
+    assert!(plain["runs"][0].get("automationDetails").is_none());
+    assert!(plain["runs"][0].get("versionControlProvenance").is_none());
+}
+
+fn log_of_default() -> Value {
+    log(&policy(), &report(), &RunDetails::default())
+}
+
+#[test]
+fn results_carry_regions_fingerprints_and_suppressions() {
+    let (_, folder, _) = shapes().remove(0);
+    let v = log(&policy(), &folder, &RunDetails::default());
+    let results = v["runs"][0]["results"].as_array().unwrap();
+    let ids: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["ruleId"].as_str().unwrap(),
+                r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("spdx", "src/app.rs"),
+            ("test-token", "src/app.rs"),
+            ("card", "src/app.rs"),
+            ("test-token", "src/app.rs"),
+            ("test-token", "bin/blob.bin")
+        ]
+    );
+    let region = &results[1]["locations"][0]["physicalLocation"]["region"];
+    assert_eq!(
+        *region,
+        serde_json::json!({"startLine": 2, "startColumn": 7, "endLine": 2, "endColumn": 7 + SECRET.len()})
+    );
+    let fps = &results[1]["partialFingerprints"];
+    for key in [sarif::FINGERPRINT_KEY, sarif::LOCATION_FINGERPRINT_KEY] {
+        assert_eq!(fps[key].as_str().unwrap().len(), 64, "{key}");
+    }
+    assert!(results[1].get("suppressions").is_none());
+    assert_eq!(
+        results[3]["suppressions"],
+        serde_json::json!([{"kind": "inSource", "status": "accepted", "justification": "marked `cella:allow` in the source"}])
+    );
+    // The binary file's finding is located by its bytes (after `\x7fELF\0\0token=`).
+    let binary = &results[4]["locations"][0]["physicalLocation"]["region"];
+    assert_eq!(
+        (binary["byteOffset"].as_u64(), binary["byteLength"].as_u64()),
+        (Some(12), Some(SECRET.len() as u64))
+    );
+    // Same secret in two places: one secret fingerprint, two location fingerprints.
+    assert_eq!(fps[sarif::FINGERPRINT_KEY], results[4]["partialFingerprints"][sarif::FINGERPRINT_KEY]);
+    assert_ne!(
+        fps[sarif::LOCATION_FINGERPRINT_KEY],
+        results[4]["partialFingerprints"][sarif::LOCATION_FINGERPRINT_KEY]
+    );
     assert!(!v.to_string().contains(SECRET));
 }
 
 #[test]
-fn summary_counts_by_rule_and_category() {
+fn summary_counts_by_rule_category_level_and_suppression() {
     let r = report();
     let s = r.summary(&policy(), 42);
     assert_eq!((s.files_scanned, s.findings, s.duration_ms), (2, 6, 42));
@@ -71,15 +429,56 @@ fn summary_counts_by_rule_and_category() {
     assert_eq!(s.by_category["secret"], 2);
     assert_eq!(s.by_category["pii"], 2);
     assert_eq!(s.by_category["license"], 2);
+    assert_eq!((s.unsuppressed.error, s.unsuppressed.warning, s.unsuppressed.note), (2, 2, 2));
     assert_eq!(s.bytes_scanned, 2 * 113);
     let json: serde_json::Value = serde_json::from_str(&r.summary_json(&policy(), 42)).unwrap();
     assert_eq!(json["by_category"]["pii"], 2);
+    assert_eq!(json["suppressed"], serde_json::json!({"inline": 0, "baseline": 0, "total": 0}));
+    assert_eq!(json["unsuppressed"], serde_json::json!({"error": 2, "warning": 2, "note": 2}));
+    for key in ["files_binary", "files_binary_truncated", "files_excluded", "findings_dropped"] {
+        assert_eq!(json[key], 0, "{key}");
+    }
+    let (_, folder, _) = shapes().remove(0);
+    let s = folder.summary(&policy(), 0);
+    assert_eq!((s.findings, s.suppressed.inline, s.suppressed.total, s.unsuppressed.error), (5, 1, 1, 2));
+    assert_eq!((s.files_scanned, s.files_binary), (2, 1));
+}
+
+#[test]
+fn schema_validation_really_rejects_bad_sarif() {
+    let mut value = log_of_default();
+    value["runs"][0]["results"][0]["level"] = "severe".into();
+    assert!(!schema_errors(&value).is_empty());
 }
 
 #[test]
 fn to_json_writes_exactly_the_pretty_printed_value() {
-    for r in [report(), Report::default()] {
-        let expected = serde_json::to_string_pretty(&sarif::to_value(&policy(), &r)).unwrap();
-        assert_eq!(sarif::to_json(&policy(), &r), expected);
+    let (_, folder, _) = shapes().remove(0);
+    for r in [report(), Report::default(), folder] {
+        for details in [RunDetails::default(), details()] {
+            let expected = serde_json::to_string_pretty(&sarif::to_value(&policy(), &r, &details)).unwrap();
+            assert_eq!(sarif::to_json(&policy(), &r, &details), expected);
+        }
     }
+}
+
+#[test]
+fn a_scan_stays_within_githubs_result_limit_by_default() {
+    let mut text = String::new();
+    for i in 0..26_000 {
+        text.push_str(&format!("k = tok_{i:016}\n"));
+    }
+    let mut engine = Engine::new(policy()).unwrap();
+    let mut report = Report::default();
+    scan_artifact(
+        &mut SliceSource(text.as_bytes()),
+        "many.txt",
+        &mut engine,
+        &Limits::default(),
+        &mut report,
+    )
+    .unwrap();
+    assert_eq!((report.findings.len(), report.findings_dropped), (25_000, 1_000));
+    let log = log(&policy(), &report, &RunDetails::default());
+    assert_eq!(github_problems(&log), Vec::<String>::new());
 }

@@ -1,8 +1,11 @@
 //! The native scan benchmark: generates a corpus of source-like text with planted findings,
 //! measures the engine's single-thread throughput and `ripgrep` (`rg -c -e … -e …` with the
 //! same regex set, on the same bytes, in the same run), and how long building the engine takes
-//! (every regex compiled eagerly, against the lazy engine the guest uses). It prints figures; it
-//! asserts nothing. Run it with `cargo run --release -p cella-policies --example bench_scan`.
+//! (every regex compiled eagerly, against the lazy engine the guest uses); then what
+//! suppression costs: the same corpus as a tar of files scanned with no baseline or excludes,
+//! with a 10,000-entry baseline, with many job excludes and with many pack excludes, side by
+//! side. It prints figures; it asserts nothing. Run it with
+//! `cargo run --release -p cella-policies --example bench_scan`.
 
 use std::fmt;
 use std::io::Write;
@@ -10,7 +13,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cella_scan::{scan_artifact, Engine, Limits, Report, SliceSource};
+use cella_scan::{
+    glob_to_regex, scan_artifact, Engine, FingerprintKey, FingerprintSet, Limits, Policy, Report, SliceSource,
+};
 
 use super::{load_packs, PolicyError, DEFAULT_PACKS};
 
@@ -23,6 +28,8 @@ pub struct BenchOptions {
     pub corpus_path: PathBuf,
     /// Run ripgrep too.
     pub ripgrep: bool,
+    /// Runs of each suppression variant (interleaved; medians reported); 0 skips them.
+    pub suppression_runs: usize,
 }
 
 impl Default for BenchOptions {
@@ -31,6 +38,7 @@ impl Default for BenchOptions {
             corpus_mib: 200,
             corpus_path: std::env::temp_dir().join("cella-scan-bench-corpus.txt"),
             ripgrep: true,
+            suppression_runs: 3,
         }
     }
 }
@@ -79,6 +87,24 @@ pub struct BenchReport {
     pub policy_bytes: usize,
     /// ripgrep runs.
     pub ripgrep: Vec<RgRun>,
+    /// What suppression costs (empty if not run).
+    pub suppression: Vec<SuppressionRun>,
+}
+
+/// One way of scanning the corpus as files (see [`suppression_variants`]).
+#[derive(Debug, Clone)]
+pub struct SuppressionRun {
+    pub label: String,
+    /// Files in the tar, and the bytes of the tar.
+    pub files: u64,
+    pub tar_bytes: u64,
+    /// Median wall and CPU time.
+    pub time: Duration,
+    pub cpu: Duration,
+    /// Findings, and how many were suppressed or left out.
+    pub findings: u64,
+    pub suppressed: u64,
+    pub files_excluded: u64,
 }
 
 fn mbps(bytes: u64, t: Duration) -> f64 {
@@ -149,6 +175,33 @@ impl fmt::Display for BenchReport {
                 )?,
                 Err(e) => writeln!(f, "rg -c {}: failed: {e}", r.label)?,
             }
+        }
+        if let Some(none) = self.suppression.first() {
+            writeln!(
+                f,
+                "\nsuppression, same corpus as a tar of {} files ({:.1} MB), medians of interleaved runs:",
+                none.files,
+                none.tar_bytes as f64 / 1e6
+            )?;
+            writeln!(
+                f,
+                "{:<44} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9}",
+                "", "wall MB/s", "cpu MB/s", "findings", "suppressed", "excluded", "cpu cost"
+            )?;
+            for r in &self.suppression {
+                writeln!(
+                    f,
+                    "{:<44} {:>9.1} {:>9.1} {:>9} {:>10} {:>9} {:>8.1}%",
+                    r.label,
+                    mbps(r.tar_bytes, r.time),
+                    mbps(r.tar_bytes, r.cpu),
+                    r.findings,
+                    r.suppressed,
+                    r.files_excluded,
+                    (r.cpu.as_secs_f64() / none.cpu.as_secs_f64().max(1e-9) - 1.0) * 100.0
+                )?;
+            }
+            writeln!(f, "(goal: each at most 10% over `none`)")?;
         }
         Ok(())
     }
@@ -364,6 +417,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, PolicyError> {
         }
     }
     let _ = std::fs::remove_file(&opts.corpus_path);
+    let suppression = if opts.suppression_runs > 0 {
+        suppression_variants(&corpus, &policy, opts.suppression_runs)?
+    } else {
+        Vec::new()
+    };
 
     Ok(BenchReport {
         rules: policy.rules.len(),
@@ -371,7 +429,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, PolicyError> {
         planted,
         engine_time,
         engine_cpu,
-        engine_findings: report.findings.len() as u64 + report.findings_dropped,
+        engine_findings: report.findings_total(),
         engine_file,
         compile_eager,
         compile_lazy,
@@ -379,7 +437,149 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, PolicyError> {
         first_scan_all_rules,
         policy_bytes: compiled.as_bytes().len(),
         ripgrep,
+        suppression,
     })
+}
+
+/// Bytes of each file the corpus is cut into for the suppression runs.
+const FILE_BYTES: usize = 32 << 10;
+/// Baseline entries in the baseline run.
+const BASELINE_ENTRIES: usize = 10_000;
+/// Globs in the excludes runs.
+const EXCLUDE_GLOBS: usize = 200;
+
+/// `n` globs of the shapes teams write (`vendor/`, `*.min.js`, `/build`, `docs/*.md`,
+/// `**/testdata/**`, `[...]` sets), none of which matches a corpus file: every file is still
+/// scanned, so the runs show the matching's own cost.
+fn many_globs(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| match i % 6 {
+            0 => format!("vendor{i}/"),
+            1 => format!("*.min{i}.js"),
+            2 => format!("/build{i}"),
+            3 => format!("docs{i}/*.md"),
+            4 => format!("**/testdata{i}/**"),
+            _ => format!("gen/[abc]{i}_*.pb.go"),
+        })
+        .collect()
+}
+
+/// A ustar header (enough for the engine's reader: name, size, type, checksum).
+fn ustar_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+/// Scans `tar` once with `engine`; returns wall and CPU time and the report.
+fn timed_scan(engine: &mut Engine, tar: &[u8]) -> Result<(Duration, Duration, Report), PolicyError> {
+    let limits = Limits { max_findings: usize::MAX, ..Limits::default() };
+    let mut report = Report::default();
+    let c0 = cpu_times().0;
+    let t = Instant::now();
+    scan_artifact(&mut SliceSource(tar), "corpus.tar", engine, &limits, &mut report)
+        .map_err(|e| PolicyError::Malformed { pack: "bench".to_owned(), message: e.to_string() })?;
+    Ok((t.elapsed(), cpu_times().0.saturating_sub(c0), report))
+}
+
+/// The corpus as a tar of files, scanned (each run a fresh engine, as each job has) with no
+/// suppression, with a 10,000-entry baseline (half the planted findings' fingerprints, the
+/// rest random), with [`EXCLUDE_GLOBS`] job excludes, and with as many pack excludes on every
+/// rule; runs interleaved, medians kept.
+pub fn suppression_variants(
+    corpus: &[u8],
+    policy: &Policy,
+    runs: usize,
+) -> Result<Vec<SuppressionRun>, PolicyError> {
+    let bench_error = |message: String| PolicyError::Malformed { pack: "bench".to_owned(), message };
+    let mut tar = Vec::with_capacity(corpus.len() + corpus.len() / 32);
+    let mut files = 0u64;
+    for (i, chunk) in corpus.chunks(FILE_BYTES).enumerate() {
+        ustar_entry(&mut tar, &format!("src/module{:03}/file{i:05}.rs", i / 64), chunk);
+        files += 1;
+    }
+    tar.resize(tar.len() + 1024, 0);
+    let key = FingerprintKey::new([0x42; 32]);
+    let globs = many_globs(EXCLUDE_GLOBS);
+    let mut pack_policy = policy.clone();
+    let regexes = globs
+        .iter()
+        .map(|g| glob_to_regex(g))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bench_error(e.to_string()))?;
+    for rule in &mut pack_policy.rules {
+        rule.allowlist.paths.extend(regexes.iter().cloned());
+    }
+    // The baseline: every other planted finding, found by an untimed scan, then random
+    // fingerprints up to 10,000.
+    let mut probe = Engine::new_lazy(policy.clone()).map_err(|e| bench_error(e.to_string()))?;
+    probe.set_fingerprint_key(key.clone());
+    let (_, _, first) = timed_scan(&mut probe, &tar)?;
+    let mut entries: Vec<[u8; 32]> = first
+        .findings
+        .iter()
+        .step_by(2)
+        .filter_map(|f| FingerprintSet::parse_hex(&f.location_fingerprint))
+        .collect();
+    let mut rng = Rng(0x5eed_0bad_cafe_f00d);
+    while entries.len() < BASELINE_ENTRIES {
+        let mut fp = [0u8; 32];
+        for chunk in fp.chunks_mut(8) {
+            chunk.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        entries.push(fp);
+    }
+    let baseline = FingerprintSet::new(entries);
+
+    let labels = [
+        "none".to_owned(),
+        format!("baseline of {} fingerprints", baseline.len()),
+        format!("{EXCLUDE_GLOBS} job excludes (--exclude)"),
+        format!("{EXCLUDE_GLOBS} pack excludes on every rule"),
+    ];
+    let mut samples: Vec<Vec<(Duration, Duration, Report)>> = vec![Vec::new(); labels.len()];
+    for _ in 0..runs.max(1) {
+        for (v, out) in samples.iter_mut().enumerate() {
+            let variant_policy = if v == 3 { pack_policy.clone() } else { policy.clone() };
+            let mut engine = Engine::new_lazy(variant_policy).map_err(|e| bench_error(e.to_string()))?;
+            engine.set_fingerprint_key(key.clone());
+            match v {
+                1 => engine.set_baseline(baseline.clone()),
+                2 => engine.set_excludes(&globs).map_err(|e| bench_error(e.to_string()))?,
+                _ => {}
+            }
+            out.push(timed_scan(&mut engine, &tar)?);
+        }
+    }
+    Ok(labels
+        .into_iter()
+        .zip(samples)
+        .map(|(label, mut s)| {
+            let time = median(s.iter().map(|(t, _, _)| *t).collect());
+            let cpu = median(s.iter().map(|(_, c, _)| *c).collect());
+            let (_, _, report) = s.swap_remove(0);
+            SuppressionRun {
+                label,
+                files,
+                tar_bytes: tar.len() as u64,
+                time,
+                cpu,
+                findings: report.findings_total(),
+                suppressed: report.suppressed_inline + report.suppressed_baseline,
+                files_excluded: report.files_excluded,
+            }
+        })
+        .collect())
 }
 
 /// A file read with `pread`, as the engine's [`cella_scan::Source`].

@@ -1,8 +1,9 @@
-//! The TOML pack format: a `[pack]` header with defaults, then `[[rules]]`.
+//! The TOML pack format: a `[pack]` header with defaults (and `exclude`, path globs where the
+//! pack's rules do not apply), then `[[rules]]`.
 
 use serde::Deserialize;
 
-use cella_scan::{check_rule, Allowlist, Category, Rule, Severity, Validator};
+use cella_scan::{check_rule, glob_to_regex, Allowlist, Category, Rule, Severity, Validator};
 
 use super::{Pack, PolicyError};
 
@@ -12,6 +13,10 @@ struct PackHeader {
     name: String,
     category: Option<Category>,
     severity: Option<Severity>,
+    /// Gitignore-like globs of files none of this pack's rules look at (see
+    /// `cella_scan::glob_to_regex`): added to every rule's path allowlist.
+    #[serde(default)]
+    exclude: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -50,6 +55,8 @@ struct RuleToml {
     category: Option<Category>,
     help: String,
     spdx: Option<String>,
+    #[serde(default)]
+    generic: bool,
 }
 
 /// Parses and validates one pack. `source` names the pack in errors until its `[pack] name` is
@@ -73,6 +80,13 @@ pub(super) fn parse(source: &str, text: &str, check: Check) -> Result<Pack, Poli
     let file: PackFile = toml::from_str(text)
         .map_err(|e| PolicyError::Malformed { pack: source.to_owned(), message: e.to_string() })?;
     let pack_name = file.pack.name;
+    let excluded = file
+        .pack
+        .exclude
+        .iter()
+        .map(|g| glob_to_regex(g))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PolicyError::InvalidExclude { pack: pack_name.clone(), source: e })?;
     let mut rules = Vec::with_capacity(file.rules.len());
     for (i, value) in file.rules.into_iter().enumerate() {
         let label = value
@@ -105,12 +119,13 @@ pub(super) fn parse(source: &str, text: &str, check: Check) -> Result<Pack, Poli
             allowlist: Allowlist {
                 regexes: r.allowlist.regexes,
                 stopwords: r.allowlist.stopwords,
-                paths: r.allowlist.paths,
+                paths: r.allowlist.paths.into_iter().chain(excluded.iter().cloned()).collect(),
             },
             severity,
             category,
             help: r.help,
             spdx: r.spdx,
+            generic: r.generic,
         };
         if check == Check::Full {
             check_rule(&rule).map_err(invalid)?;

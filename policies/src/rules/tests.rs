@@ -154,3 +154,55 @@ fn tenant_pack_file_loads() {
     assert!(compile(&packs).is_ok());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_packs_exclude_globs_join_every_rule_path_allowlist() {
+    let text = pack_with(&format!("{GOOD}\n[rules.allowlist]\npaths = ['''^fixtures/''']"))
+        .replace("severity = \"error\"\n", "severity = \"error\"\nexclude = [\"test/\", \"*.snap\"]\n");
+    let text = format!("{text}\n[[rules]]\n{}\n", GOOD.replace("acme-token", "acme-2"));
+    let pack = parse_pack("tenant.toml", &text).unwrap();
+    let globs = [cella_scan::glob_to_regex("test/").unwrap(), cella_scan::glob_to_regex("*.snap").unwrap()];
+    assert_eq!(pack.rules[0].allowlist.paths, ["^fixtures/".to_owned(), globs[0].clone(), globs[1].clone()]);
+    assert_eq!(pack.rules[1].allowlist.paths, globs);
+    // The rules apply everywhere else; the first rule's own allowlist still holds for it alone.
+    let compiled = compile(&[pack]).unwrap();
+    let mut engine = cella_scan::Engine::from_policy_json(compiled.as_bytes()).unwrap();
+    let mut report = cella_scan::Report::default();
+    let token = b"acme_0123456789abcdef\n";
+    for path in ["test/unit.rs", "src/lib.rs", "pkg/test/x.rs", "snapshots/a.snap", "fixtures/k"] {
+        engine.scan_file(path, token, &mut report, &cella_scan::Limits::default()).unwrap();
+    }
+    let found: Vec<String> = report.findings.iter().map(|f| format!("{}:{}", f.path, f.rule_id)).collect();
+    assert_eq!(found, ["src/lib.rs:acme-token", "fixtures/k:acme-2"]);
+}
+
+#[test]
+fn a_bad_exclude_glob_is_refused_naming_the_pack() {
+    let text =
+        pack_with(GOOD).replace("severity = \"error\"\n", "severity = \"error\"\nexclude = [\"!keep/\"]\n");
+    let e = parse_pack("tenant.toml", &text).unwrap_err();
+    assert!(matches!(&e, PolicyError::InvalidExclude { pack, .. } if pack == "tenant"), "{e:?}");
+    assert_eq!(
+        format!("{e}: {}", std::error::Error::source(&e).unwrap()),
+        "rule pack `tenant` has an `exclude` glob it cannot use: exclude glob `!keep/` starts with `!`: negation is not supported, list only what to exclude (write `\\!` for a literal `!`)"
+    );
+}
+
+#[test]
+fn the_builtin_catch_alls_are_generic_and_lose_to_a_tenants_specific_rule() {
+    let secrets = builtin_pack("secrets").unwrap();
+    let generic: Vec<&str> = secrets.rules.iter().filter(|r| r.generic).map(|r| r.id.as_str()).collect();
+    assert_eq!(generic, ["generic-secret-assignment", "password-in-url"]);
+    let tenant = parse_pack("tenant.toml", &pack_with(GOOD)).unwrap();
+    assert!(!tenant.rules[0].generic);
+    let generic_rule = parse_pack("t.toml", &pack_with(&format!("{GOOD}\ngeneric = true"))).unwrap();
+    assert!(generic_rule.rules[0].generic);
+    // Built-in packs first, the tenant's after: the tenant's specific rule still wins.
+    let compiled = compile(&[secrets, tenant]).unwrap();
+    let mut engine = cella_scan::Engine::from_policy_json(compiled.as_bytes()).unwrap();
+    let mut report = cella_scan::Report::default();
+    let text = b"api_token = \"acme_9f8e7d6c5b4a3f2e\"\n";
+    engine.scan_file("app.env", text, &mut report, &cella_scan::Limits::default()).unwrap();
+    let rules: Vec<&str> = report.findings.iter().map(|f| f.rule_id.as_str()).collect();
+    assert_eq!(rules, ["acme-token"]);
+}

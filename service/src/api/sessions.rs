@@ -415,7 +415,7 @@ async fn exec(
             let policy = compiled_policy(&packs)?;
             let audit = json!({ "op": "scan", "policy": packs });
             let fingerprint_key = tenants::fingerprint_key(&state.pool, auth.tenant()).await?;
-            let request = SessionRequest::Scan { policy_name: packs, fingerprint_key };
+            let request = SessionRequest::Scan { policy_name: packs, fingerprint_key, excludes: Vec::new() };
             (request, Some(Attach::Policy(policy)), audit)
         }
         ExecRequest::Grep { pattern, max_matches, path_prefix } => {

@@ -26,7 +26,7 @@ impl Row {
     fn of(result: &Value) -> Row {
         let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
         let loc = &result["locations"][0]["physicalLocation"];
-        let suppressed = result["suppressions"].as_array().and_then(|s| s.first()).map(|s| {
+        let suppressed = is_suppressed(result).then(|| &result["suppressions"][0]).map(|s| {
             let kind = s["kind"].as_str().unwrap_or("suppressed");
             match s["justification"].as_str() {
                 Some(j) => format!("{kind}: {j}"),
@@ -48,6 +48,14 @@ impl Row {
     fn location(&self) -> String {
         format!("{}:{}", self.path, self.line)
     }
+}
+
+/// Whether a SARIF result is suppressed: it has a suppression and none is `rejected` or
+/// `underReview` (SARIF: a suppression without a status is accepted).
+pub fn is_suppressed(result: &Value) -> bool {
+    let suppressions = result["suppressions"].as_array().map(Vec::as_slice).unwrap_or_default();
+    !suppressions.is_empty()
+        && suppressions.iter().all(|s| matches!(s["status"].as_str(), None | Some("accepted")))
 }
 
 /// The results of a SARIF log as rows, sorted by path, line, column and rule.

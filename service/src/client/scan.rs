@@ -1,5 +1,6 @@
 //! `cella scan PATH`: pack a folder (or take a file), upload it with progress, wait for the job,
-//! print a findings table, write the SARIF log, and exit by the worst finding's severity.
+//! print a findings table, write the SARIF log, and exit by the worst unsuppressed finding's
+//! severity (a result the scan suppressed, inline or by baseline, never fails the gate).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -37,7 +38,7 @@ pub struct ScanArgs {
     /// --fail-on fail)
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
-    /// Exit 1 if a finding at or above this level exists
+    /// Exit 1 if an unsuppressed finding at or above this level exists
     #[arg(long, value_enum, default_value_t = Level::Error)]
     pub fail_on: Level,
     /// Reuse a job if this key was sent before with the same artifact (safe retries)
@@ -85,6 +86,9 @@ impl Level {
 pub struct ScanReport {
     pub job_id: String,
     pub findings: usize,
+    /// Findings the scan suppressed (inline marker, baseline).
+    pub suppressed: usize,
+    /// Unsuppressed findings at or above `--fail-on`.
     pub at_threshold: usize,
 }
 
@@ -292,7 +296,7 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     } else {
         eprintln!("{line}");
     }
-    Ok(ScanReport { job_id: id, findings: rows.len(), at_threshold })
+    Ok(ScanReport { job_id: id, findings: rows.len(), suppressed, at_threshold })
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {

@@ -1,6 +1,7 @@
 //! `cella-vmm bench scan`: the scan engine's throughput inside a Cella VM, natively in this
 //! process, and ripgrep with the same regex set — on the same generated corpus, in one run —
-//! plus end-to-end `scan` latency (launch, scan, teardown) for a 1 MiB and a 100 MiB tarball.
+//! plus what a baseline and excludes cost natively, and end-to-end `scan` latency (launch,
+//! scan, teardown) for a 1 MiB and a 100 MiB tarball.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -56,6 +57,7 @@ fn vm_scan(
         launch_start: started,
         cancel: None,
         fingerprint_key: "00".repeat(32),
+        options: Default::default(),
     };
     let run = scan::run(&request, Box::new(std::io::sink())).map_err(|e| error_chain(&e))?;
     let wall = started.elapsed();
@@ -100,8 +102,12 @@ fn run(args: &ScanBenchArgs) -> Result<(), String> {
     let policy = load_packs(DEFAULT_PACKS).map_err(|e| error_chain(&e))?.into_bytes();
     let dir = std::env::temp_dir().join(format!("cella-bench-scan-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let opts =
-        BenchOptions { corpus_mib: args.corpus_mib, corpus_path: dir.join("rg-corpus.txt"), ripgrep: true };
+    let opts = BenchOptions {
+        corpus_mib: args.corpus_mib,
+        corpus_path: dir.join("rg-corpus.txt"),
+        ripgrep: true,
+        suppression_runs: args.runs,
+    };
 
     eprintln!("cella-vmm bench scan: native engine and ripgrep on a {} MiB corpus...", args.corpus_mib);
     let native = bench::run(&opts).map_err(|e| error_chain(&e))?;

@@ -19,6 +19,8 @@ pub const VMM_FAILED: u8 = 243;
 pub const STOPPED: u8 = 244;
 /// `scan`: the runner refused the artifact (unsafe or corrupt archive) and said why.
 pub const SCAN_REFUSED: u8 = 3;
+/// `scan --fail-on LEVEL`: unsuppressed findings at or above the level.
+pub const FINDINGS: u8 = 1;
 /// Bad command line, configuration or guest image.
 pub const BAD_INPUT: u8 = 2;
 /// `--jailed`: cella-jailer's own statuses, passed on: 245 the VMM was killed by its seccomp
@@ -41,6 +43,7 @@ Exit status:
 pub const SCAN_HELP: &str = "\
 Exit status:
   0      the scan ran (see the summary for findings)
+  1      --fail-on LEVEL: unsuppressed findings at or above LEVEL (suppressed ones never count)
   3      the artifact was refused (path traversal, bomb, corrupt archive...): the message says why
   2      bad command line, artifact path, policy or guest image
   241    the guest crashed or broke a device contract

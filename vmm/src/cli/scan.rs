@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cella_proto::Job;
-use cella_vmm::job::{JobError, JobServer, ScanOutcome};
-use cella_vmm::scan::{self, ScanError, ScanRequest, ScanRun, SocketDir};
+use cella_policies::baseline::{Baseline, BaselineError};
+use cella_proto::SarifContext;
+use cella_scan::{glob_to_regex, GlobError, Severity};
+use cella_vmm::job::{JobError, JobFrames, JobServer, ScanOutcome};
+use cella_vmm::scan::{self, JobOptions, ScanError, ScanRequest, ScanRun, SocketDir};
 use cella_vmm::{default_scanner_image, error_chain, GuestExit};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
 use super::exit_code;
@@ -54,8 +56,150 @@ pub struct ScanArgs {
     /// Stop the scan after this many milliseconds
     #[arg(long, value_name = "N", default_value_t = SCAN_TIMEOUT_MS)]
     pub timeout_ms: u64,
+    /// The artifact's name (a relative path): the path a plain file's findings are reported
+    /// under (a gzipped one's without `.gz`) [default: the file's own name]
+    #[arg(long, value_name = "NAME")]
+    pub artifact_name: Option<String>,
+    /// Do not scan files matching this gitignore-like glob (`vendor/`, `*.min.js`, `/build`,
+    /// `**/testdata/**`); repeatable. They are counted as excluded
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Suppress the findings listed here: a Cella baseline file (`cella-baseline/1`) or the
+    /// SARIF log of an earlier scan. Needs the same CELLA_FINGERPRINT_KEY as that scan
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<PathBuf>,
+    /// Exit 1 if an unsuppressed finding at or above this level exists
+    #[arg(long, value_enum, default_value_t = FailOn::Never)]
+    pub fail_on: FailOn,
+    /// SARIF `tool.driver.informationUri` (an absolute URI)
+    #[arg(long, value_name = "URI")]
+    pub information_uri: Option<String>,
+    /// SARIF `automationDetails.id`: which analysis this is (e.g. `cella/secrets/`)
+    #[arg(long, value_name = "ID")]
+    pub automation_id: Option<String>,
+    /// SARIF `versionControlProvenance`: the repository's URI
+    #[arg(long, value_name = "URI")]
+    pub vcs_repo: Option<String>,
+    /// The revision (commit) scanned
+    #[arg(long, value_name = "REV", requires = "vcs_repo")]
+    pub vcs_revision: Option<String>,
+    /// The branch scanned
+    #[arg(long, value_name = "BRANCH", requires = "vcs_repo")]
+    pub vcs_branch: Option<String>,
     #[command(flatten)]
     pub jail: super::jailed::JailArgs,
+}
+
+/// The lowest level of unsuppressed finding that makes `scan` exit 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FailOn {
+    Note,
+    Warning,
+    Error,
+    /// Never exit 1 for findings
+    Never,
+}
+
+impl FailOn {
+    fn severity(self) -> Option<Severity> {
+        match self {
+            FailOn::Note => Some(Severity::Note),
+            FailOn::Warning => Some(Severity::Warning),
+            FailOn::Error => Some(Severity::Error),
+            FailOn::Never => None,
+        }
+    }
+}
+
+/// A job option that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OptionError {
+    #[error("--artifact-name `{name}` {reason}")]
+    ArtifactName { name: String, reason: &'static str },
+    #[error("an --exclude glob was refused")]
+    Exclude(#[source] GlobError),
+    #[error("{flag} `{value}` is not an absolute URI (a scheme such as https:, then the rest, no spaces)")]
+    NotAUri { flag: &'static str, value: String },
+    #[error("{flag} {reason}")]
+    Text { flag: &'static str, reason: &'static str },
+    #[error("--baseline needs the fingerprint key of the scans it came from in {}: fingerprints are keyed, and this scan's random key would match nothing", scan::FINGERPRINT_KEY_ENV)]
+    BaselineWithoutKey,
+    #[error("--baseline could not be used")]
+    Baseline(#[source] BaselineError),
+}
+
+/// Longest URI, id, revision or branch accepted.
+const MAX_FIELD: usize = 2048;
+
+fn check_text(flag: &'static str, value: &str) -> Result<String, OptionError> {
+    if value.is_empty() {
+        return Err(OptionError::Text { flag, reason: "is empty" });
+    }
+    if value.len() > MAX_FIELD {
+        return Err(OptionError::Text { flag, reason: "is longer than 2048 bytes" });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(OptionError::Text { flag, reason: "holds a control character" });
+    }
+    Ok(value.to_owned())
+}
+
+fn check_uri(flag: &'static str, value: &str) -> Result<String, OptionError> {
+    let value = check_text(flag, value)?;
+    let absolute = value.split_once(':').is_some_and(|(scheme, rest)| {
+        scheme.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+            && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+            && !rest.is_empty()
+    });
+    if !absolute || value.contains(char::is_whitespace) {
+        return Err(OptionError::NotAUri { flag, value });
+    }
+    Ok(value)
+}
+
+fn check_artifact_name(name: &str) -> Result<String, OptionError> {
+    let refuse = |reason| OptionError::ArtifactName { name: name.to_owned(), reason };
+    check_text("--artifact-name", name)
+        .map_err(|_| refuse("is empty, too long or holds a control character"))?;
+    let normalized = cella_scan::normalize_entry_path(name).map_err(|_| {
+        refuse("must be a relative path that stays inside the artifact (no leading /, no ..)")
+    })?;
+    if normalized.is_empty() {
+        return Err(refuse("names no file"));
+    }
+    Ok(normalized)
+}
+
+/// The job options from the command line, each checked here so that a mistake is reported
+/// before anything starts (the runner checks them again).
+fn job_options(args: &ScanArgs) -> Result<JobOptions, OptionError> {
+    for glob in &args.exclude {
+        glob_to_regex(glob).map_err(OptionError::Exclude)?;
+    }
+    let baseline = match &args.baseline {
+        None => None,
+        Some(path) => {
+            if std::env::var_os(scan::FINGERPRINT_KEY_ENV).is_none() {
+                return Err(OptionError::BaselineWithoutKey);
+            }
+            Some(Baseline::read(path).map_err(OptionError::Baseline)?.wire_payload())
+        }
+    };
+    let opt = |flag, v: &Option<String>, check: fn(&'static str, &str) -> Result<String, OptionError>| {
+        v.as_deref().map(|v| check(flag, v)).transpose()
+    };
+    Ok(JobOptions {
+        artifact_name: args.artifact_name.as_deref().map(check_artifact_name).transpose()?,
+        excludes: args.exclude.clone(),
+        baseline,
+        sarif: SarifContext {
+            information_uri: opt("--information-uri", &args.information_uri, check_uri)?,
+            automation_id: opt("--automation-id", &args.automation_id, check_text)?,
+            repository_uri: opt("--vcs-repo", &args.vcs_repo, check_uri)?,
+            revision_id: opt("--vcs-revision", &args.vcs_revision, check_text)?,
+            branch: opt("--vcs-branch", &args.vcs_branch, check_text)?,
+        },
+    })
 }
 
 pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
@@ -77,6 +221,10 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
     let fingerprint_key = match scan::fingerprint_key() {
         Ok(key) => key,
         Err(message) => return fail(exit_code::BAD_INPUT, message),
+    };
+    let options = match job_options(&args) {
+        Ok(options) => options,
+        Err(e) => return fail(exit_code::BAD_INPUT, error_chain(&e)),
     };
     // Opened before the VM starts: once the main thread's seccomp filter is on, it can no
     // longer open files (and a jailed VMM cannot reach host paths at all).
@@ -101,6 +249,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         launch_start,
         cancel: None,
         fingerprint_key,
+        options,
     };
     let (run, jailer_status) = if args.jail.jailed {
         match jailed(&args, request) {
@@ -152,11 +301,26 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
                         }
                         result["sarif"] = json!(path.display().to_string());
                     }
+                    let at_threshold =
+                        args.fail_on.severity().map(|level| unsuppressed_at_or_above(&summary, level));
                     if !args.json {
                         print_summary(&summary, &report.exit, run.scan_ms);
+                        if let Some(n) = at_threshold {
+                            let level = format!("{:?}", args.fail_on).to_lowercase();
+                            println!("{n} unsuppressed finding(s) at or above --fail-on {level}");
+                        }
                     }
                     result["summary"] = summary;
-                    exit_code::for_exit(&report.exit)
+                    result["fail_on"] = json!({
+                        "level": format!("{:?}", args.fail_on).to_lowercase(),
+                        "unsuppressed_at_or_above": at_threshold,
+                    });
+                    match report.exit {
+                        GuestExit::Exited { code: 0 } if at_threshold.unwrap_or(0) > 0 => {
+                            ExitCode::from(exit_code::FINDINGS)
+                        }
+                        ref exit => exit_code::for_exit(exit),
+                    }
                 }
                 ScanOutcome::Refused(error) => {
                     // The guest's words (an entry name chosen by the artifact): escaped for the terminal.
@@ -204,13 +368,10 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
     let started = Instant::now();
     let vmm = args.jail.spawn(&launch).map_err(|e| super::jailed::refuse(&e))?;
     // The runner learns the artifact's real name from the job; in the jail it is `/disk`.
-    let job = Job {
-        artifact_name: scan::artifact_name(&request.artifact),
-        artifact_size: artifact_bytes,
-        fingerprint_key: request.fingerprint_key.clone(),
-    };
+    let job = request.job(artifact_bytes);
     let vm_done = Arc::new(AtomicBool::new(false));
-    let serving = server.serve(job, request.policy, vm_done.clone(), request.timeout, sockets);
+    let frames = JobFrames { job, policy: request.policy, baseline: request.options.baseline };
+    let serving = server.serve(frames, vm_done.clone(), request.timeout, sockets);
     let end = vmm.wait();
     vm_done.store(true, Ordering::Release);
     serving.thread().unpark();
@@ -265,6 +426,7 @@ fn hold(args: &ScanArgs, image: PathBuf) -> ExitCode {
         launch_start: Instant::now(),
         cancel: None,
         fingerprint_key: String::new(),
+        options: JobOptions::default(),
     };
     args.jail.exec(&jailed_launch(&request, &image, None))
 }
@@ -273,20 +435,32 @@ fn print_summary(summary: &Value, exit: &GuestExit, scan_ms: u64) {
     print!("{}", summary_text(summary, exit, scan_ms));
 }
 
+/// Unsuppressed findings at `level` or above, from the summary's `unsuppressed` counts.
+fn unsuppressed_at_or_above(summary: &Value, level: Severity) -> u64 {
+    let n = |key: &str| summary["unsuppressed"][key].as_u64().unwrap_or(0);
+    let counts = cella_scan::ByLevel { error: n("error"), warning: n("warning"), note: n("note") };
+    counts.at_or_above(level)
+}
+
 /// The summary as `scan` prints it. The names come from the guest: escaped for the terminal.
 fn summary_text(summary: &Value, exit: &GuestExit, scan_ms: u64) -> String {
     let n = |key: &str| summary[key].as_u64().unwrap_or(0);
+    let suppressed = |key: &str| summary["suppressed"][key].as_u64().unwrap_or(0);
     let shown = cella_proto::text::escape_controls;
     let mut out = format!(
-        "scanned {} files ({} bytes; {} binary skipped) in {scan_ms} ms: {} findings\n",
+        "scanned {} files ({} bytes; {} binary, {} excluded) in {scan_ms} ms: {} findings, {} suppressed ({} inline, {} baseline)\n",
         n("files_scanned"),
         n("bytes_scanned"),
-        n("files_skipped_binary"),
-        n("findings")
+        n("files_binary"),
+        n("files_excluded"),
+        n("findings"),
+        suppressed("total"),
+        suppressed("inline"),
+        suppressed("baseline"),
     );
     if let Some(categories) = summary["by_category"].as_object() {
         let line: Vec<String> = categories.iter().map(|(k, v)| format!("{} {v}", shown(k))).collect();
-        out.push_str(&format!("  by category: {}\n", line.join(", ")));
+        out.push_str(&format!("  unsuppressed by category: {}\n", line.join(", ")));
     }
     if let Some(rules) = summary["by_rule"].as_object() {
         for (rule, count) in rules {
@@ -306,14 +480,42 @@ mod tests {
     #[test]
     fn the_summary_shows_the_guests_names_escaped() {
         let summary = serde_json::json!({
-            "files_scanned": 2, "bytes_scanned": 10, "files_skipped_binary": 0, "findings": 1,
+            "files_scanned": 2, "bytes_scanned": 10, "files_binary": 1, "files_excluded": 3, "findings": 2,
+            "suppressed": {"inline": 1, "baseline": 0, "total": 1},
             "by_category": {"secrets\u{1b}[2J": 1},
             "by_rule": {"rule\r\u{7}": 1}
         });
         let text = summary_text(&summary, &GuestExit::Exited { code: 0 }, 5);
         assert_eq!(
             text,
-            "scanned 2 files (10 bytes; 0 binary skipped) in 5 ms: 1 findings\n  by category: secrets\\x1b[2J 1\n  1  rule\\r\\x07\n"
+            "scanned 2 files (10 bytes; 1 binary, 3 excluded) in 5 ms: 2 findings, 1 suppressed (1 inline, 0 baseline)\n  unsuppressed by category: secrets\\x1b[2J 1\n  1  rule\\r\\x07\n"
         );
+    }
+
+    #[test]
+    fn the_gate_counts_unsuppressed_findings_at_or_above_the_level() {
+        let summary = serde_json::json!({"unsuppressed": {"error": 1, "warning": 2, "note": 4}});
+        let at = |l| unsuppressed_at_or_above(&summary, l);
+        assert_eq!((at(Severity::Error), at(Severity::Warning), at(Severity::Note)), (1, 3, 7));
+        assert_eq!(unsuppressed_at_or_above(&serde_json::json!({}), Severity::Note), 0);
+    }
+
+    #[test]
+    fn job_options_are_checked_before_launch() {
+        assert_eq!(check_artifact_name("./src/app.env").unwrap(), "src/app.env");
+        for bad in ["", "/etc/passwd", "../x", ".", "a\nb"] {
+            assert!(check_artifact_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            check_uri("--vcs-repo", "https://git.example.org/a/b").unwrap(),
+            "https://git.example.org/a/b"
+        );
+        for bad in ["git.example.org/a", "https://a b", ":x", "1http://x"] {
+            let e = check_uri("--vcs-repo", bad).unwrap_err();
+            assert!(e.to_string().starts_with(&format!("--vcs-repo `{bad}` is not an absolute URI")), "{e}");
+        }
+        assert_eq!(check_text("--vcs-branch", "").unwrap_err().to_string(), "--vcs-branch is empty");
+        let e = OptionError::BaselineWithoutKey.to_string();
+        assert!(e.starts_with("--baseline needs the fingerprint key"), "{e}");
     }
 }

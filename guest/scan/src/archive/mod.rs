@@ -37,8 +37,12 @@ pub struct Limits {
     pub max_depth: u32,
     /// An archive nested in a compressed entry is read into memory; this caps its size.
     pub max_nested_archive: u64,
-    /// Findings kept in the report (the rest are counted only).
+    /// Findings kept in the report (the rest are counted only). The default is GitHub code
+    /// scanning's limit of results in one SARIF run.
     pub max_findings: usize,
+    /// Bytes of one binary file whose printable strings are scanned; the rest of the file is
+    /// read (archive checks still apply) but not scanned.
+    pub max_binary_bytes: u64,
 }
 
 impl Default for Limits {
@@ -50,7 +54,8 @@ impl Default for Limits {
             max_ratio: 200,
             max_depth: 4,
             max_nested_archive: 64 << 20,
-            max_findings: 100_000,
+            max_findings: 25_000,
+            max_binary_bytes: 32 << 20,
         }
     }
 }
@@ -77,7 +82,8 @@ fn sniff(head: &[u8]) -> Kind {
 
 /// Scans an artifact read from `source`. `name` is the artifact's display name: the path of a
 /// plain file, and the prefix of nothing for an archive (its entries are reported by their own
-/// paths). Findings and counts are appended to `report`.
+/// paths, normalized: a tar entry `./src/x` is `src/x`). Files the engine's excludes name are
+/// skipped and counted. Findings and counts are appended to `report`.
 pub fn scan_artifact<S: Source + ?Sized>(
     source: &mut S,
     name: &str,
@@ -86,7 +92,7 @@ pub fn scan_artifact<S: Source + ?Sized>(
     report: &mut Report,
 ) -> Result<(), ArtifactError> {
     let total = Cell::new(0);
-    let mut sink = ScanSink { engine, report, max_findings: limits.max_findings };
+    let mut sink = ScanSink { engine, report, limits };
     let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total };
     walk.source(&mut &mut *source, name, 0, "")
 }
@@ -119,18 +125,29 @@ where
 /// What the walk does with each file it reaches.
 pub(crate) trait FileSink {
     fn file(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<(), ArtifactError>;
+
+    /// Whether the entry (file or archive) at `path` is left out: not scanned, not opened.
+    fn excluded(&mut self, _path: &str) -> bool {
+        false
+    }
 }
 
 struct ScanSink<'a> {
     engine: &'a mut Engine,
     report: &'a mut Report,
-    max_findings: usize,
+    limits: &'a Limits,
 }
 
 impl FileSink for ScanSink<'_> {
     fn file(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<(), ArtifactError> {
-        self.engine.scan_stream(path, r, self.report, self.max_findings)?;
+        self.engine.scan_stream(path, r, self.report, self.limits)?;
         Ok(())
+    }
+
+    fn excluded(&mut self, path: &str) -> bool {
+        let excluded = self.engine.excludes_path(path);
+        self.report.files_excluded += u64::from(excluded);
+        excluded
     }
 }
 
@@ -231,6 +248,9 @@ impl<'a> Walk<'a> {
         let n = read_full(r, &mut head)?;
         let mut chained = Chain { head: &head[..n], rest: r };
         match sniff(&head[..n]) {
+            // An archive's entries were checked against the excludes as they were reached
+            // (`entry`); a plain artifact (or the file in a plain gzip) is checked here.
+            Kind::Plain if prefix.is_empty() && self.sink.excluded(name) => drain(&mut chained),
             Kind::Plain => self.sink.file(name, &mut chained),
             Kind::Tar => {
                 let depth = self.enter(name, depth)?;
@@ -292,13 +312,17 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    /// An entry's content: scanned as a file, or walked as a nested archive.
+    /// An entry's content: scanned as a file, or walked as a nested archive; or, if the
+    /// job's excludes name it, neither (the caller reads past it, so its checks still apply).
     pub(crate) fn entry(
         &mut self,
         r: &mut dyn ByteRead,
         display: &str,
         depth: u32,
     ) -> Result<(), ArtifactError> {
+        if self.sink.excluded(display) {
+            return Ok(());
+        }
         let child_prefix = format!("{display}!/");
         self.stream(r, display, depth, &child_prefix)
     }

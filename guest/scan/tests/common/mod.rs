@@ -23,6 +23,7 @@ pub fn rule(id: &str, regex: &str, group: u32, keywords: &[&str], category: Cate
         category,
         help: format!("{id} help"),
         spdx: None,
+        generic: false,
     }
 }
 

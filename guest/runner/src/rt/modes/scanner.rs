@@ -1,12 +1,13 @@
-//! The `scan` mode: fetch the job and the policy over vsock, scan the artifact on the disk,
-//! send back SARIF and the summary.
+//! The `scan` mode: fetch the job, the policy and (if the job has one) the baseline over
+//! vsock, scan the artifact on the disk with the job's excludes, send back SARIF and the
+//! summary.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use cella_abi::BootInfo;
 use cella_proto as proto;
-use cella_scan::{sarif, scan_artifact, Engine, FingerprintKey, Limits, Report};
+use cella_scan::{sarif, scan_artifact, Engine, FingerprintKey, FingerprintSet, Limits, Report};
 
 use super::{fail, CLOSE_TIMEOUT_MS, DEVICE_FAILED};
 use crate::rt::blk_source::BlkSource;
@@ -69,6 +70,18 @@ pub fn scan(boot: &BootInfo, console: &mut Console) -> ! {
         );
     }
 
+    let baseline = job.baseline.map(|n| {
+        let (kind, payload) = next_frame(&mut vsock, conn, &mut decoder, console);
+        if kind != proto::Kind::Baseline {
+            fail(
+                console,
+                "job protocol",
+                proto::ProtoError::Unexpected { expected: proto::Kind::Baseline, got: kind },
+            );
+        }
+        (n, payload)
+    });
+
     let report_error = |vsock: &mut Vsock, kind: &str, message: String| {
         let error = proto::ErrorReport { kind: String::from(kind), message };
         let _ = vsock.send(conn, &proto::encode_json(proto::Kind::Error, &error));
@@ -86,6 +99,24 @@ pub fn scan(boot: &BootInfo, console: &mut Console) -> ! {
         }
     };
     engine.set_fingerprint_key(fingerprint_key);
+    if let Err(e) = engine.set_excludes(&job.excludes) {
+        report_error(&mut vsock, "protocol", alloc::format!("the job's excludes: {e}"));
+        exit(DEVICE_FAILED)
+    }
+    if let Some((n, payload)) = baseline {
+        match FingerprintSet::from_wire(&payload) {
+            Some(set) if payload.len() == n as usize * proto::BASELINE_ENTRY_LEN => engine.set_baseline(set),
+            _ => {
+                let message = alloc::format!(
+                    "the baseline frame has {} bytes, not the {n} fingerprints of {} bytes the job announced",
+                    payload.len(),
+                    proto::BASELINE_ENTRY_LEN
+                );
+                report_error(&mut vsock, "protocol", message);
+                exit(DEVICE_FAILED)
+            }
+        }
+    }
     let disk = match Blk::open(boot) {
         Ok(disk) => disk,
         Err(e) => {
@@ -101,7 +132,14 @@ pub fn scan(boot: &BootInfo, console: &mut Console) -> ! {
         report_error(&mut vsock, "artifact", alloc::format!("{e}"));
         exit(ARTIFACT_REFUSED)
     }
-    let sarif = sarif::to_json(engine.policy(), &report);
+    let details = sarif::RunDetails {
+        information_uri: job.sarif.information_uri,
+        automation_id: job.sarif.automation_id,
+        repository_uri: job.sarif.repository_uri,
+        revision_id: job.sarif.revision_id,
+        branch: job.sarif.branch,
+    };
+    let sarif = sarif::to_json(engine.policy(), &report, &details);
     let summary = report.summary_json(engine.policy(), 0);
     let mut out = proto::encode(proto::Kind::Sarif, sarif.as_bytes());
     out.extend(proto::encode(proto::Kind::Summary, summary.as_bytes()));

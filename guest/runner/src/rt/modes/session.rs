@@ -18,14 +18,15 @@
 //! finding of the masking policy (the one the host sends with `grep` and `read`) masked, each
 //! byte `*` ([`MaskedView`], kept per policy and extended after an `add`):
 //! - `read`: `deny` refuses; `redact` returns the masked text and refuses binary files (the
-//!   engine cannot locate findings in them, so it cannot promise to mask them); `allow` returns
-//!   the bytes as they are.
+//!   masked view is of text: a binary file's strings are scanned, its bytes are not masked);
+//!   `allow` returns the bytes as they are.
 //! - `grep`: under `allow` the raw text is searched; otherwise the masked view, each unmasked
 //!   stretch on its own, so a pattern never matches inside or across a masked range and no
 //!   position depends on a masked byte. `redact` answers with the masked lines (path, line,
 //!   column, text); `deny` with match counts per file only.
 //! - `scan`: findings name the rule and the place, as the masked ranges show; their snippets
-//!   are masked whole (no prefix or suffix of the value), and fingerprints are keyed.
+//!   are masked whole (no prefix or suffix of the value), and fingerprints are keyed. Inline
+//!   markers suppress findings and the request's excludes leave files out, as in a job.
 
 use alloc::collections::VecDeque;
 use alloc::format;
@@ -283,8 +284,8 @@ impl Session<'_> {
         match request {
             SessionRequest::Stats => Answer::with_frames(SessionResult::Stats(self.stats()), Vec::new()),
             SessionRequest::Stop => Answer::with_frames(SessionResult::Stop, Vec::new()),
-            SessionRequest::Scan { policy_name, fingerprint_key } => {
-                self.scan(policy_name, fingerprint_key, &attachment)
+            SessionRequest::Scan { policy_name, fingerprint_key, excludes } => {
+                self.scan(policy_name, fingerprint_key, excludes, &attachment)
             }
             SessionRequest::Grep { pattern, max_matches, path_prefix } => {
                 self.grep(pattern, *max_matches, path_prefix.as_deref(), &attachment)
@@ -313,7 +314,13 @@ impl Session<'_> {
         }
     }
 
-    fn scan(&mut self, policy_name: &str, fingerprint_key: &str, policy: &[u8]) -> Answer {
+    fn scan(
+        &mut self,
+        policy_name: &str,
+        fingerprint_key: &str,
+        excludes: &[String],
+        policy: &[u8],
+    ) -> Answer {
         let Some(key) = FingerprintKey::from_hex(fingerprint_key) else {
             return error(error_kind::BAD_REQUEST, String::from("fingerprint_key is not 64 hex digits"))
                 .into();
@@ -323,6 +330,9 @@ impl Session<'_> {
             Err(e) => return e.into(),
         };
         engine.set_fingerprint_key(key);
+        if let Err(e) = engine.set_excludes(excludes) {
+            return error(error_kind::BAD_REQUEST, format!("{e}")).into();
+        }
         let mut report = Report::default();
         if let Err(e) = self.index.scan(engine, &self.limits, &mut report) {
             // Only a rule that fails to compile on first use can fail a scan of the index.
@@ -331,13 +341,15 @@ impl Session<'_> {
         if self.args.read_policy != ReadPolicy::Allow {
             report.mask_snippets(engine.policy());
         }
-        let sarif = sarif::to_json(engine.policy(), &report);
+        let sarif = sarif::to_json(engine.policy(), &report, &sarif::RunDetails::default());
         let summary = report.summary_json(engine.policy(), 0);
         let result = proto::ScanResult {
             policy_name: String::from(policy_name),
             policy_cached,
             files_scanned: report.files_scanned,
-            findings: report.findings.len() as u64 + report.findings_dropped,
+            findings: report.findings_total(),
+            suppressed: report.suppressed_inline + report.suppressed_baseline,
+            files_excluded: report.files_excluded,
         };
         Answer::with_frames(
             SessionResult::Scan(result),
@@ -433,7 +445,7 @@ impl Session<'_> {
                 error_kind::BINARY,
                 format!(
                     "`{path}` is a binary file; with read policy `redact` only text files can be read \
-                     (findings in binary files cannot be located, so they cannot be masked)"
+                     (only text is masked: a binary file's bytes around its strings are not)"
                 ),
             )
             .into();
