@@ -143,15 +143,11 @@ impl Connection {
     }
 }
 
-/// A server URL as the client can use it: `https://`, no trailing slash.
+/// A server URL as the client can use it: `https://` (or `http://`, which `cella serve` never
+/// speaks: see [`request_error`]), no trailing slash.
 fn checked_url(url: &str) -> Result<String, ClientError> {
     let url = url.trim().trim_end_matches('/');
-    if let Some(rest) = url.strip_prefix("http://") {
-        return Err(ClientError::Usage(format!(
-            "{url}: Cella serves HTTPS only; use https://{rest} (with --ca or CELLA_CA for its CA)"
-        )));
-    }
-    if !url.starts_with("https://") {
+    if !url.starts_with("https://") && !url.starts_with("http://") {
         return Err(ClientError::Usage(format!(
             "{url} is not a server URL: give one like https://host:8443"
         )));
@@ -163,19 +159,23 @@ fn checked_url(url: &str) -> Result<String, ClientError> {
 /// says what to do about it.
 fn request_error(base: &str, e: reqwest::Error) -> ClientError {
     let mut source: Option<&dyn std::error::Error> = Some(&e);
-    let mut untrusted = false;
+    let (mut untrusted, mut not_http) = (false, false);
     while let Some(err) = source {
         let text = err.to_string();
-        if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
-            untrusted = true;
-        }
+        untrusted |= text.contains("UnknownIssuer") || text.contains("invalid peer certificate");
+        not_http |= text.contains("invalid HTTP version") || text.contains("HTTP/0.9");
         source = err.source();
     }
     if untrusted {
-        ClientError::UntrustedServer(base.to_owned(), e)
-    } else {
-        ClientError::Http(base.to_owned(), e)
+        return ClientError::UntrustedServer(base.to_owned(), e);
     }
+    // Plain HTTP sent to a TLS server: its answer is a TLS alert, not an HTTP response.
+    if let Some(rest) = base.strip_prefix("http://").filter(|_| not_http) {
+        return ClientError::Usage(format!(
+            "{base} did not answer in HTTP: Cella serves HTTPS only; use https://{rest} (with --ca or CELLA_CA for its CA)"
+        ));
+    }
+    ClientError::Http(base.to_owned(), e)
 }
 
 /// A credential as it can go into a header: trimmed, visible ASCII only.
