@@ -11,7 +11,10 @@
 //! ```
 
 pub mod bench;
+mod gitleaks;
+pub mod lines;
 mod pack;
+pub mod tenant;
 
 use std::io;
 use std::path::{Path, PathBuf};
