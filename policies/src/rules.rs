@@ -11,6 +11,7 @@
 //! ```
 
 pub mod bench;
+pub mod bench_packs;
 mod gitleaks;
 pub mod lines;
 mod pack;

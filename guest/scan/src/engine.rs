@@ -66,6 +66,16 @@ const RULE_DFA_CACHE: usize = 256 << 10;
 /// milliseconds and much memory, which only pays off on larger artifacts.
 pub const LINE_FILTER_AFTER: u64 = 256 << 10;
 
+/// How many single-line keyword rules contribute their full regex to the line filter, in policy
+/// order (the built-in packs' 71 and a tenant pack of 50); the rest contribute their keywords,
+/// like multiline rules. A regex is the more selective filter (a line is a candidate only if the
+/// rule could match on it), but hundreds of them in one lazy DFA cost more to determinize than
+/// the candidate lines they spare: 10 tenant packs of 50 rules after the built-in ones made a
+/// scan 3.8 times slower with every regex in the filter, 1.7 times with this cap
+/// (`cella_policies::rules::bench_packs`). Findings are the same either way (a keyword rule runs
+/// only where its keyword occurs).
+pub const FILTER_REGEXES: usize = 128;
+
 /// Regex syntax for every rule: byte-oriented, ASCII classes, no UTF-8 requirement, so that
 /// arbitrary bytes never make the lazy DFA give up.
 fn build_regexes(patterns: &[&str]) -> Result<Regex, String> {
@@ -275,7 +285,7 @@ impl Engine {
                 rule.allowlist.stopwords.iter().map(|s| s.as_bytes().to_ascii_lowercase()).collect();
             rules.push(RuleState { stopwords, ..RuleState::default() });
         }
-        // The prefilter reports one keyword per start position (leftmost-first, restarted one
+        // The prefilter reports one keyword per start position (the longest there, restarted one
         // byte after each hit). Where keyword A occurs inside keyword B, an occurrence of B is
         // also one of A: B triggers A's rules too.
         let snapshot = keyword_rules.clone();
@@ -296,7 +306,11 @@ impl Engine {
             Some(
                 AhoCorasick::builder()
                     .ascii_case_insensitive(true)
-                    .match_kind(MatchKind::LeftmostFirst)
+                    // Longest: at a position where a keyword and a longer one starting with it both
+                    // occur (`acme`, `acme_live_`), the longer is reported, and triggers the
+                    // shorter's rules as well (above); leftmost-first reported whichever came
+                    // first in the policy and lost the other's rules.
+                    .match_kind(MatchKind::LeftmostLongest)
                     // It only ever searches single candidate lines: a contiguous NFA builds several
                     // times faster than a DFA (this is on the VM's launch path) and a prefilter's
                     // setup costs more than it saves on haystacks that short.
@@ -389,11 +403,10 @@ impl Engine {
         let mut patterns: Vec<&str> =
             self.always.iter().map(|&i| self.policy.rules[i as usize].regex.as_str()).collect();
         // Single-line keyword rules contribute their full regex (a line is a candidate only if
-        // some rule could match on it); multiline rules contribute their keywords.
-        for r in &self.policy.rules {
-            if !r.keywords.is_empty() && !r.multiline {
-                patterns.push(r.regex.as_str());
-            }
+        // some rule could match on it), the first FILTER_REGEXES of them; the others and
+        // multiline rules contribute their keywords.
+        for r in self.single_line_keyword_rules().take(FILTER_REGEXES) {
+            patterns.push(r.regex.as_str());
         }
         let keyword_alt = self.keyword_alternation();
         if let Some(k) = keyword_alt.as_deref() {
@@ -419,11 +432,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Case-insensitive alternation of the multiline rules' keywords (their regexes may span
-    /// lines, so the line filter looks for the keyword instead).
+    fn single_line_keyword_rules(&self) -> impl Iterator<Item = &Rule> {
+        self.policy.rules.iter().filter(|r| !r.keywords.is_empty() && !r.multiline)
+    }
+
+    /// Case-insensitive alternation of the keywords of the multiline rules (their regexes may
+    /// span lines, so the line filter looks for the keyword instead) and of the single-line
+    /// rules past [`FILTER_REGEXES`].
     fn keyword_alternation(&self) -> Option<String> {
         let mut kws: Vec<Vec<u8>> = Vec::new();
-        for r in self.policy.rules.iter().filter(|r| r.multiline) {
+        let beyond = self.single_line_keyword_rules().skip(FILTER_REGEXES);
+        for r in self.policy.rules.iter().filter(|r| r.multiline).chain(beyond) {
             for k in &r.keywords {
                 let k = k.as_bytes().to_ascii_lowercase();
                 if !kws.contains(&k) {
