@@ -72,6 +72,37 @@ fn rules_past_the_filters_regex_cap_find_what_they_find_without_the_filter() {
 }
 
 #[test]
+fn keywords_with_regex_characters_and_shared_prefixes_filter_soundly_past_the_cap() {
+    let mut rules: Vec<_> = (0..cella_scan::FILTER_REGEXES)
+        .map(|i| {
+            rule(
+                &format!("f{i}"),
+                &format!(r"\bfill{i}_[a-z]{{9}}\b"),
+                0,
+                &[&format!("fill{i}_")],
+                Category::Secret,
+            )
+        })
+        .collect();
+    rules.push(rule("call", r"\b(a\.b\(c[0-9]{6})", 1, &["A.B(C"], Category::Secret));
+    rules.push(rule("short", r"\b(a\.b\([x-z]{6})", 1, &["a.b("], Category::Secret));
+    rules.push(rule("plus", r"(x\+y\|[0-9]{6})", 1, &["x+y|"], Category::Secret));
+    let mut text = String::from("plain text only\n").repeat(50);
+    text.push_str("v = a.b(c123456)\nw = a.b(xyzxyz)\nz = x+y|654321\n");
+    let scan = |after: u64| {
+        let mut engine =
+            Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules: rules.clone() }).unwrap();
+        engine.set_line_filter_after(after);
+        let mut report = Report::default();
+        scan_artifact(&mut SliceSource(text.as_bytes()), "f", &mut engine, &Limits::default(), &mut report)
+            .unwrap();
+        report.findings.iter().map(|f| format!("{}:{}", f.line, f.rule_id)).collect::<Vec<_>>()
+    };
+    assert_eq!(scan(0), ["51:call", "52:short", "53:plus"]);
+    assert_eq!(scan(0), scan(u64::MAX));
+}
+
+#[test]
 fn entropy_threshold_drops_low_entropy_secrets() {
     let mut r = rule("e", r#"pw = "([^"]{16,})""#, 1, &["pw ="], Category::Secret);
     r.entropy = Some(3.5);
