@@ -3,7 +3,7 @@
 //! the policy a job runs, from built-in packs and tenant packs that passed this before.
 //!
 //! A pack is Cella's own TOML (`policies/rules/*.toml`) or a gitleaks configuration, converted
-//! ([`super::gitleaks`]). Either way it is refused when it is too big ([`PackLimits`]), is not
+//! (`gitleaks.rs`). Either way it is refused when it is too big ([`PackLimits`]), is not
 //! TOML, misses a field or has one it should not, holds a regex that does not compile or whose
 //! compiled form passes [`PackLimits::max_regex_bytes`] ("catastrophic"), uses a rule id twice or
 //! the id of a built-in rule. What passes is the pack, its Cella TOML (the text itself, or the
