@@ -43,7 +43,7 @@ pub struct CreateQuery {
 /// Uploads a new version of a rule pack (the body: Cella's pack TOML, or a gitleaks
 /// configuration, converted). Versions of one name count up from 1. Audited (`pack.created`).
 #[utoipa::path(post, path = "/v1/packs", tag = "packs", security(("api_key" = [])), params(CreateQuery),
-    request_body(content = String, content_type = "application/toml", description = "The pack file"),
+    request_body(content = String, content_type = "text/plain", description = "The pack file (TOML)"),
     responses(
         (status = 201, description = "Stored: its name, version, SHA-256 and rules", body = PackVersion),
         (status = 400, description = "Bad query string, or the body broke off", content_type = PROBLEM),

@@ -184,7 +184,8 @@ pub async fn run(cmd: PackCommand) -> Result<TestReport, ClientError> {
             if let Some(name) = &name {
                 request = request.query(&[("name", name)]);
             }
-            let request = request.header(reqwest::header::CONTENT_TYPE, "application/toml").body(body);
+            let request =
+                request.header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8").body(body);
             let response = client.send(request).await?;
             let v: Value =
                 response.json().await.map_err(|e| ClientError::Http(client.base().to_owned(), e))?;
