@@ -29,13 +29,21 @@ pub struct PackLimits {
     /// What one regex's automaton (regex-automata's Thompson NFA) may take compiled: past it
     /// the regex is "catastrophic".
     pub max_regex_bytes: usize,
+    /// What all the pack's regexes may take compiled together (also bounds the time an upload's
+    /// validation takes).
+    pub max_compiled_bytes: u64,
 }
 
 impl Default for PackLimits {
     fn default() -> Self {
         // The largest built-in regex compiles to ~60 KiB; the largest built-in pack is 16 KB
         // with 55 rules.
-        PackLimits { max_bytes: 512 << 10, max_rules: 500, max_regex_bytes: 1 << 20 }
+        PackLimits {
+            max_bytes: 512 << 10,
+            max_rules: 500,
+            max_regex_bytes: 1 << 20,
+            max_compiled_bytes: 64 << 20,
+        }
     }
 }
 
@@ -115,6 +123,12 @@ pub enum PackError {
     TooManyRules { rules: usize, limit: usize },
     #[error("the pack has no rules: add at least one [[rules]] table")]
     NoRules,
+    #[error(
+        "{}: rule `{rule}`: with it the pack's regexes take more than {limit} bytes compiled: split the pack, \
+         or simplify its regexes",
+        Where(*at)
+    )]
+    CompiledTooLarge { at: Option<Location>, rule: String, limit: u64 },
     #[error("{}: {message}", Where(*at))]
     Syntax { at: Option<Location>, message: String },
     #[error("{}: rule `{rule}`: {problem}", Where(*at))]
@@ -147,6 +161,7 @@ impl PackError {
             PackError::Syntax { at, .. }
             | PackError::Rule { at, .. }
             | PackError::Catastrophic { at, .. }
+            | PackError::CompiledTooLarge { at, .. }
             | PackError::DuplicateId { at, .. }
             | PackError::BuiltinId { at, .. }
             | PackError::Unsupported { at, .. } => *at,
@@ -268,7 +283,16 @@ fn check(text: &str, at: &dyn Locate, limits: &PackLimits) -> Result<(Pack, u64)
         for (pattern, what, path) in regexes {
             let path: Vec<&str> = path.into_iter().filter(|p| !p.is_empty()).collect();
             match compiled_size(pattern, limits.max_regex_bytes) {
-                Ok(bytes) => compiled += bytes as u64,
+                Ok(bytes) => {
+                    compiled += bytes as u64;
+                    if compiled > limits.max_compiled_bytes {
+                        return Err(PackError::CompiledTooLarge {
+                            at: at.rule(i),
+                            rule: id,
+                            limit: limits.max_compiled_bytes,
+                        });
+                    }
+                }
                 Err(Size::Catastrophic) => {
                     return Err(PackError::Catastrophic {
                         at: at.key(i, &path),

@@ -130,6 +130,11 @@ fn packs_over_the_limits_are_refused() {
         refused("[pack]\nname = \"x\"\ncategory = \"secret\"\nseverity = \"error\"\n"),
         PackError::NoRules
     );
+    let first = validate(&text, PackFormat::Cella, None, &PackLimits::default()).unwrap().compiled_bytes;
+    let limits = PackLimits { max_compiled_bytes: first - 1, ..PackLimits::default() };
+    let e = validate(&text, PackFormat::Cella, None, &limits).unwrap_err();
+    assert!(matches!(&e, PackError::CompiledTooLarge { rule, .. } if rule == "acme-webhook-secret"), "{e:?}");
+    assert_eq!(e.location().map(|l| l.line), Some(14));
 }
 
 #[test]
