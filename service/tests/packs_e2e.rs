@@ -97,10 +97,12 @@ impl Drop for Server {
     }
 }
 
-/// `cella ARGS` on the server's host (the data folder gives the URL, CA and admin key).
+/// `cella ARGS` on the server's host (the data folder gives the URL, CA and admin key), in the
+/// test's folder (where `cella scan` writes its SARIF log).
 fn cella(data: &Path, key: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
     cmd.args(args).env("CELLA_DATA_DIR", data).env_remove("CELLA_URL").env_remove("CELLA_CA");
+    cmd.current_dir(data.parent().unwrap());
     match key {
         Some(k) => cmd.env("CELLA_API_KEY", k),
         None => cmd.env_remove("CELLA_API_KEY"),
