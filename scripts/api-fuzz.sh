@@ -69,7 +69,7 @@ run() {
     --no-color "$@"
 }
 status=0
-run tenant "$key" --include-tag jobs --include-tag sessions --include-tag audit --include-tag service || status=1
+run tenant "$key" --include-tag jobs --include-tag sessions --include-tag packs --include-tag audit --include-tag service || status=1
 run admin "$admin" --include-tag admin || status=1
 if grep -q 'internal error' "$work/serve.log"; then
   echo "api-fuzz: the server logged internal errors:" >&2

@@ -1,6 +1,8 @@
 //! Compliance rule packs: the built-in packs in `policies/rules/*.toml` (compiled into the
 //! binary) and tenant-supplied pack files, loaded, validated with errors that name the pack, the
 //! rule and the problem, and turned into the [`CompiledPolicy`] the host sends into the VM.
+//! Packs a tenant uploads to the service (Cella's format, or gitleaks' converted) are validated
+//! with line numbers by [`tenant`].
 //!
 //! ```
 //! let compiled = cella_policies::rules::load_packs(&["secrets", "pii", "licenses"])?;
@@ -11,7 +13,11 @@
 //! ```
 
 pub mod bench;
+pub mod bench_packs;
+mod gitleaks;
+pub mod lines;
 mod pack;
+pub mod tenant;
 
 use std::io;
 use std::path::{Path, PathBuf};

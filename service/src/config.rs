@@ -103,6 +103,11 @@ pub struct QuotasConfig {
     /// CPU each of the tenant's VMs may use, in percent of one CPU (the VMM's cgroup: v2
     /// `cpu.max`, v1 `cpu.cfs_quota_us`).
     pub vm_cpu_percent: u32,
+    /// Rule packs one tenant keeps (names with a live version); one more answers 409.
+    pub packs: u32,
+    /// What the regexes of one tenant's live pack versions take compiled, together, in bytes;
+    /// an upload past it answers 409.
+    pub pack_compiled_bytes: u64,
 }
 
 impl Default for QuotasConfig {
@@ -113,6 +118,8 @@ impl Default for QuotasConfig {
             session_mem_mib: 16 << 10,
             disk_bytes: 20 << 30,
             vm_cpu_percent: 100,
+            packs: 50,
+            pack_compiled_bytes: 256 << 20,
         }
     }
 }

@@ -5,8 +5,9 @@
 //! tenant's audit chain.
 //!
 //! A file is removed only when no running job can own it, whichever process runs that job: a
-//! SARIF log `work/<job>.<attempt>.sarif` stays while its job runs that attempt (a `cella
-//! worker` sharing the data folder may be writing it); an artifact stays while its job is
+//! SARIF log `work/<job>.<attempt>.sarif` (or a compiled policy `<job>.<attempt>.policy.json`)
+//! stays while its job runs that attempt (a `cella worker` sharing the data folder may be using
+//! it); an artifact stays while its job is
 //! queued or running. `cella serve` sweeps when it starts (then no upload of its own is under
 //! way, so uploads it never finished and artifacts without a job go too) and with every purge;
 //! `cella worker` sweeps when it starts. Only `cella serve` purges: one purger is enough, and
@@ -53,8 +54,11 @@ pub fn sarif_name(job_id: &str, attempt: i32) -> String {
     format!("{job_id}.{attempt}.sarif")
 }
 
+/// The job and attempt of a worker's file in `work/`: a SARIF log, or a job's compiled policy
+/// (`<job id>.<attempt>.policy.json`, see `worker::Worker::write_policy`).
 fn parse_sarif_name(name: &str) -> Option<(&str, i32)> {
-    let (job, attempt) = name.strip_suffix(".sarif")?.rsplit_once('.')?;
+    let stem = name.strip_suffix(".sarif").or_else(|| name.strip_suffix(".policy.json"))?;
+    let (job, attempt) = stem.rsplit_once('.')?;
     crate::ids::is_id(job, "job").then_some(())?;
     Some((job, attempt.parse().ok()?))
 }
@@ -304,6 +308,7 @@ mod tests {
     fn sarif_names_round_trip_and_others_are_not_sarif_logs() {
         let job = crate::ids::new_id("job");
         assert_eq!(parse_sarif_name(&sarif_name(&job, 3)), Some((job.as_str(), 3)));
+        assert_eq!(parse_sarif_name(&format!("{job}.2.policy.json")), Some((job.as_str(), 2)));
         assert_eq!(parse_sarif_name("session_ab-add-12"), None);
         assert_eq!(parse_sarif_name("x.1.sarif"), None);
         assert_eq!(parse_sarif_name(&format!("{job}.sarif")), None);

@@ -6,7 +6,8 @@
 //!   migrations, admin credential, audit checkpointer, API [`api`] over [`server`], a worker).
 //! - [`jobs`] (tenant side) and [`queue`] (worker side) over the `jobs` table; [`tenants`] for
 //!   tenants and keys; [`worker`] leases and runs jobs; [`audit_log`] appends their events;
-//!   [`janitor`] purges jobs past their retention and removes files a crash left behind.
+//!   [`janitor`] purges jobs past their retention and removes files a crash left behind;
+//!   [`packs`] keeps tenants' own rule packs and resolves the policy a job or session runs.
 //! - [`sessions`]: long-lived session VMs (pause, suspend to a snapshot, resume, connect, exec,
 //!   terminate), their manager in `serve` and the reaper that enforces idle and maximum times.
 //! - [`client`] and [`cli`]: the command line (`cella scan`, `cella session …`, `cella tenant …`,
@@ -29,6 +30,7 @@ pub mod jobs;
 pub mod limits;
 pub mod metrics;
 pub mod notify;
+pub mod packs;
 pub mod postgres;
 pub mod queue;
 pub mod quotas;

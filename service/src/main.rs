@@ -9,7 +9,10 @@ use clap::Parser;
 /// Exit statuses, decided here and nowhere else (`cella --help` lists them).
 fn exit_code(err: &CliError) -> u8 {
     match err {
-        CliError::VerificationFailed(_) | CliError::Untrusted | CliError::FindingsAtThreshold(_) => 1,
+        CliError::VerificationFailed(_)
+        | CliError::Untrusted
+        | CliError::FindingsAtThreshold(_)
+        | CliError::RulesFoundNothing(_) => 1,
         CliError::Usage(_)
         | CliError::Key(_)
         | CliError::File { .. }

@@ -66,24 +66,17 @@ impl From<sqlx::Error> for QueueError {
 
 /// What a job's `job.succeeded` event records, so a reviewer can tie a SARIF log to it
 /// (`cella audit verify --sarif FILE --job ID`): the artifact (name, size, SHA-256), every pack
-/// (name, version, SHA-256 of its text), the engine's and Cella's versions, the SARIF log's
-/// SHA-256, and the counts of findings and suppressed findings.
+/// (name, version, SHA-256 of its text; see [`crate::packs::evidence`]), the engine's and Cella's
+/// versions, the SARIF log's SHA-256, and the counts of findings and suppressed findings.
 fn evidence(
     lease: &Lease,
     findings: i64,
     artifact: Value,
+    packs: Vec<Value>,
     summary: &Value,
     sarif: &[u8],
     vm: &Value,
 ) -> Value {
-    let packs: Vec<Value> = lease
-        .policy
-        .split(',')
-        .map(|name| match cella_policies::rules::builtin_pack_identity(name) {
-            Ok(identity) => json!(identity),
-            Err(_) => json!({ "name": name }),
-        })
-        .collect();
     json!({
         "attempt": lease.attempt,
         "findings": findings,
@@ -273,7 +266,8 @@ pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<S
                 "bytes": held.try_get::<i64, _>("artifact_bytes")?,
                 "sha256": crate::ids::hex(held.try_get::<&[u8], _>("artifact_sha256")?),
             });
-            let details = evidence(lease, findings, artifact, summary, sarif, vm);
+            let packs = crate::packs::evidence(&mut tx, &lease.tenant_id, &lease.policy).await?;
+            let details = evidence(lease, findings, artifact, packs, summary, sarif, vm);
             tenant_event(&mut tx, &lease.tenant_id, &actor, "job.succeeded", job, details).await?;
             "succeeded"
         }

@@ -1,5 +1,6 @@
 //! Per-tenant quotas: what one tenant may hold at once (session memory, live sessions, bytes on
-//! disk, uploads and requests in flight) and the CPU each of its VMs may use. A tenant's own
+//! disk, uploads and requests in flight, rule packs and their compiled size) and the CPU each of
+//! its VMs may use. A tenant's own
 //! values live in the `quota_*` columns of `tenants` (NULL: the configured default, see
 //! [`crate::config::QuotasConfig`]); operators see and change them through the admin API
 //! (`/v1/admin/tenants/{id}/quotas`), each change audited on both chains.
@@ -25,6 +26,10 @@ pub struct QuotaOverrides {
     pub requests: Option<u32>,
     /// 1-10000 (percent of one CPU).
     pub vm_cpu_percent: Option<u32>,
+    #[serde(default)]
+    pub packs: Option<u32>,
+    #[serde(default)]
+    pub pack_compiled_bytes: Option<u64>,
 }
 
 /// The quotas in force for a tenant.
@@ -43,6 +48,10 @@ pub struct Quotas {
     pub requests: u32,
     /// CPU each of its VMs may use, percent of one CPU.
     pub vm_cpu_percent: u32,
+    /// Rule packs with a live version.
+    pub packs: u32,
+    /// What its live pack versions' regexes take compiled, together, in bytes.
+    pub pack_compiled_bytes: u64,
 }
 
 /// What a tenant holds now, measured as the quotas count it.
@@ -52,6 +61,8 @@ pub struct Usage {
     pub live_sessions: u64,
     /// Stored (not counting uploads under way).
     pub disk_bytes: u64,
+    pub packs: u64,
+    pub pack_compiled_bytes: u64,
 }
 
 /// A tenant's quotas as the admin API shows them.
@@ -67,7 +78,7 @@ pub struct QuotaView {
 
 /// The columns [`QuotaOverrides::from_row`] reads.
 pub const COLUMNS: &str = "t.quota_session_mem_mib, t.quota_live_sessions, t.quota_disk_bytes, \
-     t.quota_uploads, t.quota_requests, t.quota_vm_cpu_percent";
+     t.quota_uploads, t.quota_requests, t.quota_vm_cpu_percent, t.quota_packs, t.quota_pack_compiled_bytes";
 
 fn unsigned<T: TryFrom<i64>>(v: Option<i64>) -> Option<T> {
     v.and_then(|v| T::try_from(v).ok())
@@ -84,6 +95,8 @@ impl QuotaOverrides {
             uploads: int("quota_uploads")?,
             requests: int("quota_requests")?,
             vm_cpu_percent: int("quota_vm_cpu_percent")?,
+            packs: int("quota_packs")?,
+            pack_compiled_bytes: unsigned(row.try_get::<Option<i64>, _>("quota_pack_compiled_bytes")?),
         })
     }
 
@@ -97,6 +110,8 @@ impl QuotaOverrides {
             uploads: self.uploads.unwrap_or(d.uploads),
             requests: self.requests.unwrap_or(d.requests),
             vm_cpu_percent: self.vm_cpu_percent.unwrap_or(d.vm_cpu_percent),
+            packs: self.packs.unwrap_or(d.packs),
+            pack_compiled_bytes: self.pack_compiled_bytes.unwrap_or(d.pack_compiled_bytes),
         }
     }
 
@@ -111,7 +126,9 @@ impl QuotaOverrides {
             || too_big(self.live_sessions)
             || too_big(self.uploads)
             || too_big(self.requests)
+            || too_big(self.packs)
             || self.disk_bytes.is_some_and(|v| v > i64::MAX as u64)
+            || self.pack_compiled_bytes.is_some_and(|v| v > i64::MAX as u64)
         {
             return Err(ServiceError::Unprocessable("a quota is out of range".into()));
         }
@@ -139,13 +156,22 @@ pub async fn usage<'e>(db: impl sqlx::PgExecutor<'e>, tenant: &str) -> Result<Us
            (SELECT coalesce(sum(artifact_bytes), 0)::int8 FROM jobs
              WHERE tenant_id = $1 AND state IN ('queued', 'running'))
            + (SELECT coalesce(sum(artifact_bytes + coalesce(snapshot_bytes, 0)), 0)::int8 FROM sessions
-             WHERE tenant_id = $1 AND state NOT IN ('terminated', 'failed')) AS disk",
+             WHERE tenant_id = $1 AND state NOT IN ('terminated', 'failed')) AS disk,
+           (SELECT count(DISTINCT name) FROM tenant_packs WHERE tenant_id = $1 AND deleted_at IS NULL) AS packs,
+           (SELECT coalesce(sum(compiled_bytes), 0)::int8 FROM tenant_packs
+             WHERE tenant_id = $1 AND deleted_at IS NULL) AS pack_bytes",
     )
     .bind(tenant)
     .fetch_one(db)
     .await?;
     let get = |c: &str| row.try_get::<i64, _>(c).map(|v| v.max(0) as u64);
-    Ok(Usage { session_mem_mib: get("mem")?, live_sessions: get("live")?, disk_bytes: get("disk")? })
+    Ok(Usage {
+        session_mem_mib: get("mem")?,
+        live_sessions: get("live")?,
+        disk_bytes: get("disk")?,
+        packs: get("packs")?,
+        pack_compiled_bytes: get("pack_bytes")?,
+    })
 }
 
 /// The admin API's view of a tenant's quotas.
@@ -179,7 +205,8 @@ pub async fn set(
     let int = |v: Option<u32>| v.map(|v| v as i32);
     sqlx::query(
         "UPDATE tenants SET quota_session_mem_mib = $2, quota_live_sessions = $3, quota_disk_bytes = $4,
-                quota_uploads = $5, quota_requests = $6, quota_vm_cpu_percent = $7
+                quota_uploads = $5, quota_requests = $6, quota_vm_cpu_percent = $7, quota_packs = $8,
+                quota_pack_compiled_bytes = $9
          WHERE id = $1",
     )
     .bind(tenant)
@@ -189,6 +216,8 @@ pub async fn set(
     .bind(int(new.uploads))
     .bind(int(new.requests))
     .bind(int(new.vm_cpu_percent))
+    .bind(int(new.packs))
+    .bind(new.pack_compiled_bytes.map(|v| v as i64))
     .execute(&mut *tx)
     .await?;
     let details = json!({ "before": before, "after": new });

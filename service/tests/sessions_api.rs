@@ -1145,3 +1145,43 @@ async fn a_session_vmm_runs_under_its_tenants_cpu_quota(pool: PgPool) {
     api.delete(&limited, &key).await;
     api.delete(&default, &other).await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_session_scan_runs_the_tenants_packs_and_its_default_policy(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let pack = "[pack]\nname = \"orbit\"\ncategory = \"secret\"\nseverity = \"error\"\n\n[[rules]]\nid = \"orbit-key\"\n\
+                description = \"Orbit key\"\nregex = '''\\b(orbk_[a-z0-9]{20})\\b'''\nsecret_group = 1\n\
+                keywords = [\"orbk_\"]\nhelp = \"Revoke it.\"\n";
+    let r = api.call(Method::POST, "/v1/packs", &key, Body::from(pack), false).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    let artifact = common::tar(&[("app/keys.env", b"ORBIT=orbk_0a1b2c3d4e5f6a7b8c9d\n")]);
+    let sid = id(&api.create_on(&key, "", artifact).await);
+    let rules = |v: &Value| -> Vec<String> {
+        v["sarif"]["runs"][0]["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["ruleId"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let r = api.exec(&sid, &key, json!({"op": "scan", "policy_name": "secrets,orbit"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["result"]["policy_name"], "secrets,orbit@1");
+    assert_eq!(rules(&v), ["orbit-key"]);
+    // Without a policy: the tenant's default, once it has one.
+    let r = api.exec(&sid, &key, json!({"op": "scan"})).await.json();
+    assert_eq!((r["result"]["policy_name"].clone(), rules(&r)), (json!("secrets,pii,licenses"), vec![]));
+    let body = Body::from(json!({ "policy": "orbit" }).to_string());
+    let r = api.call(Method::PUT, "/v1/tenant/default-policy", &key, body, true).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let r = api.exec(&sid, &key, json!({"op": "scan"})).await.json();
+    assert_eq!(
+        (r["result"]["policy_name"].clone(), rules(&r)),
+        (json!("orbit@1"), vec!["orbit-key".to_owned()])
+    );
+    let r = api.exec(&sid, &key, json!({"op": "scan", "policy_name": "orbit@2"})).await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "unknown policy \"orbit@2\"");
+    assert_eq!(api.delete(&sid, &key).await.status, StatusCode::OK);
+}

@@ -148,3 +148,34 @@ fn sigterm_stops_a_scan_and_its_memory_is_still_scrubbed() {
     assert_eq!(result["exit"]["kind"], "stopped", "{result}");
     assert_scrubbed(&result);
 }
+
+#[test]
+fn a_compiled_policy_file_is_used_as_it_is() {
+    use cella_policies::rules::tenant::{stored_pack, tenant_policy};
+    let dir = scratch("scan-compiled-policy");
+    let artifact = dir.join("a.txt");
+    std::fs::write(
+        &artifact,
+        "deploy: acme_qwertyuiopasdfgh\nstripe_key = \"sk_live_4eC39HqLyjWDarjtT1zdp7dc\"\n",
+    )
+    .unwrap();
+    let pack = "[pack]\nname = \"tenant\"\ncategory = \"secret\"\nseverity = \"error\"\n\n[[rules]]\nid = \"acme\"\ndescription = \"ACME token\"\nregex = '''acme_([a-z]{16})'''\nsecret_group = 1\nkeywords = [\"acme_\"]\nhelp = \"Revoke it.\"\n";
+    let policy = tenant_policy(&["pii"], vec![stored_pack("tenant@2", pack).unwrap()]).unwrap();
+    let file = dir.join("policy.json");
+    std::fs::write(&file, policy.as_bytes()).unwrap();
+    let (output, result) =
+        scan(&["--artifact", artifact.to_str().unwrap(), "--compiled-policy", file.to_str().unwrap()]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    // Only the compiled policy's rules ran: the tenant's rule found its token, and the Stripe
+    // key (a rule of `secrets`, not in this policy) went unreported.
+    assert_eq!(result["summary"]["findings"], 1, "{result}");
+    assert_eq!(result["summary"]["by_rule"]["acme"], 1, "{result}");
+    assert_scrubbed(&result);
+    // Not a policy: refused before launch.
+    std::fs::write(&file, b"{\"format_version\": 1}").unwrap();
+    let args =
+        ["scan", "--artifact", artifact.to_str().unwrap(), "--compiled-policy", file.to_str().unwrap()];
+    let output = cella_vmm(&args).output().unwrap();
+    assert_eq!(code(&output), 2, "{}", stderr(&output));
+    assert!(stderr(&output).contains("policy.json"), "{}", stderr(&output));
+}

@@ -84,6 +84,16 @@ const RULE_DFA_CACHE: usize = 256 << 10;
 /// milliseconds and much memory, which only pays off on larger artifacts.
 pub const LINE_FILTER_AFTER: u64 = 256 << 10;
 
+/// How many single-line keyword rules contribute their full regex to the line filter, in policy
+/// order (the built-in packs' 71 and a tenant pack of 50); the rest contribute their keywords,
+/// like multiline rules. A regex is the more selective filter (a line is a candidate only if the
+/// rule could match on it), but hundreds of them in one lazy DFA cost more to determinize than
+/// the candidate lines they spare: 10 tenant packs of 50 rules after the built-in ones made a
+/// scan 3.8 times slower with every regex in the filter, 1.35 times with this cap and the
+/// keywords as a prefix tree (`cella_policies::rules::bench_packs`). Findings are the same either
+/// way (a keyword rule runs only where its keyword occurs).
+pub const FILTER_REGEXES: usize = 128;
+
 /// Regex syntax for every rule: byte-oriented, ASCII classes, no UTF-8 requirement, so that
 /// arbitrary bytes never make the lazy DFA give up.
 fn build_regexes(patterns: &[&str]) -> Result<Regex, String> {
@@ -149,6 +159,43 @@ impl LineFilter {
             Ok(m) => m.map(|m| m.offset()),
             Err(_) => Some((input.start() + 1).min(input.end())),
         }
+    }
+}
+
+/// Sorted, non-empty keywords as a prefix tree (`acme(?:_live_|pat_)|borealis…`): hundreds of
+/// keywords as one flat alternation put every one of them in each lazy-DFA state the filter
+/// builds; as a tree only the branches the text has entered. A keyword that starts a longer
+/// one stands for both (a line holding the longer holds the shorter).
+fn keyword_trie(out: &mut String, kws: &[&[u8]]) {
+    let mut groups: Vec<&[&[u8]]> = Vec::new();
+    let mut start = 0;
+    for i in 1..=kws.len() {
+        if i == kws.len() || kws[i][0] != kws[start][0] {
+            groups.push(&kws[start..i]);
+            start = i;
+        }
+    }
+    if groups.len() > 1 {
+        out.push_str("(?:");
+    }
+    for (g, group) in groups.iter().enumerate() {
+        if g > 0 {
+            out.push('|');
+        }
+        let b = group[0][0];
+        if b"\\.+*?()|[]{}^$#&-~".contains(&b) {
+            out.push('\\');
+        }
+        out.push(b as char);
+        let rest: Vec<&[u8]> = group.iter().map(|k| &k[1..]).collect();
+        if !rest.iter().any(|r| r.is_empty()) {
+            let mut rest = rest;
+            rest.dedup();
+            keyword_trie(out, &rest);
+        }
+    }
+    if groups.len() > 1 {
+        out.push(')');
     }
 }
 
@@ -370,7 +417,7 @@ impl Engine {
                 }
             }
         }
-        // The prefilter reports one keyword per start position (leftmost-first, restarted one
+        // The prefilter reports one keyword per start position (the longest there, restarted one
         // byte after each hit). Where keyword A occurs inside keyword B, an occurrence of B is
         // also one of A: B triggers A's rules too.
         let snapshot = keyword_rules.clone();
@@ -391,7 +438,11 @@ impl Engine {
             Some(
                 AhoCorasick::builder()
                     .ascii_case_insensitive(true)
-                    .match_kind(MatchKind::LeftmostFirst)
+                    // Longest: at a position where a keyword and a longer one starting with it both
+                    // occur (`acme`, `acme_live_`), the longer is reported, and triggers the
+                    // shorter's rules as well (above); leftmost-first reported whichever came
+                    // first in the policy and lost the other's rules.
+                    .match_kind(MatchKind::LeftmostLongest)
                     // It only ever searches single candidate lines: a contiguous NFA builds several
                     // times faster than a DFA (this is on the VM's launch path) and a prefilter's
                     // setup costs more than it saves on haystacks that short.
@@ -571,11 +622,10 @@ impl Engine {
         let mut patterns: Vec<&str> =
             self.always.iter().map(|&i| self.policy.rules[i as usize].regex.as_str()).collect();
         // Single-line keyword rules contribute their full regex (a line is a candidate only if
-        // some rule could match on it); multiline rules contribute their keywords.
-        for r in &self.policy.rules {
-            if !r.keywords.is_empty() && !r.multiline {
-                patterns.push(r.regex.as_str());
-            }
+        // some rule could match on it), the first FILTER_REGEXES of them; the others and
+        // multiline rules contribute their keywords.
+        for r in self.single_line_keyword_rules().take(FILTER_REGEXES) {
+            patterns.push(r.regex.as_str());
         }
         let keyword_alt = self.keyword_alternation();
         if let Some(k) = keyword_alt.as_deref() {
@@ -601,11 +651,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Case-insensitive alternation of the multiline rules' keywords (their regexes may span
-    /// lines, so the line filter looks for the keyword instead).
+    fn single_line_keyword_rules(&self) -> impl Iterator<Item = &Rule> {
+        self.policy.rules.iter().filter(|r| !r.keywords.is_empty() && !r.multiline)
+    }
+
+    /// Case-insensitive alternation of the keywords of the multiline rules (their regexes may
+    /// span lines, so the line filter looks for the keyword instead) and of the single-line
+    /// rules past [`FILTER_REGEXES`].
     fn keyword_alternation(&self) -> Option<String> {
         let mut kws: Vec<Vec<u8>> = Vec::new();
-        for r in self.policy.rules.iter().filter(|r| r.multiline) {
+        let beyond = self.single_line_keyword_rules().skip(FILTER_REGEXES);
+        for r in self.policy.rules.iter().filter(|r| r.multiline).chain(beyond) {
             for k in &r.keywords {
                 let k = k.as_bytes().to_ascii_lowercase();
                 if !kws.contains(&k) {
@@ -616,18 +672,10 @@ impl Engine {
         if kws.is_empty() {
             return None;
         }
+        kws.sort_unstable();
+        let kws: Vec<&[u8]> = kws.iter().map(Vec::as_slice).collect();
         let mut s = String::from("(?i:");
-        for (i, kw) in kws.iter().enumerate() {
-            if i > 0 {
-                s.push('|');
-            }
-            for &b in kw {
-                if b"\\.+*?()|[]{}^$#&-~".contains(&b) {
-                    s.push('\\');
-                }
-                s.push(b as char);
-            }
-        }
+        keyword_trie(&mut s, &kws);
         s.push(')');
         Some(s)
     }

@@ -41,7 +41,8 @@ pub mod validate;
 pub use archive::path::{check_link, normalize as normalize_entry_path};
 pub use archive::{extract_artifact, scan_artifact, Limits, RATIO_MIN_OUTPUT};
 pub use engine::{
-    check_rule, Engine, FindingSpan, BINARY_SNIFF_LEN, CHUNK_LEN, LINE_FILTER_AFTER, OVERLAP_LEN,
+    check_rule, Engine, FindingSpan, BINARY_SNIFF_LEN, CHUNK_LEN, FILTER_REGEXES, LINE_FILTER_AFTER,
+    OVERLAP_LEN,
 };
 pub use error::{ArtifactError, EngineError};
 pub use finding::{

@@ -30,6 +30,79 @@ fn keywords_match_case_insensitively() {
 }
 
 #[test]
+fn a_keyword_that_starts_another_does_not_hide_the_longer_ones_rules() {
+    // `acme` comes first in the policy; where `acme_live_` occurs both rules run.
+    let generic =
+        rule("acme-assign", r#"acme[\w.-]{0,20}secret\s*=\s*"([^"]{8,})""#, 1, &["acme"], Category::Secret);
+    let specific = rule("acme-live", r"\b(acme_live_[a-z0-9]{12})\b", 1, &["acme_live_"], Category::Secret);
+    let text = "key = acme_live_0a1b2c3d4e5f\nacme_secret = \"hunter2hunter2\"\n";
+    let got = run(vec![generic, specific], "f", text).unwrap();
+    assert_eq!(got, ["1:acme-live:acm****e5f", "2:acme-assign:hu****r2"]);
+}
+
+#[test]
+fn rules_past_the_filters_regex_cap_find_what_they_find_without_the_filter() {
+    // More keyword rules than the line filter takes regexes of: the last ones go in by keyword.
+    let rules: Vec<_> = (0..cella_scan::FILTER_REGEXES + 8)
+        .map(|i| {
+            rule(
+                &format!("r{i}"),
+                &format!(r"\b(tok{i}_[a-z0-9]{{12}})\b"),
+                1,
+                &[&format!("tok{i}_")],
+                Category::Secret,
+            )
+        })
+        .collect();
+    let last = cella_scan::FILTER_REGEXES + 7;
+    let mut text = String::from("nothing here\n").repeat(100);
+    text.push_str(&format!("a = tok3_0a1b2c3d4e5f\nb = tok{last}_0a1b2c3d4e5f\n"));
+    let scan = |after: u64| {
+        let mut engine =
+            Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules: rules.clone() }).unwrap();
+        engine.set_line_filter_after(after);
+        let mut report = Report::default();
+        scan_artifact(&mut SliceSource(text.as_bytes()), "f", &mut engine, &Limits::default(), &mut report)
+            .unwrap();
+        report.findings.iter().map(|f| format!("{}:{}", f.line, f.rule_id)).collect::<Vec<_>>()
+    };
+    let with_filter = scan(0);
+    assert_eq!(with_filter, ["101:r3".to_owned(), format!("102:r{last}")]);
+    assert_eq!(with_filter, scan(u64::MAX));
+}
+
+#[test]
+fn keywords_with_regex_characters_and_shared_prefixes_filter_soundly_past_the_cap() {
+    let mut rules: Vec<_> = (0..cella_scan::FILTER_REGEXES)
+        .map(|i| {
+            rule(
+                &format!("f{i}"),
+                &format!(r"\bfill{i}_[a-z]{{9}}\b"),
+                0,
+                &[&format!("fill{i}_")],
+                Category::Secret,
+            )
+        })
+        .collect();
+    rules.push(rule("call", r"\b(a\.b\(c[0-9]{6})", 1, &["A.B(C"], Category::Secret));
+    rules.push(rule("short", r"\b(a\.b\([x-z]{6})", 1, &["a.b("], Category::Secret));
+    rules.push(rule("plus", r"(x\+y\|[0-9]{6})", 1, &["x+y|"], Category::Secret));
+    let mut text = String::from("plain text only\n").repeat(50);
+    text.push_str("v = a.b(c123456)\nw = a.b(xyzxyz)\nz = x+y|654321\n");
+    let scan = |after: u64| {
+        let mut engine =
+            Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules: rules.clone() }).unwrap();
+        engine.set_line_filter_after(after);
+        let mut report = Report::default();
+        scan_artifact(&mut SliceSource(text.as_bytes()), "f", &mut engine, &Limits::default(), &mut report)
+            .unwrap();
+        report.findings.iter().map(|f| format!("{}:{}", f.line, f.rule_id)).collect::<Vec<_>>()
+    };
+    assert_eq!(scan(0), ["51:call", "52:short", "53:plus"]);
+    assert_eq!(scan(0), scan(u64::MAX));
+}
+
+#[test]
 fn entropy_threshold_drops_low_entropy_secrets() {
     let mut r = rule("e", r#"pw = "([^"]{16,})""#, 1, &["pw ="], Category::Secret);
     r.entropy = Some(3.5);

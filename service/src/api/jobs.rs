@@ -28,7 +28,9 @@ pub fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SubmitQuery {
-    /// Rule packs, comma-separated (secrets, pii, licenses); default: all.
+    /// Rule packs, comma-separated: built-in (secrets, pii, licenses) and the tenant's own
+    /// (`name`: its latest version now; `name@version`); default: the tenant's default policy,
+    /// else the server's. The job records the exact versions.
     policy: Option<String>,
     /// The artifact's file name, for the record (e.g. `app.tar.gz`).
     name: Option<String>,
@@ -48,7 +50,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
         (status = 408, description = "The upload stalled", content_type = "application/problem+json"),
         (status = 413, description = "Artifact too large", content_type = "application/problem+json"),
         (status = 507, description = "The server is out of disk space; nothing was kept: try again later", content_type = "application/problem+json"),
-        (status = 422, description = "Unknown policy, or Idempotency-Key reused with a different request", content_type = "application/problem+json")))]
+        (status = 422, description = "Unknown or deleted pack, a rule in two packs, or Idempotency-Key reused with a different request", content_type = "application/problem+json")))]
 async fn submit(
     State(state): State<AppState>,
     auth: TenantAuth,
@@ -56,7 +58,11 @@ async fn submit(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ServiceError> {
-    let policy = jobs::parse_policy(query.policy.as_deref(), &state.config.jobs.default_policy)?;
+    // Resolved before the body is read: a bad name costs no upload.
+    let default_policy = &state.config.jobs.default_policy;
+    let policy = crate::packs::resolve(&state.pool, auth.tenant(), query.policy.as_deref(), default_policy)
+        .await?
+        .text();
     let name = upload::check_name(query.name)?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,

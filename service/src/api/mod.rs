@@ -8,6 +8,7 @@ pub mod auth;
 pub mod extract;
 pub mod jobs;
 pub mod openapi;
+pub mod packs;
 pub mod sessions;
 pub mod upload;
 pub mod wait;
@@ -50,6 +51,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(jobs::router())
         .merge(sessions::router())
+        .merge(packs::router())
         .merge(audit::router())
         .merge(admin::router())
         .route("/v1/openapi.json", get(openapi::serve))

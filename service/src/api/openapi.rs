@@ -20,9 +20,13 @@ use utoipa::{Modify, OpenApi};
         super::admin::list_workers, super::admin::drain, super::admin::undrain, super::admin::list_vms,
         super::admin::cancel_job, super::admin::audit_export, super::admin::get_quotas, super::admin::set_quotas,
         super::admin::list_keys,
+        super::packs::create, super::packs::list, super::packs::history, super::packs::get_version,
+        super::packs::delete_pack, super::packs::delete_version, super::packs::get_default, super::packs::set_default,
+        super::packs::check_policy,
     ),
     modifiers(&Security, &Limits, &OperationIds),
     tags((name = "jobs", description = "Scan jobs"), (name = "sessions", description = "Long-lived session VMs: pause, suspend, resume, connect, exec, terminate (at most 8 h)"), (name = "audit", description = "The tenant's audit log and the public keys that sign it"),
+         (name = "packs", description = "The tenant's own rule packs (Cella TOML or gitleaks configurations), versioned, and its default policy"),
          (name = "admin", description = "Operators"), (name = "service", description = "Health"))
 )]
 pub struct ApiDoc;

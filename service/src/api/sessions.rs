@@ -309,7 +309,9 @@ async fn terminate(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ExecRequest {
-    /// Scan every indexed file with rule packs (comma-separated; default: the server's).
+    /// Scan every indexed file with rule packs (comma-separated, built-in and the tenant's own
+    /// `name` or `name@version`, as for jobs; default: the tenant's default policy, else the
+    /// server's).
     Scan { policy_name: Option<String> },
     /// An ad-hoc regex over the indexed text files.
     Grep {
@@ -411,8 +413,10 @@ async fn exec(
     let masking_policy = || compiled_policy(&jobs::parse_policy(None, default_policy)?);
     let (request, attach, audit) = match request {
         ExecRequest::Scan { policy_name } => {
-            let packs = jobs::parse_policy(policy_name.as_deref(), default_policy)?;
-            let policy = compiled_policy(&packs)?;
+            let tenant = auth.tenant();
+            let (packs, policy) =
+                crate::packs::session_policy(&state.pool, tenant, policy_name.as_deref(), default_policy)
+                    .await?;
             let audit = json!({ "op": "scan", "policy": packs });
             let fingerprint_key = tenants::fingerprint_key(&state.pool, auth.tenant()).await?;
             let request = SessionRequest::Scan { policy_name: packs, fingerprint_key, excludes: Vec::new() };

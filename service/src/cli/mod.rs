@@ -1,4 +1,4 @@
-//! The command line: the service (`serve`, `worker`), the client (`scan`, `job`, `session`), operators
+//! The command line: the service (`serve`, `worker`), the client (`scan`, `job`, `session`, `pack`), operators
 //! (`tenant`, `key`, `admin`) and the audit log (`audit`).
 
 mod audit;
@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 pub use audit::AuditCommand;
 
 use crate::client::admin::{AdminCommand, JobCommand, KeyCommand, TenantCommand};
+use crate::client::pack::PackCommand;
 use crate::client::scan::ScanArgs;
 use crate::client::session::SessionCommand;
 use crate::client::ClientError;
@@ -18,10 +19,13 @@ use crate::client::ClientError;
 const EXIT_STATUS: &str = "Exit status:
   0  success (cella scan: no finding at or above --fail-on)
   1  cella scan: findings at or above --fail-on; cella audit verify/prove: verification failed, or
-     passed only against the file's own keys (--insecure-trust-bundle-keys: UNTRUSTED)
-  2  bad command line, file or key (cella audit verify/prove without a trusted key)
+     passed only against the file's own keys (--insecure-trust-bundle-keys: UNTRUSTED); cella pack
+     test: a rule of the pack found nothing in the samples
+  2  bad command line, file or key (cella audit verify/prove without a trusted key; cella pack test:
+     the pack is refused, the message says where)
   3  database, service start-up or server-side failure
-  4  cella scan: the job failed or was cancelled; cella session create: the session failed to start
+  4  cella scan: the job failed or was cancelled; cella session create: the session failed to start;
+     cella pack test: the local scan failed
   5  cannot reach the server, or it refused the request
   6  cella scan: the job was still queued or running when --wait-secs ran out (it goes on)";
 
@@ -47,6 +51,9 @@ enum Command {
     /// Your sessions: a VM that keeps an artifact indexed for up to 8 h; pause, suspend, resume, exec (needs CELLA_API_KEY)
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Your own rule packs (Cella TOML or gitleaks configurations), versioned; your default policy; test a pack locally
+    #[command(subcommand)]
+    Pack(PackCommand),
     /// Operators: tenants
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -97,6 +104,9 @@ pub enum CliError {
     JobDidNotSucceed(String),
     #[error("{0}")]
     StillRunning(String),
+    /// `cella pack test`: rules of the pack that found nothing in the samples.
+    #[error("{} rule(s) of the pack found nothing in the samples: {}", .0.len(), .0.join(", "))]
+    RulesFoundNothing(Vec<String>),
     #[error(transparent)]
     Client(ClientError),
     /// The client could not start: no key, no server, an unreadable file or CA.
@@ -112,12 +122,14 @@ impl From<ClientError> for CliError {
             }
             ClientError::Usage(msg) => CliError::Usage(msg),
             ClientError::StillRunning(msg) => CliError::StillRunning(msg),
+            ClientError::ScanFailed(msg) => CliError::JobDidNotSucceed(msg),
             e @ (ClientError::NoServer(_)
             | ClientError::NoApiKey
             | ClientError::NoAdminKey(_)
             | ClientError::Read(..)
             | ClientError::BadCa(..)
-            | ClientError::BadCredential(_)) => CliError::ClientSetup(e),
+            | ClientError::BadCredential(_)
+            | ClientError::Pack { .. }) => CliError::ClientSetup(e),
             other => CliError::Client(other),
         }
     }
@@ -144,6 +156,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Job(cmd) => Ok(runtime()?.block_on(crate::client::admin::job(cmd))?),
         Command::Session(cmd) => Ok(runtime()?.block_on(crate::client::session::run(cmd))?),
+        Command::Pack(cmd) => {
+            let report = runtime()?.block_on(crate::client::pack::run(cmd))?;
+            if !report.silent_rules.is_empty() {
+                return Err(CliError::RulesFoundNothing(report.silent_rules));
+            }
+            Ok(())
+        }
         Command::Tenant(cmd) => Ok(runtime()?.block_on(crate::client::admin::tenant(cmd))?),
         Command::Key(cmd) => Ok(runtime()?.block_on(crate::client::admin::key(cmd))?),
         Command::Admin(cmd) => Ok(runtime()?.block_on(crate::client::admin::admin(cmd))?),

@@ -79,6 +79,12 @@ pub struct QuotaArgs {
     /// CPU of each of its VMs, percent of one CPU (1-10000)
     #[arg(long, value_name = "PERCENT|default")]
     vm_cpu_percent: Option<String>,
+    /// Rule packs it keeps (names with a live version)
+    #[arg(long, value_name = "N|default")]
+    packs: Option<String>,
+    /// What its live pack versions take compiled, together, in bytes
+    #[arg(long, value_name = "BYTES|default")]
+    pack_compiled_bytes: Option<String>,
 }
 
 impl QuotaArgs {
@@ -91,6 +97,8 @@ impl QuotaArgs {
             ("uploads", &self.uploads),
             ("requests", &self.requests),
             ("vm_cpu_percent", &self.vm_cpu_percent),
+            ("packs", &self.packs),
+            ("pack_compiled_bytes", &self.pack_compiled_bytes),
         ];
         let mut out = Vec::new();
         for (name, value) in fields {
@@ -296,8 +304,17 @@ pub async fn tenant(cmd: TenantCommand) -> Result<(), ClientError> {
 /// A tenant's quotas as a table: each quota, the tenant's own value, the value in force, and
 /// what it holds now.
 fn print_quotas(view: &Value) {
-    println!("{:<16} {:>14} {:>14} {:>14}", "QUOTA", "OWN", "IN FORCE", "IN USE");
-    for name in ["session_mem_mib", "live_sessions", "disk_bytes", "uploads", "requests", "vm_cpu_percent"] {
+    println!("{:<19} {:>14} {:>14} {:>14}", "QUOTA", "OWN", "IN FORCE", "IN USE");
+    for name in [
+        "session_mem_mib",
+        "live_sessions",
+        "disk_bytes",
+        "uploads",
+        "requests",
+        "vm_cpu_percent",
+        "packs",
+        "pack_compiled_bytes",
+    ] {
         let own = match &view["overrides"][name] {
             Value::Null => "default".to_owned(),
             v => v.to_string(),
@@ -306,7 +323,7 @@ fn print_quotas(view: &Value) {
             Value::Null => "-".to_owned(),
             v => v.to_string(),
         };
-        println!("{name:<16} {own:>14} {:>14} {used:>14}", view["effective"][name]);
+        println!("{name:<19} {own:>14} {:>14} {used:>14}", view["effective"][name]);
     }
 }
 

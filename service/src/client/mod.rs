@@ -1,8 +1,9 @@
-//! The HTTPS client behind `cella scan`, `cella session …`, `cella tenant …`, `cella key …` and `cella admin …`:
+//! The HTTPS client behind `cella scan`, `cella session …`, `cella pack …`, `cella tenant …`, `cella key …` and `cella admin …`:
 //! where the server is, which CA to trust and which credential to send, and problem documents
 //! turned back into readable errors.
 
 pub mod admin;
+pub mod pack;
 pub mod report;
 pub mod scan;
 pub mod session;
@@ -52,6 +53,12 @@ pub enum ClientError {
              (or set CELLA_CA) with the server's CA, e.g. the server's <data dir>/tls/ca.pem"
     )]
     UntrustedServer(String, #[source] reqwest::Error),
+    /// A pack file that does not pass validation (`cella pack test`): where and what.
+    #[error("{}: the pack is refused: {problem}", path.display())]
+    Pack { path: PathBuf, problem: cella_policies::rules::tenant::PackError },
+    /// A local scan (`cella pack test`) did not run to its end.
+    #[error("{0}")]
+    ScanFailed(String),
     #[error("{0}")]
     Other(String),
 }

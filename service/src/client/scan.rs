@@ -19,9 +19,14 @@ use super::{report, ApiClient, ClientError, Connection};
 pub struct ScanArgs {
     /// A folder (packed as tar) or a file (tar, tar.gz, zip or any single file)
     pub path: PathBuf,
-    /// Rule packs, comma-separated [default: the server's, secrets,pii,licenses]
+    /// Rule packs, comma-separated: built-in (secrets, pii, licenses) and yours (NAME: its latest
+    /// version; NAME@VERSION) [default: your default policy, else the server's]
     #[arg(long)]
     pub policy: Option<String>,
+    /// One of your packs to add to the policy: NAME (its latest version) or NAME@VERSION
+    /// (repeatable)
+    #[arg(long = "pack", value_name = "NAME[@VERSION]")]
+    pub packs: Vec<String>,
     /// What to print on stdout: a table, JSON, the SARIF log, CSV or JUnit XML
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -232,14 +237,49 @@ impl Progress {
     }
 }
 
+/// The policy the job will run, checked with the server before anything is packed or
+/// uploaded: `--policy` (else the tenant's default) with the `--pack`s added, resolved to
+/// built-in packs and exact versions of the tenant's (sent as such, so the job runs what was
+/// checked).
+async fn checked_policy(
+    client: &ApiClient,
+    policy: Option<&str>,
+    packs: &[String],
+) -> Result<String, ClientError> {
+    let resolve = |policy: Option<String>| async move {
+        let mut request = client.request(Method::GET, "/v1/tenant/policy");
+        if let Some(p) = &policy {
+            request = request.query(&[("policy", p)]);
+        }
+        let resolved: Value = client
+            .send(request)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::Http(client.base().to_owned(), e))?;
+        let names: Vec<String> = resolved["policy"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(str::to_owned))
+            .collect();
+        Ok::<_, ClientError>(names)
+    };
+    let mut names = match policy {
+        Some(p) => vec![p.to_owned()],
+        None if packs.is_empty() => return Ok(resolve(None).await?.join(",")),
+        None => resolve(None).await?,
+    };
+    names.extend(packs.iter().cloned());
+    Ok(resolve(Some(names.join(","))).await?.join(","))
+}
+
 /// Runs `cella scan`.
 pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     let client = args.conn.tenant()?;
+    let policy = checked_policy(&client, args.policy.as_deref(), &args.packs).await?;
     let (_packed, file, name) = artifact(&args.path)?;
-    let mut query = vec![("name", name)];
-    if let Some(policy) = &args.policy {
-        query.push(("policy", policy.clone()));
-    }
+    let query = vec![("name", name), ("policy", policy)];
     let headers: Vec<(&str, String)> =
         args.idempotency_key.iter().map(|k| ("Idempotency-Key", k.clone())).collect();
     let job = upload(&client, "/v1/jobs", &file, &query, &headers).await?;

@@ -48,6 +48,9 @@ pub struct ScanSpec<'a> {
     pub job_id: &'a str,
     pub artifact: &'a Path,
     pub policy: &'a str,
+    /// The job's policy compiled, when it has tenant packs (`cella-vmm scan --compiled-policy`;
+    /// built-in packs alone go by name with `--policy`).
+    pub compiled_policy: Option<&'a Path>,
     pub sarif_out: &'a Path,
     /// The uid/gid a jailed VMM runs as (see [`crate::held_spares`]).
     pub uid: u32,
@@ -150,12 +153,12 @@ impl Launcher {
     /// The command line for `spec`.
     pub fn command(&self, spec: &ScanSpec<'_>) -> Command {
         let mut cmd = self.base_command(spec.uid, spec.cpu_percent);
-        cmd.arg("--artifact")
-            .arg(spec.artifact)
-            .arg("--policy")
-            .arg(spec.policy)
-            .arg("--sarif")
-            .arg(spec.sarif_out);
+        cmd.arg("--artifact").arg(spec.artifact);
+        match spec.compiled_policy {
+            Some(file) => cmd.arg("--compiled-policy").arg(file),
+            None => cmd.arg("--policy").arg(spec.policy),
+        };
+        cmd.arg("--sarif").arg(spec.sarif_out);
         if self.jailed() {
             let jail_id = format!("job-{}", spec.job_id.trim_start_matches("job_"));
             cmd.args(["--jail-id", &jail_id]);
@@ -414,6 +417,7 @@ mod tests {
             job_id: "job_1",
             artifact: Path::new("/a"),
             policy: "secrets",
+            compiled_policy: None,
             sarif_out: Path::new("/s"),
             uid: 64_100,
             spare: None,
@@ -428,6 +432,10 @@ mod tests {
         assert!(!scan.contains("secret-key-hex"), "{scan}");
         let hold = line(&launcher.hold_command("spare-1", 64_101));
         assert!(hold.contains("--cpus 1 "), "held spares are made with the default: {hold}");
+        // A policy with tenant packs goes compiled, in a file.
+        let with_packs = ScanSpec { compiled_policy: Some(Path::new("/w/p.json")), ..spec };
+        let scan = line(&launcher.command(&with_packs));
+        assert!(scan.contains("--compiled-policy /w/p.json") && !scan.contains("--policy "), "{scan}");
     }
 
     #[test]

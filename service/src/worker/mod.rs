@@ -209,17 +209,26 @@ impl Worker {
         let started = Instant::now();
         let artifact = self.data_dir.artifact(&lease.job_id);
         let sarif_out = self.data_dir.work().join(crate::janitor::sarif_name(&lease.job_id, lease.attempt));
+        let policy_file =
+            self.data_dir.work().join(format!("{}.{}.policy.json", lease.job_id, lease.attempt));
+        let compiled = self.write_policy(lease, &policy_file).await;
         let spec = ScanSpec {
             job_id: &lease.job_id,
             artifact: &artifact,
             policy: &lease.policy,
+            compiled_policy: compiled
+                .as_ref()
+                .ok()
+                .and_then(|written| written.then_some(policy_file.as_path())),
             sarif_out: &sarif_out,
             uid: HeldSpares::uids(self.launcher.jail_uid_base(), slot)[0],
             spare: None,
             fingerprint_key: &lease.fingerprint_key,
             cpu_percent: lease.vm_cpu_percent.unwrap_or(self.launcher.default_cpu_percent()),
         };
-        let outcome = if !artifact.exists() {
+        let outcome = if let Err(failed) = compiled {
+            failed
+        } else if !artifact.exists() {
             Outcome::Failed {
                 reason: format!("the artifact of job {} is missing on this host", lease.job_id),
                 retryable: false,
@@ -254,6 +263,7 @@ impl Worker {
             outcome
         };
         let _ = std::fs::remove_file(&sarif_out);
+        let _ = std::fs::remove_file(&policy_file);
         if let Outcome::Succeeded { vm, .. } | Outcome::Failed { vm: Some(vm), .. } = &outcome {
             if let Some(us) = vm["launch_us"].as_f64() {
                 self.metrics.vm_launch.observe(us / 1e6);
@@ -266,6 +276,33 @@ impl Worker {
         self.metrics.job_run.observe(started.elapsed().as_secs_f64());
         if matches!(state.as_deref(), Some("succeeded" | "failed" | "cancelled")) {
             let _ = std::fs::remove_file(&artifact);
+        }
+    }
+
+    /// Writes the job's compiled policy to `file` when it has tenant packs (`Ok(true)`; built-in
+    /// packs alone go by name: `Ok(false)`). A pack version deleted since the job was queued
+    /// fails the job for good, the database being away for now.
+    async fn write_policy(&self, lease: &Lease, file: &std::path::Path) -> Result<bool, Outcome> {
+        let failed = |reason: String, retryable: bool| Outcome::Failed { reason, retryable, vm: None };
+        match crate::packs::compiled_policy(&self.pool, &lease.tenant_id, &lease.policy).await {
+            Ok(None) => Ok(false),
+            Ok(Some(bytes)) => {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                // Scratch for this attempt (removed when it ends): written, not synced.
+                let written = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(file)
+                    .and_then(|mut f| f.write_all(&bytes));
+                match written {
+                    Ok(()) => Ok(true),
+                    Err(e) => Err(failed(format!("writing the job's policy {}: {e}", file.display()), true)),
+                }
+            }
+            Err(e) => Err(failed(error_chain(&e), e.retryable())),
         }
     }
 

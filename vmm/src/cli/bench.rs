@@ -36,6 +36,9 @@ pub enum BenchCommand {
     /// Scan throughput in a Cella VM vs the same engine natively vs ripgrep, and end-to-end
     /// `scan` latency for a 1 MiB and a 100 MiB tarball
     Scan(super::bench_scan::ScanBenchArgs),
+    /// What tenant rule packs cost a scan: built-in packs alone and with 1 and 10 tenant packs
+    /// of 50 rules, natively and in a Cella VM, same corpus
+    Packs(super::bench_packs::PacksBenchArgs),
     /// Pause and resume latency of a guest spinning at 100% CPU, through the control contract
     /// and through the control socket
     Pause(super::bench_pause::PauseBenchArgs),
@@ -68,6 +71,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
     let (runs, json, image, native) = match cmd {
         BenchCommand::Launch { runs, json, image, native } => (runs, json, image, native),
         BenchCommand::Scan(args) => return super::bench_scan::main(args),
+        BenchCommand::Packs(args) => return super::bench_packs::main(args),
         BenchCommand::Pause(args) => return super::bench_pause::main(args),
         BenchCommand::Session(args) => return super::bench_session::main(args),
     };

@@ -41,7 +41,7 @@ pub fn main(args: ScanBenchArgs) -> ExitCode {
 }
 
 /// Scans `artifact` in a VM; returns (in-VM time, whole wall time, findings).
-fn vm_scan(
+pub(crate) fn vm_scan(
     image: &Path,
     artifact: &Path,
     policy: &[u8],

@@ -1,6 +1,7 @@
 //! The command line: `cella-vmm run`, `scan`, `session` and `bench`.
 
 pub mod bench;
+pub mod bench_packs;
 pub mod bench_pause;
 pub mod bench_scan;
 pub mod bench_session;

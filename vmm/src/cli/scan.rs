@@ -41,6 +41,11 @@ pub struct ScanArgs {
     /// Also apply this rule pack file (TOML, same format as policies/rules/*.toml)
     #[arg(long, value_name = "FILE")]
     pub policy_file: Option<PathBuf>,
+    /// Apply this compiled policy instead (JSON, as cella-policies serializes it), as it is: its
+    /// packs were validated in full before (the service's worker passes a job's built-in and
+    /// tenant packs this way)
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["policy", "policy_file"])]
+    pub compiled_policy: Option<PathBuf>,
     /// Write the SARIF 2.1.0 log here
     #[arg(long, value_name = "OUT")]
     pub sarif: Option<PathBuf>,
@@ -214,7 +219,8 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
     let Some(artifact) = args.artifact.clone() else {
         return hold(&args, image);
     };
-    let policy = match super::policy::compile(&args.policy, args.policy_file.as_deref()) {
+    let compiled = args.compiled_policy.as_deref();
+    let policy = match super::policy::compile(&args.policy, args.policy_file.as_deref(), compiled) {
         Ok(policy) => policy,
         Err(message) => return fail(exit_code::BAD_INPUT, message),
     };
