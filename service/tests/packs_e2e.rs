@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cella_service::client::ApiClient;
 use reqwest::Method;
 use serde_json::Value;
 use sqlx::PgPool;
 
 mod common;
+
+use common::{cella, test_db_url, Serve, Server};
 
 /// A gitleaks configuration in gitleaks' documented format (the vendor and its token formats
 /// are made up for this test).
@@ -52,62 +53,14 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-fn test_db_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let server =
-        base.split_once('?').map_or(base.as_str(), |(s, _)| s).rsplit_once('/').unwrap().0.to_owned();
-    format!("{server}/{}", pool.connect_options().get_database().unwrap())
-}
-
-/// A running `cella serve`, stopped (SIGTERM) when dropped.
-struct Server {
-    child: Child,
-    data: PathBuf,
-    url: String,
-    ca: Vec<u8>,
-}
-
-impl Server {
-    fn start(data: &Path, db: &str, env: &[(&str, &str)]) -> Server {
-        let jailed = if common::is_root() { "1" } else { "0" };
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data);
-        cmd.env("DATABASE_URL", db)
-            .env("CELLA_VMM", common::vmm())
-            .env("CELLA_JAILED", jailed)
-            .env("CELLA_LEASE_SECS", "2")
-            .env("CELLA_DRAIN_SECS", "1")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().unwrap();
-        let (url, ca) = common::wait_for_serve(&mut child, data);
-        Server { child, data: data.to_owned(), url, ca }
-    }
-
-    fn client(&self, key: &str) -> ApiClient {
-        ApiClient::new(&self.url, key, Some(&self.ca)).unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
-    }
-}
-
-/// `cella ARGS` on the server's host (the data folder gives the URL, CA and admin key), in the
-/// test's folder (where `cella scan` writes its SARIF log).
-fn cella(data: &Path, key: Option<&str>, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
-    cmd.args(args).env("CELLA_DATA_DIR", data).env_remove("CELLA_URL").env_remove("CELLA_CA");
-    cmd.current_dir(data.parent().unwrap());
-    match key {
-        Some(k) => cmd.env("CELLA_API_KEY", k),
-        None => cmd.env_remove("CELLA_API_KEY"),
-    };
-    cmd.output().unwrap()
+/// `cella serve` with a short lease and drain, jailed as root (the common harness).
+fn serve(data: &Path, db: &str, env: &[(&str, &str)]) -> Server {
+    let jailed = if common::is_root() { "1" } else { "0" };
+    Serve::new(data)
+        .db(Some(db))
+        .envs(&[("CELLA_JAILED", jailed), ("CELLA_LEASE_SECS", "2"), ("CELLA_DRAIN_SECS", "1")])
+        .envs(env)
+        .start()
 }
 
 fn out(o: &Output) -> String {
@@ -160,7 +113,7 @@ async fn events(pool: &PgPool, tenant: &str, action: &str) -> Vec<Value> {
 #[sqlx::test(migrations = "../migrations")]
 async fn a_gitleaks_pack_pushed_with_the_cli_finds_its_secrets_in_real_jobs(pool: PgPool) {
     let dir = scratch("cli");
-    let server = Server::start(&dir.join("data"), &test_db_url(&pool), &[]);
+    let server = serve(&dir.join("data"), &test_db_url(&pool), &[]);
     let data = server.data.clone();
     let (tenant, key) = tenant(&data, "ferrule");
     let config = dir.join(".gitleaks.toml");
@@ -315,7 +268,7 @@ async fn a_pack_deleted_while_its_job_is_queued_fails_the_job_with_the_reason(po
     let dir = scratch("deleted");
     let db = test_db_url(&pool);
     // No worker yet: the job stays queued.
-    let server = Server::start(&dir.join("data"), &db, &[("CELLA_WORKER", "0")]);
+    let server = serve(&dir.join("data"), &db, &[("CELLA_WORKER", "0")]);
     let (tenant, key) = tenant(&server.data, "ferrule");
     let client = server.client(&key);
     let push = client.request(Method::POST, "/v1/packs?name=ferrule").body(GITLEAKS);
