@@ -237,6 +237,18 @@ impl Default for SessionsConfig {
     }
 }
 
+impl Config {
+    /// What SARIF logs name as the tool's `informationUri`: this service's API document, at the
+    /// first configured certificate name (else the listen address).
+    pub fn information_uri(&self) -> String {
+        let host = match self.tls.names.first() {
+            Some(name) => format!("{name}:{}", self.listen.port()),
+            None => self.listen.to_string(),
+        };
+        format!("https://{host}/v1/openapi.json")
+    }
+}
+
 impl SessionsConfig {
     pub fn exec_timeout(&self) -> Duration {
         Duration::from_secs(self.exec_timeout_secs.max(1))

@@ -54,10 +54,18 @@ pub fn sarif_name(job_id: &str, attempt: i32) -> String {
     format!("{job_id}.{attempt}.sarif")
 }
 
-/// The job and attempt of a worker's file in `work/`: a SARIF log, or a job's compiled policy
-/// (`<job id>.<attempt>.policy.json`, see `worker::Worker::write_policy`).
+/// The name of the baseline file a worker hands a job's attempt, `<job id>.<attempt>.baseline`.
+pub fn baseline_name(job_id: &str, attempt: i32) -> String {
+    format!("{job_id}.{attempt}.baseline")
+}
+
+/// The job and attempt of a worker's file in `work/`: a SARIF log, a job's compiled policy
+/// (`<job id>.<attempt>.policy.json`, see `worker::Worker::write_policy`) or its baseline.
 fn parse_sarif_name(name: &str) -> Option<(&str, i32)> {
-    let stem = name.strip_suffix(".sarif").or_else(|| name.strip_suffix(".policy.json"))?;
+    let stem = name
+        .strip_suffix(".sarif")
+        .or_else(|| name.strip_suffix(".policy.json"))
+        .or_else(|| name.strip_suffix(".baseline"))?;
     let (job, attempt) = stem.rsplit_once('.')?;
     crate::ids::is_id(job, "job").then_some(())?;
     Some((job, attempt.parse().ok()?))
@@ -309,6 +317,7 @@ mod tests {
         let job = crate::ids::new_id("job");
         assert_eq!(parse_sarif_name(&sarif_name(&job, 3)), Some((job.as_str(), 3)));
         assert_eq!(parse_sarif_name(&format!("{job}.2.policy.json")), Some((job.as_str(), 2)));
+        assert_eq!(parse_sarif_name(&baseline_name(&job, 2)), Some((job.as_str(), 2)));
         assert_eq!(parse_sarif_name("session_ab-add-12"), None);
         assert_eq!(parse_sarif_name("x.1.sarif"), None);
         assert_eq!(parse_sarif_name(&format!("{job}.sarif")), None);

@@ -2,7 +2,7 @@
 //! pagination, results, and cancellation. The worker's side of the queue is in [`crate::queue`].
 
 use cella_audit::Actor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
@@ -45,6 +45,8 @@ pub struct JobView {
     pub started_at: Option<String>,
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<String>,
+    /// Files left out, the baseline, the repository (when the job asked for them).
+    pub options: JobOptions,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -65,7 +67,7 @@ pub struct JobPage {
 
 const JOB_COLUMNS: &str =
     "id, state, policy, artifact_name, artifact_bytes, artifact_sha256, attempt, max_attempts,
-     cancel_requested, error, findings, created_at, started_at, finished_at";
+     cancel_requested, error, findings, created_at, started_at, finished_at, excludes, baseline_id, vcs";
 
 pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
@@ -90,6 +92,11 @@ fn job_from_row(row: &PgRow) -> Result<JobView, sqlx::Error> {
         created_at: rfc3339(row.try_get("created_at")?),
         started_at: row.try_get::<Option<OffsetDateTime>, _>("started_at")?.map(rfc3339),
         finished_at: row.try_get::<Option<OffsetDateTime>, _>("finished_at")?.map(rfc3339),
+        options: JobOptions {
+            excludes: row.try_get("excludes")?,
+            baseline: row.try_get("baseline_id")?,
+            vcs: row.try_get::<Option<sqlx::types::Json<Vcs>>, _>("vcs")?.map(|v| v.0),
+        },
     })
 }
 
@@ -123,6 +130,75 @@ pub struct Submission {
     pub artifact_sha256: [u8; 32],
     pub idempotency_key: Option<String>,
     pub max_attempts: u32,
+    /// What the job asks of its scan besides the packs.
+    pub options: JobOptions,
+}
+
+/// A job's scan options: files left out, a baseline of known findings, and where the artifact
+/// came from (for the SARIF log's `versionControlProvenance`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobOptions {
+    /// Gitignore-like globs of files not to scan.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excludes: Vec<String>,
+    /// The id of the baseline whose findings the scan suppresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
+    /// The repository the artifact was taken from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcs: Option<Vcs>,
+}
+
+/// Where an artifact came from: its repository, revision and branch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Vcs {
+    pub repository_uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+}
+
+/// The most excludes one job may carry.
+pub const MAX_EXCLUDES: usize = 256;
+
+impl JobOptions {
+    /// Checks the options a tenant sent: every glob compiles (the scan would refuse it), the
+    /// repository is an absolute `https://`, `http://` or `ssh://` URI, and no text holds
+    /// control characters or is too long.
+    pub fn check(&self) -> Result<(), ServiceError> {
+        if self.excludes.len() > MAX_EXCLUDES {
+            return Err(ServiceError::Unprocessable(format!("at most {MAX_EXCLUDES} excludes per job")));
+        }
+        for glob in &self.excludes {
+            if glob.len() > 1024 || glob.chars().any(char::is_control) {
+                return Err(ServiceError::Unprocessable(format!(
+                    "exclude {glob:?} is too long or holds a control character"
+                )));
+            }
+            cella_scan::glob_to_regex(glob).map_err(|e| {
+                ServiceError::Unprocessable(format!("exclude {glob:?} is not a glob Cella reads: {e}"))
+            })?;
+        }
+        if let Some(vcs) = &self.vcs {
+            let text = |what: &str, v: &str| {
+                if v.is_empty() || v.len() > 1024 || v.chars().any(char::is_control) {
+                    Err(ServiceError::Unprocessable(format!("{what} must be 1-1024 printable characters")))
+                } else {
+                    Ok(())
+                }
+            };
+            text("vcs_repo", &vcs.repository_uri)?;
+            if !["https://", "http://", "ssh://"].iter().any(|p| vcs.repository_uri.starts_with(p)) {
+                return Err(ServiceError::Unprocessable(
+                    "vcs_repo must be an absolute URI (https://…, http://… or ssh://…)".into(),
+                ));
+            }
+            vcs.revision_id.as_deref().map_or(Ok(()), |r| text("vcs_revision", r))?;
+            vcs.branch.as_deref().map_or(Ok(()), |b| text("vcs_branch", b))?;
+        }
+        Ok(())
+    }
 }
 
 impl Submission {
@@ -132,6 +208,10 @@ impl Submission {
         bytes.extend_from_slice(self.policy.as_bytes());
         bytes.push(0);
         bytes.extend_from_slice(self.artifact_name.as_deref().unwrap_or("").as_bytes());
+        if self.options != JobOptions::default() {
+            bytes.push(0);
+            bytes.extend_from_slice(serde_json::to_string(&self.options).unwrap_or_default().as_bytes());
+        }
         ids::sha256(&bytes)
     }
 }
@@ -158,8 +238,8 @@ pub async fn submit(
     crate::tenants::recheck_key(&mut tx, key_id).await?;
     let row = sqlx::query(&format!(
         "INSERT INTO jobs (id, tenant_id, policy, artifact_name, artifact_bytes, artifact_sha256, submitted_by,
-                           idempotency_key, request_hash, max_attempts)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                           idempotency_key, request_hash, max_attempts, excludes, baseline_id, vcs)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
          RETURNING {JOB_COLUMNS}"
     ))
@@ -173,6 +253,9 @@ pub async fn submit(
     .bind(&sub.idempotency_key)
     .bind(&request_hash[..])
     .bind(i32::try_from(sub.max_attempts.max(1)).unwrap_or(3))
+    .bind(&sub.options.excludes)
+    .bind(&sub.options.baseline)
+    .bind(sub.options.vcs.as_ref().map(sqlx::types::Json))
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else {
@@ -205,6 +288,8 @@ pub async fn submit(
             "policy": sub.policy,
             "artifact_bytes": sub.artifact_bytes,
             "artifact_sha256": job.artifact.sha256,
+            "excludes": sub.options.excludes,
+            "baseline": sub.options.baseline,
         }),
     )
     .await?;

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod audit_log;
+pub mod baselines;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -28,6 +28,12 @@ pub struct Lease {
     pub fingerprint_key: String,
     /// The tenant's own CPU quota per VM (percent of one CPU), if it has one.
     pub vm_cpu_percent: Option<u32>,
+    /// The artifact's name as the tenant gave it.
+    pub artifact_name: Option<String>,
+    /// What the job asks of its scan besides the packs.
+    pub options: crate::jobs::JobOptions,
+    /// The fingerprints of its baseline (32 bytes each), if it names one.
+    pub baseline: Option<Vec<u8>>,
 }
 
 impl Lease {
@@ -104,7 +110,9 @@ pub async fn lease(
 ) -> Result<Option<Lease>, ServiceError> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
-        "SELECT j.id, j.tenant_id, j.policy, j.max_attempts, t.fingerprint_key, t.quota_vm_cpu_percent
+        "SELECT j.id, j.tenant_id, j.policy, j.max_attempts, t.fingerprint_key, t.quota_vm_cpu_percent,
+                j.artifact_name, j.excludes, j.baseline_id, j.vcs,
+                (SELECT b.fingerprints FROM baselines b WHERE b.id = j.baseline_id) AS baseline
          FROM jobs j JOIN tenants t ON t.id = j.tenant_id
          WHERE j.state = 'queued' AND j.run_after <= now() AND NOT t.suspended
            AND (SELECT count(*) FROM jobs r WHERE r.tenant_id = j.tenant_id AND r.state = 'running') < t.max_concurrent
@@ -143,6 +151,13 @@ pub async fn lease(
         vm_cpu_percent: row
             .try_get::<Option<i32>, _>("quota_vm_cpu_percent")?
             .and_then(|p| u32::try_from(p).ok()),
+        artifact_name: row.try_get("artifact_name")?,
+        options: crate::jobs::JobOptions {
+            excludes: row.try_get("excludes")?,
+            baseline: row.try_get("baseline_id")?,
+            vcs: row.try_get::<Option<sqlx::types::Json<crate::jobs::Vcs>>, _>("vcs")?.map(|v| v.0),
+        },
+        baseline: row.try_get("baseline")?,
     };
     tenant_event(
         &mut tx,

@@ -147,10 +147,7 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
         cella(&data, Some(&key), &["scan", sample.to_str().unwrap(), "--sarif", sarif.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        stdout.contains("stripe-secret-key") && stdout.contains("sample-app/config/settings.yaml:5"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("stripe-secret-key") && stdout.contains(" config/settings.yaml:5"), "{stdout}");
     assert!(stdout.contains("5 finding(s) (0 suppressed); 2 at or above --fail-on error"), "{stdout}");
     let log: Value = serde_json::from_slice(&std::fs::read(&sarif).unwrap()).unwrap();
     assert_eq!(log["version"], "2.1.0");

@@ -217,8 +217,8 @@ async fn a_gitleaks_pack_pushed_with_the_cli_finds_its_secrets_in_real_jobs(pool
     assert_eq!(
         found,
         [
-            ("ferrule-deploy-key".to_owned(), "samples/app/deploy.env".to_owned()),
-            ("ferrule-signing-secret".to_owned(), "samples/app/settings.py".to_owned()),
+            ("ferrule-deploy-key".to_owned(), "app/deploy.env".to_owned()),
+            ("ferrule-signing-secret".to_owned(), "app/settings.py".to_owned()),
         ]
     );
     // Its evidence names the pack, its version and the SHA-256 of the file pushed.

@@ -14,7 +14,7 @@ use super::upload;
 use super::AppState;
 use crate::error::ServiceError;
 use crate::ids;
-use crate::jobs::{self, JobPage, JobView, Submission, Submitted};
+use crate::jobs::{self, JobOptions, JobPage, JobView, Submission, Submitted};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -34,6 +34,53 @@ pub struct SubmitQuery {
     policy: Option<String>,
     /// The artifact's file name, for the record (e.g. `app.tar.gz`).
     name: Option<String>,
+    /// Files not to scan: gitignore-like globs, comma-separated (`vendor/**,*.min.js`).
+    exclude: Option<String>,
+    /// A baseline (its id or name, see `/v1/baselines`): its findings are suppressed.
+    baseline: Option<String>,
+    /// The repository the artifact was taken from (an absolute URI), for the SARIF log.
+    vcs_repo: Option<String>,
+    /// Its revision (commit id).
+    vcs_revision: Option<String>,
+    /// Its branch.
+    vcs_branch: Option<String>,
+}
+
+impl SubmitQuery {
+    /// The job's options, checked; a baseline named by its name becomes its id.
+    async fn options(&self, state: &AppState, tenant: &str) -> Result<JobOptions, ServiceError> {
+        let excludes = self
+            .exclude
+            .as_deref()
+            .map(|e| e.split(',').map(str::trim).filter(|g| !g.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default();
+        let baseline = match self.baseline.as_deref().filter(|b| !b.is_empty()) {
+            None => None,
+            Some(b) => Some(
+                crate::baselines::get(&state.pool, tenant, b)
+                    .await
+                    .map_err(|e| match e {
+                        ServiceError::NotFound(_) => ServiceError::Unprocessable(format!(
+                            "no baseline {b:?}: store it first (POST /v1/baselines, `cella baseline push`)"
+                        )),
+                        other => other,
+                    })?
+                    .id,
+            ),
+        };
+        let vcs = match (&self.vcs_repo, &self.vcs_revision, &self.vcs_branch) {
+            (None, None, None) => None,
+            (Some(repo), revision, branch) => Some(jobs::Vcs {
+                repository_uri: repo.clone(),
+                revision_id: revision.clone(),
+                branch: branch.clone(),
+            }),
+            _ => return Err(ServiceError::Unprocessable("vcs_revision and vcs_branch need vcs_repo".into())),
+        };
+        let options = JobOptions { excludes, baseline, vcs };
+        options.check()?;
+        Ok(options)
+    }
 }
 
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -63,6 +110,7 @@ async fn submit(
     let policy = crate::packs::resolve(&state.pool, auth.tenant(), query.policy.as_deref(), default_policy)
         .await?
         .text();
+    let options = query.options(&state, auth.tenant()).await?;
     let name = upload::check_name(query.name)?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
@@ -93,6 +141,7 @@ async fn submit(
         artifact_sha256: sha256,
         idempotency_key,
         max_attempts: state.config.jobs.max_attempts,
+        options,
     };
     // The key is checked again where the job is recorded: revoked during the upload, no job.
     let submitted = jobs::submit(&state.pool, auth.tenant(), auth.key_id(), &auth.actor(), &sub).await;

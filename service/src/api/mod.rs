@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod baselines;
 pub mod extract;
 pub mod jobs;
 pub mod openapi;
@@ -50,6 +51,7 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(jobs::router())
+        .merge(baselines::router())
         .merge(sessions::router())
         .merge(packs::router())
         .merge(audit::router())

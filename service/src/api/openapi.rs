@@ -10,6 +10,7 @@ use utoipa::{Modify, OpenApi};
     info(title = "Cella", description = "Compliance scans in one-tenant microVMs. Tenants authenticate with `Authorization: Bearer cella_…`; operators with the admin credential. Errors are RFC 9457 problem documents."),
     paths(
         super::healthz, super::metrics,
+        super::baselines::create, super::baselines::list, super::baselines::show, super::baselines::delete,
         super::jobs::submit, super::jobs::list, super::jobs::get_job, super::jobs::sarif, super::jobs::summary, super::jobs::cancel,
         super::sessions::create, super::sessions::list, super::sessions::get_session, super::sessions::pause,
         super::sessions::suspend, super::sessions::resume, super::sessions::connect, super::sessions::exec,
@@ -25,7 +26,7 @@ use utoipa::{Modify, OpenApi};
         super::packs::check_policy,
     ),
     modifiers(&Security, &Limits, &OperationIds),
-    tags((name = "jobs", description = "Scan jobs"), (name = "sessions", description = "Long-lived session VMs: pause, suspend, resume, connect, exec, terminate (at most 8 h)"), (name = "audit", description = "The tenant's audit log and the public keys that sign it"),
+    tags((name = "jobs", description = "Scan jobs"), (name = "sessions", description = "Long-lived session VMs: pause, suspend, resume, connect, exec, terminate (at most 8 h)"), (name = "baselines", description = "Known findings a job's scan suppresses, so a gate fails only on new ones"), (name = "audit", description = "The tenant's audit log and the public keys that sign it"),
          (name = "packs", description = "The tenant's own rule packs (Cella TOML or gitleaks configurations), versioned, and its default policy"),
          (name = "admin", description = "Operators"), (name = "service", description = "Health"))
 )]

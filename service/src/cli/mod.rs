@@ -48,6 +48,9 @@ enum Command {
     /// Your jobs (needs CELLA_API_KEY)
     #[command(subcommand)]
     Job(JobCommand),
+    /// Baselines of known findings, so a scan reports only new ones (needs CELLA_API_KEY)
+    #[command(subcommand)]
+    Baseline(crate::client::baseline::BaselineCommand),
     /// Your sessions: a VM that keeps an artifact indexed for up to 8 h; pause, suspend, resume, exec (needs CELLA_API_KEY)
     #[command(subcommand)]
     Session(SessionCommand),
@@ -155,6 +158,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Job(cmd) => Ok(runtime()?.block_on(crate::client::admin::job(cmd))?),
+        Command::Baseline(cmd) => Ok(runtime()?.block_on(crate::client::baseline::run(cmd))?),
         Command::Session(cmd) => Ok(runtime()?.block_on(crate::client::session::run(cmd))?),
         Command::Pack(cmd) => {
             let report = runtime()?.block_on(crate::client::pack::run(cmd))?;

@@ -3,6 +3,8 @@
 //! turned back into readable errors.
 
 pub mod admin;
+pub mod baseline;
+pub mod ignore;
 pub mod pack;
 pub mod report;
 pub mod scan;

@@ -339,7 +339,7 @@ async fn test(
     let name = (format == PackFormat::Gitleaks).then(|| name_from_file(file));
     let validated = tenant::validate(&source, format, name.as_deref(), &PackLimits::default())
         .map_err(|problem| ClientError::Pack { path: file.to_owned(), problem })?;
-    let (_packed, artifact, _) = super::scan::artifact(dir)?;
+    let (_packed, artifact, _) = super::scan::artifact(dir, true)?;
     let work =
         super::scan::tempfile_path::TempPath::new(&format!("cella-pack-test-{}.toml", std::process::id()));
     std::fs::write(work.path(), &validated.cella_toml)

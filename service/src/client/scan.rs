@@ -13,7 +13,7 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
-use super::{report, ApiClient, ClientError, Connection};
+use super::{ignore, report, ApiClient, ClientError, Connection};
 
 #[derive(Debug, Args)]
 pub struct ScanArgs {
@@ -52,8 +52,65 @@ pub struct ScanArgs {
     /// Give up waiting after this many seconds (the job keeps running)
     #[arg(long, default_value_t = 900)]
     pub wait_secs: u64,
+    /// Suppress the findings of this baseline: a baseline file or SARIF log (stored in the
+    /// service first, once), or the name or id of one stored before (`cella baseline push`)
+    #[arg(long, value_name = "FILE|NAME")]
+    pub baseline: Option<String>,
+    /// Do not scan files matching this gitignore-like glob (repeatable)
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Send every file of a folder (but .git/), ignoring .gitignore, .git/info/exclude and
+    /// .cellaignore
+    #[arg(long)]
+    pub no_ignore: bool,
+    /// The repository URI for the SARIF log [default: the folder's git `origin`, if any]
+    #[arg(long, value_name = "URI")]
+    pub vcs_repo: Option<String>,
+    /// The revision [default: the folder's git HEAD]
+    #[arg(long, value_name = "REV")]
+    pub vcs_revision: Option<String>,
+    /// The branch [default: the folder's git branch]
+    #[arg(long, value_name = "BRANCH")]
+    pub vcs_branch: Option<String>,
     #[command(flatten)]
     pub conn: Connection,
+}
+
+/// A git remote as a repository URI for a SARIF log: `scheme://host/path` without user or
+/// password, `user@host:path` (scp form) as `https://host/path`, no `.git` suffix; `None` for
+/// anything else (a local path).
+fn repository_uri(remote: &str) -> Option<String> {
+    let remote = remote.trim().trim_end_matches('/').trim_end_matches(".git");
+    if let Some((scheme, rest)) = remote.split_once("://") {
+        if !matches!(scheme, "https" | "http" | "ssh") {
+            return None;
+        }
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let host = authority.rsplit('@').next().unwrap_or(authority);
+        return Some(format!("{scheme}://{host}/{path}"));
+    }
+    let (user_host, path) = remote.split_once(':')?;
+    if user_host.contains('/') || path.is_empty() {
+        return None;
+    }
+    let host = user_host.rsplit('@').next().unwrap_or(user_host);
+    Some(format!("https://{host}/{}", path.trim_start_matches('/')))
+}
+
+/// Where a folder came from, if it is a git work tree: its `origin` (made an `https://` URI
+/// where git's `user@host:path` form allows), HEAD and branch.
+fn git_provenance(dir: &Path) -> (Option<String>, Option<String>, Option<String>) {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
+        let text = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    };
+    if git(&["rev-parse", "--is-inside-work-tree"]).as_deref() != Some("true") {
+        return (None, None, None);
+    }
+    let repo = git(&["remote", "get-url", "origin"]).and_then(|url| repository_uri(&url));
+    let branch = git(&["rev-parse", "--abbrev-ref", "HEAD"]).filter(|b| b != "HEAD");
+    (repo, git(&["rev-parse", "HEAD"]), branch)
 }
 
 /// What `cella scan` prints on stdout.
@@ -97,22 +154,45 @@ pub struct ScanReport {
     pub at_threshold: usize,
 }
 
-/// Packs `dir` into a tar file in the system's temporary folder (symlinks kept as links: the
-/// scanner refuses links that leave the archive).
-fn pack(dir: &Path) -> Result<(tempfile_path::TempPath, String), ClientError> {
-    let name = dir.file_name().map_or_else(|| "artifact".to_owned(), |n| n.to_string_lossy().into_owned());
+/// Packs `dir` into a tar file in the system's temporary folder, its paths relative to `dir`
+/// (so SARIF paths are the repository's own), leaving out `.git/` and what the ignore files
+/// name unless `no_ignore` (see [`ignore`]); symbolic links kept as links (the scanner refuses
+/// links that leave the archive); sparse files written whole. Says on stderr what it left out.
+fn pack(dir: &Path, no_ignore: bool) -> Result<(tempfile_path::TempPath, String), ClientError> {
+    let name = std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "artifact".to_owned());
+    let walked = ignore::walk(dir, no_ignore).map_err(|e| ClientError::Read(dir.to_owned(), e))?;
+    for (file, line, why) in &walked.bad_patterns {
+        eprintln!("cella scan: {file}:{line}: not a pattern, ignored: {why}");
+    }
     let path = tempfile_path::TempPath::new(&format!("cella-scan-{}-{}.tar", std::process::id(), name));
     let file =
         std::fs::File::create(path.path()).map_err(|e| ClientError::Write(path.path().to_owned(), e))?;
     let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
     tar.follow_symlinks(false);
-    tar.append_dir_all(&name, dir).map_err(|e| ClientError::Read(dir.to_owned(), e))?;
+    // A sparse file goes whole: the scanner reads plain entries.
+    tar.sparse(false);
+    for (disk, rel) in walked.dirs.iter().chain(&walked.files) {
+        tar.append_path_with_name(disk, rel).map_err(|e| ClientError::Read(disk.clone(), e))?;
+    }
     let inner = tar.into_inner().map_err(|e| ClientError::Write(path.path().to_owned(), e))?;
     inner
         .into_inner()
         .map_err(|e| ClientError::Write(path.path().to_owned(), e.into_error()))?
         .sync_all()
         .ok();
+    if !walked.skipped.is_empty() {
+        let shown: Vec<&str> = walked.skipped.iter().take(8).map(|(p, _)| p.as_str()).collect();
+        let more = walked.skipped.len().saturating_sub(shown.len());
+        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        eprintln!(
+            "cella scan: left out {} path(s) (.git/, .gitignore, .git/info/exclude, .cellaignore; --no-ignore sends all but .git/): {}{more}",
+            walked.skipped.len(),
+            shown.join(", ")
+        );
+    }
     Ok((path, format!("{name}.tar")))
 }
 
@@ -183,10 +263,11 @@ pub(crate) async fn upload(
 /// A folder packed as tar (removed when dropped), or the file itself; and its name.
 pub(crate) fn artifact(
     path: &Path,
+    no_ignore: bool,
 ) -> Result<(Option<tempfile_path::TempPath>, PathBuf, String), ClientError> {
     let meta = std::fs::metadata(path).map_err(|e| ClientError::Read(path.to_owned(), e))?;
     if meta.is_dir() {
-        let (tmp, name) = pack(path)?;
+        let (tmp, name) = pack(path, no_ignore)?;
         let file = tmp.path().to_owned();
         Ok((Some(tmp), file, name))
     } else {
@@ -278,8 +359,37 @@ async fn checked_policy(
 pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     let client = args.conn.tenant()?;
     let policy = checked_policy(&client, args.policy.as_deref(), &args.packs).await?;
-    let (_packed, file, name) = artifact(&args.path)?;
-    let query = vec![("name", name), ("policy", policy)];
+    let (_packed, file, name) = artifact(&args.path, args.no_ignore)?;
+    let mut query = vec![("name", name), ("policy", policy)];
+    if !args.exclude.is_empty() {
+        if let Some(bad) = args.exclude.iter().find(|g| g.contains(',')) {
+            return Err(ClientError::Usage(format!("--exclude {bad:?}: a glob cannot hold a comma")));
+        }
+        query.push(("exclude", args.exclude.join(",")));
+    }
+    if let Some(baseline) = &args.baseline {
+        // A file is stored first (content-addressed: the same file stores once); anything else
+        // names a baseline the service keeps.
+        let id = if Path::new(baseline).is_file() {
+            let stored = super::baseline::push(&args.conn, Path::new(baseline), None).await?;
+            stored["id"].as_str().unwrap_or_default().to_owned()
+        } else {
+            baseline.clone()
+        };
+        query.push(("baseline", id));
+    }
+    let (repo, revision, branch) =
+        if args.path.is_dir() { git_provenance(&args.path) } else { (None, None, None) };
+    let repo = args.vcs_repo.clone().or(repo);
+    if let Some(repo) = repo {
+        query.push(("vcs_repo", repo));
+        if let Some(revision) = args.vcs_revision.clone().or(revision) {
+            query.push(("vcs_revision", revision));
+        }
+        if let Some(branch) = args.vcs_branch.clone().or(branch) {
+            query.push(("vcs_branch", branch));
+        }
+    }
     let headers: Vec<(&str, String)> =
         args.idempotency_key.iter().map(|k| ("Idempotency-Key", k.clone())).collect();
     let job = upload(&client, "/v1/jobs", &file, &query, &headers).await?;
@@ -389,4 +499,24 @@ pub async fn wait(
 /// The findings table of a SARIF log's results (see [`report::table`]).
 pub(crate) fn print_table(results: &[Value]) {
     print!("{}", report::table(&report::rows(results)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::repository_uri;
+
+    #[test]
+    fn remotes_become_uris_without_credentials() {
+        assert_eq!(
+            repository_uri("https://user:token@github.com/acme/app.git").as_deref(),
+            Some("https://github.com/acme/app")
+        );
+        assert_eq!(
+            repository_uri("git@github.com:acme/app.git").as_deref(),
+            Some("https://github.com/acme/app")
+        );
+        assert_eq!(repository_uri("ssh://git@host:22/x/y").as_deref(), Some("ssh://host:22/x/y"));
+        assert_eq!(repository_uri("/srv/repos/app.git"), None);
+        assert_eq!(repository_uri("file:///srv/app"), None);
+    }
 }

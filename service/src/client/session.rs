@@ -208,7 +208,7 @@ pub async fn run(cmd: SessionCommand) -> Result<(), ClientError> {
     match cmd {
         SessionCommand::Create { artifact, max_duration, idle_suspend, read_policy, mem_mib, common } => {
             let client = common.conn.tenant()?;
-            let (_packed, file, name) = super::scan::artifact(&artifact)?;
+            let (_packed, file, name) = super::scan::artifact(&artifact, false)?;
             let mut query = vec![("name", name)];
             let numbers = [
                 ("max_duration", max_duration),
@@ -386,7 +386,7 @@ async fn exec(id: &str, op: ExecOp) -> Result<(), ClientError> {
         }
         ExecOp::Add { file, name, common } => {
             let client = common.conn.tenant()?;
-            let (_packed, upload, default_name) = super::scan::artifact(&file)?;
+            let (_packed, upload, default_name) = super::scan::artifact(&file, false)?;
             let name = name.unwrap_or(default_name);
             let reply = super::scan::upload(
                 &client,

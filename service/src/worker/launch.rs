@@ -61,6 +61,32 @@ pub struct ScanSpec<'a> {
     pub fingerprint_key: &'a str,
     /// The tenant's CPU quota per VM, percent of one CPU (jailed VMMs' cgroup).
     pub cpu_percent: u32,
+    /// The scan's options (excludes, version-control details), its artifact's name as the
+    /// tenant gave it, and the baseline file written for it.
+    pub extras: ScanExtras<'a>,
+}
+
+/// What a scan carries besides its artifact and packs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScanExtras<'a> {
+    pub artifact_name: Option<&'a str>,
+    pub options: Option<&'a crate::jobs::JobOptions>,
+    pub baseline_file: Option<&'a Path>,
+    /// SARIF `tool.driver.informationUri`.
+    pub information_uri: Option<&'a str>,
+}
+
+/// The name the scan gives a tenant-named artifact (format detection, a plain file's path in
+/// the results): its last path part, if that is a usable file name; else none, and the scan
+/// uses the file's own name.
+fn artifact_name_for_scan(name: &str) -> Option<&str> {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or(name).trim();
+    let usable = !last.is_empty()
+        && last != "."
+        && last != ".."
+        && last.len() <= 255
+        && !last.chars().any(char::is_control);
+    usable.then_some(last)
 }
 
 /// A started scan.
@@ -159,6 +185,33 @@ impl Launcher {
             None => cmd.arg("--policy").arg(spec.policy),
         };
         cmd.arg("--sarif").arg(spec.sarif_out);
+        // SARIF's `automationDetails.id`: one analysis per policy, so GitHub keeps one set of
+        // alerts for each.
+        cmd.arg("--automation-id").arg(format!("cella/{}/", spec.policy));
+        let extras = &spec.extras;
+        if let Some(name) = extras.artifact_name.and_then(artifact_name_for_scan) {
+            cmd.arg("--artifact-name").arg(name);
+        }
+        if let Some(uri) = extras.information_uri {
+            cmd.arg("--information-uri").arg(uri);
+        }
+        if let Some(options) = extras.options {
+            for glob in &options.excludes {
+                cmd.arg("--exclude").arg(glob);
+            }
+            if let Some(vcs) = &options.vcs {
+                cmd.arg("--vcs-repo").arg(&vcs.repository_uri);
+                if let Some(revision) = &vcs.revision_id {
+                    cmd.arg("--vcs-revision").arg(revision);
+                }
+                if let Some(branch) = &vcs.branch {
+                    cmd.arg("--vcs-branch").arg(branch);
+                }
+            }
+        }
+        if let Some(baseline) = extras.baseline_file {
+            cmd.arg("--baseline").arg(baseline);
+        }
         if self.jailed() {
             let jail_id = format!("job-{}", spec.job_id.trim_start_matches("job_"));
             cmd.args(["--jail-id", &jail_id]);
@@ -410,6 +463,53 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_carries_its_jobs_name_options_and_baseline() {
+        let launcher = Launcher::new(&WorkerConfig { jailed: Some(false), ..WorkerConfig::default() }, 100);
+        let options = crate::jobs::JobOptions {
+            excludes: vec!["vendor/**".into(), "*.min.js".into()],
+            baseline: Some("bl_1".into()),
+            vcs: Some(crate::jobs::Vcs {
+                repository_uri: "https://example.com/acme/app".into(),
+                revision_id: Some("abc123".into()),
+                branch: Some("main".into()),
+            }),
+        };
+        let spec = ScanSpec {
+            job_id: "job_1",
+            artifact: Path::new("/data/artifacts/job_1"),
+            policy: "secrets,pii",
+            compiled_policy: None,
+            sarif_out: Path::new("/s"),
+            uid: 64_100,
+            spare: None,
+            fingerprint_key: "k",
+            cpu_percent: 100,
+            extras: ScanExtras {
+                artifact_name: Some("some/dir/config.env"),
+                options: Some(&options),
+                baseline_file: Some(Path::new("/work/job_1.1.baseline")),
+                information_uri: Some("https://cella.example.com/v1/openapi.json"),
+            },
+        };
+        let args: Vec<String> =
+            launcher.command(&spec).as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let line = args.join(" ");
+        for part in [
+            "--automation-id cella/secrets,pii/",
+            "--artifact-name config.env",
+            "--information-uri https://cella.example.com/v1/openapi.json",
+            "--exclude vendor/** --exclude *.min.js",
+            "--vcs-repo https://example.com/acme/app --vcs-revision abc123 --vcs-branch main",
+            "--baseline /work/job_1.1.baseline",
+        ] {
+            assert!(line.contains(part), "{part} missing from {line}");
+        }
+        assert_eq!(artifact_name_for_scan(".."), None);
+        assert_eq!(artifact_name_for_scan("a/"), None);
+        assert_eq!(artifact_name_for_scan("x\\app.tar.gz"), Some("app.tar.gz"));
+    }
+
+    #[test]
     fn a_jailed_scan_runs_under_its_tenants_cpu_quota_and_its_key_stays_off_the_command_line() {
         let config = WorkerConfig { jailed: Some(true), ..WorkerConfig::default() };
         let launcher = Launcher::new(&config, 100);
@@ -423,6 +523,7 @@ mod tests {
             spare: None,
             fingerprint_key: "secret-key-hex",
             cpu_percent: 25,
+            extras: ScanExtras::default(),
         };
         let line = |cmd: &Command| {
             cmd.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")

@@ -21,7 +21,7 @@ use crate::held_spares::HeldSpares;
 use crate::jobs::{CHANNEL_CANCEL, CHANNEL_JOBS};
 use crate::metrics::Metrics;
 use crate::queue::{self, Lease, Outcome, QueueError};
-use launch::{Launcher, ScanSpec, StopReason};
+use launch::{Launcher, ScanExtras, ScanSpec, StopReason};
 
 /// How often a worker heartbeats its own row (and learns whether to drain).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -45,9 +45,20 @@ pub struct Worker {
     pub spares: Option<Arc<HeldSpares>>,
     pub data_dir: DataDir,
     pub metrics: Arc<Metrics>,
+    /// What SARIF logs name as the tool's `informationUri` (see [`Config::information_uri`]).
+    pub information_uri: String,
 }
 
 type CancelMap = Arc<Mutex<HashMap<String, watch::Sender<bool>>>>;
+
+/// Writes a job attempt's baseline (fingerprints, 32 bytes each) as a baseline file in `work/`.
+fn write_baseline(data_dir: &DataDir, lease: &Lease, payload: &[u8]) -> Result<std::path::PathBuf, String> {
+    let set = cella_scan::FingerprintSet::from_wire(payload)
+        .ok_or_else(|| format!("the baseline of job {} holds a partial fingerprint", lease.job_id))?;
+    let path = data_dir.work().join(crate::janitor::baseline_name(&lease.job_id, lease.attempt));
+    cella_policies::baseline::Baseline::new(set).write(&path).map_err(|e| error_chain(&e))?;
+    Ok(path)
+}
 
 impl Worker {
     pub fn new(pool: PgPool, config: &Config, data_dir: DataDir, metrics: Arc<Metrics>) -> Self {
@@ -68,6 +79,7 @@ impl Worker {
             }),
             data_dir,
             metrics,
+            information_uri: config.information_uri(),
         }
     }
 
@@ -209,6 +221,18 @@ impl Worker {
         let started = Instant::now();
         let artifact = self.data_dir.artifact(&lease.job_id);
         let sarif_out = self.data_dir.work().join(crate::janitor::sarif_name(&lease.job_id, lease.attempt));
+        // The baseline goes to the scan as a file of its own (`cella-vmm scan --baseline`).
+        let baseline_file = match &lease.baseline {
+            Some(payload) => match write_baseline(&self.data_dir, lease, payload) {
+                Ok(path) => Some(path),
+                Err(reason) => {
+                    let outcome = Outcome::Failed { reason, retryable: true, vm: None };
+                    self.record(lease, &outcome).await;
+                    return;
+                }
+            },
+            None => None,
+        };
         let policy_file =
             self.data_dir.work().join(format!("{}.{}.policy.json", lease.job_id, lease.attempt));
         let compiled = self.write_policy(lease, &policy_file).await;
@@ -225,6 +249,12 @@ impl Worker {
             spare: None,
             fingerprint_key: &lease.fingerprint_key,
             cpu_percent: lease.vm_cpu_percent.unwrap_or(self.launcher.default_cpu_percent()),
+            extras: ScanExtras {
+                artifact_name: lease.artifact_name.as_deref(),
+                options: Some(&lease.options),
+                baseline_file: baseline_file.as_deref(),
+                information_uri: Some(&self.information_uri),
+            },
         };
         let outcome = if let Err(failed) = compiled {
             failed
@@ -264,6 +294,9 @@ impl Worker {
         };
         let _ = std::fs::remove_file(&sarif_out);
         let _ = std::fs::remove_file(&policy_file);
+        if let Some(file) = &baseline_file {
+            let _ = std::fs::remove_file(file);
+        }
         if let Outcome::Succeeded { vm, .. } | Outcome::Failed { vm: Some(vm), .. } = &outcome {
             if let Some(us) = vm["launch_us"].as_f64() {
                 self.metrics.vm_launch.observe(us / 1e6);
