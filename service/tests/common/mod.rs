@@ -350,13 +350,16 @@ pub fn sample_tar() -> Vec<u8> {
 /// Runs the `cella` command line as a client of the `serve` whose data folder is `data` (it
 /// finds the URL and CA there), with tenant API key `key`.
 pub fn cella(data: &Path, key: Option<&str>, args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
-    cmd.args(args).env("CELLA_DATA_DIR", data).env_remove("CELLA_URL").env_remove("CELLA_CA");
     // Files a command writes where it runs (`cella scan`'s default SARIF log) go next to the
     // data folder, in the test's scratch folder, never into the source tree.
-    if let Some(scratch) = data.parent() {
-        cmd.current_dir(scratch);
-    }
+    cella_in(data.parent().unwrap_or(data), data, key, args)
+}
+
+/// [`cella`], run in the folder `cwd` (`cella scan .`).
+pub fn cella_in(cwd: &Path, data: &Path, key: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cella"));
+    cmd.args(args).env("CELLA_DATA_DIR", data).env_remove("CELLA_URL").env_remove("CELLA_CA");
+    cmd.current_dir(cwd);
     match key {
         Some(k) => cmd.env("CELLA_API_KEY", k),
         None => cmd.env_remove("CELLA_API_KEY"),
