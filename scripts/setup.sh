@@ -20,11 +20,14 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # ripgrep: the scan benchmark's comparison.
 # g++: libFuzzer's runtime, which the fuzz targets build (scripts/fuzz.sh).
 # python3-requests: the generic HTTP client the service's tests check refusals with.
-packages=(gcc g++ libc6-dev bubblewrap postgresql ripgrep python3-requests)
+# python3-yaml: reads the CI recipes in examples/ci/ so their tests run the very commands.
+# git: the findings tests make a repository (installed unless some git is on PATH).
+packages=(gcc g++ libc6-dev bubblewrap postgresql ripgrep python3-requests python3-yaml)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+command -v git >/dev/null || missing+=(git)
 if ((${#missing[@]})); then
   command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get to install them"
   [ "$(id -u)" = 0 ] || die "missing packages ${missing[*]}: run as root (or install them yourself)"
