@@ -1,5 +1,6 @@
-//! SARIF 2.1.0 output, in the form GitHub code scanning takes: one run; the policy's rules as
-//! `tool.driver.rules` (descriptions, help as text and Markdown, `security-severity` and tags);
+//! SARIF 2.1.0 output, in the form GitHub code scanning takes: one run; the policy's rules that
+//! results name as `tool.driver.rules` (descriptions, help as text and Markdown,
+//! `security-severity` and tags);
 //! one result per finding with its repository-relative path, region (lines and columns; bytes
 //! in a binary file), level, fingerprints and, for a suppressed finding, its `suppressions`.
 //! The run names its automation id and version-control details when the job gives them.
@@ -110,11 +111,46 @@ fn message(rule: &Rule, f: &Finding) -> String {
     }
 }
 
+/// The rules a log describes: only those some result names, in policy order. A clean scan's
+/// log stays small (the guest writes it and sends it over vsock; with every rule's help it was
+/// 90 KB for the built-in packs), and which rules ran is the job's policy, which its audit
+/// evidence names with versions and hashes. `ruleIndex` points into this list.
+struct RuleTable<'p> {
+    policy: &'p Policy,
+    /// Per policy rule: its index in the log's list, if listed.
+    index: Vec<Option<u32>>,
+}
+
+impl<'p> RuleTable<'p> {
+    fn of(policy: &'p Policy, report: &Report) -> Self {
+        let mut index = alloc::vec![None; policy.rules.len()];
+        for f in &report.findings {
+            if let Some(slot) = index.get_mut(f.rule_index as usize) {
+                *slot = Some(0);
+            }
+        }
+        let mut next = 0u32;
+        for slot in index.iter_mut().flatten() {
+            *slot = next;
+            next += 1;
+        }
+        RuleTable { policy, index }
+    }
+
+    fn listed(&self) -> impl Iterator<Item = &'p Rule> + '_ {
+        self.policy.rules.iter().zip(&self.index).filter(|(_, i)| i.is_some()).map(|(r, _)| r)
+    }
+
+    fn index_in_log(&self, f: &Finding) -> u32 {
+        self.index.get(f.rule_index as usize).copied().flatten().unwrap_or(0)
+    }
+}
+
 /// The SARIF log as a JSON value.
 pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value {
-    let rules: Vec<Value> = policy
-        .rules
-        .iter()
+    let table = RuleTable::of(policy, report);
+    let rules: Vec<Value> = table
+        .listed()
         .map(|r| {
             json!({
                 "id": r.id,
@@ -148,7 +184,7 @@ pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value
             }
             let mut result = json!({
                 "ruleId": f.rule_id,
-                "ruleIndex": f.rule_index,
+                "ruleIndex": table.index_in_log(f),
                 "level": rule.severity.sarif_level(),
                 "message": { "text": message(rule, f) },
                 "locations": [{
@@ -212,9 +248,9 @@ pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value
 /// hundred KiB for a policy of 70 rules, which in a VM means page faults that cost more than
 /// the rest of a small scan's reporting.
 pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String {
-    let rules: Vec<direct::Rule<'_>> = policy
-        .rules
-        .iter()
+    let table = RuleTable::of(policy, report);
+    let rules: Vec<direct::Rule<'_>> = table
+        .listed()
         .map(|r| direct::Rule {
             default_configuration: direct::Level { level: r.severity.sarif_level() },
             full_description: direct::OwnedText { text: full_description(r) },
@@ -257,7 +293,7 @@ pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String
                 },
                 properties: direct::Properties { category: rule.category.as_str() },
                 rule_id: &f.rule_id,
-                rule_index: f.rule_index,
+                rule_index: table.index_in_log(f),
                 suppressions: f.suppression.map(|s| {
                     [direct::Suppression {
                         justification: s.justification(),

@@ -143,7 +143,7 @@ fn the_github_checks_really_reject_bad_sarif() {
 
 #[test]
 fn rules_carry_what_github_shows() {
-    let log = log(&policy(), &Report::default(), &RunDetails::default());
+    let log = log(&policy(), &report(), &RunDetails::default());
     let driver = &log["runs"][0]["tool"]["driver"];
     assert_eq!(driver["name"], "cella-scan");
     assert_eq!(driver["version"], env!("CARGO_PKG_VERSION"));
@@ -167,6 +167,25 @@ fn rules_carry_what_github_shows() {
         rules[0]["fullDescription"]["text"],
         "test-token description. Category: secret. test-token help"
     );
+}
+
+#[test]
+fn the_log_describes_the_rules_its_results_name_and_indexes_them_there() {
+    let clean = log(&policy(), &Report::default(), &RunDetails::default());
+    assert_eq!(clean["runs"][0]["tool"]["driver"]["rules"], serde_json::json!([]));
+    assert_eq!(github_problems(&clean), Vec::<String>::new());
+    let t = tar(&[file("pay.txt", b"card 4111 1111 1111 1111\n")]);
+    let cards = log(&policy(), &scan_with(&t, "a.tar", &Limits::default()).unwrap(), &RunDetails::default());
+    let run = &cards["runs"][0];
+    let ids: Vec<&str> = run["tool"]["driver"]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["card"]);
+    assert_eq!((&run["results"][0]["ruleId"], &run["results"][0]["ruleIndex"]), (&"card".into(), &0.into()));
+    assert_eq!(github_problems(&cards), Vec::<String>::new());
 }
 
 #[test]
