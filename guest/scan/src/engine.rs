@@ -85,14 +85,15 @@ const RULE_DFA_CACHE: usize = 256 << 10;
 pub const LINE_FILTER_AFTER: u64 = 256 << 10;
 
 /// How many single-line keyword rules contribute their full regex to the line filter, in policy
-/// order (the built-in packs' 71 and a tenant pack of 50); the rest contribute their keywords,
-/// like multiline rules. A regex is the more selective filter (a line is a candidate only if the
-/// rule could match on it), but hundreds of them in one lazy DFA cost more to determinize than
-/// the candidate lines they spare: 10 tenant packs of 50 rules after the built-in ones made a
-/// scan 3.8 times slower with every regex in the filter, 1.35 times with this cap and the
-/// keywords as a prefix tree (`cella_policies::rules::bench_packs`). Findings are the same either
-/// way (a keyword rule runs only where its keyword occurs).
-pub const FILTER_REGEXES: usize = 128;
+/// order: the built-in packs' (53 such rules; they come first) and the first of a tenant's;
+/// the rest contribute their keywords, like multiline rules. A regex is the
+/// more selective filter (a line is a candidate only if the rule could match on it), but each
+/// one multiplies the states the lazy DFA must determinize and keep: with 10 tenant packs of 50
+/// rules after the built-in ones, every regex in the filter made a scan 3.8 times slower, the
+/// first 128 of them 1.44 times, the first 72 (and the keywords reduced to those that hold no
+/// other) 1.26 times, the first 53 1.33 times, findings the same (`cella_policies::rules::bench_packs`, 100 MiB). A
+/// keyword rule runs only where its keyword occurs, so findings never depend on this.
+pub const FILTER_REGEXES: usize = 72;
 
 /// Regex syntax for every rule: byte-oriented, ASCII classes, no UTF-8 requirement, so that
 /// arbitrary bytes never make the lazy DFA give up.
@@ -672,6 +673,17 @@ impl Engine {
         if kws.is_empty() {
             return None;
         }
+        // A keyword that holds another is redundant here: where it occurs, so does the other,
+        // and the line is a candidate either way (the keyword automaton of step 2 still finds
+        // each rule's own). Fewer keywords, fewer states in the filter's lazy DFA.
+        kws.sort_unstable_by_key(Vec::len);
+        let mut minimal: Vec<Vec<u8>> = Vec::with_capacity(kws.len());
+        for k in kws {
+            if !minimal.iter().any(|m| memchr::memmem::find(&k, m).is_some()) {
+                minimal.push(k);
+            }
+        }
+        let mut kws = minimal;
         kws.sort_unstable();
         let kws: Vec<&[u8]> = kws.iter().map(Vec::as_slice).collect();
         let mut s = String::from("(?i:");
