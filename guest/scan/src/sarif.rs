@@ -129,10 +129,8 @@ impl<'p> RuleTable<'p> {
                 *slot = Some(0);
             }
         }
-        let mut next = 0u32;
-        for slot in index.iter_mut().flatten() {
-            *slot = next;
-            next += 1;
+        for (slot, n) in index.iter_mut().flatten().zip(0u32..) {
+            *slot = n;
         }
         RuleTable { policy, index }
     }
