@@ -115,16 +115,17 @@ pub async fn sweep(pool: &PgPool, data_dir: &DataDir, moment: Moment) -> Result<
     let artifacts = data_dir.artifacts();
     let names = names_in(&artifacts);
     let ids: Vec<&str> = names.iter().map(String::as_str).filter(|n| crate::ids::is_id(n, "job")).collect();
-    let states: HashMap<String, String> = sqlx::query("SELECT id, state FROM jobs WHERE id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get("id")?, r.try_get("state")?)))
-        .collect::<Result<_, sqlx::Error>>()?;
+    let states: HashMap<String, crate::jobs::JobState> =
+        sqlx::query("SELECT id, state FROM jobs WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("state")?)))
+            .collect::<Result<_, sqlx::Error>>()?;
     for name in &names {
         let leftover = match states.get(name) {
-            Some(state) => crate::jobs::is_final(state),
+            Some(state) => state.is_final(),
             None if crate::ids::is_id(name, "job") => moment == Moment::ServeStart,
             None => moment == Moment::ServeStart && name.ends_with(".part"),
         };

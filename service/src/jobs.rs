@@ -19,15 +19,95 @@ pub const CHANNEL_DONE: &str = "cella_job_done";
 /// NOTIFY channel: a running job was asked to stop (payload: its id).
 pub const CHANNEL_CANCEL: &str = "cella_cancel";
 
-/// The states of a job.
-pub const STATES: &[&str] = &["queued", "running", "succeeded", "failed", "cancelled"];
+/// A job's state: `queued → running → succeeded | failed | cancelled`; a
+/// running job whose attempt fails or whose worker goes away is queued again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] =
+        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+
+    /// Its name, as stored and as the API shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the job has ended (nothing changes it any more).
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// "job J has already …" for a finished job.
+    fn finished_verb(self) -> &'static str {
+        match self {
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            _ => "been cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not a job state; the message lists the states.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown state {0:?}: use one of queued, running, succeeded, failed, cancelled")]
+pub struct UnknownJobState(pub String);
+
+impl std::str::FromStr for JobState {
+    type Err = UnknownJobState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| UnknownJobState(s.to_owned()))
+    }
+}
+
+impl sqlx::Type<sqlx::Postgres> for JobState {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for JobState {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(<&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?.parse()?)
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for JobState {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&str as sqlx::Encode<sqlx::Postgres>>::encode_by_ref(&self.as_str(), buf)
+    }
+}
 
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: String,
-    /// queued, running, succeeded, failed or cancelled
-    pub state: String,
+    pub state: JobState,
     /// The rule packs applied.
     pub policy: Vec<String>,
     pub artifact: ArtifactView,
@@ -304,11 +384,6 @@ pub(crate) fn actor_id(actor: &Actor) -> String {
     }
 }
 
-/// Whether a job in `state` has ended.
-pub fn is_final(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "cancelled")
-}
-
 /// The job `id` of `tenant` (404 for another tenant's job or an unknown id).
 pub async fn get(pool: &PgPool, tenant: &str, id: &str) -> Result<JobView, ServiceError> {
     let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2"))
@@ -332,14 +407,8 @@ pub async fn list(
     cursor: Option<&str>,
     limit: u32,
 ) -> Result<JobPage, ServiceError> {
-    if let Some(s) = state {
-        if !STATES.contains(&s) {
-            return Err(ServiceError::BadRequest(format!(
-                "unknown state {s:?}: use one of {}",
-                STATES.join(", ")
-            )));
-        }
-    }
+    let state: Option<JobState> =
+        state.map(str::parse::<JobState>).transpose().map_err(|e| ServiceError::BadRequest(e.to_string()))?;
     let (after_time, after_id) = cursor_position(cursor, "job")?;
     let limit = limit.clamp(1, 200);
     let rows = sqlx::query(&format!(
@@ -416,9 +485,9 @@ async fn result_column(pool: &PgPool, tenant: &str, id: &str, column: &str) -> R
             .fetch_optional(pool)
             .await?
             .ok_or_else(|| not_found(id))?;
-    let state: String = row.try_get("state")?;
+    let state: JobState = row.try_get("state")?;
     match row.try_get::<Option<Vec<u8>>, _>("result")? {
-        Some(bytes) if state == "succeeded" => Ok(bytes),
+        Some(bytes) if state == JobState::Succeeded => Ok(bytes),
         _ => Err(ServiceError::NotFound(format!(
             "the result of job {id} (it is {state}; results exist once it has succeeded)"
         ))),
@@ -443,10 +512,10 @@ pub async fn cancel(
     .await?
     .ok_or_else(|| not_found(id))?;
     let tenant_id: String = row.try_get("tenant_id")?;
-    let state: String = row.try_get("state")?;
+    let state: JobState = row.try_get("state")?;
     // The action, named the same on the operator's chain as on the tenant's.
-    let action = match state.as_str() {
-        "queued" => {
+    let action = match state {
+        JobState::Queued => {
             sqlx::query(
                 "UPDATE jobs SET state = 'cancelled', cancel_requested = true, error = 'cancelled before it ran',
                  finished_at = now(), updated_at = now() WHERE id = $1",
@@ -466,7 +535,7 @@ pub async fn cancel(
             sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL_DONE).bind(id).execute(&mut *tx).await?;
             "job.cancelled"
         }
-        "running" => {
+        JobState::Running => {
             sqlx::query("UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1")
                 .bind(id)
                 .execute(&mut *tx)
@@ -475,7 +544,7 @@ pub async fn cancel(
             sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL_CANCEL).bind(id).execute(&mut *tx).await?;
             "job.cancel_requested"
         }
-        done => return Err(ServiceError::Conflict(format!("job {id} has already {}", finished_verb(done)))),
+        done => return Err(ServiceError::Conflict(format!("job {id} has already {}", done.finished_verb()))),
     };
     if tenant.is_none() {
         // An operator's cancel is also recorded on the operator chain.
@@ -486,17 +555,22 @@ pub async fn cancel(
     get(pool, &tenant_id, id).await
 }
 
-fn finished_verb(state: &str) -> &'static str {
-    match state {
-        "succeeded" => "succeeded",
-        "failed" => "failed",
-        _ => "been cancelled",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_states_round_trip_by_name_and_only_the_last_three_are_final() {
+        for state in JobState::ALL {
+            assert_eq!(state.as_str().parse::<JobState>().unwrap(), state);
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
+        let finals: Vec<&str> =
+            JobState::ALL.into_iter().filter(|s| s.is_final()).map(JobState::as_str).collect();
+        assert_eq!(finals, ["succeeded", "failed", "cancelled"]);
+        let err = "done".parse::<JobState>().unwrap_err().to_string();
+        assert_eq!(err, "unknown state \"done\": use one of queued, running, succeeded, failed, cancelled");
+    }
 
     #[test]
     fn policy_defaults_dedups_and_names_unknown_packs() {

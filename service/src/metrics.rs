@@ -80,10 +80,10 @@ impl Metrics {
         let rows =
             sqlx::query("SELECT state, count(*) AS n FROM jobs GROUP BY state").fetch_all(pool).await?;
         out.push_str("# HELP cella_jobs Jobs by state.\n# TYPE cella_jobs gauge\n");
-        for state in crate::jobs::STATES {
+        for state in crate::jobs::JobState::ALL {
             let n = rows
                 .iter()
-                .find(|r| r.try_get::<String, _>("state").ok().as_deref() == Some(*state))
+                .find(|r| r.try_get::<crate::jobs::JobState, _>("state").ok() == Some(state))
                 .and_then(|r| r.try_get::<i64, _>("n").ok())
                 .unwrap_or(0);
             let _ = writeln!(out, "cella_jobs{{state=\"{state}\"}} {n}");

@@ -13,7 +13,7 @@ use sqlx::{PgPool, Row};
 
 use crate::audit_log::tenant_event;
 use crate::error::ServiceError;
-use crate::jobs::{CHANNEL_DONE, CHANNEL_JOBS};
+use crate::jobs::{JobState, CHANNEL_DONE, CHANNEL_JOBS};
 
 /// A job leased by one worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,7 +230,7 @@ pub async fn vm_started(
 
 /// Records how the job ended, if this worker still holds its lease; with the scrub evidence
 /// and the outcome as audit events in the same transaction.
-pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<String, QueueError> {
+pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<JobState, QueueError> {
     let mut tx = pool.begin().await?;
     let held = sqlx::query(
         "SELECT artifact_name, artifact_bytes, artifact_sha256 FROM jobs
@@ -284,7 +284,7 @@ pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<S
             let packs = crate::packs::evidence(&mut tx, &lease.tenant_id, &lease.policy).await?;
             let details = evidence(lease, findings, artifact, packs, summary, sarif, vm);
             tenant_event(&mut tx, &lease.tenant_id, &actor, "job.succeeded", job, details).await?;
-            "succeeded"
+            JobState::Succeeded
         }
         Outcome::Failed { reason, retryable, vm } if *retryable && lease.attempt < lease.max_attempts => {
             let delay = backoff(lease.attempt);
@@ -298,10 +298,10 @@ pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<S
                 json!({ "attempt": lease.attempt, "reason": reason, "retry_in_secs": delay.as_secs() }),
             )
             .await?;
-            "queued"
+            JobState::Queued
         }
         Outcome::Failed { reason, vm, .. } => {
-            terminal(&mut tx, &lease.job_id, "failed", reason, vm.as_ref()).await?;
+            terminal(&mut tx, &lease.job_id, JobState::Failed, reason, vm.as_ref()).await?;
             tenant_event(
                 &mut tx,
                 &lease.tenant_id,
@@ -311,13 +311,13 @@ pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<S
                 json!({ "attempt": lease.attempt, "reason": reason }),
             )
             .await?;
-            "failed"
+            JobState::Failed
         }
         Outcome::Cancelled { vm } => {
             terminal(
                 &mut tx,
                 &lease.job_id,
-                "cancelled",
+                JobState::Cancelled,
                 "cancelled while running; its VM was stopped",
                 vm.as_ref(),
             )
@@ -331,7 +331,7 @@ pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<S
                 json!({ "attempt": lease.attempt, "was": "running" }),
             )
             .await?;
-            "cancelled"
+            JobState::Cancelled
         }
         Outcome::HandedBack { vm } => {
             requeue(
@@ -351,10 +351,10 @@ pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<S
                 json!({ "attempt": lease.attempt }),
             )
             .await?;
-            "queued"
+            JobState::Queued
         }
     };
-    if state == "queued" {
+    if state == JobState::Queued {
         sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL_JOBS).execute(&mut *tx).await?;
     } else {
         sqlx::query("SELECT pg_notify($1, $2)")
@@ -364,7 +364,7 @@ pub async fn finish(pool: &PgPool, lease: &Lease, outcome: &Outcome) -> Result<S
             .await?;
     }
     tx.commit().await?;
-    Ok(state.to_owned())
+    Ok(state)
 }
 
 async fn requeue(
@@ -391,7 +391,7 @@ async fn requeue(
 async fn terminal(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     job_id: &str,
-    state: &str,
+    state: JobState,
     reason: &str,
     vm: Option<&Value>,
 ) -> Result<(), sqlx::Error> {
@@ -432,16 +432,16 @@ pub async fn rescue_expired(pool: &PgPool, rescuer: &str) -> Result<u64, Service
             owner.as_deref().unwrap_or("?")
         );
         let (action, state) = if row.try_get::<bool, _>("cancel_requested")? {
-            terminal(&mut tx, &id, "cancelled", &reason, None).await?;
-            ("job.cancelled", "cancelled")
+            terminal(&mut tx, &id, JobState::Cancelled, &reason, None).await?;
+            ("job.cancelled", JobState::Cancelled)
         } else if attempt >= row.try_get::<i32, _>("max_attempts")? {
-            terminal(&mut tx, &id, "failed", &reason, None).await?;
-            ("job.failed", "failed")
+            terminal(&mut tx, &id, JobState::Failed, &reason, None).await?;
+            ("job.failed", JobState::Failed)
         } else {
             requeue(&mut tx, &id, &reason, None, Duration::ZERO).await?;
-            ("job.lease_expired", "queued")
+            ("job.lease_expired", JobState::Queued)
         };
-        if state != "queued" {
+        if state != JobState::Queued {
             sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL_DONE).bind(&id).execute(&mut *tx).await?;
         }
         tenant_event(

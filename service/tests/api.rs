@@ -12,6 +12,7 @@ use cella_audit::Actor;
 use cella_service::api::{app, AppState};
 use cella_service::config::Config;
 use cella_service::data_dir::DataDir;
+use cella_service::jobs::JobState;
 use cella_service::metrics::Metrics;
 use cella_service::queue::{self, Outcome};
 use cella_service::sessions::vmm::Vmms;
@@ -352,7 +353,7 @@ async fn a_worker_that_lost_its_lease_cannot_write_a_result(pool: PgPool) {
     assert_eq!(queue::heartbeat(pool, &first, Duration::from_secs(30)).await.unwrap(), None);
     let done = Outcome::Succeeded { summary: json!({"findings": 1}), sarif: b"{}".to_vec(), vm: json!({}) };
     assert!(matches!(queue::finish(pool, &first, &done).await, Err(queue::QueueError::LeaseLost(..))));
-    assert_eq!(queue::finish(pool, &second, &done).await.unwrap(), "succeeded");
+    assert_eq!(queue::finish(pool, &second, &done).await.unwrap(), JobState::Succeeded);
     assert_eq!(api.get(&format!("/v1/jobs/{id}/sarif"), &key).await.body, b"{}");
     let actions = api.actions(&tenant).await;
     let leased = actions.iter().filter(|a| *a == "job.leased").count();
@@ -370,12 +371,12 @@ async fn retryable_failures_back_off_then_fail_for_good(pool: PgPool) {
     let failed =
         Outcome::Failed { reason: "the VMM failed (exit status 243)".into(), retryable: true, vm: None };
     let l1 = queue::lease(pool, "w", Duration::from_secs(30)).await.unwrap().unwrap();
-    assert_eq!(queue::finish(pool, &l1, &failed).await.unwrap(), "queued");
+    assert_eq!(queue::finish(pool, &l1, &failed).await.unwrap(), JobState::Queued);
     // Backing off: not leasable at once.
     assert!(queue::lease(pool, "w", Duration::from_secs(30)).await.unwrap().is_none());
     sqlx::query("UPDATE jobs SET run_after = now()").execute(pool).await.unwrap();
     let l2 = queue::lease(pool, "w", Duration::from_secs(30)).await.unwrap().unwrap();
-    assert_eq!(queue::finish(pool, &l2, &failed).await.unwrap(), "failed");
+    assert_eq!(queue::finish(pool, &l2, &failed).await.unwrap(), JobState::Failed);
     let job = api.get(&format!("/v1/jobs/{id}"), &key).await.json();
     assert_eq!((job["state"].as_str(), job["attempt"].as_i64()), (Some("failed"), Some(2)));
     assert!(job["error"].as_str().unwrap().contains("243"));

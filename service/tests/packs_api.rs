@@ -427,7 +427,7 @@ async fn a_succeeded_jobs_evidence_names_each_tenant_pack_with_its_version_and_h
     let pool = &api.state.pool;
     let lease = queue::lease(pool, "worker-a", Duration::from_secs(30)).await.unwrap().unwrap();
     let done = Outcome::Succeeded { summary: json!({"findings": 0}), sarif: b"{}".to_vec(), vm: json!({}) };
-    assert_eq!(queue::finish(pool, &lease, &done).await.unwrap(), "succeeded");
+    assert_eq!(queue::finish(pool, &lease, &done).await.unwrap(), cella_service::jobs::JobState::Succeeded);
     let events = api.events(&tenant).await;
     let succeeded = &events.iter().find(|(a, _)| a == "job.succeeded").unwrap().1;
     assert_eq!(succeeded["packs"][0]["name"], "secrets");

@@ -337,7 +337,7 @@ async fn cancel_job(
 ) -> Result<Json<JobView>, ServiceError> {
     known_id(&id, "job")?;
     let job = jobs::cancel(&state.pool, None, &id, &admin.actor()).await?;
-    if job.state == "cancelled" {
+    if job.state == jobs::JobState::Cancelled {
         let _ = tokio::fs::remove_file(state.data_dir.artifact(&id)).await;
     }
     Ok(Json(job))

@@ -227,7 +227,7 @@ async fn get_job(
     let mut waiter = state.jobs_done.subscribe();
     loop {
         let job = jobs::get(&state.pool, auth.tenant(), &id).await?;
-        if wait == 0 || jobs::is_final(&job.state) || tokio::time::Instant::now() >= deadline {
+        if wait == 0 || job.state.is_final() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(job));
         }
         waiter.changed(&id, deadline).await;
@@ -276,7 +276,7 @@ async fn cancel(
 ) -> Result<Json<JobView>, ServiceError> {
     check_id(&id)?;
     let job = jobs::cancel(&state.pool, Some(auth.tenant()), &id, &auth.actor()).await?;
-    if job.state == "cancelled" {
+    if job.state == jobs::JobState::Cancelled {
         let _ = tokio::fs::remove_file(state.data_dir.artifact(&id)).await;
     }
     Ok(Json(job))

@@ -469,7 +469,7 @@ pub async fn wait(
         let left = limit.saturating_sub(start.elapsed()).as_secs().min(slice);
         let job = client.json(Method::GET, &format!("/v1/jobs/{id}?wait={left}")).await?;
         let state = job["state"].as_str().unwrap_or("?").to_owned();
-        let done = crate::jobs::is_final(&state);
+        let done = state.parse::<crate::jobs::JobState>().is_ok_and(crate::jobs::JobState::is_final);
         if tty {
             eprint!("\rjob {id}: {state:<10} {:>5} s", start.elapsed().as_secs());
             if done {

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{error_chain, QuietLog, ServiceError};
 use crate::held_spares::HeldSpares;
-use crate::jobs::{CHANNEL_CANCEL, CHANNEL_JOBS};
+use crate::jobs::{JobState, CHANNEL_CANCEL, CHANNEL_JOBS};
 use crate::metrics::Metrics;
 use crate::queue::{self, Lease, Outcome, QueueError};
 use launch::{Launcher, ScanExtras, ScanSpec, StopReason};
@@ -307,7 +307,7 @@ impl Worker {
         }
         let state = self.record(lease, &outcome).await;
         self.metrics.job_run.observe(started.elapsed().as_secs_f64());
-        if matches!(state.as_deref(), Some("succeeded" | "failed" | "cancelled")) {
+        if state.is_some_and(JobState::is_final) {
             let _ = std::fs::remove_file(&artifact);
         }
     }
@@ -381,7 +381,7 @@ impl Worker {
     }
 
     /// Records the outcome, retrying while the database is away. Returns the job's new state.
-    async fn record(&self, lease: &Lease, outcome: &Outcome) -> Option<String> {
+    async fn record(&self, lease: &Lease, outcome: &Outcome) -> Option<JobState> {
         let give_up = Instant::now() + FINISH_RETRY_FOR;
         let mut quiet = QuietLog::new("cella worker");
         loop {
