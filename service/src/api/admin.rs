@@ -333,9 +333,8 @@ async fn list_vms(
 async fn cancel_job(
     State(state): State<AppState>,
     admin: AdminAuth,
-    Path(id): Path<String>,
+    id: super::extract::JobId,
 ) -> Result<Json<JobView>, ServiceError> {
-    known_id(&id, "job")?;
     let job = jobs::cancel(&state.pool, None, &id, &admin.actor()).await?;
     if job.state == jobs::JobState::Cancelled {
         let _ = tokio::fs::remove_file(state.data_dir.artifact(&id)).await;

@@ -1,5 +1,8 @@
-//! `Json` and `Query` extractors whose rejections are problem documents: malformed JSON or a
-//! bad query string answers 400 (a well-formed body of the wrong shape 422), never plain text.
+//! `Json`, `Query` and path-id extractors whose rejections are problem documents: malformed JSON
+//! or a bad query string answers 400 (a well-formed body of the wrong shape 422), an id that is
+//! not one of ours 404, never plain text.
+
+use std::marker::PhantomData;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -42,5 +45,67 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
             }
             Err(e) => Err(ServiceError::BadRequest(e.body_text())),
         }
+    }
+}
+
+/// What kind of id a [`PathId`] holds: the prefix of ours it must carry.
+pub trait IdKind {
+    const PREFIX: &'static str;
+}
+
+/// Jobs' ids (`job_…`).
+#[derive(Debug)]
+pub enum JobKind {}
+
+impl IdKind for JobKind {
+    const PREFIX: &'static str = "job";
+}
+
+/// Sessions' ids (`session_…`).
+#[derive(Debug)]
+pub enum SessionKind {}
+
+impl IdKind for SessionKind {
+    const PREFIX: &'static str = "session";
+}
+
+/// The `{id}` of a request path, checked to look like one of ours of kind `K`; anything else
+/// answers 404 (a problem document) before the database or the audit log is touched.
+#[derive(Debug)]
+pub struct PathId<K: IdKind>(String, PhantomData<K>);
+
+/// A job's id from the path.
+pub type JobId = PathId<JobKind>;
+/// A session's id from the path.
+pub type SessionId = PathId<SessionKind>;
+
+impl<K: IdKind> PathId<K> {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<K: IdKind> std::ops::Deref for PathId<K> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<K: IdKind> std::fmt::Display for PathId<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<S: Send + Sync, K: IdKind> FromRequestParts<S> for PathId<K> {
+    type Rejection = ServiceError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(id) = axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ServiceError::BadRequest(e.body_text()))?;
+        super::known_id(&id, K::PREFIX)?;
+        Ok(PathId(id, PhantomData))
     }
 }

@@ -1,7 +1,7 @@
 //! `/v1/jobs`: submit an artifact, read, list, fetch results, cancel.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::auth::TenantAuth;
-use super::extract::ApiQuery;
+use super::extract::{ApiQuery, JobId};
 use super::upload;
 use super::AppState;
 use crate::error::ServiceError;
@@ -193,10 +193,6 @@ async fn list(
     Ok(Json(page))
 }
 
-fn check_id(id: &str) -> Result<(), ServiceError> {
-    super::known_id(id, "job")
-}
-
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct GetQuery {
@@ -212,10 +208,9 @@ pub struct GetQuery {
 async fn get_job(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: JobId,
     ApiQuery(q): ApiQuery<GetQuery>,
 ) -> Result<Json<JobView>, ServiceError> {
-    check_id(&id)?;
     let wait = q.wait.unwrap_or(0);
     if wait > super::wait::MAX_WAIT_SECS {
         return Err(ServiceError::BadRequest(format!(
@@ -239,12 +234,7 @@ async fn get_job(
     responses((status = 200, description = "SARIF 2.1.0", content_type = "application/sarif+json"),
               (status = 404, description = "No such job, or no result yet", content_type = "application/problem+json"),
               (status = 401, description = "No or bad API key", content_type = "application/problem+json")))]
-async fn sarif(
-    State(state): State<AppState>,
-    auth: TenantAuth,
-    Path(id): Path<String>,
-) -> Result<Response, ServiceError> {
-    check_id(&id)?;
+async fn sarif(State(state): State<AppState>, auth: TenantAuth, id: JobId) -> Result<Response, ServiceError> {
     let bytes = jobs::sarif(&state.pool, auth.tenant(), &id).await?;
     Ok(([(header::CONTENT_TYPE, "application/sarif+json")], bytes).into_response())
 }
@@ -257,9 +247,8 @@ async fn sarif(
 async fn summary(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: JobId,
 ) -> Result<Json<serde_json::Value>, ServiceError> {
-    check_id(&id)?;
     Ok(Json(jobs::summary(&state.pool, auth.tenant(), &id).await?))
 }
 
@@ -272,9 +261,8 @@ async fn summary(
 async fn cancel(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: JobId,
 ) -> Result<Json<JobView>, ServiceError> {
-    check_id(&id)?;
     let job = jobs::cancel(&state.pool, Some(auth.tenant()), &id, &auth.actor()).await?;
     if job.state == jobs::JobState::Cancelled {
         let _ = tokio::fs::remove_file(state.data_dir.artifact(&id)).await;

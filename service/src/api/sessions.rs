@@ -6,7 +6,7 @@
 //! is woken only by an explicit call.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::auth::TenantAuth;
-use super::extract::{ApiJson, ApiQuery};
+use super::extract::{ApiJson, ApiQuery, SessionId};
 use super::{upload, AppState};
 use crate::config::SESSION_MAX_DURATION_CAP_SECS;
 use crate::error::ServiceError;
@@ -46,10 +46,6 @@ const READ_DEFAULT_BYTES: u64 = 1 << 20;
 const READ_MAX_BYTES: u64 = 16 << 20;
 /// The largest file `files` adds (one protocol frame, held in memory on its way).
 const ADD_MAX_BYTES: u64 = 64 << 20;
-
-fn check_id(id: &str) -> Result<(), ServiceError> {
-    super::known_id(id, "session")
-}
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -185,9 +181,8 @@ async fn list(
 async fn get_session(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: SessionId,
 ) -> Result<Json<SessionView>, ServiceError> {
-    check_id(&id)?;
     Ok(Json(store::get(&state.pool, Some(auth.tenant()), &id).await?.view()))
 }
 
@@ -202,9 +197,8 @@ async fn get_session(
 async fn pause(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: SessionId,
 ) -> Result<Json<SessionView>, ServiceError> {
-    check_id(&id)?;
     Ok(Json(state.sessions.pause(auth.tenant(), &id, &auth.actor()).await?.view()))
 }
 
@@ -219,9 +213,8 @@ async fn pause(
 async fn suspend(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: SessionId,
 ) -> Result<Json<SessionView>, ServiceError> {
-    check_id(&id)?;
     Ok(Json(state.sessions.suspend(auth.tenant(), &id, &auth.actor()).await?.view()))
 }
 
@@ -236,9 +229,8 @@ async fn suspend(
 async fn resume(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: SessionId,
 ) -> Result<Json<SessionView>, ServiceError> {
-    check_id(&id)?;
     memory_to_restore(&state, &auth, &id).await?;
     Ok(Json(state.sessions.resume(auth.tenant(), &id, &auth.actor()).await?.view()))
 }
@@ -276,10 +268,9 @@ pub struct ConnectQuery {
 async fn connect(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: SessionId,
     ApiQuery(q): ApiQuery<ConnectQuery>,
 ) -> Result<Json<SessionView>, ServiceError> {
-    check_id(&id)?;
     if let Some(extend) = q.extend.filter(|e| *e > SESSION_MAX_DURATION_CAP_SECS) {
         return Err(ServiceError::Unprocessable(format!(
             "extend={extend} is more than {SESSION_MAX_DURATION_CAP_SECS} seconds (8 h), the longest a session lives"
@@ -298,9 +289,8 @@ async fn connect(
 async fn terminate(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: SessionId,
 ) -> Result<Json<SessionView>, ServiceError> {
-    check_id(&id)?;
     Ok(Json(state.sessions.terminate(auth.tenant(), &id, &auth.actor()).await?.view()))
 }
 
@@ -390,10 +380,9 @@ fn compiled_policy(packs: &str) -> Result<Vec<u8>, ServiceError> {
 async fn exec(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: SessionId,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<ExecReply>, ServiceError> {
-    check_id(&id)?;
     match body.get("op").and_then(Value::as_str) {
         Some("add") => {
             return Err(ServiceError::Unprocessable(format!(
@@ -476,12 +465,11 @@ pub struct FileQuery {
 async fn add_file(
     State(state): State<AppState>,
     auth: TenantAuth,
-    Path(id): Path<String>,
+    id: SessionId,
     ApiQuery(q): ApiQuery<FileQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ExecReply>, ServiceError> {
-    check_id(&id)?;
     let name = q.name;
     if name.is_empty()
         || name.len() > upload::MAX_NAME
