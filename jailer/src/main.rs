@@ -11,16 +11,10 @@ use cella_jailer::timing::Timings;
 use cella_jailer::{error_chain, supervisor, JailError, JailRequest, VmmStatus};
 use clap::{Args, Parser, Subcommand};
 
+use cella_abi::exit::{CLEANUP_FAILED, JAIL_FAILED, VMM_KILLED, VMM_KILLED_BY_SECCOMP};
+
 /// Bad command line or a request refused before anything was created.
-const BAD_REQUEST: u8 = 2;
-/// The VMM was killed by SIGSYS: its seccomp filter caught a forbidden system call.
-const VMM_KILLED_BY_SECCOMP: u8 = 245;
-/// The VMM was killed by another signal (SIGKILL, an OOM kill, a crash).
-const VMM_KILLED: u8 = 246;
-/// A jail step failed; everything the jailer had created was removed.
-const JAIL_FAILED: u8 = 247;
-/// The VMM ended but its jail could not be removed completely.
-const CLEANUP_FAILED: u8 = 248;
+const BAD_REQUEST: u8 = cella_abi::exit::BAD_INPUT;
 
 const EXIT_HELP: &str = "\
 Exit status:

@@ -105,6 +105,44 @@ pub mod status {
     pub const USAGE: u32 = 121;
     /// The guest panicked.
     pub const PANIC: u32 = 101;
+    /// A device could not be used (the console says which and why).
+    pub const DEVICE_FAILED: u32 = 122;
+    /// The scanner or session refused the artifact (unsafe or corrupt); the host has the
+    /// reason. `cella-vmm scan` exits with [`crate::exit::SCAN_REFUSED`] for it.
+    pub const ARTIFACT_REFUSED: u32 = 3;
+}
+
+/// Exit statuses of Cella's host processes: `cella-vmm` (`run`, `scan`, `session`) and
+/// `cella-jailer`, which passes the VMM's own on and adds its own above them. The one
+/// definition: the processes that run them (the jailer, `cella-vmm --jailed`, the worker) read
+/// them from here.
+pub mod exit {
+    /// `scan --fail-on LEVEL`: unsuppressed findings at or above the level.
+    pub const FINDINGS: u8 = 1;
+    /// Bad command line, configuration, artifact path, policy or guest image.
+    pub const BAD_INPUT: u8 = 2;
+    /// `scan`: the runner refused the artifact (unsafe or corrupt archive) and said why.
+    pub const SCAN_REFUSED: u8 = 3;
+    /// `run`: guest statuses up to this pass through unchanged.
+    pub const GUEST_STATUS_MAX: u32 = 239;
+    /// `run`: the guest exited with a status above [`GUEST_STATUS_MAX`].
+    pub const GUEST_STATUS_OUT_OF_RANGE: u8 = 240;
+    /// The guest crashed or broke a virtio device's contract.
+    pub const CRASHED: u8 = 241;
+    /// The wall-clock limit passed.
+    pub const TIMED_OUT: u8 = 242;
+    /// The VMM failed (KVM, memory, the scrub could not be verified, no result).
+    pub const VMM_FAILED: u8 = 243;
+    /// Stopped by SIGINT or SIGTERM (memory still scrubbed).
+    pub const STOPPED: u8 = 244;
+    /// `cella-jailer`: the VMM was killed by SIGSYS (its seccomp filter caught a call).
+    pub const VMM_KILLED_BY_SECCOMP: u8 = 245;
+    /// `cella-jailer`: the VMM was killed by another signal (SIGKILL, an OOM kill, a crash).
+    pub const VMM_KILLED: u8 = 246;
+    /// `cella-jailer`: a jail step failed; everything it had created was removed.
+    pub const JAIL_FAILED: u8 = 247;
+    /// `cella-jailer`: the VMM ended but its jail could not be removed completely.
+    pub const CLEANUP_FAILED: u8 = 248;
 }
 
 /// Most bytes in one [`ConsoleLine`].

@@ -15,14 +15,16 @@ use crate::queue::Outcome;
 /// The most of the VMM's stderr kept for an error message (the tail).
 const STDERR_TAIL: usize = 4096;
 
-/// `cella-vmm scan`'s exit statuses (see `cella-vmm scan --help`).
+/// `cella-vmm scan`'s exit statuses (see `cella-vmm scan --help`), as `ExitStatus::code` gives them.
 mod status {
-    pub const BAD_INPUT: i32 = 2;
-    pub const REFUSED: i32 = 3;
-    pub const CRASHED: i32 = 241;
-    pub const TIMED_OUT: i32 = 242;
-    pub const STOPPED: i32 = 244;
-    pub const SECCOMP: i32 = 245;
+    use cella_abi::exit;
+
+    pub const BAD_INPUT: i32 = exit::BAD_INPUT as i32;
+    pub const REFUSED: i32 = exit::SCAN_REFUSED as i32;
+    pub const CRASHED: i32 = exit::CRASHED as i32;
+    pub const TIMED_OUT: i32 = exit::TIMED_OUT as i32;
+    pub const STOPPED: i32 = exit::STOPPED as i32;
+    pub const SECCOMP: i32 = exit::VMM_KILLED_BY_SECCOMP as i32;
 }
 
 /// Why a scan could not be started.

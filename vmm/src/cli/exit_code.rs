@@ -5,27 +5,16 @@ use std::process::{ExitCode, ExitStatus};
 use cella_vmm::rpc_interface::StopCause;
 use cella_vmm::GuestExit;
 
-/// Guest statuses up to this pass through unchanged.
-pub const GUEST_STATUS_MAX: u32 = 239;
-/// The guest exited with a status above [`GUEST_STATUS_MAX`] (`--json` has the exact value).
-pub const GUEST_STATUS_OUT_OF_RANGE: u8 = 240;
-/// The guest crashed.
-pub const CRASHED: u8 = 241;
-/// The wall-clock limit passed.
-pub const TIMED_OUT: u8 = 242;
-/// The VMM failed (KVM, memory, or the scrub could not be verified).
-pub const VMM_FAILED: u8 = 243;
-/// Stopped by SIGINT or SIGTERM.
-pub const STOPPED: u8 = 244;
-/// `scan`: the runner refused the artifact (unsafe or corrupt archive) and said why.
-pub const SCAN_REFUSED: u8 = 3;
-/// `scan --fail-on LEVEL`: unsuppressed findings at or above the level.
-pub const FINDINGS: u8 = 1;
-/// Bad command line, configuration or guest image.
-pub const BAD_INPUT: u8 = 2;
-/// `--jailed`: cella-jailer's own statuses, passed on: 245 the VMM was killed by its seccomp
-/// filter, 246 by another signal, 247 a jail step failed, 248 the jail was not removed completely.
-pub const JAILER_STATUSES: std::ops::RangeInclusive<i32> = 245..=248;
+pub use cella_abi::exit::{
+    BAD_INPUT, CRASHED, FINDINGS, GUEST_STATUS_MAX, GUEST_STATUS_OUT_OF_RANGE, SCAN_REFUSED, STOPPED,
+    TIMED_OUT, VMM_FAILED,
+};
+use cella_abi::exit::{CLEANUP_FAILED, VMM_KILLED_BY_SECCOMP};
+
+/// `--jailed`: cella-jailer's own statuses, passed on: the VMM killed by its seccomp filter or
+/// another signal, a jail step failed, the jail not removed completely.
+pub const JAILER_STATUSES: std::ops::RangeInclusive<i32> =
+    VMM_KILLED_BY_SECCOMP as i32..=CLEANUP_FAILED as i32;
 
 /// Shown at the end of `cella-vmm run --help`.
 pub const HELP: &str = "\

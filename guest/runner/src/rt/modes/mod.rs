@@ -22,8 +22,7 @@ mod session;
 /// How long a runner waits for the host to take the last bytes of a connection.
 pub(super) const CLOSE_TIMEOUT_MS: u32 = 10_000;
 
-/// Exit status when a device could not be used.
-pub(super) const DEVICE_FAILED: u32 = 122;
+pub(super) use cella_abi::status::DEVICE_FAILED;
 
 pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
     match mode {

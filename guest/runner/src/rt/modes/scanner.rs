@@ -16,8 +16,7 @@ use crate::rt::entry::exit;
 use crate::rt::virtio::blk::Blk;
 use crate::rt::virtio::vsock::Vsock;
 
-/// Exit status when the artifact was refused (unsafe or corrupt); the host has the reason.
-const ARTIFACT_REFUSED: u32 = 3;
+use cella_abi::status::ARTIFACT_REFUSED;
 
 /// Reads frames from `conn` until one arrives.
 fn next_frame(

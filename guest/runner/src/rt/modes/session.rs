@@ -51,8 +51,7 @@ use crate::rt::entry::exit;
 use crate::rt::virtio::blk::Blk;
 use crate::rt::virtio::vsock::{ConnId, Vsock, VsockError};
 
-/// Exit status when the artifact was refused at load (the console says why).
-const ARTIFACT_REFUSED: u32 = 3;
+use cella_abi::status::ARTIFACT_REFUSED;
 /// Compiled policies kept (each holds its regex caches: a few MiB at most).
 const MAX_CACHED_ENGINES: usize = 4;
 /// The index may hold at most this fraction (1/n) of the heap: the rest is for the policies,
