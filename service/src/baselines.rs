@@ -155,7 +155,18 @@ pub async fn list(pool: &PgPool, tenant: &str) -> Result<Vec<BaselineView>, Serv
 }
 
 /// The tenant's live baseline with this id or name (404 otherwise).
+/// A baseline is named by its id (`bl_…`) or its name; anything else is no baseline, answered
+/// without a query (a NUL byte, say, is no text PostgreSQL takes).
+fn check_id_or_name(id_or_name: &str) -> Result<(), ServiceError> {
+    if ids::is_id(id_or_name, "bl") || check_name(id_or_name).is_ok() {
+        Ok(())
+    } else {
+        Err(ServiceError::NotFound(format!("baseline {id_or_name:?}")))
+    }
+}
+
 pub async fn get(pool: &PgPool, tenant: &str, id_or_name: &str) -> Result<BaselineView, ServiceError> {
+    check_id_or_name(id_or_name)?;
     let row = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM baselines WHERE tenant_id = $1 AND (id = $2 OR name = $2) AND deleted_at IS NULL"
     ))
@@ -174,6 +185,7 @@ pub async fn delete(
     id_or_name: &str,
     actor: &Actor,
 ) -> Result<BaselineView, ServiceError> {
+    check_id_or_name(id_or_name)?;
     let mut tx = pool.begin().await?;
     let row = sqlx::query(&format!(
         "UPDATE baselines SET deleted_at = now()

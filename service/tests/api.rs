@@ -209,6 +209,18 @@ async fn another_tenants_ids_answer_404_on_every_endpoint(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_baseline_name_postgres_cannot_take_is_no_baseline_not_an_internal_error(pool: PgPool) {
+    // Found by the API fuzz: a NUL byte in `baseline` reached the query and answered 500.
+    let api = api(pool, |_| {}).await;
+    let (_, key) = api.tenant("acme").await;
+    let r = api.submit(&key, b"data", "?policy=secrets&baseline=%00k", &[]).await;
+    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "no baseline");
+    assert_problem(&api.get("/v1/baselines/%00k", &key).await, StatusCode::NOT_FOUND, "baseline");
+    let r = api.call(Method::DELETE, "/v1/baselines/a%00b", Some(&key), Body::empty(), &[]).await;
+    assert_problem(&r, StatusCode::NOT_FOUND, "baseline");
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn idempotency_key_replays_the_same_job_and_refuses_a_different_body(pool: PgPool) {
     let api = api(pool, |_| {}).await;
     let (tenant, key) = api.tenant("acme").await;
