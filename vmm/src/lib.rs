@@ -18,6 +18,7 @@ pub mod microvm;
 pub mod rpc_interface;
 pub mod running;
 pub mod scan;
+pub mod scan_report;
 pub mod scrub;
 pub mod seccomp;
 pub mod session_client;

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::Value;
+use cella_vmm::scan_report::ScanReport;
+use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
@@ -297,10 +298,7 @@ impl RunningScan {
             tail
         };
         let (out, err, status) = tokio::join!(read_out, read_err, self.child.wait());
-        let report = String::from_utf8_lossy(&out)
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<Value>(l).ok().filter(Value::is_object));
+        let report = ScanReport::from_stdout(&String::from_utf8_lossy(&out));
         let stderr = String::from_utf8_lossy(&err[err.len().saturating_sub(STDERR_TAIL)..]).trim().to_owned();
         Finished {
             status: status.ok().and_then(|s| s.code()),
@@ -330,7 +328,7 @@ pub struct Finished {
     /// Its exit status (`None`: killed by a signal).
     pub status: Option<i32>,
     /// Its `--json` report.
-    pub report: Option<Value>,
+    pub report: Option<ScanReport>,
     /// The tail of its stderr.
     pub stderr: String,
     pub sarif: Option<Vec<u8>>,
@@ -355,25 +353,19 @@ impl Finished {
         };
         match self.status {
             Some(0) => {
-                let report = self.report.unwrap_or_default();
-                let verified = report["scrub"]["verified_zero"].as_bool() == Some(true);
-                match (report.get("summary"), self.sarif) {
+                let verified = self.report.as_ref().is_some_and(|r| r.scrub.verified_zero);
+                match (self.report.and_then(|r| r.summary), self.sarif) {
                     _ if !verified => failed("the VM's memory scrub could not be verified".into(), false),
                     (Some(summary), Some(sarif)) => {
-                        Outcome::Succeeded { summary: summary.clone(), sarif, vm: vm.unwrap_or_default() }
+                        Outcome::Succeeded { summary, sarif, vm: vm.unwrap_or_default() }
                     }
                     _ => failed(format!("the scan ended without a summary or SARIF log: {last_line}"), true),
                 }
             }
-            Some(status::REFUSED) => {
-                let refused = self.report.as_ref().and_then(|r| r.get("refused"));
-                let message = refused
-                    .and_then(|r| r.get("message"))
-                    .and_then(Value::as_str)
-                    .map_or(last_line.clone(), str::to_owned);
-                let kind = refused.and_then(|r| r.get("kind")).and_then(Value::as_str).unwrap_or("artifact");
-                failed(format!("{kind} refused: {message}"), false)
-            }
+            Some(status::REFUSED) => match self.report.and_then(|r| r.refused) {
+                Some(refused) => failed(format!("{} refused: {}", refused.kind, refused.message), false),
+                None => failed(format!("artifact refused: {last_line}"), false),
+            },
             Some(status::BAD_INPUT) => failed(format!("the scan could not start: {last_line}"), false),
             Some(status::CRASHED) => {
                 failed(format!("the scanner VM crashed or broke a device contract: {last_line}"), false)
@@ -391,33 +383,45 @@ impl Finished {
     }
 }
 
-/// The parts of the VMM's report kept with the job (exit, timings, scrub evidence).
-fn vm_report(report: &Value) -> Value {
-    let mut vm = serde_json::Map::new();
-    for key in [
-        "exit",
-        "launch_us",
-        "run_us",
-        "built_ahead",
-        "scan_ms",
-        "in_vm_ms",
-        "scrub",
-        "artifact_bytes",
-        "engine_version",
-    ] {
-        if let Some(v) = report.get(key) {
-            vm.insert(key.to_owned(), v.clone());
-        }
+/// The parts of the VMM's report kept with the job and in its audit events (exit, timings,
+/// scrub evidence).
+fn vm_report(report: &ScanReport) -> Value {
+    let mut vm = json!({
+        "exit": report.exit,
+        "launch_us": report.launch_us,
+        "run_us": report.run_us,
+        "built_ahead": report.built_ahead,
+        "scan_ms": report.scan_ms,
+        "scrub": report.scrub,
+        "artifact_bytes": report.artifact_bytes,
+    });
+    if let Some(ms) = report.in_vm_ms {
+        vm["in_vm_ms"] = json!(ms);
     }
-    Value::Object(vm)
+    if let Some(version) = &report.engine_version {
+        vm["engine_version"] = json!(version);
+    }
+    vm
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn finished(status: i32, report: Value) -> Finished {
+    /// The report of a scan that completed with a verified scrub, as `cella-vmm scan --json`
+    /// prints it (read back through the same type).
+    fn report() -> ScanReport {
+        let line = json!({
+            "exit": {"kind": "exited", "code": 0}, "launch_us": 5000, "run_us": 9000,
+            "built_ahead": false, "scan_ms": 14, "artifact": "/a", "artifact_bytes": 10,
+            "scrub": {"bytes": 4096, "pages_verified": 1, "verified_zero": true, "released": true,
+                      "blocks_after_release": 0, "mem_bytes": 1024, "ranges": 1, "ms": 0.5},
+            "summary": {"findings": 1}, "in_vm_ms": 7.5,
+        });
+        ScanReport::from_stdout(&line.to_string()).expect("a scan report")
+    }
+
+    fn finished(status: i32, report: ScanReport) -> Finished {
         Finished {
             status: Some(status),
             report: Some(report),
@@ -426,9 +430,28 @@ mod tests {
         }
     }
 
+    fn refused(kind: &str, message: &str) -> ScanReport {
+        let refused = cella_proto::ErrorReport { kind: kind.into(), message: message.into() };
+        ScanReport { summary: None, refused: Some(refused), ..report() }
+    }
+
+    #[test]
+    fn a_verified_scan_succeeds_and_keeps_its_timings_and_scrub_with_the_job() {
+        match finished(0, report()).outcome(None, Duration::ZERO) {
+            Outcome::Succeeded { summary, vm, .. } => {
+                assert_eq!(summary, json!({"findings": 1}));
+                assert_eq!((vm["launch_us"].as_u64(), vm["in_vm_ms"].as_f64()), (Some(5000), Some(7.5)));
+                assert_eq!(vm["scrub"]["verified_zero"], true);
+                assert!(vm.get("engine_version").is_none() && vm.get("artifact").is_none(), "{vm}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_scan_without_verified_scrub_fails() {
-        let r = json!({"summary": {"findings": 1}, "scrub": {"verified_zero": false}});
+        let mut r = report();
+        r.scrub.verified_zero = false;
         assert!(matches!(
             finished(0, r).outcome(None, Duration::ZERO),
             Outcome::Failed { retryable: false, .. }
@@ -437,7 +460,7 @@ mod tests {
 
     #[test]
     fn refused_artifacts_fail_with_the_runners_message() {
-        let r = json!({"refused": {"kind": "archive", "message": "entry `../x` escapes the archive root"}});
+        let r = refused("archive", "entry `../x` escapes the archive root");
         match finished(3, r).outcome(None, Duration::ZERO) {
             Outcome::Failed { reason, retryable: false, .. } => {
                 assert!(reason.contains("`../x`"), "{reason}")
@@ -448,15 +471,14 @@ mod tests {
 
     #[test]
     fn control_characters_from_the_guest_never_reach_the_reason_raw() {
-        let r =
-            json!({"refused": {"kind": "archive\u{7}", "message": "entry `../\u{1b}[2J\u{7}x\r` escapes"}});
+        let r = refused("archive\u{7}", "entry `../\u{1b}[2J\u{7}x\r` escapes");
         match finished(3, r).outcome(None, Duration::ZERO) {
             Outcome::Failed { reason, .. } => {
                 assert_eq!(reason, "archive\\x07 refused: entry `../\\x1b[2J\\x07x\\r` escapes")
             }
             other => panic!("{other:?}"),
         }
-        let mut f = finished(243, json!({}));
+        let mut f = finished(243, report());
         f.stderr = "cella-vmm: \u{1b}]0;title\u{7}boom".into();
         match f.outcome(None, Duration::ZERO) {
             Outcome::Failed { reason, .. } => assert!(!reason.contains(['\u{1b}', '\u{7}']), "{reason:?}"),
@@ -544,11 +566,11 @@ mod tests {
     #[test]
     fn vmm_failures_are_retried_and_cancels_win() {
         assert!(matches!(
-            finished(243, json!({})).outcome(None, Duration::ZERO),
+            finished(243, report()).outcome(None, Duration::ZERO),
             Outcome::Failed { retryable: true, .. }
         ));
         assert!(matches!(
-            finished(244, json!({})).outcome(Some(StopReason::Cancelled), Duration::ZERO),
+            finished(244, report()).outcome(Some(StopReason::Cancelled), Duration::ZERO),
             Outcome::Cancelled { .. }
         ));
     }

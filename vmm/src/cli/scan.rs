@@ -18,6 +18,7 @@ use cella_proto::SarifContext;
 use cella_scan::{glob_to_regex, GlobError, Severity};
 use cella_vmm::job::{JobError, JobFrames, JobServer, ScanOutcome};
 use cella_vmm::scan::{self, JobOptions, ScanError, ScanRequest, ScanRun, SocketDir};
+use cella_vmm::scan_report::{FailOnGate, ScanReport};
 use cella_vmm::{default_scanner_image, error_chain, GuestExit};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
@@ -272,20 +273,27 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         }
     };
     let report = &run.vm;
-    let mut result = json!({
-        "exit": report.exit,
-        "launch_us": report.launch_us,
-        "run_us": report.run_us,
-        "built_ahead": report.built_ahead,
-        "scan_ms": run.scan_ms,
-        "scrub": report.scrub,
-        "artifact": artifact.display().to_string(),
-        "artifact_bytes": run.artifact_bytes,
-    });
+    let mut result = ScanReport {
+        exit: report.exit.clone(),
+        launch_us: report.launch_us,
+        run_us: report.run_us,
+        built_ahead: report.built_ahead,
+        scan_ms: run.scan_ms,
+        scrub: report.scrub.clone(),
+        artifact: artifact.display().to_string(),
+        artifact_bytes: run.artifact_bytes,
+        in_vm_ms: None,
+        engine_version: None,
+        sarif: None,
+        summary: None,
+        fail_on: None,
+        refused: None,
+        error: None,
+    };
     let code = match run.job {
         Ok(job) => {
-            result["in_vm_ms"] = json!(job.in_vm.as_secs_f64() * 1e3);
-            result["engine_version"] = json!(job.runner_version);
+            result.in_vm_ms = Some(job.in_vm.as_secs_f64() * 1e3);
+            result.engine_version = Some(job.runner_version.clone());
             match job.outcome {
                 ScanOutcome::Completed { sarif, summary } => {
                     let mut summary: Value = match serde_json::from_slice(&summary) {
@@ -305,7 +313,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
                                 format!("cannot write SARIF to {}: {e}", path.display()),
                             );
                         }
-                        result["sarif"] = json!(path.display().to_string());
+                        result.sarif = Some(path.display().to_string());
                     }
                     let at_threshold =
                         args.fail_on.severity().map(|level| unsuppressed_at_or_above(&summary, level));
@@ -316,10 +324,10 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
                             println!("{n} unsuppressed finding(s) at or above --fail-on {level}");
                         }
                     }
-                    result["summary"] = summary;
-                    result["fail_on"] = json!({
-                        "level": format!("{:?}", args.fail_on).to_lowercase(),
-                        "unsuppressed_at_or_above": at_threshold,
+                    result.summary = Some(summary);
+                    result.fail_on = Some(FailOnGate {
+                        level: format!("{:?}", args.fail_on).to_lowercase(),
+                        unsuppressed_at_or_above: at_threshold,
                     });
                     match report.exit {
                         GuestExit::Exited { code: 0 } if at_threshold.unwrap_or(0) > 0 => {
@@ -332,14 +340,14 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
                     // The guest's words (an entry name chosen by the artifact): escaped for the terminal.
                     let said = format!("{} refused: {}", error.kind, error.message);
                     eprintln!("cella-vmm scan: {}", cella_proto::text::escape_controls(&said));
-                    result["refused"] = json!(error);
+                    result.refused = Some(error);
                     ExitCode::from(exit_code::SCAN_REFUSED)
                 }
             }
         }
         Err(e) => {
             eprintln!("cella-vmm scan: no result: {}", error_chain(&e));
-            result["error"] = json!(error_chain(&e));
+            result.error = Some(error_chain(&e));
             match report.exit {
                 GuestExit::Exited { .. } => ExitCode::from(exit_code::VMM_FAILED),
                 ref other => exit_code::for_exit(other),
@@ -347,7 +355,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         }
     };
     if args.json {
-        println!("{result}");
+        println!("{}", result.to_line());
     }
     jailer_status.as_ref().and_then(exit_code::for_jailer).unwrap_or(code)
 }
