@@ -36,12 +36,14 @@ fn stripe_key(n: u32) -> String {
     format!("sk_live_{tail}")
 }
 
-/// `cella serve` with a short lease and drain, jailed as root (the common harness).
+/// `cella serve` with a short lease and drain, jailed as root (the common harness); its log in
+/// `serve.log` next to the data folder.
 fn serve(data: &Path, db: &str) -> Server {
     let jailed = if common::is_root() { "1" } else { "0" };
     Serve::new(data)
         .db(Some(db))
         .envs(&[("CELLA_JAILED", jailed), ("CELLA_LEASE_SECS", "2"), ("CELLA_DRAIN_SECS", "1")])
+        .log_to(&data.with_file_name("serve.log"))
         .start()
 }
 
@@ -463,6 +465,16 @@ async fn a_baseline_silences_known_findings_as_a_file_and_stored_and_new_ones_fa
     let (o, _) = run(&["--baseline", "trunk"]);
     assert_ne!(o.status.code(), Some(0));
     assert!(err(&o).contains("trunk"), "a removed baseline is named in the refusal: {}", err(&o));
+
+    // The server log has one line per state change of each job.
+    let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    let job = report["job"].as_str().unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(job)).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0].contains(": running (attempt 1/") && lines[1].contains(": succeeded after "),
+        "{lines:?}"
+    );
 
     // Another tenant cannot name this tenant's baseline.
     let o = cella(&data, Some(&key), &["baseline", "push", &baseline, "--name", "mine"]);

@@ -219,6 +219,10 @@ impl Worker {
         mut hand_back: watch::Receiver<bool>,
     ) {
         let started = Instant::now();
+        eprintln!(
+            "cella worker: job {} of {}: running (attempt {}/{}, slot {slot})",
+            lease.job_id, lease.tenant_id, lease.attempt, lease.max_attempts
+        );
         let artifact = self.data_dir.artifact(&lease.job_id);
         let sarif_out = self.data_dir.work().join(crate::janitor::sarif_name(&lease.job_id, lease.attempt));
         // The baseline goes to the scan as a file of its own (`cella-vmm scan --baseline`).
@@ -307,6 +311,9 @@ impl Worker {
         }
         let state = self.record(lease, &outcome).await;
         self.metrics.job_run.observe(started.elapsed().as_secs_f64());
+        if let Some(state) = state {
+            log_state_change(lease, state, &outcome, started.elapsed());
+        }
         if state.is_some_and(JobState::is_final) {
             let _ = std::fs::remove_file(&artifact);
         }
@@ -427,4 +434,22 @@ async fn listen(pool: PgPool, wake: Arc<Notify>, cancels: CancelMap) {
         || gap_wake.notify_one(),
     )
     .await;
+}
+
+/// One server-log line per recorded job state change: the state, the time the attempt took
+/// and, for a failure, the reason (already escaped: it can hold the guest's or the artifact's
+/// words, and is bounded).
+fn log_state_change(lease: &Lease, state: JobState, outcome: &Outcome, took: Duration) {
+    let why = match outcome {
+        Outcome::Failed { reason, .. } => format!(": {reason}"),
+        Outcome::HandedBack { .. } => ": handed back by a worker shutting down".to_owned(),
+        _ => String::new(),
+    };
+    eprintln!(
+        "cella worker: job {} of {}: {state} after {} ms (attempt {}){why}",
+        lease.job_id,
+        lease.tenant_id,
+        took.as_millis(),
+        lease.attempt
+    );
 }

@@ -409,6 +409,12 @@ impl Serve {
         self
     }
 
+    /// Its stderr (the server log) to `file` instead of the test's.
+    pub fn log_to(mut self, file: &Path) -> Serve {
+        self.cmd.stderr(std::fs::File::create(file).unwrap());
+        self
+    }
+
     pub fn env_remove(mut self, name: &str) -> Serve {
         self.cmd.env_remove(name);
         self
