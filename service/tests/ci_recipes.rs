@@ -19,7 +19,7 @@ mod common;
 mod sarif_checks;
 
 use common::{cella, test_db_url, Scratch, Serve, Server};
-use sarif_checks::{github_problems, schema_errors};
+use sarif_checks::checked_sarif;
 
 /// A made-up Stripe-shaped live key (not a real one).
 const LIVE_KEY: &str = "sk_live_9Tq2Wv7Lm4Rx8Kc1Zp6Hn3Yd";
@@ -182,14 +182,6 @@ fn run_github_job(
         }
     }
     result
-}
-
-/// The SARIF log at `path`, checked against the schema and GitHub's upload rules.
-fn checked_sarif(path: &Path) -> Value {
-    let log: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    assert_eq!(schema_errors(&log), Vec::<String>::new(), "{}", path.display());
-    assert_eq!(github_problems(&log), Vec::<String>::new(), "{}", path.display());
-    log
 }
 
 /// A repository as the CI system checks it out: a live key in its config.

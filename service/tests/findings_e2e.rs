@@ -19,7 +19,7 @@ mod common;
 mod sarif_checks;
 
 use common::{cella, cella_in, test_db_url, Scratch, Serve, Server};
-use sarif_checks::{github_problems, schema_errors};
+use sarif_checks::checked_sarif;
 
 const ORIGIN: &str = "https://git.example.org/acme/ledger.git";
 
@@ -155,14 +155,6 @@ fn fixture_repo(root: &Path) -> (BTreeMap<&'static str, Expect>, String) {
     write(root, ".git/info/exclude", b"notes.txt\n");
     write(root, ".git/stray-credentials", format!("K={}\n", key()).as_bytes());
     (expect, head)
-}
-
-/// The results of a SARIF log file, checked against the schema and GitHub's rules first.
-fn checked_sarif(path: &Path) -> Value {
-    let log: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    assert_eq!(schema_errors(&log), Vec::<String>::new(), "{}: schema", path.display());
-    assert_eq!(github_problems(&log), Vec::<String>::new(), "{}: GitHub", path.display());
-    log
 }
 
 fn uris(log: &Value) -> Vec<String> {

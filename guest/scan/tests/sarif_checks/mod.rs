@@ -179,3 +179,13 @@ pub fn github_problems(log: &Value) -> Vec<String> {
     }
     p
 }
+
+/// The SARIF log in the file at `path`, checked first against the schema and GitHub's rules
+/// (the service's end-to-end tests read the logs `cella scan` wrote).
+#[allow(dead_code)]
+pub fn checked_sarif(path: &std::path::Path) -> Value {
+    let log: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    assert_eq!(schema_errors(&log), Vec::<String>::new(), "{}: schema", path.display());
+    assert_eq!(github_problems(&log), Vec::<String>::new(), "{}: GitHub", path.display());
+    log
+}
