@@ -8,7 +8,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// Thread kinds and their files; each file holds one object keyed by the same name.
-const THREADS: &[(&str, &str)] = &[("vmm", "VMM"), ("vcpu", "VCPU"), ("device", "DEVICE"), ("api", "API")];
+const THREADS: &[(&str, &str)] =
+    &[("vmm", "VMM"), ("vcpu", "VCPU"), ("device", "DEVICE"), ("api", "API"), ("spare", "SPARE")];
+/// Filters that also allow everything other filters allow: a spare's main thread starts the
+/// vCPU thread (which keeps its filter) and later takes the vmm filter on top of its own.
+const INCLUDES: &[(&str, &[&str])] = &[("spare", &["vmm", "vcpu"])];
 
 fn main() {
     println!("cargo:rerun-if-changed=seccomp");
@@ -21,7 +25,8 @@ fn main() {
     for (name, constant) in THREADS {
         let path = dir.join(format!("{name}.json"));
         println!("cargo:rerun-if-changed={}", path.display());
-        let program = if arch == "x86_64" { compile(&path, name) } else { Vec::new() };
+        let includes = INCLUDES.iter().find(|(n, _)| n == name).map_or(&[][..], |(_, i)| *i);
+        let program = if arch == "x86_64" { compile(&dir, name, includes) } else { Vec::new() };
         writeln!(code, "pub(crate) static {constant}: &[Insn] = &[").unwrap();
         for (c, jt, jf, k) in program {
             writeln!(code, "    ({c:#06x}, {jt}, {jf}, {k:#010x}),").unwrap();
@@ -31,21 +36,34 @@ fn main() {
     std::fs::write(&out, code).unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
 }
 
-/// Compiles one policy file into BPF instructions `(code, jt, jf, k)`.
-fn compile(path: &Path, name: &str) -> Vec<(u16, u8, u8, u32)> {
+/// One policy file: its single filter, named `name`.
+fn read_filter(dir: &Path, name: &str) -> serde_json::Map<String, serde_json::Value> {
+    let path = dir.join(format!("{name}.json"));
     let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    // seccompiler accepts `comment` on rules and arguments; a thread's own `comment` is ours, so
-    // drop it before handing the policy over.
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let mut policy: BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
         serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("{}: not a seccomp policy: {e}", path.display()));
     if policy.len() != 1 || !policy.contains_key(name) {
         panic!("{}: must hold exactly one filter, named {name:?}", path.display());
     }
-    for filter in policy.values_mut() {
-        filter.remove("comment");
+    policy.remove(name).expect("checked above")
+}
+
+/// Compiles one policy file, with the rules of the filters it includes, into BPF instructions
+/// `(code, jt, jf, k)`.
+fn compile(dir: &Path, name: &str, includes: &[&str]) -> Vec<(u16, u8, u8, u32)> {
+    let path = dir.join(format!("{name}.json"));
+    let mut filter = read_filter(dir, name);
+    for included in includes {
+        let rules = read_filter(dir, included)["filter"].as_array().cloned().unwrap_or_default();
+        filter["filter"].as_array_mut().expect("a filter list").extend(rules);
     }
+    // seccompiler accepts `comment` on rules and arguments; a thread's own `comment` is ours, so
+    // drop it before handing the policy over.
+    filter.remove("comment");
+    let policy: BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
+        [(name.to_owned(), filter)].into_iter().collect();
     let json = serde_json::to_vec(&policy).expect("a parsed policy serializes");
     let mut map = seccompiler::compile_from_json(json.as_slice(), seccompiler::TargetArch::x86_64)
         .unwrap_or_else(|e| panic!("{}: seccompiler rejected the policy: {e}", path.display()));

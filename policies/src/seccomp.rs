@@ -35,11 +35,15 @@ pub enum ThreadKind {
     /// The control API thread: accepts connections on the control socket, parses HTTP, and
     /// passes actions to the VMM thread (`vmm/src/control/`).
     Api,
+    /// The main thread of a spare VMM while it waits for its launch and starts its VM (also
+    /// allows all that `Vmm` and `Vcpu` do: filters stack).
+    Spare,
 }
 
 impl ThreadKind {
     /// Every thread kind.
-    pub const ALL: [ThreadKind; 4] = [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Api];
+    pub const ALL: [ThreadKind; 5] =
+        [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Api, ThreadKind::Spare];
 
     /// The name of the filter in `policies/seccomp/`.
     pub fn name(self) -> &'static str {
@@ -48,6 +52,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Device => "device",
             ThreadKind::Api => "api",
+            ThreadKind::Spare => "spare",
         }
     }
 
@@ -57,6 +62,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => generated::VCPU,
             ThreadKind::Device => generated::DEVICE,
             ThreadKind::Api => generated::API,
+            ThreadKind::Spare => generated::SPARE,
         }
     }
 }

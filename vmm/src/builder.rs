@@ -101,25 +101,33 @@ impl Prebuilt {
     /// The second half of [`build`]: the VM's disk and devices, its boot structures and the
     /// vCPU's registers. Nothing of the guest has run yet.
     pub fn finish(self, config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroVm, BuildError> {
-        let BuiltParts { vm, vcpu, memory, bus } = self.finish_parts(config, console)?;
+        let ends = HostEnds::open(config)?;
+        self.finish_with(config, ends, console)
+    }
+
+    /// [`Prebuilt::finish`] with the devices' host ends already made (a spare's, from the
+    /// descriptors its launch handed over): `config`'s `disk` and `vsock_uds` are not used.
+    pub fn finish_with(
+        self,
+        config: &VmConfig,
+        ends: HostEnds,
+        console: Box<dyn Write + Send>,
+    ) -> Result<MicroVm, BuildError> {
+        let BuiltParts { vm, vcpu, memory, bus } = self.finish_parts(config, ends, console)?;
         Ok(MicroVm::new(vm, vcpu, memory, bus, config))
     }
 
     fn finish_parts(
         self,
         config: &VmConfig,
+        ends: HostEnds,
         console: Box<dyn Write + Send>,
     ) -> Result<BuiltParts, BuildError> {
         let Prebuilt { image, vm, vcpu, memory } = self;
         let args = config.args_block();
         let mut boot =
             boot_info::plan(config.mem_bytes(), image.start(), image.end(), args.len(), config.args.len())?;
-        let disk = match &config.disk {
-            Some(path) => {
-                Some(Block::open(path).map_err(|source| BuildError::Disk { path: path.clone(), source })?)
-            }
-            None => None,
-        };
+        let HostEnds { disk, vsock } = ends;
         if disk.as_ref().is_some_and(|d| d.size() >= HUGE_PAGES_MIN_DISK) {
             // Not having them only costs speed (a kernel without transparent huge pages refuses).
             let _ = memory.advise_huge_pages(boot.heap_start..boot.heap_end);
@@ -130,9 +138,7 @@ impl Prebuilt {
         if let Some(disk) = disk {
             devices.push(Box::new(disk));
         }
-        if let Some(path) = &config.vsock_uds {
-            let vsock =
-                Vsock::new(path).map_err(|source| BuildError::Vsock { path: path.clone(), source })?;
+        if let Some(vsock) = vsock {
             devices.push(Box::new(vsock));
         }
         let mmio_base = layout::mmio_base(config.mem_bytes());
@@ -157,13 +163,42 @@ impl Prebuilt {
     }
 }
 
+/// The host ends of a VM's devices: its disk and its vsock device, opened from paths or made
+/// from descriptors a launch handed over.
+#[derive(Debug, Default)]
+pub struct HostEnds {
+    pub disk: Option<Block>,
+    pub vsock: Option<Vsock>,
+}
+
+impl HostEnds {
+    /// Opens `config`'s disk and binds its vsock socket.
+    pub fn open(config: &VmConfig) -> Result<HostEnds, BuildError> {
+        let disk = match &config.disk {
+            Some(path) => {
+                Some(Block::open(path).map_err(|source| BuildError::Disk { path: path.clone(), source })?)
+            }
+            None => None,
+        };
+        let vsock = match &config.vsock_uds {
+            Some(path) => {
+                Some(Vsock::new(path).map_err(|source| BuildError::Vsock { path: path.clone(), source })?)
+            }
+            None => None,
+        };
+        Ok(HostEnds { disk, vsock })
+    }
+}
+
 /// Everything [`build`] does: the request and image checked, VM, memory, devices and boot
 /// structures made, the vCPU at the guest's first instruction.
 pub(crate) fn build_parts(
     config: &VmConfig,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltParts, BuildError> {
-    Prebuilt::new(config)?.finish_parts(config, console)
+    let prebuilt = Prebuilt::new(config)?;
+    let ends = HostEnds::open(config)?;
+    prebuilt.finish_parts(config, ends, console)
 }
 
 #[cfg(test)]

@@ -149,25 +149,48 @@ impl JobServer {
             .map_err(|e| with_timeout(e, timeout))?;
         let (mut stream, _) =
             self.listener.accept().map_err(|source| JobError::Io { stage: "connected", source })?;
-        stream
-            .set_read_timeout(Some(POLL_SLICE))
-            .map_err(|source| JobError::Io { stage: "connected", source })?;
-        let mut reader = FrameReader { stream: &mut stream, decoder: proto::Decoder::default(), timeout };
-
-        let (kind, payload) = reader.next(vm_done, deadline, "said hello")?;
-        let hello = check_hello(kind, &payload)?;
-        let out = frames.encode();
-        reader.stream.write_all(&out).map_err(|source| JobError::Io { stage: "took the job", source })?;
-        let sent = Instant::now();
-
-        let mut in_vm = None;
-        let outcome = read_results(|stage| {
-            let frame = reader.next(vm_done, deadline, stage);
-            in_vm.get_or_insert_with(|| sent.elapsed());
-            frame
-        })?;
-        Ok(JobReport { outcome, in_vm: in_vm.unwrap_or_default(), runner_version: hello.runner_version })
+        serve_connected(&mut stream, frames, vm_done, deadline, timeout)
     }
+}
+
+/// Serves one job on `channel`, the host end of a channel handed to the VM (the guest's
+/// connection to [`proto::JOB_PORT`] gets the other end; see `HostEnds`). The VM's end closes
+/// when the VM ends, which ends the wait; `timeout` bounds it otherwise.
+pub fn serve_channel(
+    mut channel: UnixStream,
+    frames: &JobFrames,
+    timeout: Duration,
+) -> Result<JobReport, JobError> {
+    let never = AtomicBool::new(false);
+    serve_connected(&mut channel, frames, &never, Instant::now() + timeout, timeout)
+}
+
+/// The job on a connected stream: the runner's hello, the job, the runner's results.
+fn serve_connected(
+    stream: &mut UnixStream,
+    frames: &JobFrames,
+    vm_done: &AtomicBool,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<JobReport, JobError> {
+    stream
+        .set_read_timeout(Some(POLL_SLICE))
+        .map_err(|source| JobError::Io { stage: "connected", source })?;
+    let mut reader = FrameReader { stream, decoder: proto::Decoder::default(), timeout };
+
+    let (kind, payload) = reader.next(vm_done, deadline, "said hello")?;
+    let hello = check_hello(kind, &payload)?;
+    let out = frames.encode();
+    reader.stream.write_all(&out).map_err(|source| JobError::Io { stage: "took the job", source })?;
+    let sent = Instant::now();
+
+    let mut in_vm = None;
+    let outcome = read_results(|stage| {
+        let frame = reader.next(vm_done, deadline, stage);
+        in_vm.get_or_insert_with(|| sent.elapsed());
+        frame
+    })?;
+    Ok(JobReport { outcome, in_vm: in_vm.unwrap_or_default(), runner_version: hello.runner_version })
 }
 
 /// What the host makes of everything a runner sent on a job connection, received whole: its

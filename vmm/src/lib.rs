@@ -9,8 +9,10 @@
 pub mod arch;
 pub mod boot_info;
 pub mod builder;
+pub mod confine;
 pub mod control;
 pub mod devices;
+pub mod handover;
 pub mod held;
 pub mod job;
 pub mod loader;
@@ -23,6 +25,7 @@ pub mod scrub;
 pub mod seccomp;
 pub mod session_client;
 pub mod snapshot;
+pub mod spare;
 pub mod vmm_config;
 pub mod vstate;
 

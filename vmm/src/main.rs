@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => cli::run::main(args, cli.await_go, launch_start),
         cli::Command::Scan(args) => cli::scan::main(args, launch_start),
         cli::Command::Session(args) => cli::session::main(args, launch_start),
+        cli::Command::Spare(args) => cli::spare::main(args, launch_start),
         cli::Command::Bench(args) => cli::bench::main(args),
     }
 }

@@ -4,8 +4,9 @@
 //! embedders call [`VmmController::handle`] directly, with no HTTP at all.
 //!
 //! The controller owns the VM through its life: `not_started` (a VMM waiting for a snapshot to
-//! load) → `running` ⇄ `paused` → `stopped` (torn down and scrubbed; the final [`RunReport`]
-//! is kept). A guest that ends on its own is torn down the next time the controller looks
+//! load, or a spare with its VM built ahead, waiting for `PUT /vm` and its devices' host ends)
+//! → `running` ⇄ `paused` → `stopped` (torn down and scrubbed; the final [`RunReport`] is
+//! kept). A guest that ends on its own is torn down the next time the controller looks
 //! ([`VmmController::reap`], or any action).
 
 use std::path::{Path, PathBuf};
@@ -13,9 +14,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::builder::Prebuilt;
+use crate::handover::StartVm;
 use crate::microvm::{GuestExit, RunError, RunReport};
 use crate::running::{PauseStats, RunningVm};
 use crate::snapshot::SnapshotMeta;
+use crate::vmm_config::VmConfig;
 use crate::vstate::vcpu::VcpuControlError;
 
 /// What a client can ask of the VMM.
@@ -33,6 +37,12 @@ pub enum VmmAction {
     LoadSnapshot { snapshot_dir: PathBuf, resume: bool },
     /// Stop the VM, tear it down and scrub its memory (`PUT /actions {"action_type":"stop"}`).
     Stop,
+    /// Start a spare's VM with the devices' host ends handed over with the request (`PUT /vm`).
+    StartVm(StartVm),
+    /// The job is over: wait up to `grace` for the guest to end on its own, stop it if it has
+    /// not, and answer the final report, again on every later call (`PUT /actions
+    /// {"action_type":"finish"}`).
+    Finish { grace: Duration },
     /// Counters (`GET /metrics`).
     GetMetrics,
 }
@@ -47,6 +57,8 @@ impl VmmAction {
             VmmAction::CreateSnapshot { .. } => "create a snapshot",
             VmmAction::LoadSnapshot { .. } => "load a snapshot",
             VmmAction::Stop => "stop",
+            VmmAction::StartVm(_) => "start the VM",
+            VmmAction::Finish { .. } => "finish",
             VmmAction::GetMetrics => "get metrics",
         }
     }
@@ -163,8 +175,25 @@ pub enum StopCause {
 
 enum Slot {
     NotStarted,
+    /// A spare: its VM built ahead, waiting for its devices.
+    Spare(Box<SpareVm>),
     Live(Box<RunningVm>),
-    Stopped { exit: Option<GuestExit> },
+    Stopped {
+        exit: Option<GuestExit>,
+    },
+}
+
+/// A spare's VM, built as far as it can be before its launch, and where its console goes.
+pub struct SpareVm {
+    pub prebuilt: Prebuilt,
+    pub config: VmConfig,
+    pub console: Box<dyn std::io::Write + Send>,
+}
+
+impl std::fmt::Debug for SpareVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpareVm").field("config", &self.config).finish_non_exhaustive()
+    }
 }
 
 /// Owns the VM and carries out [`VmmAction`]s on it. Lives on the VMM thread.
@@ -179,6 +208,10 @@ pub struct VmmController {
     meta: SnapshotMeta,
     /// Where a loaded snapshot's host-side resources go.
     restore: RestorePaths,
+    /// A `Finish` has been answered: the VMM's client has its report.
+    finished: bool,
+    /// The VM is stopped (as `timed_out`) this long after it started.
+    run_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for VmmController {
@@ -199,7 +232,15 @@ impl VmmController {
             mem_mib,
             meta: SnapshotMeta::default(),
             restore: RestorePaths::default(),
+            finished: false,
+            run_timeout: None,
         }
+    }
+
+    /// A controller for a spare: `not_started` until [`VmmAction::StartVm`].
+    pub fn spare(spare: SpareVm) -> Self {
+        let mem_mib = Some(spare.config.mem_mib);
+        VmmController { slot: Slot::Spare(Box::new(spare)), mem_mib, ..VmmController::not_started() }
     }
 
     /// What snapshots of this VM record about it (image, boot arguments, a label).
@@ -224,14 +265,51 @@ impl VmmController {
             mem_mib: None,
             meta: SnapshotMeta::default(),
             restore: RestorePaths::default(),
+            finished: false,
+            run_timeout: None,
         }
+    }
+
+    /// When the VM started (a spare's: when `StartVm` started it).
+    pub fn started(&self) -> Option<Instant> {
+        self.started
+    }
+
+    /// Stops the VM (as `timed_out`) `timeout` after it starts (a spare's: after `StartVm`).
+    pub fn with_run_timeout(mut self, timeout: Duration) -> Self {
+        self.run_timeout = Some(timeout);
+        self
+    }
+
+    /// When the running VM is due to be stopped for its run timeout.
+    pub fn run_deadline(&self) -> Option<Instant> {
+        match self.slot {
+            Slot::Live(_) => Some(self.started? + self.run_timeout?),
+            _ => None,
+        }
+    }
+
+    /// Stops the VM if its run timeout has passed. True if this call stopped it.
+    pub fn stop_if_over_run_timeout(&mut self) -> bool {
+        match (self.run_deadline(), self.run_timeout) {
+            (Some(deadline), Some(timeout)) if Instant::now() >= deadline => {
+                let timeout_ms = timeout.as_millis() as u64;
+                self.stop_for(StopCause::MaxDuration, GuestExit::TimedOut { timeout_ms })
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a `Finish` has been answered.
+    pub fn finished(&self) -> bool {
+        self.finished
     }
 
     /// The VM's state (a guest that has ended but is not torn down yet still counts as live;
     /// [`VmmController::reap`] settles that).
     pub fn state(&self) -> VmState {
         match &self.slot {
-            Slot::NotStarted => VmState::NotStarted,
+            Slot::NotStarted | Slot::Spare(_) => VmState::NotStarted,
             Slot::Live(vm) if vm.is_paused() => VmState::Paused,
             Slot::Live(_) => VmState::Running,
             Slot::Stopped { .. } => VmState::Stopped,
@@ -313,6 +391,8 @@ impl VmmController {
                     None => Err(VmmActionError::Internal { action: name, message: "no report".into() }),
                 }
             }
+            VmmAction::StartVm(start) => self.start_spare(&start),
+            VmmAction::Finish { grace } => self.finish(grace),
             VmmAction::CreateSnapshot { snapshot_dir } => {
                 check_snapshot_dir(&snapshot_dir)?;
                 self.live(name, VmState::Paused)?;
@@ -327,6 +407,66 @@ impl VmmController {
                 }
                 self.load_snapshot(&snapshot_dir, resume)
             }
+        }
+    }
+
+    /// `StartVm`: the spare's VM gets its devices' host ends from the handed-over descriptors,
+    /// and starts. Descriptors that do not fit are refused (400) and the spare keeps waiting.
+    fn start_spare(&mut self, start: &StartVm) -> Result<VmmData, VmmActionError> {
+        const ACTION: &str = "start the VM";
+        if !matches!(self.slot, Slot::Spare(_)) {
+            let hint = match self.slot {
+                Slot::NotStarted => "; this VMM waits for a snapshot, not a launch",
+                _ => "; a spare starts once",
+            };
+            return Err(self.wrong_state(ACTION, hint));
+        }
+        let ends =
+            start.host_ends().map_err(|why| VmmActionError::BadRequest(format!("cannot {ACTION}: {why}")))?;
+        let Slot::Spare(spare) = std::mem::replace(&mut self.slot, Slot::Stopped { exit: None }) else {
+            unreachable!("checked above");
+        };
+        let SpareVm { prebuilt, config, console } = *spare;
+        let failed = |message: String| VmmActionError::Internal { action: ACTION, message };
+        let vm = prebuilt.finish_with(&config, ends, console).map_err(|e| failed(crate::error_chain(&e)))?;
+        let running = vm.start().map_err(|e| failed(crate::error_chain(&e)))?;
+        self.started = Some(running.started());
+        self.slot = Slot::Live(Box::new(running));
+        Ok(VmmData::Empty)
+    }
+
+    /// `Finish`: the report, once the guest has ended (waiting up to `grace`) or been stopped.
+    fn finish(&mut self, grace: Duration) -> Result<VmmData, VmmActionError> {
+        const ACTION: &str = "finish";
+        if let Some(fd) = self.exit_fd() {
+            // The wait ends at the run timeout too, which then stops the VM as timed out.
+            let now = Instant::now();
+            let until = self.run_deadline().map_or(grace, |d| d.saturating_duration_since(now).min(grace));
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            let ms = until.as_millis().saturating_add(1).min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd for the call; the exit fd lives as long as the VM.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+            self.stop_if_over_run_timeout();
+        }
+        match self.slot {
+            Slot::NotStarted | Slot::Spare(_) => return Err(self.wrong_state(ACTION, "; start it first")),
+            Slot::Live(_) => {
+                if !self.reap() {
+                    self.teardown(StopCause::Api, Some(GuestExit::Stopped));
+                }
+            }
+            Slot::Stopped { .. } => {}
+        }
+        self.finished = true;
+        match &self.last {
+            Some((_, Ok(report))) => Ok(VmmData::Stopped(Box::new(report.clone()))),
+            Some((_, Err(e))) => {
+                Err(VmmActionError::Internal { action: ACTION, message: crate::error_chain(e) })
+            }
+            None => Err(VmmActionError::Internal {
+                action: ACTION,
+                message: "the report was already taken".into(),
+            }),
         }
     }
 

@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 
 use cella_proto::{Job, SarifContext, BASELINE_ENTRY_LEN};
 
-use crate::job::{JobError, JobFrames, JobReport, JobServer};
-use crate::{build, BuildError, RunError, RunReport, VmConfig};
+use std::os::unix::net::UnixStream;
+
+use crate::builder::HostEnds;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::vsock::Vsock;
+use crate::job::{JobError, JobFrames, JobReport};
+use crate::{BuildError, Prebuilt, RunError, RunReport, VmConfig};
 
 /// What to scan and how.
 #[derive(Clone, Debug)]
@@ -182,32 +187,36 @@ pub fn artifact_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "artifact".into())
 }
 
-/// Runs one scan to its end; console output of the runner goes to `console`.
+/// Runs one scan to its end; console output of the runner goes to `console`. The job channel is
+/// a socket pair: the VM's vsock device gets one end for the runner's connection to
+/// [`cella_proto::JOB_PORT`], a thread here serves the job on the other; no socket file.
 pub fn run(request: &ScanRequest, console: Box<dyn std::io::Write + Send>) -> Result<ScanRun, ScanError> {
     let artifact = &request.artifact;
     let artifact_bytes = check_artifact(artifact)?;
-    let sockets = SocketDir::create().map_err(ScanError::SocketDir)?;
-    let uds = sockets.vsock_uds();
-    let server = JobServer::bind(&uds)?;
     let config = VmConfig {
         mem_mib: request.mem_mib,
         timeout: Some(request.timeout),
         launch_start: request.launch_start,
         cancel: request.cancel.clone(),
-        disk: Some(artifact.clone()),
-        vsock_uds: Some(uds),
         ..VmConfig::new(request.image.clone(), vec!["scan".into()])
     };
-    let vm = build(&config, console)?;
+    let prebuilt = Prebuilt::new(&config)?;
+    let (host_end, vm_end) =
+        UnixStream::pair().map_err(|source| JobError::Io { stage: "connected", source })?;
+    let disk =
+        Block::open(artifact).map_err(|source| ScanError::Artifact { path: artifact.clone(), source })?;
+    let vsock = Vsock::with_channels(vec![(cella_proto::JOB_PORT, vm_end)])
+        .map_err(|source| JobError::Io { stage: "connected", source })?;
+    let vm = prebuilt.finish_with(&config, HostEnds { disk: Some(disk), vsock: Some(vsock) }, console)?;
     let job = request.job(artifact_bytes);
-    let vm_done = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let frames =
         JobFrames { job, policy: request.policy.clone(), baseline: request.options.baseline.clone() };
-    let serving = server.serve(frames, vm_done.clone(), request.timeout, sockets);
+    let timeout = request.timeout;
+    let serving = std::thread::spawn(move || crate::job::serve_channel(host_end, &frames, timeout));
+    // The VM's end of the channel closes with its devices when the run ends, which ends the
+    // serving thread's wait.
     let run = vm.run();
-    vm_done.store(true, Ordering::Release);
-    serving.thread().unpark();
     let job = serving.join().unwrap_or(Err(JobError::VmGone { stage: "answered" }));
     let scan_ms = started.elapsed().as_millis() as u64;
     Ok(ScanRun { vm: run?, job, artifact_bytes, scan_ms })

@@ -49,6 +49,17 @@ pub enum SeccompArg {
     Off,
 }
 
+impl SeccompArg {
+    /// The library's mode for this argument.
+    pub fn mode(self) -> Mode {
+        match self {
+            SeccompArg::Enforce => Mode::Enforce,
+            SeccompArg::Log => Mode::Log,
+            SeccompArg::Off => Mode::Off,
+        }
+    }
+}
+
 #[derive(Debug, Args, Clone, Default)]
 pub struct JailArgs {
     /// Per-thread seccomp filters (policies/seccomp/)
@@ -164,11 +175,7 @@ pub struct JailedCell {
 impl JailArgs {
     /// Sets this process's seccomp mode (for an unjailed run).
     pub fn apply_seccomp_mode(&self) {
-        seccomp::set_mode(match self.seccomp {
-            SeccompArg::Enforce => Mode::Enforce,
-            SeccompArg::Log => Mode::Log,
-            SeccompArg::Off => Mode::Off,
-        });
+        seccomp::set_mode(self.seccomp.mode());
     }
 
     /// The `cella-jailer` command for `launch`.

@@ -12,6 +12,8 @@ pub mod policy;
 pub mod run;
 pub mod scan;
 pub mod session;
+pub mod spare;
+pub mod stop_signal;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +39,10 @@ pub enum Command {
     /// Run a long-lived session VM steered over a control socket (pause, resume, stop).
     #[command(after_help = exit_code::SESSION_HELP)]
     Session(session::SessionArgs),
+    /// Start a VMM ahead of its job, confined before it serves anything, waiting on its control
+    /// API for `PUT /vm` and the job's descriptors.
+    #[command(after_help = spare::HELP)]
+    Spare(spare::SpareArgs),
     /// Measure launch latency against a native process and bubblewrap.
     #[command(subcommand)]
     Bench(bench::BenchCommand),

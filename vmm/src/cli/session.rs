@@ -30,7 +30,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use cella_vmm::control::{action_channel, run_vmm, ApiServer, VmmLimits};
@@ -38,7 +37,6 @@ use cella_vmm::rpc_interface::{RestorePaths, VmState, VmmAction, VmmActionError,
 use cella_vmm::snapshot::SnapshotMeta;
 use cella_vmm::{build, default_scanner_image, error_chain, scan, VmConfig};
 use clap::{Args, ValueEnum};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::exit_code;
 use super::jailed::{JailArgs, JailedCell, JailedLaunch};
@@ -122,19 +120,6 @@ pub struct SessionArgs {
     pub guest_args: Vec<String>,
 }
 
-/// The stop eventfd the SIGINT/SIGTERM handler writes (-1 before it exists).
-static STOP_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn request_stop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let fd = STOP_FD.load(Ordering::Acquire);
-    if fd >= 0 {
-        let one = 1u64;
-        // SAFETY: write(2) of 8 bytes to an eventfd is async-signal-safe; the eventfd lives
-        // until the process exits.
-        unsafe { libc::write(fd, (&raw const one).cast(), 8) };
-    }
-}
-
 pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
     let fail = |code: u8, message: String| {
         eprintln!("cella-vmm session: error: {message}");
@@ -144,17 +129,10 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
         return jailed(&args);
     }
     args.jail.apply_seccomp_mode();
-    // Never closed: the signal handler may write it until the process exits.
-    let stop_evt = match EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) {
-        Ok(evt) => Box::leak(Box::new(evt)),
-        Err(e) => return fail(exit_code::VMM_FAILED, format!("cannot create the stop eventfd: {e}")),
+    let stop_fd = match super::stop_signal::install() {
+        Ok(fd) => fd,
+        Err(message) => return fail(exit_code::VMM_FAILED, message),
     };
-    STOP_FD.store(std::os::fd::AsRawFd::as_raw_fd(stop_evt), Ordering::Release);
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(signal, request_stop) {
-            return fail(exit_code::VMM_FAILED, format!("cannot handle signal {signal}: {e}"));
-        }
-    }
 
     let (actions, receiver) = match action_channel() {
         Ok(channel) => channel,
@@ -223,7 +201,8 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
     let started = controller.vm().map_or_else(Instant::now, |vm| vm.started());
     let limits = VmmLimits {
         max_duration: Some((started, Duration::from_secs(args.max_duration_secs))),
-        stop_fd: Some(STOP_FD.load(Ordering::Acquire)),
+        stop_fd: Some(stop_fd),
+        ..VmmLimits::default()
     };
     run_vmm(&mut controller, &receiver, &limits);
     // Requests that arrive from now on get "the VMM has stopped serving actions".

@@ -2,6 +2,7 @@
 //! One connection per call; every call is bounded by the client's timeout.
 
 use std::io::Write;
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -100,6 +101,37 @@ impl ControlClient {
         self.call_json("PUT", "/actions", Some(json!({"action_type": "stop"})))
     }
 
+    /// `PUT /vm`: starts a spare (`cella-vmm spare`) with `disk` attached read-only and the
+    /// guest's connections to each port of `channels` given that stream (the VMM gets the
+    /// descriptors; this process keeps its own).
+    pub fn start_vm(
+        &self,
+        disk: Option<BorrowedFd<'_>>,
+        channels: &[(u32, BorrowedFd<'_>)],
+    ) -> Result<(), ControlError> {
+        let mut fds: Vec<BorrowedFd<'_>> = disk.into_iter().collect();
+        let disk_fd = disk.map(|_| 0);
+        let mut vsock = Vec::new();
+        for (port, fd) in channels {
+            vsock.push(json!({"port": port, "fd": fds.len()}));
+            fds.push(*fd);
+        }
+        let mut body = json!({"vsock_channels": vsock});
+        if let Some(index) = disk_fd {
+            body["disk_fd"] = json!(index);
+        }
+        let (status, bytes) = self.exchange("PUT", "/vm", Some(&body), &fds)?;
+        refused_unless_ok("PUT", "/vm", status, &bytes)
+    }
+
+    /// `PUT /actions {"action_type":"finish"}`: waits up to `grace` for the guest to end on its
+    /// own (stopping it after that), and returns the final report. The VMM process exits
+    /// afterwards.
+    pub fn finish(&self, grace: Duration) -> Result<RunReport, ControlError> {
+        let body = json!({"action_type": "finish", "grace_ms": grace.as_millis() as u64});
+        self.call_json("PUT", "/actions", Some(body))
+    }
+
     /// `GET /metrics`.
     pub fn metrics(&self) -> Result<VmMetrics, ControlError> {
         self.call_json("GET", "/metrics", None)
@@ -111,6 +143,17 @@ impl ControlClient {
         method: &str,
         path: &str,
         body: Option<&serde_json::Value>,
+    ) -> Result<(u16, Vec<u8>), ControlError> {
+        self.exchange(method, path, body, &[])
+    }
+
+    /// One exchange, with `fds` sent along with the request's first bytes.
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        fds: &[BorrowedFd<'_>],
     ) -> Result<(u16, Vec<u8>), ControlError> {
         let what = format!("{method} {path}");
         let io = |source| ControlError::Io { what: what.clone(), source };
@@ -125,7 +168,11 @@ impl ControlClient {
         }
         raw.push_str("\r\n");
         raw.push_str(&body);
-        stream.write_all(raw.as_bytes()).map_err(io)?;
+        let mut sent = 0;
+        if !fds.is_empty() {
+            sent = super::fds::send_with_fds(&stream, raw.as_bytes(), fds).map_err(io)?;
+        }
+        stream.write_all(&raw.as_bytes()[sent..]).map_err(io)?;
         let ClientResponse { status, body } = http::read_response(&mut stream).map_err(|e| match e {
             http::HttpError::Io(source) => ControlError::Io { what: what.clone(), source },
             other => ControlError::BadResponse { what: what.clone(), why: other.to_string() },
@@ -140,14 +187,8 @@ impl ControlClient {
         body: Option<serde_json::Value>,
     ) -> Result<(u16, Vec<u8>), ControlError> {
         let (status, bytes) = self.request(method, path, body.as_ref())?;
-        if (200..300).contains(&status) {
-            return Ok((status, bytes));
-        }
-        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v["fault_message"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        Err(ControlError::Refused { what: format!("{method} {path}"), status, message })
+        refused_unless_ok(method, path, status, &bytes)?;
+        Ok((status, bytes))
     }
 
     fn call_json<T: DeserializeOwned>(
@@ -169,4 +210,16 @@ impl ControlClient {
     ) -> Result<(), ControlError> {
         self.call(method, path, body).map(|_| ())
     }
+}
+
+/// A 2xx answer, or the VMM's refusal with its `fault_message`.
+fn refused_unless_ok(method: &str, path: &str, status: u16, bytes: &[u8]) -> Result<(), ControlError> {
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let message = serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v["fault_message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned());
+    Err(ControlError::Refused { what: format!("{method} {path}"), status, message })
 }

@@ -15,6 +15,7 @@
 //! - `client.rs`: [`ControlClient`], the blocking client the service uses.
 
 pub mod client;
+pub mod fds;
 pub mod http;
 pub mod routes;
 
@@ -117,23 +118,38 @@ pub struct VmmLimits {
     pub max_duration: Option<(Instant, Duration)>,
     /// A descriptor that becomes readable when the VM must stop (SIGINT/SIGTERM's eventfd).
     pub stop_fd: Option<RawFd>,
+    /// Once the VM has stopped, go on serving until a `Finish` has been answered (the client
+    /// gets its report over the API, not from this process's output), but no longer than this.
+    pub await_finish: Option<Duration>,
 }
 
 /// The VMM thread's loop: serves actions until the VM has stopped (a `Stop` action, the
-/// guest's own exit, the stop descriptor, or the maximum duration), then returns; the final
-/// report waits in [`VmmController::take_final`]. Blocks in poll(2) between events: a paused VM
-/// costs no CPU here either.
+/// guest's own exit, the stop descriptor, or the maximum duration) and, with
+/// [`VmmLimits::await_finish`], its report has been fetched; then returns. The final report
+/// waits in [`VmmController::take_final`]. Blocks in poll(2) between events: a paused VM costs
+/// no CPU here either.
 pub fn run_vmm(controller: &mut VmmController, actions: &ActionReceiver, limits: &VmmLimits) {
+    let mut stopped_at: Option<Instant> = None;
     loop {
         if controller.reap() {
-            return;
+            let since = *stopped_at.get_or_insert_with(Instant::now);
+            match limits.await_finish {
+                Some(linger) if !controller.finished() && since.elapsed() < linger => {}
+                _ => return,
+            }
         }
+        let mut deadlines: Vec<Instant> = Vec::new();
+        if stopped_at.is_none() {
+            deadlines.extend(limits.max_duration.map(|(started, max)| started + max));
+            deadlines.extend(controller.run_deadline());
+        }
+        deadlines.extend(stopped_at.zip(limits.await_finish).map(|(at, linger)| at + linger));
         let mut fds = vec![pollin(actions.wake.as_raw_fd())];
         fds.extend(controller.exit_fd().map(pollin));
         fds.extend(limits.stop_fd.map(pollin));
-        let timeout_ms = match limits.max_duration {
-            Some((started, max)) => {
-                let left = (started + max).saturating_duration_since(Instant::now());
+        let timeout_ms = match deadlines.iter().min() {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
                 // Round up, so the loop does not wake just before the deadline and spin.
                 left.as_millis()
                     .saturating_add(u128::from(left.subsec_nanos() % 1_000_000 != 0))
@@ -151,19 +167,25 @@ pub fn run_vmm(controller: &mut VmmController, actions: &ActionReceiver, limits:
         while let Ok(request) = actions.rx.try_recv() {
             let result = controller.handle(request.action);
             let _ = request.reply.send(result);
-            if controller.reap() {
-                return;
-            }
         }
         if limits.stop_fd.is_some_and(readable) {
+            // A signal also ends the wait for a `Finish`: whoever sent it wants the VMM gone.
             controller.stop_for(StopCause::Signal, GuestExit::Stopped);
             return;
+        }
+        if stopped_at.is_some() {
+            continue;
+        }
+        if controller.stop_if_over_run_timeout() {
+            continue;
         }
         if let Some((started, max)) = limits.max_duration {
             if Instant::now() >= started + max {
                 let timeout_ms = max.as_millis() as u64;
                 controller.stop_for(StopCause::MaxDuration, GuestExit::TimedOut { timeout_ms });
-                return;
+                if limits.await_finish.is_none() {
+                    return;
+                }
             }
         }
     }
@@ -194,6 +216,18 @@ impl ApiServer {
     /// is replaced; a live one is refused.
     pub fn start(path: &Path, actions: ActionSender) -> Result<ApiServer, ControlServerError> {
         let listener = bind(path)?;
+        ApiServer::serve_listener(listener, Some(path), actions).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
+    }
+
+    /// Starts the API thread on a listener this process already has (a spare's, made by its
+    /// launcher and inherited). `path`, if given, is removed at shutdown.
+    pub fn serve_listener(
+        listener: UnixListener,
+        path: Option<&Path>,
+        actions: ActionSender,
+    ) -> Result<ApiServer, ControlServerError> {
         let shutdown = Arc::new(
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ControlServerError::EventFd)?,
         );
@@ -209,11 +243,9 @@ impl ApiServer {
                 let _ = ready_tx.send(Ok(()));
                 serve(&listener, &actions, &thread_shutdown);
             })
-            .map_err(|e| {
-                let _ = std::fs::remove_file(path);
-                ControlServerError::Thread(e)
-            })?;
-        let server = ApiServer { thread: Some(thread), shutdown, path: path.to_owned() };
+            .map_err(ControlServerError::Thread)?;
+        let path = path.map(Path::to_owned).unwrap_or_default();
+        let server = ApiServer { thread: Some(thread), shutdown, path };
         match ready.recv() {
             Ok(Ok(())) => Ok(server),
             Ok(Err(e)) => Err(e.into()),
@@ -235,7 +267,9 @@ impl ApiServer {
         let _ = self.shutdown.write(1);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
-            let _ = std::fs::remove_file(&self.path);
+            if !self.path.as_os_str().is_empty() {
+                let _ = std::fs::remove_file(&self.path);
+            }
         }
     }
 }
@@ -246,7 +280,9 @@ impl Drop for ApiServer {
     }
 }
 
-fn bind(path: &Path) -> Result<UnixListener, ControlServerError> {
+/// Binds the control socket at `path`, mode 0600: a stale socket file (nobody answers) is
+/// replaced; a live one, or anything else at `path`, is refused.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlServerError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ControlServerError::NotASocket { path: path.to_owned() });
@@ -291,10 +327,17 @@ fn serve(listener: &UnixListener, actions: &ActionSender, shutdown: &EventFd) {
 fn serve_connection(mut stream: UnixStream, actions: &ActionSender) {
     let _ = stream.set_read_timeout(Some(CLIENT_IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(CLIENT_IO_TIMEOUT));
-    let response = match http::read_request(&mut stream) {
+    let mut reader = fds::FdReader::new(&stream);
+    let read = http::read_request(&mut reader);
+    let (fds, too_many) = (std::mem::take(&mut reader.fds), reader.too_many);
+    let response = match read {
         Err(http::HttpError::Closed) | Err(http::HttpError::Io(_)) => return,
         Err(e) => routes::for_http_error(&e),
-        Ok(request) => match routes::route(&request) {
+        Ok(_) if too_many => http::Response::fault(
+            400,
+            format!("a request carries at most {} descriptors", crate::handover::MAX_FDS),
+        ),
+        Ok(request) => match routes::route_with(&request, crate::handover::Handover::new(fds)) {
             Err(response) => response,
             Ok(action) => match actions.call(action, ACTION_TIMEOUT) {
                 Ok(result) => routes::respond(result),

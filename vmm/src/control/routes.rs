@@ -5,10 +5,16 @@
 //! |----------------------|--------|----------------------------------------|-------------------|
 //! | `/vm`                | GET    |                                        | 200 [`VmInfo`]    |
 //! | `/vm`                | PATCH  | `{"state": "paused" \| "running"}`     | 204               |
+//! | `/vm`                | PUT    | [`StartVmBody`] + descriptors          | 204               |
 //! | `/snapshot/create`   | PUT    | `{"snapshot_dir": ABS}`                | 200 JSON          |
 //! | `/snapshot/load`     | PUT    | `{"snapshot_dir": ABS, "resume": b}`   | 200 JSON          |
 //! | `/actions`           | PUT    | `{"action_type": "stop"}`              | 200 [`RunReport`] |
+//! | `/actions`           | PUT    | `{"action_type": "finish", "grace_ms": n}` | 200 [`RunReport`] |
 //! | `/metrics`           | GET    |                                        | 200 [`VmMetrics`] |
+//!
+//! `PUT /vm` starts a spare (`cella-vmm spare`): the request carries the devices' host ends as
+//! descriptors (`SCM_RIGHTS`, at most [`MAX_FDS`]), and its body says which is which. Any other
+//! request that carries descriptors is refused (400) and they are closed.
 //!
 //! Errors: 400 (malformed), 404 (no such route), 405 (wrong method), 409 (wrong state), 413
 //! (body over 64 KiB), 500 (the VMM failed), each with
@@ -23,8 +29,16 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use std::time::Duration;
+
 use super::http::{HttpError, Request, Response};
+use crate::handover::{Handover, StartVm, MAX_FDS};
 use crate::rpc_interface::{VmmAction, VmmActionError, VmmData};
+
+/// How long `finish` waits for the guest to end on its own unless told otherwise.
+pub const FINISH_GRACE_MS: u64 = 1000;
+/// The longest `grace_ms` a `finish` may ask for.
+pub const FINISH_GRACE_MAX_MS: u64 = 10_000;
 
 /// `PATCH /vm`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,6 +53,26 @@ pub struct VmStatePatch {
 pub enum WantedState {
     Paused,
     Running,
+}
+
+/// `PUT /vm`: which handed-over descriptor is which (indices into the request's descriptors).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartVmBody {
+    /// Attached read-only as the disk: a regular file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_fd: Option<usize>,
+    /// The guest's connection to `port` gets the connected Unix stream socket `fd`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vsock_channels: Vec<VsockChannel>,
+}
+
+/// One vsock channel of a [`StartVmBody`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockChannel {
+    pub port: u32,
+    pub fd: usize,
 }
 
 /// `PUT /snapshot/create`.
@@ -62,12 +96,17 @@ pub struct SnapshotLoadBody {
 #[serde(deny_unknown_fields)]
 pub struct ActionBody {
     pub action_type: ActionType,
+    /// `finish` only: how long to wait for the guest to end on its own, in ms (default
+    /// [`FINISH_GRACE_MS`], at most [`FINISH_GRACE_MAX_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionType {
     Stop,
+    Finish,
 }
 
 /// The HTTP status for an action's error: the only such mapping in the VMM.
@@ -89,7 +128,19 @@ pub fn for_http_error(error: &HttpError) -> Response {
 
 /// The action a request asks for, or the response that refuses it.
 pub fn route(request: &Request) -> Result<VmmAction, Response> {
+    route_with(request, Handover::default())
+}
+
+/// [`route`] for a request that came with descriptors.
+pub fn route_with(request: &Request, fds: Handover) -> Result<VmmAction, Response> {
     let method = request.method.as_str();
+    let takes_fds = request.path == "/vm" && method == "PUT";
+    if !fds.is_empty() && !takes_fds {
+        return Err(Response::fault(400, format!("{method} {} takes no descriptors", request.path)));
+    }
+    if fds.len() > MAX_FDS {
+        return Err(Response::fault(400, format!("a request carries at most {MAX_FDS} descriptors")));
+    }
     match request.path.as_str() {
         "/vm" => match method {
             "GET" => no_body(request).map(|()| VmmAction::GetState),
@@ -97,7 +148,16 @@ pub fn route(request: &Request) -> Result<VmmAction, Response> {
                 WantedState::Paused => VmmAction::Pause,
                 WantedState::Running => VmmAction::Resume,
             }),
-            _ => Err(not_allowed("GET, PATCH")),
+            "PUT" => body::<StartVmBody>(request).and_then(|b| {
+                let start = StartVm {
+                    disk_fd: b.disk_fd,
+                    vsock_channels: b.vsock_channels.iter().map(|c| (c.port, c.fd)).collect(),
+                    fds,
+                };
+                start.check().map_err(|why| Response::fault(400, format!("PUT /vm: {why}")))?;
+                Ok(VmmAction::StartVm(start))
+            }),
+            _ => Err(not_allowed("GET, PATCH, PUT")),
         },
         "/snapshot/create" => match method {
             "PUT" => body::<SnapshotCreateBody>(request)
@@ -110,8 +170,16 @@ pub fn route(request: &Request) -> Result<VmmAction, Response> {
             _ => Err(not_allowed("PUT")),
         },
         "/actions" => match method {
-            "PUT" => body::<ActionBody>(request).map(|b| match b.action_type {
-                ActionType::Stop => VmmAction::Stop,
+            "PUT" => body::<ActionBody>(request).and_then(|b| match (b.action_type, b.grace_ms) {
+                (ActionType::Stop, None) => Ok(VmmAction::Stop),
+                (ActionType::Stop, Some(_)) => Err(Response::fault(400, "grace_ms is for finish only")),
+                (ActionType::Finish, grace) => match grace.unwrap_or(FINISH_GRACE_MS) {
+                    ms if ms > FINISH_GRACE_MAX_MS => Err(Response::fault(
+                        400,
+                        format!("grace_ms {ms} is over the limit of {FINISH_GRACE_MAX_MS}"),
+                    )),
+                    ms => Ok(VmmAction::Finish { grace: Duration::from_millis(ms) }),
+                },
             }),
             _ => Err(not_allowed("PUT")),
         },

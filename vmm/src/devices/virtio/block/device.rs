@@ -37,12 +37,25 @@ pub struct BlockState {
 impl Block {
     /// Opens `path` read-only.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = File::open(path)?;
-        let size = file.metadata()?.len();
+        let mut block = Block::from_file(File::open(path)?)?;
+        block.path = path.to_owned();
+        Ok(block)
+    }
+
+    /// Serves `file`, already open (handed over as a descriptor), which must be a regular file.
+    /// It has no path; a snapshot of its VM records an empty one.
+    pub fn from_file(file: File) -> std::io::Result<Self> {
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the disk is not a regular file",
+            ));
+        }
         let mut id = [0u8; 20];
         let name = b"cella-artifact";
         id[..name.len()].copy_from_slice(name);
-        Ok(Block { file, path: path.to_owned(), size, id })
+        Ok(Block { file, path: PathBuf::new(), size: meta.len(), id })
     }
 
     /// Reopens the disk a snapshot names (or `path_override`, the same content at another

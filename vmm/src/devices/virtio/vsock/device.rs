@@ -63,6 +63,17 @@ impl Vsock {
         })
     }
 
+    /// Creates the device with no host socket: the guest's connections to the given host ports
+    /// get the given streams (see [`HostSide::with_channels`]).
+    pub fn with_channels(channels: Vec<(u32, std::os::unix::net::UnixStream)>) -> std::io::Result<Self> {
+        Ok(Vsock {
+            host: HostSide::with_channels(channels)?,
+            conns: HashMap::new(),
+            to_guest: VecDeque::new(),
+            next_host_port: FIRST_HOST_PORT,
+        })
+    }
+
     /// Rebuilds the device from a snapshot with its host socket bound at `uds_path` (which may
     /// differ from the saved VM's), and queues a RST to the guest for every stream that was
     /// open, delivered at the guest's next notify or wait.

@@ -1,5 +1,7 @@
 //! The host side: the VM's Unix listener, the `CONNECT <port>` handshake, and the epoll set
-//! the wait exit blocks on.
+//! the wait exit blocks on. A VM whose channels were handed over as descriptors (a spare's job,
+//! see `control`) has no listener: a guest connection to a host port takes the stream given
+//! for that port, once, and never a path.
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -66,13 +68,28 @@ pub fn parse_connect(line: &[u8]) -> Handshake {
     }
 }
 
-/// The VM's listener and the clients mid-handshake.
+/// The VM's listener (or the channels handed over instead), the clients mid-handshake, and
+/// the epoll set.
 #[derive(Debug)]
 pub struct HostSide {
+    /// Where the listener is bound; empty for a VM with handed-over channels.
     pub uds_path: PathBuf,
-    listener: UnixListener,
+    listener: Option<UnixListener>,
+    /// Streams handed over for guest connections to these host ports, each taken once.
+    channels: Vec<(u32, UnixStream)>,
     pub pending: Vec<Pending>,
     epoll: OwnedFd,
+}
+
+/// A new epoll descriptor.
+fn epoll() -> io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 returns a new descriptor or -1, checked below.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl HostSide {
@@ -81,16 +98,32 @@ impl HostSide {
         let _ = std::fs::remove_file(uds_path);
         let listener = UnixListener::bind(uds_path)?;
         listener.set_nonblocking(true)?;
-        // SAFETY: epoll_create1 returns a new descriptor or -1, checked below.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+        let host = HostSide {
+            uds_path: uds_path.to_owned(),
+            listener: Some(listener),
+            channels: Vec::new(),
+            pending: Vec::new(),
+            epoll: epoll()?,
+        };
+        if let Some(listener) = &host.listener {
+            host.watch(listener.as_raw_fd(), true, false)?;
         }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        let host = HostSide { uds_path: uds_path.to_owned(), listener, pending: Vec::new(), epoll };
-        host.watch(host.listener.as_raw_fd(), true, false)?;
         Ok(host)
+    }
+
+    /// No listener and no path: the guest's connection to each `(port, stream)` gets that
+    /// stream (once); a connection to any other port is refused, and the host cannot connect in.
+    pub fn with_channels(channels: Vec<(u32, UnixStream)>) -> io::Result<Self> {
+        for (_, stream) in &channels {
+            stream.set_nonblocking(true)?;
+        }
+        Ok(HostSide {
+            uds_path: PathBuf::new(),
+            listener: None,
+            channels,
+            pending: Vec::new(),
+            epoll: epoll()?,
+        })
     }
 
     /// The epoll descriptor: readable when any host-side socket has something.
@@ -128,7 +161,8 @@ impl HostSide {
 
     /// Accepts every waiting host client into `pending`.
     pub fn accept_all(&mut self) {
-        while let Ok((stream, _)) = self.listener.accept() {
+        let Some(listener) = &self.listener else { return };
+        while let Ok((stream, _)) = listener.accept() {
             if self.pending.len() >= MAX_PENDING || stream.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -138,8 +172,15 @@ impl HostSide {
         }
     }
 
-    /// Connects to the host listener for guest connections to `port`: `<uds_path>_<port>`.
-    pub fn connect_out(&self, port: u32) -> io::Result<UnixStream> {
+    /// The host end of a guest connection to `port`: the stream handed over for it, or (with a
+    /// listener) a connection to `<uds_path>_<port>`.
+    pub fn connect_out(&mut self, port: u32) -> io::Result<UnixStream> {
+        if let Some(at) = self.channels.iter().position(|(p, _)| *p == port) {
+            return Ok(self.channels.swap_remove(at).1);
+        }
+        if self.listener.is_none() {
+            return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "no channel for this port"));
+        }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{port}"));
         let stream = UnixStream::connect(&path)?;
@@ -150,7 +191,9 @@ impl HostSide {
 
 impl Drop for HostSide {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 

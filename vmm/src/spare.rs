@@ -1,0 +1,177 @@
+//! The host side of a spare VMM (`cella-vmm spare`): start one ahead of its job, then run the
+//! job in it. The launcher makes the control socket and hands it over as the VMM's descriptor
+//! 3, so the VMM binds nothing and is reachable at once; a job is the artifact and one end of a
+//! socket pair handed over with `PUT /vm`, the job protocol served here on the other end, and
+//! `finish` for the VM's final report. No file is written and nothing is parsed from the VMM's
+//! output.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use crate::control::{ControlClient, ControlError};
+use crate::job::{serve_channel, JobError, JobFrames, JobReport};
+use crate::RunReport;
+
+/// The descriptor a spare gets its control socket on.
+pub const API_FD: i32 = 3;
+/// The control socket's file name in the spare's folder.
+const API_SOCKET: &str = "api.sock";
+/// How long `finish` waits for the guest to end on its own after the job's results.
+const FINISH_GRACE: Duration = Duration::from_secs(2);
+
+/// How to start a spare.
+#[derive(Clone, Debug)]
+pub struct SpareOptions {
+    /// The `cella-vmm` binary.
+    pub vmm: PathBuf,
+    /// Guest image (default: the VMM's own default).
+    pub image: Option<PathBuf>,
+    pub mem_mib: u64,
+    /// The job's time limit, counted from its start.
+    pub timeout: Duration,
+    /// `--seccomp` (default enforce).
+    pub seccomp: Option<String>,
+    /// Guest arguments (default `scan`).
+    pub guest_args: Vec<String>,
+    /// Where the spare's private folder (its control socket) is made.
+    pub run_dir: PathBuf,
+}
+
+/// Why a spare could not be started or a job run in it.
+#[derive(Debug, thiserror::Error)]
+pub enum SpareError {
+    #[error("cannot make the spare's folder {path}")]
+    Folder { path: PathBuf, source: std::io::Error },
+    #[error("cannot make the spare's control socket {path}")]
+    Socket { path: PathBuf, source: std::io::Error },
+    #[error("cannot start {vmm}")]
+    Spawn { vmm: PathBuf, source: std::io::Error },
+    #[error("cannot make the job channel")]
+    Channel(#[source] std::io::Error),
+    #[error("the spare refused its launch")]
+    Start(#[source] ControlError),
+}
+
+/// A spare VMM process, waiting for its job.
+#[derive(Debug)]
+pub struct Spare {
+    child: Child,
+    api: ControlClient,
+    dir: PathBuf,
+    timeout: Duration,
+}
+
+/// How a job in a spare went: the job's result over its channel, and the VM's final report.
+#[derive(Debug)]
+pub struct SpareRun {
+    pub job: Result<JobReport, JobError>,
+    pub vm: Result<RunReport, ControlError>,
+}
+
+impl Spare {
+    /// Starts a spare. It is ready for [`Spare::run_job`] at once (a request waits in the
+    /// socket's queue until the VMM serves it).
+    pub fn start(options: &SpareOptions) -> Result<Spare, SpareError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = options.run_dir.join(format!("spare-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| SpareError::Folder { path: dir.clone(), source })?;
+        let path = dir.join(API_SOCKET);
+        let listener =
+            UnixListener::bind(&path).map_err(|source| SpareError::Socket { path: path.clone(), source })?;
+        let mut command = Command::new(&options.vmm);
+        command.arg("spare").arg("--api-fd").arg(API_FD.to_string());
+        command.arg("--mem-mib").arg(options.mem_mib.to_string());
+        command.arg("--timeout-ms").arg(options.timeout.as_millis().max(1).to_string());
+        if let Some(image) = &options.image {
+            command.arg("--image").arg(image);
+        }
+        if let Some(mode) = &options.seccomp {
+            command.arg("--seccomp").arg(mode);
+        }
+        if !options.guest_args.is_empty() {
+            command.arg("--").args(&options.guest_args);
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::null());
+        let listener_fd = listener.as_raw_fd();
+        // SAFETY: between fork and exec the closure only calls async-signal-safe functions
+        // (dup2, prctl) on descriptors the child has.
+        unsafe {
+            command.pre_exec(move || {
+                // dup2 clears close-on-exec on the copy; the listener's own copy closes at exec.
+                // If the listener already is descriptor 3, clear the flag on it instead.
+                let ok = if listener_fd == API_FD {
+                    libc::fcntl(API_FD, libc::F_SETFD, 0) == 0
+                } else {
+                    libc::dup2(listener_fd, API_FD) >= 0
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // A spare outlives no launcher: SIGTERM stops it (scrubbing, if it runs a VM).
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child =
+            command.spawn().map_err(|source| SpareError::Spawn { vmm: options.vmm.clone(), source })?;
+        drop(listener);
+        let api = ControlClient::new(path).with_timeout(options.timeout + Duration::from_secs(10));
+        Ok(Spare { child, api, dir, timeout: options.timeout })
+    }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its control client.
+    pub fn api(&self) -> &ControlClient {
+        &self.api
+    }
+
+    /// Runs one job: the artifact and the VM's end of the job channel go to the VMM with
+    /// `PUT /vm`, the job is served here, then `finish` returns the VM's report.
+    pub fn run_job(&self, artifact: &File, frames: &JobFrames) -> Result<SpareRun, SpareError> {
+        let (host_end, vm_end) = UnixStream::pair().map_err(SpareError::Channel)?;
+        self.api
+            .start_vm(Some(artifact.as_fd()), &[(cella_proto::JOB_PORT, vm_end.as_fd())])
+            .map_err(SpareError::Start)?;
+        // The VMM has its own copy: the channel ends when the VM's end closes.
+        drop(vm_end);
+        let job = serve_channel(host_end, frames, self.timeout + Duration::from_secs(1));
+        let vm = self.api.finish(FINISH_GRACE);
+        Ok(SpareRun { job, vm })
+    }
+
+    /// Waits for the VMM process to exit.
+    pub fn wait(mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait()
+    }
+
+    /// Its private folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on the child this value owns, not yet reaped.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

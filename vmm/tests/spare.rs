@@ -1,0 +1,174 @@
+//! `cella-vmm spare`: a VMM started ahead, confined before it serves anything, given its job's
+//! artifact and channel as descriptors over its control socket (`PUT /vm`), and asked for its
+//! report (`finish`). Driven through `cella_vmm::spare::Spare`, as a launcher does.
+
+mod common;
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cella_proto::{Job, SarifContext};
+use cella_vmm::job::{JobFrames, ScanOutcome};
+use cella_vmm::spare::{Spare, SpareOptions};
+use cella_vmm::GuestExit;
+use common::*;
+
+const PLANTED: &[u8] = b"config:\n  stripe_key = \"sk_live_4eC39HqLyjWDarjtT1zdp7dc\"\n";
+
+fn options(name: &str) -> SpareOptions {
+    SpareOptions {
+        vmm: PathBuf::from(env!("CARGO_BIN_EXE_cella-vmm")),
+        image: None,
+        mem_mib: 128,
+        timeout: Duration::from_secs(30),
+        seccomp: None,
+        guest_args: Vec::new(),
+        run_dir: scratch(name),
+    }
+}
+
+fn frames(artifact_name: &str, size: u64) -> JobFrames {
+    let policy = cella_policies::rules::load_packs(&["secrets"]).unwrap();
+    JobFrames {
+        job: Job {
+            artifact_name: artifact_name.into(),
+            artifact_size: size,
+            fingerprint_key: "00".repeat(32),
+            excludes: Vec::new(),
+            baseline: None,
+            sarif: SarifContext::default(),
+        },
+        policy: policy.as_bytes().to_vec(),
+        baseline: None,
+    }
+}
+
+/// `Name:\tvalue` from a /proc status file.
+fn status_field(status: &str, name: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+        .to_owned()
+}
+
+/// Every thread of `pid`: (name, status file).
+fn threads(pid: u32) -> Vec<(String, String)> {
+    let dir = format!("/proc/{pid}/task");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let task = entry.unwrap().path();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        found.push((status_field(&status, "Name"), status));
+    }
+    found
+}
+
+/// Waits until the spare has both its threads (it confines itself before it starts the API
+/// thread, and puts its own filter on right after).
+fn wait_confined(pid: u32) -> Vec<(String, String)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = threads(pid);
+        if found.len() == 2 && found.iter().all(|(_, s)| status_field(s, "Seccomp") == "2") {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "spare not confined in time: {found:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_spare_is_confined_before_it_serves_and_scans_an_artifact_handed_over_as_descriptors() {
+    let options = options("spare-scan");
+    let spare = Spare::start(&options).unwrap();
+    // From outside, while it waits: every thread has no-new-privs and a seccomp filter.
+    let waiting = wait_confined(spare.pid());
+    for (name, status) in &waiting {
+        assert_eq!(status_field(status, "NoNewPrivs"), "1", "{name}");
+        assert_eq!(status_field(status, "Seccomp"), "2", "{name}");
+    }
+    assert!(waiting.iter().any(|(name, _)| name == "api"), "{waiting:?}");
+    assert_eq!(spare.api().state().unwrap().state, cella_vmm::rpc_interface::VmState::NotStarted);
+
+    let artifact_path = options.run_dir.join("app.tar");
+    std::fs::write(&artifact_path, tar(&[("app/settings.yaml", PLANTED), ("app/README", b"hi\n")])).unwrap();
+    let artifact = File::open(&artifact_path).unwrap();
+    // The VMM never sees the path: remove it before the launch.
+    std::fs::remove_file(&artifact_path).unwrap();
+    let run = spare.run_job(&artifact, &frames("app.tar", artifact.metadata().unwrap().len())).unwrap();
+    let job = run.job.unwrap();
+    let ScanOutcome::Completed { sarif, summary } = job.outcome else { panic!("{:?}", job.outcome) };
+    let summary: serde_json::Value = serde_json::from_slice(&summary).unwrap();
+    assert_eq!(summary["files_scanned"], 2, "{summary}");
+    assert!(summary["by_category"]["secret"].as_u64().unwrap() >= 1, "{summary}");
+    let sarif: serde_json::Value = serde_json::from_slice(&sarif).unwrap();
+    assert_eq!(
+        sarif["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"],
+        "app/settings.yaml"
+    );
+    let report = run.vm.unwrap();
+    assert_eq!(report.exit, GuestExit::Exited { code: 0 });
+    assert_scrubbed(&serde_json::to_value(&report).unwrap());
+    // Finish again: the same report (a client that lost the answer can ask once more) —
+    // unless the VMM has exited already, which it does once it has answered.
+    let status = spare.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn a_spare_refuses_a_launch_whose_descriptors_do_not_fit_and_keeps_waiting() {
+    let options = options("spare-refuse");
+    let spare = Spare::start(&options).unwrap();
+    wait_confined(spare.pid());
+    let api = spare.api();
+    let socket = std::os::unix::net::UnixStream::pair().unwrap().0;
+    let artifact = File::open(env!("CARGO_BIN_EXE_cella-vmm")).unwrap();
+    use std::os::fd::AsFd;
+    // A socket as the disk, a file as the channel.
+    let e = api.start_vm(Some(socket.as_fd()), &[(1024, artifact.as_fd())]).unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("cannot be the disk"), "{e}");
+    // Descriptors with a request that takes none.
+    let (status, body) = api.request("GET", "/vm", None).unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    // Finish before a start is the wrong state; the spare still waits.
+    let e = api.finish(Duration::from_millis(10)).unwrap_err();
+    assert!(e.is_wrong_state(), "{e}");
+    assert_eq!(api.state().unwrap().state, cella_vmm::rpc_interface::VmState::NotStarted);
+    // And a good launch after all that works.
+    let artifact_path = options.run_dir.join("plain.env");
+    std::fs::write(&artifact_path, PLANTED).unwrap();
+    let artifact = File::open(&artifact_path).unwrap();
+    let run = spare.run_job(&artifact, &frames("plain.env", PLANTED.len() as u64)).unwrap();
+    assert!(matches!(run.job.unwrap().outcome, ScanOutcome::Completed { .. }));
+    assert_eq!(run.vm.unwrap().exit, GuestExit::Exited { code: 0 });
+}
+
+#[test]
+fn a_spare_times_out_from_its_start_and_a_discarded_spare_exits() {
+    let mut options = options("spare-timeout");
+    options.image = Some(runner_image());
+    options.guest_args = vec!["spin".into()];
+    options.timeout = Duration::from_millis(300);
+    let spare = Spare::start(&options).unwrap();
+    wait_confined(spare.pid());
+    // Waiting longer than the timeout does not count: it runs from PUT /vm.
+    std::thread::sleep(Duration::from_millis(400));
+    let started = std::time::Instant::now();
+    spare.api().start_vm(None, &[]).unwrap();
+    let report = spare.api().finish(Duration::from_secs(5)).unwrap();
+    assert_eq!(report.exit, GuestExit::TimedOut { timeout_ms: 300 });
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_scrubbed(&serde_json::to_value(&report).unwrap());
+
+    // A spare that never gets its launch ends on SIGTERM, with the stopped status.
+    let spare = Spare::start(&options).unwrap();
+    wait_confined(spare.pid());
+    // SAFETY: kill(2) on the spare's process.
+    unsafe { libc::kill(spare.pid() as i32, libc::SIGTERM) };
+    let status = spare.wait().unwrap();
+    assert_eq!(status.code(), Some(cella_abi::exit::STOPPED as i32), "{status:?}");
+}
