@@ -25,11 +25,37 @@ const API_SOCKET: &str = "api.sock";
 /// How long `finish` waits for the guest to end on its own after the job's results.
 const FINISH_GRACE: Duration = Duration::from_secs(2);
 
+/// The cell a jailed spare is made in by `cella-jailer`: its uid/gid, cgroup limits, and the
+/// guest image bound read-only at `/image`. The control socket goes in as descriptor 3
+/// (`--keep-fd`); nothing else of the host is reachable from the jail.
+#[derive(Clone, Debug)]
+pub struct SpareJail {
+    /// The `cella-jailer` binary.
+    pub jailer: PathBuf,
+    /// The jail's id (letters, digits and hyphens).
+    pub id: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Where jails are made (default: the jailer's).
+    pub chroot_base: Option<PathBuf>,
+    /// The jail's memory limit (guest memory plus the VMM's own).
+    pub memory_limit_mib: u64,
+    /// CPU quota, in CPUs.
+    pub cpus: Option<f64>,
+    /// The most tasks the jail may have.
+    pub pids_max: u32,
+}
+
+/// Where the guest image is in a jailed spare.
+const JAIL_IMAGE: &str = "/image";
+
 /// How to start a spare.
 #[derive(Clone, Debug)]
 pub struct SpareOptions {
-    /// The `cella-vmm` binary.
+    /// The `cella-vmm` binary (statically linked when jailed: the jail has no libraries).
     pub vmm: PathBuf,
+    /// Make the spare in a cell (`cella-jailer`); unjailed if none.
+    pub jail: Option<SpareJail>,
     /// Guest image (default: the VMM's own default).
     pub image: Option<PathBuf>,
     pub mem_mib: u64,
@@ -52,6 +78,8 @@ pub enum SpareError {
     Socket { path: PathBuf, source: std::io::Error },
     #[error("cannot start {vmm}")]
     Spawn { vmm: PathBuf, source: std::io::Error },
+    #[error("a jailed spare needs its guest image named")]
+    NoImage(#[source] crate::ConfigError),
     #[error("cannot make the job channel")]
     Channel(#[source] std::io::Error),
     #[error("the spare refused its launch")]
@@ -89,19 +117,7 @@ impl Spare {
         let path = dir.join(API_SOCKET);
         let listener =
             UnixListener::bind(&path).map_err(|source| SpareError::Socket { path: path.clone(), source })?;
-        let mut command = Command::new(&options.vmm);
-        command.arg("spare").arg("--api-fd").arg(API_FD.to_string());
-        command.arg("--mem-mib").arg(options.mem_mib.to_string());
-        command.arg("--timeout-ms").arg(options.timeout.as_millis().max(1).to_string());
-        if let Some(image) = &options.image {
-            command.arg("--image").arg(image);
-        }
-        if let Some(mode) = &options.seccomp {
-            command.arg("--seccomp").arg(mode);
-        }
-        if !options.guest_args.is_empty() {
-            command.arg("--").args(&options.guest_args);
-        }
+        let mut command = spare_command(options)?;
         command.stdin(Stdio::null()).stdout(Stdio::null());
         let listener_fd = listener.as_raw_fd();
         // SAFETY: between fork and exec the closure only calls async-signal-safe functions
@@ -163,6 +179,55 @@ impl Spare {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// The command that starts the spare: `cella-vmm spare`, or `cella-jailer … -- spare` when
+/// jailed.
+fn spare_command(options: &SpareOptions) -> Result<Command, SpareError> {
+    let mut spare_args: Vec<std::ffi::OsString> =
+        vec!["spare".into(), "--api-fd".into(), API_FD.to_string().into()];
+    spare_args.extend(["--mem-mib".into(), options.mem_mib.to_string().into()]);
+    spare_args.extend(["--timeout-ms".into(), options.timeout.as_millis().max(1).to_string().into()]);
+    if let Some(mode) = &options.seccomp {
+        spare_args.extend(["--seccomp".into(), mode.into()]);
+    }
+    let Some(jail) = &options.jail else {
+        let mut command = Command::new(&options.vmm);
+        command.args(&spare_args);
+        if let Some(image) = &options.image {
+            command.arg("--image").arg(image);
+        }
+        if !options.guest_args.is_empty() {
+            command.arg("--").args(&options.guest_args);
+        }
+        return Ok(command);
+    };
+    let image = match &options.image {
+        Some(image) => image.clone(),
+        None => crate::default_scanner_image().map_err(SpareError::NoImage)?,
+    };
+    let image = std::path::absolute(&image).unwrap_or(image);
+    let mut command = Command::new(&jail.jailer);
+    command.arg("--id").arg(&jail.id).arg("--exec-file").arg(&options.vmm);
+    command.arg("--uid").arg(jail.uid.to_string()).arg("--gid").arg(jail.gid.to_string());
+    if let Some(base) = &jail.chroot_base {
+        command.arg("--chroot-base").arg(base);
+    }
+    command.arg("--new-pid-ns");
+    command.arg("--cgroup").arg(format!("memory={}M", jail.memory_limit_mib));
+    command.arg("--cgroup").arg(format!("pids={}", jail.pids_max));
+    if let Some(cpus) = jail.cpus {
+        command.arg("--cgroup").arg(format!("cpu={cpus}"));
+    }
+    let mut ro_file = image.into_os_string();
+    ro_file.push(format!("={JAIL_IMAGE}"));
+    command.arg("--ro-file").arg(ro_file);
+    command.arg("--keep-fd").arg(API_FD.to_string());
+    command.arg("--").args(&spare_args).args(["--image", JAIL_IMAGE]);
+    if !options.guest_args.is_empty() {
+        command.arg("--").args(&options.guest_args);
+    }
+    Ok(command)
 }
 
 impl Drop for Spare {

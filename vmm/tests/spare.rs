@@ -5,20 +5,26 @@
 mod common;
 
 use std::fs::File;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use cella_proto::{Job, SarifContext};
 use cella_vmm::job::{JobFrames, ScanOutcome};
-use cella_vmm::spare::{Spare, SpareOptions};
+use cella_vmm::spare::{Spare, SpareJail, SpareOptions};
 use cella_vmm::GuestExit;
 use common::*;
 
 const PLANTED: &[u8] = b"config:\n  stripe_key = \"sk_live_4eC39HqLyjWDarjtT1zdp7dc\"\n";
 
+/// The static VMM every test here runs (built once; see `common::jail_binaries`, which relinks
+/// `target/<profile>/cella-vmm`, so no test here runs that one).
+fn binaries() -> &'static JailBinaries {
+    jail_binaries("spare-tests")
+}
+
 fn options(name: &str) -> SpareOptions {
     SpareOptions {
-        vmm: PathBuf::from(env!("CARGO_BIN_EXE_cella-vmm")),
+        vmm: binaries().static_vmm.clone(),
+        jail: None,
         image: None,
         mem_mib: 128,
         timeout: Duration::from_secs(30),
@@ -125,7 +131,7 @@ fn a_spare_refuses_a_launch_whose_descriptors_do_not_fit_and_keeps_waiting() {
     wait_confined(spare.pid());
     let api = spare.api();
     let socket = std::os::unix::net::UnixStream::pair().unwrap().0;
-    let artifact = File::open(env!("CARGO_BIN_EXE_cella-vmm")).unwrap();
+    let artifact = File::open(&binaries().static_vmm).unwrap();
     use std::os::fd::AsFd;
     // A socket as the disk, a file as the channel.
     let e = api.start_vm(Some(socket.as_fd()), &[(1024, artifact.as_fd())]).unwrap_err();
@@ -171,4 +177,61 @@ fn a_spare_times_out_from_its_start_and_a_discarded_spare_exits() {
     unsafe { libc::kill(spare.pid() as i32, libc::SIGTERM) };
     let status = spare.wait().unwrap();
     assert_eq!(status.code(), Some(cella_abi::exit::STOPPED as i32), "{status:?}");
+}
+
+/// The pid of the jailed VMM: the jailer's one child.
+fn jailed_vmm(jailer: u32) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{jailer}/task/{jailer}/children")).unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "cella-vmm" {
+                return pid;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no jailed VMM under cella-jailer {jailer}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_jailed_spare_waits_with_no_capabilities_under_its_own_uid_and_runs_a_job() {
+    let mut options = options("spare-jailed");
+    let (uid, gid) = (64_041, 64_042);
+    options.jail = Some(SpareJail {
+        jailer: binaries().jailer.clone(),
+        id: format!("spare-test-{}", std::process::id()),
+        uid,
+        gid,
+        chroot_base: None,
+        memory_limit_mib: options.mem_mib + 32,
+        cpus: None,
+        pids_max: 16,
+    });
+    let spare = Spare::start(&options).unwrap();
+    let vmm = jailed_vmm(spare.pid());
+    for (name, status) in wait_confined(vmm) {
+        assert_eq!(status_field(&status, "NoNewPrivs"), "1", "{name}");
+        assert_eq!(status_field(&status, "Seccomp"), "2", "{name}");
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(status_field(&status, caps), "0000000000000000", "{name} {caps}");
+        }
+        let uids: Vec<String> = status_field(&status, "Uid").split_whitespace().map(str::to_owned).collect();
+        assert!(uids.iter().all(|u| *u == uid.to_string()), "{name}: {uids:?}");
+    }
+    let artifact_path = options.run_dir.join("app.tar");
+    std::fs::write(&artifact_path, tar(&[("app/settings.yaml", PLANTED)])).unwrap();
+    let artifact = File::open(&artifact_path).unwrap();
+    let run = spare.run_job(&artifact, &frames("app.tar", artifact.metadata().unwrap().len())).unwrap();
+    let ScanOutcome::Completed { summary, .. } = run.job.unwrap().outcome else { panic!("no result") };
+    let summary: serde_json::Value = serde_json::from_slice(&summary).unwrap();
+    assert!(summary["by_category"]["secret"].as_u64().unwrap() >= 1, "{summary}");
+    let report = run.vm.unwrap();
+    assert_eq!(report.exit, GuestExit::Exited { code: 0 });
+    assert_scrubbed(&serde_json::to_value(&report).unwrap());
+    // The jailer removes the jail and passes the VMM's status on.
+    let status = spare.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
