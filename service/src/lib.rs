@@ -24,7 +24,6 @@ pub mod data_dir;
 pub mod db;
 pub mod error;
 pub mod files;
-pub mod held_spares;
 pub mod ids;
 pub mod janitor;
 pub mod jobs;

@@ -17,11 +17,13 @@ mod common;
 
 use common::{cella, repo, sample_tar, signal, test_db_url, vmm, Serve, Server};
 
-/// A stand-in `cella-vmm` for a job that runs until stopped: it ignores the scan arguments and
-/// runs a real VM whose guest spins (SIGTERM stops it, scrubs it and prints the report).
+/// A stand-in `cella-vmm` for a job that runs until stopped: the real spare the worker asks
+/// for, with the runner image and its `spin` mode as the guest (a stop through the API, or
+/// SIGTERM, stops it and scrubs it).
 fn spinning_vmm(dir: &Path) -> PathBuf {
     let path = dir.join("spinning-vmm");
-    let script = format!("#!/bin/sh\nexec {} run --json --timeout-ms 120000 -- spin\n", vmm().display());
+    let runner = repo().join("target/cella/cella-runner");
+    let script = format!("#!/bin/sh\nexec {} \"$@\" --image {} -- spin\n", vmm().display(), runner.display());
     std::fs::write(&path, script).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -152,18 +154,12 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     let log: Value = serde_json::from_slice(&std::fs::read(&sarif).unwrap()).unwrap();
     assert_eq!(log["version"], "2.1.0");
     assert_eq!(log["runs"][0]["results"].as_array().unwrap().len(), 5);
-    // The worker keeps a held spare ready (jail made, VMM started and its VM built) for its
-    // next launch, which takes it: the spare seen now is gone after that launch, the VM says
-    // it was built ahead, and a new one is made.
+    // The worker keeps a spare ready (jail made, VMM started, its VM built), confined from
+    // before it serves anything: seen from outside, every thread of the waiting VMM has no
+    // capabilities, no-new-privs and a seccomp filter, and runs as the slot's uid.
     let serve_pid = server.child.as_ref().unwrap().id();
     let spare_before = common::wait_for_spare(serve_pid, "job", &[]).await;
-    let held = Path::new("/dev/shm/cella-jailer/cella-vmm").join(&spare_before).join("hold.sock");
-    let start = std::time::Instant::now();
-    while !held.exists() {
-        assert!(start.elapsed() < Duration::from_secs(20), "{} never held a VMM", spare_before);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let uid_before = held_vmm_uid(&spare_before);
+    let uid_before = spare_vmm_confined(&spare_before);
     // A threshold above every finding: exit 0.
     let out = cella(
         &data,
@@ -178,12 +174,11 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
             .await
             .unwrap();
     assert_eq!(vm["built_ahead"], true, "{vm}");
+    // The next spare is made while the scan runs; slot 0's VMMs share its uid (each is
+    // confined to no path access, in a PID namespace of its own).
     let spare_after = common::wait_for_spare(serve_pid, "job", &[spare_before]).await;
-    // The spare made while that scan ran waits as the slot's other uid: a held VMM (no
-    // Landlock yet) never shares a uid with a launched one.
-    let uid_after = held_vmm_uid(&spare_after);
-    assert_ne!(uid_after, uid_before);
-    assert!([uid_before, uid_after].iter().all(|u| (64_100..64_104).contains(u)), "{uid_before} {uid_after}");
+    let uid_after = spare_vmm_confined(&spare_after);
+    assert_eq!((uid_before, uid_after), (64_100, 64_100));
 
     // Every transition is audited, with the scrub evidence of a jailed VM.
     let events = actions(&pool, &tenant).await;
@@ -407,24 +402,41 @@ async fn cancelling_a_running_job_stops_its_vm_and_records_the_scrub(pool: PgPoo
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The uid of the VMM held in the spare jail `spare` (waits up to 20 s for it).
-fn held_vmm_uid(spare: &str) -> u32 {
+/// Checks every thread of the VMM waiting in the spare jail `spare` (up to 20 s for it to get
+/// there): no capabilities, no-new-privs, a seccomp filter; returns its uid.
+fn spare_vmm_confined(spare: &str) -> u32 {
     use std::os::unix::fs::MetadataExt;
     let root = Path::new("/dev/shm/cella-jailer/cella-vmm").join(spare).join("root");
     let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let field = |status: &str, name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default().trim().to_owned()
+    };
     let start = Instant::now();
     loop {
         for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
             // A jailed process's root is its jail's root folder (seen through /proc/PID/root/).
-            if id(&entry.path().join("root/")).is_some_and(|r| Some(r) == id(&root)) {
-                let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-                let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default();
-                if let Some(Ok(uid)) = uid.split_whitespace().next().map(str::parse) {
-                    return uid;
+            if id(&entry.path().join("root/")).is_none_or(|r| Some(r) != id(&root)) {
+                continue;
+            }
+            let Ok(tasks) = std::fs::read_dir(entry.path().join("task")) else { continue };
+            let statuses: Vec<String> = tasks
+                .filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+                .collect();
+            // Both threads (main and API) up, both under their filters.
+            if statuses.len() < 2 || statuses.iter().any(|s| field(s, "Seccomp:") != "2") {
+                continue;
+            }
+            for status in &statuses {
+                assert_eq!(field(status, "NoNewPrivs:"), "1", "{status}");
+                for caps in ["CapPrm:", "CapEff:", "CapBnd:"] {
+                    assert_eq!(field(status, caps), "0000000000000000", "{caps} {status}");
                 }
             }
+            let uid = field(&statuses[0], "Uid:");
+            return uid.split_whitespace().next().and_then(|u| u.parse().ok()).expect("a uid");
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "no VMM is held in {spare}");
+        assert!(start.elapsed() < Duration::from_secs(20), "no confined VMM waits in {spare}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -212,6 +212,8 @@ pub struct VmmController {
     finished: bool,
     /// The VM is stopped (as `timed_out`) this long after it started.
     run_timeout: Option<Duration>,
+    /// The VM was built ahead (a spare's): its report says so.
+    built_ahead: bool,
 }
 
 impl std::fmt::Debug for VmmController {
@@ -234,6 +236,7 @@ impl VmmController {
             restore: RestorePaths::default(),
             finished: false,
             run_timeout: None,
+            built_ahead: false,
         }
     }
 
@@ -267,6 +270,7 @@ impl VmmController {
             restore: RestorePaths::default(),
             finished: false,
             run_timeout: None,
+            built_ahead: false,
         }
     }
 
@@ -427,6 +431,9 @@ impl VmmController {
             unreachable!("checked above");
         };
         let SpareVm { prebuilt, config, console } = *spare;
+        // Its launch counts from this request, not from when the spare was started.
+        let config = VmConfig { launch_start: Instant::now(), ..config };
+        self.built_ahead = true;
         let failed = |message: String| VmmActionError::Internal { action: ACTION, message };
         let vm = prebuilt.finish_with(&config, ends, console).map_err(|e| failed(crate::error_chain(&e)))?;
         let running = vm.start().map_err(|e| failed(crate::error_chain(&e)))?;
@@ -546,10 +553,12 @@ impl VmmController {
             return;
         };
         self.metrics.pause = vm.pause_stats();
+        let built_ahead = self.built_ahead;
         let result = match exit {
             Some(exit) => vm.stop_as(exit),
             None => vm.finish(),
-        };
+        }
+        .map(|report| RunReport { built_ahead, ..report });
         let exit = match &result {
             Ok(report) => Some(report.exit.clone()),
             Err(e) => Some(GuestExit::VmmFailed { error: crate::error_chain(e) }),

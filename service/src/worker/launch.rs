@@ -1,103 +1,46 @@
-//! Launching one scan: `cella-vmm scan --json` (through `cella-jailer` when jailed) as a child
-//! process, and turning how it ended into a queue [`Outcome`].
+//! Running one scan in a spare VMM ([`cella_vmm::spare`]): the job's frames are made here
+//! (policy, baseline, SARIF context), the artifact and the VM's end of the job channel are
+//! handed to the spare with `PUT /vm`, the job is served on the other end, and the outcome is
+//! read from typed results: the runner's answer, the VM's final report and the jailer's status.
+//! Nothing is parsed from a process's output and no command line carries the job.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cella_proto::{Job, SarifContext, BASELINE_ENTRY_LEN};
+use cella_vmm::control::ControlError;
+use cella_vmm::job::{JobError, JobFrames, JobReport, ScanOutcome};
 use cella_vmm::scan_report::ScanReport;
+use cella_vmm::spare::{SpareJail, SpareOptions};
+use cella_vmm::{GuestExit, RunReport};
 use serde_json::{json, Value};
-use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
 
 use crate::config::WorkerConfig;
-use crate::queue::Outcome;
+use crate::queue::{Lease, Outcome};
 
-/// The most of the VMM's stderr kept for an error message (the tail).
-const STDERR_TAIL: usize = 4096;
-
-/// `cella-vmm scan`'s exit statuses (see `cella-vmm scan --help`), as `ExitStatus::code` gives them.
-mod status {
-    use cella_abi::exit;
-
-    pub const BAD_INPUT: i32 = exit::BAD_INPUT as i32;
-    pub const REFUSED: i32 = exit::SCAN_REFUSED as i32;
-    pub const CRASHED: i32 = exit::CRASHED as i32;
-    pub const TIMED_OUT: i32 = exit::TIMED_OUT as i32;
-    pub const STOPPED: i32 = exit::STOPPED as i32;
-    pub const SECCOMP: i32 = exit::VMM_KILLED_BY_SECCOMP as i32;
-}
+/// The memory a jailed VMM may use beyond its guest's.
+const VMM_OVERHEAD_MIB: u64 = 32;
+/// The most tasks (threads) a jailed VMM may have.
+const PIDS_MAX: u32 = 16;
 
 /// Why a scan could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     #[error("{0} does not exist: {1}")]
     Missing(PathBuf, &'static str),
-    #[error("cannot start {0}")]
-    Spawn(PathBuf, #[source] std::io::Error),
 }
 
-/// Starts scans as configured.
+/// What every scan of this worker shares: the VMM, its image, memory and time limit, and
+/// whether it is jailed.
 #[derive(Debug, Clone)]
 pub struct Launcher {
     vmm: PathBuf,
     config: WorkerConfig,
     vm_cpu_percent: u32,
-}
-
-/// One scan to run.
-#[derive(Debug)]
-pub struct ScanSpec<'a> {
-    pub job_id: &'a str,
-    pub artifact: &'a Path,
-    pub policy: &'a str,
-    /// The job's policy compiled, when it has tenant packs (`cella-vmm scan --compiled-policy`;
-    /// built-in packs alone go by name with `--policy`).
-    pub compiled_policy: Option<&'a Path>,
-    pub sarif_out: &'a Path,
-    /// The uid/gid a jailed VMM runs as (see [`crate::held_spares`]).
-    pub uid: u32,
-    /// A held spare to take (see [`crate::held_spares`]).
-    pub spare: Option<&'a str>,
-    /// The tenant's fingerprint key, hex: in the environment of `cella-vmm scan`, which only
-    /// this process's user can read, not on its command line.
-    pub fingerprint_key: &'a str,
-    /// The tenant's CPU quota per VM, percent of one CPU (jailed VMMs' cgroup).
-    pub cpu_percent: u32,
-    /// The scan's options (excludes, version-control details), its artifact's name as the
-    /// tenant gave it, and the baseline file written for it.
-    pub extras: ScanExtras<'a>,
-}
-
-/// What a scan carries besides its artifact and packs.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ScanExtras<'a> {
-    pub artifact_name: Option<&'a str>,
-    pub options: Option<&'a crate::jobs::JobOptions>,
-    pub baseline_file: Option<&'a Path>,
-    /// SARIF `tool.driver.informationUri`.
-    pub information_uri: Option<&'a str>,
-}
-
-/// The name the scan gives a tenant-named artifact (format detection, a plain file's path in
-/// the results): its last path part, if that is a usable file name; else none, and the scan
-/// uses the file's own name.
-fn artifact_name_for_scan(name: &str) -> Option<&str> {
-    let last = name.rsplit(['/', '\\']).next().unwrap_or(name).trim();
-    let usable = !last.is_empty()
-        && last != "."
-        && last != ".."
-        && last.len() <= 255
-        && !last.chars().any(char::is_control);
-    usable.then_some(last)
-}
-
-/// A started scan.
-#[derive(Debug)]
-pub struct RunningScan {
-    child: Child,
-    pid: u32,
-    sarif_out: PathBuf,
+    /// Built-in policies serialized once, by their names.
+    builtin_policies: Arc<Mutex<HashMap<String, Arc<Vec<u8>>>>>,
 }
 
 /// The default `cella-vmm`: next to the running `cella`.
@@ -108,14 +51,29 @@ pub fn default_vmm() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("cella-vmm"))
 }
 
+/// The name the scan gives a tenant-named artifact (format detection, a plain file's path in
+/// the results): its last path part, if that is a usable file name; else none.
+fn artifact_name_for_scan(name: &str) -> Option<&str> {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or(name).trim();
+    let usable = !last.is_empty()
+        && last != "."
+        && last != ".."
+        && last.len() <= 255
+        && !last.chars().any(char::is_control);
+    usable.then_some(last)
+}
+
 impl Launcher {
-    /// `vm_cpu_percent`: the CPU quota of a VMM whose tenant has no quota of its own (held
-    /// spares are made with it).
+    /// `vm_cpu_percent`: the CPU quota of a VMM whose tenant has no quota of its own (spares
+    /// are made with it).
     pub fn new(config: &WorkerConfig, vm_cpu_percent: u32) -> Self {
-        Self { vmm: config.vmm.clone().unwrap_or_else(default_vmm), config: config.clone(), vm_cpu_percent }
+        let vmm = config.vmm.clone().unwrap_or_else(default_vmm);
+        // The jailer refuses a symlinked exec-file.
+        let vmm = std::fs::canonicalize(&vmm).unwrap_or(vmm);
+        Self { vmm, config: config.clone(), vm_cpu_percent, builtin_policies: Arc::default() }
     }
 
-    /// The CPU quota held spares are made with.
+    /// The CPU quota spares are made with.
     pub fn default_cpu_percent(&self) -> u32 {
         self.vm_cpu_percent
     }
@@ -125,7 +83,7 @@ impl Launcher {
         &self.vmm
     }
 
-    /// The first uid of jailed VMMs (see [`crate::held_spares`]).
+    /// The uid of jailed VMMs of slot 0 (slot N runs as this + N).
     pub fn jail_uid_base(&self) -> u32 {
         self.config.jail_uid_base
     }
@@ -138,6 +96,14 @@ impl Launcher {
         self.config.is_jailed()
     }
 
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.config.timeout_secs.max(1))
+    }
+
+    fn jailer(&self) -> PathBuf {
+        self.vmm.with_file_name("cella-jailer")
+    }
+
     /// Checks that the binaries exist before any job is leased.
     pub fn check(&self) -> Result<(), LaunchError> {
         if !self.vmm.is_file() {
@@ -146,104 +112,77 @@ impl Launcher {
                 "build it (scripts/setup.sh builds target/release/cella-vmm) or set CELLA_VMM",
             ));
         }
-        let jailer = self.vmm.with_file_name("cella-jailer");
-        if self.jailed() && !jailer.is_file() {
+        if self.jailed() && !self.jailer().is_file() {
             return Err(LaunchError::Missing(
-                jailer,
+                self.jailer(),
                 "jailed VMMs need cella-jailer next to cella-vmm; build it, or set CELLA_JAILED=0 (development only)",
             ));
         }
         Ok(())
     }
 
-    /// What every scan of this worker as `uid` shares: VM size, time limit, image, and, when
-    /// jailed, the jail's uid/gid. A held spare is made from the same (see
-    /// [`Launcher::hold_command`]), so a launch finds it of its own shape.
-    fn base_command(&self, uid: u32, cpu_percent: u32) -> Command {
-        let mut cmd = Command::new(&self.vmm);
-        cmd.arg("scan")
-            .arg("--json")
-            .arg("--mem-mib")
-            .arg(self.config.mem_mib.to_string())
-            .arg("--timeout-ms")
-            .arg((self.config.timeout_secs.max(1) * 1000).to_string());
-        if let Some(image) = &self.config.scanner_image {
-            cmd.arg("--image").arg(image);
-        }
-        if self.jailed() {
-            let id = uid.to_string();
-            cmd.args(["--jailed", "--jail-uid", &id, "--jail-gid", &id]);
+    /// How to start a spare `id` running as `uid` (when jailed) under `cpu_percent` of a CPU.
+    pub fn spare_options(&self, id: &str, uid: u32, cpu_percent: u32) -> SpareOptions {
+        let mem_mib = u64::from(self.config.mem_mib);
+        let jail = self.jailed().then(|| SpareJail {
+            jailer: self.jailer(),
+            id: id.to_owned(),
+            uid,
+            gid: uid,
+            chroot_base: None,
+            memory_limit_mib: mem_mib + VMM_OVERHEAD_MIB,
             // The VMM's cgroup CPU quota: one tenant's VMs cannot take the others' CPU time.
-            cmd.arg("--cpus").arg(format!("{}", f64::from(cpu_percent.max(1)) / 100.0));
+            cpus: Some(f64::from(cpu_percent.max(1)) / 100.0),
+            pids_max: PIDS_MAX,
+        });
+        SpareOptions {
+            vmm: self.vmm.clone(),
+            jail,
+            image: self.config.scanner_image.clone(),
+            mem_mib,
+            timeout: self.timeout(),
+            seccomp: None,
+            guest_args: Vec::new(),
+            run_dir: std::env::temp_dir(),
         }
-        cmd
     }
 
-    /// The command line for `spec`.
-    pub fn command(&self, spec: &ScanSpec<'_>) -> Command {
-        let mut cmd = self.base_command(spec.uid, spec.cpu_percent);
-        cmd.arg("--artifact").arg(spec.artifact);
-        match spec.compiled_policy {
-            Some(file) => cmd.arg("--compiled-policy").arg(file),
-            None => cmd.arg("--policy").arg(spec.policy),
-        };
-        cmd.arg("--sarif").arg(spec.sarif_out);
-        // SARIF's `automationDetails.id`: one analysis per policy, so GitHub keeps one set of
-        // alerts for each.
-        cmd.arg("--automation-id").arg(format!("cella/{}/", spec.policy));
-        let extras = &spec.extras;
-        if let Some(name) = extras.artifact_name.and_then(artifact_name_for_scan) {
-            cmd.arg("--artifact-name").arg(name);
+    /// The serialized policy of built-in packs named in `policy` (`secrets,pii`), made once.
+    pub fn builtin_policy(&self, policy: &str) -> Result<Arc<Vec<u8>>, String> {
+        let mut cache = self.builtin_policies.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bytes) = cache.get(policy) {
+            return Ok(bytes.clone());
         }
-        if let Some(uri) = extras.information_uri {
-            cmd.arg("--information-uri").arg(uri);
-        }
-        if let Some(options) = extras.options {
-            for glob in &options.excludes {
-                cmd.arg("--exclude").arg(glob);
-            }
-            if let Some(vcs) = &options.vcs {
-                cmd.arg("--vcs-repo").arg(&vcs.repository_uri);
-                if let Some(revision) = &vcs.revision_id {
-                    cmd.arg("--vcs-revision").arg(revision);
-                }
-                if let Some(branch) = &vcs.branch {
-                    cmd.arg("--vcs-branch").arg(branch);
-                }
-            }
-        }
-        if let Some(baseline) = extras.baseline_file {
-            cmd.arg("--baseline").arg(baseline);
-        }
-        if self.jailed() {
-            let jail_id = format!("job-{}", spec.job_id.trim_start_matches("job_"));
-            cmd.args(["--jail-id", &jail_id]);
-            if let Some(spare) = spec.spare {
-                cmd.args(["--jail-prepared", spare]);
-            }
-        }
-        cmd
+        let names: Vec<&str> = policy.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+        let bytes = cella_policies::rules::load_packs(&names)
+            .map(|p| Arc::new(p.into_bytes()))
+            .map_err(|e| crate::error::error_chain(&e))?;
+        cache.insert(policy.to_owned(), bytes.clone());
+        Ok(bytes)
     }
+}
 
-    /// The command that makes the held spare `spare`, its VMM running as `uid`: its jail made
-    /// and its VMM started ahead of the scan that takes it (`cella-vmm scan --jailed
-    /// --jail-hold`).
-    pub fn hold_command(&self, spare: &str, uid: u32) -> Command {
-        let mut cmd = self.base_command(uid, self.vm_cpu_percent);
-        cmd.args(["--jail-hold", spare]);
-        cmd
-    }
-
-    /// Starts the scan.
-    pub fn start(&self, spec: &ScanSpec<'_>) -> Result<RunningScan, LaunchError> {
-        let mut cmd = self.command(spec);
-        cmd.env(cella_vmm::scan::FINGERPRINT_KEY_ENV, spec.fingerprint_key);
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-        crate::signal::terminate_with_parent(&mut cmd);
-        let child = cmd.spawn().map_err(|e| LaunchError::Spawn(self.vmm.clone(), e))?;
-        let pid = child.id().unwrap_or(0);
-        Ok(RunningScan { child, pid, sarif_out: spec.sarif_out.to_owned() })
-    }
+/// The job, policy and baseline frames of `lease`'s scan of an artifact of `artifact_bytes`.
+pub fn job_frames(lease: &Lease, policy: Vec<u8>, artifact_bytes: u64, information_uri: &str) -> JobFrames {
+    let options = &lease.options;
+    let vcs = options.vcs.as_ref();
+    let name = lease.artifact_name.as_deref().and_then(artifact_name_for_scan);
+    let job = Job {
+        artifact_name: name.unwrap_or(&lease.job_id).to_owned(),
+        artifact_size: artifact_bytes,
+        fingerprint_key: lease.fingerprint_key.clone(),
+        excludes: options.excludes.clone(),
+        baseline: lease.baseline.as_ref().map(|b| (b.len() / BASELINE_ENTRY_LEN) as u32),
+        sarif: SarifContext {
+            information_uri: Some(information_uri.to_owned()),
+            // One analysis per policy, so GitHub keeps one set of alerts for each.
+            automation_id: Some(format!("cella/{}/", lease.policy)),
+            repository_uri: vcs.map(|v| v.repository_uri.clone()),
+            revision_id: vcs.and_then(|v| v.revision_id.clone()),
+            branch: vcs.and_then(|v| v.branch.clone()),
+        },
+    };
+    JobFrames { job, policy, baseline: lease.baseline.clone() }
 }
 
 /// Why the worker stopped a VM before it ended on its own.
@@ -254,96 +193,53 @@ pub enum StopReason {
     LeaseLost,
 }
 
-impl RunningScan {
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// Asks the VMM to stop (SIGTERM): it stops the vCPU, scrubs, reports and exits.
-    pub fn stop(&self) {
-        self.stopper().stop();
-    }
-
-    /// A handle that can stop the VMM while [`RunningScan::wait`] runs.
-    pub fn stopper(&self) -> Stopper {
-        Stopper { pid: self.pid }
-    }
-
-    /// Waits for the VMM and reads its report. If it has not exited `grace` after `stop`, it
-    /// is killed.
-    pub async fn wait(mut self) -> Finished {
-        let mut stdout = self.child.stdout.take();
-        let mut stderr = self.child.stderr.take();
-        let read_out = async {
-            let mut buf = Vec::new();
-            if let Some(s) = stdout.as_mut() {
-                let _ = s.read_to_end(&mut buf).await;
-            }
-            buf
-        };
-        let read_err = async {
-            let mut tail = Vec::new();
-            let mut chunk = [0u8; 8192];
-            if let Some(s) = stderr.as_mut() {
-                while let Ok(n) = s.read(&mut chunk).await {
-                    if n == 0 {
-                        break;
-                    }
-                    tail.extend_from_slice(&chunk[..n]);
-                    if tail.len() > 2 * STDERR_TAIL {
-                        tail.drain(..tail.len() - STDERR_TAIL);
-                    }
-                }
-            }
-            tail
-        };
-        let (out, err, status) = tokio::join!(read_out, read_err, self.child.wait());
-        let report = ScanReport::from_stdout(&String::from_utf8_lossy(&out));
-        let stderr = String::from_utf8_lossy(&err[err.len().saturating_sub(STDERR_TAIL)..]).trim().to_owned();
-        Finished {
-            status: status.ok().and_then(|s| s.code()),
-            report,
-            stderr,
-            sarif: std::fs::read(&self.sarif_out).ok(),
-        }
-    }
-}
-
-/// Stops a running scan's VMM (valid while its `wait` has not returned: the child is not
-/// reaped before then, so the pid cannot be reused).
-#[derive(Debug, Clone, Copy)]
-pub struct Stopper {
-    pid: u32,
-}
-
-impl Stopper {
-    pub fn stop(&self) {
-        let _ = crate::signal::terminate(self.pid);
-    }
-}
-
-/// What a finished `cella-vmm scan` left.
+/// What a scan in a spare left.
 #[derive(Debug)]
 pub struct Finished {
-    /// Its exit status (`None`: killed by a signal).
+    /// The runner's answer over the job channel.
+    pub job: Result<JobReport, JobError>,
+    /// The VM's final report (`finish`), or why there is none.
+    pub vm: Result<RunReport, ControlError>,
+    /// The exit status of the spare's process (`cella-jailer`'s when jailed); `None` if a
+    /// signal ended it.
     pub status: Option<i32>,
-    /// Its `--json` report.
-    pub report: Option<ScanReport>,
-    /// The tail of its stderr.
-    pub stderr: String,
-    pub sarif: Option<Vec<u8>>,
+    /// From the launch to the results, in ms.
+    pub scan_ms: u64,
+    pub artifact_bytes: u64,
 }
 
 impl Finished {
+    /// The typed report kept with the job.
+    fn report(&self) -> Option<ScanReport> {
+        let vm = self.vm.as_ref().ok()?;
+        let job = self.job.as_ref().ok();
+        Some(ScanReport {
+            exit: vm.exit.clone(),
+            launch_us: vm.launch_us,
+            run_us: vm.run_us,
+            built_ahead: vm.built_ahead,
+            scan_ms: self.scan_ms,
+            scrub: vm.scrub.clone(),
+            artifact: String::new(),
+            artifact_bytes: self.artifact_bytes,
+            in_vm_ms: job.map(|j| j.in_vm.as_secs_f64() * 1e3),
+            engine_version: job.map(|j| j.runner_version.clone()),
+            sarif: None,
+            summary: None,
+            fail_on: None,
+            refused: None,
+            error: None,
+        })
+    }
+
     /// The queue outcome. `stopped` says why the worker stopped the VM, if it did.
     pub fn outcome(self, stopped: Option<StopReason>, timeout: Duration) -> Outcome {
-        let vm = self.report.as_ref().map(vm_report);
+        let vm = self.report().as_ref().map(vm_report);
         match stopped {
             Some(StopReason::Cancelled) => return Outcome::Cancelled { vm },
             Some(StopReason::ShuttingDown | StopReason::LeaseLost) => return Outcome::HandedBack { vm },
             None => {}
         }
-        let last_line = self.stderr.lines().last().unwrap_or("").to_owned();
         // The reason is stored, audited, answered and printed: whatever the guest (or the
         // artifact, through the guest's messages) put in it, no control character stays raw.
         let failed = |reason: String, retryable: bool| Outcome::Failed {
@@ -351,39 +247,78 @@ impl Finished {
             retryable,
             vm: vm.clone(),
         };
-        match self.status {
-            Some(0) => {
-                let verified = self.report.as_ref().is_some_and(|r| r.scrub.verified_zero);
-                match (self.report.and_then(|r| r.summary), self.sarif) {
-                    _ if !verified => failed("the VM's memory scrub could not be verified".into(), false),
-                    (Some(summary), Some(sarif)) => {
-                        Outcome::Succeeded { summary, sarif, vm: vm.unwrap_or_default() }
+        use cella_abi::exit;
+        let status = self.status;
+        let report = match &self.vm {
+            Ok(report) => report,
+            Err(e) => {
+                return match status {
+                    Some(s) if s == i32::from(exit::VMM_KILLED_BY_SECCOMP) => {
+                        failed("the VMM was killed by its seccomp filter".into(), false)
                     }
-                    _ => failed(format!("the scan ended without a summary or SARIF log: {last_line}"), true),
+                    Some(s) if s == i32::from(exit::VMM_KILLED) => {
+                        failed(format!("the VMM was killed by a signal (its memory limit?): {e}"), true)
+                    }
+                    Some(s) if s == i32::from(exit::JAIL_FAILED) => {
+                        failed("the VMM's jail could not be made (the server log says why)".into(), true)
+                    }
+                    Some(s) if s == i32::from(exit::STOPPED) => {
+                        failed("the VMM was stopped by a signal from outside the worker".into(), true)
+                    }
+                    None => failed(format!("the VMM was killed by a signal: {e}"), true),
+                    Some(_) => {
+                        failed(format!("the VMM gave no report: {}", crate::error::error_chain(e)), true)
+                    }
+                };
+            }
+        };
+        if status == Some(i32::from(exit::CLEANUP_FAILED)) {
+            return failed(
+                "the VM's jail could not be removed completely (the server log says why)".into(),
+                true,
+            );
+        }
+        if !report.scrub.verified_zero {
+            return failed("the VM's memory scrub could not be verified".into(), false);
+        }
+        match self.job {
+            Ok(job) => match job.outcome {
+                ScanOutcome::Completed { sarif, summary } => {
+                    match serde_json::from_slice::<Value>(&summary) {
+                        Ok(mut summary) => {
+                            summary["duration_ms"] = json!(self.scan_ms);
+                            Outcome::Succeeded { summary, sarif, vm: vm.unwrap_or_default() }
+                        }
+                        Err(e) => failed(format!("the runner sent an unreadable summary: {e}"), true),
+                    }
+                }
+                ScanOutcome::Refused(refused) => {
+                    failed(format!("{} refused: {}", refused.kind, refused.message), false)
+                }
+            },
+            Err(e) => {
+                let why = crate::error::error_chain(&e);
+                match &report.exit {
+                    GuestExit::Crashed { .. } | GuestExit::DeviceError { .. } => {
+                        failed(format!("the scanner VM crashed or broke a device contract: {why}"), false)
+                    }
+                    GuestExit::TimedOut { .. } => {
+                        failed(format!("the scan ran past its limit of {} s", timeout.as_secs()), false)
+                    }
+                    GuestExit::Stopped => {
+                        failed("the VMM was stopped by a signal from outside the worker".into(), true)
+                    }
+                    GuestExit::VmmFailed { error } => failed(format!("the VMM failed: {error}"), true),
+                    GuestExit::Exited { .. } => {
+                        failed(format!("the scan ended without a summary or SARIF log: {why}"), true)
+                    }
                 }
             }
-            Some(status::REFUSED) => match self.report.and_then(|r| r.refused) {
-                Some(refused) => failed(format!("{} refused: {}", refused.kind, refused.message), false),
-                None => failed(format!("artifact refused: {last_line}"), false),
-            },
-            Some(status::BAD_INPUT) => failed(format!("the scan could not start: {last_line}"), false),
-            Some(status::CRASHED) => {
-                failed(format!("the scanner VM crashed or broke a device contract: {last_line}"), false)
-            }
-            Some(status::TIMED_OUT) => {
-                failed(format!("the scan ran past its limit of {} s", timeout.as_secs()), false)
-            }
-            Some(status::SECCOMP) => failed("the VMM was killed by its seccomp filter".into(), false),
-            Some(status::STOPPED) => {
-                failed("the VMM was stopped by a signal from outside the worker".into(), true)
-            }
-            Some(code) => failed(format!("the VMM failed (exit status {code}): {last_line}"), true),
-            None => failed(format!("the VMM was killed by a signal: {last_line}"), true),
         }
     }
 }
 
-/// The parts of the VMM's report kept with the job and in its audit events (exit, timings,
+/// The parts of the VM's report kept with the job and in its audit events (exit, timings,
 /// scrub evidence).
 fn vm_report(report: &ScanReport) -> Value {
     let mut vm = json!({
@@ -407,171 +342,171 @@ fn vm_report(report: &ScanReport) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cella_vmm::ScrubReport;
 
-    /// The report of a scan that completed with a verified scrub, as `cella-vmm scan --json`
-    /// prints it (read back through the same type).
-    fn report() -> ScanReport {
-        let line = json!({
-            "exit": {"kind": "exited", "code": 0}, "launch_us": 5000, "run_us": 9000,
-            "built_ahead": false, "scan_ms": 14, "artifact": "/a", "artifact_bytes": 10,
-            "scrub": {"bytes": 4096, "pages_verified": 1, "verified_zero": true, "released": true,
-                      "blocks_after_release": 0, "mem_bytes": 1024, "ranges": 1, "ms": 0.5},
-            "summary": {"findings": 1}, "in_vm_ms": 7.5,
-        });
-        ScanReport::from_stdout(&line.to_string()).expect("a scan report")
-    }
-
-    fn finished(status: i32, report: ScanReport) -> Finished {
-        Finished {
-            status: Some(status),
-            report: Some(report),
-            stderr: "cella-vmm scan: boom".into(),
-            sarif: Some(b"{}".to_vec()),
+    fn run_report(exit: GuestExit, verified: bool) -> RunReport {
+        RunReport {
+            exit,
+            launch_us: 5000,
+            run_us: 9000,
+            exits: 3,
+            scrub: ScrubReport {
+                bytes: 4096,
+                pages_verified: 1,
+                verified_zero: verified,
+                released: true,
+                blocks_after_release: 0,
+                mem_bytes: 1024,
+                ranges: 1,
+                ms: 0.5,
+            },
+            console: Default::default(),
+            mem_mib: 128,
+            built_ahead: true,
         }
     }
 
-    fn refused(kind: &str, message: &str) -> ScanReport {
-        let refused = cella_proto::ErrorReport { kind: kind.into(), message: message.into() };
-        ScanReport { summary: None, refused: Some(refused), ..report() }
+    fn job(outcome: ScanOutcome) -> Result<JobReport, JobError> {
+        Ok(JobReport { outcome, in_vm: Duration::from_micros(7500), runner_version: "0.1.0".into() })
+    }
+
+    fn completed() -> ScanOutcome {
+        ScanOutcome::Completed { sarif: b"{}".to_vec(), summary: br#"{"findings": 1}"#.to_vec() }
+    }
+
+    fn finished(
+        job: Result<JobReport, JobError>,
+        vm: Result<RunReport, ControlError>,
+        status: i32,
+    ) -> Finished {
+        Finished { job, vm, status: Some(status), scan_ms: 14, artifact_bytes: 10 }
+    }
+
+    fn reason(outcome: Outcome) -> (String, bool) {
+        match outcome {
+            Outcome::Failed { reason, retryable, .. } => (reason, retryable),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn gone() -> ControlError {
+        ControlError::Io { what: "PUT /actions".into(), source: std::io::ErrorKind::ConnectionReset.into() }
     }
 
     #[test]
     fn a_verified_scan_succeeds_and_keeps_its_timings_and_scrub_with_the_job() {
-        match finished(0, report()).outcome(None, Duration::ZERO) {
+        let done = finished(job(completed()), Ok(run_report(GuestExit::Exited { code: 0 }, true)), 0);
+        match done.outcome(None, Duration::ZERO) {
             Outcome::Succeeded { summary, vm, .. } => {
-                assert_eq!(summary, json!({"findings": 1}));
+                assert_eq!(summary, json!({"findings": 1, "duration_ms": 14}));
                 assert_eq!((vm["launch_us"].as_u64(), vm["in_vm_ms"].as_f64()), (Some(5000), Some(7.5)));
-                assert_eq!(vm["scrub"]["verified_zero"], true);
-                assert!(vm.get("engine_version").is_none() && vm.get("artifact").is_none(), "{vm}");
+                assert_eq!(
+                    (vm["scrub"]["verified_zero"].as_bool(), vm["built_ahead"].as_bool()),
+                    (Some(true), Some(true))
+                );
+                assert_eq!(vm["engine_version"], "0.1.0");
             }
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
-    fn a_scan_without_verified_scrub_fails() {
-        let mut r = report();
-        r.scrub.verified_zero = false;
+    fn a_scan_without_verified_scrub_fails_for_good() {
+        let done = finished(job(completed()), Ok(run_report(GuestExit::Exited { code: 0 }, false)), 0);
+        assert_eq!(
+            reason(done.outcome(None, Duration::ZERO)),
+            ("the VM's memory scrub could not be verified".into(), false)
+        );
+    }
+
+    #[test]
+    fn refused_artifacts_fail_with_the_runners_words_escaped() {
+        let refused = cella_proto::ErrorReport {
+            kind: "archive\u{7}".into(),
+            message: "entry `../\u{1b}[2J\u{7}x\r` escapes".into(),
+        };
+        let done = finished(
+            job(ScanOutcome::Refused(refused)),
+            Ok(run_report(GuestExit::Exited { code: 0 }, true)),
+            0,
+        );
+        let (reason, retryable) = reason(done.outcome(None, Duration::ZERO));
+        assert_eq!(reason, "archive\\x07 refused: entry `../\\x1b[2J\\x07x\\r` escapes");
+        assert!(!retryable);
+    }
+
+    #[test]
+    fn a_vm_that_ends_without_results_is_named_by_how_it_ended() {
+        let no_result = || Err(JobError::VmGone { stage: "said hello" });
+        let crashed = GuestExit::Crashed { reason: "triple fault".into(), rip: 0 };
+        let (r, retry) =
+            reason(finished(no_result(), Ok(run_report(crashed, true)), 0).outcome(None, Duration::ZERO));
+        assert!(r.starts_with("the scanner VM crashed") && !retry, "{r}");
+        let timed_out = GuestExit::TimedOut { timeout_ms: 3000 };
+        let (r, retry) = reason(
+            finished(no_result(), Ok(run_report(timed_out, true)), 0).outcome(None, Duration::from_secs(3)),
+        );
+        assert_eq!((r.as_str(), retry), ("the scan ran past its limit of 3 s", false));
+        let (r, retry) = reason(
+            finished(no_result(), Ok(run_report(GuestExit::Exited { code: 0 }, true)), 0)
+                .outcome(None, Duration::ZERO),
+        );
+        assert!(r.starts_with("the scan ended without a summary") && retry, "{r}");
+    }
+
+    #[test]
+    fn a_vmm_gone_without_a_report_is_named_by_the_jailers_status() {
+        let seccomp =
+            finished(job(completed()), Err(gone()), i32::from(cella_abi::exit::VMM_KILLED_BY_SECCOMP));
+        assert_eq!(
+            reason(seccomp.outcome(None, Duration::ZERO)),
+            ("the VMM was killed by its seccomp filter".into(), false)
+        );
+        let cleanup = finished(
+            job(completed()),
+            Ok(run_report(GuestExit::Exited { code: 0 }, true)),
+            i32::from(cella_abi::exit::CLEANUP_FAILED),
+        );
+        let (r, retry) = reason(cleanup.outcome(None, Duration::ZERO));
+        assert!(r.contains("could not be removed") && retry, "{r}");
+        let killed = Finished {
+            status: None,
+            ..finished(Err(JobError::VmGone { stage: "said hello" }), Err(gone()), 0)
+        };
+        let (r, retry) = reason(killed.outcome(None, Duration::ZERO));
+        assert!(r.starts_with("the VMM was killed by a signal") && retry, "{r}");
+    }
+
+    #[test]
+    fn cancels_and_hand_backs_win() {
+        let done = || finished(job(completed()), Ok(run_report(GuestExit::Stopped, true)), 0);
         assert!(matches!(
-            finished(0, r).outcome(None, Duration::ZERO),
-            Outcome::Failed { retryable: false, .. }
+            done().outcome(Some(StopReason::Cancelled), Duration::ZERO),
+            Outcome::Cancelled { vm: Some(_) }
+        ));
+        assert!(matches!(
+            done().outcome(Some(StopReason::LeaseLost), Duration::ZERO),
+            Outcome::HandedBack { .. }
         ));
     }
 
     #[test]
-    fn refused_artifacts_fail_with_the_runners_message() {
-        let r = refused("archive", "entry `../x` escapes the archive root");
-        match finished(3, r).outcome(None, Duration::ZERO) {
-            Outcome::Failed { reason, retryable: false, .. } => {
-                assert!(reason.contains("`../x`"), "{reason}")
-            }
-            other => panic!("{other:?}"),
-        }
+    fn a_jailed_spare_runs_under_its_tenants_cpu_quota_with_the_image_and_limits() {
+        let config = WorkerConfig { jailed: Some(true), ..WorkerConfig::default() };
+        let launcher = Launcher::new(&config, 100);
+        let options = launcher.spare_options("spare-1", 64_100, 25);
+        let jail = options.jail.expect("jailed");
+        assert_eq!((jail.uid, jail.gid, jail.cpus), (64_100, 64_100, Some(0.25)));
+        assert_eq!(jail.memory_limit_mib, u64::from(config.mem_mib) + VMM_OVERHEAD_MIB);
+        let unjailed = Launcher::new(&WorkerConfig { jailed: Some(false), ..WorkerConfig::default() }, 100);
+        assert!(unjailed.spare_options("s", 1, 100).jail.is_none());
     }
 
     #[test]
-    fn control_characters_from_the_guest_never_reach_the_reason_raw() {
-        let r = refused("archive\u{7}", "entry `../\u{1b}[2J\u{7}x\r` escapes");
-        match finished(3, r).outcome(None, Duration::ZERO) {
-            Outcome::Failed { reason, .. } => {
-                assert_eq!(reason, "archive\\x07 refused: entry `../\\x1b[2J\\x07x\\r` escapes")
-            }
-            other => panic!("{other:?}"),
-        }
-        let mut f = finished(243, report());
-        f.stderr = "cella-vmm: \u{1b}]0;title\u{7}boom".into();
-        match f.outcome(None, Duration::ZERO) {
-            Outcome::Failed { reason, .. } => assert!(!reason.contains(['\u{1b}', '\u{7}']), "{reason:?}"),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_scan_carries_its_jobs_name_options_and_baseline() {
-        let launcher = Launcher::new(&WorkerConfig { jailed: Some(false), ..WorkerConfig::default() }, 100);
-        let options = crate::jobs::JobOptions {
-            excludes: vec!["vendor/**".into(), "*.min.js".into()],
-            baseline: Some("bl_1".into()),
-            vcs: Some(crate::jobs::Vcs {
-                repository_uri: "https://example.com/acme/app".into(),
-                revision_id: Some("abc123".into()),
-                branch: Some("main".into()),
-            }),
-        };
-        let spec = ScanSpec {
-            job_id: "job_1",
-            artifact: Path::new("/data/artifacts/job_1"),
-            policy: "secrets,pii",
-            compiled_policy: None,
-            sarif_out: Path::new("/s"),
-            uid: 64_100,
-            spare: None,
-            fingerprint_key: "k",
-            cpu_percent: 100,
-            extras: ScanExtras {
-                artifact_name: Some("some/dir/config.env"),
-                options: Some(&options),
-                baseline_file: Some(Path::new("/work/job_1.1.baseline")),
-                information_uri: Some("https://cella.example.com/v1/openapi.json"),
-            },
-        };
-        let args: Vec<String> =
-            launcher.command(&spec).as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-        let line = args.join(" ");
-        for part in [
-            "--automation-id cella/secrets,pii/",
-            "--artifact-name config.env",
-            "--information-uri https://cella.example.com/v1/openapi.json",
-            "--exclude vendor/** --exclude *.min.js",
-            "--vcs-repo https://example.com/acme/app --vcs-revision abc123 --vcs-branch main",
-            "--baseline /work/job_1.1.baseline",
-        ] {
-            assert!(line.contains(part), "{part} missing from {line}");
-        }
+    fn artifact_names_are_their_last_usable_part() {
+        assert_eq!(artifact_name_for_scan("some/dir/config.env"), Some("config.env"));
         assert_eq!(artifact_name_for_scan(".."), None);
         assert_eq!(artifact_name_for_scan("a/"), None);
         assert_eq!(artifact_name_for_scan("x\\app.tar.gz"), Some("app.tar.gz"));
-    }
-
-    #[test]
-    fn a_jailed_scan_runs_under_its_tenants_cpu_quota_and_its_key_stays_off_the_command_line() {
-        let config = WorkerConfig { jailed: Some(true), ..WorkerConfig::default() };
-        let launcher = Launcher::new(&config, 100);
-        let spec = ScanSpec {
-            job_id: "job_1",
-            artifact: Path::new("/a"),
-            policy: "secrets",
-            compiled_policy: None,
-            sarif_out: Path::new("/s"),
-            uid: 64_100,
-            spare: None,
-            fingerprint_key: "secret-key-hex",
-            cpu_percent: 25,
-            extras: ScanExtras::default(),
-        };
-        let line = |cmd: &Command| {
-            cmd.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
-        };
-        let scan = line(&launcher.command(&spec));
-        assert!(scan.contains("--jailed --jail-uid 64100 --jail-gid 64100 --cpus 0.25"), "{scan}");
-        assert!(!scan.contains("secret-key-hex"), "{scan}");
-        let hold = line(&launcher.hold_command("spare-1", 64_101));
-        assert!(hold.contains("--cpus 1 "), "held spares are made with the default: {hold}");
-        // A policy with tenant packs goes compiled, in a file.
-        let with_packs = ScanSpec { compiled_policy: Some(Path::new("/w/p.json")), ..spec };
-        let scan = line(&launcher.command(&with_packs));
-        assert!(scan.contains("--compiled-policy /w/p.json") && !scan.contains("--policy "), "{scan}");
-    }
-
-    #[test]
-    fn vmm_failures_are_retried_and_cancels_win() {
-        assert!(matches!(
-            finished(243, report()).outcome(None, Duration::ZERO),
-            Outcome::Failed { retryable: true, .. }
-        ));
-        assert!(matches!(
-            finished(244, report()).outcome(Some(StopReason::Cancelled), Duration::ZERO),
-            Outcome::Cancelled { .. }
-        ));
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod launch;
 pub mod registry;
+pub mod spare_pool;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,11 +18,11 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::{error_chain, QuietLog, ServiceError};
-use crate::held_spares::HeldSpares;
 use crate::jobs::{JobState, CHANNEL_CANCEL, CHANNEL_JOBS};
 use crate::metrics::Metrics;
 use crate::queue::{self, Lease, Outcome, QueueError};
-use launch::{Launcher, ScanExtras, ScanSpec, StopReason};
+use launch::{Finished, Launcher, StopReason};
+use spare_pool::SparePool;
 
 /// How often a worker heartbeats its own row (and learns whether to drain).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -41,8 +42,8 @@ pub struct Worker {
     /// How long running jobs may take to finish after SIGTERM before they are handed back.
     pub drain_grace: Duration,
     pub launcher: Launcher,
-    /// Held spares for jailed launches (none when VMMs run unjailed).
-    pub spares: Option<Arc<HeldSpares>>,
+    /// One spare VMM per slot, started ahead.
+    pub spares: Arc<SparePool>,
     pub data_dir: DataDir,
     pub metrics: Arc<Metrics>,
     /// What SARIF logs name as the tool's `informationUri` (see [`Config::information_uri`]).
@@ -51,17 +52,9 @@ pub struct Worker {
 
 type CancelMap = Arc<Mutex<HashMap<String, watch::Sender<bool>>>>;
 
-/// Writes a job attempt's baseline (fingerprints, 32 bytes each) as a baseline file in `work/`.
-fn write_baseline(data_dir: &DataDir, lease: &Lease, payload: &[u8]) -> Result<std::path::PathBuf, String> {
-    let set = cella_scan::FingerprintSet::from_wire(payload)
-        .ok_or_else(|| format!("the baseline of job {} holds a partial fingerprint", lease.job_id))?;
-    let path = data_dir.work().join(crate::janitor::baseline_name(&lease.job_id, lease.attempt));
-    cella_policies::baseline::Baseline::new(set).write(&path).map_err(|e| error_chain(&e))?;
-    Ok(path)
-}
-
 impl Worker {
     pub fn new(pool: PgPool, config: &Config, data_dir: DataDir, metrics: Arc<Metrics>) -> Self {
+        let launcher = Launcher::new(&config.worker, config.quotas.vm_cpu_percent);
         Self {
             pool,
             id: crate::ids::new_id("worker"),
@@ -69,14 +62,8 @@ impl Worker {
             lease_for: config.jobs.lease(),
             timeout: Duration::from_secs(config.worker.timeout_secs),
             drain_grace: Duration::from_secs(config.worker.drain_secs),
-            launcher: Launcher::new(&config.worker, config.quotas.vm_cpu_percent),
-            spares: config.worker.is_jailed().then(|| {
-                let launcher = Launcher::new(&config.worker, config.quotas.vm_cpu_percent);
-                // The jailer refuses a symlinked exec-file; the jailed launch names the real file too.
-                let vmm = std::fs::canonicalize(launcher.vmm()).unwrap_or_else(|_| launcher.vmm().to_owned());
-                let base = config.worker.jail_uid_base;
-                HeldSpares::new(vmm, base, Box::new(move |id, uid| launcher.hold_command(id, uid)))
-            }),
+            spares: SparePool::new(launcher.clone()),
+            launcher,
             data_dir,
             metrics,
             information_uri: config.information_uri(),
@@ -103,11 +90,9 @@ impl Worker {
             Ok(_) => {}
             Err(e) => eprintln!("cella worker: sweeping {}: {e}", self.data_dir.work().display()),
         }
-        if let Some(spares) = &self.spares {
-            spares.sweep_orphans().await;
-            for slot in 0..self.concurrency {
-                spares.refill(slot);
-            }
+        self.spares.sweep_orphans().await;
+        for slot in 0..self.concurrency {
+            self.spares.refill(slot);
         }
         let wake = Arc::new(Notify::new());
         let cancels: CancelMap = Arc::default();
@@ -202,9 +187,7 @@ impl Worker {
             }
         }
         listener.abort();
-        if let Some(spares) = &me.spares {
-            spares.close().await;
-        }
+        me.spares.close().await;
         registry::stopped(&me.pool, &me.id).await?;
         eprintln!("cella worker: {} stopped", me.id);
         Ok(())
@@ -224,83 +207,22 @@ impl Worker {
             lease.job_id, lease.tenant_id, lease.attempt, lease.max_attempts
         );
         let artifact = self.data_dir.artifact(&lease.job_id);
-        let sarif_out = self.data_dir.work().join(crate::janitor::sarif_name(&lease.job_id, lease.attempt));
-        // The baseline goes to the scan as a file of its own (`cella-vmm scan --baseline`).
-        let baseline_file = match &lease.baseline {
-            Some(payload) => match write_baseline(&self.data_dir, lease, payload) {
-                Ok(path) => Some(path),
-                Err(reason) => {
-                    let outcome = Outcome::Failed { reason, retryable: true, vm: None };
-                    self.record(lease, &outcome).await;
-                    return;
-                }
-            },
-            None => None,
-        };
-        let policy_file =
-            self.data_dir.work().join(format!("{}.{}.policy.json", lease.job_id, lease.attempt));
-        let compiled = self.write_policy(lease, &policy_file).await;
-        let spec = ScanSpec {
-            job_id: &lease.job_id,
-            artifact: &artifact,
-            policy: &lease.policy,
-            compiled_policy: compiled
-                .as_ref()
-                .ok()
-                .and_then(|written| written.then_some(policy_file.as_path())),
-            sarif_out: &sarif_out,
-            uid: HeldSpares::uids(self.launcher.jail_uid_base(), slot)[0],
-            spare: None,
-            fingerprint_key: &lease.fingerprint_key,
-            cpu_percent: lease.vm_cpu_percent.unwrap_or(self.launcher.default_cpu_percent()),
-            extras: ScanExtras {
-                artifact_name: lease.artifact_name.as_deref(),
-                options: Some(&lease.options),
-                baseline_file: baseline_file.as_deref(),
-                information_uri: Some(&self.information_uri),
+        let outcome = match self.policy(lease).await {
+            Err(failed) => failed,
+            Ok(policy) => match std::fs::File::open(&artifact) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Outcome::Failed {
+                    reason: format!("the artifact of job {} is missing on this host", lease.job_id),
+                    retryable: false,
+                    vm: None,
+                },
+                Err(e) => Outcome::Failed {
+                    reason: format!("cannot open the artifact of job {}: {e}", lease.job_id),
+                    retryable: true,
+                    vm: None,
+                },
+                Ok(file) => self.scan(lease, slot, file, policy, &mut cancel, &mut hand_back).await,
             },
         };
-        let outcome = if let Err(failed) = compiled {
-            failed
-        } else if !artifact.exists() {
-            Outcome::Failed {
-                reason: format!("the artifact of job {} is missing on this host", lease.job_id),
-                retryable: false,
-                vm: None,
-            }
-        } else {
-            // Held spares are made with the default CPU quota: a tenant with its own makes its jail.
-            let (spare, uid) = match &self.spares {
-                Some(spares) if spec.cpu_percent == self.launcher.default_cpu_percent() => {
-                    spares.launch(slot)
-                }
-                _ => (None, spec.uid),
-            };
-            let started = self.launcher.start(&ScanSpec { spare: spare.as_deref(), uid, ..spec });
-            if let Some(spares) = &self.spares {
-                spares.refill(slot);
-            }
-            let outcome = match started {
-                Err(e) => Outcome::Failed { reason: error_chain(&e), retryable: true, vm: None },
-                Ok(scan) => self.supervise(lease, scan, &mut cancel, &mut hand_back).await,
-            };
-            if let Some(spares) = &self.spares {
-                let vm = match &outcome {
-                    Outcome::Succeeded { vm, .. } => Some(vm),
-                    Outcome::Failed { vm, .. } | Outcome::Cancelled { vm } | Outcome::HandedBack { vm } => {
-                        vm.as_ref()
-                    }
-                };
-                let ran_in_spare = vm.filter(|_| spare.is_some()).map(|vm| vm["built_ahead"] == true);
-                spares.finished(slot, ran_in_spare);
-            }
-            outcome
-        };
-        let _ = std::fs::remove_file(&sarif_out);
-        let _ = std::fs::remove_file(&policy_file);
-        if let Some(file) = &baseline_file {
-            let _ = std::fs::remove_file(file);
-        }
         if let Outcome::Succeeded { vm, .. } | Outcome::Failed { vm: Some(vm), .. } = &outcome {
             if let Some(us) = vm["launch_us"].as_f64() {
                 self.metrics.vm_launch.observe(us / 1e6);
@@ -319,59 +241,71 @@ impl Worker {
         }
     }
 
-    /// Writes the job's compiled policy to `file` when it has tenant packs (`Ok(true)`; built-in
-    /// packs alone go by name: `Ok(false)`). A pack version deleted since the job was queued
+    /// The job's serialized policy: its built-in packs by name, or, when it has tenant packs,
+    /// compiled from the versions it recorded. A pack version deleted since the job was queued
     /// fails the job for good, the database being away for now.
-    async fn write_policy(&self, lease: &Lease, file: &std::path::Path) -> Result<bool, Outcome> {
+    async fn policy(&self, lease: &Lease) -> Result<Vec<u8>, Outcome> {
         let failed = |reason: String, retryable: bool| Outcome::Failed { reason, retryable, vm: None };
         match crate::packs::compiled_policy(&self.pool, &lease.tenant_id, &lease.policy).await {
-            Ok(None) => Ok(false),
-            Ok(Some(bytes)) => {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                // Scratch for this attempt (removed when it ends): written, not synced.
-                let written = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(file)
-                    .and_then(|mut f| f.write_all(&bytes));
-                match written {
-                    Ok(()) => Ok(true),
-                    Err(e) => Err(failed(format!("writing the job's policy {}: {e}", file.display()), true)),
-                }
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => {
+                self.launcher.builtin_policy(&lease.policy).map(|b| b.to_vec()).map_err(|e| failed(e, false))
             }
             Err(e) => Err(failed(error_chain(&e), e.retryable())),
         }
     }
 
-    /// Waits for the VM while heartbeating the lease; stops the VM on cancel, lost lease or
-    /// hand-back.
-    async fn supervise(
+    /// Runs the scan in the slot's spare (or one made for it) while heartbeating the lease;
+    /// stops the VM on cancel, lost lease or hand-back.
+    async fn scan(
         &self,
         lease: &Lease,
-        scan: launch::RunningScan,
+        slot: u32,
+        artifact: std::fs::File,
+        policy: Vec<u8>,
         cancel: &mut watch::Receiver<bool>,
         hand_back: &mut watch::Receiver<bool>,
     ) -> Outcome {
-        let pid = scan.pid();
+        let cpu_percent = lease.vm_cpu_percent.unwrap_or(self.launcher.default_cpu_percent());
+        let taken = self.spares.take(slot, cpu_percent).await;
+        self.spares.refill(slot);
+        let spare = match taken {
+            Ok((spare, _)) => spare,
+            Err(e) => return Outcome::Failed { reason: error_chain(&e), retryable: true, vm: None },
+        };
+        let artifact_bytes = artifact.metadata().map(|m| m.len()).unwrap_or(0);
+        let frames = launch::job_frames(lease, policy, artifact_bytes, &self.information_uri);
+        let api = spare.api().clone();
+        let pid = spare.pid();
+        let jailed = self.launcher.jailed();
         if let Err(e) =
-            queue::vm_started(&self.pool, lease, pid, self.launcher.mem_mib(), self.launcher.jailed()).await
+            queue::vm_started(&self.pool, lease, spare.pid(), self.launcher.mem_mib(), jailed).await
         {
             eprintln!("cella worker: {}: {e}", lease.job_id);
-            scan.stop();
-            return scan.wait().await.outcome(Some(StopReason::LeaseLost), self.timeout);
+            drop(artifact);
+            let _ = tokio::task::spawn_blocking(move || drop(spare)).await;
+            return Outcome::HandedBack { vm: None };
         }
-        let stopper = scan.stopper();
-        let wait = scan.wait();
-        tokio::pin!(wait);
+        let run = tokio::task::spawn_blocking(move || {
+            let launched = Instant::now();
+            let run = spare.run_job(&artifact, &frames);
+            let scan_ms = launched.elapsed().as_millis() as u64;
+            // A spare that refused its launch is stopped (dropping it does); one that ran ends
+            // once it has answered `finish`.
+            let status = match &run {
+                Ok(_) => spare.wait().ok().and_then(|s| s.code()),
+                Err(_) => None,
+            };
+            (run, status, scan_ms)
+        });
+        tokio::pin!(run);
         let mut stopped: Option<StopReason> = None;
+        let mut stop_sent = false;
         let mut beat = tokio::time::interval(self.lease_for / 3);
         beat.tick().await;
-        let finished = loop {
+        let (run, status, scan_ms) = loop {
             tokio::select! {
-                finished = &mut wait => break finished,
+                done = &mut run => break done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
                 _ = beat.tick() => match queue::heartbeat(&self.pool, lease, self.lease_for).await {
                     Ok(Some(true)) if stopped.is_none() => stopped = Some(StopReason::Cancelled),
                     Ok(None) if stopped.is_none() => stopped = Some(StopReason::LeaseLost),
@@ -380,11 +314,23 @@ impl Worker {
                 Ok(()) = cancel.changed(), if stopped.is_none() => stopped = Some(StopReason::Cancelled),
                 Ok(()) = hand_back.changed(), if stopped.is_none() => stopped = Some(StopReason::ShuttingDown),
             }
-            if stopped.is_some() {
-                stopper.stop();
+            if stopped.is_some() && !stop_sent {
+                stop_sent = true;
+                // The VM stops and is scrubbed; the job channel then ends, and `finish` returns
+                // the stopped VM's report. A VM not started yet is stopped by a signal.
+                let api = api.clone();
+                tokio::task::spawn_blocking(move || {
+                    if api.stop().is_err() {
+                        let _ = crate::signal::terminate(pid);
+                    }
+                });
             }
         };
-        finished.outcome(stopped, self.timeout)
+        let finished = match run {
+            Ok(run) => Finished { job: run.job, vm: run.vm, status, scan_ms, artifact_bytes },
+            Err(e) => return Outcome::Failed { reason: error_chain(&e), retryable: true, vm: None },
+        };
+        finished.outcome(stopped, self.launcher.timeout())
     }
 
     /// Records the outcome, retrying while the database is away. Returns the job's new state.
