@@ -75,8 +75,8 @@ pub(crate) struct BuiltParts {
 
 /// The part of a build that needs no input from the job beyond its [`VmConfig`]'s image and
 /// memory size: the image read and checked, the VM and its memory made, the image loaded, the
-/// vCPU created with its CPUID. A VMM started ahead in a held jail (`--await-go`) does this
-/// before its launch; [`Prebuilt::finish`] does the rest.
+/// vCPU created with its CPUID. A spare VMM (`cella-vmm spare`) does this before its launch;
+/// [`Prebuilt::finish_with`] does the rest.
 #[derive(Debug)]
 pub struct Prebuilt {
     image: GuestImage,

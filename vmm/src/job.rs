@@ -1,29 +1,20 @@
-//! The host end of a scan job: listens where the runner's vsock connection to
-//! [`cella_proto::JOB_PORT`] arrives (`<vsock_uds>_1024`), hands over the job, the policy and
-//! the baseline if there is one, and collects the SARIF log and summary. The worker side of `cella-vmm scan` today, and of
-//! the service's workers later; it never parses the artifact.
+//! The host end of a scan job, on the host end of the job channel (a socket pair whose other
+//! end the VM's vsock device gives the runner's connection to [`cella_proto::JOB_PORT`]): hands
+//! over the job, the policy and the baseline if there is one, and collects the SARIF log and
+//! summary. Used by `cella-vmm scan` and the service's workers; it never parses the artifact.
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use cella_proto::{self as proto, ErrorReport, Hello, Job, Kind};
 
-/// How often the server checks whether the VM is gone.
+/// How often a wait for the runner looks at its deadline.
 const POLL_SLICE: Duration = Duration::from_millis(50);
 
 /// Why a job could not be carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    #[error("cannot listen for the runner at {path}")]
-    Bind { path: PathBuf, source: io::Error },
-    #[error("cannot give the job listener {path} to uid {uid}, gid {gid} (chown, chmod 0600)")]
-    Permissions { path: PathBuf, uid: u32, gid: u32, source: io::Error },
     #[error("the VM ended before the runner {stage}")]
     VmGone { stage: &'static str },
     #[error("the runner did not {stage} within {timeout:?}")]
@@ -74,85 +65,6 @@ impl JobFrames {
     }
 }
 
-/// A bound job listener, before the VM starts.
-#[derive(Debug)]
-pub struct JobServer {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-/// The listener path for a VM whose vsock socket is `vsock_uds`.
-pub fn job_socket_path(vsock_uds: &Path) -> PathBuf {
-    let mut path = vsock_uds.as_os_str().to_owned();
-    path.push(format!("_{}", proto::JOB_PORT));
-    PathBuf::from(path)
-}
-
-impl JobServer {
-    /// Listens at `<vsock_uds>_1024`.
-    pub fn bind(vsock_uds: &Path) -> Result<JobServer, JobError> {
-        let path = job_socket_path(vsock_uds);
-        let _ = std::fs::remove_file(&path);
-        let listener =
-            UnixListener::bind(&path).map_err(|source| JobError::Bind { path: path.clone(), source })?;
-        Ok(JobServer { listener, path })
-    }
-
-    /// Where the server listens.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Lets only `uid`/`gid` connect: the listener's socket file becomes theirs, mode 0600
-    /// (connecting to a Unix socket needs write permission on it). For a VMM in a jail, which
-    /// runs as its own uid/gid and reaches the listener through its socket folder.
-    pub fn allow_only(&self, uid: u32, gid: u32) -> Result<(), JobError> {
-        use std::os::unix::fs::PermissionsExt;
-        let restrict = || {
-            std::os::unix::fs::chown(&self.path, Some(uid), Some(gid))?;
-            std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))
-        };
-        restrict().map_err(|source| JobError::Permissions { path: self.path.clone(), uid, gid, source })
-    }
-
-    /// Serves one job on a thread. `vm_done` tells it the VM has ended (it then stops
-    /// waiting; unpark the thread after setting it); `timeout` bounds each wait for the runner. `cleanup` is dropped on that thread
-    /// once the VM has ended: the VMM's own threads may be too confined to remove files.
-    pub fn serve<C: Send + 'static>(
-        self,
-        frames: JobFrames,
-        vm_done: Arc<AtomicBool>,
-        timeout: Duration,
-        cleanup: C,
-    ) -> JoinHandle<Result<JobReport, JobError>> {
-        std::thread::spawn(move || {
-            let result = self.run(&frames, &vm_done, timeout);
-            let _ = std::fs::remove_file(&self.path);
-            // Whoever sets `vm_done` unparks this thread (see `scan::run`); the timeout is a
-            // fallback.
-            while !vm_done.load(Ordering::Acquire) {
-                std::thread::park_timeout(POLL_SLICE);
-            }
-            drop(cleanup);
-            result
-        })
-    }
-
-    fn run(
-        &self,
-        frames: &JobFrames,
-        vm_done: &AtomicBool,
-        timeout: Duration,
-    ) -> Result<JobReport, JobError> {
-        let deadline = Instant::now() + timeout;
-        wait_readable(self.listener.as_raw_fd(), vm_done, deadline, "connected")
-            .map_err(|e| with_timeout(e, timeout))?;
-        let (mut stream, _) =
-            self.listener.accept().map_err(|source| JobError::Io { stage: "connected", source })?;
-        serve_connected(&mut stream, frames, vm_done, deadline, timeout)
-    }
-}
-
 /// Serves one job on `channel`, the host end of a channel handed to the VM (the guest's
 /// connection to [`proto::JOB_PORT`] gets the other end; see `HostEnds`). The VM's end closes
 /// when the VM ends, which ends the wait; `timeout` bounds it otherwise.
@@ -161,24 +73,13 @@ pub fn serve_channel(
     frames: &JobFrames,
     timeout: Duration,
 ) -> Result<JobReport, JobError> {
-    let never = AtomicBool::new(false);
-    serve_connected(&mut channel, frames, &never, Instant::now() + timeout, timeout)
-}
-
-/// The job on a connected stream: the runner's hello, the job, the runner's results.
-fn serve_connected(
-    stream: &mut UnixStream,
-    frames: &JobFrames,
-    vm_done: &AtomicBool,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<JobReport, JobError> {
-    stream
+    let deadline = Instant::now() + timeout;
+    channel
         .set_read_timeout(Some(POLL_SLICE))
         .map_err(|source| JobError::Io { stage: "connected", source })?;
-    let mut reader = FrameReader { stream, decoder: proto::Decoder::default(), timeout };
+    let mut reader = FrameReader { stream: &mut channel, decoder: proto::Decoder::default(), timeout };
 
-    let (kind, payload) = reader.next(vm_done, deadline, "said hello")?;
+    let (kind, payload) = reader.next(deadline, "said hello")?;
     let hello = check_hello(kind, &payload)?;
     let out = frames.encode();
     reader.stream.write_all(&out).map_err(|source| JobError::Io { stage: "took the job", source })?;
@@ -186,7 +87,7 @@ fn serve_connected(
 
     let mut in_vm = None;
     let outcome = read_results(|stage| {
-        let frame = reader.next(vm_done, deadline, stage);
+        let frame = reader.next(deadline, stage);
         in_vm.get_or_insert_with(|| sent.elapsed());
         frame
     })?;
@@ -241,37 +142,6 @@ fn expect(expected: Kind, got: Kind) -> Result<(), JobError> {
     }
 }
 
-/// Waits until `fd` is readable, the VM is gone, or the deadline passes.
-fn wait_readable(
-    fd: i32,
-    vm_done: &AtomicBool,
-    deadline: Instant,
-    stage: &'static str,
-) -> Result<(), JobError> {
-    loop {
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, POLL_SLICE.as_millis() as i32) };
-        if n > 0 {
-            return Ok(());
-        }
-        if vm_done.load(Ordering::Acquire) {
-            return Err(JobError::VmGone { stage });
-        }
-        if Instant::now() >= deadline {
-            return Err(JobError::TimedOut { stage, timeout: Duration::ZERO });
-        }
-    }
-}
-
-/// Puts the configured timeout into a timeout error (the waits only know their deadline).
-fn with_timeout(error: JobError, timeout: Duration) -> JobError {
-    match error {
-        JobError::TimedOut { stage, .. } => JobError::TimedOut { stage, timeout },
-        other => other,
-    }
-}
-
 struct FrameReader<'a> {
     stream: &'a mut UnixStream,
     decoder: proto::Decoder,
@@ -279,12 +149,7 @@ struct FrameReader<'a> {
 }
 
 impl FrameReader<'_> {
-    fn next(
-        &mut self,
-        vm_done: &AtomicBool,
-        deadline: Instant,
-        stage: &'static str,
-    ) -> Result<(Kind, Vec<u8>), JobError> {
+    fn next(&mut self, deadline: Instant, stage: &'static str) -> Result<(Kind, Vec<u8>), JobError> {
         let mut buf = vec![0u8; 1 << 20];
         loop {
             if let Some(frame) = self.decoder.next_frame()? {
@@ -294,16 +159,8 @@ impl FrameReader<'_> {
                 Ok(0) => return Err(JobError::VmGone { stage }),
                 Ok(n) => self.decoder.push(&buf[..n]),
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    // A finished VM may still have left bytes in the socket; only give up
-                    // once a read after it ended comes back empty-handed.
-                    if vm_done.load(Ordering::Acquire) && self.decoder.next_frame()?.is_none() {
-                        let mut pfd =
-                            libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                        // SAFETY: one valid pollfd for the call.
-                        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
-                            return Err(JobError::VmGone { stage });
-                        }
-                    }
+                    // The VM's end closes when it ends (a read then returns 0): only the
+                    // deadline is checked here.
                     if Instant::now() >= deadline {
                         return Err(JobError::TimedOut { stage, timeout: self.timeout });
                     }

@@ -13,7 +13,6 @@ pub mod confine;
 pub mod control;
 pub mod devices;
 pub mod handover;
-pub mod held;
 pub mod job;
 pub mod loader;
 pub mod microvm;

@@ -15,12 +15,8 @@ fn main() -> ExitCode {
     // SAFETY: mallopt only adjusts allocator parameters; called before any other thread exists.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let cli = cli::Cli::parse();
-    if cli.await_go && !matches!(cli.command, cli::Command::Run(_)) {
-        eprintln!("cella-vmm: error: --await-go works with `run` only");
-        return ExitCode::from(cli::exit_code::BAD_INPUT);
-    }
     match cli.command {
-        cli::Command::Run(args) => cli::run::main(args, cli.await_go, launch_start),
+        cli::Command::Run(args) => cli::run::main(args, launch_start),
         cli::Command::Scan(args) => cli::scan::main(args, launch_start),
         cli::Command::Session(args) => cli::session::main(args, launch_start),
         cli::Command::Spare(args) => cli::spare::main(args, launch_start),

@@ -65,8 +65,8 @@ pub struct RunReport {
     pub scrub: ScrubReport,
     pub console: ConsoleStats,
     pub mem_mib: u64,
-    /// The VM was built ahead of its launch, in a held jail (`--await-go`): `launch_us` counts
-    /// from the launch, not from the VMM's start.
+    /// The VM was built ahead of its launch, in a spare (`cella-vmm spare`): `launch_us` counts
+    /// from the launch (`PUT /vm`), not from the VMM's start.
     #[serde(default)]
     pub built_ahead: bool,
 }

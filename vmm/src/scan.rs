@@ -3,7 +3,7 @@
 //! down and scrubbed. Used by `cella-vmm scan` and its benchmark.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,8 +101,6 @@ pub enum ScanError {
     Artifact { path: PathBuf, source: std::io::Error },
     #[error("artifact {path} is not a regular file")]
     NotAFile { path: PathBuf },
-    #[error("cannot create a folder for the VM's sockets")]
-    SocketDir(#[source] std::io::Error),
     #[error("cannot set up the job channel")]
     Job(#[from] JobError),
     #[error("cannot build the VM")]
@@ -132,44 +130,6 @@ pub struct ScanRun {
     /// From starting the VM to having the results, in ms.
     pub scan_ms: u64,
 }
-
-/// A private folder for one VM's sockets (root's, mode 0700), removed on drop. A jailed scan
-/// hands it to `cella-jailer --socket-dir`, which binds it as the VMM's `/run`.
-#[derive(Debug)]
-pub struct SocketDir(PathBuf);
-
-impl SocketDir {
-    /// Makes a fresh folder in the temporary folder, open to this user only.
-    pub fn create() -> std::io::Result<SocketDir> {
-        use std::os::unix::fs::DirBuilderExt;
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("cella-scan-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        // Created 0700 (not chmodded afterwards), so it is never open to others.
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        Ok(SocketDir(dir))
-    }
-
-    /// The folder.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// The VM's vsock socket in it; the job listener is this path plus `_1024`.
-    pub fn vsock_uds(&self) -> PathBuf {
-        self.0.join(VSOCK_SOCKET_NAME)
-    }
-}
-
-impl Drop for SocketDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The file name of a scan VM's vsock socket in its socket folder.
-pub const VSOCK_SOCKET_NAME: &str = "vsock.sock";
 
 /// Checks that the artifact is a regular file; returns its size in bytes.
 pub fn check_artifact(path: &Path) -> Result<u64, ScanError> {

@@ -44,6 +44,8 @@ pub struct SpareJail {
     pub cpus: Option<f64>,
     /// The most tasks the jail may have.
     pub pids_max: u32,
+    /// A spare jail folder made by `cella-jailer prepare` to take (`--from-prepared`).
+    pub from_prepared: Option<String>,
 }
 
 /// Where the guest image is in a jailed spare.
@@ -102,12 +104,36 @@ pub struct SpareRun {
     pub vm: Result<RunReport, ControlError>,
 }
 
+/// Removes the folders in `run_dir` of spares whose launcher process is gone (one killed before
+/// it could remove them: they hold only a control socket nobody serves any more).
+pub fn sweep_stale(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else { return };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) =
+            name.to_str().and_then(|n| n.strip_prefix("spare-")).and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        let gone = pid.parse::<u32>().is_ok_and(|pid| {
+            std::fs::metadata(format!("/proc/{pid}")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        });
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 impl Spare {
-    /// Starts a spare. It is ready for [`Spare::run_job`] at once (a request waits in the
+    /// Starts a spare (the first in this process sweeps what killed launchers left in the
+    /// same folder, see [`sweep_stale`]). It is ready for [`Spare::run_job`] at once (a request waits in the
     /// socket's queue until the VMM serves it).
     pub fn start(options: &SpareOptions) -> Result<Spare, SpareError> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n == 0 {
+            sweep_stale(&options.run_dir);
+        }
         let dir = options.run_dir.join(format!("spare-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::DirBuilder::new()
@@ -209,6 +235,9 @@ fn spare_command(options: &SpareOptions) -> Result<Command, SpareError> {
     let image = std::path::absolute(&image).unwrap_or(image);
     let mut command = Command::new(&jail.jailer);
     command.arg("--id").arg(&jail.id).arg("--exec-file").arg(&options.vmm);
+    if let Some(prepared) = &jail.from_prepared {
+        command.arg("--from-prepared").arg(prepared);
+    }
     command.arg("--uid").arg(jail.uid.to_string()).arg("--gid").arg(jail.gid.to_string());
     if let Some(base) = &jail.chroot_base {
         command.arg("--chroot-base").arg(base);

@@ -209,6 +209,7 @@ fn a_jailed_spare_waits_with_no_capabilities_under_its_own_uid_and_runs_a_job() 
         memory_limit_mib: options.mem_mib + 32,
         cpus: None,
         pids_max: 16,
+        from_prepared: None,
     });
     let spare = Spare::start(&options).unwrap();
     let vmm = jailed_vmm(spare.pid());

@@ -134,6 +134,7 @@ impl Launcher {
             // The VMM's cgroup CPU quota: one tenant's VMs cannot take the others' CPU time.
             cpus: Some(f64::from(cpu_percent.max(1)) / 100.0),
             pids_max: PIDS_MAX,
+            from_prepared: None,
         });
         SpareOptions {
             vmm: self.vmm.clone(),

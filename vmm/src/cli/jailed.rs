@@ -11,14 +11,12 @@
 //! ([`JailedCell`]): a session must outlive whoever launched it.
 
 use std::ffi::OsString;
-use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::process::{Command, ExitCode};
 
 use cella_vmm::seccomp::{self, Mode};
-use cella_vmm::RunReport;
+use cella_vmm::spare::SpareJail;
 use clap::{Args, ValueEnum};
 
 use super::exit_code;
@@ -31,11 +29,6 @@ pub const VMM_OVERHEAD_MIB: u64 = 32;
 pub const DEFAULT_JAIL_ID: u32 = 64_000;
 /// The most tasks a jailed VMM may have (main, vCPU, device and API threads, with room).
 pub const DEFAULT_PIDS_MAX: u32 = 16;
-/// The jail's socket folder, where `cella-jailer --socket-dir` binds a host folder
-/// (`cella_jailer::config::SOCKET_DIR`).
-pub const JAIL_SOCKET_DIR: &str = "/run";
-/// The most of a jailed VMM's stdout kept while looking for its report (the last line).
-const STDOUT_KEEP: usize = 1 << 20;
 
 /// `--seccomp`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -83,12 +76,6 @@ pub struct JailArgs {
     /// why and makes the jail as usual
     #[arg(long, value_name = "ID", requires = "jailed")]
     pub jail_prepared: Option<String>,
-    /// Make a held spare instead of launching: the jail is made and the VMM started and built
-    /// in it now (`cella-jailer --hold`), `ready ID` is printed, and a later launch of the same
-    /// kind with `--jail-prepared ID` runs in it (its artifact and sockets bound in then).
-    /// SIGTERM discards it
-    #[arg(long, value_name = "ID", requires = "jailed", conflicts_with = "jail_prepared")]
-    pub jail_hold: Option<String>,
     /// The uid the jailed VMM runs as
     #[arg(long, value_name = "UID", default_value_t = DEFAULT_JAIL_ID)]
     pub jail_uid: u32,
@@ -127,22 +114,23 @@ pub enum JailedError {
     NoJailer(PathBuf),
     #[error("cannot run {0}")]
     Exec(PathBuf, #[source] std::io::Error),
-    #[error("cannot forward SIGINT and SIGTERM to the jailer")]
-    Signals(#[source] std::io::Error),
-    #[error("cannot wait for cella-jailer")]
-    Wait(#[source] std::io::Error),
 }
 
 impl JailedError {
     fn exit_code(&self) -> ExitCode {
         match self {
-            JailedError::CurrentExe(_)
-            | JailedError::Exec(..)
-            | JailedError::Signals(_)
-            | JailedError::Wait(_) => ExitCode::from(exit_code::VMM_FAILED),
+            JailedError::CurrentExe(_) | JailedError::Exec(..) => ExitCode::from(exit_code::VMM_FAILED),
             _ => ExitCode::from(exit_code::BAD_INPUT),
         }
     }
+}
+
+/// What a jailed launch needs, checked.
+struct Resolved {
+    limit: u64,
+    jailer: PathBuf,
+    vmm: PathBuf,
+    id: String,
 }
 
 /// One VMM launch to put in a jail.
@@ -158,9 +146,6 @@ pub struct JailedLaunch {
     pub options: Vec<OsString>,
     /// The guest's arguments (after `--`).
     pub guest_args: Vec<String>,
-    /// A host folder for the jail's [`JAIL_SOCKET_DIR`] (`cella-jailer --socket-dir`): root's,
-    /// mode 0700, holding only the listeners this process made for the VMM.
-    pub socket_dir: Option<PathBuf>,
 }
 
 /// What a jail holds beyond a [`JailedLaunch`]'s read-only files (`session --jailed`).
@@ -178,22 +163,18 @@ impl JailArgs {
         seccomp::set_mode(self.seccomp.mode());
     }
 
-    /// The `cella-jailer` command for `launch`.
-    pub fn command(&self, launch: &JailedLaunch) -> Result<Command, JailedError> {
-        self.command_in(launch, &JailedCell::default())
-    }
-
-    /// The `cella-jailer` command for `launch` in a jail that also holds `cell`.
-    pub fn command_in(&self, launch: &JailedLaunch, cell: &JailedCell) -> Result<Command, JailedError> {
+    /// The jailer, the VMM binary, the jail's id and its memory limit for a VM of `mem_mib`,
+    /// checked: filters enforced, the limit room enough, the jailer there.
+    fn resolve(&self, mem_mib: u64) -> Result<Resolved, JailedError> {
         match self.seccomp {
             SeccompArg::Enforce => {}
             SeccompArg::Log => return Err(JailedError::SeccompOff("log")),
             SeccompArg::Off => return Err(JailedError::SeccompOff("off")),
         }
-        let limit = self.memory_limit_mib.unwrap_or(launch.mem_mib + VMM_OVERHEAD_MIB);
-        let need = launch.mem_mib + VMM_OVERHEAD_MIB;
+        let limit = self.memory_limit_mib.unwrap_or(mem_mib + VMM_OVERHEAD_MIB);
+        let need = mem_mib + VMM_OVERHEAD_MIB;
         if need > limit {
-            return Err(JailedError::OverMemoryLimit { mem_mib: launch.mem_mib, need, limit });
+            return Err(JailedError::OverMemoryLimit { mem_mib, need, limit });
         }
         let exe = std::env::current_exe().map_err(JailedError::CurrentExe)?;
         let jailer = match &self.jailer {
@@ -204,14 +185,33 @@ impl JailArgs {
             return Err(JailedError::NoJailer(jailer));
         }
         let vmm = self.vmm_binary.clone().unwrap_or(exe);
-        let id = self.jail_hold.clone().or_else(|| self.jail_id.clone());
-        let id = id.unwrap_or_else(|| format!("vm-{}", std::process::id()));
+        let id = self.jail_id.clone().unwrap_or_else(|| format!("vm-{}", std::process::id()));
+        Ok(Resolved { limit, jailer, vmm, id })
+    }
 
+    /// The cell of a jailed spare (`cella-vmm spare` in a jail) for a VM of `mem_mib`, and the
+    /// VMM binary to jail.
+    pub fn spare_jail(&self, mem_mib: u64) -> Result<(SpareJail, PathBuf), JailedError> {
+        let Resolved { limit, jailer, vmm, id } = self.resolve(mem_mib)?;
+        let jail = SpareJail {
+            jailer,
+            id,
+            uid: self.jail_uid,
+            gid: self.jail_gid,
+            chroot_base: self.chroot_base.clone(),
+            memory_limit_mib: limit,
+            cpus: self.cpus,
+            pids_max: self.pids_max,
+            from_prepared: self.jail_prepared.clone(),
+        };
+        Ok((jail, absolute(&vmm)))
+    }
+
+    /// The `cella-jailer` command for `launch` in a jail that also holds `cell`.
+    pub fn command_in(&self, launch: &JailedLaunch, cell: &JailedCell) -> Result<Command, JailedError> {
+        let Resolved { limit, jailer, vmm, id } = self.resolve(launch.mem_mib)?;
         let mut command = Command::new(&jailer);
         command.arg("--id").arg(&id).arg("--exec-file").arg(&vmm);
-        if self.jail_hold.is_some() {
-            command.arg("--hold");
-        }
         if let Some(spare) = &self.jail_prepared {
             command.arg("--from-prepared").arg(spare);
         }
@@ -224,9 +224,6 @@ impl JailArgs {
         command.arg("--cgroup").arg(format!("pids={}", self.pids_max));
         if let Some(cpus) = self.cpus {
             command.arg("--cgroup").arg(format!("cpu={cpus}"));
-        }
-        if let Some(dir) = &launch.socket_dir {
-            command.arg("--socket-dir").arg(dir);
         }
         if let Some(dir) = &cell.bind_rw {
             command.arg("--bind-rw").arg(dir);
@@ -269,112 +266,6 @@ impl JailArgs {
         };
         refuse(&e)
     }
-
-    /// Starts the jailer running `launch` as a child of this process, which stays to serve the
-    /// VMM. SIGINT and SIGTERM to this process go on to the jailer (which stops the VM, scrubs it
-    /// and removes the jail); if this process dies, even by SIGKILL, the jailer gets SIGTERM
-    /// (its parent-death signal) and does the same. The VMM's stdout comes back to this process.
-    pub fn spawn(&self, launch: &JailedLaunch) -> Result<JailedVmm, JailedError> {
-        let mut command = self.command(launch)?;
-        command.stdin(Stdio::null()).stdout(Stdio::piped());
-        // SAFETY: the closure runs between fork and exec and only calls prctl, which is
-        // async-signal-safe. The parent-death signal survives the exec (the jailer is neither
-        // set-user-ID nor file-capable), and fires when the thread that forks, this process's
-        // main thread, ends; that one lives until the process exits.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        for signal in [libc::SIGINT, libc::SIGTERM] {
-            vmm_sys_util::signal::register_signal_handler(signal, forward_signal)
-                .map_err(|e| JailedError::Signals(std::io::Error::from_raw_os_error(e.errno())))?;
-        }
-        let child =
-            command.spawn().map_err(|e| JailedError::Exec(PathBuf::from(command.get_program()), e))?;
-        let pid = child.id() as i32;
-        JAILER_PID.store(pid, Ordering::Release);
-        let pending = PENDING_SIGNAL.swap(0, Ordering::AcqRel);
-        if pending != 0 {
-            // SAFETY: kill(2) to our own child, which has not been reaped.
-            unsafe { libc::kill(pid, pending) };
-        }
-        Ok(JailedVmm { child })
-    }
-}
-
-/// The jailer's pid while it runs (0 before and after), for [`forward_signal`].
-static JAILER_PID: AtomicI32 = AtomicI32::new(0);
-/// A signal that came before the jailer existed, forwarded as soon as it does.
-static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward_signal(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let pid = JAILER_PID.load(Ordering::Acquire);
-    if pid > 0 {
-        // SAFETY: kill(2) is async-signal-safe; `pid` is our child, not yet reaped
-        // (`JailedVmm::wait` clears it before reaping).
-        unsafe { libc::kill(pid, signal) };
-    } else {
-        PENDING_SIGNAL.store(signal, Ordering::Release);
-    }
-}
-
-/// A jailer started by [`JailArgs::spawn`].
-#[derive(Debug)]
-pub struct JailedVmm {
-    child: Child,
-}
-
-/// How a jail ended: the jailer's status and the VMM's run report, if it printed one.
-#[derive(Debug)]
-pub struct JailEnd {
-    pub status: ExitStatus,
-    pub report: Option<RunReport>,
-}
-
-impl JailedVmm {
-    /// Waits until the jail is gone (the jailer removes it before it exits).
-    pub fn wait(mut self) -> Result<JailEnd, JailedError> {
-        let mut kept = Vec::new();
-        if let Some(mut stdout) = self.child.stdout.take() {
-            let mut buf = [0u8; 8192];
-            loop {
-                match stdout.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        kept.extend_from_slice(&buf[..n]);
-                        if kept.len() > STDOUT_KEEP {
-                            kept.drain(..kept.len() - STDOUT_KEEP);
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-        }
-        // Wait for the jailer's exit without reaping it, so its pid cannot be reused while a
-        // signal handler may still forward to it; then stop forwarding and reap.
-        let pid = self.child.id();
-        loop {
-            // SAFETY: waitid on our own child; `info` is written by the kernel.
-            let r = unsafe {
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
-            };
-            if r == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                break;
-            }
-        }
-        JAILER_PID.store(0, Ordering::Release);
-        let status = self.child.wait().map_err(JailedError::Wait)?;
-        let text = String::from_utf8_lossy(&kept);
-        let report =
-            text.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| serde_json::from_str(l).ok());
-        Ok(JailEnd { status, report })
-    }
 }
 
 /// Reports why a jailed launch did not start; returns the exit code for it.
@@ -400,21 +291,26 @@ mod tests {
             files: vec![("--image", PathBuf::from("/nonexistent/cella-runner"))],
             options: vec!["--json".into()],
             guest_args: vec!["hello".into()],
-            socket_dir: None,
         }
     }
 
     #[test]
     fn refuses_guest_memory_above_the_memory_limit_before_launching() {
         let args = JailArgs { jailed: true, memory_limit_mib: Some(100), ..JailArgs::default() };
-        let e = args.command(&launch()).unwrap_err();
+        let e = args.command_in(&launch(), &JailedCell::default()).unwrap_err();
         assert!(matches!(e, JailedError::OverMemoryLimit { mem_mib: 128, need: 160, limit: 100 }), "{e}");
         assert!(e.to_string().contains("more than the memory limit of 100 MiB"));
+        // A jailed spare (scan --jailed) is held to the same.
+        assert!(matches!(args.spare_jail(128), Err(JailedError::OverMemoryLimit { .. })));
     }
 
     #[test]
     fn refuses_seccomp_off_when_jailed() {
         let args = JailArgs { jailed: true, seccomp: SeccompArg::Off, ..JailArgs::default() };
-        assert!(matches!(args.command(&launch()), Err(JailedError::SeccompOff("off"))));
+        assert!(matches!(
+            args.command_in(&launch(), &JailedCell::default()),
+            Err(JailedError::SeccompOff("off"))
+        ));
+        assert!(matches!(args.spare_jail(128), Err(JailedError::SeccompOff("off"))));
     }
 }

@@ -20,10 +20,6 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "cella-vmm", version, about = "Cella's VMM: one process, one KVM microVM, one tenant")]
 pub struct Cli {
-    /// Build the VM ahead and wait for the launch on stdin, a socket of `cella-jailer --hold`
-    /// (which passes this flag itself; see `cella_vmm::held`); `run` only
-    #[arg(long, global = true, hide = true)]
-    pub await_go: bool,
     #[command(subcommand)]
     pub command: Command,
 }

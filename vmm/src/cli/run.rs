@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use cella_vmm::{
-    build, default_runner_image, error_chain, BuildError, GuestExit, Prebuilt, RunReport, VmConfig,
-};
+use cella_vmm::{build, default_runner_image, error_chain, BuildError, GuestExit, RunReport, VmConfig};
 use clap::Args;
 
 use super::exit_code;
@@ -66,22 +64,18 @@ pub fn stop_on_signals() -> Arc<AtomicBool> {
     stop
 }
 
-/// Runs one VM; returns the exit code for its outcome. With `await_go` the VM is built ahead and
-/// runs when the held jail's supervisor launches it (see [`cella_vmm::held`]).
-pub fn main(args: RunArgs, await_go: bool, launch_start: Instant) -> ExitCode {
+/// Runs one VM; returns the exit code for its outcome.
+pub fn main(args: RunArgs, launch_start: Instant) -> ExitCode {
     let image = match args.image.clone().map(Ok).unwrap_or_else(default_runner_image) {
         Ok(image) => image,
         Err(e) => return fail_input(&e),
     };
     if args.jail.jailed {
-        if await_go {
-            return fail_input(&super::jailed::JailedError::Unsupported("--await-go"));
-        }
         return jailed(&args, image);
     }
     args.jail.apply_seccomp_mode();
     let stop = stop_on_signals();
-    let mut config = VmConfig {
+    let config = VmConfig {
         mem_mib: args.mem_mib,
         timeout: args.timeout_ms.map(Duration::from_millis),
         cancel: Some(stop),
@@ -90,36 +84,15 @@ pub fn main(args: RunArgs, await_go: bool, launch_start: Instant) -> ExitCode {
         vsock_uds: args.devices.vsock.clone(),
         ..VmConfig::new(image, args.args.clone())
     };
-    let prebuilt = match await_go {
-        true => match Prebuilt::new(&config) {
-            Ok(prebuilt) => Some(prebuilt),
-            Err(e) => return build_failed(&e),
-        },
-        false => None,
-    };
-    if prebuilt.is_some() {
-        if let Err(e) = cella_vmm::held::await_go() {
-            eprintln!("cella-vmm: error: {}", error_chain(&e));
-            return ExitCode::from(exit_code::VMM_FAILED);
-        }
-        // The launch starts now: what happened before was done ahead.
-        config.launch_start = Instant::now();
-    }
     if let Some(code) = test_hooks(&args) {
         return code;
     }
-    let built_ahead = prebuilt.is_some();
-    let vm = match prebuilt {
-        Some(prebuilt) => prebuilt.finish(&config, Box::new(std::io::stderr())),
-        None => build(&config, Box::new(std::io::stderr())),
-    };
-    let vm = match vm {
+    let vm = match build(&config, Box::new(std::io::stderr())) {
         Ok(vm) => vm,
         Err(e) => return build_failed(&e),
     };
     match vm.run() {
         Ok(report) => {
-            let report = RunReport { built_ahead, ..report };
             if args.json {
                 // Not println!: when whoever reads the report is gone (a jailed scan's outer
                 // process was killed), the VM is scrubbed already and there is no one to tell.
@@ -192,7 +165,6 @@ fn jailed(args: &RunArgs, image: PathBuf) -> ExitCode {
         files,
         options,
         guest_args: args.args.clone(),
-        socket_dir: None,
     };
     args.jail.exec(&launch)
 }

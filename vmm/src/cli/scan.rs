@@ -2,29 +2,28 @@
 //! it attaches it read-only as the VM's disk, hands the runner the job and the compiled policy
 //! over vsock, and prints what comes back.
 //!
-//! With `--jailed` the VMM runs in a jail as `cella-vmm run --disk /disk --vsock /run/vsock.sock
-//! --json -- scan`, and this process stays outside as the job's host side: its job server
-//! listens in a private socket folder that the jailer binds in as the jail's `/run`, and the
-//! VMM's run report comes back on the VMM's stdout. Both ways end in the same report.
+//! With `--jailed` the VMM is a spare in a jail (`cella-jailer … -- cella-vmm spare`), confined
+//! before it serves anything, and this process stays outside as the job's host side: it hands
+//! the VMM the artifact and one end of the job channel as descriptors (`PUT /vm`), serves the
+//! job on the other end, and asks for the VM's final report (`finish`). Both ways end in the
+//! same report.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitCode, ExitStatus};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cella_policies::baseline::{Baseline, BaselineError};
 use cella_proto::SarifContext;
 use cella_scan::{glob_to_regex, GlobError, Severity};
-use cella_vmm::job::{JobError, JobFrames, JobServer, ScanOutcome};
-use cella_vmm::scan::{self, JobOptions, ScanError, ScanRequest, ScanRun, SocketDir};
+use cella_vmm::job::{JobFrames, ScanOutcome};
+use cella_vmm::scan::{self, JobOptions, ScanError, ScanRequest, ScanRun};
 use cella_vmm::scan_report::{FailOnGate, ScanReport};
+use cella_vmm::spare::{Spare, SpareOptions};
 use cella_vmm::{default_scanner_image, error_chain, GuestExit};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
 use super::exit_code;
-use super::jailed::{JailedLaunch, JAIL_SOCKET_DIR};
 
 /// Guest memory for a scan unless told otherwise.
 const SCAN_MEM_MIB: u64 = 256;
@@ -33,8 +32,8 @@ const SCAN_TIMEOUT_MS: u64 = 600_000;
 
 #[derive(Debug, Args)]
 pub struct ScanArgs {
-    /// The artifact: a tar, tar.gz, zip or plain file (required, but for --jail-hold)
-    #[arg(long, value_name = "FILE", required_unless_present = "jail_hold", conflicts_with = "jail_hold")]
+    /// The artifact: a tar, tar.gz, zip or plain file
+    #[arg(long, value_name = "FILE", required = true)]
     pub artifact: Option<PathBuf>,
     /// Built-in rule packs to apply, comma-separated (secrets, pii, licenses)
     #[arg(long, value_name = "PACKS", default_value = "secrets,pii,licenses", value_delimiter = ',')]
@@ -218,7 +217,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         Err(e) => return fail(exit_code::BAD_INPUT, e.to_string()),
     };
     let Some(artifact) = args.artifact.clone() else {
-        return hold(&args, image);
+        return fail(exit_code::BAD_INPUT, "--artifact is required".into());
     };
     let compiled = args.compiled_policy.as_deref();
     let policy = match super::policy::compile(&args.policy, args.policy_file.as_deref(), compiled) {
@@ -360,89 +359,71 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
     jailer_status.as_ref().and_then(exit_code::for_jailer).unwrap_or(code)
 }
 
-/// `scan --jailed`: the job server here, the VMM in a jail. Returns the same run a scan in this
-/// process would, and the jailer's status; or the exit code when there is nothing to report
-/// (the reason is printed).
+/// `scan --jailed`: the VMM a spare in a jail (`cella-vmm spare` under `cella-jailer`), the job
+/// served here over the channel handed to it with the artifact. Returns the same run a scan in
+/// this process would, and the jailer's status; or the exit code when there is nothing to
+/// report (the reason is printed). SIGINT and SIGTERM stop the VM through its control API (it
+/// is scrubbed and reported as stopped); if this process dies, the jailer's parent-death
+/// signal does the same.
 fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus), ExitCode> {
     let fail = |code: u8, e: &dyn std::error::Error| {
         eprintln!("cella-vmm scan: error: {}", error_chain(e));
         ExitCode::from(code)
     };
-    let artifact_bytes = match scan::check_artifact(&request.artifact) {
-        Ok(bytes) => bytes,
-        Err(e) => return Err(fail(exit_code::BAD_INPUT, &e)),
+    let artifact_bytes =
+        scan::check_artifact(&request.artifact).map_err(|e| fail(exit_code::BAD_INPUT, &e))?;
+    let artifact = std::fs::File::open(&request.artifact).map_err(|source| {
+        fail(exit_code::BAD_INPUT, &ScanError::Artifact { path: request.artifact.clone(), source })
+    })?;
+    let (jail, vmm) = args.jail.spare_jail(request.mem_mib).map_err(|e| super::jailed::refuse(&e))?;
+    let options = SpareOptions {
+        vmm,
+        jail: Some(jail),
+        image: Some(request.image.clone()),
+        mem_mib: request.mem_mib,
+        timeout: request.timeout,
+        seccomp: None,
+        guest_args: Vec::new(),
+        run_dir: std::env::temp_dir(),
     };
-    // The folder is root's and 0700 (the jailer checks) until the jail's child hands it to the
-    // jail's uid/gid; the listener in it is theirs alone from the start.
-    let sockets = SocketDir::create().map_err(|e| fail(exit_code::VMM_FAILED, &ScanError::SocketDir(e)))?;
-    let server = JobServer::bind(&sockets.vsock_uds())
-        .and_then(|server| server.allow_only(args.jail.jail_uid, args.jail.jail_gid).map(|()| server))
-        .map_err(|e| fail(exit_code::VMM_FAILED, &ScanError::Job(e)))?;
-    let launch = jailed_launch(&request, &request.artifact, Some(sockets.path().to_owned()));
-    let started = Instant::now();
-    let vmm = args.jail.spawn(&launch).map_err(|e| super::jailed::refuse(&e))?;
-    // The runner learns the artifact's real name from the job; in the jail it is `/disk`.
+    let stop_fd = super::stop_signal::install().map_err(|message| {
+        eprintln!("cella-vmm scan: error: {message}");
+        ExitCode::from(exit_code::VMM_FAILED)
+    })?;
+    let spare = Spare::start(&options).map_err(|e| fail(exit_code::VMM_FAILED, &e))?;
+    stop_on_signal(stop_fd, spare.api().clone(), spare.pid());
     let job = request.job(artifact_bytes);
-    let vm_done = Arc::new(AtomicBool::new(false));
     let frames = JobFrames { job, policy: request.policy, baseline: request.options.baseline };
-    let serving = server.serve(frames, vm_done.clone(), request.timeout, sockets);
-    let end = vmm.wait();
-    vm_done.store(true, Ordering::Release);
-    serving.thread().unpark();
-    let job = serving.join().unwrap_or(Err(JobError::VmGone { stage: "answered" }));
+    let started = Instant::now();
+    let run = spare.run_job(&artifact, &frames).map_err(|e| fail(exit_code::VMM_FAILED, &e))?;
     let scan_ms = started.elapsed().as_millis() as u64;
-    let end = end.map_err(|e| super::jailed::refuse(&e))?;
-    match end.report {
-        Some(vm) => Ok((ScanRun { vm, job, artifact_bytes, scan_ms }, end.status)),
-        None => {
+    let status = spare.wait().map_err(|e| fail(exit_code::VMM_FAILED, &e))?;
+    match run.vm {
+        Ok(vm) => Ok((ScanRun { vm, job: run.job, artifact_bytes, scan_ms }, status)),
+        Err(e) => {
             eprintln!(
-                "cella-vmm scan: error: no run report from the jailed VMM (cella-jailer {}; its \
+                "cella-vmm scan: error: no run report from the jailed VMM ({}; cella-jailer {status}, its \
                  message is above)",
-                end.status
+                error_chain(&e)
             );
-            Err(exit_code::for_jail_without_report(&end.status))
+            Err(exit_code::for_jail_without_report(&status))
         }
     }
 }
 
-/// The jailed VMM of a scan: `run --disk /disk --vsock /run/vsock.sock --json -- scan`.
-fn jailed_launch(request: &ScanRequest, artifact: &Path, socket_dir: Option<PathBuf>) -> JailedLaunch {
-    JailedLaunch {
-        subcommand: "run",
-        mem_mib: request.mem_mib,
-        files: vec![("--image", request.image.clone()), ("--disk", artifact.to_owned())],
-        options: vec![
-            "--vsock".into(),
-            format!("{JAIL_SOCKET_DIR}/{}", scan::VSOCK_SOCKET_NAME).into(),
-            "--timeout-ms".into(),
-            request.timeout.as_millis().to_string().into(),
-            "--json".into(),
-        ],
-        guest_args: vec!["scan".into()],
-        socket_dir,
-    }
-}
-
-/// `scan --jailed --jail-hold ID`: a held spare for later scans of the same kind. Its disk is
-/// the guest image until a launch binds its artifact over it (the VMM opens its disk only when
-/// launched); its socket folder the jail's own until the launch's is bound over it.
-fn hold(args: &ScanArgs, image: PathBuf) -> ExitCode {
-    if !args.jail.jailed || args.jail.jail_hold.is_none() {
-        eprintln!("cella-vmm scan: error: --artifact is required (only --jailed --jail-hold goes without)");
-        return ExitCode::from(exit_code::BAD_INPUT);
-    }
-    let request = ScanRequest {
-        image: image.clone(),
-        artifact: image.clone(),
-        policy: Vec::new(),
-        mem_mib: args.mem_mib,
-        timeout: Duration::from_millis(args.timeout_ms),
-        launch_start: Instant::now(),
-        cancel: None,
-        fingerprint_key: String::new(),
-        options: JobOptions::default(),
-    };
-    args.jail.exec(&jailed_launch(&request, &image, None))
+/// Once `stop_fd` (SIGINT/SIGTERM) is readable, stops the spare's VM through its API, or, if it
+/// has not started yet, sends the jailer (`pid`) SIGTERM.
+fn stop_on_signal(stop_fd: std::os::fd::RawFd, api: cella_vmm::control::ControlClient, pid: u32) {
+    std::thread::spawn(move || {
+        let mut pfd = libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd; the stop eventfd lives until the process exits.
+        while unsafe { libc::poll(&mut pfd, 1, -1) } <= 0 {}
+        if api.stop().is_err() {
+            // SAFETY: kill(2) to the jailer, this process's child (reaped only by `wait` after
+            // the job, when this no longer matters).
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    });
 }
 
 fn print_summary(summary: &Value, exit: &GuestExit, scan_ms: u64) {

@@ -357,14 +357,8 @@ pub fn plan_jail(args: &SessionArgs) -> Result<SessionJail, SessionJailError> {
     if args.json {
         options.push("--json".into());
     }
-    let launch = JailedLaunch {
-        subcommand: "session",
-        mem_mib,
-        files,
-        options,
-        guest_args: args.guest_args.clone(),
-        socket_dir: None,
-    };
+    let launch =
+        JailedLaunch { subcommand: "session", mem_mib, files, options, guest_args: args.guest_args.clone() };
     // Anything but a boot may restore a snapshot, whose scrub reads /proc/self/pagemap.
     let cell = JailedCell { bind_rw: Some(dir.clone()), mount_proc: args.artifact.is_none() };
     Ok(SessionJail { launch, cell })
