@@ -82,26 +82,6 @@ fn which(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
 }
 
-/// Starts a held spare (`--hold`) and waits until it says `ready`; returns it, to be reaped
-/// after its launch.
-fn start_held(command: &mut Command) -> Result<std::process::Child, String> {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {:?}: {e}", command.get_program()))?;
-    let mut line = String::new();
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
-    if !line.starts_with("ready ") {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(format!("{command:?} did not get ready (it said {line:?})"));
-    }
-    Ok(child)
-}
-
 /// Runs `command` to its end; returns wall ms and stderr.
 fn time_one(command: &mut Command) -> Result<(f64, String), String> {
     let started = Instant::now();
@@ -132,9 +112,9 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
     let mem = args.mem_mib.to_string();
     let ro = format!("{}=/image", image.display());
 
-    let mut samples: [Vec<f64>; 5] = Default::default();
-    // Step timings of the cold, the prepared and the held jailed launches.
-    let mut steps: [BTreeMap<String, Vec<f64>>; 3] = Default::default();
+    let mut samples: [Vec<f64>; 4] = Default::default();
+    // Step timings of the cold and the prepared jailed launches.
+    let mut steps: [BTreeMap<String, Vec<f64>>; 2] = Default::default();
     let mut order: Vec<String> = Vec::new();
     for i in 0..WARMUP + args.runs {
         let mut unjailed = Command::new(&vmm);
@@ -163,20 +143,9 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
             .arg(&args.chroot_base);
         time_one(&mut prepare)?;
 
-        // So is the held spare: its jail made and its VMM started, waiting for the launch.
-        let held_id = format!("held-{}-{i}", std::process::id());
-        let holder = start_held(&mut jailed(&held_id, &["--hold"]))?;
-
         let (ms, _) = time_one(&mut unjailed)?;
         let (cold_ms, cold_stderr) = time_one(&mut jailed(&format!("{id}-cold"), &[]))?;
         let (warm_ms, warm_stderr) = time_one(&mut jailed(&id, &["--from-prepared", &spare]))?;
-        let launched = time_one(&mut jailed(&format!("{id}-held"), &["--from-prepared", &held_id]));
-        let held = holder.wait_with_output().map_err(|e| e.to_string())?;
-        let (held_ms, held_stderr) = launched?;
-        if !held.status.success() || held_stderr.contains("making the jail at launch") {
-            let holder_says = String::from_utf8_lossy(&held.stderr);
-            return Err(format!("the held spare was not used ({}): {held_stderr}{holder_says}", held.status));
-        }
         let b = match (&bwrap, native.is_file()) {
             (Some(bwrap), true) => {
                 let mut c = Command::new(bwrap);
@@ -190,14 +159,13 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
         if i < WARMUP {
             continue;
         }
-        samples[0].push(held_ms);
-        samples[1].push(warm_ms);
-        samples[2].push(cold_ms);
-        samples[3].push(ms);
+        samples[0].push(warm_ms);
+        samples[1].push(cold_ms);
+        samples[2].push(ms);
         if let Some(b) = b {
-            samples[4].push(b);
+            samples[3].push(b);
         }
-        for (kind, stderr) in [cold_stderr, warm_stderr, held_stderr].iter().enumerate() {
+        for (kind, stderr) in [cold_stderr, warm_stderr].iter().enumerate() {
             if let Some(line) = stderr.lines().find_map(|l| l.strip_prefix("cella-jailer: timings: ")) {
                 for (step, ms) in Timings::parse_line(line).steps {
                     if !order.contains(&step) {
@@ -209,48 +177,45 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
         }
     }
 
-    let [held, prepared, cold, unjailed, bwrap_ms] = samples.map(figures);
+    let [prepared, cold, unjailed, bwrap_ms] = samples.map(figures);
     println!(
         "launch-to-exit of `hello`, {} interleaved runs of each (wall time, spawn to exit, ms)",
         args.runs
     );
-    println!("{:<52} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p99", "mean", "min");
+    println!("{:<44} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p99", "mean", "min");
     let row = |name: &str, f: &Figures| {
-        println!("{name:<52} {:>8.3} {:>8.3} {:>8.3} {:>8.3}", f.p50, f.p99, f.mean, f.min)
+        println!("{name:<44} {:>8.3} {:>8.3} {:>8.3} {:>8.3}", f.p50, f.p99, f.mean, f.min)
     };
-    row("Cella VM, jailed, held: jail and VMM started ahead", &held);
     row("Cella VM, jailed, jail prepared ahead", &prepared);
     row("Cella VM, jailed, jail made at launch", &cold);
     row("Cella VM, unjailed (cella-vmm run)", &unjailed);
     row("bwrap --unshare-all, static native process", &bwrap_ms);
     println!(
-        "jailer overhead p50: {:.3} ms held, {:.3} ms prepared ahead, {:.3} ms made at launch (jailed - unjailed)",
-        held.p50 - unjailed.p50,
+        "jailer overhead p50: {:.3} ms prepared ahead, {:.3} ms made at launch (jailed - unjailed)",
         prepared.p50 - unjailed.p50,
         cold.p50 - unjailed.p50
     );
     if !bwrap_ms.p50.is_nan() {
-        for (name, f) in [("held", &held), ("prepared ahead", &prepared), ("made at launch", &cold)] {
+        for (name, f) in [("prepared ahead", &prepared), ("made at launch", &cold)] {
             let ratio = f.p50 / bwrap_ms.p50;
             let verdict = if ratio <= 1.5 { "met" } else { "NOT met" };
             println!("ratio jailed ({name})/bwrap p50: {ratio:.2} (goal <= 1.50: {verdict})");
         }
     }
     println!(
-        "\njailer steps (ms; `vmm-run` is the VMM itself, from exec to exit, or for a held one from \
-         its launch to exit; `copy-exec-file` runs beside the steps from `create-mount-points` on, \
-         `wait-for-copy` is what the launch waits for it; a held launch's steps before \
-         `take-held-jail` ran ahead, but for `validate`):"
+        "\njailer steps (ms; `vmm-run` is the VMM itself, from exec to exit; `copy-exec-file` runs \
+         beside the steps from `create-mount-points` on, `wait-for-copy` is what the launch waits \
+         for it):"
     );
-    println!("{:<28} {:>17} {:>17} {:>17}", "", "made at launch", "prepared ahead", "held");
-    println!("{:<28} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}", "step", "p50", "p99", "p50", "p99", "p50", "p99");
+    println!("{:<28} {:>17} {:>17}", "", "made at launch", "prepared ahead");
+    println!("{:<28} {:>8} {:>8} {:>8} {:>8}", "step", "p50", "p99", "p50", "p99");
     let cell = |f: Option<Figures>| match f {
         Some(f) => format!("{:>8.3} {:>8.3}", f.p50, f.p99),
         None => format!("{:>8} {:>8}", "-", "-"),
     };
     for step in &order {
-        let [c, w, h] = [0, 1, 2].map(|k| steps[k].remove(step).map(figures));
-        println!("{step:<28} {} {} {}", cell(c), cell(w), cell(h));
+        let [c, w] = [0, 1].map(|k| steps[k].remove(step).map(figures));
+        println!("{step:<28} {} {}", cell(c), cell(w));
     }
     let _ = std::fs::remove_dir(args.chroot_base.join(vmm.file_name().unwrap_or_default()));
     let _ = std::fs::remove_dir(&args.chroot_base);

@@ -3,9 +3,10 @@
 //! The supervisor clones the child straight into new mount, IPC and UTS namespaces (and new
 //! PID and network namespaces unless told otherwise), so nothing the child mounts is ever
 //! visible on the host, and all of it disappears with the VMM. The child then joins its
-//! cgroups, sets rlimits, binds its files, pivots into the jail, makes `/dev/kvm`, chowns what
-//! the VMM writes, joins a netns if asked, applies Landlock, drops every capability, switches
-//! uid/gid, waits until the supervisor says the VMM binary's copy is complete, and execs. It
+//! cgroups, sets rlimits, binds its files, pivots into the jail, makes `/dev/kvm` and gives it
+//! to the VMM's uid/gid, makes the root read-only, joins a netns if asked, applies Landlock,
+//! drops every capability, switches uid/gid, waits until the supervisor says the VMM binary's
+//! copy is complete, and execs, with the supervisor's standard input, output and error. It
 //! reports either the step that failed or its step timings to the supervisor over a
 //! close-on-exec pipe: end-of-file without a failure means the exec happened.
 
@@ -32,10 +33,6 @@ pub struct ChildPlan {
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     /// Host file → where its mount point is on the host (inside `root`).
     pub ro_binds: Vec<(PathBuf, PathBuf)>,
-    /// The socket folder's mount point on the host (inside `root`).
-    pub socket_dir_host: PathBuf,
-    /// What is bound there read-write: the caller's `--socket-dir`, or the mount point itself.
-    pub socket_dir_source: PathBuf,
     /// The netns to join: its descriptor, and its path for messages.
     pub netns: Option<(RawFd, PathBuf)>,
     pub uid: u32,
@@ -48,13 +45,7 @@ pub struct ChildPlan {
     pub rw_bind: Option<(PathBuf, PathBuf)>,
     /// Mount a fresh procfs at `/proc` (`--mount-proc`).
     pub mount_proc: bool,
-    /// Apply Landlock before exec. A held VMM gets its ruleset at its launch instead, made
-    /// once the launch's files are in the jail (see [`crate::held`]).
-    pub landlock: bool,
     pub argv: Vec<OsString>,
-    /// Descriptors to put in place of 0, 1 and 2 before exec (a held VMM's: see
-    /// [`crate::held`]); `None` keeps the supervisor's.
-    pub stdio: Option<[RawFd; 3]>,
     pub keep_fds: Vec<RawFd>,
     pub last_cap: u32,
     /// The signal mask the supervisor blocked, to restore before exec.
@@ -190,11 +181,9 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
     for (host, target) in &plan.ro_binds {
         bind(host, target, ro).map_err(fail("bind-read-only-file", host))?;
     }
-    let sock_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    bind(&plan.socket_dir_source, &plan.socket_dir_host, sock_flags)
-        .map_err(fail("bind-socket-folder", &plan.socket_dir_source))?;
     if let Some((host, target)) = &plan.rw_bind {
-        bind(host, target, sock_flags).map_err(fail("bind-read-write-folder", host))?;
+        let rw = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        bind(host, target, rw).map_err(fail("bind-read-write-folder", host))?;
     }
     t.record("mounts", start);
 
@@ -226,10 +215,9 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
     }
 
     let start = Instant::now();
-    for path in [kvm, Path::new(crate::config::SOCKET_DIR)] {
-        std::os::unix::fs::chown(path, Some(plan.uid), Some(plan.gid)).map_err(fail("chown", path))?;
-    }
-    // The jail's root becomes read-only; only the socket folder stays writable.
+    // The VMM opens /dev/kvm (mode 0600) as its own uid.
+    std::os::unix::fs::chown(kvm, Some(plan.uid), Some(plan.gid)).map_err(fail("chown", kvm))?;
+    // The jail's root becomes read-only; only a `--bind-rw` folder stays writable.
     mount(None, Path::new("/"), libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID)
         .map_err(fail("remount-root-read-only", "/"))?;
     t.record("chown", start);
@@ -243,13 +231,11 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
         t.record("join-netns", start);
     }
 
-    if plan.landlock {
-        let start = Instant::now();
-        let rw_dir = plan.rw_bind.as_ref().map(|(host, _)| host.as_path());
-        confine::landlock(&plan.exec_path, &plan.ro_jail_paths, rw_dir, plan.mount_proc)
-            .map_err(fail("landlock", "/"))?;
-        t.record("landlock", start);
-    }
+    let start = Instant::now();
+    let rw_dir = plan.rw_bind.as_ref().map(|(host, _)| host.as_path());
+    confine::landlock(&plan.exec_path, &plan.ro_jail_paths, rw_dir, plan.mount_proc)
+        .map_err(fail("landlock", "/"))?;
+    t.record("landlock", start);
 
     let start = Instant::now();
     confine::drop_privileges(plan.uid, plan.gid, plan.last_cap).map_err(|(step, error)| ChildFailure {
@@ -269,11 +255,6 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
             .map_err(fail("restore-signal-mask", "/"))?;
         for &fd in &plan.keep_fds {
             check(libc::fcntl(fd, libc::F_SETFD, 0)).map_err(fail("keep-fd", format!("fd {fd}")))?;
-        }
-        for (target, &fd) in plan.stdio.iter().flatten().enumerate() {
-            if fd != target as RawFd {
-                check(libc::dup2(fd, target as RawFd)).map_err(fail("set-stdio", format!("fd {fd}")))?;
-            }
         }
     }
     Ok(())

@@ -14,11 +14,11 @@ pub const ID_MAX_LEN: usize = 64;
 /// copying in and removing the VMM binary costs milliseconds per launch (measured here: ~7 ms on
 /// ext4 under load, ~0.1 ms on tmpfs), and a jail holds nothing that must outlive its VMM.
 pub const DEFAULT_CHROOT_BASE: &str = "/dev/shm/cella-jailer";
-/// Jail paths the jailer itself uses; read-only files and `--bind-rw` folders may not be
-/// placed there.
+/// Jail paths the jailer keeps for itself; read-only files and `--bind-rw` folders may not be
+/// placed there. `/run` holds nothing in a jail (a VMM gets its sockets as descriptors, or
+/// makes them in its `--bind-rw` folder) but stays reserved, so that no caller comes to rely on
+/// placing files there.
 pub const RESERVED_JAIL_PATHS: &[&str] = &["/dev", "/run", "/proc"];
-/// The VMM's socket folder inside the jail (its control socket, vsock sockets).
-pub const SOCKET_DIR: &str = "/run";
 /// Where `--mount-proc` mounts the jail's own procfs.
 pub const PROC_DIR: &str = "/proc";
 /// The only device node a VMM gets.
@@ -66,18 +66,6 @@ pub enum ConfigError {
     BadJailPath(String),
     #[error("jail path `{0}` is taken (by the jailer, the exec-file, another --ro-file or --bind-rw)")]
     JailPathTaken(String),
-    #[error("--socket-dir `{0}` is not a folder (a symbolic link is not accepted either)")]
-    SocketDirNotDir(PathBuf),
-    #[error(
-        "--socket-dir `{path}` must belong to root and be closed to everyone else (mode 0700); it is \
-         owned by uid {uid} with mode {mode:04o}: make a fresh folder for this jail's sockets"
-    )]
-    SocketDirOpen { path: PathBuf, uid: u32, mode: u32 },
-    #[error(
-        "--socket-dir `{path}` holds `{entry}`, which is not a socket: the jailer gives the folder to \
-         the VMM, so it may hold only the caller's listeners; make a fresh folder for this jail's sockets"
-    )]
-    SocketDirNotSockets { path: PathBuf, entry: String },
     #[error(
         "--bind-rw `{0}` is not a real folder at that path: give an existing folder by its path \
          without symbolic links (the jail sees it at the same path)"
@@ -114,8 +102,6 @@ pub enum ConfigError {
     Cgroup(#[from] CgroupError),
     #[error("--from-prepared `{0}` is the jail's own --id; a spare jail is prepared under an id of its own")]
     SpareIsId(String),
-    #[error("--hold cannot pass descriptors on (--keep-fd): a held VMM gets its launcher's stdin, stdout and stderr only")]
-    HoldKeepFd,
 }
 
 /// The raw request, as the command line gives it.
@@ -131,16 +117,12 @@ pub struct JailRequest {
     pub netns: Option<PathBuf>,
     pub new_pid_ns: bool,
     pub ro_files: Vec<String>,
-    pub socket_dir: Option<PathBuf>,
     pub bind_rw: Option<PathBuf>,
     pub mount_proc: bool,
     pub keep_fds: Vec<i32>,
     pub rlimits: Vec<String>,
     /// A spare jail made ahead by `cella-jailer prepare` to take instead of making one.
     pub from_prepared: Option<String>,
-    /// Make the jail and start the VMM now, and hold it for a later launch (`--hold`; see
-    /// [`crate::held`]).
-    pub hold: bool,
     pub vmm_args: Vec<OsString>,
 }
 
@@ -166,10 +148,6 @@ pub struct JailConfig {
     pub netns: Option<PathBuf>,
     pub new_pid_ns: bool,
     pub ro_files: Vec<RoFile>,
-    /// A host folder bound read-write as the jail's socket folder ([`SOCKET_DIR`]) instead of
-    /// an empty one inside the jail, so listeners the caller made there are reachable from the
-    /// VMM (its vsock's `<uds>_<port>`). The child chowns it to the VMM's uid/gid.
-    pub socket_dir: Option<PathBuf>,
     /// A host folder bound read-write into the jail at the same path (`--bind-rw`): the one
     /// place the VMM may create, write and remove files (a session's folder). The supervisor
     /// gives it and everything in it to the VMM's uid/gid for the jail's life, and back to root
@@ -183,9 +161,6 @@ pub struct JailConfig {
     /// The id of a spare jail (made by `cella-jailer prepare`, copy included) that becomes this
     /// jail's folder instead of a new one: see [`crate::prepared`].
     pub from_prepared: Option<String>,
-    /// Make the jail and start the VMM now, and hold it for a later launch (`--hold`; see
-    /// [`crate::held`]).
-    pub hold: bool,
     pub vmm_args: Vec<OsString>,
 }
 
@@ -292,37 +267,6 @@ fn elf_interpreter(path: &Path) -> Result<Option<String>, ConfigError> {
         }
     }
     Ok(None)
-}
-
-/// A host socket folder must be a real folder, root's and closed to others, holding nothing but
-/// sockets: the jail gets it read-write and its VMM becomes its owner, so handing over anything
-/// else (say `/root`) by mistake must fail here.
-fn check_socket_dir(path: &Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    if !is_clean_absolute(path) {
-        return Err(ConfigError::NotAbsolute { what: "socket folder", path: path.to_owned() });
-    }
-    let unreadable =
-        |source| ConfigError::Unreadable { what: "socket folder", path: path.to_owned(), source };
-    let meta = fs::symlink_metadata(path).map_err(unreadable)?;
-    if !meta.is_dir() {
-        return Err(ConfigError::SocketDirNotDir(path.to_owned()));
-    }
-    if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
-        return Err(ConfigError::SocketDirOpen {
-            path: path.to_owned(),
-            uid: meta.uid(),
-            mode: meta.mode() & 0o7777,
-        });
-    }
-    for entry in fs::read_dir(path).map_err(unreadable)? {
-        let entry = entry.map_err(unreadable)?;
-        if !entry.file_type().map_err(unreadable)?.is_socket() {
-            let entry = entry.file_name().to_string_lossy().into_owned();
-            return Err(ConfigError::SocketDirNotSockets { path: path.to_owned(), entry });
-        }
-    }
-    Ok(())
 }
 
 /// A `--bind-rw` folder: absolute, an existing real folder at exactly that path (no symbolic
@@ -433,9 +377,6 @@ impl JailRequest {
                 return Err(ConfigError::SpareIsId(spare.clone()));
             }
         }
-        if self.hold && !self.keep_fds.is_empty() {
-            return Err(ConfigError::HoldKeepFd);
-        }
         if self.uid == 0 {
             return Err(ConfigError::RootId { what: "--uid", value: 0 });
         }
@@ -479,9 +420,6 @@ impl JailRequest {
             ro_files.push(RoFile { host, jail });
         }
 
-        if let Some(dir) = &self.socket_dir {
-            check_socket_dir(dir)?;
-        }
         if let Some(dir) = &self.bind_rw {
             if taken.iter().any(|t| dir.starts_with(t) || t.starts_with(dir)) && dir != Path::new("/") {
                 return Err(ConfigError::JailPathTaken(dir.display().to_string()));
@@ -535,13 +473,11 @@ impl JailRequest {
             netns: self.netns,
             new_pid_ns: self.new_pid_ns,
             ro_files,
-            socket_dir: self.socket_dir,
             bind_rw: self.bind_rw,
             mount_proc: self.mount_proc,
             keep_fds: self.keep_fds,
             rlimits,
             from_prepared: self.from_prepared,
-            hold: self.hold,
             vmm_args: self.vmm_args,
         })
     }
@@ -568,48 +504,6 @@ mod tests {
         for bad in ["image", "/", "/../etc/passwd", "/a/./b", "/a b", "//x/../y"] {
             assert!(check_jail_path(bad).is_err(), "{bad}");
         }
-    }
-
-    /// A fresh folder for one test, with `mode`.
-    fn folder(name: &str, mode: u32) -> PathBuf {
-        use std::os::unix::fs::DirBuilderExt;
-        let dir = std::env::temp_dir().join(format!("cella-jailer-unit-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::DirBuilder::new().mode(mode).create(&dir).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
-        dir
-    }
-
-    #[test]
-    fn a_socket_dir_must_be_a_closed_folder_of_sockets_only() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: the ownership checks need root (the jailer always runs as root)");
-            return;
-        }
-        let ok = folder("sockets-ok", 0o700);
-        let _listener = std::os::unix::net::UnixListener::bind(ok.join("vsock.sock_1024")).unwrap();
-        assert!(check_socket_dir(&ok).is_ok());
-
-        let open = folder("sockets-open", 0o755);
-        let e = check_socket_dir(&open).unwrap_err();
-        assert!(matches!(e, ConfigError::SocketDirOpen { mode: 0o755, .. }), "{e}");
-
-        let files = folder("sockets-files", 0o700);
-        fs::write(files.join("notes.txt"), "x").unwrap();
-        let e = check_socket_dir(&files).unwrap_err();
-        assert!(e.to_string().contains("holds `notes.txt`, which is not a socket"), "{e}");
-
-        let link = ok.with_file_name(format!("cella-jailer-unit-sockets-link-{}", std::process::id()));
-        let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&ok, &link).unwrap();
-        assert!(matches!(check_socket_dir(&link), Err(ConfigError::SocketDirNotDir(_))));
-        assert!(matches!(check_socket_dir(Path::new("relative")), Err(ConfigError::NotAbsolute { .. })));
-
-        for dir in [&ok, &open, &files] {
-            fs::remove_dir_all(dir).unwrap();
-        }
-        fs::remove_file(&link).unwrap();
     }
 
     #[test]

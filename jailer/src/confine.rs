@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use landlock::{
     Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
-    RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
-use crate::config::{KVM_DEVICE, PROC_DIR, SOCKET_DIR};
+use crate::config::{KVM_DEVICE, PROC_DIR};
 
 /// The newest Landlock ABI the rules are written for (this host has 7; older kernels get the
 /// subset they support).
@@ -19,13 +19,12 @@ fn landlock_error(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-/// Restricts this process, and the VMM it becomes, to: executing (and so reading) its own binary, reading the
-/// read-only files, reading, writing and ioctl on `/dev/kvm`, making or removing sockets in
-/// the socket folder; with `rw_dir` (`--bind-rw`), reading, listing, creating, writing,
-/// truncating and removing files, folders and sockets under that folder; with `proc`
-/// (`--mount-proc`), reading files under `/proc`. No other path, no TCP, no abstract Unix
-/// sockets or signals outside the sandbox. Everything else, including the rest of the jail, is
-/// refused.
+/// Restricts this process, and the VMM it becomes, to: executing (and so reading) its own
+/// binary, reading the read-only files, reading, writing and ioctl on `/dev/kvm`; with `rw_dir`
+/// (`--bind-rw`), reading, listing, creating, writing, truncating and removing files, folders
+/// and sockets under that folder; with `proc` (`--mount-proc`), reading files under `/proc`. No
+/// other path, no TCP, no abstract Unix sockets or signals outside the sandbox. Everything
+/// else, including the rest of the jail, is refused.
 ///
 /// `/proc` is granted as a whole, for reading files only (not listing): a rule on
 /// `/proc/self/pagemap` itself would attach to that file's current inode, and procfs makes a
@@ -33,29 +32,11 @@ fn landlock_error(e: impl std::fmt::Display) -> io::Error {
 /// silently stop matching. The jail's procfs shows the VMM's own process only (see
 /// `child::mount_proc`), so what this grants is reading the VMM's own `/proc/self/*`.
 pub fn landlock(exec_path: &Path, ro_files: &[PathBuf], rw_dir: Option<&Path>, proc: bool) -> io::Result<()> {
-    let status = ruleset(exec_path, ro_files, rw_dir, proc)?.restrict_self().map_err(landlock_error)?;
-    if status.ruleset == RulesetStatus::NotEnforced {
-        return Err(io::Error::other("this kernel does not enforce Landlock"));
-    }
-    Ok(())
-}
-
-/// The ruleset [`landlock`] enforces, made but not enforced: its rules attach to the files the
-/// paths name now, as this process sees them. A held jail's supervisor makes it inside the
-/// VMM's mount namespace once the launch's files are bound, and hands it to the VMM, which
-/// enforces it on itself (`cella_vmm::held`).
-pub fn ruleset(
-    exec_path: &Path,
-    ro_files: &[PathBuf],
-    rw_dir: Option<&Path>,
-    proc: bool,
-) -> io::Result<RulesetCreated> {
     let fs_all = AccessFs::from_all(LANDLOCK_ABI);
     let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = vec![
         // exec opens the binary for reading as well as executing.
         (exec_path.to_owned(), AccessFs::Execute | AccessFs::ReadFile),
         (KVM_DEVICE.into(), AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev),
-        (SOCKET_DIR.into(), AccessFs::MakeSock | AccessFs::RemoveFile | AccessFs::ReadDir),
     ];
     rules.extend(ro_files.iter().map(|p| (p.clone(), AccessFs::ReadFile.into())));
     if let Some(dir) = rw_dir {
@@ -88,7 +69,11 @@ pub fn ruleset(
         let fd = PathFd::new(&path).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
         ruleset = ruleset.add_rule(PathBeneath::new(fd, access)).map_err(landlock_error)?;
     }
-    Ok(ruleset)
+    let status = ruleset.restrict_self().map_err(landlock_error)?;
+    if status.ruleset == RulesetStatus::NotEnforced {
+        return Err(io::Error::other("this kernel does not enforce Landlock"));
+    }
+    Ok(())
 }
 
 /// `struct __user_cap_header_struct`.

@@ -5,24 +5,21 @@
 //! capability dropping): validate the ID and every path ([`config`]); close inherited file
 //! descriptors; clear the environment; create `<base>/<exec-name>/<id>/root`; start copying
 //! the VMM binary into it ([`exec_copy`]: a forked copier, in parallel with the steps up to the
-//! exec); create mount points for the read-only files and the socket folder; create the
-//! cgroups and write their limits ([`cgroup`], v1 and v2 per controller); clone into new
-//! mount, IPC, UTS, network and (with `--new-pid-ns`) PID namespaces; in the child
-//! ([`child`]): join the cgroups, set rlimits, bind the read-only files and the socket folder
-//! (the jail's own empty `/run`, or the caller's `--socket-dir`), `pivot_root`, unmount
-//! the old root, `mknod /dev/kvm`, chown, make the root read-only, join a netns if asked,
-//! apply Landlock, drop every capability, set no-new-privs, switch uid/gid ([`confine`]), wait
-//! until the supervisor says the copy is complete, and `exec` the VMM with an empty
-//! environment. The VMM installs its own per-thread seccomp filters.
+//! exec); create `/dev` and the mount points for the read-only files; create the cgroups and
+//! write their limits ([`cgroup`], v1 and v2 per controller); clone into new mount, IPC, UTS,
+//! network and (with `--new-pid-ns`) PID namespaces; in the child ([`child`]): join the
+//! cgroups, set rlimits, bind the read-only files, `pivot_root`, unmount the old root, `mknod
+//! /dev/kvm`, chown it, make the root read-only, join a netns if asked, apply Landlock, drop
+//! every capability, set no-new-privs, switch uid/gid ([`confine`]), wait until the supervisor
+//! says the copy is complete, and `exec` the VMM with an empty environment. The VMM installs
+//! its own per-thread seccomp filters.
 //!
 //! The [`supervisor`] blocks the signals it forwards before it creates anything, waits for the
-//! VMM and removes the jail folder, cgroups and any `--socket-dir` however it ends; mounts live
-//! only in the VMM's mount namespace and vanish with it.
+//! VMM and removes the jail folder and cgroups however it ends; mounts live only in the VMM's
+//! mount namespace and vanish with it.
 //!
-//! Ahead of a launch: [`prepared`] makes a spare jail folder (the binary's copy, a network
-//! namespace); [`held`] (`--hold`) makes the whole jail and starts the VMM in it, which builds
-//! its VM and waits for the launch that takes it; that launch's files are bound in then
-//! ([`rebind`]) and the VMM enforces the Landlock ruleset made for them.
+//! Ahead of a launch, [`prepared`] makes a spare jail folder (the binary's copy, a network
+//! namespace) that a launch with `--from-prepared` takes instead of making its own.
 //!
 //! For a session (`cella-vmm session --jailed`): `--bind-rw DIR` binds one host folder
 //! read-write into the jail at the same path (no path translation: the host and the VMM name
@@ -33,12 +30,10 @@
 //! read-only, `subset=pid,hidepid=invisible`, where the VMM is the only process; Landlock lets
 //! it read files there (a restored VM's scrub reads `/proc/self/pagemap`).
 //!
-//! `--socket-dir` is how a caller serves a VMM's guest-initiated vsock connections from outside
-//! the jail (`cella-vmm scan --jailed`): it makes a root-owned 0700 folder, listens there at
-//! `<uds>_<port>` with the socket owned by the jail's uid/gid, and the jail gets the folder as
-//! `/run`. A caller that must not be outlived sets SIGTERM as the jailer's parent-death signal
-//! before exec: it is forwarded like any other SIGTERM, so the VM still stops, is scrubbed, and
-//! the jail is removed.
+//! A VMM that talks to its caller without a shared folder (a spare, `cella-vmm spare`) gets
+//! its descriptors passed on with `--keep-fd`. A caller that must not be outlived sets SIGTERM
+//! as the jailer's parent-death signal before exec: it is forwarded like any other SIGTERM, so
+//! the VM still stops, is scrubbed, and the jail is removed.
 
 pub mod bench;
 pub mod cgroup;
@@ -47,9 +42,7 @@ pub mod config;
 pub mod confine;
 pub mod exec_copy;
 pub mod handover;
-pub mod held;
 pub mod prepared;
-pub mod rebind;
 pub mod supervisor;
 pub mod timing;
 pub mod wait;

@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use cella_jailer::held::{self, Take};
 use cella_jailer::timing::Timings;
-use cella_jailer::{error_chain, supervisor, JailError, JailRequest, VmmStatus};
+use cella_jailer::{error_chain, supervisor, JailRequest, VmmStatus};
 use clap::{Args, Parser, Subcommand};
 
 use cella_abi::exit::{CLEANUP_FAILED, JAIL_FAILED, VMM_KILLED, VMM_KILLED_BY_SECCOMP};
@@ -114,12 +113,6 @@ struct JailArgs {
     /// Bind HOST_PATH read-only into the jail at JAIL_PATH (repeatable)
     #[arg(long = "ro-file", value_name = "HOST_PATH=JAIL_PATH")]
     ro_files: Vec<String>,
-    /// Bind this host folder read-write as the VMM's socket folder /run, instead of an empty one,
-    /// and give it to --uid/--gid: listeners the caller made there (for the VMM's vsock,
-    /// `<uds>_<port>`) are reachable from the jail. Must be root's, mode 0700, holding only
-    /// sockets; it is removed with the jail
-    #[arg(long, value_name = "HOST_DIR")]
-    socket_dir: Option<PathBuf>,
     /// Bind this host folder read-write into the jail at the same path: the one place the VMM
     /// may create, write and remove files (a session's folder: artifact, sockets, snapshots).
     /// Must be a real folder (no symbolic links), mode 0700, root's or --uid's, holding only
@@ -139,21 +132,12 @@ struct JailArgs {
     /// most the jailer's own hard limit
     #[arg(long = "rlimit", value_name = "NAME=VALUE")]
     rlimits: Vec<String>,
-    /// Take the spare jail ID instead of making one: a held spare (`--hold` with the same jail
-    /// but for --id, the host files of --ro-file and --socket-dir, which are bound in now) runs
-    /// this launch in its VMM, started and built ahead, and keeps its name; a prepared one
-    /// (`cella-jailer prepare` with the same --exec-file and --chroot-base) saves making the
-    /// folder and copying the VMM binary, and is renamed to --id. A spare that is missing or
-    /// unusable is reported on stderr and the jail made as usual
+    /// Take the spare jail ID (made by `cella-jailer prepare` with the same --exec-file and
+    /// --chroot-base) instead of making one: it saves making the folder and copying the VMM
+    /// binary, and is renamed to --id. A spare that is missing or unusable is reported on
+    /// stderr and the jail made as usual
     #[arg(long, value_name = "ID")]
     from_prepared: Option<String>,
-    /// Make the jail and start the VMM now (with `--await-go` as its first argument: it builds
-    /// its VM and waits), print `ready ID` on stdout, and hold it for one later launch with
-    /// `--from-prepared ID` and the same jail but for its --id; that launch's stdin, stdout and
-    /// stderr become the VMM's. SIGINT, SIGTERM or SIGHUP (also sent when this process's parent
-    /// dies) discard it. The jail keeps this --id
-    #[arg(long, conflicts_with = "from_prepared")]
-    hold: bool,
     /// Print what each step cost on stderr when the VMM ends
     #[arg(long)]
     timings: bool,
@@ -252,13 +236,11 @@ fn main() -> ExitCode {
         netns: a.netns,
         new_pid_ns: a.new_pid_ns,
         ro_files: a.ro_files,
-        socket_dir: a.socket_dir,
         bind_rw: a.bind_rw,
         mount_proc: a.mount_proc,
         keep_fds: a.keep_fds,
         rlimits: a.rlimits,
         from_prepared: a.from_prepared,
-        hold: a.hold,
         vmm_args: a.vmm_args,
     };
     let config = match request.validate() {
@@ -270,31 +252,8 @@ fn main() -> ExitCode {
     };
     let mut timings = Timings::default();
     timings.record("validate", started);
-    if config.hold {
-        // A held spare goes with whoever holds it.
-        // SAFETY: prctl with integer arguments.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) };
-    }
-    let mut config = config;
-    let held = match &config.from_prepared {
-        Some(spare) => held::take(&config, spare, &mut timings),
-        None => Ok(Take::NotHeld),
-    };
-    let outcome = match held {
-        Ok(Take::Ran(outcome)) => Ok(outcome),
-        Ok(Take::Refused) => {
-            config.from_prepared = None;
-            supervisor::run(&config, &mut timings)
-        }
-        Ok(Take::NotHeld) => supervisor::run(&config, &mut timings),
-        Err(e) => Err(e),
-    };
-    let outcome = match outcome {
+    let outcome = match supervisor::run(&config, &mut timings) {
         Ok(outcome) => outcome,
-        Err(e @ JailError::HeldDiscarded(_)) => {
-            eprintln!("cella-jailer: jail {}: {}; its jail is removed", config.id, error_chain(&e));
-            return ExitCode::SUCCESS;
-        }
         Err(e) => {
             eprintln!(
                 "cella-jailer: jail {} failed, and nothing is left behind: {}",

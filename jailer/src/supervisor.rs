@@ -9,13 +9,12 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{CgroupError, Version};
 use crate::child::{self, ChildPlan};
-use crate::config::{JailConfig, KVM_DEVICE, PROC_DIR, SOCKET_DIR};
+use crate::config::{JailConfig, KVM_DEVICE, PROC_DIR};
 use crate::exec_copy::Copier;
 use crate::timing::Timings;
 use crate::wait::{empty_sigset, supervised_signals, FORWARDED};
@@ -36,14 +35,6 @@ pub enum JailError {
     Prepared { spare: PathBuf, problem: &'static str },
     #[error("step `cgroups` failed")]
     Cgroup(#[from] CgroupError),
-    /// A held spare that was given up before a launch took it (see [`crate::held`]).
-    #[error("the held spare was discarded before a launch took it: {0}")]
-    HeldDiscarded(&'static str),
-    #[error("the held spare's VMM ended before a launch took it: {0}")]
-    HeldVmmEnded(String),
-    /// A held jail's supervisor reported this (see [`crate::held`]).
-    #[error("{0}")]
-    Reported(String),
     #[error("step `{step}` failed")]
     Handover {
         step: &'static str,
@@ -120,9 +111,6 @@ struct Residue<'a> {
     config: &'a JailConfig,
     jail_dir: bool,
     cgroups: bool,
-    /// The caller's `--socket-dir`: handed to the jail, it goes with it (also when the caller
-    /// died and cannot remove it).
-    socket_dir: bool,
     /// The `--bind-rw` folder was handed to the VMM's uid/gid: give it back to root.
     handed_over: bool,
 }
@@ -159,15 +147,6 @@ impl Residue<'_> {
                 }
             }
             t.record("hand-back-folder", start);
-        }
-        if let Some(dir) = self.config.socket_dir.as_ref().filter(|_| self.socket_dir) {
-            self.socket_dir = false;
-            if let Err(e) = fs::remove_dir_all(dir) {
-                if e.kind() != io::ErrorKind::NotFound && result.is_ok() {
-                    result =
-                        Err(JailError::Step { step: "remove-socket-folder", path: dir.clone(), source: e });
-                }
-            }
         }
         result
     }
@@ -277,13 +256,11 @@ pub(crate) fn make_jail_folder(jail_dir: &Path, made: impl FnOnce()) -> Result<(
     fs::DirBuilder::new().mode(0o755).create(&root).map_err(step("create-jail-folder", &root))
 }
 
-/// The jail's `/dev`, its socket folder and the mount points of its binds.
+/// The jail's `/dev` and the mount points of its binds.
 fn make_mount_points(config: &JailConfig, t: &mut Timings) -> Result<(), JailError> {
     let start = Instant::now();
     let dev = config.host_path(Path::new(KVM_DEVICE)).parent().map(Path::to_owned).unwrap_or_default();
     fs::DirBuilder::new().mode(0o755).create(&dev).map_err(step("create-dev-folder", &dev))?;
-    let sockets = config.host_path(Path::new(SOCKET_DIR));
-    fs::DirBuilder::new().mode(0o700).create(&sockets).map_err(step("create-socket-folder", &sockets))?;
     for file in &config.ro_files {
         let target = config.host_path(&file.jail);
         if let Some(parent) = target.parent() {
@@ -340,13 +317,7 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     }
     t.record("clear-env", start);
 
-    let mut residue = Residue {
-        config,
-        jail_dir: false,
-        cgroups: false,
-        socket_dir: config.socket_dir.is_some(),
-        handed_over: false,
-    };
+    let mut residue = Residue { config, jail_dir: false, cgroups: false, handed_over: false };
     let copier = build_jail_folder(config, &mut residue, t)?;
 
     if let Some(dir) = &config.bind_rw {
@@ -369,12 +340,6 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
         Some(path) => Some(File::open(path).map_err(step("open-netns", path))?),
         None => None,
     };
-    // A held VMM's stdin is a socket to this supervisor, its stdout and stderr ours until its
-    // launch brings the launcher's (`crate::held`).
-    let held_vmm = match config.hold {
-        true => Some(UnixStream::pair().map_err(step("hold", "socketpair"))?),
-        false => None,
-    };
     let last_cap = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -384,11 +349,6 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
         procs_files: config.cgroups.procs_files(),
         rlimits: config.rlimits.clone(),
         ro_binds: config.ro_files.iter().map(|f| (f.host.clone(), config.host_path(&f.jail))).collect(),
-        socket_dir_host: config.host_path(Path::new(SOCKET_DIR)),
-        socket_dir_source: config
-            .socket_dir
-            .clone()
-            .unwrap_or_else(|| config.host_path(Path::new(SOCKET_DIR))),
         netns: netns.as_ref().zip(netns_path).map(|(f, path)| (f.as_raw_fd(), path)),
         uid: config.uid,
         gid: config.gid,
@@ -396,12 +356,9 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
         ro_jail_paths: config.ro_files.iter().map(|f| f.jail.clone()).collect(),
         rw_bind: config.bind_rw.as_ref().map(|dir| (dir.clone(), config.host_path(dir))),
         mount_proc: config.mount_proc,
-        landlock: !config.hold,
         argv: std::iter::once(OsString::from(&config.exec_name))
-            .chain(config.hold.then(|| OsString::from(crate::held::AWAIT_GO)))
             .chain(config.vmm_args.iter().cloned())
             .collect(),
-        stdio: held_vmm.as_ref().map(|(_, vmm_end)| [vmm_end.as_raw_fd(), 2, 2]),
         keep_fds: config.keep_fds.clone(),
         last_cap,
         old_mask,
@@ -458,41 +415,14 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     drop(netns);
 
     let signals = crate::wait::signal_fd(&supervised_signals()).map_err(step("supervise", "signalfd"))?;
-    // A held jail waits here for the launch that takes it (or is given up).
-    let mut launch_steps = 0;
-    let mut taken = None;
-    if let Some((held, _)) = held_vmm {
-        taken = Some(crate::held::until_launched(config, pid, &held, &signals)?);
-        launch_steps = t.steps.len();
-    }
-    let (launcher, launch_socket_dir) = taken.unzip();
 
     let start = Instant::now();
-    let status = supervise(pid, &signals, launcher.as_ref());
+    let status = supervise(pid, &signals);
     t.record("vmm-run", start);
 
     let limits_hit = config.cgroups.limits_hit();
-    let mut cleanup_error = residue.remove(t).err();
-    if let Some(dir) = launch_socket_dir.flatten() {
-        // A held jail's launch brought its socket folder; it goes with the jail.
-        if let Err(e) = fs::remove_dir_all(&dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                cleanup_error = cleanup_error.or(Some(JailError::Step {
-                    step: "remove-socket-folder",
-                    path: dir,
-                    source: e,
-                }));
-            }
-        }
-    }
-    let outcome = Outcome { status, pid, limits_hit, timings: t.clone(), cleanup_error };
-    if let Some(conn) = launcher {
-        // The launcher's timings are those of its launch: from the take on.
-        let launch = Outcome { timings: Timings { steps: t.steps[launch_steps..].to_vec() }, ..outcome };
-        let _ = (&conn).write_all(crate::held::encode_outcome(&launch).as_bytes());
-        return Ok(Outcome { timings: t.clone(), ..launch });
-    }
-    Ok(outcome)
+    let cleanup_error = residue.remove(t).err();
+    Ok(Outcome { status, pid, limits_hit, timings: t.clone(), cleanup_error })
 }
 
 /// Step names the child may report (so errors carry `&'static str`).
@@ -503,7 +433,6 @@ const STEP_NAMES: &[&str] = &[
     "make-mounts-private",
     "bind-jail-root",
     "bind-read-only-file",
-    "bind-socket-folder",
     "bind-read-write-folder",
     "mount-proc",
     "pivot-root",
@@ -521,7 +450,6 @@ const STEP_NAMES: &[&str] = &[
     "clear-capabilities",
     "restore-signal-mask",
     "keep-fd",
-    "set-stdio",
     "exec",
 ];
 
@@ -661,12 +589,10 @@ const RESEND_EVERY: Duration = Duration::from_millis(50);
 /// How long a VMM may take to stop after a forwarded signal before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Waits for the VMM, passing SIGINT/SIGTERM/SIGHUP/SIGQUIT on to it. `launcher` is a held
-/// jail's launcher ([`crate::held`]): if it goes away, the VMM is killed.
-fn supervise(pid: i32, signals: &OwnedFd, launcher: Option<&UnixStream>) -> VmmStatus {
+/// Waits for the VMM, passing SIGINT/SIGTERM/SIGHUP/SIGQUIT on to it.
+fn supervise(pid: i32, signals: &OwnedFd) -> VmmStatus {
     let mut forwarding: Option<(i32, Instant)> = None;
-    let mut fds = vec![signals.as_raw_fd()];
-    fds.extend(launcher.map(|l| l.as_raw_fd()));
+    let fds = [signals.as_raw_fd()];
     loop {
         if let Some(status) = try_wait(pid) {
             return status;
@@ -676,14 +602,6 @@ fn supervise(pid: i32, signals: &OwnedFd, launcher: Option<&UnixStream>) -> VmmS
             if let Some(signal) = crate::wait::read_signal(signals).filter(|s| FORWARDED.contains(s)) {
                 forwarding.get_or_insert((signal, Instant::now()));
             }
-        }
-        // The launcher sends nothing after its request: anything readable is its going away,
-        // and with it whoever wanted this VM.
-        if ready.get(1) == Some(&true)
-            && launcher.is_some_and(|l| (&*l).read(&mut [0u8; 64]).map_or(true, |n| n == 0))
-        {
-            forwarding = Some((libc::SIGKILL, Instant::now()));
-            fds.truncate(1);
         }
         if let Some((signal, since)) = forwarding {
             let signal = if since.elapsed() > STOP_GRACE { libc::SIGKILL } else { signal };

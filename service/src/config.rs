@@ -176,8 +176,8 @@ pub struct WorkerConfig {
     /// After SIGTERM, how long running jobs may take to finish before their VMs are stopped
     /// and the jobs handed back (`CELLA_DRAIN_SECS`).
     pub drain_secs: u64,
-    /// First uid/gid of the jailed VMMs: slot N of this worker runs as `jail_uid_base + 2N` or
-    /// `+ 2N + 1` (its held spare waits with the one its running scan does not have).
+    /// First uid/gid of the jailed VMMs: slot N of this worker runs as `jail_uid_base + N` (its
+    /// running scan and the spare waiting for its next one; see `worker::spare_pool`).
     pub jail_uid_base: u32,
 }
 
@@ -199,7 +199,7 @@ pub struct SessionsConfig {
     pub reaper_interval_ms: u64,
     /// Jailed session VMMs (`worker.jailed`) run as uid/gid `jail_uid_base + n`, each live one
     /// with its own n below `jail_uids`; the range must not meet the workers'
-    /// (`worker.jail_uid_base` .. + 2 × `worker.concurrency`).
+    /// (`worker.jail_uid_base` .. + `worker.concurrency`).
     pub jail_uid_base: u32,
     /// The most jailed session VMMs one host runs at once (running or paused sessions).
     pub jail_uids: u32,
@@ -362,7 +362,7 @@ impl Config {
     /// meet (a uid shared by two jails would let one VMM reach the other's files).
     pub fn check(&self) -> Result<(), ConfigError> {
         let workers = u64::from(self.worker.jail_uid_base)
-            ..u64::from(self.worker.jail_uid_base) + 2 * u64::from(self.worker.concurrency);
+            ..u64::from(self.worker.jail_uid_base) + u64::from(self.worker.concurrency);
         let sessions = u64::from(self.sessions.jail_uid_base)
             ..u64::from(self.sessions.jail_uid_base) + u64::from(self.sessions.jail_uids);
         if self.sessions.jail_uid_base == 0 || self.worker.jail_uid_base == 0 {
@@ -370,7 +370,7 @@ impl Config {
         }
         if workers.start < sessions.end && sessions.start < workers.end {
             return Err(ConfigError::JailUids(format!(
-                "the workers' uids {}-{} (worker.jail_uid_base, two per slot) meet the session VMMs' {}-{} \
+                "the workers' uids {}-{} (worker.jail_uid_base, one per slot) meet the session VMMs' {}-{} \
                  (sessions.jail_uid_base, sessions.jail_uids); move one range",
                 workers.start,
                 workers.end - 1,

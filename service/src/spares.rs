@@ -1,8 +1,8 @@
 //! Prepared spare jails, made ahead of the launches that take them: `cella-jailer prepare`
 //! makes a jail folder with the VMM binary's copy and a network namespace while nothing waits,
 //! and the next launch takes the spare with `--jail-prepared`. The session manager keeps one
-//! for the next session VMM (a session's jail binds its own folder, which a held spare cannot
-//! take); the worker keeps held spares instead ([`crate::held_spares`]). A launch refills in
+//! for the next session VMM (a session's jail binds its own folder); the worker keeps spare VMMs
+//! instead ([`crate::worker::spare_pool`]). A launch refills in
 //! the background. A spare that turns out unusable (the VMM binary was replaced) costs a
 //! launch its head start only: the jailer says so and makes the jail itself.
 //!

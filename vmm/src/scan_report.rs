@@ -17,7 +17,7 @@ pub struct ScanReport {
     pub launch_us: u64,
     /// The guest's run, in µs.
     pub run_us: u64,
-    /// The VM was built ahead of its launch (a held spare).
+    /// The VM was built ahead of its launch (a spare, `cella-vmm spare`).
     pub built_ahead: bool,
     /// From starting the VM to having the results, in ms.
     #[serde(default)]

@@ -392,7 +392,7 @@ fn a_jailed_scan_killed_with_sigkill_takes_its_jail_down_with_it() {
     child.kill().unwrap();
     child.wait().unwrap();
     // The jailer's parent-death signal (SIGTERM) stops the VM; the jailer removes the jail and
-    // the socket folder and exits.
+    // exits.
     let deadline = Instant::now() + Duration::from_secs(30);
     for pid in [vmm, jailer] {
         let status = format!("/proc/{pid}/status");

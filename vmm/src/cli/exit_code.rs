@@ -45,11 +45,11 @@ With --jailed, also cella-jailer's own (see cella-jailer --help):
   247    a jail step failed (the message names it); nothing is left behind
   248    the jail folder or cgroups could not be removed: cella-jailer cleanup --id ID
 
---jailed runs the VMM in a cell made by cella-jailer (own uid/gid, namespaces, cgroups,
-Landlock, seccomp), with the image and the artifact bound read-only. This process stays
-outside: it serves the job over a listener in a private socket folder that the jail gets as
-its /run (only --jail-uid/--jail-gid may connect), writes --sarif, and passes SIGINT and
-SIGTERM on; if it dies, the jail is stopped, scrubbed and removed.";
+--jailed runs the VMM as a spare (cella-vmm spare) in a cell made by cella-jailer (own
+uid/gid, namespaces, cgroups, Landlock, seccomp), with only the image bound in. This process
+stays outside: it hands the VMM the artifact and the job channel as descriptors over its
+control socket, serves the job, writes --sarif; SIGINT and SIGTERM stop the VM through its
+control API; if this process dies, the jail is stopped, scrubbed and removed.";
 
 /// Shown at the end of `cella-vmm session --help`.
 pub const SESSION_HELP: &str = "\

@@ -3,10 +3,8 @@
 //! the jail and the arguments rewritten to their jail paths.
 //!
 //! `run --jailed` replaces this process with the jailer ([`JailArgs::exec`]). `scan --jailed`
-//! keeps this process as the job's host side ([`JailArgs::spawn`]): it serves the job over a
-//! listener in a socket folder the jailer binds in as the jail's `/run`, forwards SIGINT and
-//! SIGTERM to the jailer, makes the jailer die with it, and reads the VMM's run report back
-//! from the VMM's stdout. `session --jailed` replaces this process with the jailer too
+//! runs its VMM as a jailed spare ([`JailArgs::spare_jail`], `cella_vmm::spare`) and stays as
+//! the job's host side. `session --jailed` replaces this process with the jailer too
 //! ([`JailArgs::exec_in`]), with the session's folder bound read-write at its own path
 //! ([`JailedCell`]): a session must outlive whoever launched it.
 
