@@ -45,6 +45,8 @@ pub enum BenchCommand {
     /// Session lifecycle: cold launch + load vs restore to first answer, pause, resume,
     /// snapshot time and size, for several guest memory sizes
     Session(super::bench_session::SessionBenchArgs),
+    /// Jailed launch from a spare VMM started ahead, and made at launch, vs bubblewrap
+    Spare(super::bench_spare::SpareBenchArgs),
 }
 
 /// Latency figures for one kind of launch, in milliseconds.
@@ -74,6 +76,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Packs(args) => return super::bench_packs::main(args),
         BenchCommand::Pause(args) => return super::bench_pause::main(args),
         BenchCommand::Session(args) => return super::bench_session::main(args),
+        BenchCommand::Spare(args) => return super::bench_spare::main(args),
     };
     match launch(runs.max(1), image, native) {
         Ok(bench) => {
@@ -141,7 +144,7 @@ fn launch(runs: usize, image: Option<PathBuf>, native: Option<PathBuf>) -> Resul
 }
 
 /// Spawns `command`, waits for it, and returns the wall time in ms; a failed run is an error.
-fn time_one(command: &mut Command) -> Result<f64, String> {
+pub(crate) fn time_one(command: &mut Command) -> Result<f64, String> {
     let started = Instant::now();
     let status = command
         .stdin(Stdio::null())
@@ -170,7 +173,7 @@ pub(crate) fn figures(mut ms: Vec<f64>) -> Figures {
     }
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| is_executable(p))
 }

@@ -5,6 +5,7 @@ pub mod bench_packs;
 pub mod bench_pause;
 pub mod bench_scan;
 pub mod bench_session;
+pub mod bench_spare;
 pub mod devices;
 pub mod exit_code;
 pub mod jailed;
