@@ -13,8 +13,7 @@ use crate::builder::HostEnds;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::vsock::Vsock;
 
-/// The most descriptors one request may carry.
-pub const MAX_FDS: usize = 4;
+pub use cella_host::fds::MAX_FDS;
 
 /// Descriptors that came with one request, each taken once by the action that uses it; the
 /// rest close when the last clone drops. Two are equal only if they are the same handover.

@@ -5,12 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-use crate::devices::legacy::console::ConsoleStats;
 use crate::devices::IoBus;
 use crate::running::RunningVm;
-use crate::scrub::{ScrubError, ScrubReport};
+use crate::scrub::ScrubError;
 use crate::vmm_config::VmConfig;
 use crate::vstate::memory::GuestMemfd;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuStop};
@@ -19,57 +16,7 @@ use crate::vstate::vm::Vm;
 /// How often the run loop looks at the cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(20);
 
-/// How the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum GuestExit {
-    /// The guest ended itself with a status.
-    Exited { code: u32 },
-    /// The guest faulted or did something no device answers.
-    Crashed {
-        reason: String,
-        #[serde(serialize_with = "hex", deserialize_with = "from_hex")]
-        rip: u64,
-    },
-    /// The guest broke a device's contract (the device refused what it wrote).
-    DeviceError { device: String, reason: String },
-    /// The wall-clock limit passed.
-    TimedOut { timeout_ms: u64 },
-    /// Stopped from outside (the cancel flag).
-    Stopped,
-    /// The VMM could not keep the VM running.
-    VmmFailed { error: String },
-}
-
-fn hex<S: serde::Serializer>(value: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{value:#x}"))
-}
-
-fn from_hex<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let text = String::deserialize(d)?;
-    let digits =
-        text.strip_prefix("0x").ok_or_else(|| serde::de::Error::custom("rip is not 0x-prefixed hex"))?;
-    u64::from_str_radix(digits, 16).map_err(serde::de::Error::custom)
-}
-
-/// Everything a run produced (`cella-vmm run --json` prints it; a jailed scan reads it back).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunReport {
-    pub exit: GuestExit,
-    /// From `VmConfig::launch_start` to the guest's first VM exit, in µs.
-    pub launch_us: u64,
-    /// From the first `KVM_RUN` to the vCPU stopping, in µs.
-    pub run_us: u64,
-    /// VM exits handled.
-    pub exits: u64,
-    pub scrub: ScrubReport,
-    pub console: ConsoleStats,
-    pub mem_mib: u64,
-    /// The VM was built ahead of its launch, in a spare (`cella-vmm spare`): `launch_us` counts
-    /// from the launch (`PUT /vm`), not from the VMM's start.
-    #[serde(default)]
-    pub built_ahead: bool,
-}
+pub use cella_host::report::{GuestExit, RunReport};
 
 /// Why a run could not be reported. The VM is gone either way.
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +155,7 @@ pub(crate) fn exit_of(stop: VcpuStop) -> GuestExit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cella_host::{ConsoleStats, ScrubReport};
 
     #[test]
     fn a_run_report_reads_back_from_its_json() {

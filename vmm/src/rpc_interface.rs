@@ -12,12 +12,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::builder::Prebuilt;
 use crate::handover::StartVm;
 use crate::microvm::{GuestExit, RunError, RunReport};
-use crate::running::{PauseStats, RunningVm};
+use crate::running::RunningVm;
 use crate::snapshot::SnapshotMeta;
 use crate::vmm_config::VmConfig;
 use crate::vstate::vcpu::VcpuControlError;
@@ -64,62 +64,7 @@ impl VmmAction {
     }
 }
 
-/// The VM's state as clients see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmState {
-    NotStarted,
-    Running,
-    Paused,
-    Stopped,
-}
-
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            VmState::NotStarted => "not started",
-            VmState::Running => "running",
-            VmState::Paused => "paused",
-            VmState::Stopped => "stopped",
-        })
-    }
-}
-
-/// `GET /vm`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmInfo {
-    pub state: VmState,
-    /// Guest memory in MiB (absent before a VM exists).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mem_mib: Option<u64>,
-    /// Since the vCPU started, in ms (absent before a VM exists).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uptime_ms: Option<u64>,
-    /// How the guest ended, once stopped.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit: Option<GuestExit>,
-}
-
-/// `GET /metrics`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct VmMetrics {
-    /// Actions handled, this one included.
-    pub actions: u64,
-    /// Actions refused (any error).
-    pub action_errors: u64,
-    #[serde(flatten)]
-    pub pause: PauseStats,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uptime_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mem_mib: Option<u64>,
-    /// Snapshots written by this VMM.
-    #[serde(default)]
-    pub snapshots_created: u64,
-    /// Snapshots loaded by this VMM (0 or 1).
-    #[serde(default)]
-    pub snapshots_loaded: u64,
-}
+pub use cella_host::report::{VmInfo, VmMetrics, VmState};
 
 /// Where a restored VM's host-side resources go (a snapshot remembers the paths of the VMM that
 /// took it; a new VMM process usually has its own).

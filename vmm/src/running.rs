@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuFd;
-use serde::{Deserialize, Serialize};
 
 use crate::devices::IoBus;
 use crate::microvm::{exit_of, GuestExit, RunError, RunReport};
@@ -23,18 +22,7 @@ use crate::vstate::vm::Vm;
 /// well under a millisecond; the bound only matters if the thread is wedged.
 pub const VCPU_CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Pause and resume counters and latencies.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PauseStats {
-    pub pauses: u64,
-    pub resumes: u64,
-    /// The last pause, from the request to the vCPU parked, in µs.
-    pub last_pause_us: Option<u64>,
-    /// The last resume, from the request to the vCPU about to enter the guest, in µs.
-    pub last_resume_us: Option<u64>,
-    /// Time spent paused, the current pause included, in ms.
-    pub paused_ms: u64,
-}
+pub use cella_host::report::PauseStats;
 
 /// A microVM whose vCPU thread has started.
 #[derive(Debug)]

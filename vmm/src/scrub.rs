@@ -21,8 +21,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
 /// Size of a page, the unit of the evidence.
 const PAGE: u64 = 4096;
 /// Read-back buffer size.
@@ -53,26 +51,7 @@ pub enum ScrubError {
     StillPrivate { pages: u64 },
 }
 
-/// The evidence a scrub leaves, recorded in the run report and (later) the audit log.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ScrubReport {
-    /// Bytes zeroed: every page the guest or the VMM touched.
-    pub bytes: u64,
-    /// Pages read back through the memory file and found to be zero.
-    pub pages_verified: u64,
-    /// Whether every touched byte read back as zero (always true in a returned report).
-    pub verified_zero: bool,
-    /// Whether the memory was released (hole-punched) and found to hold no blocks.
-    pub released: bool,
-    /// Blocks the memory file held after release (always 0 in a returned report).
-    pub blocks_after_release: u64,
-    /// Guest memory size: what the guest was given.
-    pub mem_bytes: u64,
-    /// Contiguous touched ranges.
-    pub ranges: u64,
-    /// Wall time of the whole scrub, in milliseconds.
-    pub ms: f64,
-}
+pub use cella_host::report::ScrubReport;
 
 /// Scrubs `size` bytes of `file`, mapped shared at `base`.
 ///

@@ -1,6 +1,6 @@
 //! What a caller asks for when it launches a VM, and the limits that request is held to.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,10 +13,7 @@ pub const DEFAULT_MEM_MIB: u64 = 128;
 pub const MIN_MEM_MIB: u64 = 8;
 /// The most guest memory a VM may have.
 pub const MAX_MEM_MIB: u64 = 64 << 10;
-/// Environment variable naming the runner image, overriding the search.
-pub const RUNNER_IMAGE_ENV: &str = "CELLA_RUNNER_IMAGE";
-/// Environment variable naming the scanner image, overriding the search.
-pub const SCANNER_IMAGE_ENV: &str = "CELLA_SCANNER_IMAGE";
+pub use cella_host::images::{RUNNER_IMAGE_ENV, SCANNER_IMAGE_ENV};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -106,35 +103,18 @@ impl VmConfig {
 
 /// Finds the runner image (`cella-runner`: the small image for `run`).
 pub fn default_runner_image() -> Result<PathBuf, ConfigError> {
-    default_guest_image("cella-runner", RUNNER_IMAGE_ENV)
+    cella_host::images::default_runner_image().map_err(ConfigError::from)
 }
 
 /// Finds the scanner image (`cella-scanner`: the runner with the scan engine, for `scan`).
 pub fn default_scanner_image() -> Result<PathBuf, ConfigError> {
-    default_guest_image("cella-scanner", SCANNER_IMAGE_ENV)
+    cella_host::images::default_scanner_image().map_err(ConfigError::from)
 }
 
-/// Finds a guest image that `scripts/build-guest.sh` built: `$<env>`, else `target/cella/<name>`
-/// next to this executable's `target/<profile>/` folder, else `<name>.elf` next to the
-/// executable itself (an installed layout).
-fn default_guest_image(name: &str, env: &str) -> Result<PathBuf, ConfigError> {
-    if let Some(path) = std::env::var_os(env) {
-        return Ok(PathBuf::from(path));
+impl From<cella_host::images::ImageNotFound> for ConfigError {
+    fn from(e: cella_host::images::ImageNotFound) -> Self {
+        ConfigError::NoDefaultImage { searched: e.searched, env: e.env }
     }
-    let exe = std::env::current_exe().ok();
-    let dir = exe.as_deref().and_then(Path::parent);
-    let mut candidates = Vec::new();
-    if let Some(dir) = dir {
-        // target/<profile>/cella-vmm, or target/<profile>/deps/<test> for test binaries.
-        for up in [dir.parent(), dir.parent().and_then(Path::parent)].into_iter().flatten() {
-            candidates.push(up.join("cella").join(name));
-        }
-        candidates.push(dir.join(format!("{name}.elf")));
-    }
-    candidates.iter().find(|c| c.is_file()).cloned().ok_or_else(|| ConfigError::NoDefaultImage {
-        searched: candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", "),
-        env: env.to_owned(),
-    })
 }
 
 #[cfg(test)]

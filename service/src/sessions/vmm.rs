@@ -1,7 +1,7 @@
 //! Session VMMs: `cella-vmm session` processes, each in a session (setsid) of its own so it
 //! outlives a restart of `cella serve`, driven through their control socket
-//! ([`cella_vmm::control::ControlClient`]), and the guest's session port over the VM's vsock
-//! socket ([`cella_vmm::session_client::GuestSession`]).
+//! ([`cella_host::client::ControlClient`]), and the guest's session port over the VM's vsock
+//! socket ([`cella_host::session::GuestSession`]).
 //!
 //! Jailed (`worker.jailed`, the default under root), `cella-vmm session --jailed` becomes
 //! `cella-jailer`: the process this module starts is then the jail's supervisor, the VMM its
@@ -17,10 +17,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cella_host::client::ControlClient;
+use cella_host::session::GuestSession;
+use cella_host::VmState as VmmState;
 use cella_proto::{Kind, SessionRequest};
-use cella_vmm::control::ControlClient;
-use cella_vmm::rpc_interface::VmState as VmmState;
-use cella_vmm::session_client::GuestSession;
 use serde_json::Value;
 
 use crate::error::error_chain;
@@ -357,7 +357,7 @@ fn control(api_sock: &Path) -> ControlClient {
     ControlClient::new(api_sock)
 }
 
-fn control_error(e: cella_vmm::control::ControlError) -> VmmError {
+fn control_error(e: cella_host::client::ControlError) -> VmmError {
     VmmError::Control(error_chain(&e))
 }
 

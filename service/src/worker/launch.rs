@@ -1,4 +1,4 @@
-//! Running one scan in a spare VMM ([`cella_vmm::spare`]): the job's frames are made here
+//! Running one scan in a spare VMM ([`cella_host::spare`]): the job's frames are made here
 //! (policy, baseline, SARIF context), the artifact and the VM's end of the job channel are
 //! handed to the spare with `PUT /vm`, the job is served on the other end, and the outcome is
 //! read from typed results: the runner's answer, the VM's final report and the jailer's status.
@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cella_host::client::ControlError;
+use cella_host::job::{JobError, JobFrames, JobReport, ScanOutcome};
+use cella_host::scan_report::ScanReport;
+use cella_host::spare::{SpareJail, SpareOptions};
+use cella_host::{GuestExit, RunReport};
 use cella_proto::{Job, SarifContext, BASELINE_ENTRY_LEN};
-use cella_vmm::control::ControlError;
-use cella_vmm::job::{JobError, JobFrames, JobReport, ScanOutcome};
-use cella_vmm::scan_report::ScanReport;
-use cella_vmm::spare::{SpareJail, SpareOptions};
-use cella_vmm::{GuestExit, RunReport};
 use serde_json::{json, Value};
 
 use crate::config::WorkerConfig;
@@ -343,7 +343,7 @@ fn vm_report(report: &ScanReport) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cella_vmm::ScrubReport;
+    use cella_host::ScrubReport;
 
     fn run_report(exit: GuestExit, verified: bool) -> RunReport {
         RunReport {

@@ -1,4 +1,4 @@
-//! The worker's spares: for each slot, one VMM started ahead ([`cella_vmm::spare`]), in its
+//! The worker's spares: for each slot, one VMM started ahead ([`cella_host::spare`]), in its
 //! cell when jailed, confined from before it serves anything and waiting on its control socket
 //! for the slot's next scan. A scan takes the slot's spare and a new one is started at once, in
 //! the background. Spares are made with the worker's default CPU quota; a tenant with a quota
@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cella_vmm::spare::{Spare, SpareError};
+use cella_host::spare::{Spare, SpareError};
 
 use super::launch::Launcher;
 

@@ -14,9 +14,7 @@
 //! - `routes.rs`: request → action, result → response; the one status mapping.
 //! - `client.rs`: [`ControlClient`], the blocking client the service uses.
 
-pub mod client;
-pub mod fds;
-pub mod http;
+pub use cella_host::{client, fds, http};
 pub mod routes;
 
 use std::os::fd::{AsRawFd, RawFd};

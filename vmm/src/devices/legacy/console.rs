@@ -7,8 +7,6 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
 /// The longest line kept; longer ones are cut into several.
 const LINE_MAX: usize = 1024;
 
@@ -29,14 +27,7 @@ impl Default for ConsoleLimits {
     }
 }
 
-/// What the console passed on and what it dropped.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConsoleStats {
-    /// Guest bytes written to the host.
-    pub bytes: u64,
-    /// Guest bytes dropped over the limits.
-    pub dropped: u64,
-}
+pub use cella_host::report::ConsoleStats;
 
 /// The sink for guest console bytes.
 pub struct GuestConsole {

@@ -10,9 +10,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::http::{self, ClientResponse};
-use crate::rpc_interface::{VmInfo, VmMetrics};
-use crate::RunReport;
+use crate::http::{self, ClientResponse};
+use crate::report::{RunReport, VmInfo, VmMetrics};
 
 /// How long a call may take unless [`ControlClient::with_timeout`] says otherwise. A stop
 /// includes the memory scrub (a fully touched 512 MiB guest takes a few hundred ms).
@@ -170,7 +169,7 @@ impl ControlClient {
         raw.push_str(&body);
         let mut sent = 0;
         if !fds.is_empty() {
-            sent = super::fds::send_with_fds(&stream, raw.as_bytes(), fds).map_err(io)?;
+            sent = crate::fds::send_with_fds(&stream, raw.as_bytes(), fds).map_err(io)?;
         }
         stream.write_all(&raw.as_bytes()[sent..]).map_err(io)?;
         let ClientResponse { status, body } = http::read_response(&mut stream).map_err(|e| match e {

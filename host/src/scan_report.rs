@@ -5,7 +5,7 @@ use cella_proto::ErrorReport;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{GuestExit, ScrubReport};
+use crate::report::{GuestExit, ScrubReport};
 
 /// What one scan did: how its VM ended and what it cost, the scrub evidence, and the result
 /// (a summary, the artifact's refusal, or why there is none).

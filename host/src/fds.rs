@@ -5,7 +5,8 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use crate::handover::MAX_FDS;
+/// The most descriptors one request may carry.
+pub const MAX_FDS: usize = 4;
 
 /// Room for one more descriptor than allowed, so a request with too many is seen as such.
 const RECV_FDS: usize = MAX_FDS + 1;

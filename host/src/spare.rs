@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use crate::control::{ControlClient, ControlError};
+use crate::client::{ControlClient, ControlError};
 use crate::job::{serve_channel, JobError, JobFrames, JobReport};
-use crate::RunReport;
+use crate::report::RunReport;
 
 /// The descriptor a spare gets its control socket on.
 pub const API_FD: i32 = 3;
@@ -81,7 +81,7 @@ pub enum SpareError {
     #[error("cannot start {vmm}")]
     Spawn { vmm: PathBuf, source: std::io::Error },
     #[error("a jailed spare needs its guest image named")]
-    NoImage(#[source] crate::ConfigError),
+    NoImage(#[source] crate::images::ImageNotFound),
     #[error("cannot make the job channel")]
     Channel(#[source] std::io::Error),
     #[error("the spare refused its launch")]
@@ -230,7 +230,7 @@ fn spare_command(options: &SpareOptions) -> Result<Command, SpareError> {
     };
     let image = match &options.image {
         Some(image) => image.clone(),
-        None => crate::default_scanner_image().map_err(SpareError::NoImage)?,
+        None => crate::images::default_scanner_image().map_err(SpareError::NoImage)?,
     };
     let image = std::path::absolute(&image).unwrap_or(image);
     let mut command = Command::new(&jail.jailer);
