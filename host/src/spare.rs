@@ -69,7 +69,14 @@ pub struct SpareOptions {
     pub guest_args: Vec<String>,
     /// Where the spare's private folder (its control socket) is made.
     pub run_dir: PathBuf,
+    /// Keep the tail of the spare's stderr (the VMM's and the jailer's messages and the
+    /// guest's sanitised console) for [`SpareEnd::stderr`] instead of passing it to this
+    /// process's stderr.
+    pub capture_stderr: bool,
 }
+
+/// The most of a spare's stderr kept when it is captured (its tail).
+const STDERR_TAIL: usize = 4096;
 
 /// Why a spare could not be started or a job run in it.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +102,17 @@ pub struct Spare {
     api: ControlClient,
     dir: PathBuf,
     timeout: Duration,
+    /// The thread keeping the tail of a captured stderr.
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+/// How a spare's process ended.
+#[derive(Debug)]
+pub struct SpareEnd {
+    pub status: ExitStatus,
+    /// The tail of its stderr, if it was captured (as the VMM wrote it: escape it before it is
+    /// shown).
+    pub stderr: String,
 }
 
 /// How a job in a spare went: the job's result over its channel, and the VM's final report.
@@ -145,6 +163,9 @@ impl Spare {
             UnixListener::bind(&path).map_err(|source| SpareError::Socket { path: path.clone(), source })?;
         let mut command = spare_command(options)?;
         command.stdin(Stdio::null()).stdout(Stdio::null());
+        if options.capture_stderr {
+            command.stderr(Stdio::piped());
+        }
         let listener_fd = listener.as_raw_fd();
         // SAFETY: between fork and exec the closure only calls async-signal-safe functions
         // (dup2, prctl) on descriptors the child has.
@@ -165,11 +186,27 @@ impl Spare {
                 Ok(())
             });
         }
-        let child =
+        let mut child =
             command.spawn().map_err(|source| SpareError::Spawn { vmm: options.vmm.clone(), source })?;
         drop(listener);
+        let stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut tail = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = std::io::Read::read(&mut pipe, &mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    tail.extend_from_slice(&chunk[..n]);
+                    if tail.len() > 2 * STDERR_TAIL {
+                        tail.drain(..tail.len() - STDERR_TAIL);
+                    }
+                }
+                tail.split_off(tail.len().saturating_sub(STDERR_TAIL))
+            })
+        });
         let api = ControlClient::new(path).with_timeout(options.timeout + Duration::from_secs(10));
-        Ok(Spare { child, api, dir, timeout: options.timeout })
+        Ok(Spare { child, api, dir, timeout: options.timeout, stderr })
     }
 
     /// The VMM's process id.
@@ -196,9 +233,11 @@ impl Spare {
         Ok(SpareRun { job, vm })
     }
 
-    /// Waits for the VMM process to exit.
-    pub fn wait(mut self) -> std::io::Result<ExitStatus> {
-        self.child.wait()
+    /// Waits for the spare's process to exit (and for its captured stderr to end).
+    pub fn wait(mut self) -> std::io::Result<SpareEnd> {
+        let status = self.child.wait()?;
+        let stderr = self.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default();
+        Ok(SpareEnd { status, stderr: String::from_utf8_lossy(&stderr).trim().to_owned() })
     }
 
     /// Its private folder.

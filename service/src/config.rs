@@ -504,11 +504,15 @@ mod tests {
     #[test]
     fn session_jail_uids_may_not_meet_the_workers() {
         Config::default().check().unwrap();
-        let c: Config = toml::from_str("[worker]\njail_uid_base = 64990\nconcurrency = 5\n").unwrap();
+        // One uid per slot: 10 slots from 64990 end just below the sessions' 65000.
+        let c: Config = toml::from_str("[worker]\njail_uid_base = 64990\nconcurrency = 10\n").unwrap();
         c.check().unwrap();
         let c: Config = toml::from_str("[worker]\njail_uid_base = 64990\nconcurrency = 20\n").unwrap();
         let err = c.check().unwrap_err();
-        assert!(err.to_string().contains("the workers' uids 64990-65029"), "{err}");
+        assert!(
+            err.to_string().contains("the workers' uids 64990-65009 (worker.jail_uid_base, one per slot)"),
+            "{err}"
+        );
         let c: Config = toml::from_str("[sessions]\njail_uid_base = 0\n").unwrap();
         assert!(c.check().is_err());
     }

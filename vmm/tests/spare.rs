@@ -31,6 +31,7 @@ fn options(name: &str) -> SpareOptions {
         seccomp: None,
         guest_args: Vec::new(),
         run_dir: scratch(name),
+        capture_stderr: false,
     }
 }
 
@@ -120,7 +121,7 @@ fn a_spare_is_confined_before_it_serves_and_scans_an_artifact_handed_over_as_des
     assert_scrubbed(&serde_json::to_value(&report).unwrap());
     // Finish again: the same report (a client that lost the answer can ask once more) —
     // unless the VMM has exited already, which it does once it has answered.
-    let status = spare.wait().unwrap();
+    let status = spare.wait().unwrap().status;
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
@@ -175,7 +176,7 @@ fn a_spare_times_out_from_its_start_and_a_discarded_spare_exits() {
     wait_confined(spare.pid());
     // SAFETY: kill(2) on the spare's process.
     unsafe { libc::kill(spare.pid() as i32, libc::SIGTERM) };
-    let status = spare.wait().unwrap();
+    let status = spare.wait().unwrap().status;
     assert_eq!(status.code(), Some(cella_abi::exit::STOPPED as i32), "{status:?}");
 }
 
@@ -233,6 +234,6 @@ fn a_jailed_spare_waits_with_no_capabilities_under_its_own_uid_and_runs_a_job() 
     assert_eq!(report.exit, GuestExit::Exited { code: 0 });
     assert_scrubbed(&serde_json::to_value(&report).unwrap());
     // The jailer removes the jail and passes the VMM's status on.
-    let status = spare.wait().unwrap();
+    let status = spare.wait().unwrap().status;
     assert_eq!(status.code(), Some(0), "{status:?}");
 }

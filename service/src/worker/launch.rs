@@ -145,6 +145,9 @@ impl Launcher {
             seccomp: None,
             guest_args: Vec::new(),
             run_dir: std::env::temp_dir(),
+            // The VMM's and the jailer's messages (and the guest's sanitised console) go into a
+            // failed job's reason, escaped, not into this process's log.
+            capture_stderr: true,
         }
     }
 
@@ -204,6 +207,8 @@ pub struct Finished {
     /// The exit status of the spare's process (`cella-jailer`'s when jailed); `None` if a
     /// signal ended it.
     pub status: Option<i32>,
+    /// The tail of its stderr (the VMM's, the jailer's and the guest console's words).
+    pub stderr: String,
     /// From the launch to the results, in ms.
     pub scan_ms: u64,
     pub artifact_bytes: u64,
@@ -250,6 +255,11 @@ impl Finished {
         };
         use cella_abi::exit;
         let status = self.status;
+        // The last thing the VMM or the jailer said, for reasons that have nothing better.
+        let said = match self.stderr.lines().last() {
+            Some(line) if !line.trim().is_empty() => format!(" ({})", line.trim()),
+            _ => String::new(),
+        };
         let report = match &self.vm {
             Ok(report) => report,
             Err(e) => {
@@ -258,26 +268,24 @@ impl Finished {
                         failed("the VMM was killed by its seccomp filter".into(), false)
                     }
                     Some(s) if s == i32::from(exit::VMM_KILLED) => {
-                        failed(format!("the VMM was killed by a signal (its memory limit?): {e}"), true)
+                        failed(format!("the VMM was killed by a signal (its memory limit?){said}"), true)
                     }
                     Some(s) if s == i32::from(exit::JAIL_FAILED) => {
-                        failed("the VMM's jail could not be made (the server log says why)".into(), true)
+                        failed(format!("the VMM's jail could not be made{said}"), true)
                     }
                     Some(s) if s == i32::from(exit::STOPPED) => {
                         failed("the VMM was stopped by a signal from outside the worker".into(), true)
                     }
-                    None => failed(format!("the VMM was killed by a signal: {e}"), true),
-                    Some(_) => {
-                        failed(format!("the VMM gave no report: {}", crate::error::error_chain(e)), true)
-                    }
+                    None => failed(format!("the VMM was killed by a signal: {e}{said}"), true),
+                    Some(_) => failed(
+                        format!("the VMM gave no report: {}{said}", crate::error::error_chain(e)),
+                        true,
+                    ),
                 };
             }
         };
         if status == Some(i32::from(exit::CLEANUP_FAILED)) {
-            return failed(
-                "the VM's jail could not be removed completely (the server log says why)".into(),
-                true,
-            );
+            return failed(format!("the VM's jail could not be removed completely{said}"), true);
         }
         if !report.scrub.verified_zero {
             return failed("the VM's memory scrub could not be verified".into(), false);
@@ -380,7 +388,7 @@ mod tests {
         vm: Result<RunReport, ControlError>,
         status: i32,
     ) -> Finished {
-        Finished { job, vm, status: Some(status), scan_ms: 14, artifact_bytes: 10 }
+        Finished { job, vm, status: Some(status), stderr: String::new(), scan_ms: 14, artifact_bytes: 10 }
     }
 
     fn reason(outcome: Outcome) -> (String, bool) {
@@ -476,6 +484,19 @@ mod tests {
         };
         let (r, retry) = reason(killed.outcome(None, Duration::ZERO));
         assert!(r.starts_with("the VMM was killed by a signal") && retry, "{r}");
+    }
+
+    #[test]
+    fn the_last_thing_the_jailer_said_goes_into_the_reason_escaped() {
+        let mut failed = finished(job(completed()), Err(gone()), i32::from(cella_abi::exit::JAIL_FAILED));
+        failed.stderr =
+            "noise\ncella-jailer: jail x failed: step `mknod` failed on /dev/kvm\u{1b}[2J\n".into();
+        let (r, retry) = reason(failed.outcome(None, Duration::ZERO));
+        assert_eq!(
+            r,
+            "the VMM's jail could not be made (cella-jailer: jail x failed: step `mknod` failed on /dev/kvm\\x1b[2J)"
+        );
+        assert!(retry);
     }
 
     #[test]

@@ -292,18 +292,18 @@ impl Worker {
             let scan_ms = launched.elapsed().as_millis() as u64;
             // A spare that refused its launch is stopped (dropping it does); one that ran ends
             // once it has answered `finish`.
-            let status = match &run {
-                Ok(_) => spare.wait().ok().and_then(|s| s.code()),
-                Err(_) => None,
+            let (status, stderr) = match &run {
+                Ok(_) => spare.wait().map(|end| (end.status.code(), end.stderr)).unwrap_or_default(),
+                Err(_) => (None, String::new()),
             };
-            (run, status, scan_ms)
+            (run, status, stderr, scan_ms)
         });
         tokio::pin!(run);
         let mut stopped: Option<StopReason> = None;
         let mut stop_sent = false;
         let mut beat = tokio::time::interval(self.lease_for / 3);
         beat.tick().await;
-        let (run, status, scan_ms) = loop {
+        let (run, status, stderr, scan_ms) = loop {
             tokio::select! {
                 done = &mut run => break done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
                 _ = beat.tick() => match queue::heartbeat(&self.pool, lease, self.lease_for).await {
@@ -327,7 +327,7 @@ impl Worker {
             }
         };
         let finished = match run {
-            Ok(run) => Finished { job: run.job, vm: run.vm, status, scan_ms, artifact_bytes },
+            Ok(run) => Finished { job: run.job, vm: run.vm, status, stderr, scan_ms, artifact_bytes },
             Err(e) => return Outcome::Failed { reason: error_chain(&e), retryable: true, vm: None },
         };
         finished.outcome(stopped, self.launcher.timeout())

@@ -80,6 +80,7 @@ fn run(args: &SpareBenchArgs) -> Result<(), String> {
         seccomp: None,
         guest_args: vec!["hello".into()],
         run_dir: std::env::temp_dir(),
+        capture_stderr: true,
     };
     let cold = |n: usize| {
         let mut command = Command::new(&exe);

@@ -385,6 +385,7 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
         seccomp: None,
         guest_args: Vec::new(),
         run_dir: std::env::temp_dir(),
+        capture_stderr: false,
     };
     let stop_fd = super::stop_signal::install().map_err(|message| {
         eprintln!("cella-vmm scan: error: {message}");
@@ -397,7 +398,7 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
     let started = Instant::now();
     let run = spare.run_job(&artifact, &frames).map_err(|e| fail(exit_code::VMM_FAILED, &e))?;
     let scan_ms = started.elapsed().as_millis() as u64;
-    let status = spare.wait().map_err(|e| fail(exit_code::VMM_FAILED, &e))?;
+    let status = spare.wait().map_err(|e| fail(exit_code::VMM_FAILED, &e))?.status;
     match run.vm {
         Ok(vm) => Ok((ScanRun { vm, job: run.job, artifact_bytes, scan_ms }, status)),
         Err(e) => {
