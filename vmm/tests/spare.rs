@@ -237,3 +237,71 @@ fn a_jailed_spare_waits_with_no_capabilities_under_its_own_uid_and_runs_a_job() 
     let status = spare.wait().unwrap().status;
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+/// `cella-vmm spare --test-open PATH`, through `cella-jailer` when `jailed`, with a control
+/// socket of its own as descriptor 3: the output of a spare that tries to open PATH once it is
+/// confined.
+fn spare_opening(path: &str, jailed: bool, dir: &std::path::Path) -> std::process::Output {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let b = binaries();
+    let listener = std::os::unix::net::UnixListener::bind(dir.join("api.sock")).unwrap();
+    let image = runner_image();
+    let mut command = if jailed {
+        let mut c = std::process::Command::new(&b.jailer);
+        c.args(["--id", &format!("spare-open-{}", std::process::id())]);
+        c.arg("--exec-file").arg(&b.static_vmm).args(["--uid", "64043", "--gid", "64043", "--new-pid-ns"]);
+        let mut ro = image.clone().into_os_string();
+        ro.push("=/image");
+        c.arg("--ro-file").arg(ro).args([
+            "--keep-fd",
+            "3",
+            "--",
+            "spare",
+            "--api-fd",
+            "3",
+            "--image",
+            "/image",
+        ]);
+        c
+    } else {
+        let mut c = std::process::Command::new(&b.static_vmm);
+        c.args(["spare", "--api-fd", "3", "--image"]).arg(&image);
+        c
+    };
+    command.args(["--test-open", path]);
+    let fd = listener.as_raw_fd();
+    // SAFETY: dup2 (or, if the listener is descriptor 3 already, clearing its close-on-exec
+    // flag) between fork and exec, on a descriptor the child has.
+    unsafe {
+        command.pre_exec(move || {
+            let ok = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) == 0 } else { libc::dup2(fd, 3) >= 0 };
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn a_spare_cannot_open_any_path_once_confined_even_one_its_jail_lets_it_read() {
+    let dir = scratch("spare-open");
+    let image = runner_image();
+    // Unjailed: the image it read at start, and any other file, are out of reach.
+    for path in [image.to_str().unwrap(), "/etc/hostname", "/proc/self/status"] {
+        let out = spare_opening(path, false, &dir);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{path}: {said}");
+        assert!(said.contains(&format!("test-open {path}: Permission denied")), "{said}");
+        std::fs::remove_file(dir.join("api.sock")).unwrap();
+    }
+    // Jailed: the jailer's own Landlock layer lets the VMM read /image; the spare's layer,
+    // put on once it holds what it needs, refuses even that.
+    let out = spare_opening("/image", true, &dir);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("test-open /image: Permission denied"), "{said}");
+}

@@ -69,6 +69,10 @@ pub struct SpareArgs {
     /// Seccomp filters (off and log are for development)
     #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompArg::Enforce)]
     pub seccomp: SeccompArg,
+    /// Test only: once confined, try to open PATH as the VMM, report on stderr, and exit (0 if
+    /// it opened, 1 if it was refused)
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub test_open: Option<PathBuf>,
     /// Guest arguments [default: scan]
     #[arg(last = true, value_name = "GUEST-ARGS")]
     pub guest_args: Vec<String>,
@@ -135,6 +139,18 @@ pub fn main(args: SpareArgs, launch_start: Instant) -> ExitCode {
     // Everything this process will open is open: from here on, no path, on any thread.
     if let Err(e) = confine::deny_all_paths() {
         return fail(exit_code::VMM_FAILED, error_chain(&e));
+    }
+    if let Some(path) = &args.test_open {
+        return match std::fs::File::open(path) {
+            Ok(_) => {
+                eprintln!("cella-vmm spare: test-open {}: opened", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cella-vmm spare: test-open {}: {e}", path.display());
+                ExitCode::FAILURE
+            }
+        };
     }
     let (actions, receiver) = match action_channel() {
         Ok(channel) => channel,
