@@ -77,6 +77,10 @@ pub fn serve_channel(
     channel
         .set_read_timeout(Some(POLL_SLICE))
         .map_err(|source| JobError::Io { stage: "connected", source })?;
+    // A runner that never reads cannot hold the host in the job's write either.
+    channel
+        .set_write_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .map_err(|source| JobError::Io { stage: "connected", source })?;
     let mut reader = FrameReader { stream: &mut channel, decoder: proto::Decoder::default(), timeout };
 
     let (kind, payload) = reader.next(deadline, "said hello")?;

@@ -6,7 +6,7 @@
 //! output.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -99,11 +99,15 @@ pub enum SpareError {
 #[derive(Debug)]
 pub struct Spare {
     child: Child,
+    /// A pidfd of the process, for signals that can never reach a recycled pid.
+    signals: SpareSignals,
     api: ControlClient,
     dir: PathBuf,
     timeout: Duration,
     /// The thread keeping the tail of a captured stderr.
     stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+    /// The jail's id, when jailed.
+    jail_id: Option<String>,
 }
 
 /// How a spare's process ended.
@@ -167,6 +171,8 @@ impl Spare {
             command.stderr(Stdio::piped());
         }
         let listener_fd = listener.as_raw_fd();
+        // SAFETY: getpid(2) has no preconditions.
+        let parent = unsafe { libc::getpid() };
         // SAFETY: between fork and exec the closure only calls async-signal-safe functions
         // (dup2, prctl) on descriptors the child has.
         unsafe {
@@ -182,7 +188,12 @@ impl Spare {
                     return Err(std::io::Error::last_os_error());
                 }
                 // A spare outlives no launcher: SIGTERM stops it (scrubbing, if it runs a VM).
+                // The signal comes when the *thread* that started it ends: start spares from a
+                // thread that lives as long as they should.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("the launcher exited while starting the spare"));
+                }
                 Ok(())
             });
         }
@@ -205,8 +216,10 @@ impl Spare {
                 tail.split_off(tail.len().saturating_sub(STDERR_TAIL))
             })
         });
+        let signals = SpareSignals::open(child.id());
         let api = ControlClient::new(path).with_timeout(options.timeout + Duration::from_secs(10));
-        Ok(Spare { child, api, dir, timeout: options.timeout, stderr })
+        let jail_id = options.jail.as_ref().map(|j| j.id.clone());
+        Ok(Spare { child, signals, api, dir, timeout: options.timeout, stderr, jail_id })
     }
 
     /// The VMM's process id.
@@ -217,6 +230,22 @@ impl Spare {
     /// Its control client.
     pub fn api(&self) -> &ControlClient {
         &self.api
+    }
+
+    /// A handle that signals this spare's process, valid (and harmless) even after it was
+    /// reaped.
+    pub fn signals(&self) -> SpareSignals {
+        self.signals.clone()
+    }
+
+    /// The jail's id, when jailed (for `cella-jailer cleanup --id` after a kill).
+    pub fn jail_id(&self) -> Option<&str> {
+        self.jail_id.as_deref()
+    }
+
+    /// Whether the process still runs (a spare that died while waiting is of no use).
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Runs one job: the artifact and the VM's end of the job channel go to the VMM with
@@ -298,12 +327,48 @@ fn spare_command(options: &SpareOptions) -> Result<Command, SpareError> {
     Ok(command)
 }
 
+/// Signals to one spare's process through a pidfd (`pidfd_send_signal`): once the process is
+/// gone, a signal fails instead of reaching whatever process got its pid.
+#[derive(Clone, Debug)]
+pub struct SpareSignals(Option<std::sync::Arc<std::os::fd::OwnedFd>>);
+
+impl SpareSignals {
+    fn open(pid: u32) -> Self {
+        // SAFETY: pidfd_open(2) with a pid of our own unreaped child and no flags; it returns a
+        // new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return SpareSignals(None);
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        SpareSignals(Some(std::sync::Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })))
+    }
+
+    /// Sends `signal`; false if the process is gone (or no pidfd could be had).
+    pub fn send(&self, signal: libc::c_int) -> bool {
+        let Some(fd) = &self.0 else { return false };
+        // SAFETY: pidfd_send_signal(2) on a pidfd we own, with no siginfo and no flags.
+        let r = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), signal, std::ptr::null::<u8>(), 0)
+        };
+        r == 0
+    }
+}
+
 impl Drop for Spare {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            // SAFETY: kill(2) on the child this value owns, not yet reaped.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let _ = self.child.wait();
+            // SIGTERM stops it (scrubbed); SIGKILL if it takes longer than a jailer would.
+            self.signals.send(libc::SIGTERM);
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while matches!(self.child.try_wait(), Ok(None)) {
+                if std::time::Instant::now() > deadline {
+                    self.signals.send(libc::SIGKILL);
+                    let _ = self.child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -64,6 +64,11 @@ impl DataDir {
         self.sessions().join(session_id)
     }
 
+    /// The worker's spare VMMs' control sockets, one folder each (root's, 0700).
+    pub fn spares(&self) -> PathBuf {
+        self.root.join("spares")
+    }
+
     /// Scratch files: workers' SARIF logs before they are stored, files on their way into a
     /// session.
     pub fn work(&self) -> PathBuf {

@@ -160,6 +160,11 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     let serve_pid = server.child.as_ref().unwrap().id();
     let spare_before = common::wait_for_spare(serve_pid, "job", &[]).await;
     let uid_before = spare_vmm_confined(&spare_before);
+    // A spare waits as long as it must: it does not end with the runtime thread that asked for
+    // it (tokio lets an idle blocking thread go after 10 s; a parent-death signal tied to one
+    // would end the spare with it).
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(spare_vmm_confined(&spare_before), uid_before, "the spare still waits");
     // A threshold above every finding: exit 0.
     let out = cella(
         &data,

@@ -379,9 +379,20 @@ impl VmmController {
         // Its launch counts from this request, not from when the spare was started.
         let config = VmConfig { launch_start: Instant::now(), ..config };
         self.built_ahead = true;
-        let failed = |message: String| VmmActionError::Internal { action: ACTION, message };
-        let vm = prebuilt.finish_with(&config, ends, console).map_err(|e| failed(crate::error_chain(&e)))?;
-        let running = vm.start().map_err(|e| failed(crate::error_chain(&e)))?;
+        // A VM that could not start is stopped for good, and says why (to `GET /vm` and
+        // `finish` alike).
+        let mut failed = |message: String| {
+            self.slot = Slot::Stopped { exit: Some(GuestExit::VmmFailed { error: message.clone() }) };
+            VmmActionError::Internal { action: ACTION, message }
+        };
+        let vm = match prebuilt.finish_with(&config, ends, console) {
+            Ok(vm) => vm,
+            Err(e) => return Err(failed(crate::error_chain(&e))),
+        };
+        let running = match vm.start() {
+            Ok(running) => running,
+            Err(e) => return Err(failed(crate::error_chain(&e))),
+        };
         self.started = Some(running.started());
         self.slot = Slot::Live(Box::new(running));
         Ok(VmmData::Empty)
@@ -415,10 +426,13 @@ impl VmmController {
             Some((_, Err(e))) => {
                 Err(VmmActionError::Internal { action: ACTION, message: crate::error_chain(e) })
             }
-            None => Err(VmmActionError::Internal {
-                action: ACTION,
-                message: "the report was already taken".into(),
-            }),
+            None => {
+                let message = match &self.slot {
+                    Slot::Stopped { exit: Some(GuestExit::VmmFailed { error }) } => error.clone(),
+                    _ => "the report was already taken".into(),
+                };
+                Err(VmmActionError::Internal { action: ACTION, message })
+            }
         }
     }
 

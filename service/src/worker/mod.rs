@@ -28,6 +28,8 @@ use spare_pool::SparePool;
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// The polling fallback when no NOTIFY arrives.
 const POLL: Duration = Duration::from_secs(1);
+/// How long past its time limit a job's VMM may take to end before it is killed.
+const KILL_GRACE: Duration = Duration::from_secs(30);
 /// How long results are retried while the database is away before they are given up.
 const FINISH_RETRY_FOR: Duration = Duration::from_secs(120);
 
@@ -62,7 +64,7 @@ impl Worker {
             lease_for: config.jobs.lease(),
             timeout: Duration::from_secs(config.worker.timeout_secs),
             drain_grace: Duration::from_secs(config.worker.drain_secs),
-            spares: SparePool::new(launcher.clone()),
+            spares: SparePool::new(launcher.clone(), data_dir.spares()),
             launcher,
             data_dir,
             metrics,
@@ -269,14 +271,24 @@ impl Worker {
         let cpu_percent = lease.vm_cpu_percent.unwrap_or(self.launcher.default_cpu_percent());
         let taken = self.spares.take(slot, cpu_percent).await;
         self.spares.refill(slot);
+        // A reason is tenant-facing: what went wrong on the host is logged here, not told.
+        let host_failure = |what: &str, e: &dyn std::error::Error| {
+            eprintln!("cella worker: job {}: {what}: {}", lease.job_id, error_chain(e));
+            Outcome::Failed {
+                reason: format!("{what} (a host problem; the job is retried)"),
+                retryable: true,
+                vm: None,
+            }
+        };
         let spare = match taken {
             Ok((spare, _)) => spare,
-            Err(e) => return Outcome::Failed { reason: error_chain(&e), retryable: true, vm: None },
+            Err(e) => return host_failure("the scan's VM could not be started", &e),
         };
         let artifact_bytes = artifact.metadata().map(|m| m.len()).unwrap_or(0);
         let frames = launch::job_frames(lease, policy, artifact_bytes, &self.information_uri);
         let api = spare.api().clone();
-        let pid = spare.pid();
+        let signals = spare.signals();
+        let jail_id = spare.jail_id().map(str::to_owned);
         let jailed = self.launcher.jailed();
         if let Err(e) =
             queue::vm_started(&self.pool, lease, spare.pid(), self.launcher.mem_mib(), jailed).await
@@ -301,6 +313,10 @@ impl Worker {
         tokio::pin!(run);
         let mut stopped: Option<StopReason> = None;
         let mut stop_sent = false;
+        // The VMM enforces the time limit itself; a VMM that does not end well after it (a
+        // hostile or broken one) is killed, and its jail removed.
+        let kill_at = tokio::time::Instant::now() + self.launcher.timeout() + KILL_GRACE;
+        let mut killed = false;
         let mut beat = tokio::time::interval(self.lease_for / 3);
         beat.tick().await;
         let (run, status, stderr, scan_ms) = loop {
@@ -313,24 +329,52 @@ impl Worker {
                 },
                 Ok(()) = cancel.changed(), if stopped.is_none() => stopped = Some(StopReason::Cancelled),
                 Ok(()) = hand_back.changed(), if stopped.is_none() => stopped = Some(StopReason::ShuttingDown),
+                _ = tokio::time::sleep_until(kill_at), if !killed => {
+                    killed = true;
+                    eprintln!("cella worker: job {}: its VMM did not end after its time limit; killing it", lease.job_id);
+                    signals.send(libc::SIGKILL);
+                }
             }
             if stopped.is_some() && !stop_sent {
                 stop_sent = true;
                 // The VM stops and is scrubbed; the job channel then ends, and `finish` returns
-                // the stopped VM's report. A VM not started yet is stopped by a signal.
-                let api = api.clone();
+                // the stopped VM's report. A VM not started yet is stopped by a signal (through
+                // a pidfd: never a recycled pid).
+                let (api, signals) = (api.clone(), signals.clone());
                 tokio::task::spawn_blocking(move || {
                     if api.stop().is_err() {
-                        let _ = crate::signal::terminate(pid);
+                        signals.send(libc::SIGTERM);
                     }
                 });
             }
         };
+        if killed {
+            if let Some(id) = &jail_id {
+                crate::spares::remove(&self.launcher.vmm().with_file_name("cella-jailer"), id).await;
+            }
+        }
+        let failed_words = (!stderr.is_empty()).then(|| stderr.clone());
         let finished = match run {
             Ok(run) => Finished { job: run.job, vm: run.vm, status, stderr, scan_ms, artifact_bytes },
-            Err(e) => return Outcome::Failed { reason: error_chain(&e), retryable: true, vm: None },
+            Err(e) => return host_failure("the scan's VM refused its launch", &e),
         };
-        finished.outcome(stopped, self.launcher.timeout())
+        let outcome = if killed {
+            let vm = None;
+            Outcome::Failed {
+                reason: "the scan's VM did not end within its time limit and was killed".into(),
+                retryable: false,
+                vm,
+            }
+        } else {
+            finished.outcome(stopped, self.launcher.timeout())
+        };
+        if let (Outcome::Failed { .. }, Some(words)) = (&outcome, failed_words) {
+            // The tail of what the VMM, the jailer and the guest's console said: escaped.
+            for line in words.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev() {
+                eprintln!("cella worker: job {}: VMM: {}", lease.job_id, crate::error::escape_controls(line));
+            }
+        }
+        outcome
     }
 
     /// Records the outcome, retrying while the database is away. Returns the job's new state.

@@ -14,16 +14,43 @@
 //! the host.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
-use cella_host::spare::{Spare, SpareError};
+use cella_host::spare::{Spare, SpareError, SpareOptions};
+use tokio::sync::oneshot;
 
 use super::launch::Launcher;
+
+/// A spare to start, and where it goes.
+struct Order {
+    options: SpareOptions,
+    reply: oneshot::Sender<Result<Spare, SpareError>>,
+}
+
+/// Starts spares on one thread that lives as long as the pool: a spare's parent-death signal
+/// fires when the *thread* that started it ends, so spares started on short-lived runtime
+/// threads would die with them.
+fn spawner() -> mpsc::Sender<Order> {
+    let (orders, received) = mpsc::channel::<Order>();
+    let thread = std::thread::Builder::new().name("spare-spawner".into()).spawn(move || {
+        for order in received {
+            let _ = order.reply.send(Spare::start(&order.options));
+        }
+    });
+    if let Err(e) = thread {
+        eprintln!("cella worker: cannot start the spare spawner thread: {e}");
+    }
+    orders
+}
 
 /// One worker's spares.
 pub struct SparePool {
     launcher: Launcher,
+    /// The spares' private folder (their control sockets), root's, mode 0700.
+    run_dir: PathBuf,
+    spawner: Mutex<mpsc::Sender<Order>>,
     prefix: String,
     serial: AtomicU64,
     ready: Mutex<HashMap<u32, Spare>>,
@@ -42,10 +69,16 @@ impl std::fmt::Debug for SparePool {
 }
 
 impl SparePool {
-    pub fn new(launcher: Launcher) -> Arc<Self> {
+    /// Spares of `launcher`'s kind, their control sockets in `run_dir` (made root's, 0700).
+    pub fn new(launcher: Launcher, run_dir: PathBuf) -> Arc<Self> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let _ = std::fs::DirBuilder::new().mode(0o700).recursive(true).create(&run_dir);
+        let _ = std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700));
         let set = crate::spares::SETS.fetch_add(1, Ordering::Relaxed);
         Arc::new(SparePool {
             launcher,
+            run_dir,
+            spawner: Mutex::new(spawner()),
             prefix: format!("spare-{}-job{set}", std::process::id()),
             serial: AtomicU64::new(0),
             ready: Mutex::default(),
@@ -64,24 +97,37 @@ impl SparePool {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts a spare for `slot` under `cpu_percent` (blocking: it forks).
-    fn start(&self, slot: u32, cpu_percent: u32) -> Result<Spare, SpareError> {
+    /// Starts a spare for `slot` under `cpu_percent`, on the spawner thread.
+    async fn start(&self, slot: u32, cpu_percent: u32) -> Result<Spare, SpareError> {
         let id = format!("{}-{}", self.prefix, self.serial.fetch_add(1, Ordering::Relaxed));
-        Spare::start(&self.launcher.spare_options(&id, self.uid(slot), cpu_percent))
+        let mut options = self.launcher.spare_options(&id, self.uid(slot), cpu_percent);
+        options.run_dir = self.run_dir.clone();
+        let (reply, answer) = oneshot::channel();
+        let sent = self.spawner.lock().unwrap_or_else(|p| p.into_inner()).send(Order { options, reply });
+        let gone = || SpareError::Spawn {
+            vmm: self.launcher.vmm().to_owned(),
+            source: std::io::Error::other("the spare spawner thread is gone"),
+        };
+        if sent.is_err() {
+            return Err(gone());
+        }
+        answer.await.unwrap_or_else(|_| Err(gone()))
     }
 
     /// A spare for a scan in `slot` under `cpu_percent`: the slot's ready one if it was made
-    /// for that quota, else one started now. True if it was ready.
+    /// for that quota and still runs, else one started now. True if it was ready.
     pub async fn take(self: &Arc<Self>, slot: u32, cpu_percent: u32) -> Result<(Spare, bool), SpareError> {
         if cpu_percent == self.launcher.default_cpu_percent() {
-            if let Some(spare) = self.ready().remove(&slot) {
-                return Ok((spare, true));
+            let ready = self.ready().remove(&slot);
+            if let Some(mut spare) = ready {
+                if spare.is_alive() {
+                    return Ok((spare, true));
+                }
+                eprintln!("cella worker: slot {slot}'s spare VMM ended while it waited; starting another");
+                let _ = tokio::task::spawn_blocking(move || drop(spare)).await;
             }
         }
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.start(slot, cpu_percent).map(|s| (s, false)))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        self.start(slot, cpu_percent).await.map(|s| (s, false))
     }
 
     /// Starts `slot`'s next spare in the background, unless it has one.
@@ -91,8 +137,8 @@ impl SparePool {
         }
         let me = self.clone();
         self.making.begin();
-        tokio::task::spawn_blocking(move || {
-            match me.start(slot, me.launcher.default_cpu_percent()) {
+        tokio::spawn(async move {
+            match me.start(slot, me.launcher.default_cpu_percent()).await {
                 Ok(spare) => {
                     let unwanted = if me.closed.load(Ordering::Relaxed) {
                         Some(spare)
@@ -101,7 +147,9 @@ impl SparePool {
                         me.ready().insert(slot, spare)
                     };
                     // Dropping a spare stops it (SIGTERM) and waits for it.
-                    drop(unwanted);
+                    if let Some(spare) = unwanted {
+                        let _ = tokio::task::spawn_blocking(move || drop(spare)).await;
+                    }
                 }
                 Err(e) => {
                     if !me.failing.swap(true, Ordering::Relaxed) {
@@ -125,8 +173,10 @@ impl SparePool {
         let _ = tokio::task::spawn_blocking(move || drop(ready)).await;
     }
 
-    /// Removes the jails of spares that worker processes of this host which are gone left.
+    /// Removes the jails of spares that worker processes of this host which are gone left, and
+    /// their control sockets' folders.
     pub async fn sweep_orphans(&self) {
+        cella_host::spare::sweep_stale(&self.run_dir);
         if self.launcher.jailed() {
             crate::spares::sweep_orphans(&self.launcher.vmm().with_file_name("cella-jailer")).await;
         }

@@ -50,7 +50,8 @@ pub struct SpareArgs {
     /// Serve the control API on the listening Unix socket inherited as descriptor N
     #[arg(long, value_name = "N", conflicts_with = "api_sock", required_unless_present = "api_sock")]
     pub api_fd: Option<RawFd>,
-    /// Serve the control API on a socket bound at PATH (mode 0600; removed at exit)
+    /// Serve the control API on a socket bound at PATH (mode 0600; the spare, confined to no
+    /// path access, cannot remove it: whoever started it does)
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
     /// Guest image [default: the cella-scanner that scripts/setup.sh built]
