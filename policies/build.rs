@@ -12,7 +12,12 @@ const THREADS: &[(&str, &str)] =
     &[("vmm", "VMM"), ("vcpu", "VCPU"), ("device", "DEVICE"), ("api", "API"), ("spare", "SPARE")];
 /// Filters that also allow everything other filters allow: a spare's main thread starts the
 /// vCPU thread (which keeps its filter) and later takes the vmm filter on top of its own.
-const INCLUDES: &[(&str, &[&str])] = &[("spare", &["vmm", "vcpu"])];
+/// Each entry: the filter, the filters whose rules it takes, and the syscalls it leaves out of
+/// them. A spare's vCPU thread never opens or accepts a socket (its channels are handed over),
+/// so its main thread's filter, which that thread keeps, takes none of the vCPU filter's socket
+/// calls.
+const INCLUDES: &[(&str, &[&str], &[&str])] =
+    &[("spare", &["vmm", "vcpu"], &["socket", "connect", "accept4"])];
 
 fn main() {
     println!("cargo:rerun-if-changed=seccomp");
@@ -25,8 +30,9 @@ fn main() {
     for (name, constant) in THREADS {
         let path = dir.join(format!("{name}.json"));
         println!("cargo:rerun-if-changed={}", path.display());
-        let includes = INCLUDES.iter().find(|(n, _)| n == name).map_or(&[][..], |(_, i)| *i);
-        let program = if arch == "x86_64" { compile(&dir, name, includes) } else { Vec::new() };
+        let (includes, left_out) =
+            INCLUDES.iter().find(|(n, ..)| n == name).map_or((&[][..], &[][..]), |(_, i, x)| (*i, *x));
+        let program = if arch == "x86_64" { compile(&dir, name, includes, left_out) } else { Vec::new() };
         writeln!(code, "pub(crate) static {constant}: &[Insn] = &[").unwrap();
         for (c, jt, jf, k) in program {
             writeln!(code, "    ({c:#06x}, {jt}, {jf}, {k:#010x}),").unwrap();
@@ -52,12 +58,13 @@ fn read_filter(dir: &Path, name: &str) -> serde_json::Map<String, serde_json::Va
 
 /// Compiles one policy file, with the rules of the filters it includes, into BPF instructions
 /// `(code, jt, jf, k)`.
-fn compile(dir: &Path, name: &str, includes: &[&str]) -> Vec<(u16, u8, u8, u32)> {
+fn compile(dir: &Path, name: &str, includes: &[&str], left_out: &[&str]) -> Vec<(u16, u8, u8, u32)> {
     let path = dir.join(format!("{name}.json"));
     let mut filter = read_filter(dir, name);
     for included in includes {
         let rules = read_filter(dir, included)["filter"].as_array().cloned().unwrap_or_default();
-        filter["filter"].as_array_mut().expect("a filter list").extend(rules);
+        let kept = rules.into_iter().filter(|r| !left_out.iter().any(|x| r["syscall"] == *x));
+        filter["filter"].as_array_mut().expect("a filter list").extend(kept);
     }
     // seccompiler accepts `comment` on rules and arguments; a thread's own `comment` is ours, so
     // drop it before handing the policy over.

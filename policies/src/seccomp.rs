@@ -165,6 +165,36 @@ mod tests {
         }
     }
 
+    /// A child process (this test binary again, told by `CELLA_SECCOMP_PROBE`) puts `kind`'s
+    /// filter on and connects a Unix socket: the vCPU filter lets it (the connect fails, nobody
+    /// listens), a spare's main thread's filter, which its vCPU thread keeps, kills it.
+    #[test]
+    fn a_spares_threads_cannot_open_a_socket_where_a_vcpu_thread_may() {
+        if let Ok(probe) = std::env::var("CELLA_SECCOMP_PROBE") {
+            let kind = if probe == "spare" { ThreadKind::Spare } else { ThreadKind::Vcpu };
+            apply(kind, Action::Kill).unwrap();
+            let _ = std::os::unix::net::UnixStream::connect("/nonexistent/cella-probe.sock");
+            std::process::exit(0);
+        }
+        let exe = std::env::current_exe().unwrap();
+        let run = |probe: &str| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "seccomp::tests::a_spares_threads_cannot_open_a_socket_where_a_vcpu_thread_may",
+                ])
+                .args(["--test-threads", "1"])
+                .env("CELLA_SECCOMP_PROBE", probe)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap()
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert!(run("vcpu").success(), "the vCPU filter allows a Unix socket");
+        assert_eq!(run("spare").signal(), Some(31), "SIGSYS: the spare filter has no socket");
+    }
+
     /// The filter really is in force: a child thread installs the vCPU filter in log mode
     /// (allowed, never killed), proving the program loads into this kernel.
     #[test]
