@@ -551,7 +551,9 @@ impl TarIndex {
             if span.len > MAX_MEMBER {
                 return Err(BundleError::TooLarge { name });
             }
-            if span.offset.saturating_add(span.len) > file_len {
+            // The member's data and the padding to its last 512-byte block: a tar cut short
+            // anywhere in a member is cut short, as reading it through does not hide.
+            if span.offset.saturating_add(span.len.div_ceil(512) * 512) > file_len {
                 return Err(BundleError::CutShort { name });
             }
             if members.insert(name.clone(), span).is_some() {

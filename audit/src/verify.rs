@@ -966,6 +966,22 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_bundle_file_cut_short_in_its_last_members_padding_is_refused_both_ways() {
+        // Found by the fuzzer: every byte of every member is there, the padding of the last one
+        // is not. Streamed and in memory must both refuse it.
+        let tar = tar_of(&bundle(5, 2));
+        let index = TarIndex::read(&mut Cursor::new(&tar)).unwrap();
+        let last = index.members.values().max_by_key(|span| span.offset).copied().unwrap();
+        assert!(last.len % 512 != 0, "the last member needs padding for this test");
+        let cut = &tar[..(last.offset + last.len + 1) as usize];
+        assert!(matches!(
+            verify_tar(Cursor::new(cut), &Options::bundle_keys()),
+            Err(VerifyError::Read(BundleError::CutShort { .. }))
+        ));
+        assert!(Bundle::read(cut).is_err());
+    }
+
     /// What verification prints first: the report or the failure.
     fn message(result: Result<Report, Failure>) -> String {
         match result {

@@ -35,6 +35,19 @@ pub struct BenchArgs {
     /// Run the VMMs without the jailer (default: jailed when root, as `cella serve` does)
     #[arg(long)]
     unjailed: bool,
+    /// Also run each level with every job a `cella scan` process of its own over HTTPS, as a CI
+    /// fleet does (process start, TLS handshake, policy check, upload, wait, results)
+    #[arg(long)]
+    cli: bool,
+}
+
+/// How the bench's clients reach the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clients {
+    /// Requests from this process, one HTTPS client.
+    InProcess,
+    /// One `cella scan` process per job.
+    CliProcesses,
 }
 
 /// Latency percentiles of `v` (ms), sorted in place.
@@ -70,9 +83,13 @@ async fn bench(args: BenchArgs) -> Result<(), CliError> {
     let result = async {
         let mut rows = Vec::new();
         for &c in &args.concurrency {
-            let service = service_run(&db.url, &artifact, c, args.jobs, args.unjailed).await?;
+            let service = service_run(&db.url, &artifact, c, args.jobs, args.unjailed, Clients::InProcess).await?;
+            let fleet = match args.cli {
+                true => Some(service_run(&db.url, &artifact, c, args.jobs, args.unjailed, Clients::CliProcesses).await?),
+                false => None,
+            };
             let direct = direct_run(&artifact, c, args.jobs, args.unjailed).await?;
-            rows.push((c, service, direct));
+            rows.push((c, service, direct, fleet));
         }
         let queue_rate = if args.queue_jobs > 0 { Some(queue_only(&db.url, args.queue_jobs).await?) } else { None };
         let jailed = !args.unjailed && Config::default().worker.is_jailed();
@@ -88,7 +105,7 @@ async fn bench(args: BenchArgs) -> Result<(), CliError> {
             "concurrency", "service (HTTPS+PG+worker)", "cella-vmm scan directly", "service/"
         );
         println!("  {:>11} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8}", "", "jobs/s", "p50 ms", "p99 ms", "jobs/s", "p50 ms", "p99 ms", "direct");
-        for (c, s, d) in &rows {
+        for (c, s, d, _) in &rows {
             println!(
                 "  {c:>11} | {:>8.1} {:>8.1} {:>8.1} | {:>8.1} {:>8.1} {:>8.1} | {:>8.2}",
                 s.jobs_per_sec,
@@ -99,6 +116,14 @@ async fn bench(args: BenchArgs) -> Result<(), CliError> {
                 d.p99_ms,
                 s.jobs_per_sec / d.jobs_per_sec.max(f64::MIN_POSITIVE)
             );
+        }
+        for (c, _, _, fleet) in &rows {
+            if let Some(f) = fleet {
+                println!(
+                    "  concurrency {c}: through `cella scan` processes (a CI fleet): {:.1} jobs/s, p50 {:.1} ms, p99 {:.1} ms (client-side, process start to exit)",
+                    f.jobs_per_sec, f.p50_ms, f.p99_ms
+                );
+            }
         }
         if let Some(rate) = queue_rate {
             println!("  queue only (no-op jobs, lease + fenced finish + audit events, 8 workers): {rate:.0} jobs/s");
@@ -120,8 +145,9 @@ async fn service_run(
     c: u32,
     jobs: u32,
     unjailed: bool,
+    clients: Clients,
 ) -> Result<Figures, CliError> {
-    let dir = std::env::temp_dir().join(format!("cella-bench-{}-{c}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("cella-bench-{}-{c}-{clients:?}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let data = DataDir::at(&dir);
     data.create().map_err(|e| CliError::Usage(e.to_string()))?;
@@ -145,11 +171,61 @@ async fn service_run(
     let ca = std::fs::read(tls::local_ca_path(data.root())).unwrap_or_default();
     let admin = ApiClient::new(&running.url, admin_key.trim(), Some(&ca))?;
     let created = admin
-        .post_json("/v1/admin/tenants", &json!({ "name": format!("bench-{c}"), "max_concurrent": c }))
+        .post_json(
+            "/v1/admin/tenants",
+            &json!({ "name": format!("bench-{c}-{clients:?}").to_lowercase(), "max_concurrent": c }),
+        )
         .await?;
     let key = created["key"]["api_key"].as_str().unwrap_or_default().to_owned();
     let tenant = created["tenant"]["id"].as_str().unwrap_or_default().to_owned();
     let client = ApiClient::new(&running.url, &key, Some(&ca))?;
+    if clients == Clients::CliProcesses {
+        let file = dir.join("sample.tar");
+        std::fs::write(&file, artifact)
+            .map_err(|e| CliError::File { path: file.display().to_string(), source: e })?;
+        let ca_path = tls::local_ca_path(data.root());
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..c {
+            let n = jobs / c + u32::from(i < jobs % c);
+            let (file, ca_path, url, key, dir) =
+                (file.clone(), ca_path.clone(), running.url.clone(), key.clone(), dir.clone());
+            tasks.push(tokio::spawn(async move {
+                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                let mut latencies = Vec::new();
+                for j in 0..n {
+                    let t = Instant::now();
+                    let out = tokio::process::Command::new(&exe)
+                        .arg("scan")
+                        .arg(&file)
+                        .args(["--server", &url, "--ca"])
+                        .arg(&ca_path)
+                        .args(["--fail-on", "never", "--format", "json", "--sarif"])
+                        .arg(dir.join(format!("{i}-{j}.sarif")))
+                        .env("CELLA_API_KEY", &key)
+                        .stdin(std::process::Stdio::null())
+                        .output()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if !out.status.success() {
+                        return Err(format!("cella scan failed: {}", String::from_utf8_lossy(&out.stderr)));
+                    }
+                    latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                Ok(latencies)
+            }));
+        }
+        let mut latencies = Vec::new();
+        for t in tasks {
+            latencies.extend(t.await.map_err(|e| CliError::Usage(e.to_string()))?.map_err(CliError::Usage)?);
+        }
+        let wall = start.elapsed().as_secs_f64();
+        running.stop().await;
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        let (p50, p99) = percentiles(&mut latencies);
+        return Ok(Figures { jobs_per_sec: f64::from(jobs) / wall, p50_ms: p50, p99_ms: p99 });
+    }
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..c {
