@@ -268,13 +268,23 @@ async fn create_session(client: &ApiClient, query: &str) -> String {
 }
 
 /// Sends the request `build` makes until it is not refused for load: a 429 or 503 with
-/// `Retry-After` is sent again after that wait, as HTTP clients do (at most for a minute).
-/// Returns the answer and how many refusals came first.
+/// `Retry-After` is sent again after that wait, and a connection the overloaded server dropped
+/// before its TLS handshake finished (its backlog full of the flood's) after a second, as HTTP
+/// clients do (at most for a minute; every request here is safe to repeat). Returns the answer
+/// and how many refusals came first.
 async fn patiently(build: impl Fn() -> reqwest::RequestBuilder) -> (reqwest::Response, u32) {
     let start = Instant::now();
     let mut refused = 0;
     loop {
-        let r = build().send().await.unwrap();
+        let r = match build().send().await {
+            Ok(r) => r,
+            Err(e) if (e.is_connect() || e.is_timeout()) && start.elapsed() < Duration::from_secs(60) => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => panic!("{e:?}"),
+        };
         let wait = r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         match (r.status().as_u16(), wait) {
             (429 | 503, Some(secs)) if start.elapsed() < Duration::from_secs(60) => {
