@@ -16,15 +16,3 @@ pub mod session;
 pub mod spare;
 
 pub use report::{ConsoleStats, GuestExit, PauseStats, RunReport, ScrubReport, VmInfo, VmMetrics, VmState};
-
-/// An error and its sources, joined with `: `.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}

@@ -131,19 +131,19 @@ pub struct SpareRun {
 pub fn sweep_stale(run_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(run_dir) else { return };
     for entry in entries.filter_map(Result::ok) {
-        let name = entry.file_name();
-        let Some(pid) =
-            name.to_str().and_then(|n| n.strip_prefix("spare-")).and_then(|r| r.split('-').next())
-        else {
-            continue;
-        };
-        let gone = pid.parse::<u32>().is_ok_and(|pid| {
-            std::fs::metadata(format!("/proc/{pid}")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-        });
-        if gone {
+        if entry.file_name().to_str().is_some_and(left_by_a_gone_process) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Whether `name` (`spare-<pid>-…`, a spare's folder or jail) was made by a process known to be
+/// gone (`/proc/<pid>` does not exist; one that cannot be looked at counts as alive).
+pub fn left_by_a_gone_process(name: &str) -> bool {
+    let Some(pid) = name.strip_prefix("spare-").and_then(|r| r.split('-').next()) else { return false };
+    pid.parse::<u32>().is_ok_and(|pid| {
+        std::fs::metadata(format!("/proc/{pid}")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    })
 }
 
 impl Spare {

@@ -138,21 +138,15 @@ impl Spares {
     }
 }
 
-/// Removes the spares (prepared or held) that `cella` processes of this host which are gone
-/// left behind, with `cella-jailer cleanup` (which kills what still runs in their cgroups).
+/// Removes the spares (prepared jails and spare VMMs' jails) that `cella` processes of this host
+/// which are gone left behind, with `cella-jailer cleanup` (which kills what still runs in their
+/// cgroups). Only a process known gone leaves an orphan: one that cannot be looked at keeps its
+/// spares.
 pub async fn sweep_orphans(jailer: &Path) {
     let Ok(entries) = std::fs::read_dir(JAILS) else { return };
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("spare-").and_then(|rest| rest.split('-').next()) else {
-            continue;
-        };
-        // Only a process known gone (ENOENT) leaves an orphan: one that cannot be looked at
-        // keeps its spares.
-        let gone = pid.parse::<u32>().is_ok_and(|pid| {
-            std::fs::metadata(format!("/proc/{pid}")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-        });
-        if gone {
+        if cella_host::spare::left_by_a_gone_process(&name) {
             remove(jailer, &name).await;
         }
     }
