@@ -202,6 +202,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_guest_gets_each_handed_over_channel_once_and_no_other_port() {
+        let (mine, theirs) = UnixStream::pair().unwrap();
+        let mut host = HostSide::with_channels(vec![(1024, theirs)]).unwrap();
+        assert!(host.uds_path.as_os_str().is_empty(), "no socket file");
+        let stream = host.connect_out(1024).unwrap();
+        drop(mine);
+        // The stream is the handed-over one: its peer is gone.
+        let mut byte = [0u8; 1];
+        assert_eq!((&stream).read(&mut byte).unwrap(), 0);
+        // A second connection to the same port, and one to any other, is refused.
+        for port in [1024, 1025, 1] {
+            let e = host.connect_out(port).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "port {port}");
+        }
+        // Nothing to accept: there is no listener.
+        host.accept_all();
+        assert!(host.pending.is_empty());
+    }
+
+    #[test]
     fn parses_connect_lines() {
         assert_eq!(parse_connect(b"CONNECT 1234"), Handshake::Connect(1234));
         assert_eq!(parse_connect(b"CONNECT 52\r"), Handshake::Connect(52));
