@@ -42,6 +42,9 @@ pub struct JobReport {
     pub in_vm: Duration,
     /// The runner's (the scan engine's) version, from its hello.
     pub runner_version: String,
+    /// The runner came from a template whose engine was built from this job's policy, so the
+    /// policy was not sent (see [`cella_proto::Hello::policy_sha256`]).
+    pub policy_preloaded: bool,
 }
 
 /// What the host sends the runner: the job, the serialized policy and, if the job announces
@@ -54,10 +57,25 @@ pub struct JobFrames {
 }
 
 impl JobFrames {
-    /// The bytes of the `Job`, `Policy` and (if any) `Baseline` frames.
-    fn encode(&self) -> Vec<u8> {
-        let mut out = proto::encode_json(Kind::Job, &self.job);
-        out.extend(proto::encode(Kind::Policy, &self.policy));
+    /// The SHA-256 (hex) of the serialized policy: the identity a template's runner reports
+    /// for the engine it holds.
+    pub fn policy_sha256(&self) -> String {
+        policy_sha256(&self.policy)
+    }
+
+    /// Whether a runner that says hello with `hello` already holds this job's engine.
+    fn preloaded_for(&self, hello: &Hello) -> bool {
+        hello.policy_sha256.as_deref().is_some_and(|held| held == self.policy_sha256())
+    }
+
+    /// The bytes of the `Job` frame, then the `Policy` frame unless the runner holds that
+    /// policy's engine already (`preloaded`), then the `Baseline` frame if the job has one.
+    fn encode(&self, preloaded: bool) -> Vec<u8> {
+        let job = Job { policy_preloaded: preloaded, ..self.job.clone() };
+        let mut out = proto::encode_json(Kind::Job, &job);
+        if !preloaded {
+            out.extend(proto::encode(Kind::Policy, &self.policy));
+        }
         if let Some(baseline) = &self.baseline {
             out.extend(proto::encode(Kind::Baseline, baseline));
         }
@@ -85,7 +103,8 @@ pub fn serve_channel(
 
     let (kind, payload) = reader.next(deadline, "said hello")?;
     let hello = check_hello(kind, &payload)?;
-    let out = frames.encode();
+    let policy_preloaded = frames.preloaded_for(&hello);
+    let out = frames.encode(policy_preloaded);
     reader.stream.write_all(&out).map_err(|source| JobError::Io { stage: "took the job", source })?;
     let sent = Instant::now();
 
@@ -95,7 +114,18 @@ pub fn serve_channel(
         in_vm.get_or_insert_with(|| sent.elapsed());
         frame
     })?;
-    Ok(JobReport { outcome, in_vm: in_vm.unwrap_or_default(), runner_version: hello.runner_version })
+    Ok(JobReport {
+        outcome,
+        in_vm: in_vm.unwrap_or_default(),
+        runner_version: hello.runner_version,
+        policy_preloaded,
+    })
+}
+
+/// The SHA-256 (hex) of a serialized policy.
+pub fn policy_sha256(policy: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(policy).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What the host makes of everything a runner sent on a job connection, received whole: its
@@ -181,7 +211,10 @@ mod tests {
     use super::*;
 
     fn hello(protocol: u16) -> Vec<u8> {
-        proto::encode_json(Kind::Hello, &Hello { runner_version: "0.1.0".into(), protocol })
+        proto::encode_json(
+            Kind::Hello,
+            &Hello { runner_version: "0.1.0".into(), protocol, policy_sha256: None },
+        )
     }
 
     #[test]
@@ -240,5 +273,50 @@ mod tests {
         let mut wire = hello(proto::VERSION);
         wire.extend(proto::encode(Kind::Sarif, b"{}"));
         assert!(matches!(decode_runner_stream(&wire), Err(JobError::VmGone { stage: "sent its summary" })));
+    }
+
+    #[test]
+    fn the_policy_is_sent_unless_the_runner_holds_exactly_its_engine() {
+        let frames = JobFrames {
+            job: Job {
+                artifact_name: "a".into(),
+                artifact_size: 1,
+                fingerprint_key: "00".repeat(32),
+                excludes: Vec::new(),
+                baseline: None,
+                sarif: Default::default(),
+                policy_preloaded: true,
+            },
+            policy: b"{\"rules\":[]}".to_vec(),
+            baseline: None,
+        };
+        let hello = |held: Option<String>| Hello {
+            runner_version: "0.1.0".into(),
+            protocol: proto::VERSION,
+            policy_sha256: held,
+        };
+        let kinds = |wire: Vec<u8>| {
+            let mut decoder = proto::Decoder::default();
+            decoder.push(&wire);
+            let mut out = Vec::new();
+            while let Some((kind, payload)) = decoder.next_frame().unwrap() {
+                out.push((kind, payload));
+            }
+            out
+        };
+        for held in [None, Some("ab".repeat(32)), Some(frames.policy_sha256().to_uppercase())] {
+            assert!(!frames.preloaded_for(&hello(held.clone())), "{held:?}");
+            let sent = kinds(frames.encode(false));
+            assert_eq!(sent.iter().map(|f| f.0).collect::<Vec<_>>(), [Kind::Job, Kind::Policy]);
+            // The caller's flag never leaks through: only the hello decides.
+            let job: Job = proto::decode_json(&sent[0].1).unwrap();
+            assert!(!job.policy_preloaded);
+        }
+        let held = hello(Some(policy_sha256(&frames.policy)));
+        assert!(frames.preloaded_for(&held));
+        let sent = kinds(frames.encode(true));
+        assert_eq!(sent.iter().map(|f| f.0).collect::<Vec<_>>(), [Kind::Job]);
+        let job: Job = proto::decode_json(&sent[0].1).unwrap();
+        assert!(job.policy_preloaded);
     }
 }

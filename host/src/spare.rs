@@ -50,6 +50,10 @@ pub struct SpareJail {
 
 /// Where the guest image is in a jailed spare.
 const JAIL_IMAGE: &str = "/image";
+/// Where a template's files are in a jailed spare.
+const JAIL_TEMPLATE: &str = "/template";
+/// A template folder's files (`cella_vmm::template`): the snapshot and the identity.
+const TEMPLATE_FILES: [&str; 3] = ["state.bin", "memory.bin", "template.json"];
 
 /// How to start a spare.
 #[derive(Clone, Debug)]
@@ -60,6 +64,9 @@ pub struct SpareOptions {
     pub jail: Option<SpareJail>,
     /// Guest image (default: the VMM's own default).
     pub image: Option<PathBuf>,
+    /// Restore the VM from the template in this folder (`cella-vmm template`) instead of
+    /// loading `image`; `mem_mib` is then the template's.
+    pub template: Option<PathBuf>,
     pub mem_mib: u64,
     /// The job's time limit, counted from its start.
     pub timeout: Duration,
@@ -288,7 +295,9 @@ fn spare_command(options: &SpareOptions) -> Result<Command, SpareError> {
     let Some(jail) = &options.jail else {
         let mut command = Command::new(&options.vmm);
         command.args(&spare_args);
-        if let Some(image) = &options.image {
+        if let Some(template) = &options.template {
+            command.arg("--template").arg(template);
+        } else if let Some(image) = &options.image {
             command.arg("--image").arg(image);
         }
         if !options.guest_args.is_empty() {
@@ -296,11 +305,6 @@ fn spare_command(options: &SpareOptions) -> Result<Command, SpareError> {
         }
         return Ok(command);
     };
-    let image = match &options.image {
-        Some(image) => image.clone(),
-        None => crate::images::default_scanner_image().map_err(SpareError::NoImage)?,
-    };
-    let image = std::path::absolute(&image).unwrap_or(image);
     let mut command = Command::new(&jail.jailer);
     command.arg("--id").arg(&jail.id).arg("--exec-file").arg(&options.vmm);
     if let Some(prepared) = &jail.from_prepared {
@@ -316,11 +320,32 @@ fn spare_command(options: &SpareOptions) -> Result<Command, SpareError> {
     if let Some(cpus) = jail.cpus {
         command.arg("--cgroup").arg(format!("cpu={cpus}"));
     }
-    let mut ro_file = image.into_os_string();
-    ro_file.push(format!("={JAIL_IMAGE}"));
-    command.arg("--ro-file").arg(ro_file);
+    let ro_file = |command: &mut Command, host: PathBuf, jail: &str| {
+        let mut spec = std::path::absolute(&host).unwrap_or(host).into_os_string();
+        spec.push(format!("={jail}"));
+        command.arg("--ro-file").arg(spec);
+    };
+    let vm_source: [&str; 2] = match &options.template {
+        Some(template) => {
+            for name in TEMPLATE_FILES {
+                ro_file(&mut command, template.join(name), &format!("{JAIL_TEMPLATE}/{name}"));
+            }
+            // The restored memory's scrub reads /proc/self/pagemap (opened before the spare
+            // confines itself).
+            command.arg("--mount-proc");
+            ["--template", JAIL_TEMPLATE]
+        }
+        None => {
+            let image = match &options.image {
+                Some(image) => image.clone(),
+                None => crate::images::default_scanner_image().map_err(SpareError::NoImage)?,
+            };
+            ro_file(&mut command, image, JAIL_IMAGE);
+            ["--image", JAIL_IMAGE]
+        }
+    };
     command.arg("--keep-fd").arg(API_FD.to_string());
-    command.arg("--").args(&spare_args).args(["--image", JAIL_IMAGE]);
+    command.arg("--").args(&spare_args).args(vm_source);
     if !options.guest_args.is_empty() {
         command.arg("--").args(&options.guest_args);
     }

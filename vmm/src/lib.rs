@@ -24,6 +24,7 @@ pub mod scrub;
 pub mod seccomp;
 pub use cella_host::session as session_client;
 pub mod snapshot;
+pub mod template;
 pub use cella_host::spare;
 pub mod vmm_config;
 pub mod vstate;

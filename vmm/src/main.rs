@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         cli::Command::Scan(args) => cli::scan::main(args, launch_start),
         cli::Command::Session(args) => cli::session::main(args, launch_start),
         cli::Command::Spare(args) => cli::spare::main(args, launch_start),
+        cli::Command::Template(args) => cli::template::main(args),
         cli::Command::Bench(args) => cli::bench::main(args),
     }
 }

@@ -128,9 +128,37 @@ enum Slot {
     },
 }
 
-/// A spare's VM, built as far as it can be before its launch, and where its console goes.
+/// How far a spare's VM is made before its launch.
+#[derive(Debug)]
+pub enum Prepared {
+    /// Image loaded, memory and vCPU made: the guest starts from its first instruction.
+    Cold(Prebuilt),
+    /// Restored from a template: the guest goes on from its park.
+    Template(Box<crate::template::TemplateVm>),
+}
+
+impl Prepared {
+    /// The VM with its devices' host ends and `config`'s arguments, ready to start.
+    fn finish(
+        self,
+        config: &VmConfig,
+        ends: crate::builder::HostEnds,
+        console: Box<dyn std::io::Write + Send>,
+    ) -> Result<crate::MicroVm, String> {
+        match self {
+            Prepared::Cold(prebuilt) => {
+                prebuilt.finish_with(config, ends, console).map_err(|e| crate::error_chain(&e))
+            }
+            Prepared::Template(template) => {
+                template.finish(config, ends, console).map_err(|e| crate::error_chain(&e))
+            }
+        }
+    }
+}
+
+/// A spare's VM, made as far as it can be before its launch, and where its console goes.
 pub struct SpareVm {
-    pub prebuilt: Prebuilt,
+    pub prepared: Prepared,
     pub config: VmConfig,
     pub console: Box<dyn std::io::Write + Send>,
 }
@@ -375,7 +403,7 @@ impl VmmController {
         let Slot::Spare(spare) = std::mem::replace(&mut self.slot, Slot::Stopped { exit: None }) else {
             unreachable!("checked above");
         };
-        let SpareVm { prebuilt, config, console } = *spare;
+        let SpareVm { prepared, config, console } = *spare;
         // Its launch counts from this request, not from when the spare was started.
         let config = VmConfig { launch_start: Instant::now(), ..config };
         self.built_ahead = true;
@@ -385,9 +413,9 @@ impl VmmController {
             self.slot = Slot::Stopped { exit: Some(GuestExit::VmmFailed { error: message.clone() }) };
             VmmActionError::Internal { action: ACTION, message }
         };
-        let vm = match prebuilt.finish_with(&config, ends, console) {
+        let vm = match prepared.finish(&config, ends, console) {
             Ok(vm) => vm,
-            Err(e) => return Err(failed(crate::error_chain(&e))),
+            Err(message) => return Err(failed(message)),
         };
         let running = match vm.start() {
             Ok(running) => running,

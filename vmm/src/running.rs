@@ -123,6 +123,14 @@ impl RunningVm {
         Ok(took)
     }
 
+    /// Waits up to `timeout` for the guest to park itself (a template build); the vCPU is then
+    /// paused, ready for its snapshot.
+    pub fn wait_guest_park(&mut self, timeout: Duration) -> Result<(), VcpuControlError> {
+        self.vcpu.wait_guest_park(timeout)?;
+        self.paused_since = Some(Instant::now());
+        Ok(())
+    }
+
     /// Resumes a paused vCPU; returns how long that took.
     pub fn resume(&mut self) -> Result<Duration, VcpuControlError> {
         let asked = Instant::now();

@@ -15,12 +15,16 @@ use crate::builder::HostEnds;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::vsock::Vsock;
 use crate::job::{JobError, JobFrames, JobReport};
+use crate::rpc_interface::Prepared;
+use crate::template::{TemplateError, TemplateVm};
 use crate::{BuildError, Prebuilt, RunError, RunReport, VmConfig};
 
 /// What to scan and how.
 #[derive(Clone, Debug)]
 pub struct ScanRequest {
     pub image: PathBuf,
+    /// Restore the VM from this template (`cella-vmm template`) instead of booting `image`.
+    pub template: Option<PathBuf>,
     pub artifact: PathBuf,
     /// The serialized policy (from `cella_policies::rules`).
     pub policy: Vec<u8>,
@@ -61,6 +65,7 @@ impl ScanRequest {
             excludes: o.excludes.clone(),
             baseline: o.baseline.as_ref().map(|b| (b.len() / BASELINE_ENTRY_LEN) as u32),
             sarif: o.sarif.clone(),
+            policy_preloaded: false,
         }
     }
 }
@@ -105,6 +110,8 @@ pub enum ScanError {
     Job(#[from] JobError),
     #[error("cannot build the VM")]
     Build(#[from] BuildError),
+    #[error("cannot restore the VM from its template")]
+    Template(#[from] TemplateError),
     #[error("the VM failed")]
     Run(#[from] RunError),
 }
@@ -115,6 +122,7 @@ impl ScanError {
         match self {
             ScanError::Artifact { .. } | ScanError::NotAFile { .. } => true,
             ScanError::Build(e) => e.is_bad_input(),
+            ScanError::Template(e) => e.is_bad_input(),
             _ => false,
         }
     }
@@ -160,14 +168,21 @@ pub fn run(request: &ScanRequest, console: Box<dyn std::io::Write + Send>) -> Re
         cancel: request.cancel.clone(),
         ..VmConfig::new(request.image.clone(), vec!["scan".into()])
     };
-    let prebuilt = Prebuilt::new(&config)?;
+    let prepared = match &request.template {
+        Some(dir) => Prepared::Template(Box::new(TemplateVm::load(dir)?)),
+        None => Prepared::Cold(Prebuilt::new(&config)?),
+    };
     let (host_end, vm_end) =
         UnixStream::pair().map_err(|source| JobError::Io { stage: "connected", source })?;
     let disk =
         Block::open(artifact).map_err(|source| ScanError::Artifact { path: artifact.clone(), source })?;
     let vsock = Vsock::with_channels(vec![(cella_proto::JOB_PORT, vm_end)])
         .map_err(|source| JobError::Io { stage: "connected", source })?;
-    let vm = prebuilt.finish_with(&config, HostEnds { disk: Some(disk), vsock: Some(vsock) }, console)?;
+    let ends = HostEnds { disk: Some(disk), vsock: Some(vsock) };
+    let vm = match prepared {
+        Prepared::Cold(prebuilt) => prebuilt.finish_with(&config, ends, console)?,
+        Prepared::Template(template) => template.finish(&config, ends, console)?,
+    };
     let job = request.job(artifact_bytes);
     let started = Instant::now();
     let frames =

@@ -193,6 +193,7 @@ fn a_session_indexes_once_and_answers_every_request_until_stop() {
     assert!(scan.findings >= 3, "{session_results}");
     let one_shot = cella_vmm::scan::run(
         &cella_vmm::scan::ScanRequest {
+            template: None,
             image: cella_vmm::default_scanner_image().unwrap(),
             artifact: artifact.clone(),
             policy: policy.clone(),

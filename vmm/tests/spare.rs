@@ -23,6 +23,7 @@ fn binaries() -> &'static JailBinaries {
 
 fn options(name: &str) -> SpareOptions {
     SpareOptions {
+        template: None,
         vmm: binaries().static_vmm.clone(),
         jail: None,
         image: None,
@@ -45,45 +46,10 @@ fn frames(artifact_name: &str, size: u64) -> JobFrames {
             excludes: Vec::new(),
             baseline: None,
             sarif: SarifContext::default(),
+            policy_preloaded: false,
         },
         policy: policy.as_bytes().to_vec(),
         baseline: None,
-    }
-}
-
-/// `Name:\tvalue` from a /proc status file.
-fn status_field(status: &str, name: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
-        .unwrap_or_else(|| panic!("no {name} in {status}"))
-        .trim()
-        .to_owned()
-}
-
-/// Every thread of `pid`: (name, status file).
-fn threads(pid: u32) -> Vec<(String, String)> {
-    let dir = format!("/proc/{pid}/task");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let task = entry.unwrap().path();
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
-        found.push((status_field(&status, "Name"), status));
-    }
-    found
-}
-
-/// Waits until the spare has both its threads (it confines itself before it starts the API
-/// thread, and puts its own filter on right after).
-fn wait_confined(pid: u32) -> Vec<(String, String)> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let found = threads(pid);
-        if found.len() == 2 && found.iter().all(|(_, s)| status_field(s, "Seccomp") == "2") {
-            return found;
-        }
-        assert!(std::time::Instant::now() < deadline, "spare not confined in time: {found:?}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -178,23 +144,6 @@ fn a_spare_times_out_from_its_start_and_a_discarded_spare_exits() {
     unsafe { libc::kill(spare.pid() as i32, libc::SIGTERM) };
     let status = spare.wait().unwrap().status;
     assert_eq!(status.code(), Some(cella_abi::exit::STOPPED as i32), "{status:?}");
-}
-
-/// The pid of the jailed VMM: the jailer's one child.
-fn jailed_vmm(jailer: u32) -> u32 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let children =
-            std::fs::read_to_string(format!("/proc/{jailer}/task/{jailer}/children")).unwrap_or_default();
-        if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "cella-vmm" {
-                return pid;
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "no jailed VMM under cella-jailer {jailer}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]

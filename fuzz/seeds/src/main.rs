@@ -390,7 +390,7 @@ fn virtio_seeds() -> Seeds {
 fn hello() -> Vec<u8> {
     proto::encode_json(
         Kind::Hello,
-        &proto::Hello { runner_version: "0.1.0".into(), protocol: proto::VERSION },
+        &proto::Hello { runner_version: "0.1.0".into(), protocol: proto::VERSION, policy_sha256: None },
     )
 }
 
@@ -490,6 +490,7 @@ fn proto_guest_seeds() -> Seeds {
         excludes: vec!["vendor/**".into(), "*.min.js".into()],
         baseline: None,
         sarif: proto::SarifContext { automation_id: Some("cella/fuzz/".into()), ..Default::default() },
+        policy_preloaded: false,
     };
     let mut job_frames = proto::encode_json(Kind::Job, &job);
     job_frames.extend(proto::encode(Kind::Policy, &small_policy()));

@@ -89,10 +89,15 @@ pub mod ports {
     /// do; the VMM blocks the vCPU until a device has work for the guest or the timeout
     /// passes, so an idle guest burns no CPU. 0 returns at once after polling the devices.
     pub const WAIT: u16 = 0x0e8;
+    /// A runner building a template (`cella-runner template`) writes here (`out dx, eax`)
+    /// once it is ready: the VMM that builds the template stops the vCPU after the write and
+    /// snapshots the VM; each VM restored from that snapshot continues after the write, with
+    /// its own arguments and devices. Any other VMM ends a VM that writes here.
+    pub const PARK: u16 = 0x0ec;
     /// Every port the guest may touch; all others fault in the guest. Kept below
     /// [`PORT_LIMIT`] so the TSS I/O bitmap stays small.
-    pub const GUEST_PORTS: [(u16, u16); 4] =
-        [(SERIAL_COM1, SERIAL_LEN), (EXIT, 4), (CONSOLE_LINE, 4), (WAIT, 4)];
+    pub const GUEST_PORTS: [(u16, u16); 5] =
+        [(SERIAL_COM1, SERIAL_LEN), (EXIT, 4), (CONSOLE_LINE, 4), (WAIT, 4), (PARK, 4)];
     /// Ports at or above this are never allowed.
     pub const PORT_LIMIT: u16 = 0x400;
 }

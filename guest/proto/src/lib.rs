@@ -109,6 +109,11 @@ impl Kind {
 pub struct Hello {
     pub runner_version: String,
     pub protocol: u16,
+    /// A runner restored from a template already holds a built engine: the SHA-256 (hex) of
+    /// the serialized policy it was built from. When it is the job's policy, the host sets
+    /// [`Job::policy_preloaded`] and sends no `Policy` frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_sha256: Option<String>,
 }
 
 /// What to scan.
@@ -132,6 +137,10 @@ pub struct Job {
     /// What the SARIF run says about itself.
     #[serde(default)]
     pub sarif: SarifContext,
+    /// The runner's preloaded engine (its hello's `policy_sha256`) is this job's policy: no
+    /// `Policy` frame follows. Otherwise one does, and the runner builds its engine from it.
+    #[serde(default)]
+    pub policy_preloaded: bool,
 }
 
 /// The SARIF run's own details, from whoever asked for the scan (all optional).
@@ -531,7 +540,10 @@ mod tests {
 
     #[test]
     fn frames_round_trip_across_arbitrary_splits() {
-        let mut wire = encode_json(Kind::Hello, &Hello { runner_version: "0.1.0".into(), protocol: VERSION });
+        let mut wire = encode_json(
+            Kind::Hello,
+            &Hello { runner_version: "0.1.0".into(), protocol: VERSION, policy_sha256: None },
+        );
         wire.extend(encode(Kind::Policy, b"{\"rules\":[]}"));
         let mut d = Decoder::default();
         let mut frames = Vec::new();

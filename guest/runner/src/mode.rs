@@ -15,6 +15,10 @@ pub enum Mode<'a> {
     Spin,
     /// Write a known pattern over all the heap, then exit 0 (the scrub must erase it).
     FillCanary,
+    /// Read the whole heap; print its FNV-1a 64 hash (of its 64-bit words) and how many words
+    /// hold the canary; exit 0. A VM restored from a template must see the template's bytes
+    /// or zeros there, never another job's.
+    HeapHash,
     /// Write this many 4000-byte console lines, then exit 0 (the console bounds must hold).
     Flood(u32),
     /// Read the whole virtio-blk disk; print its size and FNV-1a 64 hash; exit 0.
@@ -27,6 +31,11 @@ pub enum Mode<'a> {
     Hostile(Hostile),
     /// Fetch a scan job over vsock, scan the artifact on the disk, send back SARIF + summary.
     Scan,
+    /// Build a template: set up the devices, build the scan engine from the policy on the
+    /// disk (its length as a little-endian `u64`, then the serialized policy), then park (see
+    /// `cella_abi::ports::PARK`). A VM restored from the snapshot goes on from there with the
+    /// arguments its VMM wrote: `scan` uses the engine built here.
+    Template,
     /// Load the artifact on the disk into an in-memory index once, then answer session
     /// requests on vsock port 1025 until told to stop.
     Session(SessionArgs<'a>),
@@ -103,6 +112,12 @@ pub fn fnv1a64(hash: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// The length prefix of a template's policy disk: a little-endian `u64`, then the policy.
+pub const TEMPLATE_POLICY_HEADER: usize = 8;
+
+/// The largest policy a template disk may carry.
+pub const TEMPLATE_POLICY_MAX: u64 = 64 << 20;
+
 /// FNV-1a's starting value.
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
@@ -143,9 +158,9 @@ fn text(bytes: &[u8]) -> &str {
 }
 
 /// One line of usage, printed with every usage error.
-pub const USAGE: &str = "modes: hello | exit N | fault | spin | fill-canary | flood N | read-disk | \
-                         vsock-echo PORT | vsock-serve PORT | hostile KIND | scan | \
-                         session SIZE deny|redact|allow NAME";
+pub const USAGE: &str = "modes: hello | exit N | fault | spin | fill-canary | heap-hash | flood N | \
+                         read-disk | vsock-echo PORT | vsock-serve PORT | hostile KIND | scan | \
+                         template | session SIZE deny|redact|allow NAME";
 
 impl<'a> Mode<'a> {
     /// Parses the runner's arguments (without a program name).
@@ -159,6 +174,8 @@ impl<'a> Mode<'a> {
             b"fault" => Mode::Fault,
             b"spin" => Mode::Spin,
             b"fill-canary" => Mode::FillCanary,
+            b"heap-hash" => Mode::HeapHash,
+            b"template" => Mode::Template,
             b"exit" => Mode::Exit(number(args.next(), "exit")?),
             b"flood" => Mode::Flood(number(args.next(), "flood")?),
             b"read-disk" => Mode::ReadDisk,
@@ -217,6 +234,9 @@ mod tests {
         assert_eq!(parse(&["fault"]), Ok(Mode::Fault));
         assert_eq!(parse(&["spin"]), Ok(Mode::Spin));
         assert_eq!(parse(&["fill-canary"]), Ok(Mode::FillCanary));
+        assert_eq!(parse(&["heap-hash"]), Ok(Mode::HeapHash));
+        assert_eq!(parse(&["template"]), Ok(Mode::Template));
+        assert_eq!(parse(&["template", "x"]), Err(UsageError::Extra(b"x")));
         assert_eq!(parse(&["flood", "20"]), Ok(Mode::Flood(20)));
         assert_eq!(parse(&["read-disk"]), Ok(Mode::ReadDisk));
         assert_eq!(parse(&["vsock-echo", "1024"]), Ok(Mode::VsockEcho(1024)));

@@ -137,6 +137,7 @@ impl Launcher {
             from_prepared: None,
         });
         SpareOptions {
+            template: None,
             vmm: self.vmm.clone(),
             jail,
             image: self.config.scanner_image.clone(),
@@ -185,6 +186,7 @@ pub fn job_frames(lease: &Lease, policy: Vec<u8>, artifact_bytes: u64, informati
             revision_id: vcs.and_then(|v| v.revision_id.clone()),
             branch: vcs.and_then(|v| v.branch.clone()),
         },
+        policy_preloaded: false,
     };
     JobFrames { job, policy, baseline: lease.baseline.clone() }
 }
@@ -370,7 +372,12 @@ mod tests {
     }
 
     fn job(outcome: ScanOutcome) -> Result<JobReport, JobError> {
-        Ok(JobReport { outcome, in_vm: Duration::from_micros(7500), runner_version: "0.1.0".into() })
+        Ok(JobReport {
+            outcome,
+            in_vm: Duration::from_micros(7500),
+            runner_version: "0.1.0".into(),
+            policy_preloaded: false,
+        })
     }
 
     fn completed() -> ScanOutcome {

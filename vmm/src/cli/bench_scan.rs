@@ -49,6 +49,7 @@ pub(crate) fn vm_scan(
 ) -> Result<(Duration, Duration, u64), String> {
     let started = Instant::now();
     let request = ScanRequest {
+        template: None,
         image: image.to_owned(),
         artifact: artifact.to_owned(),
         policy: policy.to_owned(),

@@ -62,6 +62,7 @@ fn run(args: &SpareBenchArgs) -> Result<(), String> {
     }
     let bwrap = which("bwrap").ok_or("bwrap is not installed (scripts/setup.sh installs it)")?;
     let options = |jailed: bool, n: usize| SpareOptions {
+        template: None,
         vmm: exe.clone(),
         jail: jailed.then(|| SpareJail {
             jailer: jailer.clone(),

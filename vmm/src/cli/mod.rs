@@ -15,6 +15,7 @@ pub mod scan;
 pub mod session;
 pub mod spare;
 pub mod stop_signal;
+pub mod template;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +41,9 @@ pub enum Command {
     /// API for `PUT /vm` and the job's descriptors.
     #[command(after_help = spare::HELP)]
     Spare(spare::SpareArgs),
+    /// Build a template: a scanner VM with its engine built, snapshotted, for `scan --template`
+    /// and `spare --template` to restore each job's VM from.
+    Template(template::TemplateArgs),
     /// Measure launch latency against a native process and bubblewrap.
     #[command(subcommand)]
     Bench(bench::BenchCommand),

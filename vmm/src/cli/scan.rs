@@ -55,6 +55,11 @@ pub struct ScanArgs {
     /// Guest image [default: the cella-scanner that scripts/setup.sh built]
     #[arg(long, value_name = "PATH")]
     pub image: Option<PathBuf>,
+    /// Restore the VM from this template (`cella-vmm template`) instead of booting the image;
+    /// its memory size is the template's. If the template's policy is this scan's, the runner's
+    /// engine is already built
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "mem_mib"])]
+    pub template: Option<PathBuf>,
     /// Guest memory in MiB
     #[arg(long, value_name = "N", default_value_t = SCAN_MEM_MIB)]
     pub mem_mib: u64,
@@ -246,11 +251,19 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         },
         None => None,
     };
+    let mem_mib = match &args.template {
+        Some(dir) => match cella_vmm::template::TemplateIdentity::read(dir) {
+            Ok(identity) => identity.mem_mib,
+            Err(e) => return fail(exit_code::BAD_INPUT, error_chain(&e)),
+        },
+        None => args.mem_mib,
+    };
     let request = ScanRequest {
         image,
+        template: args.template.clone(),
         artifact: artifact.clone(),
         policy,
-        mem_mib: args.mem_mib,
+        mem_mib,
         timeout: Duration::from_millis(args.timeout_ms),
         launch_start,
         cancel: None,
@@ -377,6 +390,7 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
     })?;
     let (jail, vmm) = args.jail.spare_jail(request.mem_mib).map_err(|e| super::jailed::refuse(&e))?;
     let options = SpareOptions {
+        template: request.template.clone(),
         vmm,
         jail: Some(jail),
         image: Some(request.image.clone()),

@@ -8,6 +8,12 @@
 //! the guest over that channel; `PUT /actions {"action_type":"finish"}` returns the final
 //! report (exit, timings, scrub evidence), after which the process exits. Until `finish`, a
 //! stopped VM's report waits here (for at most a minute).
+//!
+//! With `--template DIR` the spare restores its VM from a template instead (see
+//! [`cella_vmm::template`]): memory mapped from the template's file, registers restored, all
+//! before it confines itself; `PUT /vm` puts the job's disk and channel behind the devices
+//! the template's runner set up and writes the guest arguments, and the runner goes on with
+//! its engine already built.
 
 use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
@@ -17,8 +23,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cella_vmm::control::{action_channel, run_vmm, ApiServer, VmmLimits};
-use cella_vmm::rpc_interface::{SpareVm, VmmController};
+use cella_vmm::rpc_interface::{Prepared, SpareVm, VmmController};
 use cella_vmm::seccomp::ThreadKind;
+use cella_vmm::template::TemplateVm;
 use cella_vmm::{confine, default_scanner_image, error_chain, Prebuilt, VmConfig};
 use clap::Args;
 
@@ -55,8 +62,13 @@ pub struct SpareArgs {
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
     /// Guest image [default: the cella-scanner that scripts/setup.sh built]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "template")]
     pub image: Option<PathBuf>,
+    /// Restore the VM from the template in DIR (`cella-vmm template`) instead of loading an
+    /// image: its memory and memory size are the template's, and the guest goes on from where
+    /// the template parked with the guest arguments given here
+    #[arg(long, value_name = "DIR")]
+    pub template: Option<PathBuf>,
     /// Guest memory in MiB
     #[arg(long, value_name = "N", default_value_t = cella_vmm::vmm_config::DEFAULT_MEM_MIB)]
     pub mem_mib: u64,
@@ -113,20 +125,35 @@ pub fn main(args: SpareArgs, launch_start: Instant) -> ExitCode {
         Ok(fd) => fd,
         Err(message) => return fail(exit_code::VMM_FAILED, message),
     };
-    let image = match &args.image {
-        Some(image) => image.clone(),
-        None => match default_scanner_image() {
-            Ok(image) => image,
-            Err(e) => return fail(exit_code::BAD_INPUT, e.to_string()),
-        },
-    };
     let guest_args =
         if args.guest_args.is_empty() { vec!["scan".to_owned()] } else { args.guest_args.clone() };
-    let config = VmConfig { mem_mib: args.mem_mib, launch_start, ..VmConfig::new(image, guest_args) };
-    let prebuilt = match Prebuilt::new(&config) {
-        Ok(prebuilt) => prebuilt,
-        Err(e) if e.is_bad_input() => return fail(exit_code::BAD_INPUT, error_chain(&e)),
-        Err(e) => return fail(exit_code::VMM_FAILED, error_chain(&e)),
+    let (prepared, config) = match &args.template {
+        Some(dir) => match TemplateVm::load(dir) {
+            Ok(template) => {
+                let config = VmConfig {
+                    mem_mib: template.mem_mib(),
+                    launch_start,
+                    ..VmConfig::new(dir.join("memory.bin"), guest_args)
+                };
+                (Prepared::Template(Box::new(template)), config)
+            }
+            Err(e) => return fail(exit_code::BAD_INPUT, error_chain(&e)),
+        },
+        None => {
+            let image = match &args.image {
+                Some(image) => image.clone(),
+                None => match default_scanner_image() {
+                    Ok(image) => image,
+                    Err(e) => return fail(exit_code::BAD_INPUT, e.to_string()),
+                },
+            };
+            let config = VmConfig { mem_mib: args.mem_mib, launch_start, ..VmConfig::new(image, guest_args) };
+            match Prebuilt::new(&config) {
+                Ok(prebuilt) => (Prepared::Cold(prebuilt), config),
+                Err(e) if e.is_bad_input() => return fail(exit_code::BAD_INPUT, error_chain(&e)),
+                Err(e) => return fail(exit_code::VMM_FAILED, error_chain(&e)),
+            }
+        }
     };
     let listener = match (&args.api_fd, &args.api_sock) {
         (Some(fd), _) => inherited_listener(*fd),
@@ -165,7 +192,7 @@ pub fn main(args: SpareArgs, launch_start: Instant) -> ExitCode {
         server.shutdown();
         return fail(exit_code::VMM_FAILED, error_chain(&e));
     }
-    let spare = SpareVm { prebuilt, config, console: Box::new(std::io::stderr()) };
+    let spare = SpareVm { prepared, config, console: Box::new(std::io::stderr()) };
     let mut controller = VmmController::spare(spare).with_run_timeout(Duration::from_millis(args.timeout_ms));
     let limits =
         VmmLimits { stop_fd: Some(stop_fd), await_finish: Some(FINISH_LINGER), ..VmmLimits::default() };

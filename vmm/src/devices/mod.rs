@@ -4,6 +4,7 @@ pub mod legacy;
 pub mod virtio;
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use cella_abi::layout::MMIO_DEVICE_SIZE;
@@ -25,6 +26,8 @@ pub enum IoResult {
     Done,
     /// The guest asked to end the VM with this status.
     GuestExit(u32),
+    /// A template's runner is ready to be snapshotted (only when [`IoBus::allow_park`]).
+    Park,
     /// No device answers there; the guest is broken or hostile and the VM ends.
     Unhandled(String),
     /// The guest broke a device's contract (bad descriptors, queue set-up…); the VM ends.
@@ -72,12 +75,27 @@ pub struct IoBus {
     mmio_base: u64,
     /// Written by the vCPU kick handler, so a wait exit wakes for a stop.
     kick: EventFd,
+    /// This VM builds a template: a write to [`ports::PARK`] parks the vCPU for its snapshot.
+    park_allowed: AtomicBool,
 }
 
 impl IoBus {
     pub fn new(serial: SerialDevice, memory: GuestMemoryMmap) -> std::io::Result<Self> {
         let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        Ok(IoBus { serial: Mutex::new(serial), memory, virtio: Vec::new(), mmio_base: 0, kick })
+        Ok(IoBus {
+            serial: Mutex::new(serial),
+            memory,
+            virtio: Vec::new(),
+            mmio_base: 0,
+            kick,
+            park_allowed: AtomicBool::new(false),
+        })
+    }
+
+    /// Lets the guest park itself for a template snapshot; any other VM that writes to the
+    /// park port ends like one that touches a port no device answers.
+    pub fn allow_park(&self) {
+        self.park_allowed.store(true, Ordering::Release);
     }
 
     /// Attaches the virtio devices at `base`, in order.
@@ -116,6 +134,10 @@ impl IoBus {
             ports::EXIT => IoResult::GuestExit(le_value(data)),
             ports::CONSOLE_LINE => self.console_line(u64::from(le_value(data))),
             ports::WAIT => self.wait(le_value(data)),
+            ports::PARK if self.park_allowed.load(Ordering::Acquire) => IoResult::Park,
+            ports::PARK => {
+                IoResult::Unhandled("a park request, but this VM is not building a template".into())
+            }
             p if serial_offset(p).is_some() => {
                 let offset = serial_offset(p).unwrap_or(0);
                 self.serial.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
@@ -280,6 +302,15 @@ mod tests {
         let (bus, _) = bus();
         assert_eq!(bus.port_write(ports::EXIT, &7u32.to_le_bytes()), IoResult::GuestExit(7));
         assert_eq!(bus.port_write(ports::EXIT, &[3]), IoResult::GuestExit(3));
+    }
+
+    #[test]
+    fn the_park_port_parks_only_a_template_build() {
+        let (bus, _) = bus();
+        let refused = bus.port_write(ports::PARK, &1u32.to_le_bytes());
+        assert!(matches!(refused, IoResult::Unhandled(w) if w.contains("not building a template")));
+        bus.allow_park();
+        assert_eq!(bus.port_write(ports::PARK, &1u32.to_le_bytes()), IoResult::Park);
     }
 
     #[test]

@@ -312,6 +312,15 @@ impl Vcpu {
             };
             match step {
                 Step::Continue => {}
+                // The guest's park: settle and park as for a pause, unless a stop came first.
+                Step::Park => {
+                    let _ = control.wanted.compare_exchange(
+                        WANT_RUN,
+                        WANT_PAUSE,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
                 Step::Stop(stop) => break stop,
                 Step::StopAtRip(make) => break make(self.rip()),
                 Step::InternalError => {
@@ -401,6 +410,8 @@ fn drain_eventfd(fd: RawFd) {
 
 enum Step {
     Continue,
+    /// The guest asked to be parked (a template build's snapshot point).
+    Park,
     Stop(VcpuStop),
     /// Stop with a reason that needs the guest's RIP (read after the exit borrow ends).
     StopAtRip(Box<dyn FnOnce(u64) -> VcpuStop>),
@@ -411,6 +422,7 @@ enum Step {
 fn handle_exit(exit: VcpuExit<'_>, bus: &IoBus) -> Step {
     let io = |result: IoResult| match result {
         IoResult::Done => Step::Continue,
+        IoResult::Park => Step::Park,
         IoResult::GuestExit(code) => Step::Stop(VcpuStop::GuestExit(code)),
         IoResult::DeviceFailure { device, reason } => Step::Stop(VcpuStop::DeviceFailure { device, reason }),
         IoResult::Unhandled(what) => {
@@ -545,6 +557,20 @@ impl VcpuHandle {
             }
             if !self.next_event(deadline) {
                 return Err(VcpuControlError::Timeout { what: "pause", after: timeout });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the guest to park itself (see [`IoBus::allow_park`]).
+    pub fn wait_guest_park(&mut self, timeout: Duration) -> Result<(), VcpuControlError> {
+        let deadline = Instant::now() + timeout;
+        while !self.parked {
+            if self.has_ended() {
+                return Err(VcpuControlError::Ended);
+            }
+            if !self.next_event(deadline) {
+                return Err(VcpuControlError::Timeout { what: "park", after: timeout });
             }
         }
         Ok(())

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -146,4 +147,57 @@ pub fn jail_binaries(folder: &str) -> &'static JailBinaries {
         std::fs::rename(&tmp, &out).unwrap();
         JailBinaries { jailer: profile.join("cella-jailer"), static_vmm: out }
     })
+}
+
+/// `Name:\tvalue` from a /proc status file.
+pub fn status_field(status: &str, name: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+        .trim()
+        .to_owned()
+}
+
+/// Every thread of `pid`: (name, status file).
+pub fn threads(pid: u32) -> Vec<(String, String)> {
+    let dir = format!("/proc/{pid}/task");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let task = entry.unwrap().path();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        found.push((status_field(&status, "Name"), status));
+    }
+    found
+}
+
+/// The pid of the jailed VMM: the jailer's one child.
+pub fn jailed_vmm(jailer: u32) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{jailer}/task/{jailer}/children")).unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "cella-vmm" {
+                return pid;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no jailed VMM under cella-jailer {jailer}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until the spare has both its threads (it confines itself before it starts the API
+/// thread, and puts its own filter on right after).
+pub fn wait_confined(pid: u32) -> Vec<(String, String)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = threads(pid);
+        if found.len() == 2 && found.iter().all(|(_, s)| status_field(s, "Seccomp") == "2") {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "spare not confined in time: {found:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

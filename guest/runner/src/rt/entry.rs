@@ -11,9 +11,7 @@ use cella_runner::mode::Mode;
 /// The VMM enters here at CPL 3, with the stack at `BootInfo::stack_top - 8`.
 #[no_mangle]
 pub extern "C" fn _start() -> ! {
-    // SAFETY: the VMM writes the boot-info block at this fixed, mapped address before the
-    // first instruction; it is read once, by value.
-    let boot = unsafe { core::ptr::read_volatile(layout::BOOT_INFO_ADDR as *const BootInfo) };
+    let boot = boot_info();
     let mut console = Console::new();
     if !boot.is_valid() {
         let _ = writeln!(
@@ -32,16 +30,36 @@ pub extern "C" fn _start() -> ! {
             writeln!(console, "cella-runner: heap of {} bytes is too small", boot.heap_end - boot.heap_start);
         exit(status::BAD_BOOT_INFO);
     }
-    // SAFETY: the VMM wrote `args_len` bytes of arguments at `args_addr`, inside mapped memory,
-    // and nothing writes them while we run.
-    let args = unsafe { core::slice::from_raw_parts(boot.args_addr as *const u8, boot.args_len as usize) };
-    match Mode::parse(split_args(args)) {
+    match Mode::parse(split_args(args(&boot))) {
         Ok(mode) => modes::run(mode, &boot, &mut console),
         Err(e) => {
             let _ = writeln!(console, "cella-runner: {e}");
             exit(status::USAGE)
         }
     }
+}
+
+/// The boot-info block as it is now: at the first instruction, or after a park, when the VMM
+/// that restored this VM has written its own arguments.
+pub fn boot_info() -> BootInfo {
+    // SAFETY: the VMM writes the boot-info block at this fixed, mapped address before the
+    // first instruction (and before a restored VM goes on after its park); read by value.
+    unsafe { core::ptr::read_volatile(layout::BOOT_INFO_ADDR as *const BootInfo) }
+}
+
+/// The arguments `boot` names.
+pub fn args(boot: &BootInfo) -> &'static [u8] {
+    let len = (boot.args_len as u64).min(layout::ARGS_MAX_LEN) as usize;
+    // SAFETY: the VMM wrote `args_len` bytes of arguments at `args_addr` (checked against the
+    // argument block's size), inside mapped memory, and nothing writes them while we run.
+    unsafe { core::slice::from_raw_parts(boot.args_addr as *const u8, len) }
+}
+
+/// Parks the VM for its template snapshot (see [`ports::PARK`]); returns in each VM restored
+/// from it. The `out` is a compiler barrier, so memory the VMM rewrote is read afresh.
+#[cfg(feature = "scanner")]
+pub fn park() {
+    io::out_u32(ports::PARK, 1);
 }
 
 /// Ends the VM with `code`. The VMM stops the vCPU at the port write, so this never returns.

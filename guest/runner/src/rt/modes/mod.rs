@@ -41,12 +41,15 @@ pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
         #[cfg(feature = "scanner")]
         Mode::Scan => scanner::scan(boot, console),
         #[cfg(feature = "scanner")]
+        Mode::Template => scanner::template(boot, console),
+        #[cfg(feature = "scanner")]
         Mode::Session(args) => session::session(boot, console, args),
         #[cfg(not(feature = "scanner"))]
-        Mode::Scan | Mode::Session(_) => {
+        Mode::Scan | Mode::Template | Mode::Session(_) => {
             let _ = writeln!(
                 console,
-                "cella-runner: this image has no scanner; `scan` and `session` run in the cella-scanner image"
+                "cella-runner: this image has no scanner; `scan`, `template` and `session` run in \
+                 the cella-scanner image"
             );
             exit(status::USAGE)
         }
@@ -70,6 +73,7 @@ pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
             }
             exit(0)
         }
+        Mode::HeapHash => heap_hash(boot, console),
         Mode::FillCanary => {
             let (start, end) = (boot.heap_start, boot.heap_end);
             let words = ((end - start) / 8) as usize;
@@ -81,6 +85,27 @@ pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
             exit(0)
         }
     }
+}
+
+/// Hashes the heap word by word (volatile reads: live allocations are in there) before
+/// allocating anything, and counts the words that hold the canary.
+fn heap_hash(boot: &BootInfo, console: &mut Console) -> ! {
+    let (mut hash, mut canary_words) = (FNV_OFFSET, 0u64);
+    let mut addr = boot.heap_start;
+    while addr + 8 <= boot.heap_end {
+        // SAFETY: [heap_start, heap_end) is mapped guest memory; an aligned volatile read of
+        // a word there has no effect on anything else.
+        let word = unsafe { core::ptr::read_volatile(addr as *const u64) };
+        hash = fnv1a64(hash, &word.to_le_bytes());
+        canary_words += u64::from(word == CANARY);
+        addr += 8;
+    }
+    let _ = writeln!(
+        console,
+        "heap: {} bytes, fnv1a64 {hash:#018x}, canary words {canary_words}",
+        boot.heap_end - boot.heap_start
+    );
+    exit(0)
 }
 
 pub(super) fn fail(console: &mut Console, what: &str, why: impl core::fmt::Debug) -> ! {

@@ -1,9 +1,11 @@
 //! The `scan` mode: fetch the job, the policy and (if the job has one) the baseline over
 //! vsock, scan the artifact on the disk with the job's excludes, send back SARIF and the
-//! summary.
+//! summary. And the `template` mode: the same scanner with its devices set up and its engine
+//! built ahead, parked for a snapshot; every VM restored from that snapshot skips both.
 
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::fmt::Write;
 
 use cella_abi::BootInfo;
 use cella_proto as proto;
@@ -12,8 +14,11 @@ use cella_scan::{sarif, scan_artifact, Engine, FingerprintKey, FingerprintSet, L
 use super::{fail, CLOSE_TIMEOUT_MS, DEVICE_FAILED};
 use crate::rt::blk_source::BlkSource;
 use crate::rt::console::Console;
-use crate::rt::entry::exit;
-use crate::rt::virtio::blk::Blk;
+use cella_abi::split_args;
+use cella_runner::mode::Mode;
+
+use crate::rt::entry::{args, boot_info, exit, park};
+use crate::rt::virtio::blk::{Blk, SECTOR};
 use crate::rt::virtio::vsock::Vsock;
 
 use cella_abi::status::ARTIFACT_REFUSED;
@@ -41,11 +46,81 @@ fn next_frame(
     }
 }
 
+/// An engine built ahead (by a template), and the SHA-256 (hex) of the policy it came from.
+struct Preloaded {
+    engine: Engine,
+    policy_sha256: String,
+}
+
 pub fn scan(boot: &BootInfo, console: &mut Console) -> ! {
-    let mut vsock = Vsock::open(boot).unwrap_or_else(|e| fail(console, "virtio-vsock", e));
+    let vsock = Vsock::open(boot).unwrap_or_else(|e| fail(console, "virtio-vsock", e));
+    serve(boot, vsock, None, None, console)
+}
+
+/// Builds a template: devices set up, the engine built from the policy on the disk, then the
+/// park. What follows runs in each VM restored from the snapshot, with its own arguments.
+pub fn template(boot: &BootInfo, console: &mut Console) -> ! {
+    use cella_runner::mode::{TEMPLATE_POLICY_HEADER, TEMPLATE_POLICY_MAX};
+    use sha2::Digest;
+
+    let vsock = Vsock::open(boot).unwrap_or_else(|e| fail(console, "virtio-vsock", e));
+    let mut disk = Blk::open(boot).unwrap_or_else(|e| fail(console, "virtio-blk", e));
+    let mut header = [0u8; SECTOR as usize];
+    disk.read(0, &mut header).unwrap_or_else(|e| fail(console, "template policy", e));
+    let len = u64::from_le_bytes(header[..TEMPLATE_POLICY_HEADER].try_into().unwrap_or_default());
+    let total = len.saturating_add(TEMPLATE_POLICY_HEADER as u64);
+    if len > TEMPLATE_POLICY_MAX || total > disk.capacity() {
+        fail(console, "template policy", alloc::format!("length {len} does not fit the disk"));
+    }
+    let mut bytes = alloc::vec![0u8; total.next_multiple_of(SECTOR) as usize];
+    disk.read(0, &mut bytes).unwrap_or_else(|e| fail(console, "template policy", e));
+    let policy = &bytes[TEMPLATE_POLICY_HEADER..total as usize];
+    let engine = Engine::from_policy_json(policy).unwrap_or_else(|e| fail(console, "template policy", e));
+    let policy_sha256 = hex(&sha2::Sha256::digest(policy));
+    drop(bytes);
+
+    park();
+
+    // A restored VM: its own arguments, its own disk behind the device.
+    let boot = boot_info();
+    disk.refresh_capacity();
+    match Mode::parse(split_args(args(&boot))) {
+        Ok(Mode::Scan) => serve(&boot, vsock, Some(disk), Some(Preloaded { engine, policy_sha256 }), console),
+        Ok(Mode::Template) => fail(console, "template", "a template cannot be built from a template"),
+        Ok(mode) => {
+            drop((engine, disk, vsock));
+            super::run(mode, &boot, console)
+        }
+        Err(e) => {
+            let _ = writeln!(console, "cella-runner: {e}");
+            exit(cella_abi::status::USAGE)
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// Serves one scan job on the job channel: with the template's engine if it is the job's
+/// policy, else with one built from the `Policy` frame.
+fn serve(
+    boot: &BootInfo,
+    mut vsock: Vsock,
+    disk: Option<Blk>,
+    preloaded: Option<Preloaded>,
+    console: &mut Console,
+) -> ! {
     let conn = vsock.connect(proto::JOB_PORT, 10_000).unwrap_or_else(|e| fail(console, "job channel", e));
-    let hello =
-        proto::Hello { runner_version: String::from(env!("CARGO_PKG_VERSION")), protocol: proto::VERSION };
+    let hello = proto::Hello {
+        runner_version: String::from(env!("CARGO_PKG_VERSION")),
+        protocol: proto::VERSION,
+        policy_sha256: preloaded.as_ref().map(|p| p.policy_sha256.clone()),
+    };
     vsock
         .send(conn, &proto::encode_json(proto::Kind::Hello, &hello))
         .unwrap_or_else(|e| fail(console, "send", e));
@@ -60,14 +135,30 @@ pub fn scan(boot: &BootInfo, console: &mut Console) -> ! {
         );
     }
     let job: proto::Job = proto::decode_json(&payload).unwrap_or_else(|e| fail(console, "job", e));
-    let (kind, policy) = next_frame(&mut vsock, conn, &mut decoder, console);
-    if kind != proto::Kind::Policy {
-        fail(
-            console,
-            "job protocol",
-            proto::ProtoError::Unexpected { expected: proto::Kind::Policy, got: kind },
-        );
-    }
+    // The template's engine, if the host says it is the job's; else the policy frame's.
+    let (preloaded, policy) = match preloaded {
+        Some(p) if job.policy_preloaded => (Some(p.engine), Vec::new()),
+        held => {
+            if job.policy_preloaded {
+                fail(
+                    console,
+                    "job protocol",
+                    "the host says the policy is preloaded, but this runner holds none",
+                );
+            }
+            // Its memory goes back to the heap before the job's engine is built.
+            drop(held);
+            let (kind, policy) = next_frame(&mut vsock, conn, &mut decoder, console);
+            if kind != proto::Kind::Policy {
+                fail(
+                    console,
+                    "job protocol",
+                    proto::ProtoError::Unexpected { expected: proto::Kind::Policy, got: kind },
+                );
+            }
+            (None, policy)
+        }
+    };
 
     let baseline = job.baseline.map(|n| {
         let (kind, payload) = next_frame(&mut vsock, conn, &mut decoder, console);
@@ -90,13 +181,14 @@ pub fn scan(boot: &BootInfo, console: &mut Console) -> ! {
         report_error(&mut vsock, "protocol", String::from("the job's fingerprint_key is not 64 hex digits"));
         exit(DEVICE_FAILED)
     };
-    let mut engine = match Engine::from_policy_json(&policy) {
+    let mut engine = match preloaded.map_or_else(|| Engine::from_policy_json(&policy), Ok) {
         Ok(engine) => engine,
         Err(e) => {
             report_error(&mut vsock, "policy", alloc::format!("{e}"));
             exit(DEVICE_FAILED)
         }
     };
+    drop(policy);
     engine.set_fingerprint_key(fingerprint_key);
     if let Err(e) = engine.set_excludes(&job.excludes) {
         report_error(&mut vsock, "protocol", alloc::format!("the job's excludes: {e}"));
@@ -116,7 +208,7 @@ pub fn scan(boot: &BootInfo, console: &mut Console) -> ! {
             }
         }
     }
-    let disk = match Blk::open(boot) {
+    let disk = match disk.map_or_else(|| Blk::open(boot), Ok) {
         Ok(disk) => disk,
         Err(e) => {
             report_error(&mut vsock, "device", alloc::format!("virtio-blk: {e:?}"));

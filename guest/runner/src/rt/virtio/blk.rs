@@ -52,6 +52,13 @@ impl Blk {
         Ok(Blk { mmio, queue, slots, capacity })
     }
 
+    /// Reads the capacity again: a VM restored from a template has the job's disk behind the
+    /// device the template set up.
+    #[cfg(feature = "scanner")]
+    pub fn refresh_capacity(&mut self) {
+        self.capacity = self.mmio.config_u64(0) * SECTOR;
+    }
+
     /// Capacity in bytes (a multiple of the sector size).
     pub fn capacity(&self) -> u64 {
         self.capacity

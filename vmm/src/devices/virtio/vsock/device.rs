@@ -78,12 +78,18 @@ impl Vsock {
     /// differ from the saved VM's), and queues a RST to the guest for every stream that was
     /// open, delivered at the guest's next notify or wait.
     pub fn restore(uds_path: &Path, state: &VsockState) -> std::io::Result<Self> {
-        let mut vsock = Vsock::new(uds_path)?;
-        vsock.next_host_port = state.next_host_port.max(FIRST_HOST_PORT);
+        Ok(Vsock::new(uds_path)?.adopt(state))
+    }
+
+    /// Takes over a snapshot's device state (its host port counter; a RST queued for every
+    /// stream that was open) for a device made for the restored VM, e.g. with the job's
+    /// channels ([`Vsock::with_channels`]).
+    pub fn adopt(mut self, state: &VsockState) -> Self {
+        self.next_host_port = state.next_host_port.max(FIRST_HOST_PORT);
         for key in state.connections.iter().take(MAX_CONNECTIONS) {
-            vsock.reply(*key, op::RST, 0);
+            self.reply(*key, op::RST, 0);
         }
-        Ok(vsock)
+        self
     }
 
     /// Where the host socket is bound.
