@@ -37,6 +37,13 @@ pub struct ScanReport {
     /// The scan engine's version, as the runner reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_version: Option<String>,
+    /// The template the VM was restored from (its id), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// The runner held the job's engine already (built in the template), so the policy was
+    /// not sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_preloaded: Option<bool>,
     /// Where the SARIF log was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sarif: Option<String>,
@@ -98,6 +105,8 @@ mod tests {
             artifact_bytes: 10240,
             in_vm_ms: Some(7.5),
             engine_version: Some("0.1.0".into()),
+            template: None,
+            policy_preloaded: Some(false),
             sarif: None,
             summary: Some(serde_json::json!({"findings": 2})),
             fail_on: Some(FailOnGate { level: "error".into(), unsuppressed_at_or_above: Some(1) }),

@@ -179,6 +179,9 @@ pub struct WorkerConfig {
     /// First uid/gid of the jailed VMMs: slot N of this worker runs as `jail_uid_base + N` (its
     /// running scan and the spare waiting for its next one; see `worker::spare_pool`).
     pub jail_uid_base: u32,
+    /// Restore every scan's VM from a template whose engine of the default policy is built
+    /// (`CELLA_TEMPLATES=1|0`; see `worker::template`). Off: each VM boots the scanner image.
+    pub templates: bool,
 }
 
 /// The hard limit on a session's life, running and suspended: 8 hours.
@@ -319,6 +322,7 @@ impl Default for WorkerConfig {
             jailed: None,
             drain_secs: 30,
             jail_uid_base: 64_100,
+            templates: true,
         }
     }
 }
@@ -421,6 +425,9 @@ impl Config {
         if let Some(v) = get("CELLA_JAILED") {
             self.worker.jailed = Some(matches!(v.as_str(), "1" | "true" | "yes" | "on"));
         }
+        if let Some(v) = get("CELLA_TEMPLATES") {
+            self.worker.templates = !matches!(v.as_str(), "0" | "false" | "no" | "off");
+        }
         if let Some(v) = get("CELLA_DRAIN_SECS") {
             self.worker.drain_secs = parse("CELLA_DRAIN_SECS", v, "a number of seconds")?;
         }
@@ -490,6 +497,12 @@ mod tests {
         c.apply_env(|n| (n == "CELLA_WORKER_CONCURRENCY").then(|| "5".to_owned())).unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.worker.concurrency, 5);
+        // Templates are on unless turned off, in the file or the environment.
+        assert!(c.worker.templates);
+        c.apply_env(|n| (n == "CELLA_TEMPLATES").then(|| "0".to_owned())).unwrap();
+        assert!(!c.worker.templates);
+        let c: Config = toml::from_str("[worker]\ntemplates = false\n").unwrap();
+        assert!(!c.worker.templates);
     }
 
     #[test]

@@ -90,6 +90,8 @@ fn evidence(
         "artifact": artifact,
         "packs": packs,
         "engine_version": vm.get("engine_version").cloned().unwrap_or(Value::Null),
+        // The template the job's VM was restored from (`cella-vmm template`'s id), if any.
+        "template": vm.get("template").cloned().unwrap_or(Value::Null),
         "cella_version": env!("CARGO_PKG_VERSION"),
         "sarif_sha256": crate::ids::hex(ring::digest::digest(&ring::digest::SHA256, sarif).as_ref()),
     })

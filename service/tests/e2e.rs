@@ -179,6 +179,11 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
             .await
             .unwrap();
     assert_eq!(vm["built_ahead"], true, "{vm}");
+    // Restored from the worker's template, whose engine is the job's default policy's: the
+    // runner got no policy, it had the engine built already.
+    let template = vm["template"].as_str().unwrap_or_else(|| panic!("no template: {vm}")).to_owned();
+    assert_eq!(template.len(), 64, "{vm}");
+    assert_eq!(vm["policy_preloaded"], true, "{vm}");
     // The next spare is made while the scan runs; slot 0's VMMs share its uid (each is
     // confined to no path access, in a PID namespace of its own).
     let spare_after = common::wait_for_spare(serve_pid, "job", &[spare_before]).await;
@@ -234,6 +239,7 @@ async fn a_scan_submitted_over_https_runs_jailed_and_its_audit_chain_verifies(po
     assert!(succeeded["packs"][0]["sha256"].as_str().unwrap().len() == 64, "{succeeded}");
     assert_eq!(succeeded["cella_version"], env!("CARGO_PKG_VERSION"));
     assert!(succeeded["engine_version"].is_string(), "{succeeded}");
+    assert_eq!(succeeded["template"], template.as_str(), "{succeeded}");
     let verify_sarif = |file: &Path| {
         cella(
             &data,

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use cella_abi::{layout, BootInfo};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::builder::{HostEnds, Prebuilt};
@@ -44,8 +43,8 @@ use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 use crate::BuildError;
 
-/// The template's identity file in its directory.
-pub const TEMPLATE_FILE: &str = "template.json";
+pub use cella_host::template::{BadIdentity, TemplateIdentity, TEMPLATE_FILE};
+
 /// The guest arguments a template is built with.
 pub const TEMPLATE_ARGS: &[&str] = &["template"];
 /// How long a template build waits for the runner to park.
@@ -73,8 +72,8 @@ pub enum TemplateError {
     Image { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}")]
     Identity { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not a template's identity file ({reason}); build the template again")]
-    BadIdentity { path: PathBuf, reason: String },
+    #[error(transparent)]
+    BadIdentity(#[from] BadIdentity),
     #[error("the template has a {0} device, but the launch gave it none")]
     MissingDevice(&'static str),
     #[error("the template's vsock device had streams open; it was not built by `cella-vmm template`")]
@@ -94,54 +93,11 @@ impl TemplateError {
     /// to this host.
     pub fn is_bad_input(&self) -> bool {
         match self {
-            TemplateError::BadIdentity { .. } | TemplateError::Snapshot(_) => true,
+            TemplateError::BadIdentity(_) | TemplateError::Snapshot(_) => true,
             TemplateError::Build(e) => e.is_bad_input(),
             _ => false,
         }
     }
-}
-
-/// What a template is: enough for the service to tell whether a template fits a job and for
-/// an audit event to name it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TemplateIdentity {
-    /// SHA-256 (hex) of the fields below, joined: the name the audit log records.
-    pub id: String,
-    /// SHA-256 (hex) of the serialized policy whose engine the template holds.
-    pub policy_sha256: String,
-    /// SHA-256 (hex) of the guest image.
-    pub image_sha256: String,
-    pub mem_mib: u64,
-    /// The VMM that built it (a snapshot restores only in the same VMM version).
-    pub vmm_version: String,
-}
-
-impl TemplateIdentity {
-    fn new(policy: &[u8], image: &[u8], mem_mib: u64) -> Self {
-        let policy_sha256 = hex(&Sha256::digest(policy));
-        let image_sha256 = hex(&Sha256::digest(image));
-        let vmm_version = env!("CARGO_PKG_VERSION").to_owned();
-        let id = hex(&Sha256::digest(
-            format!("cella-template/1\n{policy_sha256}\n{image_sha256}\n{mem_mib}\n{vmm_version}\n")
-                .as_bytes(),
-        ));
-        TemplateIdentity { id, policy_sha256, image_sha256, mem_mib, vmm_version }
-    }
-
-    /// Reads `template.json` in `dir`.
-    pub fn read(dir: &Path) -> Result<Self, TemplateError> {
-        let path = dir.join(TEMPLATE_FILE);
-        let bad = |reason: String| TemplateError::BadIdentity { path: path.clone(), reason };
-        let bytes = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
-        if bytes.len() > 64 << 10 {
-            return Err(bad("it is over 64 KiB".into()));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What [`build`] made and how long it took.
@@ -167,7 +123,7 @@ pub fn build(image: &Path, mem_mib: u64, policy: &[u8], dir: &Path) -> Result<Bu
         .map_err(|source| TemplateError::Identity { path: dir.to_owned(), source })?;
     let image_bytes =
         std::fs::read(image).map_err(|source| TemplateError::Image { path: image.to_owned(), source })?;
-    let identity = TemplateIdentity::new(policy, &image_bytes, mem_mib);
+    let identity = TemplateIdentity::new(policy, &image_bytes, mem_mib, env!("CARGO_PKG_VERSION"));
     drop(image_bytes);
 
     let disk_path = dir.join("policy.disk.tmp");

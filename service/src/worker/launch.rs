@@ -20,6 +20,8 @@ use serde_json::{json, Value};
 use crate::config::WorkerConfig;
 use crate::queue::{Lease, Outcome};
 
+use super::template::WorkerTemplate;
+
 /// The memory a jailed VMM may use beyond its guest's.
 const VMM_OVERHEAD_MIB: u64 = 32;
 /// The most tasks (threads) a jailed VMM may have.
@@ -41,6 +43,8 @@ pub struct Launcher {
     vm_cpu_percent: u32,
     /// Built-in policies serialized once, by their names.
     builtin_policies: Arc<Mutex<HashMap<String, Arc<Vec<u8>>>>>,
+    /// The template spares are restored from, once it is made.
+    template: Arc<Mutex<Option<WorkerTemplate>>>,
 }
 
 /// The default `cella-vmm`: next to the running `cella`.
@@ -70,7 +74,30 @@ impl Launcher {
         let vmm = config.vmm.clone().unwrap_or_else(default_vmm);
         // The jailer refuses a symlinked exec-file.
         let vmm = std::fs::canonicalize(&vmm).unwrap_or(vmm);
-        Self { vmm, config: config.clone(), vm_cpu_percent, builtin_policies: Arc::default() }
+        Self {
+            vmm,
+            config: config.clone(),
+            vm_cpu_percent,
+            builtin_policies: Arc::default(),
+            template: Arc::default(),
+        }
+    }
+
+    /// The template spares are restored from, if there is one.
+    pub fn template(&self) -> Option<WorkerTemplate> {
+        self.template.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// From now on, spares are restored from `template`.
+    pub fn set_template(&self, template: WorkerTemplate) {
+        *self.template.lock().unwrap_or_else(|p| p.into_inner()) = Some(template);
+    }
+
+    /// The scanner image: the configured one, or the one `scripts/setup.sh` built.
+    pub fn scanner_image(&self) -> PathBuf {
+        self.config.scanner_image.clone().unwrap_or_else(|| {
+            cella_host::images::default_scanner_image().unwrap_or_else(|_| PathBuf::from("cella-scanner"))
+        })
     }
 
     /// The CPU quota spares are made with.
@@ -137,7 +164,7 @@ impl Launcher {
             from_prepared: None,
         });
         SpareOptions {
-            template: None,
+            template: self.template().map(|t| t.dir),
             vmm: self.vmm.clone(),
             jail,
             image: self.config.scanner_image.clone(),
@@ -214,6 +241,8 @@ pub struct Finished {
     /// From the launch to the results, in ms.
     pub scan_ms: u64,
     pub artifact_bytes: u64,
+    /// The id of the template the spare's VM was restored from, if it was.
+    pub template: Option<String>,
 }
 
 impl Finished {
@@ -232,6 +261,8 @@ impl Finished {
             artifact_bytes: self.artifact_bytes,
             in_vm_ms: job.map(|j| j.in_vm.as_secs_f64() * 1e3),
             engine_version: job.map(|j| j.runner_version.clone()),
+            template: self.template.clone(),
+            policy_preloaded: job.map(|j| j.policy_preloaded),
             sarif: None,
             summary: None,
             fail_on: None,
@@ -341,6 +372,12 @@ fn vm_report(report: &ScanReport) -> Value {
     if let Some(version) = &report.engine_version {
         vm["engine_version"] = json!(version);
     }
+    if let Some(template) = &report.template {
+        vm["template"] = json!(template);
+    }
+    if let Some(preloaded) = report.policy_preloaded {
+        vm["policy_preloaded"] = json!(preloaded);
+    }
     vm
 }
 
@@ -389,7 +426,15 @@ mod tests {
         vm: Result<RunReport, ControlError>,
         status: i32,
     ) -> Finished {
-        Finished { job, vm, status: Some(status), stderr: String::new(), scan_ms: 14, artifact_bytes: 10 }
+        Finished {
+            job,
+            vm,
+            status: Some(status),
+            stderr: String::new(),
+            scan_ms: 14,
+            artifact_bytes: 10,
+            template: None,
+        }
     }
 
     fn reason(outcome: Outcome) -> (String, bool) {

@@ -6,6 +6,7 @@
 pub mod launch;
 pub mod registry;
 pub mod spare_pool;
+pub mod template;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -50,6 +51,10 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// What SARIF logs name as the tool's `informationUri` (see [`Config::information_uri`]).
     pub information_uri: String,
+    /// The built-in packs of jobs that name none: the worker's template holds their engine.
+    pub default_policy: String,
+    /// Whether spares are restored from a template (`worker.templates`).
+    pub templates: bool,
 }
 
 type CancelMap = Arc<Mutex<HashMap<String, watch::Sender<bool>>>>;
@@ -69,6 +74,34 @@ impl Worker {
             data_dir,
             metrics,
             information_uri: config.information_uri(),
+            default_policy: config.jobs.default_policy.clone(),
+            templates: config.worker.templates,
+        }
+    }
+
+    /// Makes the template the slots' spares are restored from; without one they boot the image.
+    async fn make_template(&self) {
+        let spares = self.data_dir.spares();
+        let dir = template::folder(&std::fs::canonicalize(&spares).unwrap_or(spares));
+        let (launcher, policy, uid) =
+            (self.launcher.clone(), self.default_policy.clone(), self.spares.uid(0));
+        let built = tokio::task::spawn_blocking(move || template::build(&launcher, &policy, &dir, uid)).await;
+        match built {
+            Ok(Ok(t)) => {
+                eprintln!(
+                    "cella worker: template {} (the engine of `{}`) made in {} ms; spares are restored from it",
+                    &t.identity.id[..12],
+                    t.policy,
+                    t.build_ms
+                );
+                self.launcher.set_template(t);
+            }
+            Ok(Err(e)) => {
+                eprintln!("cella worker: no template ({}); spares boot the scanner image", error_chain(&e))
+            }
+            Err(e) => eprintln!(
+                "cella worker: no template (its maker panicked: {e}); spares boot the scanner image"
+            ),
         }
     }
 
@@ -93,6 +126,9 @@ impl Worker {
             Err(e) => eprintln!("cella worker: sweeping {}: {e}", self.data_dir.work().display()),
         }
         self.spares.sweep_orphans().await;
+        if self.templates {
+            self.make_template().await;
+        }
         for slot in 0..self.concurrency {
             self.spares.refill(slot);
         }
@@ -190,6 +226,10 @@ impl Worker {
         }
         listener.abort();
         me.spares.close().await;
+        // No spare reads the template any more.
+        if let Some(template) = me.launcher.template() {
+            let _ = std::fs::remove_dir_all(&template.dir);
+        }
         registry::stopped(&me.pool, &me.id).await?;
         eprintln!("cella worker: {} stopped", me.id);
         Ok(())
@@ -289,6 +329,7 @@ impl Worker {
         let api = spare.api().clone();
         let signals = spare.signals();
         let jail_id = spare.jail_id().map(str::to_owned);
+        let template = self.launcher.template().map(|t| t.identity.id);
         let jailed = self.launcher.jailed();
         if let Err(e) =
             queue::vm_started(&self.pool, lease, spare.pid(), self.launcher.mem_mib(), jailed).await
@@ -355,7 +396,9 @@ impl Worker {
         }
         let failed_words = (!stderr.is_empty()).then(|| stderr.clone());
         let finished = match run {
-            Ok(run) => Finished { job: run.job, vm: run.vm, status, stderr, scan_ms, artifact_bytes },
+            Ok(run) => {
+                Finished { job: run.job, vm: run.vm, status, stderr, scan_ms, artifact_bytes, template }
+            }
             Err(e) => return host_failure("the scan's VM refused its launch", &e),
         };
         let outcome = if killed {

@@ -296,6 +296,11 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         artifact_bytes: run.artifact_bytes,
         in_vm_ms: None,
         engine_version: None,
+        template: match &args.template {
+            Some(dir) => cella_vmm::template::TemplateIdentity::read(dir).ok().map(|t| t.id),
+            None => None,
+        },
+        policy_preloaded: None,
         sarif: None,
         summary: None,
         fail_on: None,
@@ -306,6 +311,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         Ok(job) => {
             result.in_vm_ms = Some(job.in_vm.as_secs_f64() * 1e3);
             result.engine_version = Some(job.runner_version.clone());
+            result.policy_preloaded = Some(job.policy_preloaded);
             match job.outcome {
                 ScanOutcome::Completed { sarif, summary } => {
                     let mut summary: Value = match serde_json::from_slice(&summary) {
