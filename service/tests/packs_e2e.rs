@@ -15,6 +15,7 @@ use sqlx::PgPool;
 
 mod common;
 
+use cella_service::client::ApiClient;
 use common::{cella, test_db_url, Serve, Server};
 
 /// A gitleaks configuration in gitleaks' documented format (the vendor and its token formats
@@ -306,5 +307,78 @@ async fn a_pack_deleted_while_its_job_is_queued_fails_the_job_with_the_reason(po
     // Failed at once, not retried: one lease.
     assert_eq!(job["attempt"], 1);
     assert_eq!(events(&pool, &tenant, "job.failed").await.len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The VM report the worker stored for job `id`.
+async fn vm_of(pool: &PgPool, id: &str) -> Value {
+    sqlx::query_scalar("SELECT vm FROM jobs WHERE id = $1").bind(id).fetch_one(pool).await.unwrap()
+}
+
+/// Submits `body` under `policy` (the tenant's default if none) and waits for the job to end.
+async fn run_job(client: &ApiClient, policy: Option<&str>, body: String) -> Value {
+    let path = match policy {
+        Some(p) => format!("/v1/jobs?policy={p}"),
+        None => "/v1/jobs".to_owned(),
+    };
+    let job: Value =
+        client.send(client.request(Method::POST, &path).body(body)).await.unwrap().json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let start = Instant::now();
+    loop {
+        let job = client.json(Method::GET, &format!("/v1/jobs/{id}?wait=5")).await.unwrap();
+        if job["state"] != "queued" && job["state"] != "running" {
+            assert_eq!(job["state"], "succeeded", "{job}");
+            return job;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{job}");
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn spares_come_from_the_template_of_the_default_policy_and_a_new_image_makes_a_new_one(pool: PgPool) {
+    let dir = scratch("template");
+    let db = test_db_url(&pool);
+    let image = dir.join("cella-scanner");
+    std::fs::copy(cella_host::images::default_scanner_image().unwrap(), &image).unwrap();
+    let server = serve(&dir.join("data"), &db, &[("CELLA_SCANNER_IMAGE", image.to_str().unwrap())]);
+    let (_, key) = tenant(&server.data, "templated");
+    let client = server.client(&key);
+
+    // The default policy: the template's engine, no policy sent.
+    let job = run_job(&client, None, "nothing to see\n".into()).await;
+    let vm = vm_of(&pool, job["id"].as_str().unwrap()).await;
+    let first = vm["template"].as_str().unwrap_or_else(|| panic!("no template: {vm}")).to_owned();
+    assert_eq!(vm["policy_preloaded"], true, "{vm}");
+
+    // A tenant pack: the same template, its own policy sent and used.
+    client.send(client.request(Method::POST, "/v1/packs?name=ferrule").body(GITLEAKS)).await.unwrap();
+    let job = run_job(&client, Some("ferrule"), format!("KEY={DEPLOY_KEY}\n")).await;
+    assert_eq!(job["findings"], 1, "{job}");
+    let vm = vm_of(&pool, job["id"].as_str().unwrap()).await;
+    assert_eq!(
+        (vm["template"].as_str(), &vm["policy_preloaded"]),
+        (Some(first.as_str()), &Value::Bool(false))
+    );
+
+    // The image changes (one more byte after the ELF's last segment): the next spare made
+    // comes from a new template, of the new image. The spare already waiting runs one job.
+    use std::io::Write;
+    std::fs::OpenOptions::new().append(true).open(&image).unwrap().write_all(b"\n").unwrap();
+    let mut templates = Vec::new();
+    for _ in 0..3 {
+        let job = run_job(&client, None, "nothing to see\n".into()).await;
+        let vm = vm_of(&pool, job["id"].as_str().unwrap()).await;
+        assert_eq!(vm["policy_preloaded"], true, "{vm}");
+        templates.push(vm["template"].as_str().unwrap().to_owned());
+    }
+    assert_ne!(templates[2], first, "{templates:?}");
+    // The old template's folder is gone; one template folder is left.
+    let spares: Vec<String> = std::fs::read_dir(server.data.join("spares"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("-template-"))
+        .collect();
+    assert_eq!(spares.len(), 1, "{spares:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

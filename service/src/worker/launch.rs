@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::config::WorkerConfig;
 use crate::queue::{Lease, Outcome};
 
-use super::template::WorkerTemplate;
+use super::template::{TemplateRecipe, WorkerTemplate};
 
 /// The memory a jailed VMM may use beyond its guest's.
 const VMM_OVERHEAD_MIB: u64 = 32;
@@ -45,6 +45,8 @@ pub struct Launcher {
     builtin_policies: Arc<Mutex<HashMap<String, Arc<Vec<u8>>>>>,
     /// The template spares are restored from, once it is made.
     template: Arc<Mutex<Option<WorkerTemplate>>>,
+    /// How to make it again (when the image changes); held while it is being made.
+    recipe: Arc<Mutex<Option<TemplateRecipe>>>,
 }
 
 /// The default `cella-vmm`: next to the running `cella`.
@@ -80,6 +82,27 @@ impl Launcher {
             vm_cpu_percent,
             builtin_policies: Arc::default(),
             template: Arc::default(),
+            recipe: Arc::default(),
+        }
+    }
+
+    /// Makes the worker's template from `recipe` (blocking), and again by the same recipe
+    /// whenever the image changes (see [`Launcher::refresh_template`]).
+    pub fn make_template(&self, recipe: TemplateRecipe) {
+        let mut held = self.recipe.lock().unwrap_or_else(|p| p.into_inner());
+        super::template::make(self, &recipe);
+        *held = Some(recipe);
+    }
+
+    /// Makes the template again if the scanner image changed since it was made (blocking; one
+    /// caller makes it, the others wait for it).
+    pub fn refresh_template(&self) {
+        let held = self.recipe.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(recipe) = held.as_ref() {
+            if self.template().is_some_and(|t| t.is_stale()) {
+                eprintln!("cella worker: the scanner image changed; making the template again");
+                super::template::make(self, recipe);
+            }
         }
     }
 
@@ -88,9 +111,14 @@ impl Launcher {
         self.template.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// From now on, spares are restored from `template`.
-    pub fn set_template(&self, template: WorkerTemplate) {
-        *self.template.lock().unwrap_or_else(|p| p.into_inner()) = Some(template);
+    /// From now on, spares are restored from `template`; returns the one before.
+    pub fn set_template(&self, template: WorkerTemplate) -> Option<WorkerTemplate> {
+        self.template.lock().unwrap_or_else(|p| p.into_inner()).replace(template)
+    }
+
+    /// From now on, spares boot the image; returns the template there was.
+    pub fn clear_template(&self) -> Option<WorkerTemplate> {
+        self.template.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// The scanner image: the configured one, or the one `scripts/setup.sh` built.

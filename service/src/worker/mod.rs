@@ -81,27 +81,14 @@ impl Worker {
 
     /// Makes the template the slots' spares are restored from; without one they boot the image.
     async fn make_template(&self) {
-        let spares = self.data_dir.spares();
-        let dir = template::folder(&std::fs::canonicalize(&spares).unwrap_or(spares));
-        let (launcher, policy, uid) =
-            (self.launcher.clone(), self.default_policy.clone(), self.spares.uid(0));
-        let built = tokio::task::spawn_blocking(move || template::build(&launcher, &policy, &dir, uid)).await;
-        match built {
-            Ok(Ok(t)) => {
-                eprintln!(
-                    "cella worker: template {} (the engine of `{}`) made in {} ms; spares are restored from it",
-                    &t.identity.id[..12],
-                    t.policy,
-                    t.build_ms
-                );
-                self.launcher.set_template(t);
-            }
-            Ok(Err(e)) => {
-                eprintln!("cella worker: no template ({}); spares boot the scanner image", error_chain(&e))
-            }
-            Err(e) => eprintln!(
-                "cella worker: no template (its maker panicked: {e}); spares boot the scanner image"
-            ),
+        let recipe = template::TemplateRecipe {
+            policy: self.default_policy.clone(),
+            spares_dir: self.data_dir.spares(),
+            uid: self.spares.uid(0),
+        };
+        let launcher = self.launcher.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || launcher.make_template(recipe)).await {
+            eprintln!("cella worker: no template (its maker panicked: {e}); spares boot the scanner image");
         }
     }
 

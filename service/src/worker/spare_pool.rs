@@ -99,6 +99,10 @@ impl SparePool {
 
     /// Starts a spare for `slot` under `cpu_percent`, on the spawner thread.
     async fn start(&self, slot: u32, cpu_percent: u32) -> Result<Spare, SpareError> {
+        if self.launcher.template().is_some_and(|t| t.is_stale()) {
+            let launcher = self.launcher.clone();
+            let _ = tokio::task::spawn_blocking(move || launcher.refresh_template()).await;
+        }
         let id = format!("{}-{}", self.prefix, self.serial.fetch_add(1, Ordering::Relaxed));
         let mut options = self.launcher.spare_options(&id, self.uid(slot), cpu_percent);
         options.run_dir = self.run_dir.clone();

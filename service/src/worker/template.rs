@@ -5,13 +5,16 @@
 //! of any other policy gets its policy over the channel as before. The template's id goes into
 //! the job's report and its `job.succeeded` audit event.
 //!
-//! Templates are made again whenever a worker starts (the built-in packs and the image are
-//! those of the running binaries), in `<data>/spares/spare-<pid>-template`, which the spare
-//! folder sweep removes once the process is gone.
+//! Templates are made when a worker starts (the built-in packs are those of the running
+//! binary) and again when the scanner image changes (its size or modification time; checked
+//! before each spare is made), each in a new `<data>/spares/spare-<pid>-template-<n>`: spares
+//! restored from the old one keep their mappings, and the spare folder sweep removes what a
+//! gone process left.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
 
 use cella_host::template::TemplateIdentity;
 
@@ -26,6 +29,63 @@ pub struct WorkerTemplate {
     pub policy: String,
     /// How long it took to make, in ms.
     pub build_ms: u64,
+    /// The scanner image it was made from, and its size and modification time then.
+    pub image: PathBuf,
+    pub image_stamp: Option<(SystemTime, u64)>,
+}
+
+impl WorkerTemplate {
+    /// Whether the scanner image has changed since the template was made.
+    pub fn is_stale(&self) -> bool {
+        image_stamp(&self.image) != self.image_stamp
+    }
+}
+
+/// What the worker's template is made from, kept to make it again.
+#[derive(Debug, Clone)]
+pub struct TemplateRecipe {
+    /// The built-in packs whose engine it holds.
+    pub policy: String,
+    /// The worker's spares' folder (root's, 0700): each template gets a folder in it.
+    pub spares_dir: PathBuf,
+    /// The uid its jail runs as.
+    pub uid: u32,
+}
+
+/// A file's modification time and size.
+fn image_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Makes the worker's template (blocking) and puts it in place of the one before, whose
+/// folder is removed (spares restored from it keep their mappings). Says what happened on
+/// stderr; without a template, spares boot the image.
+pub fn make(launcher: &Launcher, recipe: &TemplateRecipe) {
+    let dir = folder(&std::fs::canonicalize(&recipe.spares_dir).unwrap_or(recipe.spares_dir.clone()));
+    match build(launcher, &recipe.policy, &dir, recipe.uid) {
+        Ok(t) => {
+            eprintln!(
+                "cella worker: template {} (the engine of `{}`) made in {} ms; spares are restored from it",
+                &t.identity.id[..12],
+                t.policy,
+                t.build_ms
+            );
+            if let Some(old) = launcher.set_template(t) {
+                let _ = std::fs::remove_dir_all(&old.dir);
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "cella worker: no template ({}); spares boot the scanner image",
+                crate::error::error_chain(&e)
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some(old) = launcher.clear_template() {
+                let _ = std::fs::remove_dir_all(&old.dir);
+            }
+        }
+    }
 }
 
 /// Why the worker has no template (its spares then boot the image).
@@ -45,9 +105,10 @@ pub enum TemplateBuildError {
     OtherPolicy { held: String, wanted: String },
 }
 
-/// The folder a worker process keeps its template in, under its spares' folder.
-pub fn folder(spares: &Path) -> PathBuf {
-    spares.join(format!("spare-{}-template", std::process::id()))
+/// A new folder for a template of this worker process, under its spares' folder.
+fn folder(spares: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    spares.join(format!("spare-{}-template-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
 /// Makes the template of the built-in packs `policy` in `dir` (replacing what is there).
@@ -60,6 +121,8 @@ pub fn build(
 ) -> Result<WorkerTemplate, TemplateBuildError> {
     use std::os::unix::fs::DirBuilderExt;
     let started = Instant::now();
+    let image = launcher.scanner_image();
+    let stamp = image_stamp(&image);
     let bytes = launcher
         .builtin_policy(policy)
         .map_err(|reason| TemplateBuildError::Policy { policy: policy.to_owned(), reason })?;
@@ -91,6 +154,8 @@ pub fn build(
         identity,
         policy: policy.to_owned(),
         build_ms: started.elapsed().as_millis() as u64,
+        image,
+        image_stamp: stamp,
     })
 }
 
