@@ -151,12 +151,12 @@ fn run(args: &SpareBenchArgs) -> Result<(), String> {
     };
     let scan_options = |from_template: bool, n: usize| {
         let mut o = options(true, n);
-        o.jail.as_mut().map(|j| j.id = format!("bench-scan-{}-{n}-{from_template}", std::process::id()));
-        o.image = Some(scanner.clone());
-        o.mem_mib = 128;
         if let Some(jail) = o.jail.as_mut() {
+            jail.id = format!("bench-scan-{}-{n}-{from_template}", std::process::id());
             jail.memory_limit_mib = 128 + 32;
         }
+        o.image = Some(scanner.clone());
+        o.mem_mib = 128;
         o.template = from_template.then(|| scratch.join("template"));
         o.guest_args = Vec::new();
         o
