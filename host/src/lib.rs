@@ -14,6 +14,7 @@ pub mod report;
 pub mod scan_report;
 pub mod session;
 pub mod spare;
+pub mod spawn;
 pub mod template;
 
 pub use report::{ConsoleStats, GuestExit, PauseStats, RunReport, ScrubReport, VmInfo, VmMetrics, VmState};

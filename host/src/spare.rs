@@ -9,17 +9,16 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use crate::client::{ControlClient, ControlError};
 use crate::job::{serve_channel, JobError, JobFrames, JobReport};
 use crate::report::RunReport;
+use crate::spawn::Spawned;
+pub use crate::spawn::API_FD;
 
-/// The descriptor a spare gets its control socket on.
-pub const API_FD: i32 = 3;
 /// The control socket's file name in the spare's folder.
 const API_SOCKET: &str = "api.sock";
 /// How long `finish` waits for the guest to end on its own after the job's results.
@@ -105,7 +104,7 @@ pub enum SpareError {
 /// A spare VMM process, waiting for its job.
 #[derive(Debug)]
 pub struct Spare {
-    child: Child,
+    child: Spawned,
     /// A pidfd of the process, for signals that can never reach a recycled pid.
     signals: SpareSignals,
     api: ControlClient,
@@ -172,40 +171,13 @@ impl Spare {
         let path = dir.join(API_SOCKET);
         let listener =
             UnixListener::bind(&path).map_err(|source| SpareError::Socket { path: path.clone(), source })?;
-        let mut command = spare_command(options)?;
-        command.stdin(Stdio::null()).stdout(Stdio::null());
-        if options.capture_stderr {
-            command.stderr(Stdio::piped());
-        }
-        let listener_fd = listener.as_raw_fd();
-        // SAFETY: getpid(2) has no preconditions.
-        let parent = unsafe { libc::getpid() };
-        // SAFETY: between fork and exec the closure only calls async-signal-safe functions
-        // (dup2, prctl) on descriptors the child has.
-        unsafe {
-            command.pre_exec(move || {
-                // dup2 clears close-on-exec on the copy; the listener's own copy closes at exec.
-                // If the listener already is descriptor 3, clear the flag on it instead.
-                let ok = if listener_fd == API_FD {
-                    libc::fcntl(API_FD, libc::F_SETFD, 0) == 0
-                } else {
-                    libc::dup2(listener_fd, API_FD) >= 0
-                };
-                if !ok {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // A spare outlives no launcher: SIGTERM stops it (scrubbing, if it runs a VM).
-                // The signal comes when the *thread* that started it ends: start spares from a
-                // thread that lives as long as they should.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::other("the launcher exited while starting the spare"));
-                }
-                Ok(())
-            });
-        }
-        let mut child =
-            command.spawn().map_err(|source| SpareError::Spawn { vmm: options.vmm.clone(), source })?;
+        let command = spare_command(options)?;
+        // posix_spawn, not fork: see `crate::spawn`. The process asks for its parent-death
+        // signal itself (a spare outlives no launcher: SIGTERM stops it, scrubbing, if it runs
+        // a VM); the signal comes when the *thread* that started it ends, so start spares from
+        // a thread that lives as long as they should.
+        let mut child = Spawned::start(&command, listener.as_raw_fd(), options.capture_stderr)
+            .map_err(|source| SpareError::Spawn { vmm: options.vmm.clone(), source })?;
         drop(listener);
         let stderr = child.stderr.take().map(|mut pipe| {
             std::thread::spawn(move || {

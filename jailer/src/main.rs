@@ -146,8 +146,25 @@ struct JailArgs {
     vmm_args: Vec<OsString>,
 }
 
+/// A jail started by a launcher with `posix_spawn` (`cella_host::spawn`): ask for SIGTERM
+/// when the launcher's thread ends, as its `pre_exec` used to; false if it is already gone.
+fn die_with_parent() -> bool {
+    let Some(value) = std::env::var_os(cella_abi::DIE_WITH_PARENT_ENV) else { return true };
+    std::env::remove_var(cella_abi::DIE_WITH_PARENT_ENV);
+    let Some(parent) = value.to_str().and_then(|v| v.parse::<libc::pid_t>().ok()) else { return true };
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid(2) have no memory effects.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        libc::getppid() == parent
+    }
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
+    if !die_with_parent() {
+        eprintln!("cella-jailer: the launcher that started it is gone; exiting");
+        return ExitCode::from(cella_abi::exit::STOPPED);
+    }
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Bench(args)) => {

@@ -10,6 +10,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let launch_start = Instant::now();
+    // A spare started by a launcher (`cella_host::spare`) stops when the launcher goes.
+    if !cella_host::spawn::die_with_parent() {
+        eprintln!("cella-vmm: the launcher that started this process is gone; exiting");
+        return ExitCode::from(cella_abi::exit::STOPPED);
+    }
     // One malloc arena for every thread: glibc's per-thread arenas read
     // /proc/sys/vm/overcommit_memory when they shrink, and no VMM thread may open files.
     // SAFETY: mallopt only adjusts allocator parameters; called before any other thread exists.

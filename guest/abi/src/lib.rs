@@ -150,6 +150,12 @@ pub mod exit {
     pub const CLEANUP_FAILED: u8 = 248;
 }
 
+/// The environment variable in which a launcher that starts a spare with `posix_spawn` (no
+/// code runs in the child before its exec) names its own pid: the spare's process (`cella-vmm`,
+/// `cella-jailer`) asks for SIGTERM when that launcher's thread ends, and exits at once if the
+/// launcher is already gone.
+pub const DIE_WITH_PARENT_ENV: &str = "CELLA_DIE_WITH_PARENT";
+
 /// Most bytes in one [`ConsoleLine`].
 pub const CONSOLE_LINE_MAX: usize = 4092;
 
