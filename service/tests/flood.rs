@@ -51,6 +51,8 @@ const LINGER: Duration = Duration::from_secs(30);
 /// A flood connection not accepted by then (its SYNs dropped while the server's listen backlog
 /// is full, or waiting in it) is given up, as clients give up a connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest a health probe may take during the flood (see where it is checked).
+const PROBE_MAX: Duration = Duration::from_secs(32);
 /// Far beyond every limit of the server's: a connection still open that long after its
 /// handshake has been left hanging.
 const HANG: Duration = Duration::from_secs(60);
@@ -500,7 +502,10 @@ async fn a_tenants_flood_of_slow_uploads_leaves_other_tenants_health_checks_jobs
     assert!(probes.failures.is_empty(), "{:?}", probes.failures);
     assert!(probes.latencies.len() >= 5, "{}", probes.summary());
     assert!(probes.median() < Duration::from_secs(2), "{}", probes.summary());
-    assert!(probes.latencies.iter().all(|l| *l < Duration::from_secs(20)), "{}", probes.summary());
+    // A probe whose SYNs the full backlog dropped retries on Linux's schedule (after 1, 3, 7,
+    // 15 and 31 s): under a busy CI host one was seen at 21.7 s, after its fourth retry. The
+    // bound is the fifth; the median above is what says the checks keep being answered.
+    assert!(probes.latencies.iter().all(|l| *l < PROBE_MAX), "{}", probes.summary());
     // The reaper kept working and failed nothing: it suspended the idle session.
     assert!(suspended_during_flood, "the reaper did not suspend the idle session during the flood");
     assert_eq!(failures(&pool).await, (0, 0));
