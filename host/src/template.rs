@@ -48,7 +48,10 @@ impl TemplateIdentity {
         TemplateIdentity { id, policy_sha256, image_sha256, mem_mib, vmm_version: vmm_version.to_owned() }
     }
 
-    /// Reads the identity file in the template folder `dir`.
+    /// Reads the identity file in the template folder `dir`. It was written by a VMM (in a
+    /// jail, when the service makes it) and its id goes into logs and the audit log, so every
+    /// field is checked for its form: the hashes 64 lowercase hex digits, the version short and
+    /// plain.
     pub fn read(dir: &Path) -> Result<Self, BadIdentity> {
         let path = dir.join(TEMPLATE_FILE);
         let bad = |reason: String| BadIdentity { path: path.clone(), reason };
@@ -56,7 +59,26 @@ impl TemplateIdentity {
         if bytes.len() > MAX_IDENTITY {
             return Err(bad(format!("it is over {} KiB", MAX_IDENTITY >> 10)));
         }
-        serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))
+        let identity: TemplateIdentity = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        let sha256 =
+            |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        for (name, value) in [
+            ("id", &identity.id),
+            ("policy_sha256", &identity.policy_sha256),
+            ("image_sha256", &identity.image_sha256),
+        ] {
+            if !sha256(value) {
+                return Err(bad(format!("its {name} is not 64 lowercase hex digits")));
+            }
+        }
+        let version = &identity.vmm_version;
+        if version.is_empty()
+            || version.len() > 32
+            || !version.bytes().all(|b| b.is_ascii_alphanumeric() || b".-+".contains(&b))
+        {
+            return Err(bad("its vmm_version is not a version".into()));
+        }
+        Ok(identity)
     }
 }
 
@@ -87,6 +109,22 @@ mod tests {
         std::fs::write(dir.join(TEMPLATE_FILE), b"{}").unwrap();
         let e = TemplateIdentity::read(&dir).unwrap_err();
         assert!(e.to_string().contains("not a template's identity file"), "{e}");
+        // Fields of the wrong form are refused by name: they reach logs and the audit log.
+        let cases = [
+            (TemplateIdentity { id: "ab".into(), ..a.clone() }, "its id is not"),
+            (TemplateIdentity { id: a.id.to_uppercase(), ..a.clone() }, "its id is not"),
+            (
+                TemplateIdentity { policy_sha256: format!("{}\u{1b}", &a.policy_sha256[1..]), ..a.clone() },
+                "policy_sha256",
+            ),
+            (TemplateIdentity { image_sha256: String::new(), ..a.clone() }, "image_sha256"),
+            (TemplateIdentity { vmm_version: "0.1.0\nfake".into(), ..a.clone() }, "vmm_version"),
+        ];
+        for (bad, says) in cases {
+            std::fs::write(dir.join(TEMPLATE_FILE), serde_json::to_vec(&bad).unwrap()).unwrap();
+            let e = TemplateIdentity::read(&dir).unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
