@@ -192,7 +192,8 @@ impl Launcher {
             from_prepared: None,
         });
         SpareOptions {
-            template: self.template().map(|t| t.dir),
+            // The caller names the template (and keeps its id with the spare).
+            template: None,
             vmm: self.vmm.clone(),
             jail,
             image: self.config.scanner_image.clone(),

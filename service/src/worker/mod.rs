@@ -307,8 +307,8 @@ impl Worker {
                 vm: None,
             }
         };
-        let spare = match taken {
-            Ok((spare, _)) => spare,
+        let (spare, template) = match taken {
+            Ok((taken, _)) => (taken.spare, taken.template),
             Err(e) => return host_failure("the scan's VM could not be started", &e),
         };
         let artifact_bytes = artifact.metadata().map(|m| m.len()).unwrap_or(0);
@@ -316,7 +316,6 @@ impl Worker {
         let api = spare.api().clone();
         let signals = spare.signals();
         let jail_id = spare.jail_id().map(str::to_owned);
-        let template = self.launcher.template().map(|t| t.identity.id);
         let jailed = self.launcher.jailed();
         if let Err(e) =
             queue::vm_started(&self.pool, lease, spare.pid(), self.launcher.mem_mib(), jailed).await

@@ -45,6 +45,14 @@ fn spawner() -> mpsc::Sender<Order> {
     orders
 }
 
+/// A spare, and the id of the template its VM was restored from (the one its options named
+/// when it was started: a later template does not change what it holds).
+#[derive(Debug)]
+pub struct PoolSpare {
+    pub spare: Spare,
+    pub template: Option<String>,
+}
+
 /// One worker's spares.
 pub struct SparePool {
     launcher: Launcher,
@@ -53,7 +61,7 @@ pub struct SparePool {
     spawner: Mutex<mpsc::Sender<Order>>,
     prefix: String,
     serial: AtomicU64,
-    ready: Mutex<HashMap<u32, Spare>>,
+    ready: Mutex<HashMap<u32, PoolSpare>>,
     /// Set once the worker stops: no more spares are made.
     closed: AtomicBool,
     /// Set once making a spare failed, so the failure is logged once.
@@ -93,19 +101,22 @@ impl SparePool {
         self.launcher.jail_uid_base().saturating_add(slot)
     }
 
-    fn ready(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Spare>> {
+    fn ready(&self) -> std::sync::MutexGuard<'_, HashMap<u32, PoolSpare>> {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Starts a spare for `slot` under `cpu_percent`, on the spawner thread.
-    async fn start(&self, slot: u32, cpu_percent: u32) -> Result<Spare, SpareError> {
+    async fn start(&self, slot: u32, cpu_percent: u32) -> Result<PoolSpare, SpareError> {
         if self.launcher.template().is_some_and(|t| t.is_stale()) {
             let launcher = self.launcher.clone();
             let _ = tokio::task::spawn_blocking(move || launcher.refresh_template()).await;
         }
         let id = format!("{}-{}", self.prefix, self.serial.fetch_add(1, Ordering::Relaxed));
+        let template = self.launcher.template();
         let mut options = self.launcher.spare_options(&id, self.uid(slot), cpu_percent);
         options.run_dir = self.run_dir.clone();
+        options.template = template.as_ref().map(|t| t.dir.clone());
+        let template = template.map(|t| t.identity.id);
         let (reply, answer) = oneshot::channel();
         let sent = self.spawner.lock().unwrap_or_else(|p| p.into_inner()).send(Order { options, reply });
         let gone = || SpareError::Spawn {
@@ -115,18 +126,24 @@ impl SparePool {
         if sent.is_err() {
             return Err(gone());
         }
-        answer.await.unwrap_or_else(|_| Err(gone()))
+        let spare = answer.await.unwrap_or_else(|_| Err(gone()))?;
+        Ok(PoolSpare { spare, template })
     }
 
     /// A spare for a scan in `slot` under `cpu_percent`: the slot's ready one if it was made
     /// for that quota and still runs, else one started now. True if it was ready.
-    pub async fn take(self: &Arc<Self>, slot: u32, cpu_percent: u32) -> Result<(Spare, bool), SpareError> {
+    pub async fn take(
+        self: &Arc<Self>,
+        slot: u32,
+        cpu_percent: u32,
+    ) -> Result<(PoolSpare, bool), SpareError> {
         if cpu_percent == self.launcher.default_cpu_percent() {
             let ready = self.ready().remove(&slot);
-            if let Some(mut spare) = ready {
-                if spare.is_alive() {
-                    return Ok((spare, true));
+            if let Some(mut ready) = ready {
+                if ready.spare.is_alive() {
+                    return Ok((ready, true));
                 }
+                let spare = ready.spare;
                 eprintln!("cella worker: slot {slot}'s spare VMM ended while it waited; starting another");
                 let _ = tokio::task::spawn_blocking(move || drop(spare)).await;
             }
@@ -151,8 +168,8 @@ impl SparePool {
                         me.ready().insert(slot, spare)
                     };
                     // Dropping a spare stops it (SIGTERM) and waits for it.
-                    if let Some(spare) = unwanted {
-                        let _ = tokio::task::spawn_blocking(move || drop(spare)).await;
+                    if let Some(unwanted) = unwanted {
+                        let _ = tokio::task::spawn_blocking(move || drop(unwanted.spare)).await;
                     }
                 }
                 Err(e) => {
@@ -173,7 +190,7 @@ impl SparePool {
     pub async fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
         self.making.settle(std::time::Duration::from_secs(10)).await;
-        let ready: Vec<Spare> = self.ready().drain().map(|(_, spare)| spare).collect();
+        let ready: Vec<Spare> = self.ready().drain().map(|(_, ready)| ready.spare).collect();
         let _ = tokio::task::spawn_blocking(move || drop(ready)).await;
     }
 
