@@ -51,6 +51,12 @@ pub struct LimitsConfig {
     /// limit (which `serve` raises to its hard limit at start), between 16 and 8192. A few more
     /// are accepted only to be answered 503; beyond those, new connections wait.
     pub max_connections: usize,
+    /// Connections the kernel keeps waiting to be accepted (the `listen(2)` backlog) while every
+    /// place is taken; 0: the kernel's maximum, `net.core.somaxconn`. A connection that finds
+    /// the backlog full has its SYN dropped and retried on the client's schedule (1, 3, 7, 15,
+    /// 31 s...), so this must exceed the connections a flood keeps opening, or a health check
+    /// can go unanswered for minutes behind it.
+    pub listen_backlog: u32,
     /// A request's headers must arrive within this.
     pub header_timeout_secs: u64,
     /// The longest one upload may take (408).
@@ -70,6 +76,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_connections: 0,
+            listen_backlog: 0,
             header_timeout_secs: 10,
             upload_deadline_secs: 3600,
             upload_min_bytes_per_sec: 16 << 10,

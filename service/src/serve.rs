@@ -217,8 +217,7 @@ pub async fn start(
             .max(1),
         every_secs: config.audit.checkpoint_every_secs.unwrap_or(CheckpointPolicy::default().every_secs),
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = crate::server::listen(config.listen, config.limits.listen_backlog)
         .map_err(|e| ServeError::Listen(config.listen, e))?;
     let addr = listener.local_addr().map_err(|e| ServeError::Listen(config.listen, e))?;
     let url = format!("https://{addr}");

@@ -81,6 +81,36 @@ impl ConnectionLimits {
     }
 }
 
+/// The kernel's largest `listen(2)` backlog, and what is used if it cannot be read.
+const SOMAXCONN: &str = "/proc/sys/net/core/somaxconn";
+const FALLBACK_BACKLOG: u32 = 4096;
+
+/// Listens on `addr` with a backlog of `backlog` connections (0: the kernel's maximum).
+///
+/// The backlog is where connections wait while every place is taken. Once it is full the kernel
+/// drops new SYNs, and a dropped client retries only on its own exponential schedule; so the
+/// backlog must be deep enough to hold a flood's connections *and* the health check behind
+/// them: that one is then accepted when its turn comes, within the time the server takes to
+/// get through the queue, rather than whenever a retry happens to find room.
+pub fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(effective_backlog(backlog, std::fs::read_to_string(SOMAXCONN).ok().as_deref()))
+}
+
+/// The backlog to ask for: `configured`, or the kernel's maximum (`somaxconn`, the contents of
+/// [`SOMAXCONN`]) when that is 0.
+fn effective_backlog(configured: u32, somaxconn: Option<&str>) -> u32 {
+    match configured {
+        0 => somaxconn.and_then(|s| s.trim().parse().ok()).filter(|n| *n > 0).unwrap_or(FALLBACK_BACKLOG),
+        n => n,
+    }
+}
+
 /// A connection's place: served, or accepted only to be refused.
 enum Place {
     Served(OwnedSemaphorePermit),
@@ -324,5 +354,46 @@ mod tests {
         let (c, other) = tokio::io::duplex(64);
         drop(c);
         assert_eq!(linger.drain(other).await, Lingered::ClientDone { bytes: 0 }, "the place came back");
+    }
+
+    #[test]
+    fn the_backlog_is_the_kernels_maximum_unless_configured() {
+        assert_eq!(effective_backlog(0, Some("4096\n")), 4096);
+        assert_eq!(effective_backlog(0, Some("65535")), 65535);
+        assert_eq!(effective_backlog(0, None), FALLBACK_BACKLOG);
+        assert_eq!(effective_backlog(0, Some("garbage")), FALLBACK_BACKLOG);
+        assert_eq!(effective_backlog(0, Some("0")), FALLBACK_BACKLOG);
+        assert_eq!(effective_backlog(300, Some("4096")), 300);
+    }
+
+    /// Opens `n` connections to `addr` at once; returns how many were connected within `wait`.
+    async fn connected_within(addr: std::net::SocketAddr, n: usize, wait: Duration) -> usize {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            set.spawn(async move { tokio::time::timeout(wait, TcpStream::connect(addr)).await });
+        }
+        let mut open = Vec::new();
+        while let Some(done) = set.join_next().await {
+            if let Ok(Ok(stream)) = done.unwrap() {
+                open.push(stream);
+            }
+        }
+        open.len()
+    }
+
+    /// Connections nobody accepts wait in the backlog; those that find it full have their SYNs
+    /// dropped (a client then waits a second or more before it tries again). With the kernel's
+    /// maximum, 400 of them (more than the 128 `std` and tokio listen with) all get in at once.
+    #[tokio::test]
+    async fn a_deep_backlog_holds_connections_nobody_has_accepted_yet() {
+        let local = "127.0.0.1:0".parse().unwrap();
+        let deep = listen(local, 0).unwrap();
+        let n = 400;
+        let wait = Duration::from_secs(2);
+        assert_eq!(connected_within(deep.local_addr().unwrap(), n, wait).await, n);
+        // The same with a shallow one: most are left outside (so the above can fail).
+        let shallow = listen(local, 16).unwrap();
+        let got = connected_within(shallow.local_addr().unwrap(), n, wait).await;
+        assert!(got < n / 2, "{got} of {n} connected to a listener with a backlog of 16");
     }
 }

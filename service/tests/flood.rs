@@ -48,11 +48,14 @@ const TRICKLE: Duration = Duration::from_secs(1);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const UPLOAD_GRACE: Duration = Duration::from_secs(2);
 const LINGER: Duration = Duration::from_secs(30);
-/// A flood connection not accepted by then (its SYNs dropped while the server's listen backlog
-/// is full, or waiting in it) is given up, as clients give up a connect.
+/// A flood connection not accepted by then (waiting in the server's listen backlog) is given
+/// up, as clients give up a connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
-/// The longest a health probe may take during the flood (see where it is checked).
-const PROBE_MAX: Duration = Duration::from_secs(32);
+/// The longest a health probe may take during the flood: the time the server may take to get
+/// through a backlog full of the flood's connections on a busy host, with room to spare.
+const PROBE_MAX: Duration = Duration::from_secs(10);
+/// The median health probe: within an HTTP load balancer's usual health-check timeout (5 s).
+const PROBE_MEDIAN_MAX: Duration = Duration::from_secs(5);
 /// Far beyond every limit of the server's: a connection still open that long after its
 /// handshake has been left hanging.
 const HANG: Duration = Duration::from_secs(60);
@@ -497,15 +500,17 @@ async fn a_tenants_flood_of_slow_uploads_leaves_other_tenants_health_checks_jobs
         .collect();
     assert!(other.is_empty(), "flood connections ended otherwise: {tally:?}");
     assert!(tally.longest_open <= HEADER_TIMEOUT + UPLOAD_GRACE, "{tally:?}");
-    // Every health check answered 200: most of them at once, none after more than the time
-    // it takes the server to get through a full listen backlog of the flood's connections.
+    // Every health check answered 200, none after more than the time it takes the server to
+    // get through a listen backlog holding the flood's connections (about 2 s here).
     assert!(probes.failures.is_empty(), "{:?}", probes.failures);
     assert!(probes.latencies.len() >= 5, "{}", probes.summary());
-    assert!(probes.median() < Duration::from_secs(2), "{}", probes.summary());
-    // A probe whose SYNs the full backlog dropped retries on Linux's schedule (after 1, 3, 7,
-    // 15 and 31 s): under a busy CI host one was seen at 21.7 s, after its fourth retry. The
-    // bound is the fifth; the median above is what says the checks keep being answered.
+    assert!(probes.median() < PROBE_MEDIAN_MAX, "{}", probes.summary());
+    // The listen backlog is deeper than the flood (`limits.listen_backlog`, the kernel's
+    // maximum), so a probe's SYN is never dropped: it waits its turn behind the flood's
+    // connections. (With tokio's default backlog of 128 the flood kept it full, and a probe's
+    // SYNs were dropped on every retry until its connect timed out after two minutes.)
     assert!(probes.latencies.iter().all(|l| *l < PROBE_MAX), "{}", probes.summary());
+    assert_eq!(tally.count(Ending::NotAccepted), 0, "flood connections had their SYNs dropped: {tally:?}");
     // The reaper kept working and failed nothing: it suspended the idle session.
     assert!(suspended_during_flood, "the reaper did not suspend the idle session during the flood");
     assert_eq!(failures(&pool).await, (0, 0));
