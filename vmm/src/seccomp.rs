@@ -1,5 +1,5 @@
-//! Installs the per-thread seccomp filters from `cella_policies::seccomp` (data in
-//! `policies/seccomp/`, compiled at build time) on the VMM's threads.
+//! Installs the per-thread seccomp filters from `cella_seccomp` (data in
+//! `seccomp/filters/`, compiled at build time) on the VMM's threads.
 //!
 //! Each thread installs its own filter before it touches anything the guest controls: the
 //! vCPU thread first thing in its closure (`vstate/vcpu.rs`), the main thread right after it
@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-pub use cella_policies::seccomp::{Action, SeccompError, ThreadKind};
+pub use cella_seccomp::{Action, SeccompError, ThreadKind};
 
 /// What the VMM does about seccomp.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -48,8 +48,8 @@ pub fn mode() -> Mode {
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     match mode() {
         Mode::Off => Ok(()),
-        Mode::Enforce => cella_policies::seccomp::apply(kind, Action::Kill),
-        Mode::Log => cella_policies::seccomp::apply(kind, Action::Log),
+        Mode::Enforce => cella_seccomp::apply(kind, Action::Kill),
+        Mode::Log => cella_seccomp::apply(kind, Action::Log),
     }
 }
 

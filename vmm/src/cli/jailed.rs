@@ -53,7 +53,7 @@ impl SeccompArg {
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct JailArgs {
-    /// Per-thread seccomp filters (policies/seccomp/)
+    /// Per-thread seccomp filters (seccomp/filters/)
     #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompArg::Enforce)]
     pub seccomp: SeccompArg,
     /// Run the VMM in a cell made by cella-jailer: namespaces, pivot_root, cgroups, Landlock,

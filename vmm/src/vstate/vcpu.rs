@@ -696,7 +696,7 @@ mod tests {
     #[test]
     fn the_vcpu_filter_allows_the_state_ioctls_by_their_real_numbers() {
         let policy: serde_json::Value =
-            serde_json::from_str(include_str!("../../../policies/seccomp/vcpu.json")).unwrap();
+            serde_json::from_str(include_str!("../../../seccomp/filters/vcpu.json")).unwrap();
         let allowed: Vec<(String, u64)> = policy["vcpu"]["filter"]
             .as_array()
             .unwrap()

@@ -1,5 +1,5 @@
 //! The VMM's seccomp filters, one per thread kind, compiled at build time from
-//! `policies/seccomp/<thread>.json` (see `build.rs`). Each allowed syscall in those files says
+//! `seccomp/filters/<thread>.json` (see `build.rs`). Each allowed syscall in those files says
 //! who needs it; `ioctl`, `tgkill`, `fcntl`, `fallocate`, `mmap` and `mprotect` are narrowed by
 //! their arguments.
 //!
@@ -7,6 +7,8 @@
 //! supervisor sees "killed by signal 31", and the kernel's audit log (`dmesg`, type 1326)
 //! names the syscall. [`Action::Log`] swaps the kill for `SECCOMP_RET_LOG` for development: the
 //! syscall is allowed and logged, so a missing entry can be found without killing the VMM.
+
+#![forbid(unsafe_code)]
 
 use seccompiler::{sock_filter, BpfProgram};
 
@@ -45,7 +47,7 @@ impl ThreadKind {
     pub const ALL: [ThreadKind; 5] =
         [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Api, ThreadKind::Spare];
 
-    /// The name of the filter in `policies/seccomp/`.
+    /// The name of the filter in `seccomp/filters/`.
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vmm => "vmm",
@@ -142,7 +144,7 @@ mod tests {
 
     #[test]
     fn every_allowed_syscall_and_argument_says_who_needs_it() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seccomp");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("filters");
         let has_comment = |v: &serde_json::Value| v["comment"].as_str().is_some_and(|c| !c.trim().is_empty());
         for kind in ThreadKind::ALL {
             let text = std::fs::read_to_string(dir.join(format!("{}.json", kind.name()))).unwrap();
@@ -179,10 +181,7 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         let run = |probe: &str| {
             std::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "seccomp::tests::a_spares_threads_cannot_open_a_socket_where_a_vcpu_thread_may",
-                ])
+                .args(["--exact", "tests::a_spares_threads_cannot_open_a_socket_where_a_vcpu_thread_may"])
                 .args(["--test-threads", "1"])
                 .env("CELLA_SECCOMP_PROBE", probe)
                 .stdout(std::process::Stdio::null())
