@@ -413,6 +413,58 @@ async fn cancelling_a_running_job_stops_its_vm_and_records_the_scrub(pool: PgPoo
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A VMM that does not end at its time limit (a hostile or wedged one; here one stopped with
+/// SIGSTOP while its guest spins) is killed by the worker `KILL_GRACE` (30 s) after the limit:
+/// its job fails with the reason, the process is gone, and the slot serves the next job.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_vmm_that_never_ends_is_killed_after_its_time_limit_and_the_slot_serves_on(pool: PgPool) {
+    let dir = scratch("wedged");
+    let spin = spinning_vmm(&dir);
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("cella.toml"), "[worker]\ntimeout_secs = 2\n\n[jobs]\nmax_attempts = 1\n")
+        .unwrap();
+    let server = serve(
+        &data,
+        Some(&test_db_url(&pool)),
+        &[
+            ("CELLA_VMM", spin.to_str().unwrap()),
+            ("CELLA_JAILED", "0"),
+            ("CELLA_WORKER_CONCURRENCY", "1"),
+            ("CELLA_TEMPLATES", "0"),
+        ],
+    );
+    let (tenant, _, client) = server.tenant("acme").await;
+    let id = submit(&client, b"anything", None).await.unwrap();
+    wait_for_action(&pool, &tenant, "job.vm_started").await;
+    let vms = server.admin().json(Method::GET, "/v1/admin/vms").await.unwrap();
+    let pid = vms.as_array().unwrap().iter().find(|v| v["job_id"] == id.as_str()).expect("the VM is listed")
+        ["pid"]
+        .as_i64()
+        .unwrap();
+    // SAFETY: a plain signal to the VMM this test's server started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
+    let job = wait_job(&client, &id, "ended", |j| j["state"] != "running").await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = "the scan's VM did not end within its time limit and was killed";
+    assert_eq!(job["error"], reason, "{job}");
+    // Not the VMM's own limit (it could not act): the worker's kill, after the grace.
+    assert!(stopped.elapsed() > Duration::from_secs(25), "ended after {:?}: {job}", stopped.elapsed());
+    wait_until_gone(pid).await;
+    let names: Vec<String> = actions(&pool, &tenant).await.into_iter().map(|(a, _)| a).collect();
+    assert_eq!(names.last().map(String::as_str), Some("job.failed"), "{names:?}");
+
+    // The slot is free: the next job gets a VM, which ends at its time limit by itself.
+    let next = submit(&client, b"anything", None).await.unwrap();
+    let started = Instant::now();
+    let done = wait_job(&client, &next, "ended", |j| j["state"] == "failed").await;
+    assert!(done["error"].as_str().unwrap().contains("ran past its limit of 2 s"), "{done}");
+    assert!(started.elapsed() < Duration::from_secs(25), "the next job took {:?}", started.elapsed());
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Checks every thread of the VMM waiting in the spare jail `spare` (up to 20 s for it to get
 /// there): no capabilities, no-new-privs, a seccomp filter; returns its uid.
 fn spare_vmm_confined(spare: &str) -> u32 {
