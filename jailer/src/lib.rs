@@ -35,7 +35,6 @@
 //! as the jailer's parent-death signal before exec: it is forwarded like any other SIGTERM, so
 //! the VM still stops, is scrubbed, and the jail is removed.
 
-pub mod bench;
 pub mod cgroup;
 pub mod child;
 pub mod config;

@@ -43,9 +43,6 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Launch-to-exit latency of `hello`: jailed vs unjailed Cella VM vs bwrap, with the jailer's
-    /// cost broken down by step
-    Bench(cella_jailer::bench::BenchArgs),
     /// Make a spare jail ahead of a launch: its folder and its copy of the VMM binary, the slow
     /// part of a launch. A later launch with `--from-prepared ID` takes it (once); `cleanup
     /// --id ID` removes an unused one
@@ -167,15 +164,6 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Bench(args)) => {
-            return match cella_jailer::bench::main(args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cella-jailer bench: error: {e}");
-                    ExitCode::from(BAD_REQUEST)
-                }
-            };
-        }
         Some(Command::Cleanup { id, chroot_base, exec_name, cgroup_parent, bind_rw }) => {
             if let Err(e) = cella_jailer::config::validate_id(&id) {
                 eprintln!("cella-jailer cleanup: refused: {}", error_chain(&e));

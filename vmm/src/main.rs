@@ -1,4 +1,4 @@
-//! `cella-vmm`: launch one microVM from the command line (run, scan, session), or benchmark.
+//! `cella-vmm`: launch one microVM from the command line (run, scan, session, spare, template).
 //! Exit codes are decided in one place, [`cli::exit_code`].
 
 mod cli;
@@ -26,6 +26,5 @@ fn main() -> ExitCode {
         cli::Command::Session(args) => cli::session::main(args, launch_start),
         cli::Command::Spare(args) => cli::spare::main(args, launch_start),
         cli::Command::Template(args) => cli::template::main(args),
-        cli::Command::Bench(args) => cli::bench::main(args),
     }
 }

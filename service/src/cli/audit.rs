@@ -1,4 +1,4 @@
-//! `cella audit …`: export, verify, prove, keygen, checkpoint, bench.
+//! `cella audit …`: export, verify, prove, keygen, checkpoint (its benchmark: `cella-bench audit`).
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
@@ -14,7 +14,7 @@ use cella_audit::{Chain, PublicKey, SigningKey, TenantId};
 use clap::{Args, Subcommand};
 use tokio::io::AsyncWriteExt;
 
-use super::{audit_bench, runtime, CliError};
+use super::{runtime, CliError};
 use crate::db;
 
 #[derive(Debug, Subcommand)]
@@ -100,8 +100,6 @@ pub enum AuditCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Benchmark appends (against DATABASE_URL, in a scratch database) and offline verification.
-    Bench(audit_bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -256,7 +254,6 @@ pub fn run(cmd: AuditCommand) -> Result<(), CliError> {
                 Ok(())
             })
         }
-        AuditCommand::Bench(args) => audit_bench::run(args),
     }
 }
 

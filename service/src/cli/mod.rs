@@ -2,9 +2,7 @@
 //! (`tenant`, `key`, `admin`) and the audit log (`audit`).
 
 mod audit;
-mod audit_bench;
 mod service;
-mod service_bench;
 
 use clap::{Parser, Subcommand};
 
@@ -68,9 +66,7 @@ enum Command {
     Admin(AdminCommand),
     /// Print the API's OpenAPI 3.1 document
     Openapi,
-    /// Benchmark: end-to-end jobs/s and latency vs `cella-vmm scan` directly, and the queue alone (DATABASE_URL)
-    Bench(service_bench::BenchArgs),
-    /// The audit log: export, verify offline, prove inclusion, manage signing keys, benchmark.
+    /// The audit log: export, verify offline, prove inclusion, manage signing keys.
     #[command(subcommand)]
     Audit(AuditCommand),
 }
@@ -138,7 +134,7 @@ impl From<ClientError> for CliError {
     }
 }
 
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+pub fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,7 +170,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             println!("{}", crate::api::openapi::document());
             Ok(())
         }
-        Command::Bench(args) => service_bench::run(args),
         Command::Audit(cmd) => audit::run(cmd),
     }
 }

@@ -1,11 +1,6 @@
-//! The command line: `cella-vmm run`, `scan`, `session` and `bench`.
+//! The command line: `cella-vmm run`, `scan`, `session`, `spare` and `template`. Benchmarks are
+//! in `cella-bench vm`, not in this binary.
 
-pub mod bench;
-pub mod bench_packs;
-pub mod bench_pause;
-pub mod bench_scan;
-pub mod bench_session;
-pub mod bench_spare;
 pub mod devices;
 pub mod exit_code;
 pub mod jailed;
@@ -44,7 +39,4 @@ pub enum Command {
     /// Build a template: a scanner VM with its engine built, snapshotted, for `scan --template`
     /// and `spare --template` to restore each job's VM from.
     Template(template::TemplateArgs),
-    /// Measure launch latency against a native process and bubblewrap.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
 }

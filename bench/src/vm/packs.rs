@@ -1,4 +1,4 @@
-//! `cella-vmm bench packs`: what tenant rule packs cost a scan, natively (the engine's
+//! `cella-bench vm packs`: what tenant rule packs cost a scan, natively (the engine's
 //! throughput, from `cella_policies::rules::bench_packs`) and inside a Cella VM: the built-in
 //! packs alone and with 1 and 10 tenant packs of 50 rules each, on the same corpus, the VM
 //! scans interleaved, side by side.
@@ -12,8 +12,8 @@ use cella_policies::rules::DEFAULT_PACKS;
 use cella_vmm::{default_scanner_image, error_chain};
 use clap::Args;
 
-use super::bench_scan::vm_scan;
-use super::exit_code;
+use super::scan::vm_scan;
+use crate::exit_code;
 
 #[derive(Debug, Args)]
 pub struct PacksBenchArgs {
@@ -32,7 +32,7 @@ pub fn main(args: PacksBenchArgs) -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cella-vmm bench packs: error: {e}");
+            eprintln!("cella-bench vm packs: error: {e}");
             ExitCode::from(exit_code::BAD_INPUT)
         }
     }
@@ -45,9 +45,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn run(args: &PacksBenchArgs) -> Result<(), String> {
     let runs = args.runs.max(1);
-    eprintln!("cella-vmm bench packs: natively, {} MiB, {runs} run(s) per configuration...", args.corpus_mib);
+    eprintln!("cella-bench vm packs: natively, {} MiB, {runs} run(s) per configuration...", args.corpus_mib);
     let native = bench_packs::run(args.corpus_mib, runs).map_err(|e| error_chain(&e))?;
-    eprintln!("cella-vmm bench packs: the same corpus inside a Cella VM...");
+    eprintln!("cella-bench vm packs: the same corpus inside a Cella VM...");
     let image = default_scanner_image().map_err(|e| e.to_string())?;
     let mut packs = Vec::new();
     for org in ORGS {

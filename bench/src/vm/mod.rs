@@ -1,7 +1,13 @@
-//! `cella-vmm bench launch`: launch-to-exit latency of `hello` in a Cella microVM, side by side
+//! `cella-bench vm launch`: launch-to-exit latency of `hello` in a Cella microVM, side by side
 //! in one run with a static native process doing the same work and with that process under
 //! bubblewrap. Runs are interleaved (cella, native, bwrap, cella, …) so that noise on this
 //! shared machine falls on all three alike.
+
+mod packs;
+mod pause;
+mod scan;
+mod session;
+mod spare;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -11,7 +17,7 @@ use cella_vmm::default_runner_image;
 use clap::Subcommand;
 use serde::Serialize;
 
-use super::exit_code;
+use crate::exit_code;
 
 /// Untimed launches of each kind before measuring.
 const WARMUP: usize = 5;
@@ -35,18 +41,18 @@ pub enum BenchCommand {
     },
     /// Scan throughput in a Cella VM vs the same engine natively vs ripgrep, and end-to-end
     /// `scan` latency for a 1 MiB and a 100 MiB tarball
-    Scan(super::bench_scan::ScanBenchArgs),
+    Scan(scan::ScanBenchArgs),
     /// What tenant rule packs cost a scan: built-in packs alone and with 1 and 10 tenant packs
     /// of 50 rules, natively and in a Cella VM, same corpus
-    Packs(super::bench_packs::PacksBenchArgs),
+    Packs(packs::PacksBenchArgs),
     /// Pause and resume latency of a guest spinning at 100% CPU, through the control contract
     /// and through the control socket
-    Pause(super::bench_pause::PauseBenchArgs),
+    Pause(pause::PauseBenchArgs),
     /// Session lifecycle: cold launch + load vs restore to first answer, pause, resume,
     /// snapshot time and size, for several guest memory sizes
-    Session(super::bench_session::SessionBenchArgs),
+    Session(session::SessionBenchArgs),
     /// Jailed launch from a spare VMM started ahead, and made at launch, vs bubblewrap
-    Spare(super::bench_spare::SpareBenchArgs),
+    Spare(spare::SpareBenchArgs),
 }
 
 /// Latency figures for one kind of launch, in milliseconds.
@@ -72,11 +78,11 @@ struct LaunchBench {
 pub fn main(cmd: BenchCommand) -> ExitCode {
     let (runs, json, image, native) = match cmd {
         BenchCommand::Launch { runs, json, image, native } => (runs, json, image, native),
-        BenchCommand::Scan(args) => return super::bench_scan::main(args),
-        BenchCommand::Packs(args) => return super::bench_packs::main(args),
-        BenchCommand::Pause(args) => return super::bench_pause::main(args),
-        BenchCommand::Session(args) => return super::bench_session::main(args),
-        BenchCommand::Spare(args) => return super::bench_spare::main(args),
+        BenchCommand::Scan(args) => return scan::main(args),
+        BenchCommand::Packs(args) => return packs::main(args),
+        BenchCommand::Pause(args) => return pause::main(args),
+        BenchCommand::Session(args) => return session::main(args),
+        BenchCommand::Spare(args) => return spare::main(args),
     };
     match launch(runs.max(1), image, native) {
         Ok(bench) => {
@@ -88,7 +94,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("cella-vmm bench: error: {e}");
+            eprintln!("cella-bench vm: error: {e}");
             ExitCode::from(exit_code::BAD_INPUT)
         }
     }
@@ -100,7 +106,7 @@ fn launch(runs: usize, image: Option<PathBuf>, native: Option<PathBuf>) -> Resul
     if !native.is_file() {
         return Err(format!("no native comparison program at {}; run scripts/setup.sh", native.display()));
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let exe = crate::binaries::sibling("cella-vmm")?;
     let mut cella = Command::new(&exe);
     cella.arg("run").arg("--image").arg(&image).args(["--", "hello"]);
     let mut plain = Command::new(&native);
@@ -111,7 +117,7 @@ fn launch(runs: usize, image: Option<PathBuf>, native: Option<PathBuf>) -> Resul
     });
     if bwrap.is_none() {
         eprintln!(
-            "cella-vmm bench: bwrap is not installed (scripts/setup.sh installs it); skipping that column"
+            "cella-bench vm: bwrap is not installed (scripts/setup.sh installs it); skipping that column"
         );
     }
 
@@ -127,7 +133,7 @@ fn launch(runs: usize, image: Option<PathBuf>, native: Option<PathBuf>) -> Resul
         }
         let done = (i + 1).saturating_sub(WARMUP);
         if done > 0 && done.is_multiple_of(50) {
-            eprintln!("cella-vmm bench: {done} of {runs} rounds");
+            eprintln!("cella-bench vm: {done} of {runs} rounds");
         }
     }
     let has_bwrap = bwrap.is_some();

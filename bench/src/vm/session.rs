@@ -1,4 +1,4 @@
-//! `cella-vmm bench session`: what a session's lifecycle costs, for sessions of several guest
+//! `cella-bench vm session`: what a session's lifecycle costs, for sessions of several guest
 //! memory sizes, side by side in one run with the alternative a session exists to beat: a cold
 //! launch that loads and indexes the same artifact again.
 //!
@@ -19,8 +19,8 @@ use cella_vmm::snapshot;
 use clap::Args;
 use serde::Serialize;
 
-use super::bench::{figures, Figures};
-use super::exit_code;
+use super::{figures, Figures};
+use crate::exit_code;
 
 /// How long a session may take to answer its first request (a large artifact indexes first).
 const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -90,7 +90,7 @@ pub fn main(args: SessionBenchArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("cella-vmm bench session: error: {e}");
+            eprintln!("cella-bench vm session: error: {e}");
             ExitCode::from(exit_code::VMM_FAILED)
         }
     }
@@ -102,7 +102,7 @@ fn bench(args: &SessionBenchArgs, dir: &Path) -> Result<Vec<SizeBench>, String> 
     let mut rows = Vec::new();
     for size in &args.sizes {
         let (mem_mib, artifact_mib) = parse_size(size)?;
-        eprintln!("cella-vmm bench session: {mem_mib} MiB guest, {artifact_mib} MiB artifact …");
+        eprintln!("cella-bench vm session: {mem_mib} MiB guest, {artifact_mib} MiB artifact …");
         rows.push(bench_size(args, dir, mem_mib, artifact_mib)?);
     }
     Ok(rows)
@@ -222,7 +222,7 @@ fn ms(since: Instant) -> f64 {
 fn write_artifact(dir: &Path, mib: u64) -> Result<(PathBuf, u64), String> {
     let bytes = (mib as usize) << 20;
     let (corpus, _) = cella_policies::rules::bench::generate_corpus(bytes);
-    let path = super::bench_scan::tarball(&corpus, bytes, dir)?;
+    let path = super::scan::tarball(&corpus, bytes, dir)?;
     Ok((path, bytes.div_ceil(256 << 10) as u64))
 }
 
@@ -233,7 +233,7 @@ fn prepare_spare(jailed: bool) -> Result<Option<String>, String> {
         return Ok(None);
     }
     static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let exe = crate::binaries::sibling("cella-vmm")?;
     let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let id = format!("bench-spare-{}-{n}", std::process::id());
     let out = Command::new(exe.with_file_name("cella-jailer"))
@@ -262,7 +262,7 @@ impl Session {
         jailed: bool,
         spare: Option<&str>,
     ) -> Result<Session, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+        let exe = crate::binaries::sibling("cella-vmm")?;
         let (api, vsock) = (dir.join("api.sock"), dir.join("vsock.sock"));
         let child = Command::new(exe)
             .args(["session", "--mem-mib", &mem_mib.to_string(), "--api-sock"])

@@ -1,4 +1,4 @@
-//! `cella bench`: end-to-end jobs/s and latency through the real service (HTTPS, PostgreSQL,
+//! `cella-bench service`: end-to-end jobs/s and latency through the real service (HTTPS, PostgreSQL,
 //! worker, jailed microVMs) for a small artifact at several concurrencies, side by side with the
 //! same scans run directly with `cella-vmm scan` (no service) at the same concurrency, and the
 //! queue alone with no-op jobs. Needs DATABASE_URL (it works in a scratch database). Not part of
@@ -12,14 +12,14 @@ use clap::Args;
 use reqwest::Method;
 use serde_json::json;
 
-use super::audit_bench::load_average;
-use super::CliError;
-use crate::client::ApiClient;
-use crate::config::Config;
-use crate::data_dir::DataDir;
-use crate::db::{self, ScratchDatabase};
-use crate::queue::{self, Outcome};
-use crate::{serve, tls};
+use crate::audit::load_average;
+use cella_service::cli::CliError;
+use cella_service::client::ApiClient;
+use cella_service::config::Config;
+use cella_service::data_dir::DataDir;
+use cella_service::db::{self, ScratchDatabase};
+use cella_service::queue::{self, Outcome};
+use cella_service::{serve, tls};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -74,7 +74,7 @@ fn small_artifact() -> Result<Vec<u8>, CliError> {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), CliError> {
-    super::runtime()?.block_on(bench(args))
+    cella_service::cli::runtime()?.block_on(bench(args))
 }
 
 async fn bench(args: BenchArgs) -> Result<(), CliError> {
@@ -97,7 +97,7 @@ async fn bench(args: BenchArgs) -> Result<(), CliError> {
         let queue_rate = if args.queue_jobs > 0 { Some(queue_only(&db.url, args.queue_jobs).await?) } else { None };
         let jailed = !args.unjailed && Config::default().worker.is_jailed();
         println!(
-            "cella bench: {} jobs per level, artifact {} bytes (examples/sample-app as tar), VMs {}, load avg {}",
+            "cella-bench service: {} jobs per level, artifact {} bytes (examples/sample-app as tar), VMs {}, load avg {}",
             args.jobs,
             artifact.len(),
             if jailed { "jailed" } else { "unjailed" },
@@ -170,9 +170,9 @@ async fn service_run(
         config.worker.jailed = Some(false);
     }
     if config.worker.vmm.is_none() {
-        config.worker.vmm = Some(crate::worker::launch::default_vmm());
+        config.worker.vmm = Some(cella_service::worker::launch::default_vmm());
     }
-    crate::worker::launch::Launcher::new(&config.worker, config.quotas.vm_cpu_percent)
+    cella_service::worker::launch::Launcher::new(&config.worker, config.quotas.vm_cpu_percent)
         .check()
         .map_err(serve::ServeError::from)?;
     let pool = db::connect(url, 16).await?;
@@ -203,7 +203,7 @@ async fn service_run(
             let (file, ca_path, url, key, dir) =
                 (file.clone(), ca_path.clone(), running.url.clone(), key.clone(), dir.clone());
             tasks.push(tokio::spawn(async move {
-                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                let exe = crate::binaries::sibling("cella")?;
                 let mut latencies = Vec::new();
                 for j in 0..n {
                     let t = Instant::now();
@@ -251,17 +251,18 @@ async fn service_run(
                     .await?
                     .json()
                     .await
-                    .map_err(|e| crate::client::ClientError::Http("bench".into(), e))?;
+                    .map_err(|e| cella_service::client::ClientError::Http("bench".into(), e))?;
                 let id = job["id"].as_str().unwrap_or_default().to_owned();
-                let j = crate::client::scan::wait(&client, &id, Duration::from_secs(120), false).await?;
+                let j =
+                    cella_service::client::scan::wait(&client, &id, Duration::from_secs(120), false).await?;
                 if j["state"] != "succeeded" {
-                    return Err(crate::client::ClientError::Other(format!(
+                    return Err(cella_service::client::ClientError::Other(format!(
                         "bench job {id} {}: {}",
                         j["state"], j["error"]
                     )));
                 }
             }
-            Ok::<(), crate::client::ClientError>(())
+            Ok::<(), cella_service::client::ClientError>(())
         }));
     }
     for t in tasks {
@@ -286,7 +287,7 @@ async fn direct_run(artifact: &[u8], c: u32, jobs: u32, unjailed: bool) -> Resul
     let file: PathBuf = std::env::temp_dir().join(format!("cella-bench-{}.tar", std::process::id()));
     std::fs::write(&file, artifact)
         .map_err(|e| CliError::File { path: file.display().to_string(), source: e })?;
-    let vmm = Arc::new(crate::worker::launch::default_vmm());
+    let vmm = Arc::new(cella_service::worker::launch::default_vmm());
     let jailed = !unjailed && Config::default().worker.is_jailed();
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -359,9 +360,9 @@ async fn queue_only(url: &str, n: u32) -> Result<f64, CliError> {
                 };
                 queue::finish(&pool, &lease, &done)
                     .await
-                    .map_err(|e| crate::error::ServiceError::Internal(e.to_string()))?;
+                    .map_err(|e| cella_service::error::ServiceError::Internal(e.to_string()))?;
             }
-            Ok::<(), crate::error::ServiceError>(())
+            Ok::<(), cella_service::error::ServiceError>(())
         }));
     }
     for t in tasks {

@@ -1,4 +1,4 @@
-//! `cella audit bench`: append throughput against the real PostgreSQL and offline verification
+//! `cella-bench audit`: append throughput against the real PostgreSQL and offline verification
 //! speed on a generated bundle, printed side by side. Not part of the test suite.
 
 use std::time::Instant;
@@ -13,8 +13,8 @@ use serde_json::json;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
-use super::CliError;
-use crate::db;
+use cella_service::cli::CliError;
+use cella_service::db;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -225,7 +225,7 @@ pub(super) fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
-pub(super) fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map_or_else(|_| "unknown".to_owned(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }

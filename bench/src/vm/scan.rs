@@ -1,4 +1,4 @@
-//! `cella-vmm bench scan`: the scan engine's throughput inside a Cella VM, natively in this
+//! `cella-bench vm scan`: the scan engine's throughput inside a Cella VM, natively in this
 //! process, and ripgrep with the same regex set — on the same generated corpus, in one run —
 //! plus what a baseline and excludes cost natively, and end-to-end `scan` latency (launch,
 //! scan, teardown) for a 1 MiB and a 100 MiB tarball.
@@ -14,7 +14,7 @@ use cella_vmm::scan::{self, ScanRequest};
 use cella_vmm::{default_scanner_image, error_chain};
 use clap::Args;
 
-use super::exit_code;
+use crate::exit_code;
 
 #[derive(Debug, Args)]
 pub struct ScanBenchArgs {
@@ -34,7 +34,7 @@ pub fn main(args: ScanBenchArgs) -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cella-vmm bench scan: error: {e}");
+            eprintln!("cella-bench vm scan: error: {e}");
             ExitCode::from(exit_code::BAD_INPUT)
         }
     }
@@ -110,9 +110,9 @@ fn run(args: &ScanBenchArgs) -> Result<(), String> {
         suppression_runs: args.runs,
     };
 
-    eprintln!("cella-vmm bench scan: native engine and ripgrep on a {} MiB corpus...", args.corpus_mib);
+    eprintln!("cella-bench vm scan: native engine and ripgrep on a {} MiB corpus...", args.corpus_mib);
     let native = bench::run(&opts).map_err(|e| error_chain(&e))?;
-    eprintln!("cella-vmm bench scan: the same corpus inside a Cella VM...");
+    eprintln!("cella-bench vm scan: the same corpus inside a Cella VM...");
     // The same generator and size give the same bytes the native run scanned.
     let (corpus, _) = bench::generate_corpus(args.corpus_mib << 20);
     let corpus_file = dir.join("corpus.txt");

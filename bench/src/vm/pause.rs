@@ -1,4 +1,4 @@
-//! `cella-vmm bench pause`: how long pause and resume take on a guest spinning at 100% CPU,
+//! `cella-bench vm pause`: how long pause and resume take on a guest spinning at 100% CPU,
 //! the worst case for pause (the vCPU never exits on its own). Measured two ways in one run:
 //! through the `rpc_interface` contract on the VMM thread (the vCPU state machine alone), and
 //! through the control socket with `ControlClient` (what the service sees: connect, HTTP,
@@ -13,8 +13,8 @@ use cella_vmm::{build, default_runner_image, error_chain, VmConfig};
 use clap::Args;
 use serde::Serialize;
 
-use super::bench::{figures, Figures};
-use super::exit_code;
+use super::{figures, Figures};
+use crate::exit_code;
 
 #[derive(Debug, Args)]
 pub struct PauseBenchArgs {
@@ -52,7 +52,7 @@ pub fn main(args: PauseBenchArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("cella-vmm bench pause: error: {e}");
+            eprintln!("cella-bench vm pause: error: {e}");
             ExitCode::from(exit_code::VMM_FAILED)
         }
     }

@@ -1,4 +1,4 @@
-//! `cella-jailer bench`: launch-to-exit latency of `hello` in a jailed Cella VM, side by side in
+//! `cella-bench jailer`: launch-to-exit latency of `hello` in a jailed Cella VM, side by side in
 //! one run with the same VM unjailed and with a static native process under `bwrap
 //! --unshare-all`, interleaved so machine noise falls on all alike; then the jailer's own cost
 //! broken down by step (from `--timings`), so it is clear what dominates.
@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::timing::Timings;
+use cella_jailer::timing::Timings;
 
 /// Untimed launches of each kind before measuring.
 const WARMUP: usize = 5;
@@ -57,11 +57,6 @@ fn figures(mut ms: Vec<f64>) -> Figures {
     Figures { p50: rank(0.5), p99: rank(0.99), mean: ms.iter().sum::<f64>() / ms.len() as f64, min: ms[0] }
 }
 
-fn sibling(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    Some(exe.parent()?.join(name))
-}
-
 fn default_image() -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("CELLA_RUNNER_IMAGE") {
         return Ok(PathBuf::from(path));
@@ -100,13 +95,16 @@ fn time_one(command: &mut Command) -> Result<(f64, String), String> {
 }
 
 pub fn main(args: BenchArgs) -> Result<(), String> {
-    let vmm = args.vmm.or_else(|| sibling("cella-vmm")).ok_or("cannot find cella-vmm; pass --vmm")?;
-    let jailer = std::env::current_exe().map_err(|e| e.to_string())?;
+    let vmm = match args.vmm {
+        Some(vmm) => vmm,
+        None => crate::binaries::sibling("cella-vmm")?,
+    };
+    let jailer = crate::binaries::sibling("cella-jailer")?;
     let image = args.image.map(Ok).unwrap_or_else(default_image)?;
     let native = args.native.unwrap_or_else(|| image.with_file_name("native-hello"));
     let bwrap = which("bwrap");
     if bwrap.is_none() || !native.is_file() {
-        eprintln!("cella-jailer bench: bwrap or {} missing; skipping the bwrap column", native.display());
+        eprintln!("cella-bench jailer: bwrap or {} missing; skipping the bwrap column", native.display());
     }
     let memory = format!("memory={}M", args.mem_mib + 32);
     let mem = args.mem_mib.to_string();

@@ -1,4 +1,4 @@
-//! `cella-vmm bench spare`: what a jailed launch costs when its VMM was started ahead (a spare,
+//! `cella-bench vm spare`: what a jailed launch costs when its VMM was started ahead (a spare,
 //! the service's way) and when it is made at launch (cold), side by side in one run with the
 //! same `hello` as a static native process under bubblewrap. A spare launch is timed from
 //! `PUT /vm` to `finish` answering (guest run, teardown and scrub included); the spare's start
@@ -21,8 +21,8 @@ use cella_vmm::GuestExit;
 use cella_vmm::{default_runner_image, default_scanner_image, template};
 use clap::Args;
 
-use super::bench::{figures, time_one, which, Figures};
-use super::exit_code;
+use super::{figures, time_one, which, Figures};
+use crate::exit_code;
 
 #[derive(Debug, Args)]
 pub struct SpareBenchArgs {
@@ -38,7 +38,7 @@ pub fn main(args: SpareBenchArgs) -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cella-vmm bench spare: error: {e}");
+            eprintln!("cella-bench vm spare: error: {e}");
             ExitCode::from(exit_code::BAD_INPUT)
         }
     }
@@ -88,7 +88,7 @@ fn spare_scan(
 fn run(args: &SpareBenchArgs) -> Result<(), String> {
     let image = default_runner_image().map_err(|e| e.to_string())?;
     let native = image.with_file_name("native-hello");
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let exe = crate::binaries::sibling("cella-vmm")?;
     let jailer = exe.with_file_name("cella-jailer");
     if !jailer.is_file() {
         return Err(format!("no cella-jailer beside {}; run scripts/setup.sh", exe.display()));
