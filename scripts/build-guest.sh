@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Builds the guest images into target/cella/ (or $CARGO_TARGET_DIR/cella/; run by scripts/setup.sh):
-#   cella-runner   the runner's test and demo modes (hello, exit, fault, ...): small, launches fastest
-#   cella-scanner  the same runner with the scan engine (feature "scanner"): `cella-vmm scan`
+#   cella-runner        the runner's demo and test modes (hello, exit, fault, spin, ...; features
+#                       "test-modes"): small, launches fastest
+#   cella-scanner       the runner with the scan engine (feature "scanner") and no test modes:
+#                       what `cella-vmm scan` and the service run
+#   cella-scanner-test  the scanner with the test modes as well, for tests that need both (a
+#                       template restored into `heap-hash`)
 #
 # The runner is a freestanding program (no OS, no libc). It is compiled by the
 # x86_64-unknown-linux-gnu code generator, not x86_64-unknown-none: the latter is a soft-float
@@ -22,5 +26,6 @@ build() { # image-name cargo-args...
   install -m 0644 "$target/x86_64-unknown-linux-gnu/release/cella-runner" "$target/cella/$name.new"
   mv -f "$target/cella/$name.new" "$target/cella/$name"
 }
-build cella-runner
+build cella-runner --features test-modes
 build cella-scanner --features scanner
+build cella-scanner-test --features scanner,test-modes

@@ -5,7 +5,7 @@
 #   scripts/setup.sh            # packages, Rust target, guest image, release binaries
 #
 # Afterwards: target/cella/cella-runner and cella-scanner (the guest images cella-vmm uses by
-# default), target/cella/native-hello (the launch benchmark's native comparison),
+# default) and cella-scanner-test (the scanner with the test modes, for the tests), target/cella/native-hello (the launch benchmark's native comparison),
 # target/release/cella-vmm and cella-jailer, and a running PostgreSQL with a `cella` role.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,7 +81,7 @@ fi
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
 
 # --- guest images and comparison binary ----------------------------------------------------
-say "building the guest images (target/cella/cella-runner, target/cella/cella-scanner)"
+say "building the guest images (target/cella/cella-runner, cella-scanner, cella-scanner-test)"
 scripts/build-guest.sh || die "building the guest images failed (see above)"
 
 if [ ! -x target/cella/native-hello ] || [ tests/bench/native-hello.c -nt target/cella/native-hello ]; then

@@ -25,8 +25,17 @@ use common::*;
 const PLANTED: &[u8] = b"config:\n  stripe_key = \"sk_live_4eC39HqLyjWDarjtT1zdp7dc\"\n  owner = priya.raman@northwind-trading.com\n";
 const MEM_MIB: u64 = 128;
 
-fn scanner_image() -> PathBuf {
+/// The service's scanner image: no test modes in it.
+fn production_scanner_image() -> PathBuf {
     cella_vmm::default_scanner_image().unwrap_or_else(|e| panic!("{e}; run scripts/setup.sh first"))
+}
+
+/// The scanner with the test modes as well (`heap-hash`, `fill-canary`), which the tests here
+/// restore templates into: built beside the production one by scripts/build-guest.sh.
+fn scanner_image() -> PathBuf {
+    let image = production_scanner_image().with_file_name("cella-scanner-test");
+    assert!(image.is_file(), "no {}; run scripts/setup.sh first", image.display());
+    image
 }
 
 fn default_policy() -> Vec<u8> {
@@ -123,6 +132,11 @@ fn heap_hash(console: &str) -> (String, u64) {
 
 /// A VM restored from the template with `args`, and where its console goes.
 fn restored(args: &[&str], scratch_dir: &Path) -> (cella_vmm::MicroVm, SharedBuffer) {
+    restored_from(built_template(), args, scratch_dir)
+}
+
+/// A VM restored from the template in `template` with `args`, and where its console goes.
+fn restored_from(template: &Path, args: &[&str], scratch_dir: &Path) -> (cella_vmm::MicroVm, SharedBuffer) {
     let disk_path = scratch_dir.join(format!("disk-{}", args.join("-")));
     std::fs::write(&disk_path, [0u8; 512]).unwrap();
     let ends = HostEnds {
@@ -134,9 +148,38 @@ fn restored(args: &[&str], scratch_dir: &Path) -> (cella_vmm::MicroVm, SharedBuf
         ..VmConfig::new("template", args.iter().map(|a| (*a).to_owned()).collect())
     };
     let console = SharedBuffer::default();
-    let vm =
-        TemplateVm::load(built_template()).unwrap().finish(&config, ends, Box::new(console.clone())).unwrap();
+    let vm = TemplateVm::load(template).unwrap().finish(&config, ends, Box::new(console.clone())).unwrap();
     (vm, console)
+}
+
+/// The image the service restores every job from has none of the guests that misbehave or
+/// report memory on purpose: asked for one (from its template, as a job's VM starts, or booted),
+/// it refuses by name and exits with the usage status.
+#[test]
+fn the_services_scanner_image_has_no_test_modes() {
+    let dir = scratch("template-production");
+    let template = dir.join("template");
+    template::build(&production_scanner_image(), MEM_MIB, &default_policy(), &template).unwrap();
+    let no_test_modes = "this image has no test modes";
+    for mode in ["heap-hash", "fill-canary", "spin", "fault"] {
+        let (vm, console) = restored_from(&template, &[mode], &dir);
+        let report = vm.run().unwrap();
+        assert_eq!(
+            report.exit,
+            GuestExit::Exited { code: cella_abi::status::USAGE },
+            "{mode}: {}",
+            console.text()
+        );
+        assert!(console.text().contains(no_test_modes), "{mode}: {}", console.text());
+    }
+    let booted = VmConfig {
+        timeout: Some(Duration::from_secs(30)),
+        ..VmConfig::new(production_scanner_image(), vec!["spin".into()])
+    };
+    let console = SharedBuffer::default();
+    let report = cella_vmm::build(&booted, Box::new(console.clone())).unwrap().run().unwrap();
+    assert_eq!(report.exit, GuestExit::Exited { code: cella_abi::status::USAGE }, "{}", console.text());
+    assert!(console.text().contains(no_test_modes), "{}", console.text());
 }
 
 #[test]

@@ -157,6 +157,12 @@ fn text(bytes: &[u8]) -> &str {
     core::str::from_utf8(bytes).unwrap_or("<not UTF-8>")
 }
 
+/// What an image built without the `test-modes` feature (the `cella-scanner` image the service
+/// runs) says when asked for one.
+pub const NO_TEST_MODES: &str = "this image has no test modes (fault, spin, flood, heap-hash, fill-canary, \
+                                 read-disk, vsock-echo, vsock-serve, hostile): they are in the \
+                                 cella-runner and cella-scanner-test images";
+
 /// One line of usage, printed with every usage error.
 pub const USAGE: &str = "modes: hello | exit N | fault | spin | fill-canary | heap-hash | flood N | \
                          read-disk | vsock-echo PORT | vsock-serve PORT | hostile KIND | scan | \

@@ -33,7 +33,7 @@ fn is_static(path: &Path) -> bool {
 
 /// A statically linked `cella-vmm` (a jail has no shared libraries), built once per test run
 /// the way scripts/setup.sh builds the release one, without debug info to keep the per-launch
-/// copy small. Lives at `target/<profile>/jailer-tests/cella-vmm`.
+/// copy small, and with the `test-hooks` feature (`--test-open`, `--test-forbidden-syscall`). Lives at `target/<profile>/jailer-tests/cella-vmm`.
 pub fn static_vmm() -> PathBuf {
     static VMM: OnceLock<PathBuf> = OnceLock::new();
     VMM.get_or_init(|| {
@@ -47,7 +47,17 @@ pub fn static_vmm() -> PathBuf {
             let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
             let target_dir = profile.parent().expect("target dir");
             let mut command = Command::new(cargo);
-            command.args(["rustc", "--quiet", "-p", "cella-vmm", "--bin", "cella-vmm", "--manifest-path"]);
+            command.args([
+                "rustc",
+                "--quiet",
+                "-p",
+                "cella-vmm",
+                "--bin",
+                "cella-vmm",
+                "--features",
+                "test-hooks",
+            ]);
+            command.arg("--manifest-path");
             command.arg(&manifest).arg("--target-dir").arg(target_dir);
             match profile.file_name().and_then(|n| n.to_str()) {
                 Some("debug") => {}

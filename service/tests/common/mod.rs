@@ -47,7 +47,7 @@ pub fn vmm_dir() -> &'static Path {
         let profile = profile_dir();
         cargo(&["build", "-p", "cella-jailer", "--bin", "cella-jailer"], &[]);
         cargo(
-            &["rustc", "-p", "cella-vmm", "--bin", "cella-vmm"],
+            &["rustc", "-p", "cella-vmm", "--bin", "cella-vmm", "--features", "test-hooks"],
             &["-C", "target-feature=+crt-static", "-C", "strip=debuginfo"],
         );
         let dir = profile.join("service-e2e");

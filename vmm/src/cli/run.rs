@@ -31,12 +31,15 @@ pub struct RunArgs {
     #[command(flatten)]
     pub jail: super::jailed::JailArgs,
     /// Test only: try to open PATH (relative to --test-open-dirfd) as the VMM, report, and exit
+    #[cfg(feature = "test-hooks")]
     #[arg(long, value_name = "PATH", hide = true)]
     pub test_open: Option<PathBuf>,
     /// Test only: the directory descriptor --test-open is relative to
+    #[cfg(feature = "test-hooks")]
     #[arg(long, value_name = "FD", hide = true)]
     pub test_open_dirfd: Option<i32>,
     /// Test only: install the main thread's seccomp filter, then make a forbidden syscall
+    #[cfg(feature = "test-hooks")]
     #[arg(long, hide = true)]
     pub test_forbidden_syscall: bool,
     /// Arguments for the guest (cella-runner: hello | exit N | fault | spin | fill-canary)
@@ -84,6 +87,7 @@ pub fn main(args: RunArgs, launch_start: Instant) -> ExitCode {
         vsock_uds: args.devices.vsock.clone(),
         ..VmConfig::new(image, args.args.clone())
     };
+    #[cfg(feature = "test-hooks")]
     if let Some(code) = test_hooks(&args) {
         return code;
     }
@@ -169,7 +173,9 @@ fn jailed(args: &RunArgs, image: PathBuf) -> ExitCode {
     args.jail.exec(&launch)
 }
 
-/// The hidden test-only paths the jailer's tests use to probe the cell from inside the VMM.
+/// The hidden test-only paths the jailer's tests use to probe the cell from inside the VMM
+/// (only in a build with the `test-hooks` feature, which the tests make; never in a release).
+#[cfg(feature = "test-hooks")]
 fn test_hooks(args: &RunArgs) -> Option<ExitCode> {
     if let Some(path) = &args.test_open {
         let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {

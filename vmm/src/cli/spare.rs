@@ -84,6 +84,7 @@ pub struct SpareArgs {
     pub seccomp: SeccompArg,
     /// Test only: once confined, try to open PATH as the VMM, report on stderr, and exit (0 if
     /// it opened, 1 if it was refused)
+    #[cfg(feature = "test-hooks")]
     #[arg(long, value_name = "PATH", hide = true)]
     pub test_open: Option<PathBuf>,
     /// Guest arguments [default: scan]
@@ -168,6 +169,7 @@ pub fn main(args: SpareArgs, launch_start: Instant) -> ExitCode {
     if let Err(e) = confine::deny_all_paths() {
         return fail(exit_code::VMM_FAILED, error_chain(&e));
     }
+    #[cfg(feature = "test-hooks")]
     if let Some(path) = &args.test_open {
         return match std::fs::File::open(path) {
             Ok(_) => {

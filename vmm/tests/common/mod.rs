@@ -126,7 +126,7 @@ fn cargo(profile: &Path, args: &[&str], rustc_flags: &[&str]) {
 }
 
 /// Builds `cella-jailer` and a static `cella-vmm` once per test binary (as scripts/setup.sh
-/// does, without debug info to keep the per-launch copy small) and copies the VMM into
+/// does, without debug info to keep the per-launch copy small, with the `test-hooks` feature) and copies the VMM into
 /// `target/<profile>/<folder>/`. The static build replaces `target/<profile>/cella-vmm`, the
 /// binary the tests also run as the outer process: every jailed test calls this first, so none
 /// runs it while it is being relinked.
@@ -137,7 +137,7 @@ pub fn jail_binaries(folder: &str) -> &'static JailBinaries {
         cargo(&profile, &["build", "-p", "cella-jailer", "--bin", "cella-jailer"], &[]);
         cargo(
             &profile,
-            &["rustc", "-p", "cella-vmm", "--bin", "cella-vmm"],
+            &["rustc", "-p", "cella-vmm", "--bin", "cella-vmm", "--features", "test-hooks"],
             &["-C", "target-feature=+crt-static", "-C", "strip=debuginfo"],
         );
         let out = profile.join(folder).join("cella-vmm");

@@ -1,23 +1,28 @@
 //! What each mode does.
 
 use alloc::string::String;
-use alloc::vec::Vec;
-use core::arch::asm;
 use core::fmt::Write;
 
-use cella_abi::{layout, status, BootInfo};
-use cella_runner::mode::{fnv1a64, Hostile, Mode, CANARY, FNV_OFFSET};
+#[cfg(not(all(feature = "scanner", feature = "test-modes")))]
+use cella_abi::status;
+use cella_abi::BootInfo;
+use cella_runner::mode::Mode;
+#[cfg(not(feature = "test-modes"))]
+use cella_runner::mode::NO_TEST_MODES;
 
 use super::console::Console;
 use super::entry::exit;
-use super::virtio::blk::Blk;
-use super::virtio::vsock::Vsock;
-use super::virtio::Mmio;
+
+// An image is the scanner, the test runner, or both (scripts/build-guest.sh).
+#[cfg(not(any(feature = "scanner", feature = "test-modes")))]
+compile_error!("build cella-runner with feature `test-modes` (the cella-runner image) or `scanner` (cella-scanner), or both; see scripts/build-guest.sh");
 
 #[cfg(feature = "scanner")]
 mod scanner;
 #[cfg(feature = "scanner")]
 mod session;
+#[cfg(feature = "test-modes")]
+mod test_modes;
 
 /// How long a runner waits for the host to take the last bytes of a connection.
 pub(super) const CLOSE_TIMEOUT_MS: u32 = 10_000;
@@ -34,10 +39,6 @@ pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
             exit(0)
         }
         Mode::Exit(code) => exit(code),
-        Mode::ReadDisk => read_disk(boot, console),
-        Mode::VsockEcho(port) => echo(boot, console, port, false),
-        Mode::VsockServe(port) => echo(boot, console, port, true),
-        Mode::Hostile(kind) => hostile(boot, console, kind),
         #[cfg(feature = "scanner")]
         Mode::Scan => scanner::scan(boot, console),
         #[cfg(feature = "scanner")]
@@ -53,150 +54,33 @@ pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
             );
             exit(status::USAGE)
         }
-        Mode::Fault => {
-            let unmapped = boot.mem_size + layout::LARGE_PAGE_SIZE;
-            // SAFETY: not safe at all, on purpose: the load from an unmapped address raises a
-            // page fault, which with no IDT is a triple fault that ends the VM.
-            unsafe {
-                asm!("mov {tmp}, qword ptr [{addr}]", addr = in(reg) unmapped, tmp = out(reg) _, options(nostack))
-            };
-            exit(status::PANIC)
-        }
-        Mode::Spin => loop {
-            core::hint::spin_loop();
-        },
-        Mode::Flood(lines) => {
-            let filler = [b'~'; 3980];
-            let filler = core::str::from_utf8(&filler).unwrap_or_default();
-            for i in 0..lines {
-                let _ = writeln!(console, "flood {i:>10} {filler}");
-            }
-            exit(0)
-        }
-        Mode::HeapHash => heap_hash(boot, console),
-        Mode::FillCanary => {
-            let (start, end) = (boot.heap_start, boot.heap_end);
-            let words = ((end - start) / 8) as usize;
-            // SAFETY: [heap_start, heap_end) is mapped and ours; nothing allocates after this,
-            // so overwriting the allocator's own bookkeeping is harmless.
-            let heap = unsafe { core::slice::from_raw_parts_mut(start as *mut u64, words) };
-            heap.fill(CANARY);
-            let _ = writeln!(console, "filled {} bytes with the canary", words * 8);
-            exit(0)
+        #[cfg(feature = "test-modes")]
+        test @ (Mode::Fault
+        | Mode::Spin
+        | Mode::Flood(_)
+        | Mode::HeapHash
+        | Mode::FillCanary
+        | Mode::ReadDisk
+        | Mode::VsockEcho(_)
+        | Mode::VsockServe(_)
+        | Mode::Hostile(_)) => test_modes::run(test, boot, console),
+        #[cfg(not(feature = "test-modes"))]
+        Mode::Fault
+        | Mode::Spin
+        | Mode::Flood(_)
+        | Mode::HeapHash
+        | Mode::FillCanary
+        | Mode::ReadDisk
+        | Mode::VsockEcho(_)
+        | Mode::VsockServe(_)
+        | Mode::Hostile(_) => {
+            let _ = writeln!(console, "cella-runner: {NO_TEST_MODES}");
+            exit(status::USAGE)
         }
     }
-}
-
-/// Hashes the heap word by word (volatile reads: live allocations are in there) before
-/// allocating anything, and counts the words that hold the canary.
-fn heap_hash(boot: &BootInfo, console: &mut Console) -> ! {
-    let (mut hash, mut canary_words) = (FNV_OFFSET, 0u64);
-    let mut addr = boot.heap_start;
-    while addr + 8 <= boot.heap_end {
-        // SAFETY: [heap_start, heap_end) is mapped guest memory; an aligned volatile read of
-        // a word there has no effect on anything else.
-        let word = unsafe { core::ptr::read_volatile(addr as *const u64) };
-        hash = fnv1a64(hash, &word.to_le_bytes());
-        canary_words += u64::from(word == CANARY);
-        addr += 8;
-    }
-    let _ = writeln!(
-        console,
-        "heap: {} bytes, fnv1a64 {hash:#018x}, canary words {canary_words}",
-        boot.heap_end - boot.heap_start
-    );
-    exit(0)
 }
 
 pub(super) fn fail(console: &mut Console, what: &str, why: impl core::fmt::Debug) -> ! {
     let _ = writeln!(console, "cella-runner: {what}: {why:?}");
     exit(DEVICE_FAILED)
-}
-
-fn read_disk(boot: &BootInfo, console: &mut Console) -> ! {
-    let mut disk = Blk::open(boot).unwrap_or_else(|e| fail(console, "virtio-blk", e));
-    let mut buf = alloc::vec![0u8; 4 << 20];
-    let (mut offset, mut hash) = (0u64, FNV_OFFSET);
-    while offset < disk.capacity() {
-        let n = ((disk.capacity() - offset) as usize).min(buf.len());
-        disk.read(offset, &mut buf[..n]).unwrap_or_else(|e| fail(console, "virtio-blk read", e));
-        hash = fnv1a64(hash, &buf[..n]);
-        offset += n as u64;
-    }
-    let _ = writeln!(console, "disk: {} bytes, fnv1a64 {hash:#018x}", disk.capacity());
-    exit(0)
-}
-
-/// Echoes one connection: outgoing to host `port`, or (`listen`) accepted on guest `port`.
-fn echo(boot: &BootInfo, console: &mut Console, port: u32, listen: bool) -> ! {
-    let mut vsock = Vsock::open(boot).unwrap_or_else(|e| fail(console, "virtio-vsock", e));
-    let conn = if listen {
-        vsock.listen(port);
-        vsock.accept(30_000)
-    } else {
-        vsock.connect(port, 5_000)
-    }
-    .unwrap_or_else(|e| fail(console, "vsock connect", e));
-    let mut total = 0usize;
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match vsock.recv(conn, &mut buf, 1 << 20, 30_000) {
-            Ok(0) => break,
-            Ok(n) => {
-                total += n;
-                vsock.send(conn, &buf).unwrap_or_else(|e| fail(console, "vsock send", e));
-            }
-            Err(e) => fail(console, "vsock recv", e),
-        }
-    }
-    vsock.close(conn, CLOSE_TIMEOUT_MS);
-    let _ = writeln!(console, "echoed {total} bytes");
-    exit(0)
-}
-
-fn hostile(boot: &BootInfo, console: &mut Console, kind: Hostile) -> ! {
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
-    if kind == Hostile::QueueSize {
-        let mmio =
-            Mmio::find(boot, cella_abi::VIRTIO_ID_BLOCK).unwrap_or_else(|e| fail(console, "virtio-blk", e));
-        mmio.negotiate();
-        mmio.select_queue(0);
-        mmio.setup_queue(100, (0x10_0000, 0x10_1000, 0x10_2000));
-        mmio.set_status(Mmio::driver_ok_status());
-        exit(status::PANIC)
-    }
-    let mut disk = Blk::open(boot).unwrap_or_else(|e| fail(console, "virtio-blk", e));
-    let header = [0u8; 16];
-    let mut status_byte = [0u8; 1];
-    let (h, s) = (header.as_ptr() as u64, status_byte.as_mut_ptr() as u64);
-    let (mmio, queue) = disk.parts();
-    match kind {
-        Hostile::LoopChain => {
-            queue.write_desc(0, h, 16, NEXT, 1);
-            queue.write_desc(1, s, 1, WRITE | NEXT, 0);
-        }
-        Hostile::OutsideMemory => {
-            queue.write_desc(0, boot.mem_size + 0x1000, 16, NEXT, 1);
-            queue.write_desc(1, s, 1, WRITE, 0);
-        }
-        Hostile::LengthOverflow => {
-            queue.write_desc(0, u64::MAX - 8, 4096, NEXT, 1);
-            queue.write_desc(1, s, 1, WRITE, 0);
-        }
-        Hostile::WrongDirection => {
-            queue.write_desc(0, h, 16, WRITE | NEXT, 1);
-            queue.write_desc(1, s, 1, WRITE, 0);
-        }
-        Hostile::BadNotify => {
-            mmio.notify(5);
-            exit(status::PANIC)
-        }
-        Hostile::QueueSize => unreachable!(),
-    }
-    queue.publish(0);
-    mmio.notify(0);
-    let _ = writeln!(console, "cella-runner: the device accepted a hostile request ({kind:?})");
-    exit(status::PANIC)
 }

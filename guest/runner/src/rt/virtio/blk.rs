@@ -113,6 +113,7 @@ impl Blk {
         Ok(())
     }
 
+    #[cfg(feature = "test-modes")]
     /// The device's register window and queue (for hostile tests).
     pub fn parts(&mut self) -> (&Mmio, &mut VirtQueue) {
         (&self.mmio, &mut self.queue)

@@ -114,16 +114,19 @@ impl Mmio {
         self.write(reg::QUEUE_READY, 1);
     }
 
+    #[cfg(feature = "test-modes")]
     /// Selects `queue` (for hostile tests that set it up by hand).
     pub fn select_queue(&self, queue: u32) {
         self.write(reg::QUEUE_SEL, queue);
     }
 
+    #[cfg(feature = "test-modes")]
     /// Writes the status register (for hostile tests).
     pub fn set_status(&self, status: u32) {
         self.write(reg::STATUS, status);
     }
 
+    #[cfg(feature = "test-modes")]
     /// The handshake up to (not including) queue set-up, for hostile tests.
     pub fn negotiate(&self) {
         self.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
@@ -132,6 +135,7 @@ impl Mmio {
         self.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
     }
 
+    #[cfg(feature = "test-modes")]
     /// Status bits for a driver that finished set-up.
     pub const fn driver_ok_status() -> u32 {
         STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
