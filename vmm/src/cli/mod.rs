@@ -40,3 +40,30 @@ pub enum Command {
     /// and `spare --template` to restore each job's VM from.
     Template(template::TemplateArgs),
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    /// The production build (no `test-hooks` feature, as `cargo test --workspace` and
+    /// scripts/setup.sh build it) refuses the hidden test hooks as unknown arguments; a build
+    /// with the feature (the tests' static VMM) takes them.
+    #[test]
+    fn the_test_hooks_exist_only_in_a_build_with_the_feature() {
+        for hook in [
+            &["run", "--test-open", "/", "--", "hello"][..],
+            &["run", "--test-forbidden-syscall", "--", "hello"],
+            &["spare", "--api-fd", "3", "--test-open", "/"],
+        ] {
+            let parsed = Cli::try_parse_from(std::iter::once("cella-vmm").chain(hook.iter().copied()));
+            if cfg!(feature = "test-hooks") {
+                assert!(parsed.is_ok(), "{hook:?}: {parsed:?}");
+            } else {
+                let err = parsed.expect_err("a production build took a test hook");
+                assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument, "{hook:?}: {err}");
+            }
+        }
+    }
+}
