@@ -3,6 +3,7 @@
 //! bubblewrap. Runs are interleaved (cella, native, bwrap, cella, …) so that noise on this
 //! shared machine falls on all three alike.
 
+mod firecracker;
 mod packs;
 mod pause;
 mod scan;
@@ -53,6 +54,9 @@ pub enum BenchCommand {
     Session(session::SessionBenchArgs),
     /// Jailed launch from a spare VMM started ahead, and made at launch, vs bubblewrap
     Spare(spare::SpareBenchArgs),
+    /// A job VM's launch vs a Firecracker boot to exit (whole process, and started ahead);
+    /// Firecracker built from source in a scratch folder
+    Firecracker(firecracker::FirecrackerBenchArgs),
 }
 
 /// Latency figures for one kind of launch, in milliseconds.
@@ -83,6 +87,7 @@ pub fn main(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Pause(args) => return pause::main(args),
         BenchCommand::Session(args) => return session::main(args),
         BenchCommand::Spare(args) => return spare::main(args),
+        BenchCommand::Firecracker(args) => return firecracker::main(args),
     };
     match launch(runs.max(1), image, native) {
         Ok(bench) => {

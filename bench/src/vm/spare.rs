@@ -45,7 +45,7 @@ pub fn main(args: SpareBenchArgs) -> ExitCode {
 }
 
 /// One launch from a spare made ahead: ms from `PUT /vm` to the report.
-fn spare_launch(options: &SpareOptions) -> Result<f64, String> {
+pub(super) fn spare_launch(options: &SpareOptions) -> Result<f64, String> {
     let spare = Spare::start(options).map_err(|e| cella_vmm::error_chain(&e))?;
     // Untimed: the spare gets ready (its first answer comes once it is confined and serving).
     spare.api().state().map_err(|e| cella_vmm::error_chain(&e))?;
