@@ -9,6 +9,7 @@ mod audit;
 mod binaries;
 mod jailer;
 mod service;
+mod sessions;
 mod vm;
 
 use std::process::ExitCode;
@@ -42,6 +43,9 @@ enum Command {
     /// End-to-end jobs/s and latency through `cella serve` vs `cella-vmm scan` directly, and the
     /// queue alone (DATABASE_URL)
     Service(service::BenchArgs),
+    /// A session back from pause against back from disk (suspend, then connect), through the
+    /// API to the first exec answer (DATABASE_URL)
+    Sessions(sessions::SessionsBenchArgs),
     /// Audit log appends (DATABASE_URL, in a scratch database) and offline verification
     Audit(audit::BenchArgs),
 }
@@ -58,6 +62,9 @@ fn main() -> ExitCode {
         }
         Command::Service(args) => {
             service::run(args).map_or_else(|e| failed("service", &e), |()| ExitCode::SUCCESS)
+        }
+        Command::Sessions(args) => {
+            sessions::run(args).map_or_else(|e| failed("sessions", &e), |()| ExitCode::SUCCESS)
         }
         Command::Audit(args) => audit::run(args).map_or_else(|e| failed("audit", &e), |()| ExitCode::SUCCESS),
     }

@@ -65,7 +65,7 @@ struct Figures {
 }
 
 /// A small artifact: the sample folder as tar.
-fn small_artifact() -> Result<Vec<u8>, CliError> {
+pub(crate) fn small_artifact() -> Result<Vec<u8>, CliError> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sample-app");
     let mut tar = tar::Builder::new(Vec::new());
     tar.append_dir_all("sample-app", &dir)
@@ -145,6 +145,57 @@ async fn bench(args: BenchArgs) -> Result<(), CliError> {
     result
 }
 
+/// A whole `cella serve` stack (API, worker, sessions) in this process, on a scratch data
+/// folder and the given database, with one tenant.
+pub(crate) struct Stack {
+    pub dir: PathBuf,
+    pub data: DataDir,
+    pub running: serve::Running,
+    pub pool: sqlx::PgPool,
+    /// The tenant's client.
+    pub client: ApiClient,
+    pub key: String,
+    pub tenant: String,
+}
+
+impl Stack {
+    /// Starts one, its configuration the default changed by `configure`, with a tenant called
+    /// `name` that may run `max_concurrent` jobs at once.
+    pub(crate) async fn start(
+        url: &str,
+        name: &str,
+        max_concurrent: u32,
+        configure: impl FnOnce(&mut Config),
+    ) -> Result<Stack, CliError> {
+        let dir = std::env::temp_dir().join(format!("cella-bench-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = DataDir::at(&dir);
+        data.create().map_err(|e| CliError::Usage(e.to_string()))?;
+        let mut config = Config { listen: ([127, 0, 0, 1], 0).into(), ..Config::default() };
+        configure(&mut config);
+        if config.worker.vmm.is_none() {
+            config.worker.vmm = Some(cella_service::worker::launch::default_vmm());
+        }
+        cella_service::worker::launch::Launcher::new(&config.worker, config.quotas.vm_cpu_percent)
+            .check()
+            .map_err(serve::ServeError::from)?;
+        let pool = db::connect(url, 16).await?;
+        let tls_files = tls::ensure(&config.tls, data.root()).map_err(serve::ServeError::from)?;
+        let tls_config = tls::server_config(&tls_files).map_err(serve::ServeError::from)?;
+        let running = serve::start(config, data.clone(), pool.clone(), tls_config).await?;
+        let admin_key = std::fs::read_to_string(data.admin_key_file()).unwrap_or_default();
+        let ca = std::fs::read(tls::local_ca_path(data.root())).unwrap_or_default();
+        let admin = ApiClient::new(&running.url, admin_key.trim(), Some(&ca))?;
+        let created = admin
+            .post_json("/v1/admin/tenants", &json!({ "name": name, "max_concurrent": max_concurrent }))
+            .await?;
+        let key = created["key"]["api_key"].as_str().unwrap_or_default().to_owned();
+        let tenant = created["tenant"]["id"].as_str().unwrap_or_default().to_owned();
+        let client = ApiClient::new(&running.url, &key, Some(&ca))?;
+        Ok(Stack { dir, data, running, pool, client, key, tenant })
+    }
+}
+
 /// `c` clients each submit and wait for jobs one after another through a real `cella serve`
 /// stack with a worker of `c` slots. Latency is the job's own (created → finished, in the
 /// database); throughput counts from the first submission to the last result.
@@ -157,40 +208,17 @@ async fn service_run(
     clients: Clients,
     templates: bool,
 ) -> Result<Figures, CliError> {
-    let dir =
-        std::env::temp_dir().join(format!("cella-bench-{}-{c}-{clients:?}-{templates}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let data = DataDir::at(&dir);
-    data.create().map_err(|e| CliError::Usage(e.to_string()))?;
-    let mut config = Config { listen: ([127, 0, 0, 1], 0).into(), ..Config::default() };
-    config.worker.concurrency = c;
-    config.jobs.tenant_max_concurrent = c;
-    config.worker.templates = templates;
-    if unjailed {
-        config.worker.jailed = Some(false);
-    }
-    if config.worker.vmm.is_none() {
-        config.worker.vmm = Some(cella_service::worker::launch::default_vmm());
-    }
-    cella_service::worker::launch::Launcher::new(&config.worker, config.quotas.vm_cpu_percent)
-        .check()
-        .map_err(serve::ServeError::from)?;
-    let pool = db::connect(url, 16).await?;
-    let tls_files = tls::ensure(&config.tls, data.root()).map_err(serve::ServeError::from)?;
-    let tls_config = tls::server_config(&tls_files).map_err(serve::ServeError::from)?;
-    let running = serve::start(config, data.clone(), pool.clone(), tls_config).await?;
-    let admin_key = std::fs::read_to_string(data.admin_key_file()).unwrap_or_default();
-    let ca = std::fs::read(tls::local_ca_path(data.root())).unwrap_or_default();
-    let admin = ApiClient::new(&running.url, admin_key.trim(), Some(&ca))?;
-    let created = admin
-        .post_json(
-            "/v1/admin/tenants",
-            &json!({ "name": format!("bench-{c}-{clients:?}-{}", if templates { "template" } else { "booted" }).to_lowercase(), "max_concurrent": c }),
-        )
-        .await?;
-    let key = created["key"]["api_key"].as_str().unwrap_or_default().to_owned();
-    let tenant = created["tenant"]["id"].as_str().unwrap_or_default().to_owned();
-    let client = ApiClient::new(&running.url, &key, Some(&ca))?;
+    let name =
+        format!("bench-{c}-{clients:?}-{}", if templates { "template" } else { "booted" }).to_lowercase();
+    let Stack { dir, data, running, pool, client, key, tenant } = Stack::start(url, &name, c, |config| {
+        config.worker.concurrency = c;
+        config.jobs.tenant_max_concurrent = c;
+        config.worker.templates = templates;
+        if unjailed {
+            config.worker.jailed = Some(false);
+        }
+    })
+    .await?;
     if clients == Clients::CliProcesses {
         let file = dir.join("sample.tar");
         std::fs::write(&file, artifact)

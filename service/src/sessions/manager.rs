@@ -479,11 +479,31 @@ impl SessionManager {
 
     /// Launches a VMM (jailed as configured) and records its pid and sockets at once (state
     /// unchanged), so a restart of this process finds it. On failure, returns the row to fail.
-    async fn launch(&self, s: &Session, mut spec: LaunchSpec) -> Result<(Session, u32), (Session, String)> {
-        if !self.vmms.jailed() {
-            return self.launch_recorded(s, spec).await;
+    async fn launch(&self, s: &Session, spec: LaunchSpec) -> Result<(Session, u32), (Session, String)> {
+        let uid = self.reserve_jail_uid_if_jailed().await;
+        self.launch_reserved(s, spec, uid).await
+    }
+
+    /// A jail uid reserved ahead ([`SessionManager::reserve_jail_uid`]) when VMMs are jailed; `None`
+    /// when they are not.
+    async fn reserve_jail_uid_if_jailed(&self) -> Option<Result<u32, ServiceError>> {
+        match self.vmms.jailed() {
+            true => Some(self.reserve_jail_uid().await),
+            false => None,
         }
-        let uid = match self.reserve_jail_uid().await {
+    }
+
+    /// [`SessionManager::launch`] with the jail uid reserved already (released here, whatever happens).
+    async fn launch_reserved(
+        &self,
+        s: &Session,
+        mut spec: LaunchSpec,
+        uid: Option<Result<u32, ServiceError>>,
+    ) -> Result<(Session, u32), (Session, String)> {
+        let Some(uid) = uid else {
+            return self.launch_recorded(s, spec).await;
+        };
+        let uid = match uid {
             Ok(uid) => uid,
             Err(e) => return Err((s.clone(), e.to_string())),
         };
@@ -536,7 +556,14 @@ impl SessionManager {
             vsock_sock: Some(spec.vsock.display().to_string()),
             ..s.clone()
         };
-        let s = match store::transition(&self.pool, s, &recorded, false, None).await {
+        // Recording the VMM and waiting for it to answer go on at once: each takes a few
+        // milliseconds, and a restore waits for both.
+        let api = spec.api_sock.clone();
+        let (record, ready) = tokio::join!(
+            store::transition(&self.pool, s, &recorded, false, None),
+            self.blocking(move |b| b.wait_ready(pid, &api, READY_TIMEOUT)),
+        );
+        let s = match record {
             Ok(s) => s,
             Err(e) => {
                 // Best effort: the launch fails either way, and the reaper or a restart finds a
@@ -545,8 +572,7 @@ impl SessionManager {
                 return Err((s.clone(), format!("recording the VMM: {e}")));
             }
         };
-        let api = spec.api_sock.clone();
-        match self.blocking(move |b| b.wait_ready(pid, &api, READY_TIMEOUT)).await {
+        match ready {
             Ok(()) => Ok((s, pid)),
             Err(e) => Err((s, format!("{}; VMM log: {}", error_chain(&e), log_tail(&spec.log)))),
         }
@@ -734,9 +760,21 @@ impl SessionManager {
         if !paths.snapshot.join(SNAPSHOT_COMPLETE).is_file() {
             return Err(self.fail(s, "its snapshot is missing or incomplete", actor).await);
         }
-        let resuming =
-            store::transition(&self.pool, &s, &Session { state: State::Resuming, ..s.clone() }, false, None)
-                .await?;
+        // The state change and the search for a free jail uid (a look through /proc) at once.
+        let to_resuming = Session { state: State::Resuming, ..s.clone() };
+        let (resuming, uid) = tokio::join!(
+            store::transition(&self.pool, &s, &to_resuming, false, None),
+            self.reserve_jail_uid_if_jailed(),
+        );
+        let resuming = match resuming {
+            Ok(resuming) => resuming,
+            Err(e) => {
+                if let Some(Ok(uid)) = uid {
+                    self.jail_uids.lock().await.remove(&uid);
+                }
+                return Err(e);
+            }
+        };
         let left = (s.max_deadline - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
         let spec = LaunchSpec {
             dir: paths.dir.clone(),
@@ -751,7 +789,7 @@ impl SessionManager {
             cpu_percent: self.cpu_percent(&s.tenant_id).await?,
         };
         let t0 = Instant::now();
-        let launched = match self.launch(&resuming, spec).await {
+        let launched = match self.launch_reserved(&resuming, spec, uid).await {
             Ok((row, pid)) => match self.connect_guest(&paths).await {
                 Ok(guest) => Ok((row, pid, guest)),
                 Err(e) => Err((row, e)),

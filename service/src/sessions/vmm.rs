@@ -264,7 +264,9 @@ impl Vmms {
             if Instant::now() > until {
                 return Err(VmmError::NotReady(format!("no answer within {} s ({last})", timeout.as_secs())));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            // A restored VMM answers within milliseconds: ask often (each ask is one short
+            // exchange on a Unix socket).
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
