@@ -435,6 +435,24 @@ async fn a_suspended_tenant_is_refused_and_its_jobs_wait(pool: PgPool) {
         operator.ends_with(&["tenant.suspended".to_owned(), "tenant.reinstated".to_owned()]),
         "{operator:?}"
     );
+    // A path id that is not a tenant's answers 404 before anything is looked up or audited.
+    let job = api.submit(&key, b"y", "", &[]).await.json();
+    for path in [
+        "/v1/admin/tenants/acme/suspend",
+        &format!("/v1/admin/tenants/{}/suspend", job["id"].as_str().unwrap()),
+    ] {
+        assert_problem(&api.post(path, &api.admin).await, StatusCode::NOT_FOUND, "tenant");
+    }
+    assert_problem(
+        &api.get("/v1/admin/tenants/tenant_..%2F/quotas", &api.admin).await,
+        StatusCode::NOT_FOUND,
+        "tenant",
+    );
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE chain = 'operator'")
+        .fetch_one(&api.state.pool)
+        .await
+        .unwrap();
+    assert_eq!(after, operator.len() as i64, "a refused path id was audited");
 }
 
 #[sqlx::test(migrations = "../migrations")]

@@ -14,7 +14,7 @@ use sqlx::Row;
 
 use super::audit::{export_bundle, ExportQuery};
 use super::auth::AdminAuth;
-use super::extract::{ApiJson, ApiQuery};
+use super::extract::{ApiJson, ApiQuery, TenantId as TenantPath};
 use super::{known_id, AppState};
 use crate::audit_log::operator_event;
 use crate::error::ServiceError;
@@ -92,9 +92,8 @@ async fn list_tenants(
 async fn suspend(
     State(state): State<AppState>,
     admin: AdminAuth,
-    Path(id): Path<String>,
+    id: TenantPath,
 ) -> Result<Json<Tenant>, ServiceError> {
-    known_id(&id, "tenant")?;
     Ok(Json(tenants::set_suspended(&state.pool, &id, true, &admin.actor()).await?))
 }
 
@@ -105,9 +104,8 @@ async fn suspend(
 async fn reinstate(
     State(state): State<AppState>,
     admin: AdminAuth,
-    Path(id): Path<String>,
+    id: TenantPath,
 ) -> Result<Json<Tenant>, ServiceError> {
-    known_id(&id, "tenant")?;
     Ok(Json(tenants::set_suspended(&state.pool, &id, false, &admin.actor()).await?))
 }
 
@@ -119,9 +117,8 @@ async fn reinstate(
 async fn get_quotas(
     State(state): State<AppState>,
     _admin: AdminAuth,
-    Path(id): Path<String>,
+    id: TenantPath,
 ) -> Result<Json<QuotaView>, ServiceError> {
-    known_id(&id, "tenant")?;
     Ok(Json(quotas::view(&state.pool, &state.config, &id).await?))
 }
 
@@ -136,10 +133,9 @@ async fn get_quotas(
 async fn set_quotas(
     State(state): State<AppState>,
     admin: AdminAuth,
-    Path(id): Path<String>,
+    id: TenantPath,
     ApiJson(body): ApiJson<QuotaOverrides>,
 ) -> Result<Json<QuotaView>, ServiceError> {
-    known_id(&id, "tenant")?;
     Ok(Json(quotas::set(&state.pool, &state.config, &id, &body, &admin.actor()).await?))
 }
 
@@ -151,9 +147,8 @@ async fn set_quotas(
 async fn list_keys(
     State(state): State<AppState>,
     _admin: AdminAuth,
-    Path(id): Path<String>,
+    id: TenantPath,
 ) -> Result<Json<Vec<KeyInfo>>, ServiceError> {
-    known_id(&id, "tenant")?;
     Ok(Json(tenants::list_keys(&state.pool, &id).await?))
 }
 
@@ -164,9 +159,8 @@ async fn list_keys(
 async fn create_key(
     State(state): State<AppState>,
     admin: AdminAuth,
-    Path(id): Path<String>,
+    id: TenantPath,
 ) -> Result<Response, ServiceError> {
-    known_id(&id, "tenant")?;
     let key = tenants::create_key(&state.pool, &id, &admin.actor()).await?;
     Ok((StatusCode::CREATED, Json(key)).into_response())
 }
@@ -200,9 +194,8 @@ pub struct Revoked {
 async fn revoke_all_keys(
     State(state): State<AppState>,
     admin: AdminAuth,
-    Path(id): Path<String>,
+    id: TenantPath,
 ) -> Result<Json<Revoked>, ServiceError> {
-    known_id(&id, "tenant")?;
     Ok(Json(Revoked { revoked: tenants::revoke_keys(&state.pool, &id, None, &admin.actor()).await? }))
 }
 

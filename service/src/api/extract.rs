@@ -74,8 +74,18 @@ impl IdKind for SessionKind {
 #[derive(Debug)]
 pub struct PathId<K: IdKind>(String, PhantomData<K>);
 
+/// Tenants' ids (`tenant_…`).
+#[derive(Debug)]
+pub enum TenantKind {}
+
+impl IdKind for TenantKind {
+    const PREFIX: &'static str = "tenant";
+}
+
 /// A job's id from the path.
 pub type JobId = PathId<JobKind>;
+/// A tenant's id from the path (the admin API).
+pub type TenantId = PathId<TenantKind>;
 /// A session's id from the path.
 pub type SessionId = PathId<SessionKind>;
 
