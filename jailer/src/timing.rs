@@ -1,4 +1,4 @@
-//! Step timings: what each jail step cost, for `--timings` and `cella-jailer bench`.
+//! Step timings: what each jail step cost, for `--timings` and `cella-bench jailer`.
 
 use std::time::Instant;
 
