@@ -12,6 +12,8 @@ use clap::Args;
 
 use cella_jailer::timing::Timings;
 
+use crate::vm::{figures, which, Figures};
+
 /// Untimed launches of each kind before measuring.
 const WARMUP: usize = 5;
 
@@ -40,23 +42,6 @@ pub struct BenchArgs {
     pub mem_mib: u64,
 }
 
-#[derive(Debug)]
-struct Figures {
-    p50: f64,
-    p99: f64,
-    mean: f64,
-    min: f64,
-}
-
-fn figures(mut ms: Vec<f64>) -> Figures {
-    if ms.is_empty() {
-        return Figures { p50: f64::NAN, p99: f64::NAN, mean: f64::NAN, min: f64::NAN };
-    }
-    ms.sort_by(f64::total_cmp);
-    let rank = |p: f64| ms[((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
-    Figures { p50: rank(0.5), p99: rank(0.99), mean: ms.iter().sum::<f64>() / ms.len() as f64, min: ms[0] }
-}
-
 fn default_image() -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("CELLA_RUNNER_IMAGE") {
         return Ok(PathBuf::from(path));
@@ -70,11 +55,6 @@ fn default_image() -> Result<PathBuf, String> {
         .ok_or_else(|| {
             "no guest image: pass --image or set CELLA_RUNNER_IMAGE (scripts/setup.sh builds it)".into()
         })
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
 }
 
 /// Runs `command` to its end; returns wall ms and stderr.
@@ -182,7 +162,7 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
     );
     println!("{:<44} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p99", "mean", "min");
     let row = |name: &str, f: &Figures| {
-        println!("{name:<44} {:>8.3} {:>8.3} {:>8.3} {:>8.3}", f.p50, f.p99, f.mean, f.min)
+        println!("{name:<44} {:>8.3} {:>8.3} {:>8.3} {:>8.3}", f.p50_ms, f.p99_ms, f.mean_ms, f.min_ms)
     };
     row("Cella VM, jailed, jail prepared ahead", &prepared);
     row("Cella VM, jailed, jail made at launch", &cold);
@@ -190,12 +170,12 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
     row("bwrap --unshare-all, static native process", &bwrap_ms);
     println!(
         "jailer overhead p50: {:.3} ms prepared ahead, {:.3} ms made at launch (jailed - unjailed)",
-        prepared.p50 - unjailed.p50,
-        cold.p50 - unjailed.p50
+        prepared.p50_ms - unjailed.p50_ms,
+        cold.p50_ms - unjailed.p50_ms
     );
-    if !bwrap_ms.p50.is_nan() {
+    if !bwrap_ms.p50_ms.is_nan() {
         for (name, f) in [("prepared ahead", &prepared), ("made at launch", &cold)] {
-            let ratio = f.p50 / bwrap_ms.p50;
+            let ratio = f.p50_ms / bwrap_ms.p50_ms;
             let verdict = if ratio <= 1.5 { "met" } else { "NOT met" };
             println!("ratio jailed ({name})/bwrap p50: {ratio:.2} (goal <= 1.50: {verdict})");
         }
@@ -208,7 +188,7 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
     println!("{:<28} {:>17} {:>17}", "", "made at launch", "prepared ahead");
     println!("{:<28} {:>8} {:>8} {:>8} {:>8}", "step", "p50", "p99", "p50", "p99");
     let cell = |f: Option<Figures>| match f {
-        Some(f) => format!("{:>8.3} {:>8.3}", f.p50, f.p99),
+        Some(f) => format!("{:>8.3} {:>8.3}", f.p50_ms, f.p99_ms),
         None => format!("{:>8} {:>8}", "-", "-"),
     };
     for step in &order {

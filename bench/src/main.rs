@@ -10,7 +10,7 @@ mod binaries;
 mod jailer;
 mod service;
 mod sessions;
-mod vm;
+pub(crate) mod vm;
 
 use std::process::ExitCode;
 

@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::audit::load_average;
 use crate::service::Stack;
+use crate::vm::figures;
 
 #[derive(Debug, Args)]
 pub struct SessionsBenchArgs {
@@ -44,13 +45,6 @@ async fn back_to_first_answer(client: &ApiClient, id: &str, call: &str) -> Resul
         return Err(ClientError::Other(format!("{call}: exec answered {answer}")));
     }
     Ok(started.elapsed().as_secs_f64() * 1e3)
-}
-
-/// p50, p99 and min of `ms`.
-fn summary(mut ms: Vec<f64>) -> (f64, f64, f64) {
-    ms.sort_by(f64::total_cmp);
-    let at = |q: f64| ms.get(((ms.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
-    (at(0.5), at(0.99), ms.first().copied().unwrap_or(f64::NAN))
 }
 
 async fn bench(args: SessionsBenchArgs) -> Result<(), CliError> {
@@ -89,7 +83,7 @@ async fn bench(args: SessionsBenchArgs) -> Result<(), CliError> {
         stack.running.stop().await;
         stack.pool.close().await;
         let _ = std::fs::remove_dir_all(&stack.dir);
-        let (resume, restore) = (summary(resumed), summary(restored));
+        let (resume, restore) = (figures(resumed), figures(restored));
         println!(
             "cella-bench sessions: {} rounds, session of examples/sample-app, VMMs {}, load avg {}",
             args.rounds.max(1),
@@ -102,13 +96,16 @@ async fn bench(args: SessionsBenchArgs) -> Result<(), CliError> {
         );
         println!(
             "  {:<58} {:>8.1} {:>8.1} {:>8.1}",
-            "resume from pause (VM in memory)", resume.0, resume.1, resume.2
+            "resume from pause (VM in memory)", resume.p50_ms, resume.p99_ms, resume.min_ms
         );
         println!(
             "  {:<58} {:>8.1} {:>8.1} {:>8.1}",
-            "connect after suspend (new VMM, snapshot from disk)", restore.0, restore.1, restore.2
+            "connect after suspend (new VMM, snapshot from disk)",
+            restore.p50_ms,
+            restore.p99_ms,
+            restore.min_ms
         );
-        let gap = restore.0 - resume.0;
+        let gap = restore.p50_ms - resume.p50_ms;
         println!(
             "  restore - resume, p50: {gap:.1} ms (goal <= 10 ms: {})",
             if gap <= 10.0 { "met" } else { "NOT met" }

@@ -24,7 +24,7 @@ use cella_vmm::spare::SpareOptions;
 use clap::Args;
 use serde_json::json;
 
-use super::{figures, Figures};
+use super::{figures, time_one, Figures};
 use crate::exit_code;
 
 /// Untimed launches of each kind before measuring.
@@ -85,17 +85,6 @@ fn trivial_guest() -> Vec<u8> {
     b[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes());
     b.extend_from_slice(&GUEST_CODE);
     b
-}
-
-/// Runs `command` to its end; ms from spawn to exit.
-fn whole(mut command: Command) -> Result<f64, String> {
-    let started = Instant::now();
-    let status = command.stdout(Stdio::null()).stderr(Stdio::null()).status().map_err(|e| e.to_string())?;
-    let ms = started.elapsed().as_secs_f64() * 1e3;
-    if !status.success() {
-        return Err(format!("{command:?} ended with {status}"));
-    }
-    Ok(ms)
 }
 
 /// Firecracker started and configured over its API (untimed); ms from `InstanceStart` to the
@@ -192,8 +181,8 @@ fn run(args: &FirecrackerBenchArgs) -> Result<(), String> {
     let mut samples: [Vec<f64>; 4] = Default::default();
     for i in 0..WARMUP + args.runs.max(1) {
         let one = [
-            whole(firecracker_whole())?,
-            whole(cella_whole())?,
+            time_one(&mut firecracker_whole())?,
+            time_one(&mut cella_whole())?,
             firecracker_ahead(&args.firecracker, &dir, &kernel, args.mem_mib)?,
             super::spare::spare_launch(&spare)?,
         ];

@@ -3,12 +3,10 @@
 use alloc::string::String;
 use core::fmt::Write;
 
-#[cfg(not(all(feature = "scanner", feature = "test-modes")))]
+#[cfg(not(feature = "scanner"))]
 use cella_abi::status;
 use cella_abi::BootInfo;
 use cella_runner::mode::Mode;
-#[cfg(not(feature = "test-modes"))]
-use cella_runner::mode::NO_TEST_MODES;
 
 use super::console::Console;
 use super::entry::exit;
@@ -23,6 +21,23 @@ mod scanner;
 mod session;
 #[cfg(feature = "test-modes")]
 mod test_modes;
+
+/// An image without the `test-modes` feature (`cella-scanner`) refuses every test mode by name.
+#[cfg(not(feature = "test-modes"))]
+mod test_modes {
+    use core::fmt::Write;
+
+    use cella_abi::{status, BootInfo};
+    use cella_runner::mode::{Mode, NO_TEST_MODES};
+
+    use crate::rt::console::Console;
+    use crate::rt::entry::exit;
+
+    pub fn run(_mode: Mode<'_>, _boot: &BootInfo, console: &mut Console) -> ! {
+        let _ = writeln!(console, "cella-runner: {NO_TEST_MODES}");
+        exit(status::USAGE)
+    }
+}
 
 /// How long a runner waits for the host to take the last bytes of a connection.
 pub(super) const CLOSE_TIMEOUT_MS: u32 = 10_000;
@@ -54,7 +69,6 @@ pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
             );
             exit(status::USAGE)
         }
-        #[cfg(feature = "test-modes")]
         test @ (Mode::Fault
         | Mode::Spin
         | Mode::Flood(_)
@@ -64,19 +78,6 @@ pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
         | Mode::VsockEcho(_)
         | Mode::VsockServe(_)
         | Mode::Hostile(_)) => test_modes::run(test, boot, console),
-        #[cfg(not(feature = "test-modes"))]
-        Mode::Fault
-        | Mode::Spin
-        | Mode::Flood(_)
-        | Mode::HeapHash
-        | Mode::FillCanary
-        | Mode::ReadDisk
-        | Mode::VsockEcho(_)
-        | Mode::VsockServe(_)
-        | Mode::Hostile(_) => {
-            let _ = writeln!(console, "cella-runner: {NO_TEST_MODES}");
-            exit(status::USAGE)
-        }
     }
 }
 
