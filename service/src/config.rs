@@ -41,6 +41,8 @@ pub struct Config {
     pub quotas: QuotasConfig,
     /// The checkpoint signing key file and checkpoint policy.
     pub audit: AuditSection,
+    /// The server log's format and filter.
+    pub log: crate::logging::LogConfig,
 }
 
 /// Server-wide limits: how many connections are served, and how slow an upload may be.
@@ -299,6 +301,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             quotas: QuotasConfig::default(),
             audit: AuditSection::default(),
+            log: crate::logging::LogConfig::default(),
         }
     }
 }
@@ -400,6 +403,17 @@ impl Config {
             what: &'static str,
         ) -> Result<T, ConfigError> {
             value.parse().map_err(|_| ConfigError::Env { name, value, what })
+        }
+        if let Some(v) = get("CELLA_LOG_FORMAT") {
+            self.log.format = parse("CELLA_LOG_FORMAT", v, "a log format (text or json)")?;
+        }
+        if let Some(v) = get("CELLA_LOG").filter(|v| !v.trim().is_empty()) {
+            crate::logging::parse_filter(&v).map_err(|_| ConfigError::Env {
+                name: "CELLA_LOG",
+                value: v.clone(),
+                what: "a log filter like `info` or `info,sqlx=warn`",
+            })?;
+            self.log.filter = v;
         }
         if let Some(v) = get("CELLA_LISTEN") {
             self.listen = parse("CELLA_LISTEN", v, "an address like 127.0.0.1:8443")?;
@@ -510,6 +524,26 @@ mod tests {
         assert!(!c.worker.templates);
         let c: Config = toml::from_str("[worker]\ntemplates = false\n").unwrap();
         assert!(!c.worker.templates);
+    }
+
+    #[test]
+    fn the_log_format_and_filter_come_from_the_file_or_the_environment() {
+        use crate::logging::LogFormat;
+        let mut c: Config = toml::from_str("[log]\nformat = \"json\"\nfilter = \"warn\"\n").unwrap();
+        assert_eq!((c.log.format, c.log.filter.as_str()), (LogFormat::Json, "warn"));
+        c.apply_env(|n| match n {
+            "CELLA_LOG_FORMAT" => Some("text".to_owned()),
+            "CELLA_LOG" => Some("info,sqlx=warn".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!((c.log.format, c.log.filter.as_str()), (LogFormat::Text, "info,sqlx=warn"));
+        assert_eq!(Config::default().log.format, LogFormat::Text);
+        let err = c.apply_env(|n| (n == "CELLA_LOG_FORMAT").then(|| "xml".to_owned())).unwrap_err();
+        assert!(err.to_string().contains("CELLA_LOG_FORMAT=\"xml\" is not a log format"), "{err}");
+        let err = c.apply_env(|n| (n == "CELLA_LOG").then(|| "infoo".to_owned())).unwrap_err();
+        assert!(err.to_string().contains("CELLA_LOG=\"infoo\""), "{err}");
+        assert!(toml::from_str::<Config>("[log]\nformat = \"xml\"\n").is_err());
     }
 
     #[test]

@@ -35,7 +35,7 @@ impl QuietLog {
 
     pub fn log(&mut self, what: &str, err: &dyn std::fmt::Display) {
         if self.last.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10)) {
-            eprintln!("{}: {}", self.who, escape_controls(&format!("{what}: {err}")));
+            tracing::warn!(who = self.who, error = %escape_controls(&err.to_string()), "{what}");
             self.last = Some(std::time::Instant::now());
         }
     }
@@ -127,7 +127,7 @@ impl ServiceError {
     /// internal (500, details in the log).
     pub fn io(doing: &'static str, path: &std::path::Path, e: &std::io::Error) -> Self {
         if is_disk_full(e) {
-            eprintln!("cella serve: {doing}: {}: {e}", escape_controls(&path.display().to_string()));
+            tracing::error!(path = %escape_controls(&path.display().to_string()), error = %e, "{doing}: the disk is full");
             ServiceError::InsufficientStorage(doing.to_owned())
         } else {
             ServiceError::Internal(format!("{doing}: {}: {e}", path.display()))
@@ -199,11 +199,11 @@ impl IntoResponse for ServiceError {
         let (status, kind) = self.status();
         let detail = match &self {
             ServiceError::Internal(_) => {
-                eprintln!("cella serve: {}", escape_controls(&self.to_string()));
+                tracing::error!(error = %escape_controls(&self.to_string()), "internal error answering a request");
                 "internal error; the server's log has the details".to_owned()
             }
             ServiceError::Unavailable(e) => {
-                eprintln!("cella serve: database unavailable: {}", escape_controls(&e.to_string()));
+                tracing::warn!(error = %escape_controls(&e.to_string()), "the database is unavailable");
                 self.to_string()
             }
             _ => self.to_string(),

@@ -286,19 +286,19 @@ pub async fn run(pool: PgPool, data_dir: DataDir, retention_days: u32, mut shutd
     let mut quiet = QuietLog::new("cella serve");
     loop {
         match purge_expired(&pool, &data_dir, retention_days).await {
-            Ok(p) if p.count() > 0 => eprintln!(
-                "cella serve: purged {} job(s) and {} session(s) that ended more than {retention_days} day(s) ago",
-                p.jobs.values().map(Vec::len).sum::<usize>(),
-                p.sessions.values().map(Vec::len).sum::<usize>()
+            Ok(p) if p.count() > 0 => tracing::info!(
+                jobs = p.jobs.values().map(Vec::len).sum::<usize>(),
+                sessions = p.sessions.values().map(Vec::len).sum::<usize>(),
+                retention_days,
+                "purged jobs and sessions past their retention"
             ),
             Ok(_) => {}
             Err(e) => quiet.log("purging expired jobs", &e),
         }
         match sweep(&pool, &data_dir, Moment::Running).await {
-            Ok(s) if s != Swept::default() => eprintln!(
-                "cella serve: removed {} scratch file(s) and {} artifact(s) no job needs",
-                s.work, s.artifacts
-            ),
+            Ok(s) if s != Swept::default() => {
+                tracing::info!(scratch_files = s.work, artifacts = s.artifacts, "removed files no job needs")
+            }
             Ok(_) => {}
             Err(e) => quiet.log("sweeping the data folder", &e),
         }

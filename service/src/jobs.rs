@@ -375,6 +375,13 @@ pub async fn submit(
     .await?;
     sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL_JOBS).execute(&mut *tx).await?;
     tx.commit().await?;
+    tracing::info!(
+        job = %job.id,
+        tenant = %caller_tenant,
+        policy = %sub.policy,
+        artifact_bytes = sub.artifact_bytes,
+        "job queued"
+    );
     Ok(Submitted::Created(job))
 }
 
@@ -552,6 +559,9 @@ pub async fn cancel(
             .await?;
     }
     tx.commit().await?;
+    if action == "job.cancelled" {
+        tracing::info!(job = %id, tenant = %tenant_id, "job cancelled before it ran");
+    }
     get(pool, &tenant_id, id).await
 }
 

@@ -28,6 +28,7 @@ pub mod ids;
 pub mod janitor;
 pub mod jobs;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod packs;

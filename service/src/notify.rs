@@ -11,7 +11,7 @@ use crate::error::QuietLog;
 /// How long to wait before reconnecting after the connection is lost.
 const RECONNECT: Duration = Duration::from_secs(1);
 
-/// LISTENs on `channels` until the task is dropped, calling `on_message` for each notification
+/// LISTENs on `channels` until the task is dropped or the pool is closed, calling `on_message` for each notification
 /// and `on_gap` whenever notifications may have been missed (the connection dropped), so the
 /// caller can catch up by polling. `who` names the caller in its (rate-limited) log lines.
 pub async fn listen_forever(
@@ -22,8 +22,16 @@ pub async fn listen_forever(
     mut on_gap: impl FnMut(),
 ) {
     let mut quiet = QuietLog::new(who);
-    let mut log = |what: &str, e: &sqlx::Error| quiet.log(what, e);
+    let mut log = |what: &str, e: &sqlx::Error| {
+        // A closed pool is the process shutting down, not a problem to report.
+        if !matches!(e, sqlx::Error::PoolClosed) {
+            quiet.log(what, e)
+        }
+    };
     loop {
+        if pool.is_closed() {
+            return;
+        }
         match PgListener::connect_with(&pool).await {
             Err(e) => log("LISTEN connection", &e),
             Ok(mut listener) => match listener.listen_all(channels.iter().copied()).await {

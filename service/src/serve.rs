@@ -47,6 +47,8 @@ pub enum ServeError {
     Service(#[from] ServiceError),
     #[error("the worker cannot launch VMs")]
     Launch(#[from] crate::worker::launch::LaunchError),
+    #[error("[log] in the configuration")]
+    Log(#[from] crate::logging::LogError),
 }
 
 /// Options from the command line.
@@ -56,6 +58,8 @@ pub struct ServeOptions {
     pub config_file: Option<std::path::PathBuf>,
     pub listen: Option<std::net::SocketAddr>,
     pub no_worker: bool,
+    /// Overrides `[log] format`.
+    pub log_format: Option<crate::logging::LogFormat>,
 }
 
 /// Connects to `DATABASE_URL` (or the configured URL), or starts the private PostgreSQL.
@@ -66,10 +70,7 @@ pub async fn database(
     let (options, private): (PgConnectOptions, _) = match &config.database_url {
         Some(url) => (url.parse().map_err(ServeError::Connect)?, None),
         None => {
-            eprintln!(
-                "cella serve: starting the private PostgreSQL in {}",
-                data_dir.root().join("postgres").display()
-            );
+            tracing::info!(dir = %data_dir.root().join("postgres").display(), "starting the private PostgreSQL");
             let pg = PrivatePostgres::start(data_dir.root()).await?;
             (pg.connect_options(), Some(pg))
         }
@@ -91,14 +92,14 @@ async fn ensure_admin_key(pool: &PgPool, data_dir: &DataDir) -> Result<(), Serve
         if tenants::authenticate_admin(pool, existing.trim()).await.is_ok() {
             return Ok(());
         }
-        eprintln!(
-            "cella serve: {} is not known to this database; creating a new admin credential",
-            path.display()
+        tracing::warn!(
+            path = %path.display(),
+            "the admin credential is not known to this database; creating a new one"
         );
     }
     let (id, secret) = tenants::create_admin_key(pool).await?;
     files::write_private(&path, format!("{secret}\n").as_bytes())?;
-    eprintln!("cella serve: created admin credential {id} in {} (mode 0600)", path.display());
+    tracing::info!(key = %id, path = %path.display(), "created the admin credential (mode 0600)");
     Ok(())
 }
 
@@ -109,10 +110,11 @@ fn ensure_signing_key(config: &Config, data_dir: &DataDir) -> Result<std::path::
         let id = format!("k-{}", &crate::ids::hex(&crate::ids::random_bytes::<4>()));
         let key = SigningKey::generate(&id)?;
         key.save(&path)?;
-        eprintln!(
-            "cella serve: created audit signing key {id} in {} (public key: {}.pub)",
-            path.display(),
-            path.display()
+        tracing::info!(
+            key = %id,
+            path = %path.display(),
+            public_key = %format!("{}.pub", path.display()),
+            "created the audit signing key"
         );
     }
     SigningKey::load(&path)?;
@@ -130,12 +132,16 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     if opts.no_worker {
         config.worker.enabled = false;
     }
+    if let Some(format) = opts.log_format {
+        config.log.format = format;
+    }
+    crate::logging::init(&config.log)?;
     if config.worker.enabled {
         crate::worker::launch::Launcher::new(&config.worker, config.quotas.vm_cpu_percent).check()?;
     }
     let tls_files = tls::ensure(&config.tls, data_dir.root())?;
     for line in tls_files.report() {
-        eprintln!("cella serve: {line}");
+        tracing::info!("{line}");
     }
     let tls_config = tls::server_config(&tls_files)?;
     let (pool, private_pg) = database(&config, &data_dir).await?;
@@ -143,7 +149,7 @@ pub async fn run(opts: ServeOptions) -> Result<(), ServeError> {
     pool.close().await;
     if let Some(pg) = private_pg {
         if let Err(e) = pg.stop() {
-            eprintln!("cella serve: stopping PostgreSQL: {e}");
+            tracing::error!(error = %e, "cannot stop the private PostgreSQL");
         }
     }
     result
@@ -166,7 +172,7 @@ async fn run_with(
         println!("cella serve: no worker in this process (run `cella worker` against the same database)");
     }
     wait_for_signal().await;
-    eprintln!("cella serve: shutting down");
+    tracing::info!("shutting down");
     running.stop().await;
     Ok(())
 }
@@ -201,9 +207,10 @@ pub async fn start(
     // no longer run, artifacts of jobs that ended.
     let swept = janitor::sweep(&pool, &data_dir, janitor::Moment::ServeStart).await?;
     if swept != janitor::Swept::default() {
-        eprintln!(
-            "cella serve: removed {} scratch file(s) and {} upload(s) or artifact(s) left by an earlier run",
-            swept.work, swept.artifacts
+        tracing::info!(
+            scratch_files = swept.work,
+            artifacts = swept.artifacts,
+            "removed uploads, artifacts and scratch files left by an earlier run"
         );
     }
     let signer_path = ensure_signing_key(&config, &data_dir)?;
@@ -286,10 +293,12 @@ pub async fn start(
     });
     let open_files = crate::signal::raise_open_file_limit().unwrap_or(1024);
     let limits = crate::server::ConnectionLimits::for_open_files(open_files, &config.limits);
-    eprintln!(
-        "cella serve: serving at most {} connections at once, answering {} more 503, {} closing \
-         (open-file limit {open_files})",
-        limits.max, limits.answer_reserve, limits.lingering
+    tracing::info!(
+        max = limits.max,
+        answered_503 = limits.answer_reserve,
+        closing = limits.lingering,
+        open_file_limit = open_files,
+        "connection limits"
     );
     let server =
         tokio::spawn(crate::server::serve(listener, tls_config, api::app(state), limits, shutdown_rx));
@@ -320,13 +329,13 @@ impl Running {
         }
         if let Some(worker) = self.worker {
             match worker.await {
-                Ok(Err(e)) => eprintln!("cella serve: worker: {e}"),
-                Err(e) => eprintln!("cella serve: worker task: {e}"),
+                Ok(Err(e)) => tracing::error!(error = %e, "the worker failed"),
+                Err(e) => tracing::error!(error = %e, "the worker task failed"),
                 Ok(Ok(())) => {}
             }
         }
         if let Ok(Err(e)) = self.checkpointer.await {
-            eprintln!("cella serve: final checkpoint: {e}");
+            tracing::error!(error = %e, "cannot cut the final checkpoint");
         }
         let _ = std::fs::remove_file(self.data_dir.url_file());
     }

@@ -92,9 +92,7 @@ impl Spares {
                 }
                 Err(reason) => {
                     if !me.broken.swap(true, Ordering::Relaxed) {
-                        eprintln!(
-                            "cella worker: cannot make spare jails ({reason}); jobs make their jails at launch"
-                        );
+                        tracing::warn!(reason = %reason, "cannot make spare jails; VMMs make their jails at launch");
                     }
                 }
             }

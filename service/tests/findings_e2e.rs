@@ -37,12 +37,14 @@ fn stripe_key(n: u32) -> String {
 }
 
 /// `cella serve` with a short lease and drain, jailed as root (the common harness); its log in
-/// `serve.log` next to the data folder.
+/// `serve.log` next to the data folder, as JSON lines.
 fn serve(data: &Path, db: &str) -> Server {
     let jailed = if common::is_root() { "1" } else { "0" };
     Serve::new(data)
         .db(Some(db))
         .envs(&[("CELLA_JAILED", jailed), ("CELLA_LEASE_SECS", "2"), ("CELLA_DRAIN_SECS", "1")])
+        .arg("--log-format")
+        .arg("json")
         .log_to(&data.with_file_name("serve.log"))
         .start()
 }
@@ -458,15 +460,19 @@ async fn a_baseline_silences_known_findings_as_a_file_and_stored_and_new_ones_fa
     assert_ne!(o.status.code(), Some(0));
     assert!(err(&o).contains("trunk"), "a removed baseline is named in the refusal: {}", err(&o));
 
-    // The server log has one line per state change of each job.
+    // The server log is JSON lines, with one line per state change of each job, naming the
+    // job and its tenant in fields.
     let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
     let job = report["job"].as_str().unwrap();
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains(job)).collect();
-    assert_eq!(lines.len(), 2, "{lines:?}");
-    assert!(
-        lines[0].contains(": running (attempt 1/") && lines[1].contains(": succeeded after "),
-        "{lines:?}"
-    );
+    let of_job: Vec<&Value> = events.iter().filter(|e| e["job"] == job).collect();
+    let said: Vec<&str> = of_job.iter().map(|e| e["message"].as_str().unwrap_or("?")).collect();
+    assert_eq!(said, ["job queued", "job running", "job succeeded"], "{of_job:?}");
+    assert!(of_job.iter().all(|e| e["tenant"].is_string() && e["level"] == "INFO"), "{of_job:?}");
+    assert_eq!((of_job[1]["attempt"].as_u64(), of_job[2]["took_ms"].is_u64()), (Some(1), true));
 
     // Another tenant cannot name this tenant's baseline.
     let o = cella(&data, Some(&key), &["baseline", "push", &baseline, "--name", "mine"]);

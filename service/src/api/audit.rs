@@ -182,7 +182,7 @@ pub async fn stream_bundle(state: &AppState, request: &ExportRequest) -> Result<
         let result = export.write_to(writer).await;
         if let Err(e) = &result {
             // The status line is sent: the client learns of it only by the aborted transfer.
-            eprintln!("cella serve: audit export of {what} abandoned mid-stream: {}", error_chain(e));
+            tracing::warn!(chain = %what, error = %error_chain(e), "audit export abandoned mid-stream");
         }
         result
     });

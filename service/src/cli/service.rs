@@ -30,6 +30,9 @@ pub struct ServeArgs {
     /// Do not run a worker in this process
     #[arg(long)]
     no_worker: bool,
+    /// The server log's format on stderr [env: CELLA_LOG_FORMAT] [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<crate::logging::LogFormat>,
 }
 
 #[derive(Debug, Args)]
@@ -43,6 +46,9 @@ pub struct WorkerArgs {
     /// Jobs run at once [env: CELLA_WORKER_CONCURRENCY] [default: 2]
     #[arg(long)]
     concurrency: Option<u32>,
+    /// The log's format on stderr [env: CELLA_LOG_FORMAT] [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<crate::logging::LogFormat>,
 }
 
 pub fn serve(args: ServeArgs) -> Result<(), CliError> {
@@ -51,6 +57,7 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
         config_file: args.config,
         listen: args.listen,
         no_worker: args.no_worker,
+        log_format: args.log_format,
     };
     runtime()?.block_on(serve::run(opts))?;
     Ok(())
@@ -63,6 +70,10 @@ pub fn worker(args: WorkerArgs) -> Result<(), CliError> {
     if let Some(n) = args.concurrency {
         config.worker.concurrency = n;
     }
+    if let Some(format) = args.log_format {
+        config.log.format = format;
+    }
+    crate::logging::init(&config.log).map_err(|e| CliError::Usage(crate::error::error_chain(&e)))?;
     crate::worker::launch::Launcher::new(&config.worker, config.quotas.vm_cpu_percent)
         .check()
         .map_err(crate::serve::ServeError::from)?;

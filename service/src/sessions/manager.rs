@@ -48,6 +48,11 @@ const VMM_DEADLINE_GRACE_SECS: u64 = 30;
 const VMM_MAX_DURATION_SECS: u64 = 8 * 3600;
 
 /// The `--max-duration-secs` for a session VMM with `left` seconds to its deadline.
+/// Failed sessions' reasons (which can quote the guest's console) reach the log at 20 lines
+/// at once, then one a second.
+static SESSION_WORDS: crate::logging::GuestWords =
+    crate::logging::GuestWords::new(20, std::time::Duration::from_secs(1));
+
 fn vmm_max_duration(left: u64) -> Duration {
     Duration::from_secs((left + VMM_DEADLINE_GRACE_SECS).clamp(1, VMM_MAX_DURATION_SECS))
 }
@@ -260,7 +265,7 @@ pub fn for_tenant(text: &str) -> String {
 /// The answer when `/proc` (or another host resource) cannot be read: 503, try again; nothing
 /// was concluded or changed.
 fn short_of_resources(e: &str) -> ServiceError {
-    eprintln!("cella serve: sessions: {e}");
+    tracing::warn!(error = %e, "sessions: a host resource cannot be read");
     ServiceError::Overloaded {
         detail: "the server is short of resources and could not check the session's VM; nothing was changed, try again"
             .to_owned(),
@@ -646,9 +651,9 @@ impl SessionManager {
         let result =
             self.blocking(move |b| b.cleanup_jail(&jail, dir.is_dir().then_some(dir.as_path()))).await;
         match result {
-            Ok(said) if !said.is_empty() => eprintln!("cella serve: session {id}: {said}"),
+            Ok(said) if !said.is_empty() => tracing::info!(session = %id, said = %said, "jail cleaned up"),
             Ok(_) => {}
-            Err(e) => eprintln!("cella serve: session {id}: {}", error_chain(&e)),
+            Err(e) => tracing::warn!(session = %id, error = %error_chain(&e), "cannot clean up the jail"),
         }
     }
 
@@ -669,7 +674,10 @@ impl SessionManager {
             return e;
         }
         let reason = &*crate::error::escape_controls(reason);
-        eprintln!("cella serve: session {} failed: {reason}", s.id);
+        // The reason can hold the tail of the VMM's log (the guest's console): rate-limited.
+        if let Some(left_out) = SESSION_WORDS.admit(std::time::Instant::now()) {
+            tracing::warn!(session = %s.id, tenant = %s.tenant_id, reason = %reason, left_out, "session failed");
+        }
         let reason = &for_tenant(reason);
         self.paths(&s.id).remove().await;
         let failed = Session {
@@ -809,7 +817,7 @@ impl SessionManager {
                     vsock_sock: None,
                     ..row.clone()
                 };
-                eprintln!("cella serve: session {}: restore failed: {reason}", s.id);
+                tracing::warn!(session = %s.id, tenant = %s.tenant_id, reason = %reason, "session restore failed");
                 let reason = for_tenant(&reason);
                 let event =
                     Event { actor, action: "session.restore_failed", details: json!({ "reason": reason }) };
@@ -890,7 +898,7 @@ impl SessionManager {
             Ok(v) => v,
             Err(e) => {
                 let message = error_chain(&e);
-                eprintln!("cella serve: session {}: suspend failed: {message}", s.id);
+                tracing::warn!(session = %s.id, tenant = %s.tenant_id, error = %message, "session suspend failed");
                 let message = for_tenant(&message);
                 if self.liveness(&suspending).await.gone() {
                     return Err(self
@@ -924,7 +932,7 @@ impl SessionManager {
             marker.to_string().as_bytes(),
         ) {
             let message = error_chain(&e);
-            eprintln!("cella serve: session {}: suspend failed: {message}", s.id);
+            tracing::warn!(session = %s.id, tenant = %s.tenant_id, error = %message, "session suspend failed");
             let message = for_tenant(&message);
             let _ = tokio::fs::remove_dir_all(&paths.snapshot).await;
             if was == State::Running {
@@ -1136,7 +1144,7 @@ impl SessionManager {
             let tail = log_tail(&self.paths(&s.id).log);
             return self.fail(s, &format!("the VMM exited ({message}); VMM log: {tail}"), actor).await;
         }
-        eprintln!("cella serve: session {}: cannot {action}: {message}", s.id);
+        tracing::warn!(session = %s.id, tenant = %s.tenant_id, error = %message, "cannot {action} the session");
         let message = for_tenant(&message);
         ServiceError::Vm(format!("cannot {action} session {}: {message}; it is still {}", s.id, s.state))
     }
@@ -1200,7 +1208,7 @@ impl SessionManager {
             let mut slot = self.lock(&s.id).await;
             let id = s.id.clone();
             if let Err(e) = self.recover_locked(&mut slot, s, &actor).await {
-                eprintln!("cella serve: recovering session {id}: {e}");
+                tracing::warn!(session = %id, error = %e, "cannot recover the session");
             }
         }
         if let Ok(entries) = std::fs::read_dir(&self.sessions_dir) {

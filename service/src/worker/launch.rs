@@ -100,7 +100,7 @@ impl Launcher {
         let held = self.recipe.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(recipe) = held.as_ref() {
             if self.template().is_some_and(|t| t.is_stale()) {
-                eprintln!("cella worker: the scanner image changed; making the template again");
+                tracing::info!("the scanner image changed; making the template again");
                 super::template::make(self, recipe);
             }
         }

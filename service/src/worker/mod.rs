@@ -33,6 +33,8 @@ const POLL: Duration = Duration::from_secs(1);
 const KILL_GRACE: Duration = Duration::from_secs(30);
 /// How long results are retried while the database is away before they are given up.
 const FINISH_RETRY_FOR: Duration = Duration::from_secs(120);
+/// What failed jobs' VMMs said reaches the log at 20 lines at once, then one a second.
+static VMM_WORDS: crate::logging::GuestWords = crate::logging::GuestWords::new(20, Duration::from_secs(1));
 
 /// Everything a worker needs.
 #[derive(Debug, Clone)]
@@ -88,7 +90,7 @@ impl Worker {
         };
         let launcher = self.launcher.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || launcher.make_template(recipe)).await {
-            eprintln!("cella worker: no template (its maker panicked: {e}); spares boot the scanner image");
+            tracing::error!(error = %e, "no template (its maker panicked); spares boot the scanner image");
         }
     }
 
@@ -97,20 +99,23 @@ impl Worker {
         let hostname =
             std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_owned();
         registry::register(&self.pool, &self.id, &hostname, std::process::id(), self.concurrency).await?;
-        eprintln!(
-            "cella worker: {} on {hostname}: {} slot(s), VMM {}{}",
-            self.id,
-            self.concurrency,
-            self.launcher.vmm().display(),
-            if self.launcher.jailed() { ", jailed" } else { "" }
+        tracing::info!(
+            worker = %self.id,
+            host = %hostname,
+            slots = self.concurrency,
+            vmm = %self.launcher.vmm().display(),
+            jailed = self.launcher.jailed(),
+            "worker started"
         );
         // SARIF logs a killed worker left (of job attempts no worker runs any more).
         match crate::janitor::sweep(&self.pool, &self.data_dir, crate::janitor::Moment::Running).await {
             Ok(s) if s.work > 0 => {
-                eprintln!("cella worker: removed {} SARIF log(s) left by an earlier run", s.work)
+                tracing::info!(files = s.work, "removed SARIF logs left by an earlier run")
             }
             Ok(_) => {}
-            Err(e) => eprintln!("cella worker: sweeping {}: {e}", self.data_dir.work().display()),
+            Err(e) => {
+                tracing::warn!(dir = %self.data_dir.work().display(), error = %e, "cannot sweep the work folder")
+            }
         }
         self.spares.sweep_orphans().await;
         if self.templates {
@@ -138,9 +143,9 @@ impl Worker {
                 match registry::heartbeat(&me.pool, &me.id, tasks.len()).await {
                     Ok(d) => {
                         if d != draining {
-                            eprintln!(
-                                "cella worker: {} {}",
-                                me.id,
+                            tracing::info!(
+                                worker = %me.id,
+                                "{}",
                                 if d { "draining" } else { "taking jobs again" }
                             );
                         }
@@ -152,7 +157,7 @@ impl Worker {
             }
             if last_rescue.elapsed() >= me.lease_for / 2 {
                 match queue::rescue_expired(&me.pool, &me.id).await {
-                    Ok(n) if n > 0 => eprintln!("cella worker: took back {n} job(s) whose lease expired"),
+                    Ok(n) if n > 0 => tracing::warn!(jobs = n, "took back jobs whose lease expired"),
                     Ok(_) => {}
                     Err(e) => quiet.log("rescuing expired leases", &e),
                 }
@@ -194,10 +199,10 @@ impl Worker {
         }
         // Drain: running jobs get a grace period, then are stopped and handed back.
         if !tasks.is_empty() {
-            eprintln!(
-                "cella worker: draining {} running job(s) (up to {} s)",
-                tasks.len(),
-                me.drain_grace.as_secs()
+            tracing::info!(
+                running = tasks.len(),
+                grace_secs = me.drain_grace.as_secs(),
+                "draining the running jobs"
             );
         }
         let deadline = tokio::time::Instant::now() + me.drain_grace;
@@ -218,7 +223,7 @@ impl Worker {
             let _ = std::fs::remove_dir_all(&template.dir);
         }
         registry::stopped(&me.pool, &me.id).await?;
-        eprintln!("cella worker: {} stopped", me.id);
+        tracing::info!(worker = %me.id, "worker stopped");
         Ok(())
     }
 
@@ -231,9 +236,13 @@ impl Worker {
         mut hand_back: watch::Receiver<bool>,
     ) {
         let started = Instant::now();
-        eprintln!(
-            "cella worker: job {} of {}: running (attempt {}/{}, slot {slot})",
-            lease.job_id, lease.tenant_id, lease.attempt, lease.max_attempts
+        tracing::info!(
+            job = %lease.job_id,
+            tenant = %lease.tenant_id,
+            attempt = lease.attempt,
+            max_attempts = lease.max_attempts,
+            slot,
+            "job running"
         );
         let artifact = self.data_dir.artifact(&lease.job_id);
         let outcome = match self.policy(lease).await {
@@ -300,7 +309,7 @@ impl Worker {
         self.spares.refill(slot);
         // A reason is tenant-facing: what went wrong on the host is logged here, not told.
         let host_failure = |what: &str, e: &dyn std::error::Error| {
-            eprintln!("cella worker: job {}: {what}: {}", lease.job_id, error_chain(e));
+            tracing::error!(job = %lease.job_id, error = %error_chain(e), "{what}");
             Outcome::Failed {
                 reason: format!("{what} (a host problem; the job is retried)"),
                 retryable: true,
@@ -320,7 +329,7 @@ impl Worker {
         if let Err(e) =
             queue::vm_started(&self.pool, lease, spare.pid(), self.launcher.mem_mib(), jailed).await
         {
-            eprintln!("cella worker: {}: {e}", lease.job_id);
+            tracing::warn!(job = %lease.job_id, error = %e, "cannot record the VM's start; handing the job back");
             drop(artifact);
             let _ = tokio::task::spawn_blocking(move || drop(spare)).await;
             return Outcome::HandedBack { vm: None };
@@ -358,7 +367,7 @@ impl Worker {
                 Ok(()) = hand_back.changed(), if stopped.is_none() => stopped = Some(StopReason::ShuttingDown),
                 _ = tokio::time::sleep_until(kill_at), if !killed => {
                     killed = true;
-                    eprintln!("cella worker: job {}: its VMM did not end after its time limit; killing it", lease.job_id);
+                    tracing::warn!(job = %lease.job_id, "the job's VMM did not end after its time limit; killing it");
                     signals.send(libc::SIGKILL);
                 }
             }
@@ -398,9 +407,13 @@ impl Worker {
             finished.outcome(stopped, self.launcher.timeout())
         };
         if let (Outcome::Failed { .. }, Some(words)) = (&outcome, failed_words) {
-            // The tail of what the VMM, the jailer and the guest's console said: escaped.
+            // The tail of what the VMM, the jailer and the guest's console said: escaped, and
+            // rate-limited (a guest chooses these words, and can fail on purpose job after job).
             for line in words.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev() {
-                eprintln!("cella worker: job {}: VMM: {}", lease.job_id, crate::error::escape_controls(line));
+                if let Some(left_out) = VMM_WORDS.admit(Instant::now()) {
+                    let said = crate::error::escape_controls(line);
+                    tracing::warn!(job = %lease.job_id, said = %said, left_out, "the failed job's VMM said");
+                }
             }
         }
         outcome
@@ -414,9 +427,10 @@ impl Worker {
             match queue::finish(&self.pool, lease, outcome).await {
                 Ok(state) => return Some(state),
                 Err(QueueError::LeaseLost(..)) => {
-                    eprintln!(
-                        "cella worker: job {} attempt {}: lease lost; result discarded",
-                        lease.job_id, lease.attempt
+                    tracing::warn!(
+                        job = %lease.job_id,
+                        attempt = lease.attempt,
+                        "lease lost; the attempt's result is discarded"
                     );
                     return None;
                 }
@@ -425,7 +439,7 @@ impl Worker {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(QueueError::Service(e)) => {
-                    eprintln!("cella worker: job {}: giving up recording its result: {e}", lease.job_id);
+                    tracing::error!(job = %lease.job_id, error = %e, "giving up recording the job's result");
                     return None;
                 }
             }
@@ -459,16 +473,17 @@ async fn listen(pool: PgPool, wake: Arc<Notify>, cancels: CancelMap) {
 /// and, for a failure, the reason (already escaped: it can hold the guest's or the artifact's
 /// words, and is bounded).
 fn log_state_change(lease: &Lease, state: JobState, outcome: &Outcome, took: Duration) {
-    let why = match outcome {
-        Outcome::Failed { reason, .. } => format!(": {reason}"),
-        Outcome::HandedBack { .. } => ": handed back by a worker shutting down".to_owned(),
-        _ => String::new(),
+    let reason = match outcome {
+        Outcome::Failed { reason, .. } => Some(reason.as_str()),
+        Outcome::HandedBack { .. } => Some("handed back by a worker shutting down"),
+        _ => None,
     };
-    eprintln!(
-        "cella worker: job {} of {}: {state} after {} ms (attempt {}){why}",
-        lease.job_id,
-        lease.tenant_id,
-        took.as_millis(),
-        lease.attempt
+    tracing::info!(
+        job = %lease.job_id,
+        tenant = %lease.tenant_id,
+        attempt = lease.attempt,
+        took_ms = took.as_millis() as u64,
+        reason,
+        "job {state}"
     );
 }

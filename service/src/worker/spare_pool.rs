@@ -40,7 +40,7 @@ fn spawner() -> mpsc::Sender<Order> {
         }
     });
     if let Err(e) = thread {
-        eprintln!("cella worker: cannot start the spare spawner thread: {e}");
+        tracing::error!(error = %e, "cannot start the spare spawner thread");
     }
     orders
 }
@@ -144,7 +144,7 @@ impl SparePool {
                     return Ok((ready, true));
                 }
                 let spare = ready.spare;
-                eprintln!("cella worker: slot {slot}'s spare VMM ended while it waited; starting another");
+                tracing::warn!(slot, "the slot's spare VMM ended while it waited; starting another");
                 let _ = tokio::task::spawn_blocking(move || drop(spare)).await;
             }
         }
@@ -174,9 +174,10 @@ impl SparePool {
                 }
                 Err(e) => {
                     if !me.failing.swap(true, Ordering::Relaxed) {
-                        eprintln!(
-                            "cella worker: cannot make a spare VMM ({}); scans start their own",
-                            crate::error::error_chain(&e)
+                        tracing::warn!(
+                            slot,
+                            error = %crate::error::error_chain(&e),
+                            "cannot make a spare VMM; scans start their own"
                         );
                     }
                 }

@@ -65,21 +65,18 @@ pub fn make(launcher: &Launcher, recipe: &TemplateRecipe) {
     let dir = folder(&std::fs::canonicalize(&recipe.spares_dir).unwrap_or(recipe.spares_dir.clone()));
     match build(launcher, &recipe.policy, &dir, recipe.uid) {
         Ok(t) => {
-            eprintln!(
-                "cella worker: template {} (the engine of `{}`) made in {} ms; spares are restored from it",
-                &t.identity.id[..12],
-                t.policy,
-                t.build_ms
+            tracing::info!(
+                template = &t.identity.id[..12],
+                policy = %t.policy,
+                build_ms = t.build_ms,
+                "template made; spares are restored from it"
             );
             if let Some(old) = launcher.set_template(t) {
                 let _ = std::fs::remove_dir_all(&old.dir);
             }
         }
         Err(e) => {
-            eprintln!(
-                "cella worker: no template ({}); spares boot the scanner image",
-                crate::error::error_chain(&e)
-            );
+            tracing::warn!(error = %crate::error::error_chain(&e), "no template; spares boot the scanner image");
             let _ = std::fs::remove_dir_all(&dir);
             if let Some(old) = launcher.clear_template() {
                 let _ = std::fs::remove_dir_all(&old.dir);
