@@ -181,9 +181,8 @@ pub fn main(args: BenchArgs) -> Result<(), String> {
         }
     }
     println!(
-        "\njailer steps (ms; `vmm-run` is the VMM itself, from exec to exit; `copy-exec-file` runs \
-         beside the steps from `create-mount-points` on, `wait-for-copy` is what the launch waits \
-         for it):"
+        "\njailer steps (ms; `vmm-run` is the VMM itself, from exec to exit; `exec` is the time \
+         from the child's last step to the VMM's start, execveat of the host's binary included):"
     );
     println!("{:<28} {:>17} {:>17}", "", "made at launch", "prepared ahead");
     println!("{:<28} {:>8} {:>8} {:>8} {:>8}", "step", "p50", "p99", "p50", "p99");

@@ -5,15 +5,16 @@
 //! visible on the host, and all of it disappears with the VMM. The child then joins its
 //! cgroups, sets rlimits, binds its files, pivots into the jail, makes `/dev/kvm` and gives it
 //! to the VMM's uid/gid, makes the root read-only, joins a netns if asked, applies Landlock,
-//! drops every capability, switches uid/gid, waits until the supervisor says the VMM binary's
-//! copy is complete, and execs, with the supervisor's standard input, output and error. It
+//! drops every capability, switches uid/gid, and execs the VMM binary from the descriptor the
+//! supervisor opened on the host (`execveat`: the binary is never in the jail, and no path to
+//! it is), with the supervisor's standard input, output and error. It
 //! reports either the step that failed or its step timings to the supervisor over a
 //! close-on-exec pipe: end-of-file without a failure means the exec happened.
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -37,8 +38,10 @@ pub struct ChildPlan {
     pub netns: Option<(RawFd, PathBuf)>,
     pub uid: u32,
     pub gid: u32,
-    /// The exec-file's path inside the jail, e.g. `/cella-vmm`.
-    pub exec_path: PathBuf,
+    /// The exec-file, opened `O_PATH` on the host by the supervisor (close-on-exec).
+    pub exec_fd: RawFd,
+    /// Its host path, for messages.
+    pub exec_file: PathBuf,
     pub ro_jail_paths: Vec<PathBuf>,
     /// The `--bind-rw` folder and its mount point on the host (inside `root`); the jail sees
     /// it at the folder's own path.
@@ -50,9 +53,6 @@ pub struct ChildPlan {
     pub last_cap: u32,
     /// The signal mask the supervisor blocked, to restore before exec.
     pub old_mask: libc::sigset_t,
-    /// The read end of the pipe on which the supervisor says the VMM binary's copy is complete
-    /// (one byte); the child execs only then.
-    pub go: RawFd,
 }
 
 /// A step that failed in the child: its name, the path it worked on, and the OS error.
@@ -124,11 +124,6 @@ pub fn main(plan: &ChildPlan, report: RawFd) -> ! {
     let failure = match steps(plan, &mut timings) {
         Ok(()) => {
             let _ = report.write_all(timings.encode().as_bytes());
-            if !wait_for_copy(plan.go) {
-                // The supervisor gave up on the launch (it kills this process) or died.
-                // SAFETY: _exit ends this process without running the supervisor's atexit handlers.
-                unsafe { libc::_exit(CHILD_FAILED) }
-            }
             exec(plan).unwrap_err()
         }
         Err(failure) => failure,
@@ -233,8 +228,10 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
 
     let start = Instant::now();
     let rw_dir = plan.rw_bind.as_ref().map(|(host, _)| host.as_path());
-    confine::landlock(&plan.exec_path, &plan.ro_jail_paths, rw_dir, plan.mount_proc)
-        .map_err(fail("landlock", "/"))?;
+    // SAFETY: the supervisor opened `exec_fd` for this child and keeps it open until the child
+    // has exec'd or failed.
+    let exec = unsafe { BorrowedFd::borrow_raw(plan.exec_fd) };
+    confine::landlock(exec, &plan.ro_jail_paths, rw_dir, plan.mount_proc).map_err(fail("landlock", "/"))?;
     t.record("landlock", start);
 
     let start = Instant::now();
@@ -260,29 +257,25 @@ fn steps(plan: &ChildPlan, t: &mut Timings) -> Result<(), ChildFailure> {
     Ok(())
 }
 
-/// Waits for the supervisor's word that the VMM binary's copy is complete; false if it never
-/// comes (the supervisor closed the pipe without it).
-fn wait_for_copy(go: RawFd) -> bool {
-    let mut byte = 0u8;
-    loop {
-        // SAFETY: reads one byte into `byte` from a descriptor this process owns.
-        let n = unsafe { libc::read(go, (&mut byte as *mut u8).cast(), 1) };
-        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        return n == 1 && byte == b'G';
-    }
-}
-
-/// Execs the VMM with an empty environment. Returns only on failure.
+/// Execs the VMM from its descriptor with an empty environment. Returns only on failure.
 fn exec(plan: &ChildPlan) -> Result<std::convert::Infallible, ChildFailure> {
-    let path = cstr(&plan.exec_path);
     let args: Vec<CString> =
         plan.argv.iter().map(|a| CString::new(a.as_bytes()).unwrap_or_default()).collect();
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    // SAFETY: path, argv and envp are NUL-terminated and NULL-terminated arrays of live strings.
-    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    Err(ChildFailure { step: "exec", path: plan.exec_path.clone(), error: io::Error::last_os_error() })
+    // SAFETY: execveat(2) on a descriptor this process holds, with an empty NUL-terminated path
+    // (AT_EMPTY_PATH: the descriptor itself), and argv and envp NULL-terminated arrays of live
+    // NUL-terminated strings.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            plan.exec_fd,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    Err(ChildFailure { step: "exec", path: plan.exec_file.clone(), error: io::Error::last_os_error() })
 }

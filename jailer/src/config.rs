@@ -139,7 +139,7 @@ pub struct RoFile {
 pub struct JailConfig {
     pub id: String,
     pub exec_file: PathBuf,
-    /// The exec-file's name; the jail's copy is `/<exec_name>`.
+    /// The exec-file's name: the VMM's `argv[0]` and the folder of its jails.
     pub exec_name: String,
     pub uid: u32,
     pub gid: u32,
@@ -158,7 +158,7 @@ pub struct JailConfig {
     pub mount_proc: bool,
     pub keep_fds: Vec<i32>,
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
-    /// The id of a spare jail (made by `cella-jailer prepare`, copy included) that becomes this
+    /// The id of a spare jail (made by `cella-jailer prepare`, with its network namespace) that becomes this
     /// jail's folder instead of a new one: see [`crate::prepared`].
     pub from_prepared: Option<String>,
     pub vmm_args: Vec<OsString>,
@@ -396,7 +396,6 @@ impl JailRequest {
         }
 
         let mut taken: Vec<PathBuf> = RESERVED_JAIL_PATHS.iter().map(PathBuf::from).collect();
-        taken.push(PathBuf::from("/").join(&exec_name));
         let mut ro_files = Vec::new();
         for spec in &self.ro_files {
             let (host, jail) = spec.rsplit_once('=').ok_or_else(|| ConfigError::BadRoFile(spec.clone()))?;

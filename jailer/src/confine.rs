@@ -2,6 +2,7 @@
 //! no-new-privs, and the target uid/gid.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 use landlock::{
@@ -20,7 +21,8 @@ fn landlock_error(e: impl std::fmt::Display) -> io::Error {
 }
 
 /// Restricts this process, and the VMM it becomes, to: executing (and so reading) its own
-/// binary, reading the read-only files, reading, writing and ioctl on `/dev/kvm`; with `rw_dir`
+/// binary (`exec`, the descriptor it is exec'd from: a rule on that very file, which lies
+/// outside the jail), reading the read-only files, reading, writing and ioctl on `/dev/kvm`; with `rw_dir`
 /// (`--bind-rw`), reading, listing, creating, writing, truncating and removing files, folders
 /// and sockets under that folder; with `proc` (`--mount-proc`), reading files under `/proc`. No
 /// other path, no TCP, no abstract Unix sockets or signals outside the sandbox. Everything
@@ -31,13 +33,15 @@ fn landlock_error(e: impl std::fmt::Display) -> io::Error {
 /// new inode for a process's files whenever their cached entry is dropped, so the rule could
 /// silently stop matching. The jail's procfs shows the VMM's own process only (see
 /// `child::mount_proc`), so what this grants is reading the VMM's own `/proc/self/*`.
-pub fn landlock(exec_path: &Path, ro_files: &[PathBuf], rw_dir: Option<&Path>, proc: bool) -> io::Result<()> {
+pub fn landlock(
+    exec: BorrowedFd<'_>,
+    ro_files: &[PathBuf],
+    rw_dir: Option<&Path>,
+    proc: bool,
+) -> io::Result<()> {
     let fs_all = AccessFs::from_all(LANDLOCK_ABI);
-    let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = vec![
-        // exec opens the binary for reading as well as executing.
-        (exec_path.to_owned(), AccessFs::Execute | AccessFs::ReadFile),
-        (KVM_DEVICE.into(), AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev),
-    ];
+    let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> =
+        vec![(KVM_DEVICE.into(), AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev)];
     rules.extend(ro_files.iter().map(|p| (p.clone(), AccessFs::ReadFile.into())));
     if let Some(dir) = rw_dir {
         let rw = AccessFs::ReadFile
@@ -64,6 +68,9 @@ pub fn landlock(exec_path: &Path, ro_files: &[PathBuf], rw_dir: Option<&Path>, p
         .scope(Scope::AbstractUnixSocket | Scope::Signal)
         .map_err(landlock_error)?
         .create()
+        .map_err(landlock_error)?
+        // exec opens the binary for reading as well as executing.
+        .add_rule(PathBeneath::new(exec, AccessFs::Execute | AccessFs::ReadFile))
         .map_err(landlock_error)?;
     for (path, access) in rules {
         let fd = PathFd::new(&path).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;

@@ -3,23 +3,25 @@
 //!
 //! The steps, in order (Firecracker's jailer is the model; Cella adds Landlock and explicit
 //! capability dropping): validate the ID and every path ([`config`]); close inherited file
-//! descriptors; clear the environment; create `<base>/<exec-name>/<id>/root`; start copying
-//! the VMM binary into it ([`exec_copy`]: a forked copier, in parallel with the steps up to the
-//! exec); create `/dev` and the mount points for the read-only files; create the cgroups and
+//! descriptors; clear the environment; create `<base>/<exec-name>/<id>/root`; create `/dev`
+//! and the mount points for the read-only files; open the VMM binary (`O_PATH`, checked: a
+//! regular executable file only root can change); create the cgroups and
 //! write their limits ([`cgroup`], v1 and v2 per controller); clone into new mount, IPC, UTS,
 //! network and (with `--new-pid-ns`) PID namespaces; in the child ([`child`]): join the
 //! cgroups, set rlimits, bind the read-only files, `pivot_root`, unmount the old root, `mknod
 //! /dev/kvm`, chown it, make the root read-only, join a netns if asked, apply Landlock, drop
-//! every capability, set no-new-privs, switch uid/gid ([`confine`]), wait until the supervisor
-//! says the copy is complete, and `exec` the VMM with an empty environment. The VMM installs
-//! its own per-thread seccomp filters.
+//! every capability, set no-new-privs, switch uid/gid ([`confine`]), and `execveat` the VMM
+//! from the descriptor with an empty environment. The binary is never copied into the jail
+//! (Landlock allows executing that one file, through the descriptor): a launch costs no copy
+//! and every VMM shares the host's page cache of one read-only binary. The VMM installs its own
+//! per-thread seccomp filters.
 //!
 //! The [`supervisor`] blocks the signals it forwards before it creates anything, waits for the
 //! VMM and removes the jail folder and cgroups however it ends; mounts live only in the VMM's
 //! mount namespace and vanish with it.
 //!
-//! Ahead of a launch, [`prepared`] makes a spare jail folder (the binary's copy, a network
-//! namespace) that a launch with `--from-prepared` takes instead of making its own.
+//! Ahead of a launch, [`prepared`] makes a spare jail folder (with a network namespace) that a
+//! launch with `--from-prepared` takes instead of making its own.
 //!
 //! For a session (`cella-vmm session --jailed`): `--bind-rw DIR` binds one host folder
 //! read-write into the jail at the same path (no path translation: the host and the VMM name
@@ -39,7 +41,6 @@ pub mod cgroup;
 pub mod child;
 pub mod config;
 pub mod confine;
-pub mod exec_copy;
 pub mod handover;
 pub mod prepared;
 pub mod supervisor;

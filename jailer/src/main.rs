@@ -43,9 +43,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Make a spare jail ahead of a launch: its folder and its copy of the VMM binary, the slow
-    /// part of a launch. A later launch with `--from-prepared ID` takes it (once); `cleanup
-    /// --id ID` removes an unused one
+    /// Make a spare jail ahead of a launch: its folder and a network namespace. A later launch
+    /// with `--from-prepared ID` takes it (once); `cleanup --id ID` removes an unused one
     Prepare {
         /// The spare's ID: letters, digits and hyphens, at most 64
         #[arg(long)]
@@ -130,8 +129,8 @@ struct JailArgs {
     #[arg(long = "rlimit", value_name = "NAME=VALUE")]
     rlimits: Vec<String>,
     /// Take the spare jail ID (made by `cella-jailer prepare` with the same --exec-file and
-    /// --chroot-base) instead of making one: it saves making the folder and copying the VMM
-    /// binary, and is renamed to --id. A spare that is missing or unusable is reported on
+    /// --chroot-base) instead of making one: it saves making the folder and a network namespace,
+    /// and is renamed to --id. A spare that is missing or unusable is reported on
     /// stderr and the jail made as usual
     #[arg(long, value_name = "ID")]
     from_prepared: Option<String>,
@@ -213,7 +212,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(BAD_REQUEST);
                 }
             };
-            return match cella_jailer::prepared::prepare(&id, &exec_file, &exec_name, &base) {
+            return match cella_jailer::prepared::prepare(&id, &exec_name, &base) {
                 Ok(dir) => {
                     println!("{}", dir.display());
                     ExitCode::SUCCESS

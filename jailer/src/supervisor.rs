@@ -6,7 +6,7 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use crate::cgroup::{CgroupError, Version};
 use crate::child::{self, ChildPlan};
 use crate::config::{JailConfig, KVM_DEVICE, PROC_DIR};
-use crate::exec_copy::Copier;
 use crate::timing::Timings;
 use crate::wait::{empty_sigset, supervised_signals, FORWARDED};
 
@@ -178,13 +177,12 @@ fn close_inherited_fds(keep: &[RawFd]) -> Result<(), JailError> {
 }
 
 /// Makes the jail folder and what goes in it on the host, or takes a prepared one; the caller's
-/// `Residue` removes it. The VMM binary's copy is still being made when this returns: the
-/// [`Copier`] says when it is complete (none when the jail was prepared, copy included).
+/// `Residue` removes it.
 fn build_jail_folder(
     config: &JailConfig,
     residue: &mut Residue<'_>,
     t: &mut Timings,
-) -> Result<Option<Copier>, JailError> {
+) -> Result<(), JailError> {
     let start = Instant::now();
     exec_dir(&config.chroot_base, &config.exec_name)?;
     if let Some(spare) = &config.from_prepared {
@@ -193,8 +191,7 @@ fn build_jail_folder(
             Ok(()) => {
                 residue.jail_dir = true;
                 t.record("take-prepared-jail", start);
-                make_mount_points(config, t)?;
-                return Ok(None);
+                return make_mount_points(config, t);
             }
             // A spare that cannot be used costs this launch its head start, not its run.
             Err(e @ JailError::Prepared { .. }) if !taken => {
@@ -211,14 +208,40 @@ fn build_jail_folder(
     }
     make_jail_folder(&config.jail_dir(), || residue.jail_dir = true)?;
     t.record("create-jail-folder", start);
+    make_mount_points(config, t)
+}
 
-    // The copy runs in a forked copier until the child is about to exec (see `exec_copy`).
-    let start = Instant::now();
-    let exec_copy = config.root().join(&config.exec_name);
-    let copier = Copier::start(&config.exec_file, &exec_copy).map_err(step("copy-exec-file", &exec_copy))?;
-    t.record("start-copy", start);
-    make_mount_points(config, t)?;
-    Ok(Some(copier))
+/// Opens the exec-file for the child to exec from (`O_PATH`, never following a link) and checks
+/// what was opened: a regular, executable file that only its owner, root or the jailer's own
+/// user, can change. The VMM runs this very file (no copy is made), so no one else may be able
+/// to write it.
+fn open_exec_file(path: &Path) -> Result<File, JailError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(step("open-exec-file", path))?;
+    let meta = file.metadata().map_err(step("open-exec-file", path))?;
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let problem = if !meta.is_file() {
+        Some("not a regular file")
+    } else if meta.mode() & 0o111 == 0 {
+        Some("not executable")
+    } else if meta.mode() & 0o022 != 0 {
+        Some("writable by its group or by others")
+    } else if meta.uid() != 0 && meta.uid() != me {
+        Some("owned by another user than root or the jailer's")
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(file),
+        Some(what) => {
+            Err(step("open-exec-file", path)(io::Error::new(io::ErrorKind::PermissionDenied, what)))
+        }
+    }
 }
 
 /// `<base>/<exec-name>`, made if missing. The base may sit in a world-writable place such as
@@ -318,7 +341,7 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     t.record("clear-env", start);
 
     let mut residue = Residue { config, jail_dir: false, cgroups: false, handed_over: false };
-    let copier = build_jail_folder(config, &mut residue, t)?;
+    build_jail_folder(config, &mut residue, t)?;
 
     if let Some(dir) = &config.bind_rw {
         let start = Instant::now();
@@ -340,6 +363,7 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
         Some(path) => Some(File::open(path).map_err(step("open-netns", path))?),
         None => None,
     };
+    let exec = open_exec_file(&config.exec_file)?;
     let last_cap = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -352,7 +376,8 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
         netns: netns.as_ref().zip(netns_path).map(|(f, path)| (f.as_raw_fd(), path)),
         uid: config.uid,
         gid: config.gid,
-        exec_path: PathBuf::from("/").join(&config.exec_name),
+        exec_fd: exec.as_raw_fd(),
+        exec_file: config.exec_file.clone(),
         ro_jail_paths: config.ro_files.iter().map(|f| f.jail.clone()).collect(),
         rw_bind: config.bind_rw.as_ref().map(|dir| (dir.clone(), config.host_path(dir))),
         mount_proc: config.mount_proc,
@@ -362,34 +387,12 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
         keep_fds: config.keep_fds.clone(),
         last_cap,
         old_mask,
-        go: -1,
     };
-    let (pid, report, go) = spawn(config, plan)?;
+    let (pid, report) = spawn(config, plan)?;
+    drop(exec);
     t.record("clone", start);
 
-    // The child runs its steps while the copy completes; it execs only on the word.
     let start = Instant::now();
-    let mut copy_wait_ms = 0.0;
-    if let Some(copier) = copier {
-        let copy_ms = match copier.finish() {
-            Ok(ms) => ms,
-            Err(e) => {
-                // SAFETY: kill(2) to our own child, not yet reaped.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                let _ = wait_for(pid);
-                let exec_copy = config.root().join(&config.exec_name);
-                return Err(step("copy-exec-file", exec_copy)(e));
-            }
-        };
-        copy_wait_ms = start.elapsed().as_secs_f64() * 1e3;
-        t.push("copy-exec-file", copy_ms);
-        t.push("wait-for-copy", copy_wait_ms);
-    }
-    // A child that failed a step is gone already and does not read this (the write fails with
-    // EPIPE: the jailer ignores SIGPIPE, as Rust binaries do); its report says why.
-    let _ = (&go).write_all(b"G");
-    drop(go);
-
     // The child reports its step timings, then exec closes the pipe; or it reports a failure.
     let mut text = String::new();
     let _ = report.take(1 << 16).read_to_string(&mut text);
@@ -409,9 +412,8 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     for (name, ms) in child.steps {
         t.push(&name, ms);
     }
-    // What the child's steps and the copy (which ran side by side) do not account for: the
-    // namespaces' first scheduling and exec.
-    t.push("exec", (waited_ms - child_ms.max(copy_wait_ms)).max(0.0));
+    // What the child's steps do not account for: the namespaces' first scheduling and exec.
+    t.push("exec", (waited_ms - child_ms).max(0.0));
     drop(netns);
 
     let signals = crate::wait::signal_fd(&supervised_signals()).map_err(step("supervise", "signalfd"))?;
@@ -488,10 +490,8 @@ fn pipe() -> Result<(File, File), JailError> {
 /// the read end of its report pipe and the write end of the pipe that lets it exec. The
 /// supervised signals are blocked already (see [`run`]), so none is lost; the child restores
 /// `plan.old_mask` before exec.
-fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File, File), JailError> {
+fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File), JailError> {
     let (read, write) = pipe()?;
-    let (go_read, go_write) = pipe()?;
-    plan.go = go_read.as_raw_fd();
 
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if config.new_pid_ns {
@@ -543,14 +543,12 @@ fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File, File), 
     }
     if pid == 0 {
         drop(read);
-        drop(go_write);
         let fd = std::os::fd::IntoRawFd::into_raw_fd(write);
         child::main(&plan, fd);
     }
     drop(write);
-    drop(go_read);
     drop(v2_fd);
-    Ok((pid as i32, read, go_write))
+    Ok((pid as i32, read))
 }
 
 fn decode_status(status: i32) -> VmmStatus {

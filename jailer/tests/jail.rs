@@ -4,6 +4,7 @@
 mod common;
 
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -39,9 +40,18 @@ fn every_thread_of_a_jailed_vmm_is_confined_in_its_own_root_uid_and_pid_namespac
         );
         assert_eq!(status_field(&status, "Groups"), "", "task {task}");
     }
-    // Its root is the jail's root folder.
+    // Its root is the jail's root folder, which holds no copy of the VMM binary: the VMM runs
+    // the host's binary, exec'd from a descriptor (nothing in the jail leads to it).
     let jail_root = base.join("cella-vmm").join(&id).join("root");
     assert_eq!(inode(Path::new(&format!("/proc/{pid}/root/"))), inode(&jail_root));
+    let mut in_root: Vec<String> = std::fs::read_dir(&jail_root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    in_root.sort();
+    assert_eq!(in_root, ["dev", "image"]);
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe, std::fs::canonicalize(static_vmm()).unwrap());
     // It is PID 1 of its own PID namespace, and has its own mount, network, IPC and UTS ones.
     let nspid = status_field(&format!("/proc/{pid}/status"), "NSpid");
     assert_eq!(nspid.split_whitespace().collect::<Vec<_>>(), [pid.to_string().as_str(), "1"]);
@@ -586,9 +596,8 @@ fn a_prepared_jail_is_taken_once_with_its_own_netns_and_leaves_nothing_behind() 
     let spare = jail_id("spare");
     let id = jail_id("prepared");
     let dir = prepare_spare(&base, &spare);
-    // The spare holds the binary's copy and a network namespace mounted beside its root.
-    let copy = dir.join("root").join("cella-vmm");
-    assert_eq!(std::fs::metadata(&copy).unwrap().len(), std::fs::metadata(static_vmm()).unwrap().len());
+    // The spare holds an empty root and a network namespace mounted beside it.
+    assert_eq!(std::fs::read_dir(dir.join("root")).unwrap().count(), 0);
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(mountinfo.contains(&dir.join("netns").display().to_string()), "no netns mount: {mountinfo}");
 
@@ -625,33 +634,37 @@ fn a_prepared_jail_is_taken_once_with_its_own_netns_and_leaves_nothing_behind() 
 }
 
 #[test]
-fn a_spare_made_from_another_exec_file_is_removed_not_run_and_cleanup_removes_unused_ones() {
-    let base = chroot_base("stale-spare");
-    let spare = jail_id("stale");
-    // A spare copied from a different binary (same name, another file) must not run as this one.
-    let other = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stale-spare-bin").join("cella-vmm");
-    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+fn an_exec_file_others_can_change_is_refused_and_cleanup_removes_unused_spares() {
+    let base = chroot_base("exec-file");
+    // The VMM runs the exec-file itself (no copy): one that its group or others could write,
+    // or that is owned by another user, is refused before the VMM is cloned.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("writable-exec-file");
+    std::fs::create_dir_all(&dir).unwrap();
+    let other = dir.join("cella-vmm");
+    let _ = std::fs::remove_file(&other);
     std::fs::copy(static_vmm(), &other).unwrap();
-    let out = output(
-        std::process::Command::new(jailer())
-            .args(["prepare", "--id", &spare, "--exec-file"])
-            .arg(&other)
-            .arg("--chroot-base")
-            .arg(&base),
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-
-    // The launch does not run the other binary: it removes the spare and makes its own jail.
-    let id = jail_id("stale-launch");
-    let out = output(&mut jailed(&base, &id, &["--from-prepared", &spare], &["--", "hello"]));
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        stderr(&out)
-            .contains("was copied from another exec-file, or the exec-file changed since (removed it)"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(residue(&base, &spare), Vec::<String>::new());
+    for (mode, uid, problem) in [
+        (0o775, 0, "writable by its group or by others"),
+        (0o757, 0, "writable by its group or by others"),
+        (0o755, 4242, "owned by another user than root or the jailer's"),
+    ] {
+        std::fs::set_permissions(&other, <std::fs::Permissions as PermissionsExt>::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&other, Some(uid), Some(0)).unwrap();
+        let id = jail_id("exec-file");
+        let command = jailed(&base, &id, &[], &["--", "hello"]);
+        let args: Vec<std::ffi::OsString> = command
+            .get_args()
+            .map(
+                |a| if a == static_vmm().as_os_str() { other.clone().into_os_string() } else { a.to_owned() },
+            )
+            .collect();
+        let out = output(std::process::Command::new(jailer()).args(args));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(247), "{err}");
+        assert!(err.contains("step `open-exec-file` failed") && err.contains(problem), "{err}");
+        assert_eq!(residue(&base, &id), Vec::<String>::new());
+    }
+    std::fs::remove_file(&other).unwrap();
 
     // An unused spare goes with `cleanup`, its netns mount included.
     let spare = jail_id("unused");
@@ -661,7 +674,6 @@ fn a_spare_made_from_another_exec_file_is_removed_not_run_and_cleanup_removes_un
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(residue(&base, &spare), Vec::<String>::new());
-    std::fs::remove_file(&other).unwrap();
 }
 
 #[test]

@@ -1,10 +1,10 @@
 //! Prepared spare jails, made ahead of the launches that take them: `cella-jailer prepare`
-//! makes a jail folder with the VMM binary's copy and a network namespace while nothing waits,
+//! makes a jail folder with a network namespace while nothing waits,
 //! and the next launch takes the spare with `--jail-prepared`. The session manager keeps one
 //! for the next session VMM (a session's jail binds its own folder); the worker keeps spare VMMs
 //! instead ([`crate::worker::spare_pool`]). A launch refills in
-//! the background. A spare that turns out unusable (the VMM binary was replaced) costs a
-//! launch its head start only: the jailer says so and makes the jail itself.
+//! the background. A spare that turns out unusable costs a launch its head start only: the
+//! jailer says so and makes the jail itself.
 //!
 //! Spares are named `spare-<pid>-<kind><n>-<k>` (the `cella` process, `job` or `session`, the
 //! set, a serial number), so spares a crashed process left behind are recognised and removed by
