@@ -5,7 +5,7 @@
 //! capability dropping): validate the ID and every path ([`config`]); close inherited file
 //! descriptors; clear the environment; create `<base>/<exec-name>/<id>/root`; create `/dev`
 //! and the mount points for the read-only files; open the VMM binary (`O_PATH`, checked: a
-//! regular executable file only root can change); create the cgroups and
+//! regular executable file neither its group nor others can write); create the cgroups and
 //! write their limits ([`cgroup`], v1 and v2 per controller); clone into new mount, IPC, UTS,
 //! network and (with `--new-pid-ns`) PID namespaces; in the child ([`child`]): join the
 //! cgroups, set rlimits, bind the read-only files, `pivot_root`, unmount the old root, `mknod

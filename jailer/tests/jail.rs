@@ -636,20 +636,15 @@ fn a_prepared_jail_is_taken_once_with_its_own_netns_and_leaves_nothing_behind() 
 #[test]
 fn an_exec_file_others_can_change_is_refused_and_cleanup_removes_unused_spares() {
     let base = chroot_base("exec-file");
-    // The VMM runs the exec-file itself (no copy): one that its group or others could write,
-    // or that is owned by another user, is refused before the VMM is cloned.
+    // The VMM runs the exec-file itself (no copy): one that its group or others could write is
+    // refused before the VMM is cloned.
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("writable-exec-file");
     std::fs::create_dir_all(&dir).unwrap();
     let other = dir.join("cella-vmm");
     let _ = std::fs::remove_file(&other);
     std::fs::copy(static_vmm(), &other).unwrap();
-    for (mode, uid, problem) in [
-        (0o775, 0, "writable by its group or by others"),
-        (0o757, 0, "writable by its group or by others"),
-        (0o755, 4242, "owned by another user than root or the jailer's"),
-    ] {
+    for mode in [0o775, 0o757] {
         std::fs::set_permissions(&other, <std::fs::Permissions as PermissionsExt>::from_mode(mode)).unwrap();
-        std::os::unix::fs::chown(&other, Some(uid), Some(0)).unwrap();
         let id = jail_id("exec-file");
         let command = jailed(&base, &id, &[], &["--", "hello"]);
         let args: Vec<std::ffi::OsString> = command
@@ -661,7 +656,11 @@ fn an_exec_file_others_can_change_is_refused_and_cleanup_removes_unused_spares()
         let out = output(std::process::Command::new(jailer()).args(args));
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(247), "{err}");
-        assert!(err.contains("step `open-exec-file` failed") && err.contains(problem), "{err}");
+        assert!(
+            err.contains("step `open-exec-file` failed")
+                && err.contains("writable by its group or by others"),
+            "{err}"
+        );
         assert_eq!(residue(&base, &id), Vec::<String>::new());
     }
     std::fs::remove_file(&other).unwrap();
