@@ -34,21 +34,17 @@ pub fn terminate_with_parent(cmd: &mut tokio::process::Command) {
     }
 }
 
-/// Starts a child from `cmd` in a session of its own (setsid): it gets its own process group,
-/// no controlling terminal, and no signal from this process's end, so a session VMM outlives a
-/// restart (or a SIGKILL) of `cella serve` and is re-adopted by the next one.
+/// Starts a child from `cmd` in a process group of its own: no signal from this process's
+/// terminal or process group reaches it (a Ctrl-C, a hang-up), so a session VMM outlives a
+/// restart (or a SIGKILL) of `cella serve` and is re-adopted by the next one. Its standard
+/// input, output and error are never the terminal (the caller gives it the session's log).
+///
+/// A process group, not a session (`setsid`): std starts a child with `posix_spawn` (a
+/// `vfork`-style clone) when the only thing asked of the child is a process group, but must
+/// `fork` the whole server (copying its page tables, a few ms) to run a `setsid` hook first.
 pub fn detach(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
-    // is async-signal-safe; it allocates nothing and touches no shared state.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    cmd.process_group(0);
 }
 
 /// Sends SIGTERM to a detached session VMM (`pid`), or with `kill`, SIGKILL to its whole

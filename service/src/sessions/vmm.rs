@@ -1,4 +1,4 @@
-//! Session VMMs: `cella-vmm session` processes, each in a session (setsid) of its own so it
+//! Session VMMs: `cella-vmm session` processes, each in a process group of its own so it
 //! outlives a restart of `cella serve`, driven through their control socket
 //! ([`cella_host::client::ControlClient`]), and the guest's session port over the VM's vsock
 //! socket ([`cella_host::session::GuestSession`]).
