@@ -6,6 +6,7 @@
 pub mod launch;
 pub mod registry;
 pub mod spare_pool;
+pub mod supervise;
 pub mod template;
 
 use std::collections::HashMap;
@@ -22,15 +23,13 @@ use crate::error::{error_chain, QuietLog, ServiceError};
 use crate::jobs::{JobState, CHANNEL_CANCEL, CHANNEL_JOBS};
 use crate::metrics::Metrics;
 use crate::queue::{self, Lease, Outcome, QueueError};
-use launch::{Finished, Launcher, StopReason};
+use launch::{Finished, Launcher};
 use spare_pool::SparePool;
 
 /// How often a worker heartbeats its own row (and learns whether to drain).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// The polling fallback when no NOTIFY arrives.
 const POLL: Duration = Duration::from_secs(1);
-/// How long past its time limit a job's VMM may take to end before it is killed.
-const KILL_GRACE: Duration = Duration::from_secs(30);
 /// How long results are retried while the database is away before they are given up.
 const FINISH_RETRY_FOR: Duration = Duration::from_secs(120);
 /// What failed jobs' VMMs said reaches the log at 20 lines at once, then one a second.
@@ -346,44 +345,14 @@ impl Worker {
             };
             (run, status, stderr, scan_ms)
         });
-        tokio::pin!(run);
-        let mut stopped: Option<StopReason> = None;
-        let mut stop_sent = false;
-        // The VMM enforces the time limit itself; a VMM that does not end well after it (a
-        // hostile or broken one) is killed, and its jail removed.
-        let kill_at = tokio::time::Instant::now() + self.launcher.timeout() + KILL_GRACE;
-        let mut killed = false;
-        let mut beat = tokio::time::interval(self.lease_for / 3);
-        beat.tick().await;
-        let (run, status, stderr, scan_ms) = loop {
-            tokio::select! {
-                done = &mut run => break done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
-                _ = beat.tick() => match queue::heartbeat(&self.pool, lease, self.lease_for).await {
-                    Ok(Some(true)) if stopped.is_none() => stopped = Some(StopReason::Cancelled),
-                    Ok(None) if stopped.is_none() => stopped = Some(StopReason::LeaseLost),
-                    _ => {}
-                },
-                Ok(()) = cancel.changed(), if stopped.is_none() => stopped = Some(StopReason::Cancelled),
-                Ok(()) = hand_back.changed(), if stopped.is_none() => stopped = Some(StopReason::ShuttingDown),
-                _ = tokio::time::sleep_until(kill_at), if !killed => {
-                    killed = true;
-                    tracing::warn!(job = %lease.job_id, "the job's VMM did not end after its time limit; killing it");
-                    signals.send(libc::SIGKILL);
-                }
-            }
-            if stopped.is_some() && !stop_sent {
-                stop_sent = true;
-                // The VM stops and is scrubbed; the job channel then ends, and `finish` returns
-                // the stopped VM's report. A VM not started yet is stopped by a signal (through
-                // a pidfd: never a recycled pid).
-                let (api, signals) = (api.clone(), signals.clone());
-                tokio::task::spawn_blocking(move || {
-                    if api.stop().is_err() {
-                        signals.send(libc::SIGTERM);
-                    }
-                });
-            }
-        };
+        let vm = SpareHandle { api, signals, job_id: lease.job_id.clone() };
+        let keeper = JobLease { pool: &self.pool, lease, lease_for: self.lease_for };
+        let beat = self.lease_for / 3;
+        let supervised =
+            supervise::supervise(run, &vm, &keeper, cancel, hand_back, beat, self.launcher.timeout()).await;
+        let (run, status, stderr, scan_ms) =
+            supervised.result.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let (stopped, killed) = (supervised.stopped, supervised.killed);
         if killed {
             if let Some(id) = &jail_id {
                 crate::spares::remove(&self.launcher.vmm().with_file_name("cella-jailer"), id).await;
@@ -467,6 +436,51 @@ async fn listen(pool: PgPool, wake: Arc<Notify>, cancels: CancelMap) {
         || gap_wake.notify_one(),
     )
     .await;
+}
+
+/// A job's spare VMM, as its control loop reaches it.
+struct SpareHandle {
+    api: cella_host::client::ControlClient,
+    signals: cella_host::spare::SpareSignals,
+    job_id: String,
+}
+
+impl supervise::VmHandle for SpareHandle {
+    /// The VM stops and is scrubbed; the job channel then ends, and `finish` returns the
+    /// stopped VM's report. A VM not started yet is stopped by a signal (through a pidfd: never
+    /// a recycled pid).
+    fn request_stop(&self) {
+        let (api, signals) = (self.api.clone(), self.signals.clone());
+        tokio::task::spawn_blocking(move || {
+            if api.stop().is_err() {
+                signals.send(libc::SIGTERM);
+            }
+        });
+    }
+
+    fn kill(&self) {
+        tracing::warn!(job = %self.job_id, "the job's VMM did not end after its time limit; killing it");
+        self.signals.send(libc::SIGKILL);
+    }
+}
+
+/// A job's lease in the queue, as its control loop renews it.
+struct JobLease<'a> {
+    pool: &'a PgPool,
+    lease: &'a Lease,
+    lease_for: Duration,
+}
+
+impl supervise::LeaseKeeper for JobLease<'_> {
+    async fn renew(&self) -> supervise::Beat {
+        use supervise::Beat;
+        match queue::heartbeat(self.pool, self.lease, self.lease_for).await {
+            Ok(Some(true)) => Beat::CancelAsked,
+            Ok(Some(false)) => Beat::Held,
+            Ok(None) => Beat::Lost,
+            Err(_) => Beat::Unknown,
+        }
+    }
 }
 
 /// One server-log line per recorded job state change: the state, the time the attempt took
