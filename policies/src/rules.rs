@@ -14,6 +14,7 @@
 
 pub mod bench;
 pub mod bench_packs;
+pub mod examples;
 mod gitleaks;
 pub mod lines;
 mod pack;
@@ -77,6 +78,16 @@ pub struct Pack {
     pub name: String,
     /// Its rules, with pack defaults applied.
     pub rules: Vec<Rule>,
+    /// Each rule's examples (`examples`, `negative_examples`), in the order of `rules`. They stay
+    /// on the host: the policy sent into a VM carries the rules only.
+    pub examples: Vec<Examples>,
+}
+
+/// What a rule must find and must not find, as its pack states it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Examples {
+    pub positive: Vec<String>,
+    pub negative: Vec<String>,
 }
 
 /// A validated policy and its serialized form for the guest.

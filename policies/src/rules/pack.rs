@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use cella_scan::{check_rule, glob_to_regex, Allowlist, Category, Rule, Severity, Validator};
 
-use super::{Pack, PolicyError};
+use super::{Examples, Pack, PolicyError};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +57,12 @@ struct RuleToml {
     spdx: Option<String>,
     #[serde(default)]
     generic: bool,
+    /// Text the rule must find (each scanned as a file of its own, with this rule alone).
+    #[serde(default)]
+    examples: Vec<String>,
+    /// Text the rule must not find: near misses, placeholders, look-alikes.
+    #[serde(default)]
+    negative_examples: Vec<String>,
 }
 
 /// Parses and validates one pack. `source` names the pack in errors until its `[pack] name` is
@@ -68,7 +74,8 @@ pub fn parse_pack(source: &str, text: &str) -> Result<Pack, PolicyError> {
 /// How much of a rule [`parse`] checks.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Check {
-    /// Everything, compiling every regex ([`check_rule`]): for packs from outside.
+    /// Everything, compiling every regex ([`check_rule`]) and running every rule's examples
+    /// ([`super::examples`]): for packs from outside.
     Full,
     /// The pack's shape only. For the built-in packs, which the tests check in full
     /// (`rules::tests::builtin_packs_pass_full_validation`): compiling their regexes again on
@@ -88,6 +95,7 @@ pub(super) fn parse(source: &str, text: &str, check: Check) -> Result<Pack, Poli
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PolicyError::InvalidExclude { pack: pack_name.clone(), source: e })?;
     let mut rules = Vec::with_capacity(file.rules.len());
+    let mut examples = Vec::with_capacity(file.rules.len());
     for (i, value) in file.rules.into_iter().enumerate() {
         let label = value
             .get("id")
@@ -127,10 +135,13 @@ pub(super) fn parse(source: &str, text: &str, check: Check) -> Result<Pack, Poli
             spdx: r.spdx,
             generic: r.generic,
         };
+        let rule_examples = Examples { positive: r.examples, negative: r.negative_examples };
         if check == Check::Full {
             check_rule(&rule).map_err(invalid)?;
+            super::examples::check(&rule, &rule_examples).map_err(|e| invalid(e.to_string()))?;
         }
         rules.push(rule);
+        examples.push(rule_examples);
     }
-    Ok(Pack { name: pack_name, rules })
+    Ok(Pack { name: pack_name, rules, examples })
 }

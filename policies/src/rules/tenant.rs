@@ -313,6 +313,14 @@ fn check(text: &str, at: &dyn Locate, limits: &PackLimits) -> Result<(Pack, u64)
             rule: id.clone(),
             problem: at.wording(problem),
         })?;
+        let examples = pack.examples.get(i).cloned().unwrap_or_default();
+        super::examples::check(rule, &examples).map_err(|e| {
+            let key = match e {
+                super::examples::ExampleError::Found { .. } => "negative_examples",
+                _ => "examples",
+            };
+            PackError::Rule { at: at.key(i, &[key]).or(at.rule(i)), rule: id.clone(), problem: e.to_string() }
+        })?;
     }
     Ok((pack, compiled))
 }

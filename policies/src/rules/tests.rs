@@ -206,3 +206,34 @@ fn the_builtin_catch_alls_are_generic_and_lose_to_a_tenants_specific_rule() {
     let rules: Vec<&str> = report.findings.iter().map(|f| f.rule_id.as_str()).collect();
     assert_eq!(rules, ["acme-token"]);
 }
+
+#[test]
+fn a_rule_must_find_its_examples_and_not_its_negative_ones() {
+    let with = |extra: &str| pack_with(&format!("{GOOD}\n{extra}"));
+    let pack = parse_pack(
+        "tenant.toml",
+        &with("examples = ['''token = acme_0123456789abcdef''']\nnegative_examples = ['''acme_short''']"),
+    )
+    .unwrap();
+    assert_eq!(pack.examples[0].positive, ["token = acme_0123456789abcdef"]);
+    let (rule, problem) =
+        rule_problem(&with("examples = ['''acme_0123456789abcdef''', '''acme_tooshort''']"));
+    assert_eq!(rule, "acme-token");
+    assert_eq!(
+        problem,
+        "its example 2 (`acme_tooshort`) is not found by the rule; fix the example or the rule"
+    );
+    // Shown escaped, and cut after 60 characters.
+    let (_, problem) = rule_problem(&with(
+        "negative_examples = [\"x\\n\\u0007 acme_0123456789abcdef and much more text, to be cut off here\"]",
+    ));
+    assert!(
+        problem.starts_with(
+            "its negative example 1 (`x\\n\\u{7} acme_0123456789abcdef and much more text, to be cut off …`)"
+        ),
+        "{problem}"
+    );
+    // A suppressed finding is not a finding: an inline allow makes a negative example.
+    parse_pack("tenant.toml", &with("negative_examples = ['''acme_0123456789abcdef # cella:allow''']"))
+        .unwrap();
+}

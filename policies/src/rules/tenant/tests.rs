@@ -193,3 +193,23 @@ fn a_compiled_policy_of_another_format_version_is_refused() {
     assert!(e.to_string().contains("format version 99"), "{e}");
     assert!(matches!(read_compiled(b"{".to_vec()), Err(PolicyError::Malformed { .. })));
 }
+
+#[test]
+fn an_upload_whose_rule_disagrees_with_its_examples_is_refused_at_the_examples_line() {
+    // The second rule: 14 [[rules]], 15 id, 16 description, 17 regex, 18 secret_group, 19 keywords,
+    // 20 help, 21 examples.
+    let good = "examples = ['''WEBHOOK=whsec_acme_Q7dX2mP9vL4kR8sT1wY6zB3nC5hJ0aE2''']\n\
+                negative_examples = ['''whsec_acme_tooshort''']";
+    validate(&pack(&format!("{SECOND}\n{good}")), PackFormat::Cella, None, &PackLimits::default()).unwrap();
+    let e = refused(&pack(&format!("{SECOND}\nexamples = ['''whsec_acme_tooshort''']")));
+    assert_eq!(line(&e), 21, "{e}");
+    assert_eq!(
+        e.to_string(),
+        "line 21, column 1: rule `acme-webhook-secret`: its example 1 (`whsec_acme_tooshort`) is not found \
+         by the rule; fix the example or the rule"
+    );
+    let found = "negative_examples = ['''whsec_acme_Q7dX2mP9vL4kR8sT1wY6zB3nC5hJ0aE2''']";
+    let e = refused(&pack(&format!("{SECOND}\n{found}")));
+    assert_eq!(line(&e), 21, "{e}");
+    assert!(e.to_string().contains("its negative example 1"), "{e}");
+}
