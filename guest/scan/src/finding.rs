@@ -176,11 +176,14 @@ fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
 /// Masks all of `secret` except a short prefix and suffix: at most 4 bytes each, and together
 /// never more than a third of the secret. The mask has a fixed width so the length is not shown.
 pub fn redact(secret: &[u8]) -> String {
-    let keep = (secret.len() / 6).min(4);
+    // Whitespace in a secret (the line breaks of a PEM key's body) is neither shown nor counted:
+    // a multi-line key shows the start and end of its content, not `????`.
+    let content: Vec<u8> = secret.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    let keep = (content.len() / 6).min(4);
     let mut s = String::with_capacity(2 * keep + 4);
-    push_printable(&mut s, &secret[..keep]);
+    push_printable(&mut s, &content[..keep]);
     s.push_str("****");
-    push_printable(&mut s, &secret[secret.len() - keep..]);
+    push_printable(&mut s, &content[content.len() - keep..]);
     s
 }
 
@@ -537,6 +540,14 @@ mod tests {
         assert_eq!(redact(b"AKIAZ7Q3R5T2V4X6Y8B1"), "AKI****8B1");
         assert_eq!(redact(b"ghp_0123456789abcdefghijklmnopqrstuvwxyz"), "ghp_****wxyz");
         assert_eq!(redact(b"short"), "****");
+    }
+
+    #[test]
+    fn a_multi_line_secret_is_redacted_by_its_content_not_its_line_breaks() {
+        let body = b"\nMIIEpAIBAAKCAQEAx7Kd9Zq2\nw8Jt4Lm0Vn3Bq5Rr1Tz6Yc==\n";
+        assert_eq!(redact(body), "MIIE****Yc==");
+        assert_eq!(redact(b"\r\n  \t\n"), "****");
+        assert_eq!(redact(b"\x01\x02ab\ncdefghijkl"), "??****kl");
     }
 
     #[test]

@@ -33,6 +33,7 @@ mod error;
 mod finding;
 mod glob;
 pub mod index;
+pub mod placeholder;
 mod rule;
 pub mod sarif;
 mod source;

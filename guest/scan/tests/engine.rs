@@ -191,3 +191,18 @@ fn rejects_policy_of_another_format_version() {
     let err = Engine::from_policy_json(br#"{"format_version":99,"rules":[]}"#).unwrap_err();
     assert_eq!(err, EngineError::PolicyVersion { found: 99, expected: POLICY_FORMAT_VERSION });
 }
+
+#[test]
+fn a_generic_rule_skips_placeholders_and_a_specific_rule_does_not() {
+    let mut generic = rule("pw-in-url", r"://[a-z]{1,20}:([^@\s]{3,64})@", 1, &["://"], Category::Secret);
+    generic.generic = true;
+    let text = "a = postgres://app:${DB_PASSWORD}@db\n\
+                b = postgres://app:xxxxxxxx@db\n\
+                c = postgres://app:changeme@db\n\
+                d = postgres://app:<password>@db\n\
+                e = postgres://app:Zr8kq2Lm9@db\n";
+    assert_eq!(run(vec![generic.clone()], "f", text).unwrap(), ["5:pw-in-url:Z****9"]);
+    let mut specific = generic;
+    specific.generic = false;
+    assert_eq!(run(vec![specific], "f", text).unwrap().len(), 5);
+}

@@ -1,0 +1,203 @@
+//! Values that stand in for a secret without being one: a template's reference to where the
+//! real value comes from (`${DB_PASSWORD}`, `{{ .Values.token }}`, `<password>`, `%s`,
+//! `$TOKEN`), a mask (`********`, `xxxxxxxx`), a run like `12345678` or `abcdef`, and the words
+//! people write in examples and defaults (`changeme`, `your-api-key-here`). A generic rule
+//! ([`crate::Rule::generic`]: a password in a URL, a value assigned to a secret-sounding name)
+//! does not report them; rules for one provider's token format never meet them.
+
+/// Whether `value` (a candidate secret, without its quotes) is a placeholder.
+pub fn is_placeholder(value: &[u8]) -> bool {
+    let v = trim_quotes(value);
+    v.is_empty() || is_reference(v) || is_mask(v) || is_run(v) || is_stand_in_word(v)
+}
+
+fn trim_quotes(v: &[u8]) -> &[u8] {
+    let quote = |b: &u8| matches!(b, b'"' | b'\'' | b'`');
+    let start = v.iter().position(|b| !quote(b)).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !quote(b)).map_or(start, |i| i + 1);
+    &v[start..end.max(start)]
+}
+
+/// A reference to the value's real source, in the syntax of a shell, a template engine or a
+/// format string.
+fn is_reference(v: &[u8]) -> bool {
+    const INSIDE: [&[u8]; 6] = [b"${", b"{{", b"$(", b"#{", b"%(", b"%s"];
+    if INSIDE.iter().any(|m| v.windows(m.len()).any(|w| w == *m)) {
+        return true;
+    }
+    let wrapped = |open: u8, close: u8| v.len() >= 3 && v[0] == open && v[v.len() - 1] == close;
+    if wrapped(b'<', b'>') || wrapped(b'{', b'}') || wrapped(b'%', b'%') || wrapped(b'[', b']') {
+        return true;
+    }
+    let ident = |s: &[u8]| !s.is_empty() && s.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_');
+    // `$TOKEN`, `$env:TOKEN`, `@@TOKEN@@`, `__TOKEN__`.
+    if let Some(rest) = v.strip_prefix(b"$") {
+        let rest = rest.strip_prefix(b"env:").or_else(|| rest.strip_prefix(b"ENV:")).unwrap_or(rest);
+        if ident(rest) {
+            return true;
+        }
+    }
+    let between = |m: &[u8]| {
+        v.len() > 2 * m.len() && v.starts_with(m) && v.ends_with(m) && ident(&v[m.len()..v.len() - m.len()])
+    };
+    between(b"@@") || between(b"__")
+}
+
+/// Mostly one character: `********`, `xxxxxxxx`, `0000`, `aaaaabbbbb`.
+fn is_mask(v: &[u8]) -> bool {
+    let mut seen = [false; 256];
+    let mut distinct = 0;
+    for &b in v {
+        let b = b.to_ascii_lowercase();
+        if !seen[b as usize] {
+            seen[b as usize] = true;
+            distinct += 1;
+        }
+    }
+    distinct <= 2
+}
+
+/// Consecutive characters, up or down: `12345678`, `abcdefg`, `987654`.
+fn is_run(v: &[u8]) -> bool {
+    if v.len() < 3 {
+        return false;
+    }
+    let steps = |step: i16| {
+        v.windows(2)
+            .all(|w| i16::from(w[1].to_ascii_lowercase()) - i16::from(w[0].to_ascii_lowercase()) == step)
+    };
+    steps(1) || steps(-1)
+}
+
+/// The words that fill a value's place in examples, defaults and documentation.
+const STAND_INS: [&str; 40] = [
+    "password",
+    "passwd",
+    "pass",
+    "pwd",
+    "secret",
+    "changeme",
+    "changeit",
+    "change_me",
+    "example",
+    "dummy",
+    "test",
+    "testing",
+    "todo",
+    "fixme",
+    "placeholder",
+    "redacted",
+    "hidden",
+    "none",
+    "null",
+    "nil",
+    "undefined",
+    "empty",
+    "default",
+    "admin",
+    "root",
+    "user",
+    "username",
+    "token",
+    "apikey",
+    "api_key",
+    "key",
+    "foo",
+    "bar",
+    "foobar",
+    "baz",
+    "hunter2",
+    "letmein",
+    "qwerty",
+    "abc123",
+    "p@ssw0rd",
+];
+
+/// A stand-in word, alone or with a digit or two after it (`password1`), or a phrase that
+/// says where the real value goes (`your-api-key-here`, `insert_token`, `my_password`).
+fn is_stand_in_word(v: &[u8]) -> bool {
+    let lower: alloc::vec::Vec<u8> = v.iter().map(u8::to_ascii_lowercase).collect();
+    let word = match lower.iter().rposition(|b| !b.is_ascii_digit()) {
+        Some(i) if lower.len() - i - 1 <= 3 => &lower[..=i],
+        _ => &lower[..],
+    };
+    if STAND_INS.iter().any(|w| w.as_bytes() == word || w.as_bytes() == &lower[..]) {
+        return true;
+    }
+    let sep = |b: &u8| matches!(b, b'-' | b'_' | b'.' | b' ');
+    let starts = |p: &[u8]| lower.starts_with(p) && lower.get(p.len()).is_some_and(sep);
+    let ends =
+        |p: &[u8]| lower.ends_with(p) && lower.len() > p.len() && sep(&lower[lower.len() - p.len() - 1]);
+    starts(b"your")
+        || starts(b"my")
+        || starts(b"insert")
+        || starts(b"enter")
+        || starts(b"replace")
+        || ends(b"here")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_masks_runs_and_stand_ins_are_placeholders() {
+        for v in [
+            "${DB_PASSWORD}",
+            "pre${X}post",
+            "{{ .Values.token }}",
+            "$(cat /run/secret)",
+            "#{token}",
+            "%(password)s",
+            "%s",
+            "<password>",
+            "{password}",
+            "%DB_PASS%",
+            "[token]",
+            "$TOKEN",
+            "$env:API_KEY",
+            "@@SECRET@@",
+            "__API_TOKEN__",
+            "********",
+            "xxxxxxxx",
+            "XxXxXx",
+            "0000",
+            "12345678",
+            "abcdefg",
+            "987654",
+            "changeme",
+            "Password1",
+            "password123",
+            "your-api-key-here",
+            "YOUR_TOKEN",
+            "insert_key_here",
+            "my_password",
+            "'changeme'",
+            "\"\"",
+            "hunter2",
+            "",
+        ] {
+            assert!(is_placeholder(v.as_bytes()), "{v:?} is a placeholder");
+        }
+    }
+
+    #[test]
+    fn real_looking_values_are_not_placeholders() {
+        for v in [
+            "Zr8#kq2Lm",
+            "s3cr3t-Xq9!vT",
+            "hR7kV2pQ9wX4",
+            "ab12cd34",
+            "passphrase-7Qx",
+            "tokenizer9Lm2",
+            "yourself",
+            "mykonos-2031",
+            "there",
+            "$5tr0ng!",
+            "1357924680",
+            "Tr0ub4dor&3",
+        ] {
+            assert!(!is_placeholder(v.as_bytes()), "{v:?} is not a placeholder");
+        }
+    }
+}
