@@ -2,11 +2,12 @@
 
 use crate::rule::Validator;
 
-/// Runs `validator` on `candidate`. `after` is the text that follows the candidate in the same
-/// buffer (used by text-shape checks such as [`Validator::Bsd2Clause`]).
-pub fn check(validator: Validator, candidate: &[u8], after: &[u8]) -> bool {
+/// Runs `validator` on `candidate`. `before` and `after` are the text around the candidate in
+/// the same buffer (used by text-shape checks such as [`Validator::Bsd2Clause`], and to tell a
+/// card number from a number in a table).
+pub fn check(validator: Validator, candidate: &[u8], before: &[u8], after: &[u8]) -> bool {
     match validator {
-        Validator::PaymentCard => payment_card(candidate),
+        Validator::PaymentCard => payment_card(candidate) && !in_numeric_table(before, candidate, after),
         Validator::UsSsn => us_ssn(candidate),
         Validator::Iban => iban(candidate),
         Validator::Email => email(candidate),
@@ -121,6 +122,50 @@ pub fn payment_card(candidate: &[u8]) -> bool {
         _ => false,
     };
     issuer_ok && luhn(d)
+}
+
+/// Words that make a number on their line a card number whatever surrounds it.
+const CARD_CONTEXT: [&[u8]; 8] =
+    [b"card", b"visa", b"mastercard", b"amex", b"credit", b"pan", b"ccnum", b"cc_"];
+
+/// How far around a candidate the table check looks.
+const TABLE_REACH: usize = 160;
+
+/// Whether an unseparated digit run is one number among others rather than a card number: an
+/// element of an array or table (another number follows or precedes it across a comma), or a
+/// negative or fractional number. Numeric constant
+/// tables (bignum powers, curve points, float test vectors) hold many Luhn-valid runs with card
+/// prefixes. A card context word on the candidate's line (`card`, `visa`, `pan`, …) keeps it.
+/// Card numbers written with spaces or dashes are deliberate and never count as table numbers.
+pub fn in_numeric_table(before: &[u8], candidate: &[u8], after: &[u8]) -> bool {
+    if !candidate.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let before = &before[before.len().saturating_sub(TABLE_REACH)..];
+    let after = &after[..after.len().min(TABLE_REACH)];
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let line_end = after.iter().position(|&b| b == b'\n').unwrap_or(after.len());
+    let line = [&before[line_start..], &after[..line_end]];
+    if line.iter().any(|part| CARD_CONTEXT.iter().any(|w| contains_ascii_ci(part, w))) {
+        return false;
+    }
+    let space = |b: &u8| b.is_ascii_whitespace();
+    let number = |b: &u8| b.is_ascii_hexdigit();
+    // Right before it: `-` or `.` (a negative or fractional number).
+    if matches!(before.last(), Some(b'-' | b'.')) {
+        return true;
+    }
+    // Right after it: a fraction.
+    if after.first() == Some(&b'.') && after.get(1).is_some_and(u8::is_ascii_digit) {
+        return true;
+    }
+    // A comma between it and another number, before or after (across line breaks).
+    let mut back = before.iter().rev().skip_while(|b| space(b));
+    if back.next() == Some(&b',') && back.find(|b| !space(b)).is_some_and(number) {
+        return true;
+    }
+    let mut ahead = after.iter().skip_while(|b| space(b));
+    ahead.next() == Some(&b',') && ahead.find(|b| !space(b)).is_some_and(|b| number(b) || *b == b'-')
 }
 
 /// US SSN `AAA-GG-SSSS` (dashes or spaces, or none): area not 000, 666, 9xx; group not 00;
@@ -323,6 +368,32 @@ mod tests {
         assert!(!payment_card(b"4111 1111 1111 1112"));
         assert!(!payment_card(b"4111-1111 1111 1111"));
         assert!(!payment_card(b"1234567812345670")); // Luhn ok, no issuer
+    }
+
+    #[test]
+    fn a_number_in_a_table_is_not_a_card_number_unless_a_card_is_named() {
+        let card = b"4111111111111111";
+        let table = |before: &str, after: &str| in_numeric_table(before.as_bytes(), card, after.as_bytes());
+        // Alone, or in a sentence: a card number.
+        assert!(!table("number: ", " is on file\n"));
+        assert!(!table("", ". Next sentence"));
+        assert!(!table("(", ")"));
+        // In an array, one per line or several per line; negative; fractional.
+        assert!(table("    1001412661522686, ", ",\n"));
+        assert!(table(
+            "const T: [u64; 3] = [\n    3550991145492617480,\n    ",
+            ",\n    4104017706432470283,\n"
+        ));
+        assert!(table("{ mantissa -", ", base 2 }"));
+        assert!(table("x = 0.", ""));
+        assert!(table("x = ", ".5"));
+        assert!(table("0x1f, ", ""));
+        // A card context on its line keeps it, and so do separators.
+        assert!(!table("let visa_cards = [\"", "\", \"5555555555554444\"];"));
+        assert!(!table("test_pan: ", ", 42"));
+        assert!(!in_numeric_table(b"1, ", b"4111 1111 1111 1111", b", 2"));
+        assert!(check(Validator::PaymentCard, card, b"card: ", b"\n"));
+        assert!(!check(Validator::PaymentCard, card, b"[7, ", b", 9]"));
     }
 
     #[test]
