@@ -1,14 +1,37 @@
 //! Values that stand in for a secret without being one: a template's reference to where the
 //! real value comes from (`${DB_PASSWORD}`, `{{ .Values.token }}`, `<password>`, `%s`,
-//! `$TOKEN`), a mask (`********`, `xxxxxxxx`), a run like `12345678` or `abcdef`, and the words
-//! people write in examples and defaults (`changeme`, `your-api-key-here`). A generic rule
+//! `$TOKEN`), a mask (`********`, `xxxxxxxx`), a run like `12345678` or `abcdef`, the words
+//! people write in examples and defaults (`changeme`, `your-api-key-here`), and a name rather
+//! than a value (`CLIENT_TRAFFIC_SECRET_0`, `caching_sha2_password`: a label in a table of them). A generic rule
 //! ([`crate::Rule::generic`]: a password in a URL, a value assigned to a secret-sounding name)
 //! does not report them; rules for one provider's token format never meet them.
 
 /// Whether `value` (a candidate secret, without its quotes) is a placeholder.
 pub fn is_placeholder(value: &[u8]) -> bool {
     let v = trim_quotes(value);
-    v.is_empty() || is_reference(v) || is_mask(v) || is_run(v) || is_stand_in_word(v)
+    v.is_empty() || is_reference(v) || is_mask(v) || is_run(v) || is_stand_in_word(v) || is_identifier(v)
+}
+
+/// A snake-case name of words, all upper or all lower case (`CLIENT_TRAFFIC_SECRET_0`,
+/// `mysql_native_password`): a constant's or an option's name, not a value. A part is a word if
+/// it starts with a letter and at most a third of it is digits (`sha2`), or is a number after
+/// the first part; so `a3f9_b2c1_e7d4` (hex groups) is no name.
+fn is_identifier(v: &[u8]) -> bool {
+    let parts: alloc::vec::Vec<&[u8]> = v.split(|&b| b == b'_').collect();
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+        return false;
+    }
+    let upper = v.iter().any(u8::is_ascii_uppercase);
+    let lower = v.iter().any(u8::is_ascii_lowercase);
+    if upper == lower {
+        return false;
+    }
+    parts.iter().enumerate().all(|(i, p)| {
+        let digits = p.iter().filter(|b| b.is_ascii_digit()).count();
+        let word =
+            p[0].is_ascii_alphabetic() && p.iter().all(u8::is_ascii_alphanumeric) && 3 * digits <= p.len();
+        word || (i > 0 && digits == p.len())
+    })
 }
 
 fn trim_quotes(v: &[u8]) -> &[u8] {
@@ -172,6 +195,10 @@ mod tests {
             "YOUR_TOKEN",
             "insert_key_here",
             "my_password",
+            "CLIENT_TRAFFIC_SECRET_0",
+            "SERVER_HANDSHAKE_TRAFFIC_SECRET",
+            "caching_sha2_password",
+            "mysql_native_password",
             "'changeme'",
             "\"\"",
             "hunter2",
@@ -196,6 +223,9 @@ mod tests {
             "$5tr0ng!",
             "1357924680",
             "Tr0ub4dor&3",
+            "a3f9_b2c1_e7d4_9f0a",
+            "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+            "Secret_Value_2031",
         ] {
             assert!(!is_placeholder(v.as_bytes()), "{v:?} is not a placeholder");
         }
