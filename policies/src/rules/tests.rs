@@ -237,3 +237,18 @@ fn a_rule_must_find_its_examples_and_not_its_negative_ones() {
     parse_pack("tenant.toml", &with("negative_examples = ['''acme_0123456789abcdef # cella:allow''']"))
         .unwrap();
 }
+
+#[test]
+fn every_builtin_rule_carries_a_positive_and_a_negative_example() {
+    for (name, _) in BUILTIN_PACKS {
+        let pack = builtin_pack(name).unwrap();
+        assert_eq!(pack.examples.len(), pack.rules.len());
+        for (rule, examples) in pack.rules.iter().zip(&pack.examples) {
+            assert!(
+                !examples.positive.is_empty() && !examples.negative.is_empty(),
+                "built-in rule `{}` of `{name}` needs at least one example and one negative example",
+                rule.id
+            );
+        }
+    }
+}
