@@ -10,8 +10,8 @@
 //!    on the line (or, for multiline rules, on a window starting at it); keyword-less rules
 //!    run on the line if their own combined filter matches it.
 //! 3. Each match then passes the secret-group extraction, entropy threshold, validator and
-//!    allowlists (and, for a generic rule, is not a placeholder: see `placeholder.rs`) before it
-//!    becomes a finding (redacted, fingerprinted, with line and column).
+//!    allowlists (and is not filler like `ghp_xxxx…`, nor for a generic rule a placeholder: see
+//!    `placeholder.rs`) before it becomes a finding (redacted, fingerprinted, with line and column).
 //! 4. Where a generic rule ([`Rule::generic`]) and a specific one find overlapping secrets,
 //!    the specific finding stays; where rules of the same kind find the same secret, the
 //!    first in policy order does. A finding with an inline marker ([`INLINE_MARKERS`]) on its
@@ -1025,6 +1025,7 @@ impl Engine {
                     && rule.validator.is_none_or(|v| check(v, secret_bytes, &buf[..s], after))
                     && !st.stopwords.iter().any(|w| contains_ascii_ci(secret_bytes, w))
                     && !(rule.generic && crate::placeholder::is_placeholder(secret_bytes))
+                    && !(rule.category == Category::Secret && crate::placeholder::is_filler(secret_bytes))
                     && !st.allow.as_mut().is_some_and(|a| a.iter_mut().any(|a| a.is_match(secret_bytes)));
                 if ok {
                     st.last_end = m.end();

@@ -6,6 +6,27 @@
 //! ([`crate::Rule::generic`]: a password in a URL, a value assigned to a secret-sounding name)
 //! does not report them; rules for one provider's token format never meet them.
 
+/// Whether a secret found by any secret rule is filler rather than key material: half of it or
+/// more one repeated mask character (`ghp_xxxxxxxx…`, a Slack URL's `XXXXXXXX…`, `********`),
+/// or mostly an alphabet run (`abcdefghijklmnopqrstuvwxyzABCD…`). A real token of a provider's
+/// format is random: it never has either shape.
+pub fn is_filler(secret: &[u8]) -> bool {
+    if secret.len() < 8 {
+        return false;
+    }
+    let mask = |b: u8| matches!(b, b'x' | b'X' | b'*' | b'#' | b'.');
+    let mut longest = 0;
+    let mut run = 0;
+    for (i, &b) in secret.iter().enumerate() {
+        run = if i > 0 && secret[i - 1] == b { run + 1 } else { 1 };
+        if mask(b) {
+            longest = longest.max(run);
+        }
+    }
+    let ascending = secret.windows(2).filter(|w| w[1] == w[0].wrapping_add(1)).count();
+    2 * longest >= secret.len() || 5 * ascending >= 4 * (secret.len() - 1)
+}
+
 /// Whether `value` (a candidate secret, without its quotes) is a placeholder.
 pub fn is_placeholder(value: &[u8]) -> bool {
     let v = trim_quotes(value);
@@ -14,8 +35,9 @@ pub fn is_placeholder(value: &[u8]) -> bool {
 
 /// A snake-case name of words, all upper or all lower case (`CLIENT_TRAFFIC_SECRET_0`,
 /// `mysql_native_password`): a constant's or an option's name, not a value. A part is a word if
-/// it starts with a letter and at most a third of it is digits (`sha2`), or is a number after
-/// the first part; so `a3f9_b2c1_e7d4` (hex groups) is no name.
+/// it starts with a letter, has at most 12 characters and at most a third of them digits
+/// (`sha2`), or is a number after the first part; so `a3f9_b2c1_e7d4` (hex groups) and
+/// `acme_qkvjzmtwpxrbnlsd` (a prefixed random token) are no names.
 fn is_identifier(v: &[u8]) -> bool {
     let parts: alloc::vec::Vec<&[u8]> = v.split(|&b| b == b'_').collect();
     if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
@@ -28,8 +50,10 @@ fn is_identifier(v: &[u8]) -> bool {
     }
     parts.iter().enumerate().all(|(i, p)| {
         let digits = p.iter().filter(|b| b.is_ascii_digit()).count();
-        let word =
-            p[0].is_ascii_alphabetic() && p.iter().all(u8::is_ascii_alphanumeric) && 3 * digits <= p.len();
+        let word = p[0].is_ascii_alphabetic()
+            && p.len() <= 12
+            && p.iter().all(u8::is_ascii_alphanumeric)
+            && 3 * digits <= p.len();
         word || (i > 0 && digits == p.len())
     })
 }
@@ -164,6 +188,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn masked_and_alphabet_tokens_are_filler_and_random_ones_are_not() {
+        for v in [
+            "ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+            "glpat-xxxxxxxxxxxxxxxxxxxx",
+            "XXXXXXXXXXXXXXXXXXXXXXXX",
+            "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN",
+            "sk_live_****************************",
+        ] {
+            assert!(is_filler(v.as_bytes()), "{v:?} is filler");
+        }
+        for v in [
+            "ghp_mzTsNmBWXPEIYkbve7vPaNd6UU9mqdUeFyXu",
+            "AKIAHLP44QJAQNHYLOCI",
+            "lKTVv7+5nNmqNLf5P49jVyzG67/F/o4vxrqSrd0p",
+            "xoxb-2048-4096-aaaa",
+            "short",
+            "tok_0000000000000005",
+        ] {
+            assert!(!is_filler(v.as_bytes()), "{v:?} is not filler");
+        }
+    }
+
+    #[test]
     fn references_masks_runs_and_stand_ins_are_placeholders() {
         for v in [
             "${DB_PASSWORD}",
@@ -226,6 +273,7 @@ mod tests {
             "a3f9_b2c1_e7d4_9f0a",
             "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
             "Secret_Value_2031",
+            "acme_qkvjzmtwpxrbnlsd",
         ] {
             assert!(!is_placeholder(v.as_bytes()), "{v:?} is not a placeholder");
         }

@@ -10,7 +10,7 @@ pub fn check(validator: Validator, candidate: &[u8], before: &[u8], after: &[u8]
         Validator::PaymentCard => payment_card(candidate) && !in_numeric_table(before, candidate, after),
         Validator::UsSsn => us_ssn(candidate),
         Validator::Iban => iban(candidate),
-        Validator::Email => email(candidate),
+        Validator::Email => email(candidate) && !ssh_remote(candidate, before, after),
         Validator::Phone => phone(candidate),
         Validator::Bsd2Clause => bsd2_clause(after),
     }
@@ -314,7 +314,28 @@ pub fn email(candidate: &[u8]) -> bool {
         labels += 1;
         last = label;
     }
-    labels >= 2 && last.len() >= 2 && last.iter().all(u8::is_ascii_alphabetic)
+    labels >= 2 && last.len() >= 2 && last.iter().all(u8::is_ascii_alphabetic) && !is_file_extension(last)
+}
+
+/// Name endings of files that are no top-level domain (`logo@2x.png` names an image, not an
+/// address). Endings that are also country domains (`.py`, `.rs`, `.md`, `.sh`) are not here.
+const FILE_EXTENSIONS: [&[u8]; 24] = [
+    b"png", b"jpg", b"jpeg", b"gif", b"svg", b"webp", b"ico", b"bmp", b"css", b"js", b"mjs", b"jsx", b"tsx",
+    b"json", b"yaml", b"yml", b"toml", b"xml", b"html", b"htm", b"txt", b"lock", b"wasm", b"map",
+];
+
+fn is_file_extension(tld: &[u8]) -> bool {
+    FILE_EXTENSIONS.iter().any(|e| tld.eq_ignore_ascii_case(e))
+}
+
+/// Whether an address-shaped `git@host` is a repository's SSH remote (`git@github.com:acme/x.git`,
+/// `ssh://git@host/x`): the user is a service account, not a person.
+fn ssh_remote(candidate: &[u8], before: &[u8], after: &[u8]) -> bool {
+    let Some(at) = candidate.iter().position(|&b| b == b'@') else { return false };
+    let user = &candidate[..at];
+    let service =
+        [&b"git"[..], b"hg", b"svn", b"gitlab", b"ssh"].iter().any(|u| user.eq_ignore_ascii_case(u));
+    service && (matches!(after.first(), Some(b':' | b'/')) || before.ends_with(b"://"))
 }
 
 /// Phone: E.164 (`+`, country code not starting with 0, 8–15 digits in total) or a 10-digit
@@ -332,6 +353,10 @@ pub fn phone(candidate: &[u8]) -> bool {
     if separators == 0 {
         // Bare digit runs are too often ids, timestamps or constants.
         return false;
+    }
+    // `(AAA) EEE-NNNN` is North American: its area code and exchange start with 2-9.
+    if candidate.first() == Some(&b'(') && candidate.get(4) == Some(&b')') {
+        return n == 10 && d[0] >= 2 && d[3] >= 2;
     }
     match n {
         10 if d[0] >= 2 && d[3] >= 2 => true,              // NANP (AAA) EEE-NNNN
@@ -421,6 +446,16 @@ mod tests {
         assert!(!email(b"jane@localhost"));
         assert!(!email(b"jane@-corp.org"));
         assert!(!email(b"jane@corp.c0m"));
+        // A retina image's name is no address; a country domain that is also a file ending is.
+        assert!(!email(b"logo@2x.png"));
+        assert!(!email(b"icon@3x.WEBP"));
+        assert!(email(b"dev@tools.py"));
+        // A repository's SSH remote is no person's address.
+        let mail = Validator::Email;
+        assert!(!check(mail, b"git@github.com", b"git clone ", b":acme/infra.git"));
+        assert!(!check(mail, b"git@gitlab.example.net", b"ssh://", b"/acme/infra.git"));
+        assert!(check(mail, b"git@lumenbridge.io", b"write to ", b" for access"));
+        assert!(check(mail, b"ana@github.com", b"", b":"));
     }
 
     #[test]
@@ -431,6 +466,10 @@ mod tests {
         assert!(!phone(b"4155552671"));
         assert!(!phone(b"+0123456789"));
         assert!(!phone(b"(115) 555-2671"));
+        // Parentheses around three digits make it North American: no area code starts with 0.
+        assert!(!phone(b"(015) 555-0172"));
+        assert!(!phone(b"(415) 055-0172"));
+        assert!(phone(b"0151 555 0172"));
     }
 
     #[test]
