@@ -65,6 +65,9 @@ pub struct ScanReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailOnGate {
     pub level: String,
+    /// The least confidence a finding needs to count (`--min-confidence`).
+    #[serde(default)]
+    pub min_confidence: Option<String>,
     pub unsuppressed_at_or_above: Option<u64>,
 }
 
@@ -109,7 +112,11 @@ mod tests {
             policy_preloaded: Some(false),
             sarif: None,
             summary: Some(serde_json::json!({"findings": 2})),
-            fail_on: Some(FailOnGate { level: "error".into(), unsuppressed_at_or_above: Some(1) }),
+            fail_on: Some(FailOnGate {
+                level: "error".into(),
+                min_confidence: Some("medium".into()),
+                unsuppressed_at_or_above: Some(1),
+            }),
             refused: None,
             error: None,
         }

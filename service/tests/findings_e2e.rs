@@ -482,3 +482,48 @@ async fn a_baseline_silences_known_findings_as_a_file_and_stored_and_new_ones_fa
     assert_ne!(o.status.code(), Some(0));
     assert!(!out(&o).contains("suppressed]"), "{}", out(&o));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_gate_counts_findings_at_or_above_the_confidence_floor(pool: PgPool) {
+    let dir = Scratch::new("confidence-e2e");
+    let server = serve(&dir.join("data"), &test_db_url(&pool));
+    let data = server.data.clone();
+    let key = tenant(&data, "ledger");
+    let repo: PathBuf = dir.join("app");
+    // A password in a URL (a generic rule: medium) in a test folder: one step lower, low. An
+    // e-mail address (low) is only a note.
+    write(&repo, "tests/db_test.py", b"URL = \"postgres://svc:Zr8vK2qLm4Tx9wQe@db.internal/app\"\n");
+    write(&repo, "README.md", b"Write to priya.raman@northwind-freight.co.uk\n");
+    let json = dir.join("run.json");
+    let run = |extra: &[&str]| -> (Output, Value) {
+        let _ = std::fs::remove_file(&json);
+        let mut args = vec!["scan", repo.to_str().unwrap(), "--json", json.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = cella(&data, Some(&key), &args);
+        (o, serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap())
+    };
+    let (o, report) = run(&["--fail-on", "warning"]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", out(&o), err(&o));
+    let confidence: Vec<(&str, &str)> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["rule"].as_str().unwrap(), f["confidence"].as_str().unwrap()))
+        .collect();
+    assert_eq!(confidence, [("email-address", "low"), ("password-in-url", "low")], "{report}");
+    assert!(
+        out(&o).contains("2 finding(s) (0 suppressed); 0 at or above --fail-on warning (1 more below --min-confidence medium)"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(
+        report["summary"]["by_confidence"]["low"],
+        serde_json::json!({"error": 0, "warning": 1, "note": 1})
+    );
+    // A lower floor counts it; a note gate with the floor at low counts both.
+    let (o, _) = run(&["--fail-on", "warning", "--min-confidence", "low"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("1 at or above --fail-on warning;"), "{}", out(&o));
+    let (o, _) = run(&["--fail-on", "note", "--min-confidence", "low"]);
+    assert!(out(&o).contains("2 at or above --fail-on note;"), "{}", out(&o));
+}

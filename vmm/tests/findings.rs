@@ -136,7 +136,12 @@ fn every_suppression_kind_is_counted_and_only_unsuppressed_findings_fail_the_gat
     );
     assert_eq!((&summary["findings"], &summary["files_excluded"]), (&7.into(), &2.into()), "{summary}");
     assert_eq!((&summary["files_scanned"], &summary["files_binary"]), (&7.into(), &1.into()), "{summary}");
-    assert_eq!(first.result["fail_on"], serde_json::json!({"level": "error", "unsuppressed_at_or_above": 2}));
+    assert_eq!(
+        first.result["fail_on"],
+        serde_json::json!({"level": "error", "min_confidence": "medium", "unsuppressed_at_or_above": 2})
+    );
+    // Both open findings are a provider's own token format outside any test folder: high.
+    assert_eq!(summary["by_confidence"]["high"], serde_json::json!({"error": 2, "warning": 0, "note": 0}));
     assert_eq!(
         outcome(&first.sarif),
         [
@@ -174,7 +179,7 @@ fn every_suppression_kind_is_counted_and_only_unsuppressed_findings_fail_the_gat
     assert_eq!(code(&never.output), 0, "{}", stderr(&never.output));
     assert_eq!(
         never.result["fail_on"],
-        serde_json::json!({"level": "never", "unsuppressed_at_or_above": null})
+        serde_json::json!({"level": "never", "min_confidence": "medium", "unsuppressed_at_or_above": null})
     );
     let mut note_args = EXCLUDES.to_vec();
     note_args.extend_from_slice(&["--fail-on", "note"]);

@@ -49,8 +49,8 @@ use crate::archive::Limits;
 use crate::binary::{self, Run};
 use crate::error::{ArtifactError, EngineError};
 use crate::finding::{
-    line_hash, location_fingerprint, redact, secret_mac, to_hex, ByteRange, Finding, FingerprintKey,
-    FingerprintSet, Report, Suppression, INLINE_MARKERS,
+    in_test_fixture, line_hash, location_fingerprint, redact, secret_mac, to_hex, ByteRange, Finding,
+    FingerprintKey, FingerprintSet, Report, Suppression, INLINE_MARKERS,
 };
 use crate::glob::glob_to_regex;
 use crate::rule::{Category, Policy, Rule, MULTILINE_WINDOW, POLICY_FORMAT_VERSION};
@@ -1135,6 +1135,10 @@ impl Engine {
                 location_fingerprint: to_hex(&location),
                 line_hash: alloc::format!("{}:{}", to_hex(&lh), *n),
                 suppression,
+                confidence: match rule.confidence() {
+                    c if in_test_fixture(path) => c.lowered(),
+                    c => c,
+                },
             };
             report.add(finding, max_findings);
         }

@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::rule::{Category, Policy, Severity};
+use crate::rule::{Category, Confidence, Policy, Severity};
 
 /// One finding. Never holds the secret itself: only [`Finding::redacted`] and fingerprints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -48,6 +48,54 @@ pub struct Finding {
     pub line_hash: String,
     /// Why the finding does not count against the job, if it does not.
     pub suppression: Option<Suppression>,
+    /// How sure it is: its rule's confidence, one step lower in a test fixture
+    /// ([`in_test_fixture`]).
+    pub confidence: Confidence,
+}
+
+/// Folder names that hold test data, examples and fixtures.
+const FIXTURE_FOLDERS: [&str; 17] = [
+    "test",
+    "tests",
+    "testdata",
+    "test-data",
+    "test_data",
+    "testing",
+    "fixtures",
+    "fixture",
+    "__fixtures__",
+    "__tests__",
+    "__mocks__",
+    "mocks",
+    "examples",
+    "example",
+    "samples",
+    "spec",
+    "specs",
+];
+
+/// Whether `path` (an artifact path, archives joined by `!/`) lies in a test, example or
+/// fixture folder, or names a test file (`x_test.go`, `x.test.ts`, `x_spec.rb`, `test_x.py`):
+/// a secret there is more often a fake one, so its finding is one step less sure. It is still
+/// reported: a real key committed to a fixture is still a leak.
+pub fn in_test_fixture(path: &str) -> bool {
+    let parts: Vec<&str> = path.split(['/', '\\']).filter(|p| !p.is_empty() && *p != "!").collect();
+    let Some((file, folders)) = parts.split_last() else { return false };
+    let folder = |p: &&str| {
+        let p = p.trim_end_matches('!');
+        FIXTURE_FOLDERS.iter().any(|f| p.eq_ignore_ascii_case(f))
+    };
+    if folders.iter().any(folder) {
+        return true;
+    }
+    let lower = file.to_ascii_lowercase();
+    let stem = lower.split('.').next().unwrap_or("");
+    stem.ends_with("_test")
+        || stem.ends_with("_spec")
+        || stem.ends_with("_tests")
+        || stem.starts_with("test_")
+        || lower.contains(".test.")
+        || lower.contains(".spec.")
 }
 
 /// A byte range of a file: `offset` and `length` (SARIF `byteOffset`, `byteLength`).
@@ -362,6 +410,8 @@ pub struct Report {
     pub suppressed_baseline: u64,
     /// Unsuppressed findings per rule index (kept or dropped): what gates count.
     pub unsuppressed_by_rule: Vec<u64>,
+    /// The same, per rule index and confidence (low, medium, high).
+    pub unsuppressed_by_rule_confidence: Vec<[u64; 3]>,
     /// Suppressed findings among `findings`.
     pub(crate) suppressed_kept: usize,
     /// The cap was reached and suppressed findings were given up for unsuppressed ones: no
@@ -388,8 +438,11 @@ pub struct Summary {
     pub findings_dropped: u64,
     /// Suppressed findings, by how.
     pub suppressed: Suppressed,
-    /// Unsuppressed findings by SARIF level: what a gate (`--fail-on`) counts.
+    /// Unsuppressed findings by SARIF level.
     pub unsuppressed: ByLevel,
+    /// Unsuppressed findings by confidence (`high`, `medium`, `low`) and SARIF level: what a gate
+    /// (`--fail-on LEVEL`, `--min-confidence`) counts.
+    pub by_confidence: BTreeMap<String, ByLevel>,
     /// Unsuppressed findings per rule id.
     pub by_rule: BTreeMap<String, u64>,
     /// Unsuppressed findings per category.
@@ -423,6 +476,28 @@ impl ByLevel {
             Severity::Note => self.error + self.warning + self.note,
         }
     }
+
+    /// Counts `n` findings at `level`.
+    pub fn add(&mut self, level: Severity, n: u64) {
+        match level {
+            Severity::Error => self.error += n,
+            Severity::Warning => self.warning += n,
+            Severity::Note => self.note += n,
+        }
+    }
+}
+
+impl Summary {
+    /// Unsuppressed findings at `level` or above whose confidence is `min` or more: what a
+    /// gate counts.
+    pub fn gate(&self, level: Severity, min: Confidence) -> u64 {
+        [Confidence::High, Confidence::Medium, Confidence::Low]
+            .iter()
+            .filter(|c| **c >= min)
+            .filter_map(|c| self.by_confidence.get(c.as_str()))
+            .map(|l| l.at_or_above(level))
+            .sum()
+    }
 }
 
 impl Report {
@@ -454,6 +529,19 @@ impl Report {
         for c in [Category::Secret, Category::Pii, Category::License] {
             by_category.insert(String::from(c.as_str()), 0);
         }
+        let mut by_confidence: BTreeMap<String, ByLevel> =
+            [Confidence::High, Confidence::Medium, Confidence::Low]
+                .iter()
+                .map(|c| (String::from(c.as_str()), ByLevel::default()))
+                .collect();
+        for (i, counts) in self.unsuppressed_by_rule_confidence.iter().enumerate() {
+            let Some(rule) = policy.rules.get(i) else { continue };
+            for (c, &n) in [Confidence::Low, Confidence::Medium, Confidence::High].iter().zip(counts) {
+                if let Some(levels) = by_confidence.get_mut(c.as_str()) {
+                    levels.add(rule.severity, n);
+                }
+            }
+        }
         for (i, &n) in self.unsuppressed_by_rule.iter().enumerate() {
             let Some(rule) = policy.rules.get(i) else { continue };
             if n == 0 {
@@ -481,6 +569,7 @@ impl Report {
                 total: self.suppressed_inline + self.suppressed_baseline,
             },
             unsuppressed,
+            by_confidence,
             by_rule,
             by_category,
             duration_ms,
@@ -504,8 +593,10 @@ impl Report {
             None => {
                 if self.unsuppressed_by_rule.len() <= rule {
                     self.unsuppressed_by_rule.resize(rule + 1, 0);
+                    self.unsuppressed_by_rule_confidence.resize(rule + 1, [0; 3]);
                 }
                 self.unsuppressed_by_rule[rule] += 1;
+                self.unsuppressed_by_rule_confidence[rule][finding.confidence as usize] += 1;
             }
         }
         let suppressed = finding.suppression.is_some();

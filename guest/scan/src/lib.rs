@@ -47,11 +47,13 @@ pub use engine::{
 };
 pub use error::{ArtifactError, EngineError};
 pub use finding::{
-    fingerprint, hmac_sha256, line_hash, location_fingerprint, redact, to_hex, ByLevel, ByteRange, Finding,
-    FingerprintKey, FingerprintSet, Report, Summary, Suppressed, Suppression, INLINE_MARKERS,
+    fingerprint, hmac_sha256, in_test_fixture, line_hash, location_fingerprint, redact, to_hex, ByLevel,
+    ByteRange, Finding, FingerprintKey, FingerprintSet, Report, Summary, Suppressed, Suppression,
+    INLINE_MARKERS,
 };
 pub use glob::{glob_to_regex, GlobError};
 pub use rule::{
-    Allowlist, Category, Policy, Rule, Severity, Validator, MULTILINE_WINDOW, POLICY_FORMAT_VERSION,
+    Allowlist, Category, Confidence, Policy, Rule, Severity, Validator, MULTILINE_WINDOW,
+    POLICY_FORMAT_VERSION,
 };
 pub use source::{SliceSource, Source, SourceError, VecSource};

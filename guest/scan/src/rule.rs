@@ -64,6 +64,54 @@ impl Severity {
     }
 }
 
+/// How sure a finding is to be what its rule says: a token of a provider's own format is a
+/// secret; a high-entropy value assigned to a secret-sounding name may be one; an e-mail
+/// address is personal data only perhaps. The default CI gate counts `high` and `medium`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Confidence {
+    Low,
+    Medium,
+    High,
+}
+
+impl Confidence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confidence::Low => "low",
+            Confidence::Medium => "medium",
+            Confidence::High => "high",
+        }
+    }
+
+    /// One step lower (`low` stays `low`).
+    pub fn lowered(self) -> Confidence {
+        match self {
+            Confidence::High => Confidence::Medium,
+            _ => Confidence::Low,
+        }
+    }
+
+    /// SARIF `rank` (0–100: how much a result matters).
+    pub fn sarif_rank(self) -> f64 {
+        match self {
+            Confidence::High => 90.0,
+            Confidence::Medium => 60.0,
+            Confidence::Low => 30.0,
+        }
+    }
+
+    /// Parses `low`, `medium` or `high`.
+    pub fn parse(s: &str) -> Option<Confidence> {
+        match s {
+            "low" => Some(Confidence::Low),
+            "medium" => Some(Confidence::Medium),
+            "high" => Some(Confidence::High),
+            _ => None,
+        }
+    }
+}
+
 /// A check run on a regex match before it becomes a finding. Validators turn "looks like" into
 /// "is": a 16-digit number is only reported as a card if its Luhn digit and issuer prefix agree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +196,30 @@ pub struct Rule {
     /// one reported, wherever the two stand in the policy.
     #[serde(default)]
     pub generic: bool,
+    /// How sure its findings are ([`Rule::confidence`] when unset); a finding in a test fixture
+    /// is one step less sure. Left out of the serialized policy when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<Confidence>,
+}
+
+impl Rule {
+    /// The confidence of this rule's findings: as set, else by what the rule is. A provider's
+    /// own token format or a licence text: `high`. A generic secret rule, or personal data a
+    /// checksum or structure validates (cards, SSNs, IBANs): `medium`. Other personal data
+    /// (e-mail addresses, phone numbers): `low`.
+    pub fn confidence(&self) -> Confidence {
+        if let Some(c) = self.confidence {
+            return c;
+        }
+        match self.category {
+            Category::Secret if self.generic => Confidence::Medium,
+            Category::Secret | Category::License => Confidence::High,
+            Category::Pii => match self.validator {
+                Some(Validator::PaymentCard | Validator::UsSsn | Validator::Iban) => Confidence::Medium,
+                _ => Confidence::Low,
+            },
+        }
+    }
 }
 
 /// How far past its keyword's line a `multiline` rule's regex may look, in bytes. Also the

@@ -196,7 +196,8 @@ pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value
                     LOCATION_FINGERPRINT_KEY: f.location_fingerprint,
                     LINE_HASH_KEY: f.line_hash,
                 },
-                "properties": { "category": rule.category.as_str() },
+                "rank": f.confidence.sarif_rank(),
+                "properties": { "category": rule.category.as_str(), "confidence": f.confidence.as_str() },
             });
             if let Some(s) = f.suppression {
                 result["suppressions"] = json!([{
@@ -289,7 +290,11 @@ pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String
                     line_hash: &f.line_hash,
                     secret_hash: &f.fingerprint,
                 },
-                properties: direct::Properties { category: rule.category.as_str() },
+                properties: direct::Properties {
+                    category: rule.category.as_str(),
+                    confidence: f.confidence.as_str(),
+                },
+                rank: f.confidence.sarif_rank(),
                 rule_id: &f.rule_id,
                 rule_index: table.index_in_log(f),
                 suppressions: f.suppression.map(|s| {
@@ -432,6 +437,7 @@ mod direct {
     #[derive(Serialize)]
     pub struct Properties<'a> {
         pub category: &'a str,
+        pub confidence: &'a str,
     }
 
     #[derive(Serialize)]
@@ -442,6 +448,7 @@ mod direct {
         pub message: OwnedText,
         pub partial_fingerprints: Fingerprints<'a>,
         pub properties: Properties<'a>,
+        pub rank: f64,
         pub rule_id: &'a str,
         pub rule_index: u32,
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -10,7 +10,9 @@ pub fn check(validator: Validator, candidate: &[u8], before: &[u8], after: &[u8]
         Validator::PaymentCard => payment_card(candidate) && !in_numeric_table(before, candidate, after),
         Validator::UsSsn => us_ssn(candidate),
         Validator::Iban => iban(candidate),
-        Validator::Email => email(candidate) && !ssh_remote(candidate, before, after),
+        Validator::Email => {
+            email(candidate) && !ssh_remote(candidate, before, after) && !url_userinfo(before)
+        }
         Validator::Phone => phone(candidate),
         Validator::Bsd2Clause => bsd2_clause(after),
     }
@@ -328,6 +330,19 @@ fn is_file_extension(tld: &[u8]) -> bool {
     FILE_EXTENSIONS.iter().any(|e| tld.eq_ignore_ascii_case(e))
 }
 
+/// Whether an address-shaped candidate is the user information of a URL (`scheme://user@host`,
+/// or the `pass@host` of `scheme://user:pass@host`): what precedes it on its line holds `://`
+/// with no space after it. (A `mailto:` address has no `//`.)
+fn url_userinfo(before: &[u8]) -> bool {
+    let line = &before[before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)..];
+    match memchr::memmem::rfind(line, b"://") {
+        Some(i) => {
+            !line[i..].iter().any(|b| b.is_ascii_whitespace() || matches!(b, b'"' | b'\'' | b'<' | b'>'))
+        }
+        None => false,
+    }
+}
+
 /// Whether an address-shaped `git@host` is a repository's SSH remote (`git@github.com:acme/x.git`,
 /// `ssh://git@host/x`): the user is a service account, not a person.
 fn ssh_remote(candidate: &[u8], before: &[u8], after: &[u8]) -> bool {
@@ -456,6 +471,11 @@ mod tests {
         assert!(!check(mail, b"git@gitlab.example.net", b"ssh://", b"/acme/infra.git"));
         assert!(check(mail, b"git@lumenbridge.io", b"write to ", b" for access"));
         assert!(check(mail, b"ana@github.com", b"", b":"));
+        // A URL's user information is no address; a `mailto:` link's is.
+        assert!(!check(mail, b"Zr8vK2qLm4Tx@db.internal", b"url = postgres://svc:", b"/app"));
+        assert!(!check(mail, b"deploy@ci.internal", b"https://", b"/hook"));
+        assert!(check(mail, b"ana@lumenbridge.io", b"<a href=\"mailto:", b"\">"));
+        assert!(check(mail, b"ana@lumenbridge.io", b"see https://x.io/docs or write ", b""));
     }
 
     #[test]

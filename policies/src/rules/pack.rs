@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use cella_scan::{check_rule, glob_to_regex, Allowlist, Category, Rule, Severity, Validator};
+use cella_scan::{check_rule, glob_to_regex, Allowlist, Category, Confidence, Rule, Severity, Validator};
 
 use super::{Examples, Pack, PolicyError};
 
@@ -57,6 +57,7 @@ struct RuleToml {
     spdx: Option<String>,
     #[serde(default)]
     generic: bool,
+    confidence: Option<Confidence>,
     /// Text the rule must find (each scanned as a file of its own, with this rule alone).
     #[serde(default)]
     examples: Vec<String>,
@@ -134,6 +135,7 @@ pub(super) fn parse(source: &str, text: &str, check: Check) -> Result<Pack, Poli
             help: r.help,
             spdx: r.spdx,
             generic: r.generic,
+            confidence: r.confidence,
         };
         let rule_examples = Examples { positive: r.examples, negative: r.negative_examples };
         if check == Check::Full {

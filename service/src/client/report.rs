@@ -20,6 +20,8 @@ pub struct Row {
     pub suppressed: Option<String>,
     /// Its fingerprints (`partialFingerprints`).
     pub fingerprints: Value,
+    /// How sure it is (`properties.confidence`: high, medium or low; high if the log has none).
+    pub confidence: String,
 }
 
 impl Row {
@@ -42,6 +44,7 @@ impl Row {
             message: text(&result["message"]["text"]),
             suppressed,
             fingerprints: result["partialFingerprints"].clone(),
+            confidence: result["properties"]["confidence"].as_str().unwrap_or("high").to_owned(),
         }
     }
 
@@ -109,6 +112,7 @@ pub fn json(job_id: &str, summary: &Value, rows: &[Row]) -> String {
             json!({
                 "level": r.level, "rule": r.rule, "path": r.path, "line": r.line, "column": r.column,
                 "message": r.message, "suppressed": r.suppressed, "fingerprints": r.fingerprints,
+                "confidence": r.confidence,
             })
         })
         .collect();

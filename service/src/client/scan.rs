@@ -46,6 +46,11 @@ pub struct ScanArgs {
     /// Exit 1 if an unsuppressed finding at or above this level exists
     #[arg(long, value_enum, default_value_t = Level::Error)]
     pub fail_on: Level,
+    /// The least confidence a finding needs to count for --fail-on: a provider's own token
+    /// format is high, a generic rule's finding or a validated card number medium, an e-mail
+    /// address low, and a finding in a test or example folder one step lower
+    #[arg(long, value_enum, default_value_t = MinConfidence::Medium)]
+    pub min_confidence: MinConfidence,
     /// Reuse a job if this key was sent before with the same artifact (safe retries)
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
@@ -139,6 +144,26 @@ impl Level {
             "error" => Level::Error,
             "warning" => Level::Warning,
             _ => Level::Note,
+        }
+    }
+}
+
+/// `--min-confidence`, in the order confidences rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum MinConfidence {
+    Low,
+    Medium,
+    High,
+}
+
+impl MinConfidence {
+    /// A SARIF result's confidence (`properties.confidence`); a result without one (a log
+    /// from before confidences) counts as high.
+    fn of(confidence: &str) -> MinConfidence {
+        match confidence {
+            "low" => MinConfidence::Low,
+            "medium" => MinConfidence::Medium,
+            _ => MinConfidence::High,
         }
     }
 }
@@ -408,8 +433,18 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
         .map_err(|e| ClientError::Other(format!("the SARIF log is not JSON: {e}")))?;
     let results = log["runs"][0]["results"].as_array().cloned().unwrap_or_default();
     let rows = report::rows(&results);
-    let gate = |r: &report::Row| Level::of(&r.level) >= args.fail_on;
+    let gate = |r: &report::Row| {
+        Level::of(&r.level) >= args.fail_on && MinConfidence::of(&r.confidence) >= args.min_confidence
+    };
     let at_threshold = rows.iter().filter(|r| r.suppressed.is_none() && gate(r)).count();
+    let below_confidence = rows
+        .iter()
+        .filter(|r| {
+            r.suppressed.is_none()
+                && Level::of(&r.level) >= args.fail_on
+                && MinConfidence::of(&r.confidence) < args.min_confidence
+        })
+        .count();
     let suppressed = rows.iter().filter(|r| r.suppressed.is_some()).count();
     let summary = if args.format == Format::Json || args.json.is_some() {
         client.json(Method::GET, &format!("/v1/jobs/{id}/summary")).await.unwrap_or(Value::Null)
@@ -434,8 +469,17 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
         Format::Csv => print!("{}", report::csv(&rows)),
         Format::Junit => print!("{}", report::junit(&id, &rows, gate)),
     }
+    // Findings the confidence floor leaves out of the gate are said, so nobody wonders why a
+    // finding in the table did not fail the build.
+    let below = match below_confidence {
+        0 => String::new(),
+        n => format!(
+            " ({n} more below --min-confidence {})",
+            format!("{:?}", args.min_confidence).to_lowercase()
+        ),
+    };
     let line = format!(
-        "{} finding(s) ({suppressed} suppressed); {at_threshold} at or above --fail-on {}; SARIF written to {}; job {id}",
+        "{} finding(s) ({suppressed} suppressed); {at_threshold} at or above --fail-on {}{below}; SARIF written to {}; job {id}",
         rows.len(),
         format!("{:?}", args.fail_on).to_lowercase(),
         out.display()

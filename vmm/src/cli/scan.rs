@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use cella_policies::baseline::{Baseline, BaselineError};
 use cella_proto::SarifContext;
-use cella_scan::{glob_to_regex, GlobError, Severity};
+use cella_scan::{glob_to_regex, Confidence, GlobError, Severity};
 use cella_vmm::job::{JobFrames, ScanOutcome};
 use cella_vmm::scan::{self, JobOptions, ScanError, ScanRequest, ScanRun};
 use cella_vmm::scan_report::{FailOnGate, ScanReport};
@@ -81,6 +81,11 @@ pub struct ScanArgs {
     /// Exit 1 if an unsuppressed finding at or above this level exists
     #[arg(long, value_enum, default_value_t = FailOn::Never)]
     pub fail_on: FailOn,
+    /// The least confidence a finding needs to count for --fail-on: a provider's own token
+    /// format is high, a generic rule's finding or a validated card number medium, an e-mail
+    /// address low, and a finding in a test or example folder one step lower
+    #[arg(long, value_enum, default_value_t = MinConfidence::Medium)]
+    pub min_confidence: MinConfidence,
     /// SARIF `tool.driver.informationUri` (an absolute URI)
     #[arg(long, value_name = "URI")]
     pub information_uri: Option<String>,
@@ -117,6 +122,24 @@ impl FailOn {
             FailOn::Warning => Some(Severity::Warning),
             FailOn::Error => Some(Severity::Error),
             FailOn::Never => None,
+        }
+    }
+}
+
+/// `--min-confidence`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MinConfidence {
+    Low,
+    Medium,
+    High,
+}
+
+impl MinConfidence {
+    fn confidence(self) -> Confidence {
+        match self {
+            MinConfidence::Low => Confidence::Low,
+            MinConfidence::Medium => Confidence::Medium,
+            MinConfidence::High => Confidence::High,
         }
     }
 }
@@ -333,18 +356,23 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
                         }
                         result.sarif = Some(path.display().to_string());
                     }
+                    let min = args.min_confidence.confidence();
                     let at_threshold =
-                        args.fail_on.severity().map(|level| unsuppressed_at_or_above(&summary, level));
+                        args.fail_on.severity().map(|level| unsuppressed_at_or_above(&summary, level, min));
                     if !args.json {
                         print_summary(&summary, &report.exit, run.scan_ms);
                         if let Some(n) = at_threshold {
                             let level = format!("{:?}", args.fail_on).to_lowercase();
-                            println!("{n} unsuppressed finding(s) at or above --fail-on {level}");
+                            println!(
+                                "{n} unsuppressed finding(s) at or above --fail-on {level} with --min-confidence {}",
+                                min.as_str()
+                            );
                         }
                     }
                     result.summary = Some(summary);
                     result.fail_on = Some(FailOnGate {
                         level: format!("{:?}", args.fail_on).to_lowercase(),
+                        min_confidence: Some(min.as_str().to_owned()),
                         unsuppressed_at_or_above: at_threshold,
                     });
                     match report.exit {
@@ -452,10 +480,22 @@ fn print_summary(summary: &Value, exit: &GuestExit, scan_ms: u64) {
 }
 
 /// Unsuppressed findings at `level` or above, from the summary's `unsuppressed` counts.
-fn unsuppressed_at_or_above(summary: &Value, level: Severity) -> u64 {
-    let n = |key: &str| summary["unsuppressed"][key].as_u64().unwrap_or(0);
-    let counts = cella_scan::ByLevel { error: n("error"), warning: n("warning"), note: n("note") };
-    counts.at_or_above(level)
+/// Unsuppressed findings at `level` or above, of confidence `min` or more (a summary without
+/// confidences counts them all).
+fn unsuppressed_at_or_above(summary: &Value, level: Severity, min: Confidence) -> u64 {
+    let levels = |v: &Value| {
+        let n = |key: &str| v[key].as_u64().unwrap_or(0);
+        cella_scan::ByLevel { error: n("error"), warning: n("warning"), note: n("note") }
+    };
+    match summary["by_confidence"].as_object() {
+        Some(by) => [Confidence::High, Confidence::Medium, Confidence::Low]
+            .iter()
+            .filter(|c| **c >= min)
+            .filter_map(|c| by.get(c.as_str()))
+            .map(|v| levels(v).at_or_above(level))
+            .sum(),
+        None => levels(&summary["unsuppressed"]).at_or_above(level),
+    }
 }
 
 /// The summary as `scan` prints it. The names come from the guest: escaped for the terminal.
@@ -509,11 +549,25 @@ mod tests {
     }
 
     #[test]
-    fn the_gate_counts_unsuppressed_findings_at_or_above_the_level() {
-        let summary = serde_json::json!({"unsuppressed": {"error": 1, "warning": 2, "note": 4}});
-        let at = |l| unsuppressed_at_or_above(&summary, l);
+    fn the_gate_counts_unsuppressed_findings_at_or_above_the_level_and_the_confidence() {
+        // A summary from before confidences: every finding counts.
+        let old = serde_json::json!({"unsuppressed": {"error": 1, "warning": 2, "note": 4}});
+        let at = |l| unsuppressed_at_or_above(&old, l, Confidence::High);
         assert_eq!((at(Severity::Error), at(Severity::Warning), at(Severity::Note)), (1, 3, 7));
-        assert_eq!(unsuppressed_at_or_above(&serde_json::json!({}), Severity::Note), 0);
+        assert_eq!(unsuppressed_at_or_above(&serde_json::json!({}), Severity::Note, Confidence::Low), 0);
+        let summary = serde_json::json!({
+            "unsuppressed": {"error": 3, "warning": 3, "note": 4},
+            "by_confidence": {
+                "high": {"error": 1, "warning": 0, "note": 0},
+                "medium": {"error": 1, "warning": 2, "note": 0},
+                "low": {"error": 1, "warning": 1, "note": 4},
+            }
+        });
+        let at = |l, c| unsuppressed_at_or_above(&summary, l, c);
+        assert_eq!(at(Severity::Error, Confidence::High), 1);
+        assert_eq!(at(Severity::Error, Confidence::Medium), 2);
+        assert_eq!(at(Severity::Warning, Confidence::Medium), 4);
+        assert_eq!(at(Severity::Note, Confidence::Low), 10);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub fn rule(id: &str, regex: &str, group: u32, keywords: &[&str], category: Cate
         help: format!("{id} help"),
         spdx: None,
         generic: false,
+        confidence: None,
     }
 }
 
