@@ -1024,7 +1024,9 @@ impl Engine {
                 let ok = rule.entropy.is_none_or(|min| shannon_entropy(secret_bytes) >= min)
                     && rule.validator.is_none_or(|v| check(v, secret_bytes, &buf[..s], after))
                     && !st.stopwords.iter().any(|w| contains_ascii_ci(secret_bytes, w))
-                    && !(rule.generic && crate::placeholder::is_placeholder(secret_bytes))
+                    && !(rule.generic
+                        && (crate::placeholder::is_placeholder(secret_bytes)
+                            || crate::placeholder::at_documentation_host(after)))
                     && !(rule.category == Category::Secret && crate::placeholder::is_filler(secret_bytes))
                     && !st.allow.as_mut().is_some_and(|a| a.iter_mut().any(|a| a.is_match(secret_bytes)));
                 if ok {

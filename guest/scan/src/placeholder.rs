@@ -27,6 +27,27 @@ pub fn is_filler(secret: &[u8]) -> bool {
     2 * longest >= secret.len() || 5 * ascending >= 4 * (secret.len() - 1)
 }
 
+/// Whether the text right after a candidate secret is `@` and a host reserved for documentation
+/// (RFC 2606 and RFC 6761: `example.com`, `example.net`, `example.org`, and names under
+/// `.example`, `.test`, `.invalid`): the password of a URL in documentation, like
+/// `ftp://user:secre1@example.com/`, is an example, not a credential.
+pub fn at_documentation_host(after: &[u8]) -> bool {
+    let Some(rest) = after.strip_prefix(b"@") else { return false };
+    let end = rest
+        .iter()
+        .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-')))
+        .unwrap_or(rest.len());
+    let host = rest[..end].to_ascii_lowercase();
+    let host = host.strip_suffix(b".").unwrap_or(&host);
+    let under = |domain: &[u8]| host == domain || host.ends_with(&[b".", domain].concat());
+    under(b"example.com")
+        || under(b"example.net")
+        || under(b"example.org")
+        || under(b"example")
+        || under(b"test")
+        || under(b"invalid")
+}
+
 /// Whether `value` (a candidate secret, without its quotes) is a placeholder.
 pub fn is_placeholder(value: &[u8]) -> bool {
     let v = trim_quotes(value);
@@ -186,6 +207,25 @@ fn is_stand_in_word(v: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn documentation_hosts_are_recognised_after_an_at_sign() {
+        for after in [
+            &b"@example.com/"[..],
+            b"@EXAMPLE.net",
+            b"@db.example.org:5432",
+            b"@api.example",
+            b"@x.test",
+            b"@a.invalid",
+        ] {
+            assert!(at_documentation_host(after), "{}", String::from_utf8_lossy(after));
+        }
+        for after in
+            [&b"@db.internal"[..], b"@example.com.evil.io", b"@localhost", b"example.com", b"@myexample.com"]
+        {
+            assert!(!at_documentation_host(after), "{}", String::from_utf8_lossy(after));
+        }
+    }
 
     #[test]
     fn masked_and_alphabet_tokens_are_filler_and_random_ones_are_not() {
