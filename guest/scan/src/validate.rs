@@ -8,7 +8,7 @@ use crate::rule::Validator;
 pub fn check(validator: Validator, candidate: &[u8], before: &[u8], after: &[u8]) -> bool {
     match validator {
         Validator::PaymentCard => payment_card(candidate) && !in_numeric_table(before, candidate, after),
-        Validator::UsSsn => us_ssn(candidate),
+        Validator::UsSsn => us_ssn(candidate) && !spaced_ssn_on_a_phone_line(candidate, before, after),
         Validator::Iban => iban(candidate),
         Validator::Email => {
             email(candidate) && !ssh_remote(candidate, before, after) && !url_userinfo(before)
@@ -168,6 +168,22 @@ pub fn in_numeric_table(before: &[u8], candidate: &[u8], after: &[u8]) -> bool {
     }
     let mut ahead = after.iter().skip_while(|b| space(b));
     ahead.next() == Some(&b',') && ahead.find(|b| !space(b)).is_some_and(|b| number(b) || *b == b'-')
+}
+
+/// Words that make a line about telephones.
+const PHONE_CONTEXT: [&[u8]; 6] = [b"phone", b"tel", b"fax", b"mobile", b"call", b"dial"];
+
+/// Whether an SSN-shaped `AAA GG SSSS` written with spaces stands on a line about telephones
+/// (`phone 555 12 3456`): there it is a phone number's digits. The dashed form, the way SSNs
+/// are written, is never discounted.
+fn spaced_ssn_on_a_phone_line(candidate: &[u8], before: &[u8], after: &[u8]) -> bool {
+    if !candidate.contains(&b' ') {
+        return false;
+    }
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let line_end = after.iter().position(|&b| b == b'\n').unwrap_or(after.len());
+    let line = [&before[line_start..], &after[..line_end]];
+    line.iter().any(|part| PHONE_CONTEXT.iter().any(|w| contains_ascii_ci(part, w)))
 }
 
 /// US SSN `AAA-GG-SSSS` (dashes or spaces, or none): area not 000, 666, 9xx; group not 00;
@@ -452,6 +468,15 @@ mod tests {
         assert!(iban(b"DE89370400440532013000"));
         assert!(!iban(b"GB82 WEST 1234 5698 7654 33"));
         assert!(!iban(b"DE8937040044053201300")); // wrong length
+    }
+
+    #[test]
+    fn a_spaced_ssn_on_a_phone_line_is_a_phone_number() {
+        let ssn = Validator::UsSsn;
+        assert!(!check(ssn, b"555 12 3456", b"phone ", b"\n"));
+        assert!(!check(ssn, b"412 58 3096", b"", b" (mobile)"));
+        assert!(check(ssn, b"412 58 3096", b"ssn = \"", b"\"\n"));
+        assert!(check(ssn, b"412-58-3096", b"phone / ssn: ", b""));
     }
 
     #[test]
