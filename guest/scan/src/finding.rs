@@ -460,7 +460,8 @@ pub struct Suppressed {
 }
 
 /// Findings per SARIF level.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ByLevel {
     pub error: u64,
     pub warning: u64,
@@ -491,13 +492,20 @@ impl Summary {
     /// Unsuppressed findings at `level` or above whose confidence is `min` or more: what a
     /// gate counts.
     pub fn gate(&self, level: Severity, min: Confidence) -> u64 {
-        [Confidence::High, Confidence::Medium, Confidence::Low]
-            .iter()
-            .filter(|c| **c >= min)
-            .filter_map(|c| self.by_confidence.get(c.as_str()))
-            .map(|l| l.at_or_above(level))
-            .sum()
+        gate(&self.by_confidence, level, min)
     }
+}
+
+/// What a gate counts from a summary's `by_confidence`: unsuppressed findings at `level` or
+/// above whose confidence is `min` or more. The one place a `--fail-on` / `--min-confidence`
+/// gate is computed from a summary (a host reading a guest's summary calls it too).
+pub fn gate(by_confidence: &BTreeMap<String, ByLevel>, level: Severity, min: Confidence) -> u64 {
+    [Confidence::High, Confidence::Medium, Confidence::Low]
+        .iter()
+        .filter(|c| **c >= min)
+        .filter_map(|c| by_confidence.get(c.as_str()))
+        .map(|l| l.at_or_above(level))
+        .sum()
 }
 
 impl Report {

@@ -47,8 +47,8 @@ pub use engine::{
 };
 pub use error::{ArtifactError, EngineError};
 pub use finding::{
-    fingerprint, hmac_sha256, in_test_fixture, line_hash, location_fingerprint, redact, to_hex, ByLevel,
-    ByteRange, Finding, FingerprintKey, FingerprintSet, Report, Summary, Suppressed, Suppression,
+    fingerprint, gate, hmac_sha256, in_test_fixture, line_hash, location_fingerprint, redact, to_hex,
+    ByLevel, ByteRange, Finding, FingerprintKey, FingerprintSet, Report, Summary, Suppressed, Suppression,
     INLINE_MARKERS,
 };
 pub use glob::{glob_to_regex, GlobError};

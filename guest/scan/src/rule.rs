@@ -101,6 +101,9 @@ impl Confidence {
         }
     }
 
+    /// The names, lowest first (what a command line offers).
+    pub const NAMES: [&'static str; 3] = ["low", "medium", "high"];
+
     /// Parses `low`, `medium` or `high`.
     pub fn parse(s: &str) -> Option<Confidence> {
         match s {

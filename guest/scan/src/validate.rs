@@ -130,8 +130,26 @@ pub fn payment_card(candidate: &[u8]) -> bool {
 const CARD_CONTEXT: [&[u8]; 8] =
     [b"card", b"visa", b"mastercard", b"amex", b"credit", b"pan", b"ccnum", b"cc_"];
 
-/// How far around a candidate the table check looks.
-const TABLE_REACH: usize = 160;
+/// How far around a candidate the context checks look, either way: a bound, so that a long
+/// line holding many candidates costs each of them the same small look, not a walk to the line's
+/// start.
+const CONTEXT_REACH: usize = 160;
+
+/// The candidate's line around it, at most [`CONTEXT_REACH`] bytes either way: the part before
+/// it and the part after it.
+fn line_around<'a>(before: &'a [u8], after: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+    let before = &before[before.len().saturating_sub(CONTEXT_REACH)..];
+    let after = &after[..after.len().min(CONTEXT_REACH)];
+    let start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let end = after.iter().position(|&b| b == b'\n').unwrap_or(after.len());
+    (&before[start..], &after[..end])
+}
+
+/// Whether one of `words` (ASCII case-insensitive) is on the candidate's line, near it.
+fn line_mentions(before: &[u8], after: &[u8], words: &[&[u8]]) -> bool {
+    let (left, right) = line_around(before, after);
+    [left, right].iter().any(|part| words.iter().any(|w| contains_ascii_ci(part, w)))
+}
 
 /// Whether an unseparated digit run is one number among others rather than a card number: an
 /// element of an array or table (another number follows or precedes it across a comma), or a
@@ -143,14 +161,11 @@ pub fn in_numeric_table(before: &[u8], candidate: &[u8], after: &[u8]) -> bool {
     if !candidate.iter().all(u8::is_ascii_digit) {
         return false;
     }
-    let before = &before[before.len().saturating_sub(TABLE_REACH)..];
-    let after = &after[..after.len().min(TABLE_REACH)];
-    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let line_end = after.iter().position(|&b| b == b'\n').unwrap_or(after.len());
-    let line = [&before[line_start..], &after[..line_end]];
-    if line.iter().any(|part| CARD_CONTEXT.iter().any(|w| contains_ascii_ci(part, w))) {
+    if line_mentions(before, after, &CARD_CONTEXT) {
         return false;
     }
+    let before = &before[before.len().saturating_sub(CONTEXT_REACH)..];
+    let after = &after[..after.len().min(CONTEXT_REACH)];
     let space = |b: &u8| b.is_ascii_whitespace();
     let number = |b: &u8| b.is_ascii_hexdigit();
     // Right before it: `-` or `.` (a negative or fractional number).
@@ -177,13 +192,7 @@ const PHONE_CONTEXT: [&[u8]; 6] = [b"phone", b"tel", b"fax", b"mobile", b"call",
 /// (`phone 555 12 3456`): there it is a phone number's digits. The dashed form, the way SSNs
 /// are written, is never discounted.
 fn spaced_ssn_on_a_phone_line(candidate: &[u8], before: &[u8], after: &[u8]) -> bool {
-    if !candidate.contains(&b' ') {
-        return false;
-    }
-    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let line_end = after.iter().position(|&b| b == b'\n').unwrap_or(after.len());
-    let line = [&before[line_start..], &after[..line_end]];
-    line.iter().any(|part| PHONE_CONTEXT.iter().any(|w| contains_ascii_ci(part, w)))
+    candidate.contains(&b' ') && line_mentions(before, after, &PHONE_CONTEXT)
 }
 
 /// US SSN `AAA-GG-SSSS` (dashes or spaces, or none): area not 000, 666, 9xx; group not 00;
@@ -350,7 +359,7 @@ fn is_file_extension(tld: &[u8]) -> bool {
 /// or the `pass@host` of `scheme://user:pass@host`): what precedes it on its line holds `://`
 /// with no space after it. (A `mailto:` address has no `//`.)
 fn url_userinfo(before: &[u8]) -> bool {
-    let line = &before[before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)..];
+    let (line, _) = line_around(before, &[]);
     match memchr::memmem::rfind(line, b"://") {
         Some(i) => {
             !line[i..].iter().any(|b| b.is_ascii_whitespace() || matches!(b, b'"' | b'\'' | b'<' | b'>'))
@@ -477,6 +486,10 @@ mod tests {
         assert!(!check(ssn, b"412 58 3096", b"", b" (mobile)"));
         assert!(check(ssn, b"412 58 3096", b"ssn = \"", b"\"\n"));
         assert!(check(ssn, b"412-58-3096", b"phone / ssn: ", b""));
+        // Context is looked for near the candidate only: a long line costs each candidate the
+        // same bounded look, so "phone" 200 bytes away does not count.
+        let far = [&b"phone "[..], &[b' '; 200]].concat();
+        assert!(check(ssn, b"412 58 3096", &far, b""));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cella_scan::Confidence;
 use clap::{Args, ValueEnum};
 use reqwest::Method;
 use serde_json::Value;
@@ -49,8 +50,8 @@ pub struct ScanArgs {
     /// The least confidence a finding needs to count for --fail-on: a provider's own token
     /// format is high, a generic rule's finding or a validated card number medium, an e-mail
     /// address low, and a finding in a test or example folder one step lower
-    #[arg(long, value_enum, default_value_t = MinConfidence::Medium)]
-    pub min_confidence: MinConfidence,
+    #[arg(long, default_value = "medium", value_parser = confidence_parser())]
+    pub min_confidence: Confidence,
     /// Reuse a job if this key was sent before with the same artifact (safe retries)
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
@@ -148,24 +149,17 @@ impl Level {
     }
 }
 
-/// `--min-confidence`, in the order confidences rank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
-pub enum MinConfidence {
-    Low,
-    Medium,
-    High,
+/// `--min-confidence`: one of [`Confidence::NAMES`].
+fn confidence_parser() -> impl clap::builder::TypedValueParser<Value = Confidence> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Confidence::NAMES)
+        .map(|name| Confidence::parse(&name).unwrap_or(Confidence::Medium))
 }
 
-impl MinConfidence {
-    /// A SARIF result's confidence (`properties.confidence`); a result without one (a log
-    /// from before confidences) counts as high.
-    fn of(confidence: &str) -> MinConfidence {
-        match confidence {
-            "low" => MinConfidence::Low,
-            "medium" => MinConfidence::Medium,
-            _ => MinConfidence::High,
-        }
-    }
+/// A SARIF result's confidence (`properties.confidence`); a result without one (a log from
+/// before confidences) counts as high.
+fn confidence_of(row: &report::Row) -> Confidence {
+    Confidence::parse(&row.confidence).unwrap_or(Confidence::High)
 }
 
 /// What a scan found, for the exit status.
@@ -433,16 +427,15 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
         .map_err(|e| ClientError::Other(format!("the SARIF log is not JSON: {e}")))?;
     let results = log["runs"][0]["results"].as_array().cloned().unwrap_or_default();
     let rows = report::rows(&results);
-    let gate = |r: &report::Row| {
-        Level::of(&r.level) >= args.fail_on && MinConfidence::of(&r.confidence) >= args.min_confidence
-    };
+    let gate =
+        |r: &report::Row| Level::of(&r.level) >= args.fail_on && confidence_of(r) >= args.min_confidence;
     let at_threshold = rows.iter().filter(|r| r.suppressed.is_none() && gate(r)).count();
     let below_confidence = rows
         .iter()
         .filter(|r| {
             r.suppressed.is_none()
                 && Level::of(&r.level) >= args.fail_on
-                && MinConfidence::of(&r.confidence) < args.min_confidence
+                && confidence_of(r) < args.min_confidence
         })
         .count();
     let suppressed = rows.iter().filter(|r| r.suppressed.is_some()).count();
@@ -473,10 +466,7 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     // finding in the table did not fail the build.
     let below = match below_confidence {
         0 => String::new(),
-        n => format!(
-            " ({n} more below --min-confidence {})",
-            format!("{:?}", args.min_confidence).to_lowercase()
-        ),
+        n => format!(" ({n} more below --min-confidence {})", args.min_confidence.as_str()),
     };
     let line = format!(
         "{} finding(s) ({suppressed} suppressed); {at_threshold} at or above --fail-on {}{below}; SARIF written to {}; job {id}",

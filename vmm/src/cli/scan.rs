@@ -8,13 +8,14 @@
 //! job on the other end, and asks for the VM's final report (`finish`). Both ways end in the
 //! same report.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
 use cella_policies::baseline::{Baseline, BaselineError};
 use cella_proto::SarifContext;
-use cella_scan::{glob_to_regex, Confidence, GlobError, Severity};
+use cella_scan::{glob_to_regex, ByLevel, Confidence, GlobError, Severity};
 use cella_vmm::job::{JobFrames, ScanOutcome};
 use cella_vmm::scan::{self, JobOptions, ScanError, ScanRequest, ScanRun};
 use cella_vmm::scan_report::{FailOnGate, ScanReport};
@@ -84,8 +85,8 @@ pub struct ScanArgs {
     /// The least confidence a finding needs to count for --fail-on: a provider's own token
     /// format is high, a generic rule's finding or a validated card number medium, an e-mail
     /// address low, and a finding in a test or example folder one step lower
-    #[arg(long, value_enum, default_value_t = MinConfidence::Medium)]
-    pub min_confidence: MinConfidence,
+    #[arg(long, default_value = "medium", value_parser = confidence_parser())]
+    pub min_confidence: Confidence,
     /// SARIF `tool.driver.informationUri` (an absolute URI)
     #[arg(long, value_name = "URI")]
     pub information_uri: Option<String>,
@@ -126,22 +127,11 @@ impl FailOn {
     }
 }
 
-/// `--min-confidence`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum MinConfidence {
-    Low,
-    Medium,
-    High,
-}
-
-impl MinConfidence {
-    fn confidence(self) -> Confidence {
-        match self {
-            MinConfidence::Low => Confidence::Low,
-            MinConfidence::Medium => Confidence::Medium,
-            MinConfidence::High => Confidence::High,
-        }
-    }
+/// `--min-confidence`: one of [`Confidence::NAMES`].
+fn confidence_parser() -> impl clap::builder::TypedValueParser<Value = Confidence> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Confidence::NAMES)
+        .map(|name| Confidence::parse(&name).unwrap_or(Confidence::Medium))
 }
 
 /// A job option that cannot be used.
@@ -356,7 +346,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
                         }
                         result.sarif = Some(path.display().to_string());
                     }
-                    let min = args.min_confidence.confidence();
+                    let min = args.min_confidence;
                     let at_threshold =
                         args.fail_on.severity().map(|level| unsuppressed_at_or_above(&summary, level, min));
                     if !args.json {
@@ -483,18 +473,12 @@ fn print_summary(summary: &Value, exit: &GuestExit, scan_ms: u64) {
 /// Unsuppressed findings at `level` or above, of confidence `min` or more (a summary without
 /// confidences counts them all).
 fn unsuppressed_at_or_above(summary: &Value, level: Severity, min: Confidence) -> u64 {
-    let levels = |v: &Value| {
-        let n = |key: &str| v[key].as_u64().unwrap_or(0);
-        cella_scan::ByLevel { error: n("error"), warning: n("warning"), note: n("note") }
-    };
-    match summary["by_confidence"].as_object() {
-        Some(by) => [Confidence::High, Confidence::Medium, Confidence::Low]
-            .iter()
-            .filter(|c| **c >= min)
-            .filter_map(|c| by.get(c.as_str()))
-            .map(|v| levels(v).at_or_above(level))
-            .sum(),
-        None => levels(&summary["unsuppressed"]).at_or_above(level),
+    fn parsed<T: serde::de::DeserializeOwned>(v: &Value) -> Option<T> {
+        serde_json::from_value(v.clone()).ok()
+    }
+    match parsed::<BTreeMap<String, ByLevel>>(&summary["by_confidence"]) {
+        Some(by) => cella_scan::gate(&by, level, min),
+        None => parsed::<ByLevel>(&summary["unsuppressed"]).unwrap_or_default().at_or_above(level),
     }
 }
 
