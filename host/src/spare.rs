@@ -16,8 +16,10 @@ use std::time::Duration;
 use crate::client::{ControlClient, ControlError};
 use crate::job::{serve_channel, JobError, JobFrames, JobReport};
 use crate::report::RunReport;
-use crate::spawn::Spawned;
 pub use crate::spawn::API_FD;
+use crate::spawn::{Spawned, HAND_OFF_FD};
+use cella_jailer::supervisor::HandedOff;
+use std::os::unix::process::ExitStatusExt;
 
 /// The control socket's file name in the spare's folder.
 const API_SOCKET: &str = "api.sock";
@@ -93,6 +95,8 @@ pub enum SpareError {
     Socket { path: PathBuf, source: std::io::Error },
     #[error("cannot start {vmm}")]
     Spawn { vmm: PathBuf, source: std::io::Error },
+    #[error("cella-jailer could not make the spare's cell ({status}): {words}")]
+    Jail { status: ExitStatus, words: String },
     #[error("a jailed spare needs its guest image named")]
     NoImage(#[source] crate::images::ImageNotFound),
     #[error("cannot make the job channel")]
@@ -112,13 +116,16 @@ pub struct Spare {
     timeout: Duration,
     /// The thread keeping the tail of a captured stderr.
     stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
-    /// The jail's id, when jailed.
-    jail_id: Option<String>,
+    /// The VMM's cell, when jailed: the jailer handed the VMM off and is gone, so removing the
+    /// cell when the VMM ends is this process's work ([`Spare::wait`], or dropping it).
+    jail: Option<HandedOff>,
 }
 
 /// How a spare's process ended.
 #[derive(Debug)]
 pub struct SpareEnd {
+    /// As `cella-jailer --help` defines it when jailed (the VMM's own status, or 245–248: a
+    /// seccomp kill, another signal, a cell that could not be removed), else the VMM's.
     pub status: ExitStatus,
     /// The tail of its stderr, if it was captured (as the VMM wrote it: escape it before it is
     /// shown).
@@ -143,6 +150,12 @@ pub fn sweep_stale(run_dir: &Path) {
     }
 }
 
+/// Removes the cells under `<chroot_base>/<exec_name>` of jailed spares whose launcher is gone
+/// (one killed before it could remove them; its VMM died with it). Returns what was removed.
+pub fn sweep_stale_jails(chroot_base: &Path, exec_name: &str) -> Vec<PathBuf> {
+    cella_jailer::owner::sweep(chroot_base, exec_name, None)
+}
+
 /// Whether `name` (`spare-<pid>-…`, a spare's folder or jail) was made by a process known to be
 /// gone (`/proc/<pid>` does not exist; one that cannot be looked at counts as alive).
 pub fn left_by_a_gone_process(name: &str) -> bool {
@@ -161,6 +174,10 @@ impl Spare {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n == 0 {
             sweep_stale(&options.run_dir);
+            if let Some(jail) = &options.jail {
+                let cell = jail.cell(&options.vmm);
+                sweep_stale_jails(&cell.chroot_base, &cell.exec_name);
+            }
         }
         let dir = options.run_dir.join(format!("spare-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -174,10 +191,21 @@ impl Spare {
         let command = spare_command(options)?;
         // posix_spawn, not fork: see `crate::spawn`. The process asks for its parent-death
         // signal itself (a spare outlives no launcher: SIGTERM stops it, scrubbing, if it runs
-        // a VM); the signal comes when the *thread* that started it ends, so start spares from
-        // a thread that lives as long as they should.
-        let mut child = Spawned::start(&command, listener.as_raw_fd(), options.capture_stderr)
-            .map_err(|source| SpareError::Spawn { vmm: options.vmm.clone(), source })?;
+        // a VM; a jailed one is killed); the signal comes when the *thread* that started it
+        // ends, so start spares from a thread that lives as long as they should.
+        let spawn_error = |source| SpareError::Spawn { vmm: options.vmm.clone(), source };
+        let (mut child, jail) = match &options.jail {
+            None => (
+                Spawned::start(&command, listener.as_raw_fd(), options.capture_stderr)
+                    .map_err(spawn_error)?,
+                None,
+            ),
+            Some(jail) => {
+                let cell = jail.cell(&options.vmm);
+                let child = start_jailed(&command, &listener, options.capture_stderr, &cell)?;
+                (child, Some(cell))
+            }
+        };
         drop(listener);
         let stderr = child.stderr.take().map(|mut pipe| {
             std::thread::spawn(move || {
@@ -197,8 +225,7 @@ impl Spare {
         });
         let signals = SpareSignals::open(child.id());
         let api = ControlClient::new(path).with_timeout(options.timeout + Duration::from_secs(10));
-        let jail_id = options.jail.as_ref().map(|j| j.id.clone());
-        Ok(Spare { child, signals, api, dir, timeout: options.timeout, stderr, jail_id })
+        Ok(Spare { child, signals, api, dir, timeout: options.timeout, stderr, jail })
     }
 
     /// The VMM's process id.
@@ -215,11 +242,6 @@ impl Spare {
     /// reaped.
     pub fn signals(&self) -> SpareSignals {
         self.signals.clone()
-    }
-
-    /// The jail's id, when jailed (for `cella-jailer cleanup --id` after a kill).
-    pub fn jail_id(&self) -> Option<&str> {
-        self.jail_id.as_deref()
     }
 
     /// Whether the process still runs (a spare that died while waiting is of no use).
@@ -241,16 +263,80 @@ impl Spare {
         Ok(SpareRun { job, vm })
     }
 
-    /// Waits for the spare's process to exit (and for its captured stderr to end).
+    /// Waits for the spare's process to exit (and for its captured stderr to end), and removes
+    /// its cell when jailed.
     pub fn wait(mut self) -> std::io::Result<SpareEnd> {
-        let status = self.child.wait()?;
+        let mut status = self.child.wait()?;
         let stderr = self.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default();
-        Ok(SpareEnd { status, stderr: String::from_utf8_lossy(&stderr).trim().to_owned() })
+        let mut stderr = String::from_utf8_lossy(&stderr).trim().to_owned();
+        if let Some(jail) = self.jail.take() {
+            let outcome = jail.ended(self.child.id() as i32, status.into_raw());
+            for line in outcome.report_lines(&jail.id) {
+                if !stderr.is_empty() {
+                    stderr.push('\n');
+                }
+                stderr.push_str(&line);
+            }
+            status = ExitStatus::from_raw(i32::from(outcome.exit_code()) << 8);
+        }
+        Ok(SpareEnd { status, stderr })
     }
 
     /// Its private folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// Runs the jailer `command` (with `--hand-off`), which makes the cell, starts the VMM there as
+/// this process's child and exits: the VMM it reports is returned, ready. If the jailer fails,
+/// whatever it started is killed and reaped, and the cell removed (the jailer removes it itself
+/// unless it was killed).
+fn start_jailed(
+    command: &Command,
+    listener: &UnixListener,
+    capture_stderr: bool,
+    cell: &HandedOff,
+) -> Result<Spawned, SpareError> {
+    let spawn_error = |source| SpareError::Spawn { vmm: command.get_program().into(), source };
+    let (read, write) = crate::spawn::pipe().map_err(spawn_error)?;
+    let fds = [(listener.as_raw_fd(), API_FD), (write.as_raw_fd(), HAND_OFF_FD)];
+    let mut jailer = Spawned::start_with(command, &fds, capture_stderr).map_err(spawn_error)?;
+    drop(write);
+    let mut said = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::Read::take(File::from(read), 64), &mut said);
+    let status = jailer.wait().map_err(spawn_error)?;
+    let pid = cella_jailer::supervisor::parse_hand_off(&said);
+    if let (true, Some(pid)) = (status.success(), pid) {
+        return Ok(Spawned::adopt(pid, jailer.stderr.take()));
+    }
+    if let Some(pid) = pid {
+        let mut vmm = Spawned::adopt(pid, None);
+        // SAFETY: kill(2) of our own child, not yet reaped (so its pid is still its own).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = vmm.wait();
+    }
+    let _ = cell.remove();
+    let mut words = String::new();
+    if let Some(stderr) = jailer.stderr.take() {
+        let _ =
+            std::io::Read::read_to_string(&mut std::io::Read::take(stderr, STDERR_TAIL as u64), &mut words);
+    }
+    Err(SpareError::Jail { status, words: words.trim().to_owned() })
+}
+
+impl SpareJail {
+    /// The cell the jailer makes for this spare of `vmm`, as this process names it to remove it.
+    fn cell(&self, vmm: &Path) -> HandedOff {
+        HandedOff {
+            id: self.id.clone(),
+            chroot_base: self
+                .chroot_base
+                .clone()
+                .unwrap_or_else(|| cella_jailer::config::DEFAULT_CHROOT_BASE.into()),
+            exec_name: vmm.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            cgroup_parent: None,
+        }
     }
 }
 
@@ -317,6 +403,7 @@ fn spare_command(options: &SpareOptions) -> Result<Command, SpareError> {
         }
     };
     command.arg("--keep-fd").arg(API_FD.to_string());
+    command.arg("--hand-off").arg(HAND_OFF_FD.to_string());
     command.arg("--").args(&spare_args).args(vm_source);
     if !options.guest_args.is_empty() {
         command.arg("--").args(&options.guest_args);
@@ -355,17 +442,26 @@ impl SpareSignals {
 impl Drop for Spare {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            // SIGTERM stops it (scrubbed); SIGKILL if it takes longer than a jailer would.
-            self.signals.send(libc::SIGTERM);
+            // SIGTERM stops it (scrubbed); SIGKILL if it takes longer than a jailer would. Sent
+            // again every 50 ms: a jailed VMM is PID 1 of its namespace, which ignores a signal
+            // that comes before it has its handler.
             let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            let mut n = 0u32;
             while matches!(self.child.try_wait(), Ok(None)) {
                 if std::time::Instant::now() > deadline {
                     self.signals.send(libc::SIGKILL);
                     let _ = self.child.wait();
                     break;
                 }
+                if n.is_multiple_of(5) {
+                    self.signals.send(libc::SIGTERM);
+                }
+                n += 1;
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+        if let Some(jail) = self.jail.take() {
+            let _ = jail.remove();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -18,6 +18,8 @@ pub use cella_abi::DIE_WITH_PARENT_ENV;
 
 /// The descriptor a spare gets its control socket on.
 pub const API_FD: RawFd = 3;
+/// The descriptor a jailer started with `--hand-off` reports the VMM's pid on.
+pub const HAND_OFF_FD: RawFd = 4;
 
 /// A started process, reaped by [`Spawned::wait`] or [`Spawned::try_wait`].
 #[derive(Debug)]
@@ -32,6 +34,23 @@ impl Spawned {
     /// Runs `command`'s program with its arguments (and this process's environment plus
     /// [`DIE_WITH_PARENT_ENV`]); `api` becomes its descriptor [`API_FD`].
     pub fn start(command: &Command, api: RawFd, capture_stderr: bool) -> io::Result<Spawned> {
+        Self::start_with(command, &[(api, API_FD)], capture_stderr)
+    }
+
+    /// A child this process did not start itself: the VMM a jailer started with `--hand-off`
+    /// (`CLONE_PARENT`), whose pid the jailer reported. `stderr` is the pipe it shares with the
+    /// jailer, if captured.
+    pub fn adopt(pid: libc::pid_t, stderr: Option<File>) -> Spawned {
+        Spawned { pid, status: None, stderr }
+    }
+
+    /// [`Spawned::start`] with descriptors `(here, there)`: each `here` becomes the child's
+    /// `there`.
+    pub fn start_with(
+        command: &Command,
+        fds: &[(RawFd, RawFd)],
+        capture_stderr: bool,
+    ) -> io::Result<Spawned> {
         let c =
             |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| io::Error::other("a NUL byte in an argument"));
         let program = c(command.get_program())?;
@@ -55,21 +74,26 @@ impl Spawned {
         let env_ptrs: Vec<*mut libc::c_char> =
             env.iter().map(|e| e.as_ptr().cast_mut()).chain([std::ptr::null_mut()]).collect();
 
-        // The socket must not already be the target descriptor: a dup2 onto itself would leave
-        // its close-on-exec flag set. A copy above it (closed when this returns) does.
-        let moved;
-        let api = if api == API_FD {
-            // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor the caller holds open.
-            let fd = unsafe { libc::fcntl(api, libc::F_DUPFD_CLOEXEC, API_FD + 1) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
+        // A descriptor must not already be one of the targets: a dup2 onto itself would leave
+        // its close-on-exec flag set, and one onto another's would close that one. A copy above
+        // them all (closed when this returns) is neither.
+        let above = fds.iter().map(|&(_, there)| there).max().unwrap_or(2) + 1;
+        let mut moved = Vec::new();
+        let mut sources = Vec::with_capacity(fds.len());
+        for &(here, there) in fds {
+            if fds.iter().any(|&(_, t)| t == here) {
+                // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor the caller holds open.
+                let fd = unsafe { libc::fcntl(here, libc::F_DUPFD_CLOEXEC, above) };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: a fresh descriptor nothing else owns.
+                moved.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                sources.push((fd, there));
+            } else {
+                sources.push((here, there));
             }
-            // SAFETY: a fresh descriptor nothing else owns.
-            moved = Some(unsafe { OwnedFd::from_raw_fd(fd) });
-            moved.as_ref().map_or(api, AsRawFd::as_raw_fd)
-        } else {
-            api
-        };
+        }
         let pipe = if capture_stderr { Some(pipe()?) } else { None };
 
         let mut actions = FileActions::new()?;
@@ -79,7 +103,9 @@ impl Spawned {
         if let Some((_, write)) = &pipe {
             actions.dup2(write.as_raw_fd(), 2)?;
         }
-        actions.dup2(api, API_FD)?;
+        for (here, there) in sources {
+            actions.dup2(here, there)?;
+        }
         let mut attr = SpawnAttr::new()?;
         attr.reset_signals()?;
 
@@ -143,7 +169,7 @@ impl Spawned {
 }
 
 /// A pipe whose two ends close on exec; (read, write).
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2(2) writes two descriptors into `fds`.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {

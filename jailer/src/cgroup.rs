@@ -304,13 +304,15 @@ impl CgroupPlan {
                     Some(p) => mount.path.join(p.trim_start_matches('/')),
                     None => mount.path.join(own_cgroup(&own, &mount)).join("cella"),
                 };
-                Hierarchy {
-                    version: mount.version,
-                    dir: parent.join(id),
-                    parent,
-                    mount: mount.path,
-                    controllers: mount.controllers,
-                }
+                let dir = parent.join(id);
+                // On cgroup2 the controllers are the jail's own (for `limits_hit`).
+                let controllers = match mount.version {
+                    Version::V1 => mount.controllers,
+                    Version::V2 => fs::read_to_string(dir.join("cgroup.controllers"))
+                        .map(|text| text.split_whitespace().map(str::to_owned).collect())
+                        .unwrap_or_default(),
+                };
+                Hierarchy { version: mount.version, dir, parent, mount: mount.path, controllers }
             })
             .collect();
         Ok(CgroupPlan { hierarchies, settings: Vec::new() })

@@ -90,7 +90,7 @@ pub enum ConfigError {
     ProcWithoutPidNs,
     #[error("--netns `{0}` does not exist")]
     NoNetns(PathBuf),
-    #[error("--keep-fd {0} is not an open file descriptor above 2")]
+    #[error("descriptor {0} (--keep-fd or --hand-off) is not an open file descriptor above 2")]
     BadFd(i32),
     #[error("{what} {value} is not allowed: the VMM must not run as root (0)")]
     RootId { what: &'static str, value: u32 },
@@ -102,6 +102,10 @@ pub enum ConfigError {
     Cgroup(#[from] CgroupError),
     #[error("--from-prepared `{0}` is the jail's own --id; a spare jail is prepared under an id of its own")]
     SpareIsId(String),
+    #[error(
+        "--hand-off {0} is also a --keep-fd: the VMM must not get the descriptor its pid is reported on"
+    )]
+    HandOffKept(i32),
 }
 
 /// The raw request, as the command line gives it.
@@ -120,6 +124,8 @@ pub struct JailRequest {
     pub bind_rw: Option<PathBuf>,
     pub mount_proc: bool,
     pub keep_fds: Vec<i32>,
+    /// Hand the VMM off to the caller instead of staying behind: see [`JailConfig::hand_off`].
+    pub hand_off: Option<i32>,
     pub rlimits: Vec<String>,
     /// A spare jail made ahead by `cella-jailer prepare` to take instead of making one.
     pub from_prepared: Option<String>,
@@ -157,6 +163,11 @@ pub struct JailConfig {
     /// showing only the VMM's own PID namespace, for the VMM's reads of `/proc/self/pagemap`.
     pub mount_proc: bool,
     pub keep_fds: Vec<i32>,
+    /// `--hand-off FD`: the VMM is started as a child of the jailer's caller (`CLONE_PARENT`),
+    /// its pid written to this descriptor as soon as it exists, and the jailer exits once the VMM
+    /// has exec'd, leaving nothing behind but the jail itself: the caller waits for the VMM and
+    /// removes the jail ([`crate::supervisor::HandedOff`]). No per-VM process stays.
+    pub hand_off: Option<i32>,
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     /// The id of a spare jail (made by `cella-jailer prepare`, with its network namespace) that becomes this
     /// jail's folder instead of a new one: see [`crate::prepared`].
@@ -435,11 +446,14 @@ impl JailRequest {
                 return Err(ConfigError::NoNetns(netns.clone()));
             }
         }
-        for &fd in &self.keep_fds {
+        for &fd in self.keep_fds.iter().chain(&self.hand_off) {
             // SAFETY: F_GETFD only reads the descriptor's flags.
             if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
                 return Err(ConfigError::BadFd(fd));
             }
+        }
+        if let Some(fd) = self.hand_off.filter(|fd| self.keep_fds.contains(fd)) {
+            return Err(ConfigError::HandOffKept(fd));
         }
 
         let mut rlimits: Vec<(libc::__rlimit_resource_t, u64)> = DEFAULT_RLIMITS
@@ -475,6 +489,7 @@ impl JailRequest {
             bind_rw: self.bind_rw,
             mount_proc: self.mount_proc,
             keep_fds: self.keep_fds,
+            hand_off: self.hand_off,
             rlimits,
             from_prepared: self.from_prepared,
             vmm_args: self.vmm_args,

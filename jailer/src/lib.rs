@@ -1,5 +1,8 @@
-//! `cella-jailer`: puts one Cella VMM in its own cell, then `exec`s it, and stays behind as its
-//! supervisor to remove the cell when the VMM ends.
+//! `cella-jailer`: puts one Cella VMM in its own cell, then `exec`s it, and either stays behind
+//! as its supervisor to remove the cell when the VMM ends, or (`--hand-off`) hands the VMM to its
+//! caller as the caller's own child and exits: the caller then removes the cell
+//! ([`supervisor::HandedOff`]), and [`owner`] lets the next caller sweep the cells of one that
+//! was killed.
 //!
 //! The steps, in order (Firecracker's jailer is the model; Cella adds Landlock and explicit
 //! capability dropping): validate the ID and every path ([`config`]); close inherited file
@@ -42,6 +45,7 @@ pub mod child;
 pub mod config;
 pub mod confine;
 pub mod handover;
+pub mod owner;
 pub mod prepared;
 pub mod supervisor;
 pub mod timing;

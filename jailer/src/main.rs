@@ -7,17 +7,18 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use cella_jailer::timing::Timings;
-use cella_jailer::{error_chain, supervisor, JailRequest, VmmStatus};
+use cella_jailer::{error_chain, supervisor, JailRequest};
 use clap::{Args, Parser, Subcommand};
 
-use cella_abi::exit::{CLEANUP_FAILED, JAIL_FAILED, VMM_KILLED, VMM_KILLED_BY_SECCOMP};
+use cella_abi::exit::{CLEANUP_FAILED, JAIL_FAILED};
 
 /// Bad command line or a request refused before anything was created.
 const BAD_REQUEST: u8 = cella_abi::exit::BAD_INPUT;
 
 const EXIT_HELP: &str = "\
 Exit status:
-  0-244  the VMM's own exit status (see cella-vmm run --help)
+  0-244  the VMM's own exit status (see cella-vmm run --help); with --hand-off, 0 once the
+         VMM runs (its caller waits for it)
   245    the VMM was killed by SIGSYS: its seccomp filter caught a forbidden system call
   246    the VMM was killed by another signal (SIGKILL, the OOM killer at the memory limit, a crash)
   247    a jail step failed (the message names the step and the path); nothing is left behind
@@ -29,7 +30,8 @@ Exit status:
     name = "cella-jailer",
     version,
     about = "Runs one cella-vmm in its own cell: namespaces, pivot_root, cgroups, rlimits, Landlock, \
-             no capabilities, its own uid/gid; removes the cell when the VMM ends",
+             no capabilities, its own uid/gid; removes the cell when the VMM ends, or (--hand-off) \
+             hands the VMM to its caller and exits",
     after_help = EXIT_HELP,
     subcommand_negates_reqs = true,
     args_conflicts_with_subcommands = true
@@ -82,7 +84,8 @@ struct JailArgs {
     /// The jail's ID: letters, digits and hyphens, at most 64
     #[arg(long, required = true)]
     id: Option<String>,
-    /// The VMM binary (statically linked, not a symlink); it is copied into the jail
+    /// The VMM binary (statically linked, not a symlink, writable by neither its group nor
+    /// others); it is exec'd from a descriptor opened on the host, never copied into the jail
     #[arg(long, value_name = "PATH", required = true)]
     exec_file: Option<PathBuf>,
     /// The user the VMM runs as (not 0)
@@ -124,6 +127,13 @@ struct JailArgs {
     /// Pass this inherited file descriptor on to the VMM (repeatable)
     #[arg(long = "keep-fd", value_name = "FD")]
     keep_fds: Vec<i32>,
+    /// Do not stay behind: start the VMM as a child of this jailer's caller, write its pid
+    /// (decimal, one line) to this inherited descriptor as soon as it exists, and exit 0 once it
+    /// has exec'd. The caller then waits for the VMM and removes the jail when it ends
+    /// (`cella-jailer cleanup --id`); a failed launch still removes everything and exits 247,
+    /// leaving the caller only the VMM's exited process to reap (its pid was written)
+    #[arg(long, value_name = "FD")]
+    hand_off: Option<i32>,
     /// An rlimit: core, no-file, fsize, nproc, memlock or as = N|unlimited (repeatable); at
     /// most the jailer's own hard limit
     #[arg(long = "rlimit", value_name = "NAME=VALUE")]
@@ -243,6 +253,7 @@ fn main() -> ExitCode {
         bind_rw: a.bind_rw,
         mount_proc: a.mount_proc,
         keep_fds: a.keep_fds,
+        hand_off: a.hand_off,
         rlimits: a.rlimits,
         from_prepared: a.from_prepared,
         vmm_args: a.vmm_args,
@@ -257,7 +268,13 @@ fn main() -> ExitCode {
     let mut timings = Timings::default();
     timings.record("validate", started);
     let outcome = match supervisor::run(&config, &mut timings) {
-        Ok(outcome) => outcome,
+        Ok(supervisor::Ran::Ended(outcome)) => outcome,
+        Ok(supervisor::Ran::HandedOff { timings, .. }) => {
+            if a.timings {
+                eprintln!("cella-jailer: timings: {}", timings.line());
+            }
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!(
                 "cella-jailer: jail {} failed, and nothing is left behind: {}",
@@ -270,29 +287,8 @@ fn main() -> ExitCode {
     if a.timings {
         eprintln!("cella-jailer: timings: {}", outcome.timings.line());
     }
-    let code = match outcome.status {
-        VmmStatus::Exited(code) => {
-            if !outcome.limits_hit.is_empty() {
-                eprintln!("cella-jailer: {}", outcome.describe(&config.id));
-            }
-            code.clamp(0, 255) as u8
-        }
-        VmmStatus::Killed(signal) => {
-            eprintln!("cella-jailer: {}", outcome.describe(&config.id));
-            if signal == libc::SIGSYS {
-                VMM_KILLED_BY_SECCOMP
-            } else {
-                VMM_KILLED
-            }
-        }
-    };
-    if let Some(e) = &outcome.cleanup_error {
-        eprintln!(
-            "cella-jailer: the jail of {} could not be removed completely: {}",
-            config.id,
-            error_chain(e)
-        );
-        return ExitCode::from(CLEANUP_FAILED);
+    for line in outcome.report_lines(&config.id) {
+        eprintln!("{line}");
     }
-    ExitCode::from(code)
+    ExitCode::from(outcome.exit_code())
 }

@@ -89,6 +89,38 @@ impl Outcome {
     }
 }
 
+impl Outcome {
+    /// The jailer's exit status for this outcome (`cella-jailer --help`): the VMM's own, 245
+    /// for a seccomp kill, 246 for another signal, 248 if the jail could not be removed.
+    pub fn exit_code(&self) -> u8 {
+        use cella_abi::exit::{CLEANUP_FAILED, VMM_KILLED, VMM_KILLED_BY_SECCOMP};
+        if self.cleanup_error.is_some() {
+            return CLEANUP_FAILED;
+        }
+        match self.status {
+            VmmStatus::Exited(code) => code.clamp(0, 255) as u8,
+            VmmStatus::Killed(libc::SIGSYS) => VMM_KILLED_BY_SECCOMP,
+            VmmStatus::Killed(_) => VMM_KILLED,
+        }
+    }
+
+    /// What the jailer says about this outcome on stderr, one line each (none for a VMM that
+    /// exited on its own within its limits).
+    pub fn report_lines(&self, id: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        if matches!(self.status, VmmStatus::Killed(_)) || !self.limits_hit.is_empty() {
+            lines.push(format!("cella-jailer: {}", self.describe(id)));
+        }
+        if let Some(e) = &self.cleanup_error {
+            lines.push(format!(
+                "cella-jailer: the jail of {id} could not be removed completely: {}",
+                crate::error_chain(e)
+            ));
+        }
+        lines
+    }
+}
+
 /// A signal's name, e.g. `SIGKILL`.
 pub fn signal_name(signal: i32) -> String {
     let name = match signal {
@@ -103,6 +135,66 @@ pub fn signal_name(signal: i32) -> String {
         _ => return format!("signal {signal}"),
     };
     name.to_owned()
+}
+
+/// How [`run`] ended: the VMM ended and the jail is gone, or (`--hand-off`) the VMM runs as the
+/// caller's child and the jail is the caller's to remove.
+#[derive(Debug)]
+pub enum Ran {
+    Ended(Outcome),
+    HandedOff {
+        /// The VMM's pid (in the caller's PID namespace: the jailer's).
+        pid: i32,
+        timings: Timings,
+    },
+}
+
+/// A jail whose VMM was handed off to the caller (`--hand-off`): what the caller needs to know
+/// to read its limits and remove it once the VMM has ended — the same names it gave the jailer.
+#[derive(Clone, Debug)]
+pub struct HandedOff {
+    pub id: String,
+    pub chroot_base: PathBuf,
+    pub exec_name: String,
+    pub cgroup_parent: Option<String>,
+}
+
+impl HandedOff {
+    /// A line for each cgroup limit the VMM ran into (read before [`HandedOff::remove`]).
+    pub fn limits_hit(&self) -> Vec<String> {
+        crate::cgroup::CgroupPlan::everywhere(&self.id, self.cgroup_parent.as_deref())
+            .map(|plan| plan.limits_hit())
+            .unwrap_or_default()
+    }
+
+    /// Removes the jail's cgroups (killing anything left in them) and its folder.
+    pub fn remove(&self) -> Result<(), JailError> {
+        cleanup(&self.id, &self.chroot_base, &self.exec_name, self.cgroup_parent.as_deref()).map(drop)
+    }
+
+    /// What the supervisor would have reported for the VMM `pid` that ended with `wait_status`
+    /// (as waitpid(2) gives it), after reading the limits it hit and removing the jail.
+    pub fn ended(&self, pid: i32, wait_status: i32) -> Outcome {
+        let limits_hit = self.limits_hit();
+        let cleanup_error = self.remove().err();
+        Outcome {
+            status: decode_status(wait_status),
+            pid,
+            limits_hit,
+            timings: Timings::default(),
+            cleanup_error,
+        }
+    }
+}
+
+/// What the jailer writes on its `--hand-off` descriptor: the VMM's pid, as soon as it exists.
+pub fn hand_off_line(pid: i32) -> String {
+    format!("{pid}\n")
+}
+
+/// The pid in what a jailer wrote on its `--hand-off` descriptor, if it wrote one.
+pub fn parse_hand_off(text: &str) -> Option<i32> {
+    text.lines().next()?.trim().parse().ok().filter(|pid: &i32| *pid > 0)
 }
 
 /// What exists on the host for this jail, so failure and exit remove exactly that.
@@ -308,7 +400,7 @@ fn make_mount_points(config: &JailConfig, t: &mut Timings) -> Result<(), JailErr
 ///
 /// Must run in a single-threaded process (the `cella-jailer` binary): it forks, blocks signals
 /// and closes inherited descriptors.
-pub fn run(config: &JailConfig, t: &mut Timings) -> Result<Outcome, JailError> {
+pub fn run(config: &JailConfig, t: &mut Timings) -> Result<Ran, JailError> {
     // The signals the supervisor handles are blocked before anything exists: one that arrives
     // while the jail is being made (a caller's SIGTERM, the parent-death signal a caller such as
     // `cella-vmm scan --jailed` sets) then waits and is forwarded to the VMM, instead of killing
@@ -325,9 +417,19 @@ pub fn run(config: &JailConfig, t: &mut Timings) -> Result<Outcome, JailError> {
 }
 
 /// [`run`] with the supervised signals blocked; `old_mask` is what the VMM gets back.
-fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -> Result<Outcome, JailError> {
+fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -> Result<Ran, JailError> {
     let start = Instant::now();
-    close_inherited_fds(&config.keep_fds)?;
+    let kept: Vec<RawFd> = config.keep_fds.iter().chain(&config.hand_off).copied().collect();
+    close_inherited_fds(&kept)?;
+    // SAFETY: the descriptor was checked open (config) and kept above; it is owned here from
+    // now on, and closes on the VMM's exec.
+    let hand_off = config.hand_off.map(|fd| unsafe { File::from_raw_fd(fd) });
+    if let Some(fd) = &hand_off {
+        // SAFETY: fcntl(F_SETFD) on a descriptor owned here.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            return Err(step("hand-off", "descriptor")(io::Error::last_os_error()));
+        }
+    }
     t.record("close-fds", start);
     let start = Instant::now();
     let vars: Vec<OsString> = std::env::vars_os().map(|(k, _)| k).collect();
@@ -338,6 +440,9 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
 
     let mut residue = Residue { config, jail_dir: false, cgroups: false, handed_over: false };
     build_jail_folder(config, &mut residue, t)?;
+    if config.hand_off.is_some() {
+        crate::owner::record(&config.jail_dir()).map_err(step("record-owner", config.jail_dir()))?;
+    }
 
     if let Some(dir) = &config.bind_rw {
         let start = Instant::now();
@@ -386,6 +491,17 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     };
     let (pid, report) = spawn(config, plan)?;
     drop(exec);
+    // Handed off, the VMM is the caller's child from its first instant: the caller learns its
+    // pid now, so that it can reap it however this launch ends, and the jailer watches it
+    // through a pidfd (it cannot wait for a process that is not its child).
+    let pidfd = match &hand_off {
+        Some(fd) => {
+            use std::io::Write;
+            let _ = (&*fd).write_all(hand_off_line(pid).as_bytes());
+            Some(pidfd_open(pid).map_err(step("hand-off", "pidfd"))?)
+        }
+        None => None,
+    };
     t.record("clone", start);
 
     let start = Instant::now();
@@ -394,7 +510,10 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     let _ = report.take(1 << 16).read_to_string(&mut text);
     let waited_ms = start.elapsed().as_secs_f64() * 1e3;
     if let Some(line) = text.lines().find(|l| l.starts_with("E ")) {
-        let _ = wait_for(pid);
+        match &pidfd {
+            Some(pidfd) => while !crate::wait::poll_read(&[pidfd.as_raw_fd()], None)[0] {},
+            None => drop(wait_for(pid)),
+        }
         let mut parts = line[2..].splitn(3, ' ');
         let step_name = parts.next().unwrap_or("unknown");
         let errno: i32 = parts.next().and_then(|e| e.parse().ok()).unwrap_or(0);
@@ -412,6 +531,14 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
     t.push("exec", (waited_ms - child_ms).max(0.0));
     drop(netns);
 
+    if hand_off.is_some() {
+        // The VMM runs: the jail is the caller's now.
+        residue.jail_dir = false;
+        residue.cgroups = false;
+        residue.handed_over = false;
+        return Ok(Ran::HandedOff { pid, timings: t.clone() });
+    }
+
     let signals = crate::wait::signal_fd(&supervised_signals()).map_err(step("supervise", "signalfd"))?;
 
     let start = Instant::now();
@@ -420,7 +547,18 @@ fn run_blocked(config: &JailConfig, t: &mut Timings, old_mask: libc::sigset_t) -
 
     let limits_hit = config.cgroups.limits_hit();
     let cleanup_error = residue.remove(t).err();
-    Ok(Outcome { status, pid, limits_hit, timings: t.clone(), cleanup_error })
+    Ok(Ran::Ended(Outcome { status, pid, limits_hit, timings: t.clone(), cleanup_error }))
+}
+
+/// A pidfd of `pid` (pidfd_open(2)).
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open with a pid and no flags returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Step names the child may report (so errors carry `&'static str`).
@@ -495,6 +633,10 @@ fn spawn(config: &JailConfig, mut plan: ChildPlan) -> Result<(i32, File), JailEr
     }
     if plan.netns.is_none() {
         flags |= libc::CLONE_NEWNET;
+    }
+    if config.hand_off.is_some() {
+        // The VMM's parent is the jailer's: the caller waits for it, and the jailer can go.
+        flags |= libc::CLONE_PARENT;
     }
     // On cgroup2 the child is born in its cgroup (clone3 with CLONE_INTO_CGROUP): writing
     // `cgroup.procs` afterwards would take the kernel's global threadgroup lock, whose write

@@ -688,3 +688,134 @@ fn a_spare_cannot_be_the_jails_own_id_or_a_bad_id() {
     }
     assert!(!base.exists(), "nothing was created");
 }
+
+/// A close-on-exec pipe: (read, write).
+fn pipe() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds`.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both are new and owned here.
+    unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) }
+}
+
+/// `command` with `--hand-off 4` and the write end of a pipe as its descriptor 4; returns the
+/// read end (the pid comes there).
+fn handing_off(command: &mut std::process::Command) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let (read, write) = pipe();
+    let fd = write.as_raw_fd();
+    // SAFETY: dup2 is async-signal-safe; the descriptor lives until the spawn returns (the
+    // closure owns `write`).
+    unsafe {
+        command.pre_exec(move || {
+            let _keep = &write;
+            // dup2 onto itself would keep the close-on-exec flag: clear it instead.
+            let r = if fd == 4 { libc::fcntl(4, libc::F_SETFD, 0) } else { libc::dup2(fd, 4) };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    read
+}
+
+/// Reaps our child `pid`: its wait status.
+fn reap(pid: i32, flags: i32) -> Option<i32> {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child with a local status word.
+    (unsafe { libc::waitpid(pid, &mut status, flags) } == pid).then_some(status)
+}
+
+#[test]
+fn a_handed_off_vmm_is_the_callers_own_confined_child_and_its_jail_the_callers_to_remove() {
+    use cella_jailer::supervisor::{parse_hand_off, HandedOff};
+    use cella_jailer::VmmStatus;
+    let base = chroot_base("hand-off");
+    let id = jail_id("hand-off");
+    let mut command = jailed(&base, &id, &["--hand-off", "4"], &["--timeout-ms", "20000", "--", "spin"]);
+    let mut read = handing_off(&mut command);
+    // The VMM keeps the jailer's stdout and stderr: don't wait for them to close.
+    let status = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    drop(command);
+    assert_eq!(status.code(), Some(0));
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut read, &mut said).unwrap();
+    let pid = parse_hand_off(&said).unwrap_or_else(|| panic!("no pid in {said:?}"));
+    // The jailer is gone; the VMM is this process's child, confined on every thread.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !guest_runs_confined(pid) {
+        assert!(std::time::Instant::now() < deadline, "the handed-off VMM never got going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for task in tasks(pid) {
+        let status = format!("/proc/{pid}/task/{task}/status");
+        assert_eq!(status_field(&status, "PPid"), std::process::id().to_string());
+        assert_eq!(status_field(&status, "Seccomp"), "2");
+        assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+        assert_eq!(status_field(&status, "CapEff"), "0000000000000000");
+        assert!(status_field(&status, "Uid").split_whitespace().all(|u| u == UID.to_string()));
+    }
+    // The jail stays, naming its owner, until the caller removes it.
+    let owner = std::fs::read_to_string(base.join("cella-vmm").join(&id).join("owner")).unwrap();
+    assert!(owner.starts_with(&format!("{} ", std::process::id())), "{owner}");
+    assert!(!residue(&base, &id).is_empty());
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let wait_status = reap(pid, 0).expect("our child");
+    let cell = HandedOff {
+        id: id.clone(),
+        chroot_base: base.clone(),
+        exec_name: "cella-vmm".into(),
+        cgroup_parent: None,
+    };
+    let outcome = cell.ended(pid, wait_status);
+    assert_eq!(outcome.status, VmmStatus::Killed(libc::SIGKILL));
+    assert_eq!(outcome.exit_code(), cella_abi::exit::VMM_KILLED);
+    assert!(outcome.cleanup_error.is_none(), "{:?}", outcome.cleanup_error);
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
+#[test]
+fn a_handed_off_launch_that_fails_in_the_child_leaves_the_caller_only_a_process_to_reap() {
+    let base = chroot_base("hand-off-failing");
+    let id = jail_id("hand-off-failing");
+    let not_a_netns = runner_image();
+    let extra = ["--netns", not_a_netns.to_str().unwrap(), "--hand-off", "4"];
+    let mut command = jailed(&base, &id, &extra, &["--", "hello"]);
+    let mut read = handing_off(&mut command);
+    let out = output(&mut command);
+    drop(command);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(247), "{err}");
+    assert!(err.contains("step `join-netns` failed"), "{err}");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut read, &mut said).unwrap();
+    let pid = cella_jailer::supervisor::parse_hand_off(&said).expect("the pid is told before the steps");
+    // It has ended already (the jailer waited for that before removing the jail).
+    let status = reap(pid, libc::WNOHANG).expect("an ended child to reap");
+    assert!(libc::WIFEXITED(status), "{status}");
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
+#[test]
+fn a_hand_off_descriptor_that_is_not_open_or_is_kept_for_the_vmm_is_refused() {
+    let base = chroot_base("hand-off-refused");
+    let id = jail_id("hand-off-refused");
+    let out = output(&mut jailed(&base, &id, &["--hand-off", "97"], &["--", "hello"]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("descriptor 97"), "{}", stderr(&out));
+    let mut command = jailed(&base, &id, &["--hand-off", "4", "--keep-fd", "4"], &["--", "hello"]);
+    let _read = handing_off(&mut command);
+    let out = output(&mut command);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("also a --keep-fd"), "{}", stderr(&out));
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}

@@ -121,18 +121,22 @@ fn long_artifact(dir: &Path, gib: u64) -> PathBuf {
     path
 }
 
-/// The jailed VMM under the outer `cella-vmm scan` process `outer` once it has exec'd: its pid
-/// and uid.
+/// The jailed VMM of the outer `cella-vmm scan` process `outer` once it has exec'd: its pid and
+/// uid. The jailer hands it off, so it is the outer process's own child (of any of its threads).
 fn jailed_vmm(outer: u32) -> Option<(u32, u32)> {
-    let child_of = |pid: u32| -> Option<u32> {
-        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-        children.split_whitespace().next()?.parse().ok()
-    };
-    let vmm = child_of(child_of(outer)?)?;
-    let comm = std::fs::read_to_string(format!("/proc/{vmm}/comm")).ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).ok()?;
-    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()?;
-    (comm.trim() == "cella-vmm").then_some((vmm, uid))
+    let tasks = std::fs::read_dir(format!("/proc/{outer}/task")).ok()?;
+    let children: Vec<u32> = tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| text.split_whitespace().filter_map(|pid| pid.parse().ok()).collect::<Vec<u32>>())
+        .collect();
+    children.into_iter().find_map(|vmm| {
+        let comm = std::fs::read_to_string(format!("/proc/{vmm}/comm")).ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).ok()?;
+        let uid =
+            status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()?;
+        (comm.trim() == "cella-vmm").then_some((vmm, uid))
+    })
 }
 
 /// Waits until the outer process `child` has a jailed VMM running its guest; returns its pid.
@@ -370,7 +374,7 @@ fn sigterm_to_a_jailed_scan_stops_the_vm_scrubs_it_and_removes_the_jail() {
 }
 
 #[test]
-fn a_jailed_scan_killed_with_sigkill_takes_its_jail_down_with_it() {
+fn a_jailed_scan_killed_with_sigkill_takes_its_vmm_down_and_the_next_launcher_its_jail() {
     binaries();
     let dir = scratch("jailed-sigkill");
     let artifact = long_artifact(&dir, 64);
@@ -387,24 +391,21 @@ fn a_jailed_scan_killed_with_sigkill_takes_its_jail_down_with_it() {
         .spawn()
         .unwrap();
     let vmm = wait_for_vmm(&mut child);
-    let jailer = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id())).unwrap();
-    let jailer: u32 = jailer.split_whitespace().next().unwrap().parse().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    // The jailer's parent-death signal (SIGTERM) stops the VM; the jailer removes the jail and
-    // exits.
+    // The jailer handed the VMM to the scan and is gone already; the VMM's parent-death signal
+    // (SIGKILL) ends it with the scan.
     let deadline = Instant::now() + Duration::from_secs(30);
-    for pid in [vmm, jailer] {
-        let status = format!("/proc/{pid}/status");
-        while std::fs::read_to_string(&status).is_ok_and(|s| !s.contains("State:\tZ")) {
-            assert!(Instant::now() < deadline, "pid {pid} outlived the killed scan");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    let status = format!("/proc/{vmm}/status");
+    while std::fs::read_to_string(&status).is_ok_and(|s| !s.contains("State:\tZ")) {
+        assert!(Instant::now() < deadline, "the VMM outlived the killed scan");
+        std::thread::sleep(Duration::from_millis(10));
     }
-    // The jailer may be a zombie for a moment (its new parent reaps it) after its last step.
-    std::thread::sleep(Duration::from_millis(100));
-    // What is left is the killed process's own folder of its spare's control socket, which
-    // the next launcher using that folder sweeps.
+    // Its jail names the killed scan as its owner: the next launcher on the host sweeps it, as
+    // it sweeps the killed process's folder of its spare's control socket.
+    assert!(!residue(&cell.base, &id).is_empty(), "nothing to sweep: was the jail handed off?");
+    let swept = cella_vmm::spare::sweep_stale_jails(&cell.base, "cella-vmm");
+    assert!(swept.iter().any(|p| p.ends_with(&id)), "{swept:?}");
     cella_vmm::spare::sweep_stale(&cell.tmp);
     cell.assert_clean(&id);
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::fs::File;
+use std::path::Path;
 use std::time::Duration;
 
 use cella_proto::{Job, SarifContext};
@@ -150,9 +151,10 @@ fn a_spare_times_out_from_its_start_and_a_discarded_spare_exits() {
 fn a_jailed_spare_waits_with_no_capabilities_under_its_own_uid_and_runs_a_job() {
     let mut options = options("spare-jailed");
     let (uid, gid) = (64_041, 64_042);
+    let id = format!("spare-test-{}", std::process::id());
     options.jail = Some(SpareJail {
         jailer: binaries().jailer.clone(),
-        id: format!("spare-test-{}", std::process::id()),
+        id: id.clone(),
         uid,
         gid,
         chroot_base: None,
@@ -162,7 +164,7 @@ fn a_jailed_spare_waits_with_no_capabilities_under_its_own_uid_and_runs_a_job() 
         from_prepared: None,
     });
     let spare = Spare::start(&options).unwrap();
-    let vmm = jailed_vmm(spare.pid());
+    let vmm = handed_off_vmm(spare.pid());
     for (name, status) in wait_confined(vmm) {
         assert_eq!(status_field(&status, "NoNewPrivs"), "1", "{name}");
         assert_eq!(status_field(&status, "Seccomp"), "2", "{name}");
@@ -182,9 +184,12 @@ fn a_jailed_spare_waits_with_no_capabilities_under_its_own_uid_and_runs_a_job() 
     let report = run.vm.unwrap();
     assert_eq!(report.exit, GuestExit::Exited { code: 0 });
     assert_scrubbed(&serde_json::to_value(&report).unwrap());
-    // The jailer removes the jail and passes the VMM's status on.
+    // Waiting removes the jail and gives the VMM's status.
     let status = spare.wait().unwrap().status;
     assert_eq!(status.code(), Some(0), "{status:?}");
+    let exec_name = binaries().static_vmm.file_name().unwrap().to_owned();
+    let jail = Path::new("/dev/shm/cella-jailer").join(exec_name).join(&id);
+    assert!(!jail.exists(), "{} left behind", jail.display());
 }
 
 /// `cella-vmm spare --test-open PATH`, through `cella-jailer` when `jailed`, with a control

@@ -295,7 +295,7 @@ fn a_jailed_spare_restored_from_a_template_is_confined_and_runs_its_job_with_the
         capture_stderr: true,
     };
     let spare = Spare::start(&options).unwrap();
-    let vmm = jailed_vmm(spare.pid());
+    let vmm = handed_off_vmm(spare.pid());
     // From outside, while it waits: every thread confined, no capability, the jail's uid.
     let threads = wait_confined(vmm);
     for (name, status) in &threads {

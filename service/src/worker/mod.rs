@@ -323,7 +323,6 @@ impl Worker {
         let frames = launch::job_frames(lease, policy, artifact_bytes, &self.information_uri);
         let api = spare.api().clone();
         let signals = spare.signals();
-        let jail_id = spare.jail_id().map(str::to_owned);
         let jailed = self.launcher.jailed();
         if let Err(e) =
             queue::vm_started(&self.pool, lease, spare.pid(), self.launcher.mem_mib(), jailed).await
@@ -353,11 +352,6 @@ impl Worker {
         let (run, status, stderr, scan_ms) =
             supervised.result.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let (stopped, killed) = (supervised.stopped, supervised.killed);
-        if killed {
-            if let Some(id) = &jail_id {
-                crate::spares::remove(&self.launcher.vmm().with_file_name("cella-jailer"), id).await;
-            }
-        }
         let failed_words = (!stderr.is_empty()).then(|| stderr.clone());
         let finished = match run {
             Ok(run) => {

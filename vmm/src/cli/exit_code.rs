@@ -49,7 +49,9 @@ With --jailed, also cella-jailer's own (see cella-jailer --help):
 uid/gid, namespaces, cgroups, Landlock, seccomp), with only the image bound in. This process
 stays outside: it hands the VMM the artifact and the job channel as descriptors over its
 control socket, serves the job, writes --sarif; SIGINT and SIGTERM stop the VM through its
-control API; if this process dies, the jail is stopped, scrubbed and removed.";
+control API. No jailer stays behind (cella-jailer --hand-off): the VMM is this process's child,
+and this process removes the jail when it ends. If this process is killed, the VMM dies with it
+and the next jailed scan or worker on the host removes the jail.";
 
 /// Shown at the end of `cella-vmm session --help`.
 pub const SESSION_HELP: &str = "\

@@ -188,6 +188,15 @@ pub fn jailed_vmm(jailer: u32) -> u32 {
     }
 }
 
+/// A jailed spare's VMM, `pid`: the jailer handed it off and is gone, so it is this process's
+/// own child, exec'd already.
+pub fn handed_off_vmm(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(status_field(&status, "Name"), "cella-vmm", "{status}");
+    assert_eq!(status_field(&status, "PPid"), std::process::id().to_string(), "no process between");
+    pid
+}
+
 /// Waits until the spare has both its threads (it confines itself before it starts the API
 /// thread, and puts its own filter on right after).
 pub fn wait_confined(pid: u32) -> Vec<(String, String)> {
