@@ -29,12 +29,13 @@ struct Order {
     reply: oneshot::Sender<Result<Spare, SpareError>>,
 }
 
-/// Starts spares on one thread that lives as long as the pool: a spare's parent-death signal
+/// Starts spares on a thread that lives as long as the pool: a spare's parent-death signal
 /// fires when the *thread* that started it ends, so spares started on short-lived runtime
-/// threads would die with them.
-fn spawner() -> mpsc::Sender<Order> {
+/// threads would die with them. One per slot: starting a jailed spare waits for its jailer to
+/// make the cell (a few ms), and slots must not queue behind each other for that.
+fn spawner(slot: u32) -> mpsc::Sender<Order> {
     let (orders, received) = mpsc::channel::<Order>();
-    let thread = std::thread::Builder::new().name("spare-spawner".into()).spawn(move || {
+    let thread = std::thread::Builder::new().name(format!("spare-spawner-{slot}")).spawn(move || {
         for order in received {
             let _ = order.reply.send(Spare::start(&order.options));
         }
@@ -58,7 +59,8 @@ pub struct SparePool {
     launcher: Launcher,
     /// The spares' private folder (their control sockets), root's, mode 0700.
     run_dir: PathBuf,
-    spawner: Mutex<mpsc::Sender<Order>>,
+    /// Each slot's spawner thread, made at its first spare.
+    spawners: Mutex<HashMap<u32, mpsc::Sender<Order>>>,
     prefix: String,
     serial: AtomicU64,
     ready: Mutex<HashMap<u32, PoolSpare>>,
@@ -86,7 +88,7 @@ impl SparePool {
         Arc::new(SparePool {
             launcher,
             run_dir,
-            spawner: Mutex::new(spawner()),
+            spawners: Mutex::default(),
             prefix: format!("spare-{}-job{set}", std::process::id()),
             serial: AtomicU64::new(0),
             ready: Mutex::default(),
@@ -118,7 +120,13 @@ impl SparePool {
         options.template = template.as_ref().map(|t| t.dir.clone());
         let template = template.map(|t| t.identity.id);
         let (reply, answer) = oneshot::channel();
-        let sent = self.spawner.lock().unwrap_or_else(|p| p.into_inner()).send(Order { options, reply });
+        let sent = self
+            .spawners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(slot)
+            .or_insert_with(|| spawner(slot))
+            .send(Order { options, reply });
         let gone = || SpareError::Spawn {
             vmm: self.launcher.vmm().to_owned(),
             source: std::io::Error::other("the spare spawner thread is gone"),
