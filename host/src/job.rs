@@ -99,7 +99,12 @@ pub fn serve_channel(
     channel
         .set_write_timeout(Some(timeout.max(Duration::from_millis(1))))
         .map_err(|source| JobError::Io { stage: "connected", source })?;
-    let mut reader = FrameReader { stream: &mut channel, decoder: proto::Decoder::default(), timeout };
+    let mut reader = FrameReader {
+        stream: &mut channel,
+        decoder: proto::Decoder::default(),
+        timeout,
+        buf: vec![0u8; READ_CHUNK],
+    };
 
     let (kind, payload) = reader.next(deadline, "said hello")?;
     let hello = check_hello(kind, &payload)?;
@@ -176,20 +181,24 @@ fn expect(expected: Kind, got: Kind) -> Result<(), JobError> {
     }
 }
 
+/// How much of the channel one read takes (one buffer per job, not per frame).
+const READ_CHUNK: usize = 64 << 10;
+
 struct FrameReader<'a> {
     stream: &'a mut UnixStream,
     decoder: proto::Decoder,
     timeout: Duration,
+    buf: Vec<u8>,
 }
 
 impl FrameReader<'_> {
     fn next(&mut self, deadline: Instant, stage: &'static str) -> Result<(Kind, Vec<u8>), JobError> {
-        let mut buf = vec![0u8; 1 << 20];
+        let buf = &mut self.buf;
         loop {
             if let Some(frame) = self.decoder.next_frame()? {
                 return Ok(frame);
             }
-            match self.stream.read(&mut buf) {
+            match self.stream.read(buf) {
                 Ok(0) => return Err(JobError::VmGone { stage }),
                 Ok(n) => self.decoder.push(&buf[..n]),
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
