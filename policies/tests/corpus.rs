@@ -114,7 +114,7 @@ fn findings_never_carry_the_secret() {
     let json = cella_scan::sarif::to_json(engine.policy(), &report, &Default::default());
     for secret in [
         "AKIAUJZDEGXDNCF32EPF",
-        "ghp_hGAkWvj7FAc9QeWJKY40uvSwMFLZDe1f8rES",
+        "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",
         "4111 1111 1111 1111",
         "123-45-6789",
     ] {

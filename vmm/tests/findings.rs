@@ -18,7 +18,7 @@ const KEY: &str = "7a1c0f3e9b2d4c6a8e0f1b3d5c7e9a2b4d6f8a0c2e4b6d8f0a1c3e5b7d9f1
 
 const STRIPE: &str = "sk_live_Qm7vT2xK9pL4wR8nB3cJ6hZ1";
 const NEW_STRIPE: &str = "sk_live_Hd4sW9qE2rT7yU1iO5pA8sD3";
-const GITHUB: &str = "ghp_Vb2Nm4Qw6Er8Ty0Ui3Op5As7Df9Gh1Jk2Lz8";
+const GITHUB: &str = "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";
 
 /// The tree: one unsuppressed secret in text, one in a binary file, five findings carrying
 /// each inline marker (one of them a PEM key marked on its last line), and secrets in two
@@ -37,7 +37,7 @@ fn tree(changes: &[(&str, String)]) -> Vec<u8> {
         ),
         (
             "src/web.js",
-            b"const t = 'npm_Pq8Wr6Et4Yu2Io0Pa9Sd7Fg5Hj3Kl1Zx2Cv4';  // gitleaks:allow\n".to_vec(),
+            b"const t = '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';  // gitleaks:allow\n".to_vec(),
         ),
         ("config/ci.yaml", b"gitlab: glpat-Rt5Yu7Io9Pa1Sd3Fg5Hj7  # kingfisher:ignore\n".to_vec()),
         (

@@ -28,6 +28,7 @@ extern crate alloc;
 
 mod archive;
 mod binary;
+pub mod checksum;
 mod engine;
 mod error;
 mod finding;

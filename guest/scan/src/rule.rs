@@ -120,6 +120,9 @@ impl Confidence {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Validator {
+    /// A GitHub-style token (GitHub's `ghp_`/`gho_`/`ghu_`/`ghs_`, npm's `npm_`): its last six
+    /// characters are the CRC-32 of the 30 before them, in base 62 ([`crate::checksum`]).
+    Base62Crc32,
     /// Payment card: 13–19 digits (separators ` ` and `-` allowed), a known issuer prefix with
     /// a length that issuer uses, and a valid Luhn check digit.
     PaymentCard,
@@ -134,6 +137,81 @@ pub enum Validator {
     /// BSD-2-Clause text: the BSD redistribution clause *without* the third ("Neither the name")
     /// clause within the following text.
     Bsd2Clause,
+    /// UK NHS number: 10 digits, the last a mod-11 check digit over the first nine.
+    UkNhsNumber,
+    /// UK National Insurance number: a prefix HMRC allocates, six digits, suffix A–D.
+    UkNino,
+    /// Canadian social insurance number: 9 digits, a first digit given to people, Luhn.
+    CaSin,
+    /// US individual taxpayer identification number: `9XX-GG-SSSS`, GG in an issued range.
+    UsItin,
+    /// US ABA routing transit number: a Federal Reserve prefix and the 3-7-1 weighted check.
+    UsAbaRouting,
+    /// US National Provider Identifier: 10 digits, Luhn under the card prefix 80840.
+    UsNpi,
+    /// US DEA registration number: registrant type, a letter, 7 digits with a check digit.
+    UsDea,
+    /// Brazilian CPF: 11 digits, two mod-11 check digits.
+    BrCpf,
+    /// Brazilian CNPJ: 12 characters (digits, or letters since 2026), two mod-11 check digits.
+    BrCnpj,
+    /// Mexican CURP: 18 characters, birth date, sex, state, consonants, check digit.
+    MxCurp,
+    /// Spanish DNI or NIE: 8 digits (an NIE's first one written X, Y or Z) and their mod-23 letter.
+    EsDniNie,
+    /// Italian codice fiscale: 16 characters with birth date and a check letter.
+    ItCodiceFiscale,
+    /// French NIR (INSEE number): 13 characters and a mod-97 key.
+    FrNir,
+    /// German tax identification number: 11 digits, one digit repeated, ISO 7064 MOD 11,10.
+    DeTaxId,
+    /// Dutch BSN: 9 digits passing the eleven test.
+    NlBsn,
+    /// Belgian national register number: birth date, serial and a mod-97 check.
+    BeNationalNumber,
+    /// Polish PESEL: birth date with a century-coded month and a weighted check digit.
+    PlPesel,
+    /// Swedish personnummer or samordningsnummer: birth date, serial, Luhn.
+    SePersonnummer,
+    /// Finnish henkilötunnus: birth date, century sign, serial and a mod-31 check character.
+    FiHetu,
+    /// Norwegian fødselsnummer or D-number: birth date, serial and two mod-11 check digits.
+    NoFodselsnummer,
+    /// Danish CPR number: a valid birth date whose century the serial's first digit tells.
+    DkCpr,
+    /// Indian Aadhaar number: 12 digits, not starting with 0 or 1, Verhoeff check digit.
+    InAadhaar,
+    /// Indian PAN: 5 letters (the fourth a holder type), 4 digits, a letter.
+    InPan,
+    /// Australian tax file number: 8 or 9 digits with a weighted mod-11 check.
+    AuTfn,
+    /// Australian Medicare card number: 10 digits (and an optional IRN), weighted check digit.
+    AuMedicare,
+    /// Australian Business Number: 11 digits, weighted mod-89 check.
+    AuAbn,
+    /// Singapore NRIC or FIN: S, T, F or G, 7 digits and a check letter.
+    SgNric,
+    /// South African identity number: birth date, citizenship digit, Luhn.
+    ZaId,
+    /// Chinese resident identity number: region, birth date, serial, ISO 7064 MOD 11-2.
+    CnResidentId,
+    /// Japanese individual number (My Number): 12 digits with a mod-11 check digit.
+    JpMyNumber,
+    /// Korean resident registration number: a birth date and a sex/century digit.
+    KrRrn,
+    /// Swiss AHV/AVS number: `756` and 10 digits, an EAN-13 check digit.
+    ChAhv,
+    /// Vehicle identification number: 17 characters whose ninth is the check digit.
+    Vin,
+    /// Bitcoin address: base58check (`1…`, `3…`) or bech32/bech32m (`bc1…`) with its checksum.
+    BitcoinAddress,
+    /// IPv4 address outside the private, shared, loopback, link-local, documentation,
+    /// multicast and reserved ranges, and not part of a longer dotted number or a CIDR block.
+    Ipv4Public,
+    /// MAC address: six octets in one separator style, unicast, not all zeros.
+    MacAddress,
+    /// A calendar date (year 1900–2099) in one separator style.
+    DateOfBirth,
 }
 
 /// Exceptions to a rule. A candidate is dropped if any of these says so.
@@ -208,8 +286,9 @@ pub struct Rule {
 impl Rule {
     /// The confidence of this rule's findings: as set, else by what the rule is. A provider's
     /// own token format or a licence text: `high`. A generic secret rule, or personal data a
-    /// checksum or structure validates (cards, SSNs, IBANs): `medium`. Other personal data
-    /// (e-mail addresses, phone numbers): `low`.
+    /// checksum validates (cards, IBANs, national identifiers with check digits) or the SSN's
+    /// structure: `medium`. Other personal data (e-mail addresses, phone numbers, identifiers
+    /// with a structure but no check digit, context-anchored values): `low`.
     pub fn confidence(&self) -> Confidence {
         if let Some(c) = self.confidence {
             return c;
@@ -218,7 +297,40 @@ impl Rule {
             Category::Secret if self.generic => Confidence::Medium,
             Category::Secret | Category::License => Confidence::High,
             Category::Pii => match self.validator {
-                Some(Validator::PaymentCard | Validator::UsSsn | Validator::Iban) => Confidence::Medium,
+                Some(
+                    Validator::PaymentCard
+                    | Validator::UsSsn
+                    | Validator::Iban
+                    | Validator::UkNhsNumber
+                    | Validator::CaSin
+                    | Validator::UsAbaRouting
+                    | Validator::UsNpi
+                    | Validator::UsDea
+                    | Validator::BrCpf
+                    | Validator::BrCnpj
+                    | Validator::MxCurp
+                    | Validator::EsDniNie
+                    | Validator::ItCodiceFiscale
+                    | Validator::FrNir
+                    | Validator::DeTaxId
+                    | Validator::NlBsn
+                    | Validator::BeNationalNumber
+                    | Validator::PlPesel
+                    | Validator::SePersonnummer
+                    | Validator::FiHetu
+                    | Validator::NoFodselsnummer
+                    | Validator::InAadhaar
+                    | Validator::AuTfn
+                    | Validator::AuMedicare
+                    | Validator::AuAbn
+                    | Validator::SgNric
+                    | Validator::ZaId
+                    | Validator::CnResidentId
+                    | Validator::JpMyNumber
+                    | Validator::ChAhv
+                    | Validator::Vin
+                    | Validator::BitcoinAddress,
+                ) => Confidence::Medium,
                 _ => Confidence::Low,
             },
         }

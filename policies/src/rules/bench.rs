@@ -271,7 +271,12 @@ fn capitalize(s: &str) -> String {
 fn planted_line(rng: &mut Rng, k: usize) -> String {
     match k % 10 {
         0 => format!("aws_access_key_id = AKIA{}", rng.token(UPPER32, 16)),
-        1 => format!("GITHUB_TOKEN=ghp_{}", rng.token(ALNUM, 36)),
+        1 => {
+            // Well-formed: the rule drops a token whose checksum does not hold.
+            let random = rng.token(ALNUM, 30);
+            let check = cella_scan::checksum::base62_crc32_digits(random.as_bytes());
+            format!("GITHUB_TOKEN=ghp_{random}{}", String::from_utf8_lossy(&check))
+        }
         2 => format!("    maintainer: \"dev{}@corp-mail.net\"", rng.below(1000)),
         3 => "    card = \"4111 1111 1111 1111\"".to_owned(),
         4 => "ssn: 123-45-6789".to_owned(),

@@ -1,0 +1,108 @@
+//! Checksums providers embed in their tokens. A candidate whose checksum does not hold cannot
+//! be a token the provider issued (a made-up example, a test fixture, a mangled copy), so the
+//! rule that names the checksum drops it.
+
+/// CRC-32 as zlib, PNG and Ethernet compute it (IEEE 802.3 polynomial, reflected, initial and
+/// final XOR `0xFFFF_FFFF`). Bitwise: it runs on a few dozen bytes per candidate.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            let low = crc & 1;
+            crc >>= 1;
+            if low != 0 {
+                crc ^= 0xEDB8_8320;
+            }
+        }
+    }
+    !crc
+}
+
+/// The value of a base-62 numeral in the digits, upper-case, lower-case alphabet (`0`–`9`,
+/// `A`–`Z`, `a`–`z`, most significant digit first); `None` for any other byte or a value past
+/// `u64`.
+fn base62_value(digits: &[u8]) -> Option<u64> {
+    digits.iter().try_fold(0u64, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'A'..=b'Z' => d - b'A' + 10,
+            b'a'..=b'z' => d - b'a' + 36,
+            _ => return None,
+        };
+        n.checked_mul(62)?.checked_add(u64::from(v))
+    })
+}
+
+/// The base-62 digits, in value order.
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// The six base-62 digits a GitHub-style token ends with for the random part `random`: its
+/// CRC-32, zero-padded (for generators of well-formed test tokens).
+pub fn base62_crc32_digits(random: &[u8]) -> [u8; 6] {
+    let mut n = crc32(random);
+    let mut digits = [b'0'; 6];
+    for d in digits.iter_mut().rev() {
+        *d = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    digits
+}
+
+/// The random part's length in a GitHub-style token, and its checksum's.
+const RANDOM_LEN: usize = 30;
+const CHECK_LEN: usize = 6;
+
+/// A GitHub-style token (GitHub's `ghp_`, `gho_`, `ghu_`, `ghs_`; npm's `npm_`): its last 36
+/// characters are 30 random base-62 characters and the CRC-32 of those 30 bytes as 6 base-62
+/// digits (zero-padded). The prefix is not part of the checksum.
+pub fn base62_crc32_tail(token: &[u8]) -> bool {
+    let Some(tail) = token.len().checked_sub(RANDOM_LEN + CHECK_LEN).map(|at| &token[at..]) else {
+        return false;
+    };
+    let (random, check) = tail.split_at(RANDOM_LEN);
+    random.iter().all(u8::is_ascii_alphanumeric) && base62_value(check) == Some(u64::from(crc32(random)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_is_zlibs() {
+        // The standard check value of CRC-32/ISO-HDLC.
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn base62_reads_digits_upper_then_lower() {
+        assert_eq!(base62_value(b"000000"), Some(0));
+        assert_eq!(base62_value(b"3jZRME"), Some(0xCBF4_3926));
+        assert_eq!(base62_value(b"4gfFC3"), Some(0xFFFF_FFFF));
+        assert_eq!(base62_value(b"12_4"), None);
+        assert_eq!(base62_value(b"zzzzzzzzzzzzzzz"), None, "past u64");
+    }
+
+    #[test]
+    fn the_digits_made_for_a_random_part_are_the_ones_checked() {
+        assert_eq!(&base62_crc32_digits(b"123456789"), b"3jZRME");
+        let random = b"Vb2Nm4Qw6Er8Ty0Ui3Op5As7Df9Gh1";
+        let mut token = b"ghp_".to_vec();
+        token.extend_from_slice(random);
+        token.extend_from_slice(&base62_crc32_digits(random));
+        assert!(base62_crc32_tail(&token));
+    }
+
+    #[test]
+    fn a_token_is_accepted_only_with_its_own_checksum() {
+        // Made up here: 30 random characters and their CRC-32 in base 62.
+        assert!(base62_crc32_tail(b"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"));
+        assert!(base62_crc32_tail(b"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"));
+        // One random character changed, or one checksum digit.
+        assert!(!base62_crc32_tail(b"ghp_P8SttNBBTi3Ru3MNILoRgtbTJ2VQq43KFX0l"));
+        assert!(!base62_crc32_tail(b"ghp_Q8SttNBBTi3Ru3MNILoRgtbTJ2VQq43KFX0k"));
+        assert!(!base62_crc32_tail(b"ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"));
+        assert!(!base62_crc32_tail(b"short"));
+    }
+}
