@@ -164,43 +164,6 @@ impl LineFilter {
     }
 }
 
-/// Sorted, non-empty keywords as a prefix tree (`acme(?:_live_|pat_)|borealis…`): hundreds of
-/// keywords as one flat alternation put every one of them in each lazy-DFA state the filter
-/// builds; as a tree only the branches the text has entered. A keyword that starts a longer
-/// one stands for both (a line holding the longer holds the shorter).
-fn keyword_trie(out: &mut String, kws: &[&[u8]]) {
-    let mut groups: Vec<&[&[u8]]> = Vec::new();
-    let mut start = 0;
-    for i in 1..=kws.len() {
-        if i == kws.len() || kws[i][0] != kws[start][0] {
-            groups.push(&kws[start..i]);
-            start = i;
-        }
-    }
-    if groups.len() > 1 {
-        out.push_str("(?:");
-    }
-    for (g, group) in groups.iter().enumerate() {
-        if g > 0 {
-            out.push('|');
-        }
-        let b = group[0][0];
-        if b"\\.+*?()|[]{}^$#&-~".contains(&b) {
-            out.push('\\');
-        }
-        out.push(b as char);
-        let rest: Vec<&[u8]> = group.iter().map(|k| &k[1..]).collect();
-        if !rest.iter().any(|r| r.is_empty()) {
-            let mut rest = rest;
-            rest.dedup();
-            keyword_trie(out, &rest);
-        }
-    }
-    if groups.len() > 1 {
-        out.push(')');
-    }
-}
-
 /// `(?:p1)|(?:p2)|…`: one pattern, so the DFA's match states need not tell patterns apart
 /// (fewer states than a multi-pattern DFA; only "some rule may match here" is asked).
 fn alternation(patterns: &[&str]) -> String {
@@ -304,9 +267,14 @@ pub struct Engine {
     always_filter: Option<LineFilter>,
     /// Whether `always_filter` was built (it stays `None` if no rule is keyword-less).
     always_built: bool,
-    /// Single-line rule regexes, keyword-less regexes and multiline rules' keywords in one
+    /// Single-line rule regexes (the first [`FILTER_REGEXES`]) and keyword-less regexes in one
     /// forward lazy DFA: picks candidate lines.
     lines_filter: Option<LineFilter>,
+    /// The keywords of multiline rules and of the single-line rules past [`FILTER_REGEXES`]: the
+    /// other source of candidate lines (a line holding one of them).
+    keyword_scan: Option<AhoCorasick>,
+    /// Whether the two above were built (either may be `None` for want of patterns).
+    filter_built: bool,
     /// Text (committed chunk bytes) scanned so far, against `line_filter_after`.
     text_seen: u64,
     /// See [`LINE_FILTER_AFTER`].
@@ -467,6 +435,8 @@ impl Engine {
             always_filter: None,
             always_built: false,
             lines_filter: None,
+            keyword_scan: None,
+            filter_built: false,
             text_seen: 0,
             line_filter_after: LINE_FILTER_AFTER,
             buf: Vec::new(),
@@ -617,7 +587,7 @@ impl Engine {
     /// Builds the two line filters: `lines` (see the module docs) and `always` (the
     /// keyword-less regexes alone, to decide whether a candidate line needs the PII rules).
     fn ensure_filter(&mut self) -> Result<(), EngineError> {
-        if self.lines_filter.is_some() {
+        if self.filter_built {
             return Ok(());
         }
         self.ensure_always_filter()?;
@@ -625,17 +595,26 @@ impl Engine {
             self.always.iter().map(|&i| self.policy.rules[i as usize].regex.as_str()).collect();
         // Single-line keyword rules contribute their full regex (a line is a candidate only if
         // some rule could match on it), the first FILTER_REGEXES of them; the others and
-        // multiline rules contribute their keywords.
+        // multiline rules are found by their keywords, with an Aho–Corasick automaton of its
+        // own: in the lazy DFA, hundreds of keywords (a trie) multiplied the states it had to
+        // make with the regexes' (8-letter keywords that never occur cost 4 s on 457 MB).
         for r in self.single_line_keyword_rules().take(FILTER_REGEXES) {
             patterns.push(r.regex.as_str());
-        }
-        let keyword_alt = self.keyword_alternation();
-        if let Some(k) = keyword_alt.as_deref() {
-            patterns.push(k);
         }
         if !patterns.is_empty() {
             self.lines_filter = Some(LineFilter::new(&patterns).map_err(filter_error)?);
         }
+        let keywords = self.filter_keywords();
+        if !keywords.is_empty() {
+            let scan = AhoCorasick::builder()
+                .ascii_case_insensitive(true)
+                .match_kind(MatchKind::Standard)
+                .kind(Some(AhoCorasickKind::DFA))
+                .build(&keywords)
+                .map_err(|e| EngineError::Keywords(alloc::format!("{e}")))?;
+            self.keyword_scan = Some(scan);
+        }
+        self.filter_built = true;
         Ok(())
     }
 
@@ -657,10 +636,12 @@ impl Engine {
         self.policy.rules.iter().filter(|r| !r.keywords.is_empty() && !r.multiline)
     }
 
-    /// Case-insensitive alternation of the keywords of the multiline rules (their regexes may
-    /// span lines, so the line filter looks for the keyword instead) and of the single-line
-    /// rules past [`FILTER_REGEXES`].
-    fn keyword_alternation(&self) -> Option<String> {
+    /// The keywords of the multiline rules (their regexes may span lines, so a line is a
+    /// candidate where the keyword is) and of the single-line rules past [`FILTER_REGEXES`],
+    /// lowercased, without those that hold another (where such a keyword occurs, so does the
+    /// other, and the line is a candidate either way; the keyword automaton of step 2 still
+    /// finds each rule's own).
+    fn filter_keywords(&self) -> Vec<Vec<u8>> {
         let mut kws: Vec<Vec<u8>> = Vec::new();
         let beyond = self.single_line_keyword_rules().skip(FILTER_REGEXES);
         for r in self.policy.rules.iter().filter(|r| r.multiline).chain(beyond) {
@@ -671,12 +652,6 @@ impl Engine {
                 }
             }
         }
-        if kws.is_empty() {
-            return None;
-        }
-        // A keyword that holds another is redundant here: where it occurs, so does the other,
-        // and the line is a candidate either way (the keyword automaton of step 2 still finds
-        // each rule's own). Fewer keywords, fewer states in the filter's lazy DFA.
         kws.sort_unstable_by_key(Vec::len);
         let mut minimal: Vec<Vec<u8>> = Vec::with_capacity(kws.len());
         for k in kws {
@@ -684,13 +659,7 @@ impl Engine {
                 minimal.push(k);
             }
         }
-        let mut kws = minimal;
-        kws.sort_unstable();
-        let kws: Vec<&[u8]> = kws.iter().map(Vec::as_slice).collect();
-        let mut s = String::from("(?i:");
-        keyword_trie(&mut s, &kws);
-        s.push(')');
-        Some(s)
+        minimal
     }
 
     /// Scans one file, read from `reader`, and appends its findings to `report`. Returns
@@ -858,8 +827,8 @@ impl Engine {
             st.covered_until = 0;
             st.last_end = 0;
         }
-        let by_line = self.lines_filter.is_none()
-            && self.text_seen.saturating_add(commit as u64) <= self.line_filter_after;
+        let by_line =
+            !self.filter_built && self.text_seen.saturating_add(commit as u64) <= self.line_filter_after;
         self.text_seen = self.text_seen.saturating_add(commit as u64);
         if by_line {
             self.ensure_always_filter()?;
@@ -867,15 +836,18 @@ impl Engine {
             self.ensure_filter()?;
         }
         let mut lines = self.lines_filter.take();
+        let keyword_scan = self.keyword_scan.take();
         let mut always = self.always_filter.take();
         let ac = self.keywords.take();
-        let r = match lines.as_mut() {
-            Some(lines) => self.candidate_lines(lines, always.as_mut(), ac.as_ref(), buf, commit),
-            None if by_line => self.every_line(always.as_mut(), ac.as_ref(), buf, commit),
-            None => Ok(()), // no rules at all
+        let r = if by_line {
+            self.every_line(always.as_mut(), ac.as_ref(), buf, commit)
+        } else {
+            let sources = (lines.as_mut(), keyword_scan.as_ref());
+            self.candidate_lines(sources, always.as_mut(), ac.as_ref(), buf, commit)
         };
         self.keywords = ac;
         self.always_filter = always;
+        self.keyword_scan = keyword_scan;
         self.lines_filter = lines;
         r
     }
@@ -900,17 +872,41 @@ impl Engine {
         Ok(())
     }
 
+    /// The candidate lines starting before `commit`, in order: each line that the line filter
+    /// matches or that holds one of the filter keywords, once.
     fn candidate_lines(
         &mut self,
-        lines: &mut LineFilter,
+        (mut lines, keywords): (Option<&mut LineFilter>, Option<&AhoCorasick>),
         mut always: Option<&mut LineFilter>,
         ac: Option<&AhoCorasick>,
         buf: &[u8],
         commit: usize,
     ) -> Result<(), ArtifactError> {
-        let mut input = Input::new(buf).earliest(true);
-        while let Some(end) = lines.find_end(&input) {
-            let at = end.saturating_sub(1);
+        // Each source's next hit (a byte of a candidate line) at or after `from`, searched
+        // again only once the scan has passed it; `usize::MAX` when it has none left.
+        let mut from = 0;
+        let (mut by_filter, mut by_keyword) = (None::<usize>, None::<usize>);
+        loop {
+            if by_filter.is_none_or(|at| at < from) {
+                by_filter = Some(match lines.as_deref_mut() {
+                    Some(f) => f
+                        .find_end(&Input::new(buf).range(from..).earliest(true))
+                        .map_or(usize::MAX, |end| end.saturating_sub(1).max(from)),
+                    None => usize::MAX,
+                });
+            }
+            if by_keyword.is_none_or(|at| at < from) {
+                by_keyword = Some(match keywords {
+                    Some(k) => {
+                        k.find(aho_corasick::Input::new(buf).range(from..)).map_or(usize::MAX, |m| m.start())
+                    }
+                    None => usize::MAX,
+                });
+            }
+            let at = by_filter.unwrap_or(usize::MAX).min(by_keyword.unwrap_or(usize::MAX));
+            if at == usize::MAX {
+                break;
+            }
             let ls = line_start(buf, at);
             if ls >= commit {
                 break;
@@ -920,7 +916,7 @@ impl Engine {
             if le >= buf.len() {
                 break;
             }
-            input.set_start(le + 1);
+            from = le + 1;
         }
         Ok(())
     }
