@@ -305,7 +305,8 @@ fn a_hostile_archive_is_refused_in_a_jailed_scan_naming_the_entry() {
 fn two_jailed_scans_run_at_once_each_under_its_own_uid() {
     binaries();
     let dir = scratch("jailed-two");
-    let artifact = long_artifact(&dir, 4);
+    // Long enough that neither ends before the other has started, even on a loaded machine.
+    let artifact = long_artifact(&dir, 12);
     let cells = [Cell::new("jailed-two-a"), Cell::new("jailed-two-b")];
     let uids = [64_021, 64_022];
     // Default jail ids (vm-<pid of the outer process>): unique per concurrent scan.
@@ -338,7 +339,7 @@ fn two_jailed_scans_run_at_once_each_under_its_own_uid() {
         assert_eq!(code(&output), 0, "{}", stderr(&output));
         let result = report(&output);
         assert_eq!(result["exit"]["kind"], "exited", "{result}");
-        assert_eq!(result["artifact_bytes"], 4u64 << 30);
+        assert_eq!(result["artifact_bytes"], 12u64 << 30);
         assert_scrubbed(&result);
         cell.assert_clean(id);
     }
