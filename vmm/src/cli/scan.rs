@@ -451,14 +451,14 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
 }
 
 /// Once `stop_fd` (SIGINT/SIGTERM) is readable, stops the spare's VM through its API, or, if it
-/// has not started yet, sends the jailer (`pid`) SIGTERM.
+/// has not started yet, sends the VMM (`pid`, handed off by its jailer) SIGTERM.
 fn stop_on_signal(stop_fd: std::os::fd::RawFd, api: cella_vmm::control::ControlClient, pid: u32) {
     std::thread::spawn(move || {
         let mut pfd = libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd; the stop eventfd lives until the process exits.
         while unsafe { libc::poll(&mut pfd, 1, -1) } <= 0 {}
         if api.stop().is_err() {
-            // SAFETY: kill(2) to the jailer, this process's child (reaped only by `wait` after
+            // SAFETY: kill(2) to the VMM, this process's child (reaped only by `wait` after
             // the job, when this no longer matters).
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         }
