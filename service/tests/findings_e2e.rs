@@ -490,9 +490,9 @@ async fn the_gate_counts_findings_at_or_above_the_confidence_floor(pool: PgPool)
     let data = server.data.clone();
     let key = tenant(&data, "ledger");
     let repo: PathBuf = dir.join("app");
-    // A password in a URL (a generic rule: medium) in a test folder: one step lower, low. An
-    // e-mail address (low) is only a note.
-    write(&repo, "tests/db_test.py", b"URL = \"postgres://svc:Zr8vK2qLm4Tx9wQe@db.internal/app\"\n");
+    // A password in a URL of a scheme no specific rule knows (the generic rule: medium) in a
+    // test folder: one step lower, low. An e-mail address (low) is only a note.
+    write(&repo, "tests/db_test.py", b"URL = \"svn://svc:Zr8vK2qLm4Tx9wQe@repo.internal/app\"\n");
     write(&repo, "README.md", b"Write to priya.raman@northwind-freight.co.uk\n");
     let json = dir.join("run.json");
     let run = |extra: &[&str]| -> (Output, Value) {
