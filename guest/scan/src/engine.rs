@@ -1,10 +1,12 @@
 //! The scan engine. Text is scanned in fixed-size chunks with an overlap, so memory stays fixed
 //! and line numbers exact. In each chunk:
 //!
-//! 1. One forward lazy-DFA pass over a multi-pattern *line filter* finds candidate lines: the
-//!    filter holds every single-line rule's regex, the keyword-less (PII) regexes, and the
-//!    keywords of multiline rules. A line is looked at further only if some rule could match
-//!    on it, so ordinary text costs one DFA transition per byte and nothing else.
+//! 1. Two sources find candidate lines: a forward lazy DFA over a multi-pattern *line filter*
+//!    (the keyword-less (PII) regexes and the first [`FILTER_REGEXES`] single-line rules'
+//!    regexes), and an Aho–Corasick DFA of the other rules' keywords (the multiline rules' and
+//!    those of single-line rules past the first ones). A line is looked at further only if
+//!    some rule could match on it or one of those keywords occurs in it, so ordinary text
+//!    costs two automaton transitions per byte and nothing else.
 //! 2. On a candidate line, an Aho–Corasick automaton finds the keywords (gitleaks semantics:
 //!    a keyword rule only runs where one of its keywords occurs) and runs those rules' regexes
 //!    on the line (or, for multiline rules, on a window starting at it); keyword-less rules
@@ -25,11 +27,10 @@
 //! Rule regexes compile lazily on first use ([`Engine::new_lazy`]), so a VM pays only for the
 //! rules its artifact exercises; [`Engine::new`] compiles (and so validates) everything.
 //!
-//! The line filter of step 1 holds every rule's regex, so it costs more to build than a small
-//! artifact costs to scan without it. Until [`LINE_FILTER_AFTER`] bytes of text have been seen,
-//! every line is a candidate instead. The findings are the same either way: the filter only
-//! skips lines on which no single-line rule can match, no keyword-less rule can match and no
-//! multiline rule's keyword occurs, and steps 2 and 3 find nothing on such lines.
+//! The automata of step 1 cost more to build than a small artifact costs to scan without them. Until [`LINE_FILTER_AFTER`] bytes of text have been seen,
+//! every line is a candidate instead. The findings are the same either way: the filters only
+//! skip lines on which none of the first rules' regexes and no keyword-less rule can match and
+//! none of the other rules' keywords occurs, and steps 2 and 3 find nothing on such lines.
 
 use alloc::string::String;
 use alloc::vec::Vec;
