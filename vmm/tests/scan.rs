@@ -95,9 +95,11 @@ fn a_small_scan_touches_little_guest_memory() {
     // The image (~1.6 MiB) plus what the runner really uses: large zeroed buffers (disk window,
     // vsock receive buffers, the engine's chunk) come from untouched memory, and a small
     // artifact is scanned without building the line filter. It was 11 MB when every buffer
-    // was filled with zeros and every rule compiled.
+    // was filled with zeros and every rule compiled; 3–4 MB with the 71 built-in rules, 5.4 MB
+    // with the 438 (the serialized policy is 280 KiB, and the keyword automaton of every rule
+    // is built when the engine is).
     let bytes = result["scrub"]["bytes"].as_u64().unwrap();
-    assert!(bytes < 4 << 20, "a 1-file scan touched {bytes} bytes of guest memory");
+    assert!(bytes < 6 << 20, "a 1-file scan touched {bytes} bytes of guest memory");
 }
 
 #[test]

@@ -97,6 +97,13 @@ pub const LINE_FILTER_AFTER: u64 = 256 << 10;
 /// keyword rule runs only where its keyword occurs, so findings never depend on this.
 pub const FILTER_REGEXES: usize = 72;
 
+/// The most keyword bytes the keyword source of candidate lines (step 1) is built as a DFA for:
+/// at most one state per byte, each a row of its byte classes (4 bytes a class: about 1 MiB for
+/// 64 classes, 16 MiB at the very most).
+/// The built-in packs' filter keywords are about 6 KiB; beyond this limit (many tenant packs of
+/// long keywords) a contiguous NFA is built instead.
+const KEYWORD_DFA_BYTES: usize = 16 << 10;
+
 /// Regex syntax for every rule: byte-oriented, ASCII classes, no UTF-8 requirement, so that
 /// arbitrary bytes never make the lazy DFA give up.
 fn build_regexes(patterns: &[&str]) -> Result<Regex, String> {
@@ -607,10 +614,19 @@ impl Engine {
         }
         let keywords = self.filter_keywords();
         if !keywords.is_empty() {
+            // A DFA scans fastest (one lookup per byte), but its size grows with the keywords'
+            // bytes, which tenant packs choose: past KEYWORD_DFA_BYTES the contiguous NFA
+            // (smaller, slower) serves instead, so no policy can make the VM's automaton huge.
+            let bytes: usize = keywords.iter().map(Vec::len).sum();
+            let kind = if bytes <= KEYWORD_DFA_BYTES {
+                AhoCorasickKind::DFA
+            } else {
+                AhoCorasickKind::ContiguousNFA
+            };
             let scan = AhoCorasick::builder()
                 .ascii_case_insensitive(true)
                 .match_kind(MatchKind::Standard)
-                .kind(Some(AhoCorasickKind::DFA))
+                .kind(Some(kind))
                 .build(&keywords)
                 .map_err(|e| EngineError::Keywords(alloc::format!("{e}")))?;
             self.keyword_scan = Some(scan);

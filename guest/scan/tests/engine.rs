@@ -72,6 +72,47 @@ fn rules_past_the_filters_regex_cap_find_what_they_find_without_the_filter() {
 }
 
 #[test]
+fn past_the_keyword_dfas_size_the_filter_keywords_still_find_every_rule() {
+    // 300 rules past the regex cap, each with a 100-byte keyword: 30 KB of keywords, more than
+    // the keyword DFA is built for (a tenant's packs choose them), so the smaller automaton
+    // serves; findings are the same as with every line a candidate.
+    let mut rules: Vec<_> = (0..cella_scan::FILTER_REGEXES)
+        .map(|i| {
+            rule(
+                &format!("f{i}"),
+                &format!(r"\bfill{i}_[a-z]{{9}}\b"),
+                0,
+                &[&format!("fill{i}_")],
+                Category::Secret,
+            )
+        })
+        .collect();
+    // 95 letters that look random (no run or sequence a filler check would drop), then the
+    // rule's number.
+    let letters: String =
+        (0..95u32).map(|n| char::from(b'a' + ((n * 7 + n * n * 3 + 5) % 26) as u8)).collect();
+    let long = |i: usize| format!("{letters}{i:03}_");
+    for i in 0..300 {
+        let kw = long(i);
+        rules.push(rule(&format!("long{i}"), &format!(r"\b({kw}[0-9]{{6}})\b"), 1, &[&kw], Category::Secret));
+    }
+    let mut text = String::from("plain text only\n").repeat(50);
+    text.push_str(&format!("a = {}123456\nb = {}654321\n", long(7), long(299)));
+    let scan = |after: u64| {
+        let mut engine =
+            Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules: rules.clone() }).unwrap();
+        engine.set_line_filter_after(after);
+        let mut report = Report::default();
+        scan_artifact(&mut SliceSource(text.as_bytes()), "f", &mut engine, &Limits::default(), &mut report)
+            .unwrap();
+        report.findings.iter().map(|f| format!("{}:{}", f.line, f.rule_id)).collect::<Vec<_>>()
+    };
+    assert_eq!(scan(u64::MAX), ["51:long7", "52:long299"]);
+    assert_eq!(scan(0), ["51:long7", "52:long299"]);
+    assert_eq!(scan(0), scan(u64::MAX));
+}
+
+#[test]
 fn keywords_with_regex_characters_and_shared_prefixes_filter_soundly_past_the_cap() {
     let mut rules: Vec<_> = (0..cella_scan::FILTER_REGEXES)
         .map(|i| {
