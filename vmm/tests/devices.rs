@@ -105,8 +105,25 @@ fn host_listener(uds: &Path, port: u32) -> UnixListener {
 }
 
 /// Connects to the VM's socket, asks for guest `port`, and checks the `OK <host_port>` answer.
+/// Connects to the VMM's vsock socket. The file appears at `bind`, a moment before `listen`: a
+/// connection refused in that moment is tried again.
+fn connect_uds(uds: &Path) -> UnixStream {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(uds) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && start.elapsed() < Duration::from_secs(5) =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 fn connect_in(uds: &Path, port: u32) -> UnixStream {
-    let mut stream = UnixStream::connect(uds).unwrap();
+    let mut stream = connect_uds(uds);
     stream.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
     let mut line = Vec::new();
     let mut byte = [0u8];
@@ -167,7 +184,7 @@ fn a_garbage_handshake_is_dropped_and_the_vm_still_serves() {
     let uds = dir.join("v.sock");
     let child = spawn_vm(&["run", "--json", "--vsock", uds.to_str().unwrap(), "--", "vsock-serve", "5000"]);
     wait_for(&uds);
-    let mut bad = UnixStream::connect(&uds).unwrap();
+    let mut bad = connect_uds(&uds);
     bad.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut rest = Vec::new();
     bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
