@@ -63,6 +63,11 @@ echo "fuzz: built in $((SECONDS - started)) s" >&2
 ((seconds > 0)) || exit 0
 
 bin=fuzz/target/$target/release
+# Targets that need files (a disk, a socket) make them under TMPDIR; libFuzzer ends a run
+# without running destructors, so give the runs a folder of their own and remove it after.
+TMPDIR=$(mktemp -d -t cella-fuzz.XXXXXX)
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT
 for t in "${targets[@]}"; do
   seeds=fuzz/corpus/$t
   scratch=fuzz/target/corpus/$t

@@ -8,6 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A clean build never reuses incremental state, which would add ~3 GB to target/.
+export CARGO_INCREMENTAL=0
+# The build and tests need ~8 GB free; say how much there is, so a full disk is plain to see.
+disk_free() { echo "== disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free ($1)" >&2; }
+disk_free "before set-up"
+
 CELLA_SETUP_SKIP_RELEASE=1 scripts/setup.sh
 # The database the tests use (each sqlx test makes its own database inside this server).
 export DATABASE_URL="${DATABASE_URL:-postgres://cella:cella@localhost:5432/cella}"
@@ -27,6 +33,7 @@ echo "== cargo clippy (guest images)" >&2
 echo "== cargo test" >&2
 cargo test --workspace
 # Every fuzz target for a share of 250 s (the runs stay under 5 minutes as targets are added).
+disk_free "after cargo test"
 targets=(fuzz/fuzz_targets/*.rs)
 echo "== fuzz targets (libFuzzer, ${#targets[@]} targets, $((250 / ${#targets[@]})) s each)" >&2
 scripts/fuzz.sh $((250 / ${#targets[@]}))
