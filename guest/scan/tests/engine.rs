@@ -16,6 +16,18 @@ fn run(rules: Vec<cella_scan::Rule>, name: &str, text: &str) -> Result<Vec<Strin
     Ok(report.findings.iter().map(|f| format!("{}:{}:{}", f.line, f.rule_id, f.redacted)).collect())
 }
 
+/// `line:rule` of each finding in `text`, the line filter built once `after` bytes are scanned
+/// (0: from the start; `u64::MAX`: never, every line a candidate).
+fn line_and_rule(rules: &[cella_scan::Rule], text: &str, after: u64) -> Vec<String> {
+    let mut engine =
+        Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules: rules.to_vec() }).unwrap();
+    engine.set_line_filter_after(after);
+    let mut report = Report::default();
+    scan_artifact(&mut SliceSource(text.as_bytes()), "f", &mut engine, &Limits::default(), &mut report)
+        .unwrap();
+    report.findings.iter().map(|f| format!("{}:{}", f.line, f.rule_id)).collect()
+}
+
 #[test]
 fn keyword_rule_runs_only_where_its_keyword_occurs() {
     let r = rule("k", r"\b(key_[a-z]{12})\b", 1, &["secret"], Category::Secret);
@@ -57,15 +69,7 @@ fn rules_past_the_filters_regex_cap_find_what_they_find_without_the_filter() {
     let last = cella_scan::FILTER_REGEXES + 7;
     let mut text = String::from("nothing here\n").repeat(100);
     text.push_str(&format!("a = tok3_0a1b2c3d4e5f\nb = tok{last}_0a1b2c3d4e5f\n"));
-    let scan = |after: u64| {
-        let mut engine =
-            Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules: rules.clone() }).unwrap();
-        engine.set_line_filter_after(after);
-        let mut report = Report::default();
-        scan_artifact(&mut SliceSource(text.as_bytes()), "f", &mut engine, &Limits::default(), &mut report)
-            .unwrap();
-        report.findings.iter().map(|f| format!("{}:{}", f.line, f.rule_id)).collect::<Vec<_>>()
-    };
+    let scan = |after: u64| line_and_rule(&rules, &text, after);
     let with_filter = scan(0);
     assert_eq!(with_filter, ["101:r3".to_owned(), format!("102:r{last}")]);
     assert_eq!(with_filter, scan(u64::MAX));
@@ -98,15 +102,7 @@ fn past_the_keyword_dfas_size_the_filter_keywords_still_find_every_rule() {
     }
     let mut text = String::from("plain text only\n").repeat(50);
     text.push_str(&format!("a = {}123456\nb = {}654321\n", long(7), long(299)));
-    let scan = |after: u64| {
-        let mut engine =
-            Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules: rules.clone() }).unwrap();
-        engine.set_line_filter_after(after);
-        let mut report = Report::default();
-        scan_artifact(&mut SliceSource(text.as_bytes()), "f", &mut engine, &Limits::default(), &mut report)
-            .unwrap();
-        report.findings.iter().map(|f| format!("{}:{}", f.line, f.rule_id)).collect::<Vec<_>>()
-    };
+    let scan = |after: u64| line_and_rule(&rules, &text, after);
     assert_eq!(scan(u64::MAX), ["51:long7", "52:long299"]);
     assert_eq!(scan(0), ["51:long7", "52:long299"]);
     assert_eq!(scan(0), scan(u64::MAX));
@@ -130,15 +126,7 @@ fn keywords_with_regex_characters_and_shared_prefixes_filter_soundly_past_the_ca
     rules.push(rule("plus", r"(x\+y\|[0-9]{6})", 1, &["x+y|"], Category::Secret));
     let mut text = String::from("plain text only\n").repeat(50);
     text.push_str("v = a.b(c123456)\nw = a.b(xyzxyz)\nz = x+y|654321\n");
-    let scan = |after: u64| {
-        let mut engine =
-            Engine::new(Policy { format_version: POLICY_FORMAT_VERSION, rules: rules.clone() }).unwrap();
-        engine.set_line_filter_after(after);
-        let mut report = Report::default();
-        scan_artifact(&mut SliceSource(text.as_bytes()), "f", &mut engine, &Limits::default(), &mut report)
-            .unwrap();
-        report.findings.iter().map(|f| format!("{}:{}", f.line, f.rule_id)).collect::<Vec<_>>()
-    };
+    let scan = |after: u64| line_and_rule(&rules, &text, after);
     assert_eq!(scan(0), ["51:call", "52:short", "53:plus"]);
     assert_eq!(scan(0), scan(u64::MAX));
 }
