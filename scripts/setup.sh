@@ -21,8 +21,9 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # g++: libFuzzer's runtime, which the fuzz targets build (scripts/fuzz.sh).
 # python3-requests: the generic HTTP client the service's tests check refusals with.
 # python3-yaml: reads the CI recipes in examples/ci/ so their tests run the very commands.
+# zip: Info-ZIP, one of the zip writers the archive tests read the output of.
 # git: the findings tests make a repository (installed unless some git is on PATH).
-packages=(gcc g++ libc6-dev bubblewrap postgresql ripgrep python3-requests python3-yaml)
+packages=(gcc g++ libc6-dev bubblewrap postgresql ripgrep python3-requests python3-yaml zip)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

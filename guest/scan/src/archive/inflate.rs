@@ -29,6 +29,9 @@ pub(crate) struct Inflater<'a, R: ByteRead + ?Sized> {
     pub(crate) total_out: u64,
     pub(crate) crc: Crc32,
     done: bool,
+    /// The inner reader has no more input: what the stream still holds is drained, and if it
+    /// has not ended by then, the entry is truncated.
+    input_ended: bool,
     entry: String,
     max_ratio: u64,
     /// Bytes decompressed in the whole artifact so far, shared by all inflaters.
@@ -56,6 +59,7 @@ impl<'a, R: ByteRead + ?Sized> Inflater<'a, R> {
             total_out: 0,
             crc: Crc32::new(),
             done: false,
+            input_ended: false,
             entry,
             max_ratio: limits.max_ratio,
             artifact_total,
@@ -85,14 +89,16 @@ impl<R: ByteRead + ?Sized> ByteRead for Inflater<'_, R> {
             return Ok(0);
         }
         loop {
-            if self.in_pos == self.in_len {
+            if self.in_pos == self.in_len && !self.input_ended {
                 self.in_len = self.inner.read(&mut self.inbuf)?;
                 self.in_pos = 0;
-                if self.in_len == 0 {
-                    return Err(self.truncated());
-                }
+                // The input may end while decoded output still waits for room in `out` (all of
+                // a small entry's input is taken in at the first, 512-byte read): inflate on
+                // with no input until the stream ends or stops giving output.
+                self.input_ended = self.in_len == 0;
             }
-            let res = inflate(&mut self.state, &self.inbuf[self.in_pos..self.in_len], out, MZFlush::None);
+            let flush = if self.input_ended { MZFlush::Finish } else { MZFlush::None };
+            let res = inflate(&mut self.state, &self.inbuf[self.in_pos..self.in_len], out, flush);
             self.in_pos += res.bytes_consumed;
             self.total_in += res.bytes_consumed as u64;
             let n = res.bytes_written;
@@ -128,6 +134,7 @@ impl<R: ByteRead + ?Sized> ByteRead for Inflater<'_, R> {
                     self.done = true;
                     return Ok(n);
                 }
+                Ok(_) | Err(MZError::Buf) if self.input_ended && n == 0 => return Err(self.truncated()),
                 Ok(_) => {}
                 Err(MZError::Buf) => {
                     // No progress possible with this input: need more.
