@@ -58,6 +58,27 @@ fn a_path_traversal_entry_is_refused_inside_the_vm_naming_the_entry() {
 }
 
 #[test]
+fn a_damaged_jar_inside_is_skipped_and_named_and_the_rest_is_scanned() {
+    let dir = scratch("scan-skipped");
+    let artifact = dir.join("app.tar");
+    let jar = b"PK\x03\x04 not really a zip: no central directory at all ".repeat(20);
+    std::fs::write(&artifact, tar(&[("lib/broken.jar", &jar), ("app/settings.yaml", PLANTED)])).unwrap();
+    let sarif_path = dir.join("out.sarif");
+    let (output, result) =
+        scan(&["--artifact", artifact.to_str().unwrap(), "--sarif", sarif_path.to_str().unwrap()]);
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let summary = &result["summary"];
+    assert_eq!(summary["entries_skipped"], 1, "{summary}");
+    assert_eq!(summary["skipped"][0]["path"], "lib/broken.jar", "{summary}");
+    assert!(summary["by_category"]["secret"].as_u64().unwrap() >= 1, "{summary}");
+    let sarif: serde_json::Value = serde_json::from_slice(&std::fs::read(&sarif_path).unwrap()).unwrap();
+    let note = &sarif["runs"][0]["invocations"][0]["toolExecutionNotifications"][0];
+    assert_eq!(note["locations"][0]["physicalLocation"]["artifactLocation"]["uri"], "lib/broken.jar");
+    assert!(note["message"]["text"].as_str().unwrap().contains("lib/broken.jar"), "{note}");
+    assert_scrubbed(&result);
+}
+
+#[test]
 fn a_truncated_archive_is_refused() {
     let dir = scratch("scan-truncated");
     let artifact = dir.join("cut.tar");

@@ -584,6 +584,8 @@ impl Engine {
     /// Starts a file: per-file fingerprint counts reset, and each rule on or off by its path
     /// allowlist (a list shared by several rules is matched once).
     fn begin_file(&mut self, path: &str) -> Result<(), EngineError> {
+        // A file abandoned part way (its nested archive turned out unreadable) leaves nothing.
+        self.hits.clear();
         self.occurrences.clear();
         self.line_hashes.clear();
         for st in &mut self.rules {

@@ -70,6 +70,21 @@ pub enum ArtifactError {
     Engine(EngineError),
 }
 
+impl ArtifactError {
+    /// Whether this says an entry's content cannot be read (damaged, cut short, or a feature
+    /// Cella does not read): inside an archive, that entry is skipped and reported, and the
+    /// rest is scanned. Everything else (limits, paths out of the root, the artifact's own
+    /// reads) refuses the artifact.
+    pub fn is_unreadable_entry(&self) -> bool {
+        matches!(
+            self,
+            ArtifactError::Truncated { .. }
+                | ArtifactError::Corrupt { .. }
+                | ArtifactError::Unsupported { .. }
+        )
+    }
+}
+
 impl fmt::Display for ArtifactError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use ArtifactError::*;

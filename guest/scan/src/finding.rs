@@ -400,6 +400,11 @@ pub struct Report {
     pub files_binary_truncated: u64,
     /// Files not scanned because the job's excludes name them (an excluded archive counts once).
     pub files_excluded: u64,
+    /// Entries left unread because Cella cannot read them (an encrypted zip entry, a nested
+    /// archive that is corrupt or uses an unsupported feature): the first
+    /// [`MAX_SKIPPED_LISTED`], each with its reason; `entries_skipped` counts them all.
+    pub skipped: Vec<SkippedEntry>,
+    pub entries_skipped: u64,
     /// Bytes scanned (decompressed; of a binary file, the bytes its strings were taken from).
     pub bytes_scanned: u64,
     /// Findings not kept because [`crate::Limits::max_findings`] was reached.
@@ -430,6 +435,9 @@ pub struct Summary {
     pub files_binary_truncated: u64,
     /// Files the job's excludes left out.
     pub files_excluded: u64,
+    /// Entries Cella could not read, counted; the first of them listed with the reason.
+    pub entries_skipped: u64,
+    pub skipped: Vec<SkippedEntry>,
     /// Bytes scanned.
     pub bytes_scanned: u64,
     /// All findings: suppressed and dropped ones included.
@@ -508,7 +516,26 @@ pub fn gate(by_confidence: &BTreeMap<String, ByLevel>, level: Severity, min: Con
         .sum()
 }
 
+/// How many skipped entries a report lists (all are counted).
+pub const MAX_SKIPPED_LISTED: usize = 100;
+
+/// An archive entry the scan could not read, and why: it was not scanned, and the rest of the
+/// artifact was.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SkippedEntry {
+    pub path: String,
+    pub reason: String,
+}
+
 impl Report {
+    /// Records an entry that was not read (listed up to [`MAX_SKIPPED_LISTED`], counted always).
+    pub fn skip(&mut self, path: &str, reason: String) {
+        self.entries_skipped += 1;
+        if self.skipped.len() < MAX_SKIPPED_LISTED {
+            self.skipped.push(SkippedEntry { path: String::from(path), reason });
+        }
+    }
+
     /// Masks every secret and personal-data finding's snippet whole (no prefix or suffix of the
     /// value), for answers that must not show more than a masked view of the text; license
     /// findings keep their identifier.
@@ -568,6 +595,8 @@ impl Report {
             files_binary: self.files_binary,
             files_binary_truncated: self.files_binary_truncated,
             files_excluded: self.files_excluded,
+            entries_skipped: self.entries_skipped,
+            skipped: self.skipped.clone(),
             bytes_scanned: self.bytes_scanned,
             findings: self.findings_total(),
             findings_dropped: self.findings_dropped,

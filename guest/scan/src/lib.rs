@@ -49,8 +49,8 @@ pub use engine::{
 pub use error::{ArtifactError, EngineError};
 pub use finding::{
     fingerprint, gate, hmac_sha256, in_test_fixture, line_hash, location_fingerprint, redact, to_hex,
-    ByLevel, ByteRange, Finding, FingerprintKey, FingerprintSet, Report, Summary, Suppressed, Suppression,
-    INLINE_MARKERS,
+    ByLevel, ByteRange, Finding, FingerprintKey, FingerprintSet, Report, SkippedEntry, Summary, Suppressed,
+    Suppression, INLINE_MARKERS, MAX_SKIPPED_LISTED,
 };
 pub use glob::{glob_to_regex, GlobError};
 pub use rule::{

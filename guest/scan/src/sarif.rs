@@ -225,6 +225,20 @@ pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value
     if let Some(id) = &details.automation_id {
         run["automationDetails"] = json!({ "id": id });
     }
+    if !report.skipped.is_empty() {
+        let notes: Vec<Value> = report
+            .skipped
+            .iter()
+            .map(|s| {
+                json!({
+                    "level": "warning",
+                    "locations": [{ "physicalLocation": { "artifactLocation": { "uri": path_to_uri(&s.path) } } }],
+                    "message": { "text": s.reason },
+                })
+            })
+            .collect();
+        run["invocations"] = json!([{ "executionSuccessful": true, "toolExecutionNotifications": notes }]);
+    }
     if let Some(repo) = &details.repository_uri {
         let mut vcs = json!({ "repositoryUri": repo });
         if let Some(rev) = &details.revision_id {
@@ -312,6 +326,24 @@ pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String
         runs: [direct::Run {
             automation_details: details.automation_id.as_deref().map(|id| direct::AutomationDetails { id }),
             column_kind: "unicodeCodePoints",
+            invocations: (!report.skipped.is_empty()).then(|| {
+                [direct::Invocation {
+                    execution_successful: true,
+                    tool_execution_notifications: report
+                        .skipped
+                        .iter()
+                        .map(|s| direct::Notification {
+                            level: "warning",
+                            locations: [direct::NotificationLocation {
+                                physical_location: direct::EntryLocation {
+                                    artifact_location: direct::ArtifactLocation { uri: path_to_uri(&s.path) },
+                                },
+                            }],
+                            message: direct::Text { text: &s.reason },
+                        })
+                        .collect(),
+                }]
+            }),
             results,
             tool: direct::Tool {
                 driver: direct::Driver {
@@ -357,10 +389,40 @@ mod direct {
         #[serde(skip_serializing_if = "Option::is_none")]
         pub automation_details: Option<AutomationDetails<'a>>,
         pub column_kind: &'a str,
+        /// Entries the scan could not read, as tool notifications (only when there are some).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub invocations: Option<[Invocation<'a>; 1]>,
         pub results: Vec<Result<'a>>,
         pub tool: Tool<'a>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub version_control_provenance: Option<[VersionControl<'a>; 1]>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Invocation<'a> {
+        pub execution_successful: bool,
+        pub tool_execution_notifications: Vec<Notification<'a>>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Notification<'a> {
+        pub level: &'a str,
+        pub locations: [NotificationLocation; 1],
+        pub message: Text<'a>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct NotificationLocation {
+        pub physical_location: EntryLocation,
+    }
+
+    /// A whole entry's location (no region).
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct EntryLocation {
+        pub artifact_location: ArtifactLocation,
     }
 
     #[derive(Serialize)]

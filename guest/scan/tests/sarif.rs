@@ -35,7 +35,8 @@ fn scan_named(artifact: &[u8], name: &str) -> Report {
 }
 
 /// The three shapes `cella scan` sends: a folder packed without its name, `.` packed (entries
-/// `./…`), and a single file; plus a binary file in the folder.
+/// `./…`), and a single file; plus a binary file in the folder, and a folder with a damaged
+/// jar that the scan skips.
 fn shapes() -> Vec<(&'static str, Report, Vec<&'static str>)> {
     let t = text();
     let mut bin = b"\x7fELF\0\0".to_vec();
@@ -47,7 +48,36 @@ fn shapes() -> Vec<(&'static str, Report, Vec<&'static str>)> {
         ("folder", scan_named(&folder, "repo.tar"), vec!["src/app.rs", "bin/blob.bin"]),
         ("dot", scan_named(&dot, "dot.tar"), vec!["src/app.rs", "config/x.env"]),
         ("file", scan_named(t.as_bytes(), "settings.yaml"), vec!["settings.yaml"]),
+        ("skipped", scan_named(&with_skipped_entry(), "repo.tar"), vec!["src/app.rs"]),
     ]
+}
+
+/// A folder with a source file and a jar cut short (which the scan skips and reports).
+fn with_skipped_entry() -> Vec<u8> {
+    let jar = zip(&[zfile("META-INF/MANIFEST.MF", b"Manifest-Version: 1.0\n", true)]);
+    tar(&[file("lib/broken #1.jar", &jar[..jar.len() - 30]), file("src/app.rs", text().as_bytes())])
+}
+
+#[test]
+fn entries_the_scan_could_not_read_are_tool_notifications() {
+    let report = scan_named(&with_skipped_entry(), "repo.tar");
+    let log = log(&policy(), &report, &details());
+    let notes = log["runs"][0]["invocations"][0]["toolExecutionNotifications"].as_array().unwrap();
+    assert_eq!(notes.len(), 1);
+    assert_eq!(notes[0]["level"], "warning");
+    assert_eq!(
+        notes[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"],
+        "lib/broken%20%231.jar"
+    );
+    assert_eq!(notes[0]["message"]["text"], "artifact entry `lib/broken #1.jar` is truncated");
+    assert_eq!(log["runs"][0]["invocations"][0]["executionSuccessful"], true);
+    // A scan that read everything says nothing of invocations.
+    let (_, folder, _) = shapes().remove(0);
+    assert!(log_has_no_invocations(&self::log(&policy(), &folder, &details())));
+}
+
+fn log_has_no_invocations(log: &Value) -> bool {
+    log["runs"][0].get("invocations").is_none()
 }
 
 fn details() -> RunDetails {
@@ -298,8 +328,8 @@ fn schema_validation_really_rejects_bad_sarif() {
 
 #[test]
 fn to_json_writes_exactly_the_pretty_printed_value() {
-    let (_, folder, _) = shapes().remove(0);
-    for r in [report(), Report::default(), folder] {
+    let shaped = shapes().into_iter().map(|(_, r, _)| r);
+    for r in [report(), Report::default()].into_iter().chain(shaped) {
         for details in [RunDetails::default(), details()] {
             let expected = serde_json::to_string_pretty(&sarif::to_value(&policy(), &r, &details)).unwrap();
             assert_eq!(sarif::to_json(&policy(), &r, &details), expected);

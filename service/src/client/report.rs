@@ -104,6 +104,48 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
+/// The entries the scan could not read (the SARIF log's tool notifications), one line each,
+/// `path: reason`, escaped.
+pub fn skipped_lines(log: &Value) -> Vec<String> {
+    let notes = log["runs"][0]["invocations"][0]["toolExecutionNotifications"].as_array();
+    notes
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|n| {
+            let uri =
+                n["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].as_str().unwrap_or("?");
+            let path = percent_decoded(uri);
+            format!(
+                "{}: {}",
+                escape_controls(&path),
+                escape_controls(n["message"]["text"].as_str().unwrap_or("?"))
+            )
+        })
+        .collect()
+}
+
+/// A SARIF `uri` back to the path it encodes (`%XX` escapes decoded; anything else kept).
+fn percent_decoded(uri: &str) -> String {
+    let b = uri.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// JSON: the job, its summary and the findings.
 pub fn json(job_id: &str, summary: &Value, rows: &[Row]) -> String {
     let findings: Vec<Value> = rows
@@ -243,6 +285,21 @@ mod tests {
         assert!(!table.trim_end().contains(|c: char| c.is_control() && c != '\n'), "{table:?}");
         assert!(table.contains("app/\\x1b]0;x\\x07.env:3"), "{table}");
         assert!(table.contains("stripe\\x07") && table.contains("a key\\r\\x1b[2K"), "{table}");
+    }
+
+    #[test]
+    fn skipped_entries_are_read_back_from_the_logs_notifications_escaped() {
+        let log = json!({"runs": [{"invocations": [{"executionSuccessful": true, "toolExecutionNotifications": [
+            {"level": "warning", "message": {"text": "artifact entry `a #1.jar` is truncated"},
+             "locations": [{"physicalLocation": {"artifactLocation": {"uri": "lib/a%20%231.jar"}}}]},
+            {"level": "warning", "message": {"text": "bad\u{1b}[2J"},
+             "locations": [{"physicalLocation": {"artifactLocation": {"uri": "x%1b.zip"}}}]}
+        ]}]}]});
+        assert_eq!(
+            skipped_lines(&log),
+            ["lib/a #1.jar: artifact entry `a #1.jar` is truncated", "x\\x1b.zip: bad\\x1b[2J"]
+        );
+        assert!(skipped_lines(&json!({"runs": [{"results": []}]})).is_empty());
     }
 
     #[test]

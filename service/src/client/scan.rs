@@ -462,6 +462,15 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
         Format::Csv => print!("{}", report::csv(&rows)),
         Format::Junit => print!("{}", report::junit(&id, &rows, gate)),
     }
+    // Entries the guest could not read (a damaged nested archive, an encrypted zip entry) were
+    // not scanned: said on stderr, so every format's stdout stays what it is.
+    let skipped = report::skipped_lines(&log);
+    if !skipped.is_empty() {
+        eprintln!("{} entries could not be read and were skipped (the rest was scanned):", skipped.len());
+        for line in &skipped {
+            eprintln!("  {line}");
+        }
+    }
     // Findings the confidence floor leaves out of the gate are said, so nobody wonders why a
     // finding in the table did not fail the build.
     let below = match below_confidence {

@@ -507,8 +507,28 @@ fn summary_text(summary: &Value, exit: &GuestExit, scan_ms: u64) -> String {
             out.push_str(&format!("  {count:>6}  {}\n", shown(rule)));
         }
     }
+    out.push_str(&skipped_text(summary));
     if !matches!(exit, GuestExit::Exited { code: 0 }) {
         out.push_str(&format!("  VM: {exit:?}\n"));
+    }
+    out
+}
+
+/// The entries the scan could not read, with the reasons (escaped: the guest wrote them).
+fn skipped_text(summary: &Value) -> String {
+    let count = summary["entries_skipped"].as_u64().unwrap_or(0);
+    if count == 0 {
+        return String::new();
+    }
+    let shown = cella_proto::text::escape_controls;
+    let listed = summary["skipped"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let mut out = format!("  {count} entries could not be read and were skipped (the rest was scanned):\n");
+    for s in listed {
+        let (path, reason) = (s["path"].as_str().unwrap_or("?"), s["reason"].as_str().unwrap_or("?"));
+        out.push_str(&format!("    {}: {}\n", shown(path), shown(reason)));
+    }
+    if (listed.len() as u64) < count {
+        out.push_str(&format!("    … and {} more\n", count - listed.len() as u64));
     }
     out
 }
@@ -530,6 +550,20 @@ mod tests {
             text,
             "scanned 2 files (10 bytes; 1 binary, 3 excluded) in 5 ms: 2 findings, 1 suppressed (1 inline, 0 baseline)\n  unsuppressed by category: secrets\\x1b[2J 1\n  1  rule\\r\\x07\n"
         );
+    }
+
+    #[test]
+    fn skipped_entries_are_listed_escaped_with_the_count_of_those_left_out() {
+        let summary = serde_json::json!({
+            "entries_skipped": 3,
+            "skipped": [{"path": "a.jar", "reason": "artifact entry `a.jar` is truncated"},
+                        {"path": "b\u{1b}[2J.zip", "reason": "encrypted"}]
+        });
+        assert_eq!(
+            skipped_text(&summary),
+            "  3 entries could not be read and were skipped (the rest was scanned):\n    a.jar: artifact entry `a.jar` is truncated\n    b\\x1b[2J.zip: encrypted\n    … and 1 more\n"
+        );
+        assert_eq!(skipped_text(&serde_json::json!({"entries_skipped": 0})), "");
     }
 
     #[test]

@@ -130,6 +130,9 @@ pub(crate) trait FileSink {
     fn excluded(&mut self, _path: &str) -> bool {
         false
     }
+
+    /// The entry at `path` could not be read (`why`); the walk goes on past it.
+    fn skipped(&mut self, _path: &str, _why: &ArtifactError) {}
 }
 
 struct ScanSink<'a> {
@@ -148,6 +151,10 @@ impl FileSink for ScanSink<'_> {
         let excluded = self.engine.excludes_path(path);
         self.report.files_excluded += u64::from(excluded);
         excluded
+    }
+
+    fn skipped(&mut self, path: &str, why: &ArtifactError) {
+        self.report.skip(path, format!("{why}"));
     }
 }
 
@@ -314,6 +321,11 @@ impl<'a> Walk<'a> {
 
     /// An entry's content: scanned as a file, or walked as a nested archive; or, if the
     /// job's excludes name it, neither (the caller reads past it, so its checks still apply).
+    ///
+    /// A nested archive that turns out unreadable (damaged, cut short, a feature Cella does not
+    /// read) although its bytes came whole from this archive is skipped and reported, and the
+    /// walk goes on: one such file must not fail a scan of everything around it. A failure
+    /// reading this archive's own bytes, a limit or a path out of the root still refuses.
     pub(crate) fn entry(
         &mut self,
         r: &mut dyn ByteRead,
@@ -324,7 +336,19 @@ impl<'a> Walk<'a> {
             return Ok(());
         }
         let child_prefix = format!("{display}!/");
-        self.stream(r, display, depth, &child_prefix)
+        let mut content = Watched { inner: r, failed: false };
+        match self.stream(&mut content, display, depth, &child_prefix) {
+            Err(e) if !content.failed && e.is_unreadable_entry() => {
+                self.skip(display, &e);
+                Ok(())
+            }
+            result => result,
+        }
+    }
+
+    /// Records that the entry at `path` was not read, and why; the walk goes on past it.
+    pub(crate) fn skip(&mut self, path: &str, why: &ArtifactError) {
+        self.sink.skipped(path, why);
     }
 
     pub(crate) fn limits(&self) -> &'a Limits {
@@ -333,6 +357,25 @@ impl<'a> Walk<'a> {
 
     pub(crate) fn total(&self) -> &'a Cell<u64> {
         self.total
+    }
+}
+
+/// A reader that remembers whether a read of it failed: so an error in what was read from it
+/// can be told apart from an error in reading it.
+struct Watched<'a> {
+    inner: &'a mut dyn ByteRead,
+    failed: bool,
+}
+
+impl ByteRead for Watched<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ArtifactError> {
+        let r = self.inner.read(buf);
+        self.failed |= r.is_err();
+        r
+    }
+
+    fn size_hint(&self) -> Option<u64> {
+        self.inner.size_hint()
     }
 }
 

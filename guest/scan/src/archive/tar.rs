@@ -236,7 +236,13 @@ pub(super) fn walk(
                 skip(r, size, &display)?;
             }
             b'5' | b'3' | b'4' | b'6' => skip(r, size, &display)?,
-            b'S' => return Err(ArtifactError::Unsupported { entry: display, feature: "GNU sparse file" }),
+            b'S' => {
+                w.skip(
+                    &display,
+                    &ArtifactError::Unsupported { entry: display.clone(), feature: "GNU sparse file" },
+                );
+                skip(r, size, &display)?;
+            }
             _ => skip(r, size, &display)?,
         }
         skip(r, padding, &display)?;

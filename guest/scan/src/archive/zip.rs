@@ -130,10 +130,15 @@ pub(super) fn walk(
             continue; // directory
         }
         if flags & 1 != 0 {
-            return Err(ArtifactError::Unsupported { entry: display, feature: "encrypted zip entry" });
+            w.skip(
+                &display,
+                &ArtifactError::Unsupported { entry: display.clone(), feature: "encrypted zip entry" },
+            );
+            continue;
         }
         if csize == 0xffff_ffff || usize_ == 0xffff_ffff {
-            return Err(ArtifactError::Unsupported { entry: display, feature: "zip64" });
+            w.skip(&display, &ArtifactError::Unsupported { entry: display.clone(), feature: "zip64 entry" });
+            continue;
         }
         // Local header: where the data starts.
         let mut lfh = [0u8; LFH_LEN];
@@ -213,7 +218,8 @@ pub(super) fn walk(
                 }
             }
             _ => {
-                return Err(ArtifactError::Unsupported { entry: display, feature: "zip compression method" })
+                let feature = "zip compression method (Cella reads stored and deflated entries)";
+                w.skip(&display, &ArtifactError::Unsupported { entry: display.clone(), feature });
             }
         }
     }
