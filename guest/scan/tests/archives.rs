@@ -325,3 +325,32 @@ fn rejects_gnu_long_name_outside_root() {
         ArtifactError::PathEscapesRoot { entry: "../../long/escape.txt".into() }
     );
 }
+
+#[test]
+fn zip64_records_that_lie_are_refused_by_name() {
+    let z = zip(&[zfile("a.txt", &secret_file(), false)]);
+    let eocd = z.len() - 22;
+    let corrupt = |data: &[u8]| match scan(data, "a.zip").unwrap_err() {
+        ArtifactError::Corrupt { reason, .. } => reason,
+        e => panic!("{e}"),
+    };
+    // The end record says "see zip64" but no locator precedes it.
+    let mut no_locator = z.clone();
+    no_locator[eocd + 10..eocd + 12].copy_from_slice(&[0xff, 0xff]);
+    assert_eq!(corrupt(&no_locator), "zip64 end of central directory locator missing");
+    // A locator pointing past itself.
+    let mut far = z[..eocd].to_vec();
+    far.extend_from_slice(b"PK\x06\x07");
+    far.extend_from_slice(&0u32.to_le_bytes());
+    far.extend_from_slice(&(u64::MAX - 10).to_le_bytes());
+    far.extend_from_slice(&1u32.to_le_bytes());
+    far.extend_from_slice(&z[eocd..]);
+    let at = far.len() - 22;
+    far[at + 16..at + 20].copy_from_slice(&[0xff; 4]);
+    assert_eq!(corrupt(&far), "zip64 end of central directory record out of place");
+    // An entry whose sizes say "see zip64" without a zip64 extra field.
+    let mut no_extra = z.clone();
+    let cd = no_extra.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
+    no_extra[cd + 24..cd + 28].copy_from_slice(&[0xff; 4]);
+    assert_eq!(corrupt(&no_extra), "zip64 sizes announced but no zip64 extra field");
+}

@@ -1,8 +1,8 @@
 //! Zips as real tools write them: Python's `zipfile` (to a file, and streamed with data
-//! descriptors), Info-ZIP's `zip` (to a file, and streamed to a pipe) and Java's `jar`. Each
-//! holds a deflated text far larger than its compressed bytes, the case the inflater once
-//! refused as "truncated" (all of a small entry's input is taken in at the first read while its
-//! output still waits).
+//! descriptors), Info-ZIP's `zip` (to a file, streamed to a pipe, and in zip64 form) and Java's
+//! `jar`. Each holds a deflated text far larger than its compressed bytes, the case the inflater
+//! once refused as "truncated" (all of a small entry's input is taken in at the first read while
+//! its output still waits). And zip64 as a writer makes it for more than 65,535 entries.
 
 mod common;
 
@@ -85,6 +85,12 @@ fn zips(dir: &Path) -> Vec<(&'static str, Vec<u8>)> {
         out.push(("Info-ZIP", std::fs::read(dir.join("infozip.zip")).unwrap()));
         // `zip - FILE` writes to a pipe: a streamed zip with data descriptors.
         out.push(("Info-ZIP, streamed", run(dir, "zip", &["-q", "-", "LICENSE.txt"]).unwrap()));
+        // `-fz`: zip64 throughout (sizes and offsets in each entry's zip64 extra field, the
+        // directory found through the zip64 end record).
+        run(dir, "zip", &["-q", "-fz", "zip64.zip", "LICENSE.txt"]).unwrap();
+        let zip64 = std::fs::read(dir.join("zip64.zip")).unwrap();
+        assert!(zip64.windows(4).any(|w| w == b"PK\x06\x06"), "a zip64 end record");
+        out.push(("Info-ZIP, zip64", zip64));
     }
     if run(dir, "jar", &["cf", "app.jar", "LICENSE.txt"]).is_some() {
         out.push(("jar", std::fs::read(dir.join("app.jar")).unwrap()));
@@ -113,4 +119,26 @@ fn zips_from_every_writer_are_read_nested_in_a_tar() {
         assert_eq!(triples(&r), ["site-packages/pkg/doc.odt!/LICENSE.txt:301:test-token"], "{writer}");
         assert!(r.files_scanned >= 2, "{writer}: the tar's entry after the zip is read too");
     }
+}
+
+const PYTHON_MANY: &str = r#"
+import zipfile
+with zipfile.ZipFile("many.zip", "w", zipfile.ZIP_STORED) as z:
+    for i in range(66000):
+        z.writestr(f"f/{i}.txt", b"x\n")
+    z.writestr("last.txt", open("LICENSE.txt", "rb").read())
+"#;
+
+#[test]
+fn a_zip_of_more_than_65535_entries_is_read_through_its_zip64_end_record() {
+    let dir = Scratch::new("many");
+    if run(&dir.0, "python3", &["-c", PYTHON_MANY]).is_none() {
+        return;
+    }
+    let data = std::fs::read(dir.0.join("many.zip")).unwrap();
+    let eocd = data.len() - 22;
+    assert_eq!(&data[eocd + 10..eocd + 12], &[0xff, 0xff], "the end record's count says: see zip64");
+    let r = scan(&data, "many.zip").unwrap();
+    assert_eq!(r.files_scanned, 66001);
+    assert_eq!(triples(&r), ["last.txt:301:test-token"]);
 }

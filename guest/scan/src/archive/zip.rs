@@ -1,5 +1,7 @@
-//! zip, read through the central directory with random access. Methods: stored, deflate.
-//! Not supported (refused with a clear error): zip64, multi-disk, encryption.
+//! zip, read through the central directory with random access, zip64 included (the end
+//! record's locator, and entries' sizes and offsets in their extra field). Methods: stored,
+//! deflate. An encrypted entry or one of another method is skipped and reported; a multi-disk
+//! zip is refused.
 
 use alloc::format;
 use alloc::string::String;
@@ -14,6 +16,12 @@ use crate::error::ArtifactError;
 use crate::source::{ByteRead, Source, SourceReader};
 
 const EOCD_LEN: usize = 22;
+/// The zip64 end of central directory locator, just before the end record.
+const LOCATOR_LEN: usize = 20;
+/// The zip64 end of central directory record, without its extensible data.
+const EOCD64_LEN: usize = 56;
+/// The extra field that holds an entry's zip64 sizes and offset.
+const ZIP64_EXTRA: u16 = 0x0001;
 const CDH_LEN: usize = 46;
 const LFH_LEN: usize = 30;
 /// Largest central directory read into memory.
@@ -25,6 +33,81 @@ fn u16le(b: &[u8], at: usize) -> u16 {
 
 fn u32le(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64le(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(v)
+}
+
+/// Where the central directory is: its entry count, size and offset, and where the bytes it
+/// may not reach begin (the zip64 end record, or the end record).
+struct Directory {
+    count: u64,
+    size: u64,
+    offset: u64,
+    end: u64,
+}
+
+/// Reads the zip64 end record that the locator just before the end record (at `eocd_at`)
+/// points to.
+fn zip64_directory<S: Source + ?Sized>(
+    src: &mut S,
+    eocd_at: u64,
+    name: &str,
+) -> Result<Directory, ArtifactError> {
+    let corrupt = |reason| ArtifactError::Corrupt { entry: String::from(name), reason };
+    let Some(at) = eocd_at.checked_sub(LOCATOR_LEN as u64) else {
+        return Err(corrupt("zip64 end of central directory locator missing"));
+    };
+    let mut loc = [0u8; LOCATOR_LEN];
+    read_exact_at(src, at, &mut loc, name)?;
+    if loc[..4] != *b"PK\x06\x07" {
+        return Err(corrupt("zip64 end of central directory locator missing"));
+    }
+    if u32le(&loc, 4) != 0 || u32le(&loc, 16) > 1 {
+        return Err(ArtifactError::Unsupported { entry: String::from(name), feature: "multi-disk zip" });
+    }
+    let record_at = u64le(&loc, 8);
+    if record_at.checked_add(EOCD64_LEN as u64).is_none_or(|end| end > at) {
+        return Err(corrupt("zip64 end of central directory record out of place"));
+    }
+    let mut r = [0u8; EOCD64_LEN];
+    read_exact_at(src, record_at, &mut r, name)?;
+    if r[..4] != *b"PK\x06\x06" {
+        return Err(corrupt("bad zip64 end of central directory signature"));
+    }
+    if u32le(&r, 16) != 0 || u32le(&r, 20) != 0 {
+        return Err(ArtifactError::Unsupported { entry: String::from(name), feature: "multi-disk zip" });
+    }
+    Ok(Directory { count: u64le(&r, 32), size: u64le(&r, 40), offset: u64le(&r, 48), end: record_at })
+}
+
+/// An entry's zip64 values from its central directory record's extra field `extra`: each of
+/// `usize_`, `csize` and `lfh_off` that is 0xFFFFFFFF is read from the zip64 field, in that
+/// order (the order the format gives them).
+fn zip64_values(extra: &[u8], values: [&mut u64; 3]) -> Result<(), &'static str> {
+    let mut p = 0;
+    while p + 4 <= extra.len() {
+        let (id, len) = (u16le(extra, p), usize::from(u16le(extra, p + 2)));
+        let data = extra.get(p + 4..p + 4 + len).ok_or("extra field overruns")?;
+        if id == ZIP64_EXTRA {
+            let mut at = 0;
+            for v in values {
+                if *v == 0xffff_ffff {
+                    *v = u64le(data.get(at..at + 8).ok_or("zip64 extra field too short")?, 0);
+                    at += 8;
+                }
+            }
+            return Ok(());
+        }
+        p += 4 + len;
+    }
+    if values.iter().any(|v| **v == 0xffff_ffff) {
+        return Err("zip64 sizes announced but no zip64 extra field");
+    }
+    Ok(())
 }
 
 fn read_exact_at<S: Source + ?Sized>(
@@ -83,14 +166,15 @@ pub(super) fn walk(
     if u16le(e, 4) != 0 || u16le(e, 6) != 0 {
         return Err(ArtifactError::Unsupported { entry: String::from(name), feature: "multi-disk zip" });
     }
-    let count = u16le(e, 10);
-    let cd_size = u32le(e, 12);
-    let cd_off = u32le(e, 16);
-    if count == 0xffff || cd_size == 0xffff_ffff || cd_off == 0xffff_ffff {
-        return Err(ArtifactError::Unsupported { entry: String::from(name), feature: "zip64" });
-    }
-    let (cd_size, cd_off) = (u64::from(cd_size), u64::from(cd_off));
-    if cd_off + cd_size > len - (tail_len - eocd) as u64 {
+    let eocd_at = len - (tail_len - eocd) as u64;
+    let (count, cd_size, cd_off) = (u16le(e, 10), u32le(e, 12), u32le(e, 16));
+    let dir = if count == 0xffff || cd_size == 0xffff_ffff || cd_off == 0xffff_ffff {
+        zip64_directory(src, eocd_at, name)?
+    } else {
+        Directory { count: count.into(), size: cd_size.into(), offset: cd_off.into(), end: eocd_at }
+    };
+    let (count, cd_size, cd_off) = (dir.count, dir.size, dir.offset);
+    if cd_off.checked_add(cd_size).is_none_or(|end| end > dir.end) {
         return Err(ArtifactError::Truncated { entry: String::from(name) });
     }
     if cd_size > MAX_CD {
@@ -112,15 +196,17 @@ pub(super) fn walk(
         let flags = u16le(h, 8);
         let method = u16le(h, 10);
         let crc = u32le(h, 16);
-        let csize = u64::from(u32le(h, 20));
-        let usize_ = u64::from(u32le(h, 24));
+        let mut csize = u64::from(u32le(h, 20));
+        let mut usize_ = u64::from(u32le(h, 24));
         let (nl, xl, cl) = (usize::from(u16le(h, 28)), usize::from(u16le(h, 30)), usize::from(u16le(h, 32)));
         let ext_attr = u32le(h, 38);
-        let lfh_off = u64::from(u32le(h, 42));
+        let mut lfh_off = u64::from(u32le(h, 42));
         if p + CDH_LEN + nl + xl + cl > cd.len() {
             return Err(corrupt("central directory record overruns"));
         }
         let raw_name = String::from_utf8_lossy(&cd[p + CDH_LEN..p + CDH_LEN + nl]).into_owned();
+        let extra = &cd[p + CDH_LEN + nl..p + CDH_LEN + nl + xl];
+        let zip64 = zip64_values(extra, [&mut usize_, &mut csize, &mut lfh_off]);
         p += CDH_LEN + nl + xl + cl;
 
         w.count_entry(&format!("{prefix}{raw_name}"))?;
@@ -136,9 +222,8 @@ pub(super) fn walk(
             );
             continue;
         }
-        if csize == 0xffff_ffff || usize_ == 0xffff_ffff {
-            w.skip(&display, &ArtifactError::Unsupported { entry: display.clone(), feature: "zip64 entry" });
-            continue;
+        if let Err(reason) = zip64 {
+            return Err(ArtifactError::Corrupt { entry: display, reason });
         }
         // Local header: where the data starts.
         let mut lfh = [0u8; LFH_LEN];
@@ -147,7 +232,7 @@ pub(super) fn walk(
             return Err(ArtifactError::Corrupt { entry: display, reason: "bad local header signature" });
         }
         let data_off = lfh_off + LFH_LEN as u64 + u64::from(u16le(&lfh, 26)) + u64::from(u16le(&lfh, 28));
-        if data_off + csize > len {
+        if data_off.checked_add(csize).is_none_or(|end| end > len) {
             return Err(ArtifactError::Truncated { entry: display });
         }
         claimed += data_off - lfh_off + csize;
