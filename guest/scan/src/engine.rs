@@ -54,7 +54,7 @@ use crate::finding::{
     FingerprintKey, FingerprintSet, Report, Suppression, INLINE_MARKERS,
 };
 use crate::glob::glob_to_regex;
-use crate::rule::{Category, Policy, Rule, MULTILINE_WINDOW, POLICY_FORMAT_VERSION};
+use crate::rule::{Category, Confidence, Policy, Rule, MULTILINE_WINDOW, POLICY_FORMAT_VERSION};
 use crate::source::{read_full, ByteRead};
 use crate::validate::{check, contains_ascii_ci, shannon_entropy};
 
@@ -1178,6 +1178,7 @@ impl Engine {
                 suppression,
                 confidence: match rule.confidence() {
                     c if in_test_fixture(path) => c.lowered(),
+                    _ if rule.generic && crate::placeholder::is_uuid(secret) => Confidence::Low,
                     c => c,
                 },
             };

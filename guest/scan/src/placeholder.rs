@@ -51,7 +51,65 @@ pub fn at_documentation_host(after: &[u8]) -> bool {
 /// Whether `value` (a candidate secret, without its quotes) is a placeholder.
 pub fn is_placeholder(value: &[u8]) -> bool {
     let v = trim_quotes(value);
-    v.is_empty() || is_reference(v) || is_mask(v) || is_run(v) || is_stand_in_word(v) || is_identifier(v)
+    v.is_empty()
+        || is_reference(v)
+        || is_mask(v)
+        || is_run(v)
+        || is_stand_in_word(v)
+        || is_identifier(v)
+        || is_camel_case_name(v)
+        || is_elided(v)
+}
+
+/// A value cut short on purpose, ending in `...` or `…` (`eyJ2IjoiMSIsInMiOjEsImMiOi...`):
+/// documentation showing the start of a token, not a token.
+fn is_elided(v: &[u8]) -> bool {
+    v.ends_with(b"...") || v.ends_with("\u{2026}".as_bytes())
+}
+
+/// A name in camel or Pascal case, alone, as a dotted path or hyphenated
+/// (`ExclusiveStartBackupArn`, `CloudFrontOriginAccessIdentityList.NextMarker`, `nextToken`,
+/// `Access-Control-Allow-Credentials`): a field's, a type's or a header's name, as API models
+/// and paginator tables assign them to `input_token`/`output_token`, not a value.
+/// Every part is a name part ([`camel_case_words`]), one at least of two words or more. A random
+/// token of letters and digits is none.
+pub fn is_camel_case_name(v: &[u8]) -> bool {
+    let parts: Option<alloc::vec::Vec<usize>> =
+        v.split(|&b| matches!(b, b'.' | b'-')).map(camel_case_words).collect();
+    parts.is_some_and(|words| words.iter().sum::<usize>() >= 2)
+}
+
+/// The words of a name part in camel or Pascal case (`NextContinuationToken`: 3; `Items`: 1),
+/// or `None` if it is not one: letters only, each word a capital (or, first, a lowercase
+/// letter) and then lowercase letters, with a vowel, three letters long on average.
+fn camel_case_words(p: &[u8]) -> Option<usize> {
+    if p.is_empty() || !p.iter().all(u8::is_ascii_alphabetic) {
+        return None;
+    }
+    let mut words: alloc::vec::Vec<&[u8]> = alloc::vec::Vec::new();
+    let mut start = 0;
+    for i in 1..p.len() {
+        if p[i].is_ascii_uppercase() {
+            words.push(&p[start..i]);
+            start = i;
+        }
+    }
+    words.push(&p[start..]);
+    let vowel = |b: &u8| matches!(b.to_ascii_lowercase(), b'a' | b'e' | b'i' | b'o' | b'u' | b'y');
+    let proper = |w: &&[u8]| w.len() >= 2 && w[1..].iter().all(u8::is_ascii_lowercase) && w.iter().any(vowel);
+    (3 * words.len() <= p.len() && words.iter().all(proper)).then_some(words.len())
+}
+
+/// `8-4-4-4-12` hex digits: a UUID. Assigned to a secret-sounding name it is most often an
+/// identifier (an idempotency or client token, a request id), sometimes a key: a generic rule
+/// reports it with low confidence.
+pub fn is_uuid(v: &[u8]) -> bool {
+    let v = trim_quotes(v);
+    v.len() == 36
+        && v.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
 }
 
 /// A snake-case name of words, all upper or all lower case (`CLIENT_TRAFFIC_SECRET_0`,
@@ -72,10 +130,21 @@ fn is_identifier(v: &[u8]) -> bool {
     parts.iter().enumerate().all(|(i, p)| {
         let digits = p.iter().filter(|b| b.is_ascii_digit()).count();
         let word = p[0].is_ascii_alphabetic()
-            && p.len() <= 12
+            && (p.len() <= 12 || (p.len() <= 16 && pronounceable(p)))
             && p.iter().all(u8::is_ascii_alphanumeric)
             && 3 * digits <= p.len();
         word || (i > 0 && digits == p.len())
+    })
+}
+
+/// No more than four consonants in a row (`AUTHORIZATION`, `CERTIFICATES`; not `qkvjzmtwpxrb`):
+/// a long part of a name is a word, where a random one is not.
+fn pronounceable(p: &[u8]) -> bool {
+    let vowel = |b: u8| matches!(b.to_ascii_lowercase(), b'a' | b'e' | b'i' | b'o' | b'u' | b'y');
+    let mut run = 0;
+    p.iter().all(|&b| {
+        run = if b.is_ascii_alphabetic() && !vowel(b) { run + 1 } else { 0 };
+        run <= 4
     })
 }
 
@@ -207,6 +276,54 @@ fn is_stand_in_word(v: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn camel_case_names_are_placeholders_and_random_letters_are_not() {
+        for v in [
+            "ExclusiveStartBackupArn",
+            "CloudFrontOriginAccessIdentityList.NextMarker",
+            "nextToken",
+            "NextId",
+            "Marker.Items.NextContinuationToken",
+            "Access-Control-Allow-Credentials",
+        ] {
+            assert!(is_camel_case_name(v.as_bytes()), "{v:?} is a name");
+            assert!(is_placeholder(v.as_bytes()), "{v:?} is a placeholder");
+        }
+        for v in [
+            "QmXvTrLpWzKs",
+            "KxQwErTyUiOp",
+            "aB3dE5fG7hJ9kL1m",
+            "Password",
+            "AKIAHLP44QJAQNHYLOCI",
+            "mzTsNmBWXPEIYkbve",
+            "Next.",
+            "hunter2Hunter",
+        ] {
+            assert!(!is_camel_case_name(v.as_bytes()), "{v:?} is not a name");
+        }
+    }
+
+    #[test]
+    fn long_words_in_a_constants_name_and_elided_values_are_placeholders() {
+        for v in
+            ["AWS_CONTAINER_AUTHORIZATION_TOKEN", "eyJ2IjoiMSIsInMiOjEsImMiOi...", "sk_live_4eC39Hq\u{2026}"]
+        {
+            assert!(is_placeholder(v.as_bytes()), "{v:?} is a placeholder");
+        }
+        for v in ["acme_qkvjzmtwpxrbnlsd", "ACME_QKVJZMTWPXRBNLSDFG", "eyJ2IjoiMSIsInMiOjEsImMiOi"] {
+            assert!(!is_placeholder(v.as_bytes()), "{v:?} is not a placeholder");
+        }
+    }
+
+    #[test]
+    fn uuids_are_recognised_with_or_without_quotes() {
+        assert!(is_uuid(b"abcd12f2-46da-4fdb-b8d5-fbd4c466928f"));
+        assert!(is_uuid(b"\"1234ABCD-1234-abcd-1234-d46a8903e9bc\""));
+        assert!(!is_uuid(b"abcd12f2-46da-4fdb-b8d5-fbd4c466928"));
+        assert!(!is_uuid(b"abcd12f2x46da-4fdb-b8d5-fbd4c466928f"));
+        assert!(!is_uuid(b"gbcd12f2-46da-4fdb-b8d5-fbd4c466928f"));
+    }
 
     #[test]
     fn documentation_hosts_are_recognised_after_an_at_sign() {
