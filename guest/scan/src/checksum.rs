@@ -2,6 +2,9 @@
 //! be a token the provider issued (a made-up example, a test fixture, a mangled copy), so the
 //! rule that names the checksum drops it.
 
+use alloc::string::String;
+use alloc::vec::Vec;
+
 /// CRC-32 as zlib, PNG and Ethernet compute it (IEEE 802.3 polynomial, reflected, initial and
 /// final XOR `0xFFFF_FFFF`). Bitwise: it runs on a few dozen bytes per candidate.
 pub fn crc32(data: &[u8]) -> u32 {
@@ -64,9 +67,93 @@ pub fn base62_crc32_tail(token: &[u8]) -> bool {
     random.iter().all(u8::is_ascii_alphanumeric) && base62_value(check) == Some(u64::from(crc32(random)))
 }
 
+/// Whether `token` is a JSON Web Token as an issuer writes one: three dot-separated base64url
+/// parts, the first two decoding to JSON objects and the header naming its signing `alg`. A
+/// string that only looks like one (a truncated copy, a made-up example, base64 of something
+/// else) is not.
+pub fn jwt_structure(token: &[u8]) -> bool {
+    let mut parts = token.split(|&b| b == b'.');
+    let (Some(header), Some(payload), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let object = |part: &[u8]| {
+        base64url(part)
+            .and_then(|json| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&json).ok())
+    };
+    object(header).is_some_and(|h| h.get("alg").is_some_and(serde_json::Value::is_string))
+        && object(payload).is_some()
+}
+
+/// Decodes unpadded (or padded) base64url; `None` on any other character or a length no
+/// encoding gives.
+fn base64url(text: &[u8]) -> Option<Vec<u8>> {
+    let text = text.strip_suffix(b"==").or_else(|| text.strip_suffix(b"=")).unwrap_or(text);
+    if text.len() % 4 == 1 {
+        return None;
+    }
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'-' => Some(62),
+        b'_' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in text {
+        acc = (acc << 6) | u32::from(value(c)?);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// base64url of `s`, unpadded.
+    fn b64(s: &str) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in s.as_bytes().chunks(3) {
+            let n = chunk.iter().fold(0u32, |a, &b| (a << 8) | u32::from(b)) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(char::from(A[(n >> (18 - 6 * i)) as usize & 63]));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_jwt_is_three_parts_with_json_objects_and_an_alg() {
+        let jwt = |h: &str, p: &str| alloc::format!("{}.{}.c2lnbmF0dXJlLWJ5dGVz", b64(h), b64(p));
+        assert!(jwt_structure(
+            jwt(r#"{"alg":"HS256","typ":"JWT"}"#, r#"{"sub":"u-1","exp":1767225600}"#).as_bytes()
+        ));
+        assert!(jwt_structure(jwt(r#"{"typ":"JWT","alg":"ES384"}"#, "{}").as_bytes()));
+        // No alg, alg not a string, payload not an object, header not JSON, mangled base64.
+        assert!(!jwt_structure(jwt(r#"{"typ":"JWT"}"#, "{}").as_bytes()));
+        assert!(!jwt_structure(jwt(r#"{"alg":256}"#, "{}").as_bytes()));
+        assert!(!jwt_structure(jwt(r#"{"alg":"HS256"}"#, "[1,2]").as_bytes()));
+        assert!(!jwt_structure(jwt(r#"{"alg":"HS256""#, "{}").as_bytes()));
+        let good = jwt(r#"{"alg":"HS256"}"#, r#"{"sub":"someone"}"#);
+        let (head, rest) = good.split_once('.').unwrap();
+        assert!(
+            !jwt_structure(alloc::format!("{}.{rest}", &head[..head.len() - 3]).as_bytes()),
+            "cut header"
+        );
+        assert!(!jwt_structure(alloc::format!("{head}+.{rest}").as_bytes()), "not base64url");
+        // Two or four parts.
+        assert!(!jwt_structure(b64(r#"{"alg":"HS256"}"#).as_bytes()));
+        assert!(!jwt_structure(alloc::format!("{good}.more").as_bytes()));
+    }
 
     #[test]
     fn crc32_is_zlibs() {

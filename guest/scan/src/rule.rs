@@ -123,6 +123,9 @@ pub enum Validator {
     /// A GitHub-style token (GitHub's `ghp_`/`gho_`/`ghu_`/`ghs_`, npm's `npm_`): its last six
     /// characters are the CRC-32 of the 30 before them, in base 62 ([`crate::checksum`]).
     Base62Crc32,
+    /// A JSON Web Token, `header.payload.signature`: header and payload decode (base64url) to
+    /// JSON objects, the header naming its `alg` ([`crate::checksum::jwt_structure`]).
+    Jwt,
     /// Payment card: 13–19 digits (separators ` ` and `-` allowed), a known issuer prefix with
     /// a length that issuer uses, and a valid Luhn check digit.
     PaymentCard,
