@@ -51,6 +51,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The services a benchmark starts log through `tracing`; unless asked, nothing prints them
+    // (a failed template, for one, only shows as slower figures).
+    if std::env::var_os("CELLA_BENCH_LOG").is_some() {
+        tracing_subscriber::fmt().with_max_level(tracing::Level::INFO).with_writer(std::io::stderr).init();
+    }
     let failed = |what: &str, e: &dyn std::fmt::Display| {
         eprintln!("cella-bench {what}: error: {e}");
         ExitCode::FAILURE
