@@ -115,6 +115,9 @@ fn keywords_inside(keywords: &[Vec<u8>]) -> Result<Vec<Vec<usize>>, EngineError>
         .match_kind(MatchKind::Standard)
         .kind(Some(AhoCorasickKind::NoncontiguousNFA))
         .prefilter(false)
+        // Sparse states only: it searches a few bytes per keyword once, and dense tables near
+        // the root would only cost the VM fresh pages while the engine is built.
+        .dense_depth(0)
         .build(keywords)
         .map_err(|e| EngineError::Keywords(alloc::format!("{e}")))?;
     Ok(keywords
@@ -257,7 +260,8 @@ struct PathSet {
 
 #[derive(Default)]
 struct RuleState {
-    regex: Option<Compiled>,
+    /// Boxed: most rules never compile theirs, and a `Compiled` (its caches) is ~1 KiB.
+    regex: Option<alloc::boxed::Box<Compiled>>,
     allow: Option<Vec<Compiled>>,
     /// Lowercased allowlist stopwords.
     stopwords: Vec<Vec<u8>>,
@@ -572,7 +576,7 @@ impl Engine {
         let rule = &self.policy.rules[i];
         let st = &mut self.rules[i];
         if st.regex.is_none() {
-            st.regex = Some(Compiled::new(rule, &rule.regex, "regex")?);
+            st.regex = Some(alloc::boxed::Box::new(Compiled::new(rule, &rule.regex, "regex")?));
         }
         if st.allow.is_none() {
             let v = rule.allowlist.regexes.iter().map(|p| Compiled::new(rule, p, "allowlist regex"));
