@@ -3,7 +3,9 @@
 //! rule that names the checksum drops it.
 
 use alloc::string::String;
-use alloc::vec::Vec;
+
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, Engine as _, GeneralPurpose, GeneralPurposeConfig};
 
 /// CRC-32 as zlib, PNG and Ethernet compute it (IEEE 802.3 polynomial, reflected, initial and
 /// final XOR `0xFFFF_FFFF`). Bitwise: it runs on a few dozen bytes per candidate.
@@ -79,40 +81,20 @@ pub fn jwt_structure(token: &[u8]) -> bool {
         return false;
     };
     let object = |part: &[u8]| {
-        base64url(part)
+        BASE64URL
+            .decode(part)
+            .ok()
             .and_then(|json| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&json).ok())
     };
     object(header).is_some_and(|h| h.get("alg").is_some_and(serde_json::Value::is_string))
         && object(payload).is_some()
 }
 
-/// Decodes unpadded (or padded) base64url; `None` on any other character or a length no
-/// encoding gives.
-fn base64url(text: &[u8]) -> Option<Vec<u8>> {
-    let text = text.strip_suffix(b"==").or_else(|| text.strip_suffix(b"=")).unwrap_or(text);
-    if text.len() % 4 == 1 {
-        return None;
-    }
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'-' => Some(62),
-        b'_' => Some(63),
-        _ => None,
-    };
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &c in text {
-        acc = (acc << 6) | u32::from(value(c)?);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
+/// base64url as JWTs write it (unpadded; padding tolerated).
+const BASE64URL: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 #[cfg(test)]
 mod tests {
@@ -120,15 +102,7 @@ mod tests {
 
     /// base64url of `s`, unpadded.
     fn b64(s: &str) -> String {
-        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for chunk in s.as_bytes().chunks(3) {
-            let n = chunk.iter().fold(0u32, |a, &b| (a << 8) | u32::from(b)) << (8 * (3 - chunk.len()));
-            for i in 0..=chunk.len() {
-                out.push(char::from(A[(n >> (18 - 6 * i)) as usize & 63]));
-            }
-        }
-        out
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
     }
 
     #[test]

@@ -90,6 +90,28 @@ pub fn path_to_uri(path: &str) -> String {
     s
 }
 
+/// A SARIF `uri` back to the path it encodes, the inverse of [`path_to_uri`] (`%XX` escapes
+/// decoded; anything else kept).
+pub fn uri_to_path(uri: &str) -> String {
+    let b = uri.as_bytes();
+    let mut out = alloc::vec::Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn full_description(rule: &Rule) -> String {
     alloc::format!("{}. Category: {}. {}", rule.description, rule.category.as_str(), rule.help)
 }

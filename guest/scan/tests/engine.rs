@@ -75,22 +75,24 @@ fn rules_past_the_filters_regex_cap_find_what_they_find_without_the_filter() {
     assert_eq!(with_filter, scan(u64::MAX));
 }
 
+/// `FILTER_REGEXES` rules that take every place the line filter has for regexes, so the rules
+/// added after them are found by their keywords.
+fn filter_cap_fillers() -> Vec<cella_scan::Rule> {
+    (0..cella_scan::FILTER_REGEXES)
+        .map(|i| {
+            let (id, regex, keyword) =
+                (format!("f{i}"), format!(r"\bfill{i}_[a-z]{{9}}\b"), format!("fill{i}_"));
+            rule(&id, &regex, 0, &[&keyword], Category::Secret)
+        })
+        .collect()
+}
+
 #[test]
 fn past_the_keyword_dfas_size_the_filter_keywords_still_find_every_rule() {
     // 300 rules past the regex cap, each with a 100-byte keyword: 30 KB of keywords, more than
     // the keyword DFA is built for (a tenant's packs choose them), so the smaller automaton
     // serves; findings are the same as with every line a candidate.
-    let mut rules: Vec<_> = (0..cella_scan::FILTER_REGEXES)
-        .map(|i| {
-            rule(
-                &format!("f{i}"),
-                &format!(r"\bfill{i}_[a-z]{{9}}\b"),
-                0,
-                &[&format!("fill{i}_")],
-                Category::Secret,
-            )
-        })
-        .collect();
+    let mut rules = filter_cap_fillers();
     // 95 letters that look random (no run or sequence a filler check would drop), then the
     // rule's number.
     let letters: String =
@@ -110,17 +112,7 @@ fn past_the_keyword_dfas_size_the_filter_keywords_still_find_every_rule() {
 
 #[test]
 fn keywords_with_regex_characters_and_shared_prefixes_filter_soundly_past_the_cap() {
-    let mut rules: Vec<_> = (0..cella_scan::FILTER_REGEXES)
-        .map(|i| {
-            rule(
-                &format!("f{i}"),
-                &format!(r"\bfill{i}_[a-z]{{9}}\b"),
-                0,
-                &[&format!("fill{i}_")],
-                Category::Secret,
-            )
-        })
-        .collect();
+    let mut rules = filter_cap_fillers();
     rules.push(rule("call", r"\b(a\.b\(c[0-9]{6})", 1, &["A.B(C"], Category::Secret));
     rules.push(rule("short", r"\b(a\.b\([x-z]{6})", 1, &["a.b("], Category::Secret));
     rules.push(rule("plus", r"(x\+y\|[0-9]{6})", 1, &["x+y|"], Category::Secret));

@@ -357,3 +357,11 @@ fn a_scan_stays_within_githubs_result_limit_by_default() {
     let log = log(&policy(), &report, &RunDetails::default());
     assert_eq!(github_problems(&log), Vec::<String>::new());
 }
+
+#[test]
+fn uris_read_back_as_the_paths_they_encode() {
+    for path in ["src/app.rs", "lib/broken #1.jar", "a b/c%d!/é.txt", "x\u{1b}.zip"] {
+        assert_eq!(sarif::uri_to_path(&sarif::path_to_uri(path)), path);
+    }
+    assert_eq!(sarif::uri_to_path("bad%zz%4"), "bad%zz%4", "what is no escape is kept");
+}

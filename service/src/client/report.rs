@@ -115,7 +115,7 @@ pub fn skipped_lines(log: &Value) -> Vec<String> {
         .map(|n| {
             let uri =
                 n["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].as_str().unwrap_or("?");
-            let path = percent_decoded(uri);
+            let path = cella_scan::sarif::uri_to_path(uri);
             format!(
                 "{}: {}",
                 escape_controls(&path),
@@ -123,27 +123,6 @@ pub fn skipped_lines(log: &Value) -> Vec<String> {
             )
         })
         .collect()
-}
-
-/// A SARIF `uri` back to the path it encodes (`%XX` escapes decoded; anything else kept).
-fn percent_decoded(uri: &str) -> String {
-    let b = uri.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// JSON: the job, its summary and the findings.
