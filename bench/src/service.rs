@@ -39,7 +39,37 @@ pub struct BenchArgs {
     /// fleet does (process start, TLS handshake, policy check, upload, wait, results)
     #[arg(long)]
     cli: bool,
+    /// Run every job under the built-in packs plus a pack the tenant uploads for the run (a
+    /// policy of the tenant's own: its jobs run in VMs from its own template once made)
+    #[arg(long)]
+    tenant_pack: bool,
 }
+
+/// The pack `--tenant-pack` uploads: two rules in Cella's format.
+const BENCH_PACK: &str = r#"[pack]
+name = "benchpack"
+category = "secret"
+severity = "error"
+
+[[rules]]
+id = "benchpack-deploy-token"
+description = "Bench Co deploy token"
+regex = '''\b(bcdt_[a-z0-9]{32})\b'''
+secret_group = 1
+keywords = ["bcdt_"]
+help = "Revoke it in the Bench Co console."
+
+[[rules]]
+id = "benchpack-signing-key"
+description = "Bench Co signing key"
+regex = '''\b(bcsk-[A-Za-z0-9]{40})\b'''
+secret_group = 1
+keywords = ["bcsk-"]
+help = "Rotate it in the Bench Co console."
+"#;
+
+/// The policy jobs name with `--tenant-pack`.
+const BENCH_PACK_POLICY: &str = "secrets,pii,licenses,benchpack";
 
 /// How the bench's clients reach the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +113,10 @@ async fn bench(args: BenchArgs) -> Result<(), CliError> {
     let result = async {
         let mut rows = Vec::new();
         for &c in &args.concurrency {
-            let run = |clients, templates| service_run(&db.url, &artifact, c, args.jobs, args.unjailed, clients, templates);
+            let run = |clients, templates| {
+                let policy = args.tenant_pack.then_some(BENCH_PACK_POLICY);
+                service_run(&db.url, &artifact, c, args.jobs, args.unjailed, clients, templates, policy)
+            };
             // Interleaved on this noisy machine: the same service with and without templates.
             let service = run(Clients::InProcess, true).await?;
             let booted = run(Clients::InProcess, false).await?;
@@ -97,10 +130,14 @@ async fn bench(args: BenchArgs) -> Result<(), CliError> {
         let queue_rate = if args.queue_jobs > 0 { Some(queue_only(&db.url, args.queue_jobs).await?) } else { None };
         let jailed = !args.unjailed && Config::default().worker.is_jailed();
         println!(
-            "cella-bench service: {} jobs per level, artifact {} bytes (examples/sample-app as tar), VMs {}, load avg {}",
+            "cella-bench service: {} jobs per level, artifact {} bytes (examples/sample-app as tar), VMs {}, policy {}, load avg {}",
             args.jobs,
             artifact.len(),
             if jailed { "jailed" } else { "unjailed" },
+            match args.tenant_pack {
+                true => format!("{BENCH_PACK_POLICY} (a tenant pack; the direct column runs the built-in packs)"),
+                false => "the default".to_owned(),
+            },
             load_average()
         );
         println!(
@@ -197,8 +234,10 @@ impl Stack {
 }
 
 /// `c` clients each submit and wait for jobs one after another through a real `cella serve`
-/// stack with a worker of `c` slots. Latency is the job's own (created → finished, in the
-/// database); throughput counts from the first submission to the last result.
+/// stack with a worker of `c` slots, under `policy` (uploading [`BENCH_PACK`] first when it is
+/// given) or the default. Latency is the job's own (created → finished, in the database);
+/// throughput counts from the first submission to the last result.
+#[allow(clippy::too_many_arguments)]
 async fn service_run(
     url: &str,
     artifact: &[u8],
@@ -207,6 +246,7 @@ async fn service_run(
     unjailed: bool,
     clients: Clients,
     templates: bool,
+    policy: Option<&str>,
 ) -> Result<Figures, CliError> {
     let name =
         format!("bench-{c}-{clients:?}-{}", if templates { "template" } else { "booted" }).to_lowercase();
@@ -219,6 +259,13 @@ async fn service_run(
         }
     })
     .await?;
+    if policy.is_some() {
+        client.send(client.request(Method::POST, "/v1/packs?name=benchpack").body(BENCH_PACK)).await?;
+    }
+    let jobs_path = match policy {
+        Some(policy) => format!("/v1/jobs?policy={policy}"),
+        None => "/v1/jobs".to_owned(),
+    };
     if clients == Clients::CliProcesses {
         let file = dir.join("sample.tar");
         std::fs::write(&file, artifact)
@@ -230,6 +277,7 @@ async fn service_run(
             let n = jobs / c + u32::from(i < jobs % c);
             let (file, ca_path, url, key, dir) =
                 (file.clone(), ca_path.clone(), running.url.clone(), key.clone(), dir.clone());
+            let policy = policy.map(str::to_owned);
             tasks.push(tokio::spawn(async move {
                 let exe = crate::binaries::sibling("cella")?;
                 let mut latencies = Vec::new();
@@ -242,6 +290,7 @@ async fn service_run(
                         .arg(&ca_path)
                         .args(["--fail-on", "never", "--format", "json", "--sarif"])
                         .arg(dir.join(format!("{i}-{j}.sarif")))
+                        .args(policy.iter().flat_map(|p| ["--policy", p.as_str()]))
                         .env("CELLA_API_KEY", &key)
                         .stdin(std::process::Stdio::null())
                         .output()
@@ -271,11 +320,12 @@ async fn service_run(
     for i in 0..c {
         let client = client.clone();
         let artifact = artifact.to_vec();
+        let jobs_path = jobs_path.clone();
         let n = jobs / c + u32::from(i < jobs % c);
         tasks.push(tokio::spawn(async move {
             for _ in 0..n {
                 let job: serde_json::Value = client
-                    .send(client.request(Method::POST, "/v1/jobs").body(artifact.clone()))
+                    .send(client.request(Method::POST, &jobs_path).body(artifact.clone()))
                     .await?
                     .json()
                     .await

@@ -5,6 +5,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cella_proto::{self as proto, ErrorReport, Hello, Job, Kind};
@@ -47,20 +48,44 @@ pub struct JobReport {
     pub policy_preloaded: bool,
 }
 
+/// A serialized policy (what a job's `Policy` frame carries) and its SHA-256, computed once:
+/// a worker hands the same policy to many jobs, shared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerializedPolicy {
+    bytes: Vec<u8>,
+    sha256: String,
+}
+
+impl SerializedPolicy {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        let sha256 = policy_sha256(&bytes);
+        SerializedPolicy { bytes, sha256 }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The SHA-256 (hex) of the bytes: the identity a template's runner reports for the
+    /// engine it holds.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+}
+
 /// What the host sends the runner: the job, the serialized policy and, if the job announces
 /// one, the baseline frame's payload.
 #[derive(Debug, Clone)]
 pub struct JobFrames {
     pub job: Job,
-    pub policy: Vec<u8>,
+    pub policy: Arc<SerializedPolicy>,
     pub baseline: Option<Vec<u8>>,
 }
 
 impl JobFrames {
-    /// The SHA-256 (hex) of the serialized policy: the identity a template's runner reports
-    /// for the engine it holds.
-    pub fn policy_sha256(&self) -> String {
-        policy_sha256(&self.policy)
+    /// The SHA-256 (hex) of the serialized policy.
+    pub fn policy_sha256(&self) -> &str {
+        self.policy.sha256()
     }
 
     /// Whether a runner that says hello with `hello` already holds this job's engine.
@@ -74,7 +99,7 @@ impl JobFrames {
         let job = Job { policy_preloaded: preloaded, ..self.job.clone() };
         let mut out = proto::encode_json(Kind::Job, &job);
         if !preloaded {
-            out.extend(proto::encode(Kind::Policy, &self.policy));
+            out.extend(proto::encode(Kind::Policy, self.policy.bytes()));
         }
         if let Some(baseline) = &self.baseline {
             out.extend(proto::encode(Kind::Baseline, baseline));
@@ -296,7 +321,7 @@ mod tests {
                 sarif: Default::default(),
                 policy_preloaded: true,
             },
-            policy: b"{\"rules\":[]}".to_vec(),
+            policy: Arc::new(SerializedPolicy::new(b"{\"rules\":[]}".to_vec())),
             baseline: None,
         };
         let hello = |held: Option<String>| Hello {
@@ -321,7 +346,7 @@ mod tests {
             let job: Job = proto::decode_json(&sent[0].1).unwrap();
             assert!(!job.policy_preloaded);
         }
-        let held = hello(Some(policy_sha256(&frames.policy)));
+        let held = hello(Some(policy_sha256(frames.policy.bytes())));
         assert!(frames.preloaded_for(&held));
         let sent = kinds(frames.encode(true));
         assert_eq!(sent.iter().map(|f| f.0).collect::<Vec<_>>(), [Kind::Job]);

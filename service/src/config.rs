@@ -191,6 +191,9 @@ pub struct WorkerConfig {
     /// Restore every scan's VM from a template whose engine of the default policy is built
     /// (`CELLA_TEMPLATES=1|0`; see `worker::template`). Off: each VM boots the scanner image.
     pub templates: bool,
+    /// How many templates of policies other than the default the worker keeps, made the first
+    /// time a job of that policy runs (`CELLA_POLICY_TEMPLATES`; 0: only the default's).
+    pub policy_templates: u32,
 }
 
 /// The hard limit on a session's life, running and suspended: 8 hours.
@@ -333,6 +336,7 @@ impl Default for WorkerConfig {
             drain_secs: 30,
             jail_uid_base: 64_100,
             templates: true,
+            policy_templates: 4,
         }
     }
 }
@@ -448,6 +452,9 @@ impl Config {
         }
         if let Some(v) = get("CELLA_TEMPLATES") {
             self.worker.templates = !matches!(v.as_str(), "0" | "false" | "no" | "off");
+        }
+        if let Some(v) = get("CELLA_POLICY_TEMPLATES") {
+            self.worker.policy_templates = parse("CELLA_POLICY_TEMPLATES", v, "a number")?;
         }
         if let Some(v) = get("CELLA_DRAIN_SECS") {
             self.worker.drain_secs = parse("CELLA_DRAIN_SECS", v, "a number of seconds")?;

@@ -401,7 +401,7 @@ async fn a_job_whose_pack_was_deleted_after_it_was_queued_cannot_build_its_polic
     let job = api.submit(&key, "?policy=pii,acme").await.expect(StatusCode::CREATED);
     let pool = &api.state.pool;
     let policy = cella_service::packs::compiled_policy(pool, &tenant, "pii,acme@1").await.unwrap().unwrap();
-    let policy: Value = serde_json::from_slice(&policy).unwrap();
+    let policy: Value = serde_json::from_slice(policy.bytes()).unwrap();
     let ids: Vec<&str> =
         policy["rules"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids.last(), Some(&"acme-token"));

@@ -336,13 +336,15 @@ async fn run_job(client: &ApiClient, policy: Option<&str>, body: String) -> Valu
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn spares_come_from_the_template_of_the_default_policy_and_a_new_image_makes_a_new_one(pool: PgPool) {
+async fn spares_come_from_their_policys_template_never_another_tenants_and_a_new_image_makes_new_ones(
+    pool: PgPool,
+) {
     let dir = scratch("template");
     let db = test_db_url(&pool);
     let image = dir.join("cella-scanner");
     std::fs::copy(cella_host::images::default_scanner_image().unwrap(), &image).unwrap();
     let server = serve(&dir.join("data"), &db, &[("CELLA_SCANNER_IMAGE", image.to_str().unwrap())]);
-    let (_, key) = tenant(&server.data, "templated");
+    let (tenant_id, key) = tenant(&server.data, "templated");
     let client = server.client(&key);
 
     // The default policy: the template's engine, no policy sent.
@@ -351,7 +353,7 @@ async fn spares_come_from_the_template_of_the_default_policy_and_a_new_image_mak
     let first = vm["template"].as_str().unwrap_or_else(|| panic!("no template: {vm}")).to_owned();
     assert_eq!(vm["policy_preloaded"], true, "{vm}");
 
-    // A tenant pack: the same template, its own policy sent and used.
+    // A tenant pack: its first job runs in the default template, its own policy sent and used.
     client.send(client.request(Method::POST, "/v1/packs?name=ferrule").body(GITLEAKS)).await.unwrap();
     let job = run_job(&client, Some("ferrule"), format!("KEY={DEPLOY_KEY}\n")).await;
     assert_eq!(job["findings"], 1, "{job}");
@@ -359,6 +361,34 @@ async fn spares_come_from_the_template_of_the_default_policy_and_a_new_image_mak
     assert_eq!(
         (vm["template"].as_str(), &vm["policy_preloaded"]),
         (Some(first.as_str()), &Value::Bool(false))
+    );
+    // Then the pack's own template is made, and the tenant's next jobs of it are restored from
+    // it, with the engine already built.
+    let mut own = None;
+    for _ in 0..20 {
+        let job = run_job(&client, Some("ferrule"), format!("KEY={DEPLOY_KEY}\n")).await;
+        assert_eq!(job["findings"], 1, "{job}");
+        let vm = vm_of(&pool, job["id"].as_str().unwrap()).await;
+        if vm["policy_preloaded"] == true {
+            own = vm["template"].as_str().map(str::to_owned);
+            break;
+        }
+        assert_eq!(vm["template"].as_str(), Some(first.as_str()), "{vm}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let own = own.expect("the tenant's pack got no template of its own");
+    assert_ne!(own, first);
+    let succeeded = events(&pool, &tenant_id, "job.succeeded").await;
+    assert_eq!(succeeded.last().unwrap()["details"]["template"], own.as_str());
+
+    // Another tenant's job, in the slot whose spare holds that pack: never in a VM holding
+    // another tenant's rules. Its VM comes from the default template.
+    let (_, neighbour) = tenant(&server.data, "neighbour");
+    let job = run_job(&server.client(&neighbour), None, "nothing to see\n".into()).await;
+    let vm = vm_of(&pool, job["id"].as_str().unwrap()).await;
+    assert_eq!(
+        (vm["template"].as_str(), &vm["policy_preloaded"]),
+        (Some(first.as_str()), &Value::Bool(true))
     );
 
     // The image changes (one more byte after the ELF's last segment): the next spare made

@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use crate::builder::HostEnds;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::vsock::Vsock;
-use crate::job::{JobError, JobFrames, JobReport};
+use crate::job::{JobError, JobFrames, JobReport, SerializedPolicy};
 use crate::rpc_interface::Prepared;
 use crate::template::{TemplateError, TemplateVm};
 use crate::{BuildError, Prebuilt, RunError, RunReport, VmConfig};
@@ -185,8 +185,11 @@ pub fn run(request: &ScanRequest, console: Box<dyn std::io::Write + Send>) -> Re
     };
     let job = request.job(artifact_bytes);
     let started = Instant::now();
-    let frames =
-        JobFrames { job, policy: request.policy.clone(), baseline: request.options.baseline.clone() };
+    let frames = JobFrames {
+        job,
+        policy: Arc::new(SerializedPolicy::new(request.policy.clone())),
+        baseline: request.options.baseline.clone(),
+    };
     let timeout = request.timeout;
     let serving = std::thread::spawn(move || crate::job::serve_channel(host_end, &frames, timeout));
     // The VM's end of the channel closes with its devices when the run ends, which ends the

@@ -49,7 +49,7 @@ fn frames(artifact_name: &str, size: u64) -> JobFrames {
             sarif: SarifContext::default(),
             policy_preloaded: false,
         },
-        policy: policy.as_bytes().to_vec(),
+        policy: std::sync::Arc::new(cella_vmm::job::SerializedPolicy::new(policy.as_bytes().to_vec())),
         baseline: None,
     }
 }

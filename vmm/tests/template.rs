@@ -318,7 +318,7 @@ fn a_jailed_spare_restored_from_a_template_is_confined_and_runs_its_job_with_the
             sarif: SarifContext::default(),
             policy_preloaded: false,
         },
-        policy: default_policy(),
+        policy: std::sync::Arc::new(cella_vmm::job::SerializedPolicy::new(default_policy())),
         baseline: None,
     };
     let run = spare.run_job(&artifact, &frames).unwrap();

@@ -146,7 +146,7 @@ fn run(args: &SpareBenchArgs) -> Result<(), String> {
             sarif: SarifContext::default(),
             policy_preloaded: false,
         },
-        policy,
+        policy: std::sync::Arc::new(cella_vmm::job::SerializedPolicy::new(policy)),
         baseline: None,
     };
     let scan_options = |from_template: bool, n: usize| {

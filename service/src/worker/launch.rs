@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cella_host::client::ControlError;
-use cella_host::job::{JobError, JobFrames, JobReport, ScanOutcome};
+use cella_host::job::{JobError, JobFrames, JobReport, ScanOutcome, SerializedPolicy};
 use cella_host::scan_report::ScanReport;
 use cella_host::spare::{SpareJail, SpareOptions};
 use cella_host::{GuestExit, RunReport};
@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::config::WorkerConfig;
 use crate::queue::{Lease, Outcome};
 
-use super::template::{TemplateRecipe, WorkerTemplate};
+use super::template::{Shelf, TemplateRecipe, WorkerTemplate};
 
 /// The memory a jailed VMM may use beyond its guest's.
 const VMM_OVERHEAD_MIB: u64 = 32;
@@ -42,10 +42,11 @@ pub struct Launcher {
     config: WorkerConfig,
     vm_cpu_percent: u32,
     /// Built-in policies serialized once, by their names.
-    builtin_policies: Arc<Mutex<HashMap<String, Arc<Vec<u8>>>>>,
-    /// The template spares are restored from, once it is made.
-    template: Arc<Mutex<Option<WorkerTemplate>>>,
-    /// How to make it again (when the image changes); held while it is being made.
+    builtin_policies: Arc<Mutex<HashMap<String, Arc<SerializedPolicy>>>>,
+    /// The templates spares are restored from, once made.
+    shelf: Arc<Mutex<Shelf>>,
+    /// How to make the default template again (when the image changes); held while it is
+    /// being made.
     recipe: Arc<Mutex<Option<TemplateRecipe>>>,
 }
 
@@ -81,21 +82,21 @@ impl Launcher {
             config: config.clone(),
             vm_cpu_percent,
             builtin_policies: Arc::default(),
-            template: Arc::default(),
+            shelf: Arc::new(Mutex::new(Shelf::new(config.policy_templates as usize))),
             recipe: Arc::default(),
         }
     }
 
-    /// Makes the worker's template from `recipe` (blocking), and again by the same recipe
-    /// whenever the image changes (see [`Launcher::refresh_template`]).
+    /// Makes the worker's default template from `recipe` (blocking), and again by the same
+    /// recipe whenever the image changes (see [`Launcher::refresh_template`]).
     pub fn make_template(&self, recipe: TemplateRecipe) {
         let mut held = self.recipe.lock().unwrap_or_else(|p| p.into_inner());
         super::template::make(self, &recipe);
         *held = Some(recipe);
     }
 
-    /// Makes the template again if the scanner image changed since it was made (blocking; one
-    /// caller makes it, the others wait for it).
+    /// Makes the default template again if the scanner image changed since it was made
+    /// (blocking; one caller makes it, the others wait for it).
     pub fn refresh_template(&self) {
         let held = self.recipe.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(recipe) = held.as_ref() {
@@ -106,19 +107,14 @@ impl Launcher {
         }
     }
 
-    /// The template spares are restored from, if there is one.
+    /// The worker's templates.
+    pub fn shelf(&self) -> std::sync::MutexGuard<'_, Shelf> {
+        self.shelf.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The default template, if there is one.
     pub fn template(&self) -> Option<WorkerTemplate> {
-        self.template.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// From now on, spares are restored from `template`; returns the one before.
-    pub fn set_template(&self, template: WorkerTemplate) -> Option<WorkerTemplate> {
-        self.template.lock().unwrap_or_else(|p| p.into_inner()).replace(template)
-    }
-
-    /// From now on, spares boot the image; returns the template there was.
-    pub fn clear_template(&self) -> Option<WorkerTemplate> {
-        self.template.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.shelf().default_template().cloned()
     }
 
     /// The scanner image: the configured one, or the one `scripts/setup.sh` built.
@@ -209,14 +205,14 @@ impl Launcher {
     }
 
     /// The serialized policy of built-in packs named in `policy` (`secrets,pii`), made once.
-    pub fn builtin_policy(&self, policy: &str) -> Result<Arc<Vec<u8>>, String> {
+    pub fn builtin_policy(&self, policy: &str) -> Result<Arc<SerializedPolicy>, String> {
         let mut cache = self.builtin_policies.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(bytes) = cache.get(policy) {
             return Ok(bytes.clone());
         }
         let names: Vec<&str> = policy.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
         let bytes = cella_policies::rules::load_packs(&names)
-            .map(|p| Arc::new(p.into_bytes()))
+            .map(|p| Arc::new(SerializedPolicy::new(p.into_bytes())))
             .map_err(|e| crate::error::error_chain(&e))?;
         cache.insert(policy.to_owned(), bytes.clone());
         Ok(bytes)
@@ -224,7 +220,12 @@ impl Launcher {
 }
 
 /// The job, policy and baseline frames of `lease`'s scan of an artifact of `artifact_bytes`.
-pub fn job_frames(lease: &Lease, policy: Vec<u8>, artifact_bytes: u64, information_uri: &str) -> JobFrames {
+pub fn job_frames(
+    lease: &Lease,
+    policy: Arc<SerializedPolicy>,
+    artifact_bytes: u64,
+    information_uri: &str,
+) -> JobFrames {
     let options = &lease.options;
     let vcs = options.vcs.as_ref();
     let name = lease.artifact_name.as_deref().and_then(artifact_name_for_scan);

@@ -23,6 +23,7 @@ use crate::error::{error_chain, QuietLog, ServiceError};
 use crate::jobs::{JobState, CHANNEL_CANCEL, CHANNEL_JOBS};
 use crate::metrics::Metrics;
 use crate::queue::{self, Lease, Outcome, QueueError};
+use cella_host::job::SerializedPolicy;
 use launch::{Finished, Launcher};
 use spare_pool::SparePool;
 
@@ -217,10 +218,8 @@ impl Worker {
         }
         listener.abort();
         me.spares.close().await;
-        // No spare reads the template any more.
-        if let Some(template) = me.launcher.template() {
-            let _ = std::fs::remove_dir_all(&template.dir);
-        }
+        // No spare reads the templates any more: their folders go with the shelf.
+        me.launcher.shelf().close();
         registry::stopped(&me.pool, &me.id).await?;
         tracing::info!(worker = %me.id, "worker stopped");
         Ok(())
@@ -281,13 +280,11 @@ impl Worker {
     /// The job's serialized policy: its built-in packs by name, or, when it has tenant packs,
     /// compiled from the versions it recorded. A pack version deleted since the job was queued
     /// fails the job for good, the database being away for now.
-    async fn policy(&self, lease: &Lease) -> Result<Vec<u8>, Outcome> {
+    async fn policy(&self, lease: &Lease) -> Result<Arc<SerializedPolicy>, Outcome> {
         let failed = |reason: String, retryable: bool| Outcome::Failed { reason, retryable, vm: None };
         match crate::packs::compiled_policy(&self.pool, &lease.tenant_id, &lease.policy).await {
             Ok(Some(bytes)) => Ok(bytes),
-            Ok(None) => {
-                self.launcher.builtin_policy(&lease.policy).map(|b| b.to_vec()).map_err(|e| failed(e, false))
-            }
+            Ok(None) => self.launcher.builtin_policy(&lease.policy).map_err(|e| failed(e, false)),
             Err(e) => Err(failed(error_chain(&e), e.retryable())),
         }
     }
@@ -299,13 +296,17 @@ impl Worker {
         lease: &Lease,
         slot: u32,
         artifact: std::fs::File,
-        policy: Vec<u8>,
+        policy: Arc<SerializedPolicy>,
         cancel: &mut watch::Receiver<bool>,
         hand_back: &mut watch::Receiver<bool>,
     ) -> Outcome {
         let cpu_percent = lease.vm_cpu_percent.unwrap_or(self.launcher.default_cpu_percent());
-        let taken = self.spares.take(slot, cpu_percent).await;
+        let key = template::PolicyKey::of_job(&lease.tenant_id, &lease.policy, &policy);
+        let taken = self.spares.take(slot, cpu_percent, &key).await;
         self.spares.refill(slot);
+        if self.templates {
+            self.spares.want_template(&key, &lease.policy, &policy);
+        }
         // A reason is tenant-facing: what went wrong on the host is logged here, not told.
         let host_failure = |what: &str, e: &dyn std::error::Error| {
             tracing::error!(job = %lease.job_id, error = %error_chain(e), "{what}");
@@ -316,7 +317,7 @@ impl Worker {
             }
         };
         let (spare, template) = match taken {
-            Ok((taken, _)) => (taken.spare, taken.template),
+            Ok((taken, _)) => (taken.spare, taken.template.map(|t| t.id)),
             Err(e) => return host_failure("the scan's VM could not be started", &e),
         };
         let artifact_bytes = artifact.metadata().map(|m| m.len()).unwrap_or(0);

@@ -21,7 +21,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use cella_host::spare::{Spare, SpareError, SpareOptions};
 use tokio::sync::oneshot;
 
+use cella_host::job::SerializedPolicy;
+
 use super::launch::Launcher;
+use super::template::{PolicyKey, RestoredFrom};
 
 /// A spare to start, and where it goes.
 struct Order {
@@ -46,12 +49,20 @@ fn spawner(slot: u32) -> mpsc::Sender<Order> {
     orders
 }
 
-/// A spare, and the id of the template its VM was restored from (the one its options named
-/// when it was started: a later template does not change what it holds).
+/// A spare, and the template its VM was restored from (the one its options named when it was
+/// started: a later template does not change what it holds).
 #[derive(Debug)]
 pub struct PoolSpare {
     pub spare: Spare,
-    pub template: Option<String>,
+    pub template: Option<RestoredFrom>,
+}
+
+impl PoolSpare {
+    /// Whether a job of `key` may run in this spare: booted, or restored from a template of
+    /// built-in packs or of the job's tenant's own (never another tenant's).
+    pub fn may_run(&self, key: &PolicyKey) -> bool {
+        self.template.as_ref().is_none_or(|t| key.may_run_in(&t.key))
+    }
 }
 
 /// One worker's spares.
@@ -64,6 +75,9 @@ pub struct SparePool {
     prefix: String,
     serial: AtomicU64,
     ready: Mutex<HashMap<u32, PoolSpare>>,
+    /// The policy each slot's last job ran: the slot's next spare is restored from its
+    /// template, if there is one.
+    preferred: Mutex<HashMap<u32, PolicyKey>>,
     /// Set once the worker stops: no more spares are made.
     closed: AtomicBool,
     /// Set once making a spare failed, so the failure is logged once.
@@ -92,6 +106,7 @@ impl SparePool {
             prefix: format!("spare-{}-job{set}", std::process::id()),
             serial: AtomicU64::new(0),
             ready: Mutex::default(),
+            preferred: Mutex::default(),
             closed: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             making: Default::default(),
@@ -107,18 +122,29 @@ impl SparePool {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts a spare for `slot` under `cpu_percent`, on the spawner thread.
-    async fn start(&self, slot: u32, cpu_percent: u32) -> Result<PoolSpare, SpareError> {
+    /// Starts a spare for `slot` under `cpu_percent`, on the spawner thread, restored from the
+    /// template for jobs of `key` (the default one when `key` is none or has none).
+    async fn start(
+        &self,
+        slot: u32,
+        cpu_percent: u32,
+        key: Option<&PolicyKey>,
+    ) -> Result<PoolSpare, SpareError> {
         if self.launcher.template().is_some_and(|t| t.is_stale()) {
             let launcher = self.launcher.clone();
             let _ = tokio::task::spawn_blocking(move || launcher.refresh_template()).await;
         }
         let id = format!("{}-{}", self.prefix, self.serial.fetch_add(1, Ordering::Relaxed));
-        let template = self.launcher.template();
+        let template = {
+            let mut shelf = self.launcher.shelf();
+            match key {
+                Some(key) => shelf.for_key(key),
+                None => shelf.default_template().cloned(),
+            }
+        };
         let mut options = self.launcher.spare_options(&id, self.uid(slot), cpu_percent);
         options.run_dir = self.run_dir.clone();
-        options.template = template.as_ref().map(|t| t.dir.clone());
-        let template = template.map(|t| t.identity.id);
+        options.template = template.as_ref().map(|t| t.dir().to_owned());
         let (reply, answer) = oneshot::channel();
         let sent = self
             .spawners
@@ -134,32 +160,41 @@ impl SparePool {
         if sent.is_err() {
             return Err(gone());
         }
+        // The template's folder is kept until here: a spare reads it while it starts, and
+        // not after (its memory stays mapped from the file whatever becomes of the name).
         let spare = answer.await.unwrap_or_else(|_| Err(gone()))?;
-        Ok(PoolSpare { spare, template })
+        Ok(PoolSpare { spare, template: template.map(|t| RestoredFrom { id: t.identity.id, key: t.key }) })
     }
 
-    /// A spare for a scan in `slot` under `cpu_percent`: the slot's ready one if it was made
-    /// for that quota and still runs, else one started now. True if it was ready.
+    /// A spare for a job of `key` in `slot` under `cpu_percent`: the slot's ready one if it
+    /// was made for that quota, may run the job and still runs, else one started now. True if
+    /// it was ready. The slot's next spare is made for jobs of `key`.
     pub async fn take(
         self: &Arc<Self>,
         slot: u32,
         cpu_percent: u32,
+        key: &PolicyKey,
     ) -> Result<(PoolSpare, bool), SpareError> {
-        if cpu_percent == self.launcher.default_cpu_percent() {
-            let ready = self.ready().remove(&slot);
-            if let Some(mut ready) = ready {
-                if ready.spare.is_alive() {
-                    return Ok((ready, true));
-                }
-                let spare = ready.spare;
-                tracing::warn!(slot, "the slot's spare VMM ended while it waited; starting another");
-                let _ = tokio::task::spawn_blocking(move || drop(spare)).await;
+        self.preferred.lock().unwrap_or_else(|p| p.into_inner()).insert(slot, key.clone());
+        let ready = match cpu_percent == self.launcher.default_cpu_percent() {
+            true => self.ready().remove(&slot),
+            false => None,
+        };
+        if let Some(mut ready) = ready {
+            let may_run = ready.may_run(key);
+            if may_run && ready.spare.is_alive() {
+                return Ok((ready, true));
             }
+            if may_run {
+                tracing::warn!(slot, "the slot's spare VMM ended while it waited; starting another");
+            }
+            let _ = tokio::task::spawn_blocking(move || drop(ready)).await;
         }
-        self.start(slot, cpu_percent).await.map(|s| (s, false))
+        self.start(slot, cpu_percent, Some(key)).await.map(|s| (s, false))
     }
 
-    /// Starts `slot`'s next spare in the background, unless it has one.
+    /// Starts `slot`'s next spare in the background, unless it has one: restored from the
+    /// template of the policy of the slot's last job, if there is one.
     pub fn refill(self: &Arc<Self>, slot: u32) {
         if self.closed.load(Ordering::Relaxed) || self.ready().contains_key(&slot) {
             return;
@@ -167,7 +202,8 @@ impl SparePool {
         let me = self.clone();
         self.making.begin();
         tokio::spawn(async move {
-            match me.start(slot, me.launcher.default_cpu_percent()).await {
+            let key = me.preferred.lock().unwrap_or_else(|p| p.into_inner()).get(&slot).cloned();
+            match me.start(slot, me.launcher.default_cpu_percent(), key.as_ref()).await {
                 Ok(spare) => {
                     let unwanted = if me.closed.load(Ordering::Relaxed) {
                         Some(spare)
@@ -192,6 +228,84 @@ impl SparePool {
             }
             me.making.end();
         });
+    }
+
+    /// Makes the template of a job's policy `key` (named `policy`, serialized as `serialized`) in
+    /// the background if the shelf wants it ([`Shelf::start_building`]). Once it is made,
+    /// slots whose last job ran that policy get a spare restored from it in place of the one
+    /// waiting.
+    pub fn want_template(
+        self: &Arc<Self>,
+        key: &PolicyKey,
+        policy: &str,
+        serialized: &Arc<SerializedPolicy>,
+    ) {
+        if self.closed.load(Ordering::Relaxed) || !self.launcher.shelf().start_building(key) {
+            return;
+        }
+        let me = self.clone();
+        let (key, policy, serialized) = (key.clone(), policy.to_owned(), serialized.clone());
+        self.making.begin();
+        tokio::spawn(async move {
+            let (launcher, uid) = (me.launcher.clone(), me.uid(0));
+            let spares_dir = me.run_dir.clone();
+            let built = {
+                let key = key.clone();
+                tokio::task::spawn_blocking(move || {
+                    super::template::build(&launcher, key, &policy, serialized.bytes(), &spares_dir, uid)
+                })
+                .await
+            };
+            let made = match built {
+                Ok(Ok(t)) => {
+                    tracing::info!(
+                        template = &t.identity.id[..12],
+                        policy = %t.policy,
+                        build_ms = t.build_ms,
+                        "template of a job's policy made"
+                    );
+                    Some(t)
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %crate::error::error_chain(&e), "no template for a job's policy; its jobs build their engine in the VM");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the template maker panicked");
+                    None
+                }
+            };
+            let made_one = made.is_some();
+            me.launcher.shelf().built(&key, made);
+            if made_one {
+                me.swap_waiting_spares(&key).await;
+            }
+            me.making.end();
+        });
+    }
+
+    /// Stops the spares waiting in slots whose last job ran `key` but which were not restored
+    /// from its template, and starts their replacements.
+    async fn swap_waiting_spares(self: &Arc<Self>, key: &PolicyKey) {
+        let slots: Vec<u32> = {
+            let preferred = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
+            preferred.iter().filter(|(_, k)| *k == key).map(|(slot, _)| *slot).collect()
+        };
+        for slot in slots {
+            let stale = {
+                let mut ready = self.ready();
+                match ready.get(&slot) {
+                    Some(spare) if spare.template.as_ref().is_none_or(|t| t.key != *key) => {
+                        ready.remove(&slot)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(stale) = stale {
+                let _ = tokio::task::spawn_blocking(move || drop(stale)).await;
+                self.refill(slot);
+            }
+        }
     }
 
     /// Stops making spares, waits (a few seconds at most) for those under way, and stops the

@@ -432,7 +432,8 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
     let spare = Spare::start(&options).map_err(|e| fail(exit_code::VMM_FAILED, &e))?;
     stop_on_signal(stop_fd, spare.api().clone(), spare.pid());
     let job = request.job(artifact_bytes);
-    let frames = JobFrames { job, policy: request.policy, baseline: request.options.baseline };
+    let policy = std::sync::Arc::new(cella_host::job::SerializedPolicy::new(request.policy));
+    let frames = JobFrames { job, policy, baseline: request.options.baseline };
     let started = Instant::now();
     let run = spare.run_job(&artifact, &frames).map_err(|e| fail(exit_code::VMM_FAILED, &e))?;
     let scan_ms = started.elapsed().as_millis() as u64;
