@@ -90,6 +90,96 @@ pub fn jwt_structure(token: &[u8]) -> bool {
         && object(payload).is_some()
 }
 
+/// Whether `token` is a PyPI API token as PyPI issues them: `pypi-` and the base64url of a
+/// macaroon in the version 2 binary format (libmacaroons'): the version byte 2; a section with
+/// an optional location and an identifier; caveat sections, each with an identifier (and
+/// optionally a location and a verification id); an empty section; and a 32-byte signature,
+/// ending the token. A cut-short copy or made-up characters after the well-known prefix do not
+/// decode to that.
+pub fn pypi_macaroon(token: &[u8]) -> bool {
+    token
+        .strip_prefix(b"pypi-")
+        .and_then(|encoded| BASE64URL.decode(encoded).ok())
+        .is_some_and(|bytes| macaroon_v2(&bytes))
+}
+
+/// Field types of a version 2 macaroon (0 ends a section).
+const FIELD_LOCATION: u64 = 1;
+const FIELD_IDENTIFIER: u64 = 2;
+const FIELD_VID: u64 = 4;
+const FIELD_SIGNATURE: u64 = 6;
+/// The length of a macaroon's signature (HMAC-SHA-256).
+const SIGNATURE_LEN: usize = 32;
+
+/// A field of a version 2 macaroon: its type and data; `None` for a section's end.
+type Field<'a> = Option<(u64, &'a [u8])>;
+
+/// Reads the fields of a version 2 macaroon.
+struct MacaroonReader<'a>(&'a [u8]);
+
+impl<'a> MacaroonReader<'a> {
+    /// An unsigned LEB128 varint of at most 9 bytes.
+    fn varint(&mut self) -> Option<u64> {
+        let mut value = 0u64;
+        for (i, &byte) in self.0.iter().enumerate().take(9) {
+            value |= u64::from(byte & 0x7F) << (7 * i);
+            if byte & 0x80 == 0 {
+                self.0 = &self.0[i + 1..];
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    /// The next field, `Some(None)` at a section's end, `None` if the bytes end or lie.
+    fn field(&mut self) -> Option<Field<'a>> {
+        let kind = self.varint()?;
+        if kind == 0 {
+            return Some(None);
+        }
+        let len = usize::try_from(self.varint()?).ok()?;
+        let data = self.0.get(..len)?;
+        self.0 = &self.0[len..];
+        Some(Some((kind, data)))
+    }
+
+    /// A section of fields in increasing type order, of the types in `allowed`, through its end;
+    /// true if it held an identifier, false if it was empty, `None` if it is malformed.
+    fn section(&mut self, allowed: &[u64]) -> Option<bool> {
+        let (mut last, mut identified, mut empty) = (0, false, true);
+        while let Some((kind, data)) = self.field()? {
+            if kind <= last || !allowed.contains(&kind) {
+                return None;
+            }
+            identified |= kind == FIELD_IDENTIFIER && !data.is_empty();
+            (last, empty) = (kind, false);
+        }
+        match (empty, identified) {
+            (true, _) => Some(false),
+            (false, true) => Some(true),
+            (false, false) => None,
+        }
+    }
+}
+
+/// Whether `bytes` are one whole version 2 macaroon (see [`pypi_macaroon`]).
+fn macaroon_v2(bytes: &[u8]) -> bool {
+    let Some((&2, rest)) = bytes.split_first() else { return false };
+    let mut reader = MacaroonReader(rest);
+    if reader.section(&[FIELD_LOCATION, FIELD_IDENTIFIER]) != Some(true) {
+        return false;
+    }
+    loop {
+        match reader.section(&[FIELD_LOCATION, FIELD_IDENTIFIER, FIELD_VID]) {
+            Some(true) => continue,
+            Some(false) => break,
+            None => return false,
+        }
+    }
+    matches!(reader.field(), Some(Some((FIELD_SIGNATURE, signature))) if signature.len() == SIGNATURE_LEN)
+        && reader.0.is_empty()
+}
+
 /// base64url as JWTs write it (unpadded; padding tolerated).
 const BASE64URL: GeneralPurpose = GeneralPurpose::new(
     &alphabet::URL_SAFE,
@@ -165,5 +255,73 @@ mod tests {
         assert!(!base62_crc32_tail(b"ghp_Q8SttNBBTi3Ru3MNILoRgtbTJ2VQq43KFX0k"));
         assert!(!base62_crc32_tail(b"ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"));
         assert!(!base62_crc32_tail(b"short"));
+    }
+
+    /// A version 2 macaroon: the header's `(type, data)` fields, each caveat's, the signature.
+    fn macaroon(header: &[(u8, &[u8])], caveats: &[&[(u8, &[u8])]], signature: &[u8]) -> alloc::vec::Vec<u8> {
+        let mut out = alloc::vec![2u8];
+        let mut section = |fields: &[(u8, &[u8])]| {
+            for (kind, data) in fields {
+                out.push(*kind);
+                let mut len = data.len();
+                while len >= 0x80 {
+                    out.push((len as u8 & 0x7F) | 0x80);
+                    len >>= 7;
+                }
+                out.push(len as u8);
+                out.extend_from_slice(data);
+            }
+            out.push(0);
+        };
+        section(header);
+        for caveat in caveats {
+            section(caveat);
+        }
+        // The empty section that ends the caveats.
+        section(&[]);
+        out.extend([6, signature.len() as u8]);
+        out.extend_from_slice(signature);
+        out
+    }
+
+    fn pypi(bytes: &[u8]) -> String {
+        alloc::format!("pypi-{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    #[test]
+    fn a_pypi_token_is_a_whole_version_2_macaroon() {
+        let identifier = [b'n'; 200];
+        let header: &[(u8, &[u8])] = &[(1, b"pypi.org"), (2, &identifier)];
+        let caveat: &[(u8, &[u8])] = &[(2, br#"{"version": 1, "permissions": "user"}"#)];
+        let good = macaroon(header, &[caveat, caveat], &[7; 32]);
+        assert!(pypi_macaroon(pypi(&good).as_bytes()));
+        assert!(
+            pypi_macaroon(pypi(&macaroon(&header[1..], &[], &[7; 32])).as_bytes()),
+            "no location, no caveat"
+        );
+        let with_vid: &[(u8, &[u8])] = &[(1, b"elsewhere"), (2, b"third party"), (4, b"vid")];
+        assert!(pypi_macaroon(pypi(&macaroon(header, &[with_vid], &[7; 32])).as_bytes()));
+        // Cut short anywhere, or one byte more: not a token PyPI wrote.
+        let token = pypi(&good);
+        for cut in [token.len() - 1, token.len() - 3, token.len() / 2, 20] {
+            assert!(!pypi_macaroon(&token.as_bytes()[..cut]), "cut at {cut}");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(!pypi_macaroon(pypi(&longer).as_bytes()));
+        // Each part the format asks for.
+        let mut v1 = good.clone();
+        v1[0] = 1;
+        assert!(!pypi_macaroon(pypi(&v1).as_bytes()), "version 1");
+        assert!(!pypi_macaroon(pypi(&macaroon(&header[..1], &[], &[7; 32])).as_bytes()), "no identifier");
+        let no_id: &[(u8, &[u8])] = &[(1, b"somewhere")];
+        assert!(!pypi_macaroon(pypi(&macaroon(header, &[no_id], &[7; 32])).as_bytes()), "caveat without id");
+        let reversed: &[(u8, &[u8])] = &[(2, &identifier), (1, b"pypi.org")];
+        assert!(!pypi_macaroon(pypi(&macaroon(reversed, &[], &[7; 32])).as_bytes()), "fields out of order");
+        let unknown: &[(u8, &[u8])] = &[(2, b"id"), (5, b"?")];
+        assert!(!pypi_macaroon(pypi(&macaroon(unknown, &[], &[7; 32])).as_bytes()), "unknown field");
+        assert!(!pypi_macaroon(pypi(&macaroon(header, &[], &[7; 31])).as_bytes()), "short signature");
+        assert!(!pypi_macaroon(b"pypi-AgEIcHlwaS5vcmcIodtQW8JyyV554BdZTnMpnab3MMzQko496Vw8bGlwbJ38uncSD6A"));
+        assert!(!pypi_macaroon(good.as_slice()), "no prefix");
     }
 }

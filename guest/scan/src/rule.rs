@@ -126,6 +126,9 @@ pub enum Validator {
     /// A JSON Web Token, `header.payload.signature`: header and payload decode (base64url) to
     /// JSON objects, the header naming its `alg` ([`crate::checksum::jwt_structure`]).
     Jwt,
+    /// A PyPI API token: `pypi-` and the base64url of a whole version 2 macaroon
+    /// ([`crate::checksum::pypi_macaroon`]).
+    PypiMacaroon,
     /// Payment card: 13–19 digits (separators ` ` and `-` allowed), a known issuer prefix with
     /// a length that issuer uses, and a valid Luhn check digit.
     PaymentCard,
