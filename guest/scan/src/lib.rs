@@ -38,6 +38,7 @@ pub mod placeholder;
 mod rule;
 pub mod sarif;
 mod source;
+pub mod spdx;
 pub mod validate;
 
 pub use archive::path::{check_link, normalize as normalize_entry_path};

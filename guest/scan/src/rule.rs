@@ -129,6 +129,12 @@ pub enum Validator {
     /// A PyPI API token: `pypi-` and the base64url of a whole version 2 macaroon
     /// ([`crate::checksum::pypi_macaroon`]).
     PypiMacaroon,
+    /// An SPDX license expression whose every identifier is on the SPDX License List (or the
+    /// user's own `LicenseRef-`) ([`crate::spdx::check_expression`]).
+    SpdxListed,
+    /// What follows an `SPDX-License-Identifier:` tag but is not an expression of listed
+    /// identifiers: an identifier not on the list, or not an expression at all.
+    SpdxUnlisted,
     /// Payment card: 13–19 digits (separators ` ` and `-` allowed), a known issuer prefix with
     /// a length that issuer uses, and a valid Luhn check digit.
     PaymentCard,

@@ -10,6 +10,8 @@ pub fn check(validator: Validator, candidate: &[u8], before: &[u8], after: &[u8]
         Validator::Base62Crc32 => crate::checksum::base62_crc32_tail(candidate),
         Validator::Jwt => crate::checksum::jwt_structure(candidate),
         Validator::PypiMacaroon => crate::checksum::pypi_macaroon(candidate),
+        Validator::SpdxListed => crate::spdx::check_expression(candidate) == crate::spdx::Checked::Listed,
+        Validator::SpdxUnlisted => crate::spdx::check_expression(candidate) != crate::spdx::Checked::Listed,
         Validator::PaymentCard => payment_card(candidate) && !in_numeric_table(before, candidate, after),
         Validator::UsSsn => us_ssn(candidate) && !spaced_ssn_on_a_phone_line(candidate, before, after),
         Validator::Iban => iban(candidate),

@@ -1,0 +1,309 @@
+//! SPDX license expressions (the SPDX specification's annex D: `MIT`, `GPL-2.0-or-later WITH
+//! Classpath-exception-2.0`, `(MIT OR Apache-2.0) AND BSD-3-Clause`, `LicenseRef-ours`), read
+//! and checked against the SPDX License List shipped in `policies/spdx/` (its data is CC0).
+//! Identifiers match whatever their case, as the specification asks; the operators are
+//! `AND`, `OR` and `WITH`, in upper or lower case.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+/// The SPDX License List's licenses: identifier, flags, name; `#` lines are comments.
+const LICENSES: &str = include_str!("../../../policies/spdx/licenses.tsv");
+/// The SPDX License List's license exceptions, in the same form.
+const EXCEPTIONS: &str = include_str!("../../../policies/spdx/exceptions.tsv");
+
+/// The most tokens an expression may have (a tag is one line; this bounds the recursion).
+const MAX_TOKENS: usize = 64;
+
+/// What a license expression is, against the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// Well-formed, and every license and exception is on the list (or the user's own
+    /// `LicenseRef-`, `DocumentRef-…:LicenseRef-` or `AdditionRef-`).
+    Listed,
+    /// Well-formed, but these identifiers are not on the list.
+    Unlisted(Vec<String>),
+    /// Not an SPDX license expression.
+    Malformed,
+}
+
+/// Reads `text` as a license expression and checks its identifiers against the list.
+pub fn check_expression(text: &[u8]) -> Checked {
+    let Ok(text) = core::str::from_utf8(text) else { return Checked::Malformed };
+    let Some(tokens) = tokens(text) else { return Checked::Malformed };
+    let mut parser = Parser { tokens: &tokens, at: 0, unlisted: Vec::new() };
+    if parser.or_expression(0).is_none() || parser.at != tokens.len() {
+        return Checked::Malformed;
+    }
+    match parser.unlisted.is_empty() {
+        true => Checked::Listed,
+        false => Checked::Unlisted(parser.unlisted),
+    }
+}
+
+/// Whether `id` is a license identifier on the list (any case).
+pub fn is_listed_license(id: &str) -> bool {
+    listed(LICENSES, id)
+}
+
+/// Whether `id` is a license exception identifier on the list (any case).
+pub fn is_listed_exception(id: &str) -> bool {
+    listed(EXCEPTIONS, id)
+}
+
+fn listed(list: &str, id: &str) -> bool {
+    list.lines()
+        .filter(|line| !line.starts_with('#'))
+        .any(|line| line.split('\t').next().is_some_and(|listed| listed.eq_ignore_ascii_case(id)))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token<'a> {
+    Open,
+    Close,
+    And,
+    Or,
+    With,
+    Word(&'a str),
+}
+
+/// The expression's tokens, or `None` for a character no expression holds or too many tokens.
+fn tokens(text: &str) -> Option<Vec<Token<'_>>> {
+    let mut out = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b' ' || b == b'\t' {
+            i += 1;
+            continue;
+        }
+        let token = match b {
+            b'(' => {
+                i += 1;
+                Token::Open
+            }
+            b')' => {
+                i += 1;
+                Token::Close
+            }
+            _ => {
+                let start = i;
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || b".-+:".contains(&bytes[i])) {
+                    i += 1;
+                }
+                if i == start {
+                    return None;
+                }
+                match &text[start..i] {
+                    "AND" | "and" => Token::And,
+                    "OR" | "or" => Token::Or,
+                    "WITH" | "with" => Token::With,
+                    word => Token::Word(word),
+                }
+            }
+        };
+        out.push(token);
+        if out.len() > MAX_TOKENS {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+struct Parser<'t, 'a> {
+    tokens: &'t [Token<'a>],
+    at: usize,
+    unlisted: Vec<String>,
+}
+
+impl Parser<'_, '_> {
+    fn next_is(&self, token: Token<'_>) -> bool {
+        self.tokens.get(self.at) == Some(&token)
+    }
+
+    /// `and-expression ( OR and-expression )*`
+    fn or_expression(&mut self, depth: usize) -> Option<()> {
+        self.and_expression(depth)?;
+        while self.next_is(Token::Or) {
+            self.at += 1;
+            self.and_expression(depth)?;
+        }
+        Some(())
+    }
+
+    /// `term ( AND term )*`
+    fn and_expression(&mut self, depth: usize) -> Option<()> {
+        self.term(depth)?;
+        while self.next_is(Token::And) {
+            self.at += 1;
+            self.term(depth)?;
+        }
+        Some(())
+    }
+
+    /// `( expression )` or `license [WITH exception]`.
+    fn term(&mut self, depth: usize) -> Option<()> {
+        match self.tokens.get(self.at)? {
+            Token::Open if depth < MAX_TOKENS => {
+                self.at += 1;
+                self.or_expression(depth + 1)?;
+                self.next_is(Token::Close).then(|| self.at += 1)
+            }
+            Token::Word(word) => {
+                self.at += 1;
+                self.license(word)?;
+                if self.next_is(Token::With) {
+                    self.at += 1;
+                    let Some(Token::Word(exception)) = self.tokens.get(self.at) else { return None };
+                    self.at += 1;
+                    self.exception(exception)?;
+                }
+                Some(())
+            }
+            _ => None,
+        }
+    }
+
+    /// A license: a listed identifier (or a deprecated one's `+`), or the user's own reference.
+    fn license(&mut self, word: &str) -> Option<()> {
+        if let Some(reference) = user_reference(word, "LicenseRef-") {
+            return reference;
+        }
+        let id = match word.strip_suffix('+') {
+            Some(id) if !id.is_empty() && !id.ends_with('+') => id,
+            Some(_) => return None,
+            None => word,
+        };
+        if id.contains(':') || !idstring(id) {
+            return None;
+        }
+        if !is_listed_license(id) && !is_listed_license(word) {
+            self.unlisted.push(word.to_string());
+        }
+        Some(())
+    }
+
+    fn exception(&mut self, word: &str) -> Option<()> {
+        if let Some(reference) = user_reference(word, "AdditionRef-") {
+            return reference;
+        }
+        if word.contains([':', '+']) || !idstring(word) {
+            return None;
+        }
+        if !is_listed_exception(word) {
+            self.unlisted.push(word.to_string());
+        }
+        Some(())
+    }
+}
+
+/// `Some(Some(()))` for a well-formed `<kind>idstring` (optionally after
+/// `DocumentRef-idstring:`), `Some(None)` for one that starts so but is not well-formed, `None`
+/// for a word that is not a reference of that kind.
+fn user_reference(word: &str, kind: &str) -> Option<Option<()>> {
+    let (document, rest) = match word.split_once(':') {
+        Some((document, rest)) => (Some(document), rest),
+        None => (None, word),
+    };
+    let is_reference = |s: &str| s.len() >= kind.len() && s[..kind.len()].eq_ignore_ascii_case(kind);
+    if !is_reference(rest) {
+        return (document.is_some() && word.starts_with("DocumentRef-")).then_some(None);
+    }
+    let document_ok = document.is_none_or(|d| {
+        d.len() > "DocumentRef-".len()
+            && d[.."DocumentRef-".len()].eq_ignore_ascii_case("DocumentRef-")
+            && idstring(&d["DocumentRef-".len()..])
+    });
+    Some((document_ok && idstring(&rest[kind.len()..])).then_some(()))
+}
+
+/// Letters, digits, `.` and `-`.
+fn idstring(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    fn check(text: &str) -> Checked {
+        check_expression(text.as_bytes())
+    }
+
+    #[test]
+    fn listed_expressions_in_any_case_with_exceptions_and_parentheses() {
+        for text in [
+            "MIT",
+            "mit",
+            "Apache-2.0 OR MIT",
+            "(MIT OR Apache-2.0) AND BSD-3-Clause",
+            "GPL-2.0-only WITH Linux-syscall-note",
+            "gpl-2.0-or-later with classpath-exception-2.0",
+            "((MIT))",
+            "GPL-2.0+",
+            "LGPL-2.1+",
+            "LicenseRef-Proprietary",
+            "DocumentRef-spdx-tool-1.2:LicenseRef-MIT-Style-2",
+            "GPL-3.0-or-later WITH AdditionRef-our-exception",
+            "MIT-Modern-Variant AND 0BSD",
+        ] {
+            assert_eq!(check(text), Checked::Listed, "{text}");
+        }
+    }
+
+    #[test]
+    fn identifiers_not_on_the_list_are_named() {
+        assert_eq!(check("MITT"), Checked::Unlisted(vec!["MITT".into()]));
+        assert_eq!(
+            check("Apache-2 OR GPL-2.0-only WITH Nonexistent-exception"),
+            Checked::Unlisted(vec!["Apache-2".into(), "Nonexistent-exception".into()])
+        );
+        assert_eq!(check("BSD"), Checked::Unlisted(vec!["BSD".into()]));
+    }
+
+    #[test]
+    fn what_is_not_an_expression_is_malformed() {
+        for text in [
+            "",
+            "MIT OR",
+            "AND MIT",
+            "(MIT OR Apache-2.0",
+            "MIT)",
+            "MIT Apache-2.0",
+            "MIT WITH",
+            "MIT WITH (Classpath-exception-2.0)",
+            "MIT++",
+            "+",
+            "MIT/X11",
+            "LicenseRef-",
+            "DocumentRef-x:MIT",
+            "Mit OR Apache-2.0 And 0BSD",
+            "GPL-2.0-only WITH Classpath-exception-2.0+",
+        ] {
+            assert_eq!(check(text), Checked::Malformed, "{text:?}");
+        }
+        let deep = alloc::format!("{}MIT{}", "(".repeat(100), ")".repeat(100));
+        assert_eq!(check(&deep), Checked::Malformed);
+        assert_eq!(check_expression(b"MIT\xff"), Checked::Malformed);
+    }
+
+    #[test]
+    fn the_shipped_lists_read_whole() {
+        let ids = |list: &str| list.lines().filter(|l| !l.starts_with('#')).count();
+        assert!(ids(LICENSES) >= 700, "{}", ids(LICENSES));
+        assert!(ids(EXCEPTIONS) >= 80, "{}", ids(EXCEPTIONS));
+        for line in LICENSES.lines().chain(EXCEPTIONS.lines()).filter(|l| !l.starts_with('#')) {
+            let fields: Vec<&str> = line.split('\t').collect();
+            assert_eq!(fields.len(), 3, "{line}");
+            assert!(fields[1] == "-" || fields[1].bytes().all(|b| b"dof".contains(&b)), "{line}");
+            assert!(!fields[2].is_empty(), "{line}");
+        }
+        // Every listed identifier reads as a listed expression by itself.
+        for id in LICENSES.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split('\t').next()) {
+            assert_eq!(check(id), Checked::Listed, "{id}");
+        }
+        assert!(is_listed_exception("LLVM-exception") && !is_listed_license("LLVM-exception"));
+    }
+}
