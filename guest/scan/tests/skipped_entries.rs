@@ -130,3 +130,54 @@ fn skipped_entries_are_all_counted_and_the_first_listed() {
     assert_eq!(r.skipped.len(), MAX_SKIPPED_LISTED);
     assert_eq!(r.skipped[0], SkippedEntry { path: "e0".into(), reason: "why".into() });
 }
+
+#[test]
+fn a_symlink_pointing_outside_the_root_is_listed_never_followed_and_the_rest_scanned() {
+    let t = tar(&[
+        TarEntry { name: "a/link", kind: b'2', link: "../../etc/passwd", data: b"" },
+        TarEntry { name: "sitecustomize.py", kind: b'2', link: "/etc/python3/sitecustomize.py", data: b"" },
+        TarEntry { name: "a/inside", kind: b'2', link: "../after.txt", data: b"" },
+        file("after.txt", &secret_file()),
+    ]);
+    let r = scan(&t, "tree.tar").unwrap();
+    assert_eq!(triples(&r), ["after.txt:2:test-token"]);
+    assert_eq!(
+        skipped(&r),
+        [
+            (
+                "a/link".into(),
+                "artifact entry `a/link` is a link to `../../etc/passwd`, outside the archive root".into()
+            ),
+            (
+                "sitecustomize.py".into(),
+                "artifact entry `sitecustomize.py` is a link to `/etc/python3/sitecustomize.py`, outside the archive root"
+                    .into()
+            ),
+        ]
+    );
+    assert_eq!((r.files_scanned, r.entries_skipped), (1, 2));
+}
+
+#[test]
+fn a_zip_symlink_pointing_outside_the_root_is_listed_and_the_rest_scanned() {
+    let link =
+        ZipEntry { name: "l", data: b"../../root/.ssh", deflate: false, symlink: true, declared_size: None };
+    let z = zip(&[link, zfile("after.txt", &secret_file(), true)]);
+    let r = scan(&z, "a.zip").unwrap();
+    assert_eq!(triples(&r), ["after.txt:2:test-token"]);
+    assert_eq!(
+        skipped(&r),
+        [("l".into(), "artifact entry `l` is a link to `../../root/.ssh`, outside the archive root".into())]
+    );
+}
+
+#[test]
+fn a_hardlink_pointing_outside_the_root_still_refuses_the_archive() {
+    // A tar hardlink names an earlier entry of the same archive: one outside it is not a tree
+    // any tar wrote.
+    let t = tar(&[TarEntry { name: "a/hard", kind: b'1', link: "../x", data: b"" }]);
+    assert_eq!(
+        scan(&t, "a.tar").unwrap_err(),
+        ArtifactError::LinkEscapesRoot { entry: "a/hard".into(), target: "../x".into() }
+    );
+}

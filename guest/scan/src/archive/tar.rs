@@ -228,7 +228,11 @@ pub(super) fn walk(
                 drain(&mut t)?;
             }
             b'2' => {
-                check_link(&path, &link, true).map_err(|e| with_prefix(e, prefix))?;
+                // A symlink is never followed. One that points outside the root (an absolute
+                // link in a system's tree) is listed as skipped; the artifact is still scanned.
+                if let Err(e) = check_link(&path, &link, true) {
+                    w.skip(&display, &with_prefix(e, prefix));
+                }
                 skip(r, size, &display)?;
             }
             b'1' => {

@@ -253,7 +253,10 @@ pub(super) fn walk(
             let mut t = vec![0u8; csize as usize];
             read_exact_at(src, data_off, &mut t, &display)?;
             let target = String::from_utf8_lossy(&t).into_owned();
-            check_link(&path, &target, true).map_err(|e| prefix_error(e, prefix))?;
+            // Never followed; one pointing outside the root is listed as skipped (as in a tar).
+            if let Err(e) = check_link(&path, &target, true) {
+                w.skip(&display, &prefix_error(e, prefix));
+            }
             continue;
         }
         let limits = w.limits();
