@@ -315,3 +315,15 @@ fn zip64_records_that_lie_are_refused_by_name() {
     no_extra[cd + 24..cd + 28].copy_from_slice(&[0xff; 4]);
     assert_eq!(corrupt(&no_extra), "zip64 sizes announced but no zip64 extra field");
 }
+
+#[test]
+fn a_gnu_sparse_entry_is_read_as_its_stored_data() {
+    // A map of one region in the header (no extension block): the data is the region.
+    let t = tar(&[
+        TarEntry { name: "disk.img", kind: b'S', link: "", data: &secret_file() },
+        file("after.txt", &secret_file()),
+    ]);
+    let r = scan(&t, "a.tar").unwrap();
+    assert_eq!(triples(&r), ["disk.img:2:test-token", "after.txt:2:test-token"]);
+    assert_eq!(r.entries_skipped, 0);
+}

@@ -88,19 +88,6 @@ fn encrypted_and_unsupported_zip_entries_are_listed_not_fatal() {
 }
 
 #[test]
-fn a_gnu_sparse_file_is_skipped_and_the_next_entry_read() {
-    let t = tar(&[
-        TarEntry { name: "disk.img", kind: b'S', link: "", data: &[7u8; 1500] },
-        file("after.txt", &secret_file()),
-    ]);
-    let r = scan(&t, "a.tar").unwrap();
-    assert_eq!(triples(&r), ["after.txt:2:test-token"]);
-    assert_eq!(skipped(&r).len(), 1);
-    assert_eq!(r.skipped[0].path, "disk.img");
-    assert!(r.skipped[0].reason.contains("GNU sparse file"), "{:?}", r.skipped);
-}
-
-#[test]
 fn hostile_nested_archives_and_damage_to_the_archive_itself_are_still_refused() {
     // A path out of the root inside a nested zip.
     let escaping = zip(&[zfile("../../etc/passwd", b"x\n", false)]);

@@ -12,6 +12,10 @@ use crate::source::{read_full, ByteRead};
 const BLOCK: usize = 512;
 /// Longest GNU long name / pax header accepted.
 const MAX_META: u64 = 64 * 1024;
+/// The most map extension blocks of one GNU sparse entry read (21 data regions each).
+const MAX_SPARSE_EXTENSIONS: u32 = 4096;
+/// The longest map of a PAX sparse entry (format 1.0) read, in bytes.
+const MAX_SPARSE_MAP: u64 = 1 << 20;
 
 fn field_str(b: &[u8]) -> &[u8] {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
@@ -128,6 +132,50 @@ fn pax_get(data: &[u8], key: &[u8]) -> Option<String> {
     found
 }
 
+/// Reads the map that starts a PAX sparse entry of format 1.0 (decimal numbers, one per line:
+/// the count of data regions, then each one's offset and size; padded to whole blocks) and
+/// returns its length in bytes, whole blocks. The data regions follow it.
+fn read_sparse_map<R: ByteRead + ?Sized>(r: &mut R, size: u64, entry: &str) -> Result<u64, ArtifactError> {
+    let bad = |reason| ArtifactError::Corrupt { entry: String::from(entry), reason };
+    let (mut numbers, mut wanted, mut value, mut digits) = (0u64, None::<u64>, 0u64, 0u32);
+    let mut consumed = 0u64;
+    let mut block = [0u8; BLOCK];
+    while wanted.is_none_or(|w| numbers < w) {
+        if consumed + BLOCK as u64 > size.min(MAX_SPARSE_MAP) {
+            return Err(bad("its sparse map is longer than the entry or 1 MiB"));
+        }
+        if read_full(r, &mut block)? != BLOCK {
+            return Err(ArtifactError::Truncated { entry: String::from(entry) });
+        }
+        consumed += BLOCK as u64;
+        for &b in &block {
+            if wanted.is_some_and(|w| numbers >= w) {
+                break;
+            }
+            match b {
+                b'0'..=b'9' => {
+                    value = value
+                        .checked_mul(10)
+                        .and_then(|v| v.checked_add(u64::from(b - b'0')))
+                        .ok_or(bad("a number of its sparse map overflows"))?;
+                    digits += 1;
+                }
+                b'\n' if digits > 0 => {
+                    if wanted.is_none() {
+                        // The count, then an offset and a size per region.
+                        wanted = value.checked_mul(2).and_then(|n| n.checked_add(1));
+                        wanted.ok_or(bad("its sparse map counts too many regions"))?;
+                    }
+                    numbers += 1;
+                    (value, digits) = (0, 0);
+                }
+                _ => return Err(bad("its sparse map is not decimal numbers, one per line")),
+            }
+        }
+    }
+    Ok(consumed)
+}
+
 fn skip<R: ByteRead + ?Sized>(r: &mut R, n: u64, entry: &str) -> Result<(), ArtifactError> {
     let mut t = Take { inner: r, left: n, entry };
     drain(&mut t)
@@ -143,6 +191,8 @@ pub(super) fn walk(
     let mut h = [0u8; BLOCK];
     let mut long_name: Option<String> = None;
     let mut long_link: Option<String> = None;
+    // The next entry is a PAX sparse file of format 1.0 (its data starts with the map).
+    let mut sparse_map_first = false;
     let mut last = String::from(name);
     loop {
         let n = read_full(r, &mut h)?;
@@ -194,6 +244,12 @@ pub(super) fn walk(
                 if let Some(p) = pax_get(&v, b"linkpath") {
                     long_link = Some(p);
                 }
+                // GNU tar's PAX sparse formats (0.1 and 1.0 name the entry
+                // `GNUSparseFile.N/name` and give the real name here).
+                if let Some(p) = pax_get(&v, b"GNU.sparse.name") {
+                    long_name = Some(p);
+                }
+                sparse_map_first = pax_get(&v, b"GNU.sparse.major").is_some_and(|m| m == "1");
                 continue;
             }
             b'g' => {
@@ -208,6 +264,7 @@ pub(super) fn walk(
         if let Some(l) = long_link.take() {
             link = l;
         }
+        let sparse_map = core::mem::take(&mut sparse_map_first);
         let display_raw = format!("{prefix}{raw_name}");
         w.count_entry(&display_raw)?;
         let path = normalize(&raw_name).map_err(|e| with_prefix(e, prefix))?;
@@ -215,17 +272,33 @@ pub(super) fn walk(
         last = path.clone();
         let padding = (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64;
         match typeflag {
+            // A sparse file (GNU's own format, or GNU's PAX formats: 0.0 and 0.1 store only
+            // the data regions, 1.0 a map before them) is read as its data regions one after
+            // another, the holes (zeros) left out: its line numbers are the file's, as a hole
+            // holds no newline; a binary one's byte offsets count stored data.
             b'0' | 0 | b'7' => {
-                if size > w.limits().max_entry_size {
-                    return Err(ArtifactError::EntryTooLarge {
-                        entry: display,
-                        size,
-                        limit: w.limits().max_entry_size,
-                    });
+                let map = if sparse_map { read_sparse_map(r, size, &display)? } else { 0 };
+                file_entry(w, r, size - map, &display, depth)?;
+            }
+            b'S' => {
+                // The map's extension blocks (not in the size) come before the data.
+                let mut extended = h[482] != 0;
+                let mut blocks = 0u32;
+                while extended {
+                    blocks += 1;
+                    if blocks > MAX_SPARSE_EXTENSIONS {
+                        return Err(ArtifactError::Corrupt {
+                            entry: display,
+                            reason: "its sparse map has more than 4096 extension blocks",
+                        });
+                    }
+                    let mut extension = [0u8; BLOCK];
+                    if read_full(r, &mut extension)? != BLOCK {
+                        return Err(ArtifactError::Truncated { entry: display });
+                    }
+                    extended = extension[504] != 0;
                 }
-                let mut t = Take { inner: &mut *r, left: size, entry: &display };
-                w.entry(&mut t, &display, depth)?;
-                drain(&mut t)?;
+                file_entry(w, r, size, &display, depth)?;
             }
             b'2' => {
                 // A symlink is never followed. One that points outside the root (an absolute
@@ -240,17 +313,30 @@ pub(super) fn walk(
                 skip(r, size, &display)?;
             }
             b'5' | b'3' | b'4' | b'6' => skip(r, size, &display)?,
-            b'S' => {
-                w.skip(
-                    &display,
-                    &ArtifactError::Unsupported { entry: display.clone(), feature: "GNU sparse file" },
-                );
-                skip(r, size, &display)?;
-            }
             _ => skip(r, size, &display)?,
         }
         skip(r, padding, &display)?;
     }
+}
+
+/// A file's `size` bytes of data, read as the entry `display`.
+fn file_entry(
+    w: &mut Walk<'_>,
+    r: &mut dyn ByteRead,
+    size: u64,
+    display: &str,
+    depth: u32,
+) -> Result<(), ArtifactError> {
+    if size > w.limits().max_entry_size {
+        return Err(ArtifactError::EntryTooLarge {
+            entry: String::from(display),
+            size,
+            limit: w.limits().max_entry_size,
+        });
+    }
+    let mut t = Take { inner: &mut *r, left: size, entry: display };
+    w.entry(&mut t, display, depth)?;
+    drain(&mut t)
 }
 
 pub(super) fn with_prefix(e: ArtifactError, prefix: &str) -> ArtifactError {
