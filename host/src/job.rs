@@ -320,6 +320,7 @@ mod tests {
                 baseline: None,
                 sarif: Default::default(),
                 policy_preloaded: true,
+                license_policy: Default::default(),
             },
             policy: Arc::new(SerializedPolicy::new(b"{\"rules\":[]}".to_vec())),
             baseline: None,

@@ -147,7 +147,8 @@ pub struct JobPage {
 
 const JOB_COLUMNS: &str =
     "id, state, policy, artifact_name, artifact_bytes, artifact_sha256, attempt, max_attempts,
-     cancel_requested, error, findings, created_at, started_at, finished_at, excludes, baseline_id, vcs";
+     cancel_requested, error, findings, created_at, started_at, finished_at, excludes, baseline_id, vcs,
+     license_deny, license_flag";
 
 pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
@@ -176,6 +177,8 @@ fn job_from_row(row: &PgRow) -> Result<JobView, sqlx::Error> {
             excludes: row.try_get("excludes")?,
             baseline: row.try_get("baseline_id")?,
             vcs: row.try_get::<Option<sqlx::types::Json<Vcs>>, _>("vcs")?.map(|v| v.0),
+            license_deny: row.try_get("license_deny")?,
+            license_flag: row.try_get("license_flag")?,
         },
     })
 }
@@ -227,6 +230,12 @@ pub struct JobOptions {
     /// The repository the artifact was taken from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcs: Option<Vcs>,
+    /// Licenses (SPDX identifiers, or prefixes ending in `*`) reported at `error`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub license_deny: Vec<String>,
+    /// Licenses reported at `warning` at least.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub license_flag: Vec<String>,
 }
 
 /// Where an artifact came from: its repository, revision and branch.
@@ -277,6 +286,8 @@ impl JobOptions {
             vcs.revision_id.as_deref().map_or(Ok(()), |r| text("vcs_revision", r))?;
             vcs.branch.as_deref().map_or(Ok(()), |b| text("vcs_branch", b))?;
         }
+        cella_scan::spdx::LicensePolicy::new(&self.license_deny, &self.license_flag)
+            .map_err(|e| ServiceError::Unprocessable(format!("license_deny/license_flag: {e}")))?;
         Ok(())
     }
 }
@@ -318,8 +329,9 @@ pub async fn submit(
     crate::tenants::recheck_key(&mut tx, key_id).await?;
     let row = sqlx::query(&format!(
         "INSERT INTO jobs (id, tenant_id, policy, artifact_name, artifact_bytes, artifact_sha256, submitted_by,
-                           idempotency_key, request_hash, max_attempts, excludes, baseline_id, vcs)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                           idempotency_key, request_hash, max_attempts, excludes, baseline_id, vcs,
+                           license_deny, license_flag)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
          RETURNING {JOB_COLUMNS}"
     ))
@@ -336,6 +348,8 @@ pub async fn submit(
     .bind(&sub.options.excludes)
     .bind(&sub.options.baseline)
     .bind(sub.options.vcs.as_ref().map(sqlx::types::Json))
+    .bind(&sub.options.license_deny)
+    .bind(&sub.options.license_flag)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else {

@@ -113,7 +113,7 @@ pub async fn lease(
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "SELECT j.id, j.tenant_id, j.policy, j.max_attempts, t.fingerprint_key, t.quota_vm_cpu_percent,
-                j.artifact_name, j.excludes, j.baseline_id, j.vcs,
+                j.artifact_name, j.excludes, j.baseline_id, j.vcs, j.license_deny, j.license_flag,
                 (SELECT b.fingerprints FROM baselines b WHERE b.id = j.baseline_id) AS baseline
          FROM jobs j JOIN tenants t ON t.id = j.tenant_id
          WHERE j.state = 'queued' AND j.run_after <= now() AND NOT t.suspended
@@ -158,6 +158,8 @@ pub async fn lease(
             excludes: row.try_get("excludes")?,
             baseline: row.try_get("baseline_id")?,
             vcs: row.try_get::<Option<sqlx::types::Json<crate::jobs::Vcs>>, _>("vcs")?.map(|v| v.0),
+            license_deny: row.try_get("license_deny")?,
+            license_flag: row.try_get("license_flag")?,
         },
         baseline: row.try_get("baseline")?,
     };

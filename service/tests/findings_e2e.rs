@@ -527,3 +527,84 @@ async fn the_gate_counts_findings_at_or_above_the_confidence_floor(pool: PgPool)
     let (o, _) = run(&["--fail-on", "note", "--min-confidence", "low"]);
     assert!(out(&o).contains("2 at or above --fail-on note;"), "{}", out(&o));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_license_policy_fails_the_gate_on_a_denied_license_and_judges_choices_whole(pool: PgPool) {
+    let dir = Scratch::new("license-policy-e2e");
+    let server = serve(&dir.join("data"), &test_db_url(&pool));
+    let data = server.data.clone();
+    let key = tenant(&data, "lawful");
+    let repo: PathBuf = dir.join("app");
+    write(&repo, "src/lib.rs", b"// SPDX-License-Identifier: MIT OR AGPL-3.0-only\npub fn f() {}\n");
+    write(&repo, "vendor/codec.c", b"/* SPDX-License-Identifier: AGPL-3.0-or-later */\n");
+    write(
+        &repo,
+        "vendor/util.c",
+        b"/* SPDX-License-Identifier: GPL-2.0-only WITH Classpath-exception-2.0 */\n",
+    );
+    let json = dir.join("run.json");
+    let sarif = dir.join("run.sarif");
+    let run = |extra: &[&str]| -> (Output, Value) {
+        let _ = std::fs::remove_file(&json);
+        let mut args = vec![
+            "scan",
+            repo.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "--sarif",
+            sarif.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = cella(&data, Some(&key), &args);
+        let report = std::fs::read(&json).map(|b| serde_json::from_slice(&b).unwrap()).unwrap_or(Value::Null);
+        (o, report)
+    };
+    let levels = |report: &Value| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["path"].as_str().unwrap().to_owned(), f["level"].as_str().unwrap().to_owned()))
+            .collect();
+        v.sort();
+        v
+    };
+    // No policy: three license notes, nothing fails an error gate.
+    let (o, report) = run(&["--fail-on", "error"]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", out(&o), err(&o));
+    assert!(levels(&report).iter().all(|(_, l)| l == "note"), "{report}");
+    // AGPL denied, GPL flagged: the vendored AGPL file fails the gate; the crate's own file may
+    // be taken under MIT, so it stays a note.
+    let (o, report) = run(&["--fail-on", "error", "--license-deny", "AGPL-3.0", "--license-flag", "GPL-*"]);
+    assert_eq!(o.status.code(), Some(1), "{}\n{}", out(&o), err(&o));
+    assert_eq!(
+        levels(&report),
+        [
+            ("src/lib.rs".into(), "note".into()),
+            ("vendor/codec.c".into(), "error".into()),
+            ("vendor/util.c".into(), "warning".into()),
+        ]
+    );
+    let log: Value = serde_json::from_slice(&std::fs::read(&sarif).unwrap()).unwrap();
+    let verdicts: Vec<(&str, &str)> = log["runs"][0]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["level"].as_str().unwrap(), r["properties"]["licensePolicy"].as_str().unwrap()))
+        .collect();
+    assert_eq!(verdicts.iter().filter(|v| **v == ("error", "denied")).count(), 1, "{verdicts:?}");
+    assert_eq!(verdicts.iter().filter(|v| **v == ("warning", "flagged")).count(), 1, "{verdicts:?}");
+    // The job keeps its policy.
+    let job = report["job"].as_str().unwrap();
+    let stored: (Vec<String>, Vec<String>) =
+        sqlx::query_as("SELECT license_deny, license_flag FROM jobs WHERE id = $1")
+            .bind(job)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, (vec!["AGPL-3.0".to_owned()], vec!["GPL-*".to_owned()]));
+    // A mistake is told before anything is uploaded.
+    let (o, _) = run(&["--license-deny", "GPL/2"]);
+    assert_eq!(o.status.code(), Some(2), "{}", err(&o));
+    assert!(err(&o).contains("`GPL/2` is not a license identifier"), "{}", err(&o));
+}

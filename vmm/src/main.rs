@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli.command {
         cli::Command::Run(args) => cli::run::main(args, launch_start),
-        cli::Command::Scan(args) => cli::scan::main(args, launch_start),
+        cli::Command::Scan(args) => cli::scan::main(*args, launch_start),
         cli::Command::Session(args) => cli::session::main(args, launch_start),
         cli::Command::Spare(args) => cli::spare::main(args, launch_start),
         cli::Command::Template(args) => cli::template::main(args),

@@ -52,6 +52,8 @@ pub struct JobOptions {
     pub baseline: Option<Vec<u8>>,
     /// What the SARIF run says about itself.
     pub sarif: SarifContext,
+    /// Licenses reported at `error` (denied) or `warning` (flagged).
+    pub license_policy: cella_proto::LicensePolicy,
 }
 
 impl ScanRequest {
@@ -66,6 +68,7 @@ impl ScanRequest {
             baseline: o.baseline.as_ref().map(|b| (b.len() / BASELINE_ENTRY_LEN) as u32),
             sarif: o.sarif.clone(),
             policy_preloaded: false,
+            license_policy: o.license_policy.clone(),
         }
     }
 }

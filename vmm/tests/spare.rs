@@ -48,6 +48,7 @@ fn frames(artifact_name: &str, size: u64) -> JobFrames {
             baseline: None,
             sarif: SarifContext::default(),
             policy_preloaded: false,
+            license_policy: Default::default(),
         },
         policy: std::sync::Arc::new(cella_vmm::job::SerializedPolicy::new(policy.as_bytes().to_vec())),
         baseline: None,

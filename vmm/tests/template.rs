@@ -317,6 +317,7 @@ fn a_jailed_spare_restored_from_a_template_is_confined_and_runs_its_job_with_the
             baseline: None,
             sarif: SarifContext::default(),
             policy_preloaded: false,
+            license_policy: Default::default(),
         },
         policy: std::sync::Arc::new(cella_vmm::job::SerializedPolicy::new(default_policy())),
         baseline: None,

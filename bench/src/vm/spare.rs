@@ -145,6 +145,7 @@ fn run(args: &SpareBenchArgs) -> Result<(), String> {
             baseline: None,
             sarif: SarifContext::default(),
             policy_preloaded: false,
+            license_policy: Default::default(),
         },
         policy: std::sync::Arc::new(cella_vmm::job::SerializedPolicy::new(policy)),
         baseline: None,

@@ -491,6 +491,7 @@ fn proto_guest_seeds() -> Seeds {
         baseline: None,
         sarif: proto::SarifContext { automation_id: Some("cella/fuzz/".into()), ..Default::default() },
         policy_preloaded: false,
+        license_policy: Default::default(),
     };
     let mut job_frames = proto::encode_json(Kind::Job, &job);
     job_frames.extend(proto::encode(Kind::Policy, &small_policy()));

@@ -141,6 +141,26 @@ pub struct Job {
     /// `Policy` frame follows. Otherwise one does, and the runner builds its engine from it.
     #[serde(default)]
     pub policy_preloaded: bool,
+    /// The job's license policy: SPDX identifiers (or prefixes ending in `*`) whose licenses
+    /// are reported at `error` (`deny`) or `warning` (`flag`).
+    #[serde(default, skip_serializing_if = "LicensePolicy::is_empty")]
+    pub license_policy: LicensePolicy,
+}
+
+/// A job's license policy, as the host sends it (checked again by the runner).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LicensePolicy {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flag: Vec<String>,
+}
+
+impl LicensePolicy {
+    pub fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.flag.is_empty()
+    }
 }
 
 /// The SARIF run's own details, from whoever asked for the scan (all optional).

@@ -54,7 +54,7 @@ use crate::finding::{
     FingerprintKey, FingerprintSet, Report, Suppression, INLINE_MARKERS,
 };
 use crate::glob::glob_to_regex;
-use crate::rule::{Category, Confidence, Policy, Rule, MULTILINE_WINDOW, POLICY_FORMAT_VERSION};
+use crate::rule::{Category, Confidence, Policy, Rule, Severity, MULTILINE_WINDOW, POLICY_FORMAT_VERSION};
 use crate::source::{read_full, ByteRead};
 use crate::validate::{check, contains_ascii_ci, shannon_entropy};
 
@@ -327,6 +327,8 @@ pub struct Engine {
     path_sets: Vec<PathSet>,
     /// The job's excludes ([`Engine::set_excludes`]).
     excludes: Option<PathMatcher>,
+    /// The job's license policy ([`Engine::set_license_policy`]).
+    license_policy: crate::spdx::LicensePolicy,
     /// The job's baseline ([`Engine::set_baseline`]).
     baseline: FingerprintSet,
     /// Finds [`INLINE_MARKERS`] in a line.
@@ -483,6 +485,7 @@ impl Engine {
             fingerprint_key: FingerprintKey::new([0; 32]),
             path_sets,
             excludes: None,
+            license_policy: Default::default(),
             baseline: FingerprintSet::default(),
             markers,
             occurrences: BTreeMap::new(),
@@ -539,6 +542,13 @@ impl Engine {
         })?;
         self.excludes = Some(matcher);
         Ok(())
+    }
+
+    /// Sets the job's license policy: a license finding whose license it denies is reported at
+    /// `error`, one it flags at `warning` at least, each with the verdict
+    /// ([`crate::spdx::LicensePolicy::verdict`]).
+    pub fn set_license_policy(&mut self, policy: crate::spdx::LicensePolicy) {
+        self.license_policy = policy;
     }
 
     /// Sets the job's baseline: findings whose `cellaLocation/v1` fingerprint is in it are
@@ -1161,8 +1171,18 @@ impl Engine {
                 (Category::License, None) => String::from_utf8_lossy(secret).into_owned(),
                 _ => redact(secret),
             };
+            // A license the job's policy denies or flags raises the finding's level.
+            let license_verdict = (rule.category == Category::License && !self.license_policy.is_empty())
+                .then(|| self.license_policy.verdict(redacted.as_bytes()));
+            let severity = match license_verdict {
+                Some(crate::spdx::Verdict::Denied) => Severity::Error,
+                Some(crate::spdx::Verdict::Flagged) => rule.severity.at_least(Severity::Warning),
+                _ => rule.severity,
+            };
             let finding = Finding {
                 rule_index: h.rule,
+                severity,
+                license_verdict,
                 rule_id: rule.id.clone(),
                 path: String::from(path),
                 line,

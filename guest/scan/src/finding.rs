@@ -51,6 +51,12 @@ pub struct Finding {
     /// How sure it is: its rule's confidence, one step lower in a test fixture
     /// ([`in_test_fixture`]).
     pub confidence: Confidence,
+    /// Its level: its rule's, or for a license the job's license policy denies (`error`) or
+    /// flags (`warning` at least), raised.
+    pub severity: Severity,
+    /// What the job's license policy made of a license finding, if the job has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub license_verdict: Option<crate::spdx::Verdict>,
 }
 
 /// Folder names that hold test data, examples and fixtures.
@@ -415,8 +421,9 @@ pub struct Report {
     pub suppressed_baseline: u64,
     /// Unsuppressed findings per rule index (kept or dropped): what gates count.
     pub unsuppressed_by_rule: Vec<u64>,
-    /// The same, per rule index and confidence (low, medium, high).
-    pub unsuppressed_by_rule_confidence: Vec<[u64; 3]>,
+    /// Unsuppressed findings per confidence (low, medium, high) and level (a finding's own,
+    /// which a license policy may raise above its rule's).
+    pub unsuppressed_by_confidence_level: [ByLevel; 3],
     /// Suppressed findings among `findings`.
     pub(crate) suppressed_kept: usize,
     /// The cap was reached and suppressed findings were given up for unsuppressed ones: no
@@ -569,13 +576,14 @@ impl Report {
                 .iter()
                 .map(|c| (String::from(c.as_str()), ByLevel::default()))
                 .collect();
-        for (i, counts) in self.unsuppressed_by_rule_confidence.iter().enumerate() {
-            let Some(rule) = policy.rules.get(i) else { continue };
-            for (c, &n) in [Confidence::Low, Confidence::Medium, Confidence::High].iter().zip(counts) {
-                if let Some(levels) = by_confidence.get_mut(c.as_str()) {
-                    levels.add(rule.severity, n);
-                }
-            }
+        for (c, levels) in [Confidence::Low, Confidence::Medium, Confidence::High]
+            .iter()
+            .zip(&self.unsuppressed_by_confidence_level)
+        {
+            by_confidence.insert(String::from(c.as_str()), *levels);
+            unsuppressed.error += levels.error;
+            unsuppressed.warning += levels.warning;
+            unsuppressed.note += levels.note;
         }
         for (i, &n) in self.unsuppressed_by_rule.iter().enumerate() {
             let Some(rule) = policy.rules.get(i) else { continue };
@@ -584,11 +592,6 @@ impl Report {
             }
             *by_rule.entry(rule.id.clone()).or_insert(0) += n;
             *by_category.entry(String::from(rule.category.as_str())).or_insert(0) += n;
-            match rule.severity {
-                Severity::Error => unsuppressed.error += n,
-                Severity::Warning => unsuppressed.warning += n,
-                Severity::Note => unsuppressed.note += n,
-            }
         }
         Summary {
             files_scanned: self.files_scanned,
@@ -630,10 +633,9 @@ impl Report {
             None => {
                 if self.unsuppressed_by_rule.len() <= rule {
                     self.unsuppressed_by_rule.resize(rule + 1, 0);
-                    self.unsuppressed_by_rule_confidence.resize(rule + 1, [0; 3]);
                 }
                 self.unsuppressed_by_rule[rule] += 1;
-                self.unsuppressed_by_rule_confidence[rule][finding.confidence as usize] += 1;
+                self.unsuppressed_by_confidence_level[finding.confidence as usize].add(finding.severity, 1);
             }
         }
         let suppressed = finding.suppression.is_some();

@@ -62,6 +62,20 @@ impl Severity {
             Severity::Note => "note",
         }
     }
+
+    /// The more serious of `self` and `floor`.
+    pub fn at_least(self, floor: Severity) -> Severity {
+        let rank = |s: Severity| match s {
+            Severity::Note => 0,
+            Severity::Warning => 1,
+            Severity::Error => 2,
+        };
+        if rank(floor) > rank(self) {
+            floor
+        } else {
+            self
+        }
+    }
 }
 
 /// How sure a finding is to be what its rule says: a token of a provider's own format is a

@@ -205,7 +205,7 @@ pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value
             let mut result = json!({
                 "ruleId": f.rule_id,
                 "ruleIndex": table.index_in_log(f),
-                "level": rule.severity.sarif_level(),
+                "level": f.severity.sarif_level(),
                 "message": { "text": message(rule, f) },
                 "locations": [{
                     "physicalLocation": {
@@ -221,6 +221,9 @@ pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value
                 "rank": f.confidence.sarif_rank(),
                 "properties": { "category": rule.category.as_str(), "confidence": f.confidence.as_str() },
             });
+            if let Some(verdict) = f.license_verdict {
+                result["properties"]["licensePolicy"] = json!(verdict.as_str());
+            }
             if let Some(s) = f.suppression {
                 result["suppressions"] = json!([{
                     "kind": s.sarif_kind(),
@@ -306,7 +309,7 @@ pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String
         .map(|f| {
             let rule = &policy.rules[f.rule_index as usize];
             direct::Result {
-                level: rule.severity.sarif_level(),
+                level: f.severity.sarif_level(),
                 locations: [direct::Location {
                     physical_location: direct::PhysicalLocation {
                         artifact_location: direct::ArtifactLocation { uri: path_to_uri(&f.path) },
@@ -329,6 +332,7 @@ pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String
                 properties: direct::Properties {
                     category: rule.category.as_str(),
                     confidence: f.confidence.as_str(),
+                    license_policy: f.license_verdict.map(|v| v.as_str()),
                 },
                 rank: f.confidence.sarif_rank(),
                 rule_id: &f.rule_id,
@@ -522,6 +526,8 @@ mod direct {
     pub struct Properties<'a> {
         pub category: &'a str,
         pub confidence: &'a str,
+        #[serde(rename = "licensePolicy", skip_serializing_if = "Option::is_none")]
+        pub license_policy: Option<&'a str>,
     }
 
     #[derive(Serialize)]

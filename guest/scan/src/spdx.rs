@@ -31,7 +31,7 @@ pub enum Checked {
 pub fn check_expression(text: &[u8]) -> Checked {
     let Ok(text) = core::str::from_utf8(text) else { return Checked::Malformed };
     let Some(tokens) = tokens(text) else { return Checked::Malformed };
-    let mut parser = Parser { tokens: &tokens, at: 0, unlisted: Vec::new() };
+    let mut parser = Parser { tokens: &tokens, at: 0, unlisted: Vec::new(), policy: None };
     if parser.or_expression(0).is_none() || parser.at != tokens.len() {
         return Checked::Malformed;
     }
@@ -39,6 +39,111 @@ pub fn check_expression(text: &[u8]) -> Checked {
         true => Checked::Listed,
         false => Checked::Unlisted(parser.unlisted),
     }
+}
+
+/// What a license policy makes of a license: ordered, `Denied` the worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allowed,
+    Flagged,
+    Denied,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Flagged => "flagged",
+            Verdict::Denied => "denied",
+        }
+    }
+}
+
+/// The most entries a license policy's lists hold together.
+pub const MAX_POLICY_ENTRIES: usize = 256;
+
+/// A job's license policy: licenses it denies and licenses it flags, each entry a license
+/// identifier (`AGPL-3.0`, which also covers `AGPL-3.0-only`, `AGPL-3.0-or-later` and
+/// `AGPL-3.0+`), a `LicenseRef-`, or a prefix ending in `*` (`GPL-*`); any case.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LicensePolicy {
+    deny: Vec<String>,
+    flag: Vec<String>,
+}
+
+impl LicensePolicy {
+    /// The policy of `deny` and `flag`, or why an entry is not one.
+    pub fn new(deny: &[String], flag: &[String]) -> Result<Self, String> {
+        if deny.len() + flag.len() > MAX_POLICY_ENTRIES {
+            return Err(alloc::format!("a license policy holds at most {MAX_POLICY_ENTRIES} entries"));
+        }
+        for entry in deny.iter().chain(flag) {
+            let id = entry.strip_suffix('*').unwrap_or(entry);
+            if entry.len() > 100
+                || !(id.bytes().all(|b| b.is_ascii_alphanumeric() || b".-+".contains(&b)))
+                || entry.is_empty()
+                || entry == "*"
+            {
+                return Err(alloc::format!(
+                    "`{entry}` is not a license identifier or a prefix ending in `*` (letters, digits, `.`, `-`, `+`)"
+                ));
+            }
+        }
+        Ok(LicensePolicy { deny: deny.to_vec(), flag: flag.to_vec() })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.flag.is_empty()
+    }
+
+    /// What the policy makes of the license expression `text`: a license the user may choose
+    /// (`OR`) is enough, every license that applies together (`AND`) counts. A text that is not
+    /// an expression is judged by its words as if joined by `AND`.
+    pub fn verdict(&self, text: &[u8]) -> Verdict {
+        if self.is_empty() {
+            return Verdict::Allowed;
+        }
+        let text = core::str::from_utf8(text).unwrap_or("");
+        if let Some(tokens) = tokens(text) {
+            let mut parser = Parser { tokens: &tokens, at: 0, unlisted: Vec::new(), policy: Some(self) };
+            if let Some(verdict) = parser.or_expression(0).filter(|_| parser.at == tokens.len()) {
+                return verdict;
+            }
+        }
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || ".-+:".contains(c)))
+            .filter(|w| !w.is_empty())
+            .map(|w| self.of_license(w))
+            .max()
+            .unwrap_or(Verdict::Allowed)
+    }
+
+    /// The verdict on one license identifier.
+    fn of_license(&self, id: &str) -> Verdict {
+        let matches = |entry: &String| entry_matches(entry, id);
+        if self.deny.iter().any(matches) {
+            Verdict::Denied
+        } else if self.flag.iter().any(matches) {
+            Verdict::Flagged
+        } else {
+            Verdict::Allowed
+        }
+    }
+}
+
+/// Whether the policy entry `entry` covers the license `id` (any case): the same identifier, or
+/// it with `-only`, `-or-later` or `+` after it, or, for an entry ending in `*`, any identifier
+/// starting with what precedes the `*`.
+fn entry_matches(entry: &str, id: &str) -> bool {
+    let lower = |s: &str| s.to_ascii_lowercase();
+    let (entry, id) = (lower(entry), lower(id));
+    if let Some(prefix) = entry.strip_suffix('*') {
+        return id.starts_with(prefix);
+    }
+    let entry = entry.strip_suffix('+').unwrap_or(&entry);
+    [id.as_str(), id.trim_end_matches('+')].iter().any(|id| {
+        *id == entry || id.strip_prefix(entry).is_some_and(|rest| rest == "-only" || rest == "-or-later")
+    })
 }
 
 /// Whether `id` is a license identifier on the list (any case).
@@ -115,6 +220,8 @@ struct Parser<'t, 'a> {
     tokens: &'t [Token<'a>],
     at: usize,
     unlisted: Vec<String>,
+    /// Judges each license when given (every verdict is `Allowed` without one).
+    policy: Option<&'t LicensePolicy>,
 }
 
 impl Parser<'_, '_> {
@@ -122,33 +229,34 @@ impl Parser<'_, '_> {
         self.tokens.get(self.at) == Some(&token)
     }
 
-    /// `and-expression ( OR and-expression )*`
-    fn or_expression(&mut self, depth: usize) -> Option<()> {
-        self.and_expression(depth)?;
+    /// `and-expression ( OR and-expression )*`: the mildest verdict of the choices.
+    fn or_expression(&mut self, depth: usize) -> Option<Verdict> {
+        let mut verdict = self.and_expression(depth)?;
         while self.next_is(Token::Or) {
             self.at += 1;
-            self.and_expression(depth)?;
+            verdict = verdict.min(self.and_expression(depth)?);
         }
-        Some(())
+        Some(verdict)
     }
 
-    /// `term ( AND term )*`
-    fn and_expression(&mut self, depth: usize) -> Option<()> {
-        self.term(depth)?;
+    /// `term ( AND term )*`: the worst verdict of the parts.
+    fn and_expression(&mut self, depth: usize) -> Option<Verdict> {
+        let mut verdict = self.term(depth)?;
         while self.next_is(Token::And) {
             self.at += 1;
-            self.term(depth)?;
+            verdict = verdict.max(self.term(depth)?);
         }
-        Some(())
+        Some(verdict)
     }
 
-    /// `( expression )` or `license [WITH exception]`.
-    fn term(&mut self, depth: usize) -> Option<()> {
+    /// `( expression )` or `license [WITH exception]` (the license's verdict).
+    fn term(&mut self, depth: usize) -> Option<Verdict> {
         match self.tokens.get(self.at)? {
             Token::Open if depth < MAX_TOKENS => {
                 self.at += 1;
-                self.or_expression(depth + 1)?;
-                self.next_is(Token::Close).then(|| self.at += 1)
+                let verdict = self.or_expression(depth + 1)?;
+                self.next_is(Token::Close).then(|| self.at += 1)?;
+                Some(verdict)
             }
             Token::Word(word) => {
                 self.at += 1;
@@ -159,7 +267,7 @@ impl Parser<'_, '_> {
                     self.at += 1;
                     self.exception(exception)?;
                 }
-                Some(())
+                Some(self.policy.map_or(Verdict::Allowed, |p| p.of_license(word)))
             }
             _ => None,
         }
@@ -287,6 +395,46 @@ mod tests {
         let deep = alloc::format!("{}MIT{}", "(".repeat(100), ")".repeat(100));
         assert_eq!(check(&deep), Checked::Malformed);
         assert_eq!(check_expression(b"MIT\xff"), Checked::Malformed);
+    }
+
+    fn policy(deny: &[&str], flag: &[&str]) -> LicensePolicy {
+        let owned = |v: &[&str]| v.iter().map(|s| String::from(*s)).collect::<Vec<_>>();
+        LicensePolicy::new(&owned(deny), &owned(flag)).unwrap()
+    }
+
+    #[test]
+    fn a_license_policy_judges_choices_by_the_mildest_and_conjunctions_by_the_worst() {
+        let p = policy(&["AGPL-3.0", "SSPL-1.0"], &["GPL-*", "LGPL-2.1+"]);
+        let verdict = |text: &str| p.verdict(text.as_bytes());
+        assert_eq!(verdict("MIT"), Verdict::Allowed);
+        // An entry covers its -only, -or-later and + forms, in any case.
+        for denied in ["AGPL-3.0", "agpl-3.0-only", "AGPL-3.0-or-later", "AGPL-3.0+"] {
+            assert_eq!(verdict(denied), Verdict::Denied, "{denied}");
+        }
+        assert_eq!(verdict("AGPL-3.0-linking"), Verdict::Allowed, "not a form of AGPL-3.0");
+        assert_eq!(verdict("GPL-2.0-only WITH Classpath-exception-2.0"), Verdict::Flagged);
+        assert_eq!(verdict("LGPL-2.1-or-later"), Verdict::Flagged);
+        // OR: the user may choose the milder; AND: all apply.
+        assert_eq!(verdict("MIT OR AGPL-3.0-only"), Verdict::Allowed);
+        assert_eq!(verdict("MIT AND AGPL-3.0-only"), Verdict::Denied);
+        assert_eq!(verdict("(GPL-3.0-only OR SSPL-1.0) AND MIT"), Verdict::Flagged);
+        assert_eq!(verdict("SSPL-1.0 OR AGPL-3.0-only"), Verdict::Denied);
+        // A text rule's identifier, and what is not an expression: judged word by word.
+        assert_eq!(verdict("AGPL-3.0 )"), Verdict::Denied);
+        assert_eq!(LicensePolicy::default().verdict(b"AGPL-3.0"), Verdict::Allowed);
+    }
+
+    #[test]
+    fn a_license_policy_entry_is_an_identifier_or_a_prefix() {
+        let new = |e: &str| LicensePolicy::new(&[String::from(e)], &[]);
+        for good in ["MIT", "GPL-*", "LicenseRef-ours", "GPL-2.0+"] {
+            assert!(new(good).is_ok(), "{good}");
+        }
+        for bad in ["", "*", "MIT OR GPL", "GPL/*", "a*b*"] {
+            assert!(new(bad).is_err(), "{bad:?}");
+        }
+        let many: Vec<String> = (0..=MAX_POLICY_ENTRIES).map(|i| alloc::format!("L-{i}")).collect();
+        assert!(LicensePolicy::new(&many, &[]).is_err());
     }
 
     #[test]

@@ -365,3 +365,49 @@ fn uris_read_back_as_the_paths_they_encode() {
     }
     assert_eq!(sarif::uri_to_path("bad%zz%4"), "bad%zz%4", "what is no escape is kept");
 }
+
+#[test]
+fn a_license_policy_raises_the_level_of_the_licenses_it_denies_or_flags() {
+    let text = "// SPDX-License-Identifier: AGPL-3.0-only\n// SPDX-License-Identifier: GPL-2.0+\n\
+                // SPDX-License-Identifier: MIT\n// SPDX-License-Identifier: AGPL-3.0-only # cella:allow\n";
+    let mut engine = engine();
+    let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    engine.set_license_policy(
+        cella_scan::spdx::LicensePolicy::new(&owned(&["agpl-3.0"]), &owned(&["GPL-*"])).unwrap(),
+    );
+    let mut report = Report::default();
+    scan_artifact(&mut SliceSource(text.as_bytes()), "src.rs", &mut engine, &Limits::default(), &mut report)
+        .unwrap();
+    let levels: Vec<(u64, &str, Option<&str>)> = report
+        .findings
+        .iter()
+        .map(|f| (f.line, f.severity.sarif_level(), f.license_verdict.map(|v| v.as_str())))
+        .collect();
+    assert_eq!(
+        levels,
+        [
+            (1, "error", Some("denied")),
+            (2, "warning", Some("flagged")),
+            (3, "note", Some("allowed")),
+            (4, "error", Some("denied")),
+        ]
+    );
+    // The gate counts the raised levels (the suppressed one not at all).
+    let summary = report.summary(&policy(), 0);
+    assert_eq!(
+        (summary.unsuppressed.error, summary.unsuppressed.warning, summary.unsuppressed.note),
+        (1, 1, 1)
+    );
+    assert_eq!(summary.gate(cella_scan::Severity::Error, cella_scan::Confidence::Medium), 1);
+    // SARIF: the result's level and the verdict, the same from both writers.
+    let details = RunDetails::default();
+    let log = sarif::to_value(&policy(), &report, &details);
+    let results = log["runs"][0]["results"].as_array().unwrap();
+    assert_eq!(results[0]["level"], "error");
+    assert_eq!(results[0]["properties"]["licensePolicy"], "denied");
+    assert_eq!(results[1]["level"], "warning");
+    assert_eq!(results[2]["properties"]["licensePolicy"], "allowed");
+    let direct: Value = serde_json::from_str(&sarif::to_json(&policy(), &report, &details)).unwrap();
+    assert_eq!(direct, log);
+    assert!(schema_errors(&log).is_empty(), "{:?}", schema_errors(&log));
+}

@@ -44,16 +44,25 @@ pub struct SubmitQuery {
     vcs_revision: Option<String>,
     /// Its branch.
     vcs_branch: Option<String>,
+    /// Licenses to report at `error`: SPDX identifiers (`AGPL-3.0` also covers its `-only`,
+    /// `-or-later` and `+` forms) or prefixes ending in `*`, comma-separated. An expression is
+    /// judged as a whole: `MIT OR AGPL-3.0-only` is allowed.
+    license_deny: Option<String>,
+    /// Licenses to report at `warning` at least, as `license_deny`.
+    license_flag: Option<String>,
+}
+
+/// A comma-separated query value as its trimmed, non-empty parts.
+fn comma_list(value: Option<&str>) -> Vec<String> {
+    value
+        .map(|v| v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 impl SubmitQuery {
     /// The job's options, checked; a baseline named by its name becomes its id.
     async fn options(&self, state: &AppState, tenant: &str) -> Result<JobOptions, ServiceError> {
-        let excludes = self
-            .exclude
-            .as_deref()
-            .map(|e| e.split(',').map(str::trim).filter(|g| !g.is_empty()).map(str::to_owned).collect())
-            .unwrap_or_default();
+        let excludes = comma_list(self.exclude.as_deref());
         let baseline = match self.baseline.as_deref().filter(|b| !b.is_empty()) {
             None => None,
             Some(b) => Some(
@@ -77,7 +86,13 @@ impl SubmitQuery {
             }),
             _ => return Err(ServiceError::Unprocessable("vcs_revision and vcs_branch need vcs_repo".into())),
         };
-        let options = JobOptions { excludes, baseline, vcs };
+        let options = JobOptions {
+            excludes,
+            baseline,
+            vcs,
+            license_deny: comma_list(self.license_deny.as_deref()),
+            license_flag: comma_list(self.license_flag.as_deref()),
+        };
         options.check()?;
         Ok(options)
     }

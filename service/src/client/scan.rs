@@ -65,6 +65,15 @@ pub struct ScanArgs {
     /// Do not scan files matching this gitignore-like glob (repeatable)
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    /// Report licenses of these SPDX identifiers at `error` (so `--fail-on error` fails on
+    /// them): `AGPL-3.0` (also its `-only`, `-or-later` and `+` forms) or a prefix ending in `*`;
+    /// comma-separated or repeated. An expression is judged as a whole: `MIT OR AGPL-3.0-only`
+    /// is allowed
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    pub license_deny: Vec<String>,
+    /// Report licenses of these SPDX identifiers at `warning` at least (as --license-deny)
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    pub license_flag: Vec<String>,
     /// Send every file of a folder (but .git/), ignoring .gitignore, .git/info/exclude and
     /// .cellaignore
     #[arg(long)]
@@ -385,6 +394,14 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
             return Err(ClientError::Usage(format!("--exclude {bad:?}: a glob cannot hold a comma")));
         }
         query.push(("exclude", args.exclude.join(",")));
+    }
+    // Checked before the upload: a mistake is told at once.
+    cella_scan::spdx::LicensePolicy::new(&args.license_deny, &args.license_flag)
+        .map_err(|e| ClientError::Usage(format!("--license-deny/--license-flag: {e}")))?;
+    for (key, ids) in [("license_deny", &args.license_deny), ("license_flag", &args.license_flag)] {
+        if !ids.is_empty() {
+            query.push((key, ids.join(",")));
+        }
     }
     if let Some(baseline) = &args.baseline {
         // A file is stored first (content-addressed: the same file stores once); anything else

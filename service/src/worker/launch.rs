@@ -244,6 +244,10 @@ pub fn job_frames(
             branch: vcs.and_then(|v| v.branch.clone()),
         },
         policy_preloaded: false,
+        license_policy: cella_proto::LicensePolicy {
+            deny: options.license_deny.clone(),
+            flag: options.license_flag.clone(),
+        },
     };
     JobFrames { job, policy, baseline: lease.baseline.clone() }
 }

@@ -28,7 +28,7 @@ pub enum Command {
     Run(run::RunArgs),
     /// Scan one artifact in a microVM and print the findings summary.
     #[command(after_help = exit_code::SCAN_HELP)]
-    Scan(scan::ScanArgs),
+    Scan(Box<scan::ScanArgs>),
     /// Run a long-lived session VM steered over a control socket (pause, resume, stop).
     #[command(after_help = exit_code::SESSION_HELP)]
     Session(session::SessionArgs),

@@ -75,6 +75,14 @@ pub struct ScanArgs {
     /// `**/testdata/**`); repeatable. They are counted as excluded
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    /// Report licenses of these SPDX identifiers at `error`: `AGPL-3.0` (also its `-only`,
+    /// `-or-later` and `+` forms), or a prefix ending in `*` (`SSPL-*`); comma-separated or
+    /// repeated. An expression is judged as a whole: `MIT OR AGPL-3.0-only` is allowed
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    pub license_deny: Vec<String>,
+    /// Report licenses of these SPDX identifiers at `warning` at least (as --license-deny)
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    pub license_flag: Vec<String>,
     /// Suppress the findings listed here: a Cella baseline file (`cella-baseline/1`) or the
     /// SARIF log of an earlier scan. Needs the same CELLA_FINGERPRINT_KEY as that scan
     #[arg(long, value_name = "FILE")]
@@ -141,6 +149,8 @@ pub enum OptionError {
     ArtifactName { name: String, reason: &'static str },
     #[error("an --exclude glob was refused")]
     Exclude(#[source] GlobError),
+    #[error("--license-deny/--license-flag: {0}")]
+    LicensePolicy(String),
     #[error("{flag} `{value}` is not an absolute URI (a scheme such as https:, then the rest, no spaces)")]
     NotAUri { flag: &'static str, value: String },
     #[error("{flag} {reason}")]
@@ -199,6 +209,8 @@ fn job_options(args: &ScanArgs) -> Result<JobOptions, OptionError> {
     for glob in &args.exclude {
         glob_to_regex(glob).map_err(OptionError::Exclude)?;
     }
+    cella_scan::spdx::LicensePolicy::new(&args.license_deny, &args.license_flag)
+        .map_err(OptionError::LicensePolicy)?;
     let baseline = match &args.baseline {
         None => None,
         Some(path) => {
@@ -221,6 +233,10 @@ fn job_options(args: &ScanArgs) -> Result<JobOptions, OptionError> {
             repository_uri: opt("--vcs-repo", &args.vcs_repo, check_uri)?,
             revision_id: opt("--vcs-revision", &args.vcs_revision, check_text)?,
             branch: opt("--vcs-branch", &args.vcs_branch, check_text)?,
+        },
+        license_policy: cella_proto::LicensePolicy {
+            deny: args.license_deny.clone(),
+            flag: args.license_flag.clone(),
         },
     })
 }

@@ -194,6 +194,13 @@ fn serve(
         report_error(&mut vsock, "protocol", alloc::format!("the job's excludes: {e}"));
         exit(DEVICE_FAILED)
     }
+    match cella_scan::spdx::LicensePolicy::new(&job.license_policy.deny, &job.license_policy.flag) {
+        Ok(policy) => engine.set_license_policy(policy),
+        Err(e) => {
+            report_error(&mut vsock, "protocol", alloc::format!("the job's license policy: {e}"));
+            exit(DEVICE_FAILED)
+        }
+    }
     if let Some((n, payload)) = baseline {
         match FingerprintSet::from_wire(&payload) {
             Some(set) if payload.len() == n as usize * proto::BASELINE_ENTRY_LEN => engine.set_baseline(set),
