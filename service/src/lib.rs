@@ -27,6 +27,7 @@ pub mod files;
 pub mod ids;
 pub mod janitor;
 pub mod jobs;
+pub mod license_policy;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

@@ -113,7 +113,12 @@ pub async fn lease(
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "SELECT j.id, j.tenant_id, j.policy, j.max_attempts, t.fingerprint_key, t.quota_vm_cpu_percent,
-                j.artifact_name, j.excludes, j.baseline_id, j.vcs, j.license_deny, j.license_flag,
+                j.artifact_name, j.excludes, j.baseline_id, j.vcs,
+                -- A job's own license policy, else its tenant's.
+                CASE WHEN cardinality(j.license_deny) + cardinality(j.license_flag) = 0
+                     THEN t.license_deny ELSE j.license_deny END AS license_deny,
+                CASE WHEN cardinality(j.license_deny) + cardinality(j.license_flag) = 0
+                     THEN t.license_flag ELSE j.license_flag END AS license_flag,
                 (SELECT b.fingerprints FROM baselines b WHERE b.id = j.baseline_id) AS baseline
          FROM jobs j JOIN tenants t ON t.id = j.tenant_id
          WHERE j.state = 'queued' AND j.run_after <= now() AND NOT t.suspended

@@ -607,4 +607,41 @@ async fn a_license_policy_fails_the_gate_on_a_denied_license_and_judges_choices_
     let (o, _) = run(&["--license-deny", "GPL/2"]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
     assert!(err(&o).contains("`GPL/2` is not a license identifier"), "{}", err(&o));
+
+    // The tenant's own policy applies to jobs that give none; a job's own replaces it.
+    let pack = |args: &[&str]| {
+        let mut all = vec!["pack", "license-policy"];
+        all.extend_from_slice(args);
+        let o = cella(&data, Some(&key), &all);
+        assert!(o.status.success(), "{args:?}: {}", err(&o));
+        out(&o)
+    };
+    pack(&["set", "--deny", "agpl-3.0", "--flag", "GPL-*,SSPL-1.0"]);
+    let shown: Value = serde_json::from_str(&pack(&["show", "--json"])).unwrap();
+    assert_eq!(shown, serde_json::json!({"deny": ["agpl-3.0"], "flag": ["GPL-*", "SSPL-1.0"]}));
+    assert_eq!(pack(&["show"]), "denied (error):    agpl-3.0\nflagged (warning): GPL-*,SSPL-1.0\n");
+    let (o, report) = run(&["--fail-on", "error"]);
+    assert_eq!(o.status.code(), Some(1), "{}\n{}", out(&o), err(&o));
+    assert_eq!(levels(&report)[1], ("vendor/codec.c".into(), "error".into()));
+    let (o, report) = run(&["--fail-on", "error", "--license-flag", "GPL-*"]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", out(&o), err(&o));
+    assert_eq!(levels(&report)[1], ("vendor/codec.c".into(), "note".into()));
+    pack(&["clear"]);
+    let (o, _) = run(&["--fail-on", "error"]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", out(&o), err(&o));
+    // Each change is on the tenant's chain with what it replaced.
+    let changes: Vec<Value> = sqlx::query_scalar::<_, String>(
+        "SELECT body FROM audit_events WHERE action = 'tenant.license_policy_changed' ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|b| serde_json::from_str::<Value>(b).unwrap()["details"].clone())
+    .collect();
+    assert_eq!(changes.len(), 2);
+    assert_eq!(changes[1]["before"]["deny"], serde_json::json!(["agpl-3.0"]));
+    assert_eq!(changes[1]["after"], serde_json::json!({"deny": [], "flag": []}));
+    let refused = cella(&data, Some(&key), &["pack", "license-policy", "set", "--deny", "MIT OR GPL"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", err(&refused));
 }

@@ -110,6 +110,10 @@ impl Api {
         self.call(Method::PUT, "/v1/tenant/default-policy", key, body, true).await
     }
 
+    async fn put_license_policy(&self, key: &str, body: Value) -> Reply {
+        self.call(Method::PUT, "/v1/tenant/license-policy", key, Body::from(body.to_string()), true).await
+    }
+
     async fn tenant(&self, name: &str) -> (String, String) {
         let body = Body::from(json!({ "name": name }).to_string());
         let v = self
@@ -436,4 +440,44 @@ async fn a_succeeded_jobs_evidence_names_each_tenant_pack_with_its_version_and_h
         json!({ "name": "acme", "version": "1", "tenant_pack": true,
                 "sha256": cella_service::ids::hex(&cella_service::ids::sha256(text.as_bytes())) })
     );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_license_policy_is_checked_kept_per_tenant_and_applied_to_jobs_that_give_none(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (acme, key) = api.tenant("acme").await;
+    let (_, other) = api.tenant("other").await;
+    // Refused: an entry that is no identifier or prefix, a field of another name.
+    let p = api
+        .put_license_policy(&key, json!({"deny": ["MIT OR GPL-2.0"]}))
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(p.contains("`MIT OR GPL-2.0` is not a license identifier"), "{p}");
+    api.put_license_policy(&key, json!({"denied": ["MIT"]})).await.problem(StatusCode::UNPROCESSABLE_ENTITY);
+    let set = api
+        .put_license_policy(&key, json!({"deny": ["AGPL-3.0"], "flag": ["GPL-*"]}))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(set, json!({"deny": ["AGPL-3.0"], "flag": ["GPL-*"]}));
+    assert_eq!(api.get("/v1/tenant/license-policy", &key).await.expect(StatusCode::OK), set);
+    // Another tenant's is its own.
+    assert_eq!(
+        api.get("/v1/tenant/license-policy", &other).await.expect(StatusCode::OK),
+        json!({"deny": [], "flag": []})
+    );
+    let events = api.events(&acme).await;
+    let (action, details) = events.last().unwrap();
+    assert_eq!(action, "tenant.license_policy_changed");
+    assert_eq!(details["after"], set);
+    // A job that gives none runs with the tenant's; one that gives its own, with that.
+    let plain = api.submit(&key, "").await.expect(StatusCode::CREATED);
+    let own = api.submit(&key, "?license_flag=LGPL-2.1").await.expect(StatusCode::CREATED);
+    api.submit(&key, "?license_deny=a/b").await.problem(StatusCode::UNPROCESSABLE_ENTITY);
+    let pool = &api.state.pool;
+    let mut seen = std::collections::HashMap::new();
+    while let Some(lease) = queue::lease(pool, "worker-a", Duration::from_secs(30)).await.unwrap() {
+        seen.insert(lease.job_id.clone(), (lease.options.license_deny, lease.options.license_flag));
+    }
+    assert_eq!(seen[plain["id"].as_str().unwrap()], (vec!["AGPL-3.0".to_owned()], vec!["GPL-*".to_owned()]));
+    assert_eq!(seen[own["id"].as_str().unwrap()], (vec![], vec!["LGPL-2.1".to_owned()]));
 }

@@ -23,7 +23,7 @@ use utoipa::{Modify, OpenApi};
         super::admin::list_keys,
         super::packs::create, super::packs::list, super::packs::history, super::packs::get_version,
         super::packs::delete_pack, super::packs::delete_version, super::packs::get_default, super::packs::set_default,
-        super::packs::check_policy,
+        super::packs::check_policy, super::packs::get_license_policy, super::packs::set_license_policy,
     ),
     modifiers(&Security, &Limits, &OperationIds),
     tags((name = "jobs", description = "Scan jobs"), (name = "sessions", description = "Long-lived session VMs: pause, suspend, resume, connect, exec, terminate (at most 8 h)"), (name = "baselines", description = "Known findings a job's scan suppresses, so a gate fails only on new ones"), (name = "audit", description = "The tenant's audit log and the public keys that sign it"),

@@ -14,6 +14,7 @@ use super::auth::TenantAuth;
 use super::extract::{ApiJson, ApiQuery};
 use super::AppState;
 use crate::error::ServiceError;
+use crate::license_policy::LicensePolicyView;
 use crate::packs::{
     self, DefaultPolicy, Deleted, PackHistory, PackList, PackVersion, PackVersionDetail, ResolvedPolicy,
     Upload,
@@ -25,6 +26,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/packs/{name}", get(history).delete(delete_pack))
         .route("/v1/packs/{name}/versions/{version}", get(get_version).delete(delete_version))
         .route("/v1/tenant/default-policy", get(get_default).put(set_default))
+        .route("/v1/tenant/license-policy", get(get_license_policy).put(set_license_policy))
         .route("/v1/tenant/policy", get(check_policy))
 }
 
@@ -195,6 +197,34 @@ async fn set_default(
     Ok(Json(
         packs::set_default_policy(&state.pool, auth.tenant(), &auth.actor(), policy, server_default).await?,
     ))
+}
+
+/// The tenant's license policy: what its jobs that give none of their own report at `error`
+/// (`deny`) and at `warning` at least (`flag`).
+#[utoipa::path(get, path = "/v1/tenant/license-policy", tag = "packs", security(("api_key" = [])),
+    responses((status = 200, body = LicensePolicyView),
+              (status = 401, description = "No or bad API key", content_type = PROBLEM)))]
+async fn get_license_policy(
+    State(state): State<AppState>,
+    auth: TenantAuth,
+) -> Result<Json<LicensePolicyView>, ServiceError> {
+    Ok(Json(crate::license_policy::get(&state.pool, auth.tenant()).await?))
+}
+
+/// Sets the tenant's license policy (empty lists: none). Applied to each job that gives none
+/// when it is leased. Audited (`tenant.license_policy_changed`).
+#[utoipa::path(put, path = "/v1/tenant/license-policy", tag = "packs", security(("api_key" = [])),
+    request_body = LicensePolicyView,
+    responses((status = 200, body = LicensePolicyView),
+              (status = 400, description = "Malformed JSON", content_type = PROBLEM),
+              (status = 422, description = "Wrong fields, or an entry that is not a license identifier or a prefix", content_type = PROBLEM),
+              (status = 401, description = "No or bad API key", content_type = PROBLEM)))]
+async fn set_license_policy(
+    State(state): State<AppState>,
+    auth: TenantAuth,
+    ApiJson(body): ApiJson<LicensePolicyView>,
+) -> Result<Json<LicensePolicyView>, ServiceError> {
+    Ok(Json(crate::license_policy::set(&state.pool, auth.tenant(), &auth.actor(), body).await?))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

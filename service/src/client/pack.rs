@@ -65,6 +65,10 @@ pub enum PackCommand {
     /// Your default policy: what jobs and session scans that name no policy run
     #[command(subcommand)]
     Default(DefaultCommand),
+    /// Your license policy: the licenses your jobs that give none (--license-deny,
+    /// --license-flag on `cella scan`) report at `error` (denied) and `warning` (flagged)
+    #[command(subcommand)]
+    LicensePolicy(LicensePolicyCommand),
     /// Validate FILE as the server would and run it alone on the sample files in DIR in a local
     /// VM: prints the findings and how many each rule found; exit 1 if a rule found nothing
     /// (the samples should exercise every rule), 2 if the pack is refused (the line says where)
@@ -99,6 +103,35 @@ pub enum DefaultCommand {
         conn: Connection,
     },
     /// Go back to the server's default
+    Clear {
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LicensePolicyCommand {
+    /// Show it
+    Show {
+        /// Print the answer as JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Set it: SPDX identifiers (`AGPL-3.0` also covers its `-only`, `-or-later` and `+` forms)
+    /// or prefixes ending in `*`, comma-separated or repeated; what is not given is emptied
+    Set {
+        /// Licenses reported at `error`
+        #[arg(long, value_name = "IDS", value_delimiter = ',')]
+        deny: Vec<String>,
+        /// Licenses reported at `warning` at least
+        #[arg(long, value_name = "IDS", value_delimiter = ',')]
+        flag: Vec<String>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Remove it: license findings keep their rules' levels
     Clear {
         #[command(flatten)]
         conn: Connection,
@@ -294,6 +327,7 @@ pub async fn run(cmd: PackCommand) -> Result<TestReport, ClientError> {
             println!("deleted {}", versions.join(", "));
         }
         PackCommand::Default(cmd) => default(cmd).await?,
+        PackCommand::LicensePolicy(cmd) => license_policy(cmd).await?,
         PackCommand::Test { file, dir, format, vmm } => return test(&file, &dir, format, vmm).await,
     }
     Ok(TestReport::default())
@@ -323,6 +357,36 @@ async fn default(cmd: DefaultCommand) -> Result<(), ClientError> {
         let resolved: Vec<String> =
             view["resolved"]["policy"].as_array().into_iter().flatten().map(text).collect();
         println!("default policy: {own}\nruns now:       {}", resolved.join(","));
+    }
+    Ok(())
+}
+
+async fn license_policy(cmd: LicensePolicyCommand) -> Result<(), ClientError> {
+    const PATH: &str = "/v1/tenant/license-policy";
+    let (view, json) = match cmd {
+        LicensePolicyCommand::Show { json, conn } => (conn.tenant()?.json(Method::GET, PATH).await?, json),
+        LicensePolicyCommand::Set { deny, flag, conn } => {
+            cella_scan::spdx::LicensePolicy::new(&deny, &flag)
+                .map_err(|e| ClientError::Usage(format!("--deny/--flag: {e}")))?;
+            let body = json!({ "deny": deny, "flag": flag });
+            (conn.tenant()?.send_json(Method::PUT, PATH, &body).await?, false)
+        }
+        LicensePolicyCommand::Clear { conn } => {
+            (conn.tenant()?.send_json(Method::PUT, PATH, &json!({})).await?, false)
+        }
+    };
+    if json {
+        print(&view);
+    } else {
+        let list = |v: &serde_json::Value| {
+            let ids: Vec<String> = v.as_array().into_iter().flatten().map(text).collect();
+            if ids.is_empty() {
+                "none".to_owned()
+            } else {
+                ids.join(",")
+            }
+        };
+        println!("denied (error):    {}\nflagged (warning): {}", list(&view["deny"]), list(&view["flag"]));
     }
     Ok(())
 }
