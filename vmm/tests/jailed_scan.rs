@@ -135,7 +135,9 @@ fn jailed_vmm(outer: u32) -> Option<(u32, u32)> {
         let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).ok()?;
         let uid =
             status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()?;
-        (comm.trim() == "cella-vmm").then_some((vmm, uid))
+        // A child the outer process has just forked is called `cella-vmm` too, as root, until
+        // it execs the jailer: the jailed VMM is the one that runs as its jail's uid.
+        (comm.trim() == "cella-vmm" && uid != 0).then_some((vmm, uid))
     })
 }
 
