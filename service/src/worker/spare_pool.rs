@@ -4,6 +4,11 @@
 //! the background. Spares are made with the worker's default CPU quota; a tenant with a quota
 //! of its own gets a spare made for its scan.
 //!
+//! A slot's next spare is restored from the template of the policy its last job ran (see
+//! [`super::template`]), else the default one. A spare restored from a template of a tenant's
+//! own packs holds that tenant's rules: it runs that tenant's jobs only, and is stopped rather
+//! than given another's.
+//!
 //! Slot N's VMMs run as uid `jail_uid_base + N`: the spare waiting for the slot's next scan and
 //! the slot's running scan share it. Both are confined to no path access at all (Landlock), a
 //! seccomp filter on every thread, no capabilities and a PID namespace each, so neither can
@@ -18,10 +23,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
+use cella_host::job::SerializedPolicy;
 use cella_host::spare::{Spare, SpareError, SpareOptions};
 use tokio::sync::oneshot;
-
-use cella_host::job::SerializedPolicy;
 
 use super::launch::Launcher;
 use super::template::{PolicyKey, RestoredFrom};
