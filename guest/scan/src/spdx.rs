@@ -135,15 +135,21 @@ impl LicensePolicy {
 /// it with `-only`, `-or-later` or `+` after it, or, for an entry ending in `*`, any identifier
 /// starting with what precedes the `*`.
 fn entry_matches(entry: &str, id: &str) -> bool {
-    let lower = |s: &str| s.to_ascii_lowercase();
-    let (entry, id) = (lower(entry), lower(id));
     if let Some(prefix) = entry.strip_suffix('*') {
-        return id.starts_with(prefix);
+        return after(id, prefix).is_some();
     }
-    let entry = entry.strip_suffix('+').unwrap_or(&entry);
-    [id.as_str(), id.trim_end_matches('+')].iter().any(|id| {
-        *id == entry || id.strip_prefix(entry).is_some_and(|rest| rest == "-only" || rest == "-or-later")
+    let entry = entry.strip_suffix('+').unwrap_or(entry);
+    [id, id.trim_end_matches('+')].iter().any(|id| {
+        after(id, entry).is_some_and(|rest| {
+            rest.is_empty() || rest.eq_ignore_ascii_case(b"-only") || rest.eq_ignore_ascii_case(b"-or-later")
+        })
     })
+}
+
+/// What follows `prefix` in `s`, if `s` starts with it in any case.
+fn after<'a>(s: &'a str, prefix: &str) -> Option<&'a [u8]> {
+    let (s, p) = (s.as_bytes(), prefix.as_bytes());
+    (s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p)).then(|| &s[p.len()..])
 }
 
 /// Whether `id` is a license identifier on the list (any case).

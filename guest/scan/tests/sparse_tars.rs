@@ -159,3 +159,42 @@ fn a_pax_sparse_map_that_lies_is_refused_by_name() {
         "artifact entry `disk.img` is corrupt: its sparse map is not decimal numbers, one per line"
     );
 }
+
+/// `tar` with its first header's field at `offset` set to `value` and its checksum made again.
+fn patched_header(mut tar: Vec<u8>, offset: usize, value: u8) -> Vec<u8> {
+    tar[offset] = value;
+    tar[148..156].copy_from_slice(b"        ");
+    let sum: u32 = tar[..512].iter().map(|&b| u32::from(b)).sum();
+    tar[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    tar
+}
+
+#[test]
+fn a_gnu_sparse_map_that_never_ends_is_refused_by_name() {
+    // A hostile archive: the header says its map goes on, and every extension block says so too.
+    let t = tar(&[TarEntry { name: "disk.img", kind: b'S', link: "", data: b"x\n" }]);
+    let t = patched_header(t, 482, 1);
+    let mut hostile = t[..512].to_vec();
+    let mut extension = [0u8; 512];
+    extension[504] = 1;
+    for _ in 0..5000 {
+        hostile.extend_from_slice(&extension);
+    }
+    hostile.extend_from_slice(&t[512..]);
+    assert_eq!(
+        scan(&hostile, "a.tar").unwrap_err().to_string(),
+        "artifact entry `disk.img` is corrupt: its sparse map has more than 4096 extension blocks"
+    );
+}
+
+#[test]
+fn a_pax_sparse_map_longer_than_its_entry_is_refused_by_name() {
+    let t = tar(&[
+        TarEntry { name: "PaxHeaders/disk.img", kind: b'x', link: "", data: b"22 GNU.sparse.major=1\n" },
+        TarEntry { name: "disk.img", kind: b'0', link: "", data: b"9\n" },
+    ]);
+    assert_eq!(
+        scan(&t, "a.tar").unwrap_err().to_string(),
+        "artifact entry `disk.img` is corrupt: its sparse map is longer than the entry or 1 MiB"
+    );
+}
