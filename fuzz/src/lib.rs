@@ -21,6 +21,12 @@ pub fn artifact_limits() -> Limits {
         max_nested_archive: 512 << 10,
         max_findings: 64,
         max_binary_bytes: 64 << 10,
+        max_history_bundle: 512 << 10,
+        max_git_objects: 256,
+        max_git_object: 256 << 10,
+        max_delta_depth: 16,
+        max_delta_chain_bytes: 1 << 20,
+        max_history_inflated: 4 << 20,
     }
 }
 

@@ -55,7 +55,7 @@ use crate::finding::{
 };
 use crate::glob::glob_to_regex;
 use crate::rule::{Category, Confidence, Policy, Rule, Severity, MULTILINE_WINDOW, POLICY_FORMAT_VERSION};
-use crate::source::{read_full, ByteRead};
+use crate::source::{read_full, ByteRead, SliceRead};
 use crate::validate::{check, contains_ascii_ci, shannon_entropy};
 
 /// How many bytes at the start of a file decide whether it is binary: a file is **binary if a
@@ -349,22 +349,6 @@ pub struct FindingSpan {
     pub end: usize,
     /// Index of the rule in the policy.
     pub rule_index: u32,
-}
-
-/// A file held in memory, read as a stream.
-struct SliceRead<'a>(&'a [u8]);
-
-impl ByteRead for SliceRead<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ArtifactError> {
-        let n = buf.len().min(self.0.len());
-        buf[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        Ok(n)
-    }
-
-    fn size_hint(&self) -> Option<u64> {
-        Some(self.0.len() as u64)
-    }
 }
 
 impl core::fmt::Debug for Engine {
@@ -1183,6 +1167,7 @@ impl Engine {
                 rule_index: h.rule,
                 severity,
                 license_verdict,
+                history: None,
                 rule_id: rule.id.clone(),
                 path: String::from(path),
                 line,

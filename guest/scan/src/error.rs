@@ -68,6 +68,102 @@ pub enum ArtifactError {
     Unsupported { entry: String, feature: &'static str },
     /// A rule failed to compile when first used (lazy engines only).
     Engine(EngineError),
+    /// A git bundle (a repository's history) could not be read, or exceeds a limit.
+    History { entry: String, problem: HistoryProblem },
+}
+
+/// What is wrong with a git bundle or its pack. Each names the limit or the part at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryProblem {
+    /// The bundle's header (signature, capabilities, references) is malformed.
+    BadBundle(&'static str),
+    /// The bundle uses SHA-256 object names (or another unknown object format).
+    ObjectFormat(String),
+    /// The pack's structure is inconsistent.
+    BadPack { offset: u64, reason: &'static str },
+    /// The pack ends in the middle of an object or its trailer.
+    Truncated { offset: u64 },
+    /// The pack's trailing SHA-1 does not match its content.
+    PackChecksum,
+    /// More objects than the limit.
+    TooManyObjects { count: u64, limit: u64 },
+    /// One object (or delta result) is larger than the limit.
+    ObjectTooLarge { offset: u64, size: u64, limit: u64 },
+    /// A delta's base offset is not the start of an earlier object in the pack.
+    BaseOutOfRange { offset: u64 },
+    /// A delta chain is longer than the limit.
+    DeltaTooDeep { offset: u64, limit: u32 },
+    /// The objects of one delta chain, held at once to resolve it, exceed the limit.
+    DeltaChainTooLarge { offset: u64, limit: u64 },
+    /// A delta's instructions are malformed (a copy outside its base, a wrong result size).
+    BadDelta { offset: u64, reason: &'static str },
+    /// Deltas whose base is not in the pack: a delta cycle, or a base the pack lacks although
+    /// the bundle claims to be complete.
+    UnresolvedDeltas { count: u64 },
+    /// Bytes inflated and reconstructed from deltas exceed the limit (a decompression bomb).
+    InflatedTotal { limit: u64 },
+    /// A commit, tree or tag object cannot be parsed.
+    BadObject { oid: String, reason: &'static str },
+}
+
+impl HistoryProblem {
+    /// Whether this is a limit (which refuses the artifact) rather than damage (which, inside
+    /// an archive, skips the bundle).
+    pub fn is_limit(&self) -> bool {
+        matches!(
+            self,
+            HistoryProblem::TooManyObjects { .. }
+                | HistoryProblem::ObjectTooLarge { .. }
+                | HistoryProblem::DeltaTooDeep { .. }
+                | HistoryProblem::DeltaChainTooLarge { .. }
+                | HistoryProblem::InflatedTotal { .. }
+        )
+    }
+}
+
+impl fmt::Display for HistoryProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use HistoryProblem::*;
+        match self {
+            BadBundle(why) => write!(f, "not a readable git bundle: {why}"),
+            ObjectFormat(format) => write!(
+                f,
+                "the repository uses the `{format}` object format; Cella reads SHA-1 repositories only"
+            ),
+            BadPack { offset, reason } => write!(f, "its pack is corrupt at byte {offset}: {reason}"),
+            Truncated { offset } => write!(f, "its pack is truncated (at byte {offset})"),
+            PackChecksum => write!(f, "its pack's SHA-1 checksum does not match its content"),
+            TooManyObjects { count, limit } => {
+                write!(f, "its pack holds {count} objects, over the limit of {limit}")
+            }
+            ObjectTooLarge { offset, size, limit } => write!(
+                f,
+                "the object at pack byte {offset} is {size} bytes, over the {limit}-byte object limit"
+            ),
+            BaseOutOfRange { offset } => write!(
+                f,
+                "the delta at pack byte {offset} names a base that is not an earlier object of the pack"
+            ),
+            DeltaTooDeep { offset, limit } => write!(
+                f,
+                "the delta chain through pack byte {offset} is deeper than the limit of {limit}"
+            ),
+            DeltaChainTooLarge { offset, limit } => write!(
+                f,
+                "the delta chain through pack byte {offset} holds more than the limit of {limit} bytes"
+            ),
+            BadDelta { offset, reason } => write!(f, "the delta at pack byte {offset} is malformed: {reason}"),
+            UnresolvedDeltas { count } => write!(
+                f,
+                "{count} deltas have no base in the pack (a delta cycle, or a missing base in a bundle that claims to be complete)"
+            ),
+            InflatedTotal { limit } => write!(
+                f,
+                "looks like a decompression bomb: more than {limit} bytes inflated and rebuilt from deltas"
+            ),
+            BadObject { oid, reason } => write!(f, "object {oid} is malformed: {reason}"),
+        }
+    }
 }
 
 impl ArtifactError {
@@ -81,7 +177,7 @@ impl ArtifactError {
             ArtifactError::Truncated { .. }
                 | ArtifactError::Corrupt { .. }
                 | ArtifactError::Unsupported { .. }
-        )
+        ) || matches!(self, ArtifactError::History { problem, .. } if !problem.is_limit())
     }
 }
 
@@ -118,6 +214,7 @@ impl fmt::Display for ArtifactError {
                 write!(f, "artifact entry `{entry}` uses an unsupported feature: {feature}")
             }
             Engine(e) => write!(f, "{e}"),
+            History { entry, problem } => write!(f, "git history `{entry}`: {problem}"),
         }
     }
 }

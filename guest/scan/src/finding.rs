@@ -57,6 +57,9 @@ pub struct Finding {
     /// What the job's license policy made of a license finding, if the job has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub license_verdict: Option<crate::spdx::Verdict>,
+    /// The commit that introduced it, when the artifact held the repository's history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<alloc::boxed::Box<crate::history::Origin>>,
 }
 
 /// Folder names that hold test data, examples and fixtures.
@@ -424,6 +427,11 @@ pub struct Report {
     /// Unsuppressed findings per confidence (low, medium, high) and level (a finding's own,
     /// which a license policy may raise above its rule's).
     pub unsuppressed_by_confidence_level: [ByLevel; 3],
+    /// What the git histories in the artifact held, if it had any.
+    pub history: Option<crate::history::HistorySummary>,
+    /// History findings held back until the whole artifact is scanned (see
+    /// `history::merge`).
+    pub(crate) pending_history: Vec<Finding>,
     /// Suppressed findings among `findings`.
     pub(crate) suppressed_kept: usize,
     /// The cap was reached and suppressed findings were given up for unsuppressed ones: no
@@ -462,6 +470,9 @@ pub struct Summary {
     pub by_rule: BTreeMap<String, u64>,
     /// Unsuppressed findings per category.
     pub by_category: BTreeMap<String, u64>,
+    /// What the git histories in the artifact held, if it had any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<crate::history::HistorySummary>,
     /// Wall time of the scan as measured by the caller, in milliseconds.
     pub duration_ms: u64,
 }
@@ -612,6 +623,7 @@ impl Report {
             by_confidence,
             by_rule,
             by_category,
+            history: self.history.clone(),
             duration_ms,
         }
     }

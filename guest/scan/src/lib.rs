@@ -33,6 +33,7 @@ mod engine;
 mod error;
 mod finding;
 mod glob;
+mod history;
 pub mod index;
 pub mod placeholder;
 mod rule;
@@ -47,13 +48,14 @@ pub use engine::{
     check_rule, Engine, FindingSpan, BINARY_SNIFF_LEN, CHUNK_LEN, FILTER_REGEXES, LINE_FILTER_AFTER,
     OVERLAP_LEN,
 };
-pub use error::{ArtifactError, EngineError};
+pub use error::{ArtifactError, EngineError, HistoryProblem};
 pub use finding::{
     fingerprint, gate, hmac_sha256, in_test_fixture, line_hash, location_fingerprint, redact, to_hex,
     ByLevel, ByteRange, Finding, FingerprintKey, FingerprintSet, Report, SkippedEntry, Summary, Suppressed,
     Suppression, INLINE_MARKERS, MAX_SKIPPED_LISTED,
 };
 pub use glob::{glob_to_regex, GlobError};
+pub use history::{HistorySummary, Origin, HISTORY_ENTRY};
 pub use rule::{
     Allowlist, Category, Confidence, Policy, Rule, Severity, Validator, MULTILINE_WINDOW,
     POLICY_FORMAT_VERSION,

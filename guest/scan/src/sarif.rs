@@ -127,10 +127,19 @@ fn help_markdown(rule: &Rule) -> String {
 }
 
 fn message(rule: &Rule, f: &Finding) -> String {
-    match rule.category {
+    let mut text = match rule.category {
         Category::License => alloc::format!("{}: license {}", rule.description, f.redacted),
         _ => alloc::format!("{}: {}", rule.description, f.redacted),
+    };
+    if let Some(h) = &f.history {
+        let short = h.commit.get(..12).unwrap_or(&h.commit);
+        text.push_str(&alloc::format!(" (introduced in commit {short}, {}", h.date));
+        text.push_str(match h.only_in_history {
+            true => "; deleted since, but still in the repository's history)",
+            false => ")",
+        });
     }
+    text
 }
 
 /// The rules a log describes: only those some result names, in policy order. A clean scan's
@@ -223,6 +232,15 @@ pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value
             });
             if let Some(verdict) = f.license_verdict {
                 result["properties"]["licensePolicy"] = json!(verdict.as_str());
+            }
+            if let Some(h) = &f.history {
+                result["properties"]["history"] = json!({
+                    "author": h.author,
+                    "commit": h.commit,
+                    "date": h.date,
+                    "onlyInHistory": h.only_in_history,
+                    "subject": h.subject,
+                });
             }
             if let Some(s) = f.suppression {
                 result["suppressions"] = json!([{
@@ -332,6 +350,13 @@ pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String
                 properties: direct::Properties {
                     category: rule.category.as_str(),
                     confidence: f.confidence.as_str(),
+                    history: f.history.as_deref().map(|h| direct::History {
+                        author: &h.author,
+                        commit: &h.commit,
+                        date: &h.date,
+                        only_in_history: h.only_in_history,
+                        subject: &h.subject,
+                    }),
                     license_policy: f.license_verdict.map(|v| v.as_str()),
                 },
                 rank: f.confidence.sarif_rank(),
@@ -526,8 +551,20 @@ mod direct {
     pub struct Properties<'a> {
         pub category: &'a str,
         pub confidence: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub history: Option<History<'a>>,
         #[serde(rename = "licensePolicy", skip_serializing_if = "Option::is_none")]
         pub license_policy: Option<&'a str>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct History<'a> {
+        pub author: &'a str,
+        pub commit: &'a str,
+        pub date: &'a str,
+        pub only_in_history: bool,
+        pub subject: &'a str,
     }
 
     #[derive(Serialize)]

@@ -88,6 +88,22 @@ pub(crate) trait ByteRead {
     }
 }
 
+/// A file held in memory, read as a stream.
+pub(crate) struct SliceRead<'a>(pub(crate) &'a [u8]);
+
+impl ByteRead for SliceRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, crate::ArtifactError> {
+        let n = buf.len().min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+
+    fn size_hint(&self) -> Option<u64> {
+        Some(self.0.len() as u64)
+    }
+}
+
 /// Sequential reads over a window of a [`Source`].
 pub(crate) struct SourceReader<'a, S: Source + ?Sized> {
     pub(crate) src: &'a mut S,

@@ -16,7 +16,7 @@ use core::cell::Cell;
 use crate::engine::Engine;
 use crate::error::ArtifactError;
 use crate::finding::Report;
-use crate::source::{read_full, ByteRead, Chain, Source, SourceReader, VecSource};
+use crate::source::{read_full, ByteRead, Chain, SliceRead, Source, SourceReader, VecSource};
 
 pub use inflate::RATIO_MIN_OUTPUT;
 
@@ -43,6 +43,19 @@ pub struct Limits {
     /// Bytes of one binary file whose printable strings are scanned; the rest of the file is
     /// read (archive checks still apply) but not scanned.
     pub max_binary_bytes: u64,
+    /// A git bundle (history) is read into memory; this caps its size.
+    pub max_history_bundle: u64,
+    /// Objects in one bundle's pack.
+    pub max_git_objects: u64,
+    /// Size of one git object (or delta result), inflated.
+    pub max_git_object: u64,
+    /// Length of a delta chain (git itself writes at most 4095).
+    pub max_delta_depth: u32,
+    /// Bytes of the objects of one delta chain held at once to resolve it.
+    pub max_delta_chain_bytes: u64,
+    /// Bytes inflated and rebuilt from deltas in one bundle (objects are inflated up to three
+    /// times: to index, to name and to read them).
+    pub max_history_inflated: u64,
 }
 
 impl Default for Limits {
@@ -56,6 +69,12 @@ impl Default for Limits {
             max_nested_archive: 64 << 20,
             max_findings: 25_000,
             max_binary_bytes: 32 << 20,
+            max_history_bundle: 512 << 20,
+            max_git_objects: 500_000,
+            max_git_object: 64 << 20,
+            max_delta_depth: 4095,
+            max_delta_chain_bytes: 96 << 20,
+            max_history_inflated: 64 << 30,
         }
     }
 }
@@ -66,6 +85,8 @@ enum Kind {
     Tar,
     Gzip,
     Zip,
+    /// A git bundle: a repository's history.
+    Bundle,
 }
 
 fn sniff(head: &[u8]) -> Kind {
@@ -75,6 +96,8 @@ fn sniff(head: &[u8]) -> Kind {
         Kind::Zip
     } else if head.len() >= 512 && tar::looks_like_header(&head[..512]) {
         Kind::Tar
+    } else if crate::history::is_bundle(head) {
+        Kind::Bundle
     } else {
         Kind::Plain
     }
@@ -94,7 +117,9 @@ pub fn scan_artifact<S: Source + ?Sized>(
     let total = Cell::new(0);
     let mut sink = ScanSink { engine, report, limits };
     let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total };
-    walk.source(&mut &mut *source, name, 0, "")
+    walk.source(&mut &mut *source, name, 0, "")?;
+    crate::history::merge(report, limits);
+    Ok(())
 }
 
 /// Reads an artifact's files without scanning them, with exactly the checks and limits of
@@ -133,6 +158,12 @@ pub(crate) trait FileSink {
 
     /// The entry at `path` could not be read (`why`); the walk goes on past it.
     fn skipped(&mut self, _path: &str, _why: &ArtifactError) {}
+
+    /// A git bundle `bundle` (read whole) at `path`: its history's files are reported under
+    /// `path_prefix`. By default it is a file like any other.
+    fn history(&mut self, path: &str, _path_prefix: &str, bundle: Vec<u8>) -> Result<(), ArtifactError> {
+        self.file(path, &mut SliceRead(&bundle))
+    }
 }
 
 struct ScanSink<'a> {
@@ -155,6 +186,10 @@ impl FileSink for ScanSink<'_> {
 
     fn skipped(&mut self, path: &str, why: &ArtifactError) {
         self.report.skip(path, format!("{why}"));
+    }
+
+    fn history(&mut self, path: &str, path_prefix: &str, bundle: Vec<u8>) -> Result<(), ArtifactError> {
+        crate::history::scan_bundle(&bundle, path, path_prefix, self.engine, self.limits, self.report)
     }
 }
 
@@ -274,24 +309,21 @@ impl<'a> Walk<'a> {
             }
             Kind::Zip => {
                 // zip needs random access: buffer it (bounded).
-                let mut data = Vec::new();
-                data.extend_from_slice(&head[..n]);
-                let mut chunk = [0u8; 16 * 1024];
-                loop {
-                    let k = r.read(&mut chunk)?;
-                    if k == 0 {
-                        break;
-                    }
-                    data.extend_from_slice(&chunk[..k]);
-                    if data.len() as u64 > self.limits.max_nested_archive {
-                        return Err(ArtifactError::EntryTooLarge {
-                            entry: String::from(name),
-                            size: data.len() as u64,
-                            limit: self.limits.max_nested_archive,
-                        });
+                let data = buffer(&mut chained, name, self.limits.max_nested_archive)?;
+                self.source(&mut VecSource(data), name, depth, prefix)
+            }
+            Kind::Bundle => {
+                if prefix.is_empty() {
+                    // The artifact itself: one file, checked against the excludes here.
+                    if self.sink.excluded(name) {
+                        return drain(&mut chained);
                     }
                 }
-                self.source(&mut VecSource(data), name, depth, prefix)
+                let data = buffer(&mut chained, name, self.limits.max_history_bundle)?;
+                // The history of the artifact itself, or of the tree `cella scan` packed it
+                // in, is reported at the repository's own paths; any other bundle's under it.
+                let own = prefix.is_empty() || name == crate::history::HISTORY_ENTRY;
+                self.sink.history(name, if own { "" } else { prefix }, data)
             }
         }
     }
@@ -376,6 +408,29 @@ impl ByteRead for Watched<'_> {
 
     fn size_hint(&self) -> Option<u64> {
         self.inner.size_hint()
+    }
+}
+
+/// Reads the rest of `r` into memory, at most `limit` bytes (`name` is named if it is more).
+fn buffer<R: ByteRead + ?Sized>(r: &mut R, name: &str, limit: u64) -> Result<Vec<u8>, ArtifactError> {
+    let too_large = |size| ArtifactError::EntryTooLarge { entry: String::from(name), size, limit };
+    let mut data = Vec::new();
+    if let Some(hint) = r.size_hint().filter(|h| *h <= limit) {
+        // A hint only: reserving may fail without harm.
+        let _ = data.try_reserve_exact(hint as usize);
+    }
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let k = r.read(&mut chunk)?;
+        if k == 0 {
+            return Ok(data);
+        }
+        let len = (data.len() + k) as u64;
+        if len > limit {
+            return Err(too_large(len));
+        }
+        data.try_reserve(k).map_err(|_| too_large(len))?;
+        data.extend_from_slice(&chunk[..k]);
     }
 }
 
