@@ -37,6 +37,9 @@ pub struct Walk {
     pub bad_patterns: Vec<(String, usize, String)>,
 }
 
+/// Why a path the ignore files name was left out.
+pub const IGNORED: &str = "ignored";
+
 /// The ignore files read in each folder, in this order (later ones win on the same path).
 const IGNORE_FILES: [&str; 2] = [".gitignore", ".cellaignore"];
 
@@ -84,14 +87,14 @@ fn descend(
         }
         if kind.is_dir() {
             if ignored(sets, &format!("{child}/")) {
-                out.skipped.push((format!("{child}/"), "ignored"));
+                out.skipped.push((format!("{child}/"), IGNORED));
                 continue;
             }
             out.dirs.push((path.clone(), child.clone()));
             descend(&path, &format!("{child}/"), no_ignore, sets, out)?;
         } else if kind.is_file() || kind.is_symlink() {
             if ignored(sets, &child) {
-                out.skipped.push((child, "ignored"));
+                out.skipped.push((child, IGNORED));
                 continue;
             }
             out.files.push((path, child));

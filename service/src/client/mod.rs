@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod baseline;
+pub mod history;
 pub mod ignore;
 pub mod pack;
 pub mod report;

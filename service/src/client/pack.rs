@@ -403,7 +403,8 @@ async fn test(
     let name = (format == PackFormat::Gitleaks).then(|| name_from_file(file));
     let validated = tenant::validate(&source, format, name.as_deref(), &PackLimits::default())
         .map_err(|problem| ClientError::Pack { path: file.to_owned(), problem })?;
-    let (_packed, artifact, _) = super::scan::artifact(dir, true)?;
+    let packed = super::scan::artifact(dir, true, &super::history::History::None)?;
+    let artifact = packed.file.clone();
     let work =
         super::scan::tempfile_path::TempPath::new(&format!("cella-pack-test-{}.toml", std::process::id()));
     std::fs::write(work.path(), &validated.cella_toml)

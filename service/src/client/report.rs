@@ -22,6 +22,8 @@ pub struct Row {
     pub fingerprints: Value,
     /// How sure it is (`properties.confidence`: high, medium or low; high if the log has none).
     pub confidence: String,
+    /// The commit that introduced it (`properties.history`), when the scan had the history.
+    pub history: Option<Value>,
 }
 
 impl Row {
@@ -45,11 +47,22 @@ impl Row {
             suppressed,
             fingerprints: result["partialFingerprints"].clone(),
             confidence: result["properties"]["confidence"].as_str().unwrap_or("high").to_owned(),
+            history: result["properties"].get("history").filter(|h| h.is_object()).cloned(),
         }
     }
 
+    /// `path:line`, and the short commit that introduced it (`@abc1234`; `@abc1234 (history)`
+    /// when only history holds it).
     fn location(&self) -> String {
-        format!("{}:{}", self.path, self.line)
+        let mut at = format!("{}:{}", self.path, self.line);
+        if let Some(h) = &self.history {
+            let commit = h["commit"].as_str().unwrap_or_default();
+            at.push_str(&format!(" @{}", commit.get(..7).unwrap_or(commit)));
+            if h["onlyInHistory"] == true {
+                at.push_str(" (history)");
+            }
+        }
+        at
     }
 }
 
@@ -133,7 +146,7 @@ pub fn json(job_id: &str, summary: &Value, rows: &[Row]) -> String {
             json!({
                 "level": r.level, "rule": r.rule, "path": r.path, "line": r.line, "column": r.column,
                 "message": r.message, "suppressed": r.suppressed, "fingerprints": r.fingerprints,
-                "confidence": r.confidence,
+                "confidence": r.confidence, "history": r.history,
             })
         })
         .collect();

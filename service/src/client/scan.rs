@@ -14,6 +14,10 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
+use super::history::History;
+
+/// Excludes a job takes (the service's limit).
+const MAX_EXCLUDES: usize = 256;
 use super::{ignore, report, ApiClient, ClientError, Connection};
 
 #[derive(Debug, Args)]
@@ -78,6 +82,11 @@ pub struct ScanArgs {
     /// .cellaignore
     #[arg(long)]
     pub no_ignore: bool,
+    /// The git history to scan with a repository's work tree (PATH its root): `all` (every
+    /// branch and tag), `since=REV` (only commits REV does not hold: for CI), `branch=NAME`, or
+    /// `none`. Each finding in history names the commit that introduced it
+    #[arg(long, value_name = "WHICH", default_value = "all", value_parser = clap::value_parser!(History))]
+    pub history: History,
     /// The repository URI for the SARIF log [default: the folder's git `origin`, if any]
     #[arg(long, value_name = "URI")]
     pub vcs_repo: Option<String>,
@@ -186,7 +195,11 @@ pub struct ScanReport {
 /// (so SARIF paths are the repository's own), leaving out `.git/` and what the ignore files
 /// name unless `no_ignore` (see [`ignore`]); symbolic links kept as links (the scanner refuses
 /// links that leave the archive); sparse files written whole. Says on stderr what it left out.
-fn pack(dir: &Path, no_ignore: bool) -> Result<(tempfile_path::TempPath, String), ClientError> {
+fn pack(
+    dir: &Path,
+    no_ignore: bool,
+    history: &History,
+) -> Result<(tempfile_path::TempPath, String, Vec<String>), ClientError> {
     let name = std::fs::canonicalize(dir)
         .ok()
         .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -202,6 +215,25 @@ fn pack(dir: &Path, no_ignore: bool) -> Result<(tempfile_path::TempPath, String)
     tar.follow_symlinks(false);
     // A sparse file goes whole: the scanner reads plain entries.
     tar.sparse(false);
+    // The history first: the scanner joins it to the tree's findings once it has both.
+    let mut history_excludes = Vec::new();
+    if let Some(bundle) = super::history::bundle(dir, history, &name)? {
+        // What the ignore files leave out of the tree is left out of its history too.
+        history_excludes = walked
+            .skipped
+            .iter()
+            .filter(|(_, why)| *why == ignore::IGNORED)
+            .filter_map(|(path, _)| super::history::anchored_glob(path))
+            .collect();
+        let size = std::fs::metadata(bundle.file.path()).map(|m| m.len()).unwrap_or(0);
+        eprintln!(
+            "cella scan: sending the git history too: {} commit(s), {:.1} MB (--history none leaves it out)",
+            bundle.commits,
+            size as f64 / 1e6
+        );
+        tar.append_path_with_name(bundle.file.path(), cella_scan::HISTORY_ENTRY)
+            .map_err(|e| ClientError::Read(bundle.file.path().to_owned(), e))?;
+    }
     for (disk, rel) in walked.dirs.iter().chain(&walked.files) {
         tar.append_path_with_name(disk, rel).map_err(|e| ClientError::Read(disk.clone(), e))?;
     }
@@ -221,7 +253,7 @@ fn pack(dir: &Path, no_ignore: bool) -> Result<(tempfile_path::TempPath, String)
             shown.join(", ")
         );
     }
-    Ok((path, format!("{name}.tar")))
+    Ok((path, format!("{name}.tar"), history_excludes))
 }
 
 pub(crate) mod tempfile_path {
@@ -288,19 +320,30 @@ pub(crate) async fn upload(
     result?.json().await.map_err(|e| ClientError::Http(client.base().to_owned(), e))
 }
 
+/// What `cella scan` uploads.
+#[derive(Debug)]
+pub(crate) struct Artifact {
+    /// The packed tar of a folder, removed when dropped.
+    pub _packed: Option<tempfile_path::TempPath>,
+    /// The file to upload.
+    pub file: PathBuf,
+    /// Its name in the job.
+    pub name: String,
+    /// Excludes that keep what the ignore files left out of the tree out of its history
+    /// (anchored paths), when the history goes with it.
+    pub history_excludes: Vec<String>,
+}
+
 /// A folder packed as tar (removed when dropped), or the file itself; and its name.
-pub(crate) fn artifact(
-    path: &Path,
-    no_ignore: bool,
-) -> Result<(Option<tempfile_path::TempPath>, PathBuf, String), ClientError> {
+pub(crate) fn artifact(path: &Path, no_ignore: bool, history: &History) -> Result<Artifact, ClientError> {
     let meta = std::fs::metadata(path).map_err(|e| ClientError::Read(path.to_owned(), e))?;
     if meta.is_dir() {
-        let (tmp, name) = pack(path, no_ignore)?;
+        let (tmp, name, history_excludes) = pack(path, no_ignore, history)?;
         let file = tmp.path().to_owned();
-        Ok((Some(tmp), file, name))
+        Ok(Artifact { _packed: Some(tmp), file, name, history_excludes })
     } else {
         let name = path.file_name().map_or_else(|| "artifact".into(), |n| n.to_string_lossy().into_owned());
-        Ok((None, path.to_owned(), name))
+        Ok(Artifact { _packed: None, file: path.to_owned(), name, history_excludes: Vec::new() })
     }
 }
 
@@ -387,13 +430,23 @@ async fn checked_policy(
 pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     let client = args.conn.tenant()?;
     let policy = checked_policy(&client, args.policy.as_deref(), &args.packs).await?;
-    let (_packed, file, name) = artifact(&args.path, args.no_ignore)?;
-    let mut query = vec![("name", name), ("policy", policy)];
-    if !args.exclude.is_empty() {
-        if let Some(bad) = args.exclude.iter().find(|g| g.contains(',')) {
-            return Err(ClientError::Usage(format!("--exclude {bad:?}: a glob cannot hold a comma")));
-        }
-        query.push(("exclude", args.exclude.join(",")));
+    if let Some(bad) = args.exclude.iter().find(|g| g.contains(',')) {
+        return Err(ClientError::Usage(format!("--exclude {bad:?}: a glob cannot hold a comma")));
+    }
+    let packed = artifact(&args.path, args.no_ignore, &args.history)?;
+    let file = packed.file.clone();
+    let mut query = vec![("name", packed.name.clone()), ("policy", policy)];
+    let mut excludes = args.exclude.clone();
+    let room = MAX_EXCLUDES.saturating_sub(excludes.len());
+    if packed.history_excludes.len() > room {
+        eprintln!(
+            "cella scan: the ignore files leave out {} paths, more than the {room} excludes left for a job: the history of the rest is scanned",
+            packed.history_excludes.len()
+        );
+    }
+    excludes.extend(packed.history_excludes.iter().take(room).cloned());
+    if !excludes.is_empty() {
+        query.push(("exclude", excludes.join(",")));
     }
     // Checked before the upload: a mistake is told at once.
     cella_scan::spdx::LicensePolicy::new(&args.license_deny, &args.license_flag)
@@ -456,11 +509,10 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
         })
         .count();
     let suppressed = rows.iter().filter(|r| r.suppressed.is_some()).count();
-    let summary = if args.format == Format::Json || args.json.is_some() {
-        client.json(Method::GET, &format!("/v1/jobs/{id}/summary")).await.unwrap_or(Value::Null)
-    } else {
-        Value::Null
-    };
+    let summary = client.json(Method::GET, &format!("/v1/jobs/{id}/summary")).await.unwrap_or(Value::Null);
+    if let Ok(history) = serde_json::from_value::<cella_scan::HistorySummary>(summary["history"].clone()) {
+        eprintln!("{history}");
+    }
     if let Some(path) = &args.json {
         write_file(path, report::json(&id, &summary, &rows).as_bytes())?;
     }

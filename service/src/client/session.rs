@@ -208,7 +208,8 @@ pub async fn run(cmd: SessionCommand) -> Result<(), ClientError> {
     match cmd {
         SessionCommand::Create { artifact, max_duration, idle_suspend, read_policy, mem_mib, common } => {
             let client = common.conn.tenant()?;
-            let (_packed, file, name) = super::scan::artifact(&artifact, false)?;
+            let packed = super::scan::artifact(&artifact, false, &super::history::History::None)?;
+            let (file, name) = (packed.file.clone(), packed.name.clone());
             let mut query = vec![("name", name)];
             let numbers = [
                 ("max_duration", max_duration),
@@ -386,7 +387,8 @@ async fn exec(id: &str, op: ExecOp) -> Result<(), ClientError> {
         }
         ExecOp::Add { file, name, common } => {
             let client = common.conn.tenant()?;
-            let (_packed, upload, default_name) = super::scan::artifact(&file, false)?;
+            let packed = super::scan::artifact(&file, false, &super::history::History::None)?;
+            let (upload, default_name) = (packed.file.clone(), packed.name.clone());
             let name = name.unwrap_or(default_name);
             let reply = super::scan::upload(
                 &client,

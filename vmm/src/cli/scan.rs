@@ -524,6 +524,9 @@ fn summary_text(summary: &Value, exit: &GuestExit, scan_ms: u64) -> String {
             out.push_str(&format!("  {count:>6}  {}\n", shown(rule)));
         }
     }
+    if let Ok(history) = serde_json::from_value::<cella_scan::HistorySummary>(summary["history"].clone()) {
+        out.push_str(&format!("  {history}\n"));
+    }
     out.push_str(&skipped_text(summary));
     if !matches!(exit, GuestExit::Exited { code: 0 }) {
         out.push_str(&format!("  VM: {exit:?}\n"));

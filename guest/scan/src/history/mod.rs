@@ -71,7 +71,8 @@ pub struct Origin {
 }
 
 /// What the history scans of an artifact covered (the summary's `history`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct HistorySummary {
     /// Bundles read.
     pub bundles: u64,
@@ -88,6 +89,25 @@ pub struct HistorySummary {
     pub partial: bool,
     /// Objects the history refers to that the bundle does not hold (before its start).
     pub objects_missing: u64,
+}
+
+/// One line for people: `history: 4 commits, 9 file versions scanned (1 bundle, 31 objects)`,
+/// and what was not there.
+impl core::fmt::Display for HistorySummary {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "history: {} commits, {} file versions scanned ({} bundle(s), {} objects)",
+            self.commits, self.blobs_scanned, self.bundles, self.objects
+        )?;
+        if self.partial {
+            f.write_str("; partial: history before the bundle's first commits was not scanned")?;
+        }
+        if self.objects_missing > 0 {
+            write!(f, "; {} objects it names are not in the bundle", self.objects_missing)?;
+        }
+        Ok(())
+    }
 }
 
 /// Pending findings held back from the report until the whole artifact is scanned, at most

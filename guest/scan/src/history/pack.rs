@@ -327,12 +327,7 @@ impl<'a> Pack<'a> {
     /// child from its parent. `children(pack, idx, kind, content, out)` is told of each object
     /// reached (its content whole) and fills `out` with its children to rebuild. With `name`,
     /// each rebuilt object is named and its type and parent recorded.
-    fn descend(
-        &mut self,
-        root: u32,
-        name: bool,
-        visit: &mut ReachFn<'_>,
-    ) -> Result<(), Stop> {
+    fn descend(&mut self, root: u32, name: bool, visit: &mut ReachFn<'_>) -> Result<(), Stop> {
         struct Frame {
             idx: u32,
             content: Vec<u8>,

@@ -1,0 +1,216 @@
+//! Git history end to end: `cella serve` and the `cella` command line as real processes, real
+//! (jailed, as root) microVMs, a repository made by the test with the real `git`. `cella scan
+//! REPO` sends the history with the work tree: a key that was committed and then deleted is
+//! found and named with the commit that added it; a key still in the tree carries its commit;
+//! what `.cellaignore` leaves out of the tree stays out of its history; `--history none`,
+//! `--history since=REV` and a `.bundle` file given directly each scan what they say.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+mod common;
+#[path = "../../guest/scan/tests/sarif_checks/mod.rs"]
+mod sarif_checks;
+
+use common::{cella, test_db_url, Scratch, Serve, Server};
+use sarif_checks::checked_sarif;
+
+/// A Stripe-shaped live key for `n` (made up).
+fn stripe_key(n: u32) -> String {
+    const ALNUM: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut state = 0x85eb_ca6b_u32.wrapping_mul(n + 7);
+    let tail: String = (0..24)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ALNUM[(state >> 24) as usize % ALNUM.len()] as char
+        })
+        .collect();
+    format!("sk_live_{tail}")
+}
+
+fn serve(data: &Path, db: &str) -> Server {
+    let jailed = if common::is_root() { "1" } else { "0" };
+    Serve::new(data)
+        .db(Some(db))
+        .envs(&[("CELLA_JAILED", jailed), ("CELLA_LEASE_SECS", "2"), ("CELLA_DRAIN_SECS", "1")])
+        .start()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn git(repo: &Path, args: &[&str]) -> String {
+    let o = Command::new("git")
+        .args([
+            "-c",
+            "user.name=Cella Test",
+            "-c",
+            "user.email=test@cella.invalid",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(repo)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "git {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn write(root: &Path, path: &str, body: &str) {
+    let p = root.join(path);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, body).unwrap();
+}
+
+/// Each SARIF result as `path:line:commit:onlyInHistory` (`-` without history), sorted.
+fn attributed(log: &Value) -> Vec<String> {
+    let mut out: Vec<String> = log["runs"][0]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["ruleId"] == "stripe-secret-key")
+        .map(|r| {
+            let loc = &r["locations"][0]["physicalLocation"];
+            let at = format!(
+                "{}:{}",
+                loc["artifactLocation"]["uri"].as_str().unwrap(),
+                loc["region"]["startLine"]
+            );
+            match r["properties"].get("history") {
+                Some(h) => format!("{at}:{}:{}", h["commit"].as_str().unwrap(), h["onlyInHistory"]),
+                None => format!("{at}:-"),
+            }
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_deleted_key_is_found_in_history_with_the_commit_that_added_it(pool: PgPool) {
+    let dir = Scratch::new("history-e2e");
+    let server = serve(&dir.join("data"), &test_db_url(&pool));
+    let data = server.data.clone();
+    let o = cella(&data, None, &["tenant", "create", "hist"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let key = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("API key "))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    let repo = dir.join("shop");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    write(&repo, "README.md", "# shop\n");
+    write(&repo, ".cellaignore", "fixtures/\n");
+    write(&repo, "fixtures/fake.env", &format!("KEY={}\n", stripe_key(1)));
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "Start"]);
+    write(&repo, "config/payments.env", &format!("# payments\nSTRIPE_KEY={}\n", stripe_key(2)));
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "Add payments config"]);
+    let added = git(&repo, &["rev-parse", "HEAD"]);
+    std::fs::remove_file(repo.join("config/payments.env")).unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "Remove the payments config"]);
+    let removed = git(&repo, &["rev-parse", "HEAD"]);
+    write(&repo, "app/keep.env", &format!("STRIPE_KEY={}\n", stripe_key(3)));
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "Add the app key"]);
+    let kept = git(&repo, &["rev-parse", "HEAD"]);
+
+    // The default: the work tree and all of its history.
+    let sarif = dir.join("all.sarif");
+    let json = dir.join("all.json");
+    let o = cella(
+        &data,
+        Some(&key),
+        &[
+            "scan",
+            repo.to_str().unwrap(),
+            "--sarif",
+            sarif.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("sending the git history too: 4 commit(s)"), "{}", text(&o));
+    assert!(text(&o).contains("history: 4 commits, "), "{}", text(&o));
+    let log = checked_sarif(&sarif);
+    assert_eq!(
+        attributed(&log),
+        [format!("app/keep.env:1:{kept}:false"), format!("config/payments.env:2:{added}:true")],
+        "fixtures/ (.cellaignore) stays out of the history too"
+    );
+    let gone = log["runs"][0]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["properties"]["history"]["commit"] == added.as_str())
+        .unwrap();
+    assert_eq!(gone["properties"]["history"]["subject"], "Add payments config");
+    assert_eq!(gone["properties"]["history"]["author"], "Cella Test <test@cella.invalid>");
+    assert!(gone["message"]["text"].as_str().unwrap().contains("still in the repository's history"));
+    // The table names the short commit; the JSON carries it whole; the summary the history.
+    assert!(text(&o).contains(&format!("config/payments.env:2 @{} (history)", &added[..7])), "{}", text(&o));
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let history = &report["summary"]["history"];
+    assert_eq!(
+        (history["commits"].as_u64(), history["partial"].as_bool()),
+        (Some(4), Some(false)),
+        "{history}"
+    );
+    assert!(report["findings"].as_array().unwrap().iter().any(|f| f["history"]["commit"] == kept.as_str()));
+
+    // --history none: the work tree only.
+    let none = dir.join("none.sarif");
+    let o = cella(
+        &data,
+        Some(&key),
+        &["scan", repo.to_str().unwrap(), "--history", "none", "--sarif", none.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(attributed(&checked_sarif(&none)), ["app/keep.env:1:-"]);
+
+    // --history since=REV: only what is new since the removal.
+    let since = dir.join("since.sarif");
+    let rev = format!("since={removed}");
+    let o = cella(
+        &data,
+        Some(&key),
+        &["scan", repo.to_str().unwrap(), "--history", &rev, "--sarif", since.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("1 commit(s)"), "{}", text(&o));
+    assert_eq!(attributed(&checked_sarif(&since)), [format!("app/keep.env:1:{kept}:false")]);
+
+    // A bad revision is told before anything is sent.
+    let o = cella(&data, Some(&key), &["scan", repo.to_str().unwrap(), "--history", "since=no-such-rev"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--history"), "{}", text(&o));
+
+    // A bundle given directly: its history, at the repository's own paths.
+    let bundle = dir.join("shop.bundle");
+    git(&repo, &["bundle", "create", "-q", bundle.to_str().unwrap(), "--all"]);
+    let direct = dir.join("bundle.sarif");
+    let o =
+        cella(&data, Some(&key), &["scan", bundle.to_str().unwrap(), "--sarif", direct.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(
+        attributed(&checked_sarif(&direct)),
+        [
+            format!("app/keep.env:1:{kept}:false"),
+            format!("config/payments.env:2:{added}:true"),
+            format!("fixtures/fake.env:1:{}:false", git(&repo, &["rev-list", "--max-parents=0", "HEAD"])),
+        ]
+    );
+}
