@@ -27,6 +27,7 @@ pub fn artifact_limits() -> Limits {
         max_delta_depth: 16,
         max_delta_chain_bytes: 1 << 20,
         max_history_inflated: 4 << 20,
+        history_delta_scan: true,
     }
 }
 

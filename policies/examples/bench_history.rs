@@ -39,14 +39,37 @@ fn main() {
     let compiled = load_packs(DEFAULT_PACKS).expect("the built-in packs load");
     let mut engine = Engine::new(compiled.policy().clone()).expect("the built-in packs compile");
     let before = peak_rss_mib();
-    let started = Instant::now();
-    let mut report = Report::default();
-    let limits = Limits { max_git_objects: 2_000_000, ..Limits::default() };
-    if let Err(e) = scan_artifact(&mut SliceSource(&data), "repo.bundle", &mut engine, &limits, &mut report) {
-        eprintln!("bench_history: {e}");
-        std::process::exit(1);
+    let mut scan = |delta_scan: bool| {
+        let started = Instant::now();
+        let mut report = Report::default();
+        let limits =
+            Limits { max_git_objects: 2_000_000, history_delta_scan: delta_scan, ..Limits::default() };
+        if let Err(e) =
+            scan_artifact(&mut SliceSource(&data), "repo.bundle", &mut engine, &limits, &mut report)
+        {
+            eprintln!("bench_history: {e}");
+            std::process::exit(1);
+        }
+        (started.elapsed(), report)
+    };
+    let (wall, report) = scan(true);
+    if std::env::var_os("CELLA_BENCH_COMPARE").is_some() {
+        // Every version scanned whole: slower, and it must find exactly the same.
+        let (whole_wall, whole) = scan(false);
+        let same = whole.findings == report.findings;
+        println!(
+            "every version scanned whole: {:.2} s, {} findings, {} bytes scanned; the same findings as the delta scan: {same}",
+            whole_wall.as_secs_f64(),
+            whole.findings.len(),
+            whole.bytes_scanned
+        );
+        if !same {
+            for (a, b) in whole.findings.iter().zip(&report.findings).filter(|(a, b)| a != b).take(5) {
+                println!("  whole: {a:?}\n  delta: {b:?}");
+            }
+            std::process::exit(1);
+        }
     }
-    let wall = started.elapsed();
     let history = report.history.clone().unwrap_or_default();
     let mut by_rule: BTreeMap<&str, u64> = BTreeMap::new();
     for f in &report.findings {
@@ -54,10 +77,11 @@ fn main() {
     }
     println!("Cella history scan of {bundle} ({} MB), native, 1 thread, default packs:", data.len() >> 20);
     println!(
-        "  {} objects, {} commits, {} blobs scanned ({} MB), {} missing from the pack",
+        "  {} objects, {} commits, {} blobs scanned ({} of them only where they differ from their delta base; {} MB scanned), {} missing from the pack",
         history.objects,
         history.commits,
         history.blobs_scanned,
+        history.blobs_scanned_in_part,
         report.bytes_scanned >> 20,
         history.objects_missing
     );

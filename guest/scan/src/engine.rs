@@ -581,6 +581,36 @@ impl Engine {
 
     /// Starts a file: per-file fingerprint counts reset, and each rule on or off by its path
     /// allowlist (a list shared by several rules is matched once).
+    /// Gives `findings` (one file's, at `path`, in file order) the per-file numbering a scan of
+    /// the whole file gives them: each location fingerprint's occurrence index, each line
+    /// hash's count, and the baseline's suppression. For a file whose findings were partly
+    /// carried over from an earlier version and partly found by scanning what changed.
+    pub(crate) fn renumber(&mut self, path: &str, findings: &mut [Finding]) {
+        self.occurrences.clear();
+        self.line_hashes.clear();
+        for f in findings {
+            let Some(mac) = crate::finding::parse_hex32_pub(&f.fingerprint) else { continue };
+            let seen = self.occurrences.entry((f.rule_index, mac)).or_insert(0);
+            let location = location_fingerprint(&self.fingerprint_key, &f.rule_id, path, &mac, *seen);
+            *seen += 1;
+            f.location_fingerprint = to_hex(&location);
+            let hash = f.line_hash.split(':').next().unwrap_or_default();
+            let mut lh = [0u8; 8];
+            for (i, pair) in hash.as_bytes().chunks_exact(2).take(8).enumerate() {
+                let digit = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+                lh[i] = (digit(pair[0]) << 4) | digit(pair[1]);
+            }
+            let n = self.line_hashes.entry(lh).or_insert(0);
+            *n += 1;
+            f.line_hash = alloc::format!("{hash}:{}", *n);
+            if !matches!(f.suppression, Some(Suppression::Inline { .. })) {
+                f.suppression = self.baseline.contains(&location).then_some(Suppression::Baseline);
+            }
+        }
+        self.occurrences.clear();
+        self.line_hashes.clear();
+    }
+
     fn begin_file(&mut self, path: &str) -> Result<(), EngineError> {
         // A file abandoned part way (its nested archive turned out unreadable) leaves nothing.
         self.hits.clear();

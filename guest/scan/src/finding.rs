@@ -217,6 +217,11 @@ impl FingerprintSet {
     }
 }
 
+/// 64 hex digits as 32 bytes.
+pub(crate) fn parse_hex32_pub(hex: &str) -> Option<[u8; 32]> {
+    parse_hex32(hex)
+}
+
 fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.as_bytes();
     if hex.len() != 64 {

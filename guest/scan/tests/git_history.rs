@@ -450,3 +450,29 @@ mod hostile {
         assert!(report.skipped[0].reason.contains("checksum"), "{:?}", report.skipped);
     }
 }
+
+#[test]
+fn versions_scanned_in_part_carry_their_bases_findings() {
+    let mut repo = Repo::new("carry");
+    let mut lines: Vec<String> =
+        (0..600).map(|i| format!("filler line {i} with nothing in it at all")).collect();
+    lines[300] = format!("token = {SECRET}");
+    repo.write("big.txt", &(lines.join("\n") + "\n"));
+    let first = repo.commit("First");
+    for i in 0..6 {
+        lines[10 + i * 50] = format!("changed line {i}");
+        repo.write("big.txt", &(lines.join("\n") + "\n"));
+        repo.commit(&format!("Change {i}"));
+    }
+    repo.git(&["repack", "-adf", "-q", "--depth=50", "--window=50"]);
+    let bundle = repo.bundle(&["--all"]);
+    let delta = scan_bytes(&bundle, "repo.bundle", &Limits::default()).unwrap();
+    let whole =
+        scan_bytes(&bundle, "repo.bundle", &Limits { history_delta_scan: false, ..Limits::default() })
+            .unwrap();
+    let summary = delta.history.as_ref().unwrap();
+    assert!(summary.blobs_scanned_in_part >= 5, "{summary:?}");
+    assert_eq!(attributed(&whole), [format!("big.txt:301:{first}:false")]);
+    assert_eq!(attributed(&delta), attributed(&whole));
+    assert_eq!(delta.findings, whole.findings);
+}

@@ -56,6 +56,10 @@ pub struct Limits {
     /// Bytes inflated and rebuilt from deltas in one bundle (objects are inflated up to three
     /// times: to index, to name and to read them).
     pub max_history_inflated: u64,
+    /// A file version rebuilt from a delta is scanned only where it differs from the version
+    /// it was rebuilt from (the findings of the lines they share are carried over): the same
+    /// findings, several times faster. `false` scans every version whole.
+    pub history_delta_scan: bool,
 }
 
 impl Default for Limits {
@@ -75,6 +79,7 @@ impl Default for Limits {
             max_delta_depth: 4095,
             max_delta_chain_bytes: 96 << 20,
             max_history_inflated: 64 << 30,
+            history_delta_scan: true,
         }
     }
 }

@@ -103,6 +103,70 @@ pub(super) fn apply(
     Ok(())
 }
 
+/// Where a run of a delta's result comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Piece {
+    /// `len` bytes at `dst` of the result are the base's bytes at `src`.
+    Copy { dst: usize, src: usize, len: usize },
+    /// `len` bytes at `dst` are the delta's own.
+    Insert { dst: usize, len: usize },
+}
+
+impl Piece {
+    pub(super) fn end(&self) -> usize {
+        match *self {
+            Piece::Copy { dst, len, .. } | Piece::Insert { dst, len } => dst + len,
+        }
+    }
+}
+
+/// The runs of a delta's result, in order, adjacent copies of adjacent base bytes joined;
+/// `None` if the delta is malformed (only deltas [`apply`] accepted are asked).
+pub(super) fn pieces(delta: &[u8]) -> Option<Vec<Piece>> {
+    let mut pos = 0;
+    size(delta, &mut pos)?;
+    size(delta, &mut pos)?;
+    let mut out: Vec<Piece> = Vec::new();
+    let mut dst = 0usize;
+    while pos < delta.len() {
+        let op = delta[pos];
+        pos += 1;
+        if op & 0x80 != 0 {
+            let mut field = |bits: u32, first: u32| -> Option<usize> {
+                let mut v = 0usize;
+                for i in 0..bits {
+                    if op & (1 << (first + i)) != 0 {
+                        v |= usize::from(*delta.get(pos)?) << (8 * i);
+                        pos += 1;
+                    }
+                }
+                Some(v)
+            };
+            let src = field(4, 0)?;
+            let len = match field(3, 4)? {
+                0 => 0x10000,
+                n => n,
+            };
+            match out.last_mut() {
+                Some(Piece::Copy { src: s, len: l, .. }) if *s + *l == src => *l += len,
+                _ => out.push(Piece::Copy { dst, src, len }),
+            }
+            dst += len;
+        } else if op != 0 {
+            let len = usize::from(op);
+            pos += len;
+            match out.last_mut() {
+                Some(Piece::Insert { len: l, .. }) => *l += len,
+                _ => out.push(Piece::Insert { dst, len }),
+            }
+            dst += len;
+        } else {
+            return None;
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +181,21 @@ mod tests {
         // base "hello world" (11), result "world, hello!" (13)
         let delta = [11, 13, 0x91, 6, 5, 2, b',', b' ', 0x90, 5, 1, b'!'];
         assert_eq!(run(b"hello world", &delta).unwrap(), b"world, hello!");
+    }
+
+    #[test]
+    fn pieces_join_adjacent_copies() {
+        // copy base[0..3], copy base[3..5], insert "xy", copy base[1..2]
+        let delta = [5, 8, 0x90, 3, 0x91, 3, 2, 2, b'x', b'y', 0x91, 1, 1];
+        assert_eq!(run(b"abcde", &delta).unwrap(), b"abcdexyb");
+        assert_eq!(
+            pieces(&delta).unwrap(),
+            [
+                Piece::Copy { dst: 0, src: 0, len: 5 },
+                Piece::Insert { dst: 5, len: 2 },
+                Piece::Copy { dst: 7, src: 1, len: 1 }
+            ]
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 mod bundle;
 mod delta;
+mod incremental;
 mod objects;
 mod pack;
 
@@ -84,6 +85,9 @@ pub struct HistorySummary {
     pub objects: u64,
     /// Distinct file contents scanned.
     pub blobs_scanned: u64,
+    /// Of those, versions scanned only where they differ from the version they were rebuilt
+    /// from (the findings of what they share carried over).
+    pub blobs_scanned_in_part: u64,
     /// The history starts after some commits (a `--since` bundle, a shallow clone): older
     /// history was not scanned.
     pub partial: bool,
@@ -113,6 +117,112 @@ impl core::fmt::Display for HistorySummary {
 /// Pending findings held back from the report until the whole artifact is scanned, at most
 /// this many times the findings cap.
 const PENDING_PER_CAP: usize = 2;
+
+/// The scan of a history's file versions, in delta order.
+struct BlobScan<'e> {
+    engine: &'e mut Engine,
+    limits: &'e Limits,
+    /// Where the engine's findings land (drained after each version).
+    scratch: Report,
+    multiline: incremental::MultilineKeywords,
+    /// The versions scanned on the path from the current delta chain's base: entry, path,
+    /// all its findings and its multi-line clusters (what the versions rebuilt from it use).
+    path: Vec<Scanned>,
+    /// Per (rule, secret, path): the finding of the earliest commit, its rank and slot.
+    best: BTreeMap<(u32, String, String), (Finding, u32, u32)>,
+    /// Secrets some version at `HEAD` holds.
+    at_head_secrets: BTreeSet<(u32, String)>,
+    blobs_scanned: u64,
+    blobs_scanned_in_part: u64,
+    dropped: u64,
+    excluded: u64,
+}
+
+/// A version scanned, as the versions rebuilt from it need it.
+struct Scanned {
+    idx: u32,
+    display: String,
+    findings: Vec<Finding>,
+    /// `None`: binary, or nothing can be carried over from it.
+    clusters: Option<Vec<(usize, usize)>>,
+}
+
+/// Whether the engine reads `content` as binary (its printable strings, secrets only).
+fn is_binary(content: &[u8]) -> bool {
+    memchr::memchr(0, &content[..content.len().min(crate::BINARY_SNIFF_LEN)]).is_some()
+}
+
+impl BlobScan<'_> {
+    /// Scans one version (`display` its path) of commit `slot` (ranked `rank`): only what
+    /// changed from its base when the base was scanned at the same path, else whole.
+    fn blob(
+        &mut self,
+        reached: pack::Reached<'_>,
+        display: String,
+        rank: u32,
+        slot: u32,
+        at_head: bool,
+    ) -> Result<(), Stop> {
+        let base = reached.from.as_ref().map(|f| f.base);
+        while self.path.last().is_some_and(|top| Some(top.idx) != base) {
+            self.path.pop();
+        }
+        if self.engine.excludes_path(&display) {
+            self.excluded += 1;
+            return Ok(());
+        }
+        let content = reached.content;
+        let delta_scan = self.limits.history_delta_scan && !is_binary(content);
+        let planned = match (self.path.last(), &reached.from) {
+            (Some(top), Some(from)) if delta_scan && top.display == display => {
+                top.clusters.as_deref().zip(delta::pieces(from.delta)).and_then(|(clusters, pieces)| {
+                    let base =
+                        incremental::Base { content: from.base_content, findings: &top.findings, clusters };
+                    // Blanking moves later bytes forward: a NUL byte brought into the first
+                    // BINARY_SNIFF_LEN would make the engine read the version as binary.
+                    incremental::plan(&base, content, &pieces, &self.multiline)
+                        .filter(|p| !is_binary(&p.text))
+                })
+            }
+            _ => None,
+        };
+        let (findings, clusters) = match planned {
+            Some(plan) => {
+                self.engine.scan_file(&display, &plan.text, &mut self.scratch, self.limits)?;
+                let mut all: Vec<Finding> = self.scratch.findings.drain(..).collect();
+                all.extend(plan.carried);
+                all.sort_by_key(|f| (f.line, f.column, f.end_line, f.end_column, f.rule_index));
+                self.engine.renumber(&display, &mut all);
+                self.blobs_scanned_in_part += 1;
+                (all, Some(plan.clusters))
+            }
+            None => {
+                self.engine.scan_file(&display, content, &mut self.scratch, self.limits)?;
+                let clusters = if delta_scan { self.multiline.clusters(content) } else { None };
+                (self.scratch.findings.drain(..).collect(), clusters)
+            }
+        };
+        self.blobs_scanned += 1;
+        let cap = self.limits.max_findings.saturating_mul(PENDING_PER_CAP);
+        for f in &findings {
+            if at_head {
+                self.at_head_secrets.insert((f.rule_index, f.fingerprint.clone()));
+            }
+            let key = (f.rule_index, f.fingerprint.clone(), f.path.clone());
+            let room = self.best.len() < cap;
+            match self.best.get_mut(&key) {
+                Some(kept) if kept.1 > rank => *kept = (f.clone(), rank, slot),
+                Some(_) => {}
+                None if room => {
+                    self.best.insert(key, (f.clone(), rank, slot));
+                }
+                None => self.dropped += 1,
+            }
+        }
+        self.path.push(Scanned { idx: reached.idx, display, findings, clusters });
+        Ok(())
+    }
+}
 
 /// Reads the bundle `bytes` (the artifact entry `name`) and scans its history, reporting paths
 /// under `path_prefix`. Findings wait in the report until [`merge`].
@@ -205,7 +315,8 @@ fn read_graph(pack: &mut Pack<'_>, names: &Names) -> Result<Graph, Stop> {
     let all = vec![true; n];
     let oids: Vec<Oid> = (0..n as u32).map(|i| *pack.oid(i)).collect();
     let oid_hex = |idx: u32| to_hex(&oids[idx as usize]);
-    pack.for_each(|k| k != BLOB, &all, &mut |idx, kind, content| {
+    pack.for_each(|k| k != BLOB, &all, &mut |reached| {
+        let (idx, kind, content) = (reached.idx, reached.kind, reached.content);
         let bad = |reason| Stop::History(HistoryProblem::BadObject { oid: oid_hex(idx), reason });
         match kind {
             COMMIT => {
@@ -407,54 +518,49 @@ fn scan(
 
     // Scan each blob that appears in a commit, once, at its first path.
     let needed: Vec<bool> = origin.iter().map(|o| *o != NONE).collect();
-    let mut scratch = Report::default();
-    // (finding, rank of its commit, its commit slot, whether its blob is at HEAD)
-    let mut found: Vec<(Finding, u32, u32, bool)> = Vec::new();
-    let pending_max = limits.max_findings.saturating_mul(PENDING_PER_CAP);
-    let mut blobs_scanned = 0u64;
-    pack.for_each(|k| k == BLOB, &needed, &mut |idx, _kind, content| {
-        let (slot, path) = &origins[origin[idx as usize] as usize];
+    let multiline = incremental::MultilineKeywords::new(engine.policy());
+    let mut scan = BlobScan {
+        engine,
+        limits,
+        scratch: Report::default(),
+        multiline,
+        path: Vec::new(),
+        best: BTreeMap::new(),
+        at_head_secrets: BTreeSet::new(),
+        blobs_scanned: 0,
+        blobs_scanned_in_part: 0,
+        dropped: 0,
+        excluded: 0,
+    };
+    pack.for_each(|k| k == BLOB, &needed, &mut |reached| {
+        let (slot, path) = &origins[origin[reached.idx as usize] as usize];
         let display = alloc::format!("{path_prefix}{path}");
-        if engine.excludes_path(&display) {
-            report.files_excluded += 1;
-            return Ok(());
-        }
-        engine.scan_file(&display, content, &mut scratch, limits)?;
-        blobs_scanned += 1;
-        for f in scratch.findings.drain(..) {
-            if found.len() < pending_max {
-                found.push((f, rank[*slot as usize], *slot, at_head[idx as usize]));
-            } else {
-                report.findings_dropped += 1;
-            }
-        }
-        Ok(())
+        let head = at_head[reached.idx as usize];
+        scan.blob(reached, display, rank[*slot as usize], *slot, head)
     })?;
+    let BlobScan {
+        scratch,
+        best,
+        at_head_secrets,
+        blobs_scanned,
+        blobs_scanned_in_part,
+        dropped,
+        excluded,
+        ..
+    } = scan;
     report.bytes_scanned += scratch.bytes_scanned;
+    report.findings_dropped += dropped;
+    report.files_excluded += excluded;
     for s in scratch.skipped {
         report.skip(&s.path, s.reason);
     }
 
-    // One finding per secret and path: the earliest commit's.
-    let at_head_secrets: BTreeSet<(u32, String)> =
-        found.iter().filter(|f| f.3).map(|f| (f.0.rule_index, f.0.fingerprint.clone())).collect();
-    found.sort_by(|a, b| {
-        (a.0.rule_index, &a.0.fingerprint, &a.0.path, a.1).cmp(&(
-            b.0.rule_index,
-            &b.0.fingerprint,
-            &b.0.path,
-            b.1,
-        ))
-    });
-    found.dedup_by(|b, a| {
-        a.0.rule_index == b.0.rule_index && a.0.fingerprint == b.0.fingerprint && a.0.path == b.0.path
-    });
+    // One finding per secret and path: the earliest commit's, in commit order.
+    let mut found: Vec<(Finding, u32, u32)> = best.into_values().collect();
     found.sort_by_key(|f| f.1);
-    for (mut finding, _, slot, _) in found {
+    for (mut finding, _, slot) in found {
         let c = &graph.commits[slot as usize];
-        let key = (finding.rule_index, core::mem::take(&mut finding.fingerprint));
-        let only_in_history = !at_head_secrets.contains(&key);
-        finding.fingerprint = key.1;
+        let only_in_history = !at_head_secrets.contains(&(finding.rule_index, finding.fingerprint.clone()));
         finding.history = Some(alloc::boxed::Box::new(Origin {
             commit: to_hex(pack.oid(c.entry)),
             author: c.author.clone(),
@@ -471,6 +577,7 @@ fn scan(
     summary.commits += graph.commits.len() as u64;
     summary.objects += n as u64;
     summary.blobs_scanned += blobs_scanned;
+    summary.blobs_scanned_in_part += blobs_scanned_in_part;
     summary.partial |= partial || unresolved > 0;
     summary.objects_missing += missing + unresolved;
     Ok(())

@@ -77,10 +77,28 @@ pub(super) fn object_id(kind: u8, content: &[u8]) -> Oid {
 
 /// Told of each object a delta walk reaches (`pack, entry, type, content`); fills the last
 /// argument with the entries to rebuild from it.
-type ReachFn<'f> = dyn FnMut(&Pack<'_>, u32, u8, &[u8], &mut Vec<u32>) -> Result<(), Stop> + 'f;
+type ReachFn<'f> = dyn FnMut(&Pack<'_>, Reached<'_>, &mut Vec<u32>) -> Result<(), Stop> + 'f;
+
+/// An object a delta walk reached: its entry, type and content, and for a delta the object it
+/// was rebuilt from and the delta's instructions.
+pub(super) struct Reached<'a> {
+    pub idx: u32,
+    pub kind: u8,
+    pub content: &'a [u8],
+    pub from: Option<Rebuilt<'a>>,
+}
+
+/// What a delta's result was rebuilt from.
+pub(super) struct Rebuilt<'a> {
+    /// The base's entry and content.
+    pub base: u32,
+    pub base_content: &'a [u8],
+    /// The delta's instructions (see [`super::delta::pieces`]).
+    pub delta: &'a [u8],
+}
 
 /// Told of each object wanted (`entry, type, content`).
-pub(super) type VisitFn<'f> = dyn FnMut(u32, u8, &[u8]) -> Result<(), Stop> + 'f;
+pub(super) type VisitFn<'f> = dyn FnMut(Reached<'_>) -> Result<(), Stop> + 'f;
 
 /// An indexed pack.
 pub(super) struct Pack<'a> {
@@ -300,8 +318,8 @@ impl<'a> Pack<'a> {
             if children.is_empty() {
                 continue;
             }
-            self.descend(root, true, &mut |pack: &Pack<'_>, idx, _kind, _content, out: &mut Vec<u32>| {
-                children_of(pack, idx, out);
+            self.descend(root, true, &mut |pack: &Pack<'_>, reached, out: &mut Vec<u32>| {
+                children_of(pack, reached.idx, out);
                 Ok(())
             })?;
         }
@@ -339,7 +357,7 @@ impl<'a> Pack<'a> {
         let mut content = Vec::new();
         self.inflate(&root_entry, &mut content)?;
         let mut children = Vec::new();
-        visit(self, root, kind, &content, &mut children)?;
+        visit(self, Reached { idx: root, kind, content: &content, from: None }, &mut children)?;
         let mut held = content.len() as u64;
         let mut stack = vec![Frame { idx: root, content, children, next: 0 }];
         let mut delta_buf = Vec::new();
@@ -391,7 +409,8 @@ impl<'a> Pack<'a> {
                 self.parents[child as usize] = parent;
             }
             let mut children = Vec::new();
-            visit(self, child, kind, &result, &mut children)?;
+            let from = Rebuilt { base: parent, base_content: &top.content, delta: &delta_buf };
+            visit(self, Reached { idx: child, kind, content: &result, from: Some(from) }, &mut children)?;
             held += result.len() as u64;
             stack.push(Frame { idx: child, content: result, children, next: 0 });
         }
@@ -429,12 +448,13 @@ impl<'a> Pack<'a> {
             if !leads[root as usize] || self.parents[root as usize] != NONE {
                 continue;
             }
-            self.descend(root, false, &mut |_pack, idx, kind, content, out| {
+            self.descend(root, false, &mut |_pack, reached, out| {
                 out.clear();
+                let idx = reached.idx;
                 let start = kids.partition_point(|c| c.0 < idx);
                 out.extend(kids[start..].iter().take_while(|c| c.0 == idx).map(|c| c.1));
                 if needed[idx as usize] {
-                    visit(idx, kind, content)?;
+                    visit(reached)?;
                 }
                 Ok(())
             })?;
