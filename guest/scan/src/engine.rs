@@ -1198,6 +1198,7 @@ impl Engine {
                 severity,
                 license_verdict,
                 history: None,
+                image: None,
                 rule_id: rule.id.clone(),
                 path: String::from(path),
                 line,

@@ -60,6 +60,9 @@ pub struct Finding {
     /// The commit that introduced it, when the artifact held the repository's history.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<alloc::boxed::Box<crate::history::Origin>>,
+    /// The image layer it is in, when the artifact was a container image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<alloc::boxed::Box<crate::archive::image::ImageOrigin>>,
 }
 
 /// Folder names that hold test data, examples and fixtures.
@@ -437,6 +440,10 @@ pub struct Report {
     /// History findings held back until the whole artifact is scanned (see
     /// `history::merge`).
     pub(crate) pending_history: Vec<Finding>,
+    /// What the container images in the artifact held, if it was one.
+    pub image: Option<crate::archive::image::ImageSummary>,
+    /// What an image's attribution needs, gathered while walking (see `archive::image`).
+    pub(crate) image_capture: Option<crate::archive::image::Capture>,
     /// Suppressed findings among `findings`.
     pub(crate) suppressed_kept: usize,
     /// The cap was reached and suppressed findings were given up for unsuppressed ones: no
@@ -478,6 +485,9 @@ pub struct Summary {
     /// What the git histories in the artifact held, if it had any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<crate::history::HistorySummary>,
+    /// What the container images in the artifact held, if it was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::archive::image::ImageSummary>,
     /// Wall time of the scan as measured by the caller, in milliseconds.
     pub duration_ms: u64,
 }
@@ -629,6 +639,7 @@ impl Report {
             by_rule,
             by_category,
             history: self.history.clone(),
+            image: self.image.clone(),
             duration_ms,
         }
     }

@@ -42,6 +42,7 @@ mod source;
 pub mod spdx;
 pub mod validate;
 
+pub use archive::image::{ImageOrigin, ImageSummary};
 pub use archive::path::{check_link, normalize as normalize_entry_path};
 pub use archive::{extract_artifact, scan_artifact, Limits, RATIO_MIN_OUTPUT};
 pub use engine::{

@@ -131,6 +131,13 @@ fn message(rule: &Rule, f: &Finding) -> String {
         Category::License => alloc::format!("{}: license {}", rule.description, f.redacted),
         _ => alloc::format!("{}: {}", rule.description, f.redacted),
     };
+    if let Some(i) = &f.image {
+        text.push_str(&alloc::format!(" (image {}, layer {}", i.image, i.layer));
+        if let Some(later) = i.removed_in_layer {
+            text.push_str(&alloc::format!("; deleted by layer {later}, but still in the image"));
+        }
+        text.push(')');
+    }
     if let Some(h) = &f.history {
         let short = h.commit.get(..12).unwrap_or(&h.commit);
         text.push_str(&alloc::format!(" (introduced in commit {short}, {}", h.date));
@@ -172,6 +179,29 @@ impl<'p> RuleTable<'p> {
 
     fn index_in_log(&self, f: &Finding) -> u32 {
         self.index.get(f.rule_index as usize).copied().flatten().unwrap_or(0)
+    }
+}
+
+/// A finding's image layer as `properties.image` (keys in the order a JSON map sorts them).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageProps<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_by: Option<&'a str>,
+    image: &'a str,
+    layer: u32,
+    layer_digest: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    removed_in_layer: Option<u32>,
+}
+
+fn image_props(i: &crate::archive::image::ImageOrigin) -> ImageProps<'_> {
+    ImageProps {
+        created_by: i.created_by.as_deref(),
+        image: &i.image,
+        layer: i.layer,
+        layer_digest: &i.layer_digest,
+        removed_in_layer: i.removed_in_layer,
     }
 }
 
@@ -232,6 +262,9 @@ pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value
             });
             if let Some(verdict) = f.license_verdict {
                 result["properties"]["licensePolicy"] = json!(verdict.as_str());
+            }
+            if let Some(i) = &f.image {
+                result["properties"]["image"] = serde_json::to_value(image_props(i)).unwrap_or_default();
             }
             if let Some(h) = &f.history {
                 result["properties"]["history"] = json!({
@@ -357,6 +390,7 @@ pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String
                         only_in_history: h.only_in_history,
                         subject: &h.subject,
                     }),
+                    image: f.image.as_deref().map(image_props),
                     license_policy: f.license_verdict.map(|v| v.as_str()),
                 },
                 rank: f.confidence.sarif_rank(),
@@ -553,6 +587,8 @@ mod direct {
         pub confidence: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub history: Option<History<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub image: Option<super::ImageProps<'a>>,
         #[serde(rename = "licensePolicy", skip_serializing_if = "Option::is_none")]
         pub license_policy: Option<&'a str>,
     }

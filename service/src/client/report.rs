@@ -24,6 +24,8 @@ pub struct Row {
     pub confidence: String,
     /// The commit that introduced it (`properties.history`), when the scan had the history.
     pub history: Option<Value>,
+    /// The image layer it is in (`properties.image`), when the artifact was an image.
+    pub image: Option<Value>,
 }
 
 impl Row {
@@ -48,6 +50,7 @@ impl Row {
             fingerprints: result["partialFingerprints"].clone(),
             confidence: result["properties"]["confidence"].as_str().unwrap_or("high").to_owned(),
             history: result["properties"].get("history").filter(|h| h.is_object()).cloned(),
+            image: result["properties"].get("image").filter(|h| h.is_object()).cloned(),
         }
     }
 
@@ -55,6 +58,13 @@ impl Row {
     /// when only history holds it).
     fn location(&self) -> String {
         let mut at = format!("{}:{}", self.path, self.line);
+        if let Some(i) = &self.image {
+            at.push_str(&format!(" [layer {}", i["layer"]));
+            if let Some(later) = i["removedInLayer"].as_u64() {
+                at.push_str(&format!(", deleted in {later}"));
+            }
+            at.push(']');
+        }
         if let Some(h) = &self.history {
             let commit = h["commit"].as_str().unwrap_or_default();
             at.push_str(&format!(" @{}", commit.get(..7).unwrap_or(commit)));
@@ -146,7 +156,7 @@ pub fn json(job_id: &str, summary: &Value, rows: &[Row]) -> String {
             json!({
                 "level": r.level, "rule": r.rule, "path": r.path, "line": r.line, "column": r.column,
                 "message": r.message, "suppressed": r.suppressed, "fingerprints": r.fingerprints,
-                "confidence": r.confidence, "history": r.history,
+                "confidence": r.confidence, "history": r.history, "image": r.image,
             })
         })
         .collect();

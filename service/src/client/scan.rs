@@ -87,6 +87,12 @@ pub struct ScanArgs {
     /// `none`. Each finding in history names the commit that introduced it
     #[arg(long, value_name = "WHICH", default_value = "all", value_parser = clap::value_parser!(History))]
     pub history: History,
+    /// PATH is a container image: a `docker save` archive, or an OCI image layout (a tar, or
+    /// its folder). Every layer is scanned, each finding named with its layer and the build
+    /// step that added it; an archive that holds no image is an error. (An image archive is
+    /// recognised without it too.)
+    #[arg(long)]
+    pub image: bool,
     /// The repository URI for the SARIF log [default: the folder's git `origin`, if any]
     #[arg(long, value_name = "URI")]
     pub vcs_repo: Option<String>,
@@ -433,7 +439,12 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     if let Some(bad) = args.exclude.iter().find(|g| g.contains(',')) {
         return Err(ClientError::Usage(format!("--exclude {bad:?}: a glob cannot hold a comma")));
     }
-    let packed = artifact(&args.path, args.no_ignore, &args.history)?;
+    // An image folder (an OCI layout) is sent whole: no ignore files, no history.
+    let (no_ignore, history) = match args.image {
+        true => (true, History::None),
+        false => (args.no_ignore, args.history.clone()),
+    };
+    let packed = artifact(&args.path, no_ignore, &history)?;
     let file = packed.file.clone();
     let mut query = vec![("name", packed.name.clone()), ("policy", policy)];
     let mut excludes = args.exclude.clone();
@@ -512,6 +523,16 @@ pub async fn run(args: &ScanArgs) -> Result<ScanReport, ClientError> {
     let summary = client.json(Method::GET, &format!("/v1/jobs/{id}/summary")).await.unwrap_or(Value::Null);
     if let Ok(history) = serde_json::from_value::<cella_scan::HistorySummary>(summary["history"].clone()) {
         eprintln!("{history}");
+    }
+    match serde_json::from_value::<cella_scan::ImageSummary>(summary["image"].clone()) {
+        Ok(image) => eprintln!("{image}"),
+        Err(_) if args.image => {
+            return Err(ClientError::Usage(format!(
+                "--image: {} holds no container image (a `docker save` archive or an OCI image layout: manifest.json or index.json and the layer blobs they name); its files were scanned as a plain archive in job {id}",
+                args.path.display()
+            )))
+        }
+        Err(_) => {}
     }
     if let Some(path) = &args.json {
         write_file(path, report::json(&id, &summary, &rows).as_bytes())?;

@@ -527,6 +527,9 @@ fn summary_text(summary: &Value, exit: &GuestExit, scan_ms: u64) -> String {
     if let Ok(history) = serde_json::from_value::<cella_scan::HistorySummary>(summary["history"].clone()) {
         out.push_str(&format!("  {history}\n"));
     }
+    if let Ok(image) = serde_json::from_value::<cella_scan::ImageSummary>(summary["image"].clone()) {
+        out.push_str(&format!("  {image}\n"));
+    }
     out.push_str(&skipped_text(summary));
     if !matches!(exit, GuestExit::Exited { code: 0 }) {
         out.push_str(&format!("  VM: {exit:?}\n"));

@@ -3,6 +3,7 @@
 
 mod crc32;
 mod gzip;
+pub(crate) mod image;
 mod inflate;
 pub mod path;
 mod tar;
@@ -92,6 +93,8 @@ enum Kind {
     Zip,
     /// A git bundle: a repository's history.
     Bundle,
+    /// A zstd frame (image layers may be compressed so).
+    Zstd,
 }
 
 fn sniff(head: &[u8]) -> Kind {
@@ -103,6 +106,8 @@ fn sniff(head: &[u8]) -> Kind {
         Kind::Tar
     } else if crate::history::is_bundle(head) {
         Kind::Bundle
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Kind::Zstd
     } else {
         Kind::Plain
     }
@@ -120,9 +125,14 @@ pub fn scan_artifact<S: Source + ?Sized>(
     report: &mut Report,
 ) -> Result<(), ArtifactError> {
     let total = Cell::new(0);
-    let mut sink = ScanSink { engine, report, limits };
-    let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total };
-    walk.source(&mut &mut *source, name, 0, "")?;
+    report.image_capture.get_or_insert_with(Default::default);
+    let walked = {
+        let mut sink = ScanSink { engine: &mut *engine, report: &mut *report, limits };
+        let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total };
+        walk.source(&mut &mut *source, name, 0, "")
+    };
+    image::attribute(report, engine);
+    walked?;
     crate::history::merge(report, limits);
     Ok(())
 }
@@ -179,7 +189,21 @@ struct ScanSink<'a> {
 
 impl FileSink for ScanSink<'_> {
     fn file(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<(), ArtifactError> {
-        self.engine.scan_stream(path, r, self.report, self.limits)?;
+        let Some(capture) = self.report.image_capture.as_mut() else {
+            self.engine.scan_stream(path, r, self.report, self.limits)?;
+            return Ok(());
+        };
+        capture.note(path);
+        if !capture.wants(path) {
+            self.engine.scan_stream(path, r, self.report, self.limits)?;
+            return Ok(());
+        }
+        // Image JSON (a manifest, a config) is scanned like any file and kept.
+        let mut tee = Tee { inner: r, kept: Vec::new() };
+        self.engine.scan_stream(path, &mut tee, self.report, self.limits)?;
+        if let Some(capture) = self.report.image_capture.as_mut() {
+            capture.keep(path, &tee.kept);
+        }
         Ok(())
     }
 
@@ -195,6 +219,27 @@ impl FileSink for ScanSink<'_> {
 
     fn history(&mut self, path: &str, path_prefix: &str, bundle: Vec<u8>) -> Result<(), ArtifactError> {
         crate::history::scan_bundle(&bundle, path, path_prefix, self.engine, self.limits, self.report)
+    }
+}
+
+/// A reader that keeps a copy of what it reads, up to a limit (past it, nothing: `kept` is
+/// then longer than any JSON an image keeps, so it is not kept).
+struct Tee<'a> {
+    inner: &'a mut dyn ByteRead,
+    kept: Vec<u8>,
+}
+
+impl ByteRead for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ArtifactError> {
+        let n = self.inner.read(buf)?;
+        if self.kept.len() <= image::MAX_KEPT {
+            self.kept.extend_from_slice(&buf[..n]);
+        }
+        Ok(n)
+    }
+
+    fn size_hint(&self) -> Option<u64> {
+        self.inner.size_hint()
     }
 }
 
@@ -330,6 +375,10 @@ impl<'a> Walk<'a> {
                 let own = prefix.is_empty() || name == crate::history::HISTORY_ENTRY;
                 self.sink.history(name, if own { "" } else { prefix }, data)
             }
+            Kind::Zstd => Err(ArtifactError::Unsupported {
+                entry: String::from(name),
+                feature: "zstd compression (an image layer so compressed is not read; gzip is)",
+            }),
         }
     }
 

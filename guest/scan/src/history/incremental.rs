@@ -213,6 +213,7 @@ mod tests {
             severity: Severity::Error,
             license_verdict: None,
             history: None,
+            image: None,
         }
     }
 
