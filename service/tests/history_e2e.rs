@@ -214,3 +214,93 @@ async fn a_deleted_key_is_found_in_history_with_the_commit_that_added_it(pool: P
         ]
     );
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn branches_tags_renames_a_bare_clone_and_a_baseline_through_the_service(pool: PgPool) {
+    let dir = Scratch::new("history-e2e-2");
+    let server = serve(&dir.join("data"), &test_db_url(&pool));
+    let data = server.data.clone();
+    let o = cella(&data, None, &["tenant", "create", "hist2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let key = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("API key "))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    let repo = dir.join("svc");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    write(&repo, "README.md", "# svc\n");
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "Start"]);
+    // Only on a side branch.
+    git(&repo, &["checkout", "-q", "-b", "experiment"]);
+    write(&repo, "exp/try.env", &format!("STRIPE_KEY={}\n", stripe_key(10)));
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "Try the new key"]);
+    let side = git(&repo, &["rev-parse", "HEAD"]);
+    // Only behind an annotated tag (its branch deleted).
+    git(&repo, &["checkout", "-q", "main"]);
+    git(&repo, &["checkout", "-q", "-b", "release"]);
+    write(&repo, "deploy/prod.env", &format!("STRIPE_KEY={}\n", stripe_key(11)));
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "Release config"]);
+    let tagged = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["tag", "-a", "v1.0", "-m", "v1.0"]);
+    git(&repo, &["checkout", "-q", "main"]);
+    git(&repo, &["branch", "-q", "-D", "release"]);
+    // Added, then renamed: the commit that added it.
+    write(&repo, "old/name.env", &format!("STRIPE_KEY={}\n", stripe_key(12)));
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "Add the key"]);
+    let added = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["mv", "old/name.env", "new.env"]);
+    git(&repo, &["commit", "-qm", "Rename"]);
+
+    let sarif = dir.join("svc.sarif");
+    let o = cella(&data, Some(&key), &["scan", repo.to_str().unwrap(), "--sarif", sarif.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let found = attributed(&checked_sarif(&sarif));
+    assert_eq!(
+        found,
+        [
+            format!("deploy/prod.env:1:{tagged}:true"),
+            format!("exp/try.env:1:{side}:true"),
+            "new.env:1:-".to_owned(),
+            format!("old/name.env:1:{added}:false"),
+        ]
+    );
+
+    // A bare clone is sent as its history.
+    let bare = dir.join("svc.git");
+    git(&dir, &["clone", "-q", "--bare", repo.to_str().unwrap(), bare.to_str().unwrap()]);
+    git(&bare, &["fetch", "-q", "origin", "refs/heads/*:refs/heads/*", "refs/tags/*:refs/tags/*"]);
+    let bare_sarif = dir.join("bare.sarif");
+    let o =
+        cella(&data, Some(&key), &["scan", bare.to_str().unwrap(), "--sarif", bare_sarif.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("is a bare git repository"), "{}", text(&o));
+    assert_eq!(
+        attributed(&checked_sarif(&bare_sarif)),
+        [
+            format!("deploy/prod.env:1:{tagged}:true"),
+            format!("exp/try.env:1:{side}:true"),
+            format!("old/name.env:1:{added}:false"),
+        ]
+    );
+
+    // A baseline made from the scan silences history findings too: the gate passes.
+    let baseline = dir.join("baseline.json");
+    let o = cella(
+        &data,
+        Some(&key),
+        &["baseline", "create", sarif.to_str().unwrap(), "--out", baseline.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o =
+        cella(&data, Some(&key), &["scan", repo.to_str().unwrap(), "--baseline", baseline.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("4 finding(s) (4 suppressed)"), "{}", text(&o));
+}

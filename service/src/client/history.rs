@@ -94,6 +94,22 @@ fn work_tree_root(dir: &Path) -> Option<PathBuf> {
     (std::fs::canonicalize(dir).ok()? == root).then_some(root)
 }
 
+/// The bundle of the bare repository `dir` (what `history` asks for), or `None` if `dir` is
+/// not a bare repository.
+pub fn bare_bundle(dir: &Path, history: &History) -> Result<Option<Bundle>, ClientError> {
+    if git(dir, &["rev-parse", "--is-bare-repository"]).as_deref() != Ok("true") {
+        return Ok(None);
+    }
+    let root = std::fs::canonicalize(dir).map_err(|e| ClientError::Read(dir.to_owned(), e))?;
+    // `git -C` into a bare repository found by walking up would be another repository's.
+    let git_dir =
+        git(&root, &["rev-parse", "--absolute-git-dir"]).ok().and_then(|d| std::fs::canonicalize(d).ok());
+    if git_dir.as_deref() != Some(root.as_path()) {
+        return Ok(None);
+    }
+    make(&root, history, "bare")
+}
+
 /// Makes the bundle of `dir`'s history that `history` asks for. `Ok(None)` when there is
 /// nothing to send (not a git work tree, `--history none`, no commits), said on stderr; an
 /// explicit `since=`/`branch=` that git refuses is an error, and so is a failure of the
@@ -111,6 +127,11 @@ pub fn bundle(dir: &Path, history: &History, tag: &str) -> Result<Option<Bundle>
         }
         return Ok(None);
     };
+    make(&root, history, tag)
+}
+
+/// The bundle of the repository at `root` (a work tree's root or a bare repository).
+fn make(root: &Path, history: &History, tag: &str) -> Result<Option<Bundle>, ClientError> {
     let revs: Vec<String> = match history {
         History::None => unreachable!("handled above"),
         History::All => vec!["--all".into()],
@@ -118,14 +139,14 @@ pub fn bundle(dir: &Path, history: &History, tag: &str) -> Result<Option<Bundle>
         History::Branch(name) => vec![name.clone()],
     };
     let usage = |why: String| ClientError::Usage(format!("--history: {why}"));
-    if git(&root, &["rev-parse", "--verify", "-q", "HEAD"]).is_err() && *history == History::All {
+    if git(root, &["rev-parse", "--verify", "-q", "HEAD"]).is_err() && *history == History::All {
         eprintln!("cella scan: the repository has no commits yet: no history to send");
         return Ok(None);
     }
     let rev_args: Vec<&str> = revs.iter().map(String::as_str).collect();
     let mut count_args = vec!["rev-list", "--count"];
     count_args.extend(&rev_args);
-    let commits: u64 = git(&root, &count_args).map_err(usage)?.parse().unwrap_or(0);
+    let commits: u64 = git(root, &count_args).map_err(usage)?.parse().unwrap_or(0);
     if commits == 0 {
         eprintln!("cella scan: no commits in the history asked for (--history): none sent");
         return Ok(None);
@@ -139,7 +160,7 @@ pub fn bundle(dir: &Path, history: &History, tag: &str) -> Result<Option<Bundle>
         _ => {
             let mut args = vec!["bundle", "create", "-q", path];
             args.extend(&rev_args);
-            git(&root, &args).map_err(|e| usage(format!("git bundle create failed: {e}")))?;
+            git(root, &args).map_err(|e| usage(format!("git bundle create failed: {e}")))?;
         }
     }
     Ok(Some(Bundle { file, commits }))

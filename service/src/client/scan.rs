@@ -343,6 +343,27 @@ pub(crate) struct Artifact {
 /// A folder packed as tar (removed when dropped), or the file itself; and its name.
 pub(crate) fn artifact(path: &Path, no_ignore: bool, history: &History) -> Result<Artifact, ClientError> {
     let meta = std::fs::metadata(path).map_err(|e| ClientError::Read(path.to_owned(), e))?;
+    if meta.is_dir() && *history != History::None {
+        // A bare repository is its history: sent as a bundle.
+        if let Some(bundle) = super::history::bare_bundle(path, history)? {
+            let name = std::fs::canonicalize(path)
+                .ok()
+                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().trim_end_matches(".git").to_owned()))
+                .unwrap_or_else(|| "repository".to_owned());
+            eprintln!(
+                "cella scan: {} is a bare git repository: sending its history ({} commit(s))",
+                path.display(),
+                bundle.commits
+            );
+            let file = bundle.file.path().to_owned();
+            return Ok(Artifact {
+                _packed: Some(bundle.file),
+                file,
+                name: format!("{name}.bundle"),
+                history_excludes: Vec::new(),
+            });
+        }
+    }
     if meta.is_dir() {
         let (tmp, name, history_excludes) = pack(path, no_ignore, history)?;
         let file = tmp.path().to_owned();
