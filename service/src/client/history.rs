@@ -155,7 +155,7 @@ fn make(root: &Path, history: &History, tag: &str) -> Result<Option<Bundle>, Cli
     let path =
         file.path().to_str().ok_or_else(|| usage("the temporary folder's path is not UTF-8".into()))?;
     match history {
-        History::Since(rev) => since_bundle(&root, rev, file.path())
+        History::Since(rev) => since_bundle(root, rev, file.path())
             .map_err(|e| usage(format!("making the history bundle: {e}")))?,
         _ => {
             let mut args = vec!["bundle", "create", "-q", path];
