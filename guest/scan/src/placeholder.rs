@@ -57,6 +57,7 @@ pub fn is_placeholder(value: &[u8]) -> bool {
         || is_run(v)
         || is_stand_in_word(v)
         || is_identifier(v)
+        || is_header_name(v)
         || is_camel_case_name(v)
         || is_elided(v)
 }
@@ -127,14 +128,25 @@ fn is_identifier(v: &[u8]) -> bool {
     if upper == lower {
         return false;
     }
-    parts.iter().enumerate().all(|(i, p)| {
-        let digits = p.iter().filter(|b| b.is_ascii_digit()).count();
-        let word = p[0].is_ascii_alphabetic()
-            && (p.len() <= 12 || (p.len() <= 16 && pronounceable(p)))
-            && p.iter().all(u8::is_ascii_alphanumeric)
-            && 3 * digits <= p.len();
-        word || (i > 0 && digits == p.len())
-    })
+    parts.iter().enumerate().all(|(i, p)| is_name_word(p) || (i > 0 && p.iter().all(u8::is_ascii_digit)))
+}
+
+/// A word of a name: starts with a letter, at most 12 characters (16 if pronounceable), letters
+/// and digits, at most a third of them digits.
+fn is_name_word(p: &[u8]) -> bool {
+    let digits = p.iter().filter(|b| b.is_ascii_digit()).count();
+    p.first().is_some_and(u8::is_ascii_alphabetic)
+        && (p.len() <= 12 || (p.len() <= 16 && pronounceable(p)))
+        && p.iter().all(u8::is_ascii_alphanumeric)
+        && 3 * digits <= p.len()
+}
+
+/// An HTTP header's name with the `X-` prefix (`X-aws-ec2-metadata-token`,
+/// `x-goog-api-key`): the name a token is sent under, not a token.
+fn is_header_name(v: &[u8]) -> bool {
+    let Some(rest) = v.strip_prefix(b"X-").or_else(|| v.strip_prefix(b"x-")) else { return false };
+    let parts: alloc::vec::Vec<&[u8]> = rest.split(|&b| b == b'-').collect();
+    parts.len() >= 2 && parts.iter().all(|p| is_name_word(p))
 }
 
 /// No more than four consonants in a row (`AUTHORIZATION`, `CERTIFICATES`; not `qkvjzmtwpxrb`):
@@ -313,6 +325,16 @@ mod tests {
         }
         for v in ["acme_qkvjzmtwpxrbnlsd", "ACME_QKVJZMTWPXRBNLSDFG", "eyJ2IjoiMSIsInMiOjEsImMiOi"] {
             assert!(!is_placeholder(v.as_bytes()), "{v:?} is not a placeholder");
+        }
+    }
+
+    #[test]
+    fn header_names_are_placeholders_and_tokens_after_x_are_not() {
+        for v in ["X-aws-ec2-metadata-token-ttl-seconds", "X-aws-ec2-metadata-token", "x-goog-api-key"] {
+            assert!(is_placeholder(v.as_bytes()), "{v:?} is a header name");
+        }
+        for v in ["x-4f8a9b2c7d1e6f30a5b4", "X-qkvjzmtwpxrbnlsdfgh-token", "X-token"] {
+            assert!(!is_header_name(v.as_bytes()), "{v:?} is not a header name");
         }
     }
 
