@@ -49,6 +49,7 @@ flags=(
   -Cllvm-args=-sanitizer-coverage-pc-table
   -Cllvm-args=-sanitizer-coverage-trace-compares
   -Cforce-frame-pointers=yes
+  --cfg fuzzing
 )
 unset RUSTFLAGS
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="${flags[*]}"

@@ -27,8 +27,9 @@ fn main() {
         .nth(1)
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus"));
-    let targets: [(&str, Seeds); 10] = [
+    let targets: [(&str, Seeds); 11] = [
         ("archive_tar", tar_seeds()),
+        ("archive_git_bundle", bundle_seeds()),
         ("archive_gzip", gzip_seeds()),
         ("archive_zip", zip_seeds()),
         ("virtio_chain", virtio_seeds()),
@@ -103,6 +104,69 @@ fn tar_seeds() -> Seeds {
         ("nested-tar-gz", tar_of(&[("layer.tar.gz", &inner_tgz), ("top.txt", LICENSE_TEXT)])),
         ("escapes-root", tar_escaping_root()),
     ]
+}
+
+/// Git bundles made by the real `git` in a scratch repository: a history with a branch, a
+/// tag, a rename, a deleted secret and a file edited often (delta chains); the same from a
+/// later commit on (prerequisites); and the repository packed with deep chains.
+fn bundle_seeds() -> Seeds {
+    let dir = std::env::temp_dir().join(format!("cella-fuzz-seeds-git-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a scratch folder");
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=Seed", "-c", "user.email=seed@example.org", "-c", "commit.gpgsign=false"])
+            .args(args)
+            .current_dir(&dir)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_AUTHOR_DATE", "1700000000 +0000")
+            .env("GIT_COMMITTER_DATE", "1700000000 +0000")
+            .output()
+            .expect("git runs");
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let write = |path: &str, text: &[u8]| {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    git(&["init", "-q", "-b", "main"]);
+    write("config.env", SECRET_TEXT);
+    write("src/lib.rs", LICENSE_TEXT);
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "Start"]);
+    let first = git(&["rev-parse", "HEAD"]);
+    let mut lines: Vec<String> = (0..40).map(|i| format!("line {i} of a file edited often")).collect();
+    for i in 0..12 {
+        lines[i * 3] = format!("changed in commit {i}");
+        write("notes.txt", (lines.join("\n") + "\n").as_bytes());
+        git(&["add", "-A"]);
+        git(&["commit", "-qm", &format!("Edit {i}")]);
+    }
+    std::fs::remove_file(dir.join("config.env")).unwrap();
+    git(&["mv", "src/lib.rs", "src/main.rs"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "Remove the config, rename"]);
+    git(&["tag", "-a", "v1", "-m", "v1"]);
+    git(&["checkout", "-q", "-b", "side"]);
+    write("side.txt", b"token = ghp_0123456789abcdefABCDEF0123456789abcd\n");
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "Side"]);
+    git(&["checkout", "-q", "main"]);
+    let bundle = |name: &str, revs: &[&str]| -> Vec<u8> {
+        let path = dir.join(name);
+        let mut args = vec!["bundle", "create", "-q", path.to_str().unwrap()];
+        args.extend_from_slice(revs);
+        git(&args);
+        std::fs::read(&path).unwrap()
+    };
+    let all = bundle("all.bundle", &["--all"]);
+    let since = bundle("since.bundle", &["--all", &format!("^{first}")]);
+    git(&["repack", "-adf", "-q", "--depth=50", "--window=50"]);
+    let deep = bundle("deep.bundle", &["main"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    vec![("all-refs", all), ("since-first-commit", since), ("main-deep-chains", deep)]
 }
 
 /// A tar whose one entry is named `../outside` (the tar crate refuses to write such a name).

@@ -360,6 +360,32 @@ mod hostile {
     }
 
     #[test]
+    fn extracting_a_bundle_checks_it_as_a_scan_does_and_yields_no_files() {
+        let good = bundle(&[object(BLOB, b"hello\n")], 1);
+        let mut files = Vec::new();
+        let extract = |data: &[u8], files: &mut Vec<String>| {
+            cella_scan::extract_artifact(
+                &mut SliceSource(data),
+                "h.bundle",
+                "",
+                &Limits::default(),
+                1 << 20,
+                |p, _| {
+                    files.push(p.to_owned());
+                    Ok(())
+                },
+            )
+        };
+        extract(&good, &mut files).unwrap();
+        assert!(files.is_empty(), "{files:?}");
+        let cut = &good[..good.len() - 5];
+        match extract(cut, &mut files) {
+            Err(ArtifactError::History { problem: HistoryProblem::PackChecksum, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_delta_base_out_of_range_is_refused() {
         let mut delta = header(OFS_DELTA, 3);
         delta.push(0x7f); // 127 bytes back: before the pack's first object

@@ -17,7 +17,7 @@ use core::cell::Cell;
 use crate::engine::Engine;
 use crate::error::ArtifactError;
 use crate::finding::Report;
-use crate::source::{read_full, ByteRead, Chain, SliceRead, Source, SourceReader, VecSource};
+use crate::source::{read_full, ByteRead, Chain, Source, SourceReader, VecSource};
 
 pub use inflate::RATIO_MIN_OUTPUT;
 
@@ -157,7 +157,7 @@ where
 {
     let file: &mut OnFile<'_> = &mut file;
     let total = Cell::new(0);
-    let mut sink = ExtractSink { file, left: max_bytes, max_entry: limits.max_entry_size };
+    let mut sink = ExtractSink { file, left: max_bytes, limits };
     let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total };
     walk.source(&mut &mut *source, name, 0, prefix)
 }
@@ -175,10 +175,8 @@ pub(crate) trait FileSink {
     fn skipped(&mut self, _path: &str, _why: &ArtifactError) {}
 
     /// A git bundle `bundle` (read whole) at `path`: its history's files are reported under
-    /// `path_prefix`. By default it is a file like any other.
-    fn history(&mut self, path: &str, _path_prefix: &str, bundle: Vec<u8>) -> Result<(), ArtifactError> {
-        self.file(path, &mut SliceRead(&bundle))
-    }
+    /// `path_prefix`.
+    fn history(&mut self, path: &str, path_prefix: &str, bundle: Vec<u8>) -> Result<(), ArtifactError>;
 }
 
 struct ScanSink<'a> {
@@ -250,19 +248,25 @@ struct ExtractSink<'a> {
     file: &'a mut OnFile<'a>,
     /// Content bytes that may still be extracted.
     left: u64,
-    max_entry: u64,
+    limits: &'a Limits,
 }
 
 impl ExtractSink<'_> {
     fn too_large(&self, path: &str, size: u64) -> ArtifactError {
-        let limit = self.left.min(self.max_entry);
+        let limit = self.left.min(self.limits.max_entry_size);
         ArtifactError::EntryTooLarge { entry: String::from(path), size, limit }
     }
 }
 
 impl FileSink for ExtractSink<'_> {
+    /// A bundle is history, not files of the artifact: checked as a scan reads it (so the
+    /// same bundles are refused), nothing extracted.
+    fn history(&mut self, path: &str, _path_prefix: &str, bundle: Vec<u8>) -> Result<(), ArtifactError> {
+        crate::history::check_bundle(&bundle, path, self.limits)
+    }
+
     fn file(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<(), ArtifactError> {
-        let limit = self.left.min(self.max_entry);
+        let limit = self.left.min(self.limits.max_entry_size);
         let mut data: Vec<u8> = Vec::new();
         // A declared size is only a hint (a tar header may lie), so it is checked against the
         // limit before anything is reserved, and the reservation may fail without harm.

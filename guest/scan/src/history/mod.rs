@@ -88,6 +88,8 @@ pub struct HistorySummary {
     /// Of those, versions scanned only where they differ from the version they were rebuilt
     /// from (the findings of what they share carried over).
     pub blobs_scanned_in_part: u64,
+    /// Bytes of them scanned (counted in the scan's `bytes_scanned` too).
+    pub bytes_scanned: u64,
     /// The history starts after some commits (a `--since` bundle, a shallow clone): older
     /// history was not scanned.
     pub partial: bool,
@@ -240,13 +242,30 @@ pub(crate) fn scan_bundle(
     })
 }
 
-fn scan(
-    bytes: &[u8],
-    path_prefix: &str,
-    engine: &mut Engine,
-    limits: &Limits,
-    report: &mut Report,
-) -> Result<(), Stop> {
+/// A bundle read: its pack indexed and resolved, its commit graph walked.
+struct Read<'a> {
+    header: bundle::Header,
+    pack: Pack<'a>,
+    graph: graph::Graph,
+    /// Per pack entry: an index into `origins`, or [`NONE`] (see [`first_appearances`]).
+    origin: Vec<u32>,
+    origins: Vec<(u32, String)>,
+    missing: u64,
+    unresolved: u64,
+    partial: bool,
+    /// Each commit slot's place in topological order.
+    rank: Vec<u32>,
+}
+
+impl Read<'_> {
+    /// Which pack entries are blobs some commit holds.
+    fn needed(&self) -> Vec<bool> {
+        self.origin.iter().map(|o| *o != NONE).collect()
+    }
+}
+
+/// Reads the bundle `bytes` as far as its blobs: every check and limit but the scan's.
+fn read<'a>(bytes: &'a [u8], limits: &'a Limits) -> Result<(Read<'a>, Names), Stop> {
     let header = bundle::parse(bytes)?;
     let mut pack = Pack::index(&bytes[header.pack_offset..], limits)?;
     let unresolved = pack.resolve()?;
@@ -259,14 +278,42 @@ fn scan(
     let graph = read_graph(&mut pack, &names)?;
     let order = topological_order(&graph);
     let (origin, origins, missing) = first_appearances(&graph, &order, n);
-    let at_head = head_blobs(&graph, &header.refs, &names, n);
     let mut rank = vec![0u32; graph.commits.len()];
     for (i, &slot) in order.iter().enumerate() {
         rank[slot as usize] = i as u32;
     }
+    Ok((Read { header, pack, graph, origin, origins, missing, unresolved, partial, rank }, names))
+}
+
+/// Reads the bundle `bytes` (the artifact entry `name`) with every check and limit of a scan,
+/// its blobs rebuilt but not scanned: what extracting an artifact does with a bundle (it holds
+/// no files of the artifact's own).
+pub(crate) fn check_bundle(bytes: &[u8], name: &str, limits: &Limits) -> Result<(), ArtifactError> {
+    let checked = read(bytes, limits).and_then(|(mut r, _)| {
+        let needed = r.needed();
+        r.pack.for_each(|k| k == BLOB, &needed, &mut |_| Ok(()))
+    });
+    checked.map_err(|stop| match stop {
+        Stop::History(problem) => ArtifactError::History { entry: String::from(name), problem },
+        Stop::Artifact(e) => e,
+    })
+}
+
+fn scan(
+    bytes: &[u8],
+    path_prefix: &str,
+    engine: &mut Engine,
+    limits: &Limits,
+    report: &mut Report,
+) -> Result<(), Stop> {
+    let (read, names) = read(bytes, limits)?;
+    let Read { header, mut pack, graph, origin, origins, missing, unresolved, partial, rank } = read;
+    let n = pack.len();
+    let at_head = head_blobs(&graph, &header.refs, &names, n);
 
     // Scan each blob that appears in a commit, once, at its first path.
     let needed: Vec<bool> = origin.iter().map(|o| *o != NONE).collect();
+    let bytes_before = report.bytes_scanned;
     let multiline = incremental::MultilineKeywords::new(engine.policy());
     let mut scan = BlobScan {
         engine,
@@ -327,6 +374,7 @@ fn scan(
     summary.objects += n as u64;
     summary.blobs_scanned += blobs_scanned;
     summary.blobs_scanned_in_part += blobs_scanned_in_part;
+    summary.bytes_scanned += report.bytes_scanned - bytes_before;
     summary.partial |= partial || unresolved > 0;
     summary.objects_missing += missing + unresolved;
     Ok(())

@@ -137,8 +137,9 @@ impl<'a> Pack<'a> {
             return Err(HistoryProblem::TooManyObjects { count, limit: limits.max_git_objects });
         }
         let body_end = bytes.len() - 20;
+        // A fuzzer cannot make a SHA-1 match: its builds (`--cfg fuzzing`) read on without it.
         let sum: Oid = Sha1::digest(&bytes[..body_end]).into();
-        if sum[..] != bytes[body_end..] {
+        if sum[..] != bytes[body_end..] && !cfg!(fuzzing) {
             return Err(HistoryProblem::PackChecksum);
         }
         let n = count as usize;
