@@ -270,6 +270,8 @@ pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value
                 result["properties"]["history"] = json!({
                     "author": h.author,
                     "commit": h.commit,
+                    "committed": h.committed,
+                    "committer": h.committer,
                     "date": h.date,
                     "onlyInHistory": h.only_in_history,
                     "subject": h.subject,
@@ -386,6 +388,8 @@ pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String
                     history: f.history.as_deref().map(|h| direct::History {
                         author: &h.author,
                         commit: &h.commit,
+                        committed: &h.committed,
+                        committer: &h.committer,
                         date: &h.date,
                         only_in_history: h.only_in_history,
                         subject: &h.subject,
@@ -598,6 +602,8 @@ mod direct {
     pub struct History<'a> {
         pub author: &'a str,
         pub commit: &'a str,
+        pub committed: &'a str,
+        pub committer: &'a str,
         pub date: &'a str,
         pub only_in_history: bool,
         pub subject: &'a str,

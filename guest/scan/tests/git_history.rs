@@ -120,6 +120,10 @@ fn a_secret_added_then_removed_is_found_with_the_commit_that_added_it() {
     assert_eq!(origin.author, "Ada Example <ada@example.org>");
     assert_eq!(origin.subject, "Add the app config");
     assert_eq!(origin.date, "2023-11-14T23:15:20+01:00");
+    assert_eq!(
+        (origin.committer.as_str(), origin.committed.as_str()),
+        ("Ada Example <ada@example.org>", "2023-11-14T23:15:20+01:00")
+    );
     let summary = report.history.as_ref().unwrap();
     assert_eq!(
         (summary.bundles, summary.commits, summary.partial, summary.objects_missing),

@@ -24,7 +24,9 @@ pub(super) struct CommitNode {
     pub author: String,
     pub author_time: i64,
     pub author_offset: i32,
+    pub committer: String,
     pub commit_time: i64,
+    pub commit_offset: i32,
     pub subject: String,
 }
 
@@ -103,7 +105,9 @@ pub(super) fn read_graph(pack: &mut Pack<'_>, names: &Names) -> Result<Graph, St
                     author: c.author,
                     author_time: c.author_time,
                     author_offset: c.author_offset,
+                    committer: c.committer,
                     commit_time: c.commit_time,
+                    commit_offset: c.commit_offset,
                     subject: c.subject,
                 });
             }

@@ -64,6 +64,10 @@ pub struct Origin {
     pub author: String,
     /// Its author date, RFC 3339 in the author's offset.
     pub date: String,
+    /// Its committer, `Name <email>`, and commit date (they differ from the author's after a
+    /// rebase or a cherry-pick).
+    pub committer: String,
+    pub committed: String,
     /// The first line of its message.
     pub subject: String,
     /// The secret is in no scanned file of the tree and not at the bundle's `HEAD`: it was
@@ -361,6 +365,8 @@ fn scan(
             commit: to_hex(pack.oid(c.entry)),
             author: c.author.clone(),
             date: objects::rfc3339(c.author_time, c.author_offset),
+            committer: c.committer.clone(),
+            committed: objects::rfc3339(c.commit_time, c.commit_offset),
             subject: c.subject.clone(),
             only_in_history,
         }));

@@ -15,8 +15,11 @@ pub(super) struct CommitObject {
     /// Seconds since the epoch, and the author's UTC offset in minutes.
     pub author_time: i64,
     pub author_offset: i32,
-    /// Seconds since the epoch (orders commits of equal rank).
+    /// `Name <email>` of the committer.
+    pub committer: String,
+    /// Seconds since the epoch (orders commits of equal rank), and the committer's UTC offset.
     pub commit_time: i64,
+    pub commit_offset: i32,
     /// The first line of the message.
     pub subject: String,
 }
@@ -76,8 +79,8 @@ pub(super) fn parse_commit(content: &[u8]) -> Option<CommitObject> {
                 (commit.author, commit.author_time, commit.author_offset) = (who, time, offset);
             }
         } else if let Some(sig) = line.strip_prefix(b"committer ") {
-            if let Some((_, time, _)) = signature(sig) {
-                commit.commit_time = time;
+            if let Some((who, time, offset)) = signature(sig) {
+                (commit.committer, commit.commit_time, commit.commit_offset) = (who, time, offset);
             }
         }
         if rest.is_empty() {
@@ -185,6 +188,7 @@ Add the config\n\nbody\n";
         assert_eq!(c.parents.len(), 2);
         assert_eq!(c.author, "Ada L <ada@example.org>");
         assert_eq!((c.author_time, c.author_offset, c.commit_time), (1_700_000_000, 60, 1_700_000_100));
+        assert_eq!((c.committer.as_str(), c.commit_offset), ("C <c@example.org>", 0));
         assert_eq!(c.subject, "Add the config");
         assert!(parse_commit(b"author x <y> 1 +0000\n\nno tree\n").is_none());
     }
