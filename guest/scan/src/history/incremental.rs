@@ -25,13 +25,16 @@ use crate::rule::{Policy, MULTILINE_WINDOW};
 
 /// The keywords of a policy's multi-line rules (ASCII case-insensitive); `None` when one
 /// of them has none (it runs over all text: nothing is carried over).
-pub(super) struct MultilineKeywords(Option<AhoCorasick>);
+pub(super) struct MultilineKeywords(Option<AhoCorasick>, usize);
+
+/// Where multi-line keywords occur in a version: (start, end) byte ranges, sorted.
+pub(super) type Occurrences = Vec<(usize, usize)>;
 
 impl MultilineKeywords {
     pub(super) fn new(policy: &Policy) -> Self {
         let multiline = || policy.rules.iter().filter(|r| r.multiline);
         if multiline().any(|r| r.keywords.is_empty()) {
-            return MultilineKeywords(None);
+            return MultilineKeywords(None, 0);
         }
         let words: Vec<&str> = multiline().flat_map(|r| r.keywords.iter().map(String::as_str)).collect();
         // One lookup a byte: the multi-line rules' keywords are few and short.
@@ -40,24 +43,76 @@ impl MultilineKeywords {
             .match_kind(MatchKind::Standard)
             .kind(Some(AhoCorasickKind::DFA))
             .build(&words);
-        MultilineKeywords(ac.ok())
+        let longest = words.iter().map(|w| w.len()).max().unwrap_or(0);
+        MultilineKeywords(ac.ok(), longest)
+    }
+
+    /// Every occurrence in `text`, found by searching it all (`None`: see the type).
+    pub(super) fn occurrences(&self, text: &[u8]) -> Option<Occurrences> {
+        let ac = self.0.as_ref()?;
+        Some(ac.find_iter(text).map(|m| (m.start(), m.end())).collect())
+    }
+
+    /// The occurrences in `text`, rebuilt from a base by `pieces`, given the base's: those
+    /// inside a copied run are the base's, moved; only around inserted bytes and the ends of
+    /// copied runs is `text` searched (where an occurrence may be new, or may have been hidden
+    /// in the base behind an overlapping one).
+    fn occurrences_after(
+        &self,
+        ac: &AhoCorasick,
+        text: &[u8],
+        base: &[(usize, usize)],
+        pieces: &[Piece],
+    ) -> Occurrences {
+        let reach = self.1.max(1);
+        let mut out: Occurrences = Vec::new();
+        let mut regions: Vec<(usize, usize)> = Vec::new();
+        for piece in pieces {
+            match *piece {
+                Piece::Copy { dst, src, len } => {
+                    let at = base.partition_point(|o| o.0 < src);
+                    for &(s, e) in base[at..].iter().take_while(|o| o.0 < src + len) {
+                        if e <= src + len {
+                            out.push((dst + (s - src), dst + (e - src)));
+                        }
+                    }
+                    regions.push((dst.saturating_sub(reach), dst + 2 * reach));
+                    regions.push(((dst + len).saturating_sub(2 * reach), dst + len + reach));
+                }
+                Piece::Insert { dst, len } => regions.push((dst.saturating_sub(reach), dst + len + reach)),
+            }
+        }
+        regions.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::new();
+        for (a, b) in regions {
+            let (a, b) = (a.min(text.len()), b.min(text.len()));
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        for (a, b) in merged {
+            out.extend(ac.find_iter(&text[a..b]).map(|m| (a + m.start(), a + m.end())));
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// The line ranges (inclusive, 0-based) that multi-line rules may look at together in
-    /// `text`: each keyword's line to [`MULTILINE_WINDOW`] bytes on, overlapping ones joined
-    /// (a rule run over one window decides where the next begins). `None` if nothing can be
-    /// carried over (see [`MultilineKeywords`]).
-    pub(super) fn clusters(&self, text: &[u8]) -> Option<Vec<(usize, usize)>> {
-        let ac = self.0.as_ref()?;
-        Some(Self::clusters_in(ac, text, &line_starts(text)))
+    /// `text`, whose keywords occur at `occurrences`: each keyword's line to
+    /// [`MULTILINE_WINDOW`] bytes on, overlapping ones joined (a rule run over one window
+    /// decides where the next begins).
+    pub(super) fn clusters(text: &[u8], occurrences: &[(usize, usize)]) -> Vec<(usize, usize)> {
+        Self::clusters_in(text, &line_starts(text), occurrences)
     }
 
-    fn clusters_in(ac: &AhoCorasick, text: &[u8], starts: &[usize]) -> Vec<(usize, usize)> {
+    fn clusters_in(text: &[u8], starts: &[usize], occurrences: &[(usize, usize)]) -> Vec<(usize, usize)> {
         let line_of = |pos: usize| starts.partition_point(|&s| s <= pos) - 1;
         let line_end = |i: usize| starts.get(i + 1).copied().unwrap_or(text.len());
         let mut out: Vec<(usize, usize)> = Vec::new();
-        for m in ac.find_iter(text) {
-            let first = line_of(m.start());
+        for &(start, _) in occurrences {
+            let first = line_of(start);
             let (ls, le) = (starts[first], line_end(first));
             let end = le.max((ls + MULTILINE_WINDOW).min(text.len()));
             let last = line_of(end.saturating_sub(1).max(ls));
@@ -76,7 +131,8 @@ pub(super) struct Plan {
     pub text: Vec<u8>,
     /// The base's findings on blanked lines, at their lines here.
     pub carried: Vec<Finding>,
-    /// The version's multi-line clusters (for the versions rebuilt from it).
+    /// The version's multi-line keywords and clusters (for the versions rebuilt from it).
+    pub occurrences: Occurrences,
     pub clusters: Vec<(usize, usize)>,
 }
 
@@ -92,6 +148,7 @@ fn line_starts(text: &[u8]) -> Vec<usize> {
 pub(super) struct Base<'a> {
     pub content: &'a [u8],
     pub findings: &'a [Finding],
+    pub occurrences: &'a [(usize, usize)],
     pub clusters: &'a [(usize, usize)],
 }
 
@@ -105,9 +162,14 @@ pub(super) fn plan(
 ) -> Option<Plan> {
     let keywords = multiline.0.as_ref()?;
     if text.is_empty() {
-        return Some(Plan { text: Vec::new(), carried: Vec::new(), clusters: Vec::new() });
+        return Some(Plan {
+            text: Vec::new(),
+            carried: Vec::new(),
+            occurrences: Vec::new(),
+            clusters: Vec::new(),
+        });
     }
-    let (base_findings, base_clusters) = (base.findings, base.clusters);
+    let (base_findings, base_clusters, base_occurrences) = (base.findings, base.clusters, base.occurrences);
     let base = base.content;
     let starts = line_starts(text);
     let base_starts = line_starts(base);
@@ -137,7 +199,8 @@ pub(super) fn plan(
     let mut kept: Vec<bool> = source.iter().map(Option::is_none).collect();
 
     // Multi-line clusters: carried over only if the base has the very same cluster.
-    let clusters = MultilineKeywords::clusters_in(keywords, text, &starts);
+    let occurrences = multiline.occurrences_after(keywords, text, base_occurrences, pieces);
+    let clusters = MultilineKeywords::clusters_in(text, &starts, &occurrences);
     let base_last = base_starts.len() - 1;
     for &(a, b) in &clusters {
         let same = source[a].is_some_and(|pa| {
@@ -185,7 +248,7 @@ pub(super) fn plan(
             out.push(b'\n');
         }
     }
-    Some(Plan { text: out, carried, clusters })
+    Some(Plan { text: out, carried, occurrences, clusters })
 }
 
 #[cfg(test)]
@@ -218,7 +281,8 @@ mod tests {
     }
 
     fn keywords(words: &[&str]) -> MultilineKeywords {
-        MultilineKeywords(AhoCorasickBuilder::new().ascii_case_insensitive(true).build(words).ok())
+        let longest = words.iter().map(|w| w.len()).max().unwrap_or(0);
+        MultilineKeywords(AhoCorasickBuilder::new().ascii_case_insensitive(true).build(words).ok(), longest)
     }
 
     #[test]
@@ -231,9 +295,10 @@ mod tests {
             Piece::Copy { dst: 5, src: 0, len: base.len() },
             Piece::Insert { dst: 5 + base.len(), len: 5 },
         ];
-        let clusters = keywords(&["begin key"]).clusters(base).unwrap();
+        let occurrences = keywords(&["begin key"]).occurrences(base).unwrap();
+        let clusters = MultilineKeywords::clusters(base, &occurrences);
         let findings = [finding(2, 2)];
-        let b = Base { content: base, findings: &findings, clusters: &clusters };
+        let b = Base { content: base, findings: &findings, occurrences: &occurrences, clusters: &clusters };
         let plan = plan(&b, text, &pieces, &keywords(&["begin key"])).unwrap();
         assert_eq!(plan.text, b"zero\n\n\n\n\nfive\n");
         assert_eq!(plan.carried.len(), 1);
@@ -250,9 +315,10 @@ mod tests {
             Piece::Copy { dst: 24, src: 24, len: 6 },
         ];
         let kw = keywords(&["begin key"]);
-        let clusters = kw.clusters(base).unwrap();
+        let occurrences = kw.occurrences(base).unwrap();
+        let clusters = MultilineKeywords::clusters(base, &occurrences);
         let findings = [finding(2, 5), finding(1, 1)];
-        let b = Base { content: base, findings: &findings, clusters: &clusters };
+        let b = Base { content: base, findings: &findings, occurrences: &occurrences, clusters: &clusters };
         let plan = plan(&b, text, &pieces, &kw).unwrap();
         // The window runs from the keyword's line to the end (8 KiB): all of it kept; line 1 is
         // carried.

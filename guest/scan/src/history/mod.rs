@@ -149,8 +149,9 @@ struct Scanned {
     idx: u32,
     display: String,
     findings: Vec<Finding>,
-    /// `None`: binary, or nothing can be carried over from it.
-    clusters: Option<Vec<(usize, usize)>>,
+    /// Its multi-line keywords and clusters; `None`: binary, or nothing can be carried over
+    /// from it.
+    multiline: Option<(incremental::Occurrences, Vec<(usize, usize)>)>,
 }
 
 /// Whether the engine reads `content` as binary (its printable strings, secrets only).
@@ -181,18 +182,24 @@ impl BlobScan<'_> {
         let delta_scan = self.limits.history_delta_scan && !is_binary(content);
         let planned = match (self.path.last(), &reached.from) {
             (Some(top), Some(from)) if delta_scan && top.display == display => {
-                top.clusters.as_deref().zip(delta::pieces(from.delta)).and_then(|(clusters, pieces)| {
-                    let base =
-                        incremental::Base { content: from.base_content, findings: &top.findings, clusters };
-                    // Blanking moves later bytes forward: a NUL byte brought into the first
-                    // BINARY_SNIFF_LEN would make the engine read the version as binary.
-                    incremental::plan(&base, content, &pieces, &self.multiline)
-                        .filter(|p| !is_binary(&p.text))
-                })
+                top.multiline.as_ref().zip(delta::pieces(from.delta)).and_then(
+                    |((occurrences, clusters), pieces)| {
+                        let base = incremental::Base {
+                            content: from.base_content,
+                            findings: &top.findings,
+                            occurrences,
+                            clusters,
+                        };
+                        // Blanking moves later bytes forward: a NUL byte brought into the first
+                        // BINARY_SNIFF_LEN would make the engine read the version as binary.
+                        incremental::plan(&base, content, &pieces, &self.multiline)
+                            .filter(|p| !is_binary(&p.text))
+                    },
+                )
             }
             _ => None,
         };
-        let (findings, clusters) = match planned {
+        let (findings, multiline) = match planned {
             Some(plan) => {
                 self.engine.scan_file(&display, &plan.text, &mut self.scratch, self.limits)?;
                 let mut all: Vec<Finding> = self.scratch.findings.drain(..).collect();
@@ -200,12 +207,18 @@ impl BlobScan<'_> {
                 all.sort_by_key(|f| (f.line, f.column, f.end_line, f.end_column, f.rule_index));
                 self.engine.renumber(&display, &mut all);
                 self.blobs_scanned_in_part += 1;
-                (all, Some(plan.clusters))
+                (all, Some((plan.occurrences, plan.clusters)))
             }
             None => {
                 self.engine.scan_file(&display, content, &mut self.scratch, self.limits)?;
-                let clusters = if delta_scan { self.multiline.clusters(content) } else { None };
-                (self.scratch.findings.drain(..).collect(), clusters)
+                let multiline = match delta_scan {
+                    true => self.multiline.occurrences(content).map(|o| {
+                        let clusters = incremental::MultilineKeywords::clusters(content, &o);
+                        (o, clusters)
+                    }),
+                    false => None,
+                };
+                (self.scratch.findings.drain(..).collect(), multiline)
             }
         };
         self.blobs_scanned += 1;
@@ -225,7 +238,7 @@ impl BlobScan<'_> {
                 None => self.dropped += 1,
             }
         }
-        self.path.push(Scanned { idx: reached.idx, display, findings, clusters });
+        self.path.push(Scanned { idx: reached.idx, display, findings, multiline });
         Ok(())
     }
 }
