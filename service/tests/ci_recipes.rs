@@ -18,33 +18,14 @@ mod common;
 #[path = "../../guest/scan/tests/sarif_checks/mod.rs"]
 mod sarif_checks;
 
-use common::{cella, test_db_url, Scratch, Serve, Server};
+use common::{cella, serve_jailed, tenant_key, test_db_url, Scratch};
 use sarif_checks::checked_sarif;
 
 /// A made-up Stripe-shaped live key (not a real one).
 const LIVE_KEY: &str = "sk_live_9Tq2Wv7Lm4Rx8Kc1Zp6Hn3Yd";
 
-fn serve(data: &Path, db: &str) -> Server {
-    let jailed = if common::is_root() { "1" } else { "0" };
-    Serve::new(data)
-        .db(Some(db))
-        .envs(&[("CELLA_JAILED", jailed), ("CELLA_LEASE_SECS", "2"), ("CELLA_DRAIN_SECS", "1")])
-        .start()
-}
-
 fn err(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn tenant(data: &Path) -> String {
-    let o = cella(data, None, &["tenant", "create", "ci"]);
-    assert!(o.status.success(), "{}", err(&o));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("API key "))
-        .unwrap()
-        .trim()
-        .to_owned()
 }
 
 fn write(root: &Path, path: &str, text: &str) {
@@ -200,8 +181,8 @@ async fn the_github_actions_workflow_gates_on_a_live_key_uploads_sarif_and_passe
     pool: PgPool,
 ) {
     let dir = Scratch::new("ci-github");
-    let server = serve(&dir.join("data"), &test_db_url(&pool));
-    let key = tenant(&server.data);
+    let server = serve_jailed(&dir.join("data"), &test_db_url(&pool));
+    let key = tenant_key(&server.data, "ci");
     let repo = checkout(&dir);
     let home = dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
@@ -261,8 +242,8 @@ async fn the_github_actions_workflow_gates_on_a_live_key_uploads_sarif_and_passe
 #[sqlx::test(migrations = "../migrations")]
 async fn the_gitlab_job_gates_on_a_live_key_and_leaves_its_reports(pool: PgPool) {
     let dir = Scratch::new("ci-gitlab");
-    let server = serve(&dir.join("data"), &test_db_url(&pool));
-    let key = tenant(&server.data);
+    let server = serve_jailed(&dir.join("data"), &test_db_url(&pool));
+    let key = tenant_key(&server.data, "ci");
     let repo = checkout(&dir);
     let home = dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
@@ -304,8 +285,8 @@ async fn the_gitlab_job_gates_on_a_live_key_and_leaves_its_reports(pool: PgPool)
 #[sqlx::test(migrations = "../migrations")]
 async fn the_pre_commit_hook_refuses_a_staged_live_key_and_lets_a_marked_one_through(pool: PgPool) {
     let dir = Scratch::new("ci-pre-commit");
-    let server = serve(&dir.join("data"), &test_db_url(&pool));
-    let key = tenant(&server.data);
+    let server = serve_jailed(&dir.join("data"), &test_db_url(&pool));
+    let key = tenant_key(&server.data, "ci");
     let repo = dir.join("work");
     write(&repo, "README.md", "work\n");
     assert!(git(&repo, &["init", "-q"]).status.success());

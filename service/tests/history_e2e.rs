@@ -15,7 +15,7 @@ mod common;
 #[path = "../../guest/scan/tests/sarif_checks/mod.rs"]
 mod sarif_checks;
 
-use common::{cella, test_db_url, Scratch, Serve, Server};
+use common::{cella, serve_jailed, tenant_key, test_db_url, Scratch};
 use sarif_checks::checked_sarif;
 
 /// A Stripe-shaped live key for `n` (made up).
@@ -29,14 +29,6 @@ fn stripe_key(n: u32) -> String {
         })
         .collect();
     format!("sk_live_{tail}")
-}
-
-fn serve(data: &Path, db: &str) -> Server {
-    let jailed = if common::is_root() { "1" } else { "0" };
-    Serve::new(data)
-        .db(Some(db))
-        .envs(&[("CELLA_JAILED", jailed), ("CELLA_LEASE_SECS", "2"), ("CELLA_DRAIN_SECS", "1")])
-        .start()
 }
 
 fn text(o: &Output) -> String {
@@ -95,16 +87,9 @@ fn attributed(log: &Value) -> Vec<String> {
 #[sqlx::test(migrations = "../migrations")]
 async fn a_deleted_key_is_found_in_history_with_the_commit_that_added_it(pool: PgPool) {
     let dir = Scratch::new("history-e2e");
-    let server = serve(&dir.join("data"), &test_db_url(&pool));
+    let server = serve_jailed(&dir.join("data"), &test_db_url(&pool));
     let data = server.data.clone();
-    let o = cella(&data, None, &["tenant", "create", "hist"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let key = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("API key "))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let key = tenant_key(&data, "hist");
 
     let repo = dir.join("shop");
     std::fs::create_dir_all(&repo).unwrap();
@@ -218,16 +203,9 @@ async fn a_deleted_key_is_found_in_history_with_the_commit_that_added_it(pool: P
 #[sqlx::test(migrations = "../migrations")]
 async fn branches_tags_renames_a_bare_clone_and_a_baseline_through_the_service(pool: PgPool) {
     let dir = Scratch::new("history-e2e-2");
-    let server = serve(&dir.join("data"), &test_db_url(&pool));
+    let server = serve_jailed(&dir.join("data"), &test_db_url(&pool));
     let data = server.data.clone();
-    let o = cella(&data, None, &["tenant", "create", "hist2"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let key = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("API key "))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let key = tenant_key(&data, "hist2");
 
     let repo = dir.join("svc");
     std::fs::create_dir_all(&repo).unwrap();

@@ -4,7 +4,6 @@
 //! finding comes back at its path in the image with its layer and build step, the deleted one
 //! marked; `--image` on an archive that holds no image fails with a clear message.
 
-use std::path::Path;
 use std::process::Output;
 
 use sqlx::PgPool;
@@ -13,31 +12,11 @@ mod common;
 #[path = "../../guest/scan/tests/sarif_checks/mod.rs"]
 mod sarif_checks;
 
-use common::{cella, test_db_url, Scratch, Serve, Server};
+use common::{cella, serve_jailed, tenant_key, test_db_url, Scratch};
 use sarif_checks::checked_sarif;
-
-fn serve(data: &Path, db: &str) -> Server {
-    let jailed = if common::is_root() { "1" } else { "0" };
-    Serve::new(data)
-        .db(Some(db))
-        .envs(&[("CELLA_JAILED", jailed), ("CELLA_LEASE_SECS", "2"), ("CELLA_DRAIN_SECS", "1")])
-        .start()
-}
 
 fn text(o: &Output) -> String {
     format!("{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in files {
-        let mut h = tar::Header::new_ustar();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, *data).unwrap();
-    }
-    b.into_inner().unwrap()
 }
 
 /// A blob name for `data` (the scanner does not check digests; a real image's are SHA-256).
@@ -50,21 +29,15 @@ fn digest(data: &[u8]) -> String {
 #[sqlx::test(migrations = "../migrations")]
 async fn an_image_is_scanned_layer_by_layer_and_a_deleted_key_is_still_found(pool: PgPool) {
     let dir = Scratch::new("images-e2e");
-    let server = serve(&dir.join("data"), &test_db_url(&pool));
+    let server = serve_jailed(&dir.join("data"), &test_db_url(&pool));
     let data = server.data.clone();
-    let o = cella(&data, None, &["tenant", "create", "img"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let key = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("API key "))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let key = tenant_key(&data, "img");
 
     let deleted = "STRIPE_KEY=sk_live_4eC39HqLyjWDarjtT1zdp7dc\n";
     let added = "STRIPE_KEY=sk_live_9fD48IrMzkXEbskuU2aeq8ed\n";
-    let base = tar_of(&[("etc/app/payments.env", deleted.as_bytes()), ("usr/share/doc/readme", b"docs\n")]);
-    let top = tar_of(&[("etc/app/.wh.payments.env", b""), ("srv/app.env", added.as_bytes())]);
+    let base =
+        common::tar(&[("etc/app/payments.env", deleted.as_bytes()), ("usr/share/doc/readme", b"docs\n")]);
+    let top = common::tar(&[("etc/app/.wh.payments.env", b""), ("srv/app.env", added.as_bytes())]);
     let config =
         br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]},
         "history":[{"created_by":"ADD base.tar /"},{"created_by":"RUN rm /etc/app/payments.env"}]}"#;
@@ -75,7 +48,7 @@ async fn an_image_is_scanned_layer_by_layer_and_a_deleted_key_is_still_found(poo
         blob(&base),
         blob(&top)
     );
-    let image = tar_of(&[
+    let image = common::tar(&[
         (&blob(config), config),
         (&blob(&base), &base),
         (&blob(&top), &top),
@@ -116,7 +89,7 @@ async fn an_image_is_scanned_layer_by_layer_and_a_deleted_key_is_still_found(poo
 
     // --image on an archive that holds no image says so.
     let plain = dir.join("plain.tar");
-    std::fs::write(&plain, tar_of(&[("a.txt", b"hello\n")])).unwrap();
+    std::fs::write(&plain, common::tar(&[("a.txt", b"hello\n")])).unwrap();
     let o = cella(&data, Some(&key), &["scan", "--image", plain.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("holds no container image"), "{}", text(&o));

@@ -347,6 +347,24 @@ pub fn sample_tar() -> Vec<u8> {
     tar.into_inner().unwrap()
 }
 
+/// `cella serve` on `data` with the database `db`, jailed when run as root, with a 2 s lease and
+/// a 1 s drain (what the command-line end-to-end tests use).
+pub fn serve_jailed(data: &Path, db: &str) -> Server {
+    let jailed = if is_root() { "1" } else { "0" };
+    Serve::new(data)
+        .db(Some(db))
+        .envs(&[("CELLA_JAILED", jailed), ("CELLA_LEASE_SECS", "2"), ("CELLA_DRAIN_SECS", "1")])
+        .start()
+}
+
+/// Creates the tenant `name` with `cella tenant create` and returns its API key.
+pub fn tenant_key(data: &Path, name: &str) -> String {
+    let o = cella(data, None, &["tenant", "create", name]);
+    assert!(o.status.success(), "cella tenant create: {}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    out.lines().find_map(|l| l.strip_prefix("API key ")).expect("an API key line").trim().to_owned()
+}
+
 /// Runs the `cella` command line as a client of the `serve` whose data folder is `data` (it
 /// finds the URL and CA there), with tenant API key `key`.
 pub fn cella(data: &Path, key: Option<&str>, args: &[&str]) -> std::process::Output {

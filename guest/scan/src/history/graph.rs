@@ -21,13 +21,8 @@ pub(super) struct CommitNode {
     pub tree: u32,
     /// Its parents' pack entries (those in the pack).
     pub parents: Vec<u32>,
-    pub author: String,
-    pub author_time: i64,
-    pub author_offset: i32,
-    pub committer: String,
-    pub commit_time: i64,
-    pub commit_offset: i32,
-    pub subject: String,
+    /// What the commit says (author, committer, dates, subject).
+    pub info: objects::CommitObject,
 }
 
 /// One entry of a tree, its name in [`Graph::names`].
@@ -102,13 +97,7 @@ pub(super) fn read_graph(pack: &mut Pack<'_>, names: &Names) -> Result<Graph, St
                     entry: idx,
                     tree: names.find(&c.tree),
                     parents: c.parents.iter().map(|p| names.find(p)).filter(|p| *p != NONE).collect(),
-                    author: c.author,
-                    author_time: c.author_time,
-                    author_offset: c.author_offset,
-                    committer: c.committer,
-                    commit_time: c.commit_time,
-                    commit_offset: c.commit_offset,
-                    subject: c.subject,
+                    info: c,
                 });
             }
             TREE => {
@@ -173,7 +162,7 @@ pub(super) fn topological_order(graph: &Graph) -> Vec<u32> {
     children.sort_unstable();
     let mut ready: BinaryHeap<Reverse<(i64, u32)>> = (0..m as u32)
         .filter(|&s| pending[s as usize] == 0)
-        .map(|s| Reverse((graph.commits[s as usize].commit_time, s)))
+        .map(|s| Reverse((graph.commits[s as usize].info.commit_time, s)))
         .collect();
     let mut order = Vec::with_capacity(m);
     while let Some(Reverse((_, slot))) = ready.pop() {
@@ -182,7 +171,7 @@ pub(super) fn topological_order(graph: &Graph) -> Vec<u32> {
         for &(_, child) in children[start..].iter().take_while(|c| c.0 == slot) {
             pending[child as usize] -= 1;
             if pending[child as usize] == 0 {
-                ready.push(Reverse((graph.commits[child as usize].commit_time, child)));
+                ready.push(Reverse((graph.commits[child as usize].info.commit_time, child)));
             }
         }
     }

@@ -376,11 +376,11 @@ fn scan(
         let only_in_history = !at_head_secrets.contains(&(finding.rule_index, finding.fingerprint.clone()));
         finding.history = Some(alloc::boxed::Box::new(Origin {
             commit: to_hex(pack.oid(c.entry)),
-            author: c.author.clone(),
-            date: objects::rfc3339(c.author_time, c.author_offset),
-            committer: c.committer.clone(),
-            committed: objects::rfc3339(c.commit_time, c.commit_offset),
-            subject: c.subject.clone(),
+            author: c.info.author.clone(),
+            date: objects::rfc3339(c.info.author_time, c.info.author_offset),
+            committer: c.info.committer.clone(),
+            committed: objects::rfc3339(c.info.commit_time, c.info.commit_offset),
+            subject: c.info.subject.clone(),
             only_in_history,
         }));
         report.pending_history.push(finding);
