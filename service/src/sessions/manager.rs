@@ -25,7 +25,8 @@ use crate::limits::TokenBucket;
 use crate::quotas::Quotas;
 use crate::tenants::Caller;
 
-use super::store::{self, Event, NewSession, Session};
+use super::driver::VmmDriver;
+use super::store::{Due, Event, NewSession, PgSessions, Session, SessionStore};
 use super::vmm::{
     self, Attach, Frame, Guest, JailSpec, LaunchSpec, Liveness, Reply, Source, VmState, VmmError, Vmms,
 };
@@ -150,14 +151,14 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
-/// Runs sessions' VMs on this host.
-#[derive(Debug)]
-pub struct SessionManager {
-    pool: PgPool,
+/// Runs sessions' VMs on this host: real VMMs ([`Vmms`]) recorded in PostgreSQL
+/// ([`PgSessions`]) in `cella serve`; any [`VmmDriver`] and [`SessionStore`] in tests.
+pub struct SessionManager<D: VmmDriver = Vmms, S: SessionStore = PgSessions> {
+    store: S,
     config: SessionsConfig,
     sessions_dir: PathBuf,
     host: String,
-    vmms: Vmms,
+    vmms: Arc<D>,
     slots: Slots,
     /// Jail uids taken by launches that have not recorded their VMM yet; held while a launch
     /// picks one, so two launches never pick the same.
@@ -275,7 +276,7 @@ fn short_of_resources(e: &str) -> ServiceError {
 
 /// The VMM's liveness, looked at again for a short while if `/proc` cannot be read at first
 /// (a moment without a free file descriptor).
-fn settled_liveness(b: &Vmms, pid: u32, api: &Path) -> Liveness {
+fn settled_liveness(b: &impl VmmDriver, pid: u32, api: &Path) -> Liveness {
     let mut seen = b.alive(pid, api);
     for _ in 0..10 {
         if !matches!(seen, Liveness::Unknown(_)) {
@@ -306,17 +307,39 @@ pub fn wrong_state(s: &Session, action: &str) -> ServiceError {
     ServiceError::Conflict(format!("cannot {action} session {id}: {hint}"))
 }
 
+impl<D: VmmDriver, S: SessionStore> std::fmt::Debug for SessionManager<D, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionManager")
+            .field("host", &self.host)
+            .field("sessions_dir", &self.sessions_dir)
+            .field("jailed", &self.vmms.jailed())
+            .finish_non_exhaustive()
+    }
+}
+
 impl SessionManager {
     pub fn new(pool: PgPool, config: SessionsConfig, data_dir: DataDir, host: String, vmms: Vmms) -> Self {
+        Self::with_parts(PgSessions(pool), config, data_dir, host, vmms)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.store.0
+    }
+}
+
+impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
+    /// A manager of the sessions recorded in `store`, whose VMMs `vmms` drives, with their
+    /// folders under `data_dir`'s `sessions`.
+    pub fn with_parts(store: S, config: SessionsConfig, data_dir: DataDir, host: String, vmms: D) -> Self {
         let sessions = data_dir.sessions();
         let sessions_dir =
             std::fs::canonicalize(&sessions).or_else(|_| std::path::absolute(&sessions)).unwrap_or(sessions);
         Self {
-            pool,
+            store,
             config,
             sessions_dir,
             host,
-            vmms,
+            vmms: Arc::new(vmms),
             slots: Mutex::default(),
             jail_uids: tokio::sync::Mutex::default(),
             default_cpu_percent: 100,
@@ -336,18 +359,16 @@ impl SessionManager {
 
     /// The tenant's CPU quota per VM (percent of one CPU).
     async fn cpu_percent(&self, tenant: &str) -> Result<u32, ServiceError> {
-        Ok(crate::quotas::overrides(&self.pool, tenant)
-            .await?
-            .vm_cpu_percent
-            .unwrap_or(self.default_cpu_percent))
+        Ok(self.store.vm_cpu_percent(tenant).await?.unwrap_or(self.default_cpu_percent))
     }
 
     pub fn host(&self) -> &str {
         &self.host
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// This host's sessions the reaper may have to act on.
+    pub(super) async fn due(&self) -> Result<Vec<Due>, ServiceError> {
+        self.store.due_on_host(&self.host).await
     }
 
     pub fn paths(&self, id: &str) -> SessionPaths {
@@ -380,7 +401,7 @@ impl SessionManager {
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Vmms) -> Result<T, VmmError> + Send + 'static,
+        f: impl FnOnce(&D) -> Result<T, VmmError> + Send + 'static,
     ) -> Result<T, VmmError> {
         let vmms = self.vmms.clone();
         tokio::task::spawn_blocking(move || f(&vmms))
@@ -428,10 +449,10 @@ impl SessionManager {
             max_live: quotas.live_sessions,
             max_mem_mib: quotas.session_mem_mib,
         };
-        let s = store::insert(&self.pool, &new, actor).await?;
+        let s = self.store.insert(&new, actor).await?;
         match self.start_locked(&mut slot, s, actor).await {
             Ok(s) => Ok(s),
-            Err(ServiceError::Vm(_)) => store::get(&self.pool, Some(tenant), id).await,
+            Err(ServiceError::Vm(_)) => self.store.get(Some(tenant), id).await,
             Err(e) => Err(e),
         }
     }
@@ -444,8 +465,7 @@ impl SessionManager {
     ) -> Result<Session, ServiceError> {
         let paths = self.paths(&s.id);
         let starting =
-            store::transition(&self.pool, &s, &Session { state: State::Starting, ..s.clone() }, false, None)
-                .await?;
+            self.store.transition(&s, &Session { state: State::Starting, ..s.clone() }, false, None).await?;
         let left = (starting.max_deadline - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
         let spec = LaunchSpec {
             dir: paths.dir.clone(),
@@ -477,7 +497,7 @@ impl SessionManager {
             action: "session.started",
             details: json!({ "pid": pid, "ready_ms": ready_ms, "mem_mib": s.mem_mib, "host": self.host }),
         };
-        let s = store::transition(&self.pool, &launched, &running, true, Some(event)).await?;
+        let s = self.store.transition(&launched, &running, true, Some(event)).await?;
         slot.guest = Some(guest);
         Ok(s)
     }
@@ -523,7 +543,8 @@ impl SessionManager {
     /// of this host runs as and no other launch holds; held until released.
     async fn reserve_jail_uid(&self) -> Result<u32, ServiceError> {
         let mut reserved = self.jail_uids.lock().await;
-        let mut taken = tokio::task::spawn_blocking(vmm::uids_in_use)
+        let vmms = self.vmms.clone();
+        let mut taken = tokio::task::spawn_blocking(move || vmms.uids_in_use())
             .await
             .map_err(|e| ServiceError::Internal(format!("listing processes: {e}")))?
             .map_err(|e| short_of_resources(&e))?;
@@ -565,7 +586,7 @@ impl SessionManager {
         // milliseconds, and a restore waits for both.
         let api = spec.api_sock.clone();
         let (record, ready) = tokio::join!(
-            store::transition(&self.pool, s, &recorded, false, None),
+            self.store.transition(s, &recorded, false, None),
             self.blocking(move |b| b.wait_ready(pid, &api, READY_TIMEOUT)),
         );
         let s = match record {
@@ -695,7 +716,7 @@ impl SessionManager {
             action: "session.failed",
             details: json!({ "was": s.state.as_str(), "reason": reason }),
         };
-        match store::transition(&self.pool, &s, &failed, false, Some(event)).await {
+        match self.store.transition(&s, &failed, false, Some(event)).await {
             Ok(_) => ServiceError::Vm(format!("session {} failed: {reason}", s.id)),
             Err(e) => e,
         }
@@ -705,7 +726,7 @@ impl SessionManager {
     /// does nothing.
     pub async fn pause(&self, tenant: &str, id: &str, actor: &Actor) -> Result<Session, ServiceError> {
         let _slot = self.lock(id).await;
-        let s = store::get(&self.pool, Some(tenant), id).await?;
+        let s = self.store.get(Some(tenant), id).await?;
         match s.state {
             State::Paused => return Ok(s),
             State::Running => self.check_host(&s)?,
@@ -718,14 +739,14 @@ impl SessionManager {
         }
         let paused = Session { state: State::Paused, ..s.clone() };
         let event = Event { actor, action: "session.paused", details: json!({ "pause_ms": ms(t0) }) };
-        store::transition(&self.pool, &s, &paused, false, Some(event)).await
+        self.store.transition(&s, &paused, false, Some(event)).await
     }
 
     /// Resumes a paused session, or restores a suspended one on a new VMM. Resuming a running
     /// session does nothing.
     pub async fn resume(&self, tenant: &str, id: &str, actor: &Actor) -> Result<Session, ServiceError> {
         let mut slot = self.lock(id).await;
-        let s = store::get(&self.pool, Some(tenant), id).await?;
+        let s = self.store.get(Some(tenant), id).await?;
         self.resume_locked(&mut slot, s, actor, "resume").await
     }
 
@@ -748,7 +769,7 @@ impl SessionManager {
                 let running = Session { state: State::Running, ..s.clone() };
                 let event =
                     Event { actor, action: "session.resumed", details: json!({ "resume_ms": ms(t0) }) };
-                store::transition(&self.pool, &s, &running, true, Some(event)).await
+                self.store.transition(&s, &running, true, Some(event)).await
             }
             State::Suspended => {
                 self.check_host(&s)?;
@@ -771,7 +792,7 @@ impl SessionManager {
         // The state change and the search for a free jail uid (a look through /proc) at once.
         let to_resuming = Session { state: State::Resuming, ..s.clone() };
         let (resuming, uid) = tokio::join!(
-            store::transition(&self.pool, &s, &to_resuming, false, None),
+            self.store.transition(&s, &to_resuming, false, None),
             self.reserve_jail_uid_if_jailed(),
         );
         let resuming = match resuming {
@@ -821,7 +842,7 @@ impl SessionManager {
                 let reason = for_tenant(&reason);
                 let event =
                     Event { actor, action: "session.restore_failed", details: json!({ "reason": reason }) };
-                store::transition(&self.pool, &row, &back, false, Some(event)).await?;
+                self.store.transition(&row, &back, false, Some(event)).await?;
                 return Err(ServiceError::Vm(format!(
                     "restoring session {} from its snapshot failed: {reason}; it stays suspended",
                     s.id
@@ -835,7 +856,7 @@ impl SessionManager {
             action: "session.restored",
             details: json!({ "pid": pid, "restore_ms": ms(t0), "snapshot_bytes": s.snapshot_bytes }),
         };
-        let s = store::transition(&self.pool, &row, &running, true, Some(event)).await?;
+        let s = self.store.transition(&row, &running, true, Some(event)).await?;
         slot.guest = Some(guest);
         // The new VMM maps the memory file privately; unlinking it leaves that mapping intact.
         let _ = tokio::fs::remove_dir_all(&paths.snapshot).await;
@@ -846,7 +867,7 @@ impl SessionManager {
     /// its memory and exits). If the snapshot fails the session keeps running (or paused).
     pub async fn suspend(&self, tenant: &str, id: &str, actor: &Actor) -> Result<Session, ServiceError> {
         let mut slot = self.lock(id).await;
-        let s = store::get(&self.pool, Some(tenant), id).await?;
+        let s = self.store.get(Some(tenant), id).await?;
         self.suspend_locked(&mut slot, s, actor, Reason::Requested).await
     }
 
@@ -866,14 +887,10 @@ impl SessionManager {
         let was = s.state;
         let api = PathBuf::from(s.api_sock.clone().unwrap_or_default());
         let pid = s.vmm_pid.unwrap_or(0) as u32;
-        let suspending = store::transition(
-            &self.pool,
-            &s,
-            &Session { state: State::Suspending, ..s.clone() },
-            false,
-            None,
-        )
-        .await?;
+        let suspending = self
+            .store
+            .transition(&s, &Session { state: State::Suspending, ..s.clone() }, false, None)
+            .await?;
         slot.guest = None;
         let t0 = Instant::now();
         let snapshot = paths.snapshot.clone();
@@ -917,8 +934,7 @@ impl SessionManager {
                 };
                 // An idle suspend that failed is tried again after another idle period, not at
                 // every pass of the reaper.
-                store::transition(&self.pool, &suspending, &back, reason == Reason::Idle, Some(event))
-                    .await?;
+                self.store.transition(&suspending, &back, reason == Reason::Idle, Some(event)).await?;
                 return Err(ServiceError::Vm(format!(
                     "suspending session {} failed: {message}; it is still {was}",
                     s.id
@@ -942,7 +958,7 @@ impl SessionManager {
             let back = Session { state: was, ..suspending.clone() };
             let event =
                 Event { actor, action: "session.suspend_failed", details: json!({ "reason": message }) };
-            store::transition(&self.pool, &suspending, &back, false, Some(event)).await?;
+            self.store.transition(&suspending, &back, false, Some(event)).await?;
             return Err(ServiceError::Vm(format!(
                 "suspending session {} failed: {message}; it is still {was}",
                 s.id
@@ -976,7 +992,7 @@ impl SessionManager {
                 "scrub": report.as_ref().and_then(|r| r.get("scrub")).cloned(),
             }),
         };
-        store::transition(&self.pool, &suspending, &suspended, false, Some(event)).await
+        self.store.transition(&suspending, &suspended, false, Some(event)).await
     }
 
     /// Connects to a session: a paused one is resumed, a suspended one restored; `extend`
@@ -990,7 +1006,7 @@ impl SessionManager {
         extend: Option<u64>,
     ) -> Result<Session, ServiceError> {
         let mut slot = self.lock(id).await;
-        let s = store::get(&self.pool, Some(tenant), id).await?;
+        let s = self.store.get(Some(tenant), id).await?;
         let was = s.state;
         let deadline_before = crate::jobs::rfc3339(s.deadline);
         let s = self.resume_locked(&mut slot, s, actor, "connect to").await?;
@@ -1000,7 +1016,7 @@ impl SessionManager {
             action: "session.connected",
             details: json!({ "was": was.as_str(), "extend_secs": extend, "deadline_before": deadline_before }),
         };
-        store::touch(&self.pool, &s, extend, event).await
+        self.store.touch(&s, extend, event).await
     }
 
     /// Sends one request to a running session's guest (`attach`: the policy or file it needs).
@@ -1016,7 +1032,7 @@ impl SessionManager {
         mut audit: Value,
     ) -> Result<Reply, ServiceError> {
         let mut slot = self.lock(id).await;
-        let s = store::get(&self.pool, Some(tenant), id).await?;
+        let s = self.store.get(Some(tenant), id).await?;
         if s.state != State::Running {
             return Err(wrong_state(&s, "exec on"));
         }
@@ -1068,7 +1084,7 @@ impl SessionManager {
         };
         audit["ms"] = json!(ms(t0));
         audit["response_bytes"] = json!(reply.frames.iter().map(Frame::len).sum::<usize>());
-        store::touch(&self.pool, &s, None, Event { actor, action: "session.exec", details: audit }).await?;
+        self.store.touch(&s, None, Event { actor, action: "session.exec", details: audit }).await?;
         Ok(reply)
     }
 
@@ -1076,7 +1092,7 @@ impl SessionManager {
     /// snapshot. Terminating a terminated session does nothing.
     pub async fn terminate(&self, tenant: &str, id: &str, actor: &Actor) -> Result<Session, ServiceError> {
         let mut slot = self.lock(id).await;
-        let s = store::get(&self.pool, Some(tenant), id).await?;
+        let s = self.store.get(Some(tenant), id).await?;
         self.terminate_locked(&mut slot, s, actor, Reason::Requested).await
     }
 
@@ -1095,14 +1111,9 @@ impl SessionManager {
         let terminating = if s.state == State::Terminating {
             s.clone()
         } else {
-            store::transition(
-                &self.pool,
-                &s,
-                &Session { state: State::Terminating, ..s.clone() },
-                false,
-                None,
-            )
-            .await?
+            self.store
+                .transition(&s, &Session { state: State::Terminating, ..s.clone() }, false, None)
+                .await?
         };
         slot.guest = None;
         let t0 = Instant::now();
@@ -1131,7 +1142,7 @@ impl SessionManager {
                 "scrub": report.as_ref().and_then(|r| r.get("scrub")).cloned(),
             }),
         };
-        let s = store::transition(&self.pool, &terminating, &terminated, false, Some(event)).await?;
+        let s = self.store.transition(&terminating, &terminated, false, Some(event)).await?;
         self.forget(&s.id);
         Ok(s)
     }
@@ -1159,7 +1170,7 @@ impl SessionManager {
         idle: bool,
     ) -> Result<(), ServiceError> {
         let actor = Actor::System("session-reaper".to_owned());
-        let s = store::get(&self.pool, None, id).await?;
+        let s = self.store.get(None, id).await?;
         if s.host == self.host && s.state == State::Terminating {
             // A termination that stopped short (its VMM's state could not be told): finish it.
             self.terminate_locked(slot, s, &actor, Reason::Retried).await?;
@@ -1204,7 +1215,7 @@ impl SessionManager {
     /// Folders of sessions the database does not know are removed.
     pub async fn recover(&self) -> Result<(), ServiceError> {
         let actor = Actor::System("serve".to_owned());
-        for s in store::live_on_host(&self.pool, &self.host).await? {
+        for s in self.store.live_on_host(&self.host).await? {
             let mut slot = self.lock(&s.id).await;
             let id = s.id.clone();
             if let Err(e) = self.recover_locked(&mut slot, s, &actor).await {
@@ -1215,7 +1226,7 @@ impl SessionManager {
             for entry in entries.filter_map(Result::ok) {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let id = name.strip_suffix(LOG_SUFFIX).unwrap_or(&name);
-                if crate::ids::is_id(id, "session") && !store::exists(&self.pool, id).await? {
+                if crate::ids::is_id(id, "session") && !self.store.exists(id).await? {
                     self.paths(id).remove().await;
                 }
             }
@@ -1273,7 +1284,7 @@ impl SessionManager {
                 action: "session.adopted",
                 details: json!({ "was": s.state.as_str(), "pid": s.vmm_pid, "vm_state": state.as_str() }),
             };
-            store::transition(&self.pool, &s, &adopted, false, Some(event)).await?;
+            self.store.transition(&s, &adopted, false, Some(event)).await?;
             return Ok(());
         }
         self.stop_session_vm(&s).await?;
@@ -1296,7 +1307,7 @@ impl SessionManager {
                 action: "session.suspended",
                 details: json!({ "reason": Reason::Recovered.as_str(), "was": s.state.as_str(), "snapshot_bytes": bytes }),
             };
-            store::transition(&self.pool, &s, &suspended, false, Some(event)).await?;
+            self.store.transition(&s, &suspended, false, Some(event)).await?;
         } else {
             self.fail(s, "the VMM was gone when the service restarted", actor).await;
         }

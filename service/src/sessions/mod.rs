@@ -15,9 +15,16 @@
 //!   serve` re-adopts it), jailed like scan jobs when `worker.jailed` says so (each VMM with a
 //!   uid of its own and the session's folder as the one place it may write), and talks to it
 //!   through its control socket and the guest's vsock socket.
+//! - [`driver`]: the one trait through which the manager drives a VMM ([`vmm::Vmms`] in `cella
+//!   serve`, a fake in the manager's unit tests, which run without root, KVM or PostgreSQL).
 //! - [`reaper`]: suspends idle sessions, terminates expired ones, notices VMMs that died.
 
+pub mod driver;
+#[cfg(test)]
+mod fake;
 pub mod manager;
+#[cfg(test)]
+mod manager_tests;
 pub mod reaper;
 pub mod store;
 pub mod vmm;

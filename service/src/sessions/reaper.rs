@@ -8,14 +8,18 @@
 
 use std::sync::Arc;
 
-use sqlx::Row;
 use tokio::sync::watch;
 
+use super::driver::VmmDriver;
+use super::store::{Due, SessionStore};
 use super::SessionManager;
 use crate::error::{QuietLog, ServiceError};
 
 /// Runs until `shutdown` turns true.
-pub async fn run(manager: Arc<SessionManager>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run<D: VmmDriver, S: SessionStore>(
+    manager: Arc<SessionManager<D, S>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut quiet = QuietLog::new("cella serve: session reaper");
     let mut tick = tokio::time::interval(manager.config().reaper_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -34,21 +38,9 @@ pub async fn run(manager: Arc<SessionManager>, mut shutdown: watch::Receiver<boo
 }
 
 /// One pass over this host's sessions.
-pub async fn once(manager: &SessionManager) -> Result<(), ServiceError> {
-    let due = sqlx::query(
-        "SELECT id, deadline <= now() AS expired,
-                (state IN ('running', 'paused') AND idle_suspend_secs > 0
-                 AND last_active_at + make_interval(secs => idle_suspend_secs) <= now()) AS idle
-         FROM sessions
-         WHERE host = $1 AND state IN ('running', 'paused', 'suspended', 'terminating')",
-    )
-    .bind(manager.host())
-    .fetch_all(manager.pool())
-    .await?;
-    for row in due {
-        let id: String = row.try_get("id")?;
-        let expired: bool = row.try_get("expired")?;
-        let idle: bool = row.try_get("idle")?;
+pub async fn once<D: VmmDriver, S: SessionStore>(manager: &SessionManager<D, S>) -> Result<(), ServiceError> {
+    let due = manager.due().await?;
+    for Due { id, expired, idle } in due {
         let Some(mut slot) = manager.try_lock(&id) else { continue };
         if let Err(e) = manager.reap_locked(&mut slot, &id, expired, idle).await {
             // Rate-limited: a host short of file descriptors must not also flood its log.

@@ -403,3 +403,154 @@ pub async fn count_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>, Service
         .collect::<Result<_, sqlx::Error>>()
         .map_err(Into::into)
 }
+
+/// A session the reaper looks at: past its deadline, or idle past its `idle_suspend`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub id: String,
+    pub expired: bool,
+    pub idle: bool,
+}
+
+/// This host's sessions the reaper may have to act on (running, paused, suspended or
+/// terminating), with whether each is past its deadline and whether it is idle.
+pub async fn due_on_host(pool: &PgPool, host: &str) -> Result<Vec<Due>, ServiceError> {
+    let rows = sqlx::query(
+        "SELECT id, deadline <= now() AS expired,
+                (state IN ('running', 'paused') AND idle_suspend_secs > 0
+                 AND last_active_at + make_interval(secs => idle_suspend_secs) <= now()) AS idle
+         FROM sessions
+         WHERE host = $1 AND state IN ('running', 'paused', 'suspended', 'terminating')",
+    )
+    .bind(host)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| Ok(Due { id: r.try_get("id")?, expired: r.try_get("expired")?, idle: r.try_get("idle")? }))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Into::into)
+}
+
+/// What the session manager needs of the sessions' rows: [`PgSessions`] in `cella serve`, an
+/// in-memory table in the manager's unit tests. Every state change is a [`transition`]
+/// fenced on the state and generation read.
+pub trait SessionStore: Send + Sync + 'static {
+    fn insert(
+        &self,
+        new: &NewSession<'_>,
+        actor: &Actor,
+    ) -> impl std::future::Future<Output = Result<Session, ServiceError>> + Send;
+    fn get(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+    ) -> impl std::future::Future<Output = Result<Session, ServiceError>> + Send;
+    fn transition(
+        &self,
+        from: &Session,
+        next: &Session,
+        touch: bool,
+        event: Option<Event<'_>>,
+    ) -> impl std::future::Future<Output = Result<Session, ServiceError>> + Send;
+    fn touch(
+        &self,
+        session: &Session,
+        extend_secs: Option<u64>,
+        event: Event<'_>,
+    ) -> impl std::future::Future<Output = Result<Session, ServiceError>> + Send;
+    fn live_on_host(
+        &self,
+        host: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<Session>, ServiceError>> + Send;
+    fn due_on_host(
+        &self,
+        host: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<Due>, ServiceError>> + Send;
+    fn exists(&self, id: &str) -> impl std::future::Future<Output = Result<bool, ServiceError>> + Send;
+    /// The tenant's own CPU quota per VM, if it has one (percent of one CPU).
+    fn vm_cpu_percent(
+        &self,
+        tenant: &str,
+    ) -> impl std::future::Future<Output = Result<Option<u32>, ServiceError>> + Send;
+}
+
+/// The `sessions` table in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgSessions(pub PgPool);
+
+impl SessionStore for PgSessions {
+    async fn insert(&self, new: &NewSession<'_>, actor: &Actor) -> Result<Session, ServiceError> {
+        insert(&self.0, new, actor).await
+    }
+    async fn get(&self, tenant: Option<&str>, id: &str) -> Result<Session, ServiceError> {
+        get(&self.0, tenant, id).await
+    }
+    async fn transition(
+        &self,
+        from: &Session,
+        next: &Session,
+        touch: bool,
+        event: Option<Event<'_>>,
+    ) -> Result<Session, ServiceError> {
+        transition(&self.0, from, next, touch, event).await
+    }
+    async fn touch(
+        &self,
+        session: &Session,
+        extend_secs: Option<u64>,
+        event: Event<'_>,
+    ) -> Result<Session, ServiceError> {
+        touch(&self.0, session, extend_secs, event).await
+    }
+    async fn live_on_host(&self, host: &str) -> Result<Vec<Session>, ServiceError> {
+        live_on_host(&self.0, host).await
+    }
+    async fn due_on_host(&self, host: &str) -> Result<Vec<Due>, ServiceError> {
+        due_on_host(&self.0, host).await
+    }
+    async fn exists(&self, id: &str) -> Result<bool, ServiceError> {
+        exists(&self.0, id).await
+    }
+    async fn vm_cpu_percent(&self, tenant: &str) -> Result<Option<u32>, ServiceError> {
+        Ok(crate::quotas::overrides(&self.0, tenant).await?.vm_cpu_percent)
+    }
+}
+
+/// A store shared with whoever else holds it (the manager's tests look at the rows it wrote).
+impl<T: SessionStore> SessionStore for std::sync::Arc<T> {
+    async fn insert(&self, new: &NewSession<'_>, actor: &Actor) -> Result<Session, ServiceError> {
+        (**self).insert(new, actor).await
+    }
+    async fn get(&self, tenant: Option<&str>, id: &str) -> Result<Session, ServiceError> {
+        (**self).get(tenant, id).await
+    }
+    async fn transition(
+        &self,
+        from: &Session,
+        next: &Session,
+        touch: bool,
+        event: Option<Event<'_>>,
+    ) -> Result<Session, ServiceError> {
+        (**self).transition(from, next, touch, event).await
+    }
+    async fn touch(
+        &self,
+        session: &Session,
+        extend_secs: Option<u64>,
+        event: Event<'_>,
+    ) -> Result<Session, ServiceError> {
+        (**self).touch(session, extend_secs, event).await
+    }
+    async fn live_on_host(&self, host: &str) -> Result<Vec<Session>, ServiceError> {
+        (**self).live_on_host(host).await
+    }
+    async fn due_on_host(&self, host: &str) -> Result<Vec<Due>, ServiceError> {
+        (**self).due_on_host(host).await
+    }
+    async fn exists(&self, id: &str) -> Result<bool, ServiceError> {
+        (**self).exists(id).await
+    }
+    async fn vm_cpu_percent(&self, tenant: &str) -> Result<Option<u32>, ServiceError> {
+        (**self).vm_cpu_percent(tenant).await
+    }
+}

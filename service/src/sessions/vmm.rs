@@ -318,7 +318,7 @@ impl Vmms {
         let mut session =
             GuestSession::connect(vsock, timeout).map_err(|e| VmmError::Guest(error_chain(&e)))?;
         session.set_timeout(exec_timeout);
-        Ok(Guest(session))
+        Ok(Guest::new(VsockGuest(session)))
     }
 
     /// Whether the VMM process `pid` (the one serving `api_sock`; jailed, its supervisor) still
@@ -443,13 +443,39 @@ pub fn uids_in_use() -> Result<std::collections::HashSet<u32>, String> {
 }
 
 /// An open connection to a session's guest; requests are answered in order.
-#[derive(Debug)]
-pub struct Guest(GuestSession);
+pub struct Guest(Box<dyn GuestLink>);
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Guest")
+    }
+}
+
+/// One connection to a guest, as [`Guest`] drives it: the vsock session of a real VM, or a
+/// scripted one in the session manager's unit tests.
+pub trait GuestLink: Send {
+    /// Sends `request` with its attachment. A request the guest refuses is
+    /// [`VmmError::Refused`] (the connection stays usable).
+    fn exec(&mut self, request: &SessionRequest, attach: Option<&Attach>) -> Result<Reply, VmmError>;
+}
 
 impl Guest {
+    pub fn new(link: impl GuestLink + 'static) -> Self {
+        Guest(Box::new(link))
+    }
+
     /// Sends `request` with its attachment. A request the guest refuses is
     /// [`VmmError::Refused`] (the connection stays usable).
     pub fn exec(&mut self, request: &SessionRequest, attach: Option<&Attach>) -> Result<Reply, VmmError> {
+        self.0.exec(request, attach)
+    }
+}
+
+/// The guest's end of a session, over the VMM's vsock socket.
+struct VsockGuest(GuestSession);
+
+impl GuestLink for VsockGuest {
+    fn exec(&mut self, request: &SessionRequest, attach: Option<&Attach>) -> Result<Reply, VmmError> {
         let reply = match attach {
             None => self.0.exec(request, None),
             Some(Attach::Policy(policy)) => self.0.exec(request, Some((Kind::Policy, policy))),
