@@ -227,6 +227,25 @@ fn disk_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Removes a restored session's snapshot folder off the caller's path: it is renamed aside at
+/// once (so a suspend that follows writes a new one at the same place, and recovery never finds
+/// the old one), and its files, up to the guest's memory size, are deleted in the background.
+/// A snapshot that cannot be renamed is deleted in place, before this returns.
+fn remove_snapshot_later(snapshot: &Path) {
+    let aside = snapshot.with_file_name(format!("snapshot.restored-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&aside);
+    match std::fs::rename(snapshot, &aside) {
+        Ok(()) => {
+            tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(&aside);
+            });
+        }
+        Err(_) => {
+            let _ = std::fs::remove_dir_all(snapshot);
+        }
+    }
+}
+
 /// The last line of the VMM's log, for a failure reason (bounded, control characters escaped:
 /// the guest's console and messages end up there).
 fn log_tail(path: &Path) -> String {
@@ -789,15 +808,17 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         if !paths.snapshot.join(SNAPSHOT_COMPLETE).is_file() {
             return Err(self.fail(s, "its snapshot is missing or incomplete", actor).await);
         }
-        // The state change and the search for a free jail uid (a look through /proc) at once.
+        // The state change, the tenant's CPU quota and the search for a free jail uid (a look
+        // through /proc) at once.
         let to_resuming = Session { state: State::Resuming, ..s.clone() };
-        let (resuming, uid) = tokio::join!(
+        let (resuming, cpu_percent, uid) = tokio::join!(
             self.store.transition(&s, &to_resuming, false, None),
+            self.cpu_percent(&s.tenant_id),
             self.reserve_jail_uid_if_jailed(),
         );
-        let resuming = match resuming {
-            Ok(resuming) => resuming,
-            Err(e) => {
+        let (resuming, cpu_percent) = match (resuming, cpu_percent) {
+            (Ok(resuming), Ok(cpu_percent)) => (resuming, cpu_percent),
+            (Err(e), _) | (_, Err(e)) => {
                 if let Some(Ok(uid)) = uid {
                     self.jail_uids.lock().await.remove(&uid);
                 }
@@ -815,7 +836,7 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
             max_duration: vmm_max_duration(left),
             log: paths.log.clone(),
             jail: None,
-            cpu_percent: self.cpu_percent(&s.tenant_id).await?,
+            cpu_percent,
         };
         let t0 = Instant::now();
         let launched = match self.launch_reserved(&resuming, spec, uid).await {
@@ -859,7 +880,7 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         let s = self.store.transition(&row, &running, true, Some(event)).await?;
         slot.guest = Some(guest);
         // The new VMM maps the memory file privately; unlinking it leaves that mapping intact.
-        let _ = tokio::fs::remove_dir_all(&paths.snapshot).await;
+        remove_snapshot_later(&paths.snapshot);
         Ok(s)
     }
 

@@ -250,6 +250,25 @@ async fn suspend_snapshots_and_stops_the_vm_and_resume_restores_a_new_one() {
     assert_eq!(case.store.event(&s.id, "session.restored")["pid"], second);
     assert_eq!(case.exec(&s).await.expect("exec on the restored VM").response["pid"], second);
     assert_eq!(case.vmms.live().len(), 1);
+    // The old snapshot was renamed aside and is deleted in the background.
+    let leftovers = || {
+        std::fs::read_dir(&paths.dir)
+            .expect("session folder")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("snapshot"))
+            .count()
+    };
+    for _ in 0..200 {
+        if leftovers() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(leftovers(), 0, "the restored snapshot is deleted");
+    // A suspend right after a restore writes its own snapshot at the same place.
+    case.m.suspend(TENANT, &s.id, &actor()).await.expect("suspend again");
+    assert!(paths.snapshot.join(SNAPSHOT_COMPLETE).is_file());
+    case.m.resume(TENANT, &s.id, &actor()).await.expect("restore again");
 }
 
 #[tokio::test]
