@@ -23,7 +23,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # python3-yaml: reads the CI recipes in examples/ci/ so their tests run the very commands.
 # zip: Info-ZIP, one of the zip writers the archive tests read the output of.
 # git: the findings tests make a repository (installed unless some git is on PATH).
-packages=(gcc g++ libc6-dev bubblewrap postgresql ripgrep python3-requests python3-yaml zip)
+packages=(gcc g++ libc6-dev bubblewrap postgresql ripgrep python3-requests python3-yaml zip zstd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

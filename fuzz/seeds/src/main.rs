@@ -27,11 +27,12 @@ fn main() {
         .nth(1)
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus"));
-    let targets: [(&str, Seeds); 11] = [
+    let targets: [(&str, Seeds); 12] = [
         ("archive_tar", tar_seeds()),
         ("archive_git_bundle", bundle_seeds()),
         ("archive_gzip", gzip_seeds()),
         ("archive_zip", zip_seeds()),
+        ("archive_zstd", zstd_seeds()),
         ("virtio_chain", virtio_seeds()),
         ("proto_host", proto_host_seeds()),
         ("proto_guest", proto_guest_seeds()),
@@ -228,6 +229,48 @@ fn gzip_seeds() -> Seeds {
             g.extend_from_slice(&6u32.to_le_bytes());
             g
         }),
+    ]
+}
+
+/// `data` compressed by the `zstd` command with `args` (stdin to stdout: no content size).
+fn zstd_cli(data: &[u8], args: &[&str]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("zstd")
+        .args(args)
+        .args(["-q", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the zstd command (scripts/setup.sh installs it)");
+    child.stdin.take().expect("stdin").write_all(data).expect("write to zstd");
+    let out = child.wait_with_output().expect("zstd");
+    assert!(out.status.success(), "zstd {args:?}");
+    out.stdout
+}
+
+/// One zstd frame of stored (raw) blocks, single segment with its 4-byte content size.
+fn zstd_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0xa0];
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    let header = 1 | ((data.len() as u32) << 3);
+    out.extend_from_slice(&header.to_le_bytes()[..3]);
+    out.extend_from_slice(data);
+    out
+}
+
+fn zstd_seeds() -> Seeds {
+    let layer = tar_of(&[("etc/secret.env", SECRET_TEXT), ("src/lib.rs", LICENSE_TEXT)]);
+    let repetitive: Vec<u8> = b"0123456789abcdef\n".repeat(4096);
+    let mut skippable = vec![0x50, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, b'a', b'b', b'c'];
+    skippable.extend(zstd_stored(SECRET_TEXT));
+    vec![
+        ("tar-level3", zstd_cli(&layer, &["-3"])),
+        ("tar-level19", zstd_cli(&layer, &["-19"])),
+        ("text-level1", zstd_cli(SECRET_TEXT, &["-1"])),
+        ("compressible", zstd_cli(&repetitive, &["-9"])),
+        ("two-frames", [zstd_cli(&layer[..700], &["-3"]), zstd_cli(&layer[700..], &["-3"])].concat()),
+        ("stored", zstd_stored(&layer)),
+        ("skippable-first", skippable),
     ]
 }
 

@@ -8,6 +8,7 @@ mod inflate;
 pub mod path;
 mod tar;
 mod zip;
+mod zstd;
 
 use alloc::format;
 use alloc::string::String;
@@ -106,7 +107,7 @@ fn sniff(head: &[u8]) -> Kind {
         Kind::Tar
     } else if crate::history::is_bundle(head) {
         Kind::Bundle
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+    } else if zstd::starts_stream(head) {
         Kind::Zstd
     } else {
         Kind::Plain
@@ -379,10 +380,14 @@ impl<'a> Walk<'a> {
                 let own = prefix.is_empty() || name == crate::history::HISTORY_ENTRY;
                 self.sink.history(name, if own { "" } else { prefix }, data)
             }
-            Kind::Zstd => Err(ArtifactError::Unsupported {
-                entry: String::from(name),
-                feature: "zstd compression (an image layer so compressed is not read; gzip is)",
-            }),
+            Kind::Zstd => {
+                let depth = self.enter(name, depth)?;
+                let inner_name = strip_zst(name);
+                let mut zst =
+                    zstd::ZstdReader::new(&mut chained, String::from(name), self.limits, self.total)?;
+                self.stream(&mut zst, &inner_name, depth, prefix)?;
+                drain(&mut zst)
+            }
         }
     }
 
@@ -496,6 +501,17 @@ pub(crate) fn drain<R: ByteRead + ?Sized>(r: &mut R) -> Result<(), ArtifactError
     let mut sink = [0u8; 8 * 1024];
     while r.read(&mut sink)? != 0 {}
     Ok(())
+}
+
+/// The name of what a zstd file holds: `x.tar.zst` → `x.tar`, `x.tzst` → `x.tar`.
+fn strip_zst(name: &str) -> String {
+    if let Some(stem) = name.strip_suffix(".tzst") {
+        format!("{stem}.tar")
+    } else if let Some(stem) = name.strip_suffix(".zst").or_else(|| name.strip_suffix(".zstd")) {
+        String::from(stem)
+    } else {
+        String::from(name)
+    }
 }
 
 fn strip_gz(name: &str) -> String {

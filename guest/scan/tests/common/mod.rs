@@ -194,3 +194,18 @@ pub fn zip(entries: &[ZipEntry<'_>]) -> Vec<u8> {
     out.extend_from_slice(&0u16.to_le_bytes());
     out
 }
+
+/// `data` as one zstd frame of raw (stored) blocks: a valid frame any decoder reads, written
+/// here so a test needs no compressor. Single segment, with its 4-byte content size.
+pub fn zstd_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x28, 0xb5, 0x2f, 0xfd, 0xa0];
+    out.extend((data.len() as u32).to_le_bytes());
+    let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(100_000).collect() };
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = u32::from(i + 1 == chunks.len());
+        let header = last | ((chunk.len() as u32) << 3);
+        out.extend(&header.to_le_bytes()[..3]);
+        out.extend(*chunk);
+    }
+    out
+}
