@@ -156,3 +156,23 @@ fn a_zstd_bomb_stops_at_the_ratio_and_the_artifacts_total() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn zstd_inside_zstd_may_not_hold_more_than_48_mib_of_windows() {
+    // Each stream of unknown size with --long=25 asks for a 32 MiB window.
+    let inner =
+        zstd_cli(&tar(&[file("deep/secret.env", format!("T={SECRET}\n").as_bytes())]), &["--long=25"], false);
+    let middle = tar(&[file("inner.tar.zst", &inner), file("notes.txt", format!("x {SECRET}\n").as_bytes())]);
+    let outer = zstd_cli(&middle, &["--long=25"], false);
+    let report = scan(&outer, "image.tar.zst").expect("the outer stream is read");
+    assert_eq!(triples(&report), ["notes.txt:1:test-token"]);
+    assert_eq!(report.skipped.len(), 1, "{:?}", report.skipped);
+    assert!(report.skipped[0].reason.contains("48 MiB"), "{}", report.skipped[0].reason);
+    // With a smaller outer window both are read, and each stream's window is given back when
+    // it ends: many such layers in one tar are fine.
+    let outer = zstd_cli(&middle, &["-3"], false);
+    let report = scan(&outer, "image.tar.zst").expect("read");
+    assert_eq!(triples(&report), ["inner.tar.zst!/deep/secret.env:1:test-token", "notes.txt:1:test-token"]);
+    let many = tar(&(0..4).map(|_| file("layer.tar.zst", &inner)).collect::<Vec<_>>());
+    assert_eq!(scan(&many, "image.tar").expect("read").findings.len(), 4);
+}

@@ -129,7 +129,9 @@ pub fn scan_artifact<S: Source + ?Sized>(
     report.image_capture.get_or_insert_with(Default::default);
     let walked = {
         let mut sink = ScanSink { engine: &mut *engine, report: &mut *report, limits };
-        let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total };
+        let zstd_windows = Cell::new(0);
+        let mut walk =
+            Walk { sink: &mut sink, limits, entries: 0, total: &total, zstd_windows: &zstd_windows };
         walk.source(&mut &mut *source, name, 0, "")
     };
     image::attribute(report, engine);
@@ -159,7 +161,8 @@ where
     let file: &mut OnFile<'_> = &mut file;
     let total = Cell::new(0);
     let mut sink = ExtractSink { file, left: max_bytes, limits };
-    let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total };
+    let zstd_windows = Cell::new(0);
+    let mut walk = Walk { sink: &mut sink, limits, entries: 0, total: &total, zstd_windows: &zstd_windows };
     walk.source(&mut &mut *source, name, 0, prefix)
 }
 
@@ -308,6 +311,8 @@ pub(crate) struct Walk<'a> {
     limits: &'a Limits,
     entries: u64,
     total: &'a Cell<u64>,
+    /// The window the zstd streams open now hold (`zstd::MAX_WINDOWS_HELD`).
+    zstd_windows: &'a Cell<u64>,
 }
 
 impl<'a> Walk<'a> {
@@ -383,8 +388,13 @@ impl<'a> Walk<'a> {
             Kind::Zstd => {
                 let depth = self.enter(name, depth)?;
                 let inner_name = strip_zst(name);
-                let mut zst =
-                    zstd::ZstdReader::new(&mut chained, String::from(name), self.limits, self.total)?;
+                let mut zst = zstd::ZstdReader::new(
+                    &mut chained,
+                    String::from(name),
+                    self.limits,
+                    self.total,
+                    self.zstd_windows,
+                )?;
                 self.stream(&mut zst, &inner_name, depth, prefix)?;
                 drain(&mut zst)
             }

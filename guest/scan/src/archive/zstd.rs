@@ -20,6 +20,9 @@ pub(crate) const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// The largest window a frame may ask for: the decoder holds this much of the output. zstd's
 /// levels use at most 8 MiB (`--long` up to 128 MiB, which is refused).
 pub const MAX_WINDOW: u64 = 32 << 20;
+/// The most window all zstd streams open at once may hold (a zstd stream inside another
+/// inside another each holds its own): the guest's memory is not the attacker's to spend.
+pub const MAX_WINDOWS_HELD: u64 = 48 << 20;
 /// The longest frame header: magic, descriptor, window, 4-byte dictionary id, 8-byte size.
 const MAX_HEADER: usize = 18;
 
@@ -137,6 +140,29 @@ pub(crate) struct ZstdReader<'a, R: ByteRead + ?Sized> {
     artifact_total: &'a Cell<u64>,
     max_total: u64,
     finished: bool,
+    /// The window all open zstd streams of the artifact hold, and this one's part of it.
+    windows: &'a Cell<u64>,
+    held: u64,
+}
+
+impl<R: ByteRead + ?Sized> Drop for ZstdReader<'_, R> {
+    fn drop(&mut self) {
+        self.windows.set(self.windows.get() - self.held);
+    }
+}
+
+/// Takes `window` for a stream that held `held` until now, if all streams stay within
+/// [`MAX_WINDOWS_HELD`].
+fn hold(windows: &Cell<u64>, held: u64, window: u64, entry: &str) -> Result<(), ArtifactError> {
+    let others = windows.get() - held;
+    if others + window > MAX_WINDOWS_HELD {
+        return Err(ArtifactError::Unsupported {
+            entry: String::from(entry),
+            feature: "zstd streams inside zstd streams whose windows come to over 48 MiB",
+        });
+    }
+    windows.set(others + window);
+    Ok(())
 }
 
 impl<'a, R: ByteRead + ?Sized> ZstdReader<'a, R> {
@@ -145,6 +171,7 @@ impl<'a, R: ByteRead + ?Sized> ZstdReader<'a, R> {
         entry: String,
         limits: &Limits,
         total: &'a Cell<u64>,
+        windows: &'a Cell<u64>,
     ) -> Result<Self, ArtifactError> {
         let mut feed = Feed {
             inner,
@@ -155,12 +182,18 @@ impl<'a, R: ByteRead + ?Sized> ZstdReader<'a, R> {
             ended: false,
             error: None,
         };
-        if !next_frame(&mut feed, &entry)? {
+        let Some(window) = next_frame(&mut feed, &entry)? else {
             return Err(ArtifactError::Truncated { entry });
-        }
+        };
+        hold(windows, 0, window, &entry)?;
         // The header is all in `feed.ahead`: starting the decoder reads nothing more.
-        let decoder = StreamingDecoder::new_with_decoder(feed, FrameDecoder::new())
-            .map_err(|_| ArtifactError::Corrupt { entry: entry.clone(), reason: "zstd frame header" })?;
+        let decoder = match StreamingDecoder::new_with_decoder(feed, FrameDecoder::new()) {
+            Ok(decoder) => decoder,
+            Err(_) => {
+                windows.set(windows.get() - window);
+                return Err(ArtifactError::Corrupt { entry, reason: "zstd frame header" });
+            }
+        };
         Ok(ZstdReader {
             decoder,
             entry,
@@ -169,6 +202,8 @@ impl<'a, R: ByteRead + ?Sized> ZstdReader<'a, R> {
             artifact_total: total,
             max_total: limits.max_decompressed,
             finished: false,
+            windows,
+            held: window,
         })
     }
 
@@ -206,15 +241,18 @@ impl<'a, R: ByteRead + ?Sized> ZstdReader<'a, R> {
 }
 
 /// Reads up to the next frame's header into `feed.ahead` (skipping skippable frames) and
-/// checks it; `false` at the clean end of the stream.
-fn next_frame<R: ByteRead + ?Sized>(feed: &mut Feed<'_, R>, entry: &str) -> Result<bool, ArtifactError> {
+/// checks it; the window it asks for, or `None` at the clean end of the stream.
+fn next_frame<R: ByteRead + ?Sized>(
+    feed: &mut Feed<'_, R>,
+    entry: &str,
+) -> Result<Option<u64>, ArtifactError> {
     let corrupt = |reason| ArtifactError::Corrupt { entry: String::from(entry), reason };
     loop {
         let mut magic = [0u8; 4];
         let n = read_full(feed.inner, &mut magic)?;
         feed.total_in += n as u64;
         match n {
-            0 => return Ok(false),
+            0 => return Ok(None),
             4 => {}
             _ => return Err(ArtifactError::Truncated { entry: String::from(entry) }),
         }
@@ -269,7 +307,7 @@ fn next_frame<R: ByteRead + ?Sized>(feed: &mut Feed<'_, R>, entry: &str) -> Resu
         }
         feed.ahead_pos = 0;
         feed.ahead_len = have;
-        return Ok(true);
+        return Ok(Some(header.window));
     }
 }
 
@@ -295,10 +333,12 @@ impl<R: ByteRead + ?Sized> ByteRead for ZstdReader<'_, R> {
                 Ok(0) => {
                     // This frame is done: the next one, if the stream has one.
                     let entry = self.entry.clone();
-                    if !next_frame(self.decoder.get_mut(), &entry)? {
+                    let Some(window) = next_frame(self.decoder.get_mut(), &entry)? else {
                         self.finished = true;
                         return Ok(0);
-                    }
+                    };
+                    hold(self.windows, self.held, window, &entry)?;
+                    self.held = window;
                     let mut decoder = core::mem::replace(&mut self.decoder.decoder, FrameDecoder::new());
                     init(&mut decoder, self.decoder.get_mut(), &entry)?;
                     self.decoder.decoder = decoder;
