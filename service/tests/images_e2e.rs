@@ -1,6 +1,7 @@
 //! Container images end to end: `cella serve` and `cella scan --image` as real processes, a
 //! real (jailed, as root) microVM, a `docker save`-style archive built by the test (a base
-//! layer holding a key, a later layer deleting it with a whiteout and adding another). Each
+//! layer holding a key, a later layer deleting it with a whiteout and adding another, a third
+//! layer compressed by the real `zstd` adding a third). Each
 //! finding comes back at its path in the image with its layer and build step, the deleted one
 //! marked; `--image` on an archive that holds no image fails with a clear message.
 
@@ -14,6 +15,21 @@ mod sarif_checks;
 
 use common::{cella, serve_jailed, tenant_key, test_db_url, Scratch};
 use sarif_checks::checked_sarif;
+
+/// `data` compressed by the `zstd` command (scripts/setup.sh installs it), as a stream.
+fn zstd(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("zstd")
+        .args(["-q", "-c", "-3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the zstd command (apt-get install zstd; scripts/setup.sh installs it)");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
 
 fn text(o: &Output) -> String {
     format!("{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
@@ -38,20 +54,25 @@ async fn an_image_is_scanned_layer_by_layer_and_a_deleted_key_is_still_found(poo
     let base =
         common::tar(&[("etc/app/payments.env", deleted.as_bytes()), ("usr/share/doc/readme", b"docs\n")]);
     let top = common::tar(&[("etc/app/.wh.payments.env", b""), ("srv/app.env", added.as_bytes())]);
+    let tool = "STRIPE_KEY=sk_live_2aB59JsNalYFctlvV3bfr9fe\n";
+    let compressed = zstd(&common::tar(&[("opt/tool.env", tool.as_bytes())]));
     let config =
         br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]},
-        "history":[{"created_by":"ADD base.tar /"},{"created_by":"RUN rm /etc/app/payments.env"}]}"#;
+        "history":[{"created_by":"ADD base.tar /"},{"created_by":"RUN rm /etc/app/payments.env"},
+        {"created_by":"COPY tool.env /opt/"}]}"#;
     let blob = |d: &[u8]| format!("blobs/sha256/{}", digest(d));
     let manifest = format!(
-        r#"[{{"Config":"{}","RepoTags":["shop/api:2.1"],"Layers":["{}","{}"]}}]"#,
+        r#"[{{"Config":"{}","RepoTags":["shop/api:2.1"],"Layers":["{}","{}","{}"]}}]"#,
         blob(config),
         blob(&base),
-        blob(&top)
+        blob(&top),
+        blob(&compressed)
     );
     let image = common::tar(&[
         (&blob(config), config),
         (&blob(&base), &base),
         (&blob(&top), &top),
+        (&blob(&compressed), &compressed),
         ("manifest.json", manifest.as_bytes()),
     ]);
     let archive = dir.join("api.tar");
@@ -64,7 +85,7 @@ async fn an_image_is_scanned_layer_by_layer_and_a_deleted_key_is_still_found(poo
         &["scan", "--image", archive.to_str().unwrap(), "--sarif", sarif.to_str().unwrap()],
     );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("image: shop/api:2.1: 2 layers"), "{}", text(&o));
+    assert!(text(&o).contains("image: shop/api:2.1: 3 layers"), "{}", text(&o));
     assert!(text(&o).contains("etc/app/payments.env:1 [layer 1, deleted in 2]"), "{}", text(&o));
     let log = checked_sarif(&sarif);
     let mut placed: Vec<String> = log["runs"][0]["results"]
@@ -83,6 +104,7 @@ async fn an_image_is_scanned_layer_by_layer_and_a_deleted_key_is_still_found(poo
         placed,
         [
             r#"etc/app/payments.env "shop/api:2.1" 1 "ADD base.tar /" 2"#,
+            r#"opt/tool.env "shop/api:2.1" 3 "COPY tool.env /opt/" null"#,
             r#"srv/app.env "shop/api:2.1" 2 "RUN rm /etc/app/payments.env" null"#,
         ]
     );
