@@ -282,3 +282,69 @@ async fn branches_tags_renames_a_bare_clone_and_a_baseline_through_the_service(p
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("4 finding(s) (4 suppressed)"), "{}", text(&o));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn deep_delta_chains_a_shallow_clone_and_a_damaged_bundle_through_the_service(pool: PgPool) {
+    let dir = Scratch::new("history-e2e-3");
+    let server = serve_jailed(&dir.join("data"), &test_db_url(&pool));
+    let data = server.data.clone();
+    let key = tenant_key(&data, "hist3");
+
+    // One file edited in 60 commits: a key added in the 10th stays; one added in the 30th is
+    // removed in the 40th. Repacked so that the versions are delta chains up to 50 deep.
+    let repo = dir.join("conf");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let (kept, gone) = (format!("STRIPE_KEY={}\n", stripe_key(20)), format!("OLD_KEY={}\n", stripe_key(21)));
+    let mut body = String::from("# settings\n");
+    let mut commits = Vec::new();
+    for i in 1..=60 {
+        body.push_str(&format!("setting_{i} = {}\n", i * 7));
+        match i {
+            10 => body.push_str(&kept),
+            30 => body.push_str(&gone),
+            40 => body = body.replace(&gone, ""),
+            _ => {}
+        }
+        write(&repo, "conf/app.conf", &body);
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-qm", &format!("Edit {i}")]);
+        commits.push(git(&repo, &["rev-parse", "HEAD"]));
+    }
+    git(&repo, &["repack", "-q", "-a", "-d", "-f", "--depth=50", "--window=250"]);
+    let sarif = dir.join("deep.sarif");
+    let o = cella(&data, Some(&key), &["scan", repo.to_str().unwrap(), "--sarif", sarif.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("history: 60 commits"), "{}", text(&o));
+    assert_eq!(
+        attributed(&checked_sarif(&sarif)),
+        [format!("conf/app.conf:12:{}:false", commits[9]), format!("conf/app.conf:33:{}:true", commits[29])]
+    );
+
+    // A shallow clone of the last 5 commits: what it holds is scanned, and it says so. The kept
+    // key is named with the oldest commit the clone has.
+    let shallow = dir.join("shallow");
+    let url = format!("file://{}", repo.display());
+    git(&dir, &["clone", "-q", "--depth", "5", &url, shallow.to_str().unwrap()]);
+    let sarif = dir.join("shallow.sarif");
+    let o =
+        cella(&data, Some(&key), &["scan", shallow.to_str().unwrap(), "--sarif", sarif.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("partial: history before the bundle's first commits was not scanned"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(attributed(&checked_sarif(&sarif)), [format!("conf/app.conf:12:{}:false", commits[55])]);
+
+    // A bundle whose pack was altered is refused, and says why.
+    let bundle = dir.join("conf.bundle");
+    git(&repo, &["bundle", "create", bundle.to_str().unwrap(), "--all"]);
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x40;
+    std::fs::write(&bundle, &bytes).unwrap();
+    let o = cella(&data, Some(&key), &["scan", bundle.to_str().unwrap()]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("checksum"), "{}", text(&o));
+}

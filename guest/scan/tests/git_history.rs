@@ -292,6 +292,11 @@ fn a_shallow_clone_scans_what_it_has() {
     let report = scan_bytes(&shallow.bundle(&["--all"]), "repo.bundle", &Limits::default()).unwrap();
     // The one commit it holds has both files: both attributed to it.
     assert_eq!(attributed(&report), [format!("a.txt:1:{two}:false"), format!("b.txt:1:{two}:false")]);
+    let summary = report.history.as_ref().expect("a history summary");
+    assert!(summary.partial, "a shallow clone's history is partial: {summary:?}");
+    // A whole history is not.
+    let whole = scan_bytes(&repo.bundle(&["--all"]), "repo.bundle", &Limits::default()).unwrap();
+    assert!(!whole.history.as_ref().expect("a history summary").partial);
 }
 
 /// Hostile packs, written byte by byte.

@@ -50,6 +50,12 @@ pub(super) struct Graph {
 }
 
 impl Graph {
+    /// Whether a commit names a parent the pack does not hold: a shallow clone's boundary (or a
+    /// bundle cut some other way), before which the history was not scanned.
+    pub(super) fn cut_off(&self) -> bool {
+        self.commits.iter().any(|c| c.parents.len() < c.info.parents.len())
+    }
+
     fn items(&self, tree: u32) -> Option<&[TreeItem]> {
         let (start, len) = *self.tree_of.get(tree as usize)?;
         (start != NONE).then(|| &self.tree_items[start as usize..(start + len) as usize])

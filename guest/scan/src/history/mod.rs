@@ -293,6 +293,8 @@ fn read<'a>(bytes: &'a [u8], limits: &'a Limits) -> Result<(Read<'a>, Names), St
     let n = pack.len();
     let names = Names(pack.names());
     let graph = read_graph(&mut pack, &names)?;
+    // A shallow clone's bundle lists no prerequisites: its cut shows in the commits.
+    let partial = partial || graph.cut_off();
     let order = topological_order(&graph);
     let (origin, origins, missing) = first_appearances(&graph, &order, n);
     let mut rank = vec![0u32; graph.commits.len()];
