@@ -3,7 +3,8 @@
 //! REPO` sends the history with the work tree: a key that was committed and then deleted is
 //! found and named with the commit that added it; a key still in the tree carries its commit;
 //! what `.cellaignore` leaves out of the tree stays out of its history; `--history none`,
-//! `--history since=REV` and a `.bundle` file given directly each scan what they say.
+//! `--history since=REV` and a `.bundle` file given directly each scan what they say; deep delta
+//! chains and a shallow clone are attributed exactly; hostile packs are refused by name.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -12,6 +13,8 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 mod common;
+#[path = "../../guest/scan/tests/pack_writer/mod.rs"]
+mod pack_writer;
 #[path = "../../guest/scan/tests/sarif_checks/mod.rs"]
 mod sarif_checks;
 
@@ -347,4 +350,32 @@ async fn deep_delta_chains_a_shallow_clone_and_a_damaged_bundle_through_the_serv
     let o = cella(&data, Some(&key), &["scan", bundle.to_str().unwrap()]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("checksum"), "{}", text(&o));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn hostile_packs_are_refused_by_name_through_the_service(pool: PgPool) {
+    use pack_writer::{base_out_of_range, bundle, delta_bomb, delta_cycle, object, BLOB};
+
+    let dir = Scratch::new("history-e2e-4");
+    let server = serve_jailed(&dir.join("data"), &test_db_url(&pool));
+    let data = server.data.clone();
+    let key = tenant_key(&data, "hist4");
+
+    // 100 MiB of zeros in one object (a few KiB packed).
+    let bomb = object(BLOB, &vec![0u8; 100 << 20]);
+    let cases: [(&str, Vec<u8>, &str); 6] = [
+        ("range", base_out_of_range(), "names a base that is not an earlier object"),
+        ("cycle", delta_cycle(), "a delta cycle"),
+        ("bomb", bundle(&[bomb], 1), "over the 67108864-byte object limit"),
+        ("delta-bomb", delta_bomb(), "over the 67108864-byte object limit"),
+        ("million", bundle(&[], 1_000_000), "holds 1000000 objects, over the limit of 500000"),
+        ("short", bundle(&[object(BLOB, b"hello\n")], 2), "its pack is truncated"),
+    ];
+    for (name, bytes, says) in cases {
+        let path = dir.join(&format!("{name}.bundle"));
+        std::fs::write(&path, bytes).unwrap();
+        let o = cella(&data, Some(&key), &["scan", path.to_str().unwrap()]);
+        assert!(!o.status.success(), "{name}: {}", text(&o));
+        assert!(text(&o).contains(says), "{name}: {}", text(&o));
+    }
 }

@@ -3,6 +3,7 @@
 //! marked as only in history. Hostile packs are refused by name, within limits.
 
 mod common;
+mod pack_writer;
 mod sarif_checks;
 
 use std::path::{Path, PathBuf};
@@ -301,46 +302,8 @@ fn a_shallow_clone_scans_what_it_has() {
 
 /// Hostile packs, written byte by byte.
 mod hostile {
+    use super::pack_writer::*;
     use super::*;
-    use miniz_oxide::deflate::compress_to_vec_zlib;
-    use sha1::{Digest, Sha1};
-
-    const BLOB: u8 = 3;
-    const OFS_DELTA: u8 = 6;
-    const REF_DELTA: u8 = 7;
-
-    fn header(kind: u8, size: u64) -> Vec<u8> {
-        let mut out = vec![(kind << 4) | (size & 15) as u8];
-        let mut rest = size >> 4;
-        while rest != 0 {
-            *out.last_mut().unwrap() |= 0x80;
-            out.push((rest & 0x7f) as u8);
-            rest >>= 7;
-        }
-        out
-    }
-
-    fn object(kind: u8, content: &[u8]) -> Vec<u8> {
-        let mut out = header(kind, content.len() as u64);
-        out.extend(compress_to_vec_zlib(content, 6));
-        out
-    }
-
-    /// A pack of `objects` (already encoded), announcing `count` of them, in a bundle.
-    fn bundle(objects: &[Vec<u8>], count: u32) -> Vec<u8> {
-        let mut pack = b"PACK".to_vec();
-        pack.extend(2u32.to_be_bytes());
-        pack.extend(count.to_be_bytes());
-        for o in objects {
-            pack.extend(o);
-        }
-        let sum = Sha1::digest(&pack);
-        pack.extend(sum);
-        let mut out = b"# v2 git bundle\n".to_vec();
-        out.extend(format!("{} refs/heads/main\n\n", "ab".repeat(20)).as_bytes());
-        out.extend(pack);
-        out
-    }
 
     fn refused(data: &[u8], limits: &Limits) -> HistoryProblem {
         match scan_bytes(data, "h.bundle", limits) {
@@ -396,29 +359,14 @@ mod hostile {
 
     #[test]
     fn a_delta_base_out_of_range_is_refused() {
-        let mut delta = header(OFS_DELTA, 3);
-        delta.push(0x7f); // 127 bytes back: before the pack's first object
-        delta.extend(compress_to_vec_zlib(&[6, 1, 0x01], 6));
-        let problem = refused(&bundle(&[object(BLOB, b"hello\n"), delta], 2), &Limits::default());
+        let problem = refused(&base_out_of_range(), &Limits::default());
         assert!(matches!(problem, HistoryProblem::BaseOutOfRange { .. }), "{problem:?}");
     }
 
     #[test]
     fn a_delta_cycle_is_refused() {
-        // Two reference deltas, each naming the other's (would-be) name as its base.
-        let names = [[0x11u8; 20], [0x22u8; 20]];
-        let objects: Vec<Vec<u8>> = names
-            .iter()
-            .rev()
-            .map(|base| {
-                let mut o = header(REF_DELTA, 4);
-                o.extend(base);
-                o.extend(compress_to_vec_zlib(&[1, 1, 1, b'x'], 6));
-                o
-            })
-            .collect();
         assert_eq!(
-            refused(&bundle(&objects, 2), &Limits::default()),
+            refused(&delta_cycle(), &Limits::default()),
             HistoryProblem::UnresolvedDeltas { count: 2 }
         );
     }
@@ -428,7 +376,7 @@ mod hostile {
         let base = object(BLOB, b"abc");
         let mut delta = header(OFS_DELTA, 5);
         delta.push(base.len() as u8);
-        delta.extend(compress_to_vec_zlib(&[3, 4, 0x91, 2, 4], 6));
+        delta.extend(zlib(&[3, 4, 0x91, 2, 4]));
         let problem = refused(&bundle(&[base, delta], 2), &Limits::default());
         assert!(matches!(problem, HistoryProblem::BadDelta { .. }), "{problem:?}");
     }
@@ -450,11 +398,7 @@ mod hostile {
         let limits = Limits { max_history_inflated: 16 << 20, ..Limits::default() };
         assert_eq!(refused(&bundle(&objects, 8), &limits), HistoryProblem::InflatedTotal { limit: 16 << 20 });
         // A delta that rebuilds a huge object from a tiny one.
-        let base = object(BLOB, b"abc");
-        let mut delta = header(OFS_DELTA, 8);
-        delta.push(base.len() as u8);
-        delta.extend(compress_to_vec_zlib(&[3, 0x80, 0x80, 0x80, 0x40, 0x91, 0, 3], 6));
-        let problem = refused(&bundle(&[base, delta], 2), &Limits::default());
+        let problem = refused(&delta_bomb(), &Limits::default());
         assert!(matches!(problem, HistoryProblem::ObjectTooLarge { .. }), "{problem:?}");
     }
 
