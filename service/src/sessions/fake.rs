@@ -31,12 +31,13 @@ pub struct Recorded {
     pub details: Value,
 }
 
-/// The `sessions` table and its audit events, in memory.
-#[derive(Debug, Default)]
+/// The `sessions` table and its audit events, in memory; its clones share them (the manager
+/// holds one, the test another to look at what was written).
+#[derive(Debug, Default, Clone)]
 pub struct FakeStore {
-    rows: Mutex<HashMap<String, Session>>,
-    events: Mutex<Vec<Recorded>>,
-    cpu_percent: Mutex<HashMap<String, u32>>,
+    rows: Arc<Mutex<HashMap<String, Session>>>,
+    events: Arc<Mutex<Vec<Recorded>>>,
+    cpu_percent: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl FakeStore {

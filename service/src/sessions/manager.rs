@@ -340,10 +340,6 @@ impl SessionManager {
     pub fn new(pool: PgPool, config: SessionsConfig, data_dir: DataDir, host: String, vmms: Vmms) -> Self {
         Self::with_parts(PgSessions(pool), config, data_dir, host, vmms)
     }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.store.0
-    }
 }
 
 impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {

@@ -34,9 +34,9 @@ impl Drop for Scratch {
 }
 
 struct Case {
-    m: Arc<SessionManager<FakeVmms, Arc<FakeStore>>>,
+    m: Arc<SessionManager<FakeVmms, FakeStore>>,
     vmms: FakeVmms,
-    store: Arc<FakeStore>,
+    store: FakeStore,
     config: SessionsConfig,
     _dir: Scratch,
     root: std::path::PathBuf,
@@ -63,7 +63,7 @@ impl Case {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(root.join("sessions")).expect("scratch folder");
-        let store = Arc::new(FakeStore::default());
+        let store = FakeStore::default();
         let m = Arc::new(SessionManager::with_parts(
             store.clone(),
             config.clone(),
@@ -75,7 +75,7 @@ impl Case {
     }
 
     /// The same store and VMMs under a new manager: `cella serve` restarted.
-    fn restarted(&self) -> Arc<SessionManager<FakeVmms, Arc<FakeStore>>> {
+    fn restarted(&self) -> Arc<SessionManager<FakeVmms, FakeStore>> {
         Arc::new(SessionManager::with_parts(
             self.store.clone(),
             self.config.clone(),

@@ -18,6 +18,49 @@ use crate::Limits;
 /// are normal).
 pub const RATIO_MIN_OUTPUT: u64 = 1024 * 1024;
 
+/// The bomb limits every decompressor of an artifact applies: the artifact's decompressed
+/// total (shared by all its streams) and one stream's ratio of output to input.
+pub(crate) struct BombCheck<'a> {
+    artifact_total: &'a Cell<u64>,
+    max_total: u64,
+    max_ratio: u64,
+}
+
+impl<'a> BombCheck<'a> {
+    pub(crate) fn new(limits: &Limits, artifact_total: &'a Cell<u64>) -> Self {
+        BombCheck { artifact_total, max_total: limits.max_decompressed, max_ratio: limits.max_ratio }
+    }
+
+    /// Counts `n` more bytes out of the stream `entry`, which has now put out `total_out`
+    /// bytes from `total_in`.
+    pub(crate) fn check(
+        &self,
+        entry: &str,
+        n: usize,
+        total_out: u64,
+        total_in: u64,
+    ) -> Result<(), ArtifactError> {
+        self.artifact_total.set(self.artifact_total.get() + n as u64);
+        if self.artifact_total.get() > self.max_total {
+            return Err(ArtifactError::DecompressedTotal {
+                entry: String::from(entry),
+                limit: self.max_total,
+            });
+        }
+        if total_out >= RATIO_MIN_OUTPUT {
+            let ratio = total_out / total_in.max(1);
+            if ratio > self.max_ratio {
+                return Err(ArtifactError::DecompressionRatio {
+                    entry: String::from(entry),
+                    ratio,
+                    limit: self.max_ratio,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A raw-deflate stream turned into a [`ByteRead`] of its decompressed bytes.
 pub(crate) struct Inflater<'a, R: ByteRead + ?Sized> {
     inner: &'a mut R,
@@ -33,10 +76,7 @@ pub(crate) struct Inflater<'a, R: ByteRead + ?Sized> {
     /// has not ended by then, the entry is truncated.
     input_ended: bool,
     entry: String,
-    max_ratio: u64,
-    /// Bytes decompressed in the whole artifact so far, shared by all inflaters.
-    artifact_total: &'a Cell<u64>,
-    max_total: u64,
+    bombs: BombCheck<'a>,
     /// For zip: the size the entry declares; producing more is an error.
     expected: Option<u64>,
 }
@@ -61,9 +101,7 @@ impl<'a, R: ByteRead + ?Sized> Inflater<'a, R> {
             done: false,
             input_ended: false,
             entry,
-            max_ratio: limits.max_ratio,
-            artifact_total,
-            max_total: limits.max_decompressed,
+            bombs: BombCheck::new(limits, artifact_total),
             expected,
         }
     }
@@ -104,23 +142,7 @@ impl<R: ByteRead + ?Sized> ByteRead for Inflater<'_, R> {
             let n = res.bytes_written;
             self.total_out += n as u64;
             self.crc.update(&out[..n]);
-            self.artifact_total.set(self.artifact_total.get() + n as u64);
-            if self.artifact_total.get() > self.max_total {
-                return Err(ArtifactError::DecompressedTotal {
-                    entry: self.entry.clone(),
-                    limit: self.max_total,
-                });
-            }
-            if self.total_out >= RATIO_MIN_OUTPUT {
-                let ratio = self.total_out / self.total_in.max(1);
-                if ratio > self.max_ratio {
-                    return Err(ArtifactError::DecompressionRatio {
-                        entry: self.entry.clone(),
-                        ratio,
-                        limit: self.max_ratio,
-                    });
-                }
-            }
+            self.bombs.check(&self.entry, n, self.total_out, self.total_in)?;
             if let Some(exp) = self.expected {
                 if self.total_out > exp {
                     return Err(ArtifactError::Corrupt {

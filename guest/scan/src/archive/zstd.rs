@@ -10,7 +10,7 @@ use core::cell::Cell;
 use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
 use ruzstd::io::{Error as ZstdIoError, ErrorKind as ZstdIoErrorKind, Read as ZstdRead};
 
-use super::inflate::RATIO_MIN_OUTPUT;
+use super::inflate::BombCheck;
 use crate::error::ArtifactError;
 use crate::source::{read_full, ByteRead};
 use crate::Limits;
@@ -136,9 +136,7 @@ pub(crate) struct ZstdReader<'a, R: ByteRead + ?Sized> {
     decoder: StreamingDecoder<Feed<'a, R>, FrameDecoder>,
     entry: String,
     total_out: u64,
-    max_ratio: u64,
-    artifact_total: &'a Cell<u64>,
-    max_total: u64,
+    bombs: BombCheck<'a>,
     finished: bool,
     /// The window all open zstd streams of the artifact hold, and this one's part of it.
     windows: &'a Cell<u64>,
@@ -198,9 +196,7 @@ impl<'a, R: ByteRead + ?Sized> ZstdReader<'a, R> {
             decoder,
             entry,
             total_out: 0,
-            max_ratio: limits.max_ratio,
-            artifact_total: total,
-            max_total: limits.max_decompressed,
+            bombs: BombCheck::new(limits, total),
             finished: false,
             windows,
             held: window,
@@ -219,24 +215,7 @@ impl<'a, R: ByteRead + ?Sized> ZstdReader<'a, R> {
 
     fn count(&mut self, n: usize) -> Result<(), ArtifactError> {
         self.total_out += n as u64;
-        self.artifact_total.set(self.artifact_total.get() + n as u64);
-        if self.artifact_total.get() > self.max_total {
-            return Err(ArtifactError::DecompressedTotal {
-                entry: self.entry.clone(),
-                limit: self.max_total,
-            });
-        }
-        if self.total_out >= RATIO_MIN_OUTPUT {
-            let ratio = self.total_out / self.decoder.get_ref().total_in.max(1);
-            if ratio > self.max_ratio {
-                return Err(ArtifactError::DecompressionRatio {
-                    entry: self.entry.clone(),
-                    ratio,
-                    limit: self.max_ratio,
-                });
-            }
-        }
-        Ok(())
+        self.bombs.check(&self.entry, n, self.total_out, self.decoder.get_ref().total_in)
     }
 }
 
