@@ -55,6 +55,14 @@ pub struct RunReport {
     /// from the launch (`PUT /vm`), not from the VMM's start.
     #[serde(default)]
     pub built_ahead: bool,
+    /// vCPUs the guest ran on: 1, or 2 with a helper vCPU (a scan of a large artifact).
+    #[serde(default = "one_vcpu")]
+    pub vcpus: u32,
+}
+
+/// What a report from before helper vCPUs means.
+pub fn one_vcpu() -> u32 {
+    1
 }
 
 /// What the console passed on and what it dropped.

@@ -19,6 +19,9 @@ pub struct ScanReport {
     pub run_us: u64,
     /// The VM was built ahead of its launch (a spare, `cella-vmm spare`).
     pub built_ahead: bool,
+    /// vCPUs the guest ran on (see [`crate::report::RunReport::vcpus`]).
+    #[serde(default = "crate::report::one_vcpu")]
+    pub vcpus: u32,
     /// From starting the VM to having the results, in ms.
     #[serde(default)]
     pub scan_ms: u64,
@@ -93,6 +96,7 @@ mod tests {
             launch_us: 5000,
             run_us: 9000,
             built_ahead: false,
+            vcpus: 1,
             scan_ms: 14,
             scrub: ScrubReport {
                 bytes: 4096,

@@ -33,6 +33,10 @@ pub struct TemplateIdentity {
     pub mem_mib: u64,
     /// The VMM that built it (a snapshot restores only in the same VMM version).
     pub vmm_version: String,
+    /// The image's entry point, where a restored VM's helper vCPU starts; 0 (a template from
+    /// before helpers): its VMs get none. Not part of `id`: the image's hash covers it.
+    #[serde(default)]
+    pub entry: u64,
 }
 
 impl TemplateIdentity {
@@ -45,7 +49,14 @@ impl TemplateIdentity {
             format!("cella-template/1\n{policy_sha256}\n{image_sha256}\n{mem_mib}\n{vmm_version}\n")
                 .as_bytes(),
         ));
-        TemplateIdentity { id, policy_sha256, image_sha256, mem_mib, vmm_version: vmm_version.to_owned() }
+        TemplateIdentity {
+            id,
+            policy_sha256,
+            image_sha256,
+            mem_mib,
+            vmm_version: vmm_version.to_owned(),
+            entry: 0,
+        }
     }
 
     /// Reads the identity file in the template folder `dir`. It was written by a VMM (in a

@@ -25,7 +25,30 @@ fn peak_rss_mib() -> u64 {
     kib / 1024
 }
 
+/// Workers on threads: the caller and `0 - 1` more, started for each stage.
+struct Threads(usize);
+
+impl cella_scan::parallel::Workers for Threads {
+    fn count(&self) -> usize {
+        self.0
+    }
+
+    fn run(&self, task: &(dyn Fn(usize) + Sync)) {
+        std::thread::scope(|s| {
+            for w in 1..self.0 {
+                s.spawn(move || task(w));
+            }
+            task(0);
+        });
+    }
+}
+
 fn main() {
+    // CELLA_BENCH_THREADS=2: scan on two threads, as a VM with a helper vCPU does.
+    let threads: usize = std::env::var("CELLA_BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(1);
+    if threads > 1 {
+        cella_scan::parallel::set_workers(Box::leak(Box::new(Threads(threads))));
+    }
     let mut args = std::env::args().skip(1);
     let Some(bundle) = args.next() else {
         eprintln!("usage: bench_history BUNDLE [REPO]");
@@ -75,7 +98,10 @@ fn main() {
     for f in &report.findings {
         *by_rule.entry(&f.rule_id).or_default() += 1;
     }
-    println!("Cella history scan of {bundle} ({} MB), native, 1 thread, default packs:", data.len() >> 20);
+    println!(
+        "Cella history scan of {bundle} ({} MB), native, {threads} thread(s), default packs:",
+        data.len() >> 20
+    );
     println!(
         "  {} objects, {} commits, {} blobs scanned ({} of them only where they differ from their delta base; {} MB scanned), {} missing from the pack",
         history.objects,

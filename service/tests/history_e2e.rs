@@ -7,7 +7,7 @@
 //! chains and a shallow clone are attributed exactly; hostile packs are refused by name.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use sqlx::PgPool;
@@ -18,6 +18,7 @@ mod pack_writer;
 #[path = "../../guest/scan/tests/sarif_checks/mod.rs"]
 mod sarif_checks;
 
+use cella_e2e::git;
 use common::{cella, serve_jailed, tenant_key, test_db_url, Scratch};
 use sarif_checks::checked_sarif;
 
@@ -36,25 +37,6 @@ fn stripe_key(n: u32) -> String {
 
 fn text(o: &Output) -> String {
     format!("{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn git(repo: &Path, args: &[&str]) -> String {
-    let o = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Cella Test",
-            "-c",
-            "user.email=test@cella.invalid",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .current_dir(repo)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "git {args:?}: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
 fn write(root: &Path, path: &str, body: &str) {

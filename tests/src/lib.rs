@@ -99,3 +99,25 @@ pub fn wait_until_threads_confined(pid: u32, at_least: usize) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// Runs the real `git` with `args` in `repo` as a fixed test user (no system config, no
+/// signing); panics with its output if it fails. Returns its stdout, trimmed.
+pub fn git(repo: &Path, args: &[&str]) -> String {
+    let o = std::process::Command::new("git")
+        .args([
+            "-c",
+            "user.name=Cella Test",
+            "-c",
+            "user.email=test@cella.invalid",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(repo)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .expect("git runs");
+    let out = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(o.status.success(), "git {args:?}: {}{}", out(&o.stdout), out(&o.stderr));
+    out(&o.stdout).trim().to_owned()
+}

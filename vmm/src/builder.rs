@@ -64,11 +64,36 @@ pub fn build(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroV
 /// small job would pay for zeroing and scrubbing whole 2 MiB pages it barely uses.
 pub const HUGE_PAGES_MIN_DISK: u64 = 16 << 20;
 
+/// A VM whose disk is at least this large gets a helper vCPU (see
+/// [`cella_abi::BootInfo::helpers`]) when the host has a second CPU: the scan spreads its
+/// largest stage (a history's file versions) over both. A small job would only pay for the
+/// extra thread.
+pub const HELPER_MIN_DISK: u64 = 8 << 20;
+
+/// Whether this process may run on more than one CPU (its affinity mask), so a helper vCPU
+/// could run beside the boot vCPU.
+pub fn host_has_second_cpu() -> bool {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set, filled in by the call.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a cpu_set_t of the size passed, valid for the kernel to write.
+    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } == 0;
+    // SAFETY: `set` was filled in by sched_getaffinity.
+    ok && unsafe { libc::CPU_COUNT(&set) } >= 2
+}
+
+/// Creates the helper vCPU (index 1) of `vm` when the host could run it; it is only
+/// configured and started for a job that wants it ([`HELPER_MIN_DISK`]).
+pub(crate) fn helper_vcpu(vm: &Vm) -> Result<Option<Vcpu>, VcpuError> {
+    host_has_second_cpu().then(|| Vcpu::new(vm, 1)).transpose()
+}
+
 /// A built VM before it becomes a [`MicroVm`] (the snapshot tests drive its vCPU by hand).
 #[derive(Debug)]
 pub(crate) struct BuiltParts {
     pub vm: Vm,
     pub vcpu: Vcpu,
+    /// The helper vCPU, configured, if the VM has one.
+    pub helper: Option<Vcpu>,
     pub memory: GuestMemfd,
     pub bus: Arc<IoBus>,
 }
@@ -82,6 +107,7 @@ pub struct Prebuilt {
     image: GuestImage,
     vm: Vm,
     vcpu: Vcpu,
+    helper: Option<Vcpu>,
     memory: GuestMemfd,
 }
 
@@ -95,7 +121,13 @@ impl Prebuilt {
         vm.register_memory(&memory)?;
         image.load(memory.memory())?;
         let vcpu = Vcpu::new(&vm, 0)?;
-        Ok(Prebuilt { image, vm, vcpu, memory })
+        let helper = helper_vcpu(&vm)?;
+        Ok(Prebuilt { image, vm, vcpu, helper, memory })
+    }
+
+    /// The guest image's entry point.
+    pub fn entry(&self) -> u64 {
+        self.image.entry()
     }
 
     /// The second half of [`build`]: the VM's disk and devices, its boot structures and the
@@ -113,8 +145,8 @@ impl Prebuilt {
         ends: HostEnds,
         console: Box<dyn Write + Send>,
     ) -> Result<MicroVm, BuildError> {
-        let BuiltParts { vm, vcpu, memory, bus } = self.finish_parts(config, ends, console)?;
-        Ok(MicroVm::new(vm, vcpu, memory, bus, config))
+        let BuiltParts { vm, vcpu, helper, memory, bus } = self.finish_parts(config, ends, console)?;
+        Ok(MicroVm::new(vm, vcpu, memory, bus, config).with_helper(helper))
     }
 
     fn finish_parts(
@@ -123,7 +155,7 @@ impl Prebuilt {
         ends: HostEnds,
         console: Box<dyn Write + Send>,
     ) -> Result<BuiltParts, BuildError> {
-        let Prebuilt { image, vm, vcpu, memory } = self;
+        let Prebuilt { image, vm, vcpu, helper, memory } = self;
         let args = config.args_block();
         let mut boot =
             boot_info::plan(config.mem_bytes(), image.start(), image.end(), args.len(), config.args.len())?;
@@ -133,6 +165,11 @@ impl Prebuilt {
             let _ = memory.advise_huge_pages(boot.heap_start..boot.heap_end);
         }
         vcpu.configure(image.entry(), boot.stack_top)?;
+        let helper = helper.filter(|_| disk.as_ref().is_some_and(|d| d.size() >= HELPER_MIN_DISK));
+        if let Some(helper) = &helper {
+            helper.configure(image.entry(), layout::HELPER_STACK_TOP)?;
+            boot.helpers = 1;
+        }
 
         let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
         if let Some(disk) = disk {
@@ -159,7 +196,7 @@ impl Prebuilt {
             .map_err(BuildError::Bus)?
             .with_virtio(mmio_base, transports);
         boot_info::write(memory.memory(), &boot, &args)?;
-        Ok(BuiltParts { vm, vcpu, memory, bus: Arc::new(bus) })
+        Ok(BuiltParts { vm, vcpu, helper, memory, bus: Arc::new(bus) })
     }
 }
 

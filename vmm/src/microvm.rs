@@ -34,6 +34,8 @@ pub enum RunError {
 pub struct MicroVm {
     vm: Vm,
     vcpu: Vcpu,
+    /// A helper vCPU, configured, started beside `vcpu` (see [`cella_abi::BootInfo::helpers`]).
+    helper: Option<Vcpu>,
     memory: GuestMemfd,
     bus: Arc<IoBus>,
     timeout: Option<Duration>,
@@ -49,6 +51,7 @@ impl MicroVm {
         MicroVm {
             vm,
             vcpu,
+            helper: None,
             memory,
             bus,
             timeout: config.timeout,
@@ -60,6 +63,16 @@ impl MicroVm {
 
     pub(crate) fn new(vm: Vm, vcpu: Vcpu, memory: GuestMemfd, bus: Arc<IoBus>, config: &VmConfig) -> Self {
         Self::from_parts(vm, vcpu, memory, bus, config)
+    }
+
+    /// Gives the VM a helper vCPU, configured and announced to the guest in its boot info.
+    pub(crate) fn with_helper(self, helper: Option<Vcpu>) -> Self {
+        MicroVm { helper, ..self }
+    }
+
+    /// Whether the VM has a helper vCPU.
+    pub fn has_helper(&self) -> bool {
+        self.helper.is_some()
     }
 
     /// The guest memory (e.g. to fill it from a snapshot before starting).
@@ -81,10 +94,12 @@ impl MicroVm {
     /// its seccomp filter. The configuration's `timeout` and `cancel` are [`MicroVm::run`]'s
     /// business; a caller of `start` enforces its own limits.
     pub fn start(self) -> Result<RunningVm, RunError> {
-        let MicroVm { vm, vcpu, memory, bus, launch_start, mem_mib, .. } = self;
+        let MicroVm { vm, vcpu, helper, memory, bus, launch_start, mem_mib, .. } = self;
         let started = Instant::now();
         let handle = vcpu.start(bus.clone())?;
-        let running = RunningVm::new(vm, handle, memory, bus, launch_start, started, mem_mib);
+        // If the helper cannot start, the boot vCPU's handle stops it when dropped.
+        let helper = helper.map(|h| h.start_helper(bus.clone(), &handle)).transpose()?;
+        let running = RunningVm::new(vm, handle, helper, memory, bus, launch_start, started, mem_mib);
         // On error the running VM is dropped: its vCPU stops and its memory is scrubbed.
         crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
         Ok(running)
@@ -178,6 +193,7 @@ mod tests {
             console: ConsoleStats { bytes: 10, dropped: 0 },
             mem_mib: 128,
             built_ahead: true,
+            vcpus: 2,
         };
         let text = serde_json::to_string(&report).unwrap();
         assert!(text.contains(r#""rip":"0x201a2b""#), "{text}");

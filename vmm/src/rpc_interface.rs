@@ -132,7 +132,7 @@ enum Slot {
 #[derive(Debug)]
 pub enum Prepared {
     /// Image loaded, memory and vCPU made: the guest starts from its first instruction.
-    Cold(Prebuilt),
+    Cold(Box<Prebuilt>),
     /// Restored from a template: the guest goes on from its park.
     Template(Box<crate::template::TemplateVm>),
 }

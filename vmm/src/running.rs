@@ -27,8 +27,10 @@ pub use cella_host::report::PauseStats;
 /// A microVM whose vCPU thread has started.
 #[derive(Debug)]
 pub struct RunningVm {
-    // Field order is drop order: the vCPU thread stops before the VM closes, and the memory
+    // Field order is drop order: the helper vCPU stops before the boot vCPU (it may signal
+    // that one's thread until it ends), the vCPU threads before the VM closes, and the memory
     // (scrubbed on drop) goes last.
+    helper: Option<VcpuHandle>,
     vcpu: VcpuHandle,
     vm: Vm,
     bus: Arc<IoBus>,
@@ -42,9 +44,11 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         vm: Vm,
         vcpu: VcpuHandle,
+        helper: Option<VcpuHandle>,
         memory: GuestMemfd,
         bus: Arc<IoBus>,
         launch_start: Instant,
@@ -52,6 +56,7 @@ impl RunningVm {
         mem_mib: u64,
     ) -> Self {
         RunningVm {
+            helper,
             vcpu,
             vm,
             bus,
@@ -115,6 +120,9 @@ impl RunningVm {
     /// vCPU thread is parked and uses no CPU.
     pub fn pause(&mut self) -> Result<Duration, VcpuControlError> {
         let asked = Instant::now();
+        if let Some(helper) = &mut self.helper {
+            helper.pause(VCPU_CONTROL_TIMEOUT)?;
+        }
         self.vcpu.pause(VCPU_CONTROL_TIMEOUT)?;
         let took = asked.elapsed();
         self.paused_since = Some(Instant::now());
@@ -135,6 +143,9 @@ impl RunningVm {
     pub fn resume(&mut self) -> Result<Duration, VcpuControlError> {
         let asked = Instant::now();
         self.vcpu.resume(VCPU_CONTROL_TIMEOUT)?;
+        if let Some(helper) = &mut self.helper {
+            helper.resume(VCPU_CONTROL_TIMEOUT)?;
+        }
         let took = asked.elapsed();
         if let Some(since) = self.paused_since.take() {
             self.paused_before += since.elapsed();
@@ -149,6 +160,9 @@ impl RunningVm {
         &self,
         f: impl FnOnce(&VcpuFd) -> R + Send + 'static,
     ) -> Result<R, VcpuControlError> {
+        if self.helper.is_some() {
+            return Err(VcpuControlError::HelperRunning);
+        }
         self.vcpu.with_paused_vcpu(f)
     }
 
@@ -178,7 +192,11 @@ impl RunningVm {
     }
 
     fn teardown(self, kicked_as: Option<GuestExit>) -> Result<RunReport, RunError> {
-        let RunningVm { mut vcpu, vm, bus, memory, launch_start, mem_mib, .. } = self;
+        let RunningVm { helper, mut vcpu, vm, bus, memory, launch_start, mem_mib, .. } = self;
+        let vcpus = 1 + u32::from(helper.is_some());
+        if let Some(mut helper) = helper {
+            helper.stop();
+        }
         let outcome = vcpu.stop();
         drop(vcpu);
         drop(vm);
@@ -196,6 +214,6 @@ impl RunningVm {
                 (GuestExit::VmmFailed { error: "the vCPU thread ended without a report".into() }, 0, 0, 0)
             }
         };
-        Ok(RunReport { exit, launch_us, run_us, exits, scrub, console, mem_mib, built_ahead: false })
+        Ok(RunReport { exit, launch_us, run_us, exits, scrub, console, mem_mib, built_ahead: false, vcpus })
     }
 }

@@ -173,7 +173,7 @@ pub fn run(request: &ScanRequest, console: Box<dyn std::io::Write + Send>) -> Re
     };
     let prepared = match &request.template {
         Some(dir) => Prepared::Template(Box::new(TemplateVm::load(dir)?)),
-        None => Prepared::Cold(Prebuilt::new(&config)?),
+        None => Prepared::Cold(Box::new(Prebuilt::new(&config)?)),
     };
     let (host_end, vm_end) =
         UnixStream::pair().map_err(|source| JobError::Io { stage: "connected", source })?;

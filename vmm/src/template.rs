@@ -26,7 +26,7 @@ use cella_abi::{layout, BootInfo};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::builder::{HostEnds, Prebuilt};
+use crate::builder::{HostEnds, Prebuilt, HELPER_MIN_DISK};
 use crate::devices::legacy::console::{GuestConsole, SharedBuffer};
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::block::Block;
@@ -123,7 +123,7 @@ pub fn build(image: &Path, mem_mib: u64, policy: &[u8], dir: &Path) -> Result<Bu
         .map_err(|source| TemplateError::Identity { path: dir.to_owned(), source })?;
     let image_bytes =
         std::fs::read(image).map_err(|source| TemplateError::Image { path: image.to_owned(), source })?;
-    let identity = TemplateIdentity::new(policy, &image_bytes, mem_mib, env!("CARGO_PKG_VERSION"));
+    let mut identity = TemplateIdentity::new(policy, &image_bytes, mem_mib, env!("CARGO_PKG_VERSION"));
     drop(image_bytes);
 
     let disk_path = dir.join("policy.disk.tmp");
@@ -134,7 +134,8 @@ pub fn build(image: &Path, mem_mib: u64, policy: &[u8], dir: &Path) -> Result<Bu
         prepare_and_snapshot(image, mem_mib, HostEnds { disk: Some(disk), vsock: Some(vsock) }, dir)
     });
     let _ = std::fs::remove_file(&disk_path);
-    let (memory_bytes, prepare_ms) = result?;
+    let (memory_bytes, prepare_ms, entry) = result?;
+    identity.entry = entry;
     // Jailed spares run as other users and read the template through read-only binds. It
     // holds the runner and the policy's engine, nothing of any job.
     for name in [snapshot::STATE_FILE, snapshot::MEMORY_FILE] {
@@ -173,17 +174,21 @@ fn write_policy_disk(path: &Path, policy: &[u8]) -> Result<(), TemplateError> {
 }
 
 /// Runs the runner to its park and snapshots it into `dir`; returns the bytes of memory the
-/// snapshot holds and the time to the park, in ms.
+/// snapshot holds, the time to the park in ms, and the image's entry point.
 fn prepare_and_snapshot(
     image: &Path,
     mem_mib: u64,
     ends: HostEnds,
     dir: &Path,
-) -> Result<(u64, f64), TemplateError> {
+) -> Result<(u64, f64, u64), TemplateError> {
     let args: Vec<String> = TEMPLATE_ARGS.iter().map(|a| (*a).to_owned()).collect();
     let config = VmConfig { mem_mib, timeout: Some(PARK_TIMEOUT), ..VmConfig::new(image, args.clone()) };
     let console = SharedBuffer::default();
-    let vm = Prebuilt::new(&config)?.finish_with(&config, ends, Box::new(console.clone()))?;
+    let prebuilt = Prebuilt::new(&config)?;
+    let entry = prebuilt.entry();
+    // The policy disk is small, so the template VM has no helper: its snapshot holds one vCPU.
+    let vm = prebuilt.finish_with(&config, ends, Box::new(console.clone()))?;
+    debug_assert!(!vm.has_helper());
     vm.bus().allow_park();
     let started = Instant::now();
     let mut running = vm.start()?;
@@ -204,7 +209,7 @@ fn prepare_and_snapshot(
     let meta = SnapshotMeta { image: Some(image.to_owned()), args, label: Some("template".into()) };
     let info = snapshot::create(dir, vcpu, running.bus(), running.memory(), meta);
     running.stop()?;
-    Ok((info?.memory_bytes_written, prepare_ms))
+    Ok((info?.memory_bytes_written, prepare_ms, entry))
 }
 
 /// A VM restored from a template as far as it can be without the job: what a spare holds
@@ -215,6 +220,8 @@ pub struct TemplateVm {
     state: SnapshotState,
     vm: Vm,
     vcpu: Vcpu,
+    /// A helper vCPU, created if this host could run one and the template names its entry.
+    helper: Option<Vcpu>,
     memory: GuestMemfd,
 }
 
@@ -236,7 +243,11 @@ impl TemplateVm {
         // kernel without MADV_POPULATE_WRITE (before 5.14) only loses that speed.
         let _ = memory.prefault();
         vcpu_state::restore(vcpu.fd(), &state.vcpu)?;
-        Ok(TemplateVm { identity, state, vm, vcpu, memory })
+        let helper = match identity.entry {
+            0 => None,
+            _ => crate::builder::helper_vcpu(&vm).map_err(SnapshotError::from)?,
+        };
+        Ok(TemplateVm { identity, state, vm, vcpu, helper, memory })
     }
 
     /// What the template is.
@@ -257,8 +268,13 @@ impl TemplateVm {
         ends: HostEnds,
         console: Box<dyn Write + Send>,
     ) -> Result<MicroVm, TemplateError> {
-        let TemplateVm { state, vm, vcpu, memory, .. } = self;
+        let TemplateVm { identity, state, vm, vcpu, helper, memory } = self;
         let HostEnds { mut disk, mut vsock } = ends;
+        let helper = helper.filter(|_| disk.as_ref().is_some_and(|d| d.size() >= HELPER_MIN_DISK));
+        if let Some(helper) = &helper {
+            helper.configure(identity.entry, layout::HELPER_STACK_TOP).map_err(SnapshotError::from)?;
+        }
+        write_helpers(&memory, u32::from(helper.is_some()))?;
         let mut transports = Vec::with_capacity(state.devices.virtio.len());
         for saved in &state.devices.virtio {
             let device: Box<dyn VirtioDevice> = match &saved.device {
@@ -279,8 +295,15 @@ impl TemplateVm {
             .with_virtio(state.devices.mmio_base, transports);
         write_args(&memory, &config.args_block(), config.args.len())?;
         let config = VmConfig { mem_mib: state.memory.size >> 20, ..config.clone() };
-        Ok(MicroVm::from_parts(vm, vcpu, memory, Arc::new(bus), &config))
+        Ok(MicroVm::from_parts(vm, vcpu, memory, Arc::new(bus), &config).with_helper(helper))
     }
+}
+
+/// Writes how many helper vCPUs the restored VM has into its boot-info block (the template's
+/// says none), where the runner reads it after its park.
+fn write_helpers(memory: &GuestMemfd, helpers: u32) -> Result<(), TemplateError> {
+    let at = GuestAddress(layout::BOOT_INFO_ADDR + std::mem::offset_of!(BootInfo, helpers) as u64);
+    memory.memory().write_obj(helpers, at).map_err(TemplateError::WriteArgs)
 }
 
 /// Writes `args` (`argc` NUL-terminated strings) into the argument block and their size into

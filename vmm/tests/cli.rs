@@ -174,3 +174,63 @@ fn help_documents_the_exit_codes() {
         assert!(text.contains(line), "--help lacks {line:?}:\n{text}");
     }
 }
+
+/// A disk large enough for the VMM to give the VM a helper vCPU (8 MiB and more), or not.
+fn helper_disk(name: &str, bytes: u64) -> std::path::PathBuf {
+    let path = scratch(name).join("disk");
+    std::fs::File::create(&path).unwrap().set_len(bytes).unwrap();
+    path
+}
+
+#[test]
+fn a_vm_with_a_large_disk_runs_guest_code_on_a_helper_vcpu_too() {
+    let sums = |name: &str, bytes: u64, vcpus: u64| -> (u64, u64) {
+        let disk = helper_disk(name, bytes);
+        let (output, report) = run_json(&["--disk", disk.to_str().unwrap()], &["helper", "sum"]);
+        assert_eq!(code(&output), 0, "{}", stderr(&output));
+        assert_eq!(report["vcpus"], vcpus, "{report}");
+        assert_scrubbed(&report);
+        let text = stderr(&output);
+        let line = text.lines().find_map(|l| l.strip_prefix(&format!("vcpus {vcpus}: sums ")));
+        let sums: Vec<u64> = line
+            .unwrap_or_else(|| panic!("no sums: {text}"))
+            .split(' ')
+            .map(|n| n.parse().unwrap())
+            .collect();
+        (sums[0], sums[1])
+    };
+    // One vCPU adds the whole series; with a helper, each adds its share, together all of it.
+    let (whole, none) = sums("helper-small", 1 << 20, 1);
+    assert_eq!(none, 0);
+    let (boot, helper) = sums("helper-large", 8 << 20, 2);
+    assert!(boot > 0 && helper > 0, "{boot} {helper}");
+    assert_eq!(boot.wrapping_add(helper), whole);
+}
+
+#[test]
+fn a_fault_on_the_helper_vcpu_ends_the_vm_as_crashed() {
+    let disk = helper_disk("helper-fault", 8 << 20);
+    let (output, report) = run_json(&["--disk", disk.to_str().unwrap()], &["helper", "fault"]);
+    assert_eq!(code(&output), 241, "{}", stderr(&output));
+    assert_eq!(report["vcpus"], 2);
+    assert_eq!(report["exit"]["kind"], "crashed", "{report}");
+    assert!(report["exit"]["reason"].as_str().unwrap().contains("triple fault"), "{report}");
+    let rip = report["exit"]["rip"].as_str().unwrap();
+    let rip = u64::from_str_radix(rip.trim_start_matches("0x"), 16).unwrap();
+    let image = cella_vmm::loader::GuestImage::open(&runner_image()).unwrap();
+    assert!((image.start()..image.end()).contains(&rip), "rip {rip:#x} outside the image");
+    assert_scrubbed(&report);
+}
+
+#[test]
+fn a_helper_vcpu_that_spins_forever_times_out_with_the_vm() {
+    let disk = helper_disk("helper-spin", 8 << 20);
+    let started = Instant::now();
+    let (output, report) =
+        run_json(&["--disk", disk.to_str().unwrap(), "--timeout-ms", "500"], &["helper", "spin"]);
+    assert_eq!(code(&output), 242, "{}", stderr(&output));
+    assert_eq!(report["exit"], serde_json::json!({"kind": "timed_out", "timeout_ms": 500}));
+    assert_eq!(report["vcpus"], 2);
+    assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+    assert_scrubbed(&report);
+}

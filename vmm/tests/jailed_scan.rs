@@ -230,6 +230,88 @@ fn a_jailed_scan_of_the_sample_app_finds_what_an_unjailed_one_finds() {
     cell.assert_clean(&id);
 }
 
+/// A repository's history as a git bundle, in a tar with `filler` bytes of zeros beside it:
+/// 120 files, each its own words, edited over 12 commits; a live-shaped Stripe key committed in
+/// one file and deleted later. Made with the real `git`.
+fn history_tar(dir: &Path, filler: usize) -> Vec<u8> {
+    let repo = dir.join("repo");
+    let _ = std::fs::remove_dir_all(&repo);
+    std::fs::create_dir_all(&repo).unwrap();
+    cella_e2e::git(&repo, &["init", "-q", "-b", "main"]);
+    let words = |file: u64, rev: u64| -> String {
+        let mut seed = file.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut lines: Vec<String> = (0..40)
+            .map(|line| {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                format!("{line}: {:x} {:x}\n", seed >> 20, seed >> 40)
+            })
+            .collect();
+        lines.push(format!("revision {rev}\n"));
+        lines.concat()
+    };
+    for rev in 0..12u64 {
+        for file in (0..120u64).filter(|f| rev == 0 || (f + rev) % 4 == 0) {
+            let path = repo.join(format!("src/m{}/f{file}.txt", file % 10));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, words(file, rev)).unwrap();
+        }
+        std::fs::create_dir_all(repo.join("config")).unwrap();
+        let key = repo.join("config/payments.env");
+        match rev {
+            3 => std::fs::write(&key, "STRIPE_KEY=sk_live_4eC39HqLyjWDarjtT1zdp7dc\n").unwrap(),
+            8 => std::fs::remove_file(&key).unwrap(),
+            _ => {}
+        }
+        cella_e2e::git(&repo, &["add", "-A"]);
+        cella_e2e::git(&repo, &["commit", "-q", "-m", &format!("Revision {rev}")]);
+    }
+    cella_e2e::git(&repo, &["repack", "-adf", "-q"]);
+    let bundle = dir.join("repo.bundle");
+    cella_e2e::git(&repo, &["bundle", "create", "-q", bundle.to_str().unwrap(), "--all"]);
+    let bundle = std::fs::read(&bundle).unwrap();
+    let zeros = vec![0u8; filler];
+    tar(&[("repo.bundle", &bundle), ("filler.bin", &zeros)])
+}
+
+#[test]
+fn a_large_history_is_scanned_on_two_vcpus_in_the_jail_and_finds_what_one_vcpu_finds() {
+    binaries();
+    let dir = scratch("jailed-helper-vcpu");
+    // A small artifact gets one vCPU; past 8 MiB the VM gets a helper vCPU too, which the
+    // history scan shares its work with.
+    let (small, large) = (dir.join("small.tar"), dir.join("large.tar"));
+    std::fs::write(&small, history_tar(&dir, 0)).unwrap();
+    std::fs::write(&large, history_tar(&dir, 9 << 20)).unwrap();
+    let key = ("CELLA_FINGERPRINT_KEY", "0123456789abcdef".repeat(4));
+
+    let one = cella_vmm(&["scan", "--json", "--artifact", small.to_str().unwrap()])
+        .env(key.0, &key.1)
+        .output()
+        .unwrap();
+    assert_eq!(code(&one), 0, "{}", stderr(&one));
+    let one = report(&one);
+    assert_eq!(one["vcpus"], 1, "{one}");
+
+    let cell = Cell::new("jailed-helper-vcpu");
+    let id = format!("jscan-helper-{}", std::process::id());
+    let output = cell
+        .scan(UID, GID, &["--jail-id", &id, "--artifact", large.to_str().unwrap()])
+        .env(key.0, &key.1)
+        .output()
+        .unwrap();
+    assert_eq!(code(&output), 0, "{}", stderr(&output));
+    let two = report(&output);
+    assert_eq!(two["vcpus"], 2, "{two}");
+    assert_scrubbed(&two);
+
+    let history = &two["summary"]["history"];
+    assert!(history["blobs_scanned"].as_u64().unwrap() > 400, "{history}");
+    assert_eq!(history, &one["summary"]["history"]);
+    assert_eq!(two["summary"]["by_rule"], one["summary"]["by_rule"]);
+    assert_eq!(two["summary"]["by_rule"]["stripe-secret-key"], 1, "{two}");
+    cell.assert_clean(&id);
+}
+
 #[test]
 fn a_jailed_scan_gets_its_baseline_and_excludes_through_the_outer_job_server() {
     binaries();

@@ -36,6 +36,12 @@ pub mod layout {
     pub const PD_BASE_ADDR: u64 = 0xC000;
     /// Page directories must end below this address.
     pub const PAGE_TABLES_END: u64 = 0x10_0000;
+    /// An unmapped guard page below the helper vCPU's stack: an overflow faults (and ends the
+    /// VM) instead of running into the page tables.
+    pub const HELPER_STACK_GUARD: u64 = PAGE_TABLES_END;
+    /// The helper vCPU's stack (see [`super::BootInfo::helpers`]) grows down from here, to just
+    /// above its guard page: the space between the page tables and the image.
+    pub const HELPER_STACK_TOP: u64 = IMAGE_BASE;
     /// The runner is linked to run from here (`--image-base`).
     pub const IMAGE_BASE: u64 = 0x20_0000;
     /// Stack at the top of guest memory.
@@ -94,10 +100,24 @@ pub mod ports {
     /// snapshots the VM; each VM restored from that snapshot continues after the write, with
     /// its own arguments and devices. Any other VMM ends a VM that writes here.
     pub const PARK: u16 = 0x0ec;
+    /// The helper vCPU (see [`super::BootInfo::helpers`]) writes (`out dx, eax`) a timeout in
+    /// milliseconds here when it has no work: the VMM blocks it until the boot vCPU writes
+    /// [`HELPER_WAKE`] (a wake written before the wait is not lost), a stop, or the timeout.
+    pub const HELPER_WAIT: u16 = 0x0e4;
+    /// The boot vCPU writes (`out dx, eax`, any value) here after posting work for the
+    /// helper vCPU; a VM without a helper ignores it.
+    pub const HELPER_WAKE: u16 = 0x0e0;
     /// Every port the guest may touch; all others fault in the guest. Kept below
     /// [`PORT_LIMIT`] so the TSS I/O bitmap stays small.
-    pub const GUEST_PORTS: [(u16, u16); 5] =
-        [(SERIAL_COM1, SERIAL_LEN), (EXIT, 4), (CONSOLE_LINE, 4), (WAIT, 4), (PARK, 4)];
+    pub const GUEST_PORTS: [(u16, u16); 7] = [
+        (SERIAL_COM1, SERIAL_LEN),
+        (EXIT, 4),
+        (CONSOLE_LINE, 4),
+        (WAIT, 4),
+        (PARK, 4),
+        (HELPER_WAIT, 4),
+        (HELPER_WAKE, 4),
+    ];
     /// Ports at or above this are never allowed.
     pub const PORT_LIMIT: u16 = 0x400;
 }
@@ -172,7 +192,7 @@ pub struct ConsoleLine {
 /// `BootInfo::magic`: "CELLABI1" read as a little-endian `u64`.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"CELLABI1");
 /// `BootInfo::version`. Any change to [`BootInfo`]'s fields bumps it.
-pub const BOOT_INFO_VERSION: u32 = 1;
+pub const BOOT_INFO_VERSION: u32 = 2;
 /// Slots for device descriptions in [`BootInfo::devices`].
 pub const MAX_DEVICES: usize = 8;
 
@@ -207,8 +227,12 @@ pub struct BootInfo {
     pub argc: u32,
     /// Number of valid entries in `devices`.
     pub device_count: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// Helper vCPUs running beside the boot vCPU (0 or 1). Each enters the image's entry
+    /// point with `rsi` = its index (the boot vCPU's is 0) and its stack at
+    /// [`layout::HELPER_STACK_TOP`], and takes work the boot vCPU posts in guest memory
+    /// ([`ports::HELPER_WAIT`], [`ports::HELPER_WAKE`]). A VM restored from a template gets
+    /// its own value, like its arguments.
+    pub helpers: u32,
     /// Devices the guest can drive.
     pub devices: [DeviceInfo; MAX_DEVICES],
 }
@@ -302,7 +326,7 @@ impl BootInfo {
         w.u32(self.args_len);
         w.u32(self.argc);
         w.u32(self.device_count);
-        w.u32(self.reserved);
+        w.u32(self.helpers);
         for d in &self.devices {
             w.u32(d.kind);
             w.u32(d.id);

@@ -29,6 +29,9 @@ pub enum Mode<'a> {
     VsockServe(u32),
     /// Break the virtio contract on purpose (the VMM must end the VM with the reason).
     Hostile(Hostile),
+    /// Run a task on every vCPU the VM has (the boot vCPU and a helper, if the VMM gave it
+    /// one): each sums its half of a series, or the helper misbehaves.
+    Helper(HelperTest),
     /// Fetch a scan job over vsock, scan the artifact on the disk, send back SARIF + summary.
     Scan,
     /// Build a template: set up the devices, build the scan engine from the policy on the
@@ -107,6 +110,25 @@ impl Hostile {
     ];
 }
 
+/// What `helper` does on the helper vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HelperTest {
+    /// Sum half the series and report it: prints `vcpus N: sums A B`, exits 0.
+    Sum,
+    /// Touch an unmapped address on the helper (the VMM must end the VM as crashed).
+    Fault,
+    /// Loop forever on the helper (the VMM must time the VM out and stop both vCPUs).
+    Spin,
+}
+
+impl HelperTest {
+    const ALL: [(&'static [u8], HelperTest); 3] =
+        [(b"sum", HelperTest::Sum), (b"fault", HelperTest::Fault), (b"spin", HelperTest::Spin)];
+}
+
+/// How many terms `helper sum` adds (0..HELPER_SUM_TERMS), split between the vCPUs.
+pub const HELPER_SUM_TERMS: u64 = 200_000_000;
+
 /// FNV-1a, 64-bit: how `read-disk` reports what it read (the tests compute it too).
 pub fn fnv1a64(hash: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
@@ -160,12 +182,13 @@ fn text(bytes: &[u8]) -> &str {
 /// What an image built without the `test-modes` feature (the `cella-scanner` image the service
 /// runs) says when asked for one.
 pub const NO_TEST_MODES: &str = "this image has no test modes (fault, spin, flood, heap-hash, fill-canary, \
-                                 read-disk, vsock-echo, vsock-serve, hostile): they are in the \
-                                 cella-runner and cella-scanner-test images";
+                                 read-disk, vsock-echo, vsock-serve, hostile, helper): they are in \
+                                 the cella-runner and cella-scanner-test images";
 
 /// One line of usage, printed with every usage error.
 pub const USAGE: &str = "modes: hello | exit N | fault | spin | fill-canary | heap-hash | flood N | \
-                         read-disk | vsock-echo PORT | vsock-serve PORT | hostile KIND | scan | \
+                         read-disk | vsock-echo PORT | vsock-serve PORT | hostile KIND | \
+                         helper sum|fault|spin | scan | \
                          template | session SIZE deny|redact|allow NAME";
 
 impl<'a> Mode<'a> {
@@ -210,6 +233,11 @@ impl<'a> Mode<'a> {
                 let kind = Hostile::ALL.iter().find(|(name, _)| Some(*name) == arg);
                 Mode::Hostile(kind.ok_or(UsageError::BadArgument { mode: "hostile", arg })?.1)
             }
+            b"helper" => {
+                let arg = args.next();
+                let kind = HelperTest::ALL.iter().find(|(name, _)| Some(*name) == arg);
+                Mode::Helper(kind.ok_or(UsageError::BadArgument { mode: "helper", arg })?.1)
+            }
             other => return Err(UsageError::UnknownMode(other)),
         };
         match args.next() {
@@ -248,6 +276,9 @@ mod tests {
         assert_eq!(parse(&["vsock-echo", "1024"]), Ok(Mode::VsockEcho(1024)));
         assert_eq!(parse(&["hostile", "loop-chain"]), Ok(Mode::Hostile(Hostile::LoopChain)));
         assert!(parse(&["hostile", "nice"]).is_err());
+        assert_eq!(parse(&["helper", "sum"]), Ok(Mode::Helper(HelperTest::Sum)));
+        assert_eq!(parse(&["helper", "spin"]), Ok(Mode::Helper(HelperTest::Spin)));
+        assert!(parse(&["helper"]).is_err());
     }
 
     #[test]

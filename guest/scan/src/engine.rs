@@ -170,6 +170,13 @@ impl Compiled {
     }
 }
 
+/// The same compiled regex (shared), with caches of its own.
+impl Clone for Compiled {
+    fn clone(&self) -> Self {
+        Compiled { re: self.re.clone(), cache: self.re.create_cache(), caps: self.re.create_captures() }
+    }
+}
+
 /// A forward-only lazy DFA over several patterns, answering "where does the earliest match
 /// end". Cheaper to build than a full regex (no reverse automaton, no capture engines), which
 /// matters because it is built when the first file is scanned.
@@ -188,6 +195,11 @@ impl LineFilter {
             .map_err(|e| alloc::format!("{e}"))?;
         let cache = dfa.create_cache();
         Ok(LineFilter { dfa, cache })
+    }
+
+    /// The same DFA (its NFA shared), with a cache of its own.
+    fn fork(&self) -> Self {
+        LineFilter { dfa: self.dfa.clone(), cache: self.dfa.create_cache() }
     }
 
     /// End of the earliest match in `input` (searched with `earliest`). If the lazy DFA cannot
@@ -228,6 +240,11 @@ impl PathMatcher {
         let re = build_regexes(patterns)?;
         let cache = re.create_cache();
         Ok(PathMatcher { re, cache })
+    }
+
+    /// The same regex (shared), with a cache of its own.
+    fn fork(&self) -> Self {
+        PathMatcher { re: self.re.clone(), cache: self.re.create_cache() }
     }
 
     fn is_match(&mut self, path: &[u8]) -> bool {
@@ -477,6 +494,58 @@ impl Engine {
             strings: Vec::new(),
             runs: Vec::new(),
         })
+    }
+
+    /// Another engine for the same job, for another worker: the compiled rules, filters and
+    /// automata shared (nothing is compiled again), the job's settings (fingerprint key,
+    /// excludes, licence policy, baseline) the same, and caches and buffers of its own.
+    pub fn fork(&self) -> Engine {
+        let rules = self
+            .rules
+            .iter()
+            .map(|r| RuleState {
+                regex: r.regex.clone(),
+                allow: r.allow.clone(),
+                stopwords: r.stopwords.clone(),
+                ..RuleState::default()
+            })
+            .collect();
+        let path_sets = self
+            .path_sets
+            .iter()
+            .map(|s| PathSet {
+                patterns: s.patterns.clone(),
+                rules: s.rules.clone(),
+                matcher: s.matcher.as_ref().map(PathMatcher::fork),
+            })
+            .collect();
+        Engine {
+            policy: self.policy.clone(),
+            rules,
+            keywords: self.keywords.clone(),
+            keyword_rules: self.keyword_rules.clone(),
+            always: self.always.clone(),
+            always_filter: self.always_filter.as_ref().map(LineFilter::fork),
+            always_built: self.always_built,
+            lines_filter: self.lines_filter.as_ref().map(LineFilter::fork),
+            keyword_scan: self.keyword_scan.clone(),
+            filter_built: self.filter_built,
+            text_seen: self.text_seen,
+            line_filter_after: self.line_filter_after,
+            buf: Vec::new(),
+            hits: Vec::new(),
+            spans: None,
+            fingerprint_key: self.fingerprint_key.clone(),
+            path_sets,
+            excludes: self.excludes.as_ref().map(PathMatcher::fork),
+            license_policy: self.license_policy.clone(),
+            baseline: self.baseline.clone(),
+            markers: self.markers.clone(),
+            occurrences: BTreeMap::new(),
+            line_hashes: BTreeMap::new(),
+            strings: Vec::new(),
+            runs: Vec::new(),
+        }
     }
 
     /// Deserializes a policy (JSON, as produced by `cella-policies`) and builds a lazy engine.

@@ -35,6 +35,7 @@ mod finding;
 mod glob;
 mod history;
 pub mod index;
+pub mod parallel;
 pub mod placeholder;
 mod rule;
 pub mod sarif;

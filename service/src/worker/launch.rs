@@ -289,6 +289,7 @@ impl Finished {
             launch_us: vm.launch_us,
             run_us: vm.run_us,
             built_ahead: vm.built_ahead,
+            vcpus: vm.vcpus,
             scan_ms: self.scan_ms,
             scrub: vm.scrub.clone(),
             artifact: String::new(),
@@ -439,6 +440,7 @@ mod tests {
             console: Default::default(),
             mem_mib: 128,
             built_ahead: true,
+            vcpus: 1,
         }
     }
 

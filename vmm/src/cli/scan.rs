@@ -319,6 +319,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
         launch_us: report.launch_us,
         run_us: report.run_us,
         built_ahead: report.built_ahead,
+        vcpus: report.vcpus,
         scan_ms: run.scan_ms,
         scrub: report.scrub.clone(),
         artifact: artifact.display().to_string(),

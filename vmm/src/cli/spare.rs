@@ -150,7 +150,7 @@ pub fn main(args: SpareArgs, launch_start: Instant) -> ExitCode {
             };
             let config = VmConfig { mem_mib: args.mem_mib, launch_start, ..VmConfig::new(image, guest_args) };
             match Prebuilt::new(&config) {
-                Ok(prebuilt) => (Prepared::Cold(prebuilt), config),
+                Ok(prebuilt) => (Prepared::Cold(Box::new(prebuilt)), config),
                 Err(e) if e.is_bad_input() => return fail(exit_code::BAD_INPUT, error_chain(&e)),
                 Err(e) => return fail(exit_code::VMM_FAILED, error_chain(&e)),
             }

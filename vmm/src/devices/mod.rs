@@ -12,12 +12,16 @@ use cella_abi::{ports, CONSOLE_LINE_MAX};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vstate::vcpu::current_kick_fd;
 use legacy::serial::{SerialDevice, SerialDeviceState, SerialStateError};
 use serde::{Deserialize, Serialize};
 use virtio::mmio::{MmioTransport, MmioTransportState};
 
 /// The longest a single wait exit blocks; the guest asks again if it wants more.
 const WAIT_MAX_MS: u32 = 1000;
+
+/// Most vCPUs a VM has: the boot vCPU and one helper.
+pub const MAX_VCPUS: usize = 2;
 
 /// What handling one I/O exit came to.
 #[derive(Debug, PartialEq, Eq)]
@@ -73,21 +77,25 @@ pub struct IoBus {
     /// Virtio devices, the first at `mmio_base`, each `MMIO_DEVICE_SIZE` after the last.
     virtio: Vec<Mutex<MmioTransport>>,
     mmio_base: u64,
-    /// Written by the vCPU kick handler, so a wait exit wakes for a stop.
-    kick: EventFd,
+    /// One per vCPU, written by its kick handler, so its wait exit wakes for a stop.
+    kicks: [EventFd; MAX_VCPUS],
+    /// Written by the boot vCPU's [`ports::HELPER_WAKE`]; a helper's [`ports::HELPER_WAIT`]
+    /// blocks on it (a wake written first is not lost: the counter stays readable).
+    helper_wake: EventFd,
     /// This VM builds a template: a write to [`ports::PARK`] parks the vCPU for its snapshot.
     park_allowed: AtomicBool,
 }
 
 impl IoBus {
     pub fn new(serial: SerialDevice, memory: GuestMemoryMmap) -> std::io::Result<Self> {
-        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
         Ok(IoBus {
             serial: Mutex::new(serial),
             memory,
             virtio: Vec::new(),
             mmio_base: 0,
-            kick,
+            kicks: [eventfd()?, eventfd()?],
+            helper_wake: eventfd()?,
             park_allowed: AtomicBool::new(false),
         })
     }
@@ -119,10 +127,11 @@ impl IoBus {
         }
     }
 
-    /// The descriptor the kick handler writes to.
-    pub fn kick_fd(&self) -> RawFd {
-        self.kick.as_raw_fd()
+    /// The descriptor the kick handler of vCPU `index` writes to (-1 past [`MAX_VCPUS`]).
+    pub fn kick_fd(&self, index: u64) -> RawFd {
+        self.kicks.get(index as usize).map_or(-1, |k| k.as_raw_fd())
     }
+
     /// The serial device, once the vCPUs are gone.
     pub fn into_serial(self) -> SerialDevice {
         self.serial.into_inner().unwrap_or_else(|e| e.into_inner())
@@ -134,6 +143,12 @@ impl IoBus {
             ports::EXIT => IoResult::GuestExit(le_value(data)),
             ports::CONSOLE_LINE => self.console_line(u64::from(le_value(data))),
             ports::WAIT => self.wait(le_value(data)),
+            ports::HELPER_WAKE => {
+                // Only fails if the counter would overflow, when it is readable anyway.
+                let _ = self.helper_wake.write(1);
+                IoResult::Done
+            }
+            ports::HELPER_WAIT => self.helper_wait(le_value(data)),
             ports::PARK if self.park_allowed.load(Ordering::Acquire) => IoResult::Park,
             ports::PARK => {
                 IoResult::Unhandled("a park request, but this VM is not building a template".into())
@@ -236,7 +251,8 @@ impl IoBus {
             .virtio
             .iter()
             .filter_map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).wait_fd())
-            .chain([self.kick.as_raw_fd()])
+            .chain([current_kick_fd()])
+            .filter(|fd| *fd >= 0)
             .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
             .collect();
         // SAFETY: `fds` is a valid array of pollfd for the call; EINTR (a kick) is fine.
@@ -247,6 +263,25 @@ impl IoBus {
             Ok(_) => IoResult::Done,
             Err(failure) => failure,
         }
+    }
+}
+
+impl IoBus {
+    /// A helper vCPU's wait for work: block until the boot vCPU's wake, a kick of this vCPU,
+    /// or `timeout_ms`; then take the wake.
+    fn helper_wait(&self, timeout_ms: u32) -> IoResult {
+        let mut fds: Vec<libc::pollfd> = [self.helper_wake.as_raw_fd(), current_kick_fd()]
+            .into_iter()
+            .filter(|fd| *fd >= 0)
+            .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd for the call; EINTR (a kick) is fine.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms.min(WAIT_MAX_MS) as i32)
+        };
+        // Non-blocking: EAGAIN when no wake came (a kick, the timeout) is fine.
+        let _ = self.helper_wake.read();
+        IoResult::Done
     }
 }
 

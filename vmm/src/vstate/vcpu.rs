@@ -16,9 +16,10 @@
 
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Once, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,8 @@ pub enum VcpuControlError {
     Ended,
     #[error("the vCPU did not {what} within {after:?}")]
     Timeout { what: &'static str, after: Duration },
+    #[error("the VM runs a helper vCPU, whose state a snapshot does not hold")]
+    HelperRunning,
 }
 
 /// Why a vCPU stopped running guest code.
@@ -138,6 +141,12 @@ thread_local! {
     static KICK_FD: Cell<libc::c_int> = const { Cell::new(-1) };
 }
 
+/// The kick eventfd of the vCPU running on this thread (-1 on any other thread): a wait exit
+/// polls it, so a kick ends the wait.
+pub(crate) fn current_kick_fd() -> RawFd {
+    KICK_FD.try_with(Cell::get).unwrap_or(-1)
+}
+
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let _ = KVM_RUN.try_with(|run| {
         let run = run.get();
@@ -208,12 +217,13 @@ impl Vcpu {
         Ok(Vcpu { index, fd })
     }
 
-    /// Sets the registers for the guest's first instruction at `entry`.
+    /// Sets the registers for the guest's first instruction at `entry` (`rsi` = this vCPU's
+    /// index, so a helper knows it is one).
     pub fn configure(&self, entry: u64, stack_top: u64) -> Result<(), VcpuError> {
         let set = |what| move |source| VcpuError::SetRegisters { what, source };
         let sregs = self.fd.get_sregs().map_err(set("special registers"))?;
         self.fd.set_sregs(&regs::special(sregs)).map_err(set("special registers"))?;
-        self.fd.set_regs(&regs::general(entry, stack_top)).map_err(set("general registers"))?;
+        self.fd.set_regs(&regs::general(entry, stack_top, self.index)).map_err(set("general registers"))?;
         self.fd.set_fpu(&regs::fpu()).map_err(set("FPU state"))?;
         Ok(())
     }
@@ -230,7 +240,23 @@ impl Vcpu {
 
     /// Starts the vCPU on its own thread, handling port I/O through `bus`.
     pub fn start(self, bus: Arc<IoBus>) -> Result<VcpuHandle, VcpuError> {
+        self.start_linked(bus, None)
+    }
+
+    /// Starts a helper vCPU beside `boot`: if it stops on its own (the guest crashed or
+    /// exited on it, KVM failed), `boot` stops too and reports that as its own end, so the VM
+    /// ends with the helper's reason. Stop the helper before `boot` is stopped or dropped.
+    pub fn start_helper(self, bus: Arc<IoBus>, boot: &VcpuHandle) -> Result<VcpuHandle, VcpuError> {
+        let thread = boot.thread.as_ref().map(|t| t.as_pthread_t());
+        let link =
+            thread.map(|thread| BootLink { wanted: boot.wanted.clone(), abort: boot.abort.clone(), thread });
+        self.start_linked(bus, link)
+    }
+
+    fn start_linked(self, bus: Arc<IoBus>, boot: Option<BootLink>) -> Result<VcpuHandle, VcpuError> {
         let wanted = Arc::new(AtomicU8::new(WANT_RUN));
+        let abort: Arc<Mutex<Option<VcpuStop>>> = Arc::default();
+        let thread_abort = abort.clone();
         let (event_tx, events) = mpsc::channel();
         let (requests, request_rx) = mpsc::channel();
         let exit_evt =
@@ -247,10 +273,15 @@ impl Vcpu {
                             wanted: &thread_wanted,
                             requests: &request_rx,
                             events: &event_tx,
+                            abort: &thread_abort,
                         };
                         self.run(&bus, &control)
                     }
                     Err(e) => VcpuOutcome { stop: VcpuStop::Seccomp(e), times: VcpuTimes::now() },
+                };
+                let outcome = match boot {
+                    Some(boot) if !matches!(outcome.stop, VcpuStop::Kicked) => boot.hand_over(outcome),
+                    _ => outcome,
                 };
                 let _ = event_tx.send(VcpuEvent::Ended(outcome));
                 let _ = thread_exit_evt.write(1);
@@ -259,6 +290,7 @@ impl Vcpu {
         Ok(VcpuHandle {
             thread: Some(thread),
             wanted,
+            abort,
             requests,
             events,
             exit_evt,
@@ -270,7 +302,7 @@ impl Vcpu {
     fn run(mut self, bus: &IoBus, control: &ThreadControl<'_>) -> VcpuOutcome {
         let run_page: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|cell| cell.set(run_page));
-        KICK_FD.with(|cell| cell.set(bus.kick_fd()));
+        KICK_FD.with(|cell| cell.set(bus.kick_fd(self.index)));
         let entered = Instant::now();
         let mut times = VcpuTimes { entered, first_exit: None, stopped: entered, exits: 0 };
         // Set once a KVM_RUN with immediate_exit has returned EINTR: no I/O completion is
@@ -278,12 +310,12 @@ impl Vcpu {
         let mut settled = false;
         let stop_reason = loop {
             let pausing = match control.wanted.load(Ordering::Acquire) {
-                WANT_STOP => break VcpuStop::Kicked,
+                WANT_STOP => break control.stop_reason(),
                 WANT_PAUSE if settled => {
                     settled = false;
                     match self.park(control) {
                         Parked::Resumed => continue,
-                        Parked::Stop => break VcpuStop::Kicked,
+                        Parked::Stop => break control.stop_reason(),
                     }
                 }
                 WANT_PAUSE => true,
@@ -304,7 +336,7 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     // Any kick wrote the eventfd too; drain it so later wait exits block again.
-                    drain_eventfd(bus.kick_fd());
+                    drain_eventfd(bus.kick_fd(self.index));
                     settled = pausing;
                     Step::Continue
                 }
@@ -392,6 +424,36 @@ struct ThreadControl<'a> {
     wanted: &'a AtomicU8,
     requests: &'a Receiver<VcpuRequest>,
     events: &'a Sender<VcpuEvent>,
+    /// Where a helper vCPU leaves the reason it stopped on its own (see [`BootLink`]).
+    abort: &'a Mutex<Option<VcpuStop>>,
+}
+
+impl ThreadControl<'_> {
+    /// Why a stop request ends this vCPU: a helper's reason if one left it, else a kick.
+    fn stop_reason(&self) -> VcpuStop {
+        self.abort.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or(VcpuStop::Kicked)
+    }
+}
+
+/// A helper vCPU's hold on the boot vCPU it works beside.
+struct BootLink {
+    wanted: Arc<AtomicU8>,
+    abort: Arc<Mutex<Option<VcpuStop>>>,
+    thread: libc::pthread_t,
+}
+
+impl BootLink {
+    /// The helper stopped on its own: hand its reason to the boot vCPU and stop that one, so
+    /// the VM ends with it. The helper's own outcome becomes a plain stop.
+    fn hand_over(self, outcome: VcpuOutcome) -> VcpuOutcome {
+        *self.abort.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome.stop);
+        self.wanted.store(WANT_STOP, Ordering::Release);
+        // SAFETY: `thread` is the boot vCPU's, which is neither joined nor detached while the
+        // helper runs (the VM stops its helper first); a signal to a thread that has already
+        // returned is harmless.
+        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+        VcpuOutcome { stop: VcpuStop::Kicked, times: outcome.times }
+    }
 }
 
 /// How a park ended.
@@ -465,6 +527,8 @@ fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
 pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
     wanted: Arc<AtomicU8>,
+    /// A helper's reason for stopping, handed to this (boot) vCPU.
+    abort: Arc<Mutex<Option<VcpuStop>>>,
     requests: Sender<VcpuRequest>,
     events: Receiver<VcpuEvent>,
     /// Written by the vCPU thread when it ends, so an event loop can poll for it.

@@ -5,12 +5,16 @@ use core::fmt::Write;
 use cella_abi::{layout, ports, split_args, status, BootInfo};
 
 use super::console::Console;
-use super::{heap, io, modes};
+use super::{heap, helper, io, modes};
 use cella_runner::mode::Mode;
 
-/// The VMM enters here at CPL 3, with the stack at `BootInfo::stack_top - 8`.
+/// The VMM enters here at CPL 3: the boot vCPU (`vcpu` 0) with the stack at
+/// `BootInfo::stack_top - 8`, a helper vCPU (`vcpu` 1) with its own stack, to wait for work.
 #[no_mangle]
-pub extern "C" fn _start() -> ! {
+pub extern "C" fn _start(_boot_info: u64, vcpu: u64) -> ! {
+    if vcpu != 0 {
+        helper::helper_main()
+    }
     let boot = boot_info();
     let mut console = Console::new();
     if !boot.is_valid() {

@@ -6,6 +6,7 @@ mod blk_source;
 mod console;
 mod entry;
 mod heap;
+mod helper;
 mod io;
 mod mem;
 mod modes;

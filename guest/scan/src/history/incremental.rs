@@ -25,6 +25,7 @@ use crate::rule::{Policy, MULTILINE_WINDOW};
 
 /// The keywords of a policy's multi-line rules (ASCII case-insensitive); `None` when one
 /// of them has none (it runs over all text: nothing is carried over).
+#[derive(Clone)]
 pub(super) struct MultilineKeywords(Option<AhoCorasick>, usize);
 
 /// Where multi-line keywords occur in a version: (start, end) byte ranges, sorted.

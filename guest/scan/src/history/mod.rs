@@ -144,6 +144,77 @@ struct BlobScan<'e> {
     excluded: u64,
 }
 
+impl<'e> BlobScan<'e> {
+    fn new(engine: &'e mut Engine, limits: &'e Limits, multiline: incremental::MultilineKeywords) -> Self {
+        BlobScan {
+            engine,
+            limits,
+            scratch: Report::default(),
+            multiline,
+            path: Vec::new(),
+            best: BTreeMap::new(),
+            at_head_secrets: BTreeSet::new(),
+            blobs_scanned: 0,
+            blobs_scanned_in_part: 0,
+            dropped: 0,
+            excluded: 0,
+        }
+    }
+}
+
+/// A history with at least this many file versions is scanned by every worker the scan may
+/// use (see [`crate::parallel`]); a smaller one is not worth waking them.
+const PARALLEL_MIN_BLOBS: usize = 64;
+
+/// What the workers' scans of a history found, joined.
+struct Merged {
+    best: BTreeMap<(u32, String, String), (Finding, u32, u32)>,
+    at_head_secrets: BTreeSet<(u32, String)>,
+    blobs_scanned: u64,
+    blobs_scanned_in_part: u64,
+    dropped: u64,
+    excluded: u64,
+    /// Bytes scanned, and the versions skipped (by path).
+    scratch: Report,
+}
+
+/// Joins the workers' scans: per (rule, secret, path) the finding of the earliest commit, at
+/// most the pending cap of them; the rest summed.
+fn merge_scans(scans: Vec<BlobScan<'_>>, limits: &Limits) -> Merged {
+    let cap = limits.max_findings.saturating_mul(PENDING_PER_CAP);
+    let mut merged = Merged {
+        best: BTreeMap::new(),
+        at_head_secrets: BTreeSet::new(),
+        blobs_scanned: 0,
+        blobs_scanned_in_part: 0,
+        dropped: 0,
+        excluded: 0,
+        scratch: Report::default(),
+    };
+    for scan in scans {
+        merged.at_head_secrets.extend(scan.at_head_secrets);
+        merged.blobs_scanned += scan.blobs_scanned;
+        merged.blobs_scanned_in_part += scan.blobs_scanned_in_part;
+        merged.dropped += scan.dropped;
+        merged.excluded += scan.excluded;
+        merged.scratch.bytes_scanned += scan.scratch.bytes_scanned;
+        merged.scratch.skipped.extend(scan.scratch.skipped);
+        for (key, found) in scan.best {
+            let room = merged.best.len() < cap;
+            match merged.best.get_mut(&key) {
+                Some(kept) if kept.1 > found.1 => *kept = found,
+                Some(_) => {}
+                None if room => {
+                    merged.best.insert(key, found);
+                }
+                None => merged.dropped += 1,
+            }
+        }
+    }
+    merged.scratch.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    merged
+}
+
 /// A version scanned, as the versions rebuilt from it need it.
 struct Scanned {
     idx: u32,
@@ -285,7 +356,7 @@ impl Read<'_> {
 fn read<'a>(bytes: &'a [u8], limits: &'a Limits) -> Result<(Read<'a>, Names), Stop> {
     let header = bundle::parse(bytes)?;
     let mut pack = Pack::index(&bytes[header.pack_offset..], limits)?;
-    let unresolved = pack.resolve()?;
+    let unresolved = pack.resolve(crate::parallel::workers())?;
     let partial = !header.prerequisites.is_empty();
     if unresolved > 0 && !partial {
         return Err(HistoryProblem::UnresolvedDeltas { count: unresolved }.into());
@@ -308,7 +379,7 @@ fn read<'a>(bytes: &'a [u8], limits: &'a Limits) -> Result<(Read<'a>, Names), St
 /// its blobs rebuilt but not scanned: what extracting an artifact does with a bundle (it holds
 /// no files of the artifact's own).
 pub(crate) fn check_bundle(bytes: &[u8], name: &str, limits: &Limits) -> Result<(), ArtifactError> {
-    let checked = read(bytes, limits).and_then(|(mut r, _)| {
+    let checked = read(bytes, limits).and_then(|(r, _)| {
         let needed = r.needed();
         r.pack.for_each(|k| k == BLOB, &needed, &mut |_| Ok(()))
     });
@@ -326,7 +397,7 @@ fn scan(
     report: &mut Report,
 ) -> Result<(), Stop> {
     let (read, names) = read(bytes, limits)?;
-    let Read { header, mut pack, graph, origin, origins, missing, unresolved, partial, rank } = read;
+    let Read { header, pack, graph, origin, origins, missing, unresolved, partial, rank } = read;
     let n = pack.len();
     let at_head = head_blobs(&graph, &header.refs, &names, n);
 
@@ -334,35 +405,27 @@ fn scan(
     let needed: Vec<bool> = origin.iter().map(|o| *o != NONE).collect();
     let bytes_before = report.bytes_scanned;
     let multiline = incremental::MultilineKeywords::new(engine.policy());
-    let mut scan = BlobScan {
-        engine,
-        limits,
-        scratch: Report::default(),
-        multiline,
-        path: Vec::new(),
-        best: BTreeMap::new(),
-        at_head_secrets: BTreeSet::new(),
-        blobs_scanned: 0,
-        blobs_scanned_in_part: 0,
-        dropped: 0,
-        excluded: 0,
+    let workers = match needed.iter().filter(|n| **n).count() >= PARALLEL_MIN_BLOBS {
+        true => crate::parallel::workers(),
+        false => &crate::parallel::OneWorker,
     };
-    pack.for_each(|k| k == BLOB, &needed, &mut |reached| {
+    let mut forks: Vec<Engine> = (1..workers.count()).map(|_| engine.fork()).collect();
+    let mut scans: Vec<BlobScan<'_>> = core::iter::once(engine)
+        .chain(forks.iter_mut())
+        .map(|engine| BlobScan::new(engine, limits, multiline.clone()))
+        .collect();
+    let visit = |scan: &mut BlobScan<'_>, reached: pack::Reached<'_>| {
         let (slot, path) = &origins[origin[reached.idx as usize] as usize];
         let display = alloc::format!("{path_prefix}{path}");
         let head = at_head[reached.idx as usize];
         scan.blob(reached, display, rank[*slot as usize], *slot, head)
-    })?;
-    let BlobScan {
-        scratch,
-        best,
-        at_head_secrets,
-        blobs_scanned,
-        blobs_scanned_in_part,
-        dropped,
-        excluded,
-        ..
-    } = scan;
+    };
+    match workers.count() {
+        1 => pack.for_each(|k| k == BLOB, &needed, &mut |reached| visit(&mut scans[0], reached))?,
+        _ => pack.for_each_parallel(|k| k == BLOB, &needed, workers, &mut scans, visit)?,
+    }
+    let Merged { best, at_head_secrets, blobs_scanned, blobs_scanned_in_part, dropped, excluded, scratch } =
+        merge_scans(scans, limits);
     report.bytes_scanned += scratch.bytes_scanned;
     report.findings_dropped += dropped;
     report.files_excluded += excluded;

@@ -5,6 +5,7 @@
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use miniz_oxide::inflate::core::inflate_flags::{
     TINFL_FLAG_IGNORE_ADLER32, TINFL_FLAG_PARSE_ZLIB_HEADER, TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
@@ -15,6 +16,7 @@ use sha1::{Digest, Sha1};
 
 use super::{delta, Stop};
 use crate::error::HistoryProblem;
+use crate::parallel::{each_worker, Workers};
 use crate::Limits;
 
 /// A SHA-1 object name.
@@ -27,6 +29,10 @@ pub(super) const BLOB: u8 = 3;
 pub(super) const TAG: u8 = 4;
 const OFS_DELTA: u8 = 6;
 const REF_DELTA: u8 = 7;
+
+/// A pack with at least this many delta trees is resolved by every worker the scan may use;
+/// a smaller one is not worth waking them.
+const PARALLEL_MIN_ROOTS: usize = 16;
 
 /// No entry (a delta's base not found, an object not in the pack).
 pub(super) const NONE: u32 = u32::MAX;
@@ -75,9 +81,20 @@ pub(super) fn object_id(kind: u8, content: &[u8]) -> Oid {
     h.finalize().into()
 }
 
-/// Told of each object a delta walk reaches (`pack, entry, type, content`); fills the last
-/// argument with the entries to rebuild from it.
-type ReachFn<'f> = dyn FnMut(&Pack<'_>, Reached<'_>, &mut Vec<u32>) -> Result<(), Stop> + 'f;
+/// Told of each object a delta walk reaches (with the names so far, when the walk names what
+/// it rebuilds); fills the last argument with the entries to rebuild from it.
+type ReachFn<'f> = dyn FnMut(Option<&Naming>, Reached<'_>, &mut Vec<u32>) -> Result<(), Stop> + 'f;
+
+/// What naming the pack's objects finds out, per entry.
+#[derive(Clone, Default)]
+pub(super) struct Naming {
+    /// Each entry's object name; meaningful once `kinds` says it is resolved.
+    oids: Vec<Oid>,
+    /// Each entry's object type once known (a delta's is its chain's base's); 0 until then.
+    kinds: Vec<u8>,
+    /// Each delta's resolved base (an entry index), [`NONE`] for the rest.
+    parents: Vec<u32>,
+}
 
 /// An object a delta walk reached: its entry, type and content, and for a delta the object it
 /// was rebuilt from and the delta's instructions.
@@ -100,24 +117,22 @@ pub(super) struct Rebuilt<'a> {
 /// Told of each object wanted (`entry, type, content`).
 pub(super) type VisitFn<'f> = dyn FnMut(Reached<'_>) -> Result<(), Stop> + 'f;
 
+/// A zlib inflater's state, one per walker.
+#[derive(Default)]
+struct Inflater(Box<DecompressorOxide>);
+
 /// An indexed pack.
 pub(super) struct Pack<'a> {
     /// The pack, from `PACK` to the end of its trailer.
     bytes: &'a [u8],
     entries: Vec<Entry>,
-    /// Each entry's object name; meaningful once `kinds` says it is resolved.
-    oids: Vec<Oid>,
-    /// Each entry's object type once known (a delta's is its chain's base's); 0 until then.
-    kinds: Vec<u8>,
+    naming: Naming,
     /// The base names of reference deltas.
     ref_bases: Vec<Oid>,
-    /// Each delta's resolved base (an entry index), [`NONE`] for the rest.
-    parents: Vec<u32>,
     /// Names to entries, sorted by name (built once every name is known).
     by_oid: Vec<(Oid, u32)>,
-    inflater: Box<DecompressorOxide>,
-    /// Bytes inflated and rebuilt so far.
-    inflated: u64,
+    /// Bytes inflated and rebuilt so far, by every worker.
+    inflated: AtomicU64,
     limits: &'a Limits,
 }
 
@@ -146,30 +161,28 @@ impl<'a> Pack<'a> {
         let mut pack = Pack {
             bytes,
             entries: Vec::new(),
-            oids: Vec::new(),
-            kinds: Vec::new(),
+            naming: Naming::default(),
             ref_bases: Vec::new(),
-            parents: Vec::new(),
             by_oid: Vec::new(),
-            inflater: Box::default(),
-            inflated: 0,
+            inflated: AtomicU64::new(0),
             limits,
         };
         let too_many = |_| HistoryProblem::TooManyObjects { count, limit: limits.max_git_objects };
         pack.entries.try_reserve_exact(n).map_err(too_many)?;
-        pack.oids.try_reserve_exact(n).map_err(too_many)?;
-        pack.kinds.try_reserve_exact(n).map_err(too_many)?;
+        pack.naming.oids.try_reserve_exact(n).map_err(too_many)?;
+        pack.naming.kinds.try_reserve_exact(n).map_err(too_many)?;
         let mut scratch = Vec::new();
+        let mut inflater = Inflater::default();
         let mut pos = 12usize;
         for _ in 0..n {
             let entry = pack.header(&mut pos, body_end)?;
-            let consumed = pack.inflate(&entry, &mut scratch)?;
+            let consumed = pack.inflate(&mut inflater, &entry, &mut scratch)?;
             pos = entry.data as usize + consumed;
             let (oid, kind) =
                 if entry.kind <= TAG { (object_id(entry.kind, &scratch), entry.kind) } else { ([0; 20], 0) };
             pack.entries.push(entry);
-            pack.oids.push(oid);
-            pack.kinds.push(kind);
+            pack.naming.oids.push(oid);
+            pack.naming.kinds.push(kind);
         }
         if pos != body_end {
             return Err(HistoryProblem::BadPack {
@@ -235,14 +248,25 @@ impl<'a> Pack<'a> {
         Ok(Entry { offset, data: *pos as u64, size, kind, base })
     }
 
-    /// Inflates `entry`'s zlib stream into `out` (exactly its declared size); returns the
-    /// compressed bytes it took.
-    fn inflate(&mut self, entry: &Entry, out: &mut Vec<u8>) -> Result<usize, HistoryProblem> {
-        let offset = entry.offset;
-        self.inflated += entry.size;
-        if self.inflated > self.limits.max_history_inflated {
+    /// Counts `bytes` more inflated or rebuilt, against the limit on their total.
+    fn count_inflated(&self, bytes: u64) -> Result<(), HistoryProblem> {
+        let total = self.inflated.fetch_add(bytes, Ordering::Relaxed).saturating_add(bytes);
+        if total > self.limits.max_history_inflated {
             return Err(HistoryProblem::InflatedTotal { limit: self.limits.max_history_inflated });
         }
+        Ok(())
+    }
+
+    /// Inflates `entry`'s zlib stream into `out` (exactly its declared size) with `inflater`;
+    /// returns the compressed bytes it took.
+    fn inflate(
+        &self,
+        inflater: &mut Inflater,
+        entry: &Entry,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, HistoryProblem> {
+        let offset = entry.offset;
+        self.count_inflated(entry.size)?;
         let size = entry.size as usize;
         out.clear();
         // One byte more than declared: a stream that produces more is caught, not cut.
@@ -252,12 +276,12 @@ impl<'a> Pack<'a> {
             limit: self.limits.max_git_object,
         })?;
         out.resize(size + 1, 0);
-        self.inflater.init();
+        inflater.0.init();
         let input = &self.bytes[entry.data as usize..self.bytes.len() - 20];
         let flags = TINFL_FLAG_PARSE_ZLIB_HEADER
             | TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF
             | TINFL_FLAG_IGNORE_ADLER32;
-        let (status, consumed, written) = decompress(&mut self.inflater, input, out, 0, flags);
+        let (status, consumed, written) = decompress(&mut inflater.0, input, out, 0, flags);
         out.truncate(written.min(size));
         match status {
             TINFLStatus::Done if written == size => Ok(consumed),
@@ -284,9 +308,10 @@ impl<'a> Pack<'a> {
     /// Resolves every delta whose chain reaches a base in the pack, naming its result; then
     /// builds the name index. Returns the number of deltas left unresolved (their base is not
     /// in the pack: a thin pack's prerequisite, or damage).
-    pub(super) fn resolve(&mut self) -> Result<u64, Stop> {
+    pub(super) fn resolve(&mut self, workers: &dyn Workers) -> Result<u64, Stop> {
         let n = self.len();
-        self.parents = vec![NONE; n];
+        let mut naming = core::mem::take(&mut self.naming);
+        naming.parents = vec![NONE; n];
         // Offset-delta children of each entry (CSR), and reference deltas by base name.
         let mut ofs_children: Vec<(u32, u32)> = Vec::new();
         let mut ref_children: Vec<(Oid, u32)> = Vec::new();
@@ -299,40 +324,83 @@ impl<'a> Pack<'a> {
         }
         ofs_children.sort_unstable();
         ref_children.sort_unstable();
-        let children_of = |pack: &Pack<'_>, idx: u32, out: &mut Vec<u32>| {
+        let children_of = |naming: &Naming, idx: u32, out: &mut Vec<u32>| {
             out.clear();
             let start = ofs_children.partition_point(|c| c.0 < idx);
             out.extend(ofs_children[start..].iter().take_while(|c| c.0 == idx).map(|c| c.1));
-            let oid = pack.oids[idx as usize];
+            let oid = naming.oids[idx as usize];
             let start = ref_children.partition_point(|c| c.0 < oid);
             out.extend(ref_children[start..].iter().take_while(|c| c.0 == oid).map(|c| c.1));
-            out.retain(|c| pack.kinds[*c as usize] == 0);
+            out.retain(|c| naming.kinds[*c as usize] == 0);
         };
-        // One walk from each whole object: a reference delta whose base is itself a delta is
-        // reached once that base is named, within the same walk.
+        // One walk from each whole object that has deltas: a reference delta whose base is
+        // itself a delta is reached once that base is named, within the same walk.
         let mut children = Vec::new();
-        for root in 0..n as u32 {
-            if self.entries[root as usize].kind > TAG {
-                continue;
-            }
-            children_of(self, root, &mut children);
+        let roots: Vec<u32> = (0..n as u32)
+            .filter(|&root| {
+                self.entries[root as usize].kind <= TAG && {
+                    children_of(&naming, root, &mut children);
+                    !children.is_empty()
+                }
+            })
+            .collect();
+        let walk = |inflater: &mut Inflater, naming: &mut Naming, root: u32, children: &mut Vec<u32>| {
+            // An earlier walk may have named them all (a base name the pack holds twice).
+            children_of(naming, root, children);
             if children.is_empty() {
-                continue;
+                return Ok(());
             }
-            self.descend(root, true, &mut |pack: &Pack<'_>, reached, out: &mut Vec<u32>| {
-                children_of(pack, reached.idx, out);
+            self.descend(inflater, root, Some(naming), &mut |naming, reached, out: &mut Vec<u32>| {
+                if let Some(naming) = naming {
+                    children_of(naming, reached.idx, out);
+                }
                 Ok(())
-            })?;
+            })
+        };
+        if workers.count() == 1 || roots.len() < PARALLEL_MIN_ROOTS {
+            let mut inflater = Inflater::default();
+            for &root in &roots {
+                walk(&mut inflater, &mut naming, root, &mut children)?;
+            }
+        } else {
+            // Each worker names into its own copy; the copies are joined below.
+            let next = AtomicUsize::new(0);
+            let failed = AtomicBool::new(false);
+            let mut runs: Vec<(Naming, Result<(), Stop>)> =
+                (0..workers.count()).map(|_| (naming.clone(), Ok(()))).collect();
+            each_worker(workers, &mut runs, |_, (local, result)| {
+                let (mut inflater, mut children) = (Inflater::default(), Vec::new());
+                while !failed.load(Ordering::Relaxed) {
+                    let Some(&root) = roots.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                    if let Err(stop) = walk(&mut inflater, local, root, &mut children) {
+                        failed.store(true, Ordering::Relaxed);
+                        *result = Err(stop);
+                    }
+                }
+            });
+            for (local, result) in runs {
+                result?;
+                // An object two walks named (its base name twice in the pack): the first
+                // worker's naming stands.
+                for i in 0..n {
+                    if naming.kinds[i] == 0 && local.kinds[i] != 0 {
+                        naming.kinds[i] = local.kinds[i];
+                        naming.oids[i] = local.oids[i];
+                        naming.parents[i] = local.parents[i];
+                    }
+                }
+            }
         }
-        let unresolved = self.kinds.iter().filter(|k| **k == 0).count() as u64;
+        self.naming = naming;
+        let unresolved = self.naming.kinds.iter().filter(|k| **k == 0).count() as u64;
         let mut by_oid: Vec<(Oid, u32)> = Vec::new();
         by_oid.try_reserve_exact(n).map_err(|_| HistoryProblem::TooManyObjects {
             count: n as u64,
             limit: self.limits.max_git_objects,
         })?;
         for i in 0..n {
-            if self.kinds[i] != 0 {
-                by_oid.push((self.oids[i], i as u32));
+            if self.naming.kinds[i] != 0 {
+                by_oid.push((self.naming.oids[i], i as u32));
             }
         }
         // A name twice in the pack: the first copy stands for it.
@@ -342,11 +410,17 @@ impl<'a> Pack<'a> {
         Ok(unresolved)
     }
 
-    /// Walks the delta tree under `root` depth first: inflates `root`, then rebuilds each
-    /// child from its parent. `children(pack, idx, kind, content, out)` is told of each object
-    /// reached (its content whole) and fills `out` with its children to rebuild. With `name`,
-    /// each rebuilt object is named and its type and parent recorded.
-    fn descend(&mut self, root: u32, name: bool, visit: &mut ReachFn<'_>) -> Result<(), Stop> {
+    /// Walks the delta tree under `root` depth first with `inflater`: inflates `root`, then
+    /// rebuilds each child from its parent. `visit` is told of each object reached (its content
+    /// whole) and fills `out` with its children to rebuild. With `naming`, each rebuilt object
+    /// is named there and its type and parent recorded.
+    fn descend(
+        &self,
+        inflater: &mut Inflater,
+        root: u32,
+        mut naming: Option<&mut Naming>,
+        visit: &mut ReachFn<'_>,
+    ) -> Result<(), Stop> {
         struct Frame {
             idx: u32,
             content: Vec<u8>,
@@ -356,9 +430,9 @@ impl<'a> Pack<'a> {
         let root_entry = self.entries[root as usize];
         let kind = root_entry.kind;
         let mut content = Vec::new();
-        self.inflate(&root_entry, &mut content)?;
+        self.inflate(inflater, &root_entry, &mut content)?;
         let mut children = Vec::new();
-        visit(self, Reached { idx: root, kind, content: &content, from: None }, &mut children)?;
+        visit(naming.as_deref(), Reached { idx: root, kind, content: &content, from: None }, &mut children)?;
         let mut held = content.len() as u64;
         let mut stack = vec![Frame { idx: root, content, children, next: 0 }];
         let mut delta_buf = Vec::new();
@@ -370,7 +444,7 @@ impl<'a> Pack<'a> {
             };
             top.next += 1;
             let entry = self.entries[child as usize];
-            if name && self.kinds[child as usize] != 0 {
+            if naming.as_ref().is_some_and(|n| n.kinds[child as usize] != 0) {
                 continue; // reached twice (a duplicated base name): already rebuilt
             }
             if stack.len() > self.limits.max_delta_depth as usize {
@@ -380,19 +454,14 @@ impl<'a> Pack<'a> {
                 }
                 .into());
             }
-            self.inflate(&entry, &mut delta_buf)?;
+            self.inflate(inflater, &entry, &mut delta_buf)?;
             let top = stack.last().expect("the stack holds the parent");
             if let Some(size) = delta::result_size(&delta_buf) {
                 if size > self.limits.max_git_object {
                     let limit = self.limits.max_git_object;
                     return Err(HistoryProblem::ObjectTooLarge { offset: entry.offset, size, limit }.into());
                 }
-                self.inflated += size;
-                if self.inflated > self.limits.max_history_inflated {
-                    return Err(
-                        HistoryProblem::InflatedTotal { limit: self.limits.max_history_inflated }.into()
-                    );
-                }
+                self.count_inflated(size)?;
                 if held + size > self.limits.max_delta_chain_bytes {
                     return Err(HistoryProblem::DeltaChainTooLarge {
                         offset: entry.offset,
@@ -404,14 +473,15 @@ impl<'a> Pack<'a> {
             let mut result = Vec::new();
             delta::apply(&top.content, &delta_buf, self.limits.max_git_object, entry.offset, &mut result)?;
             let parent = top.idx;
-            if name {
-                self.oids[child as usize] = object_id(kind, &result);
-                self.kinds[child as usize] = kind;
-                self.parents[child as usize] = parent;
+            if let Some(naming) = naming.as_deref_mut() {
+                naming.oids[child as usize] = object_id(kind, &result);
+                naming.kinds[child as usize] = kind;
+                naming.parents[child as usize] = parent;
             }
             let mut children = Vec::new();
             let from = Rebuilt { base: parent, base_content: &top.content, delta: &delta_buf };
-            visit(self, Reached { idx: child, kind, content: &result, from: Some(from) }, &mut children)?;
+            let reached = Reached { idx: child, kind, content: &result, from: Some(from) };
+            visit(naming.as_deref(), reached, &mut children)?;
             held += result.len() as u64;
             stack.push(Frame { idx: child, content: result, children, next: 0 });
         }
@@ -422,45 +492,94 @@ impl<'a> Pack<'a> {
     /// and for which `needed` says yes, each once, rebuilding deltas from their bases (and
     /// only the chains that lead to a needed object).
     pub(super) fn for_each(
-        &mut self,
+        &self,
         want: impl Fn(u8) -> bool,
         needed: &[bool],
         visit: &mut VisitFn<'_>,
     ) -> Result<(), Stop> {
+        let (roots, kids) = self.walks(want, needed);
+        let mut inflater = Inflater::default();
+        for &root in &roots {
+            self.walk(&mut inflater, root, &kids, needed, visit)?;
+        }
+        Ok(())
+    }
+
+    /// [`Pack::for_each`] spread over `workers`, each with its own state in `states` (one per
+    /// worker): the delta trees are shared out whole, so a worker is told of each object of a
+    /// tree it walks in the order [`Pack::for_each`] would, after its base. The first error
+    /// stops every worker before its next tree.
+    pub(super) fn for_each_parallel<S: Send>(
+        &self,
+        want: impl Fn(u8) -> bool,
+        needed: &[bool],
+        workers: &dyn Workers,
+        states: &mut [S],
+        visit: impl Fn(&mut S, Reached<'_>) -> Result<(), Stop> + Sync,
+    ) -> Result<(), Stop> {
+        let (roots, kids) = self.walks(want, needed);
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let mut runs: Vec<(&mut S, Result<(), Stop>)> = states.iter_mut().map(|s| (s, Ok(()))).collect();
+        each_worker(workers, &mut runs, |_, (state, result)| {
+            let mut inflater = Inflater::default();
+            while !failed.load(Ordering::Relaxed) {
+                let Some(&root) = roots.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                let walked = self.walk(&mut inflater, root, &kids, needed, &mut |r| visit(state, r));
+                if let Err(stop) = walked {
+                    failed.store(true, Ordering::Relaxed);
+                    *result = Err(stop);
+                }
+            }
+        });
+        runs.into_iter().try_for_each(|(_, result)| result)
+    }
+
+    /// The roots of the delta trees that lead to a needed object of a type `want` accepts,
+    /// and the parent-to-child links within them, sorted.
+    fn walks(&self, want: impl Fn(u8) -> bool, needed: &[bool]) -> (Vec<u32>, Vec<(u32, u32)>) {
         let n = self.len();
+        let Naming { kinds, parents, .. } = &self.naming;
         // Which entries lead to a needed one (themselves included).
         let mut leads = vec![false; n];
         for (i, &need) in needed.iter().enumerate().take(n) {
-            if !need || self.kinds[i] == 0 || !want(self.kinds[i]) {
+            if !need || kinds[i] == 0 || !want(kinds[i]) {
                 continue;
             }
             let mut j = i as u32;
             while j != NONE && !leads[j as usize] {
                 leads[j as usize] = true;
-                j = self.parents[j as usize];
+                j = parents[j as usize];
             }
         }
         let mut kids: Vec<(u32, u32)> = (0..n as u32)
-            .filter(|&i| leads[i as usize] && self.parents[i as usize] != NONE)
-            .map(|i| (self.parents[i as usize], i))
+            .filter(|&i| leads[i as usize] && parents[i as usize] != NONE)
+            .map(|i| (parents[i as usize], i))
             .collect();
         kids.sort_unstable();
-        for root in 0..n as u32 {
-            if !leads[root as usize] || self.parents[root as usize] != NONE {
-                continue;
+        let roots = (0..n as u32).filter(|&i| leads[i as usize] && parents[i as usize] == NONE).collect();
+        (roots, kids)
+    }
+
+    /// Walks the delta tree under `root` along `kids`, telling `visit` of each needed object.
+    fn walk(
+        &self,
+        inflater: &mut Inflater,
+        root: u32,
+        kids: &[(u32, u32)],
+        needed: &[bool],
+        visit: &mut VisitFn<'_>,
+    ) -> Result<(), Stop> {
+        self.descend(inflater, root, None, &mut |_, reached, out| {
+            out.clear();
+            let idx = reached.idx;
+            let start = kids.partition_point(|c| c.0 < idx);
+            out.extend(kids[start..].iter().take_while(|c| c.0 == idx).map(|c| c.1));
+            if needed[idx as usize] {
+                visit(reached)?;
             }
-            self.descend(root, false, &mut |_pack, reached, out| {
-                out.clear();
-                let idx = reached.idx;
-                let start = kids.partition_point(|c| c.0 < idx);
-                out.extend(kids[start..].iter().take_while(|c| c.0 == idx).map(|c| c.1));
-                if needed[idx as usize] {
-                    visit(reached)?;
-                }
-                Ok(())
-            })?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Object names to entries, sorted by name (once [`Pack::resolve`] has named them).
@@ -470,6 +589,6 @@ impl<'a> Pack<'a> {
 
     /// An entry's object name (meaningful when its type is known).
     pub(super) fn oid(&self, idx: u32) -> &Oid {
-        &self.oids[idx as usize]
+        &self.naming.oids[idx as usize]
     }
 }

@@ -8,6 +8,8 @@ use cella_scan::{
 };
 use miniz_oxide::deflate::compress_to_vec;
 
+pub mod git;
+
 pub fn rule(id: &str, regex: &str, group: u32, keywords: &[&str], category: Category) -> Rule {
     Rule {
         id: id.into(),

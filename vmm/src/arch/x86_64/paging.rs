@@ -1,12 +1,13 @@
 //! Identity-mapped page tables for a CPL-3 guest: every byte of guest memory is mapped at its
-//! own address with the user bit set, except page 0 (so a null access faults). Memory is
+//! own address with the user bit set, except page 0 (so a null access faults) and the helper
+//! vCPU's stack guard ([`HELPER_STACK_GUARD`], so its overflow faults). Memory is
 //! mapped with 2 MiB pages, and with 4 KiB pages in the first 2 MiB and in a partial last
 //! 2 MiB. Beyond the end of memory only the device window is mapped (one 2 MiB page at
 //! [`cella_abi::layout::mmio_base`], whose accesses exit to the VMM); any other access faults.
 
 use cella_abi::layout::{
-    mmio_base, LARGE_PAGE_SIZE, PAGE_SIZE, PAGE_TABLES_END, PDPT_ADDR, PD_BASE_ADDR, PML4_ADDR, PT_LOW_ADDR,
-    PT_TAIL_ADDR,
+    mmio_base, HELPER_STACK_GUARD, LARGE_PAGE_SIZE, PAGE_SIZE, PAGE_TABLES_END, PDPT_ADDR, PD_BASE_ADDR,
+    PML4_ADDR, PT_LOW_ADDR, PT_TAIL_ADDR,
 };
 
 const PRESENT: u64 = 1;
@@ -86,7 +87,7 @@ pub fn build(mem_size: u64) -> Vec<Table> {
 fn fill_small_pages(pt: &mut Table, chunk: u64, mem_size: u64, first: u64) {
     for page in 0..512u64 {
         let addr = chunk + page * PAGE_SIZE;
-        if addr >= first && addr < mem_size {
+        if addr >= first && addr < mem_size && addr != HELPER_STACK_GUARD {
             pt.entries[page as usize] = addr | TABLE_FLAGS;
         }
     }
@@ -117,6 +118,9 @@ mod tests {
         let mem = 128 << 20;
         let tables = build(mem);
         assert_eq!(translate(&tables, 0x10), None);
+        assert_eq!(translate(&tables, HELPER_STACK_GUARD + 0x10), None, "the helper stack's guard");
+        assert_eq!(translate(&tables, HELPER_STACK_GUARD - 8), Some(HELPER_STACK_GUARD - 8));
+        assert_eq!(translate(&tables, HELPER_STACK_GUARD + 0x1000), Some(HELPER_STACK_GUARD + 0x1000));
         for va in [0x1000, 0x3008, 0x1F_FFFF, 0x20_0000, 0x543_2100, mem - 8] {
             assert_eq!(translate(&tables, va), Some(va), "{va:#x}");
         }

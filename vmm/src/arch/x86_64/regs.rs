@@ -39,13 +39,15 @@ pub fn special(mut sregs: kvm_sregs) -> kvm_sregs {
 }
 
 /// General registers: start at `entry` with the stack at `stack_top - 8` (as if called), IOPL 3
-/// so the guest may use `in`/`out`, interrupts off. `rdi` carries the boot-info address.
-pub fn general(entry: u64, stack_top: u64) -> kvm_regs {
+/// so the guest may use `in`/`out`, interrupts off. `rdi` carries the boot-info address and
+/// `rsi` the vCPU's index (0 for the boot vCPU, 1 for a helper).
+pub fn general(entry: u64, stack_top: u64, index: u64) -> kvm_regs {
     kvm_regs {
         rip: entry,
         rsp: stack_top - 8,
         rflags: RFLAGS_RESERVED | RFLAGS_IOPL3,
         rdi: layout::BOOT_INFO_ADDR,
+        rsi: index,
         ..Default::default()
     }
 }

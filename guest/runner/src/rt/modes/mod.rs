@@ -77,7 +77,8 @@ pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
         | Mode::ReadDisk
         | Mode::VsockEcho(_)
         | Mode::VsockServe(_)
-        | Mode::Hostile(_)) => test_modes::run(test, boot, console),
+        | Mode::Hostile(_)
+        | Mode::Helper(_)) => test_modes::run(test, boot, console),
     }
 }
 

@@ -115,6 +115,7 @@ fn serve(
     preloaded: Option<Preloaded>,
     console: &mut Console,
 ) -> ! {
+    crate::rt::helper::install();
     let conn = vsock.connect(proto::JOB_PORT, 10_000).unwrap_or_else(|e| fail(console, "job channel", e));
     let hello = proto::Hello {
         runner_version: String::from(env!("CARGO_PKG_VERSION")),

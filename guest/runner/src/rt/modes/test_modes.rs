@@ -9,7 +9,9 @@ use core::arch::asm;
 use core::fmt::Write;
 
 use cella_abi::{layout, status, BootInfo};
-use cella_runner::mode::{fnv1a64, Hostile, Mode, CANARY, FNV_OFFSET};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use cella_runner::mode::{fnv1a64, HelperTest, Hostile, Mode, CANARY, FNV_OFFSET, HELPER_SUM_TERMS};
 
 use super::{fail, CLOSE_TIMEOUT_MS};
 use crate::rt::console::Console;
@@ -25,15 +27,8 @@ pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
         Mode::VsockEcho(port) => echo(boot, console, port, false),
         Mode::VsockServe(port) => echo(boot, console, port, true),
         Mode::Hostile(kind) => hostile(boot, console, kind),
-        Mode::Fault => {
-            let unmapped = boot.mem_size + layout::LARGE_PAGE_SIZE;
-            // SAFETY: not safe at all, on purpose: the load from an unmapped address raises a
-            // page fault, which with no IDT is a triple fault that ends the VM.
-            unsafe {
-                asm!("mov {tmp}, qword ptr [{addr}]", addr = in(reg) unmapped, tmp = out(reg) _, options(nostack))
-            };
-            exit(status::PANIC)
-        }
+        Mode::Helper(kind) => helper(boot, console, kind),
+        Mode::Fault => fault(boot),
         Mode::Spin => loop {
             core::hint::spin_loop();
         },
@@ -61,6 +56,41 @@ pub fn run(mode: Mode<'_>, boot: &BootInfo, console: &mut Console) -> ! {
             exit(status::USAGE)
         }
     }
+}
+
+/// Loads from an unmapped address: a page fault, which with no IDT is a triple fault that
+/// ends the VM.
+fn fault(boot: &BootInfo) -> ! {
+    let unmapped = boot.mem_size + layout::LARGE_PAGE_SIZE;
+    // SAFETY: not safe at all, on purpose: the load faults and the VM ends.
+    unsafe {
+        asm!("mov {tmp}, qword ptr [{addr}]", addr = in(reg) unmapped, tmp = out(reg) _, options(nostack))
+    };
+    exit(status::PANIC)
+}
+
+/// `helper KIND`: a task on every vCPU; the helper's part sums, faults or spins.
+fn helper(boot: &BootInfo, console: &mut Console, kind: HelperTest) -> ! {
+    let vcpus = crate::rt::helper::count();
+    let sums = [AtomicU64::new(0), AtomicU64::new(0)];
+    crate::rt::helper::run(&|w| match (kind, w) {
+        (HelperTest::Fault, 1) => fault(boot),
+        (HelperTest::Spin, 1) => loop {
+            core::hint::spin_loop();
+        },
+        _ => {
+            // Worker w adds the terms w, w + vcpus, ...: together, every term once.
+            let (mut sum, mut term) = (0u64, w as u64);
+            while term < HELPER_SUM_TERMS {
+                sum = core::hint::black_box(sum.wrapping_add(term));
+                term += vcpus as u64;
+            }
+            sums[w].store(sum, Ordering::Release);
+        }
+    });
+    let [a, b] = sums.map(|s| s.load(Ordering::Acquire));
+    let _ = writeln!(console, "vcpus {vcpus}: sums {a} {b}");
+    exit(0)
 }
 
 /// Hashes the heap word by word (volatile reads: live allocations are in there) before
