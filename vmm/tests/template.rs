@@ -122,6 +122,29 @@ fn a_job_restored_from_a_template_finds_what_a_booted_vm_finds() {
     assert!(restored_pii.iter().all(|(rule, _, _)| !rule.contains("stripe")), "{restored_pii:?}");
 }
 
+#[test]
+fn a_large_job_restored_from_a_template_gets_a_helper_vcpu_and_finds_what_one_vcpu_finds() {
+    let dir = scratch("template-helper");
+    let (small, large) = (dir.join("small.tar"), dir.join("large.tar"));
+    std::fs::write(&small, history_tar(&dir, 0)).unwrap();
+    std::fs::write(&large, history_tar(&dir, 9 << 20)).unwrap();
+    let template = built_template();
+    let vcpus = |request: &ScanRequest| scan::run(request, Box::new(std::io::sink())).unwrap().vm.vcpus;
+
+    // The template's VM had one vCPU; the job's VM restored from it gets the helper its
+    // artifact's size calls for, started at the image's entry, told so in its boot info.
+    assert_eq!(vcpus(&request(&small, default_policy(), Some(template))), 1);
+    assert_eq!(vcpus(&request(&large, default_policy(), Some(template))), 2);
+    let (one, _) = results(&request(&small, default_policy(), None));
+    let (two, preloaded) = results(&request(&large, default_policy(), Some(template)));
+    assert!(preloaded);
+    assert!(
+        one.iter().any(|(rule, uri, _)| rule == "stripe-secret-key" && uri.contains("payments.env")),
+        "{one:?}"
+    );
+    assert_eq!(two, one);
+}
+
 /// What `heap-hash` printed: (hash, canary words).
 fn heap_hash(console: &str) -> (String, u64) {
     let line = console.lines().find(|l| l.starts_with("heap: ")).unwrap_or_else(|| panic!("{console}"));
