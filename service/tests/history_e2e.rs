@@ -186,6 +186,49 @@ async fn a_deleted_key_is_found_in_history_with_the_commit_that_added_it(pool: P
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_large_repository_is_scanned_on_a_helper_vcpu_restored_from_the_template(pool: PgPool) {
+    let dir = Scratch::new("history-e2e-helper");
+    let server = serve_jailed(&dir.join("data"), &test_db_url(&pool));
+    let data = server.data.clone();
+    let key = tenant_key(&data, "hist-helper");
+
+    // 120 files edited over 10 commits, a key added and removed on the way, and 9 MiB of
+    // assets beside them: the artifact is large enough for a helper vCPU, and the history has
+    // enough versions for the scan to share them out.
+    let repo = dir.join("big");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let mut added = String::new();
+    for rev in 0..10u64 {
+        for file in (0..120u64).filter(|f| rev == 0 || (f + rev) % 4 == 0) {
+            write(&repo, &format!("src/m{}/f{file}.txt", file % 10), &cella_e2e::file_version(file, rev));
+        }
+        match rev {
+            3 => write(&repo, "config/payments.env", &format!("STRIPE_KEY={}\n", stripe_key(40))),
+            7 => std::fs::remove_file(repo.join("config/payments.env")).unwrap(),
+            _ => {}
+        }
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-qm", &format!("Revision {rev}")]);
+        if rev == 3 {
+            added = git(&repo, &["rev-parse", "HEAD"]);
+        }
+    }
+    std::fs::create_dir_all(repo.join("assets")).unwrap();
+    std::fs::write(repo.join("assets/blob.bin"), vec![0u8; 9 << 20]).unwrap();
+
+    let sarif = dir.join("big.sarif");
+    let o = cella(&data, Some(&key), &["scan", repo.to_str().unwrap(), "--sarif", sarif.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(attributed(&checked_sarif(&sarif)), [format!("config/payments.env:1:{added}:true")]);
+    let vm: Value =
+        sqlx::query_scalar("SELECT vm FROM jobs WHERE state = 'succeeded'").fetch_one(&pool).await.unwrap();
+    assert_eq!(vm["vcpus"], 2, "{vm}");
+    assert_eq!(vm["built_ahead"], true, "{vm}");
+    assert_eq!(vm["template"].as_str().map(str::len), Some(64), "{vm}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn branches_tags_renames_a_bare_clone_and_a_baseline_through_the_service(pool: PgPool) {
     let dir = Scratch::new("history-e2e-2");
     let server = serve_jailed(&dir.join("data"), &test_db_url(&pool));

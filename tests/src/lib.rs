@@ -121,3 +121,17 @@ pub fn git(repo: &Path, args: &[&str]) -> String {
     assert!(o.status.success(), "git {args:?}: {}{}", out(&o.stdout), out(&o.stderr));
     out(&o.stdout).trim().to_owned()
 }
+
+/// A text file's version `rev`: 40 lines of words of its own (seeded by `file`, so git deltas
+/// a file's versions against each other, not against other files) and its revision.
+pub fn file_version(file: u64, rev: u64) -> String {
+    let mut seed = file.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut text: String = (0..40)
+        .map(|line| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            format!("{line}: {:x} {:x}\n", seed >> 20, seed >> 40)
+        })
+        .collect();
+    text.push_str(&format!("revision {rev}\n"));
+    text
+}

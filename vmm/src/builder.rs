@@ -81,10 +81,12 @@ pub fn host_has_second_cpu() -> bool {
     ok && unsafe { libc::CPU_COUNT(&set) } >= 2
 }
 
-/// Creates the helper vCPU (index 1) of `vm` when the host could run it; it is only
-/// configured and started for a job that wants it ([`HELPER_MIN_DISK`]).
-pub(crate) fn helper_vcpu(vm: &Vm) -> Result<Option<Vcpu>, VcpuError> {
-    host_has_second_cpu().then(|| Vcpu::new(vm, 1)).transpose()
+/// Creates the helper vCPU (index 1) of `vm` for a job whose disk is `disk_size` bytes, if it
+/// is large enough ([`HELPER_MIN_DISK`]) and the host could run it. Made on the launch (a
+/// spare's filter allows it), so a small job never pays for it.
+pub(crate) fn helper_vcpu(vm: &Vm, disk_size: Option<u64>) -> Result<Option<Vcpu>, VcpuError> {
+    let wanted = disk_size.is_some_and(|size| size >= HELPER_MIN_DISK) && host_has_second_cpu();
+    wanted.then(|| Vcpu::new(vm, 1)).transpose()
 }
 
 /// A built VM before it becomes a [`MicroVm`] (the snapshot tests drive its vCPU by hand).
@@ -107,7 +109,6 @@ pub struct Prebuilt {
     image: GuestImage,
     vm: Vm,
     vcpu: Vcpu,
-    helper: Option<Vcpu>,
     memory: GuestMemfd,
 }
 
@@ -121,8 +122,7 @@ impl Prebuilt {
         vm.register_memory(&memory)?;
         image.load(memory.memory())?;
         let vcpu = Vcpu::new(&vm, 0)?;
-        let helper = helper_vcpu(&vm)?;
-        Ok(Prebuilt { image, vm, vcpu, helper, memory })
+        Ok(Prebuilt { image, vm, vcpu, memory })
     }
 
     /// The guest image's entry point.
@@ -155,7 +155,7 @@ impl Prebuilt {
         ends: HostEnds,
         console: Box<dyn Write + Send>,
     ) -> Result<BuiltParts, BuildError> {
-        let Prebuilt { image, vm, vcpu, helper, memory } = self;
+        let Prebuilt { image, vm, vcpu, memory } = self;
         let args = config.args_block();
         let mut boot =
             boot_info::plan(config.mem_bytes(), image.start(), image.end(), args.len(), config.args.len())?;
@@ -165,7 +165,7 @@ impl Prebuilt {
             let _ = memory.advise_huge_pages(boot.heap_start..boot.heap_end);
         }
         vcpu.configure(image.entry(), boot.stack_top)?;
-        let helper = helper.filter(|_| disk.as_ref().is_some_and(|d| d.size() >= HELPER_MIN_DISK));
+        let helper = helper_vcpu(&vm, disk.as_ref().map(Block::size))?;
         if let Some(helper) = &helper {
             helper.configure(image.entry(), layout::HELPER_STACK_TOP)?;
             boot.helpers = 1;

@@ -26,7 +26,7 @@ use cella_abi::{layout, BootInfo};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::builder::{HostEnds, Prebuilt, HELPER_MIN_DISK};
+use crate::builder::{helper_vcpu, HostEnds, Prebuilt};
 use crate::devices::legacy::console::{GuestConsole, SharedBuffer};
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::block::Block;
@@ -220,8 +220,6 @@ pub struct TemplateVm {
     state: SnapshotState,
     vm: Vm,
     vcpu: Vcpu,
-    /// A helper vCPU, created if this host could run one and the template names its entry.
-    helper: Option<Vcpu>,
     memory: GuestMemfd,
 }
 
@@ -243,11 +241,7 @@ impl TemplateVm {
         // kernel without MADV_POPULATE_WRITE (before 5.14) only loses that speed.
         let _ = memory.prefault();
         vcpu_state::restore(vcpu.fd(), &state.vcpu)?;
-        let helper = match identity.entry {
-            0 => None,
-            _ => crate::builder::helper_vcpu(&vm).map_err(SnapshotError::from)?,
-        };
-        Ok(TemplateVm { identity, state, vm, vcpu, helper, memory })
+        Ok(TemplateVm { identity, state, vm, vcpu, memory })
     }
 
     /// What the template is.
@@ -268,9 +262,11 @@ impl TemplateVm {
         ends: HostEnds,
         console: Box<dyn Write + Send>,
     ) -> Result<MicroVm, TemplateError> {
-        let TemplateVm { identity, state, vm, vcpu, helper, memory } = self;
+        let TemplateVm { identity, state, vm, vcpu, memory } = self;
         let HostEnds { mut disk, mut vsock } = ends;
-        let helper = helper.filter(|_| disk.as_ref().is_some_and(|d| d.size() >= HELPER_MIN_DISK));
+        // A template from before helpers does not name the entry a helper would start at.
+        let disk_size = disk.as_ref().map(Block::size).filter(|_| identity.entry != 0);
+        let helper = helper_vcpu(&vm, disk_size).map_err(SnapshotError::from)?;
         if let Some(helper) = &helper {
             helper.configure(identity.entry, layout::HELPER_STACK_TOP).map_err(SnapshotError::from)?;
         }

@@ -397,6 +397,7 @@ fn vm_report(report: &ScanReport) -> Value {
         "launch_us": report.launch_us,
         "run_us": report.run_us,
         "built_ahead": report.built_ahead,
+        "vcpus": report.vcpus,
         "scan_ms": report.scan_ms,
         "scrub": report.scrub,
         "artifact_bytes": report.artifact_bytes,

@@ -219,22 +219,11 @@ pub fn history_tar(dir: &Path, filler: usize) -> Vec<u8> {
     let _ = std::fs::remove_dir_all(&repo);
     std::fs::create_dir_all(&repo).unwrap();
     cella_e2e::git(&repo, &["init", "-q", "-b", "main"]);
-    let words = |file: u64, rev: u64| -> String {
-        let mut seed = file.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut lines: Vec<String> = (0..40)
-            .map(|line| {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                format!("{line}: {:x} {:x}\n", seed >> 20, seed >> 40)
-            })
-            .collect();
-        lines.push(format!("revision {rev}\n"));
-        lines.concat()
-    };
     for rev in 0..12u64 {
         for file in (0..120u64).filter(|f| rev == 0 || (f + rev) % 4 == 0) {
             let path = repo.join(format!("src/m{}/f{file}.txt", file % 10));
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, words(file, rev)).unwrap();
+            std::fs::write(path, cella_e2e::file_version(file, rev)).unwrap();
         }
         std::fs::create_dir_all(repo.join("config")).unwrap();
         let key = repo.join("config/payments.env");
