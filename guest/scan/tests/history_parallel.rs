@@ -102,8 +102,9 @@ fn two_workers_report_exactly_what_one_reports_and_stop_together_at_a_limit() {
 
     set_workers(&THREADS);
     let together = scan(&bundle, "repo.bundle").unwrap();
-    // Resolving the deltas and scanning the versions each ran on both workers.
-    assert_eq!(THREADS.stages.load(Ordering::Relaxed), 2);
+    // Resolving the deltas, reading the commit graph and scanning the versions each ran on
+    // both workers.
+    assert_eq!(THREADS.stages.load(Ordering::Relaxed), 3);
     assert_eq!(described(&together), described(&alone));
     assert_eq!(together.findings, alone.findings);
     assert_eq!(together.history, alone.history);

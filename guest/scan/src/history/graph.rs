@@ -12,6 +12,7 @@ use super::pack::{Oid, Pack, BLOB, COMMIT, NONE, TAG, TREE};
 use super::Stop;
 use crate::error::HistoryProblem;
 use crate::finding::to_hex;
+use crate::parallel::Workers;
 
 /// A commit, as the walk needs it.
 pub(super) struct CommitNode {
@@ -77,9 +78,93 @@ impl Graph {
     }
 }
 
-/// Reads the commits, trees and tags of `pack`.
-pub(super) fn read_graph(pack: &mut Pack<'_>, names: &Names) -> Result<Graph, Stop> {
+/// What one delta tree of the pack holds of the graph (read by one worker), in the order
+/// the walk reached it; the parts are joined in the order of their roots.
+struct Part {
+    /// The tree's root entry.
+    root: u32,
+    commits: Vec<CommitNode>,
+    /// (entry, start, len) of each tree object's items in `tree_items`.
+    trees: Vec<(u32, u32, u32)>,
+    tree_items: Vec<TreeItem>,
+    names: Vec<u8>,
+    /// (tag entry, the entry it points to).
+    tags: Vec<(u32, u32)>,
+}
+
+impl Part {
+    /// Reads one object into the part.
+    fn read(&mut self, idx: u32, kind: u8, content: &[u8], names: &Names) -> Result<(), HistoryProblem> {
+        let bad = |reason| HistoryProblem::BadObject { oid: String::new(), reason };
+        match kind {
+            COMMIT => {
+                let c = objects::parse_commit(content).ok_or_else(|| bad("a commit without a valid tree line"))?;
+                self.commits.push(CommitNode {
+                    entry: idx,
+                    tree: names.find(&c.tree),
+                    parents: c.parents.iter().map(|p| names.find(p)).filter(|p| *p != NONE).collect(),
+                    info: c,
+                });
+            }
+            TREE => {
+                let start = self.tree_items.len();
+                let ok = objects::parse_tree(content, |kind, name, oid| {
+                    self.tree_items.push(TreeItem {
+                        name: self.names.len() as u32,
+                        name_len: name.len() as u32,
+                        obj: names.find(oid),
+                        kind,
+                    });
+                    self.names.extend_from_slice(name);
+                });
+                if !ok {
+                    return Err(bad("a tree entry is cut short or names `.`, `..` or a path with `/`"));
+                }
+                if self.names.len() > u32::MAX as usize / 2 || self.tree_items.len() > u32::MAX as usize / 2 {
+                    return Err(bad("the trees hold more entries than Cella indexes"));
+                }
+                self.trees.push((idx, start as u32, (self.tree_items.len() - start) as u32));
+            }
+            TAG => {
+                if let Some(target) = objects::parse_tag_target(content) {
+                    self.tags.push((idx, names.find(&target)));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Reads the commits, trees and tags of `pack`, spread over `workers` (each reads whole delta
+/// trees); the graph is the same as one worker's, in the same order.
+pub(super) fn read_graph(pack: &Pack<'_>, names: &Names, workers: &dyn Workers) -> Result<Graph, Stop> {
     let n = pack.len();
+    let all = vec![true; n];
+    let mut parts: Vec<Vec<Part>> = (0..workers.count()).map(|_| Vec::new()).collect();
+    pack.for_each_parallel(|k| k != BLOB, &all, workers, &mut parts, |parts, reached| {
+        if reached.from.is_none() || parts.is_empty() {
+            let root = reached.idx;
+            parts.push(Part {
+                root,
+                commits: Vec::new(),
+                trees: Vec::new(),
+                tree_items: Vec::new(),
+                names: Vec::new(),
+                tags: Vec::new(),
+            });
+        }
+        let part = parts.last_mut().expect("a part was just started");
+        part.read(reached.idx, reached.kind, reached.content, names).map_err(|problem| match problem {
+            HistoryProblem::BadObject { reason, .. } => {
+                Stop::History(HistoryProblem::BadObject { oid: to_hex(pack.oid(reached.idx)), reason })
+            }
+            other => Stop::History(other),
+        })
+    })?;
+    // One worker walks the trees in the order of their roots: join the parts in that order.
+    let mut parts: Vec<Part> = parts.into_iter().flatten().collect();
+    parts.sort_unstable_by_key(|p| p.root);
     let mut graph = Graph {
         commits: Vec::new(),
         commit_of: vec![NONE; n],
@@ -88,53 +173,25 @@ pub(super) fn read_graph(pack: &mut Pack<'_>, names: &Names) -> Result<Graph, St
         names: Vec::new(),
         tag_target: BTreeMap::new(),
     };
-    let all = vec![true; n];
-    let oids: Vec<Oid> = (0..n as u32).map(|i| *pack.oid(i)).collect();
-    let oid_hex = |idx: u32| to_hex(&oids[idx as usize]);
-    pack.for_each(|k| k != BLOB, &all, &mut |reached| {
-        let (idx, kind, content) = (reached.idx, reached.kind, reached.content);
-        let bad = |reason| Stop::History(HistoryProblem::BadObject { oid: oid_hex(idx), reason });
-        match kind {
-            COMMIT => {
-                let c = objects::parse_commit(content)
-                    .ok_or_else(|| bad("a commit without a valid tree line"))?;
-                graph.commit_of[idx as usize] = graph.commits.len() as u32;
-                graph.commits.push(CommitNode {
-                    entry: idx,
-                    tree: names.find(&c.tree),
-                    parents: c.parents.iter().map(|p| names.find(p)).filter(|p| *p != NONE).collect(),
-                    info: c,
-                });
-            }
-            TREE => {
-                let start = graph.tree_items.len();
-                let ok = objects::parse_tree(content, |kind, name, oid| {
-                    graph.tree_items.push(TreeItem {
-                        name: graph.names.len() as u32,
-                        name_len: name.len() as u32,
-                        obj: names.find(oid),
-                        kind,
-                    });
-                    graph.names.extend_from_slice(name);
-                });
-                if !ok {
-                    return Err(bad("a tree entry is cut short or names `.`, `..` or a path with `/`"));
-                }
-                if graph.names.len() > u32::MAX as usize / 2 || graph.tree_items.len() > u32::MAX as usize / 2
-                {
-                    return Err(bad("the trees hold more entries than Cella indexes"));
-                }
-                graph.tree_of[idx as usize] = (start as u32, (graph.tree_items.len() - start) as u32);
-            }
-            TAG => {
-                if let Some(target) = objects::parse_tag_target(content) {
-                    graph.tag_target.insert(idx, names.find(&target));
-                }
-            }
-            _ => {}
+    for part in parts {
+        for commit in part.commits {
+            graph.commit_of[commit.entry as usize] = graph.commits.len() as u32;
+            graph.commits.push(commit);
         }
-        Ok(())
-    })?;
+        let (items_base, names_base) = (graph.tree_items.len() as u32, graph.names.len() as u32);
+        for (entry, start, len) in part.trees {
+            graph.tree_of[entry as usize] = (items_base + start, len);
+        }
+        graph.tree_items.extend(part.tree_items.into_iter().map(|i| TreeItem { name: i.name + names_base, ..i }));
+        graph.names.extend_from_slice(&part.names);
+        if graph.names.len() > u32::MAX as usize / 2 || graph.tree_items.len() > u32::MAX as usize / 2 {
+            return Err(Stop::History(HistoryProblem::BadObject {
+                oid: to_hex(pack.oid(part.root)),
+                reason: "the trees hold more entries than Cella indexes",
+            }));
+        }
+        graph.tag_target.extend(part.tags);
+    }
     Ok(graph)
 }
 

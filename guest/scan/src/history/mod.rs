@@ -356,14 +356,15 @@ impl Read<'_> {
 fn read<'a>(bytes: &'a [u8], limits: &'a Limits) -> Result<(Read<'a>, Names), Stop> {
     let header = bundle::parse(bytes)?;
     let mut pack = Pack::index(&bytes[header.pack_offset..], limits)?;
-    let unresolved = pack.resolve(crate::parallel::workers())?;
+    let workers = crate::parallel::workers();
+    let unresolved = pack.resolve(workers)?;
     let partial = !header.prerequisites.is_empty();
     if unresolved > 0 && !partial {
         return Err(HistoryProblem::UnresolvedDeltas { count: unresolved }.into());
     }
     let n = pack.len();
     let names = Names(pack.names());
-    let graph = read_graph(&mut pack, &names)?;
+    let graph = read_graph(&pack, &names, workers)?;
     // A shallow clone's bundle lists no prerequisites: its cut shows in the commits.
     let partial = partial || graph.cut_off();
     let order = topological_order(&graph);
