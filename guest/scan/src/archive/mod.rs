@@ -1,6 +1,7 @@
 //! Artifact formats: a plain file, tar, gzip (so tar.gz), and zip, nested up to a limit. The
 //! format is recognised from the bytes, not the name. Every refusal names the entry.
 
+mod batch;
 mod crc32;
 mod gzip;
 pub(crate) mod image;
@@ -128,11 +129,16 @@ pub fn scan_artifact<S: Source + ?Sized>(
     let total = Cell::new(0);
     report.image_capture.get_or_insert_with(Default::default);
     let walked = {
-        let mut sink = ScanSink { engine: &mut *engine, report: &mut *report, limits };
+        let batch = batch::Batch::new(crate::parallel::workers());
+        let mut sink = ScanSink { engine: &mut *engine, report: &mut *report, limits, batch };
         let zstd_windows = Cell::new(0);
         let mut walk =
             Walk { sink: &mut sink, limits, entries: 0, total: &total, zstd_windows: &zstd_windows };
-        walk.source(&mut &mut *source, name, 0, "")
+        let walked = walk.source(&mut &mut *source, name, 0, "");
+        // The files still held are scanned even after an error: a single worker had scanned
+        // them before it met the error.
+        let flushed = sink.flush();
+        walked.and(flushed)
     };
     image::attribute(report, engine);
     walked?;
@@ -187,19 +193,45 @@ struct ScanSink<'a> {
     engine: &'a mut Engine,
     report: &'a mut Report,
     limits: &'a Limits,
+    /// Small files held to be scanned by several workers at once; `None` with one worker.
+    batch: Option<batch::Batch>,
+}
+
+impl ScanSink<'_> {
+    /// Scans the files the batch holds (before anything that must come after them).
+    fn flush(&mut self) -> Result<(), ArtifactError> {
+        match self.batch.as_mut() {
+            Some(batch) => batch.scan(self.engine, self.report, self.limits),
+            None => Ok(()),
+        }
+    }
+
+    /// Scans the file `path` as it streams from `r`, or holds it in the batch.
+    fn scan(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<(), ArtifactError> {
+        if let Some(batch) = self.batch.as_mut() {
+            if batch.take(path, r)? {
+                return match batch.full() {
+                    true => self.flush(),
+                    false => Ok(()),
+                };
+            }
+            self.flush()?;
+        }
+        self.engine.scan_stream(path, r, self.report, self.limits)?;
+        Ok(())
+    }
 }
 
 impl FileSink for ScanSink<'_> {
     fn file(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<(), ArtifactError> {
         let Some(capture) = self.report.image_capture.as_mut() else {
-            self.engine.scan_stream(path, r, self.report, self.limits)?;
-            return Ok(());
+            return self.scan(path, r);
         };
         capture.note(path);
         if !capture.wants(path) {
-            self.engine.scan_stream(path, r, self.report, self.limits)?;
-            return Ok(());
+            return self.scan(path, r);
         }
+        self.flush()?;
         // Image JSON (a manifest, a config) is scanned like any file and kept.
         let mut tee = Tee { inner: r, kept: Vec::new() };
         self.engine.scan_stream(path, &mut tee, self.report, self.limits)?;
@@ -220,6 +252,7 @@ impl FileSink for ScanSink<'_> {
     }
 
     fn history(&mut self, path: &str, path_prefix: &str, bundle: Vec<u8>) -> Result<(), ArtifactError> {
+        self.flush()?;
         crate::history::scan_bundle(&bundle, path, path_prefix, self.engine, self.limits, self.report)
     }
 }

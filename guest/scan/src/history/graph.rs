@@ -98,7 +98,8 @@ impl Part {
         let bad = |reason| HistoryProblem::BadObject { oid: String::new(), reason };
         match kind {
             COMMIT => {
-                let c = objects::parse_commit(content).ok_or_else(|| bad("a commit without a valid tree line"))?;
+                let c = objects::parse_commit(content)
+                    .ok_or_else(|| bad("a commit without a valid tree line"))?;
                 self.commits.push(CommitNode {
                     entry: idx,
                     tree: names.find(&c.tree),
@@ -142,26 +143,32 @@ pub(super) fn read_graph(pack: &Pack<'_>, names: &Names, workers: &dyn Workers) 
     let n = pack.len();
     let all = vec![true; n];
     let mut parts: Vec<Vec<Part>> = (0..workers.count()).map(|_| Vec::new()).collect();
-    pack.for_each_parallel(|k| k != BLOB, &all, workers, &mut parts, |parts, reached| {
-        if reached.from.is_none() || parts.is_empty() {
-            let root = reached.idx;
-            parts.push(Part {
-                root,
-                commits: Vec::new(),
-                trees: Vec::new(),
-                tree_items: Vec::new(),
-                names: Vec::new(),
-                tags: Vec::new(),
-            });
-        }
-        let part = parts.last_mut().expect("a part was just started");
-        part.read(reached.idx, reached.kind, reached.content, names).map_err(|problem| match problem {
-            HistoryProblem::BadObject { reason, .. } => {
-                Stop::History(HistoryProblem::BadObject { oid: to_hex(pack.oid(reached.idx)), reason })
+    pack.for_each_parallel(
+        |k| k != BLOB,
+        &all,
+        workers,
+        &mut parts,
+        |parts, reached| {
+            if reached.from.is_none() || parts.is_empty() {
+                let root = reached.idx;
+                parts.push(Part {
+                    root,
+                    commits: Vec::new(),
+                    trees: Vec::new(),
+                    tree_items: Vec::new(),
+                    names: Vec::new(),
+                    tags: Vec::new(),
+                });
             }
-            other => Stop::History(other),
-        })
-    })?;
+            let part = parts.last_mut().expect("a part was just started");
+            part.read(reached.idx, reached.kind, reached.content, names).map_err(|problem| match problem {
+                HistoryProblem::BadObject { reason, .. } => {
+                    Stop::History(HistoryProblem::BadObject { oid: to_hex(pack.oid(reached.idx)), reason })
+                }
+                other => Stop::History(other),
+            })
+        },
+    )?;
     // One worker walks the trees in the order of their roots: join the parts in that order.
     let mut parts: Vec<Part> = parts.into_iter().flatten().collect();
     parts.sort_unstable_by_key(|p| p.root);
@@ -182,7 +189,9 @@ pub(super) fn read_graph(pack: &Pack<'_>, names: &Names, workers: &dyn Workers) 
         for (entry, start, len) in part.trees {
             graph.tree_of[entry as usize] = (items_base + start, len);
         }
-        graph.tree_items.extend(part.tree_items.into_iter().map(|i| TreeItem { name: i.name + names_base, ..i }));
+        graph
+            .tree_items
+            .extend(part.tree_items.into_iter().map(|i| TreeItem { name: i.name + names_base, ..i }));
         graph.names.extend_from_slice(&part.names);
         if graph.names.len() > u32::MAX as usize / 2 || graph.tree_items.len() > u32::MAX as usize / 2 {
             return Err(Stop::History(HistoryProblem::BadObject {
