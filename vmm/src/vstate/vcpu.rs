@@ -248,8 +248,12 @@ impl Vcpu {
     /// ends with the helper's reason. Stop the helper before `boot` is stopped or dropped.
     pub fn start_helper(self, bus: Arc<IoBus>, boot: &VcpuHandle) -> Result<VcpuHandle, VcpuError> {
         let thread = boot.thread.as_ref().map(|t| t.as_pthread_t());
-        let link =
-            thread.map(|thread| BootLink { wanted: boot.wanted.clone(), abort: boot.abort.clone(), thread });
+        let link = thread.map(|thread| BootLink {
+            wanted: boot.wanted.clone(),
+            abort: boot.abort.clone(),
+            requests: boot.requests.clone(),
+            thread,
+        });
         self.start_linked(bus, link)
     }
 
@@ -439,6 +443,8 @@ impl ThreadControl<'_> {
 struct BootLink {
     wanted: Arc<AtomicU8>,
     abort: Arc<Mutex<Option<VcpuStop>>>,
+    /// Wakes the boot vCPU if it is parked (paused).
+    requests: Sender<VcpuRequest>,
     thread: libc::pthread_t,
 }
 
@@ -448,6 +454,9 @@ impl BootLink {
     fn hand_over(self, outcome: VcpuOutcome) -> VcpuOutcome {
         *self.abort.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome.stop);
         self.wanted.store(WANT_STOP, Ordering::Release);
+        // A parked boot vCPU takes this; a running one ignores it (the signal below ends its
+        // `KVM_RUN` or wait exit, and it sees the stop it was asked for).
+        let _ = self.requests.send(VcpuRequest::Stop);
         // SAFETY: `thread` is the boot vCPU's, which is neither joined nor detached while the
         // helper runs (the VM stops its helper first); a signal to a thread that has already
         // returned is harmless.
