@@ -158,7 +158,10 @@ fn busy_archive() -> Vec<u8> {
         })
         .collect();
     let large: String = (0..40_000).map(|i| format!("line {i} tok_{i:016}\n")).collect();
-    let nested = zip(&[zfile("inner/a.txt", b"inner = tok_0000000000000001\n", true)]);
+    // A zip whose entry inflates past the size it declares (read until the reader stops it).
+    let lying_text: String = (0..60_000).map(|i| format!("lie {i} tok_{i:016}\n")).collect();
+    let lying = ZipEntry { declared_size: Some(64), ..zfile("lies.txt", lying_text.as_bytes(), true) };
+    let nested = zip(&[zfile("inner/a.txt", b"inner = tok_0000000000000001\n", true), lying]);
     let binary = [&b"\0\0\0ELF"[..], b" tok_00000000deadbeef ", &[0u8; 64]].concat();
     let mut entries: Vec<TarEntry<'_>> =
         texts.iter().map(|(name, text)| file(name, text.as_bytes())).collect();

@@ -40,13 +40,20 @@ impl Batch {
         (workers.count() > 1).then(|| Batch { workers, forks: Vec::new(), files: Vec::new(), bytes: 0 })
     }
 
-    /// Reads the file at `path` whole if it is small (its declared size at most
-    /// [`BATCH_FILE_MAX`]) and keeps it; returns `false` (nothing read) for any other file.
-    /// On a read error the file's bytes read so far are kept, and the error returned.
-    pub(super) fn take(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<bool, ArtifactError> {
+    /// Reads the file at `path` whole if it is small (its declared size, and what it really
+    /// holds, at most [`BATCH_FILE_MAX`]) and keeps it: returns `None`. Any other file is
+    /// handed back to be scanned as it streams: `Some(head)`, the bytes already read from `r`
+    /// (none if its declared size was too large; past the limit if the declaration lied),
+    /// which come before the rest of `r`. On a read error the file's bytes read so far are
+    /// kept, and the error returned.
+    pub(super) fn take(
+        &mut self,
+        path: &str,
+        r: &mut dyn ByteRead,
+    ) -> Result<Option<Vec<u8>>, ArtifactError> {
         match r.size_hint() {
             Some(size) if size <= BATCH_FILE_MAX => {}
-            _ => return Ok(false),
+            _ => return Ok(Some(Vec::new())),
         }
         let mut data = Vec::new();
         let mut chunk = [0u8; 16 * 1024];
@@ -56,10 +63,14 @@ impl Batch {
                 Ok(k) => data.extend_from_slice(&chunk[..k]),
                 Err(e) => break Err(e),
             }
+            if data.len() as u64 > BATCH_FILE_MAX {
+                // Larger than declared: the rest streams, never held.
+                return Ok(Some(data));
+            }
         };
         self.bytes += data.len();
         self.files.push((String::from(path), data));
-        read.map(|()| true)
+        read.map(|()| None)
     }
 
     /// Whether the batch is full: time to [`Batch::scan`] it.

@@ -208,17 +208,25 @@ impl ScanSink<'_> {
 
     /// Scans the file `path` as it streams from `r`, or holds it in the batch.
     fn scan(&mut self, path: &str, r: &mut dyn ByteRead) -> Result<(), ArtifactError> {
-        if let Some(batch) = self.batch.as_mut() {
-            if batch.take(path, r)? {
-                return match batch.full() {
-                    true => self.flush(),
-                    false => Ok(()),
-                };
+        let Some(batch) = self.batch.as_mut() else {
+            self.engine.scan_stream(path, r, self.report, self.limits)?;
+            return Ok(());
+        };
+        match batch.take(path, r)? {
+            None if batch.full() => self.flush(),
+            None => Ok(()),
+            Some(head) => {
+                // Too large to hold: the files held before it first, then it, as it streams.
+                self.flush()?;
+                self.engine.scan_stream(
+                    path,
+                    &mut Chain { head: &head, rest: r },
+                    self.report,
+                    self.limits,
+                )?;
+                Ok(())
             }
-            self.flush()?;
         }
-        self.engine.scan_stream(path, r, self.report, self.limits)?;
-        Ok(())
     }
 }
 
