@@ -84,7 +84,7 @@ pub enum TemplateError {
     Bus(#[source] std::io::Error),
     #[error("the guest arguments take {len} bytes, over the {max}-byte argument block")]
     ArgsTooLong { len: usize, max: u64 },
-    #[error("cannot write the job's arguments into the restored VM")]
+    #[error("cannot write the job's arguments or its helper count into the restored VM")]
     WriteArgs(#[source] vm_memory::GuestMemoryError),
 }
 

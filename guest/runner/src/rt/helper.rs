@@ -39,7 +39,7 @@ pub fn helper_main() -> ! {
             continue;
         }
         let task = TASK.load(Ordering::Acquire);
-        // SAFETY: `Vcpus::run` stored a pointer to a live `&dyn Fn` before it published
+        // SAFETY: `run` stored a pointer to a live `&dyn Fn` before it published
         // generation `posted` (Release, read above with Acquire), and keeps it alive until it
         // sees `FINISHED == posted`, which is only stored below, after the call.
         let task: &(dyn Fn(usize) + Sync) = unsafe { *task };
