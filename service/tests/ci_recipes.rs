@@ -18,6 +18,7 @@ mod common;
 #[path = "../../guest/scan/tests/sarif_checks/mod.rs"]
 mod sarif_checks;
 
+use cella_e2e::git;
 use common::{cella, serve_jailed, tenant_key, test_db_url, Scratch};
 use sarif_checks::checked_sarif;
 
@@ -43,22 +44,6 @@ fn yaml(path: &Path) -> Value {
         .expect("python3 with PyYAML (scripts/setup.sh installs python3-yaml)");
     assert!(o.status.success(), "{}: {}", path.display(), err(&o));
     serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn git(dir: &Path, args: &[&str]) -> Output {
-    Command::new("git")
-        .args([
-            "-c",
-            "user.name=Cella Test",
-            "-c",
-            "user.email=test@cella.invalid",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
 }
 
 /// The environment a CI runner gives a step: PATH with the `cella` under test (so a recipe's
@@ -170,9 +155,9 @@ fn checkout(dir: &Path) -> PathBuf {
     let repo = dir.join("checkout");
     write(&repo, "config/prod.env", &format!("STRIPE_KEY={LIVE_KEY}\n"));
     write(&repo, "src/app.py", "print('hello')\n");
-    assert!(git(&repo, &["init", "-q"]).status.success());
-    assert!(git(&repo, &["add", "-A"]).status.success());
-    assert!(git(&repo, &["commit", "-qm", "app"]).status.success());
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "app"]);
     repo
 }
 
@@ -289,7 +274,7 @@ async fn the_pre_commit_hook_refuses_a_staged_live_key_and_lets_a_marked_one_thr
     let key = tenant_key(&server.data, "ci");
     let repo = dir.join("work");
     write(&repo, "README.md", "work\n");
-    assert!(git(&repo, &["init", "-q"]).status.success());
+    git(&repo, &["init", "-q", "-b", "main"]);
     let hook = repo.join(".git/hooks/pre-commit");
     std::fs::copy(common::repo().join("examples/ci/pre-commit/cella-pre-commit"), &hook).unwrap();
     let home = dir.join("home");
@@ -307,7 +292,7 @@ async fn the_pre_commit_hook_refuses_a_staged_live_key_and_lets_a_marked_one_thr
     };
     let stage = |path: &str, text: &str| {
         write(&repo, path, text);
-        assert!(git(&repo, &["add", path]).status.success());
+        git(&repo, &["add", path]);
     };
 
     stage("README.md", "clean\n");
@@ -323,8 +308,7 @@ async fn the_pre_commit_hook_refuses_a_staged_live_key_and_lets_a_marked_one_thr
     assert!(err(&o).contains("the commit was refused"), "{}", err(&o));
     // (git shows a hook's output on stderr.)
     assert!(err(&o).contains("deploy.env:1"), "{}", err(&o));
-    let head = git(&repo, &["log", "--oneline"]);
-    assert_eq!(String::from_utf8_lossy(&head.stdout).lines().count(), 1, "nothing committed");
+    assert_eq!(git(&repo, &["log", "--oneline"]).lines().count(), 1, "nothing committed");
     let temp: Vec<_> = std::fs::read_dir(home.join("tmp")).unwrap().collect();
     assert!(temp.is_empty(), "the hook leaves nothing in TMPDIR: {temp:?}");
 

@@ -18,6 +18,7 @@ mod common;
 #[path = "../../guest/scan/tests/sarif_checks/mod.rs"]
 mod sarif_checks;
 
+use cella_e2e::git;
 use common::{cella, cella_in, test_db_url, Scratch, Serve, Server};
 use sarif_checks::checked_sarif;
 
@@ -67,24 +68,6 @@ fn write(root: &Path, path: &str, bytes: &[u8]) {
     let p = root.join(path);
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(p, bytes).unwrap();
-}
-
-fn git(repo: &Path, args: &[&str]) -> String {
-    let o = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Cella Test",
-            "-c",
-            "user.email=test@cella.invalid",
-            "-c",
-            "init.defaultBranch=trunk",
-        ])
-        .args(args)
-        .current_dir(repo)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "git {args:?}: {}", err(&o));
-    out(&o).trim().to_owned()
 }
 
 /// What a path of the fixture repository holds and how the scan must treat it.
@@ -149,7 +132,7 @@ fn fixture_repo(root: &Path) -> (BTreeMap<&'static str, Expect>, String) {
     blob.extend_from_slice(b"\x00\x00card 4111 1111 1111 1111\x00\x01\x02");
     write(root, "bin/blob.bin", &blob);
     expect.insert("bin/blob.bin", Found);
-    git(root, &["init", "-q"]);
+    git(root, &["init", "-q", "-b", "trunk"]);
     git(root, &["remote", "add", "origin", ORIGIN]);
     git(root, &["add", "-A"]);
     git(root, &["commit", "-qm", "fixture"]);

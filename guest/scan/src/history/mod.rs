@@ -31,6 +31,7 @@ use pack::{Pack, BLOB, NONE};
 use crate::engine::Engine;
 use crate::error::{ArtifactError, HistoryProblem};
 use crate::finding::{to_hex, Finding, Report};
+use crate::parallel::OneWorker;
 use crate::Limits;
 
 /// The path inside a scanned tree at which `cella scan` sends the folder's history: a bundle
@@ -128,12 +129,19 @@ const PENDING_PER_CAP: usize = 2;
 struct BlobScan<'e> {
     engine: &'e mut Engine,
     limits: &'e Limits,
-    /// Where the engine's findings land (drained after each version).
-    scratch: Report,
     multiline: incremental::MultilineKeywords,
     /// The versions scanned on the path from the current delta chain's base: entry, path,
     /// all its findings and its multi-line clusters (what the versions rebuilt from it use).
     path: Vec<Scanned>,
+    found: Found,
+}
+
+/// What scanning a history's versions found: one worker's, or all of theirs joined.
+#[derive(Default)]
+struct Found {
+    /// Where the engine's findings land (drained after each version); its bytes scanned and
+    /// versions skipped count.
+    scratch: Report,
     /// Per (rule, secret, path): the finding of the earliest commit, its rank and slot.
     best: BTreeMap<(u32, String, String), (Finding, u32, u32)>,
     /// Secrets some version at `HEAD` holds.
@@ -146,19 +154,7 @@ struct BlobScan<'e> {
 
 impl<'e> BlobScan<'e> {
     fn new(engine: &'e mut Engine, limits: &'e Limits, multiline: incremental::MultilineKeywords) -> Self {
-        BlobScan {
-            engine,
-            limits,
-            scratch: Report::default(),
-            multiline,
-            path: Vec::new(),
-            best: BTreeMap::new(),
-            at_head_secrets: BTreeSet::new(),
-            blobs_scanned: 0,
-            blobs_scanned_in_part: 0,
-            dropped: 0,
-            excluded: 0,
-        }
+        BlobScan { engine, limits, multiline, path: Vec::new(), found: Found::default() }
     }
 }
 
@@ -166,53 +162,42 @@ impl<'e> BlobScan<'e> {
 /// use (see [`crate::parallel`]); a smaller one is not worth waking them.
 const PARALLEL_MIN_BLOBS: usize = 64;
 
-/// What the workers' scans of a history found, joined.
-struct Merged {
-    best: BTreeMap<(u32, String, String), (Finding, u32, u32)>,
-    at_head_secrets: BTreeSet<(u32, String)>,
-    blobs_scanned: u64,
-    blobs_scanned_in_part: u64,
-    dropped: u64,
-    excluded: u64,
-    /// Bytes scanned, and the versions skipped (by path).
-    scratch: Report,
-}
-
 /// Joins the workers' scans: per (rule, secret, path) the finding of the earliest commit, at
 /// most the pending cap of them; the rest summed.
-fn merge_scans(scans: Vec<BlobScan<'_>>, limits: &Limits) -> Merged {
+fn merge_scans(scans: Vec<BlobScan<'_>>, limits: &Limits) -> Found {
     let cap = limits.max_findings.saturating_mul(PENDING_PER_CAP);
-    let mut merged = Merged {
-        best: BTreeMap::new(),
-        at_head_secrets: BTreeSet::new(),
-        blobs_scanned: 0,
-        blobs_scanned_in_part: 0,
-        dropped: 0,
-        excluded: 0,
-        scratch: Report::default(),
-    };
-    for scan in scans {
-        merged.at_head_secrets.extend(scan.at_head_secrets);
-        merged.blobs_scanned += scan.blobs_scanned;
-        merged.blobs_scanned_in_part += scan.blobs_scanned_in_part;
-        merged.dropped += scan.dropped;
-        merged.excluded += scan.excluded;
-        merged.scratch.bytes_scanned += scan.scratch.bytes_scanned;
-        merged.scratch.skipped.extend(scan.scratch.skipped);
-        for (key, found) in scan.best {
-            let room = merged.best.len() < cap;
-            match merged.best.get_mut(&key) {
-                Some(kept) if kept.1 > found.1 => *kept = found,
-                Some(_) => {}
-                None if room => {
-                    merged.best.insert(key, found);
-                }
-                None => merged.dropped += 1,
-            }
+    let mut merged = Found::default();
+    for BlobScan { found, .. } in scans {
+        merged.at_head_secrets.extend(found.at_head_secrets);
+        merged.blobs_scanned += found.blobs_scanned;
+        merged.blobs_scanned_in_part += found.blobs_scanned_in_part;
+        merged.dropped += found.dropped;
+        merged.excluded += found.excluded;
+        merged.scratch.bytes_scanned += found.scratch.bytes_scanned;
+        merged.scratch.skipped.extend(found.scratch.skipped);
+        for (key, kept) in found.best {
+            merged.keep(key, kept, cap);
         }
     }
     merged.scratch.skipped.sort_by(|a, b| a.path.cmp(&b.path));
     merged
+}
+
+impl Found {
+    /// Keeps `found` for `key` if it is the first of its key (while there is room under
+    /// `cap`) or of an earlier commit than the one kept; counts it as dropped if there is no
+    /// room.
+    fn keep(&mut self, key: (u32, String, String), found: (Finding, u32, u32), cap: usize) {
+        let room = self.best.len() < cap;
+        match self.best.get_mut(&key) {
+            Some(kept) if kept.1 > found.1 => *kept = found,
+            Some(_) => {}
+            None if room => {
+                self.best.insert(key, found);
+            }
+            None => self.dropped += 1,
+        }
+    }
 }
 
 /// A version scanned, as the versions rebuilt from it need it.
@@ -246,7 +231,7 @@ impl BlobScan<'_> {
             self.path.pop();
         }
         if self.engine.excludes_path(&display) {
-            self.excluded += 1;
+            self.found.excluded += 1;
             return Ok(());
         }
         let content = reached.content;
@@ -272,16 +257,16 @@ impl BlobScan<'_> {
         };
         let (findings, multiline) = match planned {
             Some(plan) => {
-                self.engine.scan_file(&display, &plan.text, &mut self.scratch, self.limits)?;
-                let mut all: Vec<Finding> = self.scratch.findings.drain(..).collect();
+                self.engine.scan_file(&display, &plan.text, &mut self.found.scratch, self.limits)?;
+                let mut all: Vec<Finding> = self.found.scratch.findings.drain(..).collect();
                 all.extend(plan.carried);
                 all.sort_by_key(|f| (f.line, f.column, f.end_line, f.end_column, f.rule_index));
                 self.engine.renumber(&display, &mut all);
-                self.blobs_scanned_in_part += 1;
+                self.found.blobs_scanned_in_part += 1;
                 (all, Some((plan.occurrences, plan.clusters)))
             }
             None => {
-                self.engine.scan_file(&display, content, &mut self.scratch, self.limits)?;
+                self.engine.scan_file(&display, content, &mut self.found.scratch, self.limits)?;
                 let multiline = match delta_scan {
                     true => self.multiline.occurrences(content).map(|o| {
                         let clusters = incremental::MultilineKeywords::clusters(content, &o);
@@ -289,25 +274,17 @@ impl BlobScan<'_> {
                     }),
                     false => None,
                 };
-                (self.scratch.findings.drain(..).collect(), multiline)
+                (self.found.scratch.findings.drain(..).collect(), multiline)
             }
         };
-        self.blobs_scanned += 1;
+        self.found.blobs_scanned += 1;
         let cap = self.limits.max_findings.saturating_mul(PENDING_PER_CAP);
         for f in &findings {
             if at_head {
-                self.at_head_secrets.insert((f.rule_index, f.fingerprint.clone()));
+                self.found.at_head_secrets.insert((f.rule_index, f.fingerprint.clone()));
             }
             let key = (f.rule_index, f.fingerprint.clone(), f.path.clone());
-            let room = self.best.len() < cap;
-            match self.best.get_mut(&key) {
-                Some(kept) if kept.1 > rank => *kept = (f.clone(), rank, slot),
-                Some(_) => {}
-                None if room => {
-                    self.best.insert(key, (f.clone(), rank, slot));
-                }
-                None => self.dropped += 1,
-            }
+            self.found.keep(key, (f.clone(), rank, slot), cap);
         }
         self.path.push(Scanned { idx: reached.idx, display, findings, multiline });
         Ok(())
@@ -382,7 +359,7 @@ fn read<'a>(bytes: &'a [u8], limits: &'a Limits) -> Result<(Read<'a>, Names), St
 pub(crate) fn check_bundle(bytes: &[u8], name: &str, limits: &Limits) -> Result<(), ArtifactError> {
     let checked = read(bytes, limits).and_then(|(r, _)| {
         let needed = r.needed();
-        r.pack.for_each(|k| k == BLOB, &needed, &mut |_| Ok(()))
+        r.pack.for_each_parallel(|k| k == BLOB, &needed, &OneWorker, &mut [()], |_, _| Ok(()))
     });
     checked.map_err(|stop| match stop {
         Stop::History(problem) => ArtifactError::History { entry: String::from(name), problem },
@@ -408,7 +385,7 @@ fn scan(
     let multiline = incremental::MultilineKeywords::new(engine.policy());
     let workers = match needed.iter().filter(|n| **n).count() >= PARALLEL_MIN_BLOBS {
         true => crate::parallel::workers(),
-        false => &crate::parallel::OneWorker,
+        false => &OneWorker,
     };
     let mut forks: Vec<Engine> = (1..workers.count()).map(|_| engine.fork()).collect();
     let mut scans: Vec<BlobScan<'_>> = core::iter::once(engine)
@@ -421,11 +398,8 @@ fn scan(
         let head = at_head[reached.idx as usize];
         scan.blob(reached, display, rank[*slot as usize], *slot, head)
     };
-    match workers.count() {
-        1 => pack.for_each(|k| k == BLOB, &needed, &mut |reached| visit(&mut scans[0], reached))?,
-        _ => pack.for_each_parallel(|k| k == BLOB, &needed, workers, &mut scans, visit)?,
-    }
-    let Merged { best, at_head_secrets, blobs_scanned, blobs_scanned_in_part, dropped, excluded, scratch } =
+    pack.for_each_parallel(|k| k == BLOB, &needed, workers, &mut scans, visit)?;
+    let Found { best, at_head_secrets, blobs_scanned, blobs_scanned_in_part, dropped, excluded, scratch } =
         merge_scans(scans, limits);
     report.bytes_scanned += scratch.bytes_scanned;
     report.findings_dropped += dropped;

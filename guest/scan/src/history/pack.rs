@@ -488,26 +488,11 @@ impl<'a> Pack<'a> {
         Ok(())
     }
 
-    /// Calls `visit(idx, kind, content)` for every resolved object of a type `want` accepts
-    /// and for which `needed` says yes, each once, rebuilding deltas from their bases (and
-    /// only the chains that lead to a needed object).
-    pub(super) fn for_each(
-        &self,
-        want: impl Fn(u8) -> bool,
-        needed: &[bool],
-        visit: &mut VisitFn<'_>,
-    ) -> Result<(), Stop> {
-        let (roots, kids) = self.walks(want, needed);
-        let mut inflater = Inflater::default();
-        for &root in &roots {
-            self.walk(&mut inflater, root, &kids, needed, visit)?;
-        }
-        Ok(())
-    }
-
-    /// [`Pack::for_each`] spread over `workers`, each with its own state in `states` (one per
-    /// worker): the delta trees are shared out whole, so a worker is told of each object of a
-    /// tree it walks in the order [`Pack::for_each`] would, after its base. The first error
+    /// Calls `visit(state, reached)` for every resolved object of a type `want` accepts and
+    /// for which `needed` says yes, each once, rebuilding deltas from their bases (and only the
+    /// chains that lead to a needed object). The delta trees are shared out whole over
+    /// `workers`, each with its own state in `states` (one per worker), so a worker is told of
+    /// each object of a tree it walks in depth-first order, after its base. The first error
     /// stops every worker before its next tree.
     pub(super) fn for_each_parallel<S: Send>(
         &self,
