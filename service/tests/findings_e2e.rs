@@ -525,6 +525,9 @@ async fn a_license_policy_fails_the_gate_on_a_denied_license_and_judges_choices_
         "vendor/util.c",
         b"/* SPDX-License-Identifier: GPL-2.0-only WITH Classpath-exception-2.0 */\n",
     );
+    // A vendored component's licence text, re-wrapped, under another copyright line: found by
+    // the whole text with a match score, and judged by the policy like a tag.
+    write(&repo, "vendor/ext/LICENSE", agpl_text_rewrapped().as_bytes());
     let json = dir.join("run.json");
     let sarif = dir.join("run.sarif");
     let run = |extra: &[&str]| -> (Output, Value) {
@@ -552,7 +555,7 @@ async fn a_license_policy_fails_the_gate_on_a_denied_license_and_judges_choices_
         v.sort();
         v
     };
-    // No policy: three license notes, nothing fails an error gate.
+    // No policy: four license notes, nothing fails an error gate.
     let (o, report) = run(&["--fail-on", "error"]);
     assert_eq!(o.status.code(), Some(0), "{}\n{}", out(&o), err(&o));
     assert!(levels(&report).iter().all(|(_, l)| l == "note"), "{report}");
@@ -565,6 +568,7 @@ async fn a_license_policy_fails_the_gate_on_a_denied_license_and_judges_choices_
         [
             ("src/lib.rs".into(), "note".into()),
             ("vendor/codec.c".into(), "error".into()),
+            ("vendor/ext/LICENSE".into(), "error".into()),
             ("vendor/util.c".into(), "warning".into()),
         ]
     );
@@ -575,7 +579,17 @@ async fn a_license_policy_fails_the_gate_on_a_denied_license_and_judges_choices_
         .iter()
         .map(|r| (r["level"].as_str().unwrap(), r["properties"]["licensePolicy"].as_str().unwrap()))
         .collect();
-    assert_eq!(verdicts.iter().filter(|v| **v == ("error", "denied")).count(), 1, "{verdicts:?}");
+    assert_eq!(verdicts.iter().filter(|v| **v == ("error", "denied")).count(), 2, "{verdicts:?}");
+    let text = log["runs"][0]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["ruleId"] == "license-text")
+        .unwrap_or_else(|| panic!("no license-text result: {log}"));
+    let score = text["properties"]["licenseScore"].as_u64().unwrap();
+    assert!((90..=100).contains(&score), "{text}");
+    let message = text["message"]["text"].as_str().unwrap();
+    assert!(message.contains("license AGPL-3.0 (") && message.contains("% match)"), "{message}");
     assert_eq!(verdicts.iter().filter(|v| **v == ("warning", "flagged")).count(), 1, "{verdicts:?}");
     // The job keeps its policy.
     let job = report["job"].as_str().unwrap();
@@ -627,4 +641,25 @@ async fn a_license_policy_fails_the_gate_on_a_denied_license_and_judges_choices_
     assert_eq!(changes[1]["after"], serde_json::json!({"deny": [], "flag": []}));
     let refused = cella(&data, Some(&key), &["pack", "license-policy", "set", "--deny", "MIT OR GPL"]);
     assert_eq!(refused.status.code(), Some(2), "{}", err(&refused));
+}
+
+/// The AGPL-3.0 text shipped with the scanner, re-wrapped at 66 columns under a copyright line
+/// of its own.
+fn agpl_text_rewrapped() -> String {
+    let (_, text, _) = cella_scan::license_text::shipped()
+        .into_iter()
+        .find(|(id, _, _)| *id == "AGPL-3.0-only")
+        .expect("AGPL-3.0-only is shipped");
+    let mut out = String::from("Copyright (C) 2030 Vendored Codec Authors\n\n");
+    let mut column = 0;
+    for word in String::from_utf8_lossy(text).split_whitespace() {
+        if column + word.len() > 66 {
+            out.push('\n');
+            column = 0;
+        }
+        out.push_str(word);
+        out.push(' ');
+        column += word.len() + 1;
+    }
+    out
 }

@@ -298,6 +298,38 @@ struct Hit {
     secret: (usize, usize),
     /// The whole match: its first and last lines are where inline markers count.
     whole: (usize, usize),
+    /// For a licence text: its group and match score ([`crate::license_text`]).
+    license: Option<(u16, u8)>,
+}
+
+/// A `license_texts` rule ([`crate::license_text`]): its trigger words and its matcher.
+struct LicenseTexts {
+    rule: u32,
+    /// The rule's keywords (ASCII case-insensitive).
+    triggers: AhoCorasick,
+    matcher: crate::license_text::Matcher,
+    found: Vec<crate::license_text::LicenseMatch>,
+}
+
+impl LicenseTexts {
+    fn new(rule: u32, keywords: &[String]) -> Result<Self, EngineError> {
+        let triggers = AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .match_kind(MatchKind::Standard)
+            .kind(Some(AhoCorasickKind::DFA))
+            .build(keywords)
+            .map_err(|e| EngineError::Keywords(alloc::format!("{e}")))?;
+        Ok(LicenseTexts { rule, triggers, matcher: Default::default(), found: Vec::new() })
+    }
+
+    fn fork(&self) -> Self {
+        LicenseTexts {
+            rule: self.rule,
+            triggers: self.triggers.clone(),
+            matcher: Default::default(),
+            found: Vec::new(),
+        }
+    }
 }
 
 /// What the positions of a chunk's hits refer to.
@@ -357,6 +389,8 @@ pub struct Engine {
     /// A binary file's printable strings and where they come from (kept between files).
     strings: Vec<u8>,
     runs: Vec<Run>,
+    /// The `license_texts` rules.
+    license_texts: Vec<LicenseTexts>,
 }
 
 /// Where one finding's secret lies in a file (byte offsets, `start..end`).
@@ -400,12 +434,16 @@ impl Engine {
         let mut always = Vec::new();
         let mut rules = Vec::with_capacity(policy.rules.len());
         let mut path_sets: Vec<PathSet> = Vec::new();
+        let mut license_texts = Vec::new();
         for (i, rule) in policy.rules.iter().enumerate() {
             let i = i as u32;
-            if rule.keywords.is_empty() {
+            if rule.license_texts {
+                // No regex: the licence matcher runs where its trigger words open windows.
+                license_texts.push(LicenseTexts::new(i, &rule.keywords)?);
+            } else if rule.keywords.is_empty() {
                 always.push(i);
             }
-            for kw in &rule.keywords {
+            for kw in rule.keywords.iter().filter(|_| !rule.license_texts) {
                 let kw = kw.as_bytes().to_ascii_lowercase();
                 match keyword_index.get(&kw) {
                     Some(&p) => keyword_rules[p].push(i),
@@ -493,6 +531,7 @@ impl Engine {
             line_hashes: BTreeMap::new(),
             strings: Vec::new(),
             runs: Vec::new(),
+            license_texts,
         })
     }
 
@@ -545,6 +584,7 @@ impl Engine {
             line_hashes: BTreeMap::new(),
             strings: Vec::new(),
             runs: Vec::new(),
+            license_texts: self.license_texts.iter().map(LicenseTexts::fork).collect(),
         }
     }
 
@@ -564,6 +604,9 @@ impl Engine {
             for i in 0..self.rules.len() {
                 self.ensure_compiled(i)?;
             }
+        }
+        if !self.license_texts.is_empty() {
+            crate::license_text::warm();
         }
         self.ensure_filter()
     }
@@ -637,6 +680,9 @@ impl Engine {
 
     fn ensure_compiled(&mut self, i: usize) -> Result<(), EngineError> {
         let rule = &self.policy.rules[i];
+        if rule.license_texts {
+            return Ok(());
+        }
         let st = &mut self.rules[i];
         if st.regex.is_none() {
             st.regex = Some(alloc::boxed::Box::new(Compiled::new(rule, &rule.regex, "regex")?));
@@ -786,7 +832,7 @@ impl Engine {
     fn filter_keywords(&self) -> Vec<Vec<u8>> {
         let mut kws: Vec<Vec<u8>> = Vec::new();
         let beyond = self.single_line_keyword_rules().skip(FILTER_REGEXES);
-        for r in self.policy.rules.iter().filter(|r| r.multiline).chain(beyond) {
+        for r in self.policy.rules.iter().filter(|r| r.multiline && !r.license_texts).chain(beyond) {
             for k in &r.keywords {
                 let k = k.as_bytes().to_ascii_lowercase();
                 if !kws.contains(&k) {
@@ -895,6 +941,7 @@ impl Engine {
                 }
             };
             self.scan_chunk(&buf[..len], commit)?;
+            self.find_license_texts(&buf[..len], commit);
             self.emit(path, &buf[..len], Raw::Text, (base, line, col0), report, limits.max_findings);
             report.bytes_scanned += commit as u64;
             if eof {
@@ -1061,6 +1108,30 @@ impl Engine {
         Ok(())
     }
 
+    /// The `license_texts` rules over a chunk: their matches in the windows their trigger
+    /// words open, for windows starting before `commit`.
+    fn find_license_texts(&mut self, buf: &[u8], commit: usize) {
+        for lt in &mut self.license_texts {
+            if self.rules[lt.rule as usize].disabled {
+                continue;
+            }
+            let occurrences = lt.triggers.find_iter(buf).map(|m| m.start());
+            let windows = crate::license_text::windows(buf, occurrences);
+            lt.found.clear();
+            for w in windows.into_iter().take_while(|w| w.start < commit) {
+                lt.matcher.find(buf, w, &mut lt.found);
+            }
+            for m in &lt.found {
+                self.hits.push(Hit {
+                    rule: lt.rule,
+                    secret: (m.start, m.end),
+                    whole: (m.start, m.end),
+                    license: Some((m.group, m.score)),
+                });
+            }
+        }
+    }
+
     /// Steps 2 and 3 on one candidate line: keyword rules where their keywords occur,
     /// keyword-less rules if their filter matches the line.
     fn candidate_line(
@@ -1161,13 +1232,15 @@ impl Engine {
                     && rule.validator.is_none_or(|v| check(v, secret_bytes, &buf[..s], after))
                     && !st.stopwords.iter().any(|w| contains_ascii_ci(secret_bytes, w))
                     && !(rule.generic
+                        && rule.category == Category::Secret
                         && (crate::placeholder::is_placeholder(secret_bytes)
                             || crate::placeholder::at_documentation_host(after)))
                     && !(rule.category == Category::Secret && crate::placeholder::is_filler(secret_bytes))
                     && !st.allow.as_mut().is_some_and(|a| a.iter_mut().any(|a| a.is_match(secret_bytes)));
                 if ok {
                     st.last_end = m.end();
-                    self.hits.push(Hit { rule: r as u32, secret: (s, e), whole: (m.start(), m.end()) });
+                    let whole = (m.start(), m.end());
+                    self.hits.push(Hit { rule: r as u32, secret: (s, e), whole, license: None });
                 }
             }
             if next > region.end {
@@ -1250,6 +1323,9 @@ impl Engine {
                 None => None,
             };
             let redacted = match (&rule.category, &rule.spdx) {
+                _ if h.license.is_some() => {
+                    String::from(crate::license_text::reported(h.license.map_or(0, |l| l.0)))
+                }
                 (Category::License, Some(id)) => id.clone(),
                 (Category::License, None) => String::from_utf8_lossy(secret).into_owned(),
                 _ => redact(secret),
@@ -1266,6 +1342,7 @@ impl Engine {
                 rule_index: h.rule,
                 severity,
                 license_verdict,
+                license_score: h.license.map(|l| l.1),
                 history: None,
                 image: None,
                 rule_id: rule.id.clone(),
@@ -1287,7 +1364,12 @@ impl Engine {
                 suppression,
                 confidence: match rule.confidence() {
                     c if in_test_fixture(path) => c.lowered(),
-                    _ if rule.generic && crate::placeholder::is_uuid(secret) => Confidence::Low,
+                    _ if rule.generic
+                        && rule.category == Category::Secret
+                        && crate::placeholder::is_uuid(secret) =>
+                    {
+                        Confidence::Low
+                    }
                     c => c,
                 },
             };
@@ -1305,19 +1387,27 @@ impl Engine {
         if !self.hits.iter().any(generic) || self.hits.iter().all(generic) {
             return;
         }
-        // Specific secrets by start, each with the furthest end of those up to it.
-        let mut reach: Vec<(usize, usize)> = Vec::new();
-        for h in self.hits.iter().filter(|h| !generic(h)) {
-            let end = reach.last().map_or(h.secret.1, |&(_, e)| e.max(h.secret.1));
-            reach.push((h.secret.0, end));
-        }
-        self.hits.retain(|h| {
-            if !generic(h) {
-                return true;
+        // Licenses apart from secrets and personal data (a license text spans a file's whole
+        // header; a generic secret in it still stands): specific findings by start, each with
+        // the furthest end of those up to it.
+        for license in [false, true] {
+            let of = |h: &Hit| (rules[h.rule as usize].category == Category::License) == license;
+            let mut reach: Vec<(usize, usize)> = Vec::new();
+            for h in self.hits.iter().filter(|h| of(h) && !generic(h)) {
+                let end = reach.last().map_or(h.secret.1, |&(_, e)| e.max(h.secret.1));
+                reach.push((h.secret.0, end));
             }
-            let before = reach.partition_point(|&(start, _)| start < h.secret.1);
-            before == 0 || reach[before - 1].1 <= h.secret.0
-        });
+            if reach.is_empty() {
+                continue;
+            }
+            self.hits.retain(|h| {
+                if !generic(h) || !of(h) {
+                    return true;
+                }
+                let before = reach.partition_point(|&(start, _)| start < h.secret.1);
+                before == 0 || reach[before - 1].1 <= h.secret.0
+            });
+        }
     }
 }
 
@@ -1389,18 +1479,10 @@ fn code_points(b: &[u8]) -> u64 {
 /// exists, the rule regex cannot match the empty string, and fields agree with the category.
 /// Returns a description of the first problem.
 pub fn check_rule(rule: &Rule) -> Result<(), String> {
-    let re =
-        build_regexes(&[rule.regex.as_str()]).map_err(|m| alloc::format!("regex does not compile: {m}"))?;
-    let groups = re.group_info().group_len(regex_automata::PatternID::ZERO);
-    if rule.secret_group as usize >= groups {
-        return Err(alloc::format!(
-            "secret_group {} does not exist (the regex has {} capture group(s))",
-            rule.secret_group,
-            groups - 1
-        ));
-    }
-    if re.is_match(Input::new(b"")) {
-        return Err(String::from("regex matches the empty string"));
+    if rule.license_texts {
+        check_license_texts_rule(rule)?;
+    } else {
+        check_regex(rule)?;
     }
     for p in &rule.allowlist.regexes {
         build_regexes(&[p.as_str()])
@@ -1414,8 +1496,15 @@ pub fn check_rule(rule: &Rule) -> Result<(), String> {
         if k.len() < 2 {
             return Err(alloc::format!("keyword `{k}` is shorter than 2 bytes"));
         }
-        if !k.is_ascii() {
+        // A license_texts rule's trigger words may be in any script (`ライセンス`).
+        if !k.is_ascii() && !rule.license_texts {
             return Err(alloc::format!("keyword `{k}` is not ASCII"));
+        }
+        if k.bytes().any(|b| b.is_ascii_control()) {
+            return Err(alloc::format!(
+                "keyword `{}` holds a control character (a keyword is found within a line)",
+                k.escape_debug()
+            ));
         }
     }
     for w in &rule.allowlist.stopwords {
@@ -1443,6 +1532,49 @@ pub fn check_rule(rule: &Rule) -> Result<(), String> {
         return Err(String::from("help is empty"));
     }
     Ok(())
+}
+
+/// A regex rule's regex: compiles, has its secret group, does not match the empty string.
+fn check_regex(rule: &Rule) -> Result<(), String> {
+    let re =
+        build_regexes(&[rule.regex.as_str()]).map_err(|m| alloc::format!("regex does not compile: {m}"))?;
+    let groups = re.group_info().group_len(regex_automata::PatternID::ZERO);
+    if rule.secret_group as usize >= groups {
+        return Err(alloc::format!(
+            "secret_group {} does not exist (the regex has {} capture group(s))",
+            rule.secret_group,
+            groups - 1
+        ));
+    }
+    if re.is_match(Input::new(b"")) {
+        return Err(String::from("regex matches the empty string"));
+    }
+    Ok(())
+}
+
+/// A `license_texts` rule: a multi-line license rule with trigger words, and nothing that only
+/// a regex rule uses.
+fn check_license_texts_rule(rule: &Rule) -> Result<(), String> {
+    let problem = if rule.category != Category::License {
+        "license_texts is only meaningful for category = \"license\""
+    } else if !rule.regex.is_empty() {
+        "a license_texts rule has no regex (it matches the SPDX License List's texts)"
+    } else if !rule.multiline {
+        "a license_texts rule must be multiline (its trigger words open windows, as a multi-line rule's keywords do)"
+    } else if rule.keywords.is_empty() {
+        "a license_texts rule needs keywords: the trigger words that open the windows it searches"
+    } else if rule.secret_group != 0
+        || rule.entropy.is_some()
+        || rule.validator.is_some()
+        || rule.spdx.is_some()
+    {
+        "a license_texts rule takes no secret_group, entropy, validator or spdx (it reports each text's own identifier)"
+    } else if !rule.allowlist.regexes.is_empty() || !rule.allowlist.stopwords.is_empty() {
+        "a license_texts rule takes allowlist paths only"
+    } else {
+        return Ok(());
+    };
+    Err(String::from(problem))
 }
 
 #[cfg(test)]

@@ -57,6 +57,9 @@ pub struct Finding {
     /// What the job's license policy made of a license finding, if the job has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub license_verdict: Option<crate::spdx::Verdict>,
+    /// For a licence text found by normalised matching: how much of it matched, per cent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub license_score: Option<u8>,
     /// The commit that introduced it, when the artifact held the repository's history.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<alloc::boxed::Box<crate::history::Origin>>,

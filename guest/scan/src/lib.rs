@@ -35,6 +35,7 @@ mod finding;
 mod glob;
 mod history;
 pub mod index;
+pub mod license_text;
 pub mod parallel;
 pub mod placeholder;
 mod rule;

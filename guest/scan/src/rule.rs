@@ -298,15 +298,23 @@ pub struct Rule {
     /// redacted secret). Unused for other categories.
     #[serde(default)]
     pub spdx: Option<String>,
-    /// A catch-all (a secret-looking name assigned a high-entropy value, a password in a URL):
-    /// where it and a specific rule find overlapping secrets, the specific rule's finding is the
-    /// one reported, wherever the two stand in the policy.
+    /// A catch-all (a secret-looking name assigned a high-entropy value, a password in a URL; a
+    /// license text's opening lines): where it and a specific rule of its category find
+    /// overlapping secrets, the specific rule's finding is the one reported, wherever the two
+    /// stand in the policy.
     #[serde(default)]
     pub generic: bool,
     /// How sure its findings are ([`Rule::confidence`] when unset); a finding in a test fixture
     /// is one step less sure. Left out of the serialized policy when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confidence: Option<Confidence>,
+    /// Finds the licence texts of the SPDX License List by normalised matching
+    /// ([`crate::license_text`]) instead of a regex (`regex` is then empty): a `license`,
+    /// `multiline` rule whose keywords are the trigger words that open the windows searched.
+    /// Each finding reports the text's SPDX identifier and a match score. Left out of the
+    /// serialized policy when unset.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub license_texts: bool,
 }
 
 impl Rule {
@@ -366,3 +374,8 @@ impl Rule {
 /// How far past its keyword's line a `multiline` rule's regex may look, in bytes. Also the
 /// longest match the streaming scanner guarantees to see whole.
 pub const MULTILINE_WINDOW: usize = 8 * 1024;
+
+/// How many lines before its trigger's line a licence-text window starts: a short text's first
+/// lines may hold no trigger word. Lines, not bytes: a history scan empties the lines it
+/// carries over, and its multi-line clusters start as far back.
+pub const WINDOW_LOOKBACK_LINES: usize = 4;

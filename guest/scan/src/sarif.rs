@@ -128,7 +128,10 @@ fn help_markdown(rule: &Rule) -> String {
 
 fn message(rule: &Rule, f: &Finding) -> String {
     let mut text = match rule.category {
-        Category::License => alloc::format!("{}: license {}", rule.description, f.redacted),
+        Category::License => match f.license_score {
+            Some(score) => alloc::format!("{}: license {} ({score}% match)", rule.description, f.redacted),
+            None => alloc::format!("{}: license {}", rule.description, f.redacted),
+        },
         _ => alloc::format!("{}: {}", rule.description, f.redacted),
     };
     if let Some(i) = &f.image {
@@ -263,6 +266,9 @@ pub fn to_value(policy: &Policy, report: &Report, details: &RunDetails) -> Value
             if let Some(verdict) = f.license_verdict {
                 result["properties"]["licensePolicy"] = json!(verdict.as_str());
             }
+            if let Some(score) = f.license_score {
+                result["properties"]["licenseScore"] = json!(score);
+            }
             if let Some(i) = &f.image {
                 result["properties"]["image"] = serde_json::to_value(image_props(i)).unwrap_or_default();
             }
@@ -396,6 +402,7 @@ pub fn to_json(policy: &Policy, report: &Report, details: &RunDetails) -> String
                     }),
                     image: f.image.as_deref().map(image_props),
                     license_policy: f.license_verdict.map(|v| v.as_str()),
+                    license_score: f.license_score,
                 },
                 rank: f.confidence.sarif_rank(),
                 rule_id: &f.rule_id,
@@ -595,6 +602,8 @@ mod direct {
         pub image: Option<super::ImageProps<'a>>,
         #[serde(rename = "licensePolicy", skip_serializing_if = "Option::is_none")]
         pub license_policy: Option<&'a str>,
+        #[serde(rename = "licenseScore", skip_serializing_if = "Option::is_none")]
+        pub license_score: Option<u8>,
     }
 
     #[derive(Serialize)]

@@ -40,6 +40,8 @@ struct AllowlistToml {
 struct RuleToml {
     id: String,
     description: String,
+    /// Empty for a `license_texts` rule.
+    #[serde(default)]
     regex: String,
     #[serde(default)]
     secret_group: u32,
@@ -58,6 +60,8 @@ struct RuleToml {
     #[serde(default)]
     generic: bool,
     confidence: Option<Confidence>,
+    #[serde(default)]
+    license_texts: bool,
     /// Text the rule must find (each scanned as a file of its own, with this rule alone).
     #[serde(default)]
     examples: Vec<String>,
@@ -136,6 +140,7 @@ pub(super) fn parse(source: &str, text: &str, check: Check) -> Result<Pack, Poli
             spdx: r.spdx,
             generic: r.generic,
             confidence: r.confidence,
+            license_texts: r.license_texts,
         };
         let rule_examples = Examples { positive: r.examples, negative: r.negative_examples };
         if check == Check::Full {

@@ -21,7 +21,7 @@ use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 
 use super::delta::Piece;
 use crate::finding::Finding;
-use crate::rule::{Policy, MULTILINE_WINDOW};
+use crate::rule::{Policy, MULTILINE_WINDOW, WINDOW_LOOKBACK_LINES};
 
 /// The keywords of a policy's multi-line rules (ASCII case-insensitive); `None` when one
 /// of them has none (it runs over all text: nothing is carried over).
@@ -101,9 +101,9 @@ impl MultilineKeywords {
     }
 
     /// The line ranges (inclusive, 0-based) that multi-line rules may look at together in
-    /// `text`, whose keywords occur at `occurrences`: each keyword's line to
-    /// [`MULTILINE_WINDOW`] bytes on, overlapping ones joined (a rule run over one window
-    /// decides where the next begins).
+    /// `text`, whose keywords occur at `occurrences`: from [`WINDOW_LOOKBACK_LINES`] lines before
+    /// each keyword's line to [`MULTILINE_WINDOW`] bytes on, overlapping ones joined (a
+    /// rule run over one window decides where the next begins).
     pub(super) fn clusters(text: &[u8], occurrences: &[(usize, usize)]) -> Vec<(usize, usize)> {
         Self::clusters_in(text, &line_starts(text), occurrences)
     }
@@ -113,8 +113,10 @@ impl MultilineKeywords {
         let line_end = |i: usize| starts.get(i + 1).copied().unwrap_or(text.len());
         let mut out: Vec<(usize, usize)> = Vec::new();
         for &(start, _) in occurrences {
-            let first = line_of(start);
-            let (ls, le) = (starts[first], line_end(first));
+            let line = line_of(start);
+            let (ls, le) = (starts[line], line_end(line));
+            // Licence-text windows start this far back (`license_text::windows`).
+            let first = line.saturating_sub(WINDOW_LOOKBACK_LINES);
             let end = le.max((ls + MULTILINE_WINDOW).min(text.len()));
             let last = line_of(end.saturating_sub(1).max(ls));
             match out.last_mut() {
@@ -276,6 +278,7 @@ mod tests {
             confidence: Confidence::High,
             severity: Severity::Error,
             license_verdict: None,
+            license_score: None,
             history: None,
             image: None,
         }
@@ -308,22 +311,22 @@ mod tests {
 
     #[test]
     fn a_multiline_window_over_a_change_is_kept_whole() {
-        let base = b"a\nbegin key\nbody1\nbody2\nend\nz\n";
-        let text = b"a\nbegin key\nbody1\nBODY2\nend\nz\n";
+        let base = b"a\nb\nc\nd\ne\nbegin key\nbody1\nbody2\nend\nz\n";
+        let text = b"a\nb\nc\nd\ne\nbegin key\nbody1\nBODY2\nend\nz\n";
         let pieces = [
-            Piece::Copy { dst: 0, src: 0, len: 18 },
-            Piece::Insert { dst: 18, len: 6 },
-            Piece::Copy { dst: 24, src: 24, len: 6 },
+            Piece::Copy { dst: 0, src: 0, len: 26 },
+            Piece::Insert { dst: 26, len: 6 },
+            Piece::Copy { dst: 32, src: 32, len: 6 },
         ];
         let kw = keywords(&["begin key"]);
         let occurrences = kw.occurrences(base).unwrap();
         let clusters = MultilineKeywords::clusters(base, &occurrences);
-        let findings = [finding(2, 5), finding(1, 1)];
+        let findings = [finding(6, 9), finding(1, 1)];
         let b = Base { content: base, findings: &findings, occurrences: &occurrences, clusters: &clusters };
         let plan = plan(&b, text, &pieces, &kw).unwrap();
-        // The window runs from the keyword's line to the end (8 KiB): all of it kept; line 1 is
-        // carried.
-        assert_eq!(plan.text, b"\nbegin key\nbody1\nBODY2\nend\nz\n");
+        // The cluster runs from four lines before the keyword's line (a licence text's window
+        // looks back as far) to the end (8 KiB): all of it kept; line 1 is carried.
+        assert_eq!(plan.text, b"\nb\nc\nd\ne\nbegin key\nbody1\nBODY2\nend\nz\n");
         assert_eq!(plan.carried.iter().map(|f| f.line).collect::<Vec<_>>(), [1]);
     }
 }

@@ -27,6 +27,7 @@ pub fn rule(id: &str, regex: &str, group: u32, keywords: &[&str], category: Cate
         spdx: None,
         generic: false,
         confidence: None,
+        license_texts: false,
     }
 }
 

@@ -1,0 +1,318 @@
+//! Finding licence texts in a region of a file: the region's shingles are looked up among the
+//! anchors ([`super::catalog`]). Wherever a group's anchors gather (at least two of them, or
+//! one for a text too short to have two, no further apart than its text is long), that part
+//! of the region is compared with the group's text: the stretch of it densest in the text's
+//! shingles (at most half again as long as the text) is the match, and its score the share of
+//! shingles the two have in common, of the larger of the two sets. Matches are taken best
+//! first (most shingles in common less those either side has alone: of the BSD 2- and 3-clause
+//! texts, the 3-clause one is the better match for a 3-clause file, whose third clause the
+//! 2-clause match would have to hold as extra words), without overlaps; a file of many texts
+//! gives each its own match.
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use super::catalog::{catalog, texts};
+use super::tokens::{shingles, tokenize, Token};
+
+/// The least score (per cent) a match is reported with.
+pub const MIN_SCORE: u8 = 80;
+/// Shingles compared, at most, per shingle of a region, beyond [`WORK_FREE`]: candidates are
+/// compared best first (the largest share of their anchors there, then the longest texts)
+/// until this is spent. A notices file of many texts compares each with a few dozen
+/// look-alikes; a hostile file holding every licence's anchors cannot make it compare more.
+const WORK_PER_SHINGLE: usize = 128;
+/// Shingles any region may compare (a source file's header with a short licence compares it
+/// with all its look-alikes).
+const WORK_FREE: usize = 1 << 20;
+/// Shingle sets kept between regions (a scan meets the same few licences again and again).
+const CACHED: usize = 32;
+
+/// A licence text found: where, which group of texts, how alike (per cent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LicenseMatch {
+    pub start: usize,
+    pub end: usize,
+    pub group: u16,
+    pub score: u8,
+}
+
+/// A group's text as shingles: each distinct one with where it occurs in the text (if only
+/// once), sorted, and how many the text has in a row.
+struct Known {
+    group: u16,
+    distinct: Vec<(u64, Option<u32>)>,
+    len: usize,
+}
+
+impl Known {
+    /// Whether the text has shingle `s`, and where if only once.
+    fn position(&self, s: u64) -> Option<Option<u32>> {
+        self.distinct.binary_search_by_key(&s, |d| d.0).ok().map(|i| self.distinct[i].1)
+    }
+}
+
+/// How far back in the text (in shingles) a shingle found may lie before the text is taken to
+/// start again (a second copy follows), once [`RESTART_CONFIRMED`] shingles in a row say so.
+const RESTART: u32 = 64;
+const RESTART_CONFIRMED: usize = 4;
+
+/// Where a group's anchors gather in a region: a candidate occurrence of its text.
+#[derive(Clone, Copy)]
+struct Candidate {
+    group: u16,
+    /// Shingle positions of its first and last anchor there.
+    from: usize,
+    to: usize,
+    /// Distinct anchors there, per mille of the group's.
+    share: usize,
+    /// The length of the group's text, in shingles.
+    len: usize,
+}
+
+/// A candidate compared: `first..=last` are shingle positions in the region.
+struct Compared {
+    key: i64,
+    score: u8,
+    first: usize,
+    last: usize,
+    group: u16,
+}
+
+/// Finds licence texts; holds its buffers and a cache of compared texts.
+#[derive(Default)]
+pub(crate) struct Matcher {
+    tokens: Vec<Token>,
+    shingles: Vec<u64>,
+    /// Anchors found: (group, shingle position, anchor).
+    hits: Vec<(u16, u32, u64)>,
+    candidates: Vec<Candidate>,
+    /// Running sums, a queue of stretch starts and where the text restarts, for
+    /// [`Matcher::compare`].
+    sums: Vec<i64>,
+    starts: Vec<usize>,
+    restarts: Vec<usize>,
+    window: Vec<u64>,
+    compared: Vec<Compared>,
+    known: Vec<Known>,
+}
+
+/// How far apart (in shingles) the parts of a text of `len` shingles may lie in a region.
+fn reach(len: usize) -> usize {
+    len + len / 2 + 16
+}
+
+impl Matcher {
+    /// Appends the licence texts in `text[region]` to `out`, in text order.
+    pub fn find(&mut self, text: &[u8], region: Range<usize>, out: &mut Vec<LicenseMatch>) {
+        self.tokens.clear();
+        tokenize(&text[region.clone()], region.start, &mut self.tokens);
+        if self.tokens.len() < 3 {
+            return;
+        }
+        shingles(&self.tokens, &mut self.shingles);
+        self.find_candidates();
+        let mut budget = WORK_FREE + WORK_PER_SHINGLE * self.shingles.len();
+        self.compared.clear();
+        // Exact matches so far: (first, last, text length). A text no longer than one of them,
+        // whose anchors lie within it, cannot be the better match there.
+        let mut exact: Vec<(usize, usize, usize)> = Vec::new();
+        for i in 0..self.candidates.len() {
+            let c = self.candidates[i];
+            if exact.iter().any(|&(f, l, len)| f <= c.from && c.to <= l && c.len <= len) {
+                continue;
+            }
+            let Some(k) = self.known(c.group) else { continue };
+            // The first and last anchors lie within the first and last sixteenth of the text.
+            let margin = self.known[k].len / 8 + 32;
+            let range = c.from.saturating_sub(margin)..(c.to + margin + 1).min(self.shingles.len());
+            if range.len() > budget {
+                break;
+            }
+            budget -= range.len();
+            if let Some(compared) = self.compare(k, range) {
+                if compared.score == 100 {
+                    exact.push((compared.first, compared.last, c.len));
+                }
+                self.compared.push(compared);
+            }
+        }
+        self.compared.sort_unstable_by(|a, b| {
+            b.key.cmp(&a.key).then(a.group.cmp(&b.group)).then(a.first.cmp(&b.first))
+        });
+        let first_new = out.len();
+        let mut taken: Vec<(usize, usize)> = Vec::new();
+        for c in &self.compared {
+            if c.score < MIN_SCORE || taken.iter().any(|&(f, l)| c.first <= l && f <= c.last) {
+                continue;
+            }
+            taken.push((c.first, c.last));
+            out.push(LicenseMatch {
+                start: self.tokens[c.first].start as usize,
+                end: self.tokens[c.last + 2].end as usize,
+                group: c.group,
+                score: c.score,
+            });
+        }
+        out[first_new..].sort_unstable_by_key(|m| (m.start, m.end));
+    }
+
+    /// The region's candidates: for each group, each stretch where its anchors lie no further
+    /// apart than its text is long and hold at least two of them (one, for a text too short to
+    /// have two); best first (see [`WORK_PER_SHINGLE`]).
+    fn find_candidates(&mut self) {
+        let catalog = catalog();
+        self.hits.clear();
+        for (i, &s) in self.shingles.iter().enumerate() {
+            self.hits.extend(catalog.anchored(s).iter().map(|&(h, g)| (g, i as u32, h)));
+        }
+        self.hits.sort_unstable();
+        self.candidates.clear();
+        let mut anchors: Vec<u64> = Vec::new();
+        for run in self.hits.chunk_by(|a, b| a.0 == b.0) {
+            let group = &catalog.groups[run[0].0 as usize];
+            let reach = reach(group.len as usize);
+            for piece in run.chunk_by(|a, b| (b.1 - a.1) as usize <= reach) {
+                anchors.clear();
+                anchors.extend(piece.iter().map(|h| h.2));
+                anchors.sort_unstable();
+                anchors.dedup();
+                if anchors.len() >= (group.anchors as usize).min(2) {
+                    self.candidates.push(Candidate {
+                        group: run[0].0,
+                        from: piece[0].1 as usize,
+                        to: piece[piece.len() - 1].1 as usize,
+                        share: anchors.len() * 1000 / (group.anchors as usize).max(1),
+                        len: group.len as usize,
+                    });
+                }
+            }
+        }
+        self.candidates.sort_unstable_by(|a, b| {
+            (b.share, b.len).cmp(&(a.share, a.len)).then(a.group.cmp(&b.group)).then(a.from.cmp(&b.from))
+        });
+    }
+
+    /// The score of group `group` in `text` as one region.
+    pub fn compare_whole(&mut self, text: &[u8], group: u16) -> Option<u8> {
+        self.tokens.clear();
+        tokenize(text, 0, &mut self.tokens);
+        shingles(&self.tokens, &mut self.shingles);
+        let k = self.known(group)?;
+        self.compare(k, 0..self.shingles.len()).map(|c| c.score)
+    }
+
+    /// Compares the text of `self.known[k]` with the region's shingles at `range`: the
+    /// densest stretch of them that the text has, at most [`reach`] long, is the match.
+    fn compare(&mut self, k: usize, range: Range<usize>) -> Option<Compared> {
+        let known = &self.known[k];
+        let start = range.start;
+        // Running sums of +2 for a shingle the text has, -1 for one it has not (what each adds
+        // to a match's key): the match is the stretch of the highest sum, at most `reach` long,
+        // that does not cross a point where the text starts again (so it neither runs on into
+        // a neighbouring text nor joins two copies of this one).
+        self.sums.clear();
+        self.sums.push(0);
+        self.restarts.clear();
+        // The text position reached (by a shingle that follows the one before it in the text),
+        // and a restart seen but not yet confirmed: (where, shingles in a row that agree).
+        let (mut sum, mut reached, mut prev) = (0i64, 0u32, None::<u32>);
+        let mut pending = None::<(usize, usize)>;
+        for (i, &s) in self.shingles[range].iter().enumerate() {
+            let Some(at) = known.position(s) else {
+                sum -= 1;
+                self.sums.push(sum);
+                continue;
+            };
+            sum += 2;
+            self.sums.push(sum);
+            let Some(p) = at else { continue }; // a shingle the text repeats says nothing
+            let follows = prev.is_some_and(|q| p > q && p - q <= RESTART);
+            prev = Some(p);
+            pending = match pending {
+                Some((from, n)) if p + RESTART < reached && follows => {
+                    if n + 1 >= RESTART_CONFIRMED {
+                        self.restarts.push(from);
+                        reached = p;
+                        None
+                    } else {
+                        Some((from, n + 1))
+                    }
+                }
+                _ if p + RESTART < reached => Some((i, 1)),
+                _ => {
+                    if follows {
+                        reached = reached.max(p);
+                    }
+                    None
+                }
+            };
+        }
+        self.restarts.push(usize::MAX);
+        let reach = reach(known.len);
+        // Candidate starts by increasing running sum (a monotonic queue of their indexes).
+        self.starts.clear();
+        let (mut head, mut best, mut next_restart) = (0usize, (0i64, 0usize, 0usize), 0usize);
+        for end in 1..self.sums.len() {
+            let a = end - 1;
+            if a == self.restarts[next_restart] {
+                // No stretch starts before a restart and ends after it.
+                head = self.starts.len();
+                next_restart += 1;
+            }
+            while self.starts.len() > head && self.sums[self.starts[self.starts.len() - 1]] >= self.sums[a] {
+                self.starts.pop();
+            }
+            self.starts.push(a);
+            while end - self.starts[head] > reach {
+                head += 1;
+            }
+            let gain = self.sums[end] - self.sums[self.starts[head]];
+            if gain > best.0 {
+                best = (gain, self.starts[head], end);
+            }
+        }
+        if best.0 <= 0 {
+            return None;
+        }
+        let (first, last) = (start + best.1, start + best.2 - 1);
+        self.window.clear();
+        self.window.extend_from_slice(&self.shingles[first..=last]);
+        self.window.sort_unstable();
+        self.window.dedup();
+        let common = self.window.iter().filter(|&&s| known.position(s).is_some()).count();
+        let (w, m) = (self.window.len(), known.distinct.len());
+        Some(Compared {
+            // Shingles in common, less those only the region or only the text has.
+            key: 3 * common as i64 - w as i64 - m as i64,
+            score: (common * 100 / w.max(m)) as u8,
+            first,
+            last,
+            group: known.group,
+        })
+    }
+
+    /// The index in `self.known` of group `group`'s shingles, computed if not there.
+    fn known(&mut self, group: u16) -> Option<usize> {
+        if let Some(i) = self.known.iter().position(|k| k.group == group) {
+            return Some(i);
+        }
+        let text = texts().get(catalog().reported(group))?;
+        let mut tokens = Vec::new();
+        tokenize(text, 0, &mut tokens);
+        let mut seq = Vec::new();
+        shingles(&tokens, &mut seq);
+        let len = seq.len();
+        let mut sorted: Vec<(u64, u32)> = seq.iter().enumerate().map(|(i, &s)| (s, i as u32)).collect();
+        sorted.sort_unstable();
+        let distinct: Vec<(u64, Option<u32>)> = sorted
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|run| (run[0].0, (run.len() == 1).then_some(run[0].1)))
+            .collect();
+        if self.known.len() == CACHED {
+            self.known.remove(0);
+        }
+        self.known.push(Known { group, distinct, len });
+        Some(self.known.len() - 1)
+    }
+}

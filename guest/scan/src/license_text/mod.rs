@@ -1,0 +1,87 @@
+//! Licence texts of the SPDX License List, found by normalised matching: words compared, not
+//! bytes ([`tokens`]), so a text reflowed, re-cased, re-punctuated, put in comments or given
+//! another copyright line is still found, with a score saying how much of it matches.
+//!
+//! A rule with `license_texts = true` (category `license`, `multiline`) runs this matcher
+//! instead of a regex. Its keywords are trigger words: the matcher looks at the windows they
+//! open ([`windows`]), which are the history scan's multi-line clusters, so its carrying over
+//! of unchanged clusters holds for licence texts too.
+
+pub mod anchors;
+pub(crate) mod catalog;
+mod matcher;
+pub(crate) mod tokens;
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+pub use matcher::MIN_SCORE;
+pub(crate) use matcher::{LicenseMatch, Matcher};
+
+use crate::rule::{MULTILINE_WINDOW, WINDOW_LOOKBACK_LINES};
+
+/// The windows that trigger words at `occurrences` (positions, sorted) open in `text`: from
+/// [`WINDOW_LOOKBACK_LINES`] lines before a trigger's line to [`MULTILINE_WINDOW`] bytes
+/// after that line's start (at least that line), through the end of the line that reaches,
+/// overlapping windows joined.
+pub(crate) fn windows(text: &[u8], occurrences: impl Iterator<Item = usize>) -> Vec<Range<usize>> {
+    let line_start = |pos: usize| memchr::memrchr(b'\n', &text[..pos]).map_or(0, |p| p + 1);
+    let line_end = |pos: usize| memchr::memchr(b'\n', &text[pos..]).map_or(text.len(), |p| pos + p + 1);
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for pos in occurrences {
+        let ls = line_start(pos);
+        let start = (0..WINDOW_LOOKBACK_LINES).fold(ls, |s, _| line_start(s.saturating_sub(1)));
+        let reach = line_end(pos).max((ls + MULTILINE_WINDOW).min(text.len()));
+        let end = line_end(reach.saturating_sub(1).max(ls));
+        match out.last_mut() {
+            Some(w) if start < w.end => w.end = w.end.max(end),
+            _ => out.push(start..end),
+        }
+    }
+    out
+}
+
+/// The licence-text identifier reported for `group`.
+pub(crate) fn reported(group: u16) -> &'static str {
+    catalog::catalog().reported(group)
+}
+
+/// Builds the catalog and inflates the texts now (for a runner snapshotted after start-up:
+/// jobs restored from it find them ready).
+pub(crate) fn warm() {
+    catalog::catalog();
+    catalog::texts();
+}
+
+/// Every licence text shipped, `(identifier, text)`, and the identifiers a text is reported
+/// under (its group's): for tests that check each is found as itself.
+pub fn shipped() -> Vec<(&'static str, &'static [u8], Vec<&'static str>)> {
+    let catalog = catalog::catalog();
+    let texts = catalog::texts();
+    let mut out = Vec::new();
+    for g in &catalog.groups {
+        for &id in &g.ids {
+            if let Some(t) = texts.get(id) {
+                out.push((id, t, g.ids.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The normalised-text licence matches of `text` as a whole (one window), `(identifier,
+/// score, byte range)`: for tests and tools.
+pub fn find_all(text: &[u8]) -> Vec<(&'static str, u8, Range<usize>)> {
+    let mut m = Matcher::default();
+    let mut out = Vec::new();
+    m.find(text, 0..text.len(), &mut out);
+    out.into_iter().map(|x| (reported(x.group), x.score, x.start..x.end)).collect()
+}
+
+/// How alike `text` (as one window) is to licence `id`'s text, per cent: the score a match of
+/// it would have, `None` if `id` is not a shipped text.
+pub fn score_against(text: &[u8], id: &str) -> Option<u8> {
+    let catalog = catalog::catalog();
+    let group = catalog.groups.iter().position(|g| g.ids.contains(&id))? as u16;
+    Matcher::default().compare_whole(text, group)
+}
