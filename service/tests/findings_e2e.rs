@@ -652,7 +652,7 @@ fn agpl_text_rewrapped() -> String {
         .expect("AGPL-3.0-only is shipped");
     let mut out = String::from("Copyright (C) 2030 Vendored Codec Authors\n\n");
     let mut column = 0;
-    for word in String::from_utf8_lossy(text).split_whitespace() {
+    for word in String::from_utf8_lossy(&text).split_whitespace() {
         if column + word.len() > 66 {
             out.push('\n');
             column = 0;

@@ -224,7 +224,9 @@ fn rewrapped(text: &[u8], width: usize) -> Vec<u8> {
 #[test]
 fn license_texts_are_found_whole_with_a_score_inside_the_vm() {
     let shipped = cella_scan::license_text::shipped();
-    let text = |id: &str| shipped.iter().find(|t| t.0 == id).unwrap_or_else(|| panic!("{id} not shipped")).1;
+    let text = |id: &str| {
+        shipped.iter().find(|t| t.0 == id).unwrap_or_else(|| panic!("{id} not shipped")).1.as_slice()
+    };
     // A third-party notices file: every shipped text one after another (5 MB).
     let mut notices = Vec::new();
     for (_, t, _) in &shipped {

@@ -309,6 +309,9 @@ struct LicenseTexts {
     triggers: AhoCorasick,
     matcher: crate::license_text::Matcher,
     found: Vec<crate::license_text::LicenseMatch>,
+    /// Per chunk: where its trigger words are, one per line that has one, as the keyword
+    /// filter visits candidate lines (the trigger words are among its keywords).
+    triggers_at: Vec<usize>,
 }
 
 impl LicenseTexts {
@@ -319,7 +322,13 @@ impl LicenseTexts {
             .kind(Some(AhoCorasickKind::DFA))
             .build(keywords)
             .map_err(|e| EngineError::Keywords(alloc::format!("{e}")))?;
-        Ok(LicenseTexts { rule, triggers, matcher: Default::default(), found: Vec::new() })
+        Ok(LicenseTexts {
+            rule,
+            triggers,
+            matcher: Default::default(),
+            found: Vec::new(),
+            triggers_at: Vec::new(),
+        })
     }
 
     fn fork(&self) -> Self {
@@ -328,6 +337,7 @@ impl LicenseTexts {
             triggers: self.triggers.clone(),
             matcher: Default::default(),
             found: Vec::new(),
+            triggers_at: Vec::new(),
         }
     }
 }
@@ -391,6 +401,8 @@ pub struct Engine {
     runs: Vec<Run>,
     /// The `license_texts` rules.
     license_texts: Vec<LicenseTexts>,
+    /// Whether the last chunk's trigger words were found by the keyword filter.
+    triggers_by_filter: bool,
 }
 
 /// Where one finding's secret lies in a file (byte offsets, `start..end`).
@@ -532,6 +544,7 @@ impl Engine {
             strings: Vec::new(),
             runs: Vec::new(),
             license_texts,
+            triggers_by_filter: false,
         })
     }
 
@@ -585,6 +598,7 @@ impl Engine {
             strings: Vec::new(),
             runs: Vec::new(),
             license_texts: self.license_texts.iter().map(LicenseTexts::fork).collect(),
+            triggers_by_filter: false,
         }
     }
 
@@ -832,7 +846,7 @@ impl Engine {
     fn filter_keywords(&self) -> Vec<Vec<u8>> {
         let mut kws: Vec<Vec<u8>> = Vec::new();
         let beyond = self.single_line_keyword_rules().skip(FILTER_REGEXES);
-        for r in self.policy.rules.iter().filter(|r| r.multiline && !r.license_texts).chain(beyond) {
+        for r in self.policy.rules.iter().filter(|r| r.multiline).chain(beyond) {
             for k in &r.keywords {
                 let k = k.as_bytes().to_ascii_lowercase();
                 if !kws.contains(&k) {
@@ -1010,6 +1024,9 @@ impl Engine {
     /// holding their keyword).
     fn scan_chunk(&mut self, buf: &[u8], commit: usize) -> Result<(), ArtifactError> {
         self.hits.clear();
+        for lt in &mut self.license_texts {
+            lt.triggers_at.clear();
+        }
         for st in &mut self.rules {
             st.covered_until = 0;
             st.last_end = 0;
@@ -1026,6 +1043,7 @@ impl Engine {
         let keyword_scan = self.keyword_scan.take();
         let mut always = self.always_filter.take();
         let ac = self.keywords.take();
+        self.triggers_by_filter = !by_line;
         let r = if by_line {
             self.every_line(always.as_mut(), ac.as_ref(), buf, commit)
         } else {
@@ -1099,6 +1117,11 @@ impl Engine {
                 break;
             }
             let le = line_end(buf, at);
+            for lt in &mut self.license_texts {
+                if let Some(m) = lt.triggers.find(aho_corasick::Input::new(buf).range(ls..le)) {
+                    lt.triggers_at.push(m.start());
+                }
+            }
             self.candidate_line(always.as_deref_mut(), ac, buf, ls..le, commit)?;
             if le >= buf.len() {
                 break;
@@ -1115,8 +1138,12 @@ impl Engine {
             if self.rules[lt.rule as usize].disabled {
                 continue;
             }
-            let occurrences = lt.triggers.find_iter(buf).map(|m| m.start());
-            let windows = crate::license_text::windows(buf, occurrences);
+            // The keyword filter found them, or (a chunk scanned line by line) a search does.
+            let windows = if self.triggers_by_filter {
+                crate::license_text::windows(buf, lt.triggers_at.iter().copied())
+            } else {
+                crate::license_text::windows(buf, lt.triggers.find_iter(buf).map(|m| m.start()))
+            };
             lt.found.clear();
             for w in windows.into_iter().take_while(|w| w.start < commit) {
                 lt.matcher.find(buf, w, &mut lt.found);

@@ -1,4 +1,4 @@
-//! Generates `policies/spdx/text-anchors.tsv` from the licence texts: texts with the same
+//! Generates `policies/spdx/text-anchors.tsv` from the licence texts (`texts.zip`): texts with the same
 //! words grouped, and for each group up to [`ANCHORS`] shingles spread over its text, each the
 //! one of its stretch that the fewest other groups share. A file region holding some of a
 //! group's anchors is a candidate for that group; only candidates are compared word by word.
@@ -16,14 +16,15 @@ use super::tokens::{shingle, tokenize};
 /// The most anchors a group has.
 pub const ANCHORS: usize = 16;
 
-/// The anchors file for the gzip TSV of licence texts `texts_gz`.
-pub fn generate(texts_gz: &[u8]) -> String {
-    let texts = Texts::inflate(texts_gz);
+/// The anchors file for the zip of licence texts `texts_zip`.
+pub fn generate(texts_zip: &'static [u8]) -> String {
+    let texts = Texts::open(texts_zip);
     let mut groups: BTreeMap<Vec<u64>, Vec<&str>> = BTreeMap::new();
     let mut tokens = Vec::new();
-    for (id, text) in texts.iter() {
+    for id in texts.ids() {
+        let text = texts.get(id).unwrap_or_default();
         tokens.clear();
-        tokenize(text, 0, &mut tokens);
+        tokenize(&text, 0, &mut tokens);
         if tokens.len() >= 3 {
             groups.entry(tokens.iter().map(|t| t.hash).collect()).or_default().push(id);
         }
@@ -47,7 +48,7 @@ pub fn generate(texts_gz: &[u8]) -> String {
         }
     }
     let mut out = String::from(
-        "# Licence text anchors, generated from texts.tsv.gz by cella_scan::license_text::anchors.\n\
+        "# Licence text anchors, generated from texts.zip by cella_scan::license_text::anchors.\n\
          # One group of texts with the same words per line: identifiers (the reported one first),\n\
          # its shingle count, then the hex hashes of its anchor shingles. Regenerate:\n\
          # CELLA_UPDATE_SPDX=1 cargo test -p cella-scan --test license_texts anchors_are_current\n",

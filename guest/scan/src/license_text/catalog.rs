@@ -1,18 +1,17 @@
-//! The licence texts the scanner knows: the SPDX License List's (`policies/spdx/texts.tsv.gz`,
+//! The licence texts the scanner knows: the SPDX License List's (`policies/spdx/texts.zip`,
 //! CC0-1.0 data) and, per text, the anchors it is found by (`policies/spdx/text-anchors.tsv`,
 //! generated from the texts by [`super::anchors::generate`]). Texts that normalise to the same
 //! words form one group, reported under its shortest identifier (`GPL-3.0` for `GPL-3.0`,
 //! `GPL-3.0-only` and `GPL-3.0-or-later`, whose texts are one).
 //!
 //! Built once per VM, on first use: the anchors are parsed when a file first has a licence
-//! trigger word, the texts inflated (5 MB) when a candidate first needs checking.
+//! trigger word; a text is inflated (a few KB) when a candidate for it needs comparing.
 
-use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
 
-/// The SPDX License List's licence texts, gzip.
-pub(crate) const TEXTS_GZ: &[u8] = include_bytes!("../../../../policies/spdx/texts.tsv.gz");
+/// The SPDX License List's licence texts, a zip of one entry each.
+pub(crate) const TEXTS_ZIP: &[u8] = include_bytes!("../../../../policies/spdx/texts.zip");
 /// Each group of texts with the same words: identifiers, shingle count, anchors.
 pub(crate) const ANCHORS: &str = include_str!("../../../../policies/spdx/text-anchors.tsv");
 
@@ -44,9 +43,9 @@ pub(crate) fn catalog() -> &'static Catalog {
     CATALOG.call_once(|| Catalog::parse(ANCHORS))
 }
 
-/// The texts, inflated on first use.
+/// The texts' directory, read on first use.
 pub(crate) fn texts() -> &'static Texts {
-    TEXTS.call_once(|| Texts::inflate(TEXTS_GZ))
+    TEXTS.call_once(|| Texts::open(TEXTS_ZIP))
 }
 
 impl Catalog {
@@ -107,63 +106,70 @@ impl Catalog {
     }
 }
 
-/// The licence texts, unescaped, by identifier.
+/// The licence texts: a zip of `<identifier>.txt` entries, each deflated on its own, read
+/// one text at a time. The file is part of this build (`scripts/spdx-texts.py` writes it); a
+/// damaged one fails every licence test, and here only finds fewer texts.
 pub(crate) struct Texts {
-    bytes: Vec<u8>,
-    /// (identifier, where its text is in `bytes`), sorted by identifier.
-    index: Vec<(String, Range<usize>)>,
+    zip: &'static [u8],
+    /// (identifier, where its deflated data is, its size inflated), by identifier.
+    index: Vec<(&'static str, Range<usize>, usize)>,
+}
+
+/// The largest text inflated (the list's longest is 46 KB).
+const MAX_TEXT: usize = 1 << 20;
+
+fn u16le(b: &[u8], at: usize) -> Option<usize> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?) as usize)
+}
+
+fn u32le(b: &[u8], at: usize) -> Option<usize> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize)
 }
 
 impl Texts {
-    pub(crate) fn inflate(gz: &[u8]) -> Texts {
-        // A gzip member with no optional fields (the generator writes no name): a 10-byte
-        // header, raw deflate, an 8-byte trailer. The file is part of this build; a bad one
-        // fails every licence test.
-        let raw = gz
-            .get(10..gz.len().saturating_sub(8))
-            .and_then(|d| miniz_oxide::inflate::decompress_to_vec(d).ok())
-            .unwrap_or_default();
-        Self::parse(&raw)
+    pub(crate) fn open(zip: &'static [u8]) -> Texts {
+        Texts { zip, index: Self::read_directory(zip).unwrap_or_default() }
     }
 
-    /// Reads the TSV: `identifier<TAB>text`, escapes `\\ \t \r \n`.
-    pub(crate) fn parse(raw: &[u8]) -> Texts {
-        let mut bytes = Vec::with_capacity(raw.len());
-        let mut index = Vec::new();
-        for line in raw.split(|&b| b == b'\n').filter(|l| !l.starts_with(b"#") && !l.is_empty()) {
-            let Some(tab) = memchr::memchr(b'\t', line) else { continue };
-            let id = String::from_utf8_lossy(&line[..tab]).into_owned();
-            let start = bytes.len();
-            let mut escaped = false;
-            for &b in &line[tab + 1..] {
-                match (escaped, b) {
-                    (false, b'\\') => escaped = true,
-                    (false, b) => bytes.push(b),
-                    (true, b) => {
-                        escaped = false;
-                        bytes.push(match b {
-                            b'n' => b'\n',
-                            b't' => b'\t',
-                            b'r' => b'\r',
-                            b => b,
-                        });
-                    }
-                }
+    /// The central directory: every deflated `<identifier>.txt` entry.
+    fn read_directory(zip: &'static [u8]) -> Option<Vec<(&'static str, Range<usize>, usize)>> {
+        // The end of central directory record, before the archive's comment.
+        let eocd =
+            (0..zip.len().checked_sub(22)? + 1).rev().find(|&at| zip[at..].starts_with(b"PK\x05\x06"))?;
+        let (entries, mut at) = (u16le(zip, eocd + 10)?, u32le(zip, eocd + 16)?);
+        let mut index = Vec::with_capacity(entries);
+        for _ in 0..entries {
+            if !zip.get(at..)?.starts_with(b"PK\x01\x02") {
+                return None;
             }
-            index.push((id, start..bytes.len()));
+            let (method, packed, size) = (u16le(zip, at + 10)?, u32le(zip, at + 20)?, u32le(zip, at + 24)?);
+            let (name_len, extra_len, comment_len) =
+                (u16le(zip, at + 28)?, u16le(zip, at + 30)?, u16le(zip, at + 32)?);
+            let local = u32le(zip, at + 42)?;
+            let name = core::str::from_utf8(zip.get(at + 46..at + 46 + name_len)?).ok()?;
+            at += 46 + name_len + extra_len + comment_len;
+            // The local header's own name and extra field lengths say where the data starts.
+            let data = local + 30 + u16le(zip, local + 26)? + u16le(zip, local + 28)?;
+            if let (8, Some(id)) = (method, name.strip_suffix(".txt")) {
+                index.push((id, data..data + packed, size));
+            }
         }
-        index.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        Texts { bytes, index }
+        index.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Some(index)
     }
 
-    /// The text of licence `id`.
-    pub fn get(&self, id: &str) -> Option<&[u8]> {
-        let i = self.index.binary_search_by(|e| e.0.as_str().cmp(id)).ok()?;
-        Some(&self.bytes[self.index[i].1.clone()])
+    /// The text of licence `id`, inflated.
+    pub fn get(&self, id: &str) -> Option<Vec<u8>> {
+        let i = self.index.binary_search_by(|e| e.0.cmp(id)).ok()?;
+        let (_, data, size) = &self.index[i];
+        if *size > MAX_TEXT {
+            return None;
+        }
+        miniz_oxide::inflate::decompress_to_vec_with_limit(self.zip.get(data.clone())?, MAX_TEXT).ok()
     }
 
-    /// Every identifier and its text, by identifier.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.index.iter().map(|(id, r)| (id.as_str(), &self.bytes[r.clone()]))
+    /// Every identifier, in order.
+    pub fn ids(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.index.iter().map(|e| e.0)
     }
 }

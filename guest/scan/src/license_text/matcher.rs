@@ -25,8 +25,12 @@ const WORK_PER_SHINGLE: usize = 128;
 /// Shingles any region may compare (a source file's header with a short licence compares it
 /// with all its look-alikes).
 const WORK_FREE: usize = 1 << 20;
+/// The least share of a text's anchors (per cent) a candidate holds: a text that matches by
+/// [`MIN_SCORE`] has most of its anchors (they are spread over it), a look-alike that shares
+/// its opening has few.
+const MIN_ANCHOR_SHARE: usize = 40;
 /// Shingle sets kept between regions (a scan meets the same few licences again and again).
-const CACHED: usize = 32;
+const CACHED: usize = 64;
 
 /// A licence text found: where, which group of texts, how alike (per cent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,13 +46,38 @@ pub(crate) struct LicenseMatch {
 struct Known {
     group: u16,
     distinct: Vec<(u64, Option<u32>)>,
+    /// Open addressing over `distinct`: each slot an index + 1 (0: empty).
+    slots: Vec<u32>,
     len: usize,
 }
 
 impl Known {
-    /// Whether the text has shingle `s`, and where if only once.
-    fn position(&self, s: u64) -> Option<Option<u32>> {
-        self.distinct.binary_search_by_key(&s, |d| d.0).ok().map(|i| self.distinct[i].1)
+    fn new(group: u16, distinct: Vec<(u64, Option<u32>)>, len: usize) -> Known {
+        let mut slots = alloc::vec![0u32; (distinct.len() * 2).next_power_of_two().max(16)];
+        let mask = slots.len() - 1;
+        for (i, d) in distinct.iter().enumerate() {
+            let mut at = (d.0 as usize) & mask;
+            while slots[at] != 0 {
+                at = (at + 1) & mask;
+            }
+            slots[at] = i as u32 + 1;
+        }
+        Known { group, distinct, slots, len }
+    }
+
+    /// Whether the text has shingle `s`: its index in `distinct`, and where it is in the text
+    /// if only once.
+    #[inline]
+    fn lookup(&self, s: u64) -> Option<(usize, Option<u32>)> {
+        let mask = self.slots.len() - 1;
+        let mut at = (s as usize) & mask;
+        loop {
+            let i = (self.slots[at] as usize).checked_sub(1)?;
+            if self.distinct[i].0 == s {
+                return Some((i, self.distinct[i].1));
+            }
+            at = (at + 1) & mask;
+        }
     }
 }
 
@@ -92,6 +121,10 @@ pub(crate) struct Matcher {
     sums: Vec<i64>,
     starts: Vec<usize>,
     restarts: Vec<usize>,
+    /// Per shingle of the compared range: its index among the text's, or `u32::MAX`.
+    found: Vec<u32>,
+    /// Which of the text's shingles a match holds.
+    seen: Vec<u64>,
     window: Vec<u64>,
     compared: Vec<Compared>,
     known: Vec<Known>,
@@ -177,7 +210,10 @@ impl Matcher {
                 anchors.extend(piece.iter().map(|h| h.2));
                 anchors.sort_unstable();
                 anchors.dedup();
-                if anchors.len() >= (group.anchors as usize).min(2) {
+                let group_anchors = group.anchors as usize;
+                if anchors.len() >= group_anchors.min(2)
+                    && anchors.len() * 100 >= group_anchors * MIN_ANCHOR_SHARE
+                {
                     self.candidates.push(Candidate {
                         group: run[0].0,
                         from: piece[0].1 as usize,
@@ -218,14 +254,17 @@ impl Matcher {
         // and a restart seen but not yet confirmed: (where, shingles in a row that agree).
         let (mut sum, mut reached, mut prev) = (0i64, 0u32, None::<u32>);
         let mut pending = None::<(usize, usize)>;
+        self.found.clear();
         for (i, &s) in self.shingles[range].iter().enumerate() {
-            let Some(at) = known.position(s) else {
+            let Some((index, at)) = known.lookup(s) else {
                 sum -= 1;
                 self.sums.push(sum);
+                self.found.push(u32::MAX);
                 continue;
             };
             sum += 2;
             self.sums.push(sum);
+            self.found.push(index as u32);
             let Some(p) = at else { continue }; // a shingle the text repeats says nothing
             let follows = prev.is_some_and(|q| p > q && p - q <= RESTART);
             prev = Some(p);
@@ -249,6 +288,11 @@ impl Matcher {
             };
         }
         self.restarts.push(usize::MAX);
+        // A region holding fewer of the text's shingles than a match needs is no match.
+        let found = self.found.iter().filter(|&&f| f != u32::MAX).count();
+        if found * 100 < known.distinct.len() * MIN_SCORE as usize {
+            return None;
+        }
         let reach = reach(known.len);
         // Candidate starts by increasing running sum (a monotonic queue of their indexes).
         self.starts.clear();
@@ -276,12 +320,24 @@ impl Matcher {
             return None;
         }
         let (first, last) = (start + best.1, start + best.2 - 1);
+        // Distinct shingles of the match: those the text has, counted on a bitmap of the
+        // text's; the others (few, in a match) sorted.
+        let m = known.distinct.len();
+        self.seen.clear();
+        self.seen.resize(m.div_ceil(64), 0);
         self.window.clear();
-        self.window.extend_from_slice(&self.shingles[first..=last]);
+        let mut common = 0;
+        for (j, &f) in self.found[best.1..best.2].iter().enumerate() {
+            if f == u32::MAX {
+                self.window.push(self.shingles[first + j]);
+            } else if self.seen[f as usize / 64] & (1 << (f % 64)) == 0 {
+                self.seen[f as usize / 64] |= 1 << (f % 64);
+                common += 1;
+            }
+        }
         self.window.sort_unstable();
         self.window.dedup();
-        let common = self.window.iter().filter(|&&s| known.position(s).is_some()).count();
-        let (w, m) = (self.window.len(), known.distinct.len());
+        let w = common + self.window.len();
         Some(Compared {
             // Shingles in common, less those only the region or only the text has.
             key: 3 * common as i64 - w as i64 - m as i64,
@@ -299,7 +355,7 @@ impl Matcher {
         }
         let text = texts().get(catalog().reported(group))?;
         let mut tokens = Vec::new();
-        tokenize(text, 0, &mut tokens);
+        tokenize(&text, 0, &mut tokens);
         let mut seq = Vec::new();
         shingles(&tokens, &mut seq);
         let len = seq.len();
@@ -312,7 +368,7 @@ impl Matcher {
         if self.known.len() == CACHED {
             self.known.remove(0);
         }
-        self.known.push(Known { group, distinct, len });
+        self.known.push(Known::new(group, distinct, len));
         Some(self.known.len() - 1)
     }
 }

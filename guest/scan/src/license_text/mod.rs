@@ -46,8 +46,8 @@ pub(crate) fn reported(group: u16) -> &'static str {
     catalog::catalog().reported(group)
 }
 
-/// Builds the catalog and inflates the texts now (for a runner snapshotted after start-up:
-/// jobs restored from it find them ready).
+/// Builds the catalog and reads the texts' directory now (for a runner snapshotted after
+/// start-up: jobs restored from it find them ready).
 pub(crate) fn warm() {
     catalog::catalog();
     catalog::texts();
@@ -55,7 +55,7 @@ pub(crate) fn warm() {
 
 /// Every licence text shipped, `(identifier, text)`, and the identifiers a text is reported
 /// under (its group's): for tests that check each is found as itself.
-pub fn shipped() -> Vec<(&'static str, &'static [u8], Vec<&'static str>)> {
+pub fn shipped() -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> {
     let catalog = catalog::catalog();
     let texts = catalog::texts();
     let mut out = Vec::new();
@@ -68,6 +68,9 @@ pub fn shipped() -> Vec<(&'static str, &'static [u8], Vec<&'static str>)> {
     }
     out
 }
+
+/// The shipped licence texts (`policies/spdx/texts.zip`), for [`anchors::generate`].
+pub const TEXTS_ZIP: &[u8] = catalog::TEXTS_ZIP;
 
 /// The normalised-text licence matches of `text` as a whole (one window), `(identifier,
 /// score, byte range)`: for tests and tools.

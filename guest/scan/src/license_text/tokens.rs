@@ -139,6 +139,17 @@ pub(crate) fn tokenize(text: &[u8], base: usize, out: &mut Vec<Token>) {
             let s = i;
             let mut word = Word::default();
             while i < n {
+                let b = text[i];
+                if b < 0x80 {
+                    // ASCII, the common case, byte by byte.
+                    if !b.is_ascii_alphanumeric() {
+                        break;
+                    }
+                    word.chars += 1;
+                    word.byte(b.to_ascii_lowercase());
+                    i += 1;
+                    continue;
+                }
                 let (c, len) = decode(&text[i..]);
                 if !is_word_char(c) {
                     break;
@@ -245,16 +256,22 @@ impl Word {
             _ => char::from_u32(folded).map_or(&[][..], |ch| ch.encode_utf8(&mut utf8).as_bytes()),
         };
         for &b in bytes {
-            self.hash ^= u64::from(b);
-            self.hash = self.hash.wrapping_mul(0x0000_0100_0000_01b3);
-            self.ascii_len = match self.ascii_len {
-                Some(n) if b < 0x80 && n < LONGEST_EQUIVALENT => {
-                    self.ascii[n] = b;
-                    Some(n + 1)
-                }
-                _ => None,
-            };
+            self.byte(b);
         }
+    }
+
+    /// One byte of the folded word.
+    #[inline]
+    fn byte(&mut self, b: u8) {
+        self.hash ^= u64::from(b);
+        self.hash = self.hash.wrapping_mul(0x0000_0100_0000_01b3);
+        self.ascii_len = match self.ascii_len {
+            Some(n) if b < 0x80 && n < LONGEST_EQUIVALENT => {
+                self.ascii[n] = b;
+                Some(n + 1)
+            }
+            _ => None,
+        };
     }
 
     /// The word's hash, after [`EQUIVALENT`].
