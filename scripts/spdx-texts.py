@@ -14,10 +14,17 @@ then regenerate the anchors the scanner finds texts by:
 One entry per license, `<identifier>.txt`, deflated on its own (the scanner inflates only the
 texts it compares), in identifier order, with a fixed time: the same input gives the same
 bytes. The archive's comment says where the data comes from.
+
+A text whose appendix the SPDX templates mark optional (the part after `END OF TERMS AND
+CONDITIONS`: Apache-2.0's "How to apply", the GNU licenses' "How to Apply These Terms") is also
+written without it, as `<identifier>~terms.txt`: many projects ship the terms alone, and the
+scanner reports that variant under the license's own identifier.
 """
 import json
 import sys
 import zipfile
+
+END_OF_TERMS = "END OF TERMS AND CONDITIONS"
 
 PROVENANCE = (
     "SPDX License List: license texts. Data of the SPDX License List (CC0-1.0, "
@@ -38,11 +45,16 @@ def main():
             text = data[ident].get("licenseText", "")
             if not text.strip():
                 continue
-            entry = zipfile.ZipInfo(f"{ident}.txt", date_time=(1980, 1, 1, 0, 0, 0))
-            entry.compress_type = zipfile.ZIP_DEFLATED
-            entry.external_attr = 0o644 << 16
-            out.writestr(entry, text.encode("utf-8"), compresslevel=9)
-            count += 1
+            entries = [(ident, text)]
+            end = text.find(END_OF_TERMS)
+            if end >= 0 and text[end + len(END_OF_TERMS):].strip():
+                entries.append((f"{ident}~terms", text[: end + len(END_OF_TERMS)] + "\n"))
+            for name, body in entries:
+                entry = zipfile.ZipInfo(f"{name}.txt", date_time=(1980, 1, 1, 0, 0, 0))
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                entry.external_attr = 0o644 << 16
+                out.writestr(entry, body.encode("utf-8"), compresslevel=9)
+                count += 1
     print(f"{count} texts written to {sys.argv[2]}", file=sys.stderr)
 
 

@@ -1301,6 +1301,7 @@ impl Engine {
             }
         }
         self.hits.sort_unstable_by_key(|h| (h.secret.0, h.secret.1, h.rule));
+        self.prefer_whole_texts();
         self.prefer_specific();
         // The same secret found by several rules of one kind is reported once, by the first
         // in policy order.
@@ -1404,6 +1405,23 @@ impl Engine {
         }
         self.hits = hits;
         self.hits.clear();
+    }
+
+    /// Drops the hits of generic licence rules (a text's opening lines, a notice) that name a
+    /// licence whose whole text the chunk holds: the whole text is the finding, even where its
+    /// match leaves out the title lines the opening-lines rule found.
+    fn prefer_whole_texts(&mut self) {
+        let whole: Vec<&str> =
+            self.hits.iter().filter_map(|h| h.license.map(|l| crate::license_text::reported(l.0))).collect();
+        if whole.is_empty() {
+            return;
+        }
+        let rules = &self.policy.rules;
+        self.hits.retain(|h| {
+            let rule = &rules[h.rule as usize];
+            let named = rule.spdx.as_deref().is_some_and(|id| whole.contains(&id));
+            !(rule.generic && rule.category == Category::License && named)
+        });
     }
 
     /// Drops every hit of a generic rule whose secret overlaps a specific rule's (hits sorted

@@ -100,10 +100,22 @@ impl Catalog {
         }
     }
 
-    /// The identifier a group is reported under.
-    pub fn reported(&self, group: u16) -> &'static str {
+    /// The entry of the texts that holds a group's text.
+    pub fn entry(&self, group: u16) -> &'static str {
         self.groups[group as usize].ids[0]
     }
+
+    /// The identifier a group is reported under (a variant's, `Apache-2.0~terms`, is its
+    /// license's).
+    pub fn reported(&self, group: u16) -> &'static str {
+        license_id(self.groups[group as usize].ids[0])
+    }
+}
+
+/// The license an entry of the texts is a text of: `Apache-2.0~terms` (the terms without the
+/// appendix the SPDX template marks optional) is a text of `Apache-2.0`.
+pub(crate) fn license_id(entry: &str) -> &str {
+    entry.split_once('~').map_or(entry, |(id, _)| id)
 }
 
 /// The licence texts: a zip of `<identifier>.txt` entries, each deflated on its own, read

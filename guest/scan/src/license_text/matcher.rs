@@ -4,10 +4,11 @@
 //! of the region is compared with the group's text: the stretch of it densest in the text's
 //! shingles (at most half again as long as the text) is the match, and its score the share of
 //! shingles the two have in common, of the larger of the two sets. Matches are taken best
-//! first (most shingles in common less those either side has alone: of the BSD 2- and 3-clause
-//! texts, the 3-clause one is the better match for a 3-clause file, whose third clause the
-//! 2-clause match would have to hold as extra words), without overlaps; a file of many texts
-//! gives each its own match.
+//! first (most shingles in common, less those either side has alone, those only the text has
+//! twice: of the BSD 2- and 3-clause texts, the 3-clause one is the better match for a
+//! 3-clause file, whose third clause the 2-clause match would have to hold as extra words, and
+//! the 2-clause one for a 2-clause file), without overlaps; a file of many texts gives each its
+//! own match.
 
 use alloc::vec::Vec;
 use core::ops::Range;
@@ -156,9 +157,12 @@ impl Matcher {
                 continue;
             }
             let Some(k) = self.known(c.group) else { continue };
-            // The first and last anchors lie within the first and last sixteenth of the text.
-            let margin = self.known[k].len / 8 + 32;
-            let range = c.from.saturating_sub(margin)..(c.to + margin + 1).min(self.shingles.len());
+            // A text holding anchors at `from` and `to` (its first anchors may be the words a
+            // copy changed) starts no earlier than `to` less its length, and ends no later than
+            // `from` plus it.
+            let reach = reach(self.known[k].len);
+            let range = c.to.saturating_sub(reach).min(c.from)
+                ..(c.from + reach).max(c.to + 1).min(self.shingles.len());
             if range.len() > budget {
                 break;
             }
@@ -339,8 +343,10 @@ impl Matcher {
         self.window.dedup();
         let w = common + self.window.len();
         Some(Compared {
-            // Shingles in common, less those only the region or only the text has.
-            key: 3 * common as i64 - w as i64 - m as i64,
+            // Shingles in common, less those only the region has, less twice those only the
+            // text has (of two texts a copy matches alike, the one that does not claim a clause
+            // the copy lacks: BSD-3-Clause, not its variant with a clause more).
+            key: 4 * common as i64 - w as i64 - 2 * m as i64,
             score: (common * 100 / w.max(m)) as u8,
             first,
             last,
@@ -353,7 +359,7 @@ impl Matcher {
         if let Some(i) = self.known.iter().position(|k| k.group == group) {
             return Some(i);
         }
-        let text = texts().get(catalog().reported(group))?;
+        let text = texts().get(catalog().entry(group))?;
         let mut tokens = Vec::new();
         tokenize(&text, 0, &mut tokens);
         let mut seq = Vec::new();
