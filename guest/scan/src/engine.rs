@@ -403,6 +403,8 @@ pub struct Engine {
     license_texts: Vec<LicenseTexts>,
     /// Whether the last chunk's trigger words were found by the keyword filter.
     triggers_by_filter: bool,
+    /// Per `keyword_scan` pattern: a trigger word only ([`Engine::trigger_only_keywords`]).
+    trigger_only: Vec<bool>,
 }
 
 /// Where one finding's secret lies in a file (byte offsets, `start..end`).
@@ -545,6 +547,7 @@ impl Engine {
             runs: Vec::new(),
             license_texts,
             triggers_by_filter: false,
+            trigger_only: Vec::new(),
         })
     }
 
@@ -599,6 +602,7 @@ impl Engine {
             runs: Vec::new(),
             license_texts: self.license_texts.iter().map(LicenseTexts::fork).collect(),
             triggers_by_filter: false,
+            trigger_only: self.trigger_only.clone(),
         }
     }
 
@@ -815,9 +819,29 @@ impl Engine {
                 .build(&keywords)
                 .map_err(|e| EngineError::Keywords(alloc::format!("{e}")))?;
             self.keyword_scan = Some(scan);
+            self.trigger_only = self.trigger_only_keywords(&keywords);
         }
         self.filter_built = true;
         Ok(())
+    }
+
+    /// For each filter keyword: whether it is a licence-text trigger word that no rule keyword
+    /// holds, so a line where only such keywords occur needs no rule run (only the licence
+    /// matcher's window).
+    fn trigger_only_keywords(&self, keywords: &[Vec<u8>]) -> Vec<bool> {
+        let lower = |k: &String| k.as_bytes().to_ascii_lowercase();
+        let rules = || self.policy.rules.iter();
+        let triggers: Vec<Vec<u8>> =
+            rules().filter(|r| r.license_texts).flat_map(|r| r.keywords.iter().map(lower)).collect();
+        let rule_keywords: Vec<Vec<u8>> =
+            rules().filter(|r| !r.license_texts).flat_map(|r| r.keywords.iter().map(lower)).collect();
+        keywords
+            .iter()
+            .map(|k| {
+                triggers.contains(k)
+                    && !rule_keywords.iter().any(|r| r.windows(k.len().max(1)).any(|w| w == k.as_slice()))
+            })
+            .collect()
     }
 
     /// Builds the `always` filter alone (all a line-by-line scan needs).
@@ -1122,7 +1146,18 @@ impl Engine {
                     lt.triggers_at.push(m.start());
                 }
             }
-            self.candidate_line(always.as_deref_mut(), ac, buf, ls..le, commit)?;
+            // A line the filter did not pick, whose keywords are all licence-text trigger
+            // words, has nothing for the rules.
+            let picked = by_filter.is_some_and(|f| (ls..le).contains(&f));
+            let trigger_only = !picked
+                && self.trigger_only.iter().any(|t| *t)
+                && keywords.is_some_and(|k| {
+                    k.find_overlapping_iter(aho_corasick::Input::new(buf).range(ls..le))
+                        .all(|m| self.trigger_only.get(m.pattern().as_usize()).is_some_and(|t| *t))
+                });
+            if !trigger_only {
+                self.candidate_line(always.as_deref_mut(), ac, buf, ls..le, commit)?;
+            }
             if le >= buf.len() {
                 break;
             }
