@@ -60,7 +60,10 @@ impl Spawned {
         }
         let mut env = Vec::new();
         for (key, value) in std::env::vars_os() {
-            if key != DIE_WITH_PARENT_ENV {
+            // Captured words end up in messages for people: they stay text whatever format
+            // this process logs in.
+            let text_only = capture_stderr && key == cella_log::FORMAT_ENV;
+            if key != DIE_WITH_PARENT_ENV && !text_only {
                 let mut pair = key.as_bytes().to_vec();
                 pair.push(b'=');
                 pair.extend_from_slice(value.as_bytes());
@@ -277,13 +280,16 @@ mod tests {
 
     #[test]
     fn the_child_gets_the_socket_on_descriptor_3_its_launchers_pid_and_no_other_descriptor() {
+        // Captured words stay text: the log format is not passed on.
+        std::env::set_var(cella_log::FORMAT_ENV, "json");
         let dir = std::env::temp_dir().join(format!("cella-spawn-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let listener = std::os::unix::net::UnixListener::bind(dir.join("s")).unwrap();
         let mut command = Command::new("/bin/sh");
         command.args([
             "-c",
-            "readlink /proc/self/fd/3 >&2; echo \"parent=$CELLA_DIE_WITH_PARENT\" >&2; exec ls /proc/self/fd >&2",
+            "readlink /proc/self/fd/3 >&2; echo \"parent=$CELLA_DIE_WITH_PARENT\" >&2; \
+             echo \"format=${CELLA_LOG_FORMAT-unset}\" >&2; exec ls /proc/self/fd >&2",
         ]);
         let mut child = Spawned::start(&command, listener.as_raw_fd(), true).unwrap();
         let mut said = String::new();
@@ -293,9 +299,10 @@ mod tests {
         let lines: Vec<&str> = said.lines().collect();
         assert!(lines[0].starts_with("socket:["), "{said}");
         assert_eq!(lines[1], format!("parent={}", std::process::id()), "{said}");
+        assert_eq!(lines[2], "format=unset", "{said}");
         // 0, 1, 2 and 3, but not the socket's own descriptor here (close-on-exec); the test
         // harness may pass on descriptors of its own without the flag.
-        let fds: Vec<&str> = lines[2..].to_vec();
+        let fds: Vec<&str> = lines[3..].to_vec();
         assert!(["0", "1", "2", "3"].iter().all(|f| fds.contains(f)), "{fds:?}");
         let own = listener.as_raw_fd().to_string();
         assert!(listener.as_raw_fd() == API_FD || !fds.contains(&own.as_str()), "{fds:?}");

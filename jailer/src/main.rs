@@ -23,7 +23,10 @@ Exit status:
   246    the VMM was killed by another signal (SIGKILL, the OOM killer at the memory limit, a crash)
   247    a jail step failed (the message names the step and the path); nothing is left behind
   248    the VMM ended but its jail folder or cgroups could not be removed
-  2      bad command line or a request refused before anything was created";
+  2      bad command line or a request refused before anything was created
+
+Log lines go to stderr as text, or as JSON objects with CELLA_LOG_FORMAT=json; CELLA_LOG filters
+them (a level, e.g. `warn`, or `info,cella_jailer=debug`; default `info`).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -167,25 +170,35 @@ fn die_with_parent() -> bool {
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    let cli = Cli::parse();
+    let program = match &cli.command {
+        Some(Command::Cleanup { .. }) => "cella-jailer cleanup",
+        Some(Command::Prepare { .. }) => "cella-jailer prepare",
+        None => "cella-jailer",
+    };
+    if let Err(e) = cella_log::init_tool(program, None, None) {
+        eprintln!("{program}: error: {e}");
+        return ExitCode::from(BAD_REQUEST);
+    }
     if !die_with_parent() {
-        eprintln!("cella-jailer: the launcher that started it is gone; exiting");
+        tracing::info!("the launcher that started it is gone; exiting");
         return ExitCode::from(cella_abi::exit::STOPPED);
     }
-    let cli = Cli::parse();
     match cli.command {
         Some(Command::Cleanup { id, chroot_base, exec_name, cgroup_parent, bind_rw }) => {
+            let _jail = tracing::info_span!("jail", jail = %id).entered();
             if let Err(e) = cella_jailer::config::validate_id(&id) {
-                eprintln!("cella-jailer cleanup: refused: {}", error_chain(&e));
+                tracing::error!("refused: {}", error_chain(&e));
                 return ExitCode::from(BAD_REQUEST);
             }
             let name_ok = !exec_name.starts_with('.')
                 && exec_name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
             if !name_ok || !chroot_base.is_absolute() {
-                eprintln!("cella-jailer cleanup: refused: --exec-name must be a plain file name and --chroot-base absolute");
+                tracing::error!("refused: --exec-name must be a plain file name and --chroot-base absolute");
                 return ExitCode::from(BAD_REQUEST);
             }
             if let Some(Err(e)) = bind_rw.as_deref().map(|d| cella_jailer::config::check_bind_rw(d, None)) {
-                eprintln!("cella-jailer cleanup: refused: {}", error_chain(&e));
+                tracing::error!("refused: {}", error_chain(&e));
                 return ExitCode::from(BAD_REQUEST);
             }
             // The folder is given back after the jail's processes are gone (cleanup kills what
@@ -201,24 +214,25 @@ fn main() -> ExitCode {
             return match result {
                 Ok(removed) => {
                     for path in removed {
-                        eprintln!("cella-jailer cleanup: removed {}", path.display());
+                        tracing::info!(path = %path.display(), "removed {}", path.display());
                     }
                     if let Some(dir) = &bind_rw {
-                        eprintln!("cella-jailer cleanup: gave {} back to root", dir.display());
+                        tracing::info!("gave {} back to root", dir.display());
                     }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("cella-jailer cleanup: {e}");
+                    tracing::error!("{e}");
                     ExitCode::from(CLEANUP_FAILED)
                 }
             };
         }
         Some(Command::Prepare { id, exec_file, chroot_base }) => {
+            let _jail = tracing::info_span!("jail", jail = %id).entered();
             let (exec_name, base) = match cella_jailer::config::check_prepare(&id, &exec_file, chroot_base) {
                 Ok(checked) => checked,
                 Err(e) => {
-                    eprintln!("cella-jailer prepare: refused (nothing was created): {}", error_chain(&e));
+                    tracing::error!("refused (nothing was created): {}", error_chain(&e));
                     return ExitCode::from(BAD_REQUEST);
                 }
             };
@@ -228,10 +242,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!(
-                        "cella-jailer prepare: failed, and nothing is left behind: {}",
-                        error_chain(&e)
-                    );
+                    tracing::error!("failed, and nothing is left behind: {}", error_chain(&e));
                     ExitCode::from(JAIL_FAILED)
                 }
             };
@@ -261,34 +272,31 @@ fn main() -> ExitCode {
     let config = match request.validate() {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("cella-jailer: refused (nothing was created): {}", error_chain(&e));
+            tracing::error!("refused (nothing was created): {}", error_chain(&e));
             return ExitCode::from(BAD_REQUEST);
         }
     };
+    let _jail = tracing::info_span!("jail", jail = %config.id).entered();
     let mut timings = Timings::default();
     timings.record("validate", started);
     let outcome = match supervisor::run(&config, &mut timings) {
         Ok(supervisor::Ran::Ended(outcome)) => outcome,
         Ok(supervisor::Ran::HandedOff { timings, .. }) => {
             if a.timings {
-                eprintln!("cella-jailer: timings: {}", timings.line());
+                tracing::info!("timings: {}", timings.line());
             }
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!(
-                "cella-jailer: jail {} failed, and nothing is left behind: {}",
-                config.id,
-                error_chain(&e)
-            );
+            tracing::error!("jail {} failed, and nothing is left behind: {}", config.id, error_chain(&e));
             return ExitCode::from(JAIL_FAILED);
         }
     };
     if a.timings {
-        eprintln!("cella-jailer: timings: {}", outcome.timings.line());
+        tracing::info!("timings: {}", outcome.timings.line());
     }
-    for line in outcome.report_lines(&config.id) {
-        eprintln!("{line}");
+    for message in outcome.report_messages(&config.id) {
+        tracing::warn!("{message}");
     }
     ExitCode::from(outcome.exit_code())
 }

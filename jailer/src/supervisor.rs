@@ -107,17 +107,20 @@ impl Outcome {
     /// What the jailer says about this outcome on stderr, one line each (none for a VMM that
     /// exited on its own within its limits).
     pub fn report_lines(&self, id: &str) -> Vec<String> {
-        let mut lines = Vec::new();
+        self.report_messages(id).into_iter().map(|message| format!("cella-jailer: {message}")).collect()
+    }
+
+    /// What [`report_lines`](Self::report_lines) says, without the program's name.
+    pub fn report_messages(&self, id: &str) -> Vec<String> {
+        let mut messages = Vec::new();
         if matches!(self.status, VmmStatus::Killed(_)) || !self.limits_hit.is_empty() {
-            lines.push(format!("cella-jailer: {}", self.describe(id)));
+            messages.push(self.describe(id));
         }
         if let Some(e) = &self.cleanup_error {
-            lines.push(format!(
-                "cella-jailer: the jail of {id} could not be removed completely: {}",
-                crate::error_chain(e)
-            ));
+            messages
+                .push(format!("the jail of {id} could not be removed completely: {}", crate::error_chain(e)));
         }
-        lines
+        messages
     }
 }
 
@@ -287,8 +290,9 @@ fn build_jail_folder(
             }
             // A spare that cannot be used costs this launch its head start, not its run.
             Err(e @ JailError::Prepared { .. }) if !taken => {
-                eprintln!(
-                    "cella-jailer: not using the spare jail: {}; making the jail at launch",
+                tracing::warn!(
+                    spare = %spare,
+                    "not using the spare jail: {}; making the jail at launch",
                     crate::error_chain(&e)
                 );
             }

@@ -193,6 +193,33 @@ fn the_pids_limit_holds() {
     assert_eq!(residue(&base, &id), Vec::<String>::new());
 }
 
+#[test]
+fn log_lines_are_json_objects_with_the_jails_id_when_asked() {
+    let base = chroot_base("json-log");
+    let id = jail_id("json-log");
+    // The jailer reads its format from the environment; the VMM, whose environment is empty,
+    // from its command line.
+    let mut command = jailed(&base, &id, &["--cgroup", "pids=1"], &["--log-format", "json", "--", "hello"]);
+    let out = output(command.env("CELLA_LOG_FORMAT", "json"));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(243), "{err}");
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: a line that is not JSON: {line}"))
+        })
+        .collect();
+    let said = |words: &str| lines.iter().find(|l| l["message"].as_str().is_some_and(|m| m.contains(words)));
+    let vmm = said("cannot start the vCPU thread").unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(vmm["level"], "ERROR", "{vmm}");
+    let jailer = said("the pids limit of 1 refused 1 new task(s)").unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(
+        (jailer["level"].as_str(), jailer["span"]["jail"].as_str()),
+        (Some("WARN"), Some(id.as_str()))
+    );
+    assert_eq!(residue(&base, &id), Vec::<String>::new());
+}
+
 /// Soft and hard open-file limit `n` for the process `command` starts.
 fn with_open_file_limit(command: &mut std::process::Command, n: u64) {
     use std::os::unix::process::CommandExt;

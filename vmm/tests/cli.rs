@@ -135,6 +135,43 @@ fn missing_image_is_refused_with_its_path() {
 }
 
 #[test]
+fn log_lines_are_text_by_default_and_json_objects_on_request() {
+    let refused = |extra: &[&str], env: Option<&str>| {
+        let mut command =
+            cella_vmm(&[&["run", "--image", "/nonexistent/runner"], extra, &["--", "hello"]].concat());
+        command.env_remove(cella_log::FORMAT_ENV).env_remove(cella_log::FILTER_ENV);
+        if let Some(format) = env {
+            command.env(cella_log::FORMAT_ENV, format);
+        }
+        let output = command.output().unwrap();
+        assert_eq!(code(&output), 2, "{}", stderr(&output));
+        stderr(&output)
+    };
+    let text = refused(&[], None);
+    assert!(
+        text.starts_with("cella-vmm: error: bad guest image: cannot read guest image /nonexistent/runner")
+    );
+    for json in [refused(&["--log-format", "json"], None), refused(&[], Some("json"))] {
+        let line: serde_json::Value =
+            serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{e}: {json}"));
+        assert_eq!(line["level"], "ERROR", "{line}");
+        assert!(line["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("bad guest image: cannot read guest image /nonexistent"));
+        assert!(line["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{line}");
+    }
+    // A filter above error writes nothing; a bad filter or format is refused by name.
+    assert_eq!(refused(&["--log-filter", "off"], None), "");
+    let bad = cella_vmm(&["--log-filter", "loud", "run", "--", "hello"]).output().unwrap();
+    assert_eq!(code(&bad), 2);
+    assert!(stderr(&bad).contains("`loud` is not a level"), "{}", stderr(&bad));
+    let bad = cella_vmm(&["run", "--", "hello"]).env(cella_log::FORMAT_ENV, "xml").output().unwrap();
+    assert_eq!(code(&bad), 2);
+    assert!(stderr(&bad).contains("`xml` is not a log format"), "{}", stderr(&bad));
+}
+
+#[test]
 fn a_file_that_is_not_an_elf_is_refused() {
     let dir = scratch("not-elf");
     let path = dir.join("script.sh");

@@ -268,7 +268,7 @@ impl JailArgs {
 
 /// Reports why a jailed launch did not start; returns the exit code for it.
 pub fn refuse(e: &JailedError) -> ExitCode {
-    eprintln!("cella-vmm: error: {}", cella_vmm::error_chain(e));
+    tracing::error!("{}", cella_vmm::error_chain(e));
     e.exit_code()
 }
 

@@ -19,6 +19,27 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How log lines on stderr are written: text, or one JSON object each [default: text, or
+    /// $CELLA_LOG_FORMAT]
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<cella_log::LogFormat>,
+    /// Which log lines are written: a level (error, warn, info, debug, trace, off), or a level and
+    /// `module=level` pairs [default: info, or $CELLA_LOG]
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_filter: Option<String>,
+}
+
+impl Command {
+    /// The name the subcommand's text log lines begin with.
+    pub fn program(&self) -> &'static str {
+        match self {
+            Command::Run(_) => "cella-vmm",
+            Command::Scan(_) => "cella-vmm scan",
+            Command::Session(_) => "cella-vmm session",
+            Command::Spare(_) => "cella-vmm spare",
+            Command::Template(_) => "cella-vmm template",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

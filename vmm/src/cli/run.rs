@@ -61,7 +61,7 @@ pub fn stop_on_signals() -> Arc<AtomicBool> {
     let stop = STOP.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
     for signal in [libc::SIGINT, libc::SIGTERM] {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(signal, request_stop) {
-            eprintln!("cella-vmm: warning: cannot handle signal {signal}: {e}");
+            tracing::warn!("cannot handle signal {signal}: {e}");
         }
     }
     stop
@@ -103,12 +103,12 @@ pub fn main(args: RunArgs, launch_start: Instant) -> ExitCode {
                 let line = serde_json::to_string(&report).unwrap_or_default();
                 let _ = writeln!(std::io::stdout(), "{line}");
             } else {
-                eprintln!("cella-vmm: {}", summary(&report));
+                tracing::info!("{}", summary(&report));
             }
             exit_code::for_exit(&report.exit)
         }
         Err(e) => {
-            eprintln!("cella-vmm: error: {}", error_chain(&e));
+            tracing::error!("{}", error_chain(&e));
             ExitCode::from(exit_code::VMM_FAILED)
         }
     }
@@ -118,12 +118,12 @@ fn build_failed(e: &BuildError) -> ExitCode {
     if e.is_bad_input() {
         return fail_input(e);
     }
-    eprintln!("cella-vmm: error: {}", error_chain(e));
+    tracing::error!("{}", error_chain(e));
     ExitCode::from(exit_code::VMM_FAILED)
 }
 
 fn fail_input(e: &dyn std::error::Error) -> ExitCode {
-    eprintln!("cella-vmm: error: {}", error_chain(e));
+    tracing::error!("{}", error_chain(e));
     ExitCode::from(exit_code::BAD_INPUT)
 }
 
@@ -187,24 +187,21 @@ fn test_hooks(args: &RunArgs) -> Option<ExitCode> {
         if fd >= 0 {
             // SAFETY: `fd` was just opened here.
             unsafe { libc::close(fd) };
-            eprintln!("cella-vmm: test-open {}: opened", path.display());
+            tracing::info!("test-open {}: opened", path.display());
             return Some(ExitCode::SUCCESS);
         }
-        eprintln!("cella-vmm: test-open {}: {}", path.display(), std::io::Error::last_os_error());
+        tracing::info!("test-open {}: {}", path.display(), std::io::Error::last_os_error());
         return Some(ExitCode::FAILURE);
     }
     if args.test_forbidden_syscall {
         if let Err(e) = cella_vmm::seccomp::install(cella_vmm::seccomp::ThreadKind::Vmm) {
-            eprintln!("cella-vmm: error: {}", error_chain(&e));
+            tracing::error!("{}", error_chain(&e));
             return Some(ExitCode::from(exit_code::VMM_FAILED));
         }
-        eprintln!("cella-vmm: test: making a forbidden syscall (ptrace)");
+        tracing::info!("test: making a forbidden syscall (ptrace)");
         // SAFETY: PTRACE_TRACEME takes no pointers; the filter is expected to kill the process.
         unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
-        eprintln!(
-            "cella-vmm: test: the forbidden syscall was allowed (seccomp mode {:?})",
-            args.jail.seccomp
-        );
+        tracing::error!("test: the forbidden syscall was allowed (seccomp mode {:?})", args.jail.seccomp);
         return Some(ExitCode::SUCCESS);
     }
     None

@@ -243,7 +243,7 @@ fn job_options(args: &ScanArgs) -> Result<JobOptions, OptionError> {
 
 pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
     let fail = |code: u8, message: String| {
-        eprintln!("cella-vmm scan: error: {message}");
+        tracing::error!("{message}");
         ExitCode::from(code)
     };
     let image = match args.image.clone().map(Ok).unwrap_or_else(default_scanner_image) {
@@ -392,14 +392,14 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
                 ScanOutcome::Refused(error) => {
                     // The guest's words (an entry name chosen by the artifact): escaped for the terminal.
                     let said = format!("{} refused: {}", error.kind, error.message);
-                    eprintln!("cella-vmm scan: {}", cella_proto::text::escape_controls(&said));
+                    tracing::warn!("{}", cella_proto::text::escape_controls(&said));
                     result.refused = Some(error);
                     ExitCode::from(exit_code::SCAN_REFUSED)
                 }
             }
         }
         Err(e) => {
-            eprintln!("cella-vmm scan: no result: {}", error_chain(&e));
+            tracing::error!("no result: {}", error_chain(&e));
             result.error = Some(error_chain(&e));
             match report.exit {
                 GuestExit::Exited { .. } => ExitCode::from(exit_code::VMM_FAILED),
@@ -421,7 +421,7 @@ pub fn main(args: ScanArgs, launch_start: Instant) -> ExitCode {
 /// signal does the same.
 fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus), ExitCode> {
     let fail = |code: u8, e: &dyn std::error::Error| {
-        eprintln!("cella-vmm scan: error: {}", error_chain(e));
+        tracing::error!("{}", error_chain(e));
         ExitCode::from(code)
     };
     let artifact_bytes =
@@ -443,7 +443,7 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
         capture_stderr: false,
     };
     let stop_fd = super::stop_signal::install().map_err(|message| {
-        eprintln!("cella-vmm scan: error: {message}");
+        tracing::error!("{message}");
         ExitCode::from(exit_code::VMM_FAILED)
     })?;
     let spare = Spare::start(&options).map_err(|e| fail(exit_code::VMM_FAILED, &e))?;
@@ -458,8 +458,8 @@ fn jailed(args: &ScanArgs, request: ScanRequest) -> Result<(ScanRun, ExitStatus)
     match run.vm {
         Ok(vm) => Ok((ScanRun { vm, job: run.job, artifact_bytes, scan_ms }, status)),
         Err(e) => {
-            eprintln!(
-                "cella-vmm scan: error: no run report from the jailed VMM ({}; cella-jailer {status}, its \
+            tracing::error!(
+                "no run report from the jailed VMM ({}; cella-jailer {status}, its \
                  message is above)",
                 error_chain(&e)
             );

@@ -122,7 +122,7 @@ pub struct SessionArgs {
 
 pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
     let fail = |code: u8, message: String| {
-        eprintln!("cella-vmm session: error: {message}");
+        tracing::error!("{message}");
         ExitCode::from(code)
     };
     if args.jail.jailed {
@@ -196,7 +196,7 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
             (VmmController::not_started().with_restore_paths(paths), server)
         }
     };
-    eprintln!("cella-vmm session: serving the control API on {}", args.api_sock.display());
+    tracing::info!("serving the control API on {}", args.api_sock.display());
 
     let started = controller.vm().map_or_else(Instant::now, |vm| vm.started());
     let limits = VmmLimits {
@@ -212,7 +212,7 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
     let Some((cause, result)) = controller.take_final() else {
         if controller.state() == VmState::NotStarted {
             let timed_out = Instant::now() >= started + Duration::from_secs(args.max_duration_secs);
-            eprintln!("cella-vmm session: stopped before a snapshot was loaded");
+            tracing::info!("stopped before a snapshot was loaded");
             return ExitCode::from(if timed_out { exit_code::TIMED_OUT } else { exit_code::STOPPED });
         }
         return fail(exit_code::VMM_FAILED, "the VM ended without a report".into());
@@ -223,7 +223,7 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
                 let line = serde_json::to_string(&report).unwrap_or_default();
                 let _ = writeln!(std::io::stdout(), "{line}");
             } else {
-                eprintln!("cella-vmm session: {}", super::run::summary(&report));
+                tracing::info!("{}", super::run::summary(&report));
             }
             exit_code::for_session(cause, &report.exit)
         }
@@ -370,7 +370,7 @@ fn jailed(args: &SessionArgs) -> ExitCode {
     match plan_jail(args) {
         Ok(plan) => args.jail.exec_in(&plan.launch, &plan.cell),
         Err(e) => {
-            eprintln!("cella-vmm session: error: {}", error_chain(&e));
+            tracing::error!("{}", error_chain(&e));
             ExitCode::from(exit_code::BAD_INPUT)
         }
     }

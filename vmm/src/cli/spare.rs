@@ -118,7 +118,7 @@ fn inherited_listener(fd: RawFd) -> Result<UnixListener, String> {
 
 pub fn main(args: SpareArgs, launch_start: Instant) -> ExitCode {
     let fail = |code: u8, message: String| {
-        eprintln!("cella-vmm spare: error: {message}");
+        tracing::error!("{message}");
         ExitCode::from(code)
     };
     cella_vmm::seccomp::set_mode(args.seccomp.mode());
@@ -173,11 +173,11 @@ pub fn main(args: SpareArgs, launch_start: Instant) -> ExitCode {
     if let Some(path) = &args.test_open {
         return match std::fs::File::open(path) {
             Ok(_) => {
-                eprintln!("cella-vmm spare: test-open {}: opened", path.display());
+                tracing::info!("test-open {}: opened", path.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("cella-vmm spare: test-open {}: {e}", path.display());
+                tracing::info!("test-open {}: {e}", path.display());
                 ExitCode::FAILURE
             }
         };

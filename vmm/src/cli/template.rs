@@ -39,7 +39,7 @@ pub struct TemplateArgs {
 
 pub fn main(args: TemplateArgs) -> ExitCode {
     let fail = |code: u8, message: String| {
-        eprintln!("cella-vmm template: error: {message}");
+        tracing::error!("{message}");
         ExitCode::from(code)
     };
     let image = match args.image.clone().map(Ok).unwrap_or_else(default_scanner_image) {

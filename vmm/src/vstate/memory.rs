@@ -272,7 +272,7 @@ impl Drop for GuestMemfd {
     fn drop(&mut self) {
         if self.memory.is_some() {
             if let Err(e) = self.scrub_once() {
-                eprintln!("cella-vmm: scrubbing guest memory on drop failed: {}", crate::error_chain(&e));
+                tracing::error!("scrubbing guest memory on drop failed: {}", crate::error_chain(&e));
             }
         }
     }
