@@ -43,6 +43,7 @@ pub mod sarif;
 mod source;
 pub mod spdx;
 pub mod validate;
+mod window;
 
 pub use archive::image::{ImageOrigin, ImageSummary};
 pub use archive::path::{check_link, normalize as normalize_entry_path};

@@ -3,9 +3,9 @@
 //! lines, and the findings of the lines they share are the base's, moved.
 //!
 //! A line of the new version is *clean* when it was copied whole from one whole line of the
-//! base. Rules look at one line, except multi-line rules, which look at up to
-//! [`MULTILINE_WINDOW`] bytes after a keyword's line; overlapping windows form a *cluster*
-//! (where one rule run ends decides where the next begins). A cluster may be carried over
+//! base. Rules look at one line, except multi-line rules, which look at a window of lines
+//! around a keyword's line ([`crate::window`]); overlapping windows form a *cluster* (where
+//! one rule run ends decides where the next begins). A cluster may be carried over
 //! when its lines are clean, follow each other in the base as they do here, and the base has
 //! exactly that cluster. Lines that are not clean and clusters that may not be carried over
 //! are kept; the rest are blanked (each left as an empty line, so line numbers stand) and the
@@ -21,7 +21,7 @@ use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 
 use super::delta::Piece;
 use crate::finding::Finding;
-use crate::rule::{Policy, MULTILINE_WINDOW, WINDOW_LOOKBACK_LINES};
+use crate::rule::Policy;
 
 /// The keywords of a policy's multi-line rules (ASCII case-insensitive); `None` when one
 /// of them has none (it runs over all text: nothing is carried over).
@@ -101,30 +101,19 @@ impl MultilineKeywords {
     }
 
     /// The line ranges (inclusive, 0-based) that multi-line rules may look at together in
-    /// `text`, whose keywords occur at `occurrences`: from [`WINDOW_LOOKBACK_LINES`] lines before
-    /// each keyword's line to [`MULTILINE_WINDOW`] bytes on, overlapping ones joined (a
-    /// rule run over one window decides where the next begins).
+    /// `text`, whose keywords occur at `occurrences`: their windows ([`crate::window`]), overlapping
+    /// ones joined (a rule run over one window decides where the next begins).
     pub(super) fn clusters(text: &[u8], occurrences: &[(usize, usize)]) -> Vec<(usize, usize)> {
         Self::clusters_in(text, &line_starts(text), occurrences)
     }
 
+    /// The keyword windows of [`crate::window`], in lines (`starts`: each line's start).
     fn clusters_in(text: &[u8], starts: &[usize], occurrences: &[(usize, usize)]) -> Vec<(usize, usize)> {
         let line_of = |pos: usize| starts.partition_point(|&s| s <= pos) - 1;
-        let line_end = |i: usize| starts.get(i + 1).copied().unwrap_or(text.len());
-        let mut out: Vec<(usize, usize)> = Vec::new();
-        for &(start, _) in occurrences {
-            let line = line_of(start);
-            let (ls, le) = (starts[line], line_end(line));
-            // Licence-text windows start this far back (`license_text::windows`).
-            let first = line.saturating_sub(WINDOW_LOOKBACK_LINES);
-            let end = le.max((ls + MULTILINE_WINDOW).min(text.len()));
-            let last = line_of(end.saturating_sub(1).max(ls));
-            match out.last_mut() {
-                Some(c) if first <= c.1 => c.1 = c.1.max(last),
-                _ => out.push((first, last)),
-            }
-        }
-        out
+        crate::window::windows(text, occurrences.iter().map(|&(start, _)| start))
+            .into_iter()
+            .map(|w| (line_of(w.bytes.start), line_of(w.bytes.end - 1)))
+            .collect()
     }
 }
 

@@ -18,37 +18,18 @@ use core::ops::Range;
 pub use matcher::MIN_SCORE;
 pub(crate) use matcher::{LicenseMatch, Matcher};
 
-use crate::rule::{MULTILINE_WINDOW, WINDOW_LOOKBACK_LINES};
 
-/// The windows that trigger words at `occurrences` (positions, sorted) open in `text`: from
-/// [`WINDOW_LOOKBACK_LINES`] lines before a trigger's line to [`MULTILINE_WINDOW`] bytes
-/// after that line's start (at least that line), through the end of the line that reaches,
-/// overlapping windows joined; each then searched only up to [`WINDOW_TAIL`] past its last
-/// trigger line. (A window depends only on the text of the history scan's multi-line cluster
-/// it lies in, so carrying clusters over holds for licence texts.)
+/// The windows that trigger words at `occurrences` (positions, sorted) open in `text`: the
+/// keyword windows of [`crate::window`] (the history scan's multi-line clusters, so carrying
+/// clusters over holds for licence texts), each searched only up to [`WINDOW_TAIL`] past its
+/// last trigger line.
 pub(crate) fn windows(text: &[u8], occurrences: impl Iterator<Item = usize>) -> Vec<Range<usize>> {
-    let line_start = |pos: usize| memchr::memrchr(b'\n', &text[..pos]).map_or(0, |p| p + 1);
-    let line_end = |pos: usize| memchr::memchr(b'\n', &text[pos..]).map_or(text.len(), |p| pos + p + 1);
-    // (window, end of its last trigger line)
-    let mut out: Vec<(Range<usize>, usize)> = Vec::new();
-    for pos in occurrences {
-        let (ls, le) = (line_start(pos), line_end(pos));
-        let start = (0..WINDOW_LOOKBACK_LINES).fold(ls, |s, _| line_start(s.saturating_sub(1)));
-        let reach = le.max((ls + MULTILINE_WINDOW).min(text.len()));
-        let end = line_end(reach.saturating_sub(1).max(ls));
-        match out.last_mut() {
-            Some((w, last)) if start < w.end => {
-                w.end = w.end.max(end);
-                *last = (*last).max(le);
-            }
-            _ => out.push((start..end, le)),
-        }
-    }
-    // Each searched up to [`WINDOW_TAIL`] bytes past its last trigger line (whole lines).
-    out.into_iter()
-        .map(|(w, last)| {
-            let cut = w.end.min(last + WINDOW_TAIL);
-            w.start..line_end(cut.saturating_sub(1).max(last - 1)).min(w.end)
+    crate::window::windows(text, occurrences)
+        .into_iter()
+        .map(|w| {
+            let last = w.last_keyword_line_end;
+            let cut = w.bytes.end.min(last + WINDOW_TAIL);
+            w.bytes.start..crate::window::line_end(text, cut.saturating_sub(1).max(last - 1)).min(w.bytes.end)
         })
         .collect()
 }
