@@ -8,7 +8,7 @@ pub(crate) mod image;
 mod inflate;
 pub mod path;
 mod tar;
-mod zip;
+pub(crate) mod zip;
 mod zstd;
 
 use alloc::format;

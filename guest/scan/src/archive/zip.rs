@@ -27,11 +27,11 @@ const LFH_LEN: usize = 30;
 /// Largest central directory read into memory.
 const MAX_CD: u64 = 64 << 20;
 
-fn u16le(b: &[u8], at: usize) -> u16 {
+pub(crate) fn u16le(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn u32le(b: &[u8], at: usize) -> u32 {
+pub(crate) fn u32le(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
@@ -39,6 +39,64 @@ fn u64le(b: &[u8], at: usize) -> u64 {
     let mut v = [0u8; 8];
     v.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(v)
+}
+
+/// Where the end of central directory record is in `tail` (the last bytes of a zip): the last
+/// signature with a whole record after it.
+pub(crate) fn find_end_record(tail: &[u8]) -> Option<usize> {
+    (0..=tail.len().checked_sub(EOCD_LEN)?).rev().find(|&i| tail[i..i + 4] == *b"PK\x05\x06")
+}
+
+/// One central directory record: its fixed fields (the 32-bit sizes and offset, before any
+/// zip64 values), and where its name and extra field lie in the directory.
+pub(crate) struct CentralRecord {
+    pub made_by_unix: bool,
+    pub flags: u16,
+    pub method: u16,
+    pub crc: u32,
+    pub csize: u64,
+    pub usize_: u64,
+    pub ext_attr: u32,
+    pub lfh_off: u64,
+    pub name: core::ops::Range<usize>,
+    pub extra: core::ops::Range<usize>,
+    /// Where the next record starts.
+    pub next: usize,
+}
+
+/// The record at `p` of the central directory `cd`.
+pub(crate) fn central_record(cd: &[u8], p: usize) -> Result<CentralRecord, &'static str> {
+    if p + CDH_LEN > cd.len() || cd[p..p + 4] != *b"PK\x01\x02" {
+        return Err("bad central directory record");
+    }
+    let h = &cd[p..p + CDH_LEN];
+    let (nl, xl, cl) = (usize::from(u16le(h, 28)), usize::from(u16le(h, 30)), usize::from(u16le(h, 32)));
+    if p + CDH_LEN + nl + xl + cl > cd.len() {
+        return Err("central directory record overruns");
+    }
+    let name = p + CDH_LEN..p + CDH_LEN + nl;
+    Ok(CentralRecord {
+        made_by_unix: (u16le(h, 4) >> 8) == 3,
+        flags: u16le(h, 8),
+        method: u16le(h, 10),
+        crc: u32le(h, 16),
+        csize: u64::from(u32le(h, 20)),
+        usize_: u64::from(u32le(h, 24)),
+        ext_attr: u32le(h, 38),
+        lfh_off: u64::from(u32le(h, 42)),
+        extra: name.end..name.end + xl,
+        name,
+        next: p + CDH_LEN + nl + xl + cl,
+    })
+}
+
+/// Where an entry's data starts, from its local header `lfh` (read at `lfh_off`); `None` if
+/// `lfh` is not a local header.
+pub(crate) fn data_offset(lfh: &[u8], lfh_off: u64) -> Option<u64> {
+    if lfh.len() < LFH_LEN || lfh[..4] != *b"PK\x03\x04" {
+        return None;
+    }
+    Some(lfh_off + LFH_LEN as u64 + u64::from(u16le(lfh, 26)) + u64::from(u16le(lfh, 28)))
 }
 
 /// Where the central directory is: its entry count, size and offset, and where the bytes it
@@ -159,7 +217,7 @@ pub(super) fn walk(
     let tail_len = len.min(EOCD_LEN as u64 + 65535) as usize;
     let mut tail = vec![0u8; tail_len];
     read_exact_at(src, len - tail_len as u64, &mut tail, name)?;
-    let Some(eocd) = (0..=tail_len - EOCD_LEN).rev().find(|&i| tail[i..i + 4] == *b"PK\x05\x06") else {
+    let Some(eocd) = find_end_record(&tail) else {
         return Err(ArtifactError::Truncated { entry: String::from(name) });
     };
     let e = &tail[eocd..];
@@ -188,26 +246,21 @@ pub(super) fn walk(
     // again, beyond every limit (only decompressed bytes count towards a total).
     let mut claimed: u64 = 0;
     for _ in 0..count {
-        if p + CDH_LEN > cd.len() || cd[p..p + 4] != *b"PK\x01\x02" {
-            return Err(corrupt("bad central directory record"));
-        }
-        let h = &cd[p..p + CDH_LEN];
-        let made_by_unix = (u16le(h, 4) >> 8) == 3;
-        let flags = u16le(h, 8);
-        let method = u16le(h, 10);
-        let crc = u32le(h, 16);
-        let mut csize = u64::from(u32le(h, 20));
-        let mut usize_ = u64::from(u32le(h, 24));
-        let (nl, xl, cl) = (usize::from(u16le(h, 28)), usize::from(u16le(h, 30)), usize::from(u16le(h, 32)));
-        let ext_attr = u32le(h, 38);
-        let mut lfh_off = u64::from(u32le(h, 42));
-        if p + CDH_LEN + nl + xl + cl > cd.len() {
-            return Err(corrupt("central directory record overruns"));
-        }
-        let raw_name = String::from_utf8_lossy(&cd[p + CDH_LEN..p + CDH_LEN + nl]).into_owned();
-        let extra = &cd[p + CDH_LEN + nl..p + CDH_LEN + nl + xl];
-        let zip64 = zip64_values(extra, [&mut usize_, &mut csize, &mut lfh_off]);
-        p += CDH_LEN + nl + xl + cl;
+        let record = central_record(&cd, p).map_err(corrupt)?;
+        let CentralRecord {
+            made_by_unix,
+            flags,
+            method,
+            crc,
+            mut csize,
+            mut usize_,
+            ext_attr,
+            mut lfh_off,
+            ..
+        } = record;
+        let raw_name = String::from_utf8_lossy(&cd[record.name]).into_owned();
+        let zip64 = zip64_values(&cd[record.extra], [&mut usize_, &mut csize, &mut lfh_off]);
+        p = record.next;
 
         w.count_entry(&format!("{prefix}{raw_name}"))?;
         let path = normalize(&raw_name).map_err(|e| prefix_error(e, prefix))?;
@@ -228,10 +281,9 @@ pub(super) fn walk(
         // Local header: where the data starts.
         let mut lfh = [0u8; LFH_LEN];
         read_exact_at(src, lfh_off, &mut lfh, &display)?;
-        if lfh[..4] != *b"PK\x03\x04" {
+        let Some(data_off) = data_offset(&lfh, lfh_off) else {
             return Err(ArtifactError::Corrupt { entry: display, reason: "bad local header signature" });
-        }
-        let data_off = lfh_off + LFH_LEN as u64 + u64::from(u16le(&lfh, 26)) + u64::from(u16le(&lfh, 28));
+        };
         if data_off.checked_add(csize).is_none_or(|end| end > len) {
             return Err(ArtifactError::Truncated { entry: display });
         }

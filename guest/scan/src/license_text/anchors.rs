@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use super::catalog::Texts;
-use super::tokens::{shingle, tokenize};
+use super::tokens::{shingles, tokenize};
 
 /// The most anchors a group has.
 pub const ANCHORS: usize = 16;
@@ -19,21 +19,27 @@ pub const ANCHORS: usize = 16;
 /// The anchors file for the zip of licence texts `texts_zip`.
 pub fn generate(texts_zip: &'static [u8]) -> String {
     let texts = Texts::open(texts_zip);
-    let mut groups: BTreeMap<Vec<u64>, Vec<&str>> = BTreeMap::new();
+    // Texts with the same words: their identifiers and their shingles, in a row.
+    let mut groups: BTreeMap<Vec<u64>, (Vec<&str>, Vec<u64>)> = BTreeMap::new();
     let mut tokens = Vec::new();
     for id in texts.ids() {
         let text = texts.get(id).unwrap_or_default();
         tokens.clear();
         tokenize(&text, 0, &mut tokens);
         if tokens.len() >= 3 {
-            groups.entry(tokens.iter().map(|t| t.hash).collect()).or_default().push(id);
+            let words = tokens.iter().map(|t| t.hash).collect();
+            let group = groups.entry(words).or_insert_with(|| {
+                let mut seq = Vec::new();
+                shingles(&tokens, &mut seq);
+                (Vec::new(), seq)
+            });
+            group.0.push(id);
         }
     }
     let mut groups: Vec<(Vec<&str>, Vec<u64>)> = groups
-        .into_iter()
-        .map(|(words, mut ids)| {
+        .into_values()
+        .map(|(mut ids, seq)| {
             ids.sort_by(|a, b| a.len().cmp(&b.len()).then(a.cmp(b)));
-            let seq: Vec<u64> = words.windows(3).map(|w| shingle(w[0], w[1], w[2])).collect();
             (ids, seq)
         })
         .collect();

@@ -10,6 +10,9 @@
 use alloc::vec::Vec;
 use core::ops::Range;
 
+use super::key_index::KeyIndex;
+use crate::archive::zip;
+
 /// The SPDX License List's licence texts, a zip of one entry each.
 pub(crate) const TEXTS_ZIP: &[u8] = include_bytes!("../../../../policies/spdx/texts.zip");
 /// Each group of texts with the same words: identifiers, shingle count, anchors.
@@ -30,9 +33,8 @@ pub(crate) struct Catalog {
     pub groups: Vec<Group>,
     /// (anchor, group), sorted.
     postings: Vec<(u64, u16)>,
-    /// Open addressing over `postings`: each slot the index of an anchor's first posting + 1
-    /// (0: empty).
-    slots: Vec<u32>,
+    /// Each anchor's first posting.
+    index: KeyIndex,
 }
 
 static CATALOG: spin::Once<Catalog> = spin::Once::new();
@@ -68,36 +70,15 @@ impl Catalog {
         }
         postings.sort_unstable();
         postings.dedup();
-        let mut slots = alloc::vec![0u32; (postings.len() * 2).next_power_of_two().max(16)];
-        let mask = slots.len() - 1;
-        for (i, &(h, _)) in postings.iter().enumerate() {
-            if i > 0 && postings[i - 1].0 == h {
-                continue;
-            }
-            let mut s = (h as usize) & mask;
-            while slots[s] != 0 {
-                s = (s + 1) & mask;
-            }
-            slots[s] = i as u32 + 1;
-        }
-        Catalog { groups, postings, slots }
+        let index = KeyIndex::new(&postings.iter().map(|p| p.0).collect::<Vec<u64>>());
+        Catalog { groups, postings, index }
     }
 
     /// The groups `shingle` is an anchor of.
     pub fn anchored(&self, shingle: u64) -> &[(u64, u16)] {
-        let mask = self.slots.len() - 1;
-        let mut s = (shingle as usize) & mask;
-        loop {
-            let first = match self.slots[s] {
-                0 => return &[],
-                i => i as usize - 1,
-            };
-            if self.postings[first].0 == shingle {
-                let n = self.postings[first..].iter().take_while(|p| p.0 == shingle).count();
-                return &self.postings[first..first + n];
-            }
-            s = (s + 1) & mask;
-        }
+        let Some(first) = self.index.find(shingle, |i| self.postings[i].0) else { return &[] };
+        let n = self.postings[first..].iter().take_while(|p| p.0 == shingle).count();
+        &self.postings[first..first + n]
     }
 
     /// The entry of the texts that holds a group's text.
@@ -130,40 +111,27 @@ pub(crate) struct Texts {
 /// The largest text inflated (the list's longest is 46 KB).
 const MAX_TEXT: usize = 1 << 20;
 
-fn u16le(b: &[u8], at: usize) -> Option<usize> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?) as usize)
-}
-
-fn u32le(b: &[u8], at: usize) -> Option<usize> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize)
-}
-
 impl Texts {
     pub(crate) fn open(zip: &'static [u8]) -> Texts {
         Texts { zip, index: Self::read_directory(zip).unwrap_or_default() }
     }
 
-    /// The central directory: every deflated `<identifier>.txt` entry.
+    /// The central directory: every deflated `<identifier>.txt` entry (the parsing is the
+    /// archive reader's, [`crate::archive::zip`]).
     fn read_directory(zip: &'static [u8]) -> Option<Vec<(&'static str, Range<usize>, usize)>> {
-        // The end of central directory record, before the archive's comment.
-        let eocd =
-            (0..zip.len().checked_sub(22)? + 1).rev().find(|&at| zip[at..].starts_with(b"PK\x05\x06"))?;
-        let (entries, mut at) = (u16le(zip, eocd + 10)?, u32le(zip, eocd + 16)?);
-        let mut index = Vec::with_capacity(entries);
+        let eocd = zip::find_end_record(zip)?;
+        let (entries, cd_at) = (zip::u16le(zip, eocd + 10), zip::u32le(zip, eocd + 16) as usize);
+        let cd = zip.get(cd_at..eocd)?;
+        let mut index = Vec::with_capacity(entries.into());
+        let mut p = 0;
         for _ in 0..entries {
-            if !zip.get(at..)?.starts_with(b"PK\x01\x02") {
-                return None;
-            }
-            let (method, packed, size) = (u16le(zip, at + 10)?, u32le(zip, at + 20)?, u32le(zip, at + 24)?);
-            let (name_len, extra_len, comment_len) =
-                (u16le(zip, at + 28)?, u16le(zip, at + 30)?, u16le(zip, at + 32)?);
-            let local = u32le(zip, at + 42)?;
-            let name = core::str::from_utf8(zip.get(at + 46..at + 46 + name_len)?).ok()?;
-            at += 46 + name_len + extra_len + comment_len;
-            // The local header's own name and extra field lengths say where the data starts.
-            let data = local + 30 + u16le(zip, local + 26)? + u16le(zip, local + 28)?;
-            if let (8, Some(id)) = (method, name.strip_suffix(".txt")) {
-                index.push((id, data..data + packed, size));
+            let record = zip::central_record(cd, p).ok()?;
+            p = record.next;
+            let name = core::str::from_utf8(&cd[record.name]).ok()?;
+            let local = usize::try_from(record.lfh_off).ok()?;
+            let data = zip::data_offset(zip.get(local..)?, record.lfh_off)? as usize;
+            if let (8, Some(id)) = (record.method, name.strip_suffix(".txt")) {
+                index.push((id, data..data + record.csize as usize, record.usize_ as usize));
             }
         }
         index.sort_unstable_by(|a, b| a.0.cmp(b.0));

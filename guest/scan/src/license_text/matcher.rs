@@ -10,10 +10,12 @@
 //! the 2-clause one for a 2-clause file), without overlaps; a file of many texts gives each its
 //! own match.
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::ops::Range;
 
 use super::catalog::{catalog, texts};
+use super::key_index::KeyIndex;
 use super::tokens::{shingles, tokenize, Token};
 
 /// The least score (per cent) a match is reported with.
@@ -47,38 +49,23 @@ pub(crate) struct LicenseMatch {
 struct Known {
     group: u16,
     distinct: Vec<(u64, Option<u32>)>,
-    /// Open addressing over `distinct`: each slot an index + 1 (0: empty).
-    slots: Vec<u32>,
+    /// Where each shingle is in `distinct`.
+    index: KeyIndex,
     len: usize,
 }
 
 impl Known {
     fn new(group: u16, distinct: Vec<(u64, Option<u32>)>, len: usize) -> Known {
-        let mut slots = alloc::vec![0u32; (distinct.len() * 2).next_power_of_two().max(16)];
-        let mask = slots.len() - 1;
-        for (i, d) in distinct.iter().enumerate() {
-            let mut at = (d.0 as usize) & mask;
-            while slots[at] != 0 {
-                at = (at + 1) & mask;
-            }
-            slots[at] = i as u32 + 1;
-        }
-        Known { group, distinct, slots, len }
+        let index = KeyIndex::new(&distinct.iter().map(|d| d.0).collect::<Vec<u64>>());
+        Known { group, distinct, index, len }
     }
 
     /// Whether the text has shingle `s`: its index in `distinct`, and where it is in the text
     /// if only once.
     #[inline]
     fn lookup(&self, s: u64) -> Option<(usize, Option<u32>)> {
-        let mask = self.slots.len() - 1;
-        let mut at = (s as usize) & mask;
-        loop {
-            let i = (self.slots[at] as usize).checked_sub(1)?;
-            if self.distinct[i].0 == s {
-                return Some((i, self.distinct[i].1));
-            }
-            at = (at + 1) & mask;
-        }
+        let i = self.index.find(s, |i| self.distinct[i].0)?;
+        Some((i, self.distinct[i].1))
     }
 }
 
@@ -129,7 +116,13 @@ pub(crate) struct Matcher {
     window: Vec<u64>,
     compared: Vec<Compared>,
     known: Vec<Known>,
+    /// Steps the last [`Matcher::find`] took: shingles compared and intervals looked at (a test
+    /// holds it linear in the region, whatever the region holds).
+    work: usize,
 }
+
+/// How many earlier exact matches (by where they start) a candidate is checked against.
+const EXACT_LOOKBACK: usize = 8;
 
 /// How far apart (in shingles) the parts of a text of `len` shingles may lie in a region.
 fn reach(len: usize) -> usize {
@@ -147,13 +140,18 @@ impl Matcher {
         shingles(&self.tokens, &mut self.shingles);
         self.find_candidates();
         let mut budget = WORK_FREE + WORK_PER_SHINGLE * self.shingles.len();
+        self.work = 0;
         self.compared.clear();
-        // Exact matches so far: (first, last, text length). A text no longer than one of them,
-        // whose anchors lie within it, cannot be the better match there.
-        let mut exact: Vec<(usize, usize, usize)> = Vec::new();
+        // Exact matches so far: (first, last) → text length. A text no longer than one of them,
+        // whose anchors lie within it, cannot be the better match there. Only the few starting
+        // last before the candidate are looked at (a skipped skip costs a compare, which the
+        // budget bounds).
+        let mut exact: BTreeMap<(usize, usize), usize> = BTreeMap::new();
         for i in 0..self.candidates.len() {
             let c = self.candidates[i];
-            if exact.iter().any(|&(f, l, len)| f <= c.from && c.to <= l && c.len <= len) {
+            self.work += EXACT_LOOKBACK;
+            let mut before = exact.range(..=(c.from, usize::MAX)).rev().take(EXACT_LOOKBACK);
+            if before.any(|(&(_, l), &len)| c.to <= l && c.len <= len) {
                 continue;
             }
             let Some(k) = self.known(c.group) else { continue };
@@ -167,9 +165,10 @@ impl Matcher {
                 break;
             }
             budget -= range.len();
+            self.work += range.len();
             if let Some(compared) = self.compare(k, range) {
                 if compared.score == 100 {
-                    exact.push((compared.first, compared.last, c.len));
+                    exact.insert((compared.first, compared.last), c.len);
                 }
                 self.compared.push(compared);
             }
@@ -178,12 +177,16 @@ impl Matcher {
             b.key.cmp(&a.key).then(a.group.cmp(&b.group)).then(a.first.cmp(&b.first))
         });
         let first_new = out.len();
-        let mut taken: Vec<(usize, usize)> = Vec::new();
+        // Matches taken, first → last; they do not overlap, so the one starting last at or
+        // before a match's end is the only one it could overlap.
+        let mut taken: BTreeMap<usize, usize> = BTreeMap::new();
         for c in &self.compared {
-            if c.score < MIN_SCORE || taken.iter().any(|&(f, l)| c.first <= l && f <= c.last) {
+            self.work += 1;
+            let overlaps = taken.range(..=c.last).next_back().is_some_and(|(_, &l)| c.first <= l);
+            if c.score < MIN_SCORE || overlaps {
                 continue;
             }
-            taken.push((c.first, c.last));
+            taken.insert(c.first, c.last);
             out.push(LicenseMatch {
                 start: self.tokens[c.first].start as usize,
                 end: self.tokens[c.last + 2].end as usize,
@@ -376,5 +379,56 @@ impl Matcher {
         }
         self.known.push(Known::new(group, distinct, len));
         Some(self.known.len() - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file built against the matcher: every group's anchors as the phrases they are in its
+    /// text, and the hundred shortest texts whole (each an exact match), round after round, a
+    /// trigger word on every line so that it is all one window. Every group is a candidate in
+    /// every round, and thousands of exact matches pile up; the work stays linear in the
+    /// region, bounded by the compare budget.
+    #[test]
+    fn a_file_holding_every_texts_anchors_many_times_over_costs_work_linear_in_its_size() {
+        let (catalog, texts) = (catalog(), texts());
+        let mut round = Vec::new();
+        let mut short: Vec<Vec<u8>> = Vec::new();
+        for g in 0..catalog.groups.len() as u16 {
+            let text = texts.get(catalog.entry(g)).unwrap();
+            let mut tokens = Vec::new();
+            tokenize(&text, 0, &mut tokens);
+            let mut seq = Vec::new();
+            shingles(&tokens, &mut seq);
+            round.extend_from_slice(b"license:");
+            for (i, &s) in seq.iter().enumerate() {
+                if catalog.anchored(s).iter().any(|&(_, group)| group == g) {
+                    round.push(b' ');
+                    round.extend_from_slice(&text[tokens[i].start as usize..tokens[i + 2].end as usize]);
+                }
+            }
+            round.push(b'\n');
+            short.push(text);
+        }
+        short.sort_by_key(Vec::len);
+        for text in &short[..100] {
+            round.extend_from_slice(b"license:\n");
+            round.extend_from_slice(text);
+            round.push(b'\n');
+        }
+        let rounds = 3;
+        let file = round.repeat(rounds);
+        let mut matcher = Matcher::default();
+        let mut out = Vec::new();
+        matcher.find(&file, 0..file.len(), &mut out);
+        let n = matcher.shingles.len();
+        let groups = catalog.groups.len();
+        assert!(matcher.candidates.len() >= groups * rounds, "{} candidates", matcher.candidates.len());
+        assert!(out.len() >= 90 * rounds, "{} matches", out.len());
+        assert!(out.iter().all(|m| m.score >= MIN_SCORE));
+        let bound = WORK_FREE + (WORK_PER_SHINGLE + 2 * EXACT_LOOKBACK) * n;
+        assert!(matcher.work <= bound, "work {} over {bound} for {n} shingles", matcher.work);
     }
 }

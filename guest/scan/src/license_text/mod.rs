@@ -9,6 +9,7 @@
 
 pub mod anchors;
 pub(crate) mod catalog;
+mod key_index;
 mod matcher;
 pub(crate) mod tokens;
 
@@ -17,7 +18,6 @@ use core::ops::Range;
 
 pub use matcher::MIN_SCORE;
 pub(crate) use matcher::{LicenseMatch, Matcher};
-
 
 /// The windows that trigger words at `occurrences` (positions, sorted) open in `text`: the
 /// keyword windows of [`crate::window`] (the history scan's multi-line clusters, so carrying

@@ -291,7 +291,7 @@ fn skip_line(text: &[u8], at: usize) -> usize {
 }
 
 /// The hash of three words in a row (a shingle).
-pub(crate) fn shingle(a: u64, b: u64, c: u64) -> u64 {
+fn shingle(a: u64, b: u64, c: u64) -> u64 {
     let mut h = a ^ b.rotate_left(21) ^ c.rotate_left(42);
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
