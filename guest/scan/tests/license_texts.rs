@@ -106,3 +106,23 @@ fn every_shipped_text_is_found_as_itself_and_so_are_modified_copies() {
         failures.join("\n")
     );
 }
+
+/// A notices file holds the same licence once per component: each copy is a match of its own,
+/// back to back or with other words between them, short text or long.
+#[test]
+fn each_copy_of_a_text_in_a_notices_file_is_found() {
+    let texts = shipped();
+    let text = |id: &str| String::from_utf8_lossy(&texts.iter().find(|t| t.0 == id).unwrap().1).into_owned();
+    for id in ["MIT", "0BSD", "Apache-2.0"] {
+        let one = text(id);
+        let back_to_back = one.repeat(5);
+        let between: String = (0..5)
+            .map(|i| format!("Component {i} (https://example.com/c{i}) is licensed as follows:\n\n{one}\n"))
+            .collect();
+        for (how, file) in [("back to back", &back_to_back), ("with words between", &between)] {
+            let found = find_all(file.as_bytes());
+            let copies = found.iter().filter(|f| f.0 == id && f.1 >= 95).count();
+            assert_eq!(copies, 5, "{id} {how}: {found:?}");
+        }
+    }
+}

@@ -209,25 +209,47 @@ impl Matcher {
         self.hits.sort_unstable();
         self.candidates.clear();
         let mut anchors: Vec<u64> = Vec::new();
+        // The anchors of the copy being read, each with where it was last seen.
+        let mut seen: Vec<(u64, u32)> = Vec::new();
         for run in self.hits.chunk_by(|a, b| a.0 == b.0) {
             let group = &catalog.groups[run[0].0 as usize];
-            let reach = reach(group.len as usize);
+            let len = group.len as usize;
+            let reach = reach(len);
             for piece in run.chunk_by(|a, b| (b.1 - a.1) as usize <= reach) {
-                anchors.clear();
-                anchors.extend(piece.iter().map(|h| h.2));
-                anchors.sort_unstable();
-                anchors.dedup();
-                let group_anchors = group.anchors as usize;
-                if anchors.len() >= group_anchors.min(2)
-                    && anchors.len() * 100 >= group_anchors * MIN_ANCHOR_SHARE
-                {
-                    self.candidates.push(Candidate {
-                        group: run[0].0,
-                        from: piece[0].1 as usize,
-                        to: piece[piece.len() - 1].1 as usize,
-                        share: anchors.len() * 1000 / (group.anchors as usize).max(1),
-                        len: group.len as usize,
-                    });
+                // Copies of a text one after another: an anchor seen again half a text or more
+                // after it was last seen starts the next copy (each is a candidate).
+                let (mut from, mut copies) = (0, Vec::new());
+                seen.clear();
+                for (j, &(_, at, anchor)) in piece.iter().enumerate() {
+                    match seen.iter_mut().find(|s| s.0 == anchor) {
+                        Some(last) if (at - last.1) as usize * 2 >= len => {
+                            copies.push(&piece[from..j]);
+                            from = j;
+                            seen.clear();
+                            seen.push((anchor, at));
+                        }
+                        Some(last) => last.1 = at,
+                        None => seen.push((anchor, at)),
+                    }
+                }
+                copies.push(&piece[from..]);
+                for copy in copies {
+                    anchors.clear();
+                    anchors.extend(copy.iter().map(|h| h.2));
+                    anchors.sort_unstable();
+                    anchors.dedup();
+                    let group_anchors = group.anchors as usize;
+                    if anchors.len() >= group_anchors.min(2)
+                        && anchors.len() * 100 >= group_anchors * MIN_ANCHOR_SHARE
+                    {
+                        self.candidates.push(Candidate {
+                            group: run[0].0,
+                            from: copy[0].1 as usize,
+                            to: copy[copy.len() - 1].1 as usize,
+                            share: anchors.len() * 1000 / group_anchors.max(1),
+                            len,
+                        });
+                    }
                 }
             }
         }
