@@ -214,7 +214,7 @@ fn main() -> ExitCode {
             return match result {
                 Ok(removed) => {
                     for path in removed {
-                        tracing::info!(path = %path.display(), "removed {}", path.display());
+                        tracing::info!("removed {}", path.display());
                     }
                     if let Some(dir) = &bind_rw {
                         tracing::info!("gave {} back to root", dir.display());

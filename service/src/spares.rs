@@ -102,6 +102,8 @@ impl Spares {
 
     async fn prepare(&self, id: &str) -> Result<(), String> {
         let output = Command::new(&self.jailer)
+            // Its words end up in messages for people: text, whatever format this logs in.
+            .env_remove(cella_log::FORMAT_ENV)
             .args(["prepare", "--id", id, "--exec-file"])
             .arg(&self.vmm)
             .stdin(Stdio::null())

@@ -184,6 +184,8 @@ impl Vmms {
     /// The command line for `spec`, taking the spare jail `spare` if it is jailed.
     pub fn command(&self, spec: &LaunchSpec, spare: Option<&str>) -> Command {
         let mut cmd = Command::new(&self.vmm);
+        // Its log is quoted in messages for people: text, whatever format this service logs in.
+        cmd.env_remove(cella_log::FORMAT_ENV);
         cmd.arg("session").arg("--api-sock").arg(&spec.api_sock).arg("--vsock").arg(&spec.vsock);
         match &spec.source {
             Source::Artifact { path, name } => {
@@ -338,6 +340,7 @@ impl Vmms {
     /// `cella-jailer cleanup`. Returns what it reported; nothing left is not an error.
     pub fn cleanup_jail(&self, id: &str, dir: Option<&Path>) -> Result<String, VmmError> {
         let mut cmd = Command::new(self.jailer());
+        cmd.env_remove(cella_log::FORMAT_ENV);
         cmd.arg("cleanup").arg("--id").arg(id);
         if let Some(dir) = dir {
             cmd.arg("--bind-rw").arg(dir);
@@ -554,5 +557,8 @@ mod tests {
         assert!(line(Some("spare-1-0-0"))
             .ends_with("--session-dir /d/sessions/s1 --cpus 0.5 --jail-prepared spare-1-0-0"));
         assert_eq!(vmms.jailer(), Path::new("/opt/cella/cella-jailer"));
+        // Its log is quoted to people: a JSON server log's format is not passed on.
+        let removed = |cmd: &Command| cmd.get_envs().any(|(k, v)| k == cella_log::FORMAT_ENV && v.is_none());
+        assert!(removed(&vmms.command(&spec, None)));
     }
 }
