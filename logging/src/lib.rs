@@ -33,16 +33,6 @@ pub enum LogFormat {
     Json,
 }
 
-impl LogFormat {
-    /// The word the command lines and the environment use for it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        }
-    }
-}
-
 impl std::str::FromStr for LogFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -58,6 +48,12 @@ impl std::str::FromStr for LogFormat {
 pub const FORMAT_ENV: &str = "CELLA_LOG_FORMAT";
 /// The environment variable holding the filter.
 pub const FILTER_ENV: &str = "CELLA_LOG";
+
+/// Runs `command` (a Cella tool whose words its launcher quotes in messages for people)
+/// without [`FORMAT_ENV`]: it writes text, whatever format its launcher logs in.
+pub fn words_for_people(command: &mut std::process::Command) -> &mut std::process::Command {
+    command.env_remove(FORMAT_ENV)
+}
 
 /// Why a logger could not be made.
 #[derive(Debug, thiserror::Error)]

@@ -101,9 +101,9 @@ impl Spares {
     }
 
     async fn prepare(&self, id: &str) -> Result<(), String> {
-        let output = Command::new(&self.jailer)
-            // Its words end up in messages for people: text, whatever format this logs in.
-            .env_remove(cella_log::FORMAT_ENV)
+        let mut command = Command::new(&self.jailer);
+        cella_log::words_for_people(command.as_std_mut());
+        let output = command
             .args(["prepare", "--id", id, "--exec-file"])
             .arg(&self.vmm)
             .stdin(Stdio::null())

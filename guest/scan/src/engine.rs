@@ -1136,7 +1136,7 @@ impl Engine {
             if at == usize::MAX {
                 break;
             }
-            let ls = line_start(buf, at);
+            let ls = crate::window::line_start(buf, at);
             if ls >= commit {
                 break;
             }
@@ -1517,7 +1517,7 @@ impl MarkerCache {
 /// The line (without its `\n`) holding `pos`.
 fn line_range(buf: &[u8], pos: usize) -> Range<usize> {
     let pos = pos.min(buf.len());
-    line_start(buf, pos)..line_end(buf, pos)
+    crate::window::line_start(buf, pos)..line_end(buf, pos)
 }
 
 /// The 1-based column of `pos`; `col0` is the column of `buf[0]` minus one.
@@ -1540,10 +1540,6 @@ fn advance(consumed: &[u8], line: u64, col0: u64) -> (u64, u64) {
 
 fn filter_error(message: String) -> EngineError {
     EngineError::Regex { rule: String::from("(line filter)"), what: "regex", message }
-}
-
-fn line_start(buf: &[u8], pos: usize) -> usize {
-    memchr::memrchr(b'\n', &buf[..pos]).map_or(0, |i| i + 1)
 }
 
 fn line_end(buf: &[u8], pos: usize) -> usize {

@@ -184,8 +184,7 @@ impl Vmms {
     /// The command line for `spec`, taking the spare jail `spare` if it is jailed.
     pub fn command(&self, spec: &LaunchSpec, spare: Option<&str>) -> Command {
         let mut cmd = Command::new(&self.vmm);
-        // Its log is quoted in messages for people: text, whatever format this service logs in.
-        cmd.env_remove(cella_log::FORMAT_ENV);
+        cella_log::words_for_people(&mut cmd);
         cmd.arg("session").arg("--api-sock").arg(&spec.api_sock).arg("--vsock").arg(&spec.vsock);
         match &spec.source {
             Source::Artifact { path, name } => {
@@ -340,7 +339,7 @@ impl Vmms {
     /// `cella-jailer cleanup`. Returns what it reported; nothing left is not an error.
     pub fn cleanup_jail(&self, id: &str, dir: Option<&Path>) -> Result<String, VmmError> {
         let mut cmd = Command::new(self.jailer());
-        cmd.env_remove(cella_log::FORMAT_ENV);
+        cella_log::words_for_people(&mut cmd);
         cmd.arg("cleanup").arg("--id").arg(id);
         if let Some(dir) = dir {
             cmd.arg("--bind-rw").arg(dir);

@@ -343,13 +343,12 @@ fn template_command(launcher: &Launcher, dir: &Path, policy_file: &Path, uid: u3
     };
     if !launcher.jailed() {
         let mut command = Command::new(launcher.vmm());
-        // Its words end up in messages for people: text, whatever format this service logs in.
-        command.env_remove(cella_log::FORMAT_ENV);
+        cella_log::words_for_people(&mut command);
         template_args(&mut command, &image);
         return command;
     }
     let mut command = Command::new(launcher.vmm().with_file_name("cella-jailer"));
-    command.env_remove(cella_log::FORMAT_ENV);
+    cella_log::words_for_people(&mut command);
     let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     command.arg("--id").arg(id).arg("--exec-file").arg(launcher.vmm());
     command.arg("--uid").arg(uid.to_string()).arg("--gid").arg(uid.to_string()).arg("--new-pid-ns");

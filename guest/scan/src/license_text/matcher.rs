@@ -124,6 +124,30 @@ pub(crate) struct Matcher {
 /// How many earlier exact matches (by where they start) a candidate is checked against.
 const EXACT_LOOKBACK: usize = 8;
 
+/// The candidate that anchor hits `copy` (group `id`'s, in text order) make, if they hold
+/// enough of the group's anchors (`anchors`: scratch space).
+fn candidate(
+    id: u16,
+    group: &super::catalog::Group,
+    copy: &[(u16, u32, u64)],
+    anchors: &mut Vec<u64>,
+) -> Option<Candidate> {
+    anchors.clear();
+    anchors.extend(copy.iter().map(|h| h.2));
+    anchors.sort_unstable();
+    anchors.dedup();
+    let group_anchors = group.anchors as usize;
+    let enough =
+        anchors.len() >= group_anchors.min(2) && anchors.len() * 100 >= group_anchors * MIN_ANCHOR_SHARE;
+    enough.then(|| Candidate {
+        group: id,
+        from: copy[0].1 as usize,
+        to: copy[copy.len() - 1].1 as usize,
+        share: anchors.len() * 1000 / group_anchors.max(1),
+        len: group.len as usize,
+    })
+}
+
 /// How far apart (in shingles) the parts of a text of `len` shingles may lie in a region.
 fn reach(len: usize) -> usize {
     len + len / 2 + 16
@@ -212,18 +236,17 @@ impl Matcher {
         // The anchors of the copy being read, each with where it was last seen.
         let mut seen: Vec<(u64, u32)> = Vec::new();
         for run in self.hits.chunk_by(|a, b| a.0 == b.0) {
-            let group = &catalog.groups[run[0].0 as usize];
-            let len = group.len as usize;
-            let reach = reach(len);
+            let (id, group) = (run[0].0, &catalog.groups[run[0].0 as usize]);
+            let (len, reach) = (group.len as usize, reach(group.len as usize));
             for piece in run.chunk_by(|a, b| (b.1 - a.1) as usize <= reach) {
                 // Copies of a text one after another: an anchor seen again half a text or more
                 // after it was last seen starts the next copy (each is a candidate).
-                let (mut from, mut copies) = (0, Vec::new());
+                let mut from = 0;
                 seen.clear();
                 for (j, &(_, at, anchor)) in piece.iter().enumerate() {
                     match seen.iter_mut().find(|s| s.0 == anchor) {
                         Some(last) if (at - last.1) as usize * 2 >= len => {
-                            copies.push(&piece[from..j]);
+                            self.candidates.extend(candidate(id, group, &piece[from..j], &mut anchors));
                             from = j;
                             seen.clear();
                             seen.push((anchor, at));
@@ -232,25 +255,7 @@ impl Matcher {
                         None => seen.push((anchor, at)),
                     }
                 }
-                copies.push(&piece[from..]);
-                for copy in copies {
-                    anchors.clear();
-                    anchors.extend(copy.iter().map(|h| h.2));
-                    anchors.sort_unstable();
-                    anchors.dedup();
-                    let group_anchors = group.anchors as usize;
-                    if anchors.len() >= group_anchors.min(2)
-                        && anchors.len() * 100 >= group_anchors * MIN_ANCHOR_SHARE
-                    {
-                        self.candidates.push(Candidate {
-                            group: run[0].0,
-                            from: copy[0].1 as usize,
-                            to: copy[copy.len() - 1].1 as usize,
-                            share: anchors.len() * 1000 / group_anchors.max(1),
-                            len,
-                        });
-                    }
-                }
+                self.candidates.extend(candidate(id, group, &piece[from..], &mut anchors));
             }
         }
         self.candidates.sort_unstable_by(|a, b| {
