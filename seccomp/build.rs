@@ -8,16 +8,26 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// Thread kinds and their files; each file holds one object keyed by the same name.
-const THREADS: &[(&str, &str)] =
-    &[("vmm", "VMM"), ("vcpu", "VCPU"), ("device", "DEVICE"), ("api", "API"), ("spare", "SPARE")];
+const THREADS: &[(&str, &str)] = &[
+    ("vmm", "VMM"),
+    ("vcpu", "VCPU"),
+    ("device", "DEVICE"),
+    ("api", "API"),
+    ("spare", "SPARE"),
+    ("restore", "RESTORE"),
+];
 /// Filters that also allow everything other filters allow: a spare's main thread starts the
 /// vCPU thread (which keeps its filter) and later takes the vmm filter on top of its own.
 /// Each entry: the filter, the filters whose rules it takes, and the syscalls it leaves out of
 /// them. A spare's vCPU thread never opens or accepts a socket (its channels are handed over),
 /// so its main thread's filter, which that thread keeps, takes none of the vCPU filter's socket
 /// calls.
-const INCLUDES: &[(&str, &[&str], &[&str])] =
-    &[("spare", &["vmm", "vcpu"], &["socket", "connect", "accept4"])];
+/// A spare session VMM's vCPU thread accepts the host's connections on the vsock listener
+/// handed over with its snapshot, but nothing in it makes or connects a socket.
+const INCLUDES: &[(&str, &[&str], &[&str])] = &[
+    ("spare", &["vmm", "vcpu"], &["socket", "connect", "accept4"]),
+    ("restore", &["vmm", "vcpu", "spare"], &["socket", "connect"]),
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=filters");

@@ -47,6 +47,16 @@ impl ControlError {
     }
 }
 
+/// A snapshot's files to hand over with [`ControlClient::snapshot_load_handed`].
+#[derive(Clone, Copy, Debug)]
+pub struct HandedSnapshotFiles<'a> {
+    pub state: BorrowedFd<'a>,
+    pub memory: BorrowedFd<'a>,
+    pub disk: Option<BorrowedFd<'a>>,
+    /// A listening Unix stream socket.
+    pub vsock: Option<BorrowedFd<'a>>,
+}
+
 /// A client of one VMM's control socket (`cella-vmm session --api-sock PATH`).
 #[derive(Clone, Debug)]
 pub struct ControlClient {
@@ -121,6 +131,35 @@ impl ControlClient {
         }
         let (status, bytes) = self.exchange("PUT", "/vm", Some(&body), &fds)?;
         refused_unless_ok("PUT", "/vm", status, &bytes)
+    }
+
+    /// `PUT /snapshot/load` into a spare session VMM (`cella-vmm session --api-fd`), with the
+    /// snapshot's files handed over (the VMM gets the descriptors; this process keeps its own):
+    /// the state and memory files, the disk if the VM had one, and a listening Unix socket for
+    /// its vsock device. `max_duration`: stop the VM this long after it starts.
+    pub fn snapshot_load_handed(
+        &self,
+        files: &HandedSnapshotFiles<'_>,
+        resume: bool,
+        max_duration: Option<Duration>,
+    ) -> Result<serde_json::Value, ControlError> {
+        let mut fds: Vec<BorrowedFd<'_>> = vec![files.state, files.memory];
+        let mut body = json!({"state_fd": 0, "memory_fd": 1, "resume": resume});
+        if let Some(disk) = files.disk {
+            body["disk_fd"] = json!(fds.len());
+            fds.push(disk);
+        }
+        if let Some(vsock) = files.vsock {
+            body["vsock_fd"] = json!(fds.len());
+            fds.push(vsock);
+        }
+        if let Some(max) = max_duration {
+            body["max_duration_ms"] = json!(max.as_millis() as u64);
+        }
+        let (status, bytes) = self.exchange("PUT", "/snapshot/load", Some(&body), &fds)?;
+        refused_unless_ok("PUT", "/snapshot/load", status, &bytes)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ControlError::BadResponse { what: "PUT /snapshot/load".into(), why: e.to_string() })
     }
 
     /// `PUT /actions {"action_type":"finish"}`: waits up to `grace` for the guest to end on its

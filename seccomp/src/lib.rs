@@ -40,12 +40,21 @@ pub enum ThreadKind {
     /// The main thread of a spare VMM while it waits for its launch and starts its VM (also
     /// allows all that `Vmm` and `Vcpu` do: filters stack).
     Spare,
+    /// The main thread of a spare session VMM while it waits for a snapshot's files and restores
+    /// it (also allows all that `Vmm`, `Vcpu` and `Spare` do, but making a socket).
+    Restore,
 }
 
 impl ThreadKind {
     /// Every thread kind.
-    pub const ALL: [ThreadKind; 5] =
-        [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Api, ThreadKind::Spare];
+    pub const ALL: [ThreadKind; 6] = [
+        ThreadKind::Vmm,
+        ThreadKind::Vcpu,
+        ThreadKind::Device,
+        ThreadKind::Api,
+        ThreadKind::Spare,
+        ThreadKind::Restore,
+    ];
 
     /// The name of the filter in `seccomp/filters/`.
     pub fn name(self) -> &'static str {
@@ -55,6 +64,7 @@ impl ThreadKind {
             ThreadKind::Device => "device",
             ThreadKind::Api => "api",
             ThreadKind::Spare => "spare",
+            ThreadKind::Restore => "restore",
         }
     }
 
@@ -65,6 +75,7 @@ impl ThreadKind {
             ThreadKind::Device => generated::DEVICE,
             ThreadKind::Api => generated::API,
             ThreadKind::Spare => generated::SPARE,
+            ThreadKind::Restore => generated::RESTORE,
         }
     }
 }

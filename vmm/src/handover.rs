@@ -46,6 +46,77 @@ impl Handover {
     fn take(&self, index: usize) -> Option<OwnedFd> {
         self.0.lock().ok()?.get_mut(index)?.take()
     }
+
+    /// [`Handover::take`], or why not.
+    fn taken(&self, index: usize) -> Result<OwnedFd, String> {
+        self.take(index).ok_or_else(|| format!("descriptor {index} is gone"))
+    }
+
+    /// Checks that `named` names every descriptor that came, each exactly once.
+    fn check_named(&self, named: &[usize]) -> Result<(), String> {
+        let count = self.len();
+        if let Some(bad) = named.iter().find(|&&fd| fd >= count) {
+            return Err(format!("descriptor {bad} was named but {count} came with the request"));
+        }
+        let mut sorted = named.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != named.len() {
+            return Err("a descriptor was named twice".into());
+        }
+        if named.len() != count {
+            return Err(format!("{count} descriptors came with the request but {} were named", named.len()));
+        }
+        Ok(())
+    }
+}
+
+/// `PUT /snapshot/load` with the snapshot's files handed over: which descriptor is which.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandedSnapshot {
+    /// The state file (`state.bin`).
+    pub state_fd: usize,
+    /// The memory file (`memory.bin`), mapped privately.
+    pub memory_fd: usize,
+    /// The disk, if the snapshot's VM had one.
+    pub disk_fd: Option<usize>,
+    /// A listening Unix stream socket for the vsock device, if the VM had one.
+    pub vsock_fd: Option<usize>,
+    pub fds: Handover,
+}
+
+impl HandedSnapshot {
+    /// Checks that every descriptor is named exactly once.
+    pub fn check(&self) -> Result<(), String> {
+        let mut named = vec![self.state_fd, self.memory_fd];
+        named.extend(self.disk_fd);
+        named.extend(self.vsock_fd);
+        self.fds.check_named(&named)
+    }
+
+    /// The files, each checked for its kind (taken: a second call finds none).
+    pub fn files(&self) -> Result<crate::snapshot::SnapshotFiles, String> {
+        self.check()?;
+        let file = |index: usize, what: &str| -> Result<File, String> {
+            let file = File::from(self.fds.taken(index)?);
+            match file.metadata() {
+                Ok(meta) if meta.is_file() => Ok(file),
+                _ => Err(format!("descriptor {index} ({what}) is not a regular file")),
+            }
+        };
+        let state = file(self.state_fd, "the state file")?;
+        let memory = file(self.memory_fd, "the memory file")?;
+        let disk = self.disk_fd.map(|index| file(index, "the disk")).transpose()?;
+        let vsock = match self.vsock_fd {
+            Some(index) => {
+                let fd = self.fds.taken(index)?;
+                check_listening_socket(&fd).map_err(|why| format!("descriptor {index} (vsock): {why}"))?;
+                Some(std::os::unix::net::UnixListener::from(fd))
+            }
+            None => None,
+        };
+        Ok(crate::snapshot::SnapshotFiles { state, memory, disk, vsock })
+    }
 }
 
 /// `PUT /vm` on a spare: attach these descriptors and start the VM.
@@ -61,21 +132,9 @@ pub struct StartVm {
 impl StartVm {
     /// Checks that every descriptor is named exactly once and every port once.
     pub fn check(&self) -> Result<(), String> {
-        let count = self.fds.len();
         let mut named: Vec<usize> = self.disk_fd.into_iter().collect();
         named.extend(self.vsock_channels.iter().map(|(_, fd)| *fd));
-        if let Some(bad) = named.iter().find(|&&fd| fd >= count) {
-            return Err(format!("descriptor {bad} was named but {count} came with the request"));
-        }
-        let mut sorted = named.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        if sorted.len() != named.len() {
-            return Err("a descriptor was named twice".into());
-        }
-        if named.len() != count {
-            return Err(format!("{count} descriptors came with the request but {} were named", named.len()));
-        }
+        self.fds.check_named(&named)?;
         let mut ports: Vec<u32> = self.vsock_channels.iter().map(|(port, _)| *port).collect();
         ports.sort_unstable();
         ports.dedup();
@@ -88,7 +147,7 @@ impl StartVm {
     /// The devices' host ends, made from the descriptors (taken: a second call finds none).
     pub fn host_ends(&self) -> Result<HostEnds, String> {
         self.check()?;
-        let take = |index: usize| self.fds.take(index).ok_or_else(|| format!("descriptor {index} is gone"));
+        let take = |index: usize| self.fds.taken(index);
         let disk = match self.disk_fd {
             Some(index) => Some(
                 Block::from_file(File::from(take(index)?))
@@ -114,21 +173,33 @@ impl StartVm {
     }
 }
 
+/// A vsock listener must be a listening Unix stream socket.
+fn check_listening_socket(fd: &OwnedFd) -> Result<(), String> {
+    check_stream_socket(fd)?;
+    if socket_option(fd, libc::SO_ACCEPTCONN)? != 1 {
+        return Err("not a listening socket".into());
+    }
+    Ok(())
+}
+
+/// An integer option of socket `fd`.
+fn socket_option(fd: &OwnedFd, name: libc::c_int) -> Result<libc::c_int, String> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, an int.
+    let r = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, name, (&raw mut value).cast(), &mut len)
+    };
+    if r < 0 {
+        Err("not a socket".to_owned())
+    } else {
+        Ok(value)
+    }
+}
+
 /// A vsock channel must be a Unix stream socket.
 fn check_stream_socket(fd: &OwnedFd) -> Result<(), String> {
-    let option = |name: libc::c_int| {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `value`, an int.
-        let r = unsafe {
-            libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, name, (&raw mut value).cast(), &mut len)
-        };
-        if r < 0 {
-            Err("not a socket".to_owned())
-        } else {
-            Ok(value)
-        }
-    };
+    let option = |name| socket_option(fd, name);
     if option(libc::SO_DOMAIN)? != libc::AF_UNIX || option(libc::SO_TYPE)? != libc::SOCK_STREAM {
         return Err("not a Unix stream socket".into());
     }

@@ -35,6 +35,15 @@ pub enum VmmAction {
     CreateSnapshot { snapshot_dir: PathBuf },
     /// Load a snapshot into a VMM that has no VM yet (`PUT /snapshot/load`).
     LoadSnapshot { snapshot_dir: PathBuf, resume: bool },
+    /// The same, from the snapshot's files handed over with the request (`PUT /snapshot/load`
+    /// with descriptors): what a spare session VMM, confined to no paths, takes.
+    /// `max_duration`: stop the VM (as `timed_out`) this long after it starts, instead of the
+    /// run timeout the VMM was started with.
+    LoadHandedSnapshot {
+        handed: crate::handover::HandedSnapshot,
+        resume: bool,
+        max_duration: Option<Duration>,
+    },
     /// Stop the VM, tear it down and scrub its memory (`PUT /actions {"action_type":"stop"}`).
     Stop,
     /// Start a spare's VM with the devices' host ends handed over with the request (`PUT /vm`).
@@ -55,7 +64,7 @@ impl VmmAction {
             VmmAction::Pause => "pause",
             VmmAction::Resume => "resume",
             VmmAction::CreateSnapshot { .. } => "create a snapshot",
-            VmmAction::LoadSnapshot { .. } => "load a snapshot",
+            VmmAction::LoadSnapshot { .. } | VmmAction::LoadHandedSnapshot { .. } => "load a snapshot",
             VmmAction::Stop => "stop",
             VmmAction::StartVm(_) => "start the VM",
             VmmAction::Finish { .. } => "finish",
@@ -187,6 +196,9 @@ pub struct VmmController {
     run_timeout: Option<Duration>,
     /// The VM was built ahead (a spare's): its report says so.
     built_ahead: bool,
+    /// A spare session VMM's VM and vCPU, made before it confined itself, for the snapshot
+    /// handed over to it.
+    ahead: Option<crate::snapshot::Ahead>,
 }
 
 impl std::fmt::Debug for VmmController {
@@ -210,6 +222,7 @@ impl VmmController {
             finished: false,
             run_timeout: None,
             built_ahead: false,
+            ahead: None,
         }
     }
 
@@ -231,6 +244,13 @@ impl VmmController {
         self
     }
 
+    /// A spare session VMM: no VM yet, `ahead` made for the snapshot that
+    /// [`VmmAction::LoadHandedSnapshot`] will hand over; a snapshot named by its folder is
+    /// refused (this VMM is confined to no paths).
+    pub fn restore_spare(ahead: crate::snapshot::Ahead) -> Self {
+        VmmController { ahead: Some(ahead), built_ahead: true, ..VmmController::not_started() }
+    }
+
     /// A controller with no VM yet, waiting for [`VmmAction::LoadSnapshot`].
     pub fn not_started() -> Self {
         VmmController {
@@ -244,6 +264,7 @@ impl VmmController {
             finished: false,
             run_timeout: None,
             built_ahead: false,
+            ahead: None,
         }
     }
 
@@ -377,12 +398,24 @@ impl VmmController {
             }
             VmmAction::LoadSnapshot { snapshot_dir, resume } => {
                 check_snapshot_dir(&snapshot_dir)?;
-                if !matches!(self.slot, Slot::NotStarted) {
-                    return Err(
-                        self.wrong_state(name, "; a snapshot loads into a fresh VMM (session --restore)")
-                    );
+                self.check_loadable(name)?;
+                if self.built_ahead {
+                    return Err(VmmActionError::BadRequest(format!(
+                        "cannot {name} by its folder: this VMM is confined to no paths; hand the \
+                         snapshot's files over as descriptors"
+                    )));
                 }
-                self.load_snapshot(&snapshot_dir, resume)
+                self.load_snapshot(Loading::Dir(&snapshot_dir), resume)
+            }
+            VmmAction::LoadHandedSnapshot { handed, resume, max_duration } => {
+                self.check_loadable(name)?;
+                if max_duration.is_some() {
+                    self.run_timeout = max_duration;
+                }
+                let files = handed
+                    .files()
+                    .map_err(|why| VmmActionError::BadRequest(format!("cannot {name}: {why}")))?;
+                self.load_snapshot(Loading::Handed(files), resume)
             }
         }
     }
@@ -482,20 +515,41 @@ impl VmmController {
         Ok(VmmData::Snapshot(serde_json::to_value(&info).unwrap_or_default()))
     }
 
+    /// A snapshot loads only into a VMM that has no VM yet (and, a spare's, has not used up
+    /// the VM it made ahead).
+    fn check_loadable(&self, action: &'static str) -> Result<(), VmmActionError> {
+        if !matches!(self.slot, Slot::NotStarted) {
+            return Err(self.wrong_state(action, "; a snapshot loads into a fresh VMM (session --restore)"));
+        }
+        if self.built_ahead && self.ahead.is_none() {
+            return Err(VmmActionError::BadRequest(format!(
+                "cannot {action}: a failed load used up the VM this spare made; start another"
+            )));
+        }
+        Ok(())
+    }
+
     /// Snapshot load, into a VMM that has no VM yet: checks and maps the snapshot (lazily), starts
     /// the restored vCPU, and pauses it again unless `resume`. A snapshot that cannot be used
     /// (corrupt, truncated, another format or VMM version, a CPU feature this host lacks, a
     /// missing memory file) is refused with the reason, and the VMM stays `not_started`.
-    fn load_snapshot(&mut self, snapshot_dir: &Path, resume: bool) -> Result<VmmData, VmmActionError> {
+    fn load_snapshot(&mut self, from: Loading<'_>, resume: bool) -> Result<VmmData, VmmActionError> {
         const ACTION: &str = "load a snapshot";
         let loaded_at = Instant::now();
         let mut options = crate::snapshot::restore::RestoreOptions::new(Box::new(std::io::stderr()));
         options.vsock_uds = self.restore.vsock_uds.clone();
         options.disk_override = self.restore.disk_override.clone();
         options.launch_start = loaded_at;
-        let vm = crate::snapshot::restore::load(snapshot_dir, options).map_err(|e| {
+        let refused = |e: crate::snapshot::SnapshotError| {
             VmmActionError::BadRequest(format!("cannot {ACTION}: {}", crate::error_chain(&e)))
-        })?;
+        };
+        let (vm, snapshot_dir) = match from {
+            Loading::Dir(dir) => (crate::snapshot::restore::load(dir, options).map_err(refused)?, Some(dir)),
+            Loading::Handed(files) => {
+                let vm = crate::snapshot::restore::load_files(files, &mut self.ahead, options);
+                (vm.map_err(refused)?, None)
+            }
+        };
         let mut running = vm
             .start()
             .map_err(|e| VmmActionError::Internal { action: ACTION, message: crate::error_chain(&e) })?;
@@ -573,6 +627,12 @@ impl VmmController {
         };
         VmMetrics { pause, uptime_ms: self.uptime_ms(), mem_mib: self.mem_mib, ..self.metrics.clone() }
     }
+}
+
+/// Where a snapshot to load comes from.
+enum Loading<'a> {
+    Dir(&'a Path),
+    Handed(crate::snapshot::SnapshotFiles),
 }
 
 /// A vCPU that would not pause or resume. Wrong-state answers are caught before this; what is

@@ -15,7 +15,7 @@ use cella_proto::{self as proto, SessionRequest, SessionResult};
 use cella_vmm::control::ControlClient;
 use cella_vmm::rpc_interface::VmState;
 use cella_vmm::session_client::GuestSession;
-use common::{assert_scrubbed, scratch, tar};
+use common::{assert_scrubbed, scratch, status_field, tar, wait_confined};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -63,6 +63,32 @@ impl Session {
         let session = Session { child: Some(child), api, vsock };
         session.wait_for_api();
         session
+    }
+
+    /// `cella-vmm session --api-fd 3`: a spare session VMM, its control socket bound here at
+    /// `dir/api.sock` and handed over as its descriptor 3. `vsock` is where this test binds the
+    /// listener it will hand over with the load.
+    fn spawn_spare(dir: &Path) -> Session {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let api = dir.join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&api).unwrap();
+        let raw = listener.as_raw_fd();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cella-vmm"));
+        command.args(["session", "--json", "--api-fd", "3"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // SAFETY: between fork and exec the child only calls dup2 or fcntl (async-signal-safe)
+        // to make the listener its descriptor 3, inheritable.
+        unsafe {
+            command.pre_exec(move || {
+                let r = if raw == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(raw, 3) };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().unwrap();
+        Session { child: Some(child), api, vsock: dir.join("vsock.sock") }
     }
 
     fn wait_for_api(&self) {
@@ -260,6 +286,55 @@ fn a_vmm_started_without_a_vm_loads_a_snapshot_over_its_control_socket() {
     control.resume().unwrap();
     assert_eq!(stats(&mut empty.guest()).index_id, index_id);
     assert_scrubbed(&empty.stop());
+}
+
+#[test]
+fn a_spare_session_vmm_waits_confined_and_restores_a_snapshot_handed_over_as_descriptors() {
+    use std::os::fd::AsFd;
+    let dir = scratch("session-snapshot-spare");
+    let disk = artifact(&dir);
+    let source = Session::spawn(&dir.join("src").tap_mkdir(), ("--artifact", &disk));
+    let index_id = stats(&mut source.guest()).index_id;
+    let snap = dir.join("snap");
+    suspend(source, &snap);
+
+    let spare = Session::spawn_spare(&dir.join("spare").tap_mkdir());
+    let pid = spare.child.as_ref().unwrap().id();
+    // From outside, while it waits: every thread has no-new-privs and a seccomp filter.
+    let waiting = wait_confined(pid);
+    for (name, status) in &waiting {
+        assert_eq!(status_field(status, "NoNewPrivs"), "1", "{name}");
+        assert_eq!(status_field(status, "Seccomp"), "2", "{name}");
+    }
+    let control = spare.control();
+    assert_eq!(control.state().unwrap().state, VmState::NotStarted);
+    // It opens no path: a snapshot named by its folder is refused, and it keeps waiting.
+    let e = control.snapshot_load(&snap, true).unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("confined to no paths"), "{e}");
+
+    let open = |name: &str| std::fs::File::open(snap.join(name)).unwrap();
+    let (state, memory, disk) = (open("state.bin"), open("memory.bin"), std::fs::File::open(&disk).unwrap());
+    let vsock = std::os::unix::net::UnixListener::bind(&spare.vsock).unwrap();
+    // Descriptors of the wrong kind are refused (a file as the vsock listener) and the spare
+    // keeps its VM for the next load.
+    let wrong = cella_vmm::control::HandedSnapshotFiles {
+        state: state.as_fd(),
+        memory: memory.as_fd(),
+        disk: Some(disk.as_fd()),
+        vsock: Some(disk.as_fd()),
+    };
+    let e = control.snapshot_load_handed(&wrong, true, None).unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("not a socket"), "{e}");
+    let files = cella_vmm::control::HandedSnapshotFiles { vsock: Some(vsock.as_fd()), ..wrong };
+    let loaded = control.snapshot_load_handed(&files, true, Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(loaded["state"], "running", "{loaded}");
+    assert_eq!(stats(&mut spare.guest()).index_id, index_id, "the snapshot's index, served");
+    let e = control.snapshot_load_handed(&files, true, None).unwrap_err();
+    assert!(e.is_wrong_state(), "a second load: {e}");
+    drop((state, memory, disk, vsock));
+    assert_scrubbed(&spare.stop());
 }
 
 /// Runs `cella-vmm session --restore snap`; returns its exit code and stderr.

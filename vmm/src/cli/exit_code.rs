@@ -62,6 +62,11 @@ Control API (--api-sock; HTTP/1.1, JSON bodies, errors as {\"fault_message\": ..
                                               500 e.g. disk full: nothing left, VM still paused)
   PUT   /snapshot/load {\"snapshot_dir\": ABS, \"resume\": BOOL}   200 (409 once a VM exists;
                                               400 corrupt, truncated, other version, CPU, no memory file)
+  PUT   /snapshot/load {\"state_fd\": I, \"memory_fd\": J, \"disk_fd\": K, \"vsock_fd\": L,
+                        \"resume\": BOOL, \"max_duration_ms\": N}
+          with those descriptors attached (SCM_RIGHTS): the same from handed-over files (disk
+          and vsock listener if the VM had them); what a spare (--api-fd), confined to no paths,
+          takes (400: a descriptor missing or of the wrong kind; the spare keeps waiting)
   PUT   /actions  {\"action_type\": \"stop\"}      200 the final run report; the process exits 0
   GET   /metrics                              200 pause/resume counters and latencies
 

@@ -71,11 +71,18 @@ impl ReadPolicy {
 #[derive(Debug, Args)]
 pub struct SessionArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket, mode 0600; removed at exit
-    #[arg(long, value_name = "PATH")]
-    pub api_sock: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "api_fd")]
+    pub api_sock: Option<PathBuf>,
     /// Attach virtio-vsock with its host Unix socket at PATH (session requests: CONNECT 1025)
-    #[arg(long, value_name = "PATH")]
-    pub vsock: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "api_fd")]
+    pub vsock: Option<PathBuf>,
+    /// Be a spare session VMM: serve the control API on the listening Unix socket inherited as
+    /// descriptor N, make the VM and vCPU ahead, confine itself to no path access (Landlock; the
+    /// `restore` seccomp filter on this thread) before it serves anything, and wait for `PUT
+    /// /snapshot/load` with the snapshot's files and the vsock listener handed over.
+    /// --max-duration-secs then counts from the load
+    #[arg(long, value_name = "N", conflicts_with_all = ["api_sock", "vsock", "artifact", "restore", "jailed"])]
+    pub api_fd: Option<std::os::fd::RawFd>,
     /// The artifact to load (tar, tar.gz, zip or plain file), attached read-only as the disk.
     /// With neither --artifact nor --restore the VMM starts with no VM and waits for
     /// `PUT /snapshot/load`
@@ -129,6 +136,11 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
         return jailed(&args);
     }
     args.jail.apply_seccomp_mode();
+    let (api_sock, vsock) = match (&args.api_sock, &args.vsock, args.api_fd) {
+        (Some(api_sock), Some(vsock), None) => (api_sock.clone(), vsock.clone()),
+        (None, None, Some(fd)) => return spare(fd, &args),
+        _ => return fail(exit_code::BAD_INPUT, "give --api-sock and --vsock, or --api-fd".into()),
+    };
     let stop_fd = match super::stop_signal::install() {
         Ok(fd) => fd,
         Err(message) => return fail(exit_code::VMM_FAILED, message),
@@ -138,9 +150,9 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
         Ok(channel) => channel,
         Err(e) => return fail(exit_code::VMM_FAILED, error_chain(&e)),
     };
-    let (mut controller, server) = match (&args.artifact, &args.restore) {
+    let (controller, server) = match (&args.artifact, &args.restore) {
         (Some(artifact), _) => {
-            let config = match config(&args, artifact, launch_start) {
+            let config = match config(&args, artifact, &vsock, launch_start) {
                 Ok(config) => config,
                 Err(message) => return fail(exit_code::BAD_INPUT, message),
             };
@@ -151,7 +163,7 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
             };
             // The API thread starts before the vCPU: once this thread is under the `vmm`
             // filter it can start no thread.
-            let server = match ApiServer::start(&args.api_sock, actions) {
+            let server = match ApiServer::start(&api_sock, actions) {
                 Ok(server) => server,
                 Err(e) => return fail(exit_code::BAD_INPUT, error_chain(&e)),
             };
@@ -166,11 +178,11 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
             }
         }
         (None, Some(dir)) => {
-            let server = match ApiServer::start(&args.api_sock, actions) {
+            let server = match ApiServer::start(&api_sock, actions) {
                 Ok(server) => server,
                 Err(e) => return fail(exit_code::BAD_INPUT, error_chain(&e)),
             };
-            let paths = RestorePaths { vsock_uds: Some(args.vsock.clone()), disk_override: None };
+            let paths = RestorePaths { vsock_uds: Some(vsock.clone()), disk_override: None };
             let mut controller = VmmController::not_started().with_restore_paths(paths);
             let dir = match std::path::absolute(dir) {
                 Ok(dir) => dir,
@@ -188,15 +200,15 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
         }
         (None, None) => {
             // No VM yet: the VMM waits for `PUT /snapshot/load`, Firecracker's way.
-            let server = match ApiServer::start(&args.api_sock, actions) {
+            let server = match ApiServer::start(&api_sock, actions) {
                 Ok(server) => server,
                 Err(e) => return fail(exit_code::BAD_INPUT, error_chain(&e)),
             };
-            let paths = RestorePaths { vsock_uds: Some(args.vsock.clone()), disk_override: None };
+            let paths = RestorePaths { vsock_uds: Some(vsock.clone()), disk_override: None };
             (VmmController::not_started().with_restore_paths(paths), server)
         }
     };
-    tracing::info!("serving the control API on {}", args.api_sock.display());
+    tracing::info!("serving the control API on {}", api_sock.display());
 
     let started = controller.vm().map_or_else(Instant::now, |vm| vm.started());
     let limits = VmmLimits {
@@ -204,7 +216,23 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
         stop_fd: Some(stop_fd),
         ..VmmLimits::default()
     };
-    run_vmm(&mut controller, &receiver, &limits);
+    serve(controller, receiver, server, &limits, &args, started)
+}
+
+/// Serves actions until the VM has stopped (or the VMM is told to stop), then reports.
+fn serve(
+    mut controller: VmmController,
+    receiver: cella_vmm::control::ActionReceiver,
+    server: ApiServer,
+    limits: &VmmLimits,
+    args: &SessionArgs,
+    started: Instant,
+) -> ExitCode {
+    let fail = |code: u8, message: String| {
+        tracing::error!("{message}");
+        ExitCode::from(code)
+    };
+    run_vmm(&mut controller, &receiver, limits);
     // Requests that arrive from now on get "the VMM has stopped serving actions".
     drop(receiver);
     server.shutdown();
@@ -231,8 +259,53 @@ pub fn main(args: SessionArgs, launch_start: Instant) -> ExitCode {
     }
 }
 
+/// `session --api-fd`: a spare session VMM (see the option's help).
+fn spare(api_fd: std::os::fd::RawFd, args: &SessionArgs) -> ExitCode {
+    let fail = |code: u8, message: String| {
+        tracing::error!("{message}");
+        ExitCode::from(code)
+    };
+    let stop_fd = match super::stop_signal::install() {
+        Ok(fd) => fd,
+        Err(message) => return fail(exit_code::VMM_FAILED, message),
+    };
+    let listener = match super::spare::inherited_listener(api_fd) {
+        Ok(listener) => listener,
+        Err(message) => return fail(exit_code::BAD_INPUT, message),
+    };
+    let ahead = match cella_vmm::snapshot::Ahead::new() {
+        Ok(ahead) => ahead,
+        Err(e) => return fail(exit_code::VMM_FAILED, error_chain(&e)),
+    };
+    // Everything this process will open is open: from here on, no path, on any thread.
+    if let Err(e) = cella_vmm::confine::deny_all_paths() {
+        return fail(exit_code::VMM_FAILED, error_chain(&e));
+    }
+    let (actions, receiver) = match action_channel() {
+        Ok(channel) => channel,
+        Err(e) => return fail(exit_code::VMM_FAILED, error_chain(&e)),
+    };
+    let server = match ApiServer::serve_listener(listener, None, actions) {
+        Ok(server) => server,
+        Err(e) => return fail(exit_code::VMM_FAILED, error_chain(&e)),
+    };
+    if let Err(e) = cella_vmm::seccomp::install(cella_vmm::seccomp::ThreadKind::Restore) {
+        server.shutdown();
+        return fail(exit_code::VMM_FAILED, error_chain(&e));
+    }
+    let controller =
+        VmmController::restore_spare(ahead).with_run_timeout(Duration::from_secs(args.max_duration_secs));
+    let limits = VmmLimits { stop_fd: Some(stop_fd), ..VmmLimits::default() };
+    serve(controller, receiver, server, &limits, args, Instant::now())
+}
+
 /// The VM for a session on `artifact`.
-fn config(args: &SessionArgs, artifact: &std::path::Path, launch_start: Instant) -> Result<VmConfig, String> {
+fn config(
+    args: &SessionArgs,
+    artifact: &std::path::Path,
+    vsock: &Path,
+    launch_start: Instant,
+) -> Result<VmConfig, String> {
     let size = scan::check_artifact(artifact).map_err(|e| error_chain(&e))?;
     let image = match &args.image {
         Some(image) => image.clone(),
@@ -252,7 +325,7 @@ fn config(args: &SessionArgs, artifact: &std::path::Path, launch_start: Instant)
         mem_mib: args.mem_mib,
         launch_start,
         disk: Some(artifact.to_owned()),
-        vsock_uds: Some(args.vsock.clone()),
+        vsock_uds: Some(vsock.to_owned()),
         ..VmConfig::new(image, guest_args)
     })
 }
@@ -309,7 +382,7 @@ pub struct SessionJail {
 /// Plans `session --jailed`: every path absolute and inside one session folder, the image bound
 /// read-only, the folder read-write, `/proc` for a restore.
 pub fn plan_jail(args: &SessionArgs) -> Result<SessionJail, SessionJailError> {
-    let api_sock = plain_absolute("--api-sock", &args.api_sock)?;
+    let api_sock = plain_absolute("--api-sock", args.api_sock.as_deref().unwrap_or(Path::new("")))?;
     let dir = match &args.session_dir {
         Some(dir) => plain_absolute("--session-dir", dir)?,
         None => api_sock
@@ -329,7 +402,8 @@ pub fn plan_jail(args: &SessionArgs) -> Result<SessionJail, SessionJailError> {
     let mut files = Vec::new();
     let mut mem_mib = args.mem_mib;
     options.extend(["--api-sock".into(), inside("--api-sock", &api_sock)?.into()]);
-    options.extend(["--vsock".into(), inside("--vsock", &args.vsock)?.into()]);
+    let vsock = args.vsock.as_deref().unwrap_or(Path::new(""));
+    options.extend(["--vsock".into(), inside("--vsock", vsock)?.into()]);
     if let Some(artifact) = &args.artifact {
         options.extend(["--artifact".into(), inside("--artifact", artifact)?.into()]);
         let image = match &args.image {

@@ -93,7 +93,7 @@ pub struct SpareArgs {
 }
 
 /// A listening Unix stream socket at descriptor `fd`, or why not.
-fn inherited_listener(fd: RawFd) -> Result<UnixListener, String> {
+pub(super) fn inherited_listener(fd: RawFd) -> Result<UnixListener, String> {
     let option = |name| {
         let mut value: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;

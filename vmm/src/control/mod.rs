@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-pub use client::{ControlClient, ControlError};
+pub use client::{ControlClient, ControlError, HandedSnapshotFiles};
 
 use crate::microvm::GuestExit;
 use crate::rpc_interface::{StopCause, VmmAction, VmmActionError, VmmController, VmmData, ACTION_TIMEOUT};

@@ -8,13 +8,16 @@
 //! | `/vm`                | PUT    | [`StartVmBody`] + descriptors          | 204               |
 //! | `/snapshot/create`   | PUT    | `{"snapshot_dir": ABS}`                | 200 JSON          |
 //! | `/snapshot/load`     | PUT    | `{"snapshot_dir": ABS, "resume": b}`   | 200 JSON          |
+//! | `/snapshot/load`     | PUT    | [`SnapshotLoadBody`] + descriptors     | 200 JSON          |
 //! | `/actions`           | PUT    | `{"action_type": "stop"}`              | 200 [`RunReport`] |
 //! | `/actions`           | PUT    | `{"action_type": "finish", "grace_ms": n}` | 200 [`RunReport`] |
 //! | `/metrics`           | GET    |                                        | 200 [`VmMetrics`] |
 //!
 //! `PUT /vm` starts a spare (`cella-vmm spare`): the request carries the devices' host ends as
-//! descriptors (`SCM_RIGHTS`, at most [`MAX_FDS`]), and its body says which is which. Any other
-//! request that carries descriptors is refused (400) and they are closed.
+//! descriptors (`SCM_RIGHTS`, at most [`MAX_FDS`]), and its body says which is which; so does
+//! `PUT /snapshot/load` into a spare session VMM (`cella-vmm session --api-fd`), with the
+//! snapshot's files and the vsock listener instead of `snapshot_dir`. Any other request that
+//! carries descriptors is refused (400) and they are closed.
 //!
 //! Errors: 400 (malformed), 404 (no such route), 405 (wrong method), 409 (wrong state), 413
 //! (body over 64 KiB), 500 (the VMM failed), each with
@@ -32,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use super::http::{HttpError, Request, Response};
-use crate::handover::{Handover, StartVm, MAX_FDS};
+use crate::handover::{HandedSnapshot, Handover, StartVm, MAX_FDS};
 use crate::rpc_interface::{VmmAction, VmmActionError, VmmData};
 
 /// How long `finish` waits for the guest to end on its own unless told otherwise.
@@ -82,13 +85,54 @@ pub struct SnapshotCreateBody {
     pub snapshot_dir: PathBuf,
 }
 
-/// `PUT /snapshot/load`.
-#[derive(Debug, Serialize, Deserialize)]
+/// `PUT /snapshot/load`: the snapshot's folder, or (with descriptors) which descriptor holds
+/// which of its files.
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotLoadBody {
-    pub snapshot_dir: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_dir: Option<PathBuf>,
     #[serde(default)]
     pub resume: bool,
+    /// The state file (`state.bin`), a regular file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_fd: Option<usize>,
+    /// The memory file (`memory.bin`), a regular file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_fd: Option<usize>,
+    /// The disk, if the snapshot's VM had one: a regular file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_fd: Option<usize>,
+    /// The vsock device's host socket, if the VM had one: a listening Unix stream socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_fd: Option<usize>,
+    /// With descriptors: stop the VM (as `timed_out`) this many ms after it starts, instead of
+    /// the VMM's `--max-duration-secs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_ms: Option<u64>,
+}
+
+impl SnapshotLoadBody {
+    /// The action: by folder without descriptors, by descriptors without a folder.
+    fn action(self, fds: Handover) -> Result<VmmAction, Response> {
+        let handed = (self.state_fd, self.memory_fd, self.disk_fd, self.vsock_fd);
+        let max_duration = self.max_duration_ms.map(Duration::from_millis);
+        match (self.snapshot_dir, fds.is_empty(), handed) {
+            (Some(snapshot_dir), true, (None, None, None, None)) if max_duration.is_none() => {
+                Ok(VmmAction::LoadSnapshot { snapshot_dir, resume: self.resume })
+            }
+            (None, false, (Some(state_fd), Some(memory_fd), disk_fd, vsock_fd)) => {
+                let handed = HandedSnapshot { state_fd, memory_fd, disk_fd, vsock_fd, fds };
+                handed.check().map_err(|why| Response::fault(400, format!("PUT /snapshot/load: {why}")))?;
+                Ok(VmmAction::LoadHandedSnapshot { handed, resume: self.resume, max_duration })
+            }
+            _ => Err(Response::fault(
+                400,
+                "PUT /snapshot/load takes either snapshot_dir, or state_fd and memory_fd (and \
+                 disk_fd, vsock_fd, max_duration_ms) with those descriptors attached",
+            )),
+        }
+    }
 }
 
 /// `PUT /actions`.
@@ -134,7 +178,7 @@ pub fn route(request: &Request) -> Result<VmmAction, Response> {
 /// [`route`] for a request that came with descriptors.
 pub fn route_with(request: &Request, fds: Handover) -> Result<VmmAction, Response> {
     let method = request.method.as_str();
-    let takes_fds = request.path == "/vm" && method == "PUT";
+    let takes_fds = (request.path == "/vm" || request.path == "/snapshot/load") && method == "PUT";
     if !fds.is_empty() && !takes_fds {
         return Err(Response::fault(400, format!("{method} {} takes no descriptors", request.path)));
     }
@@ -165,8 +209,7 @@ pub fn route_with(request: &Request, fds: Handover) -> Result<VmmAction, Respons
             _ => Err(not_allowed("PUT")),
         },
         "/snapshot/load" => match method {
-            "PUT" => body::<SnapshotLoadBody>(request)
-                .map(|b| VmmAction::LoadSnapshot { snapshot_dir: b.snapshot_dir, resume: b.resume }),
+            "PUT" => body::<SnapshotLoadBody>(request).and_then(|b| b.action(fds)),
             _ => Err(not_allowed("PUT")),
         },
         "/actions" => match method {
@@ -266,6 +309,39 @@ mod tests {
         assert_eq!(status(req("PUT", "/actions", r#"{"action_type":"reboot"}"#)), 400);
         assert_eq!(status(req("GET", "/vm", "{}")), 400);
         assert_eq!(status(req("PATCH", "/vm", "not json")), 400);
+    }
+
+    #[test]
+    fn a_load_takes_a_folder_or_descriptors_never_both_nor_half() {
+        let fds = |n: usize| {
+            Handover::new((0..n).map(|_| std::os::unix::net::UnixStream::pair().unwrap().0.into()).collect())
+        };
+        let load = |body: &str, n: usize| route_with(&req("PUT", "/snapshot/load", body), fds(n));
+        let handed =
+            load(r#"{"state_fd":1,"memory_fd":0,"vsock_fd":2,"resume":true,"max_duration_ms":5000}"#, 3);
+        match handed.unwrap() {
+            VmmAction::LoadHandedSnapshot { handed, resume: true, max_duration } => {
+                assert_eq!(
+                    (handed.state_fd, handed.memory_fd, handed.disk_fd, handed.vsock_fd),
+                    (1, 0, None, Some(2))
+                );
+                assert_eq!(max_duration, Some(Duration::from_secs(5)));
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused = |body: &str, n: usize| load(body, n).unwrap_err();
+        for (body, n) in [
+            (r#"{"snapshot_dir":"/s","state_fd":0,"memory_fd":1}"#, 2),
+            (r#"{"snapshot_dir":"/s"}"#, 1),
+            (r#"{"state_fd":0}"#, 1),
+            (r#"{"state_fd":0,"memory_fd":1}"#, 0),
+            (r#"{"snapshot_dir":"/s","max_duration_ms":1}"#, 0),
+        ] {
+            assert_eq!(refused(body, n).status, 400, "{body} with {n} descriptors");
+        }
+        let named_twice = refused(r#"{"state_fd":0,"memory_fd":0}"#, 1);
+        let said = String::from_utf8_lossy(named_twice.body.as_deref().unwrap()).into_owned();
+        assert!(said.contains("named twice"), "{said}");
     }
 
     #[test]

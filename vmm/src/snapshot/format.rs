@@ -125,6 +125,12 @@ pub fn read(path: &Path) -> Result<SnapshotState, SnapshotError> {
         }
         Err(source) => return Err(SnapshotError::ReadState { path: path.to_owned(), source }),
     };
+    read_file(file, path)
+}
+
+/// [`read`] from a state file already open (handed over as a descriptor; `path` names it in
+/// messages).
+pub fn read_file(file: File, path: &Path) -> Result<SnapshotState, SnapshotError> {
     let read_error = |source| SnapshotError::ReadState { path: path.to_owned(), source };
     let size = file.metadata().map_err(read_error)?.len();
     if size > MAX_STATE_FILE {

@@ -45,7 +45,7 @@ use crate::vstate::vcpu::VcpuError;
 use crate::vstate::vm::VmError;
 
 pub use format::{SnapshotState, FORMAT_VERSION, MAX_STATE_FILE};
-pub use restore::{load, RestoreOptions};
+pub use restore::{load, load_files, Ahead, RestoreOptions, SnapshotFiles};
 pub use vcpu_state::VcpuState;
 
 /// Name of the state file in a snapshot directory.
@@ -139,6 +139,8 @@ pub enum SnapshotError {
     Device(#[from] StateError),
     #[error("cannot create the device bus")]
     Bus(#[source] io::Error),
+    #[error("the snapshot's VM has a {0}, but no descriptor for it came with the load; hand it over")]
+    NotHandedOver(&'static str),
 }
 
 impl SnapshotError {

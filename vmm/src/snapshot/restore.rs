@@ -5,6 +5,10 @@
 //! memory is scrubbed at teardown like any other (the pages the guest wrote; see
 //! [`crate::scrub`]).
 //!
+//! [`load_files`] does the same from the snapshot's files handed over as descriptors, into a VM
+//! and vCPU made [`Ahead`]: a spare session VMM (`cella-vmm session --api-fd`) makes those
+//! before it confines itself to no paths, so the whole restore opens nothing.
+//!
 //! Measured on this host (debug build, `bench snapshot`): `load` takes 1.6–3 ms for 64 and
 //! 512 MiB alike. The restored guest's first `KVM_RUN` costs ~9 ms the first time any VM maps
 //! a given memory file and ~0.3–0.4 ms afterwards (a cold launch: ~0.2–0.3 ms); touching the
@@ -90,25 +94,121 @@ pub fn check(snapshot_dir: &Path) -> Result<SnapshotState, SnapshotError> {
 /// Rebuilds the microVM saved in `snapshot_dir`, ready to [`MicroVm::run`].
 pub fn load(snapshot_dir: &Path, opts: RestoreOptions) -> Result<MicroVm, SnapshotError> {
     let state = check(snapshot_dir)?;
-    let vm = Vm::new()?;
-    let vcpu = Vcpu::new(&vm, 0)?;
-    state.vcpu.features.check_on(&CpuFeatures::of_vcpu(vcpu.fd())?)?;
+    let ahead = Ahead::new()?;
+    state.vcpu.features.check_on(&ahead.features)?;
     let memory = GuestMemfd::from_snapshot(&snapshot_dir.join(MEMORY_FILE), state.memory.size)?;
+    let ends = Ends::Paths { vsock_uds: opts.vsock_uds.clone(), disk: opts.disk_override.clone() };
+    assemble(state, ahead.vm, ahead.vcpu, memory, ends, opts)
+}
+
+/// A VM and its vCPU made ahead of the snapshot they will restore, with what making them needs
+/// a path for (`/dev/kvm`, the host's CPUID, `/proc/self/pagemap`): a spare session VMM makes
+/// them before it confines itself to no paths, and [`load_files`] needs none.
+#[derive(Debug)]
+pub struct Ahead {
+    vm: Vm,
+    vcpu: Vcpu,
+    features: CpuFeatures,
+    pagemap: std::fs::File,
+}
+
+impl Ahead {
+    pub fn new() -> Result<Ahead, SnapshotError> {
+        let vm = Vm::new()?;
+        let vcpu = Vcpu::new(&vm, 0)?;
+        let features = CpuFeatures::of_vcpu(vcpu.fd())?;
+        let pagemap = crate::vstate::memory::open_pagemap()?;
+        Ok(Ahead { vm, vcpu, features, pagemap })
+    }
+}
+
+/// A snapshot's files, handed over as descriptors: the state file, the memory file, the disk
+/// (if the VM had one) and a listening Unix socket for the vsock device (if it had one).
+#[derive(Debug)]
+pub struct SnapshotFiles {
+    pub state: std::fs::File,
+    pub memory: std::fs::File,
+    pub disk: Option<std::fs::File>,
+    pub vsock: Option<std::os::unix::net::UnixListener>,
+}
+
+/// [`load`] from handed-over files into the VM made `ahead` (made now if there is none; then
+/// paths are opened): a snapshot that fails its checks leaves `ahead` in place for the next
+/// load. `opts`' paths are not used.
+pub fn load_files(
+    files: SnapshotFiles,
+    ahead: &mut Option<Ahead>,
+    opts: RestoreOptions,
+) -> Result<MicroVm, SnapshotError> {
+    let SnapshotFiles { state, memory, disk, vsock } = files;
+    let state = format::read_file(state, Path::new("(the state descriptor)"))?;
+    let size = memory
+        .metadata()
+        .map_err(|_| SnapshotError::MissingMemoryFile { path: "(the memory descriptor)".into() })?
+        .len();
+    if size != state.memory.size {
+        return Err(SnapshotError::MemoryFileSize {
+            path: "(the memory descriptor)".into(),
+            expected: state.memory.size,
+            actual: size,
+        });
+    }
+    if ahead.is_none() {
+        *ahead = Some(Ahead::new()?);
+    }
+    if let Some(made) = ahead.as_ref() {
+        state.vcpu.features.check_on(&made.features)?;
+    }
+    let ahead = ahead.take().expect("made above");
+    let memory = GuestMemfd::from_snapshot_file(memory, size, ahead.pagemap)?;
+    assemble(state, ahead.vm, ahead.vcpu, memory, Ends::Handed { disk, vsock }, opts)
+}
+
+/// Where the restored devices' host ends come from.
+enum Ends {
+    /// Opened and bound at paths (the saved ones unless given).
+    Paths { vsock_uds: Option<PathBuf>, disk: Option<PathBuf> },
+    /// Handed over, each taken by its device.
+    Handed { disk: Option<std::fs::File>, vsock: Option<std::os::unix::net::UnixListener> },
+}
+
+/// The VM from its parts: memory registered, the vCPU's state loaded, the devices rebuilt.
+fn assemble(
+    state: SnapshotState,
+    vm: Vm,
+    vcpu: Vcpu,
+    memory: GuestMemfd,
+    mut ends: Ends,
+    opts: RestoreOptions,
+) -> Result<MicroVm, SnapshotError> {
     vm.register_memory(&memory)?;
     vcpu_state::restore(vcpu.fd(), &state.vcpu)?;
 
     let mut transports = Vec::with_capacity(state.devices.virtio.len());
     for saved in &state.devices.virtio {
-        let device: Box<dyn VirtioDevice> = match &saved.device {
-            DeviceState::Block(block) => Box::new(Block::restore(block, opts.disk_override.as_deref())?),
-            DeviceState::Vsock(vsock) => {
-                let path = opts.vsock_uds.as_deref().unwrap_or(&vsock.uds_path);
-                Box::new(
-                    Vsock::restore(path, vsock)
-                        .map_err(|source| StateError::Vsock { path: path.to_owned(), source })?,
-                )
-            }
-        };
+        let device: Box<dyn VirtioDevice> =
+            match (&saved.device, &mut ends) {
+                (DeviceState::Block(block), Ends::Paths { disk, .. }) => {
+                    Box::new(Block::restore(block, disk.as_deref())?)
+                }
+                (DeviceState::Block(block), Ends::Handed { disk, .. }) => {
+                    let file = disk.take().ok_or(SnapshotError::NotHandedOver("disk"))?;
+                    Box::new(Block::restore_file(block, file)?)
+                }
+                (DeviceState::Vsock(vsock), Ends::Paths { vsock_uds, .. }) => {
+                    let path = vsock_uds.as_deref().unwrap_or(&vsock.uds_path);
+                    Box::new(
+                        Vsock::restore(path, vsock)
+                            .map_err(|source| StateError::Vsock { path: path.to_owned(), source })?,
+                    )
+                }
+                (DeviceState::Vsock(saved_vsock), Ends::Handed { vsock, .. }) => {
+                    let listener = vsock.take().ok_or(SnapshotError::NotHandedOver("vsock device"))?;
+                    Box::new(Vsock::restore_listening(listener, saved_vsock).map_err(|source| {
+                        StateError::Vsock { path: "(the vsock descriptor)".into(), source }
+                    })?)
+                }
+            };
         transports.push(MmioTransport::restore(device, memory.memory().clone(), saved)?);
     }
     let console = GuestConsole::new(opts.console, opts.console_limits);

@@ -43,6 +43,11 @@ pub enum MemoryError {
     Pagemap(#[source] io::Error),
 }
 
+/// Opens `/proc/self/pagemap`, which the scrub of restored memory reads.
+pub fn open_pagemap() -> Result<File, MemoryError> {
+    File::open("/proc/self/pagemap").map_err(MemoryError::Pagemap)
+}
+
 /// Where guest memory lives.
 #[derive(Debug)]
 enum Backing {
@@ -97,7 +102,13 @@ impl GuestMemfd {
     pub fn from_snapshot(path: &Path, size: u64) -> Result<Self, MemoryError> {
         let file =
             File::open(path).map_err(|source| MemoryError::OpenSnapshot { path: path.to_owned(), source })?;
-        let pagemap = File::open("/proc/self/pagemap").map_err(MemoryError::Pagemap)?;
+        Self::from_snapshot_file(file, size, open_pagemap()?)
+    }
+
+    /// [`GuestMemfd::from_snapshot`] for a memory file already open (handed over as a
+    /// descriptor), with this process's `/proc/self/pagemap` opened ahead ([`open_pagemap`]):
+    /// a VMM confined to no paths opens neither.
+    pub fn from_snapshot_file(file: File, size: u64, pagemap: File) -> Result<Self, MemoryError> {
         let file = Arc::new(file);
         let region = MmapRegionBuilder::new(size as usize)
             .with_file_offset(FileOffset::from_arc(file.clone(), 0))

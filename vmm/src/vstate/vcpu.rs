@@ -803,4 +803,39 @@ mod tests {
             );
         }
     }
+
+    /// The `restore` filter (a spare session VMM's) lets through each ioctl that loading a
+    /// snapshot into the VM and vCPU made ahead takes, by the number the kernel sees.
+    #[test]
+    fn the_restore_filter_allows_the_set_ioctls_by_their_real_numbers() {
+        let policy: serde_json::Value =
+            serde_json::from_str(include_str!("../../../seccomp/filters/restore.json")).unwrap();
+        let allowed: Vec<(String, u64)> = policy["restore"]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|rule| rule["syscall"] == "ioctl")
+            .map(|rule| {
+                let arg = &rule["args"][0];
+                let name = arg["comment"].as_str().unwrap().split(' ').next().unwrap().to_owned();
+                (name, arg["val"].as_u64().unwrap())
+            })
+            .collect();
+        let wanted = [
+            ("KVM_SET_USER_MEMORY_REGION", kvm_ioc(1, 0x46, size_of::<kvm_userspace_memory_region>())),
+            ("KVM_SET_MSRS", kvm_ioc(1, 0x89, size_of::<kvm_msrs>())),
+            ("KVM_SET_MP_STATE", kvm_ioc(1, 0x99, size_of::<kvm_mp_state>())),
+            ("KVM_SET_VCPU_EVENTS", kvm_ioc(1, 0xa0, size_of::<kvm_vcpu_events>())),
+            ("KVM_SET_DEBUGREGS", kvm_ioc(1, 0xa2, size_of::<kvm_debugregs>())),
+            ("KVM_SET_TSC_KHZ", kvm_ioc(0, 0xa2, 0)),
+            ("KVM_SET_XSAVE", kvm_ioc(1, 0xa5, size_of::<kvm_xsave>())),
+            ("KVM_SET_XCRS", kvm_ioc(1, 0xa7, size_of::<kvm_xcrs>())),
+        ];
+        for (name, number) in wanted {
+            assert!(
+                allowed.iter().any(|(n, v)| n == name && *v == number),
+                "restore.json does not allow {name} = {number}; it has {allowed:?}"
+            );
+        }
+    }
 }

@@ -64,6 +64,20 @@ impl Block {
     pub fn restore(state: &BlockState, path_override: Option<&Path>) -> Result<Self, StateError> {
         let path = path_override.unwrap_or(&state.path);
         let block = Block::open(path).map_err(|source| StateError::Disk { path: path.to_owned(), source })?;
+        block.same_size_as(state, path)
+    }
+
+    /// [`Block::restore`] on a disk file handed over as a descriptor.
+    pub fn restore_file(state: &BlockState, file: File) -> Result<Self, StateError> {
+        let path = Path::new("(the disk descriptor)");
+        let block =
+            Block::from_file(file).map_err(|source| StateError::Disk { path: path.to_owned(), source })?;
+        block.same_size_as(state, path)
+    }
+
+    /// The restored disk, if it is as large as the saved one.
+    fn same_size_as(self, state: &BlockState, path: &Path) -> Result<Self, StateError> {
+        let block = self;
         if block.size != state.size {
             return Err(StateError::DiskResized {
                 path: path.to_owned(),

@@ -81,6 +81,20 @@ impl Vsock {
         Ok(Vsock::new(uds_path)?.adopt(state))
     }
 
+    /// [`Vsock::restore`] on a listening socket handed over instead of a path.
+    pub fn restore_listening(
+        listener: std::os::unix::net::UnixListener,
+        state: &VsockState,
+    ) -> std::io::Result<Self> {
+        let vsock = Vsock {
+            host: HostSide::listening(listener)?,
+            conns: HashMap::new(),
+            to_guest: VecDeque::new(),
+            next_host_port: FIRST_HOST_PORT,
+        };
+        Ok(vsock.adopt(state))
+    }
+
     /// Takes over a snapshot's device state (its host port counter; a RST queued for every
     /// stream that was open) for a device made for the restored VM, e.g. with the job's
     /// channels ([`Vsock::with_channels`]).

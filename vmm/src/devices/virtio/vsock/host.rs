@@ -111,6 +111,23 @@ impl HostSide {
         Ok(host)
     }
 
+    /// Serves the VM on `listener`, a listening Unix stream socket bound by whoever handed it
+    /// over (who also removes its file: this side knows no path).
+    pub fn listening(listener: UnixListener) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let host = HostSide {
+            uds_path: PathBuf::new(),
+            listener: Some(listener),
+            channels: Vec::new(),
+            pending: Vec::new(),
+            epoll: epoll()?,
+        };
+        if let Some(listener) = &host.listener {
+            host.watch(listener.as_raw_fd(), true, false)?;
+        }
+        Ok(host)
+    }
+
     /// No listener and no path: the guest's connection to each `(port, stream)` gets that
     /// stream (once); a connection to any other port is refused, and the host cannot connect in.
     pub fn with_channels(channels: Vec<(u32, UnixStream)>) -> io::Result<Self> {
@@ -191,7 +208,7 @@ impl HostSide {
 
 impl Drop for HostSide {
     fn drop(&mut self) {
-        if self.listener.is_some() {
+        if self.listener.is_some() && !self.uds_path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.uds_path);
         }
     }
