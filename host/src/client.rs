@@ -47,6 +47,13 @@ impl ControlError {
     }
 }
 
+/// A snapshot folder's files (`cella_vmm::snapshot` names them the same), and their names while
+/// they are written.
+pub const SNAPSHOT_STATE: &str = "state.bin";
+pub const SNAPSHOT_MEMORY: &str = "memory.bin";
+pub const SNAPSHOT_STATE_TMP: &str = "state.bin.tmp";
+pub const SNAPSHOT_MEMORY_TMP: &str = "memory.bin.tmp";
+
 /// A snapshot's files to hand over with [`ControlClient::snapshot_load_handed`].
 #[derive(Clone, Copy, Debug)]
 pub struct HandedSnapshotFiles<'a> {
@@ -97,6 +104,56 @@ impl ControlClient {
     /// `PUT /snapshot/create` (the VM must be paused; `dir` absolute).
     pub fn snapshot_create(&self, dir: &Path) -> Result<serde_json::Value, ControlError> {
         self.call_json("PUT", "/snapshot/create", Some(json!({"snapshot_dir": dir})))
+    }
+
+    /// `PUT /snapshot/create` with the files handed over: this process makes `dir` (0700) and
+    /// in it `memory.bin.tmp` and `state.bin.tmp` (0600), hands them to the VMM, which writes
+    /// and fsyncs them, then renames them into place (memory first: a `state.bin` always names a
+    /// complete memory file) and fsyncs `dir`. So a VMM confined to no paths can snapshot, and
+    /// the files are this process's user's. On failure the temporary files are removed.
+    pub fn snapshot_create_handed(&self, dir: &Path) -> Result<serde_json::Value, ControlError> {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let io = |what: String| move |source| ControlError::Io { what, source };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(format!("making {}", dir.display())))?;
+        let (memory_tmp, state_tmp) = (dir.join(SNAPSHOT_MEMORY_TMP), dir.join(SNAPSHOT_STATE_TMP));
+        let create = |path: &Path| {
+            let _ = std::fs::remove_file(path);
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io(format!("making {}", path.display())))
+        };
+        let result = (|| {
+            let (memory, state) = (create(&memory_tmp)?, create(&state_tmp)?);
+            let body = json!({"memory_fd": 0, "state_fd": 1});
+            let fds = [memory.as_fd(), state.as_fd()];
+            let (status, bytes) = self.exchange("PUT", "/snapshot/create", Some(&body), &fds)?;
+            refused_unless_ok("PUT", "/snapshot/create", status, &bytes)?;
+            let mut info: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                ControlError::BadResponse { what: "PUT /snapshot/create".into(), why: e.to_string() }
+            })?;
+            for (from, to) in [(&memory_tmp, SNAPSHOT_MEMORY), (&state_tmp, SNAPSHOT_STATE)] {
+                std::fs::rename(from, dir.join(to)).map_err(io(format!("renaming {}", from.display())))?;
+            }
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(format!("syncing {}", dir.display())))?;
+            info["dir"] = json!(dir);
+            Ok(info)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&memory_tmp);
+            let _ = std::fs::remove_file(&state_tmp);
+        }
+        result
     }
 
     /// `PUT /snapshot/load` (only into a VMM that has no VM yet; `dir` absolute).

@@ -71,6 +71,30 @@ impl Handover {
     }
 }
 
+/// `PUT /snapshot/create` into files handed over (new and empty; the caller renames them into
+/// place): which descriptor is which.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandedSnapshotOutput {
+    pub memory_fd: usize,
+    pub state_fd: usize,
+    pub fds: Handover,
+}
+
+impl HandedSnapshotOutput {
+    /// Checks that both descriptors are named, each once.
+    pub fn check(&self) -> Result<(), String> {
+        self.fds.check_named(&[self.memory_fd, self.state_fd])
+    }
+
+    /// The two files (taken: a second call finds none).
+    pub fn files(&self) -> Result<crate::snapshot::SnapshotOutput, String> {
+        self.check()?;
+        let memory = File::from(self.fds.taken(self.memory_fd)?);
+        let state = File::from(self.fds.taken(self.state_fd)?);
+        Ok(crate::snapshot::SnapshotOutput { memory, state })
+    }
+}
+
 /// `PUT /snapshot/load` with the snapshot's files handed over: which descriptor is which.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandedSnapshot {

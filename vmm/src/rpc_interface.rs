@@ -33,6 +33,10 @@ pub enum VmmAction {
     Resume,
     /// Write a snapshot of the paused VM into `snapshot_dir` (`PUT /snapshot/create`).
     CreateSnapshot { snapshot_dir: PathBuf },
+    /// The same into two new, empty files handed over with the request (`PUT /snapshot/create`
+    /// with descriptors); the caller renames them into place. What a VMM confined to no paths
+    /// can do.
+    CreateSnapshotInto { handed: crate::handover::HandedSnapshotOutput },
     /// Load a snapshot into a VMM that has no VM yet (`PUT /snapshot/load`).
     LoadSnapshot { snapshot_dir: PathBuf, resume: bool },
     /// The same, from the snapshot's files handed over with the request (`PUT /snapshot/load`
@@ -63,7 +67,7 @@ impl VmmAction {
             VmmAction::GetState => "get state",
             VmmAction::Pause => "pause",
             VmmAction::Resume => "resume",
-            VmmAction::CreateSnapshot { .. } => "create a snapshot",
+            VmmAction::CreateSnapshot { .. } | VmmAction::CreateSnapshotInto { .. } => "create a snapshot",
             VmmAction::LoadSnapshot { .. } | VmmAction::LoadHandedSnapshot { .. } => "load a snapshot",
             VmmAction::Stop => "stop",
             VmmAction::StartVm(_) => "start the VM",
@@ -394,7 +398,14 @@ impl VmmController {
             VmmAction::CreateSnapshot { snapshot_dir } => {
                 check_snapshot_dir(&snapshot_dir)?;
                 self.live(name, VmState::Paused)?;
-                self.create_snapshot(&snapshot_dir)
+                self.create_snapshot(Some(&snapshot_dir), None)
+            }
+            VmmAction::CreateSnapshotInto { handed } => {
+                self.live(name, VmState::Paused)?;
+                let files = handed
+                    .files()
+                    .map_err(|why| VmmActionError::BadRequest(format!("cannot {name}: {why}")))?;
+                self.create_snapshot(None, Some(files))
             }
             VmmAction::LoadSnapshot { snapshot_dir, resume } => {
                 check_snapshot_dir(&snapshot_dir)?;
@@ -501,7 +512,11 @@ impl VmmController {
     /// its own (parked) thread; the devices' and memory through the running VM. The VM stays
     /// paused whatever happens: a failed snapshot (a full disk, say) leaves nothing behind and
     /// the session can resume.
-    fn create_snapshot(&mut self, snapshot_dir: &Path) -> Result<VmmData, VmmActionError> {
+    fn create_snapshot(
+        &mut self,
+        snapshot_dir: Option<&Path>,
+        into: Option<crate::snapshot::SnapshotOutput>,
+    ) -> Result<VmmData, VmmActionError> {
         const ACTION: &str = "create a snapshot";
         let meta = self.meta.clone();
         let vm = self.live(ACTION, VmState::Paused)?;
@@ -509,8 +524,12 @@ impl VmmController {
             .with_paused_vcpu(crate::snapshot::vcpu_state::save)
             .map_err(|e| vcpu_error(ACTION, e))?
             .map_err(|e| snapshot_error(ACTION, &e))?;
-        let info = crate::snapshot::create(snapshot_dir, vcpu, vm.bus(), vm.memory(), meta)
-            .map_err(|e| snapshot_error(ACTION, &e))?;
+        let info = match (snapshot_dir, into) {
+            (_, Some(files)) => crate::snapshot::create_into(files, vcpu, vm.bus(), vm.memory(), meta),
+            (Some(dir), None) => crate::snapshot::create(dir, vcpu, vm.bus(), vm.memory(), meta),
+            (None, None) => return Err(VmmActionError::BadRequest(format!("cannot {ACTION}: say where"))),
+        }
+        .map_err(|e| snapshot_error(ACTION, &e))?;
         self.metrics.snapshots_created += 1;
         Ok(VmmData::Snapshot(serde_json::to_value(&info).unwrap_or_default()))
     }

@@ -333,8 +333,38 @@ fn a_spare_session_vmm_waits_confined_and_restores_a_snapshot_handed_over_as_des
     assert_eq!(stats(&mut spare.guest()).index_id, index_id, "the snapshot's index, served");
     let e = control.snapshot_load_handed(&files, true, None).unwrap_err();
     assert!(e.is_wrong_state(), "a second load: {e}");
-    drop((state, memory, disk, vsock));
+    drop((state, memory, vsock));
+
+    // It snapshots into files handed over too (it could not make them), and that snapshot
+    // restores in the next spare with what was added since.
+    add(&mut spare.guest(), "later", &[("notes.txt", b"TODO: added in the spare\n")]);
+    control.pause().unwrap();
+    let e = control.snapshot_create(&dir.join("by-path")).unwrap_err();
+    assert!(!dir.join("by-path").exists(), "a confined VMM made a folder: {e}");
+    let snap2 = dir.join("snap2");
+    let info = control.snapshot_create_handed(&snap2).unwrap();
+    assert!(info["memory_bytes_written"].as_u64().unwrap() > 0, "{info}");
+    let names: Vec<_> = std::fs::read_dir(&snap2).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "only state.bin and memory.bin: {names:?}");
     assert_scrubbed(&spare.stop());
+
+    let next = Session::spawn_spare(&dir.join("next").tap_mkdir());
+    wait_confined(next.child.as_ref().unwrap().id());
+    let open = |name: &str| std::fs::File::open(snap2.join(name)).unwrap();
+    let (state, memory) = (open("state.bin"), open("memory.bin"));
+    let vsock = std::os::unix::net::UnixListener::bind(&next.vsock).unwrap();
+    let files = cella_vmm::control::HandedSnapshotFiles {
+        state: state.as_fd(),
+        memory: memory.as_fd(),
+        disk: Some(disk.as_fd()),
+        vsock: Some(vsock.as_fd()),
+    };
+    next.control().snapshot_load_handed(&files, true, None).unwrap();
+    let mut guest = next.guest();
+    let after = stats(&mut guest);
+    assert_eq!((after.index_id, after.files, after.adds), (index_id, 4, 1));
+    drop(guest);
+    assert_scrubbed(&next.stop());
 }
 
 /// Runs `cella-vmm session --restore snap`; returns its exit code and stderr.

@@ -6,7 +6,10 @@
 //! answer (`stats` over vsock); pause and resume latency over the control socket; snapshot
 //! create time and on-disk size; restore (`cella-vmm session --restore`, a new process) to the
 //! first answer, the first restore of a snapshot (its memory file never mapped before) and later
-//! ones apart. Every timing is taken by this process, as a client sees it.
+//! ones apart; and restore into a spare session VMM (`cella-vmm session --api-fd`, started and
+//! confined ahead, untimed) that gets the snapshot's files as descriptors with `PUT
+//! /snapshot/load`, to the first answer. Every timing is taken by this process, as a client
+//! sees it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -71,6 +74,8 @@ struct SizeBench {
     restore_first_answer: Figures,
     /// cold p50 / restore p50.
     restore_speedup_p50: f64,
+    /// `PUT /snapshot/load` with the files into a spare made ahead → first `stats` answer.
+    spare_restore_first_answer: Figures,
 }
 
 pub fn main(args: SessionBenchArgs) -> ExitCode {
@@ -192,6 +197,16 @@ fn bench_size(
         restored.stop()?;
     }
     let first_restore = restores.remove(0);
+    let mut spare_restores = Vec::new();
+    for n in 0..runs {
+        let mut spare = SpareSession::start(&work, mem_mib, jailed, n)?;
+        spare.wait_ready()?;
+        let started = Instant::now();
+        spare.load(&snap, &artifact)?;
+        spare.first_answer()?;
+        spare_restores.push(ms(started));
+        spare.stop()?;
+    }
     snapshot::remove(&snap).map_err(|e| cella_vmm::error_chain(&e))?;
 
     let cold = figures(cold);
@@ -210,6 +225,7 @@ fn bench_size(
         snapshot_data_mib: data as f64 / (1 << 20) as f64,
         restore_first_answer_first: first_restore,
         restore_first_answer: restore,
+        spare_restore_first_answer: figures(spare_restores),
     })
 }
 
@@ -245,6 +261,109 @@ fn prepare_spare(jailed: bool) -> Result<Option<String>, String> {
         return Err(format!("cella-jailer prepare failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(Some(id))
+}
+
+/// A spare session VMM (`cella-vmm session --api-fd 3`), jailed (`cella-jailer`, its own cell:
+/// no folder of the host bound, /proc for the scrub) or not, started ahead of its snapshot.
+struct SpareSession {
+    child: cella_host::spawn::Spawned,
+    api: PathBuf,
+    vsock: PathBuf,
+    /// The listener handed over with the load (kept until the VMM has its own copy).
+    listener: Option<std::os::unix::net::UnixListener>,
+}
+
+impl SpareSession {
+    fn start(dir: &Path, mem_mib: u64, jailed: bool, n: usize) -> Result<SpareSession, String> {
+        use std::os::fd::AsRawFd;
+        let exe = crate::binaries::sibling("cella-vmm")?;
+        let (api, vsock) = (dir.join("spare-api.sock"), dir.join("spare-vsock.sock"));
+        let _ = std::fs::remove_file(&api);
+        let listener =
+            std::os::unix::net::UnixListener::bind(&api).map_err(|e| format!("{}: {e}", api.display()))?;
+        let fd = cella_host::spawn::API_FD.to_string();
+        let mut command = if jailed {
+            let mut jailer = Command::new(exe.with_file_name("cella-jailer"));
+            let uid = (64_900 + n).to_string();
+            jailer.args(["--id", &format!("bench-sspare-{}-{n}", std::process::id()), "--exec-file"]);
+            jailer.arg(&exe).args(["--uid", &uid, "--gid", &uid, "--new-pid-ns", "--mount-proc"]);
+            jailer.args(["--cgroup", &format!("memory={}M", mem_mib + 256), "--cgroup", "pids=64"]);
+            jailer.args(["--keep-fd", &fd, "--", "session", "--api-fd", &fd]);
+            jailer
+        } else {
+            let mut vmm = Command::new(exe);
+            vmm.args(["session", "--api-fd", &fd]);
+            vmm
+        };
+        command.stdout(Stdio::null());
+        let child = cella_host::spawn::Spawned::start(&command, listener.as_raw_fd(), false)
+            .map_err(|e| format!("cannot start a spare session VMM: {e}"))?;
+        Ok(SpareSession { child, api, vsock, listener: None })
+    }
+
+    /// Waits until it answers on its control socket (confined, waiting for a snapshot).
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if ControlClient::new(&self.api).state().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err("the spare session VMM did not answer".into());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("the spare session VMM ended early ({status})"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Hands it the snapshot in `snap` (whose disk is `disk`) and a vsock listener bound here.
+    fn load(&mut self, snap: &Path, disk: &Path) -> Result<(), String> {
+        use std::os::fd::AsFd;
+        let open = |path: &Path| std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()));
+        let state = open(&snap.join(snapshot::STATE_FILE))?;
+        let memory = open(&snap.join(snapshot::MEMORY_FILE))?;
+        let disk = open(disk)?;
+        let _ = std::fs::remove_file(&self.vsock);
+        let listener = std::os::unix::net::UnixListener::bind(&self.vsock)
+            .map_err(|e| format!("{}: {e}", self.vsock.display()))?;
+        let files = cella_vmm::control::HandedSnapshotFiles {
+            state: state.as_fd(),
+            memory: memory.as_fd(),
+            disk: Some(disk.as_fd()),
+            vsock: Some(listener.as_fd()),
+        };
+        ControlClient::new(&self.api).snapshot_load_handed(&files, true, None).map_err(|e| e.to_string())?;
+        self.listener = Some(listener);
+        Ok(())
+    }
+
+    fn first_answer(&mut self) -> Result<(), String> {
+        let mut guest = GuestSession::connect(&self.vsock, FIRST_ANSWER_TIMEOUT)
+            .map_err(|e| cella_vmm::error_chain(&e))?;
+        match guest
+            .exec(&SessionRequest::Stats, None)
+            .map_err(|e| cella_vmm::error_chain(&e))?
+            .response
+            .result
+        {
+            SessionResult::Stats(_) => Ok(()),
+            other => Err(format!("stats answered {other:?}")),
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), String> {
+        ControlClient::new(&self.api).stop().map_err(|e| e.to_string())?;
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&self.vsock);
+        let _ = std::fs::remove_file(&self.api);
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("the spare session VMM ended with {status}"))
+        }
+    }
 }
 
 /// A `cella-vmm session` process of this executable.
@@ -345,5 +464,6 @@ fn print_table(rows: &[SizeBench]) {
         println!("  {:<40} {:>9.2}", "restore (new process) → answer, first", r.restore_first_answer_first);
         row("restore (new process) → answer, later", &r.restore_first_answer);
         println!("  {:<40} {:>9.1}x", "cold p50 / restore p50", r.restore_speedup_p50);
+        row("restore into a spare VMM → answer", &r.spare_restore_first_answer);
     }
 }

@@ -7,6 +7,7 @@
 //! | `/vm`                | PATCH  | `{"state": "paused" \| "running"}`     | 204               |
 //! | `/vm`                | PUT    | [`StartVmBody`] + descriptors          | 204               |
 //! | `/snapshot/create`   | PUT    | `{"snapshot_dir": ABS}`                | 200 JSON          |
+//! | `/snapshot/create`   | PUT    | [`SnapshotCreateBody`] + descriptors   | 200 JSON          |
 //! | `/snapshot/load`     | PUT    | `{"snapshot_dir": ABS, "resume": b}`   | 200 JSON          |
 //! | `/snapshot/load`     | PUT    | [`SnapshotLoadBody`] + descriptors     | 200 JSON          |
 //! | `/actions`           | PUT    | `{"action_type": "stop"}`              | 200 [`RunReport`] |
@@ -35,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use super::http::{HttpError, Request, Response};
-use crate::handover::{HandedSnapshot, Handover, StartVm, MAX_FDS};
+use crate::handover::{HandedSnapshot, HandedSnapshotOutput, Handover, StartVm, MAX_FDS};
 use crate::rpc_interface::{VmmAction, VmmActionError, VmmData};
 
 /// How long `finish` waits for the guest to end on its own unless told otherwise.
@@ -78,11 +79,36 @@ pub struct VsockChannel {
     pub fd: usize,
 }
 
-/// `PUT /snapshot/create`.
-#[derive(Debug, Serialize, Deserialize)]
+/// `PUT /snapshot/create`: the folder to write the snapshot into, or (with descriptors) the two
+/// new, empty files to write it into (the client renames them into place).
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreateBody {
-    pub snapshot_dir: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_fd: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_fd: Option<usize>,
+}
+
+impl SnapshotCreateBody {
+    /// The action: into a folder without descriptors, into the files with them.
+    fn action(self, fds: Handover) -> Result<VmmAction, Response> {
+        match (self.snapshot_dir, fds.is_empty(), self.memory_fd, self.state_fd) {
+            (Some(snapshot_dir), true, None, None) => Ok(VmmAction::CreateSnapshot { snapshot_dir }),
+            (None, false, Some(memory_fd), Some(state_fd)) => {
+                let handed = HandedSnapshotOutput { memory_fd, state_fd, fds };
+                handed.check().map_err(|why| Response::fault(400, format!("PUT /snapshot/create: {why}")))?;
+                Ok(VmmAction::CreateSnapshotInto { handed })
+            }
+            _ => Err(Response::fault(
+                400,
+                "PUT /snapshot/create takes either snapshot_dir, or memory_fd and state_fd with those \
+                 descriptors attached",
+            )),
+        }
+    }
 }
 
 /// `PUT /snapshot/load`: the snapshot's folder, or (with descriptors) which descriptor holds
@@ -178,7 +204,8 @@ pub fn route(request: &Request) -> Result<VmmAction, Response> {
 /// [`route`] for a request that came with descriptors.
 pub fn route_with(request: &Request, fds: Handover) -> Result<VmmAction, Response> {
     let method = request.method.as_str();
-    let takes_fds = (request.path == "/vm" || request.path == "/snapshot/load") && method == "PUT";
+    let takes_fds =
+        matches!(request.path.as_str(), "/vm" | "/snapshot/load" | "/snapshot/create") && method == "PUT";
     if !fds.is_empty() && !takes_fds {
         return Err(Response::fault(400, format!("{method} {} takes no descriptors", request.path)));
     }
@@ -204,8 +231,7 @@ pub fn route_with(request: &Request, fds: Handover) -> Result<VmmAction, Respons
             _ => Err(not_allowed("GET, PATCH, PUT")),
         },
         "/snapshot/create" => match method {
-            "PUT" => body::<SnapshotCreateBody>(request)
-                .map(|b| VmmAction::CreateSnapshot { snapshot_dir: b.snapshot_dir }),
+            "PUT" => body::<SnapshotCreateBody>(request).and_then(|b| b.action(fds)),
             _ => Err(not_allowed("PUT")),
         },
         "/snapshot/load" => match method {

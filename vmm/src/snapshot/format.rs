@@ -116,6 +116,17 @@ pub fn write(path: &Path, state: &SnapshotState) -> Result<u64, SnapshotError> {
     }
 }
 
+/// [`write`] into `file`, already open and empty (handed over; `path` names it in messages);
+/// fsynced. Removing it on error is the caller's.
+pub fn write_to(file: &File, path: &Path, state: &SnapshotState) -> Result<u64, SnapshotError> {
+    let bytes = encode(state);
+    let mut out = file;
+    out.write_all(&bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|source| SnapshotError::write(path, source))?;
+    Ok(bytes.len() as u64)
+}
+
 /// Reads and checks the state file at `path` (see the module docs for the checks).
 pub fn read(path: &Path) -> Result<SnapshotState, SnapshotError> {
     let file = match File::open(path) {

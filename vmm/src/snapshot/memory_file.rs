@@ -108,6 +108,22 @@ fn fill(memory: &GuestMemfd, file: &File, path: &Path) -> Result<(u64, u64, u64)
     Ok((written, pages, scanned))
 }
 
+/// [`write`] into `file`, already open and empty (handed over; `path` names it in messages);
+/// fsynced. Removing it on error is the caller's.
+pub fn write_to(memory: &GuestMemfd, file: &File, path: &Path) -> Result<MemoryFileReport, SnapshotError> {
+    let started = Instant::now();
+    let (bytes_written, pages, bytes_scanned) = fill(memory, file, path)?;
+    let disk_bytes = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    Ok(MemoryFileReport {
+        bytes_written,
+        pages,
+        bytes_scanned,
+        disk_bytes,
+        mem_bytes: memory.size(),
+        ms: started.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
 /// Checks that the memory file at `path` exists and is `size` bytes long.
 pub fn check(path: &Path, size: u64) -> Result<(), SnapshotError> {
     match std::fs::metadata(path) {

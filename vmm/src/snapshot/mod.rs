@@ -46,14 +46,17 @@ use crate::vstate::vm::VmError;
 
 pub use format::{SnapshotState, FORMAT_VERSION, MAX_STATE_FILE};
 pub use restore::{load, load_files, Ahead, RestoreOptions, SnapshotFiles};
+
 pub use vcpu_state::VcpuState;
 
 /// Name of the state file in a snapshot directory.
-pub const STATE_FILE: &str = "state.bin";
+pub const STATE_FILE: &str = cella_host::client::SNAPSHOT_STATE;
 /// Name of the memory file in a snapshot directory.
-pub const MEMORY_FILE: &str = "memory.bin";
-const STATE_TMP: &str = "state.bin.tmp";
-const MEMORY_TMP: &str = "memory.bin.tmp";
+pub const MEMORY_FILE: &str = cella_host::client::SNAPSHOT_MEMORY;
+/// The state file's name while it is written (renamed to [`STATE_FILE`] once complete).
+const STATE_TMP: &str = cella_host::client::SNAPSHOT_STATE_TMP;
+/// The memory file's name while it is written (renamed to [`MEMORY_FILE`] once complete).
+const MEMORY_TMP: &str = cella_host::client::SNAPSHOT_MEMORY_TMP;
 
 /// Why a snapshot could not be taken, read or restored. Each names the file and says what to
 /// do; a failed snapshot leaves the VM untouched and no partial file behind.
@@ -230,6 +233,53 @@ pub fn create(
         let _ = std::fs::remove_file(&state_tmp);
     }
     result
+}
+
+/// [`create`] into two files handed over as descriptors (new, empty, writable regular files,
+/// e.g. `memory.bin.tmp` and `state.bin.tmp` that the caller made): both are written and
+/// fsynced here; renaming them into place and syncing their folder is the caller's (a VMM
+/// confined to no paths cannot). On error the files may hold part of a snapshot: the caller
+/// removes them. `dir` is only reported.
+pub fn create_into(
+    files: SnapshotOutput,
+    vcpu: VcpuState,
+    bus: &IoBus,
+    memory: &GuestMemfd,
+    meta: SnapshotMeta,
+) -> Result<SnapshotInfo, SnapshotError> {
+    let started = Instant::now();
+    let SnapshotOutput { memory: memory_out, state: state_out } = files;
+    let (memory_name, state_name) =
+        (Path::new("(the memory descriptor)"), Path::new("(the state descriptor)"));
+    for (file, name) in [(&memory_out, memory_name), (&state_out, state_name)] {
+        let meta = file.metadata().map_err(|source| SnapshotError::write(name, source))?;
+        if !meta.is_file() || meta.len() != 0 {
+            let why = io::Error::other("not an empty regular file");
+            return Err(SnapshotError::Write { path: name.to_owned(), source: why });
+        }
+    }
+    let written = memory_file::write_to(memory, &memory_out, memory_name)?;
+    let state_started = Instant::now();
+    let state = SnapshotState::new(vcpu, bus.save_state(), memory.size(), meta);
+    let state_bytes = format::write_to(&state_out, state_name, &state)?;
+    Ok(SnapshotInfo {
+        dir: PathBuf::new(),
+        state_bytes,
+        mem_bytes: memory.size(),
+        memory_bytes_written: written.bytes_written,
+        memory_pages: written.pages,
+        memory_disk_bytes: written.disk_bytes,
+        memory_ms: written.ms,
+        state_ms: state_started.elapsed().as_secs_f64() * 1e3,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// The two files a snapshot is written into by [`create_into`].
+#[derive(Debug)]
+pub struct SnapshotOutput {
+    pub memory: File,
+    pub state: File,
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), SnapshotError> {
