@@ -21,6 +21,17 @@ pub const API_FD: RawFd = 3;
 /// The descriptor a jailer started with `--hand-off` reports the VMM's pid on.
 pub const HAND_OFF_FD: RawFd = 4;
 
+/// Where a started process's stdout and stderr go.
+#[derive(Clone, Copy, Debug)]
+enum Output {
+    /// stdout to /dev/null, stderr this process's.
+    Inherited,
+    /// stdout to /dev/null, stderr to a pipe this process reads.
+    Captured,
+    /// Both to this descriptor (a log file), in a process group of its own.
+    Detached(RawFd),
+}
+
 /// A started process, reaped by [`Spawned::wait`] or [`Spawned::try_wait`].
 #[derive(Debug)]
 pub struct Spawned {
@@ -51,6 +62,20 @@ impl Spawned {
         fds: &[(RawFd, RawFd)],
         capture_stderr: bool,
     ) -> io::Result<Spawned> {
+        Self::spawn(command, fds, if capture_stderr { Output::Captured } else { Output::Inherited })
+    }
+
+    /// A process that outlives this one (a session's VMM, which a restarted service adopts): the
+    /// leader of a process group of its own, without [`DIE_WITH_PARENT_ENV`], stdout and stderr
+    /// on `log`; each `here` of `fds` becomes its `there`. Reap it with [`Spawned::wait`] while
+    /// this process runs.
+    pub fn start_detached(command: &Command, fds: &[(RawFd, RawFd)], log: &File) -> io::Result<Spawned> {
+        Self::spawn(command, fds, Output::Detached(log.as_raw_fd()))
+    }
+
+    fn spawn(command: &Command, fds: &[(RawFd, RawFd)], output: Output) -> io::Result<Spawned> {
+        let capture_stderr = matches!(output, Output::Captured);
+        let detached = matches!(output, Output::Detached(_));
         let c =
             |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| io::Error::other("a NUL byte in an argument"));
         let program = c(command.get_program())?;
@@ -63,15 +88,17 @@ impl Spawned {
             // Captured words end up in messages for people: they stay text whatever format
             // this process logs in.
             let text_only = capture_stderr && key == cella_log::FORMAT_ENV;
-            if key != DIE_WITH_PARENT_ENV && !text_only {
+            if key != DIE_WITH_PARENT_ENV && !text_only && !(detached && key == cella_log::FORMAT_ENV) {
                 let mut pair = key.as_bytes().to_vec();
                 pair.push(b'=');
                 pair.extend_from_slice(value.as_bytes());
                 env.push(CString::new(pair).map_err(|_| io::Error::other("a NUL byte in the environment"))?);
             }
         }
-        // SAFETY: getpid(2) has no preconditions.
-        env.push(c(OsStr::new(&format!("{DIE_WITH_PARENT_ENV}={}", unsafe { libc::getpid() })))?);
+        if !detached {
+            // SAFETY: getpid(2) has no preconditions.
+            env.push(c(OsStr::new(&format!("{DIE_WITH_PARENT_ENV}={}", unsafe { libc::getpid() })))?);
+        }
         let argv_ptrs: Vec<*mut libc::c_char> =
             argv.iter().map(|a| a.as_ptr().cast_mut()).chain([std::ptr::null_mut()]).collect();
         let env_ptrs: Vec<*mut libc::c_char> =
@@ -102,7 +129,13 @@ impl Spawned {
         let mut actions = FileActions::new()?;
         let null = c(OsStr::new("/dev/null"))?;
         actions.open(0, &null, libc::O_RDONLY)?;
-        actions.open(1, &null, libc::O_WRONLY)?;
+        match output {
+            Output::Detached(log) => {
+                actions.dup2(log, 1)?;
+                actions.dup2(log, 2)?;
+            }
+            _ => actions.open(1, &null, libc::O_WRONLY)?,
+        }
         if let Some((_, write)) = &pipe {
             actions.dup2(write.as_raw_fd(), 2)?;
         }
@@ -110,7 +143,7 @@ impl Spawned {
             actions.dup2(here, there)?;
         }
         let mut attr = SpawnAttr::new()?;
-        attr.reset_signals()?;
+        attr.reset_signals(detached)?;
 
         let mut pid: libc::pid_t = 0;
         // SAFETY: every pointer is valid for the call: the path and the NULL-terminated argv
@@ -232,7 +265,8 @@ impl SpawnAttr {
 
     /// The child starts with no signal blocked and SIGPIPE at its default (Rust programs
     /// ignore it, and an ignored signal stays ignored across exec), as `Command` would.
-    fn reset_signals(&mut self) -> io::Result<()> {
+    /// With `own_group`, the child also leads a new process group.
+    fn reset_signals(&mut self, own_group: bool) -> io::Result<()> {
         // SAFETY: sigset_t storage we own, filled by sigemptyset/sigaddset; initialised attr.
         unsafe {
             let mut none: libc::sigset_t = std::mem::zeroed();
@@ -242,10 +276,12 @@ impl SpawnAttr {
             libc::sigaddset(&mut pipe, libc::SIGPIPE);
             check(libc::posix_spawnattr_setsigmask(&mut self.0, &none))?;
             check(libc::posix_spawnattr_setsigdefault(&mut self.0, &pipe))?;
-            check(libc::posix_spawnattr_setflags(
-                &mut self.0,
-                (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short,
-            ))
+            let mut flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+            if own_group {
+                check(libc::posix_spawnattr_setpgroup(&mut self.0, 0))?;
+                flags |= libc::POSIX_SPAWN_SETPGROUP;
+            }
+            check(libc::posix_spawnattr_setflags(&mut self.0, flags as libc::c_short))
         }
     }
 }

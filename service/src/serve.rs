@@ -192,6 +192,8 @@ pub struct Running {
     reaper: tokio::task::JoinHandle<()>,
     janitor: tokio::task::JoinHandle<()>,
     session_spares: Option<Arc<crate::spares::Spares>>,
+    /// Its spare session VMM is ended when this stops (the sessions' own VMMs go on).
+    sessions: Arc<SessionManager>,
 }
 
 /// Starts the API on `config.listen`, the checkpointer and (if enabled) a worker, on a migrated
@@ -256,6 +258,8 @@ pub async fn start(
         .with_default_cpu_percent(config.quotas.vm_cpu_percent),
     );
     sessions.recover().await?;
+    sessions.keep_spare();
+    let spare_owner = sessions.clone();
     let reaper = tokio::spawn(crate::sessions::reaper::run(sessions.clone(), shutdown_rx.clone()));
     let state = AppState {
         pool: pool.clone(),
@@ -313,6 +317,7 @@ pub async fn start(
         reaper,
         janitor,
         session_spares,
+        sessions: spare_owner,
     })
 }
 
@@ -327,6 +332,7 @@ impl Running {
         if let Some(spares) = &self.session_spares {
             spares.close().await;
         }
+        self.sessions.close_spares();
         if let Some(worker) = self.worker {
             match worker.await {
                 Ok(Err(e)) => tracing::error!(error = %e, "the worker failed"),

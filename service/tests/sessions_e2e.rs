@@ -63,6 +63,31 @@ async fn wait_state(client: &ApiClient, id: &str, state: &str, within: Duration)
     }
 }
 
+/// Waits (up to 30 s) for the spare session VMM in `spares` to answer on its control socket;
+/// returns its folder's name.
+async fn wait_for_session_spare(spares: &Path) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let found = std::fs::read_dir(spares).ok().and_then(|d| {
+            d.filter_map(Result::ok).filter(|e| e.path().is_dir()).find_map(|e| {
+                let client = cella_host::client::ControlClient::new(e.path().join("api.sock"));
+                client.state().ok().map(|_| e.file_name().to_string_lossy().into_owned())
+            })
+        });
+        if let Some(name) = found {
+            // The pool keeps it once it has answered it too.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            return name;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no spare session VMM in {}",
+            spares.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 async fn vmm_pid(pool: &PgPool, id: &str) -> Option<i32> {
     sqlx::query_scalar("SELECT vmm_pid FROM sessions WHERE id = $1").bind(id).fetch_one(pool).await.unwrap()
 }
@@ -165,13 +190,17 @@ async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool
     assert_eq!(suspended["state"], "suspended");
     assert!(suspended["snapshot_bytes"].as_i64().unwrap() > 0, "{suspended}");
     assert!(!process_exists(first_pid), "the suspended session's VMM {first_pid} still runs");
-    // The restore takes the spare jail serve keeps ready (binary copied, netns made).
-    let serve_pid = server.child.as_ref().unwrap().id();
-    let spare = common::wait_for_spare(serve_pid, "session", &[]).await;
+    // The restore takes the spare session VMM serve keeps ready: already in its jail, confined,
+    // waiting for the snapshot's files as descriptors.
+    let spares = server.data.join("sessions").join(".spares");
+    let spare = wait_for_session_spare(&spares).await;
     assert_eq!(post(&client, &id, "resume").await["state"], "running");
-    assert!(!common::spares_of(serve_pid, "session").contains(&spare), "the restore took {spare}");
-    let log = std::fs::read_to_string(server.data.join("sessions").join(format!("{id}.vmm.log"))).unwrap();
-    assert!(!log.contains("not using the spare jail"), "{log}");
+    let api: String = sqlx::query_scalar("SELECT api_sock FROM sessions WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(Path::new(&api), spares.join(&spare).join("api.sock"), "the restore took {spare}");
     let second_pid = vmm_pid(&pool, &id).await.unwrap();
     assert_ne!(first_pid, second_pid);
     assert_jailed(second_pid);
@@ -189,6 +218,8 @@ async fn a_session_keeps_its_index_across_pause_suspend_and_restore(pool: PgPool
     assert_eq!(gone["state"], "terminated");
     assert!(!process_exists(second_pid));
     assert_gone(&server, &id);
+    assert!(!spares.join(&spare).exists(), "the spare's folder is left");
+    assert_eq!(common::jail_leftovers_of(&spare), Vec::<String>::new(), "the spare's jail is left");
 
     let names = actions(&pool, &tenant).await;
     for action in [

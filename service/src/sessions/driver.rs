@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::vmm::{Guest, LaunchSpec, Liveness, VmState, VmmError, Vmms};
+use super::vmm::{Guest, LaunchSpec, Liveness, RestoreSpec, SpareSpec, SpareVmm, VmState, VmmError, Vmms};
 
 pub trait VmmDriver: Send + Sync + 'static {
     /// Whether session VMMs run jailed (each as a uid of its own).
@@ -42,6 +42,14 @@ pub trait VmmDriver: Send + Sync + 'static {
     fn cleanup_jail(&self, id: &str, dir: Option<&Path>) -> Result<String, VmmError>;
     /// The uids this host's processes run as (a jailed launch takes one none of them has).
     fn uids_in_use(&self) -> Result<HashSet<u32>, String>;
+    /// Starts a spare session VMM for `spec` and waits until it answers, confined, with no VM.
+    fn start_spare(&self, spec: &SpareSpec) -> Result<SpareVmm, VmmError>;
+    /// Restores `spec`'s snapshot in `spare`, handing its files over; the VM runs on return.
+    fn restore_into(&self, spare: &SpareVmm, spec: &RestoreSpec) -> Result<(), VmmError>;
+    /// Ends a spare nobody took, and removes its folder.
+    fn discard_spare(&self, spare: &SpareVmm);
+    /// Ends the spare serving `api_sock` that a killed process left, if it is still there.
+    fn end_stale_spare(&self, api_sock: &Path);
 }
 
 impl VmmDriver for Vmms {
@@ -86,5 +94,17 @@ impl VmmDriver for Vmms {
     }
     fn uids_in_use(&self) -> Result<HashSet<u32>, String> {
         super::vmm::uids_in_use()
+    }
+    fn start_spare(&self, spec: &SpareSpec) -> Result<SpareVmm, VmmError> {
+        Vmms::start_spare(self, spec)
+    }
+    fn restore_into(&self, spare: &SpareVmm, spec: &RestoreSpec) -> Result<(), VmmError> {
+        Vmms::restore_into(self, spare, spec)
+    }
+    fn discard_spare(&self, spare: &SpareVmm) {
+        Vmms::discard_spare(self, spare)
+    }
+    fn end_stale_spare(&self, api_sock: &Path) {
+        Vmms::end_stale_spare(self, api_sock)
     }
 }

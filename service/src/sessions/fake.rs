@@ -15,7 +15,10 @@ use time::OffsetDateTime;
 
 use super::driver::VmmDriver;
 use super::store::{Due, Event, NewSession, Session, SessionStore};
-use super::vmm::{Attach, Frame, Guest, GuestLink, LaunchSpec, Liveness, Reply, Source, VmState, VmmError};
+use super::vmm::{
+    Attach, Frame, Guest, GuestLink, LaunchSpec, Liveness, Reply, RestoreSpec, Source, SpareSpec, SpareVmm,
+    VmState, VmmError,
+};
 use super::State;
 use crate::error::ServiceError;
 
@@ -489,6 +492,72 @@ impl VmmDriver for FakeVmms {
             return Err("/proc: too many open files".to_owned());
         }
         Ok(world.vms.iter().filter(|v| v.alive).filter_map(|v| v.jail_uid).collect())
+    }
+
+    /// A spare is a VMM with no VM; the `launch` fault makes it fail to start.
+    fn start_spare(&self, spec: &SpareSpec) -> Result<SpareVmm, VmmError> {
+        let api = spec.dir.join(super::vmm::SPARE_API_SOCK);
+        let mut world = self.call(format!("start_spare {}", api.display()));
+        if std::mem::take(&mut world.faults.launch) {
+            return Err(VmmError::Spawn(std::io::Error::other("fork: resource temporarily unavailable")));
+        }
+        world.next_pid += 1;
+        let pid = 1000 + world.next_pid;
+        world.vms.push(FakeVm {
+            pid,
+            api: api.clone(),
+            vsock: PathBuf::new(),
+            source: Source::Snapshot { dir: PathBuf::new() },
+            state: VmState::NotStarted,
+            alive: true,
+            jail_uid: spec.jail_uid,
+            cpu_percent: spec.cpu_percent,
+            stopped_on_request: false,
+        });
+        Ok(SpareVmm {
+            pid,
+            api_sock: api,
+            log: spec.log.clone(),
+            mem_mib: spec.mem_mib,
+            cpu_percent: spec.cpu_percent,
+        })
+    }
+
+    /// The `ready` fault makes the spare die during the load.
+    fn restore_into(&self, spare: &SpareVmm, spec: &RestoreSpec) -> Result<(), VmmError> {
+        let mut world = self.call(format!("restore_into {}", spare.pid));
+        let fault = std::mem::take(&mut world.faults.ready);
+        let vm = world
+            .vms
+            .iter_mut()
+            .find(|v| v.pid == spare.pid && v.alive)
+            .ok_or_else(|| VmmError::Control("the spare is gone".to_owned()))?;
+        if fault {
+            vm.alive = false;
+            return Err(VmmError::Control("connection reset by peer".to_owned()));
+        }
+        // A restore maps the memory file: it must still be there.
+        if !spec.snapshot.join("memory").is_file() {
+            return Err(VmmError::Control(format!("no snapshot at {}", spec.snapshot.display())));
+        }
+        vm.source = Source::Snapshot { dir: spec.snapshot.clone() };
+        vm.vsock = spec.vsock.clone();
+        vm.state = VmState::Running;
+        Ok(())
+    }
+
+    fn discard_spare(&self, spare: &SpareVmm) {
+        let mut world = self.call(format!("discard_spare {}", spare.pid));
+        if let Some(vm) = world.vms.iter_mut().find(|v| v.pid == spare.pid) {
+            vm.alive = false;
+        }
+    }
+
+    fn end_stale_spare(&self, api_sock: &Path) {
+        let mut world = self.call(format!("end_stale_spare {}", api_sock.display()));
+        for vm in world.vms.iter_mut().filter(|v| v.api == api_sock) {
+            vm.alive = false;
+        }
     }
 }
 

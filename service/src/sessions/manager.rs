@@ -9,7 +9,7 @@
 //! that anything else uses) and no other launch in progress holds, and holds it until its VMM
 //! answers (by then the VMM runs as it).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +28,8 @@ use crate::tenants::Caller;
 use super::driver::VmmDriver;
 use super::store::{Due, Event, NewSession, PgSessions, Session, SessionStore};
 use super::vmm::{
-    self, Attach, Frame, Guest, JailSpec, LaunchSpec, Liveness, Reply, Source, VmState, VmmError, Vmms,
+    self, Attach, Frame, Guest, JailSpec, LaunchSpec, Liveness, Reply, RestoreSpec, Source, SpareVmm,
+    VmState, VmmError, Vmms,
 };
 use super::{SessionParams, State};
 use crate::config::SessionsConfig;
@@ -161,8 +162,10 @@ pub struct SessionManager<D: VmmDriver = Vmms, S: SessionStore = PgSessions> {
     vmms: Arc<D>,
     slots: Slots,
     /// Jail uids taken by launches that have not recorded their VMM yet; held while a launch
-    /// picks one, so two launches never pick the same.
-    jail_uids: tokio::sync::Mutex<HashSet<u32>>,
+    /// picks one, so two launches never pick the same (shared with the spares).
+    jail_uids: super::spares::Reserved,
+    /// The spare session VMM a restore takes ([`super::spares`]).
+    spares: Arc<super::spares::SparePool<D>>,
     default_cpu_percent: u32,
 }
 
@@ -284,7 +287,7 @@ pub fn for_tenant(text: &str) -> String {
 
 /// The answer when `/proc` (or another host resource) cannot be read: 503, try again; nothing
 /// was concluded or changed.
-fn short_of_resources(e: &str) -> ServiceError {
+pub(super) fn short_of_resources(e: &str) -> ServiceError {
     tracing::warn!(error = %e, "sessions: a host resource cannot be read");
     ServiceError::Overloaded {
         detail: "the server is short of resources and could not check the session's VM; nothing was changed, try again"
@@ -349,20 +352,41 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         let sessions = data_dir.sessions();
         let sessions_dir =
             std::fs::canonicalize(&sessions).or_else(|_| std::path::absolute(&sessions)).unwrap_or(sessions);
+        let vmms = Arc::new(vmms);
+        let jail_uids = super::spares::Reserved::default();
+        let spares = Arc::new(super::spares::SparePool::new(
+            vmms.clone(),
+            &sessions_dir,
+            jail_uids.clone(),
+            config.jail_uid_base,
+            config.jail_uids,
+        ));
         Self {
             store,
             config,
             sessions_dir,
             host,
-            vmms: Arc::new(vmms),
+            vmms,
             slots: Mutex::default(),
-            jail_uids: tokio::sync::Mutex::default(),
+            jail_uids,
+            spares,
             default_cpu_percent: 100,
         }
     }
 
     pub fn config(&self) -> &SessionsConfig {
         &self.config
+    }
+
+    /// Keeps a spare session VMM ready for restores of sessions of the configured default
+    /// size under the default CPU quota (`cella serve` calls this once it has recovered).
+    pub fn keep_spare(&self) {
+        self.spares.keep(self.config.mem_mib, self.default_cpu_percent);
+    }
+
+    /// Ends the spare session VMM still waiting (`cella serve` stopping).
+    pub fn close_spares(&self) {
+        self.spares.close();
     }
 
     /// The CPU quota per VM of tenants without one of their own (percent of one CPU; default
@@ -550,32 +574,18 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         spec.jail = Some(JailSpec { id: vmm::jail_id(&s.id), uid });
         let launched = self.launch_recorded(s, spec).await;
         // Ready (or failed): from now on the VMM's process holds the uid.
-        self.jail_uids.lock().await.remove(&uid);
+        self.jail_uids.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
         launched
     }
 
     /// The lowest jail uid of `sessions.jail_uid_base ..+ sessions.jail_uids` that no process
     /// of this host runs as and no other launch holds; held until released.
     async fn reserve_jail_uid(&self) -> Result<u32, ServiceError> {
-        let mut reserved = self.jail_uids.lock().await;
-        let vmms = self.vmms.clone();
-        let mut taken = tokio::task::spawn_blocking(move || vmms.uids_in_use())
+        let (vmms, reserved) = (self.vmms.clone(), self.jail_uids.clone());
+        let (base, count) = (self.config.jail_uid_base, self.config.jail_uids);
+        tokio::task::spawn_blocking(move || super::spares::reserve_uid(&*vmms, &reserved, base, count))
             .await
             .map_err(|e| ServiceError::Internal(format!("listing processes: {e}")))?
-            .map_err(|e| short_of_resources(&e))?;
-        taken.extend(reserved.iter().copied());
-        let base = self.config.jail_uid_base;
-        let uid = (base..base.saturating_add(self.config.jail_uids))
-            .find(|uid| !taken.contains(uid))
-            .ok_or_else(|| {
-                ServiceError::Vm(format!(
-                    "no jail uid is free: this host runs {} jailed session VMMs, the most \
-                     sessions.jail_uids allows; suspend or terminate a session, or raise it",
-                    self.config.jail_uids
-                ))
-            })?;
-        reserved.insert(uid);
-        Ok(uid)
     }
 
     async fn launch_recorded(
@@ -663,8 +673,10 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
             .unwrap_or_else(|e| Err(error_chain(&e)))
             .map_err(|e| short_of_resources(&e))?;
         if self.vmms.jailed() && !stopped.on_request {
-            self.cleanup_jail(id).await;
+            self.cleanup_jail(id, api_sock).await;
         }
+        // A spare's folder held only its control socket.
+        self.spares.remove_folder(api_sock);
         Ok(stopped)
     }
 
@@ -679,10 +691,11 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         }
     }
 
-    /// `cella-jailer cleanup` for session `id`'s jail (after its supervisor died), giving its
-    /// folder back to root if it is still there. Failures are logged: the session moves on.
-    async fn cleanup_jail(&self, id: &str) {
-        let jail = vmm::jail_id(id);
+    /// `cella-jailer cleanup` for the jail of session `id`'s VMM serving `api_sock` (after its
+    /// supervisor died): the spare's it took, else the session's own, giving its folder back to
+    /// root if it is still there. Failures are logged: the session moves on.
+    async fn cleanup_jail(&self, id: &str, api_sock: &Path) {
+        let jail = self.spares.jail_of(api_sock).unwrap_or_else(|| vmm::jail_id(id));
         let dir = self.paths(id).dir;
         let result =
             self.blocking(move |b| b.cleanup_jail(&jail, dir.is_dir().then_some(dir.as_path()))).await;
@@ -804,43 +817,32 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         if !paths.snapshot.join(SNAPSHOT_COMPLETE).is_file() {
             return Err(self.fail(s, "its snapshot is missing or incomplete", actor).await);
         }
-        // The state change, the tenant's CPU quota and the search for a free jail uid (a look
-        // through /proc) at once.
+        // The state change and the tenant's CPU quota at once.
         let to_resuming = Session { state: State::Resuming, ..s.clone() };
-        let (resuming, cpu_percent, uid) = tokio::join!(
+        let (resuming, cpu_percent) = tokio::join!(
             self.store.transition(&s, &to_resuming, false, None),
-            self.cpu_percent(&s.tenant_id),
-            self.reserve_jail_uid_if_jailed(),
+            self.cpu_percent(&s.tenant_id)
         );
-        let (resuming, cpu_percent) = match (resuming, cpu_percent) {
-            (Ok(resuming), Ok(cpu_percent)) => (resuming, cpu_percent),
-            (Err(e), _) | (_, Err(e)) => {
-                if let Some(Ok(uid)) = uid {
-                    self.jail_uids.lock().await.remove(&uid);
-                }
-                return Err(e);
-            }
-        };
+        let (resuming, cpu_percent) = (resuming?, cpu_percent?);
         let left = (s.max_deadline - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
-        let spec = LaunchSpec {
-            dir: paths.dir.clone(),
-            api_sock: paths.api_sock.clone(),
+        let spec = RestoreSpec {
+            snapshot: paths.snapshot.clone(),
+            disk: paths.artifact.clone(),
             vsock: paths.vsock.clone(),
-            source: Source::Snapshot { dir: paths.snapshot.clone() },
-            mem_mib: u32::try_from(s.mem_mib).unwrap_or(256),
-            read_policy: s.read_policy.clone(),
-            max_duration: vmm_max_duration(left),
             log: paths.log.clone(),
-            jail: None,
-            cpu_percent,
+            max_duration: vmm_max_duration(left),
         };
         let t0 = Instant::now();
-        let launched = match self.launch_reserved(&resuming, spec, uid).await {
-            Ok((row, pid)) => match self.connect_guest(&paths).await {
-                Ok(guest) => Ok((row, pid, guest)),
-                Err(e) => Err((row, e)),
+        let mem_mib = u32::try_from(s.mem_mib).unwrap_or(256);
+        let launched = match self.take_spare(mem_mib, cpu_percent).await {
+            Ok(spare) => match self.restore_recorded(&resuming, &spare, &spec).await {
+                Ok(row) => match self.connect_guest(&paths).await {
+                    Ok(guest) => Ok((row, spare.pid, guest)),
+                    Err(e) => Err((row, e)),
+                },
+                Err(e) => Err(e),
             },
-            Err(e) => Err(e),
+            Err(e) => Err((resuming.clone(), e.to_string())),
         };
         let (row, pid, guest) = match launched {
             Ok(v) => v,
@@ -878,6 +880,54 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         // The new VMM maps the memory file privately; unlinking it leaves that mapping intact.
         remove_snapshot_later(&paths.snapshot);
         Ok(s)
+    }
+
+    /// The spare session VMM ready for a VM of `mem_mib` under `cpu_percent`, or one started
+    /// now; the pool makes the next in the background.
+    async fn take_spare(&self, mem_mib: u32, cpu_percent: u32) -> Result<SpareVmm, ServiceError> {
+        let taken = self.spares.take(mem_mib, cpu_percent);
+        self.spares.refill();
+        match taken {
+            Some(spare) => Ok(spare),
+            None => {
+                let spares = self.spares.clone();
+                tokio::task::spawn_blocking(move || spares.start(mem_mib, cpu_percent))
+                    .await
+                    .map_err(|e| ServiceError::Internal(format!("starting a VMM: {e}")))?
+            }
+        }
+    }
+
+    /// Restores `spec`'s snapshot in `spare` and records the VMM (its pid and control socket) at
+    /// once, as [`SessionManager::launch_recorded`] does. On failure, returns the row to settle.
+    async fn restore_recorded(
+        &self,
+        s: &Session,
+        spare: &SpareVmm,
+        spec: &RestoreSpec,
+    ) -> Result<Session, (Session, String)> {
+        let recorded = Session {
+            vmm_pid: i32::try_from(spare.pid).ok(),
+            api_sock: Some(spare.api_sock.display().to_string()),
+            vsock_sock: Some(spec.vsock.display().to_string()),
+            ..s.clone()
+        };
+        let (spare2, spec2) = (spare.clone(), spec.clone());
+        let (record, loaded) = tokio::join!(
+            self.store.transition(s, &recorded, false, None),
+            self.blocking(move |b| b.restore_into(&spare2, &spec2)),
+        );
+        let row = match record {
+            Ok(row) => row,
+            Err(e) => {
+                let _ = self.stop_vm(spare.pid, &spare.api_sock, &s.id).await;
+                return Err((s.clone(), format!("recording the VMM: {e}")));
+            }
+        };
+        match loaded {
+            Ok(()) => Ok(row),
+            Err(e) => Err((row, format!("{}; VMM log: {}", error_chain(&e), log_tail(&spec.log)))),
+        }
     }
 
     /// Suspends a running or paused session: pause, snapshot to disk, stop the VMM (which scrubs
@@ -1239,6 +1289,16 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
                 tracing::warn!(session = %id, error = %e, "cannot recover the session");
             }
         }
+        // Spares a killed `cella serve` left, but those sessions took.
+        let in_use: std::collections::HashSet<PathBuf> = self
+            .store
+            .live_on_host(&self.host)
+            .await?
+            .into_iter()
+            .filter_map(|s| s.api_sock.map(PathBuf::from))
+            .collect();
+        let spares = self.spares.clone();
+        let _ = tokio::task::spawn_blocking(move || spares.sweep(&in_use)).await;
         if let Ok(entries) = std::fs::read_dir(&self.sessions_dir) {
             for entry in entries.filter_map(Result::ok) {
                 let name = entry.file_name().to_string_lossy().into_owned();

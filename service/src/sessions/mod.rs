@@ -26,6 +26,7 @@ pub mod manager;
 #[cfg(test)]
 mod manager_tests;
 pub mod reaper;
+pub mod spares;
 pub mod store;
 pub mod vmm;
 

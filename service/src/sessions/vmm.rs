@@ -91,6 +91,60 @@ pub struct LaunchSpec {
     pub cpu_percent: u32,
 }
 
+/// A spare session VMM to start: `cella-vmm session --api-fd`, confined before it serves
+/// anything and waiting, with no VM, for a snapshot's files ([`Vmms::restore_into`]).
+#[derive(Debug, Clone)]
+pub struct SpareSpec {
+    /// Its own folder (root's, 0700; the VMM never opens it): its control socket is bound
+    /// there by this process, and the folder's name is its jail's id.
+    pub dir: PathBuf,
+    /// Its stdout and stderr until a session takes it (then moved to the session's log).
+    pub log: PathBuf,
+    /// The guest memory it can take (its jail's memory limit follows).
+    pub mem_mib: u32,
+    /// Its jail's CPU quota, percent of one CPU.
+    pub cpu_percent: u32,
+    /// Jailed, as this uid/gid (the jail's id is the folder's name).
+    pub jail_uid: Option<u32>,
+}
+
+/// A spare session VMM, started and waiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpareVmm {
+    /// The process this one started (jailed: the jail's supervisor).
+    pub pid: u32,
+    /// Its control socket (in its own folder; its command line names it).
+    pub api_sock: PathBuf,
+    pub log: PathBuf,
+    pub mem_mib: u32,
+    pub cpu_percent: u32,
+}
+
+impl SpareVmm {
+    /// Its folder, whose name is its jail's id.
+    pub fn dir(&self) -> &Path {
+        self.api_sock.parent().unwrap_or(Path::new("/"))
+    }
+}
+
+/// A snapshot to restore into a spare ([`Vmms::restore_into`]).
+#[derive(Debug, Clone)]
+pub struct RestoreSpec {
+    /// The snapshot folder (`state.bin`, `memory.bin`).
+    pub snapshot: PathBuf,
+    /// The session's artifact: the VM's disk.
+    pub disk: PathBuf,
+    /// Where the session's vsock socket is bound (by this process; the VMM gets the listener).
+    pub vsock: PathBuf,
+    /// The session's VMM log: the spare's log is moved there.
+    pub log: PathBuf,
+    /// The VMM stops the VM this long after it starts (a backstop behind the reaper).
+    pub max_duration: Duration,
+}
+
+/// The control socket's name in a spare's folder.
+pub const SPARE_API_SOCK: &str = "api.sock";
+
 /// What the control API says the VM is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmState {
@@ -148,6 +202,13 @@ pub fn jail_id(session_id: &str) -> String {
         .collect();
     format!("session-{suffix}")
 }
+
+/// How long a spare session VMM may take to answer after it started.
+const SPARE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a VMM needs beyond its guest's memory (its jail's memory limit is the sum).
+const VMM_OVERHEAD_MIB: u64 = 32;
+/// The most tasks a spare session VMM's jail may have.
+const PIDS_MAX: u32 = 16;
 
 /// Runs `cella-vmm session`, jailed or not.
 #[derive(Debug, Clone)]
@@ -243,6 +304,149 @@ impl Vmms {
         Ok(pid)
     }
 
+    /// Starts the spare session VMM of `spec`, detached like every session VMM (a process group
+    /// of its own, no parent-death signal: once a session takes it, it must outlive a restart
+    /// of this process), and waits until it answers on its control socket, confined, with no
+    /// VM.
+    pub fn start_spare(&self, spec: &SpareSpec) -> Result<SpareVmm, VmmError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let _ = std::fs::remove_dir_all(&spec.dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&spec.dir)
+            .map_err(|e| VmmError::Io(format!("cannot make {}", spec.dir.display()), e))?;
+        let api_sock = spec.dir.join(SPARE_API_SOCK);
+        let listener = std::os::unix::net::UnixListener::bind(&api_sock)
+            .map_err(|e| VmmError::Io(format!("cannot bind {}", api_sock.display()), e))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&spec.log)
+            .map_err(|e| VmmError::Io(format!("cannot open {}", spec.log.display()), e))?;
+        let fd = cella_host::spawn::API_FD.to_string();
+        let session_args = |command: &mut Command| {
+            command.args(["session", "--api-fd", &fd, "--api-sock-path"]).arg(&api_sock).arg("--json");
+        };
+        let mut command = match spec.jail_uid {
+            Some(uid) => {
+                let id = spec.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let vmm = std::fs::canonicalize(&self.vmm).unwrap_or_else(|_| self.vmm.clone());
+                let uid = uid.to_string();
+                let mut jailer = Command::new(self.jailer());
+                jailer.args(["--id", &id, "--exec-file"]).arg(vmm);
+                jailer.args(["--uid", &uid, "--gid", &uid, "--new-pid-ns", "--mount-proc"]);
+                jailer.arg("--cgroup").arg(format!("memory={}M", u64::from(spec.mem_mib) + VMM_OVERHEAD_MIB));
+                jailer.arg("--cgroup").arg(format!("pids={PIDS_MAX}"));
+                jailer.arg("--cgroup").arg(format!("cpu={}", f64::from(spec.cpu_percent.max(1)) / 100.0));
+                jailer.args(["--keep-fd", &fd, "--"]);
+                session_args(&mut jailer);
+                jailer
+            }
+            None => {
+                let mut vmm = Command::new(&self.vmm);
+                session_args(&mut vmm);
+                vmm
+            }
+        };
+        cella_log::words_for_people(&mut command);
+        let mut child = cella_host::spawn::Spawned::start_detached(
+            &command,
+            &[(listener.as_raw_fd(), cella_host::spawn::API_FD)],
+            &log,
+        )
+        .map_err(VmmError::Spawn)?;
+        drop(listener);
+        let pid = child.id();
+        let spare = SpareVmm {
+            pid,
+            api_sock,
+            log: spec.log.clone(),
+            mem_mib: spec.mem_mib,
+            cpu_percent: spec.cpu_percent,
+        };
+        let until = Instant::now() + SPARE_READY_TIMEOUT;
+        let client = control(&spare.api_sock).with_timeout(Duration::from_secs(2));
+        let ready = loop {
+            match client.state() {
+                Ok(info) if info.state == VmmState::NotStarted => break Ok(()),
+                Ok(info) => break Err(format!("it says the VM is {:?}", info.state)),
+                Err(_) if Instant::now() < until => {}
+                Err(e) => break Err(error_chain(&e)),
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                break Err(format!("it exited ({status})"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        // Reaps it when it exits while this process runs (a restarted `serve` cannot: it is
+        // then init's child).
+        let _ = std::thread::Builder::new().name(format!("spare-{pid}")).spawn(move || {
+            let _ = child.wait();
+        });
+        match ready {
+            Ok(()) => Ok(spare),
+            Err(why) => {
+                self.discard_spare(&spare);
+                let log = std::fs::read(&spec.log).unwrap_or_default();
+                let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(1000)..]).trim().to_owned();
+                Err(VmmError::NotReady(format!(
+                    "the spare session VMM did not come up: {why}; its log: {tail}"
+                )))
+            }
+        }
+    }
+
+    /// Restores the snapshot of `spec` in `spare`: the snapshot's files, the disk and a vsock
+    /// listener bound at `spec.vsock` go to it as descriptors (`PUT /snapshot/load`), and its
+    /// log moves to the session's. The VM runs when this returns.
+    pub fn restore_into(&self, spare: &SpareVmm, spec: &RestoreSpec) -> Result<(), VmmError> {
+        use std::os::fd::AsFd;
+        let open = |path: &Path| {
+            std::fs::File::open(path).map_err(|e| VmmError::Io(format!("cannot open {}", path.display()), e))
+        };
+        let state = open(&spec.snapshot.join(cella_host::client::SNAPSHOT_STATE))?;
+        let memory = open(&spec.snapshot.join(cella_host::client::SNAPSHOT_MEMORY))?;
+        let disk = open(&spec.disk)?;
+        let _ = std::fs::remove_file(&spec.vsock);
+        let vsock = std::os::unix::net::UnixListener::bind(&spec.vsock)
+            .map_err(|e| VmmError::Io(format!("cannot bind {}", spec.vsock.display()), e))?;
+        let _ = std::fs::rename(&spare.log, &spec.log);
+        let files = cella_host::client::HandedSnapshotFiles {
+            state: state.as_fd(),
+            memory: memory.as_fd(),
+            disk: Some(disk.as_fd()),
+            vsock: Some(vsock.as_fd()),
+        };
+        control(&spare.api_sock)
+            .snapshot_load_handed(&files, true, Some(spec.max_duration))
+            .map(|_| ())
+            .map_err(control_error)
+    }
+
+    /// Ends a spare nobody took (SIGTERM: it exits; jailed, its supervisor removes the cell)
+    /// and removes its folder.
+    pub fn discard_spare(&self, spare: &SpareVmm) {
+        if matches!(process_serves(spare.pid, &spare.api_sock), Liveness::Alive) {
+            let _ = crate::signal::signal_session(spare.pid, false);
+        }
+        let _ = std::fs::remove_dir_all(spare.dir());
+        let _ = std::fs::remove_file(&spare.log);
+    }
+
+    /// Ends the spare serving `api_sock` that a killed `cella serve` left (found by its command
+    /// line, which names the socket): SIGTERM, so it exits and its supervisor removes its cell.
+    pub fn end_stale_spare(&self, api_sock: &Path) {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return };
+        for entry in entries.filter_map(Result::ok) {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            if matches!(process_serves(pid, api_sock), Liveness::Alive) {
+                let _ = crate::signal::signal_session(pid, false);
+            }
+        }
+    }
+
     /// Waits until the control API answers, up to `timeout`; gives up at once if the process
     /// `pid`, which [`Vmms::launch`] just started, ends.
     pub fn wait_ready(&self, pid: u32, api_sock: &Path, timeout: Duration) -> Result<(), VmmError> {
@@ -289,10 +493,14 @@ impl Vmms {
         control(api_sock).resume().map_err(control_error)
     }
 
-    /// Snapshots the (paused) VM into `dir`, which the VMM creates (jailed, only the VMM's uid
-    /// may write in the session's folder); the answer's details go into the audit event.
+    /// Snapshots the (paused) VM into `dir`: this process makes the files and hands them over,
+    /// the VMM writes them (it may be confined to no paths); the answer's details go into the
+    /// audit event.
     pub fn snapshot(&self, api_sock: &Path, dir: &Path) -> Result<Value, VmmError> {
-        control(api_sock).with_timeout(Duration::from_secs(120)).snapshot_create(dir).map_err(control_error)
+        control(api_sock)
+            .with_timeout(Duration::from_secs(120))
+            .snapshot_create_handed(dir)
+            .map_err(control_error)
     }
 
     /// Stops the VM (the VMM scrubs its memory and exits) if its control API answers within

@@ -246,15 +246,20 @@ pub fn assert_confined(pid: u32) -> u32 {
 /// What the jail of session `session_id` left behind: its folder under the jailer's default
 /// base, its cgroups.
 pub fn jail_leftovers(session_id: &str) -> Vec<String> {
-    let id = format!("session-{}", session_id.trim_start_matches("session_"));
+    jail_leftovers_of(&format!("session-{}", session_id.trim_start_matches("session_")))
+}
+
+/// What is left of the jail `id` (its folder, its cgroups).
+#[allow(dead_code)]
+pub fn jail_leftovers_of(id: &str) -> Vec<String> {
     let mut found = Vec::new();
-    let folder = Path::new("/dev/shm/cella-jailer/cella-vmm").join(&id);
+    let folder = Path::new("/dev/shm/cella-jailer/cella-vmm").join(id);
     if folder.exists() {
         found.push(format!("jail folder {}", folder.display()));
     }
     for parent in cella_e2e::cgroup_parents() {
-        if parent.join(&id).exists() {
-            found.push(format!("cgroup {}", parent.join(&id).display()));
+        if parent.join(id).exists() {
+            found.push(format!("cgroup {}", parent.join(id).display()));
         }
     }
     found

@@ -83,6 +83,11 @@ pub struct SessionArgs {
     /// --max-duration-secs then counts from the load
     #[arg(long, value_name = "N", conflicts_with_all = ["api_sock", "vsock", "artifact", "restore", "jailed"])]
     pub api_fd: Option<std::os::fd::RawFd>,
+    /// With --api-fd: the path the inherited control socket is bound at. The VMM never opens
+    /// it; it is in the command line so that whoever looks for this VMM finds it by its socket,
+    /// as with --api-sock
+    #[arg(long, value_name = "PATH", requires = "api_fd")]
+    pub api_sock_path: Option<PathBuf>,
     /// The artifact to load (tar, tar.gz, zip or plain file), attached read-only as the disk.
     /// With neither --artifact nor --restore the VMM starts with no VM and waits for
     /// `PUT /snapshot/load`
