@@ -88,6 +88,16 @@ async fn wait_for_session_spare(spares: &Path) -> String {
     }
 }
 
+/// The first process whose command line names `sock` (a VMM found by its control socket).
+fn serving(sock: &Path) -> Option<i32> {
+    let want = sock.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        cmdline.split(|b| *b == 0).any(|a| a == want).then_some(pid)
+    })
+}
+
 async fn vmm_pid(pool: &PgPool, id: &str) -> Option<i32> {
     sqlx::query_scalar("SELECT vmm_pid FROM sessions WHERE id = $1").bind(id).fetch_one(pool).await.unwrap()
 }
@@ -299,11 +309,26 @@ async fn a_sigkilled_serve_re_adopts_its_sessions_on_restart(pool: PgPool) {
     let pid = vmm_pid(&pool, &id).await.unwrap();
     let uid = assert_jailed(pid);
     let jailed = jailed_vmm(pid as u32);
+    let spares = data.join("sessions").join(".spares");
+    let spare = wait_for_session_spare(&spares).await;
+    let spare_sock = spares.join(&spare).join("api.sock");
+    let spare_pid = serving(&spare_sock).expect("the spare session VMM's supervisor");
     server.kill();
     assert!(process_exists(pid), "the jail's supervisor died with serve");
     assert!(process_exists(jailed as i32), "the jailed session VMM died with serve");
+    assert!(process_exists(spare_pid), "the spare died with serve");
 
     let server = serve(&data, &db, &[]);
+    // The spare the killed serve kept is ended (no session took it), its folder and jail gone.
+    let start = std::time::Instant::now();
+    while process_exists(spare_pid) || spares.join(&spare).exists() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "the old spare {spare} is left");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    while !common::jail_leftovers_of(&spare).is_empty() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "the old spare's jail is left");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let client = server.client(&key);
     assert_eq!(session(&client, &id).await["state"], "running");
     assert_eq!(vmm_pid(&pool, &id).await, Some(pid));

@@ -203,6 +203,18 @@ impl SessionStore for FakeStore {
         Ok(updated)
     }
 
+    async fn transition_then_touch(
+        &self,
+        from: &Session,
+        next: &Session,
+        event: Event<'_>,
+        extend_secs: Option<u64>,
+        then: Event<'_>,
+    ) -> Result<Session, ServiceError> {
+        let moved = self.transition(from, next, true, Some(event)).await?;
+        self.touch(&moved, extend_secs, then).await
+    }
+
     async fn live_on_host(&self, host: &str) -> Result<Vec<Session>, ServiceError> {
         let mut live: Vec<Session> =
             lock(&self.rows).values().filter(|s| s.host == host && !s.state.is_final()).cloned().collect();

@@ -801,29 +801,25 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
             }
             State::Suspended => {
                 self.check_host(&s)?;
-                self.restore_locked(slot, s, actor).await
+                self.restore_locked(slot, s, actor, None).await
             }
             _ => Err(wrong_state(&s, action)),
         }
     }
 
+    /// Restores a suspended session from its snapshot into a spare VMM; `then`: the deadline
+    /// extension and event of the connect that asked, written with the restore's own.
     async fn restore_locked(
         &self,
         slot: &mut Slot,
         s: Session,
         actor: &Actor,
+        then: Option<(Option<u64>, Event<'_>)>,
     ) -> Result<Session, ServiceError> {
         let paths = self.paths(&s.id);
         if !paths.snapshot.join(SNAPSHOT_COMPLETE).is_file() {
             return Err(self.fail(s, "its snapshot is missing or incomplete", actor).await);
         }
-        // The state change and the tenant's CPU quota at once.
-        let to_resuming = Session { state: State::Resuming, ..s.clone() };
-        let (resuming, cpu_percent) = tokio::join!(
-            self.store.transition(&s, &to_resuming, false, None),
-            self.cpu_percent(&s.tenant_id)
-        );
-        let (resuming, cpu_percent) = (resuming?, cpu_percent?);
         let left = (s.max_deadline - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
         let spec = RestoreSpec {
             snapshot: paths.snapshot.clone(),
@@ -834,15 +830,31 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         };
         let t0 = Instant::now();
         let mem_mib = u32::try_from(s.mem_mib).unwrap_or(256);
-        let launched = match self.take_spare(mem_mib, cpu_percent).await {
-            Ok(spare) => match self.restore_recorded(&resuming, &spare, &spec).await {
-                Ok(row) => match self.connect_guest(&paths).await {
-                    Ok(guest) => Ok((row, spare.pid, guest)),
-                    Err(e) => Err((row, e)),
-                },
-                Err(e) => Err(e),
+        // The spare's jail has the tenant's CPU quota: read it first (a read, no write).
+        let spare = match self.cpu_percent(&s.tenant_id).await {
+            Ok(cpu_percent) => self.take_spare(mem_mib, cpu_percent).await,
+            Err(e) => Err(e),
+        };
+        let spare = match spare {
+            Ok(spare) => spare,
+            Err(e) => {
+                // Nothing changed: the session stays suspended, and the refusal is recorded.
+                let reason = for_tenant(&error_chain(&e));
+                let event =
+                    Event { actor, action: "session.restore_failed", details: json!({ "reason": reason }) };
+                self.store.transition(&s, &s, false, Some(event)).await?;
+                return Err(ServiceError::Vm(format!(
+                    "restoring session {} from its snapshot failed: {reason}; it stays suspended",
+                    s.id
+                )));
+            }
+        };
+        let launched = match self.restore_recorded(&s, &spare, &spec).await {
+            Ok(row) => match self.connect_guest(&paths).await {
+                Ok(guest) => Ok((row, spare.pid, guest)),
+                Err(e) => Err((row, e)),
             },
-            Err(e) => Err((resuming.clone(), e.to_string())),
+            Err(e) => Err(e),
         };
         let (row, pid, guest) = match launched {
             Ok(v) => v,
@@ -875,7 +887,12 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
             action: "session.restored",
             details: json!({ "pid": pid, "restore_ms": ms(t0), "snapshot_bytes": s.snapshot_bytes }),
         };
-        let s = self.store.transition(&row, &running, true, Some(event)).await?;
+        let s = match then {
+            Some((extend, connected)) => {
+                self.store.transition_then_touch(&row, &running, event, extend, connected).await?
+            }
+            None => self.store.transition(&row, &running, true, Some(event)).await?,
+        };
         slot.guest = Some(guest);
         // The new VMM maps the memory file privately; unlinking it leaves that mapping intact.
         remove_snapshot_later(&paths.snapshot);
@@ -898,8 +915,10 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         }
     }
 
-    /// Restores `spec`'s snapshot in `spare` and records the VMM (its pid and control socket) at
-    /// once, as [`SessionManager::launch_recorded`] does. On failure, returns the row to settle.
+    /// Restores `spec`'s snapshot in `spare` while the suspended session `s` moves to
+    /// `resuming` with the VMM (its pid and control socket) recorded: the fence and the load at
+    /// once. If the fence fails (the session changed meanwhile) the VM is stopped and that is
+    /// the error; if the load fails, the recorded row is returned to settle.
     async fn restore_recorded(
         &self,
         s: &Session,
@@ -907,6 +926,7 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         spec: &RestoreSpec,
     ) -> Result<Session, (Session, String)> {
         let recorded = Session {
+            state: State::Resuming,
             vmm_pid: i32::try_from(spare.pid).ok(),
             api_sock: Some(spare.api_sock.display().to_string()),
             vsock_sock: Some(spec.vsock.display().to_string()),
@@ -1076,13 +1096,18 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         let s = self.store.get(Some(tenant), id).await?;
         let was = s.state;
         let deadline_before = crate::jobs::rfc3339(s.deadline);
-        let s = self.resume_locked(&mut slot, s, actor, "connect to").await?;
-        self.check_host(&s)?;
         let event = Event {
             actor,
             action: "session.connected",
             details: json!({ "was": was.as_str(), "extend_secs": extend, "deadline_before": deadline_before }),
         };
+        if was == State::Suspended {
+            // Restored and connected in one write.
+            self.check_host(&s)?;
+            return self.restore_locked(&mut slot, s, actor, Some((extend, event))).await;
+        }
+        let s = self.resume_locked(&mut slot, s, actor, "connect to").await?;
+        self.check_host(&s)?;
         self.store.touch(&s, extend, event).await
     }
 

@@ -223,3 +223,53 @@ impl<D: VmmDriver> Drop for SparePool<D> {
         self.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::fake::FakeVmms;
+    use super::*;
+
+    fn pool(vmms: &FakeVmms, dir: &Path) -> Arc<SparePool<FakeVmms>> {
+        Arc::new(SparePool::new(Arc::new(vmms.clone()), dir, Reserved::default(), 70_000, 4))
+    }
+
+    fn wait_ready(pool: &SparePool<FakeVmms>) {
+        let start = std::time::Instant::now();
+        while lock(&pool.ready).is_none() || pool.making.load(Ordering::Acquire) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "no spare was made");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_kept_spare_is_taken_only_by_its_size_and_quota_and_ended_on_close() {
+        let dir = std::env::temp_dir().join(format!("cella-spares-{}", std::process::id()));
+        let vmms = FakeVmms::jailed();
+        let pool = pool(&vmms, &dir);
+        assert_eq!(pool.take(256, 100), None, "none is kept until asked");
+        pool.keep(256, 100);
+        wait_ready(&pool);
+        assert_eq!(pool.take(128, 100), None, "another size");
+        assert_eq!(pool.take(256, 50), None, "another CPU quota");
+        let spare = pool.take(256, 100).expect("the kept spare");
+        assert_eq!(
+            pool.jail_of(&spare.api_sock).as_deref(),
+            spare.dir().file_name().and_then(|n| n.to_str())
+        );
+        assert!(spare.dir().starts_with(dir.join(SPARES_DIR)), "{spare:?}");
+        let uid = vmms.vm(spare.pid).jail_uid.expect("a jailed spare has a uid");
+        assert!((70_000..70_004).contains(&uid), "{uid}");
+        // The next is made in the background, with a uid of its own.
+        pool.refill();
+        wait_ready(&pool);
+        let next = lock(&pool.ready).clone().expect("refilled");
+        assert_ne!(vmms.vm(next.pid).jail_uid, Some(uid));
+        pool.close();
+        assert!(!vmms.vm(next.pid).alive, "close ends the spare still waiting");
+        assert!(vmms.vm(spare.pid).alive, "not the one a session took");
+        pool.refill();
+        assert!(lock(&pool.ready).is_none() && !pool.making.load(Ordering::Acquire), "none after close");
+        assert_eq!(pool.jail_of(Path::new("/d/sessions/s1/api.sock")), None, "a session's own socket");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -317,6 +317,40 @@ pub async fn transition(
     event: Option<Event<'_>>,
 ) -> Result<Session, ServiceError> {
     let mut tx = pool.begin().await?;
+    let session = apply(&mut tx, from, next, touch).await?;
+    if let Some(event) = event {
+        append(&mut tx, &session, event).await?;
+    }
+    tx.commit().await?;
+    Ok(session)
+}
+
+/// [`transition`] (touching) with its event, then [`touch`] with its own, in one transaction:
+/// a connect that restored a suspended session.
+pub async fn transition_then_touch(
+    pool: &PgPool,
+    from: &Session,
+    next: &Session,
+    event: Event<'_>,
+    extend_secs: Option<u64>,
+    then: Event<'_>,
+) -> Result<Session, ServiceError> {
+    let mut tx = pool.begin().await?;
+    let session = apply(&mut tx, from, next, true).await?;
+    append(&mut tx, &session, event).await?;
+    let session = mark_active(&mut tx, &session, extend_secs).await?;
+    append(&mut tx, &session, then).await?;
+    tx.commit().await?;
+    Ok(session)
+}
+
+/// The fenced write of [`transition`].
+async fn apply(
+    tx: &mut Transaction<'_, Postgres>,
+    from: &Session,
+    next: &Session,
+    touch: bool,
+) -> Result<Session, ServiceError> {
     let row = sqlx::query(&format!(
         "UPDATE sessions SET state = $3, generation = generation + 1, vmm_pid = $4, api_sock = $5,
                 vsock_sock = $6, snapshot_dir = $7, snapshot_bytes = $8, failure_reason = $9,
@@ -337,7 +371,7 @@ pub async fn transition(
     .bind(&next.failure_reason)
     .bind(touch)
     .bind(from.generation)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut **tx)
     .await?;
     let Some(row) = row else {
         return Err(ServiceError::Conflict(format!(
@@ -345,12 +379,7 @@ pub async fn transition(
             from.id
         )));
     };
-    let session = from_row(&row)?;
-    if let Some(event) = event {
-        append(&mut tx, &session, event).await?;
-    }
-    tx.commit().await?;
-    Ok(session)
+    Ok(from_row(&row)?)
 }
 
 /// Marks a running session active now and appends `event` (exec, connect without a state
@@ -363,6 +392,18 @@ pub async fn touch(
     event: Event<'_>,
 ) -> Result<Session, ServiceError> {
     let mut tx = pool.begin().await?;
+    let updated = mark_active(&mut tx, session, extend_secs).await?;
+    append(&mut tx, &updated, event).await?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
+/// The write of [`touch`].
+async fn mark_active(
+    tx: &mut Transaction<'_, Postgres>,
+    session: &Session,
+    extend_secs: Option<u64>,
+) -> Result<Session, ServiceError> {
     let row = sqlx::query(&format!(
         "UPDATE sessions SET last_active_at = now(), updated_at = now(),
                 deadline = CASE WHEN $2::float8 IS NULL THEN deadline
@@ -372,7 +413,7 @@ pub async fn touch(
     ))
     .bind(&session.id)
     .bind(extend_secs.map(|s| s as f64))
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut **tx)
     .await?;
     let Some(row) = row else {
         return Err(ServiceError::Conflict(format!(
@@ -380,10 +421,7 @@ pub async fn touch(
             session.id
         )));
     };
-    let updated = from_row(&row)?;
-    append(&mut tx, &updated, event).await?;
-    tx.commit().await?;
-    Ok(updated)
+    Ok(from_row(&row)?)
 }
 
 async fn append(
@@ -458,6 +496,16 @@ pub trait SessionStore: Send + Sync + 'static {
         extend_secs: Option<u64>,
         event: Event<'_>,
     ) -> impl std::future::Future<Output = Result<Session, ServiceError>> + Send;
+    /// [`SessionStore::transition`] (touching) with `event`, then [`SessionStore::touch`] with
+    /// `then`, at once.
+    fn transition_then_touch(
+        &self,
+        from: &Session,
+        next: &Session,
+        event: Event<'_>,
+        extend_secs: Option<u64>,
+        then: Event<'_>,
+    ) -> impl std::future::Future<Output = Result<Session, ServiceError>> + Send;
     fn live_on_host(
         &self,
         host: &str,
@@ -501,6 +549,16 @@ impl SessionStore for PgSessions {
         event: Event<'_>,
     ) -> Result<Session, ServiceError> {
         touch(&self.0, session, extend_secs, event).await
+    }
+    async fn transition_then_touch(
+        &self,
+        from: &Session,
+        next: &Session,
+        event: Event<'_>,
+        extend_secs: Option<u64>,
+        then: Event<'_>,
+    ) -> Result<Session, ServiceError> {
+        transition_then_touch(&self.0, from, next, event, extend_secs, then).await
     }
     async fn live_on_host(&self, host: &str) -> Result<Vec<Session>, ServiceError> {
         live_on_host(&self.0, host).await
