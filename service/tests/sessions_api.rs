@@ -202,6 +202,11 @@ impl Api {
         self.state.data_dir.session(id)
     }
 
+    /// Where session `id`'s snapshot is written (beside its folder, never in it).
+    fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.state.data_dir.sessions().join(format!("{id}.snapshot"))
+    }
+
     fn log(&self, id: &str) -> PathBuf {
         self.state.data_dir.sessions().join(format!("{id}.vmm.log"))
     }
@@ -533,8 +538,8 @@ async fn suspend_then_resume_restores_on_a_new_vmm_with_the_same_index(pool: PgP
     let suspended = api.post(&format!("/v1/sessions/{sid}/suspend"), &key).await.json();
     assert_eq!(suspended["state"], "suspended");
     assert!(suspended["snapshot_bytes"].as_i64().unwrap() > 0, "{suspended}");
-    // The snapshot and its marker are root's again: the jail handed the folder back.
-    let marker = api.session_dir(&sid).join("snapshot/cella-snapshot.json");
+    // The snapshot and its marker are root's, beside the folder (which the jail handed back).
+    let marker = api.snapshot_dir(&sid).join("cella-snapshot.json");
     assert_eq!(std::fs::metadata(&marker).unwrap().uid(), 0);
     assert_eq!(std::fs::metadata(api.session_dir(&sid)).unwrap().uid(), 0);
     assert!(!alive(first), "the VMM was stopped");
@@ -544,7 +549,7 @@ async fn suspend_then_resume_restores_on_a_new_vmm_with_the_same_index(pool: PgP
     let second = api.pid(&sid).await.unwrap();
     assert_ne!(first, second, "a new VMM process");
     assert_confined(jailed_vmm(second));
-    assert!(!api.session_dir(&sid).join("snapshot").exists(), "the restored snapshot is removed");
+    assert!(!api.snapshot_dir(&sid).exists(), "the restored snapshot is removed");
     let after = api.exec(&sid, &key, json!({"op": "stats"})).await.json()["result"].clone();
     assert_eq!(
         (before["index_id"].clone(), before["files"].clone(), after["index_builds"].clone()),
@@ -568,7 +573,7 @@ async fn a_failed_snapshot_leaves_the_session_running(pool: PgPool) {
     assert_problem(&r, StatusCode::BAD_GATEWAY, "no space left on the device");
     assert_problem(&r, StatusCode::BAD_GATEWAY, "; it is still running");
     assert_eq!(api.get(&format!("/v1/sessions/{sid}"), &key).await.json()["state"], "running");
-    assert!(!api.session_dir(&sid).join("snapshot").exists());
+    assert!(!api.snapshot_dir(&sid).exists());
     let after = api.exec(&sid, &key, json!({"op": "stats"})).await.json()["result"].clone();
     assert_eq!(after["index_id"], before["index_id"]);
     assert!(api.actions(&tenant).await.contains(&"session.suspend_failed".to_owned()));
@@ -703,7 +708,7 @@ async fn the_reaper_terminates_sessions_past_their_deadline_and_deletes_their_fi
     let suspended = id(&api.create(&key, "?max_duration=1").await);
     let pid = api.pid(&running).await.unwrap();
     api.post(&format!("/v1/sessions/{suspended}/suspend"), &key).await;
-    assert!(api.session_dir(&suspended).join("snapshot").exists());
+    assert!(api.snapshot_dir(&suspended).exists());
     tokio::time::sleep(Duration::from_millis(1100)).await;
     reaper::once(&api.state.sessions).await.unwrap();
     for sid in [&running, &suspended] {
@@ -784,7 +789,7 @@ async fn a_restarted_service_re_adopts_live_vmms_and_never_loses_a_session(pool:
         assert_eq!(jail_leftovers(sid), Vec::<String>::new());
     }
     assert_eq!(api.state_of(&suspended).await, "suspended");
-    assert!(api.session_dir(&suspended).join("snapshot/cella-snapshot.json").is_file());
+    assert!(api.snapshot_dir(&suspended).join("cella-snapshot.json").is_file());
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -1184,4 +1189,29 @@ async fn a_session_scan_runs_the_tenants_packs_and_its_default_policy(pool: PgPo
     let r = api.exec(&sid, &key, json!({"op": "scan", "policy_name": "orbit@2"})).await;
     assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "unknown policy \"orbit@2\"");
     assert_eq!(api.delete(&sid, &key).await.status, StatusCode::OK);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_link_left_in_a_sessions_folder_is_never_followed_by_a_restore(pool: PgPool) {
+    let api = api(pool, |_| {}).await;
+    let (tenant, key) = api.tenant("acme").await;
+    let sid = id(&api.create(&key, "").await);
+    let suspended = api.post(&format!("/v1/sessions/{sid}/suspend"), &key).await.json();
+    assert_eq!(suspended["state"], "suspended");
+    // A booted VMM owns its session's folder while it runs: one taken over could leave the
+    // artifact a link to a host file, for the restore (made by root) to hand to the next VM.
+    // The host file is the artifact's size, so only the refusal to follow the link stops it.
+    let artifact = api.session_dir(&sid).join("artifact");
+    let size = std::fs::metadata(&artifact).unwrap().len() as usize;
+    let host_file = api.state.data_dir.sessions().with_file_name("host-secret");
+    std::fs::write(&host_file, &"host secret\n".repeat(size / 12 + 1).as_bytes()[..size]).unwrap();
+    std::fs::remove_file(&artifact).unwrap();
+    std::os::unix::fs::symlink(&host_file, &artifact).unwrap();
+    let r = api.post(&format!("/v1/sessions/{sid}/resume"), &key).await;
+    assert_problem(&r, StatusCode::BAD_GATEWAY, "it stays suspended");
+    assert_eq!(api.state_of(&sid).await, "suspended");
+    assert!(api.actions(&tenant).await.contains(&"session.restore_failed".to_owned()));
+    // The snapshot was never in reach: it lies beside the folder, not in it.
+    assert!(!api.snapshot_dir(&sid).starts_with(api.session_dir(&sid)));
+    assert!(api.snapshot_dir(&sid).join("cella-snapshot.json").is_file());
 }

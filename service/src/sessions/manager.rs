@@ -63,13 +63,16 @@ fn vmm_max_duration(left: u64) -> Duration {
 pub const SNAPSHOT_COMPLETE: &str = "cella-snapshot.json";
 
 /// The files of one session: its folder `<data>/sessions/<id>/` (mode 0700, root's; a jailed
-/// VMM's while it runs) and the VMM's log beside it.
+/// VMM's while it runs), and beside it the VMM's log and the snapshot.
 #[derive(Debug, Clone)]
 pub struct SessionPaths {
     pub dir: PathBuf,
     pub artifact: PathBuf,
     pub api_sock: PathBuf,
     pub vsock: PathBuf,
+    /// `<data>/sessions/<id>.snapshot/`: outside the folder a booted VMM owns while it runs, so
+    /// nothing a VMM does can turn what this process writes there, or reads back to restore,
+    /// into a path of the host's (a link planted in its folder, say).
     pub snapshot: PathBuf,
     /// `<data>/sessions/<id>.vmm.log`: outside the folder, which the jail uid owns while its
     /// VMM runs and which `cella-jailer` checks before handing it over.
@@ -78,6 +81,8 @@ pub struct SessionPaths {
 
 /// The suffix of a session's VMM log in `<data>/sessions/`.
 const LOG_SUFFIX: &str = ".vmm.log";
+/// The suffix of a session's snapshot folder in `<data>/sessions/`.
+const SNAPSHOT_SUFFIX: &str = ".snapshot";
 
 impl SessionPaths {
     /// `sessions`: the `sessions` folder of the data folder, as an absolute path without
@@ -88,16 +93,17 @@ impl SessionPaths {
             artifact: dir.join("artifact"),
             api_sock: dir.join("api.sock"),
             vsock: dir.join("vsock.sock"),
-            snapshot: dir.join("snapshot"),
+            snapshot: sessions.join(format!("{id}{SNAPSHOT_SUFFIX}")),
             log: sessions.join(format!("{id}{LOG_SUFFIX}")),
             dir,
         }
     }
 
-    /// Deletes the folder and the log.
+    /// Deletes the folder, the log and the snapshot.
     async fn remove(&self) {
         let _ = tokio::fs::remove_dir_all(&self.dir).await;
         let _ = tokio::fs::remove_file(&self.log).await;
+        let _ = tokio::fs::remove_dir_all(&self.snapshot).await;
     }
 }
 
@@ -235,7 +241,8 @@ fn disk_bytes(dir: &Path) -> u64 {
 /// the old one), and its files, up to the guest's memory size, are deleted in the background.
 /// A snapshot that cannot be renamed is deleted in place, before this returns.
 fn remove_snapshot_later(snapshot: &Path) {
-    let aside = snapshot.with_file_name(format!("snapshot.restored-{}", std::process::id()));
+    let name = snapshot.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let aside = snapshot.with_file_name(format!("{name}.restored-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&aside);
     match std::fs::rename(snapshot, &aside) {
         Ok(()) => {
@@ -1327,7 +1334,7 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         if let Ok(entries) = std::fs::read_dir(&self.sessions_dir) {
             for entry in entries.filter_map(Result::ok) {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let id = name.strip_suffix(LOG_SUFFIX).unwrap_or(&name);
+                let id = name.split_once('.').map_or(name.as_str(), |(id, _)| id);
                 if crate::ids::is_id(id, "session") && !self.store.exists(id).await? {
                     self.paths(id).remove().await;
                 }

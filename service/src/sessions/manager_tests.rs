@@ -252,10 +252,10 @@ async fn suspend_snapshots_and_stops_the_vm_and_resume_restores_a_new_one() {
     assert_eq!(case.vmms.live().len(), 1);
     // The old snapshot was renamed aside and is deleted in the background.
     let leftovers = || {
-        std::fs::read_dir(&paths.dir)
-            .expect("session folder")
+        std::fs::read_dir(paths.snapshot.parent().expect("the sessions folder"))
+            .expect("sessions folder")
             .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().starts_with("snapshot"))
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{}.snapshot", s.id)))
             .count()
     };
     for _ in 0..200 {

@@ -403,9 +403,15 @@ impl Vmms {
     /// log moves to the session's. The VM runs when this returns.
     pub fn restore_into(&self, spare: &SpareVmm, spec: &RestoreSpec) -> Result<(), VmmError> {
         use std::os::fd::AsFd;
-        let open = |path: &Path| {
-            std::fs::File::open(path).map_err(|e| VmmError::Io(format!("cannot open {}", path.display()), e))
-        };
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never through a link: the artifact lies in the folder a booted VMM owned, which may
+        // have left one there; what this process opens, the new VMM reads.
+        let open =
+            |path: &Path| {
+                std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(
+                    |e| VmmError::Io(format!("cannot open {} (not following links)", path.display()), e),
+                )
+            };
         let state = open(&spec.snapshot.join(cella_host::client::SNAPSHOT_STATE))?;
         let memory = open(&spec.snapshot.join(cella_host::client::SNAPSHOT_MEMORY))?;
         let disk = open(&spec.disk)?;
