@@ -995,7 +995,7 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
                     b.pause(&api2)?;
                 }
                 let pause_ms = ms(t0);
-                // The VMM creates the folder: jailed, only its uid may write in the session's.
+                // Made anew: this process makes the folder and the files, the VMM writes them.
                 let _ = std::fs::remove_dir_all(&snapshot);
                 let t1 = Instant::now();
                 let details = b.snapshot(&api2, &snapshot);
