@@ -332,7 +332,8 @@ impl Running {
         if let Some(spares) = &self.session_spares {
             spares.close().await;
         }
-        self.sessions.close_spares();
+        let sessions = self.sessions.clone();
+        let _ = tokio::task::spawn_blocking(move || sessions.close_spares()).await;
         if let Some(worker) = self.worker {
             match worker.await {
                 Ok(Err(e)) => tracing::error!(error = %e, "the worker failed"),

@@ -391,7 +391,8 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         self.spares.keep(self.config.mem_mib, self.default_cpu_percent);
     }
 
-    /// Ends the spare session VMM still waiting (`cella serve` stopping).
+    /// Ends the spare session VMM still waiting, after one being made (`cella serve` stopping;
+    /// blocks).
     pub fn close_spares(&self) {
         self.spares.close();
     }
@@ -1334,6 +1335,11 @@ impl<D: VmmDriver, S: SessionStore> SessionManager<D, S> {
         if let Ok(entries) = std::fs::read_dir(&self.sessions_dir) {
             for entry in entries.filter_map(Result::ok) {
                 let name = entry.file_name().to_string_lossy().into_owned();
+                if name.contains(&format!("{SNAPSHOT_SUFFIX}.restored-")) {
+                    // A restored snapshot a killed process did not finish deleting.
+                    let _ = tokio::fs::remove_dir_all(entry.path()).await;
+                    continue;
+                }
                 let id = name.split_once('.').map_or(name.as_str(), |(id, _)| id);
                 if crate::ids::is_id(id, "session") && !self.store.exists(id).await? {
                     self.paths(id).remove().await;

@@ -20,6 +20,9 @@ use super::driver::VmmDriver;
 use super::vmm::{SpareSpec, SpareVmm};
 use crate::error::ServiceError;
 
+/// How long [`SparePool::close`] waits for a spare being made (its start is bounded by less).
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(40);
+
 /// The folder of spares in the sessions folder (not a session id, so never taken for one).
 pub const SPARES_DIR: &str = ".spares";
 
@@ -143,7 +146,7 @@ impl<D: VmmDriver> SparePool<D> {
         }
     }
 
-    /// Keeps a spare of this size and CPU quota ready from now on (the last restore's).
+    /// Keeps a spare of this size and CPU quota ready from now on.
     pub fn keep(self: &Arc<Self>, mem_mib: u32, cpu_percent: u32) {
         *lock(&self.keep) = Some((mem_mib, cpu_percent));
         self.refill();
@@ -186,11 +189,16 @@ impl<D: VmmDriver> SparePool<D> {
         }
     }
 
-    /// Ends the spare still waiting; none is made from now on.
+    /// Ends the spare still waiting; none is made from now on. One being made is waited for
+    /// (it ends itself once made): a spare outlives this process, so none may be left behind
+    /// half-made when it exits. Blocks.
     pub fn close(&self) {
-        let mut ready = lock(&self.ready);
         self.closed.store(true, Ordering::Release);
-        if let Some(spare) = ready.take() {
+        let until = std::time::Instant::now() + CLOSE_WAIT;
+        while self.making.load(Ordering::Acquire) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if let Some(spare) = lock(&self.ready).take() {
             self.vmms.discard_spare(&spare);
         }
     }
