@@ -60,6 +60,9 @@ Control API (--api-sock; HTTP/1.1, JSON bodies, errors as {\"fault_message\": ..
   PATCH /vm       {\"state\": \"paused\"|\"running\"}   204 (409 if already in that state)
   PUT   /snapshot/create {\"snapshot_dir\": ABS}   200 sizes and timings (409 unless paused;
                                               500 e.g. disk full: nothing left, VM still paused)
+  PUT   /snapshot/create {\"memory_fd\": I, \"state_fd\": J} with two new, empty files attached
+          (SCM_RIGHTS): the same into those files, which the client then renames into place;
+          how a VMM confined to no paths (--api-fd) snapshots
   PUT   /snapshot/load {\"snapshot_dir\": ABS, \"resume\": BOOL}   200 (409 once a VM exists;
                                               400 corrupt, truncated, other version, CPU, no memory file)
   PUT   /snapshot/load {\"state_fd\": I, \"memory_fd\": J, \"disk_fd\": K, \"vsock_fd\": L,
