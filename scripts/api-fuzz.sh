@@ -31,9 +31,11 @@ cleanup() {
   [ -n "$serve_pid" ] && { kill -TERM "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null || true; }
   # Session VMMs outlive `serve` by design (a restarted serve re-adopts them): stop the ones the
   # fuzz created (SIGTERM: each stops its VM and scrubs it).
-  pkill -TERM -f -- "--api-sock $work/data/sessions/" 2>/dev/null || true
-  for _ in $(seq 1 50); do pgrep -f -- "--api-sock $work/data/sessions/" >/dev/null || break; sleep 0.1; done
-  pkill -KILL -f -- "--api-sock $work/data/sessions/" 2>/dev/null || true
+  # A restored session's VMM is the spare it took: `--api-sock-path …/sessions/.spares/…`.
+  vmms="--api-sock(-path)? $work/data/sessions/"
+  pkill -TERM -f -- "$vmms" 2>/dev/null || true
+  for _ in $(seq 1 50); do pgrep -f -- "$vmms" >/dev/null || break; sleep 0.1; done
+  pkill -KILL -f -- "$vmms" 2>/dev/null || true
   psql -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true
   rm -rf "$work"
 }

@@ -162,6 +162,10 @@ async fn run_with(
     tls_config: Arc<rustls::ServerConfig>,
     tls_files: tls::TlsFiles,
 ) -> Result<(), ServeError> {
+    // Listening for SIGTERM and SIGINT before anything starts: one that comes while `start`
+    // runs is then answered by `stop` once it has, not by the default action, which would
+    // leave what `start` began (a spare session VMM being made, say) behind.
+    let signals = Signals::listen();
     let running = start(config.clone(), data_dir.clone(), pool, tls_config).await?;
     println!("cella serve: listening on {}", running.url);
     if let Some(ca) = &tls_files.ca {
@@ -171,7 +175,7 @@ async fn run_with(
     if !config.worker.enabled {
         println!("cella serve: no worker in this process (run `cella worker` against the same database)");
     }
-    wait_for_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down");
     running.stop().await;
     Ok(())
@@ -350,14 +354,30 @@ impl Running {
 
 /// SIGTERM or SIGINT.
 pub async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    Signals::listen().wait().await
+}
+
+/// SIGTERM and SIGINT, listened for from [`Signals::listen`] on (one that comes before
+/// [`Signals::wait`] is kept for it).
+struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(term), Ok(int)) => Signals(Some((term, int))),
+            _ => Signals(None),
+        }
+    }
+
+    async fn wait(self) {
+        let Some((mut term, mut int)) = self.0 else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
