@@ -277,13 +277,7 @@ impl Vmms {
     /// that process becomes the jail's supervisor); returns its pid once the process exists
     /// (not yet ready: see [`Vmms::wait_ready`]).
     pub fn launch(&self, spec: &LaunchSpec) -> Result<u32, VmmError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&spec.log)
-            .map_err(|e| VmmError::Io(format!("cannot open {}", spec.log.display()), e))?;
+        let log = open_log(&spec.log)?;
         let log2 = log.try_clone().map_err(|e| VmmError::Io("cannot share the VMM log".into(), e))?;
         let spares = self.spares.as_ref().filter(|_| spec.jail.is_some());
         let spare = spares.and_then(|s| s.take(0));
@@ -310,7 +304,7 @@ impl Vmms {
     /// VM.
     pub fn start_spare(&self, spec: &SpareSpec) -> Result<SpareVmm, VmmError> {
         use std::os::fd::AsRawFd;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         let _ = std::fs::remove_dir_all(&spec.dir);
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -319,12 +313,7 @@ impl Vmms {
         let api_sock = spec.dir.join(SPARE_API_SOCK);
         let listener = std::os::unix::net::UnixListener::bind(&api_sock)
             .map_err(|e| VmmError::Io(format!("cannot bind {}", api_sock.display()), e))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&spec.log)
-            .map_err(|e| VmmError::Io(format!("cannot open {}", spec.log.display()), e))?;
+        let log = open_log(&spec.log)?;
         let fd = cella_host::spawn::API_FD.to_string();
         let session_args = |command: &mut Command| {
             command.args(["session", "--api-fd", &fd, "--api-sock-path"]).arg(&api_sock).arg("--json");
@@ -569,6 +558,17 @@ impl Vmms {
             Err(VmmError::Cleanup { id: id.to_owned(), message: format!("{} ({said})", out.status) })
         }
     }
+}
+
+/// A VMM's log (its stdout and stderr), appended to, readable by root only.
+fn open_log(path: &Path) -> Result<std::fs::File, VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| VmmError::Io(format!("cannot open {}", path.display()), e))
 }
 
 fn control(api_sock: &Path) -> ControlClient {

@@ -44,25 +44,14 @@ pub struct MemoryFileReport {
 /// Writes `memory` to a new file at `path` (which must not exist) and fsyncs it. On error the
 /// partial file is removed.
 pub fn write(memory: &GuestMemfd, path: &Path) -> Result<MemoryFileReport, SnapshotError> {
-    let started = Instant::now();
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(|source| SnapshotError::write(path, source))?;
-    match fill(memory, &file, path) {
-        Ok((bytes_written, pages, bytes_scanned)) => {
-            let disk_bytes = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
-            Ok(MemoryFileReport {
-                bytes_written,
-                pages,
-                bytes_scanned,
-                disk_bytes,
-                mem_bytes: memory.size(),
-                ms: started.elapsed().as_secs_f64() * 1e3,
-            })
-        }
+    match write_to(memory, &file, path) {
+        Ok(report) => Ok(report),
         Err(e) => {
             drop(file);
             let _ = std::fs::remove_file(path);

@@ -764,13 +764,11 @@ mod tests {
         (dir << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
     }
 
-    /// The `vcpu` seccomp filter lets through each ioctl a snapshot needs, by the number the
-    /// kernel sees (computed here from kvm-bindings' struct sizes, not copied from the JSON).
-    #[test]
-    fn the_vcpu_filter_allows_the_state_ioctls_by_their_real_numbers() {
-        let policy: serde_json::Value =
-            serde_json::from_str(include_str!("../../../seccomp/filters/vcpu.json")).unwrap();
-        let allowed: Vec<(String, u64)> = policy["vcpu"]["filter"]
+    /// The ioctls filter `name` (policy text `json`) allows: each request's name (its comment's
+    /// first word) and number.
+    fn ioctls(json: &str, name: &str) -> Vec<(String, u64)> {
+        let policy: serde_json::Value = serde_json::from_str(json).unwrap();
+        policy[name]["filter"]
             .as_array()
             .unwrap()
             .iter()
@@ -780,7 +778,14 @@ mod tests {
                 let name = arg["comment"].as_str().unwrap().split(' ').next().unwrap().to_owned();
                 (name, arg["val"].as_u64().unwrap())
             })
-            .collect();
+            .collect()
+    }
+
+    /// The `vcpu` seccomp filter lets through each ioctl a snapshot needs, by the number the
+    /// kernel sees (computed here from kvm-bindings' struct sizes, not copied from the JSON).
+    #[test]
+    fn the_vcpu_filter_allows_the_state_ioctls_by_their_real_numbers() {
+        let allowed = ioctls(include_str!("../../../seccomp/filters/vcpu.json"), "vcpu");
         let wanted = [
             ("KVM_RUN", 0x80 | (0xAE << 8)),
             ("KVM_GET_REGS", kvm_ioc(2, 0x81, size_of::<kvm_regs>())),
@@ -808,19 +813,7 @@ mod tests {
     /// snapshot into the VM and vCPU made ahead takes, by the number the kernel sees.
     #[test]
     fn the_restore_filter_allows_the_set_ioctls_by_their_real_numbers() {
-        let policy: serde_json::Value =
-            serde_json::from_str(include_str!("../../../seccomp/filters/restore.json")).unwrap();
-        let allowed: Vec<(String, u64)> = policy["restore"]["filter"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|rule| rule["syscall"] == "ioctl")
-            .map(|rule| {
-                let arg = &rule["args"][0];
-                let name = arg["comment"].as_str().unwrap().split(' ').next().unwrap().to_owned();
-                (name, arg["val"].as_u64().unwrap())
-            })
-            .collect();
+        let allowed = ioctls(include_str!("../../../seccomp/filters/restore.json"), "restore");
         let wanted = [
             ("KVM_SET_USER_MEMORY_REGION", kvm_ioc(1, 0x46, size_of::<kvm_userspace_memory_region>())),
             ("KVM_SET_MSRS", kvm_ioc(1, 0x89, size_of::<kvm_msrs>())),

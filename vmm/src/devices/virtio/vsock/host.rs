@@ -96,18 +96,8 @@ impl HostSide {
     /// Binds the VM's socket at `uds_path` (replacing a stale one).
     pub fn bind(uds_path: &Path) -> io::Result<Self> {
         let _ = std::fs::remove_file(uds_path);
-        let listener = UnixListener::bind(uds_path)?;
-        listener.set_nonblocking(true)?;
-        let host = HostSide {
-            uds_path: uds_path.to_owned(),
-            listener: Some(listener),
-            channels: Vec::new(),
-            pending: Vec::new(),
-            epoll: epoll()?,
-        };
-        if let Some(listener) = &host.listener {
-            host.watch(listener.as_raw_fd(), true, false)?;
-        }
+        let mut host = Self::listening(UnixListener::bind(uds_path)?)?;
+        host.uds_path = uds_path.to_owned();
         Ok(host)
     }
 
